@@ -1,0 +1,236 @@
+"""Number formats: bitsandbytes codebooks (bit-exact), OCP FP8 / MX format table and shared numeric constants."""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "INV_127",
+    "INV_127_SQ",
+    "BNB_INV_127_SQ_TYPO",
+    "SCALE_INT8",
+    "CODEBOOK_NAMES",
+    "NumberFormat",
+    "FORMATS",
+    "create_fp8_map",
+    "create_dynamic_map",
+    "create_linear_map",
+    "get_codebook",
+    "validate_codebook",
+    "format_table",
+]
+
+
+def _fl32(x: float) -> float:
+    """Round a Python float to the nearest IEEE binary32 value (RNE) and return it as a Python float."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+# LLM.int8() uses a symmetric scale of 127 (SPEC §5).
+SCALE_INT8 = 127
+# fl32(1/127) = 0.007874015718698502: int8_vectorwise_dequant multiplies by it (SPEC §5.2).
+INV_127 = _fl32(1.0 / 127.0)
+# fl32(1/127**2) = 6.200012e-05 (0x38820610): the correct int8_mm_dequant constant (SPEC §5.5, Q9).
+INV_127_SQ = _fl32(1.0 / 127.0**2)
+# bitsandbytes' CPU/default int8_mm_dequant multiplies by this mistyped constant, 0x388206AA,
+# +1.8e-5 relative to 1/127**2; only used with compat="bnb" (SPEC Q9).
+BNB_INV_127_SQ_TYPO = _fl32(6.200124e-05)
+
+CODEBOOK_NAMES = ("bnb-e4m3", "bnb-e5m2", "dynamic", "dynamic-unsigned", "linear")
+
+
+# --------------------------------------------------------------------------------------------
+# Codebook constructors (SPEC §1). They reproduce bitsandbytes 0.49.2 bit for bit; the tests
+# compare them with shared/vectors/codebooks.json.
+# --------------------------------------------------------------------------------------------
+def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2,
+                   total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes' "fp8" codebook: 256 sorted float32 values in [-1, 1] (SPEC §1.1).
+
+    The construction uses bias ``2**(E-1)`` (not IEEE's ``2**(E-1)-1``), keeps the all-ones
+    exponent as a normal binade and makes subnormals 4x smaller than IEEE ones; the result is
+    divided by its maximum (480 for (4, 3), 114688 for (5, 2)). Returns a float32 tensor of
+    shape [256] on the CPU, ascending, with +0.0 at index 127 and -0.0 at index 128 when signed.
+    """
+    expected = total_bits - (1 if signed else 0)
+    if exponent_bits + precision_bits != expected:
+        raise ValueError(
+            f"exponent_bits + precision_bits must equal total_bits - sign bit = {expected}, "
+            f"got {exponent_bits} + {precision_bits}")
+    if not 1 <= total_bits <= 8:
+        raise ValueError(f"total_bits must be in 1..8, got {total_bits}")
+    bias = 2 ** (exponent_bits - 1)
+    values: list[float] = []
+    for e in range(2**exponent_bits):
+        for m in range(2**precision_bits):
+            frac = m / 2**precision_bits
+            # e == 0 is the "subnormal" row; the exponent decreases as the field grows (SPEC §1.1).
+            v = frac * 2.0 ** (-bias) if e == 0 else (1.0 + frac) * 2.0 ** (bias + 1 - e)
+            values.append(v)
+            if signed:
+                values.append(-v)
+    values.sort()  # stable: +0.0 stays before -0.0
+    if total_bits < 8:
+        values += [0.0] * (256 - len(values))
+        values.sort()
+    raw = torch.tensor(values, dtype=torch.float32)  # exact: every value is a short dyadic
+    return raw / raw.max()
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """Dettmers' dynamic-tree codebook: 256 sorted float32 values (SPEC §1.2).
+
+    Decade ``i`` (``10**(i-(E-1))``) holds the midpoints of ``linspace(0.1, 1, n_i + 1)`` with
+    ``n_i = 2**(i + k - E)`` points per sign (signed) or ``2**(i + k - E + 1)`` (unsigned),
+    ``k = total_bits - 1``; then 0 and 1.0 are added and the list is zero-padded to 256.
+    Returns float32 [256] on the CPU.
+    """
+    if not 1 <= total_bits <= 8:
+        raise ValueError(f"total_bits must be in 1..8, got {total_bits}")
+    if not 1 <= max_exponent_bits <= total_bits - 1:
+        raise ValueError(f"max_exponent_bits must be in 1..{total_bits - 1}, got {max_exponent_bits}")
+    data: list[float] = []
+    k = total_bits - 1  # bnb uses total_bits - 1 for signed *and* unsigned maps (SPEC §1.2)
+    additional_items = 2 ** (k - max_exponent_bits) - 1
+    i = 0
+    for i in range(max_exponent_bits):
+        n_i = 2 ** (i + k - max_exponent_bits) if signed else 2 ** (i + k - max_exponent_bits + 1)
+        data += _decade(n_i, 10.0 ** (i - (max_exponent_bits - 1)), signed)
+    if additional_items > 0:
+        # reuses the last loop index, as bitsandbytes does (SPEC §1.2 "quirk")
+        data += _decade(additional_items, 10.0 ** (i - (max_exponent_bits - 1)), signed)
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def _decade(n: int, scale: float, signed: bool) -> list[float]:
+    """The n float32 midpoints of linspace(0.1, 1, n+1) times `scale` (and their negatives)."""
+    bounds = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float32)
+    means = (bounds[:-1] + bounds[1:]) / 2.0
+    vals = (scale * means).tolist()
+    return vals + (-scale * means).tolist() if signed else vals
+
+
+def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool = True) -> torch.Tensor:
+    """Uniform codebook (SPEC §1.3): float32 [256] ascending.
+
+    Signed with add_zero: ``linspace(-1, 1, 255)`` plus an exact 0.0 inserted at index 127.
+    Unsigned: ``linspace(0, 1, 2**total_bits)``. For total_bits < 8 zeros fill the middle.
+    """
+    if not 1 <= total_bits <= 8:
+        raise ValueError(f"total_bits must be in 1..8, got {total_bits}")
+    sign = -1.0 if signed else 0.0
+    n = 2**total_bits - (1 if (signed and add_zero) else 0)
+    values = torch.linspace(sign, 1.0, n, dtype=torch.float32).tolist()
+    gap = 256 - len(values)
+    if gap == 0:
+        return torch.tensor(values, dtype=torch.float32)
+    half = len(values) // 2
+    return torch.tensor(values[:half] + [0.0] * gap + values[half:], dtype=torch.float32)
+
+
+_CONSTRUCTORS = {
+    "bnb-e4m3": lambda: create_fp8_map(True, 4, 3, 8),
+    "bnb-e5m2": lambda: create_fp8_map(True, 5, 2, 8),
+    "dynamic": lambda: create_dynamic_map(True, 7, 8),
+    "dynamic-unsigned": lambda: create_dynamic_map(False, 7, 8),
+    "linear": lambda: create_linear_map(True, 8, True),
+}
+_CACHE: dict[str, torch.Tensor] = {}
+
+
+def get_codebook(name: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """A named 256-entry float32 codebook (one of CODEBOOK_NAMES) on `device` (default CPU).
+
+    Always returns a fresh tensor (a copy of a private CPU cache), so callers may modify it
+    without affecting later calls — bitsandbytes' shared, mutable cache is quirk Q2.
+    """
+    if name not in _CONSTRUCTORS:
+        raise ValueError(f"unknown codebook {name!r}; expected one of {', '.join(CODEBOOK_NAMES)}")
+    if name not in _CACHE:
+        _CACHE[name] = _CONSTRUCTORS[name]()
+    return _CACHE[name].to(device=device if device is not None else "cpu", copy=True)
+
+
+def validate_codebook(code: torch.Tensor) -> None:
+    """Raise unless `code` is a float32 tensor of exactly 256 finite, non-decreasing values (SPEC Q23)."""
+    if not isinstance(code, torch.Tensor):
+        raise TypeError(f"codebook must be a torch.Tensor, got {type(code).__name__}")
+    if code.dtype != torch.float32:
+        raise ValueError(f"codebook must be float32, got {code.dtype}")
+    if code.dim() != 1 or code.numel() != 256:
+        raise ValueError(f"codebook must have shape [256], got {list(code.shape)}")
+    if not bool(torch.isfinite(code).all()):
+        raise ValueError("codebook must contain only finite values, got NaN or Inf")
+    if not bool((code[1:] >= code[:-1]).all()):
+        bad = int((code[1:] < code[:-1]).nonzero()[0, 0])
+        raise ValueError(
+            f"codebook must be sorted ascending (non-decreasing), got code[{bad}]={code[bad].item()!r} "
+            f"> code[{bad + 1}]={code[bad + 1].item()!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Format table
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NumberFormat:
+    """One number format: its range in its own units and what it is.
+
+    ``max``/``min_normal``/``min_subnormal`` are magnitudes in the format's own units (fp8 units
+    for the bnb maps, i.e. before their normalisation by ``max``; integer units for int8).
+    ``kind`` is one of "codebook" (bnb 256-entry map, blockwise absmax scaling), "float8" (OCP,
+    torch float8 dtype with a float32 scale), "mx" (OCP MX: block of 32, E8M0 scale), "int".
+    """
+
+    name: str
+    max: float
+    min_normal: float
+    min_subnormal: float
+    description: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("codebook", "float8", "mx", "int"):
+            raise ValueError(f"kind must be codebook, float8, mx or int, got {self.kind!r}")
+        if not 0 < self.min_subnormal <= self.min_normal <= self.max:
+            raise ValueError(f"need 0 < min_subnormal <= min_normal <= max for {self.name}")
+
+
+# Smallest positive value of the signed dynamic map (one value in [1e-7, 1e-6), SPEC §1.2);
+# the dynamic tree has no subnormal/normal distinction, so both minima are that value.
+_DYNAMIC_MIN = 5.5e-07
+
+FORMATS: dict[str, NumberFormat] = {f.name: f for f in (
+    NumberFormat("bnb-e4m3", 480.0, 2.0**-6, 2.0**-11,
+                 "bitsandbytes 'E4M3' map: bias 8, extra 480 binade, subnormals/4; scaled by 1/480 per block",
+                 "codebook"),
+    NumberFormat("bnb-e5m2", 114688.0, 2.0**-14, 2.0**-18,
+                 "bitsandbytes 'E5M2' map: bias 16, extra 2^16 binade, subnormals/4; scaled by 1/114688",
+                 "codebook"),
+    NumberFormat("dynamic", 1.0, _DYNAMIC_MIN, _DYNAMIC_MIN,
+                 "bitsandbytes dynamic-tree map (signed, 7 decades), blockwise absmax scaling",
+                 "codebook"),
+    NumberFormat("e4m3", 448.0, 2.0**-6, 2.0**-9,
+                 "OCP FP8 E4M3FN (torch.float8_e4m3fn), float32 scale = amax/448", "float8"),
+    NumberFormat("e5m2", 57344.0, 2.0**-14, 2.0**-16,
+                 "OCP FP8 E5M2 (torch.float8_e5m2), float32 scale = amax/57344", "float8"),
+    NumberFormat("int8", 127.0, 1.0, 1.0,
+                 "symmetric int8 (LLM.int8 vector-wise), scale = absmax/127", "int"),
+    NumberFormat("mxfp8-e4m3", 448.0, 2.0**-6, 2.0**-9,
+                 "OCP MX FP8 E4M3: blocks of 32 along the last dim, E8M0 power-of-two scale", "mx"),
+    NumberFormat("mxfp8-e5m2", 57344.0, 2.0**-14, 2.0**-16,
+                 "OCP MX FP8 E5M2: blocks of 32 along the last dim, E8M0 power-of-two scale", "mx"),
+)}
+
+
+def format_table() -> list[dict]:
+    """Every entry of FORMATS as a dict with keys name, max, min_normal, min_subnormal, description, kind."""
+    return [
+        {"name": f.name, "max": f.max, "min_normal": f.min_normal, "min_subnormal": f.min_subnormal,
+         "description": f.description, "kind": f.kind}
+        for f in FORMATS.values()
+    ]
