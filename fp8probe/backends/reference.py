@@ -1,0 +1,436 @@
+"""Pure-PyTorch reference implementations of every fp8probe op: any device, vectorised, the numerical oracle.
+
+Every function here performs the same float32 operations, in the same order, that a CUDA kernel
+must perform to agree bit for bit (fl32 = IEEE binary32 round-to-nearest-even of the exact result):
+
+* blockwise normalisation: ``s = fl32(1 / absmax)`` then ``x = fl32(float(A) * s)`` (SPEC §4.2);
+  in default mode ``x = A`` where ``A == ±0`` (so a zero or subnormal-absmax block never makes
+  ``0 * Inf = NaN``).
+* nearest code: SPEC §2.1 (ties to the even index), midpoints ``fl32(fl32(c[j] + c[j+1]) * 0.5)``.
+* blockwise dequant: ``fl32(code[q] * absmax[b])`` then a round-to-nearest-even cast to the dtype.
+* int8 row quant: ``scale = fl32(127 / row_stats)``, ``q = round_half_even(fl32(A * scale))``.
+* int8_mm_dequant (default): ``y = fl32(fl32(fl32(fl32(float(C) * row_i) * col_j) * INV_127_SQ) + float(bias_j))``
+  where ``float(C)`` is the RNE int32→float32 conversion; then an RNE cast to the dtype.
+* scaled casts: ``data = fp8_rne(saturate(fl32(x / scale)))`` (see :func:`quantize_scaled`).
+
+Op arguments: ``compat`` is ``""`` (fp8probe rules) or ``"bnb"`` (bitsandbytes 0.49.2 CPU, see
+docs/architecture.md); tensors are never mutated and outputs never alias inputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fp8probe.formats import BNB_INV_127_SQ_TYPO, INV_127, INV_127_SQ, SCALE_INT8
+
+_F32 = torch.float32
+
+# --------------------------------------------------------------------------------------------
+# nearest-code search
+# --------------------------------------------------------------------------------------------
+
+
+def code_midpoints(code: torch.Tensor) -> torch.Tensor:
+    """The 255 decision midpoints ``fl32(fl32(code[j] + code[j+1]) * 0.5)`` (SPEC §2.1), float32."""
+    return (code[:-1] + code[1:]) * 0.5
+
+
+def search_even(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Nearest-code index with CUDA ``dQuantize<0>`` rules: exact midpoints go to the even index,
+    no clamping (x > code[255] → 255), NaN → 0 (SPEC §2.1 closed form). `x` float32, any shape;
+    returns int64 indices of the same shape."""
+    code = code.to(device=x.device, dtype=_F32).contiguous()
+    mid = code_midpoints(code)
+    # k = #{odd j in 1..253 : x > code[j]}: searchsorted(side="left") counts entries strictly below x.
+    odd = code[1:254:2].contiguous()
+    k = torch.searchsorted(odd, x.contiguous(), side="left")
+    k = torch.where(torch.isnan(x), 0, k)  # NaN compares false everywhere ⇒ k = 0
+    p = 2 * k
+    up = torch.where(x > mid[p], p + 1, p)  # p <= 254, so mid[p] exists
+    lo = (p - 1).clamp_min(0)  # for p = 0 both branches below return 0
+    down = torch.where(x < mid[lo], lo, p)
+    return torch.where(x > code[p], up, down)
+
+
+def search_lower_bound(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes CPU-C++ rule (SPEC §2.3): clamp to [-1, 1], lower_bound, tie → lower index, NaN → 0."""
+    code = code.to(device=x.device, dtype=_F32).contiguous()
+    x = x.clamp(-1.0, 1.0)
+    i = torch.searchsorted(code, x.contiguous(), side="left")
+    ic = i.clamp(1, 255)
+    hi = code[ic]
+    lo = code[ic - 1]
+    pick = torch.where((hi - x) < (x - lo), ic, ic - 1)
+    pick = torch.where(i == 0, 0, torch.where(i == 256, 255, pick))
+    return torch.where(torch.isnan(x), 0, pick)
+
+
+def search_argmin(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes CPU-torch rule (SPEC §2.4): ``argmin_j |x - code[j]|`` in float32, first minimum.
+
+    Computed from the two bracketing codes instead of a [n, 256] distance matrix: rounding is
+    monotonic, so no farther code can have a strictly smaller float32 distance, and among equal
+    code values (e.g. +0.0 at 127 and -0.0 at 128) argmin returns the first index. NaN → 0.
+    """
+    code = code.to(device=x.device, dtype=_F32).contiguous()
+    i = torch.searchsorted(code, x.contiguous(), side="left")  # first index with code >= x
+    ic = i.clamp(1, 255)
+    hi = code[ic]
+    lo_val = code[ic - 1]
+    lo_first = torch.searchsorted(code, lo_val, side="left")  # first index holding that value
+    pick = torch.where((hi - x).abs() < (x - lo_val).abs(), ic, lo_first)
+    top_first = torch.searchsorted(code, code[255:], side="left")  # x above every code
+    pick = torch.where(i == 0, 0, torch.where(i == 256, top_first, pick))
+    return torch.where(torch.isnan(x), 0, pick)
+
+
+# --------------------------------------------------------------------------------------------
+# codebook quantisation (SPEC §3, §4)
+# --------------------------------------------------------------------------------------------
+
+
+def _blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int, int]:
+    """A as float32 [nb, blocksize] over its C-order flattening, zero-padded; returns (xb, n, nb)."""
+    n = A.numel()
+    nb = -(-n // blocksize)
+    x = A.reshape(-1).to(_F32)
+    pad = nb * blocksize - n
+    if pad:
+        x = F.pad(x, (0, pad))  # zeros do not change |.|-maxima
+    return x.view(nb, blocksize), n, nb
+
+
+def _empty_specials(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=_F32, device=device))
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blockwise codebook quantisation over the C-order flattened tensor (SPEC §4.2).
+
+    A: fp32/fp16/bf16, any shape; code: float32 [256] ascending; blocksize > 0.
+    Returns ``q`` (uint8, A.shape), ``absmax`` (float32 [ceil(n/blocksize)]), ``special_index``
+    (int64 [k], flat indices of NaN/±Inf, default mode only) and ``special_value`` (float32 [k]).
+
+    Default: absmax over finite values, NaN → code 0, ±Inf → code 255/0 (both recorded), search
+    ties → even index, zero-absmax block → the code of 0.0. ``compat="bnb"``: the bnb CPU paths —
+    fp32 through the C++ kernel (effective ``code[0] = -1``, NaN ignored by absmax, clamp,
+    lower_bound), fp16/bf16 through torch (NaN-propagating absmax, clamp, argmin).
+    """
+    dev = A.device
+    n = A.numel()
+    if n == 0:
+        return (torch.empty(A.shape, dtype=torch.uint8, device=dev), torch.empty(0, dtype=_F32, device=dev),
+                *_empty_specials(dev))
+    code = code.to(device=dev, dtype=_F32)
+    xb, n, nb = _blocks(A, blocksize)
+    if compat == "":
+        finite = torch.isfinite(xb)
+        absmax = torch.where(finite, xb.abs(), 0.0).amax(dim=1)
+        xn = xb * torch.reciprocal(absmax)[:, None]
+        xn = torch.where(xb == 0, xb, xn)  # ±0 stays ±0 even when 1/absmax = Inf (zero block)
+        idx = search_even(code, xn)
+        flat_finite = finite.reshape(-1)[:n]
+        if bool(flat_finite.all()):
+            special_index, special_value = _empty_specials(dev)
+        else:
+            special_index = (~flat_finite).nonzero().reshape(-1)
+            special_value = xb.reshape(-1)[special_index]
+    elif compat == "bnb":
+        if A.dtype == _F32:
+            # C++ kernel: fmax-style absmax ignores NaN (an all-NaN block keeps the initial 0),
+            # writes code[0] = -1 before searching (quirk Q2, modelled on a copy).
+            code = code.clone()
+            code[0] = -1.0
+            absmax = torch.where(torch.isnan(xb), 0.0, xb.abs()).amax(dim=1)
+            idx = search_lower_bound(code, xb * torch.reciprocal(absmax)[:, None])
+        else:
+            absmax = xb.abs().amax(dim=1)  # torch max propagates NaN: the block is poisoned
+            idx = search_argmin(code, (xb * torch.reciprocal(absmax)[:, None]).clamp(-1.0, 1.0))
+        special_index, special_value = _empty_specials(dev)
+    else:
+        raise ValueError(f"compat must be '' or 'bnb', got {compat!r}")
+    q = idx.reshape(-1)[:n].to(torch.uint8).reshape(A.shape)
+    return q, absmax, special_index, special_value
+
+
+def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensor-wise codebook quantisation (SPEC §3): one absmax (float32 [1]).
+
+    Default: exactly :func:`quantize_blockwise` with one block. ``compat="bnb"``: bnb's CUDA
+    semantics — NaN-propagating absmax, true division ``A / absmax``, no clamp, even-index ties.
+    """
+    n = A.numel()
+    if compat == "":
+        return quantize_blockwise(A, code, max(n, 1), "")
+    if compat != "bnb":
+        raise ValueError(f"compat must be '' or 'bnb', got {compat!r}")
+    dev = A.device
+    if n == 0:
+        return (torch.empty(A.shape, dtype=torch.uint8, device=dev), torch.empty(0, dtype=_F32, device=dev),
+                *_empty_specials(dev))
+    x = A.to(_F32)
+    absmax = x.abs().amax().reshape(1)
+    q = search_even(code.to(device=dev, dtype=_F32), x / absmax).to(torch.uint8)
+    return (q.reshape(A.shape), absmax, *_empty_specials(dev))
+
+
+def _half_away_fp16(y: torch.Tensor) -> torch.Tensor:
+    """float32 → float16 rounding half away from zero, as bnb's CPU-C++ dequant does (SPEC §4.3).
+
+    In the fp16 normal range [2**-14, 65504] adding 0x1000 to the float32 bit pattern and
+    clearing the 13 dropped mantissa bits rounds the magnitude half-up; elsewhere RNE is used.
+    """
+    bits = y.view(torch.int32)
+    rounded = ((bits + 0x1000) & ~0x1FFF).view(_F32)
+    a = y.abs()
+    normal = (a >= 2.0**-14) & (rounded.abs() <= 65504.0) & torch.isfinite(y)
+    return torch.where(normal, rounded, y).to(torch.float16)
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                         dtype: torch.dtype, special_index: torch.Tensor, special_value: torch.Tensor,
+                         compat: str) -> torch.Tensor:
+    """``y = cast_dtype(fl32(code[q] * absmax[block]))`` then special values scattered back (SPEC §4.2).
+
+    q: uint8, any shape; absmax: float32 [ceil(n/blocksize)]; returns `dtype`, q.shape. The cast
+    is RNE, except fp16 with ``compat="bnb"`` (half away from zero, like bnb's C++ kernel).
+    """
+    dev = q.device
+    n = q.numel()
+    if n == 0:
+        return torch.empty(q.shape, dtype=dtype, device=dev)
+    nb = -(-n // blocksize)
+    vals = code.to(device=dev, dtype=_F32)[q.reshape(-1).long()]
+    pad = nb * blocksize - n
+    if pad:
+        vals = F.pad(vals, (0, pad))
+    y = (vals.view(nb, blocksize) * absmax.to(device=dev, dtype=_F32)[:, None]).reshape(-1)[:n]
+    if compat == "bnb" and dtype == torch.float16:
+        out = _half_away_fp16(y)
+    else:
+        out = y.to(dtype)
+    if special_index.numel():
+        out[special_index.to(dev)] = special_value.to(device=dev, dtype=dtype)
+    return out.reshape(q.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# LLM.int8() (SPEC §5)
+# --------------------------------------------------------------------------------------------
+
+
+def _rows_cols(shape: torch.Size) -> tuple[int, int]:
+    """[rows, cols] view of an N-D shape: rows = prod(shape[:-1]), cols = shape[-1] (0-D → 1x1)."""
+    if len(shape) == 0:
+        return 1, 1
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def _round_int8(v: torch.Tensor) -> torch.Tensor:
+    """round_half_even, NaN → 0 (PTX float→int semantics), saturate to ±127, as int8."""
+    v = torch.where(torch.isnan(v), 0.0, v)
+    return torch.round(v).clamp(-SCALE_INT8, SCALE_INT8).to(torch.int8)
+
+
+def _int8_rows(A: torch.Tensor, threshold: float, compat: str):
+    """Shared row/column statistics for int8_vectorwise_quant / int8_double_quant."""
+    R, C = _rows_cols(A.shape)
+    a = A.reshape(R, C).to(_F32)
+    absa = a.abs()
+    outlier = absa >= threshold if threshold > 0 else None  # >=, not > (SPEC §5.1)
+    masked = absa if outlier is None else torch.where(outlier, 0.0, absa)
+    if compat == "":
+        masked = torch.where(torch.isnan(masked), 0.0, masked)  # NaN ignored like CUDA's fmaxf
+    elif compat != "bnb":
+        raise ValueError(f"compat must be '' or 'bnb', got {compat!r}")
+    return a, outlier, masked, R, C
+
+
+def _outlier_cols(outlier: torch.Tensor | None, C: int, device: torch.device) -> torch.Tensor:
+    if outlier is None:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return outlier.any(dim=0).nonzero().reshape(-1)
+
+
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8() row-wise quantisation (SPEC §5.1).
+
+    A: fp16/bf16/fp32, rank >= 1, viewed as [rows, cols]. Returns ``q`` (int8, A.shape),
+    ``row_stats`` (float32 [rows], max |A| over non-outlier elements) and ``outlier_cols``
+    (int64, sorted; empty when threshold == 0 or none). Outlier columns are zeroed in every row.
+    Default ignores NaN in row_stats; ``compat="bnb"`` lets NaN poison the row's stats.
+    """
+    dev = A.device
+    if A.numel() == 0:
+        R, _ = _rows_cols(A.shape)
+        return (torch.empty(A.shape, dtype=torch.int8, device=dev), torch.zeros(R, dtype=_F32, device=dev),
+                torch.empty(0, dtype=torch.int64, device=dev))
+    a, outlier, masked, R, C = _int8_rows(A, threshold, compat)
+    row_stats = masked.amax(dim=1)
+    scale = SCALE_INT8 / row_stats  # IEEE fl32(127 / row_stats); all-zero row → Inf → 0·Inf = NaN → 0
+    q = _round_int8(a * scale[:, None])
+    cols = _outlier_cols(outlier, C, dev)
+    if outlier is not None and cols.numel():
+        colmask = torch.zeros(C, dtype=torch.bool, device=dev)
+        colmask[cols] = True
+        q = torch.where(colmask[None, :] | outlier, 0, q).to(torch.int8)
+    return q.reshape(A.shape), row_stats, cols
+
+
+def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """``fl32(fl32(float(q) * stats[row]) * fl32(1/127))`` (SPEC §5.2): float32, q.shape."""
+    R, C = _rows_cols(q.shape)
+    out = q.reshape(R, C).to(_F32) * stats.to(_F32).reshape(R, 1) * INV_127
+    return out.reshape(q.shape)
+
+
+def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row- and column-wise int8 quantisation (SPEC §5.3).
+
+    Returns ``q_row`` (int8, A.shape), ``q_col`` (int8, A.shape), ``row_stats`` (float32 [rows]),
+    ``col_stats`` (float32 [cols]), ``outlier_cols`` (int64). Column codes:
+    ``round_half_even(fl32(fl32(A * 127) / col_stats))`` by default; ``compat="bnb"`` rounds the
+    product ``A * 127`` to fp16 first (Q17). In q_col only outlier *elements* are zeroed.
+    """
+    dev = A.device
+    q_row, row_stats, cols = int8_vectorwise_quant(A, threshold, compat)
+    R, C = _rows_cols(A.shape)
+    if A.numel() == 0:
+        return q_row, torch.empty(A.shape, dtype=torch.int8, device=dev), row_stats, \
+            torch.zeros(C, dtype=_F32, device=dev), cols
+    a, outlier, masked, R, C = _int8_rows(A, threshold, compat)
+    col_stats = masked.amax(dim=0)
+    if compat == "bnb":
+        num = (A.reshape(R, C).to(torch.float16) * SCALE_INT8).to(_F32)
+    else:
+        num = a * SCALE_INT8
+    q_col = _round_int8(num / col_stats[None, :])
+    if outlier is not None:
+        q_col = torch.where(outlier, 0, q_col).to(torch.int8)
+    return q_row, q_col.reshape(A.shape), row_stats, col_stats, cols
+
+
+def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Exact ``C = A @ B.T`` with int32 results: A int8 [..., K], B int8 [N, K] → int32 [..., N].
+
+    Uses ``torch._int_mm`` where the device accepts the shapes; otherwise float64 matmul, which is
+    exact because every partial sum is an integer below K·127·128 < 2**53 for any K < 5e11.
+    """
+    K = A.shape[-1]
+    N = B.shape[0]
+    out_shape = (*A.shape[:-1], N)
+    a2 = A.reshape(-1, K)
+    if a2.shape[0] == 0 or N == 0:
+        return torch.zeros(out_shape, dtype=torch.int32, device=A.device)
+    if K == 0:
+        return torch.zeros(out_shape, dtype=torch.int32, device=A.device)
+    try:
+        c = torch._int_mm(a2.contiguous(), B.t())
+    except (RuntimeError, NotImplementedError):
+        c = (a2.to(torch.float64) @ B.to(torch.float64).t()).to(torch.int64).to(torch.int32)
+    return c.reshape(out_shape)
+
+
+def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                    bias: torch.Tensor | None, dtype: torch.dtype, compat: str) -> torch.Tensor:
+    """Dequantise an int32 product (SPEC §5.5): A int32 [..., N], row_stats [rows], col_stats [N].
+
+    Default: ``fl32(fl32(fl32(fl32(float(C) * row_i) * col_j) * INV_127_SQ) + float(bias_j))``,
+    RNE-cast to `dtype`, shape A.shape. ``compat="bnb"``: ``fl32(fl32(float(C) * fl32(row_i *
+    col_j)) * 6.200124e-05) + bias`` and the output flattened to [rows, N] (bnb CPU, Q9).
+    """
+    N = A.shape[-1] if A.dim() else 1
+    c = A.reshape(-1, N).to(_F32)
+    row = row_stats.to(_F32).reshape(-1, 1)
+    col = col_stats.to(_F32).reshape(1, -1)
+    if compat == "":
+        y = c * row * col * INV_127_SQ
+    elif compat == "bnb":
+        y = c * (row * col) * BNB_INV_127_SQ_TYPO
+    else:
+        raise ValueError(f"compat must be '' or 'bnb', got {compat!r}")
+    if bias is not None:
+        y = y + bias.to(_F32)
+    out = y.to(dtype)
+    return out if compat == "bnb" else out.reshape(A.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# OCP FP8 / MX scaled casts
+# --------------------------------------------------------------------------------------------
+
+#: element format → (torch dtype, largest finite magnitude, emax of the element format)
+SCALED_FORMATS = {
+    "e4m3": (torch.float8_e4m3fn, 448.0, 8),
+    "e5m2": (torch.float8_e5m2, 57344.0, 15),
+    "mxfp8-e4m3": (torch.float8_e4m3fn, 448.0, 8),
+    "mxfp8-e5m2": (torch.float8_e5m2, 57344.0, 15),
+}
+
+
+def _tiles(x2: torch.Tensor, br: int, bc: int) -> tuple[torch.Tensor, int, int]:
+    """[R, C] float32 → zero-padded [nbr, br, nbc, bc] view."""
+    R, C = x2.shape
+    nbr, nbc = -(-R // br), -(-C // bc)
+    pr, pc = nbr * br - R, nbc * bc - C
+    if pr or pc:
+        x2 = F.pad(x2, (0, pc, 0, pr))
+    return x2.view(nbr, br, nbc, bc), nbr, nbc
+
+
+def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled cast to an OCP FP8 dtype; returns ``data`` (float8, x.shape) and ``scale`` (float32).
+
+    Scale convention (the only one used in fp8probe): **x ≈ data.float() * scale**. `x` is viewed
+    as [R, C] (R = prod(shape[:-1]), C = shape[-1]) and cut into (block_rows × block_cols) tiles,
+    partial tiles at the ends; ``scale`` has shape [ceil(R/block_rows), ceil(C/block_cols)].
+    Per-tensor, per-row, 1×128 and 128×128 granularities are all this with different tiles.
+
+    * e4m3 / e5m2: ``scale = fl32(amax / fmt_max)``, amax over the tile's finite values; where that
+      is 0 (zero tile, or amax below ~2**-140) the scale is 1.
+    * mxfp8-*: E8M0 power of two ``scale = 2**clamp(floor(log2(amax)) - emax_elem, -127, 127)``
+      (emax 8 for E4M3, 15 for E5M2; OCP MX v1.0), scale 1 for a zero tile.
+
+    ``data = fp8_rne(clamp(fl32(x / scale), -fmt_max, fmt_max))`` — finite values saturate; NaN
+    stays NaN; ±Inf is passed to torch's cast (E5M2 keeps ±Inf, E4M3FN has no Inf and gives NaN).
+    """
+    if fmt not in SCALED_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(SCALED_FORMATS)}, got {fmt!r}")
+    fp8, fmax, emax = SCALED_FORMATS[fmt]
+    dev = x.device
+    R, C = _rows_cols(x.shape)
+    nbr, nbc = -(-R // block_rows), -(-C // block_cols)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=fp8, device=dev), torch.ones(nbr, nbc, dtype=_F32, device=dev)
+    xt, nbr, nbc = _tiles(x.reshape(R, C).to(_F32), block_rows, block_cols)
+    amax = torch.where(torch.isfinite(xt), xt.abs(), 0.0).amax(dim=(1, 3))
+    if fmt.startswith("mxfp8"):
+        _, e = torch.frexp(amax)  # amax = m · 2**e, m in [0.5, 1) ⇒ floor(log2(amax)) = e - 1
+        exp = (e - 1 - emax).clamp(-127, 127)
+        scale = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), 1.0)
+    else:
+        scale = amax / fmax
+        scale = torch.where(scale > 0, scale, 1.0)
+    y = xt / scale[:, None, :, None]
+    y = torch.where(torch.isfinite(y), y.clamp(-fmax, fmax), y)
+    data = y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(fp8)
+    return data.reshape(x.shape), scale
+
+
+def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``cast_dtype(fl32(data.float() * scale[tile]))`` with the tiling of :func:`quantize_scaled`."""
+    dev = data.device
+    if data.numel() == 0:
+        return torch.empty(data.shape, dtype=dtype, device=dev)
+    R, C = _rows_cols(data.shape)
+    xt, nbr, nbc = _tiles(data.reshape(R, C).to(_F32), block_rows, block_cols)
+    y = xt * scale.to(device=dev, dtype=_F32)[:, None, :, None]
+    return y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(dtype).reshape(data.shape)
