@@ -1,0 +1,121 @@
+// OCP FP8 (E4M3FN / E5M2) scaled casts with per-tensor, per-row, per-tile and MX (1x32, E8M0) scales.
+//
+// Every granularity is a tiling of the 2-D view x[rows, cols] (last dim = cols) into tiles of
+// tile_r x tile_c elements (edge tiles may be partial), one scale per tile, tiles numbered row-major:
+//   tensor = (rows, cols), row = (1, cols), block = (1,128) / (128,128), MX = (1, 32).
+// Scale convention (docs/architecture.md): x_hp ~= float(data_lp) * scale, so the cast computes
+// data = fp8_satfinite_rne(fl32(x / scale)) with IEEE division, and the dequant
+// y = cast<T>(fl32(float(data) * scale)). The launcher derives the scales from the tile amax with the
+// same torch expression the reference uses, so only the elementwise work lives here.
+#include "common.cuh"
+
+#define FMT_E4M3 0
+#define FMT_E5M2 1
+
+// fp32 -> fp8 bits, round to nearest even, saturating to the largest finite value (incl. ±Inf);
+// NaN -> 0x7f | sign (the NaN encoding torch uses for both formats).
+__device__ __forceinline__ uint8_t float_to_e4m3_satfinite(float f) {
+    const uint32_t x = __float_as_uint(f);
+    const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);
+    if (ax >= 0x43e00000u) return (uint8_t)(sign | 0x7eu);                 // |f| >= 448 -> 448
+    if (ax >= 0x3c800000u) {                                                // >= 2^-6: normal
+        const uint32_t odd = (ax >> 20) & 1u;
+        const uint32_t r = (ax - 0x3c000000u + 0x7ffffu + odd) >> 20;       // rebias 127 -> 7, RNE
+        return (uint8_t)(sign | r);                                         // r <= 0x7e: 448 is exact
+    }
+    // subnormal: m * 2^-9; |f| * 2^9 is exact and rintf rounds half to even (8 = min normal 2^-6)
+    return (uint8_t)(sign | (uint32_t)rintf(__fmul_rn(__uint_as_float(ax), 512.0f)));
+}
+
+__device__ __forceinline__ uint8_t float_to_e5m2_satfinite(float f) {
+    const uint32_t x = __float_as_uint(f);
+    const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);
+    if (ax >= 0x47600000u) return (uint8_t)(sign | 0x7bu);                 // |f| >= 57344 -> 57344
+    if (ax >= 0x38800000u) {                                                // >= 2^-14: normal
+        const uint32_t odd = (ax >> 21) & 1u;
+        const uint32_t r = (ax - 0x38000000u + 0xfffffu + odd) >> 21;       // rebias 127 -> 15, RNE
+        return (uint8_t)(sign | r);
+    }
+    // subnormal: m * 2^-16
+    return (uint8_t)(sign | (uint32_t)rintf(__fmul_rn(__uint_as_float(ax), 65536.0f)));
+}
+
+__device__ __forceinline__ float e4m3_to_float(uint8_t b) {
+    const uint32_t sign = (uint32_t)(b & 0x80u) << 24;
+    const uint32_t exp = (b >> 3) & 0xfu, man = b & 0x7u;
+    if ((b & 0x7fu) == 0x7fu) return __uint_as_float(sign | 0x7fc00000u);  // the only NaN encoding
+    if (exp == 0u) return __uint_as_float(sign | __float_as_uint((float)man * 0.001953125f));  // 2^-9
+    return __uint_as_float(sign | ((exp + 120u) << 23) | (man << 20));
+}
+
+__device__ __forceinline__ float e5m2_to_float(uint8_t b) {
+    const uint32_t sign = (uint32_t)(b & 0x80u) << 24;
+    const uint32_t exp = (b >> 2) & 0x1fu, man = b & 0x3u;
+    if (exp == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (man << 21));    // Inf / NaN
+    if (exp == 0u) return __uint_as_float(sign | __float_as_uint((float)man * 1.52587890625e-5f));  // 2^-16
+    return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 21));
+}
+
+__device__ __forceinline__ long long tile_of(long long i, long long cols, long long tile_r,
+                                             long long tile_c, long long tiles_c) {
+    const long long r = i / cols;
+    const long long c = i - r * cols;
+    return (r / tile_r) * tiles_c + c / tile_c;
+}
+
+// amax[t] = max |x| over tile t (NaN propagates like torch.amax unless ignore_nan). Block (bx, by)
+// handles tile bx, elements by*blockDim.x + threadIdx.x, stepping gridDim.y*blockDim.x, so a single
+// huge tile (per-tensor scaling) is still spread over many blocks; partial maxima meet in atomicMax
+// on the bit patterns of a zero-initialised buffer.
+template <typename T>
+__global__ void amax_tiles(const T* __restrict__ x, float* __restrict__ amax, long long rows,
+                           long long cols, long long tile_r, long long tile_c, int ignore_nan) {
+    __shared__ uint32_t s_red[32];
+    const long long tiles_c = (cols + tile_c - 1) / tile_c;
+    const long long t = blockIdx.x;
+    const long long r0 = (t / tiles_c) * tile_r, c0 = (t % tiles_c) * tile_c;
+    const long long h = min(tile_r, rows - r0), w = min(tile_c, cols - c0);
+    const long long count = h * w;
+    uint32_t local_max = 0u;
+    const long long stride = (long long)gridDim.y * blockDim.x;
+    for (long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x; e < count; e += stride) {
+        const long long r = r0 + e / w, c = c0 + e % w;
+        const float a = to_float(x[r * cols + c]);
+        if (ignore_nan && is_nan_f(a)) continue;
+        local_max = max_u32(local_max, abs_bits(a));
+    }
+    const uint32_t m = block_max_u32(local_max, s_red);
+    if (threadIdx.x == 0) atomicMax((unsigned int*)(amax + t), m);
+}
+
+// data[i] = fp8(fl32(x[i] / scale[tile(i)])), saturating, RNE.
+template <typename T>
+__global__ void cast_to_fp8(const T* __restrict__ x, const float* __restrict__ scale,
+                            uint8_t* __restrict__ data, long long rows, long long cols,
+                            long long tile_r, long long tile_c, int fmt) {
+    const long long n = rows * cols;
+    const long long tiles_c = (cols + tile_c - 1) / tile_c;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float v = __fdiv_rn(to_float(x[i]), scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]);
+        data[i] = fmt == FMT_E4M3 ? float_to_e4m3_satfinite(v) : float_to_e5m2_satfinite(v);
+    }
+}
+
+// out[i] = cast<T>(fl32(float(data[i]) * scale[tile(i)])).
+template <typename T>
+__global__ void cast_from_fp8(const uint8_t* __restrict__ data, const float* __restrict__ scale,
+                              T* __restrict__ out, long long rows, long long cols,
+                              long long tile_r, long long tile_c, int fmt) {
+    const long long n = rows * cols;
+    const long long tiles_c = (cols + tile_c - 1) / tile_c;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float v = fmt == FMT_E4M3 ? e4m3_to_float(data[i]) : e5m2_to_float(data[i]);
+        out[i] = from_float<T>(__fmul_rn(v, scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]));
+    }
+}
