@@ -1,0 +1,171 @@
+"""Report figures: matplotlib `Figure` objects (Agg canvas, never pyplot) turned into PNG data URIs."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+# A bare Figure() gets a FigureCanvasBase whose savefig("png") renders through Agg: no pyplot,
+# no global backend switch, safe in threads and in users' notebooks.
+from matplotlib.figure import Figure
+
+# PNG rather than SVG: matplotlib's SVG carries a DOCTYPE and xmlns URLs, and the report must not
+# contain a single network reference. 96 dpi keeps a 12-layer demo report around 1 MB.
+PNG_DPI = 96
+# Colours cycle in this order for strategies / layers (matplotlib's tab10, spelled out so the
+# legend order is stable across matplotlib versions).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+GEMMS = ("fprop", "dgrad", "wgrad")
+
+
+def figure_to_data_uri(fig: Figure) -> str:
+    """Render a Figure to PNG and return it as a ``data:image/png;base64,...`` URI."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PNG_DPI, bbox_inches="tight",
+                metadata={"Software": None})  # no version string (keeps outputs reproducible)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _finite(x: float | None) -> float:
+    """SQNR may be +inf (exact result) or NaN; clip to a drawable number (200 dB ≈ fp64 noise floor)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return float("nan")
+    return max(min(float(x), 200.0), -50.0)
+
+
+def sqnr_bars(layers: Sequence[str], strategies: Sequence[str],
+              sqnr: Mapping[tuple[str, str, str], float]) -> Figure:
+    """Grouped horizontal bars: SQNR (dB) per layer, one bar per strategy, one panel per GEMM.
+
+    ``sqnr[(layer, strategy, gemm)]`` is the SQNR in dB; missing keys are simply not drawn.
+    """
+    n = max(len(layers), 1)
+    height = 1.2 + 0.28 * n * max(1, min(len(strategies), 4)) / 2
+    fig = Figure(figsize=(12, max(2.5, height)), layout="constrained")
+    axes = fig.subplots(1, len(GEMMS), sharey=True)
+    bar_h = 0.8 / max(len(strategies), 1)
+    for ax, gemm in zip(axes, GEMMS):
+        for si, strategy in enumerate(strategies):
+            ys = [i + (si - (len(strategies) - 1) / 2) * bar_h for i in range(len(layers))]
+            vals = [_finite(sqnr.get((layer, strategy, gemm))) for layer in layers]
+            ax.barh(ys, vals, height=bar_h, color=PALETTE[si % len(PALETTE)], label=strategy)
+        ax.set_title(f"{gemm} SQNR (dB)", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel("dB (higher is better)", fontsize=8)
+    axes[0].set_yticks(range(len(layers)), labels=[_short(x) for x in layers], fontsize=8)
+    axes[0].invert_yaxis()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8)
+    return fig
+
+
+def _short(name: str, width: int = 32) -> str:
+    """Axis labels keep the tail of long dotted layer names (the distinctive part)."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str]) -> Figure:
+    """Small multiples of log2-magnitude histograms, rows = layers, columns = tensors.
+
+    Each panel dict: ``layer``, ``tensor``, ``edges`` (log2 bin edges, len = len(counts)+1),
+    ``counts``, and ``windows``: list of ``(label, lo_log2, hi_log2)`` representable ranges of the
+    formats applied to that tensor, already shifted so the format max sits at the tensor's amax.
+    """
+    layers = list(dict.fromkeys(p["layer"] for p in panels))
+    ncols = max(len(tensors), 1)
+    fig = Figure(figsize=(12, 0.4 + 1.55 * max(len(layers), 1)), layout="constrained")
+    axes = fig.subplots(max(len(layers), 1), ncols, squeeze=False)
+    by_key = {(p["layer"], p["tensor"]): p for p in panels}
+    for r, layer in enumerate(layers):
+        for c, tensor in enumerate(tensors):
+            ax = axes[r][c]
+            p = by_key.get((layer, tensor))
+            if r == 0:
+                ax.set_title(tensor, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(_short(layer, 22), fontsize=7, rotation=0, ha="right", va="center")
+            if p is None or not p["counts"]:
+                ax.set_axis_off()
+                continue
+            edges, counts = p["edges"], p["counts"]
+            ax.stairs(counts, edges, fill=True, color="#4c72b0", alpha=0.75)
+            for wi, (label, lo, hi) in enumerate(p["windows"]):
+                colour = PALETTE[(wi + 1) % len(PALETTE)]
+                ax.axvspan(lo, hi, color=colour, alpha=0.12, label=label)
+                ax.axvline(lo, color=colour, lw=1, ls="--")
+                ax.axvline(hi, color=colour, lw=1)
+            ax.tick_params(labelsize=7)
+            ax.set_yticks([])
+            if p["windows"]:
+                ax.legend(fontsize=6, loc="upper left", frameon=False)
+    for ax in axes[-1]:
+        ax.set_xlabel("log2 |x|", fontsize=8)
+    return fig
+
+
+def outlier_heatmap(layers: Sequence[str], col_amax: Sequence[Sequence[float]]) -> Figure:
+    """Heat map of per-feature-column amax (log10 colour scale), rows = layers, columns = input dims.
+
+    Rows of different widths are right-padded with NaN (drawn blank).
+    """
+    import numpy as np
+
+    width = max((len(r) for r in col_amax), default=1) or 1
+    grid = np.full((max(len(layers), 1), width), np.nan)
+    for i, row in enumerate(col_amax):
+        vals = np.asarray(row, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            grid[i, : len(vals)] = np.log10(np.where(vals > 0, vals, np.nan))
+    fig = Figure(figsize=(12, 0.9 + 0.3 * max(len(layers), 1)), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma")
+    ax.set_yticks(range(len(layers)), labels=[_short(x) for x in layers], fontsize=8)
+    ax.set_xlabel("input feature dimension", fontsize=8)
+    cb = fig.colorbar(im, ax=ax, pad=0.01)
+    cb.set_label("log10 column amax", fontsize=8)
+    return fig
+
+
+def sweep_lines(series: Sequence[Mapping], xlabel: str, ylabel: str, logx2: bool = False,
+                title: str = "") -> Figure:
+    """One line per series (dict: ``label``, ``x``, ``y``, optional ``mark_x`` = recommended x)."""
+    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for i, s in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        ax.plot(s["x"], [_finite(y) for y in s["y"]], marker="o", ms=3, lw=1.2, color=colour,
+                label=_short(s["label"], 28))
+        if s.get("mark_x") is not None and s["mark_x"] in s["x"]:
+            j = list(s["x"]).index(s["mark_x"])
+            ax.plot([s["x"][j]], [_finite(s["y"][j])], marker="*", ms=12, color=colour,
+                    markeredgecolor="black")
+    if logx2:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if series:
+        ax.legend(fontsize=6, ncol=2 if len(series) > 6 else 1, frameon=False)
+    return fig
+
+
+def delta_bars(labels: Sequence[str], deltas: Sequence[float], limit: float) -> Figure:
+    """Horizontal bars of per-layer SQNR change (dB, current − baseline) with the gate line at −limit."""
+    fig = Figure(figsize=(9, 0.9 + 0.26 * max(len(labels), 1)), layout="constrained")
+    ax = fig.subplots()
+    vals = [_finite(d) for d in deltas]
+    colours = ["#d62728" if (not math.isnan(v) and v < -limit) else "#4c72b0" for v in vals]
+    ax.barh(range(len(labels)), vals, color=colours)
+    ax.axvline(-limit, color="#d62728", ls="--", lw=1, label=f"gate: −{limit:g} dB")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels=[_short(x, 40) for x in labels], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ SQNR (dB, current − baseline)", fontsize=8)
+    ax.legend(fontsize=7, frameon=False)
+    return fig

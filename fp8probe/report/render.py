@@ -1,0 +1,456 @@
+"""Render a results JSON (docs/architecture.md schema) into one self-contained HTML report: view model → jinja2."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from fp8probe.report import figures
+
+SCHEMA = "fp8probe.results"
+SCHEMA_VERSION = 1
+KINDS = ("analyze", "sweep-blocksize", "sweep-threshold")
+TENSORS = ("activation", "weight", "grad_output")
+GEMMS = ("fprop", "dgrad", "wgrad")
+# A layer is recommended to stay in 16-bit under a strategy when its forward GEMM keeps less than
+# 20 dB SQNR, i.e. the quantisation noise is above 1 % of the output power (10^(-20/10) = 0.01).
+# Per-tensor FP8 on well-behaved data gives ~25-31 dB, int8 vector-wise ~35-40 dB, so 20 dB only
+# flags layers that are clearly hurt (outlier features, wide dynamic range).
+KEEP_16BIT_DB = 20.0
+# Rows in the "worst layers" summary table.
+WORST_LAYERS = 8
+# Histogram small multiples are one row per layer; beyond this many layers only the worst ones
+# (lowest fprop SQNR) are drawn, and the report says so.
+MAX_HIST_LAYERS = 12
+# Which format window is drawn on which tensor's histogram: the first format present in
+# metadata.formats wins. Activations/weights use E4M3-like formats, gradients E5M2-like (SPEC §7.2).
+WINDOW_PREFERENCE = {
+    "activation": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8"),
+    "weight": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8"),
+    "grad_output": ("bnb-e5m2", "e5m2", "mxfp8-e5m2"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------
+def load_results(path: str | Path) -> dict:
+    """Read and validate a results JSON file; raise ValueError (one line) when it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read results file {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); expected an fp8probe results file") from None
+    validate_results(data, source=str(path))
+    return data
+
+
+def validate_results(results: Any, source: str = "results") -> None:
+    """Check the top-level shape of a results dict (schema, version, kind, metadata, tables.layers)."""
+    if not isinstance(results, Mapping):
+        raise ValueError(f"{source}: expected a JSON object with schema {SCHEMA!r}, got {type(results).__name__}")
+    if results.get("schema") != SCHEMA:
+        raise ValueError(f"{source}: expected schema {SCHEMA!r}, got {results.get('schema')!r}")
+    if results.get("version") != SCHEMA_VERSION:
+        raise ValueError(f"{source}: expected results version {SCHEMA_VERSION}, got {results.get('version')!r}")
+    if results.get("kind") not in KINDS:
+        raise ValueError(f"{source}: expected kind in {KINDS}, got {results.get('kind')!r}")
+    if not isinstance(results.get("metadata"), Mapping):
+        raise ValueError(f"{source}: expected a 'metadata' object")
+    tables = results.get("tables")
+    if not isinstance(tables, Mapping) or not isinstance(tables.get("layers"), list):
+        raise ValueError(f"{source}: expected 'tables' with a 'layers' list")
+    for name, rows in tables.items():
+        if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
+            raise ValueError(f"{source}: table {name!r} must be a list of records")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cell / table helpers (the view model is plain dicts and lists; the template does all markup)
+# ----------------------------------------------------------------------------------------------
+def _isnum(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def cell(value: Any, fmt: str = "{:.2f}", cls: str = "") -> dict:
+    """A table cell: display text, numeric sort key (None for text) and a CSS class."""
+    if value is None:
+        return {"text": "–", "sort": None, "cls": cls}
+    if isinstance(value, bool):
+        return {"text": "yes" if value else "", "sort": int(value), "cls": cls}
+    if _isnum(value):
+        v = float(value)
+        if math.isnan(v):
+            return {"text": "NaN", "sort": None, "cls": cls or "warn"}
+        if math.isinf(v):
+            return {"text": "∞" if v > 0 else "−∞", "sort": 1e308 if v > 0 else -1e308, "cls": cls}
+        return {"text": fmt.format(v), "sort": v, "cls": cls}
+    return {"text": str(value), "sort": None, "cls": cls}
+
+
+def _sqnr_cell(value: Any, limit: float) -> dict:
+    cls = "bad" if _isnum(value) and value < limit else ""
+    return cell(value, "{:.1f}", cls)
+
+
+def _pct(value: Any) -> dict:
+    if not _isnum(value):
+        return cell(value)
+    return cell(100.0 * float(value), "{:.2f}%" if value < 0.1 else "{:.1f}%", "warn" if value > 0 else "")
+
+
+def _table(tid: str, columns: Sequence[str], rows: list[list[dict]], groups: Sequence[tuple[str, int]] = ()) -> dict:
+    return {"id": tid, "columns": list(columns), "rows": rows,
+            "groups": [{"label": g, "span": n} for g, n in groups]}
+
+
+def _index(records: Sequence[Mapping], *keys: str) -> dict[tuple, Mapping]:
+    return {tuple(r.get(k) for k in keys): r for r in records}
+
+
+def _fmt_g(x: Any) -> str:
+    return f"{x:.4g}" if _isnum(x) else str(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+def _layer_order(tables: Mapping) -> list[str]:
+    names = [r["layer"] for r in tables["layers"]]
+    return list(dict.fromkeys(names))
+
+
+def _strategies(results: Mapping) -> list[str]:
+    listed = list(results["metadata"].get("strategies") or [])
+    seen = [r["strategy"] for r in results["tables"].get("gemm", [])]
+    return list(dict.fromkeys(listed + seen)) if seen else [s for s in listed if s]
+
+
+def _summary(layers: list[str], strategies: list[str], tables: Mapping, keep_db: float) -> dict:
+    gemm = _index(tables.get("gemm", []), "layer", "strategy", "gemm")
+    worst_rows = []
+    for layer in layers:
+        vals = [gemm[(layer, s, "fprop")]["sqnr_db"] for s in strategies
+                if (layer, s, "fprop") in gemm and _isnum(gemm[(layer, s, "fprop")]["sqnr_db"])]
+        if vals:
+            worst_rows.append((min(vals), layer))
+    worst_rows.sort(key=lambda t: t[0])
+    worst = _table("worst", ["layer", *[f"{s} fprop SQNR (dB)" for s in strategies]], [
+        [cell(layer), *[_sqnr_cell(gemm.get((layer, s, "fprop"), {}).get("sqnr_db"), keep_db) for s in strategies]]
+        for _, layer in worst_rows[:WORST_LAYERS]])
+    keep = []
+    for s in strategies:
+        bad = [(gemm[(layer, s, "fprop")]["sqnr_db"], layer) for layer in layers
+               if (layer, s, "fprop") in gemm and _isnum(gemm[(layer, s, "fprop")]["sqnr_db"])
+               and gemm[(layer, s, "fprop")]["sqnr_db"] < keep_db]
+        nan = [layer for layer in layers if (layer, s, "fprop") in gemm
+               and not _isnum(gemm[(layer, s, "fprop")]["sqnr_db"])]
+        n_measured = sum(1 for layer in layers if (layer, s, "fprop") in gemm)
+        keep.append({"strategy": s, "n_measured": n_measured,
+                     "layers": [{"layer": layer, "sqnr": f"{v:.1f}"} for v, layer in sorted(bad)] +
+                               [{"layer": layer, "sqnr": "NaN"} for layer in nan]})
+    return {"worst": worst, "keep": keep, "has_gemm": bool(gemm)}
+
+
+def _nan_inf(tables: Mapping) -> dict:
+    rows = tables.get("tensors", [])
+    total_nan = sum(int(r.get("nan_count") or 0) for r in rows)
+    total_inf = sum(int(r.get("inf_count") or 0) for r in rows)
+    flagged = [[cell(r["layer"]), cell(r["tensor"]), cell(r.get("nan_count"), "{:.0f}", "bad"),
+                cell(r.get("inf_count"), "{:.0f}", "bad")]
+               for r in rows if (r.get("nan_count") or 0) or (r.get("inf_count") or 0)]
+    return {"measured": bool(rows), "nan": total_nan, "inf": total_inf,
+            "table": _table("naninf", ["layer", "tensor", "NaN count", "Inf count"], flagged)}
+
+
+def _strategy_tables(layers: list[str], strategies: list[str], tables: Mapping, rules: Mapping,
+                     keep_db: float) -> list[dict]:
+    gemm = _index(tables.get("gemm", []), "layer", "strategy", "gemm")
+    ops = _index(tables.get("operands", []), "layer", "strategy", "operand")
+    out = []
+    for s in strategies:
+        g_rows = []
+        for layer in layers:
+            row = [cell(layer)]
+            for g in GEMMS:
+                r = gemm.get((layer, s, g), {})
+                row += [_sqnr_cell(r.get("sqnr_db"), keep_db), cell(r.get("rel_err"), "{:.2e}"),
+                        cell(r.get("cosine"), "{:.6f}"), cell(r.get("max_abs_err"), "{:.3g}")]
+            if any((layer, s, g) in gemm for g in GEMMS):
+                g_rows.append(row)
+        o_rows = []
+        for layer in layers:
+            row = [cell(layer)]
+            for op in TENSORS:
+                r = ops.get((layer, s, op), {})
+                row += [_sqnr_cell(r.get("sqnr_db"), keep_db), _pct(r.get("underflow_frac")),
+                        _pct(r.get("saturation_frac"))]
+            if any((layer, s, op) in ops for op in TENSORS):
+                o_rows.append(row)
+        sid = "".join(ch if ch.isalnum() else "-" for ch in s)
+        out.append({
+            "strategy": s, "rule": rules.get(s, ""),
+            "gemm": _table(f"gemm-{sid}", ["layer", *[m for _ in GEMMS for m in
+                                                     ("SQNR dB", "rel err", "cosine", "max abs")]], g_rows,
+                           groups=[("", 1), *[(g, 4) for g in GEMMS]]),
+            "operands": _table(f"ops-{sid}", ["layer", *[m for _ in TENSORS for m in
+                                                        ("SQNR dB", "underflow", "saturation")]], o_rows,
+                               groups=[("", 1), *[(t, 3) for t in TENSORS]]),
+        })
+    return out
+
+
+def _windows(tensor: str, amax: Any, formats: Mapping) -> list[tuple[str, float, float]]:
+    """Representable log2 window of the first preferred format, anchored at the tensor's amax.
+
+    Absmax scaling maps amax onto the format's max, so the smallest non-zero representable
+    magnitude is amax · min_subnormal / max. Without an amax the raw format range is drawn.
+    """
+    for name in WINDOW_PREFERENCE.get(tensor, ()):
+        f = formats.get(name)
+        if not f or not _isnum(f.get("max")) or not _isnum(f.get("min_subnormal")) or f["min_subnormal"] <= 0:
+            continue
+        hi = math.log2(f["max"])
+        lo = math.log2(f["min_subnormal"])
+        if _isnum(amax) and amax > 0 and math.isfinite(amax):
+            shift = math.log2(amax) - hi
+            return [(f"{name} window (scaled to amax)", lo + shift, hi + shift)]
+        return [(f"{name} range (unscaled)", lo, hi)]
+    return []
+
+
+def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_min: Mapping[str, float]) -> dict:
+    trows = tables.get("tensors", [])
+    table = _table("tensors", ["layer", "tensor", "numel", "amax", "std", "kurtosis", "zeros", "NaN", "Inf",
+                               "range (bits)", "global/block absmax"], [
+        [cell(r["layer"]), cell(r["tensor"]), cell(r.get("numel"), "{:.0f}"), cell(r.get("amax"), "{:.4g}"),
+         cell(r.get("std"), "{:.4g}"), cell(r.get("kurtosis"), "{:.1f}"), _pct(r.get("zero_frac")),
+         cell(r.get("nan_count"), "{:.0f}", "bad" if r.get("nan_count") else ""),
+         cell(r.get("inf_count"), "{:.0f}", "bad" if r.get("inf_count") else ""),
+         cell(r.get("range_bits"), "{:.1f}"), cell(r.get("block_absmax_ratio"), "{:.2f}")]
+        for r in trows])
+    hists = tables.get("histograms", [])
+    figure, note = None, ""
+    if hists:
+        amax = {(r["layer"], r["tensor"]): r.get("amax") for r in trows}
+        hist_layers = [x for x in layers if any(h["layer"] == x for h in hists)]
+        if len(hist_layers) > MAX_HIST_LAYERS:
+            hist_layers = sorted(hist_layers, key=lambda x: fprop_min.get(x, math.inf))[:MAX_HIST_LAYERS]
+            note = (f"Showing the {MAX_HIST_LAYERS} layers with the lowest forward SQNR of "
+                    f"{len({h['layer'] for h in hists})}; every layer's statistics are in the table below.")
+        keep = set(hist_layers)
+        order = {x: i for i, x in enumerate(hist_layers)}
+        panels = [{"layer": h["layer"], "tensor": h["tensor"], "edges": h["edges"], "counts": h["counts"],
+                   "windows": _windows(h["tensor"], amax.get((h["layer"], h["tensor"])), formats)}
+                  for h in sorted(hists, key=lambda h: order.get(h["layer"], 0)) if h["layer"] in keep]
+        tensors = [t for t in TENSORS if any(p["tensor"] == t for p in panels)]
+        fig = figures.range_histograms(panels, tensors)
+        figure = figures.figure_to_data_uri(fig)
+    return {"table": table, "figure": figure, "note": note, "present": bool(trows or hists)}
+
+
+def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
+    rows = tables.get("outliers", [])
+    if not rows:
+        return None
+    table = _table("outliers", ["layer", "threshold", "outlier cols", "frac cols", "frac rows", "top dims (dim: amax)"], [
+        [cell(r["layer"]), cell(r.get("threshold"), "{:g}"), cell(r.get("n_outlier_cols"), "{:.0f}"),
+         _pct(r.get("frac_cols")), _pct(r.get("frac_rows")),
+         cell(", ".join(f"{int(d)}: {_fmt_g(a)}" for d, a in (r.get("top_dims") or [])[:5]))]
+        for r in rows])
+    first = {}
+    for r in rows:
+        first.setdefault(r["layer"], r)
+    hm_layers = [x for x in layers if x in first and first[x].get("col_amax")]
+    figure = None
+    if hm_layers:
+        figure = figures.figure_to_data_uri(
+            figures.outlier_heatmap(hm_layers, [first[x]["col_amax"] for x in hm_layers]))
+    return {"table": table, "figure": figure}
+
+
+def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str) -> dict | None:
+    if not rows:
+        return None
+    sizes = sorted({int(r["blocksize"]) for r in rows})
+    targets = [t for t in ("fprop", "dgrad", "wgrad", "activation", "weight", "grad_output")
+               if any(r["target"] == t for r in rows)]
+    idx = _index(rows, "layer", "blocksize", "target")
+    lay = [x for x in layers if any(r["layer"] == x for r in rows)] or list(dict.fromkeys(r["layer"] for r in rows))
+    table_rows = []
+    for layer in lay:
+        rec = next((int(r["blocksize"]) for r in rows if r["layer"] == layer and r.get("recommended")), None)
+        auto = next((int(r["blocksize"]) for r in rows if r["layer"] == layer and r.get("auto")), None)
+        row = [cell(layer), cell(rec, "{:.0f}", "good"), cell(auto, "{:.0f}")]
+        for bs in sizes:
+            r = idx.get((layer, bs, "fprop")) or idx.get((layer, float(bs), "fprop"))
+            row.append(cell(r.get("sqnr_db") if r else None, "{:.1f}", "good" if bs == rec else ""))
+        table_rows.append(row)
+    overhead = [f"{bs}: {32 / bs:.3g}" for bs in sizes]
+    figs = []
+    for t in targets:
+        series = []
+        for layer in lay:
+            pts = sorted((int(r["blocksize"]), r["sqnr_db"], bool(r.get("recommended")))
+                         for r in rows if r["layer"] == layer and r["target"] == t)
+            if pts:
+                mark = next((p[0] for p in pts if p[2]), None)
+                series.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": mark})
+        fig = figures.sweep_lines(series, "block size (elements)", "SQNR (dB)", logx2=True, title=f"{t}")
+        figs.append({"title": t, "uri": figures.figure_to_data_uri(fig)})
+    return {"rule": rule, "figures": figs, "overhead": ", ".join(overhead),
+            "table": _table("blocksize", ["layer", "recommended", "auto (get_block_sizes)",
+                                          *[f"{bs}" for bs in sizes]], table_rows,
+                            groups=[("", 3), ("fprop SQNR (dB) per block size", len(sizes))])}
+
+
+def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str) -> dict | None:
+    if not rows:
+        return None
+    ths = sorted({float(r["threshold"]) for r in rows})
+    idx = {(r["layer"], float(r["threshold"])): r for r in rows}
+    lay = [x for x in layers if any(r["layer"] == x for r in rows)] or list(dict.fromkeys(r["layer"] for r in rows))
+    table_rows, s_sqnr, s_frac = [], [], []
+    for layer in lay:
+        rec = next((float(r["threshold"]) for r in rows if r["layer"] == layer and r.get("recommended")), None)
+        row = [cell(layer), cell(rec, "{:g}", "good")]
+        for th in ths:
+            r = idx.get((layer, th))
+            if r is None:
+                row.append(cell(None))
+                continue
+            c = cell(r.get("fprop_sqnr_db"), "{:.1f}", "good" if th == rec else "")
+            frac = r.get("frac_cols_16bit")
+            c["text"] += f" / {100 * frac:.1f}%" if _isnum(frac) else ""
+            row.append(c)
+        table_rows.append(row)
+        pts = sorted((float(r["threshold"]), r.get("fprop_sqnr_db"), r.get("frac_cols_16bit"))
+                     for r in rows if r["layer"] == layer)
+        s_sqnr.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": rec})
+        s_frac.append({"label": layer, "x": [p[0] for p in pts],
+                       "y": [100 * p[2] if _isnum(p[2]) else None for p in pts], "mark_x": rec})
+    figs = [
+        {"title": "fprop SQNR", "uri": figures.figure_to_data_uri(
+            figures.sweep_lines(s_sqnr, "outlier threshold", "fprop SQNR (dB)", title="fprop SQNR vs threshold"))},
+        {"title": "columns in 16-bit", "uri": figures.figure_to_data_uri(
+            figures.sweep_lines(s_frac, "outlier threshold", "% input columns kept in 16-bit",
+                                title="16-bit columns vs threshold"))},
+    ]
+    return {"rule": rule, "figures": figs,
+            "table": _table("threshold", ["layer", "recommended", *[f"{th:g}" for th in ths]], table_rows,
+                            groups=[("", 2), ("fprop SQNR (dB) / % columns in 16-bit, per threshold", len(ths))])}
+
+
+def _methods(meta: Mapping, strategies: list[str]) -> dict:
+    rules = meta.get("rules") or {}
+    fmts = meta.get("formats") or {}
+    return {
+        "rules": [{"name": k, "text": v} for k, v in rules.items()],
+        "formats": _table("formats", ["format", "max", "min normal", "min subnormal",
+                                      "dynamic range (bits)", "description"], [
+            [cell(name), cell(f.get("max"), "{:.6g}"), cell(f.get("min_normal"), "{:.6g}"),
+             cell(f.get("min_subnormal"), "{:.6g}"),
+             cell(math.log2(f["max"] / f["min_subnormal"]) if _isnum(f.get("max")) and _isnum(f.get("min_subnormal"))
+                  and f["min_subnormal"] > 0 else None, "{:.1f}"),
+             cell(f.get("description", ""))] for name, f in fmts.items()]),
+        "strategies": strategies,
+    }
+
+
+def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB) -> dict:
+    """Turn a results dict into the template's view model (plain dicts, lists, strings and data URIs)."""
+    validate_results(results)
+    meta, tables = results["metadata"], results["tables"]
+    layers = _layer_order(tables)
+    strategies = _strategies(results)
+    formats = meta.get("formats") or {}
+    recs = meta.get("recommendations") or {}
+    gemm = _index(tables.get("gemm", []), "layer", "strategy", "gemm")
+    fprop_min = {}
+    for (layer, _s, g), r in gemm.items():
+        if g == "fprop" and _isnum(r.get("sqnr_db")):
+            fprop_min[layer] = min(fprop_min.get(layer, math.inf), r["sqnr_db"])
+    sqnr_fig = None
+    if gemm:
+        sqnr_fig = figures.figure_to_data_uri(figures.sqnr_bars(
+            layers, strategies, {k: v.get("sqnr_db") for k, v in gemm.items()}))
+    loss = meta.get("loss") or {}
+    versions = meta.get("versions") or {}
+    info = [("model", meta.get("model", "")), ("inputs", meta.get("inputs", "")),
+            ("kind", results["kind"]), ("created", meta.get("created", "")), ("device", meta.get("device", "")),
+            ("seed", meta.get("seed", "")), ("outlier threshold", meta.get("threshold", "")),
+            ("loss", f"{loss.get('kind', '')}: {loss.get('detail', '')}" if loss else ""),
+            ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()))]
+    layer_rows = [[cell(r["layer"]), cell(r.get("in_features"), "{:.0f}"), cell(r.get("out_features"), "{:.0f}"),
+                   cell(r.get("has_bias")), cell(r.get("tokens"), "{:.0f}"), cell(r.get("bsz"), "{:.0f}"),
+                   cell(r.get("bsz2"), "{:.0f}")] for r in tables["layers"]]
+    return {
+        "title": f"fp8probe report: {meta.get('name') or meta.get('model') or 'results'}",
+        "info": [{"key": k, "value": str(v)} for k, v in info],
+        "surrogate_loss": loss.get("kind") == "surrogate",
+        "n_layers": len(layers),
+        "strategies": strategies,
+        "keep_db": f"{keep_16bit_db:g}",
+        "summary": _summary(layers, strategies, tables, keep_16bit_db),
+        "nan_inf": _nan_inf(tables),
+        "sqnr_figure": sqnr_fig,
+        "strategy_tables": _strategy_tables(layers, strategies, tables, meta.get("rules") or {}, keep_16bit_db),
+        "layers_table": _table("layers", ["layer", "in", "out", "bias", "tokens", "bsz", "bsz2"], layer_rows),
+        "range": _range_section(layers, tables, formats, fprop_min),
+        "outliers": _outlier_section(layers, tables),
+        "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", "")),
+        "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", "")),
+        "methods": _methods(meta, strategies),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    """The jinja2 environment: package templates, autoescape on, StrictUndefined (a typo is an error)."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("fp8probe", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _write(html: str, out_html: str | Path) -> Path:
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    return out
+
+
+def render_report(results: Mapping, out_html: str | Path, keep_16bit_db: float = KEEP_16BIT_DB) -> Path:
+    """Render ``results`` (a results dict, see docs/architecture.md) to one self-contained HTML file.
+
+    Returns the path written. Raises ValueError when ``results`` does not follow the schema and
+    jinja2.UndefinedError when the view model misses a field the template needs.
+    """
+    view = build_report_view(results, keep_16bit_db)
+    html = environment().get_template("report.html.j2").render(v=view)
+    return _write(html, out_html)
+
+
+def render_compare(comparison: Mapping, out_html: str | Path) -> Path:
+    """Render a comparison (``fp8probe.report.compare.compare_results`` output) to one HTML file."""
+    from fp8probe.report.compare import build_compare_view
+
+    view = build_compare_view(comparison)
+    html = environment().get_template("compare.html.j2").render(v=view)
+    return _write(html, out_html)
