@@ -21,7 +21,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
         f"{kernel}<{t}>"
         for kernel in ("int8_vectorwise_quant", "int8_col_stats", "int8_col_quant", "int8_mm_dequant")
         for t in CUDA_TYPES
-    ) + ("int8_zero_columns", "int8_linear_matmul"),
+    ) + ("int8_zero_columns", "int8_vectorwise_dequant", "int8_linear_matmul"),
     "scaled_cast": tuple(
         f"{kernel}<{t}>"
         for kernel in ("amax_tiles", "cast_to_fp8", "cast_from_fp8")

@@ -1,11 +1,12 @@
 // 8-bit codebook quantisation (global and blockwise) and dequantisation, default fp8probe rules.
 //
-// Numerics (SPEC.md §2.1, §4.2 and docs/architecture.md "Decisions", default mode):
+// Numerics: identical float32 operations to fp8probe/backends/reference.py (default mode), which
+// follows SPEC.md §2.1, §4.2 and docs/architecture.md "Decisions":
 //  * absmax of a block = max |x| over its FINITE elements (NaN/±Inf excluded); 0 if there are none.
-//  * s = fl32(1/absmax) (IEEE reciprocal, __frcp_rn), x_norm = fl32(x * s); absmax == 0 -> s = 0, so
-//    finite elements normalise to ±0 and land on the zero code.
-//  * non-finite x is searched unnormalised: NaN -> index 0, +Inf -> 255, -Inf -> 0 (the reference
-//    records their positions separately; the codes here are the placeholders it writes).
+//  * s = fl32(1/absmax) (IEEE reciprocal, __frcp_rn; +Inf for a zero block), x_norm = fl32(x * s),
+//    except x = ±0 which stays ±0 (so a zero block never computes 0 * Inf = NaN).
+//  * non-finite x: NaN * s = NaN -> index 0, +Inf -> 255, -Inf -> 0 (the launcher records their
+//    positions and values in torch; the codes here are the placeholders the reference writes).
 //  * nearest code: CUDA even-index rule, 7-step binary search over the 127 odd indices + 3-way
 //    midpoint test with midpoints fl32(fl32(a + b) * 0.5f); exact midpoints go to the even index.
 // Compile without fast-math: every rounding step uses an explicit *_rn intrinsic anyway.
@@ -39,12 +40,8 @@ __device__ __forceinline__ int search_even(const float* s_code, float x) {
     return x < mid ? lo : p;
 }
 
-__device__ __forceinline__ float inv_absmax(float absmax) {
-    return absmax > 0.0f ? __frcp_rn(absmax) : 0.0f;
-}
-
 __device__ __forceinline__ uint8_t quantize_one(const float* s_code, float a, float s) {
-    const float x = is_finite_f(a) ? __fmul_rn(a, s) : a;
+    const float x = (a == 0.0f) ? a : __fmul_rn(a, s);
     return (uint8_t)search_even(s_code, x);
 }
 
@@ -77,7 +74,7 @@ __global__ void quantize_blockwise(const T* __restrict__ A, const float* __restr
     }
     const float amax = __uint_as_float(block_max_u32(local_max, s_red));
     if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
-    const float s = inv_absmax(amax);
+    const float s = __frcp_rn(amax);
 #pragma unroll
     for (int it = 0; it < QB_MAX_ITEMS; ++it) {
         if (it < items) {
@@ -112,7 +109,7 @@ __global__ void quantize_with_absmax(const T* __restrict__ A, const float* __res
     load_code(code, s_code);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float s = inv_absmax(absmax[i / blocksize]);
+        const float s = __frcp_rn(absmax[i / blocksize]);
         q[i] = quantize_one(s_code, to_float(A[i]), s);
     }
 }

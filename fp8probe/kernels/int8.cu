@@ -4,7 +4,7 @@
 // Numerics (SPEC.md §5, default mode of docs/architecture.md); every rounding step is an explicit
 // *_rn intrinsic so the result equals the PyTorch reference bit for bit:
 //   outlier(i,j) = threshold > 0 && |A_ij| >= threshold
-//   row_stats[i] = max_j |A_ij| over non-outliers (NaN propagates when nan_propagates != 0)
+//   row_stats[i] = max_j |A_ij| over non-outliers (NaN skipped unless nan_propagates != 0)
 //   q_ij         = outlier ? 0 : rint_half_even(fl32(A_ij * fl32(127 / row_stats[i])))
 #include "common.cuh"
 
@@ -14,11 +14,10 @@ __device__ __forceinline__ bool is_outlier(float a, float threshold) {
     return threshold > 0.0f && fabsf(a) >= threshold;
 }
 
-// Round half to even and convert to int8. Non-finite products (NaN from 0 * Inf of an all-zero row or
-// a NaN input) map to 0, the value the reference writes for them; |v| <= 127 * (1 + 2^-23) otherwise,
-// so the clamp only guards against inputs that break that invariant.
+// Round half to even and convert to int8 exactly like the reference's _round_int8: NaN (0 * Inf of an
+// all-zero row, or a NaN input) -> 0, then saturate to ±127 (so ±Inf -> ±127).
 __device__ __forceinline__ int8_t round_to_int8(float v) {
-    if (!is_finite_f(v)) return 0;
+    if (is_nan_f(v)) return 0;
     float r = rintf(v);
     r = fminf(fmaxf(r, -127.0f), 127.0f);
     return (int8_t)(int)r;
@@ -61,6 +60,17 @@ __global__ void int8_zero_columns(int8_t* __restrict__ q, const int* __restrict_
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         if (col_flags[i % cols]) q[i] = 0;
+    }
+}
+
+// out = fl32(fl32(float(q) * stats[row]) * inv_127) in float32 (SPEC §5.2), rows x cols row-major.
+__global__ void int8_vectorwise_dequant(const int8_t* __restrict__ q, const float* __restrict__ stats,
+                                        float* __restrict__ out, long long rows, long long cols,
+                                        float inv_127) {
+    const long long n = rows * cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = __fmul_rn(__fmul_rn((float)q[i], stats[i / cols]), inv_127);
     }
 }
 

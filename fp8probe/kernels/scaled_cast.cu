@@ -12,13 +12,14 @@
 #define FMT_E4M3 0
 #define FMT_E5M2 1
 
-// fp32 -> fp8 bits, round to nearest even, saturating to the largest finite value (incl. ±Inf);
-// NaN -> 0x7f | sign (the NaN encoding torch uses for both formats).
+// fp32 -> fp8 bits with the semantics of the reference `where(isfinite(y), y.clamp(-max, max), y)
+// .to(float8)`: finite values round to nearest even and saturate to ±max; NaN -> 0x7f | sign (torch's
+// encoding); ±Inf -> NaN for E4M3FN (it has no Inf) and ±Inf for E5M2.
 __device__ __forceinline__ uint8_t float_to_e4m3_satfinite(float f) {
     const uint32_t x = __float_as_uint(f);
     const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
     const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);
+    if (ax >= 0x7f800000u) return (uint8_t)(sign | 0x7fu);                // NaN and ±Inf -> NaN
     if (ax >= 0x43e00000u) return (uint8_t)(sign | 0x7eu);                 // |f| >= 448 -> 448
     if (ax >= 0x3c800000u) {                                                // >= 2^-6: normal
         const uint32_t odd = (ax >> 20) & 1u;
@@ -34,6 +35,7 @@ __device__ __forceinline__ uint8_t float_to_e5m2_satfinite(float f) {
     const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
     const uint32_t ax = x & 0x7fffffffu;
     if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);
+    if (ax == 0x7f800000u) return (uint8_t)(sign | 0x7cu);                 // ±Inf
     if (ax >= 0x47600000u) return (uint8_t)(sign | 0x7bu);                 // |f| >= 57344 -> 57344
     if (ax >= 0x38800000u) {                                                // >= 2^-14: normal
         const uint32_t odd = (ax >> 21) & 1u;
@@ -67,13 +69,14 @@ __device__ __forceinline__ long long tile_of(long long i, long long cols, long l
     return (r / tile_r) * tiles_c + c / tile_c;
 }
 
-// amax[t] = max |x| over tile t (NaN propagates like torch.amax unless ignore_nan). Block (bx, by)
+// amax[t] = max |x| over tile t's finite elements when finite_only (the reference), else over all
+// (a NaN magnitude then wins the bit-pattern max, like torch.amax). Block (bx, by)
 // handles tile bx, elements by*blockDim.x + threadIdx.x, stepping gridDim.y*blockDim.x, so a single
 // huge tile (per-tensor scaling) is still spread over many blocks; partial maxima meet in atomicMax
 // on the bit patterns of a zero-initialised buffer.
 template <typename T>
 __global__ void amax_tiles(const T* __restrict__ x, float* __restrict__ amax, long long rows,
-                           long long cols, long long tile_r, long long tile_c, int ignore_nan) {
+                           long long cols, long long tile_r, long long tile_c, int finite_only) {
     __shared__ uint32_t s_red[32];
     const long long tiles_c = (cols + tile_c - 1) / tile_c;
     const long long t = blockIdx.x;
@@ -85,7 +88,7 @@ __global__ void amax_tiles(const T* __restrict__ x, float* __restrict__ amax, lo
     for (long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x; e < count; e += stride) {
         const long long r = r0 + e / w, c = c0 + e % w;
         const float a = to_float(x[r * cols + c]);
-        if (ignore_nan && is_nan_f(a)) continue;
+        if (finite_only && !is_finite_f(a)) continue;
         local_max = max_u32(local_max, abs_bits(a));
     }
     const uint32_t m = block_max_u32(local_max, s_red);
