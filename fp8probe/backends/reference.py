@@ -148,7 +148,14 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
             idx = search_lower_bound(code, xb * torch.reciprocal(absmax)[:, None])
         else:
             absmax = xb.abs().amax(dim=1)  # torch max propagates NaN: the block is poisoned
-            idx = search_argmin(code, (xb * torch.reciprocal(absmax)[:, None]).clamp(-1.0, 1.0))
+            recip = torch.reciprocal(absmax)
+            xn = xb * recip[:, None]
+            if n % blocksize:
+                # bnb scales the partial last block with a 0-dim reciprocal, so torch's type
+                # promotion keeps A's dtype: fl_dt(float(A) * fl32(1/absmax)) — one rounding to
+                # fp16/bf16 that the full blocks (2-D operand, promoted to fp32) do not get.
+                xn[-1] = xn[-1].to(A.dtype).to(_F32)
+            idx = search_argmin(code, xn.clamp(-1.0, 1.0))
         special_index, special_value = _empty_specials(dev)
     else:
         raise ValueError(f"compat must be '' or 'bnb', got {compat!r}")
