@@ -1,0 +1,235 @@
+"""Compare two results dicts layer by layer and apply CI gates (pure functions: no I/O, no printing)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fp8probe.report.render import _table, cell, validate_results
+
+# Defaults of the CI gate. 1 dB of SQNR is a 26 % rise in noise power (10^(1/10) = 1.26): more than
+# run-to-run noise of a seeded capture (which is 0 dB: the pipeline is deterministic on CPU) and
+# less than the ~6 dB one lost mantissa bit costs.
+DEFAULT_MAX_SQNR_DROP_DB = 1.0
+# A new outlier column moves a whole feature to the 16-bit path in LLM.int8(): any is worth a look.
+DEFAULT_MAX_NEW_OUTLIER_COLS = 0
+# Underflow increase in percentage points of the operand's non-zero elements.
+DEFAULT_MAX_UNDERFLOW_INCREASE_PCT = 1.0
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Gate limits: SQNR drop (dB, ≥ 0), new outlier columns (count, ≥ 0), underflow rise (percentage points, ≥ 0)."""
+
+    max_sqnr_drop: float = DEFAULT_MAX_SQNR_DROP_DB
+    max_new_outlier_cols: int = DEFAULT_MAX_NEW_OUTLIER_COLS
+    max_underflow_increase: float = DEFAULT_MAX_UNDERFLOW_INCREASE_PCT
+
+    def __post_init__(self) -> None:
+        for name in ("max_sqnr_drop", "max_new_outlier_cols", "max_underflow_increase"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+def _sqnr_entries(results: Mapping) -> dict[tuple[str, str, str], float | None]:
+    """(layer, recipe, what) → SQNR dB for every SQNR the results carry, whatever their kind."""
+    tables = results["tables"]
+    out: dict[tuple[str, str, str], float | None] = {}
+    for r in tables.get("gemm", []):
+        out[(r["layer"], str(r["strategy"]), str(r["gemm"]))] = _num(r.get("sqnr_db"))
+    for r in tables.get("blocksize_sweep", []):
+        out[(r["layer"], f"blockwise bs={int(r['blocksize'])}", str(r["target"]))] = _num(r.get("sqnr_db"))
+    for r in tables.get("threshold_sweep", []):
+        out[(r["layer"], f"int8 threshold={float(r['threshold']):g}", "fprop")] = _num(r.get("fprop_sqnr_db"))
+    return out
+
+
+def _delta(base: float | None, cur: float | None) -> float | None:
+    """cur − base with the infinities handled: exact→exact is 0, exact→finite is −inf."""
+    if base is None or cur is None or math.isnan(base):
+        return None
+    if math.isnan(cur):
+        return -math.inf  # a NaN SQNR where there was a number is as bad as it gets
+    if math.isinf(base) and math.isinf(cur) and (base > 0) == (cur > 0):
+        return 0.0
+    return cur - base
+
+
+def _layers(results: Mapping) -> list[str]:
+    return list(dict.fromkeys(r["layer"] for r in results["tables"]["layers"]))
+
+
+def _summary(results: Mapping) -> dict:
+    meta = results["metadata"]
+    return {"name": str(meta.get("name", "")), "model": str(meta.get("model", "")),
+            "created": str(meta.get("created", "")), "kind": results["kind"],
+            "versions": ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())}
+
+
+def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = None) -> dict:
+    """Per-layer deltas of SQNR, outlier columns and underflow between two results dicts, and gate verdicts.
+
+    Returns a dict: ``gates``; ``sqnr`` rows (layer, recipe, what, baseline, current, delta_db, failed);
+    ``outliers`` rows (layer, threshold, baseline, current, new_cols, failed); ``underflow`` rows
+    (layer, strategy, operand, baseline_pct, current_pct, delta_pct, failed); ``added_layers`` and
+    ``removed_layers``; ``violations`` (gate, layer, detail); ``failed_layers``; ``passed``.
+    Raises ValueError when either input is not a results dict or the kinds differ.
+    """
+    gates = gates or Gates()
+    validate_results(baseline, "baseline")
+    validate_results(current, "current")
+    if baseline["kind"] != current["kind"]:
+        raise ValueError(f"cannot compare a {baseline['kind']!r} result with a {current['kind']!r} result")
+    violations: list[dict] = []
+
+    base_s, cur_s = _sqnr_entries(baseline), _sqnr_entries(current)
+    sqnr_rows = []
+    for key in [k for k in base_s if k in cur_s]:
+        d = _delta(base_s[key], cur_s[key])
+        failed = d is not None and d < -gates.max_sqnr_drop
+        sqnr_rows.append({"layer": key[0], "recipe": key[1], "what": key[2], "baseline": base_s[key],
+                          "current": cur_s[key], "delta_db": d, "failed": failed})
+        if failed:
+            violations.append({"gate": "max-sqnr-drop", "layer": key[0],
+                               "detail": f"{key[1]} {key[2]} SQNR {base_s[key]:.2f} → {cur_s[key]:.2f} dB "
+                                         f"(drop {-d:.2f} dB > {gates.max_sqnr_drop:g} dB)"})
+
+    def outl(res: Mapping) -> dict:
+        return {(r["layer"], _num(r.get("threshold"))): r for r in res["tables"].get("outliers", [])}
+
+    base_o, cur_o = outl(baseline), outl(current)
+    outlier_rows = []
+    for key in [k for k in base_o if k in cur_o]:
+        b, c = _num(base_o[key].get("n_outlier_cols")), _num(cur_o[key].get("n_outlier_cols"))
+        new = None if b is None or c is None else c - b
+        failed = new is not None and new > gates.max_new_outlier_cols
+        outlier_rows.append({"layer": key[0], "threshold": key[1], "baseline": b, "current": c,
+                             "new_cols": new, "failed": failed})
+        if failed:
+            violations.append({"gate": "max-new-outlier-cols", "layer": key[0],
+                               "detail": f"outlier columns at threshold {key[1]:g}: {b:.0f} → {c:.0f} "
+                                         f"(+{new:.0f} > {gates.max_new_outlier_cols:g})"})
+
+    def under(res: Mapping) -> dict:
+        return {(r["layer"], r["strategy"], r["operand"]): _num(r.get("underflow_frac"))
+                for r in res["tables"].get("operands", [])}
+
+    base_u, cur_u = under(baseline), under(current)
+    under_rows = []
+    for key in [k for k in base_u if k in cur_u]:
+        b, c = base_u[key], cur_u[key]
+        d = None if b is None or c is None or math.isnan(b) or math.isnan(c) else 100.0 * (c - b)
+        failed = d is not None and d > gates.max_underflow_increase
+        under_rows.append({"layer": key[0], "strategy": key[1], "operand": key[2],
+                           "baseline_pct": None if b is None else 100 * b,
+                           "current_pct": None if c is None else 100 * c, "delta_pct": d, "failed": failed})
+        if failed:
+            violations.append({"gate": "max-underflow-increase", "layer": key[0],
+                               "detail": f"{key[1]} {key[2]} underflow {100 * b:.2f}% → {100 * c:.2f}% "
+                                         f"(+{d:.2f} points > {gates.max_underflow_increase:g})"})
+
+    base_l, cur_l = _layers(baseline), _layers(current)
+    failed_layers = list(dict.fromkeys(v["layer"] for v in violations))
+    return {
+        "baseline": _summary(baseline), "current": _summary(current), "gates": asdict(gates),
+        "sqnr": sqnr_rows, "outliers": outlier_rows, "underflow": under_rows,
+        "added_layers": [x for x in cur_l if x not in set(base_l)],
+        "removed_layers": [x for x in base_l if x not in set(cur_l)],
+        "violations": violations, "failed_layers": failed_layers, "passed": not violations,
+    }
+
+
+def _md_escape(text: str) -> str:
+    """Layer names are user data: keep them from breaking the Markdown table."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("\n", " ").replace("<", "&lt;")
+
+
+def _f(x: float | None, fmt: str = "{:.2f}") -> str:
+    if x is None:
+        return "–"
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return fmt.format(x)
+
+
+def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
+    """A Markdown summary (for a CI job summary): verdict, gates, violations, the largest SQNR drops."""
+    g = comparison["gates"]
+    verdict = "✅ **PASS**" if comparison["passed"] else f"❌ **FAIL** — {len(comparison['failed_layers'])} layer(s)"
+    lines = [f"## fp8probe compare: {verdict}", "",
+             f"Baseline `{_md_escape(comparison['baseline']['name'])}` ({_md_escape(comparison['baseline']['created'])}) → "
+             f"current `{_md_escape(comparison['current']['name'])}` ({_md_escape(comparison['current']['created'])}).", "",
+             f"Gates: SQNR drop ≤ {g['max_sqnr_drop']:g} dB, new outlier columns ≤ {g['max_new_outlier_cols']:g}, "
+             f"underflow increase ≤ {g['max_underflow_increase']:g} percentage points.", ""]
+    if comparison["violations"]:
+        lines += ["| gate | layer | detail |", "|---|---|---|"]
+        lines += [f"| {v['gate']} | `{_md_escape(v['layer'])}` | {_md_escape(v['detail'])} |"
+                  for v in comparison["violations"][:max_rows]]
+        if len(comparison["violations"]) > max_rows:
+            lines.append(f"| … | | {len(comparison['violations']) - max_rows} more |")
+        lines.append("")
+    drops = sorted((r for r in comparison["sqnr"] if r["delta_db"] is not None and r["delta_db"] < 0),
+                   key=lambda r: r["delta_db"])
+    if not drops:
+        lines += ["No SQNR decreased.", ""]
+    else:
+        lines += ["Largest SQNR changes:", "", "| layer | recipe | GEMM / tensor | baseline dB | current dB | Δ dB |",
+                  "|---|---|---|---:|---:|---:|"]
+        lines += [f"| `{_md_escape(r['layer'])}` | {_md_escape(r['recipe'])} | {_md_escape(r['what'])} | "
+                  f"{_f(r['baseline'])} | {_f(r['current'])} | {_f(r['delta_db'])} |" for r in drops[:min(max_rows, 10)]]
+        lines.append("")
+    for key, label in (("added_layers", "Layers only in current"), ("removed_layers", "Layers only in baseline")):
+        if comparison[key]:
+            lines.append(f"{label}: " + ", ".join(f"`{_md_escape(x)}`" for x in comparison[key]))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def build_compare_view(comparison: Mapping) -> dict:
+    """View model for templates/compare.html.j2."""
+    from fp8probe.report import figures
+
+    g = comparison["gates"]
+    drop = g["max_sqnr_drop"]
+    sq = comparison["sqnr"]
+    fig = None
+    # The bar chart shows each layer's worst change over all recipes / GEMMs.
+    worst: dict[str, float] = {}
+    for r in sq:
+        if r["delta_db"] is not None:
+            worst[r["layer"]] = min(worst.get(r["layer"], math.inf), r["delta_db"])
+    if worst:
+        fig = figures.figure_to_data_uri(figures.delta_bars(list(worst), list(worst.values()), drop))
+
+    def flag(failed: bool) -> str:
+        return "bad" if failed else ""
+
+    return {
+        "title": f"fp8probe compare: {comparison['baseline']['name']} → {comparison['current']['name']}",
+        "passed": comparison["passed"], "baseline": comparison["baseline"], "current": comparison["current"],
+        "gates": {k: f"{v:g}" for k, v in g.items()},
+        "violations": comparison["violations"], "failed_layers": comparison["failed_layers"],
+        "added_layers": comparison["added_layers"], "removed_layers": comparison["removed_layers"],
+        "figure": fig,
+        "sqnr": _table("cmp-sqnr", ["layer", "recipe", "GEMM / tensor", "baseline dB", "current dB", "Δ dB"], [
+            [cell(r["layer"]), cell(r["recipe"]), cell(r["what"]), cell(r["baseline"], "{:.2f}"),
+             cell(r["current"], "{:.2f}"), cell(r["delta_db"], "{:+.2f}", flag(r["failed"]))] for r in sq]),
+        "outliers": _table("cmp-outliers", ["layer", "threshold", "baseline cols", "current cols", "new"], [
+            [cell(r["layer"]), cell(r["threshold"], "{:g}"), cell(r["baseline"], "{:.0f}"),
+             cell(r["current"], "{:.0f}"), cell(r["new_cols"], "{:+.0f}", flag(r["failed"]))]
+            for r in comparison["outliers"]]),
+        "underflow": _table("cmp-underflow", ["layer", "strategy", "operand", "baseline %", "current %", "Δ points"], [
+            [cell(r["layer"]), cell(r["strategy"]), cell(r["operand"]), cell(r["baseline_pct"], "{:.3f}"),
+             cell(r["current_pct"], "{:.3f}"), cell(r["delta_pct"], "{:+.3f}", flag(r["failed"]))]
+            for r in comparison["underflow"]]),
+    }
