@@ -1,6 +1,387 @@
-"""CUDA implementations of the fp8probe ops via CuPy kernels (placeholder until the kernels land)."""
+"""CUDA implementations of the fp8probe ops: thin CuPy launchers over the kernels in fp8probe/kernels/*.cu.
+
+Each launcher takes exactly the arguments of its ``fp8probe::<op>`` schema (see fp8probe/ops.py),
+makes its inputs contiguous, allocates outputs with torch (so the caching allocator and torch's
+streams own them), shares them zero-copy with CuPy through DLPack and launches on torch's current
+stream. Results equal ``backends/reference.py`` bit for bit: the kernels perform the same float32
+operations in the same order. What the kernels do not implement runs the reference on the GPU tensors:
+``compat="bnb"`` variants (cross-check modes; ``int8_vectorwise_quant`` is the exception, it has a
+NaN-propagating kernel switch), output dtypes other than fp32/fp16/bf16, and empty tensors.
+``FP8PROBE_BACKEND=reference`` routes every call to the reference. CuPy is imported lazily, never at
+module import, so ``import fp8probe`` stays free of CUDA.
+"""
 from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import torch
+
+from fp8probe.backends import reference as _ref
+from fp8probe.formats import INV_127, INV_127_SQ
+
+_F32 = torch.float32
+#: torch dtype -> the C++ storage type the templated kernels are instantiated for (common.cuh)
+_CUDA_TYPE = {torch.float32: "float", torch.float16: "half_t", torch.bfloat16: "bf16_t"}
+#: fp8 element format -> the `fmt` argument of scaled_cast.cu (FMT_E4M3 / FMT_E5M2)
+_FP8_FMT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+_THREADS = 256
+_MAX_GRID = 1 << 20          # grid-stride kernels loop; more blocks than this buys nothing
+#: blocksizes the fused blockwise kernel supports: blockDim = min(bs, 256), <= 16 items per thread
+CUDA_BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096
+
+_registered = False
+
+
+def use_reference() -> bool:
+    """True when FP8PROBE_BACKEND=reference asks for the PyTorch reference on CUDA tensors too."""
+    return os.environ.get("FP8PROBE_BACKEND") == "reference"
+
+
+def check_blocksize(blocksize: int) -> None:
+    """Raise ValueError unless `blocksize` is a power of two in 32..4096 (the CUDA kernel's range)."""
+    if blocksize not in CUDA_BLOCKSIZES:
+        raise ValueError(f"blocksize on CUDA must be a power of two in 32..4096, got {blocksize}")
+
+
+# --------------------------------------------------------------------------------------------
+# launch plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _as_cupy(t: torch.Tensor):
+    """Zero-copy CuPy view of a contiguous CUDA tensor. CuPy has no bf16/fp8 dtypes, so 16-bit floats
+    travel as int16 and fp8 as uint8; the kernels reinterpret the bits (common.cuh)."""
+    import cupy
+
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    elif t.dtype in _FP8_FMT or t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return cupy.from_dlpack(t)
+
+
+def _launch(file: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
+            device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Run `kernel` (`kernel<T>` when dtype is given) from `file`.cu on torch's current stream.
+
+    Tensor arguments are shared through DLPack inside the stream context, so no extra stream
+    synchronisation is needed; scalars must already carry their C type (np.int64 for long long,
+    np.int32 for int, np.float32 for float).
+    """
+    import cupy
+
+    from fp8probe.kernels import get_function
+
+    expr = f"{kernel}<{_CUDA_TYPE[dtype]}>" if dtype is not None else kernel
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
+        with stream:
+            fn = get_function(file, expr)
+            fn(grid, block, tuple(_as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def _grid_1d(n: int) -> tuple[int]:
+    return (max(1, min(-(-n // _THREADS), _MAX_GRID)),)
+
+
+def _rows_cols(shape: torch.Size) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def _row_threads(cols: int) -> int:
+    """Threads for a one-block-per-row kernel: a multiple of 32 (warp reductions), at most 256."""
+    return min(_THREADS, max(32, -(-cols // 32) * 32))
+
+
+def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices and float32 values of the non-finite elements (default-mode QuantState fields)."""
+    flat = A.reshape(-1)
+    bad = ~torch.isfinite(flat)
+    if not bool(bad.any()):
+        return (torch.empty(0, dtype=torch.int64, device=A.device), torch.empty(0, dtype=_F32, device=A.device))
+    index = bad.nonzero().reshape(-1)
+    return index, flat[index].to(_F32)
+
+
+# --------------------------------------------------------------------------------------------
+# codebook quantisation (codebook_quant.cu)
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA `fp8probe::quantize_blockwise`: fused absmax + search, one thread block per block."""
+    if use_reference():
+        return _ref.quantize_blockwise(A, code, blocksize, compat)
+    check_blocksize(blocksize)
+    if compat != "" or A.numel() == 0 or A.dtype not in _CUDA_TYPE:
+        return _ref.quantize_blockwise(A, code, blocksize, compat)
+    A = A.contiguous()
+    code = code.to(device=A.device, dtype=_F32).contiguous()
+    n = A.numel()
+    nb = -(-n // blocksize)
+    q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(nb, dtype=_F32, device=A.device)
+    _launch("codebook_quant", "quantize_blockwise", (nb,), (min(blocksize, _THREADS),),
+            (A, code, q, absmax, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
+    return (q, absmax, *_specials(A))
+
+
+def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA `fp8probe::quantize_global`: atomic absmax pass, then an elementwise search pass."""
+    if use_reference() or compat != "" or A.numel() == 0 or A.dtype not in _CUDA_TYPE:
+        return _ref.quantize_global(A, code, compat)
+    A = A.contiguous()
+    code = code.to(device=A.device, dtype=_F32).contiguous()
+    n = A.numel()
+    absmax = torch.zeros(1, dtype=_F32, device=A.device)     # atomicMax identity for magnitudes
+    _launch("codebook_quant", "absmax_global", _grid_1d(n), (_THREADS,), (A, absmax, np.int64(n)),
+            A.device, A.dtype)
+    q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+    _launch("codebook_quant", "quantize_with_absmax", _grid_1d(n), (_THREADS,),
+            (A, code, absmax, q, np.int64(n), np.int64(n)), A.device, A.dtype)
+    return (q, absmax, *_specials(A))
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                         dtype: torch.dtype, special_index: torch.Tensor, special_value: torch.Tensor,
+                         compat: str) -> torch.Tensor:
+    """CUDA `fp8probe::dequantize_blockwise`: code lookup * absmax, RNE cast, specials scattered back.
+
+    Any blocksize works here (the kernel only divides the index), so the global state (blocksize = n)
+    shares this launcher.
+    """
+    if use_reference() or compat != "" or q.numel() == 0 or dtype not in _CUDA_TYPE:
+        return _ref.dequantize_blockwise(q, absmax, code, blocksize, dtype, special_index, special_value, compat)
+    q = q.contiguous()
+    absmax = absmax.to(device=q.device, dtype=_F32).contiguous()
+    code = code.to(device=q.device, dtype=_F32).contiguous()
+    n = q.numel()
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    _launch("codebook_quant", "dequantize_blockwise", _grid_1d(n), (_THREADS,),
+            (q, code, absmax, out, np.int64(n), np.int64(blocksize)), q.device, dtype)
+    if special_index.numel():
+        out.view(-1)[special_index.to(q.device)] = special_value.to(device=q.device, dtype=dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# LLM.int8() (int8.cu)
+# --------------------------------------------------------------------------------------------
+
+
+def _int8_rows(A: torch.Tensor, threshold: float, nan_propagates: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row quantisation kernel + column zeroing: (q [rows, cols], row_stats [rows], outlier_cols)."""
+    rows, cols = _rows_cols(A.shape)
+    A2 = A.contiguous()
+    dev = A.device
+    q = torch.empty((rows, cols), dtype=torch.int8, device=dev)
+    row_stats = torch.empty(rows, dtype=_F32, device=dev)
+    col_flags = torch.zeros(cols, dtype=torch.int32, device=dev)
+    _launch("int8", "int8_vectorwise_quant", (rows,), (_row_threads(cols),),
+            (A2, q, row_stats, col_flags, np.int64(rows), np.int64(cols), np.float32(threshold),
+             np.int32(nan_propagates)), dev, A.dtype)
+    if threshold > 0:
+        outlier_cols = col_flags.nonzero().reshape(-1)
+        if outlier_cols.numel():
+            _launch("int8", "int8_zero_columns", _grid_1d(rows * cols), (_THREADS,),
+                    (q, col_flags, np.int64(rows), np.int64(cols)), dev)
+    else:
+        outlier_cols = torch.empty(0, dtype=torch.int64, device=dev)
+    return q, row_stats, outlier_cols
+
+
+def _int8_kernel_ok(A: torch.Tensor, threshold: float) -> bool:
+    # A positive threshold below the smallest float32 would be 0 in the kernel but still "> 0" in the
+    # reference (which then marks everything an outlier): leave that corner to the reference.
+    return (A.numel() > 0 and A.dim() > 0 and A.dtype in _CUDA_TYPE
+            and (threshold <= 0 or float(np.float32(threshold)) > 0))
+
+
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA `fp8probe::int8_vectorwise_quant`: one thread block per row; compat "bnb" lets NaN poison
+    row_stats (the reference's only difference between the modes for this op)."""
+    if use_reference() or compat not in ("", "bnb") or not _int8_kernel_ok(A, threshold):
+        return _ref.int8_vectorwise_quant(A, threshold, compat)
+    q, row_stats, outlier_cols = _int8_rows(A, threshold, nan_propagates=compat == "bnb")
+    return q.reshape(A.shape), row_stats, outlier_cols
+
+
+def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """CUDA `fp8probe::int8_vectorwise_dequant`: fl32(fl32(float(q) * stats[row]) * fl32(1/127))."""
+    if use_reference() or q.numel() == 0 or q.dim() == 0:
+        return _ref.int8_vectorwise_dequant(q, stats)
+    rows, cols = _rows_cols(q.shape)
+    q2 = q.contiguous()
+    stats = stats.to(device=q.device, dtype=_F32).contiguous()
+    out = torch.empty(q.shape, dtype=_F32, device=q.device)
+    _launch("int8", "int8_vectorwise_dequant", _grid_1d(rows * cols), (_THREADS,),
+            (q2, stats, out, np.int64(rows), np.int64(cols), np.float32(INV_127)), q.device)
+    return out
+
+
+def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA `fp8probe::int8_double_quant`: row kernel, atomic column-max kernel, column-code kernel."""
+    if use_reference() or compat != "" or not _int8_kernel_ok(A, threshold):
+        return _ref.int8_double_quant(A, threshold, compat)
+    q_row, row_stats, outlier_cols = _int8_rows(A, threshold, nan_propagates=False)
+    rows, cols = _rows_cols(A.shape)
+    A2 = A.contiguous()
+    dev = A.device
+    col_stats = torch.zeros(cols, dtype=_F32, device=dev)   # atomicMax identity for magnitudes
+    row_split = max(1, min(rows, 256))
+    _launch("int8", "int8_col_stats", (-(-cols // _THREADS), row_split), (_THREADS,),
+            (A2, col_stats, np.int64(rows), np.int64(cols), np.float32(threshold), np.int32(0)), dev, A.dtype)
+    q_col = torch.empty(A.shape, dtype=torch.int8, device=dev)
+    _launch("int8", "int8_col_quant", _grid_1d(rows * cols), (_THREADS,),
+            (A2, col_stats, q_col, np.int64(rows), np.int64(cols), np.float32(threshold)), dev, A.dtype)
+    return q_row.reshape(A.shape), q_col, row_stats, col_stats, outlier_cols
+
+
+def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """CUDA `fp8probe::int8_linear_matmul`: C = A · Bᵀ with exact int32 accumulation.
+
+    torch._int_mm (cuBLASLt IMMA, exact int32) where its shape rules hold (M > 16, K and N
+    multiples of 8); the tiled kernel of int8.cu everywhere else. Both wrap modulo 2**32 alike.
+    """
+    K = A.shape[-1] if A.dim() else 0
+    N = B.shape[0] if B.dim() else 0
+    if use_reference() or A.dim() == 0 or B.dim() != 2 or A.numel() == 0 or B.numel() == 0:
+        return _ref.int8_linear_matmul(A, B)
+    A2 = A.reshape(-1, K).contiguous()
+    B2 = B.contiguous()
+    M = A2.shape[0]
+    out_shape = (*A.shape[:-1], N)
+    if M > 16 and K % 8 == 0 and N % 8 == 0:
+        try:
+            return torch._int_mm(A2, B2.t()).reshape(out_shape)
+        except RuntimeError:
+            pass  # cuBLASLt refused this shape/layout on this GPU: the kernel is exact too
+    C = torch.empty((M, N), dtype=torch.int32, device=A.device)
+    tile = 16  # MM_TILE in int8.cu
+    _launch("int8", "int8_linear_matmul", (-(-M // tile), -(-N // tile)), (tile, tile),
+            (A2, B2, C, np.int64(M), np.int64(N), np.int64(K)), A.device)
+    return C.reshape(out_shape)
+
+
+def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                    bias: torch.Tensor | None, dtype: torch.dtype, compat: str) -> torch.Tensor:
+    """CUDA `fp8probe::int8_mm_dequant` (default mode): the reference's four rounded fp32 steps."""
+    if use_reference() or compat != "" or A.numel() == 0 or A.dim() == 0 or dtype not in _CUDA_TYPE:
+        return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat)
+    dev = A.device
+    N = A.shape[-1]
+    rows = A.numel() // N
+    C = A.contiguous()
+    row_stats = row_stats.to(device=dev, dtype=_F32).contiguous()
+    col_stats = col_stats.to(device=dev, dtype=_F32).contiguous()
+    has_bias = bias is not None
+    bias32 = (bias.to(device=dev, dtype=_F32).contiguous() if has_bias
+              else torch.zeros(1, dtype=_F32, device=dev))  # never read; a valid pointer all the same
+    out = torch.empty(A.shape, dtype=dtype, device=dev)
+    _launch("int8", "int8_mm_dequant", _grid_1d(rows * N), (_THREADS,),
+            (C, row_stats, col_stats, bias32, out, np.int64(rows), np.int64(N), np.float32(INV_127_SQ),
+             np.int32(has_bias)), dev, dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# OCP FP8 / MX scaled casts (scaled_cast.cu)
+# --------------------------------------------------------------------------------------------
+
+
+def _scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The scale rule of reference.quantize_scaled, with the same torch ops (so the same bits).
+
+    Kept in sync by tests/test_cuda_backend.py, which compares the scales bit for bit.
+    """
+    _, fmax, emax = _ref.SCALED_FORMATS[fmt]
+    if fmt.startswith("mxfp8"):
+        _, e = torch.frexp(amax)
+        exp = (e - 1 - emax).clamp(-127, 127)
+        return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), 1.0)
+    scale = amax / fmax
+    return torch.where(scale > 0, scale, 1.0)
+
+
+def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA `fp8probe::quantize_scaled`: tile-amax kernel, scale rule in torch, cast kernel."""
+    if use_reference() or x.numel() == 0 or x.dtype not in _CUDA_TYPE or fmt not in _ref.SCALED_FORMATS:
+        return _ref.quantize_scaled(x, fmt, block_rows, block_cols)
+    fp8 = _ref.SCALED_FORMATS[fmt][0]
+    dev = x.device
+    rows, cols = _rows_cols(x.shape)
+    nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
+    x2 = x.contiguous()
+    amax = torch.zeros((nbr, nbc), dtype=_F32, device=dev)
+    tile = min(block_rows, rows) * min(block_cols, cols)
+    split = max(1, min(65535, -(-tile // (_THREADS * 8))))    # >= 8 elements per thread per block
+    _launch("scaled_cast", "amax_tiles", (nbr * nbc, split), (_THREADS,),
+            (x2, amax, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+             np.int32(1)), dev, x.dtype)
+    scale = _scale_from_amax(amax, fmt).contiguous()
+    data = torch.empty(x.shape, dtype=torch.uint8, device=dev)
+    _launch("scaled_cast", "cast_to_fp8", _grid_1d(rows * cols), (_THREADS,),
+            (x2, scale, data, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+             np.int32(_FP8_FMT[fp8])), dev, x.dtype)
+    return data.view(fp8), scale
+
+
+def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """CUDA `fp8probe::dequantize_scaled`: cast<dtype>(fl32(float(data) * scale[tile]))."""
+    if use_reference() or data.numel() == 0 or dtype not in _CUDA_TYPE or data.dtype not in _FP8_FMT:
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+    dev = data.device
+    rows, cols = _rows_cols(data.shape)
+    bits = data.contiguous().view(torch.uint8)
+    scale = scale.to(device=dev, dtype=_F32).contiguous()
+    out = torch.empty(data.shape, dtype=dtype, device=dev)
+    _launch("scaled_cast", "cast_from_fp8", _grid_1d(rows * cols), (_THREADS,),
+            (bits, scale, out, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+             np.int32(_FP8_FMT[data.dtype])), dev, dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+
+#: every fp8probe op and its CUDA launcher (names = fp8probe/ops.py schemas)
+CUDA_KERNELS = {
+    "quantize_blockwise": quantize_blockwise,
+    "quantize_global": quantize_global,
+    "dequantize_blockwise": dequantize_blockwise,
+    "int8_vectorwise_quant": int8_vectorwise_quant,
+    "int8_vectorwise_dequant": int8_vectorwise_dequant,
+    "int8_double_quant": int8_double_quant,
+    "int8_linear_matmul": int8_linear_matmul,
+    "int8_mm_dequant": int8_mm_dequant,
+    "quantize_scaled": quantize_scaled,
+    "dequantize_scaled": dequantize_scaled,
+}
 
 
 def register() -> None:
-    """Register CuPy kernels for CUDA tensors; imports nothing from CuPy at module import time."""
+    """Register the CuPy launchers for CUDA tensors (called once by fp8probe/ops.py at import).
+
+    Does nothing when CuPy is not installed or FP8PROBE_BACKEND=reference; imports no CuPy itself
+    (find_spec only locates the package), so importing fp8probe never initialises CUDA.
+    """
+    global _registered
+    if _registered or use_reference() or importlib.util.find_spec("cupy") is None:
+        return
+    for name, fn in CUDA_KERNELS.items():
+        torch.library.register_kernel(f"fp8probe::{name}", "cuda", fn)
+    _registered = True
