@@ -100,7 +100,8 @@ def compile_only(name: str, *, arch: str = "compute_90", source: str | None = No
             raise KernelCompileError(f"NVRTC failed to compile {filename} for {arch}: {exc}\n{log}") from None
         for expr in exprs:
             nvrtc.getLoweredName(prog, expr)        # raises if an instantiation is missing
-        return nvrtc.getPTX(prog)
+        ptx = nvrtc.getPTX(prog)
+        return ptx.decode("utf-8", "replace") if isinstance(ptx, bytes) else ptx
     finally:
         nvrtc.destroyProgram(prog)
 
