@@ -94,7 +94,8 @@ __device__ __forceinline__ uint32_t block_max_u32(uint32_t v, uint32_t* smem) {
     for (int off = 16; off > 0; off >>= 1) v = max_u32(v, __shfl_xor_sync(0xffffffffu, v, off));
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int nwarps = (int)(blockDim.x >> 5);
+    const int nwarps = (int)((blockDim.x + 31) >> 5);   // launches use multiples of 32; the
+                                                       // round-up keeps 1-thread host emulation exact
     __syncthreads();                      // smem may still be read by a previous call
     if (lane == 0) smem[warp] = v;
     __syncthreads();
