@@ -1,0 +1,639 @@
+"""Autograd layer of the matmul suite: bitsandbytes' FP8 research matmuls, SwitchBack and LLM.int8() (SPEC §6, §7)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import functional as F
+from .formats import get_codebook
+
+__all__ = [
+    "MatmulLtState",
+    "GlobalOutlierPooler",
+    "get_block_sizes",
+    "MatMulFP8Mixed",
+    "MatMulFP8Global",
+    "SwitchBackBnb",
+    "MatMul8bitLt",
+    "matmul_fp8_mixed",
+    "matmul_fp8_global",
+    "switchback_bnb",
+    "matmul",
+]
+
+_COMPAT_MODES = (None, "bnb")
+# Candidate block sizes of get_block_sizes (SPEC §7.1): the smallest power of two in 64..4096
+# that is >= the feature count, capped at 4096.
+_MIN_BLOCK = 64
+_MAX_BLOCK = 4096
+# int8_double_quant's (SPEC §5.3) column codes are what the correct grad_B needs; with
+# threshold 0 it never reports outlier columns.
+_NO_THRESHOLD = 0.0
+
+
+def _check_compat(compat: str | None) -> None:
+    if compat not in _COMPAT_MODES:
+        raise ValueError(f"compat must be None or 'bnb', got {compat!r}")
+
+
+def _check_float(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16 or float32), got {t.dtype}")
+
+
+def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"out must have shape {list(shape)}, dtype {dtype} and device {device}, "
+            f"got shape {list(out.shape)}, dtype {out.dtype}, device {out.device}")
+
+
+def _finish(ctx: Any, output: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Honour `out=` (bitsandbytes ignores it, Q22): copy the result into `out` and return `out`."""
+    if out is None:
+        return output
+    out.copy_(output)
+    ctx.mark_dirty(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# State objects (SPEC §6.1)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class MatmulLtState:
+    """Per-layer state of LLM.int8() / SwitchBack: the int8 weight cache and the outlier settings.
+
+    ``CB`` is the int8 weight ``[out, in]`` and ``SCB`` its float32 row absmax ``[out]`` (one scale
+    per output channel). ``CxB``, ``SB``, ``CxBt``, ``SBt``, ``CBt``, ``formatB`` and
+    ``_tile_indices`` are bitsandbytes' legacy layout fields, kept so code written for
+    ``bnb.MatmulLtState`` runs unchanged. ``idx`` holds the outlier columns of the last forward.
+    ``weight_key`` is fp8probe's cache key (storage pointer, ``_version``, shape, dtype, device of
+    the weight the cached ``CB`` was computed from, SPEC Q11).
+    """
+
+    _tile_indices: torch.Tensor | None = None
+    force_no_igemmlt: bool = False
+    CB: torch.Tensor | None = None
+    CxB: torch.Tensor | None = None
+    SB: Any = None
+    SCB: torch.Tensor | None = None
+    CxBt: torch.Tensor | None = None
+    SBt: Any = None
+    CBt: torch.Tensor | None = None
+    subB: torch.Tensor | None = None
+    outlier_pool: "GlobalOutlierPooler | None" = None
+    has_accumulated_gradients: bool = False
+    threshold: float = 0.0
+    idx: torch.Tensor | None = None
+    is_training: bool = True
+    has_fp16_weights: bool = True
+    use_pool: bool = False
+    formatB: str = "row"
+    weight_key: tuple | None = None
+
+    def reset_grads(self) -> None:
+        """Forget the cached int8 weight (CB, SCB and the legacy layouts) so the next forward re-quantises."""
+        self.CB = None
+        self.CxB = None
+        self.SB = None
+        self.SCB = None
+        self.CxBt = None
+        self.SBt = None
+        self.CBt = None
+        self.weight_key = None
+
+    @property
+    def tile_indices(self) -> torch.Tensor:
+        raise NotImplementedError(
+            "tile_indices belonged to the pre-0.45 bitsandbytes tiled int8 layout; fp8probe (like "
+            "bitsandbytes >= 0.45) only uses row-major int8 weights")
+
+
+class GlobalOutlierPooler:
+    """Process-wide set of outlier feature columns seen by layers of one model width (SPEC §6.1).
+
+    The first ``feature_dim`` passed to :meth:`add_outliers` fixes the model width; calls with any
+    other width are ignored (bitsandbytes' rule, so only the residual-stream layers are pooled).
+    fp8probe uses it when ``MatmulLtState.use_pool`` is set: outlier columns found by any layer stay
+    in 16-bit in every later forward (bitsandbytes 0.49.2 attaches the pool but never reads it).
+    """
+
+    _instance: "GlobalOutlierPooler | None" = None
+
+    def __init__(self) -> None:
+        raise RuntimeError("GlobalOutlierPooler is a singleton: call GlobalOutlierPooler.get_instance()")
+
+    def initialize(self) -> None:
+        """Empty the pool and forget the model width."""
+        self.outliers: set[int] = set()
+        self.model_dim: int | None = None
+
+    @classmethod
+    def get_instance(cls) -> "GlobalOutlierPooler":
+        """The process-wide pooler (created empty on first use)."""
+        if cls._instance is None:
+            cls._instance = cls.__new__(cls)
+            cls._instance.initialize()
+        return cls._instance
+
+    def add_outliers(self, outlier_idx: torch.Tensor, feature_dim: int) -> None:
+        """Add column indices (int tensor) seen in a layer whose input width is ``feature_dim``."""
+        if self.model_dim is None:
+            self.model_dim = int(feature_dim)
+        if int(feature_dim) != self.model_dim:
+            return
+        self.outliers.update(int(i) for i in outlier_idx.reshape(-1).tolist())
+
+    def get_current_outlier_idx(self) -> torch.Tensor:
+        """The pooled column indices as a sorted int64 CPU tensor (sorted, unlike bnb's set order)."""
+        return torch.tensor(sorted(self.outliers), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Block sizes (SPEC §7.1)
+# ------------------------------------------------------------------------------------------------
+def _block_size_for(features: int, what: str, compat: str | None) -> int:
+    if features < 1:
+        if compat == "bnb":
+            # bitsandbytes walks off the end of its size list [4096, ..., 64, 0] (Q20).
+            raise IndexError("list index out of range")
+        raise ValueError(f"{what} must be >= 1 to choose a block size, got {features}")
+    size = _MIN_BLOCK
+    while size < features and size < _MAX_BLOCK:
+        size *= 2
+    return size
+
+
+def get_block_sizes(input_matrix: torch.Tensor | int, weight_matrix: torch.Tensor | int,
+                    *, compat: str | None = None) -> tuple[int, int]:
+    """Block sizes ``(bsz, bsz2)`` for the activation and the output gradient (SPEC §7.1).
+
+    ``input_matrix``: the activation ``[..., in]`` or ``in_features`` as an int. ``weight_matrix``:
+    the weight (``[out, in]`` or ``[in, out]``; the dimension that is not ``in`` is taken, checking
+    ``shape[1]`` first like bitsandbytes) or ``out_features`` as an int. Each size is
+    ``min(4096, max(64, next_pow2(features)))``: 1→64, 65→128, 1000→1024, 20000→4096.
+    A feature count of 0 raises ValueError (``compat="bnb"``: IndexError, like bitsandbytes).
+    """
+    _check_compat(compat)
+    if isinstance(input_matrix, torch.Tensor):
+        if input_matrix.dim() == 0:
+            raise ValueError("input_matrix must have at least one dimension, got a 0-d tensor")
+        in_features = int(input_matrix.shape[-1])
+    elif isinstance(input_matrix, int):
+        in_features = input_matrix
+    else:
+        raise TypeError(f"input_matrix must be a tensor or an int, got {type(input_matrix).__name__}")
+    if isinstance(weight_matrix, torch.Tensor):
+        if weight_matrix.dim() != 2:
+            raise ValueError(f"weight_matrix must be 2-D, got shape {list(weight_matrix.shape)}")
+        out_features = int(weight_matrix.shape[0] if weight_matrix.shape[1] == in_features else weight_matrix.shape[1])
+    elif isinstance(weight_matrix, int):
+        out_features = weight_matrix
+    else:
+        raise TypeError(f"weight_matrix must be a tensor or an int, got {type(weight_matrix).__name__}")
+    return (_block_size_for(in_features, "in_features", compat),
+            _block_size_for(out_features, "out_features", compat))
+
+
+# ------------------------------------------------------------------------------------------------
+# FP8 research matmuls (SPEC §7.2). B is [in, out] (e.g. weight.t()); A is [..., in].
+# "Fake quantisation" = dequantise(quantise(X)) in X's dtype; every matmul is an ordinary torch
+# matmul in the input dtype, exactly as bitsandbytes does it.
+# ------------------------------------------------------------------------------------------------
+def _fq_global(x: torch.Tensor, code: torch.Tensor, compat: str | None) -> torch.Tensor:
+    # The global quantiser reads float32 only (SPEC §3, Q21): bnb passes X.float() and casts back.
+    return F.fake_quantize(x.float(), code, None, compat=compat).to(x.dtype)
+
+
+def _fq_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str | None) -> torch.Tensor:
+    # Blocks run over the flattened tensor (SPEC §4.1, Q18): they straddle rows unless in_f | bsz.
+    return F.fake_quantize(x, code, blocksize, compat=compat)
+
+
+def _check_fp8_operands(A: torch.Tensor, B: torch.Tensor) -> None:
+    _check_float("A", A)
+    _check_float("B", B)
+    if A.dim() < 1:
+        raise ValueError("A must have at least one dimension [..., in], got a 0-d tensor")
+    if B.dim() != 2:
+        raise ValueError(f"B must be 2-D [in, out], got shape {list(B.shape)}")
+    if A.shape[-1] != B.shape[0]:
+        raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal B.shape[0] (in = {B.shape[0]}); "
+                         f"got A {list(A.shape)}, B {list(B.shape)}")
+    if A.dtype != B.dtype:
+        raise TypeError(f"A and B must have the same dtype, got {A.dtype} and {B.dtype}")
+    if A.device != B.device:
+        raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
+
+
+def _codes(A: torch.Tensor, fw_code: torch.Tensor | None, bw_code: torch.Tensor | None):
+    fw = get_codebook("bnb-e4m3", A.device) if fw_code is None else fw_code
+    bw = get_codebook("bnb-e5m2", A.device) if bw_code is None else bw_code
+    return fw.to(A.device), bw.to(A.device)
+
+
+def _resolve_blocks(A: torch.Tensor, B: torch.Tensor, bsz: int, bsz2: int, compat: str | None) -> tuple[int, int]:
+    if bsz == -1 or bsz2 == -1:
+        auto, auto2 = get_block_sizes(A, B, compat=compat)
+        bsz = auto if bsz == -1 else bsz
+        bsz2 = auto2 if bsz2 == -1 else bsz2
+    return int(bsz), int(bsz2)
+
+
+class MatMulFP8Mixed(torch.autograd.Function):
+    """``A @ B`` with blockwise-E4M3 A, global-E4M3 B; grad_A from blockwise-E5M2 grad (SPEC §7.2).
+
+    grad_B = Aᵀ·grad is computed **unquantised** (that is the algorithm, Q19). ``bsz`` is the block
+    size of A (over flattened A), ``bsz2`` of the output gradient; -1 means get_block_sizes(A, B).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
+                fw_code: torch.Tensor | None = None, bw_code: torch.Tensor | None = None,
+                bsz: int = 1024, bsz2: int = 1024, compat: str | None = None) -> torch.Tensor:
+        _check_compat(compat)
+        _check_fp8_operands(A, B)
+        out_shape = (*A.shape[:-1], B.shape[1])
+        _check_out(out, out_shape, A.dtype, A.device)
+        fw, bw = _codes(A, fw_code, bw_code)
+        ctx.is_empty = A.numel() == 0 or B.numel() == 0
+        if ctx.is_empty:
+            ctx.shapes = (A.shape, B.shape, A.dtype, B.dtype)
+            # A zero-size contraction is an exact matmul of zeros; never return uninitialised memory.
+            return _finish(ctx, torch.zeros(out_shape, dtype=A.dtype, device=A.device), out)
+        bsz, bsz2 = _resolve_blocks(A, B, bsz, bsz2, compat)
+        fp8A = _fq_blockwise(A, fw, bsz, compat)
+        fp8B = _fq_global(B, fw, compat)
+        output = torch.matmul(fp8A, fp8B)
+        ctx.save_for_backward(A, fp8B)
+        ctx.bw_code, ctx.bsz2, ctx.compat = bw, bsz2, compat
+        return _finish(ctx, output, out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        if ctx.is_empty:
+            a_shape, b_shape, a_dtype, b_dtype = ctx.shapes
+            dev = grad_output.device
+            return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
+                    None, None, None, None, None, None)
+        A, fp8B = ctx.saved_tensors
+        grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            fp8G = _fq_blockwise(grad_output.contiguous(), ctx.bw_code, ctx.bsz2, ctx.compat)
+            grad_A = torch.matmul(fp8G.to(fp8B.dtype), fp8B.t()).to(A.dtype)
+        if ctx.needs_input_grad[1]:
+            A2 = A.reshape(-1, A.shape[-1])
+            G2 = grad_output.reshape(-1, grad_output.shape[-1]).to(A.dtype)
+            grad_B = torch.matmul(A2.t(), G2).to(fp8B.dtype)
+        return grad_A, grad_B, None, None, None, None, None, None
+
+
+class MatMulFP8Global(torch.autograd.Function):
+    """``A @ B`` with global E4M3 A and B; both backward matmuls use global E5M2 grad (SPEC §7.2).
+
+    grad_A = fq_e5m2(grad)·fq_e4m3(B)ᵀ, grad_B = fq_e4m3(A)ᵀ·fq_e5m2(grad). ``bsz``/``bsz2`` are
+    accepted for signature parity and ignored (one absmax per tensor).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
+                fw_code: torch.Tensor | None = None, bw_code: torch.Tensor | None = None,
+                bsz: int = 1024, bsz2: int = 1024, compat: str | None = None) -> torch.Tensor:
+        _check_compat(compat)
+        _check_fp8_operands(A, B)
+        out_shape = (*A.shape[:-1], B.shape[1])
+        _check_out(out, out_shape, A.dtype, A.device)
+        fw, bw = _codes(A, fw_code, bw_code)
+        ctx.is_empty = A.numel() == 0 or B.numel() == 0
+        if ctx.is_empty:
+            ctx.shapes = (A.shape, B.shape, A.dtype, B.dtype)
+            return _finish(ctx, torch.zeros(out_shape, dtype=A.dtype, device=A.device), out)
+        fp8A = _fq_global(A, fw, compat)
+        fp8B = _fq_global(B, fw, compat)
+        output = torch.matmul(fp8A, fp8B)
+        # fq(Aᵀ) = fq(A)ᵀ elementwise (one absmax), so the forward's fp8A serves grad_B too.
+        ctx.save_for_backward(fp8A, fp8B)
+        ctx.bw_code, ctx.compat = bw, compat
+        return _finish(ctx, output, out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        if ctx.is_empty:
+            a_shape, b_shape, a_dtype, b_dtype = ctx.shapes
+            dev = grad_output.device
+            return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
+                    None, None, None, None, None, None)
+        fp8A, fp8B = ctx.saved_tensors
+        fp8G = _fq_global(grad_output, ctx.bw_code, ctx.compat).to(fp8A.dtype)
+        grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_A = torch.matmul(fp8G, fp8B.t()).to(fp8A.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_B = torch.matmul(fp8A.reshape(-1, fp8A.shape[-1]).t(),
+                                  fp8G.reshape(-1, fp8G.shape[-1])).to(fp8B.dtype)
+        return grad_A, grad_B, None, None, None, None, None, None
+
+
+def matmul_fp8_mixed(A: torch.Tensor, B: torch.Tensor, fw_code: torch.Tensor | None = None,
+                     bw_code: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     bsz: int = -1, bsz2: int = -1, *, compat: str | None = None) -> torch.Tensor:
+    """FP8 "mixed" matmul ``A [..., in] @ B [in, out] -> [..., out]`` (SPEC §7.2, :class:`MatMulFP8Mixed`).
+
+    ``fw_code``/``bw_code`` default to the bnb-e4m3 / bnb-e5m2 codebooks; ``bsz``/``bsz2`` = -1
+    picks :func:`get_block_sizes`. ``out``, when given, receives the result and is returned.
+    """
+    return MatMulFP8Mixed.apply(A, B, out, fw_code, bw_code, bsz, bsz2, compat)
+
+
+def matmul_fp8_global(A: torch.Tensor, B: torch.Tensor, fw_code: torch.Tensor | None = None,
+                      bw_code: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      bsz: int = -1, bsz2: int = -1, *, compat: str | None = None) -> torch.Tensor:
+    """FP8 "global" matmul ``A [..., in] @ B [in, out]`` (SPEC §7.2, :class:`MatMulFP8Global`); bsz/bsz2 ignored."""
+    return MatMulFP8Global.apply(A, B, out, fw_code, bw_code, bsz, bsz2, compat)
+
+
+# ------------------------------------------------------------------------------------------------
+# LLM.int8() and SwitchBack (SPEC §6.2, §6.3, §7.2). B is the weight [out, in].
+# ------------------------------------------------------------------------------------------------
+def _check_int8_operands(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
+    _check_float("A", A)
+    _check_float("B", B)
+    if A.dim() < 1:
+        raise ValueError("A must have at least one dimension [..., in], got a 0-d tensor")
+    if B.dim() != 2:
+        raise ValueError(f"B must be the 2-D weight [out, in], got shape {list(B.shape)}")
+    if A.shape[-1] != B.shape[1]:
+        raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal B.shape[1] (the weight is [out, in]); "
+                         f"got A {list(A.shape)}, B {list(B.shape)}")
+    if A.device != B.device:
+        raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (B.shape[0],):
+            raise ValueError(f"bias must have shape [{B.shape[0]}], got {list(bias.shape)}")
+
+
+def _weight_key(B: torch.Tensor) -> tuple:
+    # Views share the version counter, so an in-place optimizer step on the Parameter bumps it.
+    # Writes through `weight.data` do not (new version counter): call state.reset_grads() then.
+    return (B.data_ptr(), B._version, tuple(B.shape), B.dtype, B.device)
+
+
+def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> None:
+    """Fill state.CB / state.SCB (int8 rows of the weight, SPEC §6.2 step 4) when they are stale.
+
+    Default: re-quantise whenever the weight's storage or ``_version`` changed (Q11). ``compat="bnb"``:
+    bitsandbytes' rule — re-quantise only while ``B.grad is None`` in training (stale CB afterwards).
+    """
+    if not state.has_fp16_weights and state.CB is not None and state.SCB is not None:
+        if compat == "bnb" or state.weight_key is None or state.weight_key == _weight_key(B):
+            return
+    if compat == "bnb":
+        stale = (state.is_training and B.grad is None) or state.CB is None or state.SCB is None
+    else:
+        stale = state.CB is None or state.SCB is None or state.weight_key != _weight_key(B)
+    if not stale:
+        return
+    key = _weight_key(B)
+    state.reset_grads()
+    # The CUDA kernel reads fp16 only; bnb therefore rounds the weight to fp16 first (SPEC §6.2).
+    w = B.to(torch.float16) if compat == "bnb" else B
+    state.CB, state.SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
+    state.weight_key = key
+
+
+def _dequant_weight(state: MatmulLtState, dtype: torch.dtype) -> torch.Tensor:
+    """``CB · SCB / 127`` computed in float32 (SPEC §5.2), then cast to `dtype`."""
+    return F.int8_vectorwise_dequant(state.CB, state.SCB).to(dtype)
+
+
+def _empty_int8_result(ctx: Any, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
+                       out: torch.Tensor | None) -> torch.Tensor:
+    ctx.is_empty = True
+    ctx.shapes = (A.shape, B.shape, A.dtype, B.dtype, None if bias is None else bias.dtype)
+    result = torch.zeros((*A.shape[:-1], B.shape[0]), dtype=A.dtype, device=A.device)
+    if bias is not None and result.numel() > 0:
+        result = result + bias.to(A.dtype)
+    return _finish(ctx, result, out)
+
+
+def _empty_int8_grads(ctx: Any, grad_output: torch.Tensor, n_extra: int):
+    a_shape, b_shape, a_dtype, b_dtype, bias_dtype = ctx.shapes
+    dev = grad_output.device
+    grad_bias = None
+    if bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad_output.reshape(-1, b_shape[0]).sum(0, dtype=torch.float32).to(bias_dtype)
+    return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
+            None, grad_bias, *([None] * n_extra))
+
+
+def _bias_grad(grad2: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
+    # Sum over every token row (2-D and 3-D alike) in float32, then round once to the bias dtype.
+    return grad2.sum(0, dtype=torch.float32).to(bias_dtype)
+
+
+class MatMul8bitLt(torch.autograd.Function):
+    """LLM.int8() matmul ``A [..., in] · Bᵀ`` with B the weight ``[out, in]`` (SPEC §6.2, §6.3).
+
+    Forward: int8 row-quantised A (outlier columns with |a| >= threshold kept in A's precision
+    and multiplied with the dequantised int8 weight columns) times the int8 row-quantised weight.
+    Backward: grad_A = grad · deq(CB) (gradient not quantised); grad_B by default is the correct
+    column-wise product ``(Qcol(grad)ᵀ·Qcol(A)) ⊙ (colmax_grad ⊗ colmax_A)/127²`` plus the outlier
+    columns in A's precision; ``compat="bnb"`` reproduces bitsandbytes' row-quantised gradient with
+    column scales (Q10), its fp16 activation/weight cast and its ``B.grad is None`` caching (Q11).
+    The CUDA algorithm is used on every device (bitsandbytes' CPU MatMul8bitFp is not, Q12).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, state: MatmulLtState | None = None,
+                compat: str | None = None) -> torch.Tensor:
+        _check_compat(compat)
+        _check_int8_operands(A, B, bias)
+        state = MatmulLtState() if state is None else state
+        out_shape = (*A.shape[:-1], B.shape[0])
+        _check_out(out, out_shape, A.dtype, A.device)
+        ctx.is_empty = False
+        if A.numel() == 0 or B.numel() == 0:
+            return _empty_int8_result(ctx, A, B, bias, out)
+        in_features = A.shape[-1]
+        A2 = A.reshape(-1, in_features)
+        # bnb rounds activations to fp16 for the CUDA kernel (overflow above 65504); the default
+        # quantises in A's own dtype.
+        A_q = A2.to(torch.float16) if compat == "bnb" else A2
+        want_grad_B = ctx.needs_input_grad[1]
+        threshold = float(state.threshold)
+        if want_grad_B:
+            CA, CAt, SCA, SCAt, outlier_cols = F.int8_double_quant(A_q, threshold, compat=compat)
+        else:
+            CA, SCA, outlier_cols = F.int8_vectorwise_quant(A_q, threshold, compat=compat)
+            CAt = SCAt = None
+        if threshold > 0.0 and state.use_pool and outlier_cols is not None:
+            pool = GlobalOutlierPooler.get_instance()
+            state.outlier_pool = pool
+            pool.add_outliers(outlier_cols, in_features)
+            pooled = pool.get_current_outlier_idx().to(A.device)
+            if pool.model_dim == in_features and pooled.numel() > 0:
+                outlier_cols = pooled
+                CA = CA.clone()
+                CA[:, outlier_cols] = 0
+        _quantize_weight(B, state, compat)
+        has_outliers = threshold > 0.0 and outlier_cols is not None and outlier_cols.numel() > 0
+        bias_c = None if bias is None else bias.to(A.dtype)
+        if threshold > 0.0:
+            state.idx = outlier_cols
+        if has_outliers:
+            output, subA = F.int8_mixed_scaled_mm(A2, CA, state.CB, SCA, state.SCB, outlier_cols, bias_c)
+        else:
+            output = F.int8_scaled_mm(CA, state.CB, SCA, state.SCB, bias_c, dtype=A.dtype)
+            subA = None
+        ctx.state, ctx.compat = state, compat
+        ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
+        ctx.dtype_bias = None if bias is None else bias.dtype
+        ctx.outlier_cols = outlier_cols if has_outliers else None
+        ctx.SCAt = SCAt
+        # CB/SCB are saved (not read from the state in backward) so a later forward that refreshes
+        # the cache cannot change this step's gradient.
+        ctx.save_for_backward(CAt, subA, state.CB, state.SCB)
+        return _finish(ctx, output.reshape(out_shape), out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        if ctx.is_empty:
+            return _empty_int8_grads(ctx, grad_output, 2)
+        CAt, subA, CB, SCB = ctx.saved_tensors
+        compat = ctx.compat
+        n_out = CB.shape[0]
+        grad2 = grad_output.reshape(-1, n_out)
+        grad_A = grad_B = grad_bias = None
+        if ctx.needs_input_grad[3] and ctx.dtype_bias is not None:
+            grad_bias = _bias_grad(grad2, ctx.dtype_bias)
+        if ctx.needs_input_grad[1]:
+            idx = ctx.outlier_cols
+            if compat == "bnb":
+                # Q10: the ROW-quantised gradient Cg is rescaled with the COLUMN statistics.
+                Cg, _, _, Sg_col, _ = F.int8_double_quant(grad2.to(torch.float16), _NO_THRESHOLD, compat=compat)
+                grad_B = F.int8_scaled_mm(Cg.t().contiguous(), CAt.t().contiguous(), Sg_col, ctx.SCAt,
+                                          dtype=torch.float16)
+                if idx is not None:
+                    grad_B[:, idx] += torch.matmul(grad2.to(subA.dtype).t(), subA).to(torch.float16)
+            else:
+                _, Cg_col, _, Sg_col, _ = F.int8_double_quant(grad2, _NO_THRESHOLD, compat=compat)
+                QA_col = CAt
+                if idx is not None:
+                    # Outlier columns go through the 16-bit product below; drop them from the int8
+                    # one entirely (int8_double_quant only zeroes the outlier *elements*).
+                    QA_col = CAt.clone()
+                    QA_col[:, idx] = 0
+                # grad_B[n, k] = Σ_m Qg[m, n]·QA[m, k] · colmax_g[n]·colmax_A[k] / 127²
+                grad_B = F.int8_scaled_mm(Cg_col.t().contiguous(), QA_col.t().contiguous(), Sg_col, ctx.SCAt,
+                                          dtype=torch.float32)
+                if idx is not None:
+                    grad_B[:, idx] += torch.matmul(grad2.to(subA.dtype).t(), subA).float()
+            grad_B = grad_B.to(ctx.dtype_B)
+        if ctx.needs_input_grad[0]:
+            W = F.int8_vectorwise_dequant(CB, SCB).to(ctx.dtype_A)
+            grad_A = torch.matmul(grad2.to(ctx.dtype_A), W).reshape(ctx.grad_shape)
+        return grad_A, grad_B, None, grad_bias, None, None
+
+
+class SwitchBackBnb(torch.autograd.Function):
+    """SwitchBack: LLM.int8()-style int8 forward, unquantised backward (SPEC §7.2).
+
+    Forward = int8 row-quantised A times int8 row-quantised weight, outlier columns of A in
+    A's precision times the **original** weight columns (has_fp16_weights=True) or the dequantised
+    int8 columns (False). Backward: grad_A = grad · deq(CB), grad_B = gradᵀ · A, both unquantised.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, state: MatmulLtState | None = None,
+                compat: str | None = None) -> torch.Tensor:
+        _check_compat(compat)
+        _check_int8_operands(A, B, bias)
+        state = MatmulLtState() if state is None else state
+        out_shape = (*A.shape[:-1], B.shape[0])
+        _check_out(out, out_shape, A.dtype, A.device)
+        ctx.is_empty = False
+        if A.numel() == 0 or B.numel() == 0:
+            return _empty_int8_result(ctx, A, B, bias, out)
+        A2 = A.reshape(-1, A.shape[-1])
+        A_q = A2.to(torch.float16) if compat == "bnb" else A2
+        threshold = float(state.threshold)
+        # Only the row codes are used: the column half of bnb's int8_double_quant is discarded.
+        CA, SCA, outlier_cols = F.int8_vectorwise_quant(A_q, threshold, compat=compat)
+        _quantize_weight(B, state, compat)
+        state.SB = (tuple(state.CB.shape), "row")  # bnb's "weights ready" flag
+        has_outliers = threshold > 0.0 and outlier_cols is not None and outlier_cols.numel() > 0
+        C32 = F.int8_linear_matmul(CA, state.CB)
+        output = F.int8_mm_dequant(C32, SCA, state.SCB, bias=None if bias is None else bias.to(A.dtype),
+                                   dtype=A.dtype)
+        if threshold > 0.0:
+            state.idx = outlier_cols
+        if has_outliers:
+            subA = A2[:, outlier_cols]
+            if state.has_fp16_weights:
+                state.subB = B[:, outlier_cols].t().to(A.dtype)
+            else:
+                state.subB = _dequant_weight(state, A.dtype)[:, outlier_cols].t()
+            output = output + torch.matmul(subA, state.subB)
+        ctx.compat = compat
+        ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
+        ctx.dtype_bias = None if bias is None else bias.dtype
+        ctx.save_for_backward(A2, state.CB, state.SCB)
+        return _finish(ctx, output.reshape(out_shape), out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        if ctx.is_empty:
+            return _empty_int8_grads(ctx, grad_output, 2)
+        A2, CB, SCB = ctx.saved_tensors
+        grad2 = grad_output.reshape(-1, CB.shape[0])
+        grad_A = grad_B = grad_bias = None
+        if ctx.needs_input_grad[3] and ctx.dtype_bias is not None:
+            grad_bias = _bias_grad(grad2, ctx.dtype_bias)
+        if ctx.needs_input_grad[1]:
+            grad_B = torch.matmul(grad2.to(A2.dtype).t(), A2).to(ctx.dtype_B)
+        if ctx.needs_input_grad[0]:
+            W = F.int8_vectorwise_dequant(CB, SCB).to(ctx.dtype_A)
+            grad_A = torch.matmul(grad2.to(ctx.dtype_A), W).reshape(ctx.grad_shape)
+        return grad_A, grad_B, None, grad_bias, None, None
+
+
+def _prepare_state(state: MatmulLtState | None, threshold: float) -> MatmulLtState:
+    if state is None:
+        state = MatmulLtState()
+    elif not isinstance(state, MatmulLtState):
+        raise TypeError(f"state must be a MatmulLtState or None, got {type(state).__name__}")
+    threshold = float(threshold)
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if threshold > 0.0:
+        state.threshold = threshold
+    return state
+
+
+def matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, state: MatmulLtState | None = None,
+           threshold: float = 0.0, bias: torch.Tensor | None = None, *, compat: str | None = None) -> torch.Tensor:
+    """LLM.int8() ``A [..., in] · Bᵀ (+ bias)`` with B the weight ``[out, in]`` (``bnb.matmul``, SPEC §6.5).
+
+    A new :class:`MatmulLtState` is made when none is given; ``threshold`` is written to the state
+    only when > 0. Returns ``[..., out]`` in A's dtype (or ``out``, filled, when given).
+    """
+    return MatMul8bitLt.apply(A, B, out, bias, _prepare_state(state, threshold), compat)
+
+
+def switchback_bnb(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
+                   state: MatmulLtState | None = None, threshold: float = 0.0,
+                   bias: torch.Tensor | None = None, *, compat: str | None = None) -> torch.Tensor:
+    """SwitchBack ``A [..., in] · Bᵀ (+ bias)`` (int8 forward, 16-bit backward; SPEC §7.2); state rules as :func:`matmul`."""
+    return SwitchBackBnb.apply(A, B, out, bias, _prepare_state(state, threshold), compat)

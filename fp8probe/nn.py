@@ -1,0 +1,217 @@
+"""Drop-in nn.Linear replacements running the matmul suite (FP8 mixed/global, LLM.int8(), SwitchBack) and a model swapper."""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .autograd import MatmulLtState, get_block_sizes, matmul, matmul_fp8_global, matmul_fp8_mixed, switchback_bnb
+from .formats import get_codebook, validate_codebook
+
+__all__ = [
+    "LinearFP8Mixed",
+    "LinearFP8Global",
+    "Linear8bitLt",
+    "SwitchBackLinear",
+    "swap_linear_layers",
+    "STRATEGIES",
+]
+
+# Codebook buffers are float32 bit patterns; a dtype change (model.half(), .to(float64)) must not
+# round them (the E4M3 map's 1/480-scaled values are not fp16-representable), only move them.
+_CODEBOOK_BUFFERS = ("fw_code", "bw_code")
+
+
+class _FP8Linear(nn.Linear):
+    """Shared body of LinearFP8Mixed / LinearFP8Global: block sizes, codebook buffers, forward."""
+
+    _matmul: Callable[..., torch.Tensor]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
+                 dtype: torch.dtype | None = None, *, fw_code: torch.Tensor | None = None,
+                 bw_code: torch.Tensor | None = None, compat: str | None = None) -> None:
+        # Validate before nn.Linear allocates anything (bnb: IndexError for 0 features, Q20).
+        bsz, bsz2 = get_block_sizes(in_features, out_features, compat=compat)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.bsz, self.bsz2, self.compat = bsz, bsz2, compat
+        dev = self.weight.device
+        for name, given, default in (("fw_code", fw_code, "bnb-e4m3"), ("bw_code", bw_code, "bnb-e5m2")):
+            if given is None:
+                code = get_codebook(default, dev)
+            else:
+                validate_codebook(given)
+                code = given.detach().to(dev, copy=True)
+            # Non-persistent: follows .to(device) but stays out of state_dict (drop-in checkpoints).
+            self.register_buffer(name, code, persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_FP8Linear":
+        exact = {name: self._buffers[name] for name in _CODEBOOK_BUFFERS if self._buffers.get(name) is not None}
+        module = super()._apply(fn, recurse)
+        for name, code in exact.items():
+            self._buffers[name] = code.to(self._buffers[name].device)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = type(self)._matmul(x, self.weight.t(), self.fw_code, self.bw_code, None, self.bsz, self.bsz2,
+                                 compat=self.compat)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)  # the bias is never quantised: its gradient is exact
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bsz={self.bsz}, bsz2={self.bsz2}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any):
+        """A new layer sharing ``linear``'s weight and bias Parameters (optimizers keep working)."""
+        return _from_linear(cls, linear, **kwargs)
+
+
+class LinearFP8Mixed(_FP8Linear):
+    """nn.Linear whose matmul is :func:`~fp8probe.autograd.matmul_fp8_mixed` (SPEC §7.3).
+
+    Blockwise bnb-e4m3 activations (block ``bsz``), global bnb-e4m3 weight, blockwise bnb-e5m2
+    output gradient (block ``bsz2``) for grad_input, unquantised weight gradient.
+    """
+
+    _matmul = staticmethod(matmul_fp8_mixed)
+
+
+class LinearFP8Global(_FP8Linear):
+    """nn.Linear whose matmul is :func:`~fp8probe.autograd.matmul_fp8_global` (SPEC §7.3; broken in bnb, Q20).
+
+    One absmax per tensor: bnb-e4m3 activations and weight, bnb-e5m2 output gradient in both
+    backward matmuls.
+    """
+
+    _matmul = staticmethod(matmul_fp8_global)
+
+
+class _Int8Linear(nn.Linear):
+    """Shared body of Linear8bitLt / SwitchBackLinear: the MatmulLtState and its settings."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, has_fp16_weights: bool = True,
+                 threshold: float = 0.0, index: Any = None, device: Any = None, dtype: torch.dtype | None = None,
+                 *, compat: str | None = None) -> None:
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features} and {out_features}")
+        if float(threshold) < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.index = index
+        self.compat = compat
+        self.state = MatmulLtState(threshold=float(threshold), has_fp16_weights=has_fp16_weights)
+        if not has_fp16_weights:
+            # The int8 copy is what the forward uses; the float weight is only its source, so it is
+            # not trained (bnb stores Int8Params with requires_grad=False).
+            self.weight.requires_grad_(False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_Int8Linear":
+        module = super()._apply(fn, recurse)
+        self.state.reset_grads()  # the cached int8 weight lives on the old device
+        return module
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, threshold={self.state.threshold}, "
+                f"has_fp16_weights={self.state.has_fp16_weights}")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any):
+        """A new layer sharing ``linear``'s weight and bias Parameters (optimizers keep working)."""
+        return _from_linear(cls, linear, **kwargs)
+
+
+class Linear8bitLt(_Int8Linear):
+    """nn.Linear computed with LLM.int8() (:func:`~fp8probe.autograd.matmul`, SPEC §6.5).
+
+    ``threshold > 0`` keeps activation columns with |x| >= threshold in the input precision.
+    The int8 weight is cached in ``self.state`` and re-quantised whenever the weight's
+    ``_version`` changes (an optimizer step, ``load_state_dict``); ``compat="bnb"`` restores
+    bitsandbytes' ``weight.grad is None`` rule (Q11). The state_dict is a plain nn.Linear one.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.state.is_training = self.training
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return matmul(x, self.weight, bias=bias, state=self.state, compat=self.compat)
+
+
+class SwitchBackLinear(_Int8Linear):
+    """nn.Linear computed with SwitchBack (:func:`~fp8probe.autograd.switchback_bnb`): int8 forward, 16-bit backward.
+
+    A working equivalent of bitsandbytes' ``SwitchBackLinearBnb`` (whose forward calls a
+    non-existent ``bnb.matmul_mixed``, Q20).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.state.is_training = self.training
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return switchback_bnb(x, self.weight, bias=bias, state=self.state, compat=self.compat)
+
+
+def _from_linear(cls: type, linear: nn.Linear, **kwargs: Any) -> nn.Linear:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+    w = linear.weight
+    new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+              device=w.device, dtype=w.dtype, **kwargs)
+    # Share (not copy) the Parameters so optimizers and tied weights keep pointing at them.
+    requires_grad = new.weight.requires_grad
+    new.weight = w
+    if linear.bias is not None:
+        new.bias = linear.bias
+    if not requires_grad:  # Linear8bitLt(has_fp16_weights=False) trains no weight
+        new.weight.requires_grad_(False)
+    new.train(linear.training)
+    return new
+
+
+STRATEGIES: dict[str, type[nn.Linear]] = {
+    "mixed": LinearFP8Mixed,
+    "global": LinearFP8Global,
+    "int8": Linear8bitLt,
+    "switchback": SwitchBackLinear,
+}
+
+
+def _compile(pattern: str | None, what: str) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} must be a regex string or None, got {type(pattern).__name__}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{what} is not a valid regular expression: {pattern!r} ({exc})") from None
+
+
+def swap_linear_layers(model: nn.Module, strategy: str, include: str | None = None, exclude: str | None = None,
+                       **options: Any) -> list[str]:
+    """Replace the plain ``nn.Linear`` submodules of ``model`` in place; return the swapped names.
+
+    ``strategy``: "mixed" (LinearFP8Mixed), "global" (LinearFP8Global), "int8" (Linear8bitLt) or
+    "switchback" (SwitchBackLinear). ``include``/``exclude``: regular expressions searched
+    (``re.search``) in the dotted module name, e.g. ``include=r"^layers\\.\\d+\\.mlp"``,
+    ``exclude="lm_head"``. ``options`` go to the new layer's constructor (e.g. ``threshold=6.0``).
+    Weights and biases are shared with the replaced layers. Subclasses of nn.Linear (including
+    already swapped layers) are left alone.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise ValueError("model is itself an nn.Linear and cannot be swapped in place; "
+                         f"use {STRATEGIES[strategy].__name__}.from_linear(model)")
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and name
+               and (inc is None or inc.search(name)) and not (exc is not None and exc.search(name))]
+    cls = STRATEGIES[strategy]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls.from_linear(linear, **options))
+    return [name for name, _ in targets]
