@@ -40,18 +40,22 @@ def code_midpoints(code: torch.Tensor) -> torch.Tensor:
 def search_even(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Nearest-code index with CUDA ``dQuantize<0>`` rules: exact midpoints go to the even index,
     no clamping (x > code[255] → 255), NaN → 0 (SPEC §2.1 closed form). `x` float32, any shape;
-    returns int64 indices of the same shape."""
+    returns int32 indices of the same shape.
+
+    With ``p = 2k`` (k = number of odd codes strictly below x) the closed form's three-way test
+    reduces to ``p + (x > mid[p]) - (x < mid[p-1])``, because ``mid[p-1] <= code[p] <= mid[p]``
+    (fl32 rounding is monotonic), so the ``x > code[p]`` guard never changes the answer.
+    """
     code = code.to(device=x.device, dtype=_F32).contiguous()
     mid = code_midpoints(code)
     # k = #{odd j in 1..253 : x > code[j]}: searchsorted(side="left") counts entries strictly below x.
     odd = code[1:254:2].contiguous()
-    k = torch.searchsorted(odd, x.contiguous(), side="left")
-    k = torch.where(torch.isnan(x), 0, k)  # NaN compares false everywhere ⇒ k = 0
-    p = 2 * k
-    up = torch.where(x > mid[p], p + 1, p)  # p <= 254, so mid[p] exists
-    lo = (p - 1).clamp_min(0)  # for p = 0 both branches below return 0
-    down = torch.where(x < mid[lo], lo, p)
-    return torch.where(x > code[p], up, down)
+    k = torch.searchsorted(odd, x.contiguous(), side="left", out_int32=True)
+    mid_up = mid[0::2].contiguous()  # mid[2k], k = 0..127
+    # mid[2k-1]; for k = 0 nothing lies below index 0, so -inf makes the test false.
+    mid_dn = torch.cat([mid.new_full((1,), -math.inf), mid[1::2]])
+    idx = 2 * k + (x > mid_up[k]).to(torch.int32) - (x < mid_dn[k]).to(torch.int32)
+    return torch.where(torch.isnan(x), 0, idx)  # NaN compares false everywhere ⇒ k = 0 ⇒ index 0
 
 
 def search_lower_bound(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +88,91 @@ def search_argmin(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     top_first = torch.searchsorted(code, code[255:], side="left")  # x above every code
     pick = torch.where(i == 0, 0, torch.where(i == 256, top_first, pick))
     return torch.where(torch.isnan(x), 0, pick)
+
+
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """float32 → int32 key ordered like the float values (-0.0 → -1, +0.0 → 0, -inf lowest)."""
+    s = x.contiguous().view(torch.int32)
+    return s ^ ((s >> 31) & 0x7FFFFFFF)
+
+
+def _key_to_float(k: torch.Tensor) -> torch.Tensor:
+    k = k.to(torch.int32)
+    return (k ^ ((k >> 31) & 0x7FFFFFFF)).view(_F32)
+
+
+_RULES = {"even": search_even, "lower_bound": search_lower_bound, "argmin": search_argmin}
+_LUT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+_KEY_MAX = 2**31 - 1  # a NaN pattern: comparisons against it are false
+_MAX_PER_BUCKET = 8
+
+
+def _search_tables(code: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Lookup tables that evaluate a monotone search rule with 1 + M table reads per element.
+
+    Every rule maps non-NaN x to an index that is non-decreasing in x, so ``idx(x) = #{i :
+    x >= T_i}`` with ``T_i`` the smallest float32 whose index is >= i, found by bisection over
+    the ordered float32 bit patterns using the rule itself (exact by construction; -0.0 and +0.0
+    give the same index, so no threshold is +0.0 and float comparisons agree with key order).
+    The top 16 bits of x's bit pattern select one of 65536 buckets; ``base[b]`` counts the
+    thresholds below the bucket and at most M thresholds fall inside any bucket (M <= 2 for every
+    named codebook). Returns None for a non-monotone rule or M > 8: callers then search directly.
+    """
+    cpu = code.detach().to("cpu", _F32).contiguous()
+    ck = (rule, cpu.numpy().tobytes(), str(code.device))
+    if ck in _LUT_CACHE:
+        return _LUT_CACHE[ck]
+    f = _RULES[rule]
+    if bool((f(cpu, torch.tensor([-math.inf])) != 0).any()):
+        return None
+    i = torch.arange(1, 256, dtype=torch.int64)
+    key_ninf = int(_order_key(torch.tensor([-math.inf]))[0])
+    key_pinf = int(_order_key(torch.tensor([math.inf]))[0])
+    lo = torch.full((255,), key_ninf, dtype=torch.int64)  # idx(lo) < i
+    hi = torch.full((255,), key_pinf + 1, dtype=torch.int64)  # idx(hi) >= i (virtual above +inf)
+    for _ in range(34):  # 2**34 > key range
+        mid = (lo + hi) // 2
+        ok = f(cpu, _key_to_float(mid)).to(torch.int64) >= i
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid)
+    thresholds = hi.clamp(max=_KEY_MAX)  # thresholds above +inf are never reached
+    if bool((thresholds[1:] < thresholds[:-1]).any()):
+        return None
+    # raw bucket r holds bit patterns r<<16 .. r<<16|0xFFFF; its key range in either order
+    patterns = torch.arange(65536, dtype=torch.int64) << 16
+    ends = torch.stack([patterns, patterns | 0xFFFF]).to(torch.int64)
+    ends = torch.where(ends >= 2**31, ends - 2**32, ends)  # as signed int32 values
+    keys = torch.where(ends < 0, ends ^ 0x7FFFFFFF, ends)
+    kmin, kmax = keys.min(dim=0).values, keys.max(dim=0).values
+    base = torch.searchsorted(thresholds, kmin, side="left")
+    m = int((torch.searchsorted(thresholds, kmax, side="right") - base).max())
+    if m > _MAX_PER_BUCKET:
+        return None
+    t_pad = torch.cat([thresholds, torch.full((max(m, 1),), _KEY_MAX, dtype=torch.int64)])
+    tables = (base.to(torch.int32).to(code.device), _key_to_float(t_pad).to(code.device), m)
+    _LUT_CACHE[ck] = tables
+    return tables
+
+
+def search(code: torch.Tensor, x: torch.Tensor, rule: str = "even", nan_free: bool = False) -> torch.Tensor:
+    """Fast nearest-code search: same result as ``search_<rule>(code, x)`` (int32, x.shape).
+
+    rule: "even" (SPEC §2.1), "lower_bound" (§2.3, includes the clamp) or "argmin" (§2.4).
+    ``nan_free=True`` promises that x holds no NaN and skips the NaN → 0 pass.
+    """
+    tables = _search_tables(code, rule)
+    if tables is None or x.numel() < 4096:
+        return _RULES[rule](code, x).to(torch.int32)
+    base, t_val, m = tables
+    flat = x.reshape(-1).to(_F32).contiguous()
+    bucket = (flat.view(torch.int32) >> 16) & 0xFFFF
+    start = base.index_select(0, bucket)
+    idx = start
+    for t in range(m):
+        idx = idx + (flat >= t_val.index_select(0, start + t if t else start))
+    if not nan_free:
+        idx = torch.where(torch.isnan(flat), 0, idx)
+    return idx.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,17 +216,22 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     code = code.to(device=dev, dtype=_F32)
     xb, n, nb = _blocks(A, blocksize)
     if compat == "":
-        finite = torch.isfinite(xb)
-        absmax = torch.where(finite, xb.abs(), 0.0).amax(dim=1)
-        xn = xb * torch.reciprocal(absmax)[:, None]
-        xn = torch.where(xb == 0, xb, xn)  # ±0 stays ±0 even when 1/absmax = Inf (zero block)
-        idx = search_even(code, xn)
-        flat_finite = finite.reshape(-1)[:n]
-        if bool(flat_finite.all()):
-            special_index, special_value = _empty_specials(dev)
-        else:
-            special_index = (~flat_finite).nonzero().reshape(-1)
+        absmax = xb.abs().amax(dim=1)  # NaN-propagating: non-finite iff the block has a special
+        all_finite = bool(torch.isfinite(absmax).all())
+        if not all_finite:  # rare path: absmax over finite values only, specials recorded
+            finite = torch.isfinite(xb)
+            absmax = torch.where(finite, xb.abs(), 0.0).amax(dim=1)
+            flat_special = ~finite.reshape(-1)[:n]
+            special_index = flat_special.nonzero().reshape(-1)
             special_value = xb.reshape(-1)[special_index]
+        else:
+            special_index, special_value = _empty_specials(dev)
+        recip = torch.reciprocal(absmax)
+        xn = xb * recip[:, None]
+        if bool(torch.isinf(recip).any()):
+            # zero block (or absmax < 2**-128): 0 · Inf would be NaN; ±0 must stay ±0 → code of 0
+            xn = torch.where(xb == 0, xb, xn)
+        idx = search(code, xn, "even", nan_free=all_finite)
     elif compat == "bnb":
         if A.dtype == _F32:
             # C++ kernel: fmax-style absmax ignores NaN (an all-NaN block keeps the initial 0),
@@ -145,7 +239,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
             code = code.clone()
             code[0] = -1.0
             absmax = torch.where(torch.isnan(xb), 0.0, xb.abs()).amax(dim=1)
-            idx = search_lower_bound(code, xb * torch.reciprocal(absmax)[:, None])
+            idx = search(code, xb * torch.reciprocal(absmax)[:, None], "lower_bound")
         else:
             absmax = xb.abs().amax(dim=1)  # torch max propagates NaN: the block is poisoned
             recip = torch.reciprocal(absmax)
@@ -155,7 +249,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
                 # promotion keeps A's dtype: fl_dt(float(A) * fl32(1/absmax)) — one rounding to
                 # fp16/bf16 that the full blocks (2-D operand, promoted to fp32) do not get.
                 xn[-1] = xn[-1].to(A.dtype).to(_F32)
-            idx = search_argmin(code, xn.clamp(-1.0, 1.0))
+            idx = search(code, xn.clamp(-1.0, 1.0), "argmin")
         special_index, special_value = _empty_specials(dev)
     else:
         raise ValueError(f"compat must be '' or 'bnb', got {compat!r}")
@@ -181,7 +275,7 @@ def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
                 *_empty_specials(dev))
     x = A.to(_F32)
     absmax = x.abs().amax().reshape(1)
-    q = search_even(code.to(device=dev, dtype=_F32), x / absmax).to(torch.uint8)
+    q = search(code.to(device=dev, dtype=_F32), x / absmax, "even").to(torch.uint8)
     return (q.reshape(A.shape), absmax, *_empty_specials(dev))
 
 

@@ -1,0 +1,426 @@
+"""Public functional API: bitsandbytes names and signatures (+ ``compat=``) over the fp8probe torch ops.
+
+Every numeric operation goes through ``torch.ops.fp8probe.*`` (declared in ``ops.py``); this module
+validates arguments, builds :class:`QuantState` / :class:`ScaledTensor` and composes ops. It does
+not track gradients (``autograd.py`` does). ``compat=None`` selects fp8probe's rules, ``"bnb"``
+bitsandbytes 0.49.2 behaviour (docs/architecture.md, "Decisions").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import fp8probe.ops  # noqa: F401  (registers torch.ops.fp8probe.*)
+from fp8probe.formats import (
+    create_dynamic_map,
+    create_fp8_map,
+    create_linear_map,
+    get_codebook,
+    validate_codebook,
+)
+
+__all__ = [
+    "create_fp8_map", "create_dynamic_map", "create_linear_map", "get_codebook",
+    "QuantState", "quantize", "dequantize", "quantize_blockwise", "dequantize_blockwise", "fake_quantize",
+    "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_double_quant", "int8_linear_matmul",
+    "int8_mm_dequant", "int8_scaled_mm", "int8_mixed_scaled_mm",
+    "ScaledTensor", "quantize_scaled", "dequantize_scaled",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_OPS = torch.ops.fp8probe
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+def _compat(compat: str | None) -> str:
+    if compat is None:
+        return ""
+    if compat != "bnb":
+        raise ValueError(f"compat must be None or 'bnb', got {compat!r}")
+    return compat
+
+
+def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    return t
+
+
+def _check_blocksize(blocksize: object) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    return blocksize
+
+
+def _code(code: torch.Tensor | str | None, device: torch.device) -> torch.Tensor:
+    """A validated float32 [256] codebook on `device` (a name, a tensor, or None = "dynamic")."""
+    if code is None:
+        return get_codebook("dynamic", device)
+    if isinstance(code, str):
+        return get_codebook(code, device)
+    validate_codebook(code)
+    return code.to(device)
+
+
+def _write_out(out: torch.Tensor | None, result: torch.Tensor, name: str = "out") -> torch.Tensor:
+    """Copy `result` into a caller-provided `out` (same shape and dtype required) and return it."""
+    if out is None:
+        return result
+    if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} must be a {result.dtype} tensor of shape {tuple(result.shape)}, got {got}")
+    return out.copy_(result)
+
+
+# --------------------------------------------------------------------------------------------
+# codebook quantisation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class QuantState:
+    """What is needed to dequantise a codebook-quantised tensor.
+
+    absmax: float32 [n_blocks] (uint8 codes when ``nested``); code: float32 [256], the codebook
+    actually used (for ``compat="bnb"`` on fp32 input it has ``code[0] = -1``, SPEC Q2);
+    blocksize: elements per block of the flattened tensor (numel for global quantisation);
+    dtype: the input dtype; shape: the input shape. Nested: ``offset`` (0-dim float32 mean of the
+    absmax) and ``state2`` (the absmax's own state). ``special_index`` (int64 flat indices) and
+    ``special_value`` (float32) hold NaN/±Inf inputs in default mode so dequantisation restores them.
+    """
+
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    dtype: torch.dtype
+    shape: torch.Size | None = None
+    offset: torch.Tensor | None = None
+    state2: QuantState | None = None
+    nested: bool = False
+    special_index: torch.Tensor | None = None
+    special_value: torch.Tensor | None = None
+    compat: str | None = None
+
+
+def _specials(state: QuantState, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if state.special_index is None or state.special_value is None:
+        return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device))
+    return state.special_index, state.special_value
+
+
+def _effective_code(code: torch.Tensor, A: torch.Tensor, c: str) -> torch.Tensor:
+    """The codebook a quantisation really used: bnb's fp32 CPU kernel writes code[0] = -1 (Q2)."""
+    code = code.clone()
+    if c == "bnb" and A.dtype == torch.float32:
+        code[0] = -1.0
+    return code
+
+
+def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch.Tensor | None = None, *,
+             compat: str | None = None) -> tuple[torch.Tensor, QuantState]:
+    """Tensor-wise (one absmax) codebook quantisation (SPEC §3).
+
+    A: fp32/fp16/bf16, any shape; code: float32 [256] ascending, a codebook name, or None for the
+    signed dynamic map. Returns ``(q uint8 A.shape, QuantState)`` with ``absmax`` float32 [1]
+    ([0] for empty A). ``compat="bnb"``: bnb's CUDA ``quantize`` (true division, NaN-propagating
+    absmax, no special-value recording).
+    """
+    _check_tensor("A", A, _FLOATS)
+    c = _compat(compat)
+    code = _code(code, A.device)
+    q, absmax, sidx, sval = _OPS.quantize_global(A, code, c)
+    state = QuantState(absmax=absmax, code=code.clone(), blocksize=max(A.numel(), 1), dtype=A.dtype,
+                       shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
+    return _write_out(out, q), state
+
+
+def dequantize(q: torch.Tensor, state: QuantState | None = None, absmax: torch.Tensor | None = None,
+               code: torch.Tensor | str | None = None, out: torch.Tensor | None = None, *,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``code[q] * absmax`` (float32 math) in `dtype`.
+
+    `dtype` defaults to ``state.dtype`` (the input dtype), or float32 when built from loose
+    ``absmax``/``code`` arguments (bnb's ``dequantize`` always returns float32).
+    """
+    _check_tensor("q", q, (torch.uint8,))
+    if state is None:
+        if absmax is None:
+            raise ValueError("dequantize needs either state or absmax, got neither")
+        state = QuantState(absmax=absmax, code=_code(code, q.device), blocksize=max(q.numel(), 1),
+                           dtype=torch.float32)
+    return dequantize_blockwise(q, state, out=out, dtype=dtype)
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, absmax: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None, blocksize: int = 4096, nested: bool = False, *,
+                       compat: str | None = None) -> tuple[torch.Tensor, QuantState]:
+    """Blockwise codebook quantisation over the C-order flattened tensor (SPEC §4).
+
+    A: fp32/fp16/bf16, any shape (non-contiguous inputs are read in logical order); code: float32
+    [256] ascending, a codebook name, or None for the signed dynamic map; blocksize: any int > 0 on
+    the reference backend (the CUDA kernels take powers of two in 32..4096); absmax/out: optional
+    preallocated float32 [ceil(n/blocksize)] / uint8 A.shape outputs. Returns
+    ``(q uint8 A.shape, QuantState)``. ``nested=True`` quantises the mean-centred absmax vector
+    with the dynamic map and the same blocksize (SPEC §4.5).
+    """
+    _check_tensor("A", A, _FLOATS)
+    blocksize = _check_blocksize(blocksize)
+    c = _compat(compat)
+    code = _code(code, A.device)
+    q, am, sidx, sval = _OPS.quantize_blockwise(A, code, blocksize, c)
+    am = _write_out(absmax, am, "absmax")
+    q = _write_out(out, q)
+    state = QuantState(absmax=am, code=_effective_code(code, A, c), blocksize=blocksize, dtype=A.dtype,
+                       shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
+    if nested:
+        offset = am.mean() if am.numel() else torch.zeros((), dtype=torch.float32, device=A.device)
+        qabs, state2 = quantize_blockwise(am - offset, code="dynamic", blocksize=blocksize, compat=compat)
+        state.absmax, state.offset, state.state2, state.nested = qabs, offset, state2, True
+    return q, state
+
+
+def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None, absmax: torch.Tensor | None = None,
+                         code: torch.Tensor | str | None = None, out: torch.Tensor | None = None,
+                         blocksize: int = 4096, nested: bool = False, *, dtype: torch.dtype | None = None
+                         ) -> torch.Tensor:
+    """``y = cast(fl32(code[q] * absmax[block]))`` with NaN/±Inf restored from the state (SPEC §4.2).
+
+    q: uint8, any shape. With `quant_state` the loose absmax/code/blocksize are ignored and the
+    output dtype is ``quant_state.dtype``; without it they are used and the output is float32.
+    `dtype` overrides either. Returns a new tensor of q.shape (or `out`).
+    """
+    _check_tensor("q", q, (torch.uint8,))
+    if quant_state is None:
+        if absmax is None:
+            raise ValueError("dequantize_blockwise needs quant_state or absmax, got neither")
+        if nested:
+            raise ValueError("nested=True needs a quant_state (offset and state2), got only absmax")
+        quant_state = QuantState(absmax=absmax, code=_code(code, q.device), blocksize=_check_blocksize(blocksize),
+                                 dtype=torch.float32)
+    st = quant_state
+    am = st.absmax
+    if st.nested:
+        if st.state2 is None or st.offset is None:
+            raise ValueError("nested QuantState needs state2 and offset, got None")
+        am = dequantize_blockwise(st.absmax, st.state2) + st.offset
+    _check_tensor("absmax", am, (torch.float32,))
+    nb = -(-q.numel() // st.blocksize)
+    if am.numel() != nb:
+        raise ValueError(f"absmax must have ceil({q.numel()}/{st.blocksize}) = {nb} entries, got {am.numel()}")
+    validate_codebook(st.code)
+    out_dtype = dtype or st.dtype
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")
+    sidx, sval = _specials(st, q.device)
+    y = _OPS.dequantize_blockwise(q, am.to(q.device), st.code.to(q.device), st.blocksize, out_dtype,
+                                  sidx, sval, _compat(st.compat))
+    return _write_out(out, y)
+
+
+def fake_quantize(A: torch.Tensor, code: torch.Tensor | str | None, blocksize: int | None = None, *,
+                  compat: str | None = None) -> torch.Tensor:
+    """``dequantize(quantize(A))`` in A.dtype: blockwise with `blocksize`, tensor-wise when None."""
+    if blocksize is None:
+        q, st = quantize(A, code, compat=compat)
+    else:
+        q, st = quantize_blockwise(A, code, blocksize=blocksize, compat=compat)
+    return dequantize_blockwise(q, st)
+
+
+# --------------------------------------------------------------------------------------------
+# LLM.int8()
+# --------------------------------------------------------------------------------------------
+def _check_threshold(threshold: float) -> float:
+    t = float(threshold)
+    if not t >= 0.0 or t == float("inf"):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    return t
+
+
+def _check_rank(name: str, A: torch.Tensor) -> None:
+    if A.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-d tensor")
+
+
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """LLM.int8() row-wise absmax quantisation (SPEC §5.1); rows = all leading dims flattened.
+
+    Returns ``q`` (int8, A.shape), ``row_stats`` (float32 [rows]) and ``outlier_cols`` (sorted
+    int64 column indices with |A| >= threshold, or None when threshold == 0). Never writes to A.
+    """
+    _check_tensor("A", A, _FLOATS)
+    _check_rank("A", A)
+    t = _check_threshold(threshold)
+    q, row_stats, cols = _OPS.int8_vectorwise_quant(A, t, _compat(compat))
+    return q, row_stats, (cols if t > 0 else None)
+
+
+def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """``q * stats[row] * fl32(1/127)`` as float32, q.shape (SPEC §5.2)."""
+    _check_tensor("q", q, (torch.int8,))
+    _check_rank("q", q)
+    rows = math.prod(q.shape[:-1])
+    if stats.numel() != rows:
+        raise ValueError(f"stats must have one entry per row ({rows}), got {stats.numel()}")
+    return _OPS.int8_vectorwise_dequant(q, stats.to(torch.float32))
+
+
+def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Row- and column-wise int8 quantisation (SPEC §5.3).
+
+    Returns ``(q_row, q_col, row_stats, col_stats, outlier_cols)``: int8 A.shape twice, float32
+    [rows], float32 [cols], int64 or None (threshold == 0).
+    """
+    _check_tensor("A", A, _FLOATS)
+    _check_rank("A", A)
+    t = _check_threshold(threshold)
+    q_row, q_col, rs, cs, cols = _OPS.int8_double_quant(A, t, _compat(compat))
+    return q_row, q_col, rs, cs, (cols if t > 0 else None)
+
+
+def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Exact ``A @ B.T`` with int32 accumulation: A int8 [..., K], B int8 [N, K] → int32 [..., N]."""
+    _check_tensor("A", A, (torch.int8,))
+    _check_tensor("B", B, (torch.int8,))
+    _check_rank("A", A)
+    if B.dim() != 2:
+        raise ValueError(f"B must be 2-D [N, K], got shape {tuple(B.shape)}")
+    if A.shape[-1] != B.shape[1]:
+        raise ValueError(f"inner dimensions differ: A [..., {A.shape[-1]}] vs B [N, {B.shape[1]}]")
+    if A.device != B.device:
+        raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
+    return _OPS.int8_linear_matmul(A, B)
+
+
+def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                    out: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                    dtype: torch.dtype = torch.float16, compat: str | None = None) -> torch.Tensor:
+    """``C * row_stats[i] * col_stats[j] / 127² + bias[j]`` in float32, cast to `dtype` (SPEC §5.5).
+
+    A: int32 [..., N]; row_stats: float32 [rows]; col_stats: float32 [N]; bias: [N] or None.
+    Default keeps A's shape and multiplies by fl32(1/127²); ``compat="bnb"`` uses bnb's CPU
+    constant 6.200124e-05 and returns [rows, N].
+    """
+    _check_tensor("A", A, (torch.int32,))
+    _check_rank("A", A)
+    if dtype not in _FLOATS:
+        raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {dtype}")
+    n = A.shape[-1]
+    rows = math.prod(A.shape[:-1])
+    if row_stats.numel() != rows:
+        raise ValueError(f"row_stats must have {rows} entries (one per row of A), got {row_stats.numel()}")
+    if col_stats.numel() != n:
+        raise ValueError(f"col_stats must have {n} entries (A.shape[-1]), got {col_stats.numel()}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
+    y = _OPS.int8_mm_dequant(A, row_stats.to(torch.float32), col_stats.to(torch.float32), bias, dtype,
+                             _compat(compat))
+    return _write_out(out, y)
+
+
+def int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                   bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, *,
+                   compat: str | None = None) -> torch.Tensor:
+    """``int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, bias)`` in `dtype` (default fp16)."""
+    return int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, bias=bias,
+                           dtype=dtype or torch.float16, compat=compat)
+
+
+def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Tensor,
+                         outlier_cols: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                         compat: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8() mixed-precision product (SPEC §5.7): int8 part + outlier columns in A.dtype.
+
+    A: [..., K] original activations; CA: int8 A.shape with outlier columns zeroed; CB: int8
+    [N, K]; SCA: [rows]; SCB: [N]. The outlier part uses the *dequantised* int8 weight columns.
+    Returns ``(out [..., N] in A.dtype, subA [rows, n_outliers])``.
+    """
+    _check_tensor("A", A, _FLOATS)
+    out = int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype, compat=compat)
+    if outlier_cols is None or outlier_cols.numel() == 0:
+        return out, torch.empty(0, dtype=A.dtype, device=A.device)
+    K = A.shape[-1]
+    a2 = A.reshape(-1, K)
+    subA = a2[:, outlier_cols].contiguous()
+    subB = int8_vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype).t()
+    out2 = out.reshape(-1, out.shape[-1]).addmm(subA, subB)
+    return out2.reshape(out.shape), subA
+
+
+# --------------------------------------------------------------------------------------------
+# OCP FP8 / MX scaled casts
+# --------------------------------------------------------------------------------------------
+_SCALED_FMTS = ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2")
+_MX_BLOCK = (1, 32)
+
+
+@dataclass(frozen=True)
+class ScaledTensor:
+    """An FP8 tensor with float32 scales. Convention: **x_hp ≈ data.float() * scale[tile]**.
+
+    data: torch float8 (e4m3fn / e5m2), the original shape; scale: float32
+    [ceil(rows/block[0]), ceil(cols/block[1])] over the [rows, cols] view (rows = prod of the
+    leading dims); fmt, granularity and block say how it was made; dtype: the original dtype.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    fmt: str
+    granularity: str
+    block: tuple[int, int]
+    dtype: torch.dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Shorthand for :func:`dequantize_scaled`."""
+        return dequantize_scaled(self, dtype)
+
+
+def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str = "tensor",
+                    block: tuple[int, int] | None = None) -> ScaledTensor:
+    """Scaled cast to OCP FP8 (SPEC-free, OCP 8-bit FP / MX v1.0); see the convention on ScaledTensor.
+
+    fmt: "e4m3" | "e5m2" (scale = amax/fmt_max, amax over finite values, 1 for a zero tile) or
+    "mxfp8-e4m3" | "mxfp8-e5m2" (blocks of 32 along the last dim, power-of-two E8M0 scales).
+    granularity: "tensor", "row" (one scale per row of the [rows, cols] view) or "block" with
+    ``block=(1, 128)`` (activation tiles), ``(128, 128)`` (weight blocks) or any positive pair;
+    partial tiles at the ends are allowed. Finite values saturate to ±fmt_max.
+    """
+    _check_tensor("x", x, _FLOATS)
+    if fmt not in _SCALED_FMTS:
+        raise ValueError(f"fmt must be one of {', '.join(_SCALED_FMTS)}, got {fmt!r}")
+    shape = x.shape
+    rows = math.prod(shape[:-1]) if x.dim() else 1
+    cols = shape[-1] if x.dim() else 1
+    if fmt.startswith("mxfp8"):
+        if granularity not in ("tensor", "block") or (block is not None and tuple(block) != _MX_BLOCK):
+            raise ValueError(f"MX formats use 1x32 blocks along the last dim; got granularity={granularity!r}, "
+                             f"block={block!r}")
+        granularity, tile = "block", _MX_BLOCK
+    elif granularity == "tensor":
+        tile = (max(rows, 1), max(cols, 1))
+    elif granularity == "row":
+        tile = (1, max(cols, 1))
+    elif granularity == "block":
+        if block is None or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+            raise ValueError(f"granularity='block' needs block=(rows, cols) of positive ints, got {block!r}")
+        tile = (int(block[0]), int(block[1]))
+    else:
+        raise ValueError(f"granularity must be 'tensor', 'row' or 'block', got {granularity!r}")
+    data, scale = _OPS.quantize_scaled(x, fmt, tile[0], tile[1])
+    return ScaledTensor(data=data, scale=scale, fmt=fmt, granularity=granularity, block=tile, dtype=x.dtype)
+
+
+def dequantize_scaled(st: ScaledTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``data.float() * scale[tile]`` (float32 math) cast to `dtype` (default: the original dtype)."""
+    if not isinstance(st, ScaledTensor):
+        raise TypeError(f"st must be a ScaledTensor, got {type(st).__name__}")
+    out_dtype = dtype or st.dtype
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")
+    return _OPS.dequantize_scaled(st.data, st.scale, st.block[0], st.block[1], out_dtype)
