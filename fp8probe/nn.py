@@ -108,6 +108,11 @@ class _Int8Linear(nn.Linear):
             # not trained (bnb stores Int8Params with requires_grad=False).
             self.weight.requires_grad_(False)
 
+    def _weight_for_forward(self) -> torch.Tensor:
+        # With int8 weights the float weight is only the source of CB/SCB: no gradient flows to it.
+        # detach() shares the version counter, so the int8 cache still sees in-place updates.
+        return self.weight if self.state.has_fp16_weights else self.weight.detach()
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_Int8Linear":
         module = super()._apply(fn, recurse)
         self.state.reset_grads()  # the cached int8 weight lives on the old device
@@ -135,7 +140,7 @@ class Linear8bitLt(_Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.state.is_training = self.training
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return matmul(x, self.weight, bias=bias, state=self.state, compat=self.compat)
+        return matmul(x, self._weight_for_forward(), bias=bias, state=self.state, compat=self.compat)
 
 
 class SwitchBackLinear(_Int8Linear):
@@ -148,7 +153,7 @@ class SwitchBackLinear(_Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.state.is_training = self.training
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return switchback_bnb(x, self.weight, bias=bias, state=self.state, compat=self.compat)
+        return switchback_bnb(x, self._weight_for_forward(), bias=bias, state=self.state, compat=self.compat)
 
 
 def _from_linear(cls: type, linear: nn.Linear, **kwargs: Any) -> nn.Linear:
@@ -157,13 +162,12 @@ def _from_linear(cls: type, linear: nn.Linear, **kwargs: Any) -> nn.Linear:
     w = linear.weight
     new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
               device=w.device, dtype=w.dtype, **kwargs)
-    # Share (not copy) the Parameters so optimizers and tied weights keep pointing at them.
-    requires_grad = new.weight.requires_grad
+    # Share (not copy) the Parameters so optimizers and tied weights keep pointing at them. Their
+    # requires_grad flags are left alone (the caller's tensors): an int8-weight layer detaches the
+    # weight in forward instead.
     new.weight = w
     if linear.bias is not None:
         new.bias = linear.bias
-    if not requires_grad:  # Linear8bitLt(has_fp16_weights=False) trains no weight
-        new.weight.requires_grad_(False)
     new.train(linear.training)
     return new
 

@@ -198,6 +198,22 @@ def test_fp8_out_is_honoured(fn) -> None:
         fn(A.detach(), B, out=torch.empty(2, 6, 15))
 
 
+@pytest.mark.parametrize("fn,weight_in_out", [(AG.matmul_fp8_mixed, True), (AG.matmul_fp8_global, True),
+                                               (AG.matmul, False), (AG.switchback_bnb, False)])
+def test_one_dimensional_input(fn, weight_in_out: bool) -> None:
+    """A [in] behaves like one row of A [1, in] (as in F.linear)."""
+    a, w = gen(60, 32), gen(61, 32, 16)
+    w = w if weight_in_out else w.t().contiguous()
+    a1 = a.clone().requires_grad_(True)
+    a2 = a[None].clone().requires_grad_(True)
+    y1, y2 = fn(a1, w), fn(a2, w)
+    assert y1.shape == (16,)
+    torch.testing.assert_close(y1, y2[0], rtol=0, atol=0)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad[0], rtol=0, atol=0)
+
+
 def test_fp8_input_validation() -> None:
     with pytest.raises(ValueError, match="must equal B.shape"):
         AG.matmul_fp8_mixed(torch.randn(4, 8), torch.randn(9, 3))

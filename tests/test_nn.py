@@ -143,9 +143,20 @@ def test_linear8bitlt_cache_follows_weight_version() -> None:
     assert torch.equal(old.state.CB, cb_before)
 
 
+@pytest.mark.parametrize("cls", [Linear8bitLt, SwitchBackLinear])
+def test_int8_weights_receive_no_gradient(cls) -> None:
+    layer = make(cls, has_fp16_weights=False)
+    assert not layer.weight.requires_grad
+    lin = nn.Linear(24, 20)
+    shared = cls.from_linear(lin, has_fp16_weights=False)
+    assert lin.weight.requires_grad  # the caller's Parameter is not modified
+    x = gen(10, 4, 24).requires_grad_(True)
+    shared(x).sum().backward()
+    assert lin.weight.grad is None and x.grad is not None and lin.bias.grad is not None
+
+
 def test_linear8bitlt_load_state_dict_invalidates_int8_weight() -> None:
     layer = make(Linear8bitLt, has_fp16_weights=False)
-    assert not layer.weight.requires_grad
     x = gen(7, 4, 24)
     layer(x)
     other = nn.Linear(24, 20)
