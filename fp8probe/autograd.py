@@ -635,5 +635,8 @@ def matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, st
 def switchback_bnb(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
                    state: MatmulLtState | None = None, threshold: float = 0.0,
                    bias: torch.Tensor | None = None, *, compat: str | None = None) -> torch.Tensor:
-    """SwitchBack ``A [..., in] · Bᵀ (+ bias)`` (int8 forward, 16-bit backward; SPEC §7.2); state rules as :func:`matmul`."""
+    """SwitchBack ``A [..., in] · Bᵀ (+ bias)``: int8 forward, 16-bit backward (SPEC §7.2).
+
+    State rules as :func:`matmul`; returns ``[..., out]`` in A's dtype (or ``out``, filled).
+    """
     return SwitchBackBnb.apply(A, B, out, bias, _prepare_state(state, threshold), compat)

@@ -1,4 +1,4 @@
-"""Drop-in nn.Linear replacements running the matmul suite (FP8 mixed/global, LLM.int8(), SwitchBack) and a model swapper."""
+"""Drop-in nn.Linear layers running the matmul suite (FP8 mixed/global, LLM.int8(), SwitchBack) and a model swapper."""
 from __future__ import annotations
 
 import re

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from fp8probe import autograd as AG
-from fp8probe import functional as F
 from fp8probe.formats import get_codebook
 from fp8probe.nn import (STRATEGIES, Linear8bitLt, LinearFP8Global, LinearFP8Mixed, SwitchBackLinear,
                          swap_linear_layers)

@@ -1,4 +1,4 @@
-"""Every ```python block of README.md's Matmul suite section (between <!-- api-examples --> and the next marker) runs."""
+"""Every ```python block of README.md's Matmul suite section (<!-- api-examples --> to the next marker) runs."""
 from __future__ import annotations
 
 import re
