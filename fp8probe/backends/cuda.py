@@ -303,14 +303,18 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
 def _scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
     """The scale rule of reference.quantize_scaled, with the same torch ops (so the same bits).
 
-    Kept in sync by tests/test_cuda_backend.py, which compares the scales bit for bit.
+    One deliberate difference: ``amax / fmax`` is written tensor / tensor. With a Python-scalar divisor
+    torch's CUDA kernel multiplies by the rounded reciprocal (``x * fl32(1/448)``) while its CPU kernel
+    divides, so the scalar form gives different bits on the two devices; a tensor divisor is an IEEE
+    division on both, equal to the CPU reference. Kept in sync by the scale checks in
+    tests/test_kernels_host.py and tests/test_cuda_backend.py.
     """
     _, fmax, emax = _ref.SCALED_FORMATS[fmt]
     if fmt.startswith("mxfp8"):
         _, e = torch.frexp(amax)
         exp = (e - 1 - emax).clamp(-127, 127)
         return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), 1.0)
-    scale = amax / fmax
+    scale = amax / torch.full_like(amax, fmax)
     return torch.where(scale > 0, scale, 1.0)
 
 

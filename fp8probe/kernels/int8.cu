@@ -5,7 +5,11 @@
 // *_rn intrinsic so the result equals the PyTorch reference bit for bit:
 //   outlier(i,j) = threshold > 0 && |A_ij| >= threshold
 //   row_stats[i] = max_j |A_ij| over non-outliers (NaN skipped unless nan_propagates != 0)
-//   q_ij         = outlier ? 0 : rint_half_even(fl32(A_ij * fl32(127 / row_stats[i])))
+//   q_ij         = outlier ? 0 : rint_half_even(fl32(A_ij * scale_i)),
+//   scale_i      = fl32(fl32(1 / row_stats[i]) * 127)   -- NOT the single rounding fl32(127 / r): the
+//                  reference (like bitsandbytes) writes `127.0 / row_stats`, and torch evaluates a
+//                  scalar divided by a tensor as `row_stats.reciprocal() * 127` (Tensor.__rdiv__);
+//                  the two differ in ~1 of 4 rows by 1 ulp, enough to move a code across .5.
 #include "common.cuh"
 
 #define INT8_SCALE 127.0f
@@ -45,7 +49,7 @@ __global__ void int8_vectorwise_quant(const T* __restrict__ A, int8_t* __restric
     }
     const float absmax = __uint_as_float(block_max_u32(local_max, s_red));
     if (threadIdx.x == 0) row_stats[row] = absmax;
-    const float scale = __fdiv_rn(INT8_SCALE, absmax);
+    const float scale = __fmul_rn(__frcp_rn(absmax), INT8_SCALE);
     int8_t* q_row = q + row * cols;
     for (long long j = threadIdx.x; j < cols; j += blockDim.x) {
         const float a = to_float(a_row[j]);

@@ -13,14 +13,15 @@
 #define FMT_E5M2 1
 
 // fp32 -> fp8 bits with the semantics of the reference `where(isfinite(y), y.clamp(-max, max), y)
-// .to(float8)`: finite values round to nearest even and saturate to ±max; NaN -> 0x7f | sign (torch's
-// encoding); ±Inf -> NaN for E4M3FN (it has no Inf) and ±Inf for E5M2.
+// .to(float8)` in torch 2.13: finite values round to nearest even and saturate to ±max; NaN ->
+// 0x7f | sign (torch's encoding); ±Inf -> ±448 for E4M3FN (torch's cast saturates: it has no Inf)
+// and ±Inf for E5M2 (checked against torch in tests/test_kernels_host.py).
 __device__ __forceinline__ uint8_t float_to_e4m3_satfinite(float f) {
     const uint32_t x = __float_as_uint(f);
     const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
     const uint32_t ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u) return (uint8_t)(sign | 0x7fu);                // NaN and ±Inf -> NaN
-    if (ax >= 0x43e00000u) return (uint8_t)(sign | 0x7eu);                 // |f| >= 448 -> 448
+    if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);                 // NaN
+    if (ax >= 0x43e00000u) return (uint8_t)(sign | 0x7eu);                 // |f| >= 448 (and Inf) -> 448
     if (ax >= 0x3c800000u) {                                                // >= 2^-6: normal
         const uint32_t odd = (ax >> 20) & 1u;
         const uint32_t r = (ax - 0x3c000000u + 0x7ffffu + odd) >> 20;       // rebias 127 -> 7, RNE
