@@ -42,10 +42,11 @@ def test_forward_equals_autograd_function(device, cls, x_shape) -> None:
         ref = AG.switchback_bnb(x, W, bias=b)
     assert y.shape == (*x_shape[:-1], 20)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
-    # Close to nn.Linear (measured fp8 ~28 dB, int8 ~38 dB on N(0,1)).
+    # Close to nn.Linear: measured relative Frobenius error 0.033-0.037 (fp8, ~29 dB) and
+    # 0.0065-0.0068 (int8, ~43 dB) on these N(0,1) inputs and default-initialised weights.
     exact = nn.functional.linear(x.double(), W.double(), b.double())
-    err = (y.double() - exact).norm() / exact.norm()
-    assert float(err.detach()) < 0.06
+    err = float(((y.detach().double() - exact).norm() / exact.norm()))
+    assert err < (0.05 if cls in (LinearFP8Mixed, LinearFP8Global) else 0.01)
 
 
 @pytest.mark.parametrize("cls", ALL)
