@@ -1,0 +1,208 @@
+"""analyze(): stream batches through the model, replay every recipe on each linear GEMM, and fill the result tables."""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from fp8probe import __version__
+from fp8probe.autograd import get_block_sizes
+from fp8probe.formats import FORMATS
+
+from .capture import LinearCall, LossFn, LossInfo, capture_batch
+from .loading import Batch, LoadedModel, LoadError, from_exported_program, resolve_callable, to_batches
+from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
+from .results import Results
+from .strategies import Strategy, reference_gemms, resolve, run_strategy
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class _LayerAcc:
+    """Everything accumulated for one linear layer across batches."""
+
+    in_features: int
+    out_features: int
+    has_bias: bool
+    threshold: float
+    tokens: int = 0
+    tensors: dict[str, TensorStats] = field(default_factory=dict)
+    census: OutlierCensus | None = None
+    gemm: dict[tuple[str, str], ErrorAccumulator] = field(default_factory=dict)
+    operands: dict[tuple[str, str], OperandAccumulator] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    weight_seen: bool = False
+
+    def __post_init__(self) -> None:
+        self.census = OutlierCensus(self.threshold)
+
+
+class _Analysis:
+    """Per-layer accumulators fed by capture, one LinearCall at a time."""
+
+    def __init__(self, strategies: list[Strategy], threshold: float) -> None:
+        self.strategies = strategies
+        self.threshold = threshold
+        self.layers: dict[str, _LayerAcc] = {}
+
+    def __call__(self, call: LinearCall) -> None:
+        A, W, G = call.activation, call.weight, call.grad_output
+        acc = self.layers.get(call.name)
+        if acc is None:
+            acc = self.layers[call.name] = _LayerAcc(W.shape[1], W.shape[0], call.bias is not None, self.threshold)
+        elif (W.shape[1], W.shape[0]) != (acc.in_features, acc.out_features):
+            raise LoadError(f"layer {call.name} changed shape between batches: "
+                            f"[{acc.out_features}, {acc.in_features}] then {list(W.shape)}")
+        acc.tokens += A.shape[0]
+        # The weight is the same tensor every batch: count it once so its statistics are not repeated.
+        first_weight = not acc.weight_seen
+        acc.weight_seen = True
+        for tensor_name, t in (("activation", A), ("weight", W if first_weight else None), ("grad_output", G)):
+            if t is not None:
+                acc.tensors.setdefault(tensor_name, TensorStats()).update(t)
+        acc.census.update(A)
+        ref = reference_gemms(A, W, G)
+        for strat in self.strategies:
+            if strat.name in acc.errors:
+                continue
+            try:
+                out = run_strategy(strat, A, W, G, self.threshold)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                # One failing recipe must not sink the whole analysis: record it for the report.
+                acc.errors[strat.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                warnings.warn(f"strategy {strat.name} failed on layer {call.name}: {acc.errors[strat.name]}",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            for gemm, lp in out.gemms.items():
+                acc.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp)
+            for operand, (x, q, sat) in out.operands.items():
+                if operand == "weight" and not first_weight:
+                    continue
+                acc.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        layers, gemm, operands, tensors, hists, outliers, errors = [], [], [], [], [], [], []
+        for name, acc in self.layers.items():
+            bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
+            layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
+                           "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2})
+            for (strat, g), e in acc.gemm.items():
+                gemm.append({"layer": name, "strategy": strat, "gemm": g, **e.result()})
+            for (strat, op), o in acc.operands.items():
+                operands.append({"layer": name, "strategy": strat, "operand": op, **o.result()})
+            for tname, ts in acc.tensors.items():
+                tensors.append({"layer": name, "tensor": tname, **ts.result()})
+                hists.append({"layer": name, "tensor": tname, **ts.histogram()})
+            outliers.append({"layer": name, **acc.census.result()})
+            for strat, msg in acc.errors.items():
+                errors.append({"layer": name, "strategy": strat, "error": msg})
+        out = {"layers": pd.DataFrame(layers), "gemm": pd.DataFrame(gemm), "operands": pd.DataFrame(operands),
+               "tensors": pd.DataFrame(tensors), "histograms": pd.DataFrame(hists),
+               "outliers": pd.DataFrame(outliers)}
+        if errors:
+            out["errors"] = pd.DataFrame(errors)
+        return out
+
+
+def _as_model(model: Any) -> tuple[Callable, list[Batch] | None, str]:
+    if isinstance(model, LoadedModel):
+        return model.module, model.batches, model.description
+    if isinstance(model, torch.export.ExportedProgram):
+        loaded = from_exported_program(model)
+        return loaded.module, loaded.batches, loaded.description
+    if isinstance(model, nn.Module):
+        return model, None, type(model).__name__
+    raise TypeError(f"model must be an nn.Module, a torch.export.ExportedProgram or a LoadedModel, "
+                    f"got {type(model).__name__}")
+
+
+def _loss_fn(loss: LossFn | str | None) -> tuple[LossFn | None, str | None]:
+    if loss is None:
+        return None, None
+    if isinstance(loss, str):
+        return resolve_callable(loss), loss
+    if callable(loss):
+        return loss, getattr(loss, "__qualname__", repr(loss))
+    raise TypeError(f"loss must be a callable, 'module:function' or None, got {type(loss).__name__}")
+
+
+def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global", *, threshold: float = 6.0,
+            layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
+            loss: LossFn | str | None = None, progress: bool | ProgressFn = False, name: str | None = None,
+            model_desc: str | None = None, inputs_desc: str | None = None) -> Results:
+    """Capture every linear GEMM of ``model`` on ``inputs`` and measure each recipe's error.
+
+    model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
+    tuple of args / dict of kwargs) or a list of batches; None uses the program's example inputs or
+    the factory's batches. strategy: "all", a name, "a,b" or a list (strategies.STRATEGIES).
+    threshold: LLM.int8 outlier threshold (|x| ≥ threshold). layers: regex on module paths.
+    batches: use at most this many. device: "cpu" | "cuda". loss: callable(output, batch) or
+    "module:function"; default the model's own loss, else the surrogate mean(output²).
+    progress: True prints nothing extra here (the CLI draws the bar) — pass a callable(done, total).
+    Returns Results with tables layers, gemm, operands, tensors, histograms, outliers (and errors
+    when a recipe failed on a layer).
+    """
+    module, own_batches, description = _as_model(model)
+    strategies = resolve(strategy)
+    threshold = float(threshold)
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            raise ValueError(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from None
+    if inputs is not None:
+        batch_list = to_batches(inputs)
+    elif own_batches:
+        batch_list = own_batches
+    else:
+        raise LoadError("no inputs: pass --inputs file.pt (a tensor, tuple, dict or list of batches), "
+                        "or a model that carries example inputs (.pt2) or a factory returning (model, batches)")
+    if batches is not None:
+        if batches < 1:
+            raise ValueError(f"batches must be >= 1, got {batches}")
+        batch_list = batch_list[:batches]
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available")
+    if isinstance(module, nn.Module):
+        module = module.to(dev)
+    loss_fn, loss_name = _loss_fn(loss)
+    torch.manual_seed(seed)
+    analysis = _Analysis(strategies, threshold)
+    info: LossInfo | None = None
+    report = progress if callable(progress) else None
+    for i, batch in enumerate(batch_list):
+        info = capture_batch(module, batch, analysis, layers=layers, loss_fn=loss_fn, loss_name=loss_name,
+                             device=dev)
+        if report is not None:
+            report(i + 1, len(batch_list))
+    used_formats = sorted({f for s in strategies for f in s.formats})
+    metadata = {
+        "name": name or "analysis",
+        "model": model_desc or description,
+        "inputs": inputs_desc or (f"{len(batch_list)} batch(es)" + (" (example inputs)" if inputs is None else "")),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(dev),
+        "seed": seed,
+        "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "strategies": [s.name for s in strategies],
+        "threshold": threshold,
+        "loss": {"kind": info.kind, "detail": info.detail} if info else None,
+        "formats": {f: {"max": FORMATS[f].max, "min_normal": FORMATS[f].min_normal,
+                        "min_subnormal": FORMATS[f].min_subnormal, "description": FORMATS[f].description}
+                    for f in used_formats},
+        "rules": {s.name: s.rules for s in strategies},
+        "batches": len(batch_list),
+        "layers_regex": layers,
+    }
+    return Results(metadata, analysis.tables(), kind="analyze")

@@ -1,0 +1,134 @@
+"""Analysis results: run metadata + pandas tables, saved atomically as versioned JSON (the report's only input) and CSV."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SCHEMA = "fp8probe.results"
+VERSION = 1
+KINDS = ("analyze", "sweep-blocksize", "sweep-threshold")
+REQUIRED_TABLES = ("layers",)
+JSON_NAME = "results.json"
+
+
+class ResultsError(ValueError):
+    """A results file that is not fp8probe results of a supported version."""
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe value: NaN/±Inf → None (strict JSON has neither), numpy scalars → Python, lists recursed."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalar / array
+        return _clean(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and os.replace (never a partial file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Results:
+    """Run metadata (see docs/architecture.md, "Analysis results JSON") and named tables.
+
+    Non-finite floats (an SQNR of +inf for an exact GEMM, NaN kurtosis of a constant tensor) are
+    written as JSON ``null``; CSV cells keep ``inf``/``nan``. List-valued cells (histogram edges,
+    top_dims, col_amax) are JSON-encoded strings in the CSV files.
+    """
+
+    metadata: dict
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    kind: str = "analyze"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(self.metadata).__name__}")
+        for name, table in self.tables.items():
+            if not isinstance(table, pd.DataFrame):
+                raise TypeError(f"table {name!r} must be a pandas DataFrame, got {type(table).__name__}")
+
+    def to_json(self) -> dict:
+        """The versioned results document as a JSON-safe dict."""
+        return {"schema": SCHEMA, "version": VERSION, "kind": self.kind, "metadata": _clean(self.metadata),
+                "tables": {name: _clean(t.to_dict("records")) for name, t in self.tables.items()}}
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write results.json and one <table>.csv per table into ``out_dir`` (created); returns {"json"|table: path}."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, Path] = {}
+        text = json.dumps(self.to_json(), indent=1, allow_nan=False)
+        for name, table in self.tables.items():
+            csv_table = table.copy()
+            for col in csv_table.columns:
+                if csv_table[col].map(lambda v: isinstance(v, (list, tuple, dict))).any():
+                    csv_table[col] = csv_table[col].map(lambda v: json.dumps(_clean(v)))
+            path = out / f"{name}.csv"
+            _atomic_write(path, csv_table.to_csv(index=False))
+            paths[name] = path
+        # results.json last: its presence means the whole set was written.
+        _atomic_write(out / JSON_NAME, text)
+        paths["json"] = out / JSON_NAME
+        return paths
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str = "results") -> Results:
+        """Validate a parsed results document and build Results (ResultsError on any mismatch)."""
+        if not isinstance(doc, dict):
+            raise ResultsError(f"{source}: expected a JSON object, got {type(doc).__name__}")
+        if doc.get("schema") != SCHEMA:
+            raise ResultsError(f"{source}: not an fp8probe results file (schema {doc.get('schema')!r}, expected {SCHEMA!r})")
+        if doc.get("version") != VERSION:
+            raise ResultsError(f"{source}: results version {doc.get('version')!r} is not supported (expected {VERSION})")
+        if doc.get("kind") not in KINDS:
+            raise ResultsError(f"{source}: kind must be one of {', '.join(KINDS)}, got {doc.get('kind')!r}")
+        meta, tables = doc.get("metadata"), doc.get("tables")
+        if not isinstance(meta, dict):
+            raise ResultsError(f"{source}: metadata must be an object, got {type(meta).__name__}")
+        if not isinstance(tables, dict):
+            raise ResultsError(f"{source}: tables must be an object, got {type(tables).__name__}")
+        for name in REQUIRED_TABLES:
+            if name not in tables:
+                raise ResultsError(f"{source}: required table {name!r} is missing")
+        frames = {}
+        for name, records in tables.items():
+            if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                raise ResultsError(f"{source}: table {name!r} must be a list of records")
+            frames[name] = pd.DataFrame.from_records(records)
+        return cls(metadata=meta, tables=frames, kind=doc["kind"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> Results:
+        """Read results.json (or a directory holding it) and validate schema and version."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / JSON_NAME
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ResultsError(f"{p}: no such results file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResultsError(f"{p}: cannot read results JSON ({exc})") from None
+        return cls.from_json(doc, str(p))

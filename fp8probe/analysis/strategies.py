@@ -1,0 +1,232 @@
+"""Low-precision recipes replayed on one linear layer's captured operands: fprop, dgrad and wgrad as each recipe computes them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fp8probe import autograd as AG
+from fp8probe import functional as F
+from fp8probe.formats import FORMATS, get_codebook
+
+GEMMS = ("fprop", "dgrad", "wgrad")
+OPERANDS = ("activation", "weight", "grad_output")
+# DeepSeek-V3-style tiles: activations/gradients 1×128 along the contraction dim, weights 128×128.
+TILE = 128
+_F32 = torch.float32
+
+
+@dataclass
+class StrategyOutput:
+    """What a recipe produced for one layer and one batch.
+
+    ``gemms``: name → low-precision result (fprop Y [tokens, out], dgrad dA [tokens, in], wgrad dW
+    [out, in]); dgrad/wgrad are absent when no output gradient was captured.
+    ``operands``: operand name → (x, q, saturated mask or None): the operand as captured and as the
+    recipe quantised it (dequantised, same shape); operands the recipe leaves in 16/32-bit are absent.
+    """
+
+    gemms: dict[str, torch.Tensor]
+    operands: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+Runner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float], StrategyOutput]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A named recipe: ``run(A [tokens, in], W [out, in], G [tokens, out] | None, threshold)``."""
+
+    name: str
+    rules: str
+    formats: tuple[str, ...]
+    run: Runner
+
+
+def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """float64 fprop A·Wᵀ, dgrad G·W, wgrad Gᵀ·A (dgrad/wgrad only with G)."""
+    a, w = A.to(torch.float64), W.to(torch.float64)
+    out = {"fprop": a @ w.t()}
+    if G is not None:
+        g = G.to(torch.float64)
+        out["dgrad"] = g @ w
+        out["wgrad"] = g.t() @ a
+    return out
+
+
+def _check(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> None:
+    if A.dim() != 2 or W.dim() != 2 or A.shape[1] != W.shape[1]:
+        raise ValueError(f"expected A [tokens, in] and W [out, in] with the same in, got {list(A.shape)} and {list(W.shape)}")
+    if G is not None and tuple(G.shape) != (A.shape[0], W.shape[0]):
+        raise ValueError(f"expected G [tokens, out] = {[A.shape[0], W.shape[0]]}, got {list(G.shape)}")
+
+
+def _autograd_gemms(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], A: torch.Tensor, W: torch.Tensor,
+                    G: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Run an fp8probe autograd function forward (and backward with G as the upstream gradient)."""
+    with torch.enable_grad():
+        a = A.detach().clone().requires_grad_(G is not None)
+        w = W.detach().clone().requires_grad_(G is not None)
+        y = fn(a, w)
+        out = {"fprop": y.detach()}
+        if G is not None:
+            da, dw = torch.autograd.grad(y, (a, w), G.to(y.dtype))
+            out["dgrad"], out["wgrad"] = da.detach(), dw.detach()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# bitsandbytes recipes: the fp8probe autograd functions themselves (SPEC §6, §7.2)
+# --------------------------------------------------------------------------------------------
+def _fq_code(x: torch.Tensor, book: str, blocksize: int | None) -> torch.Tensor:
+    code = get_codebook(book, x.device)
+    # The global quantiser reads float32 only (SPEC §3); the research matmuls cast the same way.
+    return F.fake_quantize(x.float(), code, blocksize).to(x.dtype)
+
+
+def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+    gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_global(a, w.t()), A, W, G)
+    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", None), None),
+           "weight": (W, _fq_code(W, "bnb-e4m3", None), None)}
+    if G is not None:
+        ops["grad_output"] = (G, _fq_code(G, "bnb-e5m2", None), None)
+    return StrategyOutput(gemms, ops)
+
+
+def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+    bsz, bsz2 = AG.get_block_sizes(A, W)
+    gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t()), A, W, G)
+    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None),
+           "weight": (W, _fq_code(W, "bnb-e4m3", None), None)}
+    if G is not None:
+        ops["grad_output"] = (G, _fq_code(G, "bnb-e5m2", bsz2), None)
+    return StrategyOutput(gemms, ops)
+
+
+def _int8_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x as LLM.int8 sees it: int8 row codes dequantised, outlier columns kept in x's precision."""
+    q, stats, cols = F.int8_vectorwise_quant(x, threshold)
+    deq = F.int8_vectorwise_dequant(q, stats).to(x.dtype)
+    if cols is not None and cols.numel():
+        deq[:, cols] = x[:, cols]
+    return deq
+
+
+def _int8_cols(x: torch.Tensor) -> torch.Tensor:
+    """x column-quantised to int8 (the gradient operand of the correct MatMul8bitLt grad_B, SPEC §6.3 / Q10)."""
+    _, q_col, _, col_stats, _ = F.int8_double_quant(x, 0.0)
+    return (q_col.float() * col_stats.float()[None, :] / 127.0).to(x.dtype)
+
+
+def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+    gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold), A, W, G)
+    ops = {"activation": (A, _int8_rows(A, threshold), None), "weight": (W, _int8_rows(W, 0.0), None)}
+    if G is not None:
+        ops["grad_output"] = (G, _int8_cols(G), None)
+    return StrategyOutput(gemms, ops)
+
+
+def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+    # SwitchBack (Wortsman et al. 2023) has no outlier decomposition: threshold 0 whatever --threshold says.
+    gemms = _autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, G)
+    ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, _int8_rows(W, 0.0), None)}
+    return StrategyOutput(gemms, ops)
+
+
+# --------------------------------------------------------------------------------------------
+# OCP FP8 / MX recipes: fake-quantise each GEMM's operands along its contraction dimension
+# (the last dim of the 2-D operand as passed here), matmul in float32.
+# --------------------------------------------------------------------------------------------
+def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantised x in float32, saturated mask): clipped elements have |data| at the format max and |x| > |q|."""
+    x32 = x.to(_F32).contiguous()
+    st = F.quantize_scaled(x32, fmt, granularity, block)
+    q = F.dequantize_scaled(st, _F32)
+    fmax = FORMATS[fmt].max
+    saturated = (st.data.float().abs() == fmax) & (x32.abs() > q.abs()) & torch.isfinite(x32)
+    return q, saturated
+
+
+def _scaled_recipe(gran_act: tuple[str, tuple[int, int] | None], gran_w: tuple[str, tuple[int, int] | None],
+                   fmt_fwd: str, fmt_bwd: str) -> Runner:
+    """Build a runner; ``gran_*`` = (granularity, block) for activations/gradients and for weights."""
+
+    def run(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+        qA, sA = _fq_scaled(A, fmt_fwd, *gran_act)              # contraction over in
+        qW, sW = _fq_scaled(W, fmt_fwd, *gran_w)                # W [out, in]: contraction over in
+        gemms = {"fprop": qA @ qW.t()}
+        ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
+        if G is not None:
+            qG, sG = _fq_scaled(G, fmt_bwd, *gran_act)          # dgrad contracts over out: G's rows
+            qWt, _ = _fq_scaled(W.t(), fmt_fwd, *gran_w)        # Wᵀ [in, out]: scales along out
+            gemms["dgrad"] = qG @ qWt.t()
+            qGt, _ = _fq_scaled(G.t(), fmt_bwd, *gran_act)      # wgrad contracts over tokens
+            qAt, _ = _fq_scaled(A.t(), fmt_fwd, *gran_act)
+            gemms["wgrad"] = qGt @ qAt.t()
+            ops["grad_output"] = (G, qG, sG)
+        return StrategyOutput(gemms, ops)
+
+    return run
+
+
+_TENSOR = ("tensor", None)
+_ROW = ("row", None)
+_TILE_1 = ("block", (1, TILE))
+_TILE_2 = ("block", (TILE, TILE))
+_MX = ("block", (1, 32))
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "
+             "absmax for the output gradient (dgrad, wgrad); nearest code, ties to the even index; float32 "
+             "matmuls of the fake-quantised tensors (MatMulFP8Global, SPEC §7.2)", ("bnb-e4m3", "bnb-e5m2"),
+             _run_global),
+    Strategy("mixed", "A blockwise bnb-e4m3 (block bsz over the flattened tensor), W one absmax bnb-e4m3, "
+             "output gradient blockwise bnb-e5m2 (bsz2) for dgrad; wgrad Aᵀ·G unquantised; bsz/bsz2 from "
+             "get_block_sizes (MatMulFP8Mixed, SPEC §7.2)", ("bnb-e4m3", "bnb-e5m2"), _run_mixed),
+    Strategy("int8", "LLM.int8(): A int8 per row (absmax/127, round half-even), columns with any |a| ≥ threshold "
+             "kept in A's precision and multiplied by the dequantised weight; W int8 per output row; dgrad "
+             "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6)",
+             ("int8",), _run_int8),
+    Strategy("switchback", "SwitchBack: fprop int8 per-row A × int8 per-row W (no outlier columns); dgrad "
+             "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2)", ("int8",), _run_switchback),
+    Strategy("ocp-tensorwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale amax/fmt_max per tensor, "
+             "round to nearest even with saturation; float32 matmuls", ("e4m3", "e5m2"),
+             _scaled_recipe(_TENSOR, _TENSOR, "e4m3", "e5m2")),
+    Strategy("ocp-rowwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale per row along each GEMM's "
+             "contraction dim (A, W rows in fprop; G rows and W columns in dgrad; G, A columns in wgrad); "
+             "float32 matmuls", ("e4m3", "e5m2"), _scaled_recipe(_ROW, _ROW, "e4m3", "e5m2")),
+    Strategy("ocp-blockwise", "OCP E4M3FN A / E5M2 G in 1x128 tiles along each GEMM's contraction dim, E4M3FN W "
+             "in 128x128 blocks, float32 scale amax/fmt_max per tile (DeepSeek-V3 style); float32 matmuls",
+             ("e4m3", "e5m2"), _scaled_recipe(_TILE_1, _TILE_2, "e4m3", "e5m2")),
+    Strategy("mxfp8", "OCP MX: E4M3 elements for A and W, E5M2 for G, blocks of 32 along each GEMM's contraction "
+             "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls",
+             ("mxfp8-e4m3", "mxfp8-e5m2"), _scaled_recipe(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
+)}
+
+
+def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:
+    """Strategies for ``"all"``, one name, a comma-separated list or a sequence of names (order kept, no duplicates)."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out: list[Strategy] = []
+    for n in names:
+        if n == "all":
+            chosen = list(STRATEGIES.values())
+        elif n in STRATEGIES:
+            chosen = [STRATEGIES[n]]
+        else:
+            raise ValueError(f"strategy must be 'all' or one of {', '.join(STRATEGIES)}, got {n!r}")
+        out += [s for s in chosen if s not in out]
+    if not out:
+        raise ValueError("at least one strategy is required, got none")
+    return out
+
+
+def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
+                 threshold: float = 6.0) -> StrategyOutput:
+    """Replay ``strategy`` on A [tokens, in], W [out, in], G [tokens, out] (or None: fprop only)."""
+    _check(A, W, G)
+    with torch.no_grad():
+        return strategy.run(A, W, G, threshold)
