@@ -1,6 +1,7 @@
 """Capture every linear GEMM's real operands (activation, weight, bias, output gradient) from forward + backward passes."""
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,22 +128,16 @@ def is_exported_graph(model: Any) -> bool:
 
 
 def _run_graph(gm: torch.fx.GraphModule, batch: Batch, rec: _Recorder) -> Any:
-    in_spec = getattr(gm, "_in_spec", None)
-    if in_spec is not None:
-        kwargs = batch.kwargs
-        if kwargs and len(in_spec.children_specs) == 2 and in_spec.children_specs[1].context is not None:
-            order = list(in_spec.children_specs[1].context)
-            if set(order) != set(kwargs):
-                raise LoadError(f"the program expects keyword inputs {order}, got {sorted(kwargs)}")
-            kwargs = {k: kwargs[k] for k in order}
-        flat, spec = pytree.tree_flatten((tuple(batch.args), dict(kwargs)))
-        if spec != in_spec:
-            raise LoadError(f"inputs do not match the exported program's signature: expected {in_spec}, got {spec}")
-    else:
-        flat = list(batch.args)
+    # ep.module()'s generated forward flattens (args, kwargs) with its pytree spec before the graph
+    # and unflattens the outputs after it; the interpreter runs the graph itself, so do the same here.
+    try:
+        bound = inspect.signature(gm.forward).bind(*batch.args, **batch.kwargs)
+    except TypeError as exc:
+        raise LoadError(f"inputs do not match the exported program's signature: {exc}") from None
+    codegen = gm.graph._codegen
+    flat = codegen.process_inputs(*bound.args, **bound.kwargs)
     out = _LinearInterpreter(gm, rec).run(*flat)
-    out_spec = getattr(gm, "_out_spec", None)
-    return pytree.tree_unflatten(out, out_spec) if out_spec is not None else out
+    return codegen.process_outputs(out)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
