@@ -144,7 +144,8 @@ def _summary(layers: list[str], strategies: list[str], tables: Mapping, keep_db:
         if vals:
             worst_rows.append((min(vals), layer))
     worst_rows.sort(key=lambda t: t[0])
-    worst = _table("worst", ["layer", *[f"{s} fprop SQNR (dB)" for s in strategies]], [
+    worst = _table("worst", ["layer", *strategies], groups=[("", 1), ("fprop SQNR (dB) per strategy", len(strategies))],
+                   rows=[
         [cell(layer), *[_sqnr_cell(gemm.get((layer, s, "fprop"), {}).get("sqnr_db"), keep_db) for s in strategies]]
         for _, layer in worst_rows[:WORST_LAYERS]])
     keep = []
@@ -296,7 +297,7 @@ def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str) ->
             row.append(cell(r.get("sqnr_db") if r else None, "{:.1f}", "good" if bs == rec else ""))
         table_rows.append(row)
     overhead = [f"{bs}: {32 / bs:.3g}" for bs in sizes]
-    figs = []
+    panels = []
     for t in targets:
         series = []
         for layer in lay:
@@ -305,9 +306,10 @@ def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str) ->
             if pts:
                 mark = next((p[0] for p in pts if p[2]), None)
                 series.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": mark})
-        fig = figures.sweep_lines(series, "block size (elements)", "SQNR (dB)", logx2=True, title=f"{t}")
-        figs.append({"title": t, "uri": figures.figure_to_data_uri(fig)})
-    return {"rule": rule, "figures": figs, "overhead": ", ".join(overhead),
+        panels.append({"title": t, "series": series, "xlabel": "block size (elements)", "ylabel": "SQNR (dB)",
+                       "logx2": True})
+    figure = figures.figure_to_data_uri(figures.sweep_panels(panels, ncols=3))
+    return {"rule": rule, "figure": figure, "targets": ", ".join(targets), "overhead": ", ".join(overhead),
             "table": _table("blocksize", ["layer", "recommended", "auto (get_block_sizes)",
                                           *[f"{bs}" for bs in sizes]], table_rows,
                             groups=[("", 3), ("fprop SQNR (dB) per block size", len(sizes))])}
@@ -338,14 +340,12 @@ def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str) ->
         s_sqnr.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": rec})
         s_frac.append({"label": layer, "x": [p[0] for p in pts],
                        "y": [100 * p[2] if _isnum(p[2]) else None for p in pts], "mark_x": rec})
-    figs = [
-        {"title": "fprop SQNR", "uri": figures.figure_to_data_uri(
-            figures.sweep_lines(s_sqnr, "outlier threshold", "fprop SQNR (dB)", title="fprop SQNR vs threshold"))},
-        {"title": "columns in 16-bit", "uri": figures.figure_to_data_uri(
-            figures.sweep_lines(s_frac, "outlier threshold", "% input columns kept in 16-bit",
-                                title="16-bit columns vs threshold"))},
-    ]
-    return {"rule": rule, "figures": figs,
+    figure = figures.figure_to_data_uri(figures.sweep_panels([
+        {"title": "fprop SQNR vs threshold", "series": s_sqnr, "xlabel": "outlier threshold",
+         "ylabel": "fprop SQNR (dB)"},
+        {"title": "16-bit columns vs threshold", "series": s_frac, "xlabel": "outlier threshold",
+         "ylabel": "% input columns kept in 16-bit"}], ncols=2))
+    return {"rule": rule, "figure": figure,
             "table": _table("threshold", ["layer", "recommended", *[f"{th:g}" for th in ths]], table_rows,
                             groups=[("", 2), ("fprop SQNR (dB) / % columns in 16-bit, per threshold", len(ths))])}
 

@@ -1,0 +1,369 @@
+"""Block-size and outlier-threshold sweeps per linear layer, on the operands captured by analysis/capture.py."""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from fp8probe import __version__
+from fp8probe import functional as F
+from fp8probe.autograd import MatMul8bitLt, MatmulLtState, get_block_sizes
+from fp8probe.formats import FORMATS
+
+from .capture import LinearCall, LossFn, LossInfo, capture_batch
+from .loading import LoadError, to_batches
+from .metrics import ErrorAccumulator
+from .pipeline import _as_model, _loss_fn
+from .results import Results
+
+DEFAULT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_THRESHOLDS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+# Block-size recommendation: the largest block (least scale storage) whose fprop SQNR is within
+# 0.5 dB of the best swept block size. 0.5 dB is 12 % more noise power (10^0.05 = 1.12), below
+# what one changes by moving one block size step on typical layers (~0.5-1.5 dB per halving).
+BLOCKSIZE_TOLERANCE_DB = 0.5
+# Threshold recommendation (the knee). LLM.int8()'s premise is that outlier features are few: a
+# threshold that keeps more than 10 % of the input columns in 16-bit gives away most of the int8
+# saving, so only thresholds at or under that budget compete (all of them if none is). Among those,
+# the ones within 1 dB (26 % more noise power) of the best SQNR tie on accuracy and the one keeping
+# the fewest 16-bit columns wins; ties go to the larger threshold (0 = no decomposition counts last).
+THRESHOLD_TOLERANCE_DB = 1.0
+MAX_FRAC_COLS_16BIT = 0.10
+# One fp32 absmax is stored per block: 32 bits of scale per `blocksize` elements.
+ABSMAX_BITS = 32
+# Codebooks of the sweep: bitsandbytes' FP8 research recipe (SPEC §7.2) — E4M3-like for A and W,
+# E5M2-like for gradients.
+CODE_FWD = "bnb-e4m3"
+CODE_BWD = "bnb-e5m2"
+
+BLOCKSIZE_METHOD = (f"A and W blockwise {CODE_FWD}, G blockwise {CODE_BWD}, blocks over the flattened tensor, one "
+                    f"fp32 absmax per block ({ABSMAX_BITS}/blocksize bits per element), nearest code with ties to the "
+                    f"even index; GEMMs in float64 so the error is the quantisation's alone")
+BLOCKSIZE_RULE = (f"recommended = the largest block size whose fprop SQNR is within {BLOCKSIZE_TOLERANCE_DB:g} dB of "
+                  f"the best swept block size (least scale storage at near-best accuracy); 'auto' = the block size "
+                  f"get_block_sizes picks (bsz for A/W/fprop, bsz2 for G/dgrad/wgrad)")
+THRESHOLD_METHOD = ("LLM.int8() forward (MatMul8bitLt, default mode): int8 vector-wise A (row absmax/127, round half "
+                    "to even) with outlier columns |a| >= threshold kept in A's precision and multiplied by the "
+                    "dequantised weight columns; W int8 per output row")
+THRESHOLD_RULE = (f"recommended = among thresholds keeping at most {100 * MAX_FRAC_COLS_16BIT:g} % of input columns in "
+                  f"16-bit (all thresholds if none does), those whose LLM.int8 fprop SQNR is within "
+                  f"{THRESHOLD_TOLERANCE_DB:g} dB of the best; of these the one keeping the fewest columns in "
+                  f"16-bit, ties to the larger threshold. Threshold 0 = plain int8 vector-wise, no outlier columns")
+
+
+def overhead_bits(blocksize: int) -> float:
+    """Scale-storage overhead of blockwise quantisation with an fp32 absmax: bits per element."""
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    return ABSMAX_BITS / blocksize
+
+
+def recommend_blocksize(sqnr_by_blocksize: dict[int, float], tolerance_db: float = BLOCKSIZE_TOLERANCE_DB) -> int | None:
+    """The largest block size whose SQNR (dB) is within ``tolerance_db`` of the best; None if none is finite."""
+    finite = {bs: s for bs, s in sqnr_by_blocksize.items() if s is not None and not math.isnan(s)}
+    if not finite:
+        return None
+    best = max(finite.values())
+    if math.isinf(best):  # exact results: every +inf block size ties; pick the largest of those
+        return max(bs for bs, s in finite.items() if s == best)
+    return max(bs for bs, s in finite.items() if s >= best - tolerance_db)
+
+
+def recommend_threshold(points: dict[float, tuple[float, float]], tolerance_db: float = THRESHOLD_TOLERANCE_DB,
+                        max_frac_cols: float = MAX_FRAC_COLS_16BIT) -> float | None:
+    """The knee of a threshold sweep (THRESHOLD_RULE): ``points[threshold] = (fprop_sqnr_db, frac_cols_16bit)``.
+
+    Returns the recommended threshold, or None when no SQNR is a number.
+    """
+    finite = {t: p for t, p in points.items() if p[0] is not None and not math.isnan(p[0])}
+    if not finite:
+        return None
+    budget = {t: p for t, p in finite.items() if p[1] <= max_frac_cols} or finite
+    best = max(p[0] for p in budget.values())
+    ok = [t for t, p in budget.items() if (p[0] == best if math.isinf(best) else p[0] >= best - tolerance_db)]
+    # threshold 0 (no decomposition) sorts after every positive threshold on a tie in columns
+    return min(ok, key=lambda t: (budget[t][1], -t if t > 0 else math.inf))
+
+
+def _check_blocksizes(blocksizes: Sequence[int]) -> list[int]:
+    out = []
+    for bs in blocksizes:
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"block sizes must be positive ints, got {bs!r}")
+        out.append(bs)
+    if not out:
+        raise ValueError("at least one block size is needed, got none")
+    return sorted(set(out))
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
+    out = []
+    for t in thresholds:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"thresholds must be finite numbers >= 0, got {t!r}")
+        out.append(float(t))
+    if not out:
+        raise ValueError("at least one threshold is needed, got none")
+    return sorted(set(out))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer accumulators (one LinearCall at a time, batches merged by the metric accumulators)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _BlockLayer:
+    in_features: int
+    out_features: int
+    err: dict[tuple[int, str], ErrorAccumulator] = field(default_factory=dict)
+    weight_done: bool = False
+
+
+class _BlocksizeSweep:
+    """Fake-quantises A, W (bnb-e4m3) and G (bnb-e5m2) blockwise at each block size and measures
+    operand and GEMM error against float64 products of the unquantised operands."""
+
+    def __init__(self, blocksizes: list[int]) -> None:
+        self.blocksizes = blocksizes
+        self.layers: dict[str, _BlockLayer] = {}
+
+    def __call__(self, call: LinearCall) -> None:
+        A, W, G = call.activation, call.weight, call.grad_output
+        acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[1], W.shape[0]))
+        a64, w64 = A.double(), W.double()
+        g64 = None if G is None else G.double()
+        ref = {"fprop": a64 @ w64.T}
+        if g64 is not None:
+            ref["dgrad"], ref["wgrad"] = g64 @ w64, g64.T @ a64
+        for bs in self.blocksizes:
+            aq = F.fake_quantize(A, CODE_FWD, bs).double()
+            wq = F.fake_quantize(W, CODE_FWD, bs).double()
+            acc.err.setdefault((bs, "activation"), ErrorAccumulator()).update(a64, aq)
+            if not acc.weight_done:  # the weight is the same every batch: count it once
+                acc.err.setdefault((bs, "weight"), ErrorAccumulator()).update(w64, wq)
+            acc.err.setdefault((bs, "fprop"), ErrorAccumulator()).update(ref["fprop"], aq @ wq.T)
+            if g64 is not None:
+                gq = F.fake_quantize(G, CODE_BWD, bs).double()
+                acc.err.setdefault((bs, "grad_output"), ErrorAccumulator()).update(g64, gq)
+                acc.err.setdefault((bs, "dgrad"), ErrorAccumulator()).update(ref["dgrad"], gq @ wq)
+                acc.err.setdefault((bs, "wgrad"), ErrorAccumulator()).update(ref["wgrad"], gq.T @ aq)
+        acc.weight_done = True
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for name, acc in self.layers.items():
+            bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
+            fprop = {bs: acc.err[(bs, "fprop")].result()["sqnr_db"] for bs in self.blocksizes}
+            rec = recommend_blocksize(fprop)
+            for bs in self.blocksizes:
+                for target in ("activation", "weight", "grad_output", "fprop", "dgrad", "wgrad"):
+                    e = acc.err.get((bs, target))
+                    if e is None:
+                        continue
+                    auto = bs == (bsz if target in ("activation", "weight", "fprop") else bsz2)
+                    rows.append({"layer": name, "blocksize": bs, "target": target, "sqnr_db": e.result()["sqnr_db"],
+                                 "overhead_bits": overhead_bits(bs), "auto": auto, "recommended": bs == rec})
+        return pd.DataFrame(rows, columns=["layer", "blocksize", "target", "sqnr_db", "overhead_bits", "auto",
+                                           "recommended"])
+
+
+@dataclass
+class _ThresholdLayer:
+    in_features: int
+    err: dict[float, ErrorAccumulator] = field(default_factory=dict)
+    cols: dict[float, float] = field(default_factory=dict)  # Σ over batches of tokens · frac_cols
+    tokens: int = 0
+
+
+class _ThresholdSweep:
+    """LLM.int8() forward (MatMul8bitLt, default mode) at each outlier threshold vs the float64 A·Wᵀ."""
+
+    def __init__(self, thresholds: list[float]) -> None:
+        self.thresholds = thresholds
+        self.layers: dict[str, _ThresholdLayer] = {}
+
+    def __call__(self, call: LinearCall) -> None:
+        A, W = call.activation, call.weight
+        acc = self.layers.setdefault(call.name, _ThresholdLayer(W.shape[1]))
+        ref = A.double() @ W.double().T
+        tokens = A.shape[0]
+        acc.tokens += tokens
+        with torch.no_grad():
+            for th in self.thresholds:
+                state = MatmulLtState()
+                state.threshold = th
+                state.is_training = False
+                out = MatMul8bitLt.apply(A, W, None, None, state)
+                acc.err.setdefault(th, ErrorAccumulator()).update(ref, out)
+                n_cols = 0 if state.idx is None else int(state.idx.numel())
+                # Token-weighted mean over batches of the per-batch fraction of 16-bit columns: each
+                # batch's decomposition is its own (outlier columns are chosen per forward).
+                acc.cols[th] = acc.cols.get(th, 0.0) + tokens * n_cols / acc.in_features
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for name, acc in self.layers.items():
+            pts = {th: (acc.err[th].result()["sqnr_db"], acc.cols[th] / acc.tokens if acc.tokens else 0.0)
+                   for th in self.thresholds}
+            rec = recommend_threshold(pts)
+            for th in self.thresholds:
+                rows.append({"layer": name, "threshold": th, "fprop_sqnr_db": pts[th][0],
+                             "frac_cols_16bit": pts[th][1], "recommended": th == rec})
+        return pd.DataFrame(rows, columns=["layer", "threshold", "fprop_sqnr_db", "frac_cols_16bit", "recommended"])
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers
+# --------------------------------------------------------------------------------------------
+def _run(model: Any, inputs: Any, sweep: Any, *, layers: str | None, batches: int | None, device: str,
+         seed: int, loss: LossFn | str | None) -> tuple[list, LossInfo | None, str, bool]:
+    """Resolve the model and batches exactly like analyze() and stream every batch through capture."""
+    module, own_batches, description = _as_model(model)
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            raise ValueError(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from None
+    if inputs is not None:
+        batch_list = to_batches(inputs)
+    elif own_batches:
+        batch_list = own_batches
+    else:
+        raise LoadError("no inputs: pass --inputs file.pt (a tensor, tuple, dict or list of batches), "
+                        "or a model that carries example inputs (.pt2) or a factory returning (model, batches)")
+    if batches is not None:
+        if batches < 1:
+            raise ValueError(f"batches must be >= 1, got {batches}")
+        batch_list = batch_list[:batches]
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available")
+    if isinstance(module, torch.nn.Module):
+        module = module.to(dev)
+    loss_fn, loss_name = _loss_fn(loss)
+    torch.manual_seed(seed)
+    info = None
+    for batch in batch_list:
+        info = capture_batch(module, batch, sweep, layers=layers, loss_fn=loss_fn, loss_name=loss_name, device=dev)
+    return batch_list, info, description, inputs is None
+
+
+def _metadata(kind: str, name: str | None, model_desc: str | None, description: str, inputs_desc: str | None,
+              batch_list: list, example: bool, device: str, seed: int, info: LossInfo | None,
+              formats: Sequence[str], rules: dict, recommendations: dict, extra: dict) -> dict:
+    return {
+        "name": name or kind,
+        "model": model_desc or description,
+        "inputs": inputs_desc or (f"{len(batch_list)} batch(es)" + (" (example inputs)" if example else "")),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(torch.device(device)),
+        "seed": seed,
+        "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "strategies": [],
+        "loss": {"kind": info.kind, "detail": info.detail} if info else None,
+        "formats": {f: {"max": FORMATS[f].max, "min_normal": FORMATS[f].min_normal,
+                        "min_subnormal": FORMATS[f].min_subnormal, "description": FORMATS[f].description}
+                    for f in formats},
+        "rules": rules,
+        "recommendations": recommendations,
+        "batches": len(batch_list),
+        **extra,
+    }
+
+
+def _layers_table(sweep_layers: dict, tokens: dict[str, int] | None = None) -> pd.DataFrame:
+    rows = []
+    for name, acc in sweep_layers.items():
+        out_f = getattr(acc, "out_features", None)
+        bsz, bsz2 = get_block_sizes(acc.in_features, out_f) if out_f else (None, None)
+        rows.append({"layer": name, "in_features": acc.in_features, "out_features": out_f,
+                     "tokens": (tokens or {}).get(name), "bsz": bsz, "bsz2": bsz2})
+    return pd.DataFrame(rows)
+
+
+class _Both:
+    """Fan one capture out to several sweeps (the demo runs both sweeps on one capture)."""
+
+    def __init__(self, *sweeps: Any) -> None:
+        self.sweeps = sweeps
+
+    def __call__(self, call: LinearCall) -> None:
+        for s in self.sweeps:
+            s(call)
+
+
+def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES, *,
+                    layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
+                    loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
+                    inputs_desc: str | None = None) -> Results:
+    """Blockwise FP8 error per layer × block size (kind "sweep-blocksize", table ``blocksize_sweep``).
+
+    For each captured linear GEMM and block size: bnb-e4m3 blockwise fake quantisation of the
+    activation A [tokens, in] and weight W [out, in], bnb-e5m2 of the output gradient G
+    [tokens, out]; SQNR (dB) of each operand and of fprop A·Wᵀ, dgrad G·W and wgrad Gᵀ·A (products
+    in float64, so the error is the quantisation's alone); overhead_bits = 32/blocksize; ``auto``
+    marks get_block_sizes' pick; ``recommended`` follows BLOCKSIZE_RULE. Same model/inputs
+    arguments as ``analyze``.
+    """
+    sizes = _check_blocksizes(blocksizes)
+    sweep = _BlocksizeSweep(sizes)
+    batch_list, info, desc, example = _run(model, inputs, sweep, layers=layers, batches=batches, device=device,
+                                           seed=seed, loss=loss)
+    meta = _metadata("sweep-blocksize", name, model_desc, desc, inputs_desc, batch_list, example, device, seed, info,
+                     (CODE_FWD, CODE_BWD), {"blockwise sweep": BLOCKSIZE_METHOD},
+                     {"blocksize_sweep": BLOCKSIZE_RULE}, {"blocksizes": sizes})
+    return Results(meta, {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table()},
+                   kind="sweep-blocksize")
+
+
+def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
+                    layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
+                    loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
+                    inputs_desc: str | None = None) -> Results:
+    """LLM.int8() fprop error vs outlier threshold per layer (kind "sweep-threshold", table ``threshold_sweep``).
+
+    For each captured linear GEMM and threshold: the MatMul8bitLt forward (int8 row-wise A and W,
+    columns with any |a| ≥ threshold kept in A's precision) against float64 A·Wᵀ: fprop_sqnr_db,
+    frac_cols_16bit (token-weighted mean over batches of the fraction of input columns kept in
+    16-bit; non-increasing in the threshold for thresholds > 0, 0 at threshold 0) and
+    ``recommended`` per THRESHOLD_RULE. Same model/inputs arguments as ``analyze``.
+    """
+    ths = _check_thresholds(thresholds)
+    sweep = _ThresholdSweep(ths)
+    batch_list, info, desc, example = _run(model, inputs, sweep, layers=layers, batches=batches, device=device,
+                                           seed=seed, loss=loss)
+    meta = _metadata("sweep-threshold", name, model_desc, desc, inputs_desc, batch_list, example, device, seed, info,
+                     ("int8",), {"threshold sweep": THRESHOLD_METHOD},
+                     {"threshold_sweep": THRESHOLD_RULE}, {"thresholds": ths})
+    tokens = {n: a.tokens for n, a in sweep.layers.items()}
+    return Results(meta, {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table()},
+                   kind="sweep-threshold")
+
+
+def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES,
+               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, **kwargs: Any) -> tuple[Results, Results]:
+    """Both sweeps from ONE capture pass (half the forward/backward work): (blocksize, threshold) Results."""
+    sizes, ths = _check_blocksizes(blocksizes), _check_thresholds(thresholds)
+    bsw, tsw = _BlocksizeSweep(sizes), _ThresholdSweep(ths)
+    opts = {k: kwargs.pop(k, None) for k in ("layers", "batches", "loss")}
+    device, seed = kwargs.pop("device", "cpu"), kwargs.pop("seed", 0)
+    name, model_desc, inputs_desc = (kwargs.pop(k, None) for k in ("name", "model_desc", "inputs_desc"))
+    if kwargs:
+        raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+    batch_list, info, desc, example = _run(model, inputs, _Both(bsw, tsw), device=device, seed=seed, **opts)
+    b_meta = _metadata("sweep-blocksize", name, model_desc, desc, inputs_desc, batch_list, example, device, seed,
+                       info, (CODE_FWD, CODE_BWD), {"blockwise sweep": BLOCKSIZE_METHOD},
+                       {"blocksize_sweep": BLOCKSIZE_RULE}, {"blocksizes": sizes})
+    t_meta = _metadata("sweep-threshold", name, model_desc, desc, inputs_desc, batch_list, example, device, seed,
+                       info, ("int8",), {"threshold sweep": THRESHOLD_METHOD}, {"threshold_sweep": THRESHOLD_RULE}, {"thresholds": ths})
+    tokens = {n: a.tokens for n, a in tsw.layers.items()}
+    return (Results(b_meta, {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table()},
+                    kind="sweep-blocksize"),
+            Results(t_meta, {"layers": _layers_table(tsw.layers, tokens), "threshold_sweep": tsw.table()},
+                    kind="sweep-threshold"))

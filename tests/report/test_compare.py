@@ -1,0 +1,118 @@
+"""The compare gate: identical results pass, a degraded layer fails by name, bad input exits 2."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fp8probe.cli import cli
+from fp8probe.report.compare import Gates, compare_markdown, compare_results
+from fp8probe.report.render import load_results
+
+DATA = Path(__file__).parent / "data" / "results_small.json"
+DEGRADED = "blocks.0.mlp.fc2"
+
+
+@pytest.fixture(scope="module")
+def base() -> dict:
+    return load_results(DATA)
+
+
+def _degrade(results: dict, layer: str = DEGRADED, drop_db: float = 3.0) -> dict:
+    cur = copy.deepcopy(results)
+    for r in cur["tables"]["gemm"]:
+        if r["layer"] == layer and r["gemm"] == "fprop" and r["strategy"] == "fp8-global":
+            r["sqnr_db"] -= drop_db
+    return cur
+
+
+def _write(tmp_path: Path, name: str, data: dict) -> str:
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return str(p)
+
+
+def test_identical_pair_passes(base: dict, tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert "PASS" in res.output
+    assert (tmp_path / "c" / "compare.html").exists()
+    md = (tmp_path / "c" / "compare.md").read_text()
+    assert "PASS" in md and "No SQNR decreased." in md
+    html = (tmp_path / "c" / "compare.html").read_text()
+    assert "http" not in html
+
+
+def test_degraded_layer_fails_and_is_named(base: dict, tmp_path: Path) -> None:
+    cur = _write(tmp_path, "cur.json", _degrade(base))
+    summary = tmp_path / "summary.md"
+    res = CliRunner().invoke(cli, ["compare", str(DATA), cur, "--out", str(tmp_path / "c"),
+                                   "--markdown", str(summary)])
+    assert res.exit_code == 1, res.output
+    assert DEGRADED in res.output
+    assert "max-sqnr-drop" in res.output
+    # only the degraded layer is named
+    others = {r["layer"] for r in base["tables"]["layers"]} - {DEGRADED}
+    fail_line = [ln for ln in res.output.splitlines() if ln.startswith("FAIL")][0]
+    assert not any(o in fail_line for o in others)
+    assert DEGRADED in summary.read_text() and "FAIL" in summary.read_text()
+    assert DEGRADED in (tmp_path / "c" / "compare.html").read_text()
+
+
+def test_gate_limit_is_respected(base: dict) -> None:
+    cur = _degrade(base, drop_db=0.9)
+    assert compare_results(base, cur, Gates(max_sqnr_drop=1.0))["passed"]
+    assert not compare_results(base, cur, Gates(max_sqnr_drop=0.5))["passed"]
+    # an improvement never fails
+    assert compare_results(base, _degrade(base, drop_db=-5.0))["passed"]
+
+
+def test_outlier_and_underflow_gates(base: dict) -> None:
+    cur = copy.deepcopy(base)
+    cur["tables"]["outliers"][1]["n_outlier_cols"] += 2
+    layer_o = cur["tables"]["outliers"][1]["layer"]
+    cur["tables"]["operands"][4]["underflow_frac"] += 0.05
+    layer_u = cur["tables"]["operands"][4]["layer"]
+    cmp = compare_results(base, cur)
+    gates = {(v["gate"], v["layer"]) for v in cmp["violations"]}
+    assert gates == {("max-new-outlier-cols", layer_o), ("max-underflow-increase", layer_u)}
+    assert compare_results(base, cur, Gates(max_new_outlier_cols=2, max_underflow_increase=5.1))["passed"]
+
+
+def test_nan_and_missing_layers(base: dict) -> None:
+    cur = copy.deepcopy(base)
+    cur["tables"]["gemm"][0]["sqnr_db"] = float("nan")
+    cur["tables"]["layers"].append({"layer": "new.layer"})
+    cmp = compare_results(base, cur)
+    assert not cmp["passed"] and cmp["failed_layers"] == [base["tables"]["gemm"][0]["layer"]]
+    assert cmp["added_layers"] == ["new.layer"]
+    md = compare_markdown(cmp)
+    assert "new.layer" in md and "FAIL" in md
+
+
+def test_markdown_escapes_pipes(base: dict) -> None:
+    data = json.loads(json.dumps(base).replace(DEGRADED, "a|b"))
+    md = compare_markdown(compare_results(data, _degrade(data, "a|b")))
+    assert "a\\|b" in md
+
+
+def test_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    for args in ([str(bad), str(DATA)], [str(DATA), str(tmp_path / "missing.json")]):
+        res = CliRunner().invoke(cli, ["compare", *args, "--out", str(tmp_path / "c")])
+        assert res.exit_code == 2
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:")
+
+
+def test_kind_mismatch_and_bad_gate_exit_2(base: dict, tmp_path: Path) -> None:
+    other = copy.deepcopy(base)
+    other["kind"] = "sweep-threshold"
+    res = CliRunner().invoke(cli, ["compare", str(DATA), _write(tmp_path, "o.json", other), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "cannot compare" in res.output
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--max-sqnr-drop", "-1", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "max_sqnr_drop" in res.output

@@ -1,0 +1,130 @@
+"""Report rendering from the stored results fixture: structure, self-containment, escaping, strictness."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import jinja2
+import markupsafe
+import pytest
+
+from fp8probe.report import render
+from fp8probe.report.render import build_report_view, load_results, render_report
+
+DATA = Path(__file__).parent / "data" / "results_small.json"
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return load_results(DATA)
+
+
+@pytest.fixture(scope="module")
+def html(results: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = render_report(results, tmp_path_factory.mktemp("r") / "report.html")
+    return out.read_text(encoding="utf-8")
+
+
+def test_every_layer_and_strategy_present(results: dict, html: str) -> None:
+    layers = {r["layer"] for r in results["tables"]["layers"]}
+    assert layers
+    for layer in layers:
+        assert layer in html
+    for strategy in results["metadata"]["strategies"]:
+        assert f"<h3>{strategy}</h3>" in html
+    # one GEMM table and one operand table per strategy, each with a row per layer
+    for strategy in results["metadata"]["strategies"]:
+        sid = re.sub(r"[^0-9A-Za-z]", "-", strategy)
+        block = html.split(f'id="gemm-{sid}"')[1].split("</table>")[0]
+        assert block.count("<tr") == 2 + len(layers)  # two header rows + layers
+
+
+def test_every_figure_embedded_and_self_contained(results: dict, html: str) -> None:
+    imgs = re.findall(r'<img src="([^"]+)"', html)
+    # SQNR bars, histograms, outlier heat map, block-size sweep grid, threshold sweep pair
+    assert len(imgs) == 5
+    assert all(src.startswith("data:image/png;base64,") for src in imgs)
+    assert "http" not in html  # no network reference at all: not even an xmlns
+    assert "<link" not in html and "src=\"/" not in html
+
+
+def test_content_sections(results: dict, html: str) -> None:
+    for anchor in ("summary", "sqnr", "strategies", "range", "outliers", "blocksize", "threshold", "methods"):
+        assert f'id="{anchor}"' in html
+    for fmt in results["metadata"]["formats"]:
+        assert fmt in html
+    for rule in results["metadata"]["rules"].values():
+        assert str(markupsafe.escape(rule)) in html
+    assert "below <strong>20 dB</strong>" in html
+    # the fixture plants low SQNR in qkv and fc1 under the fp8 strategies: both must be flagged
+    keep = html.split("<h3>Layers to keep in 16-bit</h3>")[1].split("</ul>")[0]
+    assert "blocks.0.attn.qkv" in keep and "blocks.0.mlp.fc1" in keep
+    assert "blocks.0.attn.proj" not in keep
+
+
+def test_keep_rule_threshold_moves_the_list(results: dict) -> None:
+    view = build_report_view(results, keep_16bit_db=100.0)
+    for k in view["summary"]["keep"]:
+        assert len(k["layers"]) == k["n_measured"] == len(results["tables"]["layers"])
+    view = build_report_view(results, keep_16bit_db=-100.0)
+    assert all(not k["layers"] for k in view["summary"]["keep"])
+
+
+def test_hostile_layer_names_are_escaped(results: dict, tmp_path: Path) -> None:
+    evil = "<script>alert(1)</script>"
+    data = json.loads(json.dumps(results).replace("blocks.0.attn.qkv", evil))
+    data["metadata"]["name"] = "<b>x</b>"
+    out = render_report(data, tmp_path / "evil.html").read_text(encoding="utf-8")
+    assert evil not in out and "<b>x</b>" not in out
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in out
+    assert out.count("<script>") == 1  # only the report's own sorter
+
+
+def test_nan_inf_flagged(results: dict, tmp_path: Path) -> None:
+    data = copy.deepcopy(results)
+    data["tables"]["tensors"][0]["nan_count"] = 3
+    data["tables"]["gemm"][0]["sqnr_db"] = float("nan")
+    out = render_report(data, tmp_path / "nan.html").read_text(encoding="utf-8")
+    assert "3 NaN and 0 Inf values" in out
+    assert ">NaN<" in out
+
+
+def test_minimal_results_render(tmp_path: Path) -> None:
+    data = {"schema": "fp8probe.results", "version": 1, "kind": "sweep-threshold",
+            "metadata": {"name": "m"}, "tables": {"layers": [{"layer": "fc"}]}}
+    out = render_report(data, tmp_path / "min.html").read_text(encoding="utf-8")
+    assert "fc" in out and "http" not in out
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(schema="other"), "expected schema"),
+    (lambda d: d.update(version=2), "version"),
+    (lambda d: d.update(kind="nope"), "kind"),
+    (lambda d: d["tables"].pop("layers"), "layers"),
+])
+def test_bad_results_raise_value_error(results: dict, mutate, message: str) -> None:
+    data = copy.deepcopy(results)
+    mutate(data)
+    with pytest.raises(ValueError, match=message):
+        build_report_view(data)
+
+
+def test_load_results_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON"):
+        load_results(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_results(tmp_path / "missing.json")
+
+
+def test_strict_undefined_catches_missing_view_fields(results: dict) -> None:
+    view = build_report_view(results)
+    del view["summary"]["keep"]
+    template = render.environment().get_template("report.html.j2")
+    with pytest.raises(jinja2.UndefinedError):
+        template.render(v=view)
+    assert render.environment().undefined is jinja2.StrictUndefined
+    assert render.environment().autoescape is True
