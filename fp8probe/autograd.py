@@ -449,7 +449,9 @@ class MatMul8bitLt(torch.autograd.Function):
     Backward: grad_A = grad · deq(CB) (gradient not quantised); grad_B by default is the correct
     column-wise product ``(Qcol(grad)ᵀ·Qcol(A)) ⊙ (colmax_grad ⊗ colmax_A)/127²`` plus the outlier
     columns in A's precision; ``compat="bnb"`` reproduces bitsandbytes' row-quantised gradient with
-    column scales (Q10), its fp16 activation/weight cast and its ``B.grad is None`` caching (Q11).
+    column scales (Q10), its fp16 activation/weight cast and its ``B.grad is None`` caching (Q11),
+    and passes ``compat`` to the int8 ops (bnb's CPU dequant constant, Q9), so that with
+    ``is_training=False`` the forward equals bnb 0.49.2's CPU ``bnb.matmul`` bit for bit.
     The CUDA algorithm is used on every device (bitsandbytes' CPU MatMul8bitFp is not, Q12).
     """
 
@@ -492,9 +494,10 @@ class MatMul8bitLt(torch.autograd.Function):
         if threshold > 0.0:
             state.idx = outlier_cols
         if has_outliers:
-            output, subA = F.int8_mixed_scaled_mm(A2, CA, state.CB, SCA, state.SCB, outlier_cols, bias_c)
+            output, subA = F.int8_mixed_scaled_mm(A2, CA, state.CB, SCA, state.SCB, outlier_cols, bias_c,
+                                                   compat=compat)
         else:
-            output = F.int8_scaled_mm(CA, state.CB, SCA, state.SCB, bias_c, dtype=A.dtype)
+            output = F.int8_scaled_mm(CA, state.CB, SCA, state.SCB, bias_c, dtype=A.dtype, compat=compat)
             subA = None
         ctx.state, ctx.compat = state, compat
         ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
@@ -523,7 +526,7 @@ class MatMul8bitLt(torch.autograd.Function):
                 # Q10: the ROW-quantised gradient Cg is rescaled with the COLUMN statistics.
                 Cg, _, _, Sg_col, _ = F.int8_double_quant(grad2.to(torch.float16), _NO_THRESHOLD, compat=compat)
                 grad_B = F.int8_scaled_mm(Cg.t().contiguous(), CAt.t().contiguous(), Sg_col, ctx.SCAt,
-                                          dtype=torch.float16)
+                                          dtype=torch.float16, compat=compat)
                 if idx is not None:
                     grad_B[:, idx] += torch.matmul(grad2.to(subA.dtype).t(), subA).to(torch.float16)
             else:
@@ -576,7 +579,7 @@ class SwitchBackBnb(torch.autograd.Function):
         has_outliers = threshold > 0.0 and outlier_cols is not None and outlier_cols.numel() > 0
         C32 = F.int8_linear_matmul(CA, state.CB)
         output = F.int8_mm_dequant(C32, SCA, state.SCB, bias=None if bias is None else bias.to(A.dtype),
-                                   dtype=A.dtype)
+                                   dtype=A.dtype, compat=compat)
         if threshold > 0.0:
             state.idx = outlier_cols
         if has_outliers:
