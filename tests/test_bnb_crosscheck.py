@@ -101,3 +101,17 @@ def test_int8_matmul_and_dequant_equal_live_bnb(with_bias: bool) -> None:
     y = F.int8_mm_dequant(acc, SCA, SCB, bias=bias, compat="bnb")
     assert y.dtype == y_b.dtype
     assert torch.equal(y, y_b)
+
+
+def test_fp16_dequant_rounding_equals_live_bnb_in_subnormal_range() -> None:
+    """bnb's C++ fp16 output rounds half away from zero, also on the fp16 subnormal grid (SPEC §4.3)."""
+    from bitsandbytes.functional import QuantState as BnbState
+
+    code = F.get_codebook("linear")
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 256, (16 * 4096,), generator=g, dtype=torch.uint8)
+    absmax = torch.rand(16, generator=g) * 2.0**-12  # products span fp16 subnormals and tiny normals
+    y_b = bnb_F.dequantize_blockwise(q, BnbState(absmax=absmax, code=code.clone(), blocksize=4096, dtype=torch.float16))
+    y = F.dequantize_blockwise(q, F.QuantState(absmax=absmax, code=code, blocksize=4096, dtype=torch.float16,
+                                               compat="bnb"))
+    assert torch.equal(y.float().view(torch.int32), y_b.float().view(torch.int32))
