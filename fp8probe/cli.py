@@ -222,6 +222,92 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     ctx.exit(1)
 
 
+def _sweep_options(func):
+    """The model/input options of `analyze` (same names, same meaning), shared by both sweep commands."""
+    options = [
+        click.argument("model", type=str),
+        click.option("--inputs", type=click.Path(dir_okay=False), default=None,
+                     help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches"),
+        click.option("--factory", default=None,
+                     help="module:function or file.py:function building the model for a state_dict"),
+        click.option("--trust-pickle", is_flag=True, help="allow loading a pickled nn.Module (runs arbitrary code)"),
+        click.option("--loss", "loss_spec", default=None,
+                     help="module:function called as fn(output, batch) -> scalar loss"),
+        click.option("--layers", default=None, help="regular expression on module paths: sweep only matching layers"),
+        click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+                     help="output directory (default reports/<name>-<command>/)"),
+        click.option("--name", default=None, help="run name (default: the model file's stem)"),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+    return func
+
+
+def _parse_list(text: str, cast: type, what: str) -> list:
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageFailure(f"--{what} must be a comma-separated list of numbers, got {text!r}") from None
+
+
+def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory: str | None, trust_pickle: bool,
+               loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
+               out_dir: str | None, name: str | None) -> None:
+    from pathlib import Path
+
+    from fp8probe.analysis.loading import LoadError, load_inputs, load_model
+    from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
+    from fp8probe.report.render import render_report
+
+    run_name = name or Path(model.split(":")[0]).stem or kind
+    out = Path(out_dir) if out_dir else Path("reports") / f"{run_name}-{kind}"
+    fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
+    try:
+        loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
+        batch_list = load_inputs(inputs) if inputs else None
+        results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device, seed=seed,
+                     loss=loss_spec, name=run_name, model_desc=loaded.description,
+                     inputs_desc=inputs or "example inputs / factory batches")
+    except (LoadError, ValueError, TypeError) as exc:
+        raise UsageFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    paths = results.save(out)
+    html = render_report(results.to_json(), out / "index.html")
+    table = results.tables["blocksize_sweep" if kind == "sweep-blocksize" else "threshold_sweep"]
+    rec = table[table["recommended"]]
+    if kind == "sweep-blocksize":
+        rec = rec[rec["target"] == "fprop"]
+        click.echo(f"{'layer':<40} {'recommended':>11} {'fprop SQNR dB':>13}")
+        for r in rec.to_dict("records"):
+            click.echo(f"{r['layer'][:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>13.2f}")
+    else:
+        click.echo(f"{'layer':<40} {'recommended':>11} {'fprop SQNR dB':>13} {'16-bit cols':>11}")
+        for r in rec.to_dict("records"):
+            click.echo(f"{r['layer'][:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
+                       f"{100 * r['frac_cols_16bit']:>10.1f}%")
+    click.echo(f"rule: {next(iter(results.metadata['recommendations'].values()))}")
+    click.echo(f"results: {paths['json']}; report: {html}")
+
+
+@cli.command("sweep-blocksize")
+@_sweep_options
+@click.option("--blocksizes", default="32,64,128,256,512,1024,2048,4096", show_default=True,
+              help="comma-separated block sizes (elements per fp32 absmax)")
+def sweep_blocksize_cmd(blocksizes: str, **kwargs: object) -> None:
+    """Blockwise FP8 (bnb-e4m3 A/W, bnb-e5m2 G) error per layer x block size, scale overhead, recommended size."""
+    _run_sweep("sweep-blocksize", values=_parse_list(blocksizes, int, "blocksizes"), **kwargs)  # type: ignore[arg-type]
+
+
+@cli.command("sweep-threshold")
+@_sweep_options
+@click.option("--thresholds", default="0,1,2,3,4,5,6,8", show_default=True,
+              help="comma-separated LLM.int8 outlier thresholds (0 = no outlier decomposition)")
+def sweep_threshold_cmd(thresholds: str, **kwargs: object) -> None:
+    """LLM.int8() fprop error vs outlier threshold per layer, fraction of 16-bit columns, recommended knee."""
+    _run_sweep("sweep-threshold", values=_parse_list(thresholds, float, "thresholds"), **kwargs)  # type: ignore[arg-type]
+
 def merge_sweeps_into(results: dict, *sweeps: dict) -> dict:
     """One results dict carrying the analyze tables plus the sweep tables (and their rules), for one report."""
     merged = {**results, "metadata": dict(results["metadata"]), "tables": dict(results["tables"])}

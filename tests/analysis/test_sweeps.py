@@ -1,0 +1,164 @@
+"""Block-size and threshold sweeps: recommendation rules, overhead, auto pick, monotone 16-bit columns."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fp8probe.analysis.sweeps import (BLOCKSIZE_TOLERANCE_DB, MAX_FRAC_COLS_16BIT, THRESHOLD_TOLERANCE_DB,
+                                      overhead_bits, recommend_blocksize, recommend_threshold, sweep_blocksize,
+                                      sweep_threshold)
+from fp8probe.autograd import get_block_sizes
+
+IN, HID, OUT = 64, 48, 24
+PLANTED_COL = 7
+PLANTED_MAG = 20.0
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(1234)
+    return nn.Sequential(nn.Linear(IN, HID), nn.GELU(), nn.Linear(HID, OUT)).eval()
+
+
+def _inputs(seed: int = 5) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(2):
+        x = torch.randn(4, 16, IN, generator=gen)
+        # one LLM.int8-style outlier feature: |x| in [15, 25] for every token, all others |x| < 6
+        x[..., PLANTED_COL] = PLANTED_MAG + 5 * (2 * torch.rand(4, 16, generator=gen) - 1)
+        batches.append(x)
+    return batches
+
+
+@pytest.fixture(scope="module")
+def bs_table():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = sweep_blocksize(model, _inputs(), blocksizes=(32, 64, 256, 1024))
+    for k, v in model.state_dict().items():  # the sweep never touches the caller's model
+        assert torch.equal(v, before[k])
+    assert res.kind == "sweep-blocksize"
+    return res.tables["blocksize_sweep"], res
+
+
+@pytest.fixture(scope="module")
+def th_table():
+    res = sweep_threshold(_model(), _inputs(), thresholds=(0, 1, 2, 3, 4, 6, 8, 30))
+    assert res.kind == "sweep-threshold"
+    return res.tables["threshold_sweep"], res
+
+
+def test_overhead_is_32_over_blocksize(bs_table) -> None:
+    table, _ = bs_table
+    for r in table.to_dict("records"):
+        assert r["overhead_bits"] == 32 / r["blocksize"]
+    assert overhead_bits(64) == 0.5
+    with pytest.raises(ValueError, match="positive int"):
+        overhead_bits(0)
+
+
+def test_every_layer_target_and_blocksize_present(bs_table) -> None:
+    table, res = bs_table
+    assert set(table["layer"]) == {"0", "2"}
+    assert set(table["target"]) == {"activation", "weight", "grad_output", "fprop", "dgrad", "wgrad"}
+    assert len(table) == 2 * 4 * 6
+    assert set(res.tables["layers"]["layer"]) == {"0", "2"}
+    assert "blocksize_sweep" in res.metadata["recommendations"]
+
+
+def test_recommended_blocksize_follows_the_rule(bs_table) -> None:
+    table, _ = bs_table
+    for layer, g in table[table["target"] == "fprop"].groupby("layer"):
+        sq = dict(zip(g["blocksize"], g["sqnr_db"]))
+        best = max(sq.values())
+        expected = max(bs for bs, s in sq.items() if s >= best - BLOCKSIZE_TOLERANCE_DB)
+        rec = set(table[(table["layer"] == layer) & table["recommended"]]["blocksize"])
+        assert rec == {expected}, layer  # one block size, flagged on every target row of it
+
+
+def test_recommend_blocksize_unit() -> None:
+    assert recommend_blocksize({32: 30.0, 64: 29.8, 128: 29.4, 256: 28.0}) == 64
+    assert recommend_blocksize({32: 30.0, 64: 29.8, 128: 29.4}, tolerance_db=1.0) == 128
+    assert recommend_blocksize({32: math.nan, 64: 25.0}) == 64
+    assert recommend_blocksize({32: math.inf, 64: math.inf, 128: 40.0}) == 64
+    assert recommend_blocksize({32: math.nan}) is None
+
+
+def test_auto_flag_is_get_block_sizes(bs_table) -> None:
+    table, _ = bs_table
+    shapes = {"0": (IN, HID), "2": (HID, OUT)}
+    for layer, (fin, fout) in shapes.items():
+        bsz, bsz2 = get_block_sizes(fin, fout)
+        rows = table[(table["layer"] == layer) & table["auto"]]
+        for r in rows.to_dict("records"):
+            want = bsz if r["target"] in ("activation", "weight", "fprop") else bsz2
+            assert r["blocksize"] == want
+        # every target of a swept auto size is flagged (64 is swept; bsz2=64 for both layers)
+        assert len(rows) == 6
+
+
+def test_blockwise_sqnr_floor_and_trend(bs_table) -> None:
+    table, _ = bs_table
+    fp = table[table["target"] == "fprop"]
+    # bnb-e4m3 keeps 3 mantissa bits: ~30 dB per operand; the planted column costs layer 0 a few dB
+    # at large blocks because it sets the absmax of every block it falls in.
+    assert (fp["sqnr_db"] > 20.0).all()
+    l0 = dict(zip(fp[fp["layer"] == "0"]["blocksize"], fp[fp["layer"] == "0"]["sqnr_db"]))
+    assert l0[32] > l0[1024]
+
+
+def test_threshold_frac_cols_monotone_and_planted_column_found(th_table) -> None:
+    table, _ = th_table
+    for layer, g in table.groupby("layer"):
+        g = g.sort_values("threshold")
+        pos = g[g["threshold"] > 0]["frac_cols_16bit"].tolist()
+        assert all(a >= b for a, b in zip(pos, pos[1:])), (layer, pos)
+        assert g[g["threshold"] == 0]["frac_cols_16bit"].item() == 0.0
+    l0 = table[table["layer"] == "0"].set_index("threshold")
+    # exactly the planted column is an outlier at thresholds 6 and 8 (randn never reaches 6 here)
+    assert l0.loc[6.0, "frac_cols_16bit"] == pytest.approx(1 / IN)
+    assert l0.loc[8.0, "frac_cols_16bit"] == pytest.approx(1 / IN)
+    assert l0.loc[30.0, "frac_cols_16bit"] == 0.0
+    # decomposing the planted column buys real accuracy over plain int8 (threshold 0)
+    assert l0.loc[6.0, "fprop_sqnr_db"] > l0.loc[0.0, "fprop_sqnr_db"] + 3.0
+
+
+def test_recommended_threshold_follows_the_rule(th_table) -> None:
+    table, _ = th_table
+    for layer, g in table.groupby("layer"):
+        pts = {r["threshold"]: (r["fprop_sqnr_db"], r["frac_cols_16bit"]) for r in g.to_dict("records")}
+        rec = g[g["recommended"]]["threshold"].tolist()
+        assert rec == [recommend_threshold(pts)], layer
+    l0 = table[(table["layer"] == "0") & table["recommended"]]
+    assert l0["threshold"].item() == 8.0  # the largest threshold still catching the planted column
+
+
+def test_recommend_threshold_unit() -> None:
+    # within 1 dB: 4 and 6 tie on accuracy; 6 keeps fewer columns
+    pts = {0.0: (30.0, 0.0), 1.0: (45.0, 0.5), 4.0: (44.5, 0.05), 6.0: (44.2, 0.02), 8.0: (35.0, 0.0)}
+    assert recommend_threshold(pts) == 6.0
+    # 1.0 is best but over the 10 % column budget, so it does not set the bar
+    assert recommend_threshold({0.0: (40.0, 0.0), 1.0: (48.0, 0.5), 6.0: (40.2, 0.0)}) == 6.0
+    # nothing gained by decomposing: larger positive threshold wins the tie, 0 only if alone
+    assert recommend_threshold({0.0: (40.0, 0.0), 6.0: (40.0, 0.0), 8.0: (40.0, 0.0)}) == 8.0
+    assert recommend_threshold({0.0: (40.0, 0.0)}) == 0.0
+    assert recommend_threshold({0.0: (math.nan, 0.0)}) is None
+    assert THRESHOLD_TOLERANCE_DB == 1.0 and MAX_FRAC_COLS_16BIT == 0.10
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"blocksizes": (0,)}, "positive ints"),
+    ({"blocksizes": ()}, "at least one"),
+])
+def test_bad_blocksizes(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        sweep_blocksize(_model(), _inputs(), **kwargs)
+
+
+@pytest.mark.parametrize("thresholds", [(-1.0,), (math.inf,)])
+def test_bad_thresholds(thresholds) -> None:
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        sweep_threshold(_model(), _inputs(), thresholds=thresholds)
