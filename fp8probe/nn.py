@@ -99,6 +99,8 @@ class _Int8Linear(nn.Linear):
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features} and {out_features}")
         if float(threshold) < 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
+        if compat not in (None, "bnb"):
+            raise ValueError(f"compat must be None or 'bnb', got {compat!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.index = index
         self.compat = compat

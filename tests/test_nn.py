@@ -173,6 +173,10 @@ def test_linear8bitlt_threshold_records_outliers() -> None:
     assert layer.state.idx.tolist() == [5]
     with pytest.raises(ValueError, match="threshold"):
         Linear8bitLt(4, 4, threshold=-1.0)
+    with pytest.raises(ValueError, match="compat"):
+        SwitchBackLinear(4, 4, compat="cuda")
+    with pytest.raises(ValueError, match="compat"):
+        LinearFP8Mixed(4, 4, compat="cuda")
 
 
 class _Net(nn.Module):
