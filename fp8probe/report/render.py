@@ -94,7 +94,7 @@ def cell(value: Any, fmt: str = "{:.2f}", cls: str = "") -> dict:
         if math.isinf(v):
             return {"text": "∞" if v > 0 else "−∞", "sort": 1e308 if v > 0 else -1e308, "cls": cls}
         return {"text": fmt.format(v), "sort": v, "cls": cls}
-    return {"text": str(value), "sort": None, "cls": cls}
+    return {"text": str(value), "sort": None, "cls": cls or "txt"}
 
 
 def _sqnr_cell(value: Any, limit: float) -> dict:

@@ -128,3 +128,19 @@ def test_strict_undefined_catches_missing_view_fields(results: dict) -> None:
         template.render(v=view)
     assert render.environment().undefined is jinja2.StrictUndefined
     assert render.environment().autoescape is True
+
+
+def test_real_pipeline_results_render(tmp_path: Path) -> None:
+    """results_demo_small.json was written by the real pipeline (`fp8probe demo --small`: analyze with
+    every strategy + both sweeps merged), so the report is checked against what analysis emits."""
+    data = load_results(DATA.parent / "results_demo_small.json")
+    html = render_report(data, tmp_path / "demo.html").read_text(encoding="utf-8")
+    for r in data["tables"]["layers"]:
+        assert r["layer"] in html
+    for s in data["metadata"]["strategies"]:
+        assert f"<h3>{s}</h3>" in html
+    for rule in data["metadata"]["recommendations"].values():
+        assert str(markupsafe.escape(rule)) in html
+    imgs = re.findall(r'<img src="([^"]+)"', html)
+    assert len(imgs) == 5 and all(i.startswith("data:image/png;base64,") for i in imgs)
+    assert "http" not in html
