@@ -1,16 +1,21 @@
-"""The CUDA kernel sources compiled as host C++ (one-thread emulation) agree bit for bit with the reference.
+"""The CUDA kernel sources, compiled as host C++ under a small CUDA emulator, agree bit for bit with the reference.
 
-No GPU is needed: a small shim maps the CUDA intrinsics the kernels use (`__fmul_rn`, `__frcp_rn`,
-`__float_as_uint`, ...) to IEEE float32 host arithmetic (g++ without fast-math, FMA contraction off),
-and every kernel that is correct with one thread per block (all grid-stride kernels, the row and tile
-reductions) is run block by block. This checks the numerics of the .cu files themselves: the bit-level
-fp16/bf16/fp8 conversions (exhaustively where feasible), the even-index search and each kernel's
-float32 operation order. Not covered here (GPU only, tests/test_cuda_backend.py): the fused
-multi-thread blockwise kernel, warp shuffles, the tiled int8 GEMM and the launch plumbing.
+No GPU is needed. A shim maps the CUDA features the kernels use to host C++: float intrinsics
+(`__fmul_rn`, `__frcp_rn`, ...) to IEEE float32 arithmetic (g++ without fast-math, FMA contraction
+off), every CUDA thread of a block to a cooperative fiber (ucontext), `__syncthreads` to a block
+barrier, warp shuffles to a per-warp exchange between barriers. Blocks run one after another. The real launchers of
+fp8probe/backends/cuda.py then run on CPU tensors with their `_launch` replaced by the emulator, which
+also checks each argument against the kernel's C++ signature (pointer / integer / float and byte size)
+the way cuLaunchKernel cannot. So this covers the kernels' numerics (bit-level fp16/bf16/fp8
+conversions exhaustively where feasible, the even-index search, each float32 operation order), their
+reductions and index arithmetic, and the launchers' grids and argument lists. Not covered (GPU only,
+tests/test_cuda_backend.py): real warp scheduling/memory ordering, DLPack/stream plumbing, NVRTC
+code generation, and torch._int_mm on CUDA.
 """
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 
@@ -18,17 +23,26 @@ import numpy as np
 import pytest
 import torch
 
+from fp8probe.backends import cuda as cuda_backend
 from fp8probe.backends import reference as ref
-from fp8probe.formats import INV_127, INV_127_SQ, get_codebook
-from fp8probe.kernels import kernel_source
+from fp8probe.formats import get_codebook
+from fp8probe.kernels import KERNELS, kernel_source
 
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a host C++ compiler")
 
-SHIM = r"""
+NAMESPACES = {"codebook_quant": "kc", "int8": "ki", "scaled_cast": "ks"}
+TYPES = {"float": torch.float32, "half_t": torch.float16, "bf16_t": torch.bfloat16}
+
+EMULATOR = r"""
+#include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <algorithm>
+#include <functional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+#include <ucontext.h>
 struct dim3_t { unsigned x, y, z; };
 static dim3_t threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 #define __global__
@@ -36,7 +50,38 @@ static dim3_t threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1},
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
-static inline void __syncthreads() {}
+
+// CUDA threads are cooperative fibers in one OS thread: a fiber runs until it waits at a barrier,
+// then the scheduler resumes the next one (round robin). Deterministic and cheap.
+struct Fiber { ucontext_t ctx; dim3_t idx; bool done; std::vector<char> stack; };
+struct Barrier { unsigned expected = 0, count = 0, gen = 0; };
+static ucontext_t g_sched;
+static std::vector<Fiber> g_fibers;
+static Fiber* g_current = nullptr;
+static std::function<void()> g_body;
+static Barrier g_block_barrier, g_warp_barrier[32];
+static unsigned long long g_shfl[1024];
+static void fiber_entry() { g_body(); g_current->done = true; swapcontext(&g_current->ctx, &g_sched); }
+static void barrier_wait(Barrier& b) {
+    const unsigned gen = b.gen;
+    if (++b.count == b.expected) { b.count = 0; ++b.gen; return; }
+    while (b.gen == gen) swapcontext(&g_current->ctx, &g_sched);
+}
+static inline void __syncthreads() { barrier_wait(g_block_barrier); }
+template <class T> static inline T __shfl_xor_sync(unsigned, T v, int off) {
+    const unsigned t = threadIdx.x + blockDim.x * threadIdx.y, w = t >> 5, lane = t & 31u;
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    g_shfl[t] = bits;
+    barrier_wait(g_warp_barrier[w]);
+    bits = g_shfl[(w << 5) | (lane ^ (unsigned)off)];
+    barrier_wait(g_warp_barrier[w]);
+    T r;
+    std::memcpy(&r, &bits, sizeof(T));
+    return r;
+}
+static inline unsigned atomicMax(unsigned* a, unsigned v) { unsigned o = *a; if (v > o) *a = v; return o; }
+static inline int atomicOr(int* a, int v) { int o = *a; *a = o | v; return o; }
 static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
@@ -44,19 +89,67 @@ static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __frcp_rn(float a) { return 1.0f / a; }
 static inline float __int2float_rn(int i) { return (float)i; }
-template <class T> static inline T __shfl_xor_sync(unsigned, T v, int) { return v; }
-static inline unsigned atomicMax(unsigned* a, unsigned v) { unsigned o = *a; if (v > o) *a = v; return o; }
-static inline int atomicOr(int* a, int v) { int o = *a; *a = o | v; return o; }
 using std::min;
 using std::max;
-template <class F> static void run_grid(unsigned gx, unsigned gy, F f) {
-    blockDim = {1, 1, 1}; gridDim = {gx, gy, 1}; threadIdx = {0, 0, 0};
-    for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) { blockIdx = {x, y, 0}; f(); }
+
+// Run f once per CUDA thread of every block; blocks run one after another. Returns 0, or 1 when the
+// threads of a block deadlock (some wait at a barrier the others never reach).
+template <class F> static int emulate(unsigned gx, unsigned gy, unsigned bx, unsigned by, F f) {
+    gridDim = {gx, gy, 1};
+    blockDim = {bx, by, 1};
+    const unsigned nt = bx * by;
+    g_body = f;
+    g_fibers.resize(nt);
+    for (auto& fb : g_fibers) fb.stack.resize(1 << 16);
+    for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
+        blockIdx = {x, y, 0};
+        g_block_barrier = Barrier{nt, 0, 0};
+        for (unsigned w = 0; w * 32 < nt; ++w) g_warp_barrier[w] = Barrier{std::min(32u, nt - w * 32), 0, 0};
+        for (unsigned t = 0; t < nt; ++t) {
+            Fiber& fb = g_fibers[t];
+            fb.idx = {t % bx, t / bx, 0};
+            fb.done = false;
+            getcontext(&fb.ctx);
+            fb.ctx.uc_stack.ss_sp = fb.stack.data();
+            fb.ctx.uc_stack.ss_size = fb.stack.size();
+            fb.ctx.uc_link = nullptr;
+            makecontext(&fb.ctx, fiber_entry, 0);
+        }
+        for (long rounds = 0;; ++rounds) {
+            bool alive = false;
+            for (auto& fb : g_fibers) {
+                if (fb.done) continue;
+                alive = true;
+                g_current = &fb;
+                threadIdx = fb.idx;
+                swapcontext(&g_sched, &fb.ctx);
+            }
+            if (!alive) break;
+            if (rounds > 10000000) return 1;
+        }
+    }
+    return 0;
+}
+
+// cuLaunchKernel-style: args[i] points at the i-th argument's value.
+template <class... P, std::size_t... I>
+static void call_with(void (*k)(P...), void** args, std::index_sequence<I...>) {
+    k(*static_cast<std::remove_cv_t<std::remove_reference_t<P>>*>(args[I])...);
+}
+template <class... P>
+static int launch(void (*k)(P...), unsigned gx, unsigned gy, unsigned bx, unsigned by, void** args) {
+    return emulate(gx, gy, bx, by, [=] { call_with(k, args, std::index_sequence_for<P...>{}); });
+}
+template <class... P> static int signature(void (*)(P...), char* kinds, int* sizes) {
+    int i = 0;
+    ((kinds[i] = std::is_pointer_v<P> ? 'p' : (std::is_floating_point_v<P> ? 'f' : 'i'),
+      sizes[i] = (int)sizeof(P), ++i), ...);
+    return i;
 }
 """
 
-# extern "C" entry points: scalar helpers over arrays, and kernels run on a 1-thread-per-block grid
-WRAPPERS = r"""
+# extern "C" entry points for the scalar device helpers, applied over arrays (no threads needed)
+HELPERS = r"""
 typedef unsigned short u16; typedef unsigned char u8; typedef long long ll;
 extern "C" {
 void h_half_to_float(const u16* in, float* out, ll n) { for (ll i = 0; i < n; ++i) out[i] = kc::half_bits_to_float(in[i]); }
@@ -68,58 +161,89 @@ void h_fp8_to_float(const u8* in, float* out, ll n, int fmt) {
     for (ll i = 0; i < n; ++i) out[i] = fmt == 0 ? ks::e4m3_to_float(in[i]) : ks::e5m2_to_float(in[i]); }
 void h_search_even(const float* code, const float* x, int* out, ll n) { for (ll i = 0; i < n; ++i) out[i] = kc::search_even(code, x[i]); }
 void h_round_int8(const float* in, signed char* out, ll n) { for (ll i = 0; i < n; ++i) out[i] = ki::round_to_int8(in[i]); }
-"""
-
-TYPES = {"float": torch.float32, "half_t": torch.float16, "bf16_t": torch.bfloat16}
-TYPED = r"""
-void h_absmax_global_{t}(const void* A, float* absmax, ll n) {{
-    run_grid(1, 1, [&] {{ kc::absmax_global<{tc}>((const {tc}*)A, absmax, n); }}); }}
-void h_quantize_with_absmax_{t}(const void* A, const float* code, const float* absmax, u8* q, ll n, ll bs) {{
-    run_grid(1, 1, [&] {{ kc::quantize_with_absmax<{tc}>((const {tc}*)A, code, absmax, q, n, bs); }}); }}
-void h_dequantize_blockwise_{t}(const u8* q, const float* code, const float* absmax, void* out, ll n, ll bs) {{
-    run_grid(1, 1, [&] {{ kc::dequantize_blockwise<{tc}>(q, code, absmax, ({tc}*)out, n, bs); }}); }}
-void h_int8_vectorwise_quant_{t}(const void* A, signed char* q, float* rs, int* flags, ll rows, ll cols, float thr, int nanp) {{
-    run_grid((unsigned)rows, 1, [&] {{ ki::int8_vectorwise_quant<{ti}>((const {ti}*)A, q, rs, flags, rows, cols, thr, nanp); }}); }}
-void h_int8_col_stats_{t}(const void* A, float* cs, ll rows, ll cols, float thr, int nanp) {{
-    run_grid((unsigned)cols, 1, [&] {{ ki::int8_col_stats<{ti}>((const {ti}*)A, cs, rows, cols, thr, nanp); }}); }}
-void h_int8_col_quant_{t}(const void* A, const float* cs, signed char* q, ll rows, ll cols, float thr) {{
-    run_grid(1, 1, [&] {{ ki::int8_col_quant<{ti}>((const {ti}*)A, cs, q, rows, cols, thr); }}); }}
-void h_int8_mm_dequant_{t}(const int* C, const float* r, const float* c, const float* b, void* out, ll rows, ll cols, float k, int hb) {{
-    run_grid(1, 1, [&] {{ ki::int8_mm_dequant<{ti}>(C, r, c, b, ({ti}*)out, rows, cols, k, hb); }}); }}
-void h_amax_tiles_{t}(const void* x, float* amax, ll rows, ll cols, ll tr, ll tc, ll ntiles, int fo) {{
-    run_grid((unsigned)ntiles, 1, [&] {{ ks::amax_tiles<{ts}>((const {ts}*)x, amax, rows, cols, tr, tc, fo); }}); }}
-void h_cast_to_fp8_{t}(const void* x, const float* s, u8* d, ll rows, ll cols, ll tr, ll tc, int fmt) {{
-    run_grid(1, 1, [&] {{ ks::cast_to_fp8<{ts}>((const {ts}*)x, s, d, rows, cols, tr, tc, fmt); }}); }}
-void h_cast_from_fp8_{t}(const u8* d, const float* s, void* out, ll rows, ll cols, ll tr, ll tc, int fmt) {{
-    run_grid(1, 1, [&] {{ ks::cast_from_fp8<{ts}>(d, s, ({ts}*)out, rows, cols, tr, tc, fmt); }}); }}
-"""
-UNTYPED = r"""
-void h_int8_zero_columns(signed char* q, const int* flags, ll rows, ll cols) {
-    run_grid(1, 1, [&] { ki::int8_zero_columns(q, flags, rows, cols); }); }
-void h_int8_vectorwise_dequant(const signed char* q, const float* s, float* out, ll rows, ll cols, float inv) {
-    run_grid(1, 1, [&] { ki::int8_vectorwise_dequant(q, s, out, rows, cols, inv); }); }
 }
 """
 
 
+def _ident(file: str, expr: str) -> str:
+    return f"{file}__" + re.sub(r"[^A-Za-z0-9]", "_", expr)
+
+
+def _qualified(file: str, expr: str) -> str:
+    ns = NAMESPACES[file]
+    name, _, targ = expr.partition("<")
+    if not targ:
+        return f"{ns}::{name}"
+    t = targ.rstrip(">")
+    return f"{ns}::{name}<{t if t == 'float' else f'{ns}::{t}'}>"
+
+
+def _launch_wrappers() -> str:
+    out = ['#line 1 "emulated_launch.cpp"', 'extern "C" {']
+    for file, exprs in KERNELS.items():
+        for expr in exprs:
+            ident, q = _ident(file, expr), _qualified(file, expr)
+            out.append(f"int launch_{ident}(unsigned gx, unsigned gy, unsigned bx, unsigned by, void** a) "
+                       f"{{ return launch(&{q}, gx, gy, bx, by, a); }}")
+            out.append(f"int sig_{ident}(char* k, int* s) {{ return signature(&{q}, k, s); }}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    src = SHIM
-    for ns, name in (("kc", "codebook_quant"), ("ki", "int8"), ("ks", "scaled_cast")):
-        src += f"namespace {ns} {{\n{kernel_source(name)}\n}}\n"
-    src += '#line 1 "host_wrappers.cpp"\n' + WRAPPERS
-    for t in TYPES:
-        q = {ns: t if t == "float" else f"{ns}::{t}" for ns in ("kc", "ki", "ks")}
-        src += TYPED.format(t=t, tc=q["kc"], ti=q["ki"], ts=q["ks"])
-    src += UNTYPED
+    src = EMULATOR
+    for file, ns in NAMESPACES.items():
+        src += f"namespace {ns} {{\n{kernel_source(file)}\n}}\n"
+    src += '#line 1 "helpers.cpp"\n' + HELPERS + _launch_wrappers()
     d = tmp_path_factory.mktemp("hostkernels")
     (d / "k.cpp").write_text(src)
     # -ffp-contract=off: no FMA contraction; no -ffast-math: IEEE float32 like the NVRTC defaults
-    cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-w", "-shared", "-fPIC",
-           str(d / "k.cpp"), "-o", str(d / "k.so")]
+    cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-w", "-shared",
+           "-fPIC", str(d / "k.cpp"), "-o", str(d / "k.so")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     return ctypes.CDLL(str(d / "k.so"))
+
+
+@pytest.fixture
+def emulated(lib, monkeypatch):
+    """Route backends/cuda.py's kernel launches to the host emulator (CPU tensors in, CPU tensors out)."""
+    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
+
+    def host_launch(file, kernel, grid, block, args, device, dtype=None):
+        expr = f"{kernel}<{cuda_backend._CUDA_TYPE[dtype]}>" if dtype is not None else kernel
+        assert expr in KERNELS[file], expr
+        ident = _ident(file, expr)
+        kinds, sizes = ctypes.create_string_buffer(32), (ctypes.c_int * 32)()
+        nparam = getattr(lib, f"sig_{ident}")(kinds, sizes)
+        assert len(args) == nparam, f"{expr}: {len(args)} arguments for {nparam} parameters"
+        holders = []
+        for i, a in enumerate(args):
+            kind, size = kinds.raw[i:i + 1].decode(), sizes[i]
+            if isinstance(a, torch.Tensor):
+                assert kind == "p", f"{expr} arg {i}: tensor for a {kind!r} parameter"
+                assert a.is_contiguous() and a.device.type == "cpu"
+                holders.append(ctypes.c_void_p(a.data_ptr()))
+            elif isinstance(a, np.floating):
+                assert kind == "f" and a.itemsize == size, f"{expr} arg {i}: {a.dtype} for f{size}"
+                holders.append(ctypes.c_float(a))
+            elif isinstance(a, np.integer):
+                assert kind == "i" and a.itemsize == size, f"{expr} arg {i}: {a.dtype} for i{size}"
+                holders.append(ctypes.c_int32(int(a)) if size == 4 else ctypes.c_int64(int(a)))
+            else:
+                raise AssertionError(f"{expr} arg {i}: untyped scalar {a!r} (CuPy would guess its C type)")
+        argv = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
+        g = (*grid, 1, 1)[:2]
+        b = (*block, 1, 1)[:2]
+        assert 0 < g[0] < 2**31 and 0 < g[1] < 2**16, grid
+        assert b[0] * b[1] <= 1024 and (b[0] * b[1]) % 32 == 0, block   # whole warps (shuffles)
+        rc = getattr(lib, f"launch_{ident}")(ctypes.c_uint(g[0]), ctypes.c_uint(g[1]), ctypes.c_uint(b[0]),
+                                             ctypes.c_uint(b[1]), argv)
+        assert rc == 0, f"{expr}: threads deadlocked at a barrier"
+
+    monkeypatch.setattr(cuda_backend, "_launch", host_launch)
+    return cuda_backend
 
 
 def _p(t: torch.Tensor) -> ctypes.c_void_p:
@@ -132,17 +256,11 @@ def _call(lib, name: str, *args) -> None:
     for a in args:
         if isinstance(a, torch.Tensor):
             conv.append(_p(a))
-        elif isinstance(a, float):
-            conv.append(ctypes.c_float(a))
         elif isinstance(a, np.int32):
             conv.append(ctypes.c_int(int(a)))
         else:
             conv.append(ctypes.c_longlong(a))
     getattr(lib, name)(*conv)
-
-
-def _ctype(dtype: torch.dtype) -> str:
-    return {v: k for k, v in TYPES.items()}[dtype]
 
 
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -227,126 +345,122 @@ def test_search_even_matches_reference(lib, name) -> None:
     assert_bitwise_equal(out.long(), ref.search_even(code, x).long())
 
 
-# ----------------------------------------------------------------------------- kernels
-def _data(shape, dtype, seed, specials=True) -> torch.Tensor:
-    from test_cuda_backend import sample
-    return sample(shape, dtype, seed, specials=specials, code=get_codebook("bnb-e4m3")).contiguous()
+# ----------------------------------------------------------------------------- kernels via the launchers
+DTYPES = tuple(TYPES.values())
 
 
-@pytest.mark.parametrize("dtype", list(TYPES.values()))
-@pytest.mark.parametrize("shape", ((7,), (1000,), (33, 77)))
-def test_global_quantize_and_dequantize_kernels(lib, dtype, shape) -> None:
-    t = _ctype(dtype)
-    code = get_codebook("bnb-e4m3").contiguous()
-    A = _data(shape, dtype, seed=21)
-    n = A.numel()
-    absmax = torch.zeros(1)
-    _call(lib, f"h_absmax_global_{t}", A.view(torch.int16) if dtype.itemsize == 2 else A, absmax, n)
-    q = torch.empty(shape, dtype=torch.uint8)
-    _call(lib, f"h_quantize_with_absmax_{t}", A.view(torch.int16) if dtype.itemsize == 2 else A,
-          code, absmax, q, n, n)
-    want_q, want_absmax, si, sv = ref.quantize_global(A, code, "")
-    assert_bitwise_equal(absmax, want_absmax)
-    assert_bitwise_equal(q, want_q)
-    for out_dtype in TYPES.values():
-        out = torch.empty(shape, dtype=out_dtype)
-        _call(lib, f"h_dequantize_blockwise_{_ctype(out_dtype)}", q, code, absmax, out, n, n)
-        want = ref.dequantize_blockwise(q, absmax, code, n, out_dtype, si[:0], sv[:0], "")
-        assert_bitwise_equal(out, want)
+def _sample(shape, dtype, seed, *, specials=True, code=None) -> torch.Tensor:
+    from test_cuda_backend import sample  # the GPU test's data generator: same cases on both
+    return sample(shape, dtype, seed, specials=specials, code=code)
 
 
-@pytest.mark.parametrize("dtype", list(TYPES.values()))
-@pytest.mark.parametrize("blocksize", (32, 256))
-def test_blockwise_search_with_reference_absmax(lib, dtype, blocksize) -> None:
-    # the fused kernel needs real threads; its per-element math is quantize_with_absmax's
-    code = get_codebook("dynamic").contiguous()
-    A = _data((3000,), dtype, seed=blocksize)
-    want_q, absmax, _, _ = ref.quantize_blockwise(A, code, blocksize, "")
-    q = torch.empty(A.shape, dtype=torch.uint8)
-    _call(lib, f"h_quantize_with_absmax_{_ctype(dtype)}", A.view(torch.int16) if dtype.itemsize == 2 else A,
-          code, absmax, q, A.numel(), blocksize)
-    assert_bitwise_equal(q, want_q)
-
-
-def _int8_input(shape, dtype, seed) -> torch.Tensor:
+def _int8_sample(shape, dtype, seed) -> torch.Tensor:
     from test_cuda_backend import int8_sample
-    return int8_sample(shape, dtype, seed).contiguous()
+    return int8_sample(shape, dtype, seed)
 
 
-@pytest.mark.parametrize("dtype", list(TYPES.values()))
-@pytest.mark.parametrize("shape", ((7, 130), (1, 1000), (3, 5, 64)))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", (32, 64, 256, 4096))
+@pytest.mark.parametrize("shape", ((1000,), (33, 77)))
+@pytest.mark.parametrize("code_name", ("dynamic", "bnb-e4m3"))
+def test_blockwise_kernels(emulated, dtype, blocksize, shape, code_name) -> None:
+    code = get_codebook(code_name)
+    A = _sample(shape, dtype, seed=blocksize + len(shape), code=code)
+    got = emulated.quantize_blockwise(A, code, blocksize, "")
+    want = ref.quantize_blockwise(A, code, blocksize, "")
+    for g, w in zip(got, want):
+        assert_bitwise_equal(g, w)
+    q, absmax, si, sv = got
+    out_dtype = DTYPES[(blocksize // 32) % 3]            # every output dtype across the grid
+    assert_bitwise_equal(emulated.dequantize_blockwise(q, absmax, code, blocksize, out_dtype, si, sv, ""),
+                         ref.dequantize_blockwise(q, absmax, code, blocksize, out_dtype, si, sv, ""))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blockwise_special_blocks(emulated, dtype) -> None:
+    code = get_codebook("bnb-e4m3")
+    A = _sample((64 * 6,), torch.float32, seed=3, specials=False)
+    A[0:64] = 0.0                         # zero block -> zero code
+    A[64:128] = float("nan")              # all-NaN block
+    A[128:192] = float("inf")             # all-Inf block
+    A[192] = -0.0
+    A[256:320] *= 1e-38                   # subnormal-scale block: 1/absmax overflows to Inf
+    A = A.to(dtype)
+    for g, w in zip(emulated.quantize_blockwise(A, code, 64, ""), ref.quantize_blockwise(A, code, 64, "")):
+        assert_bitwise_equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ((7,), (33, 77)))
+def test_global_kernels(emulated, dtype, shape) -> None:
+    code = get_codebook("bnb-e4m3")
+    A = _sample(shape, dtype, seed=21, code=code)
+    got = emulated.quantize_global(A, code, "")
+    for g, w in zip(got, ref.quantize_global(A, code, "")):
+        assert_bitwise_equal(g, w)
+    q, absmax, si, sv = got
+    n = A.numel()
+    assert_bitwise_equal(emulated.dequantize_blockwise(q, absmax, code, n, dtype, si, sv, ""),
+                         ref.dequantize_blockwise(q, absmax, code, n, dtype, si, sv, ""))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ((7, 130), (1, 1000), (3, 5, 64), (40,)))
 @pytest.mark.parametrize("threshold", (0.0, 2.5))
 @pytest.mark.parametrize("compat", ("", "bnb"))
-def test_int8_row_and_column_kernels(lib, dtype, shape, threshold, compat) -> None:
-    t = _ctype(dtype)
-    A = _int8_input(shape, dtype, seed=len(shape))
-    Ab = A.view(torch.int16) if dtype.itemsize == 2 else A
-    rows, cols = A.numel() // shape[-1], shape[-1]
-    q = torch.empty(shape, dtype=torch.int8)
-    rs = torch.empty(rows)
-    flags = torch.zeros(cols, dtype=torch.int32)
-    _call(lib, f"h_int8_vectorwise_quant_{t}", Ab, q, rs, flags, rows, cols, threshold, np.int32(compat == "bnb"))
-    if threshold > 0:
-        _call(lib, "h_int8_zero_columns", q, flags, rows, cols)
-    want_q, want_rs, want_cols = ref.int8_vectorwise_quant(A, threshold, compat)
-    assert_bitwise_equal(rs, want_rs)
-    assert_bitwise_equal(q, want_q)
-    assert_bitwise_equal(flags.nonzero().reshape(-1) if threshold > 0 else want_cols[:0], want_cols)
-    deq = torch.empty(shape)
-    _call(lib, "h_int8_vectorwise_dequant", q, rs, deq, rows, cols, INV_127)
-    assert_bitwise_equal(deq, ref.int8_vectorwise_dequant(q, rs))
+def test_int8_quant_kernels(emulated, dtype, shape, threshold, compat) -> None:
+    A = _int8_sample(shape, dtype, seed=len(shape))
+    got = emulated.int8_vectorwise_quant(A, threshold, compat)
+    for g, w in zip(got, ref.int8_vectorwise_quant(A, threshold, compat)):
+        assert_bitwise_equal(g, w)
+    q, stats, _ = got
+    assert_bitwise_equal(emulated.int8_vectorwise_dequant(q, stats), ref.int8_vectorwise_dequant(q, stats))
     if compat == "":
-        cs = torch.zeros(cols)
-        _call(lib, f"h_int8_col_stats_{t}", Ab, cs, rows, cols, threshold, np.int32(0))
-        qc = torch.empty(shape, dtype=torch.int8)
-        _call(lib, f"h_int8_col_quant_{t}", Ab, cs, qc, rows, cols, threshold)
-        _, want_qc, _, want_cs, _ = ref.int8_double_quant(A, threshold, "")
-        assert_bitwise_equal(cs, want_cs)
-        assert_bitwise_equal(qc, want_qc)
+        for g, w in zip(emulated.int8_double_quant(A, threshold, ""), ref.int8_double_quant(A, threshold, "")):
+            assert_bitwise_equal(g, w)
 
 
-@pytest.mark.parametrize("dtype", list(TYPES.values()))
+@pytest.mark.parametrize("mkn", ((1, 1, 1), (5, 3, 7), (33, 100, 9), (20, 37, 40), ((2, 3, 5), 17, 6)))
+def test_int8_matmul_kernel(emulated, mkn) -> None:
+    m, k, n = mkn
+    lead = m if isinstance(m, tuple) else (m,)
+    g = torch.Generator().manual_seed(k * 31 + n)
+    A = torch.randint(-128, 128, (*lead, k), generator=g, dtype=torch.int8)
+    B = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    A.view(-1, k)[0] = -128                                 # extreme products
+    B[0] = -128
+    want = (A.reshape(-1, k).long() @ B.long().t()).reshape(*lead, n).to(torch.int32)
+    assert_bitwise_equal(emulated.int8_linear_matmul(A, B), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias_dtype", (None, torch.float16, torch.float32))
-def test_int8_mm_dequant_kernel(lib, dtype, bias_dtype) -> None:
+def test_int8_mm_dequant_kernel(emulated, dtype, bias_dtype) -> None:
     g = torch.Generator().manual_seed(13)
     C = torch.randint(-(2**31), 2**31 - 1, (2, 7, 64), generator=g, dtype=torch.int32)
     row = torch.rand(14, generator=g) * 10
     col = torch.rand(64, generator=g) * 10
     row[0] = 0.0
     bias = None if bias_dtype is None else torch.randn(64, generator=g).to(bias_dtype)
-    out = torch.empty(C.shape, dtype=dtype)
-    b32 = torch.zeros(1) if bias is None else bias.float().contiguous()
-    _call(lib, f"h_int8_mm_dequant_{_ctype(dtype)}", C, row, col, b32,
-          out.view(torch.int16) if dtype.itemsize == 2 else out, 14, 64, INV_127_SQ, np.int32(bias is not None))
-    assert_bitwise_equal(out, ref.int8_mm_dequant(C, row, col, bias, dtype, ""))
+    assert_bitwise_equal(emulated.int8_mm_dequant(C, row, col, bias, dtype, ""),
+                         ref.int8_mm_dequant(C, row, col, bias, dtype, ""))
 
 
-@pytest.mark.parametrize("dtype", list(TYPES.values()))
-@pytest.mark.parametrize("fmt", ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2"))
-@pytest.mark.parametrize("tile", ((130, 300), (1, 300), (1, 128), (128, 128), (1, 32)), ids=str)
-def test_scaled_cast_kernels(lib, dtype, fmt, tile) -> None:
-    from fp8probe.backends.cuda import _scale_from_amax
-
-    if fmt.startswith("mxfp8") != (tile == (1, 32)):
-        pytest.skip("MX formats use 1x32 tiles only")
-    t = _ctype(dtype)
-    x = _data((130, 300), dtype, seed=17)
-    x.view(-1)[:40] = 0.0
-    xb = x.view(torch.int16) if dtype.itemsize == 2 else x
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt,tile", (("e4m3", (130, 200)), ("e5m2", (130, 200)), ("e4m3", (1, 200)),
+                                      ("e5m2", (1, 128)), ("e4m3", (128, 128)), ("mxfp8-e4m3", (1, 32)),
+                                      ("mxfp8-e5m2", (1, 32))), ids=str)
+def test_scaled_cast_kernels(emulated, dtype, fmt, tile) -> None:
+    # every tile is a 256-thread block to emulate, so 1-row tiles get fewer rows; partial tiles at
+    # the right and bottom edges in every case (200 % 128, 72 % 32, 130 % 128)
+    shape = (33, 72) if fmt.startswith("mx") else (33, 200) if tile[0] == 1 else (130, 200)
+    x = _sample(shape, dtype, seed=17)
+    x.view(-1)[:40] = 0.0                                   # a zero tile (scale 1)
     br, bc = tile
-    nbr, nbc = -(-130 // br), -(-300 // bc)
-    amax = torch.zeros(nbr, nbc)
-    _call(lib, f"h_amax_tiles_{t}", xb, amax, 130, 300, br, bc, nbr * nbc, np.int32(1))
-    scale = _scale_from_amax(amax, fmt).contiguous()
-    fp8 = ref.SCALED_FORMATS[fmt][0]
-    data = torch.empty(x.shape, dtype=torch.uint8)
-    _call(lib, f"h_cast_to_fp8_{t}", xb, scale, data, 130, 300, br, bc, np.int32(0 if fp8 == torch.float8_e4m3fn else 1))
-    want_data, want_scale = ref.quantize_scaled(x, fmt, br, bc)
-    assert_bitwise_equal(scale, want_scale)
-    assert_bitwise_equal(data.view(fp8), want_data)
-    for out_dtype in TYPES.values():
-        out = torch.empty(x.shape, dtype=out_dtype)
-        _call(lib, f"h_cast_from_fp8_{_ctype(out_dtype)}", data, scale,
-              out.view(torch.int16) if out_dtype.itemsize == 2 else out, 130, 300, br, bc,
-              np.int32(0 if fp8 == torch.float8_e4m3fn else 1))
-        assert_bitwise_equal(out, ref.dequantize_scaled(want_data, want_scale, br, bc, out_dtype))
+    got = emulated.quantize_scaled(x, fmt, br, bc)
+    want = ref.quantize_scaled(x, fmt, br, bc)
+    for g, w in zip(got, want):
+        assert_bitwise_equal(g, w)
+    out_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 3]
+    assert_bitwise_equal(emulated.dequantize_scaled(*got, br, bc, out_dtype),
+                         ref.dequantize_scaled(*want, br, bc, out_dtype))
