@@ -73,11 +73,13 @@ def _summary_rows(results: "object", limit: int = 10) -> list[dict]:
               help="output directory (default reports/<name>/)")
 @click.option("--name", default=None, help="run name (default: the model file's stem)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@click.option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table for people, json (paths + worst layers) for scripts")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
-                threshold: float, out_dir: str | None, name: str | None, quiet: bool, output_format: str) -> None:
+                threshold: float, out_dir: str | None, name: str | None, quiet: bool, no_html: bool,
+                output_format: str) -> None:
     """Capture MODEL's linear GEMMs on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -110,11 +112,12 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     except (LoadError, ValueError, TypeError) as exc:
         raise UsageFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     paths = results.save(out)
-    html = None
-    try:
-        from fp8probe.report.render import render_report
-    except ImportError:  # the report module is optional for analyze: results are complete without it
-        render_report = None
+    html = render_report = None
+    if not no_html:
+        try:
+            from fp8probe.report.render import render_report
+        except ImportError:  # the report module is optional for analyze: results are complete without it
+            render_report = None
     if render_report is not None:
         html = render_report(results.to_json(), out / "index.html")
     worst = _summary_rows(results)
@@ -135,7 +138,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             click.echo(f"{r['layer'][:32]:<32} {r['strategy']:<15} {r['sqnr_db']:>13.2f} {r['rel_err']:>9.2e}")
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
-    click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; (HTML report module not available)"))
+    click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; no HTML report written"))
 
 
 class _nullbar:

@@ -1,0 +1,140 @@
+"""`fp8probe analyze` end to end: .pt2, trusted pickle and state_dict + factory give identical results; errors exit 2 with one line."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fp8probe.cli import cli
+
+HERE = Path(__file__).resolve().parent
+FACTORY = f"{HERE / 'tiny_factory.py'}:build_model_only"
+STRATEGY = "global,ocp-blockwise"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    """The tiny encoder saved four ways, plus its batches as an inputs file."""
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from tiny_factory import build
+
+    model, batches = build()
+    d = tmp_path_factory.mktemp("models")
+    paths = {"pt2": d / "model.pt2", "pickle": d / "model.pt", "state_dict": d / "weights.pt",
+             "inputs": d / "inputs.pt", "torchscript": d / "scripted.pt", "bad_inputs": d / "ints.pt"}
+    torch.save([1, 2], paths["bad_inputs"])
+    torch.export.save(torch.export.export(model, batches[0]), paths["pt2"])
+    torch.save(model, paths["pickle"])
+    torch.save(model.state_dict(), paths["state_dict"])
+    torch.save(batches, paths["inputs"])
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; we only need an archive to refuse
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(4, 4)), paths["torchscript"])
+    return paths
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, ["analyze", *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    doc = json.loads((out / "results.json").read_text())
+    return {k: pd.DataFrame(v) for k, v in doc["tables"].items()}
+
+
+def test_three_formats_give_identical_results(saved, tmp_path) -> None:
+    runs = {
+        "pt2": [str(saved["pt2"])],
+        "pickle": [str(saved["pickle"]), "--trust-pickle"],
+        "state_dict": [str(saved["state_dict"]), "--factory", FACTORY],
+    }
+    tables = {}
+    for kind, args in runs.items():
+        out = tmp_path / kind
+        # One run renders the HTML report (slow: matplotlib); the others skip it.
+        html = [] if kind == "pt2" else ["--no-html"]
+        code, stdout, stderr = _run(*args, "--inputs", str(saved["inputs"]), "--strategy", STRATEGY,
+                                    "--out", str(out), "--quiet", *html)
+        assert code == 0, stderr
+        assert "results:" in stdout and (out / "gemm.csv").is_file()
+        assert (out / "index.html").is_file() == (kind == "pt2")
+        tables[kind] = _tables(out)
+    base = tables["pt2"]
+    assert len(base["layers"]) == 9 and set(base["gemm"]["strategy"]) == set(STRATEGY.split(","))
+    for kind in ("pickle", "state_dict"):
+        for name in ("layers", "gemm", "operands", "tensors", "outliers", "histograms"):
+            pd.testing.assert_frame_equal(tables[kind][name], base[name], check_exact=True, obj=f"{kind}/{name}")
+
+
+def test_pickle_refused_without_trust(saved, tmp_path) -> None:
+    code, stdout, stderr = _run(str(saved["pickle"]), "--inputs", str(saved["inputs"]), "--out", str(tmp_path / "x"))
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "arbitrary code" in lines[0] and "--trust-pickle" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda s, t: [str(t / "missing.pt2")], "does not exist"),
+    (lambda s, t: [str(s["torchscript"])], "TorchScript"),
+    (lambda s, t: [str(s["state_dict"]), "--inputs", str(s["inputs"])], "--factory"),
+    (lambda s, t: [str(s["state_dict"]), "--factory", "no_such_module_xyz:build"], "cannot import module"),
+    (lambda s, t: [str(s["pt2"]), "--inputs", str(t / "nope.pt")], "does not exist"),
+    (lambda s, t: [str(s["pt2"]), "--inputs", str(s["state_dict"])], "signature"),
+    (lambda s, t: [str(s["pt2"]), "--inputs", str(s["bad_inputs"])], "a batch must be"),
+    (lambda s, t: [str(s["pt2"]), "--strategy", "fp4"], "strategy must be"),
+    (lambda s, t: [str(s["pt2"]), "--layers", "("], "regular expression"),
+    (lambda s, t: [str(s["pickle"]), "--trust-pickle"], "no inputs"),
+])
+def test_bad_usage_exits_2_with_one_line(saved, tmp_path, make_args, message) -> None:
+    code, stdout, stderr = _run(*make_args(saved, tmp_path), "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2, (stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert "Traceback" not in stderr
+
+
+def test_factory_spec_as_model_json_output(tmp_path) -> None:
+    code, stdout, stderr = _run(f"{HERE / 'tiny_factory.py'}:build", "--strategy", "int8", "--batches", "1",
+                                "--layers", "fc1", "--format", "json", "--out", str(tmp_path / "f"), "--no-html")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["loss"]["kind"] == "model"
+    assert {r["layer"] for r in doc["worst_fprop"]} == {"blocks.0.fc1", "blocks.1.fc1"}
+    tables = _tables(tmp_path / "f")
+    assert tables["layers"]["tokens"].tolist() == [4 * 16, 4 * 16]  # --batches 1 of 4 x 16 tokens
+
+
+def test_custom_loss_option(saved, tmp_path) -> None:
+    tokens_only = tmp_path / "tokens.pt"
+    torch.save([b[0] for b in torch.load(saved["inputs"], weights_only=True)], tokens_only)
+    code, stdout, stderr = _run(str(saved["pt2"]), "--inputs", str(tokens_only), "--layers", "head",
+                                "--loss", f"{HERE / 'tiny_factory.py'}:logits_loss", "--out", str(tmp_path / "l"), "-q")
+    # The program was exported with (tokens, targets): one positional input is a signature mismatch.
+    assert code == 2 and "signature" in stderr
+    code, stdout, stderr = _run(f"{HERE / 'tiny_factory.py'}:build_model_only", "--inputs", str(tokens_only),
+                                "--layers", "head", "--loss", f"{HERE / 'tiny_factory.py'}:logits_loss",
+                                "--out", str(tmp_path / "l"), "-q", "--no-html")
+    assert code == 0, stderr
+    assert "loss: custom" in stdout
+
+
+def test_huggingface_directory(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 50, (2, 8))
+    torch.save({"input_ids": ids, "labels": ids}, tmp_path / "in.pt")
+    code, stdout, stderr = _run(str(tmp_path / "hf"), "--inputs", str(tmp_path / "in.pt"), "--out",
+                                str(tmp_path / "o"), "-q", "--no-html")
+    assert code == 0, stderr
+    assert "loss: model" in stdout

@@ -1,0 +1,164 @@
+"""Metrics vs hand-computed values on tiny cases; accumulator merge == single pass; NaN/Inf counted, never fatal."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fp8probe.analysis.metrics import (BLOCK, LOG2_LO, ErrorAccumulator, OperandAccumulator, OutlierCensus,
+                                       TensorStats, log2_histogram, sqnr_db)
+
+
+def test_error_metrics_hand_computed() -> None:
+    ref = torch.tensor([3.0, -4.0])
+    lp = torch.tensor([3.0, -3.0])
+    acc = ErrorAccumulator()
+    acc.update(ref, lp)
+    r = acc.result()
+    # Σref² = 25, Σerr² = 1 → 10·log10(25) dB; rel = 1/5; cos = (9+12)/(5·√18)
+    assert r["sqnr_db"] == pytest.approx(10 * math.log10(25.0), abs=1e-12)
+    assert r["rel_err"] == pytest.approx(0.2, abs=1e-15)
+    assert r["cosine"] == pytest.approx(21.0 / (5.0 * math.sqrt(18.0)), abs=1e-15)
+    assert r["max_abs_err"] == 1.0
+    assert r["nonfinite"] == 0
+
+
+def test_sqnr_edge_cases() -> None:
+    assert sqnr_db(4.0, 0.0) == math.inf
+    assert math.isnan(sqnr_db(0.0, 0.0))
+    assert sqnr_db(100.0, 1.0) == pytest.approx(20.0)
+
+
+def test_operand_metrics_hand_computed() -> None:
+    x = torch.tensor([1.0, 0.001, -2.0, 0.0, 8.0])
+    q = torch.tensor([1.0, 0.0, -2.0, 0.0, 4.0])
+    sat = torch.tensor([False, False, False, False, True])
+    acc = OperandAccumulator()
+    acc.update(x, q, sat)
+    r = acc.result()
+    signal = 1 + 1e-6 + 4 + 64
+    noise = 1e-6 + 16
+    assert r["sqnr_db"] == pytest.approx(10 * math.log10(signal / noise), rel=1e-12)
+    assert r["underflow_frac"] == pytest.approx(1 / 4)  # 0.001 → 0 among 4 non-zeros
+    assert r["saturation_frac"] == pytest.approx(1 / 5)
+    # Without a mask: |x| above the largest |q| (8 > 4) is the saturation criterion.
+    acc2 = OperandAccumulator()
+    acc2.update(x, q)
+    assert acc2.result()["saturation_frac"] == pytest.approx(1 / 5)
+
+
+def test_tensor_stats_hand_computed() -> None:
+    x = torch.tensor([[1.0, -1.0, 2.0, 0.0], [-2.0, 0.5, 0.0, 4.0]])
+    s = TensorStats()
+    s.update(x)
+    r = s.result()
+    v = x.double().flatten()
+    m = v.mean()
+    d = v - m
+    var = (d**2).mean()
+    assert r["numel"] == 8 and r["amax"] == 4.0
+    assert r["std"] == pytest.approx(float(var.sqrt()), rel=1e-12)
+    assert r["kurtosis"] == pytest.approx(float((d**4).mean() / var**2), rel=1e-12)
+    assert r["zero_frac"] == pytest.approx(2 / 8)
+    assert r["range_bits"] == pytest.approx(math.log2(4.0 / 0.5))  # 3 bits
+    # One 1x128 block per row (4 cols): block absmaxes 2 and 4 → amax / geomean = 4 / √8
+    assert r["block_absmax_ratio"] == pytest.approx(4.0 / math.sqrt(8.0), rel=1e-12)
+    h = s.histogram()
+    counts = dict(zip(h["edges"], h["counts"]))
+    # |x| = 1,1,2,2,0.5,4 → floor(log2): 0,0,1,1,-1,2
+    assert counts[0] == 2 and counts[1] == 2 and counts[-1] == 1 and counts[2] == 1
+    assert sum(h["counts"]) == 6 and len(h["edges"]) == len(h["counts"]) + 1
+
+
+def test_log2_histogram_is_exact_at_powers_of_two_and_clamps() -> None:
+    below = torch.nextafter(torch.tensor(2.0), torch.tensor(0.0))  # 2 − ulp: floor(log2) = 0
+    h = log2_histogram(torch.stack([torch.tensor(2.0), below, torch.tensor(1e-30), torch.tensor(1e30)]))
+    assert h[1 - LOG2_LO] == 1 and h[0 - LOG2_LO] == 1
+    assert h[0] == 1 and h[-1] == 1  # clamped into the end bins, never lost
+
+
+def test_merge_equals_single_pass() -> None:
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(37, 200, generator=gen) * 3 + 1.5
+    b = torch.randn(11, 200, generator=gen) * 0.2 - 4
+    both = torch.cat([a, b])
+    noise = lambda t: t + 0.01 * torch.randn(t.shape, generator=gen)  # noqa: E731
+    na, nb = noise(a), noise(b)
+
+    s1, s2, sall = TensorStats(), TensorStats(), TensorStats()
+    s1.update(a)
+    s2.update(b)
+    sall.update(both)
+    merged = s1.merge(s2)
+    for k, v in sall.result().items():
+        assert merged.result()[k] == pytest.approx(v, rel=1e-9), k
+    assert torch.equal(merged.hist, sall.hist)
+
+    e1, e2, eall = ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator()
+    e1.update(a, na)
+    e2.update(b, nb)
+    eall.update(both, torch.cat([na, nb]))
+    for k, v in eall.result().items():
+        assert e1.merge(e2).result()[k] == pytest.approx(v, rel=1e-12), k
+
+    o1, o2, oall = OperandAccumulator(), OperandAccumulator(), OperandAccumulator()
+    qa, qb = a.round(), b.round()
+    mask_a, mask_b = a.abs() > 5, b.abs() > 5
+    o1.update(a, qa, mask_a)
+    o2.update(b, qb, mask_b)
+    oall.update(both, torch.cat([qa, qb]), torch.cat([mask_a, mask_b]))
+    assert o1.merge(o2).result() == pytest.approx(oall.result(), rel=1e-12)
+
+    c1, c2, call = OutlierCensus(6.0), OutlierCensus(6.0), OutlierCensus(6.0)
+    c1.update(a)
+    c2.update(b)
+    call.update(both)
+    assert c1.merge(c2).result() == call.result()
+
+
+def test_outlier_census_hand_computed() -> None:
+    a = torch.tensor([[0.5, 7.0, -1.0, 0.0],
+                      [1.0, 2.0, -6.0, 0.0],
+                      [0.1, 0.2, 0.3, float("nan")]])
+    c = OutlierCensus(6.0)
+    c.update(a)
+    r = c.result()
+    assert c.outlier_dims() == [1, 2]  # |−6| ≥ 6 counts (≥, not >); NaN ignored
+    assert r["n_outlier_cols"] == 2 and r["frac_cols"] == 0.5
+    assert r["frac_rows"] == pytest.approx(2 / 3)
+    assert r["top_dims"] == [[1, 7.0], [2, 6.0]]
+    assert r["col_amax"] == [1.0, 7.0, 6.0, 0.0]
+
+
+def test_nan_inf_counted_not_fatal() -> None:
+    x = torch.randn(4, BLOCK + 3, generator=torch.Generator().manual_seed(1))
+    x[0, 5] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, 1] = -float("inf")
+    s = TensorStats()
+    s.update(x)
+    r = s.result()
+    assert r["nan_count"] == 1 and r["inf_count"] == 2
+    assert math.isfinite(r["std"]) and math.isfinite(r["amax"])
+    e = ErrorAccumulator()
+    lp = x.clone()
+    lp[1, 1] = float("inf")  # recipe overflow where the reference is finite
+    e.update(x, lp)
+    assert e.result()["nonfinite"] == 1 and e.result()["sqnr_db"] == math.inf
+    o = OperandAccumulator()
+    q = x.clone()
+    q[0, 0] = 0.0  # one finite element quantised to zero
+    o.update(x, q)
+    # Non-finite pairs are skipped: only x[0, 0] contributes noise.
+    finite = x[torch.isfinite(x)].double()
+    expected = 10 * math.log10(float((finite**2).sum()) / float(x[0, 0].double() ** 2))
+    assert o.result()["sqnr_db"] == pytest.approx(expected, rel=1e-12)
+    assert o.result()["underflow_frac"] == pytest.approx(1 / int((finite != 0).sum()))
+
+
+def test_shape_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        ErrorAccumulator().update(torch.ones(2), torch.ones(3))
+    with pytest.raises(ValueError, match="2-D"):
+        OutlierCensus(6.0).update(torch.ones(3))

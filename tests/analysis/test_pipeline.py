@@ -1,0 +1,99 @@
+"""analyze() on the tiny demo encoder: planted outliers found exactly, loss kinds, layer filter, NaN not fatal, eager == exported."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fp8probe.analysis.demo_model import planted_outliers
+from fp8probe.analysis.loading import Batch, LoadError
+from fp8probe.analysis.pipeline import analyze
+
+FAST = "global,int8,ocp-blockwise"
+
+
+def test_census_finds_exactly_the_planted_dims(tiny_model, tiny_batches) -> None:
+    res = analyze(tiny_model, tiny_batches, "int8")
+    planted = planted_outliers(tiny_model)
+    outliers = res.tables["outliers"].set_index("layer")
+    assert set(outliers.index) == set(planted)
+    assert any(planted.values())
+    for layer, dims in planted.items():
+        found = sorted(d for d, _ in outliers.loc[layer, "top_dims"])
+        assert found == dims, layer
+        assert outliers.loc[layer, "n_outlier_cols"] == len(dims)
+        col_amax = outliers.loc[layer, "col_amax"]
+        assert [i for i, v in enumerate(col_amax) if v >= 6.0] == dims
+    # The planted columns are in every token: every row is touched.
+    assert outliers.loc["blocks.0.fc1", "frac_rows"] == 1.0
+    assert outliers.loc["blocks.0.attn.proj", "frac_rows"] == 0.0
+
+
+def test_tables_follow_the_schema(tiny_model, tiny_batches) -> None:
+    res = analyze(tiny_model, tiny_batches, FAST, name="tiny")
+    t = res.tables
+    assert list(t["layers"].columns) == ["layer", "in_features", "out_features", "has_bias", "tokens", "bsz", "bsz2"]
+    assert t["layers"]["tokens"].tolist() == [2 * 4 * 16] * 9
+    assert {"layer", "strategy", "gemm", "sqnr_db", "rel_err", "cosine", "max_abs_err"} <= set(t["gemm"].columns)
+    assert len(t["gemm"]) == 9 * 3 * 3
+    assert {"layer", "strategy", "operand", "sqnr_db", "underflow_frac", "saturation_frac"} <= set(t["operands"].columns)
+    assert {"numel", "amax", "std", "kurtosis", "zero_frac", "nan_count", "inf_count", "range_bits",
+            "block_absmax_ratio"} <= set(t["tensors"].columns)
+    assert set(t["tensors"]["tensor"]) == {"activation", "weight", "grad_output"}
+    # The weight is counted once, not once per batch.
+    w = t["tensors"][(t["tensors"]["layer"] == "head") & (t["tensors"]["tensor"] == "weight")]
+    assert w["numel"].iloc[0] == tiny_model.head.weight.numel()
+    assert res.metadata["loss"]["kind"] == "model"
+    assert set(res.metadata["rules"]) == set(FAST.split(","))
+    assert {"bnb-e4m3", "bnb-e5m2", "int8", "e4m3", "e5m2"} == set(res.metadata["formats"])
+    assert "errors" not in t
+    assert all(math.isfinite(v) and v > 15 for v in t["gemm"]["sqnr_db"])
+
+
+def test_surrogate_and_custom_loss(tiny_model, tiny_batches) -> None:
+    tokens_only = [Batch((tok,), {}) for tok, _ in tiny_batches]
+    res = analyze(tiny_model, tokens_only, "global", layers=r"head")
+    assert res.metadata["loss"]["kind"] == "surrogate"
+    assert res.tables["layers"]["layer"].tolist() == ["head"]
+    custom = analyze(tiny_model, tokens_only, "global", layers="head", loss=lambda out, batch: out.abs().mean())
+    assert custom.metadata["loss"]["kind"] == "custom"
+    g_sur = res.tables["tensors"].set_index("tensor").loc["grad_output", "std"]
+    g_cus = custom.tables["tensors"].set_index("tensor").loc["grad_output", "std"]
+    assert g_sur != g_cus  # a different loss really gives a different gradient
+
+
+def test_exported_program_matches_eager(tiny_model, tiny_batches) -> None:
+    ep = torch.export.export(tiny_model, tiny_batches[0])
+    eager = analyze(tiny_model, tiny_batches, "global,int8")
+    exported = analyze(ep, tiny_batches, "global,int8")
+    for name in ("layers", "gemm", "operands", "tensors", "outliers"):
+        a, b = eager.tables[name], exported.tables[name]
+        assert a.equals(b), name
+
+
+def test_nan_in_activations_is_counted_not_fatal(tiny_model, tiny_batches) -> None:
+    with torch.no_grad():
+        tiny_model.tok.weight[int(tiny_batches[0][0][0, 0])] = float("nan")
+    res = analyze(tiny_model, tiny_batches[:1], "global,ocp-tensorwise,int8")
+    tensors = res.tables["tensors"].set_index(["layer", "tensor"])
+    assert tensors.loc[("blocks.0.attn.qkv", "activation"), "nan_count"] > 0
+    assert set(res.tables["layers"]["layer"]) == set(planted_outliers(tiny_model))
+    gemm = res.tables["gemm"].set_index(["layer", "strategy", "gemm"])
+    # Finite tokens still give finite error statistics; the NaN tokens are excluded, not propagated.
+    assert math.isfinite(gemm.loc[("head", "ocp-tensorwise", "fprop"), "sqnr_db"])
+
+
+def test_bad_arguments(tiny_model, tiny_batches) -> None:
+    with pytest.raises(LoadError, match="no inputs"):
+        analyze(tiny_model, None)
+    with pytest.raises(LoadError, match="no linear layer was captured matching"):
+        analyze(tiny_model, tiny_batches, layers="nothing-matches")
+    with pytest.raises(ValueError, match="regular expression"):
+        analyze(tiny_model, tiny_batches, layers="(")
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        analyze(tiny_model, tiny_batches, threshold=-1)
+    with pytest.raises(TypeError, match="model must be"):
+        analyze("model.pt", tiny_batches)
+    with pytest.raises(LoadError, match="a batch must be"):
+        analyze(tiny_model, [3])
