@@ -267,8 +267,10 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
             return torch._int_mm(A2, B2.t()).reshape(out_shape)
         except RuntimeError:
             pass  # cuBLASLt refused this shape/layout on this GPU: the kernel is exact too
-    C = torch.empty((M, N), dtype=torch.int32, device=A.device)
     tile = 16  # MM_TILE in int8.cu
+    if -(-N // tile) > 65535:  # N rides on grid y (CUDA limit 65535 blocks): leave giant N to torch
+        return _ref.int8_linear_matmul(A, B)
+    C = torch.empty((M, N), dtype=torch.int32, device=A.device)
     _launch("int8", "int8_linear_matmul", (-(-M // tile), -(-N // tile)), (tile, tile),
             (A2, B2, C, np.int64(M), np.int64(N), np.int64(K)), A.device)
     return C.reshape(out_shape)
