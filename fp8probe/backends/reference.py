@@ -430,14 +430,17 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     K = A.shape[-1]
     N = B.shape[0]
     out_shape = (*A.shape[:-1], N)
-    a2 = A.reshape(-1, K)
-    if a2.shape[0] == 0 or N == 0:
+    rows = math.prod(A.shape[:-1])
+    if rows == 0 or N == 0 or K == 0:  # an empty sum is 0
         return torch.zeros(out_shape, dtype=torch.int32, device=A.device)
-    if K == 0:
-        return torch.zeros(out_shape, dtype=torch.int32, device=A.device)
-    try:
-        c = torch._int_mm(a2.contiguous(), B.t())
-    except (RuntimeError, NotImplementedError):
+    a2 = A.reshape(rows, K)
+    c = None
+    if K >= 2:  # torch 2.13's CPU _int_mm returns garbage for K == 1 with N > 1 (seen in tests)
+        try:
+            c = torch._int_mm(a2.contiguous(), B.t().contiguous())
+        except (RuntimeError, NotImplementedError):
+            c = None
+    if c is None:
         c = (a2.to(torch.float64) @ B.to(torch.float64).t()).to(torch.int64).to(torch.int32)
     return c.reshape(out_shape)
 
