@@ -1,0 +1,93 @@
+"""Model and input loading: batch normalisation, factories, refusals with one-line messages."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8probe.analysis.loading import (Batch, LoadError, load_inputs, load_model, resolve_callable, to_batch,
+                                       to_batches)
+
+
+def test_to_batch_forms() -> None:
+    t = torch.arange(3)
+    assert to_batch(t) == Batch((t,), {})
+    assert to_batch((t, t)).args == (t, t)
+    assert to_batch({"input_ids": t}).kwargs == {"input_ids": t}
+    assert len(to_batches([t, (t,), {"x": t}])) == 3
+    assert len(to_batches((t, t))) == 1  # a tuple is one batch of positional args
+    with pytest.raises(LoadError, match="empty"):
+        to_batches([])
+    with pytest.raises(LoadError, match="string keys"):
+        to_batch({1: t})
+
+
+def test_load_inputs(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, generator=gen)
+    torch.save([x, x + 1], tmp_path / "in.pt")
+    batches = load_inputs(tmp_path / "in.pt")
+    assert len(batches) == 2 and torch.equal(batches[1].args[0], x + 1)
+
+    torch.save(torch.nn.ReLU(), tmp_path / "obj.pt")  # a pickled module is not plain data
+    with pytest.raises(LoadError, match="objects other than tensors"):
+        load_inputs(tmp_path / "obj.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(LoadError, match="cannot read inputs file"):
+        load_inputs(tmp_path / "junk.pt")
+
+
+def test_resolve_callable(tmp_path) -> None:
+    assert resolve_callable("fp8probe.analysis.demo_model:build_demo").__name__ == "build_demo"
+    f = tmp_path / "fac.py"
+    f.write_text("def make():\n    return 42\n")
+    assert resolve_callable(f"{f}:make")() == 42
+    for spec, message in [("nocolon", "expected module:function"), (f"{f}:nope", "no callable"),
+                          (f"{tmp_path / 'gone.py'}:f", "does not exist"), ("no_such_mod_q:f", "cannot import")]:
+        with pytest.raises(LoadError, match=message):
+            resolve_callable(spec)
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(LoadError, match="importing .* failed: RuntimeError: boom"):
+        resolve_callable(f"{bad}:f")
+
+
+def test_factory_results(tmp_path) -> None:
+    f = tmp_path / "fac.py"
+    f.write_text("import torch\n"
+                 "def pair():\n    return torch.nn.Linear(3, 2), [torch.ones(1, 3)]\n"
+                 "def number():\n    return 7\n"
+                 "def broken():\n    raise KeyError('x')\n"
+                 "def other():\n    return torch.nn.Linear(4, 2)\n")
+    loaded = load_model(f"{f}:pair")
+    assert loaded.kind == "factory" and len(loaded.batches) == 1
+    with pytest.raises(LoadError, match="must return an nn.Module"):
+        load_model(f"{f}:number")
+    with pytest.raises(LoadError, match="factory .* failed: KeyError"):
+        load_model(f"{f}:broken")
+    torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "sd.pt")
+    assert load_model(tmp_path / "sd.pt", factory=f"{f}:pair").kind == "state_dict"
+    with pytest.raises(LoadError, match="does not fit the model"):
+        load_model(tmp_path / "sd.pt", factory=f"{f}:other")
+
+
+def test_pickle_needs_trust(tmp_path) -> None:
+    torch.save(torch.nn.Linear(3, 2), tmp_path / "m.pt")
+    with pytest.raises(LoadError) as info:
+        load_model(tmp_path / "m.pt")
+    msg = str(info.value)
+    assert "\n" not in msg and "arbitrary code" in msg and "--trust-pickle" in msg and "torch.export" in msg
+    assert load_model(tmp_path / "m.pt", trust_pickle=True).kind == "pickle"
+
+
+def test_directories(tmp_path) -> None:
+    with pytest.raises(LoadError, match="without config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(LoadError, match="transformers is not installed"):
+            load_model(tmp_path)
+    else:
+        with pytest.raises(LoadError, match="cannot load Hugging Face model"):
+            load_model(tmp_path)
