@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fp8probe.functional as F
@@ -44,6 +44,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
        scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]), specials=st.booleans(), zero_block=st.booleans(),
        noncontig=st.booleans(), device=st.sampled_from(DEVICES))
 def test_blockwise_invariants(shape, dtype, book, blocksize, seed, scale, specials, zero_block, noncontig, device):
+    assume(device == "cpu" or blocksize in (32, 64, 256, 4096))  # CUDA kernels: powers of two 32..4096
     x = _randn(shape, dtype, seed, device, scale, noncontig)
     n = x.numel()
     if n and specials:

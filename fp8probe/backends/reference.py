@@ -309,7 +309,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if n == 0:
         return torch.empty(q.shape, dtype=dtype, device=dev)
     nb = -(-n // blocksize)
-    vals = code.to(device=dev, dtype=_F32)[q.reshape(-1).long()]
+    vals = code.to(device=dev, dtype=_F32).index_select(0, q.reshape(-1).to(torch.int32))
     pad = nb * blocksize - n
     if pad:
         vals = F.pad(vals, (0, pad))
