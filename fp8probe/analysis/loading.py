@@ -82,12 +82,22 @@ def load_inputs(path: str | Path) -> list[Batch]:
         raise LoadError(f"inputs file {p} does not exist")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not _needs_full_unpickler(exc):
+            raise LoadError(f"cannot read inputs file {p}: {_one_line(exc)}") from None
         raise LoadError(f"inputs file {p} holds objects other than tensors, tuples, lists and dicts; "
                         "save plain tensors with torch.save") from None
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
         raise LoadError(f"cannot read inputs file {p}: {_one_line(exc)}") from None
     return to_batches(obj)
+
+
+def _needs_full_unpickler(exc: BaseException) -> bool:
+    """True when torch.load(weights_only=True) refused a valid pickle because it names classes or
+    functions ("Unsupported global ... add_safe_globals"), as opposed to a corrupt or foreign file,
+    which torch reports with the same UnpicklingError but e.g. "Unsupported operand 100"."""
+    text = str(exc).lower()
+    return "unsupported global" in text or "add_safe_globals" in text
 
 
 def _one_line(exc: BaseException) -> str:
@@ -227,7 +237,9 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
         raise LoadError(TORCHSCRIPT_REFUSED.format(path=path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not _needs_full_unpickler(exc):
+            raise LoadError(f"cannot read {path}: {_one_line(exc)}") from None
         obj = _load_pickle(path, trust_pickle)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
         raise LoadError(f"cannot read {path}: {_one_line(exc)}") from None

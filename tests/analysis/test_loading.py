@@ -91,3 +91,9 @@ def test_directories(tmp_path) -> None:
     else:
         with pytest.raises(LoadError, match="cannot load Hugging Face model"):
             load_model(tmp_path)
+
+
+def test_corrupt_model_file(tmp_path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"definitely not a model")
+    with pytest.raises(LoadError, match="cannot read"):
+        load_model(tmp_path / "junk.pt", trust_pickle=True)
