@@ -410,6 +410,10 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB) ->
         "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", "")),
         "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", "")),
         "methods": _methods(meta, strategies),
+        # analysis records a recipe that raised on a layer instead of aborting the run
+        "errors": _table("errors", ["layer", "strategy", "error"],
+                         [[cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("error"))]
+                          for r in tables.get("errors", [])]),
     }
 
 

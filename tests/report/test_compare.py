@@ -116,3 +116,13 @@ def test_kind_mismatch_and_bad_gate_exit_2(base: dict, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "cannot compare" in res.output
     res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--max-sqnr-drop", "-1", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "max_sqnr_drop" in res.output
+
+
+def test_null_sqnr_is_listed_not_gated(base: dict) -> None:
+    # JSON stores +inf/NaN SQNRs as null; such a row is compared but cannot trip the gate
+    cur = copy.deepcopy(base)
+    cur["tables"]["gemm"][0]["sqnr_db"] = None
+    cmp = compare_results(base, cur)
+    assert cmp["passed"]
+    row = [r for r in cmp["sqnr"] if r["layer"] == base["tables"]["gemm"][0]["layer"]][0]
+    assert row["current"] is None and row["delta_db"] is None

@@ -57,7 +57,7 @@ def test_content_sections(results: dict, html: str) -> None:
         assert fmt in html
     for rule in results["metadata"]["rules"].values():
         assert str(markupsafe.escape(rule)) in html
-    assert "below <strong>20 dB</strong>" in html
+    assert re.search(r"below\s+<strong>20 dB</strong>", html)
     # the fixture plants low SQNR in qkv and fc1 under the fp8 strategies: both must be flagged
     keep = html.split("<h3>Layers to keep in 16-bit</h3>")[1].split("</ul>")[0]
     assert "blocks.0.attn.qkv" in keep and "blocks.0.mlp.fc1" in keep
@@ -144,3 +144,10 @@ def test_real_pipeline_results_render(tmp_path: Path) -> None:
     imgs = re.findall(r'<img src="([^"]+)"', html)
     assert len(imgs) == 5 and all(i.startswith("data:image/png;base64,") for i in imgs)
     assert "http" not in html
+
+
+def test_recipe_failures_listed(results: dict, tmp_path: Path) -> None:
+    data = copy.deepcopy(results)
+    data["tables"]["errors"] = [{"layer": "head", "strategy": "llm-int8", "error": "ValueError: <bad> shape"}]
+    out = render_report(data, tmp_path / "err.html").read_text(encoding="utf-8")
+    assert "Recipe failures" in out and "ValueError: &lt;bad&gt; shape" in out
