@@ -339,6 +339,12 @@ def test_empty_inputs_short_circuit(shape, device):
     C = F.int8_linear_matmul(torch.empty(shape, dtype=torch.int8, device=device),
                              torch.zeros((3, shape[-1]), dtype=torch.int8, device=device))
     assert C.shape == (*shape[:-1], 3) and bool((C == 0).all())
+    rows = math.prod(shape[:-1])
+    y = F.int8_mm_dequant(C, torch.ones(rows, device=device), torch.ones(3, device=device))
+    assert y.shape == C.shape and y.dtype == torch.float16
+    y0 = F.int8_mm_dequant(torch.zeros(shape, dtype=torch.int32, device=device), torch.ones(rows, device=device),
+                           torch.ones(shape[-1], device=device), dtype=torch.float32)
+    assert y0.shape == shape
 
 
 @pytest.mark.parametrize(("call", "exc", "match"), [

@@ -355,7 +355,7 @@ def _int8_rows(A: torch.Tensor, threshold: float, compat: str):
     return a, outlier, masked, R, C
 
 
-def _outlier_cols(outlier: torch.Tensor | None, C: int, device: torch.device) -> torch.Tensor:
+def _outlier_cols(outlier: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     if outlier is None:
         return torch.empty(0, dtype=torch.int64, device=device)
     return outlier.any(dim=0).nonzero().reshape(-1)
@@ -379,7 +379,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
     row_stats = masked.amax(dim=1)
     scale = SCALE_INT8 / row_stats  # IEEE fl32(127 / row_stats); all-zero row → Inf → 0·Inf = NaN → 0
     q = _round_int8(a * scale[:, None])
-    cols = _outlier_cols(outlier, C, dev)
+    cols = _outlier_cols(outlier, dev)
     if outlier is not None and cols.numel():
         colmask = torch.zeros(C, dtype=torch.bool, device=dev)
         colmask[cols] = True
@@ -453,8 +453,8 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
     RNE-cast to `dtype`, shape A.shape. ``compat="bnb"``: ``fl32(fl32(float(C) * fl32(row_i *
     col_j)) * 6.200124e-05) + bias`` and the output flattened to [rows, N] (bnb CPU, Q9).
     """
-    N = A.shape[-1] if A.dim() else 1
-    c = A.reshape(-1, N).to(_F32)
+    rows, N = _rows_cols(A.shape)
+    c = A.reshape(rows, N).to(_F32)
     row = row_stats.to(_F32).reshape(-1, 1)
     col = col_stats.to(_F32).reshape(1, -1)
     if compat == "":
