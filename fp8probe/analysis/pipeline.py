@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -146,7 +147,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     threshold: LLM.int8 outlier threshold (|x| ≥ threshold). layers: regex on module paths.
     batches: use at most this many. device: "cpu" | "cuda". loss: callable(output, batch) or
     "module:function"; default the model's own loss, else the surrogate mean(output²).
-    progress: True prints nothing extra here (the CLI draws the bar) — pass a callable(done, total).
+    progress: True prints "batch i/n" lines to stderr; a callable(done, total) is called after each
+    batch instead (the CLI draws a click progress bar with it).
     Returns Results with tables layers, gemm, operands, tensors, histograms, outliers (and errors
     when a recipe failed on a layer).
     """
@@ -180,7 +182,13 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     torch.manual_seed(seed)
     analysis = _Analysis(strategies, threshold)
     info: LossInfo | None = None
-    report = progress if callable(progress) else None
+    if callable(progress):
+        report: ProgressFn | None = progress
+    elif progress:
+        def report(done: int, total: int) -> None:
+            print(f"analyze: batch {done}/{total}", file=sys.stderr, flush=True)
+    else:
+        report = None
     for i, batch in enumerate(batch_list):
         info = capture_batch(module, batch, analysis, layers=layers, loss_fn=loss_fn, loss_name=loss_name,
                              device=dev)
