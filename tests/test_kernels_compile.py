@@ -5,9 +5,16 @@ import re
 
 import pytest
 
-pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="NVRTC (cupy + nvidia-cuda-nvrtc) not installed")
+nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="NVRTC (cupy + nvidia-cuda-nvrtc) not installed")
 
-from fp8probe.kernels import KERNELS, KernelCompileError, compile_only, kernel_source  # noqa: E402
+from fp8probe.kernels import (  # noqa: E402
+    KERNELS,
+    KernelCompileError,
+    _nvrtc_build,
+    compile_only,
+    device_arch,
+    kernel_source,
+)
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
@@ -16,6 +23,23 @@ def test_every_instantiation_compiles(name: str) -> None:
     # every declared template instantiation must be in the PTX as an entry point
     entries = re.findall(r"\.entry\s+(\S+)\(", ptx)
     assert len(entries) == len(KERNELS[name]), (entries, KERNELS[name])
+    # bit-exactness with the reference needs IEEE subnormals: no flush-to-zero float instruction
+    # (CuPy's RawModule would add -ftz=true; the loader must not)
+    ftz = [line.strip() for line in ptx.splitlines() if ".ftz" in line]
+    assert not ftz, ftz[:5]
+    fused = re.findall(r"\b(?:fma|mad)(?:\.[a-z]+)*\.f(?:16|32|64)\b", ptx)   # integer mad is exact
+    assert not fused, f"float FMA would merge two roundings: {fused[:3]}"
+
+
+def test_cubin_for_a_real_architecture_builds_without_a_gpu() -> None:
+    arch, cubin = device_arch("90")
+    assert (arch, cubin) == ("sm_90", True)
+    image, lowered = _nvrtc_build("int8", arch=arch, source=None, name_expressions=None,
+                                  options=("-std=c++17", "--fmad=false"), cubin=True)
+    assert image[:4] == b"\x7fELF"                     # a cubin is an ELF image
+    assert set(lowered) == set(KERNELS["int8"])
+    newest = max(nvrtc.getSupportedArchs())
+    assert device_arch("999") == (f"compute_{newest}", False)   # unknown device: PTX for the JIT
 
 
 def test_header_is_inlined_with_line_markers() -> None:

@@ -1,4 +1,13 @@
-"""One cached loader for the CUDA sources in this package: read `<name>.cu`, compile with NVRTC, cache."""
+"""One cached loader for the CUDA sources in this package: read `<name>.cu`, compile with NVRTC, cache.
+
+Why not `cupy.RawModule`: CuPy appends `-ftz=true` to every NVRTC compile it performs (flush
+subnormals to zero), which would make `__fmul_rn`/`__frcp_rn` produce `mul.rn.ftz.f32` and break
+bit-exactness with the PyTorch reference on subnormal values. So the loader drives NVRTC itself
+(CuPy's low-level binding, which also works without a GPU for `compile_only`), builds a cubin for
+the device's exact architecture (PTX for the newest supported one when NVRTC does not know the
+device), and loads it with `cupy.cuda.function.Module`; kernels are looked up by their template
+name expression through NVRTC's lowered names.
+"""
 from __future__ import annotations
 
 import functools
@@ -29,8 +38,9 @@ KERNELS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# No fast-math: IEEE division/reciprocal, no flush-to-zero, no FMA contraction, so results match the
-# PyTorch reference bit for bit (SPEC §10 Q16). The kernels also spell every rounding step with *_rn
+# No fast-math: IEEE division/reciprocal, no flush-to-zero (NVRTC's default -ftz=false; CuPy's own
+# compile path would force -ftz=true, see above), no FMA contraction, so results match the PyTorch
+# reference bit for bit (SPEC §10 Q16). The kernels also spell every rounding step with *_rn
 # intrinsics; --fmad=false is a second line of defence for any expression that slipped through.
 DEFAULT_OPTIONS: tuple[str, ...] = ("-std=c++17", "--fmad=false")
 
@@ -74,16 +84,10 @@ def kernel_source(name: str) -> str:
     return preprocess(read_source(name), f"{name}.cu")
 
 
-def compile_only(name: str, *, arch: str = "compute_90", source: str | None = None,
-                 name_expressions: tuple[str, ...] | None = None,
-                 options: tuple[str, ...] = DEFAULT_OPTIONS) -> str:
-    """Compile kernel file `name` to PTX with NVRTC, without a GPU or CUDA driver; return the PTX.
-
-    `source` replaces the file's text (tests use it for deliberately broken code). Raises
-    KernelCompileError with NVRTC's log (which names `<name>.cu` and the line) on failure.
-    """
-    # Low-level binding on purpose: cupy.RawModule.compile() queries the device architecture and
-    # therefore needs a driver, which a CI machine without a GPU does not have.
+def _nvrtc_build(name: str, *, arch: str, source: str | None, name_expressions: tuple[str, ...] | None,
+                 options: tuple[str, ...], cubin: bool) -> tuple[bytes, dict[str, str]]:
+    """Compile kernel file `name` (or `source` under that name) for `arch`; return the PTX or cubin
+    image and the lowered (mangled) symbol of every name expression."""
     from cupy_backends.cuda.libs import nvrtc
 
     filename = f"{name}.cu"
@@ -98,31 +102,75 @@ def compile_only(name: str, *, arch: str = "compute_90", source: str | None = No
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
             raise KernelCompileError(f"NVRTC failed to compile {filename} for {arch}: {exc}\n{log}") from None
-        for expr in exprs:
-            nvrtc.getLoweredName(prog, expr)        # raises if an instantiation is missing
-        ptx = nvrtc.getPTX(prog)
-        return ptx.decode("utf-8", "replace") if isinstance(ptx, bytes) else ptx
+        lowered = {expr: nvrtc.getLoweredName(prog, expr) for expr in exprs}  # raises if one is missing
+        image = nvrtc.getCUBIN(prog) if cubin else nvrtc.getPTX(prog)
+        return image, lowered
     finally:
         nvrtc.destroyProgram(prog)
 
 
-@functools.lru_cache(maxsize=None)
-def _load(name: str, options: tuple[str, ...], device_id: int) -> Any:
-    import cupy
+def compile_only(name: str, *, arch: str = "compute_90", source: str | None = None,
+                 name_expressions: tuple[str, ...] | None = None,
+                 options: tuple[str, ...] = DEFAULT_OPTIONS) -> str:
+    """Compile kernel file `name` to PTX with NVRTC, without a GPU or CUDA driver; return the PTX.
 
-    with cupy.cuda.Device(device_id):
-        module = cupy.RawModule(code=kernel_source(name), options=options,
-                                name_expressions=list(KERNELS[name]))
-        module.compile()
-    return module
-
-
-def load_module(name: str, options: tuple[str, ...] = DEFAULT_OPTIONS) -> Any:
-    """Compiled `cupy.RawModule` for kernel file `name` on the current CUDA device (cached).
-
-    The cache key is (name, options, device): a module is compiled once per process and device; CuPy
-    additionally keeps compiled binaries on disk across processes.
+    `source` replaces the file's text (tests use it for deliberately broken code). Raises
+    KernelCompileError with NVRTC's log (which names `<name>.cu` and the line) on failure.
     """
+    # cupy.RawModule.compile() would query the device architecture and therefore need a driver.
+    ptx, _ = _nvrtc_build(name, arch=arch, source=source, name_expressions=name_expressions,
+                          options=options, cubin=False)
+    return ptx.decode("utf-8", "replace") if isinstance(ptx, bytes) else ptx
+
+
+def device_arch(compute_capability: str) -> tuple[str, bool]:
+    """NVRTC `-arch` value for a device (e.g. "90" -> ("sm_90", True)); the bool says cubin.
+
+    A device newer than this NVRTC knows gets PTX for the newest architecture it supports, which
+    the driver JIT-compiles.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    cc = int(compute_capability)
+    supported = tuple(nvrtc.getSupportedArchs())
+    if cc in supported:
+        return f"sm_{cc}", True
+    older = [a for a in supported if a <= cc]
+    return f"compute_{max(older) if older else min(supported)}", False
+
+
+class CompiledModule:
+    """A kernel file loaded on one device; `get_function` takes the C++ name expression."""
+
+    def __init__(self, module: Any, lowered: dict[str, str]) -> None:
+        self._module = module
+        self._lowered = lowered
+        self._functions: dict[str, Any] = {}
+
+    def get_function(self, expression: str) -> Any:
+        """The `cupy.cuda.function.Function` for e.g. "quantize_blockwise<float>" (cached)."""
+        fn = self._functions.get(expression)
+        if fn is None:
+            fn = self._functions[expression] = self._module.get_function(self._lowered[expression])
+        return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str, options: tuple[str, ...], device_id: int) -> CompiledModule:
+    import cupy
+    from cupy.cuda import function
+
+    with cupy.cuda.Device(device_id) as device:
+        arch, cubin = device_arch(device.compute_capability)
+        image, lowered = _nvrtc_build(name, arch=arch, source=None, name_expressions=None,
+                                      options=options, cubin=cubin)
+        module = function.Module()
+        module.load(bytes(image))
+    return CompiledModule(module, lowered)
+
+
+def load_module(name: str, options: tuple[str, ...] = DEFAULT_OPTIONS) -> CompiledModule:
+    """Compiled kernel file `name` on the current CUDA device (cached per name, options, device)."""
     import cupy
 
     if name not in KERNELS:
@@ -131,7 +179,10 @@ def load_module(name: str, options: tuple[str, ...] = DEFAULT_OPTIONS) -> Any:
 
 
 def get_function(name: str, expression: str, options: tuple[str, ...] = DEFAULT_OPTIONS) -> Any:
-    """The `cupy.RawKernel` for `expression` (e.g. "quantize_blockwise<float>") in file `name`."""
+    """The kernel for `expression` (e.g. "quantize_blockwise<float>") in file `name`, current device.
+
+    Call it as ``fn(grid, block, args)``; it launches on CuPy's current stream.
+    """
     if expression not in KERNELS.get(name, ()):
         raise ValueError(f"{expression!r} is not an instantiation declared for {name}.cu")
     return load_module(name, options).get_function(expression)
