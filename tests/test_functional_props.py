@@ -41,7 +41,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @SETTINGS
 @given(shape=shapes, dtype=st.sampled_from(FLOATS), book=st.sampled_from(["bnb-e4m3", "bnb-e5m2", "dynamic", "linear"]),
        blocksize=st.sampled_from([1, 7, 32, 64, 100, 256, 4096]), seed=st.integers(0, 2**31 - 1),
-       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]), specials=st.booleans(), zero_block=st.booleans(),
+       scale=st.sampled_from([1e-30, 1e-6, 1e-3, 1.0, 1e4]), specials=st.booleans(), zero_block=st.booleans(),
        noncontig=st.booleans(), device=st.sampled_from(DEVICES))
 def test_blockwise_invariants(shape, dtype, book, blocksize, seed, scale, specials, zero_block, noncontig, device):
     assume(device == "cpu" or blocksize in (32, 64, 256, 4096))  # CUDA kernels: powers of two 32..4096
@@ -104,6 +104,17 @@ def test_blockwise_invariants(shape, dtype, book, blocksize, seed, scale, specia
     zero_idx = int(ref.search_even(codec, torch.zeros(1))[0])
     assert bool((qc[zero_blocks] == zero_idx).all())
     assert bool((yf[zero_blocks] == 0).all()) and not bool(torch.signbit(yf[zero_blocks]).any())
+
+
+def test_subnormal_absmax_block_saturates(device: str) -> None:
+    """Known limit of the reciprocal-then-multiply rule (SPEC §4.2): for absmax < 2**-128,
+    fl32(1/absmax) overflows to Inf, so every non-zero element of that block saturates to code
+    0 / 255 (±absmax after dequantisation) while zeros keep the zero code."""
+    x = torch.tensor([1e-40, -5e-41, 0.0, 2e-41] + [1.0] * 4, device=device)
+    q, st_ = F.quantize_blockwise(x, "bnb-e4m3", blocksize=4)
+    assert q.cpu().tolist()[:4] == [255, 0, 127, 255]
+    y = F.dequantize_blockwise(q, st_).cpu()
+    assert y[:4].tolist() == [x[0].item(), -x[0].item(), 0.0, x[0].item()]
 
 
 @SETTINGS
