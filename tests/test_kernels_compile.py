@@ -67,3 +67,16 @@ def test_missing_instantiation_is_an_error() -> None:
 def test_unknown_kernel_file_raises_value_error() -> None:
     with pytest.raises(ValueError, match="no kernel source"):
         kernel_source("no_such_kernel")
+
+
+def test_check_command_reports_failures(monkeypatch, capsys) -> None:
+    from fp8probe.kernels import check
+
+    def broken(name: str, *, arch: str) -> str:
+        return compile_only(name, arch=arch, source="__global__ void k() { nope; }\n", name_expressions=())
+
+    monkeypatch.setattr(check, "KERNELS", {"int8": KERNELS["int8"]})
+    monkeypatch.setattr(check, "compile_only", broken)
+    assert check.main() == 1
+    err = capsys.readouterr().err
+    assert "FAIL int8.cu [compute_80]" in err and "int8.cu(1)" in err and "nope" in err
