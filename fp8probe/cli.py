@@ -111,7 +111,10 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                               inputs_desc=inputs or "example inputs / factory batches")
     except (LoadError, ValueError, TypeError) as exc:
         raise UsageFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    paths = results.save(out)
+    try:
+        paths = results.save(out)
+    except OSError as exc:
+        raise UsageFailure(f"cannot write results to {out}: {exc}") from None
     html = render_report = None
     if not no_html:
         try:

@@ -208,13 +208,19 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[LinearCall],
     dev = torch.device(device)
     batch = Batch(_to_device(tuple(batch.args), dev), _to_device(dict(batch.kwargs), dev))
     with torch.enable_grad(), _grad_enabled_params(model):
-        if is_exported_graph(model):
-            output = _run_graph(model, batch, rec)
-        elif isinstance(model, nn.Module):
-            with _eager_hooks(model, rec):
-                output = model(*batch.args, **batch.kwargs)
-        else:
+        if not (is_exported_graph(model) or isinstance(model, nn.Module)):
             raise LoadError(f"cannot capture a {type(model).__name__}: expected an nn.Module or an exported program")
+        try:
+            if is_exported_graph(model):
+                output = _run_graph(model, batch, rec)
+            else:
+                with _eager_hooks(model, rec):
+                    output = model(*batch.args, **batch.kwargs)
+        except LoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
+            text = str(exc).strip().splitlines()
+            raise LoadError(f"the model failed on the inputs: {type(exc).__name__}: {text[0] if text else ''}") from exc
         if not rec.calls:
             raise LoadError("no linear layer was captured" + (f" matching --layers {pattern.pattern!r}" if pattern else ""))
         loss, info = choose_loss(output, batch, loss_fn, loss_name)

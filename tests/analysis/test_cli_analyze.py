@@ -30,6 +30,8 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     paths = {"pt2": d / "model.pt2", "pickle": d / "model.pt", "state_dict": d / "weights.pt",
              "inputs": d / "inputs.pt", "torchscript": d / "scripted.pt", "bad_inputs": d / "ints.pt"}
     torch.save([1, 2], paths["bad_inputs"])
+    paths["float_inputs"] = d / "floats.pt"
+    torch.save(torch.randn(2, 16, generator=torch.Generator().manual_seed(0)), paths["float_inputs"])
     torch.export.save(torch.export.export(model, batches[0]), paths["pt2"])
     torch.save(model, paths["pickle"])
     torch.save(model.state_dict(), paths["state_dict"])
@@ -93,6 +95,7 @@ def test_pickle_refused_without_trust(saved, tmp_path) -> None:
     (lambda s, t: [str(s["pt2"]), "--strategy", "fp4"], "strategy must be"),
     (lambda s, t: [str(s["pt2"]), "--layers", "("], "regular expression"),
     (lambda s, t: [str(s["pickle"]), "--trust-pickle"], "no inputs"),
+    (lambda s, t: [str(s["pickle"]), "--trust-pickle", "--inputs", str(s["float_inputs"])], "the model failed"),
 ])
 def test_bad_usage_exits_2_with_one_line(saved, tmp_path, make_args, message) -> None:
     code, stdout, stderr = _run(*make_args(saved, tmp_path), "--out", str(tmp_path / "o"), "--quiet")

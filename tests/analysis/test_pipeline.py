@@ -65,8 +65,8 @@ def test_surrogate_and_custom_loss(tiny_model, tiny_batches) -> None:
 
 def test_exported_program_matches_eager(tiny_model, tiny_batches) -> None:
     ep = torch.export.export(tiny_model, tiny_batches[0])
-    eager = analyze(tiny_model, tiny_batches, "global,int8")
-    exported = analyze(ep, tiny_batches, "global,int8")
+    eager = analyze(tiny_model, tiny_batches[:1], "global,int8")
+    exported = analyze(ep, tiny_batches[:1], "global,int8")
     for name in ("layers", "gemm", "operands", "tensors", "outliers"):
         a, b = eager.tables[name], exported.tables[name]
         assert a.equals(b), name
@@ -97,3 +97,5 @@ def test_bad_arguments(tiny_model, tiny_batches) -> None:
         analyze("model.pt", tiny_batches)
     with pytest.raises(LoadError, match="a batch must be"):
         analyze(tiny_model, [3])
+    with pytest.raises(LoadError, match="the model failed on the inputs: "):
+        analyze(tiny_model, [torch.zeros(2, 3, 4)], layers="head")  # float tokens: embedding refuses
