@@ -56,6 +56,7 @@ def _as_cupy(t: torch.Tensor):
     travel as int16 and fp8 as uint8; the kernels reinterpret the bits (common.cuh)."""
     import cupy
 
+    t = t.detach()  # __dlpack__ refuses tensors that require grad; kernels never need autograd
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.view(torch.int16)
     elif t.dtype in _FP8_FMT or t.dtype == torch.bool:
