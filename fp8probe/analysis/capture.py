@@ -83,9 +83,10 @@ def _eager_hooks(model: nn.Module, rec: _Recorder) -> Iterator[None]:
     handles = []
     for name, mod in model.named_modules():
         if isinstance(mod, types):
-            def hook(m: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
-                rec.record(name, inputs[0], _module_weight(m), getattr(m, "bias", None), output)
-            handles.append(mod.register_forward_hook(hook))
+            def hook(m: nn.Module, inputs: tuple, kwargs: dict, output: torch.Tensor, name: str = name) -> None:
+                x = inputs[0] if inputs else next(iter(kwargs.values()))  # Linear(input=x) passes it by name
+                rec.record(name, x, _module_weight(m), getattr(m, "bias", None), output)
+            handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     try:
         yield
     finally:
