@@ -464,3 +464,32 @@ def test_scaled_cast_kernels(emulated, dtype, fmt, tile) -> None:
     out_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 3]
     assert_bitwise_equal(emulated.dequantize_scaled(*got, br, bc, out_dtype),
                          ref.dequantize_scaled(*want, br, bc, out_dtype))
+
+
+# ----------------------------------------------------------------------------- launcher contract
+def test_blocksize_validation_and_short_circuits(emulated, monkeypatch) -> None:
+    code = get_codebook("dynamic")
+    A = _sample((1000,), torch.float32, seed=2)
+    for bad in (16, 100, 8192):
+        with pytest.raises(ValueError, match=f"power of two in 32..4096, got {bad}"):
+            emulated.quantize_blockwise(A, code, bad, "")
+    q, absmax, si, sv = emulated.quantize_blockwise(torch.empty(0, 3), code, 64, "")
+    assert q.shape == (0, 3) and absmax.shape == (0,) and si.numel() == 0 and sv.numel() == 0
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")            # any blocksize on the reference
+    for g, w in zip(emulated.quantize_blockwise(A, code, 100, ""), ref.quantize_blockwise(A, code, 100, "")):
+        assert_bitwise_equal(g, w)
+
+
+@pytest.mark.parametrize("env,registered", (("", True), ("reference", False)))
+def test_registration_follows_the_environment(env, registered) -> None:
+    import importlib.util
+    import os
+    import sys
+
+    if registered and importlib.util.find_spec("cupy") is None:
+        pytest.skip("CuPy not installed: nothing is registered")
+    code = ("import sys, fp8probe.ops, fp8probe.backends.cuda as c; "
+            "assert c._registered is %r, c._registered; assert 'cupy' not in sys.modules" % registered)
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FP8PROBE_BACKEND": env},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
