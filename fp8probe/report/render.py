@@ -229,7 +229,8 @@ def _windows(tensor: str, amax: Any, formats: Mapping) -> list[tuple[str, float,
     return []
 
 
-def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_min: Mapping[str, float]) -> dict:
+def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_min: Mapping[str, float],
+                   draw: bool = True) -> dict:
     trows = tables.get("tensors", [])
     table = _table("tensors", ["layer", "tensor", "numel", "amax", "std", "kurtosis", "zeros", "NaN", "Inf",
                                "range (bits)", "global/block absmax"], [
@@ -241,7 +242,7 @@ def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_m
         for r in trows])
     hists = tables.get("histograms", [])
     figure, note = None, ""
-    if hists:
+    if hists and draw:
         amax = {(r["layer"], r["tensor"]): r.get("amax") for r in trows}
         hist_layers = [x for x in layers if any(h["layer"] == x for h in hists)]
         if len(hist_layers) > MAX_HIST_LAYERS:
@@ -259,7 +260,7 @@ def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_m
     return {"table": table, "figure": figure, "note": note, "present": bool(trows or hists)}
 
 
-def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
+def _outlier_section(layers: list[str], tables: Mapping, draw: bool = True) -> dict | None:
     rows = tables.get("outliers", [])
     if not rows:
         return None
@@ -273,13 +274,13 @@ def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
         first.setdefault(r["layer"], r)
     hm_layers = [x for x in layers if x in first and first[x].get("col_amax")]
     figure = None
-    if hm_layers:
+    if hm_layers and draw:
         figure = figures.figure_to_data_uri(
             figures.outlier_heatmap(hm_layers, [first[x]["col_amax"] for x in hm_layers]))
     return {"table": table, "figure": figure}
 
 
-def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str) -> dict | None:
+def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True) -> dict | None:
     if not rows:
         return None
     sizes = sorted({int(r["blocksize"]) for r in rows})
@@ -308,14 +309,14 @@ def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str) ->
                 series.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": mark})
         panels.append({"title": t, "series": series, "xlabel": "block size (elements)", "ylabel": "SQNR (dB)",
                        "logx2": True})
-    figure = figures.figure_to_data_uri(figures.sweep_panels(panels, ncols=3))
+    figure = figures.figure_to_data_uri(figures.sweep_panels(panels, ncols=3)) if draw else None
     return {"rule": rule, "figure": figure, "targets": ", ".join(targets), "overhead": ", ".join(overhead),
             "table": _table("blocksize", ["layer", "recommended", "auto (get_block_sizes)",
                                           *[f"{bs}" for bs in sizes]], table_rows,
                             groups=[("", 3), ("fprop SQNR (dB) per block size", len(sizes))])}
 
 
-def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str) -> dict | None:
+def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True) -> dict | None:
     if not rows:
         return None
     ths = sorted({float(r["threshold"]) for r in rows})
@@ -340,7 +341,7 @@ def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str) ->
         s_sqnr.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": rec})
         s_frac.append({"label": layer, "x": [p[0] for p in pts],
                        "y": [100 * p[2] if _isnum(p[2]) else None for p in pts], "mark_x": rec})
-    figure = figures.figure_to_data_uri(figures.sweep_panels([
+    figure = None if not draw else figures.figure_to_data_uri(figures.sweep_panels([
         {"title": "fprop SQNR vs threshold", "series": s_sqnr, "xlabel": "outlier threshold",
          "ylabel": "fprop SQNR (dB)"},
         {"title": "16-bit columns vs threshold", "series": s_frac, "xlabel": "outlier threshold",
@@ -366,8 +367,11 @@ def _methods(meta: Mapping, strategies: list[str]) -> dict:
     }
 
 
-def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB) -> dict:
-    """Turn a results dict into the template's view model (plain dicts, lists, strings and data URIs)."""
+def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *, draw: bool = True) -> dict:
+    """Turn a results dict into the template's view model (plain dicts, lists, strings and data URIs).
+
+    ``draw=False`` skips the matplotlib figures (about 2-4 s of a render), for tables-only output.
+    """
     validate_results(results)
     meta, tables = results["metadata"], results["tables"]
     layers = _layer_order(tables)
@@ -380,7 +384,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB) ->
         if g == "fprop" and _isnum(r.get("sqnr_db")):
             fprop_min[layer] = min(fprop_min.get(layer, math.inf), r["sqnr_db"])
     sqnr_fig = None
-    if gemm:
+    if gemm and draw:
         sqnr_fig = figures.figure_to_data_uri(figures.sqnr_bars(
             layers, strategies, {k: v.get("sqnr_db") for k, v in gemm.items()}))
     loss = meta.get("loss") or {}
@@ -405,10 +409,10 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB) ->
         "sqnr_figure": sqnr_fig,
         "strategy_tables": _strategy_tables(layers, strategies, tables, meta.get("rules") or {}, keep_16bit_db),
         "layers_table": _table("layers", ["layer", "in", "out", "bias", "tokens", "bsz", "bsz2"], layer_rows),
-        "range": _range_section(layers, tables, formats, fprop_min),
-        "outliers": _outlier_section(layers, tables),
-        "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", "")),
-        "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", "")),
+        "range": _range_section(layers, tables, formats, fprop_min, draw),
+        "outliers": _outlier_section(layers, tables, draw),
+        "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", ""), draw),
+        "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", ""), draw),
         "methods": _methods(meta, strategies),
         # analysis records a recipe that raised on a layer instead of aborting the run
         "errors": _table("errors", ["layer", "strategy", "error"],
@@ -440,13 +444,14 @@ def _write(html: str, out_html: str | Path) -> Path:
     return out
 
 
-def render_report(results: Mapping, out_html: str | Path, keep_16bit_db: float = KEEP_16BIT_DB) -> Path:
+def render_report(results: Mapping, out_html: str | Path, keep_16bit_db: float = KEEP_16BIT_DB, *,
+                  draw: bool = True) -> Path:
     """Render ``results`` (a results dict, see docs/architecture.md) to one self-contained HTML file.
 
     Returns the path written. Raises ValueError when ``results`` does not follow the schema and
     jinja2.UndefinedError when the view model misses a field the template needs.
     """
-    view = build_report_view(results, keep_16bit_db)
+    view = build_report_view(results, keep_16bit_db, draw=draw)
     html = environment().get_template("report.html.j2").render(v=view)
     return _write(html, out_html)
 

@@ -65,10 +65,10 @@ def test_content_sections(results: dict, html: str) -> None:
 
 
 def test_keep_rule_threshold_moves_the_list(results: dict) -> None:
-    view = build_report_view(results, keep_16bit_db=100.0)
+    view = build_report_view(results, keep_16bit_db=100.0, draw=False)
     for k in view["summary"]["keep"]:
         assert len(k["layers"]) == k["n_measured"] == len(results["tables"]["layers"])
-    view = build_report_view(results, keep_16bit_db=-100.0)
+    view = build_report_view(results, keep_16bit_db=-100.0, draw=False)
     assert all(not k["layers"] for k in view["summary"]["keep"])
 
 
@@ -76,7 +76,7 @@ def test_hostile_layer_names_are_escaped(results: dict, tmp_path: Path) -> None:
     evil = "<script>alert(1)</script>"
     data = json.loads(json.dumps(results).replace("blocks.0.attn.qkv", evil))
     data["metadata"]["name"] = "<b>x</b>"
-    out = render_report(data, tmp_path / "evil.html").read_text(encoding="utf-8")
+    out = render_report(data, tmp_path / "evil.html", draw=False).read_text(encoding="utf-8")
     assert evil not in out and "<b>x</b>" not in out
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in out
     assert out.count("<script>") == 1  # only the report's own sorter
@@ -86,7 +86,7 @@ def test_nan_inf_flagged(results: dict, tmp_path: Path) -> None:
     data = copy.deepcopy(results)
     data["tables"]["tensors"][0]["nan_count"] = 3
     data["tables"]["gemm"][0]["sqnr_db"] = float("nan")
-    out = render_report(data, tmp_path / "nan.html").read_text(encoding="utf-8")
+    out = render_report(data, tmp_path / "nan.html", draw=False).read_text(encoding="utf-8")
     assert "3 NaN and 0 Inf values" in out
     assert ">NaN<" in out
 
@@ -108,7 +108,7 @@ def test_bad_results_raise_value_error(results: dict, mutate, message: str) -> N
     data = copy.deepcopy(results)
     mutate(data)
     with pytest.raises(ValueError, match=message):
-        build_report_view(data)
+        build_report_view(data, draw=False)
 
 
 def test_load_results_bad_file(tmp_path: Path) -> None:
@@ -121,7 +121,7 @@ def test_load_results_bad_file(tmp_path: Path) -> None:
 
 
 def test_strict_undefined_catches_missing_view_fields(results: dict) -> None:
-    view = build_report_view(results)
+    view = build_report_view(results, draw=False)
     del view["summary"]["keep"]
     template = render.environment().get_template("report.html.j2")
     with pytest.raises(jinja2.UndefinedError):
@@ -149,5 +149,5 @@ def test_real_pipeline_results_render(tmp_path: Path) -> None:
 def test_recipe_failures_listed(results: dict, tmp_path: Path) -> None:
     data = copy.deepcopy(results)
     data["tables"]["errors"] = [{"layer": "head", "strategy": "llm-int8", "error": "ValueError: <bad> shape"}]
-    out = render_report(data, tmp_path / "err.html").read_text(encoding="utf-8")
+    out = render_report(data, tmp_path / "err.html", draw=False).read_text(encoding="utf-8")
     assert "Recipe failures" in out and "ValueError: &lt;bad&gt; shape" in out
