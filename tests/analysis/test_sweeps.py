@@ -162,3 +162,29 @@ def test_bad_blocksizes(kwargs, message) -> None:
 def test_bad_thresholds(thresholds) -> None:
     with pytest.raises(ValueError, match="finite numbers >= 0"):
         sweep_threshold(_model(), _inputs(), thresholds=thresholds)
+
+
+def test_sweep_commands(tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from fp8probe.cli import cli
+
+    factory = f"{Path(__file__).parent / 'tiny_factory.py'}:build"
+    res = CliRunner().invoke(cli, ["sweep-threshold", factory, "--thresholds", "0,6,8", "--batches", "1",
+                                   "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert "rule: recommended" in res.output
+    doc = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert doc["kind"] == "sweep-threshold" and len(doc["tables"]["threshold_sweep"]) == 9 * 3
+    assert "http" not in (tmp_path / "t" / "index.html").read_text()
+    res = CliRunner().invoke(cli, ["sweep-blocksize", factory, "--blocksizes", "64,1024", "--batches", "1",
+                                   "--layers", "fc1", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert {r["layer"] for r in doc["tables"]["blocksize_sweep"]} == {"blocks.0.fc1", "blocks.1.fc1"}
+    for args in (["--blocksizes", "32,abc"], ["--blocksizes", "0"]):
+        res = CliRunner().invoke(cli, ["sweep-blocksize", factory, *args, "--out", str(tmp_path / "x")])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output

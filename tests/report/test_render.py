@@ -151,3 +151,15 @@ def test_recipe_failures_listed(results: dict, tmp_path: Path) -> None:
     data["tables"]["errors"] = [{"layer": "head", "strategy": "llm-int8", "error": "ValueError: <bad> shape"}]
     out = render_report(data, tmp_path / "err.html", draw=False).read_text(encoding="utf-8")
     assert "Recipe failures" in out and "ValueError: &lt;bad&gt; shape" in out
+
+
+def test_report_command(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fp8probe.cli import cli
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "something-else"}))
+    res = CliRunner().invoke(cli, ["report", str(bad), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert "expected schema" in res.output
