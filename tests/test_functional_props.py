@@ -106,6 +106,25 @@ def test_blockwise_invariants(shape, dtype, book, blocksize, seed, scale, specia
     assert bool((yf[zero_blocks] == 0).all()) and not bool(torch.signbit(yf[zero_blocks]).any())
 
 
+@settings(max_examples=12, deadline=None)  # the lower_bound/argmin tables bisect: ~1 s per codebook
+@given(seed=st.integers(0, 2**31 - 1), dup=st.integers(0, 40), spread=st.sampled_from([1e-6, 1.0, 1e3]),
+       rule=st.sampled_from(["even", "lower_bound", "argmin"]))
+def test_table_search_equals_closed_form_on_random_codebooks(seed, dup, spread, rule):
+    """The table-driven search (reference.search) equals the direct rule on any sorted codebook,
+    including repeated entries, at every code, midpoint and their float32 neighbours."""
+    g = torch.Generator().manual_seed(seed)
+    code = torch.sort(torch.randn(256, generator=g) * spread).values
+    if dup:
+        idx = torch.randint(1, 256, (dup,), generator=g)
+        code[idx] = code[idx - 1]  # duplicates, as ±0 in the fp8 maps
+        code = torch.sort(code).values
+    mid = ref.code_midpoints(code)
+    pts = torch.cat([code, mid, torch.randn(6000, generator=g) * spread * 2])
+    x = torch.cat([pts, torch.nextafter(pts, torch.tensor(math.inf)), torch.nextafter(pts, torch.tensor(-math.inf)),
+                   torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0])])
+    assert torch.equal(ref.search(code, x, rule).long(), ref._RULES[rule](code, x).long())
+
+
 def test_subnormal_absmax_block_saturates(device: str) -> None:
     """Known limit of the reciprocal-then-multiply rule (SPEC §4.2): for absmax < 2**-128,
     fl32(1/absmax) overflows to Inf, so every non-zero element of that block saturates to code

@@ -126,16 +126,30 @@ def _search_tables(code: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.T
     if bool((f(cpu, torch.tensor([-math.inf])) != 0).any()):
         return None
     i = torch.arange(1, 256, dtype=torch.int64)
-    key_ninf = int(_order_key(torch.tensor([-math.inf]))[0])
-    key_pinf = int(_order_key(torch.tensor([math.inf]))[0])
-    lo = torch.full((255,), key_ninf, dtype=torch.int64)  # idx(lo) < i
-    hi = torch.full((255,), key_pinf + 1, dtype=torch.int64)  # idx(hi) >= i (virtual above +inf)
-    for _ in range(34):  # 2**34 > key range
-        mid = (lo + hi) // 2
-        ok = f(cpu, _key_to_float(mid)).to(torch.int64) >= i
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, mid)
-    thresholds = hi.clamp(max=_KEY_MAX)  # thresholds above +inf are never reached
+    if rule == "even":
+        # The even rule only compares x with codes and midpoints (x > c, x < c), so its value can
+        # change only at c or nextafter(c, +inf): evaluate it there and take, for each i, the
+        # first candidate (in float order) whose index reaches i.
+        pts = torch.cat([cpu, code_midpoints(cpu), torch.tensor([-math.inf, -0.0, 0.0])])
+        pts = torch.cat([pts, torch.nextafter(pts, torch.tensor(math.inf))])
+        keys = torch.unique(_order_key(pts).to(torch.int64))
+        vals = f(cpu, _key_to_float(keys)).to(torch.int64)
+        if bool((vals[1:] < vals[:-1]).any()):
+            return None
+        first = torch.searchsorted(vals, i, side="left")
+        thresholds = torch.where(first < keys.numel(), keys[first.clamp(max=keys.numel() - 1)], _KEY_MAX)
+    else:
+        # lower_bound / argmin compare float32 distances: bisect on the ordered bit patterns.
+        key_ninf = int(_order_key(torch.tensor([-math.inf]))[0])
+        key_pinf = int(_order_key(torch.tensor([math.inf]))[0])
+        lo = torch.full((255,), key_ninf, dtype=torch.int64)  # idx(lo) < i
+        hi = torch.full((255,), key_pinf + 1, dtype=torch.int64)  # idx(hi) >= i (virtual above +inf)
+        for _ in range(34):  # 2**34 > key range
+            mid = (lo + hi) // 2
+            ok = f(cpu, _key_to_float(mid)).to(torch.int64) >= i
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+        thresholds = hi.clamp(max=_KEY_MAX)  # thresholds above +inf are never reached
     if bool((thresholds[1:] < thresholds[:-1]).any()):
         return None
     # raw bucket r holds bit patterns r<<16 .. r<<16|0xFFFF; its key range in either order
