@@ -63,8 +63,14 @@ def sqnr_bars(layers: Sequence[str], strategies: Sequence[str],
 
 
 def _short(name: str, width: int = 32) -> str:
-    """Axis labels keep the tail of long dotted layer names (the distinctive part)."""
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    """Axis labels keep the tail of long dotted layer names (the distinctive part).
+
+    Layer names are user data: a ``$`` would start matplotlib mathtext (and ``$\\x$`` fails to
+    parse at draw time), so dollars are escaped.
+    """
+    name = str(name)
+    short = name if len(name) <= width else "…" + name[-(width - 1):]
+    return short.replace("$", r"\$")
 
 
 def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str]) -> Figure:

@@ -280,7 +280,8 @@ def _outlier_section(layers: list[str], tables: Mapping, draw: bool = True) -> d
     return {"table": table, "figure": figure}
 
 
-def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True) -> dict | None:
+def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True,
+                       auto_sizes: Mapping[str, Any] | None = None) -> dict | None:
     if not rows:
         return None
     sizes = sorted({int(r["blocksize"]) for r in rows})
@@ -291,7 +292,11 @@ def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
     table_rows = []
     for layer in lay:
         rec = next((int(r["blocksize"]) for r in rows if r["layer"] == layer and r.get("recommended")), None)
-        auto = next((int(r["blocksize"]) for r in rows if r["layer"] == layer and r.get("auto")), None)
+        # get_block_sizes' pick for A (bsz) from the layers table; it need not be one of the swept sizes
+        auto = (auto_sizes or {}).get(layer)
+        if auto is None:
+            auto = next((int(r["blocksize"]) for r in rows if r["layer"] == layer and r.get("auto")
+                         and r["target"] == "fprop"), None)
         row = [cell(layer), cell(rec, "{:.0f}", "good"), cell(auto, "{:.0f}")]
         for bs in sizes:
             r = idx.get((layer, bs, "fprop")) or idx.get((layer, float(bs), "fprop"))
@@ -411,7 +416,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "layers_table": _table("layers", ["layer", "in", "out", "bias", "tokens", "bsz", "bsz2"], layer_rows),
         "range": _range_section(layers, tables, formats, fprop_min, draw),
         "outliers": _outlier_section(layers, tables, draw),
-        "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", ""), draw),
+        "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", ""), draw,
+                                        {r["layer"]: r.get("bsz") for r in tables["layers"]}),
         "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", ""), draw),
         "methods": _methods(meta, strategies),
         # analysis records a recipe that raised on a layer instead of aborting the run
