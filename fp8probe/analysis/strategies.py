@@ -145,7 +145,8 @@ def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, in
     st = F.quantize_scaled(x32, fmt, granularity, block)
     q = F.dequantize_scaled(st, _F32)
     fmax = FORMATS[fmt].max
-    saturated = (st.data.float().abs() == fmax) & (x32.abs() > q.abs()) & torch.isfinite(x32)
+    # NaN compares False and ±Inf never sits at exactly ±fmax in data, so no isfinite mask is needed.
+    saturated = (st.data.float().abs() == fmax) & (x32.abs() > q.abs())
     return q, saturated
 
 
@@ -160,10 +161,16 @@ def _scaled_recipe(gran_act: tuple[str, tuple[int, int] | None], gran_w: tuple[s
         ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
         if G is not None:
             qG, sG = _fq_scaled(G, fmt_bwd, *gran_act)          # dgrad contracts over out: G's rows
-            qWt, _ = _fq_scaled(W.t(), fmt_fwd, *gran_w)        # Wᵀ [in, out]: scales along out
+            # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
+            # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
+            w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])
+            qWt = qW.t() if w_reusable else _fq_scaled(W.t(), fmt_fwd, *gran_w)[0]
             gemms["dgrad"] = qG @ qWt.t()
-            qGt, _ = _fq_scaled(G.t(), fmt_bwd, *gran_act)      # wgrad contracts over tokens
-            qAt, _ = _fq_scaled(A.t(), fmt_fwd, *gran_act)
+            if gran_act[0] == "tensor":                         # one scale: transposing changes nothing
+                qGt, qAt = qG.t(), qA.t()
+            else:                                               # wgrad contracts over tokens
+                qGt = _fq_scaled(G.t(), fmt_bwd, *gran_act)[0]
+                qAt = _fq_scaled(A.t(), fmt_fwd, *gran_act)[0]
             gemms["wgrad"] = qGt @ qAt.t()
             ops["grad_output"] = (G, qG, sG)
         return StrategyOutput(gemms, ops)

@@ -122,3 +122,14 @@ def test_shape_checks() -> None:
         run_strategy(STRATEGIES["global"], A, W.t(), G)
     with pytest.raises(ValueError, match="G"):
         run_strategy(STRATEGIES["global"], A, W, G.t())
+
+
+@pytest.mark.parametrize("granularity, block", [("tensor", None), ("block", (128, 128))])
+def test_transposed_weight_reuse_is_exact(granularity: str, block) -> None:
+    # The scaled recipes reuse qW.t() for dgrad when the scaling is per tensor or square-tiled;
+    # that is only valid if quantising Wᵀ gives exactly the transpose.
+    gen = torch.Generator().manual_seed(8)
+    W = torch.randn(200, 300, generator=gen) * torch.logspace(-3, 1, 300)[None, :]
+    q = F.dequantize_scaled(F.quantize_scaled(W, "e4m3", granularity, block), torch.float32)
+    qt = F.dequantize_scaled(F.quantize_scaled(W.t().contiguous(), "e4m3", granularity, block), torch.float32)
+    assert torch.equal(q.t(), qt)
