@@ -126,3 +126,16 @@ def test_null_sqnr_is_listed_not_gated(base: dict) -> None:
     assert cmp["passed"]
     row = [r for r in cmp["sqnr"] if r["layer"] == base["tables"]["gemm"][0]["layer"]][0]
     assert row["current"] is None and row["delta_db"] is None
+
+
+def test_sweep_rows_are_gated_too() -> None:
+    demo = load_results(DATA.parent / "results_demo_small.json")  # real pipeline output with both sweeps
+    cur = copy.deepcopy(demo)
+    row = next(r for r in cur["tables"]["blocksize_sweep"] if r["target"] == "fprop" and r["blocksize"] == 32)
+    row["sqnr_db"] -= 2.0
+    th = next(r for r in cur["tables"]["threshold_sweep"] if r["threshold"] == 6.0)
+    th["fprop_sqnr_db"] -= 2.0
+    cmp = compare_results(demo, cur)
+    details = {(v["layer"], v["detail"].split(" SQNR")[0]) for v in cmp["violations"]}
+    assert details == {(row["layer"], "blockwise bs=32 fprop"), (th["layer"], "int8 threshold=6 fprop")}
+    assert compare_results(demo, copy.deepcopy(demo))["passed"]
