@@ -69,7 +69,9 @@ def test_blockwise_equals_live_bnb(dtype: torch.dtype, codename: str, blocksize:
     mid = (eff[lo] + eff[hi]) * 0.5
     near = (xn[differ] - mid).abs() <= 4 * torch.finfo(torch.float32).eps * mid.abs() + 1e-30
     at_code0 = lo == 0  # Q2: the -1 vs -0.99296875 entry moves the first midpoint
-    assert bool((near | at_code0).all()), f"{int((~(near | at_code0)).sum())} code differences away from a midpoint"
+    same_value = eff[lo] == eff[hi]  # +0.0 (127) vs -0.0 (128): the even rule sends tiny positives to 128
+    ok = near | at_code0 | same_value
+    assert bool(ok.all()), f"{int((~ok).sum())} code differences away from a midpoint"
 
 
 @pytest.mark.parametrize("threshold", [0.0, 2.5, 6.0])
