@@ -8,7 +8,7 @@ must perform to agree bit for bit (fl32 = IEEE binary32 round-to-nearest-even of
   ``0 * Inf = NaN``).
 * nearest code: SPEC §2.1 (ties to the even index), midpoints ``fl32(fl32(c[j] + c[j+1]) * 0.5)``.
 * blockwise dequant: ``fl32(code[q] * absmax[b])`` then a round-to-nearest-even cast to the dtype.
-* int8 row quant: ``scale = fl32(127 / row_stats)``, ``q = round_half_even(fl32(A * scale))``.
+* int8 row quant: ``scale = fl32(fl32(1 / row_stats) * 127)``, ``q = round_half_even(fl32(A * scale))``.
 * int8_mm_dequant (default): ``y = fl32(fl32(fl32(fl32(float(C) * row_i) * col_j) * INV_127_SQ) + float(bias_j))``
   where ``float(C)`` is the RNE int32→float32 conversion; then an RNE cast to the dtype.
 * scaled casts: ``data = fp8_rne(saturate(fl32(x / scale)))`` (see :func:`quantize_scaled`).
@@ -391,7 +391,9 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
                 torch.empty(0, dtype=torch.int64, device=dev))
     a, outlier, masked, R, C = _int8_rows(A, threshold, compat)
     row_stats = masked.amax(dim=1)
-    scale = SCALE_INT8 / row_stats  # IEEE fl32(127 / row_stats); all-zero row → Inf → 0·Inf = NaN → 0
+    # torch lowers `127 / t` to reciprocal-then-multiply (two roundings, as bnb's CPU path); written
+    # out so the order cannot change with torch's lowering. All-zero row → Inf → 0·Inf = NaN → 0
+    scale = torch.reciprocal(row_stats) * SCALE_INT8
     q = _round_int8(a * scale[:, None])
     cols = _outlier_cols(outlier, dev)
     if outlier is not None and cols.numel():
@@ -538,7 +540,9 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
         exp = (e - 1 - emax).clamp(-127, 127)
         scale = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), 1.0)
     else:
-        scale = amax / fmax
+        # tensor / tensor: a Python-number divisor is lowered to a multiply by its reciprocal on
+        # CUDA but to a true division on CPU, which would make the reference device-dependent
+        scale = amax / torch.full_like(amax, fmax)
         scale = torch.where(scale > 0, scale, 1.0)
     y = xt / scale[:, None, :, None]
     y = torch.where(torch.isfinite(y), y.clamp(-fmax, fmax), y)
