@@ -12,9 +12,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 _REPO = Path(__file__).resolve().parents[1]
 #: bitsandbytes 0.49.2 reference vectors (shared/vectors/README.md); FP8PROBE_VECTORS overrides.
-VECTORS_DIR = Path(os.environ.get("FP8PROBE_VECTORS", "")) if os.environ.get("FP8PROBE_VECTORS") else next(
-    (p for p in (_REPO / "shared" / "vectors", _REPO.parent / "shared" / "vectors") if p.is_dir()),
-    _REPO.parent / "shared" / "vectors",
+VECTORS_DIR = (
+    Path(os.environ["FP8PROBE_VECTORS"]) if os.environ.get("FP8PROBE_VECTORS") else _REPO / "tests" / "data" / "bnb_vectors"
 )
 
 
@@ -25,8 +24,8 @@ def device(request: pytest.FixtureRequest) -> str:
 
 
 def vectors_file(name: str) -> Path:
-    """Path of a reference-vector file; skips the calling test when the vectors are not present."""
+    """Path of a reference-vector file (committed under tests/data/bnb_vectors)."""
     path = VECTORS_DIR / name
     if not path.is_file():
-        pytest.skip(f"reference vectors not found at {path} (set FP8PROBE_VECTORS)")
+        raise FileNotFoundError(f"reference vectors not found at {path} (set FP8PROBE_VECTORS or restore tests/data/bnb_vectors)")
     return path
