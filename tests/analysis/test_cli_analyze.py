@@ -106,8 +106,13 @@ def test_bad_usage_exits_2_with_one_line(saved, tmp_path, make_args, message) ->
 
 
 def test_factory_spec_as_model_json_output(tmp_path) -> None:
-    code, stdout, stderr = _run(f"{HERE / 'tiny_factory.py'}:build", "--strategy", "int8", "--batches", "1",
-                                "--layers", "fc1", "--format", "json", "--out", str(tmp_path / "f"), "--no-html")
+    threads = torch.get_num_threads()
+    try:
+        code, stdout, stderr = _run(f"{HERE / 'tiny_factory.py'}:build", "--strategy", "int8", "--batches", "1",
+                                    "--layers", "fc1", "--format", "json", "--out", str(tmp_path / "f"),
+                                    "--no-html", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)  # CliRunner runs in this process
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["loss"]["kind"] == "model"
