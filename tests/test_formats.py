@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import vectors_file
+from support import vectors_file
 
 from fp8probe import formats
 from fp8probe.cli import cli

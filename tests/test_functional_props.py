@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES
+from support import DEVICES
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 

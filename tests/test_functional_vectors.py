@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import vectors_file
+from support import vectors_file
 
 import fp8probe.functional as F
 from fp8probe.formats import get_codebook

@@ -1,0 +1,28 @@
+"""Importable test helpers (not fixtures): the device list and the bnb reference-vector location.
+
+Kept out of conftest.py because tests/analysis has a conftest of its own, and `from conftest import`
+would resolve to whichever conftest module was imported first.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+#: "cpu" always, plus "cuda" when a GPU is visible; parametrise device-dependent tests over it.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+_REPO = Path(__file__).resolve().parents[1]
+#: bitsandbytes 0.49.2 reference vectors (shared/vectors/README.md); FP8PROBE_VECTORS overrides.
+VECTORS_DIR = (
+    Path(os.environ["FP8PROBE_VECTORS"]) if os.environ.get("FP8PROBE_VECTORS") else _REPO / "tests" / "data" / "bnb_vectors"
+)
+
+
+def vectors_file(name: str) -> Path:
+    """Path of a reference-vector file (committed under tests/data/bnb_vectors)."""
+    path = VECTORS_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"reference vectors not found at {path} (set FP8PROBE_VECTORS or restore tests/data/bnb_vectors)")
+    return path
