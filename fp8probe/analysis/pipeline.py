@@ -135,28 +135,34 @@ def _loss_fn(loss: LossFn | str | None) -> tuple[LossFn | None, str | None]:
     raise TypeError(f"loss must be a callable, 'module:function' or None, got {type(loss).__name__}")
 
 
-def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global", *, threshold: float = 6.0,
-            layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
-            loss: LossFn | str | None = None, progress: bool | ProgressFn = False, name: str | None = None,
-            model_desc: str | None = None, inputs_desc: str | None = None) -> Results:
-    """Capture every linear GEMM of ``model`` on ``inputs`` and measure each recipe's error.
+@dataclass
+class Run:
+    """A model resolved for streaming: the callable module, its batches and the loss to differentiate."""
 
-    model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
-    tuple of args / dict of kwargs) or a list of batches; None uses the program's example inputs or
-    the factory's batches. strategy: "all", a name, "a,b" or a list (strategies.STRATEGIES).
-    threshold: LLM.int8 outlier threshold (|x| ≥ threshold). layers: regex on module paths.
-    batches: use at most this many. device: "cpu" | "cuda". loss: callable(output, batch) or
-    "module:function"; default the model's own loss, else the surrogate mean(output²).
-    progress: True prints "batch i/n" lines to stderr; a callable(done, total) is called after each
-    batch instead (the CLI draws a click progress bar with it).
-    Returns Results with tables layers, gemm, operands, tensors, histograms, outliers (and errors
-    when a recipe failed on a layer).
-    """
+    module: Any
+    batches: list[Batch]
+    description: str
+    example_inputs: bool
+    device: torch.device
+    layers: str | None
+    loss_fn: LossFn | None
+    loss_name: str | None
+
+    def stream(self, sink: Callable[[LinearCall], None], report: ProgressFn | None = None) -> LossInfo | None:
+        """Capture every batch into `sink` (one LinearCall at a time); returns the last batch's loss info."""
+        info = None
+        for i, batch in enumerate(self.batches):
+            info = capture_batch(self.module, batch, sink, layers=self.layers, loss_fn=self.loss_fn,
+                                 loss_name=self.loss_name, device=self.device)
+            if report is not None:
+                report(i + 1, len(self.batches))
+        return info
+
+
+def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | None, device: str, seed: int,
+                loss: LossFn | str | None) -> Run:
+    """Resolve model, batches, device and loss the same way for analyze() and the sweeps; seeds torch."""
     module, own_batches, description = _as_model(model)
-    strategies = resolve(strategy)
-    threshold = float(threshold)
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
     if layers is not None:
         try:
             re.compile(layers)
@@ -180,8 +186,54 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         module = module.to(dev)
     loss_fn, loss_name = _loss_fn(loss)
     torch.manual_seed(seed)
+    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name)
+
+
+def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: str | None, seed: int,
+                 info: LossInfo | None, formats: list[str]) -> dict:
+    """The metadata block every results JSON shares (docs/architecture.md); callers add their own keys."""
+    return {
+        "name": name,
+        "model": model_desc or run.description,
+        "inputs": inputs_desc or (f"{len(run.batches)} batch(es)" + (" (example inputs)" if run.example_inputs else "")),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(run.device),
+        "seed": seed,
+        "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "strategies": [],
+        "loss": {"kind": info.kind, "detail": info.detail} if info else None,
+        "formats": {f: {"max": FORMATS[f].max, "min_normal": FORMATS[f].min_normal,
+                        "min_subnormal": FORMATS[f].min_subnormal, "description": FORMATS[f].description}
+                    for f in formats},
+        "rules": {},
+        "batches": len(run.batches),
+        "layers_regex": run.layers,
+    }
+
+
+def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global", *, threshold: float = 6.0,
+            layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
+            loss: LossFn | str | None = None, progress: bool | ProgressFn = False, name: str | None = None,
+            model_desc: str | None = None, inputs_desc: str | None = None) -> Results:
+    """Capture every linear GEMM of ``model`` on ``inputs`` and measure each recipe's error.
+
+    model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
+    tuple of args / dict of kwargs) or a list of batches; None uses the program's example inputs or
+    the factory's batches. strategy: "all", a name, "a,b" or a list (strategies.STRATEGIES).
+    threshold: LLM.int8 outlier threshold (|x| ≥ threshold). layers: regex on module paths.
+    batches: use at most this many. device: "cpu" | "cuda". loss: callable(output, batch) or
+    "module:function"; default the model's own loss, else the surrogate mean(output²).
+    progress: True prints "batch i/n" lines to stderr; a callable(done, total) is called after each
+    batch instead (the CLI draws a click progress bar with it).
+    Returns Results with tables layers, gemm, operands, tensors, histograms, outliers (and errors
+    when a recipe failed on a layer).
+    """
+    strategies = resolve(strategy)
+    threshold = float(threshold)
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
     analysis = _Analysis(strategies, threshold)
-    info: LossInfo | None = None
     if callable(progress):
         report: ProgressFn | None = progress
     elif progress:
@@ -189,28 +241,10 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             print(f"analyze: batch {done}/{total}", file=sys.stderr, flush=True)
     else:
         report = None
-    for i, batch in enumerate(batch_list):
-        info = capture_batch(module, batch, analysis, layers=layers, loss_fn=loss_fn, loss_name=loss_name,
-                             device=dev)
-        if report is not None:
-            report(i + 1, len(batch_list))
+    info = run.stream(analysis, report)
     used_formats = sorted({f for s in strategies for f in s.formats})
-    metadata = {
-        "name": name or "analysis",
-        "model": model_desc or description,
-        "inputs": inputs_desc or (f"{len(batch_list)} batch(es)" + (" (example inputs)" if inputs is None else "")),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(dev),
-        "seed": seed,
-        "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "strategies": [s.name for s in strategies],
-        "threshold": threshold,
-        "loss": {"kind": info.kind, "detail": info.detail} if info else None,
-        "formats": {f: {"max": FORMATS[f].max, "min_normal": FORMATS[f].min_normal,
-                        "min_subnormal": FORMATS[f].min_subnormal, "description": FORMATS[f].description}
-                    for f in used_formats},
-        "rules": {s.name: s.rules for s in strategies},
-        "batches": len(batch_list),
-        "layers_regex": layers,
-    }
+    metadata = run_metadata(run, name=name or "analysis", model_desc=model_desc, inputs_desc=inputs_desc,
+                            seed=seed, info=info, formats=used_formats)
+    metadata.update({"strategies": [s.name for s in strategies], "threshold": threshold,
+                     "rules": {s.name: s.rules for s in strategies}})
     return Results(metadata, analysis.tables(), kind="analyze")

@@ -1,10 +1,7 @@
 """Block-size and outlier-threshold sweeps per linear layer, on the operands captured by analysis/capture.py."""
 from __future__ import annotations
 
-import datetime as _dt
 import math
-import platform
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,15 +9,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fp8probe import __version__
 from fp8probe import functional as F
 from fp8probe.autograd import MatMul8bitLt, MatmulLtState, get_block_sizes
-from fp8probe.formats import FORMATS
 
-from .capture import LinearCall, LossFn, LossInfo, capture_batch
-from .loading import LoadError, to_batches
+from .capture import LinearCall, LossFn, LossInfo
 from .metrics import ErrorAccumulator
-from .pipeline import _as_model, _loss_fn
+from .pipeline import Run, prepare_run, run_metadata
 from .results import Results
 
 DEFAULT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -222,59 +216,29 @@ class _ThresholdSweep:
 # Drivers
 # --------------------------------------------------------------------------------------------
 def _run(model: Any, inputs: Any, sweep: Any, *, layers: str | None, batches: int | None, device: str,
-         seed: int, loss: LossFn | str | None) -> tuple[list, LossInfo | None, str, bool]:
-    """Resolve the model and batches exactly like analyze() and stream every batch through capture."""
-    module, own_batches, description = _as_model(model)
-    if layers is not None:
-        try:
-            re.compile(layers)
-        except re.error as exc:
-            raise ValueError(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from None
-    if inputs is not None:
-        batch_list = to_batches(inputs)
-    elif own_batches:
-        batch_list = own_batches
-    else:
-        raise LoadError("no inputs: pass --inputs file.pt (a tensor, tuple, dict or list of batches), "
-                        "or a model that carries example inputs (.pt2) or a factory returning (model, batches)")
-    if batches is not None:
-        if batches < 1:
-            raise ValueError(f"batches must be >= 1, got {batches}")
-        batch_list = batch_list[:batches]
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA device is available")
-    if isinstance(module, torch.nn.Module):
-        module = module.to(dev)
-    loss_fn, loss_name = _loss_fn(loss)
-    torch.manual_seed(seed)
-    info = None
-    for batch in batch_list:
-        info = capture_batch(module, batch, sweep, layers=layers, loss_fn=loss_fn, loss_name=loss_name, device=dev)
-    return batch_list, info, description, inputs is None
+         seed: int, loss: LossFn | str | None) -> tuple[Run, LossInfo | None]:
+    """Resolve the model and batches exactly like analyze() and stream every batch into `sweep`."""
+    run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
+    return run, run.stream(sweep)
 
 
-def _metadata(kind: str, name: str | None, model_desc: str | None, description: str, inputs_desc: str | None,
-              batch_list: list, example: bool, device: str, seed: int, info: LossInfo | None,
-              formats: Sequence[str], rules: dict, recommendations: dict, extra: dict) -> dict:
-    return {
-        "name": name or kind,
-        "model": model_desc or description,
-        "inputs": inputs_desc or (f"{len(batch_list)} batch(es)" + (" (example inputs)" if example else "")),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(torch.device(device)),
-        "seed": seed,
-        "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "strategies": [],
-        "loss": {"kind": info.kind, "detail": info.detail} if info else None,
-        "formats": {f: {"max": FORMATS[f].max, "min_normal": FORMATS[f].min_normal,
-                        "min_subnormal": FORMATS[f].min_subnormal, "description": FORMATS[f].description}
-                    for f in formats},
-        "rules": rules,
-        "recommendations": recommendations,
-        "batches": len(batch_list),
-        **extra,
-    }
+def _metadata(kind: str, run: Run, info: LossInfo | None, *, name: str | None, model_desc: str | None,
+              inputs_desc: str | None, seed: int, formats: Sequence[str], rules: dict, recommendations: dict,
+              extra: dict) -> dict:
+    meta = run_metadata(run, name=name or kind, model_desc=model_desc, inputs_desc=inputs_desc, seed=seed,
+                        info=info, formats=list(formats))
+    meta.update({"rules": rules, "recommendations": recommendations, **extra})
+    return meta
+
+
+def _blocksize_meta(sizes: list[int]) -> dict:
+    return {"formats": (CODE_FWD, CODE_BWD), "rules": {"blockwise sweep": BLOCKSIZE_METHOD},
+            "recommendations": {"blocksize_sweep": BLOCKSIZE_RULE}, "extra": {"blocksizes": sizes}}
+
+
+def _threshold_meta(ths: list[float]) -> dict:
+    return {"formats": ("int8",), "rules": {"threshold sweep": THRESHOLD_METHOD},
+            "recommendations": {"threshold_sweep": THRESHOLD_RULE}, "extra": {"thresholds": ths}}
 
 
 def _layers_table(sweep_layers: dict, tokens: dict[str, int] | None = None) -> pd.DataFrame:
@@ -313,11 +277,9 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
     """
     sizes = _check_blocksizes(blocksizes)
     sweep = _BlocksizeSweep(sizes)
-    batch_list, info, desc, example = _run(model, inputs, sweep, layers=layers, batches=batches, device=device,
-                                           seed=seed, loss=loss)
-    meta = _metadata("sweep-blocksize", name, model_desc, desc, inputs_desc, batch_list, example, device, seed, info,
-                     (CODE_FWD, CODE_BWD), {"blockwise sweep": BLOCKSIZE_METHOD},
-                     {"blocksize_sweep": BLOCKSIZE_RULE}, {"blocksizes": sizes})
+    run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
+    meta = _metadata("sweep-blocksize", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
+                     seed=seed, **_blocksize_meta(sizes))
     return Results(meta, {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table()},
                    kind="sweep-blocksize")
 
@@ -336,11 +298,9 @@ def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] 
     """
     ths = _check_thresholds(thresholds)
     sweep = _ThresholdSweep(ths)
-    batch_list, info, desc, example = _run(model, inputs, sweep, layers=layers, batches=batches, device=device,
-                                           seed=seed, loss=loss)
-    meta = _metadata("sweep-threshold", name, model_desc, desc, inputs_desc, batch_list, example, device, seed, info,
-                     ("int8",), {"threshold sweep": THRESHOLD_METHOD},
-                     {"threshold_sweep": THRESHOLD_RULE}, {"thresholds": ths})
+    run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
+    meta = _metadata("sweep-threshold", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
+                     seed=seed, **_threshold_meta(ths))
     tokens = {n: a.tokens for n, a in sweep.layers.items()}
     return Results(meta, {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table()},
                    kind="sweep-threshold")
@@ -356,12 +316,10 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     name, model_desc, inputs_desc = (kwargs.pop(k, None) for k in ("name", "model_desc", "inputs_desc"))
     if kwargs:
         raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
-    batch_list, info, desc, example = _run(model, inputs, _Both(bsw, tsw), device=device, seed=seed, **opts)
-    b_meta = _metadata("sweep-blocksize", name, model_desc, desc, inputs_desc, batch_list, example, device, seed,
-                       info, (CODE_FWD, CODE_BWD), {"blockwise sweep": BLOCKSIZE_METHOD},
-                       {"blocksize_sweep": BLOCKSIZE_RULE}, {"blocksizes": sizes})
-    t_meta = _metadata("sweep-threshold", name, model_desc, desc, inputs_desc, batch_list, example, device, seed,
-                       info, ("int8",), {"threshold sweep": THRESHOLD_METHOD}, {"threshold_sweep": THRESHOLD_RULE}, {"thresholds": ths})
+    run, info = _run(model, inputs, _Both(bsw, tsw), device=device, seed=seed, **opts)
+    common = {"name": name, "model_desc": model_desc, "inputs_desc": inputs_desc, "seed": seed}
+    b_meta = _metadata("sweep-blocksize", run, info, **common, **_blocksize_meta(sizes))
+    t_meta = _metadata("sweep-threshold", run, info, **common, **_threshold_meta(ths))
     tokens = {n: a.tokens for n, a in tsw.layers.items()}
     return (Results(b_meta, {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table()},
                     kind="sweep-blocksize"),
