@@ -249,6 +249,31 @@ def _resolve_blocks(A: torch.Tensor, B: torch.Tensor, bsz: int, bsz2: int, compa
     return int(bsz), int(bsz2)
 
 
+def _fp8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None,
+                  fw_code: torch.Tensor | None, bw_code: torch.Tensor | None, compat: str | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Checks shared by the FP8 functions; returns (fw_code, bw_code, output-if-empty-else-None)."""
+    _check_compat(compat)
+    _check_fp8_operands(A, B)
+    out_shape = (*A.shape[:-1], B.shape[1])
+    _check_out(out, out_shape, A.dtype, A.device)
+    fw, bw = _codes(A, fw_code, bw_code)
+    ctx.is_empty = A.numel() == 0 or B.numel() == 0
+    if not ctx.is_empty:
+        return fw, bw, None
+    ctx.shapes = (A.shape, B.shape, A.dtype, B.dtype)
+    # A zero-size contraction is an exact matmul of zeros; never return uninitialised memory.
+    return fw, bw, _finish(ctx, torch.zeros(out_shape, dtype=A.dtype, device=A.device), out)
+
+
+def _fp8_empty_grads(ctx: Any, grad_output: torch.Tensor) -> tuple:
+    """Zero gradients of the right shapes for an empty FP8 matmul (SPEC §7.2)."""
+    a_shape, b_shape, a_dtype, b_dtype = ctx.shapes
+    dev = grad_output.device
+    return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
+            None, None, None, None, None, None)
+
+
 class MatMulFP8Mixed(torch.autograd.Function):
     """``A @ B`` with blockwise-E4M3 A, global-E4M3 B; grad_A from blockwise-E5M2 grad (SPEC §7.2).
 
@@ -260,16 +285,9 @@ class MatMulFP8Mixed(torch.autograd.Function):
     def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
                 fw_code: torch.Tensor | None = None, bw_code: torch.Tensor | None = None,
                 bsz: int = 1024, bsz2: int = 1024, compat: str | None = None) -> torch.Tensor:
-        _check_compat(compat)
-        _check_fp8_operands(A, B)
-        out_shape = (*A.shape[:-1], B.shape[1])
-        _check_out(out, out_shape, A.dtype, A.device)
-        fw, bw = _codes(A, fw_code, bw_code)
-        ctx.is_empty = A.numel() == 0 or B.numel() == 0
-        if ctx.is_empty:
-            ctx.shapes = (A.shape, B.shape, A.dtype, B.dtype)
-            # A zero-size contraction is an exact matmul of zeros; never return uninitialised memory.
-            return _finish(ctx, torch.zeros(out_shape, dtype=A.dtype, device=A.device), out)
+        fw, bw, empty_out = _fp8_prologue(ctx, A, B, out, fw_code, bw_code, compat)
+        if empty_out is not None:
+            return empty_out
         bsz, bsz2 = _resolve_blocks(A, B, bsz, bsz2, compat)
         fp8A = _fq_blockwise(A, fw, bsz, compat)
         fp8B = _fq_global(B, fw, compat)
@@ -281,10 +299,7 @@ class MatMulFP8Mixed(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         if ctx.is_empty:
-            a_shape, b_shape, a_dtype, b_dtype = ctx.shapes
-            dev = grad_output.device
-            return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
-                    None, None, None, None, None, None)
+            return _fp8_empty_grads(ctx, grad_output)
         A, fp8B = ctx.saved_tensors
         grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
@@ -308,15 +323,9 @@ class MatMulFP8Global(torch.autograd.Function):
     def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
                 fw_code: torch.Tensor | None = None, bw_code: torch.Tensor | None = None,
                 bsz: int = 1024, bsz2: int = 1024, compat: str | None = None) -> torch.Tensor:
-        _check_compat(compat)
-        _check_fp8_operands(A, B)
-        out_shape = (*A.shape[:-1], B.shape[1])
-        _check_out(out, out_shape, A.dtype, A.device)
-        fw, bw = _codes(A, fw_code, bw_code)
-        ctx.is_empty = A.numel() == 0 or B.numel() == 0
-        if ctx.is_empty:
-            ctx.shapes = (A.shape, B.shape, A.dtype, B.dtype)
-            return _finish(ctx, torch.zeros(out_shape, dtype=A.dtype, device=A.device), out)
+        fw, bw, empty_out = _fp8_prologue(ctx, A, B, out, fw_code, bw_code, compat)
+        if empty_out is not None:
+            return empty_out
         fp8A = _fq_global(A, fw, compat)
         fp8B = _fq_global(B, fw, compat)
         output = torch.matmul(fp8A, fp8B)
@@ -328,10 +337,7 @@ class MatMulFP8Global(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         if ctx.is_empty:
-            a_shape, b_shape, a_dtype, b_dtype = ctx.shapes
-            dev = grad_output.device
-            return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
-                    None, None, None, None, None, None)
+            return _fp8_empty_grads(ctx, grad_output)
         fp8A, fp8B = ctx.saved_tensors
         fp8G = _fq_global(grad_output, ctx.bw_code, ctx.compat).to(fp8A.dtype)
         grad_A = grad_B = None
