@@ -11,15 +11,10 @@ from typing import Any
 
 import pandas as pd
 
-SCHEMA = "fp8probe.results"
-VERSION = 1
-KINDS = ("analyze", "sweep-blocksize", "sweep-threshold")
-REQUIRED_TABLES = ("layers",)
+from fp8probe.report.schema import KINDS, SCHEMA, ResultsError, validate_results
+from fp8probe.report.schema import SCHEMA_VERSION as VERSION
+
 JSON_NAME = "results.json"
-
-
-class ResultsError(ValueError):
-    """A results file that is not fp8probe results of a supported version."""
 
 
 def _clean(value: Any) -> Any:
@@ -96,22 +91,8 @@ class Results:
     @classmethod
     def from_json(cls, doc: Any, source: str = "results") -> Results:
         """Validate a parsed results document and build Results (ResultsError on any mismatch)."""
-        if not isinstance(doc, dict):
-            raise ResultsError(f"{source}: expected a JSON object, got {type(doc).__name__}")
-        if doc.get("schema") != SCHEMA:
-            raise ResultsError(f"{source}: not an fp8probe results file (schema {doc.get('schema')!r}, expected {SCHEMA!r})")
-        if doc.get("version") != VERSION:
-            raise ResultsError(f"{source}: results version {doc.get('version')!r} is not supported (expected {VERSION})")
-        if doc.get("kind") not in KINDS:
-            raise ResultsError(f"{source}: kind must be one of {', '.join(KINDS)}, got {doc.get('kind')!r}")
-        meta, tables = doc.get("metadata"), doc.get("tables")
-        if not isinstance(meta, dict):
-            raise ResultsError(f"{source}: metadata must be an object, got {type(meta).__name__}")
-        if not isinstance(tables, dict):
-            raise ResultsError(f"{source}: tables must be an object, got {type(tables).__name__}")
-        for name in REQUIRED_TABLES:
-            if name not in tables:
-                raise ResultsError(f"{source}: required table {name!r} is missing")
+        validate_results(doc, source)
+        meta, tables = doc["metadata"], doc["tables"]
         frames = {}
         for name, records in tables.items():
             if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):

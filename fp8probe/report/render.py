@@ -11,10 +11,8 @@ from typing import Any
 import jinja2
 
 from fp8probe.report import figures
+from fp8probe.report.schema import validate_results
 
-SCHEMA = "fp8probe.results"
-SCHEMA_VERSION = 1
-KINDS = ("analyze", "sweep-blocksize", "sweep-threshold")
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
 # A layer is recommended to stay in 16-bit under a strategy when its forward GEMM keeps less than
@@ -52,26 +50,6 @@ def load_results(path: str | Path) -> dict:
         raise ValueError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); expected an fp8probe results file") from None
     validate_results(data, source=str(path))
     return data
-
-
-def validate_results(results: Any, source: str = "results") -> None:
-    """Check the top-level shape of a results dict (schema, version, kind, metadata, tables.layers)."""
-    if not isinstance(results, Mapping):
-        raise ValueError(f"{source}: expected a JSON object with schema {SCHEMA!r}, got {type(results).__name__}")
-    if results.get("schema") != SCHEMA:
-        raise ValueError(f"{source}: expected schema {SCHEMA!r}, got {results.get('schema')!r}")
-    if results.get("version") != SCHEMA_VERSION:
-        raise ValueError(f"{source}: expected results version {SCHEMA_VERSION}, got {results.get('version')!r}")
-    if results.get("kind") not in KINDS:
-        raise ValueError(f"{source}: expected kind in {KINDS}, got {results.get('kind')!r}")
-    if not isinstance(results.get("metadata"), Mapping):
-        raise ValueError(f"{source}: expected a 'metadata' object")
-    tables = results.get("tables")
-    if not isinstance(tables, Mapping) or not isinstance(tables.get("layers"), list):
-        raise ValueError(f"{source}: expected 'tables' with a 'layers' list")
-    for name, rows in tables.items():
-        if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
-            raise ValueError(f"{source}: table {name!r} must be a list of records")
 
 
 # ----------------------------------------------------------------------------------------------

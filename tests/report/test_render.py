@@ -100,7 +100,7 @@ def test_minimal_results_render(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(schema="other"), "expected schema"),
+    (lambda d: d.update(schema="other"), "not an fp8probe results file"),
     (lambda d: d.update(version=2), "version"),
     (lambda d: d.update(kind="nope"), "kind"),
     (lambda d: d["tables"].pop("layers"), "layers"),
@@ -163,4 +163,4 @@ def test_report_command(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"schema": "something-else"}))
     res = CliRunner().invoke(cli, ["report", str(bad), "-o", str(tmp_path / "r.html")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
-    assert "expected schema" in res.output
+    assert "not an fp8probe results file" in res.output
