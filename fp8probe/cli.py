@@ -6,6 +6,7 @@ import sys
 import click
 
 from fp8probe import __version__
+from fp8probe.report.files import atomic_write_text
 
 
 class UsageFailure(click.ClickException):
@@ -220,7 +221,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     out = Path(out_dir)
     html = render_compare(comparison, out / "compare.html")
     md = compare_markdown(comparison)
-    (out / "compare.md").write_text(md, encoding="utf-8")
+    atomic_write_text(out / "compare.md", md)
     if markdown_file:
         with open(markdown_file, "a", encoding="utf-8") as fh:  # append: GITHUB_STEP_SUMMARY is shared
             fh.write(md + "\n")
@@ -386,7 +387,7 @@ def _run_demo(out_dir: str, small: bool, start: float) -> None:
     bs_res.save(out / "sweep-blocksize")
     th_res.save(out / "sweep-threshold")
     merged = merge_sweeps_into(analysis.to_json(), bs_res.to_json(), th_res.to_json())
-    (out / "results.json").write_text(json.dumps(merged, indent=1, allow_nan=False), encoding="utf-8")
+    atomic_write_text(out / "results.json", json.dumps(merged, indent=1, allow_nan=False))
     html = render_report(merged, out / "index.html")
     click.echo(f"demo: report written to {html} ({time.perf_counter() - start:.1f} s); "
                f"results JSON in {out}/results.json (fp8probe report {out}/results.json -o other.html re-renders it)")

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import KINDS, SCHEMA, ResultsError, validate_results
 from fp8probe.report.schema import SCHEMA_VERSION as VERSION
 
@@ -28,18 +27,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and os.replace (never a partial file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -81,10 +68,10 @@ class Results:
                 if csv_table[col].map(lambda v: isinstance(v, (list, tuple, dict))).any():
                     csv_table[col] = csv_table[col].map(lambda v: json.dumps(_clean(v)))
             path = out / f"{name}.csv"
-            _atomic_write(path, csv_table.to_csv(index=False))
+            atomic_write_text(path, csv_table.to_csv(index=False))
             paths[name] = path
         # results.json last: its presence means the whole set was written.
-        _atomic_write(out / JSON_NAME, text)
+        atomic_write_text(out / JSON_NAME, text)
         paths["json"] = out / JSON_NAME
         return paths
 

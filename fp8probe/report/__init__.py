@@ -1,0 +1,1 @@
+"""Report layer: renders results JSON into one self-contained HTML file and compares two results (never imports analysis)."""

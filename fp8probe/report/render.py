@@ -11,6 +11,7 @@ from typing import Any
 import jinja2
 
 from fp8probe.report import figures
+from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import validate_results
 
 TENSORS = ("activation", "weight", "grad_output")
@@ -424,7 +425,7 @@ def environment() -> jinja2.Environment:
 def _write(html: str, out_html: str | Path) -> Path:
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    atomic_write_text(out, html)
     return out
 
 

@@ -7,6 +7,8 @@ import math
 import pandas as pd
 import pytest
 
+from fp8probe.report import files
+
 from fp8probe.analysis import results as R
 from fp8probe.analysis.results import Results, ResultsError
 
@@ -45,7 +47,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(R.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     res = _results()
     res.metadata["name"] = "second"
     with pytest.raises(OSError, match="disk full"):

@@ -164,3 +164,31 @@ def test_report_command(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["report", str(bad), "-o", str(tmp_path / "r.html")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     assert "not an fp8probe results file" in res.output
+
+
+def test_outputs_are_written_atomically_with_normal_permissions(results: dict, tmp_path: Path, monkeypatch) -> None:
+    """A failed write leaves the previous report intact and no temp file; new files are not mkstemp's 0600."""
+    import os
+
+    from fp8probe.report import files
+
+    out = render_report(results, tmp_path / "r.html", draw=False)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~_current_umask()
+    before = out.read_text(encoding="utf-8")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        render_report(results, out, draw=False)
+    assert out.read_text(encoding="utf-8") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
