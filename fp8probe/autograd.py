@@ -447,6 +447,20 @@ def _bias_grad(grad2: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
     return grad2.sum(0, dtype=torch.float32).to(bias_dtype)
 
 
+def _int8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None,
+                   bias: torch.Tensor | None, state: MatmulLtState | None, compat: str | None
+                   ) -> tuple[MatmulLtState, torch.Tensor | None]:
+    """Checks shared by the int8 functions; returns (state, output-if-empty-else-None)."""
+    _check_compat(compat)
+    _check_int8_operands(A, B, bias)
+    state = MatmulLtState() if state is None else state
+    _check_out(out, (*A.shape[:-1], B.shape[0]), A.dtype, A.device)
+    ctx.is_empty = False
+    if A.numel() == 0 or B.numel() == 0:
+        return state, _empty_int8_result(ctx, A, B, bias, out)
+    return state, None
+
+
 class MatMul8bitLt(torch.autograd.Function):
     """LLM.int8() matmul ``A [..., in] · Bᵀ`` with B the weight ``[out, in]`` (SPEC §6.2, §6.3).
 
@@ -465,14 +479,9 @@ class MatMul8bitLt(torch.autograd.Function):
     def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, state: MatmulLtState | None = None,
                 compat: str | None = None) -> torch.Tensor:
-        _check_compat(compat)
-        _check_int8_operands(A, B, bias)
-        state = MatmulLtState() if state is None else state
-        out_shape = (*A.shape[:-1], B.shape[0])
-        _check_out(out, out_shape, A.dtype, A.device)
-        ctx.is_empty = False
-        if A.numel() == 0 or B.numel() == 0:
-            return _empty_int8_result(ctx, A, B, bias, out)
+        state, empty_out = _int8_prologue(ctx, A, B, out, bias, state, compat)
+        if empty_out is not None:
+            return empty_out
         in_features = A.shape[-1]
         A2 = A.reshape(-1, in_features)
         # bnb rounds activations to fp16 for the CUDA kernel (overflow above 65504); the default
@@ -513,7 +522,7 @@ class MatMul8bitLt(torch.autograd.Function):
         # CB/SCB are saved (not read from the state in backward) so a later forward that refreshes
         # the cache cannot change this step's gradient.
         ctx.save_for_backward(CAt, subA, state.CB, state.SCB)
-        return _finish(ctx, output.reshape(out_shape), out)
+        return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
@@ -567,14 +576,9 @@ class SwitchBackBnb(torch.autograd.Function):
     def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, state: MatmulLtState | None = None,
                 compat: str | None = None) -> torch.Tensor:
-        _check_compat(compat)
-        _check_int8_operands(A, B, bias)
-        state = MatmulLtState() if state is None else state
-        out_shape = (*A.shape[:-1], B.shape[0])
-        _check_out(out, out_shape, A.dtype, A.device)
-        ctx.is_empty = False
-        if A.numel() == 0 or B.numel() == 0:
-            return _empty_int8_result(ctx, A, B, bias, out)
+        state, empty_out = _int8_prologue(ctx, A, B, out, bias, state, compat)
+        if empty_out is not None:
+            return empty_out
         A2 = A.reshape(-1, A.shape[-1])
         A_q = A2.to(torch.float16) if compat == "bnb" else A2
         threshold = float(state.threshold)
@@ -599,7 +603,7 @@ class SwitchBackBnb(torch.autograd.Function):
         ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
         ctx.dtype_bias = None if bias is None else bias.dtype
         ctx.save_for_backward(A2, state.CB, state.SCB)
-        return _finish(ctx, output.reshape(out_shape), out)
+        return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
