@@ -219,16 +219,21 @@ def _fq_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, compat: s
     return F.fake_quantize(x, code, blocksize, compat=compat)
 
 
-def _check_fp8_operands(A: torch.Tensor, B: torch.Tensor) -> None:
+def _check_operands(A: torch.Tensor, B: torch.Tensor, in_axis: int, b_layout: str, in_note: str) -> None:
+    """Shape/device checks shared by every matmul here; B's contraction axis is `in_axis`."""
     _check_float("A", A)
     _check_float("B", B)
     if A.dim() < 1:
         raise ValueError("A must have at least one dimension [..., in], got a 0-d tensor")
     if B.dim() != 2:
-        raise ValueError(f"B must be 2-D [in, out], got shape {list(B.shape)}")
-    if A.shape[-1] != B.shape[0]:
-        raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal B.shape[0] (in = {B.shape[0]}); "
+        raise ValueError(f"B must be {b_layout}, got shape {list(B.shape)}")
+    if A.shape[-1] != B.shape[in_axis]:
+        raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal B.shape[{in_axis}] ({in_note}); "
                          f"got A {list(A.shape)}, B {list(B.shape)}")
+
+
+def _check_fp8_operands(A: torch.Tensor, B: torch.Tensor) -> None:
+    _check_operands(A, B, 0, "2-D [in, out]", f"in = {B.shape[0] if B.dim() else '?'}")
     if A.dtype != B.dtype:
         raise TypeError(f"A and B must have the same dtype, got {A.dtype} and {B.dtype}")
     if A.device != B.device:
@@ -371,15 +376,7 @@ def matmul_fp8_global(A: torch.Tensor, B: torch.Tensor, fw_code: torch.Tensor | 
 # LLM.int8() and SwitchBack (SPEC §6.2, §6.3, §7.2). B is the weight [out, in].
 # ------------------------------------------------------------------------------------------------
 def _check_int8_operands(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
-    _check_float("A", A)
-    _check_float("B", B)
-    if A.dim() < 1:
-        raise ValueError("A must have at least one dimension [..., in], got a 0-d tensor")
-    if B.dim() != 2:
-        raise ValueError(f"B must be the 2-D weight [out, in], got shape {list(B.shape)}")
-    if A.shape[-1] != B.shape[1]:
-        raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal B.shape[1] (the weight is [out, in]); "
-                         f"got A {list(A.shape)}, B {list(B.shape)}")
+    _check_operands(A, B, 1, "the 2-D weight [out, in]", "the weight is [out, in]")
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
     if bias is not None:
