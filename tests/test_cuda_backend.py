@@ -98,16 +98,21 @@ def test_quantize_blockwise_matches_reference(dtype, blocksize, shape, code_name
                                      si.cpu(), sv.cpu(), ""))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_quantize_blockwise_special_blocks(dtype) -> None:
-    code = get_codebook("bnb-e4m3")
+def special_blocks(dtype: torch.dtype) -> torch.Tensor:
+    """Six blocks of 64: zeros, all-NaN, all-Inf, a -0.0, one whose 1/absmax overflows, random."""
     A = sample((64 * 6,), torch.float32, seed=3, specials=False)
     A[0:64] = 0.0                         # zero block -> zero code
     A[64:128] = float("nan")              # all-NaN block
     A[128:192] = float("inf")             # all-Inf block
     A[192] = -0.0
     A[256:320] *= 1e-38                   # subnormal-scale block: 1/absmax overflows to Inf
-    A = A.to(dtype)
+    return A.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_blockwise_special_blocks(dtype) -> None:
+    code = get_codebook("bnb-e4m3")
+    A = special_blocks(dtype)
     want = ref.quantize_blockwise(A, code, 64, "")
     got = OPS.quantize_blockwise(A.cuda(), code.cuda(), 64, "")
     assert_all_equal(got, want)

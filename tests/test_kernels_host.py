@@ -378,14 +378,10 @@ def test_blockwise_kernels(emulated, dtype, blocksize, shape, code_name) -> None
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_blockwise_special_blocks(emulated, dtype) -> None:
+    from test_cuda_backend import special_blocks  # the GPU test's cases, here on the emulator
+
     code = get_codebook("bnb-e4m3")
-    A = _sample((64 * 6,), torch.float32, seed=3, specials=False)
-    A[0:64] = 0.0                         # zero block -> zero code
-    A[64:128] = float("nan")              # all-NaN block
-    A[128:192] = float("inf")             # all-Inf block
-    A[192] = -0.0
-    A[256:320] *= 1e-38                   # subnormal-scale block: 1/absmax overflows to Inf
-    A = A.to(dtype)
+    A = special_blocks(dtype)
     for g, w in zip(emulated.quantize_blockwise(A, code, 64, ""), ref.quantize_blockwise(A, code, 64, "")):
         assert_bitwise_equal(g, w)
 
