@@ -1,24 +1,158 @@
-"""Command-line interface: thin click commands over the library API (exit 0 ok, 1 gate failed, 2 usage/input error)."""
+"""Command-line interface: thin click commands over the library API (exit codes below; one line on stderr per error)."""
 from __future__ import annotations
 
+import math
+import re
 import sys
+import traceback
+from pathlib import Path
 
 import click
 
 from fp8probe import __version__
-from fp8probe.report.files import atomic_write_text
+from fp8probe.report.files import OutputExistsError, atomic_write_text, claim_output_dir, remove_outputs
+
+# Exit codes (README "Safety and limits"): 0 fine; 1 a `compare` gate failed; 2 bad usage, input
+# or environment (one line on stderr); 3 an internal error (a bug: one line, --debug shows the
+# traceback); 130 interrupted (Ctrl-C), the shell convention 128 + SIGINT.
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Block sizes must index a flattened tensor with torch's int64 but also fit the fp32 absmax
+# count; 2^31 - 1 elements per block is far above any real tensor and keeps every path in range.
+MAX_BLOCKSIZE = 2**31 - 1
+# torch.manual_seed takes a 64-bit seed.
+MAX_SEED = 2**63 - 1
 
 
 class UsageFailure(click.ClickException):
     """A bad input or usage: one line on stderr, exit code 2 (STYLE: mlflow/ruff exit codes)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "FP8PROBE"})
+def _single_line(text: str) -> str:
+    """Collapse a message to one line (click and torch messages may span several)."""
+    return " ".join(str(text).split())
+
+
+def _fail(exc: BaseException, what: str | None = None) -> UsageFailure:
+    """UsageFailure carrying ``exc``'s first message line (the traceback stays reachable for --debug)."""
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text and text[0] else type(exc).__name__
+    failure = UsageFailure(f"{what}: {msg}" if what else msg)
+    failure.__cause__ = exc
+    return failure
+
+
+class Fp8probeGroup(click.Group):
+    """click.Group whose main() turns every failure into one stderr line and a documented exit code.
+
+    Overriding main() (not only the console-script function) makes `fp8probe`, `python -m fp8probe`
+    and click's CliRunner behave the same. Without --debug no traceback is ever printed.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        state = extra.setdefault("obj", {})
+        state = state if isinstance(state, dict) else {}
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as exc:
+            if state.get("debug"):
+                traceback.print_exception(exc)
+            hint = ""
+            if isinstance(exc, click.UsageError) and not isinstance(exc, UsageFailure) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"Error: {_single_line(exc.format_message())}{hint}", err=True)
+            # click's own ClickException default is 1, which means "gate failed" here: input errors are 2.
+            sys.exit(exc.exit_code if exc.exit_code == EXIT_USAGE else EXIT_USAGE)
+        except OSError as exc:
+            if state.get("debug"):
+                traceback.print_exception(exc)
+            if exc.errno == 32:  # EPIPE: stdout closed early (fp8probe ... | head); nothing to report
+                sys.exit(EXIT_GATE_FAILED)
+            where = f" {exc.filename}" if exc.filename else ""
+            click.echo(f"Error: cannot access{where}: {exc.strerror or exc}; check the path, its permissions "
+                       "and the free disk space", err=True)
+            sys.exit(EXIT_USAGE)
+        except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a one-line message
+            if state.get("debug"):
+                traceback.print_exception(exc)
+            click.echo(f"fp8probe: internal error: {type(exc).__name__}: {_single_line(str(exc))} "
+                       "(re-run with --debug for the traceback)", err=True)
+            sys.exit(EXIT_INTERNAL)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+@click.group(cls=Fp8probeGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                  "auto_envvar_prefix": "FP8PROBE"})
 @click.version_option(__version__, prog_name="fp8probe")
-def cli() -> None:
-    """fp8probe: where does FP8 / INT8 matmul hurt your model?"""
+@click.option("--debug", is_flag=True, help="show Python tracebacks for errors (also FP8PROBE_DEBUG=1)")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """fp8probe: where does FP8 / INT8 matmul hurt your model?
+
+    Exit codes: 0 fine, 1 a compare gate failed, 2 bad usage or input (one line on stderr),
+    3 internal error (a bug; --debug shows the traceback), 130 interrupted.
+    """
+    obj = ctx.ensure_object(dict)
+    obj["debug"] = debug
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float >= ``minimum`` (click.FloatRange lets NaN through: NaN < 0 is False)."""
+
+    name = "number"
+
+    def __init__(self, minimum: float | None = 0.0) -> None:
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected a number, got {value!r}", param, ctx)
+        if not math.isfinite(number) or (self.minimum is not None and number < self.minimum):
+            bound = f" >= {self.minimum:g}" if self.minimum is not None else ""
+            self.fail(f"expected a finite number{bound}, got {value!r}", param, ctx)
+        return number
+
+
+def _check_out(out: Path, kind: str, overwrite: bool) -> list[Path]:
+    """Fail fast (exit 2) when ``out`` already holds this command's outputs and --overwrite is not given."""
+    if out.exists() and not out.is_dir():
+        raise UsageFailure(f"--out {out} is a file, not a directory: choose a directory for the outputs")
+    try:
+        return claim_output_dir(out, kind, overwrite)
+    except OutputExistsError as exc:
+        raise UsageFailure(str(exc)) from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():  # is_available() does not initialise CUDA
+        raise UsageFailure("--device cuda but no CUDA device is available to torch: use --device cpu")
+
+
+def _check_layers(layers: str | None) -> None:
+    if layers is None:
+        return
+    try:
+        re.compile(layers)
+    except re.error as exc:
+        raise UsageFailure(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from exc
+
+
+def _default_out(run_name: str, suffix: str = "") -> Path:
+    """reports/<name><suffix>; the run name must then be a plain file name (it becomes a path)."""
+    if not run_name or run_name in (".", "..") or any(c in run_name for c in "/\\\0"):
+        raise UsageFailure(f"run name {run_name!r} cannot be a directory name: pass --name with a plain name "
+                           "or --out")
+    return Path("reports") / f"{run_name}{suffix}"
 
 
 @cli.command("formats")
@@ -54,6 +188,23 @@ def _summary_rows(results: "object", limit: int = 10) -> list[dict]:
     return fprop.head(limit)[["layer", "strategy", "sqnr_db", "rel_err"]].to_dict("records")
 
 
+_TRUST_PICKLE_HELP = ("allow loading pickled Python objects (a pickled nn.Module, pickled inputs, a .pt2 that needs "
+                      "the full unpickler): this runs arbitrary code from the files, use only for files you trust")
+_OVERWRITE_HELP = "replace the fp8probe outputs already in --out (other files there are left alone)"
+
+
+def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: bool) -> tuple:
+    """(LoadedModel, batches or None), every loading problem as one UsageFailure line."""
+    from fp8probe.analysis.loading import LoadError, load_inputs, load_model
+
+    try:
+        loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
+        batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
+    except (LoadError, ValueError, TypeError) as exc:
+        raise _fail(exc) from exc
+    return loaded, batch_list
+
+
 @cli.command("analyze")
 @click.argument("model", type=str)
 @click.option("--strategy", "-s", default="global", show_default=True,
@@ -62,16 +213,17 @@ def _summary_rows(results: "object", limit: int = 10) -> list[dict]:
 @click.option("--inputs", type=click.Path(dir_okay=False), default=None,
               help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches")
 @click.option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
-@click.option("--trust-pickle", is_flag=True, help="allow loading a pickled nn.Module (runs arbitrary code)")
+@click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @click.option("--loss", "loss_spec", default=None, help="module:function called as fn(output, batch) -> scalar loss")
 @click.option("--layers", default=None, help="regular expression on module paths: analyse only matching layers")
 @click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threshold", type=click.FloatRange(min=0.0), default=6.0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
+@click.option("--threshold", type=FiniteFloat(0.0), default=6.0, show_default=True,
               help="LLM.int8 outlier threshold: columns with any |x| >= threshold")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="output directory (default reports/<name>/)")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--name", default=None, help="run name (default: the model file's stem)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
@@ -82,8 +234,8 @@ def _summary_rows(results: "object", limit: int = 10) -> list[dict]:
               help="table for people, json (paths + worst layers) for scripts")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
-                threshold: float, out_dir: str | None, name: str | None, quiet: bool, no_html: bool,
-                threads: int | None, output_format: str) -> None:
+                threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
+                no_html: bool, threads: int | None, output_format: str) -> None:
     """Capture MODEL's linear GEMMs on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -92,23 +244,31 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     """
     import json
     import warnings
-    from pathlib import Path
-
-    from fp8probe.analysis.loading import LoadError, load_inputs, load_model
-    from fp8probe.analysis.pipeline import analyze
 
     import torch
 
+    from fp8probe.analysis.loading import LoadError
+    from fp8probe.analysis.pipeline import analyze
+
+    run_name = name or Path(model.split(":")[0]).stem or "analysis"
+    out = Path(out_dir) if out_dir else _default_out(run_name)
+    stale = _check_out(out, "run", overwrite)
+    _check_device(device)
+    _check_layers(layers)
+    try:  # before loading: an unknown strategy must not wait for the model
+        from fp8probe.analysis.strategies import resolve
+
+        resolve(strategy)
+    except ValueError as exc:
+        raise _fail(exc) from exc
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
-    run_name = name or Path(model.split(":")[0]).stem or "analysis"
-    out = Path(out_dir) if out_dir else Path("reports") / run_name
+    loaded, batch_list = _load(model, inputs, factory, trust_pickle)
     try:
-        loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
-        batch_list = load_inputs(inputs) if inputs else None
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
-        show_bar = not quiet and output_format == "table" and n_total > 0
+        # No bar when stderr is not a terminal (CI, pipes): its label line would precede an error line.
+        show_bar = not quiet and output_format == "table" and n_total > 0 and sys.stderr.isatty()
         # Failed recipes are recorded in the errors table and counted below; no warning spam.
         with warnings.catch_warnings(record=True), \
                 click.progressbar(length=n_total, label="analyze", file=sys.stderr) if show_bar else _nullbar() as bar:
@@ -118,11 +278,9 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                               name=run_name, model_desc=loaded.description,
                               inputs_desc=inputs or "example inputs / factory batches")
     except (LoadError, ValueError, TypeError) as exc:
-        raise UsageFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    try:
-        paths = results.save(out)
-    except OSError as exc:
-        raise UsageFailure(f"cannot write results to {out}: {exc}") from None
+        raise _fail(exc) from exc
+    remove_outputs(stale)
+    paths = results.save(out)
     html = render_report = None
     if not no_html:
         try:
@@ -166,64 +324,100 @@ class _nullbar:
 
 
 # -- report / compare / sweep / demo commands (report engineer) --
-def _load_results_or_fail(path: str) -> dict:
+def _load_results_or_fail(path: str, role: str = "results") -> dict:
+    """A validated results dict from ``path``, or one UsageFailure line saying what the file is instead."""
     from fp8probe.report.render import load_results
 
+    p = Path(path)
+    if not p.is_file():
+        raise UsageFailure(f"{role} file {p} does not exist: pass the results.json that fp8probe analyze, a sweep "
+                           "or demo wrote")
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise UsageFailure(f"{p} is a PyTorch file (a model or tensors?), not an fp8probe results JSON: run "
+                           f"fp8probe analyze {p} first and pass the results.json it writes")
     try:
-        return load_results(path)
-    except ValueError as exc:
-        raise UsageFailure(str(exc)) from None
+        return load_results(p)
+    except UnicodeDecodeError:
+        raise UsageFailure(f"{p} is a binary file, not an fp8probe results JSON: pass the results.json that "
+                           "fp8probe analyze, a sweep or demo wrote") from None
+    except (ValueError, RecursionError) as exc:
+        failure = _fail(exc)
+        failure.message += "; pass a results.json written by fp8probe analyze, a sweep or demo"
+        raise failure from exc
+
+
+def _render_or_fail(render, data: dict, out: Path, source: str, **kwargs):  # type: ignore[no-untyped-def]
+    """render(data, out, **kwargs); a results document that passes the schema check but has malformed
+    records (a missing column, text where a number belongs) is bad input, not an internal error."""
+    try:
+        return render(data, out, **kwargs)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise UsageFailure(f"{source} has malformed tables ({type(exc).__name__}: {_single_line(str(exc))[:200]}); "
+                           "write it again with fp8probe analyze (re-run with --debug for the traceback)") from exc
 
 
 @cli.command("report")
 @click.argument("results", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_html", type=click.Path(dir_okay=False), default="report.html", show_default=True,
-              help="HTML file to write (self-contained: inline CSS and images)")
-@click.option("--keep-16bit-db", type=float, default=20.0, show_default=True,
+              help="HTML file to write (self-contained: inline CSS and images); an existing file is replaced "
+                   "atomically")
+@click.option("--keep-16bit-db", type=FiniteFloat(None), default=20.0, show_default=True,
               help="list a layer under 'keep in 16-bit' when its fprop SQNR is below this many dB")
 def report_cmd(results: str, out_html: str, keep_16bit_db: float) -> None:
     """Render RESULTS.json (from analyze or a sweep) into one self-contained HTML report."""
     from fp8probe.report.render import render_report
 
     data = _load_results_or_fail(results)
-    path = render_report(data, out_html, keep_16bit_db=keep_16bit_db)
+    out = Path(out_html)
+    if out.resolve() == Path(results).resolve():
+        raise UsageFailure(f"-o {out} would overwrite the results file it renders: choose another file name")
+    path = _render_or_fail(render_report, data, out, results, keep_16bit_db=keep_16bit_db)
     click.echo(f"report written to {path}")
 
 
 @cli.command("compare")
 @click.argument("baseline", type=click.Path(dir_okay=False))
 @click.argument("current", type=click.Path(dir_okay=False))
-@click.option("--max-sqnr-drop", type=float, default=1.0, show_default=True,
+@click.option("--max-sqnr-drop", type=FiniteFloat(0.0), default=1.0, show_default=True,
               help="fail when any layer's SQNR (any strategy, any GEMM) drops by more than this many dB")
-@click.option("--max-new-outlier-cols", type=int, default=0, show_default=True,
+@click.option("--max-new-outlier-cols", type=click.IntRange(min=0), default=0, show_default=True,
               help="fail when a layer gains more than this many outlier feature columns")
-@click.option("--max-underflow-increase", type=float, default=1.0, show_default=True,
+@click.option("--max-underflow-increase", type=FiniteFloat(0.0), default=1.0, show_default=True,
               help="fail when an operand's underflow fraction rises by more than this many percentage points")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/compare", show_default=True,
               help="directory for compare.html and compare.md")
+@click.option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), default=None,
-              help="also write the Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)")
+              help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
 @click.pass_context
 def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: float, max_new_outlier_cols: int,
-                max_underflow_increase: float, out_dir: str, markdown_file: str | None) -> None:
+                max_underflow_increase: float, out_dir: str, overwrite: bool, markdown_file: str | None) -> None:
     """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded, else 0."""
-    from pathlib import Path
-
     from fp8probe.report.compare import Gates, compare_markdown, compare_results
     from fp8probe.report.render import render_compare
 
-    base, cur = _load_results_or_fail(baseline), _load_results_or_fail(current)
+    out = Path(out_dir)
+    stale = _check_out(out, "compare", overwrite)
+    base, cur = _load_results_or_fail(baseline, "baseline"), _load_results_or_fail(current, "current")
     try:
         gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase)
         comparison = compare_results(base, cur, gates)
     except ValueError as exc:
-        raise UsageFailure(str(exc)) from None
-    out = Path(out_dir)
-    html = render_compare(comparison, out / "compare.html")
+        raise _fail(exc) from exc
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UsageFailure(f"{baseline} or {current} has malformed tables ({type(exc).__name__}: "
+                           f"{_single_line(str(exc))[:200]}); write them again with fp8probe analyze") from exc
+    remove_outputs(stale)
+    out.mkdir(parents=True, exist_ok=True)
+    html = _render_or_fail(render_compare, comparison, out / "compare.html", f"{baseline} / {current}")
     md = compare_markdown(comparison)
     atomic_write_text(out / "compare.md", md)
     if markdown_file:
-        with open(markdown_file, "a", encoding="utf-8") as fh:  # append: GITHUB_STEP_SUMMARY is shared
+        # Appended, not replaced: GITHUB_STEP_SUMMARY is shared by every step. One write call of the
+        # whole summary, so a reader never sees half of it from this process.
+        with open(markdown_file, "a", encoding="utf-8") as fh:
             fh.write(md + "\n")
     click.echo(f"compare report written to {html} and {out / 'compare.md'}")
     if comparison["passed"]:
@@ -233,7 +427,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
                + ", ".join(comparison["failed_layers"]), err=True)
     for v in comparison["violations"]:
         click.echo(f"  {v['gate']}: {v['layer']}: {v['detail']}", err=True)
-    ctx.exit(1)
+    ctx.exit(EXIT_GATE_FAILED)
 
 
 def _sweep_options(func):
@@ -244,15 +438,16 @@ def _sweep_options(func):
                      help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches"),
         click.option("--factory", default=None,
                      help="module:function or file.py:function building the model for a state_dict"),
-        click.option("--trust-pickle", is_flag=True, help="allow loading a pickled nn.Module (runs arbitrary code)"),
+        click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
         click.option("--loss", "loss_spec", default=None,
                      help="module:function called as fn(output, batch) -> scalar loss"),
         click.option("--layers", default=None, help="regular expression on module paths: sweep only matching layers"),
         click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
                      help="output directory (default reports/<name>-<command>/)"),
+        click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
         click.option("--name", default=None, help="run name (default: the model file's stem)"),
     ]
     for opt in reversed(options):
@@ -260,33 +455,66 @@ def _sweep_options(func):
     return func
 
 
-def _parse_list(text: str, cast: type, what: str) -> list:
-    try:
-        return [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageFailure(f"--{what} must be a comma-separated list of numbers, got {text!r}") from None
+def _parse_blocksizes(text: str) -> list[int]:
+    """--blocksizes: comma-separated integers in 1..MAX_BLOCKSIZE (any size works: blocks run over the
+    flattened tensor, the last one may be partial; powers of two are only the usual choice)."""
+    sizes = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            bs = int(item)
+        except ValueError:
+            raise UsageFailure(f"--blocksizes must be comma-separated whole numbers like 64,128,256, got {item!r} "
+                               f"in {text!r}") from None
+        if not 1 <= bs <= MAX_BLOCKSIZE:
+            raise UsageFailure(f"--blocksizes must be between 1 and {MAX_BLOCKSIZE}, got {bs}")
+        sizes.append(bs)
+    if not sizes:
+        raise UsageFailure(f"--blocksizes needs at least one block size, got {text!r}")
+    return sizes
+
+
+def _parse_thresholds(text: str) -> list[float]:
+    """--thresholds: comma-separated finite numbers >= 0 (0 = no outlier decomposition)."""
+    values = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            t = float(item)
+        except ValueError:
+            raise UsageFailure(f"--thresholds must be comma-separated numbers like 0,2,6, got {item!r} "
+                               f"in {text!r}") from None
+        if not math.isfinite(t) or t < 0:
+            raise UsageFailure(f"--thresholds must be finite numbers >= 0, got {item!r}")
+        values.append(t)
+    if not values:
+        raise UsageFailure(f"--thresholds needs at least one threshold, got {text!r}")
+    return values
 
 
 def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory: str | None, trust_pickle: bool,
                loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
-               out_dir: str | None, name: str | None) -> None:
-    from pathlib import Path
-
-    from fp8probe.analysis.loading import LoadError, load_inputs, load_model
+               out_dir: str | None, overwrite: bool, name: str | None) -> None:
+    from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
 
     run_name = name or Path(model.split(":")[0]).stem or kind
-    out = Path(out_dir) if out_dir else Path("reports") / f"{run_name}-{kind}"
+    out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
+    stale = _check_out(out, "run", overwrite)
+    _check_device(device)
+    _check_layers(layers)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
+    loaded, batch_list = _load(model, inputs, factory, trust_pickle)
     try:
-        loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
-        batch_list = load_inputs(inputs) if inputs else None
         results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device, seed=seed,
                      loss=loss_spec, name=run_name, model_desc=loaded.description,
                      inputs_desc=inputs or "example inputs / factory batches")
     except (LoadError, ValueError, TypeError) as exc:
-        raise UsageFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        raise _fail(exc) from exc
+    remove_outputs(stale)
     paths = results.save(out)
     html = render_report(results.to_json(), out / "index.html")
     table = results.tables["blocksize_sweep" if kind == "sweep-blocksize" else "threshold_sweep"]
@@ -311,7 +539,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
               help="comma-separated block sizes (elements per fp32 absmax)")
 def sweep_blocksize_cmd(blocksizes: str, **kwargs: object) -> None:
     """Blockwise FP8 (bnb-e4m3 A/W, bnb-e5m2 G) error per layer x block size, scale overhead, recommended size."""
-    _run_sweep("sweep-blocksize", values=_parse_list(blocksizes, int, "blocksizes"), **kwargs)  # type: ignore[arg-type]
+    _run_sweep("sweep-blocksize", values=_parse_blocksizes(blocksizes), **kwargs)  # type: ignore[arg-type]
 
 
 @cli.command("sweep-threshold")
@@ -320,7 +548,8 @@ def sweep_blocksize_cmd(blocksizes: str, **kwargs: object) -> None:
               help="comma-separated LLM.int8 outlier thresholds (0 = no outlier decomposition)")
 def sweep_threshold_cmd(thresholds: str, **kwargs: object) -> None:
     """LLM.int8() fprop error vs outlier threshold per layer, fraction of 16-bit columns, recommended knee."""
-    _run_sweep("sweep-threshold", values=_parse_list(thresholds, float, "thresholds"), **kwargs)  # type: ignore[arg-type]
+    _run_sweep("sweep-threshold", values=_parse_thresholds(thresholds), **kwargs)  # type: ignore[arg-type]
+
 
 def merge_sweeps_into(results: dict, *sweeps: dict) -> dict:
     """One results dict carrying the analyze tables plus the sweep tables (and their rules), for one report."""
@@ -340,11 +569,16 @@ def merge_sweeps_into(results: dict, *sweeps: dict) -> dict:
     return merged
 
 
+DEMO_OUT = "reports/demo"
+
+
 @cli.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/demo", show_default=True,
-              help="directory for index.html and the results JSON/CSV files")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help=f"directory for index.html and the results JSON/CSV files [default: {DEMO_OUT}, replaced on "
+                   "every run]")
+@click.option("--overwrite", is_flag=True, help="replace the fp8probe outputs already in an explicit --out")
 @click.option("--small", is_flag=True, hidden=True, help="one small batch (for the test suite)")
-def demo_cmd(out_dir: str, small: bool) -> None:
+def demo_cmd(out_dir: str | None, overwrite: bool, small: bool) -> None:
     """Built-in demo: a seeded transformer with planted outlier features → analyze (all strategies) + both
     sweeps → one HTML report at reports/demo/index.html. Needs no inputs and no network."""
     import time
@@ -352,27 +586,30 @@ def demo_cmd(out_dir: str, small: bool) -> None:
     import torch
 
     start = time.perf_counter()
+    # The demo is seeded and its default directory is its own: re-running it regenerates the same
+    # report, so `fp8probe demo` twice in a row just works. An explicit --out follows the rule of
+    # every other command (refuse to mix with existing outputs unless --overwrite).
+    out = Path(out_dir) if out_dir else Path(DEMO_OUT)
+    stale = _check_out(out, "demo", overwrite or out_dir is None)
     # The demo's tensors are tiny (<= 1024 x 256): intra-op threads buy nothing, and OpenMP spin-waiting
     # on shared cores made the whole demo 6x slower (181 s vs 28 s measured at load 6 on 2 cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _run_demo(out_dir, small, start)
+        _run_demo(out, stale, small, start)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out_dir: str, small: bool, start: float) -> None:
+def _run_demo(out: Path, stale: list[Path], small: bool, start: float) -> None:
     import json
     import time
-    from pathlib import Path
 
     from fp8probe.analysis.demo_model import build_demo
     from fp8probe.analysis.pipeline import analyze
     from fp8probe.analysis.sweeps import sweep_both
     from fp8probe.report.render import render_report
 
-    out = Path(out_dir)
     n_batches, batch = (1, 4) if small else (4, 8)
     model, batches = build_demo(n_batches=n_batches, batch=batch)
     model_desc = (f"built-in demo encoder ({sum(p.numel() for p in model.parameters())} parameters, "
@@ -383,6 +620,7 @@ def _run_demo(out_dir: str, small: bool, start: float) -> None:
     analysis = analyze(model, batches, strategy="all", **common)
     click.echo(f"demo: analyze done ({time.perf_counter() - start:.1f} s); sweeping block sizes and thresholds ...")
     bs_res, th_res = sweep_both(model, batches, **common)
+    remove_outputs(stale)
     analysis.save(out / "analyze")
     bs_res.save(out / "sweep-blocksize")
     th_res.save(out / "sweep-threshold")

@@ -1,11 +1,16 @@
 """Load a model (torch.export program, trusted pickle, state_dict + factory, Python factory, Hugging Face dir) and its input batches."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import json
+import os
 import pickle
+import re
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +49,10 @@ class LoadedModel:
 PICKLE_REFUSED = ("{path} is a pickled Python object: loading a pickle runs arbitrary code. Pass --trust-pickle "
                   "if you trust the file, or export the model with torch.export (.pt2) or save a state_dict "
                   "and pass --factory module:function")
+EXPORT_REFUSED = ("{path} is a torch.export archive that {why}; torch.export.load would run code from it. Pass "
+                  "--trust-pickle if you trust the file, or re-export the model with plain tensor weights")
+INPUTS_REFUSED = ("inputs file {path} holds objects other than tensors, tuples, lists and dicts (loading them runs "
+                  "arbitrary code): save plain tensors with torch.save, or pass --trust-pickle if you trust the file")
 TORCHSCRIPT_REFUSED = ("{path} is a TorchScript archive, which fp8probe cannot instrument: export the model with "
                        "torch.export.export(...) and torch.export.save(..., 'model.pt2') instead")
 
@@ -75,21 +84,63 @@ def to_batches(obj: Any) -> list[Batch]:
     return [to_batch(obj)]
 
 
-def load_inputs(path: str | Path) -> list[Batch]:
-    """Batches from a ``torch.save``'d file (tensor, tuple, dict or list of batches), read with weights_only=True."""
+def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
+    """Batches from a ``torch.save``'d file (tensor, tuple, dict or list of batches).
+
+    Read with ``weights_only=True`` (tensors and containers only, nothing is imported or called);
+    a file that needs the full unpickler is refused unless ``trust_pickle``.
+    """
     p = Path(path)
+    if not p.exists():
+        raise LoadError(f"inputs file {p} does not exist: pass a file written by torch.save")
     if not p.is_file():
-        raise LoadError(f"inputs file {p} does not exist")
+        raise LoadError(f"inputs {p} is not a file: pass a file written by torch.save")
+    kind = _sniff(p)
+    if kind not in ("zip", "pickle"):
+        raise LoadError(f"cannot read inputs file {p}: it is {kind}, not a torch.save file; pass the batches "
+                        "saved with torch.save(tensor_or_list, 'inputs.pt')")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _needs_full_unpickler(exc):
             raise LoadError(f"cannot read inputs file {p}: {_one_line(exc)}") from None
-        raise LoadError(f"inputs file {p} holds objects other than tensors, tuples, lists and dicts; "
-                        "save plain tensors with torch.save") from None
+        if not trust_pickle:
+            raise LoadError(INPUTS_REFUSED.format(path=p)) from None
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - arbitrary unpickling errors
+            raise LoadError(f"cannot unpickle inputs file {p}: {_one_line(exc2)}") from None
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
-        raise LoadError(f"cannot read inputs file {p}: {_one_line(exc)}") from None
+        raise LoadError(f"cannot read inputs file {p} ({_one_line(exc)}): is it truncated? Save it again with "
+                        "torch.save") from None
     return to_batches(obj)
+
+
+# First bytes of the files people pass by mistake, named in the error message.
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF document"),
+          (b"GIF8", "a GIF image"), (b"\x1f\x8b", "a gzip archive"), (b"\x7fELF", "an executable"))
+
+
+def _sniff(path: Path) -> str:
+    """What a file looks like from its first bytes: "zip" (torch.save >= 1.6, .pt2), "pickle" (legacy
+    torch.save), "empty", "JSON/text" or a named foreign kind; never reads more than 64 bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise LoadError(f"cannot open {path}: {exc.strerror or exc}") from None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol 2+ PROTO opcode (legacy, non-zip torch.save)
+        return "pickle"
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file" + (" (fp8probe results?)" if b"fp8probe.results" in head else "")
+    return "not a PyTorch file"
 
 
 def _needs_full_unpickler(exc: BaseException) -> bool:
@@ -157,10 +208,12 @@ def _call_factory(spec: str) -> tuple[nn.Module, list[Batch] | None]:
 # Models
 # --------------------------------------------------------------------------------------------
 def _zip_names(path: Path) -> list[str]:
-    if not zipfile.is_zipfile(path):
+    """Member names of a zip archive; [] for a file that is not one or is truncated / corrupt."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
         return []
-    with zipfile.ZipFile(path) as zf:
-        return zf.namelist()
 
 
 def _is_export_archive(names: list[str]) -> bool:
@@ -171,12 +224,104 @@ def _is_torchscript(names: list[str]) -> bool:
     return any("/code/__torch__/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names)
 
 
-def _load_export(path: Path) -> LoadedModel:
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """Make every torch.load in this block use the weights-only unpickler, even where torch's own code
+    passes weights_only=False (torch.export.load does for pickled weights/constants and as a fallback
+    for example inputs). TORCH_FORCE_WEIGHTS_ONLY_LOAD is read by each torch.load call (torch >= 2.4)."""
+    saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # both set is an error in torch.load
     try:
-        ep = torch.export.load(path)
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# Names a symbolic-shape expression of a torch.export program may use: torch.export.load parses
+# each expr_str with sympy.sympify (i.e. eval), so anything else is refused without --trust-pickle.
+_SYMPY_NAMES = frozenset(
+    "Symbol Integer Float Rational Max Min Eq Ne Lt Le Gt Ge And Or Not Abs Mod Pow Mul Add Piecewise "
+    "floor ceiling sqrt oo zoo nan True False None true false positive negative integer real finite "
+    "nonnegative nonpositive zero nonzero even odd FloorDiv ModularIndexing Where PythonMod CleanDiv "
+    "CeilToInt FloorToInt CeilDiv LShift RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv "
+    "IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat Identity".split())
+_SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")  # s0, s77, u3: the shape environment's symbols
+_EXPR_CHARS = re.compile(r"[\w\s+\-*/%().,<>=!&|~]*")
+
+
+def _unsafe_expr(expr: str) -> bool:
+    """True unless ``expr`` is plain arithmetic over shape symbols and the names above (no attribute
+    access, no dunder, no strings other than a quoted symbol name)."""
+    text = re.sub(r"'[A-Za-z_][A-Za-z0-9_]*'", "0", expr)  # Symbol('s77', positive=True)
+    if "__" in text or re.search(r"\.\s*[A-Za-z_]", text) or not _EXPR_CHARS.fullmatch(text):
+        return True
+    return any(name not in _SYMPY_NAMES and not _SYMBOL_NAME.fullmatch(name)
+               for name in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+
+
+def _expr_strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "expr_str" and isinstance(value, str):
+                yield value
+            else:
+                yield from _expr_strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _expr_strings(value)
+
+
+def _export_archive_problem(path: Path, names: list[str]) -> str | None:
+    """Why loading this .pt2 without trust would run code from it, or None. Checks what torch.export.load
+    would hand to the full unpickler or to eval: opaque/custom object constants (pickle.loads,
+    TorchScript unpickler) and symbolic-shape expressions (sympy.sympify)."""
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if "/constants/" in name and base.startswith(("custom_obj", "opaque_obj")):
+            return f"holds a pickled Python object constant ({name})"
+    with zipfile.ZipFile(path) as zf:
+        for name in names:
+            if "/models/" in name and name.endswith(".json"):
+                try:
+                    doc = json.loads(zf.read(name))
+                except (ValueError, OSError, zipfile.BadZipFile) as exc:
+                    raise LoadError(f"cannot read torch.export program {path}: {name} is not valid JSON "
+                                    f"({_one_line(exc)}); export the model again") from None
+                bad = next((e for e in _expr_strings(doc) if _unsafe_expr(e)), None)
+                if bad is not None:
+                    return f"has an unexpected symbolic shape expression {bad[:60]!r}"
+    return None
+
+
+def _load_export(path: Path, names: list[str], trust_pickle: bool = False) -> LoadedModel:
+    if not trust_pickle:
+        problem = _export_archive_problem(path, names)
+        if problem:
+            raise LoadError(EXPORT_REFUSED.format(path=path, why=problem))
+    try:
+        with contextlib.nullcontext() if trust_pickle else _weights_only_torch_load():
+            ep = torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types for bad archives
-        raise LoadError(f"cannot load torch.export program {path}: {_one_line(exc)}") from None
+        if not trust_pickle and _refused_by_weights_only(exc):
+            raise LoadError(EXPORT_REFUSED.format(path=path, why="holds pickled objects other than tensors")) from None
+        raise LoadError(f"cannot load torch.export program {path} ({_one_line(exc)}): is it truncated or from "
+                        f"another torch version (this is {torch.__version__})? Export it again") from None
     return from_exported_program(ep, f"torch.export program {path.name}")
+
+
+def _refused_by_weights_only(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it was raised from) is the weights-only unpickler refusing a global."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, pickle.UnpicklingError) or "weights only load failed" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def from_exported_program(ep: Any, description: str = "torch.export program") -> LoadedModel:
@@ -189,7 +334,7 @@ def from_exported_program(ep: Any, description: str = "torch.export program") ->
     return LoadedModel(ep.module(), "export", description, batches)
 
 
-def _load_huggingface(path: Path) -> LoadedModel:
+def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
     try:
         import transformers
     except ImportError:
@@ -199,7 +344,10 @@ def _load_huggingface(path: Path) -> LoadedModel:
     for cls_name in ("AutoModelForCausalLM", "AutoModel"):
         cls = getattr(transformers, cls_name)
         try:
-            model = cls.from_pretrained(str(path), local_files_only=True)
+            # trust_remote_code stays False (no modelling code from the directory); .bin weights go
+            # through the weights-only unpickler unless the user trusts the files.
+            with contextlib.nullcontext() if trust_pickle else _weights_only_torch_load():
+                model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
             errors.append(_one_line(exc))
             continue
@@ -224,17 +372,24 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
         if ":" in src and factory is None:
             model, batches = _call_factory(src)
             return LoadedModel(model.eval(), "factory", f"factory {src}", batches)
-        raise LoadError(f"model {src} does not exist")
+        raise LoadError(f"model {src} does not exist: pass a .pt2 file (torch.export.save), a state_dict with "
+                        "--factory, a Hugging Face model directory or module:function")
     if path.is_dir():
         if (path / "config.json").is_file():
-            return _load_huggingface(path)
+            return _load_huggingface(path, trust_pickle)
         raise LoadError(f"{path} is a directory without config.json; expected a .pt2 file, a state_dict or a "
                         "Hugging Face model directory")
+    kind = _sniff(path)
+    if kind not in ("zip", "pickle"):
+        raise LoadError(f"cannot read {path}: it is {kind}, not a model; pass a .pt2 file (torch.export.save), a "
+                        "state_dict with --factory, or a Hugging Face model directory")
     names = _zip_names(path)
     if _is_export_archive(names):
-        return _load_export(path)
+        return _load_export(path, names, trust_pickle)
     if _is_torchscript(names):
         raise LoadError(TORCHSCRIPT_REFUSED.format(path=path))
+    if kind == "zip" and not names:
+        raise LoadError(f"cannot read {path}: the zip archive is truncated or corrupt; save or export it again")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -242,7 +397,7 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
             raise LoadError(f"cannot read {path}: {_one_line(exc)}") from None
         obj = _load_pickle(path, trust_pickle)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
-        raise LoadError(f"cannot read {path}: {_one_line(exc)}") from None
+        raise LoadError(f"cannot read {path} ({_one_line(exc)}): is it truncated? Save or export it again") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", f"pickled {type(obj).__name__} from {path.name}")
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -115,7 +115,7 @@ def test_kind_mismatch_and_bad_gate_exit_2(base: dict, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["compare", str(DATA), _write(tmp_path, "o.json", other), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "cannot compare" in res.output
     res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--max-sqnr-drop", "-1", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "max_sqnr_drop" in res.output
+    assert res.exit_code == 2 and "--max-sqnr-drop" in res.output
 
 
 def test_null_sqnr_is_listed_not_gated(base: dict) -> None:
