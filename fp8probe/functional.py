@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import fp8probe.ops  # noqa: F401  (registers torch.ops.fp8probe.*)
+from fp8probe.backends import cpu as _cpu
 from fp8probe.formats import (
     create_dynamic_map,
     create_fp8_map,
@@ -132,10 +133,18 @@ def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch
     _check_tensor("A", A, _FLOATS)
     c = _compat(compat)
     code = _code(code, A.device)
-    q, absmax, sidx, sval = _OPS.quantize_global(A, code, c)
+    done = None
+    if out is not None:  # CPU fast path: one block over the whole tensor, written into `out` in place
+        am_buf = torch.empty(1 if A.numel() else 0, dtype=torch.float32, device=A.device)
+        done = _cpu.quantize_blockwise_into(A, code, max(A.numel(), 1), c, out, am_buf)
+    if done is not None:
+        q, absmax, (sidx, sval) = out, am_buf, done
+    else:
+        q, absmax, sidx, sval = _OPS.quantize_global(A, code, c)
+        q = _write_out(out, q)
     state = QuantState(absmax=absmax, code=code.clone(), blocksize=max(A.numel(), 1), dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
-    return _write_out(out, q), state
+    return q, state
 
 
 def dequantize(q: torch.Tensor, state: QuantState | None = None, absmax: torch.Tensor | None = None,
@@ -171,9 +180,19 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     blocksize = _check_blocksize(blocksize)
     c = _compat(compat)
     code = _code(code, A.device)
-    q, am, sidx, sval = _OPS.quantize_blockwise(A, code, blocksize, c)
-    am = _write_out(absmax, am, "absmax")
-    q = _write_out(out, q)
+    done = None
+    if out is not None or absmax is not None:
+        # CPU fast path writes the caller's buffers in place (no temporary result to copy)
+        q_buf = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+        am_buf = absmax if absmax is not None else torch.empty(-(-A.numel() // blocksize), dtype=torch.float32,
+                                                               device=A.device)
+        done = _cpu.quantize_blockwise_into(A, code, blocksize, c, q_buf, am_buf)
+    if done is not None:
+        q, am, (sidx, sval) = q_buf, am_buf, done
+    else:
+        q, am, sidx, sval = _OPS.quantize_blockwise(A, code, blocksize, c)
+        am = _write_out(absmax, am, "absmax")
+        q = _write_out(out, q)
     state = QuantState(absmax=am, code=_effective_code(code, A, c), blocksize=blocksize, dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     if nested:
@@ -216,6 +235,9 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
     if out_dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")
     sidx, sval = _specials(st, q.device)
+    if out is not None and _cpu.dequantize_blockwise_into(q, am, st.code, st.blocksize, out_dtype, sidx, sval,
+                                                          _compat(st.compat), out):
+        return out  # CPU fast path wrote `out` in place
     y = _OPS.dequantize_blockwise(q, am.to(q.device), st.code.to(q.device), st.blocksize, out_dtype,
                                   sidx, sval, _compat(st.compat))
     return _write_out(out, y)

@@ -188,3 +188,9 @@ def _(data, scale, block_rows, block_cols, dtype):
 from fp8probe.backends import cuda as _cuda_backend  # noqa: E402
 
 _cuda_backend.register()
+
+# CPU fast path (C extension fp8probe._fastpath, optional) overrides the reference for CPU tensors in
+# the ops it covers; it falls back to the reference per call and honours FP8PROBE_BACKEND=reference.
+from fp8probe.backends import cpu as _cpu_backend  # noqa: E402
+
+_cpu_backend.register()

@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "fp8probe"
 RANKS = {
     "formats": 0,
     "kernels": 1,
+    "_fastpath": 1,  # the optional C extension (fp8probe/_fastpath.c): imports nothing from fp8probe
     "backends": 2,
     "ops": 3,
     "functional": 4,

@@ -1,0 +1,230 @@
+"""CPU fast path: the C kernels of fp8probe._fastpath for codebook quantise/dequantise, bit-exact with the reference.
+
+``register()`` (called at the end of ``fp8probe/ops.py``) installs CPU kernels for
+``fp8probe::quantize_blockwise``, ``quantize_global`` and ``dequantize_blockwise`` with
+``torch.library.register_kernel(..., "cpu", ...)``. Each kernel takes exactly its op's arguments and
+returns what ``backends/reference.py`` returns, bit for bit: the C code performs the same float32
+operations in the same order (see the header of fp8probe/_fastpath.c) and reuses the reference's
+65536-bucket search tables (``reference._search_tables``). The reference runs instead for whatever
+the C code does not cover:
+
+* the extension was not built (it is optional: a failed compile still installs fp8probe), or
+  ``FP8PROBE_BACKEND=reference`` is set (checked at every call);
+* ``compat="bnb"`` quantisation, and bnb's half-away-from-zero fp16 dequantisation cast;
+* tensors with a NaN/±Inf (the C absmax pass reports them; specials are rare, so the whole call is
+  re-run by the reference, which records them), and non-finite absmax/codebook on dequantisation;
+* empty tensors, and codebooks whose search tables do not exist (a non-monotone rule).
+
+Non-contiguous inputs are made contiguous first (the reference reads them in C order too).
+``quantize_blockwise_into`` / ``dequantize_blockwise_into`` write into caller-provided outputs
+without temporaries; ``functional.py`` uses them for ``out=`` / ``absmax=``.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from fp8probe.backends import reference as _ref
+
+_F32 = torch.float32
+#: torch dtype -> the dtype code of the C functions (0 fp32, 1 fp16, 2 bf16)
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_EXT: ModuleType | None = None
+_EXT_TRIED = False
+_TABLES: dict[bytes, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
+_registered = False
+
+
+def _ext() -> ModuleType | None:
+    """The compiled extension, imported on first use; None when it was not built."""
+    global _EXT, _EXT_TRIED
+    if not _EXT_TRIED:
+        _EXT_TRIED = True
+        try:
+            from fp8probe import _fastpath
+        except ImportError:
+            _fastpath = None
+        _EXT = _fastpath
+    return _EXT
+
+
+def available() -> bool:
+    """True when the C extension ``fp8probe._fastpath`` is built and importable."""
+    return _ext() is not None
+
+
+def use_reference() -> bool:
+    """True when FP8PROBE_BACKEND=reference forces the PyTorch reference everywhere."""
+    return os.environ.get("FP8PROBE_BACKEND") == "reference"
+
+
+def enabled() -> bool:
+    """True when CPU calls of the covered ops run the C kernels (built and not forced off)."""
+    return available() and not use_reference()
+
+
+def backend_name() -> str:
+    """The active CPU backend for display: ``"c-avx2"``, ``"c-scalar"`` or ``"reference"``."""
+    if not enabled():
+        return "reference"
+    return f"c-{_ext().simd()}"
+
+
+def _threads(n: int) -> int:
+    """Worker threads for n elements: torch's intra-op setting (the C side runs small inputs serially)."""
+    return max(1, torch.get_num_threads())
+
+
+def _tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(base uint8 [65536 + 4], thresholds float32 [255 + m], m) for the even rule, cached per codebook.
+
+    ``base`` is the reference's int32 bucket table narrowed to bytes (it counts thresholds, <= 255)
+    so it is 64 KiB instead of 256 KiB; the 4 padding bytes let the C code read it with 4-byte gathers.
+    """
+    key = code.numpy().tobytes()
+    if key not in _TABLES:
+        t = _ref._search_tables(code, "even")
+        if t is None:
+            _TABLES[key] = None
+        else:
+            base, t_val, m = t
+            base8 = torch.cat([base.to(torch.uint8), torch.zeros(4, dtype=torch.uint8)])
+            _TABLES[key] = (base8.contiguous(), t_val.to(_F32).contiguous(), int(m))
+    return _TABLES[key]
+
+
+def _cpu_code(code: torch.Tensor) -> torch.Tensor:
+    return code.detach().to("cpu", _F32).contiguous()
+
+
+def _run_quantize(A: torch.Tensor, code: torch.Tensor, blocksize: int, q: torch.Tensor,
+                  absmax: torch.Tensor) -> bool:
+    """Run the C quantiser into contiguous q (uint8, n) / absmax (float32, nb); False if it declined."""
+    tables = _tables(code)
+    if tables is None:
+        return False
+    base8, t_val, m = tables
+    n = A.numel()
+    rc = _ext().quantize_blockwise(A.data_ptr(), _DT[A.dtype], n, blocksize, q.data_ptr(), absmax.data_ptr(),
+                                   base8.data_ptr(), t_val.data_ptr(), m, _threads(n))
+    return rc == 0
+
+
+def _quant_applies(A: torch.Tensor, compat: str) -> bool:
+    return (compat == "" and A.device.type == "cpu" and A.dtype in _DT and A.numel() > 0
+            and enabled())
+
+
+def _empty_specials() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=_F32)
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU kernel of ``fp8probe::quantize_blockwise``: same arguments and results as the reference's.
+
+    A: fp32/fp16/bf16, any shape; code: float32 [256]; blocksize: any int > 0. Returns ``q`` (uint8,
+    A.shape), ``absmax`` (float32 [ceil(n/blocksize)]) and the (empty) special index/value tensors.
+    """
+    if not _quant_applies(A, compat):
+        return _ref.quantize_blockwise(A, code, blocksize, compat)
+    Ac = A.detach().contiguous()
+    q = torch.empty(A.shape, dtype=torch.uint8)
+    absmax = torch.empty(-(-A.numel() // blocksize), dtype=_F32)
+    if not _run_quantize(Ac, _cpu_code(code), blocksize, q, absmax):
+        return _ref.quantize_blockwise(A, code, blocksize, compat)
+    return (q, absmax, *_empty_specials())
+
+
+def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU kernel of ``fp8probe::quantize_global``: the default mode is one block over the whole tensor
+    (the C code reduces the absmax over per-thread chunks, then searches the chunks)."""
+    if not _quant_applies(A, compat):
+        return _ref.quantize_global(A, code, compat)
+    return quantize_blockwise(A, code, A.numel(), compat)
+
+
+def quantize_blockwise_into(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str,
+                            q: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Quantise straight into caller-provided ``q`` (uint8, A.shape) and ``absmax`` (float32 [nb]).
+
+    Returns the special index/value tensors (empty) when the C path wrote both outputs, or None when
+    it does not apply (reference-only case, wrong shape/dtype/device, non-contiguous output, NaN/Inf
+    in A): the caller then computes the result another way (q/absmax may hold partial garbage).
+    """
+    nb = -(-A.numel() // blocksize)
+    if not (_quant_applies(A, compat) and isinstance(q, torch.Tensor) and isinstance(absmax, torch.Tensor)
+            and q.dtype == torch.uint8 and q.shape == A.shape and q.device.type == "cpu" and q.is_contiguous()
+            and absmax.dtype == _F32 and absmax.shape == (nb,) and absmax.device.type == "cpu"
+            and absmax.is_contiguous()):
+        return None
+    if not _run_quantize(A.detach().contiguous(), _cpu_code(code), blocksize, q, absmax):
+        return None
+    return _empty_specials()
+
+
+def _deq_applies(q: torch.Tensor, dtype: torch.dtype, compat: str) -> bool:
+    # compat only changes the fp16 cast (bnb rounds half away from zero); fp32/bf16 are the same op
+    return (q.device.type == "cpu" and dtype in _DT and q.numel() > 0 and enabled()
+            and (compat == "" or (compat == "bnb" and dtype != torch.float16)))
+
+
+def _run_dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    out: torch.Tensor) -> bool:
+    n = q.numel()
+    am = absmax.detach().to("cpu", _F32).contiguous()
+    if am.numel() != -(-n // blocksize):
+        return False
+    code = _cpu_code(code)
+    rc = _ext().dequantize_blockwise(q.data_ptr(), n, blocksize, am.data_ptr(), code.data_ptr(),
+                                     out.data_ptr(), _DT[out.dtype], _threads(n))
+    return rc == 0
+
+
+def _scatter_specials(out: torch.Tensor, special_index: torch.Tensor, special_value: torch.Tensor) -> None:
+    if special_index.numel():
+        out.view(-1)[special_index.to(out.device)] = special_value.to(device=out.device, dtype=out.dtype)
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                         dtype: torch.dtype, special_index: torch.Tensor, special_value: torch.Tensor,
+                         compat: str) -> torch.Tensor:
+    """CPU kernel of ``fp8probe::dequantize_blockwise``: ``cast(fl32(code[q] * absmax[b]))``, RNE cast,
+    then the special values scattered back; `dtype`, q.shape."""
+    if not _deq_applies(q, dtype, compat):
+        return _ref.dequantize_blockwise(q, absmax, code, blocksize, dtype, special_index, special_value, compat)
+    qc = q.detach().contiguous()
+    out = torch.empty(q.shape, dtype=dtype)
+    if not _run_dequantize(qc, absmax, code, blocksize, out):
+        return _ref.dequantize_blockwise(q, absmax, code, blocksize, dtype, special_index, special_value, compat)
+    _scatter_specials(out, special_index, special_value)
+    return out
+
+
+def dequantize_blockwise_into(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                              dtype: torch.dtype, special_index: torch.Tensor, special_value: torch.Tensor,
+                              compat: str, out: torch.Tensor) -> bool:
+    """Dequantise straight into ``out`` (`dtype`, q.shape, contiguous CPU). True when done; False when
+    the C path does not apply (the caller then computes the result another way and validates `out`)."""
+    if not (isinstance(out, torch.Tensor) and out.dtype == dtype and _deq_applies(q, dtype, compat)
+            and out.shape == q.shape and out.device.type == "cpu" and out.is_contiguous()):
+        return False
+    if not _run_dequantize(q.detach().contiguous(), absmax, code, blocksize, out):
+        return False
+    _scatter_specials(out, special_index, special_value)
+    return True
+
+
+def register() -> None:
+    """Install the CPU kernels (idempotent). Does nothing when the extension is not built or
+    FP8PROBE_BACKEND=reference is set at import time."""
+    global _registered
+    if _registered or not enabled():
+        return
+    _registered = True
+    torch.library.register_kernel("fp8probe::quantize_blockwise", "cpu", quantize_blockwise)
+    torch.library.register_kernel("fp8probe::quantize_global", "cpu", quantize_global)
+    torch.library.register_kernel("fp8probe::dequantize_blockwise", "cpu", dequantize_blockwise)
