@@ -121,6 +121,15 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+def _analysis_failure(exc: BaseException, inputs: str | None) -> UsageFailure:
+    """One line for an error raised while running the model; when the model rejected the batches, say
+    which file to check (the usual cause is an inputs file saved for another model or shape)."""
+    failure = _fail(exc)
+    if inputs and "model failed" in failure.message:
+        failure.message += f" (check that --inputs {inputs} holds what the model's forward() expects)"
+    return failure
+
+
 def _check_out(out: Path, kind: str, overwrite: bool) -> list[Path]:
     """Fail fast (exit 2) when ``out`` already holds this command's outputs and --overwrite is not given."""
     if out.exists() and not out.is_dir():
@@ -278,7 +287,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                               name=run_name, model_desc=loaded.description,
                               inputs_desc=inputs or "example inputs / factory batches")
     except (LoadError, ValueError, TypeError) as exc:
-        raise _fail(exc) from exc
+        raise _analysis_failure(exc, inputs) from exc
     remove_outputs(stale)
     paths = results.save(out)
     html = render_report = None
@@ -513,7 +522,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                      loss=loss_spec, name=run_name, model_desc=loaded.description,
                      inputs_desc=inputs or "example inputs / factory batches")
     except (LoadError, ValueError, TypeError) as exc:
-        raise _fail(exc) from exc
+        raise _analysis_failure(exc, inputs) from exc
     remove_outputs(stale)
     paths = results.save(out)
     html = render_report(results.to_json(), out / "index.html")

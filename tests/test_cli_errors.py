@@ -1,0 +1,275 @@
+"""Every CLI command given bad input exits 2 with ONE stderr line and no traceback; bugs exit 3; --debug shows tracebacks."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from fp8probe.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, cli
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "tests" / "report" / "data" / "results_small.json"
+IN_FEATURES = 8
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Good and bad files of every kind the commands are pointed at."""
+    d = tmp_path_factory.mktemp("inputs")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, IN_FEATURES, generator=gen)
+    f: dict[str, Path] = {
+        "pt2": d / "model.pt2", "state_dict": d / "weights.pt", "inputs": d / "inputs.pt",
+        "wrong_shape": d / "wrong_shape.pt", "png": d / "picture.png", "results": d / "results.json",
+        "text_json": d / "other.json", "truncated_json": d / "truncated.json", "factory": d / "factory.py",
+        "trunc_pt": d / "trunc.pt", "trunc_pt2": d / "trunc.pt2", "empty": d / "empty.pt", "a_file": d / "plain.txt",
+        "malformed": d / "malformed.json",
+    }
+    model = _model()
+    torch.export.save(torch.export.export(model, (x,)), f["pt2"])
+    torch.save(model.state_dict(), f["state_dict"])
+    torch.save([x, x * 2], f["inputs"])
+    torch.save(torch.randn(3, IN_FEATURES + 5, generator=gen), f["wrong_shape"])  # 13 features for an 8-wide layer
+    f["png"].write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    shutil.copy(RESULTS, f["results"])
+    f["text_json"].write_text(json.dumps({"hello": [1, 2, 3]}))
+    f["truncated_json"].write_text(RESULTS.read_text()[:500])
+    f["factory"].write_text("import torch\nfrom torch import nn\n\ndef build():\n    torch.manual_seed(0)\n"
+                            f"    return nn.Sequential(nn.Linear({IN_FEATURES}, 16), nn.ReLU(), nn.Linear(16, 4))\n")
+    f["trunc_pt"].write_bytes(f["state_dict"].read_bytes()[:200])
+    f["trunc_pt2"].write_bytes(f["pt2"].read_bytes()[: f["pt2"].stat().st_size // 2])
+    f["empty"].write_bytes(b"")
+    f["a_file"].write_text("not a directory\n")
+    doc = json.loads(RESULTS.read_text())
+    doc["tables"]["layers"] = [{"name": "fc1"}]  # passes the schema check, but records lack their "layer" column
+    f["malformed"].write_text(json.dumps(doc))
+    return f
+
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(cli, args)
+
+
+def _assert_one_line_usage_error(res, *needles: str) -> str:
+    """Exit 2, exactly one non-empty stderr line starting with 'Error:', no traceback; returns the line."""
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == EXIT_USAGE, (res.exit_code, res.stdout, res.stderr, res.exception)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: "), lines[0]
+    assert "Traceback" not in res.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# (name, argv built from the files fixture and an output dir, substring(s) the one line must contain)
+CASES = [
+    ("formats-bad-format", lambda f, o: ["formats", "--format", "xml"], ["--format"]),
+    ("unknown-command", lambda f, o: ["frobnicate"], ["No such command"]),
+    # analyze: files of every wrong kind
+    ("analyze-missing", lambda f, o: ["analyze", str(f["pt2"].with_name("nope.pt2")), "--out", o], ["does not exist"]),
+    ("analyze-missing-arg", lambda f, o: ["analyze"], ["Missing argument"]),
+    ("analyze-png", lambda f, o: ["analyze", str(f["png"]), "--out", o], ["PNG image", "not a model"]),
+    ("analyze-results-json", lambda f, o: ["analyze", str(f["results"]), "--out", o], ["JSON", "not a model"]),
+    ("analyze-empty-file", lambda f, o: ["analyze", str(f["empty"]), "--out", o], ["empty file"]),
+    ("analyze-truncated-pt", lambda f, o: ["analyze", str(f["trunc_pt"]), "--factory", f"{f['factory']}:build",
+                                           "--out", o], ["truncated"]),
+    ("analyze-truncated-pt2", lambda f, o: ["analyze", str(f["trunc_pt2"]), "--out", o], ["truncated"]),
+    ("analyze-directory", lambda f, o: ["analyze", str(f["pt2"].parent), "--out", o], ["config.json"]),
+    ("analyze-state-dict-no-factory", lambda f, o: ["analyze", str(f["state_dict"]), "--out", o], ["--factory"]),
+    # inputs that do not fit
+    ("analyze-inputs-missing", lambda f, o: ["analyze", str(f["pt2"]), "--inputs", str(f["png"].with_name("no.pt")),
+                                             "--out", o], ["does not exist"]),
+    ("analyze-inputs-png", lambda f, o: ["analyze", str(f["pt2"]), "--inputs", str(f["png"]), "--out", o],
+     ["PNG image"]),
+    ("analyze-inputs-truncated", lambda f, o: ["analyze", str(f["pt2"]), "--inputs", str(f["trunc_pt"]), "--out", o],
+     ["truncated"]),
+    ("analyze-inputs-shape-pt2", lambda f, o: ["analyze", str(f["pt2"]), "--inputs", str(f["wrong_shape"]),
+                                               "--out", o, "-q"], ["model failed", "--inputs"]),
+    ("analyze-inputs-shape-eager", lambda f, o: ["analyze", str(f["state_dict"]), "--factory", f"{f['factory']}:build",
+                                                 "--inputs", str(f["wrong_shape"]), "--out", o, "-q"], ["model failed"]),
+    # options
+    ("analyze-unknown-strategy", lambda f, o: ["analyze", str(f["pt2"]), "--strategy", "fp4", "--out", o],
+     ["strategy must be", "fp4"]),
+    ("analyze-threshold-nan", lambda f, o: ["analyze", str(f["pt2"]), "--threshold", "nan", "--out", o],
+     ["--threshold", "finite"]),
+    ("analyze-threshold-negative", lambda f, o: ["analyze", str(f["pt2"]), "--threshold", "-1", "--out", o],
+     ["--threshold"]),
+    ("analyze-threshold-text", lambda f, o: ["analyze", str(f["pt2"]), "--threshold", "six", "--out", o],
+     ["--threshold", "expected a number"]),
+    ("analyze-batches-zero", lambda f, o: ["analyze", str(f["pt2"]), "--batches", "0", "--out", o], ["--batches"]),
+    ("analyze-bad-regex", lambda f, o: ["analyze", str(f["pt2"]), "--layers", "([", "--out", o],
+     ["regular expression"]),
+    ("analyze-no-matching-layer", lambda f, o: ["analyze", str(f["pt2"]), "--layers", "^nothing$", "--out", o, "-q"],
+     ["nothing"]),
+    ("analyze-device", lambda f, o: ["analyze", str(f["pt2"]), "--device", "tpu", "--out", o], ["--device"]),
+    ("analyze-seed", lambda f, o: ["analyze", str(f["pt2"]), "--seed", "-3", "--out", o], ["--seed"]),
+    ("analyze-out-is-file", lambda f, o: ["analyze", str(f["pt2"]), "--out", str(f["a_file"])], ["--out", "is a file"]),
+    ("analyze-bad-name", lambda f, o: ["analyze", str(f["pt2"]), "--name", "../escape"], ["--name"]),
+    ("analyze-bad-factory", lambda f, o: ["analyze", str(f["state_dict"]), "--factory", "no_such_mod_zz:build",
+                                          "--out", o], ["cannot import module"]),
+    # sweeps
+    ("sweep-blocksize-zero", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", "0", "--out", o],
+     ["--blocksizes"]),
+    ("sweep-blocksize-negative", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", "64,-32",
+                                               "--out", o], ["--blocksizes", "-32"]),
+    ("sweep-blocksize-fraction", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", "64,1.5",
+                                               "--out", o], ["whole numbers", "1.5"]),
+    ("sweep-blocksize-text", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", "big", "--out", o],
+     ["--blocksizes"]),
+    ("sweep-blocksize-empty", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", ",", "--out", o],
+     ["at least one"]),
+    ("sweep-blocksize-huge", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", str(2**40), "--out", o],
+     ["--blocksizes"]),
+    ("sweep-blocksize-png", lambda f, o: ["sweep-blocksize", str(f["png"]), "--out", o], ["PNG image"]),
+    ("sweep-blocksize-missing", lambda f, o: ["sweep-blocksize", "gone.pt2", "--out", o], ["does not exist"]),
+    ("sweep-threshold-nan", lambda f, o: ["sweep-threshold", str(f["pt2"]), "--thresholds", "0,nan", "--out", o],
+     ["--thresholds", "nan"]),
+    ("sweep-threshold-inf", lambda f, o: ["sweep-threshold", str(f["pt2"]), "--thresholds", "inf", "--out", o],
+     ["--thresholds"]),
+    ("sweep-threshold-negative", lambda f, o: ["sweep-threshold", str(f["pt2"]), "--thresholds", "-1", "--out", o],
+     ["--thresholds"]),
+    ("sweep-threshold-text", lambda f, o: ["sweep-threshold", str(f["pt2"]), "--thresholds", "low,high",
+                                           "--out", o], ["--thresholds", "low"]),
+    ("sweep-threshold-inputs-shape", lambda f, o: ["sweep-threshold", str(f["pt2"]), "--thresholds", "6",
+                                                   "--inputs", str(f["wrong_shape"]), "--out", o], ["--inputs", "wrong_shape.pt"]),
+    ("sweep-threshold-results-json", lambda f, o: ["sweep-threshold", str(f["results"]), "--out", o], ["JSON"]),
+    # report
+    ("report-missing", lambda f, o: ["report", str(f["png"].with_name("none.json")), "-o", f"{o}.html"],
+     ["does not exist"]),
+    ("report-model", lambda f, o: ["report", str(f["pt2"]), "-o", f"{o}.html"], ["PyTorch file", "analyze"]),
+    ("report-png", lambda f, o: ["report", str(f["png"]), "-o", f"{o}.html"], ["binary file"]),
+    ("report-truncated-json", lambda f, o: ["report", str(f["truncated_json"]), "-o", f"{o}.html"], ["not JSON"]),
+    ("report-other-json", lambda f, o: ["report", str(f["text_json"]), "-o", f"{o}.html"],
+     ["not an fp8probe results file"]),
+    ("report-malformed-tables", lambda f, o: ["report", str(f["malformed"]), "-o", f"{o}.html"], ["malformed"]),
+    ("report-keep-nan", lambda f, o: ["report", str(f["results"]), "--keep-16bit-db", "nan", "-o", f"{o}.html"],
+     ["--keep-16bit-db"]),
+    ("report-onto-itself", lambda f, o: ["report", str(f["results"]), "-o", str(f["results"])], ["overwrite"]),
+    # compare
+    ("compare-missing", lambda f, o: ["compare", str(f["results"]), "missing.json", "--out", o], ["does not exist"]),
+    ("compare-model", lambda f, o: ["compare", str(f["pt2"]), str(f["results"]), "--out", o], ["PyTorch file"]),
+    ("compare-other-json", lambda f, o: ["compare", str(f["results"]), str(f["text_json"]), "--out", o],
+     ["not an fp8probe results file"]),
+    ("compare-gate-negative", lambda f, o: ["compare", str(f["results"]), str(f["results"]), "--max-sqnr-drop",
+                                            "-1", "--out", o], ["--max-sqnr-drop"]),
+    ("compare-gate-nan", lambda f, o: ["compare", str(f["results"]), str(f["results"]), "--max-underflow-increase",
+                                       "nan", "--out", o], ["--max-underflow-increase"]),
+    ("compare-gate-text", lambda f, o: ["compare", str(f["results"]), str(f["results"]), "--max-new-outlier-cols",
+                                        "some", "--out", o], ["--max-new-outlier-cols"]),
+    ("compare-out-under-file", lambda f, o: ["compare", str(f["results"]), str(f["results"]), "--out",
+                                             str(f["a_file"] / "sub")], ["plain.txt"]),
+    # demo: errors found before any work
+    ("demo-out-is-file", lambda f, o: ["demo", "--out", str(f["a_file"])], ["--out", "is a file"]),
+    ("demo-unknown-option", lambda f, o: ["demo", "--fast"], ["--fast"]),
+]
+
+
+@pytest.mark.parametrize("make_args, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(files, tmp_path, make_args, needles) -> None:
+    out = tmp_path / "out"
+    res = _invoke(make_args(files, str(out)))
+    _assert_one_line_usage_error(res, *needles)
+    # nothing half-done is left behind by a refused run
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_existing_outputs_need_overwrite(files, tmp_path) -> None:
+    """A second run into the same --out is refused (exit 2, one line naming --overwrite) before any work."""
+    out = tmp_path / "cmp"
+    args = ["compare", str(files["results"]), str(files["results"]), "--out", str(out)]
+    assert _invoke(args).exit_code == 0
+    _assert_one_line_usage_error(_invoke(args), "--overwrite", "compare.html")
+    assert _invoke([*args, "--overwrite"]).exit_code == 0
+
+
+def test_every_command_reports_bad_input(files, tmp_path) -> None:
+    """The table above exercises every command of the CLI (a new command must add its cases)."""
+    covered = {c[1](files, "o")[0] for c in CASES}
+    assert set(cli.commands) <= covered, set(cli.commands) - covered
+
+
+# ------------------------------------------------------------------------------------------------
+# main(): the console-script path (subprocess), internal errors, --debug
+# ------------------------------------------------------------------------------------------------
+def _run_python(code: str, *, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    environ.pop("FP8PROBE_DEBUG", None) if "FP8PROBE_DEBUG" not in (env or {}) else None
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120,
+                          cwd=REPO)
+
+
+def test_main_bad_input_one_line(tmp_path) -> None:
+    """`python -m fp8probe` (main()) on a missing model: exit 2, one stderr line, no traceback."""
+    proc = _run_python(f"import sys; sys.argv = ['fp8probe', 'analyze', {str(tmp_path / 'gone.pt2')!r}]\n"
+                       "from fp8probe.cli import main; main()")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == EXIT_USAGE and len(lines) == 1 and "does not exist" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# A bug anywhere in a command: format_table raising an exception nobody expects.
+_BOOM = ("import sys, fp8probe.formats as f\n"
+         "def boom():\n    raise RuntimeError('boom: ' + 'x' * 3 + '\\nsecond line')\n"
+         "f.format_table = boom\n"
+         "sys.argv = ['fp8probe', *{argv!r}, 'formats']\n"
+         "from fp8probe.cli import main; main()")
+
+
+def test_main_internal_error_is_one_line_exit_3() -> None:
+    proc = _run_python(_BOOM.format(argv=[]))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == EXIT_INTERNAL, proc.stderr
+    assert lines == ["fp8probe: internal error: RuntimeError: boom: xxx second line "
+                     "(re-run with --debug for the traceback)"], lines
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(how) -> None:
+    proc = _run_python(_BOOM.format(argv=["--debug"] if how == "flag" else []),
+                       env={"FP8PROBE_DEBUG": "1"} if how == "env" else None)
+    assert proc.returncode == EXIT_INTERNAL
+    assert "Traceback (most recent call last)" in proc.stderr and "def boom" not in proc.stderr
+    assert "in boom" in proc.stderr and proc.stderr.rstrip().endswith("(re-run with --debug for the traceback)")
+
+
+def test_debug_traceback_for_usage_errors(files) -> None:
+    """--debug also shows where a usage error came from (the loader's exception), then the same line."""
+    res = _invoke(["--debug", "analyze", str(files["png"])])
+    assert res.exit_code == EXIT_USAGE and "Traceback" in res.stderr
+    assert res.stderr.rstrip().splitlines()[-1].startswith("Error: cannot read")
+
+
+def test_interrupt_exits_130(monkeypatch) -> None:
+    import fp8probe.formats
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fp8probe.formats, "format_table", interrupted)
+    res = _invoke(["formats"])
+    assert res.exit_code == EXIT_INTERRUPTED and "Traceback" not in res.output
+
+
+def test_internal_error_in_process(monkeypatch) -> None:
+    """CliRunner path: the group's main() handles the bug itself (exit 3), nothing escapes to the runner."""
+    import fp8probe.formats
+
+    monkeypatch.setattr(fp8probe.formats, "format_table", lambda: 1 / 0)
+    res = _invoke(["formats"])
+    assert res.exit_code == EXIT_INTERNAL and res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.stderr.startswith("fp8probe: internal error: ZeroDivisionError: division by zero")
