@@ -263,6 +263,21 @@ def _check_threshold(threshold: float) -> float:
     return t
 
 
+def _op_threshold(t: float, c: str) -> float:
+    """The threshold the ops compare float32 |A| with: the smallest float32 >= t by default.
+
+    The ops compare in float32, where t itself would be rounded to nearest: for t = 3.3 that is
+    3.2999999523, which made |a| = 3.2999999523 < 3.3 an outlier. Rounding t up instead makes
+    ``|a| >= t`` exact for every float32/fp16/bf16 a. bnb rounds to nearest (kept for compat).
+    """
+    if c == "bnb" or t == 0.0:
+        return t
+    t32 = torch.tensor(t, dtype=torch.float64).to(torch.float32)  # > FLT_MAX rounds to inf: still exact
+    if float(t32) < t:
+        t32 = torch.nextafter(t32, torch.tensor(math.inf))
+    return float(t32)
+
+
 def _check_rank(name: str, A: torch.Tensor) -> None:
     if A.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension, got a 0-d tensor")
@@ -278,7 +293,8 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: st
     _check_tensor("A", A, _FLOATS)
     _check_rank("A", A)
     t = _check_threshold(threshold)
-    q, row_stats, cols = _OPS.int8_vectorwise_quant(A, t, _compat(compat))
+    c = _compat(compat)
+    q, row_stats, cols = _OPS.int8_vectorwise_quant(A, _op_threshold(t, c), c)
     return q, row_stats, (cols if t > 0 else None)
 
 
@@ -302,7 +318,8 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | 
     _check_tensor("A", A, _FLOATS)
     _check_rank("A", A)
     t = _check_threshold(threshold)
-    q_row, q_col, rs, cs, cols = _OPS.int8_double_quant(A, t, _compat(compat))
+    c = _compat(compat)
+    q_row, q_col, rs, cs, cols = _OPS.int8_double_quant(A, _op_threshold(t, c), c)
     return q_row, q_col, rs, cs, (cols if t > 0 else None)
 
 
