@@ -302,6 +302,7 @@ def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tenso
     """``q * stats[row] * fl32(1/127)`` as float32, q.shape (SPEC §5.2)."""
     _check_tensor("q", q, (torch.int8,))
     _check_rank("q", q)
+    _check_tensor("stats", stats, _FLOATS)
     rows = math.prod(q.shape[:-1])
     if stats.numel() != rows:
         raise ValueError(f"stats must have one entry per row ({rows}), got {stats.numel()}")
@@ -350,6 +351,8 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
     _check_rank("A", A)
     if dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {dtype}")
+    _check_tensor("row_stats", row_stats, _FLOATS)
+    _check_tensor("col_stats", col_stats, _FLOATS)
     n = A.shape[-1]
     rows = math.prod(A.shape[:-1])
     if row_stats.numel() != rows:
@@ -381,10 +384,16 @@ def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SC
     Returns ``(out [..., N] in A.dtype, subA [rows, n_outliers])``.
     """
     _check_tensor("A", A, _FLOATS)
+    _check_tensor("CA", CA, (torch.int8,))
+    if A.shape != CA.shape:
+        raise ValueError(f"A and CA must have the same shape, got {tuple(A.shape)} and {tuple(CA.shape)}")
     out = int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype, compat=compat)
     if outlier_cols is None or outlier_cols.numel() == 0:
         return out, torch.empty(0, dtype=A.dtype, device=A.device)
     K = A.shape[-1]
+    _check_tensor("outlier_cols", outlier_cols, (torch.int64, torch.int32))
+    if outlier_cols.dim() != 1 or int(outlier_cols.min()) < 0 or int(outlier_cols.max()) >= K:
+        raise ValueError(f"outlier_cols must be 1-D column indices in [0, {K}), got {outlier_cols.tolist()}")
     a2 = A.reshape(-1, K)
     subA = a2[:, outlier_cols].contiguous()
     subB = int8_vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype).t()
