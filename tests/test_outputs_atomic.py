@@ -1,0 +1,270 @@
+"""Outputs are atomic (a run killed mid-write leaves no half file) and a re-run never silently mixes with old outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import fp8probe.report.files as files
+from fp8probe.cli import EXIT_USAGE, cli
+from fp8probe.report.files import atomic_write_text, claim_output_dir, existing_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+FACTORY = f"{REPO / 'tests' / 'analysis' / 'tiny_factory.py'}:build"
+RESULTS = REPO / "tests" / "report" / "data" / "results_small.json"
+# A fast analyze: one batch of the tiny encoder, one strategy, two layers.
+ANALYZE = ["analyze", FACTORY, "--strategy", "global", "--batches", "1", "--layers", "fc1", "-q", "--threads", "1"]
+
+
+def _litter(d: Path) -> list[Path]:
+    return sorted(d.rglob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Killed mid-write (a real SIGKILL in a subprocess, halfway through the bytes of one file)
+# ------------------------------------------------------------------------------------------------
+_KILL_MIDWAY = r'''
+import os, signal, sys
+TARGET = {target!r}
+real_fdopen = os.fdopen
+
+class HalfThenKill:
+    """Writes half of the data, makes sure it is on disk, then SIGKILLs this process."""
+    def __init__(self, fh):
+        self.fh = fh
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.fh.__exit__(*exc)
+    def write(self, data):
+        self.fh.write(data[: len(data) // 2])
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+def fdopen(fd, *args, **kwargs):
+    fh = real_fdopen(fd, *args, **kwargs)
+    name = os.path.basename(os.readlink(f"/proc/self/fd/{{fd}}"))
+    return HalfThenKill(fh) if name.startswith("." + TARGET + ".") else fh
+
+os.fdopen = fdopen
+import fp8probe.report.figures as figures
+figures.figure_to_data_uri = lambda fig: "data:image/png;base64,"  # PNG encoding is slow and beside the point
+sys.argv = ["fp8probe", *{argv!r}]
+from fp8probe.cli import main
+main()
+'''
+
+
+def _run_killed(target: str, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _KILL_MIDWAY.format(target=target, argv=argv)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=REPO)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc/self/fd to name the file being written")
+def test_sigkill_mid_write_leaves_no_half_file(tmp_path, monkeypatch) -> None:
+    import fp8probe.report.figures as figures
+
+    monkeypatch.setattr(figures, "figure_to_data_uri", lambda fig: "data:image/png;base64,")
+    out = tmp_path / "run"
+    # 1. killed halfway through results.json on a first run: no results.json at all, and every file
+    #    that is there is complete (the CSVs written before it parse in full).
+    proc = _run_killed("results.json", [*ANALYZE, "--out", str(out), "--no-html"])
+    assert proc.returncode == -9, proc.stderr
+    assert not (out / "results.json").exists()
+    tmp = _litter(out)
+    assert [p.name.split(".tmp")[0].rsplit(".", 1)[0] for p in tmp] == [".results.json"]
+    half = tmp[0].read_text()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(half)  # the temp file really holds half a document
+    for csv in out.glob("*.csv"):
+        assert len(pd.read_csv(csv)) > 0
+    # 2. a complete run with --overwrite replaces the partial outputs and sweeps the litter away
+    res = CliRunner().invoke(cli, [*ANALYZE, "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    old = json.loads((out / "results.json").read_text())
+    assert _litter(out) == [] and (out / "index.html").is_file()
+    # 3. killed halfway through index.html on a re-run: the old index.html was removed before the new
+    #    files were written, so the directory never pairs the new results.json with the old report.
+    proc = _run_killed("index.html", [*ANALYZE, "--out", str(out), "--overwrite", "--seed", "5"])
+    assert proc.returncode == -9, proc.stderr
+    assert not (out / "index.html").exists()
+    new = json.loads((out / "results.json").read_text())
+    assert new["metadata"]["seed"] == 5 and old["metadata"]["seed"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# An ordinary error midway through a write: the exception propagates, nothing is left behind
+# ------------------------------------------------------------------------------------------------
+class _FailingFile:
+    """A file object that writes half of the data and then fails like a full disk."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.fh.__exit__(*exc)
+
+    def write(self, data):
+        self.fh.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
+def test_error_mid_write_leaves_neither_file_nor_litter(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old complete content\n")
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k)))
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(target, json.dumps({"a": list(range(1000))}))
+    assert target.read_text() == "old complete content\n"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file
+
+
+def test_cli_disk_full_is_one_line_and_leaves_no_litter(tmp_path, monkeypatch) -> None:
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k)))
+    res = CliRunner().invoke(cli, ["compare", str(RESULTS), str(RESULTS), "--out", str(tmp_path / "c")])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == EXIT_USAGE and len(lines) == 1 and "No space left on device" in lines[0], res.output
+    assert "Traceback" not in res.output
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_written_files_get_normal_permissions(tmp_path) -> None:
+    path = atomic_write_text(tmp_path / "x.json", "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------------------------------------
+# Every output of every command goes through the atomic writer
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def record_writes(monkeypatch) -> list[Path]:
+    written: list[Path] = []
+    real = files.atomic_write_bytes
+
+    def recording(path, data):
+        written.append(Path(path).resolve())
+        return real(path, data)
+
+    monkeypatch.setattr(files, "atomic_write_bytes", recording)
+    return written
+
+
+def _all_files(d: Path) -> set[Path]:
+    return {p.resolve() for p in d.rglob("*") if p.is_file()}
+
+
+def _tiny_demo(monkeypatch) -> None:
+    """`fp8probe demo` on the tiny encoder (same code path, seconds instead of a minute); figures are
+    not rasterised (PNG encoding is most of a render's time and these tests are about files)."""
+    import fp8probe.analysis.demo_model as demo_model
+    import fp8probe.report.figures as figures
+
+    monkeypatch.setattr(figures, "figure_to_data_uri", lambda fig: "data:image/png;base64,")
+
+    real = demo_model.build_demo
+    monkeypatch.setattr(demo_model, "build_demo", lambda n_batches, batch: real(
+        n_batches=1, batch=2, vocab=64, d_model=32, n_heads=4, d_ff=64, n_layers=1, seq=8,
+        outlier_dims=(3, 17), outlier_magnitudes=(20.0, -33.0)))
+
+
+def test_every_output_goes_through_the_atomic_writer(tmp_path, monkeypatch, record_writes) -> None:
+    runs = {
+        "analyze": [*ANALYZE, "--out", str(tmp_path / "analyze")],
+        "sweep-blocksize": ["sweep-blocksize", FACTORY, "--blocksizes", "64,256", "--batches", "1", "--layers", "fc1",
+                            "--out", str(tmp_path / "sweep-blocksize")],
+        "sweep-threshold": ["sweep-threshold", FACTORY, "--thresholds", "0,6", "--batches", "1", "--layers", "fc1",
+                            "--out", str(tmp_path / "sweep-threshold")],
+        "compare": ["compare", str(RESULTS), str(RESULTS), "--out", str(tmp_path / "compare")],
+        "report": ["report", str(RESULTS), "-o", str(tmp_path / "report" / "r.html")],
+        "demo": ["demo", "--small", "--out", str(tmp_path / "demo")],
+    }
+    _tiny_demo(monkeypatch)
+    for name, argv in runs.items():
+        res = CliRunner().invoke(cli, argv)
+        assert res.exit_code == 0, (name, res.output, res.exception)
+        made = _all_files(tmp_path / name)
+        assert made, name
+        assert made <= set(record_writes), (name, made - set(record_writes))
+    assert _litter(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Re-runs into an existing --out
+# ------------------------------------------------------------------------------------------------
+def test_rerun_needs_overwrite_and_replaces_only_fp8probe_outputs(tmp_path) -> None:
+    out = tmp_path / "run"
+    args = [*ANALYZE, "--out", str(out), "--no-html"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "index.html").write_text("<html>an old report</html>")   # an output this run will not rewrite
+    (out / "errors.csv").write_text("layer,strategy,error\nold,old,old\n")  # a table the new run lacks
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    res = CliRunner().invoke(cli, args)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == EXIT_USAGE and len(lines) == 1 and "--overwrite" in lines[0], res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused before touching anything
+
+    # a run that fails after the check leaves the old outputs as they were, even with --overwrite
+    res = CliRunner().invoke(cli, [*args, "--overwrite", "--layers", "^no_such_layer$"])
+    assert res.exit_code == EXIT_USAGE
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    res = CliRunner().invoke(cli, [*args, "--overwrite", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in out.iterdir()}
+    assert "notes.txt" in names and (out / "notes.txt").read_text() == "mine"
+    assert "errors.csv" not in names and "index.html" not in names  # stale outputs of the old run are gone
+    assert json.loads((out / "results.json").read_text())["metadata"]["seed"] == 3
+    assert names - {"notes.txt"} == {"results.json", *(f"{t}.csv" for t in json.loads(
+        (out / "results.json").read_text())["tables"])}
+
+
+def test_demo_twice_in_its_default_directory(tmp_path, monkeypatch) -> None:
+    """`fp8probe demo` replaces its own reports/demo on every run; an explicit --out needs --overwrite."""
+    _tiny_demo(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        res = CliRunner().invoke(cli, ["demo", "--small"])
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "reports" / "demo" / "index.html").is_file()
+    res = CliRunner().invoke(cli, ["demo", "--small", "--out", "reports/demo"])
+    assert res.exit_code == EXIT_USAGE and "--overwrite" in res.stderr  # refused before any work
+    assert _litter(tmp_path) == []
+
+
+def test_claims_by_kind(tmp_path) -> None:
+    """Each command claims only its own file names: compare.* do not block analyze and vice versa."""
+    (tmp_path / "compare.md").write_text("x")
+    assert claim_output_dir(tmp_path, "run", overwrite=False) == []
+    (tmp_path / "results.json").write_text(json.dumps({"tables": {"custom_table": []}}))
+    (tmp_path / "custom_table.csv").write_text("a\n1\n")
+    (tmp_path / ".index.html.abc123.tmp").write_text("half")
+    found = {p.name for p in existing_outputs(tmp_path, "run")}
+    assert found == {"results.json", "custom_table.csv", ".index.html.abc123.tmp"}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        claim_output_dir(tmp_path, "compare", overwrite=False)
+    assert {p.name for p in claim_output_dir(tmp_path, "compare", overwrite=True)} == {"compare.md"}
+    with pytest.raises(ValueError, match="kind must be"):
+        existing_outputs(tmp_path, "everything")
