@@ -1,6 +1,7 @@
 """Autograd layer of the matmul suite: bitsandbytes' FP8 research matmuls, SwitchBack and LLM.int8() (SPEC §6, §7)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -434,7 +435,9 @@ def _empty_int8_grads(ctx: Any, grad_output: torch.Tensor, n_extra: int):
     dev = grad_output.device
     grad_bias = None
     if bias_dtype is not None and ctx.needs_input_grad[3]:
-        grad_bias = grad_output.reshape(-1, b_shape[0]).sum(0, dtype=torch.float32).to(bias_dtype)
+        # explicit row count: reshape(-1, 0) is ambiguous for a layer with 0 output features
+        rows = grad_output.numel() // b_shape[0] if b_shape[0] else math.prod(grad_output.shape[:-1])
+        grad_bias = grad_output.reshape(rows, b_shape[0]).sum(0, dtype=torch.float32).to(bias_dtype)
     return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
             None, grad_bias, *([None] * n_extra))
 
