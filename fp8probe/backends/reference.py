@@ -523,7 +523,8 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
       (emax 8 for E4M3, 15 for E5M2; OCP MX v1.0), scale 1 for a zero tile.
 
     ``data = fp8_rne(clamp(fl32(x / scale), -fmt_max, fmt_max))`` — finite values saturate; NaN
-    stays NaN; ±Inf is passed to torch's cast (E5M2 keeps ±Inf, E4M3FN has no Inf and gives NaN).
+    stays NaN; ±Inf is passed to torch's cast (E5M2 keeps ±Inf; E4M3FN has no Inf and torch's cast
+    saturates it to ±448, as kernels/scaled_cast.cu does).
     """
     if fmt not in SCALED_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(SCALED_FORMATS)}, got {fmt!r}")
