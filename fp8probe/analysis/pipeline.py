@@ -34,6 +34,7 @@ class _LayerAcc:
     out_features: int
     has_bias: bool
     threshold: float
+    index: int = 0  # forward position: calls arrive last layer first, tables keep forward order
     tokens: int = 0
     tensors: dict[str, TensorStats] = field(default_factory=dict)
     census: OutlierCensus | None = None
@@ -58,7 +59,8 @@ class _Analysis:
         A, W, G = call.activation, call.weight, call.grad_output
         acc = self.layers.get(call.name)
         if acc is None:
-            acc = self.layers[call.name] = _LayerAcc(W.shape[1], W.shape[0], call.bias is not None, self.threshold)
+            acc = self.layers[call.name] = _LayerAcc(W.shape[1], W.shape[0], call.bias is not None, self.threshold,
+                                                     call.index)
         elif (W.shape[1], W.shape[0]) != (acc.in_features, acc.out_features):
             raise LoadError(f"layer {call.name} changed shape between batches: "
                             f"[{acc.out_features}, {acc.in_features}] then {list(W.shape)}")
@@ -91,7 +93,7 @@ class _Analysis:
 
     def tables(self) -> dict[str, pd.DataFrame]:
         layers, gemm, operands, tensors, hists, outliers, errors = [], [], [], [], [], [], []
-        for name, acc in self.layers.items():
+        for name, acc in sorted(self.layers.items(), key=lambda kv: kv[1].index):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
                            "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2})

@@ -111,10 +111,16 @@ def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # Per-layer accumulators (one LinearCall at a time, batches merged by the metric accumulators)
 # --------------------------------------------------------------------------------------------
+def _forward_order(layers: dict) -> list[tuple[str, Any]]:
+    """(name, accumulator) pairs in the model's forward order (capture hands calls over last layer first)."""
+    return sorted(layers.items(), key=lambda kv: kv[1].index)
+
+
 @dataclass
 class _BlockLayer:
     in_features: int
     out_features: int
+    index: int = 0  # forward position (calls arrive in backward order; tables list forward order)
     err: dict[tuple[int, str], ErrorAccumulator] = field(default_factory=dict)
     weight_done: bool = False
 
@@ -129,7 +135,7 @@ class _BlocksizeSweep:
 
     def __call__(self, call: LinearCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
-        acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[1], W.shape[0]))
+        acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[1], W.shape[0], call.index))
         a64, w64 = A.double(), W.double()
         g64 = None if G is None else G.double()
         ref = {"fprop": a64 @ w64.T}
@@ -151,7 +157,7 @@ class _BlocksizeSweep:
 
     def table(self) -> pd.DataFrame:
         rows = []
-        for name, acc in self.layers.items():
+        for name, acc in _forward_order(self.layers):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             fprop = {bs: acc.err[(bs, "fprop")].result()["sqnr_db"] for bs in self.blocksizes}
             rec = recommend_blocksize(fprop)
@@ -170,6 +176,7 @@ class _BlocksizeSweep:
 @dataclass
 class _ThresholdLayer:
     in_features: int
+    index: int = 0
     err: dict[float, ErrorAccumulator] = field(default_factory=dict)
     cols: dict[float, float] = field(default_factory=dict)  # Σ over batches of tokens · frac_cols
     tokens: int = 0
@@ -184,7 +191,7 @@ class _ThresholdSweep:
 
     def __call__(self, call: LinearCall) -> None:
         A, W = call.activation, call.weight
-        acc = self.layers.setdefault(call.name, _ThresholdLayer(W.shape[1]))
+        acc = self.layers.setdefault(call.name, _ThresholdLayer(W.shape[1], call.index))
         ref = A.double() @ W.double().T
         tokens = A.shape[0]
         acc.tokens += tokens
@@ -202,7 +209,7 @@ class _ThresholdSweep:
 
     def table(self) -> pd.DataFrame:
         rows = []
-        for name, acc in self.layers.items():
+        for name, acc in _forward_order(self.layers):
             pts = {th: (acc.err[th].result()["sqnr_db"], acc.cols[th] / acc.tokens if acc.tokens else 0.0)
                    for th in self.thresholds}
             rec = recommend_threshold(pts)
@@ -243,7 +250,7 @@ def _threshold_meta(ths: list[float]) -> dict:
 
 def _layers_table(sweep_layers: dict, tokens: dict[str, int] | None = None) -> pd.DataFrame:
     rows = []
-    for name, acc in sweep_layers.items():
+    for name, acc in _forward_order(sweep_layers):
         out_f = getattr(acc, "out_features", None)
         bsz, bsz2 = get_block_sizes(acc.in_features, out_f) if out_f else (None, None)
         rows.append({"layer": name, "in_features": acc.in_features, "out_features": out_f,

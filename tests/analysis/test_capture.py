@@ -33,7 +33,10 @@ def test_gradients_match_autograd_and_reuse_is_named() -> None:
     model = Shared()
     x = torch.randn(2, 5, 8)
     calls = {c.name: c for c in _collect(model, Batch((x,), {}))}
-    assert list(calls) == ["dead", "lin", "lin#1"]
+    # Streaming: calls arrive as their gradients do (last first), then the one no gradient reached;
+    # ``index`` keeps the forward order.
+    assert list(calls) == ["lin#1", "lin", "dead"]
+    assert sorted(calls, key=lambda n: calls[n].index) == ["dead", "lin", "lin#1"]
     assert calls["dead"].grad_output is None  # not on the path to the loss: fprop only
     # Surrogate loss mean(y²): dL/dy = 2y/numel for the second application.
     y = model(x)
