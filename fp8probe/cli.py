@@ -34,6 +34,13 @@ def _single_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _printable(text: object) -> str:
+    """Layer names are user data: control characters (an ANSI escape clearing the terminal, a fake
+    newline) are shown as Python escapes instead of reaching the terminal or a CI log."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _fail(exc: BaseException, what: str | None = None) -> UsageFailure:
     """UsageFailure carrying ``exc``'s first message line (the traceback stays reachable for --debug)."""
     text = str(exc).strip().splitlines()
@@ -313,7 +320,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     if worst:
         click.echo(f"{'layer':<32} {'strategy':<15} {'fprop SQNR dB':>13} {'rel err':>9}")
         for r in worst:
-            click.echo(f"{r['layer'][:32]:<32} {r['strategy']:<15} {r['sqnr_db']:>13.2f} {r['rel_err']:>9.2e}")
+            click.echo(f"{_printable(r['layer'])[:32]:<32} {r['strategy']:<15} {r['sqnr_db']:>13.2f} {r['rel_err']:>9.2e}")
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
     click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; no HTML report written"))
@@ -433,9 +440,9 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
         click.echo("PASS: no gate exceeded")
         return
     click.echo(f"FAIL: {len(comparison['violations'])} gate violation(s) in layer(s): "
-               + ", ".join(comparison["failed_layers"]), err=True)
+               + ", ".join(_printable(x) for x in comparison["failed_layers"]), err=True)
     for v in comparison["violations"]:
-        click.echo(f"  {v['gate']}: {v['layer']}: {v['detail']}", err=True)
+        click.echo(f"  {v['gate']}: {_printable(v['layer'])}: {_printable(v['detail'])}", err=True)
     ctx.exit(EXIT_GATE_FAILED)
 
 
@@ -532,11 +539,11 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         rec = rec[rec["target"] == "fprop"]
         click.echo(f"{'layer':<40} {'recommended':>11} {'fprop SQNR dB':>13}")
         for r in rec.to_dict("records"):
-            click.echo(f"{r['layer'][:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>13.2f}")
+            click.echo(f"{_printable(r['layer'])[:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>13.2f}")
     else:
         click.echo(f"{'layer':<40} {'recommended':>11} {'fprop SQNR dB':>13} {'16-bit cols':>11}")
         for r in rec.to_dict("records"):
-            click.echo(f"{r['layer'][:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
+            click.echo(f"{_printable(r['layer'])[:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
     click.echo(f"rule: {next(iter(results.metadata['recommendations'].values()))}")
     click.echo(f"results: {paths['json']}; report: {html}")

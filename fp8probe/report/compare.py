@@ -147,9 +147,15 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     }
 
 
-def _md_escape(text: str) -> str:
-    """Layer names are user data: keep them from breaking the Markdown table."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("\n", " ").replace("<", "&lt;")
+def _md_code(text: object, in_table: bool = True) -> str:
+    """User data (layer names, run names, recipes) as a Markdown code span: inside one, CommonMark
+    treats ``<script>``, ``[x](javascript:..)``, ``*`` and bare URLs as literal text, so a name can
+    neither inject HTML nor a link. A backtick would close the span, so it becomes ``'``; line breaks
+    become spaces; in a table cell ``|`` is escaped (GFM reads ``\\|`` as a literal pipe even in code)."""
+    body = " ".join(str(text).replace("`", "'").split())
+    if in_table:
+        body = body.replace("|", "\\|")
+    return f"`{body}`" if body else "–"
 
 
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:
@@ -167,13 +173,13 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
     g = comparison["gates"]
     verdict = "✅ **PASS**" if comparison["passed"] else f"❌ **FAIL** — {len(comparison['failed_layers'])} layer(s)"
     lines = [f"## fp8probe compare: {verdict}", "",
-             f"Baseline `{_md_escape(comparison['baseline']['name'])}` ({_md_escape(comparison['baseline']['created'])}) → "
-             f"current `{_md_escape(comparison['current']['name'])}` ({_md_escape(comparison['current']['created'])}).", "",
+             f"Baseline {_md_code(comparison['baseline']['name'], False)} ({_md_code(comparison['baseline']['created'], False)}) → "
+             f"current {_md_code(comparison['current']['name'], False)} ({_md_code(comparison['current']['created'], False)}).", "",
              f"Gates: SQNR drop ≤ {g['max_sqnr_drop']:g} dB, new outlier columns ≤ {g['max_new_outlier_cols']:g}, "
              f"underflow increase ≤ {g['max_underflow_increase']:g} percentage points.", ""]
     if comparison["violations"]:
         lines += ["| gate | layer | detail |", "|---|---|---|"]
-        lines += [f"| {v['gate']} | `{_md_escape(v['layer'])}` | {_md_escape(v['detail'])} |"
+        lines += [f"| {v['gate']} | {_md_code(v['layer'])} | {_md_code(v['detail'])} |"
                   for v in comparison["violations"][:max_rows]]
         if len(comparison["violations"]) > max_rows:
             lines.append(f"| … | | {len(comparison['violations']) - max_rows} more |")
@@ -185,12 +191,12 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
     else:
         lines += ["Largest SQNR changes:", "", "| layer | recipe | GEMM / tensor | baseline dB | current dB | Δ dB |",
                   "|---|---|---|---:|---:|---:|"]
-        lines += [f"| `{_md_escape(r['layer'])}` | {_md_escape(r['recipe'])} | {_md_escape(r['what'])} | "
+        lines += [f"| {_md_code(r['layer'])} | {_md_code(r['recipe'])} | {_md_code(r['what'])} | "
                   f"{_f(r['baseline'])} | {_f(r['current'])} | {_f(r['delta_db'])} |" for r in drops[:min(max_rows, 10)]]
         lines.append("")
     for key, label in (("added_layers", "Layers only in current"), ("removed_layers", "Layers only in baseline")):
         if comparison[key]:
-            lines.append(f"{label}: " + ", ".join(f"`{_md_escape(x)}`" for x in comparison[key]))
+            lines.append(f"{label}: " + ", ".join(_md_code(x, False) for x in comparison[key]))
             lines.append("")
     return "\n".join(lines)
 
