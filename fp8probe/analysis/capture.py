@@ -252,7 +252,11 @@ def _surrogate(output: Any) -> torch.Tensor:
 def choose_loss(output: Any, batch: Batch, loss_fn: LossFn | None, loss_name: str | None) -> tuple[torch.Tensor, LossInfo]:
     """The scalar to differentiate: ``loss_fn(output, batch)``, else the model's own loss, else the surrogate."""
     if loss_fn is not None:
-        loss = loss_fn(output, batch)
+        try:
+            loss = loss_fn(output, batch)
+        except Exception as exc:  # noqa: BLE001 - the user's loss failing is an input error (exit 2), not a bug
+            text = str(exc).strip().splitlines()
+            raise LoadError(f"--loss {loss_name} failed: {type(exc).__name__}: {text[0] if text else ''}") from exc
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise LoadError(f"--loss {loss_name} must return a scalar tensor, got "
                             f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
