@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fp8probe.formats import FORMATS
+from fp8probe.report.schema import (NOTE_EXACT, NOTE_LP_NONFINITE, NOTE_NO_ELEMENTS, NOTE_NO_FINITE_REFERENCE,
+                                    NOTE_ZERO_SIGNAL)
+
 # Fixed integer log2 bins for magnitude histograms: bin k counts finite non-zero |x| with
 # floor(log2|x|) == k. 2**-40 ≈ 9e-13 is far below every fp8 format's smallest subnormal
 # (e5m2 2**-16 times any realistic scale) and 2**24 far above fp16's 65504; values outside
@@ -20,6 +24,30 @@ BLOCK = 128
 TOP_K = 8
 
 _F64 = torch.float64
+# Magnitude limits a raw (unscaled) cast would overflow: fp16's largest finite value (what the
+# bnb-compat paths and fp16 models cast to) and the OCP FP8 element maxima (MX elements share them).
+# bnb codebooks and int8 are always absmax-scaled, so no raw limit applies to them.
+RAW_LIMITS = (("fp16", float(torch.finfo(torch.float16).max)), ("e4m3", FORMATS["e4m3"].max),
+              ("e5m2", FORMATS["e5m2"].max))
+
+
+def _error_metrics(count: int, sum_ref2: float, sum_err2: float, excluded: int, lp_nonfinite: int
+                   ) -> tuple[float, float, str | None]:
+    """(sqnr_db, rel_err, note) with the degenerate cases decided once (report/schema.py NOTE_*).
+
+    Nothing compared (empty batch, every reference or result element NaN/Inf): both NaN, written as
+    JSON null, with the note saying why. Error exactly zero: SQNR +inf and rel_err 0 even when the
+    reference itself is all zero (0/0): the recipe reproduced it exactly, so "no loss" is the
+    answer a gate needs. Reference all zero but result not: SQNR −inf, rel_err +inf.
+    """
+    if count == 0:
+        note = NOTE_LP_NONFINITE if lp_nonfinite else NOTE_NO_FINITE_REFERENCE if excluded else NOTE_NO_ELEMENTS
+        return math.nan, math.nan, note
+    if sum_err2 == 0.0:
+        return math.inf, 0.0, NOTE_EXACT
+    if sum_ref2 == 0.0:
+        return -math.inf, math.inf, NOTE_ZERO_SIGNAL
+    return sqnr_db(sum_ref2, sum_err2), math.sqrt(sum_err2 / sum_ref2), None
 
 
 def sqnr_db(signal_energy: float, noise_energy: float) -> float:
@@ -53,8 +81,10 @@ def _dots(r: torch.Tensor, q: torch.Tensor) -> tuple[float, float, float, float]
 class ErrorAccumulator:
     """Σref², Σ(ref−lp)², Σlp², Σref·lp, max|ref−lp| over elements where both are finite.
 
-    ``nonfinite`` counts elements where the reference is finite but the low-precision result is
-    not (overflow or NaN produced by the recipe); they are excluded from the sums.
+    ``count``: elements compared. ``excluded``: elements whose reference is NaN/±Inf (the inputs
+    held specials). ``nonfinite``: reference finite but the low-precision result not (overflow or
+    NaN produced by the recipe). Both are left out of the sums and reported, so a special value
+    never turns a summary metric into NaN.
     """
 
     sum_ref2: float = 0.0
@@ -64,6 +94,7 @@ class ErrorAccumulator:
     max_abs_err: float = 0.0
     count: int = 0
     nonfinite: int = 0
+    excluded: int = 0
 
     def update(self, ref: torch.Tensor, lp: torch.Tensor) -> None:
         """Add one batch: ``ref`` and ``lp`` of the same shape (any float dtype)."""
@@ -77,6 +108,7 @@ class ErrorAccumulator:
             ok_ref = torch.isfinite(r)
             ok = ok_ref & torch.isfinite(q)
             self.nonfinite += int((ok_ref & ~ok).sum())
+            self.excluded += int((~ok_ref).sum())
             r, q = torch.where(ok, r, 0.0), torch.where(ok, q, 0.0)
             sums = _dots(r, q)
             n_ok = int(ok.sum())
@@ -95,15 +127,17 @@ class ErrorAccumulator:
         return ErrorAccumulator(self.sum_ref2 + other.sum_ref2, self.sum_err2 + other.sum_err2,
                                 self.sum_lp2 + other.sum_lp2, self.sum_dot + other.sum_dot,
                                 max(self.max_abs_err, other.max_abs_err), self.count + other.count,
-                                self.nonfinite + other.nonfinite)
+                                self.nonfinite + other.nonfinite, self.excluded + other.excluded)
 
     def result(self) -> dict:
-        """sqnr_db, rel_err (‖ref−lp‖_F/‖ref‖_F), cosine, max_abs_err, nonfinite."""
-        rel = math.sqrt(self.sum_err2 / self.sum_ref2) if self.sum_ref2 > 0 else math.nan
+        """sqnr_db, rel_err (‖ref−lp‖_F/‖ref‖_F), cosine, max_abs_err over the compared elements;
+        nonfinite, excluded, compared (counts) and note (why a metric is ±inf/NaN, else None)."""
+        sqnr, rel, note = _error_metrics(self.count, self.sum_ref2, self.sum_err2, self.excluded, self.nonfinite)
         denom = math.sqrt(self.sum_ref2 * self.sum_lp2)
-        cosine = self.sum_dot / denom if denom > 0 else math.nan
-        return {"sqnr_db": sqnr_db(self.sum_ref2, self.sum_err2), "rel_err": rel, "cosine": cosine,
-                "max_abs_err": self.max_abs_err, "nonfinite": self.nonfinite}
+        cosine = self.sum_dot / denom if denom > 0 else math.nan  # undefined when either side is all zero
+        return {"sqnr_db": sqnr, "rel_err": rel, "cosine": cosine,
+                "max_abs_err": self.max_abs_err if self.count else math.nan, "nonfinite": self.nonfinite,
+                "excluded": self.excluded, "compared": self.count, "note": note}
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,10 +155,12 @@ class OperandAccumulator:
 
     sum_ref2: float = 0.0
     sum_err2: float = 0.0
-    n_finite: int = 0
+    n_finite: int = 0  # finite x (NaN/±Inf x are excluded and counted in n_excluded)
     n_nonzero: int = 0
     n_underflow: int = 0
     n_saturated: int = 0
+    n_excluded: int = 0
+    n_nonfinite: int = 0  # finite x whose quantised value is NaN/±Inf (left out of the sums)
 
     def update(self, x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | None = None) -> None:
         """Add one batch: ``x`` the operand, ``q`` its dequantised value (same shape)."""
@@ -140,6 +176,8 @@ class OperandAccumulator:
             rz, dz = torch.where(both, r, 0.0), torch.where(both, d, 0.0)
             sums = _dots(rz, dz)
             n_fin = int(fin.sum())
+            self.n_excluded += r.numel() - n_fin
+            self.n_nonfinite += n_fin - int(both.sum())
         else:
             fin, dz, n_fin = None, d, r.numel()
         self.sum_ref2 += sums[0]
@@ -161,11 +199,15 @@ class OperandAccumulator:
         """A new accumulator equal to having seen both inputs."""
         return OperandAccumulator(self.sum_ref2 + other.sum_ref2, self.sum_err2 + other.sum_err2,
                                   self.n_finite + other.n_finite, self.n_nonzero + other.n_nonzero,
-                                  self.n_underflow + other.n_underflow, self.n_saturated + other.n_saturated)
+                                  self.n_underflow + other.n_underflow, self.n_saturated + other.n_saturated,
+                                  self.n_excluded + other.n_excluded, self.n_nonfinite + other.n_nonfinite)
 
     def result(self) -> dict:
-        """sqnr_db, underflow_frac (of non-zero finite elements), saturation_frac (of finite elements)."""
-        return {"sqnr_db": sqnr_db(self.sum_ref2, self.sum_err2),
+        """sqnr_db, underflow_frac (of non-zero finite elements), saturation_frac (of finite elements),
+        excluded (NaN/±Inf x), nonfinite (finite x quantised to NaN/±Inf), note (as ErrorAccumulator)."""
+        compared = self.n_finite - self.n_nonfinite
+        sqnr, _, note = _error_metrics(compared, self.sum_ref2, self.sum_err2, self.n_excluded, self.n_nonfinite)
+        return {"sqnr_db": sqnr, "excluded": self.n_excluded, "nonfinite": self.n_nonfinite, "note": note,
                 "underflow_frac": self.n_underflow / self.n_nonzero if self.n_nonzero else 0.0,
                 "saturation_frac": self.n_saturated / self.n_finite if self.n_finite else 0.0}
 
@@ -197,9 +239,12 @@ def _block_absmax(x2: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TensorStats:
-    """amax, mean/central moments (Chan et al. merge), zeros, NaN/Inf, log2 histogram, block absmaxes.
+    """amax, mean/central moments (Chan et al. merge), special-value counts, log2 histogram, block absmaxes.
 
     Moments are over finite values; kurtosis is Pearson's m4/m2² (3 for a Gaussian).
+    Special values: NaN, +Inf, −Inf, exact zeros, subnormals of the tensor's own dtype
+    (0 < |x| < finfo(dtype).tiny: 2**-126 for fp32/bf16, 2**-14 for fp16; flush-to-zero hardware
+    loses them) and finite values beyond each RAW_LIMITS max (what a raw, unscaled cast overflows).
     ``block_absmax_ratio`` = amax / geometric mean of the non-zero 1×128 row-segment absmaxes:
     how many times larger the global scale is than a typical block's (what blockwise buys).
     """
@@ -215,6 +260,9 @@ class TensorStats:
     zeros: int = 0
     nan_count: int = 0
     inf_count: int = 0
+    neg_inf_count: int = 0
+    subnormal_count: int = 0
+    over_max: dict[str, int] = field(default_factory=lambda: {name: 0 for name, _ in RAW_LIMITS})
     log2_block_sum: float = 0.0
     n_blocks: int = 0
     hist: torch.Tensor = field(default_factory=lambda: torch.zeros(LOG2_HI - LOG2_LO, dtype=torch.int64))
@@ -225,21 +273,26 @@ class TensorStats:
             return
         x = x.detach()
         x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
-        other = TensorStats._from_batch(x2)
+        tiny = torch.finfo(x.dtype).tiny if x.is_floating_point() else 1.0
+        other = TensorStats._from_batch(x2, tiny)
         merged = self.merge(other)
         self.__dict__.update(merged.__dict__)
 
     @staticmethod
-    def _from_batch(x2: torch.Tensor) -> TensorStats:
+    def _from_batch(x2: torch.Tensor, tiny: float) -> TensorStats:
         s = TensorStats(numel=x2.numel())
         v = x2.to(_F64)
         nan = torch.isnan(v)
         inf = torch.isinf(v)
         s.nan_count, s.inf_count = int(nan.sum()), int(inf.sum())
+        s.neg_inf_count = int((inf & (v < 0)).sum()) if s.inf_count else 0
         f = v[~(nan | inf)]
         s.n = f.numel()
         s.zeros = int((f == 0).sum())
         if s.n:
+            a = f.abs()
+            s.subnormal_count = int(((a > 0) & (a < tiny)).sum())
+            s.over_max = {name: int((a > limit).sum()) for name, limit in RAW_LIMITS}
             s.mean = float(f.mean())
             d = f - s.mean
             d2 = d * d
@@ -263,6 +316,9 @@ class TensorStats:
         out = TensorStats(numel=self.numel + other.numel, n=n, amax=max(self.amax, other.amax),
                           min_nonzero=min(self.min_nonzero, other.min_nonzero), zeros=self.zeros + other.zeros,
                           nan_count=self.nan_count + other.nan_count, inf_count=self.inf_count + other.inf_count,
+                          neg_inf_count=self.neg_inf_count + other.neg_inf_count,
+                          subnormal_count=self.subnormal_count + other.subnormal_count,
+                          over_max={k: self.over_max[k] + other.over_max[k] for k in self.over_max},
                           log2_block_sum=self.log2_block_sum + other.log2_block_sum,
                           n_blocks=self.n_blocks + other.n_blocks, hist=self.hist + other.hist)
         if na == 0 or nb == 0:
@@ -280,7 +336,8 @@ class TensorStats:
         return out
 
     def result(self) -> dict:
-        """numel, amax, std (population), kurtosis, zero_frac, nan_count, inf_count, range_bits, block_absmax_ratio."""
+        """numel, amax, std (population), kurtosis, zero_frac, nan_count, inf_count, range_bits, block_absmax_ratio,
+        and the special-value counts pos_inf_count, neg_inf_count, zero_count, subnormal_count, over_<fmt>_max."""
         var = self.m2 / self.n if self.n else math.nan
         kurt = (self.m4 / self.n) / var**2 if self.n and var > 0 else math.nan
         range_bits = math.log2(self.amax / self.min_nonzero) if self.min_nonzero < math.inf else math.nan
@@ -288,7 +345,9 @@ class TensorStats:
         return {"numel": self.numel, "amax": self.amax, "std": math.sqrt(var) if self.n else math.nan,
                 "kurtosis": kurt, "zero_frac": self.zeros / self.n if self.n else math.nan,
                 "nan_count": self.nan_count, "inf_count": self.inf_count, "range_bits": range_bits,
-                "block_absmax_ratio": ratio}
+                "block_absmax_ratio": ratio, "pos_inf_count": self.inf_count - self.neg_inf_count,
+                "neg_inf_count": self.neg_inf_count, "zero_count": self.zeros, "subnormal_count": self.subnormal_count,
+                **{f"over_{name}_max": c for name, c in self.over_max.items()}}
 
     def histogram(self) -> dict:
         """{"edges": integer log2 bin edges (len bins+1), "counts": counts per bin}."""

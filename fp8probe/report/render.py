@@ -12,7 +12,7 @@ import jinja2
 
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
-from fp8probe.report.schema import validate_results
+from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, validate_results
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -81,6 +81,36 @@ def _sqnr_cell(value: Any, limit: float) -> dict:
     return cell(value, "{:.1f}", cls)
 
 
+# How a metric the JSON holds as null is shown, by the row's note (report/schema.py NOTE_*).
+_NOTE_TEXT = {NOTE_EXACT: "exact", NOTE_ZERO_SIGNAL: "−∞"}
+
+
+def _metric_cell(row: Mapping | None, key: str, fmt: str, limit: float | None = None) -> dict:
+    """A gemm/operands metric cell: numbers as usual; nulls decoded by the row's note ("exact", "−∞", "undefined")."""
+    if not row or key not in row:
+        return cell(None)
+    value = metric_value(row, key)
+    if row.get(key) is not None or value is None:
+        return _sqnr_cell(value, limit) if limit is not None else cell(value, fmt)
+    note = row.get("note")
+    if math.isnan(value):
+        return {"text": "undefined", "sort": None, "cls": "warn"}
+    if key == "sqnr_db":
+        text = _NOTE_TEXT.get(note) or ("∞" if value > 0 else "−∞")
+    elif math.isfinite(value):
+        text = fmt.format(value)  # rel_err 0 of an exact result
+    else:
+        text = "∞" if value > 0 else "−∞"
+    bad = limit is not None and value < limit
+    return {"text": text, "sort": 1e308 if value > 0 else -1e308 if value < 0 else 0.0, "cls": "bad" if bad else ""}
+
+
+def _fprop_sqnr(gemm: Mapping, layer: str, strategy: str) -> float | None:
+    """fprop SQNR with JSON nulls decoded (+inf exact, −inf zero signal, NaN undefined); None if not measured."""
+    row = gemm.get((layer, strategy, "fprop"))
+    return None if row is None else metric_value(row)
+
+
 def _pct(value: Any) -> dict:
     if not _isnum(value):
         return cell(value)
@@ -118,38 +148,85 @@ def _summary(layers: list[str], strategies: list[str], tables: Mapping, keep_db:
     gemm = _index(tables.get("gemm", []), "layer", "strategy", "gemm")
     worst_rows = []
     for layer in layers:
-        vals = [gemm[(layer, s, "fprop")]["sqnr_db"] for s in strategies
-                if (layer, s, "fprop") in gemm and _isnum(gemm[(layer, s, "fprop")]["sqnr_db"])]
+        vals = [v for s in strategies if (v := _fprop_sqnr(gemm, layer, s)) is not None and not math.isnan(v)]
         if vals:
             worst_rows.append((min(vals), layer))
     worst_rows.sort(key=lambda t: t[0])
     worst = _table("worst", ["layer", *strategies], groups=[("", 1), ("fprop SQNR (dB) per strategy", len(strategies))],
                    rows=[
-        [cell(layer), *[_sqnr_cell(gemm.get((layer, s, "fprop"), {}).get("sqnr_db"), keep_db) for s in strategies]]
+        [cell(layer), *[_metric_cell(gemm.get((layer, s, "fprop")), "sqnr_db", "{:.1f}", keep_db) for s in strategies]]
         for _, layer in worst_rows[:WORST_LAYERS]])
     keep = []
     for s in strategies:
-        bad = [(gemm[(layer, s, "fprop")]["sqnr_db"], layer) for layer in layers
-               if (layer, s, "fprop") in gemm and _isnum(gemm[(layer, s, "fprop")]["sqnr_db"])
-               and gemm[(layer, s, "fprop")]["sqnr_db"] < keep_db]
-        nan = [layer for layer in layers if (layer, s, "fprop") in gemm
-               and not _isnum(gemm[(layer, s, "fprop")]["sqnr_db"])]
-        n_measured = sum(1 for layer in layers if (layer, s, "fprop") in gemm)
-        keep.append({"strategy": s, "n_measured": n_measured,
-                     "layers": [{"layer": layer, "sqnr": f"{v:.1f}"} for v, layer in sorted(bad)] +
-                               [{"layer": layer, "sqnr": "NaN"} for layer in nan]})
+        measured = [(layer, v) for layer in layers if (v := _fprop_sqnr(gemm, layer, s)) is not None]
+        # −inf (reference zero, result not) sorts first; undefined (NaN: nothing finite to compare)
+        # is listed too, with its reason, so it can never pass for a good layer.
+        bad = sorted((v, layer) for layer, v in measured if v < keep_db)
+        undefined = [layer for layer, v in measured if math.isnan(v)]
+        keep.append({"strategy": s, "n_measured": len(measured),
+                     "layers": [{"layer": layer, "sqnr": f"{v:.1f}" if math.isfinite(v) else "−∞"} for v, layer in bad] +
+                               [{"layer": layer, "sqnr": "undefined: " + str(gemm[(layer, s, "fprop")].get("note") or "NaN")}
+                                for layer in undefined]})
     return {"worst": worst, "keep": keep, "has_gemm": bool(gemm)}
+
+
+# Special-value columns of the tensors table (analysis/metrics.py TensorStats) and their headers.
+SPECIAL_COLUMNS = (("nan_count", "NaN"), ("pos_inf_count", "+Inf"), ("neg_inf_count", "−Inf"),
+                   ("zero_count", "zeros"), ("subnormal_count", "subnormal"), ("over_fp16_max", "> fp16 max"),
+                   ("over_e4m3_max", "> e4m3 max"), ("over_e5m2_max", "> e5m2 max"))
+# Columns that flag a tensor by themselves (zeros only flag an all-zero or empty tensor).
+_FLAGGING = ("nan_count", "pos_inf_count", "neg_inf_count", "inf_count", "subnormal_count", "over_fp16_max",
+             "over_e4m3_max", "over_e5m2_max")
+
+
+def _count(r: Mapping, key: str) -> int:
+    v = r.get(key)
+    return int(v) if _isnum(v) and math.isfinite(v) else 0
 
 
 def _nan_inf(tables: Mapping) -> dict:
     rows = tables.get("tensors", [])
-    total_nan = sum(int(r.get("nan_count") or 0) for r in rows)
-    total_inf = sum(int(r.get("inf_count") or 0) for r in rows)
+    total_nan = sum(_count(r, "nan_count") for r in rows)
+    total_inf = sum(_count(r, "inf_count") for r in rows)
     flagged = [[cell(r["layer"]), cell(r["tensor"]), cell(r.get("nan_count"), "{:.0f}", "bad"),
                 cell(r.get("inf_count"), "{:.0f}", "bad")]
-               for r in rows if (r.get("nan_count") or 0) or (r.get("inf_count") or 0)]
-    return {"measured": bool(rows), "nan": total_nan, "inf": total_inf,
+               for r in rows if _count(r, "nan_count") or _count(r, "inf_count")]
+    layers = list(dict.fromkeys(r["layer"] for r in rows if _count(r, "nan_count") or _count(r, "inf_count")))
+    return {"measured": bool(rows), "nan": total_nan, "inf": total_inf, "layers": layers,
             "table": _table("naninf", ["layer", "tensor", "NaN count", "Inf count"], flagged)}
+
+
+def _special_values(tables: Mapping) -> dict:
+    """Per layer and tensor: NaN, ±Inf, zeros, subnormals, values beyond fp16/e4m3/e5m2 max; and every
+    gemm/operand metric computed over a subset (specials excluded) or undefined, with the reason."""
+    rows = tables.get("tensors", [])
+    present = [(k, label) for k, label in SPECIAL_COLUMNS if any(k in r for r in rows)]
+    flagged = []
+    for r in rows:
+        numel = _count(r, "numel")
+        all_zero = numel == 0 or _count(r, "zero_count") == numel
+        if not (all_zero or any(_count(r, k) for k in _FLAGGING)):
+            continue
+        what = "empty" if numel == 0 else "all zero" if all_zero else ""
+        flagged.append([cell(r["layer"]), cell(r["tensor"]), cell(r.get("numel"), "{:.0f}"), cell(what)] +
+                       [cell(r.get(k), "{:.0f}", "bad" if k in _FLAGGING and _count(r, k) else "")
+                        for k, _ in present])
+    table = _table("special", ["layer", "tensor", "numel", "", *[label for _, label in present]], flagged)
+    notes = []
+    for tname, what_key in (("gemm", "gemm"), ("operands", "operand")):
+        for r in tables.get(tname, []):
+            note, excluded, nonfinite = r.get("note"), _count(r, "excluded"), _count(r, "nonfinite")
+            if not (excluded or nonfinite or (note and note != NOTE_EXACT)):
+                continue
+            v = metric_value(r)
+            shown = "undefined" if v is None or math.isnan(v) else "over finite elements" \
+                if math.isfinite(v) else _NOTE_TEXT.get(note, "∞")
+            notes.append([cell(r["layer"]), cell(r.get("strategy")), cell(r.get(what_key)),
+                          cell(r.get("compared"), "{:.0f}"), cell(excluded, "{:.0f}", "warn" if excluded else ""),
+                          cell(nonfinite, "{:.0f}", "bad" if nonfinite else ""), cell(shown), cell(note or "")])
+    return {"measured": bool(rows), "n_tensors": len(rows), "table": table,
+            "notes": _table("metricnotes", ["layer", "strategy", "GEMM / operand", "compared", "excluded (NaN/Inf input)",
+                                            "non-finite output", "SQNR", "note"], notes)}
 
 
 def _strategy_tables(layers: list[str], strategies: list[str], tables: Mapping, rules: Mapping,
@@ -163,7 +240,7 @@ def _strategy_tables(layers: list[str], strategies: list[str], tables: Mapping, 
             row = [cell(layer)]
             for g in GEMMS:
                 r = gemm.get((layer, s, g), {})
-                row += [_sqnr_cell(r.get("sqnr_db"), keep_db), cell(r.get("rel_err"), "{:.2e}"),
+                row += [_metric_cell(r, "sqnr_db", "{:.1f}", keep_db), _metric_cell(r, "rel_err", "{:.2e}"),
                         cell(r.get("cosine"), "{:.6f}"), cell(r.get("max_abs_err"), "{:.3g}")]
             if any((layer, s, g) in gemm for g in GEMMS):
                 g_rows.append(row)
@@ -172,7 +249,7 @@ def _strategy_tables(layers: list[str], strategies: list[str], tables: Mapping, 
             row = [cell(layer)]
             for op in TENSORS:
                 r = ops.get((layer, s, op), {})
-                row += [_sqnr_cell(r.get("sqnr_db"), keep_db), _pct(r.get("underflow_frac")),
+                row += [_metric_cell(r, "sqnr_db", "{:.1f}", keep_db), _pct(r.get("underflow_frac")),
                         _pct(r.get("saturation_frac"))]
             if any((layer, s, op) in ops for op in TENSORS):
                 o_rows.append(row)
@@ -365,8 +442,9 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
     gemm = _index(tables.get("gemm", []), "layer", "strategy", "gemm")
     fprop_min = {}
     for (layer, _s, g), r in gemm.items():
-        if g == "fprop" and _isnum(r.get("sqnr_db")):
-            fprop_min[layer] = min(fprop_min.get(layer, math.inf), r["sqnr_db"])
+        v = metric_value(r)
+        if g == "fprop" and v is not None and not math.isnan(v):
+            fprop_min[layer] = min(fprop_min.get(layer, math.inf), v)
     sqnr_fig = None
     if gemm and draw:
         sqnr_fig = figures.figure_to_data_uri(figures.sqnr_bars(
@@ -390,6 +468,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "keep_db": f"{keep_16bit_db:g}",
         "summary": _summary(layers, strategies, tables, keep_16bit_db),
         "nan_inf": _nan_inf(tables),
+        "special": _special_values(tables),
         "sqnr_figure": sqnr_fig,
         "strategy_tables": _strategy_tables(layers, strategies, tables, meta.get("rules") or {}, keep_16bit_db),
         "layers_table": _table("layers", ["layer", "in", "out", "bias", "tokens", "bsz", "bsz2"], layer_rows),

@@ -1,6 +1,7 @@
 """The results JSON contract (docs/architecture.md): schema name, version, kinds, and one validator for writer and reader."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -8,6 +9,33 @@ SCHEMA = "fp8probe.results"
 SCHEMA_VERSION = 1
 KINDS = ("analyze", "sweep-blocksize", "sweep-threshold")
 REQUIRED_TABLES = ("layers",)
+
+# Why a gemm/operands row's error metrics are not plain finite numbers (its `note` column; strict
+# JSON has no NaN/Inf, so ±inf and NaN are all written as null and the note tells them apart).
+NOTE_EXACT = "exact"                          # error exactly 0: SQNR +inf (also when the reference is all zero)
+NOTE_ZERO_SIGNAL = "zero signal"              # reference all zero, result not: SQNR −inf
+NOTE_NO_ELEMENTS = "no elements"              # empty batch (0 tokens): SQNR/rel_err/cosine undefined
+NOTE_NO_FINITE_REFERENCE = "no finite reference"  # every reference element NaN/±Inf: undefined
+NOTE_LP_NONFINITE = "low precision non-finite"    # every finite reference element came out NaN/±Inf: undefined
+NOTES = (NOTE_EXACT, NOTE_ZERO_SIGNAL, NOTE_NO_ELEMENTS, NOTE_NO_FINITE_REFERENCE, NOTE_LP_NONFINITE)
+
+
+def metric_value(row: Mapping, key: str = "sqnr_db") -> float | None:
+    """A row's metric as a float with the JSON nulls decoded by its note: +inf for "exact", −inf for a
+    zero-signal SQNR, NaN for an undefined one; None when the row has no such metric at all."""
+    value = row.get(key)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if key not in row:
+        return None
+    note = row.get("note")
+    if note == NOTE_EXACT:
+        return math.inf if key == "sqnr_db" else 0.0 if key == "rel_err" else math.nan
+    if note == NOTE_ZERO_SIGNAL and key in ("sqnr_db", "rel_err"):
+        return -math.inf if key == "sqnr_db" else math.inf
+    return math.nan
 
 
 class ResultsError(ValueError):
