@@ -36,7 +36,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "wrong_shape": d / "wrong_shape.pt", "png": d / "picture.png", "results": d / "results.json",
         "text_json": d / "other.json", "truncated_json": d / "truncated.json", "factory": d / "factory.py",
         "trunc_pt": d / "trunc.pt", "trunc_pt2": d / "trunc.pt2", "empty": d / "empty.pt", "a_file": d / "plain.txt",
-        "malformed": d / "malformed.json",
+        "malformed": d / "malformed.json", "loss": d / "losses.py", "deep_json": d / "deep.json",
     }
     model = _model()
     torch.export.save(torch.export.export(model, (x,)), f["pt2"])
@@ -56,6 +56,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     doc = json.loads(RESULTS.read_text())
     doc["tables"]["layers"] = [{"name": "fc1"}]  # passes the schema check, but records lack their "layer" column
     f["malformed"].write_text(json.dumps(doc))
+    f["loss"].write_text("def exploding(output, batch):\n    raise RuntimeError('loss exploded')\n")
+    f["deep_json"].write_text("[" * 100_000)  # json.loads recursion: a hostile "results" file
     return f
 
 
@@ -119,6 +121,8 @@ CASES = [
     ("analyze-seed", lambda f, o: ["analyze", str(f["pt2"]), "--seed", "-3", "--out", o], ["--seed"]),
     ("analyze-out-is-file", lambda f, o: ["analyze", str(f["pt2"]), "--out", str(f["a_file"])], ["--out", "is a file"]),
     ("analyze-bad-name", lambda f, o: ["analyze", str(f["pt2"]), "--name", "../escape"], ["--name"]),
+    ("analyze-loss-raises", lambda f, o: ["analyze", str(f["pt2"]), "--loss", f"{f['loss']}:exploding", "--out", o,
+                                          "-q"], ["--loss", "loss exploded"]),
     ("analyze-bad-factory", lambda f, o: ["analyze", str(f["state_dict"]), "--factory", "no_such_mod_zz:build",
                                           "--out", o], ["cannot import module"]),
     # sweeps
@@ -155,6 +159,7 @@ CASES = [
     ("report-truncated-json", lambda f, o: ["report", str(f["truncated_json"]), "-o", f"{o}.html"], ["not JSON"]),
     ("report-other-json", lambda f, o: ["report", str(f["text_json"]), "-o", f"{o}.html"],
      ["not an fp8probe results file"]),
+    ("report-deeply-nested-json", lambda f, o: ["report", str(f["deep_json"]), "-o", f"{o}.html"], ["recursion"]),
     ("report-malformed-tables", lambda f, o: ["report", str(f["malformed"]), "-o", f"{o}.html"], ["malformed"]),
     ("report-keep-nan", lambda f, o: ["report", str(f["results"]), "--keep-16bit-db", "nan", "-o", f"{o}.html"],
      ["--keep-16bit-db"]),

@@ -198,3 +198,16 @@ def test_opaque_object_constant_is_refused(hostile, tmp_path) -> None:
     with pytest.raises(LoadError, match="pickled Python object constant.*--trust-pickle"):
         load_model(bad)
     assert not hostile["target_pt2"].exists()
+
+
+def test_results_loader_survives_hostile_json(tmp_path) -> None:
+    """Results.load (the Python API) turns a recursion bomb or a binary file into ResultsError, one line."""
+    from fp8probe.analysis.results import Results
+    from fp8probe.report.schema import ResultsError
+
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    for name in ("deep.json", "binary.json"):
+        with pytest.raises(ResultsError) as info:
+            Results.load(tmp_path / name)
+        assert "\n" not in str(info.value)

@@ -97,6 +97,7 @@ class Results:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ResultsError(f"{p}: no such results file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            # RecursionError: a hostile file of 100k nested brackets exhausts json's recursion limit
             raise ResultsError(f"{p}: cannot read results JSON ({exc})") from None
         return cls.from_json(doc, str(p))
