@@ -12,6 +12,7 @@ setup(
             sources=["fp8probe/_fastpath.c"],
             extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off", "-fno-fast-math", "-pthread"],
             extra_link_args=["-pthread"],
+            libraries=["m"],  # rintf
             optional=True,
         )
     ],

@@ -23,6 +23,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -453,6 +454,152 @@ static PyObject *py_dequantize_blockwise(PyObject *self, PyObject *args) {
     return PyLong_FromLong(0);
 }
 
+/* ------------------------------------------------------------------------ int8 row quantise */
+/* LLM.int8() row-wise quantisation, default mode (reference.int8_vectorwise_quant):
+ *   outlier = |a| >= thr (thr > 0 only); row_stats = max |a| over non-outlier, non-NaN elements;
+ *   scale = fl32(fl32(1 / row_stats) * 127); q = clamp(rint(fl32(a * scale)), -127, 127), NaN -> 0;
+ *   outlier elements -> 0 here, whole outlier columns are zeroed by the caller (colmask[j] = 1). */
+typedef struct {
+    const void *x; int dt; size_t rows, cols; float thr; int8_t *q; float *stats; uint8_t *colmask;
+    size_t per_unit; /* rows per unit */
+} i8ctx_t;
+
+INLINE int8_t round_i8(float v) {
+    if (v != v) return 0;
+    v = rintf(v); /* round half to even in the default rounding mode */
+    return (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+}
+
+static uint32_t i8_stats_scalar(const i8ctx_t *c, size_t lo, size_t hi) {
+    uint32_t mx = 0;
+    for (size_t i = lo; i < hi; i++) {
+        uint32_t a = f2u(load1(c->x, i, c->dt)) & 0x7fffffffu;
+        if (a > 0x7f800000u) continue; /* NaN ignored (default mode) */
+        if (c->thr > 0.0f && u2f(a) >= c->thr) { c->colmask[i - lo] = 1; continue; } /* lo: row start */
+        mx = a > mx ? a : mx;
+    }
+    return mx;
+}
+
+static void i8_quant_scalar(const i8ctx_t *c, size_t lo, size_t hi, float scale) {
+    for (size_t i = lo; i < hi; i++) {
+        float a = load1(c->x, i, c->dt);
+        c->q[i] = (c->thr > 0.0f && fabsf(a) >= c->thr) ? 0 : round_i8(a * scale);
+    }
+}
+
+#if FP_X86
+AVX2 static uint32_t i8_stats_avx2(const i8ctx_t *c, size_t lo, size_t hi) {
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256 thr = _mm256_set1_ps(c->thr);
+    const int use_thr = c->thr > 0.0f;
+    __m256i mx = _mm256_setzero_si256();
+    size_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        __m256i a = _mm256_and_si256(_mm256_castps_si256(load8(c->x, i, c->dt)), mask);
+        __m256i drop = _mm256_cmpgt_epi32(a, inf); /* NaN */
+        if (use_thr) {
+            __m256 out = _mm256_cmp_ps(_mm256_castsi256_ps(a), thr, _CMP_GE_OQ);
+            int bits = _mm256_movemask_ps(out);
+            if (bits) { /* rare: mark the outlier columns */
+                for (int k = 0; k < 8; k++)
+                    if (bits >> k & 1) c->colmask[i + k - lo] = 1;
+                drop = _mm256_or_si256(drop, _mm256_castps_si256(out));
+            }
+        }
+        mx = _mm256_max_epi32(mx, _mm256_andnot_si256(drop, a));
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, mx);
+    uint32_t m = 0;
+    for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
+    for (; i < hi; i++) { /* tail, same rules as i8_stats_scalar */
+        uint32_t a = f2u(load1(c->x, i, c->dt)) & 0x7fffffffu;
+        if (a > 0x7f800000u) continue;
+        if (use_thr && u2f(a) >= c->thr) { c->colmask[i - lo] = 1; continue; }
+        m = a > m ? a : m;
+    }
+    _mm256_zeroupper();
+    return m;
+}
+
+AVX2 INLINE __m256i i8_round8(__m256 a, __m256 sv, __m256 thr, int use_thr) {
+    __m256 v = _mm256_mul_ps(a, sv);
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    __m256 zero = nan;
+    if (use_thr) {
+        __m256 absa = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
+        zero = _mm256_or_ps(zero, _mm256_cmp_ps(absa, thr, _CMP_GE_OQ));
+    }
+    r = _mm256_andnot_ps(zero, r); /* NaN and outliers -> +0 */
+    return _mm256_cvtps_epi32(r);  /* exact: r is an integer in [-127, 127] */
+}
+
+AVX2 static void i8_quant_avx2(const i8ctx_t *c, size_t lo, size_t hi, float scale) {
+    const __m256 sv = _mm256_set1_ps(scale), thr = _mm256_set1_ps(c->thr);
+    const int use_thr = c->thr > 0.0f;
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32) {
+        __m256i a = i8_round8(load8(c->x, i, c->dt), sv, thr, use_thr);
+        __m256i b = i8_round8(load8(c->x, i + 8, c->dt), sv, thr, use_thr);
+        __m256i d = i8_round8(load8(c->x, i + 16, c->dt), sv, thr, use_thr);
+        __m256i e = i8_round8(load8(c->x, i + 24, c->dt), sv, thr, use_thr);
+        /* values in [-127, 127]: signed saturating packs are exact */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(d, e));
+        _mm256_storeu_si256((__m256i *)(c->q + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    i8_quant_scalar(c, i, hi, scale);
+    _mm256_zeroupper();
+}
+#endif
+
+static void i8_work(void *vc, size_t u) {
+    const i8ctx_t *c = (const i8ctx_t *)vc;
+    size_t r0 = u * c->per_unit, r1 = r0 + c->per_unit < c->rows ? r0 + c->per_unit : c->rows;
+    for (size_t r = r0; r < r1; r++) {
+        size_t lo = r * c->cols, hi = lo + c->cols;
+        uint32_t mb;
+#if FP_X86
+        if (g_have_avx2) mb = i8_stats_avx2(c, lo, hi);
+        else
+#endif
+            mb = i8_stats_scalar(c, lo, hi);
+        float rs = u2f(mb);
+        c->stats[r] = rs;
+        float scale = (1.0f / rs) * 127.0f;
+#if FP_X86
+        if (g_have_avx2) i8_quant_avx2(c, lo, hi, scale);
+        else
+#endif
+            i8_quant_scalar(c, lo, hi, scale);
+    }
+}
+
+static PyObject *py_int8_vectorwise_quant(PyObject *self, PyObject *args) {
+    unsigned long long xp, qp, sp, mp;
+    Py_ssize_t rows, cols;
+    int dt, want;
+    double thr;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinndKKKi", &xp, &dt, &rows, &cols, &thr, &qp, &sp, &mp, &want)) return NULL;
+    if (rows < 0 || cols <= 0 || dt < 0 || dt > 2 || !(thr >= 0.0)) {
+        PyErr_Format(PyExc_ValueError, "int8_vectorwise_quant: bad sizes (rows=%zd, cols=%zd, dtype=%d)", rows, cols, dt);
+        return NULL;
+    }
+    i8ctx_t c = {(const void *)(uintptr_t)xp, dt, (size_t)rows, (size_t)cols, (float)thr, (int8_t *)(uintptr_t)qp,
+                 (float *)(uintptr_t)sp, (uint8_t *)(uintptr_t)mp, 1};
+    c.per_unit = (size_t)cols >= UNIT ? 1 : UNIT / (size_t)cols;
+    size_t n = (size_t)rows * (size_t)cols;
+    int nt = pick_threads(n, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(i8_work, &c, ((size_t)rows + c.per_unit - 1) / c.per_unit, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     (void)self; (void)args;
     return PyUnicode_FromString(g_have_avx2 ? "avx2" : "scalar");
@@ -477,6 +624,10 @@ static PyMethodDef methods[] = {
     {"dequantize_blockwise", py_dequantize_blockwise, METH_VARARGS,
      "dequantize_blockwise(q_ptr, n, blocksize, absmax_ptr, code_ptr, out_ptr, dtype, threads) -> 0, "
      "or 1 (nothing written) when absmax or code holds NaN/Inf."},
+    {"int8_vectorwise_quant", py_int8_vectorwise_quant, METH_VARARGS,
+     "int8_vectorwise_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, colmask_ptr, threads): "
+     "default-mode LLM.int8() row quantisation; colmask[j] = 1 for outlier columns (threshold > 0), "
+     "which the caller zeroes in q."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},

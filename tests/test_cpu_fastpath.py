@@ -140,7 +140,7 @@ def test_large_tensors_take_the_threaded_paths(dtype: torch.dtype, isa: str, mon
     A = _wide(n, dtype, g)
     A[70000:70000 + 4096] = 0.0  # a zero block in the middle
     code = get_codebook("dynamic")
-    for bs in (100, 4096, 2**18 + 5, n):
+    for bs in (100, 2**18 + 5, n):
         _check(A, code, bs, (dtype,))
 
 
@@ -290,3 +290,28 @@ def test_bnb_compat_dequant_cast_rules() -> None:
         assert torch.equal(_bits(y), _bits(ref.dequantize_blockwise(rq, ram, code, 64, odt, ri, rv, "bnb")))
     assert not cpu.dequantize_blockwise_into(rq, ram, code, 64, torch.float16, ri, rv, "bnb",
                                              torch.empty(3000, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int8_vectorwise_quant_matches_reference(dtype: torch.dtype, isa: str, monkeypatch) -> None:
+    """Row stats, codes and outlier columns, with NaN/±Inf, zero rows and thresholds (3.3 is not a float32)."""
+    assert cpu.enabled()
+    monkeypatch.setattr(cpu, "_threads", lambda n: 3)
+    g = torch.Generator().manual_seed(17 + DTYPES.index(dtype))
+    for shape in [(1,), (7,), (33, 77), (2, 3, 129), (70, 1024), (40000, 2)]:  # the last two: threaded
+        x = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g))
+        flat = x.view(-1)
+        r = torch.rand(flat.numel(), generator=g)
+        flat[r < 0.02] = 0.0
+        flat[(r >= 0.02) & (r < 0.03)] = float("nan")
+        flat[(r >= 0.03) & (r < 0.035)] = float("inf")
+        flat[(r >= 0.035) & (r < 0.04)] = -float("inf")
+        rows = x.view(-1, shape[-1])
+        if rows.shape[0] > 2:
+            rows[1] = 0.0  # zero row: 1/row_stats = inf
+        x = x.to(dtype)
+        for thr in (0.0, 1e-3, 2.5, 3.3, 6.0):
+            q, rs, cols = cpu.int8_vectorwise_quant(x, thr, "")
+            rq, rrs, rcols = ref.int8_vectorwise_quant(x, thr, "")
+            assert torch.equal(q, rq), (shape, thr, (q != rq).nonzero()[:5].tolist())
+            assert torch.equal(_bits(rs), _bits(rrs)) and torch.equal(cols, rcols), (shape, thr)

@@ -1,7 +1,8 @@
 """CPU fast path: the C kernels of fp8probe._fastpath for codebook quantise/dequantise, bit-exact with the reference.
 
 ``register()`` (called at the end of ``fp8probe/ops.py``) installs CPU kernels for
-``fp8probe::quantize_blockwise``, ``quantize_global`` and ``dequantize_blockwise`` with
+``fp8probe::quantize_blockwise``, ``quantize_global``, ``dequantize_blockwise`` and
+``int8_vectorwise_quant`` with
 ``torch.library.register_kernel(..., "cpu", ...)``. Each kernel takes exactly its op's arguments and
 returns what ``backends/reference.py`` returns, bit for bit: the C code performs the same float32
 operations in the same order (see the header of fp8probe/_fastpath.c) and reuses the reference's
@@ -10,7 +11,7 @@ the C code does not cover:
 
 * the extension was not built (it is optional: a failed compile still installs fp8probe), or
   ``FP8PROBE_BACKEND=reference`` is set (checked at every call);
-* ``compat="bnb"`` quantisation, and bnb's half-away-from-zero fp16 dequantisation cast;
+* ``compat="bnb"`` quantisation (codebook and int8), and bnb's half-away-from-zero fp16 dequant cast;
 * tensors with a NaN/±Inf (the C absmax pass reports them; specials are rare, so the whole call is
   re-run by the reference, which records them), and non-finite absmax/codebook on dequantisation;
 * empty tensors, and codebooks whose search tables do not exist (a non-monotone rule).
@@ -218,6 +219,31 @@ def dequantize_blockwise_into(q: torch.Tensor, absmax: torch.Tensor, code: torch
     return True
 
 
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU kernel of ``fp8probe::int8_vectorwise_quant`` (default mode; ``compat="bnb"`` runs the reference).
+
+    A: fp32/fp16/bf16, viewed as [rows, cols]. Returns ``q`` (int8, A.shape), ``row_stats`` (float32
+    [rows]) and ``outlier_cols`` (int64, sorted; empty when threshold == 0), like the reference.
+    """
+    if not (compat == "" and A.device.type == "cpu" and A.dtype in _DT and A.numel() > 0 and enabled()):
+        return _ref.int8_vectorwise_quant(A, threshold, compat)
+    rows, cols = _ref._rows_cols(A.shape)
+    Ac = A.detach().contiguous()
+    q = torch.empty(A.shape, dtype=torch.int8)
+    row_stats = torch.empty(rows, dtype=_F32)
+    colmask = torch.zeros(cols if threshold > 0 else 1, dtype=torch.uint8)
+    _ext().int8_vectorwise_quant(Ac.data_ptr(), _DT[A.dtype], rows, cols, float(threshold), q.data_ptr(),
+                                 row_stats.data_ptr(), colmask.data_ptr(), _threads(A.numel()))
+    if threshold > 0:
+        outlier_cols = colmask.nonzero().reshape(-1)
+        if outlier_cols.numel():
+            q.view(rows, cols)[:, outlier_cols] = 0  # a column with any outlier is zeroed in every row
+    else:
+        outlier_cols = torch.empty(0, dtype=torch.int64)
+    return q, row_stats, outlier_cols
+
+
 def register() -> None:
     """Install the CPU kernels (idempotent). Does nothing when the extension is not built or
     FP8PROBE_BACKEND=reference is set at import time."""
@@ -228,3 +254,4 @@ def register() -> None:
     torch.library.register_kernel("fp8probe::quantize_blockwise", "cpu", quantize_blockwise)
     torch.library.register_kernel("fp8probe::quantize_global", "cpu", quantize_global)
     torch.library.register_kernel("fp8probe::dequantize_blockwise", "cpu", dequantize_blockwise)
+    torch.library.register_kernel("fp8probe::int8_vectorwise_quant", "cpu", int8_vectorwise_quant)
