@@ -1,0 +1,171 @@
+"""The benchmark scripts run end to end in --quick mode and print well-formed tables (no timing assertions)."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import _timing as T  # noqa: E402  (benchmarks/ is not a package)
+
+# The columns each script's table must have, in order (the contract RESULTS.md is written against).
+COMMON = ["op", "dtype", "numel"]
+TIMES = ["median ms", "min ms", "n", "GB/s"]
+EXPECTED = {
+    "bench_quantize.py": {
+        "columns": [*COMMON, "block", "mode", *TIMES, "×copy", "×bnb", "×torch", "target"],
+        "ops": {"copy dst.copy_(x)", "torch cast → float8_e4m3fn", "torch cast → float8_e5m2", "quantize",
+                "dequantize", "quantize_blockwise", "dequantize_blockwise", "bnb quantize_blockwise",
+                "bnb dequantize_blockwise"},
+        "modes": {"quantize_blockwise": {"fresh", "out"}, "dequantize_blockwise": {"fresh", "out"}},
+    },
+    "bench_int8.py": {
+        "columns": [*COMMON, "shape", "mode", *TIMES, "GOP/s", "×copy", "×bnb", "×torch", "target"],
+        "ops": {"copy dst.copy_(x)", "int8_vectorwise_quant", "bnb int8_vectorwise_quant", "int8_linear_matmul",
+                "torch._int_mm", "bnb int8_linear_matmul", "int8_mm_dequant", "bnb int8_mm_dequant"},
+        "modes": {"int8_mm_dequant": {"fresh", "out"}},
+    },
+    "bench_scaled.py": {
+        "columns": [*COMMON, "scaling", *TIMES, "×copy", "×torch"],
+        "ops": {"copy dst.copy_(x)", "quantize_scaled", "dequantize_scaled", "torch cast → float8_e4m3fn"},
+        "modes": {},
+    },
+}
+NUMERIC = {"median ms", "min ms", "GB/s", "GOP/s", "×copy", "×bnb", "×torch"}
+
+
+def _run_in_process(script: str, argv: list[str]) -> str:
+    """stdout of ``benchmarks/<script>``'s main(argv), run in this interpreter (torch threads restored)."""
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            assert module.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # --quick sets one thread; do not leak it into other tests
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def quick_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, dict]:
+    """(script, stdout, JSON document) of ``python benchmarks/<script> --quick --json PATH``.
+
+    bench_quantize.py runs as a real subprocess (the command the issue names); its siblings run
+    their main() in this process, because each fresh interpreter re-imports torch and bitsandbytes
+    (~10 s of CPU on the shared 2-core machine) and the whole suite must stay within minutes.
+    """
+    script = request.param
+    out = tmp_path_factory.mktemp("bench") / "rows.json"
+    argv = ["--quick", "--json", str(out)]
+    if script == "bench_quantize.py":
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, str(BENCH / script), *argv], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+        stdout = proc.stdout
+    else:
+        stdout = _run_in_process(script, argv)
+    return script, stdout, json.loads(out.read_text(encoding="utf-8"))
+
+
+def _table(stdout: str) -> tuple[list[str], list[list[str]]]:
+    """Header titles and cell rows of the space-aligned table (after the '# ...' machine lines)."""
+    lines = [ln for ln in stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+    header = lines[0]
+    # columns are left-aligned and joined by two spaces (titles hold at most single spaces, e.g.
+    # "median ms"), so a column starts where a non-space follows two spaces; cut every line there
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 2:i] == "  ")]
+    cut = lambda ln: [ln[a:b].strip() for a, b in zip(starts, [*starts[1:], None])]  # noqa: E731
+    return cut(header), [cut(ln) for ln in lines[1:]]
+
+
+@pytest.mark.slow
+def test_quick_table_has_the_expected_columns_and_positive_numbers(quick_run) -> None:
+    script, stdout, doc = quick_run
+    titles, rows = _table(stdout)
+    assert titles == EXPECTED[script]["columns"]
+    assert len(rows) == len(doc["rows"]) > 0
+    for row in rows:
+        for title, cell in zip(titles, row):
+            if title in NUMERIC and cell != "—":
+                value = float(cell)
+                assert math.isfinite(value) and value > 0, (title, row)
+    for line in ("# cpu_model:", "# torch:", "# bitsandbytes:", "# cpu_backend:", "# torch_threads:"):
+        assert line in stdout
+
+
+@pytest.mark.slow
+def test_quick_json_rows_cover_every_op_and_mode(quick_run) -> None:
+    script, _, doc = quick_run
+    assert doc["schema"] == "fp8probe.bench" and doc["script"] == script.removesuffix(".py")
+    rows = doc["rows"]
+    assert EXPECTED[script]["ops"] <= {r["op"] for r in rows}
+    for op, modes in EXPECTED[script]["modes"].items():
+        assert {r["mode"] for r in rows if r["op"] == op} == modes
+    measured = [r for r in rows if r["reps"] > 0]
+    assert measured, "no row was measured"
+    for r in measured:
+        assert 0 < r["min_ms"] <= r["median_ms"] and math.isfinite(r["median_ms"]), r
+        assert r["gbps"] > 0 and math.isfinite(r["gbps"]), r
+        assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] / 1e3) / 1e9), r
+        for key in ("x_copy", "x_bnb", "x_torch"):
+            assert r[key] is None or (r[key] > 0 and math.isfinite(r[key])), (key, r)
+    # every fp8probe row (not the copy/alternative rows) is compared with the copy of the same run
+    ours = [r for r in measured if not r["op"].startswith(("copy", "torch", "bnb")) and "matmul" not in r["op"]]
+    assert ours and all(r["x_copy"] is not None for r in ours)
+
+
+def test_render_table_markdown_and_text() -> None:
+    cols = [T.Column("op", "op"), T.Column("gbps", "GB/s", "{:.2f}")]
+    rows = [{"op": "copy", "gbps": 21.456}, {"op": "quantize_blockwise", "gbps": None}]
+    assert T.render_table(rows, cols, markdown=True).splitlines() == [
+        "| op | GB/s |", "|---|---|", "| copy | 21.46 |", "| quantize_blockwise | — |"]
+    text = T.render_table(rows, cols, markdown=False).splitlines()
+    assert text[0].split() == ["op", "GB/s"] and text[1].split() == ["copy", "21.46"]
+    assert text[2].split() == ["quantize_blockwise", "—"]
+
+
+def test_parse_sizes_and_policy_validation() -> None:
+    assert T.parse_sizes("1M,16K,3") == [1 << 20, 1 << 14, 3]
+    with pytest.raises(Exception, match="positive integers"):
+        T.parse_sizes("0")
+    with pytest.raises(ValueError, match="min_reps"):
+        T.Policy(warmup=1, min_reps=3, max_reps=2, budget_s=0.1)
+
+
+def test_measure_counts_calls_per_policy() -> None:
+    calls: list[int] = []
+    t = T.measure(calls.append, "cpu", T.Policy(warmup=2, min_reps=3, max_reps=4, budget_s=0.0))
+    # two warm-up calls, then min_reps timed calls (budget 0 is met at once), indices keep counting
+    assert calls == [0, 1, 2, 3, 4] and t.reps == 3 and 0 <= t.min_s <= t.median_s
+
+
+def test_predicted_cap_skips_only_after_a_measurement() -> None:
+    cap = T.PredictedCap(cap_s=1.0)
+    assert cap.skip_reason("k", 10**9) is None  # nothing measured yet: measure it
+    cap.record("k", 1000, T.Timing(median_s=0.01, min_s=0.01, reps=1))  # 1e-5 s per element
+    assert cap.skip_reason("k", 50_000) is None  # 0.5 s predicted
+    assert "predicted 2.0 s" in cap.skip_reason("k", 200_000)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_device_cuda_without_gpu_exits_2() -> None:
+    import argparse
+
+    with pytest.raises(SystemExit) as exc:
+        T.setup_device(argparse.Namespace(device="cuda", threads=None, quick=False))
+    assert exc.value.code == 2
