@@ -229,6 +229,22 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     batch instead (the CLI draws a click progress bar with it).
     Returns Results with tables layers, gemm, operands, tensors, histograms, outliers (and errors
     when a recipe failed on a layer).
+
+    Special values: NaN/±Inf, zeros, subnormals and values beyond fp16/e4m3/e5m2 max are counted per
+    layer and tensor (``tensors`` table). Error metrics are computed over finite elements only; the
+    gemm/operands rows count what was left out (``excluded``: NaN/Inf inputs, ``nonfinite``: NaN/Inf
+    produced by the recipe) and a ``note`` explains a metric that is not a finite number (exact
+    result → SQNR +inf, all-zero reference with error → −inf, nothing finite to compare → NaN;
+    report/schema.py NOTE_*). The JSON writes all three as null; the note tells them apart.
+
+    Memory: batches are processed one at a time, and within a batch each linear call is analysed
+    inside the backward pass as soon as its output gradient exists (capture.py), then released.
+    Peak memory is the model's own training-step memory for one batch (parameters + the activations
+    autograd saves) plus ONE layer's replay (float64 copies and quantised operands of A, W, G and
+    the reference GEMMs: roughly 5-10 × out·in·8 bytes for a wide layer, about 40 MiB at 1024×1024)
+    — it does not grow with the number of layers. Measured on a 1024-wide MLP (64 tokens,
+    "global"): 4 layers +77 MiB, 32 layers +145 MiB of peak RSS over the loaded model.
+    Reduce ``batches`` / batch size when one batch's activations do not fit.
     """
     strategies = resolve(strategy)
     threshold = float(threshold)
