@@ -331,6 +331,7 @@ static PyObject *py_quantize_blockwise(PyObject *self, PyObject *args) {
     memset(&c, 0, sizeof c);
     c.x = (const void *)(uintptr_t)xp; c.dt = dt; c.n = (size_t)n; c.bs = (size_t)bs;
     c.nb = n ? ((size_t)n + (size_t)bs - 1) / (size_t)bs : 0;
+    if (c.bs > c.n && c.n) c.bs = c.n; /* one block either way; keeps the piece count at n / UNIT */
     c.q = (uint8_t *)(uintptr_t)qp; c.absmax = (float *)(uintptr_t)ap;
     c.T.base = (const uint8_t *)(uintptr_t)bp; c.T.tval = (const float *)(uintptr_t)tp; c.T.m = m;
     int nt = pick_threads((size_t)n, want);

@@ -140,7 +140,7 @@ def test_large_tensors_take_the_threaded_paths(dtype: torch.dtype, isa: str, mon
     A = _wide(n, dtype, g)
     A[70000:70000 + 4096] = 0.0  # a zero block in the middle
     code = get_codebook("dynamic")
-    for bs in (100, 2**18 + 5, n):
+    for bs in (100, 2**18 + 5, n, 2**20):  # 2**20 > n: one block, padded
         _check(A, code, bs, (dtype,))
 
 

@@ -169,7 +169,7 @@ def quantize_blockwise_into(A: torch.Tensor, code: torch.Tensor, blocksize: int,
 
 def _deq_applies(q: torch.Tensor, dtype: torch.dtype, compat: str) -> bool:
     # compat only changes the fp16 cast (bnb rounds half away from zero); fp32/bf16 are the same op
-    return (q.device.type == "cpu" and dtype in _DT and q.numel() > 0 and enabled()
+    return (q.device.type == "cpu" and q.dtype == torch.uint8 and dtype in _DT and q.numel() > 0 and enabled()
             and (compat == "" or (compat == "bnb" and dtype != torch.float16)))
 
 
