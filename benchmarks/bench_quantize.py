@@ -159,7 +159,6 @@ class Bench:
             t = run(lambda i: pick(dsts, i).copy_(pick(f8s, i)))
             self.add(f"torch cast {f8name} →", dtype, numel, None, "out", numel * (1 + b), t, copy_gbps)
             cast_t[(f8name + " back", "out")] = t
-            del f8s, f8_bufs
 
         for bs in [None, *blocksizes]:
             self._codebook_rows(numel, dtype, bs, xs, dsts, code, copy_gbps, cast_t, pick, run)
@@ -168,9 +167,10 @@ class Bench:
 
         t_copy2 = run(lambda i: pick(dsts, i).copy_(pick(xs, i)))
         copy_row["copy_gbps_again"] = T.gbps(2 * numel * b, t_copy2.median_s)
-        del xs, dsts
 
-    def _codebook_rows(self, numel, dtype, bs, xs, dsts, code, copy_gbps, cast_t, pick, run) -> None:
+    def _codebook_rows(self, numel: int, dtype: torch.dtype, bs: int | None, xs: list[torch.Tensor],
+                       dsts: list[torch.Tensor], code: torch.Tensor, copy_gbps: float,
+                       cast_t: dict[tuple[str, str], T.Timing], pick: Callable, run: Callable) -> None:
         """fp8probe (de)quantize rows for one block size (None: global), both modes, + bnb dequantize."""
         b = T.ITEMSIZE[dtype]
         nb = 1 if bs is None else math.ceil(numel / bs)
@@ -219,7 +219,6 @@ class Bench:
                            x_bnb=T.ratio(t_bnb_dq.median_s if t_bnb_dq else None, t.median_s))
             if bs is not None:
                 row["target"] = self.target(dqop, dtype, numel, row["gbps"], row["x_copy"])
-        del states, q_bufs, am_bufs
 
     def _bnb_quantize_rows(self, numel: int, dtype: torch.dtype, blocksizes: list[int], x: torch.Tensor,
                            copy_gbps: float) -> None:
