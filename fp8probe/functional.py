@@ -196,7 +196,14 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     state = QuantState(absmax=am, code=_effective_code(code, A, c), blocksize=blocksize, dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     if nested:
-        offset = am.mean() if am.numel() else torch.zeros((), dtype=torch.float32, device=A.device)
+        if not am.numel():
+            offset = torch.zeros((), dtype=torch.float32, device=A.device)
+        elif c == "bnb":
+            offset = am.mean()  # bnb: a float32 mean (Inf once the absmax sum passes FLT_MAX)
+        else:
+            # float64 accumulation: the float32 sum of two absmax near 3e38 overflowed, offset = Inf
+            # made every dequantised value NaN; the mean of finite float32 values is a finite float32
+            offset = am.double().mean().float()
         qabs, state2 = quantize_blockwise(am - offset, code="dynamic", blocksize=blocksize, compat=compat)
         state.absmax, state.offset, state.state2, state.nested = qabs, offset, state2, True
     return q, state
@@ -226,6 +233,10 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
         if st.state2 is None or st.offset is None:
             raise ValueError("nested QuantState needs state2 and offset, got None")
         am = dequantize_blockwise(st.absmax, st.state2) + st.offset
+        if st.compat != "bnb":
+            # An absmax is in [0, FLT_MAX]; the nested rounding (up to 0.9/128 of the centred block
+            # max) could push it below 0 (flipping the block's signs) or past FLT_MAX (Inf/NaN)
+            am = am.clamp(0.0, torch.finfo(torch.float32).max)
     _check_tensor("absmax", am, (torch.float32,))
     nb = -(-q.numel() // st.blocksize)
     if am.numel() != nb:

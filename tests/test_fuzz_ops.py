@@ -315,6 +315,22 @@ def test_nested_blockwise_matches_float64_oracle(shape, dtype, seed, fams, speci
         assert same(ys[fin], want[fin]).all() and same(ys[~fin], xs[~fin]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top", [3e38, float(np.finfo(np.float32).max)])
+def test_nested_absmax_near_float32_max_stays_finite(dtype, top) -> None:
+    """Regression (found while fuzzing): offset = float32 mean of the absmax overflowed to Inf once
+    their sum passed FLT_MAX, and every dequantised value became NaN."""
+    x = torch.full((300,), min(top, torch.finfo(dtype).max)).to(dtype)
+    x[::2] = -2e38
+    x[7::11] = 1.0
+    q, state = F.quantize_blockwise(x, "bnb-e4m3", blocksize=2, nested=True)
+    y = F.dequantize_blockwise(q, state)
+    assert torch.isfinite(state.offset) and torch.isfinite(y).all()
+    _, flat = F.quantize_blockwise(x, "bnb-e4m3", blocksize=2)
+    rel = (f64(y) - f64(F.dequantize_blockwise(q, flat))) / f64(flat.absmax).max()
+    assert np.abs(rel).max() <= 0.9 / 128  # the nested absmax error bound (dynamic map, SPEC §1.2)
+
+
 @pytest.mark.xfail(strict=True, reason="documented limit (tests/test_functional_props.py): for absmax < 2**-128 "
                    "fl32(1/absmax) = Inf, so every non-zero element of the block saturates to ±absmax")
 def test_tiny_absmax_block_is_quantised_to_nearest() -> None:
