@@ -31,16 +31,32 @@ def test_extension_is_built() -> None:
     assert cpu.backend_name() in ("c-avx2", "c-scalar", "reference")
 
 
-@pytest.fixture(params=["simd", "scalar"])
-def isa(request, monkeypatch):
-    """Run the test once with the AVX2 loops (where the CPU has them) and once with the scalar loops."""
+def _isa(on: bool, monkeypatch):
     if not cpu.available():
         pytest.skip("fp8probe._fastpath not built")
     monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
     ext = cpu._ext()
-    ext.set_simd(request.param == "simd")
+    ext.set_simd(on)
     yield ext.simd()
     ext.set_simd(True)
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def isa(request, monkeypatch):
+    """Run the test once with the AVX2 loops (where the CPU has them) and once with the scalar loops."""
+    yield from _isa(request.param == "simd", monkeypatch)
+
+
+@pytest.fixture
+def simd(monkeypatch):
+    """The AVX2 loops where the CPU has them (else the scalar ones)."""
+    yield from _isa(True, monkeypatch)
+
+
+@pytest.fixture
+def scalar(monkeypatch):
+    """The scalar loops only."""
+    yield from _isa(False, monkeypatch)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -72,15 +88,26 @@ def _wide(n: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-big, big).to(dtype)
 
 
-@pytest.mark.parametrize("name", CODEBOOK_NAMES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_random_blocks_every_codebook(name: str, dtype: torch.dtype, isa: str) -> None:
+def _random_blocks(name: str, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(100 * CODEBOOK_NAMES.index(name) + DTYPES.index(dtype))
     code = get_codebook(name)
     A = _wide(3 * 4097 + 5, dtype, g)  # partial last block for every blocksize above 1
     for bs in BLOCKSIZES:
         _check(A, code, bs)
     _check(A[:10000].reshape(10, 1000), code, 300)  # 2-D, partial last block
+
+
+@pytest.mark.parametrize("name", CODEBOOK_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_blocks_every_codebook(name: str, dtype: torch.dtype, simd: str) -> None:
+    _random_blocks(name, dtype)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "bnb-e5m2"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_blocks_scalar_loops(name: str, dtype: torch.dtype, scalar: str) -> None:
+    """The scalar loops (CPUs without AVX2, and every tail): two codebooks suffice, the search is shared."""
+    _random_blocks(name, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
