@@ -1,7 +1,10 @@
 """Command-line interface: thin click commands over the library API (exit codes below; one line on stderr per error)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
+import os
 import re
 import sys
 import traceback
@@ -14,8 +17,9 @@ from fp8probe.report.files import OutputExistsError, atomic_write_text, claim_ou
 
 # Exit codes (README "Safety and limits"): 0 fine; 1 a `compare` gate failed; 2 bad usage, input
 # or environment (one line on stderr); 3 an internal error (a bug: one line, --debug shows the
-# traceback); 130 interrupted (Ctrl-C), the shell convention 128 + SIGINT.
-EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# traceback); 130 interrupted (Ctrl-C) and 141 stdout closed early (a pipe), the shell conventions
+# 128 + SIGINT and 128 + SIGPIPE.
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 # Block sizes must index a flattened tensor with torch's int64 but also fit the fp32 absmax
 # count; 2^31 - 1 elements per block is far above any real tensor and keeps every path in range.
 MAX_BLOCKSIZE = 2**31 - 1
@@ -79,8 +83,13 @@ class Fp8probeGroup(click.Group):
         except OSError as exc:
             if state.get("debug"):
                 traceback.print_exception(exc)
-            if exc.errno == 32:  # EPIPE: stdout closed early (fp8probe ... | head); nothing to report
-                sys.exit(EXIT_GATE_FAILED)
+            if exc.errno == errno.EPIPE:
+                # stdout closed early (fp8probe ... | head): nothing to report, but not success either
+                # (a compare verdict may not have been printed). Point stdout at /dev/null so the
+                # interpreter's final flush does not raise again, and exit like a SIGPIPE'd process.
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(EXIT_BROKEN_PIPE)
             where = f" {exc.filename}" if exc.filename else ""
             click.echo(f"Error: cannot access{where}: {exc.strerror or exc}; check the path, its permissions "
                        "and the free disk space", err=True)
