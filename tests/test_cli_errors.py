@@ -61,6 +61,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return f
 
 
+@pytest.fixture(autouse=True)
+def _no_debug_env(monkeypatch) -> None:
+    """FP8PROBE_DEBUG=1 in a developer's shell would (rightly) add tracebacks to every error here."""
+    monkeypatch.delenv("FP8PROBE_DEBUG", raising=False)
+
+
 def _invoke(args: list[str]):
     return CliRunner().invoke(cli, args)
 
@@ -211,8 +217,8 @@ def test_every_command_reports_bad_input(files, tmp_path) -> None:
 # main(): the console-script path (subprocess), internal errors, --debug
 # ------------------------------------------------------------------------------------------------
 def _run_python(code: str, *, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    environ.pop("FP8PROBE_DEBUG", None) if "FP8PROBE_DEBUG" not in (env or {}) else None
+    environ = {k: v for k, v in os.environ.items() if k != "FP8PROBE_DEBUG"}  # a developer's own setting
+    environ.update({"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120,
                           cwd=REPO)
 
