@@ -418,3 +418,15 @@ class PredictedCap:
     def record(self, key: object, numel: int, t: Timing) -> None:
         """Remember the first measured seconds per element for `key`."""
         self._rate.setdefault(key, t.median_s / numel)
+
+
+def try_measure(fn: Callable[[int], object], device: str, policy: Policy) -> tuple[Timing | None, str | None]:
+    """measure() for an alternative implementation that may reject the case: (timing, None) or (None, why).
+
+    Used for bitsandbytes and torch._int_mm, whose support differs by device, dtype and shape (e.g.
+    CUDA's torch._int_mm needs more than 16 rows); their failure leaves '—' cells, not a crash.
+    """
+    try:
+        return measure(fn, device, policy), None
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]

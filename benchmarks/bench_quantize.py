@@ -1,4 +1,4 @@
-"""Throughput of fp8probe codebook quantize/dequantize (global and blockwise) vs a copy, bitsandbytes and torch fp8 casts.
+"""Codebook quantize/dequantize throughput (global, blockwise) vs a copy, bitsandbytes and torch fp8 casts.
 
 Usage::
 
@@ -193,9 +193,10 @@ class Bench:
         if self.bnbF is not None and bs is not None:
             bnb_states = [self.bnbF.QuantState(absmax=st.absmax, code=code, blocksize=bs, dtype=dtype)
                           for _, st in states]
-            t_bnb_dq = run(lambda i: self.bnbF.dequantize_blockwise(pick(states, i)[0],
-                                                                     quant_state=pick(bnb_states, i)))
-            self.add("bnb dequantize_blockwise", dtype, numel, bs, "fresh", q_bytes, t_bnb_dq, copy_gbps)
+            pol = policies(self.device, self.args.quick, numel)
+            t_bnb_dq, why = T.try_measure(lambda i: self.bnbF.dequantize_blockwise(
+                pick(states, i)[0], quant_state=pick(bnb_states, i)), self.device, pol)
+            self.add("bnb dequantize_blockwise", dtype, numel, bs, "fresh", q_bytes, t_bnb_dq, copy_gbps, skipped=why)
 
         for mode in ("fresh", "out"):
             if mode == "fresh":
@@ -234,10 +235,15 @@ class Bench:
             if skip is not None:
                 self.add("bnb quantize_blockwise", dtype, numel, bs, "fresh", q_bytes, None, copy_gbps, skipped=skip)
                 continue
-            bnbF.quantize_blockwise(x.reshape(-1)[:BNB_WARMUP_NUMEL], code=code, blocksize=bs)
-            t = T.measure(lambda i: bnbF.quantize_blockwise(x, code=code, blocksize=bs), self.device, pol)
+            try:  # warm-up on a slice: bnb's first call loads its kernels, the size does not matter
+                bnbF.quantize_blockwise(x.reshape(-1)[:BNB_WARMUP_NUMEL], code=code, blocksize=bs)
+            except (RuntimeError, NotImplementedError, ValueError, TypeError):
+                pass  # try_measure below records the reason
+            t, why = T.try_measure(lambda i: bnbF.quantize_blockwise(x, code=code, blocksize=bs), self.device, pol)
+            self.add("bnb quantize_blockwise", dtype, numel, bs, "fresh", q_bytes, t, copy_gbps, skipped=why)
+            if t is None:
+                continue
             self.bnb_cap.record(key, numel, t)
-            self.add("bnb quantize_blockwise", dtype, numel, bs, "fresh", q_bytes, t, copy_gbps)
             for row in self.rows:
                 if row.get("_bnb_key") == (dtype, bs, numel):
                     row["x_bnb"] = T.ratio(t.median_s, row["median_ms"] / 1e3)

@@ -1,4 +1,4 @@
-"""Throughput of fp8probe's OCP/MX scaled FP8 casts (quantize_scaled / dequantize_scaled) vs a copy and torch's unscaled casts.
+"""OCP/MX scaled FP8 cast throughput (quantize_scaled, dequantize_scaled) vs a copy and torch's unscaled casts.
 
 Usage::
 

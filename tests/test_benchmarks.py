@@ -169,3 +169,13 @@ def test_device_cuda_without_gpu_exits_2() -> None:
     with pytest.raises(SystemExit) as exc:
         T.setup_device(argparse.Namespace(device="cuda", threads=None, quick=False))
     assert exc.value.code == 2
+
+
+def test_try_measure_turns_a_rejected_case_into_a_reason() -> None:
+    def reject(i: int) -> None:
+        raise RuntimeError("self.size(0) needs to be greater than 16\nmore detail")
+
+    t, why = T.try_measure(reject, "cpu", T.Policy(warmup=1, min_reps=1, max_reps=1, budget_s=0.0))
+    assert t is None and why == "RuntimeError: self.size(0) needs to be greater than 16"
+    t, why = T.try_measure(lambda i: None, "cpu", T.Policy(warmup=0, min_reps=2, max_reps=2, budget_s=0.0))
+    assert why is None and t.reps == 2
