@@ -167,10 +167,12 @@ class _BlocksizeSweep:
                     if e is None:
                         continue
                     auto = bs == (bsz if target in ("activation", "weight", "fprop") else bsz2)
-                    rows.append({"layer": name, "blocksize": bs, "target": target, "sqnr_db": e.result()["sqnr_db"],
-                                 "overhead_bits": overhead_bits(bs), "auto": auto, "recommended": bs == rec})
+                    res = e.result()
+                    rows.append({"layer": name, "blocksize": bs, "target": target, "sqnr_db": res["sqnr_db"],
+                                 "overhead_bits": overhead_bits(bs), "auto": auto, "recommended": bs == rec,
+                                 "note": res["note"]})  # decodes a null SQNR (report/schema.py NOTE_*)
         return pd.DataFrame(rows, columns=["layer", "blocksize", "target", "sqnr_db", "overhead_bits", "auto",
-                                           "recommended"])
+                                           "recommended", "note"])
 
 
 @dataclass
@@ -215,8 +217,10 @@ class _ThresholdSweep:
             rec = recommend_threshold(pts)
             for th in self.thresholds:
                 rows.append({"layer": name, "threshold": th, "fprop_sqnr_db": pts[th][0],
-                             "frac_cols_16bit": pts[th][1], "recommended": th == rec})
-        return pd.DataFrame(rows, columns=["layer", "threshold", "fprop_sqnr_db", "frac_cols_16bit", "recommended"])
+                             "frac_cols_16bit": pts[th][1], "recommended": th == rec,
+                             "note": acc.err[th].result()["note"]})
+        return pd.DataFrame(rows, columns=["layer", "threshold", "fprop_sqnr_db", "frac_cols_16bit", "recommended",
+                                           "note"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ def metric_value(row: Mapping, key: str = "sqnr_db") -> float | None:
     if key not in row:
         return None
     note = row.get("note")
-    if note == NOTE_EXACT:
-        return math.inf if key == "sqnr_db" else 0.0 if key == "rel_err" else math.nan
-    if note == NOTE_ZERO_SIGNAL and key in ("sqnr_db", "rel_err"):
-        return -math.inf if key == "sqnr_db" else math.inf
+    is_sqnr = key.endswith("sqnr_db")  # gemm/operands sqnr_db, threshold_sweep fprop_sqnr_db
+    if note == NOTE_EXACT and (is_sqnr or key == "rel_err"):
+        return math.inf if is_sqnr else 0.0
+    if note == NOTE_ZERO_SIGNAL and (is_sqnr or key == "rel_err"):
+        return -math.inf if is_sqnr else math.inf
     return math.nan
 
 
