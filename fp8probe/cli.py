@@ -54,6 +54,10 @@ def _fail(exc: BaseException, what: str | None = None) -> UsageFailure:
     return failure
 
 
+# click >= 8.2 raises this for a group called without a command; older versions print help themselves.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class Fp8probeGroup(click.Group):
     """click.Group whose main() turns every failure into one stderr line and a documented exit code.
 
@@ -71,6 +75,9 @@ class Fp8probeGroup(click.Group):
         except click.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except _NO_ARGS_IS_HELP as exc:  # bare `fp8probe`: the help text, as click prints it
+            exc.show()
+            sys.exit(EXIT_USAGE)
         except click.ClickException as exc:
             if state.get("debug"):
                 traceback.print_exception(exc)

@@ -198,6 +198,12 @@ def test_bad_input_exits_2_with_one_line(files, tmp_path, make_args, needles) ->
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_bare_command_prints_help() -> None:
+    res = _invoke([])
+    assert res.exit_code in (0, EXIT_USAGE) and "Usage:" in res.output and "Commands:" in res.output
+    assert not res.output.startswith("Error")
+
+
 def test_existing_outputs_need_overwrite(files, tmp_path) -> None:
     """A second run into the same --out is refused (exit 2, one line naming --overwrite) before any work."""
     out = tmp_path / "cmp"
