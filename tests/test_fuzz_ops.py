@@ -315,6 +315,22 @@ def test_nested_blockwise_matches_float64_oracle(shape, dtype, seed, fams, speci
         assert same(ys[fin], want[fin]).all() and same(ys[~fin], xs[~fin]).all()
 
 
+@pytest.mark.parametrize("backend", ["", "reference"])
+@pytest.mark.parametrize("compat", [None, "bnb"])
+def test_block_larger_than_tensor_is_the_whole_tensor(backend, compat, monkeypatch) -> None:
+    """Regression (found while fuzzing): the reference padded every block to its nominal size, so
+    blocksize=2**40 on 30 elements tried to allocate 4 TiB (RuntimeError); same for scaled tiles."""
+    monkeypatch.setenv("FP8PROBE_BACKEND", backend)
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(5))
+    q, st_big = F.quantize_blockwise(x, "bnb-e4m3", blocksize=2**40, compat=compat)
+    q2, st_all = F.quantize_blockwise(x, "bnb-e4m3", blocksize=30, compat=compat)
+    assert torch.equal(q, q2) and torch.equal(st_big.absmax, st_all.absmax)
+    assert torch.equal(F.dequantize_blockwise(q, st_big), F.dequantize_blockwise(q2, st_all))
+    big, whole = F.quantize_scaled(x, "e4m3", "block", (2**40, 2**40)), F.quantize_scaled(x, "e4m3", "tensor")
+    assert torch.equal(big.scale, whole.scale) and torch.equal(big.data.float(), whole.data.float())
+    assert torch.equal(F.dequantize_scaled(big), F.dequantize_scaled(whole))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("top", [3e38, float(np.finfo(np.float32).max)])
 def test_nested_absmax_near_float32_max_stays_finite(dtype, top) -> None:

@@ -198,6 +198,8 @@ def _blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int, int]:
     """A as float32 [nb, blocksize] over its C-order flattening, zero-padded; returns (xb, n, nb)."""
     n = A.numel()
     nb = -(-n // blocksize)
+    # a block larger than the tensor is the whole tensor: padding to it could ask for terabytes
+    blocksize = min(blocksize, n)
     x = A.reshape(-1).to(_F32)
     pad = nb * blocksize - n
     if pad:
@@ -323,6 +325,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if n == 0:
         return torch.empty(q.shape, dtype=dtype, device=dev)
     nb = -(-n // blocksize)
+    blocksize = min(blocksize, n)  # one block covers everything: no padding to the nominal size
     vals = code.to(device=dev, dtype=_F32).index_select(0, q.reshape(-1).to(torch.int32))
     pad = nb * blocksize - n
     if pad:
@@ -534,6 +537,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
     nbr, nbc = -(-R // block_rows), -(-C // block_cols)
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=fp8, device=dev), torch.ones(nbr, nbc, dtype=_F32, device=dev)
+    block_rows, block_cols = min(block_rows, R), min(block_cols, C)  # a tile larger than x is all of x
     xt, nbr, nbc = _tiles(x.reshape(R, C).to(_F32), block_rows, block_cols)
     amax = torch.where(torch.isfinite(xt), xt.abs(), 0.0).amax(dim=(1, 3))
     if fmt.startswith("mxfp8"):
@@ -558,6 +562,7 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     if data.numel() == 0:
         return torch.empty(data.shape, dtype=dtype, device=dev)
     R, C = _rows_cols(data.shape)
+    block_rows, block_cols = min(block_rows, R), min(block_cols, C)
     xt, nbr, nbc = _tiles(data.reshape(R, C).to(_F32), block_rows, block_cols)
     y = xt * scale.to(device=dev, dtype=_F32)[:, None, :, None]
     return y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(dtype).reshape(data.shape)
