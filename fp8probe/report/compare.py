@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fp8probe.report.render import _table, cell, validate_results
+from fp8probe.report.schema import metric_value
 
 # Defaults of the CI gate. 1 dB of SQNR is a 26 % rise in noise power (10^(1/10) = 1.26): more than
 # run-to-run noise of a seeded capture (which is 0 dB: the pipeline is deterministic on CPU) and
@@ -43,12 +44,14 @@ def _sqnr_entries(results: Mapping) -> dict[tuple[str, str, str], float | None]:
     """(layer, recipe, what) → SQNR dB for every SQNR the results carry, whatever their kind."""
     tables = results["tables"]
     out: dict[tuple[str, str, str], float | None] = {}
+    # metric_value decodes JSON null by the row's note (+inf exact, −inf zero signal, NaN undefined), so
+    # a current SQNR that became undefined fails the gate (_delta: NaN → −inf) instead of being skipped.
     for r in tables.get("gemm", []):
-        out[(r["layer"], str(r["strategy"]), str(r["gemm"]))] = _num(r.get("sqnr_db"))
+        out[(r["layer"], str(r["strategy"]), str(r["gemm"]))] = metric_value(r, "sqnr_db")
     for r in tables.get("blocksize_sweep", []):
-        out[(r["layer"], f"blockwise bs={int(r['blocksize'])}", str(r["target"]))] = _num(r.get("sqnr_db"))
+        out[(r["layer"], f"blockwise bs={int(r['blocksize'])}", str(r["target"]))] = metric_value(r, "sqnr_db")
     for r in tables.get("threshold_sweep", []):
-        out[(r["layer"], f"int8 threshold={float(r['threshold']):g}", "fprop")] = _num(r.get("fprop_sqnr_db"))
+        out[(r["layer"], f"int8 threshold={float(r['threshold']):g}", "fprop")] = metric_value(r, "fprop_sqnr_db")
     return out
 
 

@@ -275,3 +275,19 @@ def test_cli_analyze_all_strategies_on_special_batches(tmp_path) -> None:
     assert tensors[("0", "activation")]["over_fp16_max"] > 0 and tensors[("0", "activation")]["zero_count"] >= TOKENS * IN
     html = (out / "index.html").read_text(encoding="utf-8")
     assert 'id="naninf-warning"' in html and "Special values per layer and tensor" in html
+
+
+def test_compare_gate_fails_on_an_sqnr_that_became_undefined_and_passes_exact_to_exact() -> None:
+    """A null SQNR is decoded by its note: undefined where the baseline had a number fails the gate
+    (it used to be skipped: a silent pass); exact → exact is no change."""
+    from fp8probe.report.compare import compare_results
+
+    base = _strict_json(analyze(_model(), torch.randn(TOKENS, IN, generator=_gen(10)), "global"))
+    broken = _strict_json(analyze(_model(), _special_batch(), "global"))
+    verdict = compare_results(base, broken)
+    failed = {(r["layer"], r["what"]) for r in verdict["sqnr"] if r["failed"]}
+    assert ("a", "wgrad") in failed and not verdict["passed"]  # wgrad: no finite reference any more
+    zeros = _strict_json(analyze(_model(), torch.zeros(TOKENS, IN), "global"))
+    same = compare_results(zeros, zeros)
+    exact = [r for r in same["sqnr"] if r["layer"] == "a" and r["what"] == "fprop"]
+    assert exact[0]["baseline"] == math.inf and exact[0]["delta_db"] == 0.0 and same["passed"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 
 from fp8probe.cli import cli
 from fp8probe.report.compare import Gates, compare_markdown, compare_results
-from fp8probe.report.render import load_results
+from fp8probe.report.render import load_results, render_compare
 
 DATA = Path(__file__).parent / "data" / "results_small.json"
 DEGRADED = "blocks.0.mlp.fc2"
@@ -118,14 +119,20 @@ def test_kind_mismatch_and_bad_gate_exit_2(base: dict, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--max-sqnr-drop" in res.output
 
 
-def test_null_sqnr_is_listed_not_gated(base: dict) -> None:
-    # JSON stores +inf/NaN SQNRs as null; such a row is compared but cannot trip the gate
+def test_null_sqnr_is_decoded_by_its_note(base: dict, tmp_path) -> None:
+    # JSON stores +inf/−inf/NaN SQNRs as null; the row's note (report/schema.py NOTE_*) tells them apart.
     cur = copy.deepcopy(base)
-    cur["tables"]["gemm"][0]["sqnr_db"] = None
+    row0 = cur["tables"]["gemm"][0]
+    row0["sqnr_db"], row0["note"] = None, "exact"  # became exact: better, not a failure
     cmp = compare_results(base, cur)
-    assert cmp["passed"]
-    row = [r for r in cmp["sqnr"] if r["layer"] == base["tables"]["gemm"][0]["layer"]][0]
-    assert row["current"] is None and row["delta_db"] is None
+    row = [r for r in cmp["sqnr"] if r["layer"] == row0["layer"]][0]
+    assert cmp["passed"] and row["current"] == math.inf and not row["failed"]
+    row0["note"] = None  # null with no reason: undefined (NaN) where there was a number must fail, never pass silently
+    cmp = compare_results(base, cur)
+    row = [r for r in cmp["sqnr"] if r["layer"] == row0["layer"]][0]
+    assert not cmp["passed"] and math.isnan(row["current"]) and row["delta_db"] == -math.inf
+    assert "NaN" in compare_markdown(cmp)
+    render_compare(cmp, tmp_path / "c.html")
 
 
 def test_sweep_rows_are_gated_too() -> None:
