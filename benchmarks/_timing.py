@@ -196,7 +196,7 @@ def cpu_backend() -> str:
     available = getattr(mod, "available", None)
     try:
         if name is not None:  # e.g. "c-avx2", "c-scalar" or "reference"
-            return f"{name()} (fp8probe.backends.cpu.backend_name(); covers the codebook ops)"
+            return f"{name()} (fp8probe.backends.cpu.backend_name())"
         if available is None:
             return "fp8probe.backends.cpu present (no available() to ask)"
         ok = bool(available())

@@ -135,8 +135,8 @@ class Bench:
         def run(fn: Callable[[int], object], policy: T.Policy = pol) -> T.Timing:
             return T.measure(fn, dev, policy)
 
-        # copy: the bandwidth ceiling for this input, measured first and again at the end of the
-        # group; the ratio uses the faster of the two (the spread shows how noisy the machine is).
+        # copy: the bandwidth ceiling for this input. ×copy uses this first measurement; a second
+        # one at the end of the group (copy_gbps_again in the JSON) shows how much the machine drifted.
         dsts = [torch.empty_like(x) for x in xs]
         t_copy = run(lambda i: pick(dsts, i).copy_(pick(xs, i)))
         copy_row = self.add("copy dst.copy_(x)", dtype, numel, None, "out", 2 * numel * b, t_copy, None)
