@@ -113,7 +113,10 @@ def test_quick_json_rows_cover_every_op_and_mode(quick_run) -> None:
     script, _, doc = quick_run
     assert doc["schema"] == "fp8probe.bench" and doc["script"] == script.removesuffix(".py")
     rows = doc["rows"]
-    assert EXPECTED[script]["ops"] <= {r["op"] for r in rows}
+    expected_ops = EXPECTED[script]["ops"]
+    if importlib.util.find_spec("bitsandbytes") is None:  # the test extra installs it; a bare env may not
+        expected_ops = {op for op in expected_ops if not op.startswith("bnb")}
+    assert expected_ops <= {r["op"] for r in rows}
     for op, modes in EXPECTED[script]["modes"].items():
         assert {r["mode"] for r in rows if r["op"] == op} == modes
     measured = [r for r in rows if r["reps"] > 0]
