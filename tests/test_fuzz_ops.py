@@ -274,11 +274,15 @@ def test_quantize_global_matches_float64_oracle(shape, dtype, seed, fams, specia
     q, state = F.quantize(x, code, compat=compat)
     assert state.absmax.shape == ((1,) if n else (0,))
     y = F.dequantize(q, state)
+    if n and compat is None:  # loose arguments: float32 output fl32(code[q]·absmax), specials not restored
+        yl = F.dequantize(q, absmax=state.absmax, code=state.code)
+        fin = np.isfinite(f64(x))
+        assert yl.dtype == torch.float32 and same(f64(yl.to(x.dtype))[fin], f64(y)[fin]).all()
     check_codebook_quant(x, q, state, y, max(n, 1), compat, global_bnb=compat == "bnb")
     assert same(f64(F.fake_quantize(x, code, None, compat=compat)), f64(y)).all()
 
 
-@SMALL
+@FUZZ
 @given(shape=shapes, dtype=st.sampled_from(DTYPES), seed=seeds, fams=families, specials=st.booleans(),
        book=BOOKS, blocksize=BLOCKSIZES, compat=st.sampled_from([None, "bnb"]), log_scale=st.floats(-20, 20))
 def test_nested_blockwise_matches_float64_oracle(shape, dtype, seed, fams, specials, book, blocksize, compat, log_scale):
@@ -299,8 +303,12 @@ def test_nested_blockwise_matches_float64_oracle(shape, dtype, seed, fams, speci
     # offset = mean(absmax) (its fl32); the centred absmax goes through the dynamic map, whose
     # largest gap is 0.9/64 (SPEC §1.2): error <= half of it times the centred block max.
     offset = float(state.offset)
+    if compat == "bnb" and not math.isfinite(offset):
+        return  # bnb's float32 mean overflows once the absmax sum passes FLT_MAX (fixed in default mode)
     assert abs(offset - absmax.mean()) <= 2.0**-20 * absmax.max() + 1e-45, "offset = mean(absmax)"
     rebuilt = f64(F.dequantize_blockwise(state.absmax, state.state2)) + offset
+    if compat is None:  # fl32 of the sum, clamped to [0, FLT_MAX] (functional.dequantize_blockwise)
+        rebuilt = np.clip(fl32(rebuilt), 0.0, np.finfo(np.float32).max)
     cen = np.abs(absmax - offset)
     nb2 = -(-absmax.size // blocksize)
     cmax = np.pad(cen, (0, nb2 * blocksize - absmax.size)).reshape(nb2, blocksize).max(1)
@@ -311,7 +319,9 @@ def test_nested_blockwise_matches_float64_oracle(shape, dtype, seed, fams, speci
         xs, ys = f64(x).reshape(-1), f64(y).reshape(-1)
         blk = np.repeat(np.arange(absmax.size), blocksize)[:xs.size]
         fin = np.isfinite(xs)
-        want = cast(f64(flat.code)[q.reshape(-1).numpy()] * fl32(rebuilt)[blk], dtype)
+        assert (rebuilt >= 0).all(), "a rebuilt absmax below 0 would flip the block's signs"
+        want = cast(f64(flat.code)[q.reshape(-1).numpy()] * np.minimum(fl32(rebuilt), np.finfo(np.float32).max)[blk],
+                    dtype)
         assert same(ys[fin], want[fin]).all() and same(ys[~fin], xs[~fin]).all()
 
 
