@@ -51,11 +51,11 @@ SURROGATE = LossInfo("surrogate", "mean of squares of the model output (no loss 
 
 def _linear_types() -> tuple[type, ...]:
     types: list[type] = [nn.Linear]
-    try:  # Hugging Face GPT-2 style Conv1D: y = x @ W + b with W [in, out]
-        from transformers.pytorch_utils import Conv1D
-        types.append(Conv1D)
-    except ImportError:
-        pass
+    # Hugging Face GPT-2 style Conv1D: y = x @ W + b with W [in, out]. A model holding one has
+    # necessarily imported it already, so look it up instead of importing transformers (~10 s cold).
+    hf = sys.modules.get("transformers.pytorch_utils")
+    if hf is not None and hasattr(hf, "Conv1D"):
+        types.append(hf.Conv1D)
     return tuple(types)
 
 
