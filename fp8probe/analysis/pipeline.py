@@ -242,8 +242,10 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     Peak memory is the model's own training-step memory for one batch (parameters + the activations
     autograd saves) plus ONE layer's replay (float64 copies and quantised operands of A, W, G and
     the reference GEMMs: roughly 5-10 × out·in·8 bytes for a wide layer, about 40 MiB at 1024×1024)
-    — it does not grow with the number of layers. Measured on a 1024-wide MLP (64 tokens,
-    "global"): 4 layers +77 MiB, 32 layers +145 MiB of peak RSS over the loaded model.
+    — it does not grow with the number of layers' replays. Measured on a 1024-wide MLP (64 tokens,
+    "global", 2-core box, three runs): peak RSS over the loaded model +62…77 MiB for 4 layers and
+    +145…155 MiB for 32 (≈ 3 MiB per extra layer: autograd's saved activations plus allocator
+    slack), where keeping each layer's replay would cost ≥ 40 MiB per layer.
     Reduce ``batches`` / batch size when one batch's activations do not fit.
     """
     strategies = resolve(strategy)
