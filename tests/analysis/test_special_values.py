@@ -291,3 +291,18 @@ def test_compare_gate_fails_on_an_sqnr_that_became_undefined_and_passes_exact_to
     same = compare_results(zeros, zeros)
     exact = [r for r in same["sqnr"] if r["layer"] == "a" and r["what"] == "fprop"]
     assert exact[0]["baseline"] == math.inf and exact[0]["delta_db"] == 0.0 and same["passed"]
+
+
+@pytest.mark.parametrize("case", ["specials", "empty"])
+def test_sweeps_complete_and_every_null_sqnr_has_a_reason(case: str) -> None:
+    from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
+
+    x = _special_batch() if case == "specials" else torch.randn(0, IN)
+    for sweep, key in ((sweep_blocksize, "sqnr_db"), (sweep_threshold, "fprop_sqnr_db")):
+        doc = _strict_json(sweep(_model(), x))
+        rows = next(t for name, t in doc["tables"].items() if name.endswith("_sweep"))
+        assert rows
+        for row in rows:
+            assert (row[key] is not None and math.isfinite(row[key])) or row["note"] in NOTES, row
+        if case == "empty":
+            assert any(row["note"] == NOTE_NO_ELEMENTS for row in rows)
