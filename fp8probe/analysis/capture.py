@@ -84,7 +84,7 @@ def release_free_memory() -> None:
     from the heap, and small long-lived blocks left between them keep the freed pages resident:
     measured on a 1024-wide MLP (64 tokens, "global"), peak RSS grew 5.6 MiB per extra layer
     (4 → 32 layers: +62 → +219 MiB) although nothing was held across layers; trimming after each
-    layer cut that to 2.4 MiB (+77 → +145 MiB), for ~14 ms per layer.
+    layer cut that to 2.4-3.3 MiB (+62…77 → +145…155 MiB over three runs), for ~15-20 ms per layer.
     """
     trim = _malloc_trim()
     if trim is not None:
