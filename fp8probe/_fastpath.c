@@ -141,6 +141,11 @@ typedef struct {
     const uint8_t *base; /* [65536 + 4] thresholds below each bucket (bucket = top 16 bits of xn) */
     const float *tval;   /* [255 + m] thresholds in ascending order, padded with NaN */
     int m;               /* at most m thresholds inside one bucket */
+    /* m <= 1 only, else NULL: per bucket, base (bits 0-7) | 1 << 8 if the bucket holds a threshold |
+     * the low 16 bits of that threshold's order key (bits 16-31). Inside one bucket the top 16 bits
+     * of every key are equal, so xn >= T is a compare of the low 16 key bits: one gather per
+     * element instead of two dependent ones. */
+    const uint32_t *packed;
 } tables_t;
 
 INLINE uint8_t search1(float xn, const tables_t *T, int m) {
@@ -245,6 +250,35 @@ AVX2 INLINE __m256i search8(__m256 xv, __m256 rv, const tables_t *T, int m) {
     return idx;
 }
 
+AVX2 INLINE __m256i search8_packed(__m256 xv, __m256 rv, const tables_t *T) {
+    __m256 xn = _mm256_mul_ps(xv, rv);
+    xn = _mm256_blendv_ps(xn, xv, _mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_EQ_OQ));
+    __m256i bits = _mm256_castps_si256(xn);
+    __m256i w = _mm256_i32gather_epi32((const int *)T->packed, _mm256_srli_epi32(bits, 16), 4);
+    /* order key (reference._order_key): negative floats get their magnitude bits flipped */
+    __m256i key = _mm256_xor_si256(bits, _mm256_and_si256(_mm256_srai_epi32(bits, 31), _mm256_set1_epi32(0x7fffffff)));
+    __m256i below = _mm256_cmpgt_epi32(_mm256_srli_epi32(w, 16), _mm256_and_si256(key, _mm256_set1_epi32(0xffff)));
+    __m256i has = _mm256_cmpeq_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x100)), _mm256_set1_epi32(0x100));
+    __m256i ge = _mm256_andnot_si256(below, has); /* -1 where the bucket's threshold <= xn */
+    return _mm256_sub_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0xff)), ge);
+}
+
+AVX2 INLINE void quant_avx2_packed(const void *x, size_t lo, size_t hi, int dt, float recip, uint8_t *q,
+                                   const tables_t *T) {
+    const __m256 rv = _mm256_set1_ps(recip);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32) {
+        __m256i a = search8_packed(load8(x, i, dt), rv, T);
+        __m256i b = search8_packed(load8(x, i + 8, dt), rv, T);
+        __m256i c = search8_packed(load8(x, i + 16, dt), rv, T);
+        __m256i d = search8_packed(load8(x, i + 24, dt), rv, T);
+        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    quant_body(x, i, hi, dt, recip, q, T, T->m);
+}
+
 AVX2 INLINE void quant_avx2_m(const void *x, size_t lo, size_t hi, int dt, float recip, uint8_t *q,
                               const tables_t *T, int m) {
     const __m256 rv = _mm256_set1_ps(recip);
@@ -266,6 +300,15 @@ AVX2 INLINE void quant_avx2_m(const void *x, size_t lo, size_t hi, int dt, float
 AVX2 static void quant_avx2(const void *x, size_t lo, size_t hi, int dt, float recip, uint8_t *q,
                             const tables_t *T) {
     /* constant m lets the compiler unroll the threshold loop (m <= 2 for every named codebook) */
+    if (T->packed && T->m <= 1) {
+        switch (dt) {
+        case DT_F32: quant_avx2_packed(x, lo, hi, DT_F32, recip, q, T); break;
+        case DT_F16: quant_avx2_packed(x, lo, hi, DT_F16, recip, q, T); break;
+        default: quant_avx2_packed(x, lo, hi, DT_BF16, recip, q, T); break;
+        }
+        _mm256_zeroupper();
+        return;
+    }
     switch (T->m) {
     case 0: quant_avx2_m(x, lo, hi, dt, recip, q, T, 0); break;
     case 1: quant_avx2_m(x, lo, hi, dt, recip, q, T, 1); break;
@@ -345,11 +388,11 @@ static void q_phase2(void *vc, size_t u) {
 }
 
 static PyObject *py_quantize_blockwise(PyObject *self, PyObject *args) {
-    unsigned long long xp, qp, ap, bp, tp;
+    unsigned long long xp, qp, ap, bp, tp, pp = 0;
     Py_ssize_t n, bs;
     int dt, m, want;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnKKKKii", &xp, &dt, &n, &bs, &qp, &ap, &bp, &tp, &m, &want))
+    if (!PyArg_ParseTuple(args, "KinnKKKKii|K", &xp, &dt, &n, &bs, &qp, &ap, &bp, &tp, &m, &want, &pp))
         return NULL;
     if (n < 0 || bs <= 0 || dt < 0 || dt > 2 || m < 0 || m > 8) {
         PyErr_Format(PyExc_ValueError, "quantize_blockwise: bad sizes (n=%zd, blocksize=%zd, dtype=%d, m=%d)",
@@ -363,6 +406,7 @@ static PyObject *py_quantize_blockwise(PyObject *self, PyObject *args) {
     if (c.bs > c.n && c.n) c.bs = c.n; /* one block either way; keeps the piece count at n / UNIT */
     c.q = (uint8_t *)(uintptr_t)qp; c.absmax = (float *)(uintptr_t)ap;
     c.T.base = (const uint8_t *)(uintptr_t)bp; c.T.tval = (const float *)(uintptr_t)tp; c.T.m = m;
+    c.T.packed = (const uint32_t *)(uintptr_t)pp;
     int nt = pick_threads((size_t)n, want);
     int nomem = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -661,7 +705,8 @@ static PyObject *py_set_simd(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
-     "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads) -> 0, "
+     "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads[, packed_ptr]) "
+     "-> 0, "
      "or 1 when a block holds NaN/Inf (outputs then incomplete). dtype: 0 fp32, 1 fp16, 2 bf16."},
     {"dequantize_blockwise", py_dequantize_blockwise, METH_VARARGS,
      "dequantize_blockwise(q_ptr, n, blocksize, absmax_ptr, code_ptr, out_ptr, dtype, threads) -> 0, "

@@ -342,3 +342,35 @@ def test_int8_vectorwise_quant_matches_reference(dtype: torch.dtype, isa: str, m
             rq, rrs, rcols = ref.int8_vectorwise_quant(x, thr, "")
             assert torch.equal(q, rq), (shape, thr, (q != rq).nonzero()[:5].tolist())
             assert torch.equal(_bits(rs), _bits(rrs)) and torch.equal(cols, rcols), (shape, thr)
+
+
+def test_two_gather_search_and_custom_codebooks(simd: str, monkeypatch) -> None:
+    """The general table search (m thresholds per bucket, used when m > 1) and random codebooks."""
+    g = torch.Generator().manual_seed(23)
+    A = _wide(5000, torch.float32, g)
+    monkeypatch.setattr(cpu, "_TABLES", {})
+    monkeypatch.setattr(cpu, "_packed", lambda base, t_val, m: None)  # force the two-gather loop
+    for name in ("dynamic", "linear"):
+        code = get_codebook(name)
+        for bs in (64, 4096):
+            _check(A, code, bs, (torch.float32,))
+        # the thresholds themselves and their float neighbours, with absmax exactly 1
+        t = ref._search_tables(code, "even")[1]
+        t = t[torch.isfinite(t) & (t.abs() <= 1)]
+        vals = torch.cat([t, torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0))])
+        _check(torch.cat([torch.tensor([1.0]), vals.clamp(-1, 1)]), code, 4096, (torch.float32,))
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu, "_TABLES", {})
+    for k in range(3):  # random sorted codebooks (m = 2 here); the first has repeated values
+        code = torch.sort(torch.randn(256, generator=g)).values
+        if k == 0:
+            code = torch.round(code * 8) / 8
+        code = (code / code.abs().max()).contiguous()
+        if ref._search_tables(code, "even") is None:  # no monotone table: the C path must decline
+            assert cpu.quantize_blockwise_into(A, code, 256, "", torch.empty(5000, dtype=torch.uint8),
+                                               torch.empty(20)) is None
+            q, am, _, _ = cpu.quantize_blockwise(A, code, 256, "")
+            rq, ram, _, _ = ref.quantize_blockwise(A, code, 256, "")
+            assert torch.equal(q, rq) and torch.equal(am, ram)
+        else:
+            _check(A, code, 256, (torch.float32, torch.bfloat16))

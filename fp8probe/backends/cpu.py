@@ -34,7 +34,7 @@ _F32 = torch.float32
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _EXT: ModuleType | None = None
 _EXT_TRIED = False
-_TABLES: dict[bytes, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
+_TABLES: dict[bytes, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None] = {}
 _registered = False
 
 
@@ -78,8 +78,9 @@ def _threads(n: int) -> int:
     return max(1, torch.get_num_threads())
 
 
-def _tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(base uint8 [65536 + 4], thresholds float32 [255 + m], m) for the even rule, cached per codebook.
+def _tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:
+    """(base uint8 [65536 + 4], thresholds float32 [255 + m], m, packed int32 [65536] or None) for the
+    even rule, cached per codebook.
 
     ``base`` is the reference's int32 bucket table narrowed to bytes (it counts thresholds, <= 255)
     so it is 64 KiB instead of 256 KiB; the 4 padding bytes let the C code read it with 4-byte gathers.
@@ -92,8 +93,29 @@ def _tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None
         else:
             base, t_val, m = t
             base8 = torch.cat([base.to(torch.uint8), torch.zeros(4, dtype=torch.uint8)])
-            _TABLES[key] = (base8.contiguous(), t_val.to(_F32).contiguous(), int(m))
+            _TABLES[key] = (base8.contiguous(), t_val.to(_F32).contiguous(), int(m), _packed(base, t_val, int(m)))
     return _TABLES[key]
+
+
+def _packed(base: torch.Tensor, t_val: torch.Tensor, m: int) -> torch.Tensor | None:
+    """int32 [65536] one-gather table for m <= 1: ``base | has << 8 | low16(key(T)) << 16`` per bucket.
+
+    T = t_val[base[b]] is the only threshold the bucket can hold; ``has`` says whether it lies in
+    the bucket (same top 16 bits). All keys of one bucket share their top 16 bits, so comparing
+    the low 16 bits of the order keys decides ``xn >= T`` exactly (see _fastpath.c).
+    """
+    if m > 1:
+        return None
+    b = torch.arange(65536, dtype=torch.int64)
+    base = base.to(torch.int64)
+    if m == 0:
+        return base.to(torch.int32).contiguous()
+    tb = t_val.view(torch.int32).to(torch.int64)[base]  # T's bit pattern, as a signed value
+    has = ((tb >> 16) & 0xFFFF) == b
+    key = tb ^ ((tb >> 31) & 0x7FFFFFFF)
+    w = base | (has.to(torch.int64) << 8) | ((key & 0xFFFF) << 16)
+    w = torch.where(w >= 2**31, w - 2**32, w)  # wrap to int32
+    return w.to(torch.int32).contiguous()
 
 
 def _cpu_code(code: torch.Tensor) -> torch.Tensor:
@@ -106,10 +128,11 @@ def _run_quantize(A: torch.Tensor, code: torch.Tensor, blocksize: int, q: torch.
     tables = _tables(code)
     if tables is None:
         return False
-    base8, t_val, m = tables
+    base8, t_val, m, packed = tables
     n = A.numel()
     rc = _ext().quantize_blockwise(A.data_ptr(), _DT[A.dtype], n, blocksize, q.data_ptr(), absmax.data_ptr(),
-                                   base8.data_ptr(), t_val.data_ptr(), m, _threads(n))
+                                   base8.data_ptr(), t_val.data_ptr(), m, _threads(n),
+                                   packed.data_ptr() if packed is not None else 0)
     return rc == 0
 
 
