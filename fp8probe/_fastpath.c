@@ -21,6 +21,9 @@
 #include <Python.h>
 
 #include <pthread.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
@@ -686,6 +689,24 @@ static PyObject *py_int8_vectorwise_quant(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Fresh outputs of many MB are first touched by the kernels; with 4 KiB pages that is one page fault
+ * per 4 KiB (dequantising into a new 64 MB tensor ran at 1.6-2.0 GB/s instead of 10 GB/s into out=).
+ * Advising transparent huge pages for the 2 MiB-aligned interior halves that (3.6-3.9 GB/s measured).
+ * Only an advice: no effect where THP is off, never an error for the caller. */
+static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
+    unsigned long long p;
+    Py_ssize_t nbytes;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Kn", &p, &nbytes)) return NULL;
+    int ok = 0;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const unsigned long long huge = 1ull << 21;
+    unsigned long long lo = (p + huge - 1) & ~(huge - 1), hi = (p + (unsigned long long)nbytes) & ~(huge - 1);
+    if (nbytes > 0 && hi > lo) ok = madvise((void *)(uintptr_t)lo, (size_t)(hi - lo), MADV_HUGEPAGE) == 0;
+#endif
+    return PyBool_FromLong(ok);
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     (void)self; (void)args;
     return PyUnicode_FromString(g_have_avx2 ? "avx2" : "scalar");
@@ -715,6 +736,8 @@ static PyMethodDef methods[] = {
      "int8_vectorwise_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, colmask_ptr, threads): "
      "default-mode LLM.int8() row quantisation; colmask[j] = 1 for outlier columns (threshold > 0), "
      "which the caller zeroes in q."},
+    {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
+     "advise_hugepages(addr, nbytes) -> bool: madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior (Linux)."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},

@@ -118,6 +118,19 @@ def _packed(base: torch.Tensor, t_val: torch.Tensor, m: int) -> torch.Tensor | N
     return w.to(torch.int32).contiguous()
 
 
+_HUGE_MIN = 8 << 20  # bytes: below this the page faults of a fresh output are not worth an madvise
+
+
+def _fresh(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new output tensor; large ones get transparent huge pages advised before the C code first
+    touches them (fresh 64 MB dequant output: 1.6-2.0 -> 3.6-3.9 GB/s, one page fault per 2 MiB)."""
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= _HUGE_MIN:
+        _ext().advise_hugepages(t.data_ptr(), nbytes)
+    return t
+
+
 def _cpu_code(code: torch.Tensor) -> torch.Tensor:
     return code.detach().to("cpu", _F32).contiguous()
 
@@ -155,7 +168,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     if not _quant_applies(A, compat):
         return _ref.quantize_blockwise(A, code, blocksize, compat)
     Ac = A.detach().contiguous()
-    q = torch.empty(A.shape, dtype=torch.uint8)
+    q = _fresh(A.shape, torch.uint8)
     absmax = torch.empty(-(-A.numel() // blocksize), dtype=_F32)
     if not _run_quantize(Ac, _cpu_code(code), blocksize, q, absmax):
         return _ref.quantize_blockwise(A, code, blocksize, compat)
@@ -221,7 +234,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if not _deq_applies(q, dtype, compat):
         return _ref.dequantize_blockwise(q, absmax, code, blocksize, dtype, special_index, special_value, compat)
     qc = q.detach().contiguous()
-    out = torch.empty(q.shape, dtype=dtype)
+    out = _fresh(q.shape, dtype)
     if not _run_dequantize(qc, absmax, code, blocksize, out):
         return _ref.dequantize_blockwise(q, absmax, code, blocksize, dtype, special_index, special_value, compat)
     _scatter_specials(out, special_index, special_value)
@@ -253,7 +266,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
         return _ref.int8_vectorwise_quant(A, threshold, compat)
     rows, cols = _ref._rows_cols(A.shape)
     Ac = A.detach().contiguous()
-    q = torch.empty(A.shape, dtype=torch.int8)
+    q = _fresh(A.shape, torch.int8)
     row_stats = torch.empty(rows, dtype=_F32)
     colmask = torch.zeros(cols if threshold > 0 else 1, dtype=torch.uint8)
     _ext().int8_vectorwise_quant(Ac.data_ptr(), _DT[A.dtype], rows, cols, float(threshold), q.data_ptr(),
