@@ -169,6 +169,13 @@ def test_large_tensors_take_the_threaded_paths(dtype: torch.dtype, isa: str, mon
     code = get_codebook("dynamic")
     for bs in (100, 2**18 + 5, n, 2**20):  # 2**20 > n: one block, padded
         _check(A, code, bs, (dtype,))
+    # fresh outputs above _HUGE_MIN get MADV_HUGEPAGE first (lowered here so this size takes that path)
+    monkeypatch.setattr(cpu, "_HUGE_MIN", 1 << 18)
+    q, am, si, sv = cpu.quantize_blockwise(A, code, 4096, "")
+    rq, ram, ri, rv = ref.quantize_blockwise(A, code, 4096, "")
+    assert torch.equal(q, rq) and torch.equal(am, ram)
+    y = cpu.dequantize_blockwise(q, am, code, 4096, dtype, si, sv, "")
+    assert torch.equal(_bits(y), _bits(ref.dequantize_blockwise(rq, ram, code, 4096, dtype, ri, rv, "")))
 
 
 def test_public_api_uses_the_fast_path_and_matches_reference(monkeypatch) -> None:
