@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from fp8probe import __version__
+from fp8probe.backends import cpu as _cpu_backend
 from fp8probe.report.files import OutputExistsError, atomic_write_text, claim_output_dir, remove_outputs
 
 # Exit codes (README "Safety and limits"): 0 fine; 1 a `compare` gate failed; 2 bad usage, input
@@ -112,7 +113,8 @@ class Fp8probeGroup(click.Group):
 
 @click.group(cls=Fp8probeGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                   "auto_envvar_prefix": "FP8PROBE"})
-@click.version_option(__version__, prog_name="fp8probe")
+@click.version_option(__version__, prog_name="fp8probe",
+                      message=f"%(prog)s %(version)s (CPU kernels: {_cpu_backend.backend_name()})")
 @click.option("--debug", is_flag=True, help="show Python tracebacks for errors (also FP8PROBE_DEBUG=1)")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:

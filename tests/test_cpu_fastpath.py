@@ -381,3 +381,16 @@ def test_two_gather_search_and_custom_codebooks(simd: str, monkeypatch) -> None:
             assert torch.equal(q, rq) and torch.equal(am, ram)
         else:
             _check(A, code, 256, (torch.float32, torch.bfloat16))
+
+
+def test_version_names_the_active_cpu_backend() -> None:
+    """`fp8probe --version` tells a user which CPU kernels run (reference when forced off)."""
+    from click.testing import CliRunner
+
+    from fp8probe.cli import cli
+
+    out = CliRunner().invoke(cli, ["--version"]).output
+    assert f"(CPU kernels: {cpu.backend_name()})" in out
+    forced = subprocess.run([sys.executable, "-m", "fp8probe", "--version"], capture_output=True, text=True,
+                            env={**__import__("os").environ, "FP8PROBE_BACKEND": "reference"}, check=True)
+    assert "(CPU kernels: reference)" in forced.stdout
