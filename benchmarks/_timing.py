@@ -65,6 +65,21 @@ class Policy:
             raise ValueError(f"Policy needs warmup >= 0, 1 <= min_reps <= max_reps, budget_s >= 0; got {self}")
 
 
+def policies(device: str, quick: bool, numel: int) -> Policy:
+    """Call counts shared by every script: many on CUDA (cheap), few for 64M-element CPU cases.
+
+    64M fp32 inputs are 256 MiB (and a 64M-output int8 matmul is ~550 GOP): 2-5 calls keep a whole
+    CPU run under ~10 minutes.
+    """
+    if device == "cuda":
+        return Policy(3, 5, 20, 0.05) if quick else Policy(5, 30, 200, 0.5)
+    if quick:
+        return Policy(1, 2, 5, 0.02)
+    if numel > 16 * MI:
+        return Policy(1, 2, 5, 0.5)
+    return Policy(1, 3, 15, 0.4)
+
+
 @dataclass(frozen=True)
 class Timing:
     """Median and minimum seconds per call over ``reps`` timed calls."""

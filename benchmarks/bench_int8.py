@@ -57,17 +57,6 @@ COLUMNS = [
 ]
 
 
-def policies(device: str, quick: bool, numel: int) -> T.Policy:
-    """Call counts: many on CUDA, few for the 64M CPU cases (a 64M-output matmul is ~550 GOP)."""
-    if device == "cuda":
-        return T.Policy(3, 5, 20, 0.05) if quick else T.Policy(5, 30, 200, 0.5)
-    if quick:
-        return T.Policy(1, 2, 5, 0.02)
-    if numel > 16 * T.MI:
-        return T.Policy(1, 2, 5, 0.5)
-    return T.Policy(1, 3, 15, 0.4)
-
-
 def bnb_modules(device: str):
     """(bitsandbytes.functional, torch.ops.bitsandbytes) when bnb runs an int8 op on `device`, else None."""
     try:
@@ -109,7 +98,7 @@ class Bench:
     def vectorwise(self, numel: int, dtype: torch.dtype) -> None:
         """int8_vectorwise_quant rows (fresh outputs: the API has no out=) and bnb's, for one size/dtype."""
         dev, b = self.device, T.ITEMSIZE[dtype]
-        pol = policies(dev, self.args.quick, numel)
+        pol = T.policies(dev, self.args.quick, numel)
         xs = T.random_inputs(numel, dtype, dev, T.rotation_sets(2 * numel * b, dev), seed=numel + 7 * b)
         rows = xs[0].shape[0] if xs[0].dim() == 2 else 1
         pick = lambda seq, i: seq[i % len(seq)]  # noqa: E731
@@ -142,7 +131,7 @@ class Bench:
         """int8_linear_matmul vs torch._int_mm and bnb on A [M, K] x B [N, K]^T with M·N = numel."""
         dev, K = self.device, self.args.mm_k
         M = max(1, numel // MM_N)
-        pol = policies(dev, self.args.quick, numel)
+        pol = T.policies(dev, self.args.quick, numel)
         g = torch.Generator().manual_seed(numel)
         A = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8).to(dev)
         B = torch.randint(-127, 128, (MM_N, K), generator=g, dtype=torch.int8).to(dev)
@@ -173,7 +162,7 @@ class Bench:
         dev = self.device
         M = max(1, numel // MM_N)
         n = M * MM_N
-        pol = policies(dev, self.args.quick, numel)
+        pol = T.policies(dev, self.args.quick, numel)
         g = torch.Generator().manual_seed(numel + 1)
         sets = T.rotation_sets(8 * n, dev)
         # |C| up to 2**20: the size of a K = 4096 product of int8 rows with typical (not extreme) codes
@@ -237,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = {"sizes": sizes, "dtypes": [str(d).removeprefix("torch.") for d in dtypes], "mm_n": MM_N,
               "mm_k": args.mm_k, "bnb_cap_s": args.bnb_cap_s, "quick": args.quick,
-              "policy": {n: T.policy_dict(policies(device, args.quick, n)) for n in sizes}}
+              "policy": {n: T.policy_dict(T.policies(device, args.quick, n)) for n in sizes}}
     T.print_header("fp8probe bench_int8: LLM.int8() op throughput", info)
     print(T.render_table(bench.rows, COLUMNS, args.markdown))
     if args.json is not None:

@@ -72,18 +72,6 @@ COLUMNS = [
 ]
 
 
-def policies(device: str, quick: bool, numel: int) -> T.Policy:
-    """Call counts for fp8probe, torch and copy rows: more calls on CUDA (cheap), capped at 64M on CPU."""
-    if device == "cuda":
-        return T.Policy(3, 5, 20, 0.05) if quick else T.Policy(5, 30, 200, 0.5)
-    if quick:
-        return T.Policy(1, 2, 5, 0.02)
-    if numel > 16 * T.MI:
-        # 64M fp32 inputs are 256 MiB: 2-5 calls keep the whole CPU run under ~10 minutes.
-        return T.Policy(1, 2, 5, 0.5)
-    return T.Policy(1, 3, 15, 0.4)
-
-
 def bnb_functional(device: str):
     """bitsandbytes.functional when it imports and runs a tiny blockwise quantize on `device`, else None."""
     try:
@@ -126,7 +114,7 @@ class Bench:
     def group(self, numel: int, dtype: torch.dtype, blocksizes: list[int]) -> None:
         """Every row for one (element count, dtype): copy, torch casts, fp8probe ops, bnb ops."""
         dev, b = self.device, T.ITEMSIZE[dtype]
-        pol = policies(dev, self.args.quick, numel)
+        pol = T.policies(dev, self.args.quick, numel)
         n_sets = T.rotation_sets(2 * numel * b, dev)
         xs = T.random_inputs(numel, dtype, dev, n_sets, seed=numel + b)
         pick = lambda seq, i: seq[i % len(seq)]  # noqa: E731  (rotation over the input sets)
@@ -193,7 +181,7 @@ class Bench:
         if self.bnbF is not None and bs is not None:
             bnb_states = [self.bnbF.QuantState(absmax=st.absmax, code=code, blocksize=bs, dtype=dtype)
                           for _, st in states]
-            pol = policies(self.device, self.args.quick, numel)
+            pol = T.policies(self.device, self.args.quick, numel)
             t_bnb_dq, why = T.try_measure(lambda i: self.bnbF.dequantize_blockwise(
                 pick(states, i)[0], quant_state=pick(bnb_states, i)), self.device, pol)
             self.add("bnb dequantize_blockwise", dtype, numel, bs, "fresh", q_bytes, t_bnb_dq, copy_gbps, skipped=why)
@@ -283,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = {"sizes": sorted(sizes), "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
               "blocksizes": blocksizes, "codebook": CODEBOOK, "bnb_cap_s": args.bnb_cap_s,
-              "quick": args.quick, "policy": {n: T.policy_dict(policies(device, args.quick, n)) for n in sizes}}
+              "quick": args.quick, "policy": {n: T.policy_dict(T.policies(device, args.quick, n)) for n in sizes}}
     T.print_header("fp8probe bench_quantize: codebook quantize/dequantize throughput", info)
     print(T.render_table(bench.rows, COLUMNS, args.markdown))
     if args.json is not None:

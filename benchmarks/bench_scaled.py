@@ -44,21 +44,10 @@ COLUMNS = [
 ]
 
 
-def policies(device: str, quick: bool, numel: int) -> T.Policy:
-    """Call counts: as bench_quantize.py (capped at 64M elements on CPU)."""
-    if device == "cuda":
-        return T.Policy(3, 5, 20, 0.05) if quick else T.Policy(5, 30, 200, 0.5)
-    if quick:
-        return T.Policy(1, 2, 5, 0.02)
-    if numel > 16 * T.MI:
-        return T.Policy(1, 2, 5, 0.5)
-    return T.Policy(1, 3, 15, 0.4)
-
-
 def group(device: str, quick: bool, numel: int, dtype: torch.dtype) -> list[dict[str, object]]:
     """Rows for one (element count, dtype): copy, torch casts both ways, every scaled variant both ways."""
     b = T.ITEMSIZE[dtype]
-    pol = policies(device, quick, numel)
+    pol = T.policies(device, quick, numel)
     xs = T.random_inputs(numel, dtype, device, T.rotation_sets(2 * numel * b, device), seed=numel + 3 * b)
     pick = lambda seq, i: seq[i % len(seq)]  # noqa: E731
     rows: list[dict[str, object]] = []
@@ -112,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += group(device, args.quick, numel, dtype)
     config = {"sizes": sizes, "dtypes": [str(d).removeprefix("torch.") for d in dtypes], "quick": args.quick,
               "variants": [[fmt, gran, block] for fmt, gran, block, _ in VARIANTS],
-              "policy": {n: T.policy_dict(policies(device, args.quick, n)) for n in sizes}}
+              "policy": {n: T.policy_dict(T.policies(device, args.quick, n)) for n in sizes}}
     T.print_header("fp8probe bench_scaled: OCP/MX scaled FP8 cast throughput", info)
     print(T.render_table(rows, COLUMNS, args.markdown))
     if args.json is not None:
