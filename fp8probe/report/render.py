@@ -211,7 +211,7 @@ def _special_values(tables: Mapping) -> dict:
         flagged.append([cell(r["layer"]), cell(r["tensor"]), cell(r.get("numel"), "{:.0f}"), cell(what)] +
                        [cell(r.get(k), "{:.0f}", "bad" if k in _FLAGGING and _count(r, k) else "")
                         for k, _ in present])
-    table = _table("special", ["layer", "tensor", "numel", "", *[label for _, label in present]], flagged)
+    table = _table("special", ["layer", "tensor", "numel", "all zero / empty", *[label for _, label in present]], flagged)
     notes = []
     for tname, what_key in (("gemm", "gemm"), ("operands", "operand")):
         for r in tables.get(tname, []):
