@@ -37,7 +37,6 @@ Inputs are validated in ``functional.py``; the ops assume valid arguments.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -45,12 +44,6 @@ from fp8probe.backends import reference as _ref
 
 _F32 = torch.float32
 _LIB = "fp8probe"
-
-
-def _rows_cols(shape) -> tuple[int, int]:
-    if len(shape) == 0:
-        return 1, 1
-    return math.prod(shape[:-1]), shape[-1]
 
 
 def _dynamic(A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -107,7 +100,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
 
 @int8_vectorwise_quant.register_fake
 def _(A, threshold, compat):
-    rows, _ = _rows_cols(A.shape)
+    rows, _ = _ref._rows_cols(A.shape)
     return A.new_empty(A.shape, dtype=torch.int8), A.new_empty((rows,), dtype=_F32), _dynamic(A, torch.int64)
 
 
@@ -129,7 +122,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
 
 @int8_double_quant.register_fake
 def _(A, threshold, compat):
-    rows, cols = _rows_cols(A.shape)
+    rows, cols = _ref._rows_cols(A.shape)
     return (A.new_empty(A.shape, dtype=torch.int8), A.new_empty(A.shape, dtype=torch.int8),
             A.new_empty((rows,), dtype=_F32), A.new_empty((cols,), dtype=_F32), _dynamic(A, torch.int64))
 
@@ -153,7 +146,7 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
 @int8_mm_dequant.register_fake
 def _(A, row_stats, col_stats, bias, dtype, compat):
     if compat == "bnb":
-        rows, n = _rows_cols(A.shape)
+        rows, n = _ref._rows_cols(A.shape)
         return A.new_empty((rows, n), dtype=dtype)
     return A.new_empty(A.shape, dtype=dtype)
 
@@ -167,7 +160,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
 
 @quantize_scaled.register_fake
 def _(x, fmt, block_rows, block_cols):
-    rows, cols = _rows_cols(x.shape)
+    rows, cols = _ref._rows_cols(x.shape)
     fp8 = _ref.SCALED_FORMATS[fmt][0]
     return x.new_empty(x.shape, dtype=fp8), x.new_empty((-(-rows // block_rows), -(-cols // block_cols)), dtype=_F32)
 

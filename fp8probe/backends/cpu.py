@@ -22,12 +22,12 @@ without temporaries; ``functional.py`` uses them for ``out=`` / ``absmax=``.
 """
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
 from fp8probe.backends import reference as _ref
+from fp8probe.backends.reference import use_reference
 
 _F32 = torch.float32
 #: torch dtype -> the dtype code of the C functions (0 fp32, 1 fp16, 2 bf16)
@@ -54,11 +54,6 @@ def _ext() -> ModuleType | None:
 def available() -> bool:
     """True when the C extension ``fp8probe._fastpath`` is built and importable."""
     return _ext() is not None
-
-
-def use_reference() -> bool:
-    """True when FP8PROBE_BACKEND=reference forces the PyTorch reference everywhere."""
-    return os.environ.get("FP8PROBE_BACKEND") == "reference"
 
 
 def enabled() -> bool:
@@ -154,10 +149,6 @@ def _quant_applies(A: torch.Tensor, compat: str) -> bool:
             and enabled())
 
 
-def _empty_specials() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=_F32)
-
-
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPU kernel of ``fp8probe::quantize_blockwise``: same arguments and results as the reference's.
@@ -172,7 +163,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     absmax = torch.empty(-(-A.numel() // blocksize), dtype=_F32)
     if not _run_quantize(Ac, _cpu_code(code), blocksize, q, absmax):
         return _ref.quantize_blockwise(A, code, blocksize, compat)
-    return (q, absmax, *_empty_specials())
+    return (q, absmax, *_ref._empty_specials(torch.device("cpu")))
 
 
 def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
@@ -200,7 +191,7 @@ def quantize_blockwise_into(A: torch.Tensor, code: torch.Tensor, blocksize: int,
         return None
     if not _run_quantize(A.detach().contiguous(), _cpu_code(code), blocksize, q, absmax):
         return None
-    return _empty_specials()
+    return _ref._empty_specials(torch.device("cpu"))
 
 
 def _deq_applies(q: torch.Tensor, dtype: torch.dtype, compat: str) -> bool:
@@ -262,7 +253,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
     A: fp32/fp16/bf16, viewed as [rows, cols]. Returns ``q`` (int8, A.shape), ``row_stats`` (float32
     [rows]) and ``outlier_cols`` (int64, sorted; empty when threshold == 0), like the reference.
     """
-    if not (compat == "" and A.device.type == "cpu" and A.dtype in _DT and A.numel() > 0 and enabled()):
+    if not _quant_applies(A, compat):
         return _ref.int8_vectorwise_quant(A, threshold, compat)
     rows, cols = _ref._rows_cols(A.shape)
     Ac = A.detach().contiguous()

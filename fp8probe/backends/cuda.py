@@ -13,13 +13,12 @@ module import, so ``import fp8probe`` stays free of CUDA.
 from __future__ import annotations
 
 import importlib.util
-import math
-import os
 
 import numpy as np
 import torch
 
 from fp8probe.backends import reference as _ref
+from fp8probe.backends.reference import use_reference
 from fp8probe.formats import INV_127, INV_127_SQ
 
 _F32 = torch.float32
@@ -33,11 +32,6 @@ _MAX_GRID = 1 << 20          # grid-stride kernels loop; more blocks than this b
 CUDA_BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096
 
 _registered = False
-
-
-def use_reference() -> bool:
-    """True when FP8PROBE_BACKEND=reference asks for the PyTorch reference on CUDA tensors too."""
-    return os.environ.get("FP8PROBE_BACKEND") == "reference"
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -87,12 +81,6 @@ def _launch(file: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...
 
 def _grid_1d(n: int) -> tuple[int]:
     return (max(1, min(-(-n // _THREADS), _MAX_GRID)),)
-
-
-def _rows_cols(shape: torch.Size) -> tuple[int, int]:
-    if len(shape) == 0:
-        return 1, 1
-    return math.prod(shape[:-1]), shape[-1]
 
 
 def _row_threads(cols: int) -> int:
@@ -181,7 +169,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 def _int8_rows(A: torch.Tensor, threshold: float, nan_propagates: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row quantisation kernel + column zeroing: (q [rows, cols], row_stats [rows], outlier_cols)."""
-    rows, cols = _rows_cols(A.shape)
+    rows, cols = _ref._rows_cols(A.shape)
     A2 = A.contiguous()
     dev = A.device
     q = torch.empty((rows, cols), dtype=torch.int8, device=dev)
@@ -221,7 +209,7 @@ def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tenso
     """CUDA `fp8probe::int8_vectorwise_dequant`: fl32(fl32(float(q) * stats[row]) * fl32(1/127))."""
     if use_reference() or q.numel() == 0 or q.dim() == 0:
         return _ref.int8_vectorwise_dequant(q, stats)
-    rows, cols = _rows_cols(q.shape)
+    rows, cols = _ref._rows_cols(q.shape)
     q2 = q.contiguous()
     stats = stats.to(device=q.device, dtype=_F32).contiguous()
     out = torch.empty(q.shape, dtype=_F32, device=q.device)
@@ -236,7 +224,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
     if use_reference() or compat != "" or not _int8_kernel_ok(A, threshold):
         return _ref.int8_double_quant(A, threshold, compat)
     q_row, row_stats, outlier_cols = _int8_rows(A, threshold, nan_propagates=False)
-    rows, cols = _rows_cols(A.shape)
+    rows, cols = _ref._rows_cols(A.shape)
     A2 = A.contiguous()
     dev = A.device
     col_stats = torch.zeros(cols, dtype=_F32, device=dev)   # atomicMax identity for magnitudes
@@ -328,7 +316,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
         return _ref.quantize_scaled(x, fmt, block_rows, block_cols)
     fp8 = _ref.SCALED_FORMATS[fmt][0]
     dev = x.device
-    rows, cols = _rows_cols(x.shape)
+    rows, cols = _ref._rows_cols(x.shape)
     nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
     x2 = x.contiguous()
     amax = torch.zeros((nbr, nbc), dtype=_F32, device=dev)
@@ -351,7 +339,7 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     if use_reference() or data.numel() == 0 or dtype not in _CUDA_TYPE or data.dtype not in _FP8_FMT:
         return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
     dev = data.device
-    rows, cols = _rows_cols(data.shape)
+    rows, cols = _ref._rows_cols(data.shape)
     bits = data.contiguous().view(torch.uint8)
     scale = scale.to(device=dev, dtype=_F32).contiguous()
     out = torch.empty(data.shape, dtype=dtype, device=dev)

@@ -19,6 +19,7 @@ docs/architecture.md); tensors are never mutated and outputs never alias inputs.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,12 @@ import torch.nn.functional as F
 from fp8probe.formats import BNB_INV_127_SQ_TYPO, INV_127, INV_127_SQ, SCALE_INT8
 
 _F32 = torch.float32
+
+
+def use_reference() -> bool:
+    """True when FP8PROBE_BACKEND=reference forces this PyTorch reference on every device (the CPU
+    and CUDA backends check it at every call)."""
+    return os.environ.get("FP8PROBE_BACKEND") == "reference"
 
 # --------------------------------------------------------------------------------------------
 # nearest-code search
