@@ -121,6 +121,25 @@ def _effective_code(code: torch.Tensor, A: torch.Tensor, c: str) -> torch.Tensor
     return code
 
 
+def _quantize_into(A: torch.Tensor, code: torch.Tensor, blocksize: int, c: str, out: torch.Tensor | None,
+                   absmax: torch.Tensor | None, run_op) -> tuple[torch.Tensor, ...]:
+    """``(q, absmax, special_index, special_value)`` with caller buffers honoured.
+
+    With `out`/`absmax` given, the CPU fast path writes them in place (no temporary result to copy);
+    otherwise, or where it declines, ``run_op()`` computes the result and it is copied into them.
+    """
+    if out is not None or absmax is not None:
+        q_buf = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+        am_buf = absmax if absmax is not None else torch.empty(-(-A.numel() // blocksize), dtype=torch.float32,
+                                                               device=A.device)
+        done = _cpu.quantize_blockwise_into(A, code, blocksize, c, q_buf, am_buf)
+        if done is not None:
+            return (q_buf, am_buf, *done)
+    q, am, sidx, sval = run_op()
+    am = _write_out(absmax, am, "absmax")
+    return _write_out(out, q), am, sidx, sval
+
+
 def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch.Tensor | None = None, *,
              compat: str | None = None) -> tuple[torch.Tensor, QuantState]:
     """Tensor-wise (one absmax) codebook quantisation (SPEC §3).
@@ -133,15 +152,9 @@ def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch
     _check_tensor("A", A, _FLOATS)
     c = _compat(compat)
     code = _code(code, A.device)
-    done = None
-    if out is not None:  # CPU fast path: one block over the whole tensor, written into `out` in place
-        am_buf = torch.empty(1 if A.numel() else 0, dtype=torch.float32, device=A.device)
-        done = _cpu.quantize_blockwise_into(A, code, max(A.numel(), 1), c, out, am_buf)
-    if done is not None:
-        q, absmax, (sidx, sval) = out, am_buf, done
-    else:
-        q, absmax, sidx, sval = _OPS.quantize_global(A, code, c)
-        q = _write_out(out, q)
+    # default mode: global = one block over the whole tensor, so the blockwise fast path serves it
+    q, absmax, sidx, sval = _quantize_into(A, code, max(A.numel(), 1), c, out, None,
+                                           lambda: _OPS.quantize_global(A, code, c))
     state = QuantState(absmax=absmax, code=code.clone(), blocksize=max(A.numel(), 1), dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     return q, state
@@ -180,19 +193,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     blocksize = _check_blocksize(blocksize)
     c = _compat(compat)
     code = _code(code, A.device)
-    done = None
-    if out is not None or absmax is not None:
-        # CPU fast path writes the caller's buffers in place (no temporary result to copy)
-        q_buf = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-        am_buf = absmax if absmax is not None else torch.empty(-(-A.numel() // blocksize), dtype=torch.float32,
-                                                               device=A.device)
-        done = _cpu.quantize_blockwise_into(A, code, blocksize, c, q_buf, am_buf)
-    if done is not None:
-        q, am, (sidx, sval) = q_buf, am_buf, done
-    else:
-        q, am, sidx, sval = _OPS.quantize_blockwise(A, code, blocksize, c)
-        am = _write_out(absmax, am, "absmax")
-        q = _write_out(out, q)
+    q, am, sidx, sval = _quantize_into(A, code, blocksize, c, out, absmax,
+                                       lambda: _OPS.quantize_blockwise(A, code, blocksize, c))
     state = QuantState(absmax=am, code=_effective_code(code, A, c), blocksize=blocksize, dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     if nested:
