@@ -360,15 +360,18 @@ class _nullbar:
 # -- report / compare / sweep / demo commands (report engineer) --
 def _load_results_or_fail(path: str, role: str = "results") -> dict:
     """A validated results dict from ``path``, or one UsageFailure line saying what the file is instead."""
+    from fp8probe.analysis.loading import LoadError, sniff
     from fp8probe.report.render import load_results
 
     p = Path(path)
     if not p.is_file():
         raise UsageFailure(f"{role} file {p} does not exist: pass the results.json that fp8probe analyze, a sweep "
                            "or demo wrote")
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    try:
+        kind = sniff(p)  # the same first-bytes check that names wrong files given as models
+    except LoadError as exc:
+        raise _fail(exc) from exc
+    if kind in ("zip", "pickle"):
         raise UsageFailure(f"{p} is a PyTorch file (a model or tensors?), not an fp8probe results JSON: run "
                            f"fp8probe analyze {p} first and pass the results.json it writes")
     try:

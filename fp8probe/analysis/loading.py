@@ -95,7 +95,7 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
         raise LoadError(f"inputs file {p} does not exist: pass a file written by torch.save")
     if not p.is_file():
         raise LoadError(f"inputs {p} is not a file: pass a file written by torch.save")
-    kind = _sniff(p)
+    kind = sniff(p)
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read inputs file {p}: it is {kind}, not a torch.save file; pass the batches "
                         "saved with torch.save(tensor_or_list, 'inputs.pt')")
@@ -121,7 +121,7 @@ _MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PD
           (b"GIF8", "a GIF image"), (b"\x1f\x8b", "a gzip archive"), (b"\x7fELF", "an executable"))
 
 
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """What a file looks like from its first bytes: "zip" (torch.save >= 1.6, .pt2), "pickle" (legacy
     torch.save), "empty", "JSON/text" or a named foreign kind; never reads more than 64 bytes."""
     try:
@@ -379,7 +379,7 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
             return _load_huggingface(path, trust_pickle)
         raise LoadError(f"{path} is a directory without config.json; expected a .pt2 file, a state_dict or a "
                         "Hugging Face model directory")
-    kind = _sniff(path)
+    kind = sniff(path)
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read {path}: it is {kind}, not a model; pass a .pt2 file (torch.export.save), a "
                         "state_dict with --factory, or a Hugging Face model directory")
