@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .loading import Batch, LoadError
+from .loading import Batch, LoadError, one_line
 
 LossFn = Callable[[Any, Batch], torch.Tensor]
 
@@ -255,8 +255,7 @@ def choose_loss(output: Any, batch: Batch, loss_fn: LossFn | None, loss_name: st
         try:
             loss = loss_fn(output, batch)
         except Exception as exc:  # noqa: BLE001 - the user's loss failing is an input error (exit 2), not a bug
-            text = str(exc).strip().splitlines()
-            raise LoadError(f"--loss {loss_name} failed: {type(exc).__name__}: {text[0] if text else ''}") from exc
+            raise LoadError(f"--loss {loss_name} failed: {one_line(exc)}") from exc
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise LoadError(f"--loss {loss_name} must return a scalar tensor, got "
                             f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
@@ -312,8 +311,7 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[LinearCall],
         except LoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
-            text = str(exc).strip().splitlines()
-            raise LoadError(f"the model failed on the inputs: {type(exc).__name__}: {text[0] if text else ''}") from exc
+            raise LoadError(f"the model failed on the inputs: {one_line(exc)}") from exc
         if not rec.count:
             raise LoadError("no linear layer was captured" + (f" matching --layers {pattern.pattern!r}" if pattern else ""))
         loss, info = choose_loss(output, batch, loss_fn, loss_name)

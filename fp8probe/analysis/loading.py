@@ -103,15 +103,15 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _needs_full_unpickler(exc):
-            raise LoadError(f"cannot read inputs file {p}: {_one_line(exc)}") from None
+            raise LoadError(f"cannot read inputs file {p}: {one_line(exc)}") from None
         if not trust_pickle:
             raise LoadError(INPUTS_REFUSED.format(path=p)) from None
         try:
             obj = torch.load(p, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001 - arbitrary unpickling errors
-            raise LoadError(f"cannot unpickle inputs file {p}: {_one_line(exc2)}") from None
+            raise LoadError(f"cannot unpickle inputs file {p}: {one_line(exc2)}") from None
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
-        raise LoadError(f"cannot read inputs file {p} ({_one_line(exc)}): is it truncated? Save it again with "
+        raise LoadError(f"cannot read inputs file {p} ({one_line(exc)}): is it truncated? Save it again with "
                         "torch.save") from None
     return to_batches(obj)
 
@@ -151,7 +151,8 @@ def _needs_full_unpickler(exc: BaseException) -> bool:
     return "unsupported global" in text or "add_safe_globals" in text
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """``"<Type>: <first line of the message>"`` for one-line error reports."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -177,12 +178,12 @@ def resolve_callable(spec: str) -> Callable:
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - user code
-            raise LoadError(f"importing {path} failed: {_one_line(exc)}") from None
+            raise LoadError(f"importing {path} failed: {one_line(exc)}") from None
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise LoadError(f"cannot import module {target!r}: {_one_line(exc)}") from None
+            raise LoadError(f"cannot import module {target!r}: {one_line(exc)}") from None
     fn = getattr(module, func, None)
     if not callable(fn):
         raise LoadError(f"{target} has no callable {func!r}")
@@ -194,7 +195,7 @@ def _call_factory(spec: str) -> tuple[nn.Module, list[Batch] | None]:
     try:
         made = fn()
     except Exception as exc:  # noqa: BLE001 - user code
-        raise LoadError(f"factory {spec} failed: {_one_line(exc)}") from None
+        raise LoadError(f"factory {spec} failed: {one_line(exc)}") from None
     batches = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         made, raw = made
@@ -291,7 +292,7 @@ def _export_archive_problem(path: Path, names: list[str]) -> str | None:
                     doc = json.loads(zf.read(name))
                 except (ValueError, OSError, zipfile.BadZipFile) as exc:
                     raise LoadError(f"cannot read torch.export program {path}: {name} is not valid JSON "
-                                    f"({_one_line(exc)}); export the model again") from None
+                                    f"({one_line(exc)}); export the model again") from None
                 bad = next((e for e in _expr_strings(doc) if _unsafe_expr(e)), None)
                 if bad is not None:
                     return f"has an unexpected symbolic shape expression {bad[:60]!r}"
@@ -309,7 +310,7 @@ def _load_export(path: Path, names: list[str], trust_pickle: bool = False) -> Lo
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types for bad archives
         if not trust_pickle and _refused_by_weights_only(exc):
             raise LoadError(EXPORT_REFUSED.format(path=path, why="holds pickled objects other than tensors")) from None
-        raise LoadError(f"cannot load torch.export program {path} ({_one_line(exc)}): is it truncated or from "
+        raise LoadError(f"cannot load torch.export program {path} ({one_line(exc)}): is it truncated or from "
                         f"another torch version (this is {torch.__version__})? Export it again") from None
     return from_exported_program(ep, f"torch.export program {path.name}")
 
@@ -349,7 +350,7 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
             with contextlib.nullcontext() if trust_pickle else _weights_only_torch_load():
                 model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
-            errors.append(_one_line(exc))
+            errors.append(one_line(exc))
             continue
         return LoadedModel(model.eval(), "huggingface", f"Hugging Face {type(model).__name__} from {path.name}")
     raise LoadError(f"cannot load Hugging Face model from {path}: {errors[-1]}")
@@ -394,10 +395,10 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _needs_full_unpickler(exc):
-            raise LoadError(f"cannot read {path}: {_one_line(exc)}") from None
+            raise LoadError(f"cannot read {path}: {one_line(exc)}") from None
         obj = _load_pickle(path, trust_pickle)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
-        raise LoadError(f"cannot read {path} ({_one_line(exc)}): is it truncated? Save or export it again") from None
+        raise LoadError(f"cannot read {path} ({one_line(exc)}): is it truncated? Save or export it again") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", f"pickled {type(obj).__name__} from {path.name}")
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -409,7 +410,7 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
             model.load_state_dict(obj, strict=True)
         except RuntimeError as exc:
             raise LoadError(f"state_dict {path.name} does not fit the model from {factory}: "
-                            f"{_one_line(exc).replace('RuntimeError: ', '')}") from None
+                            f"{one_line(exc).replace('RuntimeError: ', '')}") from None
         return LoadedModel(model.eval(), "state_dict", f"state_dict {path.name} + factory {factory}", batches)
     raise LoadError(f"{path} holds a {type(obj).__name__}, expected a model (.pt2, pickled nn.Module) or a state_dict")
 
@@ -420,4 +421,4 @@ def _load_pickle(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - arbitrary unpickling errors
-        raise LoadError(f"cannot unpickle {path}: {_one_line(exc)}") from None
+        raise LoadError(f"cannot unpickle {path}: {one_line(exc)}") from None

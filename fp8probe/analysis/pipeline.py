@@ -18,7 +18,7 @@ from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
 from .capture import LinearCall, LossFn, LossInfo, capture_batch
-from .loading import Batch, LoadedModel, LoadError, from_exported_program, resolve_callable, to_batches
+from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
 from .results import Results
 from .strategies import Strategy, reference_gemms, resolve, run_strategy
@@ -80,7 +80,7 @@ class _Analysis:
                 out = run_strategy(strat, A, W, G, self.threshold)
             except (RuntimeError, ValueError, TypeError) as exc:
                 # One failing recipe must not sink the whole analysis: record it for the report.
-                acc.errors[strat.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                acc.errors[strat.name] = one_line(exc)
                 warnings.warn(f"strategy {strat.name} failed on layer {call.name}: {acc.errors[strat.name]}",
                               RuntimeWarning, stacklevel=2)
                 continue
