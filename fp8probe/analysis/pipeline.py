@@ -26,6 +26,12 @@ from .strategies import Strategy, reference_gemms, resolve, run_strategy
 ProgressFn = Callable[[int, int], None]
 
 
+def forward_order(layers: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(name, accumulator) pairs in the model's forward order: capture hands calls over last layer
+    first, so every per-layer accumulator records its call's ``index`` and tables sort by it."""
+    return sorted(layers.items(), key=lambda kv: kv[1].index)
+
+
 @dataclass
 class _LayerAcc:
     """Everything accumulated for one linear layer across batches."""
@@ -93,7 +99,7 @@ class _Analysis:
 
     def tables(self) -> dict[str, pd.DataFrame]:
         layers, gemm, operands, tensors, hists, outliers, errors = [], [], [], [], [], [], []
-        for name, acc in sorted(self.layers.items(), key=lambda kv: kv[1].index):
+        for name, acc in forward_order(self.layers):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
                            "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2})

@@ -14,7 +14,7 @@ from fp8probe.autograd import MatMul8bitLt, MatmulLtState, get_block_sizes
 
 from .capture import LinearCall, LossFn, LossInfo
 from .metrics import ErrorAccumulator
-from .pipeline import Run, prepare_run, run_metadata
+from .pipeline import Run, forward_order, prepare_run, run_metadata
 from .results import Results
 
 DEFAULT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -111,11 +111,6 @@ def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # Per-layer accumulators (one LinearCall at a time, batches merged by the metric accumulators)
 # --------------------------------------------------------------------------------------------
-def _forward_order(layers: dict) -> list[tuple[str, Any]]:
-    """(name, accumulator) pairs in the model's forward order (capture hands calls over last layer first)."""
-    return sorted(layers.items(), key=lambda kv: kv[1].index)
-
-
 @dataclass
 class _BlockLayer:
     in_features: int
@@ -157,7 +152,7 @@ class _BlocksizeSweep:
 
     def table(self) -> pd.DataFrame:
         rows = []
-        for name, acc in _forward_order(self.layers):
+        for name, acc in forward_order(self.layers):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             fprop = {bs: acc.err[(bs, "fprop")].result()["sqnr_db"] for bs in self.blocksizes}
             rec = recommend_blocksize(fprop)
@@ -211,7 +206,7 @@ class _ThresholdSweep:
 
     def table(self) -> pd.DataFrame:
         rows = []
-        for name, acc in _forward_order(self.layers):
+        for name, acc in forward_order(self.layers):
             pts = {th: (acc.err[th].result()["sqnr_db"], acc.cols[th] / acc.tokens if acc.tokens else 0.0)
                    for th in self.thresholds}
             rec = recommend_threshold(pts)
@@ -254,7 +249,7 @@ def _threshold_meta(ths: list[float]) -> dict:
 
 def _layers_table(sweep_layers: dict, tokens: dict[str, int] | None = None) -> pd.DataFrame:
     rows = []
-    for name, acc in _forward_order(sweep_layers):
+    for name, acc in forward_order(sweep_layers):
         out_f = getattr(acc, "out_features", None)
         bsz, bsz2 = get_block_sizes(acc.in_features, out_f) if out_f else (None, None)
         rows.append({"layer": name, "in_features": acc.in_features, "out_features": out_f,
