@@ -185,15 +185,13 @@ def _count(r: Mapping, key: str) -> int:
 
 
 def _nan_inf(tables: Mapping) -> dict:
+    """NaN / Inf totals over the tensors table and the layers holding any (the summary warning; the
+    per-tensor counts are in the Special values table)."""
     rows = tables.get("tensors", [])
     total_nan = sum(_count(r, "nan_count") for r in rows)
     total_inf = sum(_count(r, "inf_count") for r in rows)
-    flagged = [[cell(r["layer"]), cell(r["tensor"]), cell(r.get("nan_count"), "{:.0f}", "bad"),
-                cell(r.get("inf_count"), "{:.0f}", "bad")]
-               for r in rows if _count(r, "nan_count") or _count(r, "inf_count")]
     layers = list(dict.fromkeys(r["layer"] for r in rows if _count(r, "nan_count") or _count(r, "inf_count")))
-    return {"measured": bool(rows), "nan": total_nan, "inf": total_inf, "layers": layers,
-            "table": _table("naninf", ["layer", "tensor", "NaN count", "Inf count"], flagged)}
+    return {"measured": bool(rows), "nan": total_nan, "inf": total_inf, "layers": layers}
 
 
 def _special_values(tables: Mapping) -> dict:
