@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fp8probe.backends.int8_gemm import int8_gemm, int_mm_or_none
 from fp8probe.formats import BNB_INV_127_SQ_TYPO, INV_127, INV_127_SQ, SCALE_INT8
 
 _F32 = torch.float32
@@ -450,8 +451,10 @@ def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
 def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Exact ``C = A @ B.T`` with int32 results: A int8 [..., K], B int8 [N, K] → int32 [..., N].
 
-    Uses ``torch._int_mm`` where the device accepts the shapes; otherwise float64 matmul, which is
-    exact because every partial sum is an integer below K·127·128 < 2**53 for any K < 5e11.
+    On CPU the fastest exact method for this machine (backends/int8_gemm.py: ``torch._int_mm``,
+    chunked float32 or float64 GEMM, chosen at run time; all bit-identical). Elsewhere
+    ``torch._int_mm`` where the device accepts the shapes, else float64 matmul, which is exact
+    because every partial sum is an integer below K·128·128 < 2**53 for any K < 5e11.
     """
     K = A.shape[-1]
     N = B.shape[0]
@@ -460,14 +463,9 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     if rows == 0 or N == 0 or K == 0:  # an empty sum is 0
         return torch.zeros(out_shape, dtype=torch.int32, device=A.device)
     a2 = A.reshape(rows, K)
-    c = None
-    if K >= 2:  # torch 2.13's CPU _int_mm returns garbage for K == 1 with N > 1 (seen in tests)
-        try:
-            # B.t() of a row-major B is the column-major [K, N] operand _int_mm takes as is; a
-            # contiguous copy of it cost 115 ms per call at 4096x4096 (vs 3.3 ms at M=16).
-            c = torch._int_mm(a2.contiguous(), B.contiguous().t())
-        except (RuntimeError, NotImplementedError):
-            c = None
+    if A.device.type == "cpu":
+        return int8_gemm(a2, B).reshape(out_shape)
+    c = int_mm_or_none(a2, B)
     if c is None:
         c = (a2.to(torch.float64) @ B.to(torch.float64).t()).to(torch.int64).to(torch.int32)
     return c.reshape(out_shape)
