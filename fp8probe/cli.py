@@ -14,7 +14,8 @@ import click
 
 from fp8probe import __version__
 from fp8probe.backends import cpu as _cpu_backend
-from fp8probe.report.files import OutputExistsError, atomic_write_text, claim_output_dir, remove_outputs
+from fp8probe.report.files import (OutputExistsError, OutputLockedError, atomic_write_text, claim_output_dir,
+                                   lock_output_dir, remove_outputs)
 
 # Exit codes (README "Safety and limits"): 0 fine; 1 a `compare` gate failed; 2 bad usage, input
 # or environment (one line on stderr); 3 an internal error (a bug: one line, --debug shows the
@@ -156,9 +157,22 @@ def _analysis_failure(exc: BaseException, inputs: str | None) -> UsageFailure:
 
 
 def _check_out(out: Path, kind: str, overwrite: bool) -> list[Path]:
-    """Fail fast (exit 2) when ``out`` already holds this command's outputs and --overwrite is not given."""
+    """Fail fast (exit 2) when ``out`` already holds this command's outputs and --overwrite is not given,
+    when another run is writing into it, or when it cannot be created or written; then hold the
+    directory's claim (files.lock_output_dir) until the command ends."""
     if out.exists() and not out.is_dir():
         raise UsageFailure(f"--out {out} is a file, not a directory: choose a directory for the outputs")
+    if out.is_symlink() and not out.exists():
+        raise UsageFailure(f"--out {_printable(out)} is a dangling symbolic link: remove it or choose another --out")
+    ctx = click.get_current_context()
+    try:
+        lock = lock_output_dir(out, ctx.command_path.split(" ", 1)[-1])
+    except OutputLockedError as exc:
+        raise UsageFailure(_printable(exc)) from None
+    except OSError as exc:
+        raise UsageFailure(f"cannot write to --out {_printable(out)}: {exc.strerror or exc}; choose a writable "
+                           "directory") from None
+    ctx.call_on_close(lock.release)
     try:
         return claim_output_dir(out, kind, overwrite)
     except OutputExistsError as exc:
