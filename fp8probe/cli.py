@@ -442,18 +442,32 @@ def report_cmd(results: str, out_html: str, keep_16bit_db: float) -> None:
 @click.option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), default=None,
               help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
+@click.option("--allow-missing", is_flag=True,
+              help="do not fail when layers / recipes / GEMMs of the baseline are missing from current (they are "
+                   "still listed)")
 @click.pass_context
 def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: float, max_new_outlier_cols: int,
-                max_underflow_increase: float, out_dir: str, overwrite: bool, markdown_file: str | None) -> None:
-    """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded, else 0."""
-    from fp8probe.report.compare import Gates, compare_markdown, compare_results
+                max_underflow_increase: float, out_dir: str, overwrite: bool, markdown_file: str | None,
+                allow_missing: bool) -> None:
+    """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded or baseline
+    rows are missing, else 0. Only quantised GEMMs are gated (see the gate text)."""
+    from fp8probe.report.compare import Gates, compare_markdown, compare_results, gated_text
     from fp8probe.report.render import render_compare
 
     out = Path(out_dir)
+    # No output may name an input (as report -o already refuses): the baseline would be appended to
+    # or replaced, and the next run would compare against a broken file.
+    outputs = [("--markdown", Path(markdown_file))] if markdown_file else []
+    outputs += [("--out", out / name) for name in ("compare.html", "compare.md")]
+    for option, target in outputs:
+        for role, given in (("baseline", baseline), ("current", current)):
+            if target.resolve() == Path(given).resolve():
+                raise UsageFailure(f"{option} would write {_printable(target)}, which is the {role} results file: "
+                                   "choose another output")
     stale = _check_out(out, "compare", overwrite)
     base, cur = _load_results_or_fail(baseline, "baseline"), _load_results_or_fail(current, "current")
     try:
-        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase)
+        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase, allow_missing=allow_missing)
         comparison = compare_results(base, cur, gates)
     except ValueError as exc:
         raise _fail(exc) from exc
@@ -471,6 +485,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
         with open(markdown_file, "a", encoding="utf-8") as fh:
             fh.write(md + "\n")
     click.echo(f"compare report written to {html} and {out / 'compare.md'}")
+    click.echo(gated_text(comparison))
     if comparison["passed"]:
         click.echo("PASS: no gate exceeded")
         return
