@@ -179,6 +179,13 @@ def _check_out(out: Path, kind: str, overwrite: bool) -> list[Path]:
         raise UsageFailure(str(exc)) from None
 
 
+def _warn_no_gradient(results: "object") -> None:
+    """One stderr line when the loss did not reach the weights (the results then hold fprop only)."""
+    loss = results.metadata.get("loss") or {}
+    if loss.get("no_gradient"):
+        click.echo(f"warning: {_printable(loss['no_gradient'])}", err=True)
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -355,6 +362,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             click.echo(f"{_printable(r['layer'])[:32]:<32} {r['strategy']:<15} {r['sqnr_db']:>13.2f} {r['rel_err']:>9.2e}")
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
+    _warn_no_gradient(results)
     click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; no HTML report written"))
 
 
@@ -596,6 +604,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
             click.echo(f"{_printable(r['layer'])[:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
     click.echo(f"rule: {next(iter(results.metadata['recommendations'].values()))}")
+    _warn_no_gradient(results)
     click.echo(f"results: {paths['json']}; report: {html}")
 
 

@@ -210,7 +210,8 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "seed": seed,
         "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "strategies": [],
-        "loss": {"kind": info.kind, "detail": info.detail} if info else None,
+        "loss": ({"kind": info.kind, "detail": info.detail, **({"no_gradient": info.no_gradient} if info.no_gradient else {})}
+                 if info else None),
         "formats": {f: {"max": FORMATS[f].max, "min_normal": FORMATS[f].min_normal,
                         "min_subnormal": FORMATS[f].min_subnormal, "description": FORMATS[f].description}
                     for f in formats},
