@@ -14,7 +14,8 @@ import click
 
 from fp8probe import __version__
 from fp8probe.backends import cpu as _cpu_backend
-from fp8probe.report.files import OutputExistsError, atomic_write_text, claim_output_dir, remove_outputs
+from fp8probe.report.files import (OutputExistsError, OutputLockedError, atomic_write_text, claim_output_dir,
+                                   lock_output_dir, remove_outputs)
 
 # Exit codes (README "Safety and limits"): 0 fine; 1 a `compare` gate failed; 2 bad usage, input
 # or environment (one line on stderr); 3 an internal error (a bug: one line, --debug shows the
@@ -156,13 +157,33 @@ def _analysis_failure(exc: BaseException, inputs: str | None) -> UsageFailure:
 
 
 def _check_out(out: Path, kind: str, overwrite: bool) -> list[Path]:
-    """Fail fast (exit 2) when ``out`` already holds this command's outputs and --overwrite is not given."""
+    """Fail fast (exit 2) when ``out`` already holds this command's outputs and --overwrite is not given,
+    when another run is writing into it, or when it cannot be created or written; then hold the
+    directory's claim (files.lock_output_dir) until the command ends."""
     if out.exists() and not out.is_dir():
         raise UsageFailure(f"--out {out} is a file, not a directory: choose a directory for the outputs")
+    if out.is_symlink() and not out.exists():
+        raise UsageFailure(f"--out {_printable(out)} is a dangling symbolic link: remove it or choose another --out")
+    ctx = click.get_current_context()
+    try:
+        lock = lock_output_dir(out, ctx.command_path.split(" ", 1)[-1])
+    except OutputLockedError as exc:
+        raise UsageFailure(_printable(exc)) from None
+    except OSError as exc:
+        raise UsageFailure(f"cannot write to --out {_printable(out)}: {exc.strerror or exc}; choose a writable "
+                           "directory") from None
+    ctx.call_on_close(lock.release)
     try:
         return claim_output_dir(out, kind, overwrite)
     except OutputExistsError as exc:
         raise UsageFailure(str(exc)) from None
+
+
+def _warn_no_gradient(results: "object") -> None:
+    """One stderr line when the loss did not reach the weights (the results then hold fprop only)."""
+    loss = results.metadata.get("loss") or {}
+    if loss.get("no_gradient"):
+        click.echo(f"warning: {_printable(loss['no_gradient'])}", err=True)
 
 
 def _check_device(device: str) -> None:
@@ -341,6 +362,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             click.echo(f"{_printable(r['layer'])[:32]:<32} {r['strategy']:<15} {r['sqnr_db']:>13.2f} {r['rel_err']:>9.2e}")
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
+    _warn_no_gradient(results)
     click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; no HTML report written"))
 
 
@@ -428,18 +450,32 @@ def report_cmd(results: str, out_html: str, keep_16bit_db: float) -> None:
 @click.option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), default=None,
               help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
+@click.option("--allow-missing", is_flag=True,
+              help="do not fail when layers / recipes / GEMMs of the baseline are missing from current (they are "
+                   "still listed)")
 @click.pass_context
 def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: float, max_new_outlier_cols: int,
-                max_underflow_increase: float, out_dir: str, overwrite: bool, markdown_file: str | None) -> None:
-    """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded, else 0."""
-    from fp8probe.report.compare import Gates, compare_markdown, compare_results
+                max_underflow_increase: float, out_dir: str, overwrite: bool, markdown_file: str | None,
+                allow_missing: bool) -> None:
+    """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded or baseline
+    rows are missing, else 0. Only quantised GEMMs are gated (see the gate text)."""
+    from fp8probe.report.compare import Gates, compare_markdown, compare_results, gated_text
     from fp8probe.report.render import render_compare
 
     out = Path(out_dir)
+    # No output may name an input (as report -o already refuses): the baseline would be appended to
+    # or replaced, and the next run would compare against a broken file.
+    outputs = [("--markdown", Path(markdown_file))] if markdown_file else []
+    outputs += [("--out", out / name) for name in ("compare.html", "compare.md")]
+    for option, target in outputs:
+        for role, given in (("baseline", baseline), ("current", current)):
+            if target.resolve() == Path(given).resolve():
+                raise UsageFailure(f"{option} would write {_printable(target)}, which is the {role} results file: "
+                                   "choose another output")
     stale = _check_out(out, "compare", overwrite)
     base, cur = _load_results_or_fail(baseline, "baseline"), _load_results_or_fail(current, "current")
     try:
-        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase)
+        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase, allow_missing=allow_missing)
         comparison = compare_results(base, cur, gates)
     except ValueError as exc:
         raise _fail(exc) from exc
@@ -457,6 +493,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
         with open(markdown_file, "a", encoding="utf-8") as fh:
             fh.write(md + "\n")
     click.echo(f"compare report written to {html} and {out / 'compare.md'}")
+    click.echo(gated_text(comparison))
     if comparison["passed"]:
         click.echo("PASS: no gate exceeded")
         return
@@ -567,6 +604,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
             click.echo(f"{_printable(r['layer'])[:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
     click.echo(f"rule: {next(iter(results.metadata['recommendations'].values()))}")
+    _warn_no_gradient(results)
     click.echo(f"results: {paths['json']}; report: {html}")
 
 

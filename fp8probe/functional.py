@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# int8_linear_matmul accumulates exactly in int32: K products of at most (-128)·(-128) = 2^14 stay
+# below 2^31 for K ≤ 131071; from K = 131072 on the sum can wrap. Longer rows are refused, not wrapped.
+INT8_MATMUL_MAX_K = (2**31 - 1) // (128 * 128)
 _OPS = torch.ops.fp8probe
 
 
@@ -346,6 +349,9 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"B must be 2-D [N, K], got shape {tuple(B.shape)}")
     if A.shape[-1] != B.shape[1]:
         raise ValueError(f"inner dimensions differ: A [..., {A.shape[-1]}] vs B [N, {B.shape[1]}]")
+    if A.shape[-1] > INT8_MATMUL_MAX_K:
+        raise ValueError(f"expected an inner dimension K <= {INT8_MATMUL_MAX_K} (int32 accumulation of int8 products "
+                         f"is exact only up to there), got K = {A.shape[-1]}: split the reduction into chunks")
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
     return _OPS.int8_linear_matmul(A, B)

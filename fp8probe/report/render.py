@@ -12,7 +12,7 @@ import jinja2
 
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
-from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, validate_results
+from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -46,7 +46,7 @@ def load_results(path: str | Path) -> dict:
     except OSError as exc:
         raise ValueError(f"cannot read results file {path}: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        data = parse_results_json(text, str(path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); expected an fp8probe results file") from None
     validate_results(data, source=str(path))
@@ -461,6 +461,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "title": f"fp8probe report: {meta.get('name') or meta.get('model') or 'results'}",
         "info": [{"key": k, "value": str(v)} for k, v in info],
         "surrogate_loss": loss.get("kind") == "surrogate",
+        "no_gradient": str(loss.get("no_gradient") or ""),
         "n_layers": len(layers),
         "strategies": strategies,
         "keep_db": f"{keep_16bit_db:g}",
