@@ -376,8 +376,24 @@ def matmul_fp8_global(A: torch.Tensor, B: torch.Tensor, fw_code: torch.Tensor | 
 # ------------------------------------------------------------------------------------------------
 # LLM.int8() and SwitchBack (SPEC §6.2, §6.3, §7.2). B is the weight [out, in].
 # ------------------------------------------------------------------------------------------------
+def _check_int8_weight(B: Any, state: MatmulLtState) -> None:
+    """An int8 B is the quantised weight itself (bnb passes ``state.CB``): its scales are ``state.SCB``."""
+    if not isinstance(B, torch.Tensor) or B.dtype != torch.int8:
+        return
+    if state.has_fp16_weights:
+        raise TypeError("B is int8 (an already quantised weight), which needs a MatmulLtState with "
+                        "has_fp16_weights=False and SCB set; got has_fp16_weights=True")
+    n_out = B.shape[0] if B.dim() == 2 else None
+    if not isinstance(state.SCB, torch.Tensor) or tuple(state.SCB.shape) != (n_out,):
+        got = list(state.SCB.shape) if isinstance(state.SCB, torch.Tensor) else type(state.SCB).__name__
+        raise ValueError(f"an int8 B needs state.SCB, its float32 row scales of shape [{n_out}], got {got}")
+
+
 def _check_int8_operands(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
-    _check_operands(A, B, 1, "the 2-D weight [out, in]", "the weight is [out, in]")
+    if isinstance(B, torch.Tensor) and B.dtype == torch.int8:
+        _check_operands(A, B.detach().float(), 1, "the 2-D weight [out, in]", "the weight is [out, in]")
+    else:
+        _check_operands(A, B, 1, "the 2-D weight [out, in]", "the weight is [out, in]")
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
     if bias is not None:
@@ -397,7 +413,11 @@ def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) 
 
     Default: re-quantise whenever the weight's storage or ``_version`` changed (Q11). ``compat="bnb"``:
     bitsandbytes' rule — re-quantise only while ``B.grad is None`` in training (stale CB afterwards).
+    An int8 B is the quantised weight itself: it becomes CB, with the scales already in state.SCB.
     """
+    if B.dtype == torch.int8:
+        state.CB, state.weight_key = B, None
+        return
     if not state.has_fp16_weights and state.CB is not None and state.SCB is not None:
         if compat == "bnb" or state.weight_key is None or state.weight_key == _weight_key(B):
             return
@@ -438,8 +458,8 @@ def _empty_int8_grads(ctx: Any, grad_output: torch.Tensor, n_extra: int):
         # explicit row count: reshape(-1, 0) is ambiguous for a layer with 0 output features
         rows = grad_output.numel() // b_shape[0] if b_shape[0] else math.prod(grad_output.shape[:-1])
         grad_bias = grad_output.reshape(rows, b_shape[0]).sum(0, dtype=torch.float32).to(bias_dtype)
-    return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
-            None, grad_bias, *([None] * n_extra))
+    grad_B = torch.zeros(b_shape, dtype=b_dtype, device=dev) if ctx.needs_input_grad[1] else None
+    return (torch.zeros(a_shape, dtype=a_dtype, device=dev), grad_B, None, grad_bias, *([None] * n_extra))
 
 
 def _bias_grad(grad2: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
@@ -452,8 +472,9 @@ def _int8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor
                    ) -> tuple[MatmulLtState, torch.Tensor | None]:
     """Checks shared by the int8 functions; returns (state, output-if-empty-else-None)."""
     _check_compat(compat)
-    _check_int8_operands(A, B, bias)
     state = MatmulLtState() if state is None else state
+    _check_int8_weight(B, state)
+    _check_int8_operands(A, B, bias)
     _check_out(out, (*A.shape[:-1], B.shape[0]), A.dtype, A.device)
     ctx.is_empty = False
     if A.numel() == 0 or B.numel() == 0:

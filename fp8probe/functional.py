@@ -337,8 +337,15 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | 
     return q_row, q_col, rs, cs, (cols if t > 0 else None)
 
 
-def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Exact ``A @ B.T`` with int32 accumulation: A int8 [..., K], B int8 [N, K] → int32 [..., N]."""
+def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Exact ``A @ B.T`` with int32 accumulation: A int8 [..., K], B int8 [N, K] → int32 [..., N].
+
+    bitsandbytes' signature: `out` (int32 [..., N]) receives the result and is returned; `dtype`
+    must be int32, the only exact accumulator type (bnb accepts the argument and ignores it).
+    """
+    if dtype != torch.int32:
+        raise TypeError(f"dtype must be torch.int32, got {dtype}")
     _check_tensor("A", A, (torch.int8,))
     _check_tensor("B", B, (torch.int8,))
     _check_rank("A", A)
@@ -348,7 +355,7 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"inner dimensions differ: A [..., {A.shape[-1]}] vs B [N, {B.shape[1]}]")
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
-    return _OPS.int8_linear_matmul(A, B)
+    return _write_out(out, _OPS.int8_linear_matmul(A, B))
 
 
 def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
