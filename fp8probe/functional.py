@@ -14,6 +14,7 @@ import torch
 
 import fp8probe.ops  # noqa: F401  (registers torch.ops.fp8probe.*)
 from fp8probe.backends import cpu as _cpu
+from fp8probe.backends import reference as _ref
 from fp8probe.formats import (
     create_dynamic_map,
     create_fp8_map,
@@ -121,13 +122,33 @@ def _effective_code(code: torch.Tensor, A: torch.Tensor, c: str) -> torch.Tensor
     return code
 
 
+def _search_order(code: torch.Tensor, c: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(codebook the ops search, permutation back to `code`'s indices or None)``.
+
+    The ops and kernels search sorted codebooks. An unsorted one (bnb's few-bit linear maps put
+    the zero padding before linspace's -3e-8 middle point) is searched through its stable sort by
+    default, and the indices mapped back, so ``code[q]`` is the nearest entry whatever the order.
+    ``compat="bnb"`` passes it as it is: the reference then searches it the way bnb does.
+    """
+    if c == "bnb" or _ref.is_sorted(code):
+        return code, None
+    sorted_code, perm = torch.sort(code, stable=True)
+    return sorted_code, perm.to(torch.uint8)
+
+
 def _quantize_into(A: torch.Tensor, code: torch.Tensor, blocksize: int, c: str, out: torch.Tensor | None,
                    absmax: torch.Tensor | None, run_op) -> tuple[torch.Tensor, ...]:
     """``(q, absmax, special_index, special_value)`` with caller buffers honoured.
 
     With `out`/`absmax` given, the CPU fast path writes them in place (no temporary result to copy);
     otherwise, or where it declines, ``run_op()`` computes the result and it is copied into them.
+    `code` is what the ops search; for an unsorted codebook (default mode) the indices found in
+    its sorted order are mapped back through the permutation.
     """
+    search_code, perm = _search_order(code, c)
+    if perm is not None:
+        q, am, sidx, sval = _quantize_into(A, search_code, blocksize, c, None, absmax, run_op)
+        return _write_out(out, perm.to(q.device)[q.long()]), am, sidx, sval
     if out is not None or absmax is not None:
         q_buf = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=A.device)
         am_buf = absmax if absmax is not None else torch.empty(-(-A.numel() // blocksize), dtype=torch.float32,
@@ -135,7 +156,7 @@ def _quantize_into(A: torch.Tensor, code: torch.Tensor, blocksize: int, c: str, 
         done = _cpu.quantize_blockwise_into(A, code, blocksize, c, q_buf, am_buf)
         if done is not None:
             return (q_buf, am_buf, *done)
-    q, am, sidx, sval = run_op()
+    q, am, sidx, sval = run_op(code)
     am = _write_out(absmax, am, "absmax")
     return _write_out(out, q), am, sidx, sval
 
@@ -154,7 +175,7 @@ def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch
     code = _code(code, A.device)
     # default mode: global = one block over the whole tensor, so the blockwise fast path serves it
     q, absmax, sidx, sval = _quantize_into(A, code, max(A.numel(), 1), c, out, None,
-                                           lambda: _OPS.quantize_global(A, code, c))
+                                           lambda cb: _OPS.quantize_global(A, cb, c))
     state = QuantState(absmax=absmax, code=code.clone(), blocksize=max(A.numel(), 1), dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     return q, state
@@ -194,7 +215,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     c = _compat(compat)
     code = _code(code, A.device)
     q, am, sidx, sval = _quantize_into(A, code, blocksize, c, out, absmax,
-                                       lambda: _OPS.quantize_blockwise(A, code, blocksize, c))
+                                       lambda cb: _OPS.quantize_blockwise(A, cb, blocksize, c))
     state = QuantState(absmax=am, code=_effective_code(code, A, c), blocksize=blocksize, dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     if nested:

@@ -87,3 +87,59 @@ def test_int8_linear_matmul_out_and_dtype() -> None:
         F.int8_linear_matmul(A, B, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"out must be a torch.int32 tensor of shape \(5, 7\), got \(5, 6\)"):
         F.int8_linear_matmul(A, B, out=torch.empty(5, 6, dtype=torch.int32))
+
+
+# ------------------------------------------------------------------ item 2: create_dynamic_map grid
+def test_create_dynamic_map_equals_live_bnb_on_every_accepted_combination() -> None:
+    bnb_F = _bnb().functional
+    accepted = 0
+    for signed in (True, False):
+        for total_bits in range(1, 10):
+            for e in range(0, 13):
+                try:
+                    ref = bnb_F.create_dynamic_map(signed, e, total_bits)
+                except (AssertionError, NameError):  # bnb's length assert / unbound loop variable
+                    with pytest.raises(ValueError, match=r"expected 2\*\*total_bits|must be >= 1"):
+                        F.create_dynamic_map(signed, e, total_bits)
+                    continue
+                ours = F.create_dynamic_map(signed, e, total_bits)
+                assert torch.equal(ours.view(torch.int32), ref.view(torch.int32)), (signed, e, total_bits)
+                accepted += 1
+    assert accepted > 100  # e.g. (True, 8, 8) and (True, 12, 8), which fp8probe used to reject
+
+
+def test_create_dynamic_map_8_exponent_bits_has_256_distinct_values() -> None:
+    code = F.create_dynamic_map(True, 8, 8)
+    assert code.unique().numel() == 256
+    q, st = F.quantize_blockwise(torch.randn(300, generator=torch.Generator().manual_seed(0)), code, blocksize=64)
+    assert F.dequantize_blockwise(q, st).shape == (300,)
+
+
+# ------------------------------------------------------------------ item 3: unsorted few-bit linear maps
+@pytest.mark.parametrize("bits", [3, 4, 5, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_unsorted_linear_map_quantises_like_live_bnb(bits: int, dtype: torch.dtype) -> None:
+    bnb_F = _bnb().functional
+    code = F.create_linear_map(True, total_bits=bits)
+    assert not bool((code[1:] >= code[:-1]).all())  # bnb's own map is unsorted
+    x = (torch.randn(1000, generator=torch.Generator().manual_seed(bits)) * 3).to(dtype)
+    q_b, st_b = bnb_F.quantize_blockwise(x, code=code.clone(), blocksize=64)
+    q, st = F.quantize_blockwise(x, code=code, blocksize=64, compat="bnb")
+    assert torch.equal(q, q_b)
+    assert torch.equal(F.dequantize_blockwise(q, st), bnb_F.dequantize_blockwise(q_b, st_b))
+
+
+@pytest.mark.parametrize("bits", [3, 5])
+def test_unsorted_codebook_default_mode_picks_a_nearest_entry(bits: int) -> None:
+    code = F.create_linear_map(True, total_bits=bits)
+    x = torch.randn(4, 200, generator=torch.Generator().manual_seed(1))
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    q, st = F.quantize_blockwise(x, code=code, blocksize=100, out=out)
+    assert q is out
+    xn = x.reshape(-1, 100) / st.absmax[:, None]
+    best = (xn.reshape(-1, 1) - code[None, :]).abs().min(dim=1).values
+    got = (xn.reshape(-1) - code[q.reshape(-1).long()]).abs()
+    assert torch.equal(got, best)
+    # the global quantiser takes it too, and dequantisation uses the codebook as given
+    qg, stg = F.quantize(x, code=code)
+    assert torch.equal(F.dequantize(qg, stg), code[qg.long()] * stg.absmax)
