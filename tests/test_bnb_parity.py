@@ -143,3 +143,99 @@ def test_unsorted_codebook_default_mode_picks_a_nearest_entry(bits: int) -> None
     # the global quantiser takes it too, and dequantisation uses the codebook as given
     qg, stg = F.quantize(x, code=code)
     assert torch.equal(F.dequantize(qg, stg), code[qg.long()] * stg.absmax)
+
+
+# ------------------------------------------------------------------ item 6: int8 weight storage
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+@pytest.mark.parametrize("cls", [P.Linear8bitLt, P.SwitchBackLinear])
+def test_int8_layer_stores_one_byte_per_weight(cls) -> None:
+    layer = cls(64, 48, bias=False, has_fp16_weights=False)
+    assert layer.weight.dtype == torch.int8 and not layer.weight.requires_grad
+    assert layer.SCB.dtype == torch.float32 and layer.SCB.shape == (48,)
+    assert _bytes(layer) == 64 * 48 + 4 * 48
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "SCB", "weight_format"} and sd["weight"].dtype == torch.int8
+    assert sd["weight_format"].dtype == torch.uint8 and int(sd["weight_format"]) == 0
+
+
+@pytest.mark.parametrize("compat", [None, "bnb"])
+@pytest.mark.parametrize("threshold", [0.0, 2.0])
+def test_int8_state_dict_round_trips_bit_for_bit(compat, threshold: float) -> None:
+    import io
+
+    torch.manual_seed(0)
+    layer = P.Linear8bitLt(40, 24, has_fp16_weights=False, threshold=threshold, compat=compat).eval()
+    x = torch.randn(5, 40) * 2
+    y = layer(x)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = P.Linear8bitLt(40, 24, has_fp16_weights=False, threshold=threshold, compat=compat).eval()
+    assert not torch.equal(fresh(x), y)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), y)
+    assert torch.equal(fresh.weight, layer.weight) and torch.equal(fresh.SCB, layer.SCB)
+
+
+def test_int8_layer_to_dtype_and_device_keeps_codes_and_scales() -> None:
+    layer = P.Linear8bitLt(16, 8, has_fp16_weights=False)
+    codes, scales = layer.weight.clone(), layer.SCB.clone()
+    layer.half()
+    layer.to("cpu", torch.bfloat16)
+    assert layer.weight.dtype == torch.int8 and layer.SCB.dtype == torch.float32
+    assert torch.equal(layer.weight, codes) and torch.equal(layer.SCB, scales)
+    assert layer.bias.dtype == torch.bfloat16
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+    meta = P.Linear8bitLt(16, 8, has_fp16_weights=False).to("meta")
+    assert meta.weight.device.type == "meta" and meta.SCB.device.type == "meta" and meta.SCB.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int8_layer_to_cuda_moves_codes_and_scales() -> None:
+    layer = P.Linear8bitLt(16, 8, has_fp16_weights=False).eval()
+    x = torch.randn(3, 16)
+    y = layer(x)
+    layer.to("cuda")
+    assert layer.weight.device.type == "cuda" and layer.SCB.device.type == "cuda"
+    torch.testing.assert_close(layer(x.cuda()).cpu(), y, rtol=0, atol=0)
+
+
+def test_float_checkpoint_is_quantised_on_load_and_int8_checkpoint_needs_int8_layer() -> None:
+    lin = torch.nn.Linear(24, 12)
+    layer = P.Linear8bitLt(24, 12, has_fp16_weights=False)
+    layer.load_state_dict(lin.state_dict())
+    CB, SCB, _ = F.int8_vectorwise_quant(lin.weight.detach())
+    assert torch.equal(layer.weight, CB) and torch.equal(layer.SCB, SCB)
+    x = torch.randn(4, 24)
+    assert torch.equal(layer(x), P.matmul(x, lin.weight.detach(), bias=lin.bias.detach()))
+    with pytest.raises(RuntimeError, match="needs has_fp16_weights=False"):
+        P.Linear8bitLt(24, 12).load_state_dict(layer.state_dict())
+    bad = layer.state_dict()
+    bad["weight_format"] = torch.tensor(1, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"weight_format: expected 0 \(row-major int8\), got 1"):
+        P.Linear8bitLt(24, 12, has_fp16_weights=False).load_state_dict(bad)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_int8_checkpoints_load_both_ways_with_live_bnb(threshold: float) -> None:
+    bnb = _bnb()
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(32, 16)
+    ref = bnb.nn.Linear8bitLt(32, 16, has_fp16_weights=False, threshold=threshold)
+    ref.load_state_dict(lin.state_dict())
+    ref = ref.to("cpu").eval()  # bnb quantises on the move to a device
+    x = torch.randn(6, 32) * 2
+    y_ref = ref(x)
+    ours = P.Linear8bitLt(32, 16, has_fp16_weights=False, threshold=threshold, compat="bnb").eval()
+    ours.load_state_dict(ref.state_dict())
+    assert torch.equal(ours(x), y_ref)
+    # fp8probe's checkpoint of the same float weights loads into bitsandbytes (after its .to())
+    mine = P.Linear8bitLt(32, 16, has_fp16_weights=False, threshold=threshold, compat="bnb").eval()
+    mine.load_state_dict(lin.state_dict())
+    back = bnb.nn.Linear8bitLt(32, 16, has_fp16_weights=False, threshold=threshold).to("cpu").eval()
+    back.load_state_dict(mine.state_dict())
+    assert torch.equal(back(x), y_ref)

@@ -1140,7 +1140,9 @@ def test_nn_layers_forward_backward_within_bounds(lead, k, n, seed, dtype, layer
     else:
         assert torch.isfinite(mod.weight.grad).all()
     m = math.prod(lead)
-    a, w, g = f64(x).reshape(m, k), f64(mod.weight), f64(G).reshape(m, n)
+    # int8-stored weights (bnb Int8Params layout): the layer's weight is what its codes dequantise to
+    w_hp = fp8probe.int8_vectorwise_dequant(mod.weight, mod.SCB) if int8 and not fp16_weights else mod.weight
+    a, w, g = f64(x).reshape(m, k), f64(w_hp), f64(G).reshape(m, n)
     bb = f64(mod.bias) if bias else np.zeros(n)
     exact = a @ w.T + bb
     if "FP8" in layer:
