@@ -408,36 +408,50 @@ def _weight_key(B: torch.Tensor) -> tuple:
     return (B.data_ptr(), B._version, tuple(B.shape), B.dtype, B.device)
 
 
-def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> None:
-    """Fill state.CB / state.SCB (int8 rows of the weight, SPEC §6.2 step 4) when they are stale.
+def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(CB, SCB)``: the int8 rows of the weight and their scales (SPEC §6.2 step 4), cached in the state.
 
     Default: re-quantise whenever the weight's storage or ``_version`` changed (Q11). ``compat="bnb"``:
     bitsandbytes' rule — re-quantise only while ``B.grad is None`` in training (stale CB afterwards).
     An int8 B is the quantised weight itself: it becomes CB, with the scales already in state.SCB.
+    Under ``torch.compile`` the cache is bypassed: storage pointers and version counters cannot be
+    traced, and quantising inside the graph is one pass over the weight (int8 weights need none).
     """
+    compiling = torch.compiler.is_compiling()
     if B.dtype == torch.int8:
-        state.CB, state.weight_key = B, None
-        return
+        if not compiling:
+            state.CB, state.weight_key = B, None
+        return B, state.SCB
     if not state.has_fp16_weights and state.CB is not None and state.SCB is not None:
-        if compat == "bnb" or state.weight_key is None or state.weight_key == _weight_key(B):
-            return
+        if compiling or compat == "bnb" or state.weight_key is None or state.weight_key == _weight_key(B):
+            return state.CB, state.SCB
+    # The CUDA kernel reads fp16 only; bnb therefore rounds the weight to fp16 first (SPEC §6.2).
+    w = B.to(torch.float16) if compat == "bnb" else B
+    if compiling:
+        CB, SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
+        return CB, SCB
     if compat == "bnb":
         stale = (state.is_training and B.grad is None) or state.CB is None or state.SCB is None
     else:
         stale = state.CB is None or state.SCB is None or state.weight_key != _weight_key(B)
-    if not stale:
-        return
-    key = _weight_key(B)
-    state.reset_grads()
-    # The CUDA kernel reads fp16 only; bnb therefore rounds the weight to fp16 first (SPEC §6.2).
-    w = B.to(torch.float16) if compat == "bnb" else B
-    state.CB, state.SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
-    state.weight_key = key
+    if stale:
+        key = _weight_key(B)
+        state.reset_grads()
+        state.CB, state.SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
+        state.weight_key = key
+    return state.CB, state.SCB
 
 
-def _dequant_weight(state: MatmulLtState, dtype: torch.dtype) -> torch.Tensor:
+def _dequant_weight(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``CB · SCB / 127`` computed in float32 (SPEC §5.2), then cast to `dtype`."""
-    return F.int8_vectorwise_dequant(state.CB, state.SCB).to(dtype)
+    return F.int8_vectorwise_dequant(CB, SCB).to(dtype)
+
+
+def _any_outlier(outlier_cols: torch.Tensor) -> bool:
+    """Whether the outlier path runs. Eagerly: only when there are outlier columns (bitsandbytes'
+    rule, which keeps a -0.0 output bit-exact). Compiled: always — the count is data-dependent and
+    the path with zero columns adds an empty product, so one graph serves every input."""
+    return torch.compiler.is_compiling() or outlier_cols.numel() > 0
 
 
 def _empty_int8_result(ctx: Any, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
@@ -524,16 +538,15 @@ class MatMul8bitLt(torch.autograd.Function):
                 outlier_cols = pooled
                 CA = CA.clone()
                 CA[:, outlier_cols] = 0
-        _quantize_weight(B, state, compat)
-        has_outliers = threshold > 0.0 and outlier_cols is not None and outlier_cols.numel() > 0
+        CB, SCB = _quantize_weight(B, state, compat)
+        has_outliers = threshold > 0.0 and outlier_cols is not None and _any_outlier(outlier_cols)
         bias_c = None if bias is None else bias.to(A.dtype)
         if threshold > 0.0:
             state.idx = outlier_cols
         if has_outliers:
-            output, subA = F.int8_mixed_scaled_mm(A2, CA, state.CB, SCA, state.SCB, outlier_cols, bias_c,
-                                                   compat=compat)
+            output, subA = F.int8_mixed_scaled_mm(A2, CA, CB, SCA, SCB, outlier_cols, bias_c, compat=compat)
         else:
-            output = F.int8_scaled_mm(CA, state.CB, SCA, state.SCB, bias_c, dtype=A.dtype, compat=compat)
+            output = F.int8_scaled_mm(CA, CB, SCA, SCB, bias_c, dtype=A.dtype, compat=compat)
             subA = None
         ctx.state, ctx.compat = state, compat
         ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
@@ -542,7 +555,11 @@ class MatMul8bitLt(torch.autograd.Function):
         ctx.SCAt = SCAt
         # CB/SCB are saved (not read from the state in backward) so a later forward that refreshes
         # the cache cannot change this step's gradient.
-        ctx.save_for_backward(CAt, subA, state.CB, state.SCB)
+        # subA only serves grad_B. Under torch.compile a saved tensor must not alias another
+        # graph value (dynamo refuses it; here the outlier-column gather of A), hence the clone.
+        if subA is not None and (not want_grad_B or torch.compiler.is_compiling()):
+            subA = subA.clone() if want_grad_B else None
+        ctx.save_for_backward(CAt, subA, CB, SCB)
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
@@ -605,11 +622,11 @@ class SwitchBackBnb(torch.autograd.Function):
         threshold = float(state.threshold)
         # Only the row codes are used: the column half of bnb's int8_double_quant is discarded.
         CA, SCA, outlier_cols = F.int8_vectorwise_quant(A_q, threshold, compat=compat)
-        _quantize_weight(B, state, compat)
-        state.SB = (tuple(state.CB.shape), "row")  # bnb's "weights ready" flag
-        has_outliers = threshold > 0.0 and outlier_cols is not None and outlier_cols.numel() > 0
-        C32 = F.int8_linear_matmul(CA, state.CB)
-        output = F.int8_mm_dequant(C32, SCA, state.SCB, bias=None if bias is None else bias.to(A.dtype),
+        CB, SCB = _quantize_weight(B, state, compat)
+        state.SB = (tuple(CB.shape), "row")  # bnb's "weights ready" flag
+        has_outliers = threshold > 0.0 and outlier_cols is not None and _any_outlier(outlier_cols)
+        C32 = F.int8_linear_matmul(CA, CB)
+        output = F.int8_mm_dequant(C32, SCA, SCB, bias=None if bias is None else bias.to(A.dtype),
                                    dtype=A.dtype, compat=compat)
         if threshold > 0.0:
             state.idx = outlier_cols
@@ -618,12 +635,12 @@ class SwitchBackBnb(torch.autograd.Function):
             if state.has_fp16_weights:
                 state.subB = B[:, outlier_cols].t().to(A.dtype)
             else:
-                state.subB = _dequant_weight(state, A.dtype)[:, outlier_cols].t()
+                state.subB = _dequant_weight(CB, SCB, A.dtype)[:, outlier_cols].t()
             output = output + torch.matmul(subA, state.subB)
         ctx.compat = compat
         ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
         ctx.dtype_bias = None if bias is None else bias.dtype
-        ctx.save_for_backward(A2, state.CB, state.SCB)
+        ctx.save_for_backward(A2, CB, SCB)
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod

@@ -429,11 +429,14 @@ def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SC
     if A.shape != CA.shape:
         raise ValueError(f"A and CA must have the same shape, got {tuple(A.shape)} and {tuple(CA.shape)}")
     out = int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype, compat=compat)
-    if outlier_cols is None or outlier_cols.numel() == 0:
+    # Under torch.compile the column count and values are data-dependent (no branch, no check):
+    # an empty set adds an empty product.
+    compiling = torch.compiler.is_compiling()
+    if outlier_cols is None or (not compiling and outlier_cols.numel() == 0):
         return out, torch.empty(0, dtype=A.dtype, device=A.device)
     K = A.shape[-1]
     _check_tensor("outlier_cols", outlier_cols, (torch.int64, torch.int32))
-    if outlier_cols.dim() != 1 or int(outlier_cols.min()) < 0 or int(outlier_cols.max()) >= K:
+    if outlier_cols.dim() != 1 or (not compiling and (int(outlier_cols.min()) < 0 or int(outlier_cols.max()) >= K)):
         raise ValueError(f"outlier_cols must be 1-D column indices in [0, {K}), got {outlier_cols.tolist()}")
     a2 = A.reshape(-1, K)
     subA = a2[:, outlier_cols].contiguous()

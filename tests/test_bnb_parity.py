@@ -239,3 +239,32 @@ def test_int8_checkpoints_load_both_ways_with_live_bnb(threshold: float) -> None
     back = bnb.nn.Linear8bitLt(32, 16, has_fp16_weights=False, threshold=threshold).to("cpu").eval()
     back.load_state_dict(mine.state_dict())
     assert torch.equal(back(x), y_ref)
+
+
+# ------------------------------------------------------------------ item 4: torch.compile(fullgraph=True)
+@pytest.mark.parametrize("threshold,bias,fp16_weights,backend", [
+    (0.0, False, True, "aot_eager"),
+    (6.0, True, False, "aot_eager"),
+    (6.0, True, True, "inductor"),
+])
+def test_linear8bitlt_compiles_fullgraph(threshold: float, bias: bool, fp16_weights: bool, backend: str) -> None:
+    """One graph for every input: no guard on the data-dependent outlier count, no dropped
+    unbacked sizes, no storage-pointer cache key; outputs and gradients equal eager mode."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = P.Linear8bitLt(32, 16, bias=bias, threshold=threshold, has_fp16_weights=fp16_weights).train()
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    for n_outliers in (0, 3):  # the same graph with no and with three outlier columns
+        x = torch.randn(4, 32, generator=g)
+        x[:, :n_outliers] = 9.0
+        grads = []
+        for fn in (compiled, layer):
+            xi = x.clone().requires_grad_(True)
+            y = fn(xi)
+            y.square().sum().backward()
+            grads.append((y.detach(), xi.grad, None if layer.weight.grad is None else layer.weight.grad.clone()))
+            layer.weight.grad = None
+        (y_c, dx_c, dw_c), (y_e, dx_e, dw_e) = grads
+        assert torch.equal(y_c, y_e) and torch.equal(dx_c, dx_e)
+        assert (dw_c is None) == (not fp16_weights) and (dw_c is None or torch.equal(dw_c, dw_e))

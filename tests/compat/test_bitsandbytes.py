@@ -23,6 +23,14 @@ BNB_IMPORT = "import bitsandbytes as bnb"
 DROP_IN = "import fp8probe.compat.bitsandbytes as bnb"
 
 
+@pytest.fixture(autouse=True)
+def _default_mode():
+    """Every test starts in fp8probe's mode, whatever an earlier test or FP8PROBE_COMPAT selected."""
+    fbnb.set_compat(None)
+    yield
+    fbnb.set_compat(None)
+
+
 @pytest.fixture(params=[None, "bnb"], ids=["fp8probe", "compat-bnb"])
 def mode(request):
     fbnb.set_compat(request.param)
