@@ -220,10 +220,15 @@ def _fq_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, compat: s
     return F.fake_quantize(x, code, blocksize, compat=compat)
 
 
-def _check_operands(A: torch.Tensor, B: torch.Tensor, in_axis: int, b_layout: str, in_note: str) -> None:
-    """Shape/device checks shared by every matmul here; B's contraction axis is `in_axis`."""
+def _check_operands(A: torch.Tensor, B: torch.Tensor, in_axis: int, b_layout: str, in_note: str,
+                    int8_B: bool = False) -> None:
+    """Shape/device checks shared by every matmul here; B's contraction axis is `in_axis`.
+
+    ``int8_B``: B may also be an int8 tensor (an already quantised LLM.int8() weight).
+    """
     _check_float("A", A)
-    _check_float("B", B)
+    if not (int8_B and isinstance(B, torch.Tensor) and B.dtype == torch.int8):
+        _check_float("B", B)
     if A.dim() < 1:
         raise ValueError("A must have at least one dimension [..., in], got a 0-d tensor")
     if B.dim() != 2:
@@ -378,22 +383,19 @@ def matmul_fp8_global(A: torch.Tensor, B: torch.Tensor, fw_code: torch.Tensor | 
 # ------------------------------------------------------------------------------------------------
 def _check_int8_weight(B: Any, state: MatmulLtState) -> None:
     """An int8 B is the quantised weight itself (bnb passes ``state.CB``): its scales are ``state.SCB``."""
-    if not isinstance(B, torch.Tensor) or B.dtype != torch.int8:
-        return
+    if not isinstance(B, torch.Tensor) or B.dtype != torch.int8 or B.dim() != 2:
+        return  # anything else is reported by _check_int8_operands
     if state.has_fp16_weights:
         raise TypeError("B is int8 (an already quantised weight), which needs a MatmulLtState with "
                         "has_fp16_weights=False and SCB set; got has_fp16_weights=True")
-    n_out = B.shape[0] if B.dim() == 2 else None
+    n_out = B.shape[0]
     if not isinstance(state.SCB, torch.Tensor) or tuple(state.SCB.shape) != (n_out,):
         got = list(state.SCB.shape) if isinstance(state.SCB, torch.Tensor) else type(state.SCB).__name__
         raise ValueError(f"an int8 B needs state.SCB, its float32 row scales of shape [{n_out}], got {got}")
 
 
 def _check_int8_operands(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
-    if isinstance(B, torch.Tensor) and B.dtype == torch.int8:
-        _check_operands(A, B.detach().float(), 1, "the 2-D weight [out, in]", "the weight is [out, in]")
-    else:
-        _check_operands(A, B, 1, "the 2-D weight [out, in]", "the weight is [out, in]")
+    _check_operands(A, B, 1, "the 2-D weight [out, in]", "the weight is [out, in]", int8_B=True)
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
     if bias is not None:

@@ -165,7 +165,7 @@ def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch
              compat: str | None = None) -> tuple[torch.Tensor, QuantState]:
     """Tensor-wise (one absmax) codebook quantisation (SPEC §3).
 
-    A: fp32/fp16/bf16, any shape; code: float32 [256] ascending, a codebook name, or None for the
+    A: fp32/fp16/bf16, any shape; code: float32 [256] (any order), a codebook name, or None for the
     signed dynamic map. Returns ``(q uint8 A.shape, QuantState)`` with ``absmax`` float32 [1]
     ([0] for empty A). ``compat="bnb"``: bnb's CUDA ``quantize`` (true division, NaN-propagating
     absmax, no special-value recording).
@@ -204,9 +204,10 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     """Blockwise codebook quantisation over the C-order flattened tensor (SPEC §4).
 
     A: fp32/fp16/bf16, any shape (non-contiguous inputs are read in logical order); code: float32
-    [256] ascending, a codebook name, or None for the signed dynamic map; blocksize: any int > 0 on
-    the reference backend (the CUDA kernels take powers of two in 32..4096); absmax/out: optional
-    preallocated float32 [ceil(n/blocksize)] / uint8 A.shape outputs. Returns
+    [256] in any order (an unsorted one is searched in sorted order), a codebook name, or None for
+    the signed dynamic map; blocksize: any int > 0 on the reference backend (the CUDA kernels take
+    powers of two in 32..4096); absmax/out: optional preallocated float32 [ceil(n/blocksize)] /
+    uint8 A.shape outputs. Returns
     ``(q uint8 A.shape, QuantState)``. ``nested=True`` quantises the mean-centred absmax vector
     with the dynamic map and the same blocksize (SPEC §4.5).
     """

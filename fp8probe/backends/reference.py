@@ -248,7 +248,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blockwise codebook quantisation over the C-order flattened tensor (SPEC §4.2).
 
-    A: fp32/fp16/bf16, any shape; code: float32 [256] ascending; blocksize > 0.
+    A: fp32/fp16/bf16, any shape; code: float32 [256], ascending except in compat "bnb"; blocksize > 0.
     Returns ``q`` (uint8, A.shape), ``absmax`` (float32 [ceil(n/blocksize)]), ``special_index``
     (int64 [k], flat indices of NaN/±Inf, default mode only) and ``special_value`` (float32 [k]).
 
