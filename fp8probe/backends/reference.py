@@ -176,12 +176,38 @@ def _search_tables(code: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.T
     return tables
 
 
+def search_argmin_unsorted(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``argmin_j |x - code[j]|`` over a codebook in any order (SPEC §2.4), first minimum, NaN → 0.
+
+    bnb's torch path searches unsorted codebooks (its own few-bit linear maps) with a plain
+    argmin; the distance matrix is built in chunks of rows so memory stays ~16 MiB.
+    """
+    code = code.to(device=x.device, dtype=_F32).contiguous()
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
+    step = 16384
+    for s in range(0, flat.numel(), step):
+        out[s:s + step] = (flat[s:s + step, None] - code[None, :]).abs().argmin(dim=1)
+    return torch.where(torch.isnan(flat), 0, out).reshape(x.shape)
+
+
+def is_sorted(code: torch.Tensor) -> bool:
+    """True when the codebook is non-decreasing (what every table and kernel search assumes)."""
+    return bool((code[1:] >= code[:-1]).all())
+
+
 def search(code: torch.Tensor, x: torch.Tensor, rule: str = "even", nan_free: bool = False) -> torch.Tensor:
     """Fast nearest-code search: same result as ``search_<rule>(code, x)`` (int32, x.shape).
 
     rule: "even" (SPEC §2.1), "lower_bound" (§2.3, includes the clamp) or "argmin" (§2.4).
-    ``nan_free=True`` promises that x holds no NaN and skips the NaN → 0 pass.
+    ``nan_free=True`` promises that x holds no NaN and skips the NaN → 0 pass. An unsorted
+    codebook (only reached in ``compat="bnb"``) runs the rule directly, as bnb does: lower_bound's
+    binary search probes the same entries as std::lower_bound; argmin scans every entry.
     """
+    if not is_sorted(code):
+        if rule == "argmin":
+            return search_argmin_unsorted(code, x).to(torch.int32)
+        return _RULES[rule](code, x).to(torch.int32)
     tables = _search_tables(code, rule)
     if tables is None or x.numel() < 4096:
         return _RULES[rule](code, x).to(torch.int32)
@@ -223,7 +249,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blockwise codebook quantisation over the C-order flattened tensor (SPEC §4.2).
 
-    A: fp32/fp16/bf16, any shape; code: float32 [256] ascending; blocksize > 0.
+    A: fp32/fp16/bf16, any shape; code: float32 [256], ascending except in compat "bnb"; blocksize > 0.
     Returns ``q`` (uint8, A.shape), ``absmax`` (float32 [ceil(n/blocksize)]), ``special_index``
     (int64 [k], flat indices of NaN/±Inf, default mode only) and ``special_value`` (float32 [k]).
 
