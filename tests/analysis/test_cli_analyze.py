@@ -70,9 +70,13 @@ def test_three_formats_give_identical_results(saved, tmp_path) -> None:
         assert (out / "index.html").is_file() == (kind == "pt2")
         tables[kind] = _tables(out)
     base = tables["pt2"]
-    assert len(base["layers"]) == 9 and set(base["gemm"]["strategy"]) == set(STRATEGY.split(","))
+    # 9 linear layers plus QKᵀ and PV (plain matmuls of two activations) of each of the 2 blocks
+    assert len(base["layers"]) == 13 and set(base["gemm"]["strategy"]) == set(STRATEGY.split(","))
+    assert base["layers"]["kind"].value_counts().to_dict() == {"linear": 9, "matmul": 4}
+    n_batches = len(torch.load(saved["inputs"], weights_only=True))
+    assert base["coverage"]["captured"].sum() == 13 * n_batches and base["coverage"]["skipped"].sum() == 0
     for kind in ("pickle", "state_dict"):
-        for name in ("layers", "gemm", "operands", "tensors", "outliers", "histograms"):
+        for name in ("layers", "gemm", "operands", "tensors", "outliers", "histograms", "coverage"):
             pd.testing.assert_frame_equal(tables[kind][name], base[name], check_exact=True, obj=f"{kind}/{name}")
 
 
