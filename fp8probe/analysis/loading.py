@@ -376,6 +376,9 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
     except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/KeyError...
         raise LoadError(f"cannot read the Hugging Face config in {path}: {one_line(exc)}") from None
     cls, cls_name = _hf_class(transformers, config, path)
+    hf_logging = transformers.utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr carries one line on failure, not a "Loading weights" bar
     try:
         # trust_remote_code stays False (no modelling code from the directory); .bin weights go
         # through the weights-only unpickler unless the user trusts the files.
@@ -384,6 +387,9 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
                                               trust_remote_code=False, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
         raise LoadError(f"cannot build {cls_name} from {path}: {one_line(exc)}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     problems = _loading_problems(info)
     if problems:
         # A missing weight would be randomly initialised and analysed as if it were the model's.
