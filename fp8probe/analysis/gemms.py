@@ -30,7 +30,8 @@ attention             sdpa       ``scaled_dot_product_attention`` run as two GEM
 conv                  conv1d/2d/ implicit GEMM (im2col): a = unfolded patches [N·L, C·k], b = the
                       conv3d     kernel reshaped [out, C·k]; groups become the batch dim
 other                 (named)    no GEMM normal form (einsum with more than two operands, mv,
-                                 conv_transpose, ...): always skipped, with its reason
+                                 conv_transpose, _scaled_mm, fused attention kernels in a
+                                 decomposed graph, ...): always skipped, with its reason
 ====================  =========  ===============================================================
 
 Names: a GEMM with a weight is named after that parameter (``layers.0.linear1.weight`` →
@@ -597,7 +598,7 @@ def _einsum_flops(equation: str, operands: list) -> float:
 # --------------------------------------------------------------------------------------------
 # The op table: torch-level functions (eager) and aten overloads (exported graphs)
 # --------------------------------------------------------------------------------------------
-def _bind(fn: Callable, *names: str, defaults: tuple = ()) -> Callable[[tuple, dict], list]:
+def _bind(*names: str, defaults: tuple = ()) -> Callable[[tuple, dict], list]:
     """Positional + keyword args -> the values of ``names`` (missing trailing ones from ``defaults``)."""
     def get(args: tuple, kwargs: dict) -> list:
         vals = list(args[: len(names)])
@@ -612,7 +613,7 @@ def _dispatch(icp: _Interceptor, func: Any, args: tuple, kwargs: dict, original:
     """Route one call to its normal form; returns NotImplemented for functions that are not GEMMs."""
     kw = kwargs or {}
     if func in _LINEAR:
-        x, w, b = _bind(func, "input", "weight", "bias", defaults=(None,))(args, kw)
+        x, w, b = _bind("input", "weight", "bias", defaults=(None,))(args, kw)
         return icp.linear(original, x, w, b)
     if func in _MM:
         x = args[0] if args else kw.get("input", kw.get("self"))
@@ -629,11 +630,11 @@ def _dispatch(icp: _Interceptor, func: Any, args: tuple, kwargs: dict, original:
         return icp.matmul(original, op, m1, m2, addend=inp, beta=beta, alpha=alpha)
     if func in _SDPA:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        vals = _bind(func, *names, defaults=(None, 0.0, False, None, False))(args, kw)
+        vals = _bind(*names, defaults=(None, 0.0, False, None, False))(args, kw)
         return icp.sdpa(original, *vals)
     if func in _CONV:
         op = _CONV[func]
-        vals = _bind(func, "input", "weight", "bias", "stride", "padding", "dilation", "groups",
+        vals = _bind("input", "weight", "bias", "stride", "padding", "dilation", "groups",
                      defaults=(None, 1, 0, 1, 1))(args, kw)
         return icp.conv(original, op, *vals)
     if func is aten.convolution.default:
@@ -650,7 +651,9 @@ def _dispatch(icp: _Interceptor, func: Any, args: tuple, kwargs: dict, original:
     if func in _OTHER:
         op = _OTHER[func]
         reason = ("transposed convolution (no im2col)" if op.startswith("conv_transpose")
-                  else f"{op} has no GEMM normal form")
+                  else "already a low-precision GEMM" if op in ("_scaled_mm", "_int_mm")
+                  else "fused attention kernel (export without decompositions to capture it)"
+                  if op.startswith("scaled_dot_product") else f"{op} has no GEMM normal form")
         return icp.other(op, _other_flops(op, args), reason, original)
     return NotImplemented
 
@@ -662,6 +665,8 @@ def _other_flops(op: str, args: tuple) -> float:
             return 2.0 * ts[-2].shape[0] * ts[-2].shape[1]
         if op in ("dot", "vdot", "inner") and len(ts) >= 2:
             return 2.0 * ts[0].numel() * (ts[1].numel() // max(ts[0].shape[-1], 1) if ts[0].dim() else 1)
+        if op in ("_scaled_mm", "_int_mm") and len(ts) >= 2:
+            return 2.0 * ts[0].shape[0] * ts[0].shape[1] * ts[1].shape[1]
         if op == "addbmm" and len(ts) >= 3:
             b1, b2 = ts[1], ts[2]
             return 2.0 * b1.shape[0] * b1.shape[1] * b1.shape[2] * b2.shape[2]
@@ -682,7 +687,8 @@ _ADDMM = {torch.addmm: "addmm", T.addmm: "addmm", aten.addmm.default: "addmm",
           torch.baddbmm: "baddbmm", T.baddbmm: "baddbmm", aten.baddbmm.default: "baddbmm"}
 _SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
 _CONV = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", aten.conv1d.default: "conv1d",
-         aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d"}
+         aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d", aten.conv1d.padding: "conv1d",
+         aten.conv2d.padding: "conv2d", aten.conv3d.padding: "conv3d"}
 _EINSUM = {torch.einsum, aten.einsum.default}
 _OTHER = {torch.mv: "mv", T.mv: "mv", aten.mv.default: "mv", torch.dot: "dot", T.dot: "dot", aten.dot.default: "dot",
           torch.vdot: "vdot", torch.inner: "inner", torch.outer: "outer", torch.tensordot: "tensordot",
@@ -690,7 +696,14 @@ _OTHER = {torch.mv: "mv", T.mv: "mv", aten.mv.default: "mv", torch.dot: "dot", T
           aten.addbmm.default: "addbmm", torch.chain_matmul: "chain_matmul", torch.linalg.multi_dot: "multi_dot",
           F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
           F.conv_transpose3d: "conv_transpose3d", aten.conv_transpose1d.default: "conv_transpose1d",
-          aten.conv_transpose2d.input: "conv_transpose2d", aten.conv_transpose3d.input: "conv_transpose3d"}
+          aten.conv_transpose2d.input: "conv_transpose2d", aten.conv_transpose3d.input: "conv_transpose3d",
+          # GEMMs that already run in low precision (an FP8/INT8 model): nothing to simulate
+          torch._scaled_mm: "_scaled_mm", aten._scaled_mm.default: "_scaled_mm", torch._int_mm: "_int_mm",
+          aten._int_mm.default: "_int_mm"}
+# Fused attention kernels left in a graph exported with decompositions: counted, not decomposed.
+_OTHER.update({getattr(aten, n).default: n.lstrip("_") for n in ("_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+               "_scaled_dot_product_flash_attention_for_cpu") if hasattr(aten, n)})
 
 
 # --------------------------------------------------------------------------------------------

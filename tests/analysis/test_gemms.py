@@ -207,7 +207,10 @@ class _Unsupported(nn.Module):
         self.fc = nn.Linear(64, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.up(x).flatten(1)) + torch.einsum("bi,bj,bk->b", x[:, 0, 0], x[:, 0, 0], x[:, 0, 0])[:, None]
+        codes = torch.ones(32, 32, dtype=torch.int8)
+        int_sum = torch._int_mm(codes, codes).sum() * 0  # an already-int8 GEMM (a quantised model's own)
+        return (self.fc(self.up(x).flatten(1)) + int_sum
+                + torch.einsum("bi,bj,bk->b", x[:, 0, 0], x[:, 0, 0], x[:, 0, 0])[:, None])
 
 
 def test_unsupported_ops_are_skipped_with_reason_and_flops() -> None:
@@ -222,8 +225,10 @@ def test_unsupported_ops_are_skipped_with_reason_and_flops() -> None:
     # a three-operand einsum has no single-GEMM form: 2·b·i·j·k = 32 FLOPs counted, skipped
     assert table.loc["einsum", "skipped"] == 1 and table.loc["einsum", "gflops"] * 1e9 == pytest.approx(32)
     assert table.loc["einsum", "reason"].startswith("einsum that is not a contraction of two")
+    assert table.loc["_int_mm", "reason"] == "already a low-precision GEMM (1)"
+    assert table.loc["_int_mm", "gflops"] * 1e9 == 2 * 32 ** 3
     s = cov.summary()
-    assert s["gemms_captured"] == 1 and s["flop_share"] == pytest.approx(768 / (768 + 1024 + 32))
+    assert s["gemms_captured"] == 1 and s["flop_share"] == pytest.approx(768 / (768 + 1024 + 32 + 2 * 32 ** 3))
     assert any(k.startswith("conv_transpose2d: transposed convolution") for k in s["skipped"])
 
 
