@@ -374,7 +374,8 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/KeyError...
-        raise LoadError(f"cannot read the Hugging Face config in {path}: {one_line(exc)}") from None
+        raise LoadError(f"cannot load Hugging Face model from {path}: its config.json is not usable "
+                        f"({one_line(exc)})") from None
     cls, cls_name = _hf_class(transformers, config, path)
     hf_logging = transformers.utils.logging
     bars = hf_logging.is_progress_bar_enabled()
