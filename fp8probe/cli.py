@@ -202,6 +202,19 @@ def _check_layers(layers: str | None) -> None:
         raise UsageFailure(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from exc
 
 
+_GEMMS_HELP = ("GEMM kinds to capture, comma-separated: linear, matmul (two activations), attention (QKᵀ and PV of "
+               "scaled_dot_product_attention), conv (implicit GEMM), or all; what is left out is counted as skipped")
+
+
+def _check_gemms(gemms: str) -> tuple[str, ...]:
+    from fp8probe.analysis.gemms import parse_kinds
+
+    try:
+        return parse_kinds(gemms)
+    except ValueError as exc:
+        raise UsageFailure(f"--gemms: {exc}") from exc
+
+
 def _default_out(run_name: str, suffix: str = "") -> Path:
     """reports/<name><suffix>; the run name must then be a plain file name (it becomes a path)."""
     if not run_name or run_name in (".", "..") or any(c in run_name for c in "/\\\0"):
@@ -270,7 +283,9 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
 @click.option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @click.option("--loss", "loss_spec", default=None, help="module:function called as fn(output, batch) -> scalar loss")
-@click.option("--layers", default=None, help="regular expression on module paths: analyse only matching layers")
+@click.option("--layers", default=None, help="regular expression on GEMM names (module path or weight name, "
+              "'#qk'/'#pv'/'#matmul' for GEMMs of two activations): analyse only matching ones")
+@click.option("--gemms", default="all", show_default=True, help=_GEMMS_HELP)
 @click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
@@ -288,10 +303,10 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table for people, json (paths + worst layers) for scripts")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
-                loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
+                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
                 no_html: bool, threads: int | None, output_format: str) -> None:
-    """Capture MODEL's linear GEMMs on real inputs and measure each FP8/INT8 recipe's error.
+    """Capture MODEL's GEMMs (linear, matmul, attention, conv) on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
     --trust-pickle), a Hugging Face model directory, or module:function / file.py:function.
@@ -302,6 +317,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
 
     import torch
 
+    from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.pipeline import analyze
 
@@ -310,6 +326,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     stale = _check_out(out, "run", overwrite)
     _check_device(device)
     _check_layers(layers)
+    _check_gemms(gemms)
     try:  # before loading: an unknown strategy must not wait for the model
         from fp8probe.analysis.strategies import resolve
 
@@ -331,7 +348,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             results = analyze(loaded, batch_list, strategy, threshold=threshold, layers=layers, batches=batches,
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
-                              inputs_desc=inputs or "example inputs / factory batches")
+                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
     remove_outputs(stale)
@@ -349,13 +366,15 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     if output_format == "json":
         click.echo(json.dumps({"results": str(paths["json"]), "html": None if html is None else str(html),
                                "loss": results.metadata["loss"], "strategy_errors": n_errors,
+                               "coverage": results.metadata["coverage"],
                                "worst_fprop": [{k: (None if isinstance(v, float) and v != v else v)
                                                 for k, v in r.items()} for r in worst]},
                               indent=1, default=str))
         return
     loss = results.metadata["loss"]
-    click.echo(f"{len(results.tables['layers'])} linear layer(s), {results.metadata['batches']} batch(es), "
+    click.echo(f"{len(results.tables['layers'])} GEMM site(s), {results.metadata['batches']} batch(es), "
                f"loss: {loss['kind']} ({loss['detail']})")
+    click.echo(coverage_line(results.metadata["coverage"]))
     if worst:
         click.echo(f"{'layer':<32} {'strategy':<15} {'fprop SQNR dB':>13} {'rel err':>9}")
         for r in worst:
@@ -515,7 +534,8 @@ def _sweep_options(func):
         click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
         click.option("--loss", "loss_spec", default=None,
                      help="module:function called as fn(output, batch) -> scalar loss"),
-        click.option("--layers", default=None, help="regular expression on module paths: sweep only matching layers"),
+        click.option("--layers", default=None, help="regular expression on GEMM names: sweep only matching ones"),
+        click.option("--gemms", default="all", show_default=True, help=_GEMMS_HELP),
         click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
@@ -569,8 +589,9 @@ def _parse_thresholds(text: str) -> list[float]:
 
 
 def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory: str | None, trust_pickle: bool,
-               loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
+               loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                out_dir: str | None, overwrite: bool, name: str | None) -> None:
+    from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
@@ -580,12 +601,13 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     stale = _check_out(out, "run", overwrite)
     _check_device(device)
     _check_layers(layers)
+    _check_gemms(gemms)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
     loaded, batch_list = _load(model, inputs, factory, trust_pickle)
     try:
         results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device, seed=seed,
                      loss=loss_spec, name=run_name, model_desc=loaded.description,
-                     inputs_desc=inputs or "example inputs / factory batches")
+                     inputs_desc=inputs or "example inputs / factory batches", gemms=gemms)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
     remove_outputs(stale)
@@ -603,6 +625,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         for r in rec.to_dict("records"):
             click.echo(f"{_printable(r['layer'])[:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
+    click.echo(coverage_line(results.metadata["coverage"]))
     click.echo(f"rule: {next(iter(results.metadata['recommendations'].values()))}")
     _warn_no_gradient(results)
     click.echo(f"results: {paths['json']}; report: {html}")

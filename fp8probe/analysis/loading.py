@@ -38,7 +38,7 @@ class LoadedModel:
     """A loaded model ready for capture.
 
     ``kind``: "export" (torch.export program; ``module`` is ``ep.module()``, a GraphModule whose
-    ``aten.linear`` nodes are captured), "pickle", "state_dict", "factory" or "huggingface" (an
+    GEMM nodes are captured), "pickle", "state_dict", "factory" or "huggingface" (an
     eager ``nn.Module``). ``batches``: example inputs from the program or the factory, else None.
     """
 
@@ -292,25 +292,67 @@ def from_exported_program(ep: Any, description: str = "torch.export program", ch
     return LoadedModel(ep.module(check_guards=check_guards), "export", description, batches)
 
 
+# At most this many weight names are listed in a load error (a wrong head can miss hundreds).
+_KEYS_SHOWN = 4
+
+
+def _hf_class(transformers: Any, config: Any, path: Path) -> tuple[Any, str]:
+    """The class config.architectures names (the head the model was saved with); AutoModel without one."""
+    archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    if not archs:
+        return transformers.AutoModel, "AutoModel (config.json names no architecture: the base model, no head)"
+    name = archs[0]
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise LoadError(f"cannot build {name} (from {path / 'config.json'} architectures): transformers "
+                        f"{transformers.__version__} has no such class, and modelling code from the directory is "
+                        "never run; export the model with torch.export (.pt2) instead")
+    return cls, name
+
+
+def _loading_problems(info: dict) -> str:
+    parts = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        items = [k if isinstance(k, str) else str(k[0]) if isinstance(k, tuple) and k else str(k)
+                 for k in (info.get(key) or [])]
+        if items:
+            shown = ", ".join(sorted(items)[:_KEYS_SHOWN]) + (", ..." if len(items) > _KEYS_SHOWN else "")
+            parts.append(f"{len(items)} {key.replace('_', ' ').replace('keys', 'weight(s)')} ({shown})")
+    return "; ".join(parts)
+
+
 def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
+    """Build exactly the class config.json names and load its weights; a weight that does not fit is an error."""
     try:
         import transformers
     except ImportError:
         raise LoadError(f"{path} is a Hugging Face model directory but transformers is not installed: "
                         "pip install 'fp8probe[hf]'") from None
-    errors = []
-    for cls_name in ("AutoModelForCausalLM", "AutoModel"):
-        cls = getattr(transformers, cls_name)
-        try:
-            # trust_remote_code stays False (no modelling code from the directory); .bin weights go
-            # through the weights-only unpickler unless the user trusts the files.
-            with contextlib.nullcontext() if trust_pickle else _weights_only_torch_load():
-                model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
-            errors.append(one_line(exc))
-            continue
-        return LoadedModel(model.eval(), "huggingface", f"Hugging Face {type(model).__name__} from {path.name}")
-    raise LoadError(f"cannot load Hugging Face model from {path}: {errors[-1]}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/KeyError...
+        raise LoadError(f"cannot load Hugging Face model from {path}: its config.json is not usable "
+                        f"({one_line(exc)})") from None
+    cls, cls_name = _hf_class(transformers, config, path)
+    hf_logging = transformers.utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr carries one line on failure, not a "Loading weights" bar
+    try:
+        # trust_remote_code stays False (no modelling code from the directory); .bin weights go
+        # through the weights-only unpickler unless the user trusts the files.
+        with contextlib.nullcontext() if trust_pickle else _weights_only_torch_load():
+            model, info = cls.from_pretrained(str(path), config=config, local_files_only=True,
+                                              trust_remote_code=False, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
+        raise LoadError(f"cannot build {cls_name} from {path}: {one_line(exc)}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    problems = _loading_problems(info)
+    if problems:
+        # A missing weight would be randomly initialised and analysed as if it were the model's.
+        raise LoadError(f"the weights in {path} do not fit {type(model).__name__}: {problems}")
+    return LoadedModel(model.eval(), "huggingface", f"Hugging Face {type(model).__name__} from {path.name}")
 
 
 def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: bool = False) -> LoadedModel:

@@ -1,4 +1,4 @@
-"""analyze(): stream batches through the model, replay every recipe on each linear GEMM, and fill the result tables."""
+"""analyze(): stream batches through the model, replay every recipe on each captured GEMM, and fill the result tables."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -17,7 +17,8 @@ from fp8probe import __version__
 from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
-from .capture import LinearCall, LossFn, LossInfo, capture_batch
+from .capture import GemmCall, LossFn, LossInfo, capture_batch
+from .gemms import Coverage, parse_kinds
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
 from .results import Results
@@ -34,12 +35,16 @@ def forward_order(layers: dict[str, Any]) -> list[tuple[str, Any]]:
 
 @dataclass
 class _LayerAcc:
-    """Everything accumulated for one linear layer across batches."""
+    """Everything accumulated for one GEMM site across batches (in = K, out = N of Y = A·Bᵀ)."""
 
     in_features: int
     out_features: int
     has_bias: bool
     threshold: float
+    kind: str = "linear"
+    op: str = "linear"
+    b_is_weight: bool = True
+    batch: int = 1  # GEMMs per call (heads, bmm batch, conv groups)
     index: int = 0  # forward position: calls arrive last layer first, tables keep forward order
     tokens: int = 0
     tensors: dict[str, TensorStats] = field(default_factory=dict)
@@ -54,36 +59,38 @@ class _LayerAcc:
 
 
 class _Analysis:
-    """Per-layer accumulators fed by capture, one LinearCall at a time."""
+    """Per-layer accumulators fed by capture, one GemmCall at a time."""
 
     def __init__(self, strategies: list[Strategy], threshold: float) -> None:
         self.strategies = strategies
         self.threshold = threshold
         self.layers: dict[str, _LayerAcc] = {}
 
-    def __call__(self, call: LinearCall) -> None:
+    def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
         acc = self.layers.get(call.name)
+        batch = A.shape[0] if A.dim() == 3 else 1
         if acc is None:
-            acc = self.layers[call.name] = _LayerAcc(W.shape[1], W.shape[0], call.bias is not None, self.threshold,
-                                                     call.index)
-        elif (W.shape[1], W.shape[0]) != (acc.in_features, acc.out_features):
+            acc = self.layers[call.name] = _LayerAcc(W.shape[-1], W.shape[-2], call.bias is not None, self.threshold,
+                                                     call.kind, call.op, call.b_is_weight, batch, call.index)
+        elif call.b_is_weight and (W.shape[-1], W.shape[-2]) != (acc.in_features, acc.out_features):
+            # (a second activation, e.g. K of QKᵀ, may change length from batch to batch)
             raise LoadError(f"layer {call.name} changed shape between batches: "
                             f"[{acc.out_features}, {acc.in_features}] then {list(W.shape)}")
-        acc.tokens += A.shape[0]
-        # The weight is the same tensor every batch: count it once so its statistics are not repeated.
-        first_weight = not acc.weight_seen
+        acc.tokens += A.numel() // max(A.shape[-1], 1)
+        # A weight is the same tensor every batch: count it once so its statistics are not repeated.
+        first_weight = not (acc.weight_seen and call.b_is_weight)
         acc.weight_seen = True
         for tensor_name, t in (("activation", A), ("weight", W if first_weight else None), ("grad_output", G)):
             if t is not None:
                 acc.tensors.setdefault(tensor_name, TensorStats()).update(t)
-        acc.census.update(A)
+        acc.census.update(A.reshape(-1, A.shape[-1]))
         ref = reference_gemms(A, W, G)
         for strat in self.strategies:
             if strat.name in acc.errors:
                 continue
             try:
-                out = run_strategy(strat, A, W, G, self.threshold)
+                out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight)
             except (RuntimeError, ValueError, TypeError) as exc:
                 # One failing recipe must not sink the whole analysis: record it for the report.
                 acc.errors[strat.name] = one_line(exc)
@@ -102,7 +109,8 @@ class _Analysis:
         for name, acc in forward_order(self.layers):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
-                           "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2})
+                           "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2,
+                           "kind": acc.kind, "op": acc.op, "b_is_weight": acc.b_is_weight, "batch": acc.batch})
             for (strat, g), e in acc.gemm.items():
                 gemm.append({"layer": name, "strategy": strat, "gemm": g,
                              "quantized": g in STRATEGIES[strat].quantized_gemms, **e.result()})
@@ -156,21 +164,27 @@ class Run:
     layers: str | None
     loss_fn: LossFn | None
     loss_name: str | None
+    coverage: Coverage = field(default_factory=Coverage)
 
-    def stream(self, sink: Callable[[LinearCall], None], report: ProgressFn | None = None) -> LossInfo | None:
-        """Capture every batch into `sink` (one LinearCall at a time); returns the last batch's loss info."""
+    def stream(self, sink: Callable[[GemmCall], None], report: ProgressFn | None = None) -> LossInfo | None:
+        """Capture every batch into `sink` (one GemmCall at a time), counting coverage; returns the last
+        batch's loss info."""
         info = None
         for i, batch in enumerate(self.batches):
             info = capture_batch(self.module, batch, sink, layers=self.layers, loss_fn=self.loss_fn,
-                                 loss_name=self.loss_name, device=self.device)
+                                 loss_name=self.loss_name, device=self.device, coverage=self.coverage)
             if report is not None:
                 report(i + 1, len(self.batches))
         return info
 
 
 def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | None, device: str, seed: int,
-                loss: LossFn | str | None) -> Run:
-    """Resolve model, batches, device and loss the same way for analyze() and the sweeps; seeds torch."""
+                loss: LossFn | str | None, gemms: str | list[str] | None = None) -> Run:
+    """Resolve model, batches, device and loss the same way for analyze() and the sweeps; seeds torch.
+
+    ``gemms``: the GEMM kinds to capture (gemms.parse_kinds: "all", "linear,attention", ...; None = all).
+    """
+    kinds = parse_kinds(gemms)
     module, own_batches, description = _as_model(model)
     if layers is not None:
         try:
@@ -195,7 +209,7 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
         module = module.to(dev)
     loss_fn, loss_name = _loss_fn(loss)
     torch.manual_seed(seed)
-    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name)
+    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name, Coverage(kinds))
 
 
 def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: str | None, seed: int,
@@ -218,25 +232,32 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "rules": {},
         "batches": len(run.batches),
         "layers_regex": run.layers,
+        "coverage": run.coverage.summary(),
     }
 
 
 def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global", *, threshold: float = 6.0,
             layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
             loss: LossFn | str | None = None, progress: bool | ProgressFn = False, name: str | None = None,
-            model_desc: str | None = None, inputs_desc: str | None = None) -> Results:
-    """Capture every linear GEMM of ``model`` on ``inputs`` and measure each recipe's error.
+            model_desc: str | None = None, inputs_desc: str | None = None,
+            gemms: str | list[str] | None = None) -> Results:
+    """Capture every GEMM of ``model`` on ``inputs`` and measure each recipe's error.
 
     model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
     tuple of args / dict of kwargs) or a list of batches; None uses the program's example inputs or
     the factory's batches. strategy: "all", a name, "a,b" or a list (strategies.STRATEGIES).
-    threshold: LLM.int8 outlier threshold (|x| ≥ threshold). layers: regex on module paths.
+    threshold: LLM.int8 outlier threshold (|x| ≥ threshold). layers: regex on GEMM names (gemms.py:
+    module path or parameter name plus ``#op``). gemms: kinds to capture ("all" | "linear,matmul,
+    attention,conv" subsets; None = all); every GEMM executed is counted in the ``coverage`` table
+    and ``metadata["coverage"]`` whether captured or skipped.
     batches: use at most this many. device: "cpu" | "cuda". loss: callable(output, batch) or
     "module:function"; default the model's own loss, else the surrogate mean(output²).
     progress: True prints "batch i/n" lines to stderr; a callable(done, total) is called after each
     batch instead (the CLI draws a click progress bar with it).
-    Returns Results with tables layers, gemm, operands, tensors, histograms, outliers (and errors
-    when a recipe failed on a layer).
+    Returns Results with tables layers, gemm, operands, tensors, histograms, outliers, coverage
+    (and errors when a recipe failed on a layer). For a GEMM of two activations (``b_is_weight``
+    False in ``layers``: QKᵀ, PV, matmul/bmm) "weight" is the second operand B and "wgrad" its
+    gradient Gᵀ·A.
 
     Special values: NaN/±Inf, zeros, subnormals and values beyond fp16/e4m3/e5m2 max are counted per
     layer and tensor (``tensors`` table). Error metrics are computed over finite elements only; the
@@ -260,7 +281,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     threshold = float(threshold)
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
+    run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
+                      gemms=gemms)
     analysis = _Analysis(strategies, threshold)
     if callable(progress):
         report: ProgressFn | None = progress
@@ -275,4 +297,4 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
                             seed=seed, info=info, formats=used_formats)
     metadata.update({"strategies": [s.name for s in strategies], "threshold": threshold,
                      "rules": {s.name: s.rules for s in strategies}})
-    return Results(metadata, analysis.tables(), kind="analyze")
+    return Results(metadata, {**analysis.tables(), "coverage": run.coverage.table()}, kind="analyze")

@@ -1,4 +1,4 @@
-"""Low-precision recipes replayed on one linear layer's captured operands: fprop, dgrad and wgrad as each recipe computes them."""
+"""Low-precision recipes replayed on one captured GEMM's operands: fprop, dgrad and wgrad as each recipe computes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,12 +31,20 @@ class StrategyOutput:
     operands: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
-Runner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float], StrategyOutput]
+Runner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], StrategyOutput]
+# How every recipe treats a GEMM whose second operand is an activation (QKᵀ, PV, matmul/bmm):
+# the rule texts below end with it, and run_strategy() applies it slice by slice.
+BATCHED_RULE = ("Batched GEMMs (attention heads, bmm, grouped convolutions) run as one 2-D GEMM per slice "
+                "of the leading dim, each with its own scales.")
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """A named recipe: ``run(A [tokens, in], W [out, in], G [tokens, out] | None, threshold)``."""
+    """A named recipe: ``run(A [tokens, in], W [out, in], G [tokens, out] | None, threshold, b_is_weight)``.
+
+    ``b_is_weight`` False: the second operand is an activation (K of QKᵀ, Vᵀ of PV); ``rules``
+    says how the recipe quantises it.
+    """
 
     name: str
     rules: str
@@ -48,21 +56,25 @@ class Strategy:
 
 
 def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """float64 fprop A·Wᵀ, dgrad G·W, wgrad Gᵀ·A (dgrad/wgrad only with G)."""
+    """float64 fprop A·Wᵀ, dgrad G·W, wgrad Gᵀ·A (dgrad/wgrad only with G); batched over a leading dim
+    when A is [Bt, M, K] (wgrad is then the gradient of the second operand, [Bt, N, K])."""
     a, w = A.to(torch.float64), W.to(torch.float64)
-    out = {"fprop": a @ w.t()}
+    out = {"fprop": a @ w.mT}
     if G is not None:
         g = G.to(torch.float64)
         out["dgrad"] = g @ w
-        out["wgrad"] = g.t() @ a
+        out["wgrad"] = g.mT @ a
     return out
 
 
 def _check(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> None:
-    if A.dim() != 2 or W.dim() != 2 or A.shape[1] != W.shape[1]:
-        raise ValueError(f"expected A [tokens, in] and W [out, in] with the same in, got {list(A.shape)} and {list(W.shape)}")
-    if G is not None and tuple(G.shape) != (A.shape[0], W.shape[0]):
-        raise ValueError(f"expected G [tokens, out] = {[A.shape[0], W.shape[0]]}, got {list(G.shape)}")
+    batched = A.dim() == 3 and W.dim() == 3 and A.shape[0] == W.shape[0]
+    if not (batched or (A.dim() == 2 and W.dim() == 2)) or A.shape[-1] != W.shape[-1]:
+        raise ValueError(f"expected A [tokens, in] and W [out, in] (or [Bt, M, K] and [Bt, N, K]) with the same "
+                         f"contraction size, got {list(A.shape)} and {list(W.shape)}")
+    expect = (*A.shape[:-1], W.shape[-2])
+    if G is not None and tuple(G.shape) != expect:
+        raise ValueError(f"expected G [tokens, out] = {list(expect)}, got {list(G.shape)}")
 
 
 def _autograd_gemms(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], A: torch.Tensor, W: torch.Tensor,
@@ -88,7 +100,8 @@ def _fq_code(x: torch.Tensor, book: str, blocksize: int | None) -> torch.Tensor:
     return F.fake_quantize(x.float(), code, blocksize).to(x.dtype)
 
 
-def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+                b_is_weight: bool = True) -> StrategyOutput:
     gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_global(a, w.t()), A, W, G)
     ops = {"activation": (A, _fq_code(A, "bnb-e4m3", None), None),
            "weight": (W, _fq_code(W, "bnb-e4m3", None), None)}
@@ -97,7 +110,8 @@ def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, thresh
     return StrategyOutput(gemms, ops)
 
 
-def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+               b_is_weight: bool = True) -> StrategyOutput:
     bsz, bsz2 = AG.get_block_sizes(A, W)
     gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t()), A, W, G)
     ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None),
@@ -122,7 +136,8 @@ def _int8_cols(x: torch.Tensor) -> torch.Tensor:
     return (q_col.float() * col_stats.float()[None, :] / 127.0).to(x.dtype)
 
 
-def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+              b_is_weight: bool = True) -> StrategyOutput:
     gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold), A, W, G)
     ops = {"activation": (A, _int8_rows(A, threshold), None), "weight": (W, _int8_rows(W, 0.0), None)}
     if G is not None:
@@ -130,7 +145,8 @@ def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshol
     return StrategyOutput(gemms, ops)
 
 
-def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+                    b_is_weight: bool = True) -> StrategyOutput:
     # SwitchBack (Wortsman et al. 2023) has no outlier decomposition: threshold 0 whatever --threshold says.
     gemms = _autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, G)
     ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, _int8_rows(W, 0.0), None)}
@@ -153,11 +169,14 @@ def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, in
     return q, saturated
 
 
-def _scaled_recipe(gran_act: tuple[str, tuple[int, int] | None], gran_w: tuple[str, tuple[int, int] | None],
+def _scaled_recipe(gran_act: tuple[str, tuple[int, int] | None], gran_b: tuple[str, tuple[int, int] | None],
                    fmt_fwd: str, fmt_bwd: str) -> Runner:
-    """Build a runner; ``gran_*`` = (granularity, block) for activations/gradients and for weights."""
+    """Build a runner; ``gran_act``/``gran_b`` = (granularity, block) for activations/gradients and for weights."""
 
-    def run(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+    def run(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+            b_is_weight: bool = True) -> StrategyOutput:
+        # A second activation (K of QKᵀ, Vᵀ of PV) gets the activation granularity, not the weight's.
+        gran_w = gran_b if b_is_weight else gran_act
         qA, sA = _fq_scaled(A, fmt_fwd, *gran_act)              # contraction over in
         qW, sW = _fq_scaled(W, fmt_fwd, *gran_w)                # W [out, in]: contraction over in
         gemms = {"fprop": qA @ qW.t()}
@@ -190,30 +209,41 @@ _MX = ("block", (1, 32))
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "
              "absmax for the output gradient (dgrad, wgrad); nearest code, ties to the even index; float32 "
-             "matmuls of the fake-quantised tensors (MatMulFP8Global, SPEC §7.2)", ("bnb-e4m3", "bnb-e5m2"),
+             "matmuls of the fake-quantised tensors (MatMulFP8Global, SPEC §7.2). Two activations (QKᵀ, PV): the second one exactly like W, one "
+             "absmax bnb-e4m3. " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"),
              _run_global),
     Strategy("mixed", "A blockwise bnb-e4m3 (block bsz over the flattened tensor), W one absmax bnb-e4m3, "
              "output gradient blockwise bnb-e5m2 (bsz2) for dgrad; wgrad Aᵀ·G unquantised; bsz/bsz2 from "
-             "get_block_sizes (MatMulFP8Mixed, SPEC §7.2)", ("bnb-e4m3", "bnb-e5m2"), _run_mixed,
+             "get_block_sizes (MatMulFP8Mixed, SPEC §7.2). Two activations: as MatMulFP8Mixed runs them, the "
+             "first blockwise, the second like W (one absmax). " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"), _run_mixed,
              quantized_gemms=("fprop", "dgrad")),
     Strategy("int8", "LLM.int8(): A int8 per row (absmax/127, round half-even), columns with any |a| ≥ threshold "
              "kept in A's precision and multiplied by the dequantised weight; W int8 per output row; dgrad "
-             "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6)",
+             "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6). Two "
+             "activations: as MatMul8bitLt runs them, vector-wise int8 on both (rows along the contraction dim), "
+             "outlier columns of the contraction dim found in the first, kept in its precision and multiplied by "
+             "the dequantised second. " + BATCHED_RULE,
              ("int8",), _run_int8),
     Strategy("switchback", "SwitchBack: fprop int8 per-row A × int8 per-row W (no outlier columns); dgrad "
-             "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2)", ("int8",), _run_switchback,
+             "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2). Two activations: both int8 per "
+             "row along the contraction dim. " + BATCHED_RULE, ("int8",), _run_switchback,
              quantized_gemms=("fprop", "dgrad")),
     Strategy("ocp-tensorwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale amax/fmt_max per tensor, "
-             "round to nearest even with saturation; float32 matmuls", ("e4m3", "e5m2"),
+             "round to nearest even with saturation; float32 matmuls. Two activations: both E4M3FN per "
+             "tensor. " + BATCHED_RULE, ("e4m3", "e5m2"),
              _scaled_recipe(_TENSOR, _TENSOR, "e4m3", "e5m2")),
     Strategy("ocp-rowwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale per row along each GEMM's "
              "contraction dim (A, W rows in fprop; G rows and W columns in dgrad; G, A columns in wgrad); "
-             "float32 matmuls", ("e4m3", "e5m2"), _scaled_recipe(_ROW, _ROW, "e4m3", "e5m2")),
+             "float32 matmuls. Two activations: both E4M3FN per row along the contraction dim. " + BATCHED_RULE,
+             ("e4m3", "e5m2"), _scaled_recipe(_ROW, _ROW, "e4m3", "e5m2")),
     Strategy("ocp-blockwise", "OCP E4M3FN A / E5M2 G in 1x128 tiles along each GEMM's contraction dim, E4M3FN W "
-             "in 128x128 blocks, float32 scale amax/fmt_max per tile (DeepSeek-V3 style); float32 matmuls",
+             "in 128x128 blocks, float32 scale amax/fmt_max per tile (DeepSeek-V3 style); float32 matmuls. "
+             "Two activations: both in 1x128 tiles along the contraction dim (no 128x128 weight blocks). "
+             + BATCHED_RULE,
              ("e4m3", "e5m2"), _scaled_recipe(_TILE_1, _TILE_2, "e4m3", "e5m2")),
     Strategy("mxfp8", "OCP MX: E4M3 elements for A and W, E5M2 for G, blocks of 32 along each GEMM's contraction "
-             "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls",
+             "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls. Two "
+             "activations: both E4M3 in blocks of 32 along the contraction dim. " + BATCHED_RULE,
              ("mxfp8-e4m3", "mxfp8-e5m2"), _scaled_recipe(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
 )}
 
@@ -237,8 +267,21 @@ def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:
 
 
 def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
-                 threshold: float = 6.0) -> StrategyOutput:
-    """Replay ``strategy`` on A [tokens, in], W [out, in], G [tokens, out] (or None: fprop only)."""
+                 threshold: float = 6.0, *, b_is_weight: bool = True) -> StrategyOutput:
+    """Replay ``strategy`` on A [tokens, in], W [out, in], G [tokens, out] (or None: fprop only).
+
+    Batched GEMMs: A [Bt, M, K], W [Bt, N, K], G [Bt, M, N] run slice by slice (BATCHED_RULE) and
+    the results are stacked. ``b_is_weight`` False: W is a second activation (see each rule text).
+    """
     _check(A, W, G)
     with torch.no_grad():
-        return strategy.run(A, W, G, threshold)
+        if A.dim() == 2:
+            return strategy.run(A, W, G, threshold, b_is_weight)
+        outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight)
+                for i in range(A.shape[0])]
+    gemms = {k: torch.stack([o.gemms[k] for o in outs]) for k in outs[0].gemms}
+    operands = {}
+    for k in outs[0].operands:
+        x, q, sat = zip(*(o.operands[k] for o in outs))
+        operands[k] = (torch.stack(x), torch.stack(q), None if sat[0] is None else torch.stack(sat))
+    return StrategyOutput(gemms, operands)

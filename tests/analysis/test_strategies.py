@@ -118,7 +118,7 @@ def test_resolve() -> None:
 
 def test_shape_checks() -> None:
     A, W, G = _operands(7)
-    with pytest.raises(ValueError, match="same in"):
+    with pytest.raises(ValueError, match="same contraction size"):
         run_strategy(STRATEGIES["global"], A, W.t(), G)
     with pytest.raises(ValueError, match="G"):
         run_strategy(STRATEGIES["global"], A, W, G.t())
