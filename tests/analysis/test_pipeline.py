@@ -113,4 +113,5 @@ def test_gemm_rows_say_which_gemms_the_recipe_quantises(tiny_model, tiny_batches
                          ("global", "fprop"), ("global", "dgrad"), ("global", "wgrad")}
     unquantised = gemm[~gemm["quantized"]]
     assert (unquantised["sqnr_db"] > 80).all()  # at float32 rounding level, above compare's noise floor
-    assert (gemm[gemm["quantized"]]["sqnr_db"] < 60).all()
+    # below the noise floor (int8 PV products of near-uniform attention reach ~61 dB, still quantised)
+    assert (gemm[gemm["quantized"]]["sqnr_db"] < 80).all()
