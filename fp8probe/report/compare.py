@@ -48,6 +48,11 @@ def _sqnr_entries(results: Mapping) -> dict[tuple[str, str, str], float | None]:
     # a current SQNR that became undefined fails the gate (_delta: NaN → −inf) instead of being skipped.
     for r in tables.get("gemm", []):
         out[(r["layer"], str(r["strategy"]), str(r["gemm"]))] = metric_value(r, "sqnr_db")
+    # The weight's own quantisation SQNR: what a weights-only result (analysis/weights_only.py) shares
+    # with a full analysis of the same model, so the two line up layer by layer.
+    for r in tables.get("operands", []):
+        if r.get("operand") == "weight":
+            out[(r["layer"], str(r["strategy"]), "weight")] = metric_value(r, "sqnr_db")
     for r in tables.get("blocksize_sweep", []):
         out[(r["layer"], f"blockwise bs={int(r['blocksize'])}", str(r["target"]))] = metric_value(r, "sqnr_db")
     for r in tables.get("threshold_sweep", []):

@@ -336,3 +336,19 @@ def test_memory_stays_bounded_by_the_largest_tensor(tmp_path) -> None:
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["n_pt"] == 30 and got["n_st"] == 30
     assert got["pt_peak"] <= budget, got
+
+
+def test_compare_lines_up_weight_rows_with_a_full_analysis(tiny, tmp_path) -> None:
+    from fp8probe.report.compare import compare_results
+
+    full = tiny[torch.float32]["full"].to_json()
+    wo = analyze_weights(_write(tiny[torch.float32]["model"], "pt", tmp_path), "global,int8").to_json()
+    cmp = compare_results(full, wo)
+    weight_rows = [r for r in cmp["sqnr"] if r["what"] == "weight"]
+    assert len(weight_rows) == 2 * len(full["tables"]["layers"]) and cmp["passed"]
+    assert all(r["delta_db"] == 0 for r in weight_rows)
+    worse = json.loads(json.dumps(wo))
+    row = next(r for r in worse["tables"]["operands"] if r["layer"] == "blocks.0.fc1" and r["strategy"] == "int8")
+    row["sqnr_db"] -= 3.0
+    cmp = compare_results(full, worse)
+    assert not cmp["passed"] and cmp["failed_layers"] == ["blocks.0.fc1"]
