@@ -266,9 +266,11 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "gone.safetensors"}}))
+    (tmp_path / "abs").mkdir()
+    (tmp_path / "abs" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": str(good)}}))
     (tmp_path / "ints.safetensors").write_bytes(data)  # fine file, but nothing to analyse after --layers
     for path, needle in ((tmp_path / "trunc.safetensors", "truncated"), (tmp_path / "junk.safetensors", "not a safetensors"),
-                         (tmp_path / "idx", "missing")):
+                         (tmp_path / "idx", "missing"), (tmp_path / "abs", "same directory")):
         res = CliRunner().invoke(cli, ["analyze", str(path), "--out", str(tmp_path / "o")])
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (path, res.stderr)
@@ -278,6 +280,9 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path) -> None:
     res = CliRunner().invoke(cli, ["analyze", str(good), "--factory", "x:y", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "weights only" in res.stderr
     assert open_checkpoint(tmp_path / "nothing-here.pt") is None
+    import fp8probe
+
+    assert fp8probe.analyze_weights is analyze_weights
 
 
 # The child process: warm up on a small tensor, then (1) analyse a state_dict .pt (memory-mapped by
