@@ -73,6 +73,12 @@ def _sqnr_entries(results: Mapping, source: str) -> dict[tuple[str, str, str], t
         quantized = r.get("quantized")
         out[(r["layer"], str(r["strategy"]), str(r["gemm"]))] = (
             metric_value(r, "sqnr_db"), quantized if isinstance(quantized, bool) else None)
+    # The weight's own quantisation SQNR: what a weights-only result (analysis/weights_only.py) shares
+    # with a full analysis of the same model, so the two line up layer by layer.
+    for r in tables.get("operands", []):
+        if r.get("operand") == "weight":
+            _checked(r, "sqnr_db", "operands", source)
+            out[(r["layer"], str(r["strategy"]), "weight")] = (metric_value(r, "sqnr_db"), True)
     for r in tables.get("blocksize_sweep", []):
         _checked(r, "sqnr_db", "blocksize_sweep", source)
         out[(r["layer"], f"blockwise bs={int(_checked(r, 'blocksize', 'blocksize_sweep', source))}", str(r["target"]))] = (
