@@ -60,12 +60,24 @@ def _fail(exc: BaseException, what: str | None = None) -> UsageFailure:
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+class _BrokenPipe(Exception):
+    """stdout closed early: carried past click, whose main() turns EPIPE into exit 1 ("gate failed")."""
+
+
 class Fp8probeGroup(click.Group):
     """click.Group whose main() turns every failure into one stderr line and a documented exit code.
 
     Overriding main() (not only the console-script function) makes `fp8probe`, `python -m fp8probe`
     and click's CliRunner behave the same. Without --debug no traceback is ever printed.
     """
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise _BrokenPipe() from exc
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
@@ -89,10 +101,10 @@ class Fp8probeGroup(click.Group):
             click.echo(f"Error: {_single_line(exc.format_message())}{hint}", err=True)
             # click's own ClickException default is 1, which means "gate failed" here: input errors are 2.
             sys.exit(exc.exit_code if exc.exit_code == EXIT_USAGE else EXIT_USAGE)
-        except OSError as exc:
+        except (OSError, _BrokenPipe) as exc:
             if state.get("debug"):
                 traceback.print_exception(exc)
-            if exc.errno == errno.EPIPE:
+            if isinstance(exc, _BrokenPipe) or exc.errno == errno.EPIPE:
                 # stdout closed early (fp8probe ... | head): nothing to report, but not success either
                 # (a compare verdict may not have been printed). Point stdout at /dev/null so the
                 # interpreter's final flush does not raise again, and exit like a SIGPIPE'd process.
@@ -708,6 +720,13 @@ def _run_demo(out: Path, stale: list[Path], small: bool, start: float) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    import fp8probe
+
+    # From here on click turns Ctrl-C into Abort (exit 130); the import-time handler is not needed.
+    if signal.getsignal(signal.SIGINT) is fp8probe._exit_interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     cli(prog_name="fp8probe")
 
 
