@@ -143,6 +143,11 @@ class _Recorder:
         full = name if k == 0 else f"{name}#{k}"
         if self.pattern is not None and not self.pattern.search(full):
             return y
+        if w.dim() != 2 or 0 in w.shape:
+            # Linear(0, n) / Linear(n, 0): a GEMM without elements has no error to measure (and its
+            # operands cannot even be flattened to [tokens, features]).
+            raise LoadError(f"layer {full} has a weight of shape {list(w.shape)}: a linear layer with no input or "
+                            "output features cannot be analysed; exclude it with --layers")
         index = self.count
         self.count += 1
         self.pending[index] = (full, x, w, b)
