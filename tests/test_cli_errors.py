@@ -333,3 +333,22 @@ def test_library_import_keeps_keyboard_interrupt() -> None:
     proc = _run_python(_INTERRUPT_DURING_IMPORT.format(argv0="myscript.py").replace(
         "from fp8probe.cli import main\nmain()", "try:\n    import fp8probe\nexcept KeyboardInterrupt:\n    print('caught')"))
     assert proc.returncode == 0 and proc.stdout.strip() == "caught", proc.stderr[-500:]
+
+
+OSC = "\x1b]0;owned\x07"  # an OSC sequence: retitles the terminal (and worse on some emulators)
+
+
+def test_control_characters_in_names_and_paths_are_escaped(tmp_path, monkeypatch) -> None:
+    """--name and path arguments reached the terminal raw (issue 11 item 14): printed escaped, like layer names."""
+    monkeypatch.chdir(tmp_path)
+    factory = f"{REPO / 'tests' / 'analysis' / 'tiny_factory.py'}:build"
+    res = _invoke(["analyze", factory, "--name", f"run{OSC}", "--strategy", "global", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    assert "\\x1b]0;owned\\x07" in res.stdout
+    res = _invoke(["report", str(tmp_path / f"gone{OSC}.json")])
+    assert res.exit_code == EXIT_USAGE and "\x1b" not in res.output and "\\x1b" in res.stderr
+    out = tmp_path / f"cmp{OSC}"
+    data = REPO / "tests" / "report" / "data" / "results_small.json"
+    res = _invoke(["compare", str(data), str(data), "--out", str(out)])
+    assert res.exit_code == 0 and "\x1b" not in res.output and "\\x1b" in res.stdout, res.output
