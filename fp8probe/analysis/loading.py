@@ -307,6 +307,10 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
             with contextlib.nullcontext() if trust_pickle else _weights_only_torch_load():
                 model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
+            if not trust_pickle and _refused_by_weights_only(exc):
+                raise LoadError(f"{path} holds pickled weights (.bin) with objects other than tensors: loading them "
+                                "runs arbitrary code. Pass --trust-pickle if you trust the files, or save the model "
+                                "with safetensors") from None
             errors.append(one_line(exc))
             continue
         return LoadedModel(model.eval(), "huggingface", f"Hugging Face {type(model).__name__} from {path.name}")
