@@ -496,3 +496,16 @@ def test_huggingface_pickled_weights_refusal_names_trust_pickle(tmp_path) -> Non
     assert res.exit_code == EXIT_USAGE and len(lines) == 1, res.output
     assert "--trust-pickle" in lines[0] and "\x1b" not in res.stderr
     assert not (tmp_path / "pwned-hf").exists()
+
+
+def test_many_small_bombs_are_refused_by_the_total(tmp_path) -> None:
+    """100 JSON members each inflating to just under the per-member cap: the archive total is capped too."""
+    good = _exported(tmp_path)
+    root = zipfile.ZipFile(good).namelist()[0].split("/", 1)[0]
+    bomb = tmp_path / "many.pt2"
+    _rewrite_zip(good, bomb, {})
+    with zipfile.ZipFile(bomb, "a") as z:
+        for i in range(100):
+            z.writestr(f"{root}/extra/x{i}.json", b"[" + b" " * (2**20 - 10) + b"]", compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(LoadError, match="in total.*zip bomb"):
+        load_model(bomb)

@@ -53,7 +53,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.filename is None:  # a failed write() (ENOSPC, EIO) names no file: name the output
+        if exc.filename is None and exc.errno is not None:  # a failed write() (ENOSPC, EIO) names no file
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except BaseException:
