@@ -134,12 +134,6 @@ class _Recorder(GemmHandler):
 
     def output(self, site: GemmSite, y: torch.Tensor) -> torch.Tensor:
         """Register one GEMM; returns the output the model should continue with (tapped when it has a gradient)."""
-        a_shape, b_shape = site.shapes()
-        if site.b_is_weight and 0 in b_shape:
-            # Linear(0, n) / Linear(n, 0): a GEMM without elements has no error to measure (and its
-            # operands cannot even be flattened to [tokens, features]).
-            raise LoadError(f"layer {site.name} has a weight of shape {list(b_shape)}: a linear layer with no input or "
-                            "output features cannot be analysed; exclude it with --layers")
         self.count += 1
         self.pending[site.index] = site
         if not (isinstance(y, torch.Tensor) and y.requires_grad):
