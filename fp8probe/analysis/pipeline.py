@@ -99,12 +99,14 @@ class _Analysis:
 
     def tables(self) -> dict[str, pd.DataFrame]:
         layers, gemm, operands, tensors, hists, outliers, errors = [], [], [], [], [], [], []
+        unquantised = {s.name: s.unquantised for s in self.strategies}
         for name, acc in forward_order(self.layers):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
                            "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2})
             for (strat, g), e in acc.gemm.items():
-                gemm.append({"layer": name, "strategy": strat, "gemm": g, **e.result()})
+                gemm.append({"layer": name, "strategy": strat, "gemm": g, **e.result(),
+                             "quantised": g not in unquantised.get(strat, ())})
             for (strat, op), o in acc.operands.items():
                 operands.append({"layer": name, "strategy": strat, "operand": op, **o.result()})
             for tname, ts in acc.tensors.items():

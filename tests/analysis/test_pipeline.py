@@ -99,3 +99,16 @@ def test_bad_arguments(tiny_model, tiny_batches) -> None:
         analyze(tiny_model, [3])
     with pytest.raises(LoadError, match="the model failed on the inputs: "):
         analyze(tiny_model, [torch.zeros(2, 3, 4)], layers="head")  # float tokens: embedding refuses
+
+
+def test_gemm_rows_say_which_gemms_the_recipe_leaves_unquantised(tiny_model, tiny_batches) -> None:
+    """mixed and switchback compute wgrad from unquantised operands: `quantised` is false there only,
+    and those GEMMs sit at float32 rounding level, far above any 8-bit recipe."""
+    gemm = analyze(tiny_model, tiny_batches, "mixed,switchback,int8").tables["gemm"]
+    unq = gemm[~gemm["quantised"].astype(bool)]
+    assert set(zip(unq["strategy"], unq["gemm"])) == {("mixed", "wgrad"), ("switchback", "wgrad")}
+    assert unq["sqnr_db"].min() > 100
+    assert gemm[gemm["quantised"].astype(bool)]["sqnr_db"].max() < 80
+    # the census says how many tokens each planted outlier dim holds: every token (planted in all rows)
+    out = analyze(tiny_model, tiny_batches, "int8").tables["outliers"].set_index("layer")
+    assert out.loc["blocks.0.fc1", "top_dim_tokens"] and set(out.loc["blocks.0.fc1", "top_dim_tokens"]) == {1.0}
