@@ -88,10 +88,12 @@ def with_agreed_tables(results: dict, keep: list[str] | None = None) -> dict:
 
 
 def deep_results(n_layers: int = 211, strategies: tuple[str, ...] = ("global", "mixed", "int8", "switchback",
-                 "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8"), width: int = 1024, seed: int = 0) -> dict:
+                 "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8"), width: int = 1024, seed: int = 0,
+                 sweeps: bool = True) -> dict:
     """A synthetic analyze results document of an ``n_layers``-layer LM-like model: every table the
     pipeline writes (gemm, operands, tensors, histograms with 64 bins, outliers with ``width`` column
-    amaxes), the unquantised wgrad of mixed/switchback marked ``quantised: false`` at ~140 dB."""
+    amaxes), the unquantised wgrad of mixed/switchback marked ``quantised: false`` at ~140 dB, and
+    (``sweeps``) both sweeps' tables as ``analyze --sweeps`` merges them."""
     rng = random.Random(seed)
     names = []
     for block in range(n_layers // 7 + 1):
@@ -123,16 +125,31 @@ def deep_results(n_layers: int = 211, strategies: tuple[str, ...] = ("global", "
             counts = [int(1000 * math.exp(-((e + 2) / 3) ** 2)) for e in edges[:-1]]
             tables["histograms"].append({"layer": layer, "tensor": t, "edges": edges, "counts": counts})
         col_amax = [2 + rng.random() for _ in range(width)]
-        dims = [7, 300, 911] if i % 3 == 0 else []
+        dims = [7, 300 % width, 911 % width] if i % 3 == 0 else []
         for d in dims:
             col_amax[d] = 30 + d / 10
         top = sorted(((d, col_amax[d]) for d in dims), key=lambda t: -t[1])
         tables["outliers"].append({"layer": layer, "threshold": 6.0, "n_outlier_cols": len(dims),
                                    "frac_cols": len(dims) / width, "frac_rows": 0.4 if dims else 0.0,
                                    "top_dims": [[d, a] for d, a in top], "col_amax": col_amax})
+    if sweeps:
+        sizes, ths = [32, 64, 128, 256, 512, 1024, 2048, 4096], [0, 1, 2, 3, 4, 5, 6, 8]
+        tables["blocksize_sweep"], tables["threshold_sweep"] = [], []
+        for i, layer in enumerate(names):
+            for t in ("fprop", "dgrad", "wgrad", "activation", "weight", "grad_output"):
+                for bs in sizes:
+                    tables["blocksize_sweep"].append({"layer": layer, "blocksize": bs, "target": t,
+                                                      "sqnr_db": 32 - 1.2 * math.log2(bs) + rng.random(),
+                                                      "overhead_bits": 32 / bs, "auto": bs == 1024,
+                                                      "recommended": bs == (128 if i % 4 else 256)})
+            for th in ths:
+                tables["threshold_sweep"].append({"layer": layer, "threshold": th, "fprop_sqnr_db": 30 + th / 2,
+                                                  "frac_cols_16bit": 0.0 if th == 0 else 0.01 / th,
+                                                  "recommended": th == 6})
     meta = {"name": "deep-lm", "model": f"synthetic {n_layers}-layer LM", "inputs": "2 batches", "created": "",
             "device": "cpu", "seed": seed, "versions": {"fp8probe": "0.1.0"}, "strategies": list(strategies),
             "threshold": 6.0, "loss": {"kind": "model", "detail": "scalar loss returned by the model"},
             "formats": {}, "rules": {s: f"rule of {s}" for s in strategies}, "batches": 2, "layers_regex": None,
-            "dtype": "bfloat16", "threads": 1}
+            "dtype": "bfloat16", "threads": 1,
+            "recommendations": {"blocksize_sweep": "largest within 0.5 dB", "threshold_sweep": "the knee"}}
     return {"schema": "fp8probe.results", "version": 1, "kind": "analyze", "metadata": meta, "tables": tables}

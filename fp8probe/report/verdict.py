@@ -166,6 +166,8 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         rec = next((x for x in strat_rows if x.get("strategy") == s), {})
         per_strategy.append({"strategy": s, "loss_rel_change": r.get("loss_rel_change"), "kl_div": r.get("kl_div"),
                              "top1_agreement": r.get("top1_agreement"), "output_sqnr_db": r.get("output_sqnr_db"),
+                             "grad_sqnr_db_min": r.get("grad_sqnr_db_min"),
+                             "grad_sqnr_db_median": r.get("grad_sqnr_db_median"),
                              "lp_flop_share": r.get("lp_flop_share"), "note": r.get("note") or "",
                              "within_budget": rec.get("within_budget"), "recommended": rec.get("recommended") is True,
                              "n_keep": len(_keep_list(rec.get("keep_16bit"))) if rec else None})
