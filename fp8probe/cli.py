@@ -181,6 +181,30 @@ def _check_layers(layers: str | None) -> None:
         raise UsageFailure(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from exc
 
 
+def _check_names(model: str, factory: str | None, loss_spec: str | None, strategy: str | None = None) -> None:
+    """Resolve what the user named (strategy, factory, a module:function model, --loss) before --out is
+    looked at: an unknown strategy or an unimportable factory is the error to report, not an
+    existing output directory. Factories are imported once (loading caches them), not run."""
+    from fp8probe.analysis.loading import LoadError, resolve_callable
+
+    checks = []
+    if strategy is not None:
+        from fp8probe.analysis.strategies import resolve
+
+        checks.append((None, lambda: resolve(strategy)))
+    if factory:
+        checks.append(("--factory", lambda: resolve_callable(factory)))
+    elif ":" in model and not Path(model).exists():
+        checks.append((None, lambda: resolve_callable(model)))
+    if loss_spec:
+        checks.append(("--loss", lambda: resolve_callable(loss_spec)))
+    for what, check in checks:
+        try:
+            check()
+        except (LoadError, ValueError) as exc:
+            raise _fail(exc, what) from exc
+
+
 def _default_out(run_name: str, suffix: str = "") -> Path:
     """reports/<name><suffix>; the run name must then be a plain file name (it becomes a path)."""
     if not run_name or run_name in (".", "..") or any(c in run_name for c in "/\\\0"):
@@ -344,17 +368,14 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.pipeline import analyze
 
+    # Errors in the order a user needs them: what they typed (strategy, factory, loss, layers, device)
+    # before anything about the output directory, and all of it before the model is loaded.
+    _check_names(model, factory, loss_spec, strategy)
+    _check_device(device)
+    _check_layers(layers)
     run_name = name or Path(model.split(":")[0]).stem or "analysis"
     out = Path(out_dir) if out_dir else _default_out(run_name)
     stale = _check_out(out, "run", overwrite)
-    _check_device(device)
-    _check_layers(layers)
-    try:  # before loading: an unknown strategy must not wait for the model
-        from fp8probe.analysis.strategies import resolve
-
-        resolve(strategy)
-    except ValueError as exc:
-        raise _fail(exc) from exc
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
     loaded, batch_list = _load(model, inputs, factory, trust_pickle)
@@ -649,11 +670,12 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
 
+    _check_names(model, factory, loss_spec)
+    _check_device(device)
+    _check_layers(layers)
     run_name = name or Path(model.split(":")[0]).stem or kind
     out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
     stale = _check_out(out, "run", overwrite)
-    _check_device(device)
-    _check_layers(layers)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
     with _threads(threads):
         loaded, batch_list = _load(model, inputs, factory, trust_pickle)

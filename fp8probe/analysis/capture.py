@@ -283,6 +283,21 @@ def _grad_enabled_params(model: Any) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+# Layer names listed when --layers matches none of them.
+LIST_LAYERS = 12
+
+
+def _nothing_captured(pattern: re.Pattern | None, seen: list[str]) -> str:
+    """Why nothing was captured, naming the model's linear layers when --layers filtered all of them out."""
+    if pattern is None:
+        return "no linear layer was captured: the model ran no linear GEMM on these inputs"
+    if not seen:
+        return f"no linear layer was captured matching --layers {pattern.pattern!r}: the model ran no linear GEMM at all"
+    more = f", … ({len(seen)} in all)" if len(seen) > LIST_LAYERS else ""
+    return (f"no linear layer was captured matching --layers {pattern.pattern!r}; the model's linear layers are: "
+            + ", ".join(seen[:LIST_LAYERS]) + more)
+
+
 def capture_batch(model: Callable, batch: Batch, on_call: Callable[[LinearCall], None], *,
                   layers: str | re.Pattern | None = None, loss_fn: LossFn | None = None,
                   loss_name: str | None = None, device: str | torch.device = "cpu") -> LossInfo:
@@ -313,7 +328,7 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[LinearCall],
         except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
             raise LoadError(f"the model failed on the inputs: {one_line(exc)}") from exc
         if not rec.count:
-            raise LoadError("no linear layer was captured" + (f" matching --layers {pattern.pattern!r}" if pattern else ""))
+            raise LoadError(_nothing_captured(pattern, list(rec.seen)))
         loss, info = choose_loss(output, batch, loss_fn, loss_name)
         del output
         if rec.tapped and loss.requires_grad:
