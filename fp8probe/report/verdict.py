@@ -236,7 +236,7 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
                      f"{pct(r['lp_flop_share'])} FLOPs low precision{mark}")
     if not v["e2e"]:
         for r in v["isolated"]:
-            worst = (f"; worst {r['worst_layer']} {r['worst_db']:.1f} dB"
+            worst = (f"; worst: {r['worst_layer']} ({r['worst_db']:.1f} dB)"
                      if r["worst_db"] is not None and math.isfinite(r["worst_db"]) else "")
             lines.append(f"isolated {r['strategy']}: {r['n_below']} of {r['n_layers']} layer(s) below "
                          f"{keep_db:g} dB fprop SQNR{worst}")
