@@ -8,6 +8,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ SCRIPT = Path(__file__).resolve().parent / "ci" / "run_workflow.py"
 def _load():
     spec = importlib.util.spec_from_file_location("run_workflow", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["run_workflow"] = mod  # dataclasses look their module up by name
     spec.loader.exec_module(mod)
     return mod
 

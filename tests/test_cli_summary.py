@@ -76,8 +76,9 @@ def test_summary_worst_rows_per_strategy_full_names_and_verdict(tmp_path: Path) 
                    "--no-html", "-q", "--threads", "1"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    # verdict lines come first: the isolated numbers per strategy (no e2e table in this tree's results)
-    assert lines[1].startswith("isolated global: ") and lines[2].startswith("isolated int8: ")
+    # verdict lines come first: the headline, then the isolated numbers per strategy (no e2e table here)
+    assert lines[1].startswith("verdict (isolated GEMMs, not validated end to end): ")
+    assert lines[2].startswith("isolated global: ") and lines[3].startswith("isolated int8: ")
     table = lines[lines.index("worst layers per strategy (isolated fprop SQNR):") + 2:-1]
     strategies = [row.split()[1] for row in table]
     assert strategies == ["global"] * 3 + ["int8"] * 3 + ["mxfp8"] * 3  # three each, not ten of one recipe
@@ -97,7 +98,7 @@ def test_analyze_json_carries_the_verdict(tmp_path: Path) -> None:
     res = _invoke(["analyze", TINY, "--strategy", "int8", "--batches", "1", "--layers", "fc1", "--format", "json",
                    "--out", str(tmp_path / "j"), "--no-html", "--threads", "1"])
     doc = json.loads(res.stdout)
-    assert doc["verdict"][0].startswith("isolated int8: ")
+    assert doc["verdict"][0].startswith("verdict (isolated GEMMs") and doc["verdict"][1].startswith("isolated int8: ")
     assert any(line.startswith("note: no end-to-end run") for line in doc["verdict"])
 
 

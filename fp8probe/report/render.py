@@ -13,7 +13,8 @@ import jinja2
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, validate_results
-from fp8probe.report.verdict import KEEP_16BIT_DB, build_verdict, coverage_line, signed_pct, verdict_lines
+from fp8probe.report.verdict import (KEEP_16BIT_DB, build_verdict, coverage_line, isolated_headline, signed_pct,
+                                     verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -536,14 +537,18 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                  cell(r["worst_layer"]), _sqnr_cell(r["worst_db"], keep_db)] for r in v["isolated"]]
     rec = v["recommended"]
     return {
-        "lines": verdict_lines(tables, meta, keep_db),
+        # the lines the tables and the callout below do not already show
+        "lines": [line for line in verdict_lines(tables, meta, keep_db)
+                  if not line.startswith(("verdict", "isolated ", "end-to-end "))],
+        "headline": (isolated_headline(v["best_isolated"], keep_db).split(": ", 1)[1]
+                     if v["best_isolated"] else ""),
         "recommended": None if rec is None else {**rec, "loss": signed_pct(rec["loss_rel_change"]),
                                                  "share": _share(rec["lp_flop_share"])["text"]},
         "no_recommendation": v["no_recommendation"],
         "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
                               "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",
                               "layers kept in 16-bit", "within budget", "note"], e2e_rows),
-        "isolated": _table("isolated", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
+        "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
                                         "worst fprop SQNR dB"], iso_rows),
         "coverage": coverage_line(v["coverage"]) if v["coverage"] else "",
         "warnings": v["warnings"], "missing": v["missing"],
@@ -608,7 +613,7 @@ def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapp
     legend = [{"cls": f"h{k}", "label": (f"< {edges[0]:g}" if k == 0 else f"≥ {edges[-1]:g}" if k == HEAT_BINS - 1
                                          else f"{edges[k - 1]:g}–{edges[k]:g}"), "line": k == HEAT_BINS_BELOW}
               for k in range(HEAT_BINS)]
-    return {"table": _table("heatmap", ["layer", "worst fprop", *[s for _ in gemms for s in strategies]], rows,
+    return {"table": _table("sqnr-heat", ["layer", "worst fprop", *[s for _ in gemms for s in strategies]], rows,
                             groups=[("", 2), *[(f"{g} SQNR (dB)", len(strategies)) for g in gemms]]),
             "legend": legend, "gemms": gemms}
 

@@ -191,9 +191,15 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     missing = [MISSING[name] for name in ("e2e", "coverage") if not t.get(name)]
     if t.get("e2e") and not rec_rows:
         missing.append(MISSING["recommendation"])
-    return {"recommended": recommended, "no_recommendation": no_recommendation,
+    isolated = isolated_summary(t.get("gemm", []), strategies, keep_db)
+    best_isolated = None
+    ranked = [r for r in isolated if r["worst_db"] is not None]
+    if ranked and not recommended and not no_recommendation:
+        # without an end-to-end run: the strategy with the fewest hurt layers, then the best worst layer
+        best_isolated = min(ranked, key=lambda r: (r["n_below"], -r["worst_db"]))
+    return {"recommended": recommended, "no_recommendation": no_recommendation, "best_isolated": best_isolated,
             "blocksize": settings.get("blocksize"), "threshold": settings.get("threshold"),
-            "e2e": per_strategy, "isolated": isolated_summary(t.get("gemm", []), strategies, keep_db),
+            "e2e": per_strategy, "isolated": isolated,
             "coverage": coverage, "warnings": warnings, "missing": missing, "keep_db": keep_db,
             "has_e2e": bool(per_strategy)}
 
@@ -204,6 +210,16 @@ def coverage_line(cov: Mapping) -> str:
     skipped = cov.get("skipped") or {}
     line += "; skipped: " + ("; ".join(f"{k} ({v})" for k, v in skipped.items()) if skipped else "none")
     return line
+
+
+def isolated_headline(r: Mapping, keep_db: float = KEEP_16BIT_DB) -> str:
+    """The verdict line when only isolated per-GEMM numbers exist (no end-to-end validation)."""
+    worst = r["worst_db"]
+    worst_text = f"{worst:.1f} dB" if math.isfinite(worst) else ("exact" if worst > 0 else "−∞ dB")
+    hurt = (f"keeps every layer at or above {keep_db:g} dB fprop SQNR" if not r["n_below"]
+            else f"has the fewest layers below {keep_db:g} dB fprop SQNR ({r['n_below']} of {r['n_layers']})")
+    return (f"verdict (isolated GEMMs, not validated end to end): {r['strategy']} {hurt}; worst layer "
+            f"{r['worst_layer']} at {worst_text}")
 
 
 def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
@@ -224,6 +240,8 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
                      f"KL {_g(rec['kl_div'])} ({budget}); {pct(rec['lp_flop_share'])} of GEMM FLOPs in low precision")
     elif v["no_recommendation"]:
         lines.append(f"verdict: {v['no_recommendation']}")
+    elif v["best_isolated"]:
+        lines.append(isolated_headline(v["best_isolated"], keep_db))
     for kind, label in (("blocksize", "block size"), ("threshold", "outlier threshold")):
         r = v[kind]
         if r and _num(r.get("value")) is not None:

@@ -63,7 +63,8 @@ def test_absent_tables_say_what_is_missing_in_one_line(small: dict, tmp_path: Pa
     verdict = html.split('<section id="verdict">')[1].split("</section>")[0]
     assert "no end-to-end run in these results: run analyze without --no-e2e" in verdict
     assert "no coverage table in these results" in verdict
-    assert "verdict-main" not in verdict
+    assert "callout ok verdict-main" not in verdict  # nothing is recommended without a validated run
+    assert "Isolated GEMMs only (not validated end to end): llm-int8 keeps every layer" in verdict
     for anchor in ("recommendation", "sensitivity", "training", "coverage"):
         assert f'id="{anchor}"' not in html
 

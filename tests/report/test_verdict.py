@@ -57,6 +57,9 @@ def test_without_e2e_the_isolated_numbers_and_one_line_notes() -> None:
     assert "note: no end-to-end run in these results: run analyze without --no-e2e" in " ".join(lines)
     assert any(x.startswith("note: no coverage table") for x in lines)
     assert not any(x.startswith("verdict:") for x in lines)
+    # the headline without an end-to-end run: the strategy with the fewest layers below 20 dB, marked as such
+    assert lines[0].startswith("verdict (isolated GEMMs, not validated end to end): llm-int8 keeps every layer at "
+                               "or above 20 dB fprop SQNR; worst layer ")
 
 
 def test_warnings_surrogate_loss_nan_and_failures() -> None:
