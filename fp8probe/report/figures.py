@@ -20,7 +20,6 @@ PALETTE_COLOURS = 256
 # legend order is stable across matplotlib versions).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
-GEMMS = ("fprop", "dgrad", "wgrad")
 # Sweep legends name at most this many layers (a 200-layer legend would be taller than the figure).
 MAX_LEGEND = 12
 
@@ -50,33 +49,6 @@ def _finite(x: float | None) -> float:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return float("nan")
     return max(min(float(x), 200.0), -50.0)
-
-
-def sqnr_bars(layers: Sequence[str], strategies: Sequence[str],
-              sqnr: Mapping[tuple[str, str, str], float]) -> Figure:
-    """Grouped horizontal bars: SQNR (dB) per layer, one bar per strategy, one panel per GEMM.
-
-    ``sqnr[(layer, strategy, gemm)]`` is the SQNR in dB; missing keys are simply not drawn.
-    """
-    n = max(len(layers), 1)
-    height = 1.2 + 0.28 * n * max(1, min(len(strategies), 4)) / 2
-    fig = Figure(figsize=(12, max(2.5, height)), layout="constrained")
-    axes = fig.subplots(1, len(GEMMS), sharey=True)
-    bar_h = 0.8 / max(len(strategies), 1)
-    for ax, gemm in zip(axes, GEMMS):
-        for si, strategy in enumerate(strategies):
-            ys = [i + (si - (len(strategies) - 1) / 2) * bar_h for i in range(len(layers))]
-            vals = [_finite(sqnr.get((layer, strategy, gemm))) for layer in layers]
-            ax.barh(ys, vals, height=bar_h, color=PALETTE[si % len(PALETTE)], label=strategy)
-        ax.set_title(f"{gemm} SQNR (dB)", fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_xlabel("dB (higher is better)", fontsize=8)
-    axes[0].set_yticks(range(len(layers)), labels=[_short(x) for x in layers], fontsize=8)
-    axes[0].invert_yaxis()
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8)
-    return fig
 
 
 def _short(name: str, width: int = 32) -> str:
@@ -128,29 +100,6 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str]) -> Figur
                 ax.set_ylabel("% of elements", fontsize=7)
             if p["windows"]:
                 ax.legend(fontsize=6, loc="upper left", frameon=False)
-    return fig
-
-
-def outlier_heatmap(layers: Sequence[str], col_amax: Sequence[Sequence[float]]) -> Figure:
-    """Heat map of per-feature-column amax (log10 colour scale), rows = layers, columns = input dims.
-
-    Rows of different widths are right-padded with NaN (drawn blank).
-    """
-    import numpy as np
-
-    width = max((len(r) for r in col_amax), default=1) or 1
-    grid = np.full((max(len(layers), 1), width), np.nan)
-    for i, row in enumerate(col_amax):
-        vals = np.asarray(row, dtype=float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            grid[i, : len(vals)] = np.log10(np.where(vals > 0, vals, np.nan))
-    fig = Figure(figsize=(12, 0.9 + 0.3 * max(len(layers), 1)), layout="constrained")
-    ax = fig.subplots()
-    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma")
-    ax.set_yticks(range(len(layers)), labels=[_short(x) for x in layers], fontsize=8)
-    ax.set_xlabel("input feature dimension", fontsize=8)
-    cb = fig.colorbar(im, ax=ax, pad=0.01)
-    cb.set_label("log10 column amax", fontsize=8)
     return fig
 
 

@@ -58,9 +58,13 @@ class JobResult:
 
 
 def build_wheel(dist: Path) -> Path:
-    """A wheel of this checkout (no build isolation: setuptools and wheel come from this interpreter)."""
+    """A wheel of this checkout (no build isolation: setuptools and wheel come from this interpreter), built
+    from a copy so the checkout gets no build/ or egg-info directories."""
+    src = dist.parent / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "reports", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".hypothesis", "*.so"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(ROOT)], check=True, env=_clean_env())
+                    str(src)], check=True, env=_clean_env())
     return next(dist.glob("fp8probe-*.whl"))
 
 
