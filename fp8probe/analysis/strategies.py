@@ -194,14 +194,15 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              _run_global),
     Strategy("mixed", "A blockwise bnb-e4m3 (block bsz over the flattened tensor), W one absmax bnb-e4m3, "
              "output gradient blockwise bnb-e5m2 (bsz2) for dgrad; wgrad Aᵀ·G unquantised; bsz/bsz2 from "
-             "get_block_sizes (MatMulFP8Mixed, SPEC §7.2)", ("bnb-e4m3", "bnb-e5m2"), _run_mixed, ("wgrad",)),
+             "get_block_sizes (MatMulFP8Mixed, SPEC §7.2)", ("bnb-e4m3", "bnb-e5m2"), _run_mixed,
+             unquantised=("wgrad",)),
     Strategy("int8", "LLM.int8(): A int8 per row (absmax/127, round half-even), columns with any |a| ≥ threshold "
              "kept in A's precision and multiplied by the dequantised weight; W int8 per output row; dgrad "
              "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6)",
              ("int8",), _run_int8),
     Strategy("switchback", "SwitchBack: fprop int8 per-row A × int8 per-row W (no outlier columns); dgrad "
              "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2)", ("int8",), _run_switchback,
-             ("wgrad",)),
+             unquantised=("wgrad",)),
     Strategy("ocp-tensorwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale amax/fmt_max per tensor, "
              "round to nearest even with saturation; float32 matmuls", ("e4m3", "e5m2"),
              _scaled_recipe(_TENSOR, _TENSOR, "e4m3", "e5m2")),
