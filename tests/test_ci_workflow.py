@@ -34,7 +34,7 @@ def test_workflow_bootstraps_passes_and_fails_a_regression(tmp_path: Path) -> No
     # the workflow ran the fp8probe it installed from the wheel, not this source tree
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", "import fp8probe; print(fp8probe.__file__)"],
-                           capture_output=True, text=True, env=env, check=True).stdout.strip()
+                           capture_output=True, text=True, env=env, check=True, cwd=tmp_path / "repo").stdout.strip()
     assert where.startswith(str(tmp_path / "venv")), where
 
     assert first.exit_code == 0, first.log
