@@ -15,7 +15,7 @@ from fp8probe.report.render import load_results, render_report
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars")
-WINDOW = (1400, 2400)
+WINDOW = (1400, 1000)  # the first screen: the verdict must be readable in it
 
 
 def find_chromium() -> str | None:
@@ -49,12 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--html", type=Path, default=None, help="where to render the HTML (default: a temp file)")
     parser.add_argument("--width", type=int, default=WINDOW[0])
     parser.add_argument("--height", type=int, default=WINDOW[1])
+    parser.add_argument("--small", action="store_true",
+                        help="store a 256-colour palette PNG (3-4x smaller; for the screenshots committed to reports/)")
     args = parser.parse_args(argv)
     results = load_results(args.results)
     with tempfile.TemporaryDirectory(prefix="fp8probe-shot-") as tmp:
         html = render_report(results, args.html or Path(tmp) / "report.html")
         png = screenshot(html, args.out, (args.width, args.height))
-    print(f"screenshot written to {png}")
+    if args.small:
+        from PIL import Image
+
+        with Image.open(png) as im:
+            small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        small.save(png, format="PNG", optimize=True)
+    print(f"screenshot written to {png} ({png.stat().st_size // 1024} KB)")
     return 0
 
 

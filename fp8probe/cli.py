@@ -227,6 +227,30 @@ def _check_gemms(gemms: str) -> tuple[str, ...]:
         raise UsageFailure(f"--gemms: {exc}") from exc
 
 
+def _check_names(model: str, factory: str | None, loss_spec: str | None, strategy: str | None = None) -> None:
+    """Resolve what the user named (strategy, factory, a module:function model, --loss) before --out is
+    looked at: an unknown strategy or an unimportable factory is the error to report, not an
+    existing output directory. Factories are imported once (loading caches them), not run."""
+    from fp8probe.analysis.loading import LoadError, resolve_callable
+
+    checks = []
+    if strategy is not None:
+        from fp8probe.analysis.strategies import resolve
+
+        checks.append((None, lambda: resolve(strategy)))
+    if factory:
+        checks.append(("--factory", lambda: resolve_callable(factory)))
+    elif ":" in model and not Path(model).exists():
+        checks.append((None, lambda: resolve_callable(model)))
+    if loss_spec:
+        checks.append(("--loss", lambda: resolve_callable(loss_spec)))
+    for what, check in checks:
+        try:
+            check()
+        except (LoadError, ValueError) as exc:
+            raise _fail(exc, what) from exc
+
+
 def _default_out(run_name: str, suffix: str = "") -> Path:
     """reports/<name><suffix>; the run name must then be a plain file name (it becomes a path)."""
     if not run_name or run_name in (".", "..") or any(c in run_name for c in "/\\\0"):
@@ -259,13 +283,70 @@ def formats_cmd(output_format: str) -> None:
 
 
 # -- analyze (analysis engineer) --
-def _summary_rows(results: "object", limit: int = 10) -> list[dict]:
-    """Worst (layer, strategy) pairs by fprop SQNR, lowest first."""
+# Terminal summary: the worst layers of EACH strategy (a table of the 10 worst overall is often all
+# one recipe's), this many per strategy when there are few strategies, fewer when there are many.
+WORST_PER_STRATEGY = 3
+WORST_ROWS = 16
+# Columns of the worst-layers table besides the layer name (strategy, SQNR, rel err and spacing).
+_SUMMARY_FIXED_WIDTH = 44
+
+
+def _summary_rows(results: "object") -> list[dict]:
+    """The worst (layer, strategy) pairs by isolated fprop SQNR, per strategy (lowest first within each,
+    strategies in run order): at most WORST_PER_STRATEGY each and WORST_ROWS in all."""
     gemm = results.tables.get("gemm")
     if gemm is None or gemm.empty:
         return []
-    fprop = gemm[gemm["gemm"] == "fprop"].sort_values("sqnr_db", na_position="first")
-    return fprop.head(limit)[["layer", "strategy", "sqnr_db", "rel_err"]].to_dict("records")
+    fprop = gemm[gemm["gemm"] == "fprop"]
+    strategies = list(dict.fromkeys(fprop["strategy"]))
+    per = max(1, min(WORST_PER_STRATEGY, WORST_ROWS // max(len(strategies), 1)))
+    rows = []
+    for s in strategies:
+        mine = fprop[fprop["strategy"] == s].sort_values("sqnr_db", na_position="first")
+        rows += mine.head(per)[["layer", "strategy", "sqnr_db", "rel_err"]].to_dict("records")
+    return rows
+
+
+def _middle_ellipsis(name: str, width: int) -> str:
+    """A layer name that fits ``width`` characters: the start and the end kept (``bert.encoder.layer.0…
+    attention.self.query``), since both the block index and the projection name tell layers apart."""
+    name = _printable(name)
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head):]
+
+
+def _echo_summary(results: "object") -> None:
+    """The terminal summary of an analyze run: the verdict lines, then the worst layers per strategy."""
+    import shutil
+
+    from fp8probe.report.verdict import verdict_lines
+
+    for line in verdict_lines(results.tables, results.metadata):
+        click.echo(_printable(line))
+    worst = _summary_rows(results)
+    if not worst:
+        return
+    columns = shutil.get_terminal_size((120, 24)).columns
+    longest = max(len(_printable(r["layer"])) for r in worst)
+    width = max(24, min(longest, columns - _SUMMARY_FIXED_WIDTH))
+    click.echo("worst layers per strategy (isolated fprop SQNR):")
+    click.echo(f"{'layer':<{width}} {'strategy':<15} {'fprop SQNR dB':>13} {'rel err':>9}")
+    for r in worst:
+        sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], (int, float)) else float("nan")
+        rel = r["rel_err"] if isinstance(r["rel_err"], (int, float)) else float("nan")
+        click.echo(f"{_middle_ellipsis(r['layer'], width):<{width}} {r['strategy']:<15} {sqnr:>13.2f} {rel:>9.2e}")
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 _TRUST_PICKLE_HELP = ("allow loading pickled Python objects (a pickled nn.Module, pickled inputs, a .pt2 that needs "
@@ -315,12 +396,15 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
               help="torch intra-op CPU threads (default: torch's choice). 1 is often fastest: per-layer tensors "
                    "are small (demo: 2.0 s with 1 thread vs 10.8 s with 2 on a busy 2-core machine)")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
-              help="table for people, json (paths + worst layers) for scripts")
+              help="table for people, json (paths, verdict lines, worst layers) for scripts")
+@click.option("--sweeps", is_flag=True,
+              help="also run the block-size and threshold sweeps (default grids, one more capture pass) and write "
+                   "one results.json and one report with everything")
 @click.option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
-                no_html: bool, threads: int | None, output_format: str, include_embeddings: bool) -> None:
+                no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool) -> None:
     """Capture MODEL's GEMMs (linear, matmul, attention, conv) on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -338,18 +422,15 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.pipeline import analyze
 
-    run_name = name or Path(model.split(":")[0]).stem or "analysis"
-    out = Path(out_dir) if out_dir else _default_out(run_name)
-    stale = _check_out(out, "run", overwrite)
+    # Errors in the order a user needs them: what they typed (strategy, factory, loss, layers, device)
+    # before anything about the output directory, and all of it before the model is loaded.
+    _check_names(model, factory, loss_spec, strategy)
     _check_device(device)
     _check_layers(layers)
     _check_gemms(gemms)
-    try:  # before loading: an unknown strategy must not wait for the model
-        from fp8probe.analysis.strategies import resolve
-
-        resolve(strategy)
-    except ValueError as exc:
-        raise _fail(exc) from exc
+    run_name = name or Path(model.split(":")[0]).stem or "analysis"
+    out = Path(out_dir) if out_dir else _default_out(run_name)
+    stale = _check_out(out, "run", overwrite)
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
     ckpt = _weights_checkpoint(model, inputs, factory)
@@ -371,6 +452,13 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
                               inputs_desc=inputs or "example inputs / factory batches", gemms=gemms)
+        if sweeps:
+            from fp8probe.analysis.sweeps import sweep_both
+
+            bs_res, th_res = sweep_both(loaded, batch_list, layers=layers, batches=batches, device=device, seed=seed,
+                                        loss=loss_spec, name=run_name, model_desc=loaded.description,
+                                        inputs_desc=inputs or "example inputs / factory batches", gemms=gemms)
+            results = results.merged(bs_res, th_res)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
     remove_outputs(stale)
@@ -386,21 +474,19 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     worst = _summary_rows(results)
     n_errors = len(results.tables["errors"]) if "errors" in results.tables else 0
     if output_format == "json":
-        click.echo(json.dumps({"results": str(paths["json"]), "html": None if html is None else str(html),
-                               "loss": results.metadata["loss"], "strategy_errors": n_errors,
-                               "coverage": results.metadata["coverage"],
-                               "worst_fprop": [{k: (None if isinstance(v, float) and v != v else v)
-                                                for k, v in r.items()} for r in worst]},
-                              indent=1, default=str))
+        from fp8probe.report.verdict import verdict_lines
+
+        click.echo(json.dumps(_json_safe({"results": str(paths["json"]), "html": None if html is None else str(html),
+                                          "loss": results.metadata["loss"], "strategy_errors": n_errors,
+                                          "coverage": results.metadata["coverage"],
+                                          "verdict": verdict_lines(results.tables, results.metadata),
+                                          "worst_fprop": worst}), indent=1, default=str))
         return
     loss = results.metadata["loss"]
     click.echo(f"{len(results.tables['layers'])} GEMM site(s), {results.metadata['batches']} batch(es), "
                f"loss: {loss['kind']} ({_printable(loss['detail'])})")
     click.echo(coverage_line(results.metadata["coverage"]))
-    if worst:
-        click.echo(f"{'layer':<32} {'strategy':<15} {'fprop SQNR dB':>13} {'rel err':>9}")
-        for r in worst:
-            click.echo(f"{_printable(r['layer'])[:32]:<32} {r['strategy']:<15} {r['sqnr_db']:>13.2f} {r['rel_err']:>9.2e}")
+    _echo_summary(results)
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
     _warn_no_gradient(results)
@@ -533,22 +619,33 @@ def _render_or_fail(render, data: dict, out: Path, source: str, **kwargs):  # ty
 
 
 @cli.command("report")
-@click.argument("results", type=click.Path(dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_html", type=click.Path(dir_okay=False), default="report.html", show_default=True,
               help="HTML file to write (self-contained: inline CSS and images); an existing file is replaced "
                    "atomically")
 @click.option("--keep-16bit-db", type=FiniteFloat(None), default=20.0, show_default=True,
               help="list a layer under 'keep in 16-bit' when its fprop SQNR is below this many dB")
-def report_cmd(results: str, out_html: str, keep_16bit_db: float) -> None:
-    """Render RESULTS.json (from analyze or a sweep) into one self-contained HTML report."""
+def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) -> None:
+    """Render RESULTS.json files of ONE model (an analyze run and its sweep runs, in any order) into one
+    self-contained HTML report."""
+    from fp8probe.report.merge import merge_results
     from fp8probe.report.render import render_report
+    from fp8probe.report.schema import ResultsError
 
-    data = _load_results_or_fail(results)
     out = Path(out_html)
-    if out.resolve() == Path(results).resolve():
-        raise UsageFailure(f"-o {out} would overwrite the results file it renders: choose another file name")
-    path = _render_or_fail(render_report, data, out, results, keep_16bit_db=keep_16bit_db)
-    click.echo(f"report written to {_printable(path)}")
+    for path in results:
+        if out.resolve() == Path(path).resolve():
+            raise UsageFailure(f"-o {out} would overwrite the results file it renders: choose another file name")
+    if len(set(Path(p).resolve() for p in results)) != len(results):
+        raise UsageFailure("the same results file is given twice: pass each results.json once")
+    docs = [_load_results_or_fail(path) for path in results]
+    try:
+        data = docs[0] if len(docs) == 1 else merge_results(docs, list(results))
+    except ResultsError as exc:
+        raise _fail(exc) from exc
+    path = _render_or_fail(render_report, data, out, " + ".join(results), keep_16bit_db=keep_16bit_db)
+    click.echo(f"report written to {_printable(path)}" + (f" ({len(docs)} results merged: "
+                                             f"{', '.join(data['metadata']['merged_kinds'])})" if len(docs) > 1 else ""))
 
 
 @cli.command("compare")
@@ -619,6 +716,37 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     ctx.exit(EXIT_GATE_FAILED)
 
 
+# -q, --threads and --format: the same meaning on every command that runs a model (analyze defines its own copies).
+_RUN_OUTPUT_OPTIONS = (
+    click.option("--quiet", "-q", is_flag=True, help="no progress bar or progress lines"),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="torch intra-op CPU threads (default: torch's choice; demo: 1)"),
+    click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
+                 show_default=True, help="table for people, json (paths and recommendations) for scripts"),
+)
+
+
+def _progress(label: str, n_total: int, quiet: bool, output_format: str):  # type: ignore[no-untyped-def]
+    """A click progress bar on stderr when it is a terminal (and not -q / --format json), else a no-op."""
+    if quiet or output_format != "table" or n_total <= 0 or not sys.stderr.isatty():
+        return _nullbar()
+    return click.progressbar(length=n_total, label=label, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None):  # type: ignore[no-untyped-def]
+    """torch.set_num_threads(threads) for the command, restored after (CliRunner runs commands in-process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _sweep_options(func):
     """The model/input options of `analyze` (same names, same meaning), shared by both sweep commands."""
     options = [
@@ -639,6 +767,7 @@ def _sweep_options(func):
                      help="output directory (default reports/<name>-<command>/)"),
         click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
         click.option("--name", default=None, help="run name (default: the model file's stem)"),
+        *_RUN_OUTPUT_OPTIONS,
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -686,18 +815,22 @@ def _parse_thresholds(text: str) -> list[float]:
 
 def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory: str | None, trust_pickle: bool,
                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
-               out_dir: str | None, overwrite: bool, name: str | None, include_embeddings: bool = False) -> None:
+               out_dir: str | None, overwrite: bool, name: str | None, quiet: bool, threads: int | None,
+               output_format: str, include_embeddings: bool = False) -> None:
+    import json
+
     from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
 
-    run_name = name or Path(model.split(":")[0]).stem or kind
-    out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
-    stale = _check_out(out, "run", overwrite)
+    _check_names(model, factory, loss_spec)
     _check_device(device)
     _check_layers(layers)
     _check_gemms(gemms)
+    run_name = name or Path(model.split(":")[0]).stem or kind
+    out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
+    stale = _check_out(out, "run", overwrite)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
     ckpt = _weights_checkpoint(model, inputs, factory)
     if ckpt is not None:
@@ -708,30 +841,45 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         _sweep_weights(ckpt, values, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
                        run_name=run_name)
         return
-    loaded, batch_list = _load(model, inputs, factory, trust_pickle)
-    try:
-        results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device, seed=seed,
-                     loss=loss_spec, name=run_name, model_desc=loaded.description,
-                     inputs_desc=inputs or "example inputs / factory batches", gemms=gemms)
-    except (LoadError, ValueError, TypeError) as exc:
-        raise _analysis_failure(exc, inputs) from exc
-    remove_outputs(stale)
-    paths = results.save(out)
-    html = render_report(results.to_json(), out / "index.html")
+    with _threads(threads):
+        loaded, batch_list = _load(model, inputs, factory, trust_pickle)
+        n_total = len(batch_list if batch_list is not None else loaded.batches or [])
+        n_total = min(n_total, batches) if batches else n_total
+        try:
+            with _progress(kind, n_total, quiet, output_format) as bar:
+                results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device,
+                             seed=seed, loss=loss_spec, name=run_name, model_desc=loaded.description,
+                             inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
+                             progress=lambda done, total: bar.update(1))
+        except (LoadError, ValueError, TypeError) as exc:
+            raise _analysis_failure(exc, inputs) from exc
+        remove_outputs(stale)
+        paths = results.save(out)
+        html = render_report(results.to_json(), out / "index.html")
     table = results.tables["blocksize_sweep" if kind == "sweep-blocksize" else "threshold_sweep"]
     rec = table[table["recommended"]]
     if kind == "sweep-blocksize":
         rec = rec[rec["target"] == "fprop"]
-        click.echo(f"{'layer':<40} {'recommended':>11} {'fprop SQNR dB':>13}")
+    rule = next(iter(results.metadata["recommendations"].values()))
+    if output_format == "json":
+        value, sqnr = ("blocksize", "sqnr_db") if kind == "sweep-blocksize" else ("threshold", "fprop_sqnr_db")
+        click.echo(json.dumps(_json_safe({"results": str(paths["json"]), "html": str(html), "rule": rule,
+                                          "coverage": results.metadata["coverage"],
+                                          "recommended": [{"layer": r["layer"], value: r[value], "fprop_sqnr_db": r[sqnr]}
+                                                          for r in rec.to_dict("records")]}), indent=1, default=str))
+        return
+    width = max([24] + [min(len(_printable(x)), 60) for x in rec["layer"]])
+    if kind == "sweep-blocksize":
+        click.echo(f"{'layer':<{width}} {'recommended':>11} {'fprop SQNR dB':>13}")
         for r in rec.to_dict("records"):
-            click.echo(f"{_printable(r['layer'])[:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>13.2f}")
+            click.echo(f"{_middle_ellipsis(r['layer'], width):<{width}} {r['blocksize']:>11} {r['sqnr_db']:>13.2f}")
     else:
-        click.echo(f"{'layer':<40} {'recommended':>11} {'fprop SQNR dB':>13} {'16-bit cols':>11}")
+        click.echo(f"{'layer':<{width}} {'recommended':>11} {'fprop SQNR dB':>13} {'16-bit cols':>11}")
         for r in rec.to_dict("records"):
-            click.echo(f"{_printable(r['layer'])[:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
+            click.echo(f"{_middle_ellipsis(r['layer'], width):<{width}} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
     click.echo(coverage_line(results.metadata["coverage"]))
-    click.echo(f"rule: {next(iter(results.metadata['recommendations'].values()))}")
+    click.echo(f"rule: {rule}")
     _warn_no_gradient(results)
     click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
 
@@ -781,24 +929,6 @@ def sweep_threshold_cmd(thresholds: str, **kwargs: object) -> None:
     _run_sweep("sweep-threshold", values=_parse_thresholds(thresholds), **kwargs)  # type: ignore[arg-type]
 
 
-def merge_sweeps_into(results: dict, *sweeps: dict) -> dict:
-    """One results dict carrying the analyze tables plus the sweep tables (and their rules), for one report."""
-    merged = {**results, "metadata": dict(results["metadata"]), "tables": dict(results["tables"])}
-    meta = merged["metadata"]
-    meta["rules"] = dict(meta.get("rules") or {})
-    meta["recommendations"] = dict(meta.get("recommendations") or {})
-    meta["formats"] = dict(meta.get("formats") or {})
-    for sw in sweeps:
-        for name, rows in sw["tables"].items():
-            if name != "layers":
-                merged["tables"][name] = rows
-        meta["rules"].update(sw["metadata"].get("rules") or {})
-        meta["recommendations"].update(sw["metadata"].get("recommendations") or {})
-        for fname, f in (sw["metadata"].get("formats") or {}).items():
-            meta["formats"].setdefault(fname, f)
-    return merged
-
-
 DEMO_OUT = "reports/demo"
 
 
@@ -808,12 +938,14 @@ DEMO_OUT = "reports/demo"
                    "every run]")
 @click.option("--overwrite", is_flag=True, help="replace the fp8probe outputs already in an explicit --out")
 @click.option("--small", is_flag=True, hidden=True, help="one small batch (for the test suite)")
-def demo_cmd(out_dir: str | None, overwrite: bool, small: bool) -> None:
+@_RUN_OUTPUT_OPTIONS[0]
+@_RUN_OUTPUT_OPTIONS[1]
+@_RUN_OUTPUT_OPTIONS[2]
+def demo_cmd(out_dir: str | None, overwrite: bool, small: bool, quiet: bool, threads: int | None,
+             output_format: str) -> None:
     """Built-in demo: a seeded transformer with planted outlier features → analyze (all strategies) + both
     sweeps → one HTML report at reports/demo/index.html. Needs no inputs and no network."""
     import time
-
-    import torch
 
     start = time.perf_counter()
     # The demo is seeded and its default directory is its own: re-running it regenerates the same
@@ -823,40 +955,46 @@ def demo_cmd(out_dir: str | None, overwrite: bool, small: bool) -> None:
     stale = _check_out(out, "demo", overwrite or out_dir is None)
     # The demo's tensors are tiny (<= 1024 x 256): intra-op threads buy nothing, and OpenMP spin-waiting
     # on shared cores made the whole demo 6x slower (181 s vs 28 s measured at load 6 on 2 cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _run_demo(out, stale, small, start)
-    finally:
-        torch.set_num_threads(threads)
+    with _threads(threads or 1):
+        _run_demo(out, stale, small, start, quiet or output_format == "json", output_format)
 
 
-def _run_demo(out: Path, stale: list[Path], small: bool, start: float) -> None:
+def _run_demo(out: Path, stale: list[Path], small: bool, start: float, quiet: bool, output_format: str) -> None:
     import json
     import time
 
     from fp8probe.analysis.demo_model import build_demo
     from fp8probe.analysis.pipeline import analyze
     from fp8probe.analysis.sweeps import sweep_both
-    from fp8probe.report.render import render_report
+    from fp8probe.report.verdict import verdict_lines
+
+    def say(text: str) -> None:
+        if not quiet:
+            click.echo(text)
 
     n_batches, batch = (1, 4) if small else (4, 8)
     model, batches = build_demo(n_batches=n_batches, batch=batch)
     model_desc = (f"built-in demo encoder ({sum(p.numel() for p in model.parameters())} parameters, "
                   f"{model.cfg.n_layers} blocks, planted outlier dims {list(model.cfg.outlier_dims)})")
     inputs_desc = f"{n_batches} seeded batch(es) of {batch} x {model.cfg.seq} tokens"
-    click.echo(f"demo: analysing {model_desc} on {inputs_desc} ...")
+    say(f"demo: analysing {model_desc} on {inputs_desc} ...")
     common = {"name": "demo", "model_desc": model_desc, "inputs_desc": inputs_desc}
     analysis = analyze(model, batches, strategy="all", **common)
-    click.echo(f"demo: analyze done ({time.perf_counter() - start:.1f} s); sweeping block sizes and thresholds ...")
+    say(f"demo: analyze done ({time.perf_counter() - start:.1f} s); sweeping block sizes and thresholds ...")
     bs_res, th_res = sweep_both(model, batches, **common)
     remove_outputs(stale)
     analysis.save(out / "analyze")
     bs_res.save(out / "sweep-blocksize")
     th_res.save(out / "sweep-threshold")
-    merged = merge_sweeps_into(analysis.to_json(), bs_res.to_json(), th_res.to_json())
-    atomic_write_text(out / "results.json", json.dumps(merged, indent=1, allow_nan=False))
-    html = render_report(merged, out / "index.html")
+    merged = analysis.merged(bs_res, th_res)
+    atomic_write_text(out / "results.json", json.dumps(merged.to_json(), indent=1, allow_nan=False))
+    html = merged.to_html(out / "index.html")
+    lines = verdict_lines(merged.tables, merged.metadata)
+    if output_format == "json":
+        click.echo(json.dumps({"results": str(out / "results.json"), "html": str(html), "verdict": lines}, indent=1))
+        return
+    for line in lines:
+        click.echo(line)
     shown = _printable(out)
     click.echo(f"demo: report written to {_printable(html)} ({time.perf_counter() - start:.1f} s); "
                f"results JSON in {shown}/results.json (fp8probe report {shown}/results.json -o other.html re-renders it)")

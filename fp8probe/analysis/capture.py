@@ -126,9 +126,11 @@ class _Recorder(GemmHandler):
         self.pending: dict[int, GemmSite] = {}
         self.count = 0
         self.tapped = 0
+        self.unmatched: list[str] = []  # names --layers left out (listed when it matched nothing)
 
     def skip(self, site: GemmSite) -> str | None:
         if self.pattern is not None and not self.pattern.search(site.name):
+            self.unmatched.append(site.name)
             return "not matched by --layers"
         return None
 
@@ -236,6 +238,24 @@ def _grad_enabled_params(model: Any) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+# GEMM names listed when --layers matches none of them.
+LIST_LAYERS = 12
+
+
+def _nothing_captured(pattern: re.Pattern | None, seen: list[str], kinds: tuple[str, ...]) -> str:
+    """Why nothing was captured, naming the model's GEMMs when --layers filtered all of them out."""
+    selected = f" (GEMM kinds selected: {', '.join(kinds)})"
+    if pattern is None:
+        return "no GEMM was captured: the model ran no GEMM of the selected kinds on these inputs" + selected
+    if not seen:
+        return (f"no GEMM was captured matching --layers {pattern.pattern!r}: the model ran no GEMM of the selected "
+                "kinds at all" + selected)
+    names = list(dict.fromkeys(seen))
+    more = f", … ({len(names)} in all)" if len(names) > LIST_LAYERS else ""
+    return (f"no GEMM was captured matching --layers {pattern.pattern!r}; the model's GEMMs are: "
+            + ", ".join(names[:LIST_LAYERS]) + more)
+
+
 def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], None], *,
                   layers: str | re.Pattern | None = None, loss_fn: LossFn | None = None,
                   loss_name: str | None = None, device: str | torch.device = "cpu",
@@ -270,8 +290,7 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
         except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
             raise LoadError(f"the model failed on the inputs: {one_line(exc)}") from exc
         if not rec.count:
-            raise LoadError("no GEMM was captured" + (f" matching --layers {pattern.pattern!r}" if pattern else "")
-                            + f" (GEMM kinds selected: {', '.join(coverage.kinds)})")
+            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds))
         loss, info = choose_loss(output, batch, loss_fn, loss_name)
         del output
         if rec.tapped and not loss.requires_grad:

@@ -63,11 +63,16 @@ TORCHSCRIPT_REFUSED = ("{path} is a TorchScript archive, which fp8probe cannot i
 # Batches
 # --------------------------------------------------------------------------------------------
 def to_batch(obj: Any) -> Batch:
-    """One batch from a tensor (one positional arg), a tuple (positional args), a dict (kwargs) or a Batch."""
+    """One batch from a tensor (one positional arg), a tuple (positional args), a dict (kwargs), a pair
+    ``(args tuple, kwargs dict)`` such as ``((x,), {"mask": m})``, or a Batch."""
     if isinstance(obj, Batch):
         return obj
     if isinstance(obj, torch.Tensor):
         return Batch((obj,), {})
+    if (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], (tuple, list)) and isinstance(obj[1], dict)
+            and all(isinstance(k, str) for k in obj[1])):
+        # ((x,), {"mask": m}): positional arguments and keyword arguments of one call
+        return Batch(tuple(obj[0]), dict(obj[1]))
     if isinstance(obj, tuple):
         return Batch(obj, {})
     if isinstance(obj, dict):
@@ -162,8 +167,24 @@ def one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 # Factories
 # --------------------------------------------------------------------------------------------
+_RESOLVED: dict[str, Callable] = {}
+
+
 def resolve_callable(spec: str) -> Callable:
-    """``module.path:function`` or ``path/to/file.py:function`` → the function."""
+    """``module.path:function`` or ``path/to/file.py:function`` → the function.
+
+    Resolved once per process: the CLI checks a factory before it looks at --out (so a typo is the
+    first error reported) and calls it later; a file's top-level code must not run twice.
+    """
+    target = spec.rpartition(":")[0]
+    # a file spec is keyed by its modification time too: an edited factory file is imported afresh
+    key = f"{spec}@{Path(target).stat().st_mtime_ns}" if target.endswith(".py") and Path(target).is_file() else spec
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve_callable(spec)
+    return _RESOLVED[key]
+
+
+def _resolve_callable(spec: str) -> Callable:
     target, sep, func = spec.rpartition(":")
     if not sep or not target or not func:
         raise LoadError(f"expected module:function or path/to/file.py:function, got {spec!r}")
@@ -185,6 +206,15 @@ def resolve_callable(spec: str) -> Callable:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
+            missing = getattr(exc, "name", None)
+            if isinstance(exc, ModuleNotFoundError) and missing and target.split(".")[0] == missing.split(".")[0]:
+                # The module itself is not importable (not one of its imports): usually a local file,
+                # and the console script does not put the current directory on sys.path.
+                guess = target.replace(".", "/") + ".py"
+                hint = (f"; {guess} exists: pass {guess}:{func}" if Path(guess).is_file()
+                        else f"; pass path/to/file.py:{func} to load it from a file")
+                raise LoadError(f"cannot import module {target!r}: it is not on the Python import path (the current "
+                                f"directory {Path.cwd()} is not on it when fp8probe runs as a command){hint}") from None
             raise LoadError(f"cannot import module {target!r}: {one_line(exc)}") from None
     fn = getattr(module, func, None)
     if not callable(fn):
@@ -409,6 +439,9 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
             raise LoadError(f"{path} holds a state_dict: pass --factory module:function (or file.py:function) "
                             "that builds the model")
         model, batches = _call_factory(factory)
+        mismatch = state_dict_mismatch(model, obj)
+        if mismatch:
+            raise LoadError(f"state_dict {path.name} does not fit the model from {factory}: {mismatch}")
         try:
             model.load_state_dict(obj, strict=True)
         except RuntimeError as exc:
@@ -418,10 +451,46 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
     raise LoadError(f"{path} holds a {type(obj).__name__}, expected a model (.pt2, pickled nn.Module) or a state_dict")
 
 
+# Keys named in a state_dict mismatch message before "… and N more".
+MISMATCH_KEYS = 5
+
+
+def state_dict_mismatch(model: nn.Module, state: dict) -> str:
+    """Empty when ``state`` fits ``model``, else what does not fit: the first missing and unexpected keys
+    and shape differences, with counts (torch's own message lists every key on one huge line)."""
+    expected = model.state_dict()
+
+    def first(keys: list[str]) -> str:
+        more = f" and {len(keys) - MISMATCH_KEYS} more" if len(keys) > MISMATCH_KEYS else ""
+        return ", ".join(keys[:MISMATCH_KEYS]) + more
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} in the file, {list(v.shape)} in the model" for k, v in expected.items()
+              if k in state and hasattr(v, "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {first(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {first(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {first(shapes)}")
+    if missing and unexpected and all(u.split(".", 1)[-1] in expected for u in unexpected[:MISMATCH_KEYS]):
+        parts.append("the file's keys carry an extra prefix: was it saved from a wrapper module?")
+    return "; ".join(parts)
+
+
 def _load_pickle(path: Path, trust_pickle: bool) -> Any:
     if not trust_pickle:
         raise LoadError(PICKLE_REFUSED.format(path=path))
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - arbitrary unpickling errors
-        raise LoadError(f"cannot unpickle {path}: {one_line(exc)}") from None
+        text = one_line(exc)
+        main = re.search(r"Can't get attribute '([^']+)' on <module '[^']*__main__'", str(exc))
+        if main:
+            raise LoadError(f"cannot unpickle {path}: its class {main.group(1)} was defined in the script that saved it "
+                            "(module __main__), which does not exist here; move the class into a module and save "
+                            "again, or save model.state_dict() and pass --factory path/to/file.py:function, or "
+                            "torch.export the model") from None
+        raise LoadError(f"cannot unpickle {path}: {text}") from None

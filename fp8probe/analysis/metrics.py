@@ -368,6 +368,7 @@ class OutlierCensus:
     col_amax: torch.Tensor | None = None  # float64 [cols], NaN-free
     rows_touched: int = 0
     rows: int = 0
+    col_rows: torch.Tensor | None = None  # int64 [cols]: rows (tokens) with |x| ≥ threshold in that column
 
     def update(self, a2: torch.Tensor) -> None:
         """Add one batch of activations [rows, cols]."""
@@ -377,13 +378,16 @@ class OutlierCensus:
             return
         a = a2.detach().to(_F64).abs().nan_to_num(nan=0.0, posinf=math.inf)
         cmax = a.amax(dim=0).cpu()
+        hit = a >= self.threshold
+        crows = hit.sum(dim=0).cpu()
         if self.col_amax is None:
-            self.col_amax = cmax
+            self.col_amax, self.col_rows = cmax, crows
         elif self.col_amax.shape != cmax.shape:
             raise ValueError(f"column count changed between batches: {self.col_amax.numel()} then {cmax.numel()}")
         else:
             self.col_amax = torch.maximum(self.col_amax, cmax)
-        self.rows_touched += int((a >= self.threshold).any(dim=1).sum())
+            self.col_rows = crows if self.col_rows is None else self.col_rows + crows
+        self.rows_touched += int(hit.any(dim=1).sum())
         self.rows += a.shape[0]
 
     def merge(self, other: OutlierCensus) -> OutlierCensus:
@@ -394,8 +398,13 @@ class OutlierCensus:
             cm = other.col_amax if self.col_amax is None else self.col_amax
         else:
             cm = torch.maximum(self.col_amax, other.col_amax)
+        if self.col_rows is None or other.col_rows is None:
+            cr = other.col_rows if self.col_rows is None else self.col_rows
+        else:
+            cr = self.col_rows + other.col_rows
         return OutlierCensus(self.threshold, None if cm is None else cm.clone(),
-                             self.rows_touched + other.rows_touched, self.rows + other.rows)
+                             self.rows_touched + other.rows_touched, self.rows + other.rows,
+                             None if cr is None else cr.clone())
 
     def outlier_dims(self) -> list[int]:
         """Sorted column indices with amax ≥ threshold."""
@@ -404,11 +413,15 @@ class OutlierCensus:
         return (self.col_amax >= self.threshold).nonzero().flatten().tolist()
 
     def result(self) -> dict:
-        """threshold, n_outlier_cols, frac_cols, frac_rows, top_dims ([[dim, amax], …] ≤ TOP_K, largest first), col_amax."""
+        """threshold, n_outlier_cols, frac_cols, frac_rows, top_dims ([[dim, amax], …] ≤ TOP_K, largest first),
+        top_dim_tokens (for each top dim, the fraction of rows/tokens with |x| ≥ threshold in it), col_amax."""
         cols = self.col_amax if self.col_amax is not None else torch.zeros(0, dtype=_F64)
         dims = self.outlier_dims()
         top = sorted(((d, float(cols[d])) for d in dims), key=lambda t: -t[1])[:TOP_K]
         return {"threshold": self.threshold, "n_outlier_cols": len(dims),
                 "frac_cols": len(dims) / cols.numel() if cols.numel() else 0.0,
                 "frac_rows": self.rows_touched / self.rows if self.rows else 0.0,
-                "top_dims": [[d, m] for d, m in top], "col_amax": [float(v) for v in cols.tolist()]}
+                "top_dims": [[d, m] for d, m in top],
+                "top_dim_tokens": [int(self.col_rows[d]) / self.rows if self.rows and self.col_rows is not None
+                                   else 0.0 for d, _ in top],
+                "col_amax": [float(v) for v in cols.tolist()]}

@@ -212,6 +212,15 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
     return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name, Coverage(kinds))
 
 
+def _param_dtype(module: Any) -> str | None:
+    """The model's parameter dtype(s) for the report header ("bfloat16", "float32+float16"), None without parameters."""
+    params = getattr(module, "parameters", None)
+    if not callable(params):
+        return None
+    dtypes = list(dict.fromkeys(str(p.dtype).removeprefix("torch.") for p in params()))
+    return "+".join(dtypes) if dtypes else None
+
+
 def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: str | None, seed: int,
                  info: LossInfo | None, formats: list[str]) -> dict:
     """The metadata block every results JSON shares (docs/architecture.md); callers add their own keys."""
@@ -221,6 +230,8 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "inputs": inputs_desc or (f"{len(run.batches)} batch(es)" + (" (example inputs)" if run.example_inputs else "")),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(run.device),
+        "dtype": _param_dtype(run.module),
+        "threads": torch.get_num_threads(),
         "seed": seed,
         "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "strategies": [],

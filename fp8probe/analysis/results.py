@@ -75,6 +75,29 @@ class Results:
         paths["json"] = out / JSON_NAME
         return paths
 
+    def to_html(self, path: str | Path, *others: Results, keep_16bit_db: float = 20.0) -> Path:
+        """Render these results (merged with ``others``: sweep runs of the same model) into one
+        self-contained HTML report at ``path``; returns the path written (atomically)."""
+        from fp8probe.report.render import render_report
+
+        doc = self.to_json()
+        if others:
+            doc = self.merged(*others).to_json()
+        return render_report(doc, path, keep_16bit_db)
+
+    def merged(self, *others: Results) -> Results:
+        """One Results for one model: this run's tables plus those of ``others`` (e.g. an analyze run and
+        its sweeps; fp8probe.report.merge.merge_results rules). ValueError for different models or a
+        table carried twice."""
+        from fp8probe.report.merge import merge_results
+
+        for o in others:
+            if not isinstance(o, Results):
+                raise TypeError(f"expected Results to merge, got {type(o).__name__}")
+        doc = merge_results([self.to_json(), *(o.to_json() for o in others)],
+                            [f"{r.kind} results" for r in (self, *others)])
+        return Results.from_json(doc)
+
     @classmethod
     def from_json(cls, doc: Any, source: str = "results") -> Results:
         """Validate a parsed results document and build Results (ResultsError on any mismatch)."""

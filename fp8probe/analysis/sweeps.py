@@ -14,7 +14,7 @@ from fp8probe.autograd import MatMul8bitLt, MatmulLtState, get_block_sizes
 
 from .capture import GemmCall, LossFn, LossInfo
 from .metrics import ErrorAccumulator
-from .pipeline import Run, forward_order, prepare_run, run_metadata
+from .pipeline import ProgressFn, Run, forward_order, prepare_run, run_metadata
 from .results import Results
 
 DEFAULT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -226,11 +226,13 @@ class _ThresholdSweep:
 # Drivers
 # --------------------------------------------------------------------------------------------
 def _run(model: Any, inputs: Any, sweep: Any, *, layers: str | None, batches: int | None, device: str,
-         seed: int, loss: LossFn | str | None, gemms: str | list[str] | None = None) -> tuple[Run, LossInfo | None]:
-    """Resolve the model and batches exactly like analyze() and stream every batch into `sweep`."""
+         seed: int, loss: LossFn | str | None, gemms: str | list[str] | None = None,
+         progress: ProgressFn | None = None) -> tuple[Run, LossInfo | None]:
+    """Resolve the model and batches exactly like analyze() and stream every batch into `sweep`
+    (``progress(done, total)`` after each batch, as in analyze)."""
     run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
                       gemms=gemms)
-    return run, run.stream(sweep)
+    return run, run.stream(sweep, progress)
 
 
 def _metadata(kind: str, run: Run, info: LossInfo | None, *, name: str | None, model_desc: str | None,
@@ -276,7 +278,8 @@ class _Both:
 def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES, *,
                     layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
-                    inputs_desc: str | None = None, gemms: str | list[str] | None = None) -> Results:
+                    inputs_desc: str | None = None, gemms: str | list[str] | None = None,
+                    progress: ProgressFn | None = None) -> Results:
     """Blockwise FP8 error per layer × block size (kind "sweep-blocksize", table ``blocksize_sweep``).
 
     For each captured linear GEMM and block size: bnb-e4m3 blockwise fake quantisation of the
@@ -289,7 +292,7 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
     sizes = _check_blocksizes(blocksizes)
     sweep = _BlocksizeSweep(sizes)
     run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
-                     gemms=gemms)
+                     gemms=gemms, progress=progress)
     meta = _metadata("sweep-blocksize", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_blocksize_meta(sizes))
     return Results(meta, {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table(),
@@ -299,7 +302,8 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
 def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                     layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
-                    inputs_desc: str | None = None, gemms: str | list[str] | None = None) -> Results:
+                    inputs_desc: str | None = None, gemms: str | list[str] | None = None,
+                    progress: ProgressFn | None = None) -> Results:
     """LLM.int8() fprop error vs outlier threshold per layer (kind "sweep-threshold", table ``threshold_sweep``).
 
     For each captured linear GEMM and threshold: the MatMul8bitLt forward (int8 row-wise A and W,
@@ -311,7 +315,7 @@ def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] 
     ths = _check_thresholds(thresholds)
     sweep = _ThresholdSweep(ths)
     run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
-                     gemms=gemms)
+                     gemms=gemms, progress=progress)
     meta = _metadata("sweep-threshold", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_threshold_meta(ths))
     tokens = {n: a.tokens for n, a in sweep.layers.items()}
@@ -324,7 +328,7 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     """Both sweeps from ONE capture pass (half the forward/backward work): (blocksize, threshold) Results."""
     sizes, ths = _check_blocksizes(blocksizes), _check_thresholds(thresholds)
     bsw, tsw = _BlocksizeSweep(sizes), _ThresholdSweep(ths)
-    opts = {k: kwargs.pop(k, None) for k in ("layers", "batches", "loss", "gemms")}
+    opts = {k: kwargs.pop(k, None) for k in ("layers", "batches", "loss", "gemms", "progress")}
     device, seed = kwargs.pop("device", "cpu"), kwargs.pop("seed", 0)
     name, model_desc, inputs_desc = (kwargs.pop(k, None) for k in ("name", "model_desc", "inputs_desc"))
     if kwargs:

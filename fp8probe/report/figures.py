@@ -9,15 +9,19 @@ from collections.abc import Mapping, Sequence
 # A bare Figure() gets a FigureCanvasBase whose savefig("png") renders through Agg: no pyplot,
 # no global backend switch, safe in threads and in users' notebooks.
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 # PNG rather than SVG: matplotlib's SVG carries a DOCTYPE and xmlns URLs, and the report must not
 # contain a single network reference. 96 dpi keeps a 12-layer demo report around 1 MB.
 PNG_DPI = 96
+# Colours kept when a figure is stored as a palette PNG (anti-aliased lines need more than the 10 of PALETTE).
+PALETTE_COLOURS = 256
 # Colours cycle in this order for strategies / layers (matplotlib's tab10, spelled out so the
 # legend order is stable across matplotlib versions).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
-GEMMS = ("fprop", "dgrad", "wgrad")
+# Sweep legends name at most this many layers (a 200-layer legend would be taller than the figure).
+MAX_LEGEND = 12
 
 
 def figure_to_data_uri(fig: Figure) -> str:
@@ -25,7 +29,19 @@ def figure_to_data_uri(fig: Figure) -> str:
     buf = io.BytesIO()
     # No bbox_inches="tight": it draws the figure twice; constrained layout already fits it.
     fig.savefig(buf, format="png", dpi=PNG_DPI, metadata={"Software": None})  # no version string (keeps outputs reproducible)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    png = buf.getvalue()
+    try:  # Pillow ships with matplotlib; a 256-colour palette PNG is 2-4x smaller and looks the same for charts
+        from PIL import Image
+
+        buf.seek(0)
+        with Image.open(buf) as im:
+            small = io.BytesIO()
+            im.convert("RGB").quantize(colors=PALETTE_COLOURS, method=Image.Quantize.MEDIANCUT,
+                                       dither=Image.Dither.NONE).save(small, format="PNG", optimize=True)
+        png = min(png, small.getvalue(), key=len)
+    except ImportError:
+        pass
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _finite(x: float | None) -> float:
@@ -33,33 +49,6 @@ def _finite(x: float | None) -> float:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return float("nan")
     return max(min(float(x), 200.0), -50.0)
-
-
-def sqnr_bars(layers: Sequence[str], strategies: Sequence[str],
-              sqnr: Mapping[tuple[str, str, str], float]) -> Figure:
-    """Grouped horizontal bars: SQNR (dB) per layer, one bar per strategy, one panel per GEMM.
-
-    ``sqnr[(layer, strategy, gemm)]`` is the SQNR in dB; missing keys are simply not drawn.
-    """
-    n = max(len(layers), 1)
-    height = 1.2 + 0.28 * n * max(1, min(len(strategies), 4)) / 2
-    fig = Figure(figsize=(12, max(2.5, height)), layout="constrained")
-    axes = fig.subplots(1, len(GEMMS), sharey=True)
-    bar_h = 0.8 / max(len(strategies), 1)
-    for ax, gemm in zip(axes, GEMMS):
-        for si, strategy in enumerate(strategies):
-            ys = [i + (si - (len(strategies) - 1) / 2) * bar_h for i in range(len(layers))]
-            vals = [_finite(sqnr.get((layer, strategy, gemm))) for layer in layers]
-            ax.barh(ys, vals, height=bar_h, color=PALETTE[si % len(PALETTE)], label=strategy)
-        ax.set_title(f"{gemm} SQNR (dB)", fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_xlabel("dB (higher is better)", fontsize=8)
-    axes[0].set_yticks(range(len(layers)), labels=[_short(x) for x in layers], fontsize=8)
-    axes[0].invert_yaxis()
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8)
-    return fig
 
 
 def _short(name: str, width: int = 32) -> str:
@@ -83,58 +72,34 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str]) -> Figur
     layers = list(dict.fromkeys(p["layer"] for p in panels))
     ncols = max(len(tensors), 1)
     # Fixed margins instead of constrained layout: with 30+ axes the layout solver costs ~1 s per figure.
-    height = 0.9 + 1.45 * max(len(layers), 1)
+    # Each panel is titled "layer · tensor" (full width, no name cut at a left margin) and has both axes labelled.
+    height = 0.9 + 1.75 * max(len(layers), 1)
     fig = Figure(figsize=(12, height))
-    fig.subplots_adjust(left=0.15, right=0.99, top=1 - 0.35 / height, bottom=0.5 / height, hspace=0.35, wspace=0.08)
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.35 / height, bottom=0.5 / height, hspace=0.75, wspace=0.18)
     axes = fig.subplots(max(len(layers), 1), ncols, squeeze=False)
     by_key = {(p["layer"], p["tensor"]): p for p in panels}
     for r, layer in enumerate(layers):
         for c, tensor in enumerate(tensors):
             ax = axes[r][c]
             p = by_key.get((layer, tensor))
-            if r == 0:
-                ax.set_title(tensor, fontsize=10)
-            if c == 0:
-                ax.set_ylabel(_short(layer, 22), fontsize=7, rotation=0, ha="right", va="center")
             if p is None or not p["counts"]:
                 ax.set_axis_off()
                 continue
+            ax.set_title(f"{_short(layer, 44)} · {tensor}", fontsize=8, loc="left")
             edges, counts = p["edges"], p["counts"]
-            ax.stairs(counts, edges, fill=True, color="#4c72b0", alpha=0.75)
+            total = float(sum(counts)) or 1.0
+            ax.stairs([100.0 * n / total for n in counts], edges, fill=True, color="#4c72b0", alpha=0.75)
             for wi, (label, lo, hi) in enumerate(p["windows"]):
                 colour = PALETTE[(wi + 1) % len(PALETTE)]
                 ax.axvspan(lo, hi, color=colour, alpha=0.12, label=label)
                 ax.axvline(lo, color=colour, lw=1, ls="--")
                 ax.axvline(hi, color=colour, lw=1)
             ax.tick_params(labelsize=7)
-            ax.set_yticks([])
+            ax.set_xlabel("log2 |x|", fontsize=7, labelpad=1)
+            if c == 0:
+                ax.set_ylabel("% of elements", fontsize=7)
             if p["windows"]:
                 ax.legend(fontsize=6, loc="upper left", frameon=False)
-    for ax in axes[-1]:
-        ax.set_xlabel("log2 |x|", fontsize=8)
-    return fig
-
-
-def outlier_heatmap(layers: Sequence[str], col_amax: Sequence[Sequence[float]]) -> Figure:
-    """Heat map of per-feature-column amax (log10 colour scale), rows = layers, columns = input dims.
-
-    Rows of different widths are right-padded with NaN (drawn blank).
-    """
-    import numpy as np
-
-    width = max((len(r) for r in col_amax), default=1) or 1
-    grid = np.full((max(len(layers), 1), width), np.nan)
-    for i, row in enumerate(col_amax):
-        vals = np.asarray(row, dtype=float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            grid[i, : len(vals)] = np.log10(np.where(vals > 0, vals, np.nan))
-    fig = Figure(figsize=(12, 0.9 + 0.3 * max(len(layers), 1)), layout="constrained")
-    ax = fig.subplots()
-    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma")
-    ax.set_yticks(range(len(layers)), labels=[_short(x) for x in layers], fontsize=8)
-    ax.set_xlabel("input feature dimension", fontsize=8)
-    cb = fig.colorbar(im, ax=ax, pad=0.01)
-    cb.set_label("log10 column amax", fontsize=8)
     return fig
 
 
@@ -157,15 +122,24 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
             ax.set_axis_off()
             continue
         p = panels[k]
+        many = len(p["series"]) > MAX_LEGEND
         for i, s in enumerate(p["series"]):
             colour = PALETTE[i % len(PALETTE)]
-            (line,) = ax.plot(s["x"], [_finite(y) for y in s["y"]], marker="o", ms=3, lw=1.2, color=colour)
-            if k == 0:
+            # 200 layers: thin lines without markers, and the legend names the first MAX_LEGEND only
+            (line,) = ax.plot(s["x"], [_finite(y) for y in s["y"]], marker="" if many else "o", ms=3,
+                              lw=0.6 if many else 1.2, alpha=0.6 if many else 1.0, color=colour)
+            if k == 0 and i < MAX_LEGEND:
                 handles.append(line)
                 labels.append(_short(s["label"], 28))
             if s.get("mark_x") is not None and s["mark_x"] in list(s["x"]):
                 j = list(s["x"]).index(s["mark_x"])
                 ax.plot([s["x"][j]], [_finite(s["y"][j])], marker="*", ms=11, color=colour, markeredgecolor="black")
+        if p.get("vline"):
+            # the one value for the whole model (validated recommendation, or most layers' pick)
+            ax.axvline(p["vline"]["value"], color="black", ls=":", lw=1.5)
+            if k == 0:
+                handles.append(ax.lines[-1])
+                labels.append(p["vline"]["label"])
         if p.get("logx2"):
             ax.set_xscale("log", base=2)
         ax.set_xlabel(p["xlabel"], fontsize=8)
@@ -174,6 +148,10 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     if handles:
+        n_series = len(panels[0]["series"]) if panels else 0
+        if n_series > MAX_LEGEND:
+            handles.append(Line2D([], [], lw=0))
+            labels.append(f"… {n_series - MAX_LEGEND} more layers")
         fig.legend(handles, labels, loc="upper right", fontsize=7, frameon=False)
     return fig
 

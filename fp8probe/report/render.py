@@ -13,16 +13,26 @@ import jinja2
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
+from fp8probe.report.verdict import (KEEP_16BIT_DB, build_verdict, coverage_line, isolated_headline, signed_pct,
+                                     verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
-# A layer is recommended to stay in 16-bit under a strategy when its forward GEMM keeps less than
-# 20 dB SQNR, i.e. the quantisation noise is above 1 % of the output power (10^(-20/10) = 0.01).
-# Per-tensor FP8 on well-behaved data gives ~25-31 dB, int8 vector-wise ~35-40 dB, so 20 dB only
-# flags layers that are clearly hurt (outlier features, wide dynamic range).
-KEEP_16BIT_DB = 20.0
 # Rows in the "worst layers" summary table.
 WORST_LAYERS = 8
+# Heat-map colour bins: 5 dB wide, four below the keep-in-16-bit line and five from it upwards
+# (CSS classes h0 … h8), so the line falls between h3 and h4 whatever --keep-16bit-db is.
+HEAT_STEP_DB = 5.0
+HEAT_BINS_BELOW = 4
+HEAT_BINS = 9
+# Isolated GEMMs of a recipe that quantises nothing sit at float32 rounding (~140 dB against the
+# float64 reference); results written before the `quantized` column existed are told apart by this:
+# no 8-bit recipe comes near 100 dB (int8 on well-behaved data: ~40 dB).
+UNQUANTISED_DB = 100.0
+# Outlier grid: at most this many feature dimensions (the ones flagged in the most layers) as columns.
+MAX_OUTLIER_DIMS = 16
+# Per-strategy detail tables longer than this start collapsed.
+OPEN_DETAILS_ROWS = 20
 # Histogram small multiples are one row per layer; beyond this many layers only the worst ones
 # (lowest fprop SQNR) are drawn, and the report says so.
 MAX_HIST_LAYERS = 12
@@ -72,8 +82,20 @@ def cell(value: Any, fmt: str = "{:.2f}", cls: str = "") -> dict:
             return {"text": "NaN", "sort": None, "cls": cls or "warn"}
         if math.isinf(v):
             return {"text": "∞" if v > 0 else "−∞", "sort": 1e308 if v > 0 else -1e308, "cls": cls}
-        return {"text": fmt.format(v), "sort": v, "cls": cls}
+        text = fmt.format(v)
+        return {"text": text, "sort": _sort_key(text, v), "cls": cls}
     return {"text": str(value), "sort": None, "cls": cls or "txt"}
+
+
+def _sort_key(text: str, v: float) -> float | None:
+    """The data-sort value, or None when the sorter can read the shown number itself (JS Number(text)):
+    a 211-layer report has ~40 000 cells, and a 17-digit key on each is a third of its size."""
+    try:
+        if math.isfinite(float(text)):
+            return None
+    except ValueError:
+        pass
+    return float(f"{v:.6g}")
 
 
 def _sqnr_cell(value: Any, limit: float) -> dict:
@@ -111,10 +133,19 @@ def _fprop_sqnr(gemm: Mapping, layer: str, strategy: str) -> float | None:
     return None if row is None else metric_value(row)
 
 
+# A fraction (underflow, saturation, zeros) is shaded from 0.1 % on: smaller shares are shown but are
+# not worth the reader's attention, and 0 is written "0" so it cannot pass for a rounded-down share.
+PCT_WARN = 1e-3
+
+
 def _pct(value: Any) -> dict:
     if not _isnum(value):
         return cell(value)
-    return cell(100.0 * float(value), "{:.2f}%" if value < 0.1 else "{:.1f}%", "warn" if value > 0 else "")
+    v = float(value)
+    if v == 0:
+        return {"text": "0", "sort": 0.0, "cls": ""}
+    text = "<0.01%" if 0 < v < 1e-4 else f"{100 * v:.2f}%" if v < 0.1 else f"{100 * v:.1f}%"
+    return {"text": text, "sort": v, "cls": "warn" if v >= PCT_WARN else ""}
 
 
 def _table(tid: str, columns: Sequence[str], rows: list[list[dict]], groups: Sequence[tuple[str, int]] = ()) -> dict:
@@ -314,98 +345,177 @@ def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_m
     return {"table": table, "figure": figure, "note": note, "present": bool(trows or hists)}
 
 
-def _outlier_section(layers: list[str], tables: Mapping, draw: bool = True) -> dict | None:
+def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
+    """The outlier dimensions that matter: per layer its top dims with magnitude and share of tokens, and
+    a grid layers × the dims flagged in the most layers (a full-width column strip hides them at 1 px)."""
     rows = tables.get("outliers", [])
     if not rows:
         return None
-    table = _table("outliers", ["layer", "threshold", "outlier cols", "frac cols", "frac rows", "top dims (dim: amax)"], [
-        [cell(r["layer"]), cell(r.get("threshold"), "{:g}"), cell(r.get("n_outlier_cols"), "{:.0f}"),
-         _pct(r.get("frac_cols")), _pct(r.get("frac_rows")),
-         cell(", ".join(f"{int(d)}: {_fmt_g(a)}" for d, a in (r.get("top_dims") or [])[:5]))]
-        for r in rows])
-    first = {}
+    first: dict[str, Mapping] = {}
     for r in rows:
         first.setdefault(r["layer"], r)
-    hm_layers = [x for x in layers if x in first and first[x].get("col_amax")]
-    figure = None
-    if hm_layers and draw:
-        figure = figures.figure_to_data_uri(
-            figures.outlier_heatmap(hm_layers, [first[x]["col_amax"] for x in hm_layers]))
-    return {"table": table, "figure": figure}
+
+    def tops(r: Mapping) -> list[tuple[int, Any, Any]]:
+        dims = r.get("top_dims") or []
+        tokens = r.get("top_dim_tokens") or []
+        return [(int(d[0]), d[1], tokens[i] if i < len(tokens) else None) for i, d in enumerate(dims)]
+
+    def describe(r: Mapping) -> str:
+        return ", ".join(f"{d}: {_fmt_g(a)}" + (f" ({100 * t:.0f}% of tokens)" if _isnum(t) else "")
+                         for d, a, t in tops(r)[:5])
+
+    table = _table("outliers", ["layer", "threshold", "outlier cols", "frac cols", "frac tokens", "top dims (dim: amax)"], [
+        [cell(r["layer"]), cell(r.get("threshold"), "{:g}"), cell(r.get("n_outlier_cols"), "{:.0f}"),
+         _pct(r.get("frac_cols")), _pct(r.get("frac_rows")), cell(describe(r) or "–")] for r in rows])
+    flagged = [x for x in layers if x in first and tops(first[x])]
+    flagged += [x for x in first if x not in flagged and tops(first[x])]
+    counts: dict[int, int] = {}
+    for x in flagged:
+        for d, _a, _t in tops(first[x]):
+            counts[d] = counts.get(d, 0) + 1
+    dims = sorted(sorted(counts, key=lambda d: (-counts[d], d))[:MAX_OUTLIER_DIMS])
+    grid_rows = []
+    for x in flagged:
+        r = first[x]
+        top = {d: (a, t) for d, a, t in tops(r)}
+        col_amax = r.get("col_amax") or []
+        thr = r.get("threshold") if _isnum(r.get("threshold")) else None
+        row = [cell(x)]
+        for d in dims:
+            if d in top:
+                a, t = top[d]
+                text = _fmt_g(a) + (f" · {100 * t:.0f}%" if _isnum(t) else "")
+                level = "o3" if thr and _isnum(a) and a >= 8 * thr else "o2" if thr and _isnum(a) and a >= 2 * thr else "o1"
+                row.append({"text": text, "sort": float(a) if _isnum(a) else None, "cls": level})
+            elif d < len(col_amax) and _isnum(col_amax[d]):
+                row.append({"text": _fmt_g(col_amax[d]), "sort": float(col_amax[d]), "cls": "muted"})
+            else:
+                row.append(cell(None))
+        grid_rows.append(row)
+    grid = _table("outlier-dims", ["layer", *[str(d) for d in dims]], grid_rows,
+                  groups=[("", 1), ("input feature dimension: column amax · share of tokens at or above the threshold",
+                                    len(dims))]) if dims else None
+    return {"table": table, "grid": grid, "n_flagged": len(flagged), "n_layers": len(first),
+            "n_dims": len(counts), "shown_dims": len(dims)}
+
+
+def _model_wide(kind: str, tables: Mapping, per_layer: Sequence[Any]) -> dict | None:
+    """The one value for the whole model: the validated recommendation row of ``kind`` when the results
+    carry one, else the value most layers' per-layer recommendation picks (labelled as such)."""
+    row = next((r for r in tables.get("recommendation", []) if r.get("kind") == kind and _isnum(r.get("value"))), None)
+    if row is not None:
+        return {"value": float(row["value"]), "label": f"model-wide: {row['value']:g} (validated end to end)"}
+    picks = [float(v) for v in per_layer if _isnum(v)]
+    if not picks:
+        return None
+    best = max(dict.fromkeys(picks), key=picks.count)
+    return {"value": best, "label": f"most layers' pick: {best:g} ({picks.count(best)} of {len(picks)})"}
+
+
+def _group(rows: Sequence[Mapping], key: str = "layer") -> dict[Any, list[Mapping]]:
+    out: dict[Any, list[Mapping]] = {}
+    for r in rows:
+        out.setdefault(r[key], []).append(r)
+    return out
+
+
+def _drawn_layers(lay: list[str], worst: Mapping[str, float]) -> tuple[list[str], str]:
+    """The layers a sweep chart draws: all of them up to figures.MAX_LEGEND, else the MAX_LEGEND with
+    the lowest fprop SQNR (forward order kept) and a note; every layer stays in the table."""
+    if len(lay) <= figures.MAX_LEGEND:
+        return lay, ""
+    chosen = set(sorted(lay, key=lambda x: worst.get(x, math.inf))[:figures.MAX_LEGEND])
+    return ([x for x in lay if x in chosen],
+            f"The charts draw the {figures.MAX_LEGEND} layers with the lowest fprop SQNR of {len(lay)}; "
+            "every layer is in the table.")
 
 
 def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True,
-                       auto_sizes: Mapping[str, Any] | None = None) -> dict | None:
+                       auto_sizes: Mapping[str, Any] | None = None, tables: Mapping | None = None) -> dict | None:
     if not rows:
         return None
     sizes = sorted({int(r["blocksize"]) for r in rows})
     targets = [t for t in ("fprop", "dgrad", "wgrad", "activation", "weight", "grad_output")
                if any(r["target"] == t for r in rows)]
-    idx = _index(rows, "layer", "blocksize", "target")
-    lay = [x for x in layers if any(r["layer"] == x for r in rows)] or list(dict.fromkeys(r["layer"] for r in rows))
-    table_rows = []
+    by_layer = _group(rows)
+    lay = [x for x in layers if x in by_layer] or list(by_layer)
+    table_rows, picks, worst = [], [], {}
     for layer in lay:
-        rec = next((int(r["blocksize"]) for r in rows if r["layer"] == layer and r.get("recommended")), None)
+        mine = by_layer[layer]
+        rec = next((int(r["blocksize"]) for r in mine if r.get("recommended")), None)
+        picks.append(rec)
         # get_block_sizes' pick for A (bsz) from the layers table; it need not be one of the swept sizes
         auto = (auto_sizes or {}).get(layer)
         if auto is None:
-            auto = next((int(r["blocksize"]) for r in rows if r["layer"] == layer and r.get("auto")
-                         and r["target"] == "fprop"), None)
+            auto = next((int(r["blocksize"]) for r in mine if r.get("auto") and r["target"] == "fprop"), None)
+        fprop = {int(r["blocksize"]): r for r in mine if r["target"] == "fprop"}
+        worst[layer] = min((v for r in fprop.values() if (v := metric_value(r)) is not None and not math.isnan(v)),
+                           default=math.inf)
         row = [cell(layer), cell(rec, "{:.0f}", "good"), cell(auto, "{:.0f}")]
         for bs in sizes:
-            r = idx.get((layer, bs, "fprop")) or idx.get((layer, float(bs), "fprop"))
+            r = fprop.get(bs)
             row.append(cell(r.get("sqnr_db") if r else None, "{:.1f}", "good" if bs == rec else ""))
         table_rows.append(row)
     overhead = [f"{bs}: {32 / bs:.3g}" for bs in sizes]
+    model = _model_wide("blocksize", tables or {}, picks)
+    drawn, note = _drawn_layers(lay, worst)
     panels = []
     for t in targets:
         series = []
-        for layer in lay:
+        for layer in drawn:
             pts = sorted((int(r["blocksize"]), r["sqnr_db"], bool(r.get("recommended")))
-                         for r in rows if r["layer"] == layer and r["target"] == t)
+                         for r in by_layer[layer] if r["target"] == t)
             if pts:
                 mark = next((p[0] for p in pts if p[2]), None)
                 series.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": mark})
         panels.append({"title": t, "series": series, "xlabel": "block size (elements)", "ylabel": "SQNR (dB)",
-                       "logx2": True})
+                       "logx2": True, "vline": model})
     figure = figures.figure_to_data_uri(figures.sweep_panels(panels, ncols=3)) if draw else None
     return {"rule": rule, "figure": figure, "targets": ", ".join(targets), "overhead": ", ".join(overhead),
+            "model": model["label"] if model else "", "note": note,
             "table": _table("blocksize", ["layer", "recommended", "auto (get_block_sizes)",
                                           *[f"{bs}" for bs in sizes]], table_rows,
                             groups=[("", 3), ("fprop SQNR (dB) per block size", len(sizes))])}
 
 
-def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True) -> dict | None:
+def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True,
+                       tables: Mapping | None = None) -> dict | None:
     if not rows:
         return None
     ths = sorted({float(r["threshold"]) for r in rows})
-    idx = {(r["layer"], float(r["threshold"])): r for r in rows}
-    lay = [x for x in layers if any(r["layer"] == x for r in rows)] or list(dict.fromkeys(r["layer"] for r in rows))
-    table_rows, s_sqnr, s_frac = [], [], []
+    by_layer = _group(rows)
+    lay = [x for x in layers if x in by_layer] or list(by_layer)
+    table_rows, series, picks, worst = [], {}, [], {}
     for layer in lay:
-        rec = next((float(r["threshold"]) for r in rows if r["layer"] == layer and r.get("recommended")), None)
+        mine = {float(r["threshold"]): r for r in by_layer[layer]}
+        rec = next((th for th, r in mine.items() if r.get("recommended")), None)
+        picks.append(rec)
         row = [cell(layer), cell(rec, "{:g}", "good")]
         for th in ths:
-            r = idx.get((layer, th))
+            r = mine.get(th)
             if r is None:
                 row.append(cell(None))
                 continue
             c = cell(r.get("fprop_sqnr_db"), "{:.1f}", "good" if th == rec else "")
             frac = r.get("frac_cols_16bit")
             c["text"] += f" / {100 * frac:.1f}%" if _isnum(frac) else ""
+            c["sort"] = c["sort"] if c["sort"] is not None or not _isnum(r.get("fprop_sqnr_db")) else float(r["fprop_sqnr_db"])
             row.append(c)
         table_rows.append(row)
-        pts = sorted((float(r["threshold"]), r.get("fprop_sqnr_db"), r.get("frac_cols_16bit"))
-                     for r in rows if r["layer"] == layer)
-        s_sqnr.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": rec})
-        s_frac.append({"label": layer, "x": [p[0] for p in pts],
-                       "y": [100 * p[2] if _isnum(p[2]) else None for p in pts], "mark_x": rec})
+        worst[layer] = min((v for r in mine.values() if _isnum(v := r.get("fprop_sqnr_db"))), default=math.inf)
+        series[layer] = (sorted((th, r.get("fprop_sqnr_db"), r.get("frac_cols_16bit")) for th, r in mine.items()), rec)
+    model = _model_wide("threshold", tables or {}, picks)
+    drawn, note = _drawn_layers(lay, worst)
+    s_sqnr = [{"label": x, "x": [p[0] for p in series[x][0]], "y": [p[1] for p in series[x][0]], "mark_x": series[x][1]}
+              for x in drawn]
+    s_frac = [{"label": x, "x": [p[0] for p in series[x][0]],
+               "y": [100 * p[2] if _isnum(p[2]) else None for p in series[x][0]], "mark_x": series[x][1]} for x in drawn]
     figure = None if not draw else figures.figure_to_data_uri(figures.sweep_panels([
         {"title": "fprop SQNR vs threshold", "series": s_sqnr, "xlabel": "outlier threshold",
-         "ylabel": "fprop SQNR (dB)"},
+         "ylabel": "fprop SQNR (dB)", "vline": model},
         {"title": "16-bit columns vs threshold", "series": s_frac, "xlabel": "outlier threshold",
-         "ylabel": "% input columns kept in 16-bit"}], ncols=2))
-    return {"rule": rule, "figure": figure,
+         "ylabel": "% input columns kept in 16-bit", "vline": model}], ncols=2))
+    return {"rule": rule, "figure": figure, "model": model["label"] if model else "", "note": note,
             "table": _table("threshold", ["layer", "recommended", *[f"{th:g}" for th in ths]], table_rows,
                             groups=[("", 2), ("fprop SQNR (dB) / % columns in 16-bit, per threshold", len(ths))])}
 
@@ -437,6 +547,176 @@ def _weights_section(meta: Mapping, tables: Mapping) -> dict | None:
     return {"note": str(info.get("note", "")), "analysed": info.get("analysed"), "skipped": info.get("skipped"),
             "share": f"{100 * float(info.get('param_share_analysed') or 0):.2f} %", "blocks": blocks,
             "outliers": outliers, "outlier_ratio": _fmt_g(ratio) if ratio is not None else "", "skipped_table": skipped}
+
+
+# ----------------------------------------------------------------------------------------------
+# Verdict, heat map and the end-to-end tables (agreed schemas: README "Reports")
+# ----------------------------------------------------------------------------------------------
+def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
+    """The first screen: the verdict lines (the terminal prints the same), the per-strategy end-to-end
+    table, the isolated summary, coverage, warnings and one-line notes for what these results lack."""
+    v = build_verdict(tables, meta, keep_db)
+    e2e_rows = [[cell(r["strategy"], cls="txt strong" if r["recommended"] else ""),
+                 _change_cell(r["loss_rel_change"]), cell(r["kl_div"], "{:.3g}"), _share(r["top1_agreement"]),
+                 _sqnr_cell(r["output_sqnr_db"], keep_db), cell(r["grad_sqnr_db_min"], "{:.1f}"),
+                 cell(r["grad_sqnr_db_median"], "{:.1f}"), _share(r["lp_flop_share"]),
+                 cell(r["n_keep"], "{:.0f}"), _budget_cell(r["within_budget"]), cell(r["note"])]
+                for r in v["e2e"]]
+    iso_rows = [[cell(r["strategy"]), cell(f"{r['n_below']} of {r['n_layers']}", cls="bad" if r["n_below"] else ""),
+                 cell(r["worst_layer"]), _sqnr_cell(r["worst_db"], keep_db)] for r in v["isolated"]]
+    rec = v["recommended"]
+    return {
+        # the lines the tables and the callout below do not already show
+        "lines": [line for line in verdict_lines(tables, meta, keep_db)
+                  if not line.startswith(("verdict", "isolated ", "end-to-end "))],
+        "headline": (isolated_headline(v["best_isolated"], keep_db).split(": ", 1)[1]
+                     if v["best_isolated"] else ""),
+        "recommended": None if rec is None else {**rec, "loss": signed_pct(rec["loss_rel_change"]),
+                                                 "share": _share(rec["lp_flop_share"])["text"]},
+        "no_recommendation": v["no_recommendation"],
+        "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
+                              "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",
+                              "layers kept in 16-bit", "within budget", "note"], e2e_rows),
+        "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
+                                        "worst fprop SQNR dB"], iso_rows),
+        "coverage": coverage_line(v["coverage"]) if v["coverage"] else "",
+        "warnings": v["warnings"], "missing": v["missing"],
+    }
+
+
+def _change_cell(value: Any) -> dict:
+    c = cell(value)
+    if _isnum(value) and math.isfinite(value):
+        c = {"text": signed_pct(value), "sort": float(value), "cls": ""}
+    return c
+
+
+def _share(value: Any) -> dict:
+    return cell(100.0 * value, "{:.1f}%") if _isnum(value) else cell(value)
+
+
+def _budget_cell(value: Any) -> dict:
+    if value is None:
+        return cell(None)
+    return {"text": "yes" if value else "no", "sort": int(bool(value)), "cls": "good" if value else "bad"}
+
+
+def _heat_class(value: float, keep_db: float) -> str:
+    k = math.floor((value - keep_db) / HEAT_STEP_DB) + HEAT_BINS_BELOW
+    return f"h{min(max(k, 0), HEAT_BINS - 1)}"
+
+
+def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
+    """One heat-map cell: SQNR in dB coloured by 5 dB bins around the keep line; unquantised GEMMs say
+    so (instead of ~140 dB), exact and undefined results by name."""
+    if row is None:
+        return cell(None)
+    value = metric_value(row)
+    quantised = row.get("quantized")
+    if quantised is False or (quantised is None and value is not None and math.isfinite(value)
+                              and value >= UNQUANTISED_DB):
+        return {"text": "n/q", "sort": None, "cls": "nq"}
+    if value is None or math.isnan(value):
+        return {"text": "undef", "sort": None, "cls": "warn"}
+    if math.isinf(value):
+        return {"text": "exact" if value > 0 else "−∞", "sort": 1e308 if value > 0 else -1e308,
+                "cls": _heat_class(value, keep_db) if value < 0 else "h8"}
+    return {"text": f"{value:.1f}", "sort": None, "cls": _heat_class(value, keep_db)}
+
+
+def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapping], keep_db: float) -> dict | None:
+    """Layer × strategy SQNR for fprop, dgrad and wgrad as one colour-coded, sortable table (rows stay
+    readable at 200+ layers where a bar chart does not: one text line per layer)."""
+    gemms = [g for g in GEMMS if any((layer, s, g) in gemm for layer in layers for s in strategies)]
+    if not gemms:
+        return None
+    rows = []
+    for layer in layers:
+        if not any((layer, s, g) in gemm for s in strategies for g in gemms):
+            continue
+        worst = [v for s in strategies if (r := gemm.get((layer, s, "fprop"))) is not None and r.get("quantized") is not False
+                 and (v := metric_value(r)) is not None and not math.isnan(v)]
+        rows.append([cell(layer), _heat_cell({"sqnr_db": min(worst)}, keep_db) if worst else cell(None),
+                     *[_heat_cell(gemm.get((layer, s, g)), keep_db) for g in gemms for s in strategies]])
+    edges = [keep_db + HEAT_STEP_DB * (k - HEAT_BINS_BELOW) for k in range(1, HEAT_BINS)]
+    legend = [{"cls": f"h{k}", "label": (f"< {edges[0]:g}" if k == 0 else f"≥ {edges[-1]:g}" if k == HEAT_BINS - 1
+                                         else f"{edges[k - 1]:g}–{edges[k]:g}"), "line": k == HEAT_BINS_BELOW}
+              for k in range(HEAT_BINS)]
+    return {"table": _table("sqnr-heat", ["layer", "worst fprop", *[s for _ in gemms for s in strategies]], rows,
+                            groups=[("", 2), *[(f"{g} SQNR (dB)", len(strategies)) for g in gemms]]),
+            "legend": legend, "gemms": gemms}
+
+
+def _recommendation_section(tables: Mapping) -> dict | None:
+    rows = tables.get("recommendation", [])
+    if not rows:
+        return None
+    out = []
+    for r in rows:
+        keep = r.get("keep_16bit") or []
+        keep = keep if isinstance(keep, list) else [keep]
+        out.append([cell(r.get("kind")), cell(r.get("strategy"), cls="txt strong" if r.get("recommended") else ""),
+                    cell(r.get("value"), "{:g}"), cell(r.get("n_keep"), "{:.0f}"), cell(", ".join(map(str, keep)) or "–"),
+                    _change_cell(r.get("loss_rel_change")), cell(r.get("kl_div"), "{:.3g}"),
+                    _share(r.get("lp_flop_share")), _budget_cell(r.get("within_budget")),
+                    cell(f"{_fmt_g(r.get('budget'))} {r.get('budget_kind') or ''}".strip()),
+                    _budget_cell(r.get("recommended")) if r.get("recommended") else cell("")])
+    return {"table": _table("recommendation", ["kind", "strategy", "value", "layers kept", "kept in 16-bit",
+                                               "loss change", "KL", "low-precision FLOPs", "within budget", "budget",
+                                               "recommended"], out)}
+
+
+def _sensitivity_section(tables: Mapping, keep_db: float) -> list[dict]:
+    rows = tables.get("sensitivity", [])
+    out = []
+    for s in dict.fromkeys(r.get("strategy") for r in rows):
+        mine = sorted((r for r in rows if r.get("strategy") == s),
+                      key=lambda r: r["rank"] if _isnum(r.get("rank")) else math.inf)
+        sid = "".join(ch if ch.isalnum() else "-" for ch in str(s))
+        out.append({"strategy": s, "methods": ", ".join(dict.fromkeys(str(r.get("method") or "") for r in mine)),
+                    "open": len(mine) <= OPEN_DETAILS_ROWS,
+                    "table": _table(f"sens-{sid}", ["rank", "layer", "forward index", "loss change (only this LP)",
+                                                    "KL (only this LP)", "loss change (only this 16-bit)",
+                                                    "KL (only this 16-bit)", "isolated fprop SQNR dB"], [
+                        [cell(r.get("rank"), "{:.0f}"), cell(r.get("layer")), cell(r.get("index"), "{:.0f}"),
+                         _change_cell(r.get("only_lp_loss_rel_change")), cell(r.get("only_lp_kl"), "{:.3g}"),
+                         _change_cell(r.get("only_hp_loss_rel_change")), cell(r.get("only_hp_kl"), "{:.3g}"),
+                         _sqnr_cell(r.get("isolated_fprop_sqnr_db"), keep_db)] for r in mine])})
+    return out
+
+
+def _training_section(tables: Mapping, draw: bool) -> dict | None:
+    rows = tables.get("training", [])
+    if not rows:
+        return None
+    series = []
+    for s in dict.fromkeys(r.get("strategy") for r in rows):
+        pts = sorted((r["step"], r.get("loss")) for r in rows if r.get("strategy") == s and _isnum(r.get("step")))
+        series.append({"label": "high precision" if s == "hp" else str(s), "x": [p[0] for p in pts],
+                       "y": [p[1] for p in pts], "mark_x": None})
+    final = [r for r in rows if "final_loss_ratio" in r and (_isnum(r.get("final_loss_ratio")) or _isnum(r.get("weight_drift")))]
+    figure = None
+    if draw and series:
+        figure = figures.figure_to_data_uri(figures.sweep_panels([{"title": "training loss per step", "series": series,
+                                                                   "xlabel": "step", "ylabel": "loss"}], ncols=1))
+    return {"figure": figure, "table": _table("training", ["strategy", "steps", "final loss", "final loss / high precision",
+                                                           "weight drift"], [
+        [cell(r.get("strategy")), cell(r.get("step") + 1 if _isnum(r.get("step")) else None, "{:.0f}"),
+         cell(r.get("loss"), "{:.4g}"), cell(r.get("final_loss_ratio"), "{:.4f}"), cell(r.get("weight_drift"), "{:.3g}")]
+        for r in final])}
+
+
+def _coverage_section(tables: Mapping) -> dict | None:
+    rows = tables.get("coverage", [])
+    if not rows:
+        return None
+    return {"table": _table("coverage", ["kind", "op", "executed", "captured", "skipped", "reason", "GFLOPs",
+                                         "GFLOPs captured", "captured share"], [
+        [cell(r.get("kind")), cell(r.get("op")), cell(r.get("executed"), "{:.0f}"), cell(r.get("captured"), "{:.0f}"),
+         cell(r.get("skipped"), "{:.0f}", "bad" if _isnum(r.get("skipped")) and r["skipped"] else ""),
+         cell(r.get("reason") or ""), cell(r.get("gflops"), "{:.4g}"), cell(r.get("gflops_captured"), "{:.4g}"),
+         _share(r["gflops_captured"] / r["gflops"]) if _isnum(r.get("gflops")) and r["gflops"] > 0
+         and _isnum(r.get("gflops_captured")) else cell(None)] for r in rows])}
 
 
 def _methods(meta: Mapping, strategies: list[str]) -> dict:
@@ -472,15 +752,15 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         v = metric_value(r)
         if g == "fprop" and v is not None and not math.isnan(v):
             fprop_min[layer] = min(fprop_min.get(layer, math.inf), v)
-    sqnr_fig = None
-    if gemm and draw:
-        sqnr_fig = figures.figure_to_data_uri(figures.sqnr_bars(
-            layers, strategies, {k: v.get("sqnr_db") for k, v in gemm.items()}))
     loss = meta.get("loss") or {}
     versions = meta.get("versions") or {}
+    verdict = _verdict_section(tables, meta, keep_16bit_db)
     info = [("model", meta.get("model", "")), ("inputs", meta.get("inputs", "")),
-            ("kind", results["kind"]), ("created", meta.get("created", "")), ("device", meta.get("device", "")),
+            ("kind", " + ".join(meta.get("merged_kinds") or [results["kind"]])), ("created", meta.get("created", "")),
+            ("device", meta.get("device", "")), ("model dtype", meta.get("dtype") or "not recorded"),
+            ("CPU threads", meta.get("threads") or "not recorded"), ("batches", meta.get("batches", "")),
             ("seed", meta.get("seed", "")), ("outlier threshold", meta.get("threshold", "")),
+            ("coverage", verdict["coverage"] or "not recorded"),
             ("loss", f"{loss.get('kind', '')}: {loss.get('detail', '')}" if loss else ""),
             ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()))]
     layer_rows = [[cell(r["layer"]), cell(r.get("in_features"), "{:.0f}"), cell(r.get("out_features"), "{:.0f}"),
@@ -497,14 +777,20 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "summary": _summary(layers, strategies, tables, keep_16bit_db),
         "nan_inf": _nan_inf(tables),
         "special": _special_values(tables),
-        "sqnr_figure": sqnr_fig,
+        "verdict": verdict,
+        "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db),
+        "recommendation": _recommendation_section(tables),
+        "sensitivity": _sensitivity_section(tables, keep_16bit_db),
+        "training": _training_section(tables, draw),
+        "coverage": _coverage_section(tables),
         "strategy_tables": _strategy_tables(layers, strategies, tables, meta.get("rules") or {}, keep_16bit_db),
         "layers_table": _table("layers", ["layer", "in", "out", "bias", "tokens", "bsz", "bsz2"], layer_rows),
         "range": _range_section(layers, tables, formats, fprop_min, draw),
-        "outliers": _outlier_section(layers, tables, draw),
+        "outliers": _outlier_section(layers, tables),
         "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", ""), draw,
-                                        {r["layer"]: r.get("bsz") for r in tables["layers"]}),
-        "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", ""), draw),
+                                        {r["layer"]: r.get("bsz") for r in tables["layers"]}, tables),
+        "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", ""), draw,
+                                        tables),
         "methods": _methods(meta, strategies),
         "weights": _weights_section(meta, tables),
         # analysis records a recipe that raised on a layer instead of aborting the run

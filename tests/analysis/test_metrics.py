@@ -140,6 +140,10 @@ def test_outlier_census_hand_computed() -> None:
     assert r["frac_rows"] == pytest.approx(2 / 3)
     assert r["top_dims"] == [[1, 7.0], [2, 6.0]]
     assert r["col_amax"] == [1.0, 7.0, 6.0, 0.0]
+    # dim 1 is an outlier in row 0 only, dim 2 in row 1 only: one token of three each
+    assert r["top_dim_tokens"] == [pytest.approx(1 / 3), pytest.approx(1 / 3)]
+    c.update(torch.tensor([[0.0, 9.0, 6.5, 0.0]]))  # a second batch: both dims hit again
+    assert c.result()["top_dim_tokens"] == [0.5, 0.5]
 
 
 def test_nan_inf_counted_not_fatal() -> None:

@@ -115,3 +115,9 @@ def test_gemm_rows_say_which_gemms_the_recipe_quantises(tiny_model, tiny_batches
     assert (unquantised["sqnr_db"] > 80).all()  # at float32 rounding level, above compare's noise floor
     # below the noise floor (int8 PV products of near-uniform attention reach ~61 dB, still quantised)
     assert (gemm[gemm["quantized"]]["sqnr_db"] < 80).all()
+
+
+def test_outlier_census_counts_the_tokens_of_each_top_dim(tiny_model, tiny_batches) -> None:
+    """The census says how many tokens each planted outlier dim holds: every token (planted in all rows)."""
+    out = analyze(tiny_model, tiny_batches, "int8").tables["outliers"].set_index("layer")
+    assert out.loc["blocks.0.fc1", "top_dim_tokens"] and set(out.loc["blocks.0.fc1", "top_dim_tokens"]) == {1.0}

@@ -1,0 +1,66 @@
+"""One report per model: merge an analyze run and sweep runs of the same model into one results document."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from fp8probe.report.schema import ResultsError, validate_results
+
+# Metadata blocks that are per-run dictionaries: merged key by key (the first document's entry wins).
+_DICT_META = ("rules", "recommendations", "formats")
+
+
+def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None) -> dict:
+    """Merge results documents of ONE model (an analyze run plus sweep runs, or sweeps alone).
+
+    The analyze document (else the first) is the base: its metadata and kind are kept, every other
+    document adds its tables, rules, recommendations and formats; ``layers`` is the union in the
+    base's order then each document's own; ``metadata.merged_kinds`` lists the kinds and
+    ``metadata.merged_from`` the sources. Raises ResultsError (a ValueError, one line) when a
+    document is not results, when two describe different models, or when two carry the same table
+    (e.g. two analyze runs: merge one analyze run with its sweeps).
+    """
+    if not docs:
+        raise ResultsError("expected at least one results document, got none")
+    names = list(sources) if sources is not None else [f"results #{i + 1}" for i in range(len(docs))]
+    if len(names) != len(docs):
+        raise ValueError(f"expected one source name per document ({len(docs)}), got {len(names)}")
+    for doc, name in zip(docs, names):
+        validate_results(doc, name)
+    order = sorted(range(len(docs)), key=lambda i: docs[i]["kind"] != "analyze")  # stable: analyze first
+    base_i = order[0]
+    base = docs[base_i]
+    model = base["metadata"].get("model")
+    merged_meta = dict(base["metadata"])
+    for key in _DICT_META:
+        merged_meta[key] = dict(base["metadata"].get(key) or {})
+    tables = {name: list(rows) for name, rows in base["tables"].items()}
+    owner = {name: base_i for name in tables}
+    layer_names = {r.get("layer") for r in tables.get("layers", [])}
+    for i in order[1:]:
+        doc, name = docs[i], names[i]
+        other = doc["metadata"].get("model")
+        if model is not None and other is not None and other != model:
+            raise ResultsError(f"expected results of one model, got {model!r} ({names[base_i]}) and {other!r} ({name}): "
+                               "merge runs of the same model only")
+        for tname, rows in doc["tables"].items():
+            if tname == "layers":
+                new = [r for r in rows if r.get("layer") not in layer_names]
+                tables["layers"] += new
+                layer_names |= {r.get("layer") for r in new}
+                continue
+            if tname in tables:
+                first = owner[tname]
+                raise ResultsError(f"{names[first]} and {name} both carry the table {tname!r} (kinds "
+                                   f"{docs[first]['kind']} and {doc['kind']}): merge one analyze run with sweep "
+                                   "runs, not two runs of the same kind")
+            tables[tname], owner[tname] = list(rows), i
+        for key in _DICT_META:
+            for k, v in (doc["metadata"].get(key) or {}).items():
+                merged_meta[key].setdefault(k, v)
+        for key, value in doc["metadata"].items():
+            merged_meta.setdefault(key, value)  # e.g. a sweep's blocksizes / thresholds
+    merged_meta["merged_kinds"] = [docs[i]["kind"] for i in order]
+    merged_meta["merged_from"] = [names[i] for i in order]
+    out = {key: value for key, value in base.items() if key not in ("metadata", "tables")}
+    out.update({"metadata": merged_meta, "tables": tables})
+    return out

@@ -1,0 +1,99 @@
+"""One report per model: merge_results, `fp8probe report a.json b.json …`, `analyze --sweeps`, Results.to_html."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fp8probe.cli import cli
+from fp8probe.report.merge import merge_results
+from fp8probe.report.schema import ResultsError
+
+DATA = Path(__file__).parent / "data" / "results_demo_small.json"
+TINY = Path(__file__).resolve().parents[1] / "analysis" / "tiny_factory.py"
+
+
+def _split() -> tuple[dict, dict, dict]:
+    """The demo fixture (analyze + both sweeps merged) split back into the three runs it came from."""
+    doc = json.loads(DATA.read_text(encoding="utf-8"))
+    analyze = copy.deepcopy(doc)
+    for t in ("blocksize_sweep", "threshold_sweep"):
+        analyze["tables"].pop(t)
+    analyze["metadata"]["recommendations"] = {}
+    sweeps = []
+    for kind, table in (("sweep-blocksize", "blocksize_sweep"), ("sweep-threshold", "threshold_sweep")):
+        meta = {**copy.deepcopy(doc["metadata"]), "recommendations": {table: doc["metadata"]["recommendations"][table]},
+                "rules": {}, "strategies": []}
+        sweeps.append({**{k: doc[k] for k in ("schema", "version")}, "kind": kind, "metadata": meta,
+                       "tables": {"layers": doc["tables"]["layers"], table: doc["tables"][table]}})
+    return analyze, sweeps[0], sweeps[1]
+
+
+def test_merge_keeps_every_table_and_puts_analyze_first() -> None:
+    analyze, bs, th = _split()
+    merged = merge_results([th, analyze, bs], ["th.json", "an.json", "bs.json"])
+    assert merged["kind"] == "analyze"
+    assert merged["metadata"]["merged_kinds"] == ["analyze", "sweep-threshold", "sweep-blocksize"]
+    assert merged["metadata"]["merged_from"] == ["an.json", "th.json", "bs.json"]
+    assert set(merged["tables"]) == set(analyze["tables"]) | {"blocksize_sweep", "threshold_sweep"}
+    assert merged["tables"]["layers"] == analyze["tables"]["layers"]
+    assert set(merged["metadata"]["recommendations"]) == {"blocksize_sweep", "threshold_sweep"}
+    # sweeps alone merge too (no analyze run): the first is the base
+    only = merge_results([bs, th])
+    assert only["kind"] == "sweep-blocksize" and {"blocksize_sweep", "threshold_sweep"} <= set(only["tables"])
+
+
+def test_merge_refuses_other_models_and_duplicate_tables() -> None:
+    analyze, bs, _ = _split()
+    other = copy.deepcopy(bs)
+    other["metadata"]["model"] = "another model"
+    with pytest.raises(ResultsError, match="expected results of one model"):
+        merge_results([analyze, other], ["a.json", "b.json"])
+    with pytest.raises(ResultsError, match=r"a.json and b.json both carry the table 'gemm' \(kinds analyze and analyze\)"):
+        merge_results([analyze, copy.deepcopy(analyze)], ["a.json", "b.json"])
+    with pytest.raises(ResultsError, match="at least one"):
+        merge_results([])
+
+
+def test_report_command_merges_files(tmp_path: Path) -> None:
+    paths = []
+    for name, doc in zip(("analyze", "bs", "th"), _split()):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(doc))
+    out = tmp_path / "index.html"
+    res = CliRunner().invoke(cli, ["report", *map(str, paths), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "3 results merged: analyze, sweep-blocksize, sweep-threshold" in res.output
+    html = out.read_text(encoding="utf-8")
+    for anchor in ('id="heatmap"', 'id="blocksize"', 'id="threshold"'):
+        assert anchor in html
+    assert "analyze + sweep-blocksize + sweep-threshold" in html  # the header's kind
+    # the same file twice, and two analyze runs, are usage errors (one line, exit 2)
+    for args in ([str(paths[0]), str(paths[0])], [str(paths[0]), str(tmp_path / "copy.json")]):
+        (tmp_path / "copy.json").write_text(paths[0].read_text())
+        res = CliRunner().invoke(cli, ["report", *args, "-o", str(out)])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_analyze_sweeps_and_results_to_html(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["analyze", f"{TINY}:build", "--strategy", "int8", "--batches", "1", "--layers", "fc1",
+                                   "--sweeps", "--out", str(out), "-q", "--threads", "1"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["metadata"]["merged_kinds"] == ["analyze", "sweep-blocksize", "sweep-threshold"]
+    assert {"gemm", "blocksize_sweep", "threshold_sweep"} <= set(doc["tables"])
+    assert (out / "blocksize_sweep.csv").is_file() and (out / "threshold_sweep.csv").is_file()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert 'id="heatmap"' in html and 'id="blocksize"' in html and 'id="threshold"' in html
+
+    from fp8probe.analysis.results import Results
+
+    results = Results.load(out)
+    path = results.to_html(tmp_path / "api.html")
+    assert path.read_text(encoding="utf-8").count('id="threshold"') == 2  # section heading and table
+    with pytest.raises(TypeError, match="expected Results to merge, got dict"):
+        results.merged(doc)  # type: ignore[arg-type]

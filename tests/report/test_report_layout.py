@@ -1,0 +1,127 @@
+"""The report answers at a glance: verdict first, layer × strategy heat map, end-to-end tables from the agreed
+schemas, outlier dimensions that matter, sweep charts with the model-wide value, a 211-layer report under 2 MB."""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+
+from fp8probe.report.render import _pct, build_report_view, load_results, render_report
+from report_tables import deep_results, with_agreed_tables
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def small() -> dict:
+    return load_results(DATA / "results_small.json")
+
+
+@pytest.fixture(scope="module")
+def demo_html(tmp_path_factory: pytest.TempPathFactory) -> str:
+    data = with_agreed_tables(load_results(DATA / "results_demo_small.json"), keep=["blocks.1.mlp.fc2"])
+    data["metadata"].update(dtype="float32", threads=1)
+    return render_report(data, tmp_path_factory.mktemp("r") / "r.html").read_text(encoding="utf-8")
+
+
+def test_verdict_comes_first_and_names_recipe_layers_loss_and_flops(demo_html: str) -> None:
+    body = demo_html.split("<body>")[1]
+    order = [body.index(f'id="{a}"') for a in ("verdict", "heatmap", "recommendation", "sensitivity", "training",
+                                                "summary", "strategies", "range", "outliers", "blocksize", "coverage")]
+    assert order == sorted(order)
+    verdict = body.split('<section id="verdict">')[1].split("</section>")[0]
+    main = verdict.split('class="callout ok verdict-main">')[1].split("</div>")[0]
+    assert "<strong>mxfp8</strong>" in main and "<code>blocks.1.mlp.fc2</code>" in main
+    assert "+0.12 %" in main and "94.7%" in main
+    # every strategy's end-to-end loss change and FLOP share, and the coverage and skipped-GEMM warning
+    assert "+4.00 %" in verdict and "+0.30 %" in verdict
+    assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs" in verdict
+    assert 'class="warnline">warning: 2 GEMM call(s) not analysed' in verdict
+
+
+def test_header_has_dtype_device_threads_and_coverage(demo_html: str) -> None:
+    info = demo_html.split('<dl class="info">')[1].split("</dl>")[0]
+    for key, value in (("model dtype", "float32"), ("device", "cpu"), ("CPU threads", "1"),
+                       ("coverage", "captured 28 of 30 GEMMs")):
+        assert re.search(rf"<dt>{key}</dt><dd>{re.escape(value)}", info), key
+
+
+def test_agreed_tables_rendered(demo_html: str) -> None:
+    rec = demo_html.split('id="recommendation"')[2].split("</table>")[0]
+    assert rec.count("<tr") == 1 + 4  # header row + strategy ×2, blocksize, threshold
+    sens = demo_html.split('id="sensitivity"')[1]
+    assert 'id="sens-global"' in sens and 'id="sens-mxfp8"' in sens
+    assert "final loss / high precision" in demo_html and "0.0042" in demo_html  # weight drift of mxfp8
+    cov = demo_html.split('id="coverage"')[2].split("</table>")[0]
+    assert "conv3d not supported" in cov and 'class="bad"' in cov
+
+
+def test_absent_tables_say_what_is_missing_in_one_line(small: dict, tmp_path: Path) -> None:
+    html = render_report(small, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    verdict = html.split('<section id="verdict">')[1].split("</section>")[0]
+    assert "no end-to-end run in these results: run analyze without --no-e2e" in verdict
+    assert "no coverage table in these results" in verdict
+    assert "callout ok verdict-main" not in verdict  # nothing is recommended without a validated run
+    assert "Isolated GEMMs only (not validated end to end): llm-int8 keeps every layer" in verdict
+    for anchor in ("recommendation", "sensitivity", "training", "coverage"):
+        assert f'id="{anchor}"' not in html
+
+
+def test_heatmap_one_row_per_layer_and_unquantised_gemms_say_so(tmp_path: Path) -> None:
+    data = deep_results(n_layers=14, strategies=("mixed", "mxfp8"), width=64, sweeps=False)
+    view = build_report_view(data, draw=False)
+    hm = view["heatmap"]
+    assert len(hm["table"]["rows"]) == 14
+    assert hm["table"]["columns"] == ["layer", "worst fprop", "mixed", "mxfp8", "mixed", "mxfp8", "mixed", "mxfp8"]
+    wgrad_mixed = [row[2 + 2 * 2] for row in hm["table"]["rows"]]
+    assert all(c["text"] == "n/q" and c["cls"] == "nq" for c in wgrad_mixed)
+    # results written before the `quantised` column: ~140 dB is float32 rounding, not a recipe's error
+    old = copy.deepcopy(data)
+    for r in old["tables"]["gemm"]:
+        r.pop("quantized")
+    assert all(row[6]["text"] == "n/q" for row in build_report_view(old, draw=False)["heatmap"]["table"]["rows"])
+    # colour bins around the 20 dB line: 12.3 dB is two bins below it, 21 dB the first bin above
+    data["tables"]["gemm"][0]["sqnr_db"] = 12.3
+    data["tables"]["gemm"][3]["sqnr_db"] = 21.0  # same layer, mxfp8 fprop
+    row = build_report_view(data, draw=False)["heatmap"]["table"]["rows"][0]
+    assert (row[2]["cls"], row[3]["cls"], row[1]["text"]) == ("h2", "h4", "12.3")
+    legend = build_report_view(data, 30.0, draw=False)["heatmap"]["legend"]
+    assert [b["label"] for b in legend][3:5] == ["25–30", "30–35"] and legend[4]["line"]
+
+
+def test_deep_model_report_under_2_mb_with_details_collapsed(tmp_path: Path) -> None:
+    data = with_agreed_tables(deep_results(n_layers=211))
+    html = render_report(data, tmp_path / "deep.html").read_text(encoding="utf-8")
+    assert len(html.encode()) < 2_000_000
+    assert html.count("<tr>") > 211 * 8  # everything is still there: heat map, per-strategy tables, sweeps
+    strategies = html.split('id="strategies"')[1]
+    assert strategies.count("<details><summary><h3>") == 8  # per-strategy tables start collapsed
+    assert "The charts draw the 12 layers with the lowest fprop SQNR of 211" in html
+    assert "Dotted line in the charts: model-wide: 128 (validated end to end)." in html
+
+
+def test_outliers_as_the_dimensions_that_matter(small: dict) -> None:
+    data = deep_results(n_layers=9, strategies=("mxfp8",), width=1024, sweeps=False)
+    for r in data["tables"]["outliers"]:
+        r["top_dim_tokens"] = [0.25] * len(r["top_dims"])
+    out = build_report_view(data, draw=False)["outliers"]
+    assert out["grid"]["columns"] == ["layer", "7", "300", "911"]  # three planted dims, not 1024 columns
+    assert out["n_flagged"] == 3 and len(out["grid"]["rows"]) == 3
+    first = out["grid"]["rows"][0]
+    assert first[1]["text"] == "30.7 · 25%" and first[1]["cls"] == "o2"  # 30.7 ≥ 2 × threshold 6
+    assert "911: 121.1 (25% of tokens)" in out["table"]["rows"][0][5]["text"]
+
+
+def test_sweep_mark_without_recommendation_is_most_layers_pick() -> None:
+    data = deep_results(n_layers=8, strategies=("mxfp8",), width=64)
+    view = build_report_view(data, draw=False)
+    assert view["blocksize"]["model"] == "most layers' pick: 128 (6 of 8)"
+    assert view["threshold"]["model"] == "most layers' pick: 6 (8 of 8)"
+
+
+def test_percent_cells_do_not_shade_zero_or_negligible_shares() -> None:
+    assert _pct(0.0) == {"text": "0", "sort": 0.0, "cls": ""}
+    assert _pct(3e-5)["text"] == "<0.01%" and _pct(3e-5)["cls"] == ""
+    assert _pct(0.004)["text"] == "0.40%" and _pct(0.004)["cls"] == "warn"

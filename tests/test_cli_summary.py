@@ -1,0 +1,124 @@
+"""The terminal summary: verdict lines, worst layers per strategy (not all from one), full names with a middle
+ellipsis; -q, --threads and --format json accepted by every command that runs a model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fp8probe.cli import _middle_ellipsis, cli
+
+HERE = Path(__file__).resolve().parent
+TINY = f"{HERE / 'analysis' / 'tiny_factory.py'}:build"
+
+BERTISH = '''
+import torch
+from torch import nn
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.query(x) + self.key(x) * 0.5 + self.value(x).relu()
+
+
+class Model(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.bert = nn.Module()
+        self.bert.encoder = nn.Module()
+        self.bert.encoder.layer = nn.ModuleList([nn.Module() for _ in range(2)])
+        for blk in self.bert.encoder.layer:
+            blk.attention = nn.Module()
+            blk.attention.self = SelfAttention(d)
+
+    def forward(self, x):
+        for blk in self.bert.encoder.layer:
+            x = blk.attention.self(x)
+        return x
+
+
+def build():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    x[..., 3] = 40.0
+    return Model(), [x]
+'''
+
+
+def _invoke(args: list[str], env: dict | None = None):  # type: ignore[no-untyped-def]
+    threads = torch.get_num_threads()
+    try:
+        return CliRunner(env=env).invoke(cli, args, catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)  # CliRunner runs the command in this process
+
+
+def test_middle_ellipsis_keeps_both_ends() -> None:
+    names = [f"bert.encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")]
+    short = [_middle_ellipsis(n, 30) for n in names]
+    assert len(set(short)) == 3 and all(len(s) == 30 for s in short)
+    assert short[0] == "bert.encoder.l…tion.self.query"
+    assert _middle_ellipsis("fc1", 30) == "fc1"
+    assert _middle_ellipsis("a\x1b[2Jb", 30) == "a\\x1b[2Jb"  # control characters escaped, never sent raw
+
+
+def test_summary_worst_rows_per_strategy_full_names_and_verdict(tmp_path: Path) -> None:
+    factory = tmp_path / "bertish.py"
+    factory.write_text(BERTISH)
+    res = _invoke(["analyze", f"{factory}:build", "--strategy", "global,int8,mxfp8", "--out", str(tmp_path / "o"),
+                   "--no-html", "-q", "--threads", "1"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    # verdict lines come first: the headline, then the isolated numbers per strategy (no e2e table here)
+    assert lines[1].startswith("verdict (isolated GEMMs, not validated end to end): ")
+    assert lines[2].startswith("isolated global: ") and lines[3].startswith("isolated int8: ")
+    table = lines[lines.index("worst layers per strategy (isolated fprop SQNR):") + 2:-1]
+    strategies = [row.split()[1] for row in table]
+    assert strategies == ["global"] * 3 + ["int8"] * 3 + ["mxfp8"] * 3  # three each, not ten of one recipe
+    names = {row.split()[0] for row in table}
+    assert {"bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.value"} & names
+    assert all(len(n) > 32 for n in names)  # not cut at 32 characters any more
+    # a narrow terminal: names shortened in the middle, still distinct per projection
+    res = _invoke(["analyze", f"{factory}:build", "--strategy", "global", "--out", str(tmp_path / "n"),
+                   "--no-html", "-q", "--threads", "1"], env={"COLUMNS": "70"})
+    rows = res.stdout.splitlines()
+    table = rows[rows.index("worst layers per strategy (isolated fprop SQNR):") + 2:-1]
+    assert all("…" in r.split()[0] and len(r.split()[0]) == 26 for r in table)
+    assert len({r.split()[0] for r in table}) == len(table)
+
+
+def test_analyze_json_carries_the_verdict(tmp_path: Path) -> None:
+    res = _invoke(["analyze", TINY, "--strategy", "int8", "--batches", "1", "--layers", "fc1", "--format", "json",
+                   "--out", str(tmp_path / "j"), "--no-html", "--threads", "1"])
+    doc = json.loads(res.stdout)
+    assert doc["verdict"][0].startswith("verdict (isolated GEMMs") and doc["verdict"][1].startswith("isolated int8: ")
+    assert any(line.startswith("note: no end-to-end run") for line in doc["verdict"])
+
+
+@pytest.mark.parametrize("command, extra", [("sweep-blocksize", ["--blocksizes", "64,256"]),
+                                            ("sweep-threshold", ["--thresholds", "0,6"])])
+def test_sweeps_accept_quiet_threads_and_json(command: str, extra: list[str], tmp_path: Path) -> None:
+    res = _invoke([command, TINY, *extra, "--batches", "1", "--layers", "fc1", "--out", str(tmp_path / "s"),
+                   "-q", "--threads", "1", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)  # stdout is JSON only
+    assert Path(doc["results"]).is_file() and Path(doc["html"]).is_file()
+    assert {r["layer"] for r in doc["recommended"]} == {"blocks.0.fc1", "blocks.1.fc1"}
+    assert doc["rule"]
+
+
+def test_demo_accepts_quiet_threads_and_json(tmp_path: Path) -> None:
+    res = _invoke(["demo", "--small", "--out", str(tmp_path / "d"), "-q", "--threads", "1", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert Path(doc["html"]).is_file() and doc["verdict"]
+    assert json.loads(Path(doc["results"]).read_text())["metadata"]["threads"] == 1
+    res = _invoke(["demo", "--small", "--out", str(tmp_path / "q"), "-q"])
+    assert "demo: analysing" not in res.stdout and "demo: report written to" in res.stdout
