@@ -485,8 +485,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     loss = results.metadata["loss"]
     click.echo(f"{len(results.tables['layers'])} GEMM site(s), {results.metadata['batches']} batch(es), "
                f"loss: {loss['kind']} ({_printable(loss['detail'])})")
-    click.echo(coverage_line(results.metadata["coverage"]))
-    _echo_summary(results)
+    _echo_summary(results)  # the verdict lines (coverage line included), then the worst rows per strategy
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
     _warn_no_gradient(results)

@@ -95,8 +95,8 @@ def test_pickle_of_a_main_class_says_so(tmp_path: Path) -> None:
 
 def test_layers_matching_nothing_lists_the_layers(tmp_path: Path) -> None:
     line = _one_line(*_run(["analyze", TINY, "--layers", "^nothing$", "--out", str(tmp_path / "o"), "-q"]))
-    assert "matching --layers '^nothing$'; the model's linear layers are: blocks.0.attn.qkv, " in line
-    assert "head" in line
+    assert "matching --layers '^nothing$'; the model's GEMMs are: blocks.0.attn.qkv, " in line
+    assert "(13 in all)" in line  # 9 linear layers + 4 attention matmuls, the first 12 named
 
 
 def test_state_dict_mismatch_names_the_first_keys(tmp_path: Path) -> None:
@@ -134,4 +134,4 @@ def test_factory_batches_with_args_and_kwargs(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
-    assert "1 linear layer(s), 1 batch(es)" in res.stdout
+    assert "1 GEMM site(s), 1 batch(es)" in res.stdout

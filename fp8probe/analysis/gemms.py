@@ -199,10 +199,10 @@ def _kind_order(kind: str) -> int:
 
 
 def coverage_line(summary: dict) -> str:
-    """``captured 248 GEMMs = 99.8 % of GEMM FLOPs; skipped: 4 × einsum: …`` (the CLI's coverage line)."""
-    skipped = "; ".join(f"{n} × {reason}" for reason, n in summary["skipped"].items()) or "none"
-    return (f"captured {summary['gemms_captured']} GEMMs = {100 * summary['flop_share']:.1f} % of GEMM FLOPs; "
-            f"skipped: {skipped}")
+    """The CLI's coverage line for ``metadata["coverage"]`` (Coverage.summary()): report.verdict.coverage_line."""
+    from fp8probe.report.verdict import coverage_line as line, coverage_summary
+
+    return line(coverage_summary([], summary))
 
 
 def parse_kinds(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

@@ -7,6 +7,8 @@ from fp8probe.report.schema import ResultsError, validate_results
 
 # Metadata blocks that are per-run dictionaries: merged key by key (the first document's entry wins).
 _DICT_META = ("rules", "recommendations", "formats")
+# Tables every run of the model carries alike (each capture counts the same GEMMs): the base's copy is kept.
+_SHARED_TABLES = ("coverage",)
 
 
 def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None) -> dict:
@@ -47,6 +49,8 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
                 new = [r for r in rows if r.get("layer") not in layer_names]
                 tables["layers"] += new
                 layer_names |= {r.get("layer") for r in new}
+                continue
+            if tname in _SHARED_TABLES and tname in tables:
                 continue
             if tname in tables:
                 first = owner[tname]

@@ -205,10 +205,14 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
 
 
 def coverage_line(cov: Mapping) -> str:
-    """`captured 248 of 250 GEMMs = 99.8 % of GEMM FLOPs; skipped: …` (the agreed CLI line)."""
+    """``captured 248 of 250 GEMMs = 99.8 % of GEMM FLOPs; skipped: 2 × einsum: …`` (the agreed CLI line).
+
+    ``cov``: coverage_summary()'s dict (executed, captured, flop_share, skipped {"op: reason": count}).
+    The terminal (analysis/gemms.coverage_line), the verdict and the report all print this one line.
+    """
     line = f"captured {cov.get('captured')} of {cov.get('executed')} GEMMs = {pct(cov.get('flop_share'))} of GEMM FLOPs"
     skipped = cov.get("skipped") or {}
-    line += "; skipped: " + ("; ".join(f"{k} ({v})" for k, v in skipped.items()) if skipped else "none")
+    line += "; skipped: " + ("; ".join(f"{v} × {k}" for k, v in skipped.items()) if skipped else "none")
     return line
 
 

@@ -153,7 +153,7 @@ def test_huggingface_directory(tmp_path) -> None:
     assert code == 0, stderr
     assert "loss: model" in stdout
     # 4 Conv1D (addmm) + QKᵀ + PV + the tied lm_head, none skipped
-    assert "7 GEMM site(s)" in stdout and "captured 7 GEMMs = 100.0 % of GEMM FLOPs; skipped: none" in stdout
+    assert "7 GEMM site(s)" in stdout and "captured 7 of 7 GEMMs = 100.0 % of GEMM FLOPs; skipped: none" in stdout
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["architectures"] = ["GPT2ForSequenceClassification"]  # a head the saved weights do not have
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
@@ -169,7 +169,7 @@ def test_gemms_option_selects_kinds_and_prints_coverage(tmp_path) -> None:
                                 "--gemms", "matmul", "--out", str(tmp_path / "m"), "--no-html", "-q")
     assert code == 0, stderr
     assert "4 GEMM site(s)" in stdout
-    assert "captured 4 GEMMs = " in stdout and "skipped: 9 × linear: not selected (--gemms)" in stdout
+    assert "captured 4 of 13 GEMMs = " in stdout and "skipped: 9 × linear: not selected (--gemms)" in stdout
     tables = _tables(tmp_path / "m")
     assert set(tables["layers"]["layer"]) == {f"blocks.{i}.attn#matmul{s}" for i in (0, 1) for s in ("", "#1")}
     cov = tables["coverage"].set_index("kind")

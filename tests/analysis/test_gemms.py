@@ -194,7 +194,7 @@ def test_kinds_selection_and_skips_counted_with_flop_share() -> None:
     assert s["skipped"] == {"bmm: not selected (--gemms)": 1, "einsum: not selected (--gemms)": 1,
                             "sdpa: not selected (--gemms)": 2}
     line = coverage_line(s)
-    assert line.startswith(f"captured 4 GEMMs = {100 * expected:.1f} % of GEMM FLOPs; skipped: ")
+    assert line.startswith(f"captured 4 of 8 GEMMs = {100 * expected:.1f} % of GEMM FLOPs; skipped: ")
     assert "2 × sdpa: not selected (--gemms)" in line
     with pytest.raises(ValueError, match="expected GEMM kinds"):
         parse_kinds("linear,fp4")

@@ -285,7 +285,7 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path) -> None:
     res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "ints.safetensors"), "--layers", "^nothing$",
                                    "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no weight to analyse" in res.stderr
-    res = CliRunner().invoke(cli, ["analyze", str(good), "--factory", "x:y", "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(cli, ["analyze", str(good), "--factory", f"{HERE / 'tiny_factory.py'}:build", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "weights only" in res.stderr
     assert open_checkpoint(tmp_path / "nothing-here.pt") is None
     import fp8probe

@@ -28,7 +28,7 @@ def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
     assert e2e[0].startswith("end-to-end global: loss +4.00 %, KL 0.031, top-1 91.0 %")
     assert e2e[1].endswith("← recommended") and not e2e[0].endswith("← recommended")
     # 3.8 of 4.0 GFLOPs captured; the conv3d calls are named with their reason
-    assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs; skipped: conv3d: conv3d not supported (2)" in lines
+    assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs; skipped: 2 × conv3d: conv3d not supported" in lines
     assert any(x.startswith("warning: 2 GEMM call(s) not analysed") for x in lines)
 
 
