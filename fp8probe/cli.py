@@ -620,7 +620,8 @@ def merge_sweeps_into(results: dict, *sweeps: dict) -> dict:
     meta["formats"] = dict(meta.get("formats") or {})
     for sw in sweeps:
         for name, rows in sw["tables"].items():
-            if name != "layers":
+            # layers and coverage describe the analysis run itself; a sweep's (another pass) must not replace them
+            if name not in ("layers", "coverage") or name not in merged["tables"]:
                 merged["tables"][name] = rows
         meta["rules"].update(sw["metadata"].get("rules") or {})
         meta["recommendations"].update(sw["metadata"].get("recommendations") or {})
@@ -666,6 +667,7 @@ def _run_demo(out: Path, stale: list[Path], small: bool, start: float) -> None:
     import time
 
     from fp8probe.analysis.demo_model import build_demo
+    from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.pipeline import analyze
     from fp8probe.analysis.sweeps import sweep_both
     from fp8probe.report.render import render_report
@@ -678,6 +680,7 @@ def _run_demo(out: Path, stale: list[Path], small: bool, start: float) -> None:
     click.echo(f"demo: analysing {model_desc} on {inputs_desc} ...")
     common = {"name": "demo", "model_desc": model_desc, "inputs_desc": inputs_desc}
     analysis = analyze(model, batches, strategy="all", **common)
+    click.echo(f"demo: {coverage_line(analysis.metadata['coverage'])}")
     click.echo(f"demo: analyze done ({time.perf_counter() - start:.1f} s); sweeping block sizes and thresholds ...")
     bs_res, th_res = sweep_both(model, batches, **common)
     remove_outputs(stale)
