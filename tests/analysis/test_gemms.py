@@ -303,3 +303,18 @@ def test_einsum_becomes_one_bmm_or_is_skipped_with_reason(equation, shapes, capt
     assert (row["op"], row["kind"], row["captured"]) == ("einsum", "matmul" if captured else "other", int(captured))
     if not captured:
         assert row["reason"].startswith("einsum ") and row["gflops"] > 0
+
+
+def test_exported_cnn_has_the_same_conv_sites_and_numbers() -> None:
+    torch.manual_seed(8)
+    model, x = _CNN().eval(), torch.randn(2, 3, 8, 8)
+    eager = analyze(model, [x], "mxfp8")
+    program = from_exported_program(torch.export.export(model, (x,)))
+    targets = {str(n.target) for n in program.module.graph.nodes if n.op == "call_function"}
+    assert "aten.conv1d.padding" in targets  # padding="same" keeps its own overload in the graph
+    exported = analyze(program, [x], "mxfp8")
+    for name in ("layers", "coverage"):
+        assert exported.tables[name].equals(eager.tables[name]), name
+    a = exported.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    b = eager.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    assert len(a) == 4 * 3 and (a - b).abs().max() < 1e-3
