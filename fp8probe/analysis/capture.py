@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import inspect
 import re
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -54,6 +56,8 @@ class LossInfo:
 
     kind: str
     detail: str
+    #: Why no output gradient was computed (the loss does not depend on the weights), else "".
+    no_gradient: str = ""
 
 
 SURROGATE = LossInfo("surrogate", "mean of squares of the model output (no loss returned by the model, no --loss)")
@@ -270,6 +274,14 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
                             + f" (GEMM kinds selected: {', '.join(coverage.kinds)})")
         loss, info = choose_loss(output, batch, loss_fn, loss_name)
         del output
+        if rec.tapped and not loss.requires_grad:
+            # A detached or integer loss: backward cannot reach any layer, so only fprop can be analysed.
+            # Say so (once per run in the results) instead of silently returning fprop-only tables.
+            info = dataclasses.replace(info, no_gradient=(
+                f"the {info.kind} loss ({info.detail}) does not depend on the weights (detached, or not a float "
+                "tensor): no output gradient reached any layer, so dgrad and wgrad are not analysed; return a "
+                "loss computed from the output or pass --loss module:function"))
+            warnings.warn(info.no_gradient, RuntimeWarning, stacklevel=2)
         if rec.tapped and loss.requires_grad:
             # Only the token is differentiated: parameter .grad is never written and no wgrad is computed.
             torch.autograd.grad(loss, [token], allow_unused=True)

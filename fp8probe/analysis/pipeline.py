@@ -22,7 +22,7 @@ from .gemms import Coverage, parse_kinds
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
 from .results import Results
-from .strategies import Strategy, reference_gemms, resolve, run_strategy
+from .strategies import STRATEGIES, Strategy, reference_gemms, resolve, run_strategy
 
 ProgressFn = Callable[[int, int], None]
 
@@ -112,7 +112,8 @@ class _Analysis:
                            "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2,
                            "kind": acc.kind, "op": acc.op, "b_is_weight": acc.b_is_weight, "batch": acc.batch})
             for (strat, g), e in acc.gemm.items():
-                gemm.append({"layer": name, "strategy": strat, "gemm": g, **e.result()})
+                gemm.append({"layer": name, "strategy": strat, "gemm": g,
+                             "quantized": g in STRATEGIES[strat].quantized_gemms, **e.result()})
             for (strat, op), o in acc.operands.items():
                 operands.append({"layer": name, "strategy": strat, "operand": op, **o.result()})
             for tname, ts in acc.tensors.items():
@@ -223,7 +224,8 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "seed": seed,
         "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "strategies": [],
-        "loss": {"kind": info.kind, "detail": info.detail} if info else None,
+        "loss": ({"kind": info.kind, "detail": info.detail, **({"no_gradient": info.no_gradient} if info.no_gradient else {})}
+                 if info else None),
         "formats": {f: {"max": FORMATS[f].max, "min_normal": FORMATS[f].min_normal,
                         "min_subnormal": FORMATS[f].min_subnormal, "description": FORMATS[f].description}
                     for f in formats},

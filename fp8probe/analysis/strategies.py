@@ -37,6 +37,23 @@ Runner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float, boo
 BATCHED_RULE = ("Batched GEMMs (attention heads, bmm, grouped convolutions) run as one 2-D GEMM per slice "
                 "of the leading dim, each with its own scales.")
 
+WeightFn = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class WeightQuantizer:
+    """How a recipe quantises the fprop weight W [out, in]: the one function its runner calls for the
+    ``weight`` operand, shared with the weights-only analysis (analysis/weights_only.py).
+
+    ``scaling``: "tensor" (one scale for all of W), "row" (one per output row) or "block" (one per
+    ``block`` = (rows, cols) tile). ``quantize(W) -> (q, saturated mask or None)`` as in
+    StrategyOutput.operands: q dequantised, W's shape.
+    """
+
+    scaling: str
+    block: tuple[int, int] | None
+    quantize: WeightFn
+
 
 @dataclass(frozen=True)
 class Strategy:
@@ -50,6 +67,9 @@ class Strategy:
     rules: str
     formats: tuple[str, ...]
     run: Runner
+    #: The GEMMs whose operands the recipe quantises (at least one of the two); the others run in the
+    #: captured precision and sit at float32 rounding level (compare does not gate them).
+    quantized_gemms: tuple[str, ...] = GEMMS
 
 
 def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -97,11 +117,15 @@ def _fq_code(x: torch.Tensor, book: str, blocksize: int | None) -> torch.Tensor:
     return F.fake_quantize(x.float(), code, blocksize).to(x.dtype)
 
 
+def _weight_bnb_global(W: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """MatMulFP8Global / MatMulFP8Mixed weight: bnb-e4m3, one absmax for the whole tensor (SPEC §7.2)."""
+    return _fq_code(W, "bnb-e4m3", None), None
+
+
 def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
                 b_is_weight: bool = True) -> StrategyOutput:
     gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_global(a, w.t()), A, W, G)
-    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", None), None),
-           "weight": (W, _fq_code(W, "bnb-e4m3", None), None)}
+    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", None), None), "weight": (W, *_weight_bnb_global(W))}
     if G is not None:
         ops["grad_output"] = (G, _fq_code(G, "bnb-e5m2", None), None)
     return StrategyOutput(gemms, ops)
@@ -111,8 +135,7 @@ def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, thresho
                b_is_weight: bool = True) -> StrategyOutput:
     bsz, bsz2 = AG.get_block_sizes(A, W)
     gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t()), A, W, G)
-    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None),
-           "weight": (W, _fq_code(W, "bnb-e4m3", None), None)}
+    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None), "weight": (W, *_weight_bnb_global(W))}
     if G is not None:
         ops["grad_output"] = (G, _fq_code(G, "bnb-e5m2", bsz2), None)
     return StrategyOutput(gemms, ops)
@@ -127,6 +150,11 @@ def _int8_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return deq
 
 
+def _weight_int8(W: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """MatMul8bitLt / SwitchBack weight: int8 per output row (row absmax/127), no outlier columns (SPEC §6.2)."""
+    return _int8_rows(W, 0.0), None
+
+
 def _int8_cols(x: torch.Tensor) -> torch.Tensor:
     """x column-quantised to int8 (the gradient operand of the correct MatMul8bitLt grad_B, SPEC §6.3 / Q10)."""
     _, q_col, _, col_stats, _ = F.int8_double_quant(x, 0.0)
@@ -136,7 +164,7 @@ def _int8_cols(x: torch.Tensor) -> torch.Tensor:
 def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
               b_is_weight: bool = True) -> StrategyOutput:
     gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold), A, W, G)
-    ops = {"activation": (A, _int8_rows(A, threshold), None), "weight": (W, _int8_rows(W, 0.0), None)}
+    ops = {"activation": (A, _int8_rows(A, threshold), None), "weight": (W, *_weight_int8(W))}
     if G is not None:
         ops["grad_output"] = (G, _int8_cols(G), None)
     return StrategyOutput(gemms, ops)
@@ -146,7 +174,7 @@ def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, th
                     b_is_weight: bool = True) -> StrategyOutput:
     # SwitchBack (Wortsman et al. 2023) has no outlier decomposition: threshold 0 whatever --threshold says.
     gemms = _autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, G)
-    ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, _int8_rows(W, 0.0), None)}
+    ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, *_weight_int8(W))}
     return StrategyOutput(gemms, ops)
 
 
@@ -212,7 +240,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("mixed", "A blockwise bnb-e4m3 (block bsz over the flattened tensor), W one absmax bnb-e4m3, "
              "output gradient blockwise bnb-e5m2 (bsz2) for dgrad; wgrad Aᵀ·G unquantised; bsz/bsz2 from "
              "get_block_sizes (MatMulFP8Mixed, SPEC §7.2). Two activations: as MatMulFP8Mixed runs them, the "
-             "first blockwise, the second like W (one absmax). " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"), _run_mixed),
+             "first blockwise, the second like W (one absmax). " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"), _run_mixed,
+             quantized_gemms=("fprop", "dgrad")),
     Strategy("int8", "LLM.int8(): A int8 per row (absmax/127, round half-even), columns with any |a| ≥ threshold "
              "kept in A's precision and multiplied by the dequantised weight; W int8 per output row; dgrad "
              "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6). Two "
@@ -222,7 +251,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              ("int8",), _run_int8),
     Strategy("switchback", "SwitchBack: fprop int8 per-row A × int8 per-row W (no outlier columns); dgrad "
              "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2). Two activations: both int8 per "
-             "row along the contraction dim. " + BATCHED_RULE, ("int8",), _run_switchback),
+             "row along the contraction dim. " + BATCHED_RULE, ("int8",), _run_switchback,
+             quantized_gemms=("fprop", "dgrad")),
     Strategy("ocp-tensorwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale amax/fmt_max per tensor, "
              "round to nearest even with saturation; float32 matmuls. Two activations: both E4M3FN per "
              "tensor. " + BATCHED_RULE, ("e4m3", "e5m2"),
@@ -241,6 +271,25 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "activations: both E4M3 in blocks of 32 along the contraction dim. " + BATCHED_RULE,
              ("mxfp8-e4m3", "mxfp8-e5m2"), _scaled_recipe(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
 )}
+
+
+def _weight_scaled(fmt: str, gran: tuple[str, tuple[int, int] | None]) -> WeightQuantizer:
+    return WeightQuantizer(gran[0], gran[1], lambda W: _fq_scaled(W, fmt, *gran))
+
+
+# The fprop weight quantiser of every strategy: the same functions and (format, granularity) pairs
+# the runners above use (tests/analysis/test_strategies.py checks each against run_strategy's
+# weight operand bit for bit).
+WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
+    "global": WeightQuantizer("tensor", None, _weight_bnb_global),
+    "mixed": WeightQuantizer("tensor", None, _weight_bnb_global),
+    "int8": WeightQuantizer("row", None, _weight_int8),
+    "switchback": WeightQuantizer("row", None, _weight_int8),
+    "ocp-tensorwise": _weight_scaled("e4m3", _TENSOR),
+    "ocp-rowwise": _weight_scaled("e4m3", _ROW),
+    "ocp-blockwise": _weight_scaled("e4m3", _TILE_2),
+    "mxfp8": _weight_scaled("mxfp8-e4m3", _MX),
+}
 
 
 def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:

@@ -174,3 +174,51 @@ def test_gemms_option_selects_kinds_and_prints_coverage(tmp_path) -> None:
     assert set(tables["layers"]["layer"]) == {f"blocks.{i}.attn#matmul{s}" for i in (0, 1) for s in ("", "#1")}
     cov = tables["coverage"].set_index("kind")
     assert cov.loc["linear", "skipped"] == 9 and cov.loc["matmul", "captured"] == 4
+
+
+NO_GRAD_FACTORY = """
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.kind == "detached":
+            return {"loss": y.square().mean().detach(), "logits": y.detach()}
+        return {"loss": y.argmax(-1).sum()}  # an integer loss: no gradient can flow
+
+
+def build(kind):
+    torch.manual_seed(0)
+    return Model(kind), [torch.randn(5, 8)]
+
+
+def detached():
+    return build("detached")
+
+
+def integer():
+    return build("integer")
+"""
+
+
+@pytest.mark.parametrize("kind", ["detached", "integer"])
+def test_loss_without_gradient_warns_and_report_says_why(tmp_path, kind) -> None:
+    """A loss that does not depend on the weights used to give fprop-only results, exit 0 and no word
+    (issue 11 item 10): now one warning line, the reason in results.json and a callout in the report."""
+    (tmp_path / "nograd.py").write_text(NO_GRAD_FACTORY)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["analyze", f"{tmp_path / 'nograd.py'}:{kind}", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "dgrad and wgrad are not analysed" in warning[0] and "--loss" in warning[0]
+    doc = json.loads((out / "results.json").read_text())
+    assert "does not depend on the weights" in doc["metadata"]["loss"]["no_gradient"]
+    assert {r["gemm"] for r in doc["tables"]["gemm"]} == {"fprop"}
+    assert "No dgrad / wgrad numbers" in (out / "index.html").read_text()
