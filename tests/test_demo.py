@@ -24,6 +24,8 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.chdir(old)
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "reports/demo/index.html" in res.output
+    # 9 linear layers + QKᵀ and PV (plain matmuls) of 2 blocks
+    assert "demo: captured 13 GEMMs = 100.0 % of GEMM FLOPs; skipped: none" in res.output
     return cwd / "reports" / "demo"
 
 
@@ -41,7 +43,8 @@ def test_demo_report_mentions_every_layer(demo_dir: Path) -> None:
 def test_demo_writes_results_that_rerender(demo_dir: Path, tmp_path: Path) -> None:
     merged = json.loads((demo_dir / "results.json").read_text())
     assert merged["kind"] == "analyze"
-    assert {"gemm", "operands", "blocksize_sweep", "threshold_sweep"} <= set(merged["tables"])
+    assert {"gemm", "operands", "blocksize_sweep", "threshold_sweep", "coverage"} <= set(merged["tables"])
+    assert merged["metadata"]["coverage"]["gemms_captured"] == sum(r["captured"] for r in merged["tables"]["coverage"])
     assert set(merged["metadata"]["recommendations"]) == {"blocksize_sweep", "threshold_sweep"}
     for sub in ("analyze", "sweep-blocksize", "sweep-threshold"):
         assert (demo_dir / sub / "results.json").exists()

@@ -549,17 +549,28 @@ def im2col(x: torch.Tensor, ksz: tuple[int, ...], stride: tuple[int, ...], pads:
 # --------------------------------------------------------------------------------------------
 # einsum with two operands -> one bmm
 # --------------------------------------------------------------------------------------------
-def _einsum_terms(equation: str, n_ops: int) -> tuple[list[str], str] | str:
+def _einsum_terms(equation: str, operands: list) -> tuple[list[str], str] | str:
+    """Input terms and output term with '...' spelled out as fresh letters (right-aligned, as einsum broadcasts)."""
     eq = equation.replace(" ", "")
-    if "." in eq:
-        return "einsum with '...' (no GEMM decomposition)"
     lhs, arrow, out = eq.partition("->")
     ins = lhs.split(",")
-    if len(ins) != n_ops:
+    if len(ins) != len(operands) or not all(isinstance(t, torch.Tensor) for t in operands):
         return "einsum terms do not match its operands"
-    if not arrow:
+    used = set(eq)
+    fresh = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used]
+    n_ell = max((t.dim() - len(term.replace("...", "")) for term, t in zip(ins, operands) if "..." in term),
+                default=0)
+    if n_ell > len(fresh):
+        return "einsum with too many '...' dims"
+    ell = "".join(fresh[:n_ell])
+    ins = [term.replace("...", ell[n_ell - (t.dim() - len(term.replace("...", ""))):]) for term, t in zip(ins, operands)]
+    if "." in "".join(ins):
+        return "einsum terms do not match its operands"
+    if arrow:
+        out = out.replace("...", ell)
+    else:
         counts = Counter("".join(ins))
-        out = "".join(sorted(c for c, n in counts.items() if n == 1))
+        out = ell + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ell))
     return ins, out
 
 
@@ -567,7 +578,7 @@ def _parse_einsum(equation: str, operands: list) -> tuple | str:
     """(perm_a, perm_b, M, N, K, Bt, out_dims, out_perm) for a two-operand contraction, else the reason it is not one."""
     if len(operands) != 2 or not _is_float(*operands):
         return "einsum that is not a contraction of two floating-point operands"
-    terms = _einsum_terms(equation, 2)
+    terms = _einsum_terms(equation, operands)
     if isinstance(terms, str):
         return terms
     (ta, tb), out = terms
@@ -584,8 +595,10 @@ def _parse_einsum(equation: str, operands: list) -> tuple | str:
     right = [c for c in out if c in tb and c not in ta]
     contract = [c for c in ta if c in tb and c not in out]
     if len(batch) + len(left) + len(right) != len(out) or set(ta) != set(batch + left + contract) \
-            or set(tb) != set(batch + right + contract) or not contract:
+            or set(tb) != set(batch + right + contract):
         return "einsum that sums an index of one operand only (no GEMM decomposition)"
+    if not contract:
+        return "einsum without a contracted index (an outer or elementwise product, not a GEMM)"
     perm_a = [ta.index(c) for c in batch + left + contract]
     perm_b = [tb.index(c) for c in batch + right + contract]
     prod = lambda cs: math.prod(size[c] for c in cs)  # noqa: E731
@@ -596,7 +609,7 @@ def _parse_einsum(equation: str, operands: list) -> tuple | str:
 
 
 def _einsum_flops(equation: str, operands: list) -> float:
-    terms = _einsum_terms(equation, len(operands))
+    terms = _einsum_terms(equation, operands)
     if isinstance(terms, str) or len(operands) < 2:
         return 0.0
     size: dict[str, int] = {}

@@ -275,3 +275,46 @@ def test_strategies_run_two_activation_gemms_per_slice() -> None:
     q_w = run_strategy(blk, a2, b2, None, b_is_weight=True).operands["weight"][1]
     torch.testing.assert_close(q_act, _fq_scaled(b2, "e4m3", "block", (1, 128))[0])
     assert not torch.equal(q_act, q_w)
+
+
+@pytest.mark.parametrize("equation, shapes, captured", [
+    ("bhqd,bhkd->bhqk", [(2, 3, 5, 4), (2, 3, 6, 4)], True),
+    ("...qd,...kd->...qk", [(2, 3, 5, 4), (2, 3, 6, 4)], True),
+    ("bqd,kd->bkq", [(2, 5, 4), (6, 4)], True),
+    ("ij,jk", [(5, 4), (4, 6)], True),                      # implicit output "ik"
+    ("i,j->ij", [(5,), (6,)], False),                       # outer product: no contraction
+    ("bij,bjk,bkl->bil", [(2, 3, 4), (2, 4, 5), (2, 5, 6)], False),
+])
+def test_einsum_becomes_one_bmm_or_is_skipped_with_reason(equation, shapes, captured) -> None:
+    torch.manual_seed(7)
+    ops = [torch.randn(s) for s in shapes]
+    expected = torch.einsum(equation, *ops)
+
+    class Recompute(GemmHandler):
+        def replace(self, site):
+            a, b = site.operands()
+            return a @ b.mT
+
+    cov = Coverage()
+    with intercept(nn.Identity(), Recompute(), cov):
+        got = torch.einsum(equation, *ops)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    row = cov.table().iloc[0]
+    assert (row["op"], row["kind"], row["captured"]) == ("einsum", "matmul" if captured else "other", int(captured))
+    if not captured:
+        assert row["reason"].startswith("einsum ") and row["gflops"] > 0
+
+
+def test_exported_cnn_has_the_same_conv_sites_and_numbers() -> None:
+    torch.manual_seed(8)
+    model, x = _CNN().eval(), torch.randn(2, 3, 8, 8)
+    eager = analyze(model, [x], "mxfp8")
+    program = from_exported_program(torch.export.export(model, (x,)))
+    targets = {str(n.target) for n in program.module.graph.nodes if n.op == "call_function"}
+    assert "aten.conv1d.padding" in targets  # padding="same" keeps its own overload in the graph
+    exported = analyze(program, [x], "mxfp8")
+    for name in ("layers", "coverage"):
+        assert exported.tables[name].equals(eager.tables[name]), name
+    a = exported.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    b = eager.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    assert len(a) == 4 * 3 and (a - b).abs().max() < 1e-3
