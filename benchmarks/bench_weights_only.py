@@ -108,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak = usage.ru_maxrss * 1024  # Linux: KiB
         bound = 2 * info["largest_bytes"] + BOUND_SLACK_MIB * MIB
         summary = json.loads(proc.stdout)["weights_only"]
         row = {"checkpoint_gb": info["bytes"] / 1e9, "shards": info["shards"], "tensors": info["tensors"],
                "analysed": summary["analysed"], "largest_mib": info["largest_bytes"] / MIB,
                "peak_rss_mib": peak / MIB, "bound_mib": bound / MIB, "within_bound": peak <= bound,
-               "write_s": write_s, "analyze_wall_s": wall, "strategy": args.strategy,
+               "write_s": write_s, "analyze_wall_s": wall, "analyze_cpu_s": usage.ru_utime + usage.ru_stime,
+               "load_avg_1min": os.getloadavg()[0], "strategy": args.strategy,
                "threads": args.threads or torch.get_num_threads()}
         for k, v in row.items():
             print(f"{k:>15}: {v:.2f}" if isinstance(v, float) else f"{k:>15}: {v}")
