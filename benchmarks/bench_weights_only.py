@@ -12,6 +12,7 @@ and the wall time. The checkpoint is deleted afterwards unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -48,15 +49,25 @@ def layout(gb: float) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def write_checkpoint(root: Path, gb: float, seed: int = 0) -> dict:
-    """Write the shards and the index; returns {"bytes", "tensors", "largest_bytes", "shards"}."""
+    """Write the shards and the index; returns {"bytes", "tensors", "largest_bytes", "shards"}.
+
+    Each tensor is a random window of one seeded N(0, 0.02²) bf16 pool of 2**26 values times a random
+    per-tensor scale: drawing 4G fresh normals took 15 min on the loaded 2-core box, this takes ~1-2
+    min, and every tensor still has realistic, distinct values (what the analysis' cost and memory
+    depend on is the size, not independence between tensors)."""
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(2**26, generator=gen) * 0.02).to(torch.bfloat16)
     shards: list[dict[str, torch.Tensor]] = [{}]
     fill, total, largest = 0, 0, 0
     names = []
     for key, shape in layout(gb):
-        t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        n = torch.Size(shape).numel()
+        start = int(torch.randint(0, pool.numel(), (1,), generator=gen))
+        reps = -(-(start + n) // pool.numel())
+        scale = float(torch.empty(1).uniform_(0.5, 2.0, generator=gen))
+        t = (pool.repeat(reps)[start:start + n].view(shape) * scale) if reps > 1 else pool[start:start + n].view(shape) * scale
         nbytes = t.numel() * t.element_size()
         if fill and fill + nbytes > SHARD_BYTES:
             names.append(_save(root, len(names), shards[-1], save_file))
@@ -84,6 +95,21 @@ def _save(root: Path, i: int, tensors: dict, save_file) -> str:
     return name
 
 
+# Runs the fp8probe CLI and writes the process's peak resident set (VmHWM, kB) to argv[1] at exit.
+_CHILD = """
+import atexit, sys
+def _hwm(path=sys.argv[1]):
+    with open("/proc/self/status") as fh:
+        kb = next(line.split()[1] for line in fh if line.startswith("VmHWM"))
+    with open(path, "w") as out:
+        out.write(kb)
+atexit.register(_hwm)
+sys.argv = ["fp8probe", *sys.argv[2:]]
+from fp8probe.cli import main
+main()
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=8.0, help="checkpoint size in GB (1e9 bytes), at least")
@@ -97,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         (root / "ckpt").mkdir()
         info = write_checkpoint(root / "ckpt", args.gb)
+        gc.collect()
         write_s = time.perf_counter() - t0
-        cmd = [sys.executable, "-m", "fp8probe", "analyze", str(root / "ckpt"), "--strategy", args.strategy,
-               "--no-html", "-q", "--out", str(root / "out"), "--format", "json"]
+        # The child reports its own VmHWM at exit: getrusage(RUSAGE_CHILDREN).ru_maxrss would also carry
+        # the RSS of this process (which held 1 GiB shards while writing) into the child, because exec
+        # records the pre-exec memory's high-water mark (measured: 1581 MiB for a child that stayed < 500).
+        hwm_file = root / "vmhwm"
+        cmd = [sys.executable, "-c", _CHILD, str(hwm_file), "analyze", str(root / "ckpt"), "--strategy",
+               args.strategy, "--no-html", "-q", "--out", str(root / "out"), "--format", "json"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         t0 = time.perf_counter()
@@ -108,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak = int(hwm_file.read_text()) * 1024  # VmHWM in kB
         bound = 2 * info["largest_bytes"] + BOUND_SLACK_MIB * MIB
         summary = json.loads(proc.stdout)["weights_only"]
         row = {"checkpoint_gb": info["bytes"] / 1e9, "shards": info["shards"], "tensors": info["tensors"],
                "analysed": summary["analysed"], "largest_mib": info["largest_bytes"] / MIB,
                "peak_rss_mib": peak / MIB, "bound_mib": bound / MIB, "within_bound": peak <= bound,
-               "write_s": write_s, "analyze_wall_s": wall, "strategy": args.strategy,
+               "write_s": write_s, "analyze_wall_s": wall, "analyze_cpu_s": usage.ru_utime + usage.ru_stime,
+               "load_avg_1min": os.getloadavg()[0], "strategy": args.strategy,
                "threads": args.threads or torch.get_num_threads()}
         for k, v in row.items():
             print(f"{k:>15}: {v:.2f}" if isinstance(v, float) else f"{k:>15}: {v}")
