@@ -1,0 +1,245 @@
+"""The verdict: what the results say at a glance (recipe, 16-bit layers, loss change, coverage, warnings), shared by the terminal and the report."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fp8probe.report.schema import metric_value
+
+# A layer is "hurt" under a strategy when its forward GEMM keeps less than 20 dB SQNR: the
+# quantisation noise is above 1 % of the output power (10^(-20/10) = 0.01). Per-tensor FP8 on
+# well-behaved data gives ~25-31 dB, int8 vector-wise ~35-40 dB, so 20 dB flags clearly hurt layers.
+KEEP_16BIT_DB = 20.0
+# Layer names listed inline in one verdict line before "… and N more".
+MAX_NAMES = 6
+
+# One line each for a table the verdict needs but the results do not carry.
+MISSING = {
+    "e2e": "no end-to-end run in these results: run analyze without --no-e2e for the loss change per strategy",
+    "recommendation": "no validated recommendation in these results: run analyze with its end-to-end pass",
+    "coverage": "no coverage table in these results: GEMMs outside linear layers were not counted",
+}
+
+Records = list[dict]
+
+
+def records(table: Any) -> Records:
+    """A table as a list of dicts with NaN turned into None: accepts a pandas DataFrame (Results.tables)
+    or the JSON list of records (results.json), so the terminal and the report read the same rows."""
+    if table is None:
+        return []
+    if hasattr(table, "to_dict"):
+        table = table.to_dict("records")
+    out = []
+    for r in table:
+        out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dict(r).items()})
+    return out
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def signed_pct(v: Any, digits: int = 2) -> str:
+    """A relative change as a signed percentage ("+0.12 %"); "–" when not measured."""
+    x = _num(v)
+    if x is None:
+        return "–"
+    if math.isinf(x):
+        return "+∞ %" if x > 0 else "−∞ %"
+    return f"{100 * x:+.{digits}f} %"
+
+
+def pct(v: Any, digits: int = 1) -> str:
+    """A share (0..1) as a percentage ("97.3 %"); "–" when not measured."""
+    x = _num(v)
+    return "–" if x is None else f"{100 * x:.{digits}f} %"
+
+
+def _g(v: Any) -> str:
+    x = _num(v)
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _names(names: Sequence[str], limit: int = MAX_NAMES) -> str:
+    shown = ", ".join(str(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _keep_list(v: Any) -> list[str]:
+    """keep_16bit as a list: JSON gives a list; a CSV round trip may give its JSON text."""
+    if isinstance(v, str):
+        import json
+
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return [v] if v else []
+    return [str(x) for x in v] if isinstance(v, (list, tuple)) else []
+
+
+def _strategy_order(tables: Mapping[str, Records], metadata: Mapping) -> list[str]:
+    names = list(metadata.get("strategies") or [])
+    for t in ("e2e", "recommendation", "gemm"):
+        names += [r["strategy"] for r in tables.get(t, []) if r.get("strategy") not in (None, "hp")]
+    return list(dict.fromkeys(names))
+
+
+def isolated_summary(gemm: Records, strategies: Sequence[str], keep_db: float = KEEP_16BIT_DB) -> list[dict]:
+    """Per strategy, from the isolated per-GEMM table: how many layers' fprop SQNR is below ``keep_db``
+    (or undefined), out of how many measured, and the worst layer."""
+    out = []
+    for s in strategies:
+        rows = [r for r in gemm if r.get("strategy") == s and r.get("gemm") == "fprop"]
+        if not rows:
+            continue
+        vals = [(metric_value(r), r["layer"]) for r in rows]
+        hurt = [(v, layer) for v, layer in vals if v is not None and (math.isnan(v) or v < keep_db)]
+        finite = sorted((v, layer) for v, layer in vals if v is not None and not math.isnan(v))
+        worst = finite[0] if finite else None
+        out.append({"strategy": s, "n_layers": len(rows), "n_below": len(hurt),
+                    "below": [layer for _, layer in sorted(hurt, key=lambda t: (not math.isnan(t[0]), t[0]))],
+                    "worst_layer": worst[1] if worst else None, "worst_db": worst[0] if worst else None})
+    return out
+
+
+def coverage_summary(coverage: Records, meta_coverage: Mapping | None = None) -> dict | None:
+    """GEMMs executed / captured, captured share of GEMM FLOPs and skips by reason, from the coverage
+    table (or ``metadata["coverage"]`` when only that is present)."""
+    if coverage:
+        executed = sum(int(_num(r.get("executed")) or 0) for r in coverage)
+        captured = sum(int(_num(r.get("captured")) or 0) for r in coverage)
+        flops = sum(_num(r.get("gflops")) or 0.0 for r in coverage)
+        flops_cap = sum(_num(r.get("gflops_captured")) or 0.0 for r in coverage)
+        skipped: dict[str, int] = {}
+        for r in coverage:
+            n = int(_num(r.get("skipped")) or 0)
+            if n:
+                why = f"{r.get('op') or r.get('kind')}: {r.get('reason') or 'not captured'}"
+                skipped[why] = skipped.get(why, 0) + n
+        return {"executed": executed, "captured": captured,
+                "flop_share": flops_cap / flops if flops > 0 else (1.0 if executed == captured else None),
+                "skipped": skipped}
+    if meta_coverage:
+        return {"executed": meta_coverage.get("gemms_executed"), "captured": meta_coverage.get("gemms_captured"),
+                "flop_share": meta_coverage.get("flop_share"), "skipped": dict(meta_coverage.get("skipped") or {})}
+    return None
+
+
+def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
+                  keep_db: float = KEEP_16BIT_DB) -> dict:
+    """The verdict as plain data (the report's view model and verdict_lines both read it).
+
+    ``tables``: name → DataFrame or list of records (e2e, recommendation, coverage, gemm, tensors,
+    errors, sensitivity, training; any may be absent). ``metadata``: the results metadata (loss kind,
+    strategies, coverage) or None.
+    """
+    metadata = metadata or {}
+    t = {name: records(rows) for name, rows in tables.items()}
+    strategies = _strategy_order(t, metadata)
+    rec_rows = t.get("recommendation", [])
+    strat_rows = [r for r in rec_rows if r.get("kind") == "strategy"]
+    chosen = next((r for r in strat_rows if r.get("recommended") is True), None)
+    recommended = None
+    if chosen:
+        keep = _keep_list(chosen.get("keep_16bit"))
+        recommended = {"strategy": chosen.get("strategy"), "keep_16bit": keep, "n_keep": len(keep),
+                       "loss_rel_change": chosen.get("loss_rel_change"), "kl_div": chosen.get("kl_div"),
+                       "lp_flop_share": chosen.get("lp_flop_share"), "budget": chosen.get("budget"),
+                       "budget_kind": chosen.get("budget_kind")}
+    no_recommendation = None
+    if strat_rows and not chosen:
+        budget = strat_rows[0]
+        no_recommendation = (f"no strategy stays within the {budget.get('budget_kind') or 'loss'} budget "
+                             f"{_g(budget.get('budget'))} even with layers kept in 16-bit")
+    settings = {r.get("kind"): r for r in rec_rows if r.get("kind") in ("blocksize", "threshold")}
+    e2e = {r.get("strategy"): r for r in t.get("e2e", [])}
+    per_strategy = []
+    for s in strategies:
+        r = e2e.get(s)
+        if r is None:
+            continue
+        rec = next((x for x in strat_rows if x.get("strategy") == s), {})
+        per_strategy.append({"strategy": s, "loss_rel_change": r.get("loss_rel_change"), "kl_div": r.get("kl_div"),
+                             "top1_agreement": r.get("top1_agreement"), "output_sqnr_db": r.get("output_sqnr_db"),
+                             "lp_flop_share": r.get("lp_flop_share"), "note": r.get("note") or "",
+                             "within_budget": rec.get("within_budget"), "recommended": rec.get("recommended") is True,
+                             "n_keep": len(_keep_list(rec.get("keep_16bit"))) if rec else None})
+    coverage = coverage_summary(t.get("coverage", []), metadata.get("coverage"))
+    warnings = []
+    loss = metadata.get("loss") or {}
+    if loss.get("kind") == "surrogate":
+        warnings.append("gradients come from a surrogate loss (mean of squared outputs): pass --loss module:function "
+                        "for your training loss")
+    nan = sum(int(_num(r.get("nan_count")) or 0) for r in t.get("tensors", []))
+    inf = sum(int(_num(r.get("inf_count")) or 0) for r in t.get("tensors", []))
+    if nan or inf:
+        bad = list(dict.fromkeys(r["layer"] for r in t["tensors"]
+                                 if (_num(r.get("nan_count")) or 0) or (_num(r.get("inf_count")) or 0)))
+        warnings.append(f"{nan} NaN and {inf} Inf values in captured tensors of {len(bad)} layer(s): {_names(bad, 3)}")
+    if coverage and coverage["skipped"]:
+        n = sum(coverage["skipped"].values())
+        warnings.append(f"{n} GEMM call(s) not analysed: " + "; ".join(f"{k} ({v})" for k, v in coverage["skipped"].items()))
+    if t.get("errors"):
+        warnings.append(f"{len(t['errors'])} strategy/layer combination(s) failed and have no numbers")
+    missing = [MISSING[name] for name in ("e2e", "coverage") if not t.get(name)]
+    if t.get("e2e") and not rec_rows:
+        missing.append(MISSING["recommendation"])
+    return {"recommended": recommended, "no_recommendation": no_recommendation,
+            "blocksize": settings.get("blocksize"), "threshold": settings.get("threshold"),
+            "e2e": per_strategy, "isolated": isolated_summary(t.get("gemm", []), strategies, keep_db),
+            "coverage": coverage, "warnings": warnings, "missing": missing, "keep_db": keep_db,
+            "has_e2e": bool(per_strategy)}
+
+
+def coverage_line(cov: Mapping) -> str:
+    """`captured 248 of 250 GEMMs = 99.8 % of GEMM FLOPs; skipped: …` (the agreed CLI line)."""
+    line = f"captured {cov.get('captured')} of {cov.get('executed')} GEMMs = {pct(cov.get('flop_share'))} of GEMM FLOPs"
+    skipped = cov.get("skipped") or {}
+    line += "; skipped: " + ("; ".join(f"{k} ({v})" for k, v in skipped.items()) if skipped else "none")
+    return line
+
+
+def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
+                  keep_db: float = KEEP_16BIT_DB) -> list[str]:
+    """The verdict as plain-text lines (terminal summary, Markdown, the report's first lines).
+
+    ``tables``: name → DataFrame or list of records, as in ``Results.tables`` or a results JSON.
+    Every line stands alone; absent tables give a one-line note instead of their line.
+    """
+    v = build_verdict(tables, metadata, keep_db)
+    lines = []
+    rec = v["recommended"]
+    if rec:
+        keep = (f"keep {rec['n_keep']} layer(s) in 16-bit ({_names(rec['keep_16bit'])})" if rec["n_keep"]
+                else "no layer needs 16-bit")
+        budget = f"budget {_g(rec['budget'])} {rec['budget_kind'] or ''}".rstrip()
+        lines.append(f"verdict: {rec['strategy']}, {keep}: loss {signed_pct(rec['loss_rel_change'])}, "
+                     f"KL {_g(rec['kl_div'])} ({budget}); {pct(rec['lp_flop_share'])} of GEMM FLOPs in low precision")
+    elif v["no_recommendation"]:
+        lines.append(f"verdict: {v['no_recommendation']}")
+    for kind, label in (("blocksize", "block size"), ("threshold", "outlier threshold")):
+        r = v[kind]
+        if r and _num(r.get("value")) is not None:
+            lines.append(f"{label} for the whole model: {_num(r['value']):g} (validated: loss "
+                         f"{signed_pct(r.get('loss_rel_change'))})")
+    for r in v["e2e"]:
+        mark = " ← recommended" if r["recommended"] else ""
+        lines.append(f"end-to-end {r['strategy']}: loss {signed_pct(r['loss_rel_change'])}, KL {_g(r['kl_div'])}, "
+                     f"top-1 {pct(r['top1_agreement'])}, output SQNR {_g(r['output_sqnr_db'])} dB, "
+                     f"{pct(r['lp_flop_share'])} FLOPs low precision{mark}")
+    if not v["e2e"]:
+        for r in v["isolated"]:
+            worst = (f"; worst {r['worst_layer']} {r['worst_db']:.1f} dB"
+                     if r["worst_db"] is not None and math.isfinite(r["worst_db"]) else "")
+            lines.append(f"isolated {r['strategy']}: {r['n_below']} of {r['n_layers']} layer(s) below "
+                         f"{keep_db:g} dB fprop SQNR{worst}")
+    if v["coverage"]:
+        lines.append(coverage_line(v["coverage"]))
+    lines += [f"warning: {w}" for w in v["warnings"]]
+    lines += [f"note: {m}" for m in v["missing"]]
+    return lines

@@ -1,0 +1,80 @@
+"""The verdict (report/verdict.py): recipe, 16-bit layers, loss change, coverage and warnings from the tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from fp8probe.report.verdict import build_verdict, coverage_summary, verdict_lines
+from report_tables import coverage_rows, e2e_rows, recommendation_rows
+
+DATA = Path(__file__).parent / "data" / "results_small.json"
+
+
+def _small() -> dict:
+    return json.loads(DATA.read_text(encoding="utf-8"))
+
+
+def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
+    tables = {"e2e": e2e_rows(), "recommendation": recommendation_rows(["blocks.0.attn.qkv"]),
+              "coverage": coverage_rows()}
+    lines = verdict_lines(tables)
+    assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss +0.12 %, KL 0.0009 "
+                        "(budget 0.01 loss); 94.7 % of GEMM FLOPs in low precision")
+    assert "block size for the whole model: 128 (validated: loss +0.40 %)" in lines
+    assert "outlier threshold for the whole model: 6 (validated: loss +0.60 %)" in lines
+    e2e = [x for x in lines if x.startswith("end-to-end")]
+    assert e2e[0].startswith("end-to-end global: loss +4.00 %, KL 0.031, top-1 91.0 %")
+    assert e2e[1].endswith("← recommended") and not e2e[0].endswith("← recommended")
+    # 3.8 of 4.0 GFLOPs captured; the conv3d calls are named with their reason
+    assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs; skipped: conv3d: conv3d not supported (2)" in lines
+    assert any(x.startswith("warning: 2 GEMM call(s) not analysed") for x in lines)
+
+
+def test_dataframes_and_records_give_the_same_lines() -> None:
+    tables = {"e2e": e2e_rows(), "recommendation": recommendation_rows(["a", "b"]), "coverage": coverage_rows()}
+    frames = {k: pd.DataFrame(v) for k, v in tables.items()}
+    assert verdict_lines(frames) == verdict_lines(tables)
+
+
+def test_no_strategy_within_budget_says_so() -> None:
+    rows = [dict(r, recommended=False, within_budget=False) for r in recommendation_rows([])]
+    lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows})
+    assert lines[0] == "verdict: no strategy stays within the loss budget 0.01 even with layers kept in 16-bit"
+
+
+def test_without_e2e_the_isolated_numbers_and_one_line_notes() -> None:
+    data = _small()
+    lines = verdict_lines(data["tables"], data["metadata"])
+    isolated = [x for x in lines if x.startswith("isolated ")]
+    assert len(isolated) == len(data["metadata"]["strategies"])
+    # the fixture plants fprop SQNR below 20 dB in qkv and fc1 under the fp8 strategies
+    glob = next(x for x in isolated if x.startswith("isolated fp8-global:"))
+    fprop = [r for r in data["tables"]["gemm"] if r["strategy"] == "fp8-global" and r["gemm"] == "fprop"]
+    below = sum(1 for r in fprop if r["sqnr_db"] is not None and r["sqnr_db"] < 20)
+    assert below >= 1 and f"{below} of {len(fprop)} layer(s) below 20 dB" in glob
+    assert "note: no end-to-end run in these results: run analyze without --no-e2e" in " ".join(lines)
+    assert any(x.startswith("note: no coverage table") for x in lines)
+    assert not any(x.startswith("verdict:") for x in lines)
+
+
+def test_warnings_surrogate_loss_nan_and_failures() -> None:
+    data = _small()
+    data["metadata"]["loss"] = {"kind": "surrogate", "detail": "mean(output^2)"}
+    data["tables"]["tensors"][0]["nan_count"] = 5
+    data["tables"]["errors"] = [{"layer": "x", "strategy": "int8", "error": "boom"}]
+    warnings = [x for x in verdict_lines(data["tables"], data["metadata"]) if x.startswith("warning:")]
+    assert len(warnings) == 3
+    assert "surrogate loss" in warnings[0]
+    assert warnings[1].startswith("warning: 5 NaN and 0 Inf values in captured tensors of 1 layer(s): "
+                                  + data["tables"]["tensors"][0]["layer"])
+    assert "1 strategy/layer combination(s) failed" in warnings[2]
+
+
+def test_coverage_from_metadata_when_the_table_is_absent() -> None:
+    cov = coverage_summary([], {"gemms_executed": 250, "gemms_captured": 248, "flop_share": 0.998,
+                                "skipped": {"conv3d unsupported": 2}, "kinds": ["linear"]})
+    assert cov == {"executed": 250, "captured": 248, "flop_share": 0.998, "skipped": {"conv3d unsupported": 2}}
+    v = build_verdict({}, {"coverage": {"gemms_executed": 3, "gemms_captured": 3, "flop_share": 1.0, "skipped": {}}})
+    assert v["coverage"]["captured"] == 3 and not v["warnings"]
