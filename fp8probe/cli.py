@@ -266,10 +266,23 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
                    "are small (demo: 2.0 s with 1 thread vs 10.8 s with 2 on a busy 2-core machine)")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table for people, json (paths + worst layers) for scripts")
+@click.option("--budget", "budget_spec", default="0.01", show_default=True,
+              help="end-to-end budget for the recommendation: relative loss increase (0.01 or 1%), or kl:0.01 for "
+                   "the mean KL divergence of the output distribution")
+@click.option("--no-e2e", is_flag=True, help="skip the end-to-end runs (no e2e, sensitivity, recommendation tables)")
+@click.option("--sensitivity", type=click.Choice(["auto", "measured", "estimated"]), default="auto", show_default=True,
+              help="per-layer sensitivity: measured by forward runs, estimated from the captured gradients, or auto "
+                   "(measured when 2 x layers x strategies <= 64)")
+@click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="simulate this many training steps per strategy (and in high precision) from the same weights")
+@click.option("--lr", type=FiniteFloat(0.0), default=1e-3, show_default=True, help="learning rate for --steps")
+@click.option("--optimizer", "optimizer_spec", default=None,
+              help="module:function called as fn(params, lr) -> torch optimizer for --steps (default AdamW)")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
-                no_html: bool, threads: int | None, output_format: str) -> None:
+                no_html: bool, threads: int | None, output_format: str, budget_spec: str, no_e2e: bool,
+                sensitivity: str, steps: int, lr: float, optimizer_spec: str | None) -> None:
     """Capture MODEL's linear GEMMs on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -283,18 +296,23 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
 
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.pipeline import analyze
+    from fp8probe.report.verdict import verdict_lines
 
     run_name = name or Path(model.split(":")[0]).stem or "analysis"
     out = Path(out_dir) if out_dir else _default_out(run_name)
     stale = _check_out(out, "run", overwrite)
     _check_device(device)
     _check_layers(layers)
-    try:  # before loading: an unknown strategy must not wait for the model
+    try:  # before loading: an unknown strategy or a bad budget must not wait for the model
+        from fp8probe.analysis.e2e import parse_budget
         from fp8probe.analysis.strategies import resolve
 
         resolve(strategy)
+        budget = parse_budget(budget_spec)
     except ValueError as exc:
-        raise _fail(exc) from exc
+        raise _fail(exc, "--budget" if "budget" in str(exc) else None) from exc
+    if steps and lr <= 0:
+        raise UsageFailure(f"--lr must be > 0, got {lr:g}")
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
     loaded, batch_list = _load(model, inputs, factory, trust_pickle)
@@ -310,7 +328,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             results = analyze(loaded, batch_list, strategy, threshold=threshold, layers=layers, batches=batches,
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
-                              inputs_desc=inputs or "example inputs / factory batches")
+                              inputs_desc=inputs or "example inputs / factory batches", e2e=not no_e2e,
+                              budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
     remove_outputs(stale)
@@ -326,8 +345,10 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     worst = _summary_rows(results)
     n_errors = len(results.tables["errors"]) if "errors" in results.tables else 0
     if output_format == "json":
+        doc = results.to_json()
         click.echo(json.dumps({"results": str(paths["json"]), "html": None if html is None else str(html),
                                "loss": results.metadata["loss"], "strategy_errors": n_errors,
+                               "recommendation": doc["tables"].get("recommendation", []),
                                "worst_fprop": [{k: (None if isinstance(v, float) and v != v else v)
                                                 for k, v in r.items()} for r in worst]},
                               indent=1, default=str))
@@ -335,6 +356,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     loss = results.metadata["loss"]
     click.echo(f"{len(results.tables['layers'])} linear layer(s), {results.metadata['batches']} batch(es), "
                f"loss: {loss['kind']} ({loss['detail']})")
+    for line in verdict_lines(results.tables, results.metadata):
+        click.echo(_printable(line))
     if worst:
         click.echo(f"{'layer':<32} {'strategy':<15} {'fprop SQNR dB':>13} {'rel err':>9}")
         for r in worst:
@@ -646,6 +669,7 @@ def _run_demo(out: Path, stale: list[Path], small: bool, start: float) -> None:
     from fp8probe.analysis.pipeline import analyze
     from fp8probe.analysis.sweeps import sweep_both
     from fp8probe.report.render import render_report
+    from fp8probe.report.verdict import verdict_lines
 
     n_batches, batch = (1, 4) if small else (4, 8)
     model, batches = build_demo(n_batches=n_batches, batch=batch)
@@ -656,6 +680,8 @@ def _run_demo(out: Path, stale: list[Path], small: bool, start: float) -> None:
     common = {"name": "demo", "model_desc": model_desc, "inputs_desc": inputs_desc}
     analysis = analyze(model, batches, strategy="all", **common)
     click.echo(f"demo: analyze done ({time.perf_counter() - start:.1f} s); sweeping block sizes and thresholds ...")
+    for line in verdict_lines(analysis.tables, analysis.metadata):
+        click.echo(line)
     bs_res, th_res = sweep_both(model, batches, **common)
     remove_outputs(stale)
     analysis.save(out / "analyze")

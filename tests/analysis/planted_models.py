@@ -64,3 +64,13 @@ def build(planted: bool, n_batches: int = 2, batch: int = 64, seed: int = 0):
             y = model.logits(x).argmax(-1)
         batches.append((x, y))
     return model, batches
+
+
+def build_planted():
+    """Factory for the CLI (``planted_models.py:build_planted``): the model with the hard layer and its batches."""
+    return build(True)
+
+
+def build_clean():
+    """Factory for the CLI: the same classifier without planted outliers (no hard layer)."""
+    return build(False)
