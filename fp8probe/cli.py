@@ -446,6 +446,9 @@ def report_cmd(results: str, out_html: str, keep_16bit_db: float) -> None:
               help="fail when a layer gains more than this many outlier feature columns")
 @click.option("--max-underflow-increase", type=FiniteFloat(0.0), default=1.0, show_default=True,
               help="fail when an operand's underflow fraction rises by more than this many percentage points")
+@click.option("--max-loss-increase", type=FiniteFloat(0.0), default=None,
+              help="fail when a strategy's end-to-end relative loss change rises by more than this over the baseline "
+                   "(0.005 = half a percentage point); off by default")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/compare", show_default=True,
               help="directory for compare.html and compare.md")
 @click.option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")
@@ -453,7 +456,8 @@ def report_cmd(results: str, out_html: str, keep_16bit_db: float) -> None:
               help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
 @click.pass_context
 def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: float, max_new_outlier_cols: int,
-                max_underflow_increase: float, out_dir: str, overwrite: bool, markdown_file: str | None) -> None:
+                max_underflow_increase: float, max_loss_increase: float | None, out_dir: str, overwrite: bool,
+                markdown_file: str | None) -> None:
     """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded, else 0."""
     from fp8probe.report.compare import Gates, compare_markdown, compare_results
     from fp8probe.report.render import render_compare
@@ -462,7 +466,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     stale = _check_out(out, "compare", overwrite)
     base, cur = _load_results_or_fail(baseline, "baseline"), _load_results_or_fail(current, "current")
     try:
-        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase)
+        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase, max_loss_increase)
         comparison = compare_results(base, cur, gates)
     except ValueError as exc:
         raise _fail(exc) from exc

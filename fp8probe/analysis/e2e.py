@@ -57,7 +57,7 @@ class Budget:
             raise ValueError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}")
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value) \
                 or self.value < 0:
-            raise ValueError(f"budget must be a finite number >= 0, got {self.value!r}")
+            raise ValueError(f"expected a finite number >= 0 for the budget, got {self.value!r}")
 
     def metric(self, loss_rel_change: float, kl_div: float | None) -> float:
         """The number compared with ``value`` (NaN when a KL budget meets an output that is no distribution)."""
@@ -79,7 +79,7 @@ def parse_budget(spec: Budget | float | int | str | None) -> Budget:
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return Budget("loss", float(spec))
     if not isinstance(spec, str):
-        raise TypeError(f"budget must be a number, 'loss:X', 'kl:X' or a Budget, got {type(spec).__name__}")
+        raise TypeError(f"expected a number, 'loss:X', 'kl:X' or a Budget for the budget, got {type(spec).__name__}")
     kind, _, text = spec.strip().rpartition(":")
     kind = kind.strip().lower() or "loss"
     text = text.strip()
@@ -89,7 +89,7 @@ def parse_budget(spec: Budget | float | int | str | None) -> Budget:
     try:
         value = float(text) * scale
     except ValueError:
-        raise ValueError(f"budget must look like 0.01, 1%, loss:0.01 or kl:0.05, got {spec!r}") from None
+        raise ValueError(f"expected a budget like 0.01, 1%, loss:0.01 or kl:0.05, got {spec!r}") from None
     return Budget(kind, value)
 
 
@@ -600,6 +600,12 @@ OptimizerFactory = Callable[[list[torch.Tensor], float], torch.optim.Optimizer]
 DEFAULT_LR = 1e-3
 
 
+def check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    return float(lr)
+
+
 def resolve_optimizer(spec: OptimizerFactory | str | None) -> OptimizerFactory:
     """``None`` → AdamW; a callable(params, lr) → optimizer; or "module:function" naming one."""
     if spec is None:
@@ -627,8 +633,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_lr(lr)
     if not isinstance(runner.module, nn.Module):
         raise LoadError(f"cannot train a {type(runner.module).__name__}: expected an nn.Module")
     factory = resolve_optimizer(optimizer)

@@ -18,7 +18,7 @@ from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
 from .capture import LinearCall, LossFn, LossInfo, capture_batch
-from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner, SensitivityEstimate,
+from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, check_lr, OptimizerFactory, Runner, SensitivityEstimate,
                   end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
@@ -283,6 +283,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if steps:
+        check_lr(lr)
         resolve_optimizer(optimizer)
     run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
     analysis = _Analysis(strategies, threshold, SensitivityEstimate() if e2e else None)
