@@ -272,7 +272,7 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
 @click.option("--no-e2e", is_flag=True, help="skip the end-to-end runs (no e2e, sensitivity, recommendation tables)")
 @click.option("--sensitivity", type=click.Choice(["auto", "measured", "estimated"]), default="auto", show_default=True,
               help="per-layer sensitivity: measured by forward runs, estimated from the captured gradients, or auto "
-                   "(measured when 2 x layers x strategies <= 64)")
+                   "(measured when its predicted time keeps the end-to-end part within 2x the isolated analysis)")
 @click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="simulate this many training steps per strategy (and in high precision) from the same weights")
 @click.option("--lr", type=FiniteFloat(0.0), default=1e-3, show_default=True, help="learning rate for --steps")
@@ -513,6 +513,10 @@ def _sweep_options(func):
                      help="output directory (default reports/<name>-<command>/)"),
         click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
         click.option("--name", default=None, help="run name (default: the model file's stem)"),
+        click.option("--budget", "budget_spec", default="0.01", show_default=True,
+                     help="end-to-end budget for the model-wide value: relative loss increase (0.01 or 1%) or "
+                          "kl:0.01"),
+        click.option("--no-e2e", is_flag=True, help="skip validating one model-wide value end to end"),
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -560,7 +564,8 @@ def _parse_thresholds(text: str) -> list[float]:
 
 def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory: str | None, trust_pickle: bool,
                loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
-               out_dir: str | None, overwrite: bool, name: str | None) -> None:
+               out_dir: str | None, overwrite: bool, name: str | None, budget_spec: str, no_e2e: bool) -> None:
+    from fp8probe.analysis.e2e import parse_budget
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
@@ -571,11 +576,15 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     _check_device(device)
     _check_layers(layers)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
+    try:
+        budget = parse_budget(budget_spec)
+    except ValueError as exc:
+        raise _fail(exc, "--budget") from exc
     loaded, batch_list = _load(model, inputs, factory, trust_pickle)
     try:
         results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device, seed=seed,
                      loss=loss_spec, name=run_name, model_desc=loaded.description,
-                     inputs_desc=inputs or "example inputs / factory batches")
+                     inputs_desc=inputs or "example inputs / factory batches", e2e=not no_e2e, budget=budget)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
     remove_outputs(stale)
@@ -594,6 +603,11 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
             click.echo(f"{_printable(r['layer'])[:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
     click.echo(f"rule: {next(iter(results.metadata['recommendations'].values()))}")
+    for r in (results.tables["recommendation"].to_dict("records") if "recommendation" in results.tables else []):
+        what = "block size" if r["kind"] == "blocksize" else "threshold"
+        status = "within" if r["within_budget"] else "OVER"
+        click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
+                   f"{100 * r['loss_rel_change']:+.2f} %, {status} the budget ({r['budget_kind']} {r['budget']:g})")
     click.echo(f"results: {paths['json']}; report: {html}")
 
 
@@ -624,7 +638,9 @@ def merge_sweeps_into(results: dict, *sweeps: dict) -> dict:
     meta["formats"] = dict(meta.get("formats") or {})
     for sw in sweeps:
         for name, rows in sw["tables"].items():
-            if name != "layers":
+            if name == "recommendation":  # the sweeps' model-wide rows join analyze's per-strategy rows
+                merged["tables"][name] = list(merged["tables"].get(name, [])) + list(rows)
+            elif name != "layers":
                 merged["tables"][name] = rows
         meta["rules"].update(sw["metadata"].get("rules") or {})
         meta["recommendations"].update(sw["metadata"].get("recommendations") or {})

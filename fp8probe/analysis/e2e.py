@@ -21,16 +21,21 @@ from .capture import (_LINEAR_TARGETS, _linear_types, _module_weight, _node_name
                       is_exported_graph)
 from .loading import Batch, LoadError, resolve_callable
 from .metrics import ErrorAccumulator
-from .strategies import Strategy
+from .strategies import STRATEGIES, Strategy, mixed_with_blocksize
 
 # Default budget: the loss may rise by at most 1 % relative to the high-precision run.
 DEFAULT_BUDGET = 0.01
 BUDGET_KINDS = ("loss", "kl")
-# Measured sensitivity costs 2 forward passes over all batches per layer and strategy; above this
-# many (2·layers·strategies) "auto" estimates instead. Why 64: on the demo (9 layers) measuring all 8
-# recipes (144 passes) made the end-to-end part 3.3x the isolated analysis (9.8 s vs 2.9 s), over
-# the 2x cost bound; 64 passes measure one recipe on models up to 32 layers.
+# Measured sensitivity costs 2 forward passes over all batches per layer and strategy. "auto" measures
+# when that fits the cost bound (the end-to-end part may take at most COST_BOUND x the isolated
+# analysis' time), predicted from the reference runs' own timing; without a time budget, when
+# 2·layers·strategies <= MEASURE_CAP passes. Measured on the 2-core box: all-recipe sensitivity on
+# the demo (144 passes) made the end-to-end part 3.3x the isolated analysis (9.8 s vs 2.9 s).
+COST_BOUND = 2.0
 MEASURE_CAP = 64
+# A forward-only pass costs about this share of a reference pass (forward + backward + per-parameter
+# gradient comparison); measured 0.2-0.3 on the demo, rounded up to stay on the safe side.
+FORWARD_SHARE = 0.4
 # Validation runs per strategy for the keep-set search (doubling, then bisection: log2(layers) + a few).
 MAX_VALIDATION_RUNS = 12
 SENSITIVITY_MODES = ("auto", "measured", "estimated")
@@ -322,13 +327,14 @@ class Runner:
 
     def reference(self, strategies: Sequence[Strategy]) -> dict[str, Outcome]:
         """Run high precision and every strategy (all captured GEMMs in low precision), forward and backward,
-        batch by batch (one batch's high-precision gradients held at a time); returns strategy → Outcome."""
+        batch by batch (one batch's high-precision gradients held at a time); returns strategy → Outcome.
+        With no strategies: the high-precision forward reference alone (what ``evaluate`` compares with)."""
         cmp: dict[str, _OutputCompare] = {}
         grad_acc: dict[str, dict[str, list[float]]] = {s.name: {} for s in strategies}
         loss_lp = {s.name: 0.0 for s in strategies}
         flops = {s.name: [0, 0] for s in strategies}
         for i in range(len(self.batches)):
-            loss, output, gemms, g_hp = self._run(Plan(None, threshold=self.threshold), i, grads=True)
+            loss, output, gemms, g_hp = self._run(Plan(None, threshold=self.threshold), i, grads=bool(strategies))
             out, note = _output_tensor(output, gemms)
             if i == 0:
                 self.order = list(dict.fromkeys(gemms.order))
@@ -549,21 +555,33 @@ def _e2e_row(name: str, n: int, out: Outcome) -> dict:
             "lp_flop_share": out.lp_flop_share, "note": out.note}
 
 
+def _measure_fits(n_layers: int, n_strategies: int, n_batches: int, elapsed: float, time_budget_s: float | None) -> bool:
+    passes = 2 * n_layers * n_strategies
+    if time_budget_s is None:
+        return passes <= MEASURE_CAP
+    per_pass = elapsed / max((1 + n_strategies) * n_batches, 1) * FORWARD_SHARE * n_batches
+    validation = MAX_VALIDATION_RUNS // 3 * n_strategies * per_pass  # a typical search: a few runs per recipe
+    return elapsed + (passes * per_pass) + validation <= time_budget_s
+
+
 def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *, sensitivity: str = "auto",
                estimate: SensitivityEstimate | None = None,
-               isolated_sqnr: dict[tuple[str, str], float] | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+               isolated_sqnr: dict[tuple[str, str], float] | None = None,
+               time_budget_s: float | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Tables ``e2e``, ``sensitivity`` and ``recommendation`` (docs/architecture.md) and a metadata dict.
 
     ``sensitivity``: "measured" (2 forward runs per layer and strategy), "estimated" (from ``estimate``,
-    no extra runs), "auto" (measured when 2·layers·strategies <= MEASURE_CAP). Every keep-set is
-    validated by real forward runs over every batch.
+    no extra runs), "auto" (measured when the predicted time of those runs keeps the end-to-end part
+    within ``time_budget_s``, or without one when 2·layers·strategies <= MEASURE_CAP). Every keep-set
+    is validated by real forward runs over every batch.
     """
     if sensitivity not in SENSITIVITY_MODES:
         raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, got {sensitivity!r}")
     start = time.perf_counter()
     outcomes = runner.reference(strategies)
     layers = runner.order
-    measured = sensitivity == "measured" or (sensitivity == "auto" and 2 * len(layers) * len(strategies) <= MEASURE_CAP)
+    measured = sensitivity == "measured" or (sensitivity == "auto" and _measure_fits(
+        len(layers), len(strategies), len(runner.batches), time.perf_counter() - start, time_budget_s))
     if not measured and estimate is None:
         raise ValueError("estimated sensitivity needs the isolated analysis' estimate, got none")
     e2e_rows, sens_rows, rec_rows = [], [], []
@@ -591,6 +609,81 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
             "validation_runs": validation_runs, "seconds": time.perf_counter() - start,
             "output": runner.output_note or "model output", "distribution": runner.distribution}
     return tables, meta
+
+
+# --------------------------------------------------------------------------------------------
+# One block size / one threshold for the whole model, from the sweeps, validated end to end
+# --------------------------------------------------------------------------------------------
+def _cheapest_within(options: list, start: int, run: Callable[[Any], Outcome], budget: Budget
+                     ) -> tuple[Any, Outcome, int]:
+    """``options`` ordered from most accurate to cheapest; from ``start`` walk to cheaper options while
+    the budget holds, or (when ``start`` does not fit) to more accurate ones until it does. Returns the
+    cheapest option that fitted (else the most accurate tried), its outcome and the runs made."""
+    tried = {start: run(options[start])}
+    if budget.holds(tried[start].loss_rel_change, tried[start].kl_div):
+        i = start
+        while i + 1 < len(options):
+            out = run(options[i + 1])
+            tried[i + 1] = out
+            if not budget.holds(out.loss_rel_change, out.kl_div):
+                break
+            i += 1
+        return options[i], tried[i], len(tried)
+    for i in range(start - 1, -1, -1):
+        tried[i] = run(options[i])
+        if budget.holds(tried[i].loss_rel_change, tried[i].kl_div):
+            return options[i], tried[i], len(tried)
+    best = min(tried)
+    return options[best], tried[best], len(tried)
+
+
+def validate_blocksize(runner: Runner, sweep: pd.DataFrame, budget: Budget) -> dict:
+    """``recommendation`` row of kind "blocksize": one block size for every layer of the "mixed" recipe.
+
+    Start: the smallest of the per-layer recommended fprop block sizes (every layer gets at least the
+    accuracy it asked for); then the largest swept size (least scale storage) whose end-to-end run
+    keeps the budget, found by walking the swept sizes from there.
+    """
+    sizes = sorted(int(b) for b in sweep["blocksize"].unique())
+    rec = sweep[(sweep["target"] == "fprop") & sweep["recommended"].astype(bool)]
+    start = sizes.index(int(rec["blocksize"].min())) if len(rec) else len(sizes) - 1
+    value, out, runs = _cheapest_within(sizes, start, lambda bs: runner.evaluate(
+        Plan(mixed_with_blocksize(bs), threshold=runner.threshold)), budget)
+    note = (f"mixed recipe with this block size in every layer; started from the smallest per-layer recommendation "
+            f"({sizes[start]}), {runs} validation run(s)")
+    return _rec_row("blocksize", "mixed", value, [], out, budget, note)
+
+
+def validate_threshold(runner: Runner, sweep: pd.DataFrame, budget: Budget) -> dict:
+    """``recommendation`` row of kind "threshold": one LLM.int8 outlier threshold for every layer.
+
+    Thresholds are ordered from most accurate (smallest positive: most columns in 16-bit) to cheapest
+    (largest, then 0 = no decomposition); the start is the most accurate of the per-layer recommendations,
+    the result the cheapest whose end-to-end int8 run keeps the budget.
+    """
+    ths = sorted({float(t) for t in sweep["threshold"]}, key=lambda t: (t == 0, t))
+    rec = sweep[sweep["recommended"].astype(bool)]
+    start = min((ths.index(float(t)) for t in rec["threshold"]), default=0)
+    value, out, runs = _cheapest_within(ths, start, lambda t: runner.evaluate(
+        Plan(STRATEGIES["int8"], threshold=t)), budget)
+    note = (f"int8 (LLM.int8) with this outlier threshold in every layer; started from the most accurate per-layer "
+            f"recommendation ({ths[start]:g}), {runs} validation run(s)")
+    return _rec_row("threshold", "int8", value, [], out, budget, note)
+
+
+def model_wide(runner: Runner, budget: Budget, blocksize_sweep: pd.DataFrame | None = None,
+               threshold_sweep: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The ``recommendation`` rows of kind "blocksize" / "threshold" for the sweeps given (recommended = within
+    budget), after one high-precision reference pass."""
+    if not runner.loss_hp:
+        runner.reference([])
+    rows = []
+    if blocksize_sweep is not None and not blocksize_sweep.empty:
+        rows.append(validate_blocksize(runner, blocksize_sweep, budget))
+    if threshold_sweep is not None and not threshold_sweep.empty:
+        rows.append(validate_threshold(runner, threshold_sweep, budget))
+    mark_recommended(rows)
+    return pd.DataFrame(rows, columns=RECOMMENDATION_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import datetime as _dt
 import platform
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,8 +19,8 @@ from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
 from .capture import LinearCall, LossFn, LossInfo, capture_batch
-from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, check_lr, OptimizerFactory, Runner, SensitivityEstimate,
-                  end_to_end, parse_budget, resolve_optimizer, simulate_training)
+from .e2e import (COST_BOUND, DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
+                  SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
 from .results import Results
@@ -247,8 +248,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     GEMM computed by each recipe, forward and backward, against the high-precision run on the same
     batches → table ``e2e`` (loss change, output SQNR / KL / top-1, per-parameter gradient SQNR, low-
     precision FLOP share), ``sensitivity`` (per layer: the change with only it in low precision and
-    with only it in 16-bit; "measured" or "estimated" per ``sensitivity``: "auto" measures when
-    2·layers·strategies <= e2e.MEASURE_CAP) and ``recommendation`` (per recipe the smallest set of
+    with only it in 16-bit; "measured" or "estimated" per ``sensitivity``: "auto" measures when the
+    predicted time keeps the end-to-end part within e2e.COST_BOUND x this isolated analysis' time) and ``recommendation`` (per recipe the smallest set of
     layers to keep in 16-bit so the change stays within ``budget``, validated by real runs; the
     recommended recipe keeps the most GEMM FLOPs in low precision). ``budget``: 0.01 = 1 % relative
     loss increase, "kl:0.01" = mean output KL. ``steps`` > 0 adds the ``training`` table: that many
@@ -285,6 +286,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     if steps:
         check_lr(lr)
         resolve_optimizer(optimizer)
+    started = time.perf_counter()
     run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
     analysis = _Analysis(strategies, threshold, SensitivityEstimate() if e2e else None)
     if callable(progress):
@@ -307,8 +309,11 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         if e2e:
             fprop = tables["gemm"][tables["gemm"]["gemm"] == "fprop"] if not tables["gemm"].empty else tables["gemm"]
             isolated = {(r["strategy"], r["layer"]): r["sqnr_db"] for r in fprop.to_dict("records")}
+            isolated_s = time.perf_counter() - started
             e2e_tables, metadata["e2e"] = end_to_end(runner, strategies, budget, sensitivity=sensitivity,
-                                                     estimate=analysis.estimate, isolated_sqnr=isolated)
+                                                     estimate=analysis.estimate, isolated_sqnr=isolated,
+                                                     time_budget_s=COST_BOUND * isolated_s)
+            metadata["e2e"]["isolated_seconds"] = isolated_s
             tables.update(e2e_tables)
         if steps:
             tables["training"] = simulate_training(runner, strategies, steps, lr, optimizer)

@@ -1,6 +1,7 @@
 """Low-precision recipes replayed on one linear layer's captured operands: fprop, dgrad and wgrad as each recipe computes them."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -100,9 +101,10 @@ def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, thresh
     return StrategyOutput(gemms, ops)
 
 
-def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
-    bsz, bsz2 = AG.get_block_sizes(A, W)
-    gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t()), A, W, G)
+def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+               blocks: tuple[int, int] | None = None) -> StrategyOutput:
+    bsz, bsz2 = blocks or AG.get_block_sizes(A, W)
+    gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t(), bsz=bsz, bsz2=bsz2), A, W, G)
     ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None),
            "weight": (W, _fq_code(W, "bnb-e4m3", None), None)}
     if G is not None:
@@ -149,8 +151,9 @@ def _linear_global(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, 
     return _plus_bias(AG.matmul_fp8_global(x, W.t()), bias)
 
 
-def _linear_mixed(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
-    return _plus_bias(AG.matmul_fp8_mixed(x, W.t()), bias)
+def _linear_mixed(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                  blocks: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    return _plus_bias(AG.matmul_fp8_mixed(x, W.t(), bsz=blocks[0], bsz2=blocks[1]), bias)
 
 
 def _linear_int8(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
@@ -292,6 +295,18 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls",
              ("mxfp8-e4m3", "mxfp8-e5m2"), *_scaled(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
 )}
+
+
+def mixed_with_blocksize(blocksize: int) -> Strategy:
+    """The "mixed" recipe (MatMulFP8Mixed) with one block size for activations and output gradients in
+    every layer, instead of get_block_sizes' per-layer pick: the model-wide block size under test."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    base = STRATEGIES["mixed"]
+    blocks = (blocksize, blocksize)
+    return Strategy(f"mixed bs={blocksize}", base.rules.replace("bsz/bsz2 from get_block_sizes", f"bsz = bsz2 = "
+                                                                f"{blocksize} in every layer"), base.formats,
+                    functools.partial(_run_mixed, blocks=blocks), functools.partial(_linear_mixed, blocks=blocks))
 
 
 def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:

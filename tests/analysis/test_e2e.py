@@ -370,3 +370,79 @@ def test_compare_gate_fails_without_baseline_e2e() -> None:
     assert compare_results(doc([row]), doc([row]), Gates(max_loss_increase=0.0))["passed"]
     with pytest.raises(ValueError, match="max_loss_increase must be a finite number >= 0"):
         Gates(max_loss_increase=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One block size and one threshold for the whole model, validated end to end
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fits, start, chosen, runs", [
+    ([True, True, True, False], 1, 2, 3),     # walk to cheaper options while they fit
+    ([True, True, True, True], 0, 3, 4),      # the cheapest fits
+    ([True, False, False, False], 2, 0, 3),   # start over budget: walk back to a more accurate one
+    ([False, False, False, False], 2, 0, 3),  # nothing fits: the most accurate tried, reported over budget
+])
+def test_cheapest_within_walks_from_the_start(fits: list[bool], start: int, chosen: int, runs: int) -> None:
+    budget = E.Budget("loss", 0.01)
+    seen = []
+
+    def run(i: int) -> E.Outcome:
+        seen.append(i)
+        return E.Outcome(1.0, 1.0 + (0.001 if fits[i] else 0.5), 30.0, None, None, 1.0)
+
+    value, out, n = E._cheapest_within([0, 1, 2, 3], start, run, budget)
+    assert value == chosen and n == runs == len(seen) and seen[0] == start
+    assert budget.holds(out.loss_rel_change, out.kl_div) == fits[chosen]
+
+
+def test_sweeps_give_one_validated_blocksize_and_threshold() -> None:
+    from fp8probe.analysis.sweeps import sweep_both
+    from fp8probe.analysis.strategies import mixed_with_blocksize
+
+    model, batches = P.build(False)
+    bs_res, th_res = sweep_both(model, batches, blocksizes=[32, 256, 4096], thresholds=[0, 2, 6])
+    bs = bs_res.tables["recommendation"].iloc[0]
+    th = th_res.tables["recommendation"].iloc[0]
+    assert (bs["kind"], bs["strategy"], th["kind"], th["strategy"]) == ("blocksize", "mixed", "threshold", "int8")
+    # The clean classifier keeps the 1 % budget at every swept value: the cheapest wins (largest block,
+    # threshold 0 = no outlier columns), each validated by a real run whose numbers the row reports.
+    assert bs["value"] == 4096 and th["value"] == 0 and bs["within_budget"] and th["within_budget"]
+    assert bs["recommended"] and th["recommended"]
+    runner = _runner(model, batches)
+    runner.reference([])
+    again = runner.evaluate(E.Plan(mixed_with_blocksize(4096)))
+    assert bs["loss_rel_change"] == pytest.approx(again.loss_rel_change, rel=1e-12)
+    assert 0 < bs["loss_rel_change"] < 0.01
+
+
+def test_sweep_on_the_hard_layer_model_reports_over_budget() -> None:
+    from fp8probe.analysis.sweeps import sweep_blocksize
+
+    model, batches = P.build(True)
+    res = sweep_blocksize(model, batches, blocksizes=[32, 4096])
+    row = res.tables["recommendation"].iloc[0]
+    # No single block size rescues blocks.2 (1e6 outliers next to unit values in every block of 32).
+    assert row["value"] == 32 and not row["within_budget"] and not row["recommended"]
+    assert row["loss_rel_change"] > 0.01
+
+
+def test_demo_merge_joins_the_recommendation_rows() -> None:
+    from fp8probe.cli import merge_sweeps_into
+
+    def doc(tables):
+        return {"schema": "fp8probe.results", "version": 2, "kind": "analyze", "metadata": {}, "tables": tables}
+
+    merged = merge_sweeps_into(doc({"layers": [], "recommendation": [{"kind": "strategy"}]}),
+                               doc({"layers": [], "recommendation": [{"kind": "blocksize"}], "blocksize_sweep": []}),
+                               doc({"layers": [], "recommendation": [{"kind": "threshold"}]}))
+    assert [r["kind"] for r in merged["tables"]["recommendation"]] == ["strategy", "blocksize", "threshold"]
+
+
+def test_cli_sweep_prints_the_model_wide_value(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["sweep-threshold", f"{HERE / 'planted_models.py'}:build_clean", "--thresholds",
+                                      "0,6", "--out", str(tmp_path / "s")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "model-wide threshold 0 (int8), validated end to end: loss" in result.stdout
+    assert "within the budget (loss 0.01)" in result.stdout
+    bad = CliRunner().invoke(cli, ["sweep-threshold", f"{HERE / 'planted_models.py'}:build_clean", "--budget", "?",
+                                   "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 2 and "--budget: expected a budget like" in bad.stderr
