@@ -446,7 +446,7 @@ def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[st
             hp = runner.evaluate(Plan(strat, keep=frozenset([layer]), threshold=runner.threshold))
             row.update(only_lp_loss_rel_change=lp.loss_rel_change, only_lp_kl=lp.kl_div,
                        only_hp_loss_rel_change=hp.loss_rel_change, only_hp_kl=hp.kl_div, method=METHOD_MEASURED)
-            # What keeping this layer in 16-bit buys in the full low-precision run.
+            # What keeping this layer in 16-bit buys in the full low-precision run, in the budget's units.
             row["_benefit"] = _row_metric(budget, full.loss_rel_change, full.kl_div) - \
                 _row_metric(budget, hp.loss_rel_change, hp.kl_div)
         else:
@@ -455,15 +455,19 @@ def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[st
             rel = None if est is None or not hp_loss else est / abs(hp_loss)
             row.update(only_lp_loss_rel_change=rel, method=METHOD_ESTIMATED,
                        only_hp_loss_rel_change=None if rel is None else full.loss_rel_change - rel)
-            row["_benefit"] = -math.inf if rel is None else rel
+            # The estimate is a loss change: it predicts nothing in KL units (the search then just doubles).
+            row["_benefit"] = (rel if rel is not None else -math.inf) if budget.kind == "loss" else math.nan
         rows.append(row)
-    # Most sensitive first: the only-low-precision change under the budget's metric (loss change for
-    # a KL budget when estimated: the estimate has no KL), then what keeping the layer buys.
+    # Most sensitive first: the only-low-precision change under the budget's metric (the loss change
+    # when estimated: the estimate has no KL), then what keeping the layer buys.
     key_kl = budget.kind == "kl" and measured
+
+    def finite_or(x: float | None, default: float) -> float:
+        return x if x is not None and math.isfinite(x) else default
 
     def key(r: dict) -> tuple[float, float]:
         m = r["only_lp_kl"] if key_kl else r["only_lp_loss_rel_change"]
-        return (-(m if m is not None and math.isfinite(m) else -math.inf), -r["_benefit"])
+        return (-finite_or(m, -math.inf), -finite_or(r["_benefit"], -math.inf))
 
     for rank, r in enumerate(sorted(rows, key=key), start=1):
         r["rank"] = rank
@@ -481,9 +485,9 @@ def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[di
     if budget.holds(full.loss_rel_change, full.kl_div) or not names:
         return [], full, 0
     m0 = budget.metric(full.loss_rel_change, full.kl_div)
-    k = len(names)
-    if math.isfinite(m0):
-        acc = m0
+    k = 1  # without a prediction: the most sensitive layer first, then doubling
+    if math.isfinite(m0) and all(not math.isnan(r["_benefit"]) for r in ranked):
+        k, acc = len(names), m0
         for i, r in enumerate(ranked, start=1):
             benefit = r["_benefit"]
             acc -= benefit if math.isfinite(benefit) else 0.0

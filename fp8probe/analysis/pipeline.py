@@ -255,6 +255,9 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     loss increase, "kl:0.01" = mean output KL. ``steps`` > 0 adds the ``training`` table: that many
     optimizer steps (``optimizer``: callable(params, lr) or "module:function", default AdamW, ``lr``)
     per recipe from the same initial weights on the same batches. The model is never modified.
+    Memory of the end-to-end part: one training step's (one batch's activations, the high-precision
+    parameter gradients and one recipe's at a time, each batch's high-precision output kept on CPU);
+    ``steps`` adds one model copy and its optimizer state at a time.
 
     Special values: NaN/±Inf, zeros, subnormals and values beyond fp16/e4m3/e5m2 max are counted per
     layer and tensor (``tensors`` table). Error metrics are computed over finite elements only; the
