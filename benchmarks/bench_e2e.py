@@ -101,7 +101,7 @@ class TinyLlama(nn.Module):
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d-model", type=int, default=768)
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--strategy", default="all")
     ap.add_argument("--sensitivity", default="auto", choices=["auto", "measured", "estimated"])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = TinyLlama(args.vocab, args.d_model, args.layers, args.heads, args.d_ff).eval()
@@ -146,8 +146,8 @@ def main() -> None:
         print(f"  {r['strategy']}: keep {r['n_keep']} ({', '.join(r['keep_16bit'][:4])}{' ...' if r['n_keep'] > 4 else ''})"
               f" -> loss {100 * r['loss_rel_change']:+.3f} %, {100 * r['lp_flop_share']:.1f} % FLOPs low precision, "
               f"{'within' if r['within_budget'] else 'OVER'} budget")
-    assert math.isfinite(total)
+    return 0 if math.isfinite(total) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

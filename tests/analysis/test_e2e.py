@@ -446,3 +446,22 @@ def test_cli_sweep_prints_the_model_wide_value(tmp_path: Path) -> None:
     bad = CliRunner().invoke(cli, ["sweep-threshold", f"{HERE / 'planted_models.py'}:build_clean", "--budget", "?",
                                    "--out", str(tmp_path / "t")])
     assert bad.exit_code == 2 and "--budget: expected a budget like" in bad.stderr
+
+
+def test_bench_e2e_runs_on_a_tiny_llama(capsys) -> None:
+    """benchmarks/bench_e2e.py (the ~100M Llama-style timing) runs end to end at toy size and prints its table."""
+    import importlib.util
+
+    path = HERE.parents[1] / "benchmarks" / "bench_e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_e2e", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--vocab", "50",
+                        "--seq", "8", "--strategy", "global", "--sensitivity", "estimated"]) == 0
+    out = capsys.readouterr().out
+    assert "| isolated s | end-to-end s | ratio |" in out and "8 linear layers" in out and "verdict" in out
+    model = module.TinyLlama(50, 32, 1, 2, 64)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert names == ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj",
+                     "layers.0.self_attn.o_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj",
+                     "layers.0.mlp.down_proj", "lm_head"]
