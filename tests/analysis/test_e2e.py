@@ -465,3 +465,25 @@ def test_bench_e2e_runs_on_a_tiny_llama(capsys) -> None:
     assert names == ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj",
                      "layers.0.self_attn.o_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj",
                      "layers.0.mlp.down_proj", "lm_head"]
+
+
+def test_hugging_face_gpt2_conv1d_layers_run_end_to_end() -> None:
+    """HF GPT-2 (Conv1D layers, an output object with .loss and .logits): names as capture's, the logits
+    are the compared output, the high-precision plan reproduces the model's loss exactly."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = to_batches({"input_ids": ids, "labels": ids})[0]
+    gemms = E.Gemms(E.Plan(None), None)
+    with torch.no_grad():
+        out = E.model_forward(model, batch, gemms)
+        assert torch.equal(out.loss, model(input_ids=ids, labels=ids).loss)
+    assert gemms.order == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                           "transformer.h.0.mlp.c_proj", "lm_head"]
+    res = analyze(model, {"input_ids": ids, "labels": ids}, "global", sensitivity="estimated")
+    row = res.tables["e2e"].iloc[0]
+    assert row["note"] == "" and 0 < row["kl_div"] < 1e-3 and row["top1_agreement"] > 0.9
+    assert list(res.tables["sensitivity"]["layer"]) == gemms.order
