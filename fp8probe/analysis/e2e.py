@@ -329,6 +329,7 @@ class Runner:
         """Run high precision and every strategy (all captured GEMMs in low precision), forward and backward,
         batch by batch (one batch's high-precision gradients held at a time); returns strategy → Outcome.
         With no strategies: the high-precision forward reference alone (what ``evaluate`` compares with)."""
+        self.loss_hp, self.out_hp = [], []  # a second call replaces the reference, never appends to it
         cmp: dict[str, _OutputCompare] = {}
         grad_acc: dict[str, dict[str, list[float]]] = {s.name: {} for s in strategies}
         loss_lp = {s.name: 0.0 for s in strategies}
