@@ -6,7 +6,8 @@ Prints the parameter count, the isolated analysis time, the end-to-end time (ref
 sensitivity, validation; ``metadata["e2e"]["seconds"]``), their ratio and the verdict lines.
 The model follows the Hugging Face Llama layout and names (``layers.3.self_attn.q_proj``,
 ``layers.3.mlp.gate_proj``, ``lm_head``): RMSNorm, rotary positions, causal attention, SwiGLU MLP,
-no biases; defaults give 12 blocks, d=768, d_ff=2048, vocab 16000: 110M parameters, 85 linear layers.
+no biases; defaults give 12 blocks, d=768, d_ff=2048, vocab 16000: 110M parameters, 85 linear layers
+(109 GEMMs with attention's QKᵀ and PV).
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     isolated = total - e2e_s
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(f"model: Llama-style, {n_params / 1e6:.1f}M parameters, {args.layers} blocks, d={args.d_model}, "
-          f"d_ff={args.d_ff}, vocab {args.vocab}, {len(res.tables['layers'])} linear layers; {args.batches} batch(es) "
+          f"d_ff={args.d_ff}, vocab {args.vocab}, {len(res.tables['layers'])} GEMMs; {args.batches} batch(es) "
           f"of {args.batch} x {args.seq} tokens; strategies: {', '.join(res.metadata['strategies'])}; "
           f"torch threads: {torch.get_num_threads()}; sensitivity: {res.metadata['e2e']['sensitivity']}, "
           f"{res.metadata['e2e']['forward_runs']} model runs, {res.metadata['e2e']['validation_runs']} validation runs")

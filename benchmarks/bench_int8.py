@@ -14,8 +14,11 @@ Every size is an element count n (default 1M, 16M, 64M; ``--quick``: 16K) laid o
 * ``int8_linear_matmul``: ``C = A @ B.T`` with A int8 [M, K], B int8 [N, K] (a linear weight),
   N = 4096, K = ``--mm-k`` (4096; 1024 with ``--quick``), M = n / N, so n is the element count of
   the int32 product C.
-  Alternatives: ``torch._int_mm(A, B.t())`` (B.t() is the [K, N] view, no copy) and bnb's
-  ``int8_linear_matmul``. The GOP/s column counts 2·M·N·K integer operations.
+  Alternatives: ``torch._int_mm(A, B.t())`` (B.t() is the [K, N] view, no copy), bnb's
+  ``int8_linear_matmul`` and, on CPU, the two float methods of fp8probe/backends/int8_gemm.py run
+  directly (chunked float32, float64; both exact). ``×best`` = the fastest of _int_mm and the two
+  float methods over fp8probe's time; the CPU target is ×best ≥ 0.9 (fp8probe picks the method at run
+  time). The GOP/s column counts 2·M·N·K integer operations.
 * ``int8_mm_dequant``: C int32 [M, N] (n elements) × row_stats [M] × col_stats [N] / 127² → the
   output dtype (fp32/fp16/bf16 rows), ``fresh`` and preallocated ``out=`` modes. Alternative:
   bitsandbytes' ``int8_mm_dequant`` op with the same output dtype (``torch.ops.bitsandbytes``).
@@ -43,9 +46,11 @@ import _timing as T  # first: puts the repository root on sys.path
 import torch
 
 import fp8probe.functional as F
+from fp8probe.backends import int8_gemm
 
 MM_N = 4096              # output features of the int8 matmul (LLM hidden size)
 INT_MM_FRACTION = 0.8    # issue 6: int8 matmul within 80 % of torch._int_mm on the same shapes (GPU)
+BEST_EXACT_FRACTION = 0.9  # issue 15: CPU int8 matmul within 90 % of the fastest exact method
 
 COLUMNS = [
     T.Column("op", "op"), T.Column("dtype", "dtype"), T.Column("numel", "numel"),
@@ -53,7 +58,7 @@ COLUMNS = [
     T.Column("median_ms", "median ms"), T.Column("min_ms", "min ms"),
     T.Column("reps", "n"), T.Column("gbps", "GB/s"), T.Column("gops", "GOP/s"),
     T.Column("x_copy", "×copy"), T.Column("x_bnb", "×bnb"),
-    T.Column("x_torch", "×torch"), T.Column("target", "target"),
+    T.Column("x_torch", "×torch"), T.Column("x_best", "×best"), T.Column("target", "target"),
 ]
 
 
@@ -139,7 +144,7 @@ class Bench:
         shape = f"{M}x{K} @ {K}x{MM_N}"
 
         def add(op: str, t: T.Timing | None, **kw: object) -> dict[str, object]:
-            return self.add(op, "int8", M * MM_N, "fresh", nbytes, t, None, shape=shape,
+            return self.add(op, "int8", M * MM_N, kw.pop("mode", "fresh"), nbytes, t, None, shape=shape,
                             gops=None if t is None else ops / t.median_s / 1e9, **kw)
 
         t_torch = t_bnb = None
@@ -149,13 +154,25 @@ class Bench:
         if self.bnb is not None:
             t_bnb, why = T.try_measure(lambda i: self.bnb[0].int8_linear_matmul(A, B), dev, pol)
             add("bnb int8_linear_matmul", t_bnb, skipped=why)
+        exact = [t_torch.median_s] if t_torch else []
+        if dev == "cpu":
+            for name in ("f32", "f64"):
+                fn = int8_gemm._IMPL[name]
+                t_m, why = T.try_measure(lambda i, fn=fn: fn(A, B), dev, pol)
+                label = "torch float32 GEMM, K chunks ≤ 1024" if name == "f32" else "torch float64 GEMM"
+                add(f"{label} (exact)", t_m, skipped=why)
+                if t_m is not None:
+                    exact.append(t_m.median_s)
         t = T.measure(lambda i: F.int8_linear_matmul(A, B), dev, pol)
         x_torch = T.ratio(t_torch.median_s if t_torch else None, t.median_s)
+        x_best = T.ratio(min(exact), t.median_s) if exact else None
         target = None
         if dev == "cuda" and x_torch is not None:
             target = f"≥{INT_MM_FRACTION:.0%} _int_mm: {'PASS' if x_torch >= INT_MM_FRACTION else 'FAIL'}"
-        add("int8_linear_matmul", t, x_torch=x_torch, x_bnb=T.ratio(t_bnb.median_s if t_bnb else None, t.median_s),
-            target=target)
+        elif dev == "cpu" and x_best is not None:
+            target = f"≥{BEST_EXACT_FRACTION:.0%} best exact: {'PASS' if x_best >= BEST_EXACT_FRACTION else 'FAIL'}"
+        add("int8_linear_matmul", t, mode=int8_gemm.method() if dev == "cpu" else "fresh", x_torch=x_torch,
+            x_bnb=T.ratio(t_bnb.median_s if t_bnb else None, t.median_s), x_best=x_best, target=target)
 
     def mm_dequant(self, numel: int, dtypes: list[torch.dtype]) -> None:
         """int8_mm_dequant rows per output dtype, fresh and out=, vs bnb's op, on C int32 [M, 4096]."""

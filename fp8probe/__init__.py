@@ -22,7 +22,8 @@ __all__ = list(dict.fromkeys([
 
 # Resolved on first access only: the analysis layer pulls in pandas/matplotlib, and `import fp8probe`
 # must stay cheap (tests/test_layering.py). Kept out of __all__ so `from fp8probe import *` stays cheap too.
-_LAZY = {"analyze": ("fp8probe.analysis.pipeline", "analyze")}
+_LAZY = {"analyze": ("fp8probe.analysis.pipeline", "analyze"),
+         "analyze_weights": ("fp8probe.analysis.weights_only", "analyze_weights")}
 
 
 def __getattr__(name: str) -> Any:

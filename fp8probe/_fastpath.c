@@ -724,6 +724,338 @@ static PyObject *py_set_simd(PyObject *self, PyObject *args) {
     return PyBool_FromLong(g_have_avx2);
 }
 
+/* ------------------------------------------------------------------ OCP FP8 / MX scaled casts */
+/* quantize_scaled / dequantize_scaled of backends/reference.py, bit for bit. x is viewed as [R, C]
+ * and cut into br x bc tiles (partial tiles at the ends); per tile:
+ *
+ *   amax  = max |x| over the tile's finite values          (on the bit patterns, like absmax above)
+ *   scale = fl32(amax / fmax), 1 where that is not > 0       (e4m3 / e5m2)
+ *         = 2**clamp(floor(log2 amax) - emax, -127, 127), 1 for amax = 0   (MX: frexp/ldexp, exact)
+ *   y     = fl32(x / scale), clamped to +-fmax when finite    (a true division, as torch does on CPU)
+ *   data  = round-to-nearest-even fp8 bits of y: NaN -> 0x7f | sign, E4M3FN +-Inf -> +-448 (torch's
+ *           cast saturates), E5M2 +-Inf -> +-Inf.
+ *
+ * The fp8 rounding: normal range by the usual integer rounding of the float32 bits (bias 0x7ffff
+ * or 0xfffff plus the kept lsb, then rebias the exponent; a carry into the exponent is the right
+ * answer); subnormal range by adding 2^14 (E4M3) or 2^7 (E5M2), whose float32 ulp is the fp8
+ * subnormal step 2^-9 / 2^-16, so the float addition itself rounds to nearest even and the low
+ * mantissa bits are the fp8 code (the smallest normal comes out as code 8 / 4, also right).
+ * Branch-free, so the loops vectorise. Work units are row pieces inside one tile row, so a unit's
+ * amax partials belong to one tile row and the reduction (a max: any order) is exact. */
+typedef struct {
+    const void *x; int dt;
+    size_t R, C, br, bc, nbr, nbc;
+    size_t rpu, sub;      /* rows per row piece (inside one tile row), row pieces per tile row */
+    size_t k, cs, cw;     /* column pieces: k whole tiles each (cs = 1), or cs pieces of cw columns per tile */
+    size_t ncp;           /* column pieces per row piece */
+    int e5m2; float fmax;
+    uint32_t *partial;    /* [row pieces][nbc * cs] amax bits */
+    const float *scale; uint8_t *data;
+} sq_t;
+
+INLINE uint8_t enc_fp8(float y, int e5m2, uint32_t fmax_bits) {
+    uint32_t u = f2u(y), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+    /* Clamp finite values above the format max; integer compares only (a float compare that may see
+     * NaN counts as a possible trap, which stops the compiler from vectorising the loop). */
+    uint32_t b = (a > fmax_bits) & (a < 0x7f800000u) ? fmax_bits : a, r;
+    float ay = u2f(b);
+    if (!e5m2) {
+        uint32_t nrm = ((b + 0x7ffffu + ((b >> 20) & 1u)) >> 20) - (120u << 3);
+        uint32_t sub = f2u(ay + 16384.0f) - 0x46800000u;
+        r = b < 0x3c800000u ? sub : nrm;          /* 2^-6: the smallest normal */
+        r = a == 0x7f800000u ? 0x7eu : r;         /* +-Inf saturates to +-448 */
+    } else {
+        uint32_t nrm = ((b + 0xfffffu + ((b >> 21) & 1u)) >> 21) - (112u << 2);
+        uint32_t sub = f2u(ay + 128.0f) - 0x43000000u;
+        r = b < 0x38800000u ? sub : nrm;          /* 2^-14 */
+        r = a == 0x7f800000u ? 0x7cu : r;
+    }
+    r = a > 0x7f800000u ? 0x7fu : r;               /* NaN */
+    return (uint8_t)(sign | r);
+}
+
+/* fp16 -> fp32 without branches (h2f's result, bit for bit): the fp16 exponent and mantissa moved
+ * into float32's fields and multiplied by 2^112 (rebias 15 -> 127; exact, subnormals included),
+ * then Inf/NaN (exponent all ones) rebuilt with their payload. */
+INLINE float h2f_nb(uint16_t h) {
+    uint32_t a = (uint32_t)(h & 0x7fffu);
+    float v = u2f(a << 13) * 0x1p112f;
+    uint32_t vb = a >= 0x7c00u ? 0x7f800000u | ((a & 0x3ffu) << 13) : f2u(v);
+    return u2f(vb | ((uint32_t)(h & 0x8000u) << 16));
+}
+
+INLINE float load1_nb(const void *p, size_t i, int dt) {
+    if (dt == DT_F32) return ((const float *)p)[i];
+    if (dt == DT_F16) return h2f_nb(((const uint16_t *)p)[i]);
+    return u2f((uint32_t)((const uint16_t *)p)[i] << 16);
+}
+
+/* The two inner loops, on one contiguous run of one tile (vectorised by the compiler). The amax
+ * works on the raw bit patterns of the input width (|x| bits order like |x| in fp32, fp16 and bf16;
+ * finite iff below the Inf pattern), in signed ints, which the vectoriser reduces with max. */
+INLINE uint32_t sq_amax_run(const void *x, size_t lo, size_t hi, int dt, uint32_t mx) {
+    if (dt == DT_F32) {
+        const uint32_t *xb = (const uint32_t *)x;
+        int32_t m = (int32_t)mx;
+        for (size_t i = lo; i < hi; i++) {
+            int32_t a = (int32_t)(xb[i] & 0x7fffffffu);
+            a = a < 0x7f800000 ? a : 0; /* only finite values set the scale */
+            m = a > m ? a : m;
+        }
+        return (uint32_t)m;
+    }
+    const uint16_t *xh = (const uint16_t *)x;
+    const int32_t inf = dt == DT_F16 ? 0x7c00 : 0x7f80;
+    int32_t m = 0;
+    for (size_t i = lo; i < hi; i++) {
+        int32_t a = (int32_t)(xh[i] & 0x7fffu);
+        a = a < inf ? a : 0;
+        m = a > m ? a : m;
+    }
+    uint16_t mh = (uint16_t)m;
+    uint32_t mb = f2u(load1_nb(&mh, 0, dt));
+    return mb > mx ? mb : mx;
+}
+
+INLINE void sq_quant_run(const void *x, size_t lo, size_t hi, int dt, float s, int e5m2, uint32_t fmax_bits,
+                         uint8_t *restrict data) {
+    for (size_t i = lo; i < hi; i++) data[i] = enc_fp8(load1_nb(x, i, dt) / s, e5m2, fmax_bits);
+}
+
+/* Unit u = (row piece, column piece): rows [r0, r1) inside one tile row, columns [c0, c1) made of
+ * whole tiles or inside one tile; q = the column piece's index inside its tile (0 for whole tiles). */
+typedef struct { size_t ru, r0, r1, c0, c1, q; } sq_unit_t;
+
+INLINE sq_unit_t sq_unit(const sq_t *c, size_t u) {
+    sq_unit_t w;
+    w.ru = u / c->ncp;
+    size_t cp = u % c->ncp, tr = w.ru / c->sub, p = w.ru % c->sub;
+    size_t top = (tr + 1) * c->br < c->R ? (tr + 1) * c->br : c->R;
+    w.r0 = tr * c->br + p * c->rpu;
+    w.r1 = w.r0 + c->rpu < top ? w.r0 + c->rpu : top;
+    if (c->cs == 1) {
+        size_t t1 = (cp + 1) * c->k < c->nbc ? (cp + 1) * c->k : c->nbc;
+        w.c0 = cp * c->k * c->bc;
+        w.c1 = t1 * c->bc < c->C ? t1 * c->bc : c->C;
+        w.q = 0;
+    } else {
+        size_t t = cp / c->cs, tend = (t + 1) * c->bc < c->C ? (t + 1) * c->bc : c->C;
+        w.q = cp % c->cs;
+        w.c0 = t * c->bc + w.q * c->cw;
+        w.c1 = w.c0 + c->cw < tend ? w.c0 + c->cw : tend;
+        if (w.c0 > w.c1) w.c0 = w.c1; /* a short last tile has fewer pieces: an empty one */
+    }
+    return w;
+}
+
+INLINE void sq_amax_body(const sq_t *c, size_t u, int dt) {
+    sq_unit_t w = sq_unit(c, u);
+    if (w.c0 >= w.c1) return;
+    uint32_t *part = c->partial + w.ru * c->nbc * c->cs;
+    size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc;
+    for (size_t t = t0; t <= t1; t++) part[t * c->cs + w.q] = 0;
+    for (size_t r = w.r0; r < w.r1; r++) {
+        for (size_t t = t0; t <= t1; t++) {
+            size_t lo = t * c->bc > w.c0 ? t * c->bc : w.c0, hi = (t + 1) * c->bc < w.c1 ? (t + 1) * c->bc : w.c1;
+            const size_t base = r * c->C;
+            part[t * c->cs + w.q] = sq_amax_run(c->x, base + lo, base + hi, dt, part[t * c->cs + w.q]);
+        }
+    }
+}
+
+INLINE void sq_quant_body(const sq_t *c, size_t u, int dt, int e5m2) {
+    sq_unit_t w = sq_unit(c, u);
+    if (w.c0 >= w.c1) return;
+    const uint32_t fmax_bits = f2u(c->fmax);
+    size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc;
+    for (size_t r = w.r0; r < w.r1; r++) {
+        const float *srow = c->scale + (r / c->br) * c->nbc;
+        const size_t base = r * c->C;
+        for (size_t t = t0; t <= t1; t++) {
+            size_t lo = t * c->bc > w.c0 ? t * c->bc : w.c0, hi = (t + 1) * c->bc < w.c1 ? (t + 1) * c->bc : w.c1;
+            sq_quant_run(c->x, base + lo, base + hi, dt, srow[t], e5m2, fmax_bits, c->data);
+        }
+    }
+}
+
+/* Dtype/format instantiations; the AVX2 copies are the same C compiled for AVX2+F16C (the compiler
+ * vectorises the branch-free bodies; -ffp-contract=off still holds, so no FMA). */
+#define SQ_DISPATCH(NAME, BODY_AMAX, BODY_QUANT, ATTR)                                          \
+    ATTR static void NAME##_amax(const sq_t *c, size_t u) {                                   \
+        switch (c->dt) { case DT_F32: BODY_AMAX(c, u, DT_F32); break;                         \
+                         case DT_F16: BODY_AMAX(c, u, DT_F16); break;                         \
+                         default: BODY_AMAX(c, u, DT_BF16); break; }                          \
+    }                                                                                         \
+    ATTR static void NAME##_quant(const sq_t *c, size_t u) {                                  \
+        switch (c->dt * 2 + c->e5m2) {                                                        \
+        case DT_F32 * 2: BODY_QUANT(c, u, DT_F32, 0); break;                                  \
+        case DT_F32 * 2 + 1: BODY_QUANT(c, u, DT_F32, 1); break;                              \
+        case DT_F16 * 2: BODY_QUANT(c, u, DT_F16, 0); break;                                  \
+        case DT_F16 * 2 + 1: BODY_QUANT(c, u, DT_F16, 1); break;                              \
+        case DT_BF16 * 2: BODY_QUANT(c, u, DT_BF16, 0); break;                                \
+        default: BODY_QUANT(c, u, DT_BF16, 1); break; }                                       \
+    }
+SQ_DISPATCH(sq_scalar, sq_amax_body, sq_quant_body, )
+#if FP_X86
+SQ_DISPATCH(sq_avx2, sq_amax_body, sq_quant_body, __attribute__((target("avx2,f16c"))))
+#endif
+
+static void sq_phase1(void *vc, size_t u) {
+    const sq_t *c = (const sq_t *)vc;
+#if FP_X86
+    if (g_have_avx2) { sq_avx2_amax(c, u); return; }
+#endif
+    sq_scalar_amax(c, u);
+}
+
+static void sq_phase2(void *vc, size_t u) {
+    const sq_t *c = (const sq_t *)vc;
+#if FP_X86
+    if (g_have_avx2) { sq_avx2_quant(c, u); return; }
+#endif
+    sq_scalar_quant(c, u);
+}
+
+static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
+    unsigned long long xp, dp, sp;
+    Py_ssize_t R, C, br, bc;
+    int dt, fmt, want;
+    (void)self;
+    /* fmt: 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2 */
+    if (!PyArg_ParseTuple(args, "KinnnniKKi", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want)) return NULL;
+    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 3) {
+        PyErr_Format(PyExc_ValueError, "quantize_scaled: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d, fmt=%d)",
+                     R, C, br, bc, dt, fmt);
+        return NULL;
+    }
+    sq_t c;
+    memset(&c, 0, sizeof c);
+    c.x = (const void *)(uintptr_t)xp; c.dt = dt;
+    c.R = (size_t)R; c.C = (size_t)C; c.br = (size_t)br; c.bc = (size_t)bc;
+    c.nbr = (c.R + c.br - 1) / c.br; c.nbc = (c.C + c.bc - 1) / c.bc;
+    c.e5m2 = fmt & 1; c.fmax = c.e5m2 ? 57344.0f : 448.0f;
+    int mx = fmt >= 2, emax = c.e5m2 ? 15 : 8;
+    /* pieces of about UNIT elements: rows first (inside one tile row), then columns */
+    c.rpu = c.C >= UNIT ? 1 : UNIT / c.C;
+    if (c.rpu > c.br) c.rpu = c.br;
+    c.sub = (c.br + c.rpu - 1) / c.rpu;
+    size_t cw = UNIT / c.rpu;
+    if (cw < 1) cw = 1;
+    if (c.bc <= cw) {
+        c.k = cw / c.bc; c.cs = 1; c.cw = 0;
+        c.ncp = (c.nbc + c.k - 1) / c.k;
+    } else {
+        c.k = 1; c.cs = (c.bc + cw - 1) / cw; c.cw = (c.bc + c.cs - 1) / c.cs;
+        c.ncp = c.nbc * c.cs;
+    }
+    size_t rows_units = c.nbr * c.sub, units = rows_units * c.ncp, n = c.R * c.C;
+    /* calloc: a piece that turns out empty (short last tile) leaves its partial at 0, the max's identity */
+    c.partial = (uint32_t *)calloc(rows_units * c.nbc * c.cs, sizeof(uint32_t));
+    float *scale = (float *)(uintptr_t)sp;
+    if (c.partial == NULL) return PyErr_NoMemory();
+    c.scale = scale; c.data = (uint8_t *)(uintptr_t)dp;
+    int nt = pick_threads(n, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(sq_phase1, &c, units, nt);
+    for (size_t tr = 0; tr < c.nbr; tr++) {
+        for (size_t tc = 0; tc < c.nbc; tc++) {
+            uint32_t m = 0;
+            for (size_t p = 0; p < c.sub; p++)
+                for (size_t q = 0; q < c.cs; q++) {
+                    uint32_t v = c.partial[((tr * c.sub + p) * c.nbc + tc) * c.cs + q];
+                    m = v > m ? v : m;
+                }
+            float amax = u2f(m), s;
+            if (mx) {
+                int e;
+                if (amax > 0.0f) {
+                    frexpf(amax, &e); /* amax = f * 2^e, f in [0.5, 1): floor(log2 amax) = e - 1 */
+                    int ex = e - 1 - emax;
+                    ex = ex < -127 ? -127 : (ex > 127 ? 127 : ex);
+                    s = ldexpf(1.0f, ex);
+                } else {
+                    s = 1.0f;
+                }
+            } else {
+                s = amax / c.fmax;
+                s = s > 0.0f ? s : 1.0f;
+            }
+            scale[tr * c.nbc + tc] = s;
+        }
+    }
+    run_units(sq_phase2, &c, units, nt);
+    Py_END_ALLOW_THREADS
+    free(c.partial);
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    const uint8_t *data; const float *table; const float *scale;
+    size_t R, C, br, bc, nbc, rpu; void *out; int dt; int bad;
+} sd_t;
+
+INLINE int sd_body(const sd_t *c, size_t u, int dt) {
+    size_t r0 = u * c->rpu, r1 = r0 + c->rpu < c->R ? r0 + c->rpu : c->R;
+    int bad = 0;
+    for (size_t r = r0; r < r1; r++) {
+        const float *srow = c->scale + (r / c->br) * c->nbc;
+        for (size_t tc = 0; tc < c->nbc; tc++) {
+            size_t lo = r * c->C + tc * c->bc, hi = r * c->C + ((tc + 1) * c->bc < c->C ? (tc + 1) * c->bc : c->C);
+            const float s = srow[tc];
+            for (size_t i = lo; i < hi; i++) {
+                float y = c->table[c->data[i]] * s;
+                bad |= y != y;
+                store1(c->out, i, y, dt);
+            }
+        }
+    }
+    return bad;
+}
+
+#define SD_DISPATCH(NAME, ATTR)                                                                 \
+    ATTR static int NAME(const sd_t *c, size_t u) {                                           \
+        switch (c->dt) { case DT_F32: return sd_body(c, u, DT_F32);                           \
+                         case DT_F16: return sd_body(c, u, DT_F16);                           \
+                         default: return sd_body(c, u, DT_BF16); }                            \
+    }
+SD_DISPATCH(sd_scalar, )
+#if FP_X86
+SD_DISPATCH(sd_avx2, __attribute__((target("avx2,f16c"))))
+#endif
+
+static void sd_work(void *vc, size_t u) {
+    sd_t *c = (sd_t *)vc;
+    int bad;
+#if FP_X86
+    if (g_have_avx2) bad = sd_avx2(c, u);
+    else
+#endif
+        bad = sd_scalar(c, u);
+    if (bad) __atomic_store_n(&c->bad, 1, __ATOMIC_RELAXED);
+}
+
+static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
+    unsigned long long dp, tp, sp, op;
+    Py_ssize_t R, C, br, bc;
+    int dt, want;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKnnnnKii", &dp, &tp, &sp, &R, &C, &br, &bc, &op, &dt, &want)) return NULL;
+    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2) {
+        PyErr_Format(PyExc_ValueError, "dequantize_scaled: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d)",
+                     R, C, br, bc, dt);
+        return NULL;
+    }
+    sd_t c = {(const uint8_t *)(uintptr_t)dp, (const float *)(uintptr_t)tp, (const float *)(uintptr_t)sp,
+              (size_t)R, (size_t)C, (size_t)br, (size_t)bc, ((size_t)C + (size_t)bc - 1) / (size_t)bc, 1,
+              (void *)(uintptr_t)op, dt, 0};
+    c.rpu = c.C >= UNIT ? 1 : UNIT / c.C;
+    int nt = pick_threads(c.R * c.C, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(sd_work, &c, (c.R + c.rpu - 1) / c.rpu, nt);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(c.bad);
+}
+
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
      "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads[, packed_ptr]) "
@@ -736,6 +1068,12 @@ static PyMethodDef methods[] = {
      "int8_vectorwise_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, colmask_ptr, threads): "
      "default-mode LLM.int8() row quantisation; colmask[j] = 1 for outlier columns (threshold > 0), "
      "which the caller zeroes in q."},
+    {"quantize_scaled", py_quantize_scaled, METH_VARARGS,
+     "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads): "
+     "fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2; data uint8 [R*C], scale float32 [ceil(R/br), ceil(C/bc)]."},
+    {"dequantize_scaled", py_dequantize_scaled, METH_VARARGS,
+     "dequantize_scaled(data_ptr, table_ptr, scale_ptr, R, C, block_rows, block_cols, out_ptr, dtype, threads) "
+     "-> 0, or 1 when an output is NaN (the caller then runs the reference: torch's NaN casts differ)."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(addr, nbytes) -> bool: madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior (Linux)."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},

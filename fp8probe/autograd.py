@@ -220,10 +220,15 @@ def _fq_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, compat: s
     return F.fake_quantize(x, code, blocksize, compat=compat)
 
 
-def _check_operands(A: torch.Tensor, B: torch.Tensor, in_axis: int, b_layout: str, in_note: str) -> None:
-    """Shape/device checks shared by every matmul here; B's contraction axis is `in_axis`."""
+def _check_operands(A: torch.Tensor, B: torch.Tensor, in_axis: int, b_layout: str, in_note: str,
+                    int8_B: bool = False) -> None:
+    """Shape/device checks shared by every matmul here; B's contraction axis is `in_axis`.
+
+    ``int8_B``: B may also be an int8 tensor (an already quantised LLM.int8() weight).
+    """
     _check_float("A", A)
-    _check_float("B", B)
+    if not (int8_B and isinstance(B, torch.Tensor) and B.dtype == torch.int8):
+        _check_float("B", B)
     if A.dim() < 1:
         raise ValueError("A must have at least one dimension [..., in], got a 0-d tensor")
     if B.dim() != 2:
@@ -376,8 +381,21 @@ def matmul_fp8_global(A: torch.Tensor, B: torch.Tensor, fw_code: torch.Tensor | 
 # ------------------------------------------------------------------------------------------------
 # LLM.int8() and SwitchBack (SPEC §6.2, §6.3, §7.2). B is the weight [out, in].
 # ------------------------------------------------------------------------------------------------
+def _check_int8_weight(B: Any, state: MatmulLtState) -> None:
+    """An int8 B is the quantised weight itself (bnb passes ``state.CB``): its scales are ``state.SCB``."""
+    if not isinstance(B, torch.Tensor) or B.dtype != torch.int8 or B.dim() != 2:
+        return  # anything else is reported by _check_int8_operands
+    if state.has_fp16_weights:
+        raise TypeError("B is int8 (an already quantised weight), which needs a MatmulLtState with "
+                        "has_fp16_weights=False and SCB set; got has_fp16_weights=True")
+    n_out = B.shape[0]
+    if not isinstance(state.SCB, torch.Tensor) or tuple(state.SCB.shape) != (n_out,):
+        got = list(state.SCB.shape) if isinstance(state.SCB, torch.Tensor) else type(state.SCB).__name__
+        raise ValueError(f"an int8 B needs state.SCB, its float32 row scales of shape [{n_out}], got {got}")
+
+
 def _check_int8_operands(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
-    _check_operands(A, B, 1, "the 2-D weight [out, in]", "the weight is [out, in]")
+    _check_operands(A, B, 1, "the 2-D weight [out, in]", "the weight is [out, in]", int8_B=True)
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
     if bias is not None:
@@ -392,32 +410,50 @@ def _weight_key(B: torch.Tensor) -> tuple:
     return (B.data_ptr(), B._version, tuple(B.shape), B.dtype, B.device)
 
 
-def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> None:
-    """Fill state.CB / state.SCB (int8 rows of the weight, SPEC §6.2 step 4) when they are stale.
+def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(CB, SCB)``: the int8 rows of the weight and their scales (SPEC §6.2 step 4), cached in the state.
 
     Default: re-quantise whenever the weight's storage or ``_version`` changed (Q11). ``compat="bnb"``:
     bitsandbytes' rule — re-quantise only while ``B.grad is None`` in training (stale CB afterwards).
+    An int8 B is the quantised weight itself: it becomes CB, with the scales already in state.SCB.
+    Under ``torch.compile`` the cache is bypassed: storage pointers and version counters cannot be
+    traced, and quantising inside the graph is one pass over the weight (int8 weights need none).
     """
+    compiling = torch.compiler.is_compiling()
+    if B.dtype == torch.int8:
+        if not compiling:
+            state.CB, state.weight_key = B, None
+        return B, state.SCB
     if not state.has_fp16_weights and state.CB is not None and state.SCB is not None:
-        if compat == "bnb" or state.weight_key is None or state.weight_key == _weight_key(B):
-            return
+        if compiling or compat == "bnb" or state.weight_key is None or state.weight_key == _weight_key(B):
+            return state.CB, state.SCB
+    # The CUDA kernel reads fp16 only; bnb therefore rounds the weight to fp16 first (SPEC §6.2).
+    w = B.to(torch.float16) if compat == "bnb" else B
+    if compiling:
+        CB, SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
+        return CB, SCB
     if compat == "bnb":
         stale = (state.is_training and B.grad is None) or state.CB is None or state.SCB is None
     else:
         stale = state.CB is None or state.SCB is None or state.weight_key != _weight_key(B)
-    if not stale:
-        return
-    key = _weight_key(B)
-    state.reset_grads()
-    # The CUDA kernel reads fp16 only; bnb therefore rounds the weight to fp16 first (SPEC §6.2).
-    w = B.to(torch.float16) if compat == "bnb" else B
-    state.CB, state.SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
-    state.weight_key = key
+    if stale:
+        key = _weight_key(B)
+        state.reset_grads()
+        state.CB, state.SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
+        state.weight_key = key
+    return state.CB, state.SCB
 
 
-def _dequant_weight(state: MatmulLtState, dtype: torch.dtype) -> torch.Tensor:
+def _dequant_weight(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``CB · SCB / 127`` computed in float32 (SPEC §5.2), then cast to `dtype`."""
-    return F.int8_vectorwise_dequant(state.CB, state.SCB).to(dtype)
+    return F.int8_vectorwise_dequant(CB, SCB).to(dtype)
+
+
+def _any_outlier(outlier_cols: torch.Tensor) -> bool:
+    """Whether the outlier path runs. Eagerly: only when there are outlier columns (bitsandbytes'
+    rule, which keeps a -0.0 output bit-exact). Compiled: always — the count is data-dependent and
+    the path with zero columns adds an empty product, so one graph serves every input."""
+    return torch.compiler.is_compiling() or outlier_cols.numel() > 0
 
 
 def _empty_int8_result(ctx: Any, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
@@ -438,8 +474,8 @@ def _empty_int8_grads(ctx: Any, grad_output: torch.Tensor, n_extra: int):
         # explicit row count: reshape(-1, 0) is ambiguous for a layer with 0 output features
         rows = grad_output.numel() // b_shape[0] if b_shape[0] else math.prod(grad_output.shape[:-1])
         grad_bias = grad_output.reshape(rows, b_shape[0]).sum(0, dtype=torch.float32).to(bias_dtype)
-    return (torch.zeros(a_shape, dtype=a_dtype, device=dev), torch.zeros(b_shape, dtype=b_dtype, device=dev),
-            None, grad_bias, *([None] * n_extra))
+    grad_B = torch.zeros(b_shape, dtype=b_dtype, device=dev) if ctx.needs_input_grad[1] else None
+    return (torch.zeros(a_shape, dtype=a_dtype, device=dev), grad_B, None, grad_bias, *([None] * n_extra))
 
 
 def _bias_grad(grad2: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
@@ -452,8 +488,9 @@ def _int8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor
                    ) -> tuple[MatmulLtState, torch.Tensor | None]:
     """Checks shared by the int8 functions; returns (state, output-if-empty-else-None)."""
     _check_compat(compat)
-    _check_int8_operands(A, B, bias)
     state = MatmulLtState() if state is None else state
+    _check_int8_weight(B, state)
+    _check_int8_operands(A, B, bias)
     _check_out(out, (*A.shape[:-1], B.shape[0]), A.dtype, A.device)
     ctx.is_empty = False
     if A.numel() == 0 or B.numel() == 0:
@@ -503,16 +540,15 @@ class MatMul8bitLt(torch.autograd.Function):
                 outlier_cols = pooled
                 CA = CA.clone()
                 CA[:, outlier_cols] = 0
-        _quantize_weight(B, state, compat)
-        has_outliers = threshold > 0.0 and outlier_cols is not None and outlier_cols.numel() > 0
+        CB, SCB = _quantize_weight(B, state, compat)
+        has_outliers = threshold > 0.0 and outlier_cols is not None and _any_outlier(outlier_cols)
         bias_c = None if bias is None else bias.to(A.dtype)
         if threshold > 0.0:
             state.idx = outlier_cols
         if has_outliers:
-            output, subA = F.int8_mixed_scaled_mm(A2, CA, state.CB, SCA, state.SCB, outlier_cols, bias_c,
-                                                   compat=compat)
+            output, subA = F.int8_mixed_scaled_mm(A2, CA, CB, SCA, SCB, outlier_cols, bias_c, compat=compat)
         else:
-            output = F.int8_scaled_mm(CA, state.CB, SCA, state.SCB, bias_c, dtype=A.dtype, compat=compat)
+            output = F.int8_scaled_mm(CA, CB, SCA, SCB, bias_c, dtype=A.dtype, compat=compat)
             subA = None
         ctx.state, ctx.compat = state, compat
         ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
@@ -521,7 +557,11 @@ class MatMul8bitLt(torch.autograd.Function):
         ctx.SCAt = SCAt
         # CB/SCB are saved (not read from the state in backward) so a later forward that refreshes
         # the cache cannot change this step's gradient.
-        ctx.save_for_backward(CAt, subA, state.CB, state.SCB)
+        # subA only serves grad_B. Under torch.compile a saved tensor must not alias another
+        # graph value (dynamo refuses it; here the outlier-column gather of A), hence the clone.
+        if subA is not None and (not want_grad_B or torch.compiler.is_compiling()):
+            subA = subA.clone() if want_grad_B else None
+        ctx.save_for_backward(CAt, subA, CB, SCB)
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
@@ -584,11 +624,11 @@ class SwitchBackBnb(torch.autograd.Function):
         threshold = float(state.threshold)
         # Only the row codes are used: the column half of bnb's int8_double_quant is discarded.
         CA, SCA, outlier_cols = F.int8_vectorwise_quant(A_q, threshold, compat=compat)
-        _quantize_weight(B, state, compat)
-        state.SB = (tuple(state.CB.shape), "row")  # bnb's "weights ready" flag
-        has_outliers = threshold > 0.0 and outlier_cols is not None and outlier_cols.numel() > 0
-        C32 = F.int8_linear_matmul(CA, state.CB)
-        output = F.int8_mm_dequant(C32, SCA, state.SCB, bias=None if bias is None else bias.to(A.dtype),
+        CB, SCB = _quantize_weight(B, state, compat)
+        state.SB = (tuple(CB.shape), "row")  # bnb's "weights ready" flag
+        has_outliers = threshold > 0.0 and outlier_cols is not None and _any_outlier(outlier_cols)
+        C32 = F.int8_linear_matmul(CA, CB)
+        output = F.int8_mm_dequant(C32, SCA, SCB, bias=None if bias is None else bias.to(A.dtype),
                                    dtype=A.dtype, compat=compat)
         if threshold > 0.0:
             state.idx = outlier_cols
@@ -597,12 +637,12 @@ class SwitchBackBnb(torch.autograd.Function):
             if state.has_fp16_weights:
                 state.subB = B[:, outlier_cols].t().to(A.dtype)
             else:
-                state.subB = _dequant_weight(state, A.dtype)[:, outlier_cols].t()
+                state.subB = _dequant_weight(CB, SCB, A.dtype)[:, outlier_cols].t()
             output = output + torch.matmul(subA, state.subB)
         ctx.compat = compat
         ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
         ctx.dtype_bias = None if bias is None else bias.dtype
-        ctx.save_for_backward(A2, state.CB, state.SCB)
+        ctx.save_for_backward(A2, CB, SCB)
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod

@@ -14,7 +14,8 @@ import click
 
 from fp8probe import __version__
 from fp8probe.backends import cpu as _cpu_backend
-from fp8probe.report.files import OutputExistsError, atomic_write_text, claim_output_dir, remove_outputs
+from fp8probe.report.files import (OutputExistsError, OutputLockedError, atomic_write_text, claim_output_dir,
+                                   lock_output_dir, remove_outputs)
 
 # Exit codes (README "Safety and limits"): 0 fine; 1 a `compare` gate failed; 2 bad usage, input
 # or environment (one line on stderr); 3 an internal error (a bug: one line, --debug shows the
@@ -156,13 +157,33 @@ def _analysis_failure(exc: BaseException, inputs: str | None) -> UsageFailure:
 
 
 def _check_out(out: Path, kind: str, overwrite: bool) -> list[Path]:
-    """Fail fast (exit 2) when ``out`` already holds this command's outputs and --overwrite is not given."""
+    """Fail fast (exit 2) when ``out`` already holds this command's outputs and --overwrite is not given,
+    when another run is writing into it, or when it cannot be created or written; then hold the
+    directory's claim (files.lock_output_dir) until the command ends."""
     if out.exists() and not out.is_dir():
         raise UsageFailure(f"--out {out} is a file, not a directory: choose a directory for the outputs")
+    if out.is_symlink() and not out.exists():
+        raise UsageFailure(f"--out {_printable(out)} is a dangling symbolic link: remove it or choose another --out")
+    ctx = click.get_current_context()
+    try:
+        lock = lock_output_dir(out, ctx.command_path.split(" ", 1)[-1])
+    except OutputLockedError as exc:
+        raise UsageFailure(_printable(exc)) from None
+    except OSError as exc:
+        raise UsageFailure(f"cannot write to --out {_printable(out)}: {exc.strerror or exc}; choose a writable "
+                           "directory") from None
+    ctx.call_on_close(lock.release)
     try:
         return claim_output_dir(out, kind, overwrite)
     except OutputExistsError as exc:
         raise UsageFailure(str(exc)) from None
+
+
+def _warn_no_gradient(results: "object") -> None:
+    """One stderr line when the loss did not reach the weights (the results then hold fprop only)."""
+    loss = results.metadata.get("loss") or {}
+    if loss.get("no_gradient"):
+        click.echo(f"warning: {_printable(loss['no_gradient'])}", err=True)
 
 
 def _check_device(device: str) -> None:
@@ -179,6 +200,19 @@ def _check_layers(layers: str | None) -> None:
         re.compile(layers)
     except re.error as exc:
         raise UsageFailure(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from exc
+
+
+_GEMMS_HELP = ("GEMM kinds to capture, comma-separated: linear, matmul (two activations), attention (QKᵀ and PV of "
+               "scaled_dot_product_attention), conv (implicit GEMM), or all; what is left out is counted as skipped")
+
+
+def _check_gemms(gemms: str) -> tuple[str, ...]:
+    from fp8probe.analysis.gemms import parse_kinds
+
+    try:
+        return parse_kinds(gemms)
+    except ValueError as exc:
+        raise UsageFailure(f"--gemms: {exc}") from exc
 
 
 def _default_out(run_name: str, suffix: str = "") -> Path:
@@ -225,6 +259,8 @@ def _summary_rows(results: "object", limit: int = 10) -> list[dict]:
 _TRUST_PICKLE_HELP = ("allow loading pickled Python objects (a pickled nn.Module, pickled inputs, a .pt2 that needs "
                       "the full unpickler): this runs arbitrary code from the files, use only for files you trust")
 _OVERWRITE_HELP = "replace the fp8probe outputs already in --out (other files there are left alone)"
+_EMBEDDINGS_HELP = ("weights-only analysis: also analyse embedding tables (skipped by default: a lookup, not a GEMM "
+                    "operand)")
 
 
 def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: bool) -> tuple:
@@ -249,7 +285,9 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
 @click.option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @click.option("--loss", "loss_spec", default=None, help="module:function called as fn(output, batch) -> scalar loss")
-@click.option("--layers", default=None, help="regular expression on module paths: analyse only matching layers")
+@click.option("--layers", default=None, help="regular expression on GEMM names (module path or weight name, "
+              "'#qk'/'#pv'/'#matmul' for GEMMs of two activations): analyse only matching ones")
+@click.option("--gemms", default="all", show_default=True, help=_GEMMS_HELP)
 @click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
@@ -266,6 +304,7 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
                    "are small (demo: 2.0 s with 1 thread vs 10.8 s with 2 on a busy 2-core machine)")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table for people, json (paths + worst layers) for scripts")
+@click.option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
 @click.option("--budget", "budget_spec", default="0.01", show_default=True,
               help="end-to-end budget for the recommendation: relative loss increase (0.01 or 1%), or kl:0.01 for "
                    "the mean KL divergence of the output distribution")
@@ -279,14 +318,16 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
 @click.option("--optimizer", "optimizer_spec", default=None,
               help="module:function called as fn(params, lr) -> torch optimizer for --steps (default AdamW)")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
-                loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
+                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
-                no_html: bool, threads: int | None, output_format: str, budget_spec: str, no_e2e: bool,
-                sensitivity: str, steps: int, lr: float, optimizer_spec: str | None) -> None:
-    """Capture MODEL's linear GEMMs on real inputs and measure each FP8/INT8 recipe's error.
+                no_html: bool, threads: int | None, output_format: str, include_embeddings: bool, budget_spec: str,
+                no_e2e: bool, sensitivity: str, steps: int, lr: float, optimizer_spec: str | None) -> None:
+    """Capture MODEL's GEMMs (linear, matmul, attention, conv) on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
     --trust-pickle), a Hugging Face model directory, or module:function / file.py:function.
+    A checkpoint without a model (state_dict .pt, .safetensors, *.index.json, a directory of weight
+    files) given without --factory and --inputs gets a weights-only analysis, streamed tensor by tensor.
     Writes results.json + one CSV per table (+ index.html) into --out.
     """
     import json
@@ -294,6 +335,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
 
     import torch
 
+    from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.pipeline import analyze
     from fp8probe.report.verdict import verdict_lines
@@ -303,6 +345,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     stale = _check_out(out, "run", overwrite)
     _check_device(device)
     _check_layers(layers)
+    _check_gemms(gemms)
     try:  # before loading: an unknown strategy or a bad budget must not wait for the model
         from fp8probe.analysis.e2e import parse_budget
         from fp8probe.analysis.strategies import resolve
@@ -315,6 +358,11 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         raise UsageFailure(f"--lr must be > 0, got {lr:g}")
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
+    ckpt = _weights_checkpoint(model, inputs, factory)
+    if ckpt is not None:
+        _analyze_weights(ckpt, strategy, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
+                         run_name=run_name, quiet=quiet, no_html=no_html, output_format=output_format)
+        return
     loaded, batch_list = _load(model, inputs, factory, trust_pickle)
     try:
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
@@ -328,7 +376,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             results = analyze(loaded, batch_list, strategy, threshold=threshold, layers=layers, batches=batches,
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
-                              inputs_desc=inputs or "example inputs / factory batches", e2e=not no_e2e,
+                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms, e2e=not no_e2e,
                               budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
@@ -348,22 +396,101 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         doc = results.to_json()
         click.echo(json.dumps({"results": str(paths["json"]), "html": None if html is None else str(html),
                                "loss": results.metadata["loss"], "strategy_errors": n_errors,
+                               "coverage": results.metadata["coverage"],
                                "recommendation": doc["tables"].get("recommendation", []),
                                "worst_fprop": [{k: (None if isinstance(v, float) and v != v else v)
                                                 for k, v in r.items()} for r in worst]},
                               indent=1, default=str))
         return
     loss = results.metadata["loss"]
-    click.echo(f"{len(results.tables['layers'])} linear layer(s), {results.metadata['batches']} batch(es), "
+    click.echo(f"{len(results.tables['layers'])} GEMM site(s), {results.metadata['batches']} batch(es), "
                f"loss: {loss['kind']} ({loss['detail']})")
+    click.echo(coverage_line(results.metadata["coverage"]))
+    # The verdict (report/verdict.py, shared with the HTML report); its own coverage line would repeat the one above.
     for line in verdict_lines(results.tables, results.metadata):
-        click.echo(_printable(line))
+        if not line.startswith("captured "):
+            click.echo(_printable(line))
     if worst:
         click.echo(f"{'layer':<32} {'strategy':<15} {'fprop SQNR dB':>13} {'rel err':>9}")
         for r in worst:
             click.echo(f"{_printable(r['layer'])[:32]:<32} {r['strategy']:<15} {r['sqnr_db']:>13.2f} {r['rel_err']:>9.2e}")
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
+    _warn_no_gradient(results)
+    click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; no HTML report written"))
+
+
+def _weights_checkpoint(model: str, inputs: str | None, factory: str | None):  # -> Checkpoint | None
+    """MODEL as a checkpoint for a weights-only analysis: it holds tensors but no model and neither --factory
+    nor --inputs asks for the model to be run; None sends it down the model-loading path."""
+    from fp8probe.analysis.loading import LoadError
+    from fp8probe.analysis.weights_only import open_checkpoint
+
+    if factory is not None or inputs is not None:
+        if model.endswith((".safetensors", ".index.json")):
+            raise UsageFailure(f"{model} holds weights only: fp8probe runs a model from a .pt2 program, a state_dict .pt "
+                               "with --factory or a Hugging Face directory with --inputs; without --factory and "
+                               "--inputs it analyses the weights alone")
+        return None
+    try:
+        return open_checkpoint(model)
+    except (LoadError, ValueError, OSError) as exc:
+        raise _fail(exc) from exc
+
+
+def _weights_progress(quiet: bool, output_format: str, total: int):  # -> context manager with .update(n)
+    show = not quiet and output_format == "table" and total > 0 and sys.stderr.isatty()
+    return click.progressbar(length=total, label="weights", file=sys.stderr) if show else _nullbar()
+
+
+def _weights_banner(results: "object") -> None:
+    """The CLI's statement of what a weights-only result is and is not (stderr, so --format json stays clean)."""
+    info = results.metadata["weights_only"]
+    shares = ", ".join(f"{reason}: {100 * share:.2f} %" for reason, share in info["skipped_share_by_reason"].items())
+    click.echo(f"weights-only analysis: {info['analysed']} weight(s) = {100 * info['param_share_analysed']:.2f} % of "
+               f"parameters; skipped {info['skipped']} tensor(s)" + (f" ({shares})" if shares else ""), err=True)
+    click.echo(f"note: {info['note']}", err=True)
+
+
+def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, include_embeddings: bool, out: Path,
+                     stale: list[Path], run_name: str, quiet: bool, no_html: bool, output_format: str) -> None:
+    import json
+
+    from fp8probe.analysis.loading import LoadError
+    from fp8probe.analysis.weights_only import analyze_weights, classify
+
+    n = sum(1 for e in ckpt.entries if not classify(e, include_embeddings).skip)
+    try:
+        with _weights_progress(quiet, output_format, n) as bar:
+            results = analyze_weights(ckpt, strategy, layers=layers, include_embeddings=include_embeddings,
+                                      progress=lambda done, total: bar.update(1), name=run_name)
+    except (LoadError, ValueError, TypeError) as exc:
+        raise _fail(exc) from exc
+    if results.tables["layers"].empty:
+        raise UsageFailure(f"{ckpt.description} has no weight to analyse (every tensor was skipped"
+                           + (f" or not matched by --layers {layers!r}" if layers else "")
+                           + "; see --include-embeddings)")
+    remove_outputs(stale)
+    paths = results.save(out)
+    html = None
+    if not no_html:
+        from fp8probe.report.render import render_report
+
+        html = render_report(results.to_json(), out / "index.html")
+    ops = results.tables["operands"]
+    worst = ops.sort_values("sqnr_db", na_position="first").head(10)[
+        ["layer", "strategy", "sqnr_db", "underflow_frac", "saturation_frac"]].to_dict("records")
+    _weights_banner(results)
+    if output_format == "json":
+        click.echo(json.dumps({"results": str(paths["json"]), "html": None if html is None else str(html),
+                               "mode": "weights-only", "weights_only": results.metadata["weights_only"],
+                               "worst_weight": [{k: (None if isinstance(v, float) and v != v else v)
+                                                 for k, v in r.items()} for r in worst]}, indent=1, default=str))
+        return
+    click.echo(f"{'layer':<40} {'strategy':<15} {'weight SQNR dB':>14} {'underflow':>9} {'clipped':>8}")
+    for r in worst:
+        click.echo(f"{_printable(r['layer'])[:40]:<40} {r['strategy']:<15} {r['sqnr_db']:>14.2f} "
+                   f"{100 * r['underflow_frac']:>8.3f}% {100 * r['saturation_frac']:>7.3f}%")
     click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; no HTML report written"))
 
 
@@ -454,19 +581,33 @@ def report_cmd(results: str, out_html: str, keep_16bit_db: float) -> None:
 @click.option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), default=None,
               help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
+@click.option("--allow-missing", is_flag=True,
+              help="do not fail when layers / recipes / GEMMs of the baseline are missing from current (they are "
+                   "still listed)")
 @click.pass_context
 def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: float, max_new_outlier_cols: int,
                 max_underflow_increase: float, max_loss_increase: float | None, out_dir: str, overwrite: bool,
-                markdown_file: str | None) -> None:
-    """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded, else 0."""
-    from fp8probe.report.compare import Gates, compare_markdown, compare_results
+                markdown_file: str | None, allow_missing: bool) -> None:
+    """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded or baseline
+    rows are missing, else 0. Only quantised GEMMs are gated (see the gate text)."""
+    from fp8probe.report.compare import Gates, compare_markdown, compare_results, gated_text
     from fp8probe.report.render import render_compare
 
     out = Path(out_dir)
+    # No output may name an input (as report -o already refuses): the baseline would be appended to
+    # or replaced, and the next run would compare against a broken file.
+    outputs = [("--markdown", Path(markdown_file))] if markdown_file else []
+    outputs += [("--out", out / name) for name in ("compare.html", "compare.md")]
+    for option, target in outputs:
+        for role, given in (("baseline", baseline), ("current", current)):
+            if target.resolve() == Path(given).resolve():
+                raise UsageFailure(f"{option} would write {_printable(target)}, which is the {role} results file: "
+                                   "choose another output")
     stale = _check_out(out, "compare", overwrite)
     base, cur = _load_results_or_fail(baseline, "baseline"), _load_results_or_fail(current, "current")
     try:
-        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase, max_loss_increase)
+        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase, allow_missing=allow_missing,
+                      max_loss_increase=max_loss_increase)
         comparison = compare_results(base, cur, gates)
     except ValueError as exc:
         raise _fail(exc) from exc
@@ -484,6 +625,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
         with open(markdown_file, "a", encoding="utf-8") as fh:
             fh.write(md + "\n")
     click.echo(f"compare report written to {html} and {out / 'compare.md'}")
+    click.echo(gated_text(comparison))
     if comparison["passed"]:
         click.echo("PASS: no gate exceeded")
         return
@@ -505,7 +647,8 @@ def _sweep_options(func):
         click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
         click.option("--loss", "loss_spec", default=None,
                      help="module:function called as fn(output, batch) -> scalar loss"),
-        click.option("--layers", default=None, help="regular expression on module paths: sweep only matching layers"),
+        click.option("--layers", default=None, help="regular expression on GEMM names: sweep only matching ones"),
+        click.option("--gemms", default="all", show_default=True, help=_GEMMS_HELP),
         click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
@@ -563,9 +706,11 @@ def _parse_thresholds(text: str) -> list[float]:
 
 
 def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory: str | None, trust_pickle: bool,
-               loss_spec: str | None, layers: str | None, batches: int | None, device: str, seed: int,
-               out_dir: str | None, overwrite: bool, name: str | None, budget_spec: str, no_e2e: bool) -> None:
+               loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
+               out_dir: str | None, overwrite: bool, name: str | None, include_embeddings: bool = False,
+               budget_spec: str = "0.01", no_e2e: bool = False) -> None:
     from fp8probe.analysis.e2e import parse_budget
+    from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
@@ -575,16 +720,27 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     stale = _check_out(out, "run", overwrite)
     _check_device(device)
     _check_layers(layers)
+    _check_gemms(gemms)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
     try:
         budget = parse_budget(budget_spec)
     except ValueError as exc:
         raise _fail(exc, "--budget") from exc
+    ckpt = _weights_checkpoint(model, inputs, factory)
+    if ckpt is not None:
+        if kind != "sweep-blocksize":
+            raise UsageFailure(f"{model} holds weights only, and outlier thresholds apply to activation columns: "
+                               "sweep-threshold needs the model run on inputs (--factory with --inputs, a .pt2 program, "
+                               "or the Hugging Face directory with --inputs)")
+        _sweep_weights(ckpt, values, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
+                       run_name=run_name)
+        return
     loaded, batch_list = _load(model, inputs, factory, trust_pickle)
     try:
         results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device, seed=seed,
                      loss=loss_spec, name=run_name, model_desc=loaded.description,
-                     inputs_desc=inputs or "example inputs / factory batches", e2e=not no_e2e, budget=budget)
+                     inputs_desc=inputs or "example inputs / factory batches", gemms=gemms, e2e=not no_e2e,
+                     budget=budget)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
     remove_outputs(stale)
@@ -602,12 +758,40 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         for r in rec.to_dict("records"):
             click.echo(f"{_printable(r['layer'])[:40]:<40} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
+    click.echo(coverage_line(results.metadata["coverage"]))
     click.echo(f"rule: {next(iter(results.metadata['recommendations'].values()))}")
     for r in (results.tables["recommendation"].to_dict("records") if "recommendation" in results.tables else []):
         what = "block size" if r["kind"] == "blocksize" else "threshold"
         status = "within" if r["within_budget"] else "OVER"
         click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
                    f"{100 * r['loss_rel_change']:+.2f} %, {status} the budget ({r['budget_kind']} {r['budget']:g})")
+    _warn_no_gradient(results)
+    click.echo(f"results: {paths['json']}; report: {html}")
+
+
+def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, include_embeddings: bool, out: Path,
+                   stale: list[Path], run_name: str) -> None:
+    from fp8probe.analysis.loading import LoadError
+    from fp8probe.analysis.weights_only import sweep_blocksize_weights
+    from fp8probe.report.render import render_report
+
+    try:
+        results = sweep_blocksize_weights(ckpt, sizes, layers=layers, include_embeddings=include_embeddings,
+                                          name=run_name)
+    except (LoadError, ValueError, TypeError) as exc:
+        raise _fail(exc) from exc
+    if results.tables["layers"].empty:
+        raise UsageFailure(f"{ckpt.description} has no weight to sweep (every tensor was skipped"
+                           + (f" or not matched by --layers {layers!r}" if layers else "") + ")")
+    remove_outputs(stale)
+    paths = results.save(out)
+    html = render_report(results.to_json(), out / "index.html")
+    _weights_banner(results)
+    table = results.tables["blocksize_sweep"]
+    click.echo(f"{'layer':<40} {'recommended':>11} {'weight SQNR dB':>14}")
+    for r in table[table["recommended"]].to_dict("records"):
+        click.echo(f"{_printable(r['layer'])[:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>14.2f}")
+    click.echo(f"rule: {results.metadata['recommendations']['blocksize_sweep']}")
     click.echo(f"results: {paths['json']}; report: {html}")
 
 
@@ -615,6 +799,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
 @_sweep_options
 @click.option("--blocksizes", default="32,64,128,256,512,1024,2048,4096", show_default=True,
               help="comma-separated block sizes (elements per fp32 absmax)")
+@click.option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
 def sweep_blocksize_cmd(blocksizes: str, **kwargs: object) -> None:
     """Blockwise FP8 (bnb-e4m3 A/W, bnb-e5m2 G) error per layer x block size, scale overhead, recommended size."""
     _run_sweep("sweep-blocksize", values=_parse_blocksizes(blocksizes), **kwargs)  # type: ignore[arg-type]

@@ -80,28 +80,43 @@ def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: 
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
-    """Dettmers' dynamic-tree codebook: 256 sorted float32 values (SPEC §1.2).
+    """Dettmers' dynamic-tree codebook, bit-exact with bitsandbytes 0.49.2 (SPEC §1.2).
 
-    Decade ``i`` (``10**(i-(E-1))``) holds the midpoints of ``linspace(0.1, 1, n_i + 1)`` with
-    ``n_i = 2**(i + k - E)`` points per sign (signed) or ``2**(i + k - E + 1)`` (unsigned),
-    ``k = total_bits - 1``; then 0 and 1.0 are added and the list is zero-padded to 256.
-    Returns float32 [256] on the CPU.
+    Decade ``i = 0 .. E-1`` (scale ``10**(i-(E-1))``) holds the midpoints of
+    ``linspace(0.1, 1, int(2**(i + k - E) + 1))`` (``2**(i + k - E + 1)`` unsigned), ``k =
+    total_bits - 1``: the ``int()`` truncates, so a decade with a negative power of two (E > k)
+    gets one point, i.e. no value; ``2**(k - E) - 1`` extra midpoints reuse the last decade's
+    scale; then 0 and 1.0 are added. Every (signed, E, total_bits) whose construction gives exactly
+    ``2**total_bits`` values is accepted (signed: any E >= 1; unsigned: E = total_bits - 1), like
+    bitsandbytes. Returns float32 ``[max(256, 2**total_bits)]`` on the CPU, sorted ascending and
+    zero-padded to 256 (only maps of <= 8 bits are usable as codebooks).
     """
-    if not 1 <= total_bits <= 8:
-        raise ValueError(f"total_bits must be in 1..8, got {total_bits}")
-    if not 1 <= max_exponent_bits <= total_bits - 1:
-        raise ValueError(f"max_exponent_bits must be in 1..{total_bits - 1}, got {max_exponent_bits}")
+    for name, v in (("max_exponent_bits", max_exponent_bits), ("total_bits", total_bits)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if total_bits < 1:
+        raise ValueError(f"total_bits must be >= 1, got {total_bits}")
+    k = total_bits - 1
+    E = max_exponent_bits
     data: list[float] = []
-    k = total_bits - 1  # bnb uses total_bits - 1 for signed *and* unsigned maps (SPEC §1.2)
-    additional_items = 2 ** (k - max_exponent_bits) - 1
-    i = 0
-    for i in range(max_exponent_bits):
-        n_i = 2 ** (i + k - max_exponent_bits) if signed else 2 ** (i + k - max_exponent_bits + 1)
-        data += _decade(n_i, 10.0 ** (i - (max_exponent_bits - 1)), signed)
+    last_decade = None
+    for i in range(E):
+        # float power: bnb's int(2**x + 1) with x < 0 (E > k) truncates to 1 point, no midpoint
+        points = int(2.0 ** (i + k - E + (0 if signed else 1)) + 1)
+        data += _decade(points - 1, 10.0 ** (i - (E - 1)), signed)
+        last_decade = i
+    additional_items = 2.0 ** (k - E) - 1
     if additional_items > 0:
+        if last_decade is None:
+            raise ValueError(f"max_exponent_bits must be >= 1 for total_bits={total_bits}, got {E}")
         # reuses the last loop index, as bitsandbytes does (SPEC §1.2 "quirk")
-        data += _decade(additional_items, 10.0 ** (i - (max_exponent_bits - 1)), signed)
+        data += _decade(int(additional_items), 10.0 ** (last_decade - (E - 1)), signed)
     data += [0.0, 1.0]
+    if len(data) != 2**total_bits:
+        raise ValueError(
+            f"create_dynamic_map(signed={signed}, max_exponent_bits={E}, total_bits={total_bits}) builds "
+            f"{len(data)} values, expected 2**total_bits = {2**total_bits} (unsigned maps need "
+            f"max_exponent_bits = total_bits - 1)")
     data += [0.0] * (256 - len(data))
     data.sort()
     return torch.tensor(data, dtype=torch.float32)
@@ -157,7 +172,12 @@ def get_codebook(name: str, device: torch.device | str | None = None) -> torch.T
 
 
 def validate_codebook(code: torch.Tensor) -> None:
-    """Raise unless `code` is a float32 tensor of exactly 256 finite, non-decreasing values (SPEC Q23)."""
+    """Raise unless `code` is a float32 tensor of exactly 256 finite values (SPEC Q23).
+
+    Any order is accepted: bitsandbytes' own few-bit linear maps are not sorted (zero padding
+    inserted before linspace's slightly negative middle point), so the quantisers search an
+    unsorted codebook through its sorted order (see ``functional._search_order``).
+    """
     if not isinstance(code, torch.Tensor):
         raise TypeError(f"codebook must be a torch.Tensor, got {type(code).__name__}")
     if code.dtype != torch.float32:
@@ -166,11 +186,6 @@ def validate_codebook(code: torch.Tensor) -> None:
         raise ValueError(f"codebook must have shape [256], got {list(code.shape)}")
     if not bool(torch.isfinite(code).all()):
         raise ValueError("codebook must contain only finite values, got NaN or Inf")
-    if not bool((code[1:] >= code[:-1]).all()):
-        bad = int((code[1:] < code[:-1]).nonzero()[0, 0])
-        raise ValueError(
-            f"codebook must be sorted ascending (non-decreasing), got code[{bad}]={code[bad].item()!r} "
-            f"> code[{bad + 1}]={code[bad + 1].item()!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 import fp8probe.ops  # noqa: F401  (registers torch.ops.fp8probe.*)
 from fp8probe.backends import cpu as _cpu
+from fp8probe.backends import reference as _ref
 from fp8probe.formats import (
     create_dynamic_map,
     create_fp8_map,
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# int8_linear_matmul accumulates exactly in int32: K products of at most (-128)·(-128) = 2^14 stay
+# below 2^31 for K ≤ 131071; from K = 131072 on the sum can wrap. Longer rows are refused, not wrapped.
+INT8_MATMUL_MAX_K = (2**31 - 1) // (128 * 128)
 _OPS = torch.ops.fp8probe
 
 
@@ -121,13 +125,33 @@ def _effective_code(code: torch.Tensor, A: torch.Tensor, c: str) -> torch.Tensor
     return code
 
 
+def _search_order(code: torch.Tensor, c: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(codebook the ops search, permutation back to `code`'s indices or None)``.
+
+    The ops and kernels search sorted codebooks. An unsorted one (bnb's few-bit linear maps put
+    the zero padding before linspace's -3e-8 middle point) is searched through its stable sort by
+    default, and the indices mapped back, so ``code[q]`` is the nearest entry whatever the order.
+    ``compat="bnb"`` passes it as it is: the reference then searches it the way bnb does.
+    """
+    if c == "bnb" or _ref.is_sorted(code):
+        return code, None
+    sorted_code, perm = torch.sort(code, stable=True)
+    return sorted_code, perm.to(torch.uint8)
+
+
 def _quantize_into(A: torch.Tensor, code: torch.Tensor, blocksize: int, c: str, out: torch.Tensor | None,
                    absmax: torch.Tensor | None, run_op) -> tuple[torch.Tensor, ...]:
     """``(q, absmax, special_index, special_value)`` with caller buffers honoured.
 
     With `out`/`absmax` given, the CPU fast path writes them in place (no temporary result to copy);
     otherwise, or where it declines, ``run_op()`` computes the result and it is copied into them.
+    `code` is what the ops search; for an unsorted codebook (default mode) the indices found in
+    its sorted order are mapped back through the permutation.
     """
+    search_code, perm = _search_order(code, c)
+    if perm is not None:
+        q, am, sidx, sval = _quantize_into(A, search_code, blocksize, c, None, absmax, run_op)
+        return _write_out(out, perm.to(q.device)[q.long()]), am, sidx, sval
     if out is not None or absmax is not None:
         q_buf = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=A.device)
         am_buf = absmax if absmax is not None else torch.empty(-(-A.numel() // blocksize), dtype=torch.float32,
@@ -135,7 +159,7 @@ def _quantize_into(A: torch.Tensor, code: torch.Tensor, blocksize: int, c: str, 
         done = _cpu.quantize_blockwise_into(A, code, blocksize, c, q_buf, am_buf)
         if done is not None:
             return (q_buf, am_buf, *done)
-    q, am, sidx, sval = run_op()
+    q, am, sidx, sval = run_op(code)
     am = _write_out(absmax, am, "absmax")
     return _write_out(out, q), am, sidx, sval
 
@@ -144,7 +168,7 @@ def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch
              compat: str | None = None) -> tuple[torch.Tensor, QuantState]:
     """Tensor-wise (one absmax) codebook quantisation (SPEC §3).
 
-    A: fp32/fp16/bf16, any shape; code: float32 [256] ascending, a codebook name, or None for the
+    A: fp32/fp16/bf16, any shape; code: float32 [256] (any order), a codebook name, or None for the
     signed dynamic map. Returns ``(q uint8 A.shape, QuantState)`` with ``absmax`` float32 [1]
     ([0] for empty A). ``compat="bnb"``: bnb's CUDA ``quantize`` (true division, NaN-propagating
     absmax, no special-value recording).
@@ -154,7 +178,7 @@ def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch
     code = _code(code, A.device)
     # default mode: global = one block over the whole tensor, so the blockwise fast path serves it
     q, absmax, sidx, sval = _quantize_into(A, code, max(A.numel(), 1), c, out, None,
-                                           lambda: _OPS.quantize_global(A, code, c))
+                                           lambda cb: _OPS.quantize_global(A, cb, c))
     state = QuantState(absmax=absmax, code=code.clone(), blocksize=max(A.numel(), 1), dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     return q, state
@@ -183,9 +207,10 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     """Blockwise codebook quantisation over the C-order flattened tensor (SPEC §4).
 
     A: fp32/fp16/bf16, any shape (non-contiguous inputs are read in logical order); code: float32
-    [256] ascending, a codebook name, or None for the signed dynamic map; blocksize: any int > 0 on
-    the reference backend (the CUDA kernels take powers of two in 32..4096); absmax/out: optional
-    preallocated float32 [ceil(n/blocksize)] / uint8 A.shape outputs. Returns
+    [256] in any order (an unsorted one is searched in sorted order), a codebook name, or None for
+    the signed dynamic map; blocksize: any int > 0 on the reference backend (the CUDA kernels take
+    powers of two in 32..4096); absmax/out: optional preallocated float32 [ceil(n/blocksize)] /
+    uint8 A.shape outputs. Returns
     ``(q uint8 A.shape, QuantState)``. ``nested=True`` quantises the mean-centred absmax vector
     with the dynamic map and the same blocksize (SPEC §4.5).
     """
@@ -194,7 +219,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     c = _compat(compat)
     code = _code(code, A.device)
     q, am, sidx, sval = _quantize_into(A, code, blocksize, c, out, absmax,
-                                       lambda: _OPS.quantize_blockwise(A, code, blocksize, c))
+                                       lambda cb: _OPS.quantize_blockwise(A, cb, blocksize, c))
     state = QuantState(absmax=am, code=_effective_code(code, A, c), blocksize=blocksize, dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     if nested:
@@ -337,8 +362,15 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | 
     return q_row, q_col, rs, cs, (cols if t > 0 else None)
 
 
-def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Exact ``A @ B.T`` with int32 accumulation: A int8 [..., K], B int8 [N, K] → int32 [..., N]."""
+def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Exact ``A @ B.T`` with int32 accumulation: A int8 [..., K], B int8 [N, K] → int32 [..., N].
+
+    bitsandbytes' signature: `out` (int32 [..., N]) receives the result and is returned; `dtype`
+    must be int32, the only exact accumulator type (bnb accepts the argument and ignores it).
+    """
+    if dtype != torch.int32:
+        raise TypeError(f"dtype must be torch.int32, got {dtype}")
     _check_tensor("A", A, (torch.int8,))
     _check_tensor("B", B, (torch.int8,))
     _check_rank("A", A)
@@ -346,9 +378,12 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"B must be 2-D [N, K], got shape {tuple(B.shape)}")
     if A.shape[-1] != B.shape[1]:
         raise ValueError(f"inner dimensions differ: A [..., {A.shape[-1]}] vs B [N, {B.shape[1]}]")
+    if A.shape[-1] > INT8_MATMUL_MAX_K:
+        raise ValueError(f"expected an inner dimension K <= {INT8_MATMUL_MAX_K} (int32 accumulation of int8 products "
+                         f"is exact only up to there), got K = {A.shape[-1]}: split the reduction into chunks")
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
-    return _OPS.int8_linear_matmul(A, B)
+    return _write_out(out, _OPS.int8_linear_matmul(A, B))
 
 
 def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
@@ -401,11 +436,14 @@ def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SC
     if A.shape != CA.shape:
         raise ValueError(f"A and CA must have the same shape, got {tuple(A.shape)} and {tuple(CA.shape)}")
     out = int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype, compat=compat)
-    if outlier_cols is None or outlier_cols.numel() == 0:
+    # Under torch.compile the column count and values are data-dependent (no branch, no check):
+    # an empty set adds an empty product.
+    compiling = torch.compiler.is_compiling()
+    if outlier_cols is None or (not compiling and outlier_cols.numel() == 0):
         return out, torch.empty(0, dtype=A.dtype, device=A.device)
     K = A.shape[-1]
     _check_tensor("outlier_cols", outlier_cols, (torch.int64, torch.int32))
-    if outlier_cols.dim() != 1 or int(outlier_cols.min()) < 0 or int(outlier_cols.max()) >= K:
+    if outlier_cols.dim() != 1 or (not compiling and (int(outlier_cols.min()) < 0 or int(outlier_cols.max()) >= K)):
         raise ValueError(f"outlier_cols must be 1-D column indices in [0, {K}), got {outlier_cols.tolist()}")
     a2 = A.reshape(-1, K)
     subA = a2[:, outlier_cols].contiguous()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .autograd import MatmulLtState, get_block_sizes, matmul, matmul_fp8_global, matmul_fp8_mixed, switchback_bnb
+from .functional import int8_vectorwise_quant
 from .formats import get_codebook, validate_codebook
 
 __all__ = [
@@ -89,8 +90,23 @@ class LinearFP8Global(_FP8Linear):
     _matmul = staticmethod(matmul_fp8_global)
 
 
+# bitsandbytes' Linear8bitLt checkpoints carry the int8 layout as `weight_format`; 0 = "row" (row-major
+# [out, in]), the only layout bitsandbytes >= 0.45 and fp8probe use.
+_WEIGHT_FORMAT_ROW = 0
+
+
 class _Int8Linear(nn.Linear):
-    """Shared body of Linear8bitLt / SwitchBackLinear: the MatmulLtState and its settings."""
+    """Shared body of Linear8bitLt / SwitchBackLinear: the MatmulLtState, its settings and the weight storage.
+
+    ``has_fp16_weights=True``: ``weight`` is the usual float Parameter, quantised to int8 in every
+    forward (cached while it is unchanged). ``has_fp16_weights=False``: the layer stores only the
+    int8 weight, like bitsandbytes' ``Int8Params`` — ``weight`` is an int8 ``[out, in]``
+    Parameter (``requires_grad=False``) and ``SCB`` a float32 ``[out]`` buffer of row absmax
+    values (weight ≈ weight.float() · SCB[:, None] / 127): 1 byte per parameter plus 4 per row.
+    Its state_dict holds ``weight`` (int8), ``SCB`` (float32), ``bias`` and ``weight_format`` (uint8 0
+    = row-major), the keys bitsandbytes 0.49.2 writes, so checkpoints load both ways. Loading a float
+    ``weight`` without ``SCB`` (an nn.Linear checkpoint) quantises it.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, has_fp16_weights: bool = True,
                  threshold: float = 0.0, index: Any = None, device: Any = None, dtype: torch.dtype | None = None,
@@ -106,19 +122,57 @@ class _Int8Linear(nn.Linear):
         self.compat = compat
         self.state = MatmulLtState(threshold=float(threshold), has_fp16_weights=has_fp16_weights)
         if not has_fp16_weights:
-            # The int8 copy is what the forward uses; the float weight is only its source, so it is
-            # not trained (bnb stores Int8Params with requires_grad=False).
-            self.weight.requires_grad_(False)
+            self._store_int8(self.weight.detach())
+
+    def _quantize_rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # bnb's Int8Params rounds the weight to fp16 first (its CUDA kernel reads fp16 only).
+        src = w.to(torch.float16) if self.compat == "bnb" else w
+        CB, SCB, _ = int8_vectorwise_quant(src.contiguous(), compat=self.compat)
+        return CB, SCB
+
+    def _store_int8(self, w: torch.Tensor) -> None:
+        """Replace the weight by its int8 rows (a frozen Parameter) and their float32 scales (buffer SCB)."""
+        CB, SCB = self._quantize_rows(w)
+        self.weight = nn.Parameter(CB, requires_grad=False)
+        self.register_buffer("SCB", SCB)
+        self.state.reset_grads()
 
     def _weight_for_forward(self) -> torch.Tensor:
-        # With int8 weights the float weight is only the source of CB/SCB: no gradient flows to it.
-        # detach() shares the version counter, so the int8 cache still sees in-place updates.
-        return self.weight if self.state.has_fp16_weights else self.weight.detach()
+        if not self.state.has_fp16_weights:
+            self.state.SCB = self.SCB  # an int8 B is taken as CB, with these scales
+        return self.weight
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_Int8Linear":
+        scb = self._buffers.get("SCB")
         module = super()._apply(fn, recurse)
+        if scb is not None:
+            # the scales stay float32 through .half()/.to(dtype); only the device follows
+            self._buffers["SCB"] = scb.to(self._buffers["SCB"].device)
         self.state.reset_grads()  # the cached int8 weight lives on the old device
         return module
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.state.has_fp16_weights:
+            destination[prefix + "weight_format"] = torch.tensor(_WEIGHT_FORMAT_ROW, dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        # `state_dict` is load_state_dict's private copy: rewriting this layer's entries is safe.
+        fmt = state_dict.pop(prefix + "weight_format", None)
+        if fmt is not None and int(fmt) != _WEIGHT_FORMAT_ROW:
+            error_msgs.append(f"{prefix}weight_format: expected {_WEIGHT_FORMAT_ROW} (row-major int8), got {int(fmt)}")
+        w = state_dict.get(prefix + "weight")
+        if self.state.has_fp16_weights and prefix + "SCB" in state_dict:
+            error_msgs.append(f"{prefix}SCB: an int8 checkpoint (int8 weight + SCB) needs has_fp16_weights=False, "
+                              "got a layer with float weights")
+        elif (not self.state.has_fp16_weights and isinstance(w, torch.Tensor) and w.is_floating_point()
+              and prefix + "SCB" not in state_dict):
+            CB, SCB = self._quantize_rows(w.to(self.weight.device))
+            state_dict[prefix + "weight"], state_dict[prefix + "SCB"] = CB, SCB
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.state.reset_grads()
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, threshold={self.state.threshold}, "
@@ -126,7 +180,11 @@ class _Int8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs: Any):
-        """A new layer sharing ``linear``'s weight and bias Parameters (optimizers keep working)."""
+        """A new layer sharing ``linear``'s weight and bias Parameters (optimizers keep working).
+
+        With ``has_fp16_weights=False`` the new layer stores the int8 quantisation of
+        ``linear.weight`` instead (only the bias is shared).
+        """
         return _from_linear(cls, linear, **kwargs)
 
 
@@ -136,7 +194,9 @@ class Linear8bitLt(_Int8Linear):
     ``threshold > 0`` keeps activation columns with |x| >= threshold in the input precision.
     The int8 weight is cached in ``self.state`` and re-quantised whenever the weight's
     ``_version`` changes (an optimizer step, ``load_state_dict``); ``compat="bnb"`` restores
-    bitsandbytes' ``weight.grad is None`` rule (Q11). The state_dict is a plain nn.Linear one.
+    bitsandbytes' ``weight.grad is None`` rule (Q11). With ``has_fp16_weights=True`` the
+    state_dict is a plain nn.Linear one; with False the layer stores the int8 weight and its
+    scales (format on :class:`_Int8Linear`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,9 +225,12 @@ def _from_linear(cls: type, linear: nn.Linear, **kwargs: Any) -> nn.Linear:
     new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
               device=w.device, dtype=w.dtype, **kwargs)
     # Share (not copy) the Parameters so optimizers and tied weights keep pointing at them. Their
-    # requires_grad flags are left alone (the caller's tensors): an int8-weight layer detaches the
-    # weight in forward instead.
-    new.weight = w
+    # requires_grad flags are left alone (the caller's tensors). An int8-weight layer stores the
+    # quantised weight instead (it has no float weight to share).
+    if isinstance(new, _Int8Linear) and not new.state.has_fp16_weights:
+        new._store_int8(w.detach())
+    else:
+        new.weight = w
     if linear.bias is not None:
         new.bias = linear.bias
     new.train(linear.training)

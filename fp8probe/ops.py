@@ -98,10 +98,16 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
     return _ref.int8_vectorwise_quant(A, threshold, compat)
 
 
+def _outlier_cols(A: torch.Tensor, threshold: float) -> torch.Tensor:
+    # threshold 0 never reports outliers: a static empty tensor, since a data-dependent size that
+    # the caller drops (it returns None there) makes torch.compile fail on a pending symbol
+    return A.new_empty((0,), dtype=torch.int64) if threshold == 0.0 else _dynamic(A, torch.int64)
+
+
 @int8_vectorwise_quant.register_fake
 def _(A, threshold, compat):
     rows, _ = _ref._rows_cols(A.shape)
-    return A.new_empty(A.shape, dtype=torch.int8), A.new_empty((rows,), dtype=_F32), _dynamic(A, torch.int64)
+    return A.new_empty(A.shape, dtype=torch.int8), A.new_empty((rows,), dtype=_F32), _outlier_cols(A, threshold)
 
 
 @torch.library.custom_op(f"{_LIB}::int8_vectorwise_dequant", mutates_args=())
@@ -124,7 +130,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
 def _(A, threshold, compat):
     rows, cols = _ref._rows_cols(A.shape)
     return (A.new_empty(A.shape, dtype=torch.int8), A.new_empty(A.shape, dtype=torch.int8),
-            A.new_empty((rows,), dtype=_F32), A.new_empty((cols,), dtype=_F32), _dynamic(A, torch.int64))
+            A.new_empty((rows,), dtype=_F32), A.new_empty((cols,), dtype=_F32), _outlier_cols(A, threshold))
 
 
 @torch.library.custom_op(f"{_LIB}::int8_linear_matmul", mutates_args=())

@@ -31,9 +31,10 @@ EXPECTED = {
         "modes": {"quantize_blockwise": {"fresh", "out"}, "dequantize_blockwise": {"fresh", "out"}},
     },
     "bench_int8.py": {
-        "columns": [*COMMON, "shape", "mode", *TIMES, "GOP/s", "×copy", "×bnb", "×torch", "target"],
+        "columns": [*COMMON, "shape", "mode", *TIMES, "GOP/s", "×copy", "×bnb", "×torch", "×best", "target"],
         "ops": {"copy dst.copy_(x)", "int8_vectorwise_quant", "bnb int8_vectorwise_quant", "int8_linear_matmul",
-                "torch._int_mm", "bnb int8_linear_matmul", "int8_mm_dequant", "bnb int8_mm_dequant"},
+                "torch._int_mm", "bnb int8_linear_matmul", "int8_mm_dequant", "bnb int8_mm_dequant",
+                "torch float32 GEMM, K chunks ≤ 1024 (exact)", "torch float64 GEMM (exact)"},
         "modes": {"int8_mm_dequant": {"fresh", "out"}},
     },
     "bench_scaled.py": {
@@ -42,7 +43,7 @@ EXPECTED = {
         "modes": {},
     },
 }
-NUMERIC = {"median ms", "min ms", "GB/s", "GOP/s", "×copy", "×bnb", "×torch"}
+NUMERIC = {"median ms", "min ms", "GB/s", "GOP/s", "×copy", "×bnb", "×torch", "×best"}
 
 
 def _run_in_process(script: str, argv: list[str]) -> str:

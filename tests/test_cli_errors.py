@@ -97,7 +97,9 @@ CASES = [
                                            "--out", o], ["truncated"]),
     ("analyze-truncated-pt2", lambda f, o: ["analyze", str(f["trunc_pt2"]), "--out", o], ["truncated"]),
     ("analyze-directory", lambda f, o: ["analyze", str(f["pt2"].parent), "--out", o], ["config.json"]),
-    ("analyze-state-dict-no-factory", lambda f, o: ["analyze", str(f["state_dict"]), "--out", o], ["--factory"]),
+    # without --inputs a state_dict gets a weights-only analysis; with them the model must be built
+    ("analyze-state-dict-no-factory", lambda f, o: ["analyze", str(f["state_dict"]), "--inputs", str(f["wrong_shape"]),
+                                                    "--out", o], ["--factory"]),
     # inputs that do not fit
     ("analyze-inputs-missing", lambda f, o: ["analyze", str(f["pt2"]), "--inputs", str(f["png"].with_name("no.pt")),
                                              "--out", o], ["does not exist"]),

@@ -407,3 +407,23 @@ def test_dequantize_blockwise_loose_arguments_give_float32() -> None:
     q, st_ = F.quantize_blockwise(x, "dynamic", blocksize=64)
     y = F.dequantize_blockwise(q, absmax=st_.absmax, code="dynamic", blocksize=64)
     assert y.dtype == torch.float32 and torch.equal(y.half(), F.dequantize_blockwise(q, st_))
+
+
+def test_int8_matmul_k_limit_is_exact_below_and_refused_above(device) -> None:
+    """int32 accumulation of (-128)·(-128) products is exact up to K = 131071 and wrapped silently from
+    K = 131072 on (and fp8probe.matmul of ones at K = 133150 returned -133138.5): refused now (issue 11 item 9)."""
+    import fp8probe
+    from fp8probe.functional import INT8_MATMUL_MAX_K
+
+    assert INT8_MATMUL_MAX_K == 131071
+    a = torch.full((1, INT8_MATMUL_MAX_K), -128, dtype=torch.int8, device=device)
+    out = fp8probe.int8_linear_matmul(a, a)
+    assert out.item() == INT8_MATMUL_MAX_K * 128 * 128  # 2147467264: exact, just below 2^31
+    b = torch.full((1, INT8_MATMUL_MAX_K + 1), -128, dtype=torch.int8, device=device)
+    with pytest.raises(ValueError, match="K <= 131071.*got K = 131072"):
+        fp8probe.int8_linear_matmul(b, b)
+    ones = torch.ones(1, 133150, device=device)
+    with pytest.raises(ValueError, match="K <= 131071"):
+        fp8probe.matmul(ones, ones)
+    small = torch.ones(2, 1000, device=device)
+    assert torch.equal(fp8probe.matmul(small, small), torch.full((2, 2), 1000.0, device=device))

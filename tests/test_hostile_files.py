@@ -1,7 +1,9 @@
 """Hostile files: a pickle whose loading would create a file is never unpickled without --trust-pickle, on every loading path."""
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import json
 import pathlib
 import pickle
@@ -211,3 +213,266 @@ def test_results_loader_survives_hostile_json(tmp_path) -> None:
         with pytest.raises(ResultsError) as info:
             Results.load(tmp_path / name)
         assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# .pt2 fields from which torch builds and runs Python source (issue 11, items 1, 2, 4, 5)
+# --------------------------------------------------------------------------------------------
+def _edit_json(src: Path, dst: Path, suffix: str, edit) -> None:
+    """Copy a .pt2, passing the JSON member ending with ``suffix`` through ``edit(doc) -> doc``."""
+    with zipfile.ZipFile(src) as z:
+        name = next(n for n in z.namelist() if n.endswith(suffix))
+        doc = json.loads(z.read(name))
+    _rewrite_zip(src, dst, {name: json.dumps(edit(doc)).encode()})
+
+
+def _replace_string(old: str, new: str):
+    """An edit replacing every JSON string equal to ``old`` (a name) by ``new``."""
+    return lambda doc: json.loads(json.dumps(doc).replace(json.dumps(old), json.dumps(new)))
+
+
+def _exported(tmp_path: Path, name: str = "good.pt2") -> Path:
+    x = torch.randn(3, IN_FEATURES, generator=torch.Generator().manual_seed(2))
+    path = tmp_path / name
+    torch.export.save(torch.export.export(_model(), (x,)), path)
+    return path
+
+
+def _load_and_run(path: Path, trust: bool) -> None:
+    loaded = load_model(path, trust_pickle=trust)
+    batch = loaded.batches[0]
+    loaded.module(*batch.args, **batch.kwargs)
+
+
+# Each case plants code that creates ./pwned (the test runs in tmp_path) when torch builds or runs
+# the module; the control run with trust_pickle=True shows the plant is live (torch does run it).
+TOUCH = "__import__('pathlib').Path('pwned').touch()"
+NO_DOT_TOUCH = 'getattr(getattr(__import__("pathlib"),"Path")("pwned"),"touch")()'
+CODE_CASES = {
+    # ep.module() pastes guards_code into a function it exec's
+    "guards_code": ("models/model.json", lambda d: {**d, "guards_code": [TOUCH + " is None"]}, "guard code"),
+    # parameter FQNs are pasted into getattr(self, "<segment>") in the generated forward
+    "parameter_fqn": (None, None, "module path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CODE_CASES))
+@pytest.mark.parametrize("trust", [False, True], ids=["untrusted", "trusted-control"])
+def test_pt2_source_injection(tmp_path, monkeypatch, case, trust) -> None:
+    monkeypatch.chdir(tmp_path)
+    good = _exported(tmp_path)
+    bad = tmp_path / "bad.pt2"
+    if case == "parameter_fqn":
+        evil = f'2"),{NO_DOT_TOUCH},getattr(self,"2'
+        _edit_json(good, tmp_path / "half.pt2", "models/model.json", _replace_string("2.bias", evil))
+        _edit_json(tmp_path / "half.pt2", bad, "model_weights_config.json", _replace_string("2.bias", evil))
+    else:
+        member, edit, _ = CODE_CASES[case]
+        _edit_json(good, bad, member, edit)
+    if trust:
+        with contextlib.suppress(Exception):
+            _load_and_run(bad, trust=True)
+        assert (tmp_path / "pwned").exists(), "control: the planted code should run when trusted"
+        return
+    with pytest.raises(LoadError, match=f"{CODE_CASES[case][2]}.*--trust-pickle"):
+        _load_and_run(bad, trust=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pt2_nested_dict_key_never_reaches_guard_source(tmp_path, monkeypatch) -> None:
+    """A key of a nested dict input ends up in the guard function's error-message string; an untrusted
+    program is built without the generated guard function (check_guards=False)."""
+    monkeypatch.chdir(tmp_path)
+    key = '"+str(__import__("pathlib").Path("pwned").touch())+"'
+
+    class DictInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(IN_FEATURES, 4)
+
+        def forward(self, x):
+            return self.linear(x[key])
+
+    path = tmp_path / "dict.pt2"
+    torch.export.save(torch.export.export(DictInput(), ({key: torch.randn(3, IN_FEATURES)},)), path)
+    _load_and_run(path, trust=False)
+    assert not (tmp_path / "pwned").exists()
+    _load_and_run(path, trust=True)  # control: torch's guard function runs it
+    assert (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("field, evil, match", [
+    ("placeholder", "input=" + TOUCH, "not a Python identifier"),
+    ("node_name", "linear=" + TOUCH, "not a Python identifier"),
+    ("forward_arg", "input=" + TOUCH, "not a Python identifier"),
+    ("target", "builtins.exec", "call target"),
+    ("stack_trace", 'File "x", line 1, in f\n  y\r' + TOUCH, "control characters"),
+    ("as_string", "tanh'+" + TOUCH + "+'", "quotes"),
+])
+def test_pt2_names_must_be_what_torch_writes(tmp_path, monkeypatch, field, evil, match) -> None:
+    """Every name torch.fx pastes into generated source must be an identifier / plain module path."""
+    monkeypatch.chdir(tmp_path)
+    good = _exported(tmp_path)
+
+    def edit(doc):
+        graph = doc["graph_module"]["graph"]
+        if field == "placeholder":
+            return _replace_string("p_0_weight", evil)(doc)
+        if field == "node_name":
+            graph["nodes"][0]["name"] = evil
+        elif field == "forward_arg":
+            doc["graph_module"]["signature"]["forward_arg_names"] = [evil]
+        elif field == "target":
+            graph["nodes"][1]["target"] = evil
+        elif field == "stack_trace":
+            graph["nodes"][0]["metadata"]["stack_trace"] = evil
+        elif field == "as_string":
+            graph["nodes"][1]["inputs"].append({"name": "approximate", "arg": {"as_string": evil}, "kind": 1})
+        return doc
+
+    _edit_json(good, tmp_path / "bad.pt2", "models/model.json", edit)
+    with pytest.raises(LoadError, match=f"{match}.*--trust-pickle"):
+        load_model(tmp_path / "bad.pt2")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pt2_aotinductor_member_is_refused(tmp_path) -> None:
+    """torch.export.load dlopens data/aotinductor/<model>/*.so: compiled code is refused untrusted."""
+    good = _exported(tmp_path)
+    root = zipfile.ZipFile(good).namelist()[0].split("/", 1)[0]
+    bad = tmp_path / "aoti.pt2"
+    _rewrite_zip(good, bad, {})
+    with zipfile.ZipFile(bad, "a") as z:
+        z.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF" + bytes(60))
+    with pytest.raises(LoadError, match="AOTInductor.*--trust-pickle"):
+        load_model(bad)
+
+
+def test_opaque_object_constant_under_a_sub_path_is_refused(hostile, tmp_path) -> None:
+    """torch decides by path_name.startswith("opaque_obj") (then pickle.loads), not by the member's
+    last path component: "opaque_obj_d/blob" must be refused too (issue 11 item 2)."""
+    target = hostile["target_pt2"]
+    good = hostile["good_pt2"]
+    root = zipfile.ZipFile(good).namelist()[0].split("/", 1)[0]
+    bad = tmp_path / "opaque_sub.pt2"
+    config = {"config": {"evil": {"path_name": "opaque_obj_d/blob", "is_param": False, "use_pickle": True,
+                                  "tensor_meta": None}}}
+    _rewrite_zip(good, bad, {"model_constants_config.json": json.dumps(config).encode()})
+    with zipfile.ZipFile(bad, "a") as z:
+        z.writestr(f"{root}/data/constants/opaque_obj_d/blob", pickle.dumps(Planted(target)))
+    with pytest.raises(LoadError, match="pickled Python object constant.*--trust-pickle"):
+        load_model(bad)
+    assert not target.exists()
+    with contextlib.suppress(Exception):  # control: torch itself unpickles it
+        load_model(bad, trust_pickle=True)
+    assert target.exists()
+
+
+def _with_expr(tmp_path: Path, expr: str) -> Path:
+    x = torch.randn(3, IN_FEATURES, generator=torch.Generator().manual_seed(4))
+    ep = torch.export.export(_model(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=64)},))
+    torch.export.save(ep, tmp_path / "dyn.pt2")
+    with zipfile.ZipFile(tmp_path / "dyn.pt2") as z:
+        name = next(n for n in z.namelist() if "/models/" in n and n.endswith(".json"))
+        doc = z.read(name).decode()
+    edited = doc.replace('"expr_str": "', '"expr_str": ' + json.dumps(expr)[:-1] + " + ", 1)
+    assert edited != doc
+    _rewrite_zip(tmp_path / "dyn.pt2", tmp_path / "bad.pt2", {name: edited.encode()})
+    return tmp_path / "bad.pt2"
+
+
+@pytest.mark.parametrize("expr", ["9**9**9**9", "Pow(9, Pow(9, Pow(9, 9)))", "9^9^9^9", "(2**64)**64**64",
+                                  "Integer(" + "9" * 5000 + ")", "1" + "+1" * 400, "LShift(1, 10**12)"])
+def test_shape_expression_bombs_are_refused_quickly(tmp_path, expr) -> None:
+    """sympy.sympify evaluates integer powers eagerly: 9**9**9**9 never returns (issue 11 item 4), and a
+    C-level bigint power cannot be interrupted, so the CLI runs in a subprocess with a time limit."""
+    import subprocess
+    import sys
+
+    bad = _with_expr(tmp_path, expr)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        res = subprocess.run([sys.executable, "-m", "fp8probe", "analyze", str(bad), "--out", str(tmp_path / "out")],
+                             capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"loading a .pt2 with expr_str {expr[:40]!r} did not return within 120 s")
+    assert res.returncode == EXIT_USAGE, res.stderr
+    assert "symbolic shape expression" in res.stderr and "--trust-pickle" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_benign_programs_with_guards_and_powers_load(tmp_path) -> None:
+    """What torch.export writes for equal dynamic dims (guards_code "L['x'].size()[1] == L['x'].size()[0]",
+    expr_str "Pow(Symbol('s27', ...), Integer(2))") and for attention, conv and string kwargs loads and runs."""
+
+    class Square(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x.reshape(-1, 4)).sum() + x.reshape(-1).sum()
+
+    dim = torch.export.Dim("b", min=2, max=64)
+    ep = torch.export.export(Square(), (torch.randn(4, 4, 4),), dynamic_shapes=({0: dim, 1: dim},))
+    torch.export.save(ep, tmp_path / "square.pt2")
+    with zipfile.ZipFile(tmp_path / "square.pt2") as z:
+        text = next(z.read(n).decode() for n in z.namelist() if n.endswith("models/model.json"))
+    assert '"guards_code": ["' in text and "Pow(" in text
+    loaded = load_model(tmp_path / "square.pt2")
+    assert torch.isfinite(loaded.module(torch.randn(3, 3, 4)))
+    with pytest.raises(Exception, match="equal"):  # the input check still holds without the guard function
+        loaded.module(torch.randn(3, 2, 4))
+
+    class Rich(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.conv = nn.Conv1d(8, 8, 3, padding=1)
+            self.blocks = nn.ModuleDict({"conv-1": nn.Linear(8, 8)})
+
+        def forward(self, h, *, mode: str = "tanh"):
+            h, _ = self.att(h, h, h)
+            h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+            return torch.nn.functional.gelu(self.blocks["conv-1"](h), approximate=mode)
+
+    torch.export.save(torch.export.export(Rich(), (torch.randn(2, 5, 8),), {"mode": "tanh"}), tmp_path / "rich.pt2")
+    loaded = load_model(tmp_path / "rich.pt2")
+    assert loaded.module(*loaded.batches[0].args, **loaded.batches[0].kwargs).shape == (2, 5, 8)
+
+
+def test_zip_bomb_is_refused_before_inflating(tmp_path) -> None:
+    """A model.json that inflates 1000x is refused from the zip directory alone (issue 11 item 5)."""
+    good = _exported(tmp_path)
+    bomb = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bomb, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("models/model.json"):
+                data = data[:-1] + b" " * (32 * 2**20) + b"}"  # still valid JSON, 32 MiB of spaces
+                zout.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                zout.writestr(info, data)
+    assert bomb.stat().st_size < 2**20
+    for trust in (False, True):
+        with pytest.raises(LoadError, match="zip bomb"):
+            load_model(bomb, trust_pickle=trust)
+
+
+def test_json_size_cap_applies_to_untrusted_files_only(tmp_path, monkeypatch) -> None:
+    from fp8probe.analysis import export_archive
+
+    good = _exported(tmp_path)
+    monkeypatch.setattr(export_archive, "MAX_JSON_BYTES", 1000)
+    with pytest.raises(LoadError, match="allowed for JSON.*--trust-pickle"):
+        load_model(good)
+    assert load_model(good, trust_pickle=True).kind == "export"
+
+
+def test_deeply_nested_json_is_one_line_error(tmp_path) -> None:
+    good = _exported(tmp_path)
+    bad = tmp_path / "deep.pt2"
+    _rewrite_zip(good, bad, {"models/model.json": b"[" * 200_000 + b"]" * 200_000})
+    res = _cli("analyze", str(bad), "--out", str(tmp_path / "out"))
+    assert res.exit_code == EXIT_USAGE and "Traceback" not in res.output
+    assert len([ln for ln in res.stderr.splitlines() if ln.strip()]) == 1

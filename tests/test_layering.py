@@ -21,6 +21,7 @@ RANKS = {
     "autograd": 5,
     "nn": 6,
     "report": 7,
+    "compat": 7,  # drop-in namespaces (compat/bitsandbytes): over nn/autograd/functional, beside report
     "analysis": 8,
     "cli": 9,
     "__main__": 9,

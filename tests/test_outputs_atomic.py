@@ -13,11 +13,13 @@ from click.testing import CliRunner
 
 import fp8probe.report.files as files
 from fp8probe.cli import EXIT_USAGE, cli
-from fp8probe.report.files import atomic_write_text, claim_output_dir, existing_outputs
+from fp8probe.report.files import (LOCK_FILE, atomic_write_text, claim_output_dir, existing_outputs, lock_output_dir,
+                                   remove_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORY = f"{REPO / 'tests' / 'analysis' / 'tiny_factory.py'}:build"
 RESULTS = REPO / "tests" / "report" / "data" / "results_small.json"
+FACTORY = f"{REPO / 'tests' / 'analysis' / 'tiny_factory.py'}:build"
 # A fast analyze: one batch of the tiny encoder, one strategy, two layers.
 ANALYZE = ["analyze", FACTORY, "--strategy", "global", "--batches", "1", "--layers", "fc1", "-q", "--threads", "1"]
 
@@ -144,7 +146,7 @@ def test_cli_disk_full_is_one_line_and_leaves_no_litter(tmp_path, monkeypatch) -
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.exit_code == EXIT_USAGE and len(lines) == 1 and "No space left on device" in lines[0], res.output
     assert "Traceback" not in res.output
-    assert list((tmp_path / "c").iterdir()) == []
+    assert not (tmp_path / "c").exists()  # the run created it, so it also removes it again, empty
 
 
 def test_written_files_get_normal_permissions(tmp_path) -> None:
@@ -262,9 +264,122 @@ def test_claims_by_kind(tmp_path) -> None:
     (tmp_path / "custom_table.csv").write_text("a\n1\n")
     (tmp_path / ".index.html.abc123.tmp").write_text("half")
     found = {p.name for p in existing_outputs(tmp_path, "run")}
-    assert found == {"results.json", "custom_table.csv", ".index.html.abc123.tmp"}
+    # custom_table.csv is named only by the JSON: not an fp8probe output name, so never claimed (issue 11)
+    assert found == {"results.json", ".index.html.abc123.tmp"}
     with pytest.raises(FileExistsError, match="--overwrite"):
         claim_output_dir(tmp_path, "compare", overwrite=False)
     assert {p.name for p in claim_output_dir(tmp_path, "compare", overwrite=True)} == {"compare.md"}
     with pytest.raises(ValueError, match="kind must be"):
         existing_outputs(tmp_path, "everything")
+
+
+# ------------------------------------------------------------------------------------------------
+# A planted results.json never widens what --overwrite deletes; one run per directory (issue 11)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_planted_results_json_cannot_name_files_to_delete(tmp_path, overwrite) -> None:
+    """results.json table keys "../elsewhere/victim", "/abs/.../victim" and "mydata" used to make
+    --overwrite delete those CSVs (outside --out too) and, without it, exit 3 from relative_to."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    victims = [elsewhere / "victim.csv", tmp_path / "absvictim.csv", out / "mydata.csv"]
+    for v in victims:
+        v.write_text("precious\n")
+    keys = ["../elsewhere/victim", str(tmp_path / "absvictim"), "mydata"]
+    (out / "results.json").write_text(json.dumps({"format": "fp8probe.results", "tables": {k: [] for k in keys}}))
+    found = existing_outputs(out, "run")
+    assert found == [out / "results.json"]
+    res = CliRunner().invoke(cli, ["analyze", FACTORY, "--out", str(out), "--quiet",
+                                   *(["--overwrite"] if overwrite else [])])
+    if overwrite:
+        assert res.exit_code == 0, res.output
+    else:
+        assert res.exit_code == EXIT_USAGE and "--overwrite" in res.stderr and "Traceback" not in res.output
+    assert all(v.read_text() == "precious\n" for v in victims)
+
+
+def test_symlinked_output_name_is_not_followed_or_claimed(tmp_path) -> None:
+    """A gemm.csv in --out that is a symlink to a file elsewhere is not an fp8probe output: --overwrite
+    neither deletes its target nor counts it."""
+    (tmp_path / "victim.csv").write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gemm.csv").symlink_to(tmp_path / "victim.csv")
+    assert existing_outputs(out, "run") == []
+    remove_outputs(claim_output_dir(out, "run", overwrite=True))
+    assert (tmp_path / "victim.csv").read_text() == "precious\n"
+
+
+def test_second_run_into_a_claimed_directory_exits_2_naming_the_holder(tmp_path) -> None:
+    """While one command holds --out (lock file, flock), a second one into the same directory is refused
+    before it does any work; the claim goes away with the first command, even when it crashed."""
+    out = tmp_path / "out"
+    held = lock_output_dir(out, "analyze")
+    try:
+        res = CliRunner().invoke(cli, ["analyze", FACTORY, "--out", str(out), "--quiet"])
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == EXIT_USAGE and len(lines) == 1, res.output
+        assert "in use by fp8probe analyze (pid" in lines[0] and str(os.getpid()) in lines[0]
+        assert not (out / "results.json").exists()
+    finally:
+        held.release()
+    assert not out.exists()  # the holder created it and left it empty
+    res = CliRunner().invoke(cli, ["analyze", FACTORY, "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_concurrent_runs_never_mix_outputs(tmp_path) -> None:
+    """Two processes into one empty --out: exactly one succeeds, the other exits 2 naming the holder
+    (before: both exited 0, and results.json and index.html could come from different runs)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # The first process takes the claim and holds it while the second one starts (a crashed holder
+    # would release it too: flock dies with the process).
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys,time; from fp8probe.report.files import lock_output_dir; "
+                               f"lock_output_dir({str(out)!r}, 'analyze'); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = subprocess.run([sys.executable, "-m", "fp8probe", "analyze", FACTORY,
+                              "--out", str(out), "--quiet"], capture_output=True, text=True, env=env, timeout=300,
+                             cwd=Path(__file__).resolve().parents[1])
+        assert res.returncode == EXIT_USAGE and f"pid {holder.pid}" in res.stderr, res.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    res = subprocess.run([sys.executable, "-m", "fp8probe", "analyze", FACTORY,
+                          "--out", str(out), "--quiet"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr  # the killed holder left no stale claim
+
+
+@pytest.mark.parametrize("kind", ["dangling-symlink", "read-only", "below-a-file"])
+def test_unusable_out_fails_before_the_analysis(tmp_path, monkeypatch, kind) -> None:
+    """A dangling-symlink or read-only --out is refused before the model is even loaded (issue 11 item 14)."""
+    import fp8probe.analysis.loading as loading
+
+    out = tmp_path / "out"
+    if kind == "dangling-symlink":
+        out.symlink_to(tmp_path / "missing")
+    elif kind == "below-a-file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        tmp_path.chmod(0o500)
+    calls = []
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: calls.append(a))
+    try:
+        res = CliRunner().invoke(cli, ["analyze", FACTORY, "--out", str(out)])
+    finally:
+        tmp_path.chmod(0o700)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == EXIT_USAGE and len(lines) == 1 and str(out) in lines[0], res.output
+    assert calls == []

@@ -1,11 +1,13 @@
-"""Capture every linear GEMM's real operands (activation, weight, bias, output gradient) from forward + backward passes."""
+"""Capture every GEMM's real operands (both operands, bias, output gradient) from forward + backward passes, with coverage counts."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import inspect
 import re
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -14,20 +16,24 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .gemms import Coverage, GemmHandler, GemmSite, intercept, is_gemm_target, run_graph
 from .loading import Batch, LoadError, one_line
 
 LossFn = Callable[[Any, Batch], torch.Tensor]
 
 
 @dataclass
-class LinearCall:
-    """One linear GEMM of one batch, named by module path (``name#k`` for the k-th reuse in a forward).
+class GemmCall:
+    """One GEMM of one batch in the normal form of gemms.py: Y = A·Bᵀ, named as gemms.py names sites.
 
-    ``activation`` A [tokens, in], ``weight`` W [out, in], ``bias`` [out] or None, ``grad_output``
-    G [tokens, out] (dL/dY from the real backward pass; None when the output does not reach the loss).
-    All detached, in the model's dtype, on the capture device. ``index``: the call's position in the
-    batch's forward order (calls arrive last layer first, as their gradients do; sinks that list
-    layers sort by it).
+    ``activation`` A [*, M, K], ``weight`` B [*, N, K] (the model weight [out, in] when
+    ``b_is_weight``, else the second activation: K of QKᵀ, Vᵀ of PV, the right operand of a
+    matmul), ``bias`` [N] or None, ``grad_output`` G [*, M, N] (dL/dY from the real backward pass;
+    None when the output does not reach the loss). ``*`` is empty for weight GEMMs (A = every
+    token's row) and one batch dim for batched ones (heads, bmm, conv groups). All detached, in
+    the model's dtype, on the capture device. ``index``: the call's position in the batch's
+    forward order (calls arrive last layer first, as their gradients do; sinks sort by it).
+    ``kind``/``op``: as in the coverage table (linear | matmul | attention | conv; linear, addmm, ...).
     """
 
     name: str
@@ -36,6 +42,12 @@ class LinearCall:
     bias: torch.Tensor | None
     grad_output: torch.Tensor | None
     index: int = 0
+    kind: str = "linear"
+    op: str = "linear"
+    b_is_weight: bool = True
+
+
+LinearCall = GemmCall  # the name sinks used before capture covered every GEMM
 
 
 @dataclass(frozen=True)
@@ -44,26 +56,11 @@ class LossInfo:
 
     kind: str
     detail: str
+    #: Why no output gradient was computed (the loss does not depend on the weights), else "".
+    no_gradient: str = ""
 
 
 SURROGATE = LossInfo("surrogate", "mean of squares of the model output (no loss returned by the model, no --loss)")
-
-
-def _linear_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Linear]
-    # Hugging Face GPT-2 style Conv1D: y = x @ W + b with W [in, out]. A model holding one has
-    # necessarily imported it already, so look it up instead of importing transformers (~10 s cold).
-    hf = sys.modules.get("transformers.pytorch_utils")
-    if hf is not None and hasattr(hf, "Conv1D"):
-        types.append(hf.Conv1D)
-    return tuple(types)
-
-
-def _module_weight(mod: nn.Module) -> torch.Tensor:
-    """Weight in [out, in] layout (Conv1D stores [in, out])."""
-    if isinstance(mod, nn.Linear):
-        return mod.weight
-    return mod.weight.t()
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,48 +109,49 @@ class _GradTap(torch.autograd.Function):
         return grad, None, None
 
 
-class _Recorder:
-    """Holds each captured call's operands from its forward until its output gradient arrives, then hands it over.
+class _Recorder(GemmHandler):
+    """Holds each captured GEMM's operands from its forward until its output gradient arrives, then hands it over.
 
     Streaming: a call is handed to ``on_call`` inside the backward pass, the moment autograd has
-    dL/dY for it (last layer first), and its activation is dropped right after. So besides the
+    dL/dY for it (last layer first), and its operands are dropped right after. So besides the
     model's own autograd memory (the saved activations every training step holds anyway) at most
-    one layer's operands, gradient and replay are alive at a time. Calls whose output never reaches
+    one GEMM's operands, gradient and replay are alive at a time. Calls whose output never reaches
     the loss are handed over, in forward order, once backward is done.
     """
 
-    def __init__(self, pattern: re.Pattern | None, on_call: Callable[[LinearCall], None], token: torch.Tensor) -> None:
+    def __init__(self, pattern: re.Pattern | None, on_call: Callable[[GemmCall], None], token: torch.Tensor) -> None:
         self.pattern = pattern
         self.on_call = on_call
         self.token = token
-        self.pending: dict[int, tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self.seen: dict[str, int] = {}
+        self.pending: dict[int, GemmSite] = {}
         self.count = 0
         self.tapped = 0
 
-    def record(self, name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-               y: torch.Tensor) -> torch.Tensor:
-        """Register one linear call; returns the output the model should continue with (tapped when it has a gradient)."""
-        k = self.seen.get(name, 0)
-        self.seen[name] = k + 1
-        full = name if k == 0 else f"{name}#{k}"
-        if self.pattern is not None and not self.pattern.search(full):
-            return y
-        index = self.count
+    def skip(self, site: GemmSite) -> str | None:
+        if self.pattern is not None and not self.pattern.search(site.name):
+            return "not matched by --layers"
+        return None
+
+    def output(self, site: GemmSite, y: torch.Tensor) -> torch.Tensor:
+        """Register one GEMM; returns the output the model should continue with (tapped when it has a gradient)."""
         self.count += 1
-        self.pending[index] = (full, x, w, b)
+        self.pending[site.index] = site
         if not (isinstance(y, torch.Tensor) and y.requires_grad):
             return y
         self.tapped += 1
-        return _GradTap.apply(y, self.token, functools.partial(self.deliver, index))
+        return _GradTap.apply(y, self.token, functools.partial(self.deliver, site.index))
 
     def deliver(self, index: int, grad: torch.Tensor | None) -> None:
         """Hand call ``index`` to on_call with its output gradient (None: the output does not reach the loss)."""
-        name, x, w, b = self.pending.pop(index)
-        a2 = x.detach().reshape(-1, x.shape[-1])
-        g2 = None if grad is None else grad.detach().reshape(-1, grad.shape[-1])
-        del x
-        self.on_call(LinearCall(name, a2, w.detach(), None if b is None else b.detach(), g2, index))
+        site = self.pending.pop(index)
+        a, b = site.operands()
+        g = None if grad is None else site.grad_to_gemm(grad.detach()).detach()
+        bias = site.bias if isinstance(site.bias, torch.Tensor) and site.bias.dim() == 1 else None
+        call = GemmCall(site.name, a.detach(), b.detach(), None if bias is None else bias.detach(), g, site.index,
+                        site.kind, site.op, site.b_is_weight)
+        del site, a, b, g
+        self.on_call(call)
+        del call
         release_free_memory()
 
     def flush(self) -> None:
@@ -162,58 +160,13 @@ class _Recorder:
             self.deliver(index, None)
 
 
-@contextmanager
-def _eager_hooks(model: nn.Module, rec: _Recorder) -> Iterator[None]:
-    types = _linear_types()
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, types):
-            def hook(m: nn.Module, inputs: tuple, kwargs: dict, output: torch.Tensor, name: str = name) -> torch.Tensor:
-                x = inputs[0] if inputs else next(iter(kwargs.values()))  # Linear(input=x) passes it by name
-                return rec.record(name, x, _module_weight(m), getattr(m, "bias", None), output)
-            handles.append(mod.register_forward_hook(hook, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-_LINEAR_TARGETS = (torch.ops.aten.linear.default,)
-
-
-def _node_name(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        if path:
-            return str(path)
-    return node.name
-
-
-class _LinearInterpreter(torch.fx.Interpreter):
-    """Runs an exported GraphModule node by node and records every aten.linear call."""
-
-    def __init__(self, gm: torch.fx.GraphModule, rec: _Recorder) -> None:
-        super().__init__(gm)
-        self.rec = rec
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.op == "call_function" and n.target in _LINEAR_TARGETS:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return self.rec.record(_node_name(n), args[0], args[1], bias, out)
-        return out
-
-
 def is_exported_graph(model: Any) -> bool:
-    """True for a GraphModule with aten.linear nodes (what ep.module() gives), captured through its graph."""
+    """True for a GraphModule with GEMM nodes (what ep.module() gives), captured through its graph."""
     return isinstance(model, torch.fx.GraphModule) and any(
-        n.op == "call_function" and n.target in _LINEAR_TARGETS for n in model.graph.nodes)
+        n.op == "call_function" and is_gemm_target(n.target) for n in model.graph.nodes)
 
 
-def _run_graph(gm: torch.fx.GraphModule, batch: Batch, rec: _Recorder) -> Any:
+def _run_graph(gm: torch.fx.GraphModule, batch: Batch, rec: _Recorder, coverage: Coverage) -> Any:
     # ep.module()'s generated forward flattens (args, kwargs) with its pytree spec before the graph
     # and unflattens the outputs after it; the interpreter runs the graph itself, so do the same here.
     try:
@@ -222,7 +175,7 @@ def _run_graph(gm: torch.fx.GraphModule, batch: Batch, rec: _Recorder) -> Any:
         raise LoadError(f"inputs do not match the exported program's signature: {exc}") from None
     codegen = gm.graph._codegen
     flat = codegen.process_inputs(*bound.args, **bound.kwargs)
-    out = _LinearInterpreter(gm, rec).run(*flat)
+    out = run_graph(gm, flat, rec, coverage)
     return codegen.process_outputs(out)
 
 
@@ -283,18 +236,22 @@ def _grad_enabled_params(model: Any) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def capture_batch(model: Callable, batch: Batch, on_call: Callable[[LinearCall], None], *,
+def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], None], *,
                   layers: str | re.Pattern | None = None, loss_fn: LossFn | None = None,
-                  loss_name: str | None = None, device: str | torch.device = "cpu") -> LossInfo:
-    """Run one forward + backward of ``model`` on ``batch`` and hand every linear GEMM to ``on_call``.
+                  loss_name: str | None = None, device: str | torch.device = "cpu",
+                  coverage: Coverage | None = None) -> LossInfo:
+    """Run one forward + backward of ``model`` on ``batch`` and hand every GEMM to ``on_call``.
 
-    ``layers``: a regex; only module paths it matches (re.search) are captured. Calls are handed
-    over during the backward pass as each output gradient arrives (last layer first; ``index``
-    gives forward order), then the calls no gradient reached. Memory: the model's own autograd
-    activations plus one call's operands and whatever ``on_call`` allocates for it; a call's
-    tensors are released when ``on_call`` returns, never held across layers.
+    ``layers``: a regex; only GEMM names it matches (re.search) are captured. ``coverage``: counts
+    every GEMM executed, captured and skipped (its ``kinds`` select which kinds are captured;
+    default a fresh one selecting all). Calls are handed over during the backward pass as each
+    output gradient arrives (last layer first; ``index`` gives forward order), then the calls no
+    gradient reached. Memory: the model's own autograd activations plus one call's operands and
+    whatever ``on_call`` allocates for it; a call's tensors are released when ``on_call`` returns,
+    never held across layers.
     """
     pattern = re.compile(layers) if isinstance(layers, str) else layers
+    coverage = Coverage() if coverage is None else coverage
     dev = torch.device(device)
     token = torch.zeros(0, device=dev, requires_grad=True)
     rec = _Recorder(pattern, on_call, token)
@@ -304,18 +261,27 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[LinearCall],
             raise LoadError(f"cannot capture a {type(model).__name__}: expected an nn.Module or an exported program")
         try:
             if is_exported_graph(model):
-                output = _run_graph(model, batch, rec)
+                output = _run_graph(model, batch, rec, coverage)
             else:
-                with _eager_hooks(model, rec):
+                with intercept(model, rec, coverage):
                     output = model(*batch.args, **batch.kwargs)
         except LoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
             raise LoadError(f"the model failed on the inputs: {one_line(exc)}") from exc
         if not rec.count:
-            raise LoadError("no linear layer was captured" + (f" matching --layers {pattern.pattern!r}" if pattern else ""))
+            raise LoadError("no GEMM was captured" + (f" matching --layers {pattern.pattern!r}" if pattern else "")
+                            + f" (GEMM kinds selected: {', '.join(coverage.kinds)})")
         loss, info = choose_loss(output, batch, loss_fn, loss_name)
         del output
+        if rec.tapped and not loss.requires_grad:
+            # A detached or integer loss: backward cannot reach any layer, so only fprop can be analysed.
+            # Say so (once per run in the results) instead of silently returning fprop-only tables.
+            info = dataclasses.replace(info, no_gradient=(
+                f"the {info.kind} loss ({info.detail}) does not depend on the weights (detached, or not a float "
+                "tensor): no output gradient reached any layer, so dgrad and wgrad are not analysed; return a "
+                "loss computed from the output or pass --loss module:function"))
+            warnings.warn(info.no_gradient, RuntimeWarning, stacklevel=2)
         if rec.tapped and loss.requires_grad:
             # Only the token is differentiated: parameter .grad is never written and no wgrad is computed.
             torch.autograd.grad(loss, [token], allow_unused=True)

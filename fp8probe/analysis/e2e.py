@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import math
 import re
@@ -17,8 +16,8 @@ from torch import nn
 from torch.nn import functional as TF
 from torch.utils import _pytree as pytree
 
-from .capture import (_LINEAR_TARGETS, _linear_types, _module_weight, _node_name, _to_device, choose_loss,
-                      is_exported_graph)
+from .capture import _to_device, choose_loss, is_exported_graph
+from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
 from .metrics import ErrorAccumulator
 from .strategies import STRATEGIES, Strategy, mixed_with_blocksize
@@ -43,7 +42,7 @@ METHOD_MEASURED = "measured: forward runs over every batch with only this layer 
 METHOD_ESTIMATED = ("estimated: first-order <G, dY> + second-order 1/2 N sum_t (G_t . dY_t)^2 (empirical Fisher) from "
                     "the layer's isolated fprop error dY and captured output gradient G; only-16-bit = full e2e "
                     "change minus this layer's estimate")
-OUTPUT_FALLBACK_NOTE = "output = the last linear layer's output (the model returns only a loss)"
+OUTPUT_FALLBACK_NOTE = "output = the last GEMM's output (the model returns only a loss)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,94 +116,68 @@ class Plan:
         return self.strategy
 
 
-class Gemms:
-    """Computes every linear GEMM of one model run under a plan; counts calls (``name#k`` for the k-th
-    reuse, the capture naming), forward order and FLOPs (2·tokens·in·out per call, all vs low precision)."""
+class Gemms(GemmHandler):
+    """The gemms.py handler of one model run under a plan: every captured GEMM (``--layers`` and the
+    selected kinds, named as capture names them) is computed by the plan's recipe or left to the model;
+    counts forward order and FLOPs (all captured vs low precision) and keeps the last GEMM's output."""
 
-    def __init__(self, plan: Plan, pattern: re.Pattern | None) -> None:
+    def __init__(self, plan: Plan, pattern: re.Pattern | None, kinds: tuple[str, ...] = KINDS) -> None:
         self.plan = plan
         self.pattern = pattern
-        self.seen: dict[str, int] = {}
+        self.coverage = Coverage(kinds)
         self.order: list[str] = []
-        self.flops_all = 0
-        self.flops_lp = 0
+        self.flops_all = 0.0
+        self.flops_lp = 0.0
         self.last_output: torch.Tensor | None = None
 
-    def linear(self, name: str, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
-               high: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The output of one linear call: ``high()`` (the model's own op) or the plan's recipe (W [out, in])."""
-        k = self.seen.get(name, 0)
-        self.seen[name] = k + 1
-        full = name if k == 0 else f"{name}#{k}"
-        if self.pattern is not None and not self.pattern.search(full):
-            return high()
-        self.order.append(full)
-        flops = 2 * (x.numel() // max(x.shape[-1], 1)) * W.shape[0] * W.shape[1]
-        self.flops_all += flops
-        strat = self.plan.strategy_for(full)
+    def skip(self, site: GemmSite) -> str | None:
+        if self.pattern is not None and not self.pattern.search(site.name):
+            return "not matched by --layers"
+        return None
+
+    def replace(self, site: GemmSite) -> torch.Tensor | None:
+        """Y = a·bᵀ in the site's normal form from the plan's recipe, or None (the model's own op)."""
+        self.order.append(site.name)
+        self.flops_all += site.flops
+        strat = self.plan.strategy_for(site.name)
         if strat is None:
-            y = high()
-        else:
-            y = lp_linear(strat, x, W, bias, self.plan.threshold)
-            self.flops_lp += flops
+            return None
+        self.flops_lp += site.flops
+        a, b = site.operands()
+        return lp_gemm(strat, a, b, self.plan.threshold, site.b_is_weight)
+
+    def output(self, site: GemmSite, y: torch.Tensor) -> torch.Tensor:
         self.last_output = y
         return y
 
 
+def lp_gemm(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float,
+            b_is_weight: bool = True) -> torch.Tensor:
+    """Compute one GEMM ``a · bᵀ`` (a [M, K], b [N, K], or batched [Bt, M, K] / [Bt, N, K]) with ``strategy``,
+    differentiably (its fprop forward, its dgrad/wgrad backward). The one place the end-to-end mode
+    substitutes a GEMM. Batched GEMMs run one 2-D GEMM per slice with its own scales (strategies.BATCHED_RULE)."""
+    if a.dim() == 2:
+        return strategy.linear(a, b, None, threshold, b_is_weight)
+    return torch.stack([strategy.linear(a[i], b[i], None, threshold, b_is_weight) for i in range(a.shape[0])])
+
+
 def lp_linear(strategy: Strategy, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
               threshold: float) -> torch.Tensor:
-    """Compute one linear GEMM ``x [..., in] · Wᵀ [out, in] + bias`` with ``strategy``, differentiably (its
-    fprop forward, its dgrad/wgrad backward). The one place the end-to-end mode substitutes a GEMM."""
+    """``x [..., in] · Wᵀ [out, in] + bias`` with ``strategy`` (Strategy.linear), differentiably."""
     return strategy.linear(x, W, bias, threshold)
 
 
-@contextmanager
-def _patched(model: nn.Module, gemms: Gemms) -> Iterator[None]:
-    """Route every linear module's forward through ``gemms`` (instance attribute, deleted afterwards: the
-    model's classes, weights and hooks are never changed)."""
-    patched = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, _linear_types()) and "forward" not in vars(mod):
-            def forward(*args: Any, _m: nn.Module = mod, _name: str = name, **kwargs: Any) -> torch.Tensor:
-                x = args[0] if args else next(iter(kwargs.values()))
-                high = functools.partial(type(_m).forward, _m, *args, **kwargs)
-                return gemms.linear(_name, x, _module_weight(_m), getattr(_m, "bias", None), high)
-            mod.forward = forward
-            patched.append(mod)
-    try:
-        yield
-    finally:
-        for mod in patched:
-            del mod.forward
-
-
-class _GemmInterpreter(torch.fx.Interpreter):
-    """Runs an exported GraphModule node by node with every aten.linear computed by ``gemms``."""
-
-    def __init__(self, gm: torch.fx.GraphModule, gemms: Gemms) -> None:
-        super().__init__(gm)
-        self.gemms = gemms
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        if n.op == "call_function" and n.target in _LINEAR_TARGETS:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return self.gemms.linear(_node_name(n), args[0], args[1], bias,
-                                     functools.partial(n.target, *args, **kwargs))
-        return super().run_node(n)
-
-
 def model_forward(model: Any, batch: Batch, gemms: Gemms) -> Any:
-    """``model(*batch)`` with every captured linear GEMM computed by ``gemms`` (eager modules or exported graphs)."""
+    """``model(*batch)`` with every captured GEMM computed by ``gemms`` (eager modules or exported graphs)."""
     if is_exported_graph(model):
         gm = model
         bound = inspect.signature(gm.forward).bind(*batch.args, **batch.kwargs)
         codegen = gm.graph._codegen  # as capture._run_graph: flatten inputs, run the graph, unflatten outputs
         flat = codegen.process_inputs(*bound.args, **bound.kwargs)
-        return codegen.process_outputs(_GemmInterpreter(gm, gemms).run(*flat))
+        return codegen.process_outputs(run_graph(gm, flat, gemms, gemms.coverage))
     if not isinstance(model, nn.Module):
         raise LoadError(f"cannot run a {type(model).__name__} end to end: expected an nn.Module or an exported program")
-    with _patched(model, gemms):
+    with intercept(model, gemms, gemms.coverage):
         return model(*batch.args, **batch.kwargs)
 
 
@@ -295,8 +268,10 @@ class Runner:
     """Holds the high-precision reference of every batch (loss, output on CPU) and runs plans against it."""
 
     def __init__(self, module: Any, batches: Sequence[Batch], *, device: torch.device, layers: str | None,
-                 loss_fn: Any, loss_name: str | None, threshold: float, seed: int) -> None:
+                 loss_fn: Any, loss_name: str | None, threshold: float, seed: int,
+                 kinds: tuple[str, ...] = KINDS) -> None:
         self.module = module
+        self.kinds = tuple(kinds)
         self.batches = [Batch(_to_device(tuple(b.args), device), _to_device(dict(b.kwargs), device)) for b in batches]
         self.pattern = re.compile(layers) if layers else None
         self.loss_fn, self.loss_name = loss_fn, loss_name
@@ -312,7 +287,7 @@ class Runner:
         self.forwards = 0
 
     def _run(self, plan: Plan, i: int, grads: bool) -> tuple[torch.Tensor, Any, Gemms, list | None]:
-        gemms = Gemms(plan, self.pattern)
+        gemms = Gemms(plan, self.pattern, self.kinds)
         batch = self.batches[i]
         torch.manual_seed(self.seed + i)  # the same dropout masks (if any) in every run of batch i
         with torch.enable_grad(), _params_require_grad([p for _, p in self.params]):
@@ -412,6 +387,8 @@ class SensitivityEstimate:
     def update(self, strategy: str, layer: str, G: torch.Tensor | None, dY: torch.Tensor) -> None:
         if G is None or G.numel() == 0:
             return
+        # Batched sites (attention, bmm) count each of their rows as a token.
+        G, dY = G.reshape(-1, G.shape[-1]), dY.reshape(-1, dY.shape[-1])
         prod = G.double() * dY.double()
         per_token = prod.sum(1)
         acc = self.sums.setdefault((strategy, layer), [0.0, 0.0])
@@ -750,7 +727,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
             i = step % len(runner.batches)
             batch = runner.batches[i]
             torch.manual_seed(runner.seed + step)
-            gemms = Gemms(Plan(strat, threshold=runner.threshold), runner.pattern)
+            gemms = Gemms(Plan(strat, threshold=runner.threshold), runner.pattern, runner.kinds)
             with torch.enable_grad():
                 output = model_forward(model, batch, gemms)
                 loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name)

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fp8probe.analysis import export_archive
+
 
 class LoadError(ValueError):
     """A model or inputs that cannot be loaded; the message is one line saying what to do."""
@@ -36,7 +38,7 @@ class LoadedModel:
     """A loaded model ready for capture.
 
     ``kind``: "export" (torch.export program; ``module`` is ``ep.module()``, a GraphModule whose
-    ``aten.linear`` nodes are captured), "pickle", "state_dict", "factory" or "huggingface" (an
+    GEMM nodes are captured), "pickle", "state_dict", "factory" or "huggingface" (an
     eager ``nn.Module``). ``batches``: example inputs from the program or the factory, else None.
     """
 
@@ -50,7 +52,7 @@ PICKLE_REFUSED = ("{path} is a pickled Python object: loading a pickle runs arbi
                   "if you trust the file, or export the model with torch.export (.pt2) or save a state_dict "
                   "and pass --factory module:function")
 EXPORT_REFUSED = ("{path} is a torch.export archive that {why}; torch.export.load would run code from it. Pass "
-                  "--trust-pickle if you trust the file, or re-export the model with plain tensor weights")
+                  "--trust-pickle if you trust the file, or export the model again with torch.export.save")
 INPUTS_REFUSED = ("inputs file {path} holds objects other than tensors, tuples, lists and dicts (loading them runs "
                   "arbitrary code): save plain tensors with torch.save, or pass --trust-pickle if you trust the file")
 TORCHSCRIPT_REFUSED = ("{path} is a TorchScript archive, which fp8probe cannot instrument: export the model with "
@@ -243,65 +245,16 @@ def _weights_only_torch_load() -> Iterator[None]:
                 os.environ[key] = value
 
 
-# Names a symbolic-shape expression of a torch.export program may use: torch.export.load parses
-# each expr_str with sympy.sympify (i.e. eval), so anything else is refused without --trust-pickle.
-_SYMPY_NAMES = frozenset(
-    "Symbol Integer Float Rational Max Min Eq Ne Lt Le Gt Ge And Or Not Abs Mod Pow Mul Add Piecewise "
-    "floor ceiling sqrt oo zoo nan True False None true false positive negative integer real finite "
-    "nonnegative nonpositive zero nonzero even odd FloorDiv ModularIndexing Where PythonMod CleanDiv "
-    "CeilToInt FloorToInt CeilDiv LShift RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv "
-    "IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat Identity".split())
-_SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")  # s0, s77, u3: the shape environment's symbols
-_EXPR_CHARS = re.compile(r"[\w\s+\-*/%().,<>=!&|~]*")
-
-
-def _unsafe_expr(expr: str) -> bool:
-    """True unless ``expr`` is plain arithmetic over shape symbols and the names above (no attribute
-    access, no dunder, no strings other than a quoted symbol name)."""
-    text = re.sub(r"'[A-Za-z_][A-Za-z0-9_]*'", "0", expr)  # Symbol('s77', positive=True)
-    if "__" in text or re.search(r"\.\s*[A-Za-z_]", text) or not _EXPR_CHARS.fullmatch(text):
-        return True
-    return any(name not in _SYMPY_NAMES and not _SYMBOL_NAME.fullmatch(name)
-               for name in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
-
-
-def _expr_strings(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "expr_str" and isinstance(value, str):
-                yield value
-            else:
-                yield from _expr_strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _expr_strings(value)
-
-
-def _export_archive_problem(path: Path, names: list[str]) -> str | None:
-    """Why loading this .pt2 without trust would run code from it, or None. Checks what torch.export.load
-    would hand to the full unpickler or to eval: opaque/custom object constants (pickle.loads,
-    TorchScript unpickler) and symbolic-shape expressions (sympy.sympify)."""
-    for name in names:
-        base = name.rsplit("/", 1)[-1]
-        if "/constants/" in name and base.startswith(("custom_obj", "opaque_obj")):
-            return f"holds a pickled Python object constant ({name})"
-    with zipfile.ZipFile(path) as zf:
-        for name in names:
-            if "/models/" in name and name.endswith(".json"):
-                try:
-                    doc = json.loads(zf.read(name))
-                except (ValueError, OSError, zipfile.BadZipFile) as exc:
-                    raise LoadError(f"cannot read torch.export program {path}: {name} is not valid JSON "
-                                    f"({one_line(exc)}); export the model again") from None
-                bad = next((e for e in _expr_strings(doc) if _unsafe_expr(e)), None)
-                if bad is not None:
-                    return f"has an unexpected symbolic shape expression {bad[:60]!r}"
-    return None
-
-
 def _load_export(path: Path, names: list[str], trust_pickle: bool = False) -> LoadedModel:
+    infos = export_archive.archive_infos(path)
+    too_big = export_archive.size_problem(infos, trust_pickle)
+    if too_big:
+        raise LoadError(f"refusing torch.export program {path}: {too_big}")
     if not trust_pickle:
-        problem = _export_archive_problem(path, names)
+        try:
+            problem = export_archive.code_problem(path, infos)
+        except ValueError as exc:
+            raise LoadError(f"cannot read torch.export program {path}: {exc}; export the model again") from None
         if problem:
             raise LoadError(EXPORT_REFUSED.format(path=path, why=problem))
     try:
@@ -312,7 +265,7 @@ def _load_export(path: Path, names: list[str], trust_pickle: bool = False) -> Lo
             raise LoadError(EXPORT_REFUSED.format(path=path, why="holds pickled objects other than tensors")) from None
         raise LoadError(f"cannot load torch.export program {path} ({one_line(exc)}): is it truncated or from "
                         f"another torch version (this is {torch.__version__})? Export it again") from None
-    return from_exported_program(ep, f"torch.export program {path.name}")
+    return from_exported_program(ep, f"torch.export program {path.name}", check_guards=trust_pickle)
 
 
 def _refused_by_weights_only(exc: BaseException) -> bool:
@@ -325,35 +278,81 @@ def _refused_by_weights_only(exc: BaseException) -> bool:
     return False
 
 
-def from_exported_program(ep: Any, description: str = "torch.export program") -> LoadedModel:
-    """Wrap an ExportedProgram: module = ep.module(), batches = its example inputs (when saved)."""
+def from_exported_program(ep: Any, description: str = "torch.export program", check_guards: bool = True) -> LoadedModel:
+    """Wrap an ExportedProgram: module = ep.module(), batches = its example inputs (when saved).
+
+    ``check_guards=False`` for a program from an untrusted file: torch then checks the inputs in a
+    pre-hook instead of generating and exec'ing a guard function whose source embeds strings from
+    the file (guards_code, the keys of nested dict inputs in the error message)."""
     batches = None
     example = getattr(ep, "example_inputs", None)
     if example is not None:
         args, kwargs = example
         batches = [Batch(tuple(args), dict(kwargs or {}))]
-    return LoadedModel(ep.module(), "export", description, batches)
+    return LoadedModel(ep.module(check_guards=check_guards), "export", description, batches)
+
+
+# At most this many weight names are listed in a load error (a wrong head can miss hundreds).
+_KEYS_SHOWN = 4
+
+
+def _hf_class(transformers: Any, config: Any, path: Path) -> tuple[Any, str]:
+    """The class config.architectures names (the head the model was saved with); AutoModel without one."""
+    archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    if not archs:
+        return transformers.AutoModel, "AutoModel (config.json names no architecture: the base model, no head)"
+    name = archs[0]
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise LoadError(f"cannot build {name} (from {path / 'config.json'} architectures): transformers "
+                        f"{transformers.__version__} has no such class, and modelling code from the directory is "
+                        "never run; export the model with torch.export (.pt2) instead")
+    return cls, name
+
+
+def _loading_problems(info: dict) -> str:
+    parts = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        items = [k if isinstance(k, str) else str(k[0]) if isinstance(k, tuple) and k else str(k)
+                 for k in (info.get(key) or [])]
+        if items:
+            shown = ", ".join(sorted(items)[:_KEYS_SHOWN]) + (", ..." if len(items) > _KEYS_SHOWN else "")
+            parts.append(f"{len(items)} {key.replace('_', ' ').replace('keys', 'weight(s)')} ({shown})")
+    return "; ".join(parts)
 
 
 def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
+    """Build exactly the class config.json names and load its weights; a weight that does not fit is an error."""
     try:
         import transformers
     except ImportError:
         raise LoadError(f"{path} is a Hugging Face model directory but transformers is not installed: "
                         "pip install 'fp8probe[hf]'") from None
-    errors = []
-    for cls_name in ("AutoModelForCausalLM", "AutoModel"):
-        cls = getattr(transformers, cls_name)
-        try:
-            # trust_remote_code stays False (no modelling code from the directory); .bin weights go
-            # through the weights-only unpickler unless the user trusts the files.
-            with contextlib.nullcontext() if trust_pickle else _weights_only_torch_load():
-                model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
-            errors.append(one_line(exc))
-            continue
-        return LoadedModel(model.eval(), "huggingface", f"Hugging Face {type(model).__name__} from {path.name}")
-    raise LoadError(f"cannot load Hugging Face model from {path}: {errors[-1]}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/KeyError...
+        raise LoadError(f"cannot load Hugging Face model from {path}: its config.json is not usable "
+                        f"({one_line(exc)})") from None
+    cls, cls_name = _hf_class(transformers, config, path)
+    hf_logging = transformers.utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr carries one line on failure, not a "Loading weights" bar
+    try:
+        # trust_remote_code stays False (no modelling code from the directory); .bin weights go
+        # through the weights-only unpickler unless the user trusts the files.
+        with contextlib.nullcontext() if trust_pickle else _weights_only_torch_load():
+            model, info = cls.from_pretrained(str(path), config=config, local_files_only=True,
+                                              trust_remote_code=False, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
+        raise LoadError(f"cannot build {cls_name} from {path}: {one_line(exc)}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    problems = _loading_problems(info)
+    if problems:
+        # A missing weight would be randomly initialised and analysed as if it were the model's.
+        raise LoadError(f"the weights in {path} do not fit {type(model).__name__}: {problems}")
+    return LoadedModel(model.eval(), "huggingface", f"Hugging Face {type(model).__name__} from {path.name}")
 
 
 def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: bool = False) -> LoadedModel:

@@ -1,4 +1,4 @@
-"""analyze(): stream batches through the model, replay every recipe on each linear GEMM, and fill the result tables."""
+"""analyze(): stream batches through the model, replay every recipe on each captured GEMM, and fill the result tables."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -18,13 +18,14 @@ from fp8probe import __version__
 from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
-from .capture import LinearCall, LossFn, LossInfo, capture_batch
+from .capture import GemmCall, LossFn, LossInfo, capture_batch
 from .e2e import (COST_BOUND, DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
+from .gemms import Coverage, parse_kinds
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
 from .results import Results
-from .strategies import Strategy, reference_gemms, resolve, run_strategy
+from .strategies import STRATEGIES, Strategy, reference_gemms, resolve, run_strategy
 
 ProgressFn = Callable[[int, int], None]
 
@@ -37,12 +38,16 @@ def forward_order(layers: dict[str, Any]) -> list[tuple[str, Any]]:
 
 @dataclass
 class _LayerAcc:
-    """Everything accumulated for one linear layer across batches."""
+    """Everything accumulated for one GEMM site across batches (in = K, out = N of Y = A·Bᵀ)."""
 
     in_features: int
     out_features: int
     has_bias: bool
     threshold: float
+    kind: str = "linear"
+    op: str = "linear"
+    b_is_weight: bool = True
+    batch: int = 1  # GEMMs per call (heads, bmm batch, conv groups)
     index: int = 0  # forward position: calls arrive last layer first, tables keep forward order
     tokens: int = 0
     tensors: dict[str, TensorStats] = field(default_factory=dict)
@@ -57,7 +62,7 @@ class _LayerAcc:
 
 
 class _Analysis:
-    """Per-layer accumulators fed by capture, one LinearCall at a time."""
+    """Per-layer accumulators fed by capture, one GemmCall at a time."""
 
     def __init__(self, strategies: list[Strategy], threshold: float, estimate: SensitivityEstimate | None = None) -> None:
         self.strategies = strategies
@@ -65,29 +70,31 @@ class _Analysis:
         self.layers: dict[str, _LayerAcc] = {}
         self.estimate = estimate  # the end-to-end mode's per-layer sensitivity estimate, fed from the same replay
 
-    def __call__(self, call: LinearCall) -> None:
+    def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
         acc = self.layers.get(call.name)
+        batch = A.shape[0] if A.dim() == 3 else 1
         if acc is None:
-            acc = self.layers[call.name] = _LayerAcc(W.shape[1], W.shape[0], call.bias is not None, self.threshold,
-                                                     call.index)
-        elif (W.shape[1], W.shape[0]) != (acc.in_features, acc.out_features):
+            acc = self.layers[call.name] = _LayerAcc(W.shape[-1], W.shape[-2], call.bias is not None, self.threshold,
+                                                     call.kind, call.op, call.b_is_weight, batch, call.index)
+        elif call.b_is_weight and (W.shape[-1], W.shape[-2]) != (acc.in_features, acc.out_features):
+            # (a second activation, e.g. K of QKᵀ, may change length from batch to batch)
             raise LoadError(f"layer {call.name} changed shape between batches: "
                             f"[{acc.out_features}, {acc.in_features}] then {list(W.shape)}")
-        acc.tokens += A.shape[0]
-        # The weight is the same tensor every batch: count it once so its statistics are not repeated.
-        first_weight = not acc.weight_seen
+        acc.tokens += A.numel() // max(A.shape[-1], 1)
+        # A weight is the same tensor every batch: count it once so its statistics are not repeated.
+        first_weight = not (acc.weight_seen and call.b_is_weight)
         acc.weight_seen = True
         for tensor_name, t in (("activation", A), ("weight", W if first_weight else None), ("grad_output", G)):
             if t is not None:
                 acc.tensors.setdefault(tensor_name, TensorStats()).update(t)
-        acc.census.update(A)
+        acc.census.update(A.reshape(-1, A.shape[-1]))
         ref = reference_gemms(A, W, G)
         for strat in self.strategies:
             if strat.name in acc.errors:
                 continue
             try:
-                out = run_strategy(strat, A, W, G, self.threshold)
+                out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight)
             except (RuntimeError, ValueError, TypeError) as exc:
                 # One failing recipe must not sink the whole analysis: record it for the report.
                 acc.errors[strat.name] = one_line(exc)
@@ -108,9 +115,11 @@ class _Analysis:
         for name, acc in forward_order(self.layers):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
-                           "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2})
+                           "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2,
+                           "kind": acc.kind, "op": acc.op, "b_is_weight": acc.b_is_weight, "batch": acc.batch})
             for (strat, g), e in acc.gemm.items():
-                gemm.append({"layer": name, "strategy": strat, "gemm": g, **e.result()})
+                gemm.append({"layer": name, "strategy": strat, "gemm": g,
+                             "quantized": g in STRATEGIES[strat].quantized_gemms, **e.result()})
             for (strat, op), o in acc.operands.items():
                 operands.append({"layer": name, "strategy": strat, "operand": op, **o.result()})
             for tname, ts in acc.tensors.items():
@@ -161,21 +170,27 @@ class Run:
     layers: str | None
     loss_fn: LossFn | None
     loss_name: str | None
+    coverage: Coverage = field(default_factory=Coverage)
 
-    def stream(self, sink: Callable[[LinearCall], None], report: ProgressFn | None = None) -> LossInfo | None:
-        """Capture every batch into `sink` (one LinearCall at a time); returns the last batch's loss info."""
+    def stream(self, sink: Callable[[GemmCall], None], report: ProgressFn | None = None) -> LossInfo | None:
+        """Capture every batch into `sink` (one GemmCall at a time), counting coverage; returns the last
+        batch's loss info."""
         info = None
         for i, batch in enumerate(self.batches):
             info = capture_batch(self.module, batch, sink, layers=self.layers, loss_fn=self.loss_fn,
-                                 loss_name=self.loss_name, device=self.device)
+                                 loss_name=self.loss_name, device=self.device, coverage=self.coverage)
             if report is not None:
                 report(i + 1, len(self.batches))
         return info
 
 
 def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | None, device: str, seed: int,
-                loss: LossFn | str | None) -> Run:
-    """Resolve model, batches, device and loss the same way for analyze() and the sweeps; seeds torch."""
+                loss: LossFn | str | None, gemms: str | list[str] | None = None) -> Run:
+    """Resolve model, batches, device and loss the same way for analyze() and the sweeps; seeds torch.
+
+    ``gemms``: the GEMM kinds to capture (gemms.parse_kinds: "all", "linear,attention", ...; None = all).
+    """
+    kinds = parse_kinds(gemms)
     module, own_batches, description = _as_model(model)
     if layers is not None:
         try:
@@ -200,7 +215,7 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
         module = module.to(dev)
     loss_fn, loss_name = _loss_fn(loss)
     torch.manual_seed(seed)
-    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name)
+    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name, Coverage(kinds))
 
 
 def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: str | None, seed: int,
@@ -215,34 +230,42 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "seed": seed,
         "versions": {"fp8probe": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "strategies": [],
-        "loss": {"kind": info.kind, "detail": info.detail} if info else None,
+        "loss": ({"kind": info.kind, "detail": info.detail, **({"no_gradient": info.no_gradient} if info.no_gradient else {})}
+                 if info else None),
         "formats": {f: {"max": FORMATS[f].max, "min_normal": FORMATS[f].min_normal,
                         "min_subnormal": FORMATS[f].min_subnormal, "description": FORMATS[f].description}
                     for f in formats},
         "rules": {},
         "batches": len(run.batches),
         "layers_regex": run.layers,
+        "coverage": run.coverage.summary(),
     }
 
 
 def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global", *, threshold: float = 6.0,
             layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
             loss: LossFn | str | None = None, progress: bool | ProgressFn = False, name: str | None = None,
-            model_desc: str | None = None, inputs_desc: str | None = None, e2e: bool = True,
+            model_desc: str | None = None, inputs_desc: str | None = None,
+            gemms: str | list[str] | None = None, e2e: bool = True,
             budget: Budget | float | str = DEFAULT_BUDGET, sensitivity: str = "auto", steps: int = 0,
             lr: float = DEFAULT_LR, optimizer: OptimizerFactory | str | None = None) -> Results:
-    """Capture every linear GEMM of ``model`` on ``inputs`` and measure each recipe's error.
+    """Capture every GEMM of ``model`` on ``inputs`` and measure each recipe's error.
 
     model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
     tuple of args / dict of kwargs) or a list of batches; None uses the program's example inputs or
     the factory's batches. strategy: "all", a name, "a,b" or a list (strategies.STRATEGIES).
-    threshold: LLM.int8 outlier threshold (|x| ≥ threshold). layers: regex on module paths.
+    threshold: LLM.int8 outlier threshold (|x| ≥ threshold). layers: regex on GEMM names (gemms.py:
+    module path or parameter name plus ``#op``). gemms: kinds to capture ("all" | "linear,matmul,
+    attention,conv" subsets; None = all); every GEMM executed is counted in the ``coverage`` table
+    and ``metadata["coverage"]`` whether captured or skipped.
     batches: use at most this many. device: "cpu" | "cuda". loss: callable(output, batch) or
     "module:function"; default the model's own loss, else the surrogate mean(output²).
     progress: True prints "batch i/n" lines to stderr; a callable(done, total) is called after each
     batch instead (the CLI draws a click progress bar with it).
-    Returns Results with tables layers, gemm, operands, tensors, histograms, outliers (and errors
-    when a recipe failed on a layer).
+    Returns Results with tables layers, gemm, operands, tensors, histograms, outliers, coverage
+    (and errors when a recipe failed on a layer). For a GEMM of two activations (``b_is_weight``
+    False in ``layers``: QKᵀ, PV, matmul/bmm) "weight" is the second operand B and "wgrad" its
+    gradient Gᵀ·A.
 
     End to end (``e2e``, on by default; analysis/e2e.py): the model is run again with every captured
     GEMM computed by each recipe, forward and backward, against the high-precision run on the same
@@ -290,7 +313,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         check_lr(lr)
         resolve_optimizer(optimizer)
     started = time.perf_counter()
-    run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
+    run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
+                      gemms=gemms)
     analysis = _Analysis(strategies, threshold, SensitivityEstimate() if e2e else None)
     if callable(progress):
         report: ProgressFn | None = progress
@@ -305,10 +329,10 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
                             seed=seed, info=info, formats=used_formats)
     metadata.update({"strategies": [s.name for s in strategies], "threshold": threshold,
                      "rules": {s.name: s.rules for s in strategies}})
-    tables = analysis.tables()
+    tables = {**analysis.tables(), "coverage": run.coverage.table()}
     if e2e or steps:
         runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
-                        loss_name=run.loss_name, threshold=threshold, seed=seed)
+                        loss_name=run.loss_name, threshold=threshold, seed=seed, kinds=run.coverage.kinds)
         if e2e:
             fprop = tables["gemm"][tables["gemm"]["gemm"] == "fprop"] if not tables["gemm"].empty else tables["gemm"]
             isolated = {(r["strategy"], r["layer"]): r["sqnr_db"] for r in fprop.to_dict("records")}

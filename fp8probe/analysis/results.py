@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from fp8probe.report.files import atomic_write_text
-from fp8probe.report.schema import KINDS, SCHEMA, ResultsError, validate_results
+from fp8probe.report.schema import KINDS, SCHEMA, ResultsError, parse_results_json, validate_results
 from fp8probe.report.schema import SCHEMA_VERSION as VERSION
 
 JSON_NAME = "results.json"
@@ -94,7 +94,7 @@ class Results:
         if p.is_dir():
             p = p / JSON_NAME
         try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
+            doc = parse_results_json(p.read_text(encoding="utf-8"), str(p))
         except FileNotFoundError:
             raise ResultsError(f"{p}: no such results file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

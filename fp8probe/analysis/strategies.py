@@ -1,4 +1,4 @@
-"""Low-precision recipes replayed on one linear layer's captured operands: fprop, dgrad and wgrad as each recipe computes them."""
+"""Low-precision recipes replayed on one captured GEMM's operands: fprop, dgrad and wgrad as each recipe computes them."""
 from __future__ import annotations
 
 import functools
@@ -32,41 +32,74 @@ class StrategyOutput:
     operands: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
-Runner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float], StrategyOutput]
-# linear(x [..., in], W [out, in], bias [out] | None, threshold) -> y [..., out], differentiable: the
-# recipe's fprop in forward and its dgrad/wgrad in backward (what the end-to-end mode swaps in).
-LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+Runner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], StrategyOutput]
+# How every recipe treats a GEMM whose second operand is an activation (QKᵀ, PV, matmul/bmm):
+# the rule texts below end with it, and run_strategy() applies it slice by slice.
+BATCHED_RULE = ("Batched GEMMs (attention heads, bmm, grouped convolutions) run as one 2-D GEMM per slice "
+                "of the leading dim, each with its own scales.")
+
+WeightFn = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class WeightQuantizer:
+    """How a recipe quantises the fprop weight W [out, in]: the one function its runner calls for the
+    ``weight`` operand, shared with the weights-only analysis (analysis/weights_only.py).
+
+    ``scaling``: "tensor" (one scale for all of W), "row" (one per output row) or "block" (one per
+    ``block`` = (rows, cols) tile). ``quantize(W) -> (q, saturated mask or None)`` as in
+    StrategyOutput.operands: q dequantised, W's shape.
+    """
+
+    scaling: str
+    block: tuple[int, int] | None
+    quantize: WeightFn
+# linear(x [..., in], W [out, in], bias [out] | None, threshold, b_is_weight) -> y [..., out],
+# differentiable: the recipe's fprop in forward and its dgrad/wgrad in backward (what the end-to-end
+# mode swaps in for a GEMM; b_is_weight as for Runner).
+LinearFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """A named recipe: ``run(A [tokens, in], W [out, in], G [tokens, out] | None, threshold)`` replays it on
-    captured operands; ``linear(x, W, bias, threshold)`` computes a linear layer with it inside a running
-    model (forward and backward), from the same autograd functions / quantisers as ``run``."""
+    """A named recipe: ``run(A [tokens, in], W [out, in], G [tokens, out] | None, threshold, b_is_weight)``
+    replays it on captured operands; ``linear(x, W, bias, threshold, b_is_weight=True)`` computes the GEMM
+    with it inside a running model (forward and backward), from the same autograd functions / quantisers.
+
+    ``b_is_weight`` False: the second operand is an activation (K of QKᵀ, Vᵀ of PV); ``rules``
+    says how the recipe quantises it.
+    """
 
     name: str
     rules: str
     formats: tuple[str, ...]
     run: Runner
     linear: LinearFn
+    #: The GEMMs whose operands the recipe quantises (at least one of the two); the others run in the
+    #: captured precision and sit at float32 rounding level (compare does not gate them).
+    quantized_gemms: tuple[str, ...] = GEMMS
 
 
 def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """float64 fprop A·Wᵀ, dgrad G·W, wgrad Gᵀ·A (dgrad/wgrad only with G)."""
+    """float64 fprop A·Wᵀ, dgrad G·W, wgrad Gᵀ·A (dgrad/wgrad only with G); batched over a leading dim
+    when A is [Bt, M, K] (wgrad is then the gradient of the second operand, [Bt, N, K])."""
     a, w = A.to(torch.float64), W.to(torch.float64)
-    out = {"fprop": a @ w.t()}
+    out = {"fprop": a @ w.mT}
     if G is not None:
         g = G.to(torch.float64)
         out["dgrad"] = g @ w
-        out["wgrad"] = g.t() @ a
+        out["wgrad"] = g.mT @ a
     return out
 
 
 def _check(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> None:
-    if A.dim() != 2 or W.dim() != 2 or A.shape[1] != W.shape[1]:
-        raise ValueError(f"expected A [tokens, in] and W [out, in] with the same in, got {list(A.shape)} and {list(W.shape)}")
-    if G is not None and tuple(G.shape) != (A.shape[0], W.shape[0]):
-        raise ValueError(f"expected G [tokens, out] = {[A.shape[0], W.shape[0]]}, got {list(G.shape)}")
+    batched = A.dim() == 3 and W.dim() == 3 and A.shape[0] == W.shape[0]
+    if not (batched or (A.dim() == 2 and W.dim() == 2)) or A.shape[-1] != W.shape[-1]:
+        raise ValueError(f"expected A [tokens, in] and W [out, in] (or [Bt, M, K] and [Bt, N, K]) with the same "
+                         f"contraction size, got {list(A.shape)} and {list(W.shape)}")
+    expect = (*A.shape[:-1], W.shape[-2])
+    if G is not None and tuple(G.shape) != expect:
+        raise ValueError(f"expected G [tokens, out] = {list(expect)}, got {list(G.shape)}")
 
 
 def _autograd_gemms(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], A: torch.Tensor, W: torch.Tensor,
@@ -92,21 +125,25 @@ def _fq_code(x: torch.Tensor, book: str, blocksize: int | None) -> torch.Tensor:
     return F.fake_quantize(x.float(), code, blocksize).to(x.dtype)
 
 
-def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+def _weight_bnb_global(W: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """MatMulFP8Global / MatMulFP8Mixed weight: bnb-e4m3, one absmax for the whole tensor (SPEC §7.2)."""
+    return _fq_code(W, "bnb-e4m3", None), None
+
+
+def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+                b_is_weight: bool = True) -> StrategyOutput:
     gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_global(a, w.t()), A, W, G)
-    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", None), None),
-           "weight": (W, _fq_code(W, "bnb-e4m3", None), None)}
+    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", None), None), "weight": (W, *_weight_bnb_global(W))}
     if G is not None:
         ops["grad_output"] = (G, _fq_code(G, "bnb-e5m2", None), None)
     return StrategyOutput(gemms, ops)
 
 
 def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
-               blocks: tuple[int, int] | None = None) -> StrategyOutput:
+               b_is_weight: bool = True, blocks: tuple[int, int] | None = None) -> StrategyOutput:
     bsz, bsz2 = blocks or AG.get_block_sizes(A, W)
     gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t(), bsz=bsz, bsz2=bsz2), A, W, G)
-    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None),
-           "weight": (W, _fq_code(W, "bnb-e4m3", None), None)}
+    ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None), "weight": (W, *_weight_bnb_global(W))}
     if G is not None:
         ops["grad_output"] = (G, _fq_code(G, "bnb-e5m2", bsz2), None)
     return StrategyOutput(gemms, ops)
@@ -121,46 +158,58 @@ def _int8_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return deq
 
 
+def _weight_int8(W: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """MatMul8bitLt / SwitchBack weight: int8 per output row (row absmax/127), no outlier columns (SPEC §6.2)."""
+    return _int8_rows(W, 0.0), None
+
+
 def _int8_cols(x: torch.Tensor) -> torch.Tensor:
     """x column-quantised to int8 (the gradient operand of the correct MatMul8bitLt grad_B, SPEC §6.3 / Q10)."""
     _, q_col, _, col_stats, _ = F.int8_double_quant(x, 0.0)
     return (q_col.float() * col_stats.float()[None, :] / 127.0).to(x.dtype)
 
 
-def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+              b_is_weight: bool = True) -> StrategyOutput:
     gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold), A, W, G)
-    ops = {"activation": (A, _int8_rows(A, threshold), None), "weight": (W, _int8_rows(W, 0.0), None)}
+    ops = {"activation": (A, _int8_rows(A, threshold), None), "weight": (W, *_weight_int8(W))}
     if G is not None:
         ops["grad_output"] = (G, _int8_cols(G), None)
     return StrategyOutput(gemms, ops)
 
 
-def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
+def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+                    b_is_weight: bool = True) -> StrategyOutput:
     # SwitchBack (Wortsman et al. 2023) has no outlier decomposition: threshold 0 whatever --threshold says.
     gemms = _autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, G)
-    ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, _int8_rows(W, 0.0), None)}
+    ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, *_weight_int8(W))}
     return StrategyOutput(gemms, ops)
 
 
+# In-model versions of the bnb runners above (Strategy.linear). ``b_is_weight`` is accepted and
+# ignored: these recipes quantise a second activation exactly like a weight (rule texts below).
 def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # The FP8 research matmuls take no bias: it is added in the activations' precision, as nn.Linear would.
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def _linear_global(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
+def _linear_global(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                   b_is_weight: bool = True) -> torch.Tensor:
     return _plus_bias(AG.matmul_fp8_global(x, W.t()), bias)
 
 
 def _linear_mixed(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                  blocks: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+                  b_is_weight: bool = True, blocks: tuple[int, int] = (-1, -1)) -> torch.Tensor:
     return _plus_bias(AG.matmul_fp8_mixed(x, W.t(), bsz=blocks[0], bsz2=blocks[1]), bias)
 
 
-def _linear_int8(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
+def _linear_int8(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                 b_is_weight: bool = True) -> torch.Tensor:
     return AG.matmul(x, W, threshold=threshold, bias=bias)
 
 
-def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
+def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                       b_is_weight: bool = True) -> torch.Tensor:
     return AG.switchback_bnb(x, W, bias=bias)  # no outlier decomposition, as in _run_switchback
 
 
@@ -186,26 +235,33 @@ Gran = tuple[str, "tuple[int, int] | None"]
 @dataclass(frozen=True)
 class _Scaled:
     """One OCP/MX recipe's three GEMMs; ``act``/``w`` = (granularity, block) for activations/gradients and
-    for weights. The replay (``run``) and the in-model autograd function (``linear``) both call these."""
+    for weights. The replay (``run``) and the in-model autograd function (``linear``) both call these.
+    ``b_is_weight`` False: the second operand is an activation (K of QKᵀ, Vᵀ of PV) and gets the
+    activation granularity, not the weight's."""
 
     act: Gran
     w: Gran
     fmt_fwd: str
     fmt_bwd: str
 
-    def fprop(self, A: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
+    def _gran_b(self, b_is_weight: bool) -> Gran:
+        return self.w if b_is_weight else self.act
+
+    def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True) -> tuple[torch.Tensor, tuple, tuple]:
         """(A·Wᵀ from quantised operands, (qA, satA), (qW, satW)); A [tokens, in], W [out, in]."""
-        qA, sA = _fq_scaled(A, self.fmt_fwd, *self.act)         # contraction over in
-        qW, sW = _fq_scaled(W, self.fmt_fwd, *self.w)           # W [out, in]: contraction over in
+        qA, sA = _fq_scaled(A, self.fmt_fwd, *self.act)                     # contraction over in
+        qW, sW = _fq_scaled(W, self.fmt_fwd, *self._gran_b(b_is_weight))    # W [out, in]: contraction over in
         return qA @ qW.t(), (qA, sA), (qW, sW)
 
-    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
+              b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
         """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W."""
+        gran_w = self._gran_b(b_is_weight)
         qG, sG = _fq_scaled(G, self.fmt_bwd, *self.act)         # dgrad contracts over out: G's rows
         # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
         # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
-        w_reusable = self.w[0] == "tensor" or (self.w[1] is not None and self.w[1][0] == self.w[1][1])
-        qWt = qW.t() if w_reusable else _fq_scaled(W.t(), self.fmt_fwd, *self.w)[0]
+        w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])
+        qWt = qW.t() if w_reusable else _fq_scaled(W.t(), self.fmt_fwd, *gran_w)[0]
         return qG @ qWt.t(), (qG, sG)
 
     def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
@@ -217,18 +273,20 @@ class _Scaled:
             qAt = _fq_scaled(A.t(), self.fmt_fwd, *self.act)[0]
         return qGt @ qAt.t()
 
-    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float) -> StrategyOutput:
-        y, (qA, sA), (qW, sW) = self.fprop(A, W)
+    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+            b_is_weight: bool = True) -> StrategyOutput:
+        y, (qA, sA), (qW, sW) = self.fprop(A, W, b_is_weight)
         gemms = {"fprop": y}
         ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
         if G is not None:
-            gemms["dgrad"], (qG, sG) = self.dgrad(G, W, qW)
+            gemms["dgrad"], (qG, sG) = self.dgrad(G, W, qW, b_is_weight)
             gemms["wgrad"] = self.wgrad(G, A, qG, qA)
             ops["grad_output"] = (G, qG, sG)
         return StrategyOutput(gemms, ops)
 
-    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
-        return _ScaledLinear.apply(x, W, bias, self)
+    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+               b_is_weight: bool = True) -> torch.Tensor:
+        return _ScaledLinear.apply(x, W, bias, self, b_is_weight)
 
 
 class _ScaledLinear(torch.autograd.Function):
@@ -236,11 +294,12 @@ class _ScaledLinear(torch.autograd.Function):
     in float32 (the result is cast back to x's dtype); the bias and its gradient stay unquantised."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, recipe: _Scaled) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, recipe: _Scaled,
+                b_is_weight: bool = True) -> torch.Tensor:
         A = x.reshape(-1, x.shape[-1])
-        y, (qA, _), (qW, _) = recipe.fprop(A, W)
+        y, (qA, _), (qW, _) = recipe.fprop(A, W, b_is_weight)
         ctx.save_for_backward(A, W, qA, qW)
-        ctx.recipe, ctx.x_shape, ctx.has_bias = recipe, x.shape, bias is not None
+        ctx.recipe, ctx.x_shape, ctx.has_bias, ctx.b_is_weight = recipe, x.shape, bias is not None, b_is_weight
         y = y.to(x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -250,11 +309,11 @@ class _ScaledLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         A, W, qA, qW = ctx.saved_tensors
         G = grad.reshape(-1, W.shape[0])
-        dgrad, (qG, _) = ctx.recipe.dgrad(G, W, qW)
+        dgrad, (qG, _) = ctx.recipe.dgrad(G, W, qW, ctx.b_is_weight)
         grad_x = dgrad.to(A.dtype).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_w = ctx.recipe.wgrad(G, A, qG, qA).to(W.dtype) if ctx.needs_input_grad[1] else None
         grad_b = G.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 _TENSOR = ("tensor", None)
@@ -271,30 +330,44 @@ def _scaled(act: Gran, w: Gran, fmt_fwd: str, fmt_bwd: str) -> tuple[Runner, Lin
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "
              "absmax for the output gradient (dgrad, wgrad); nearest code, ties to the even index; float32 "
-             "matmuls of the fake-quantised tensors (MatMulFP8Global, SPEC §7.2)", ("bnb-e4m3", "bnb-e5m2"),
+             "matmuls of the fake-quantised tensors (MatMulFP8Global, SPEC §7.2). Two activations (QKᵀ, PV): the second one exactly like W, one "
+             "absmax bnb-e4m3. " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"),
              _run_global, _linear_global),
     Strategy("mixed", "A blockwise bnb-e4m3 (block bsz over the flattened tensor), W one absmax bnb-e4m3, "
              "output gradient blockwise bnb-e5m2 (bsz2) for dgrad; wgrad Aᵀ·G unquantised; bsz/bsz2 from "
-             "get_block_sizes (MatMulFP8Mixed, SPEC §7.2)", ("bnb-e4m3", "bnb-e5m2"), _run_mixed, _linear_mixed),
+             "get_block_sizes (MatMulFP8Mixed, SPEC §7.2). Two activations: as MatMulFP8Mixed runs them, the "
+             "first blockwise, the second like W (one absmax). " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"), _run_mixed,
+             _linear_mixed, quantized_gemms=("fprop", "dgrad")),
     Strategy("int8", "LLM.int8(): A int8 per row (absmax/127, round half-even), columns with any |a| ≥ threshold "
              "kept in A's precision and multiplied by the dequantised weight; W int8 per output row; dgrad "
-             "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6)",
+             "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6). Two "
+             "activations: as MatMul8bitLt runs them, vector-wise int8 on both (rows along the contraction dim), "
+             "outlier columns of the contraction dim found in the first, kept in its precision and multiplied by "
+             "the dequantised second. " + BATCHED_RULE,
              ("int8",), _run_int8, _linear_int8),
     Strategy("switchback", "SwitchBack: fprop int8 per-row A × int8 per-row W (no outlier columns); dgrad "
-             "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2)", ("int8",), _run_switchback, _linear_switchback),
+             "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2). Two activations: both int8 per "
+             "row along the contraction dim. " + BATCHED_RULE, ("int8",), _run_switchback,
+             _linear_switchback, quantized_gemms=("fprop", "dgrad")),
     Strategy("ocp-tensorwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale amax/fmt_max per tensor, "
-             "round to nearest even with saturation; float32 matmuls", ("e4m3", "e5m2"),
+             "round to nearest even with saturation; float32 matmuls. Two activations: both E4M3FN per "
+             "tensor. " + BATCHED_RULE, ("e4m3", "e5m2"),
              *_scaled(_TENSOR, _TENSOR, "e4m3", "e5m2")),
     Strategy("ocp-rowwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale per row along each GEMM's "
              "contraction dim (A, W rows in fprop; G rows and W columns in dgrad; G, A columns in wgrad); "
-             "float32 matmuls", ("e4m3", "e5m2"), *_scaled(_ROW, _ROW, "e4m3", "e5m2")),
+             "float32 matmuls. Two activations: both E4M3FN per row along the contraction dim. " + BATCHED_RULE,
+             ("e4m3", "e5m2"), *_scaled(_ROW, _ROW, "e4m3", "e5m2")),
     Strategy("ocp-blockwise", "OCP E4M3FN A / E5M2 G in 1x128 tiles along each GEMM's contraction dim, E4M3FN W "
-             "in 128x128 blocks, float32 scale amax/fmt_max per tile (DeepSeek-V3 style); float32 matmuls",
+             "in 128x128 blocks, float32 scale amax/fmt_max per tile (DeepSeek-V3 style); float32 matmuls. "
+             "Two activations: both in 1x128 tiles along the contraction dim (no 128x128 weight blocks). "
+             + BATCHED_RULE,
              ("e4m3", "e5m2"), *_scaled(_TILE_1, _TILE_2, "e4m3", "e5m2")),
     Strategy("mxfp8", "OCP MX: E4M3 elements for A and W, E5M2 for G, blocks of 32 along each GEMM's contraction "
-             "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls",
+             "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls. Two "
+             "activations: both E4M3 in blocks of 32 along the contraction dim. " + BATCHED_RULE,
              ("mxfp8-e4m3", "mxfp8-e5m2"), *_scaled(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
 )}
+
 
 
 def mixed_with_blocksize(blocksize: int) -> Strategy:
@@ -306,7 +379,26 @@ def mixed_with_blocksize(blocksize: int) -> Strategy:
     blocks = (blocksize, blocksize)
     return Strategy(f"mixed bs={blocksize}", base.rules.replace("bsz/bsz2 from get_block_sizes", f"bsz = bsz2 = "
                                                                 f"{blocksize} in every layer"), base.formats,
-                    functools.partial(_run_mixed, blocks=blocks), functools.partial(_linear_mixed, blocks=blocks))
+                    functools.partial(_run_mixed, blocks=blocks), functools.partial(_linear_mixed, blocks=blocks),
+                    base.quantized_gemms)
+
+def _weight_scaled(fmt: str, gran: tuple[str, tuple[int, int] | None]) -> WeightQuantizer:
+    return WeightQuantizer(gran[0], gran[1], lambda W: _fq_scaled(W, fmt, *gran))
+
+
+# The fprop weight quantiser of every strategy: the same functions and (format, granularity) pairs
+# the runners above use (tests/analysis/test_strategies.py checks each against run_strategy's
+# weight operand bit for bit).
+WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
+    "global": WeightQuantizer("tensor", None, _weight_bnb_global),
+    "mixed": WeightQuantizer("tensor", None, _weight_bnb_global),
+    "int8": WeightQuantizer("row", None, _weight_int8),
+    "switchback": WeightQuantizer("row", None, _weight_int8),
+    "ocp-tensorwise": _weight_scaled("e4m3", _TENSOR),
+    "ocp-rowwise": _weight_scaled("e4m3", _ROW),
+    "ocp-blockwise": _weight_scaled("e4m3", _TILE_2),
+    "mxfp8": _weight_scaled("mxfp8-e4m3", _MX),
+}
 
 
 def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:
@@ -328,8 +420,21 @@ def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:
 
 
 def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
-                 threshold: float = 6.0) -> StrategyOutput:
-    """Replay ``strategy`` on A [tokens, in], W [out, in], G [tokens, out] (or None: fprop only)."""
+                 threshold: float = 6.0, *, b_is_weight: bool = True) -> StrategyOutput:
+    """Replay ``strategy`` on A [tokens, in], W [out, in], G [tokens, out] (or None: fprop only).
+
+    Batched GEMMs: A [Bt, M, K], W [Bt, N, K], G [Bt, M, N] run slice by slice (BATCHED_RULE) and
+    the results are stacked. ``b_is_weight`` False: W is a second activation (see each rule text).
+    """
     _check(A, W, G)
     with torch.no_grad():
-        return strategy.run(A, W, G, threshold)
+        if A.dim() == 2:
+            return strategy.run(A, W, G, threshold, b_is_weight)
+        outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight)
+                for i in range(A.shape[0])]
+    gemms = {k: torch.stack([o.gemms[k] for o in outs]) for k in outs[0].gemms}
+    operands = {}
+    for k in outs[0].operands:
+        x, q, sat = zip(*(o.operands[k] for o in outs))
+        operands[k] = (torch.stack(x), torch.stack(q), None if sat[0] is None else torch.stack(sat))
+    return StrategyOutput(gemms, operands)

@@ -1,4 +1,4 @@
-"""Block-size and outlier-threshold sweeps per linear layer, on the operands captured by analysis/capture.py."""
+"""Block-size and outlier-threshold sweeps per GEMM site, on the operands captured by analysis/capture.py."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ import torch
 from fp8probe import functional as F
 from fp8probe.autograd import MatMul8bitLt, MatmulLtState, get_block_sizes
 
-from .capture import LinearCall, LossFn, LossInfo
+from .capture import GemmCall, LossFn, LossInfo
 from .e2e import DEFAULT_BUDGET, Budget, Runner, model_wide, parse_budget
 from .metrics import ErrorAccumulator
 from .pipeline import Run, forward_order, prepare_run, run_metadata
@@ -110,7 +110,7 @@ def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-layer accumulators (one LinearCall at a time, batches merged by the metric accumulators)
+# Per-layer accumulators (one GemmCall at a time, batches merged by the metric accumulators)
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _BlockLayer:
@@ -129,26 +129,27 @@ class _BlocksizeSweep:
         self.blocksizes = blocksizes
         self.layers: dict[str, _BlockLayer] = {}
 
-    def __call__(self, call: LinearCall) -> None:
+    def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
-        acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[1], W.shape[0], call.index))
+        acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[-1], W.shape[-2], call.index))
+        # Batched GEMMs (attention, bmm, conv groups: [Bt, M, K]) use .mT and batched products.
         a64, w64 = A.double(), W.double()
         g64 = None if G is None else G.double()
-        ref = {"fprop": a64 @ w64.T}
+        ref = {"fprop": a64 @ w64.mT}
         if g64 is not None:
-            ref["dgrad"], ref["wgrad"] = g64 @ w64, g64.T @ a64
+            ref["dgrad"], ref["wgrad"] = g64 @ w64, g64.mT @ a64
         for bs in self.blocksizes:
             aq = F.fake_quantize(A, CODE_FWD, bs).double()
             wq = F.fake_quantize(W, CODE_FWD, bs).double()
             acc.err.setdefault((bs, "activation"), ErrorAccumulator()).update(a64, aq)
-            if not acc.weight_done:  # the weight is the same every batch: count it once
+            if not (acc.weight_done and call.b_is_weight):  # a weight is the same every batch: count it once
                 acc.err.setdefault((bs, "weight"), ErrorAccumulator()).update(w64, wq)
-            acc.err.setdefault((bs, "fprop"), ErrorAccumulator()).update(ref["fprop"], aq @ wq.T)
+            acc.err.setdefault((bs, "fprop"), ErrorAccumulator()).update(ref["fprop"], aq @ wq.mT)
             if g64 is not None:
                 gq = F.fake_quantize(G, CODE_BWD, bs).double()
                 acc.err.setdefault((bs, "grad_output"), ErrorAccumulator()).update(g64, gq)
                 acc.err.setdefault((bs, "dgrad"), ErrorAccumulator()).update(ref["dgrad"], gq @ wq)
-                acc.err.setdefault((bs, "wgrad"), ErrorAccumulator()).update(ref["wgrad"], gq.T @ aq)
+                acc.err.setdefault((bs, "wgrad"), ErrorAccumulator()).update(ref["wgrad"], gq.mT @ aq)
         acc.weight_done = True
 
     def table(self) -> pd.DataFrame:
@@ -187,23 +188,26 @@ class _ThresholdSweep:
         self.thresholds = thresholds
         self.layers: dict[str, _ThresholdLayer] = {}
 
-    def __call__(self, call: LinearCall) -> None:
+    def __call__(self, call: GemmCall) -> None:
         A, W = call.activation, call.weight
-        acc = self.layers.setdefault(call.name, _ThresholdLayer(W.shape[1], call.index))
-        ref = A.double() @ W.double().T
-        tokens = A.shape[0]
-        acc.tokens += tokens
+        acc = self.layers.setdefault(call.name, _ThresholdLayer(W.shape[-1], call.index))
+        # A batched GEMM [Bt, M, K] is Bt separate LLM.int8 matmuls (one per head / group).
+        slices = [(A, W)] if A.dim() == 2 else [(A[i], W[i]) for i in range(A.shape[0])]
         with torch.no_grad():
-            for th in self.thresholds:
-                state = MatmulLtState()
-                state.threshold = th
-                state.is_training = False
-                out = MatMul8bitLt.apply(A, W, None, None, state)
-                acc.err.setdefault(th, ErrorAccumulator()).update(ref, out)
-                n_cols = 0 if state.idx is None else int(state.idx.numel())
-                # Token-weighted mean over batches of the per-batch fraction of 16-bit columns: each
-                # batch's decomposition is its own (outlier columns are chosen per forward).
-                acc.cols[th] = acc.cols.get(th, 0.0) + tokens * n_cols / acc.in_features
+            for a, w in slices:
+                ref = a.double() @ w.double().T
+                tokens = a.shape[0]
+                acc.tokens += tokens
+                for th in self.thresholds:
+                    state = MatmulLtState()
+                    state.threshold = th
+                    state.is_training = False
+                    out = MatMul8bitLt.apply(a, w, None, None, state)
+                    acc.err.setdefault(th, ErrorAccumulator()).update(ref, out)
+                    n_cols = 0 if state.idx is None else int(state.idx.numel())
+                    # Token-weighted mean over batches of the per-batch fraction of 16-bit columns: each
+                    # batch's decomposition is its own (outlier columns are chosen per forward).
+                    acc.cols[th] = acc.cols.get(th, 0.0) + tokens * n_cols / acc.in_features
 
     def table(self) -> pd.DataFrame:
         rows = []
@@ -223,9 +227,10 @@ class _ThresholdSweep:
 # Drivers
 # --------------------------------------------------------------------------------------------
 def _run(model: Any, inputs: Any, sweep: Any, *, layers: str | None, batches: int | None, device: str,
-         seed: int, loss: LossFn | str | None) -> tuple[Run, LossInfo | None]:
+         seed: int, loss: LossFn | str | None, gemms: str | list[str] | None = None) -> tuple[Run, LossInfo | None]:
     """Resolve the model and batches exactly like analyze() and stream every batch into `sweep`."""
-    run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
+    run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
+                      gemms=gemms)
     return run, run.stream(sweep)
 
 
@@ -264,7 +269,7 @@ class _Both:
     def __init__(self, *sweeps: Any) -> None:
         self.sweeps = sweeps
 
-    def __call__(self, call: LinearCall) -> None:
+    def __call__(self, call: GemmCall) -> None:
         for s in self.sweeps:
             s(call)
 
@@ -273,14 +278,14 @@ def _validated(run: Run, seed: int, budget: Budget, blocksize: pd.DataFrame | No
                threshold: pd.DataFrame | None = None) -> pd.DataFrame:
     """The model-wide block size / threshold rows of ``recommendation``, validated end to end (e2e.model_wide)."""
     runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
-                    loss_name=run.loss_name, threshold=6.0, seed=seed)
+                    loss_name=run.loss_name, threshold=6.0, seed=seed, kinds=run.coverage.kinds)
     return model_wide(runner, budget, blocksize, threshold)
 
 
 def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES, *,
                     layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
-                    inputs_desc: str | None = None, e2e: bool = True,
+                    inputs_desc: str | None = None, gemms: str | list[str] | None = None, e2e: bool = True,
                     budget: Budget | float | str = DEFAULT_BUDGET) -> Results:
     """Blockwise FP8 error per layer × block size (kind "sweep-blocksize", table ``blocksize_sweep``).
 
@@ -295,10 +300,12 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
     sizes = _check_blocksizes(blocksizes)
     budget = parse_budget(budget)
     sweep = _BlocksizeSweep(sizes)
-    run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
+    run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
+                     gemms=gemms)
     meta = _metadata("sweep-blocksize", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_blocksize_meta(sizes))
-    tables = {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table()}
+    tables = {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table(),
+              "coverage": run.coverage.table()}
     if e2e:
         tables["recommendation"] = _validated(run, seed, budget, blocksize=tables["blocksize_sweep"])
     return Results(meta, tables, kind="sweep-blocksize")
@@ -307,7 +314,7 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
 def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                     layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
-                    inputs_desc: str | None = None, e2e: bool = True,
+                    inputs_desc: str | None = None, gemms: str | list[str] | None = None, e2e: bool = True,
                     budget: Budget | float | str = DEFAULT_BUDGET) -> Results:
     """LLM.int8() fprop error vs outlier threshold per layer (kind "sweep-threshold", table ``threshold_sweep``).
 
@@ -322,11 +329,13 @@ def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] 
     ths = _check_thresholds(thresholds)
     budget = parse_budget(budget)
     sweep = _ThresholdSweep(ths)
-    run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss)
+    run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
+                     gemms=gemms)
     meta = _metadata("sweep-threshold", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_threshold_meta(ths))
     tokens = {n: a.tokens for n, a in sweep.layers.items()}
-    tables = {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table()}
+    tables = {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table(),
+              "coverage": run.coverage.table()}
     if e2e:
         tables["recommendation"] = _validated(run, seed, budget, threshold=tables["threshold_sweep"])
     return Results(meta, tables, kind="sweep-threshold")
@@ -337,7 +346,7 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     """Both sweeps from ONE capture pass (half the forward/backward work): (blocksize, threshold) Results."""
     sizes, ths = _check_blocksizes(blocksizes), _check_thresholds(thresholds)
     bsw, tsw = _BlocksizeSweep(sizes), _ThresholdSweep(ths)
-    opts = {k: kwargs.pop(k, None) for k in ("layers", "batches", "loss")}
+    opts = {k: kwargs.pop(k, None) for k in ("layers", "batches", "loss", "gemms")}
     device, seed = kwargs.pop("device", "cpu"), kwargs.pop("seed", 0)
     name, model_desc, inputs_desc = (kwargs.pop(k, None) for k in ("name", "model_desc", "inputs_desc"))
     e2e, budget = kwargs.pop("e2e", True), parse_budget(kwargs.pop("budget", DEFAULT_BUDGET))
@@ -348,8 +357,9 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     b_meta = _metadata("sweep-blocksize", run, info, **common, **_blocksize_meta(sizes))
     t_meta = _metadata("sweep-threshold", run, info, **common, **_threshold_meta(ths))
     tokens = {n: a.tokens for n, a in tsw.layers.items()}
-    b_tables = {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table()}
-    t_tables = {"layers": _layers_table(tsw.layers, tokens), "threshold_sweep": tsw.table()}
+    cov = run.coverage.table()
+    b_tables = {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table(), "coverage": cov}
+    t_tables = {"layers": _layers_table(tsw.layers, tokens), "threshold_sweep": tsw.table(), "coverage": cov.copy()}
     if e2e:  # one high-precision reference serves both validations
         rec = _validated(run, seed, budget, b_tables["blocksize_sweep"], t_tables["threshold_sweep"])
         b_tables["recommendation"] = rec[rec["kind"] == "blocksize"].reset_index(drop=True)

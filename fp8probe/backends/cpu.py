@@ -1,8 +1,8 @@
 """CPU fast path: the C kernels of fp8probe._fastpath for codebook quantise/dequantise, bit-exact with the reference.
 
 ``register()`` (called at the end of ``fp8probe/ops.py``) installs CPU kernels for
-``fp8probe::quantize_blockwise``, ``quantize_global``, ``dequantize_blockwise`` and
-``int8_vectorwise_quant`` with
+``fp8probe::quantize_blockwise``, ``quantize_global``, ``dequantize_blockwise``,
+``int8_vectorwise_quant`` and the OCP FP8 / MX scaled casts ``quantize_scaled`` / ``dequantize_scaled`` with
 ``torch.library.register_kernel(..., "cpu", ...)``. Each kernel takes exactly its op's arguments and
 returns what ``backends/reference.py`` returns, bit for bit: the C code performs the same float32
 operations in the same order (see the header of fp8probe/_fastpath.c) and reuses the reference's
@@ -271,6 +271,61 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
     return q, row_stats, outlier_cols
 
 
+_SCALED_FMT = {"e4m3": 0, "e5m2": 1, "mxfp8-e4m3": 2, "mxfp8-e5m2": 3}
+_FP8_TABLES: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _fp8_table(fp8: torch.dtype) -> torch.Tensor:
+    """float32 value of each of the 256 codes of an fp8 dtype (torch's own decoding, cached)."""
+    table = _FP8_TABLES.get(fp8)
+    if table is None:
+        table = _FP8_TABLES[fp8] = torch.arange(256, dtype=torch.uint8).view(fp8).to(_F32)
+    return table
+
+
+def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU kernel of ``fp8probe::quantize_scaled``: same arguments, results and errors as the reference's.
+
+    One pass for the tile amax (finite values) and one for the divide-clamp-round; NaN/±Inf inputs
+    are handled in C exactly as torch's casts do, so nothing falls back except empty tensors,
+    unknown formats (the reference raises) and non-positive tile sizes.
+    """
+    if (x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or fmt not in _SCALED_FMT
+            or block_rows <= 0 or block_cols <= 0 or not enabled()):
+        return _ref.quantize_scaled(x, fmt, block_rows, block_cols)
+    fp8 = _ref.SCALED_FORMATS[fmt][0]
+    R, C = _ref._rows_cols(x.shape)
+    br, bc = min(block_rows, R), min(block_cols, C)
+    xc = x.detach().contiguous()
+    data = _fresh(x.shape, fp8)
+    scale = torch.empty(-(-R // br), -(-C // bc), dtype=_F32)
+    _ext().quantize_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], data.data_ptr(),
+                           scale.data_ptr(), _threads(x.numel()))
+    return data, scale
+
+
+def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """CPU kernel of ``fp8probe::dequantize_scaled``; the reference runs for NaN results (torch's NaN
+    casts to bf16 drop the sign), empty tensors and shapes it would reject."""
+    if (data.device.type != "cpu" or data.numel() == 0 or dtype not in _DT or not enabled()
+            or data.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or block_rows <= 0 or block_cols <= 0):
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+    R, C = _ref._rows_cols(data.shape)
+    br, bc = min(block_rows, R), min(block_cols, C)
+    sc = scale.detach().to("cpu", _F32).contiguous()
+    if sc.shape != (-(-R // br), -(-C // bc)):
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+    dc = data.detach().contiguous()
+    out = _fresh(data.shape, dtype)
+    bad = _ext().dequantize_scaled(dc.view(torch.uint8).data_ptr(), _fp8_table(data.dtype).data_ptr(), sc.data_ptr(),
+                                   R, C, br, bc, out.data_ptr(), _DT[dtype], _threads(data.numel()))
+    if bad:
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+    return out
+
+
 def register() -> None:
     """Install the CPU kernels (idempotent). Does nothing when the extension is not built or
     FP8PROBE_BACKEND=reference is set at import time."""
@@ -282,3 +337,5 @@ def register() -> None:
     torch.library.register_kernel("fp8probe::quantize_global", "cpu", quantize_global)
     torch.library.register_kernel("fp8probe::dequantize_blockwise", "cpu", dequantize_blockwise)
     torch.library.register_kernel("fp8probe::int8_vectorwise_quant", "cpu", int8_vectorwise_quant)
+    torch.library.register_kernel("fp8probe::quantize_scaled", "cpu", quantize_scaled)
+    torch.library.register_kernel("fp8probe::dequantize_scaled", "cpu", dequantize_scaled)

@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fp8probe.backends.int8_gemm import int8_gemm, int_mm_or_none
 from fp8probe.formats import BNB_INV_127_SQ_TYPO, INV_127, INV_127_SQ, SCALE_INT8
 
 _F32 = torch.float32
@@ -175,12 +176,38 @@ def _search_tables(code: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.T
     return tables
 
 
+def search_argmin_unsorted(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``argmin_j |x - code[j]|`` over a codebook in any order (SPEC §2.4), first minimum, NaN → 0.
+
+    bnb's torch path searches unsorted codebooks (its own few-bit linear maps) with a plain
+    argmin; the distance matrix is built in chunks of rows so memory stays ~16 MiB.
+    """
+    code = code.to(device=x.device, dtype=_F32).contiguous()
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
+    step = 16384
+    for s in range(0, flat.numel(), step):
+        out[s:s + step] = (flat[s:s + step, None] - code[None, :]).abs().argmin(dim=1)
+    return torch.where(torch.isnan(flat), 0, out).reshape(x.shape)
+
+
+def is_sorted(code: torch.Tensor) -> bool:
+    """True when the codebook is non-decreasing (what every table and kernel search assumes)."""
+    return bool((code[1:] >= code[:-1]).all())
+
+
 def search(code: torch.Tensor, x: torch.Tensor, rule: str = "even", nan_free: bool = False) -> torch.Tensor:
     """Fast nearest-code search: same result as ``search_<rule>(code, x)`` (int32, x.shape).
 
     rule: "even" (SPEC §2.1), "lower_bound" (§2.3, includes the clamp) or "argmin" (§2.4).
-    ``nan_free=True`` promises that x holds no NaN and skips the NaN → 0 pass.
+    ``nan_free=True`` promises that x holds no NaN and skips the NaN → 0 pass. An unsorted
+    codebook (only reached in ``compat="bnb"``) runs the rule directly, as bnb does: lower_bound's
+    binary search probes the same entries as std::lower_bound; argmin scans every entry.
     """
+    if not is_sorted(code):
+        if rule == "argmin":
+            return search_argmin_unsorted(code, x).to(torch.int32)
+        return _RULES[rule](code, x).to(torch.int32)
     tables = _search_tables(code, rule)
     if tables is None or x.numel() < 4096:
         return _RULES[rule](code, x).to(torch.int32)
@@ -222,7 +249,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blockwise codebook quantisation over the C-order flattened tensor (SPEC §4.2).
 
-    A: fp32/fp16/bf16, any shape; code: float32 [256] ascending; blocksize > 0.
+    A: fp32/fp16/bf16, any shape; code: float32 [256], ascending except in compat "bnb"; blocksize > 0.
     Returns ``q`` (uint8, A.shape), ``absmax`` (float32 [ceil(n/blocksize)]), ``special_index``
     (int64 [k], flat indices of NaN/±Inf, default mode only) and ``special_value`` (float32 [k]).
 
@@ -450,8 +477,10 @@ def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
 def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Exact ``C = A @ B.T`` with int32 results: A int8 [..., K], B int8 [N, K] → int32 [..., N].
 
-    Uses ``torch._int_mm`` where the device accepts the shapes; otherwise float64 matmul, which is
-    exact because every partial sum is an integer below K·127·128 < 2**53 for any K < 5e11.
+    On CPU the fastest exact method for this machine (backends/int8_gemm.py: ``torch._int_mm``,
+    chunked float32 or float64 GEMM, chosen at run time; all bit-identical). Elsewhere
+    ``torch._int_mm`` where the device accepts the shapes, else float64 matmul, which is exact
+    because every partial sum is an integer below K·128·128 < 2**53 for any K < 5e11.
     """
     K = A.shape[-1]
     N = B.shape[0]
@@ -460,14 +489,9 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     if rows == 0 or N == 0 or K == 0:  # an empty sum is 0
         return torch.zeros(out_shape, dtype=torch.int32, device=A.device)
     a2 = A.reshape(rows, K)
-    c = None
-    if K >= 2:  # torch 2.13's CPU _int_mm returns garbage for K == 1 with N > 1 (seen in tests)
-        try:
-            # B.t() of a row-major B is the column-major [K, N] operand _int_mm takes as is; a
-            # contiguous copy of it cost 115 ms per call at 4096x4096 (vs 3.3 ms at M=16).
-            c = torch._int_mm(a2.contiguous(), B.contiguous().t())
-        except (RuntimeError, NotImplementedError):
-            c = None
+    if A.device.type == "cpu":
+        return int8_gemm(a2, B).reshape(out_shape)
+    c = int_mm_or_none(a2, B)
     if c is None:
         c = (a2.to(torch.float64) @ B.to(torch.float64).t()).to(torch.int64).to(torch.int32)
     return c.reshape(out_shape)

@@ -17,6 +17,11 @@ DEFAULT_MAX_SQNR_DROP_DB = 1.0
 DEFAULT_MAX_NEW_OUTLIER_COLS = 0
 # Underflow increase in percentage points of the operand's non-zero elements.
 DEFAULT_MAX_UNDERFLOW_INCREASE_PCT = 1.0
+# A GEMM whose SQNR is at least this on both sides is at float32 rounding level, not quantisation
+# error: float32 accumulation against the float64 reference gives ~144 − 10·log10(K) dB (≥ 84 dB up to
+# K = 10⁶), while FP8/INT8 GEMMs stay below ~60 dB. mixed / switchback leave wgrad unquantised
+# (~130 dB), and a BLAS change moving that 132.2 → 130.7 dB is not a regression.
+FLOAT32_NOISE_FLOOR_DB = 80.0
 
 
 @dataclass(frozen=True)
@@ -26,11 +31,16 @@ class Gates:
     max_sqnr_drop: float = DEFAULT_MAX_SQNR_DROP_DB
     max_new_outlier_cols: int = DEFAULT_MAX_NEW_OUTLIER_COLS
     max_underflow_increase: float = DEFAULT_MAX_UNDERFLOW_INCREASE_PCT
+    #: A baseline row (layer × recipe × GEMM, outlier or underflow entry) absent from the current
+    #: results fails the gate unless this is set (a layer deliberately removed, a recipe dropped).
+    allow_missing: bool = False
     # End-to-end gate (off when None): the current run's relative loss change (e2e table, per strategy)
     # may exceed the baseline's by at most this much (0.005 = half a percentage point of the loss).
     max_loss_increase: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.allow_missing, bool):
+            raise ValueError(f"allow_missing must be True or False, got {self.allow_missing!r}")
         for name in ("max_sqnr_drop", "max_new_outlier_cols", "max_underflow_increase", "max_loss_increase"):
             value = getattr(self, name)
             if name == "max_loss_increase" and value is None:
@@ -45,19 +55,67 @@ def _num(x: Any) -> float | None:
     return float(x)
 
 
-def _sqnr_entries(results: Mapping) -> dict[tuple[str, str, str], float | None]:
-    """(layer, recipe, what) → SQNR dB for every SQNR the results carry, whatever their kind."""
+def _checked(row: Mapping, key: str, table: str, source: str) -> Any:
+    """``row[key]`` after checking it is a number or null: ``true`` or ``"12"`` where a metric belongs
+    would otherwise read as "no value" and pass every gate."""
+    value = row.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{source}: table {table!r} has {key} = {value!r} for layer {row.get('layer')!r}; "
+                         "expected a number or null")
+    return value
+
+
+def _sqnr_entries(results: Mapping, source: str) -> dict[tuple[str, str, str], tuple[float | None, bool | None]]:
+    """(layer, recipe, what) → (SQNR dB, quantised?) for every SQNR the results carry, whatever their kind.
+    ``quantised`` is the gemm row's ``quantized`` flag (None in files written before it existed);
+    sweep points always quantise."""
     tables = results["tables"]
-    out: dict[tuple[str, str, str], float | None] = {}
+    out: dict[tuple[str, str, str], tuple[float | None, bool | None]] = {}
     # metric_value decodes JSON null by the row's note (+inf exact, −inf zero signal, NaN undefined), so
     # a current SQNR that became undefined fails the gate (_delta: NaN → −inf) instead of being skipped.
     for r in tables.get("gemm", []):
-        out[(r["layer"], str(r["strategy"]), str(r["gemm"]))] = metric_value(r, "sqnr_db")
+        _checked(r, "sqnr_db", "gemm", source)
+        quantized = r.get("quantized")
+        out[(r["layer"], str(r["strategy"]), str(r["gemm"]))] = (
+            metric_value(r, "sqnr_db"), quantized if isinstance(quantized, bool) else None)
+    # The weight's own quantisation SQNR: what a weights-only result (analysis/weights_only.py) shares
+    # with a full analysis of the same model, so the two line up layer by layer.
+    for r in tables.get("operands", []):
+        if r.get("operand") == "weight":
+            _checked(r, "sqnr_db", "operands", source)
+            out[(r["layer"], str(r["strategy"]), "weight")] = (metric_value(r, "sqnr_db"), True)
     for r in tables.get("blocksize_sweep", []):
-        out[(r["layer"], f"blockwise bs={int(r['blocksize'])}", str(r["target"]))] = metric_value(r, "sqnr_db")
+        _checked(r, "sqnr_db", "blocksize_sweep", source)
+        out[(r["layer"], f"blockwise bs={int(_checked(r, 'blocksize', 'blocksize_sweep', source))}", str(r["target"]))] = (
+            metric_value(r, "sqnr_db"), True)
     for r in tables.get("threshold_sweep", []):
-        out[(r["layer"], f"int8 threshold={float(r['threshold']):g}", "fprop")] = metric_value(r, "fprop_sqnr_db")
+        _checked(r, "fprop_sqnr_db", "threshold_sweep", source)
+        threshold = float(_checked(r, "threshold", "threshold_sweep", source))
+        out[(r["layer"], f"int8 threshold={threshold:g}", "fprop")] = (metric_value(r, "fprop_sqnr_db"), True)
     return out
+
+
+def _gated(base: tuple[float | None, bool | None], cur: tuple[float | None, bool | None]) -> str:
+    """Why an SQNR pair is gated: "quantised", or "unquantised" / "noise floor" when it is not."""
+    flags = {f for f in (base[1], cur[1]) if f is not None}
+    if flags == {False}:
+        return "unquantised"
+    b, c = base[0], cur[0]
+    if b is not None and c is not None and b >= FLOAT32_NOISE_FLOOR_DB and c >= FLOAT32_NOISE_FLOOR_DB:
+        return "noise floor"
+    return "quantised"
+
+
+def _missing(kind: str, base_keys: list[tuple], cur_keys: set[tuple], describe) -> list[dict]:
+    """One violation per layer listing the baseline entries of ``kind`` the current results lack."""
+    by_layer: dict[str, list[str]] = {}
+    for key in base_keys:
+        if key not in cur_keys:
+            by_layer.setdefault(key[0], []).append(describe(key))
+    return [{"gate": "missing", "layer": layer,
+             "detail": f"{len(items)} {kind} row(s) of the baseline missing from current: "
+                       + ", ".join(items[:6]) + (", ..." if len(items) > 6 else "")}
+            for layer, items in by_layer.items()]
 
 
 def _delta(base: float | None, cur: float | None) -> float | None:
@@ -123,24 +181,37 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     validate_results(current, "current")
     if baseline["kind"] != current["kind"]:
         raise ValueError(f"cannot compare a {baseline['kind']!r} result with a {current['kind']!r} result")
+    base_l, cur_l = _layers(baseline), _layers(current)
+    if not base_l:
+        raise ValueError("baseline: the layers table is empty, so there is nothing to compare against")
+    if not set(base_l) & set(cur_l):
+        raise ValueError(f"baseline and current have no layer in common (baseline: {', '.join(base_l[:3])}; current: "
+                         f"{', '.join(cur_l[:3]) or 'none'}): are they results of the same model?")
     violations: list[dict] = []
 
-    base_s, cur_s = _sqnr_entries(baseline), _sqnr_entries(current)
+    base_s, cur_s = _sqnr_entries(baseline, "baseline"), _sqnr_entries(current, "current")
     sqnr_rows = []
+    gated_counts = {"quantised": 0, "unquantised": 0, "noise floor": 0}
     for key in [k for k in base_s if k in cur_s]:
-        d = _delta(base_s[key], cur_s[key])
-        failed = d is not None and d < -gates.max_sqnr_drop
-        sqnr_rows.append({"layer": key[0], "recipe": key[1], "what": key[2], "baseline": base_s[key],
-                          "current": cur_s[key], "delta_db": d, "failed": failed})
+        (b, _), (c, _) = base_s[key], cur_s[key]
+        d = _delta(b, c)
+        why = _gated(base_s[key], cur_s[key])
+        gated_counts[why] += 1
+        failed = why == "quantised" and d is not None and d < -gates.max_sqnr_drop
+        sqnr_rows.append({"layer": key[0], "recipe": key[1], "what": key[2], "baseline": b,
+                          "current": c, "delta_db": d, "gated": why == "quantised", "failed": failed})
         if failed:
             violations.append({"gate": "max-sqnr-drop", "layer": key[0],
-                               "detail": f"{key[1]} {key[2]} SQNR {base_s[key]:.2f} → {cur_s[key]:.2f} dB "
+                               "detail": f"{key[1]} {key[2]} SQNR {b:.2f} → {c:.2f} dB "
                                          f"(drop {-d:.2f} dB > {gates.max_sqnr_drop:g} dB)"})
 
-    def outl(res: Mapping) -> dict:
-        return {(r["layer"], _num(r.get("threshold"))): r for r in res["tables"].get("outliers", [])}
+    def outl(res: Mapping, source: str) -> dict:
+        rows = res["tables"].get("outliers", [])
+        for r in rows:
+            _checked(r, "n_outlier_cols", "outliers", source)
+        return {(r["layer"], _num(_checked(r, "threshold", "outliers", source))): r for r in rows}
 
-    base_o, cur_o = outl(baseline), outl(current)
+    base_o, cur_o = outl(baseline, "baseline"), outl(current, "current")
     outlier_rows = []
     for key in [k for k in base_o if k in cur_o]:
         b, c = _num(base_o[key].get("n_outlier_cols")), _num(cur_o[key].get("n_outlier_cols"))
@@ -153,11 +224,11 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                                "detail": f"outlier columns at threshold {key[1]:g}: {b:.0f} → {c:.0f} "
                                          f"(+{new:.0f} > {gates.max_new_outlier_cols:g})"})
 
-    def under(res: Mapping) -> dict:
-        return {(r["layer"], r["strategy"], r["operand"]): _num(r.get("underflow_frac"))
+    def under(res: Mapping, source: str) -> dict:
+        return {(r["layer"], r["strategy"], r["operand"]): _num(_checked(r, "underflow_frac", "operands", source))
                 for r in res["tables"].get("operands", [])}
 
-    base_u, cur_u = under(baseline), under(current)
+    base_u, cur_u = under(baseline, "baseline"), under(current, "current")
     under_rows = []
     for key in [k for k in base_u if k in cur_u]:
         b, c = base_u[key], cur_u[key]
@@ -171,11 +242,21 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                                "detail": f"{key[1]} {key[2]} underflow {100 * b:.2f}% → {100 * c:.2f}% "
                                          f"(+{d:.2f} points > {gates.max_underflow_increase:g})"})
 
+    missing = (_missing("SQNR", list(base_s), set(cur_s), lambda k: f"{k[1]} {k[2]}")
+               + _missing("outlier", list(base_o), set(cur_o), lambda k: f"threshold {k[1]:g}" if k[1] is not None else "outliers")
+               + _missing("underflow", list(base_u), set(cur_u), lambda k: f"{k[1]} {k[2]}"))
+    if not gates.allow_missing:
+        violations += missing
     e2e_rows = _e2e_gate(baseline, current, gates, violations)
-    base_l, cur_l = _layers(baseline), _layers(current)
+    if not (sqnr_rows or outlier_rows or under_rows or e2e_rows) and (gates.allow_missing or not missing):
+        raise ValueError("baseline and current share no comparable entry (no SQNR, outlier or underflow row in "
+                         "both): nothing would be gated")
     failed_layers = list(dict.fromkeys(v["layer"] for v in violations))
     return {
         "baseline": _summary(baseline), "current": _summary(current), "gates": asdict(gates),
+        "gated": {"quantised": gated_counts["quantised"], "unquantised": gated_counts["unquantised"],
+                  "noise_floor": gated_counts["noise floor"], "noise_floor_db": FLOAT32_NOISE_FLOOR_DB,
+                  "missing": [m["detail"].split(":", 1)[0] + f" ({m['layer']})" for m in missing]},
         "sqnr": sqnr_rows, "outliers": outlier_rows, "underflow": under_rows, "e2e": e2e_rows,
         "added_layers": [x for x in cur_l if x not in set(base_l)],
         "removed_layers": [x for x in base_l if x not in set(cur_l)],
@@ -214,7 +295,8 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
              f"Gates: SQNR drop ≤ {g['max_sqnr_drop']:g} dB, new outlier columns ≤ {g['max_new_outlier_cols']:g}, "
              f"underflow increase ≤ {g['max_underflow_increase']:g} percentage points"
              + (f", end-to-end loss change increase ≤ {100 * g['max_loss_increase']:g} percentage points."
-                if g.get("max_loss_increase") is not None else "."), ""]
+                if g.get("max_loss_increase") is not None else "."), "",
+             gated_text(comparison), ""]
     if comparison["violations"]:
         lines += ["| gate | layer | detail |", "|---|---|---|"]
         lines += [f"| {v['gate']} | {_md_code(v['layer'])} | {_md_code(v['detail'])} |"
@@ -237,6 +319,17 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
             lines.append(f"{label}: " + ", ".join(_md_code(x, False) for x in comparison[key]))
             lines.append("")
     return "\n".join(lines)
+
+
+def gated_text(comparison: Mapping) -> str:
+    """One sentence saying which GEMMs the SQNR gate applied to and which it left out, and why."""
+    g = comparison.get("gated") or {}
+    text = (f"SQNR gate applied to {g.get('quantised', 0)} quantised GEMM(s); not gated: {g.get('unquantised', 0)} "
+            f"the recipe leaves unquantised (e.g. mixed / switchback wgrad) and {g.get('noise_floor', 0)} at the float32 "
+            f"noise floor (≥ {g.get('noise_floor_db', FLOAT32_NOISE_FLOOR_DB):g} dB in both).")
+    if comparison.get("gates", {}).get("allow_missing") and g.get("missing"):
+        text += f" Missing from current (allowed by --allow-missing): {len(g['missing'])} layer(s)."
+    return text
 
 
 def build_compare_view(comparison: Mapping) -> dict:

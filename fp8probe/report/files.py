@@ -1,22 +1,26 @@
 """Output files: atomic writes (complete or absent, never half written) and output-directory claims (no silent mixing of runs)."""
 from __future__ import annotations
 
-import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
-# What each command writes into its output directory. A run's tables become <table>.csv; the names
-# below are the tables docs/architecture.md defines, and a directory's own results.json names any
-# others (tables added later), so a re-run also finds CSVs this list does not know.
+# What each command writes into its output directory: results.json, index.html and <table>.csv for
+# the tables docs/architecture.md defines. This fixed list is the only source of names fp8probe may
+# replace or delete (--overwrite): never the names inside an existing results.json, which a pull
+# request can plant ("../elsewhere/victim", "/abs/path", "mydata"). A new table must be added here.
 RESULTS_JSON = "results.json"
 REPORT_HTML = "index.html"
 KNOWN_TABLES = ("layers", "gemm", "operands", "tensors", "histograms", "outliers", "blocksize_sweep",
-                "threshold_sweep", "errors")
+                "threshold_sweep", "errors", "coverage", "e2e", "sensitivity", "recommendation", "training")
 COMPARE_FILES = ("compare.html", "compare.md")
 DEMO_SUBDIRS = ("analyze", "sweep-blocksize", "sweep-threshold")
 OUTPUT_KINDS = ("run", "compare", "demo")
+#: The claim on an output directory held while a command writes into it (see lock_output_dir).
+LOCK_FILE = ".fp8probe.lock"
 
 
 class OutputExistsError(FileExistsError):
@@ -59,15 +63,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def _run_outputs(out: Path) -> list[Path]:
-    """fp8probe run outputs (results.json, index.html, table CSVs) present directly in ``out``."""
-    tables = set(KNOWN_TABLES)
-    old = out / RESULTS_JSON
-    try:
-        tables |= {str(t) for t in json.loads(old.read_text(encoding="utf-8")).get("tables", {})}
-    except (OSError, ValueError, AttributeError):
-        pass  # absent or not ours: only the known names count
-    names = [RESULTS_JSON, REPORT_HTML, *sorted(f"{t}.csv" for t in tables)]
-    return [out / n for n in names if (out / n).is_file()]
+    """fp8probe run outputs (results.json, index.html, table CSVs) present directly in ``out``. Only
+    regular files (not symlinks) with fp8probe's own fixed names count."""
+    names = [RESULTS_JSON, REPORT_HTML, *(f"{t}.csv" for t in KNOWN_TABLES)]
+    return [out / n for n in names if (out / n).is_file() and not (out / n).is_symlink()]
 
 
 def existing_outputs(out_dir: str | Path, kind: str) -> list[Path]:
@@ -79,7 +78,7 @@ def existing_outputs(out_dir: str | Path, kind: str) -> list[Path]:
     if not out.is_dir():
         return []
     if kind == "compare":
-        found = [out / n for n in COMPARE_FILES if (out / n).is_file()]
+        found = [out / n for n in COMPARE_FILES if (out / n).is_file() and not (out / n).is_symlink()]
         names: Iterable[str] = COMPARE_FILES
     else:
         found = _run_outputs(out)
@@ -120,3 +119,68 @@ def remove_outputs(paths: Iterable[Path]) -> None:
                 d.rmdir()  # only when empty: a user's own files in it stay
             except OSError:
                 pass
+
+
+class OutputLockedError(RuntimeError):
+    """Another fp8probe command is writing into the same output directory right now."""
+
+
+class OutputDirLock:
+    """An exclusive claim on an output directory for one command (``LOCK_FILE`` inside it, flock'ed).
+
+    Two runs into the same directory would otherwise both succeed with results.json from one and
+    index.html from the other. The kernel drops a flock when its process dies (even kill -9), so a
+    crashed run never leaves a stale claim; the file names the holder for the error message.
+    """
+
+    def __init__(self, out_dir: Path, created_dir: bool, fd: int) -> None:
+        self.out_dir, self.created_dir, self._fd = out_dir, created_dir, fd
+
+    def release(self) -> None:
+        """Drop the claim; remove the lock file, and the directory when this run created it and it is empty."""
+        if self._fd is None:
+            return
+        # Unlink before unlocking: a run that opened the old file then re-checks the inode (lock_output_dir).
+        (self.out_dir / LOCK_FILE).unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+        if self.created_dir:
+            try:
+                self.out_dir.rmdir()  # only when empty: a failed run leaves no empty --out behind
+            except OSError:
+                pass
+
+
+def lock_output_dir(out_dir: str | Path, holder: str) -> OutputDirLock:
+    """Create ``out_dir`` if needed (so an unwritable or dangling --out fails before any work) and take
+    the exclusive claim; raises OutputLockedError naming the current holder, OSError for a directory
+    that cannot be created or written."""
+    import fcntl  # POSIX only, like the rest of the CLI's file handling; imported here so the module stays importable
+
+    out = Path(out_dir)
+    created = not out.exists() and not out.is_symlink()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                who = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise OutputLockedError(f"output directory {out} is in use by {who}: wait for it to finish or "
+                                    "choose another --out") from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder removed the file between our open and flock: retry
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"fp8probe {holder} (pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+        return OutputDirLock(out, created, fd)
+    raise OutputLockedError(f"output directory {out}: could not take the claim on {path} (it keeps being replaced)")

@@ -12,7 +12,7 @@ import jinja2
 
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
-from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, validate_results
+from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -46,7 +46,7 @@ def load_results(path: str | Path) -> dict:
     except OSError as exc:
         raise ValueError(f"cannot read results file {path}: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        data = parse_results_json(text, str(path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); expected an fp8probe results file") from None
     validate_results(data, source=str(path))
@@ -410,6 +410,35 @@ def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
                             groups=[("", 2), ("fprop SQNR (dB) / % columns in 16-bit, per threshold", len(ths))])}
 
 
+def _weights_section(meta: Mapping, tables: Mapping) -> dict | None:
+    """Weights-only results (analysis/weights_only.py): the banner, per-block scale statistics, outlier
+    rows/columns of the weights and the tensors that were not analysed; None for a full analysis."""
+    info = meta.get("weights_only")
+    if not isinstance(info, Mapping):
+        return None
+    blocks = _table("weight-blocks", ["layer", "strategy", "block", "blocks", "zero blocks", "absmax min",
+                                      "absmax median", "absmax max", "log2 amax/median", "clipped blocks"], [
+        [cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("block")), cell(r.get("n_blocks"), "{:.0f}"),
+         cell(r.get("zero_blocks"), "{:.0f}"), cell(r.get("absmax_min"), "{:.3g}"), cell(r.get("absmax_median"), "{:.3g}"),
+         cell(r.get("absmax_max"), "{:.3g}"), cell(r.get("tensor_to_median_log2"), "{:.2f}"),
+         _pct(r.get("clipped_block_frac"))] for r in tables.get("weight_blocks", [])])
+    outliers = _table("weight-outliers", ["layer", "outlier rows", "top rows [index, amax]", "outlier cols",
+                                          "top cols [index, amax]"], [
+        [cell(r.get("layer")), cell(r.get("n_outlier_rows"), "{:.0f}"),
+         cell(", ".join(f"[{i}, {_fmt_g(m)}]" for i, m in (r.get("top_rows") or []))),
+         cell(r.get("n_outlier_cols"), "{:.0f}"),
+         cell(", ".join(f"[{i}, {_fmt_g(m)}]" for i, m in (r.get("top_cols") or [])))]
+        for r in tables.get("weight_outliers", []) if r.get("n_outlier_rows") or r.get("n_outlier_cols")])
+    skipped = _table("weight-skipped", ["tensor", "shape", "dtype", "parameters", "share", "reason"], [
+        [cell(r.get("key")), cell("×".join(str(d) for d in r.get("shape") or []) or "scalar"), cell(r.get("dtype")),
+         cell(r.get("numel"), "{:.0f}"), _pct(r.get("param_share")), cell(r.get("reason"))]
+        for r in tables.get("skipped", [])])
+    ratio = next((r.get("ratio") for r in tables.get("weight_outliers", [])), None)
+    return {"note": str(info.get("note", "")), "analysed": info.get("analysed"), "skipped": info.get("skipped"),
+            "share": f"{100 * float(info.get('param_share_analysed') or 0):.2f} %", "blocks": blocks,
+            "outliers": outliers, "outlier_ratio": _fmt_g(ratio) if ratio is not None else "", "skipped_table": skipped}
+
+
 def _methods(meta: Mapping, strategies: list[str]) -> dict:
     rules = meta.get("rules") or {}
     fmts = meta.get("formats") or {}
@@ -461,6 +490,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "title": f"fp8probe report: {meta.get('name') or meta.get('model') or 'results'}",
         "info": [{"key": k, "value": str(v)} for k, v in info],
         "surrogate_loss": loss.get("kind") == "surrogate",
+        "no_gradient": str(loss.get("no_gradient") or ""),
         "n_layers": len(layers),
         "strategies": strategies,
         "keep_db": f"{keep_16bit_db:g}",
@@ -476,6 +506,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
                                         {r["layer"]: r.get("bsz") for r in tables["layers"]}),
         "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", ""), draw),
         "methods": _methods(meta, strategies),
+        "weights": _weights_section(meta, tables),
         # analysis records a recipe that raised on a layer instead of aborting the run
         "errors": _table("errors", ["layer", "strategy", "error"],
                          [[cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("error"))]

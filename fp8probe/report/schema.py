@@ -46,6 +46,24 @@ class ResultsError(ValueError):
     """A document that is not fp8probe results of a supported version."""
 
 
+# JSON integers are unbounded, floats are not: an integer beyond float64's range (~1.8e308) would raise
+# OverflowError wherever a table value is used as a number, so it is refused when the file is read.
+_MAX_INT_DIGITS = 308
+
+
+def parse_results_json(text: str, source: str = "results") -> Any:
+    """``json.loads`` for results files: integers must fit a float64 (ResultsError naming ``source`` otherwise)."""
+    import json
+
+    def parse_int(digits: str) -> int:
+        if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+            raise ResultsError(f"{source}: an integer of {len(digits.lstrip('-'))} digits is out of range (expected a "
+                               "number that fits a float64)")
+        return int(digits)
+
+    return json.loads(text, parse_int=parse_int)
+
+
 def validate_results(results: Any, source: str = "results") -> None:
     """Check schema, version, kind, metadata and that every table is a list of records (ResultsError, one line)."""
     if not isinstance(results, Mapping):

@@ -70,9 +70,13 @@ def test_three_formats_give_identical_results(saved, tmp_path) -> None:
         assert (out / "index.html").is_file() == (kind == "pt2")
         tables[kind] = _tables(out)
     base = tables["pt2"]
-    assert len(base["layers"]) == 9 and set(base["gemm"]["strategy"]) == set(STRATEGY.split(","))
+    # 9 linear layers plus QKᵀ and PV (plain matmuls of two activations) of each of the 2 blocks
+    assert len(base["layers"]) == 13 and set(base["gemm"]["strategy"]) == set(STRATEGY.split(","))
+    assert base["layers"]["kind"].value_counts().to_dict() == {"linear": 9, "matmul": 4}
+    n_batches = len(torch.load(saved["inputs"], weights_only=True))
+    assert base["coverage"]["captured"].sum() == 13 * n_batches and base["coverage"]["skipped"].sum() == 0
     for kind in ("pickle", "state_dict"):
-        for name in ("layers", "gemm", "operands", "tensors", "outliers", "histograms"):
+        for name in ("layers", "gemm", "operands", "tensors", "outliers", "histograms", "coverage"):
             pd.testing.assert_frame_equal(tables[kind][name], base[name], check_exact=True, obj=f"{kind}/{name}")
 
 
@@ -94,6 +98,8 @@ def test_pickle_refused_without_trust(saved, tmp_path) -> None:
     (lambda s, t: [str(s["pt2"]), "--inputs", str(s["bad_inputs"])], "a batch must be"),
     (lambda s, t: [str(s["pt2"]), "--strategy", "fp4"], "strategy must be"),
     (lambda s, t: [str(s["pt2"]), "--layers", "("], "regular expression"),
+    (lambda s, t: [str(s["pt2"]), "--gemms", "linear,fp4"], "--gemms: expected GEMM kinds"),
+    (lambda s, t: [str(s["pt2"]), "--inputs", str(s["inputs"]), "--layers", "#qk"], "no GEMM was captured matching"),
     (lambda s, t: [str(s["pickle"]), "--trust-pickle"], "no inputs"),
     (lambda s, t: [str(s["pickle"]), "--trust-pickle", "--inputs", str(s["float_inputs"])], "the model failed"),
 ])
@@ -146,3 +152,73 @@ def test_huggingface_directory(tmp_path) -> None:
                                 str(tmp_path / "o"), "-q", "--no-html")
     assert code == 0, stderr
     assert "loss: model" in stdout
+    # 4 Conv1D (addmm) + QKᵀ + PV + the tied lm_head, none skipped
+    assert "7 GEMM site(s)" in stdout and "captured 7 GEMMs = 100.0 % of GEMM FLOPs; skipped: none" in stdout
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["architectures"] = ["GPT2ForSequenceClassification"]  # a head the saved weights do not have
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    code, stdout, stderr = _run(str(tmp_path / "hf"), "--inputs", str(tmp_path / "in.pt"), "--out",
+                                str(tmp_path / "o2"), "-q", "--no-html")
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "do not fit GPT2ForSequenceClassification" in lines[0], stderr
+    assert "1 missing weight(s) (score.weight)" in lines[0]
+
+
+def test_gemms_option_selects_kinds_and_prints_coverage(tmp_path) -> None:
+    code, stdout, stderr = _run(f"{HERE / 'tiny_factory.py'}:build", "--strategy", "global", "--batches", "1",
+                                "--gemms", "matmul", "--out", str(tmp_path / "m"), "--no-html", "-q")
+    assert code == 0, stderr
+    assert "4 GEMM site(s)" in stdout
+    assert "captured 4 GEMMs = " in stdout and "skipped: 9 × linear: not selected (--gemms)" in stdout
+    tables = _tables(tmp_path / "m")
+    assert set(tables["layers"]["layer"]) == {f"blocks.{i}.attn#matmul{s}" for i in (0, 1) for s in ("", "#1")}
+    cov = tables["coverage"].set_index("kind")
+    assert cov.loc["linear", "skipped"] == 9 and cov.loc["matmul", "captured"] == 4
+
+
+NO_GRAD_FACTORY = """
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.kind == "detached":
+            return {"loss": y.square().mean().detach(), "logits": y.detach()}
+        return {"loss": y.argmax(-1).sum()}  # an integer loss: no gradient can flow
+
+
+def build(kind):
+    torch.manual_seed(0)
+    return Model(kind), [torch.randn(5, 8)]
+
+
+def detached():
+    return build("detached")
+
+
+def integer():
+    return build("integer")
+"""
+
+
+@pytest.mark.parametrize("kind", ["detached", "integer"])
+def test_loss_without_gradient_warns_and_report_says_why(tmp_path, kind) -> None:
+    """A loss that does not depend on the weights used to give fprop-only results, exit 0 and no word
+    (issue 11 item 10): now one warning line, the reason in results.json and a callout in the report."""
+    (tmp_path / "nograd.py").write_text(NO_GRAD_FACTORY)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["analyze", f"{tmp_path / 'nograd.py'}:{kind}", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "dgrad and wgrad are not analysed" in warning[0] and "--loss" in warning[0]
+    doc = json.loads((out / "results.json").read_text())
+    assert "does not depend on the weights" in doc["metadata"]["loss"]["no_gradient"]
+    assert {r["gemm"] for r in doc["tables"]["gemm"]} == {"fprop"}
+    assert "No dgrad / wgrad numbers" in (out / "index.html").read_text()

@@ -356,7 +356,9 @@ def test_compare_gate_fails_without_baseline_e2e() -> None:
     from fp8probe.report.compare import Gates, compare_results
 
     def doc(e2e):
-        tables = {"layers": [{"layer": "fc"}]}
+        # one gated GEMM row on both sides, so the documents have something in common besides e2e
+        tables = {"layers": [{"layer": "fc"}], "gemm": [{"layer": "fc", "strategy": "global", "gemm": "fprop",
+                                                        "sqnr_db": 30.0, "quantized": True}]}
         if e2e is not None:
             tables["e2e"] = e2e
         return {"schema": "fp8probe.results", "version": 2, "kind": "analyze", "metadata": {}, "tables": tables}
@@ -459,7 +461,8 @@ def test_bench_e2e_runs_on_a_tiny_llama(capsys) -> None:
     assert module.main(["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--vocab", "50",
                         "--seq", "8", "--strategy", "global", "--sensitivity", "estimated"]) == 0
     out = capsys.readouterr().out
-    assert "| isolated s | end-to-end s | ratio |" in out and "8 linear layers" in out and "verdict" in out
+    # 7 linear layers + lm_head + attention's QKᵀ and PV GEMMs
+    assert "| isolated s | end-to-end s | ratio |" in out and "10 GEMMs" in out and "verdict" in out
     model = module.TinyLlama(50, 32, 1, 2, 64)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert names == ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj",
@@ -481,8 +484,10 @@ def test_hugging_face_gpt2_conv1d_layers_run_end_to_end() -> None:
     with torch.no_grad():
         out = E.model_forward(model, batch, gemms)
         assert torch.equal(out.loss, model(input_ids=ids, labels=ids).loss)
-    assert gemms.order == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
-                           "transformer.h.0.mlp.c_proj", "lm_head"]
+    # Every GEMM, attention's two included, named as capture names them.
+    assert gemms.order == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn#qk", "transformer.h.0.attn#pv",
+                           "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
+                           "lm_head"]
     res = analyze(model, {"input_ids": ids, "labels": ids}, "global", sensitivity="estimated")
     row = res.tables["e2e"].iloc[0]
     assert row["note"] == "" and 0 < row["kl_div"] < 1e-3 and row["top1_agreement"] > 0.9

@@ -7,7 +7,7 @@ import torch
 from fp8probe import autograd as AG
 from fp8probe import functional as F
 from fp8probe.analysis.metrics import ErrorAccumulator
-from fp8probe.analysis.strategies import STRATEGIES, reference_gemms, resolve, run_strategy
+from fp8probe.analysis.strategies import STRATEGIES, WEIGHT_QUANTIZERS, reference_gemms, resolve, run_strategy
 
 
 def _operands(seed: int, tokens: int = 48, n_in: int = 64, n_out: int = 40):
@@ -118,7 +118,7 @@ def test_resolve() -> None:
 
 def test_shape_checks() -> None:
     A, W, G = _operands(7)
-    with pytest.raises(ValueError, match="same in"):
+    with pytest.raises(ValueError, match="same contraction size"):
         run_strategy(STRATEGIES["global"], A, W.t(), G)
     with pytest.raises(ValueError, match="G"):
         run_strategy(STRATEGIES["global"], A, W, G.t())
@@ -133,3 +133,19 @@ def test_transposed_weight_reuse_is_exact(granularity: str, block) -> None:
     q = F.dequantize_scaled(F.quantize_scaled(W, "e4m3", granularity, block), torch.float32)
     qt = F.dequantize_scaled(F.quantize_scaled(W.t().contiguous(), "e4m3", granularity, block), torch.float32)
     assert torch.equal(q.t(), qt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_weight_quantizer_is_the_runners_weight_operand(name: str, dtype: torch.dtype) -> None:
+    """WEIGHT_QUANTIZERS (what weights-only analysis uses) reproduces each runner's weight operand bit for bit."""
+    A, W, G = (t.to(dtype) for t in _operands(7, n_in=256, n_out=136))
+    W[3, 5] = 0.9  # one large element: per-tensor and per-block scales differ from the rows'
+    x, q_run, sat_run = run_strategy(STRATEGIES[name], A, W, G).operands["weight"]
+    wq = WEIGHT_QUANTIZERS[name]
+    assert wq.scaling in ("tensor", "row", "block") and (wq.block is not None) == (wq.scaling == "block")
+    q, sat = wq.quantize(W)
+    assert x is W and q.dtype == q_run.dtype and torch.equal(q, q_run)
+    assert (sat is None) == (sat_run is None)
+    if sat is not None:
+        assert torch.equal(sat, sat_run)

@@ -178,7 +178,10 @@ def test_sweep_commands(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     assert "rule: recommended" in res.output
     doc = json.loads((tmp_path / "t" / "results.json").read_text())
-    assert doc["kind"] == "sweep-threshold" and len(doc["tables"]["threshold_sweep"]) == 9 * 3
+    # 9 linear layers + QKᵀ and PV of 2 blocks, 3 thresholds each; the coverage line and table come along
+    assert doc["kind"] == "sweep-threshold" and len(doc["tables"]["threshold_sweep"]) == 13 * 3
+    assert "captured 13 GEMMs = 100.0 % of GEMM FLOPs; skipped: none" in res.output
+    assert doc["tables"]["coverage"] and doc["metadata"]["coverage"]["gemms_captured"] == 13
     assert "http" not in (tmp_path / "t" / "index.html").read_text()
     res = CliRunner().invoke(cli, ["sweep-blocksize", factory, "--blocksizes", "64,1024", "--batches", "1",
                                    "--layers", "fc1", "--out", str(tmp_path / "b")])

@@ -146,3 +146,131 @@ def test_sweep_rows_are_gated_too() -> None:
     details = {(v["layer"], v["detail"].split(" SQNR")[0]) for v in cmp["violations"]}
     assert details == {(row["layer"], "blockwise bs=32 fprop"), (th["layer"], "int8 threshold=6 fprop")}
     assert compare_results(demo, copy.deepcopy(demo))["passed"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The gate never passes on nothing, never fails on float32 noise (issue 11 items 7, 8, 11, 13)
+# ------------------------------------------------------------------------------------------------
+def _cli_compare(tmp_path: Path, base_path: str, cur: dict | str, *extra: str):
+    cur_path = cur if isinstance(cur, str) else _write(tmp_path, "cur.json", cur)
+    return CliRunner().invoke(cli, ["compare", base_path, cur_path, "--out", str(tmp_path / "c"), "--overwrite", *extra])
+
+
+def _without(results: dict, **drop) -> dict:
+    cur = copy.deepcopy(results)
+    for table, pred in drop.items():
+        cur["tables"][table] = [r for r in cur["tables"][table] if not pred(r)]
+    return cur
+
+
+@pytest.mark.parametrize("case", ["no gemm table", "empty gemm table", "strategy missing", "layer missing"])
+def test_missing_baseline_rows_fail_and_are_listed(base: dict, tmp_path: Path, case: str) -> None:
+    """Used to exit 0 "no gate exceeded" whenever the current results lacked what the baseline had."""
+    cur = copy.deepcopy(base)
+    if case == "no gemm table":
+        del cur["tables"]["gemm"]
+    elif case == "empty gemm table":
+        cur["tables"]["gemm"] = []
+    elif case == "strategy missing":
+        cur = _without(base, gemm=lambda r: r["strategy"] == "llm-int8", operands=lambda r: r["strategy"] == "llm-int8")
+    else:
+        cur = _without(base, **{t: (lambda r: r["layer"] == DEGRADED) for t in ("layers", "gemm", "operands", "outliers")})
+    res = _cli_compare(tmp_path, str(DATA), cur)
+    assert res.exit_code == 1, res.output
+    assert "missing:" in res.stderr and "missing from current" in res.stderr
+    if case == "layer missing":
+        assert DEGRADED in res.stderr
+    if case == "strategy missing":
+        assert "llm-int8 fprop" in res.stderr
+    assert "missing" in (tmp_path / "c" / "compare.md").read_text()
+    res = _cli_compare(tmp_path, str(DATA), cur, "--allow-missing")
+    assert res.exit_code == 0, res.output
+    assert "allowed by --allow-missing" in res.output
+
+
+def test_unrelated_models_exit_2(base: dict, tmp_path: Path) -> None:
+    other = json.loads(json.dumps(base).replace("blocks.", "encoder.layer.").replace('"head"', '"classifier"'))
+    res = _cli_compare(tmp_path, str(DATA), other)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "no layer in common" in lines[0], res.output
+
+
+def test_nothing_comparable_exits_2(base: dict, tmp_path: Path) -> None:
+    empty = copy.deepcopy(base)
+    for t in ("gemm", "operands", "outliers", "blocksize_sweep", "threshold_sweep"):
+        empty["tables"][t] = []
+    res = _cli_compare(tmp_path, _write(tmp_path, "empty_base.json", empty), empty)
+    assert res.exit_code == 2 and "nothing would be gated" in res.stderr, res.output
+
+
+@pytest.mark.parametrize("table, key, value", [("gemm", "sqnr_db", True), ("gemm", "sqnr_db", "12.5"),
+                                               ("operands", "underflow_frac", False), ("outliers", "n_outlier_cols", "3")])
+def test_non_numeric_metric_exits_2(base: dict, tmp_path: Path, table: str, key: str, value) -> None:
+    cur = copy.deepcopy(base)
+    cur["tables"][table][0][key] = value
+    res = _cli_compare(tmp_path, str(DATA), cur)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and key in lines[0] and "expected a number" in lines[0], res.output
+
+
+def _with_wgrad(results: dict, base_db: float, cur_db: float, quantized: bool | None) -> tuple[dict, dict]:
+    b, c = copy.deepcopy(results), copy.deepcopy(results)
+    for doc, db in ((b, base_db), (c, cur_db)):
+        for r in doc["tables"]["gemm"]:
+            if r["layer"] == DEGRADED and r["strategy"] == "fp8-mixed" and r["gemm"] == "wgrad":
+                r["sqnr_db"] = db
+            if quantized is not None:
+                r["quantized"] = quantized if (r["strategy"], r["gemm"]) == ("fp8-mixed", "wgrad") else True
+    return b, c
+
+
+@pytest.mark.parametrize("quantized", [False, None], ids=["flagged-unquantised", "old-file-noise-floor"])
+def test_float32_noise_does_not_fail_the_gate(base: dict, quantized) -> None:
+    """mixed leaves wgrad unquantised (~130 dB): 132.2 → 130.7 dB is float32 rounding, not a regression."""
+    b, c = _with_wgrad(base, 132.2, 130.7, quantized)
+    cmp = compare_results(b, c)
+    assert cmp["passed"], cmp["violations"]
+    row = next(r for r in cmp["sqnr"] if r["layer"] == DEGRADED and r["recipe"] == "fp8-mixed" and r["what"] == "wgrad")
+    assert not row["gated"] and row["delta_db"] == pytest.approx(-1.5)
+    text = compare_markdown(cmp)
+    counts = cmp["gated"]
+    n_mixed_wgrad = sum((r["strategy"], r["gemm"]) == ("fp8-mixed", "wgrad") for r in base["tables"]["gemm"])
+    assert (counts["unquantised"], counts["noise_floor"]) == ((n_mixed_wgrad, 0) if quantized is False else (0, 1))
+    assert f"SQNR gate applied to {counts['quantised']} quantised GEMM(s)" in text
+
+
+def test_quantised_gemm_and_fall_from_noise_floor_are_still_gated(base: dict) -> None:
+    b, c = _with_wgrad(base, 132.2, 40.0, None)  # an unquantised GEMM that became lossy: a real regression
+    assert not compare_results(b, c)["passed"]
+    cur = _degrade(base, drop_db=1.5)
+    for doc in (base, cur):
+        assert all("quantized" not in r for r in doc["tables"]["gemm"])
+    assert not compare_results(base, cur)["passed"]
+
+
+def test_markdown_naming_an_input_is_refused(tmp_path: Path) -> None:
+    baseline = tmp_path / "baseline.json"
+    baseline.write_bytes(DATA.read_bytes())
+    before = baseline.read_bytes()
+    res = CliRunner().invoke(cli, ["compare", str(baseline), str(DATA), "--out", str(tmp_path / "c"),
+                                   "--markdown", str(baseline)])
+    assert res.exit_code == 2 and "baseline results file" in res.stderr, res.output
+    assert baseline.read_bytes() == before
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(baseline), "--out", str(tmp_path)])
+    assert res.exit_code == 0  # --out holding an input under another name is fine
+    (tmp_path / "c2").mkdir()
+    cur = tmp_path / "c2" / "compare.md"
+    cur.write_bytes(DATA.read_bytes())
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(cur), "--out", str(tmp_path / "c2"), "--overwrite"])
+    assert res.exit_code == 2 and "current results file" in res.stderr and cur.read_bytes() == DATA.read_bytes()
+
+
+def test_huge_json_integer_exits_2(base: dict, tmp_path: Path) -> None:
+    """A 400-digit integer used to raise OverflowError (exit 3) where it became a float."""
+    cur = copy.deepcopy(base)
+    cur["tables"]["gemm"][0]["sqnr_db"] = 10**400
+    path = _write(tmp_path, "huge.json", cur)
+    for args in (["compare", str(DATA), path, "--out", str(tmp_path / "c")], ["report", path, "-o", str(tmp_path / "r.html")]):
+        res = CliRunner().invoke(cli, args)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and "401 digits" in lines[0] and "huge.json" in lines[0], res.output

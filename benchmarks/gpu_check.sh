@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# One-shot GPU verification for a session that is lent an NVIDIA GPU (see benchmarks/RESULTS.md § GPU).
+#
+# Run from the repository root on the GPU machine:   bash benchmarks/gpu_check.sh
+# Budget: under 8 minutes on one H100/H200 (each stage has its own timeout; a stage that fails or times
+# out is recorded and the next one still runs). Needs only the repository and a python3 with torch
+# (CUDA build) and CuPy; nothing is downloaded and no C/C++ compiler is required (the CPU fast path is
+# built when a compiler is there, else the reference runs the CPU side). Set PYTHON to choose the
+# interpreter. Writes into $OUT when set (else ./gpu_check_out): at most 8 files, each small:
+#   summary.txt        device, versions, one PASS/FAIL/TIMEOUT line per stage (read this first)
+#   cuda_tests.log     pytest -m cuda: CuPy kernels == PyTorch reference bit for bit, every op and dtype
+#   quantize_cuda.json, int8_cuda.json, scaled_cuda.json   the three op benchmarks (also printed as Markdown)
+#   analyze_cuda.txt   analyze --strategy all on the demo model, CPU vs GPU wall time
+#   gpu_check.log      everything each stage printed
+# Exit status: 0 when every stage passed, 1 when any failed or timed out, 3 when there is no usable GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+export OUT_DIR="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+SUMMARY="$OUT_DIR/summary.txt"
+: >"$LOG"
+: >"$SUMMARY"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset FP8PROBE_BACKEND   # the kernels, not the reference, must run
+status=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME SECONDS CMD...: run CMD with a timeout, append its output to the log, record the outcome.
+stage() {
+    local name=$1 secs=$2; shift 2
+    local t0=$SECONDS rc
+    echo "=== $name ($(date -u +%H:%M:%S)): $*" >>"$LOG"
+    timeout --kill-after=10 "$secs" "$@" >>"$LOG" 2>&1
+    rc=$?
+    local took=$((SECONDS - t0))
+    if [ $rc -eq 0 ]; then
+        note "PASS    $name (${took} s)"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        note "TIMEOUT $name (limit ${secs} s)"; status=1
+    else
+        note "FAIL    $name (exit $rc, ${took} s; see gpu_check.log)"; status=1
+    fi
+}
+
+{
+    echo "# fp8probe gpu_check $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/# gpu: /'
+    fi
+    "$PY" - <<'EOF' 2>&1
+import platform
+import torch
+print(f"# python {platform.python_version()}, torch {torch.__version__}, torch cuda {torch.version.cuda}, "
+      f"cuda available {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print(f"# device 0: {torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}")
+try:
+    import cupy
+    print(f"# cupy {cupy.__version__}")
+except Exception as exc:  # noqa: BLE001 - reported, not fatal here: the next check decides
+    print(f"# cupy not importable: {exc}")
+EOF
+} | tee -a "$SUMMARY"
+
+if ! "$PY" -c "import torch, cupy, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$LOG" 2>&1; then
+    note "no usable GPU (torch.cuda.is_available() false or CuPy missing): nothing to check"
+    exit 3
+fi
+
+# The CPU fast path is optional (the reference serves the CPU side without it); build it when possible.
+if "$PY" setup.py -q build_ext --inplace >>"$LOG" 2>&1; then
+    echo "# CPU fast path built" | tee -a "$SUMMARY"
+else
+    echo "# CPU fast path not built (no compiler?): CPU side uses the reference" | tee -a "$SUMMARY"
+fi
+
+stage "nvrtc-compile" 120 "$PY" -m fp8probe.kernels.check
+stage "kernels-registered" 60 "$PY" -c "
+import torch, fp8probe.ops
+from fp8probe.backends import cuda
+assert cuda._registered, 'CuPy kernels not registered (FP8PROBE_BACKEND set, or CuPy missing)'
+x = torch.randn(4096, device='cuda')
+import fp8probe.functional as F
+q, st = F.quantize_blockwise(x, blocksize=256)
+torch.cuda.synchronize(); print('blockwise quantize on cuda ok', q.device, q.dtype)"
+stage "cuda-tests" 240 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda_backend.py \
+    --junitxml="$OUT_DIR/cuda_tests.xml"
+cp "$LOG" "$OUT_DIR/cuda_tests.log" 2>/dev/null || true
+rm -f "$OUT_DIR/cuda_tests.xml"   # only the log comes back (8-file limit); the failures are in it
+
+stage "bench-quantize" 120 "$PY" benchmarks/bench_quantize.py --device cuda --markdown --sizes 16M,64M \
+    --json "$OUT_DIR/quantize_cuda.json"
+stage "bench-int8" 90 "$PY" benchmarks/bench_int8.py --device cuda --markdown --json "$OUT_DIR/int8_cuda.json"
+stage "bench-scaled" 90 "$PY" benchmarks/bench_scaled.py --device cuda --markdown --sizes 16M,64M \
+    --json "$OUT_DIR/scaled_cuda.json"
+
+stage "analyze-cuda" 120 "$PY" - <<'EOF'
+"""analyze --strategy all on the demo model on CPU and on the GPU: same layers, wall time of each."""
+import os
+import time
+
+import torch
+
+from fp8probe.analysis.demo_model import DemoConfig, build_model, make_batches
+from fp8probe.analysis.pipeline import analyze
+
+cfg = DemoConfig()
+batches = make_batches(2, 8, cfg.seq, seed=1, vocab=cfg.vocab)
+times = {}
+for device in ("cpu", "cuda"):
+    model = build_model(cfg).to(device)
+    analyze(model, batches[:1], "all", layers=r"^head$", device=device)  # warm-up: kernels compile once
+    t0 = time.perf_counter()
+    res = analyze(model, batches, "all", device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times[device] = time.perf_counter() - t0
+    gemm = res.tables["gemm"]
+    print(f"{device}: {len(res.tables['layers'])} layers, {len(gemm)} gemm rows, {times[device]:.2f} s")
+line = (f"| demo model, 2 batches, all strategies | cpu {times['cpu']:.2f} s | cuda {times['cuda']:.2f} s | "
+        f"x{times['cpu'] / times['cuda']:.1f} |")
+print(line)
+with open(os.path.join(os.environ.get("OUT_DIR", "."), "analyze_cuda.txt"), "w") as fh:
+    fh.write(line + "\n")
+EOF
+
+note "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
+exit $status

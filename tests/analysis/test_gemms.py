@@ -1,0 +1,277 @@
+"""gemms.py + capture.py: every GEMM of a model is found (linear anywhere, matmul/einsum, attention, conv), named the
+same eager and exported, replaceable at its site, and what is not captured is counted with its reason."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8probe.analysis.capture import capture_batch
+from fp8probe.analysis.gemms import Coverage, GemmHandler, coverage_line, im2col, intercept, parse_kinds
+from fp8probe.analysis.loading import Batch, from_exported_program
+from fp8probe.analysis.pipeline import analyze
+from fp8probe.analysis.strategies import STRATEGIES, _fq_scaled
+
+
+def _capture(model, *args, kinds=None, layers=None):
+    cov = Coverage(parse_kinds(kinds))
+    calls = []
+    capture_batch(model, Batch(args), calls.append, coverage=cov, layers=layers)
+    return {c.name: c for c in calls}, cov
+
+
+def _sqnr_db(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    ref, lp = ref.double(), lp.double()
+    return 10 * math.log10(ref.pow(2).sum().item() / (ref - lp).pow(2).sum().item())
+
+
+def _encoder() -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
+
+
+def test_transformer_encoder_every_gemm_with_gradients() -> None:
+    model = _encoder()
+    x = torch.randn(2, 5, 16)
+    calls, cov = _capture(model, x)
+    for i in range(2):
+        p = f"0.layers.{i}."
+        for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2", "self_attn#qk", "self_attn#pv"):
+            c = calls[p + name]
+            assert c.grad_output is not None, name
+            assert c.grad_output.shape == (*c.activation.shape[:-1], c.weight.shape[-2])
+        qk, pv = calls[p + "self_attn#qk"], calls[p + "self_attn#pv"]
+        assert qk.kind == pv.kind == "attention" and not qk.b_is_weight
+        assert qk.activation.shape == (2 * 2, 5, 8) and pv.weight.shape == (2 * 2, 8, 5)  # [B·heads, ...]
+        assert calls[p + "self_attn.in_proj"].weight.shape == (48, 16)
+    assert "1" in calls and len(calls) == 13
+    summary = cov.summary()
+    assert summary["gemms_executed"] == summary["gemms_captured"] == 13 and summary["flop_share"] == 1.0
+    assert set(cov.table()["kind"]) == {"linear", "attention"}
+
+
+def test_attention_probabilities_and_output_match_the_fused_kernel() -> None:
+    model = _encoder()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    seen = {}
+
+    class Keep(GemmHandler):
+        def output(self, site, y):
+            seen[site.name] = (site.operands(), y)
+            return y
+
+    with torch.no_grad(), intercept(model, Keep(), Coverage()):
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (q, k), scores = seen["0.layers.0.self_attn#qk"]
+    (probs, vt), out = seen["0.layers.0.self_attn#pv"]
+    # outputs arrive in the op's layout [batch, heads, L, S]; operands in normal form [batch·heads, ...]
+    torch.testing.assert_close(scores.reshape(4, 5, 5), q @ k.mT)
+    torch.testing.assert_close(probs, torch.softmax(q @ k.mT / math.sqrt(8), -1))
+    torch.testing.assert_close(out.reshape(4, 5, 8), probs @ vt.mT)
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, groups=2)
+        self.conv3 = nn.Conv1d(8, 4, 2, dilation=2, padding="same")
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.conv1(x)))
+        h = self.conv3(h.flatten(2))
+        return self.fc(h.mean(-1))
+
+
+def test_cnn_convs_as_implicit_gemms_and_sqnr_by_hand() -> None:
+    torch.manual_seed(1)
+    model, x = _CNN().eval(), torch.randn(2, 3, 8, 8)
+    res = analyze(model, [x], "ocp-tensorwise")
+    layers = res.tables["layers"].set_index("layer")
+    assert list(layers.index) == ["conv1", "conv2", "conv3", "fc"]
+    assert layers.loc[["conv1", "conv2", "conv3"], "kind"].tolist() == ["conv"] * 3
+    assert layers.loc["conv1", "in_features"] == 27 and layers.loc["conv1", "tokens"] == 2 * 64
+    assert layers.loc["conv2", "batch"] == 2  # two groups: two GEMMs per call
+    assert res.metadata["coverage"]["flop_share"] == 1.0
+    # conv1 sees the batch itself: im2col with F.unfold, E4M3FN per-tensor quantiser, float32 GEMM
+    A = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    W = model.conv1.weight.detach().reshape(8, 27)
+    qA, _ = _fq_scaled(A, "e4m3", "tensor", None)
+    qW, _ = _fq_scaled(W, "e4m3", "tensor", None)
+    gemm = res.tables["gemm"].set_index(["layer", "strategy", "gemm"])
+    assert gemm.loc[("conv1", "ocp-tensorwise", "fprop"), "sqnr_db"] == pytest.approx(_sqnr_db(A @ W.T, qA @ qW.T),
+                                                                                       rel=1e-6)
+    assert {"dgrad", "wgrad"} <= set(res.tables["gemm"]["gemm"])
+
+
+def test_im2col_matches_conv_for_1d_2d_3d_strides_dilations() -> None:
+    torch.manual_seed(2)
+    for nd, conv in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
+        x = torch.randn(2, 3, *([7] * nd))
+        w = torch.randn(4, 3, *([3] * nd))
+        stride, dilation, pad = (2,) * nd, (2,) * nd, [1, 2] * nd
+        torch_pad = [p for i in reversed(range(nd)) for p in pad[2 * i:2 * i + 2]]  # F.pad: last dim first
+        ref = conv(F.pad(x, torch_pad), w, stride=stride, dilation=dilation)
+        cols = im2col(x, (3,) * nd, stride, pad, dilation)
+        got = (cols @ w.reshape(4, -1).T).reshape(2, -1, 4).transpose(1, 2).reshape(ref.shape)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+class _Mixed(nn.Module):
+    """One of each: F.linear with a raw parameter, x @ W.t(), bmm, einsum, sdpa (GQA, causal), conv, addmm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+        self.proj = nn.Linear(16, 16)
+        self.conv = nn.Conv1d(16, 16, 3, padding=1)
+        self.b = nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:           # x [2, 6, 16]
+        h = F.linear(x, self.w)
+        h = h @ self.proj.weight.t()
+        s = torch.bmm(h, x.transpose(1, 2))                      # [2, 6, 6]
+        h = h + torch.einsum("bqk,bkd->bqd", s.softmax(-1), x)
+        q = h.view(2, 6, 4, 4).transpose(1, 2)                   # 4 query heads, 2 key/value heads
+        kv = x.view(2, 6, 4, 4).transpose(1, 2)[:, :2]
+        a = F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(2, 6, 16)
+        c = self.conv(a.transpose(1, 2)).transpose(1, 2)
+        return torch.addmm(self.b, c.reshape(-1, 16), self.w).sum(0)
+
+
+def test_every_site_replaced_by_its_own_normal_form_gives_the_model_output() -> None:
+    torch.manual_seed(3)
+    model, x = _Mixed(), torch.randn(2, 6, 16)
+    with torch.no_grad():
+        expected = model(x)
+
+    class Recompute(GemmHandler):
+        def __init__(self) -> None:
+            self.sites = []
+
+        def replace(self, site):
+            a, b = site.operands()
+            self.sites.append((site.name, site.kind, site.op))
+            return a @ b.mT
+
+    h = Recompute()
+    with torch.no_grad(), intercept(model, h, Coverage()):
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert h.sites == [("w", "linear", "linear"), ("proj", "linear", "matmul"), ("#bmm", "matmul", "bmm"),
+                       ("#einsum", "matmul", "einsum"), ("#qk", "attention", "sdpa"), ("#pv", "attention", "sdpa"),
+                       ("conv", "conv", "conv1d"), ("w#1", "linear", "addmm")]
+
+    class Zero(GemmHandler):
+        def replace(self, site):
+            return torch.zeros(site.shapes()[0][:-1] + (site.shapes()[1][-2],)) if site.name == "conv" else None
+
+    with torch.no_grad(), intercept(model, Zero(), Coverage()):
+        zeroed = model(x)
+    # conv output = its bias only, so the last GEMM sees rows equal to conv.bias
+    torch.testing.assert_close(zeroed, 12 * (model.conv.bias @ model.w + model.b), rtol=1e-4, atol=1e-4)
+
+
+def test_kinds_selection_and_skips_counted_with_flop_share() -> None:
+    torch.manual_seed(4)
+    model, x = _Mixed(), torch.randn(2, 6, 16)
+    calls, cov = _capture(model, x, kinds="linear,conv")
+    assert sorted(calls) == ["conv", "proj", "w", "w#1"]
+    table = cov.table().set_index("op")
+    assert table.loc["sdpa", "skipped"] == 2 and table.loc["sdpa", "reason"] == "not selected (--gemms) (2)"
+    s = cov.summary()
+    assert s["gemms_executed"] == 8 and s["gemms_captured"] == 4
+    expected = table["gflops_captured"].sum() / table["gflops"].sum()
+    assert s["flop_share"] == pytest.approx(expected) and 0 < s["flop_share"] < 1
+    assert s["skipped"] == {"bmm: not selected (--gemms)": 1, "einsum: not selected (--gemms)": 1,
+                            "sdpa: not selected (--gemms)": 2}
+    line = coverage_line(s)
+    assert line.startswith(f"captured 4 GEMMs = {100 * expected:.1f} % of GEMM FLOPs; skipped: ")
+    assert "2 × sdpa: not selected (--gemms)" in line
+    with pytest.raises(ValueError, match="expected GEMM kinds"):
+        parse_kinds("linear,fp4")
+
+
+class _Unsupported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = torch.ones(32, 32, dtype=torch.int8)
+        int_sum = torch._int_mm(codes, codes).sum() * 0  # an already-int8 GEMM (a quantised model's own)
+        return (self.fc(self.up(x).flatten(1)) + int_sum
+                + torch.einsum("bi,bj,bk->b", x[:, 0, 0], x[:, 0, 0], x[:, 0, 0])[:, None])
+
+
+def test_unsupported_ops_are_skipped_with_reason_and_flops() -> None:
+    torch.manual_seed(5)
+    calls, cov = _capture(_Unsupported(), torch.randn(2, 4, 2, 2))
+    assert list(calls) == ["fc"]
+    table = cov.table().set_index("op")
+    assert table.loc["conv_transpose2d", "kind"] == "other"
+    assert "transposed convolution" in table.loc["conv_transpose2d", "reason"]
+    # conv_transpose2d: 2 · N·C_in·H·W · C_out·k·k = 2·2·4·4·4·4 FLOPs; fc: 2·2·64·3
+    assert table.loc["conv_transpose2d", "gflops"] * 1e9 == pytest.approx(2 * 2 * 16 * 16)
+    # a three-operand einsum has no single-GEMM form: 2·b·i·j·k = 32 FLOPs counted, skipped
+    assert table.loc["einsum", "skipped"] == 1 and table.loc["einsum", "gflops"] * 1e9 == pytest.approx(32)
+    assert table.loc["einsum", "reason"].startswith("einsum that is not a contraction of two")
+    assert table.loc["_int_mm", "reason"] == "already a low-precision GEMM (1)"
+    assert table.loc["_int_mm", "gflops"] * 1e9 == 2 * 32 ** 3
+    s = cov.summary()
+    assert s["gemms_captured"] == 1 and s["flop_share"] == pytest.approx(768 / (768 + 1024 + 32 + 2 * 32 ** 3))
+    assert any(k.startswith("conv_transpose2d: transposed convolution") for k in s["skipped"])
+
+
+def test_wrapped_export_and_eager_share_names_and_numbers() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.m = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(x)
+
+    model, x = _encoder(), torch.randn(2, 5, 16)
+    eager = analyze(model, [x], "ocp-rowwise")
+    exported = analyze(from_exported_program(torch.export.export(Wrapper(model), (x,))), [x], "ocp-rowwise")
+    assert exported.tables["layers"]["layer"].tolist() == eager.tables["layers"]["layer"].tolist()
+    a = exported.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    b = eager.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    assert len(a) == 13 * 3
+    assert (a - b).abs().max() < 1e-3
+
+
+def test_layers_regex_skips_are_counted() -> None:
+    calls, cov = _capture(_encoder(), torch.randn(2, 5, 16), layers=r"#(qk|pv)$")
+    assert sorted(calls) == sorted(f"0.layers.{i}.self_attn#{g}" for i in (0, 1) for g in ("qk", "pv"))
+    assert cov.summary()["skipped"] == {"linear: not matched by --layers": 9}
+
+
+def test_strategies_run_two_activation_gemms_per_slice() -> None:
+    torch.manual_seed(6)
+    A, B, G = torch.randn(3, 8, 32), torch.randn(3, 5, 32), torch.randn(3, 8, 5)
+    from fp8probe.analysis.strategies import run_strategy
+
+    for name, strat in STRATEGIES.items():
+        out = run_strategy(strat, A, B, G, b_is_weight=False)
+        assert out.gemms["fprop"].shape == (3, 8, 5) and out.gemms["wgrad"].shape == (3, 5, 32), name
+        one = run_strategy(strat, A[1], B[1], G[1], b_is_weight=False)
+        torch.testing.assert_close(out.gemms["fprop"][1], one.gemms["fprop"])
+        assert "Two activations" in strat.rules and "slice" in strat.rules
+    # ocp-blockwise: a second activation gets 1x128 tiles, not the weight's 128x128 blocks
+    blk = STRATEGIES["ocp-blockwise"]
+    a2, b2 = torch.randn(4, 256), torch.randn(130, 256)
+    q_act = run_strategy(blk, a2, b2, None, b_is_weight=False).operands["weight"][1]
+    q_w = run_strategy(blk, a2, b2, None, b_is_weight=True).operands["weight"][1]
+    torch.testing.assert_close(q_act, _fq_scaled(b2, "e4m3", "block", (1, 128))[0])
+    assert not torch.equal(q_act, q_w)

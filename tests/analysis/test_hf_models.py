@@ -1,0 +1,126 @@
+"""Hugging Face models built from tiny configs (random init, never downloaded): the saved class is the loaded class,
+weights that do not fit are an error, GPT-2 gives the same layers and numbers as a directory and as .pt2, and
+Llama's scaled_dot_product_attention is captured as QKᵀ and PV per layer."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from fp8probe.analysis.capture import capture_batch  # noqa: E402
+from fp8probe.analysis.gemms import Coverage  # noqa: E402
+from fp8probe.analysis.loading import Batch, LoadError, load_model  # noqa: E402
+from fp8probe.analysis.pipeline import analyze  # noqa: E402
+from fp8probe.analysis.strategies import _fq_scaled  # noqa: E402
+
+
+def _bert(tmp_path, cls_name: str = "BertForSequenceClassification"):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    model = getattr(transformers, cls_name)(cfg)
+    d = tmp_path / cls_name
+    model.save_pretrained(d)
+    return model, d
+
+
+def test_bert_directory_loads_the_saved_head_and_analyses_its_classifier(tmp_path) -> None:
+    model, d = _bert(tmp_path)
+    loaded = load_model(d)
+    assert type(loaded.module) is transformers.BertForSequenceClassification
+    assert "BertForSequenceClassification" in loaded.description
+    for name, p in model.state_dict().items():  # exactly the saved weights, none re-initialised
+        torch.testing.assert_close(loaded.module.state_dict()[name], p, rtol=0, atol=0)
+    ids = torch.randint(0, 40, (2, 6))
+    res = analyze(loaded, [{"input_ids": ids, "labels": torch.tensor([0, 2])}], "global")
+    names = res.tables["layers"]["layer"].tolist()
+    assert "classifier" in names and "bert.pooler.dense" in names
+    assert "bert.encoder.layer.0.attention.self#qk" in names
+    assert res.metadata["loss"]["kind"] == "model" and res.metadata["model"] == loaded.description
+
+
+def test_hf_weights_that_do_not_fit_or_unknown_class_exit_with_the_reason(tmp_path) -> None:
+    _, d = _bert(tmp_path, "BertModel")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["BertForSequenceClassification"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"do not fit BertForSequenceClassification: .*missing weight\(s\) \(classifier"):
+        load_model(d)
+    cfg["architectures"] = ["BertForTimeTravel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="cannot build BertForTimeTravel .*has no such class"):
+        load_model(d)
+
+
+class _Logits(nn.Module):
+    """What people export: the HF model wrapped so the program returns plain logits."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=input_ids).logits
+
+
+def test_gpt2_directory_and_pt2_give_the_same_layers_and_numbers(tmp_path) -> None:
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, use_cache=False)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    model.save_pretrained(tmp_path / "gpt2")
+    torch.export.save(torch.export.export(_Logits(model), (), {"input_ids": ids}), tmp_path / "gpt2.pt2")
+    batch = [{"input_ids": ids}]
+    from_dir = analyze(load_model(tmp_path / "gpt2"), batch, "ocp-tensorwise")
+    from_pt2 = analyze(load_model(tmp_path / "gpt2.pt2"), batch, "ocp-tensorwise")
+    layers = from_dir.tables["layers"]["layer"].tolist()
+    assert layers == from_pt2.tables["layers"]["layer"].tolist()
+    # 4 Conv1D (addmm) + QKᵀ + PV per block, and the tied lm_head
+    assert layers[:6] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn#qk", "transformer.h.0.attn#pv",
+                          "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert len(layers) == 13 and layers[-1] == "lm_head"
+    a = from_dir.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    b = from_pt2.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    assert (a - b).abs().max() < 1e-3
+    assert from_dir.metadata["coverage"]["flop_share"] == from_pt2.metadata["coverage"]["flop_share"] == 1.0
+
+
+def test_llama_sdpa_captured_as_qk_and_pv_per_layer_matching_a_hand_decomposition() -> None:
+    torch.manual_seed(2)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   use_cache=False, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    calls, cov = [], Coverage()
+    # The captured run's logits equal the fused kernel's (the decomposition is sdpa's math).
+    out = {}
+    capture_batch(model, Batch((), {"input_ids": ids}), calls.append, coverage=cov,
+                  loss_fn=lambda o, b: out.setdefault("logits", o.logits).pow(2).mean(), loss_name="test")
+    torch.testing.assert_close(out["logits"].detach(), expected, rtol=1e-5, atol=1e-5)
+    by_name = {c.name: c for c in calls}
+    for i in range(2):
+        qk, pv = by_name[f"model.layers.{i}.self_attn#qk"], by_name[f"model.layers.{i}.self_attn#pv"]
+        assert qk.activation.shape == (2 * 4, 7, 8) and qk.weight.shape == (2 * 4, 7, 8)  # k repeated for 4 heads
+        assert qk.grad_output.shape == (8, 7, 7) and pv.grad_output.shape == (8, 7, 8)
+        # PV's first operand is softmax(causal(q·kᵀ / sqrt(d))) of QKᵀ's operands
+        scores = qk.activation @ qk.weight.mT / math.sqrt(8)
+        causal = torch.ones(7, 7, dtype=torch.bool).tril()
+        torch.testing.assert_close(pv.activation, scores.masked_fill(~causal, -math.inf).softmax(-1))
+    assert cov.summary()["flop_share"] == 1.0 and cov.summary()["gemms_captured"] == 2 * (7 + 2) + 1
+    # the recipe's number for a QKᵀ GEMM equals the one computed by hand from the captured operands
+    res = analyze(model, [{"input_ids": ids}], "ocp-rowwise", layers=r"layers\.0\.self_attn#qk")
+    qk = by_name["model.layers.0.self_attn#qk"]
+    lp = torch.stack([_fq_scaled(qk.activation[h], "e4m3", "row", None)[0]
+                      @ _fq_scaled(qk.weight[h], "e4m3", "row", None)[0].T for h in range(8)])
+    ref = qk.activation.double() @ qk.weight.double().mT
+    hand = 10 * math.log10(ref.pow(2).sum().item() / (ref - lp.double()).pow(2).sum().item())
+    got = res.tables["gemm"].set_index(["layer", "gemm"]).loc[("model.layers.0.self_attn#qk", "fprop"), "sqnr_db"]
+    assert got == pytest.approx(hand, rel=1e-6)

@@ -1,0 +1,359 @@
+"""Weights-only analysis of checkpoints without a model: same weight numbers as a full analyze, skipped tensors, chunking, bounded memory."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fp8probe.analysis.pipeline import analyze
+from fp8probe.analysis.results import Results
+from fp8probe.analysis.strategies import STRATEGIES, WEIGHT_QUANTIZERS
+from fp8probe.analysis.weights_only import (WEIGHTS_ONLY_NOTE, _chunks, _finite_absmax, _quantize_chunk,
+                                            analyse_weight, analyze_weights, open_checkpoint,
+                                            sweep_blocksize_weights)
+from fp8probe.analysis.sweeps import sweep_blocksize
+from fp8probe.cli import cli
+
+save_file = pytest.importorskip("safetensors.torch").save_file
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+ALL = "all"
+
+
+def _records(results: Results, table: str) -> dict[tuple, dict]:
+    """JSON records of a table keyed by (layer, strategy|tensor|blocksize...), NaN written as null."""
+    rows = results.to_json()["tables"].get(table, [])
+    keyf = {"operands": ("layer", "strategy", "operand"), "tensors": ("layer", "tensor"),
+            "histograms": ("layer", "tensor"), "blocksize_sweep": ("layer", "blocksize", "target")}[table]
+    return {tuple(r[k] for k in keyf): r for r in rows}
+
+
+def _weight_rows(results: Results, table: str) -> dict[tuple, dict]:
+    recs = _records(results, table)
+    return {k: v for k, v in recs.items() if "weight" in k}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    """The tiny encoder, its batches and a full analysis with every strategy (float32 and bfloat16)."""
+    sys.path.insert(0, str(HERE))
+    from tiny_factory import build
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, batches = build()
+        model = model.to(dtype)
+        out[dtype] = {"model": model, "full": analyze(model, batches, ALL)}
+    return out
+
+
+def _write(model: torch.nn.Module, kind: str, root: Path) -> Path:
+    """Save ``model``'s state_dict as ``kind`` under ``root``; returns what to pass as MODEL."""
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "pt":
+        torch.save(sd, root / "weights.pt")
+        return root / "weights.pt"
+    if kind == "safetensors":
+        save_file(sd, str(root / "model.safetensors"))
+        return root / "model.safetensors"
+    keys = list(sd)
+    shards = {"model-00001-of-00003.safetensors": keys[0::3], "model-00002-of-00003.safetensors": keys[1::3],
+              "model-00003-of-00003.safetensors": keys[2::3]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(root / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    return root / "model.safetensors.index.json" if kind == "sharded" else root
+
+
+@pytest.mark.parametrize("kind,dtype", [("pt", torch.float32), ("pt", torch.bfloat16), ("safetensors", torch.float32),
+                                        ("sharded", torch.bfloat16), ("directory", torch.float32)])
+def test_weight_rows_equal_a_full_analysis(tiny, tmp_path, kind: str, dtype: torch.dtype) -> None:
+    """Operand, tensor-statistics and histogram rows of the weight are those of a full analyze of the same
+    model, number for number, under the same layer names."""
+    full = tiny[dtype]["full"]
+    path = _write(tiny[dtype]["model"], kind, tmp_path / kind)
+    wo = analyze_weights(path, ALL)
+    assert wo.metadata["weights_only"]["note"] == WEIGHTS_ONLY_NOTE and wo.kind == "analyze"
+    full_layers = set(full.tables["layers"]["layer"])
+    assert full_layers <= set(wo.tables["layers"]["layer"])  # tok/pos embeddings of the tiny model are extra
+    for table in ("operands", "tensors", "histograms"):
+        got, want = _weight_rows(wo, table), _weight_rows(full, table)
+        assert len(want) == len(full_layers) * (len(STRATEGIES) if table == "operands" else 1)
+        for key, row in want.items():
+            assert got[key] == row, (table, key)
+
+
+def test_cli_weights_only_on_a_state_dict(tiny, tmp_path) -> None:
+    """A state_dict without --factory and --inputs is analysed, not refused; banner on stderr."""
+    path = _write(tiny[torch.float32]["model"], "pt", tmp_path)
+    res = CliRunner().invoke(cli, ["analyze", str(path), "-s", "global,int8", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "weights-only analysis: 11 weight(s)" in res.stderr and "activations and gradients were not seen" in res.stderr
+    assert "weight SQNR dB" in res.stdout and "blocks.1.fc1" in res.stdout
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["metadata"]["weights_only"]["analysed"] == 11
+    assert {r["operand"] for r in doc["tables"]["operands"]} == {"weight"}
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "activations and gradients were not seen" in html
+    # with --inputs the model must be run: the state_dict still needs its factory
+    torch.save(torch.zeros(1, 16, dtype=torch.long), tmp_path / "x.pt")
+    res = CliRunner().invoke(cli, ["analyze", str(path), "--inputs", str(tmp_path / "x.pt"), "--out",
+                                   str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "--factory" in res.stderr
+    res = CliRunner().invoke(cli, ["sweep-threshold", str(path), "--out", str(tmp_path / "o3")])
+    assert res.exit_code == 2 and "activation" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_huggingface_directory_without_inputs(tmp_path) -> None:
+    """A Hugging Face directory without --inputs: weights-only, layer names and weight numbers equal to
+    the full analysis of the model transformers builds from the same directory."""
+    transformers = pytest.importorskip("transformers")
+    from fp8probe.analysis.loading import load_model
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "hf"), "-s", "int8,ocp-blockwise", "--out",
+                                   str(tmp_path / "out"), "--no-html"])
+    assert res.exit_code == 0, res.output
+    wo = Results.load(tmp_path / "out")
+    loaded = load_model(tmp_path / "hf")
+    full = analyze(loaded, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)),
+                   "int8,ocp-blockwise")
+    full_layers = set(full.tables["layers"]["layer"])
+    assert "model.layers.1.mlp.down_proj" in full_layers and "lm_head" in full_layers
+    assert set(wo.tables["layers"]["layer"]) == full_layers  # embed_tokens skipped as an embedding
+    skipped = wo.tables["skipped"].set_index("key")
+    assert skipped.loc["model.embed_tokens.weight", "reason"].startswith("embedding")
+    got, want = _weight_rows(wo, "operands"), _weight_rows(full, "operands")
+    assert got.keys() == want.keys()
+    for key in want:
+        for col in ("sqnr_db", "underflow_frac", "saturation_frac", "note"):
+            assert got[key][col] == want[key][col], (key, col)
+
+
+def test_skipped_tensors_and_their_share(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    sd = {"embed_tokens.weight": torch.randn(50, 16, generator=gen), "layers.0.norm.weight": torch.ones(16),
+          "layers.0.proj.weight": torch.randn(24, 16, generator=gen), "layers.0.proj.bias": torch.zeros(24),
+          "layers.0.conv.weight": torch.randn(8, 4, 3, 3, generator=gen), "position_ids": torch.arange(16),
+          "layers.0.proj.weight_scale": torch.ones(2, 2)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    total = sum(v.numel() for v in sd.values())
+    res = analyze_weights(tmp_path / "m.safetensors", "ocp-rowwise")
+    layers = res.tables["layers"].set_index("layer")
+    assert list(layers.index) == ["layers.0.conv", "layers.0.proj"]
+    assert layers.loc["layers.0.conv", "kind"] == "conv" and layers.loc["layers.0.conv", "in_features"] == 36
+    assert layers.loc["layers.0.proj", "has_bias"] and not layers.loc["layers.0.conv", "has_bias"]
+    skipped = res.tables["skipped"].set_index("key")
+    assert set(skipped.index) == {"embed_tokens.weight", "layers.0.norm.weight", "layers.0.proj.bias", "position_ids",
+                                  "layers.0.proj.weight_scale"}
+    assert skipped.loc["embed_tokens.weight", "param_share"] == pytest.approx(800 / total)
+    assert "--include-embeddings" in skipped.loc["embed_tokens.weight", "reason"]
+    assert "not floating point" in skipped.loc["position_ids", "reason"]
+    meta = res.metadata["weights_only"]
+    assert meta["param_share_analysed"] == pytest.approx((24 * 16 + 8 * 36) / total)
+    with_emb = analyze_weights(tmp_path / "m.safetensors", "ocp-rowwise", include_embeddings=True)
+    assert with_emb.tables["layers"].set_index("layer").loc["embed_tokens", "kind"] == "embedding"
+    only = analyze_weights(tmp_path / "m.safetensors", "global", layers=r"proj$")
+    assert list(only.tables["layers"]["layer"]) == ["layers.0.proj"]
+
+
+def test_float8_checkpoint_is_upcast_exactly(tmp_path) -> None:
+    w32 = (torch.randn(40, 64, generator=torch.Generator().manual_seed(2)) * 30).to(torch.float8_e4m3fn).float()
+    save_file({"a.weight": w32.to(torch.float8_e4m3fn)}, str(tmp_path / "fp8.safetensors"))
+    save_file({"a.weight": w32}, str(tmp_path / "fp32.safetensors"))
+    fp8 = analyze_weights(tmp_path / "fp8.safetensors", ALL)
+    fp32 = analyze_weights(tmp_path / "fp32.safetensors", ALL)
+    assert fp8.tables["layers"]["dtype"].tolist() == ["F8_E4M3"]
+    assert _weight_rows(fp8, "operands") == _weight_rows(fp32, "operands")
+    assert _weight_rows(fp8, "tensors") == _weight_rows(fp32, "tensors")
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_chunks_quantise_exactly_like_the_whole_tensor(name: str) -> None:
+    """Row chunks (tensor-scaled recipes pinned to the tensor's absmax) give the whole tensor's codes bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    W = (torch.randn(300, 256, generator=gen) * 0.02).to(torch.bfloat16)
+    W[217, 9] = 1.5  # the tensor's absmax sits in a late chunk
+    W[5, 5] = float("nan")
+    wq = WEIGHT_QUANTIZERS[name]
+    q_whole, _ = wq.quantize(W)
+    multiple = wq.block[0] if wq.scaling == "block" else 1
+    pin = None
+    if wq.scaling == "tensor":
+        pin = torch.zeros(1, 256, dtype=W.dtype)
+        pin[0, 0] = _finite_absmax(W, 4096)
+    parts = [_quantize_chunk(wq.quantize, x, pin)[0] for _, x in _chunks(W, multiple, 128 * 64)]
+    assert len(parts) > 1
+    assert torch.equal(torch.cat(parts).nan_to_num(nan=7.0), q_whole.nan_to_num(nan=7.0))
+
+
+def test_chunked_analysis_equals_one_chunk() -> None:
+    gen = torch.Generator().manual_seed(4)
+    W = (torch.randn(384, 200, generator=gen) * 0.02).to(torch.bfloat16)
+    W[300, 7] = 0.9
+    W[:, 11] *= 20  # an outlier input column
+    strategies = [STRATEGIES[n] for n in STRATEGIES]
+    whole, chunked = analyse_weight(W, strategies), analyse_weight(W, strategies, chunk_elements=128 * 200)
+    for name in STRATEGIES:
+        a, b = whole["operands"][name].result(), chunked["operands"][name].result()
+        assert a["sqnr_db"] == pytest.approx(b["sqnr_db"], rel=1e-9), name
+        assert (a["underflow_frac"], a["saturation_frac"]) == (b["underflow_frac"], b["saturation_frac"]), name
+    for name in whole["blocks"]:
+        assert whole["blocks"][name].result(0.9) == chunked["blocks"][name].result(0.9), name
+    assert torch.equal(whole["row_amax"], chunked["row_amax"]) and torch.equal(whole["col_amax"], chunked["col_amax"])
+    ts_a, ts_b = whole["stats"].result(), chunked["stats"].result()
+    for k, v in ts_a.items():
+        assert ts_b[k] == pytest.approx(v, rel=1e-9), k
+
+
+def test_outliers_and_block_statistics(tmp_path) -> None:
+    W = torch.randn(256, 128, generator=torch.Generator().manual_seed(5)) * 0.02
+    W[:, 17] *= 40  # input feature 17 is an outlier column
+    W[3] *= 30      # output channel 3 an outlier row
+    save_file({"mlp.up.weight": W}, str(tmp_path / "m.safetensors"))
+    res = analyze_weights(tmp_path / "m.safetensors", "ocp-blockwise,mxfp8,global")
+    out = res.tables["weight_outliers"].iloc[0]
+    assert out["n_outlier_cols"] == 1 and out["top_cols"][0][0] == 17
+    assert out["n_outlier_rows"] == 1 and out["top_rows"][0][0] == 3
+    blocks = res.tables["weight_blocks"].set_index("strategy")
+    assert set(blocks.index) == {"ocp-blockwise", "mxfp8"}  # global has one tensor-wide scale
+    assert blocks.loc["ocp-blockwise", "block"] == "128x128" and blocks.loc["ocp-blockwise", "n_blocks"] == 2
+    assert blocks.loc["mxfp8", "n_blocks"] == 256 * 4
+    assert blocks.loc["mxfp8", "absmax_max"] == pytest.approx(float(W.abs().max()))
+    # E8M0 power-of-two scales clip some blocks (amax above 448 × scale); amax/fmt_max scales never do
+    assert blocks.loc["mxfp8", "clipped_block_frac"] > 0 and blocks.loc["ocp-blockwise", "clipped_block_frac"] == 0
+
+
+def test_weight_blocksize_sweep_equals_the_full_sweep(tiny, tmp_path) -> None:
+    model = tiny[torch.float32]["model"]
+    sys.path.insert(0, str(HERE))
+    from tiny_factory import build
+
+    _, batches = build()
+    sizes = [32, 64, 128, 256]
+    full = sweep_blocksize(model, batches, sizes)
+    path = _write(model, "safetensors", tmp_path)
+    wo = sweep_blocksize_weights(path, sizes, chunk_elements=64 * 32)  # forces several chunks per weight
+    assert wo.kind == "sweep-blocksize"
+    got, want = _records(wo, "blocksize_sweep"), _weight_rows(full, "blocksize_sweep")
+    for key, row in want.items():
+        assert got[key]["sqnr_db"] == pytest.approx(row["sqnr_db"], rel=1e-9), key
+        assert got[key]["auto"] == row["auto"]
+    assert sum(r["recommended"] for r in got.values()) == len(wo.tables["layers"])
+    res = CliRunner().invoke(cli, ["sweep-blocksize", str(path), "--blocksizes", "64,128", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "weights-only analysis" in res.stderr
+
+
+def test_broken_checkpoints_are_one_line_errors(tmp_path) -> None:
+    good = tmp_path / "good.safetensors"
+    save_file({"a.weight": torch.randn(64, 64)}, str(good))
+    data = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[:-100])
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "gone.safetensors"}}))
+    (tmp_path / "abs").mkdir()
+    (tmp_path / "abs" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": str(good)}}))
+    (tmp_path / "ints.safetensors").write_bytes(data)  # fine file, but nothing to analyse after --layers
+    for path, needle in ((tmp_path / "trunc.safetensors", "truncated"), (tmp_path / "junk.safetensors", "not a safetensors"),
+                         (tmp_path / "idx", "missing"), (tmp_path / "abs", "same directory")):
+        res = CliRunner().invoke(cli, ["analyze", str(path), "--out", str(tmp_path / "o")])
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (path, res.stderr)
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "ints.safetensors"), "--layers", "^nothing$",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no weight to analyse" in res.stderr
+    res = CliRunner().invoke(cli, ["analyze", str(good), "--factory", "x:y", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "weights only" in res.stderr
+    assert open_checkpoint(tmp_path / "nothing-here.pt") is None
+    import fp8probe
+
+    assert fp8probe.analyze_weights is analyze_weights
+
+
+# The child process: warm up on a small tensor, then (1) analyse a state_dict .pt (memory-mapped by
+# torch.load) and report the peak resident set over the warmed-up one (VmHWM reset through
+# /proc/self/clear_refs; file-backed pages count), (2) lower the soft address-space limit to what is
+# mapped now plus the budget and analyse the safetensors shards under it.
+_CHILD = textwrap.dedent("""
+    import json, resource, sys, torch
+    from fp8probe.analysis.weights_only import analyze_weights
+    torch.set_num_threads(1)
+    pt, shards, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    analyze_weights(shards, "global", layers=r"^layers\\.0\\.")
+    open("/proc/self/clear_refs", "w").write("5")
+    base = status("VmRSS")
+    n_pt = len(analyze_weights(pt, "global").tables["layers"])
+    pt_peak = status("VmHWM") - base
+    limit = status("VmSize") + budget
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    n_st = len(analyze_weights(shards, "global").tables["layers"])
+    print(json.dumps({"pt_peak": pt_peak, "n_pt": n_pt, "n_st": n_st, "limit_over_vm": budget}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS, /proc/self/status")
+def test_memory_stays_bounded_by_the_largest_tensor(tmp_path) -> None:
+    """30 weights of 8 MiB (bf16 2048 x 2048) in 3 shards and in one .pt: 240 MiB, more than the budget of
+    2 x the largest tensor + 200 MiB (for one row chunk's float64 working set, measured ~150 MiB).
+    The .pt path (torch.load mmap=True) must give each weight's pages back (peak resident growth within
+    the budget); the safetensors path must run with the address space itself limited to the budget."""
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(2048, 2048, generator=gen) * 0.02).to(torch.bfloat16)
+    sd = {f"layers.{i}.proj.weight": base * (1 + i / 30) for i in range(30)}
+    largest = 2048 * 2048 * 2
+    budget = 2 * largest + 200 * 2**20
+    assert sum(v.numel() * 2 for v in sd.values()) > budget
+    torch.save(sd, tmp_path / "big.pt")
+    keys = list(sd)
+    for s in range(3):
+        save_file({k: sd[k] for k in keys[s::3]}, str(tmp_path / f"model-{s}.safetensors"))
+    index = {"weight_map": {k: f"model-{i % 3}.safetensors" for i, k in enumerate(keys)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    del sd, base
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "big.pt"),
+                          str(tmp_path / "model.safetensors.index.json"), str(budget)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["n_pt"] == 30 and got["n_st"] == 30
+    assert got["pt_peak"] <= budget, got
+
+
+def test_compare_lines_up_weight_rows_with_a_full_analysis(tiny, tmp_path) -> None:
+    from fp8probe.report.compare import compare_results
+
+    full = tiny[torch.float32]["full"].to_json()
+    wo = analyze_weights(_write(tiny[torch.float32]["model"], "pt", tmp_path), "global,int8").to_json()
+    cmp = compare_results(full, wo)
+    weight_rows = [r for r in cmp["sqnr"] if r["what"] == "weight"]
+    assert len(weight_rows) == 2 * len(full["tables"]["layers"]) and cmp["passed"]
+    assert all(r["delta_db"] == 0 for r in weight_rows)
+    worse = json.loads(json.dumps(wo))
+    row = next(r for r in worse["tables"]["operands"] if r["layer"] == "blocks.0.fc1" and r["strategy"] == "int8")
+    row["sqnr_db"] -= 3.0
+    cmp = compare_results(full, worse)
+    assert not cmp["passed"] and cmp["failed_layers"] == ["blocks.0.fc1"]

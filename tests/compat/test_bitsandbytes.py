@@ -1,0 +1,259 @@
+"""The bitsandbytes drop-in (fp8probe/compat/bitsandbytes): scripts in bitsandbytes 0.49.2's calling
+conventions run with one import line changed, bit for bit with live bitsandbytes where it runs on CPU.
+
+Each script below is plain bitsandbytes code. `_run` executes it as written (live bitsandbytes) or
+with its one `import bitsandbytes as bnb` line replaced by `import fp8probe.compat.bitsandbytes as bnb`.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fp8probe as P
+import fp8probe.compat.bitsandbytes as fbnb
+
+warnings.filterwarnings("ignore", module="bitsandbytes")
+BNB_IMPORT = "import bitsandbytes as bnb"
+DROP_IN = "import fp8probe.compat.bitsandbytes as bnb"
+
+
+@pytest.fixture(autouse=True)
+def _default_mode():
+    """Every test starts in fp8probe's mode, whatever an earlier test or FP8PROBE_COMPAT selected."""
+    fbnb.set_compat(None)
+    yield
+    fbnb.set_compat(None)
+
+
+@pytest.fixture(params=[None, "bnb"], ids=["fp8probe", "compat-bnb"])
+def mode(request):
+    fbnb.set_compat(request.param)
+    yield request.param
+    fbnb.set_compat(None)
+
+
+def _run(script: str, drop_in: bool) -> dict:
+    assert script.count(BNB_IMPORT) == 1
+    src = script.replace(BNB_IMPORT, DROP_IN) if drop_in else script
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(src, "<bnb script>", "exec"), scope)
+    return scope["results"]
+
+
+def _assert_same(ours: dict, ref: dict) -> None:
+    assert ours.keys() == ref.keys()
+    for key, want in ref.items():
+        got = ours[key]
+        if want is None or isinstance(want, (int, float, str)):
+            assert got == want, key
+            continue
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape, key
+        assert torch.equal(got.view(torch.uint8) if got.is_floating_point() else got,
+                           want.view(torch.uint8) if want.is_floating_point() else want), key
+
+
+# Functional API as bitsandbytes users call it on CPU. Codebooks are built fresh for every call:
+# bnb's fp32 CPU kernel writes code[0] = -1 into the caller's codebook (SPEC Q2).
+FUNCTIONAL_SCRIPT = '''
+import torch
+import bitsandbytes as bnb
+
+F = bnb.functional
+g = torch.Generator().manual_seed(11)
+x = torch.randn(40, 100, generator=g) * torch.exp(torch.randn(40, 1, generator=g))
+results = {}
+books = {
+    "dynamic": lambda: F.create_dynamic_map(),
+    "dynamic8": lambda: F.create_dynamic_map(True, 8, 8),
+    "e4m3": lambda: F.create_fp8_map(True, 4, 3, 8),
+    "linear3": lambda: F.create_linear_map(True, total_bits=3),
+}
+for name, book in books.items():
+    results["code " + name] = book()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q, state = F.quantize_blockwise(x.to(dtype), code=book(), blocksize=256)
+        results[f"q {name} {dtype}"] = q
+        results[f"y {name} {dtype}"] = F.dequantize_blockwise(A=q, quant_state=state)
+        q2, state2 = F.quantize_blockwise(x.to(dtype), code=book(), blocksize=64, nested=True)
+        results[f"nested {name} {dtype}"] = F.dequantize_blockwise(q2, state2)
+        results[f"loose {name} {dtype}"] = F.dequantize_blockwise(q, absmax=state.absmax, code=state.code,
+                                                                  blocksize=256)
+
+h = (x[:, :96] * 2).half()
+CA, SCA, cols = F.int8_vectorwise_quant(h, threshold=4.0)
+results.update({"CA": CA, "SCA": SCA, "cols": cols})
+results["dequant A"] = F.int8_vectorwise_dequant(A=CA, stats=SCA)
+CB, SCB, none_cols = F.int8_vectorwise_quant(torch.randn(24, 96, generator=g).half())
+results["no cols"] = none_cols
+C = F.int8_linear_matmul(CA, CB)
+buf = torch.zeros_like(C)
+F.int8_linear_matmul(CA, CB, buf)
+results.update({"C": C, "C out": buf})
+results["mm_dequant"] = F.int8_mm_dequant(C, SCA, SCB, bias=torch.randn(24, generator=g).half())
+'''
+
+# LLM.int8() inference as in bitsandbytes' Linear8bitLt docstring, plus bnb.matmul with an int8 state.
+INT8_SCRIPT = '''
+import torch
+import bitsandbytes as bnb
+
+torch.manual_seed(0)
+fp16_model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+int8_model = torch.nn.Sequential(
+    bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=6.0),
+    bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False),
+)
+int8_model.load_state_dict(fp16_model.state_dict())
+int8_model = int8_model.to("cpu")  # bitsandbytes quantises here
+int8_model.eval()
+g = torch.Generator().manual_seed(1)
+x = torch.randn(8, 64, generator=g) * 2
+x[:, 5] = 9.0
+results = {"y": int8_model(x)}
+for key, value in int8_model.state_dict().items():
+    results["sd " + key] = value
+results["y half"] = int8_model(x.half())
+results["bias dtype"] = str(int8_model[0].bias.dtype)  # bitsandbytes recasts the bias in place
+
+W = torch.randn(48, 64, generator=g)
+state = bnb.MatmulLtState()
+state.has_fp16_weights = False
+state.is_training = False
+state.CB, state.SCB, _ = bnb.functional.int8_vectorwise_quant(W.half())
+results["matmul int8 B"] = bnb.matmul(x, state.CB, state=state, threshold=6.0)
+fresh = bnb.MatmulLtState()
+fresh.is_training = False
+results["matmul float B"] = bnb.matmul(x.half(), W.half(), state=fresh, bias=torch.ones(48).half())
+'''
+
+# The research API (CUDA-only in bitsandbytes 0.49.2: on CPU it raises there) and the calls that
+# need its argument conventions: int8_double_quant's positional order, quantize's return pair.
+RESEARCH_SCRIPT = '''
+import torch
+import bitsandbytes as bnb
+
+g = torch.Generator().manual_seed(2)
+torch.manual_seed(3)
+F = bnb.functional
+fw_code = F.create_fp8_map(True, 4, 3, 8)
+bw_code = F.create_fp8_map(True, 5, 2, 8)
+A = torch.randn(6, 40, generator=g, requires_grad=True)
+W = torch.randn(24, 40, generator=g, requires_grad=True)
+results = {}
+for name, fn in (("mixed", bnb.research.matmul_fp8_mixed), ("global", bnb.research.matmul_fp8_global)):
+    out = fn(A, W.t(), fw_code, bw_code)
+    out.square().sum().backward()
+    results.update({name: out.detach(), name + " dA": A.grad.clone(), name + " dW": W.grad.clone()})
+    A.grad = W.grad = None
+state = bnb.MatmulLtState()
+results["switchback"] = bnb.research.switchback_bnb(A, W, None, state, 1.5).detach()
+for cls in (bnb.research.nn.LinearFP8Mixed, bnb.research.nn.LinearFP8Global):
+    layer = cls(input_features=40, output_features=24)
+    results[cls.__name__] = layer(A).detach()
+sb = bnb.nn.SwitchBackLinearBnb(40, 24, has_fp16_weights=True, threshold=1.5)
+results["SwitchBackLinearBnb"] = sb(A).detach()
+h = (A.detach() * 2).half()
+CA, CAt, SCA, SCAt, cols = F.int8_double_quant(h, None, None, None, None, 3.0)
+results.update({"CA": CA, "CAt": CAt, "SCA": SCA, "SCAt": SCAt, "cols": cols})
+q, (absmax, code) = F.quantize(A.detach())
+results.update({"q": q, "absmax": absmax, "code": code})
+results["dequantized"] = F.dequantize(q, (absmax, code))
+results["dequantized loose"] = F.dequantize(q, absmax=absmax, code=code)
+'''
+
+
+@pytest.mark.parametrize("script", [FUNCTIONAL_SCRIPT, INT8_SCRIPT], ids=["functional", "int8"])
+def test_script_equals_live_bitsandbytes_in_compat_mode(script: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    ref = _run(script, drop_in=False)
+    fbnb.set_compat("bnb")
+    try:
+        ours = _run(script, drop_in=True)
+    finally:
+        fbnb.set_compat(None)
+    if "bias dtype" in ref:
+        # Kept difference (docs/architecture.md): bitsandbytes overwrites the bias with the input's
+        # dtype on every forward; fp8probe casts a copy per call and leaves the Parameter alone.
+        assert (ref.pop("bias dtype"), ours.pop("bias dtype")) == ("torch.float16", "torch.float32")
+    _assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("script", [FUNCTIONAL_SCRIPT, INT8_SCRIPT, RESEARCH_SCRIPT],
+                         ids=["functional", "int8", "research"])
+def test_script_runs_in_default_mode(script: str) -> None:
+    res = _run(script, drop_in=True)
+    for key, value in res.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+
+
+def test_research_script_equals_fp8probe_api(mode) -> None:
+    """The research calls are thin: the same numbers as fp8probe's own API in the selected mode."""
+    res = _run(RESEARCH_SCRIPT, drop_in=True)
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(6, 40, generator=g)
+    W = torch.randn(24, 40, generator=g)
+    assert torch.equal(res["mixed"], P.matmul_fp8_mixed(A, W.t(), compat=mode))
+    assert torch.equal(res["global"], P.matmul_fp8_global(A, W.t(), compat=mode))
+    Ar = A.clone().requires_grad_(True)
+    P.matmul_fp8_mixed(Ar, W.t(), compat=mode).square().sum().backward()
+    assert torch.equal(res["mixed dA"], Ar.grad)
+    assert torch.equal(res["switchback"], P.switchback_bnb(A, W, threshold=1.5, compat=mode))
+    q_row, q_col, rs, cs, cols = P.int8_double_quant((A * 2).half(), 3.0, compat=mode)
+    assert torch.equal(res["CA"], q_row) and torch.equal(res["CAt"], q_col) and torch.equal(res["SCAt"], cs)
+    q, st = P.quantize(A, compat=mode)
+    assert torch.equal(res["q"], q)
+    assert res["absmax"].shape == () and res["absmax"].dtype == torch.float32  # bnb: abs(A).max()
+    assert res["dequantized"].dtype == torch.float32
+    assert torch.equal(res["dequantized"], res["dequantized loose"])
+    assert torch.equal(res["dequantized"], res["code"][q.long()] * res["absmax"])
+
+
+def test_signatures_mirror_bitsandbytes() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    pairs = [(getattr(fbnb.functional, n), getattr(bnb.functional, n)) for n in fbnb.functional.__all__
+             if n != "QuantState"]
+    pairs += [(getattr(fbnb.research, n), getattr(bnb.research, n))
+              for n in ("matmul_fp8_mixed", "matmul_fp8_global", "switchback_bnb")]
+    pairs += [(fbnb.matmul, bnb.matmul)]
+    pairs += [(getattr(fbnb.research.nn, n).__init__, getattr(bnb.research.nn, n).__init__)
+              for n in ("LinearFP8Mixed", "LinearFP8Global")]
+    pairs += [(getattr(fbnb.nn, n).__init__, getattr(bnb.nn, n).__init__)
+              for n in ("Linear8bitLt", "SwitchBackLinearBnb")]
+    for ours, theirs in pairs:
+        want = [(p.name, p.kind) for p in inspect.signature(theirs).parameters.values()]
+        got = [(p.name, p.kind) for p in inspect.signature(ours).parameters.values()]
+        assert got == want, ours.__qualname__
+    assert fbnb.MatmulLtState is P.MatmulLtState
+
+
+def test_double_quant_refuses_preallocated_outputs_like_bnb() -> None:
+    h = torch.randn(4, 8).half()
+    with pytest.raises(ValueError, match="out_row must be None"):
+        fbnb.functional.int8_double_quant(h, None, None, None, torch.empty(4, 8, dtype=torch.int8))
+
+
+def test_mode_is_validated_and_read_from_the_environment() -> None:
+    with pytest.raises(ValueError, match="compat mode must be None or 'bnb', got 'cuda'"):
+        fbnb.set_compat("cuda")
+    code = "import fp8probe.compat.bitsandbytes as b; print(b.get_compat())"
+    env = {**os.environ, "FP8PROBE_COMPAT": "bnb"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "bnb", out.stderr
+    env["FP8PROBE_COMPAT"] = "cuda"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "FP8PROBE_COMPAT must be 'bnb', 'none' or unset, got 'cuda'" in out.stderr
+
+
+def test_modules_take_the_mode_at_construction(mode) -> None:
+    assert fbnb.nn.Linear8bitLt(8, 4).compat == mode
+    assert fbnb.research.nn.LinearFP8Mixed(8, 4).compat == mode
+    assert fbnb.nn.SwitchBackLinearBnb(8, 4, memory_efficient_backward=True).state.memory_efficient_backward

@@ -1,0 +1,156 @@
+"""The C CPU fast path of the OCP FP8 / MX scaled casts against the PyTorch reference and torch's casts, bit for bit.
+
+``cpu.quantize_scaled`` / ``cpu.dequantize_scaled`` are called directly (not through torch.ops), and a
+spy on the reference proves the C code ran for every case that must not fall back. Both the AVX2 and
+the scalar loops are checked.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fp8probe.functional as F
+from fp8probe.backends import cpu
+from fp8probe.backends import reference as ref
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+FMTS = ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2")
+# per-tensor, per-row, 1x128 (activations), 128x128 (weights), MX 1x32, ragged 7x13, a column tile
+TILES = ((10**9, 10**9), (1, 10**9), (1, 128), (128, 128), (1, 32), (7, 13), (10**9, 1))
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def isa(request, monkeypatch):
+    if not cpu.available():
+        pytest.skip("fp8probe._fastpath not built")
+    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
+    ext = cpu._ext()
+    ext.set_simd(request.param == "simd")
+    yield ext.simd()
+    ext.set_simd(True)
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Make any fallback to the reference fail the test."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the C kernel fell back to the reference")
+    monkeypatch.setattr(cpu._ref, "quantize_scaled", boom)
+    monkeypatch.setattr(cpu._ref, "dequantize_scaled", boom)
+
+
+def sample(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Seeded data over 2**-40 .. 2**40 per column, with NaN, ±Inf, ±0, an all-zero row and tiny values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x2 = x.view(-1, shape[-1])
+    x2 *= torch.exp2(torch.linspace(-40, 40, shape[-1]))[None, :]
+    if x2.shape[0] > 4 and x2.shape[1] > 12:
+        x2[1, 3], x2[2, 5], x2[3, 7], x2[2, 9] = float("nan"), float("inf"), -float("inf"), -float("nan")
+        x2[4, :] = 0.0
+        x2[0, 11] = -0.0
+        x2[0, 12] = 1e-42  # float32 subnormal
+    return x
+
+
+def assert_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if got.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        g, w = got.view(torch.uint8), want.view(torch.uint8)
+    else:
+        g, w = got.view(BITS[got.dtype]), want.view(BITS[want.dtype])
+    bad = (g != w).nonzero()
+    assert bad.numel() == 0, f"{bad.shape[0]} of {g.numel()} differ, first at {bad[:3].tolist()}"
+
+
+_REF_QUANTIZE = ref.quantize_scaled      # kept before no_fallback replaces the module attribute
+_REF_DEQUANTIZE = ref.dequantize_scaled
+
+
+def check_quantize(x: torch.Tensor, fmt: str, tiles=TILES) -> None:
+    for br, bc in tiles:
+        want_d, want_s = _REF_QUANTIZE(x, fmt, br, bc)
+        got_d, got_s = cpu.quantize_scaled(x, fmt, br, bc)
+        assert_bits(got_d, want_d)
+        assert torch.equal(got_s, want_s), (list(x.shape), br, bc)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_scaled_matches_reference(isa, no_fallback, fmt: str, dtype: torch.dtype) -> None:
+    for shape in ((130, 300), (3, 5, 257)):
+        check_quantize(sample(shape, seed=sum(shape)).to(dtype), fmt)
+
+
+@pytest.mark.parametrize("shape", ((1, 200_000), (140_000, 3)), ids=("one-long-row", "many-short-rows"))
+def test_work_split_into_many_pieces(isa, no_fallback, shape: tuple[int, int]) -> None:
+    """Inputs above the 64K-element unit: tiles split over row pieces and column pieces (one tile of
+    200000 columns is cut into pieces whose amax partials are merged), each of these tilings."""
+    x = sample(shape, seed=7)
+    for fmt in ("e4m3", "mxfp8-e5m2"):
+        check_quantize(x, fmt, tiles=((10**9, 10**9), (1, 10**9), (1, 128), (128, 128), (10**9, 1)))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_dequantize_scaled_matches_reference(isa, fmt: str, out_dtype: torch.dtype, monkeypatch) -> None:
+    x = sample((300, 700), seed=3)
+    x = torch.where(torch.isfinite(x), x, 1.0)  # NaN codes fall back (checked below); finite ones must not
+    for br, bc in TILES:
+        data, scale = _REF_QUANTIZE(x, fmt, br, bc)
+        calls = []
+        monkeypatch.setattr(cpu._ref, "dequantize_scaled", lambda *a: calls.append(a) or _REF_DEQUANTIZE(*a))
+        got = cpu.dequantize_scaled(data, scale, br, bc, out_dtype)
+        assert not calls, "finite data must not fall back"
+        assert_bits(got, _REF_DEQUANTIZE(data, scale, br, bc, out_dtype))
+
+
+def test_dequantize_with_nan_codes_falls_back_to_the_reference(isa) -> None:
+    x = sample((64, 64), seed=4)
+    data, scale = _REF_QUANTIZE(x, "e4m3", 1, 32)
+    assert torch.isnan(data.float()).any()
+    for out_dtype in DTYPES:
+        assert_bits(cpu.dequantize_scaled(data, scale, 1, 32, out_dtype),
+                    _REF_DEQUANTIZE(data, scale, 1, 32, out_dtype))
+
+
+@pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=str)
+def test_every_float_near_each_code_rounds_like_torch(isa, fp8: torch.dtype) -> None:
+    """With scale 1 (amax = fmt max), the cast is torch's own: every code, the midpoints between neighbours
+    (ties to even) and one float32 ulp either side, in the subnormal and normal ranges, both signs."""
+    fmt = "e4m3" if fp8 == torch.float8_e4m3fn else "e5m2"
+    fmax = 448.0 if fmt == "e4m3" else 57344.0
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8).float()
+    vals = codes[torch.isfinite(codes)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    pts = torch.cat([vals, mids, torch.nextafter(mids, torch.tensor(float("inf"))),
+                     torch.nextafter(mids, torch.tensor(-float("inf")))])
+    pts = pts[pts.abs() <= fmax]
+    x = torch.cat([pts, -pts, torch.tensor([fmax, -fmax, 0.0, -0.0])])  # the max sets scale exactly 1
+    data, scale = cpu.quantize_scaled(x, fmt, 1, x.numel())
+    assert scale.item() == 1.0
+    assert_bits(data, x.to(fp8))
+
+
+def test_public_api_runs_the_c_kernels(no_fallback) -> None:
+    """functional.quantize_scaled / dequantize_scaled reach the C kernels through torch.ops (no fallback)."""
+    if not cpu.enabled():
+        pytest.skip("C kernels not enabled")
+    x = torch.where(torch.isfinite(sample((256, 384), seed=9)), sample((256, 384), seed=9), 0.0)
+    for fmt, gran, block in (("e4m3", "block", (1, 128)), ("e5m2", "row", None), ("mxfp8-e4m3", "block", (1, 32))):
+        st = F.quantize_scaled(x, fmt, gran, block)
+        want_d, want_s = _REF_QUANTIZE(x, fmt, *((1, 10**9) if gran == "row" else block))
+        assert_bits(st.data, want_d)
+        assert torch.equal(st.scale, want_s)
+        y = F.dequantize_scaled(st, torch.bfloat16)
+        assert y.dtype == torch.bfloat16 and y.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("fmt", ("e5m2", "mxfp8-e4m3"))
+def test_every_16_bit_pattern(isa, no_fallback, dtype: torch.dtype, fmt: str) -> None:
+    """All 65536 fp16 / bf16 bit patterns (subnormals, Inf, NaN payloads included) through the C
+    conversion to float32 and the cast, in 1x64 tiles (many different scales) and per tensor."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
+    check_quantize(x, fmt, tiles=((1, 64), (10**9, 10**9)))
