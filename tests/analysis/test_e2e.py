@@ -492,3 +492,32 @@ def test_hugging_face_gpt2_conv1d_layers_run_end_to_end() -> None:
     row = res.tables["e2e"].iloc[0]
     assert row["note"] == "" and 0 < row["kl_div"] < 1e-3 and row["top1_agreement"] > 0.9
     assert list(res.tables["sensitivity"]["layer"]) == gemms.order
+
+
+@pytest.mark.parametrize("name", ["ocp-rowwise", "mxfp8", "int8"])
+def test_batched_gemm_equals_the_replay(name: str) -> None:
+    """A batched site of two activations (attention's QKᵀ) computed end to end equals run_strategy's replay
+    with b_is_weight False, slice by slice, bit for bit, gradients included."""
+    gen = torch.Generator().manual_seed(9)
+    a, b = torch.randn(3, 16, 32, generator=gen), torch.randn(3, 12, 32, generator=gen)
+    G = torch.randn(3, 16, 12, generator=gen) * 1e-2
+    strat = STRATEGIES[name]
+    ar, br = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    y = E.lp_gemm(strat, ar, br, 6.0, b_is_weight=False)
+    y.backward(G)
+    out = run_strategy(strat, a, b, G, 6.0, b_is_weight=False)
+    assert torch.equal(y.detach(), out.gemms["fprop"])
+    assert torch.equal(ar.grad, out.gemms["dgrad"]) and torch.equal(br.grad, out.gemms["wgrad"])
+
+
+def test_attention_gemms_run_in_low_precision_end_to_end() -> None:
+    """The demo's attention products (QKᵀ and PV as matmul sites) are substituted like the linear layers."""
+    model, batches = build_demo(n_batches=1, batch=2)
+    runner = _runner(model, batches)
+    runner.reference([])
+    site = "blocks.0.attn#matmul"
+    assert site in runner.order and f"{site}#1" in runner.order
+    only = runner.evaluate(E.Plan(STRATEGIES["global"], only=frozenset([site])))
+    assert 0 < only.lp_flop_share < 0.1 and only.kl_div > 0 and only.loss_lp != only.loss_hp
+    none = runner.evaluate(E.Plan(STRATEGIES["global"], only=frozenset()))
+    assert none.lp_flop_share == 0 and none.loss_lp == none.loss_hp and none.kl_div == 0
