@@ -1,9 +1,31 @@
 """fp8probe: FP8 / INT8 matmul numerics — a bitsandbytes-compatible quantisation suite on CPU and CUDA, plus analysis and reports."""
 from __future__ import annotations
 
+import signal as _signal
+import sys as _sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+
+def _exit_interrupted(signum: int, frame: Any) -> None:
+    # os._exit, not SystemExit: the handler may run inside an import that swallows BaseException, and
+    # nothing has been written yet that would need flushing or cleaning up.
+    _sys.stderr.write("Aborted.\n")
+    _sys.stderr.flush()
+    import os
+
+    os._exit(130)
+
+
+# Ctrl-C while the command line is still importing torch (the first seconds) would print a 20-50 line
+# KeyboardInterrupt traceback and die by SIGINT (-2) before cli.main() can turn it into exit 130. The
+# CLI is the only process whose argv[0] is the "fp8probe" console script, or "-m" while Python is
+# locating `python -m fp8probe`; there (and only there: a library user's Ctrl-C stays a
+# KeyboardInterrupt) SIGINT exits 130 quietly until cli.main() restores the default handler.
+if _sys.argv and (_sys.argv[0] == "-m" or _sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] in ("fp8probe", "fp8probe.exe")):
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _exit_interrupted)
 
 from . import autograd, formats, functional, nn  # noqa: E402  (after __version__: submodules may read it)
 from .autograd import *  # noqa: E402,F401,F403

@@ -635,21 +635,25 @@ class SwitchBackBnb(torch.autograd.Function):
         if has_outliers:
             subA = A2[:, outlier_cols]
             if state.has_fp16_weights:
-                state.subB = B[:, outlier_cols].t().to(A.dtype)
+                subB = B[:, outlier_cols].t().to(A.dtype)
             else:
-                state.subB = _dequant_weight(CB, SCB, A.dtype)[:, outlier_cols].t()
-            output = output + torch.matmul(subA, state.subB)
+                subB = _dequant_weight(CB, SCB, A.dtype)[:, outlier_cols].t()
+            if not torch.compiler.is_compiling():
+                state.subB = subB  # bnb's record; a compiled graph cannot hand out this view
+            output = output + torch.matmul(subA, subB)
         ctx.compat = compat
         ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
         ctx.dtype_bias = None if bias is None else bias.dtype
-        ctx.save_for_backward(A2, CB, SCB)
+        # the input itself, not its 2-D view: torch.compile cannot save a view of a graph input
+        ctx.save_for_backward(A, CB, SCB)
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         if ctx.is_empty:
             return _empty_int8_grads(ctx, grad_output, 2)
-        A2, CB, SCB = ctx.saved_tensors
+        A, CB, SCB = ctx.saved_tensors
+        A2 = A.reshape(-1, A.shape[-1])
         grad2 = grad_output.reshape(-1, CB.shape[0])
         grad_A = grad_B = grad_bias = None
         if ctx.needs_input_grad[3] and ctx.dtype_bias is not None:

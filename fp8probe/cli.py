@@ -60,12 +60,24 @@ def _fail(exc: BaseException, what: str | None = None) -> UsageFailure:
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+class _BrokenPipe(Exception):
+    """stdout closed early: carried past click, whose main() turns EPIPE into exit 1 ("gate failed")."""
+
+
 class Fp8probeGroup(click.Group):
     """click.Group whose main() turns every failure into one stderr line and a documented exit code.
 
     Overriding main() (not only the console-script function) makes `fp8probe`, `python -m fp8probe`
     and click's CliRunner behave the same. Without --debug no traceback is ever printed.
     """
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise _BrokenPipe() from exc
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
@@ -86,27 +98,27 @@ class Fp8probeGroup(click.Group):
             hint = ""
             if isinstance(exc, click.UsageError) and not isinstance(exc, UsageFailure) and exc.ctx is not None:
                 hint = f" (see '{exc.ctx.command_path} --help')"
-            click.echo(f"Error: {_single_line(exc.format_message())}{hint}", err=True)
+            click.echo(f"Error: {_printable(_single_line(exc.format_message()))}{hint}", err=True)
             # click's own ClickException default is 1, which means "gate failed" here: input errors are 2.
             sys.exit(exc.exit_code if exc.exit_code == EXIT_USAGE else EXIT_USAGE)
-        except OSError as exc:
+        except (OSError, _BrokenPipe) as exc:
             if state.get("debug"):
                 traceback.print_exception(exc)
-            if exc.errno == errno.EPIPE:
+            if isinstance(exc, _BrokenPipe) or exc.errno == errno.EPIPE:
                 # stdout closed early (fp8probe ... | head): nothing to report, but not success either
                 # (a compare verdict may not have been printed). Point stdout at /dev/null so the
                 # interpreter's final flush does not raise again, and exit like a SIGPIPE'd process.
                 with contextlib.suppress(OSError, ValueError):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 sys.exit(EXIT_BROKEN_PIPE)
-            where = f" {exc.filename}" if exc.filename else ""
+            where = f" {_printable(exc.filename)}" if exc.filename else ""
             click.echo(f"Error: cannot access{where}: {exc.strerror or exc}; check the path, its permissions "
                        "and the free disk space", err=True)
             sys.exit(EXIT_USAGE)
         except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a one-line message
             if state.get("debug"):
                 traceback.print_exception(exc)
-            click.echo(f"fp8probe: internal error: {type(exc).__name__}: {_single_line(str(exc))} "
+            click.echo(f"fp8probe: internal error: {type(exc).__name__}: {_printable(_single_line(str(exc)))} "
                        "(re-run with --debug for the traceback)", err=True)
             sys.exit(EXIT_INTERNAL)
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
@@ -404,7 +416,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         return
     loss = results.metadata["loss"]
     click.echo(f"{len(results.tables['layers'])} GEMM site(s), {results.metadata['batches']} batch(es), "
-               f"loss: {loss['kind']} ({loss['detail']})")
+               f"loss: {loss['kind']} ({_printable(loss['detail'])})")
     click.echo(coverage_line(results.metadata["coverage"]))
     # The verdict (report/verdict.py, shared with the HTML report); its own coverage line would repeat the one above.
     for line in verdict_lines(results.tables, results.metadata):
@@ -417,7 +429,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
     _warn_no_gradient(results)
-    click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; no HTML report written"))
+    click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
 
 
 def _weights_checkpoint(model: str, inputs: str | None, factory: str | None):  # -> Checkpoint | None
@@ -491,7 +503,7 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
     for r in worst:
         click.echo(f"{_printable(r['layer'])[:40]:<40} {r['strategy']:<15} {r['sqnr_db']:>14.2f} "
                    f"{100 * r['underflow_frac']:>8.3f}% {100 * r['saturation_frac']:>7.3f}%")
-    click.echo(f"results: {paths['json']}" + (f"; report: {html}" if html else "; no HTML report written"))
+    click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
 
 
 class _nullbar:
@@ -561,7 +573,7 @@ def report_cmd(results: str, out_html: str, keep_16bit_db: float) -> None:
     if out.resolve() == Path(results).resolve():
         raise UsageFailure(f"-o {out} would overwrite the results file it renders: choose another file name")
     path = _render_or_fail(render_report, data, out, results, keep_16bit_db=keep_16bit_db)
-    click.echo(f"report written to {path}")
+    click.echo(f"report written to {_printable(path)}")
 
 
 @cli.command("compare")
@@ -624,7 +636,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
         # whole summary, so a reader never sees half of it from this process.
         with open(markdown_file, "a", encoding="utf-8") as fh:
             fh.write(md + "\n")
-    click.echo(f"compare report written to {html} and {out / 'compare.md'}")
+    click.echo(f"compare report written to {_printable(html)} and {_printable(out / 'compare.md')}")
     click.echo(gated_text(comparison))
     if comparison["passed"]:
         click.echo("PASS: no gate exceeded")
@@ -766,7 +778,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
                    f"{100 * r['loss_rel_change']:+.2f} %, {status} the budget ({r['budget_kind']} {r['budget']:g})")
     _warn_no_gradient(results)
-    click.echo(f"results: {paths['json']}; report: {html}")
+    click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
 
 
 def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, include_embeddings: bool, out: Path,
@@ -792,7 +804,7 @@ def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, incl
     for r in table[table["recommended"]].to_dict("records"):
         click.echo(f"{_printable(r['layer'])[:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>14.2f}")
     click.echo(f"rule: {results.metadata['recommendations']['blocksize_sweep']}")
-    click.echo(f"results: {paths['json']}; report: {html}")
+    click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
 
 
 @cli.command("sweep-blocksize")
@@ -895,12 +907,20 @@ def _run_demo(out: Path, stale: list[Path], small: bool, start: float) -> None:
     merged = merge_sweeps_into(analysis.to_json(), bs_res.to_json(), th_res.to_json())
     atomic_write_text(out / "results.json", json.dumps(merged, indent=1, allow_nan=False))
     html = render_report(merged, out / "index.html")
-    click.echo(f"demo: report written to {html} ({time.perf_counter() - start:.1f} s); "
-               f"results JSON in {out}/results.json (fp8probe report {out}/results.json -o other.html re-renders it)")
+    shown = _printable(out)
+    click.echo(f"demo: report written to {_printable(html)} ({time.perf_counter() - start:.1f} s); "
+               f"results JSON in {shown}/results.json (fp8probe report {shown}/results.json -o other.html re-renders it)")
 
 
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    import fp8probe
+
+    # From here on click turns Ctrl-C into Abort (exit 130); the import-time handler is not needed.
+    if signal.getsignal(signal.SIGINT) is fp8probe._exit_interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     cli(prog_name="fp8probe")
 
 

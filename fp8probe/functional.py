@@ -111,6 +111,25 @@ class QuantState:
     compat: str | None = None
 
 
+def _check_state(state: QuantState) -> None:
+    """A QuantState built or edited by hand: blocksize 0 divided by zero, 64.0 failed in the op's schema,
+    and special_index / special_value of different lengths were broadcast silently."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"expected a QuantState, got {type(state).__name__}")
+    if isinstance(state.blocksize, bool) or not isinstance(state.blocksize, int) or state.blocksize <= 0:
+        raise ValueError(f"QuantState.blocksize must be a positive int, got {state.blocksize!r}")
+    sidx, sval = state.special_index, state.special_value
+    if (sidx is None) != (sval is None):
+        raise ValueError("QuantState.special_index and special_value must both be set or both be None, got "
+                         f"{'special_index' if sval is None else 'special_value'} alone")
+    if sidx is not None:
+        _check_tensor("QuantState.special_index", sidx, (torch.int64,))
+        _check_tensor("QuantState.special_value", sval, (torch.float32,))
+        if sidx.dim() != 1 or sval.dim() != 1 or sidx.numel() != sval.numel():
+            raise ValueError(f"QuantState.special_index and special_value must be 1-D of equal length, got shapes "
+                             f"{list(sidx.shape)} and {list(sval.shape)}")
+
+
 def _specials(state: QuantState, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if state.special_index is None or state.special_value is None:
         return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device))
@@ -255,6 +274,7 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
         quant_state = QuantState(absmax=absmax, code=_code(code, q.device), blocksize=_check_blocksize(blocksize),
                                  dtype=torch.float32)
     st = quant_state
+    _check_state(st)
     am = st.absmax
     if st.nested:
         if st.state2 is None or st.offset is None:

@@ -242,17 +242,19 @@ def test_int8_checkpoints_load_both_ways_with_live_bnb(threshold: float) -> None
 
 
 # ------------------------------------------------------------------ item 4: torch.compile(fullgraph=True)
-@pytest.mark.parametrize("threshold,bias,fp16_weights,backend", [
-    (0.0, False, True, "aot_eager"),
-    (6.0, True, False, "aot_eager"),
-    (6.0, True, True, "inductor"),
-])
-def test_linear8bitlt_compiles_fullgraph(threshold: float, bias: bool, fp16_weights: bool, backend: str) -> None:
+@pytest.mark.parametrize("cls,threshold,bias,fp16_weights,backend", [
+    (P.Linear8bitLt, 0.0, False, True, "aot_eager"),
+    (P.Linear8bitLt, 6.0, True, False, "aot_eager"),
+    (P.Linear8bitLt, 6.0, True, True, "inductor"),
+    (P.SwitchBackLinear, 6.0, True, True, "aot_eager"),
+], ids=["int8-t0", "int8-t6-int8weights", "int8-t6-inductor", "switchback-t6"])
+def test_int8_layers_compile_fullgraph(cls, threshold: float, bias: bool, fp16_weights: bool, backend: str) -> None:
     """One graph for every input: no guard on the data-dependent outlier count, no dropped
-    unbacked sizes, no storage-pointer cache key; outputs and gradients equal eager mode."""
+    unbacked sizes, no storage-pointer cache key, no saved view of an input; outputs and
+    gradients equal eager mode."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = P.Linear8bitLt(32, 16, bias=bias, threshold=threshold, has_fp16_weights=fp16_weights).train()
+    layer = cls(32, 16, bias=bias, threshold=threshold, has_fp16_weights=fp16_weights).train()
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
     g = torch.Generator().manual_seed(1)
     for n_outliers in (0, 3):  # the same graph with no and with three outlier columns

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from fp8probe.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, cli
+from fp8probe.cli import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, cli
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tests" / "report" / "data" / "results_small.json"
@@ -292,3 +292,65 @@ def test_internal_error_in_process(monkeypatch) -> None:
     res = _invoke(["formats"])
     assert res.exit_code == EXIT_INTERNAL and res.exception is None or isinstance(res.exception, SystemExit)
     assert res.stderr.startswith("fp8probe: internal error: ZeroDivisionError: division by zero")
+
+
+def test_closed_stdout_exits_141_not_1() -> None:
+    """`fp8probe formats | head -0`: click turned EPIPE into exit 1, which means "gate failed" (issue 11 item 12)."""
+    environ = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "fp8probe", "formats"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=environ, cwd=REPO)
+    proc.stdout.close()  # the reader is gone before anything is written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_BROKEN_PIPE, err
+    assert b"Traceback" not in err
+
+
+# SIGINT delivered to the CLI process while `import fp8probe` is still importing its submodules (the
+# seconds torch takes to import), made deterministic by an import hook that signals the process itself.
+_INTERRUPT_DURING_IMPORT = """
+import os, signal, sys
+sys.argv = [{argv0!r}, "formats"]
+
+class InterruptOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fp8probe.functional":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptOnImport())
+from fp8probe.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("argv0", ["fp8probe", "-m"], ids=["console-script", "python-m"])
+def test_ctrl_c_while_importing_exits_130_without_traceback(argv0) -> None:
+    proc = _run_python(_INTERRUPT_DURING_IMPORT.format(argv0=argv0))
+    assert proc.returncode == EXIT_INTERRUPTED, (proc.returncode, proc.stderr[-500:])
+    assert proc.stderr.strip() == "Aborted." and proc.stdout == ""
+
+
+def test_library_import_keeps_keyboard_interrupt() -> None:
+    """Only the CLI process exits quietly: a program importing fp8probe still gets KeyboardInterrupt."""
+    proc = _run_python(_INTERRUPT_DURING_IMPORT.format(argv0="myscript.py").replace(
+        "from fp8probe.cli import main\nmain()", "try:\n    import fp8probe\nexcept KeyboardInterrupt:\n    print('caught')"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "caught", proc.stderr[-500:]
+
+
+OSC = "\x1b]0;owned\x07"  # an OSC sequence: retitles the terminal (and worse on some emulators)
+
+
+def test_control_characters_in_names_and_paths_are_escaped(tmp_path, monkeypatch) -> None:
+    """--name and path arguments reached the terminal raw (issue 11 item 14): printed escaped, like layer names."""
+    monkeypatch.chdir(tmp_path)
+    factory = f"{REPO / 'tests' / 'analysis' / 'tiny_factory.py'}:build"
+    res = _invoke(["analyze", factory, "--name", f"run{OSC}", "--strategy", "global", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    assert "\\x1b]0;owned\\x07" in res.stdout
+    res = _invoke(["report", str(tmp_path / f"gone{OSC}.json")])
+    assert res.exit_code == EXIT_USAGE and "\x1b" not in res.output and "\\x1b" in res.stderr
+    out = tmp_path / f"cmp{OSC}"
+    data = REPO / "tests" / "report" / "data" / "results_small.json"
+    res = _invoke(["compare", str(data), str(data), "--out", str(out)])
+    assert res.exit_code == 0 and "\x1b" not in res.output and "\\x1b" in res.stdout, res.output

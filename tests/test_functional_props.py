@@ -427,3 +427,22 @@ def test_int8_matmul_k_limit_is_exact_below_and_refused_above(device) -> None:
         fp8probe.matmul(ones, ones)
     small = torch.ones(2, 1000, device=device)
     assert torch.equal(fp8probe.matmul(small, small), torch.full((2, 2), 1000.0, device=device))
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    ({"blocksize": 0}, ValueError, "blocksize must be a positive int, got 0"),
+    ({"blocksize": 64.0}, ValueError, "blocksize must be a positive int, got 64.0"),
+    ({"special_index": torch.tensor([1, 2, 3]), "special_value": torch.tensor([float("nan")])}, ValueError,
+     "equal length, got shapes \\[3\\] and \\[1\\]"),
+    ({"special_index": torch.tensor([1]), "special_value": None}, ValueError, "both be set"),
+    ({"special_index": torch.tensor([1.0]), "special_value": torch.tensor([1.0])}, TypeError, "special_index must have dtype"),
+])
+def test_hand_built_quant_state_is_validated(edit, error, match) -> None:
+    """A QuantState edited by hand raised ZeroDivisionError / a schema RuntimeError, or broadcast special
+    values of the wrong length silently (issue 11 item 14)."""
+    import dataclasses
+
+    q, state = F.quantize_blockwise(torch.randn(100, generator=torch.Generator().manual_seed(5)), blocksize=64)
+    with pytest.raises(error, match=match):
+        F.dequantize_blockwise(q, dataclasses.replace(state, **edit))
+    assert torch.isfinite(F.dequantize_blockwise(q, state)).all()

@@ -476,3 +476,36 @@ def test_deeply_nested_json_is_one_line_error(tmp_path) -> None:
     res = _cli("analyze", str(bad), "--out", str(tmp_path / "out"))
     assert res.exit_code == EXIT_USAGE and "Traceback" not in res.output
     assert len([ln for ln in res.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_huggingface_pickled_weights_refusal_names_trust_pickle(tmp_path) -> None:
+    """A Hugging Face directory whose pytorch_model.bin needs the full unpickler: refused with a pointer to
+    --trust-pickle (the message used to be torch's, with ANSI escapes and no flag; issue 11 item 14)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path / "hf")
+    for weights in (tmp_path / "hf").glob("*.safetensors"):
+        weights.unlink()
+    state = model.state_dict()
+    state["lm_head.weight"] = Planted(tmp_path / "pwned-hf")
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
+    res = _cli("analyze", str(tmp_path / "hf"), "--out", str(tmp_path / "out"))
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert res.exit_code == EXIT_USAGE and len(lines) == 1, res.output
+    assert "--trust-pickle" in lines[0] and "\x1b" not in res.stderr
+    assert not (tmp_path / "pwned-hf").exists()
+
+
+def test_many_small_bombs_are_refused_by_the_total(tmp_path) -> None:
+    """100 JSON members each inflating to just under the per-member cap: the archive total is capped too."""
+    good = _exported(tmp_path)
+    root = zipfile.ZipFile(good).namelist()[0].split("/", 1)[0]
+    bomb = tmp_path / "many.pt2"
+    _rewrite_zip(good, bomb, {})
+    with zipfile.ZipFile(bomb, "a") as z:
+        for i in range(100):
+            z.writestr(f"{root}/extra/x{i}.json", b"[" + b" " * (2**20 - 10) + b"]", compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(LoadError, match="in total.*zip bomb"):
+        load_model(bomb)

@@ -6,7 +6,7 @@ import torch
 from torch.library import opcheck
 
 import fp8probe.ops  # noqa: F401  (registers torch.ops.fp8probe.*)
-from fp8probe.formats import get_codebook
+from fp8probe.formats import create_linear_map, get_codebook
 
 OPS = torch.ops.fp8probe
 # float8 inputs cannot go through opcheck's test_schema (it multiplies tensors to detect mutation)
@@ -32,6 +32,12 @@ def _cases(device: str) -> list[tuple[str, object, tuple, tuple | None]]:
         ("int8_vectorwise_quant", OPS.int8_vectorwise_quant, (x.half(), 1.5, ""), None),
         ("int8_vectorwise_dequant", OPS.int8_vectorwise_dequant, (q8, torch.rand(5, generator=g).to(device)), None),
         ("int8_double_quant", OPS.int8_double_quant, (x, 1.5, "bnb"), None),
+        # threshold 0: the fake impls give a static empty outlier_cols (torch.compile, issue 14)
+        ("int8_vectorwise_quant_t0", OPS.int8_vectorwise_quant, (x, 0.0, ""), None),
+        ("int8_double_quant_t0", OPS.int8_double_quant, (x.half(), 0.0, ""), None),
+        # bnb's unsorted 3-bit linear map, searched as bnb does
+        ("quantize_blockwise_bnb_unsorted", OPS.quantize_blockwise,
+         (x, create_linear_map(True, 3).to(device), 64, "bnb"), None),
         ("int8_linear_matmul", OPS.int8_linear_matmul,
          (q8.reshape(5, 2, 35), torch.randint(-127, 128, (3, 35), generator=g, dtype=torch.int8).to(device)), None),
         ("int8_mm_dequant", OPS.int8_mm_dequant,

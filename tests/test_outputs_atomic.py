@@ -145,6 +145,7 @@ def test_cli_disk_full_is_one_line_and_leaves_no_litter(tmp_path, monkeypatch) -
     res = CliRunner().invoke(cli, ["compare", str(RESULTS), str(RESULTS), "--out", str(tmp_path / "c")])
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.exit_code == EXIT_USAGE and len(lines) == 1 and "No space left on device" in lines[0], res.output
+    assert str(tmp_path / "c" / "compare.html") in lines[0]  # names the file it could not write (issue 11 item 14)
     assert "Traceback" not in res.output
     assert not (tmp_path / "c").exists()  # the run created it, so it also removes it again, empty
 

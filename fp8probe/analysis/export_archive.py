@@ -102,6 +102,10 @@ def size_problem(infos: list[zipfile.ZipInfo], trusted: bool = False) -> str | N
     """Why inflating this archive would exhaust memory, or None; reads nothing but the directory.
     The inflation cap always holds (no archive torch writes comes near it); the JSON size cap is
     lifted for a ``trusted`` file (a huge but genuine program)."""
+    declared, stored = sum(i.file_size for i in infos), sum(i.compress_size for i in infos)
+    if declared > MAX_INFLATION * stored + 64 * 2**20:  # many members, each just under the per-member cap
+        return (f"its members declare {declared} bytes uncompressed in total from {stored} compressed (more than "
+                f"{MAX_INFLATION}x: a zip bomb?)")
     for info in infos:
         allowed = MAX_INFLATION * info.compress_size + 2**20
         if info.file_size > allowed:

@@ -74,6 +74,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode, redispatch_function
 
+from .loading import LoadError
+
 KINDS = ("linear", "matmul", "attention", "conv")
 OTHER = "other"
 # Python-level torch functions that call GEMMs inside: the mode must stay active in their body
@@ -337,6 +339,15 @@ class _Interceptor:
             return self.other("linear", 0.0, "non-floating-point operands", original)
         lead, n, k = x.shape[:-1], w.shape[0], w.shape[-1]
         weight = w if self.namer.weight(w) else None
+        if weight is not None and 0 in w.shape:
+            # Linear(0, n) / Linear(n, 0): a GEMM without elements has no error to measure (and its
+            # operands cannot even be flattened to [tokens, features]); fine when --layers leaves it out.
+            site = self._site("linear", "linear", x, w, weight, bias=bias)
+            reason = self._reason(site)
+            if reason is None:
+                raise LoadError(f"layer {site.name} has a weight of shape {list(w.shape)}: a linear layer with no "
+                                "input or output features cannot be analysed; exclude it with --layers")
+            return self._run(site, original, reason)
         kind = "linear" if weight is not None else "matmul"
         site = self._site(kind, "linear", x.reshape(-1, k), w, weight, bias=bias,
                           grad_to_gemm=lambda g: g.reshape(-1, n),

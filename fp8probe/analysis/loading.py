@@ -344,6 +344,10 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
             model, info = cls.from_pretrained(str(path), config=config, local_files_only=True,
                                               trust_remote_code=False, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
+        if not trust_pickle and _refused_by_weights_only(exc):
+            raise LoadError(f"{path} holds pickled weights (.bin) with objects other than tensors: loading them "
+                            "runs arbitrary code. Pass --trust-pickle if you trust the files, or save the model "
+                            "with safetensors") from None
         raise LoadError(f"cannot build {cls_name} from {path}: {one_line(exc)}") from None
     finally:
         if bars:

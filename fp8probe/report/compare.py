@@ -80,8 +80,10 @@ def _sqnr_entries(results: Mapping, source: str) -> dict[tuple[str, str, str], t
             metric_value(r, "sqnr_db"), quantized if isinstance(quantized, bool) else None)
     # The weight's own quantisation SQNR: what a weights-only result (analysis/weights_only.py) shares
     # with a full analysis of the same model, so the two line up layer by layer.
+    # Only real weights: a GEMM of two activations (b_is_weight false: QKᵀ, PV) calls its B "weight" too.
+    activation_b = {r["layer"] for r in tables.get("layers", []) if r.get("b_is_weight") is False}
     for r in tables.get("operands", []):
-        if r.get("operand") == "weight":
+        if r.get("operand") == "weight" and r["layer"] not in activation_b:
             _checked(r, "sqnr_db", "operands", source)
             out[(r["layer"], str(r["strategy"]), "weight")] = (metric_value(r, "sqnr_db"), True)
     for r in tables.get("blocksize_sweep", []):

@@ -222,3 +222,31 @@ def test_loss_without_gradient_warns_and_report_says_why(tmp_path, kind) -> None
     assert "does not depend on the weights" in doc["metadata"]["loss"]["no_gradient"]
     assert {r["gemm"] for r in doc["tables"]["gemm"]} == {"fprop"}
     assert "No dgrad / wgrad numbers" in (out / "index.html").read_text()
+
+
+ZERO_FACTORY = """
+import warnings
+import torch
+from torch import nn
+
+warnings.simplefilter("ignore")  # torch warns that initialising a zero-element weight is a no-op
+
+
+def in0():
+    return nn.Sequential(nn.Linear(0, 4)), [torch.randn(5, 0)]
+
+
+def out0():
+    return nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 4)), [torch.randn(5, 8)]
+"""
+
+
+@pytest.mark.parametrize("which", ["in0", "out0"])
+def test_zero_feature_linear_is_one_line_exit_2(tmp_path, which) -> None:
+    """Linear(0, n) / Linear(n, 0) used to crash in a reshape (exit 3, issue 11 item 13)."""
+    (tmp_path / "zero.py").write_text(ZERO_FACTORY)
+    res = CliRunner().invoke(cli, ["analyze", f"{tmp_path / 'zero.py'}:{which}", "--out", str(tmp_path / "o")])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "layer 0 has a weight of shape" in lines[0] and "--layers" in lines[0]
+    assert not (tmp_path / "o").exists()

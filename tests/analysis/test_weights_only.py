@@ -84,10 +84,12 @@ def test_weight_rows_equal_a_full_analysis(tiny, tmp_path, kind: str, dtype: tor
     path = _write(tiny[dtype]["model"], kind, tmp_path / kind)
     wo = analyze_weights(path, ALL)
     assert wo.metadata["weights_only"]["note"] == WEIGHTS_ONLY_NOTE and wo.kind == "analyze"
-    full_layers = set(full.tables["layers"]["layer"])
+    layers = full.tables["layers"]
+    full_layers = set(layers[layers["b_is_weight"]]["layer"])  # attention matmuls have no weight
     assert full_layers <= set(wo.tables["layers"]["layer"])  # tok/pos embeddings of the tiny model are extra
     for table in ("operands", "tensors", "histograms"):
-        got, want = _weight_rows(wo, table), _weight_rows(full, table)
+        got = _weight_rows(wo, table)
+        want = {k: v for k, v in _weight_rows(full, table).items() if k[0] in full_layers}
         assert len(want) == len(full_layers) * (len(STRATEGIES) if table == "operands" else 1)
         for key, row in want.items():
             assert got[key] == row, (table, key)
@@ -131,12 +133,14 @@ def test_huggingface_directory_without_inputs(tmp_path) -> None:
     loaded = load_model(tmp_path / "hf")
     full = analyze(loaded, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)),
                    "int8,ocp-blockwise")
-    full_layers = set(full.tables["layers"]["layer"])
+    layers = full.tables["layers"]
+    full_layers = set(layers[layers["b_is_weight"]]["layer"])  # QKᵀ / PV have no weight
     assert "model.layers.1.mlp.down_proj" in full_layers and "lm_head" in full_layers
     assert set(wo.tables["layers"]["layer"]) == full_layers  # embed_tokens skipped as an embedding
     skipped = wo.tables["skipped"].set_index("key")
     assert skipped.loc["model.embed_tokens.weight", "reason"].startswith("embedding")
-    got, want = _weight_rows(wo, "operands"), _weight_rows(full, "operands")
+    got = _weight_rows(wo, "operands")
+    want = {k: v for k, v in _weight_rows(full, "operands").items() if k[0] in full_layers}
     assert got.keys() == want.keys()
     for key in want:
         for col in ("sqnr_db", "underflow_frac", "saturation_frac", "note"):
@@ -248,7 +252,11 @@ def test_weight_blocksize_sweep_equals_the_full_sweep(tiny, tmp_path) -> None:
     path = _write(model, "safetensors", tmp_path)
     wo = sweep_blocksize_weights(path, sizes, chunk_elements=64 * 32)  # forces several chunks per weight
     assert wo.kind == "sweep-blocksize"
-    got, want = _records(wo, "blocksize_sweep"), _weight_rows(full, "blocksize_sweep")
+    got = _records(wo, "blocksize_sweep")
+    weight_layers = set(wo.tables["layers"]["layer"])
+    want = {k: v for k, v in _weight_rows(full, "blocksize_sweep").items() if k[0] in weight_layers}
+    # every weight of the full sweep (its attention matmuls have none; tok/pos embeddings only here)
+    assert {k[0] for k in want} == weight_layers - {"tok", "pos"}
     for key, row in want.items():
         assert got[key]["sqnr_db"] == pytest.approx(row["sqnr_db"], rel=1e-9), key
         assert got[key]["auto"] == row["auto"]
@@ -344,16 +352,20 @@ def test_memory_stays_bounded_by_the_largest_tensor(tmp_path) -> None:
 
 
 def test_compare_lines_up_weight_rows_with_a_full_analysis(tiny, tmp_path) -> None:
-    from fp8probe.report.compare import compare_results
+    from fp8probe.report.compare import Gates, compare_results
 
     full = tiny[torch.float32]["full"].to_json()
     wo = analyze_weights(_write(tiny[torch.float32]["model"], "pt", tmp_path), "global,int8").to_json()
-    cmp = compare_results(full, wo)
+    # a weights-only run has no GEMM rows: comparing it with a full analysis must allow them missing
+    assert not compare_results(full, wo)["passed"]
+    gates = Gates(allow_missing=True)
+    cmp = compare_results(full, wo, gates)
     weight_rows = [r for r in cmp["sqnr"] if r["what"] == "weight"]
-    assert len(weight_rows) == 2 * len(full["tables"]["layers"]) and cmp["passed"]
+    n_weights = sum(1 for r in full["tables"]["layers"] if r["b_is_weight"])  # QKᵀ/PV have no weight row
+    assert len(weight_rows) == 2 * n_weights and cmp["passed"]
     assert all(r["delta_db"] == 0 for r in weight_rows)
     worse = json.loads(json.dumps(wo))
     row = next(r for r in worse["tables"]["operands"] if r["layer"] == "blocks.0.fc1" and r["strategy"] == "int8")
     row["sqnr_db"] -= 3.0
-    cmp = compare_results(full, worse)
+    cmp = compare_results(full, worse, gates)
     assert not cmp["passed"] and cmp["failed_layers"] == ["blocks.0.fc1"]

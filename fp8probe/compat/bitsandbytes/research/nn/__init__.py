@@ -9,7 +9,7 @@ __all__ = ["LinearFP8Mixed", "LinearFP8Global"]
 
 
 class LinearFP8Mixed(_nn.LinearFP8Mixed):
-    """fp8probe's LinearFP8Mixed built with bnb's ``(input_features, output_features, bias)``; mode read at construction."""
+    """fp8probe's LinearFP8Mixed with bnb's ``(input_features, output_features, bias)``; mode read when built."""
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True) -> None:
         super().__init__(input_features, output_features, bias=bias, compat=get_compat())
