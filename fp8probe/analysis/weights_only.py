@@ -203,7 +203,10 @@ class Checkpoint:
             self._loaded = None  # unmap the previous shard first
             sd = load_state_dict_mmap(path)
             if sd is None:
-                raise LoadError(f"{path} is not a state_dict (a dict of tensors readable with weights_only=True)")
+                raise LoadError(f"{path} is not a state_dict readable with weights_only=True (a dict of tensors): it holds "
+                                "other objects, and unpickling those runs code. The weights-only analysis reads "
+                                "tensors only; to load and run the model from it, pass --trust-pickle with --inputs "
+                                "(or --factory) if you trust the file")
             self._loaded = (path, sd)
         return self._loaded[1]
 
