@@ -401,10 +401,23 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
               help="also run the block-size and threshold sweeps (default grids, one more capture pass) and write "
                    "one results.json and one report with everything")
 @click.option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
+@click.option("--budget", "budget_spec", default="0.01", show_default=True,
+              help="end-to-end budget for the recommendation: relative loss increase (0.01 or 1%), or kl:0.01 for "
+                   "the mean KL divergence of the output distribution")
+@click.option("--no-e2e", is_flag=True, help="skip the end-to-end runs (no e2e, sensitivity, recommendation tables)")
+@click.option("--sensitivity", type=click.Choice(["auto", "measured", "estimated"]), default="auto", show_default=True,
+              help="per-layer sensitivity: measured by forward runs, estimated from the captured gradients, or auto "
+                   "(measured when its predicted time keeps the end-to-end part within 2x the isolated analysis)")
+@click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="simulate this many training steps per strategy (and in high precision) from the same weights")
+@click.option("--lr", type=FiniteFloat(0.0), default=1e-3, show_default=True, help="learning rate for --steps")
+@click.option("--optimizer", "optimizer_spec", default=None,
+              help="module:function called as fn(params, lr) -> torch optimizer for --steps (default AdamW)")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
-                no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool) -> None:
+                no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool,
+                budget_spec: str, no_e2e: bool, sensitivity: str, steps: int, lr: float, optimizer_spec: str | None) -> None:
     """Capture MODEL's GEMMs (linear, matmul, attention, conv) on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -421,6 +434,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.pipeline import analyze
+    from fp8probe.report.verdict import verdict_lines
 
     # Errors in the order a user needs them: what they typed (strategy, factory, loss, layers, device)
     # before anything about the output directory, and all of it before the model is loaded.
@@ -428,6 +442,14 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     _check_device(device)
     _check_layers(layers)
     _check_gemms(gemms)
+    try:  # before --out: a bad budget is what the user typed, not a problem of the output directory
+        from fp8probe.analysis.e2e import parse_budget
+
+        budget = parse_budget(budget_spec)
+    except ValueError as exc:
+        raise _fail(exc, "--budget") from exc
+    if steps and lr <= 0:
+        raise UsageFailure(f"--lr must be > 0, got {lr:g}")
     run_name = name or Path(model.split(":")[0]).stem or "analysis"
     out = Path(out_dir) if out_dir else _default_out(run_name)
     stale = _check_out(out, "run", overwrite)
@@ -451,13 +473,15 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             results = analyze(loaded, batch_list, strategy, threshold=threshold, layers=layers, batches=batches,
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
-                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms)
+                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms, e2e=not no_e2e,
+                              budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec)
         if sweeps:
             from fp8probe.analysis.sweeps import sweep_both
 
             bs_res, th_res = sweep_both(loaded, batch_list, layers=layers, batches=batches, device=device, seed=seed,
                                         loss=loss_spec, name=run_name, model_desc=loaded.description,
-                                        inputs_desc=inputs or "example inputs / factory batches", gemms=gemms)
+                                        inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
+                                        e2e=not no_e2e, budget=budget)
             results = results.merged(bs_res, th_res)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
@@ -480,6 +504,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                                           "loss": results.metadata["loss"], "strategy_errors": n_errors,
                                           "coverage": results.metadata["coverage"],
                                           "verdict": verdict_lines(results.tables, results.metadata),
+                                          "recommendation": results.to_json()["tables"].get("recommendation", []),
                                           "worst_fprop": worst}), indent=1, default=str))
         return
     loss = results.metadata["loss"]
@@ -656,6 +681,9 @@ def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) ->
               help="fail when a layer gains more than this many outlier feature columns")
 @click.option("--max-underflow-increase", type=FiniteFloat(0.0), default=1.0, show_default=True,
               help="fail when an operand's underflow fraction rises by more than this many percentage points")
+@click.option("--max-loss-increase", type=FiniteFloat(0.0), default=None,
+              help="fail when a strategy's end-to-end relative loss change rises by more than this over the baseline "
+                   "(0.005 = half a percentage point); off by default")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/compare", show_default=True,
               help="directory for compare.html and compare.md")
 @click.option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")
@@ -666,8 +694,8 @@ def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) ->
                    "still listed)")
 @click.pass_context
 def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: float, max_new_outlier_cols: int,
-                max_underflow_increase: float, out_dir: str, overwrite: bool, markdown_file: str | None,
-                allow_missing: bool) -> None:
+                max_underflow_increase: float, max_loss_increase: float | None, out_dir: str, overwrite: bool,
+                markdown_file: str | None, allow_missing: bool) -> None:
     """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded or baseline
     rows are missing, else 0. Only quantised GEMMs are gated (see the gate text)."""
     from fp8probe.report.compare import Gates, compare_markdown, compare_results, gated_text
@@ -686,7 +714,8 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     stale = _check_out(out, "compare", overwrite)
     base, cur = _load_results_or_fail(baseline, "baseline"), _load_results_or_fail(current, "current")
     try:
-        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase, allow_missing=allow_missing)
+        gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase, allow_missing=allow_missing,
+                      max_loss_increase=max_loss_increase)
         comparison = compare_results(base, cur, gates)
     except ValueError as exc:
         raise _fail(exc) from exc
@@ -767,6 +796,10 @@ def _sweep_options(func):
         click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
         click.option("--name", default=None, help="run name (default: the model file's stem)"),
         *_RUN_OUTPUT_OPTIONS,
+        click.option("--budget", "budget_spec", default="0.01", show_default=True,
+                     help="end-to-end budget for the model-wide value: relative loss increase (0.01 or 1%) or "
+                          "kl:0.01"),
+        click.option("--no-e2e", is_flag=True, help="skip validating one model-wide value end to end"),
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -815,8 +848,11 @@ def _parse_thresholds(text: str) -> list[float]:
 def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory: str | None, trust_pickle: bool,
                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                out_dir: str | None, overwrite: bool, name: str | None, quiet: bool, threads: int | None,
-               output_format: str, include_embeddings: bool = False) -> None:
+               output_format: str, include_embeddings: bool = False, budget_spec: str = "0.01",
+               no_e2e: bool = False) -> None:
     import json
+
+    from fp8probe.analysis.e2e import parse_budget
 
     from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.loading import LoadError
@@ -827,6 +863,10 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     _check_device(device)
     _check_layers(layers)
     _check_gemms(gemms)
+    try:  # before --out, like the other options the user typed
+        budget = parse_budget(budget_spec)
+    except ValueError as exc:
+        raise _fail(exc, "--budget") from exc
     run_name = name or Path(model.split(":")[0]).stem or kind
     out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
     stale = _check_out(out, "run", overwrite)
@@ -849,7 +889,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                 results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device,
                              seed=seed, loss=loss_spec, name=run_name, model_desc=loaded.description,
                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
-                             progress=lambda done, total: bar.update(1))
+                             progress=lambda done, total: bar.update(1), e2e=not no_e2e, budget=budget)
         except (LoadError, ValueError, TypeError) as exc:
             raise _analysis_failure(exc, inputs) from exc
         remove_outputs(stale)
@@ -879,6 +919,11 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
     click.echo(coverage_line(results.metadata["coverage"]))
     click.echo(f"rule: {rule}")
+    for r in (results.tables["recommendation"].to_dict("records") if "recommendation" in results.tables else []):
+        what = "block size" if r["kind"] == "blocksize" else "threshold"
+        status = "within" if r["within_budget"] else "OVER"
+        click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
+                   f"{100 * r['loss_rel_change']:+.2f} %, {status} the budget ({r['budget_kind']} {r['budget']:g})")
     _warn_no_gradient(results)
     click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
 

@@ -56,3 +56,17 @@ def test_demo_writes_results_that_rerender(demo_dir: Path, tmp_path: Path) -> No
     for r in merged["tables"]["outliers"]:
         if r["layer"].endswith(("attn.qkv", "fc1")):
             assert planted <= {int(d) for d, _ in r["top_dims"]}, r["layer"]
+
+
+def test_demo_carries_the_validated_recommendation(demo_dir: Path) -> None:
+    """The demo runs the end-to-end part: e2e per strategy, sensitivity, and a recommendation with one row per
+    strategy plus the model-wide block size and threshold from the sweeps, each validated by a run."""
+    merged = json.loads((demo_dir / "results.json").read_text())
+    tables = merged["tables"]
+    assert merged["version"] == 2 and {"e2e", "sensitivity", "recommendation"} <= set(tables)
+    kinds = [r["kind"] for r in tables["recommendation"]]
+    assert kinds.count("strategy") == 8 and kinds[-2:] == ["blocksize", "threshold"]
+    assert sum(r["recommended"] for r in tables["recommendation"] if r["kind"] == "strategy") == 1
+    for r in tables["recommendation"]:
+        assert r["loss_rel_change"] is not None and r["lp_flop_share"] > 0
+    assert len(tables["sensitivity"]) == 8 * len(tables["layers"])  # one row per strategy and captured GEMM

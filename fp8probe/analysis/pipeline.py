@@ -5,6 +5,7 @@ import datetime as _dt
 import platform
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +19,8 @@ from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
 from .capture import GemmCall, LossFn, LossInfo, capture_batch
+from .e2e import (COST_BOUND, DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
+                  SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .gemms import Coverage, parse_kinds
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
@@ -61,10 +64,11 @@ class _LayerAcc:
 class _Analysis:
     """Per-layer accumulators fed by capture, one GemmCall at a time."""
 
-    def __init__(self, strategies: list[Strategy], threshold: float) -> None:
+    def __init__(self, strategies: list[Strategy], threshold: float, estimate: SensitivityEstimate | None = None) -> None:
         self.strategies = strategies
         self.threshold = threshold
         self.layers: dict[str, _LayerAcc] = {}
+        self.estimate = estimate  # the end-to-end mode's per-layer sensitivity estimate, fed from the same replay
 
     def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
@@ -99,6 +103,8 @@ class _Analysis:
                 continue
             for gemm, lp in out.gemms.items():
                 acc.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp)
+            if self.estimate is not None:
+                self.estimate.update(strat.name, call.name, G, out.gemms["fprop"].double() - ref["fprop"])
             for operand, (x, q, sat) in out.operands.items():
                 if operand == "weight" and not first_weight:
                     continue
@@ -251,7 +257,9 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
             loss: LossFn | str | None = None, progress: bool | ProgressFn = False, name: str | None = None,
             model_desc: str | None = None, inputs_desc: str | None = None,
-            gemms: str | list[str] | None = None) -> Results:
+            gemms: str | list[str] | None = None, e2e: bool = True,
+            budget: Budget | float | str = DEFAULT_BUDGET, sensitivity: str = "auto", steps: int = 0,
+            lr: float = DEFAULT_LR, optimizer: OptimizerFactory | str | None = None) -> Results:
     """Capture every GEMM of ``model`` on ``inputs`` and measure each recipe's error.
 
     model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
@@ -269,6 +277,21 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     (and errors when a recipe failed on a layer). For a GEMM of two activations (``b_is_weight``
     False in ``layers``: QKᵀ, PV, matmul/bmm) "weight" is the second operand B and "wgrad" its
     gradient Gᵀ·A.
+
+    End to end (``e2e``, on by default; analysis/e2e.py): the model is run again with every captured
+    GEMM computed by each recipe, forward and backward, against the high-precision run on the same
+    batches → table ``e2e`` (loss change, output SQNR / KL / top-1, per-parameter gradient SQNR, low-
+    precision FLOP share), ``sensitivity`` (per layer: the change with only it in low precision and
+    with only it in 16-bit; "measured" or "estimated" per ``sensitivity``: "auto" measures when the
+    predicted time keeps the end-to-end part within e2e.COST_BOUND x this isolated analysis' time) and ``recommendation`` (per recipe the smallest set of
+    layers to keep in 16-bit so the change stays within ``budget``, validated by real runs; the
+    recommended recipe keeps the most GEMM FLOPs in low precision). ``budget``: 0.01 = 1 % relative
+    loss increase, "kl:0.01" = mean output KL. ``steps`` > 0 adds the ``training`` table: that many
+    optimizer steps (``optimizer``: callable(params, lr) or "module:function", default AdamW, ``lr``)
+    per recipe from the same initial weights on the same batches. The model is never modified.
+    Memory of the end-to-end part: one training step's (one batch's activations, the high-precision
+    parameter gradients and one recipe's at a time, each batch's high-precision output kept on CPU);
+    ``steps`` adds one model copy and its optimizer state at a time.
 
     Special values: NaN/±Inf, zeros, subnormals and values beyond fp16/e4m3/e5m2 max are counted per
     layer and tensor (``tensors`` table). Error metrics are computed over finite elements only; the
@@ -292,9 +315,18 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     threshold = float(threshold)
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
+    budget = parse_budget(budget)
+    if sensitivity not in SENSITIVITY_MODES:
+        raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, got {sensitivity!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if steps:
+        check_lr(lr)
+        resolve_optimizer(optimizer)
+    started = time.perf_counter()
     run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
                       gemms=gemms)
-    analysis = _Analysis(strategies, threshold)
+    analysis = _Analysis(strategies, threshold, SensitivityEstimate() if e2e else None)
     if callable(progress):
         report: ProgressFn | None = progress
     elif progress:
@@ -308,4 +340,21 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
                             seed=seed, info=info, formats=used_formats)
     metadata.update({"strategies": [s.name for s in strategies], "threshold": threshold,
                      "rules": {s.name: s.rules for s in strategies}})
-    return Results(metadata, {**analysis.tables(), "coverage": run.coverage.table()}, kind="analyze")
+    tables = {**analysis.tables(), "coverage": run.coverage.table()}
+    if e2e or steps:
+        runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
+                        loss_name=run.loss_name, threshold=threshold, seed=seed, kinds=run.coverage.kinds)
+        if e2e:
+            fprop = tables["gemm"][tables["gemm"]["gemm"] == "fprop"] if not tables["gemm"].empty else tables["gemm"]
+            isolated = {(r["strategy"], r["layer"]): r["sqnr_db"] for r in fprop.to_dict("records")}
+            isolated_s = time.perf_counter() - started
+            e2e_tables, metadata["e2e"] = end_to_end(runner, strategies, budget, sensitivity=sensitivity,
+                                                     estimate=analysis.estimate, isolated_sqnr=isolated,
+                                                     time_budget_s=COST_BOUND * isolated_s)
+            metadata["e2e"]["isolated_seconds"] = isolated_s
+            tables.update(e2e_tables)
+        if steps:
+            tables["training"] = simulate_training(runner, strategies, steps, lr, optimizer)
+            metadata["training"] = {"steps": steps, "lr": lr, "optimizer": "AdamW" if optimizer is None else
+                                    getattr(optimizer, "__qualname__", str(optimizer))}
+    return Results(metadata, tables, kind="analyze")

@@ -1,8 +1,9 @@
 """Low-precision recipes replayed on one captured GEMM's operands: fprop, dgrad and wgrad as each recipe computes them."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -53,11 +54,17 @@ class WeightQuantizer:
     scaling: str
     block: tuple[int, int] | None
     quantize: WeightFn
+# linear(x [..., in], W [out, in], bias [out] | None, threshold, b_is_weight) -> y [..., out],
+# differentiable: the recipe's fprop in forward and its dgrad/wgrad in backward (what the end-to-end
+# mode swaps in for a GEMM; b_is_weight as for Runner).
+LinearFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """A named recipe: ``run(A [tokens, in], W [out, in], G [tokens, out] | None, threshold, b_is_weight)``.
+    """A named recipe: ``run(A [tokens, in], W [out, in], G [tokens, out] | None, threshold, b_is_weight)``
+    replays it on captured operands; ``linear(x, W, bias, threshold, b_is_weight=True)`` computes the GEMM
+    with it inside a running model (forward and backward), from the same autograd functions / quantisers.
 
     ``b_is_weight`` False: the second operand is an activation (K of QKᵀ, Vᵀ of PV); ``rules``
     says how the recipe quantises it.
@@ -67,6 +74,7 @@ class Strategy:
     rules: str
     formats: tuple[str, ...]
     run: Runner
+    linear: LinearFn
     #: The GEMMs whose operands the recipe quantises (at least one of the two); the others run in the
     #: captured precision and sit at float32 rounding level (compare does not gate them).
     quantized_gemms: tuple[str, ...] = GEMMS
@@ -132,9 +140,9 @@ def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, thresh
 
 
 def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
-               b_is_weight: bool = True) -> StrategyOutput:
-    bsz, bsz2 = AG.get_block_sizes(A, W)
-    gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t()), A, W, G)
+               b_is_weight: bool = True, blocks: tuple[int, int] | None = None) -> StrategyOutput:
+    bsz, bsz2 = blocks or AG.get_block_sizes(A, W)
+    gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t(), bsz=bsz, bsz2=bsz2), A, W, G)
     ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None), "weight": (W, *_weight_bnb_global(W))}
     if G is not None:
         ops["grad_output"] = (G, _fq_code(G, "bnb-e5m2", bsz2), None)
@@ -178,6 +186,33 @@ def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, th
     return StrategyOutput(gemms, ops)
 
 
+# In-model versions of the bnb runners above (Strategy.linear). ``b_is_weight`` is accepted and
+# ignored: these recipes quantise a second activation exactly like a weight (rule texts below).
+def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # The FP8 research matmuls take no bias: it is added in the activations' precision, as nn.Linear would.
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _linear_global(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                   b_is_weight: bool = True) -> torch.Tensor:
+    return _plus_bias(AG.matmul_fp8_global(x, W.t()), bias)
+
+
+def _linear_mixed(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                  b_is_weight: bool = True, blocks: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    return _plus_bias(AG.matmul_fp8_mixed(x, W.t(), bsz=blocks[0], bsz2=blocks[1]), bias)
+
+
+def _linear_int8(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                 b_is_weight: bool = True) -> torch.Tensor:
+    return AG.matmul(x, W, threshold=threshold, bias=bias)
+
+
+def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                       b_is_weight: bool = True) -> torch.Tensor:
+    return AG.switchback_bnb(x, W, bias=bias)  # no outlier decomposition, as in _run_switchback
+
+
 # --------------------------------------------------------------------------------------------
 # OCP FP8 / MX recipes: fake-quantise each GEMM's operands along its contraction dimension
 # (the last dim of the 2-D operand as passed here), matmul in float32.
@@ -194,35 +229,91 @@ def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, in
     return q, saturated
 
 
-def _scaled_recipe(gran_act: tuple[str, tuple[int, int] | None], gran_b: tuple[str, tuple[int, int] | None],
-                   fmt_fwd: str, fmt_bwd: str) -> Runner:
-    """Build a runner; ``gran_act``/``gran_b`` = (granularity, block) for activations/gradients and for weights."""
+Gran = tuple[str, "tuple[int, int] | None"]
 
-    def run(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+
+@dataclass(frozen=True)
+class _Scaled:
+    """One OCP/MX recipe's three GEMMs; ``act``/``w`` = (granularity, block) for activations/gradients and
+    for weights. The replay (``run``) and the in-model autograd function (``linear``) both call these.
+    ``b_is_weight`` False: the second operand is an activation (K of QKᵀ, Vᵀ of PV) and gets the
+    activation granularity, not the weight's."""
+
+    act: Gran
+    w: Gran
+    fmt_fwd: str
+    fmt_bwd: str
+
+    def _gran_b(self, b_is_weight: bool) -> Gran:
+        return self.w if b_is_weight else self.act
+
+    def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True) -> tuple[torch.Tensor, tuple, tuple]:
+        """(A·Wᵀ from quantised operands, (qA, satA), (qW, satW)); A [tokens, in], W [out, in]."""
+        qA, sA = _fq_scaled(A, self.fmt_fwd, *self.act)                     # contraction over in
+        qW, sW = _fq_scaled(W, self.fmt_fwd, *self._gran_b(b_is_weight))    # W [out, in]: contraction over in
+        return qA @ qW.t(), (qA, sA), (qW, sW)
+
+    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
+              b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
+        """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W."""
+        gran_w = self._gran_b(b_is_weight)
+        qG, sG = _fq_scaled(G, self.fmt_bwd, *self.act)         # dgrad contracts over out: G's rows
+        # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
+        # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
+        w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])
+        qWt = qW.t() if w_reusable else _fq_scaled(W.t(), self.fmt_fwd, *gran_w)[0]
+        return qG @ qWt.t(), (qG, sG)
+
+    def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
+        """Gᵀ·A with both scaled along tokens (the contraction dim); qG/qA: the dgrad's / forward's."""
+        if self.act[0] == "tensor":                             # one scale: transposing changes nothing
+            qGt, qAt = qG.t(), qA.t()
+        else:                                                   # wgrad contracts over tokens
+            qGt = _fq_scaled(G.t(), self.fmt_bwd, *self.act)[0]
+            qAt = _fq_scaled(A.t(), self.fmt_fwd, *self.act)[0]
+        return qGt @ qAt.t()
+
+    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
             b_is_weight: bool = True) -> StrategyOutput:
-        # A second activation (K of QKᵀ, Vᵀ of PV) gets the activation granularity, not the weight's.
-        gran_w = gran_b if b_is_weight else gran_act
-        qA, sA = _fq_scaled(A, fmt_fwd, *gran_act)              # contraction over in
-        qW, sW = _fq_scaled(W, fmt_fwd, *gran_w)                # W [out, in]: contraction over in
-        gemms = {"fprop": qA @ qW.t()}
+        y, (qA, sA), (qW, sW) = self.fprop(A, W, b_is_weight)
+        gemms = {"fprop": y}
         ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
         if G is not None:
-            qG, sG = _fq_scaled(G, fmt_bwd, *gran_act)          # dgrad contracts over out: G's rows
-            # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
-            # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
-            w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])
-            qWt = qW.t() if w_reusable else _fq_scaled(W.t(), fmt_fwd, *gran_w)[0]
-            gemms["dgrad"] = qG @ qWt.t()
-            if gran_act[0] == "tensor":                         # one scale: transposing changes nothing
-                qGt, qAt = qG.t(), qA.t()
-            else:                                               # wgrad contracts over tokens
-                qGt = _fq_scaled(G.t(), fmt_bwd, *gran_act)[0]
-                qAt = _fq_scaled(A.t(), fmt_fwd, *gran_act)[0]
-            gemms["wgrad"] = qGt @ qAt.t()
+            gemms["dgrad"], (qG, sG) = self.dgrad(G, W, qW, b_is_weight)
+            gemms["wgrad"] = self.wgrad(G, A, qG, qA)
             ops["grad_output"] = (G, qG, sG)
         return StrategyOutput(gemms, ops)
 
-    return run
+    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+               b_is_weight: bool = True) -> torch.Tensor:
+        return _ScaledLinear.apply(x, W, bias, self, b_is_weight)
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """``x·Wᵀ + bias`` with an OCP/MX recipe: fprop, dgrad and wgrad exactly as ``_Scaled`` replays them,
+    in float32 (the result is cast back to x's dtype); the bias and its gradient stay unquantised."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, recipe: _Scaled,
+                b_is_weight: bool = True) -> torch.Tensor:
+        A = x.reshape(-1, x.shape[-1])
+        y, (qA, _), (qW, _) = recipe.fprop(A, W, b_is_weight)
+        ctx.save_for_backward(A, W, qA, qW)
+        ctx.recipe, ctx.x_shape, ctx.has_bias, ctx.b_is_weight = recipe, x.shape, bias is not None, b_is_weight
+        y = y.to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        A, W, qA, qW = ctx.saved_tensors
+        G = grad.reshape(-1, W.shape[0])
+        dgrad, (qG, _) = ctx.recipe.dgrad(G, W, qW, ctx.b_is_weight)
+        grad_x = dgrad.to(A.dtype).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = ctx.recipe.wgrad(G, A, qG, qA).to(W.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = G.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
 
 
 _TENSOR = ("tensor", None)
@@ -231,47 +322,65 @@ _TILE_1 = ("block", (1, TILE))
 _TILE_2 = ("block", (TILE, TILE))
 _MX = ("block", (1, 32))
 
+
+def _scaled(act: Gran, w: Gran, fmt_fwd: str, fmt_bwd: str) -> tuple[Runner, LinearFn]:
+    recipe = _Scaled(act, w, fmt_fwd, fmt_bwd)
+    return recipe.run, recipe.linear
+
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "
              "absmax for the output gradient (dgrad, wgrad); nearest code, ties to the even index; float32 "
              "matmuls of the fake-quantised tensors (MatMulFP8Global, SPEC §7.2). Two activations (QKᵀ, PV): the second one exactly like W, one "
              "absmax bnb-e4m3. " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"),
-             _run_global),
+             _run_global, _linear_global),
     Strategy("mixed", "A blockwise bnb-e4m3 (block bsz over the flattened tensor), W one absmax bnb-e4m3, "
              "output gradient blockwise bnb-e5m2 (bsz2) for dgrad; wgrad Aᵀ·G unquantised; bsz/bsz2 from "
              "get_block_sizes (MatMulFP8Mixed, SPEC §7.2). Two activations: as MatMulFP8Mixed runs them, the "
              "first blockwise, the second like W (one absmax). " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"), _run_mixed,
-             quantized_gemms=("fprop", "dgrad")),
+             _linear_mixed, quantized_gemms=("fprop", "dgrad")),
     Strategy("int8", "LLM.int8(): A int8 per row (absmax/127, round half-even), columns with any |a| ≥ threshold "
              "kept in A's precision and multiplied by the dequantised weight; W int8 per output row; dgrad "
              "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6). Two "
              "activations: as MatMul8bitLt runs them, vector-wise int8 on both (rows along the contraction dim), "
              "outlier columns of the contraction dim found in the first, kept in its precision and multiplied by "
              "the dequantised second. " + BATCHED_RULE,
-             ("int8",), _run_int8),
+             ("int8",), _run_int8, _linear_int8),
     Strategy("switchback", "SwitchBack: fprop int8 per-row A × int8 per-row W (no outlier columns); dgrad "
              "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2). Two activations: both int8 per "
              "row along the contraction dim. " + BATCHED_RULE, ("int8",), _run_switchback,
-             quantized_gemms=("fprop", "dgrad")),
+             _linear_switchback, quantized_gemms=("fprop", "dgrad")),
     Strategy("ocp-tensorwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale amax/fmt_max per tensor, "
              "round to nearest even with saturation; float32 matmuls. Two activations: both E4M3FN per "
              "tensor. " + BATCHED_RULE, ("e4m3", "e5m2"),
-             _scaled_recipe(_TENSOR, _TENSOR, "e4m3", "e5m2")),
+             *_scaled(_TENSOR, _TENSOR, "e4m3", "e5m2")),
     Strategy("ocp-rowwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale per row along each GEMM's "
              "contraction dim (A, W rows in fprop; G rows and W columns in dgrad; G, A columns in wgrad); "
              "float32 matmuls. Two activations: both E4M3FN per row along the contraction dim. " + BATCHED_RULE,
-             ("e4m3", "e5m2"), _scaled_recipe(_ROW, _ROW, "e4m3", "e5m2")),
+             ("e4m3", "e5m2"), *_scaled(_ROW, _ROW, "e4m3", "e5m2")),
     Strategy("ocp-blockwise", "OCP E4M3FN A / E5M2 G in 1x128 tiles along each GEMM's contraction dim, E4M3FN W "
              "in 128x128 blocks, float32 scale amax/fmt_max per tile (DeepSeek-V3 style); float32 matmuls. "
              "Two activations: both in 1x128 tiles along the contraction dim (no 128x128 weight blocks). "
              + BATCHED_RULE,
-             ("e4m3", "e5m2"), _scaled_recipe(_TILE_1, _TILE_2, "e4m3", "e5m2")),
+             ("e4m3", "e5m2"), *_scaled(_TILE_1, _TILE_2, "e4m3", "e5m2")),
     Strategy("mxfp8", "OCP MX: E4M3 elements for A and W, E5M2 for G, blocks of 32 along each GEMM's contraction "
              "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls. Two "
              "activations: both E4M3 in blocks of 32 along the contraction dim. " + BATCHED_RULE,
-             ("mxfp8-e4m3", "mxfp8-e5m2"), _scaled_recipe(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
+             ("mxfp8-e4m3", "mxfp8-e5m2"), *_scaled(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
 )}
 
+
+
+def mixed_with_blocksize(blocksize: int) -> Strategy:
+    """The "mixed" recipe (MatMulFP8Mixed) with one block size for activations and output gradients in
+    every layer, instead of get_block_sizes' per-layer pick: the model-wide block size under test."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    base = STRATEGIES["mixed"]
+    blocks = (blocksize, blocksize)
+    return Strategy(f"mixed bs={blocksize}", base.rules.replace("bsz/bsz2 from get_block_sizes", f"bsz = bsz2 = "
+                                                                f"{blocksize} in every layer"), base.formats,
+                    functools.partial(_run_mixed, blocks=blocks), functools.partial(_linear_mixed, blocks=blocks),
+                    base.quantized_gemms)
 
 def _weight_scaled(fmt: str, gran: tuple[str, tuple[int, int] | None]) -> WeightQuantizer:
     return WeightQuantizer(gran[0], gran[1], lambda W: _fq_scaled(W, fmt, *gran))

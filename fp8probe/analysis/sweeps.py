@@ -13,6 +13,7 @@ from fp8probe import functional as F
 from fp8probe.autograd import MatMul8bitLt, MatmulLtState, get_block_sizes
 
 from .capture import GemmCall, LossFn, LossInfo
+from .e2e import DEFAULT_BUDGET, Budget, Runner, model_wide, parse_budget
 from .metrics import ErrorAccumulator
 from .pipeline import ProgressFn, Run, forward_order, prepare_run, run_metadata
 from .results import Results
@@ -275,11 +276,20 @@ class _Both:
             s(call)
 
 
+def _validated(run: Run, seed: int, budget: Budget, blocksize: pd.DataFrame | None = None,
+               threshold: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The model-wide block size / threshold rows of ``recommendation``, validated end to end (e2e.model_wide)."""
+    runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
+                    loss_name=run.loss_name, threshold=6.0, seed=seed, kinds=run.coverage.kinds)
+    return model_wide(runner, budget, blocksize, threshold)
+
+
 def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES, *,
                     layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
                     inputs_desc: str | None = None, gemms: str | list[str] | None = None,
-                    progress: ProgressFn | None = None) -> Results:
+                    progress: ProgressFn | None = None, e2e: bool = True,
+                    budget: Budget | float | str = DEFAULT_BUDGET) -> Results:
     """Blockwise FP8 error per layer × block size (kind "sweep-blocksize", table ``blocksize_sweep``).
 
     For each captured linear GEMM and block size: bnb-e4m3 blockwise fake quantisation of the
@@ -287,40 +297,52 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
     [tokens, out]; SQNR (dB) of each operand and of fprop A·Wᵀ, dgrad G·W and wgrad Gᵀ·A (products
     in float64, so the error is the quantisation's alone); overhead_bits = 32/blocksize; ``auto``
     marks get_block_sizes' pick; ``recommended`` follows BLOCKSIZE_RULE. Same model/inputs
-    arguments as ``analyze``.
+    arguments as ``analyze``. With ``e2e`` a ``recommendation`` row (kind "blocksize") gives one block
+    size for the whole model, validated by end-to-end runs of the "mixed" recipe within ``budget``.
     """
     sizes = _check_blocksizes(blocksizes)
+    budget = parse_budget(budget)
     sweep = _BlocksizeSweep(sizes)
     run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
                      gemms=gemms, progress=progress)
     meta = _metadata("sweep-blocksize", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_blocksize_meta(sizes))
-    return Results(meta, {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table(),
-                          "coverage": run.coverage.table()}, kind="sweep-blocksize")
+    tables = {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table(),
+              "coverage": run.coverage.table()}
+    if e2e:
+        tables["recommendation"] = _validated(run, seed, budget, blocksize=tables["blocksize_sweep"])
+    return Results(meta, tables, kind="sweep-blocksize")
 
 
 def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                     layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
                     inputs_desc: str | None = None, gemms: str | list[str] | None = None,
-                    progress: ProgressFn | None = None) -> Results:
+                    progress: ProgressFn | None = None, e2e: bool = True,
+                    budget: Budget | float | str = DEFAULT_BUDGET) -> Results:
     """LLM.int8() fprop error vs outlier threshold per layer (kind "sweep-threshold", table ``threshold_sweep``).
 
     For each captured linear GEMM and threshold: the MatMul8bitLt forward (int8 row-wise A and W,
     columns with any |a| ≥ threshold kept in A's precision) against float64 A·Wᵀ: fprop_sqnr_db,
     frac_cols_16bit (token-weighted mean over batches of the fraction of input columns kept in
     16-bit; non-increasing in the threshold for thresholds > 0, 0 at threshold 0) and
-    ``recommended`` per THRESHOLD_RULE. Same model/inputs arguments as ``analyze``.
+    ``recommended`` per THRESHOLD_RULE. Same model/inputs arguments as ``analyze``. With ``e2e`` a
+    ``recommendation`` row (kind "threshold") gives one threshold for the whole model, validated by
+    end-to-end int8 runs within ``budget``.
     """
     ths = _check_thresholds(thresholds)
+    budget = parse_budget(budget)
     sweep = _ThresholdSweep(ths)
     run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
                      gemms=gemms, progress=progress)
     meta = _metadata("sweep-threshold", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_threshold_meta(ths))
     tokens = {n: a.tokens for n, a in sweep.layers.items()}
-    return Results(meta, {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table(),
-                          "coverage": run.coverage.table()}, kind="sweep-threshold")
+    tables = {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table(),
+              "coverage": run.coverage.table()}
+    if e2e:
+        tables["recommendation"] = _validated(run, seed, budget, threshold=tables["threshold_sweep"])
+    return Results(meta, tables, kind="sweep-threshold")
 
 
 def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES,
@@ -331,6 +353,7 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     opts = {k: kwargs.pop(k, None) for k in ("layers", "batches", "loss", "gemms", "progress")}
     device, seed = kwargs.pop("device", "cpu"), kwargs.pop("seed", 0)
     name, model_desc, inputs_desc = (kwargs.pop(k, None) for k in ("name", "model_desc", "inputs_desc"))
+    e2e, budget = kwargs.pop("e2e", True), parse_budget(kwargs.pop("budget", DEFAULT_BUDGET))
     if kwargs:
         raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
     run, info = _run(model, inputs, _Both(bsw, tsw), device=device, seed=seed, **opts)
@@ -339,7 +362,10 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     t_meta = _metadata("sweep-threshold", run, info, **common, **_threshold_meta(ths))
     tokens = {n: a.tokens for n, a in tsw.layers.items()}
     cov = run.coverage.table()
-    return (Results(b_meta, {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table(), "coverage": cov},
-                    kind="sweep-blocksize"),
-            Results(t_meta, {"layers": _layers_table(tsw.layers, tokens), "threshold_sweep": tsw.table(),
-                             "coverage": cov.copy()}, kind="sweep-threshold"))
+    b_tables = {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table(), "coverage": cov}
+    t_tables = {"layers": _layers_table(tsw.layers, tokens), "threshold_sweep": tsw.table(), "coverage": cov.copy()}
+    if e2e:  # one high-precision reference serves both validations
+        rec = _validated(run, seed, budget, b_tables["blocksize_sweep"], t_tables["threshold_sweep"])
+        b_tables["recommendation"] = rec[rec["kind"] == "blocksize"].reset_index(drop=True)
+        t_tables["recommendation"] = rec[rec["kind"] == "threshold"].reset_index(drop=True)
+    return (Results(b_meta, b_tables, kind="sweep-blocksize"), Results(t_meta, t_tables, kind="sweep-threshold"))

@@ -34,12 +34,17 @@ class Gates:
     #: A baseline row (layer × recipe × GEMM, outlier or underflow entry) absent from the current
     #: results fails the gate unless this is set (a layer deliberately removed, a recipe dropped).
     allow_missing: bool = False
+    # End-to-end gate (off when None): the current run's relative loss change (e2e table, per strategy)
+    # may exceed the baseline's by at most this much (0.005 = half a percentage point of the loss).
+    max_loss_increase: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_missing, bool):
             raise ValueError(f"allow_missing must be True or False, got {self.allow_missing!r}")
-        for name in ("max_sqnr_drop", "max_new_outlier_cols", "max_underflow_increase"):
+        for name in ("max_sqnr_drop", "max_new_outlier_cols", "max_underflow_increase", "max_loss_increase"):
             value = getattr(self, name)
+            if name == "max_loss_increase" and value is None:
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
@@ -137,6 +142,33 @@ def _summary(results: Mapping) -> dict:
             "versions": ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())}
 
 
+E2E_GATE_LAYER = "(end to end)"  # what a max-loss-increase violation names instead of a layer
+
+
+def _e2e_gate(baseline: Mapping, current: Mapping, gates: Gates, violations: list[dict]) -> list[dict]:
+    """Rows (strategy, baseline, current, delta, failed) of the end-to-end relative loss change; with the
+    gate on, a rise above ``max_loss_increase``, a strategy or number missing from current, or a baseline
+    without end-to-end results is a violation."""
+    base = {r.get("strategy"): _num(r.get("loss_rel_change")) for r in baseline["tables"].get("e2e", [])}
+    cur = {r.get("strategy"): _num(r.get("loss_rel_change")) for r in current["tables"].get("e2e", [])}
+    limit = gates.max_loss_increase
+    if limit is not None and not base:
+        violations.append({"gate": "max-loss-increase", "layer": E2E_GATE_LAYER,
+                           "detail": "the baseline has no end-to-end results (run analyze without --no-e2e)"})
+    rows = []
+    for strat, b in base.items():
+        c = cur.get(strat)
+        d = None if b is None or c is None or math.isnan(b) or math.isnan(c) else c - b
+        failed = limit is not None and b is not None and (d is None or d > limit)
+        rows.append({"strategy": strat, "baseline": b, "current": c, "delta": d, "failed": failed})
+        if failed:
+            what = (f"{strat}: no end-to-end loss change in current" if d is None else
+                    f"{strat} loss change {100 * b:+.3f} % → {100 * c:+.3f} % (+{100 * d:.3f} points > "
+                    f"{100 * limit:g})")
+            violations.append({"gate": "max-loss-increase", "layer": E2E_GATE_LAYER, "detail": what})
+    return rows
+
+
 def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = None) -> dict:
     """Per-layer deltas of SQNR, outlier columns and underflow between two results dicts, and gate verdicts.
 
@@ -217,7 +249,8 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                + _missing("underflow", list(base_u), set(cur_u), lambda k: f"{k[1]} {k[2]}"))
     if not gates.allow_missing:
         violations += missing
-    if not (sqnr_rows or outlier_rows or under_rows) and (gates.allow_missing or not missing):
+    e2e_rows = _e2e_gate(baseline, current, gates, violations)
+    if not (sqnr_rows or outlier_rows or under_rows or e2e_rows) and (gates.allow_missing or not missing):
         raise ValueError("baseline and current share no comparable entry (no SQNR, outlier or underflow row in "
                          "both): nothing would be gated")
     failed_layers = list(dict.fromkeys(v["layer"] for v in violations))
@@ -226,7 +259,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
         "gated": {"quantised": gated_counts["quantised"], "unquantised": gated_counts["unquantised"],
                   "noise_floor": gated_counts["noise floor"], "noise_floor_db": FLOAT32_NOISE_FLOOR_DB,
                   "missing": [m["detail"].split(":", 1)[0] + f" ({m['layer']})" for m in missing]},
-        "sqnr": sqnr_rows, "outliers": outlier_rows, "underflow": under_rows,
+        "sqnr": sqnr_rows, "outliers": outlier_rows, "underflow": under_rows, "e2e": e2e_rows,
         "added_layers": [x for x in cur_l if x not in set(base_l)],
         "removed_layers": [x for x in base_l if x not in set(cur_l)],
         "violations": violations, "failed_layers": failed_layers, "passed": not violations,
@@ -262,7 +295,9 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
              f"Baseline {_md_code(comparison['baseline']['name'], False)} ({_md_code(comparison['baseline']['created'], False)}) → "
              f"current {_md_code(comparison['current']['name'], False)} ({_md_code(comparison['current']['created'], False)}).", "",
              f"Gates: SQNR drop ≤ {g['max_sqnr_drop']:g} dB, new outlier columns ≤ {g['max_new_outlier_cols']:g}, "
-             f"underflow increase ≤ {g['max_underflow_increase']:g} percentage points.", "",
+             f"underflow increase ≤ {g['max_underflow_increase']:g} percentage points"
+             + (f", end-to-end loss change increase ≤ {100 * g['max_loss_increase']:g} percentage points."
+                if g.get("max_loss_increase") is not None else "."), "",
              gated_text(comparison), ""]
     if comparison["violations"]:
         lines += ["| gate | layer | detail |", "|---|---|---|"]
@@ -321,7 +356,7 @@ def build_compare_view(comparison: Mapping) -> dict:
     return {
         "title": f"fp8probe compare: {comparison['baseline']['name']} → {comparison['current']['name']}",
         "passed": comparison["passed"], "baseline": comparison["baseline"], "current": comparison["current"],
-        "gates": {k: f"{v:g}" for k, v in g.items()},
+        "gates": {k: "off" if v is None else f"{v:g}" for k, v in g.items()},
         "violations": comparison["violations"], "failed_layers": comparison["failed_layers"],
         "added_layers": comparison["added_layers"], "removed_layers": comparison["removed_layers"],
         "figure": fig,

@@ -9,6 +9,9 @@ from fp8probe.report.schema import ResultsError, validate_results
 _DICT_META = ("rules", "recommendations", "formats")
 # Tables every run of the model carries alike (each capture counts the same GEMMs): the base's copy is kept.
 _SHARED_TABLES = ("coverage",)
+# Tables whose rows each run adds to: analyze's per-strategy recommendation rows and the sweeps'
+# model-wide block size / threshold rows (column ``kind`` tells them apart).
+_CONCAT_TABLES = ("recommendation",)
 
 
 def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None) -> dict:
@@ -51,6 +54,9 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
                 layer_names |= {r.get("layer") for r in new}
                 continue
             if tname in _SHARED_TABLES and tname in tables:
+                continue
+            if tname in _CONCAT_TABLES and tname in tables:
+                tables[tname] = tables[tname] + list(rows)
                 continue
             if tname in tables:
                 first = owner[tname]

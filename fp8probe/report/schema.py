@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 SCHEMA = "fp8probe.results"
-SCHEMA_VERSION = 1
+# Version 2 added the end-to-end tables (e2e, sensitivity, recommendation, training; all optional):
+# version-1 files are still read as they are.
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 KINDS = ("analyze", "sweep-blocksize", "sweep-threshold")
 REQUIRED_TABLES = ("layers",)
 
@@ -67,8 +70,10 @@ def validate_results(results: Any, source: str = "results") -> None:
         raise ResultsError(f"{source}: expected a JSON object with schema {SCHEMA!r}, got {type(results).__name__}")
     if results.get("schema") != SCHEMA:
         raise ResultsError(f"{source}: not an fp8probe results file (schema {results.get('schema')!r}, expected {SCHEMA!r})")
-    if results.get("version") != SCHEMA_VERSION:
-        raise ResultsError(f"{source}: results version {results.get('version')!r} is not supported (expected {SCHEMA_VERSION})")
+    version = results.get("version")
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        raise ResultsError(f"{source}: results version {version!r} is not supported (expected one of "
+                           f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     if results.get("kind") not in KINDS:
         raise ResultsError(f"{source}: kind must be one of {', '.join(KINDS)}, got {results.get('kind')!r}")
     if not isinstance(results.get("metadata"), Mapping):

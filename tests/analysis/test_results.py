@@ -28,7 +28,7 @@ def test_round_trip(tmp_path) -> None:
     res = _results()
     paths = res.save(tmp_path / "out")
     doc = json.loads(paths["json"].read_text())
-    assert doc["schema"] == "fp8probe.results" and doc["version"] == 1 and doc["kind"] == "analyze"
+    assert doc["schema"] == "fp8probe.results" and doc["version"] == 2 and doc["kind"] == "analyze"
     assert doc["tables"]["gemm"][0]["sqnr_db"] is None  # +inf → null (strict JSON)
     assert doc["metadata"]["kurt"] is None
     back = Results.load(tmp_path / "out")
@@ -87,3 +87,17 @@ def test_bad_construction() -> None:
         Results({}, {}, kind="nope")
     with pytest.raises(TypeError, match="DataFrame"):
         Results({}, {"layers": [1, 2]})
+
+
+def test_version_1_files_still_load(tmp_path) -> None:
+    """Schema version 2 (end-to-end tables) reads version-1 files unchanged; an unknown version is refused."""
+    from fp8probe.report.schema import SCHEMA_VERSION, SUPPORTED_VERSIONS
+
+    assert SCHEMA_VERSION == 2 and 1 in SUPPORTED_VERSIONS
+    doc = {"schema": "fp8probe.results", "version": 1, "kind": "analyze", "metadata": {"name": "old"},
+           "tables": {"layers": [{"layer": "fc"}]}}
+    res = Results.from_json(doc)
+    assert res.metadata["name"] == "old" and list(res.tables["layers"]["layer"]) == ["fc"]
+    for bad in (3, True, "2"):
+        with pytest.raises(ResultsError, match="not supported"):
+            Results.from_json({**doc, "version": bad})

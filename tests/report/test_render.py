@@ -102,7 +102,7 @@ def test_minimal_results_render(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update(schema="other"), "not an fp8probe results file"),
-    (lambda d: d.update(version=2), "version"),
+    (lambda d: d.update(version=3), "version"),
     (lambda d: d.update(kind="nope"), "kind"),
     (lambda d: d["tables"].pop("layers"), "layers"),
 ])

@@ -1,0 +1,754 @@
+"""End-to-end effect of each recipe on the running model: loss/output/gradient drift, per-layer sensitivity, a validated keep-in-16-bit set, training simulation."""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as TF
+from torch.utils import _pytree as pytree
+
+from .capture import _to_device, choose_loss, is_exported_graph
+from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
+from .loading import Batch, LoadError, resolve_callable
+from .metrics import ErrorAccumulator
+from .strategies import STRATEGIES, Strategy, mixed_with_blocksize
+
+# Default budget: the loss may rise by at most 1 % relative to the high-precision run.
+DEFAULT_BUDGET = 0.01
+BUDGET_KINDS = ("loss", "kl")
+# Measured sensitivity costs 2 forward passes over all batches per layer and strategy. "auto" measures
+# when that fits the cost bound (the end-to-end part may take at most COST_BOUND x the isolated
+# analysis' time), predicted from the reference runs' own timing; without a time budget, when
+# 2·layers·strategies <= MEASURE_CAP passes. Measured on the 2-core box: all-recipe sensitivity on
+# the demo (144 passes) made the end-to-end part 3.3x the isolated analysis (9.8 s vs 2.9 s).
+COST_BOUND = 2.0
+MEASURE_CAP = 64
+# A forward-only pass costs about this share of a reference pass (forward + backward + per-parameter
+# gradient comparison); measured 0.2-0.3 on the demo, rounded up to stay on the safe side.
+FORWARD_SHARE = 0.4
+# Validation runs per strategy for the keep-set search (doubling, then bisection: log2(layers) + a few).
+MAX_VALIDATION_RUNS = 12
+SENSITIVITY_MODES = ("auto", "measured", "estimated")
+METHOD_MEASURED = "measured: forward runs over every batch with only this layer in low precision / only it in 16-bit"
+METHOD_ESTIMATED = ("estimated: first-order <G, dY> + second-order 1/2 N sum_t (G_t . dY_t)^2 (empirical Fisher) from "
+                    "the layer's isolated fprop error dY and captured output gradient G; only-16-bit = full e2e "
+                    "change minus this layer's estimate")
+OUTPUT_FALLBACK_NOTE = "output = the last GEMM's output (the model returns only a loss)"
+
+
+# --------------------------------------------------------------------------------------------
+# Budget
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """What the recommendation must stay within: ``kind`` "loss" (relative loss increase, 0.01 = 1 %)
+    or "kl" (mean KL divergence of the output distribution, nats per row)."""
+
+    kind: str = "loss"
+    value: float = DEFAULT_BUDGET
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value) \
+                or self.value < 0:
+            raise ValueError(f"expected a finite number >= 0 for the budget, got {self.value!r}")
+
+    def metric(self, loss_rel_change: float, kl_div: float | None) -> float:
+        """The number compared with ``value`` (NaN when a KL budget meets an output that is no distribution)."""
+        if self.kind == "loss":
+            return loss_rel_change
+        return math.nan if kl_div is None else kl_div
+
+    def holds(self, loss_rel_change: float, kl_div: float | None) -> bool:
+        m = self.metric(loss_rel_change, kl_div)
+        return math.isfinite(m) and m <= self.value
+
+
+def parse_budget(spec: Budget | float | int | str | None) -> Budget:
+    """``0.01`` / ``"0.01"`` / ``"1%"`` / ``"loss:0.01"`` → relative loss budget; ``"kl:0.01"`` → KL budget."""
+    if spec is None:
+        return Budget()
+    if isinstance(spec, Budget):
+        return spec
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return Budget("loss", float(spec))
+    if not isinstance(spec, str):
+        raise TypeError(f"expected a number, 'loss:X', 'kl:X' or a Budget for the budget, got {type(spec).__name__}")
+    kind, _, text = spec.strip().rpartition(":")
+    kind = kind.strip().lower() or "loss"
+    text = text.strip()
+    scale = 1.0
+    if text.endswith("%"):
+        text, scale = text[:-1], 0.01
+    try:
+        value = float(text) * scale
+    except ValueError:
+        raise ValueError(f"expected a budget like 0.01, 1%, loss:0.01 or kl:0.05, got {spec!r}") from None
+    return Budget(kind, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Which GEMM runs how: one plan per model run, one function computing a linear GEMM under it
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """Low precision with ``strategy`` for every captured GEMM, except those in ``keep`` (16-bit); with
+    ``only`` given, for those GEMMs alone. ``strategy`` None = everything in high precision."""
+
+    strategy: Strategy | None = None
+    keep: frozenset[str] = frozenset()
+    only: frozenset[str] | None = None
+    threshold: float = 6.0
+
+    def strategy_for(self, name: str) -> Strategy | None:
+        if self.strategy is None or name in self.keep or (self.only is not None and name not in self.only):
+            return None
+        return self.strategy
+
+
+class Gemms(GemmHandler):
+    """The gemms.py handler of one model run under a plan: every captured GEMM (``--layers`` and the
+    selected kinds, named as capture names them) is computed by the plan's recipe or left to the model;
+    counts forward order and FLOPs (all captured vs low precision) and keeps the last GEMM's output."""
+
+    def __init__(self, plan: Plan, pattern: re.Pattern | None, kinds: tuple[str, ...] = KINDS) -> None:
+        self.plan = plan
+        self.pattern = pattern
+        self.coverage = Coverage(kinds)
+        self.order: list[str] = []
+        self.flops_all = 0.0
+        self.flops_lp = 0.0
+        self.last_output: torch.Tensor | None = None
+
+    def skip(self, site: GemmSite) -> str | None:
+        if self.pattern is not None and not self.pattern.search(site.name):
+            return "not matched by --layers"
+        return None
+
+    def replace(self, site: GemmSite) -> torch.Tensor | None:
+        """Y = a·bᵀ in the site's normal form from the plan's recipe, or None (the model's own op)."""
+        self.order.append(site.name)
+        self.flops_all += site.flops
+        strat = self.plan.strategy_for(site.name)
+        if strat is None:
+            return None
+        self.flops_lp += site.flops
+        a, b = site.operands()
+        return lp_gemm(strat, a, b, self.plan.threshold, site.b_is_weight)
+
+    def output(self, site: GemmSite, y: torch.Tensor) -> torch.Tensor:
+        self.last_output = y
+        return y
+
+
+def lp_gemm(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float,
+            b_is_weight: bool = True) -> torch.Tensor:
+    """Compute one GEMM ``a · bᵀ`` (a [M, K], b [N, K], or batched [Bt, M, K] / [Bt, N, K]) with ``strategy``,
+    differentiably (its fprop forward, its dgrad/wgrad backward). The one place the end-to-end mode
+    substitutes a GEMM. Batched GEMMs run one 2-D GEMM per slice with its own scales (strategies.BATCHED_RULE)."""
+    if a.dim() == 2:
+        return strategy.linear(a, b, None, threshold, b_is_weight)
+    return torch.stack([strategy.linear(a[i], b[i], None, threshold, b_is_weight) for i in range(a.shape[0])])
+
+
+def lp_linear(strategy: Strategy, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
+              threshold: float) -> torch.Tensor:
+    """``x [..., in] · Wᵀ [out, in] + bias`` with ``strategy`` (Strategy.linear), differentiably."""
+    return strategy.linear(x, W, bias, threshold)
+
+
+def model_forward(model: Any, batch: Batch, gemms: Gemms) -> Any:
+    """``model(*batch)`` with every captured GEMM computed by ``gemms`` (eager modules or exported graphs)."""
+    if is_exported_graph(model):
+        gm = model
+        bound = inspect.signature(gm.forward).bind(*batch.args, **batch.kwargs)
+        codegen = gm.graph._codegen  # as capture._run_graph: flatten inputs, run the graph, unflatten outputs
+        flat = codegen.process_inputs(*bound.args, **bound.kwargs)
+        return codegen.process_outputs(run_graph(gm, flat, gemms, gemms.coverage))
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"cannot run a {type(model).__name__} end to end: expected an nn.Module or an exported program")
+    with intercept(model, gemms, gemms.coverage):
+        return model(*batch.args, **batch.kwargs)
+
+
+@contextmanager
+def _params_require_grad(params: list[torch.Tensor]) -> Iterator[None]:
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def _float_params(model: Any) -> list[tuple[str, torch.Tensor]]:
+    if not isinstance(model, nn.Module):
+        return []
+    return [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+
+
+def _output_tensor(output: Any, gemms: Gemms) -> tuple[torch.Tensor | None, str]:
+    """The tensor compared between runs: the logits / first non-scalar float output, else the last linear output."""
+    for cand in (getattr(output, "logits", None), output.get("logits") if isinstance(output, dict) else None):
+        if isinstance(cand, torch.Tensor):
+            return cand, ""
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.dim() > 0:
+            return leaf, ""
+    if gemms.last_output is not None:
+        return gemms.last_output, OUTPUT_FALLBACK_NOTE
+    return None, "no floating-point output to compare"
+
+
+# --------------------------------------------------------------------------------------------
+# Running plans over the batches and comparing with the high-precision run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """One plan run over every batch, compared with the high-precision run on the same batches."""
+
+    loss_hp: float
+    loss_lp: float
+    output_sqnr_db: float
+    kl_div: float | None
+    top1_agreement: float | None
+    lp_flop_share: float
+    note: str = ""
+    grad_sqnr: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss_rel_change(self) -> float:
+        return (self.loss_lp - self.loss_hp) / abs(self.loss_hp) if self.loss_hp else math.nan
+
+
+class _OutputCompare:
+    """Mergeable output SQNR, KL(p_hp ‖ p_lp) over the last dim as logits, top-1 agreement."""
+
+    def __init__(self, distribution: bool) -> None:
+        self.distribution = distribution
+        self.err = ErrorAccumulator()
+        self.kl_sum = 0.0
+        self.agree = 0
+        self.rows = 0
+
+    def update(self, hp: torch.Tensor, lp: torch.Tensor) -> None:
+        self.err.update(hp, lp)
+        if self.distribution:
+            p, q = (t.double().reshape(-1, t.shape[-1]).log_softmax(-1) for t in (hp, lp))
+            self.kl_sum += float((p.exp() * (p - q)).sum())
+            self.agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+            self.rows += p.shape[0]
+
+    def result(self) -> tuple[float, float | None, float | None]:
+        sqnr = self.err.result()["sqnr_db"]
+        if not self.distribution or not self.rows:
+            return sqnr, None, None
+        return sqnr, self.kl_sum / self.rows, self.agree / self.rows
+
+
+def _sqnr(sig: float, err: float) -> float:
+    if err == 0:
+        return math.inf
+    return 10 * math.log10(sig / err) if sig > 0 else -math.inf
+
+
+class Runner:
+    """Holds the high-precision reference of every batch (loss, output on CPU) and runs plans against it."""
+
+    def __init__(self, module: Any, batches: Sequence[Batch], *, device: torch.device, layers: str | None,
+                 loss_fn: Any, loss_name: str | None, threshold: float, seed: int,
+                 kinds: tuple[str, ...] = KINDS) -> None:
+        self.module = module
+        self.kinds = tuple(kinds)
+        self.batches = [Batch(_to_device(tuple(b.args), device), _to_device(dict(b.kwargs), device)) for b in batches]
+        self.pattern = re.compile(layers) if layers else None
+        self.loss_fn, self.loss_name = loss_fn, loss_name
+        self.threshold = threshold
+        self.seed = seed
+        self.params = _float_params(module)
+        self.loss_hp: list[float] = []
+        self.out_hp: list[torch.Tensor | None] = []
+        self.order: list[str] = []
+        self.info = None
+        self.distribution = False
+        self.output_note = ""
+        self.forwards = 0
+
+    def _run(self, plan: Plan, i: int, grads: bool) -> tuple[torch.Tensor, Any, Gemms, list | None]:
+        gemms = Gemms(plan, self.pattern, self.kinds)
+        batch = self.batches[i]
+        torch.manual_seed(self.seed + i)  # the same dropout masks (if any) in every run of batch i
+        with torch.enable_grad(), _params_require_grad([p for _, p in self.params]):
+            output = model_forward(self.module, batch, gemms)
+            loss, info = choose_loss(output, batch, self.loss_fn, self.loss_name)
+            g = None
+            if grads and self.params and loss.requires_grad:
+                g = list(torch.autograd.grad(loss, [p for _, p in self.params], allow_unused=True))
+        self.forwards += 1
+        self.info = info
+        return loss.detach(), output, gemms, g
+
+    def reference(self, strategies: Sequence[Strategy]) -> dict[str, Outcome]:
+        """Run high precision and every strategy (all captured GEMMs in low precision), forward and backward,
+        batch by batch (one batch's high-precision gradients held at a time); returns strategy → Outcome.
+        With no strategies: the high-precision forward reference alone (what ``evaluate`` compares with)."""
+        self.loss_hp, self.out_hp = [], []  # a second call replaces the reference, never appends to it
+        cmp: dict[str, _OutputCompare] = {}
+        grad_acc: dict[str, dict[str, list[float]]] = {s.name: {} for s in strategies}
+        loss_lp = {s.name: 0.0 for s in strategies}
+        flops = {s.name: [0, 0] for s in strategies}
+        for i in range(len(self.batches)):
+            loss, output, gemms, g_hp = self._run(Plan(None, threshold=self.threshold), i, grads=bool(strategies))
+            out, note = _output_tensor(output, gemms)
+            if i == 0:
+                self.order = list(dict.fromkeys(gemms.order))
+                self.distribution = (out is not None and self.info.kind != "surrogate" and out.dim() >= 2
+                                     and out.shape[-1] >= 2)
+                self.output_note = note
+            self.loss_hp.append(float(loss))
+            out_hp = None if out is None else out.detach().to("cpu", copy=True)
+            self.out_hp.append(out_hp)
+            del output, out
+            for s in strategies:
+                loss_s, output_s, gemms_s, g_lp = self._run(Plan(s, threshold=self.threshold), i, grads=True)
+                loss_lp[s.name] += float(loss_s)
+                flops[s.name][0] += gemms_s.flops_lp
+                flops[s.name][1] += gemms_s.flops_all
+                out_s, _ = _output_tensor(output_s, gemms_s)
+                c = cmp.setdefault(s.name, _OutputCompare(self.distribution))
+                if out_hp is not None and out_s is not None:
+                    c.update(out_hp, out_s.detach().to("cpu"))
+                if g_hp is not None and g_lp is not None:
+                    for (pname, _), gh, gl in zip(self.params, g_hp, g_lp):
+                        if gh is None or gl is None:
+                            continue
+                        acc = grad_acc[s.name].setdefault(pname, [0.0, 0.0])
+                        gh64 = gh.double()
+                        acc[0] += float(gh64.pow(2).sum())
+                        acc[1] += float((gl.double() - gh64).pow(2).sum())
+                del output_s, out_s, g_lp
+            del g_hp
+        n = len(self.batches)
+        hp = sum(self.loss_hp) / n
+        outcomes = {}
+        for s in strategies:
+            sqnr, kl, top1 = cmp[s.name].result()
+            gsq = {p: _sqnr(a[0], a[1]) for p, a in grad_acc[s.name].items() if a[0] > 0}
+            f_lp, f_all = flops[s.name]
+            outcomes[s.name] = Outcome(hp, loss_lp[s.name] / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
+                                       self.output_note, gsq)
+        return outcomes
+
+    def evaluate(self, plan: Plan) -> Outcome:
+        """Forward only: ``plan`` over every batch, compared with the high-precision reference."""
+        c = _OutputCompare(self.distribution)
+        loss_sum, f_lp, f_all = 0.0, 0, 0
+        for i in range(len(self.batches)):
+            loss, output, gemms, _ = self._run(plan, i, grads=False)
+            loss_sum += float(loss)
+            f_lp += gemms.flops_lp
+            f_all += gemms.flops_all
+            out, _ = _output_tensor(output, gemms)
+            if out is not None and self.out_hp[i] is not None:
+                c.update(self.out_hp[i], out.detach().to("cpu"))
+            del output, out
+        sqnr, kl, top1 = c.result()
+        n = len(self.batches)
+        return Outcome(sum(self.loss_hp) / n, loss_sum / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
+                       self.output_note)
+
+
+# --------------------------------------------------------------------------------------------
+# Sensitivity estimate from the isolated analysis (filled by pipeline's capture sink)
+# --------------------------------------------------------------------------------------------
+class SensitivityEstimate:
+    """Per (strategy, layer): Σ over batches of ⟨G, ΔY⟩ and ½·N·Σ_t (G_t·ΔY_t)², ΔY = the recipe's fprop
+    minus the float64 reference, G = dL/dY of the high-precision run, N = tokens of the batch.
+
+    Why these terms: L(Y+ΔY) − L(Y) ≈ ⟨G, ΔY⟩ + ½ ΔYᵀHΔY, and for a loss that is a mean over N tokens
+    the empirical Fisher approximates H by N·Σ_t G_t G_tᵀ (G_t = dL/dY_t is 1/N of token t's gradient).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, str], list[float]] = {}
+
+    def update(self, strategy: str, layer: str, G: torch.Tensor | None, dY: torch.Tensor) -> None:
+        if G is None or G.numel() == 0:
+            return
+        # Batched sites (attention, bmm) count each of their rows as a token.
+        G, dY = G.reshape(-1, G.shape[-1]), dY.reshape(-1, dY.shape[-1])
+        prod = G.double() * dY.double()
+        per_token = prod.sum(1)
+        acc = self.sums.setdefault((strategy, layer), [0.0, 0.0])
+        acc[0] += float(per_token.sum())
+        acc[1] += 0.5 * G.shape[0] * float(per_token.pow(2).sum())
+
+    def loss_change(self, strategy: str, layer: str, n_batches: int) -> float | None:
+        """Estimated mean loss change (absolute) with only this layer in low precision; None when no gradient."""
+        acc = self.sums.get((strategy, layer))
+        if acc is None:
+            return None
+        return (acc[0] + acc[1]) / max(n_batches, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Sensitivity, keep-set search, recommendation
+# --------------------------------------------------------------------------------------------
+def _row_metric(budget: Budget, loss_rel: float | None, kl: float | None) -> float:
+    value = loss_rel if budget.kind == "loss" else kl
+    return -math.inf if value is None or not math.isfinite(value) else value
+
+
+def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[str], measured: bool,
+                 estimate: SensitivityEstimate | None, isolated: dict[tuple[str, str], float],
+                 budget: Budget) -> list[dict]:
+    rows = []
+    for idx, layer in enumerate(layers):
+        row = {"strategy": strat.name, "layer": layer, "index": idx, "only_lp_loss_rel_change": None,
+               "only_lp_kl": None, "only_hp_loss_rel_change": None, "only_hp_kl": None,
+               "isolated_fprop_sqnr_db": isolated.get((strat.name, layer), math.nan)}
+        if measured:
+            lp = runner.evaluate(Plan(strat, only=frozenset([layer]), threshold=runner.threshold))
+            hp = runner.evaluate(Plan(strat, keep=frozenset([layer]), threshold=runner.threshold))
+            row.update(only_lp_loss_rel_change=lp.loss_rel_change, only_lp_kl=lp.kl_div,
+                       only_hp_loss_rel_change=hp.loss_rel_change, only_hp_kl=hp.kl_div, method=METHOD_MEASURED)
+            # What keeping this layer in 16-bit buys in the full low-precision run, in the budget's units.
+            row["_benefit"] = _row_metric(budget, full.loss_rel_change, full.kl_div) - \
+                _row_metric(budget, hp.loss_rel_change, hp.kl_div)
+        else:
+            est = None if estimate is None else estimate.loss_change(strat.name, layer, len(runner.batches))
+            hp_loss = sum(runner.loss_hp) / len(runner.loss_hp)
+            rel = None if est is None or not hp_loss else est / abs(hp_loss)
+            row.update(only_lp_loss_rel_change=rel, method=METHOD_ESTIMATED,
+                       only_hp_loss_rel_change=None if rel is None else full.loss_rel_change - rel)
+            # The estimate is a loss change: it predicts nothing in KL units (the search then just doubles).
+            row["_benefit"] = (rel if rel is not None else -math.inf) if budget.kind == "loss" else math.nan
+        rows.append(row)
+    # Most sensitive first: the only-low-precision change under the budget's metric (the loss change
+    # when estimated: the estimate has no KL), then what keeping the layer buys.
+    key_kl = budget.kind == "kl" and measured
+
+    def finite_or(x: float | None, default: float) -> float:
+        return x if x is not None and math.isfinite(x) else default
+
+    def key(r: dict) -> tuple[float, float]:
+        m = r["only_lp_kl"] if key_kl else r["only_lp_loss_rel_change"]
+        return (-finite_or(m, -math.inf), -finite_or(r["_benefit"], -math.inf))
+
+    for rank, r in enumerate(sorted(rows, key=key), start=1):
+        r["rank"] = rank
+    return rows
+
+
+def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[dict], budget: Budget,
+                 max_runs: int = MAX_VALIDATION_RUNS) -> tuple[list[str], Outcome, int]:
+    """Smallest prefix of ``ranked`` (most sensitive first) kept in 16-bit that keeps the budget, by real runs.
+
+    The first try is the prefix the sensitivities predict (full change minus the benefits) to fit;
+    then doubling until a run fits, then bisection between the last failing and the first fitting prefix.
+    """
+    names = [r["layer"] for r in ranked]
+    if budget.holds(full.loss_rel_change, full.kl_div) or not names:
+        return [], full, 0
+    m0 = budget.metric(full.loss_rel_change, full.kl_div)
+    k = 1  # without a prediction: the most sensitive layer first, then doubling
+    if math.isfinite(m0) and all(not math.isnan(r["_benefit"]) for r in ranked):
+        k, acc = len(names), m0
+        for i, r in enumerate(ranked, start=1):
+            benefit = r["_benefit"]
+            acc -= benefit if math.isfinite(benefit) else 0.0
+            if acc <= budget.value:
+                k = i
+                break
+    tried: dict[int, Outcome] = {0: full}
+    lo, hi = 0, None  # largest failing prefix, smallest fitting prefix
+    runs = 0
+    while runs < max_runs:
+        out = runner.evaluate(Plan(strat, keep=frozenset(names[:k]), threshold=runner.threshold))
+        tried[k] = out
+        runs += 1
+        if budget.holds(out.loss_rel_change, out.kl_div) or k == len(names):
+            hi = k
+        else:
+            lo = k
+        if hi is None:
+            k = min(len(names), max(k + 1, 2 * k))
+        elif hi - lo > 1:
+            k = (lo + hi) // 2
+        else:
+            break
+    if hi is None:  # out of runs before anything fit: report the largest prefix tried
+        hi = max(tried)
+    return names[:hi], tried[hi], runs
+
+
+def _rec_row(kind: str, strategy: str, value: Any, keep: list[str], out: Outcome, budget: Budget, note: str) -> dict:
+    return {"kind": kind, "strategy": strategy, "value": value, "keep_16bit": list(keep), "n_keep": len(keep),
+            "loss_rel_change": out.loss_rel_change, "kl_div": out.kl_div,
+            "within_budget": budget.holds(out.loss_rel_change, out.kl_div), "lp_flop_share": out.lp_flop_share,
+            "budget": budget.value, "budget_kind": budget.kind, "recommended": False, "note": note}
+
+
+def mark_recommended(rows: list[dict]) -> None:
+    """Exactly one row per kind recommended when any is within budget and computes something in low
+    precision: the most GEMM FLOPs in low precision; ties by accuracy (the smaller output KL when every
+    candidate has one, else the smaller |loss change|)."""
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        cands = [r for r in rows if r["kind"] == kind and r["within_budget"] and r["lp_flop_share"] > 0]
+        if not cands:
+            continue
+        use_kl = all(r["kl_div"] is not None and math.isfinite(r["kl_div"]) for r in cands)
+
+        def error(r: dict) -> float:
+            m = r["kl_div"] if use_kl else abs(r["loss_rel_change"])
+            return m if math.isfinite(m) else math.inf
+
+        # Shares are ratios of integer FLOP counts: equal keep-sets give bit-equal shares, no tolerance needed.
+        best = max(cands, key=lambda r: (r["lp_flop_share"], -error(r)))
+        best["recommended"] = True
+
+
+E2E_COLUMNS = ["strategy", "batches", "loss_hp", "loss_lp", "loss_rel_change", "output_sqnr_db", "kl_div",
+               "top1_agreement", "grad_sqnr_db_min", "grad_sqnr_db_median", "lp_flop_share", "note"]
+SENSITIVITY_COLUMNS = ["strategy", "layer", "index", "only_lp_loss_rel_change", "only_lp_kl", "only_hp_loss_rel_change",
+                       "only_hp_kl", "isolated_fprop_sqnr_db", "rank", "method"]
+RECOMMENDATION_COLUMNS = ["kind", "strategy", "value", "keep_16bit", "n_keep", "loss_rel_change", "kl_div",
+                          "within_budget", "lp_flop_share", "budget", "budget_kind", "recommended", "note"]
+
+
+def _e2e_row(name: str, n: int, out: Outcome) -> dict:
+    g = sorted(out.grad_sqnr.values())
+    return {"strategy": name, "batches": n, "loss_hp": out.loss_hp, "loss_lp": out.loss_lp,
+            "loss_rel_change": out.loss_rel_change, "output_sqnr_db": out.output_sqnr_db, "kl_div": out.kl_div,
+            "top1_agreement": out.top1_agreement, "grad_sqnr_db_min": g[0] if g else None,
+            "grad_sqnr_db_median": float(pd.Series(g).median()) if g else None,
+            "lp_flop_share": out.lp_flop_share, "note": out.note}
+
+
+def _measure_fits(n_layers: int, n_strategies: int, n_batches: int, elapsed: float, time_budget_s: float | None) -> bool:
+    passes = 2 * n_layers * n_strategies
+    if time_budget_s is None:
+        return passes <= MEASURE_CAP
+    per_pass = elapsed / max((1 + n_strategies) * n_batches, 1) * FORWARD_SHARE * n_batches
+    validation = MAX_VALIDATION_RUNS // 3 * n_strategies * per_pass  # a typical search: a few runs per recipe
+    return elapsed + (passes * per_pass) + validation <= time_budget_s
+
+
+def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *, sensitivity: str = "auto",
+               estimate: SensitivityEstimate | None = None,
+               isolated_sqnr: dict[tuple[str, str], float] | None = None,
+               time_budget_s: float | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Tables ``e2e``, ``sensitivity`` and ``recommendation`` (docs/architecture.md) and a metadata dict.
+
+    ``sensitivity``: "measured" (2 forward runs per layer and strategy), "estimated" (from ``estimate``,
+    no extra runs), "auto" (measured when the predicted time of those runs keeps the end-to-end part
+    within ``time_budget_s``, or without one when 2·layers·strategies <= MEASURE_CAP). Every keep-set
+    is validated by real forward runs over every batch.
+    """
+    if sensitivity not in SENSITIVITY_MODES:
+        raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, got {sensitivity!r}")
+    start = time.perf_counter()
+    outcomes = runner.reference(strategies)
+    layers = runner.order
+    measured = sensitivity == "measured" or (sensitivity == "auto" and _measure_fits(
+        len(layers), len(strategies), len(runner.batches), time.perf_counter() - start, time_budget_s))
+    if not measured and estimate is None:
+        raise ValueError("estimated sensitivity needs the isolated analysis' estimate, got none")
+    e2e_rows, sens_rows, rec_rows = [], [], []
+    validation_runs = 0
+    for s in strategies:
+        full = outcomes[s.name]
+        e2e_rows.append(_e2e_row(s.name, len(runner.batches), full))
+        rows = _sensitivity(runner, s, full, layers, measured, estimate, isolated_sqnr or {}, budget)
+        ranked = sorted(rows, key=lambda r: r["rank"])
+        keep, out, runs = _search_keep(runner, s, full, ranked, budget)
+        validation_runs += runs
+        note = (f"validated by {runs} run(s) over {len(runner.batches)} batch(es)" if runs
+                else "every captured GEMM in low precision already within budget" if keep == [] and
+                budget.holds(full.loss_rel_change, full.kl_div) else "")
+        rec_rows.append(_rec_row("strategy", s.name, None, keep, out, budget, note))
+        for r in rows:
+            r.pop("_benefit")
+        sens_rows += rows
+    mark_recommended(rec_rows)
+    tables = {"e2e": pd.DataFrame(e2e_rows, columns=E2E_COLUMNS),
+              "sensitivity": pd.DataFrame(sens_rows, columns=SENSITIVITY_COLUMNS),
+              "recommendation": pd.DataFrame(rec_rows, columns=RECOMMENDATION_COLUMNS)}
+    meta = {"budget": budget.value, "budget_kind": budget.kind,
+            "sensitivity": "measured" if measured else "estimated", "forward_runs": runner.forwards,
+            "validation_runs": validation_runs, "seconds": time.perf_counter() - start,
+            "output": runner.output_note or "model output", "distribution": runner.distribution}
+    return tables, meta
+
+
+# --------------------------------------------------------------------------------------------
+# One block size / one threshold for the whole model, from the sweeps, validated end to end
+# --------------------------------------------------------------------------------------------
+def _cheapest_within(options: list, start: int, run: Callable[[Any], Outcome], budget: Budget
+                     ) -> tuple[Any, Outcome, int]:
+    """``options`` ordered from most accurate to cheapest; from ``start`` walk to cheaper options while
+    the budget holds, or (when ``start`` does not fit) to more accurate ones until it does. Returns the
+    cheapest option that fitted (else the most accurate tried), its outcome and the runs made."""
+    tried = {start: run(options[start])}
+    if budget.holds(tried[start].loss_rel_change, tried[start].kl_div):
+        i = start
+        while i + 1 < len(options):
+            out = run(options[i + 1])
+            tried[i + 1] = out
+            if not budget.holds(out.loss_rel_change, out.kl_div):
+                break
+            i += 1
+        return options[i], tried[i], len(tried)
+    for i in range(start - 1, -1, -1):
+        tried[i] = run(options[i])
+        if budget.holds(tried[i].loss_rel_change, tried[i].kl_div):
+            return options[i], tried[i], len(tried)
+    best = min(tried)
+    return options[best], tried[best], len(tried)
+
+
+def validate_blocksize(runner: Runner, sweep: pd.DataFrame, budget: Budget) -> dict:
+    """``recommendation`` row of kind "blocksize": one block size for every layer of the "mixed" recipe.
+
+    Start: the smallest of the per-layer recommended fprop block sizes (every layer gets at least the
+    accuracy it asked for); then the largest swept size (least scale storage) whose end-to-end run
+    keeps the budget, found by walking the swept sizes from there.
+    """
+    sizes = sorted(int(b) for b in sweep["blocksize"].unique())
+    rec = sweep[(sweep["target"] == "fprop") & sweep["recommended"].astype(bool)]
+    start = sizes.index(int(rec["blocksize"].min())) if len(rec) else len(sizes) - 1
+    value, out, runs = _cheapest_within(sizes, start, lambda bs: runner.evaluate(
+        Plan(mixed_with_blocksize(bs), threshold=runner.threshold)), budget)
+    note = (f"mixed recipe with this block size in every layer; started from the smallest per-layer recommendation "
+            f"({sizes[start]}), {runs} validation run(s)")
+    return _rec_row("blocksize", "mixed", value, [], out, budget, note)
+
+
+def validate_threshold(runner: Runner, sweep: pd.DataFrame, budget: Budget) -> dict:
+    """``recommendation`` row of kind "threshold": one LLM.int8 outlier threshold for every layer.
+
+    Thresholds are ordered from most accurate (smallest positive: most columns in 16-bit) to cheapest
+    (largest, then 0 = no decomposition); the start is the most accurate of the per-layer recommendations,
+    the result the cheapest whose end-to-end int8 run keeps the budget.
+    """
+    ths = sorted({float(t) for t in sweep["threshold"]}, key=lambda t: (t == 0, t))
+    rec = sweep[sweep["recommended"].astype(bool)]
+    start = min((ths.index(float(t)) for t in rec["threshold"]), default=0)
+    value, out, runs = _cheapest_within(ths, start, lambda t: runner.evaluate(
+        Plan(STRATEGIES["int8"], threshold=t)), budget)
+    note = (f"int8 (LLM.int8) with this outlier threshold in every layer; started from the most accurate per-layer "
+            f"recommendation ({ths[start]:g}), {runs} validation run(s)")
+    return _rec_row("threshold", "int8", value, [], out, budget, note)
+
+
+def model_wide(runner: Runner, budget: Budget, blocksize_sweep: pd.DataFrame | None = None,
+               threshold_sweep: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The ``recommendation`` rows of kind "blocksize" / "threshold" for the sweeps given (recommended = within
+    budget), after one high-precision reference pass."""
+    if not runner.loss_hp:
+        runner.reference([])
+    rows = []
+    if blocksize_sweep is not None and not blocksize_sweep.empty:
+        rows.append(validate_blocksize(runner, blocksize_sweep, budget))
+    if threshold_sweep is not None and not threshold_sweep.empty:
+        rows.append(validate_threshold(runner, threshold_sweep, budget))
+    mark_recommended(rows)
+    return pd.DataFrame(rows, columns=RECOMMENDATION_COLUMNS)
+
+
+# --------------------------------------------------------------------------------------------
+# Training simulation
+# --------------------------------------------------------------------------------------------
+OptimizerFactory = Callable[[list[torch.Tensor], float], torch.optim.Optimizer]
+DEFAULT_LR = 1e-3
+
+
+def check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    return float(lr)
+
+
+def resolve_optimizer(spec: OptimizerFactory | str | None) -> OptimizerFactory:
+    """``None`` → AdamW; a callable(params, lr) → optimizer; or "module:function" naming one."""
+    if spec is None:
+        return lambda params, lr: torch.optim.AdamW(params, lr=lr)
+    if isinstance(spec, str):
+        return resolve_callable(spec)
+    if callable(spec):
+        return spec
+    raise TypeError(f"optimizer must be a callable(params, lr), 'module:function' or None, got {type(spec).__name__}")
+
+
+def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().double().reshape(-1).cpu() for p in params]) if params else torch.zeros(0)
+
+
+def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int, lr: float = DEFAULT_LR,
+                      optimizer: OptimizerFactory | str | None = None) -> pd.DataFrame:
+    """Train a copy of the model for ``steps`` steps per recipe (and once in high precision), from the same
+    initial weights on the same batches (cycled), one copy alive at a time.
+
+    Returns the ``training`` table: strategy ("hp" first), step, loss; the last step's row of each
+    strategy adds ``final_loss_ratio`` (mean of the last max(1, steps // 10) losses, low over high
+    precision) and ``weight_drift`` (‖θ_lp − θ_hp‖ / ‖θ_hp − θ_0‖: how far the recipe's weights end from
+    the high-precision ones, relative to how far high-precision training moved them).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    check_lr(lr)
+    if not isinstance(runner.module, nn.Module):
+        raise LoadError(f"cannot train a {type(runner.module).__name__}: expected an nn.Module")
+    factory = resolve_optimizer(optimizer)
+    theta0 = _flat([p for _, p in runner.params])
+    window = max(1, steps // 10)
+    rows: list[dict] = []
+    theta_hp, final_hp = None, None
+    for strat in [None, *strategies]:
+        model = copy.deepcopy(runner.module)
+        params = [p for _, p in _float_params(model)]
+        for p in params:
+            p.requires_grad_(True)
+        opt = factory(params, float(lr))
+        losses = []
+        for step in range(steps):
+            i = step % len(runner.batches)
+            batch = runner.batches[i]
+            torch.manual_seed(runner.seed + step)
+            gemms = Gemms(Plan(strat, threshold=runner.threshold), runner.pattern, runner.kinds)
+            with torch.enable_grad():
+                output = model_forward(model, batch, gemms)
+                loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            del output, loss
+        name = "hp" if strat is None else strat.name
+        final = sum(losses[-window:]) / window
+        theta = _flat(params)
+        if strat is None:
+            theta_hp, final_hp = theta, final
+            ratio, drift = 1.0, 0.0
+        else:
+            moved = float((theta_hp - theta0).norm())
+            ratio = final / final_hp if final_hp else math.nan
+            drift = float((theta - theta_hp).norm()) / moved if moved else math.nan
+        for step, value in enumerate(losses):
+            last = step == steps - 1
+            rows.append({"strategy": name, "step": step + 1, "loss": value,
+                         "final_loss_ratio": ratio if last else None, "weight_drift": drift if last else None})
+        del model, opt, params, theta
+    return pd.DataFrame(rows, columns=["strategy", "step", "loss", "final_loss_ratio", "weight_drift"])
