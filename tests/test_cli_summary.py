@@ -74,7 +74,7 @@ def test_summary_worst_rows_per_strategy_full_names_and_verdict(tmp_path: Path) 
     factory = tmp_path / "bertish.py"
     factory.write_text(BERTISH)
     res = _invoke(["analyze", f"{factory}:build", "--strategy", "global,int8,mxfp8", "--out", str(tmp_path / "o"),
-                   "--no-html", "-q", "--threads", "1"], env={"COLUMNS": "200"})
+                   "--no-html", "-q", "--threads", "1", "--no-e2e"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     # verdict lines come first: the headline, then the isolated numbers per strategy (no e2e table here)
@@ -88,7 +88,7 @@ def test_summary_worst_rows_per_strategy_full_names_and_verdict(tmp_path: Path) 
     assert all(len(n) > 32 for n in names - {"classifier"})  # not cut at 32 characters any more
     # a narrow terminal: names shortened in the middle, still distinct per projection
     res = _invoke(["analyze", f"{factory}:build", "--strategy", "global", "--out", str(tmp_path / "n"),
-                   "--no-html", "-q", "--threads", "1"], env={"COLUMNS": "70"})
+                   "--no-html", "-q", "--threads", "1", "--no-e2e"], env={"COLUMNS": "70"})
     rows = res.stdout.splitlines()
     table = rows[rows.index("worst layers per strategy (isolated fprop SQNR):") + 2:-1]
     assert all(r.split()[0] == "classifier" or ("…" in r.split()[0] and len(r.split()[0]) == 26) for r in table)
@@ -97,10 +97,16 @@ def test_summary_worst_rows_per_strategy_full_names_and_verdict(tmp_path: Path) 
 
 def test_analyze_json_carries_the_verdict(tmp_path: Path) -> None:
     res = _invoke(["analyze", TINY, "--strategy", "int8", "--batches", "1", "--layers", "fc1", "--format", "json",
-                   "--out", str(tmp_path / "j"), "--no-html", "--threads", "1"])
+                   "--out", str(tmp_path / "j"), "--no-html", "--threads", "1", "--no-e2e"])
     doc = json.loads(res.stdout)
     assert doc["verdict"][0].startswith("verdict (isolated GEMMs") and doc["verdict"][1].startswith("isolated int8: ")
     assert any(line.startswith("note: no end-to-end run") for line in doc["verdict"])
+    # by default the end-to-end run validates the verdict and the JSON carries the recommendation rows
+    res = _invoke(["analyze", TINY, "--strategy", "int8", "--batches", "1", "--layers", "fc1", "--format", "json",
+                   "--out", str(tmp_path / "k"), "--no-html", "--threads", "1"])
+    doc = json.loads(res.stdout)
+    assert doc["verdict"][0].startswith("verdict: int8, ")
+    assert [r["strategy"] for r in doc["recommendation"] if r["kind"] == "strategy"] == ["int8"]
 
 
 @pytest.mark.parametrize("command, extra", [("sweep-blocksize", ["--blocksizes", "64,256"]),

@@ -25,7 +25,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "reports/demo/index.html" in res.output
     # 9 linear layers + QKᵀ and PV (plain matmuls) of 2 blocks
-    assert "demo: captured 13 GEMMs = 100.0 % of GEMM FLOPs; skipped: none" in res.output
+    assert "captured 13 of 13 GEMMs = 100.0 % of GEMM FLOPs; skipped: none" in res.output
     return cwd / "reports" / "demo"
 
 

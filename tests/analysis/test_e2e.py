@@ -427,15 +427,19 @@ def test_sweep_on_the_hard_layer_model_reports_over_budget() -> None:
     assert row["loss_rel_change"] > 0.01
 
 
-def test_demo_merge_joins_the_recommendation_rows() -> None:
-    from fp8probe.cli import merge_sweeps_into
+def test_merged_report_joins_the_recommendation_rows() -> None:
+    """One report per model (report/merge.py): analyze's per-strategy rows and the sweeps' model-wide
+    block size / threshold rows end up in one recommendation table."""
+    from fp8probe.report.merge import merge_results
 
-    def doc(tables):
-        return {"schema": "fp8probe.results", "version": 2, "kind": "analyze", "metadata": {}, "tables": tables}
+    def doc(kind, tables):
+        return {"schema": "fp8probe.results", "version": 2, "kind": kind, "metadata": {}, "tables": tables}
 
-    merged = merge_sweeps_into(doc({"layers": [], "recommendation": [{"kind": "strategy"}]}),
-                               doc({"layers": [], "recommendation": [{"kind": "blocksize"}], "blocksize_sweep": []}),
-                               doc({"layers": [], "recommendation": [{"kind": "threshold"}]}))
+    merged = merge_results([doc("analyze", {"layers": [], "recommendation": [{"kind": "strategy"}]}),
+                            doc("sweep-blocksize", {"layers": [], "recommendation": [{"kind": "blocksize"}],
+                                                    "blocksize_sweep": []}),
+                            doc("sweep-threshold", {"layers": [], "recommendation": [{"kind": "threshold"}],
+                                                    "threshold_sweep": []})])
     assert [r["kind"] for r in merged["tables"]["recommendation"]] == ["strategy", "blocksize", "threshold"]
 
 
