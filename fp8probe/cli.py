@@ -431,10 +431,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
 
     import torch
 
-    from fp8probe.analysis.gemms import coverage_line
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.pipeline import analyze
-    from fp8probe.report.verdict import verdict_lines
 
     # Errors in the order a user needs them: what they typed (strategy, factory, loss, layers, device)
     # before anything about the output directory, and all of it before the model is loaded.

@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterator, Sequence
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn import functional as TF
 from torch.utils import _pytree as pytree
 
 from .capture import _to_device, choose_loss, is_exported_graph
