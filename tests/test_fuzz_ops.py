@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import fp8probe
@@ -285,6 +285,9 @@ def test_quantize_global_matches_float64_oracle(shape, dtype, seed, fams, specia
 @FUZZ
 @given(shape=shapes, dtype=st.sampled_from(DTYPES), seed=seeds, fams=families, specials=st.booleans(),
        book=BOOKS, blocksize=BLOCKSIZES, compat=st.sampled_from([None, "bnb"]), log_scale=st.floats(-20, 20))
+# found by a fuzz run: subnormal block absmaxes (~6e-39) whose centred second-level block max is below 2**-128
+@example(shape=(31,), dtype=torch.float32, seed=80257746, fams=["subnormal"], specials=False, book="bnb-e4m3",
+         blocksize=2, compat=None, log_scale=-20.0)
 def test_nested_blockwise_matches_float64_oracle(shape, dtype, seed, fams, specials, book, blocksize, compat, log_scale):
     x = fuzz_tensor(shape, dtype, seed, fams, specials, log_scale)
     code = codebook(book, seed)
@@ -314,6 +317,9 @@ def test_nested_blockwise_matches_float64_oracle(shape, dtype, seed, fams, speci
     cmax = np.pad(cen, (0, nb2 * blocksize - absmax.size)).reshape(nb2, blocksize).max(1)
     cmax = np.repeat(cmax, blocksize)[:absmax.size]
     tol = (0.9 / 128 + 2.0**-20) * cmax + 4 * U32 * np.maximum(absmax, offset) + 1e-44
+    # The documented tiny-absmax limit one level down (README "Numeric limits"): a second-level block
+    # whose centred max is below 2**-128 saturates (1/absmax overflows), so its entries land on ±cmax.
+    tol = np.where(cmax < 2.0**-128, np.maximum(tol, 2 * cmax), tol)
     assert (np.abs(rebuilt - absmax) <= tol).all(), f"nested absmax {rebuilt[:4]} vs {absmax[:4]}"
     if compat is None:
         xs, ys = f64(x).reshape(-1), f64(y).reshape(-1)
