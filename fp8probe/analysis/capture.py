@@ -222,12 +222,8 @@ def choose_loss(output: Any, batch: Batch, loss_fn: LossFn | None, loss_name: st
 
 
 @contextmanager
-def _grad_enabled_params(model: Any) -> Iterator[None]:
-    """Make every float parameter require grad (so linear outputs join the graph), restoring the flags after.
-
-    Parameter .grad is never written: gradients are taken only w.r.t. the linear outputs.
-    """
-    params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
+def params_require_grad(params: list[torch.Tensor]) -> Iterator[None]:
+    """Make ``params`` require grad for the block, restoring each one's flag after (also on error)."""
     flags = [p.requires_grad for p in params]
     try:
         for p in params:
@@ -236,6 +232,15 @@ def _grad_enabled_params(model: Any) -> Iterator[None]:
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+
+
+def _grad_enabled_params(model: Any):  # -> context manager
+    """Every float parameter of ``model`` requires grad (so GEMM outputs join the graph) for the block.
+
+    Parameter .grad is never written: gradients are taken only w.r.t. the GEMM outputs.
+    """
+    params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
+    return params_require_grad(params)
 
 
 # GEMM names listed when --layers matches none of them.

@@ -6,16 +6,15 @@ import inspect
 import math
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .capture import _to_device, choose_loss, is_exported_graph
+from .capture import _to_device, choose_loss, is_exported_graph, params_require_grad
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
 from .metrics import ErrorAccumulator
@@ -180,18 +179,6 @@ def model_forward(model: Any, batch: Batch, gemms: Gemms) -> Any:
         return model(*batch.args, **batch.kwargs)
 
 
-@contextmanager
-def _params_require_grad(params: list[torch.Tensor]) -> Iterator[None]:
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
 def _float_params(model: Any) -> list[tuple[str, torch.Tensor]]:
     if not isinstance(model, nn.Module):
         return []
@@ -289,7 +276,7 @@ class Runner:
         gemms = Gemms(plan, self.pattern, self.kinds)
         batch = self.batches[i]
         torch.manual_seed(self.seed + i)  # the same dropout masks (if any) in every run of batch i
-        with torch.enable_grad(), _params_require_grad([p for _, p in self.params]):
+        with torch.enable_grad(), params_require_grad([p for _, p in self.params]):
             output = model_forward(self.module, batch, gemms)
             loss, info = choose_loss(output, batch, self.loss_fn, self.loss_name)
             g = None
