@@ -204,13 +204,18 @@ def _safe_shape_expr(expr: str) -> bool:
     small integer literals, no attribute access, no strings but Symbol('s0'), constant exponents
     ≤ MAX_EXPR_EXPONENT and no power of a power. (sympify also reads ``^`` as power and ``!`` as
     factorial; Python's grammar rejects ``!`` and the BitXor node is not allowed.)"""
-    if len(expr) > MAX_EXPR_CHARS:
-        return False
+    tree = _parse_short(expr)
+    return tree is not None and _safe_node(tree, inside_pow=False)
+
+
+def _parse_short(text: str) -> ast.Expression | None:
+    """``text`` parsed as one Python expression, None when it is longer than MAX_EXPR_CHARS or no expression."""
+    if len(text) > MAX_EXPR_CHARS:
+        return None
     try:
-        tree = ast.parse(expr, mode="eval")
+        return ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
-    return _safe_node(tree, inside_pow=False)
+        return None
 
 
 def _safe_node(node: ast.AST, inside_pow: bool) -> bool:
@@ -270,13 +275,8 @@ def _small_leaf(node: ast.AST) -> bool:
 def _safe_guard(code: str) -> bool:
     """True when a guards_code entry is what torch's ShapeGuardPythonPrinter writes: comparisons and
     arithmetic over ``L['x'].size()[0]``-style input sizes and small integer literals."""
-    if len(code) > MAX_EXPR_CHARS:
-        return False
-    try:
-        tree = ast.parse(code, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
-    return _safe_guard_node(tree.body)
+    tree = _parse_short(code)
+    return tree is not None and _safe_guard_node(tree.body)
 
 
 def _safe_guard_node(node: ast.AST) -> bool:
