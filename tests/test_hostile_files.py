@@ -45,15 +45,20 @@ def _planted_pickle(target: Path) -> bytes:
     return buf.getvalue()
 
 
-def _rewrite_zip(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
-    """Copy a zip archive, replacing the members whose name ends with a key of ``replace``."""
+def _rewrite_zip(src: Path, dst: Path, replace: dict[str, bytes], add: dict[str, bytes] | None = None,
+                 compress_type: int = zipfile.ZIP_STORED) -> None:
+    """Copy a zip archive, replacing the members whose name ends with a key of ``replace`` and adding
+    the members of ``add`` (paths below the archive's root folder, stored with ``compress_type``)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        root = zin.namelist()[0].split("/", 1)[0]
         for info in zin.infolist():
             data = zin.read(info.filename)
             for suffix, new in replace.items():
                 if info.filename.endswith(suffix):
                     data = new
             zout.writestr(info, data)
+        for name, data in (add or {}).items():
+            zout.writestr(f"{root}/{name}", data, compress_type=compress_type)
 
 
 @pytest.fixture()
@@ -191,12 +196,8 @@ def test_unexpected_shape_expressions_are_refused(tmp_path, expr) -> None:
 def test_opaque_object_constant_is_refused(hostile, tmp_path) -> None:
     """Constants torch.export.load would pass to pickle.loads are refused by name, before loading."""
     payload = pickle.dumps(Planted(hostile["target_pt2"]))
-    with zipfile.ZipFile(hostile["good_pt2"]) as z:
-        root = z.namelist()[0].split("/", 1)[0]
     bad = tmp_path / "opaque.pt2"
-    _rewrite_zip(hostile["good_pt2"], bad, {})
-    with zipfile.ZipFile(bad, "a") as z:
-        z.writestr(f"{root}/data/constants/opaque_obj_0", payload)
+    _rewrite_zip(hostile["good_pt2"], bad, {}, add={"data/constants/opaque_obj_0": payload})
     with pytest.raises(LoadError, match="pickled Python object constant.*--trust-pickle"):
         load_model(bad)
     assert not hostile["target_pt2"].exists()
@@ -338,12 +339,8 @@ def test_pt2_names_must_be_what_torch_writes(tmp_path, monkeypatch, field, evil,
 
 def test_pt2_aotinductor_member_is_refused(tmp_path) -> None:
     """torch.export.load dlopens data/aotinductor/<model>/*.so: compiled code is refused untrusted."""
-    good = _exported(tmp_path)
-    root = zipfile.ZipFile(good).namelist()[0].split("/", 1)[0]
     bad = tmp_path / "aoti.pt2"
-    _rewrite_zip(good, bad, {})
-    with zipfile.ZipFile(bad, "a") as z:
-        z.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF" + bytes(60))
+    _rewrite_zip(_exported(tmp_path), bad, {}, add={"data/aotinductor/model/model.so": b"\x7fELF" + bytes(60)})
     with pytest.raises(LoadError, match="AOTInductor.*--trust-pickle"):
         load_model(bad)
 
@@ -353,13 +350,11 @@ def test_opaque_object_constant_under_a_sub_path_is_refused(hostile, tmp_path) -
     last path component: "opaque_obj_d/blob" must be refused too (issue 11 item 2)."""
     target = hostile["target_pt2"]
     good = hostile["good_pt2"]
-    root = zipfile.ZipFile(good).namelist()[0].split("/", 1)[0]
     bad = tmp_path / "opaque_sub.pt2"
     config = {"config": {"evil": {"path_name": "opaque_obj_d/blob", "is_param": False, "use_pickle": True,
                                   "tensor_meta": None}}}
-    _rewrite_zip(good, bad, {"model_constants_config.json": json.dumps(config).encode()})
-    with zipfile.ZipFile(bad, "a") as z:
-        z.writestr(f"{root}/data/constants/opaque_obj_d/blob", pickle.dumps(Planted(target)))
+    _rewrite_zip(good, bad, {"model_constants_config.json": json.dumps(config).encode()},
+                 add={"data/constants/opaque_obj_d/blob": pickle.dumps(Planted(target))})
     with pytest.raises(LoadError, match="pickled Python object constant.*--trust-pickle"):
         load_model(bad)
     assert not target.exists()
@@ -500,12 +495,9 @@ def test_huggingface_pickled_weights_refusal_names_trust_pickle(tmp_path) -> Non
 
 def test_many_small_bombs_are_refused_by_the_total(tmp_path) -> None:
     """100 JSON members each inflating to just under the per-member cap: the archive total is capped too."""
-    good = _exported(tmp_path)
-    root = zipfile.ZipFile(good).namelist()[0].split("/", 1)[0]
     bomb = tmp_path / "many.pt2"
-    _rewrite_zip(good, bomb, {})
-    with zipfile.ZipFile(bomb, "a") as z:
-        for i in range(100):
-            z.writestr(f"{root}/extra/x{i}.json", b"[" + b" " * (2**20 - 10) + b"]", compress_type=zipfile.ZIP_DEFLATED)
+    member = b"[" + b" " * (2**20 - 10) + b"]"
+    _rewrite_zip(_exported(tmp_path), bomb, {}, add={f"extra/x{i}.json": member for i in range(100)},
+                 compress_type=zipfile.ZIP_DEFLATED)
     with pytest.raises(LoadError, match="in total.*zip bomb"):
         load_model(bomb)
