@@ -544,6 +544,9 @@ def _weights_banner(results: "object") -> None:
     shares = ", ".join(f"{reason}: {100 * share:.2f} %" for reason, share in info["skipped_share_by_reason"].items())
     click.echo(f"weights-only analysis: {info['analysed']} weight(s) = {100 * info['param_share_analysed']:.2f} % of "
                f"parameters; skipped {info['skipped']} tensor(s)" + (f" ({shares})" if shares else ""), err=True)
+    if info.get("transposed"):  # absent from results written before the Conv1D layout was read
+        click.echo(f"{len(info['transposed'])} weight(s) stored [in, out] (Hugging Face Conv1D) analysed as their "
+                   "GEMM's [out, in] operand", err=True)
     click.echo(f"note: {info['note']}", err=True)
 
 

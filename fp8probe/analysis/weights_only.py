@@ -52,6 +52,14 @@ WEIGHT_OUTLIER_RATIO = 6.0
 # is skipped unless --include-embeddings (an LM head is a GEMM and is analysed).
 EMBEDDING_NAME = re.compile(r"(^|[._])(embed\w*|embeddings?|wte|wpe|word_embeddings|position_embeddings|"
                             r"token_type_embeddings|tok_embeddings|shared)$")
+# Hugging Face models built on transformers' Conv1D store those projections' weights [in, out] and apply
+# them as addmm(b, x, W): a full analysis sees W.t() [out, in] as the GEMM's weight, so the weights-only
+# analysis transposes them too, or row-wise recipes would scale the wrong axis. Detected from config.json's
+# model_type next to the weights, or (no config) from GPT-2's key names; analyze_weights(transposed=REGEX)
+# names them explicitly instead.
+HF_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+HF_CONV1D_KEY = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
+GPT2_KEY = re.compile(r"(^|\.)h\.\d+\.attn\.c_attn\.weight$")
 # safetensors dtype names (the format's header) → torch dtypes; others are listed as skipped.
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -186,6 +194,7 @@ class Checkpoint:
     def __init__(self, description: str, files: Sequence[Path]) -> None:
         self.description = description
         self.files = list(files)
+        self.model_type = _config_model_type(self.files[0].parent) if self.files else None
         self.entries: list[TensorEntry] = []
         self._loaded: tuple[Path, dict] | None = None  # the torch.load(mmap=True) dict of the current .pt/.bin
         for f in self.files:
@@ -220,6 +229,16 @@ class Checkpoint:
             yield t
         finally:
             _drop_pages(t, entry.file)
+
+
+def _config_model_type(directory: Path) -> str | None:
+    """``model_type`` of the Hugging Face config.json beside the weights, None without a readable one."""
+    try:
+        doc = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = doc.get("model_type") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -340,9 +359,11 @@ def layer_name(key: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Row chunks
 # --------------------------------------------------------------------------------------------
-def _as_rows(W: torch.Tensor) -> torch.Tensor:
-    """[out, in] view of a weight: 2-D as is, a conv kernel [out, in/groups, k…] as [out, in/groups·k…]
-    (the implicit-GEMM weight)."""
+def _as_rows(W: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """[out, in] view of a weight: 2-D as is (``transposed``: stored [in, out], as HF Conv1D), a conv kernel
+    [out, in/groups, k…] as [out, in/groups·k…] (the implicit-GEMM weight)."""
+    if transposed:
+        return W.t()
     return W if W.dim() == 2 else W.reshape(W.shape[0], -1)
 
 
@@ -357,7 +378,9 @@ def _chunks(W2: torch.Tensor, multiple: int, chunk_elements: int) -> Iterator[tu
     rows, cols = W2.shape
     step = max(multiple, chunk_elements // max(cols, 1) // multiple * multiple)
     for r0 in range(0, rows, step):
-        yield r0, _upcast(W2[r0:r0 + step])
+        x = W2[r0:r0 + step]
+        # a transposed (Conv1D) weight's rows are strided: one chunk-sized copy, as the quantisers want rows
+        yield r0, _upcast(x if x.is_contiguous() else x.contiguous())
 
 
 def _finite_absmax(W2: torch.Tensor, chunk_elements: int) -> torch.Tensor:
@@ -441,17 +464,19 @@ def _outlier_result(amax: torch.Tensor, axis: str) -> dict:
             f"median_{axis}_amax": med, f"top_{axis}s": [[i, m] for i, m in top]}
 
 
-def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elements: int = CHUNK_ELEMENTS) -> dict:
+def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elements: int = CHUNK_ELEMENTS,
+                   transposed: bool = False) -> dict:
     """Every recipe's weight quantiser on one weight, streamed in row chunks.
 
-    W: [out, in] (or a conv kernel [out, in/groups, k…], analysed as [out, in/groups·k…]); float8 is
+    W: [out, in] ([in, out] with ``transposed``; a conv kernel [out, in/groups, k…] is analysed as
+    [out, in/groups·k…]); float8 is
     analysed as float32 (exact), other dtypes as stored — as a full analysis sees a model in that dtype.
     Returns {"stats": TensorStats, "operands": {strategy: OperandAccumulator},
     "blocks": {strategy: _BlockScales} (row/block-scaled recipes), "row_amax", "col_amax" (float64)}.
     Numbers equal a full analysis' weight rows: with one chunk the calls are the same; with several,
     sums are added chunk by chunk (equal up to float64 rounding) and the codes are identical.
     """
-    W2 = _as_rows(W)
+    W2 = _as_rows(W, transposed)
     rows, cols = W2.shape
     quantizers = {s.name: WEIGHT_QUANTIZERS[s.name] for s in strategies}
     multiple = math.lcm(1, *(q.block[0] for q in quantizers.values() if q.scaling == "block"))
@@ -487,11 +512,11 @@ def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elemen
             "col_amax": col_amax if col_amax is not None else torch.zeros(0, dtype=torch.float64)}
 
 
-def sweep_weight(W: torch.Tensor, blocksizes: Sequence[int], chunk_elements: int = CHUNK_ELEMENTS
-                 ) -> dict[int, ErrorAccumulator]:
+def sweep_weight(W: torch.Tensor, blocksizes: Sequence[int], chunk_elements: int = CHUNK_ELEMENTS,
+                 transposed: bool = False) -> dict[int, ErrorAccumulator]:
     """Blockwise bnb-e4m3 (blocks over the flattened tensor, the block-size sweep's weight recipe) at
     each block size, streamed in row chunks that start on a block boundary; block size → error."""
-    W2 = _as_rows(W)
+    W2 = _as_rows(W, transposed)
     rows, cols = W2.shape
     out = {}
     for bs in blocksizes:
@@ -521,14 +546,29 @@ def _as_checkpoint(source: Checkpoint | str | Path) -> Checkpoint:
     return ckpt
 
 
-def _select(ckpt: Checkpoint, layers: str | None, include_embeddings: bool
-            ) -> tuple[list[tuple[TensorEntry, str]], list[dict], int]:
-    """(analysed (entry, kind) pairs, skipped rows, total parameter count)."""
+def _conv1d_rule(ckpt: Checkpoint, transposed: str | None) -> Callable[[TensorEntry], bool]:
+    """Which 2-D weights are stored [in, out]: ``transposed`` (a regex on layer names) when given, else
+    HF_CONV1D_KEY for a Hugging Face Conv1D model (config.json model_type, or GPT-2 key names without one)."""
+    if transposed is not None:
+        try:
+            pattern = re.compile(transposed)
+        except re.error as exc:
+            raise ValueError(f"transposed must be a valid regular expression, got {transposed!r} ({exc})") from None
+        return lambda e: len(e.shape) == 2 and bool(pattern.search(layer_name(e.key)))
+    conv1d = ckpt.model_type in HF_CONV1D_MODEL_TYPES or (
+        ckpt.model_type is None and any(GPT2_KEY.search(e.key) for e in ckpt.entries))
+    return lambda e: conv1d and len(e.shape) == 2 and bool(HF_CONV1D_KEY.search(e.key))
+
+
+def _select(ckpt: Checkpoint, layers: str | None, include_embeddings: bool, transposed: str | None = None
+            ) -> tuple[list[tuple[TensorEntry, str, bool]], list[dict], int]:
+    """(analysed (entry, kind, stored [in, out]) triples, skipped rows, total parameter count)."""
     if layers is not None:
         try:
             pattern = re.compile(layers)
         except re.error as exc:
             raise ValueError(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from None
+    is_transposed = _conv1d_rule(ckpt, transposed)
     total = sum(e.numel for e in ckpt.entries)
     chosen, skipped = [], []
     for e in ckpt.entries:
@@ -538,13 +578,13 @@ def _select(ckpt: Checkpoint, layers: str | None, include_embeddings: bool
             skipped.append({"key": e.key, "shape": list(e.shape), "dtype": e.dtype_name, "numel": e.numel,
                             "param_share": e.numel / total if total else 0.0, "reason": reason})
         else:
-            chosen.append((e, sel.kind))
+            chosen.append((e, sel.kind, is_transposed(e)))
     return chosen, skipped, total
 
 
 def _metadata(ckpt: Checkpoint, name: str | None, model_desc: str | None, formats: Sequence[str],
               chosen: list, skipped: list[dict], total: int, layers: str | None) -> dict:
-    analysed = sum(e.numel for e, _ in chosen)
+    analysed = sum(e.numel for e, _, _ in chosen)
     by_reason: dict[str, float] = {}
     for r in skipped:
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0.0) + r["param_share"]
@@ -559,23 +599,26 @@ def _metadata(ckpt: Checkpoint, name: str | None, model_desc: str | None, format
         "rules": {}, "batches": 0, "layers_regex": layers,
         "weights_only": {"note": WEIGHTS_ONLY_NOTE, "tensors": len(ckpt.entries), "analysed": len(chosen),
                          "skipped": len(skipped), "param_share_analysed": analysed / total if total else 0.0,
-                         "skipped_share_by_reason": by_reason},
+                         "skipped_share_by_reason": by_reason,
+                         "transposed": [layer_name(e.key) for e, _, t in chosen if t]},
     }
 
 
-def _layer_row(entry: TensorEntry, kind: str, has_bias: bool) -> dict:
+def _layer_row(entry: TensorEntry, kind: str, has_bias: bool, transposed: bool = False) -> dict:
     out_f, in_f = entry.shape[0], math.prod(entry.shape[1:])
+    if transposed:  # stored [in, out] (HF Conv1D)
+        in_f, out_f = out_f, in_f
     bsz, bsz2 = get_block_sizes(in_f, out_f)
     return {"layer": layer_name(entry.key), "in_features": in_f, "out_features": out_f, "has_bias": has_bias,
             "tokens": None, "bsz": bsz, "bsz2": bsz2, "kind": kind, "shape": list(entry.shape),
-            "dtype": entry.dtype_name}
+            "dtype": entry.dtype_name, "layout": "in,out" if transposed else "out,in"}
 
 
-def _stream(ckpt: Checkpoint, chosen: list[tuple[TensorEntry, str]], fn: Callable[[TensorEntry, torch.Tensor], None],
-            progress: ProgressFn | None) -> None:
-    for i, (entry, _) in enumerate(chosen):
+def _stream(ckpt: Checkpoint, chosen: list[tuple[TensorEntry, str, bool]],
+            fn: Callable[[TensorEntry, torch.Tensor, bool], None], progress: ProgressFn | None) -> None:
+    for i, (entry, _, transposed) in enumerate(chosen):
         with ckpt.tensor(entry) as W:
-            fn(entry, W)
+            fn(entry, W, transposed)
         del W  # the last reference: a safetensors map is unmapped here, before the next tensor is read
         if progress is not None:
             progress(i + 1, len(chosen))
@@ -584,13 +627,15 @@ def _stream(ckpt: Checkpoint, chosen: list[tuple[TensorEntry, str]], fn: Callabl
 def analyze_weights(source: Checkpoint | str | Path, strategy: str | list[str] = "global", *,
                     layers: str | None = None, include_embeddings: bool = False,
                     progress: ProgressFn | None = None, name: str | None = None, model_desc: str | None = None,
-                    chunk_elements: int = CHUNK_ELEMENTS) -> Results:
+                    chunk_elements: int = CHUNK_ELEMENTS, transposed: str | None = None) -> Results:
     """Weights-only analysis of a checkpoint (no model is built or run), one tensor in memory at a time.
 
     source: a .safetensors file, a *.index.json, a directory of weight files, a torch.save'd
     state_dict (see open_checkpoint) or a Checkpoint. strategy: as analyze(). layers: regex on layer
     names (checkpoint key without ".weight"). Every floating-point ``*.weight`` with ≥ 2 dims is
-    quantised by each strategy's weight quantiser (strategies.WEIGHT_QUANTIZERS).
+    quantised by each strategy's weight quantiser (strategies.WEIGHT_QUANTIZERS) in its GEMM's [out, in]
+    orientation; transposed: regex on layer names stored [in, out] (default: HF Conv1D projections of
+    HF_CONV1D_MODEL_TYPES, see _conv1d_rule), listed in metadata["weights_only"]["transposed"].
 
     Returns Results (kind "analyze", metadata["weights_only"] set) with tables ``layers`` (plus kind,
     shape, dtype), ``operands`` (operand "weight" only), ``tensors`` / ``histograms`` (tensor
@@ -604,13 +649,13 @@ def analyze_weights(source: Checkpoint | str | Path, strategy: str | list[str] =
     """
     strategies = resolve(strategy)
     ckpt = _as_checkpoint(source)
-    chosen, skipped, total = _select(ckpt, layers, include_embeddings)
+    chosen, skipped, total = _select(ckpt, layers, include_embeddings, transposed)
     keys = {e.key for e in ckpt.entries}
     layer_rows, operands, tensors, hists, blocks, outliers = [], [], [], [], [], []
 
-    def one(entry: TensorEntry, W: torch.Tensor) -> None:
+    def one(entry: TensorEntry, W: torch.Tensor, transposed_: bool) -> None:
         name_ = layer_name(entry.key)
-        got = analyse_weight(W, strategies, chunk_elements)
+        got = analyse_weight(W, strategies, chunk_elements, transposed_)
         for strat, acc in got["operands"].items():
             operands.append({"layer": name_, "strategy": strat, "operand": "weight", **acc.result()})
         tensors.append({"layer": name_, "tensor": "weight", **got["stats"].result()})
@@ -623,8 +668,8 @@ def analyze_weights(source: Checkpoint | str | Path, strategy: str | list[str] =
                          **_outlier_result(got["col_amax"], "col")})
 
     _stream(ckpt, chosen, one, progress)
-    for entry, kind in chosen:
-        layer_rows.append(_layer_row(entry, kind, f"{layer_name(entry.key)}.bias" in keys))
+    for entry, kind, transposed_ in chosen:
+        layer_rows.append(_layer_row(entry, kind, f"{layer_name(entry.key)}.bias" in keys, transposed_))
     meta = _metadata(ckpt, name, model_desc, sorted({f for s in strategies for f in s.formats}), chosen, skipped,
                      total, layers)
     meta.update({"strategies": [s.name for s in strategies], "rules": {s.name: s.rules for s in strategies}})
@@ -642,20 +687,22 @@ WEIGHT_BLOCKSIZE_RULE = (f"weights only: recommended = the largest block size wh
 def sweep_blocksize_weights(source: Checkpoint | str | Path, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES, *,
                             layers: str | None = None, include_embeddings: bool = False,
                             progress: ProgressFn | None = None, name: str | None = None,
-                            model_desc: str | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> Results:
+                            model_desc: str | None = None, chunk_elements: int = CHUNK_ELEMENTS,
+                            transposed: str | None = None) -> Results:
     """Block-size sweep of the weights alone (kind "sweep-blocksize"): table ``blocksize_sweep`` with
     target "weight" rows only (the same numbers the full sweep writes for the weight), recommended by
-    weight SQNR (WEIGHT_BLOCKSIZE_RULE); ``skipped`` as analyze_weights."""
+    weight SQNR (WEIGHT_BLOCKSIZE_RULE); ``skipped`` and ``transposed`` as analyze_weights."""
     sizes = _check_blocksizes(blocksizes)
     ckpt = _as_checkpoint(source)
-    chosen, skipped, total = _select(ckpt, layers, include_embeddings)
+    chosen, skipped, total = _select(ckpt, layers, include_embeddings, transposed)
     keys = {e.key for e in ckpt.entries}
     rows: list[dict] = []
 
-    def one(entry: TensorEntry, W: torch.Tensor) -> None:
-        errs = {bs: e.result() for bs, e in sweep_weight(W, sizes, chunk_elements).items()}
+    def one(entry: TensorEntry, W: torch.Tensor, transposed_: bool) -> None:
+        errs = {bs: e.result() for bs, e in sweep_weight(W, sizes, chunk_elements, transposed_).items()}
         rec = recommend_blocksize({bs: r["sqnr_db"] for bs, r in errs.items()})
-        bsz = get_block_sizes(math.prod(entry.shape[1:]), entry.shape[0])[0]
+        row = _layer_row(entry, "", False, transposed_)
+        bsz = get_block_sizes(row["in_features"], row["out_features"])[0]
         for bs, r in errs.items():
             rows.append({"layer": layer_name(entry.key), "blocksize": bs, "target": "weight", "sqnr_db": r["sqnr_db"],
                          "overhead_bits": overhead_bits(bs), "auto": bs == bsz, "recommended": bs == rec,
@@ -666,7 +713,7 @@ def sweep_blocksize_weights(source: Checkpoint | str | Path, blocksizes: Sequenc
     meta.update({"rules": {"blockwise sweep": f"W blockwise {CODE_FWD}, blocks over the flattened tensor, one fp32 "
                                               "absmax per block, nearest code with ties to the even index"},
                  "recommendations": {"blocksize_sweep": WEIGHT_BLOCKSIZE_RULE}, "blocksizes": sizes})
-    layer_rows = [_layer_row(e, kind, f"{layer_name(e.key)}.bias" in keys) for e, kind in chosen]
+    layer_rows = [_layer_row(e, kind, f"{layer_name(e.key)}.bias" in keys, t) for e, kind, t in chosen]
     return Results(meta, {"layers": pd.DataFrame(layer_rows),
                           "blocksize_sweep": pd.DataFrame(rows, columns=["layer", "blocksize", "target", "sqnr_db",
                                                                           "overhead_bits", "auto", "recommended",

@@ -373,3 +373,46 @@ def test_compare_lines_up_weight_rows_with_a_full_analysis(tiny, tmp_path) -> No
     row["sqnr_db"] -= 3.0
     cmp = compare_results(full, worse, gates)
     assert not cmp["passed"] and cmp["failed_layers"] == ["blocks.0.fc1"]
+
+
+def test_gpt2_conv1d_weights_are_analysed_in_their_gemm_orientation(tmp_path) -> None:
+    """HF Conv1D stores c_attn/c_proj/c_fc as [in, out]: the weights-only rows equal a full analysis' (which sees
+    W.t() in addmm) for row-wise recipes too, detected from config.json and, without it, from GPT-2's key names."""
+    transformers = pytest.importorskip("transformers")
+    from fp8probe.analysis.loading import load_model
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=64, n_positions=16, n_inner=96,
+                                  use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # an outlier input feature, so a wrong scaling axis shows in row-wise SQNR
+        model.transformer.h[0].mlp.c_fc.weight[5] *= 30
+    model.save_pretrained(tmp_path / "hf")
+    strategies = "ocp-rowwise,ocp-blockwise,mxfp8,int8"
+    wo = analyze_weights(tmp_path / "hf", strategies)
+    full = analyze(load_model(tmp_path / "hf"), torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)),
+                   strategies, e2e=False)
+    layers = full.tables["layers"]
+    full_layers = set(layers[layers["b_is_weight"]]["layer"])
+    assert "transformer.h.0.mlp.c_fc" in full_layers
+    conv1d = {n for n in full_layers if n != "lm_head"}
+    assert set(wo.metadata["weights_only"]["transposed"]) == conv1d
+    rows = wo.tables["layers"].set_index("layer")
+    assert rows.loc["transformer.h.0.mlp.c_fc", ["in_features", "out_features", "layout"]].tolist() == [64, 96, "in,out"]
+    got = _weight_rows(wo, "operands")
+    want = {k: v for k, v in _weight_rows(full, "operands").items() if k[0] in full_layers - {"lm_head"}}
+    assert want and set(want) <= set(got)
+    for key in want:
+        for col in ("sqnr_db", "underflow_frac", "saturation_frac"):
+            assert got[key][col] == want[key][col], (key, col)
+    # the same weights without config.json: GPT-2 key names; an explicit regex that matches nothing turns it off
+    sd = {k: v.contiguous() for k, v in model.transformer.state_dict().items()}
+    save_file(sd, str(tmp_path / "bare.safetensors"))
+    bare = analyze_weights(tmp_path / "bare.safetensors", strategies)
+    assert set(bare.metadata["weights_only"]["transposed"]) == {n.removeprefix("transformer.") for n in conv1d}
+    off = analyze_weights(tmp_path / "bare.safetensors", strategies, transposed="$^")
+    assert off.metadata["weights_only"]["transposed"] == []
+    k = ("h.0.mlp.c_fc", "ocp-rowwise", "weight")
+    assert _weight_rows(off, "operands")[k]["sqnr_db"] != _weight_rows(bare, "operands")[k]["sqnr_db"]
+    sweep = sweep_blocksize_weights(tmp_path / "hf", [64, 128])
+    assert sweep.tables["layers"].set_index("layer").loc["transformer.h.0.attn.c_attn", "in_features"] == 64
