@@ -60,6 +60,11 @@ EMBEDDING_NAME = re.compile(r"(^|[._])(embed\w*|embeddings?|wte|wpe|word_embeddi
 HF_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 HF_CONV1D_KEY = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
 GPT2_KEY = re.compile(r"(^|\.)h\.\d+\.attn\.c_attn\.weight$")
+# Mixture-of-experts layers that keep all experts in one 3-D parameter [experts, ·, ·] (Llama 4, gpt-oss,
+# transformers 5's fused experts): each expert is its own GEMM weight, quantised on its own (as a batched
+# GEMM's slices are, BATCHED_RULE). The layout differs between models ([E, out, in] or [E, in, out]): the
+# projection's hidden-size side tells which (gate/up read the hidden state, down writes it).
+EXPERTS_KEY = re.compile(r"(^|\.)experts\.(gate_up_proj|up_proj|gate_proj|down_proj)$")
 # safetensors dtype names (the format's header) → torch dtypes; others are listed as skipped.
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -194,7 +199,8 @@ class Checkpoint:
     def __init__(self, description: str, files: Sequence[Path]) -> None:
         self.description = description
         self.files = list(files)
-        self.model_type = _config_model_type(self.files[0].parent) if self.files else None
+        self.config = _read_config(self.files[0].parent) if self.files else {}
+        self.model_type = self.config.get("model_type") if isinstance(self.config.get("model_type"), str) else None
         self.entries: list[TensorEntry] = []
         self._loaded: tuple[Path, dict] | None = None  # the torch.load(mmap=True) dict of the current .pt/.bin
         for f in self.files:
@@ -231,14 +237,14 @@ class Checkpoint:
             _drop_pages(t, entry.file)
 
 
-def _config_model_type(directory: Path) -> str | None:
-    """``model_type`` of the Hugging Face config.json beside the weights, None without a readable one."""
+def _read_config(directory: Path) -> dict:
+    """The Hugging Face config.json beside the weights ({} without a readable one): model_type tells a
+    Conv1D model, hidden_size the layout of fused expert tensors."""
     try:
         doc = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    value = doc.get("model_type") if isinstance(doc, dict) else None
-    return value if isinstance(value, str) else None
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -331,13 +337,15 @@ class Selection:
 
 
 def classify(entry: TensorEntry, include_embeddings: bool = False) -> Selection:
-    """Analysed: floating-point ``*.weight`` tensors with ≥ 2 dims (N-D conv kernels as [out, in·k…]);
-    embeddings (EMBEDDING_NAME) only with ``include_embeddings``. Everything else is skipped with a reason."""
+    """Analysed: floating-point ``*.weight`` tensors with ≥ 2 dims (N-D conv kernels as [out, in·k…]),
+    fused 3-D expert tensors (EXPERTS_KEY, kind "experts", one weight per expert); embeddings (EMBEDDING_NAME) only with ``include_embeddings``. Everything else is skipped with a reason."""
     module, _, leaf = entry.key.rpartition(".")
     if entry.dtype is None:
         return Selection(skip=f"dtype {entry.dtype_name} is not supported")
     if entry.dtype not in _FLOATS + _FP8:
         return Selection(skip="not floating point (integer / bool buffer or packed data)")
+    if len(entry.shape) == 3 and EXPERTS_KEY.search(entry.key) and entry.dtype in _FLOATS + _FP8 and entry.numel:
+        return Selection(kind="experts")
     if leaf != "weight" and entry.key != "weight":
         return Selection(skip="not a .weight (bias, scale or buffer)" if len(entry.shape) < 2
                          else "2-D but not a .weight (buffer, scale or other parameter)")
@@ -465,7 +473,7 @@ def _outlier_result(amax: torch.Tensor, axis: str) -> dict:
 
 
 def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elements: int = CHUNK_ELEMENTS,
-                   transposed: bool = False) -> dict:
+                   transposed: bool = False, experts: bool = False) -> dict:
     """Every recipe's weight quantiser on one weight, streamed in row chunks.
 
     W: [out, in] ([in, out] with ``transposed``; a conv kernel [out, in/groups, k…] is analysed as
@@ -475,7 +483,12 @@ def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elemen
     "blocks": {strategy: _BlockScales} (row/block-scaled recipes), "row_amax", "col_amax" (float64)}.
     Numbers equal a full analysis' weight rows: with one chunk the calls are the same; with several,
     sums are added chunk by chunk (equal up to float64 rounding) and the codes are identical.
+    experts: W is [E, ·, ·], one weight per expert, each quantised on its own and the accumulators merged
+    (rows = every expert's output channels in expert order, columns = the shared input features).
     """
+    if experts:
+        parts = [analyse_weight(W[e], strategies, chunk_elements, transposed) for e in range(W.shape[0])]
+        return functools.reduce(_merge_weight, parts)
     W2 = _as_rows(W, transposed)
     rows, cols = W2.shape
     quantizers = {s.name: WEIGHT_QUANTIZERS[s.name] for s in strategies}
@@ -512,10 +525,26 @@ def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elemen
             "col_amax": col_amax if col_amax is not None else torch.zeros(0, dtype=torch.float64)}
 
 
+def _merge_weight(a: dict, b: dict) -> dict:
+    """Two analyse_weight results of one tensor's parts (experts) as one, ``b``'s rows after ``a``'s."""
+    blocks = {}
+    for name, x in a["blocks"].items():
+        y = b["blocks"][name]
+        blocks[name] = _BlockScales(x.block, x.absmax + y.absmax, x.clipped + y.clipped)
+    return {"stats": a["stats"].merge(b["stats"]),
+            "operands": {name: acc.merge(b["operands"][name]) for name, acc in a["operands"].items()},
+            "blocks": blocks, "row_amax": torch.cat([a["row_amax"], b["row_amax"]]),
+            "col_amax": torch.maximum(a["col_amax"], b["col_amax"])}
+
+
 def sweep_weight(W: torch.Tensor, blocksizes: Sequence[int], chunk_elements: int = CHUNK_ELEMENTS,
-                 transposed: bool = False) -> dict[int, ErrorAccumulator]:
+                 transposed: bool = False, experts: bool = False) -> dict[int, ErrorAccumulator]:
     """Blockwise bnb-e4m3 (blocks over the flattened tensor, the block-size sweep's weight recipe) at
-    each block size, streamed in row chunks that start on a block boundary; block size → error."""
+    each block size, streamed in row chunks that start on a block boundary; block size → error.
+    experts: W is [E, ·, ·], each expert swept on its own and the errors merged."""
+    if experts:
+        parts = [sweep_weight(W[e], blocksizes, chunk_elements, transposed) for e in range(W.shape[0])]
+        return {bs: functools.reduce(lambda x, y: x.merge(y), (p[bs] for p in parts)) for bs in blocksizes}
     W2 = _as_rows(W, transposed)
     rows, cols = W2.shape
     out = {}
@@ -560,6 +589,30 @@ def _conv1d_rule(ckpt: Checkpoint, transposed: str | None) -> Callable[[TensorEn
     return lambda e: conv1d and len(e.shape) == 2 and bool(HF_CONV1D_KEY.search(e.key))
 
 
+def _hidden_size(ckpt: Checkpoint, entry: TensorEntry) -> int | None:
+    """The model's hidden size for a fused expert tensor: config.json's hidden_size (or its text_config's),
+    else the one dim every expert tensor of the same module shares (gate/up read it, down writes it)."""
+    for cfg in (ckpt.config, ckpt.config.get("text_config")):
+        if isinstance(cfg, dict) and isinstance(cfg.get("hidden_size"), int):
+            return cfg["hidden_size"]
+    module = entry.key.rpartition(".")[0]
+    dims = [set(e.shape[1:]) for e in ckpt.entries
+            if len(e.shape) == 3 and e.key.rpartition(".")[0] == module and EXPERTS_KEY.search(e.key)]
+    common = set.intersection(*dims) if len(dims) > 1 else set()
+    return common.pop() if len(common) == 1 else None
+
+
+def _experts_transposed(ckpt: Checkpoint, entry: TensorEntry) -> bool:
+    """True when a fused expert tensor is stored [E, in, out] (Llama 4, gpt-oss) rather than [E, out, in]
+    (nn.Linear's convention, also the answer when the hidden size cannot tell)."""
+    hidden = _hidden_size(ckpt, entry)
+    _, d1, d2 = entry.shape
+    if hidden is None or d1 == d2:
+        return False
+    writes_hidden = entry.key.endswith("down_proj")  # out = hidden; gate/up: in = hidden
+    return d2 == hidden if writes_hidden else d1 == hidden
+
+
 def _select(ckpt: Checkpoint, layers: str | None, include_embeddings: bool, transposed: str | None = None
             ) -> tuple[list[tuple[TensorEntry, str, bool]], list[dict], int]:
     """(analysed (entry, kind, stored [in, out]) triples, skipped rows, total parameter count)."""
@@ -578,7 +631,7 @@ def _select(ckpt: Checkpoint, layers: str | None, include_embeddings: bool, tran
             skipped.append({"key": e.key, "shape": list(e.shape), "dtype": e.dtype_name, "numel": e.numel,
                             "param_share": e.numel / total if total else 0.0, "reason": reason})
         else:
-            chosen.append((e, sel.kind, is_transposed(e)))
+            chosen.append((e, sel.kind, _experts_transposed(ckpt, e) if sel.kind == "experts" else is_transposed(e)))
     return chosen, skipped, total
 
 
@@ -605,20 +658,22 @@ def _metadata(ckpt: Checkpoint, name: str | None, model_desc: str | None, format
 
 
 def _layer_row(entry: TensorEntry, kind: str, has_bias: bool, transposed: bool = False) -> dict:
-    out_f, in_f = entry.shape[0], math.prod(entry.shape[1:])
-    if transposed:  # stored [in, out] (HF Conv1D)
+    shape = entry.shape[1:] if kind == "experts" else entry.shape  # one expert's [out, in]
+    out_f, in_f = shape[0], math.prod(shape[1:])
+    if transposed:  # stored [in, out] (HF Conv1D, fused experts of Llama 4 / gpt-oss)
         in_f, out_f = out_f, in_f
     bsz, bsz2 = get_block_sizes(in_f, out_f)
     return {"layer": layer_name(entry.key), "in_features": in_f, "out_features": out_f, "has_bias": has_bias,
             "tokens": None, "bsz": bsz, "bsz2": bsz2, "kind": kind, "shape": list(entry.shape),
-            "dtype": entry.dtype_name, "layout": "in,out" if transposed else "out,in"}
+            "dtype": entry.dtype_name, "layout": "in,out" if transposed else "out,in",
+            "experts": entry.shape[0] if kind == "experts" else None}
 
 
 def _stream(ckpt: Checkpoint, chosen: list[tuple[TensorEntry, str, bool]],
-            fn: Callable[[TensorEntry, torch.Tensor, bool], None], progress: ProgressFn | None) -> None:
-    for i, (entry, _, transposed) in enumerate(chosen):
+            fn: Callable[[TensorEntry, torch.Tensor, str, bool], None], progress: ProgressFn | None) -> None:
+    for i, (entry, kind, transposed) in enumerate(chosen):
         with ckpt.tensor(entry) as W:
-            fn(entry, W, transposed)
+            fn(entry, W, kind, transposed)
         del W  # the last reference: a safetensors map is unmapped here, before the next tensor is read
         if progress is not None:
             progress(i + 1, len(chosen))
@@ -653,9 +708,9 @@ def analyze_weights(source: Checkpoint | str | Path, strategy: str | list[str] =
     keys = {e.key for e in ckpt.entries}
     layer_rows, operands, tensors, hists, blocks, outliers = [], [], [], [], [], []
 
-    def one(entry: TensorEntry, W: torch.Tensor, transposed_: bool) -> None:
+    def one(entry: TensorEntry, W: torch.Tensor, kind: str, transposed_: bool) -> None:
         name_ = layer_name(entry.key)
-        got = analyse_weight(W, strategies, chunk_elements, transposed_)
+        got = analyse_weight(W, strategies, chunk_elements, transposed_, experts=kind == "experts")
         for strat, acc in got["operands"].items():
             operands.append({"layer": name_, "strategy": strat, "operand": "weight", **acc.result()})
         tensors.append({"layer": name_, "tensor": "weight", **got["stats"].result()})
@@ -698,10 +753,11 @@ def sweep_blocksize_weights(source: Checkpoint | str | Path, blocksizes: Sequenc
     keys = {e.key for e in ckpt.entries}
     rows: list[dict] = []
 
-    def one(entry: TensorEntry, W: torch.Tensor, transposed_: bool) -> None:
-        errs = {bs: e.result() for bs, e in sweep_weight(W, sizes, chunk_elements, transposed_).items()}
+    def one(entry: TensorEntry, W: torch.Tensor, kind: str, transposed_: bool) -> None:
+        errs = {bs: e.result() for bs, e in sweep_weight(W, sizes, chunk_elements, transposed_,
+                                                          experts=kind == "experts").items()}
         rec = recommend_blocksize({bs: r["sqnr_db"] for bs, r in errs.items()})
-        row = _layer_row(entry, "", False, transposed_)
+        row = _layer_row(entry, kind, False, transposed_)
         bsz = get_block_sizes(row["in_features"], row["out_features"])[0]
         for bs, r in errs.items():
             rows.append({"layer": layer_name(entry.key), "blocksize": bs, "target": "weight", "sqnr_db": r["sqnr_db"],

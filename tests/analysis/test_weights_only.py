@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -416,3 +417,47 @@ def test_gpt2_conv1d_weights_are_analysed_in_their_gemm_orientation(tmp_path) ->
     assert _weight_rows(off, "operands")[k]["sqnr_db"] != _weight_rows(bare, "operands")[k]["sqnr_db"]
     sweep = sweep_blocksize_weights(tmp_path / "hf", [64, 128])
     assert sweep.tables["layers"].set_index("layer").loc["transformer.h.0.attn.c_attn", "in_features"] == 64
+
+
+@pytest.mark.parametrize("layout", ["out,in", "in,out"])
+@pytest.mark.parametrize("with_config", [True, False])
+def test_fused_expert_tensors_are_quantised_expert_by_expert(tmp_path, layout: str, with_config: bool) -> None:
+    """A 3-D MoE parameter (experts.gate_up_proj / down_proj) is E weights: each expert gets its own scales
+    (expert 1 is 50x larger, so one shared scale would underflow expert 0), the rows equal quantising the
+    experts one by one, and the [E, in, out] layout of Llama 4 / gpt-oss is read from the hidden size."""
+    gen = torch.Generator().manual_seed(7)
+    E, hidden, inter = 3, 64, 96
+    gate_up = torch.randn(E, 2 * inter, hidden, generator=gen) * 0.02  # [E, out, in]
+    down = torch.randn(E, hidden, inter, generator=gen) * 0.02
+    gate_up[1] *= 50
+    gate_up[2, :, 9] *= 500  # an outlier input feature of expert 2 (above expert 1's 50x columns too)
+    store = (lambda t: t.transpose(1, 2).contiguous()) if layout == "in,out" else (lambda t: t)
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": store(gate_up),
+               "model.layers.0.mlp.experts.down_proj": store(down),
+               "model.layers.0.mlp.router.weight": torch.randn(E, hidden, generator=gen)},
+              str(tmp_path / "model.safetensors"))
+    if with_config:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama4_text", "hidden_size": hidden}))
+    strategies = "global,ocp-tensorwise,ocp-rowwise,mxfp8"
+    res = analyze_weights(tmp_path, strategies)
+    rows = res.tables["layers"].set_index("layer")
+    gu = rows.loc["model.layers.0.mlp.experts.gate_up_proj"]
+    assert (gu["kind"], gu["experts"], gu["in_features"], gu["out_features"], gu["layout"]) == \
+        ("experts", E, hidden, 2 * inter, layout)
+    assert rows.loc["model.layers.0.mlp.experts.down_proj", "in_features"] == inter
+    got = _weight_rows(res, "operands")
+    for name in strategies.split(","):
+        wq = WEIGHT_QUANTIZERS[name]
+        ref2 = err2 = 0.0
+        for e in range(E):
+            q, _ = wq.quantize(gate_up[e])
+            ref2 += float(gate_up[e].double().square().sum())
+            err2 += float((gate_up[e].double() - q.double()).square().sum())
+        want = 10 * math.log10(ref2 / err2)
+        assert got[("model.layers.0.mlp.experts.gate_up_proj", name, "weight")]["sqnr_db"] == pytest.approx(want, rel=1e-9)
+    outl = res.tables["weight_outliers"].set_index("layer").loc["model.layers.0.mlp.experts.gate_up_proj"]
+    assert outl["top_cols"][0][0] == 9
+    sweep = sweep_blocksize_weights(tmp_path, [64, 128])
+    assert set(sweep.tables["blocksize_sweep"]["layer"]) == {"model.layers.0.mlp.experts.gate_up_proj",
+                                                             "model.layers.0.mlp.experts.down_proj",
+                                                             "model.layers.0.mlp.router"}
