@@ -31,7 +31,8 @@ class DelayedScaling:
     amax_h is 0. Batch t's own amax (max |x| over finite values) is recorded after the cast.
     The first batch of a site (empty history) uses its own amax: a just-in-time per-tensor scale,
     bit for bit the ocp-tensorwise cast (Transformer Engine starts from scale 1, which only measures
-    initialisation). An overflow is a batch whose amax exceeds fmt_max · scale: its largest values saturate.
+    initialisation). An overflow is a batch whose amax exceeds the amax the scale was made for,
+    amax_h · 2^margin (= fmt_max · scale): its largest values saturate. The first batch never overflows.
     """
 
     history: int = DEFAULT_HISTORY
@@ -78,8 +79,10 @@ class DelayedState:
     history: dict[tuple[Hashable, str], list[float]] = field(default_factory=dict)
     counts: dict[tuple[str, str], _Counts] = field(default_factory=dict)
 
-    def scale_for(self, site: Hashable, operand: str, amax_now: float, fmt: str) -> tuple[float, bool]:
-        """(float32 scale for this batch, warm-up: True when the history was empty)."""
+    def scale_for(self, site: Hashable, operand: str, amax_now: float, fmt: str) -> tuple[float, float, bool]:
+        """(float32 scale for this batch, the largest |x| it represents without saturating, warm-up: True
+        when the history was empty). That range is amax_h · 2^margin (fmt_max · scale up to the scale's
+        float32 rounding, which the per-tensor cast shares), fmt_max for scale 1."""
         fmax = FORMATS[fmt].max
         hist = self.history.get((site, operand))
         if not hist:
@@ -87,8 +90,10 @@ class DelayedState:
         else:
             amax, warmup = (max(hist) if self.rule.compute == "max" else hist[-1]), False
         scale = torch.tensor(amax, dtype=_F32) / torch.tensor(fmax, dtype=_F32)
-        scale = scale * torch.tensor(2.0 ** self.rule.margin, dtype=_F32)  # a power of two: exact
-        return (float(scale) if float(scale) > 0 else 1.0), warmup
+        scale = float(scale * torch.tensor(2.0 ** self.rule.margin, dtype=_F32))  # a power of two: exact
+        if scale > 0:
+            return scale, amax * 2.0 ** self.rule.margin, warmup
+        return 1.0, fmax, warmup
 
     def quantize(self, site: Hashable, operand: str, x: torch.Tensor, fmt: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +102,7 @@ class DelayedState:
         x32 = x.to(_F32)
         finite_abs = torch.where(torch.isfinite(x32), x32.abs(), 0.0)
         amax_now = float(finite_abs.amax()) if x32.numel() else 0.0
-        scale, warmup = self.scale_for(site, operand, amax_now, fmt)
+        scale, limit, warmup = self.scale_for(site, operand, amax_now, fmt)
         s = torch.tensor(scale, dtype=_F32, device=x.device)
         y = x32 / s
         y = torch.where(torch.isfinite(y), y.clamp(-fmax, fmax), y)
@@ -109,7 +114,7 @@ class DelayedState:
         del hist[:-self.rule.history]
         layer = site[0] if isinstance(site, tuple) else site
         c = self.counts.setdefault((str(layer), operand), _Counts())
-        ratio = amax_now / (fmax * scale)
+        ratio = amax_now / limit
         c.batches += 1
         c.warmup += warmup
         c.overflow += ratio > 1.0
@@ -121,7 +126,7 @@ class DelayedState:
     def rows(self, strategy: str) -> list[dict]:
         """One ``delayed_scaling`` row per (layer, operand): batches, warm-up batches, batches whose amax
         overflowed the delayed scale, saturated elements of all elements, max over batches of
-        amax / (fmt_max · scale) (> 1 = overflow)."""
+        amax / (amax_h · 2^margin) (> 1 = overflow)."""
         return [{"layer": layer, "strategy": strategy, "operand": op, "batches": c.batches,
                  "warmup_batches": c.warmup, "overflow_batches": c.overflow, "saturated": c.saturated,
                  "elements": c.elements, "max_amax_ratio": c.max_ratio}

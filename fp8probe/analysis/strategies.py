@@ -564,12 +564,11 @@ def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:
 
 
 def site_kwargs(strategy: Strategy, state: Any, site: str, index: int | None) -> dict:
-    """Keywords for a stateful recipe (Strategy.new_state): its state and the site key (layer, slice)."""
+    """Keywords for a stateful recipe (Strategy.new_state): its state and the site key (layer, slice).
+    No state: a fresh one for this call alone (a delayed recipe then sees its first batch)."""
     if strategy.new_state is None:
         return {}
-    if state is None:
-        raise ValueError(f"expected a state for strategy {strategy.name} (Strategy.new_state()), got none")
-    return {"state": state, "site": (site, index)}
+    return {"state": strategy.new_state() if state is None else state, "site": (site, index)}
 
 
 def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
@@ -579,7 +578,8 @@ def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.
 
     Batched GEMMs: A [Bt, M, K], W [Bt, N, K], G [Bt, M, N] run slice by slice (BATCHED_RULE) and
     the results are stacked. ``b_is_weight`` False: W is a second activation (see each rule text).
-    ``state``/``site``: for a stateful strategy (``new_state``), one pass's state and the GEMM's name.
+    ``state``/``site``: for a stateful strategy (``new_state``), one pass's state and the GEMM's name
+    (state None: a fresh state for this call only).
     """
     _check(A, W, G)
     with torch.no_grad():
