@@ -397,8 +397,8 @@ def _delayed_rules(rule: DelayedScaling) -> str:
     return ("Delayed scaling (Transformer Engine, HYBRID): OCP E4M3FN for A and W, E5M2 for G, one float32 scale "
             "per tensor from the amax history of earlier batches at the same GEMM site and operand: " + rule.describe()
             + "; round to nearest even with saturation, overflows counted in the delayed_scaling table; float32 "
-            "matmuls. Two activations: both E4M3FN per tensor with their own histories. " + BATCHED_RULE
-            + " (each slice keeps its own history).")
+            "matmuls. Two activations: both E4M3FN per tensor with their own histories. "
+            + BATCHED_RULE.removesuffix(".") + ", and its own amax histories.")
 
 
 _DELAYED = _Delayed()
