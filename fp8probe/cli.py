@@ -438,7 +438,7 @@ def _recipe_options(int8_row_scale: str, accum_bits: int | None, promote_every: 
 @_INT8_ROW_SCALE
 @click.option("--accum-bits", type=click.IntRange(1, 23), default=None,
               help="simulate a reduced-precision FP8 accumulator: partial sums truncated to this many mantissa bits "
-                   "(Hopper: about 13-14), for the OCP/MX FP8 recipes; default off = float32")
+                   "(Hopper: about 13-14), in the FP8 recipes' GEMMs; default off = float32")
 @click.option("--promote-every", type=click.IntRange(min=1), default=None,
               help="with --accum-bits: contraction elements per partial sum before it is added into float32 "
                    "[default: 128, DeepSeek-V3's N_c]")

@@ -393,6 +393,51 @@ class _Delayed:
         return _ScaledLinear.apply(x, W, bias, dataclasses.replace(self, state=state, site=site), b_is_weight)
 
 
+@dataclass(frozen=True)
+class _CodebookAccum:
+    """``global`` / ``mixed`` with the simulated accumulator: the fake-quantised operands of MatMulFP8Global /
+    MatMulFP8Mixed (SPEC §7.2, the same _fq_code calls as _run_global / _run_mixed), their FP8 products
+    through matmul_limited; mixed's unquantised wgrad Aᵀ·G stays a float32 matmul. GEMM methods with
+    _Scaled's signatures, so _ScaledLinear runs it in a model."""
+
+    mixed: bool
+    accum: Accumulation
+    blocks: tuple[int, int] | None = None  # mixed: (bsz, bsz2); None = get_block_sizes per layer
+
+    def _bsz(self, W: torch.Tensor) -> tuple[int | None, int | None]:
+        if not self.mixed:
+            return None, None
+        return self.blocks or AG.get_block_sizes(W.shape[1], W.shape[0])
+
+    def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True) -> tuple[torch.Tensor, tuple, tuple]:
+        qA, qW = _fq_code(A, "bnb-e4m3", self._bsz(W)[0]), _weight_bnb_global(W)[0]
+        return matmul_limited(qA.float(), qW.float(), self.accum), (qA, None), (qW, None)
+
+    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
+              b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
+        qG = _fq_code(G, "bnb-e5m2", self._bsz(W)[1])
+        return matmul_limited(qG.float(), qW.float().t(), self.accum), (qG, None)
+
+    def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
+        if self.mixed:
+            return G.float().t() @ A.float()
+        return matmul_limited(qG.float().t(), qA.float().t(), self.accum)  # one absmax: fq(Aᵀ) = fq(A)ᵀ
+
+    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+            b_is_weight: bool = True) -> StrategyOutput:
+        y, (qA, _), (qW, _) = self.fprop(A, W)
+        gemms, ops = {"fprop": y}, {"activation": (A, qA, None), "weight": (W, qW, None)}
+        if G is not None:
+            gemms["dgrad"], (qG, _) = self.dgrad(G, W, qW)
+            gemms["wgrad"] = self.wgrad(G, A, qG, qA)
+            ops["grad_output"] = (G, qG, None)
+        return StrategyOutput(gemms, ops)
+
+    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+               b_is_weight: bool = True) -> torch.Tensor:
+        return _ScaledLinear.apply(x, W, bias, self, b_is_weight)
+
+
 def _delayed_rules(rule: DelayedScaling) -> str:
     return ("Delayed scaling (Transformer Engine, HYBRID): OCP E4M3FN for A and W, E5M2 for G, one float32 scale "
             "per tensor from the amax history of earlier batches at the same GEMM site and operand: " + rule.describe()
@@ -497,9 +542,9 @@ class RecipeOptions:
     --amax-compute/--margin). The defaults are the recipes as STRATEGIES lists them.
 
     ``int8_row_scale``: "bnb" | "paper" (ROW_SCALE_RULES), for int8 and the threshold sweep.
-    ``accumulation``: None (float32 matmuls) or the simulated accumulator for every OCP/MX FP8 recipe
-    (ocp-*, mxfp8, delayed; the bnb codebook and int8 recipes are unaffected). ``delayed``: the rule of
-    the delayed strategy.
+    ``accumulation``: None (float32 matmuls) or the simulated accumulator for every FP8 GEMM of the FP8
+    recipes (ocp-*, mxfp8, delayed, and the bnb-codebook global / mixed; int8 and switchback are exact
+    int32). ``delayed``: the rule of the delayed strategy.
     """
 
     int8_row_scale: str = "bnb"
@@ -520,6 +565,15 @@ class RecipeOptions:
                 "delayed_scaling": self.delayed.metadata()}
 
 
+def _mixed_blocks(run: Runner) -> tuple[int, int] | None | bool:
+    """For a "mixed" runner: its fixed (bsz, bsz2), or None (get_block_sizes per layer); False for any other."""
+    if run is _run_mixed:
+        return None
+    if isinstance(run, functools.partial) and run.func is _run_mixed:
+        return run.keywords.get("blocks")
+    return False
+
+
 def with_options(strategies: list[Strategy], options: RecipeOptions | None) -> list[Strategy]:
     """``strategies`` with ``options`` applied (names unchanged; each rule text says what was used)."""
     options = options or RecipeOptions()
@@ -536,6 +590,11 @@ def with_options(strategies: list[Strategy], options: RecipeOptions | None) -> l
                 rules += " " + options.accumulation.describe()
             s = dataclasses.replace(s, rules=rules, run=recipe.run, linear=recipe.linear,
                                     new_state=recipe.new_state if isinstance(recipe, _Delayed) else None)
+        elif options.accumulation is not None and (s.run is _run_global or _mixed_blocks(s.run) is not False):
+            blocks = None if s.run is _run_global else _mixed_blocks(s.run)
+            recipe = _CodebookAccum(s.run is not _run_global, options.accumulation, blocks)
+            s = dataclasses.replace(s, rules=s.rules + " " + options.accumulation.describe(), run=recipe.run,
+                                    linear=recipe.linear)
         elif s.run is _run_int8:
             rs = options.int8_row_scale
             s = dataclasses.replace(s, rules=s.rules + " " + ROW_SCALE_RULES[rs],

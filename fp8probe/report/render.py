@@ -733,7 +733,7 @@ def _recipe_options(meta: Mapping) -> list[str]:
     acc = opts.get("accumulation")
     lines.append("accumulation: float32 (exact)" if not acc else
                  f"accumulation: {acc.get('mantissa_bits')} mantissa bits, truncated, promoted to float32 every "
-                 f"{acc.get('promote_every')} elements (OCP/MX FP8 recipes)")
+                 f"{acc.get('promote_every')} elements (FP8 recipes)")
     d = opts.get("delayed_scaling")
     if d:
         lines.append(f"delayed scaling: amax history {d.get('amax_history')}, {d.get('amax_compute')}, margin "

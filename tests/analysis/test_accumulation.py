@@ -9,7 +9,7 @@ import torch
 
 from fp8probe.analysis.accumulation import Accumulation, matmul_limited, truncate_mantissa
 from fp8probe.analysis.e2e import lp_gemm
-from fp8probe.analysis.strategies import STRATEGIES, RecipeOptions, run_strategy, with_options
+from fp8probe.analysis.strategies import STRATEGIES, RecipeOptions, mixed_with_blocksize, run_strategy, with_options
 from support import DEVICES
 
 
@@ -118,8 +118,37 @@ def test_fp8_recipes_use_the_accumulator_in_every_gemm(name) -> None:
     assert torch.equal(y.detach(), lim.gemms["fprop"])
 
 
-def test_codebook_and_int8_recipes_are_unaffected() -> None:
+@pytest.mark.parametrize("name", ["global", "mixed", "mixed bs=64"])
+def test_bnb_codebook_recipes_use_the_accumulator(name) -> None:
+    g = torch.Generator().manual_seed(2)
+    A, W, G = torch.randn(6, 40, generator=g), torch.randn(5, 40, generator=g), torch.randn(6, 5, generator=g)
+    acc = Accumulation(9, 16)
+    base_s = mixed_with_blocksize(64) if name == "mixed bs=64" else STRATEGIES[name]
+    limited, = with_options([base_s], RecipeOptions(accumulation=acc))
+    assert limited.name == base_s.name and "truncated toward zero to 9 mantissa bits" in limited.rules
+    base, lim = run_strategy(base_s, A, W, G), run_strategy(limited, A, W, G)
+    for k in ("activation", "weight", "grad_output"):  # the autograd functions' own fake-quantised operands
+        assert torch.equal(base.operands[k][1], lim.operands[k][1]), k
+    qA, qW, qG = (lim.operands[k][1] for k in ("activation", "weight", "grad_output"))
+    assert torch.equal(lim.gemms["fprop"], matmul_limited(qA, qW, acc))
+    # without the option: the autograd function's float32 matmul of the same operands
+    assert torch.allclose(base.gemms["fprop"], qA @ qW.T, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(base.gemms["fprop"], lim.gemms["fprop"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(lim.gemms["dgrad"], matmul_limited(qG, qW.T, acc))
+    if name == "global":
+        assert torch.equal(lim.gemms["wgrad"], matmul_limited(qG.T, qA.T, acc))
+    else:  # MatMulFP8Mixed computes wgrad unquantised: nothing FP8 to accumulate
+        assert lim.gemms["wgrad"].shape == base.gemms["wgrad"].shape == W.shape
+        assert torch.allclose(lim.gemms["wgrad"], base.gemms["wgrad"], rtol=1e-5, atol=1e-5)
+    y = lp_gemm(limited, A, W, 6.0, site="fc")
+    assert torch.equal(y.detach(), lim.gemms["fprop"])
+
+
+def test_int8_recipes_are_unaffected() -> None:
     opts = RecipeOptions(accumulation=Accumulation(9, 16))
-    for name in ("global", "mixed", "int8", "switchback"):
+    g = torch.Generator().manual_seed(3)
+    A, W = torch.randn(6, 40, generator=g), torch.randn(5, 40, generator=g)
+    for name in ("int8", "switchback"):  # exact int32 accumulation: nothing to simulate
         s, = with_options([STRATEGIES[name]], opts)
         assert "mantissa bits" not in s.rules
+        assert torch.equal(run_strategy(s, A, W, None).gemms["fprop"], run_strategy(STRATEGIES[name], A, W, None).gemms["fprop"])
