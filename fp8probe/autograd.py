@@ -100,6 +100,9 @@ class MatmulLtState:
     use_pool: bool = False
     formatB: str = "row"
     weight_key: tuple | None = None
+    #: LLM.int8 row absmax of A: "bnb" (SPEC §5.1, outlier columns' sub-threshold values count) or
+    #: "paper" (outlier columns left out; functional.int8_vectorwise_quant). fp8probe's addition.
+    row_scale: str = "bnb"
 
     def reset_grads(self) -> None:
         """Forget the cached int8 weight (CB, SCB and the legacy layouts) so the next forward re-quantises."""
@@ -527,9 +530,10 @@ class MatMul8bitLt(torch.autograd.Function):
         want_grad_B = ctx.needs_input_grad[1]
         threshold = float(state.threshold)
         if want_grad_B:
-            CA, CAt, SCA, SCAt, outlier_cols = F.int8_double_quant(A_q, threshold, compat=compat)
+            CA, CAt, SCA, SCAt, outlier_cols = F.int8_double_quant(A_q, threshold, compat=compat,
+                                                                   row_scale=state.row_scale)
         else:
-            CA, SCA, outlier_cols = F.int8_vectorwise_quant(A_q, threshold, compat=compat)
+            CA, SCA, outlier_cols = F.int8_vectorwise_quant(A_q, threshold, compat=compat, row_scale=state.row_scale)
             CAt = SCAt = None
         if threshold > 0.0 and state.use_pool and outlier_cols is not None:
             pool = GlobalOutlierPooler.get_instance()
@@ -680,13 +684,19 @@ def _prepare_state(state: MatmulLtState | None, threshold: float) -> MatmulLtSta
 
 
 def matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, state: MatmulLtState | None = None,
-           threshold: float = 0.0, bias: torch.Tensor | None = None, *, compat: str | None = None) -> torch.Tensor:
+           threshold: float = 0.0, bias: torch.Tensor | None = None, *, compat: str | None = None,
+           row_scale: str | None = None) -> torch.Tensor:
     """LLM.int8() ``A [..., in] · Bᵀ (+ bias)`` with B the weight ``[out, in]`` (``bnb.matmul``, SPEC §6.5).
 
     A new :class:`MatmulLtState` is made when none is given; ``threshold`` is written to the state
-    only when > 0. Returns ``[..., out]`` in A's dtype (or ``out``, filled, when given).
+    only when > 0, ``row_scale`` ("bnb" | "paper", MatmulLtState.row_scale) only when given.
+    Returns ``[..., out]`` in A's dtype (or ``out``, filled, when given).
     """
-    return MatMul8bitLt.apply(A, B, out, bias, _prepare_state(state, threshold), compat)
+    state = _prepare_state(state, threshold)
+    if row_scale is not None:
+        F.check_row_scale(row_scale)
+        state.row_scale = row_scale
+    return MatMul8bitLt.apply(A, B, out, bias, state, compat)
 
 
 def switchback_bnb(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,

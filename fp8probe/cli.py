@@ -368,10 +368,32 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
     return loaded, batch_list
 
 
+_INT8_ROW_SCALE = click.option(
+    "--int8-row-scale", type=click.Choice(["bnb", "paper"]), default="bnb", show_default=True,
+    help="LLM.int8 row absmax: bnb (sub-threshold values of outlier columns count, bitsandbytes) or paper "
+         "(outlier columns left out)")
+
+
+def _recipe_options(int8_row_scale: str, accum_bits: int | None, promote_every: int | None, amax_history: int,
+                    amax_compute: str, margin: int):  # -> strategies.RecipeOptions
+    """The run-wide recipe settings from the CLI flags, each problem as one usage line."""
+    from fp8probe.analysis.accumulation import DEFAULT_PROMOTE_EVERY, Accumulation
+    from fp8probe.analysis.delayed import DelayedScaling
+    from fp8probe.analysis.strategies import RecipeOptions
+
+    if promote_every is not None and accum_bits is None:
+        raise UsageFailure(f"--promote-every {promote_every} needs --accum-bits (the accumulator it promotes from)")
+    try:
+        acc = None if accum_bits is None else Accumulation(accum_bits, promote_every or DEFAULT_PROMOTE_EVERY)
+        return RecipeOptions(int8_row_scale, acc, DelayedScaling(amax_history, amax_compute, margin))
+    except (ValueError, TypeError) as exc:
+        raise _fail(exc) from exc
+
+
 @cli.command("analyze")
 @click.argument("model", type=str)
 @click.option("--strategy", "-s", default="global", show_default=True,
-              help="global, mixed, int8, switchback, ocp-tensorwise, ocp-rowwise, ocp-blockwise, mxfp8, "
+              help="global, mixed, int8, switchback, ocp-tensorwise, ocp-rowwise, ocp-blockwise, mxfp8, delayed, "
                    "a comma-separated list, or all")
 @click.option("--inputs", type=click.Path(dir_okay=False), default=None,
               help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches")
@@ -413,11 +435,26 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
 @click.option("--lr", type=FiniteFloat(0.0), default=1e-3, show_default=True, help="learning rate for --steps")
 @click.option("--optimizer", "optimizer_spec", default=None,
               help="module:function called as fn(params, lr) -> torch optimizer for --steps (default AdamW)")
+@_INT8_ROW_SCALE
+@click.option("--accum-bits", type=click.IntRange(1, 23), default=None,
+              help="simulate a reduced-precision FP8 accumulator: partial sums truncated to this many mantissa bits "
+                   "(Hopper: about 13-14), in the FP8 recipes' GEMMs; default off = float32")
+@click.option("--promote-every", type=click.IntRange(min=1), default=None,
+              help="with --accum-bits: contraction elements per partial sum before it is added into float32 "
+                   "[default: 128, DeepSeek-V3's N_c]")
+@click.option("--amax-history", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="delayed strategy: amax history length per GEMM site and operand")
+@click.option("--amax-compute", type=click.Choice(["max", "most_recent"]), default="max", show_default=True,
+              help="delayed strategy: the amax taken from the history")
+@click.option("--margin", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="delayed strategy: scale = amax * 2^margin / fmt_max (headroom in powers of two)")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
                 no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool,
-                budget_spec: str, no_e2e: bool, sensitivity: str, steps: int, lr: float, optimizer_spec: str | None) -> None:
+                budget_spec: str, no_e2e: bool, sensitivity: str, steps: int, lr: float, optimizer_spec: str | None,
+                int8_row_scale: str, accum_bits: int | None, promote_every: int | None, amax_history: int,
+                amax_compute: str, margin: int) -> None:
     """Capture MODEL's GEMMs (linear, matmul, attention, conv) on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -448,6 +485,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         raise _fail(exc, "--budget") from exc
     if steps and lr <= 0:
         raise UsageFailure(f"--lr must be > 0, got {lr:g}")
+    options = _recipe_options(int8_row_scale, accum_bits, promote_every, amax_history, amax_compute, margin)
     run_name = name or Path(model.split(":")[0]).stem or "analysis"
     out = Path(out_dir) if out_dir else _default_out(run_name)
     stale = _check_out(out, "run", overwrite)
@@ -472,14 +510,15 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
                               inputs_desc=inputs or "example inputs / factory batches", gemms=gemms, e2e=not no_e2e,
-                              budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec)
+                              budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec,
+                              options=options)
         if sweeps:
             from fp8probe.analysis.sweeps import sweep_both
 
             bs_res, th_res = sweep_both(loaded, batch_list, layers=layers, batches=batches, device=device, seed=seed,
                                         loss=loss_spec, name=run_name, model_desc=loaded.description,
                                         inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
-                                        e2e=not no_e2e, budget=budget)
+                                        e2e=not no_e2e, budget=budget, row_scale=int8_row_scale)
             results = results.merged(bs_res, th_res)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
@@ -850,7 +889,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                out_dir: str | None, overwrite: bool, name: str | None, quiet: bool, threads: int | None,
                output_format: str, include_embeddings: bool = False, budget_spec: str = "0.01",
-               no_e2e: bool = False) -> None:
+               no_e2e: bool = False, int8_row_scale: str | None = None) -> None:
     import json
 
     from fp8probe.analysis.e2e import parse_budget
@@ -872,6 +911,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
     stale = _check_out(out, "run", overwrite)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
+    extra = {} if int8_row_scale is None else {"row_scale": int8_row_scale}
     ckpt = _weights_checkpoint(model, inputs, factory)
     if ckpt is not None:
         if kind != "sweep-blocksize":
@@ -890,7 +930,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                 results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device,
                              seed=seed, loss=loss_spec, name=run_name, model_desc=loaded.description,
                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
-                             progress=lambda done, total: bar.update(1), e2e=not no_e2e, budget=budget)
+                             progress=lambda done, total: bar.update(1), e2e=not no_e2e, budget=budget, **extra)
         except (LoadError, ValueError, TypeError) as exc:
             raise _analysis_failure(exc, inputs) from exc
         remove_outputs(stale)
@@ -969,6 +1009,7 @@ def sweep_blocksize_cmd(blocksizes: str, **kwargs: object) -> None:
 @_sweep_options
 @click.option("--thresholds", default="0,1,2,3,4,5,6,8", show_default=True,
               help="comma-separated LLM.int8 outlier thresholds (0 = no outlier decomposition)")
+@_INT8_ROW_SCALE
 def sweep_threshold_cmd(thresholds: str, **kwargs: object) -> None:
     """LLM.int8() fprop error vs outlier threshold per layer, fraction of 16-bit columns, recommended knee."""
     _run_sweep("sweep-threshold", values=_parse_thresholds(thresholds), **kwargs)  # type: ignore[arg-type]

@@ -341,17 +341,46 @@ def _check_rank(name: str, A: torch.Tensor) -> None:
         raise ValueError(f"{name} must have at least 1 dimension, got a 0-d tensor")
 
 
-def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+INT8_ROW_SCALES = ("bnb", "paper")
+
+
+def check_row_scale(row_scale: object) -> str:
+    """``row_scale`` if it names an LLM.int8 row-absmax rule (INT8_ROW_SCALES), else ValueError."""
+    if row_scale not in INT8_ROW_SCALES:
+        raise ValueError(f"row_scale must be one of {', '.join(INT8_ROW_SCALES)}, got {row_scale!r}")
+    return row_scale  # type: ignore[return-value]
+
+
+def _without_outlier_cols(A: torch.Tensor, t_op: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(copy of A with every outlier column zeroed, the sorted int64 outlier columns): the paper's row
+    scale. Outlier = float32 |a| >= t_op, the ops' own test, so the columns are the ones the bnb rule
+    finds; with those columns at 0 the ops' threshold-0 path yields the paper's row absmax (max over
+    the remaining columns) and zero codes in the outlier columns, on every backend."""
+    C = A.shape[-1]
+    a2 = A.reshape(-1, C)
+    cols = (a2.float().abs() >= t_op).any(dim=0).nonzero().reshape(-1)
+    masked = a2.clone()
+    masked[:, cols] = 0
+    return masked.reshape(A.shape), cols
+
+
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | None = None,
+                          row_scale: str = "bnb") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """LLM.int8() row-wise absmax quantisation (SPEC §5.1); rows = all leading dims flattened.
 
     Returns ``q`` (int8, A.shape), ``row_stats`` (float32 [rows]) and ``outlier_cols`` (sorted
     int64 column indices with |A| >= threshold, or None when threshold == 0). Never writes to A.
+    ``row_scale``: "bnb" (SPEC §5.1: sub-threshold values of outlier columns still count in the row
+    absmax) or "paper" (LLM.int8 paper: outlier columns are left out of the row absmax entirely).
     """
     _check_tensor("A", A, _FLOATS)
     _check_rank("A", A)
     t = _check_threshold(threshold)
     c = _compat(compat)
+    if check_row_scale(row_scale) == "paper" and t > 0:
+        A_in, cols = _without_outlier_cols(A, _op_threshold(t, c))
+        q, row_stats, _ = _OPS.int8_vectorwise_quant(A_in, 0.0, c)
+        return q, row_stats, cols
     q, row_stats, cols = _OPS.int8_vectorwise_quant(A, _op_threshold(t, c), c)
     return q, row_stats, (cols if t > 0 else None)
 
@@ -367,17 +396,24 @@ def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tenso
     return _OPS.int8_vectorwise_dequant(q, stats.to(torch.float32))
 
 
-def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | None = None
+def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | None = None,
+                      row_scale: str = "bnb"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Row- and column-wise int8 quantisation (SPEC §5.3).
 
     Returns ``(q_row, q_col, row_stats, col_stats, outlier_cols)``: int8 A.shape twice, float32
-    [rows], float32 [cols], int64 or None (threshold == 0).
+    [rows], float32 [cols], int64 or None (threshold == 0). ``row_scale`` as in
+    :func:`int8_vectorwise_quant`; with "paper" the outlier columns are all zero in both codes and
+    their col_stats are 0 (they belong to the 16-bit path).
     """
     _check_tensor("A", A, _FLOATS)
     _check_rank("A", A)
     t = _check_threshold(threshold)
     c = _compat(compat)
+    if check_row_scale(row_scale) == "paper" and t > 0:
+        A_in, cols = _without_outlier_cols(A, _op_threshold(t, c))
+        q_row, q_col, rs, cs, _ = _OPS.int8_double_quant(A_in, 0.0, c)
+        return q_row, q_col, rs, cs, cols
     q_row, q_col, rs, cs, cols = _OPS.int8_double_quant(A, _op_threshold(t, c), c)
     return q_row, q_col, rs, cs, (cols if t > 0 else None)
 

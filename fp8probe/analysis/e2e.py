@@ -18,7 +18,7 @@ from .capture import _to_device, choose_loss, is_exported_graph, params_require_
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
 from .metrics import ErrorAccumulator
-from .strategies import STRATEGIES, Strategy, mixed_with_blocksize
+from .strategies import STRATEGIES, RecipeOptions, Strategy, mixed_with_blocksize, site_kwargs, with_options
 
 # Default budget: the loss may rise by at most 1 % relative to the high-precision run.
 DEFAULT_BUDGET = 0.01
@@ -114,13 +114,21 @@ class Plan:
         return self.strategy
 
 
+def new_state(strategy: Strategy | None) -> Any:
+    """A fresh state for one pass over the batches: a stateful recipe (delayed scaling) starts every
+    end-to-end run, sensitivity run and training simulation from an empty amax history."""
+    return None if strategy is None or strategy.new_state is None else strategy.new_state()
+
+
 class Gemms(GemmHandler):
     """The gemms.py handler of one model run under a plan: every captured GEMM (``--layers`` and the
     selected kinds, named as capture names them) is computed by the plan's recipe or left to the model;
     counts forward order and FLOPs (all captured vs low precision) and keeps the last GEMM's output."""
 
-    def __init__(self, plan: Plan, pattern: re.Pattern | None, kinds: tuple[str, ...] = KINDS) -> None:
+    def __init__(self, plan: Plan, pattern: re.Pattern | None, kinds: tuple[str, ...] = KINDS,
+                 state: Any = None) -> None:
         self.plan = plan
+        self.state = state  # a stateful recipe's state (Strategy.new_state) for the whole pass over the batches
         self.pattern = pattern
         self.coverage = Coverage(kinds)
         self.order: list[str] = []
@@ -142,7 +150,7 @@ class Gemms(GemmHandler):
             return None
         self.flops_lp += site.flops
         a, b = site.operands()
-        return lp_gemm(strat, a, b, self.plan.threshold, site.b_is_weight)
+        return lp_gemm(strat, a, b, self.plan.threshold, site.b_is_weight, state=self.state, site=site.name)
 
     def output(self, site: GemmSite, y: torch.Tensor) -> torch.Tensor:
         self.last_output = y
@@ -150,19 +158,21 @@ class Gemms(GemmHandler):
 
 
 def lp_gemm(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float,
-            b_is_weight: bool = True) -> torch.Tensor:
+            b_is_weight: bool = True, *, state: Any = None, site: str = "") -> torch.Tensor:
     """Compute one GEMM ``a · bᵀ`` (a [M, K], b [N, K], or batched [Bt, M, K] / [Bt, N, K]) with ``strategy``,
     differentiably (its fprop forward, its dgrad/wgrad backward). The one place the end-to-end mode
-    substitutes a GEMM. Batched GEMMs run one 2-D GEMM per slice with its own scales (strategies.BATCHED_RULE)."""
+    substitutes a GEMM. Batched GEMMs run one 2-D GEMM per slice with its own scales (strategies.BATCHED_RULE).
+    ``state``/``site``: a stateful recipe's state for this pass and the GEMM's name (strategies.run_strategy)."""
     if a.dim() == 2:
-        return strategy.linear(a, b, None, threshold, b_is_weight)
-    return torch.stack([strategy.linear(a[i], b[i], None, threshold, b_is_weight) for i in range(a.shape[0])])
+        return strategy.linear(a, b, None, threshold, b_is_weight, **site_kwargs(strategy, state, site, None))
+    return torch.stack([strategy.linear(a[i], b[i], None, threshold, b_is_weight,
+                                        **site_kwargs(strategy, state, site, i)) for i in range(a.shape[0])])
 
 
 def lp_linear(strategy: Strategy, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
-              threshold: float) -> torch.Tensor:
+              threshold: float, *, state: Any = None, site: str = "") -> torch.Tensor:
     """``x [..., in] · Wᵀ [out, in] + bias`` with ``strategy`` (Strategy.linear), differentiably."""
-    return strategy.linear(x, W, bias, threshold)
+    return strategy.linear(x, W, bias, threshold, **site_kwargs(strategy, state, site, None))
 
 
 def model_forward(model: Any, batch: Batch, gemms: Gemms) -> Any:
@@ -255,8 +265,10 @@ class Runner:
 
     def __init__(self, module: Any, batches: Sequence[Batch], *, device: torch.device, layers: str | None,
                  loss_fn: Any, loss_name: str | None, threshold: float, seed: int,
-                 kinds: tuple[str, ...] = KINDS) -> None:
+                 kinds: tuple[str, ...] = KINDS, options: RecipeOptions | None = None) -> None:
         self.module = module
+        # The int8 recipe the threshold validation runs, with the run's row scale (RecipeOptions).
+        self.int8 = with_options([STRATEGIES["int8"]], options)[0]
         self.kinds = tuple(kinds)
         self.batches = [Batch(_to_device(tuple(b.args), device), _to_device(dict(b.kwargs), device)) for b in batches]
         self.pattern = re.compile(layers) if layers else None
@@ -272,8 +284,8 @@ class Runner:
         self.output_note = ""
         self.forwards = 0
 
-    def _run(self, plan: Plan, i: int, grads: bool) -> tuple[torch.Tensor, Any, Gemms, list | None]:
-        gemms = Gemms(plan, self.pattern, self.kinds)
+    def _run(self, plan: Plan, i: int, grads: bool, state: Any = None) -> tuple[torch.Tensor, Any, Gemms, list | None]:
+        gemms = Gemms(plan, self.pattern, self.kinds, state)
         batch = self.batches[i]
         torch.manual_seed(self.seed + i)  # the same dropout masks (if any) in every run of batch i
         with torch.enable_grad(), params_require_grad([p for _, p in self.params]):
@@ -295,6 +307,7 @@ class Runner:
         grad_acc: dict[str, dict[str, list[float]]] = {s.name: {} for s in strategies}
         loss_lp = {s.name: 0.0 for s in strategies}
         flops = {s.name: [0, 0] for s in strategies}
+        states = {s.name: new_state(s) for s in strategies}  # one pass over the batches per strategy
         for i in range(len(self.batches)):
             loss, output, gemms, g_hp = self._run(Plan(None, threshold=self.threshold), i, grads=bool(strategies))
             out, note = _output_tensor(output, gemms)
@@ -308,7 +321,8 @@ class Runner:
             self.out_hp.append(out_hp)
             del output, out
             for s in strategies:
-                loss_s, output_s, gemms_s, g_lp = self._run(Plan(s, threshold=self.threshold), i, grads=True)
+                loss_s, output_s, gemms_s, g_lp = self._run(Plan(s, threshold=self.threshold), i, grads=True,
+                                                            state=states[s.name])
                 loss_lp[s.name] += float(loss_s)
                 flops[s.name][0] += gemms_s.flops_lp
                 flops[s.name][1] += gemms_s.flops_all
@@ -341,8 +355,9 @@ class Runner:
         """Forward only: ``plan`` over every batch, compared with the high-precision reference."""
         c = _OutputCompare(self.distribution)
         loss_sum, f_lp, f_all = 0.0, 0, 0
+        state = new_state(plan.strategy)
         for i in range(len(self.batches)):
-            loss, output, gemms, _ = self._run(plan, i, grads=False)
+            loss, output, gemms, _ = self._run(plan, i, grads=False, state=state)
             loss_sum += float(loss)
             f_lp += gemms.flops_lp
             f_all += gemms.flops_all
@@ -633,7 +648,7 @@ def validate_threshold(runner: Runner, sweep: pd.DataFrame, budget: Budget) -> d
     rec = sweep[sweep["recommended"].astype(bool)]
     start = min((ths.index(float(t)) for t in rec["threshold"]), default=0)
     value, out, runs = _cheapest_within(ths, start, lambda t: runner.evaluate(
-        Plan(STRATEGIES["int8"], threshold=t)), budget)
+        Plan(runner.int8, threshold=t)), budget)
     note = (f"int8 (LLM.int8) with this outlier threshold in every layer; started from the most accurate per-layer "
             f"recommendation ({ths[start]:g}), {runs} validation run(s)")
     return _rec_row("threshold", "int8", value, [], out, budget, note)
@@ -703,6 +718,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
     rows: list[dict] = []
     theta_hp, final_hp = None, None
     for strat in [None, *strategies]:
+        state = new_state(strat)
         model = copy.deepcopy(runner.module)
         params = [p for _, p in _float_params(model)]
         for p in params:
@@ -713,7 +729,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
             i = step % len(runner.batches)
             batch = runner.batches[i]
             torch.manual_seed(runner.seed + step)
-            gemms = Gemms(Plan(strat, threshold=runner.threshold), runner.pattern, runner.kinds)
+            gemms = Gemms(Plan(strat, threshold=runner.threshold), runner.pattern, runner.kinds, state)
             with torch.enable_grad():
                 output = model_forward(model, batch, gemms)
                 loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name)

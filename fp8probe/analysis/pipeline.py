@@ -25,7 +25,8 @@ from .gemms import Coverage, parse_kinds
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
 from .results import Results
-from .strategies import STRATEGIES, Strategy, reference_gemms, resolve, run_strategy
+from .delayed import delayed_table
+from .strategies import STRATEGIES, RecipeOptions, Strategy, reference_gemms, resolve, run_strategy, with_options
 
 ProgressFn = Callable[[int, int], None]
 
@@ -69,6 +70,9 @@ class _Analysis:
         self.threshold = threshold
         self.layers: dict[str, _LayerAcc] = {}
         self.estimate = estimate  # the end-to-end mode's per-layer sensitivity estimate, fed from the same replay
+        # State across batches of stateful recipes (delayed scaling): one per strategy for the whole replay.
+        self.states = {s.name: s.new_state() for s in strategies if s.new_state is not None}
+        self._quantized = {s.name: s.quantized_gemms for s in strategies}
 
     def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
@@ -94,7 +98,8 @@ class _Analysis:
             if strat.name in acc.errors:
                 continue
             try:
-                out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight)
+                out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight,
+                                   state=self.states.get(strat.name), site=call.name)
             except (RuntimeError, ValueError, TypeError) as exc:
                 # One failing recipe must not sink the whole analysis: record it for the report.
                 acc.errors[strat.name] = one_line(exc)
@@ -119,7 +124,7 @@ class _Analysis:
                            "kind": acc.kind, "op": acc.op, "b_is_weight": acc.b_is_weight, "batch": acc.batch})
             for (strat, g), e in acc.gemm.items():
                 gemm.append({"layer": name, "strategy": strat, "gemm": g,
-                             "quantized": g in STRATEGIES[strat].quantized_gemms, **e.result()})
+                             "quantized": g in self._quantized[strat], **e.result()})
             for (strat, op), o in acc.operands.items():
                 operands.append({"layer": name, "strategy": strat, "operand": op, **o.result()})
             for tname, ts in acc.tensors.items():
@@ -133,6 +138,11 @@ class _Analysis:
                "outliers": pd.DataFrame(outliers)}
         if errors:
             out["errors"] = pd.DataFrame(errors)
+        if self.states:
+            order = {name: i for i, (name, _) in enumerate(forward_order(self.layers))}
+            rows = [r for name, st in self.states.items() for r in st.rows(name)]
+            out["delayed_scaling"] = delayed_table(sorted(rows, key=lambda r: (order.get(r["layer"], 0),
+                                                                                r["strategy"])))
         return out
 
 
@@ -259,7 +269,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             model_desc: str | None = None, inputs_desc: str | None = None,
             gemms: str | list[str] | None = None, e2e: bool = True,
             budget: Budget | float | str = DEFAULT_BUDGET, sensitivity: str = "auto", steps: int = 0,
-            lr: float = DEFAULT_LR, optimizer: OptimizerFactory | str | None = None) -> Results:
+            lr: float = DEFAULT_LR, optimizer: OptimizerFactory | str | None = None,
+            options: RecipeOptions | None = None) -> Results:
     """Capture every GEMM of ``model`` on ``inputs`` and measure each recipe's error.
 
     model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
@@ -272,9 +283,12 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     batches: use at most this many. device: "cpu" | "cuda". loss: callable(output, batch) or
     "module:function"; default the model's own loss, else the surrogate mean(output²).
     progress: True prints "batch i/n" lines to stderr; a callable(done, total) is called after each
-    batch instead (the CLI draws a click progress bar with it).
+    batch instead (the CLI draws a click progress bar with it). options: strategies.RecipeOptions
+    (LLM.int8 row scale, simulated accumulation, delayed-scaling history; recorded in
+    ``metadata["recipe_options"]`` and in each rule text).
     Returns Results with tables layers, gemm, operands, tensors, histograms, outliers, coverage
-    (and errors when a recipe failed on a layer). For a GEMM of two activations (``b_is_weight``
+    (and errors when a recipe failed on a layer; delayed_scaling with the "delayed" strategy: per
+    layer and operand the batches whose amax overflowed the delayed scale). For a GEMM of two activations (``b_is_weight``
     False in ``layers``: QKᵀ, PV, matmul/bmm) "weight" is the second operand B and "wgrad" its
     gradient Gᵀ·A.
 
@@ -311,7 +325,10 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     slack), where keeping each layer's replay would cost ≥ 40 MiB per layer.
     Reduce ``batches`` / batch size when one batch's activations do not fit.
     """
-    strategies = resolve(strategy)
+    if options is not None and not isinstance(options, RecipeOptions):
+        raise TypeError(f"expected RecipeOptions or None for options, got {type(options).__name__}")
+    options = options or RecipeOptions()
+    strategies = with_options(resolve(strategy), options)
     threshold = float(threshold)
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
@@ -339,11 +356,12 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     metadata = run_metadata(run, name=name or "analysis", model_desc=model_desc, inputs_desc=inputs_desc,
                             seed=seed, info=info, formats=used_formats)
     metadata.update({"strategies": [s.name for s in strategies], "threshold": threshold,
-                     "rules": {s.name: s.rules for s in strategies}})
+                     "rules": {s.name: s.rules for s in strategies}, "recipe_options": options.metadata()})
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
     if e2e or steps:
         runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
-                        loss_name=run.loss_name, threshold=threshold, seed=seed, kinds=run.coverage.kinds)
+                        loss_name=run.loss_name, threshold=threshold, seed=seed, kinds=run.coverage.kinds,
+                        options=options)
         if e2e:
             fprop = tables["gemm"][tables["gemm"]["gemm"] == "fprop"] if not tables["gemm"].empty else tables["gemm"]
             isolated = {(r["strategy"], r["layer"]): r["sqnr_db"] for r in fprop.to_dict("records")}

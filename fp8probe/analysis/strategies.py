@@ -1,6 +1,7 @@
 """Low-precision recipes replayed on one captured GEMM's operands: fprop, dgrad and wgrad as each recipe computes them."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -10,6 +11,9 @@ import torch
 from fp8probe import autograd as AG
 from fp8probe import functional as F
 from fp8probe.formats import FORMATS, get_codebook
+
+from .accumulation import Accumulation, matmul_limited
+from .delayed import DelayedScaling, DelayedState
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 OPERANDS = ("activation", "weight", "grad_output")
@@ -78,6 +82,10 @@ class Strategy:
     #: The GEMMs whose operands the recipe quantises (at least one of the two); the others run in the
     #: captured precision and sit at float32 rounding level (compare does not gate them).
     quantized_gemms: tuple[str, ...] = GEMMS
+    #: Recipes with state across batches (delayed scaling): ``new_state()`` makes the state of one pass
+    #: over the batches, and ``run``/``linear`` then take keywords ``state=`` and ``site=`` (a stable key
+    #: of the GEMM site: (layer name, slice index or None)). None = stateless.
+    new_state: Callable[[], Any] | None = None
 
 
 def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -149,9 +157,9 @@ def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, thresho
     return StrategyOutput(gemms, ops)
 
 
-def _int8_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
+def _int8_rows(x: torch.Tensor, threshold: float, row_scale: str = "bnb") -> torch.Tensor:
     """x as LLM.int8 sees it: int8 row codes dequantised, outlier columns kept in x's precision."""
-    q, stats, cols = F.int8_vectorwise_quant(x, threshold)
+    q, stats, cols = F.int8_vectorwise_quant(x, threshold, row_scale=row_scale)
     deq = F.int8_vectorwise_dequant(q, stats).to(x.dtype)
     if cols is not None and cols.numel():
         deq[:, cols] = x[:, cols]
@@ -170,9 +178,9 @@ def _int8_cols(x: torch.Tensor) -> torch.Tensor:
 
 
 def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
-              b_is_weight: bool = True) -> StrategyOutput:
-    gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold), A, W, G)
-    ops = {"activation": (A, _int8_rows(A, threshold), None), "weight": (W, *_weight_int8(W))}
+              b_is_weight: bool = True, row_scale: str = "bnb") -> StrategyOutput:
+    gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold, row_scale=row_scale), A, W, G)
+    ops = {"activation": (A, _int8_rows(A, threshold, row_scale), None), "weight": (W, *_weight_int8(W))}
     if G is not None:
         ops["grad_output"] = (G, _int8_cols(G), None)
     return StrategyOutput(gemms, ops)
@@ -204,8 +212,8 @@ def _linear_mixed(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, t
 
 
 def _linear_int8(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                 b_is_weight: bool = True) -> torch.Tensor:
-    return AG.matmul(x, W, threshold=threshold, bias=bias)
+                 b_is_weight: bool = True, row_scale: str = "bnb") -> torch.Tensor:
+    return AG.matmul(x, W, threshold=threshold, bias=bias, row_scale=row_scale)
 
 
 def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
@@ -243,6 +251,10 @@ class _Scaled:
     w: Gran
     fmt_fwd: str
     fmt_bwd: str
+    accum: Accumulation | None = None  # None: float32 matmuls; else the simulated accumulator (accumulation.py)
+
+    def _mm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x @ y.t() if self.accum is None else matmul_limited(x, y, self.accum)
 
     def _gran_b(self, b_is_weight: bool) -> Gran:
         return self.w if b_is_weight else self.act
@@ -251,7 +263,7 @@ class _Scaled:
         """(A·Wᵀ from quantised operands, (qA, satA), (qW, satW)); A [tokens, in], W [out, in]."""
         qA, sA = _fq_scaled(A, self.fmt_fwd, *self.act)                     # contraction over in
         qW, sW = _fq_scaled(W, self.fmt_fwd, *self._gran_b(b_is_weight))    # W [out, in]: contraction over in
-        return qA @ qW.t(), (qA, sA), (qW, sW)
+        return self._mm(qA, qW), (qA, sA), (qW, sW)
 
     def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
               b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
@@ -262,7 +274,7 @@ class _Scaled:
         # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
         w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])
         qWt = qW.t() if w_reusable else _fq_scaled(W.t(), self.fmt_fwd, *gran_w)[0]
-        return qG @ qWt.t(), (qG, sG)
+        return self._mm(qG, qWt), (qG, sG)
 
     def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
         """Gᵀ·A with both scaled along tokens (the contraction dim); qG/qA: the dgrad's / forward's."""
@@ -271,7 +283,7 @@ class _Scaled:
         else:                                                   # wgrad contracts over tokens
             qGt = _fq_scaled(G.t(), self.fmt_bwd, *self.act)[0]
             qAt = _fq_scaled(A.t(), self.fmt_fwd, *self.act)[0]
-        return qGt @ qAt.t()
+        return self._mm(qGt, qAt)
 
     def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
             b_is_weight: bool = True) -> StrategyOutput:
@@ -327,6 +339,115 @@ def _scaled(act: Gran, w: Gran, fmt_fwd: str, fmt_bwd: str) -> tuple[Runner, Lin
     recipe = _Scaled(act, w, fmt_fwd, fmt_bwd)
     return recipe.run, recipe.linear
 
+
+@dataclass(frozen=True)
+class _Delayed:
+    """Delayed scaling (Transformer Engine's recipe, HYBRID formats): per-tensor E4M3FN A and W, E5M2 G,
+    each operand's scale from its amax history at this GEMM site (the rule: delayed.DelayedScaling).
+    ``state``/``site`` bind one pass's histories and the site key; the GEMM methods have _Scaled's
+    signatures, so _ScaledLinear runs this recipe in a model too."""
+
+    rule: DelayedScaling = DelayedScaling()
+    accum: Accumulation | None = None
+    state: DelayedState | None = None
+    site: Any = None
+
+    def new_state(self) -> DelayedState:
+        return DelayedState(self.rule)
+
+    def _mm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x @ y.t() if self.accum is None else matmul_limited(x, y, self.accum)
+
+    def _q(self, operand: str, x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.state is None:
+            raise ValueError("expected a DelayedState for delayed scaling (Strategy.new_state()), got none")
+        return self.state.quantize(self.site, operand, x, fmt)
+
+    def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True) -> tuple[torch.Tensor, tuple, tuple]:
+        qA, sA = self._q("activation", A, "e4m3")
+        qW, sW = self._q("weight", W, "e4m3")
+        return self._mm(qA, qW), (qA, sA), (qW, sW)
+
+    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
+              b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
+        qG, sG = self._q("grad_output", G, "e5m2")
+        return self._mm(qG, qW.t()), (qG, sG)  # one scale per tensor: the cast of Wᵀ is qWᵀ
+
+    def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
+        return self._mm(qG.t(), qA.t())
+
+    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+            b_is_weight: bool = True, *, state: DelayedState, site: Any) -> StrategyOutput:
+        bound = dataclasses.replace(self, state=state, site=site)
+        y, (qA, sA), (qW, sW) = bound.fprop(A, W)
+        gemms = {"fprop": y}
+        ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
+        if G is not None:
+            gemms["dgrad"], (qG, sG) = bound.dgrad(G, W, qW)
+            gemms["wgrad"] = bound.wgrad(G, A, qG, qA)
+            ops["grad_output"] = (G, qG, sG)
+        return StrategyOutput(gemms, ops)
+
+    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+               b_is_weight: bool = True, *, state: DelayedState, site: Any) -> torch.Tensor:
+        return _ScaledLinear.apply(x, W, bias, dataclasses.replace(self, state=state, site=site), b_is_weight)
+
+
+@dataclass(frozen=True)
+class _CodebookAccum:
+    """``global`` / ``mixed`` with the simulated accumulator: the fake-quantised operands of MatMulFP8Global /
+    MatMulFP8Mixed (SPEC §7.2, the same _fq_code calls as _run_global / _run_mixed), their FP8 products
+    through matmul_limited; mixed's unquantised wgrad Aᵀ·G stays a float32 matmul. GEMM methods with
+    _Scaled's signatures, so _ScaledLinear runs it in a model."""
+
+    mixed: bool
+    accum: Accumulation
+    blocks: tuple[int, int] | None = None  # mixed: (bsz, bsz2); None = get_block_sizes per layer
+
+    def _bsz(self, W: torch.Tensor) -> tuple[int | None, int | None]:
+        if not self.mixed:
+            return None, None
+        return self.blocks or AG.get_block_sizes(W.shape[1], W.shape[0])
+
+    def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True) -> tuple[torch.Tensor, tuple, tuple]:
+        qA, qW = _fq_code(A, "bnb-e4m3", self._bsz(W)[0]), _weight_bnb_global(W)[0]
+        return matmul_limited(qA.float(), qW.float(), self.accum), (qA, None), (qW, None)
+
+    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
+              b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
+        qG = _fq_code(G, "bnb-e5m2", self._bsz(W)[1])
+        return matmul_limited(qG.float(), qW.float().t(), self.accum), (qG, None)
+
+    def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
+        if self.mixed:
+            return G.float().t() @ A.float()
+        return matmul_limited(qG.float().t(), qA.float().t(), self.accum)  # one absmax: fq(Aᵀ) = fq(A)ᵀ
+
+    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+            b_is_weight: bool = True) -> StrategyOutput:
+        y, (qA, _), (qW, _) = self.fprop(A, W)
+        gemms, ops = {"fprop": y}, {"activation": (A, qA, None), "weight": (W, qW, None)}
+        if G is not None:
+            gemms["dgrad"], (qG, _) = self.dgrad(G, W, qW)
+            gemms["wgrad"] = self.wgrad(G, A, qG, qA)
+            ops["grad_output"] = (G, qG, None)
+        return StrategyOutput(gemms, ops)
+
+    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+               b_is_weight: bool = True) -> torch.Tensor:
+        return _ScaledLinear.apply(x, W, bias, self, b_is_weight)
+
+
+def _delayed_rules(rule: DelayedScaling) -> str:
+    return ("Delayed scaling (Transformer Engine, HYBRID): OCP E4M3FN for A and W, E5M2 for G, one float32 scale "
+            "per tensor from the amax history of earlier batches at the same GEMM site and operand: " + rule.describe()
+            + "; round to nearest even with saturation, overflows counted in the delayed_scaling table; float32 "
+            "matmuls. Two activations: both E4M3FN per tensor with their own histories. "
+            + BATCHED_RULE.removesuffix(".") + ", and its own amax histories.")
+
+
+_DELAYED = _Delayed()
+
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "
              "absmax for the output gradient (dgrad, wgrad); nearest code, ties to the even index; float32 "
@@ -366,6 +487,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls. Two "
              "activations: both E4M3 in blocks of 32 along the contraction dim. " + BATCHED_RULE,
              ("mxfp8-e4m3", "mxfp8-e5m2"), *_scaled(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
+    Strategy("delayed", _delayed_rules(_DELAYED.rule), ("e4m3", "e5m2"), _DELAYED.run, _DELAYED.linear,
+             new_state=_DELAYED.new_state),
 )}
 
 
@@ -398,7 +521,87 @@ WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
     "ocp-rowwise": _weight_scaled("e4m3", _ROW),
     "ocp-blockwise": _weight_scaled("e4m3", _TILE_2),
     "mxfp8": _weight_scaled("mxfp8-e4m3", _MX),
+    # A weight has one amax, so its history holds that amax only: the per-tensor cast (the first batch's, too).
+    "delayed": _weight_scaled("e4m3", _TENSOR),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Run-wide options: LLM.int8 row scale, simulated accumulation, delayed-scaling history
+# --------------------------------------------------------------------------------------------
+ROW_SCALE_RULES = {
+    "bnb": "Row absmax (int8 row scale 'bnb', bitsandbytes): the max over non-outlier elements, so sub-threshold "
+           "values in outlier columns still set it (SPEC §5.1).",
+    "paper": "Row absmax (int8 row scale 'paper', LLM.int8 paper): outlier columns are left out of it entirely.",
+}
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """Run-wide recipe settings (CLI --int8-row-scale, --accum-bits/--promote-every, --amax-history/
+    --amax-compute/--margin). The defaults are the recipes as STRATEGIES lists them.
+
+    ``int8_row_scale``: "bnb" | "paper" (ROW_SCALE_RULES), for int8 and the threshold sweep.
+    ``accumulation``: None (float32 matmuls) or the simulated accumulator for every FP8 GEMM of the FP8
+    recipes (ocp-*, mxfp8, delayed, and the bnb-codebook global / mixed; int8 and switchback are exact
+    int32). ``delayed``: the rule of the delayed strategy.
+    """
+
+    int8_row_scale: str = "bnb"
+    accumulation: Accumulation | None = None
+    delayed: DelayedScaling = DelayedScaling()
+
+    def __post_init__(self) -> None:
+        F.check_row_scale(self.int8_row_scale)
+        if self.accumulation is not None and not isinstance(self.accumulation, Accumulation):
+            raise TypeError(f"expected an Accumulation or None, got {type(self.accumulation).__name__}")
+        if not isinstance(self.delayed, DelayedScaling):
+            raise TypeError(f"expected a DelayedScaling, got {type(self.delayed).__name__}")
+
+    def metadata(self) -> dict:
+        """The ``recipe_options`` block of results metadata."""
+        return {"int8_row_scale": self.int8_row_scale,
+                "accumulation": None if self.accumulation is None else self.accumulation.metadata(),
+                "delayed_scaling": self.delayed.metadata()}
+
+
+def _mixed_blocks(run: Runner) -> tuple[int, int] | None | bool:
+    """For a "mixed" runner: its fixed (bsz, bsz2), or None (get_block_sizes per layer); False for any other."""
+    if run is _run_mixed:
+        return None
+    if isinstance(run, functools.partial) and run.func is _run_mixed:
+        return run.keywords.get("blocks")
+    return False
+
+
+def with_options(strategies: list[Strategy], options: RecipeOptions | None) -> list[Strategy]:
+    """``strategies`` with ``options`` applied (names unchanged; each rule text says what was used)."""
+    options = options or RecipeOptions()
+    out = []
+    for s in strategies:
+        recipe = getattr(s.run, "__self__", None)
+        if isinstance(recipe, (_Scaled, _Delayed)):
+            rules = s.rules
+            if isinstance(recipe, _Delayed):
+                recipe = dataclasses.replace(recipe, rule=options.delayed)
+                rules = _delayed_rules(options.delayed)
+            if options.accumulation is not None:
+                recipe = dataclasses.replace(recipe, accum=options.accumulation)
+                rules += " " + options.accumulation.describe()
+            s = dataclasses.replace(s, rules=rules, run=recipe.run, linear=recipe.linear,
+                                    new_state=recipe.new_state if isinstance(recipe, _Delayed) else None)
+        elif options.accumulation is not None and (s.run is _run_global or _mixed_blocks(s.run) is not False):
+            blocks = None if s.run is _run_global else _mixed_blocks(s.run)
+            recipe = _CodebookAccum(s.run is not _run_global, options.accumulation, blocks)
+            s = dataclasses.replace(s, rules=s.rules + " " + options.accumulation.describe(), run=recipe.run,
+                                    linear=recipe.linear)
+        elif s.run is _run_int8:
+            rs = options.int8_row_scale
+            s = dataclasses.replace(s, rules=s.rules + " " + ROW_SCALE_RULES[rs],
+                                    run=functools.partial(_run_int8, row_scale=rs),
+                                    linear=functools.partial(_linear_int8, row_scale=rs))
+        out.append(s)
+    return out
 
 
 def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:
@@ -419,18 +622,30 @@ def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:
     return out
 
 
+def site_kwargs(strategy: Strategy, state: Any, site: str, index: int | None) -> dict:
+    """Keywords for a stateful recipe (Strategy.new_state): its state and the site key (layer, slice).
+    No state: a fresh one for this call alone (a delayed recipe then sees its first batch)."""
+    if strategy.new_state is None:
+        return {}
+    return {"state": strategy.new_state() if state is None else state, "site": (site, index)}
+
+
 def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
-                 threshold: float = 6.0, *, b_is_weight: bool = True) -> StrategyOutput:
+                 threshold: float = 6.0, *, b_is_weight: bool = True, state: Any = None,
+                 site: str = "") -> StrategyOutput:
     """Replay ``strategy`` on A [tokens, in], W [out, in], G [tokens, out] (or None: fprop only).
 
     Batched GEMMs: A [Bt, M, K], W [Bt, N, K], G [Bt, M, N] run slice by slice (BATCHED_RULE) and
     the results are stacked. ``b_is_weight`` False: W is a second activation (see each rule text).
+    ``state``/``site``: for a stateful strategy (``new_state``), one pass's state and the GEMM's name
+    (state None: a fresh state for this call only).
     """
     _check(A, W, G)
     with torch.no_grad():
         if A.dim() == 2:
-            return strategy.run(A, W, G, threshold, b_is_weight)
-        outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight)
+            return strategy.run(A, W, G, threshold, b_is_weight, **site_kwargs(strategy, state, site, None))
+        outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight,
+                             **site_kwargs(strategy, state, site, i))
                 for i in range(A.shape[0])]
     gemms = {k: torch.stack([o.gemms[k] for o in outs]) for k in outs[0].gemms}
     operands = {}

@@ -17,6 +17,7 @@ from .e2e import DEFAULT_BUDGET, Budget, Runner, model_wide, parse_budget
 from .metrics import ErrorAccumulator
 from .pipeline import ProgressFn, Run, forward_order, prepare_run, run_metadata
 from .results import Results
+from .strategies import ROW_SCALE_RULES, RecipeOptions
 
 DEFAULT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_THRESHOLDS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
@@ -184,8 +185,9 @@ class _ThresholdLayer:
 class _ThresholdSweep:
     """LLM.int8() forward (MatMul8bitLt, default mode) at each outlier threshold vs the float64 A·Wᵀ."""
 
-    def __init__(self, thresholds: list[float]) -> None:
+    def __init__(self, thresholds: list[float], row_scale: str = "bnb") -> None:
         self.thresholds = thresholds
+        self.row_scale = F.check_row_scale(row_scale)
         self.layers: dict[str, _ThresholdLayer] = {}
 
     def __call__(self, call: GemmCall) -> None:
@@ -202,6 +204,7 @@ class _ThresholdSweep:
                     state = MatmulLtState()
                     state.threshold = th
                     state.is_training = False
+                    state.row_scale = self.row_scale
                     out = MatMul8bitLt.apply(a, w, None, None, state)
                     acc.err.setdefault(th, ErrorAccumulator()).update(ref, out)
                     n_cols = 0 if state.idx is None else int(state.idx.numel())
@@ -250,9 +253,10 @@ def _blocksize_meta(sizes: list[int]) -> dict:
             "recommendations": {"blocksize_sweep": BLOCKSIZE_RULE}, "extra": {"blocksizes": sizes}}
 
 
-def _threshold_meta(ths: list[float]) -> dict:
-    return {"formats": ("int8",), "rules": {"threshold sweep": THRESHOLD_METHOD},
-            "recommendations": {"threshold_sweep": THRESHOLD_RULE}, "extra": {"thresholds": ths}}
+def _threshold_meta(ths: list[float], row_scale: str = "bnb") -> dict:
+    return {"formats": ("int8",), "rules": {"threshold sweep": THRESHOLD_METHOD + ". " + ROW_SCALE_RULES[row_scale]},
+            "recommendations": {"threshold_sweep": THRESHOLD_RULE},
+            "extra": {"thresholds": ths, "recipe_options": RecipeOptions(int8_row_scale=row_scale).metadata()}}
 
 
 def _layers_table(sweep_layers: dict, tokens: dict[str, int] | None = None) -> pd.DataFrame:
@@ -277,10 +281,11 @@ class _Both:
 
 
 def _validated(run: Run, seed: int, budget: Budget, blocksize: pd.DataFrame | None = None,
-               threshold: pd.DataFrame | None = None) -> pd.DataFrame:
+               threshold: pd.DataFrame | None = None, row_scale: str = "bnb") -> pd.DataFrame:
     """The model-wide block size / threshold rows of ``recommendation``, validated end to end (e2e.model_wide)."""
     runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
-                    loss_name=run.loss_name, threshold=6.0, seed=seed, kinds=run.coverage.kinds)
+                    loss_name=run.loss_name, threshold=6.0, seed=seed, kinds=run.coverage.kinds,
+                    options=RecipeOptions(int8_row_scale=row_scale))
     return model_wide(runner, budget, blocksize, threshold)
 
 
@@ -319,7 +324,7 @@ def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] 
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
                     inputs_desc: str | None = None, gemms: str | list[str] | None = None,
                     progress: ProgressFn | None = None, e2e: bool = True,
-                    budget: Budget | float | str = DEFAULT_BUDGET) -> Results:
+                    budget: Budget | float | str = DEFAULT_BUDGET, row_scale: str = "bnb") -> Results:
     """LLM.int8() fprop error vs outlier threshold per layer (kind "sweep-threshold", table ``threshold_sweep``).
 
     For each captured linear GEMM and threshold: the MatMul8bitLt forward (int8 row-wise A and W,
@@ -328,28 +333,32 @@ def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] 
     16-bit; non-increasing in the threshold for thresholds > 0, 0 at threshold 0) and
     ``recommended`` per THRESHOLD_RULE. Same model/inputs arguments as ``analyze``. With ``e2e`` a
     ``recommendation`` row (kind "threshold") gives one threshold for the whole model, validated by
-    end-to-end int8 runs within ``budget``.
+    end-to-end int8 runs within ``budget``. ``row_scale``: the LLM.int8 row absmax rule, "bnb" or "paper"
+    (strategies.ROW_SCALE_RULES).
     """
     ths = _check_thresholds(thresholds)
     budget = parse_budget(budget)
-    sweep = _ThresholdSweep(ths)
+    sweep = _ThresholdSweep(ths, row_scale)
     run, info = _run(model, inputs, sweep, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
                      gemms=gemms, progress=progress)
     meta = _metadata("sweep-threshold", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
-                     seed=seed, **_threshold_meta(ths))
+                     seed=seed, **_threshold_meta(ths, row_scale))
     tokens = {n: a.tokens for n, a in sweep.layers.items()}
     tables = {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table(),
               "coverage": run.coverage.table()}
     if e2e:
-        tables["recommendation"] = _validated(run, seed, budget, threshold=tables["threshold_sweep"])
+        tables["recommendation"] = _validated(run, seed, budget, threshold=tables["threshold_sweep"],
+                                              row_scale=row_scale)
     return Results(meta, tables, kind="sweep-threshold")
 
 
 def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES,
                thresholds: Sequence[float] = DEFAULT_THRESHOLDS, **kwargs: Any) -> tuple[Results, Results]:
-    """Both sweeps from ONE capture pass (half the forward/backward work): (blocksize, threshold) Results."""
+    """Both sweeps from ONE capture pass (half the forward/backward work): (blocksize, threshold) Results.
+    ``row_scale`` (keyword) as in sweep_threshold."""
     sizes, ths = _check_blocksizes(blocksizes), _check_thresholds(thresholds)
-    bsw, tsw = _BlocksizeSweep(sizes), _ThresholdSweep(ths)
+    row_scale = kwargs.pop("row_scale", "bnb")
+    bsw, tsw = _BlocksizeSweep(sizes), _ThresholdSweep(ths, row_scale)
     opts = {k: kwargs.pop(k, None) for k in ("layers", "batches", "loss", "gemms", "progress")}
     device, seed = kwargs.pop("device", "cpu"), kwargs.pop("seed", 0)
     name, model_desc, inputs_desc = (kwargs.pop(k, None) for k in ("name", "model_desc", "inputs_desc"))
@@ -359,13 +368,13 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     run, info = _run(model, inputs, _Both(bsw, tsw), device=device, seed=seed, **opts)
     common = {"name": name, "model_desc": model_desc, "inputs_desc": inputs_desc, "seed": seed}
     b_meta = _metadata("sweep-blocksize", run, info, **common, **_blocksize_meta(sizes))
-    t_meta = _metadata("sweep-threshold", run, info, **common, **_threshold_meta(ths))
+    t_meta = _metadata("sweep-threshold", run, info, **common, **_threshold_meta(ths, row_scale))
     tokens = {n: a.tokens for n, a in tsw.layers.items()}
     cov = run.coverage.table()
     b_tables = {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table(), "coverage": cov}
     t_tables = {"layers": _layers_table(tsw.layers, tokens), "threshold_sweep": tsw.table(), "coverage": cov.copy()}
     if e2e:  # one high-precision reference serves both validations
-        rec = _validated(run, seed, budget, b_tables["blocksize_sweep"], t_tables["threshold_sweep"])
+        rec = _validated(run, seed, budget, b_tables["blocksize_sweep"], t_tables["threshold_sweep"], row_scale)
         b_tables["recommendation"] = rec[rec["kind"] == "blocksize"].reset_index(drop=True)
         t_tables["recommendation"] = rec[rec["kind"] == "threshold"].reset_index(drop=True)
     return (Results(b_meta, b_tables, kind="sweep-blocksize"), Results(t_meta, t_tables, kind="sweep-threshold"))

@@ -706,6 +706,41 @@ def _training_section(tables: Mapping, draw: bool) -> dict | None:
         for r in final])}
 
 
+def _delayed_section(tables: Mapping) -> dict | None:
+    """Delayed scaling per layer and operand: batches whose amax overflowed the scale from the history."""
+    rows = tables.get("delayed_scaling", [])
+    if not rows:
+        return None
+    return {"table": _table("delayed-scaling", ["layer", "strategy", "operand", "batches", "first-batch (own amax)",
+                                                "overflow batches", "saturated elements", "saturated share",
+                                                "max amax / amax of the scale"], [
+        [cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("operand")), cell(r.get("batches"), "{:.0f}"),
+         cell(r.get("warmup_batches"), "{:.0f}"),
+         cell(r.get("overflow_batches"), "{:.0f}", "bad" if _isnum(r.get("overflow_batches")) and r["overflow_batches"]
+              else ""),
+         cell(r.get("saturated"), "{:.0f}"),
+         _share(r["saturated"] / r["elements"]) if _isnum(r.get("saturated")) and _isnum(r.get("elements"))
+         and r["elements"] > 0 else cell(None),
+         cell(r.get("max_amax_ratio"), "{:.3f}")] for r in rows])}
+
+
+def _recipe_options(meta: Mapping) -> list[str]:
+    """The run-wide recipe settings (metadata "recipe_options"), one line each; [] for older results."""
+    opts = meta.get("recipe_options") or {}
+    lines = []
+    if opts.get("int8_row_scale"):
+        lines.append(f"LLM.int8 row scale: {opts['int8_row_scale']}")
+    acc = opts.get("accumulation")
+    lines.append("accumulation: float32 (exact)" if not acc else
+                 f"accumulation: {acc.get('mantissa_bits')} mantissa bits, truncated, promoted to float32 every "
+                 f"{acc.get('promote_every')} elements (FP8 recipes)")
+    d = opts.get("delayed_scaling")
+    if d:
+        lines.append(f"delayed scaling: amax history {d.get('amax_history')}, {d.get('amax_compute')}, margin "
+                     f"{d.get('margin')}, first batch: {d.get('first_batch')}")
+    return lines if opts else []
+
+
 def _coverage_section(tables: Mapping) -> dict | None:
     rows = tables.get("coverage", [])
     if not rows:
@@ -724,6 +759,7 @@ def _methods(meta: Mapping, strategies: list[str]) -> dict:
     fmts = meta.get("formats") or {}
     return {
         "rules": [{"name": k, "text": v} for k, v in rules.items()],
+        "options": _recipe_options(meta),
         "formats": _table("formats", ["format", "max", "min normal", "min subnormal",
                                       "dynamic range (bits)", "description"], [
             [cell(name), cell(f.get("max"), "{:.6g}"), cell(f.get("min_normal"), "{:.6g}"),
@@ -782,6 +818,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "recommendation": _recommendation_section(tables),
         "sensitivity": _sensitivity_section(tables, keep_16bit_db),
         "training": _training_section(tables, draw),
+        "delayed": _delayed_section(tables),
         "coverage": _coverage_section(tables),
         "strategy_tables": _strategy_tables(layers, strategies, tables, meta.get("rules") or {}, keep_16bit_db),
         "layers_table": _table("layers", ["layer", "in", "out", "bias", "tokens", "bsz", "bsz2"], layer_rows),

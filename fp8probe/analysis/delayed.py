@@ -1,0 +1,137 @@
+"""Delayed scaling (Transformer Engine's recipe): per-tensor FP8 scales from the amax history of earlier batches, per GEMM site and operand, with overflow counts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import pandas as pd
+import torch
+
+from fp8probe.formats import FORMATS
+
+AMAX_COMPUTE = ("max", "most_recent")
+# Transformer Engine's DelayedScaling defaults (amax_history_len=1024, amax_compute_algo="max", margin=0).
+DEFAULT_HISTORY = 1024
+_F32 = torch.float32
+# The per-tensor OCP formats delayed scaling casts to (E4M3 forward, E5M2 backward: HYBRID).
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+DELAYED_COLUMNS = ["layer", "strategy", "operand", "batches", "warmup_batches", "overflow_batches", "saturated",
+                   "elements", "max_amax_ratio"]
+
+
+@dataclass(frozen=True)
+class DelayedScaling:
+    """The delayed-scaling rule (written once here; fp8probe's convention x ≈ data·scale).
+
+    For each GEMM site and operand, batch t uses ``amax_h`` = max over the last ``history`` recorded
+    amaxes ("max") or the last one ("most_recent"), then ``scale = fl32(fl32(amax_h / fmt_max) · 2^margin)``
+    (Transformer Engine writes the reciprocal, fmt_max / amax / 2^margin, and multiplies),
+    ``data = fp8_rne(saturate(fl32(x / scale)))`` as in functional.quantize_scaled; scale 1 when
+    amax_h is 0. Batch t's own amax (max |x| over finite values) is recorded after the cast.
+    The first batch of a site (empty history) uses its own amax: a just-in-time per-tensor scale,
+    bit for bit the ocp-tensorwise cast (Transformer Engine starts from scale 1, which only measures
+    initialisation). An overflow is a batch whose amax exceeds the amax the scale was made for,
+    amax_h · 2^margin (= fmt_max · scale): its largest values saturate. The first batch never overflows.
+    """
+
+    history: int = DEFAULT_HISTORY
+    compute: str = "max"
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1:
+            raise ValueError(f"expected amax history length an int >= 1, got {self.history!r}")
+        if self.compute not in AMAX_COMPUTE:
+            raise ValueError(f"expected amax compute one of {', '.join(AMAX_COMPUTE)}, got {self.compute!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or not 0 <= self.margin <= 64:
+            raise ValueError(f"expected margin an int in 0..64, got {self.margin!r}")
+
+    def describe(self) -> str:
+        return (f"amax history {self.history}, amax = {self.compute.replace('_', ' ')} of the history, margin "
+                f"{self.margin} (scale = amax·2^{self.margin}/fmt_max); the first batch of each GEMM site uses its "
+                f"own amax")
+
+    def metadata(self) -> dict:
+        return {"amax_history": self.history, "amax_compute": self.compute, "margin": self.margin,
+                "first_batch": "current amax"}
+
+
+@dataclass
+class _Counts:
+    batches: int = 0
+    warmup: int = 0
+    overflow: int = 0
+    saturated: int = 0
+    elements: int = 0
+    max_ratio: float = 0.0
+
+
+@dataclass
+class DelayedState:
+    """Amax histories and overflow counts of one pass over the batches (one per strategy and run).
+
+    ``quantize(site, operand, x, fmt)``: site = any hashable naming the GEMM (layer name, slice of a
+    batched GEMM); counts are kept per ``layer`` = site[0] when site is a tuple, else site.
+    """
+
+    rule: DelayedScaling
+    history: dict[tuple[Hashable, str], list[float]] = field(default_factory=dict)
+    counts: dict[tuple[str, str], _Counts] = field(default_factory=dict)
+
+    def scale_for(self, site: Hashable, operand: str, amax_now: float, fmt: str) -> tuple[float, float, bool]:
+        """(float32 scale for this batch, the largest |x| it represents without saturating, warm-up: True
+        when the history was empty). That range is amax_h · 2^margin (fmt_max · scale up to the scale's
+        float32 rounding, which the per-tensor cast shares), fmt_max for scale 1."""
+        fmax = FORMATS[fmt].max
+        hist = self.history.get((site, operand))
+        if not hist:
+            amax, warmup = amax_now, True
+        else:
+            amax, warmup = (max(hist) if self.rule.compute == "max" else hist[-1]), False
+        scale = torch.tensor(amax, dtype=_F32) / torch.tensor(fmax, dtype=_F32)
+        scale = float(scale * torch.tensor(2.0 ** self.rule.margin, dtype=_F32))  # a power of two: exact
+        if scale > 0:
+            return scale, amax * 2.0 ** self.rule.margin, warmup
+        return 1.0, fmax, warmup
+
+    def quantize(self, site: Hashable, operand: str, x: torch.Tensor, fmt: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dequantised x in float32, saturated mask) with this batch's delayed scale; records x's amax."""
+        fp8, fmax = FP8_DTYPES[fmt], FORMATS[fmt].max
+        x32 = x.to(_F32)
+        finite_abs = torch.where(torch.isfinite(x32), x32.abs(), 0.0)
+        amax_now = float(finite_abs.amax()) if x32.numel() else 0.0
+        scale, limit, warmup = self.scale_for(site, operand, amax_now, fmt)
+        s = torch.tensor(scale, dtype=_F32, device=x.device)
+        y = x32 / s
+        y = torch.where(torch.isfinite(y), y.clamp(-fmax, fmax), y)
+        data = y.to(fp8)
+        q = data.to(_F32) * s
+        saturated = (data.to(_F32).abs() == fmax) & (x32.abs() > q.abs())
+        hist = self.history.setdefault((site, operand), [])
+        hist.append(amax_now)
+        del hist[:-self.rule.history]
+        layer = site[0] if isinstance(site, tuple) else site
+        c = self.counts.setdefault((str(layer), operand), _Counts())
+        ratio = amax_now / limit
+        c.batches += 1
+        c.warmup += warmup
+        c.overflow += ratio > 1.0
+        c.saturated += int(saturated.sum())
+        c.elements += x.numel()
+        c.max_ratio = max(c.max_ratio, ratio)
+        return q, saturated
+
+    def rows(self, strategy: str) -> list[dict]:
+        """One ``delayed_scaling`` row per (layer, operand): batches, warm-up batches, batches whose amax
+        overflowed the delayed scale, saturated elements of all elements, max over batches of
+        amax / (amax_h · 2^margin) (> 1 = overflow)."""
+        return [{"layer": layer, "strategy": strategy, "operand": op, "batches": c.batches,
+                 "warmup_batches": c.warmup, "overflow_batches": c.overflow, "saturated": c.saturated,
+                 "elements": c.elements, "max_amax_ratio": c.max_ratio}
+                for (layer, op), c in self.counts.items()]
+
+
+def delayed_table(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=DELAYED_COLUMNS)

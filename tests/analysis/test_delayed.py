@@ -1,0 +1,147 @@
+"""Delayed scaling: scales from earlier batches' amax (hand-computed with torch's native float8 casts), first batch, overflow counts, state per pass in analyze / e2e / training."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8probe.analysis.delayed import DELAYED_COLUMNS, DelayedScaling, DelayedState
+from fp8probe.analysis.e2e import Plan, Runner, lp_gemm, new_state
+from fp8probe.analysis.loading import Batch
+from fp8probe.analysis.pipeline import analyze
+from fp8probe.analysis.strategies import STRATEGIES, RecipeOptions, run_strategy, with_options
+from support import DEVICES
+
+E4M3_MAX, E5M2_MAX = 448.0, 57344.0
+
+
+def _hand_cast(x: torch.Tensor, amax: float, fmax: float, dtype: torch.dtype, margin: int = 0) -> torch.Tensor:
+    """Independent computation: scale = fl32(amax/fmax)·2^margin, torch's native saturating float8 cast."""
+    scale = torch.tensor(amax, dtype=torch.float32) / torch.tensor(fmax, dtype=torch.float32) * 2.0 ** margin
+    y = (x.float() / scale).clamp(-fmax, fmax)
+    return y.to(dtype).float() * scale
+
+
+def _strategy(**rule) -> object:
+    s, = with_options([STRATEGIES["delayed"]], RecipeOptions(delayed=DelayedScaling(**rule)))
+    return s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_batch_is_the_tensorwise_cast_bit_for_bit(device) -> None:
+    g = torch.Generator().manual_seed(0)
+    A, W, G = (torch.randn(*s, generator=g).to(device) for s in ((8, 48), (6, 48), (8, 6)))
+    delayed = run_strategy(STRATEGIES["delayed"], A, W, G, state=STRATEGIES["delayed"].new_state(), site="fc")
+    tensorwise = run_strategy(STRATEGIES["ocp-tensorwise"], A, W, G)
+    for k in ("fprop", "dgrad", "wgrad"):
+        assert torch.equal(delayed.gemms[k], tensorwise.gemms[k]), k
+    for k in ("activation", "weight", "grad_output"):
+        assert torch.equal(delayed.operands[k][1], tensorwise.operands[k][1]), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_later_batches_use_the_history_and_count_overflow(device) -> None:
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(6, 32, generator=g).to(device)
+    x, G = torch.randn(8, 32, generator=g).to(device), torch.randn(8, 6, generator=g).to(device)
+    xs = [x * m for m in (1.0, 3.0, 0.5)]
+    Gs = [G * m for m in (1.0, 0.25, 4.0)]
+    s = STRATEGIES["delayed"]
+    state = s.new_state()
+    outs = [run_strategy(s, x, W, G, state=state, site="fc") for x, G in zip(xs, Gs)]
+    amax = [float(x.abs().max()) for x in xs]
+    gmax = [float(G.abs().max()) for G in Gs]
+    # batch t uses max over batches < t (history 1024, "max"); the first batch its own amax
+    want_a = [amax[0], amax[0], max(amax[0], amax[1])]
+    want_g = [gmax[0], gmax[0], max(gmax[0], gmax[1])]
+    for t in range(3):
+        assert torch.equal(outs[t].operands["activation"][1], _hand_cast(xs[t], want_a[t], E4M3_MAX, torch.float8_e4m3fn))
+        assert torch.equal(outs[t].operands["grad_output"][1], _hand_cast(Gs[t], want_g[t], E5M2_MAX, torch.float8_e5m2))
+    sat = outs[1].operands["activation"][2]
+    assert int(sat.sum()) == int((xs[1].abs() > E4M3_MAX * torch.tensor(amax[0]) / E4M3_MAX).sum()) > 0
+    rows = {r["operand"]: r for r in state.rows("delayed")}
+    assert set(rows) == {"activation", "weight", "grad_output"}
+    a, gr, w = rows["activation"], rows["grad_output"], rows["weight"]
+    assert (a["batches"], a["warmup_batches"], a["overflow_batches"]) == (3, 1, 1)  # only batch 2 (3x) overflows
+    assert a["saturated"] == int(sat.sum()) and a["elements"] == 3 * 8 * 32
+    assert a["max_amax_ratio"] == pytest.approx(amax[1] / amax[0], rel=1e-6)
+    assert (gr["overflow_batches"], w["overflow_batches"], w["saturated"]) == (1, 0, 0)  # G: batch 3 (4x) overflows
+
+
+def test_most_recent_history_length_and_margin() -> None:
+    # the last element lands among E4M3 subnormals once the margin shifts the scale up by 2^3
+    x1, x2, x3 = (torch.full((2, 5), v) * torch.tensor([1.0, -0.5, 0.25, 0.1, 1.1e-4]) for v in (8.0, 2.0, 1.0))
+    for rule, want in (({"compute": "most_recent"}, 2.0), ({"history": 1}, 2.0), ({"compute": "max"}, 8.0)):
+        st = DelayedState(DelayedScaling(**rule))
+        for x in (x1, x2):
+            st.quantize("fc", "activation", x, "e4m3")
+        q, _ = st.quantize("fc", "activation", x3, "e4m3")
+        assert torch.equal(q, _hand_cast(x3, want, E4M3_MAX, torch.float8_e4m3fn)), rule
+    st = DelayedState(DelayedScaling(margin=3))
+    st.quantize("fc", "activation", x1, "e4m3")
+    q, _ = st.quantize("fc", "activation", x1, "e4m3")
+    assert torch.equal(q, _hand_cast(x1, 8.0, E4M3_MAX, torch.float8_e4m3fn, margin=3))
+    assert not torch.equal(q, _hand_cast(x1, 8.0, E4M3_MAX, torch.float8_e4m3fn))
+    # sites and operands keep separate histories; an all-zero history gives scale 1
+    st = DelayedState(DelayedScaling())
+    st.quantize("a", "activation", torch.zeros(3), "e4m3")
+    q, _ = st.quantize("a", "activation", torch.tensor([0.5, 3.0, 500.0]), "e4m3")
+    assert q.tolist() == [0.5, 3.0, 448.0]
+    q, _ = st.quantize("b", "activation", torch.tensor([0.5, 3.0, 500.0]), "e4m3")
+    assert q.tolist() == _hand_cast(torch.tensor([0.5, 3.0, 500.0]), 500.0, E4M3_MAX, torch.float8_e4m3fn).tolist()
+
+
+@pytest.mark.parametrize("kw,match", [({"history": 0}, "amax history"), ({"history": 2.5}, "amax history"),
+                                      ({"compute": "mean"}, "amax compute"), ({"margin": -1}, "margin"),
+                                      ({"margin": True}, "margin")])
+def test_bad_rules_raise(kw, match) -> None:
+    with pytest.raises(ValueError, match=f"expected {match}"):
+        DelayedScaling(**kw)
+
+
+def test_rule_text_names_the_settings() -> None:
+    s = _strategy(history=16, compute="most_recent", margin=2)
+    assert "amax history 16" in s.rules and "most recent" in s.rules and "margin 2" in s.rules
+    assert "own amax" in s.rules  # the first-batch rule is stated
+
+
+def test_in_model_backward_records_gradient_history() -> None:
+    s = STRATEGIES["delayed"]
+    state = s.new_state()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 8, generator=g, requires_grad=True)
+    W = torch.randn(3, 8, generator=g, requires_grad=True)
+    y = lp_gemm(s, x, W, 6.0, state=state, site="fc")
+    y.backward(torch.randn(4, 3, generator=g))
+    assert {k[1] for k in state.history} == {"activation", "weight", "grad_output"}
+    assert {k[0] for k in state.history} == {("fc", None)}
+    ref = run_strategy(s, x.detach(), W.detach(), None)
+    assert torch.equal(y.detach(), ref.gemms["fprop"])
+
+
+def test_analyze_e2e_and_training_with_delayed(tiny_model, tiny_batches) -> None:
+    batches = tiny_batches + tiny_batches[:1]  # 3 batches
+    opts = RecipeOptions(delayed=DelayedScaling(history=2))
+    res = analyze(tiny_model, batches, "delayed,ocp-tensorwise", gemms="linear", steps=2, options=opts)
+    t = res.tables["delayed_scaling"]
+    assert list(t.columns) == DELAYED_COLUMNS
+    assert set(t["layer"]) == set(res.tables["layers"]["layer"])
+    assert (t["batches"] == 3).all() and (t["warmup_batches"] == 1).all()
+    assert set(t["operand"]) == {"activation", "weight", "grad_output"}
+    assert (t.loc[t["operand"] == "weight", "overflow_batches"] == 0).all()
+    assert res.metadata["recipe_options"]["delayed_scaling"] == {"amax_history": 2, "amax_compute": "max",
+                                                                   "margin": 0, "first_batch": "current amax"}
+    assert "amax history 2" in res.metadata["rules"]["delayed"]
+    assert "delayed" in set(res.tables["e2e"]["strategy"]) and "delayed" in set(res.tables["training"]["strategy"])
+    g = res.tables["gemm"]
+    fprop = g[(g["gemm"] == "fprop")].pivot(index="layer", columns="strategy", values="sqnr_db")
+    assert (fprop["delayed"] > 15).all()
+
+
+def test_each_e2e_pass_starts_from_an_empty_history(tiny_model, tiny_batches) -> None:
+    runner = Runner(tiny_model, [Batch(b, {}) if not isinstance(b, Batch) else b for b in tiny_batches],
+                    device=torch.device("cpu"), layers=None, loss_fn=None, loss_name=None, threshold=6.0, seed=0)
+    runner.reference([])
+    s = STRATEGIES["delayed"]
+    first, second = runner.evaluate(Plan(s)), runner.evaluate(Plan(s))
+    assert first.loss_lp == second.loss_lp and first.output_sqnr_db == second.output_sqnr_db
+    assert new_state(s) is not new_state(s) and new_state(STRATEGIES["global"]) is None
