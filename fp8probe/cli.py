@@ -191,6 +191,36 @@ def _check_out(out: Path, kind: str, overwrite: bool) -> list[Path]:
         raise UsageFailure(str(exc)) from None
 
 
+def _join_ranks(device: str):  # -> distributed.World
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1); World() otherwise."""
+    from fp8probe.analysis import distributed
+
+    try:
+        return distributed.init_from_env(device)
+    except (ValueError, RuntimeError) as exc:
+        raise _fail(exc, "torch.distributed") from exc
+
+
+def _check_out_on_main(world: "object", out: Path, kind: str, overwrite: bool) -> list[Path]:
+    """``_check_out`` on rank 0 only (it alone writes and holds the --out lock); every rank stops with
+    rank 0's message when --out is unusable, so no rank waits for a peer that has left."""
+    from fp8probe.analysis import distributed
+
+    if world.size == 1:
+        return _check_out(out, kind, overwrite)
+    stale: list[Path] = []
+    message = None
+    if world.is_main:
+        try:
+            stale = _check_out(out, kind, overwrite)
+        except UsageFailure as exc:
+            message = exc.message
+    message = distributed.agree(message, world)
+    if message is not None:
+        raise UsageFailure(message)
+    return stale
+
+
 def _warn_no_gradient(results: "object") -> None:
     """One stderr line when the loss did not reach the weights (the results then hold fprop only)."""
     loss = results.metadata.get("loss") or {}
@@ -450,11 +480,14 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         raise UsageFailure(f"--lr must be > 0, got {lr:g}")
     run_name = name or Path(model.split(":")[0]).stem or "analysis"
     out = Path(out_dir) if out_dir else _default_out(run_name)
-    stale = _check_out(out, "run", overwrite)
+    world = _join_ranks(device)
+    stale = _check_out_on_main(world, out, "run", overwrite)
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
     ckpt = _weights_checkpoint(model, inputs, factory)
     if ckpt is not None:
+        if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
+            return
         _analyze_weights(ckpt, strategy, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
                          run_name=run_name, quiet=quiet, no_html=no_html, output_format=output_format)
         return
@@ -463,7 +496,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
         # No bar when stderr is not a terminal (CI, pipes): its label line would precede an error line.
-        show_bar = not quiet and output_format == "table" and n_total > 0 and sys.stderr.isatty()
+        show_bar = not quiet and output_format == "table" and n_total > 0 and sys.stderr.isatty() and world.is_main
         # Failed recipes are recorded in the errors table and counted below; no warning spam.
         with warnings.catch_warnings(record=True), \
                 click.progressbar(length=n_total, label="analyze", file=sys.stderr) if show_bar else _nullbar() as bar:
@@ -483,6 +516,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             results = results.merged(bs_res, th_res)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
+    if not world.is_main:  # every rank holds the same results; rank 0 alone writes and reports them
+        return
     remove_outputs(stale)
     paths = results.save(out)
     html = render_report = None
@@ -867,10 +902,13 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         raise _fail(exc, "--budget") from exc
     run_name = name or Path(model.split(":")[0]).stem or kind
     out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
-    stale = _check_out(out, "run", overwrite)
+    world = _join_ranks(device)
+    stale = _check_out_on_main(world, out, "run", overwrite)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
     ckpt = _weights_checkpoint(model, inputs, factory)
     if ckpt is not None:
+        if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
+            return
         if kind != "sweep-blocksize":
             raise UsageFailure(f"{model} holds weights only, and outlier thresholds apply to activation columns: "
                                "sweep-threshold needs the model run on inputs (--factory with --inputs, a .pt2 program, "
@@ -883,13 +921,15 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
         try:
-            with _progress(kind, n_total, quiet, output_format) as bar:
+            with _progress(kind, n_total, quiet or not world.is_main, output_format) as bar:
                 results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device,
                              seed=seed, loss=loss_spec, name=run_name, model_desc=loaded.description,
                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
                              progress=lambda done, total: bar.update(1), e2e=not no_e2e, budget=budget)
         except (LoadError, ValueError, TypeError) as exc:
             raise _analysis_failure(exc, inputs) from exc
+        if not world.is_main:  # every rank holds the same results; rank 0 alone writes and reports them
+            return
         remove_outputs(stale)
         paths = results.save(out)
         html = render_report(results.to_json(), out / "index.html")

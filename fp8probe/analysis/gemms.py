@@ -171,6 +171,17 @@ class Coverage:
             c.skipped += 1
             c.reasons[reason] += 1
 
+    def merge(self, other: Coverage) -> None:
+        """Add ``other``'s counts (another batch's, another rank's) to these."""
+        for key, o in other.ops.items():
+            c = self.ops.setdefault(key, _OpCount())
+            c.executed += o.executed
+            c.captured += o.captured
+            c.skipped += o.skipped
+            c.reasons.update(o.reasons)
+            c.flops += o.flops
+            c.flops_captured += o.flops_captured
+
     def table(self) -> pd.DataFrame:
         """The ``coverage`` table: kind, op, executed, captured, skipped, reason, gflops, gflops_captured."""
         rows = [{"kind": kind, "op": op, "executed": c.executed, "captured": c.captured, "skipped": c.skipped,

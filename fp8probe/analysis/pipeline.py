@@ -18,6 +18,7 @@ from fp8probe import __version__
 from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
+from . import distributed
 from .capture import GemmCall, LossFn, LossInfo, capture_batch
 from .e2e import (COST_BOUND, DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
@@ -62,13 +63,62 @@ class _LayerAcc:
 
 
 class _Analysis:
-    """Per-layer accumulators fed by capture, one GemmCall at a time."""
+    """Per-layer accumulators fed by capture, one GemmCall at a time.
+
+    Batches go through ``fresh()`` → capture → ``state()`` → ``absorb()`` on the totals, in batch
+    order (Run.stream, analysis/distributed.py): that order of float additions is what makes a
+    torchrun run bit-identical to one process.
+    """
 
     def __init__(self, strategies: list[Strategy], threshold: float, estimate: SensitivityEstimate | None = None) -> None:
         self.strategies = strategies
         self.threshold = threshold
         self.layers: dict[str, _LayerAcc] = {}
         self.estimate = estimate  # the end-to-end mode's per-layer sensitivity estimate, fed from the same replay
+        self.known_weights: set[str] = set()  # weights an earlier batch already measured (fresh())
+        self.failed: dict[str, set[str]] = {}  # layer → recipes that failed on it in an earlier batch
+
+    def fresh(self) -> _Analysis:
+        """An empty accumulator for one more batch, skipping what the totals make redundant (weights
+        already measured, recipes already failed on a layer)."""
+        part = _Analysis(self.strategies, self.threshold, None if self.estimate is None else SensitivityEstimate())
+        part.known_weights = {n for n, a in self.layers.items() if a.weight_seen and a.b_is_weight}
+        part.failed = {n: set(a.errors) for n, a in self.layers.items() if a.errors}
+        return part
+
+    def state(self) -> tuple[dict[str, _LayerAcc], dict | None]:
+        """What a batch adds (picklable: it travels between ranks)."""
+        return self.layers, None if self.estimate is None else self.estimate.sums
+
+    def absorb(self, state: tuple[dict[str, _LayerAcc], dict | None]) -> None:
+        """Fold one batch's ``state()`` into the totals (batches must come in order)."""
+        layers, sums = state
+        for name, part in layers.items():
+            acc = self.layers.get(name)
+            if acc is None:
+                self.layers[name] = part
+                continue
+            if part.b_is_weight and (part.in_features, part.out_features) != (acc.in_features, acc.out_features):
+                raise LoadError(f"layer {name} changed shape between batches: "
+                                f"[{acc.out_features}, {acc.in_features}] then [{part.out_features}, {part.in_features}]")
+            acc.tokens += part.tokens
+            # A weight is the same tensor every batch: the first batch that measured it counts.
+            keep_weight = not (acc.weight_seen and part.b_is_weight)
+            for tname, ts in part.tensors.items():
+                if tname != "weight" or keep_weight:
+                    acc.tensors[tname] = acc.tensors[tname].merge(ts) if tname in acc.tensors else ts
+            acc.census = acc.census.merge(part.census)
+            for key, e in part.gemm.items():
+                if key[0] not in acc.errors:
+                    acc.gemm[key] = acc.gemm[key].merge(e) if key in acc.gemm else e
+            for key, o in part.operands.items():
+                if key[0] not in acc.errors and (key[1] != "weight" or keep_weight):
+                    acc.operands[key] = acc.operands[key].merge(o) if key in acc.operands else o
+            for strat, msg in part.errors.items():
+                acc.errors.setdefault(strat, msg)
+            acc.weight_seen = acc.weight_seen or part.weight_seen
+        if sums is not None and self.estimate is not None:
+            self.estimate.merge(sums)
 
     def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
@@ -83,7 +133,7 @@ class _Analysis:
                             f"[{acc.out_features}, {acc.in_features}] then {list(W.shape)}")
         acc.tokens += A.numel() // max(A.shape[-1], 1)
         # A weight is the same tensor every batch: count it once so its statistics are not repeated.
-        first_weight = not (acc.weight_seen and call.b_is_weight)
+        first_weight = not ((acc.weight_seen or call.name in self.known_weights) and call.b_is_weight)
         acc.weight_seen = True
         for tensor_name, t in (("activation", A), ("weight", W if first_weight else None), ("grad_output", G)):
             if t is not None:
@@ -91,7 +141,7 @@ class _Analysis:
         acc.census.update(A.reshape(-1, A.shape[-1]))
         ref = reference_gemms(A, W, G)
         for strat in self.strategies:
-            if strat.name in acc.errors:
+            if strat.name in acc.errors or strat.name in self.failed.get(call.name, ()):
                 continue
             try:
                 out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight)
@@ -172,13 +222,27 @@ class Run:
     loss_name: str | None
     coverage: Coverage = field(default_factory=Coverage)
 
-    def stream(self, sink: Callable[[GemmCall], None], report: ProgressFn | None = None) -> LossInfo | None:
-        """Capture every batch into `sink` (one GemmCall at a time), counting coverage; returns the last
-        batch's loss info."""
+    def stream(self, sink: Any, report: ProgressFn | None = None) -> LossInfo | None:
+        """Capture every batch into `sink`, counting coverage; returns the last batch's loss info.
+
+        ``sink``: a GemmCall consumer with ``fresh()`` (an empty one for one batch), ``state()`` and
+        ``absorb(state)``. Each batch is captured into a fresh sink whose state is folded into
+        ``sink`` in batch order; under torchrun batch i is captured on rank i % world size
+        (analysis/distributed.py) and every rank folds every batch, so the totals are the same
+        float operations as in one process.
+        """
         info = None
-        for i, batch in enumerate(self.batches):
-            info = capture_batch(self.module, batch, sink, layers=self.layers, loss_fn=self.loss_fn,
-                                 loss_name=self.loss_name, device=self.device, coverage=self.coverage)
+
+        def one(i: int) -> tuple[Any, Coverage, LossInfo]:
+            part, cov = sink.fresh(), Coverage(self.coverage.kinds)
+            got = capture_batch(self.module, self.batches[i], part, layers=self.layers, loss_fn=self.loss_fn,
+                                loss_name=self.loss_name, device=self.device, coverage=cov)
+            return part.state(), cov, got
+
+        for i, (state, cov, got) in distributed.map_batches(len(self.batches), one):
+            sink.absorb(state)
+            self.coverage.merge(cov)
+            info = got
             if report is not None:
                 report(i + 1, len(self.batches))
         return info
@@ -250,6 +314,7 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "batches": len(run.batches),
         "layers_regex": run.layers,
         "coverage": run.coverage.summary(),
+        **({"ranks": distributed.current().size} if distributed.current().size > 1 else {}),
     }
 
 
