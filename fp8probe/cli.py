@@ -398,6 +398,19 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
     return loaded, batch_list
 
 
+def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pickle: bool) -> tuple:
+    """(LoadedModel streamed from its checkpoint, batches or None) for --stream, problems as one line."""
+    from fp8probe.analysis.loading import LoadError, load_inputs
+    from fp8probe.analysis.streaming import load_streamed
+
+    try:
+        loaded = load_streamed(model, factory=factory)
+        batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
+    except (LoadError, ValueError, TypeError) as exc:
+        raise _fail(exc) from exc
+    return loaded, batch_list
+
+
 @cli.command("analyze")
 @click.argument("model", type=str)
 @click.option("--strategy", "-s", default="global", show_default=True,
@@ -443,11 +456,19 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
 @click.option("--lr", type=FiniteFloat(0.0), default=1e-3, show_default=True, help="learning rate for --steps")
 @click.option("--optimizer", "optimizer_spec", default=None,
               help="module:function called as fn(params, lr) -> torch optimizer for --steps (default AdamW)")
+@click.option("--no-grad", is_flag=True,
+              help="forward only: capture the fprop GEMMs with no loss and no backward pass (less memory: one layer's "
+                   "activations); no dgrad/wgrad rows, no end-to-end runs")
+@click.option("--stream", is_flag=True,
+              help="bigger than memory: build MODEL (a Hugging Face directory, or a checkpoint with --factory) with "
+                   "its weights on the meta device and read each block's weights from the checkpoint only while it "
+                   "runs; implies --no-grad (and no end-to-end runs)")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
                 no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool,
-                budget_spec: str, no_e2e: bool, sensitivity: str, steps: int, lr: float, optimizer_spec: str | None) -> None:
+                budget_spec: str, no_e2e: bool, sensitivity: str, steps: int, lr: float, optimizer_spec: str | None,
+                no_grad: bool, stream: bool) -> None:
     """Capture MODEL's GEMMs (linear, matmul, attention, conv) on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -478,20 +499,27 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         raise _fail(exc, "--budget") from exc
     if steps and lr <= 0:
         raise UsageFailure(f"--lr must be > 0, got {lr:g}")
+    if steps and (no_grad or stream):
+        raise UsageFailure(f"--steps trains the model, which needs gradients: expected --steps 0 with "
+                           f"{'--stream' if stream else '--no-grad'}, got --steps {steps}")
+    if sweeps and stream:
+        raise UsageFailure("--sweeps captures the whole model with a backward pass and --stream runs forward only, "
+                           "one block at a time: run the sweeps on a model that fits in memory, or drop --sweeps")
     run_name = name or Path(model.split(":")[0]).stem or "analysis"
     out = Path(out_dir) if out_dir else _default_out(run_name)
     world = _join_ranks(device)
     stale = _check_out_on_main(world, out, "run", overwrite)
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
-    ckpt = _weights_checkpoint(model, inputs, factory)
+    ckpt = None if stream else _weights_checkpoint(model, inputs, factory)
     if ckpt is not None:
         if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
             return
         _analyze_weights(ckpt, strategy, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
                          run_name=run_name, quiet=quiet, no_html=no_html, output_format=output_format)
         return
-    loaded, batch_list = _load(model, inputs, factory, trust_pickle)
+    loaded, batch_list = _load_streamed(model, inputs, factory, trust_pickle) if stream else \
+        _load(model, inputs, factory, trust_pickle)
     try:
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
@@ -505,7 +533,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
                               inputs_desc=inputs or "example inputs / factory batches", gemms=gemms, e2e=not no_e2e,
-                              budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec)
+                              budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec,
+                              grad=not (no_grad or stream))
         if sweeps:
             from fp8probe.analysis.sweeps import sweep_both
 

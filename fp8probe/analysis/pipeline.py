@@ -18,7 +18,7 @@ from fp8probe import __version__
 from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
-from . import distributed
+from . import distributed, streaming
 from .capture import GemmCall, LossFn, LossInfo, capture_batch
 from .e2e import (COST_BOUND, DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
@@ -29,6 +29,8 @@ from .results import Results
 from .strategies import STRATEGIES, Strategy, reference_gemms, resolve, run_strategy
 
 ProgressFn = Callable[[int, int], None]
+E2E_OFF_NO_GRAD = ("end-to-end mode off: --no-grad runs forward only, and the end-to-end comparison needs backward "
+                   "passes (loss and gradient drift)")
 
 
 def forward_order(layers: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -221,6 +223,7 @@ class Run:
     loss_fn: LossFn | None
     loss_name: str | None
     coverage: Coverage = field(default_factory=Coverage)
+    grad: bool = True  # False: forward only (capture_batch(grad=False)), fprop GEMMs alone
 
     def stream(self, sink: Any, report: ProgressFn | None = None) -> LossInfo | None:
         """Capture every batch into `sink`, counting coverage; returns the last batch's loss info.
@@ -236,7 +239,7 @@ class Run:
         def one(i: int) -> tuple[Any, Coverage, LossInfo]:
             part, cov = sink.fresh(), Coverage(self.coverage.kinds)
             got = capture_batch(self.module, self.batches[i], part, layers=self.layers, loss_fn=self.loss_fn,
-                                loss_name=self.loss_name, device=self.device, coverage=cov)
+                                loss_name=self.loss_name, device=self.device, coverage=cov, grad=self.grad)
             return part.state(), cov, got
 
         for i, (state, cov, got) in distributed.map_batches(len(self.batches), one):
@@ -249,10 +252,12 @@ class Run:
 
 
 def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | None, device: str, seed: int,
-                loss: LossFn | str | None, gemms: str | list[str] | None = None) -> Run:
+                loss: LossFn | str | None, gemms: str | list[str] | None = None, grad: bool = True) -> Run:
     """Resolve model, batches, device and loss the same way for analyze() and the sweeps; seeds torch.
 
     ``gemms``: the GEMM kinds to capture (gemms.parse_kinds: "all", "linear,attention", ...; None = all).
+    ``grad`` False: forward-only capture. A model streamed from its checkpoint (analysis/streaming.py)
+    keeps its parameters on the meta device; its blocks load onto ``device`` as they run.
     """
     kinds = parse_kinds(gemms)
     module, own_batches, description = _as_model(model)
@@ -276,10 +281,11 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
     if isinstance(module, nn.Module):
-        module = module.to(dev)
+        module = streaming.to_device(module, dev)
     loss_fn, loss_name = _loss_fn(loss)
     torch.manual_seed(seed)
-    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name, Coverage(kinds))
+    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name, Coverage(kinds),
+               grad)
 
 
 def _param_dtype(module: Any) -> str | None:
@@ -324,7 +330,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             model_desc: str | None = None, inputs_desc: str | None = None,
             gemms: str | list[str] | None = None, e2e: bool = True,
             budget: Budget | float | str = DEFAULT_BUDGET, sensitivity: str = "auto", steps: int = 0,
-            lr: float = DEFAULT_LR, optimizer: OptimizerFactory | str | None = None) -> Results:
+            lr: float = DEFAULT_LR, optimizer: OptimizerFactory | str | None = None, grad: bool = True) -> Results:
     """Capture every GEMM of ``model`` on ``inputs`` and measure each recipe's error.
 
     model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
@@ -375,6 +381,17 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     +145…155 MiB for 32 (≈ 3 MiB per extra layer: autograd's saved activations plus allocator
     slack), where keeping each layer's replay would cost ≥ 40 MiB per layer.
     Reduce ``batches`` / batch size when one batch's activations do not fit.
+
+    Forward only (``grad`` False, the CLI's --no-grad): no loss and no backward; only fprop GEMMs
+    are captured (gemm rows "fprop", no grad_output tensors), each analysed as soon as it ran, so
+    memory is the model plus one layer's activations and replay; ``metadata.loss`` says so (kind
+    "none", ``no_gradient``), and the end-to-end mode is off (it runs backward passes), said in
+    ``metadata.e2e_off``. A model streamed from its checkpoint (analysis/streaming.py) is forward-only
+    by construction: only one block's weights exist at a time.
+
+    Under torchrun (WORLD_SIZE > 1, process group initialised): batch i runs on rank i % world size
+    and every rank folds the per-batch states in batch order (analysis/distributed.py), so the
+    tables are bit-identical to one process over the same batches; every rank returns them.
     """
     strategies = resolve(strategy)
     threshold = float(threshold)
@@ -388,9 +405,19 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     if steps:
         check_lr(lr)
         resolve_optimizer(optimizer)
+    e2e_off = None
+    if streaming.is_streamed(model):
+        grad = False
+        e2e_off = streaming.E2E_OFF
+    elif not grad:
+        e2e_off = E2E_OFF_NO_GRAD
+    if e2e_off is not None:
+        if steps:
+            raise ValueError(f"expected steps 0 with a forward-only run ({e2e_off}), got steps {steps}")
+        e2e = False
     started = time.perf_counter()
     run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
-                      gemms=gemms)
+                      gemms=gemms, grad=grad)
     analysis = _Analysis(strategies, threshold, SensitivityEstimate() if e2e else None)
     if callable(progress):
         report: ProgressFn | None = progress
@@ -405,6 +432,10 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
                             seed=seed, info=info, formats=used_formats)
     metadata.update({"strategies": [s.name for s in strategies], "threshold": threshold,
                      "rules": {s.name: s.rules for s in strategies}})
+    if e2e_off is not None:
+        metadata["e2e_off"] = e2e_off
+    if streaming.is_streamed(run.module):
+        metadata["streaming"] = streaming.summary(run.module)
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
     if e2e or steps:
         runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
