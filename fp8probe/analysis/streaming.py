@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 
 from .capture import release_free_memory
 from .loading import LoadedModel, LoadError, _call_factory, _hf_class, one_line
-from .weights_only import Checkpoint, TensorEntry, open_checkpoint
+
+if TYPE_CHECKING:  # weights_only imports sweeps, which imports pipeline, which imports this module
+    from .weights_only import Checkpoint, TensorEntry
 
 E2E_OFF = ("end-to-end mode off: the model was streamed block by block from its checkpoint (--stream), and the "
            "end-to-end runs need every weight at once (and backward passes)")
@@ -96,10 +98,10 @@ class BlockStreamer:
                     if key is None:
                         missing.append(aliases.get(id(p), [f"{path}.{attr}"])[0])
                         continue
+                    used.add(key)
                     if tuple(entries[key].shape) != tuple(p.shape) or entries[key].dtype is None:
                         wrong.append(f"{key} {list(entries[key].shape)} {entries[key].dtype_name} vs {list(p.shape)}")
                         continue
-                    used.add(key)
                     slots.append((owner, attr, p, entries[key]))
             if slots:
                 self.units.append((path, unit, slots))
@@ -214,6 +216,8 @@ def load_streamed(source: str | Path, *, factory: str | None = None) -> LoadedMo
         with params_on_meta():
             model, batches = _call_factory(factory)
         description = f"checkpoint {path.name} + factory {factory}"
+    from .weights_only import open_checkpoint
+
     ckpt = open_checkpoint(path)
     if ckpt is None:
         raise LoadError(f"{path} holds no checkpoint --stream can read: expected .safetensors, *.index.json, a "
