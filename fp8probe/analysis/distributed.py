@@ -105,15 +105,28 @@ def agree(value: T, world: World | None = None) -> T:
     return box[0]
 
 
+def lockstep(module: Any) -> bool:
+    """True when every rank must run every forward/backward together: a model sharded with FSDP2
+    (``fully_shard``), whose parameter all-gathers and gradient reduce-scatters are collectives."""
+    if not (dist.is_available() and isinstance(module, torch.nn.Module)):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 def map_batches(n: int, fn: Callable[[int], T], world: World | None = None,
-                pad: Callable[[int], None] | None = None) -> Iterator[tuple[int, T]]:
+                pad: bool = False) -> Iterator[tuple[int, T]]:
     """Yield ``(i, fn(i))`` for every batch i in 0..n-1, in batch order, on every rank.
 
     Batch i runs on rank ``i % size``; results travel by ``all_gather_object`` once per round of
     ``size`` batches, so a consumer that folds each result in before asking for the next sees the
     totals of every earlier round when the next round starts (fresh accumulators may read them).
-    ``pad(i)``: what a rank without a batch in the last round runs instead (FSDP2 needs every rank
-    in every forward: its all-gathers are collectives); its result is discarded.
+    ``pad``: a rank without a batch in the last round runs ``fn`` on that round's first batch and
+    discards the result (FSDP2 needs every rank in every forward: ``lockstep``), so ``fn``'s side
+    effects must be harmless when repeated.
     With one process this is ``(i, fn(i)) for i in range(n)``, lazily, exceptions raised as they come.
     """
     world = world or current()
@@ -128,8 +141,8 @@ def map_batches(n: int, fn: Callable[[int], T], world: World | None = None,
             if i < n:
                 payload = ("ok", i, fn(i))
             else:
-                if pad is not None:
-                    pad(start)
+                if pad:
+                    fn(start)
                 payload = ("none", i, None)
         except Exception as exc:  # noqa: BLE001 - carried to every rank, raised there as below
             payload = ("error", i, (type(exc).__name__, one_line(exc), world.rank))

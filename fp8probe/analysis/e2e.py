@@ -42,6 +42,7 @@ METHOD_ESTIMATED = ("estimated: first-order <G, dY> + second-order 1/2 N sum_t (
                     "the layer's isolated fprop error dY and captured output gradient G; only-16-bit = full e2e "
                     "change minus this layer's estimate")
 OUTPUT_FALLBACK_NOTE = "output = the last GEMM's output (the model returns only a loss)"
+FSDP_GRAD_NOTE = "no per-parameter gradient SQNR: FSDP2 shards the parameters"
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +283,9 @@ class Runner:
         self.distribution = False
         self.output_note = ""
         self.forwards = 0
+        # FSDP2 keeps each rank's shard in the parameters (DTensors); autograd.grad cannot give their
+        # full gradients, so the per-parameter gradient comparison is left out and said so.
+        self.grad_note = FSDP_GRAD_NOTE if distributed.lockstep(module) else ""
 
     def _run(self, plan: Plan, i: int, grads: bool) -> tuple[torch.Tensor, Any, Gemms, list | None]:
         gemms = Gemms(plan, self.pattern, self.kinds)
@@ -338,7 +342,8 @@ class Runner:
         grad_acc: dict[str, dict[str, list[float]]] = {s.name: {} for s in strategies}
         loss_lp = {s.name: 0.0 for s in strategies}
         flops = {s.name: [0, 0] for s in strategies}
-        for i, rec in distributed.map_batches(n, lambda i: self._reference_batch(i, strategies)):
+        for i, rec in distributed.map_batches(n, lambda i: self._reference_batch(i, strategies),
+                                              pad=distributed.lockstep(self.module)):
             if i == 0:
                 self.order = rec["order"]
                 self.distribution = rec["distribution"]
@@ -363,8 +368,9 @@ class Runner:
             sqnr, kl, top1 = cmp[s.name].result(self.distribution)
             gsq = {p: _sqnr(a[0], a[1]) for p, a in grad_acc[s.name].items() if a[0] > 0}
             f_lp, f_all = flops[s.name]
+            note = "; ".join(x for x in (self.output_note, self.grad_note) if x)
             outcomes[s.name] = Outcome(hp, loss_lp[s.name] / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
-                                       self.output_note, gsq)
+                                       note, gsq)
         return outcomes
 
     def _evaluate_batch(self, plan: Plan, i: int) -> tuple[float, float, float, _OutputCompare]:
@@ -381,7 +387,8 @@ class Runner:
         c = _OutputCompare(self.distribution)
         loss_sum, f_lp, f_all = 0.0, 0, 0
         for _, (loss, b_lp, b_all, bc) in distributed.map_batches(len(self.batches),
-                                                                   lambda i: self._evaluate_batch(plan, i)):
+                                                                   lambda i: self._evaluate_batch(plan, i),
+                                                                   pad=distributed.lockstep(self.module)):
             loss_sum += loss
             f_lp += b_lp
             f_all += b_all
@@ -742,6 +749,9 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
     check_lr(lr)
     if not isinstance(runner.module, nn.Module):
         raise LoadError(f"cannot train a {type(runner.module).__name__}: expected an nn.Module")
+    if distributed.lockstep(runner.module):
+        raise ValueError("expected a model not sharded with FSDP2 for the training simulation (each recipe trains a "
+                         "copy of the model), got one wrapped with fully_shard: drop --steps")
     factory = resolve_optimizer(optimizer)
     theta0 = _flat([p for _, p in runner.params])
     window = max(1, steps // 10)

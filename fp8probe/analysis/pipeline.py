@@ -242,7 +242,8 @@ class Run:
                                 loss_name=self.loss_name, device=self.device, coverage=cov, grad=self.grad)
             return part.state(), cov, got
 
-        for i, (state, cov, got) in distributed.map_batches(len(self.batches), one):
+        for i, (state, cov, got) in distributed.map_batches(len(self.batches), one,
+                                                            pad=distributed.lockstep(self.module)):
             sink.absorb(state)
             self.coverage.merge(cov)
             info = got
