@@ -54,6 +54,7 @@ def test_fsdp2_on_two_cpu_ranks_equals_unsharded(tmp_path) -> None:
     _check(json.loads((tmp_path / "fsdp.json").read_text()), reference("cpu", 3).to_json()["tables"])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
 def test_fsdp2_on_gpu_equals_unsharded(tmp_path) -> None:
     """One rank per GPU (NCCL); with one GPU FSDP2 still all-gathers through its own machinery."""
