@@ -9,6 +9,7 @@
 # interpreter. Writes into $OUT when set (else ./gpu_check_out): at most 8 files, each small:
 #   summary.txt        device, versions, one PASS/FAIL/TIMEOUT line per stage (read this first)
 #   cuda_tests.log     pytest -m cuda: CuPy kernels == PyTorch reference bit for bit, every op and dtype
+#                      (the FSDP2 stage's output is in gpu_check.log)
 #   quantize_cuda.json, int8_cuda.json, scaled_cuda.json   the three op benchmarks (also printed as Markdown)
 #   analyze_cuda.txt   analyze --strategy all on the demo model, CPU vs GPU wall time
 #   gpu_check.log      everything each stage printed
@@ -91,6 +92,9 @@ stage "cuda-tests" 240 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test
     --junitxml="$OUT_DIR/cuda_tests.xml"
 cp "$LOG" "$OUT_DIR/cuda_tests.log" 2>/dev/null || true
 rm -f "$OUT_DIR/cuda_tests.xml"   # only the log comes back (8-file limit); the failures are in it
+# FSDP2 (fully_shard) on NCCL, one rank per GPU: capture names the all-gathered weights and the tables
+# equal an unsharded run (tests/analysis/test_fsdp.py; ~15-30 s expected, not yet measured on a GPU).
+stage "fsdp2-cuda" 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/analysis/test_fsdp.py
 
 stage "bench-quantize" 120 "$PY" benchmarks/bench_quantize.py --device cuda --markdown --sizes 16M,64M \
     --json "$OUT_DIR/quantize_cuda.json"

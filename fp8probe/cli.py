@@ -191,6 +191,36 @@ def _check_out(out: Path, kind: str, overwrite: bool) -> list[Path]:
         raise UsageFailure(str(exc)) from None
 
 
+def _join_ranks(device: str):  # -> distributed.World
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1); World() otherwise."""
+    from fp8probe.analysis import distributed
+
+    try:
+        return distributed.init_from_env(device)
+    except (ValueError, RuntimeError) as exc:
+        raise _fail(exc, "torch.distributed") from exc
+
+
+def _check_out_on_main(world: "object", out: Path, kind: str, overwrite: bool) -> list[Path]:
+    """``_check_out`` on rank 0 only (it alone writes and holds the --out lock); every rank stops with
+    rank 0's message when --out is unusable, so no rank waits for a peer that has left."""
+    from fp8probe.analysis import distributed
+
+    if world.size == 1:
+        return _check_out(out, kind, overwrite)
+    stale: list[Path] = []
+    message = None
+    if world.is_main:
+        try:
+            stale = _check_out(out, kind, overwrite)
+        except UsageFailure as exc:
+            message = exc.message
+    message = distributed.agree(message, world)
+    if message is not None:
+        raise UsageFailure(message)
+    return stale
+
+
 def _warn_no_gradient(results: "object") -> None:
     """One stderr line when the loss did not reach the weights (the results then hold fprop only)."""
     loss = results.metadata.get("loss") or {}
@@ -390,6 +420,19 @@ def _recipe_options(int8_row_scale: str, accum_bits: int | None, promote_every: 
         raise _fail(exc) from exc
 
 
+def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pickle: bool) -> tuple:
+    """(LoadedModel streamed from its checkpoint, batches or None) for --stream, problems as one line."""
+    from fp8probe.analysis.loading import LoadError, load_inputs
+    from fp8probe.analysis.streaming import load_streamed
+
+    try:
+        loaded = load_streamed(model, factory=factory)
+        batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
+    except (LoadError, ValueError, TypeError) as exc:
+        raise _fail(exc) from exc
+    return loaded, batch_list
+
+
 @cli.command("analyze")
 @click.argument("model", type=str)
 @click.option("--strategy", "-s", default="global", show_default=True,
@@ -448,13 +491,20 @@ def _recipe_options(int8_row_scale: str, accum_bits: int | None, promote_every: 
               help="delayed strategy: the amax taken from the history")
 @click.option("--margin", type=click.IntRange(0, 64), default=0, show_default=True,
               help="delayed strategy: scale = amax * 2^margin / fmt_max (headroom in powers of two)")
+@click.option("--no-grad", is_flag=True,
+              help="forward only: capture the fprop GEMMs with no loss and no backward pass (less memory: one layer's "
+                   "activations); no dgrad/wgrad rows, no end-to-end runs")
+@click.option("--stream", is_flag=True,
+              help="bigger than memory: build MODEL (a Hugging Face directory, or a checkpoint with --factory) with "
+                   "its weights on the meta device and read each block's weights from the checkpoint only while it "
+                   "runs; implies --no-grad (and no end-to-end runs)")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
                 no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool,
                 budget_spec: str, no_e2e: bool, sensitivity: str, steps: int, lr: float, optimizer_spec: str | None,
                 int8_row_scale: str, accum_bits: int | None, promote_every: int | None, amax_history: int,
-                amax_compute: str, margin: int) -> None:
+                amax_compute: str, margin: int, no_grad: bool, stream: bool) -> None:
     """Capture MODEL's GEMMs (linear, matmul, attention, conv) on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -486,22 +536,32 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     if steps and lr <= 0:
         raise UsageFailure(f"--lr must be > 0, got {lr:g}")
     options = _recipe_options(int8_row_scale, accum_bits, promote_every, amax_history, amax_compute, margin)
+    if steps and (no_grad or stream):
+        raise UsageFailure(f"--steps trains the model, which needs gradients: expected --steps 0 with "
+                           f"{'--stream' if stream else '--no-grad'}, got --steps {steps}")
+    if sweeps and stream:
+        raise UsageFailure("--sweeps captures the whole model with a backward pass and --stream runs forward only, "
+                           "one block at a time: run the sweeps on a model that fits in memory, or drop --sweeps")
     run_name = name or Path(model.split(":")[0]).stem or "analysis"
     out = Path(out_dir) if out_dir else _default_out(run_name)
-    stale = _check_out(out, "run", overwrite)
+    world = _join_ranks(device)
+    stale = _check_out_on_main(world, out, "run", overwrite)
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
-    ckpt = _weights_checkpoint(model, inputs, factory)
+    ckpt = None if stream else _weights_checkpoint(model, inputs, factory)
     if ckpt is not None:
+        if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
+            return
         _analyze_weights(ckpt, strategy, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
                          run_name=run_name, quiet=quiet, no_html=no_html, output_format=output_format)
         return
-    loaded, batch_list = _load(model, inputs, factory, trust_pickle)
+    loaded, batch_list = _load_streamed(model, inputs, factory, trust_pickle) if stream else \
+        _load(model, inputs, factory, trust_pickle)
     try:
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
         # No bar when stderr is not a terminal (CI, pipes): its label line would precede an error line.
-        show_bar = not quiet and output_format == "table" and n_total > 0 and sys.stderr.isatty()
+        show_bar = not quiet and output_format == "table" and n_total > 0 and sys.stderr.isatty() and world.is_main
         # Failed recipes are recorded in the errors table and counted below; no warning spam.
         with warnings.catch_warnings(record=True), \
                 click.progressbar(length=n_total, label="analyze", file=sys.stderr) if show_bar else _nullbar() as bar:
@@ -511,7 +571,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                               name=run_name, model_desc=loaded.description,
                               inputs_desc=inputs or "example inputs / factory batches", gemms=gemms, e2e=not no_e2e,
                               budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec,
-                              options=options)
+                              options=options, grad=not (no_grad or stream))
         if sweeps:
             from fp8probe.analysis.sweeps import sweep_both
 
@@ -522,6 +582,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             results = results.merged(bs_res, th_res)
     except (LoadError, ValueError, TypeError) as exc:
         raise _analysis_failure(exc, inputs) from exc
+    if not world.is_main:  # every rank holds the same results; rank 0 alone writes and reports them
+        return
     remove_outputs(stale)
     paths = results.save(out)
     html = render_report = None
@@ -909,11 +971,14 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         raise _fail(exc, "--budget") from exc
     run_name = name or Path(model.split(":")[0]).stem or kind
     out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
-    stale = _check_out(out, "run", overwrite)
+    world = _join_ranks(device)
+    stale = _check_out_on_main(world, out, "run", overwrite)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
     extra = {} if int8_row_scale is None else {"row_scale": int8_row_scale}
     ckpt = _weights_checkpoint(model, inputs, factory)
     if ckpt is not None:
+        if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
+            return
         if kind != "sweep-blocksize":
             raise UsageFailure(f"{model} holds weights only, and outlier thresholds apply to activation columns: "
                                "sweep-threshold needs the model run on inputs (--factory with --inputs, a .pt2 program, "
@@ -926,13 +991,15 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
         try:
-            with _progress(kind, n_total, quiet, output_format) as bar:
+            with _progress(kind, n_total, quiet or not world.is_main, output_format) as bar:
                 results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device,
                              seed=seed, loss=loss_spec, name=run_name, model_desc=loaded.description,
                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
                              progress=lambda done, total: bar.update(1), e2e=not no_e2e, budget=budget, **extra)
         except (LoadError, ValueError, TypeError) as exc:
             raise _analysis_failure(exc, inputs) from exc
+        if not world.is_main:  # every rank holds the same results; rank 0 alone writes and reports them
+            return
         remove_outputs(stale)
         paths = results.save(out)
         html = render_report(results.to_json(), out / "index.html")

@@ -61,6 +61,9 @@ class LossInfo:
 
 
 SURROGATE = LossInfo("surrogate", "mean of squares of the model output (no loss returned by the model, no --loss)")
+FORWARD_ONLY = LossInfo("none", "forward only (--no-grad): no loss is computed, no backward pass runs",
+                        no_gradient="forward-only run (--no-grad): only fprop GEMMs were captured, so dgrad and "
+                                    "wgrad are not analysed; run without --no-grad for them")
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,10 +122,14 @@ class _Recorder(GemmHandler):
     the loss are handed over, in forward order, once backward is done.
     """
 
-    def __init__(self, pattern: re.Pattern | None, on_call: Callable[[GemmCall], None], token: torch.Tensor) -> None:
+    def __init__(self, pattern: re.Pattern | None, on_call: Callable[[GemmCall], None], token: torch.Tensor,
+                 immediate: bool = False) -> None:
         self.pattern = pattern
         self.on_call = on_call
         self.token = token
+        # Forward only (no gradient will come): hand each call over inside the forward, while its
+        # operands (and a streamed block's weights) are alive, instead of holding every call to the end.
+        self.immediate = immediate
         self.pending: dict[int, GemmSite] = {}
         self.count = 0
         self.tapped = 0
@@ -138,6 +145,9 @@ class _Recorder(GemmHandler):
         """Register one GEMM; returns the output the model should continue with (tapped when it has a gradient)."""
         self.count += 1
         self.pending[site.index] = site
+        if self.immediate:
+            self.deliver(site.index, None)
+            return y
         if not (isinstance(y, torch.Tensor) and y.requires_grad):
             return y
         self.tapped += 1
@@ -261,11 +271,30 @@ def _nothing_captured(pattern: re.Pattern | None, seen: list[str], kinds: tuple[
             + ", ".join(names[:LIST_LAYERS]) + more)
 
 
+def _forward(model: Callable, batch: Batch, rec: _Recorder, coverage: Coverage) -> Any:
+    """The model's forward on ``batch`` with every GEMM through ``rec``; a failure is the inputs' LoadError."""
+    if not (is_exported_graph(model) or isinstance(model, nn.Module)):
+        raise LoadError(f"cannot capture a {type(model).__name__}: expected an nn.Module or an exported program")
+    try:
+        if is_exported_graph(model):
+            return _run_graph(model, batch, rec, coverage)
+        with intercept(model, rec, coverage):
+            return model(*batch.args, **batch.kwargs)
+    except LoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
+        raise LoadError(f"the model failed on the inputs: {one_line(exc)}") from exc
+
+
 def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], None], *,
                   layers: str | re.Pattern | None = None, loss_fn: LossFn | None = None,
                   loss_name: str | None = None, device: str | torch.device = "cpu",
-                  coverage: Coverage | None = None) -> LossInfo:
+                  coverage: Coverage | None = None, grad: bool = True) -> LossInfo:
     """Run one forward + backward of ``model`` on ``batch`` and hand every GEMM to ``on_call``.
+
+    ``grad`` False: forward only, under ``torch.no_grad()`` (no loss, no backward, nothing saved
+    for autograd); each call is handed over as soon as it ran, with ``grad_output`` None, and the
+    returned info is FORWARD_ONLY. Memory is then one layer's activations and replay.
 
     ``layers``: a regex; only GEMM names it matches (re.search) are captured. ``coverage``: counts
     every GEMM executed, captured and skipped (its ``kinds`` select which kinds are captured;
@@ -279,21 +308,16 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
     coverage = Coverage() if coverage is None else coverage
     dev = torch.device(device)
     token = torch.zeros(0, device=dev, requires_grad=True)
-    rec = _Recorder(pattern, on_call, token)
+    rec = _Recorder(pattern, on_call, token, immediate=not grad)
     batch = Batch(_to_device(tuple(batch.args), dev), _to_device(dict(batch.kwargs), dev))
+    if not grad:
+        with torch.no_grad():
+            _forward(model, batch, rec, coverage)
+        if not rec.count:
+            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds))
+        return FORWARD_ONLY
     with torch.enable_grad(), _grad_enabled_params(model):
-        if not (is_exported_graph(model) or isinstance(model, nn.Module)):
-            raise LoadError(f"cannot capture a {type(model).__name__}: expected an nn.Module or an exported program")
-        try:
-            if is_exported_graph(model):
-                output = _run_graph(model, batch, rec, coverage)
-            else:
-                with intercept(model, rec, coverage):
-                    output = model(*batch.args, **batch.kwargs)
-        except LoadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
-            raise LoadError(f"the model failed on the inputs: {one_line(exc)}") from exc
+        output = _forward(model, batch, rec, coverage)
         if not rec.count:
             raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds))
         loss, info = choose_loss(output, batch, loss_fn, loss_name)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import distributed
 from .capture import _to_device, choose_loss, is_exported_graph, params_require_grad
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
@@ -41,6 +42,7 @@ METHOD_ESTIMATED = ("estimated: first-order <G, dY> + second-order 1/2 N sum_t (
                     "the layer's isolated fprop error dY and captured output gradient G; only-16-bit = full e2e "
                     "change minus this layer's estimate")
 OUTPUT_FALLBACK_NOTE = "output = the last GEMM's output (the model returns only a loss)"
+FSDP_GRAD_NOTE = "no per-parameter gradient SQNR: FSDP2 shards the parameters"
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,9 +249,19 @@ class _OutputCompare:
             self.agree += int((p.argmax(-1) == q.argmax(-1)).sum())
             self.rows += p.shape[0]
 
-    def result(self) -> tuple[float, float | None, float | None]:
+    def merge(self, other: _OutputCompare) -> None:
+        """Add another batch's comparison (batches folded in order: analysis/distributed.py)."""
+        self.err = self.err.merge(other.err)
+        self.kl_sum += other.kl_sum
+        self.agree += other.agree
+        self.rows += other.rows
+
+    def result(self, distribution: bool | None = None) -> tuple[float, float | None, float | None]:
+        """(output SQNR dB, mean KL, top-1 agreement); ``distribution`` overrides the flag given at
+        construction (the reference learns it from batch 0)."""
         sqnr = self.err.result()["sqnr_db"]
-        if not self.distribution or not self.rows:
+        distribution = self.distribution if distribution is None else distribution
+        if not distribution or not self.rows:
             return sqnr, None, None
         return sqnr, self.kl_sum / self.rows, self.agree / self.rows
 
@@ -283,6 +295,9 @@ class Runner:
         self.distribution = False
         self.output_note = ""
         self.forwards = 0
+        # FSDP2 keeps each rank's shard in the parameters (DTensors); autograd.grad cannot give their
+        # full gradients, so the per-parameter gradient comparison is left out and said so.
+        self.grad_note = FSDP_GRAD_NOTE if distributed.lockstep(module) else ""
 
     def _run(self, plan: Plan, i: int, grads: bool, state: Any = None) -> tuple[torch.Tensor, Any, Gemms, list | None]:
         gemms = Gemms(plan, self.pattern, self.kinds, state)
@@ -294,77 +309,107 @@ class Runner:
             g = None
             if grads and self.params and loss.requires_grad:
                 g = list(torch.autograd.grad(loss, [p for _, p in self.params], allow_unused=True))
-        self.forwards += 1
         self.info = info
         return loss.detach(), output, gemms, g
+
+    def _reference_batch(self, i: int, strategies: Sequence[Strategy], states: dict[str, Any]) -> dict:
+        """Batch i of ``reference``: its high-precision loss (output kept on CPU on this rank) and, per
+        strategy, its loss, FLOPs, output comparison and per-parameter gradient error sums. ``states``:
+        each stateful recipe's state for this pass (new_state), carried from batch to batch."""
+        loss, output, gemms, g_hp = self._run(Plan(None, threshold=self.threshold), i, grads=bool(strategies))
+        out, note = _output_tensor(output, gemms)
+        distribution = out is not None and self.info.kind != "surrogate" and out.dim() >= 2 and out.shape[-1] >= 2
+        rec = {"loss_hp": float(loss), "order": list(dict.fromkeys(gemms.order)), "note": note,
+               "distribution": distribution, "runs": 1 + len(strategies), "strategies": {}}
+        out_hp = None if out is None else out.detach().to("cpu", copy=True)
+        self.out_hp[i] = out_hp
+        del output, out
+        for s in strategies:
+            loss_s, output_s, gemms_s, g_lp = self._run(Plan(s, threshold=self.threshold), i, grads=True,
+                                                        state=states[s.name])
+            out_s, _ = _output_tensor(output_s, gemms_s)
+            c = _OutputCompare(distribution)
+            if out_hp is not None and out_s is not None:
+                c.update(out_hp, out_s.detach().to("cpu"))
+            grads = []
+            if g_hp is not None and g_lp is not None:
+                for (pname, _), gh, gl in zip(self.params, g_hp, g_lp):
+                    if gh is None or gl is None:
+                        continue
+                    gh64 = gh.double()
+                    grads.append((pname, float(gh64.pow(2).sum()), float((gl.double() - gh64).pow(2).sum())))
+            rec["strategies"][s.name] = (float(loss_s), gemms_s.flops_lp, gemms_s.flops_all, c, grads)
+            del output_s, out_s, g_lp
+        return rec
 
     def reference(self, strategies: Sequence[Strategy]) -> dict[str, Outcome]:
         """Run high precision and every strategy (all captured GEMMs in low precision), forward and backward,
         batch by batch (one batch's high-precision gradients held at a time); returns strategy → Outcome.
-        With no strategies: the high-precision forward reference alone (what ``evaluate`` compares with)."""
-        self.loss_hp, self.out_hp = [], []  # a second call replaces the reference, never appends to it
+        With no strategies: the high-precision forward reference alone (what ``evaluate`` compares with).
+
+        Under torchrun batch i runs on rank i % world size (its output stays there, for ``evaluate``);
+        the per-batch sums are folded in batch order on every rank (analysis/distributed.py), the same
+        float additions as one process."""
+        n = len(self.batches)
+        self.loss_hp, self.out_hp = [], [None] * n  # a second call replaces the reference, never appends to it
         cmp: dict[str, _OutputCompare] = {}
         grad_acc: dict[str, dict[str, list[float]]] = {s.name: {} for s in strategies}
         loss_lp = {s.name: 0.0 for s in strategies}
         flops = {s.name: [0, 0] for s in strategies}
         states = {s.name: new_state(s) for s in strategies}  # one pass over the batches per strategy
-        for i in range(len(self.batches)):
-            loss, output, gemms, g_hp = self._run(Plan(None, threshold=self.threshold), i, grads=bool(strategies))
-            out, note = _output_tensor(output, gemms)
+        for i, rec in distributed.map_batches(n, lambda i: self._reference_batch(i, strategies, states),
+                                              pad=distributed.lockstep(self.module)):
             if i == 0:
-                self.order = list(dict.fromkeys(gemms.order))
-                self.distribution = (out is not None and self.info.kind != "surrogate" and out.dim() >= 2
-                                     and out.shape[-1] >= 2)
-                self.output_note = note
-            self.loss_hp.append(float(loss))
-            out_hp = None if out is None else out.detach().to("cpu", copy=True)
-            self.out_hp.append(out_hp)
-            del output, out
-            for s in strategies:
-                loss_s, output_s, gemms_s, g_lp = self._run(Plan(s, threshold=self.threshold), i, grads=True,
-                                                            state=states[s.name])
-                loss_lp[s.name] += float(loss_s)
-                flops[s.name][0] += gemms_s.flops_lp
-                flops[s.name][1] += gemms_s.flops_all
-                out_s, _ = _output_tensor(output_s, gemms_s)
-                c = cmp.setdefault(s.name, _OutputCompare(self.distribution))
-                if out_hp is not None and out_s is not None:
-                    c.update(out_hp, out_s.detach().to("cpu"))
-                if g_hp is not None and g_lp is not None:
-                    for (pname, _), gh, gl in zip(self.params, g_hp, g_lp):
-                        if gh is None or gl is None:
-                            continue
-                        acc = grad_acc[s.name].setdefault(pname, [0.0, 0.0])
-                        gh64 = gh.double()
-                        acc[0] += float(gh64.pow(2).sum())
-                        acc[1] += float((gl.double() - gh64).pow(2).sum())
-                del output_s, out_s, g_lp
-            del g_hp
-        n = len(self.batches)
+                self.order = rec["order"]
+                self.distribution = rec["distribution"]
+                self.output_note = rec["note"]
+            self.loss_hp.append(rec["loss_hp"])
+            self.forwards += rec["runs"]
+            for name, (loss_s, f_lp, f_all, c, grads) in rec["strategies"].items():
+                loss_lp[name] += loss_s
+                flops[name][0] += f_lp
+                flops[name][1] += f_all
+                if name in cmp:
+                    cmp[name].merge(c)
+                else:
+                    cmp[name] = c
+                for pname, sig, err in grads:
+                    acc = grad_acc[name].setdefault(pname, [0.0, 0.0])
+                    acc[0] += sig
+                    acc[1] += err
         hp = sum(self.loss_hp) / n
         outcomes = {}
         for s in strategies:
-            sqnr, kl, top1 = cmp[s.name].result()
+            sqnr, kl, top1 = cmp[s.name].result(self.distribution)
             gsq = {p: _sqnr(a[0], a[1]) for p, a in grad_acc[s.name].items() if a[0] > 0}
             f_lp, f_all = flops[s.name]
+            note = "; ".join(x for x in (self.output_note, self.grad_note) if x)
             outcomes[s.name] = Outcome(hp, loss_lp[s.name] / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
-                                       self.output_note, gsq)
+                                       note, gsq)
         return outcomes
 
+    def _evaluate_batch(self, plan: Plan, i: int, state: Any = None) -> tuple[float, float, float, _OutputCompare]:
+        loss, output, gemms, _ = self._run(plan, i, grads=False, state=state)
+        c = _OutputCompare(self.distribution)
+        out, _ = _output_tensor(output, gemms)
+        if out is not None and self.out_hp[i] is not None:
+            c.update(self.out_hp[i], out.detach().to("cpu"))
+        return float(loss), gemms.flops_lp, gemms.flops_all, c
+
     def evaluate(self, plan: Plan) -> Outcome:
-        """Forward only: ``plan`` over every batch, compared with the high-precision reference."""
+        """Forward only: ``plan`` over every batch, compared with the high-precision reference (sharded
+        and folded in batch order like ``reference``)."""
         c = _OutputCompare(self.distribution)
         loss_sum, f_lp, f_all = 0.0, 0, 0
-        state = new_state(plan.strategy)
-        for i in range(len(self.batches)):
-            loss, output, gemms, _ = self._run(plan, i, grads=False, state=state)
-            loss_sum += float(loss)
-            f_lp += gemms.flops_lp
-            f_all += gemms.flops_all
-            out, _ = _output_tensor(output, gemms)
-            if out is not None and self.out_hp[i] is not None:
-                c.update(self.out_hp[i], out.detach().to("cpu"))
-            del output, out
+        state = new_state(plan.strategy)  # a stateful recipe's history runs over this pass's batches
+        for _, (loss, b_lp, b_all, bc) in distributed.map_batches(len(self.batches),
+                                                                   lambda i: self._evaluate_batch(plan, i, state),
+                                                                   pad=distributed.lockstep(self.module)):
+            loss_sum += loss
+            f_lp += b_lp
+            f_all += b_all
+            c.merge(bc)
+            self.forwards += 1
         sqnr, kl, top1 = c.result()
         n = len(self.batches)
         return Outcome(sum(self.loss_hp) / n, loss_sum / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
@@ -395,6 +440,13 @@ class SensitivityEstimate:
         acc = self.sums.setdefault((strategy, layer), [0.0, 0.0])
         acc[0] += float(per_token.sum())
         acc[1] += 0.5 * G.shape[0] * float(per_token.pow(2).sum())
+
+    def merge(self, sums: dict[tuple[str, str], list[float]]) -> None:
+        """Add another batch's ``sums`` (pipeline folds batches in order: analysis/distributed.py)."""
+        for key, (first, second) in sums.items():
+            acc = self.sums.setdefault(key, [0.0, 0.0])
+            acc[0] += first
+            acc[1] += second
 
     def loss_change(self, strategy: str, layer: str, n_batches: int) -> float | None:
         """Estimated mean loss change (absolute) with only this layer in low precision; None when no gradient."""
@@ -565,6 +617,7 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
     layers = runner.order
     measured = sensitivity == "measured" or (sensitivity == "auto" and _measure_fits(
         len(layers), len(strategies), len(runner.batches), time.perf_counter() - start, time_budget_s))
+    measured = distributed.agree(measured)  # timed per rank: every rank must take rank 0's branch
     if not measured and estimate is None:
         raise ValueError("estimated sensitivity needs the isolated analysis' estimate, got none")
     e2e_rows, sens_rows, rec_rows = [], [], []
@@ -712,6 +765,9 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
     check_lr(lr)
     if not isinstance(runner.module, nn.Module):
         raise LoadError(f"cannot train a {type(runner.module).__name__}: expected an nn.Module")
+    if distributed.lockstep(runner.module):
+        raise ValueError("expected a model not sharded with FSDP2 for the training simulation (each recipe trains a "
+                         "copy of the model), got one wrapped with fully_shard: drop --steps")
     factory = resolve_optimizer(optimizer)
     theta0 = _flat([p for _, p in runner.params])
     window = max(1, steps // 10)

@@ -171,6 +171,17 @@ class Coverage:
             c.skipped += 1
             c.reasons[reason] += 1
 
+    def merge(self, other: Coverage) -> None:
+        """Add ``other``'s counts (another batch's, another rank's) to these."""
+        for key, o in other.ops.items():
+            c = self.ops.setdefault(key, _OpCount())
+            c.executed += o.executed
+            c.captured += o.captured
+            c.skipped += o.skipped
+            c.reasons.update(o.reasons)
+            c.flops += o.flops
+            c.flops_captured += o.flops_captured
+
     def table(self) -> pd.DataFrame:
         """The ``coverage`` table: kind, op, executed, captured, skipped, reason, gflops, gflops_captured."""
         rows = [{"kind": kind, "op": op, "executed": c.executed, "captured": c.captured, "skipped": c.skipped,
@@ -258,6 +269,22 @@ class _Namer:
                     break
         self.prefix = ".".join(prefix)
         self.seen: Counter = Counter()
+
+    def enter(self, path: str, module: nn.Module) -> list[int]:
+        """Name the parameters ``module`` holds now, for the duration of its forward: FSDP2 swaps the
+        sharded parameters for all-gathered ones in its pre-forward hook, and a streamed model
+        (analysis/streaming.py) swaps meta parameters for loaded ones, so ids taken at construction
+        no longer match. Returns the ids added, for ``leave`` (an id is reused once its tensor is freed)."""
+        added = []
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) not in self.params:
+                self.params[id(p)] = [(path, attr)]
+                added.append(id(p))
+        return added
+
+    def leave(self, added: list[int]) -> None:
+        for key in added:
+            self.params.pop(key, None)
 
     def strip(self, path: str) -> str:
         if self.prefix and (path == self.prefix or path.startswith(self.prefix + ".")):
@@ -753,15 +780,17 @@ class _Mode(TorchFunctionMode):
 def intercept(model: nn.Module, handler: GemmHandler, coverage: Coverage) -> Iterator[_Interceptor]:
     """Within the block, every GEMM ``model`` runs (eagerly, on this thread) goes through ``handler``."""
     icp = _Interceptor(model, handler, coverage)
-    stack: list[str] = []
+    stack: list[tuple[str, list[int]]] = []
     handles = []
     for path, mod in model.named_modules():
         def pre(m: nn.Module, inputs: tuple, path: str = path) -> None:
-            stack.append(icp.path)
+            stack.append((icp.path, icp.namer.enter(path, m)))
             icp.path = path
 
         def post(m: nn.Module, inputs: tuple, output: Any) -> None:
-            icp.path = stack.pop() if stack else ""
+            prev, added = stack.pop() if stack else ("", [])
+            icp.namer.leave(added)
+            icp.path = prev
 
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))

@@ -18,6 +18,7 @@ from fp8probe import __version__
 from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
+from . import distributed, streaming
 from .capture import GemmCall, LossFn, LossInfo, capture_batch
 from .e2e import (COST_BOUND, DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
@@ -29,6 +30,8 @@ from .delayed import delayed_table
 from .strategies import STRATEGIES, RecipeOptions, Strategy, reference_gemms, resolve, run_strategy, with_options
 
 ProgressFn = Callable[[int, int], None]
+E2E_OFF_NO_GRAD = ("end-to-end mode off: --no-grad runs forward only, and the end-to-end comparison needs backward "
+                   "passes (loss and gradient drift)")
 
 
 def forward_order(layers: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -63,7 +66,12 @@ class _LayerAcc:
 
 
 class _Analysis:
-    """Per-layer accumulators fed by capture, one GemmCall at a time."""
+    """Per-layer accumulators fed by capture, one GemmCall at a time.
+
+    Batches go through ``fresh()`` → capture → ``state()`` → ``absorb()`` on the totals, in batch
+    order (Run.stream, analysis/distributed.py): that order of float additions is what makes a
+    torchrun run bit-identical to one process.
+    """
 
     def __init__(self, strategies: list[Strategy], threshold: float, estimate: SensitivityEstimate | None = None) -> None:
         self.strategies = strategies
@@ -73,6 +81,54 @@ class _Analysis:
         # State across batches of stateful recipes (delayed scaling): one per strategy for the whole replay.
         self.states = {s.name: s.new_state() for s in strategies if s.new_state is not None}
         self._quantized = {s.name: s.quantized_gemms for s in strategies}
+        self.known_weights: set[str] = set()  # weights an earlier batch already measured (fresh())
+        self.failed: dict[str, set[str]] = {}  # layer → recipes that failed on it in an earlier batch
+
+    def fresh(self) -> _Analysis:
+        """An empty accumulator for one more batch, skipping what the totals make redundant (weights
+        already measured, recipes already failed on a layer)."""
+        part = _Analysis(self.strategies, self.threshold, None if self.estimate is None else SensitivityEstimate())
+        part.known_weights = {n for n, a in self.layers.items() if a.weight_seen and a.b_is_weight}
+        part.failed = {n: set(a.errors) for n, a in self.layers.items() if a.errors}
+        # A stateful recipe's history (delayed scaling) runs across batches: every batch's part writes
+        # into the totals' one state, so batches must run in order in this process (analyze refuses
+        # stateful strategies under torchrun).
+        part.states = self.states
+        return part
+
+    def state(self) -> tuple[dict[str, _LayerAcc], dict | None]:
+        """What a batch adds (picklable: it travels between ranks)."""
+        return self.layers, None if self.estimate is None else self.estimate.sums
+
+    def absorb(self, state: tuple[dict[str, _LayerAcc], dict | None]) -> None:
+        """Fold one batch's ``state()`` into the totals (batches must come in order)."""
+        layers, sums = state
+        for name, part in layers.items():
+            acc = self.layers.get(name)
+            if acc is None:
+                self.layers[name] = part
+                continue
+            if part.b_is_weight and (part.in_features, part.out_features) != (acc.in_features, acc.out_features):
+                raise LoadError(f"layer {name} changed shape between batches: "
+                                f"[{acc.out_features}, {acc.in_features}] then [{part.out_features}, {part.in_features}]")
+            acc.tokens += part.tokens
+            # A weight is the same tensor every batch: the first batch that measured it counts.
+            keep_weight = not (acc.weight_seen and part.b_is_weight)
+            for tname, ts in part.tensors.items():
+                if tname != "weight" or keep_weight:
+                    acc.tensors[tname] = acc.tensors[tname].merge(ts) if tname in acc.tensors else ts
+            acc.census = acc.census.merge(part.census)
+            for key, e in part.gemm.items():
+                if key[0] not in acc.errors:
+                    acc.gemm[key] = acc.gemm[key].merge(e) if key in acc.gemm else e
+            for key, o in part.operands.items():
+                if key[0] not in acc.errors and (key[1] != "weight" or keep_weight):
+                    acc.operands[key] = acc.operands[key].merge(o) if key in acc.operands else o
+            for strat, msg in part.errors.items():
+                acc.errors.setdefault(strat, msg)
+            acc.weight_seen = acc.weight_seen or part.weight_seen
+        if sums is not None and self.estimate is not None:
+            self.estimate.merge(sums)
 
     def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
@@ -87,7 +143,7 @@ class _Analysis:
                             f"[{acc.out_features}, {acc.in_features}] then {list(W.shape)}")
         acc.tokens += A.numel() // max(A.shape[-1], 1)
         # A weight is the same tensor every batch: count it once so its statistics are not repeated.
-        first_weight = not (acc.weight_seen and call.b_is_weight)
+        first_weight = not ((acc.weight_seen or call.name in self.known_weights) and call.b_is_weight)
         acc.weight_seen = True
         for tensor_name, t in (("activation", A), ("weight", W if first_weight else None), ("grad_output", G)):
             if t is not None:
@@ -95,7 +151,7 @@ class _Analysis:
         acc.census.update(A.reshape(-1, A.shape[-1]))
         ref = reference_gemms(A, W, G)
         for strat in self.strategies:
-            if strat.name in acc.errors:
+            if strat.name in acc.errors or strat.name in self.failed.get(call.name, ()):
                 continue
             try:
                 out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight,
@@ -181,24 +237,42 @@ class Run:
     loss_fn: LossFn | None
     loss_name: str | None
     coverage: Coverage = field(default_factory=Coverage)
+    grad: bool = True  # False: forward only (capture_batch(grad=False)), fprop GEMMs alone
 
-    def stream(self, sink: Callable[[GemmCall], None], report: ProgressFn | None = None) -> LossInfo | None:
-        """Capture every batch into `sink` (one GemmCall at a time), counting coverage; returns the last
-        batch's loss info."""
+    def stream(self, sink: Any, report: ProgressFn | None = None) -> LossInfo | None:
+        """Capture every batch into `sink`, counting coverage; returns the last batch's loss info.
+
+        ``sink``: a GemmCall consumer with ``fresh()`` (an empty one for one batch), ``state()`` and
+        ``absorb(state)``. Each batch is captured into a fresh sink whose state is folded into
+        ``sink`` in batch order; under torchrun batch i is captured on rank i % world size
+        (analysis/distributed.py) and every rank folds every batch, so the totals are the same
+        float operations as in one process.
+        """
         info = None
-        for i, batch in enumerate(self.batches):
-            info = capture_batch(self.module, batch, sink, layers=self.layers, loss_fn=self.loss_fn,
-                                 loss_name=self.loss_name, device=self.device, coverage=self.coverage)
+
+        def one(i: int) -> tuple[Any, Coverage, LossInfo]:
+            part, cov = sink.fresh(), Coverage(self.coverage.kinds)
+            got = capture_batch(self.module, self.batches[i], part, layers=self.layers, loss_fn=self.loss_fn,
+                                loss_name=self.loss_name, device=self.device, coverage=cov, grad=self.grad)
+            return part.state(), cov, got
+
+        for i, (state, cov, got) in distributed.map_batches(len(self.batches), one,
+                                                            pad=distributed.lockstep(self.module)):
+            sink.absorb(state)
+            self.coverage.merge(cov)
+            info = got
             if report is not None:
                 report(i + 1, len(self.batches))
         return info
 
 
 def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | None, device: str, seed: int,
-                loss: LossFn | str | None, gemms: str | list[str] | None = None) -> Run:
+                loss: LossFn | str | None, gemms: str | list[str] | None = None, grad: bool = True) -> Run:
     """Resolve model, batches, device and loss the same way for analyze() and the sweeps; seeds torch.
 
     ``gemms``: the GEMM kinds to capture (gemms.parse_kinds: "all", "linear,attention", ...; None = all).
+    ``grad`` False: forward-only capture. A model streamed from its checkpoint (analysis/streaming.py)
+    keeps its parameters on the meta device; its blocks load onto ``device`` as they run.
     """
     kinds = parse_kinds(gemms)
     module, own_batches, description = _as_model(model)
@@ -222,10 +296,11 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
     if isinstance(module, nn.Module):
-        module = module.to(dev)
+        module = streaming.to_device(module, dev)
     loss_fn, loss_name = _loss_fn(loss)
     torch.manual_seed(seed)
-    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name, Coverage(kinds))
+    return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name, Coverage(kinds),
+               grad)
 
 
 def _param_dtype(module: Any) -> str | None:
@@ -260,6 +335,7 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "batches": len(run.batches),
         "layers_regex": run.layers,
         "coverage": run.coverage.summary(),
+        **({"ranks": distributed.current().size} if distributed.current().size > 1 else {}),
     }
 
 
@@ -270,7 +346,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             gemms: str | list[str] | None = None, e2e: bool = True,
             budget: Budget | float | str = DEFAULT_BUDGET, sensitivity: str = "auto", steps: int = 0,
             lr: float = DEFAULT_LR, optimizer: OptimizerFactory | str | None = None,
-            options: RecipeOptions | None = None) -> Results:
+            options: RecipeOptions | None = None, grad: bool = True) -> Results:
     """Capture every GEMM of ``model`` on ``inputs`` and measure each recipe's error.
 
     model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
@@ -324,11 +400,27 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     +145…155 MiB for 32 (≈ 3 MiB per extra layer: autograd's saved activations plus allocator
     slack), where keeping each layer's replay would cost ≥ 40 MiB per layer.
     Reduce ``batches`` / batch size when one batch's activations do not fit.
+
+    Forward only (``grad`` False, the CLI's --no-grad): no loss and no backward; only fprop GEMMs
+    are captured (gemm rows "fprop", no grad_output tensors), each analysed as soon as it ran, so
+    memory is the model plus one layer's activations and replay; ``metadata.loss`` says so (kind
+    "none", ``no_gradient``), and the end-to-end mode is off (it runs backward passes), said in
+    ``metadata.e2e_off``. A model streamed from its checkpoint (analysis/streaming.py) is forward-only
+    by construction: only one block's weights exist at a time.
+
+    Under torchrun (WORLD_SIZE > 1, process group initialised): batch i runs on rank i % world size
+    and every rank folds the per-batch states in batch order (analysis/distributed.py), so the
+    tables are bit-identical to one process over the same batches; every rank returns them.
     """
     if options is not None and not isinstance(options, RecipeOptions):
         raise TypeError(f"expected RecipeOptions or None for options, got {type(options).__name__}")
     options = options or RecipeOptions()
     strategies = with_options(resolve(strategy), options)
+    stateful = [s.name for s in strategies if s.new_state is not None]
+    if stateful and distributed.current().size > 1:
+        raise ValueError(f"{', '.join(stateful)} carries scaling state from batch to batch, so its batches must run in "
+                         f"order in one process: expected a single-process run for it, got "
+                         f"{distributed.current().size} ranks (run it without torchrun, or leave it out of --strategy)")
     threshold = float(threshold)
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
@@ -340,9 +432,19 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     if steps:
         check_lr(lr)
         resolve_optimizer(optimizer)
+    e2e_off = None
+    if streaming.is_streamed(model):
+        grad = False
+        e2e_off = streaming.E2E_OFF
+    elif not grad:
+        e2e_off = E2E_OFF_NO_GRAD
+    if e2e_off is not None:
+        if steps:
+            raise ValueError(f"expected steps 0 with a forward-only run ({e2e_off}), got steps {steps}")
+        e2e = False
     started = time.perf_counter()
     run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
-                      gemms=gemms)
+                      gemms=gemms, grad=grad)
     analysis = _Analysis(strategies, threshold, SensitivityEstimate() if e2e else None)
     if callable(progress):
         report: ProgressFn | None = progress
@@ -357,6 +459,10 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
                             seed=seed, info=info, formats=used_formats)
     metadata.update({"strategies": [s.name for s in strategies], "threshold": threshold,
                      "rules": {s.name: s.rules for s in strategies}, "recipe_options": options.metadata()})
+    if e2e_off is not None:
+        metadata["e2e_off"] = e2e_off
+    if streaming.is_streamed(run.module):
+        metadata["streaming"] = streaming.summary(run.module)
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
     if e2e or steps:
         runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,

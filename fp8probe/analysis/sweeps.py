@@ -120,19 +120,51 @@ class _BlockLayer:
     index: int = 0  # forward position (calls arrive in backward order; tables list forward order)
     err: dict[tuple[int, str], ErrorAccumulator] = field(default_factory=dict)
     weight_done: bool = False
+    b_is_weight: bool = True
+
+
+def _merge_err(dst: dict, src: dict, skip: Any = lambda key: False) -> None:
+    for key, e in src.items():
+        if not skip(key):
+            dst[key] = dst[key].merge(e) if key in dst else e
 
 
 class _BlocksizeSweep:
     """Fake-quantises A, W (bnb-e4m3) and G (bnb-e5m2) blockwise at each block size and measures
-    operand and GEMM error against float64 products of the unquantised operands."""
+    operand and GEMM error against float64 products of the unquantised operands.
+
+    Batches: ``fresh()`` / ``state()`` / ``absorb()`` as pipeline._Analysis (folded in batch order).
+    """
 
     def __init__(self, blocksizes: list[int]) -> None:
         self.blocksizes = blocksizes
         self.layers: dict[str, _BlockLayer] = {}
+        self.known_weights: set[str] = set()
+
+    def fresh(self) -> _BlocksizeSweep:
+        part = _BlocksizeSweep(self.blocksizes)
+        part.known_weights = {n for n, a in self.layers.items() if a.weight_done and a.b_is_weight}
+        return part
+
+    def state(self) -> dict[str, _BlockLayer]:
+        return self.layers
+
+    def absorb(self, layers: dict[str, _BlockLayer]) -> None:
+        for name, part in layers.items():
+            acc = self.layers.get(name)
+            if acc is None:
+                self.layers[name] = part
+                continue
+            keep_weight = not (acc.weight_done and part.b_is_weight)
+            _merge_err(acc.err, part.err, lambda key: key[1] == "weight" and not keep_weight)
+            acc.weight_done = acc.weight_done or part.weight_done
 
     def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
-        acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[-1], W.shape[-2], call.index))
+        acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[-1], W.shape[-2], call.index,
+                                                            b_is_weight=call.b_is_weight))
+        if call.name in self.known_weights:
+            acc.weight_done = True
         # Batched GEMMs (attention, bmm, conv groups: [Bt, M, K]) use .mT and batched products.
         a64, w64 = A.double(), W.double()
         g64 = None if G is None else G.double()
@@ -189,6 +221,23 @@ class _ThresholdSweep:
         self.thresholds = thresholds
         self.row_scale = F.check_row_scale(row_scale)
         self.layers: dict[str, _ThresholdLayer] = {}
+
+    def fresh(self) -> _ThresholdSweep:
+        return _ThresholdSweep(self.thresholds)
+
+    def state(self) -> dict[str, _ThresholdLayer]:
+        return self.layers
+
+    def absorb(self, layers: dict[str, _ThresholdLayer]) -> None:
+        for name, part in layers.items():
+            acc = self.layers.get(name)
+            if acc is None:
+                self.layers[name] = part
+                continue
+            _merge_err(acc.err, part.err)
+            for th, cols in part.cols.items():
+                acc.cols[th] = acc.cols.get(th, 0.0) + cols
+            acc.tokens += part.tokens
 
     def __call__(self, call: GemmCall) -> None:
         A, W = call.activation, call.weight
@@ -274,6 +323,16 @@ class _Both:
 
     def __init__(self, *sweeps: Any) -> None:
         self.sweeps = sweeps
+
+    def fresh(self) -> _Both:
+        return _Both(*(s.fresh() for s in self.sweeps))
+
+    def state(self) -> tuple:
+        return tuple(s.state() for s in self.sweeps)
+
+    def absorb(self, states: tuple) -> None:
+        for s, st in zip(self.sweeps, states):
+            s.absorb(st)
 
     def __call__(self, call: GemmCall) -> None:
         for s in self.sweeps:

@@ -188,7 +188,9 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         warnings.append(f"{n} GEMM call(s) not analysed: " + "; ".join(f"{k} ({v})" for k, v in coverage["skipped"].items()))
     if t.get("errors"):
         warnings.append(f"{len(t['errors'])} strategy/layer combination(s) failed and have no numbers")
-    missing = [MISSING[name] for name in ("e2e", "coverage") if not t.get(name)]
+    # A forward-only or streamed run says why it has no end-to-end part (metadata.e2e_off).
+    missing = [(metadata.get("e2e_off") if name == "e2e" else None) or MISSING[name]
+               for name in ("e2e", "coverage") if not t.get(name)]
     if t.get("e2e") and not rec_rows:
         missing.append(MISSING["recommendation"])
     isolated = isolated_summary(t.get("gemm", []), strategies, keep_db)

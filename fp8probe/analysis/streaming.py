@@ -1,0 +1,226 @@
+"""Bigger-than-memory forward-only analysis: the model's parameters on the meta device, each block's weights read from the checkpoint just before the block runs and dropped right after.
+
+A block (a "unit") is an element of a top-level ``nn.ModuleList`` (a transformer layer); a parameter
+outside every such list (embeddings, final norm, LM head) forms a unit with the other parameters of
+the module owning it. A unit's forward pre-hook reads its parameters from the checkpoint
+(weights_only.open_checkpoint: safetensors tensors are private maps of their own byte range) into
+fresh tensors of the parameter's dtype on the run's device; its forward hook puts the meta
+parameters back, so the loaded ones are freed. Buffers stay real (built by the model's own code,
+persistent ones loaded from the checkpoint up front): non-persistent buffers such as rotary
+frequencies are not in checkpoints and keep the values the constructor computed.
+
+Peak memory is one unit's weights plus one batch's activations (no autograd: streaming is forward
+only, capture_batch(grad=False)) plus one GEMM's replay. The backward pass would need every
+block's weights again (autograd saves them), and the end-to-end mode runs the model many times
+whole, so both are off; results say so (``metadata.e2e_off``, ``metadata.loss``).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from .capture import release_free_memory
+from .loading import LoadedModel, LoadError, _call_factory, _hf_class, one_line
+
+if TYPE_CHECKING:  # weights_only imports sweeps, which imports pipeline, which imports this module
+    from .weights_only import Checkpoint, TensorEntry
+
+E2E_OFF = ("end-to-end mode off: the model was streamed block by block from its checkpoint (--stream), and the "
+           "end-to-end runs need every weight at once (and backward passes)")
+STREAM_NOTE = ("streamed: parameters on the meta device, each block's weights read from the checkpoint before its "
+               "forward and freed after it; forward only")
+_MARK = "_fp8probe_streamer"
+# Keys named in a mismatch message before "... and N more".
+_KEYS_SHOWN = 5
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Every parameter a module registers inside the block lands on the meta device (no memory, no
+    init cost); buffers stay real, so what the constructor computes into them survives."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _units(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """(path, module, whole_subtree) for every unit: top-level ModuleList elements (whole subtree),
+    then each other module owning parameters outside them (its direct parameters only)."""
+    blocks: list[tuple[str, nn.Module, bool]] = []
+    inside: set[int] = set()
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and id(mod) not in inside:
+            for i, block in enumerate(mod):
+                blocks.append((f"{path}.{i}" if path else str(i), block, True))
+                inside.update(id(m) for m in block.modules())
+            inside.add(id(mod))
+    owners = [(path, mod, False) for path, mod in model.named_modules()
+              if id(mod) not in inside and any(p is not None for p in mod._parameters.values())]
+    return blocks + owners
+
+
+class BlockStreamer:
+    """Loads each unit's parameters from ``ckpt`` before its forward and frees them after (module docstring)."""
+
+    def __init__(self, model: nn.Module, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.device = torch.device("cpu")
+        self.loads = 0
+        self.peak_unit_bytes = 0
+        entries = {e.key: e for e in ckpt.entries}
+        aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        used: set[str] = set()
+        missing, wrong = [], []
+        self.units: list[tuple[str, nn.Module, list[tuple[nn.Module, str, nn.Parameter, TensorEntry]]]] = []
+        for path, unit, subtree in _units(model):
+            slots = []
+            owners = unit.named_modules(prefix=path) if subtree else [(path, unit)]
+            for _, owner in owners:
+                for attr, p in owner._parameters.items():
+                    if p is None:
+                        continue
+                    key = next((k for k in aliases.get(id(p), []) if k in entries), None)
+                    if key is None:
+                        missing.append(aliases.get(id(p), [f"{path}.{attr}"])[0])
+                        continue
+                    used.add(key)
+                    if tuple(entries[key].shape) != tuple(p.shape) or entries[key].dtype is None:
+                        wrong.append(f"{key} {list(entries[key].shape)} {entries[key].dtype_name} vs {list(p.shape)}")
+                        continue
+                    slots.append((owner, attr, p, entries[key]))
+            if slots:
+                self.units.append((path, unit, slots))
+        buffers = dict(model.named_buffers())
+        for key in [k for k in entries if k in buffers]:
+            used.add(key)
+        unexpected = [k for k in entries if k not in used]
+        problems = [f"{len(v)} {what} ({', '.join(v[:_KEYS_SHOWN])}{', ...' if len(v) > _KEYS_SHOWN else ''})"
+                    for what, v in (("missing weight(s)", missing), ("weight(s) of another shape or dtype", wrong),
+                                     ("unexpected weight(s)", unexpected)) if v]
+        if problems:
+            raise LoadError(f"the weights in {ckpt.description} do not fit {type(model).__name__}: {'; '.join(problems)}")
+        for key, buf in buffers.items():  # persistent buffers (running stats, ...): small, loaded once
+            if key in entries:
+                with ckpt.tensor(entries[key]) as t:
+                    buf.copy_(t.to(buf.dtype))
+        for _, unit, slots in self.units:
+            # Registered when the model is built, before capture's own hooks: those then see loaded weights.
+            unit.register_forward_pre_hook(lambda m, args, slots=slots: self.load(slots))
+            unit.register_forward_hook(lambda m, args, out, slots=slots: self.free(slots), always_call=True)
+
+    def load(self, slots: list) -> None:
+        total = 0
+        for owner, attr, meta, entry in slots:
+            with self.ckpt.tensor(entry) as t:
+                real = t.to(device=self.device, dtype=meta.dtype, copy=True)
+            owner._parameters[attr] = nn.Parameter(real, requires_grad=False)
+            total += real.numel() * real.element_size()
+        self.loads += 1
+        self.peak_unit_bytes = max(self.peak_unit_bytes, total)
+
+    def free(self, slots: list) -> None:
+        for owner, attr, meta, _ in slots:
+            owner._parameters[attr] = meta
+        release_free_memory()
+
+    def summary(self) -> dict:
+        """``metadata.streaming``: note, units, unit loads, the largest unit's bytes."""
+        return {"note": STREAM_NOTE, "checkpoint": self.ckpt.description, "units": len(self.units),
+                "unit_loads": self.loads, "peak_unit_bytes": self.peak_unit_bytes}
+
+
+def _streamer(obj: Any) -> BlockStreamer | None:
+    return getattr(getattr(obj, "module", obj), _MARK, None)
+
+
+def is_streamed(obj: Any) -> bool:
+    """True for a model (or LoadedModel) built by ``load_streamed``."""
+    return _streamer(obj) is not None
+
+
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)``; a streamed model moves its buffers and loads its blocks onto ``device``."""
+    streamer = _streamer(module)
+    if streamer is None:
+        return module.to(device)
+    for owner in module.modules():
+        for name, buf in owner._buffers.items():
+            if buf is not None:
+                owner._buffers[name] = buf.to(device)
+    streamer.device = device
+    return module
+
+
+def summary(module: nn.Module) -> dict:
+    streamer = _streamer(module)
+    return {} if streamer is None else streamer.summary()
+
+
+def _skeleton_hf(path: Path) -> tuple[nn.Module, str]:
+    try:
+        import transformers
+    except ImportError:
+        raise LoadError(f"{path} is a Hugging Face model directory but transformers is not installed: "
+                        "pip install 'fp8probe[hf]'") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/KeyError...
+        raise LoadError(f"cannot load Hugging Face model from {path}: its config.json is not usable "
+                        f"({one_line(exc)})") from None
+    cls, cls_name = _hf_class(transformers, config, path)
+    try:
+        with params_on_meta():
+            # The dtype from_pretrained would give (config.dtype), so numbers match the in-memory load.
+            model = cls._from_config(config)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise LoadError(f"cannot build {cls_name} from {path / 'config.json'}: {one_line(exc)}") from None
+    return model, f"Hugging Face {type(model).__name__} from {path.name}"
+
+
+def load_streamed(source: str | Path, *, factory: str | None = None) -> LoadedModel:
+    """A model whose weights stay in the checkpoint at ``source`` until each block runs.
+
+    ``source``: a Hugging Face model directory (config.json + safetensors / .bin shards: the class
+    config.architectures names), or with ``factory`` (``module:function`` / ``file.py:function``
+    returning the model or (model, batches)) any checkpoint ``open_checkpoint`` reads (.safetensors,
+    *.index.json, a directory of weight files, a torch.save'd state_dict). The model is built with
+    its parameters on the meta device; weights that do not fit its parameters are a LoadError.
+    Prefer safetensors: each tensor is mapped alone, where a .pt/.bin file is mapped whole.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise LoadError(f"checkpoint {source} does not exist: --stream reads a Hugging Face model directory or a "
+                        "checkpoint (.safetensors, *.index.json, state_dict) with --factory")
+    batches = None
+    if factory is None:
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise LoadError(f"--stream with {path.name} needs --factory module:function building the model (only a "
+                            "Hugging Face directory with config.json names its own model class)")
+        model, description = _skeleton_hf(path)
+    else:
+        with params_on_meta():
+            model, batches = _call_factory(factory)
+        description = f"checkpoint {path.name} + factory {factory}"
+    from .weights_only import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    if ckpt is None:
+        raise LoadError(f"{path} holds no checkpoint --stream can read: expected .safetensors, *.index.json, a "
+                        "directory of weight files or a torch.save'd state_dict")
+    setattr(model, _MARK, BlockStreamer(model, ckpt))
+    return LoadedModel(model.eval(), "streamed", f"{description} (streamed)", batches)

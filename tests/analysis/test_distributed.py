@@ -1,0 +1,116 @@
+"""torchrun with 2 CPU ranks (gloo): batches sharded i % 2, tables bit-identical to one process, rank 0 alone writes, errors reach every rank."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch.distributed as dist
+
+from fp8probe.analysis import distributed
+
+HERE = Path(__file__).resolve().parent
+FACTORY = f"{HERE / 'dist_factory.py'}:build"
+FAILING = f"{HERE / 'dist_factory.py'}:build_failing"
+ROOT = HERE.parents[1]
+# Generous: a run takes ~10-20 s on the shared 2-core box; the point is "no hang", not speed.
+TIMEOUT_S = 240
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _env(log: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    if log is not None:
+        env["FP8PROBE_TEST_FORWARD_LOG"] = str(log)
+    return env
+
+
+def _fp8probe(args: list[str], ranks: int, log: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m fp8probe ARGS`` in one process (ranks 0) or under torchrun with ``ranks`` CPU ranks."""
+    launcher = [] if ranks == 0 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    return subprocess.run([sys.executable, *launcher, "-m", "fp8probe", *args], capture_output=True, text=True,
+                          env=_env(log), cwd=ROOT, timeout=TIMEOUT_S)
+
+
+def _tables(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())["tables"]
+
+
+def _forwards(log: Path) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in line.split()) for line in log.read_text().split("\n") if line]
+
+
+def test_two_ranks_bit_identical_to_one_process(tmp_path) -> None:
+    """analyze with the end-to-end mode, the training simulation and both sweeps (--sweeps), once."""
+    common = ["analyze", FACTORY, "-s", "global,int8", "--threads", "1", "--sensitivity", "estimated", "--batches", "3",
+              "--steps", "1", "--sweeps", "--no-html", "-q"]
+    one = _fp8probe([*common, "--out", str(tmp_path / "one")], ranks=0)
+    assert one.returncode == 0, one.stderr
+    log = tmp_path / "forwards.log"
+    two = _fp8probe([*common, "--out", str(tmp_path / "two")], ranks=2, log=log)
+    assert two.returncode == 0, two.stderr
+    a, b = _tables(tmp_path / "one"), _tables(tmp_path / "two")
+    assert {"gemm", "operands", "tensors", "histograms", "outliers", "coverage", "e2e", "sensitivity",
+            "recommendation", "training", "blocksize_sweep", "threshold_sweep"} <= set(a)
+    assert set(pd.DataFrame(a["recommendation"])["kind"]) == {"strategy", "blocksize", "threshold"}
+    assert a.keys() == b.keys()
+    for name in a:  # exact: the same float operations in the same order (NaN written as null)
+        assert a[name] == b[name], name
+    meta = json.loads((tmp_path / "two" / "results.json").read_text())["metadata"]
+    assert meta["ranks"] == 2 and meta["batches"] == 3
+    # Sharded: every capture / end-to-end forward of batch i ran on rank i % 2 (the training
+    # simulation, sequential by nature, runs on every rank and is left out: steps use batch 0 only).
+    runs = _forwards(log)
+    sharded = [(r, i) for r, i in runs if i != 0]
+    assert sharded and all(r == i % 2 for r, i in sharded)
+    assert {r for r, _ in runs} == {0, 1}
+    # Rank 0 alone reports and writes.
+    assert two.stdout.count("results: ") == 1
+
+
+def test_error_on_one_rank_stops_every_rank(tmp_path) -> None:
+    run = _fp8probe(["analyze", FAILING, "--threads", "1", "--no-e2e", "--no-html", "-q",
+                     "--out", str(tmp_path / "out")], ranks=2)
+    assert run.returncode != 0
+    # Rank 1 raised on batch 1; rank 0 learnt it in the same round and stopped with the same line.
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 2, run.stderr
+    assert all("planted failure on a 3-row batch" in ln and "(rank 1, batch 1)" in ln for ln in lines)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_out_refused_on_rank0_stops_every_rank(tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    run = _fp8probe(["analyze", FACTORY, "--no-e2e", "--no-html", "-q", "--out", str(out)], ranks=2)
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 2 and all("--overwrite" in ln for ln in lines), run.stderr
+
+
+def test_map_batches_one_process_is_lazy_and_ordered() -> None:
+    seen: list[int] = []
+
+    def fn(i: int) -> int:
+        seen.append(i)
+        return 10 * i
+
+    it = distributed.map_batches(3, fn, distributed.World())
+    assert next(it) == (0, 0) and seen == [0]  # batch 1 runs only after batch 0 was folded in
+    assert list(it) == [(1, 10), (2, 20)] and seen == [0, 1, 2]
+
+
+def test_init_from_env_rejects_bad_world_size(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"expected an integer >= 1 in \$WORLD_SIZE, got 'two'"):
+        distributed.init_from_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init_from_env() == distributed.World()
