@@ -223,7 +223,7 @@ class _ThresholdSweep:
         self.layers: dict[str, _ThresholdLayer] = {}
 
     def fresh(self) -> _ThresholdSweep:
-        return _ThresholdSweep(self.thresholds)
+        return _ThresholdSweep(self.thresholds, self.row_scale)
 
     def state(self) -> dict[str, _ThresholdLayer]:
         return self.layers

@@ -145,3 +145,12 @@ def test_each_e2e_pass_starts_from_an_empty_history(tiny_model, tiny_batches) ->
     first, second = runner.evaluate(Plan(s)), runner.evaluate(Plan(s))
     assert first.loss_lp == second.loss_lp and first.output_sqnr_db == second.output_sqnr_db
     assert new_state(s) is not new_state(s) and new_state(STRATEGIES["global"]) is None
+
+
+def test_refused_under_torchrun(tiny_model, tiny_batches, monkeypatch) -> None:
+    """Ranks see every N-th batch, so a history across batches cannot equal one process: a clear error."""
+    from fp8probe.analysis import distributed
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.World(0, 2))
+    with pytest.raises(ValueError, match="delayed carries scaling state .* got 2 ranks"):
+        analyze(tiny_model, tiny_batches, "int8,delayed", gemms="linear", e2e=False)
