@@ -69,9 +69,27 @@ class _Analysis:
         self.threshold = threshold
         self.layers: dict[str, _LayerAcc] = {}
         self.estimate = estimate  # the end-to-end mode's per-layer sensitivity estimate, fed from the same replay
+        # Seconds spent in each part of the replay (perf_counter, summed over calls): what
+        # Results.metadata["timings"] reports, so a benchmark can split a run without its own prints.
+        self.seconds = dict.fromkeys(("stats", "reference", "recipes", "metrics"), 0.0)
+        self.seconds_by_kind: dict[str, float] = {}  # whole replay time per GEMM kind (linear, attention, ...)
 
     def __call__(self, call: GemmCall) -> None:
+        started = time.perf_counter()
+        try:
+            self._replay(call)
+        finally:
+            spent = time.perf_counter() - started
+            self.seconds_by_kind[call.kind] = self.seconds_by_kind.get(call.kind, 0.0) + spent
+
+    def _tick(self, part: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[part] += now - since
+        return now
+
+    def _replay(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
+        clock = time.perf_counter()
         acc = self.layers.get(call.name)
         batch = A.shape[0] if A.dim() == 3 else 1
         if acc is None:
@@ -89,18 +107,22 @@ class _Analysis:
             if t is not None:
                 acc.tensors.setdefault(tensor_name, TensorStats()).update(t)
         acc.census.update(A.reshape(-1, A.shape[-1]))
+        clock = self._tick("stats", clock)
         ref = reference_gemms(A, W, G)
+        clock = self._tick("reference", clock)
         for strat in self.strategies:
             if strat.name in acc.errors:
                 continue
             try:
                 out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight)
             except (RuntimeError, ValueError, TypeError) as exc:
+                clock = self._tick("recipes", clock)
                 # One failing recipe must not sink the whole analysis: record it for the report.
                 acc.errors[strat.name] = one_line(exc)
                 warnings.warn(f"strategy {strat.name} failed on layer {call.name}: {acc.errors[strat.name]}",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)  # the caller of capture's sink
                 continue
+            clock = self._tick("recipes", clock)
             for gemm, lp in out.gemms.items():
                 acc.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp)
             if self.estimate is not None:
@@ -109,6 +131,7 @@ class _Analysis:
                 if operand == "weight" and not first_weight:
                     continue
                 acc.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat)
+            clock = self._tick("metrics", clock)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         layers, gemm, operands, tensors, hists, outliers, errors = [], [], [], [], [], [], []
@@ -310,6 +333,12 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     +145…155 MiB for 32 (≈ 3 MiB per extra layer: autograd's saved activations plus allocator
     slack), where keeping each layer's replay would cost ≥ 40 MiB per layer.
     Reduce ``batches`` / batch size when one batch's activations do not fit.
+
+    ``metadata["timings"]`` splits the run (wall seconds): ``capture_s`` (the model's forward and
+    backward, hooks included), the per-GEMM replay as ``stats_s`` (tensor statistics, outlier census),
+    ``reference_s`` (float64 GEMMs), ``recipes_s``, ``metrics_s`` (error accumulators), then
+    ``tables_s``, ``e2e_s`` and ``total_s``; ``replay_s_by_kind``: the replay per GEMM kind (linear,
+    attention, matmul, conv: the cost of covering more than the linear layers).
     """
     strategies = resolve(strategy)
     threshold = float(threshold)
@@ -334,13 +363,22 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             print(f"analyze: batch {done}/{total}", file=sys.stderr, flush=True)
     else:
         report = None
+    stream_started = time.perf_counter()
     info = run.stream(analysis, report)
+    stream_s = time.perf_counter() - stream_started
     used_formats = sorted({f for s in strategies for f in s.formats})
     metadata = run_metadata(run, name=name or "analysis", model_desc=model_desc, inputs_desc=inputs_desc,
                             seed=seed, info=info, formats=used_formats)
     metadata.update({"strategies": [s.name for s in strategies], "threshold": threshold,
                      "rules": {s.name: s.rules for s in strategies}})
+    tables_started = time.perf_counter()
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
+    timings = {"capture_s": stream_s - sum(analysis.seconds_by_kind.values()),
+               **{f"{part}_s": sec for part, sec in analysis.seconds.items()},
+               "tables_s": time.perf_counter() - tables_started,
+               "replay_s_by_kind": dict(sorted(analysis.seconds_by_kind.items()))}
+    metadata["timings"] = timings
+    e2e_started = time.perf_counter()
     if e2e or steps:
         runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
                         loss_name=run.loss_name, threshold=threshold, seed=seed, kinds=run.coverage.kinds)
@@ -357,4 +395,6 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             tables["training"] = simulate_training(runner, strategies, steps, lr, optimizer)
             metadata["training"] = {"steps": steps, "lr": lr, "optimizer": "AdamW" if optimizer is None else
                                     getattr(optimizer, "__qualname__", str(optimizer))}
+    timings["e2e_s"] = time.perf_counter() - e2e_started  # end to end and --steps; 0 without them
+    timings["total_s"] = time.perf_counter() - started
     return Results(metadata, tables, kind="analyze")
