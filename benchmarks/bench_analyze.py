@@ -100,14 +100,15 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
         report_s = time.perf_counter() - report0
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    t = res.metadata["timings"]
+    # An older fp8probe (a "before" measurement) has no timings: its split columns stay empty.
+    t = res.metadata.get("timings") or {"total_s": wall - report_s, "e2e_s": 0.0, "replay_s_by_kind": {}}
     layers = res.tables["layers"]
     row: dict[str, object] = {
         "model": name + (" (quick)" if quick else ""), "linears": int((layers["kind"] == "linear").sum()),
         "gemm_sites": len(layers), "tokens": " + ".join(str(b["input_ids"].numel()) for b in batches),
         "strategies": len(res.metadata["strategies"]), "threads": torch.get_num_threads(),
         "wall_s": wall, "cpu_s": cpu, "report_s": report_s,
-        "coverage_s": sum(s for kind, s in t["replay_s_by_kind"].items() if kind != "linear"),
+        "coverage_s": sum(s for kind, s in t["replay_s_by_kind"].items() if kind != "linear") or None,
         "rss_mib": rss / MIB, "model_mib": model_bytes / MIB, "rss_x_model": rss / model_bytes,
         "target": f"isolated ≤ {target_s:g} s" + (f", RSS ≤ {RSS_TARGET_X:g}× model" if name == "llama-135m" else ""),
         "timings": t,
