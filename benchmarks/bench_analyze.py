@@ -120,7 +120,8 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
 
 def child_wait_policy() -> str:
     """The OpenMP wait policy of the measured processes: the user's OMP_WAIT_POLICY, else PASSIVE, as the
-    fp8probe command line sets it (fp8probe/__init__.py); the children are not the CLI, so it is passed."""
+    fp8probe command line sets it (fp8probe/__init__.py); the children are not the CLI, so it is passed.
+    OMP_WAIT_POLICY=default leaves it unset in the children (libgomp's default, as before issue 15)."""
     return os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -131,6 +132,8 @@ def _child(args: argparse.Namespace, name: str) -> dict[str, object]:
     cmd += ["--quick"] if args.quick else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(T.REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_WAIT_POLICY": child_wait_policy()}
+    if env["OMP_WAIT_POLICY"] == "default":  # libgomp's own default (spin a while, then sleep): the "before"
+        del env["OMP_WAIT_POLICY"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"error: measuring {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
