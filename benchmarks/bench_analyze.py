@@ -1,7 +1,7 @@
 """Wall time, CPU time and peak memory of ``analyze --strategy all`` on the issue-15 models, split by pipeline part.
 
-Usage: ``python benchmarks/bench_analyze.py [--model llama-135m,bert] [--strategy all] [--threads N]
-[--no-e2e] [--competing-load] [--markdown] [--json PATH] [--quick]``.
+Usage: ``python benchmarks/bench_analyze.py [--model llama-135m,bert] [--strategy all] [--device cpu|cuda]
+[--threads N] [--no-e2e] [--competing-load] [--markdown] [--json PATH] [--quick]``.
 
 Models (benchmarks/models/, random weights from a config, nothing downloaded):
 * ``llama-135m``: SmolLM-135M's shape (30 layers, d=576, MLP 1536, 9 / 3 KV heads, vocab 49152, tied
@@ -74,10 +74,12 @@ COLUMNS = [T.Column("model", "model"), T.Column("linears", "linears"), T.Column(
            T.Column("tables_s", "tables", "{:.2f}"), T.Column("coverage_s", "coverage", "{:.1f}"),
            T.Column("e2e_s", "e2e", "{:.1f}"), T.Column("report_s", "report", "{:.1f}"),
            T.Column("rss_mib", "peak RSS MiB", "{:.0f}"), T.Column("rss_x_model", "RSS/fp32 model", "{:.2f}"),
+           T.Column("gpu_peak_mib", "GPU peak MiB", "{:.0f}"),
            T.Column("cpu_growth", "×CPU", "{:.2f}"), T.Column("target", "target")]
 
 
-def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick: bool) -> dict[str, object]:
+def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick: bool,
+                device: str = "cpu") -> dict[str, object]:
     """Build model `name`, analyze it once to warm up, then measure analyze + report (run in a child process)."""
     import importlib
 
@@ -91,9 +93,12 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
     kwargs = small if quick else full
     model, batches = importlib.import_module(f"models.{module}").build(**kwargs)
     model_bytes = sum(p.numel() * 4 for p in model.parameters())  # fp32 size (tied weights counted once)
-    analyze(model, batches[:1], strategy, layers=WARMUP_LAYERS, e2e=False)
+    analyze(model, batches[:1], strategy, layers=WARMUP_LAYERS, e2e=False, device=device)  # CUDA: kernels compile
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    res = analyze(model, batches, strategy, e2e=e2e)
+    res = analyze(model, batches, strategy, e2e=e2e, device=device)
+    T.sync(device)
     with tempfile.TemporaryDirectory() as tmp:
         report0 = time.perf_counter()
         res.to_html(Path(tmp) / "report.html")
@@ -106,7 +111,8 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
     row: dict[str, object] = {
         "model": name + (" (quick)" if quick else ""), "linears": int((layers["kind"] == "linear").sum()),
         "gemm_sites": len(layers), "tokens": " + ".join(str(b["input_ids"].numel()) for b in batches),
-        "strategies": len(res.metadata["strategies"]), "threads": torch.get_num_threads(),
+        "strategies": len(res.metadata["strategies"]), "threads": torch.get_num_threads(), "device": device,
+        "gpu_peak_mib": torch.cuda.max_memory_allocated() / MIB if device == "cuda" else None,
         "wall_s": wall, "cpu_s": cpu, "report_s": report_s,
         "coverage_s": sum(s for kind, s in t["replay_s_by_kind"].items() if kind != "linear") or None,
         "rss_mib": rss / MIB, "model_mib": model_bytes / MIB, "rss_x_model": rss / model_bytes,
@@ -130,6 +136,7 @@ def _child(args: argparse.Namespace, name: str) -> dict[str, object]:
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--no-e2e"] if args.no_e2e else []
     cmd += ["--quick"] if args.quick else []
+    cmd += ["--device", args.device]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(T.REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_WAIT_POLICY": child_wait_policy()}
     if env["OMP_WAIT_POLICY"] == "default":  # libgomp's own default (spin a while, then sleep): the "before"
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=",".join(MODELS), help=f"comma-separated, among {', '.join(MODELS)}")
     ap.add_argument("--strategy", default="all")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where analyze runs (peak GPU memory "
+                    "is reported for cuda)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end part (isolated per-GEMM analysis only)")
     ap.add_argument("--competing-load", action="store_true",
@@ -167,19 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
     if args.child:
-        print(json.dumps(measure_one(args.child, args.strategy, args.threads, not args.no_e2e, args.quick),
-                         default=float))
+        print(json.dumps(measure_one(args.child, args.strategy, args.threads, not args.no_e2e, args.quick,
+                                     args.device), default=float))
         return 0
     names = [n.strip() for n in args.model.split(",") if n.strip()]
     bad = [n for n in names if n not in MODELS]
     if bad or not names:
         raise SystemExit(f"error: --model must be among {', '.join(MODELS)}, got {args.model!r}")
-
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = T.machine_info("cpu")
+    T.setup_device(argparse.Namespace(device=args.device, threads=args.threads, quick=False))  # exit 2 without a GPU
+    info = T.machine_info(args.device)
     info["omp_wait_policy"] = child_wait_policy()
     T.print_header("bench_analyze: analyze --strategy " + args.strategy, info)
     rows = []
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         T.write_json(args.json, "bench_analyze", info, {"models": names, "strategy": args.strategy,
                                                          "threads": args.threads, "e2e": not args.no_e2e,
+                                                         "device": args.device,
                                                          "quick": args.quick}, rows)
     return 0
 

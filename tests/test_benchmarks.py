@@ -213,6 +213,10 @@ def test_bench_analyze_quick_with_competing_load(tmp_path: Path) -> None:
         assert "cpu_growth" not in alone
 
 
-def test_bench_analyze_rejects_unknown_models() -> None:
+def test_bench_analyze_rejects_unknown_models_and_a_missing_gpu() -> None:
     with pytest.raises(SystemExit, match="--model must be among llama-135m, bert"):
         _run_in_process("bench_analyze.py", ["--model", "gpt5"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            _run_in_process("bench_analyze.py", ["--device", "cuda"])
+        assert exc.value.code == 2
