@@ -273,3 +273,34 @@ def test_operand_and_error_accumulators_equal_the_plain_float64_formulas(special
     e = ErrorAccumulator()
     e.update(r.view(64, 96), q)
     assert e.result()["max_abs_err"] == float((r - d)[both].abs().max())
+
+
+@pytest.mark.parametrize("saturated_given", [False, True])
+def test_chunked_accumulators_equal_one_pass(monkeypatch: pytest.MonkeyPatch, saturated_given: bool) -> None:
+    """Tensors longer than metrics.CHUNK are summed chunk by chunk (bounded float64 temporaries): counts and
+    max exact, sums to 1e-13; saturation without a mask still compares with the whole tensor's max|q|."""
+    import fp8probe.analysis.metrics as M
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 40, generator=gen)
+    x[0, 0], x[49, 39], x[20, 3] = 7.0, math.nan, 0.0
+    q = (x * 8).round() / 8
+    q[q.abs() > 3] = 3 * q[q.abs() > 3].sign()
+    q[10, 0] = 0.0  # underflow of a non-zero x
+    sat = (x.abs() > 3) if saturated_given else None
+    ref = x.double() @ torch.randn(40, 30, generator=gen, dtype=torch.float64)
+    lp = (q.double() @ torch.randn(40, 30, generator=gen, dtype=torch.float64)).float()
+    whole_o, whole_e = OperandAccumulator(), ErrorAccumulator()
+    whole_o.update(x, q, sat)
+    whole_e.update(ref, lp)
+    monkeypatch.setattr(M, "CHUNK", 333)  # 2000 elements: 7 chunks, the last one partial
+    chunked_o, chunked_e = OperandAccumulator(), ErrorAccumulator()
+    chunked_o.update(x, q, sat)
+    chunked_e.update(ref, lp)
+    for whole, chunked in ((whole_o, chunked_o), (whole_e, chunked_e)):
+        for key, value in vars(whole).items():
+            if isinstance(value, int) or key == "max_abs_err":
+                assert getattr(chunked, key) == value, key
+            else:
+                assert getattr(chunked, key) == pytest.approx(value, rel=1e-13), key
+    assert whole_o.n_saturated > 0 and whole_o.n_excluded == 1 and whole_e.excluded > 0
