@@ -12,6 +12,7 @@
 #                      (the FSDP2 stage's output is in gpu_check.log)
 #   quantize_cuda.json, int8_cuda.json, scaled_cuda.json   the three op benchmarks (also printed as Markdown)
 #   analyze_cuda.txt   analyze --strategy all on the demo model, CPU vs GPU wall time
+#   analyze_models_cuda.json   bench_analyze on the GPU: the issue-15 Llama-135M and BERT, split by pipeline part
 #   gpu_check.log      everything each stage printed
 # Exit status: 0 when every stage passed, 1 when any failed or timed out, 3 when there is no usable GPU.
 set -uo pipefail
@@ -101,6 +102,9 @@ stage "bench-quantize" 120 "$PY" benchmarks/bench_quantize.py --device cuda --ma
 stage "bench-int8" 90 "$PY" benchmarks/bench_int8.py --device cuda --markdown --json "$OUT_DIR/int8_cuda.json"
 stage "bench-scaled" 90 "$PY" benchmarks/bench_scaled.py --device cuda --markdown --sizes 16M,64M \
     --json "$OUT_DIR/scaled_cuda.json"
+
+stage "bench-analyze" 180 "$PY" benchmarks/bench_analyze.py --device cuda --model bert,llama-135m --no-e2e \
+    --markdown --json "$OUT_DIR/analyze_models_cuda.json"
 
 stage "analyze-cuda" 120 "$PY" - <<'EOF'
 """analyze --strategy all on the demo model on CPU and on the GPU: same layers, wall time of each."""

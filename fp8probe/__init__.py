@@ -23,9 +23,23 @@ def _exit_interrupted(signum: int, frame: Any) -> None:
 # CLI is the only process whose argv[0] is the "fp8probe" console script, or "-m" while Python is
 # locating `python -m fp8probe`; there (and only there: a library user's Ctrl-C stays a
 # KeyboardInterrupt) SIGINT exits 130 quietly until cli.main() restores the default handler.
-if _sys.argv and (_sys.argv[0] == "-m" or _sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] in ("fp8probe", "fp8probe.exe")):
+_IS_CLI = bool(_sys.argv) and (_sys.argv[0] == "-m" or _sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1]
+                                in ("fp8probe", "fp8probe.exe"))
+if _IS_CLI:
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
         _signal.signal(_signal.SIGINT, _exit_interrupted)
+
+# torch's CPU thread pool (OpenMP; GNU libgomp in the PyPI wheels) lets idle workers spin for work
+# by default. On a shared machine a spinning worker burns a core another process needs, and a
+# descheduled one stalls every parallel region: bench_analyze.py on a 2-core machine at load
+# average ~5 took 17.5 s of CPU (34.6 s wall) by default, 4.4 s (6.8 s wall) with passive waiting.
+# libgomp reads the variable once, when torch loads it, so the CLI process sets it here, before
+# any torch import, unless the user chose a policy; a library user sets it before importing torch
+# (README "Speed").
+if _IS_CLI and "torch" not in _sys.modules:
+    import os as _os
+
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import autograd, formats, functional, nn  # noqa: E402  (after __version__: submodules may read it)
 from .autograd import *  # noqa: E402,F401,F403

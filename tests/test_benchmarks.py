@@ -183,3 +183,40 @@ def test_try_measure_turns_a_rejected_case_into_a_reason() -> None:
     assert t is None and why == "RuntimeError: self.size(0) needs to be greater than 16"
     t, why = T.try_measure(lambda i: None, "cpu", T.Policy(warmup=0, min_reps=2, max_reps=2, budget_s=0.0))
     assert why is None and t.reps == 2
+
+
+@pytest.mark.slow
+def test_bench_analyze_quick_with_competing_load(tmp_path: Path) -> None:
+    """bench_analyze.py --quick: each model in a child process, the pipeline's split in the table, and under
+    --competing-load a second row per model with the CPU-time growth."""
+    out = tmp_path / "analyze.json"
+    stdout = _run_in_process("bench_analyze.py", ["--quick", "--model", "bert,llama-135m", "--strategy",
+                                                  "ocp-rowwise", "--competing-load", "--json", str(out)])
+    titles, cells = _table(stdout)
+    assert titles[:5] == ["model", "linears", "tokens", "threads", "load"]
+    assert {"capture", "recipes", "metrics", "coverage", "e2e", "report", "peak RSS MiB", "×CPU"} <= set(titles)
+    assert "# omp_wait_policy:" in stdout and "# cpu_model:" in stdout
+    rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
+    assert [(r["model"], r["load"]) for r in rows] == [
+        ("bert (quick)", "none"), ("bert (quick)", "2-thread busy loop"),
+        ("llama-135m (quick)", "none"), ("llama-135m (quick)", "2-thread busy loop")]
+    assert len(cells) == 4
+    for r in rows:
+        assert r["linears"] == (13 if r["model"].startswith("bert") else 15)  # 2 layers x 6 (+ pooler) / x 7 (+ head)
+        assert r["strategies"] == 1 and r["rss_mib"] > r["model_mib"] > 0
+        parts = sum(r[k] for k in ("capture_s", "stats_s", "reference_s", "recipes_s", "metrics_s", "tables_s", "e2e_s"))
+        assert 0 < parts <= r["timings"]["total_s"] <= r["wall_s"]
+        assert r["isolated_s"] == pytest.approx(r["timings"]["total_s"] - r["e2e_s"])
+        assert r["e2e_s"] > 0 and r["report_s"] > 0 and r["coverage_s"] > 0  # attention GEMMs are replayed too
+    for alone, loaded in zip(rows[::2], rows[1::2]):
+        assert loaded["cpu_growth"] == pytest.approx(loaded["cpu_s"] / alone["cpu_s"])
+        assert "cpu_growth" not in alone
+
+
+def test_bench_analyze_rejects_unknown_models_and_a_missing_gpu() -> None:
+    with pytest.raises(SystemExit, match="--model must be among llama-135m, bert"):
+        _run_in_process("bench_analyze.py", ["--model", "gpt5"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            _run_in_process("bench_analyze.py", ["--device", "cuda"])
+        assert exc.value.code == 2

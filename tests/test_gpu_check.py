@@ -33,7 +33,7 @@ def test_without_a_gpu_it_exits_3_and_says_why(tmp_path: Path) -> None:
 def test_every_benchmark_option_it_passes_exists() -> None:
     text = SCRIPT.read_text()
     calls = re.findall(r"benchmarks/(bench_\w+\.py)((?:\s+--[\w-]+(?:\s+[^\s-][^\s]*)?|\s*\\\n)*)", text)
-    assert {c[0] for c in calls} == {"bench_quantize.py", "bench_int8.py", "bench_scaled.py"}
+    assert {c[0] for c in calls} == {"bench_quantize.py", "bench_int8.py", "bench_scaled.py", "bench_analyze.py"}
     for script, args in calls:
         helptext = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
                                   text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout

@@ -24,6 +24,10 @@ BLOCK = 128
 TOP_K = 8
 
 _F64 = torch.float64
+# Elements per pass of the GEMM-error and operand accumulators: their float64 temporaries (a few per
+# element) then stay at ~32 MiB each, instead of 226 MiB each for a 49152 x 576 LM-head gradient.
+# Sums over chunks are sequential updates, like batches; tensors up to CHUNK take one pass.
+CHUNK = 1 << 22
 # Magnitude limits a raw (unscaled) cast would overflow: fp16's largest finite value (what the
 # bnb-compat paths and fp16 models cast to) and the OCP FP8 element maxima (MX elements share them).
 # bnb codebooks and int8 are always absmax-scaled, so no raw limit applies to them.
@@ -63,15 +67,18 @@ def _as_f64(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(_F64)
 
 
-def _dots(r: torch.Tensor, q: torch.Tensor) -> tuple[float, float, float, float] | None:
-    """(Σr², Σ(r−q)², Σq², Σr·q) of flat float64 tensors, or None if any element is NaN/±Inf.
+def _dots(r: torch.Tensor, q: torch.Tensor) -> tuple[float, float, float, float, float] | None:
+    """(Σr², Σ(r−q)², Σq², Σr·q, max|r−q|) of flat float64 tensors, or None if any element is NaN/±Inf.
 
     float32 data squared cannot overflow float64 (3.4e38² ≈ 1e77), so finite sums prove every
     element finite and the common case skips the elementwise isfinite masks.
     """
     err = r - q
     sums = (float(torch.dot(r, r)), float(torch.dot(err, err)), float(torch.dot(q, q)), float(torch.dot(r, q)))
-    return sums if all(math.isfinite(v) for v in sums) else None
+    if not all(math.isfinite(v) for v in sums):
+        return None
+    # the ∞-norm is max|err| in one pass, without the |err| temporary
+    return (*sums, float(torch.linalg.vector_norm(err, math.inf)) if err.numel() else 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +109,14 @@ class ErrorAccumulator:
             raise ValueError(f"ref and lp must have the same shape, got {list(ref.shape)} and {list(lp.shape)}")
         if ref.numel() == 0:
             return
-        r, q = _as_f64(ref).flatten(), _as_f64(lp).flatten()
+        rf, lf = ref.detach().flatten(), lp.detach().flatten()
+        for start in range(0, rf.numel(), CHUNK):  # one chunk (the whole tensor) below CHUNK elements
+            self._add(rf[start:start + CHUNK], lf[start:start + CHUNK])
+
+    def _add(self, ref: torch.Tensor, lp: torch.Tensor) -> None:
+        # float64 for both: the sums need it (float32 squares of 1e6 elements keep ~3 digits of an
+        # 80 dB error), and Σlp², Σref·lp need lp in the same dtype as ref for torch.dot.
+        r, q = _as_f64(ref), _as_f64(lp)
         sums = _dots(r, q)
         if sums is None:  # rare: some element is NaN/Inf; zero those pairs and count them
             ok_ref = torch.isfinite(r)
@@ -119,7 +133,7 @@ class ErrorAccumulator:
         self.sum_lp2 += sums[2]
         self.sum_dot += sums[3]
         if n_ok:
-            self.max_abs_err = max(self.max_abs_err, float((r - q).abs().max()))
+            self.max_abs_err = max(self.max_abs_err, sums[4])
         self.count += n_ok
 
     def merge(self, other: ErrorAccumulator) -> ErrorAccumulator:
@@ -168,9 +182,32 @@ class OperandAccumulator:
             raise ValueError(f"x and q must have the same shape, got {list(x.shape)} and {list(q.shape)}")
         if x.numel() == 0:
             return
-        r, d = _as_f64(x).flatten(), _as_f64(q).flatten()
-        sums = _dots(r, d)
-        if sums is None:
+        xf, qf = x.detach().flatten(), q.detach().flatten()
+        if saturated is None:  # |x| > max|q| needs the whole tensor's max before any chunk is counted
+            ok = torch.isfinite(xf) & torch.isfinite(qf)
+            qmax = float(torch.where(ok, qf.abs(), 0).max()) if bool(ok.any()) else 0.0
+            del ok
+            # compared in a dtype holding x's and q's values exactly (x bf16, q float32: float32), so
+            # the Python scalar qmax is not rounded to a narrower dtype
+            wide = torch.promote_types(torch.promote_types(xf.dtype, qf.dtype), torch.float32)
+            saturated = xf.abs().to(wide) > qmax
+        saturated = saturated.flatten()
+        for start in range(0, xf.numel(), CHUNK):  # one chunk (the whole tensor) below CHUNK elements
+            end = start + CHUNK
+            self._add(xf[start:end], qf[start:end], saturated[start:end])
+
+    def _add(self, xf: torch.Tensor, qf: torch.Tensor, saturated: torch.Tensor) -> None:
+        # Common case in two float64 sums: x in float64 (Σx² of float32 values needs it), x − q with q
+        # promoted inside the subtraction (no float64 copy of q), the same values the elementwise
+        # float64 difference gives.
+        r = _as_f64(xf)
+        err = r - qf
+        sums = (float(torch.dot(r, r)), float(torch.dot(err, err)))
+        del err
+        if all(math.isfinite(v) for v in sums):
+            fin, n_fin = None, r.numel()
+        else:  # rare: NaN/±Inf in x or q; compare the pairs where both are finite
+            d = _as_f64(qf)
             fin = torch.isfinite(r)
             both = fin & torch.isfinite(d)
             rz, dz = torch.where(both, r, 0.0), torch.where(both, d, 0.0)
@@ -178,19 +215,14 @@ class OperandAccumulator:
             n_fin = int(fin.sum())
             self.n_excluded += r.numel() - n_fin
             self.n_nonfinite += n_fin - int(both.sum())
-        else:
-            fin, dz, n_fin = None, d, r.numel()
+        del r
         self.sum_ref2 += sums[0]
         self.sum_err2 += sums[1]
         self.n_finite += n_fin
-        nz = r != 0 if fin is None else fin & (r != 0)
+        # Counts and comparisons on the tensors as given: exact in any float dtype (no float64 copy).
+        nz = xf != 0 if fin is None else fin & (xf != 0)
         self.n_nonzero += int(nz.sum())
-        self.n_underflow += int((nz & (d == 0)).sum())
-        if saturated is None:
-            qmax = float(dz.abs().max()) if n_fin else 0.0
-            saturated = r.abs() > qmax
-        else:
-            saturated = saturated.flatten()
+        self.n_underflow += int((nz & (qf == 0)).sum())
         if fin is not None:
             saturated = saturated & fin
         self.n_saturated += int(saturated.sum())
@@ -228,13 +260,27 @@ def log2_histogram(x: torch.Tensor) -> torch.Tensor:
     return torch.bincount(k.flatten(), minlength=LOG2_HI - LOG2_LO).cpu()
 
 
-def _block_absmax(x2: torch.Tensor) -> torch.Tensor:
-    """Absmax of every 1×BLOCK row segment of the finite values of 2-D ``x2`` (last segment partial)."""
-    rows, cols = x2.shape
+def _block_absmax(a2: torch.Tensor) -> torch.Tensor:
+    """float64 absmax of every 1×BLOCK row segment of 2-D magnitudes ``a2`` (finite, ≥ 0; last segment partial)."""
+    rows, cols = a2.shape
     nb = -(-cols // BLOCK)
-    a = torch.where(torch.isfinite(x2), x2.abs(), 0.0).to(_F64)
-    a = torch.nn.functional.pad(a, (0, nb * BLOCK - cols))
-    return a.view(rows, nb, BLOCK).amax(dim=2).flatten()
+    if nb * BLOCK != cols:
+        a2 = torch.nn.functional.pad(a2, (0, nb * BLOCK - cols))
+    return a2.reshape(rows, nb, BLOCK).amax(dim=2).flatten().to(_F64)
+
+
+def _log2_counts(a: torch.Tensor, zeros: int) -> torch.Tensor:
+    """log2_histogram of finite magnitudes ``a`` (float32/float64, any shape) holding ``zeros`` exact zeros.
+
+    frexp on float32 gives the exponent of float32 values (subnormals included) exactly; zeros come
+    out with exponent 0, are binned as floor(log2) = −1 with the rest and taken off that bin, which
+    saves a masked copy of the non-zeros.
+    """
+    _, e = torch.frexp(a.flatten())
+    k = (e - 1).clamp_(LOG2_LO, LOG2_HI - 1).sub_(LOG2_LO)
+    counts = torch.bincount(k, minlength=LOG2_HI - LOG2_LO).to(torch.int64).cpu()
+    counts[-1 - LOG2_LO] -= zeros
+    return counts
 
 
 @dataclass
@@ -281,32 +327,46 @@ class TensorStats:
     @staticmethod
     def _from_batch(x2: torch.Tensor, tiny: float) -> TensorStats:
         s = TensorStats(numel=x2.numel())
-        v = x2.to(_F64)
-        nan = torch.isnan(v)
-        inf = torch.isinf(v)
-        s.nan_count, s.inf_count = int(nan.sum()), int(inf.sum())
-        s.neg_inf_count = int((inf & (v < 0)).sum()) if s.inf_count else 0
-        f = v[~(nan | inf)]
+        # Magnitudes, counts, extremes and log2 exponents in float32 (float64 input stays float64):
+        # exact for every float32/bf16/fp16 value, and the RAW_LIMITS and ``tiny`` are float32 numbers,
+        # so each comparison decides as in float64. (bf16/fp16 are widened first: 65504 rounds to
+        # 65536 in bf16.) float64 is used only for the moment sums below.
+        x = x2 if x2.dtype in (torch.float32, _F64) else x2.to(torch.float32 if x2.is_floating_point() else _F64)
+        a = x.abs()
+        amax = float(a.max())  # NaN-propagating: finite iff no NaN/±Inf anywhere
+        if math.isfinite(amax):
+            f, af, a_blocks = x.flatten(), a.flatten(), a
+        else:  # rare: count and drop the specials
+            nan, inf = torch.isnan(x), torch.isinf(x)
+            s.nan_count, s.inf_count = int(nan.sum()), int(inf.sum())
+            s.neg_inf_count = int((inf & (x < 0)).sum()) if s.inf_count else 0
+            keep = ~(nan | inf)
+            f, af = x[keep], a[keep]
+            a_blocks = torch.where(keep, a, 0.0)
+            amax = float(af.max()) if af.numel() else 0.0
         s.n = f.numel()
-        s.zeros = int((f == 0).sum())
+        s.zeros = int((af == 0).sum())
         if s.n:
-            a = f.abs()
-            s.subnormal_count = int(((a > 0) & (a < tiny)).sum())
-            s.over_max = {name: int((a > limit).sum()) for name, limit in RAW_LIMITS}
-            s.mean = float(f.mean())
-            d = f - s.mean
+            s.amax = amax
+            if s.zeros < s.n:
+                s.min_nonzero = float(torch.where(af == 0, math.inf, af).min())
+            if s.min_nonzero < tiny:  # else no value can be subnormal: skip the pass
+                s.subnormal_count = int(((af > 0) & (af < tiny)).sum())
+            s.over_max = {name: int((af > limit).sum()) if amax > limit else 0 for name, limit in RAW_LIMITS}
+            # float64 for the moments: the mean and the 2nd-4th central power sums of up to ~1e8
+            # values would keep only a few digits in float32 (kurtosis of outlier-heavy tensors).
+            v = f.to(_F64)
+            s.mean = float(v.mean())
+            d = v - s.mean
+            del v
             d2 = d * d
-            s.m2, s.m3, s.m4 = float(d2.sum()), float((d2 * d).sum()), float((d2 * d2).sum())
-            a = f.abs()
-            s.amax = float(a.max())
-            nz = a[a != 0]
-            if nz.numel():
-                s.min_nonzero = float(nz.min())
-        blocks = _block_absmax(x2)
+            s.m2, s.m3, s.m4 = float(d2.sum()), float(torch.dot(d2, d)), float(torch.dot(d2, d2))
+            del d, d2
+        blocks = _block_absmax(a_blocks)
         blocks = blocks[blocks > 0]
         s.n_blocks = blocks.numel()
         s.log2_block_sum = float(torch.log2(blocks).sum()) if s.n_blocks else 0.0
-        s.hist = log2_histogram(x2)
+        s.hist = _log2_counts(af, s.zeros)
         return s
 
     def merge(self, other: TensorStats) -> TensorStats:
@@ -357,6 +417,15 @@ class TensorStats:
 # --------------------------------------------------------------------------------------------
 # LLM.int8 outlier census of an activation
 # --------------------------------------------------------------------------------------------
+def _at_least(threshold: float, dtype: torch.dtype) -> float:
+    """The smallest ``dtype`` value ≥ ``threshold``, so that ``a >= it`` on a ``dtype`` tensor decides exactly
+    as ``a >= threshold`` in real numbers (torch rounds a Python scalar to the tensor's dtype first)."""
+    t = torch.tensor(threshold, dtype=_F64).to(dtype)
+    if float(t) < threshold:
+        t = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
+    return float(t)
+
+
 @dataclass
 class OutlierCensus:
     """Columns (feature dims) of A [rows, cols] holding any |x| ≥ threshold (LLM.int8 criterion, ≥ not >).
@@ -376,9 +445,14 @@ class OutlierCensus:
             raise ValueError(f"activation must be 2-D [rows, cols], got shape {list(a2.shape)}")
         if a2.shape[0] == 0:
             return
-        a = a2.detach().to(_F64).abs().nan_to_num(nan=0.0, posinf=math.inf)
-        cmax = a.amax(dim=0).cpu()
-        hit = a >= self.threshold
+        x = a2.detach()
+        if x.dtype in (torch.float32, _F64):
+            a, limit = x.abs(), _at_least(self.threshold, x.dtype)
+        else:  # bf16/fp16 (and ints) widened: the comparison must not round the threshold to their grid
+            a, limit = x.to(_F64).abs(), self.threshold
+        a = a.nan_to_num_(nan=0.0, posinf=math.inf)
+        cmax = a.amax(dim=0).to(_F64).cpu()
+        hit = a >= limit
         crows = hit.sum(dim=0).cpu()
         if self.col_amax is None:
             self.col_amax, self.col_rows = cmax, crows

@@ -83,6 +83,10 @@ class _Analysis:
         self._quantized = {s.name: s.quantized_gemms for s in strategies}
         self.known_weights: set[str] = set()  # weights an earlier batch already measured (fresh())
         self.failed: dict[str, set[str]] = {}  # layer → recipes that failed on it in an earlier batch
+        # Seconds spent in each part of the replay (perf_counter, summed over calls): what
+        # Results.metadata["timings"] reports, so a benchmark can split a run without its own prints.
+        self.seconds = dict.fromkeys(("stats", "reference", "recipes", "metrics"), 0.0)
+        self.seconds_by_kind: dict[str, float] = {}  # whole replay time per GEMM kind (linear, attention, ...)
 
     def fresh(self) -> _Analysis:
         """An empty accumulator for one more batch, skipping what the totals make redundant (weights
@@ -94,6 +98,8 @@ class _Analysis:
         # into the totals' one state, so batches must run in order in this process (analyze refuses
         # stateful strategies under torchrun).
         part.states = self.states
+        # Timings are this process's wall seconds (rank 0's batches under torchrun): one clock for all parts.
+        part.seconds, part.seconds_by_kind = self.seconds, self.seconds_by_kind
         return part
 
     def state(self) -> tuple[dict[str, _LayerAcc], dict | None]:
@@ -131,7 +137,21 @@ class _Analysis:
             self.estimate.merge(sums)
 
     def __call__(self, call: GemmCall) -> None:
+        started = time.perf_counter()
+        try:
+            self._replay(call)
+        finally:
+            spent = time.perf_counter() - started
+            self.seconds_by_kind[call.kind] = self.seconds_by_kind.get(call.kind, 0.0) + spent
+
+    def _tick(self, part: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[part] += now - since
+        return now
+
+    def _replay(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
+        clock = time.perf_counter()
         acc = self.layers.get(call.name)
         batch = A.shape[0] if A.dim() == 3 else 1
         if acc is None:
@@ -149,7 +169,9 @@ class _Analysis:
             if t is not None:
                 acc.tensors.setdefault(tensor_name, TensorStats()).update(t)
         acc.census.update(A.reshape(-1, A.shape[-1]))
+        clock = self._tick("stats", clock)
         ref = reference_gemms(A, W, G)
+        clock = self._tick("reference", clock)
         for strat in self.strategies:
             if strat.name in acc.errors or strat.name in self.failed.get(call.name, ()):
                 continue
@@ -157,11 +179,13 @@ class _Analysis:
                 out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight,
                                    state=self.states.get(strat.name), site=call.name)
             except (RuntimeError, ValueError, TypeError) as exc:
+                clock = self._tick("recipes", clock)
                 # One failing recipe must not sink the whole analysis: record it for the report.
                 acc.errors[strat.name] = one_line(exc)
                 warnings.warn(f"strategy {strat.name} failed on layer {call.name}: {acc.errors[strat.name]}",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)  # the caller of capture's sink
                 continue
+            clock = self._tick("recipes", clock)
             for gemm, lp in out.gemms.items():
                 acc.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp)
             if self.estimate is not None:
@@ -170,6 +194,7 @@ class _Analysis:
                 if operand == "weight" and not first_weight:
                     continue
                 acc.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat)
+            clock = self._tick("metrics", clock)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         layers, gemm, operands, tensors, hists, outliers, errors = [], [], [], [], [], [], []
@@ -411,6 +436,12 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     Under torchrun (WORLD_SIZE > 1, process group initialised): batch i runs on rank i % world size
     and every rank folds the per-batch states in batch order (analysis/distributed.py), so the
     tables are bit-identical to one process over the same batches; every rank returns them.
+    ``metadata["timings"]`` splits the run (wall seconds): ``capture_s`` (the model's forward and
+    backward, hooks included), the per-GEMM replay as ``stats_s`` (tensor statistics, outlier census),
+    ``reference_s`` (float64 GEMMs), ``recipes_s``, ``metrics_s`` (error accumulators), then
+    ``tables_s``, ``e2e_s`` and ``total_s``; ``replay_s_by_kind``: the replay per GEMM kind (linear,
+    attention, matmul, conv: the cost of covering more than the linear layers); under torchrun they are
+    each rank's own (rank 0's are written).
     """
     if options is not None and not isinstance(options, RecipeOptions):
         raise TypeError(f"expected RecipeOptions or None for options, got {type(options).__name__}")
@@ -453,7 +484,9 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             print(f"analyze: batch {done}/{total}", file=sys.stderr, flush=True)
     else:
         report = None
+    stream_started = time.perf_counter()
     info = run.stream(analysis, report)
+    stream_s = time.perf_counter() - stream_started
     used_formats = sorted({f for s in strategies for f in s.formats})
     metadata = run_metadata(run, name=name or "analysis", model_desc=model_desc, inputs_desc=inputs_desc,
                             seed=seed, info=info, formats=used_formats)
@@ -463,7 +496,14 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         metadata["e2e_off"] = e2e_off
     if streaming.is_streamed(run.module):
         metadata["streaming"] = streaming.summary(run.module)
+    tables_started = time.perf_counter()
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
+    timings = {"capture_s": stream_s - sum(analysis.seconds_by_kind.values()),
+               **{f"{part}_s": sec for part, sec in analysis.seconds.items()},
+               "tables_s": time.perf_counter() - tables_started,
+               "replay_s_by_kind": dict(sorted(analysis.seconds_by_kind.items()))}
+    metadata["timings"] = timings
+    e2e_started = time.perf_counter()
     if e2e or steps:
         runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
                         loss_name=run.loss_name, threshold=threshold, seed=seed, kinds=run.coverage.kinds,
@@ -481,4 +521,6 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             tables["training"] = simulate_training(runner, strategies, steps, lr, optimizer)
             metadata["training"] = {"steps": steps, "lr": lr, "optimizer": "AdamW" if optimizer is None else
                                     getattr(optimizer, "__qualname__", str(optimizer))}
+    timings["e2e_s"] = time.perf_counter() - e2e_started  # end to end and --steps; 0 without them
+    timings["total_s"] = time.perf_counter() - started
     return Results(metadata, tables, kind="analyze")

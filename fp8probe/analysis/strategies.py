@@ -86,6 +86,16 @@ class Strategy:
     #: over the batches, and ``run``/``linear`` then take keywords ``state=`` and ``site=`` (a stable key
     #: of the GEMM site: (layer name, slice index or None)). None = stateless.
     new_state: Callable[[], Any] | None = None
+    #: ``run`` also takes batched operands [Bt, M, K] / [Bt, N, K] / [Bt, M, N] and returns exactly what
+    #: running it slice by slice and stacking would (tests/analysis/test_strategies.py checks every
+    #: strategy); False: run_strategy loops over the slices. Every OCP/MX recipe's replay (_Scaled.run)
+    #: does, whatever this says (see runs_batched).
+    batched: bool = False
+
+    @property
+    def runs_batched(self) -> bool:
+        """Whether run_strategy hands batched operands to ``run`` in one call."""
+        return self.batched or isinstance(getattr(self.run, "__self__", None), _Scaled)
 
 
 def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -240,12 +250,50 @@ def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, in
 Gran = tuple[str, "tuple[int, int] | None"]
 
 
+def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """_fq_scaled on each 2-D slice of x [Bt, R, C] with its own scales (BATCHED_RULE), in one cast where
+    the slices' tiles line up, else slice by slice; 2-D x is passed straight through.
+
+    quantize_scaled cuts its [rows, C] view into tiles, and a tile of one slice (R rows: per-tensor =
+    one R×C tile, per-row / 1×bc / MX 1×32 tiles of one row, br×bc blocks when br divides R or
+    R ≤ br) is also a tile of the stacked [Bt·R, C] view: one cast of the stack computes the same
+    scales and elements as Bt casts. A per-slice call costs ~0.1 ms of dispatch (custom op, checks),
+    which for a 64-head attention site times 8 casts per recipe was most of the replay.
+    """
+    if x.dim() == 2:
+        return _fq_scaled(x, fmt, granularity, block)
+    bt, rows, cols = x.shape
+    if fmt.startswith("mxfp8") or granularity == "row" or (granularity == "block" and block[0] == 1):
+        tile: tuple[str, tuple[int, int] | None] | None = (granularity, block)  # tiles of one row
+    else:
+        br, bc = (rows, cols) if granularity == "tensor" else block
+        br, bc = min(br, rows), min(bc, cols)  # a tile larger than the slice is all of it (quantize_scaled)
+        tile = ("block", (br, bc)) if rows and rows % br == 0 else None
+    if tile is None or x.numel() == 0:
+        q, sat = zip(*(_fq_scaled(x[i], fmt, granularity, block) for i in range(bt)))
+        return torch.stack(q), torch.stack(sat)
+    q, sat = _fq_scaled(x.reshape(bt * rows, cols), fmt, *tile)
+    return q.view(bt, rows, cols), sat.view(bt, rows, cols)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D operands; for [Bt, M, K] @ [Bt, K, N] one 2-D matmul per slice, stacked, so a
+    batched replay computes exactly what the slice-by-slice one does (a bmm kernel may block the
+    sums differently and change the last bit)."""
+    if a.dim() == 2:
+        return a @ b
+    return torch.stack([a[i] @ b[i] for i in range(a.shape[0])])
+
+
 @dataclass(frozen=True)
 class _Scaled:
     """One OCP/MX recipe's three GEMMs; ``act``/``w`` = (granularity, block) for activations/gradients and
     for weights. The replay (``run``) and the in-model autograd function (``linear``) both call these.
     ``b_is_weight`` False: the second operand is an activation (K of QKᵀ, Vᵀ of PV) and gets the
-    activation granularity, not the weight's."""
+    activation granularity, not the weight's. Operands may be 2-D or batched [Bt, M, K] / [Bt, N, K] /
+    [Bt, M, N]: batched ones get per-slice scales (_fq_slices) and per-slice matmuls (_mm), bit-identical
+    to running each slice alone."""
 
     act: Gran
     w: Gran
@@ -253,37 +301,43 @@ class _Scaled:
     fmt_bwd: str
     accum: Accumulation | None = None  # None: float32 matmuls; else the simulated accumulator (accumulation.py)
 
-    def _mm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x @ y.t() if self.accum is None else matmul_limited(x, y, self.accum)
+    def _gemm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x · yᵀ (y [N, K]): float32 (batched operands slice by slice, _mm), or the simulated
+        limited-precision accumulator with ``accum``."""
+        if self.accum is None:
+            return _mm(x, y.mT)
+        if x.dim() == 2:
+            return matmul_limited(x, y, self.accum)
+        return torch.stack([matmul_limited(x[i], y[i], self.accum) for i in range(x.shape[0])])
 
     def _gran_b(self, b_is_weight: bool) -> Gran:
         return self.w if b_is_weight else self.act
 
     def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True) -> tuple[torch.Tensor, tuple, tuple]:
         """(A·Wᵀ from quantised operands, (qA, satA), (qW, satW)); A [tokens, in], W [out, in]."""
-        qA, sA = _fq_scaled(A, self.fmt_fwd, *self.act)                     # contraction over in
-        qW, sW = _fq_scaled(W, self.fmt_fwd, *self._gran_b(b_is_weight))    # W [out, in]: contraction over in
-        return self._mm(qA, qW), (qA, sA), (qW, sW)
+        qA, sA = _fq_slices(A, self.fmt_fwd, *self.act)                     # contraction over in
+        qW, sW = _fq_slices(W, self.fmt_fwd, *self._gran_b(b_is_weight))    # W [out, in]: contraction over in
+        return self._gemm(qA, qW), (qA, sA), (qW, sW)
 
     def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
               b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
         """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W."""
         gran_w = self._gran_b(b_is_weight)
-        qG, sG = _fq_scaled(G, self.fmt_bwd, *self.act)         # dgrad contracts over out: G's rows
+        qG, sG = _fq_slices(G, self.fmt_bwd, *self.act)         # dgrad contracts over out: G's rows
         # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
         # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
         w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])
-        qWt = qW.t() if w_reusable else _fq_scaled(W.t(), self.fmt_fwd, *gran_w)[0]
-        return self._mm(qG, qWt), (qG, sG)
+        qWt = qW.mT if w_reusable else _fq_slices(W.mT, self.fmt_fwd, *gran_w)[0]
+        return self._gemm(qG, qWt), (qG, sG)
 
     def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
         """Gᵀ·A with both scaled along tokens (the contraction dim); qG/qA: the dgrad's / forward's."""
         if self.act[0] == "tensor":                             # one scale: transposing changes nothing
-            qGt, qAt = qG.t(), qA.t()
+            qGt, qAt = qG.mT, qA.mT
         else:                                                   # wgrad contracts over tokens
-            qGt = _fq_scaled(G.t(), self.fmt_bwd, *self.act)[0]
-            qAt = _fq_scaled(A.t(), self.fmt_fwd, *self.act)[0]
-        return self._mm(qGt, qAt)
+            qGt = _fq_slices(G.mT, self.fmt_bwd, *self.act)[0]
+            qAt = _fq_slices(A.mT, self.fmt_fwd, *self.act)[0]
+        return self._gemm(qGt, qAt)
 
     def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
             b_is_weight: bool = True) -> StrategyOutput:
@@ -636,13 +690,14 @@ def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.
     """Replay ``strategy`` on A [tokens, in], W [out, in], G [tokens, out] (or None: fprop only).
 
     Batched GEMMs: A [Bt, M, K], W [Bt, N, K], G [Bt, M, N] run slice by slice (BATCHED_RULE) and
-    the results are stacked. ``b_is_weight`` False: W is a second activation (see each rule text).
-    ``state``/``site``: for a stateful strategy (``new_state``), one pass's state and the GEMM's name
-    (state None: a fresh state for this call only).
+    the results are stacked; a ``batched`` strategy does the same in one call. ``b_is_weight`` False: W
+    is a second activation (see each rule text). ``state``/``site``: for a stateful strategy
+    (``new_state``), one pass's state and the GEMM's name (state None: a fresh state for this call only;
+    stateful strategies run slice by slice, each slice its own site).
     """
     _check(A, W, G)
     with torch.no_grad():
-        if A.dim() == 2:
+        if A.dim() == 2 or (strategy.runs_batched and strategy.new_state is None):
             return strategy.run(A, W, G, threshold, b_is_weight, **site_kwargs(strategy, state, site, None))
         outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight,
                              **site_kwargs(strategy, state, site, i))

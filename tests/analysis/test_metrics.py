@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fp8probe.analysis.metrics import (BLOCK, LOG2_LO, ErrorAccumulator, OperandAccumulator, OutlierCensus,
-                                       TensorStats, log2_histogram, sqnr_db)
+from fp8probe.analysis.metrics import (BLOCK, LOG2_HI, LOG2_LO, RAW_LIMITS, ErrorAccumulator, OperandAccumulator,
+                                       OutlierCensus, TensorStats, log2_histogram, sqnr_db)
 
 
 def test_error_metrics_hand_computed() -> None:
@@ -177,3 +177,130 @@ def test_shape_mismatch_raises() -> None:
         ErrorAccumulator().update(torch.ones(2), torch.ones(3))
     with pytest.raises(ValueError, match="2-D"):
         OutlierCensus(6.0).update(torch.ones(3))
+
+
+def _plain_stats(x: torch.Tensor) -> dict:
+    """TensorStats' numbers by the obvious float64 formulas (every pass separate, masked copies)."""
+    v = x.detach().to(torch.float64).flatten()
+    fin = v[torch.isfinite(v)]
+    a = fin.abs()
+    nz = a[a != 0]
+    tiny = torch.finfo(x.dtype).tiny
+    mean = fin.mean()
+    d = fin - mean
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    seg = torch.nn.functional.pad(torch.where(torch.isfinite(rows), rows.abs(), 0.0), (0, -rows.shape[1] % BLOCK))
+    blocks = seg.reshape(rows.shape[0], -1, BLOCK).amax(dim=2).flatten()
+    blocks = blocks[blocks > 0]
+    _, e = torch.frexp(nz)
+    hist = torch.bincount((e.long() - 1).clamp(LOG2_LO, LOG2_HI - 1) - LOG2_LO, minlength=LOG2_HI - LOG2_LO)
+    var = float((d * d).sum()) / fin.numel()
+    return {"numel": x.numel(), "amax": float(a.max()), "std": math.sqrt(var),
+            "kurtosis": float((d**4).sum()) / fin.numel() / var**2, "zero_frac": float((a == 0).sum()) / fin.numel(),
+            "nan_count": int(torch.isnan(v).sum()), "inf_count": int(torch.isinf(v).sum()),
+            "range_bits": math.log2(float(a.max()) / float(nz.min())),
+            "block_absmax_ratio": float(a.max()) / 2.0 ** float(torch.log2(blocks).mean()),
+            "pos_inf_count": int((v == math.inf).sum()), "neg_inf_count": int((v == -math.inf).sum()),
+            "zero_count": int((a == 0).sum()), "subnormal_count": int(((nz > 0) & (nz < tiny)).sum()),
+            **{f"over_{name}_max": int((a > limit).sum()) for name, limit in RAW_LIMITS}, "hist": hist.tolist()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("specials", [False, True])
+def test_tensor_stats_equal_the_plain_float64_formulas(dtype: torch.dtype, specials: bool) -> None:
+    """The few-pass TensorStats (float32 magnitudes, float64 moments only) gives the plain float64 numbers:
+    counts, extremes and the histogram exactly, the moment-based ones to 1e-12 (sums in another order)."""
+    gen = torch.Generator().manual_seed(3 + specials)
+    x = torch.randn(37, 300, generator=gen) * torch.logspace(-6, 1, 300)
+    x[0, :5] = torch.tensor([0.0, -0.0, 448.0, 449.0, -600.0])   # exactly at / beyond the e4m3 max
+    x[1, :3] = torch.tensor([57344.0, 60000.0, 65504.0])          # e5m2 max, between, fp16 max
+    x[2, :2] = torch.tensor([65520.0, -1e5]) if dtype != torch.float16 else torch.tensor([1.0, 2.0])
+    tiny = torch.finfo(dtype).tiny
+    x[3, :3] = torch.tensor([tiny / 4, tiny, tiny * 0.75])        # subnormals of the dtype and its smallest normal
+    if specials:
+        x[4, :4] = torch.tensor([math.nan, math.inf, -math.inf, math.nan])
+    x = x.to(dtype)
+    stats = TensorStats()
+    stats.update(x)
+    got = {**stats.result(), "hist": stats.histogram()["counts"]}
+    want = _plain_stats(x)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if key in ("std", "kurtosis", "block_absmax_ratio", "range_bits"):
+            assert got[key] == pytest.approx(value, rel=1e-12), key
+        else:
+            assert got[key] == value, key
+    assert got["subnormal_count"] > 0 and got["over_e4m3_max"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_census_threshold_between_representable_values(dtype: torch.dtype) -> None:
+    """|x| ≥ 6.1 decided in real numbers: the float32/bf16 neighbours of 6.1 fall on the right sides."""
+    below = torch.tensor(6.1, dtype=torch.float64).to(dtype)
+    if float(below) >= 6.1:
+        below = torch.nextafter(below, torch.tensor(0.0, dtype=dtype))
+    above = torch.nextafter(below, torch.tensor(math.inf, dtype=dtype))
+    assert float(below) < 6.1 <= float(above)
+    a = torch.zeros(3, 4, dtype=dtype)
+    a[0, 1], a[1, 2], a[2, 3] = below, above, -above
+    c = OutlierCensus(6.1)
+    c.update(a)
+    assert c.outlier_dims() == [2, 3] and c.result()["frac_rows"] == pytest.approx(2 / 3)
+    assert c.col_amax.dtype == torch.float64 and c.col_amax.tolist() == [0.0, float(below), float(above), float(above)]
+
+
+@pytest.mark.parametrize("specials", [False, True])
+def test_operand_and_error_accumulators_equal_the_plain_float64_formulas(specials: bool) -> None:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 96, generator=gen)
+    q = (x * 16).round() / 16
+    q[q.abs() > 2.5] = 2.5 * q[q.abs() > 2.5].sign()     # clipped: saturated
+    if specials:
+        x[0, 0], q[1, 1], x[2, 2] = math.nan, math.inf, -math.inf
+    o = OperandAccumulator()
+    o.update(x, q)
+    r, d = x.double().flatten(), q.double().flatten()
+    fin = torch.isfinite(r)
+    both = fin & torch.isfinite(d)
+    err2 = float(((r - d)[both] ** 2).sum())
+    res = o.result()
+    assert res["sqnr_db"] == pytest.approx(10 * math.log10(float((r[both] ** 2).sum()) / err2), rel=1e-13)
+    nz = fin & (r != 0)
+    assert res["underflow_frac"] == int((nz & (d == 0)).sum()) / int(nz.sum())
+    qmax = float(d[both].abs().max())
+    assert res["saturation_frac"] == int((fin & (r.abs() > qmax)).sum()) / int(fin.sum()) > 0
+    assert (res["excluded"], res["nonfinite"]) == ((2, 1) if specials else (0, 0))
+    e = ErrorAccumulator()
+    e.update(r.view(64, 96), q)
+    assert e.result()["max_abs_err"] == float((r - d)[both].abs().max())
+
+
+@pytest.mark.parametrize("saturated_given", [False, True])
+def test_chunked_accumulators_equal_one_pass(monkeypatch: pytest.MonkeyPatch, saturated_given: bool) -> None:
+    """Tensors longer than metrics.CHUNK are summed chunk by chunk (bounded float64 temporaries): counts and
+    max exact, sums to 1e-13; saturation without a mask still compares with the whole tensor's max|q|."""
+    import fp8probe.analysis.metrics as M
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 40, generator=gen)
+    x[0, 0], x[49, 39], x[20, 3] = 7.0, math.nan, 0.0
+    q = (x * 8).round() / 8
+    q[q.abs() > 3] = 3 * q[q.abs() > 3].sign()
+    q[10, 0] = 0.0  # underflow of a non-zero x
+    sat = (x.abs() > 3) if saturated_given else None
+    ref = x.double() @ torch.randn(40, 30, generator=gen, dtype=torch.float64)
+    lp = (q.double() @ torch.randn(40, 30, generator=gen, dtype=torch.float64)).float()
+    whole_o, whole_e = OperandAccumulator(), ErrorAccumulator()
+    whole_o.update(x, q, sat)
+    whole_e.update(ref, lp)
+    monkeypatch.setattr(M, "CHUNK", 333)  # 2000 elements: 7 chunks, the last one partial
+    chunked_o, chunked_e = OperandAccumulator(), ErrorAccumulator()
+    chunked_o.update(x, q, sat)
+    chunked_e.update(ref, lp)
+    for whole, chunked in ((whole_o, chunked_o), (whole_e, chunked_e)):
+        for key, value in vars(whole).items():
+            if isinstance(value, int) or key == "max_abs_err":
+                assert getattr(chunked, key) == value, key
+            else:
+                assert getattr(chunked, key) == pytest.approx(value, rel=1e-13), key
+    assert whole_o.n_saturated > 0 and whole_o.n_excluded == 1 and whole_e.excluded > 0

@@ -121,3 +121,20 @@ def test_outlier_census_counts_the_tokens_of_each_top_dim(tiny_model, tiny_batch
     """The census says how many tokens each planted outlier dim holds: every token (planted in all rows)."""
     out = analyze(tiny_model, tiny_batches, "int8").tables["outliers"].set_index("layer")
     assert out.loc["blocks.0.fc1", "top_dim_tokens"] and set(out.loc["blocks.0.fc1", "top_dim_tokens"]) == {1.0}
+
+
+def test_metadata_timings_split_the_run(tiny_model, tiny_batches) -> None:
+    """metadata["timings"]: every part measured, none negative, the parts within the total, per kind of GEMM."""
+    res = analyze(tiny_model, tiny_batches, "global,ocp-rowwise", e2e=False)
+    t = res.metadata["timings"]
+    parts = ("capture_s", "stats_s", "reference_s", "recipes_s", "metrics_s", "tables_s", "e2e_s")
+    assert set(t) == {*parts, "total_s", "replay_s_by_kind"}
+    assert all(t[p] >= 0.0 for p in parts) and t["recipes_s"] > 0.0 and t["metrics_s"] > 0.0
+    assert sum(t[p] for p in parts) <= t["total_s"]
+    assert t["e2e_s"] < t["total_s"] / 10  # e2e=False: nothing but bookkeeping
+    by_kind = t["replay_s_by_kind"]
+    assert set(by_kind) == set(res.tables["layers"]["kind"]) and {"linear", "matmul"} <= set(by_kind)
+    replay = sum(t[p] for p in ("stats_s", "reference_s", "recipes_s", "metrics_s"))
+    assert replay <= sum(by_kind.values()) + 1e-6  # the parts of the replay are inside its per-kind total
+    with_e2e = analyze(tiny_model, tiny_batches, "global", batches=1).metadata["timings"]
+    assert with_e2e["e2e_s"] > 0.0 and with_e2e["e2e_s"] <= with_e2e["total_s"]

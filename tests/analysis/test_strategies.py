@@ -149,3 +149,52 @@ def test_weight_quantizer_is_the_runners_weight_operand(name: str, dtype: torch.
     assert (sat is None) == (sat_run is None)
     if sat is not None:
         assert torch.equal(sat, sat_run)
+
+
+def _slice_by_slice(strategy, A, W, G, threshold, b_is_weight):
+    """The BATCHED_RULE run literally: strategy.run on each 2-D slice, results stacked."""
+    outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight) for i in range(A.shape[0])]
+    gemms = {k: torch.stack([o.gemms[k] for o in outs]) for k in outs[0].gemms}
+    operands = {}
+    for k in outs[0].operands:
+        x, q, sat = zip(*(o.operands[k] for o in outs))
+        operands[k] = (torch.stack(x), torch.stack(q), None if sat[0] is None else torch.stack(sat))
+    return gemms, operands
+
+
+# (Bt, M, K, N): M = 24 < 128 (a 128x128 weight block is the whole slice height), M = 200 (not a
+# multiple of 128: the 128x128 blocks straddle slices, so that case must fall back to slice by slice),
+# K = 150 (partial 1x128 tiles; 150 = 4·32 + 22: a partial MX block), K = 16 < 32.
+@pytest.mark.parametrize("shape", [(5, 24, 150, 40), (3, 200, 64, 136), (4, 16, 16, 8)])
+@pytest.mark.parametrize("b_is_weight", [False, True])
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_batched_replay_is_the_slice_by_slice_run(name: str, b_is_weight: bool, shape) -> None:
+    """run_strategy on [Bt, M, K] operands == each slice replayed alone, bit for bit, on every strategy
+    (the OCP/MX recipes quantise all slices in one cast; the others loop)."""
+    bt, m, k, n = shape
+    gen = torch.Generator().manual_seed(sum(shape) + b_is_weight)
+    # Slices of very different scales (so one shared scale would differ from per-slice ones), a zero
+    # slice (scale 1), and an outlier column.
+    scales = torch.logspace(-3, 3, bt)[:, None, None]
+    A = torch.randn(bt, m, k, generator=gen) * scales
+    A[1] = 0.0
+    A[:, :, 3] *= 40.0
+    W = torch.randn(bt, n, k, generator=gen) * scales.flip(0)
+    G = torch.randn(bt, m, n, generator=gen) * 1e-3 * scales
+    strat = STRATEGIES[name]
+    for g in (G, None):
+        out = run_strategy(strat, A, W, g, 6.0, b_is_weight=b_is_weight)
+        gemms, operands = _slice_by_slice(strat, A, W, g, 6.0, b_is_weight)
+        assert set(out.gemms) == set(gemms) and set(out.operands) == set(operands)
+        for key, y in gemms.items():
+            assert torch.equal(out.gemms[key], y), (name, key)
+        for key, (x, q, sat) in operands.items():
+            x2, q2, sat2 = out.operands[key]
+            assert torch.equal(x2, x) and torch.equal(q2, q), (name, key)
+            assert (sat is None) == (sat2 is None) and (sat is None or torch.equal(sat2, sat)), (name, key)
+
+
+def test_scaled_recipes_take_batched_operands_in_one_call() -> None:
+    """The OCP/MX recipes (and only strategies that say so) skip run_strategy's per-slice loop."""
+    assert {n for n, s in STRATEGIES.items() if s.runs_batched} == {
+        "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8"}
