@@ -291,7 +291,7 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def _scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
+def _scale_from_amax(amax: torch.Tensor, fmt: str, scale_rule: str = "floor") -> torch.Tensor:
     """The scale rule of reference.quantize_scaled, with the same torch ops (so the same bits).
 
     One deliberate difference: ``amax / fmax`` is written tensor / tensor. With a Python-scalar divisor
@@ -301,19 +301,19 @@ def _scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
     tests/test_kernels_host.py and tests/test_cuda_backend.py.
     """
     _, fmax, emax = _ref.SCALED_FORMATS[fmt]
-    if fmt.startswith("mxfp8"):
-        _, e = torch.frexp(amax)
-        exp = (e - 1 - emax).clamp(-127, 127)
-        return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), 1.0)
+    if fmt in _ref.MX_FORMATS:
+        return _ref.mx_scale(amax, fmt, scale_rule)
     scale = amax / torch.full_like(amax, fmax)
     return torch.where(scale > 0, scale, 1.0)
 
 
-def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA `fp8probe::quantize_scaled`: tile-amax kernel, scale rule in torch, cast kernel."""
-    if use_reference() or x.numel() == 0 or x.dtype not in _CUDA_TYPE or fmt not in _ref.SCALED_FORMATS:
-        return _ref.quantize_scaled(x, fmt, block_rows, block_cols)
+def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
+                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA `fp8probe::quantize_scaled`: tile-amax kernel, scale rule in torch, cast kernel (FP8 formats;
+    the 4/6-bit formats run the reference on the GPU tensors)."""
+    if (use_reference() or x.numel() == 0 or x.dtype not in _CUDA_TYPE or fmt not in _ref.SCALED_FORMATS
+            or _ref.SCALED_FORMATS[fmt][0] not in _FP8_FMT or scale_rule not in _ref.SCALE_RULES):
+        return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
     fp8 = _ref.SCALED_FORMATS[fmt][0]
     dev = x.device
     rows, cols = _ref._rows_cols(x.shape)
@@ -325,7 +325,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
     _launch("scaled_cast", "amax_tiles", (nbr * nbc, split), (_THREADS,),
             (x2, amax, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
              np.int32(1)), dev, x.dtype)
-    scale = _scale_from_amax(amax, fmt).contiguous()
+    scale = _scale_from_amax(amax, fmt, scale_rule).contiguous()
     data = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     _launch("scaled_cast", "cast_to_fp8", _grid_1d(rows * cols), (_THREADS,),
             (x2, scale, data, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
@@ -334,10 +334,10 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
 
 
 def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
-                      dtype: torch.dtype) -> torch.Tensor:
+                      dtype: torch.dtype, fmt: str = "", global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """CUDA `fp8probe::dequantize_scaled`: cast<dtype>(fl32(float(data) * scale[tile]))."""
     if use_reference() or data.numel() == 0 or dtype not in _CUDA_TYPE or data.dtype not in _FP8_FMT:
-        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
     dev = data.device
     rows, cols = _ref._rows_cols(data.shape)
     bits = data.contiguous().view(torch.uint8)
