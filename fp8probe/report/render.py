@@ -39,9 +39,9 @@ MAX_HIST_LAYERS = 12
 # Which format window is drawn on which tensor's histogram: the first format present in
 # metadata.formats wins. Activations/weights use E4M3-like formats, gradients E5M2-like (SPEC §7.2).
 WINDOW_PREFERENCE = {
-    "activation": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8"),
-    "weight": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8"),
-    "grad_output": ("bnb-e5m2", "e5m2", "mxfp8-e5m2"),
+    "activation": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"),
+    "weight": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"),
+    "grad_output": ("bnb-e5m2", "e5m2", "mxfp8-e5m2", "mxfp6-e3m2", "mxfp6-e2m3", "mxfp4-e2m1", "nvfp4"),
 }
 
 
