@@ -9,7 +9,6 @@ import torch
 
 from fp8probe import autograd as AG
 from fp8probe import functional as F
-from fp8probe.backends.reference import _tiles
 from fp8probe.formats import get_codebook
 
 from .strategies import Strategy, _run_mixed, _Scaled
@@ -124,9 +123,12 @@ def _batch_stats(scale: torch.Tensor, zero_block: torch.Tensor, nonzero: torch.T
 # Which operands of which recipe are block-scaled, and their per-block records
 # --------------------------------------------------------------------------------------------
 def _tile_sums(mask: torch.Tensor, br: int, bc: int) -> torch.Tensor:
-    """[R, C] bool → element count per (br × bc) tile (partial edge tiles), tiles in row-major order."""
-    t, _, _ = _tiles(mask.to(torch.float32), br, bc)
-    return t.sum(dim=(1, 3)).reshape(-1).to(torch.int64)
+    """[R, C] bool → element count per (br × bc) tile (partial edge tiles), tiles in row-major order,
+    the tiling of functional.quantize_scaled's scales."""
+    R, C = mask.shape
+    nbr, nbc = -(-R // br), -(-C // bc)
+    t = torch.nn.functional.pad(mask.to(torch.int32), (0, nbc * bc - C, 0, nbr * br - R))
+    return t.reshape(nbr, br, nbc, bc).sum(dim=(1, 3), dtype=torch.int64).reshape(-1)
 
 
 def _records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, scale: torch.Tensor, tile: tuple[int, int]
@@ -207,6 +209,8 @@ def update_block_stats(stats: dict[tuple[str, str], BlockScaleStats], labels: di
             if A.dim() == 3:
                 q, sat = q[i], None if sat is None else sat[i]
             x = spec["x"]
+            if x.numel() == 0:                          # an empty batch has no blocks
+                continue
             if spec["kind"] == "scaled":
                 rec = _scaled_records(x, q, sat, spec["fmt"], spec["block"], spec["scale_rule"])
             else:

@@ -112,6 +112,12 @@ def test_merge_equals_sequential_updates_exactly() -> None:
     assert merged.n_blocks == 3 * 20 * 3
 
 
+def test_empty_batch_adds_no_blocks() -> None:
+    A, W, G = torch.empty(0, 64), torch.randn(8, 64), torch.empty(0, 8)
+    rows = _stats("mxfp8", A, W, G)
+    assert set(rows) == {("mxfp8", "weight")} and rows[("mxfp8", "weight")]["n_blocks"] == 16
+
+
 def test_batched_gemm_blocks_per_slice() -> None:
     g = torch.Generator().manual_seed(4)
     A, K = torch.randn(3, 10, 64, generator=g), torch.randn(3, 12, 64, generator=g)
