@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from fp8probe.analysis.demo_model import build_model
+from fp8probe.analysis.strategies import STRATEGIES
 from fp8probe.cli import cli
 
 
@@ -65,8 +66,8 @@ def test_demo_carries_the_validated_recommendation(demo_dir: Path) -> None:
     tables = merged["tables"]
     assert merged["version"] == 2 and {"e2e", "sensitivity", "recommendation"} <= set(tables)
     kinds = [r["kind"] for r in tables["recommendation"]]
-    assert kinds.count("strategy") == 8 and kinds[-2:] == ["blocksize", "threshold"]
+    assert kinds.count("strategy") == len(STRATEGIES) and kinds[-2:] == ["blocksize", "threshold"]
     assert sum(r["recommended"] for r in tables["recommendation"] if r["kind"] == "strategy") == 1
     for r in tables["recommendation"]:
         assert r["loss_rel_change"] is not None and r["lp_flop_share"] > 0
-    assert len(tables["sensitivity"]) == 8 * len(tables["layers"])  # one row per strategy and captured GEMM
+    assert len(tables["sensitivity"]) == len(STRATEGIES) * len(tables["layers"])  # one row per strategy and captured GEMM

@@ -139,6 +139,12 @@ __device__ __forceinline__ void lowbit_fields(int fmt, int& ebits, int& mbits, i
     bias = fmt == FMT_E3M2 ? 3 : 1;
 }
 
+// 2^k for |k| <= 126, built from its bit pattern: ldexpf/exp2f compile to the approximate,
+// flush-to-zero ex2.approx.ftz instruction.
+__device__ __forceinline__ float pow2f(int k) {
+    return __uint_as_float((uint32_t)(127 + k) << 23);
+}
+
 // y finite with |y| <= the format max: e = max(floor(log2|y|), emin), n = rne(|y| * 2^(mbits - e))
 // (an exact power-of-two scaling; rintf rounds half to even), code = (e - emin) * 2^mbits + n, which
 // covers subnormals and the carry into the next binade alike.
@@ -147,13 +153,9 @@ __device__ __forceinline__ uint8_t float_to_lowbit(float y, int fmt) {
     lowbit_fields(fmt, ebits, mbits, bias);
     const int emin = 1 - bias;
     const float a = fabsf(y);
-    int e = emin;
-    if (a > 0.0f) {
-        int ex;
-        frexpf(a, &ex);                                   // a = m * 2^ex, m in [0.5, 1)
-        e = max(ex - 1, emin);
-    }
-    const float n = rintf(__fmul_rn(a, ldexpf(1.0f, mbits - e)));
+    // floor(log2 a) from the biased exponent field; fp32 subnormals (and 0) lie far below every emin
+    const int e = max((int)((__float_as_uint(a) >> 23) & 0xffu) - 127, emin);
+    const float n = rintf(__fmul_rn(a, pow2f(mbits - e)));
     const uint32_t sign = (__float_as_uint(y) >> 31) << (ebits + mbits);
     return (uint8_t)(sign | (uint32_t)(((e - emin) << mbits) + (int)n));
 }
@@ -162,7 +164,9 @@ __device__ __forceinline__ float lowbit_to_float(uint8_t c, int fmt) {
     int ebits, mbits, bias;
     lowbit_fields(fmt, ebits, mbits, bias);
     const int e = (c >> mbits) & ((1 << ebits) - 1), m = c & ((1 << mbits) - 1);
-    const float mag = e == 0 ? ldexpf((float)m, 1 - bias - mbits) : ldexpf((float)((1 << mbits) + m), e - bias - mbits);
+    // small integers times powers of two: exact in float32
+    const float mag = e == 0 ? __fmul_rn((float)m, pow2f(1 - bias - mbits))
+                             : __fmul_rn((float)((1 << mbits) + m), pow2f(e - bias - mbits));
     return (c >> (ebits + mbits)) & 1 ? -mag : mag;
 }
 
