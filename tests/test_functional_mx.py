@@ -241,3 +241,16 @@ def test_sqnr_floor_on_normal_data(fmt, rule, block, floor_db, device):
     x = torch.randn(256, 384, generator=torch.Generator().manual_seed(7)).to(device)
     y = F.quantize_scaled(x, fmt, block=block, scale_rule=rule).dequantize()
     assert 10 * math.log10(float(x.pow(2).sum() / (x - y).pow(2).sum())) >= floor_db
+
+
+@pytest.mark.parametrize(("fmt", "block", "rule"), [
+    ("e4m3", (1, 128), "floor"), ("e5m2", (128, 128), "floor"), ("mxfp8-e4m3", (1, 32), "rceil"),
+    ("mxfp8-e5m2", (1, 32), "even"), ("mxfp4-e2m1", (1, 32), "floor"), ("mxfp6-e3m2", (1, 32), "rceil"),
+    ("nvfp4", (16, 16), "floor")])
+def test_tile_scales_equal_the_casts_scales(fmt, block, rule):
+    x = torch.randn(150, 200, generator=torch.Generator().manual_seed(9)) * torch.logspace(-4, 3, 200)
+    x[7, 7] = float("nan")
+    g = R.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+    _, want = R.quantize_scaled(x, fmt, *block, rule, g)
+    got = R.tile_scales(x, fmt, *block, rule, g)
+    assert torch.equal(got.nan_to_num(nan=-1.0), want.nan_to_num(nan=-1.0))

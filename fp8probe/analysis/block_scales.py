@@ -9,6 +9,7 @@ import torch
 
 from fp8probe import autograd as AG
 from fp8probe import functional as F
+from fp8probe.backends import reference as _ref
 from fp8probe.formats import get_codebook
 
 from .strategies import Strategy, _run_mixed, _Scaled
@@ -136,9 +137,8 @@ def _records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, scal
     """(scale, zero_block, nonzero, underflow, clipped) per tile of the 2-D operand x2 and its dequantised q2."""
     R, C = x2.shape
     br, bc = min(tile[0], R), min(tile[1], C)
-    xf = x2.to(_F64)
-    nonzero = torch.isfinite(xf) & (xf != 0)
-    under = nonzero & (q2.to(_F64) == 0)
+    nonzero = torch.isfinite(x2) & (x2 != 0)
+    under = nonzero & (q2 == 0)
     n_nz = _tile_sums(nonzero, br, bc)
     clipped = _tile_sums(sat2, br, bc) > 0 if sat2 is not None else torch.zeros_like(n_nz, dtype=torch.bool)
     return scale.reshape(-1), n_nz == 0, n_nz, _tile_sums(under, br, bc), clipped
@@ -146,9 +146,12 @@ def _records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, scal
 
 def _scaled_records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, fmt: str, block: tuple[int, int],
                     scale_rule: str) -> tuple[torch.Tensor, ...]:
-    st = F.quantize_scaled(x2.to(torch.float32).contiguous(), fmt, "block", block, scale_rule=scale_rule)
-    scale = st.scale if st.global_scale is None else st.scale * st.global_scale
-    return _records(x2, q2, sat2, scale, st.block)
+    # the scales alone (tests/analysis/test_block_scales.py checks them against quantize_scaled's):
+    # repeating the element cast would add a third to the replay's time
+    x32 = x2.to(torch.float32)
+    g = _ref.nvfp4_global_scale(x32) if fmt == "nvfp4" else None
+    scale = _ref.tile_scales(x32, fmt, block[0], block[1], scale_rule, g)
+    return _records(x2, q2, sat2, scale if g is None else scale * g, block)
 
 
 def _codebook_records(x2: torch.Tensor, q2: torch.Tensor, book: str, blocksize: int) -> tuple[torch.Tensor, ...]:

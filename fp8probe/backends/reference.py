@@ -652,6 +652,39 @@ def _tiles(x2: torch.Tensor, br: int, bc: int) -> tuple[torch.Tensor, int, int]:
     return x2.view(nbr, br, nbc, bc), nbr, nbc
 
 
+def _scale_rule(amax: torch.Tensor, x: torch.Tensor, fmt: str, scale_rule: str, global_scale: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, divisor of the elements) per tile from the tiles' finite amax (see quantize_scaled)."""
+    if fmt in MX_FORMATS:
+        scale = mx_scale(amax, fmt, scale_rule)
+        return scale, scale
+    if fmt == "nvfp4":
+        g = (nvfp4_global_scale(x) if global_scale is None else global_scale).to(device=amax.device, dtype=_F32)
+        scale = e4m3_round(amax / (torch.full_like(g, 6.0) * g))
+        return scale, scale * g
+    # tensor / tensor: a Python-number divisor is lowered to a multiply by its reciprocal on
+    # CUDA but to a true division on CPU, which would make the reference device-dependent
+    scale = amax / torch.full_like(amax, SCALED_FORMATS[fmt][1])
+    scale = torch.where(scale > 0, scale, 1.0)
+    return scale, scale
+
+
+def tile_scales(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
+                global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``scale`` output of :func:`quantize_scaled` alone (no element cast), same bits: for statistics
+    of the scales. NVFP4: the E4M3 block scale (the tensor scale is not included)."""
+    R, C = _rows_cols(x.shape)
+    if x.numel() == 0:
+        return torch.ones(-(-R // block_rows), -(-C // block_cols), dtype=_F32, device=x.device)
+    xt, _, _ = _tiles(x.reshape(R, C).to(_F32), min(block_rows, R), min(block_cols, C))
+    finite = torch.isfinite(xt)
+    amax = torch.where(finite, xt.abs(), 0.0).amax(dim=(1, 3))
+    scale, _ = _scale_rule(amax, x, fmt, scale_rule, global_scale)
+    if SCALED_FORMATS[fmt][0] == torch.uint8:
+        scale = torch.where(finite.all(dim=(1, 3)), scale, torch.nan)
+    return scale
+
+
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
                     global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled cast; returns ``data`` (float8, or uint8 element codes for the 4/6-bit formats; x.shape)
@@ -694,20 +727,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     xt, nbr, nbc = _tiles(x.reshape(R, C).to(_F32), block_rows, block_cols)
     finite = torch.isfinite(xt)
     amax = torch.where(finite, xt.abs(), 0.0).amax(dim=(1, 3))
-    if fmt in MX_FORMATS:
-        scale = mx_scale(amax, fmt, scale_rule)
-        divisor = scale
-    elif fmt == "nvfp4":
-        g = (nvfp4_global_scale(x) if global_scale is None else global_scale).to(device=dev, dtype=_F32)
-        six_g = torch.full_like(g, 6.0) * g
-        scale = e4m3_round(amax / six_g)
-        divisor = scale * g
-    else:
-        # tensor / tensor: a Python-number divisor is lowered to a multiply by its reciprocal on
-        # CUDA but to a true division on CPU, which would make the reference device-dependent
-        scale = amax / torch.full_like(amax, fmax)
-        scale = torch.where(scale > 0, scale, 1.0)
-        divisor = scale
+    scale, divisor = _scale_rule(amax, x, fmt, scale_rule, global_scale)
     if lowbit:
         d = divisor[:, None, :, None]
         y = torch.where(finite, xt, torch.where(torch.isnan(xt), 0.0, xt.clamp(-fmax, fmax)))
