@@ -254,3 +254,11 @@ def test_tile_scales_equal_the_casts_scales(fmt, block, rule):
     _, want = R.quantize_scaled(x, fmt, *block, rule, g)
     got = R.tile_scales(x, fmt, *block, rule, g)
     assert torch.equal(got.nan_to_num(nan=-1.0), want.nan_to_num(nan=-1.0))
+
+
+def test_nvfp4_16x16_weight_blocks_transpose_exactly():
+    """The nvfp4 recipe reuses qWᵀ for dgrad: with 16x16 blocks and one tensor scale, quantising Wᵀ gives exactly qWᵀ."""
+    W = torch.randn(72, 200, generator=torch.Generator().manual_seed(12)) * torch.logspace(-3, 1, 200)
+    q = F.quantize_scaled(W, "nvfp4", block=(16, 16)).dequantize()
+    qt = F.quantize_scaled(W.t().contiguous(), "nvfp4", block=(16, 16)).dequantize()
+    assert torch.equal(q.t(), qt)
