@@ -191,6 +191,9 @@ def validate_codebook(code: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 # Format table
 # --------------------------------------------------------------------------------------------
+_KINDS = ("codebook", "float8", "mx", "nvfp4", "int", "scale")
+
+
 @dataclass(frozen=True)
 class NumberFormat:
     """One number format: its range in its own units and what it is.
@@ -198,7 +201,9 @@ class NumberFormat:
     ``max``/``min_normal``/``min_subnormal`` are magnitudes in the format's own units (fp8 units
     for the bnb maps, i.e. before their normalisation by ``max``; integer units for int8).
     ``kind`` is one of "codebook" (bnb 256-entry map, blockwise absmax scaling), "float8" (OCP,
-    torch float8 dtype with a float32 scale), "mx" (OCP MX: block of 32, E8M0 scale), "int".
+    torch float8 dtype with a float32 scale), "mx" (OCP MX: block of 32, E8M0 scale), "nvfp4" (E2M1
+    in blocks of 16, E4M3 block scale, float32 tensor scale), "int", "scale" (a block-scale format).
+    For the block-scaled formats the range is the element format's.
     """
 
     name: str
@@ -209,8 +214,8 @@ class NumberFormat:
     kind: str
 
     def __post_init__(self) -> None:
-        if self.kind not in ("codebook", "float8", "mx", "int"):
-            raise ValueError(f"kind must be codebook, float8, mx or int, got {self.kind!r}")
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
         if not 0 < self.min_subnormal <= self.min_normal <= self.max:
             raise ValueError(f"need 0 < min_subnormal <= min_normal <= max for {self.name}")
 
@@ -239,6 +244,18 @@ FORMATS: dict[str, NumberFormat] = {f.name: f for f in (
                  "OCP MX FP8 E4M3: blocks of 32 along the last dim, E8M0 power-of-two scale", "mx"),
     NumberFormat("mxfp8-e5m2", 57344.0, 2.0**-14, 2.0**-16,
                  "OCP MX FP8 E5M2: blocks of 32 along the last dim, E8M0 power-of-two scale", "mx"),
+    NumberFormat("mxfp6-e2m3", 7.5, 1.0, 2.0**-3,
+                 "OCP MX FP6 E2M3 (bias 1, no Inf/NaN): blocks of 32, E8M0 scale; codes in uint8", "mx"),
+    NumberFormat("mxfp6-e3m2", 28.0, 2.0**-2, 2.0**-4,
+                 "OCP MX FP6 E3M2 (bias 3, no Inf/NaN): blocks of 32, E8M0 scale; codes in uint8", "mx"),
+    NumberFormat("mxfp4-e2m1", 6.0, 1.0, 0.5,
+                 "OCP MX FP4 E2M1 (bias 1, values 0 .5 1 1.5 2 3 4 6): blocks of 32, E8M0 scale; uint8 codes",
+                 "mx"),
+    NumberFormat("nvfp4", 6.0, 1.0, 0.5,
+                 "NVIDIA NVFP4: E2M1 in blocks of 16 (1x16 or 16x16), E4M3 block scale, fp32 tensor scale "
+                 "amax/2688", "nvfp4"),
+    NumberFormat("e8m0", 2.0**127, 2.0**-127, 2.0**-127,
+                 "OCP MX E8M0 block scale: powers of two 2^-127..2^127, no zero, no subnormals", "scale"),
 )}
 
 

@@ -511,17 +511,22 @@ def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SC
 # --------------------------------------------------------------------------------------------
 # OCP FP8 / MX scaled casts
 # --------------------------------------------------------------------------------------------
-_SCALED_FMTS = ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2")
-_MX_BLOCK = (1, 32)
+_SCALED_FMTS = tuple(_ref.SCALED_FORMATS)
+#: the tiles each block-scaled format can have (first = the default): MX blocks of 32 and NVFP4 blocks
+#: of 16 along the last (contraction) dim; NVFP4 also 16×16 2-D blocks (NVIDIA's weight recipe)
+_FIXED_BLOCKS = {**{f: ((1, 32),) for f in _ref.MX_FORMATS}, "nvfp4": ((1, 16), (16, 16))}
 
 
 @dataclass(frozen=True)
 class ScaledTensor:
-    """An FP8 tensor with float32 scales. Convention: **x_hp ≈ data.float() * scale[tile]**.
+    """A low-precision tensor with float32 scales. Convention: **x_hp ≈ value(data) * scale[tile]**
+    (``* global_scale`` too for NVFP4).
 
-    data: torch float8 (e4m3fn / e5m2), the original shape; scale: float32
-    [ceil(rows/block[0]), ceil(cols/block[1])] over the [rows, cols] view (rows = prod of the
-    leading dims); fmt, granularity and block say how it was made; dtype: the original dtype.
+    data: torch float8 (e4m3fn / e5m2), or uint8 element codes (one per byte, unpacked) for the
+    4/6-bit formats, the original shape; scale: float32 [ceil(rows/block[0]), ceil(cols/block[1])]
+    over the [rows, cols] view (rows = prod of the leading dims); fmt, granularity, block and
+    scale_rule say how it was made; global_scale: NVFP4's 0-D float32 per-tensor scale, else None;
+    dtype: the original dtype.
     """
 
     data: torch.Tensor
@@ -530,35 +535,57 @@ class ScaledTensor:
     granularity: str
     block: tuple[int, int]
     dtype: torch.dtype
+    scale_rule: str = "floor"
+    global_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Shorthand for :func:`dequantize_scaled`."""
         return dequantize_scaled(self, dtype)
 
+    def element_values(self) -> torch.Tensor:
+        """float32 value of every stored element before scaling (fp8 cast, or 4/6-bit code decoded)."""
+        return _ref.element_values(self.data, self.fmt)
 
-def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str = "tensor",
-                    block: tuple[int, int] | None = None) -> ScaledTensor:
-    """Scaled cast to OCP FP8 (SPEC-free, OCP 8-bit FP / MX v1.0); see the convention on ScaledTensor.
 
-    fmt: "e4m3" | "e5m2" (scale = amax/fmt_max, amax over finite values, 1 for a zero tile) or
-    "mxfp8-e4m3" | "mxfp8-e5m2" (blocks of 32 along the last dim, power-of-two E8M0 scales).
-    granularity: "tensor", "row" (one scale per row of the [rows, cols] view) or "block" with
-    ``block=(1, 128)`` (activation tiles), ``(128, 128)`` (weight blocks) or any positive pair;
-    partial tiles at the ends are allowed. Finite values saturate to ±fmt_max.
+def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None = None,
+                    block: tuple[int, int] | None = None, scale_rule: str = "floor") -> ScaledTensor:
+    """Scaled cast to OCP FP8, OCP MX or NVFP4 (OCP 8-bit FP, OCP MX v1.0); see the convention on ScaledTensor.
+
+    fmt: "e4m3" | "e5m2" (scale = amax/fmt_max, amax over finite values, 1 for a zero tile);
+    "mxfp8-e4m3" | "mxfp8-e5m2" | "mxfp6-e2m3" | "mxfp6-e3m2" | "mxfp4-e2m1" (blocks of 32 along the
+    last dim, power-of-two E8M0 scales chosen by `scale_rule`); "nvfp4" (E2M1 elements, E4M3 block
+    scales over blocks of 16 along the last dim, or 16×16, and a float32 per-tensor scale). The exact
+    rules are in ``backends/reference.quantize_scaled`` and ``mx_scale``.
+    granularity: "tensor" (default for e4m3/e5m2), "row" (one scale per row of the [rows, cols] view) or
+    "block" with ``block=(1, 128)`` (activation tiles), ``(128, 128)`` (weight blocks) or any positive
+    pair; partial tiles at the ends are allowed. The block-scaled formats accept only "block" (their
+    default) with their own tiles (None = the first): MX (1, 32), NVFP4 (1, 16) or (16, 16).
+    scale_rule: "floor" (OCP MX), "rceil" (NVIDIA) or "even" (microxcaling); MX formats only.
+    Finite values saturate to ±fmt_max.
     """
     _check_tensor("x", x, _FLOATS)
     if fmt not in _SCALED_FMTS:
         raise ValueError(f"fmt must be one of {', '.join(_SCALED_FMTS)}, got {fmt!r}")
+    if scale_rule not in _ref.SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {', '.join(_ref.SCALE_RULES)}, got {scale_rule!r}")
+    if scale_rule != "floor" and fmt not in _ref.MX_FORMATS:
+        raise ValueError(f"scale_rule applies to the MX formats ({', '.join(_ref.MX_FORMATS)}) only; "
+                         f"expected 'floor' for fmt={fmt!r}, got {scale_rule!r}")
     shape = x.shape
     rows = math.prod(shape[:-1]) if x.dim() else 1
     cols = shape[-1] if x.dim() else 1
-    if fmt.startswith("mxfp8"):
-        if granularity not in ("tensor", "block") or (block is not None and tuple(block) != _MX_BLOCK):
-            raise ValueError(f"MX formats use 1x32 blocks along the last dim; got granularity={granularity!r}, "
-                             f"block={block!r}")
-        granularity, tile = "block", _MX_BLOCK
-    elif granularity == "tensor":
-        tile = (max(rows, 1), max(cols, 1))
+    global_scale = None
+    if fmt in _FIXED_BLOCKS:
+        allowed = _FIXED_BLOCKS[fmt]
+        if granularity not in (None, "block") or (block is not None and (not isinstance(block, (tuple, list))
+                                                                       or tuple(block) not in allowed)):
+            raise ValueError(f"{fmt} needs granularity='block' with block in {list(allowed)}; got "
+                             f"granularity={granularity!r}, block={block!r}")
+        granularity, tile = "block", tuple(block) if block is not None else allowed[0]
+        if fmt == "nvfp4":
+            global_scale = _ref.nvfp4_global_scale(x)
+    elif granularity in (None, "tensor"):
+        granularity, tile = "tensor", (max(rows, 1), max(cols, 1))
     elif granularity == "row":
         tile = (1, max(cols, 1))
     elif granularity == "block":
@@ -567,15 +594,20 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str = "tens
         tile = (int(block[0]), int(block[1]))
     else:
         raise ValueError(f"granularity must be 'tensor', 'row' or 'block', got {granularity!r}")
-    data, scale = _OPS.quantize_scaled(x, fmt, tile[0], tile[1])
-    return ScaledTensor(data=data, scale=scale, fmt=fmt, granularity=granularity, block=tile, dtype=x.dtype)
+    data, scale = _OPS.quantize_scaled(x, fmt, tile[0], tile[1], scale_rule, global_scale)
+    return ScaledTensor(data=data, scale=scale, fmt=fmt, granularity=granularity, block=tile, dtype=x.dtype,
+                        scale_rule=scale_rule, global_scale=global_scale)
 
 
 def dequantize_scaled(st: ScaledTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``data.float() * scale[tile]`` (float32 math) cast to `dtype` (default: the original dtype)."""
+    """``value(data) * scale[tile]`` (float32 math; NVFP4 then ``* global_scale``) cast to `dtype`
+    (default: the original dtype)."""
     if not isinstance(st, ScaledTensor):
         raise TypeError(f"st must be a ScaledTensor, got {type(st).__name__}")
     out_dtype = dtype or st.dtype
     if out_dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")
+    if st.data.dtype == torch.uint8 or st.global_scale is not None:
+        return _OPS.dequantize_scaled(st.data, st.scale, st.block[0], st.block[1], out_dtype, st.fmt,
+                                      st.global_scale)
     return _OPS.dequantize_scaled(st.data, st.scale, st.block[0], st.block[1], out_dtype)

@@ -27,9 +27,12 @@ Schemas (``ScalarType`` arguments arrive as ``torch.dtype``):
     fp8probe::int8_mm_dequant(Tensor A, Tensor row_stats, Tensor col_stats, Tensor? bias,
                               ScalarType dtype, str compat) -> Tensor
         out `dtype`, A.shape (compat "bnb": [rows, N])
-    fp8probe::quantize_scaled(Tensor x, str fmt, int block_rows, int block_cols) -> (Tensor data, Tensor scale)
-        data float8 x.shape; scale f32 [ceil(R/block_rows), ceil(C/block_cols)]
-    fp8probe::dequantize_scaled(Tensor data, Tensor scale, int block_rows, int block_cols, ScalarType dtype)
+    fp8probe::quantize_scaled(Tensor x, str fmt, int block_rows, int block_cols, str scale_rule="floor",
+                              Tensor? global_scale=None) -> (Tensor data, Tensor scale)
+        data float8 (uint8 element codes for the 4/6-bit formats) x.shape; scale f32 [ceil(R/block_rows),
+        ceil(C/block_cols)]; scale_rule for MX formats, global_scale for nvfp4
+    fp8probe::dequantize_scaled(Tensor data, Tensor scale, int block_rows, int block_cols, ScalarType dtype,
+                                str fmt="", Tensor? global_scale=None)
         -> Tensor                                                                `dtype`, data.shape
 
 The exact float32 operation order of each op is written in ``backends/reference.py``.
@@ -159,26 +162,26 @@ def _(A, row_stats, col_stats, bias, dtype, compat):
 
 # ------------------------------------------------------------------ OCP FP8 / MX scaled casts
 @torch.library.custom_op(f"{_LIB}::quantize_scaled", mutates_args=())
-def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ref.quantize_scaled(x, fmt, block_rows, block_cols)
+def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
+                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
 
 
 @quantize_scaled.register_fake
-def _(x, fmt, block_rows, block_cols):
+def _(x, fmt, block_rows, block_cols, scale_rule="floor", global_scale=None):
     rows, cols = _ref._rows_cols(x.shape)
-    fp8 = _ref.SCALED_FORMATS[fmt][0]
-    return x.new_empty(x.shape, dtype=fp8), x.new_empty((-(-rows // block_rows), -(-cols // block_cols)), dtype=_F32)
+    dtype = _ref.SCALED_FORMATS[fmt][0]
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((-(-rows // block_rows), -(-cols // block_cols)), dtype=_F32)
 
 
 @torch.library.custom_op(f"{_LIB}::dequantize_scaled", mutates_args=())
 def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+                      dtype: torch.dtype, fmt: str = "", global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
 
 
 @dequantize_scaled.register_fake
-def _(data, scale, block_rows, block_cols, dtype):
+def _(data, scale, block_rows, block_cols, dtype, fmt="", global_scale=None):
     return data.new_empty(data.shape, dtype=dtype)
 
 

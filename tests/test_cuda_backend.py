@@ -257,6 +257,25 @@ def test_scaled_casts_match_reference(dtype, fmt, tiling, shape) -> None:
                              ref.dequantize_scaled(data.cpu(), scale.cpu(), br, bc, out_dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt,tile,rule", (("mxfp8-e4m3", (1, 32), "rceil"), ("mxfp8-e5m2", (1, 32), "even"),
+                                           ("mxfp4-e2m1", (1, 32), "floor"), ("mxfp6-e2m3", (1, 32), "rceil"),
+                                           ("mxfp6-e3m2", (1, 32), "even"), ("nvfp4", (1, 16), "floor"),
+                                           ("nvfp4", (16, 16), "floor")), ids=str)
+def test_mx_rules_and_lowbit_casts_match_reference(dtype, fmt, tile, rule) -> None:
+    x = sample((67, 96), dtype, seed=23)
+    x.view(-1)[:40] = 0.0
+    br, bc = tile
+    want = ref.quantize_scaled(x, fmt, br, bc, rule)
+    got = OPS.quantize_scaled(x.cuda(), fmt, br, bc, rule)
+    assert_all_equal(got, want)
+    gs = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+    for out_dtype in DTYPES:
+        assert_bitwise_equal(OPS.dequantize_scaled(got[0], got[1], br, bc, out_dtype, fmt,
+                                                   None if gs is None else gs.cuda()),
+                             ref.dequantize_scaled(want[0], want[1], br, bc, out_dtype, fmt, gs))
+
+
 @pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2))
 def test_dequantize_scaled_every_fp8_code(fp8) -> None:
     data = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).reshape(8, 32)

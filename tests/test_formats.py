@@ -182,3 +182,21 @@ def test_cli_formats_table_and_json() -> None:
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
     assert {r["name"]: r["max"] for r in rows}["bnb-e5m2"] == 114688.0
+
+
+def test_lowbit_format_rows_match_their_element_tables() -> None:
+    """max / min normal / min subnormal of the 4/6-bit rows equal the extremes of the decoded code tables."""
+    from fp8probe.backends.reference import ELEMENT_OF, lowbit_values
+
+    for name in ("mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"):
+        elem = ELEMENT_OF[name]
+        ebits, mbits = {"e2m1": (2, 1), "e2m3": (2, 3), "e3m2": (3, 2)}[elem]
+        vals = lowbit_values(torch.arange(2 ** (ebits + mbits), dtype=torch.uint8), elem)
+        f = FORMATS[name]
+        assert f.max == vals.max().item()
+        assert f.min_subnormal == vals[1].item()                 # code 1: the smallest subnormal
+        assert f.min_normal == vals[2**mbits].item()             # exponent field 1, mantissa 0
+    e8m0 = torch.tensor([2.0**127, 2.0**-127]).to(torch.float8_e8m0fnu).float()
+    assert FORMATS["e8m0"].max == e8m0[0].item() and FORMATS["e8m0"].min_normal == e8m0[1].item()
+    out = CliRunner().invoke(cli, ["formats"]).output
+    assert all(n in out for n in ("mxfp4-e2m1", "mxfp6-e2m3", "mxfp6-e3m2", "nvfp4", "e8m0"))

@@ -288,7 +288,7 @@ def test_int8_mixed_scaled_mm_matches_pieces(rows, k, n, seed, device):
 # ------------------------------------------------------------------ OCP FP8 / MX scaled casts
 GRANULARITIES = [("e4m3", "tensor", None), ("e4m3", "row", None), ("e4m3", "block", (1, 128)),
                  ("e4m3", "block", (128, 128)), ("e5m2", "tensor", None), ("e5m2", "block", (1, 128)),
-                 ("mxfp8-e4m3", "tensor", None), ("mxfp8-e5m2", "tensor", None)]
+                 ("mxfp8-e4m3", "block", None), ("mxfp8-e5m2", "block", None)]
 FMT_INFO = {"e4m3": (448.0, 2.0**-4, 2.0**-10), "e5m2": (57344.0, 2.0**-3, 2.0**-17)}  # max, half ulp, half min subnormal
 
 
@@ -333,7 +333,7 @@ def test_scaled_cast_invariants(shape, dtype, cfg, seed, scale, device):
 @pytest.mark.parametrize(("fmt", "gran", "block", "floor_db"), [
     ("e4m3", "tensor", None, 29.0), ("e4m3", "row", None, 29.0), ("e4m3", "block", (1, 128), 29.0),
     ("e4m3", "block", (128, 128), 29.0), ("e5m2", "tensor", None, 23.0), ("e5m2", "block", (1, 128), 23.0),
-    ("mxfp8-e4m3", "tensor", None, 28.0), ("mxfp8-e5m2", "tensor", None, 23.0)])
+    ("mxfp8-e4m3", "block", None, 28.0), ("mxfp8-e5m2", "block", None, 23.0)])
 def test_scaled_cast_sqnr_floor(fmt, gran, block, floor_db, device):
     """N(0,1) 256x384: measured 31.6 dB (E4M3), 25.6 dB (E5M2), 30.6 / 25.3 dB (MX) on CPU."""
     x = torch.randn(256, 384, generator=torch.Generator().manual_seed(7)).to(device)
@@ -395,7 +395,7 @@ def test_empty_inputs_short_circuit(shape, device):
      ValueError, "row_stats"),
     (lambda: F.quantize_scaled(torch.ones(4), "e3m4"), ValueError, "fmt"),
     (lambda: F.quantize_scaled(torch.ones(4), "e4m3", "block"), ValueError, "block="),
-    (lambda: F.quantize_scaled(torch.ones(4), "mxfp8-e4m3", "row"), ValueError, "1x32"),
+    (lambda: F.quantize_scaled(torch.ones(4), "mxfp8-e4m3", "row"), ValueError, "needs granularity=.block. with block in \\[\\(1, 32\\)\\]"),
 ])
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):

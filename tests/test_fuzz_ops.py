@@ -817,7 +817,7 @@ def fp8_rne(v: np.ndarray, fmt: str) -> np.ndarray:
 
 
 SCALED_CFGS = st.sampled_from([("e4m3", "tensor", None), ("e4m3", "row", None), ("e5m2", "tensor", None),
-                               ("e5m2", "row", None), ("mxfp8-e4m3", "tensor", None), ("mxfp8-e5m2", "block", (1, 32)),
+                               ("e5m2", "row", None), ("mxfp8-e4m3", "block", None), ("mxfp8-e5m2", "block", (1, 32)),
                                ("e4m3", "block", "random"), ("e5m2", "block", "random"),
                                ("e4m3", "block", (1, 128)), ("e5m2", "block", (128, 128))])
 
@@ -963,19 +963,21 @@ def test_invalid_int8_arguments_raise_clean_errors(which, dtype, threshold):
 
 
 @FUZZ
-@given(fmt=st.sampled_from(["e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2", "E4M3", "fp8", ""]),
+@given(fmt=st.sampled_from(["e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2", "mxfp4-e2m1", "nvfp4", "E4M3", "fp8", ""]),
        gran=st.sampled_from(["tensor", "row", "block", "col", None]),
-       block=st.sampled_from([None, (1, 128), (128, 128), (1, 32), (0, 4), (-1, 4), (1,), (1, 2, 3), (1.5, 2),
-                              ("a", 1), 5, "x", (4, 0)]),
+       block=st.sampled_from([None, (1, 128), (128, 128), (1, 32), (1, 16), (16, 16), (0, 4), (-1, 4), (1,),
+                              (1, 2, 3), (1.5, 2), ("a", 1), 5, "x", (4, 0)]),
        out_dtype=st.sampled_from([None, torch.float64, torch.int32, torch.float8_e4m3fn]))
 def test_scaled_cast_arguments_are_validated(fmt, gran, block, out_dtype):
     x = torch.randn(3, 40)
-    valid_fmt = fmt in ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2")
-    if fmt.startswith("mxfp8"):
-        valid = gran in ("tensor", "block") and (block is None or block == (1, 32))
+    valid_fmt = fmt in ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2", "mxfp4-e2m1", "nvfp4")
+    if fmt.startswith("mx"):   # block-scaled formats: only their own tiles, no silent fallback (issue 16)
+        valid = gran in (None, "block") and (block is None or block == (1, 32))
+    elif fmt == "nvfp4":
+        valid = gran in (None, "block") and block in (None, (1, 16), (16, 16))
     else:
         good_block = isinstance(block, tuple) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)
-        valid = gran in ("tensor", "row") or (gran == "block" and good_block)
+        valid = gran in ("tensor", "row", None) or (gran == "block" and good_block)
     if not (valid_fmt and valid):
         _raises_clean(F.quantize_scaled, x, fmt, gran, block)
         return

@@ -462,6 +462,43 @@ def test_scaled_cast_kernels(emulated, dtype, fmt, tile) -> None:
                          ref.dequantize_scaled(*want, br, bc, out_dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt,tile,rule", (("mxfp4-e2m1", (1, 32), "floor"), ("mxfp6-e2m3", (1, 32), "rceil"),
+                                           ("mxfp6-e3m2", (1, 32), "even"), ("nvfp4", (1, 16), "floor"),
+                                           ("nvfp4", (16, 16), "floor")), ids=str)
+def test_lowbit_cast_kernels(emulated, dtype, fmt, tile, rule) -> None:
+    # random bit patterns (NaN/Inf tiles get a NaN scale), RNE ties of the element grid, a zero tile
+    shape = (20, 72)
+    x = _sample(shape, dtype, seed=19)
+    x.view(-1)[:40] = 0.0
+    x[5, 3], x[9, 40] = float("nan"), float("inf")
+    x[12, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -2.5, 7.0, 1e-30, -1e-30,
+                               0.0625, 0.1875, 20.0]).to(dtype)
+    br, bc = tile
+    got = emulated.quantize_scaled(x, fmt, br, bc, rule)
+    want = ref.quantize_scaled(x, fmt, br, bc, rule)
+    for g, w in zip(got, want):
+        assert_bitwise_equal(g, w)
+    gs = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+    out_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 3]
+    assert_bitwise_equal(emulated.dequantize_scaled(*got, br, bc, out_dtype, fmt, gs),
+                         ref.dequantize_scaled(*want, br, bc, out_dtype, fmt, gs))
+
+
+def test_lowbit_codes_exhaustive_on_element_grid(emulated) -> None:
+    # every float32 value on and between the grid points of each element format, at scale 1
+    for fmt, elem in (("mxfp4-e2m1", "e2m1"), ("mxfp6-e2m3", "e2m3"), ("mxfp6-e3m2", "e3m2")):
+        vals = ref.lowbit_values(torch.arange(2 ** (1 + sum(ref.LOWBIT_ELEMENTS[elem][:2])), dtype=torch.uint8), elem)
+        grid = torch.unique(torch.cat([vals, (vals[:-1] + vals[1:]) / 2]))
+        x = torch.cat([grid, grid.nextafter(torch.full_like(grid, 100.0))])
+        x = torch.nn.functional.pad(x, (0, -x.numel() % 32)).reshape(-1, 32)
+        x[:, 0] = float(ref.SCALED_FORMATS[fmt][1])       # pins every block's scale to 1 (FLOOR)
+        got = emulated.quantize_scaled(x, fmt, 1, 32)
+        want = ref.quantize_scaled(x, fmt, 1, 32)
+        assert bool((want[1] == 1).all())
+        assert_bitwise_equal(got[0], want[0])
+
+
 # ----------------------------------------------------------------------------- launcher contract
 def test_blocksize_validation_and_short_circuits(emulated, monkeypatch) -> None:
     code = get_codebook("dynamic")

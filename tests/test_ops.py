@@ -53,6 +53,14 @@ def _cases(device: str) -> list[tuple[str, object, tuple, tuple | None]]:
         ("dequantize_scaled", OPS.dequantize_scaled,
          (torch.randn(5, 70, generator=g).to(torch.float8_e4m3fn).to(device), torch.rand(5, 3, generator=g).to(device),
           1, 32, torch.bfloat16), NO_SCHEMA),
+        ("quantize_scaled_mx_rceil", OPS.quantize_scaled, (x, "mxfp8-e4m3", 1, 32, "rceil"), None),
+        ("quantize_scaled_mxfp4", OPS.quantize_scaled, (x, "mxfp4-e2m1", 1, 32, "even"), None),
+        ("quantize_scaled_nvfp4", OPS.quantize_scaled,
+         (x, "nvfp4", 16, 16, "floor", torch.tensor(0.01, device=device)), None),
+        ("dequantize_scaled_nvfp4", OPS.dequantize_scaled,
+         (torch.randint(0, 16, (5, 70), generator=g, dtype=torch.uint8).to(device),
+          torch.rand(5, 5, generator=g).to(device), 1, 16, torch.float32, "nvfp4", torch.tensor(0.5, device=device)),
+         None),
     ]
 
 

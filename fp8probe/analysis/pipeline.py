@@ -24,6 +24,7 @@ from .e2e import (COST_BOUND, DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Bud
                   SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .gemms import Coverage, parse_kinds
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
+from .block_scales import BlockScaleStats, update_block_stats
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
 from .results import Results
 from .delayed import delayed_table
@@ -58,6 +59,8 @@ class _LayerAcc:
     census: OutlierCensus | None = None
     gemm: dict[tuple[str, str], ErrorAccumulator] = field(default_factory=dict)
     operands: dict[tuple[str, str], OperandAccumulator] = field(default_factory=dict)
+    blocks: dict[tuple[str, str], BlockScaleStats] = field(default_factory=dict)
+    block_labels: dict[tuple[str, str], dict] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     weight_seen: bool = False
 
@@ -130,6 +133,10 @@ class _Analysis:
             for key, o in part.operands.items():
                 if key[0] not in acc.errors and (key[1] != "weight" or keep_weight):
                     acc.operands[key] = acc.operands[key].merge(o) if key in acc.operands else o
+            for key, b in part.blocks.items():  # weight blocks only come from the batch that measured it
+                if key[0] not in acc.errors:
+                    acc.blocks[key] = acc.blocks[key].merge(b) if key in acc.blocks else b
+                    acc.block_labels.setdefault(key, part.block_labels[key])
             for strat, msg in part.errors.items():
                 acc.errors.setdefault(strat, msg)
             acc.weight_seen = acc.weight_seen or part.weight_seen
@@ -194,10 +201,11 @@ class _Analysis:
                 if operand == "weight" and not first_weight:
                     continue
                 acc.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat)
+            update_block_stats(acc.blocks, acc.block_labels, strat, A, W, G, out.operands, call.b_is_weight, first_weight)
             clock = self._tick("metrics", clock)
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        layers, gemm, operands, tensors, hists, outliers, errors = [], [], [], [], [], [], []
+        layers, gemm, operands, tensors, hists, outliers, errors, blocks = [], [], [], [], [], [], [], []
         for name, acc in forward_order(self.layers):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
@@ -208,6 +216,9 @@ class _Analysis:
                              "quantized": g in self._quantized[strat], **e.result()})
             for (strat, op), o in acc.operands.items():
                 operands.append({"layer": name, "strategy": strat, "operand": op, **o.result()})
+            for (strat, op), b in acc.blocks.items():
+                blocks.append({"layer": name, "strategy": strat, "operand": op, **acc.block_labels[(strat, op)],
+                               **b.result()})
             for tname, ts in acc.tensors.items():
                 tensors.append({"layer": name, "tensor": tname, **ts.result()})
                 hists.append({"layer": name, "tensor": tname, **ts.histogram()})
@@ -224,6 +235,8 @@ class _Analysis:
             rows = [r for name, st in self.states.items() for r in st.rows(name)]
             out["delayed_scaling"] = delayed_table(sorted(rows, key=lambda r: (order.get(r["layer"], 0),
                                                                                 r["strategy"])))
+        if blocks:
+            out["block_scales"] = pd.DataFrame(blocks)
         return out
 
 

@@ -58,6 +58,9 @@ class WeightQuantizer:
     scaling: str
     block: tuple[int, int] | None
     quantize: WeightFn
+    #: True when the blocks' scales also depend on one per-tensor scale (NVFP4's global scale): a
+    #: chunked weights-only analysis must then see the tensor's absmax in every chunk.
+    tensor_scale: bool = False
 # linear(x [..., in], W [out, in], bias [out] | None, threshold, b_is_weight) -> y [..., out],
 # differentiable: the recipe's fprop in forward and its dgrad/wgrad in backward (what the end-to-end
 # mode swaps in for a GEMM; b_is_weight as for Runner).
@@ -235,23 +238,23 @@ def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | No
 # OCP FP8 / MX recipes: fake-quantise each GEMM's operands along its contraction dimension
 # (the last dim of the 2-D operand as passed here), matmul in float32.
 # --------------------------------------------------------------------------------------------
-def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
+               scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
     """(dequantised x in float32, saturated mask): clipped elements have |data| at the format max and |x| > |q|."""
     x32 = x.to(_F32).contiguous()
-    st = F.quantize_scaled(x32, fmt, granularity, block)
+    st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule)
     q = F.dequantize_scaled(st, _F32)
     fmax = FORMATS[fmt].max
     # NaN compares False and ±Inf never sits at exactly ±fmax in data, so no isfinite mask is needed.
-    saturated = (st.data.float().abs() == fmax) & (x32.abs() > q.abs())
+    saturated = (st.element_values().abs() == fmax) & (x32.abs() > q.abs())
     return q, saturated
 
 
 Gran = tuple[str, "tuple[int, int] | None"]
 
 
-def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
+               scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
     """_fq_scaled on each 2-D slice of x [Bt, R, C] with its own scales (BATCHED_RULE), in one cast where
     the slices' tiles line up, else slice by slice; 2-D x is passed straight through.
 
@@ -259,21 +262,24 @@ def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, in
     one R×C tile, per-row / 1×bc / MX 1×32 tiles of one row, br×bc blocks when br divides R or
     R ≤ br) is also a tile of the stacked [Bt·R, C] view: one cast of the stack computes the same
     scales and elements as Bt casts. A per-slice call costs ~0.1 ms of dispatch (custom op, checks),
-    which for a 64-head attention site times 8 casts per recipe was most of the replay.
+    which for a 64-head attention site times 8 casts per recipe was most of the replay. NVFP4's float32
+    tensor scale is per slice, so no stacked cast has it: slice by slice.
     """
     if x.dim() == 2:
-        return _fq_scaled(x, fmt, granularity, block)
+        return _fq_scaled(x, fmt, granularity, block, scale_rule)
     bt, rows, cols = x.shape
-    if fmt.startswith("mxfp8") or granularity == "row" or (granularity == "block" and block[0] == 1):
-        tile: tuple[str, tuple[int, int] | None] | None = (granularity, block)  # tiles of one row
+    if fmt == "nvfp4":
+        tile: tuple[str, tuple[int, int] | None] | None = None
+    elif granularity == "row" or (granularity == "block" and block[0] == 1):
+        tile = (granularity, block)  # tiles of one row (MX 1x32 included)
     else:
         br, bc = (rows, cols) if granularity == "tensor" else block
         br, bc = min(br, rows), min(bc, cols)  # a tile larger than the slice is all of it (quantize_scaled)
         tile = ("block", (br, bc)) if rows and rows % br == 0 else None
     if tile is None or x.numel() == 0:
-        q, sat = zip(*(_fq_scaled(x[i], fmt, granularity, block) for i in range(bt)))
+        q, sat = zip(*(_fq_scaled(x[i], fmt, granularity, block, scale_rule) for i in range(bt)))
         return torch.stack(q), torch.stack(sat)
-    q, sat = _fq_scaled(x.reshape(bt * rows, cols), fmt, *tile)
+    q, sat = _fq_scaled(x.reshape(bt * rows, cols), fmt, *tile, scale_rule)
     return q.view(bt, rows, cols), sat.view(bt, rows, cols)
 
 
@@ -300,6 +306,7 @@ class _Scaled:
     fmt_fwd: str
     fmt_bwd: str
     accum: Accumulation | None = None  # None: float32 matmuls; else the simulated accumulator (accumulation.py)
+    scale_rule: str = "floor"   # MX E8M0 scale rule (functional.quantize_scaled); "floor" for the rest
 
     def _gemm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x · yᵀ (y [N, K]): float32 (batched operands slice by slice, _mm), or the simulated
@@ -315,19 +322,19 @@ class _Scaled:
 
     def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True) -> tuple[torch.Tensor, tuple, tuple]:
         """(A·Wᵀ from quantised operands, (qA, satA), (qW, satW)); A [tokens, in], W [out, in]."""
-        qA, sA = _fq_slices(A, self.fmt_fwd, *self.act)                     # contraction over in
-        qW, sW = _fq_slices(W, self.fmt_fwd, *self._gran_b(b_is_weight))    # W [out, in]: contraction over in
+        qA, sA = _fq_slices(A, self.fmt_fwd, *self.act, self.scale_rule)                   # contraction over in
+        qW, sW = _fq_slices(W, self.fmt_fwd, *self._gran_b(b_is_weight), self.scale_rule)  # W [out, in]: over in
         return self._gemm(qA, qW), (qA, sA), (qW, sW)
 
     def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
               b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
         """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W."""
         gran_w = self._gran_b(b_is_weight)
-        qG, sG = _fq_slices(G, self.fmt_bwd, *self.act)         # dgrad contracts over out: G's rows
+        qG, sG = _fq_slices(G, self.fmt_bwd, *self.act, self.scale_rule)  # dgrad contracts over out: G's rows
         # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
         # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
         w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])
-        qWt = qW.mT if w_reusable else _fq_slices(W.mT, self.fmt_fwd, *gran_w)[0]
+        qWt = qW.mT if w_reusable else _fq_slices(W.mT, self.fmt_fwd, *gran_w, self.scale_rule)[0]
         return self._gemm(qG, qWt), (qG, sG)
 
     def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
@@ -335,8 +342,8 @@ class _Scaled:
         if self.act[0] == "tensor":                             # one scale: transposing changes nothing
             qGt, qAt = qG.mT, qA.mT
         else:                                                   # wgrad contracts over tokens
-            qGt = _fq_slices(G.mT, self.fmt_bwd, *self.act)[0]
-            qAt = _fq_slices(A.mT, self.fmt_fwd, *self.act)[0]
+            qGt = _fq_slices(G.mT, self.fmt_bwd, *self.act, self.scale_rule)[0]
+            qAt = _fq_slices(A.mT, self.fmt_fwd, *self.act, self.scale_rule)[0]
         return self._gemm(qGt, qAt)
 
     def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
@@ -387,10 +394,12 @@ _ROW = ("row", None)
 _TILE_1 = ("block", (1, TILE))
 _TILE_2 = ("block", (TILE, TILE))
 _MX = ("block", (1, 32))
+_NV_1D = ("block", (1, 16))    # NVFP4 activations / gradients: 16 along the contraction dim
+_NV_2D = ("block", (16, 16))   # NVFP4 weights: 16x16, so W and Wᵀ quantise identically (NVIDIA's recipe)
 
 
-def _scaled(act: Gran, w: Gran, fmt_fwd: str, fmt_bwd: str) -> tuple[Runner, LinearFn]:
-    recipe = _Scaled(act, w, fmt_fwd, fmt_bwd)
+def _scaled(act: Gran, w: Gran, fmt_fwd: str, fmt_bwd: str, scale_rule: str = "floor") -> tuple[Runner, LinearFn]:
+    recipe = _Scaled(act, w, fmt_fwd, fmt_bwd, scale_rule)
     return recipe.run, recipe.linear
 
 
@@ -538,11 +547,34 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              + BATCHED_RULE,
              ("e4m3", "e5m2"), *_scaled(_TILE_1, _TILE_2, "e4m3", "e5m2")),
     Strategy("mxfp8", "OCP MX: E4M3 elements for A and W, E5M2 for G, blocks of 32 along each GEMM's contraction "
-             "dim with E8M0 power-of-two scales (floor(log2 amax) − emax), saturating; float32 matmuls. Two "
+             "dim with E8M0 power-of-two scales by the OCP FLOOR rule (floor(log2 amax) − emax), saturating; float32 matmuls. Two "
              "activations: both E4M3 in blocks of 32 along the contraction dim. " + BATCHED_RULE,
              ("mxfp8-e4m3", "mxfp8-e5m2"), *_scaled(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2")),
     Strategy("delayed", _delayed_rules(_DELAYED.rule), ("e4m3", "e5m2"), _DELAYED.run, _DELAYED.linear,
              new_state=_DELAYED.new_state),
+    Strategy("mxfp8-rceil", "OCP MX with NVIDIA's RCEIL scale rule (cuBLAS / Transformer Engine): E4M3 elements for "
+             "A and W, E5M2 for G, blocks of 32 along each GEMM's contraction dim, E8M0 scale = the smallest power "
+             "of two with amax/scale ≤ fmt_max (no block maximum saturates); float32 matmuls. Two activations: both "
+             "E4M3 in blocks of 32 along the contraction dim. " + BATCHED_RULE,
+             ("mxfp8-e4m3", "mxfp8-e5m2"), *_scaled(_MX, _MX, "mxfp8-e4m3", "mxfp8-e5m2", "rceil")),
+    Strategy("nvfp4", "NVIDIA NVFP4: E2M1 elements for A, W and G in fprop, dgrad and wgrad; A and G in 1x16 blocks "
+             "along each GEMM's contraction dim, W in 16x16 blocks; block scale = E4M3(block amax / (6·g)) with the "
+             "per-tensor float32 scale g = tensor amax / 2688 (scale rule: E4M3 round-to-nearest of the ideal "
+             "scale, so a block maximum can saturate); no random Hadamard transform, no stochastic rounding; "
+             "float32 matmuls. Two activations: both in 1x16 blocks along the contraction dim. " + BATCHED_RULE,
+             ("nvfp4",), *_scaled(_NV_1D, _NV_2D, "nvfp4", "nvfp4")),
+    Strategy("mxfp4", "OCP MX FP4: E2M1 elements for A, W and G, blocks of 32 along each GEMM's contraction dim, "
+             "E8M0 scale by the OCP FLOOR rule (floor(log2 amax) − 2); no Hadamard transform, no stochastic "
+             "rounding; float32 matmuls. Two activations: both E2M1 in blocks of 32 along the contraction dim. "
+             + BATCHED_RULE, ("mxfp4-e2m1",), *_scaled(_MX, _MX, "mxfp4-e2m1", "mxfp4-e2m1")),
+    Strategy("mxfp6-e2m3", "OCP MX FP6 E2M3 (max 7.5) for A, W and G, blocks of 32 along each GEMM's contraction "
+             "dim, E8M0 scale by the OCP FLOOR rule (floor(log2 amax) − 2); float32 matmuls. Two activations: both "
+             "in blocks of 32 along the contraction dim. " + BATCHED_RULE,
+             ("mxfp6-e2m3",), *_scaled(_MX, _MX, "mxfp6-e2m3", "mxfp6-e2m3")),
+    Strategy("mxfp6-e3m2", "OCP MX FP6 E3M2 (max 28) for A, W and G, blocks of 32 along each GEMM's contraction "
+             "dim, E8M0 scale by the OCP FLOOR rule (floor(log2 amax) − 4); float32 matmuls. Two activations: both "
+             "in blocks of 32 along the contraction dim. " + BATCHED_RULE,
+             ("mxfp6-e3m2",), *_scaled(_MX, _MX, "mxfp6-e3m2", "mxfp6-e3m2")),
 )}
 
 
@@ -559,8 +591,8 @@ def mixed_with_blocksize(blocksize: int) -> Strategy:
                     functools.partial(_run_mixed, blocks=blocks), functools.partial(_linear_mixed, blocks=blocks),
                     base.quantized_gemms)
 
-def _weight_scaled(fmt: str, gran: tuple[str, tuple[int, int] | None]) -> WeightQuantizer:
-    return WeightQuantizer(gran[0], gran[1], lambda W: _fq_scaled(W, fmt, *gran))
+def _weight_scaled(fmt: str, gran: tuple[str, tuple[int, int] | None], scale_rule: str = "floor") -> WeightQuantizer:
+    return WeightQuantizer(gran[0], gran[1], lambda W: _fq_scaled(W, fmt, *gran, scale_rule), fmt == "nvfp4")
 
 
 # The fprop weight quantiser of every strategy: the same functions and (format, granularity) pairs
@@ -577,6 +609,11 @@ WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
     "mxfp8": _weight_scaled("mxfp8-e4m3", _MX),
     # A weight has one amax, so its history holds that amax only: the per-tensor cast (the first batch's, too).
     "delayed": _weight_scaled("e4m3", _TENSOR),
+    "mxfp8-rceil": _weight_scaled("mxfp8-e4m3", _MX, "rceil"),
+    "nvfp4": _weight_scaled("nvfp4", _NV_2D),
+    "mxfp4": _weight_scaled("mxfp4-e2m1", _MX),
+    "mxfp6-e2m3": _weight_scaled("mxfp6-e2m3", _MX),
+    "mxfp6-e3m2": _weight_scaled("mxfp6-e3m2", _MX),
 }
 
 

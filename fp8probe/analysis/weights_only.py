@@ -400,21 +400,24 @@ def _finite_absmax(W2: torch.Tensor, chunk_elements: int) -> torch.Tensor:
     return best
 
 
-def _quantize_chunk(quantize: Callable, x: torch.Tensor, pin: torch.Tensor | None
+def _quantize_chunk(quantize: Callable, x: torch.Tensor, pin: torch.Tensor | None, align: int = 1
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A tensor-scaled quantiser applied to one chunk exactly as to the whole tensor: ``pin`` (a row holding
-    the tensor's finite absmax) is appended so the chunk's scale is the tensor's, and dropped again.
+    the tensor's finite absmax) is appended so the chunk's scale is the tensor's, and dropped again
+    (NVFP4: zero rows first pad the chunk to a multiple of ``align`` = the block height, so the pin row
+    starts a block row of its own and only the per-tensor scale sees it).
     Every recipe quantises elementwise once the scale is fixed, so the chunk's codes are the whole
     tensor's. Without a saturation mask the operand accumulator compares |x| with max|q|, which for
     the whole tensor is |q(absmax)|: the pinned element's code, used here as the mask."""
     if pin is None:
         return quantize(x)
-    q, sat = quantize(torch.cat([x, pin.to(x.dtype)]))
-    q_pin, q = q[-1, 0], q[:-1]
+    pad = x.new_zeros((-x.shape[0] % align, x.shape[1]))
+    q, sat = quantize(torch.cat([x, pad, pin.to(x.dtype)]))
+    q_pin, q = q[-1, 0], q[:x.shape[0]]
     if sat is None:
         sat = x.double().abs() > float(q_pin.double().abs())
     else:
-        sat = sat[:-1]
+        sat = sat[:x.shape[0]]
     return q, sat
 
 
@@ -495,7 +498,7 @@ def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elemen
     multiple = math.lcm(1, *(q.block[0] for q in quantizers.values() if q.scaling == "block"))
     chunked = rows * cols > chunk_elements and rows > multiple
     pin = None
-    if chunked and any(q.scaling == "tensor" for q in quantizers.values()):
+    if chunked and any(q.scaling == "tensor" or q.tensor_scale for q in quantizers.values()):
         amax = _finite_absmax(W2, chunk_elements)
         pin = torch.zeros(1, cols, dtype=amax.dtype)
         pin[0, 0] = amax
@@ -512,7 +515,8 @@ def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elemen
         col_amax = a.amax(dim=0) if col_amax is None else torch.maximum(col_amax, a.amax(dim=0))
         del a
         for name, wq in quantizers.items():
-            q, sat = _quantize_chunk(wq.quantize, x, pin if wq.scaling == "tensor" else None)
+            q, sat = _quantize_chunk(wq.quantize, x, pin if wq.scaling == "tensor" or wq.tensor_scale else None,
+                                     wq.block[0] if wq.tensor_scale else 1)
             operands[name].update(x, q, sat)
             if name in blocks:
                 blocks[name].update(x, sat)

@@ -283,17 +283,18 @@ def _fp8_table(fp8: torch.dtype) -> torch.Tensor:
     return table
 
 
-def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
+                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU kernel of ``fp8probe::quantize_scaled``: same arguments, results and errors as the reference's.
 
     One pass for the tile amax (finite values) and one for the divide-clamp-round; NaN/±Inf inputs
     are handled in C exactly as torch's casts do, so nothing falls back except empty tensors,
-    unknown formats (the reference raises) and non-positive tile sizes.
+    unknown formats (the reference raises) and non-positive tile sizes. The C code implements the
+    FLOOR scale rule and the FP8 formats; other scale rules and the 4/6-bit formats run the reference.
     """
     if (x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or fmt not in _SCALED_FMT
-            or block_rows <= 0 or block_cols <= 0 or not enabled()):
-        return _ref.quantize_scaled(x, fmt, block_rows, block_cols)
+            or scale_rule != "floor" or block_rows <= 0 or block_cols <= 0 or not enabled()):
+        return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
     fp8 = _ref.SCALED_FORMATS[fmt][0]
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
@@ -306,12 +307,12 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
 
 
 def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
-                      dtype: torch.dtype) -> torch.Tensor:
+                      dtype: torch.dtype, fmt: str = "", global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """CPU kernel of ``fp8probe::dequantize_scaled``; the reference runs for NaN results (torch's NaN
-    casts to bf16 drop the sign), empty tensors and shapes it would reject."""
+    casts to bf16 drop the sign), empty tensors, shapes it would reject and the 4/6-bit formats."""
     if (data.device.type != "cpu" or data.numel() == 0 or dtype not in _DT or not enabled()
             or data.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or block_rows <= 0 or block_cols <= 0):
-        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
     R, C = _ref._rows_cols(data.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
     sc = scale.detach().to("cpu", _F32).contiguous()

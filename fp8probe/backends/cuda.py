@@ -26,6 +26,8 @@ _F32 = torch.float32
 _CUDA_TYPE = {torch.float32: "float", torch.float16: "half_t", torch.bfloat16: "bf16_t"}
 #: fp8 element format -> the `fmt` argument of scaled_cast.cu (FMT_E4M3 / FMT_E5M2)
 _FP8_FMT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+#: 4/6-bit element format -> the `fmt` argument of cast_to_lowbit / cast_from_lowbit (FMT_E2M1 ...)
+_LOWBIT_FMT = {"e2m1": 2, "e2m3": 3, "e3m2": 4}
 _THREADS = 256
 _MAX_GRID = 1 << 20          # grid-stride kernels loop; more blocks than this buys nothing
 #: blocksizes the fused blockwise kernel supports: blockDim = min(bs, 256), <= 16 items per thread
@@ -291,7 +293,7 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def _scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
+def _scale_from_amax(amax: torch.Tensor, fmt: str, scale_rule: str = "floor") -> torch.Tensor:
     """The scale rule of reference.quantize_scaled, with the same torch ops (so the same bits).
 
     One deliberate difference: ``amax / fmax`` is written tensor / tensor. With a Python-scalar divisor
@@ -301,19 +303,21 @@ def _scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
     tests/test_kernels_host.py and tests/test_cuda_backend.py.
     """
     _, fmax, emax = _ref.SCALED_FORMATS[fmt]
-    if fmt.startswith("mxfp8"):
-        _, e = torch.frexp(amax)
-        exp = (e - 1 - emax).clamp(-127, 127)
-        return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), 1.0)
+    if fmt in _ref.MX_FORMATS:
+        return _ref.mx_scale(amax, fmt, scale_rule)
     scale = amax / torch.full_like(amax, fmax)
     return torch.where(scale > 0, scale, 1.0)
 
 
-def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA `fp8probe::quantize_scaled`: tile-amax kernel, scale rule in torch, cast kernel."""
-    if use_reference() or x.numel() == 0 or x.dtype not in _CUDA_TYPE or fmt not in _ref.SCALED_FORMATS:
-        return _ref.quantize_scaled(x, fmt, block_rows, block_cols)
+def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
+                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA `fp8probe::quantize_scaled`: tile-amax kernel, scale rule in torch, cast kernel (FP8 formats;
+    the 4/6-bit formats run the reference on the GPU tensors)."""
+    if (use_reference() or x.numel() == 0 or x.dtype not in _CUDA_TYPE or fmt not in _ref.SCALED_FORMATS
+            or scale_rule not in _ref.SCALE_RULES):
+        return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
+    if _ref.SCALED_FORMATS[fmt][0] == torch.uint8:
+        return _quantize_lowbit(x, fmt, block_rows, block_cols, scale_rule, global_scale)
     fp8 = _ref.SCALED_FORMATS[fmt][0]
     dev = x.device
     rows, cols = _ref._rows_cols(x.shape)
@@ -325,7 +329,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
     _launch("scaled_cast", "amax_tiles", (nbr * nbc, split), (_THREADS,),
             (x2, amax, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
              np.int32(1)), dev, x.dtype)
-    scale = _scale_from_amax(amax, fmt).contiguous()
+    scale = _scale_from_amax(amax, fmt, scale_rule).contiguous()
     data = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     _launch("scaled_cast", "cast_to_fp8", _grid_1d(rows * cols), (_THREADS,),
             (x2, scale, data, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
@@ -333,11 +337,59 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
     return data.view(fp8), scale
 
 
+def _tile_amax(x2: torch.Tensor, rows: int, cols: int, block_rows: int, block_cols: int, finite_only: bool
+               ) -> torch.Tensor:
+    nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
+    amax = torch.zeros((nbr, nbc), dtype=_F32, device=x2.device)
+    tile = min(block_rows, rows) * min(block_cols, cols)
+    split = max(1, min(65535, -(-tile // (_THREADS * 8))))    # >= 8 elements per thread per block
+    _launch("scaled_cast", "amax_tiles", (nbr * nbc, split), (_THREADS,),
+            (x2, amax, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+             np.int32(1 if finite_only else 0)), x2.device, x2.dtype)
+    return amax
+
+
+def _quantize_lowbit(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str,
+                     global_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 / MXFP6 / NVFP4: tile amax kernels (finite values; all values, to find non-finite tiles),
+    the reference's scale rule in torch, then the element-code kernel."""
+    dev = x.device
+    _, fmax, _ = _ref.SCALED_FORMATS[fmt]
+    rows, cols = _ref._rows_cols(x.shape)
+    x2 = x.contiguous()
+    amax = _tile_amax(x2, rows, cols, block_rows, block_cols, True)
+    amax_all = _tile_amax(x2, rows, cols, block_rows, block_cols, False)   # NaN/Inf bits win the max
+    if fmt in _ref.MX_FORMATS:
+        scale = _ref.mx_scale(amax, fmt, scale_rule)
+        divisor = scale
+    else:
+        g = (_ref.nvfp4_global_scale(x) if global_scale is None else global_scale).to(device=dev, dtype=_F32)
+        scale = _ref.e4m3_round(amax / (torch.full_like(g, 6.0) * g))
+        divisor = scale * g
+    data = torch.empty(x.shape, dtype=torch.uint8, device=dev)
+    _launch("scaled_cast", "cast_to_lowbit", _grid_1d(rows * cols), (_THREADS,),
+            (x2, divisor.contiguous(), data, np.int64(rows), np.int64(cols), np.int64(block_rows),
+             np.int64(block_cols), np.int32(_LOWBIT_FMT[_ref.ELEMENT_OF[fmt]]), np.float32(fmax)), dev, x.dtype)
+    return data, torch.where(torch.isfinite(amax_all), scale, torch.nan).contiguous()
+
+
 def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """CUDA `fp8probe::dequantize_scaled`: cast<dtype>(fl32(float(data) * scale[tile]))."""
-    if use_reference() or data.numel() == 0 or dtype not in _CUDA_TYPE or data.dtype not in _FP8_FMT:
-        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+                      dtype: torch.dtype, fmt: str = "", global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """CUDA `fp8probe::dequantize_scaled`: cast<dtype>(fl32(float(data) * scale[tile])) (4/6-bit codes:
+    decoded, and times NVFP4's tensor scale)."""
+    lowbit = data.dtype == torch.uint8 and fmt in _ref.ELEMENT_OF and _ref.ELEMENT_OF[fmt] in _LOWBIT_FMT
+    if use_reference() or data.numel() == 0 or dtype not in _CUDA_TYPE or (data.dtype not in _FP8_FMT and not lowbit):
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
+    if lowbit:
+        dev = data.device
+        rows, cols = _ref._rows_cols(data.shape)
+        post = 1.0 if global_scale is None else float(global_scale)
+        out = torch.empty(data.shape, dtype=dtype, device=dev)
+        _launch("scaled_cast", "cast_from_lowbit", _grid_1d(rows * cols), (_THREADS,),
+                (data.contiguous(), scale.to(device=dev, dtype=_F32).contiguous(), out, np.int64(rows),
+                 np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+                 np.int32(_LOWBIT_FMT[_ref.ELEMENT_OF[fmt]]), np.float32(post)), dev, dtype)
+        return out
     dev = data.device
     rows, cols = _ref._rows_cols(data.shape)
     bits = data.contiguous().view(torch.uint8)

@@ -525,13 +525,121 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
 # OCP FP8 / MX scaled casts
 # --------------------------------------------------------------------------------------------
 
-#: element format → (torch dtype, largest finite magnitude, emax of the element format)
+#: scaled format → (storage dtype, largest finite element magnitude, emax of the element format).
+#: The 4- and 6-bit formats store one element code per uint8 (not packed): sign bit at 2**(ebits+mbits),
+#: then the exponent field, then the mantissa field (OCP MX v1.0 §5.3 bit layout, no Inf/NaN codes).
 SCALED_FORMATS = {
     "e4m3": (torch.float8_e4m3fn, 448.0, 8),
     "e5m2": (torch.float8_e5m2, 57344.0, 15),
     "mxfp8-e4m3": (torch.float8_e4m3fn, 448.0, 8),
     "mxfp8-e5m2": (torch.float8_e5m2, 57344.0, 15),
+    "mxfp6-e2m3": (torch.uint8, 7.5, 2),
+    "mxfp6-e3m2": (torch.uint8, 28.0, 4),
+    "mxfp4-e2m1": (torch.uint8, 6.0, 2),
+    "nvfp4": (torch.uint8, 6.0, 2),
 }
+#: 4/6-bit element format → (exponent bits, mantissa bits, exponent bias) (OCP MX v1.0 §5.3.2/§5.3.3)
+LOWBIT_ELEMENTS = {"e2m1": (2, 1, 1), "e2m3": (2, 3, 1), "e3m2": (3, 2, 3)}
+#: scaled format → its element format's name (the key of fp8probe.formats.FORMATS for the element)
+ELEMENT_OF = {"e4m3": "e4m3", "e5m2": "e5m2", "mxfp8-e4m3": "e4m3", "mxfp8-e5m2": "e5m2",
+              "mxfp6-e2m3": "e2m3", "mxfp6-e3m2": "e3m2", "mxfp4-e2m1": "e2m1", "nvfp4": "e2m1"}
+#: mantissa bits of each element format (the EVEN scale rule rounds amax to this precision)
+ELEMENT_MBITS = {"e4m3": 3, "e5m2": 2, "e2m1": 1, "e2m3": 3, "e3m2": 2}
+#: formats with E8M0 power-of-two block scales (OCP MX); they take a scale rule
+MX_FORMATS = ("mxfp8-e4m3", "mxfp8-e5m2", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1")
+SCALE_RULES = ("floor", "rceil", "even")
+#: NVFP4's global scale maps the tensor amax onto E4M3_MAX · E2M1_MAX = 448 · 6 (NVIDIA's definition)
+NVFP4_GLOBAL_RANGE = 448.0 * 6.0
+E8M0_EXP_MIN, E8M0_EXP_MAX = -127, 127
+
+
+def _lowbit_table(elem: str) -> torch.Tensor:
+    """float32 value of every code 0 .. 2**(1+ebits+mbits)-1 of a 4/6-bit element format."""
+    ebits, mbits, bias = LOWBIT_ELEMENTS[elem]
+    vals = []
+    for code in range(2 ** (1 + ebits + mbits)):
+        sign = -1.0 if code >> (ebits + mbits) else 1.0
+        e, m = (code >> mbits) & (2**ebits - 1), code & (2**mbits - 1)
+        mag = m * 2.0 ** (1 - bias - mbits) if e == 0 else (1 + m / 2**mbits) * 2.0 ** (e - bias)
+        vals.append(sign * mag)
+    return torch.tensor(vals, dtype=_F32)
+
+
+_LOWBIT_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def lowbit_values(codes: torch.Tensor, elem: str) -> torch.Tensor:
+    """Decode uint8 element codes of a 4/6-bit format (`elem` in LOWBIT_ELEMENTS) to float32 values."""
+    key = (elem, codes.device)
+    table = _LOWBIT_TABLES.get(key)
+    if table is None:
+        table = _LOWBIT_TABLES[key] = _lowbit_table(elem).to(codes.device)
+    return table[codes.long()]
+
+
+def lowbit_encode(y: torch.Tensor, elem: str) -> torch.Tensor:
+    """float32 `y`, finite and already clamped to ±max → uint8 codes, round to nearest even.
+
+    With emin = 1 - bias and e = max(floor(log2|y|), emin) the spacing of the binade is
+    q = 2**(e - mbits); n = round_half_even(|y| / q) (exact division: q is a power of two) and the code
+    magnitude is (e - emin)·2**mbits + n, which also covers subnormals (e = emin, n < 2**mbits) and the
+    carry into the next binade (n = 2**(mbits+1)). The sign bit follows y's sign bit (−0 keeps it).
+    """
+    ebits, mbits, bias = LOWBIT_ELEMENTS[elem]
+    emin = 1 - bias
+    a = y.abs()
+    _, e = torch.frexp(a)                      # a = m·2**e, m in [0.5, 1) ⇒ floor(log2 a) = e - 1
+    e = torch.where(a > 0, e - 1, emin).clamp(min=emin)   # frexp(0) has e = 0, but 0 sits in binade emin
+    n = torch.round(torch.ldexp(a, (mbits - e).to(_F32)))
+    mag = (e - emin) * 2**mbits + n.to(torch.int32)
+    sign = torch.signbit(y).to(torch.int32) << (ebits + mbits)
+    return (mag | sign).to(torch.uint8)
+
+
+def e4m3_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 → nearest E4M3FN value (RNE, finite values saturate to ±448), back in float32."""
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(_F32)
+
+
+def mx_scale(amax: torch.Tensor, fmt: str, scale_rule: str) -> torch.Tensor:
+    """E8M0 block scales (float32 powers of two) from block amaxima; scale 1 where amax is 0.
+
+    With emax the element format's largest exponent and fmt_max its largest value:
+
+    * ``floor`` (OCP MX v1.0 §6.3): ``2**(floor(log2 amax) - emax)``. Block maxima in
+      [fmt_max, 2**(emax+1))·scale saturate (E4M3: amax in [448, 512)·2**k clips to 448·2**k).
+    * ``rceil`` (NVIDIA cuBLAS / Transformer Engine, torchao RCEIL): the smallest power of two with
+      ``amax / scale <= fmt_max``, i.e. floor's exponent plus 1 where ``amax / 2**floor > fmt_max``
+      (computed exactly; nothing saturates).
+    * ``even`` (Microsoft microxcaling, torchao EVEN): floor's rule applied to amax rounded to the
+      element format's mantissa width (round half to even), so block maxima whose mantissa rounds up
+      to the next power of two move to the next scale.
+
+    The exponent is clamped to the E8M0 range [-127, 127].
+    """
+    fmax, emax = SCALED_FORMATS[fmt][1], SCALED_FORMATS[fmt][2]
+    # Work on frexp's mantissa m in [0.5, 1) (amax = m·2**e, floor(log2 amax) = e - 1): exact, and no
+    # power of two is formed that could overflow or flush for extreme amax.
+    m, e = torch.frexp(amax)
+    if scale_rule == "even":
+        mb = ELEMENT_MBITS[ELEMENT_OF[fmt]] + 1       # m carries mbits+1 significant bits
+        e = e + (torch.round(m * 2.0**mb) >= 2.0**mb).to(e.dtype)
+    exp = e - 1 - emax
+    if scale_rule == "rceil":
+        # amax / 2**exp = 2m·2**emax > fmt_max  ⟺  m > fmt_max / 2**(emax+1)
+        exp = exp + (m > fmax / 2.0 ** (emax + 1)).to(exp.dtype)
+    exp = exp.clamp(E8M0_EXP_MIN, E8M0_EXP_MAX)
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp.to(_F32)), 1.0)
+
+
+def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4 per-tensor float32 decode scale ``fl32(amax / 2688)`` (0-D), amax over x's finite values;
+    1 when that is 0. 2688 = 448 · 6 maps the tensor amax onto the largest E4M3 block scale times the
+    largest E2M1 element."""
+    x32 = x.to(_F32)
+    amax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax() if x.numel() else x32.new_zeros(())
+    g = amax / torch.full_like(amax, NVFP4_GLOBAL_RANGE)
+    return torch.where(g > 0, g, 1.0)
 
 
 def _tiles(x2: torch.Tensor, br: int, bc: int) -> tuple[torch.Tensor, int, int]:
@@ -544,58 +652,116 @@ def _tiles(x2: torch.Tensor, br: int, bc: int) -> tuple[torch.Tensor, int, int]:
     return x2.view(nbr, br, nbc, bc), nbr, nbc
 
 
-def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled cast to an OCP FP8 dtype; returns ``data`` (float8, x.shape) and ``scale`` (float32).
+def _scale_rule(amax: torch.Tensor, x: torch.Tensor, fmt: str, scale_rule: str, global_scale: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, divisor of the elements) per tile from the tiles' finite amax (see quantize_scaled)."""
+    if fmt in MX_FORMATS:
+        scale = mx_scale(amax, fmt, scale_rule)
+        return scale, scale
+    if fmt == "nvfp4":
+        g = (nvfp4_global_scale(x) if global_scale is None else global_scale).to(device=amax.device, dtype=_F32)
+        scale = e4m3_round(amax / (torch.full_like(g, 6.0) * g))
+        return scale, scale * g
+    # tensor / tensor: a Python-number divisor is lowered to a multiply by its reciprocal on
+    # CUDA but to a true division on CPU, which would make the reference device-dependent
+    scale = amax / torch.full_like(amax, SCALED_FORMATS[fmt][1])
+    scale = torch.where(scale > 0, scale, 1.0)
+    return scale, scale
 
-    Scale convention (the only one used in fp8probe): **x ≈ data.float() * scale**. `x` is viewed
-    as [R, C] (R = prod(shape[:-1]), C = shape[-1]) and cut into (block_rows × block_cols) tiles,
-    partial tiles at the ends; ``scale`` has shape [ceil(R/block_rows), ceil(C/block_cols)].
-    Per-tensor, per-row, 1×128 and 128×128 granularities are all this with different tiles.
 
-    * e4m3 / e5m2: ``scale = fl32(amax / fmt_max)``, amax over the tile's finite values; where that
-      is 0 (zero tile, or amax below ~2**-140) the scale is 1.
-    * mxfp8-*: E8M0 power of two ``scale = 2**clamp(floor(log2(amax)) - emax_elem, -127, 127)``
-      (emax 8 for E4M3, 15 for E5M2; OCP MX v1.0), scale 1 for a zero tile.
+def tile_scales(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
+                global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``scale`` output of :func:`quantize_scaled` alone (no element cast), same bits: for statistics
+    of the scales. NVFP4: the E4M3 block scale (the tensor scale is not included)."""
+    R, C = _rows_cols(x.shape)
+    if x.numel() == 0:
+        return torch.ones(-(-R // block_rows), -(-C // block_cols), dtype=_F32, device=x.device)
+    xt, _, _ = _tiles(x.reshape(R, C).to(_F32), min(block_rows, R), min(block_cols, C))
+    finite = torch.isfinite(xt)
+    amax = torch.where(finite, xt.abs(), 0.0).amax(dim=(1, 3))
+    scale, _ = _scale_rule(amax, x, fmt, scale_rule, global_scale)
+    if SCALED_FORMATS[fmt][0] == torch.uint8:
+        scale = torch.where(finite.all(dim=(1, 3)), scale, torch.nan)
+    return scale
 
-    ``data = fp8_rne(clamp(fl32(x / scale), -fmt_max, fmt_max))`` — finite values saturate; NaN
+
+def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
+                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled cast; returns ``data`` (float8, or uint8 element codes for the 4/6-bit formats; x.shape)
+    and ``scale`` (float32).
+
+    Scale convention (the only one used in fp8probe): **x ≈ data_value * scale** (times the global
+    scale for NVFP4). `x` is viewed as [R, C] (R = prod(shape[:-1]), C = shape[-1]) and cut into
+    (block_rows × block_cols) tiles, partial tiles at the ends; ``scale`` has shape
+    [ceil(R/block_rows), ceil(C/block_cols)]. Per-tensor, per-row, 1×128, 128×128, MX 1×32 and NVFP4
+    1×16 / 16×16 granularities are all this with different tiles. amax = the tile's largest finite |x|.
+
+    * e4m3 / e5m2: ``scale = fl32(amax / fmt_max)``; where that is 0 (zero tile, or amax below
+      ~2**-140) the scale is 1.
+    * MX formats (mxfp8-*, mxfp6-*, mxfp4-e2m1): E8M0 power of two from :func:`mx_scale` with
+      `scale_rule` ("floor" = OCP MX v1.0, "rceil", "even"); emax 8 (E4M3), 15 (E5M2), 2 (E2M1,
+      E2M3), 4 (E3M2).
+    * nvfp4: `global_scale` g = :func:`nvfp4_global_scale` (computed here when None);
+      ``scale = e4m3_rne_sat(fl32(amax / fl32(6 · g)))`` (the E4M3 block scale, stored decoded as
+      float32) and the elements are divided by ``fl32(scale · g)``; a block whose scale rounds to 0
+      encodes as zeros.
+
+    ``data = rne(clamp(fl32(x / divisor), -fmt_max, fmt_max))`` — finite values saturate. FP8: NaN
     stays NaN; ±Inf is passed to torch's cast (E5M2 keeps ±Inf; E4M3FN has no Inf and torch's cast
-    saturates it to ±448, as kernels/scaled_cast.cu does).
+    saturates it to ±448, as kernels/scaled_cast.cu does). 4/6-bit formats have no Inf/NaN codes: a
+    tile holding a NaN or ±Inf gets a NaN scale (the E8M0/E4M3 NaN, OCP MX §6.3: the whole block
+    dequantises to NaN); its elements encode as if the non-finite ones were ±fmt_max (NaN as +0).
     """
     if fmt not in SCALED_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(SCALED_FORMATS)}, got {fmt!r}")
-    fp8, fmax, emax = SCALED_FORMATS[fmt]
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {', '.join(SCALE_RULES)}, got {scale_rule!r}")
+    dtype, fmax, emax = SCALED_FORMATS[fmt]
+    lowbit = dtype == torch.uint8
     dev = x.device
     R, C = _rows_cols(x.shape)
     nbr, nbc = -(-R // block_rows), -(-C // block_cols)
     if x.numel() == 0:
-        return torch.empty(x.shape, dtype=fp8, device=dev), torch.ones(nbr, nbc, dtype=_F32, device=dev)
+        return torch.empty(x.shape, dtype=dtype, device=dev), torch.ones(nbr, nbc, dtype=_F32, device=dev)
     block_rows, block_cols = min(block_rows, R), min(block_cols, C)  # a tile larger than x is all of x
     xt, nbr, nbc = _tiles(x.reshape(R, C).to(_F32), block_rows, block_cols)
-    amax = torch.where(torch.isfinite(xt), xt.abs(), 0.0).amax(dim=(1, 3))
-    if fmt.startswith("mxfp8"):
-        _, e = torch.frexp(amax)  # amax = m · 2**e, m in [0.5, 1) ⇒ floor(log2(amax)) = e - 1
-        exp = (e - 1 - emax).clamp(-127, 127)
-        scale = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), 1.0)
-    else:
-        # tensor / tensor: a Python-number divisor is lowered to a multiply by its reciprocal on
-        # CUDA but to a true division on CPU, which would make the reference device-dependent
-        scale = amax / torch.full_like(amax, fmax)
-        scale = torch.where(scale > 0, scale, 1.0)
-    y = xt / scale[:, None, :, None]
+    finite = torch.isfinite(xt)
+    amax = torch.where(finite, xt.abs(), 0.0).amax(dim=(1, 3))
+    scale, divisor = _scale_rule(amax, x, fmt, scale_rule, global_scale)
+    if lowbit:
+        d = divisor[:, None, :, None]
+        y = torch.where(finite, xt, torch.where(torch.isnan(xt), 0.0, xt.clamp(-fmax, fmax)))
+        y = torch.where(d > 0, y / d, y * 0.0).clamp(-fmax, fmax)
+        codes = lowbit_encode(y, ELEMENT_OF[fmt])
+        scale = torch.where(finite.all(dim=(1, 3)), scale, torch.nan)
+        return codes.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].contiguous().reshape(x.shape), scale
+    y = xt / divisor[:, None, :, None]
     y = torch.where(torch.isfinite(y), y.clamp(-fmax, fmax), y)
-    data = y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(fp8)
+    data = y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(dtype)
     return data.reshape(x.shape), scale
 
 
+def element_values(data: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float32 value of each stored element (before scaling): fp8 data cast, 4/6-bit codes decoded."""
+    if data.dtype == torch.uint8:
+        return lowbit_values(data, ELEMENT_OF[fmt])
+    return data.to(_F32)
+
+
 def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """``cast_dtype(fl32(data.float() * scale[tile]))`` with the tiling of :func:`quantize_scaled`."""
+                      dtype: torch.dtype, fmt: str = "", global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``cast_dtype(fl32(value(data) * scale[tile]))`` with the tiling of :func:`quantize_scaled`; NVFP4
+    ``cast_dtype(fl32(fl32(value * scale[tile]) * global_scale))`` (value · scale is exact: a 2-bit by a
+    4-bit significand). `fmt` is needed for uint8 element codes only (which 4/6-bit format)."""
     dev = data.device
     if data.numel() == 0:
         return torch.empty(data.shape, dtype=dtype, device=dev)
+    if data.dtype == torch.uint8 and fmt not in SCALED_FORMATS:
+        raise ValueError(f"uint8 element codes need fmt, one of {', '.join(MX_FORMATS[2:])}, nvfp4, got {fmt!r}")
     R, C = _rows_cols(data.shape)
     block_rows, block_cols = min(block_rows, R), min(block_cols, C)
-    xt, nbr, nbc = _tiles(data.reshape(R, C).to(_F32), block_rows, block_cols)
+    xt, nbr, nbc = _tiles(element_values(data.reshape(R, C), fmt), block_rows, block_cols)
     y = xt * scale.to(device=dev, dtype=_F32)[:, None, :, None]
-    return y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(dtype).reshape(data.shape)
+    if global_scale is not None:
+        y = y * global_scale.to(device=dev, dtype=_F32)
+    return y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(dtype).contiguous().reshape(data.shape)

@@ -33,7 +33,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     ) + ("int8_zero_columns", "int8_vectorwise_dequant", "int8_linear_matmul"),
     "scaled_cast": tuple(
         f"{kernel}<{t}>"
-        for kernel in ("amax_tiles", "cast_to_fp8", "cast_from_fp8")
+        for kernel in ("amax_tiles", "cast_to_fp8", "cast_from_fp8", "cast_to_lowbit", "cast_from_lowbit")
         for t in CUDA_TYPES
     ),
 }

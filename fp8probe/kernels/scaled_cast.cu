@@ -1,4 +1,5 @@
-// OCP FP8 (E4M3FN / E5M2) scaled casts with per-tensor, per-row, per-tile and MX (1x32, E8M0) scales.
+// OCP FP8 (E4M3FN / E5M2) scaled casts with per-tensor, per-row, per-tile and MX (1x32, E8M0) scales, and
+// the 4/6-bit element formats of MXFP4 / MXFP6 / NVFP4 (codes in uint8; scales computed by the launcher).
 //
 // Every granularity is a tiling of the 2-D view x[rows, cols] (last dim = cols) into tiles of
 // tile_r x tile_c elements (edge tiles may be partial), one scale per tile, tiles numbered row-major:
@@ -121,5 +122,84 @@ __global__ void cast_from_fp8(const uint8_t* __restrict__ data, const float* __r
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float v = fmt == FMT_E4M3 ? e4m3_to_float(data[i]) : e5m2_to_float(data[i]);
         out[i] = from_float<T>(__fmul_rn(v, scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// OCP MX 4/6-bit element formats (no Inf/NaN codes), one code per uint8: sign bit at 2^(ebits+mbits),
+// then exponent and mantissa fields. FMT_E2M1 (2,1, bias 1) for MXFP4 and NVFP4, FMT_E2M3 (2,3,1) and
+// FMT_E3M2 (3,2,3) for MXFP6. Same float32 steps as reference.lowbit_encode / quantize_scaled.
+#define FMT_E2M1 2
+#define FMT_E2M3 3
+#define FMT_E3M2 4
+
+__device__ __forceinline__ void lowbit_fields(int fmt, int& ebits, int& mbits, int& bias) {
+    ebits = fmt == FMT_E3M2 ? 3 : 2;
+    mbits = fmt == FMT_E2M1 ? 1 : fmt == FMT_E2M3 ? 3 : 2;
+    bias = fmt == FMT_E3M2 ? 3 : 1;
+}
+
+// 2^k for |k| <= 126, built from its bit pattern: ldexpf/exp2f compile to the approximate,
+// flush-to-zero ex2.approx.ftz instruction.
+__device__ __forceinline__ float pow2f(int k) {
+    return __uint_as_float((uint32_t)(127 + k) << 23);
+}
+
+// y finite with |y| <= the format max: e = max(floor(log2|y|), emin), n = rne(|y| * 2^(mbits - e))
+// (an exact power-of-two scaling; rintf rounds half to even), code = (e - emin) * 2^mbits + n, which
+// covers subnormals and the carry into the next binade alike.
+__device__ __forceinline__ uint8_t float_to_lowbit(float y, int fmt) {
+    int ebits, mbits, bias;
+    lowbit_fields(fmt, ebits, mbits, bias);
+    const int emin = 1 - bias;
+    const float a = fabsf(y);
+    // floor(log2 a) from the biased exponent field; fp32 subnormals (and 0) lie far below every emin
+    const int e = max((int)((__float_as_uint(a) >> 23) & 0xffu) - 127, emin);
+    const float n = rintf(__fmul_rn(a, pow2f(mbits - e)));
+    const uint32_t sign = (__float_as_uint(y) >> 31) << (ebits + mbits);
+    return (uint8_t)(sign | (uint32_t)(((e - emin) << mbits) + (int)n));
+}
+
+__device__ __forceinline__ float lowbit_to_float(uint8_t c, int fmt) {
+    int ebits, mbits, bias;
+    lowbit_fields(fmt, ebits, mbits, bias);
+    const int e = (c >> mbits) & ((1 << ebits) - 1), m = c & ((1 << mbits) - 1);
+    // small integers times powers of two: exact in float32
+    const float mag = e == 0 ? __fmul_rn((float)m, pow2f(1 - bias - mbits))
+                             : __fmul_rn((float)((1 << mbits) + m), pow2f(e - bias - mbits));
+    return (c >> (ebits + mbits)) & 1 ? -mag : mag;
+}
+
+// data[i] = code(clamp(fl32(v / divisor[tile(i)]), ±fmax)) with v = x[i], NaN -> 0, ±Inf -> ±fmax; a
+// zero divisor (NVFP4 block scale flushed to 0) encodes v * 0.
+template <typename T>
+__global__ void cast_to_lowbit(const T* __restrict__ x, const float* __restrict__ divisor,
+                               uint8_t* __restrict__ data, long long rows, long long cols,
+                               long long tile_r, long long tile_c, int fmt, float fmax) {
+    const long long n = rows * cols;
+    const long long tiles_c = (cols + tile_c - 1) / tile_c;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float v = to_float(x[i]);
+        if (v != v) v = 0.0f;
+        else if (!is_finite_f(v)) v = copysignf(fmax, v);
+        const float d = divisor[tile_of(i, cols, tile_r, tile_c, tiles_c)];
+        float y = d > 0.0f ? __fdiv_rn(v, d) : __fmul_rn(v, 0.0f);
+        y = fminf(fmaxf(y, -fmax), fmax);
+        data[i] = float_to_lowbit(y, fmt);
+    }
+}
+
+// out[i] = cast<T>(fl32(fl32(value(data[i]) * scale[tile(i)]) * post)); post = NVFP4's tensor scale, else 1.
+template <typename T>
+__global__ void cast_from_lowbit(const uint8_t* __restrict__ data, const float* __restrict__ scale,
+                                 T* __restrict__ out, long long rows, long long cols,
+                                 long long tile_r, long long tile_c, int fmt, float post) {
+    const long long n = rows * cols;
+    const long long tiles_c = (cols + tile_c - 1) / tile_c;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float v = __fmul_rn(lowbit_to_float(data[i], fmt), scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]);
+        out[i] = from_float<T>(__fmul_rn(v, post));
     }
 }

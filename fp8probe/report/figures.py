@@ -170,3 +170,27 @@ def delta_bars(labels: Sequence[str], deltas: Sequence[float], limit: float) -> 
     ax.set_xlabel("Δ SQNR (dB, current − baseline)", fontsize=8)
     ax.legend(fontsize=7, frameon=False)
     return fig
+
+
+def scale_exponent_histograms(panels: Sequence[Mapping]) -> Figure:
+    """Block-scale exponent histograms, one panel per operand, one step line per strategy.
+
+    Each panel dict: ``title`` and ``series``: list of ``{"label", "exps" (ints), "counts"}``; counts
+    are drawn as the share of that strategy's blocks so recipes with different block sizes compare.
+    """
+    n = max(len(panels), 1)
+    fig = Figure(figsize=(4.2 * n, 3.2), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        for i, s in enumerate(panel["series"]):
+            total = sum(s["counts"]) or 1
+            xs = [e for e in s["exps"] for _ in (0, 1)]
+            xs = [x + d for x, d in zip(xs, [-0.5, 0.5] * len(s["exps"]))]
+            ys = [c / total for c in s["counts"] for _ in (0, 1)]
+            ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], label=_short(s["label"], 24), linewidth=1.4)
+        ax.set_title(_short(panel["title"]), fontsize=9)
+        ax.set_xlabel("floor(log2 block scale)")
+        ax.set_ylabel("share of blocks")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig

@@ -16,7 +16,7 @@ RESULTS_JSON = "results.json"
 REPORT_HTML = "index.html"
 KNOWN_TABLES = ("layers", "gemm", "operands", "tensors", "histograms", "outliers", "blocksize_sweep",
                 "threshold_sweep", "errors", "coverage", "e2e", "sensitivity", "recommendation", "training",
-                "delayed_scaling")
+                "delayed_scaling", "block_scales")
 COMPARE_FILES = ("compare.html", "compare.md")
 DEMO_SUBDIRS = ("analyze", "sweep-blocksize", "sweep-threshold")
 OUTPUT_KINDS = ("run", "compare", "demo")

@@ -39,9 +39,9 @@ MAX_HIST_LAYERS = 12
 # Which format window is drawn on which tensor's histogram: the first format present in
 # metadata.formats wins. Activations/weights use E4M3-like formats, gradients E5M2-like (SPEC §7.2).
 WINDOW_PREFERENCE = {
-    "activation": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8"),
-    "weight": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8"),
-    "grad_output": ("bnb-e5m2", "e5m2", "mxfp8-e5m2"),
+    "activation": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"),
+    "weight": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"),
+    "grad_output": ("bnb-e5m2", "e5m2", "mxfp8-e5m2", "mxfp6-e3m2", "mxfp6-e2m3", "mxfp4-e2m1", "nvfp4"),
 }
 
 
@@ -754,6 +754,54 @@ def _coverage_section(tables: Mapping) -> dict | None:
          and _isnum(r.get("gflops_captured")) else cell(None)] for r in rows])}
 
 
+def _block_scales_section(tables: Mapping, draw: bool) -> dict | None:
+    """Per-block scale statistics (analysis/block_scales.py): a model-wide row per strategy and operand
+    (blocks of all layers pooled: counts add, min/max over layers), the per-layer table and the
+    exponent histograms; None when no block-scaled recipe ran."""
+    rows = tables.get("block_scales", [])
+    if not rows:
+        return None
+    pooled: dict[tuple, dict] = {}
+    for r in rows:
+        p = pooled.setdefault((r.get("strategy"), r.get("operand")), {
+            "format": r.get("format"), "block": r.get("block"), "rule": r.get("scale_rule"), "blocks": 0, "clipped": 0.0,
+            "under_blocks": 0.0, "min": math.inf, "max": -math.inf, "exps": {}})
+        nb = r.get("n_blocks") or 0
+        p["blocks"] += nb
+        p["clipped"] += (r.get("clipped_block_frac") or 0) * nb
+        p["under_blocks"] += (r.get("underflow_block_frac") or 0) * nb
+        if _isnum(r.get("scale_min")):
+            p["min"], p["max"] = min(p["min"], r["scale_min"]), max(p["max"], r["scale_max"])
+        for k, c in enumerate(r.get("exp_counts") or []):
+            e = int(r.get("exp_lo") or 0) + k
+            p["exps"][e] = p["exps"].get(e, 0) + c
+    summary = _table("block-scales-summary", ["strategy", "operand", "format", "block", "scale rule", "blocks",
+                                              "scale min", "scale max", "exponent span", "clipped blocks",
+                                              "blocks with underflow"], [
+        [cell(s), cell(op), cell(p["format"]), cell(p["block"]), cell(p["rule"]), cell(p["blocks"], "{:.0f}"),
+         cell(p["min"] if p["exps"] else None, "{:.3g}"), cell(p["max"] if p["exps"] else None, "{:.3g}"),
+         cell(f"{min(p['exps'])} … {max(p['exps'])}" if p["exps"] else None),
+         _pct(p["clipped"] / p["blocks"] if p["blocks"] else None),
+         _pct(p["under_blocks"] / p["blocks"] if p["blocks"] else None)] for (s, op), p in pooled.items()])
+    per_layer = _table("block-scales", ["layer", "strategy", "operand", "blocks", "zero blocks", "scale min",
+                                        "scale max", "log2 scale std", "clipped blocks", "underflow",
+                                        "blocks with underflow", "worst block underflow"], [
+        [cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("operand")), cell(r.get("n_blocks"), "{:.0f}"),
+         cell(r.get("zero_blocks"), "{:.0f}"), cell(r.get("scale_min"), "{:.3g}"), cell(r.get("scale_max"), "{:.3g}"),
+         cell(r.get("scale_log2_std"), "{:.2f}"), _pct(r.get("clipped_block_frac")), _pct(r.get("underflow_frac")),
+         _pct(r.get("underflow_block_frac")), _pct(r.get("max_block_underflow_frac"))] for r in rows])
+    figure = None
+    if draw:
+        operands = list(dict.fromkeys(op for _, op in pooled))
+        panels = [{"title": op, "series": [{"label": s, "exps": sorted(p["exps"]),
+                                            "counts": [p["exps"][e] for e in sorted(p["exps"])]}
+                                           for (s, o), p in pooled.items() if o == op and p["exps"]]}
+                  for op in operands]
+        figure = figures.figure_to_data_uri(figures.scale_exponent_histograms(panels))
+    return {"summary": summary, "table": per_layer, "figure": figure,
+            "collapsed": len(per_layer["rows"]) > OPEN_DETAILS_ROWS}
+
+
 def _methods(meta: Mapping, strategies: list[str]) -> dict:
     rules = meta.get("rules") or {}
     fmts = meta.get("formats") or {}
@@ -830,6 +878,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
                                         tables),
         "methods": _methods(meta, strategies),
         "weights": _weights_section(meta, tables),
+        "block_scales": _block_scales_section(tables, draw),
         # analysis records a recipe that raised on a layer instead of aborting the run
         "errors": _table("errors", ["layer", "strategy", "error"],
                          [[cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("error"))]

@@ -7,7 +7,7 @@ import torch
 from fp8probe import autograd as AG
 from fp8probe import functional as F
 from fp8probe.analysis.metrics import ErrorAccumulator
-from fp8probe.analysis.strategies import STRATEGIES, WEIGHT_QUANTIZERS, reference_gemms, resolve, run_strategy
+from fp8probe.analysis.strategies import STRATEGIES, WEIGHT_QUANTIZERS, reference_gemms, resolve, run_strategy, site_kwargs
 
 
 def _operands(seed: int, tokens: int = 48, n_in: int = 64, n_out: int = 40):
@@ -153,7 +153,8 @@ def test_weight_quantizer_is_the_runners_weight_operand(name: str, dtype: torch.
 
 def _slice_by_slice(strategy, A, W, G, threshold, b_is_weight):
     """The BATCHED_RULE run literally: strategy.run on each 2-D slice, results stacked."""
-    outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight) for i in range(A.shape[0])]
+    outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight,
+                         **site_kwargs(strategy, None, "site", i)) for i in range(A.shape[0])]
     gemms = {k: torch.stack([o.gemms[k] for o in outs]) for k in outs[0].gemms}
     operands = {}
     for k in outs[0].operands:

@@ -196,10 +196,11 @@ def test_chunks_quantise_exactly_like_the_whole_tensor(name: str) -> None:
     q_whole, _ = wq.quantize(W)
     multiple = wq.block[0] if wq.scaling == "block" else 1
     pin = None
-    if wq.scaling == "tensor":
+    if wq.scaling == "tensor" or wq.tensor_scale:
         pin = torch.zeros(1, 256, dtype=W.dtype)
         pin[0, 0] = _finite_absmax(W, 4096)
-    parts = [_quantize_chunk(wq.quantize, x, pin)[0] for _, x in _chunks(W, multiple, 128 * 64)]
+    align = wq.block[0] if wq.tensor_scale else 1
+    parts = [_quantize_chunk(wq.quantize, x, pin, align)[0] for _, x in _chunks(W, multiple, 128 * 64)]
     assert len(parts) > 1
     assert torch.equal(torch.cat(parts).nan_to_num(nan=7.0), q_whole.nan_to_num(nan=7.0))
 

@@ -1,0 +1,152 @@
+"""Per-block scale statistics: hand-worked MX blocks, NVFP4 / bnb scales against the casts, exact merging, the analyze table and CLI runs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fp8probe import functional as F
+from fp8probe.analysis.block_scales import BlockScaleStats, block_operands, update_block_stats
+from fp8probe.analysis.pipeline import analyze
+from fp8probe.analysis.strategies import STRATEGIES, run_strategy
+from fp8probe.cli import cli
+
+HERE = Path(__file__).resolve().parent
+
+
+def _stats(name: str, A, W, G=None, b_is_weight=True) -> dict:
+    out = run_strategy(STRATEGIES[name], A, W, G)
+    stats, labels = {}, {}
+    update_block_stats(stats, labels, STRATEGIES[name], A, W, G, out.operands, b_is_weight)
+    return {k: {**labels[k], **v.result()} for k, v in stats.items()}
+
+
+def _hand_activation() -> torch.Tensor:
+    """2 rows x 64: blocks (0,0) max 1.0; (0,1) max 480 (FLOOR clips it to 448); (1,0) all zero;
+    (1,1) holds 1.0 and 2**-20, which flushes (E4M3 at scale 2**-8: smallest step 2**-17)."""
+    A = torch.zeros(2, 64)
+    A[0, 3], A[0, 40], A[1, 33], A[1, 50] = 1.0, 480.0, 1.0, 2.0**-20
+    return A
+
+
+@pytest.mark.parametrize(("name", "exps", "clipped"), [("mxfp8", {-8: 2, 0: 1}, 0.25),
+                                                       ("mxfp8-rceil", {-8: 2, 1: 1}, 0.0)])
+def test_mxfp8_block_statistics_by_hand(name, exps, clipped) -> None:
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    row = _stats(name, _hand_activation(), W)[(name, "activation")]
+    assert row["format"] == "mxfp8-e4m3" and row["block"] == "1x32"
+    assert row["scale_rule"] == ("floor" if name == "mxfp8" else "rceil")
+    assert row["n_blocks"] == 4 and row["zero_blocks"] == 1
+    assert dict(zip(range(row["exp_lo"], row["exp_lo"] + len(row["exp_counts"])), row["exp_counts"])) == \
+        {e: exps.get(e, 0) for e in range(min(exps), max(exps) + 1)}
+    assert row["scale_min"] == 2.0**-8 and row["scale_max"] == 2.0 ** max(exps)
+    assert row["scale_log2_mean"] == sum(e * c for e, c in exps.items()) / 3
+    assert row["clipped_block_frac"] == clipped
+    # 4 nonzero elements, one flushed, in one of the 4 blocks (half of that block's nonzeros)
+    assert row["underflow_frac"] == 0.25 and row["underflow_block_frac"] == 0.25
+    assert row["max_block_underflow_frac"] == 0.5
+
+
+def test_nvfp4_and_ocp_block_scales_are_the_casts_scales() -> None:
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(32, 64, generator=g) * torch.logspace(-3, 2, 64)[None, :]
+    W = torch.randn(48, 64, generator=g) * 0.05
+    G = torch.randn(32, 48, generator=g) * 1e-4
+    rows = _stats("nvfp4", A, W, G)
+    assert set(rows) == {("nvfp4", "activation"), ("nvfp4", "weight"), ("nvfp4", "grad_output")}
+    for op, x, block in (("activation", A, (1, 16)), ("weight", W, (16, 16)), ("grad_output", G, (1, 16))):
+        st = F.quantize_scaled(x, "nvfp4", block=block)
+        s = (st.scale * st.global_scale).double()
+        s = s[s > 0]
+        r = rows[("nvfp4", op)]
+        assert r["block"] == f"{block[0]}x{block[1]}" and r["n_blocks"] == st.scale.numel()
+        assert r["scale_min"] == float(s.min()) and r["scale_max"] == float(s.max())
+        assert r["scale_log2_std"] == pytest.approx(float(torch.log2(s).std(unbiased=False)), rel=1e-9)
+        assert sum(r["exp_counts"]) == s.numel()
+    ocp = _stats("ocp-blockwise", A, W, G)
+    st = F.quantize_scaled(W, "e4m3", "block", (128, 128))
+    assert ocp[("ocp-blockwise", "weight")]["scale_max"] == float(st.scale.max())
+
+
+def test_bnb_mixed_blocks_are_flattened_absmax() -> None:
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(24, 40, generator=g)
+    W = torch.randn(16, 40, generator=g)
+    G = torch.randn(24, 16, generator=g)
+    rows = _stats("mixed", A, W, G)
+    assert set(rows) == {("mixed", "activation"), ("mixed", "grad_output")}   # W: one absmax, not blocks
+    r = rows[("mixed", "activation")]
+    bsz = 64  # get_block_sizes: in_features 40 → 64
+    flat = torch.nn.functional.pad(A.reshape(-1), (0, -A.numel() % bsz)).reshape(-1, bsz).abs().amax(1).double()
+    assert r["block"] == "64 (flattened)" and r["n_blocks"] == flat.numel()
+    assert r["scale_min"] == float(flat.min()) and r["scale_max"] == float(flat.max())
+    assert r["clipped_block_frac"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["global", "int8", "switchback", "ocp-tensorwise", "ocp-rowwise"])
+def test_recipes_without_block_scales_have_no_rows(name) -> None:
+    A, W = torch.randn(8, 64), torch.randn(4, 64)
+    assert block_operands(STRATEGIES[name], A, W, None) == {}
+
+
+def test_merge_equals_sequential_updates_exactly() -> None:
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(16, 96, generator=g)
+    accs = []
+    seq = BlockScaleStats()
+    for k in range(3):
+        A = torch.randn(20, 96, generator=g) * 10.0**k
+        out = run_strategy(STRATEGIES["mxfp4"], A, W, None)
+        stats = {}
+        update_block_stats(stats, {}, STRATEGIES["mxfp4"], A, W, None, out.operands)
+        accs.append(stats[("mxfp4", "activation")])
+        update_block_stats({("mxfp4", "activation"): seq}, {}, STRATEGIES["mxfp4"], A, W, None, out.operands)
+    before = accs[0].result()
+    merged = accs[0].merge(accs[1]).merge(accs[2])
+    assert accs[0].result() == before                      # merge returns a new accumulator
+    assert merged.result() == seq.result()
+    assert merged.n_blocks == 3 * 20 * 3
+
+
+def test_empty_batch_adds_no_blocks() -> None:
+    A, W, G = torch.empty(0, 64), torch.randn(8, 64), torch.empty(0, 8)
+    rows = _stats("mxfp8", A, W, G)
+    assert set(rows) == {("mxfp8", "weight")} and rows[("mxfp8", "weight")]["n_blocks"] == 16
+
+
+def test_batched_gemm_blocks_per_slice() -> None:
+    g = torch.Generator().manual_seed(4)
+    A, K = torch.randn(3, 10, 64, generator=g), torch.randn(3, 12, 64, generator=g)
+    rows = _stats("mxfp8", A, K, None, b_is_weight=False)
+    assert rows[("mxfp8", "activation")]["n_blocks"] == 3 * 10 * 2
+    assert rows[("mxfp8", "weight")]["n_blocks"] == 3 * 12 * 2
+
+
+def test_analyze_block_scales_table(tiny_model, tiny_batches) -> None:
+    res = analyze(tiny_model, tiny_batches, "ocp-tensorwise,mxfp8,nvfp4")
+    t = res.tables["block_scales"]
+    assert set(t["strategy"]) == {"mxfp8", "nvfp4"}
+    assert set(t["operand"]) == {"activation", "weight", "grad_output"}
+    lin = t[(t["strategy"] == "nvfp4") & (t["operand"] == "weight")].iloc[0]
+    layer = res.tables["layers"].set_index("layer").loc[lin["layer"]]
+    # the weight is counted once, not once per batch (2 batches)
+    assert lin["n_blocks"] == math.ceil(layer["out_features"] / 16) * math.ceil(layer["in_features"] / 16)
+    assert ((t["clipped_block_frac"] >= 0) & (t["clipped_block_frac"] <= 1)).all()
+
+
+def test_cli_runs_the_new_strategies(tmp_path) -> None:
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["analyze", f"{HERE / 'tiny_factory.py'}:build", "--strategy",
+                                   "mxfp8-rceil,nvfp4,mxfp4,mxfp6-e2m3,mxfp6-e3m2", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "results.json").read_text())
+    strategies = {r["strategy"] for r in doc["tables"]["gemm"]}
+    assert strategies == {"mxfp8-rceil", "nvfp4", "mxfp4", "mxfp6-e2m3", "mxfp6-e3m2"}
+    assert {r["strategy"] for r in doc["tables"]["block_scales"]} == strategies
+    assert "RCEIL" in doc["metadata"]["rules"]["mxfp8-rceil"]
+    html = (out / "index.html").read_text()
+    assert "Block scales" in html
