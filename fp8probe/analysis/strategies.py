@@ -399,7 +399,7 @@ _NV_2D = ("block", (16, 16))   # NVFP4 weights: 16x16, so W and Wᵀ quantise id
 
 
 def _scaled(act: Gran, w: Gran, fmt_fwd: str, fmt_bwd: str, scale_rule: str = "floor") -> tuple[Runner, LinearFn]:
-    recipe = _Scaled(act, w, fmt_fwd, fmt_bwd, scale_rule)
+    recipe = _Scaled(act, w, fmt_fwd, fmt_bwd, scale_rule=scale_rule)
     return recipe.run, recipe.linear
 
 

@@ -198,4 +198,5 @@ def test_batched_replay_is_the_slice_by_slice_run(name: str, b_is_weight: bool, 
 def test_scaled_recipes_take_batched_operands_in_one_call() -> None:
     """The OCP/MX recipes (and only strategies that say so) skip run_strategy's per-slice loop."""
     assert {n for n, s in STRATEGIES.items() if s.runs_batched} == {
-        "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8"}
+        "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8", "mxfp8-rceil", "nvfp4", "mxfp4", "mxfp6-e2m3",
+        "mxfp6-e3m2"}
