@@ -1,6 +1,7 @@
 """Compare two results dicts layer by layer and apply CI gates (pure functions: no I/O, no printing)."""
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -143,6 +144,7 @@ def _summary(results: Mapping) -> dict:
 
 
 E2E_GATE_LAYER = "(end to end)"  # what a max-loss-increase violation names instead of a layer
+SETTINGS_GATE_LAYER = "(recipe settings)"  # what a recipe-settings violation names instead of a layer
 
 
 def _e2e_gate(baseline: Mapping, current: Mapping, gates: Gates, violations: list[dict]) -> list[dict]:
@@ -169,6 +171,18 @@ def _e2e_gate(baseline: Mapping, current: Mapping, gates: Gates, violations: lis
     return rows
 
 
+def _settings_differ(baseline: Mapping, current: Mapping) -> list[str]:
+    """The recipe settings (metadata.recipe_options: LLM.int8 row scale, simulated accumulation, delayed
+    scaling) that differ between the runs: then the same strategy names measure different recipes.
+    Results written before the settings were recorded have none and are taken as the defaults."""
+    b = baseline.get("metadata", {}).get("recipe_options") or {}
+    c = current.get("metadata", {}).get("recipe_options") or {}
+    if not b or not c:
+        return []
+    return [f"{k} {json.dumps(b.get(k), sort_keys=True)} → {json.dumps(c.get(k), sort_keys=True)}"
+            for k in sorted(set(b) | set(c)) if b.get(k) != c.get(k)]
+
+
 def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = None) -> dict:
     """Per-layer deltas of SQNR, outlier columns and underflow between two results dicts, and gate verdicts.
 
@@ -190,6 +204,12 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
         raise ValueError(f"baseline and current have no layer in common (baseline: {', '.join(base_l[:3])}; current: "
                          f"{', '.join(cur_l[:3]) or 'none'}): are they results of the same model?")
     violations: list[dict] = []
+    settings = _settings_differ(baseline, current)
+    if settings:  # a gate over two different recipes would pass or fail for the wrong reason
+        violations.append({"gate": "recipe-settings", "layer": SETTINGS_GATE_LAYER,
+                           "detail": "the runs used different recipe settings (" + "; ".join(settings) + "): the same "
+                                     "strategy names measure different recipes; re-run with the baseline's settings "
+                                     "or refresh the baseline"})
 
     base_s, cur_s = _sqnr_entries(baseline, "baseline"), _sqnr_entries(current, "current")
     sqnr_rows = []

@@ -274,3 +274,25 @@ def test_huge_json_integer_exits_2(base: dict, tmp_path: Path) -> None:
         res = CliRunner().invoke(cli, args)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and "401 digits" in lines[0] and "huge.json" in lines[0], res.output
+
+
+def test_different_recipe_settings_fail_the_gate(base: dict, tmp_path: Path) -> None:
+    """--accum-bits / --int8-row-scale / delayed history change what a strategy name measures: comparing such runs
+    fails with the settings named, even when every number is equal; equal settings (or results that predate
+    the settings) pass."""
+    opts = {"int8_row_scale": "bnb", "accumulation": None,
+            "delayed_scaling": {"amax_history": 1024, "amax_compute": "max", "margin": 0, "first_batch": "current amax"}}
+    b = copy.deepcopy(base)
+    b["metadata"]["recipe_options"] = opts
+    c = copy.deepcopy(b)
+    assert compare_results(b, c)["passed"]
+    assert compare_results(base, c)["passed"]  # a baseline without recorded settings
+    c["metadata"]["recipe_options"] = {**opts, "int8_row_scale": "paper",
+                                       "accumulation": {"mantissa_bits": 13, "promote_every": 128}}
+    out = compare_results(b, c)
+    assert not out["passed"]
+    v, = [x for x in out["violations"] if x["gate"] == "recipe-settings"]
+    assert "int8_row_scale \"bnb\" → \"paper\"" in v["detail"] and "accumulation null → " in v["detail"]
+    res = CliRunner().invoke(cli, ["compare", _write(tmp_path, "b.json", b), _write(tmp_path, "c.json", c),
+                                   "--out", str(tmp_path / "c")])
+    assert res.exit_code == 1 and "recipe-settings" in res.output, res.output
