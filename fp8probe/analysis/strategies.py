@@ -292,6 +292,20 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([a[i] @ b[i] for i in range(a.shape[0])])
 
 
+def _replay(recipe: Any, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, b_is_weight: bool) -> StrategyOutput:
+    """The three GEMMs of a recipe object with fprop/dgrad/wgrad methods (_Scaled, _Delayed, _CodebookAccum):
+    the dgrad reuses the forward's qW and the wgrad the forward's qA and the dgrad's qG, as the autograd
+    function (_ScaledLinear) does in a model."""
+    y, (qA, sA), (qW, sW) = recipe.fprop(A, W, b_is_weight)
+    gemms = {"fprop": y}
+    ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
+    if G is not None:
+        gemms["dgrad"], (qG, sG) = recipe.dgrad(G, W, qW, b_is_weight)
+        gemms["wgrad"] = recipe.wgrad(G, A, qG, qA)
+        ops["grad_output"] = (G, qG, sG)
+    return StrategyOutput(gemms, ops)
+
+
 @dataclass(frozen=True)
 class _Scaled:
     """One OCP/MX recipe's three GEMMs; ``act``/``w`` = (granularity, block) for activations/gradients and
@@ -348,14 +362,7 @@ class _Scaled:
 
     def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
             b_is_weight: bool = True) -> StrategyOutput:
-        y, (qA, sA), (qW, sW) = self.fprop(A, W, b_is_weight)
-        gemms = {"fprop": y}
-        ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
-        if G is not None:
-            gemms["dgrad"], (qG, sG) = self.dgrad(G, W, qW, b_is_weight)
-            gemms["wgrad"] = self.wgrad(G, A, qG, qA)
-            ops["grad_output"] = (G, qG, sG)
-        return StrategyOutput(gemms, ops)
+        return _replay(self, A, W, G, b_is_weight)
 
     def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                b_is_weight: bool = True) -> torch.Tensor:
@@ -441,15 +448,7 @@ class _Delayed:
 
     def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
             b_is_weight: bool = True, *, state: DelayedState, site: Any) -> StrategyOutput:
-        bound = dataclasses.replace(self, state=state, site=site)
-        y, (qA, sA), (qW, sW) = bound.fprop(A, W)
-        gemms = {"fprop": y}
-        ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
-        if G is not None:
-            gemms["dgrad"], (qG, sG) = bound.dgrad(G, W, qW)
-            gemms["wgrad"] = bound.wgrad(G, A, qG, qA)
-            ops["grad_output"] = (G, qG, sG)
-        return StrategyOutput(gemms, ops)
+        return _replay(dataclasses.replace(self, state=state, site=site), A, W, G, b_is_weight)
 
     def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                b_is_weight: bool = True, *, state: DelayedState, site: Any) -> torch.Tensor:
@@ -488,13 +487,7 @@ class _CodebookAccum:
 
     def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
             b_is_weight: bool = True) -> StrategyOutput:
-        y, (qA, _), (qW, _) = self.fprop(A, W)
-        gemms, ops = {"fprop": y}, {"activation": (A, qA, None), "weight": (W, qW, None)}
-        if G is not None:
-            gemms["dgrad"], (qG, _) = self.dgrad(G, W, qW)
-            gemms["wgrad"] = self.wgrad(G, A, qG, qA)
-            ops["grad_output"] = (G, qG, None)
-        return StrategyOutput(gemms, ops)
+        return _replay(self, A, W, G, b_is_weight)
 
     def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                b_is_weight: bool = True) -> torch.Tensor:
