@@ -405,7 +405,10 @@ def test_gpt2_conv1d_weights_are_analysed_in_their_gemm_orientation(tmp_path) ->
     want = {k: v for k, v in _weight_rows(full, "operands").items() if k[0] in full_layers - {"lm_head"}}
     assert want and set(want) <= set(got)
     for key in want:
-        for col in ("sqnr_db", "underflow_frac", "saturation_frac"):
+        # the full analysis reduces over W.t() (a strided view), this one over a contiguous copy: the float64
+        # sums may differ in the last bit; the codes (underflow, saturation counts) are identical
+        assert got[key]["sqnr_db"] == pytest.approx(want[key]["sqnr_db"], rel=1e-12), key
+        for col in ("underflow_frac", "saturation_frac"):
             assert got[key][col] == want[key][col], (key, col)
     # the same weights without config.json: GPT-2 key names; an explicit regex that matches nothing turns it off
     sd = {k: v.contiguous() for k, v in model.transformer.state_dict().items()}
