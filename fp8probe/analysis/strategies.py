@@ -92,7 +92,7 @@ class Strategy:
     #: ``run`` also takes batched operands [Bt, M, K] / [Bt, N, K] / [Bt, M, N] and returns exactly what
     #: running it slice by slice and stacking would (tests/analysis/test_strategies.py checks every
     #: strategy); False: run_strategy loops over the slices. Every OCP/MX recipe's replay (_Scaled.run)
-    #: does, whatever this says (see runs_batched).
+    #: and the bnb runners in _BNB_BATCHED do, whatever this says (see runs_batched).
     batched: bool = False
 
     @property
