@@ -92,13 +92,14 @@ class Strategy:
     #: ``run`` also takes batched operands [Bt, M, K] / [Bt, N, K] / [Bt, M, N] and returns exactly what
     #: running it slice by slice and stacking would (tests/analysis/test_strategies.py checks every
     #: strategy); False: run_strategy loops over the slices. Every OCP/MX recipe's replay (_Scaled.run)
-    #: does, whatever this says (see runs_batched).
+    #: and the bnb runners in _BNB_BATCHED do, whatever this says (see runs_batched).
     batched: bool = False
 
     @property
     def runs_batched(self) -> bool:
         """Whether run_strategy hands batched operands to ``run`` in one call."""
-        return self.batched or isinstance(getattr(self.run, "__self__", None), _Scaled)
+        run = self.run.func if isinstance(self.run, functools.partial) else self.run
+        return self.batched or run in _BNB_BATCHED or isinstance(getattr(run, "__self__", None), _Scaled)
 
 
 def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -153,6 +154,8 @@ def _weight_bnb_global(W: torch.Tensor) -> tuple[torch.Tensor, None]:
 
 def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
                 b_is_weight: bool = True) -> StrategyOutput:
+    if _stackable(A, W, G):
+        return _run_fp8_batched(A, W, G, None)
     gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_global(a, w.t()), A, W, G)
     ops = {"activation": (A, _fq_code(A, "bnb-e4m3", None), None), "weight": (W, *_weight_bnb_global(W))}
     if G is not None:
@@ -162,11 +165,66 @@ def _run_global(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, thresh
 
 def _run_mixed(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
                b_is_weight: bool = True, blocks: tuple[int, int] | None = None) -> StrategyOutput:
+    if _stackable(A, W, G):
+        return _run_fp8_batched(A, W, G, blocks or AG.get_block_sizes(A[0], W[0]))
     bsz, bsz2 = blocks or AG.get_block_sizes(A, W)
     gemms = _autograd_gemms(lambda a, w: AG.matmul_fp8_mixed(a, w.t(), bsz=bsz, bsz2=bsz2), A, W, G)
     ops = {"activation": (A, _fq_code(A, "bnb-e4m3", bsz), None), "weight": (W, *_weight_bnb_global(W))}
     if G is not None:
         ops["grad_output"] = (G, _fq_code(G, "bnb-e5m2", bsz2), None)
+    return StrategyOutput(gemms, ops)
+
+
+# Batched replay of the bnb recipes (Strategy.runs_batched): operands [Bt, M, K] / [Bt, N, K] / [Bt, M, N]
+# in one quantiser call per operand where every slice's blocks (rows) are blocks (rows) of the stacked
+# tensor, the matmuls slice by slice (_mm), each step the one the autograd function runs on one slice,
+# so the result is the slice-by-slice run bit for bit (tests/analysis/test_strategies.py). A call costs
+# ~0.1 ms of dispatch and an autograd replay a few more; a 9-head attention site ran 9 of each per recipe.
+def _stackable(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> bool:
+    """Batched, non-empty operands (empty ones take the autograd functions' zero-size path)."""
+    return A.dim() == 3 and A.numel() > 0 and W.numel() > 0 and (G is None or G.numel() > 0)
+
+
+def _fq_code_slices(x: torch.Tensor, book: str, blocksize: int | None, as_float: bool = True) -> torch.Tensor:
+    """fake_quantize of each slice of x [Bt, R, C] with ``blocksize`` (None: one absmax per slice) over the
+    flattened slice, as _fq_code (``as_float``) or MatMulFP8Mixed's _fq_blockwise (in x's dtype) does it on
+    one slice. One blockwise call over the flattened stack when the slices' blocks line up (a per-tensor
+    absmax is the block of the whole slice; the CPU quantisers compute it identically, the CUDA kernels take
+    power-of-two blocks only), else slice by slice."""
+    per = x[0].numel()
+    block = per if blocksize is None else blocksize
+    code = get_codebook(book, x.device)
+    if per % block == 0 and (blocksize is not None or x.device.type == "cpu"):
+        src = x.float() if as_float else x
+        return F.fake_quantize(src.contiguous(), code, block).to(x.dtype)
+    if as_float:
+        return torch.stack([_fq_code(x[i], book, blocksize) for i in range(x.shape[0])])
+    return torch.stack([F.fake_quantize(x[i], code, blocksize) for i in range(x.shape[0])])
+
+
+def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
+                     blocks: tuple[int, int] | None) -> StrategyOutput:
+    """MatMulFP8Global (blocks None) / MatMulFP8Mixed (blocks = (bsz, bsz2)) on every slice, as
+    _autograd_gemms(matmul_fp8_*(a, w.t())) computes them."""
+    mixed = blocks is not None
+    fp8A = _fq_code_slices(A, "bnb-e4m3", blocks[0], as_float=False) if mixed else _fq_code_slices(A, "bnb-e4m3", None)
+    fp8Wt = _fq_code_slices(W.mT, "bnb-e4m3", None)  # B = wᵀ [K, N], as the autograd function quantises it
+    y = _mm(fp8A, fp8Wt)
+    gemms = {"fprop": y}
+    qA = _fq_code_slices(A, "bnb-e4m3", blocks[0]) if mixed else fp8A
+    ops = {"activation": (A, qA, None), "weight": (W, _fq_code_slices(W, "bnb-e4m3", None), None)}
+    if G is not None:
+        g = G.to(y.dtype)
+        if mixed:
+            fp8G = _fq_code_slices(g.contiguous(), "bnb-e5m2", blocks[1], as_float=False)
+            gemms["dgrad"] = _mm(fp8G.to(fp8Wt.dtype), fp8Wt.mT).to(A.dtype)
+            gemms["wgrad"] = _mm(A.mT, g.to(A.dtype)).to(fp8Wt.dtype).mT
+            ops["grad_output"] = (G, _fq_code_slices(G, "bnb-e5m2", blocks[1]), None)
+        else:
+            fp8G = _fq_code_slices(g, "bnb-e5m2", None).to(fp8A.dtype)
+            gemms["dgrad"] = _mm(fp8G, fp8Wt.mT).to(fp8A.dtype)
+            gemms["wgrad"] = _mm(fp8A.mT, fp8G).to(fp8Wt.dtype).mT
+            ops["grad_output"] = (G, _fq_code_slices(G, "bnb-e5m2", None), None)
     return StrategyOutput(gemms, ops)
 
 
@@ -202,8 +260,30 @@ def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshol
 def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
                     b_is_weight: bool = True) -> StrategyOutput:
     # SwitchBack (Wortsman et al. 2023) has no outlier decomposition: threshold 0 whatever --threshold says.
+    if _stackable(A, W, G) and A.shape[-1] <= F.INT8_MATMUL_MAX_K:
+        return _run_switchback_batched(A, W, G)
     gemms = _autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, G)
     ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, *_weight_int8(W))}
+    return StrategyOutput(gemms, ops)
+
+
+def _run_switchback_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> StrategyOutput:
+    """SwitchBackBnb (threshold 0) on every slice: int8 row codes of the stacked rows (a row's codes and
+    scale are its own), the int32 GEMM and its dequantisation per slice, the unquantised backward."""
+    bt, m, k = A.shape
+    n = W.shape[1]
+    CA, SCA, _ = F.int8_vectorwise_quant(A.reshape(bt * m, k), 0.0)
+    CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().reshape(bt * n, k), 0.0)
+    CA, SCA, CB, SCB = CA.view(bt, m, k), SCA.view(bt, m), CB.view(bt, n, k), SCB.view(bt, n)
+    y = torch.stack([F.int8_mm_dequant(F.int8_linear_matmul(CA[i], CB[i]), SCA[i], SCB[i], dtype=A.dtype)
+                     for i in range(bt)])
+    gemms = {"fprop": y}
+    qW = F.int8_vectorwise_dequant(CB, SCB)
+    if G is not None:
+        g = G.to(y.dtype)
+        gemms["dgrad"] = _mm(g.to(A.dtype), qW.to(A.dtype))
+        gemms["wgrad"] = _mm(g.to(A.dtype).mT, A).to(W.dtype)
+    ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), None), "weight": (W, qW.to(W.dtype), None)}
     return StrategyOutput(gemms, ops)
 
 
@@ -503,6 +583,8 @@ def _delayed_rules(rule: DelayedScaling) -> str:
 
 
 _DELAYED = _Delayed()
+# bnb runners that take batched operands themselves (their _stackable branches).
+_BNB_BATCHED = (_run_global, _run_mixed, _run_switchback)
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "

@@ -6,8 +6,10 @@ import torch
 
 from fp8probe import autograd as AG
 from fp8probe import functional as F
+from fp8probe.analysis.accumulation import Accumulation
 from fp8probe.analysis.metrics import ErrorAccumulator
-from fp8probe.analysis.strategies import STRATEGIES, WEIGHT_QUANTIZERS, reference_gemms, resolve, run_strategy, site_kwargs
+from fp8probe.analysis.strategies import (STRATEGIES, WEIGHT_QUANTIZERS, RecipeOptions, mixed_with_blocksize,
+                                         reference_gemms, resolve, run_strategy, site_kwargs, with_options)
 
 
 def _operands(seed: int, tokens: int = 48, n_in: int = 64, n_out: int = 40):
@@ -196,7 +198,53 @@ def test_batched_replay_is_the_slice_by_slice_run(name: str, b_is_weight: bool, 
 
 
 def test_scaled_recipes_take_batched_operands_in_one_call() -> None:
-    """The OCP/MX recipes (and only strategies that say so) skip run_strategy's per-slice loop."""
+    """The OCP/MX recipes and the bnb global / mixed / switchback (and only strategies that say so) skip
+    run_strategy's per-slice loop; with the simulated accumulator global / mixed loop again."""
     assert {n for n, s in STRATEGIES.items() if s.runs_batched} == {
         "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8", "mxfp8-rceil", "nvfp4", "mxfp4", "mxfp6-e2m3",
-        "mxfp6-e3m2"}
+        "mxfp6-e3m2", "global", "mixed", "switchback"}
+    assert mixed_with_blocksize(64).runs_batched
+    accum = with_options(resolve("global,mixed"), RecipeOptions(accumulation=Accumulation(mantissa_bits=13)))
+    assert not any(s.runs_batched for s in accum)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("which", ["global", "mixed", "mixed bs=64", "switchback"])
+def test_batched_bnb_replay_in_16_bit_is_the_slice_by_slice_run(which: str, dtype) -> None:
+    """The batched bnb runners keep the autograd functions' dtype casts (16-bit operands, matmuls in
+    that dtype): bit for bit the slice-by-slice run, for slices whose blocks line up and for ones that do not."""
+    strat = mixed_with_blocksize(64) if which == "mixed bs=64" else STRATEGIES[which]
+    gen = torch.Generator().manual_seed(7)
+    for bt, m, k, n in ((3, 16, 64, 32), (2, 10, 24, 7)):
+        A = (torch.randn(bt, m, k, generator=gen) * torch.logspace(-2, 2, bt)[:, None, None]).to(dtype)
+        W = torch.randn(bt, n, k, generator=gen).to(dtype)
+        G = (torch.randn(bt, m, n, generator=gen) * 1e-2).to(dtype)
+        out = run_strategy(strat, A, W, G, 6.0, b_is_weight=False)
+        gemms, operands = _slice_by_slice(strat, A, W, G, 6.0, False)
+        for key, y in gemms.items():
+            assert out.gemms[key].dtype == y.dtype and torch.equal(out.gemms[key], y), (which, key)
+        for key, (x, q, _) in operands.items():
+            assert torch.equal(out.operands[key][1], q), (which, key)
+
+
+def test_batched_bnb_replay_quantises_each_operand_once(monkeypatch) -> None:
+    """Where the slices' blocks line up, global runs one quantiser call per operand role (not one per
+    slice), switchback one int8 row quantisation for A and one for W."""
+    calls = {"fq": 0, "int8": 0}
+    fq, rows = F.fake_quantize, F.int8_vectorwise_quant
+
+    def count_fq(*a, **kw):
+        calls["fq"] += 1
+        return fq(*a, **kw)
+
+    def count_rows(*a, **kw):
+        calls["int8"] += 1
+        return rows(*a, **kw)
+
+    monkeypatch.setattr(F, "fake_quantize", count_fq)
+    monkeypatch.setattr(F, "int8_vectorwise_quant", count_rows)
+    A, W, G = torch.randn(8, 16, 32), torch.randn(8, 24, 32), torch.randn(8, 16, 24)
+    run_strategy(STRATEGIES["global"], A, W, G, b_is_weight=False)
+    assert calls["fq"] == 5  # A, Wᵀ for fprop, W as the weight operand, G for the GEMMs, G as operand
+    run_strategy(STRATEGIES["switchback"], A, W, G, b_is_weight=False)
+    assert calls["int8"] == 2
