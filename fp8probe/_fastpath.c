@@ -1113,6 +1113,55 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Largest finite |x| over n elements (the NVFP4 tensor amax), from the bit patterns like the tile amax. */
+typedef struct { const void *x; int dt; size_t n; uint32_t *partial; } fa_t;
+
+INLINE void fa_body(const fa_t *c, size_t u, int dt) {
+    size_t lo = u * UNIT, hi = lo + UNIT < c->n ? lo + UNIT : c->n;
+    c->partial[u] = sq_amax_run(c->x, lo, hi, dt, 0, 0, NULL);
+}
+
+#define FA_DISPATCH(NAME, ATTR)                                                                 \
+    ATTR static void NAME(const fa_t *c, size_t u) {                                          \
+        switch (c->dt) { case DT_F32: fa_body(c, u, DT_F32); break;                           \
+                         case DT_F16: fa_body(c, u, DT_F16); break;                           \
+                         default: fa_body(c, u, DT_BF16); break; }                            \
+    }
+FA_DISPATCH(fa_scalar, )
+#if FP_X86
+FA_DISPATCH(fa_avx2, __attribute__((target("avx2,f16c"))))
+#endif
+
+static void fa_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { fa_avx2((const fa_t *)vc, u); return; }
+#endif
+    fa_scalar((const fa_t *)vc, u);
+}
+
+static PyObject *py_finite_amax(PyObject *self, PyObject *args) {
+    unsigned long long xp;
+    Py_ssize_t n;
+    int dt, want;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Kini", &xp, &dt, &n, &want)) return NULL;
+    if (n <= 0 || dt < 0 || dt > 2) {
+        PyErr_Format(PyExc_ValueError, "finite_amax: bad sizes (n=%zd, dtype=%d)", n, dt);
+        return NULL;
+    }
+    size_t units = ((size_t)n + UNIT - 1) / UNIT;
+    fa_t c = {(const void *)(uintptr_t)xp, dt, (size_t)n, (uint32_t *)calloc(units, sizeof(uint32_t))};
+    if (c.partial == NULL) return PyErr_NoMemory();
+    int nt = pick_threads((size_t)n, want);
+    uint32_t m = 0;
+    Py_BEGIN_ALLOW_THREADS
+    run_units(fa_work, &c, units, nt);
+    for (size_t u = 0; u < units; u++) m = c.partial[u] > m ? c.partial[u] : m;
+    Py_END_ALLOW_THREADS
+    free(c.partial);
+    return PyFloat_FromDouble((double)u2f(m));
+}
+
 typedef struct {
     const uint8_t *data; const float *table; const float *scale;
     size_t R, C, br, bc, nbc, rpu; void *out; int dt; int bad;
@@ -1208,6 +1257,8 @@ static PyMethodDef methods[] = {
     {"dequantize_scaled", py_dequantize_scaled, METH_VARARGS,
      "dequantize_scaled(data_ptr, table_ptr, scale_ptr, R, C, block_rows, block_cols, out_ptr, dtype, threads"
      "[, has_g, g]) -> 0, or 1 when an output is NaN (the caller then runs the reference: torch's NaN casts differ)."},
+    {"finite_amax", py_finite_amax, METH_VARARGS,
+     "finite_amax(x_ptr, dtype, n, threads) -> float: the largest finite |x| (0.0 when none)."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(addr, nbytes) -> bool: madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior (Linux)."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},

@@ -285,3 +285,26 @@ def test_public_api_runs_the_c_kernels_for_the_new_formats(no_fallback) -> None:
         assert_bits(st.data, want_d)
         assert torch.equal(st.scale, want_s)
         assert F.dequantize_scaled(st, torch.float32).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nvfp4_global_scale_matches_reference(isa, dtype: torch.dtype) -> None:
+    """cpu.nvfp4_global_scale (one C amax pass) equals the reference's bits: NaN/±Inf ignored, above the
+    64K unit, all-zero and all-non-finite tensors give 1."""
+    for x in (sample((300, 700), seed=2), sample((3, 70_000), seed=3), torch.zeros(5, 7),
+              torch.tensor([float("nan"), float("inf"), -float("inf")]), torch.tensor([1e-42, -3e38])):
+        x = x.to(dtype)
+        got, want = cpu.nvfp4_global_scale(x), ref.nvfp4_global_scale(x)
+        assert got.shape == () and got.dtype == torch.float32
+        assert_bits(got, want)
+
+
+def test_functional_nvfp4_takes_the_global_scale_from_c(monkeypatch) -> None:
+    """F.quantize_scaled(x, "nvfp4") on CPU does not run the reference's slow global-scale chain."""
+    if not cpu.enabled():
+        pytest.skip("C kernels not enabled")
+    x = sample((64, 128), seed=13)
+    want = ref.nvfp4_global_scale(x)
+    monkeypatch.setattr(cpu._ref, "nvfp4_global_scale", lambda *a: pytest.fail("reference global scale ran"))
+    st = F.quantize_scaled(x, "nvfp4")
+    assert_bits(st.global_scale, want)
