@@ -308,3 +308,19 @@ def test_functional_nvfp4_takes_the_global_scale_from_c(monkeypatch) -> None:
     monkeypatch.setattr(cpu._ref, "nvfp4_global_scale", lambda *a: pytest.fail("reference global scale ran"))
     st = F.quantize_scaled(x, "nvfp4")
     assert_bits(st.global_scale, want)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("fmt", ref.MX_FORMATS)
+def test_mx_scale_of_every_kind_of_amax(isa, no_fallback, fmt: str, rule: str) -> None:
+    """One 1x1 tile per value: the C scale (bit tricks for normal amax, frexpf for subnormals) equals
+    reference.mx_scale over 100K random float32 patterns of every exponent, the EVEN rounding ties at
+    1-3 mantissa bits (normal and subnormal) and the format maxima's neighbourhood."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(1, 0x7F800000, (100_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    ties = torch.tensor([0x3F000000 | (f << (23 - k)) | (1 << (22 - k)) for k in (1, 2, 3) for f in range(8)],
+                        dtype=torch.int32).view(torch.float32)
+    a = torch.cat([a, ties, ties * 1e-40, torch.tensor([448.0, 512.0, 511.99, 6.0, 7.0, 7.5, 7.75, 28.0, 30.0,
+                                                        31.0, 57344.0, 61440.0, 3.4e38, 1e-45])])
+    got = cpu.quantize_scaled(a[:, None], fmt, 1, 1, rule)[1][:, 0]
+    assert_bits(got, ref.mx_scale(a, fmt, rule))
