@@ -997,8 +997,9 @@ static void sq_phase2(void *vc, size_t u) {
 static float dec_e4m3(uint8_t c) {
     uint32_t e = (c >> 3) & 15u, m = c & 7u, sign = (uint32_t)(c & 0x80u) << 24;
     if ((c & 0x7fu) == 0x7fu) return u2f(sign | 0x7ff00000u);
-    float v = e == 0 ? (float)m * 0x1p-9f : ldexpf(1.0f + (float)m / 8.0f, (int)e - 7);
-    return u2f(sign | f2u(v));
+    /* normal: exponent e - 7 rebiased to float32 (+120), mantissa moved up; subnormal: m * 2^-9, exact */
+    uint32_t v = e == 0 ? f2u((float)m * 0x1p-9f) : ((e + 120u) << 23) | (m << 20);
+    return u2f(sign | v);
 }
 
 /* Per-format constants: fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2, 4 mxfp6-e2m3, 5 mxfp6-e3m2,

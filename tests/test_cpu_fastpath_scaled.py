@@ -324,3 +324,13 @@ def test_mx_scale_of_every_kind_of_amax(isa, no_fallback, fmt: str, rule: str) -
                                                         31.0, 57344.0, 61440.0, 3.4e38, 1e-45])])
     got = cpu.quantize_scaled(a[:, None], fmt, 1, 1, rule)[1][:, 0]
     assert_bits(got, ref.mx_scale(a, fmt, rule))
+
+
+def test_nvfp4_every_e4m3_block_scale(isa, no_fallback) -> None:
+    """Tensor scale 1 and a block amax of 6·v for every finite E4M3 value v (subnormals included): the
+    block scale decoded in C is v, bit for bit, and the codes match."""
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[torch.isfinite(vals) & (vals >= 0)]
+    x = (vals * 6.0)[:, None] * torch.linspace(-1, 1, 16)[None, :]
+    check_quantize(x, "nvfp4", tiles=((1, 16),), global_scale=torch.tensor(1.0))
+    assert torch.equal(cpu.quantize_scaled(x, "nvfp4", 1, 16, "floor", torch.tensor(1.0))[1][:, 0], vals)
