@@ -10,7 +10,10 @@ implementation needs 5-8 s per call for on the shared 2-core machine; ``--quick`
 dtype, on seeded N(0, 3²) inputs laid out [n/4096, 4096]: a copy (``dst.copy_(x)``), torch's unscaled
 ``x.to(float8_e4m3fn|float8_e5m2)`` and ``f8.to(dtype)``, and fp8probe's ``quantize_scaled`` /
 ``dequantize_scaled`` for per-tensor, per-row, 1x128 and 128x128 block scales (E4M3), 1x128 E5M2,
-and MX (32-element blocks, power-of-two scales). bitsandbytes has no scaled-FP8 cast, so torch's
+MX FP8 (32-element blocks, power-of-two scales; FLOOR, RCEIL and EVEN rules), MXFP6 E2M3/E3M2 and MXFP4
+(FLOOR), and NVFP4 1x16 (E4M3 block scales x the tensor scale; 4/6-bit codes one per byte, no torch cast
+to compare with: ``×torch`` empty). ``FP8PROBE_BACKEND=reference`` measures the PyTorch reference
+instead of the C kernels (the header names the backend). bitsandbytes has no scaled-FP8 cast, so torch's
 unscaled cast of the same format is the alternative. Fresh outputs only (the API has no ``out=``).
 
 Byte model (n elements, b input bytes per element, s float32 scales):
@@ -27,14 +30,21 @@ import torch
 
 import fp8probe.functional as F
 
-# (fmt, granularity, block, the torch dtype of the same element format)
+# (fmt, granularity, block, the torch dtype of the same element format or None (4/6-bit: no torch
+# cast to compare with), MX scale rule)
 VARIANTS = [
-    ("e4m3", "tensor", None, torch.float8_e4m3fn),
-    ("e4m3", "row", None, torch.float8_e4m3fn),
-    ("e4m3", "block", (1, 128), torch.float8_e4m3fn),
-    ("e4m3", "block", (128, 128), torch.float8_e4m3fn),
-    ("e5m2", "block", (1, 128), torch.float8_e5m2),
-    ("mxfp8-e4m3", "block", (1, 32), torch.float8_e4m3fn),
+    ("e4m3", "tensor", None, torch.float8_e4m3fn, "floor"),
+    ("e4m3", "row", None, torch.float8_e4m3fn, "floor"),
+    ("e4m3", "block", (1, 128), torch.float8_e4m3fn, "floor"),
+    ("e4m3", "block", (128, 128), torch.float8_e4m3fn, "floor"),
+    ("e5m2", "block", (1, 128), torch.float8_e5m2, "floor"),
+    ("mxfp8-e4m3", "block", (1, 32), torch.float8_e4m3fn, "floor"),
+    ("mxfp8-e4m3", "block", (1, 32), torch.float8_e4m3fn, "rceil"),
+    ("mxfp8-e4m3", "block", (1, 32), torch.float8_e4m3fn, "even"),
+    ("mxfp6-e2m3", "block", (1, 32), None, "floor"),
+    ("mxfp6-e3m2", "block", (1, 32), None, "floor"),
+    ("mxfp4-e2m1", "block", (1, 32), None, "floor"),
+    ("nvfp4", "block", (1, 16), None, "floor"),
 ]
 
 COLUMNS = [
@@ -69,16 +79,17 @@ def group(device: str, quick: bool, numel: int, dtype: torch.dtype) -> list[dict
         add(f"torch cast → {name}", "none", numel * (b + 1), t, copy_gbps)
         cast_t[(f8, "back")] = t = T.measure(lambda i: pick(f8s, i).to(dtype), device, pol)
         add(f"torch cast {name} →", "none", numel * (1 + b), t, copy_gbps)
-    for fmt, gran, block, f8 in VARIANTS:
+    for fmt, gran, block, f8, rule in VARIANTS:
         scaling = f"{fmt} {gran if block is None else f'{block[0]}x{block[1]}'}"
-        sts = [F.quantize_scaled(x, fmt, gran, block) for x in xs]
+        scaling += f" {rule}" if rule != "floor" else ""
+        sts = [F.quantize_scaled(x, fmt, gran, block, rule) for x in xs]
         n_scales = sts[0].scale.numel()
-        t = T.measure(lambda i: F.quantize_scaled(pick(xs, i), fmt, gran, block), device, pol)
+        t = T.measure(lambda i: F.quantize_scaled(pick(xs, i), fmt, gran, block, rule), device, pol)
         add("quantize_scaled", scaling, numel * (b + 1) + 4 * n_scales, t, copy_gbps,
-            x_torch=T.ratio(cast_t[(f8, "to")].median_s, t.median_s))
+            x_torch=T.ratio(cast_t[(f8, "to")].median_s, t.median_s) if f8 else None)
         t = T.measure(lambda i: F.dequantize_scaled(pick(sts, i)), device, pol)
         add("dequantize_scaled", scaling, numel * (1 + b) + 4 * n_scales, t, copy_gbps,
-            x_torch=T.ratio(cast_t[(f8, "back")].median_s, t.median_s))
+            x_torch=T.ratio(cast_t[(f8, "back")].median_s, t.median_s) if f8 else None)
     return rows
 
 
@@ -100,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# measuring numel={numel} dtype={dtype} ...", file=sys.stderr, flush=True)
             rows += group(device, args.quick, numel, dtype)
     config = {"sizes": sizes, "dtypes": [str(d).removeprefix("torch.") for d in dtypes], "quick": args.quick,
-              "variants": [[fmt, gran, block] for fmt, gran, block, _ in VARIANTS],
+              "variants": [[fmt, gran, block, rule] for fmt, gran, block, _, rule in VARIANTS],
               "policy": {n: T.policy_dict(T.policies(device, args.quick, n)) for n in sizes}}
     T.print_header("fp8probe bench_scaled: OCP/MX scaled FP8 cast throughput", info)
     print(T.render_table(rows, COLUMNS, args.markdown))

@@ -730,7 +730,11 @@ static PyObject *py_set_simd(PyObject *self, PyObject *args) {
  *
  *   amax  = max |x| over the tile's finite values          (on the bit patterns, like absmax above)
  *   scale = fl32(amax / fmax), 1 where that is not > 0       (e4m3 / e5m2)
- *         = 2**clamp(floor(log2 amax) - emax, -127, 127), 1 for amax = 0   (MX: frexp/ldexp, exact)
+ *         = 2**clamp(floor(log2 amax) - emax, -127, 127), 1 for amax = 0   (MX FLOOR: frexp/ldexp, exact;
+ *           RCEIL +1 where frexp's mantissa > fmax / 2**(emax+1), EVEN +1 where it rounds up to 1 at
+ *           mbits + 1 bits: mx_scale1)
+ *         = e4m3(fl32(amax / fl32(6 g))), divisor fl32(scale * g)                (NVFP4)
+ *   4/6-bit elements (MXFP6, MXFP4, NVFP4): sq_lowbit_run; a tile with a NaN/Inf gets a NaN scale.
  *   y     = fl32(x / scale), clamped to +-fmax when finite    (a true division, as torch does on CPU)
  *   data  = round-to-nearest-even fp8 bits of y: NaN -> 0x7f | sign, E4M3FN +-Inf -> +-448 (torch's
  *           cast saturates), E5M2 +-Inf -> +-Inf.
@@ -749,8 +753,11 @@ typedef struct {
     size_t k, cs, cw;     /* column pieces: k whole tiles each (cs = 1), or cs pieces of cw columns per tile */
     size_t ncp;           /* column pieces per row piece */
     int e5m2; float fmax;
+    int lowbit;           /* 0: FP8 elements; 1 + k: the 4/6-bit element k (0 e2m1, 1 e2m3, 2 e3m2) */
     uint32_t *partial;    /* [row pieces][nbc * cs] amax bits */
+    uint8_t *nonfin;      /* 4/6-bit only, like partial: 1 where the piece holds a NaN/Inf */
     const float *scale; uint8_t *data;
+    float *div;           /* 4/6-bit only: the per-tile divisor of the elements ([nbr * nbc]) */
 } sq_t;
 
 INLINE uint8_t enc_fp8(float y, int e5m2, uint32_t fmax_bits) {
@@ -793,25 +800,30 @@ INLINE float load1_nb(const void *p, size_t i, int dt) {
 /* The two inner loops, on one contiguous run of one tile (vectorised by the compiler). The amax
  * works on the raw bit patterns of the input width (|x| bits order like |x| in fp32, fp16 and bf16;
  * finite iff below the Inf pattern), in signed ints, which the vectoriser reduces with max. */
-INLINE uint32_t sq_amax_run(const void *x, size_t lo, size_t hi, int dt, uint32_t mx) {
+/* track (a constant): also OR into *nf whether the run holds a NaN/Inf (the 4/6-bit formats need it). */
+INLINE uint32_t sq_amax_run(const void *x, size_t lo, size_t hi, int dt, uint32_t mx, int track, uint8_t *nf) {
     if (dt == DT_F32) {
         const uint32_t *xb = (const uint32_t *)x;
-        int32_t m = (int32_t)mx;
+        int32_t m = (int32_t)mx, bad = 0;
         for (size_t i = lo; i < hi; i++) {
             int32_t a = (int32_t)(xb[i] & 0x7fffffffu);
+            if (track) bad |= a >= 0x7f800000;
             a = a < 0x7f800000 ? a : 0; /* only finite values set the scale */
             m = a > m ? a : m;
         }
+        if (track) *nf |= (uint8_t)bad;
         return (uint32_t)m;
     }
     const uint16_t *xh = (const uint16_t *)x;
     const int32_t inf = dt == DT_F16 ? 0x7c00 : 0x7f80;
-    int32_t m = 0;
+    int32_t m = 0, bad = 0;
     for (size_t i = lo; i < hi; i++) {
         int32_t a = (int32_t)(xh[i] & 0x7fffu);
+        if (track) bad |= a >= inf;
         a = a < inf ? a : 0;
         m = a > m ? a : m;
     }
+    if (track) *nf |= (uint8_t)bad;
     uint16_t mh = (uint16_t)m;
     uint32_t mb = f2u(load1_nb(&mh, 0, dt));
     return mb > mx ? mb : mx;
@@ -848,17 +860,68 @@ INLINE sq_unit_t sq_unit(const sq_t *c, size_t u) {
     return w;
 }
 
-INLINE void sq_amax_body(const sq_t *c, size_t u, int dt) {
+INLINE void sq_amax_body_t(const sq_t *c, size_t u, int dt, int track) {
     sq_unit_t w = sq_unit(c, u);
     if (w.c0 >= w.c1) return;
     uint32_t *part = c->partial + w.ru * c->nbc * c->cs;
+    uint8_t *nf = track ? c->nonfin + w.ru * c->nbc * c->cs : NULL;
     size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc;
-    for (size_t t = t0; t <= t1; t++) part[t * c->cs + w.q] = 0;
+    for (size_t t = t0; t <= t1; t++) {
+        part[t * c->cs + w.q] = 0;
+        if (track) nf[t * c->cs + w.q] = 0;
+    }
     for (size_t r = w.r0; r < w.r1; r++) {
         for (size_t t = t0; t <= t1; t++) {
             size_t lo = t * c->bc > w.c0 ? t * c->bc : w.c0, hi = (t + 1) * c->bc < w.c1 ? (t + 1) * c->bc : w.c1;
             const size_t base = r * c->C;
-            part[t * c->cs + w.q] = sq_amax_run(c->x, base + lo, base + hi, dt, part[t * c->cs + w.q]);
+            part[t * c->cs + w.q] = sq_amax_run(c->x, base + lo, base + hi, dt, part[t * c->cs + w.q], track,
+                                                track ? nf + t * c->cs + w.q : NULL);
+        }
+    }
+}
+
+INLINE void sq_amax_body(const sq_t *c, size_t u, int dt) {
+    if (c->lowbit) sq_amax_body_t(c, u, dt, 1);
+    else sq_amax_body_t(c, u, dt, 0);
+}
+
+/* 4/6-bit element codes (reference.lowbit_encode after its NaN/Inf replacement and clamp), element
+ * kind k: 0 e2m1, 1 e2m3, 2 e3m2 (constants after inlining). Per element:
+ *   x' = 0 for NaN, +-fmax for +-Inf, else x;  y = fl32(x' / d) (d > 0), fl32(x' * 0) otherwise
+ *   b  = min(|y| bits, fmax bits);  e = max(floor(log2 |y|), emin) from the float32 exponent field
+ *        (a float32 subnormal or 0 gives -127, clamped to emin);  n = rne(|y| * 2^(mbits - e)), exact
+ *        scaling, rounded by adding 2^23 (the float addition rounds to nearest even, n < 2^7);
+ *   code = ((e - emin) << mbits) + n, sign bit of y at 1 << (ebits + mbits). */
+INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, int k, uint8_t *restrict data) {
+    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+    const uint32_t fmax_bits = k == 0 ? 0x40c00000u : (k == 1 ? 0x40f00000u : 0x41e00000u); /* 6, 7.5, 28 */
+    const int pos = d > 0.0f;
+    for (size_t i = lo; i < hi; i++) {
+        uint32_t u = f2u(load1_nb(x, i, dt)), a = u & 0x7fffffffu;
+        uint32_t v = a == 0x7f800000u ? (u & 0x80000000u) | fmax_bits : u;
+        v = a > 0x7f800000u ? 0u : v;
+        float y = pos ? u2f(v) / d : u2f(v) * 0.0f;
+        uint32_t uy = f2u(y), b = uy & 0x7fffffffu;
+        b = b > fmax_bits ? fmax_bits : b;
+        int32_t e = (int32_t)(b >> 23) - 127;
+        e = e < emin ? emin : e;
+        float p = u2f((uint32_t)(127 + mbits - e) << 23);
+        uint32_t n = f2u(u2f(b) * p + 8388608.0f) - 0x4b000000u;
+        uint32_t mag = ((uint32_t)(e - emin) << mbits) + n;
+        data[i] = (uint8_t)(mag | ((uy >> 31) << (ebits + mbits)));
+    }
+}
+
+INLINE void sq_lowbit_body(const sq_t *c, size_t u, int dt, int k) {
+    sq_unit_t w = sq_unit(c, u);
+    if (w.c0 >= w.c1) return;
+    size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc;
+    for (size_t r = w.r0; r < w.r1; r++) {
+        const float *drow = c->div + (r / c->br) * c->nbc;
+        const size_t base = r * c->C;
+        for (size_t t = t0; t <= t1; t++) {
+            size_t lo = t * c->bc > w.c0 ? t * c->bc : w.c0, hi = (t + 1) * c->bc < w.c1 ? (t + 1) * c->bc : w.c1;
+            sq_lowbit_run(c->x, base + lo, base + hi, dt, drow[t], k, c->data);
         }
     }
 }
@@ -887,6 +950,19 @@ INLINE void sq_quant_body(const sq_t *c, size_t u, int dt, int e5m2) {
                          default: BODY_AMAX(c, u, DT_BF16); break; }                          \
     }                                                                                         \
     ATTR static void NAME##_quant(const sq_t *c, size_t u) {                                  \
+        if (c->lowbit) {                                                                      \
+            switch (c->dt * 3 + c->lowbit - 1) {                                              \
+            case DT_F32 * 3: sq_lowbit_body(c, u, DT_F32, 0); break;                          \
+            case DT_F32 * 3 + 1: sq_lowbit_body(c, u, DT_F32, 1); break;                      \
+            case DT_F32 * 3 + 2: sq_lowbit_body(c, u, DT_F32, 2); break;                      \
+            case DT_F16 * 3: sq_lowbit_body(c, u, DT_F16, 0); break;                          \
+            case DT_F16 * 3 + 1: sq_lowbit_body(c, u, DT_F16, 1); break;                      \
+            case DT_F16 * 3 + 2: sq_lowbit_body(c, u, DT_F16, 2); break;                      \
+            case DT_BF16 * 3: sq_lowbit_body(c, u, DT_BF16, 0); break;                        \
+            case DT_BF16 * 3 + 1: sq_lowbit_body(c, u, DT_BF16, 1); break;                    \
+            default: sq_lowbit_body(c, u, DT_BF16, 2); break; }                               \
+            return;                                                                           \
+        }                                                                                     \
         switch (c->dt * 2 + c->e5m2) {                                                        \
         case DT_F32 * 2: BODY_QUANT(c, u, DT_F32, 0); break;                                  \
         case DT_F32 * 2 + 1: BODY_QUANT(c, u, DT_F32, 1); break;                              \
@@ -916,16 +992,59 @@ static void sq_phase2(void *vc, size_t u) {
     sq_scalar_quant(c, u);
 }
 
+/* E4M3FN code -> float32 (NVFP4 block scales), as torch decodes it: 0x7f/0xff is the NaN with the
+ * code's mantissa bits at the top of the payload (0x7ff00000 | sign). */
+static float dec_e4m3(uint8_t c) {
+    uint32_t e = (c >> 3) & 15u, m = c & 7u, sign = (uint32_t)(c & 0x80u) << 24;
+    if ((c & 0x7fu) == 0x7fu) return u2f(sign | 0x7ff00000u);
+    /* normal: exponent e - 7 rebiased to float32 (+120), mantissa moved up; subnormal: m * 2^-9, exact */
+    uint32_t v = e == 0 ? f2u((float)m * 0x1p-9f) : ((e + 120u) << 23) | (m << 20);
+    return u2f(sign | v);
+}
+
+/* Per-format constants: fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2, 4 mxfp6-e2m3, 5 mxfp6-e3m2,
+ * 6 mxfp4-e2m1, 7 nvfp4 (E2M1 codes, E4M3 block scales x a float32 tensor scale g). */
+static const struct { float fmax; int emax, mbits, lowbit, mx; } SQ_FMT[8] = {
+    {448.0f, 8, 3, 0, 0}, {57344.0f, 15, 2, 0, 0}, {448.0f, 8, 3, 0, 1}, {57344.0f, 15, 2, 0, 1},
+    {7.5f, 2, 3, 2, 1}, {28.0f, 4, 2, 3, 1}, {6.0f, 2, 1, 1, 1}, {6.0f, 2, 1, 1, 0}};
+
+/* MX E8M0 scale (reference.mx_scale): rule 0 floor, 1 rceil, 2 even; exact. With amax = m * 2^e,
+ * m in [0.5, 1) (frexp): floor(log2 amax) = e - 1; EVEN adds 1 where m rounded (RNE) to mbits + 1 bits
+ * is 1; RCEIL adds 1 where m > fmax / 2^(emax+1). Normal amax (the common case) reads e and m from the
+ * bits (no libm call: this runs serially once per tile, 512K times for 16M elements at MX 32). */
+static float mx_scale1(float amax, int fmt, int rule) {
+    if (!(amax > 0.0f)) return 1.0f;
+    const int mbits = SQ_FMT[fmt].mbits;
+    uint32_t u = f2u(amax), frac = u & 0x7fffffu;
+    int e;
+    if (u >= 0x00800000u) {
+        e = (int)(u >> 23) - 126;
+    } else { /* float32 subnormal: normalise through frexpf */
+        float mf = frexpf(amax, &e);
+        frac = f2u(mf) & 0x7fffffu;
+    }
+    /* m = 0.5 * 1.frac: bits 0x3f000000 | frac */
+    if (rule == 2) e += (frac + (1u << (22 - mbits)) - 1u + ((frac >> (23 - mbits)) & 1u)) >> 23;
+    int ex = e - 1 - SQ_FMT[fmt].emax;
+    if (rule == 1) ex += u2f(0x3f000000u | frac) > SQ_FMT[fmt].fmax / (float)(2 << SQ_FMT[fmt].emax);
+    ex = ex < -127 ? -127 : (ex > 127 ? 127 : ex);
+    return ex >= -126 ? u2f((uint32_t)(ex + 127) << 23) : u2f(0x00400000u);
+}
+
 static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     unsigned long long xp, dp, sp;
     Py_ssize_t R, C, br, bc;
-    int dt, fmt, want;
+    int dt, fmt, want, rule = 0, has_g = 0;
+    double gd = 1.0;
     (void)self;
-    /* fmt: 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2 */
-    if (!PyArg_ParseTuple(args, "KinnnniKKi", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want)) return NULL;
-    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 3) {
-        PyErr_Format(PyExc_ValueError, "quantize_scaled: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d, fmt=%d)",
-                     R, C, br, bc, dt, fmt);
+    if (!PyArg_ParseTuple(args, "KinnnniKKi|iid", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
+                          &gd))
+        return NULL;
+    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 7
+        || rule < 0 || rule > 2) {
+        PyErr_Format(PyExc_ValueError,
+                     "quantize_scaled: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d, fmt=%d, rule=%d)",
+                     R, C, br, bc, dt, fmt, rule);
         return NULL;
     }
     sq_t c;
@@ -933,8 +1052,9 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     c.x = (const void *)(uintptr_t)xp; c.dt = dt;
     c.R = (size_t)R; c.C = (size_t)C; c.br = (size_t)br; c.bc = (size_t)bc;
     c.nbr = (c.R + c.br - 1) / c.br; c.nbc = (c.C + c.bc - 1) / c.bc;
-    c.e5m2 = fmt & 1; c.fmax = c.e5m2 ? 57344.0f : 448.0f;
-    int mx = fmt >= 2, emax = c.e5m2 ? 15 : 8;
+    c.e5m2 = fmt == 1 || fmt == 3; c.fmax = SQ_FMT[fmt].fmax;
+    c.lowbit = SQ_FMT[fmt].lowbit;
+    int mx = SQ_FMT[fmt].mx;
     /* pieces of about UNIT elements: rows first (inside one tile row), then columns */
     c.rpu = c.C >= UNIT ? 1 : UNIT / c.C;
     if (c.rpu > c.br) c.rpu = c.br;
@@ -948,53 +1068,120 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
         c.k = 1; c.cs = (c.bc + cw - 1) / cw; c.cw = (c.bc + c.cs - 1) / c.cs;
         c.ncp = c.nbc * c.cs;
     }
-    size_t rows_units = c.nbr * c.sub, units = rows_units * c.ncp, n = c.R * c.C;
+    size_t rows_units = c.nbr * c.sub, units = rows_units * c.ncp, n = c.R * c.C, np = rows_units * c.nbc * c.cs;
     /* calloc: a piece that turns out empty (short last tile) leaves its partial at 0, the max's identity */
-    c.partial = (uint32_t *)calloc(rows_units * c.nbc * c.cs, sizeof(uint32_t));
+    c.partial = (uint32_t *)calloc(np, sizeof(uint32_t));
+    if (c.lowbit) {
+        c.nonfin = (uint8_t *)calloc(np, 1);
+        c.div = (float *)malloc(c.nbr * c.nbc * sizeof(float));
+    }
     float *scale = (float *)(uintptr_t)sp;
-    if (c.partial == NULL) return PyErr_NoMemory();
+    if (c.partial == NULL || (c.lowbit && (c.nonfin == NULL || c.div == NULL))) {
+        free(c.partial); free(c.nonfin); free(c.div);
+        return PyErr_NoMemory();
+    }
     c.scale = scale; c.data = (uint8_t *)(uintptr_t)dp;
     int nt = pick_threads(n, want);
     Py_BEGIN_ALLOW_THREADS
     run_units(sq_phase1, &c, units, nt);
+    float g = (float)gd;
+    if (fmt == 7 && !has_g) { /* reference.nvfp4_global_scale: fl32(tensor amax / 2688), 1 if not > 0 */
+        uint32_t m = 0;
+        for (size_t i = 0; i < np; i++) m = c.partial[i] > m ? c.partial[i] : m;
+        g = u2f(m) / 2688.0f;
+        g = g > 0.0f ? g : 1.0f;
+    }
+    const float six_g = 6.0f * g;
     for (size_t tr = 0; tr < c.nbr; tr++) {
         for (size_t tc = 0; tc < c.nbc; tc++) {
             uint32_t m = 0;
+            int nf = 0;
             for (size_t p = 0; p < c.sub; p++)
                 for (size_t q = 0; q < c.cs; q++) {
-                    uint32_t v = c.partial[((tr * c.sub + p) * c.nbc + tc) * c.cs + q];
+                    size_t at = ((tr * c.sub + p) * c.nbc + tc) * c.cs + q;
+                    uint32_t v = c.partial[at];
                     m = v > m ? v : m;
+                    if (c.lowbit) nf |= c.nonfin[at];
                 }
-            float amax = u2f(m), s;
+            float amax = u2f(m), s, d;
             if (mx) {
-                int e;
-                if (amax > 0.0f) {
-                    frexpf(amax, &e); /* amax = f * 2^e, f in [0.5, 1): floor(log2 amax) = e - 1 */
-                    int ex = e - 1 - emax;
-                    ex = ex < -127 ? -127 : (ex > 127 ? 127 : ex);
-                    s = ldexpf(1.0f, ex);
-                } else {
-                    s = 1.0f;
-                }
+                s = d = mx_scale1(amax, fmt, rule);
+            } else if (fmt == 7) { /* E4M3 block scale: e4m3_rne_sat(fl32(amax / fl32(6 g))), divisor fl32(s g) */
+                s = dec_e4m3(enc_fp8(amax / six_g, 0, 0x43e00000u));
+                d = s * g;
             } else {
                 s = amax / c.fmax;
-                s = s > 0.0f ? s : 1.0f;
+                s = d = s > 0.0f ? s : 1.0f;
+            }
+            if (c.lowbit) {
+                c.div[tr * c.nbc + tc] = d;
+                s = nf ? NAN : s; /* a tile with a NaN/Inf has no element code for it: NaN scale */
             }
             scale[tr * c.nbc + tc] = s;
         }
     }
     run_units(sq_phase2, &c, units, nt);
     Py_END_ALLOW_THREADS
-    free(c.partial);
+    free(c.partial); free(c.nonfin); free(c.div);
     Py_RETURN_NONE;
+}
+
+/* Largest finite |x| over n elements (the NVFP4 tensor amax), from the bit patterns like the tile amax. */
+typedef struct { const void *x; int dt; size_t n; uint32_t *partial; } fa_t;
+
+INLINE void fa_body(const fa_t *c, size_t u, int dt) {
+    size_t lo = u * UNIT, hi = lo + UNIT < c->n ? lo + UNIT : c->n;
+    c->partial[u] = sq_amax_run(c->x, lo, hi, dt, 0, 0, NULL);
+}
+
+#define FA_DISPATCH(NAME, ATTR)                                                                 \
+    ATTR static void NAME(const fa_t *c, size_t u) {                                          \
+        switch (c->dt) { case DT_F32: fa_body(c, u, DT_F32); break;                           \
+                         case DT_F16: fa_body(c, u, DT_F16); break;                           \
+                         default: fa_body(c, u, DT_BF16); break; }                            \
+    }
+FA_DISPATCH(fa_scalar, )
+#if FP_X86
+FA_DISPATCH(fa_avx2, __attribute__((target("avx2,f16c"))))
+#endif
+
+static void fa_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { fa_avx2((const fa_t *)vc, u); return; }
+#endif
+    fa_scalar((const fa_t *)vc, u);
+}
+
+static PyObject *py_finite_amax(PyObject *self, PyObject *args) {
+    unsigned long long xp;
+    Py_ssize_t n;
+    int dt, want;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Kini", &xp, &dt, &n, &want)) return NULL;
+    if (n <= 0 || dt < 0 || dt > 2) {
+        PyErr_Format(PyExc_ValueError, "finite_amax: bad sizes (n=%zd, dtype=%d)", n, dt);
+        return NULL;
+    }
+    size_t units = ((size_t)n + UNIT - 1) / UNIT;
+    fa_t c = {(const void *)(uintptr_t)xp, dt, (size_t)n, (uint32_t *)calloc(units, sizeof(uint32_t))};
+    if (c.partial == NULL) return PyErr_NoMemory();
+    int nt = pick_threads((size_t)n, want);
+    uint32_t m = 0;
+    Py_BEGIN_ALLOW_THREADS
+    run_units(fa_work, &c, units, nt);
+    for (size_t u = 0; u < units; u++) m = c.partial[u] > m ? c.partial[u] : m;
+    Py_END_ALLOW_THREADS
+    free(c.partial);
+    return PyFloat_FromDouble((double)u2f(m));
 }
 
 typedef struct {
     const uint8_t *data; const float *table; const float *scale;
     size_t R, C, br, bc, nbc, rpu; void *out; int dt; int bad;
+    int has_g; float g;   /* NVFP4: y = fl32(fl32(value * scale) * g) */
 } sd_t;
 
-INLINE int sd_body(const sd_t *c, size_t u, int dt) {
+INLINE int sd_body_g(const sd_t *c, size_t u, int dt, int has_g) {
     size_t r0 = u * c->rpu, r1 = r0 + c->rpu < c->R ? r0 + c->rpu : c->R;
     int bad = 0;
     for (size_t r = r0; r < r1; r++) {
@@ -1004,12 +1191,17 @@ INLINE int sd_body(const sd_t *c, size_t u, int dt) {
             const float s = srow[tc];
             for (size_t i = lo; i < hi; i++) {
                 float y = c->table[c->data[i]] * s;
+                if (has_g) y = y * c->g;
                 bad |= y != y;
                 store1(c->out, i, y, dt);
             }
         }
     }
     return bad;
+}
+
+INLINE int sd_body(const sd_t *c, size_t u, int dt) {
+    return c->has_g ? sd_body_g(c, u, dt, 1) : sd_body_g(c, u, dt, 0);
 }
 
 #define SD_DISPATCH(NAME, ATTR)                                                                 \
@@ -1037,9 +1229,11 @@ static void sd_work(void *vc, size_t u) {
 static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
     unsigned long long dp, tp, sp, op;
     Py_ssize_t R, C, br, bc;
-    int dt, want;
+    int dt, want, has_g = 0;
+    double gd = 1.0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKnnnnKii", &dp, &tp, &sp, &R, &C, &br, &bc, &op, &dt, &want)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKnnnnKii|id", &dp, &tp, &sp, &R, &C, &br, &bc, &op, &dt, &want, &has_g, &gd))
+        return NULL;
     if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2) {
         PyErr_Format(PyExc_ValueError, "dequantize_scaled: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d)",
                      R, C, br, bc, dt);
@@ -1047,7 +1241,7 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
     }
     sd_t c = {(const uint8_t *)(uintptr_t)dp, (const float *)(uintptr_t)tp, (const float *)(uintptr_t)sp,
               (size_t)R, (size_t)C, (size_t)br, (size_t)bc, ((size_t)C + (size_t)bc - 1) / (size_t)bc, 1,
-              (void *)(uintptr_t)op, dt, 0};
+              (void *)(uintptr_t)op, dt, 0, has_g, (float)gd};
     c.rpu = c.C >= UNIT ? 1 : UNIT / c.C;
     int nt = pick_threads(c.R * c.C, want);
     Py_BEGIN_ALLOW_THREADS
@@ -1069,11 +1263,15 @@ static PyMethodDef methods[] = {
      "default-mode LLM.int8() row quantisation; colmask[j] = 1 for outlier columns (threshold > 0), "
      "which the caller zeroes in q."},
     {"quantize_scaled", py_quantize_scaled, METH_VARARGS,
-     "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads): "
-     "fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2; data uint8 [R*C], scale float32 [ceil(R/br), ceil(C/bc)]."},
+     "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads[, rule, has_g, g]): "
+     "fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2, 4 mxfp6-e2m3, 5 mxfp6-e3m2, 6 mxfp4-e2m1, 7 nvfp4; "
+     "rule 0 floor, 1 rceil, 2 even (MX); g: the NVFP4 tensor scale (computed when has_g is 0); "
+     "data uint8 [R*C], scale float32 [ceil(R/br), ceil(C/bc)]."},
     {"dequantize_scaled", py_dequantize_scaled, METH_VARARGS,
-     "dequantize_scaled(data_ptr, table_ptr, scale_ptr, R, C, block_rows, block_cols, out_ptr, dtype, threads) "
-     "-> 0, or 1 when an output is NaN (the caller then runs the reference: torch's NaN casts differ)."},
+     "dequantize_scaled(data_ptr, table_ptr, scale_ptr, R, C, block_rows, block_cols, out_ptr, dtype, threads"
+     "[, has_g, g]) -> 0, or 1 when an output is NaN (the caller then runs the reference: torch's NaN casts differ)."},
+    {"finite_amax", py_finite_amax, METH_VARARGS,
+     "finite_amax(x_ptr, dtype, n, threads) -> float: the largest finite |x| (0.0 when none)."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(addr, nbytes) -> bool: madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior (Linux)."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},

@@ -2,7 +2,7 @@
 
 ``register()`` (called at the end of ``fp8probe/ops.py``) installs CPU kernels for
 ``fp8probe::quantize_blockwise``, ``quantize_global``, ``dequantize_blockwise``,
-``int8_vectorwise_quant`` and the OCP FP8 / MX scaled casts ``quantize_scaled`` / ``dequantize_scaled`` with
+``int8_vectorwise_quant`` and the OCP FP8 / MX (every scale rule, FP8/FP6/FP4 elements) / NVFP4 scaled casts ``quantize_scaled`` / ``dequantize_scaled`` with
 ``torch.library.register_kernel(..., "cpu", ...)``. Each kernel takes exactly its op's arguments and
 returns what ``backends/reference.py`` returns, bit for bit: the C code performs the same float32
 operations in the same order (see the header of fp8probe/_fastpath.c) and reuses the reference's
@@ -271,8 +271,11 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
     return q, row_stats, outlier_cols
 
 
-_SCALED_FMT = {"e4m3": 0, "e5m2": 1, "mxfp8-e4m3": 2, "mxfp8-e5m2": 3}
+_SCALED_FMT = {"e4m3": 0, "e5m2": 1, "mxfp8-e4m3": 2, "mxfp8-e5m2": 3, "mxfp6-e2m3": 4, "mxfp6-e3m2": 5,
+               "mxfp4-e2m1": 6, "nvfp4": 7}
+_SCALE_RULE = {"floor": 0, "rceil": 1, "even": 2}
 _FP8_TABLES: dict[torch.dtype, torch.Tensor] = {}
+_LOWBIT_TABLES: dict[str, torch.Tensor] = {}
 
 
 def _fp8_table(fp8: torch.dtype) -> torch.Tensor:
@@ -283,47 +286,88 @@ def _fp8_table(fp8: torch.dtype) -> torch.Tensor:
     return table
 
 
+def _lowbit_table(fmt: str) -> torch.Tensor:
+    """float32 [256]: the values of a 4/6-bit format's element codes, NaN past its last code (a stray
+    code then gives a NaN output, and the reference runs and reports it)."""
+    table = _LOWBIT_TABLES.get(fmt)
+    if table is None:
+        values = _ref._lowbit_table(_ref.ELEMENT_OF[fmt])
+        table = torch.full((256,), float("nan"), dtype=_F32)
+        table[: values.numel()] = values
+        _LOWBIT_TABLES[fmt] = table
+    return table
+
+
+def _scalar_scale(g: torch.Tensor | None) -> tuple[int, float] | None:
+    """(has_g, g as float32) for the C calls; None when the tensor scale is not a 0-D tensor (the
+    reference then runs: it broadcasts other shapes)."""
+    if g is None:
+        return 0, 1.0
+    if not isinstance(g, torch.Tensor) or g.dim() != 0:
+        return None
+    return 1, float(g.detach().to("cpu", _F32))
+
+
+def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """``reference.nvfp4_global_scale`` (0-D float32 ``fl32(finite amax / 2688)``, 1 when not > 0), the
+    amax by one C pass on CPU (the reference's isfinite/abs/where/amax chain is ~6x slower); other
+    devices, dtypes and empty tensors run the reference."""
+    if x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or not enabled():
+        return _ref.nvfp4_global_scale(x)
+    xc = x.detach().contiguous()
+    amax = torch.tensor(_ext().finite_amax(xc.data_ptr(), _DT[x.dtype], x.numel(), _threads(x.numel())), dtype=_F32)
+    g = amax / torch.full_like(amax, _ref.NVFP4_GLOBAL_RANGE)
+    return torch.where(g > 0, g, 1.0)
+
+
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
                     global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU kernel of ``fp8probe::quantize_scaled``: same arguments, results and errors as the reference's.
 
-    One pass for the tile amax (finite values) and one for the divide-clamp-round; NaN/±Inf inputs
-    are handled in C exactly as torch's casts do, so nothing falls back except empty tensors,
-    unknown formats (the reference raises) and non-positive tile sizes. The C code implements the
-    FLOOR scale rule and the FP8 formats; other scale rules and the 4/6-bit formats run the reference.
+    One pass for the tile amax (finite values; and, for the 4/6-bit formats, whether the tile holds a
+    NaN/Inf) and one for the divide-clamp-round; NaN/±Inf inputs are handled in C exactly as the
+    reference does. Every format and MX scale rule runs in C; the reference runs for empty tensors,
+    unknown formats or rules (it raises), non-positive tile sizes and an NVFP4 `global_scale` that
+    is not a 0-D tensor.
     """
+    g = _scalar_scale(global_scale) if fmt == "nvfp4" else (0, 1.0)
     if (x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or fmt not in _SCALED_FMT
-            or scale_rule != "floor" or block_rows <= 0 or block_cols <= 0 or not enabled()):
+            or scale_rule not in _SCALE_RULE or g is None or block_rows <= 0 or block_cols <= 0 or not enabled()):
         return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
-    fp8 = _ref.SCALED_FORMATS[fmt][0]
+    storage = _ref.SCALED_FORMATS[fmt][0]
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
     xc = x.detach().contiguous()
-    data = _fresh(x.shape, fp8)
+    data = _fresh(x.shape, storage)
     scale = torch.empty(-(-R // br), -(-C // bc), dtype=_F32)
     _ext().quantize_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], data.data_ptr(),
-                           scale.data_ptr(), _threads(x.numel()))
+                           scale.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule], *g)
     return data, scale
 
 
 def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
                       dtype: torch.dtype, fmt: str = "", global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """CPU kernel of ``fp8probe::dequantize_scaled``; the reference runs for NaN results (torch's NaN
-    casts to bf16 drop the sign), empty tensors, shapes it would reject and the 4/6-bit formats."""
-    if (data.device.type != "cpu" or data.numel() == 0 or dtype not in _DT or not enabled()
-            or data.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or block_rows <= 0 or block_cols <= 0):
+    casts to bf16 drop the sign; 4/6-bit tiles with a NaN scale; stray codes), empty tensors, shapes
+    it would reject, uint8 data without a 4/6-bit `fmt` and a `global_scale` that is not 0-D."""
+    g = _scalar_scale(global_scale)
+    fp8 = data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    lowbit = data.dtype == torch.uint8 and _ref.SCALED_FORMATS.get(fmt, (None,))[0] == torch.uint8
+    if (data.device.type != "cpu" or data.numel() == 0 or dtype not in _DT or not enabled() or g is None
+            or not (fp8 or lowbit) or block_rows <= 0 or block_cols <= 0):
         return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
     R, C = _ref._rows_cols(data.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
     sc = scale.detach().to("cpu", _F32).contiguous()
     if sc.shape != (-(-R // br), -(-C // bc)):
-        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
     dc = data.detach().contiguous()
+    table = _lowbit_table(fmt) if lowbit else _fp8_table(data.dtype)
     out = _fresh(data.shape, dtype)
-    bad = _ext().dequantize_scaled(dc.view(torch.uint8).data_ptr(), _fp8_table(data.dtype).data_ptr(), sc.data_ptr(),
-                                   R, C, br, bc, out.data_ptr(), _DT[dtype], _threads(data.numel()))
+    bad = _ext().dequantize_scaled(dc.view(torch.uint8).data_ptr(), table.data_ptr(), sc.data_ptr(),
+                                   R, C, br, bc, out.data_ptr(), _DT[dtype], _threads(data.numel()), *g)
     if bad:
-        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype)
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
     return out
 
 
