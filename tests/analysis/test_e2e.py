@@ -525,3 +525,29 @@ def test_attention_gemms_run_in_low_precision_end_to_end() -> None:
     assert 0 < only.lp_flop_share < 0.1 and only.kl_div > 0 and only.loss_lp != only.loss_hp
     none = runner.evaluate(E.Plan(STRATEGIES["global"], only=frozenset()))
     assert none.lp_flop_share == 0 and none.loss_lp == none.loss_hp and none.kl_div == 0
+
+
+class _KeyBiasAttention(torch.nn.Module):
+    """softmax(q·kᵀ) ignores a shift shared by all keys, so k.bias has a zero gradient in exact arithmetic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.q, self.k, self.out = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), dim=-1)
+        return self.out(att @ x).pow(2).mean()
+
+
+def test_numerically_zero_gradients_are_left_out_of_gradient_sqnr() -> None:
+    """Without the rule k.bias' float32 rounding noise read as a -100 dB gradient SQNR (the minimum of every recipe)."""
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(2, 12, 16, generator=g) for _ in range(2)]
+    res = analyze(_KeyBiasAttention(), batches, "ocp-tensorwise,int8", sensitivity="estimated")
+    for r in res.tables["e2e"].to_dict("records"):
+        assert "numerically zero gradient" in r["note"] and "k.bias" in r["note"], r
+        assert r["grad_sqnr_db_min"] > 5, r
