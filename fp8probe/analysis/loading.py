@@ -350,8 +350,9 @@ def _loading_problems(info: dict) -> str:
     return "; ".join(parts)
 
 
-def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
-    """Build exactly the class config.json names and load its weights; a weight that does not fit is an error."""
+def _hf_config_class(path: Path) -> tuple[Any, Any, Any, str]:
+    """(transformers, config, model class, class name) of a Hugging Face directory: config.json read
+    locally without remote code, the class its architectures name (_hf_class); problems as LoadError."""
     try:
         import transformers
     except ImportError:
@@ -363,6 +364,12 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
         raise LoadError(f"cannot load Hugging Face model from {path}: its config.json is not usable "
                         f"({one_line(exc)})") from None
     cls, cls_name = _hf_class(transformers, config, path)
+    return transformers, config, cls, cls_name
+
+
+def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
+    """Build exactly the class config.json names and load its weights; a weight that does not fit is an error."""
+    transformers, config, cls, cls_name = _hf_config_class(path)
     hf_logging = transformers.utils.logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr carries one line on failure, not a "Loading weights" bar

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .capture import release_free_memory
-from .loading import LoadedModel, LoadError, _call_factory, _hf_class, one_line
+from .loading import LoadedModel, LoadError, _call_factory, _hf_config_class, one_line
 
 if TYPE_CHECKING:  # weights_only imports sweeps, which imports pipeline, which imports this module
     from .weights_only import Checkpoint, TensorEntry
@@ -172,17 +172,7 @@ def summary(module: nn.Module) -> dict:
 
 
 def _skeleton_hf(path: Path) -> tuple[nn.Module, str]:
-    try:
-        import transformers
-    except ImportError:
-        raise LoadError(f"{path} is a Hugging Face model directory but transformers is not installed: "
-                        "pip install 'fp8probe[hf]'") from None
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/KeyError...
-        raise LoadError(f"cannot load Hugging Face model from {path}: its config.json is not usable "
-                        f"({one_line(exc)})") from None
-    cls, cls_name = _hf_class(transformers, config, path)
+    _, config, cls, cls_name = _hf_config_class(path)
     try:
         with params_on_meta():
             # The dtype from_pretrained would give (config.dtype), so numbers match the in-memory load.
