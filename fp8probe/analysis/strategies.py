@@ -386,8 +386,21 @@ def _replay(recipe: Any, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | Non
     return StrategyOutput(gemms, ops)
 
 
+class _Recipe:
+    """``run`` (the replay) and ``linear`` (in a model, via _ScaledLinear) of a stateless recipe object whose
+    fprop/dgrad/wgrad methods compute its three GEMMs (_Scaled, _CodebookAccum)."""
+
+    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+            b_is_weight: bool = True) -> StrategyOutput:
+        return _replay(self, A, W, G, b_is_weight)
+
+    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+               b_is_weight: bool = True) -> torch.Tensor:
+        return _ScaledLinear.apply(x, W, bias, self, b_is_weight)
+
+
 @dataclass(frozen=True)
-class _Scaled:
+class _Scaled(_Recipe):
     """One OCP/MX recipe's three GEMMs; ``act``/``w`` = (granularity, block) for activations/gradients and
     for weights. The replay (``run``) and the in-model autograd function (``linear``) both call these.
     ``b_is_weight`` False: the second operand is an activation (K of QKᵀ, Vᵀ of PV) and gets the
@@ -439,14 +452,6 @@ class _Scaled:
             qGt = _fq_slices(G.mT, self.fmt_bwd, *self.act, self.scale_rule)[0]
             qAt = _fq_slices(A.mT, self.fmt_fwd, *self.act, self.scale_rule)[0]
         return self._gemm(qGt, qAt)
-
-    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
-            b_is_weight: bool = True) -> StrategyOutput:
-        return _replay(self, A, W, G, b_is_weight)
-
-    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-               b_is_weight: bool = True) -> torch.Tensor:
-        return _ScaledLinear.apply(x, W, bias, self, b_is_weight)
 
 
 class _ScaledLinear(torch.autograd.Function):
@@ -536,7 +541,7 @@ class _Delayed:
 
 
 @dataclass(frozen=True)
-class _CodebookAccum:
+class _CodebookAccum(_Recipe):
     """``global`` / ``mixed`` with the simulated accumulator: the fake-quantised operands of MatMulFP8Global /
     MatMulFP8Mixed (SPEC §7.2, the same _fq_code calls as _run_global / _run_mixed), their FP8 products
     through matmul_limited; mixed's unquantised wgrad Aᵀ·G stays a float32 matmul. GEMM methods with
@@ -564,14 +569,6 @@ class _CodebookAccum:
         if self.mixed:
             return G.float().t() @ A.float()
         return matmul_limited(qG.float().t(), qA.float().t(), self.accum)  # one absmax: fq(Aᵀ) = fq(A)ᵀ
-
-    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
-            b_is_weight: bool = True) -> StrategyOutput:
-        return _replay(self, A, W, G, b_is_weight)
-
-    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-               b_is_weight: bool = True) -> torch.Tensor:
-        return _ScaledLinear.apply(x, W, bias, self, b_is_weight)
 
 
 def _delayed_rules(rule: DelayedScaling) -> str:
