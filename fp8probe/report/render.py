@@ -577,6 +577,7 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
         "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
                               "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",
                               "layers kept in 16-bit", "within budget", "note"], e2e_rows),
+        "e2e_notes": v["e2e_notes"],
         "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
                                         "worst fprop SQNR dB"], iso_rows),
         "coverage": coverage_line(v["coverage"]) if v["coverage"] else "",

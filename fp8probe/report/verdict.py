@@ -171,6 +171,7 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                              "lp_flop_share": r.get("lp_flop_share"), "note": r.get("note") or "",
                              "within_budget": rec.get("within_budget"), "recommended": rec.get("recommended") is True,
                              "n_keep": len(_keep_list(rec.get("keep_16bit"))) if rec else None})
+    e2e_notes = _shared_notes(per_strategy)
     coverage = coverage_summary(t.get("coverage", []), metadata.get("coverage"))
     warnings = []
     loss = metadata.get("loss") or {}
@@ -201,9 +202,22 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         best_isolated = min(ranked, key=lambda r: (r["n_below"], -r["worst_db"]))
     return {"recommended": recommended, "no_recommendation": no_recommendation, "best_isolated": best_isolated,
             "blocksize": settings.get("blocksize"), "threshold": settings.get("threshold"),
-            "e2e": per_strategy, "isolated": isolated,
+            "e2e": per_strategy, "e2e_notes": e2e_notes, "isolated": isolated,
             "coverage": coverage, "warnings": warnings, "missing": missing, "keep_db": keep_db,
             "has_e2e": bool(per_strategy)}
+
+
+def _shared_notes(rows: list[dict]) -> list[str]:
+    """Take the note parts ("; "-separated) every end-to-end row repeats (run-wide facts: which output was
+    compared, parameters left out of the gradient SQNR, FSDP) out of the rows and return them, in order, to be
+    said once under the table; each row keeps only what is its own. One row keeps its note as it is."""
+    if len(rows) < 2:
+        return []
+    parts = [[p for p in (r["note"] or "").split("; ") if p] for r in rows]
+    shared = [p for p in parts[0] if all(p in other for other in parts[1:])]
+    for r, own in zip(rows, parts):
+        r["note"] = "; ".join(p for p in own if p not in shared)
+    return shared
 
 
 def coverage_line(cov: Mapping) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from html import escape
 from pathlib import Path
 
 import pandas as pd
@@ -81,3 +82,32 @@ def test_coverage_from_metadata_when_the_table_is_absent() -> None:
     assert cov == {"executed": 250, "captured": 248, "flop_share": 0.998, "skipped": {"conv3d unsupported": 2}}
     v = build_verdict({}, {"coverage": {"gemms_executed": 3, "gemms_captured": 3, "flop_share": 1.0, "skipped": {}}})
     assert v["coverage"]["captured"] == 3 and not v["warnings"]
+
+
+def test_note_every_end_to_end_row_repeats_is_said_once(tmp_path: Path) -> None:
+    shared = "3 parameter(s) with a numerically zero gradient (RMS < 2^-20 × the median) left out: a.k.bias"
+    rows = e2e_rows()
+    for r in rows:
+        r["note"] = f"compared: logits; {shared}"
+    rows[0]["note"] += "; 2 layer(s) overflowed"
+    v = build_verdict({"e2e": rows, "recommendation": recommendation_rows([])})
+    assert v["e2e_notes"] == ["compared: logits", shared]
+    assert [r["note"] for r in v["e2e"]] == ["2 layer(s) overflowed"] + [""] * (len(rows) - 1)
+    html = _render(rows, tmp_path)
+    assert html.count(escape(shared)) == 1 and "Every row: compared: logits." in html
+
+
+def test_one_end_to_end_row_keeps_its_note() -> None:
+    rows = e2e_rows()[:1]
+    rows[0]["note"] = "compared: logits"
+    v = build_verdict({"e2e": rows})
+    assert v["e2e_notes"] == [] and v["e2e"][0]["note"] == "compared: logits"
+
+
+def _render(e2e: list[dict], tmp_path: Path) -> str:
+    from fp8probe.report.render import render_report
+
+    data = _small()
+    data["tables"]["e2e"] = e2e
+    data["metadata"]["strategies"] = [r["strategy"] for r in e2e]
+    return render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
