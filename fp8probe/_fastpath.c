@@ -1423,7 +1423,7 @@ INLINE void os_qmax_body(const os_t *c, size_t u, int xdt, int qdt) {
     c->uqmax[u] = m;
 }
 
-INLINE void os_body(const os_t *c, size_t u, int xdt, int qdt) {
+INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
     int64_t tot[OS_C] = {0};
@@ -1440,7 +1440,7 @@ INLINE void os_body(const os_t *c, size_t u, int xdt, int qdt) {
         int okx = fin_d(x), okq = fin_d(q), ok = okx & okq, nz = okx & (x != 0.0);             \
         double x0 = ok ? x : 0.0, e = x0 - (ok ? q : 0.0);                                     \
         x2[K] += x0 * x0; e2[K] += e * e;                                                      \
-        int s = sat ? sat[I] != 0 : fabs(x) > qmax;                                            \
+        int s = has_sat ? sat[I] != 0 : fabs(x) > qmax;                                        \
         cn[0][K] += okx; cn[1][K] += nz; cn[2][K] += nz & (q == 0.0); cn[3][K] += okx & s;     \
         cn[5][K] += okx & !okq;                                                                \
     }
@@ -1456,6 +1456,11 @@ INLINE void os_body(const os_t *c, size_t u, int xdt, int qdt) {
     }
     tot[4] -= tot[0]; /* excluded = elements - finite x */
     for (int j = 0; j < OS_C; j++) c->ucount[u * OS_C + j] = tot[j];
+}
+
+INLINE void os_body(const os_t *c, size_t u, int xdt, int qdt) {
+    if (c->sat) os_body_s(c, u, xdt, qdt, 1);
+    else os_body_s(c, u, xdt, qdt, 0);
 }
 
 #define OS_DISPATCH(NAME, BODY, ATTR)                                                           \
@@ -1526,7 +1531,8 @@ static PyObject *py_operand_sums(PyObject *self, PyObject *args) {
  * (double), the central power sums Σd², Σd²·d, Σd²·d² of d = x - mean (double, d² = d·d). */
 #define TS_NLIM 3
 #define TS_C (5 + TS_NLIM + 1) /* nan, +inf, -inf, zeros, subnormal, over limit j, finite */
-#define TS_MAXBINS 256
+#define TS_MAXBINS 255 /* bins are uint8 indices, nbins itself the spare bin */
+#define TS_SUBH 4
 typedef struct {
     const void *x; int dt; size_t n, cols, seg, nseg;
     double tiny, lim[TS_NLIM]; int hlo, nbins;
@@ -1545,10 +1551,10 @@ static void atomic_max_bits(uint64_t *p, uint64_t v) {
     }
 }
 
+INLINE uint64_t f2u_d(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+
 INLINE int log2_floor(double a) { /* a > 0 finite */
-    uint64_t bits;
-    memcpy(&bits, &a, 8);
-    int eb = (int)((bits >> 52) & 0x7ff);
+    int eb = (int)((f2u_d(a) >> 52) & 0x7ff);
     return eb ? eb - 1023 : ilogb(a);
 }
 
@@ -1560,8 +1566,12 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
     int64_t *hist = c->uhist + u * (size_t)c->nbins;
     const double tiny = c->tiny, l0 = c->lim[0], l1 = c->lim[1], l2 = c->lim[2];
     const int hlo = c->hlo, hhi = c->hlo + c->nbins - 1;
+    const int nbins = c->nbins;
     double amax = 0.0, mn = INFINITY;
-    for (int j = 0; j < c->nbins; j++) hist[j] = 0;
+    uint32_t sub[TS_SUBH][TS_MAXBINS + 1]; /* a unit has 65536 elements: uint32 counts cannot overflow */
+    uint8_t bin[SUM_BLOCK];
+    memset(sub, 0, sizeof(sub));
+    for (int j = 0; j < nbins; j++) hist[j] = 0;
     for (size_t b = b0; b < b1; b++) {
         size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
         double sx[SUM_LANES] = {0}, lmx[SUM_LANES] = {0};
@@ -1591,26 +1601,40 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
             mn = lmn[k] < mn ? lmn[k] : mn;
             for (int j = 0; j < TS_C; j++) tot[j] += cn[j][k];
         }
-        /* histogram and row-segment absmaxes: the block again (in cache), one row-segment piece at a time */
+        /* histogram and row-segment absmaxes: the block again (in cache). The bin of each element
+         * first (vectorised: an element that is not counted goes to the spare bin nbins), then the
+         * increments, element i into sub-histogram i % TS_SUBH so that runs of one bin (most values
+         * share a few binades) do not wait on the previous increment of the same counter. */
+        for (size_t j = lo; j < hi; j++) {
+            double a = fabs(loadd(c->x, j, dt));
+            int ok = fin_d(a) & (a > 0.0);
+            /* float32/fp16/bf16 values are normal doubles: the exponent field is exact; float64
+             * subnormals need ilogb */
+            int e = (int)((f2u_d(a) >> 52) & 0x7ff) - 1023;
+            if (dt == DT_F64 && e == -1023 && ok) e = ilogb(a);
+            e = e < hlo ? hlo : e > hhi ? hhi : e;
+            bin[j - lo] = (uint8_t)(ok ? e - hlo : nbins);
+        }
+        size_t m8 = (hi - lo) & ~(size_t)(TS_SUBH - 1);
+        for (size_t j = 0; j < m8; j += TS_SUBH)
+            for (int h = 0; h < TS_SUBH; h++) sub[h][bin[j + h]]++;
+        for (size_t j = m8; j < hi - lo; j++) sub[0][bin[j]]++;
+        /* row-segment absmax pieces: a max of the bit patterns (non-negative doubles order like them) */
         for (i = lo; i < hi;) {
             size_t row = i / c->cols, col = i - row * c->cols, sg = col / c->seg;
             size_t send = (sg + 1) * c->seg < c->cols ? (sg + 1) * c->seg : c->cols;
             size_t pe = i + (send - col) < hi ? i + (send - col) : hi;
-            double m = 0.0;
+            int64_t m = 0;
             for (; i < pe; i++) {
                 double a = fabs(loadd(c->x, i, dt));
-                if (fin_d(a) && a > 0.0) {
-                    int e = log2_floor(a);
-                    e = e < hlo ? hlo : e > hhi ? hhi : e;
-                    hist[e - hlo]++;
-                    m = a > m ? a : m;
-                }
+                int64_t bits = fin_d(a) ? (int64_t)f2u_d(a) : 0;
+                m = bits > m ? bits : m;
             }
-            uint64_t bits;
-            memcpy(&bits, &m, 8);
-            if (bits) atomic_max_bits(c->segmax + row * c->nseg + sg, bits);
+            if (m) atomic_max_bits(c->segmax + row * c->nseg + sg, (uint64_t)m);
         }
     }
+    for (int j = 0; j < nbins; j++)
+        for (int h = 0; h < TS_SUBH; h++) hist[j] += sub[h][j];
     for (int j = 0; j < TS_C; j++) c->ucount[u * TS_C + j] = tot[j];
     c->uamax[u] = amax;
     c->umin[u] = mn;
