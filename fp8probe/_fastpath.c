@@ -1741,6 +1741,100 @@ static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
                          "neg_inf", (long long)cnt[2], "zeros", (long long)cnt[3], "subnormal", (long long)cnt[4],
                          "over", (long long)cnt[5], (long long)cnt[6], (long long)cnt[7]);
 }
+/* --------------------------------------------------------------- outlier_census (OutlierCensus) */
+/* Per column of x [rows, cols]: the amax of |x| (NaN read as 0, +-Inf as Inf) and the number of rows
+ * with |x| >= t; and the number of rows holding any such element. |x| >= t is decided in double,
+ * i.e. in real numbers (the values widen exactly). Work units are row ranges with their own column
+ * arrays, merged after the join (a max and integer sums: exact in any order). */
+typedef struct {
+    const void *x; int dt; size_t rows, cols, rpu; double t;
+    double *amax;       /* [units][cols] */
+    int64_t *hits;      /* [units][cols] */
+    int64_t *touched;   /* [units] */
+} oc_t;
+
+INLINE void oc_body(const oc_t *c, size_t u, int dt, int unused) {
+    (void)unused;
+    size_t r0 = u * c->rpu, r1 = r0 + c->rpu < c->rows ? r0 + c->rpu : c->rows, C = c->cols;
+    double *amax = c->amax + u * C;
+    int64_t *hits = c->hits + u * C, touched = 0;
+    const double t = c->t;
+    for (size_t j = 0; j < C; j++) { amax[j] = 0.0; hits[j] = 0; }
+    for (size_t r = r0; r < r1; r++) {
+        int64_t any = 0;
+        for (size_t j = 0; j < C; j++) {
+            double a = fabs(loadd(c->x, r * C + j, dt));
+            a = a == a ? a : 0.0;
+            int64_t h = a >= t;
+            amax[j] = a > amax[j] ? a : amax[j];
+            hits[j] += h;
+            any |= h;
+        }
+        touched += any != 0;
+    }
+    c->touched[u] = touched;
+}
+
+#define OC_DISPATCH(NAME, ATTR)                                                                 \
+    ATTR static void NAME(const oc_t *c, size_t u) {                                          \
+        switch (c->dt) { case DT_F32: oc_body(c, u, DT_F32, 0); break; case DT_F16: oc_body(c, u, DT_F16, 0); break; \
+                         case DT_BF16: oc_body(c, u, DT_BF16, 0); break; default: oc_body(c, u, DT_F64, 0); break; } \
+    }
+OC_DISPATCH(oc_scalar, )
+#if FP_X86
+OC_DISPATCH(oc_avx2, __attribute__((target("avx2,f16c"))))
+#endif
+
+static void oc_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { oc_avx2((const oc_t *)vc, u); return; }
+#endif
+    oc_scalar((const oc_t *)vc, u);
+}
+
+/* at most this many row ranges (and column arrays): enough to balance the threads of a shared box */
+#define OC_MAX_UNITS 64
+
+static PyObject *py_outlier_census(PyObject *self, PyObject *args) {
+    unsigned long long xp, ap, hp;
+    int dt, want;
+    Py_ssize_t rows, cols;
+    double t;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinndKKi", &xp, &dt, &rows, &cols, &t, &ap, &hp, &want)) return NULL;
+    if (rows <= 0 || cols <= 0 || bad_dt(dt)) {
+        PyErr_Format(PyExc_ValueError, "outlier_census: expected rows, cols > 0 and dtype code 0..3, got %zd, %zd, %d",
+                     rows, cols, dt);
+        return NULL;
+    }
+    size_t R = (size_t)rows, C = (size_t)cols, rpu = C >= UNIT ? 1 : UNIT / C;
+    if ((R + rpu - 1) / rpu > OC_MAX_UNITS) rpu = (R + OC_MAX_UNITS - 1) / OC_MAX_UNITS;
+    size_t units = (R + rpu - 1) / rpu;
+    oc_t c = {(const void *)(uintptr_t)xp, dt, R, C, rpu, t, (double *)malloc(units * C * sizeof(double)),
+              (int64_t *)malloc(units * C * sizeof(int64_t)), (int64_t *)malloc(units * sizeof(int64_t))};
+    if (!c.amax || !c.hits || !c.touched) {
+        free(c.amax); free(c.hits); free(c.touched);
+        return PyErr_NoMemory();
+    }
+    double *amax = (double *)(uintptr_t)ap;
+    int64_t *hits = (int64_t *)(uintptr_t)hp, touched = 0;
+    int nt = pick_threads(R * C, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(oc_work, &c, units, nt);
+    for (size_t j = 0; j < C; j++) { amax[j] = 0.0; hits[j] = 0; }
+    for (size_t u = 0; u < units; u++) {
+        for (size_t j = 0; j < C; j++) {
+            double a = c.amax[u * C + j];
+            amax[j] = a > amax[j] ? a : amax[j];
+            hits[j] += c.hits[u * C + j];
+        }
+        touched += c.touched[u];
+    }
+    Py_END_ALLOW_THREADS
+    free(c.amax); free(c.hits); free(c.touched);
+    return PyLong_FromLongLong((long long)touched);
+}
+
 /* ===================================================================== end of metrics reductions */
 
 static PyMethodDef methods[] = {
@@ -1781,6 +1875,9 @@ static PyMethodDef methods[] = {
     {"tensor_stats", py_tensor_stats, METH_VARARGS,
      "tensor_stats(x_ptr, dtype, n, cols, seg, tiny, lim0, lim1, lim2, hist_lo, nbins, hist_ptr, segmax_ptr, "
      "threads) -> dict; hist int64 [nbins] and segmax float64 [n / cols * ceil(cols / seg)] (zeroed) written."},
+    {"outlier_census", py_outlier_census, METH_VARARGS,
+     "outlier_census(x_ptr, dtype, rows, cols, threshold, amax_ptr, hits_ptr, threads) -> rows touched; writes "
+     "amax float64 [cols] (max |x|, NaN as 0) and hits int64 [cols] (rows with |x| >= threshold)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "fp8probe._fastpath",

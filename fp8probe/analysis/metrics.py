@@ -491,15 +491,20 @@ class OutlierCensus:
             raise ValueError(f"activation must be 2-D [rows, cols], got shape {list(a2.shape)}")
         if a2.shape[0] == 0:
             return
-        x = a2.detach()
-        if x.dtype in (torch.float32, _F64):
-            a, limit = x.abs(), _at_least(self.threshold, x.dtype)
-        else:  # bf16/fp16 (and ints) widened: the comparison must not round the threshold to their grid
-            a, limit = x.to(_F64).abs(), self.threshold
-        a = a.nan_to_num_(nan=0.0, posinf=math.inf)
-        cmax = a.amax(dim=0).to(_F64).cpu()
-        hit = a >= limit
-        crows = hit.sum(dim=0).cpu()
+        c = _cpu.outlier_census(a2, self.threshold)  # one C pass on CPU; else torch below
+        if c is not None:
+            cmax, crows, touched = c
+        else:
+            x = a2.detach()
+            if x.dtype in (torch.float32, _F64):
+                a, limit = x.abs(), _at_least(self.threshold, x.dtype)
+            else:  # bf16/fp16 (and ints) widened: the comparison must not round the threshold to their grid
+                a, limit = x.to(_F64).abs(), self.threshold
+            a = a.nan_to_num_(nan=0.0, posinf=math.inf)
+            cmax = a.amax(dim=0).to(_F64).cpu()
+            hit = a >= limit
+            crows = hit.sum(dim=0).cpu()
+            touched = int(hit.any(dim=1).sum())
         if self.col_amax is None:
             self.col_amax, self.col_rows = cmax, crows
         elif self.col_amax.shape != cmax.shape:
@@ -507,8 +512,8 @@ class OutlierCensus:
         else:
             self.col_amax = torch.maximum(self.col_amax, cmax)
             self.col_rows = crows if self.col_rows is None else self.col_rows + crows
-        self.rows_touched += int(hit.any(dim=1).sum())
-        self.rows += a.shape[0]
+        self.rows_touched += touched
+        self.rows += a2.shape[0]
 
     def merge(self, other: OutlierCensus) -> OutlierCensus:
         """A new census equal to having seen both inputs (same threshold required)."""

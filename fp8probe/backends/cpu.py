@@ -482,3 +482,22 @@ def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, floa
                               _threads(xc.numel()))
     out["hist"], out["segmax"] = hist, segmax
     return out
+
+
+def outlier_census(a2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(col_amax float64 [cols], col_hits int64 [cols], rows_touched) of activations ``a2`` [rows, cols] in one pass.
+
+    col_amax: max |x| per column with NaN read as 0 and ±Inf as Inf; col_hits: rows with |x| ≥ threshold
+    per column (decided in float64, i.e. in real numbers: every value and the threshold are exact there);
+    rows_touched: rows holding any such element. None when the C path does not apply (as ``error_sums``).
+    """
+    if a2.dim() != 2:
+        raise ValueError(f"expected a 2-D activation [rows, cols], got shape {list(a2.shape)}")
+    if not _sums_apply(a2):
+        return None
+    xc = a2.detach().contiguous()
+    rows, cols = xc.shape
+    amax, hits = torch.empty(cols, dtype=torch.float64), torch.empty(cols, dtype=torch.int64)
+    touched = _ext().outlier_census(xc.data_ptr(), _SUM_DT[xc.dtype], rows, cols, float(threshold), amax.data_ptr(),
+                                    hits.data_ptr(), _threads(xc.numel()))
+    return amax, hits, touched

@@ -15,7 +15,7 @@ import torch
 
 import fp8probe.analysis.metrics as M
 from fp8probe.analysis.metrics import (BLOCK, LOG2_HI, LOG2_LO, RAW_LIMITS, ErrorAccumulator, OperandAccumulator,
-                                       TensorStats)
+                                       OutlierCensus, TensorStats)
 from fp8probe.backends import cpu
 
 F64 = torch.float64
@@ -248,6 +248,26 @@ def test_tensor_stats_degenerate_tensors(case: str, isa: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# outlier_census
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (257, 300), (1500, 100), (5, 70001)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 6.1, 1e-30, 1e30, math.inf])
+def test_outlier_census_matches_torch(shape: tuple[int, int], dtype: torch.dtype, threshold: float, isa: str) -> None:
+    rows, cols = shape
+    x = _values(rows * cols, dtype, seed=rows + cols).view(rows, cols)
+    if x.numel() > 4:  # the dtype neighbours of 6.1 on both sides
+        below = torch.tensor(6.1, dtype=F64).to(dtype)
+        below = below if float(below) < 6.1 else torch.nextafter(below, torch.tensor(0.0, dtype=dtype))
+        x.view(-1)[:2] = torch.stack([below, torch.nextafter(below, torch.tensor(math.inf, dtype=dtype))])
+    amax, hits, touched = cpu.outlier_census(x, threshold)
+    a = x.to(F64).abs().nan_to_num(nan=0.0, posinf=math.inf)
+    hit = a >= threshold  # float64 holds every value and the threshold exactly: the real-number comparison
+    assert torch.equal(amax, a.amax(dim=0)) and amax.dtype == F64
+    assert torch.equal(hits, hit.sum(dim=0)) and touched == int(hit.any(dim=1).sum())
+
+
+# --------------------------------------------------------------------------------------------
 # the accumulators: C path vs torch path
 # --------------------------------------------------------------------------------------------
 class _NoExtensionCalls:
@@ -266,6 +286,7 @@ def _both_paths(fn, monkeypatch: pytest.MonkeyPatch):
         m.setattr(M, "_dots", boom)
         m.setattr(M, "_as_f64", boom)
         m.setattr(M, "_log2_counts", boom)
+        m.setattr(M, "_at_least", boom)
         c_result = fn()
     with monkeypatch.context() as m:
         m.setenv("FP8PROBE_BACKEND", "reference")
@@ -298,12 +319,14 @@ def test_accumulators_agree_on_both_paths(dtype: torch.dtype, specials: bool, mo
 
     def run():
         e, o, om, s = ErrorAccumulator(), OperandAccumulator(), OperandAccumulator(), TensorStats()
+        census = OutlierCensus(6.1)
         for _ in range(2):  # two batches: merged like batches and ranks are
             e.update(ref, lp)
             o.update(x, q)
             om.update(x, q, x.float().abs() > 100)
             s.update(x)
-        return vars(e), vars(o), vars(om), vars(s)
+            census.update(x)
+        return vars(e), vars(o), vars(om), vars(s), vars(census)
 
     c_result, torch_result = _both_paths(run, monkeypatch)
     for c, t in zip(c_result, torch_result):
@@ -316,7 +339,7 @@ def test_torch_path_stays_for_reference_backend(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
     x = torch.randn(10, 10)
     assert cpu.error_sums(x, x) is None and cpu.operand_sums(x, x, None) is None
-    assert cpu.tensor_stats(x, 1e-38, LIMITS, BLOCK, LOG2_LO, 64) is None
+    assert cpu.tensor_stats(x, 1e-38, LIMITS, BLOCK, LOG2_LO, 64) is None and cpu.outlier_census(x, 6.0) is None
 
 
 @pytest.mark.parametrize("bad", ["numel", "dim"])
