@@ -1278,6 +1278,8 @@ INLINE double loadd(const void *p, size_t i, int dt) {
     return (double)load1(p, i, dt);
 }
 
+INLINE uint64_t f2u_d(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+
 /* finite as one compare (NaN compares false), so the loops stay branch-free and vectorise */
 INLINE int fin_d(double v) { return fabs(v) <= 0x1.fffffffffffffp+1023; }
 
@@ -1349,11 +1351,12 @@ INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
     c->ucount[3 * u] = cnt; c->ucount[3 * u + 1] = nonfin; c->ucount[3 * u + 2] = excl;
 }
 
-#define ES_DISPATCH(NAME, ATTR)                                                                 \
-    ATTR static void NAME(const es_t *c, size_t u) { DT_PAIR(es_body, c->rdt, c->qdt) }
-ES_DISPATCH(es_scalar, )
+/* The AVX2 entry points end with _mm256_zeroupper(), as the quantisers do (see "quantise: AVX2"). */
+#define ES_DISPATCH(NAME, ATTR, END)                                                            \
+    ATTR static void NAME(const es_t *c, size_t u) { DT_PAIR(es_body, c->rdt, c->qdt) END }
+ES_DISPATCH(es_scalar, , )
 #if FP_X86
-ES_DISPATCH(es_avx2, __attribute__((target("avx2,f16c"))))
+ES_DISPATCH(es_avx2, AVX2, _mm256_zeroupper();)
 #endif
 
 static void es_work(void *vc, size_t u) {
@@ -1414,13 +1417,15 @@ typedef struct {
 
 INLINE void os_qmax_body(const os_t *c, size_t u, int xdt, int qdt) {
     size_t lo = u * UNIT, hi = lo + UNIT < c->n ? lo + UNIT : c->n;
-    double m = 0.0;
+    int64_t m = 0; /* max of the bit patterns of |q| (non-negative doubles order like them): vectorises */
     for (size_t i = lo; i < hi; i++) {
-        double x = loadd(c->x, i, xdt), q = loadd(c->q, i, qdt), aq = fabs(q);
-        aq = fin_d(x) & fin_d(q) ? aq : 0.0;
-        m = aq > m ? aq : m;
+        double x = loadd(c->x, i, xdt), q = loadd(c->q, i, qdt);
+        int64_t bits = fin_d(x) & fin_d(q) ? (int64_t)f2u_d(fabs(q)) : 0;
+        m = bits > m ? bits : m;
     }
-    c->uqmax[u] = m;
+    double d;
+    memcpy(&d, &m, 8);
+    c->uqmax[u] = d;
 }
 
 INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
@@ -1463,13 +1468,13 @@ INLINE void os_body(const os_t *c, size_t u, int xdt, int qdt) {
     else os_body_s(c, u, xdt, qdt, 0);
 }
 
-#define OS_DISPATCH(NAME, BODY, ATTR)                                                           \
-    ATTR static void NAME(const os_t *c, size_t u) { DT_PAIR(BODY, c->xdt, c->qdt) }
-OS_DISPATCH(os_scalar, os_body, )
-OS_DISPATCH(osq_scalar, os_qmax_body, )
+#define OS_DISPATCH(NAME, BODY, ATTR, END)                                                      \
+    ATTR static void NAME(const os_t *c, size_t u) { DT_PAIR(BODY, c->xdt, c->qdt) END }
+OS_DISPATCH(os_scalar, os_body, , )
+OS_DISPATCH(osq_scalar, os_qmax_body, , )
 #if FP_X86
-OS_DISPATCH(os_avx2, os_body, __attribute__((target("avx2,f16c"))))
-OS_DISPATCH(osq_avx2, os_qmax_body, __attribute__((target("avx2,f16c"))))
+OS_DISPATCH(os_avx2, os_body, AVX2, _mm256_zeroupper();)
+OS_DISPATCH(osq_avx2, os_qmax_body, AVX2, _mm256_zeroupper();)
 #endif
 
 static void os_work(void *vc, size_t u) {
@@ -1550,8 +1555,6 @@ static void atomic_max_bits(uint64_t *p, uint64_t v) {
     while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
 }
-
-INLINE uint64_t f2u_d(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
 
 INLINE int log2_floor(double a) { /* a > 0 finite */
     int eb = (int)((f2u_d(a) >> 52) & 0x7ff);
@@ -1663,16 +1666,17 @@ INLINE void ts2_body(const ts_t *c, size_t u, int dt, int unused) {
     }
 }
 
-#define TS_DISPATCH(NAME, BODY, ATTR)                                                           \
+#define TS_DISPATCH(NAME, BODY, ATTR, END)                                                      \
     ATTR static void NAME(const ts_t *c, size_t u) {                                          \
         switch (c->dt) { case DT_F32: BODY(c, u, DT_F32, 0); break; case DT_F16: BODY(c, u, DT_F16, 0); break; \
                          case DT_BF16: BODY(c, u, DT_BF16, 0); break; default: BODY(c, u, DT_F64, 0); break; } \
+        END                                                                                    \
     }
-TS_DISPATCH(ts1_scalar, ts1_body, )
-TS_DISPATCH(ts2_scalar, ts2_body, )
+TS_DISPATCH(ts1_scalar, ts1_body, , )
+TS_DISPATCH(ts2_scalar, ts2_body, , )
 #if FP_X86
-TS_DISPATCH(ts1_avx2, ts1_body, __attribute__((target("avx2,f16c"))))
-TS_DISPATCH(ts2_avx2, ts2_body, __attribute__((target("avx2,f16c"))))
+TS_DISPATCH(ts1_avx2, ts1_body, AVX2, _mm256_zeroupper();)
+TS_DISPATCH(ts2_avx2, ts2_body, AVX2, _mm256_zeroupper();)
 #endif
 
 static void ts1_work(void *vc, size_t u) {
@@ -1775,14 +1779,15 @@ INLINE void oc_body(const oc_t *c, size_t u, int dt, int unused) {
     c->touched[u] = touched;
 }
 
-#define OC_DISPATCH(NAME, ATTR)                                                                 \
+#define OC_DISPATCH(NAME, ATTR, END)                                                            \
     ATTR static void NAME(const oc_t *c, size_t u) {                                          \
         switch (c->dt) { case DT_F32: oc_body(c, u, DT_F32, 0); break; case DT_F16: oc_body(c, u, DT_F16, 0); break; \
                          case DT_BF16: oc_body(c, u, DT_BF16, 0); break; default: oc_body(c, u, DT_F64, 0); break; } \
+        END                                                                                    \
     }
-OC_DISPATCH(oc_scalar, )
+OC_DISPATCH(oc_scalar, , )
 #if FP_X86
-OC_DISPATCH(oc_avx2, __attribute__((target("avx2,f16c"))))
+OC_DISPATCH(oc_avx2, AVX2, _mm256_zeroupper();)
 #endif
 
 static void oc_work(void *vc, size_t u) {
