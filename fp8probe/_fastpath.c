@@ -1252,9 +1252,10 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
 
 /* ========================================================================= metrics reductions
  * Part "metrics in one C pass" (fp8probe/analysis/metrics.py through backends/cpu.py): the sums,
- * counts and extremes of ErrorAccumulator, OperandAccumulator and TensorStats, each in one pass over
- * the tensors (TensorStats: two, the central moments need the mean first) instead of ~10 torch passes
- * with float64 temporaries.
+ * counts and extremes of ErrorAccumulator, OperandAccumulator, TensorStats and OutlierCensus, each in
+ * one pass over the tensors (TensorStats: two, the central moments need the mean first;
+ * OperandAccumulator without a mask: two, |x| > max|q| needs the max first) instead of ~10 torch
+ * passes with float64 temporaries.
  *
  * Inputs are read as doubles: float32/fp16/bf16 widen exactly (load1 then a float->double
  * conversion), float64 (DT_F64) is read as is. Products and differences are formed in double.
@@ -1554,11 +1555,6 @@ static void atomic_max_bits(uint64_t *p, uint64_t v) {
     uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
-}
-
-INLINE int log2_floor(double a) { /* a > 0 finite */
-    int eb = (int)((f2u_d(a) >> 52) & 0x7ff);
-    return eb ? eb - 1023 : ilogb(a);
 }
 
 INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
