@@ -1446,7 +1446,7 @@ INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
         int okx = fin_d(x), okq = fin_d(q), ok = okx & okq, nz = okx & (x != 0.0);             \
         double x0 = ok ? x : 0.0, e = x0 - (ok ? q : 0.0);                                     \
         x2[K] += x0 * x0; e2[K] += e * e;                                                      \
-        int s = has_sat ? sat[I] != 0 : fabs(x) > qmax;                                        \
+        int s = has_sat ? 0 : fabs(x) > qmax; /* a mask is counted below */                   \
         cn[0][K] += okx; cn[1][K] += nz; cn[2][K] += nz & (q == 0.0); cn[3][K] += okx & s;     \
         cn[5][K] += okx & !okq;                                                                \
     }
@@ -1456,6 +1456,17 @@ INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
 #undef OS_ELEM
         c->slot[b * OS_K] = lanes_combine(x2);
         c->slot[b * OS_K + 1] = lanes_combine(e2);
+        int64_t fin_x = 0;
+        for (int k = 0; k < SUM_LANES; k++) fin_x += cn[0][k];
+        if (has_sat) {
+            /* the mask in a loop of its own (bytes only: vectorises; inside the loop above it kept
+             * that loop scalar), minus the masked NaN/Inf x, which only a block holding one has */
+            uint32_t ns = 0;
+            for (size_t j = lo; j < hi; j++) ns += sat[j] != 0;
+            if (fin_x != (int64_t)(hi - lo))
+                for (size_t j = lo; j < hi; j++) ns -= (sat[j] != 0) & !fin_d(loadd(c->x, j, xdt));
+            tot[3] += ns;
+        }
         for (int j = 0; j < OS_C; j++)
             for (int k = 0; k < SUM_LANES; k++) tot[j] += cn[j][k];
         tot[4] += (int64_t)(hi - lo);
