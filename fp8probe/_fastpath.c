@@ -1250,6 +1250,605 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
     return PyLong_FromLong(c.bad);
 }
 
+/* ========================================================================= metrics reductions
+ * Part "metrics in one C pass" (fp8probe/analysis/metrics.py through backends/cpu.py): the sums,
+ * counts and extremes of ErrorAccumulator, OperandAccumulator, TensorStats and OutlierCensus, each in
+ * one pass over the tensors (TensorStats: two, the central moments need the mean first;
+ * OperandAccumulator without a mask: two, |x| > max|q| needs the max first) instead of ~10 torch
+ * passes with float64 temporaries.
+ *
+ * Inputs are read as doubles: float32/fp16/bf16 widen exactly (load1 then a float->double
+ * conversion), float64 (DT_F64) is read as is. Products and differences are formed in double.
+ *
+ * Deterministic float64 sums (the same bits for any thread count or SIMD path): the flat index
+ * range 0..n-1 is cut into consecutive blocks of SUM_BLOCK = 8192 elements (the last one partial);
+ * inside a block 8 double lanes, element i (block-relative) added to lane i % 8 in index order;
+ * at the end of the block the lanes combine as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)); the block
+ * results are added in block order into a double starting at 0.0 (threads compute blocks into
+ * per-block slots, the combine runs after the join). An element that a sum leaves out (a NaN/Inf,
+ * or a pair with one) adds +0.0 to its lane, which changes no lane (lanes start at +0.0 and a
+ * round-to-nearest sum is -0.0 only when both terms are), so "left out" and "adds zero" are the
+ * same bits. max/min/counts are order-free. */
+#define SUM_BLOCK ((size_t)8192)
+#define SUM_LANES 8
+#define BLOCKS_PER_UNIT (UNIT / SUM_BLOCK)
+#define DT_F64 3
+
+INLINE double loadd(const void *p, size_t i, int dt) {
+    if (dt == DT_F64) return ((const double *)p)[i];
+    return (double)load1(p, i, dt);
+}
+
+INLINE uint64_t f2u_d(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+
+/* finite as one compare (NaN compares false), so the loops stay branch-free and vectorise */
+INLINE int fin_d(double v) { return fabs(v) <= 0x1.fffffffffffffp+1023; }
+
+INLINE double lanes_combine(const double *l) {
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/* Σ over blocks in block order: slot[b * stride + k] for b = 0..nb-1 */
+static double blocks_total(const double *slot, size_t nb, size_t stride, size_t k) {
+    double t = 0.0;
+    for (size_t b = 0; b < nb; b++) t += slot[b * stride + k];
+    return t;
+}
+
+static size_t n_sum_blocks(size_t n) { return (n + SUM_BLOCK - 1) / SUM_BLOCK; }
+
+/* Dispatch BODY(c, u, dt_a, dt_b) on two dtype codes, so each of the 16 pairs is compiled with
+ * constant dtypes (the loads inline to one conversion). */
+#define DT_INNER(BODY, A, dtb)                                                                  \
+    switch (dtb) { case DT_F32: BODY(c, u, A, DT_F32); break; case DT_F16: BODY(c, u, A, DT_F16); break; \
+                   case DT_BF16: BODY(c, u, A, DT_BF16); break; default: BODY(c, u, A, DT_F64); break; }
+#define DT_PAIR(BODY, dta, dtb)                                                                 \
+    switch (dta) { case DT_F32: DT_INNER(BODY, DT_F32, dtb) break; case DT_F16: DT_INNER(BODY, DT_F16, dtb) break; \
+                   case DT_BF16: DT_INNER(BODY, DT_BF16, dtb) break; default: DT_INNER(BODY, DT_F64, dtb) break; }
+
+/* ------------------------------------------------------------------ error_sums (ErrorAccumulator) */
+#define ES_K 4 /* Σr², Σ(r-q)², Σq², Σr·q */
+typedef struct {
+    const void *r, *q; int rdt, qdt; size_t n;
+    double *slot;                 /* [blocks][ES_K] */
+    double *umax;                 /* [units] max |r-q| */
+    int64_t *ucount;              /* [units][3]: compared, nonfinite, excluded */
+} es_t;
+
+INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
+    size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
+    size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
+    double mx = 0.0;
+    int64_t cnt = 0, nonfin = 0, excl = 0;
+    for (size_t b = b0; b < b1; b++) {
+        size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
+        double r2[SUM_LANES] = {0}, e2[SUM_LANES] = {0}, q2[SUM_LANES] = {0}, rq[SUM_LANES] = {0};
+        double lmx[SUM_LANES] = {0};
+        int64_t lok[SUM_LANES] = {0}, lokr[SUM_LANES] = {0};
+        size_t i = lo;
+#define ES_ELEM(I, K)                                                                          \
+    {                                                                                          \
+        double r = loadd(c->r, (I), rdt), q = loadd(c->q, (I), qdt);                           \
+        int okr = fin_d(r), ok = okr & fin_d(q);                                               \
+        double r0 = ok ? r : 0.0, q0 = ok ? q : 0.0, e = r0 - q0, ae = fabs(e);                \
+        r2[K] += r0 * r0; e2[K] += e * e; q2[K] += q0 * q0; rq[K] += r0 * q0;                  \
+        lmx[K] = ae > lmx[K] ? ae : lmx[K];                                                    \
+        lok[K] += ok; lokr[K] += okr;                                                          \
+    }
+        for (; i + SUM_LANES <= hi; i += SUM_LANES)
+            for (int k = 0; k < SUM_LANES; k++) ES_ELEM(i + k, k)
+        for (int k = 0; i < hi; i++, k++) ES_ELEM(i, k)
+#undef ES_ELEM
+        double *s = c->slot + b * ES_K;
+        s[0] = lanes_combine(r2); s[1] = lanes_combine(e2); s[2] = lanes_combine(q2); s[3] = lanes_combine(rq);
+        int64_t ok = 0, okr = 0;
+        for (int k = 0; k < SUM_LANES; k++) {
+            mx = lmx[k] > mx ? lmx[k] : mx;
+            ok += lok[k]; okr += lokr[k];
+        }
+        cnt += ok; nonfin += okr - ok; excl += (int64_t)(hi - lo) - okr;
+    }
+    c->umax[u] = mx;
+    c->ucount[3 * u] = cnt; c->ucount[3 * u + 1] = nonfin; c->ucount[3 * u + 2] = excl;
+}
+
+/* The AVX2 entry points end with _mm256_zeroupper(), as the quantisers do (see "quantise: AVX2"). */
+#define ES_DISPATCH(NAME, ATTR, END)                                                            \
+    ATTR static void NAME(const es_t *c, size_t u) { DT_PAIR(es_body, c->rdt, c->qdt) END }
+ES_DISPATCH(es_scalar, , )
+#if FP_X86
+ES_DISPATCH(es_avx2, AVX2, _mm256_zeroupper();)
+#endif
+
+static void es_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { es_avx2((const es_t *)vc, u); return; }
+#endif
+    es_scalar((const es_t *)vc, u);
+}
+
+static int bad_dt(int dt) { return dt < DT_F32 || dt > DT_F64; }
+
+static PyObject *py_error_sums(PyObject *self, PyObject *args) {
+    unsigned long long rp, qp;
+    int rdt, qdt, want;
+    Py_ssize_t n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiKini", &rp, &rdt, &qp, &qdt, &n, &want)) return NULL;
+    if (n <= 0 || bad_dt(rdt) || bad_dt(qdt)) {
+        PyErr_Format(PyExc_ValueError, "error_sums: expected n > 0 and dtype codes 0..3, got n=%zd, dtypes %d, %d",
+                     n, rdt, qdt);
+        return NULL;
+    }
+    size_t nb = n_sum_blocks((size_t)n), units = (nb + BLOCKS_PER_UNIT - 1) / BLOCKS_PER_UNIT;
+    es_t c = {(const void *)(uintptr_t)rp, (const void *)(uintptr_t)qp, rdt, qdt, (size_t)n,
+              (double *)malloc(nb * ES_K * sizeof(double)), (double *)malloc(units * sizeof(double)),
+              (int64_t *)malloc(units * 3 * sizeof(int64_t))};
+    if (!c.slot || !c.umax || !c.ucount) {
+        free(c.slot); free(c.umax); free(c.ucount);
+        return PyErr_NoMemory();
+    }
+    int nt = pick_threads((size_t)n, want);
+    double s[ES_K], mx = 0.0;
+    int64_t cnt[3] = {0, 0, 0};
+    Py_BEGIN_ALLOW_THREADS
+    run_units(es_work, &c, units, nt);
+    for (int k = 0; k < ES_K; k++) s[k] = blocks_total(c.slot, nb, ES_K, (size_t)k);
+    for (size_t u = 0; u < units; u++) {
+        mx = c.umax[u] > mx ? c.umax[u] : mx;
+        for (int k = 0; k < 3; k++) cnt[k] += c.ucount[3 * u + k];
+    }
+    Py_END_ALLOW_THREADS
+    free(c.slot); free(c.umax); free(c.ucount);
+    return Py_BuildValue("(dddddLLL)", s[0], s[1], s[2], s[3], mx, (long long)cnt[0], (long long)cnt[1],
+                         (long long)cnt[2]);
+}
+
+/* -------------------------------------------------------------- operand_sums (OperandAccumulator) */
+#define OS_K 2 /* Σx², Σ(x-q)² over pairs where both are finite */
+#define OS_C 6 /* finite x, non-zero finite x, underflow, saturated, excluded x, finite x with q not */
+typedef struct {
+    const void *x, *q; int xdt, qdt; size_t n;
+    const uint8_t *sat;           /* saturation mask, or NULL: |x| > qmax */
+    double qmax;
+    double *slot;                 /* [blocks][OS_K] */
+    int64_t *ucount;              /* [units][OS_C] */
+    double *uqmax;                /* [units] max |q| over finite pairs (phase 1) */
+} os_t;
+
+INLINE void os_qmax_body(const os_t *c, size_t u, int xdt, int qdt) {
+    size_t lo = u * UNIT, hi = lo + UNIT < c->n ? lo + UNIT : c->n;
+    int64_t m = 0; /* max of the bit patterns of |q| (non-negative doubles order like them): vectorises */
+    for (size_t i = lo; i < hi; i++) {
+        double x = loadd(c->x, i, xdt), q = loadd(c->q, i, qdt);
+        int64_t bits = fin_d(x) & fin_d(q) ? (int64_t)f2u_d(fabs(q)) : 0;
+        m = bits > m ? bits : m;
+    }
+    double d;
+    memcpy(&d, &m, 8);
+    c->uqmax[u] = d;
+}
+
+INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
+    size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
+    size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
+    int64_t tot[OS_C] = {0};
+    const uint8_t *sat = c->sat;
+    const double qmax = c->qmax;
+    for (size_t b = b0; b < b1; b++) {
+        size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
+        double x2[SUM_LANES] = {0}, e2[SUM_LANES] = {0};
+        int64_t cn[OS_C][SUM_LANES] = {{0}};
+        size_t i = lo;
+#define OS_ELEM(I, K)                                                                          \
+    {                                                                                          \
+        double x = loadd(c->x, (I), xdt), q = loadd(c->q, (I), qdt);                           \
+        int okx = fin_d(x), okq = fin_d(q), ok = okx & okq, nz = okx & (x != 0.0);             \
+        double x0 = ok ? x : 0.0, e = x0 - (ok ? q : 0.0);                                     \
+        x2[K] += x0 * x0; e2[K] += e * e;                                                      \
+        int s = has_sat ? 0 : fabs(x) > qmax; /* a mask is counted below */                   \
+        cn[0][K] += okx; cn[1][K] += nz; cn[2][K] += nz & (q == 0.0); cn[3][K] += okx & s;     \
+        cn[5][K] += okx & !okq;                                                                \
+    }
+        for (; i + SUM_LANES <= hi; i += SUM_LANES)
+            for (int k = 0; k < SUM_LANES; k++) OS_ELEM(i + k, k)
+        for (int k = 0; i < hi; i++, k++) OS_ELEM(i, k)
+#undef OS_ELEM
+        c->slot[b * OS_K] = lanes_combine(x2);
+        c->slot[b * OS_K + 1] = lanes_combine(e2);
+        int64_t fin_x = 0;
+        for (int k = 0; k < SUM_LANES; k++) fin_x += cn[0][k];
+        if (has_sat) {
+            /* the mask in a loop of its own (bytes only: vectorises; inside the loop above it kept
+             * that loop scalar), minus the masked NaN/Inf x, which only a block holding one has */
+            uint32_t ns = 0;
+            for (size_t j = lo; j < hi; j++) ns += sat[j] != 0;
+            if (fin_x != (int64_t)(hi - lo))
+                for (size_t j = lo; j < hi; j++) ns -= (sat[j] != 0) & !fin_d(loadd(c->x, j, xdt));
+            tot[3] += ns;
+        }
+        for (int j = 0; j < OS_C; j++)
+            for (int k = 0; k < SUM_LANES; k++) tot[j] += cn[j][k];
+        tot[4] += (int64_t)(hi - lo);
+    }
+    tot[4] -= tot[0]; /* excluded = elements - finite x */
+    for (int j = 0; j < OS_C; j++) c->ucount[u * OS_C + j] = tot[j];
+}
+
+INLINE void os_body(const os_t *c, size_t u, int xdt, int qdt) {
+    if (c->sat) os_body_s(c, u, xdt, qdt, 1);
+    else os_body_s(c, u, xdt, qdt, 0);
+}
+
+#define OS_DISPATCH(NAME, BODY, ATTR, END)                                                      \
+    ATTR static void NAME(const os_t *c, size_t u) { DT_PAIR(BODY, c->xdt, c->qdt) END }
+OS_DISPATCH(os_scalar, os_body, , )
+OS_DISPATCH(osq_scalar, os_qmax_body, , )
+#if FP_X86
+OS_DISPATCH(os_avx2, os_body, AVX2, _mm256_zeroupper();)
+OS_DISPATCH(osq_avx2, os_qmax_body, AVX2, _mm256_zeroupper();)
+#endif
+
+static void os_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { os_avx2((const os_t *)vc, u); return; }
+#endif
+    os_scalar((const os_t *)vc, u);
+}
+
+static void osq_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { osq_avx2((const os_t *)vc, u); return; }
+#endif
+    osq_scalar((const os_t *)vc, u);
+}
+
+static PyObject *py_operand_sums(PyObject *self, PyObject *args) {
+    unsigned long long xp, qp, sp;
+    int xdt, qdt, want;
+    Py_ssize_t n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiKiKni", &xp, &xdt, &qp, &qdt, &sp, &n, &want)) return NULL;
+    if (n <= 0 || bad_dt(xdt) || bad_dt(qdt)) {
+        PyErr_Format(PyExc_ValueError, "operand_sums: expected n > 0 and dtype codes 0..3, got n=%zd, dtypes %d, %d",
+                     n, xdt, qdt);
+        return NULL;
+    }
+    size_t nb = n_sum_blocks((size_t)n), units = ((size_t)n + UNIT - 1) / UNIT;
+    os_t c = {(const void *)(uintptr_t)xp, (const void *)(uintptr_t)qp, xdt, qdt, (size_t)n,
+              (const uint8_t *)(uintptr_t)sp, 0.0, (double *)malloc(nb * OS_K * sizeof(double)),
+              (int64_t *)malloc(units * OS_C * sizeof(int64_t)), (double *)malloc(units * sizeof(double))};
+    if (!c.slot || !c.ucount || !c.uqmax) {
+        free(c.slot); free(c.ucount); free(c.uqmax);
+        return PyErr_NoMemory();
+    }
+    int nt = pick_threads((size_t)n, want);
+    double s[OS_K];
+    int64_t cnt[OS_C] = {0};
+    Py_BEGIN_ALLOW_THREADS
+    if (c.sat == NULL) {
+        run_units(osq_work, &c, units, nt);
+        for (size_t u = 0; u < units; u++) c.qmax = c.uqmax[u] > c.qmax ? c.uqmax[u] : c.qmax;
+    }
+    run_units(os_work, &c, units, nt);
+    for (int k = 0; k < OS_K; k++) s[k] = blocks_total(c.slot, nb, OS_K, (size_t)k);
+    for (size_t u = 0; u < units; u++)
+        for (int k = 0; k < OS_C; k++) cnt[k] += c.ucount[u * OS_C + k];
+    Py_END_ALLOW_THREADS
+    free(c.slot); free(c.ucount); free(c.uqmax);
+    return Py_BuildValue("(ddLLLLLL)", s[0], s[1], (long long)cnt[0], (long long)cnt[1], (long long)cnt[2],
+                         (long long)cnt[3], (long long)cnt[4], (long long)cnt[5]);
+}
+
+/* -------------------------------------------------------------------- tensor_stats (TensorStats) */
+/* Phase 1: Σx (finite x, deterministic order), the special-value counts, finite amax and smallest
+ * non-zero |x|, the log2 histogram (floor(log2|x|) from the double's exponent field: exact, and
+ * float32 subnormals are normal doubles; float64 subnormals go through ilogb) and the absmax of every
+ * 1 x seg row segment of the [rows, cols] view (NaN/Inf count as 0). Phase 2: with mean = Σx / n
+ * (double), the central power sums Σd², Σd²·d, Σd²·d² of d = x - mean (double, d² = d·d). */
+#define TS_NLIM 3
+#define TS_C (5 + TS_NLIM + 1) /* nan, +inf, -inf, zeros, subnormal, over limit j, finite */
+#define TS_MAXBINS 255 /* bins are uint8 indices, nbins itself the spare bin */
+#define TS_SUBH 4
+typedef struct {
+    const void *x; int dt; size_t n, cols, seg, nseg;
+    double tiny, lim[TS_NLIM]; int hlo, nbins;
+    double mean;
+    double *slot;       /* [blocks][4]: Σx (phase 1); Σd², Σd³, Σd⁴ (phase 2) */
+    int64_t *ucount;    /* [units][TS_C] */
+    double *uamax, *umin;
+    int64_t *uhist;     /* [units][nbins] */
+    uint64_t *segmax;   /* [rows * nseg]: bits of the (non-negative double) segment absmax, zeroed by the caller */
+} ts_t;
+
+/* max into a non-negative double held as its bits (non-negative doubles order like their bits) */
+static void atomic_max_bits(uint64_t *p, uint64_t v) {
+    uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
+    (void)unused;
+    size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
+    size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
+    int64_t tot[TS_C] = {0};
+    int64_t *hist = c->uhist + u * (size_t)c->nbins;
+    const double tiny = c->tiny, l0 = c->lim[0], l1 = c->lim[1], l2 = c->lim[2];
+    const int hlo = c->hlo, hhi = c->hlo + c->nbins - 1;
+    const int nbins = c->nbins;
+    double amax = 0.0, mn = INFINITY;
+    uint32_t sub[TS_SUBH][TS_MAXBINS + 1]; /* a unit has 65536 elements: uint32 counts cannot overflow */
+    uint8_t bin[SUM_BLOCK];
+    memset(sub, 0, sizeof(sub));
+    for (int j = 0; j < nbins; j++) hist[j] = 0;
+    for (size_t b = b0; b < b1; b++) {
+        size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
+        double sx[SUM_LANES] = {0}, lmx[SUM_LANES] = {0};
+        double lmn[SUM_LANES] = {INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY};
+        int64_t cn[TS_C][SUM_LANES] = {{0}};
+        size_t i = lo;
+#define TS_ELEM(I, K)                                                                          \
+    {                                                                                          \
+        double v = loadd(c->x, (I), dt), a = fabs(v);                                          \
+        int fin = fin_d(v), nzf = fin & (a > 0.0);                                             \
+        sx[K] += fin ? v : 0.0;                                                                \
+        double a0 = fin ? a : 0.0, am = nzf ? a : INFINITY;                                    \
+        lmx[K] = a0 > lmx[K] ? a0 : lmx[K];                                                    \
+        lmn[K] = am < lmn[K] ? am : lmn[K];                                                    \
+        cn[0][K] += v != v; cn[1][K] += v == INFINITY; cn[2][K] += v == -INFINITY;             \
+        cn[3][K] += a == 0.0; cn[4][K] += nzf & (a < tiny);                                    \
+        cn[5][K] += fin & (a > l0); cn[6][K] += fin & (a > l1); cn[7][K] += fin & (a > l2);    \
+        cn[8][K] += fin;                                                                       \
+    }
+        for (; i + SUM_LANES <= hi; i += SUM_LANES)
+            for (int k = 0; k < SUM_LANES; k++) TS_ELEM(i + k, k)
+        for (int k = 0; i < hi; i++, k++) TS_ELEM(i, k)
+#undef TS_ELEM
+        c->slot[b * 4] = lanes_combine(sx);
+        for (int k = 0; k < SUM_LANES; k++) {
+            amax = lmx[k] > amax ? lmx[k] : amax;
+            mn = lmn[k] < mn ? lmn[k] : mn;
+            for (int j = 0; j < TS_C; j++) tot[j] += cn[j][k];
+        }
+        /* histogram and row-segment absmaxes: the block again (in cache). The bin of each element
+         * first (vectorised: an element that is not counted goes to the spare bin nbins), then the
+         * increments, element i into sub-histogram i % TS_SUBH so that runs of one bin (most values
+         * share a few binades) do not wait on the previous increment of the same counter. */
+        for (size_t j = lo; j < hi; j++) {
+            double a = fabs(loadd(c->x, j, dt));
+            int ok = fin_d(a) & (a > 0.0);
+            /* float32/fp16/bf16 values are normal doubles: the exponent field is exact; float64
+             * subnormals need ilogb */
+            int e = (int)((f2u_d(a) >> 52) & 0x7ff) - 1023;
+            if (dt == DT_F64 && e == -1023 && ok) e = ilogb(a);
+            e = e < hlo ? hlo : e > hhi ? hhi : e;
+            bin[j - lo] = (uint8_t)(ok ? e - hlo : nbins);
+        }
+        size_t m8 = (hi - lo) & ~(size_t)(TS_SUBH - 1);
+        for (size_t j = 0; j < m8; j += TS_SUBH)
+            for (int h = 0; h < TS_SUBH; h++) sub[h][bin[j + h]]++;
+        for (size_t j = m8; j < hi - lo; j++) sub[0][bin[j]]++;
+        /* row-segment absmax pieces: a max of the bit patterns (non-negative doubles order like them) */
+        for (i = lo; i < hi;) {
+            size_t row = i / c->cols, col = i - row * c->cols, sg = col / c->seg;
+            size_t send = (sg + 1) * c->seg < c->cols ? (sg + 1) * c->seg : c->cols;
+            size_t pe = i + (send - col) < hi ? i + (send - col) : hi;
+            int64_t m = 0;
+            for (; i < pe; i++) {
+                double a = fabs(loadd(c->x, i, dt));
+                int64_t bits = fin_d(a) ? (int64_t)f2u_d(a) : 0;
+                m = bits > m ? bits : m;
+            }
+            if (m) atomic_max_bits(c->segmax + row * c->nseg + sg, (uint64_t)m);
+        }
+    }
+    for (int j = 0; j < nbins; j++)
+        for (int h = 0; h < TS_SUBH; h++) hist[j] += sub[h][j];
+    for (int j = 0; j < TS_C; j++) c->ucount[u * TS_C + j] = tot[j];
+    c->uamax[u] = amax;
+    c->umin[u] = mn;
+}
+
+INLINE void ts2_body(const ts_t *c, size_t u, int dt, int unused) {
+    (void)unused;
+    size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
+    size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
+    const double mean = c->mean;
+    for (size_t b = b0; b < b1; b++) {
+        size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
+        double m2[SUM_LANES] = {0}, m3[SUM_LANES] = {0}, m4[SUM_LANES] = {0};
+        size_t i = lo;
+#define TS2_ELEM(I, K)                                                                         \
+    {                                                                                          \
+        double v = loadd(c->x, (I), dt), d = fin_d(v) ? v - mean : 0.0, d2 = d * d;            \
+        m2[K] += d2; m3[K] += d2 * d; m4[K] += d2 * d2;                                        \
+    }
+        for (; i + SUM_LANES <= hi; i += SUM_LANES)
+            for (int k = 0; k < SUM_LANES; k++) TS2_ELEM(i + k, k)
+        for (int k = 0; i < hi; i++, k++) TS2_ELEM(i, k)
+#undef TS2_ELEM
+        double *s = c->slot + b * 4;
+        s[1] = lanes_combine(m2); s[2] = lanes_combine(m3); s[3] = lanes_combine(m4);
+    }
+}
+
+#define TS_DISPATCH(NAME, BODY, ATTR, END)                                                      \
+    ATTR static void NAME(const ts_t *c, size_t u) {                                          \
+        switch (c->dt) { case DT_F32: BODY(c, u, DT_F32, 0); break; case DT_F16: BODY(c, u, DT_F16, 0); break; \
+                         case DT_BF16: BODY(c, u, DT_BF16, 0); break; default: BODY(c, u, DT_F64, 0); break; } \
+        END                                                                                    \
+    }
+TS_DISPATCH(ts1_scalar, ts1_body, , )
+TS_DISPATCH(ts2_scalar, ts2_body, , )
+#if FP_X86
+TS_DISPATCH(ts1_avx2, ts1_body, AVX2, _mm256_zeroupper();)
+TS_DISPATCH(ts2_avx2, ts2_body, AVX2, _mm256_zeroupper();)
+#endif
+
+static void ts1_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { ts1_avx2((const ts_t *)vc, u); return; }
+#endif
+    ts1_scalar((const ts_t *)vc, u);
+}
+
+static void ts2_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { ts2_avx2((const ts_t *)vc, u); return; }
+#endif
+    ts2_scalar((const ts_t *)vc, u);
+}
+
+static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
+    unsigned long long xp, hp, sp;
+    int dt, hlo, nbins, want;
+    Py_ssize_t n, cols, seg;
+    double tiny, l0, l1, l2;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinnnddddiiKKi", &xp, &dt, &n, &cols, &seg, &tiny, &l0, &l1, &l2, &hlo,
+                          &nbins, &hp, &sp, &want))
+        return NULL;
+    if (n <= 0 || cols <= 0 || n % cols != 0 || seg <= 0 || bad_dt(dt) || nbins <= 0 || nbins > TS_MAXBINS) {
+        PyErr_Format(PyExc_ValueError,
+                     "tensor_stats: expected n > 0 a multiple of cols > 0, seg > 0, dtype code 0..3 and 1..%d bins, "
+                     "got n=%zd, cols=%zd, seg=%zd, dtype %d, %d bins", TS_MAXBINS, n, cols, seg, dt, nbins);
+        return NULL;
+    }
+    size_t nb = n_sum_blocks((size_t)n), units = ((size_t)n + UNIT - 1) / UNIT;
+    ts_t c = {(const void *)(uintptr_t)xp, dt, (size_t)n, (size_t)cols, (size_t)seg,
+              ((size_t)cols + (size_t)seg - 1) / (size_t)seg, tiny, {l0, l1, l2}, hlo, nbins, 0.0,
+              (double *)malloc(nb * 4 * sizeof(double)), (int64_t *)malloc(units * TS_C * sizeof(int64_t)),
+              (double *)malloc(units * sizeof(double)), (double *)malloc(units * sizeof(double)),
+              (int64_t *)malloc(units * (size_t)nbins * sizeof(int64_t)), (uint64_t *)(uintptr_t)sp};
+    if (!c.slot || !c.ucount || !c.uamax || !c.umin || !c.uhist) {
+        free(c.slot); free(c.ucount); free(c.uamax); free(c.umin); free(c.uhist);
+        return PyErr_NoMemory();
+    }
+    int64_t *hist = (int64_t *)(uintptr_t)hp;
+    int nt = pick_threads((size_t)n, want);
+    int64_t cnt[TS_C] = {0};
+    double sum = 0.0, amax = 0.0, mn = INFINITY, m[3] = {0.0, 0.0, 0.0};
+    Py_BEGIN_ALLOW_THREADS
+    run_units(ts1_work, &c, units, nt);
+    sum = blocks_total(c.slot, nb, 4, 0);
+    for (int j = 0; j < nbins; j++) hist[j] = 0;
+    for (size_t u = 0; u < units; u++) {
+        for (int j = 0; j < TS_C; j++) cnt[j] += c.ucount[u * TS_C + j];
+        for (int j = 0; j < nbins; j++) hist[j] += c.uhist[u * (size_t)nbins + j];
+        amax = c.uamax[u] > amax ? c.uamax[u] : amax;
+        mn = c.umin[u] < mn ? c.umin[u] : mn;
+    }
+    if (cnt[TS_C - 1] > 0) {
+        c.mean = sum / (double)cnt[TS_C - 1];
+        run_units(ts2_work, &c, units, nt);
+        for (int k = 0; k < 3; k++) m[k] = blocks_total(c.slot, nb, 4, (size_t)k + 1);
+    }
+    Py_END_ALLOW_THREADS
+    free(c.slot); free(c.ucount); free(c.uamax); free(c.umin); free(c.uhist);
+    return Py_BuildValue("{s:L,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:L,s:L,s:L,s:(LLL)}",
+                         "n", (long long)cnt[8], "sum", sum, "mean", c.mean, "m2", m[0], "m3", m[1], "m4", m[2],
+                         "amax", amax, "min_nonzero", mn, "nan", (long long)cnt[0], "pos_inf", (long long)cnt[1],
+                         "neg_inf", (long long)cnt[2], "zeros", (long long)cnt[3], "subnormal", (long long)cnt[4],
+                         "over", (long long)cnt[5], (long long)cnt[6], (long long)cnt[7]);
+}
+/* --------------------------------------------------------------- outlier_census (OutlierCensus) */
+/* Per column of x [rows, cols]: the amax of |x| (NaN read as 0, +-Inf as Inf) and the number of rows
+ * with |x| >= t; and the number of rows holding any such element. |x| >= t is decided in double,
+ * i.e. in real numbers (the values widen exactly). Work units are row ranges with their own column
+ * arrays, merged after the join (a max and integer sums: exact in any order). */
+typedef struct {
+    const void *x; int dt; size_t rows, cols, rpu; double t;
+    double *amax;       /* [units][cols] */
+    int64_t *hits;      /* [units][cols] */
+    int64_t *touched;   /* [units] */
+} oc_t;
+
+INLINE void oc_body(const oc_t *c, size_t u, int dt, int unused) {
+    (void)unused;
+    size_t r0 = u * c->rpu, r1 = r0 + c->rpu < c->rows ? r0 + c->rpu : c->rows, C = c->cols;
+    double *amax = c->amax + u * C;
+    int64_t *hits = c->hits + u * C, touched = 0;
+    const double t = c->t;
+    for (size_t j = 0; j < C; j++) { amax[j] = 0.0; hits[j] = 0; }
+    for (size_t r = r0; r < r1; r++) {
+        int64_t any = 0;
+        for (size_t j = 0; j < C; j++) {
+            double a = fabs(loadd(c->x, r * C + j, dt));
+            a = a == a ? a : 0.0;
+            int64_t h = a >= t;
+            amax[j] = a > amax[j] ? a : amax[j];
+            hits[j] += h;
+            any |= h;
+        }
+        touched += any != 0;
+    }
+    c->touched[u] = touched;
+}
+
+#define OC_DISPATCH(NAME, ATTR, END)                                                            \
+    ATTR static void NAME(const oc_t *c, size_t u) {                                          \
+        switch (c->dt) { case DT_F32: oc_body(c, u, DT_F32, 0); break; case DT_F16: oc_body(c, u, DT_F16, 0); break; \
+                         case DT_BF16: oc_body(c, u, DT_BF16, 0); break; default: oc_body(c, u, DT_F64, 0); break; } \
+        END                                                                                    \
+    }
+OC_DISPATCH(oc_scalar, , )
+#if FP_X86
+OC_DISPATCH(oc_avx2, AVX2, _mm256_zeroupper();)
+#endif
+
+static void oc_work(void *vc, size_t u) {
+#if FP_X86
+    if (g_have_avx2) { oc_avx2((const oc_t *)vc, u); return; }
+#endif
+    oc_scalar((const oc_t *)vc, u);
+}
+
+/* at most this many row ranges (and column arrays): enough to balance the threads of a shared box */
+#define OC_MAX_UNITS 64
+
+static PyObject *py_outlier_census(PyObject *self, PyObject *args) {
+    unsigned long long xp, ap, hp;
+    int dt, want;
+    Py_ssize_t rows, cols;
+    double t;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinndKKi", &xp, &dt, &rows, &cols, &t, &ap, &hp, &want)) return NULL;
+    if (rows <= 0 || cols <= 0 || bad_dt(dt)) {
+        PyErr_Format(PyExc_ValueError, "outlier_census: expected rows, cols > 0 and dtype code 0..3, got %zd, %zd, %d",
+                     rows, cols, dt);
+        return NULL;
+    }
+    size_t R = (size_t)rows, C = (size_t)cols, rpu = C >= UNIT ? 1 : UNIT / C;
+    if ((R + rpu - 1) / rpu > OC_MAX_UNITS) rpu = (R + OC_MAX_UNITS - 1) / OC_MAX_UNITS;
+    size_t units = (R + rpu - 1) / rpu;
+    oc_t c = {(const void *)(uintptr_t)xp, dt, R, C, rpu, t, (double *)malloc(units * C * sizeof(double)),
+              (int64_t *)malloc(units * C * sizeof(int64_t)), (int64_t *)malloc(units * sizeof(int64_t))};
+    if (!c.amax || !c.hits || !c.touched) {
+        free(c.amax); free(c.hits); free(c.touched);
+        return PyErr_NoMemory();
+    }
+    double *amax = (double *)(uintptr_t)ap;
+    int64_t *hits = (int64_t *)(uintptr_t)hp, touched = 0;
+    int nt = pick_threads(R * C, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(oc_work, &c, units, nt);
+    for (size_t j = 0; j < C; j++) { amax[j] = 0.0; hits[j] = 0; }
+    for (size_t u = 0; u < units; u++) {
+        for (size_t j = 0; j < C; j++) {
+            double a = c.amax[u * C + j];
+            amax[j] = a > amax[j] ? a : amax[j];
+            hits[j] += c.hits[u * C + j];
+        }
+        touched += c.touched[u];
+    }
+    Py_END_ALLOW_THREADS
+    free(c.amax); free(c.hits); free(c.touched);
+    return PyLong_FromLongLong((long long)touched);
+}
+
+/* ===================================================================== end of metrics reductions */
+
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
      "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads[, packed_ptr]) "
@@ -1277,6 +1876,20 @@ static PyMethodDef methods[] = {
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},
+    /* metrics reductions (analysis/metrics.py) */
+    {"error_sums", py_error_sums, METH_VARARGS,
+     "error_sums(ref_ptr, ref_dtype, lp_ptr, lp_dtype, n, threads) -> (sum_ref2, sum_err2, sum_lp2, sum_dot, "
+     "max_abs_err, compared, nonfinite, excluded); dtype 0 fp32, 1 fp16, 2 bf16, 3 fp64; sums in the "
+     "deterministic block order (see 'metrics reductions')."},
+    {"operand_sums", py_operand_sums, METH_VARARGS,
+     "operand_sums(x_ptr, x_dtype, q_ptr, q_dtype, sat_ptr_or_0, n, threads) -> (sum_x2, sum_err2, finite, nonzero, "
+     "underflow, saturated, excluded, nonfinite); sat 0: saturated = |x| > max|q| over the finite pairs."},
+    {"tensor_stats", py_tensor_stats, METH_VARARGS,
+     "tensor_stats(x_ptr, dtype, n, cols, seg, tiny, lim0, lim1, lim2, hist_lo, nbins, hist_ptr, segmax_ptr, "
+     "threads) -> dict; hist int64 [nbins] and segmax float64 [n / cols * ceil(cols / seg)] (zeroed) written."},
+    {"outlier_census", py_outlier_census, METH_VARARGS,
+     "outlier_census(x_ptr, dtype, rows, cols, threshold, amax_ptr, hits_ptr, threads) -> rows touched; writes "
+     "amax float64 [cols] (max |x|, NaN as 0) and hits int64 [cols] (rows with |x| >= threshold)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "fp8probe._fastpath",

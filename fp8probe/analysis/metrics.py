@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fp8probe.backends import cpu as _cpu
 from fp8probe.formats import FORMATS
 from fp8probe.report.schema import (NOTE_EXACT, NOTE_LP_NONFINITE, NOTE_NO_ELEMENTS, NOTE_NO_FINITE_REFERENCE,
                                     NOTE_ZERO_SIGNAL)
@@ -26,7 +27,11 @@ TOP_K = 8
 _F64 = torch.float64
 # Elements per pass of the GEMM-error and operand accumulators: their float64 temporaries (a few per
 # element) then stay at ~32 MiB each, instead of 226 MiB each for a 49152 x 576 LM-head gradient.
-# Sums over chunks are sequential updates, like batches; tensors up to CHUNK take one pass.
+# Sums over chunks are sequential updates, like batches; tensors up to CHUNK take one pass. The C
+# path (backends/cpu.py: error_sums, operand_sums, tensor_stats; CPU tensors when the extension is
+# enabled) makes no temporaries and takes every tensor in one call, its float64 sums in the fixed
+# block order documented there; values, counts and extremes are the same either way, the sums
+# differ from torch's only in the order of the float64 additions.
 CHUNK = 1 << 22
 # Magnitude limits a raw (unscaled) cast would overflow: fp16's largest finite value (what the
 # bnb-compat paths and fp16 models cast to) and the OCP FP8 element maxima (MX elements share them).
@@ -109,6 +114,10 @@ class ErrorAccumulator:
             raise ValueError(f"ref and lp must have the same shape, got {list(ref.shape)} and {list(lp.shape)}")
         if ref.numel() == 0:
             return
+        sums = _cpu.error_sums(ref, lp)
+        if sums is not None:
+            self._add_sums(*sums)
+            return
         rf, lf = ref.detach().flatten(), lp.detach().flatten()
         for start in range(0, rf.numel(), CHUNK):  # one chunk (the whole tensor) below CHUNK elements
             self._add(rf[start:start + CHUNK], lf[start:start + CHUNK])
@@ -128,13 +137,19 @@ class ErrorAccumulator:
             n_ok = int(ok.sum())
         else:
             n_ok = r.numel()
-        self.sum_ref2 += sums[0]
-        self.sum_err2 += sums[1]
-        self.sum_lp2 += sums[2]
-        self.sum_dot += sums[3]
-        if n_ok:
-            self.max_abs_err = max(self.max_abs_err, sums[4])
-        self.count += n_ok
+        self._add_sums(*sums, n_ok, 0, 0)
+
+    def _add_sums(self, sum_ref2: float, sum_err2: float, sum_lp2: float, sum_dot: float, max_abs_err: float,
+                  count: int, nonfinite: int, excluded: int) -> None:
+        self.sum_ref2 += sum_ref2
+        self.sum_err2 += sum_err2
+        self.sum_lp2 += sum_lp2
+        self.sum_dot += sum_dot
+        if count:
+            self.max_abs_err = max(self.max_abs_err, max_abs_err)
+        self.count += count
+        self.nonfinite += nonfinite
+        self.excluded += excluded
 
     def merge(self, other: ErrorAccumulator) -> ErrorAccumulator:
         """A new accumulator equal to having seen both inputs."""
@@ -181,6 +196,17 @@ class OperandAccumulator:
         if x.shape != q.shape:
             raise ValueError(f"x and q must have the same shape, got {list(x.shape)} and {list(q.shape)}")
         if x.numel() == 0:
+            return
+        sums = _cpu.operand_sums(x, q, saturated)
+        if sums is not None:
+            self.sum_ref2 += sums[0]
+            self.sum_err2 += sums[1]
+            self.n_finite += sums[2]
+            self.n_nonzero += sums[3]
+            self.n_underflow += sums[4]
+            self.n_saturated += sums[5]
+            self.n_excluded += sums[6]
+            self.n_nonfinite += sums[7]
             return
         xf, qf = x.detach().flatten(), q.detach().flatten()
         if saturated is None:  # |x| > max|q| needs the whole tensor's max before any chunk is counted
@@ -269,6 +295,13 @@ def _block_absmax(a2: torch.Tensor) -> torch.Tensor:
     return a2.reshape(rows, nb, BLOCK).amax(dim=2).flatten().to(_F64)
 
 
+def _log2_block_sum(blocks: torch.Tensor) -> tuple[int, float]:
+    """(count, Σ log2) of the non-zero float64 block absmaxes: torch.log2 and torch's sum on both the C
+    and the torch path, so the two agree bit for bit (C's log2 may differ from torch's in the last bit)."""
+    blocks = blocks[blocks > 0]
+    return blocks.numel(), float(torch.log2(blocks).sum()) if blocks.numel() else 0.0
+
+
 def _log2_counts(a: torch.Tensor, zeros: int) -> torch.Tensor:
     """log2_histogram of finite magnitudes ``a`` (float32/float64, any shape) holding ``zeros`` exact zeros.
 
@@ -326,6 +359,9 @@ class TensorStats:
 
     @staticmethod
     def _from_batch(x2: torch.Tensor, tiny: float) -> TensorStats:
+        c = _cpu.tensor_stats(x2, tiny, tuple(limit for _, limit in RAW_LIMITS), BLOCK, LOG2_LO, LOG2_HI - LOG2_LO)
+        if c is not None:
+            return TensorStats._from_c(x2.numel(), c)
         s = TensorStats(numel=x2.numel())
         # Magnitudes, counts, extremes and log2 exponents in float32 (float64 input stays float64):
         # exact for every float32/bf16/fp16 value, and the RAW_LIMITS and ``tiny`` are float32 numbers,
@@ -362,11 +398,21 @@ class TensorStats:
             d2 = d * d
             s.m2, s.m3, s.m4 = float(d2.sum()), float(torch.dot(d2, d)), float(torch.dot(d2, d2))
             del d, d2
-        blocks = _block_absmax(a_blocks)
-        blocks = blocks[blocks > 0]
-        s.n_blocks = blocks.numel()
-        s.log2_block_sum = float(torch.log2(blocks).sum()) if s.n_blocks else 0.0
+        s.n_blocks, s.log2_block_sum = _log2_block_sum(_block_absmax(a_blocks))
         s.hist = _log2_counts(af, s.zeros)
+        return s
+
+    @staticmethod
+    def _from_c(numel: int, c: dict) -> TensorStats:
+        """The batch statistics from backends.cpu.tensor_stats' one-pass results (same values as the torch
+        path; the mean and moment sums in its fixed float64 order)."""
+        s = TensorStats(numel=numel, n=c["n"], zeros=c["zeros"], nan_count=c["nan"],
+                        inf_count=c["pos_inf"] + c["neg_inf"], neg_inf_count=c["neg_inf"],
+                        over_max={name: count for (name, _), count in zip(RAW_LIMITS, c["over"])}, hist=c["hist"])
+        if s.n:
+            s.mean, s.m2, s.m3, s.m4 = c["mean"], c["m2"], c["m3"], c["m4"]
+            s.amax, s.min_nonzero, s.subnormal_count = c["amax"], c["min_nonzero"], c["subnormal"]
+        s.n_blocks, s.log2_block_sum = _log2_block_sum(c["segmax"])
         return s
 
     def merge(self, other: TensorStats) -> TensorStats:
@@ -445,15 +491,20 @@ class OutlierCensus:
             raise ValueError(f"activation must be 2-D [rows, cols], got shape {list(a2.shape)}")
         if a2.shape[0] == 0:
             return
-        x = a2.detach()
-        if x.dtype in (torch.float32, _F64):
-            a, limit = x.abs(), _at_least(self.threshold, x.dtype)
-        else:  # bf16/fp16 (and ints) widened: the comparison must not round the threshold to their grid
-            a, limit = x.to(_F64).abs(), self.threshold
-        a = a.nan_to_num_(nan=0.0, posinf=math.inf)
-        cmax = a.amax(dim=0).to(_F64).cpu()
-        hit = a >= limit
-        crows = hit.sum(dim=0).cpu()
+        c = _cpu.outlier_census(a2, self.threshold)  # one C pass on CPU; else torch below
+        if c is not None:
+            cmax, crows, touched = c
+        else:
+            x = a2.detach()
+            if x.dtype in (torch.float32, _F64):
+                a, limit = x.abs(), _at_least(self.threshold, x.dtype)
+            else:  # bf16/fp16 (and ints) widened: the comparison must not round the threshold to their grid
+                a, limit = x.to(_F64).abs(), self.threshold
+            a = a.nan_to_num_(nan=0.0, posinf=math.inf)
+            cmax = a.amax(dim=0).to(_F64).cpu()
+            hit = a >= limit
+            crows = hit.sum(dim=0).cpu()
+            touched = int(hit.any(dim=1).sum())
         if self.col_amax is None:
             self.col_amax, self.col_rows = cmax, crows
         elif self.col_amax.shape != cmax.shape:
@@ -461,8 +512,8 @@ class OutlierCensus:
         else:
             self.col_amax = torch.maximum(self.col_amax, cmax)
             self.col_rows = crows if self.col_rows is None else self.col_rows + crows
-        self.rows_touched += int(hit.any(dim=1).sum())
-        self.rows += a.shape[0]
+        self.rows_touched += touched
+        self.rows += a2.shape[0]
 
     def merge(self, other: OutlierCensus) -> OutlierCensus:
         """A new census equal to having seen both inputs (same threshold required)."""

@@ -384,3 +384,120 @@ def register() -> None:
     torch.library.register_kernel("fp8probe::int8_vectorwise_quant", "cpu", int8_vectorwise_quant)
     torch.library.register_kernel("fp8probe::quantize_scaled", "cpu", quantize_scaled)
     torch.library.register_kernel("fp8probe::dequantize_scaled", "cpu", dequantize_scaled)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics reductions (analysis/metrics.py): the sums, counts and extremes of the error, operand and
+# dynamic-range accumulators in one C pass per tensor, instead of ~10 torch passes with float64 copies.
+# --------------------------------------------------------------------------------------------
+#: dtype codes of the metrics reductions: the quantiser codes plus 3 = float64 (read as is)
+_SUM_DT = {**_DT, torch.float64: 3}
+#: Elements per block of the deterministic float64 sums (see ``error_sums``).
+SUM_BLOCK = 8192
+SUM_LANES = 8
+
+
+def _sums_apply(*tensors: torch.Tensor) -> bool:
+    return enabled() and all(t.device.type == "cpu" and t.dtype in _SUM_DT and t.numel() > 0 for t in tensors)
+
+
+def error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float, float, float, int, int, int] | None:
+    """(Σr², Σ(r−q)², Σq², Σr·q, max|r−q|, compared, nonfinite, excluded) of ``ref`` (r) and ``lp`` (q) in one pass.
+
+    ref, lp: CPU float32/float64/bf16/fp16, the same number of elements (read flat in C order). Sums
+    and the max run over the pairs where both are finite (``compared``); ``nonfinite`` counts pairs
+    with a finite r and a NaN/±Inf q, ``excluded`` those with a NaN/±Inf r. Values widen exactly to
+    float64, products and differences are formed in float64.
+
+    Summation order (the same bits for any thread count or SIMD path): the flat index range is cut
+    into blocks of SUM_BLOCK = 8192 elements (the last one partial); inside a block element i
+    (block-relative) is added to lane i % 8 of 8 float64 lanes, in index order (a left-out element
+    adds +0.0, which changes no lane); the lanes combine as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)) and
+    the block results are added in block order to 0.0. Max and counts are exact.
+
+    None when the C path does not apply (extension not built or FP8PROBE_BACKEND=reference, a
+    non-CPU tensor, another dtype, an empty tensor): the caller then uses torch.
+    """
+    if ref.numel() != lp.numel():
+        raise ValueError(f"expected ref and lp with the same number of elements, got {ref.numel()} and {lp.numel()}")
+    if not _sums_apply(ref, lp):
+        return None
+    r, q = ref.detach().contiguous(), lp.detach().contiguous()
+    n = r.numel()
+    return _ext().error_sums(r.data_ptr(), _SUM_DT[r.dtype], q.data_ptr(), _SUM_DT[q.dtype], n, _threads(n))
+
+
+def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | None
+                 ) -> tuple[float, float, int, int, int, int, int, int] | None:
+    """(Σx², Σ(x−q)², finite, nonzero, underflow, saturated, excluded, nonfinite) of an operand x and its
+    dequantised value q in one pass (two when ``saturated`` is None: max|q| first).
+
+    x, q: CPU float32/float64/bf16/fp16 with the same number of elements; ``saturated``: a bool mask
+    of as many elements, or None for |x| > max|q| over the pairs where both are finite (compared in
+    float64, which holds both exactly). The sums run over the pairs where both are finite, in the
+    order of ``error_sums``; finite: finite x; nonzero: finite non-zero x; underflow: those with
+    q == 0; saturated: finite x in the mask; excluded: NaN/±Inf x; nonfinite: finite x with NaN/±Inf q.
+    None when the C path does not apply (as ``error_sums``).
+    """
+    if x.numel() != q.numel() or (saturated is not None and saturated.numel() != x.numel()):
+        raise ValueError(f"expected x, q (and saturated) with the same number of elements, got {x.numel()}, "
+                         f"{q.numel()}" + ("" if saturated is None else f", {saturated.numel()}"))
+    if not _sums_apply(x, q) or (saturated is not None and saturated.device.type != "cpu"):
+        return None
+    xc, qc = x.detach().contiguous(), q.detach().contiguous()
+    sat_ptr = 0
+    if saturated is not None:
+        sat = saturated.detach()
+        sat = (sat if sat.dtype == torch.bool else sat != 0).contiguous().view(torch.uint8)
+        sat_ptr = sat.data_ptr()
+    n = xc.numel()
+    return _ext().operand_sums(xc.data_ptr(), _SUM_DT[xc.dtype], qc.data_ptr(), _SUM_DT[qc.dtype], sat_ptr, n,
+                               _threads(n))
+
+
+def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, float], segment: int,
+                 log2_lo: int, bins: int) -> dict | None:
+    """One tensor's dynamic-range statistics in two C passes, over a 2-D view ``x2`` [rows, cols].
+
+    Returns a dict: n (finite values), sum and mean (Σx in the order of ``error_sums``, mean = Σ/n),
+    m2, m3, m4 (Σd², Σd²·d, Σd²·d² with d = x − mean in float64, same order; 0 when n == 0), amax
+    (finite |x|, 0.0 when none), min_nonzero (smallest finite non-zero |x|, inf when none), the counts
+    nan, pos_inf, neg_inf, zeros, subnormal (0 < |x| < tiny), over (finite |x| > each of ``limits``),
+    hist (int64 [bins]: finite non-zero |x| by floor(log2|x|), clamped into [log2_lo, log2_lo + bins))
+    and segmax (float64 [rows · ceil(cols / segment)]: the absmax of every 1 × segment row piece, the
+    last one of a row partial, NaN/±Inf counted as 0). None when the C path does not apply.
+    """
+    if x2.dim() != 2:
+        raise ValueError(f"expected a 2-D view [rows, cols], got shape {list(x2.shape)}")
+    if len(limits) != 3:
+        raise ValueError(f"expected 3 limits, got {len(limits)}")
+    if not _sums_apply(x2):
+        return None
+    xc = x2.detach().contiguous()
+    rows, cols = xc.shape
+    hist = torch.empty(bins, dtype=torch.int64)
+    segmax = torch.zeros(rows * -(-cols // segment), dtype=torch.float64)
+    out = _ext().tensor_stats(xc.data_ptr(), _SUM_DT[xc.dtype], xc.numel(), cols, segment, float(tiny),
+                              *(float(v) for v in limits), log2_lo, bins, hist.data_ptr(), segmax.data_ptr(),
+                              _threads(xc.numel()))
+    out["hist"], out["segmax"] = hist, segmax
+    return out
+
+
+def outlier_census(a2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(col_amax float64 [cols], col_hits int64 [cols], rows_touched) of activations ``a2`` [rows, cols] in one pass.
+
+    col_amax: max |x| per column with NaN read as 0 and ±Inf as Inf; col_hits: rows with |x| ≥ threshold
+    per column (decided in float64, i.e. in real numbers: every value and the threshold are exact there);
+    rows_touched: rows holding any such element. None when the C path does not apply (as ``error_sums``).
+    """
+    if a2.dim() != 2:
+        raise ValueError(f"expected a 2-D activation [rows, cols], got shape {list(a2.shape)}")
+    if not _sums_apply(a2):
+        return None
+    xc = a2.detach().contiguous()
+    rows, cols = xc.shape
+    amax, hits = torch.empty(cols, dtype=torch.float64), torch.empty(cols, dtype=torch.int64)
+    touched = _ext().outlier_census(xc.data_ptr(), _SUM_DT[xc.dtype], rows, cols, float(threshold), amax.data_ptr(),
+                                    hits.data_ptr(), _threads(xc.numel()))
+    return amax, hits, touched

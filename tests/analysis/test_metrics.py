@@ -8,6 +8,19 @@ import torch
 
 from fp8probe.analysis.metrics import (BLOCK, LOG2_HI, LOG2_LO, RAW_LIMITS, ErrorAccumulator, OperandAccumulator,
                                        OutlierCensus, TensorStats, log2_histogram, sqnr_db)
+from fp8probe.backends import cpu
+
+
+@pytest.fixture(autouse=True, params=["c", "torch"])
+def metrics_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on the C reductions (backends/cpu.py) and on the torch path (FP8PROBE_BACKEND=reference)."""
+    if request.param == "c":
+        if not cpu.available():
+            pytest.skip("fp8probe._fastpath not built")
+        monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    return request.param
 
 
 def test_error_metrics_hand_computed() -> None:
@@ -277,8 +290,9 @@ def test_operand_and_error_accumulators_equal_the_plain_float64_formulas(special
 
 @pytest.mark.parametrize("saturated_given", [False, True])
 def test_chunked_accumulators_equal_one_pass(monkeypatch: pytest.MonkeyPatch, saturated_given: bool) -> None:
-    """Tensors longer than metrics.CHUNK are summed chunk by chunk (bounded float64 temporaries): counts and
-    max exact, sums to 1e-13; saturation without a mask still compares with the whole tensor's max|q|."""
+    """Tensors longer than metrics.CHUNK are summed chunk by chunk on the torch path (bounded float64
+    temporaries; the C path takes one pass, no temporaries): counts and max exact, sums to 1e-13;
+    saturation without a mask still compares with the whole tensor's max|q|."""
     import fp8probe.analysis.metrics as M
 
     gen = torch.Generator().manual_seed(5)
