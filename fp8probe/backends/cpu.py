@@ -371,6 +371,12 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     return out
 
 
+#: the ops whose CPU kernel is this module's function of the same name (register() installs them;
+#: kernel() hands them to functional.py's direct eager calls)
+CPU_KERNELS = ("quantize_blockwise", "quantize_global", "dequantize_blockwise", "int8_vectorwise_quant",
+               "quantize_scaled", "dequantize_scaled")
+
+
 def register() -> None:
     """Install the CPU kernels (idempotent). Does nothing when the extension is not built or
     FP8PROBE_BACKEND=reference is set at import time."""
@@ -378,9 +384,17 @@ def register() -> None:
     if _registered or not enabled():
         return
     _registered = True
-    torch.library.register_kernel("fp8probe::quantize_blockwise", "cpu", quantize_blockwise)
-    torch.library.register_kernel("fp8probe::quantize_global", "cpu", quantize_global)
-    torch.library.register_kernel("fp8probe::dequantize_blockwise", "cpu", dequantize_blockwise)
-    torch.library.register_kernel("fp8probe::int8_vectorwise_quant", "cpu", int8_vectorwise_quant)
-    torch.library.register_kernel("fp8probe::quantize_scaled", "cpu", quantize_scaled)
-    torch.library.register_kernel("fp8probe::dequantize_scaled", "cpu", dequantize_scaled)
+    for name in CPU_KERNELS:
+        torch.library.register_kernel(f"fp8probe::{name}", "cpu", globals()[name])
+
+
+# --------------------------------------------------------------------------------------------
+# bnb part: direct eager calls, fused codebook fake-quantisation
+# --------------------------------------------------------------------------------------------
+def kernel(name: str):
+    """The function a CPU call of ``torch.ops.fp8probe.<name>`` reaches through the dispatcher: this
+    module's kernel when register() installed it, else the reference (functional.py calls it directly
+    in plain eager CPU calls, skipping ~60 us of custom-op dispatch)."""
+    if _registered and name in CPU_KERNELS:
+        return globals()[name]
+    return getattr(_ref, name)
