@@ -330,8 +330,11 @@ def _run_int8_direct(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, t
 def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
                     b_is_weight: bool = True) -> StrategyOutput:
     # SwitchBack (Wortsman et al. 2023) has no outlier decomposition: threshold 0 whatever --threshold says.
-    if _stackable(A, W, G) and A.shape[-1] <= F.INT8_MATMUL_MAX_K:
-        return _run_switchback_batched(A, W, G)
+    if A.shape[-1] <= F.INT8_MATMUL_MAX_K:
+        if _stackable(A, W, G):
+            return _run_switchback_batched(A, W, G)
+        if _stackable(A[None], W[None], G):
+            return _one_slice(_run_switchback_batched, A, W, G)
     gemms = _autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, G)
     ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, *_weight_int8(W))}
     return StrategyOutput(gemms, ops)

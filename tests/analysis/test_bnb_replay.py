@@ -103,6 +103,7 @@ def test_int8_runs_without_autograd(monkeypatch) -> None:
     run_strategy(STRATEGIES["int8"], A, W, G, 1.5)
     run_strategy(STRATEGIES["global"], A, W, G)
     run_strategy(STRATEGIES["mixed"], A, W, G)
+    run_strategy(STRATEGIES["switchback"], A, W, G)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.5])
@@ -148,3 +149,16 @@ def test_fp8_gradient_of_another_dtype() -> None:
     G = torch.randn(16, 8, generator=torch.Generator().manual_seed(3)) * 1e-2
     for strat, blocks in ((STRATEGIES["global"], None), (STRATEGIES["mixed"], AG.get_block_sizes(A, W))):
         _compare(strat.run(A, W, G, 6.0, True), _old_fp8(A, W, G, blocks), strat.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_switchback_direct_replay_is_the_autograd_function(dtype: torch.dtype) -> None:
+    """2-D switchback sites replay SwitchBackBnb (threshold 0) bit for bit."""
+    for seed, (m, k, n) in enumerate([(24, 40, 16), (7, 33, 5)]):
+        for specials in (False, True):
+            A, W, G = _operands(seed, m, k, n, dtype, specials=specials)
+            for g in (G, None):
+                gemms = S._autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, g)
+                old = S.StrategyOutput(gemms, {"activation": (A, S._int8_rows(A, 0.0), None),
+                                               "weight": (W, *S._weight_int8(W))})
+                _compare(STRATEGIES["switchback"].run(A, W, g, 6.0, True), old, (dtype, m, k, n, specials))
