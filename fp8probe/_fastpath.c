@@ -1250,6 +1250,121 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
     return PyLong_FromLong(c.bad);
 }
 
+/* ============================================================================================
+ * bnb part: fused codebook fake-quantisation (functional.fake_quantize, backends/cpu.py)
+ *
+ * y = cast(fl32(code[q] * absmax[b])) with q = the blockwise quantiser's index of x: exactly
+ * quantize_blockwise followed by dequantize_blockwise, because it runs their own loops (absmax_bits,
+ * quant_range, deq_avx2 / deq_scalar) on chunks of FQ_CHUNK elements: the chunk's codes go to a
+ * stack buffer that stays in L1 and are dequantised from there, so the uint8 tensor and the second
+ * pass over memory disappear. Output dtype = input dtype. out == 0: only the absmax is written (the
+ * block-scale records need it without the codes). Returns 1 when a block holds NaN/Inf (the caller
+ * then runs the two-step path, which records the specials); the outputs are then incomplete.
+ * ============================================================================================ */
+#define FQ_CHUNK 4096
+
+typedef struct {
+    qctx_t qc;          /* x, dt, n, bs, nb, absmax, tables, per_unit, partial, bad (q unused) */
+    const float *code;  /* [256] */
+    void *out;          /* dequantised output, dtype qc.dt; NULL: absmax only */
+} fqctx_t;
+
+static size_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+/* quantise + dequantise [lo, hi) of one block with reciprocal `recip` and scale `am`, chunk by chunk */
+static void fq_range(const fqctx_t *c, size_t lo, size_t hi, float recip, float am) {
+    uint8_t q[FQ_CHUNK];
+    size_t es = dt_size(c->qc.dt);
+    for (size_t s = lo; s < hi; s += FQ_CHUNK) {
+        size_t len = hi - s < FQ_CHUNK ? hi - s : FQ_CHUNK;
+        quant_range((const char *)c->qc.x + s * es, 0, len, c->qc.dt, recip, q, &c->qc.T);
+        dctx_t d = {q, len, len, NULL, c->code, (char *)c->out + s * es, c->qc.dt};
+#if FP_X86
+        if (g_have_avx2) deq_avx2(&d, 0, len, am);
+        else
+#endif
+            deq_scalar(&d, 0, len, am);
+    }
+}
+
+static void fq_fused(void *vc, size_t u) {
+    fqctx_t *c = (fqctx_t *)vc;
+    qctx_t *qc = &c->qc;
+    size_t b0 = u * qc->per_unit, b1 = b0 + qc->per_unit < qc->nb ? b0 + qc->per_unit : qc->nb;
+    for (size_t b = b0; b < b1 && !qc->bad; b++) {
+        size_t lo = b * qc->bs, hi = lo + qc->bs < qc->n ? lo + qc->bs : qc->n;
+        uint32_t mb = absmax_bits(qc->x, lo, hi, qc->dt);
+        if (mb >= 0x7f800000u) { qc->bad = 1; return; }
+        float am = u2f(mb);
+        qc->absmax[b] = am;
+        if (c->out) fq_range(c, lo, hi, 1.0f / am, am);
+    }
+}
+
+static void fq_phase2(void *vc, size_t u) {
+    fqctx_t *c = (fqctx_t *)vc;
+    size_t b, lo, hi;
+    piece(&c->qc, u, &b, &lo, &hi);
+    float am = c->qc.absmax[b];
+    fq_range(c, lo, hi, 1.0f / am, am);
+}
+
+static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
+    unsigned long long xp, op, ap, bp, tp, cp, pp = 0;
+    Py_ssize_t n, bs;
+    int dt, m, want;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinnKKKKKii|K", &xp, &dt, &n, &bs, &op, &ap, &cp, &bp, &tp, &m, &want, &pp))
+        return NULL;
+    if (n < 0 || bs <= 0 || dt < 0 || dt > 2 || m < 0 || m > 8) {
+        PyErr_Format(PyExc_ValueError, "fake_quantize_blockwise: bad sizes (n=%zd, blocksize=%zd, dtype=%d, m=%d)",
+                     n, bs, dt, m);
+        return NULL;
+    }
+    fqctx_t c;
+    memset(&c, 0, sizeof c);
+    qctx_t *qc = &c.qc;
+    qc->x = (const void *)(uintptr_t)xp; qc->dt = dt; qc->n = (size_t)n; qc->bs = (size_t)bs;
+    qc->nb = n ? ((size_t)n + (size_t)bs - 1) / (size_t)bs : 0;
+    if (qc->bs > qc->n && qc->n) qc->bs = qc->n;
+    qc->absmax = (float *)(uintptr_t)ap;
+    qc->T.base = (const uint8_t *)(uintptr_t)bp; qc->T.tval = (const float *)(uintptr_t)tp; qc->T.m = m;
+    qc->T.packed = (const uint32_t *)(uintptr_t)pp;
+    c.code = (const float *)(uintptr_t)cp;
+    c.out = (void *)(uintptr_t)op;
+    int nt = pick_threads((size_t)n, want);
+    int nomem = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (qc->bs <= FUSED_MAX) {
+        qc->per_unit = qc->bs >= UNIT ? 1 : UNIT / qc->bs;
+        run_units(fq_fused, &c, (qc->nb + qc->per_unit - 1) / qc->per_unit, nt);
+    } else {
+        /* one large block (global quantisation): the absmax over UNIT pieces (q_phase1), then each
+         * piece quantised and dequantised with its block's scale */
+        qc->per_unit = (qc->bs + UNIT - 1) / UNIT;
+        size_t nunits = qc->nb * qc->per_unit;
+        qc->partial = (uint32_t *)malloc(nunits * sizeof(uint32_t));
+        if (!qc->partial) {
+            nomem = 1;
+        } else {
+            run_units(q_phase1, qc, nunits, nt);
+            if (!qc->bad) {
+                for (size_t b = 0; b < qc->nb; b++) {
+                    uint32_t mb = 0;
+                    for (size_t k = b * qc->per_unit; k < (b + 1) * qc->per_unit; k++)
+                        mb = qc->partial[k] > mb ? qc->partial[k] : mb;
+                    qc->absmax[b] = u2f(mb);
+                }
+                if (c.out) run_units(fq_phase2, &c, nunits, nt);
+            }
+            free(qc->partial);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (nomem) return PyErr_NoMemory();
+    return PyLong_FromLong(qc->bad ? 1 : 0);
+}
+
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
      "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads[, packed_ptr]) "
@@ -1274,6 +1389,11 @@ static PyMethodDef methods[] = {
      "finite_amax(x_ptr, dtype, n, threads) -> float: the largest finite |x| (0.0 when none)."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(addr, nbytes) -> bool: madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior (Linux)."},
+    /* bnb part: fused codebook fake-quantisation */
+    {"fake_quantize_blockwise", py_fake_quantize_blockwise, METH_VARARGS,
+     "fake_quantize_blockwise(x_ptr, dtype, n, blocksize, out_ptr, absmax_ptr, code_ptr, base_ptr, tval_ptr, m, "
+     "threads[, packed_ptr]) -> 0, or 1 when a block holds NaN/Inf (outputs then incomplete): "
+     "dequantize_blockwise(quantize_blockwise(x)) in x's dtype; out_ptr 0 writes the absmax only."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},

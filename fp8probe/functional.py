@@ -27,6 +27,7 @@ from fp8probe.formats import (
 __all__ = [
     "create_fp8_map", "create_dynamic_map", "create_linear_map", "get_codebook",
     "QuantState", "quantize", "dequantize", "quantize_blockwise", "dequantize_blockwise", "fake_quantize",
+    "blockwise_absmax",
     "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_double_quant", "int8_linear_matmul",
     "int8_mm_dequant", "int8_scaled_mm", "int8_mixed_scaled_mm",
     "ScaledTensor", "quantize_scaled", "dequantize_scaled",
@@ -334,13 +335,40 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
 
 
 def fake_quantize(A: torch.Tensor, code: torch.Tensor | str | None, blocksize: int | None = None, *,
-                  compat: str | None = None) -> torch.Tensor:
-    """``dequantize(quantize(A))`` in A.dtype: blockwise with `blocksize`, tensor-wise when None."""
+                  compat: str | None = None, return_absmax: bool = False
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``dequantize(quantize(A))`` in A.dtype: blockwise with `blocksize`, tensor-wise when None.
+
+    ``return_absmax``: also return the scales, float32 [ceil(n/blocksize)] (global: [1]; [0] for empty A),
+    as QuantState.absmax holds them. Plain eager CPU calls in the default mode run one fused C pass
+    (backends/cpu.fake_quantize_blockwise: no uint8 codes in memory, no second pass), bit-identical to
+    the two steps; NaN/±Inf inputs, ``compat="bnb"`` and everything else run the two steps.
+    """
+    _check_tensor("A", A, _FLOATS)
+    bs = max(A.numel(), 1) if blocksize is None else _check_blocksize(blocksize)
+    if _compat(compat) == "" and _eager_cpu((A,)):
+        fused = _cpu.fake_quantize_blockwise(A, _code(code, A.device), bs)
+        if fused is not None:
+            return fused if return_absmax else fused[0]
     if blocksize is None:
         q, st = quantize(A, code, compat=compat)
     else:
         q, st = quantize_blockwise(A, code, blocksize=blocksize, compat=compat)
-    return dequantize_blockwise(q, st)
+    y = dequantize_blockwise(q, st)
+    return (y, st.absmax) if return_absmax else y
+
+
+def blockwise_absmax(A: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The scales :func:`quantize_blockwise` stores for A, without quantising: float32 [ceil(n/blocksize)],
+    the largest finite |a| of each block of the C-order flattened A (any codebook gives the same).
+    Plain eager CPU calls on finite data read A once in C; otherwise the quantiser runs."""
+    _check_tensor("A", A, _FLOATS)
+    blocksize = _check_blocksize(blocksize)
+    if A.numel() and _eager_cpu((A,)):
+        fused = _cpu.fake_quantize_blockwise(A, get_codebook("dynamic", A.device), blocksize, with_values=False)
+        if fused is not None:
+            return fused[1]
+    return quantize_blockwise(A, "dynamic", blocksize=blocksize)[1].absmax
 
 
 # --------------------------------------------------------------------------------------------

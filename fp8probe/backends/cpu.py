@@ -398,3 +398,33 @@ def kernel(name: str):
     if _registered and name in CPU_KERNELS:
         return globals()[name]
     return getattr(_ref, name)
+
+
+_SORTED: dict[bytes, bool] = {}
+
+
+def fake_quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, with_values: bool = True
+                            ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """``dequantize_blockwise(quantize_blockwise(A, code, blocksize))`` (default mode, A.dtype) and the block
+    absmax (float32 [ceil(n/blocksize)]) from one fused C pass, bit-identical to the two steps; with
+    ``with_values`` False only the absmax (values None). None when the C path does not apply (fast path
+    off or not built, not a CPU fp32/fp16/bf16 tensor, empty, a codebook that is not sorted ascending or
+    has no search tables, NaN/±Inf in A): the caller then runs the two steps."""
+    if not _quant_applies(A, "") or A.requires_grad:
+        return None
+    code = _cpu_code(code)
+    key = code.numpy().tobytes()
+    if key not in _SORTED:
+        _SORTED[key] = _ref.is_sorted(code)
+    tables = _tables(code) if _SORTED[key] else None
+    if tables is None:
+        return None
+    base8, t_val, m, packed = tables
+    n = A.numel()
+    Ac = A.detach().contiguous()
+    out = _fresh(A.shape, A.dtype) if with_values else None
+    absmax = torch.empty(-(-n // blocksize), dtype=_F32)
+    rc = _ext().fake_quantize_blockwise(Ac.data_ptr(), _DT[A.dtype], n, blocksize, 0 if out is None else out.data_ptr(),
+                                        absmax.data_ptr(), code.data_ptr(), base8.data_ptr(), t_val.data_ptr(), m,
+                                        _threads(n), packed.data_ptr() if packed is not None else 0)
+    return None if rc else (out, absmax)
