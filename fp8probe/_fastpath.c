@@ -1365,6 +1365,144 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
     return PyLong_FromLong(qc->bad ? 1 : 0);
 }
 
+/* ---------------------------------------------------------------- bnb part: LLM.int8 dequantisation
+ * Default-mode LLM.int8 ops of reference.py, in its float32 order (one IEEE operation each, no FMA):
+ *   int8_vectorwise_dequant: y = fl32(fl32(float(q) * stats[r]) * INV_127)            float32 output
+ *   int8_mm_dequant:         y = fl32(fl32(fl32(float(C) * row[r]) * col[j]) * INV_127_SQ) [+ bias[j]],
+ *                            float(C) = RNE int32 -> float32, then the RNE cast to fp32/fp16/bf16
+ *   int8_double_quant (column half): col_stats[j] = max |a| over rows of the non-outlier, non-NaN
+ *                            elements; q_col = round_i8(fl32(fl32(a * 127) / col_stats[j])), outliers -> 0
+ * Scales are passed as float32 in the ops' own rounding (fl32(1/127), fl32(1/127^2)). The dequantisers
+ * return 1 (the caller then runs the reference) for a NaN/±Inf scale or bias, or a NaN result: torch's
+ * NaN casts to bf16 and NaN payloads are not reproduced here. */
+typedef struct {
+    const void *src; int kind; /* 0: int8 q (vectorwise_dequant), 1: int32 C (mm_dequant) */
+    size_t rows, cols; const float *row; const float *col; const void *bias; int bias_dt; float k;
+    void *out; int dt; size_t per_unit; volatile int bad;
+} i8dctx_t;
+
+static void i8d_work(void *vc, size_t u) {
+    i8dctx_t *c = (i8dctx_t *)vc;
+    size_t r0 = u * c->per_unit, r1 = r0 + c->per_unit < c->rows ? r0 + c->per_unit : c->rows;
+    int bad = 0;
+    for (size_t r = r0; r < r1; r++) {
+        float rs = c->row[r];
+        size_t base = r * c->cols;
+        if (c->kind == 0) {
+            const int8_t *q = (const int8_t *)c->src + base;
+            float *y = (float *)c->out + base;
+            for (size_t j = 0; j < c->cols; j++) y[j] = ((float)q[j] * rs) * c->k;
+            continue;
+        }
+        const int32_t *C = (const int32_t *)c->src + base;
+        for (size_t j = 0; j < c->cols; j++) {
+            float v = (((float)C[j] * rs) * c->col[j]) * c->k;
+            if (c->bias) v = v + load1(c->bias, j, c->bias_dt);
+            bad |= v != v;
+            store1(c->out, base + j, v, c->dt);
+        }
+    }
+    if (bad) c->bad = 1;
+}
+
+static int all_finite(const float *p, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if ((f2u(p[i]) & 0x7fffffffu) >= 0x7f800000u) return 0;
+    return 1;
+}
+
+static int bias_finite(const void *p, int dt, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if ((f2u(load1(p, i, dt)) & 0x7fffffffu) >= 0x7f800000u) return 0;
+    return 1;
+}
+
+/* int8_dequant(kind, src_ptr, rows, cols, row_ptr, col_ptr, bias_ptr, bias_dtype, k, out_ptr, dtype, threads) */
+static PyObject *py_int8_dequant(PyObject *self, PyObject *args) {
+    unsigned long long sp, rp, cp, bp, op;
+    Py_ssize_t rows, cols;
+    int kind, bdt, dt, want;
+    double k;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKnnKKKidKii", &kind, &sp, &rows, &cols, &rp, &cp, &bp, &bdt, &k, &op, &dt, &want))
+        return NULL;
+    if (rows < 0 || cols <= 0 || kind < 0 || kind > 1 || dt < 0 || dt > 2 || bdt < 0 || bdt > 2 || (kind == 0 && dt)) {
+        PyErr_Format(PyExc_ValueError, "int8_dequant: bad arguments (kind=%d, rows=%zd, cols=%zd, dtype=%d)",
+                     kind, rows, cols, dt);
+        return NULL;
+    }
+    i8dctx_t c = {(const void *)(uintptr_t)sp, kind, (size_t)rows, (size_t)cols, (const float *)(uintptr_t)rp,
+                  (const float *)(uintptr_t)cp, (const void *)(uintptr_t)bp, bdt, (float)k, (void *)(uintptr_t)op,
+                  dt, 1, 0};
+    if (!all_finite(c.row, c.rows) || (kind == 1 && !all_finite(c.col, c.cols))
+        || (c.bias && !bias_finite(c.bias, bdt, c.cols)))
+        return PyLong_FromLong(1);
+    c.per_unit = c.cols >= UNIT ? 1 : UNIT / c.cols;
+    int nt = pick_threads(c.rows * c.cols, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(i8d_work, &c, (c.rows + c.per_unit - 1) / c.per_unit, nt);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(c.bad);
+}
+
+/* column half of int8_double_quant: units of I8C_COLS columns walk every row (stats), then units of
+ * rows quantise (each element needs only its column's stat) */
+#define I8C_COLS 64
+typedef struct {
+    const void *x; int dt; size_t rows, cols; float thr; int8_t *q; float *stats; size_t per_unit;
+} i8cctx_t;
+
+static void i8c_stats(void *vc, size_t u) {
+    const i8cctx_t *c = (const i8cctx_t *)vc;
+    size_t j0 = u * I8C_COLS, j1 = j0 + I8C_COLS < c->cols ? j0 + I8C_COLS : c->cols;
+    float mx[I8C_COLS];
+    for (size_t j = j0; j < j1; j++) mx[j - j0] = 0.0f;
+    for (size_t r = 0; r < c->rows; r++) {
+        size_t base = r * c->cols;
+        for (size_t j = j0; j < j1; j++) {
+            float a = fabsf(load1(c->x, base + j, c->dt));
+            if (a != a || (c->thr > 0.0f && a >= c->thr)) continue; /* NaN ignored, outliers masked to 0 */
+            if (a > mx[j - j0]) mx[j - j0] = a;
+        }
+    }
+    for (size_t j = j0; j < j1; j++) c->stats[j] = mx[j - j0];
+}
+
+static void i8c_quant(void *vc, size_t u) {
+    const i8cctx_t *c = (const i8cctx_t *)vc;
+    size_t r0 = u * c->per_unit, r1 = r0 + c->per_unit < c->rows ? r0 + c->per_unit : c->rows;
+    for (size_t r = r0; r < r1; r++) {
+        size_t base = r * c->cols;
+        for (size_t j = 0; j < c->cols; j++) {
+            float a = load1(c->x, base + j, c->dt);
+            c->q[base + j] = (c->thr > 0.0f && fabsf(a) >= c->thr) ? 0 : round_i8((a * 127.0f) / c->stats[j]);
+        }
+    }
+}
+
+/* int8_col_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, threads) */
+static PyObject *py_int8_col_quant(PyObject *self, PyObject *args) {
+    unsigned long long xp, qp, sp;
+    Py_ssize_t rows, cols;
+    int dt, want;
+    double thr;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinndKKi", &xp, &dt, &rows, &cols, &thr, &qp, &sp, &want)) return NULL;
+    if (rows < 0 || cols <= 0 || dt < 0 || dt > 2 || !(thr >= 0.0)) {
+        PyErr_Format(PyExc_ValueError, "int8_col_quant: bad sizes (rows=%zd, cols=%zd, dtype=%d)", rows, cols, dt);
+        return NULL;
+    }
+    i8cctx_t c = {(const void *)(uintptr_t)xp, dt, (size_t)rows, (size_t)cols, (float)thr, (int8_t *)(uintptr_t)qp,
+                  (float *)(uintptr_t)sp, 1};
+    c.per_unit = c.cols >= UNIT ? 1 : UNIT / c.cols;
+    int nt = pick_threads(c.rows * c.cols, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(i8c_stats, &c, (c.cols + I8C_COLS - 1) / I8C_COLS, nt);
+    run_units(i8c_quant, &c, (c.rows + c.per_unit - 1) / c.per_unit, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
      "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads[, packed_ptr]) "
@@ -1394,6 +1532,13 @@ static PyMethodDef methods[] = {
      "fake_quantize_blockwise(x_ptr, dtype, n, blocksize, out_ptr, absmax_ptr, code_ptr, base_ptr, tval_ptr, m, "
      "threads[, packed_ptr]) -> 0, or 1 when a block holds NaN/Inf (outputs then incomplete): "
      "dequantize_blockwise(quantize_blockwise(x)) in x's dtype; out_ptr 0 writes the absmax only."},
+    {"int8_dequant", py_int8_dequant, METH_VARARGS,
+     "int8_dequant(kind, src_ptr, rows, cols, row_ptr, col_ptr, bias_ptr, bias_dtype, k, out_ptr, dtype, threads) "
+     "-> 0, or 1 (use the reference) for a non-finite scale/bias or a NaN result. kind 0: int8 q -> float32 "
+     "q*row*k; kind 1: int32 C -> ((C*row)*col)*k [+ bias] in dtype."},
+    {"int8_col_quant", py_int8_col_quant, METH_VARARGS,
+     "int8_col_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, threads): the column codes and "
+     "stats of int8_double_quant (default mode)."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},

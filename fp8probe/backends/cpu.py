@@ -374,7 +374,8 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
 #: the ops whose CPU kernel is this module's function of the same name (register() installs them;
 #: kernel() hands them to functional.py's direct eager calls)
 CPU_KERNELS = ("quantize_blockwise", "quantize_global", "dequantize_blockwise", "int8_vectorwise_quant",
-               "quantize_scaled", "dequantize_scaled")
+               "quantize_scaled", "dequantize_scaled",
+               "int8_double_quant", "int8_vectorwise_dequant", "int8_mm_dequant")  # bnb part
 
 
 def register() -> None:
@@ -428,3 +429,62 @@ def fake_quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int,
                                         absmax.data_ptr(), code.data_ptr(), base8.data_ptr(), t_val.data_ptr(), m,
                                         _threads(n), packed.data_ptr() if packed is not None else 0)
     return None if rc else (out, absmax)
+
+
+_I8_SCALES = {"vectorwise": float(_ref.INV_127), "mm": float(_ref.INV_127_SQ)}
+
+
+def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU kernel of ``fp8probe::int8_double_quant`` (default mode): the row half is int8_vectorwise_quant's,
+    the column half one C call (stats pass over column strips, then the codes); the reference's results
+    bit for bit. ``compat="bnb"`` and empty tensors run the reference."""
+    if not _quant_applies(A, compat):
+        return _ref.int8_double_quant(A, threshold, compat)
+    q_row, row_stats, cols = int8_vectorwise_quant(A, threshold, compat)
+    R, C = _ref._rows_cols(A.shape)
+    Ac = A.detach().contiguous()
+    q_col = _fresh(A.shape, torch.int8)
+    col_stats = torch.empty(C, dtype=_F32)
+    _ext().int8_col_quant(Ac.data_ptr(), _DT[A.dtype], R, C, float(threshold), q_col.data_ptr(), col_stats.data_ptr(),
+                          _threads(A.numel()))
+    return q_row, q_col, row_stats, col_stats, cols
+
+
+def _i8_applies(src: torch.Tensor, *scales: torch.Tensor | None) -> bool:
+    return (src.device.type == "cpu" and src.numel() > 0 and src.shape[-1] > 0 and enabled()
+            and all(s is None or (s.device.type == "cpu" and s.dtype in _DT) for s in scales))
+
+
+def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """CPU kernel of ``fp8probe::int8_vectorwise_dequant``: ``fl32(fl32(float(q) * stats[row]) * fl32(1/127))``,
+    float32 q.shape, as the reference; it runs instead for non-finite stats and empty tensors."""
+    R, C = _ref._rows_cols(q.shape)
+    if not (_i8_applies(q, stats) and stats.dtype == _F32 and q.dtype == torch.int8 and stats.numel() == R):
+        return _ref.int8_vectorwise_dequant(q, stats)
+    qc, sc = q.detach().contiguous(), stats.detach().contiguous()
+    out = _fresh(q.shape, _F32)
+    if _ext().int8_dequant(0, qc.data_ptr(), R, C, sc.data_ptr(), 0, 0, 0, _I8_SCALES["vectorwise"], out.data_ptr(),
+                           0, _threads(q.numel())):
+        return _ref.int8_vectorwise_dequant(q, stats)
+    return out
+
+
+def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype, compat: str) -> torch.Tensor:
+    """CPU kernel of ``fp8probe::int8_mm_dequant`` (default mode): the reference's float32 order, then its
+    RNE cast; the reference runs for ``compat="bnb"``, empty tensors, non-finite stats or bias, a bias
+    dtype other than fp32/fp16/bf16 and NaN results."""
+    R, N = _ref._rows_cols(A.shape)
+    if not (compat == "" and dtype in _DT and A.dtype == torch.int32 and _i8_applies(A, row_stats, col_stats, bias)
+            and row_stats.dtype == _F32 and col_stats.dtype == _F32 and row_stats.numel() == R
+            and col_stats.numel() == N and (bias is None or bias.numel() == N)):
+        return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat)
+    Ac, rs, cs = A.detach().contiguous(), row_stats.detach().contiguous(), col_stats.detach().contiguous()
+    bc = None if bias is None else bias.detach().contiguous()
+    out = _fresh(A.shape, dtype)
+    if _ext().int8_dequant(1, Ac.data_ptr(), R, N, rs.data_ptr(), cs.data_ptr(), 0 if bc is None else bc.data_ptr(),
+                           0 if bc is None else _DT[bc.dtype], _I8_SCALES["mm"], out.data_ptr(), _DT[dtype],
+                           _threads(A.numel())):
+        return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat)
+    return out
