@@ -232,7 +232,7 @@ def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
     # GEMM already used it is reused: float32 operands of mixed, every operand of global, and W (one
     # absmax per slice, elementwise rounding: fq(Wᵀ) = fq(W)ᵀ).
     qA = _fq_code_slices(A, "bnb-e4m3", blocks[0]) if mixed and A.dtype != _F32 else fp8A
-    ops = {"activation": (A, qA, None), "weight": (W, fp8Wt.mT, None)}
+    ops = {"activation": (A, qA, None), "weight": (W, fp8Wt.mT.contiguous(), None)}  # metrics read it row-major
     if G is not None:
         g = G.to(y.dtype)
         if mixed:
