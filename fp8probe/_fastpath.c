@@ -1848,6 +1848,258 @@ static PyObject *py_outlier_census(PyObject *self, PyObject *args) {
 }
 
 /* ===================================================================== end of metrics reductions */
+/* ============================================================================================
+ * bnb part: fused codebook fake-quantisation (functional.fake_quantize, backends/cpu.py)
+ *
+ * y = cast(fl32(code[q] * absmax[b])) with q = the blockwise quantiser's index of x: exactly
+ * quantize_blockwise followed by dequantize_blockwise, because it runs their own loops (absmax_bits,
+ * quant_range, deq_avx2 / deq_scalar) on chunks of FQ_CHUNK elements: the chunk's codes go to a
+ * stack buffer that stays in L1 and are dequantised from there, so the uint8 tensor and the second
+ * pass over memory disappear. Output dtype = input dtype. out == 0: only the absmax is written (the
+ * block-scale records need it without the codes). Returns 1 when a block holds NaN/Inf (the caller
+ * then runs the two-step path, which records the specials); the outputs are then incomplete.
+ * ============================================================================================ */
+#define FQ_CHUNK 4096
+
+typedef struct {
+    qctx_t qc;          /* x, dt, n, bs, nb, absmax, tables, per_unit, partial, bad (q unused) */
+    const float *code;  /* [256] */
+    void *out;          /* dequantised output, dtype qc.dt; NULL: absmax only */
+} fqctx_t;
+
+static size_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+/* quantise + dequantise [lo, hi) of one block with reciprocal `recip` and scale `am`, chunk by chunk */
+static void fq_range(const fqctx_t *c, size_t lo, size_t hi, float recip, float am) {
+    uint8_t q[FQ_CHUNK];
+    size_t es = dt_size(c->qc.dt);
+    for (size_t s = lo; s < hi; s += FQ_CHUNK) {
+        size_t len = hi - s < FQ_CHUNK ? hi - s : FQ_CHUNK;
+        quant_range((const char *)c->qc.x + s * es, 0, len, c->qc.dt, recip, q, &c->qc.T);
+        dctx_t d = {q, len, len, NULL, c->code, (char *)c->out + s * es, c->qc.dt};
+#if FP_X86
+        if (g_have_avx2) deq_avx2(&d, 0, len, am);
+        else
+#endif
+            deq_scalar(&d, 0, len, am);
+    }
+}
+
+static void fq_fused(void *vc, size_t u) {
+    fqctx_t *c = (fqctx_t *)vc;
+    qctx_t *qc = &c->qc;
+    size_t b0 = u * qc->per_unit, b1 = b0 + qc->per_unit < qc->nb ? b0 + qc->per_unit : qc->nb;
+    for (size_t b = b0; b < b1 && !qc->bad; b++) {
+        size_t lo = b * qc->bs, hi = lo + qc->bs < qc->n ? lo + qc->bs : qc->n;
+        uint32_t mb = absmax_bits(qc->x, lo, hi, qc->dt);
+        if (mb >= 0x7f800000u) { qc->bad = 1; return; }
+        float am = u2f(mb);
+        qc->absmax[b] = am;
+        if (c->out) fq_range(c, lo, hi, 1.0f / am, am);
+    }
+}
+
+static void fq_phase2(void *vc, size_t u) {
+    fqctx_t *c = (fqctx_t *)vc;
+    size_t b, lo, hi;
+    piece(&c->qc, u, &b, &lo, &hi);
+    float am = c->qc.absmax[b];
+    fq_range(c, lo, hi, 1.0f / am, am);
+}
+
+static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
+    unsigned long long xp, op, ap, bp, tp, cp, pp = 0;
+    Py_ssize_t n, bs;
+    int dt, m, want;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinnKKKKKii|K", &xp, &dt, &n, &bs, &op, &ap, &cp, &bp, &tp, &m, &want, &pp))
+        return NULL;
+    if (n < 0 || bs <= 0 || dt < 0 || dt > 2 || m < 0 || m > 8) {
+        PyErr_Format(PyExc_ValueError, "fake_quantize_blockwise: bad sizes (n=%zd, blocksize=%zd, dtype=%d, m=%d)",
+                     n, bs, dt, m);
+        return NULL;
+    }
+    fqctx_t c;
+    memset(&c, 0, sizeof c);
+    qctx_t *qc = &c.qc;
+    qc->x = (const void *)(uintptr_t)xp; qc->dt = dt; qc->n = (size_t)n; qc->bs = (size_t)bs;
+    qc->nb = n ? ((size_t)n + (size_t)bs - 1) / (size_t)bs : 0;
+    if (qc->bs > qc->n && qc->n) qc->bs = qc->n;
+    qc->absmax = (float *)(uintptr_t)ap;
+    qc->T.base = (const uint8_t *)(uintptr_t)bp; qc->T.tval = (const float *)(uintptr_t)tp; qc->T.m = m;
+    qc->T.packed = (const uint32_t *)(uintptr_t)pp;
+    c.code = (const float *)(uintptr_t)cp;
+    c.out = (void *)(uintptr_t)op;
+    int nt = pick_threads((size_t)n, want);
+    int nomem = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (qc->bs <= FUSED_MAX) {
+        qc->per_unit = qc->bs >= UNIT ? 1 : UNIT / qc->bs;
+        run_units(fq_fused, &c, (qc->nb + qc->per_unit - 1) / qc->per_unit, nt);
+    } else {
+        /* one large block (global quantisation): the absmax over UNIT pieces (q_phase1), then each
+         * piece quantised and dequantised with its block's scale */
+        qc->per_unit = (qc->bs + UNIT - 1) / UNIT;
+        size_t nunits = qc->nb * qc->per_unit;
+        qc->partial = (uint32_t *)malloc(nunits * sizeof(uint32_t));
+        if (!qc->partial) {
+            nomem = 1;
+        } else {
+            run_units(q_phase1, qc, nunits, nt);
+            if (!qc->bad) {
+                for (size_t b = 0; b < qc->nb; b++) {
+                    uint32_t mb = 0;
+                    for (size_t k = b * qc->per_unit; k < (b + 1) * qc->per_unit; k++)
+                        mb = qc->partial[k] > mb ? qc->partial[k] : mb;
+                    qc->absmax[b] = u2f(mb);
+                }
+                if (c.out) run_units(fq_phase2, &c, nunits, nt);
+            }
+            free(qc->partial);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (nomem) return PyErr_NoMemory();
+    return PyLong_FromLong(qc->bad ? 1 : 0);
+}
+
+/* ---------------------------------------------------------------- bnb part: LLM.int8 dequantisation
+ * Default-mode LLM.int8 ops of reference.py, in its float32 order (one IEEE operation each, no FMA):
+ *   int8_vectorwise_dequant: y = fl32(fl32(float(q) * stats[r]) * INV_127)            float32 output
+ *   int8_mm_dequant:         y = fl32(fl32(fl32(float(C) * row[r]) * col[j]) * INV_127_SQ) [+ bias[j]],
+ *                            float(C) = RNE int32 -> float32, then the RNE cast to fp32/fp16/bf16
+ *   int8_double_quant (column half): col_stats[j] = max |a| over rows of the non-outlier, non-NaN
+ *                            elements; q_col = round_i8(fl32(fl32(a * 127) / col_stats[j])), outliers -> 0
+ * Scales are passed as float32 in the ops' own rounding (fl32(1/127), fl32(1/127^2)). The dequantisers
+ * return 1 (the caller then runs the reference) for a NaN/±Inf scale or bias, or a NaN result: torch's
+ * NaN casts to bf16 and NaN payloads are not reproduced here. */
+typedef struct {
+    const void *src; int kind; /* 0: int8 q (vectorwise_dequant), 1: int32 C (mm_dequant) */
+    size_t rows, cols; const float *row; const float *col; const void *bias; int bias_dt; float k;
+    void *out; int dt; size_t per_unit; volatile int bad;
+} i8dctx_t;
+
+static void i8d_work(void *vc, size_t u) {
+    i8dctx_t *c = (i8dctx_t *)vc;
+    size_t r0 = u * c->per_unit, r1 = r0 + c->per_unit < c->rows ? r0 + c->per_unit : c->rows;
+    int bad = 0;
+    for (size_t r = r0; r < r1; r++) {
+        float rs = c->row[r];
+        size_t base = r * c->cols;
+        if (c->kind == 0) {
+            const int8_t *q = (const int8_t *)c->src + base;
+            float *y = (float *)c->out + base;
+            for (size_t j = 0; j < c->cols; j++) y[j] = ((float)q[j] * rs) * c->k;
+            continue;
+        }
+        const int32_t *C = (const int32_t *)c->src + base;
+        for (size_t j = 0; j < c->cols; j++) {
+            float v = (((float)C[j] * rs) * c->col[j]) * c->k;
+            if (c->bias) v = v + load1(c->bias, j, c->bias_dt);
+            bad |= v != v;
+            store1(c->out, base + j, v, c->dt);
+        }
+    }
+    if (bad) c->bad = 1;
+}
+
+static int all_finite(const float *p, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if ((f2u(p[i]) & 0x7fffffffu) >= 0x7f800000u) return 0;
+    return 1;
+}
+
+static int bias_finite(const void *p, int dt, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if ((f2u(load1(p, i, dt)) & 0x7fffffffu) >= 0x7f800000u) return 0;
+    return 1;
+}
+
+/* int8_dequant(kind, src_ptr, rows, cols, row_ptr, col_ptr, bias_ptr, bias_dtype, k, out_ptr, dtype, threads) */
+static PyObject *py_int8_dequant(PyObject *self, PyObject *args) {
+    unsigned long long sp, rp, cp, bp, op;
+    Py_ssize_t rows, cols;
+    int kind, bdt, dt, want;
+    double k;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKnnKKKidKii", &kind, &sp, &rows, &cols, &rp, &cp, &bp, &bdt, &k, &op, &dt, &want))
+        return NULL;
+    if (rows < 0 || cols <= 0 || kind < 0 || kind > 1 || dt < 0 || dt > 2 || bdt < 0 || bdt > 2 || (kind == 0 && dt)) {
+        PyErr_Format(PyExc_ValueError, "int8_dequant: bad arguments (kind=%d, rows=%zd, cols=%zd, dtype=%d)",
+                     kind, rows, cols, dt);
+        return NULL;
+    }
+    i8dctx_t c = {(const void *)(uintptr_t)sp, kind, (size_t)rows, (size_t)cols, (const float *)(uintptr_t)rp,
+                  (const float *)(uintptr_t)cp, (const void *)(uintptr_t)bp, bdt, (float)k, (void *)(uintptr_t)op,
+                  dt, 1, 0};
+    if (!all_finite(c.row, c.rows) || (kind == 1 && !all_finite(c.col, c.cols))
+        || (c.bias && !bias_finite(c.bias, bdt, c.cols)))
+        return PyLong_FromLong(1);
+    c.per_unit = c.cols >= UNIT ? 1 : UNIT / c.cols;
+    int nt = pick_threads(c.rows * c.cols, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(i8d_work, &c, (c.rows + c.per_unit - 1) / c.per_unit, nt);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(c.bad);
+}
+
+/* column half of int8_double_quant: units of I8C_COLS columns walk every row (stats), then units of
+ * rows quantise (each element needs only its column's stat) */
+#define I8C_COLS 64
+typedef struct {
+    const void *x; int dt; size_t rows, cols; float thr; int8_t *q; float *stats; size_t per_unit;
+} i8cctx_t;
+
+static void i8c_stats(void *vc, size_t u) {
+    const i8cctx_t *c = (const i8cctx_t *)vc;
+    size_t j0 = u * I8C_COLS, j1 = j0 + I8C_COLS < c->cols ? j0 + I8C_COLS : c->cols;
+    float mx[I8C_COLS];
+    for (size_t j = j0; j < j1; j++) mx[j - j0] = 0.0f;
+    for (size_t r = 0; r < c->rows; r++) {
+        size_t base = r * c->cols;
+        for (size_t j = j0; j < j1; j++) {
+            float a = fabsf(load1(c->x, base + j, c->dt));
+            if (a != a || (c->thr > 0.0f && a >= c->thr)) continue; /* NaN ignored, outliers masked to 0 */
+            if (a > mx[j - j0]) mx[j - j0] = a;
+        }
+    }
+    for (size_t j = j0; j < j1; j++) c->stats[j] = mx[j - j0];
+}
+
+static void i8c_quant(void *vc, size_t u) {
+    const i8cctx_t *c = (const i8cctx_t *)vc;
+    size_t r0 = u * c->per_unit, r1 = r0 + c->per_unit < c->rows ? r0 + c->per_unit : c->rows;
+    for (size_t r = r0; r < r1; r++) {
+        size_t base = r * c->cols;
+        for (size_t j = 0; j < c->cols; j++) {
+            float a = load1(c->x, base + j, c->dt);
+            c->q[base + j] = (c->thr > 0.0f && fabsf(a) >= c->thr) ? 0 : round_i8((a * 127.0f) / c->stats[j]);
+        }
+    }
+}
+
+/* int8_col_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, threads) */
+static PyObject *py_int8_col_quant(PyObject *self, PyObject *args) {
+    unsigned long long xp, qp, sp;
+    Py_ssize_t rows, cols;
+    int dt, want;
+    double thr;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinndKKi", &xp, &dt, &rows, &cols, &thr, &qp, &sp, &want)) return NULL;
+    if (rows < 0 || cols <= 0 || dt < 0 || dt > 2 || !(thr >= 0.0)) {
+        PyErr_Format(PyExc_ValueError, "int8_col_quant: bad sizes (rows=%zd, cols=%zd, dtype=%d)", rows, cols, dt);
+        return NULL;
+    }
+    i8cctx_t c = {(const void *)(uintptr_t)xp, dt, (size_t)rows, (size_t)cols, (float)thr, (int8_t *)(uintptr_t)qp,
+                  (float *)(uintptr_t)sp, 1};
+    c.per_unit = c.cols >= UNIT ? 1 : UNIT / c.cols;
+    int nt = pick_threads(c.rows * c.cols, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(i8c_stats, &c, (c.cols + I8C_COLS - 1) / I8C_COLS, nt);
+    run_units(i8c_quant, &c, (c.rows + c.per_unit - 1) / c.per_unit, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
 
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
@@ -1873,6 +2125,18 @@ static PyMethodDef methods[] = {
      "finite_amax(x_ptr, dtype, n, threads) -> float: the largest finite |x| (0.0 when none)."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(addr, nbytes) -> bool: madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior (Linux)."},
+    /* bnb part: fused codebook fake-quantisation */
+    {"fake_quantize_blockwise", py_fake_quantize_blockwise, METH_VARARGS,
+     "fake_quantize_blockwise(x_ptr, dtype, n, blocksize, out_ptr, absmax_ptr, code_ptr, base_ptr, tval_ptr, m, "
+     "threads[, packed_ptr]) -> 0, or 1 when a block holds NaN/Inf (outputs then incomplete): "
+     "dequantize_blockwise(quantize_blockwise(x)) in x's dtype; out_ptr 0 writes the absmax only."},
+    {"int8_dequant", py_int8_dequant, METH_VARARGS,
+     "int8_dequant(kind, src_ptr, rows, cols, row_ptr, col_ptr, bias_ptr, bias_dtype, k, out_ptr, dtype, threads) "
+     "-> 0, or 1 (use the reference) for a non-finite scale/bias or a NaN result. kind 0: int8 q -> float32 "
+     "q*row*k; kind 1: int32 C -> ((C*row)*col)*k [+ bias] in dtype."},
+    {"int8_col_quant", py_int8_col_quant, METH_VARARGS,
+     "int8_col_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, threads): the column codes and "
+     "stats of int8_double_quant (default mode)."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import fp8probe.ops  # noqa: F401  (registers torch.ops.fp8probe.*)
 from fp8probe.backends import cpu as _cpu
@@ -26,6 +27,7 @@ from fp8probe.formats import (
 __all__ = [
     "create_fp8_map", "create_dynamic_map", "create_linear_map", "get_codebook",
     "QuantState", "quantize", "dequantize", "quantize_blockwise", "dequantize_blockwise", "fake_quantize",
+    "blockwise_absmax",
     "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_double_quant", "int8_linear_matmul",
     "int8_mm_dequant", "int8_scaled_mm", "int8_mixed_scaled_mm",
     "ScaledTensor", "quantize_scaled", "dequantize_scaled",
@@ -36,6 +38,37 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # below 2^31 for K ≤ 131071; from K = 131072 on the sum can wrap. Longer rows are refused, not wrapped.
 INT8_MATMUL_MAX_K = (2**31 - 1) // (128 * 128)
 _OPS = torch.ops.fp8probe
+
+
+# --------------------------------------------------------------------------------------------
+# op calls: torch.ops.fp8probe.*, or straight to the CPU kernel in plain eager calls
+# --------------------------------------------------------------------------------------------
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_cpu(args: tuple) -> bool:
+    """Whether a call with `args` would reach the op's CPU kernel with nothing of torch's machinery in
+    between: plain strided CPU tensors, none tracked by autograd, no torch.compile/export, jit tracing,
+    functorch transform, torch-function mode (gemms.py's capture mode) or dispatch mode (FakeTensorMode,
+    FunctionalTensorMode, opcheck's checks) active. Then the kernel's result is what the op returns."""
+    if torch.compiler.is_compiling():  # first: dynamo folds it to True and traces nothing below
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.device.type != "cpu"
+                                            or a.layout != torch.strided or (grad and a.requires_grad)):
+            return False
+    return not (torch._C._len_torch_function_stack() or _get_current_dispatch_mode() is not None
+                or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None)
+
+
+def _run(name: str, *args):
+    """``torch.ops.fp8probe.<name>(*args)``. A plain eager CPU call (_eager_cpu) goes to the kernel the
+    dispatcher would pick (backends/cpu.kernel) directly: the custom-op path (autograd wrapper,
+    redispatch, dynamo's eval-frame check) costs ~60 us a call, ~1 s of a 6-layer Llama analysis."""
+    if _eager_cpu(args):
+        return _cpu.kernel(name)(*args)
+    return getattr(_OPS, name)(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +230,7 @@ def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch
     code = _code(code, A.device)
     # default mode: global = one block over the whole tensor, so the blockwise fast path serves it
     q, absmax, sidx, sval = _quantize_into(A, code, max(A.numel(), 1), c, out, None,
-                                           lambda cb: _OPS.quantize_global(A, cb, c))
+                                           lambda cb: _run("quantize_global", A, cb, c))
     state = QuantState(absmax=absmax, code=code.clone(), blocksize=max(A.numel(), 1), dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     return q, state
@@ -238,7 +271,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     c = _compat(compat)
     code = _code(code, A.device)
     q, am, sidx, sval = _quantize_into(A, code, blocksize, c, out, absmax,
-                                       lambda cb: _OPS.quantize_blockwise(A, cb, blocksize, c))
+                                       lambda cb: _run("quantize_blockwise", A, cb, blocksize, c))
     state = QuantState(absmax=am, code=_effective_code(code, A, c), blocksize=blocksize, dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     if nested:
@@ -296,19 +329,46 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
     if out is not None and _cpu.dequantize_blockwise_into(q, am, st.code, st.blocksize, out_dtype, sidx, sval,
                                                           _compat(st.compat), out):
         return out  # CPU fast path wrote `out` in place
-    y = _OPS.dequantize_blockwise(q, am.to(q.device), st.code.to(q.device), st.blocksize, out_dtype,
+    y = _run("dequantize_blockwise", q, am.to(q.device), st.code.to(q.device), st.blocksize, out_dtype,
                                   sidx, sval, _compat(st.compat))
     return _write_out(out, y)
 
 
 def fake_quantize(A: torch.Tensor, code: torch.Tensor | str | None, blocksize: int | None = None, *,
-                  compat: str | None = None) -> torch.Tensor:
-    """``dequantize(quantize(A))`` in A.dtype: blockwise with `blocksize`, tensor-wise when None."""
+                  compat: str | None = None, return_absmax: bool = False
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``dequantize(quantize(A))`` in A.dtype: blockwise with `blocksize`, tensor-wise when None.
+
+    ``return_absmax``: also return the scales, float32 [ceil(n/blocksize)] (global: [1]; [0] for empty A),
+    as QuantState.absmax holds them. Plain eager CPU calls in the default mode run one fused C pass
+    (backends/cpu.fake_quantize_blockwise: no uint8 codes in memory, no second pass), bit-identical to
+    the two steps; NaN/±Inf inputs, ``compat="bnb"`` and everything else run the two steps.
+    """
+    _check_tensor("A", A, _FLOATS)
+    bs = max(A.numel(), 1) if blocksize is None else _check_blocksize(blocksize)
+    if _compat(compat) == "" and _eager_cpu((A,)):
+        fused = _cpu.fake_quantize_blockwise(A, _code(code, A.device), bs)
+        if fused is not None:
+            return fused if return_absmax else fused[0]
     if blocksize is None:
         q, st = quantize(A, code, compat=compat)
     else:
         q, st = quantize_blockwise(A, code, blocksize=blocksize, compat=compat)
-    return dequantize_blockwise(q, st)
+    y = dequantize_blockwise(q, st)
+    return (y, st.absmax) if return_absmax else y
+
+
+def blockwise_absmax(A: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The scales :func:`quantize_blockwise` stores for A, without quantising: float32 [ceil(n/blocksize)],
+    the largest finite |a| of each block of the C-order flattened A (any codebook gives the same).
+    Plain eager CPU calls on finite data read A once in C; otherwise the quantiser runs."""
+    _check_tensor("A", A, _FLOATS)
+    blocksize = _check_blocksize(blocksize)
+    if A.numel() and _eager_cpu((A,)):
+        fused = _cpu.fake_quantize_blockwise(A, get_codebook("dynamic", A.device), blocksize, with_values=False)
+        if fused is not None:
+            return fused[1]
+    return quantize_blockwise(A, "dynamic", blocksize=blocksize)[1].absmax
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,9 +439,9 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: st
     c = _compat(compat)
     if check_row_scale(row_scale) == "paper" and t > 0:
         A_in, cols = _without_outlier_cols(A, _op_threshold(t, c))
-        q, row_stats, _ = _OPS.int8_vectorwise_quant(A_in, 0.0, c)
+        q, row_stats, _ = _run("int8_vectorwise_quant", A_in, 0.0, c)
         return q, row_stats, cols
-    q, row_stats, cols = _OPS.int8_vectorwise_quant(A, _op_threshold(t, c), c)
+    q, row_stats, cols = _run("int8_vectorwise_quant", A, _op_threshold(t, c), c)
     return q, row_stats, (cols if t > 0 else None)
 
 
@@ -393,7 +453,7 @@ def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tenso
     rows = math.prod(q.shape[:-1])
     if stats.numel() != rows:
         raise ValueError(f"stats must have one entry per row ({rows}), got {stats.numel()}")
-    return _OPS.int8_vectorwise_dequant(q, stats.to(torch.float32))
+    return _run("int8_vectorwise_dequant", q, stats.to(torch.float32))
 
 
 def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | None = None,
@@ -412,9 +472,9 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | 
     c = _compat(compat)
     if check_row_scale(row_scale) == "paper" and t > 0:
         A_in, cols = _without_outlier_cols(A, _op_threshold(t, c))
-        q_row, q_col, rs, cs, _ = _OPS.int8_double_quant(A_in, 0.0, c)
+        q_row, q_col, rs, cs, _ = _run("int8_double_quant", A_in, 0.0, c)
         return q_row, q_col, rs, cs, cols
-    q_row, q_col, rs, cs, cols = _OPS.int8_double_quant(A, _op_threshold(t, c), c)
+    q_row, q_col, rs, cs, cols = _run("int8_double_quant", A, _op_threshold(t, c), c)
     return q_row, q_col, rs, cs, (cols if t > 0 else None)
 
 
@@ -439,7 +499,7 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | Non
                          f"is exact only up to there), got K = {A.shape[-1]}: split the reduction into chunks")
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
-    return _write_out(out, _OPS.int8_linear_matmul(A, B))
+    return _write_out(out, _run("int8_linear_matmul", A, B))
 
 
 def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
@@ -465,7 +525,7 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
         raise ValueError(f"col_stats must have {n} entries (A.shape[-1]), got {col_stats.numel()}")
     if bias is not None and bias.numel() != n:
         raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
-    y = _OPS.int8_mm_dequant(A, row_stats.to(torch.float32), col_stats.to(torch.float32), bias, dtype,
+    y = _run("int8_mm_dequant", A, row_stats.to(torch.float32), col_stats.to(torch.float32), bias, dtype,
                              _compat(compat))
     return _write_out(out, y)
 
@@ -594,7 +654,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
         tile = (int(block[0]), int(block[1]))
     else:
         raise ValueError(f"granularity must be 'tensor', 'row' or 'block', got {granularity!r}")
-    data, scale = _OPS.quantize_scaled(x, fmt, tile[0], tile[1], scale_rule, global_scale)
+    data, scale = _run("quantize_scaled", x, fmt, tile[0], tile[1], scale_rule, global_scale)
     return ScaledTensor(data=data, scale=scale, fmt=fmt, granularity=granularity, block=tile, dtype=x.dtype,
                         scale_rule=scale_rule, global_scale=global_scale)
 
@@ -608,6 +668,6 @@ def dequantize_scaled(st: ScaledTensor, dtype: torch.dtype | None = None) -> tor
     if out_dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")
     if st.data.dtype == torch.uint8 or st.global_scale is not None:
-        return _OPS.dequantize_scaled(st.data, st.scale, st.block[0], st.block[1], out_dtype, st.fmt,
+        return _run("dequantize_scaled", st.data, st.scale, st.block[0], st.block[1], out_dtype, st.fmt,
                                       st.global_scale)
-    return _OPS.dequantize_scaled(st.data, st.scale, st.block[0], st.block[1], out_dtype)
+    return _run("dequantize_scaled", st.data, st.scale, st.block[0], st.block[1], out_dtype)

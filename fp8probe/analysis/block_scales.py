@@ -10,7 +10,6 @@ import torch
 from fp8probe import autograd as AG
 from fp8probe import functional as F
 from fp8probe.backends import reference as _ref
-from fp8probe.formats import get_codebook
 
 from .strategies import Strategy, _run_mixed, _Scaled
 
@@ -157,12 +156,12 @@ def _scaled_records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | Non
 def _codebook_records(x2: torch.Tensor, q2: torch.Tensor, book: str, blocksize: int) -> tuple[torch.Tensor, ...]:
     """bnb blockwise: blocks of `blocksize` over the flattened tensor; the scale is the block absmax."""
     flat = x2.reshape(1, -1).to(torch.float32).contiguous()
-    _, state = F.quantize_blockwise(flat, get_codebook(book, flat.device), blocksize=blocksize)
+    absmax = F.blockwise_absmax(flat, blocksize)  # the quantiser's scales, without re-quantising (one read)
     qf = q2.reshape(1, -1)
     # a codebook spans [-1, 1]: a block can only clip what lies beyond its absmax (never, by construction)
-    top = state.absmax.to(_F64).repeat_interleave(blocksize)[: flat.shape[1]].reshape(1, -1)
+    top = absmax.to(_F64).repeat_interleave(blocksize)[: flat.shape[1]].reshape(1, -1)
     sat = (qf.to(_F64).abs() >= top) & (flat.to(_F64).abs() > qf.to(_F64).abs())
-    return _records(flat, qf, sat, state.absmax, (1, blocksize))
+    return _records(flat, qf, sat, absmax, (1, blocksize))
 
 
 def block_operands(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,

@@ -371,6 +371,13 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     return out
 
 
+#: the ops whose CPU kernel is this module's function of the same name (register() installs them;
+#: kernel() hands them to functional.py's direct eager calls)
+CPU_KERNELS = ("quantize_blockwise", "quantize_global", "dequantize_blockwise", "int8_vectorwise_quant",
+               "quantize_scaled", "dequantize_scaled",
+               "int8_double_quant", "int8_vectorwise_dequant", "int8_mm_dequant")  # bnb part
+
+
 def register() -> None:
     """Install the CPU kernels (idempotent). Does nothing when the extension is not built or
     FP8PROBE_BACKEND=reference is set at import time."""
@@ -378,12 +385,8 @@ def register() -> None:
     if _registered or not enabled():
         return
     _registered = True
-    torch.library.register_kernel("fp8probe::quantize_blockwise", "cpu", quantize_blockwise)
-    torch.library.register_kernel("fp8probe::quantize_global", "cpu", quantize_global)
-    torch.library.register_kernel("fp8probe::dequantize_blockwise", "cpu", dequantize_blockwise)
-    torch.library.register_kernel("fp8probe::int8_vectorwise_quant", "cpu", int8_vectorwise_quant)
-    torch.library.register_kernel("fp8probe::quantize_scaled", "cpu", quantize_scaled)
-    torch.library.register_kernel("fp8probe::dequantize_scaled", "cpu", dequantize_scaled)
+    for name in CPU_KERNELS:
+        torch.library.register_kernel(f"fp8probe::{name}", "cpu", globals()[name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,3 +504,104 @@ def outlier_census(a2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, to
     touched = _ext().outlier_census(xc.data_ptr(), _SUM_DT[xc.dtype], rows, cols, float(threshold), amax.data_ptr(),
                                     hits.data_ptr(), _threads(xc.numel()))
     return amax, hits, touched
+
+
+# --------------------------------------------------------------------------------------------
+# bnb part: direct eager calls, fused codebook fake-quantisation
+# --------------------------------------------------------------------------------------------
+def kernel(name: str):
+    """The function a CPU call of ``torch.ops.fp8probe.<name>`` reaches through the dispatcher: this
+    module's kernel when register() installed it, else the reference (functional.py calls it directly
+    in plain eager CPU calls, skipping ~60 us of custom-op dispatch)."""
+    if _registered and name in CPU_KERNELS:
+        return globals()[name]
+    return getattr(_ref, name)
+
+
+_SORTED: dict[bytes, bool] = {}
+
+
+def fake_quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, with_values: bool = True
+                            ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """``dequantize_blockwise(quantize_blockwise(A, code, blocksize))`` (default mode, A.dtype) and the block
+    absmax (float32 [ceil(n/blocksize)]) from one fused C pass, bit-identical to the two steps; with
+    ``with_values`` False only the absmax (values None). None when the C path does not apply (fast path
+    off or not built, not a CPU fp32/fp16/bf16 tensor, empty, a codebook that is not sorted ascending or
+    has no search tables, NaN/±Inf in A): the caller then runs the two steps."""
+    if not _quant_applies(A, "") or A.requires_grad:
+        return None
+    code = _cpu_code(code)
+    key = code.numpy().tobytes()
+    if key not in _SORTED:
+        _SORTED[key] = _ref.is_sorted(code)
+    tables = _tables(code) if _SORTED[key] else None
+    if tables is None:
+        return None
+    base8, t_val, m, packed = tables
+    n = A.numel()
+    Ac = A.detach().contiguous()
+    out = _fresh(A.shape, A.dtype) if with_values else None
+    absmax = torch.empty(-(-n // blocksize), dtype=_F32)
+    rc = _ext().fake_quantize_blockwise(Ac.data_ptr(), _DT[A.dtype], n, blocksize, 0 if out is None else out.data_ptr(),
+                                        absmax.data_ptr(), code.data_ptr(), base8.data_ptr(), t_val.data_ptr(), m,
+                                        _threads(n), packed.data_ptr() if packed is not None else 0)
+    return None if rc else (out, absmax)
+
+
+_I8_SCALES = {"vectorwise": float(_ref.INV_127), "mm": float(_ref.INV_127_SQ)}
+
+
+def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU kernel of ``fp8probe::int8_double_quant`` (default mode): the row half is int8_vectorwise_quant's,
+    the column half one C call (stats pass over column strips, then the codes); the reference's results
+    bit for bit. ``compat="bnb"`` and empty tensors run the reference."""
+    if not _quant_applies(A, compat):
+        return _ref.int8_double_quant(A, threshold, compat)
+    q_row, row_stats, cols = int8_vectorwise_quant(A, threshold, compat)
+    R, C = _ref._rows_cols(A.shape)
+    Ac = A.detach().contiguous()
+    q_col = _fresh(A.shape, torch.int8)
+    col_stats = torch.empty(C, dtype=_F32)
+    _ext().int8_col_quant(Ac.data_ptr(), _DT[A.dtype], R, C, float(threshold), q_col.data_ptr(), col_stats.data_ptr(),
+                          _threads(A.numel()))
+    return q_row, q_col, row_stats, col_stats, cols
+
+
+def _i8_applies(src: torch.Tensor, *scales: torch.Tensor | None) -> bool:
+    return (src.device.type == "cpu" and src.numel() > 0 and src.shape[-1] > 0 and enabled()
+            and all(s is None or (s.device.type == "cpu" and s.dtype in _DT) for s in scales))
+
+
+def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """CPU kernel of ``fp8probe::int8_vectorwise_dequant``: ``fl32(fl32(float(q) * stats[row]) * fl32(1/127))``,
+    float32 q.shape, as the reference; it runs instead for non-finite stats and empty tensors."""
+    R, C = _ref._rows_cols(q.shape)
+    if not (_i8_applies(q, stats) and stats.dtype == _F32 and q.dtype == torch.int8 and stats.numel() == R):
+        return _ref.int8_vectorwise_dequant(q, stats)
+    qc, sc = q.detach().contiguous(), stats.detach().contiguous()
+    out = _fresh(q.shape, _F32)
+    if _ext().int8_dequant(0, qc.data_ptr(), R, C, sc.data_ptr(), 0, 0, 0, _I8_SCALES["vectorwise"], out.data_ptr(),
+                           0, _threads(q.numel())):
+        return _ref.int8_vectorwise_dequant(q, stats)
+    return out
+
+
+def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype, compat: str) -> torch.Tensor:
+    """CPU kernel of ``fp8probe::int8_mm_dequant`` (default mode): the reference's float32 order, then its
+    RNE cast; the reference runs for ``compat="bnb"``, empty tensors, non-finite stats or bias, a bias
+    dtype other than fp32/fp16/bf16 and NaN results."""
+    R, N = _ref._rows_cols(A.shape)
+    if not (compat == "" and dtype in _DT and A.dtype == torch.int32 and _i8_applies(A, row_stats, col_stats, bias)
+            and row_stats.dtype == _F32 and col_stats.dtype == _F32 and row_stats.numel() == R
+            and col_stats.numel() == N and (bias is None or bias.numel() == N)):
+        return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat)
+    Ac, rs, cs = A.detach().contiguous(), row_stats.detach().contiguous(), col_stats.detach().contiguous()
+    bc = None if bias is None else bias.detach().contiguous()
+    out = _fresh(A.shape, dtype)
+    if _ext().int8_dequant(1, Ac.data_ptr(), R, N, rs.data_ptr(), cs.data_ptr(), 0 if bc is None else bc.data_ptr(),
+                           0 if bc is None else _DT[bc.dtype], _I8_SCALES["mm"], out.data_ptr(), _DT[dtype],
+                           _threads(A.numel())):
+        return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat)
+    return out

@@ -87,6 +87,45 @@ def test_bnb_mixed_blocks_are_flattened_absmax() -> None:
     assert r["clipped_block_frac"] == 0.0
 
 
+@pytest.mark.parametrize("specials", [False, True])
+def test_bnb_codebook_records_do_not_requantise(specials: bool, monkeypatch) -> None:
+    """The mixed rows take the block absmax from one read of the operand (functional.blockwise_absmax), not
+    from a second quantisation, and are the rows the quantiser's own absmax gives (NaN/±Inf included)."""
+    import fp8probe.analysis.block_scales as BS
+
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(24, 40, generator=g)
+    A[:, 7] *= 50.0
+    A[3, :] = 0.0
+    if specials:
+        A[1, 2], A[5, 9], A[9, 1] = float("nan"), float("inf"), float("-inf")
+    W = torch.randn(16, 40, generator=g)
+    G = torch.randn(24, 16, generator=g) * 1e-3
+    out = run_strategy(STRATEGIES["mixed"], A, W, G)
+    old_rows = {}
+    for op, (x, q, _) in out.operands.items():
+        if op == "weight":
+            continue
+        bs = 64  # get_block_sizes(40, 16): 64 for both
+        flat = x.reshape(1, -1).float().contiguous()
+        absmax = F.quantize_blockwise(flat, "bnb-e4m3", blocksize=bs)[1].absmax  # the records' former source
+        top = absmax.double().repeat_interleave(bs)[: flat.shape[1]].reshape(1, -1)
+        qf = q.reshape(1, -1)
+        sat = (qf.double().abs() >= top) & (flat.double().abs() > qf.double().abs())
+        old_rows[op] = BlockScaleStats()
+        old_rows[op].update(*BS._records(flat, qf, sat, absmax, (1, bs)))
+
+    def refuse(*a, **kw):
+        raise AssertionError("quantize_blockwise was called")
+    if not specials:  # finite operands: no quantiser call at all
+        monkeypatch.setattr(F, "quantize_blockwise", refuse)
+    rows = _stats("mixed", A, W, G)
+    for op, acc in old_rows.items():
+        r = rows[("mixed", op)]
+        for k, v in acc.result().items():
+            assert r[k] == v or (isinstance(v, float) and math.isnan(v) and math.isnan(r[k])), (op, k)
+
+
 @pytest.mark.parametrize("name", ["global", "int8", "switchback", "ocp-tensorwise", "ocp-rowwise"])
 def test_recipes_without_block_scales_have_no_rows(name) -> None:
     A, W = torch.randn(8, 64), torch.randn(4, 64)

@@ -1,0 +1,130 @@
+"""The C paths of the LLM.int8 ops (backends/cpu.py: int8_double_quant's column half, int8_vectorwise_dequant,
+int8_mm_dequant) against the PyTorch reference, bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8probe.backends import cpu
+from fp8probe.backends import reference as ref
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# odd widths and heights (no multiple of 8 / 64 / the 64-column strips), 1-D, 3-D and one big enough
+# (> 2^16 elements) to run on two threads
+SHAPES = ((37, 53), (1, 5), (130,), (3, 7, 67), (300, 300))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+
+
+def _same(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(_bits(x.contiguous()), _bits(y.contiguous()))
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def isa(request, monkeypatch):
+    if not cpu.available():
+        pytest.skip("fp8probe._fastpath not built")
+    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
+    cpu._ext().set_simd(request.param == "simd")
+    yield request.param
+    cpu._ext().set_simd(True)
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def _activations(shape, dtype, seed, specials):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2
+    flat = x.view(-1)
+    flat[::11] = 0.0
+    flat[4::23] = 2e-40                                # float32 subnormal
+    if x.dim() > 1:
+        x[..., 2] *= 30.0                              # an outlier column
+        x[..., min(6, x.shape[-1] - 1)] = 0.0          # an all-zero column (0/0 in the column codes)
+    if specials:
+        flat[[1, flat.numel() // 2, flat.numel() - 1]] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 1.5, 40.0])
+def test_double_quant_matches_reference(dtype, threshold, isa) -> None:
+    for i, shape in enumerate(SHAPES):
+        for specials in (False, True):
+            x = _activations(shape, dtype, i, specials)
+            _same(cpu.int8_double_quant(x, threshold, ""), ref.int8_double_quant(x, threshold, ""))
+
+
+def test_vectorwise_dequant_matches_reference(isa) -> None:
+    g = torch.Generator().manual_seed(1)
+    for shape in SHAPES:
+        rows = 1 if len(shape) == 1 else int(torch.tensor(shape[:-1]).prod())
+        q = torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
+        stats = torch.rand(rows, generator=g) * torch.exp2(torch.randint(-20, 20, (rows,), generator=g).float())
+        stats[0] = 0.0
+        _same([cpu.int8_vectorwise_dequant(q, stats)], [ref.int8_vectorwise_dequant(q, stats)])
+        stats[-1] = float("nan")  # the reference runs (and propagates it)
+        _same([cpu.int8_vectorwise_dequant(q, stats)], [ref.int8_vectorwise_dequant(q, stats)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mm_dequant_matches_reference(dtype, isa) -> None:
+    g = torch.Generator().manual_seed(2)
+    for shape in SHAPES:
+        rows = 1 if len(shape) == 1 else int(torch.tensor(shape[:-1]).prod())
+        n = shape[-1]
+        # int32 products above 2^24 (the float conversion rounds), scales over many binades
+        C = torch.randint(-2**30, 2**30, shape, dtype=torch.int32, generator=g)
+        rs = torch.rand(rows, generator=g) * torch.exp2(torch.randint(-12, 12, (rows,), generator=g).float())
+        cs = torch.rand(n, generator=g) * 127
+        cs[0] = 0.0
+        bias = torch.randn(n, generator=g)
+        for b in (None, bias, bias.to(torch.float16), bias.to(torch.bfloat16)):
+            _same([cpu.int8_mm_dequant(C, rs, cs, b, dtype, "")], [ref.int8_mm_dequant(C, rs, cs, b, dtype, "")])
+        big = rs.clone()
+        big[0] = 3e38  # products overflow to ±Inf (fp16: far beyond 65504)
+        _same([cpu.int8_mm_dequant(C, big, cs + 1, bias, dtype, "")],
+              [ref.int8_mm_dequant(C, big, cs + 1, bias, dtype, "")])
+        nan_bias = bias.clone()
+        nan_bias[-1] = float("nan")
+        _same([cpu.int8_mm_dequant(C, rs, cs, nan_bias, dtype, "")],
+              [ref.int8_mm_dequant(C, rs, cs, nan_bias, dtype, "")])
+
+
+def test_c_paths_run(monkeypatch) -> None:
+    """The comparisons above exercise C (a silent fallback would make them vacuous): with the reference
+    functions unusable, finite inputs still give results."""
+    if not cpu.enabled():
+        pytest.skip("fast path off")
+
+    def refuse(*a, **kw):
+        raise AssertionError("reference ran")
+    for name in ("int8_double_quant", "int8_vectorwise_dequant", "int8_mm_dequant"):
+        monkeypatch.setattr(ref, name, refuse)
+    x = _activations((37, 53), torch.float32, 0, False)
+    cpu.int8_double_quant(x, 1.5, "")
+    q, stats, _ = cpu.int8_vectorwise_quant(x, 0.0, "")
+    cpu.int8_vectorwise_dequant(q, stats)
+    cpu.int8_mm_dequant(torch.ones(4, 53, dtype=torch.int32), torch.ones(4), torch.ones(53), torch.ones(53),
+                        torch.bfloat16, "")
+
+
+def test_reference_forced_and_compat() -> None:
+    """compat="bnb" and mismatched scale counts go to the reference (which defines their result)."""
+    C = torch.randint(-1000, 1000, (5, 7), dtype=torch.int32)
+    rs, cs = torch.rand(5), torch.rand(7)
+    _same([cpu.int8_mm_dequant(C, rs, cs, None, torch.float16, "bnb")],
+          [ref.int8_mm_dequant(C, rs, cs, None, torch.float16, "bnb")])
+    x = _activations((9, 13), torch.float16, 3, False)
+    _same(cpu.int8_double_quant(x, 1.5, "bnb"), ref.int8_double_quant(x, 1.5, "bnb"))
