@@ -782,6 +782,21 @@ INLINE uint8_t enc_fp8(float y, int e5m2, uint32_t fmax_bits) {
     return (uint8_t)(sign | r);
 }
 
+/* The float32 value of an fp8 code (torch's decoding, bit for bit, for every non-NaN code; a NaN code
+ * gives some NaN), branch-free like h2f_nb: the code's exponent and mantissa moved into float32's
+ * fields and multiplied by 2^120 (E4M3, bias 7) or 2^112 (E5M2, bias 15), exact, subnormals included. */
+INLINE float dec_fp8(uint32_t code, int e5m2) {
+    uint32_t a = code & 0x7fu, sign = (code & 0x80u) << 24, vb;
+    if (e5m2) {
+        vb = f2u(u2f(a << 21) * 0x1p112f);
+        vb = a >= 0x7cu ? 0x7f800000u | ((a & 3u) << 21) : vb;
+    } else {
+        vb = f2u(u2f(a << 20) * 0x1p120f);
+        vb = a == 0x7fu ? 0x7fc00000u : vb;
+    }
+    return u2f(vb | sign);
+}
+
 /* fp16 -> fp32 without branches (h2f's result, bit for bit): the fp16 exponent and mantissa moved
  * into float32's fields and multiplied by 2^112 (rebias 15 -> 127; exact, subnormals included),
  * then Inf/NaN (exponent all ones) rebuilt with their payload. */
@@ -893,21 +908,41 @@ INLINE void sq_amax_body(const sq_t *c, size_t u, int dt) {
  *        (a float32 subnormal or 0 gives -127, clamped to emin);  n = rne(|y| * 2^(mbits - e)), exact
  *        scaling, rounded by adding 2^23 (the float addition rounds to nearest even, n < 2^7);
  *   code = ((e - emin) << mbits) + n, sign bit of y at 1 << (ebits + mbits). */
-INLINE uint8_t enc_lowbit(float xv, float d, int pos, int k) {
-    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+/* The rounding of a 4/6-bit element (below): y's bits, the binade e and t = 2^23 + n as a float. */
+typedef struct { uint32_t uy; int32_t e; float t; } lowbit_t;
+
+INLINE lowbit_t lowbit_round(float xv, float d, int pos, int k) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
     const uint32_t fmax_bits = k == 0 ? 0x40c00000u : (k == 1 ? 0x40f00000u : 0x41e00000u); /* 6, 7.5, 28 */
     uint32_t u = f2u(xv), a = u & 0x7fffffffu;
     uint32_t v = a == 0x7f800000u ? (u & 0x80000000u) | fmax_bits : u;
     v = a > 0x7f800000u ? 0u : v;
     float y = pos ? u2f(v) / d : u2f(v) * 0.0f;
-    uint32_t uy = f2u(y), b = uy & 0x7fffffffu;
+    lowbit_t r;
+    r.uy = f2u(y);
+    uint32_t b = r.uy & 0x7fffffffu;
     b = b > fmax_bits ? fmax_bits : b;
-    int32_t e = (int32_t)(b >> 23) - 127;
-    e = e < emin ? emin : e;
-    float p = u2f((uint32_t)(127 + mbits - e) << 23);
-    uint32_t n = f2u(u2f(b) * p + 8388608.0f) - 0x4b000000u;
-    uint32_t mag = ((uint32_t)(e - emin) << mbits) + n;
-    return (uint8_t)(mag | ((uy >> 31) << (ebits + mbits)));
+    r.e = (int32_t)(b >> 23) - 127;
+    r.e = r.e < emin ? emin : r.e;
+    float p = u2f((uint32_t)(127 + mbits - r.e) << 23);
+    r.t = u2f(b) * p + 8388608.0f;
+    return r;
+}
+
+INLINE uint8_t enc_lowbit(float xv, float d, int pos, int k) {
+    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+    lowbit_t r = lowbit_round(xv, d, pos, k);
+    uint32_t n = f2u(r.t) - 0x4b000000u;
+    uint32_t mag = ((uint32_t)(r.e - emin) << mbits) + n;
+    return (uint8_t)(mag | ((r.uy >> 31) << (ebits + mbits)));
+}
+
+/* The value of enc_lowbit's code, without forming it: +-n * 2^(e - mbits) (exact: n < 2^5). */
+INLINE float lowbit_value(float xv, float d, int pos, int k) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2);
+    lowbit_t r = lowbit_round(xv, d, pos, k);
+    float mag = (r.t - 8388608.0f) * u2f((uint32_t)(127 + r.e - mbits) << 23);
+    return u2f(f2u(mag) | (r.uy & 0x80000000u));
 }
 
 /* pos = d > 0 (the divisor of a tile whose NVFP4 scale rounded to 0 is 0: x * 0 instead) */
@@ -1284,8 +1319,8 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
  * 4/6-bit formats, see sq_tile_scales):
  *
  *   code = enc_fp8(fl32(x / d)) | enc_lowbit(x, d)         (what quantize_scaled stores)
- *   v    = table[code]                                     (what dequantize_scaled reads: torch's fp8
- *                                                           decoding / the 4/6-bit values)
+ *   v    = value(code)                                     (what dequantize_scaled reads: torch's fp8
+ *                                                           decoding, dec_fp8 / the 4/6-bit value, lowbit_value)
  *   q    = fl32(v * s), NVFP4 then fl32(q * g)             (dequantize_scaled's float32 output)
  *   sat  = |v| == fmt max and |x| > |q|                    (False where x or q is NaN)
  *
@@ -1296,7 +1331,6 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
  * patterns (|a| bits order like |a| for non-NaN values), branch-free, so the loop vectorises. */
 typedef struct {
     sq_t sq;
-    const float *table;   /* [256] float32 value of each element code */
     float *q; uint8_t *sat;
     int64_t *cnt;         /* [3][ncnt] slots: per partial slot of sq (ncnt = sq.np) */
     size_t ncnt;
@@ -1307,7 +1341,6 @@ typedef struct {
 /* kind: 0 e4m3, 1 e5m2 (FP8 elements), 2 + k the 4/6-bit element k of sq_lowbit_run; has_g: NVFP4. */
 INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
                   int64_t *slot) {
-    const float *table = c->table;
     float *restrict q = c->q;
     uint8_t *restrict sat = c->sat;
     const void *x = c->sq.x;
@@ -1317,8 +1350,7 @@ INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has
     uint32_t nnz = 0, nun = 0, nsat = 0, bad = 0;
     for (size_t i = lo; i < hi; i++) {
         float xv = load1_nb(x, i, dt);
-        uint8_t code = kind < 2 ? enc_fp8(xv / d, kind, fmax_bits) : enc_lowbit(xv, d, pos, kind - 2);
-        float v = table[code];
+        float v = kind < 2 ? dec_fp8(enc_fp8(xv / d, kind, fmax_bits), kind) : lowbit_value(xv, d, pos, kind - 2);
         float qv = v * s;
         if (has_g) qv = qv * g;
         q[i] = qv;
@@ -1379,12 +1411,11 @@ static void fq_work(void *vj, size_t u) {
 }
 
 static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
-    unsigned long long xp, qp, satp, sp, cp, tp;
+    unsigned long long xp, qp, satp, sp, cp;
     Py_ssize_t R, C, br, bc;
     int dt, fmt, want, rule;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnniKKKKKii", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &tp, &want,
-                          &rule))
+    if (!PyArg_ParseTuple(args, "KinnnniKKKKii", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want, &rule))
         return NULL;
     if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 7
         || rule < 0 || rule > 2) {
@@ -1409,7 +1440,6 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     }
     if (direct) memset(counts, 0, 3 * ntiles * sizeof(int64_t));
-    c.table = (const float *)(uintptr_t)tp;
     c.q = (float *)(uintptr_t)qp; c.sat = (uint8_t *)(uintptr_t)satp;
     c.vmax_bits = f2u(c.sq.fmax);
     int bad = 0;
@@ -1470,9 +1500,9 @@ static PyMethodDef methods[] = {
     /* fused scaled fake-quantisation */
     {"fused_scaled", py_fused_scaled, METH_VARARGS,
      "fused_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, q_ptr, sat_ptr, scale_ptr, counts_ptr, "
-     "table_ptr, threads, rule) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
+     "threads, rule) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
      "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
-     "saturated); fmt/rule as quantize_scaled; table: float32 [256] element values; g: the NVFP4 tensor scale "
+     "saturated); fmt/rule as quantize_scaled; g: the NVFP4 tensor scale "
      "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable)."},
     {NULL, NULL, 0, NULL}};
 

@@ -425,16 +425,13 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
     xc = x.detach().contiguous()
-    storage = _ref.SCALED_FORMATS[fmt][0]
-    table = _lowbit_table(fmt) if storage == torch.uint8 else _fp8_table(storage)
     q = _fresh(x.shape, _F32)
     sat = torch.empty(x.shape, dtype=torch.bool)
     nbr, nbc = -(-R // br), -(-C // bc)
     scale = torch.empty(nbr, nbc, dtype=_F32)
     counts = torch.empty(3, nbr * nbc, dtype=torch.int64)
     g, bad = _ext().fused_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], q.data_ptr(),
-                                 sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), table.data_ptr(),
-                                 _threads(x.numel()), _SCALE_RULE[scale_rule])
+                                 sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule])
     if bad:
         return None
     return FusedScaled(q, sat, scale, torch.tensor(g, dtype=_F32) if fmt == "nvfp4" else None, counts)

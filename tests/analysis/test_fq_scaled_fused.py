@@ -94,6 +94,34 @@ def test_fused_cast_matches_the_ops(isa, fmts, dtype: torch.dtype, shape: tuple[
         assert torch.equal(got.counts, tile_counts(x, q, sat, tile)), (fmt, tile, rule)
 
 
+def code_values(fmt: str) -> torch.Tensor:
+    """Every finite element value of fmt's element format (float32)."""
+    storage = ref.SCALED_FORMATS[fmt][0]
+    if storage == torch.uint8:
+        return ref._lowbit_table(ref.ELEMENT_OF[fmt])
+    v = torch.arange(256, dtype=torch.uint8).view(storage).float()
+    return v[torch.isfinite(v)]
+
+
+@pytest.mark.parametrize("fmt", FP8_FMTS + LOWBIT_FMTS)
+def test_every_code_its_midpoints_and_their_neighbours(isa, fmt: str) -> None:
+    # the fused kernel decodes the element value arithmetically instead of reading dequantize's table:
+    # every code value, every rounding midpoint and the floats next to it, in rows of 32 that start
+    # with the format max (so the scale is 1, or NVFP4's 448·g)
+    v = code_values(fmt).unique()
+    mid = (v[1:] + v[:-1]) / 2
+    cand = torch.cat([v, mid, torch.nextafter(mid, torch.tensor(float("inf"))),
+                      torch.nextafter(mid, torch.tensor(-float("inf")))])
+    width = 16 if fmt == "nvfp4" else 32
+    cand = torch.cat([cand, cand.new_zeros(-len(cand) % (width - 1))]).view(-1, width - 1)
+    x = torch.cat([torch.full((cand.shape[0], 1), FORMATS[fmt].max), cand], dim=1)
+    tile = {"nvfp4": (1, 16), "e4m3": (1, 32), "e5m2": (1, 32)}.get(fmt, (1, 32))
+    got = cpu.fused_scaled(x, fmt, *tile)
+    q, sat, scale, _ = unfused(x, fmt, tile, "floor")
+    assert torch.equal(bits(got.q), bits(q)) and torch.equal(got.saturated, sat)
+    assert torch.equal(got.counts, tile_counts(x, q, sat, tile))
+
+
 def test_fused_cast_sees_clipping_and_underflow(isa) -> None:
     # MX FLOOR clips block maxima in [448, 512)·2**k; tiny values next to a large one underflow
     x = torch.tensor([[500.0, 1.0, 1e-4, 0.0] * 8, [1.0] * 32])
