@@ -1155,6 +1155,18 @@ static float sq_tile_scales(sq_t *c, int fmt, int rule, int has_g, float g) {
     return g;
 }
 
+/* The argument checks of the scaled-cast entry points: 0, or -1 with a ValueError set. */
+static int sq_check_args(const char *fn, Py_ssize_t R, Py_ssize_t C, Py_ssize_t br, Py_ssize_t bc, int dt, int fmt,
+                         int rule) {
+    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 7
+        || rule < 0 || rule > 2) {
+        PyErr_Format(PyExc_ValueError, "%s: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d, fmt=%d, rule=%d)",
+                     fn, R, C, br, bc, dt, fmt, rule);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     unsigned long long xp, dp, sp;
     Py_ssize_t R, C, br, bc;
@@ -1164,13 +1176,7 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KinnnniKKi|iid", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
                           &gd))
         return NULL;
-    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 7
-        || rule < 0 || rule > 2) {
-        PyErr_Format(PyExc_ValueError,
-                     "quantize_scaled: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d, fmt=%d, rule=%d)",
-                     R, C, br, bc, dt, fmt, rule);
-        return NULL;
-    }
+    if (sq_check_args("quantize_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     sq_t c;
     if (sq_init(&c, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt,
                 (float *)(uintptr_t)sp) < 0)
@@ -1417,13 +1423,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "KinnnniKKKKii", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want, &rule))
         return NULL;
-    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 7
-        || rule < 0 || rule > 2) {
-        PyErr_Format(PyExc_ValueError,
-                     "fused_scaled: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d, fmt=%d, rule=%d)",
-                     R, C, br, bc, dt, fmt, rule);
-        return NULL;
-    }
+    if (sq_check_args("fused_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     fq_t c;
     memset(&c, 0, sizeof c);
     if (sq_init(&c.sq, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt,
