@@ -218,7 +218,8 @@ def update_block_stats(stats: dict[tuple[str, str], BlockScaleStats], labels: di
             if x.numel() == 0:                          # an empty batch has no blocks
                 continue
             if spec["kind"] == "scaled":
-                rec = (blocks or {}).get(op, [None] * (i + 1))[i]
+                carried = (blocks or {}).get(op)
+                rec = carried[i] if carried else None
                 if rec is None:
                     rec = _scaled_records(x, q, sat, spec["fmt"], spec["block"], spec["scale_rule"])
             else:
