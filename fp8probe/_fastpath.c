@@ -759,6 +759,7 @@ typedef struct {
     float *scale; uint8_t *data;
     float *div;           /* 4/6-bit only: the per-tile divisor of the elements ([nbr * nbc]) */
     size_t units, np;     /* work units; partial slots ([row pieces][nbc * cs]) */
+    int fmt, rule, has_g; float g;  /* format, MX scale rule, NVFP4 tensor scale (given when has_g) */
 } sq_t;
 
 INLINE uint8_t enc_fp8(float y, int e5m2, uint32_t fmax_bits) {
@@ -1072,9 +1073,11 @@ static float mx_scale1(float amax, int fmt, int rule) {
 
 /* Tile geometry and work units of a scaled cast of x [R, C] in br x bc tiles (1 <= br <= R, 1 <= bc <= C)
  * into fmt, and the partials (the caller sets c->data and runs sq_phase1, sq_tile_scales, then its
- * element pass). Returns 0, or -1 when out of memory (nothing then stays allocated). */
-static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br, size_t bc, int fmt, float *scale) {
+ * element pass; or, where sq_local, sq_local_scales and its element pass unit by unit). Returns 0, or -1 when out of memory (nothing then stays allocated). */
+static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br, size_t bc, int fmt, int rule,
+                   int has_g, float g, float *scale) {
     memset(c, 0, sizeof *c);
+    c->fmt = fmt; c->rule = rule; c->has_g = has_g; c->g = g;
     c->x = x; c->dt = dt;
     c->R = R; c->C = C; c->br = br; c->bc = bc;
     c->nbr = (R + br - 1) / br; c->nbc = (C + bc - 1) / bc;
@@ -1112,47 +1115,64 @@ static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br
 
 static void sq_free(sq_t *c) { free(c->partial); free(c->nonfin); free(c->div); }
 
-/* After sq_phase1: each tile's scale (and, 4/6-bit, its element divisor) from the amax partials, by the
- * rules of the header comment. g: the NVFP4 tensor scale when has_g, else computed here; returned. */
-static float sq_tile_scales(sq_t *c, int fmt, int rule, int has_g, float g) {
-    const int mx = SQ_FMT[fmt].mx;
-    if (fmt == 7 && !has_g) { /* reference.nvfp4_global_scale: fl32(tensor amax / 2688), 1 if not > 0 */
+/* One tile's scale (and, 4/6-bit, its element divisor) from its amax partials (c->fmt, c->rule, c->g). */
+static void sq_scale1(sq_t *c, size_t tr, size_t tc) {
+    const int fmt = c->fmt;
+    uint32_t m = 0;
+    int nf = 0;
+    for (size_t p = 0; p < c->sub; p++)
+        for (size_t q = 0; q < c->cs; q++) {
+            size_t at = ((tr * c->sub + p) * c->nbc + tc) * c->cs + q;
+            uint32_t v = c->partial[at];
+            m = v > m ? v : m;
+            if (c->lowbit) nf |= c->nonfin[at];
+        }
+    float amax = u2f(m), s, d;
+    if (SQ_FMT[fmt].mx) {
+        s = d = mx_scale1(amax, fmt, c->rule);
+    } else if (fmt == 7) { /* E4M3 block scale: e4m3_rne_sat(fl32(amax / fl32(6 g))), divisor fl32(s g) */
+        s = dec_e4m3(enc_fp8(amax / (6.0f * c->g), 0, 0x43e00000u));
+        d = s * c->g;
+    } else {
+        s = amax / c->fmax;
+        s = d = s > 0.0f ? s : 1.0f;
+    }
+    if (c->lowbit) {
+        c->div[tr * c->nbc + tc] = d;
+        s = nf ? NAN : s; /* a tile with a NaN/Inf has no element code for it: NaN scale */
+    }
+    c->scale[tr * c->nbc + tc] = s;
+}
+
+/* After sq_phase1 over all units: every tile's scale (sq_scale1). The NVFP4 tensor scale c->g is
+ * computed here from all partials unless c->has_g. */
+static void sq_tile_scales(sq_t *c) {
+    if (c->fmt == 7 && !c->has_g) { /* reference.nvfp4_global_scale: fl32(tensor amax / 2688), 1 if not > 0 */
         uint32_t m = 0;
         for (size_t i = 0; i < c->np; i++) m = c->partial[i] > m ? c->partial[i] : m;
-        g = u2f(m) / 2688.0f;
-        g = g > 0.0f ? g : 1.0f;
+        c->g = u2f(m) / 2688.0f;
+        c->g = c->g > 0.0f ? c->g : 1.0f;
     }
-    const float six_g = 6.0f * g;
-    float *scale = c->scale;
-    for (size_t tr = 0; tr < c->nbr; tr++) {
-        for (size_t tc = 0; tc < c->nbc; tc++) {
-            uint32_t m = 0;
-            int nf = 0;
-            for (size_t p = 0; p < c->sub; p++)
-                for (size_t q = 0; q < c->cs; q++) {
-                    size_t at = ((tr * c->sub + p) * c->nbc + tc) * c->cs + q;
-                    uint32_t v = c->partial[at];
-                    m = v > m ? v : m;
-                    if (c->lowbit) nf |= c->nonfin[at];
-                }
-            float amax = u2f(m), s, d;
-            if (mx) {
-                s = d = mx_scale1(amax, fmt, rule);
-            } else if (fmt == 7) { /* E4M3 block scale: e4m3_rne_sat(fl32(amax / fl32(6 g))), divisor fl32(s g) */
-                s = dec_e4m3(enc_fp8(amax / six_g, 0, 0x43e00000u));
-                d = s * g;
-            } else {
-                s = amax / c->fmax;
-                s = d = s > 0.0f ? s : 1.0f;
-            }
-            if (c->lowbit) {
-                c->div[tr * c->nbc + tc] = d;
-                s = nf ? NAN : s; /* a tile with a NaN/Inf has no element code for it: NaN scale */
-            }
-            scale[tr * c->nbc + tc] = s;
-        }
-    }
-    return g;
+    for (size_t tr = 0; tr < c->nbr; tr++)
+        for (size_t tc = 0; tc < c->nbc; tc++) sq_scale1(c, tr, tc);
+}
+
+/* A unit holds whole tiles (sub = cs = 1) and no scale waits for the whole tensor (NVFP4 without a
+ * given g): the unit can take its tiles' amax, scales and elements in one go, while its rows are still
+ * in cache, instead of two passes over x from memory. Same values: a tile's partials are all its own. */
+static int sq_local(const sq_t *c) { return c->sub == 1 && c->cs == 1 && !(c->fmt == 7 && !c->has_g); }
+
+/* The amax and scales of unit u's tiles (local mode). */
+static void sq_local_scales(sq_t *c, size_t u) {
+    sq_phase1(c, u);
+    sq_unit_t w = sq_unit(c, u);
+    if (w.c0 >= w.c1) return;
+    for (size_t t = w.c0 / c->bc; t <= (w.c1 - 1) / c->bc; t++) sq_scale1(c, w.ru, t);
+}
+
+static void sq_local_work(void *vc, size_t u) {
+    sq_local_scales((sq_t *)vc, u);
+    sq_phase2(vc, u);
 }
 
 /* The argument checks of the scaled-cast entry points: 0, or -1 with a ValueError set. */
@@ -1178,15 +1198,19 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
         return NULL;
     if (sq_check_args("quantize_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     sq_t c;
-    if (sq_init(&c, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt,
-                (float *)(uintptr_t)sp) < 0)
+    if (sq_init(&c, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, has_g,
+                (float)gd, (float *)(uintptr_t)sp) < 0)
         return PyErr_NoMemory();
     c.data = (uint8_t *)(uintptr_t)dp;
     int nt = pick_threads(c.R * c.C, want);
     Py_BEGIN_ALLOW_THREADS
-    run_units(sq_phase1, &c, c.units, nt);
-    sq_tile_scales(&c, fmt, rule, has_g, (float)gd);
-    run_units(sq_phase2, &c, c.units, nt);
+    if (sq_local(&c)) {
+        run_units(sq_local_work, &c, c.units, nt);
+    } else {
+        run_units(sq_phase1, &c, c.units, nt);
+        sq_tile_scales(&c);
+        run_units(sq_phase2, &c, c.units, nt);
+    }
     Py_END_ALLOW_THREADS
     sq_free(&c);
     Py_RETURN_NONE;
@@ -1320,8 +1344,8 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
  * Fused scaled fake-quantisation (issue 15, the OCP/MX/NVFP4 replay: strategies._fq_scaled)
  * ============================================================================================
  * fused_scaled = quantize_scaled + dequantize_scaled to float32 + the saturation mask + per-tile counts,
- * in one pass over x after the amax pass (sq_phase1 and sq_tile_scales above, shared with
- * py_quantize_scaled). Per element, with s the tile's scale and d its divisor (s itself but for the
+ * in one pass over x after the amax pass (sq_phase1 and sq_tile_scales above, or unit by unit
+ * with sq_local_scales: shared with py_quantize_scaled). Per element, with s the tile's scale and d its divisor (s itself but for the
  * 4/6-bit formats, see sq_tile_scales):
  *
  *   code = enc_fp8(fl32(x / d)) | enc_lowbit(x, d)         (what quantize_scaled stores)
@@ -1340,7 +1364,7 @@ typedef struct {
     float *q; uint8_t *sat;
     int64_t *cnt;         /* [3][ncnt] slots: per partial slot of sq (ncnt = sq.np) */
     size_t ncnt;
-    float g; uint32_t vmax_bits;
+    uint32_t vmax_bits;
     int *bad;
 } fq_t;
 
@@ -1350,7 +1374,7 @@ INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has
     float *restrict q = c->q;
     uint8_t *restrict sat = c->sat;
     const void *x = c->sq.x;
-    const float g = c->g;
+    const float g = c->sq.g;
     const uint32_t vmax = c->vmax_bits, fmax_bits = f2u(c->sq.fmax);
     const int pos = d > 0.0f;
     uint32_t nnz = 0, nun = 0, nsat = 0, bad = 0;
@@ -1416,6 +1440,11 @@ static void fq_work(void *vj, size_t u) {
     fq_scalar(j->c, u, j->sel);
 }
 
+static void fq_local_work(void *vj, size_t u) {
+    sq_local_scales((sq_t *)&((const fq_job_t *)vj)->c->sq, u);
+    fq_work(vj, u);
+}
+
 static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     unsigned long long xp, qp, satp, sp, cp;
     Py_ssize_t R, C, br, bc;
@@ -1426,8 +1455,8 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     if (sq_check_args("fused_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     fq_t c;
     memset(&c, 0, sizeof c);
-    if (sq_init(&c.sq, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt,
-                (float *)(uintptr_t)sp) < 0)
+    if (sq_init(&c.sq, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, 0,
+                1.0f, (float *)(uintptr_t)sp) < 0)
         return PyErr_NoMemory();
     const size_t ntiles = c.sq.nbr * c.sq.nbc;
     int64_t *counts = (int64_t *)(uintptr_t)cp;
@@ -1449,10 +1478,14 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     int nt = pick_threads(c.sq.R * c.sq.C, want);
     float g;
     Py_BEGIN_ALLOW_THREADS
-    run_units(sq_phase1, &c.sq, c.sq.units, nt);
-    g = sq_tile_scales(&c.sq, fmt, rule, 0, 1.0f);
-    c.g = g;
-    run_units(fq_work, &job, c.sq.units, nt);
+    if (sq_local(&c.sq)) {
+        run_units(fq_local_work, &job, c.sq.units, nt);
+    } else {
+        run_units(sq_phase1, &c.sq, c.sq.units, nt);
+        sq_tile_scales(&c.sq);
+        run_units(fq_work, &job, c.sq.units, nt);
+    }
+    g = c.sq.g;
     if (!direct) {
         for (size_t tr = 0; tr < c.sq.nbr; tr++)
             for (size_t tc = 0; tc < c.sq.nbc; tc++)
