@@ -1344,9 +1344,9 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
  * Fused scaled fake-quantisation (issue 15, the OCP/MX/NVFP4 replay: strategies._fq_scaled)
  * ============================================================================================
  * fused_scaled = quantize_scaled + dequantize_scaled to float32 + the saturation mask + per-tile counts,
- * in one pass over x after the amax pass (sq_phase1 and sq_tile_scales above, or unit by unit
- * with sq_local_scales: shared with py_quantize_scaled). Per element, with s the tile's scale and d its divisor (s itself but for the
- * 4/6-bit formats, see sq_tile_scales):
+ * in one pass over x after the amax pass (sq_phase1 and sq_tile_scales above, or unit by unit with
+ * sq_local_scales: shared with py_quantize_scaled). Per element, with s the tile's scale and d its
+ * divisor (s itself but for the 4/6-bit formats, see sq_scale1):
  *
  *   code = enc_fp8(fl32(x / d)) | enc_lowbit(x, d)         (what quantize_scaled stores)
  *   v    = value(code)                                     (what dequantize_scaled reads: torch's fp8
