@@ -756,8 +756,10 @@ typedef struct {
     int lowbit;           /* 0: FP8 elements; 1 + k: the 4/6-bit element k (0 e2m1, 1 e2m3, 2 e3m2) */
     uint32_t *partial;    /* [row pieces][nbc * cs] amax bits */
     uint8_t *nonfin;      /* 4/6-bit only, like partial: 1 where the piece holds a NaN/Inf */
-    const float *scale; uint8_t *data;
+    float *scale; uint8_t *data;
     float *div;           /* 4/6-bit only: the per-tile divisor of the elements ([nbr * nbc]) */
+    size_t units, np;     /* work units; partial slots ([row pieces][nbc * cs]) */
+    int fmt, rule, has_g; float g;  /* format, MX scale rule, NVFP4 tensor scale (given when has_g) */
 } sq_t;
 
 INLINE uint8_t enc_fp8(float y, int e5m2, uint32_t fmax_bits) {
@@ -779,6 +781,21 @@ INLINE uint8_t enc_fp8(float y, int e5m2, uint32_t fmax_bits) {
     }
     r = a > 0x7f800000u ? 0x7fu : r;               /* NaN */
     return (uint8_t)(sign | r);
+}
+
+/* The float32 value of an fp8 code (torch's decoding, bit for bit, for every non-NaN code; a NaN code
+ * gives some NaN), branch-free like h2f_nb: the code's exponent and mantissa moved into float32's
+ * fields and multiplied by 2^120 (E4M3, bias 7) or 2^112 (E5M2, bias 15), exact, subnormals included. */
+INLINE float dec_fp8(uint32_t code, int e5m2) {
+    uint32_t a = code & 0x7fu, sign = (code & 0x80u) << 24, vb;
+    if (e5m2) {
+        vb = f2u(u2f(a << 21) * 0x1p112f);
+        vb = a >= 0x7cu ? 0x7f800000u | ((a & 3u) << 21) : vb;
+    } else {
+        vb = f2u(u2f(a << 20) * 0x1p120f);
+        vb = a == 0x7fu ? 0x7fc00000u : vb;
+    }
+    return u2f(vb | sign);
 }
 
 /* fp16 -> fp32 without branches (h2f's result, bit for bit): the fp16 exponent and mantissa moved
@@ -892,24 +909,47 @@ INLINE void sq_amax_body(const sq_t *c, size_t u, int dt) {
  *        (a float32 subnormal or 0 gives -127, clamped to emin);  n = rne(|y| * 2^(mbits - e)), exact
  *        scaling, rounded by adding 2^23 (the float addition rounds to nearest even, n < 2^7);
  *   code = ((e - emin) << mbits) + n, sign bit of y at 1 << (ebits + mbits). */
-INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, int k, uint8_t *restrict data) {
-    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+/* The rounding of a 4/6-bit element (below): y's bits, the binade e and t = 2^23 + n as a float. */
+typedef struct { uint32_t uy; int32_t e; float t; } lowbit_t;
+
+INLINE lowbit_t lowbit_round(float xv, float d, int pos, int k) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
     const uint32_t fmax_bits = k == 0 ? 0x40c00000u : (k == 1 ? 0x40f00000u : 0x41e00000u); /* 6, 7.5, 28 */
+    uint32_t u = f2u(xv), a = u & 0x7fffffffu;
+    uint32_t v = a == 0x7f800000u ? (u & 0x80000000u) | fmax_bits : u;
+    v = a > 0x7f800000u ? 0u : v;
+    float y = pos ? u2f(v) / d : u2f(v) * 0.0f;
+    lowbit_t r;
+    r.uy = f2u(y);
+    uint32_t b = r.uy & 0x7fffffffu;
+    b = b > fmax_bits ? fmax_bits : b;
+    r.e = (int32_t)(b >> 23) - 127;
+    r.e = r.e < emin ? emin : r.e;
+    float p = u2f((uint32_t)(127 + mbits - r.e) << 23);
+    r.t = u2f(b) * p + 8388608.0f;
+    return r;
+}
+
+INLINE uint8_t enc_lowbit(float xv, float d, int pos, int k) {
+    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+    lowbit_t r = lowbit_round(xv, d, pos, k);
+    uint32_t n = f2u(r.t) - 0x4b000000u;
+    uint32_t mag = ((uint32_t)(r.e - emin) << mbits) + n;
+    return (uint8_t)(mag | ((r.uy >> 31) << (ebits + mbits)));
+}
+
+/* The value of enc_lowbit's code, without forming it: +-n * 2^(e - mbits) (exact: n < 2^5). */
+INLINE float lowbit_value(float xv, float d, int pos, int k) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2);
+    lowbit_t r = lowbit_round(xv, d, pos, k);
+    float mag = (r.t - 8388608.0f) * u2f((uint32_t)(127 + r.e - mbits) << 23);
+    return u2f(f2u(mag) | (r.uy & 0x80000000u));
+}
+
+/* pos = d > 0 (the divisor of a tile whose NVFP4 scale rounded to 0 is 0: x * 0 instead) */
+INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, int k, uint8_t *restrict data) {
     const int pos = d > 0.0f;
-    for (size_t i = lo; i < hi; i++) {
-        uint32_t u = f2u(load1_nb(x, i, dt)), a = u & 0x7fffffffu;
-        uint32_t v = a == 0x7f800000u ? (u & 0x80000000u) | fmax_bits : u;
-        v = a > 0x7f800000u ? 0u : v;
-        float y = pos ? u2f(v) / d : u2f(v) * 0.0f;
-        uint32_t uy = f2u(y), b = uy & 0x7fffffffu;
-        b = b > fmax_bits ? fmax_bits : b;
-        int32_t e = (int32_t)(b >> 23) - 127;
-        e = e < emin ? emin : e;
-        float p = u2f((uint32_t)(127 + mbits - e) << 23);
-        uint32_t n = f2u(u2f(b) * p + 8388608.0f) - 0x4b000000u;
-        uint32_t mag = ((uint32_t)(e - emin) << mbits) + n;
-        data[i] = (uint8_t)(mag | ((uy >> 31) << (ebits + mbits)));
-    }
+    for (size_t i = lo; i < hi; i++) data[i] = enc_lowbit(load1_nb(x, i, dt), d, pos, k);
 }
 
 INLINE void sq_lowbit_body(const sq_t *c, size_t u, int dt, int k) {
@@ -1031,6 +1071,122 @@ static float mx_scale1(float amax, int fmt, int rule) {
     return ex >= -126 ? u2f((uint32_t)(ex + 127) << 23) : u2f(0x00400000u);
 }
 
+/* Tile geometry and work units of a scaled cast of x [R, C] in br x bc tiles (1 <= br <= R, 1 <= bc <= C)
+ * into fmt, and the partials (the caller sets c->data and runs sq_phase1, sq_tile_scales, then its
+ * element pass; or, where sq_local, sq_local_scales and its element pass unit by unit). Returns 0, or -1 when out of memory (nothing then stays allocated). */
+static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br, size_t bc, int fmt, int rule,
+                   int has_g, float g, float *scale) {
+    memset(c, 0, sizeof *c);
+    c->fmt = fmt; c->rule = rule; c->has_g = has_g; c->g = g;
+    c->x = x; c->dt = dt;
+    c->R = R; c->C = C; c->br = br; c->bc = bc;
+    c->nbr = (R + br - 1) / br; c->nbc = (C + bc - 1) / bc;
+    c->e5m2 = fmt == 1 || fmt == 3; c->fmax = SQ_FMT[fmt].fmax;
+    c->lowbit = SQ_FMT[fmt].lowbit;
+    /* pieces of about UNIT elements: rows first (inside one tile row), then columns */
+    c->rpu = C >= UNIT ? 1 : UNIT / C;
+    if (c->rpu > br) c->rpu = br;
+    c->sub = (br + c->rpu - 1) / c->rpu;
+    size_t cw = UNIT / c->rpu;
+    if (cw < 1) cw = 1;
+    if (bc <= cw) {
+        c->k = cw / bc; c->cs = 1; c->cw = 0;
+        c->ncp = (c->nbc + c->k - 1) / c->k;
+    } else {
+        c->k = 1; c->cs = (bc + cw - 1) / cw; c->cw = (bc + c->cs - 1) / c->cs;
+        c->ncp = c->nbc * c->cs;
+    }
+    size_t rows_units = c->nbr * c->sub;
+    c->units = rows_units * c->ncp;
+    c->np = rows_units * c->nbc * c->cs;
+    /* calloc: a piece that turns out empty (short last tile) leaves its partial at 0, the max's identity */
+    c->partial = (uint32_t *)calloc(c->np, sizeof(uint32_t));
+    if (c->lowbit) {
+        c->nonfin = (uint8_t *)calloc(c->np, 1);
+        c->div = (float *)malloc(c->nbr * c->nbc * sizeof(float));
+    }
+    c->scale = scale;
+    if (c->partial == NULL || (c->lowbit && (c->nonfin == NULL || c->div == NULL))) {
+        free(c->partial); free(c->nonfin); free(c->div);
+        return -1;
+    }
+    return 0;
+}
+
+static void sq_free(sq_t *c) { free(c->partial); free(c->nonfin); free(c->div); }
+
+/* One tile's scale (and, 4/6-bit, its element divisor) from its amax partials (c->fmt, c->rule, c->g). */
+static void sq_scale1(sq_t *c, size_t tr, size_t tc) {
+    const int fmt = c->fmt;
+    uint32_t m = 0;
+    int nf = 0;
+    for (size_t p = 0; p < c->sub; p++)
+        for (size_t q = 0; q < c->cs; q++) {
+            size_t at = ((tr * c->sub + p) * c->nbc + tc) * c->cs + q;
+            uint32_t v = c->partial[at];
+            m = v > m ? v : m;
+            if (c->lowbit) nf |= c->nonfin[at];
+        }
+    float amax = u2f(m), s, d;
+    if (SQ_FMT[fmt].mx) {
+        s = d = mx_scale1(amax, fmt, c->rule);
+    } else if (fmt == 7) { /* E4M3 block scale: e4m3_rne_sat(fl32(amax / fl32(6 g))), divisor fl32(s g) */
+        s = dec_e4m3(enc_fp8(amax / (6.0f * c->g), 0, 0x43e00000u));
+        d = s * c->g;
+    } else {
+        s = amax / c->fmax;
+        s = d = s > 0.0f ? s : 1.0f;
+    }
+    if (c->lowbit) {
+        c->div[tr * c->nbc + tc] = d;
+        s = nf ? NAN : s; /* a tile with a NaN/Inf has no element code for it: NaN scale */
+    }
+    c->scale[tr * c->nbc + tc] = s;
+}
+
+/* After sq_phase1 over all units: every tile's scale (sq_scale1). The NVFP4 tensor scale c->g is
+ * computed here from all partials unless c->has_g. */
+static void sq_tile_scales(sq_t *c) {
+    if (c->fmt == 7 && !c->has_g) { /* reference.nvfp4_global_scale: fl32(tensor amax / 2688), 1 if not > 0 */
+        uint32_t m = 0;
+        for (size_t i = 0; i < c->np; i++) m = c->partial[i] > m ? c->partial[i] : m;
+        c->g = u2f(m) / 2688.0f;
+        c->g = c->g > 0.0f ? c->g : 1.0f;
+    }
+    for (size_t tr = 0; tr < c->nbr; tr++)
+        for (size_t tc = 0; tc < c->nbc; tc++) sq_scale1(c, tr, tc);
+}
+
+/* A unit holds whole tiles (sub = cs = 1) and no scale waits for the whole tensor (NVFP4 without a
+ * given g): the unit can take its tiles' amax, scales and elements in one go, while its rows are still
+ * in cache, instead of two passes over x from memory. Same values: a tile's partials are all its own. */
+static int sq_local(const sq_t *c) { return c->sub == 1 && c->cs == 1 && !(c->fmt == 7 && !c->has_g); }
+
+/* The amax and scales of unit u's tiles (local mode). */
+static void sq_local_scales(sq_t *c, size_t u) {
+    sq_phase1(c, u);
+    sq_unit_t w = sq_unit(c, u);
+    if (w.c0 >= w.c1) return;
+    for (size_t t = w.c0 / c->bc; t <= (w.c1 - 1) / c->bc; t++) sq_scale1(c, w.ru, t);
+}
+
+static void sq_local_work(void *vc, size_t u) {
+    sq_local_scales((sq_t *)vc, u);
+    sq_phase2(vc, u);
+}
+
+/* The argument checks of the scaled-cast entry points: 0, or -1 with a ValueError set. */
+static int sq_check_args(const char *fn, Py_ssize_t R, Py_ssize_t C, Py_ssize_t br, Py_ssize_t bc, int dt, int fmt,
+                         int rule) {
+    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 7
+        || rule < 0 || rule > 2) {
+        PyErr_Format(PyExc_ValueError, "%s: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d, fmt=%d, rule=%d)",
+                     fn, R, C, br, bc, dt, fmt, rule);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     unsigned long long xp, dp, sp;
     Py_ssize_t R, C, br, bc;
@@ -1040,89 +1196,23 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KinnnniKKi|iid", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
                           &gd))
         return NULL;
-    if (R <= 0 || C <= 0 || br <= 0 || bc <= 0 || br > R || bc > C || dt < 0 || dt > 2 || fmt < 0 || fmt > 7
-        || rule < 0 || rule > 2) {
-        PyErr_Format(PyExc_ValueError,
-                     "quantize_scaled: bad sizes (R=%zd, C=%zd, tile=%zdx%zd, dtype=%d, fmt=%d, rule=%d)",
-                     R, C, br, bc, dt, fmt, rule);
-        return NULL;
-    }
+    if (sq_check_args("quantize_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     sq_t c;
-    memset(&c, 0, sizeof c);
-    c.x = (const void *)(uintptr_t)xp; c.dt = dt;
-    c.R = (size_t)R; c.C = (size_t)C; c.br = (size_t)br; c.bc = (size_t)bc;
-    c.nbr = (c.R + c.br - 1) / c.br; c.nbc = (c.C + c.bc - 1) / c.bc;
-    c.e5m2 = fmt == 1 || fmt == 3; c.fmax = SQ_FMT[fmt].fmax;
-    c.lowbit = SQ_FMT[fmt].lowbit;
-    int mx = SQ_FMT[fmt].mx;
-    /* pieces of about UNIT elements: rows first (inside one tile row), then columns */
-    c.rpu = c.C >= UNIT ? 1 : UNIT / c.C;
-    if (c.rpu > c.br) c.rpu = c.br;
-    c.sub = (c.br + c.rpu - 1) / c.rpu;
-    size_t cw = UNIT / c.rpu;
-    if (cw < 1) cw = 1;
-    if (c.bc <= cw) {
-        c.k = cw / c.bc; c.cs = 1; c.cw = 0;
-        c.ncp = (c.nbc + c.k - 1) / c.k;
-    } else {
-        c.k = 1; c.cs = (c.bc + cw - 1) / cw; c.cw = (c.bc + c.cs - 1) / c.cs;
-        c.ncp = c.nbc * c.cs;
-    }
-    size_t rows_units = c.nbr * c.sub, units = rows_units * c.ncp, n = c.R * c.C, np = rows_units * c.nbc * c.cs;
-    /* calloc: a piece that turns out empty (short last tile) leaves its partial at 0, the max's identity */
-    c.partial = (uint32_t *)calloc(np, sizeof(uint32_t));
-    if (c.lowbit) {
-        c.nonfin = (uint8_t *)calloc(np, 1);
-        c.div = (float *)malloc(c.nbr * c.nbc * sizeof(float));
-    }
-    float *scale = (float *)(uintptr_t)sp;
-    if (c.partial == NULL || (c.lowbit && (c.nonfin == NULL || c.div == NULL))) {
-        free(c.partial); free(c.nonfin); free(c.div);
+    if (sq_init(&c, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, has_g,
+                (float)gd, (float *)(uintptr_t)sp) < 0)
         return PyErr_NoMemory();
-    }
-    c.scale = scale; c.data = (uint8_t *)(uintptr_t)dp;
-    int nt = pick_threads(n, want);
+    c.data = (uint8_t *)(uintptr_t)dp;
+    int nt = pick_threads(c.R * c.C, want);
     Py_BEGIN_ALLOW_THREADS
-    run_units(sq_phase1, &c, units, nt);
-    float g = (float)gd;
-    if (fmt == 7 && !has_g) { /* reference.nvfp4_global_scale: fl32(tensor amax / 2688), 1 if not > 0 */
-        uint32_t m = 0;
-        for (size_t i = 0; i < np; i++) m = c.partial[i] > m ? c.partial[i] : m;
-        g = u2f(m) / 2688.0f;
-        g = g > 0.0f ? g : 1.0f;
+    if (sq_local(&c)) {
+        run_units(sq_local_work, &c, c.units, nt);
+    } else {
+        run_units(sq_phase1, &c, c.units, nt);
+        sq_tile_scales(&c);
+        run_units(sq_phase2, &c, c.units, nt);
     }
-    const float six_g = 6.0f * g;
-    for (size_t tr = 0; tr < c.nbr; tr++) {
-        for (size_t tc = 0; tc < c.nbc; tc++) {
-            uint32_t m = 0;
-            int nf = 0;
-            for (size_t p = 0; p < c.sub; p++)
-                for (size_t q = 0; q < c.cs; q++) {
-                    size_t at = ((tr * c.sub + p) * c.nbc + tc) * c.cs + q;
-                    uint32_t v = c.partial[at];
-                    m = v > m ? v : m;
-                    if (c.lowbit) nf |= c.nonfin[at];
-                }
-            float amax = u2f(m), s, d;
-            if (mx) {
-                s = d = mx_scale1(amax, fmt, rule);
-            } else if (fmt == 7) { /* E4M3 block scale: e4m3_rne_sat(fl32(amax / fl32(6 g))), divisor fl32(s g) */
-                s = dec_e4m3(enc_fp8(amax / six_g, 0, 0x43e00000u));
-                d = s * g;
-            } else {
-                s = amax / c.fmax;
-                s = d = s > 0.0f ? s : 1.0f;
-            }
-            if (c.lowbit) {
-                c.div[tr * c.nbc + tc] = d;
-                s = nf ? NAN : s; /* a tile with a NaN/Inf has no element code for it: NaN scale */
-            }
-            scale[tr * c.nbc + tc] = s;
-        }
-    }
-    run_units(sq_phase2, &c, units, nt);
     Py_END_ALLOW_THREADS
-    free(c.partial); free(c.nonfin); free(c.div);
+    sq_free(&c);
     Py_RETURN_NONE;
 }
 
@@ -2101,6 +2191,169 @@ static PyObject *py_int8_col_quant(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ============================================================================================
+ * Fused scaled fake-quantisation (issue 15, the OCP/MX/NVFP4 replay: strategies._fq_scaled)
+ * ============================================================================================
+ * fused_scaled = quantize_scaled + dequantize_scaled to float32 + the saturation mask + per-tile counts,
+ * in one pass over x after the amax pass (sq_phase1 and sq_tile_scales above, or unit by unit with
+ * sq_local_scales: shared with py_quantize_scaled). Per element, with s the tile's scale and d its
+ * divisor (s itself but for the 4/6-bit formats, see sq_scale1):
+ *
+ *   code = enc_fp8(fl32(x / d)) | enc_lowbit(x, d)         (what quantize_scaled stores)
+ *   v    = value(code)                                     (what dequantize_scaled reads: torch's fp8
+ *                                                           decoding, dec_fp8 / the 4/6-bit value, lowbit_value)
+ *   q    = fl32(v * s), NVFP4 then fl32(q * g)             (dequantize_scaled's float32 output)
+ *   sat  = |v| == fmt max and |x| > |q|                    (False where x or q is NaN)
+ *
+ * and per tile (row-major, quantize_scaled's scale layout) three int64 counts: finite nonzero x, of
+ * those q == 0 (underflow), saturated elements. Counts are sums of integers: any order gives the
+ * same. NaN outputs are only reported (return value): their payload bits after torch's casts are
+ * the reference's business, so the caller then runs the unfused path. Compares run on the bit
+ * patterns (|a| bits order like |a| for non-NaN values), branch-free, so the loop vectorises. */
+typedef struct {
+    sq_t sq;
+    float *q; uint8_t *sat;
+    int64_t *cnt;         /* [3][ncnt] slots: per partial slot of sq (ncnt = sq.np) */
+    size_t ncnt;
+    uint32_t vmax_bits;
+    int *bad;
+} fq_t;
+
+/* kind: 0 e4m3, 1 e5m2 (FP8 elements), 2 + k the 4/6-bit element k of sq_lowbit_run; has_g: NVFP4. */
+INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
+                  int64_t *slot) {
+    float *restrict q = c->q;
+    uint8_t *restrict sat = c->sat;
+    const void *x = c->sq.x;
+    const float g = c->sq.g;
+    const uint32_t vmax = c->vmax_bits, fmax_bits = f2u(c->sq.fmax);
+    const int pos = d > 0.0f;
+    uint32_t nnz = 0, nun = 0, nsat = 0, bad = 0;
+    for (size_t i = lo; i < hi; i++) {
+        float xv = load1_nb(x, i, dt);
+        float v = kind < 2 ? dec_fp8(enc_fp8(xv / d, kind, fmax_bits), kind) : lowbit_value(xv, d, pos, kind - 2);
+        float qv = v * s;
+        if (has_g) qv = qv * g;
+        q[i] = qv;
+        uint32_t ax = f2u(xv) & 0x7fffffffu, aq = f2u(qv) & 0x7fffffffu, av = f2u(v) & 0x7fffffffu;
+        uint32_t st = (av == vmax) & (ax > aq) & (aq <= 0x7f800000u) & (ax <= 0x7f800000u);
+        uint32_t nz = (ax - 1u) < 0x7f7fffffu; /* 0 < |x| < Inf */
+        sat[i] = (uint8_t)st;
+        nnz += nz; nun += nz & (aq == 0u); nsat += st;
+        bad |= aq > 0x7f800000u;
+    }
+    slot[0] += nnz; slot[c->ncnt] += nun; slot[2 * c->ncnt] += nsat;
+    return (int)bad;
+}
+
+INLINE void fq_body(const fq_t *c, size_t u, int dt, int kind, int has_g) {
+    const sq_t *sq = &c->sq;
+    sq_unit_t w = sq_unit(sq, u);
+    if (w.c0 >= w.c1) return;
+    size_t t0 = w.c0 / sq->bc, t1 = (w.c1 - 1) / sq->bc;
+    int64_t *slots = c->cnt + w.ru * sq->nbc * sq->cs + w.q; /* the amax partial's slot of (piece, tile) */
+    int bad = 0;
+    for (size_t r = w.r0; r < w.r1; r++) {
+        const size_t tr = r / sq->br, base = r * sq->C;
+        const float *srow = sq->scale + tr * sq->nbc, *drow = sq->lowbit ? sq->div + tr * sq->nbc : srow;
+        for (size_t t = t0; t <= t1; t++) {
+            size_t lo = t * sq->bc > w.c0 ? t * sq->bc : w.c0, hi = (t + 1) * sq->bc < w.c1 ? (t + 1) * sq->bc : w.c1;
+            bad |= fq_run(c, base + lo, base + hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs);
+        }
+    }
+    if (bad) __atomic_store_n(c->bad, 1, __ATOMIC_RELAXED);
+}
+
+/* kind 0..4 as fq_run, 5 NVFP4 (E2M1 elements times the tensor scale g). */
+#define FQ_CASES(DT)                                                                            \
+    case DT * 6 + 0: fq_body(c, u, DT, 0, 0); break;                                          \
+    case DT * 6 + 1: fq_body(c, u, DT, 1, 0); break;                                          \
+    case DT * 6 + 2: fq_body(c, u, DT, 2, 0); break;                                          \
+    case DT * 6 + 3: fq_body(c, u, DT, 3, 0); break;                                          \
+    case DT * 6 + 4: fq_body(c, u, DT, 4, 0); break;                                          \
+    case DT * 6 + 5: fq_body(c, u, DT, 2, 1); break;
+#define FQ_DISPATCH(NAME, ATTR)                                                                 \
+    ATTR static void NAME(const fq_t *c, size_t u, int sel) {                                 \
+        switch (sel) { FQ_CASES(DT_F32) FQ_CASES(DT_F16) FQ_CASES(DT_BF16) default: break; } \
+    }
+FQ_DISPATCH(fq_scalar, )
+#if FP_X86
+FQ_DISPATCH(fq_avx2, __attribute__((target("avx2,f16c"))))
+#endif
+
+typedef struct { const fq_t *c; int sel; } fq_job_t;
+
+static void fq_work(void *vj, size_t u) {
+    const fq_job_t *j = (const fq_job_t *)vj;
+#if FP_X86
+    if (g_have_avx2) { fq_avx2(j->c, u, j->sel); return; }
+#endif
+    fq_scalar(j->c, u, j->sel);
+}
+
+static void fq_local_work(void *vj, size_t u) {
+    sq_local_scales((sq_t *)&((const fq_job_t *)vj)->c->sq, u);
+    fq_work(vj, u);
+}
+
+static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
+    unsigned long long xp, qp, satp, sp, cp;
+    Py_ssize_t R, C, br, bc;
+    int dt, fmt, want, rule;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinnnniKKKKii", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want, &rule))
+        return NULL;
+    if (sq_check_args("fused_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
+    fq_t c;
+    memset(&c, 0, sizeof c);
+    if (sq_init(&c.sq, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, 0,
+                1.0f, (float *)(uintptr_t)sp) < 0)
+        return PyErr_NoMemory();
+    const size_t ntiles = c.sq.nbr * c.sq.nbc;
+    int64_t *counts = (int64_t *)(uintptr_t)cp;
+    /* one piece per tile (sub = cs = 1): the slots are the tiles, counted straight into counts */
+    const int direct = c.sq.np == ntiles;
+    c.ncnt = c.sq.np;
+    c.cnt = direct ? counts : (int64_t *)calloc(3 * c.sq.np, sizeof(int64_t));
+    if (c.cnt == NULL) {
+        sq_free(&c.sq);
+        return PyErr_NoMemory();
+    }
+    if (direct) memset(counts, 0, 3 * ntiles * sizeof(int64_t));
+    c.q = (float *)(uintptr_t)qp; c.sat = (uint8_t *)(uintptr_t)satp;
+    c.vmax_bits = f2u(c.sq.fmax);
+    int bad = 0;
+    c.bad = &bad;
+    const int kind = c.sq.lowbit ? 1 + c.sq.lowbit : c.sq.e5m2;
+    fq_job_t job = {&c, dt * 6 + (fmt == 7 ? 5 : kind)};
+    int nt = pick_threads(c.sq.R * c.sq.C, want);
+    float g;
+    Py_BEGIN_ALLOW_THREADS
+    if (sq_local(&c.sq)) {
+        run_units(fq_local_work, &job, c.sq.units, nt);
+    } else {
+        run_units(sq_phase1, &c.sq, c.sq.units, nt);
+        sq_tile_scales(&c.sq);
+        run_units(fq_work, &job, c.sq.units, nt);
+    }
+    g = c.sq.g;
+    if (!direct) {
+        for (size_t tr = 0; tr < c.sq.nbr; tr++)
+            for (size_t tc = 0; tc < c.sq.nbc; tc++)
+                for (int k = 0; k < 3; k++) {
+                    int64_t sum = 0;
+                    for (size_t p = 0; p < c.sq.sub; p++)
+                        for (size_t q = 0; q < c.sq.cs; q++)
+                            sum += c.cnt[k * c.sq.np + ((tr * c.sq.sub + p) * c.sq.nbc + tc) * c.sq.cs + q];
+                    counts[k * ntiles + tr * c.sq.nbc + tc] = sum;
+                }
+        free(c.cnt);
+    }
+    Py_END_ALLOW_THREADS
+    sq_free(&c.sq);
+    return Py_BuildValue("(di)", (double)g, bad);
+}
+
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
      "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads[, packed_ptr]) "
@@ -2154,6 +2407,13 @@ static PyMethodDef methods[] = {
     {"outlier_census", py_outlier_census, METH_VARARGS,
      "outlier_census(x_ptr, dtype, rows, cols, threshold, amax_ptr, hits_ptr, threads) -> rows touched; writes "
      "amax float64 [cols] (max |x|, NaN as 0) and hits int64 [cols] (rows with |x| >= threshold)."},
+    /* fused scaled fake-quantisation */
+    {"fused_scaled", py_fused_scaled, METH_VARARGS,
+     "fused_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, q_ptr, sat_ptr, scale_ptr, counts_ptr, "
+     "threads, rule) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
+     "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
+     "saturated); fmt/rule as quantize_scaled; g: the NVFP4 tensor scale "
+     "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "fp8probe._fastpath",

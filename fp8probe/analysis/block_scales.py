@@ -195,12 +195,15 @@ def _label(spec: dict) -> dict:
 
 def update_block_stats(stats: dict[tuple[str, str], BlockScaleStats], labels: dict[tuple[str, str], dict],
                        strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
-                       operands: dict[str, tuple], b_is_weight: bool = True, include_weight: bool = True) -> None:
+                       operands: dict[str, tuple], b_is_weight: bool = True, include_weight: bool = True,
+                       blocks: dict[str, list] | None = None) -> None:
     """Add one GEMM call's block statistics of ``strategy`` to ``stats`` ((strategy, operand) → accumulator).
 
     ``operands``: StrategyOutput.operands of the same call (x, dequantised q, saturation mask), so the
-    clipping and underflow counted here are the replay's own. Batched GEMMs ([Bt, M, K]) are taken
-    slice by slice, as the recipes quantise them. ``labels`` receives each operand's format/block/rule.
+    clipping and underflow counted here are the replay's own. ``blocks``: StrategyOutput.blocks of the
+    same call: a slice's BlockRecords there are used as they are (the fused cast counted them); the
+    others are computed here from x, q and the mask. Batched GEMMs ([Bt, M, K]) are taken slice by
+    slice, as the recipes quantise them. ``labels`` receives each operand's format/block/rule.
     """
     slices = [(A, W, G)] if A.dim() == 2 else [(A[i], W[i], None if G is None else G[i]) for i in range(A.shape[0])]
     for i, (a, w, g) in enumerate(slices):
@@ -214,7 +217,10 @@ def update_block_stats(stats: dict[tuple[str, str], BlockScaleStats], labels: di
             if x.numel() == 0:                          # an empty batch has no blocks
                 continue
             if spec["kind"] == "scaled":
-                rec = _scaled_records(x, q, sat, spec["fmt"], spec["block"], spec["scale_rule"])
+                carried = (blocks or {}).get(op)
+                rec = carried[i] if carried else None
+                if rec is None:
+                    rec = _scaled_records(x, q, sat, spec["fmt"], spec["block"], spec["scale_rule"])
             else:
                 rec = _codebook_records(x, q, spec["fmt"], spec["blocksize"])
             stats.setdefault((strategy.name, op), BlockScaleStats()).update(*rec)

@@ -201,7 +201,8 @@ class _Analysis:
                 if operand == "weight" and not first_weight:
                     continue
                 acc.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat)
-            update_block_stats(acc.blocks, acc.block_labels, strat, A, W, G, out.operands, call.b_is_weight, first_weight)
+            update_block_stats(acc.blocks, acc.block_labels, strat, A, W, G, out.operands, call.b_is_weight, first_weight,
+                               out.blocks)
             clock = self._tick("metrics", clock)
 
     def tables(self) -> dict[str, pd.DataFrame]:

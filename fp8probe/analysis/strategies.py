@@ -10,6 +10,7 @@ import torch
 
 from fp8probe import autograd as AG
 from fp8probe import functional as F
+from fp8probe.backends import cpu as _cpu
 from fp8probe.formats import FORMATS, get_codebook
 
 from .accumulation import Accumulation, matmul_limited
@@ -22,6 +23,13 @@ TILE = 128
 _F32 = torch.float32
 
 
+# Per-tile records of one scaled cast of a 2-D operand, tiles in row-major order (quantize_scaled's scale
+# layout): (scale [tiles] float32 (NVFP4: block scale x tensor scale), zero_block [tiles] bool (no finite
+# nonzero element), nonzero [tiles] int64 (finite nonzero elements), underflow [tiles] int64 (of those,
+# quantised to 0), clipped [tiles] bool (a saturated element)): what block_scales._records computes.
+BlockRecords = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class StrategyOutput:
     """What a recipe produced for one layer and one batch.
@@ -30,10 +38,14 @@ class StrategyOutput:
     [out, in]); dgrad/wgrad are absent when no output gradient was captured.
     ``operands``: operand name → (x, q, saturated mask or None): the operand as captured and as the
     recipe quantised it (dequantised, same shape); operands the recipe leaves in 16/32-bit are absent.
+    ``blocks``: operand → one BlockRecords per slice (one for a 2-D GEMM) of the cast that made q, or None
+    for a slice without them; block_scales.update_block_stats reads them instead of recomputing the
+    scales and counts (absent / None: it recomputes). Filled by the OCP/MX/NVFP4 recipes (_Scaled).
     """
 
     gemms: dict[str, torch.Tensor]
     operands: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    blocks: dict[str, list[BlockRecords | None]] = dataclasses.field(default_factory=dict)
 
 
 Runner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], StrategyOutput]
@@ -392,19 +404,75 @@ def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | No
 # OCP FP8 / MX recipes: fake-quantise each GEMM's operands along its contraction dimension
 # (the last dim of the 2-D operand as passed here), matmul in float32.
 # --------------------------------------------------------------------------------------------
-def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
-               scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
-    """(dequantised x in float32, saturated mask): clipped elements have |data| at the format max and |x| > |q|."""
+def _fused_tile(x2: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
+                scale_rule: str) -> tuple[int, int] | None:
+    """The (rows, cols) tile functional.quantize_scaled cuts x2 [R, C] into for these arguments; None
+    where it would raise (the unfused path then raises the same error)."""
+    kind = FORMATS[fmt].kind if fmt in FORMATS else None
+    if kind not in ("float8", "mx", "nvfp4") or (scale_rule != "floor" and kind != "mx"):
+        return None
+    R, C = x2.shape
+    if granularity in ("tensor", "row") and kind == "float8":
+        return (max(R, 1), max(C, 1)) if granularity == "tensor" else (1, max(C, 1))
+    if granularity != "block" or not isinstance(block, (tuple, list)) or len(block) != 2 \
+            or not all(type(b) is int and b > 0 for b in block):
+        return None
+    allowed = {"mx": ((1, 32),), "nvfp4": ((1, 16), (16, 16))}.get(kind)
+    return tuple(block) if allowed is None or tuple(block) in allowed else None
+
+
+def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
+          scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor, BlockRecords | None]:
+    """_fq_scaled of a 2-D x plus its per-tile BlockRecords. On CPU with the C extension enabled, one
+    fused C call (backends.cpu.fused_scaled: the cast, its dequantisation, the mask and the tile counts,
+    bit-identical to the ops below); elsewhere (CUDA, FP8PROBE_BACKEND=reference, no extension, NaN
+    results) quantize_scaled + dequantize_scaled and the mask from their outputs, records None."""
+    tile = _fused_tile(x, fmt, granularity, block, scale_rule) if x.dim() == 2 else None
+    fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule) if tile is not None else None
+    if fused is not None:
+        scale = fused.scale if fused.global_scale is None else fused.scale * fused.global_scale
+        nonzero, underflow, saturated = fused.counts
+        return fused.q, fused.saturated, (scale.reshape(-1), nonzero == 0, nonzero, underflow, saturated > 0)
     x32 = x.to(_F32).contiguous()
     st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule)
     q = F.dequantize_scaled(st, _F32)
     fmax = FORMATS[fmt].max
     # NaN compares False and ±Inf never sits at exactly ±fmax in data, so no isfinite mask is needed.
     saturated = (st.element_values().abs() == fmax) & (x32.abs() > q.abs())
-    return q, saturated
+    return q, saturated, None
+
+
+def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
+               scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantised x in float32, saturated mask): clipped elements have |data| at the format max and |x| > |q|."""
+    return _cast(x, fmt, granularity, block, scale_rule)[:2]
 
 
 Gran = tuple[str, "tuple[int, int] | None"]
+
+
+def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
+                 scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor, list[BlockRecords | None]]:
+    """_fq_slices plus one BlockRecords (or None) per slice (one for 2-D x): a stacked cast's tiles
+    are the slices' tiles, slice after slice, so its records split into equal consecutive parts."""
+    if x.dim() == 2:
+        q, sat, rec = _cast(x, fmt, granularity, block, scale_rule)
+        return q, sat, [rec]
+    bt, rows, cols = x.shape
+    if fmt == "nvfp4":
+        tile: tuple[str, tuple[int, int] | None] | None = None
+    elif granularity == "row" or (granularity == "block" and block[0] == 1):
+        tile = (granularity, block)  # tiles of one row (MX 1x32 included)
+    else:
+        br, bc = (rows, cols) if granularity == "tensor" else block
+        br, bc = min(br, rows), min(bc, cols)  # a tile larger than the slice is all of it (quantize_scaled)
+        tile = ("block", (br, bc)) if rows and rows % br == 0 else None
+    if tile is None or x.numel() == 0:
+        q, sat, recs = zip(*(_cast(x[i], fmt, granularity, block, scale_rule) for i in range(bt)))
+        return torch.stack(q), torch.stack(sat), list(recs)
+    q, sat, rec = _cast(x.reshape(bt * rows, cols), fmt, *tile, scale_rule)
+    recs = [None] * bt if rec is None else list(zip(*(r.view(bt, -1) for r in rec)))
+    return q.view(bt, rows, cols), sat.view(bt, rows, cols), recs
 
 
 def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
@@ -419,22 +487,7 @@ def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, in
     which for a 64-head attention site times 8 casts per recipe was most of the replay. NVFP4's float32
     tensor scale is per slice, so no stacked cast has it: slice by slice.
     """
-    if x.dim() == 2:
-        return _fq_scaled(x, fmt, granularity, block, scale_rule)
-    bt, rows, cols = x.shape
-    if fmt == "nvfp4":
-        tile: tuple[str, tuple[int, int] | None] | None = None
-    elif granularity == "row" or (granularity == "block" and block[0] == 1):
-        tile = (granularity, block)  # tiles of one row (MX 1x32 included)
-    else:
-        br, bc = (rows, cols) if granularity == "tensor" else block
-        br, bc = min(br, rows), min(bc, cols)  # a tile larger than the slice is all of it (quantize_scaled)
-        tile = ("block", (br, bc)) if rows and rows % br == 0 else None
-    if tile is None or x.numel() == 0:
-        q, sat = zip(*(_fq_scaled(x[i], fmt, granularity, block, scale_rule) for i in range(bt)))
-        return torch.stack(q), torch.stack(sat)
-    q, sat = _fq_scaled(x.reshape(bt * rows, cols), fmt, *tile, scale_rule)
-    return q.view(bt, rows, cols), sat.view(bt, rows, cols)
+    return _cast_slices(x, fmt, granularity, block, scale_rule)[:2]
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -446,18 +499,21 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([a[i] @ b[i] for i in range(a.shape[0])])
 
 
-def _replay(recipe: Any, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, b_is_weight: bool) -> StrategyOutput:
+def _replay(recipe: Any, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, b_is_weight: bool,
+            blocks: dict[str, list[BlockRecords | None]] | None = None) -> StrategyOutput:
     """The three GEMMs of a recipe object with fprop/dgrad/wgrad methods (_Scaled, _Delayed, _CodebookAccum):
     the dgrad reuses the forward's qW and the wgrad the forward's qA and the dgrad's qG, as the autograd
-    function (_ScaledLinear) does in a model."""
-    y, (qA, sA), (qW, sW) = recipe.fprop(A, W, b_is_weight)
+    function (_ScaledLinear) does in a model. ``blocks`` (a dict: the recipe's fprop/dgrad take it and
+    fill it with BlockRecords) becomes StrategyOutput.blocks."""
+    kw = {} if blocks is None else {"blocks": blocks}
+    y, (qA, sA), (qW, sW) = recipe.fprop(A, W, b_is_weight, **kw)
     gemms = {"fprop": y}
     ops = {"activation": (A, qA, sA), "weight": (W, qW, sW)}
     if G is not None:
-        gemms["dgrad"], (qG, sG) = recipe.dgrad(G, W, qW, b_is_weight)
+        gemms["dgrad"], (qG, sG) = recipe.dgrad(G, W, qW, b_is_weight, **kw)
         gemms["wgrad"] = recipe.wgrad(G, A, qG, qA)
         ops["grad_output"] = (G, qG, sG)
-    return StrategyOutput(gemms, ops)
+    return StrategyOutput(gemms, ops, blocks or {})
 
 
 class _Recipe:
@@ -501,17 +557,28 @@ class _Scaled(_Recipe):
     def _gran_b(self, b_is_weight: bool) -> Gran:
         return self.w if b_is_weight else self.act
 
-    def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True) -> tuple[torch.Tensor, tuple, tuple]:
-        """(A·Wᵀ from quantised operands, (qA, satA), (qW, satW)); A [tokens, in], W [out, in]."""
-        qA, sA = _fq_slices(A, self.fmt_fwd, *self.act, self.scale_rule)                   # contraction over in
-        qW, sW = _fq_slices(W, self.fmt_fwd, *self._gran_b(b_is_weight), self.scale_rule)  # W [out, in]: over in
+    def run(self, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+            b_is_weight: bool = True) -> StrategyOutput:
+        return _replay(self, A, W, G, b_is_weight, blocks={})
+
+    def fprop(self, A: torch.Tensor, W: torch.Tensor, b_is_weight: bool = True,
+              blocks: dict[str, list[BlockRecords | None]] | None = None) -> tuple[torch.Tensor, tuple, tuple]:
+        """(A·Wᵀ from quantised operands, (qA, satA), (qW, satW)); A [tokens, in], W [out, in]. ``blocks``:
+        receives the casts' BlockRecords per slice under "activation" and "weight"."""
+        qA, sA, rA = _cast_slices(A, self.fmt_fwd, *self.act, self.scale_rule)                   # contraction over in
+        qW, sW, rW = _cast_slices(W, self.fmt_fwd, *self._gran_b(b_is_weight), self.scale_rule)  # W [out, in]: over in
+        if blocks is not None:
+            blocks["activation"], blocks["weight"] = rA, rW
         return self._gemm(qA, qW), (qA, sA), (qW, sW)
 
-    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
-              b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
-        """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W."""
+    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor, b_is_weight: bool = True,
+              blocks: dict[str, list[BlockRecords | None]] | None = None) -> tuple[torch.Tensor, tuple]:
+        """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W. ``blocks``: receives
+        G's BlockRecords per slice under "grad_output"."""
         gran_w = self._gran_b(b_is_weight)
-        qG, sG = _fq_slices(G, self.fmt_bwd, *self.act, self.scale_rule)  # dgrad contracts over out: G's rows
+        qG, sG, rG = _cast_slices(G, self.fmt_bwd, *self.act, self.scale_rule)  # dgrad contracts over out: G's rows
+        if blocks is not None:
+            blocks["grad_output"] = rG
         # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
         # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
         w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])

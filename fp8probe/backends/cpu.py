@@ -23,6 +23,7 @@ without temporaries; ``functional.py`` uses them for ``out=`` / ``absmax=``.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -605,3 +606,53 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
                            _threads(A.numel())):
         return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fused scaled fake-quantisation (the OCP/MX/NVFP4 replay, analysis/strategies._fq_scaled)
+# --------------------------------------------------------------------------------------------
+class FusedScaled(NamedTuple):
+    """One fused scaled cast of x viewed as [R, C] in (block_rows × block_cols) tiles (see fused_scaled).
+
+    ``q``: float32, x's shape, ``dequantize_scaled(quantize_scaled(x), float32)`` bit for bit;
+    ``saturated``: bool, x's shape, |element value| == format max and |x| > |q|; ``scale``: float32
+    [ceil(R/br), ceil(C/bc)], quantize_scaled's scale (NVFP4: the E4M3 block scale); ``global_scale``:
+    NVFP4's 0-D float32 tensor scale, else None; ``counts``: int64 [3, tiles] in row-major tile order,
+    per tile the finite nonzero elements of x, those of them with q == 0 (underflow) and the
+    saturated elements.
+    """
+
+    q: torch.Tensor
+    saturated: torch.Tensor
+    scale: torch.Tensor
+    global_scale: torch.Tensor | None
+    counts: torch.Tensor
+
+
+def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor"
+                 ) -> FusedScaled | None:
+    """quantize_scaled + dequantize_scaled to float32 + the saturation mask + per-tile counts in one C
+    call (one amax pass, one element pass), for ``analysis.strategies._fq_scaled``.
+
+    Same tiles, scales (NVFP4's tensor scale computed from x, as ``functional.quantize_scaled`` does)
+    and bits as the two ops. None when the C code does not apply: not a CPU float32/float16/bfloat16
+    tensor, empty, an unknown format or rule, non-positive tiles, the extension not enabled
+    (FP8PROBE_BACKEND=reference), or a NaN in q (NaN inputs, 4/6-bit tiles with a NaN scale): the
+    caller then runs the two ops, whose NaN bits come from torch's casts.
+    """
+    if (x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or fmt not in _SCALED_FMT
+            or scale_rule not in _SCALE_RULE or block_rows <= 0 or block_cols <= 0 or not enabled()):
+        return None
+    R, C = _ref._rows_cols(x.shape)
+    br, bc = min(block_rows, R), min(block_cols, C)
+    xc = x.detach().contiguous()
+    q = _fresh(x.shape, _F32)
+    sat = torch.empty(x.shape, dtype=torch.bool)
+    nbr, nbc = -(-R // br), -(-C // bc)
+    scale = torch.empty(nbr, nbc, dtype=_F32)
+    counts = torch.empty(3, nbr * nbc, dtype=torch.int64)
+    g, bad = _ext().fused_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], q.data_ptr(),
+                                 sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule])
+    if bad:
+        return None
+    return FusedScaled(q, sat, scale, torch.tensor(g, dtype=_F32) if fmt == "nvfp4" else None, counts)

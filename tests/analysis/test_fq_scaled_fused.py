@@ -1,0 +1,223 @@
+"""The fused scaled fake-quantisation (backends.cpu.fused_scaled, strategies._cast / _fq_scaled) against the
+unfused ops, bit for bit, and the block statistics it carries against block_scales' recomputation."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from fp8probe.analysis import block_scales as BS
+from fp8probe.analysis import strategies as S
+from fp8probe.analysis.pipeline import analyze
+from fp8probe.backends import cpu
+from fp8probe.backends import reference as ref
+from fp8probe.formats import FORMATS
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_FMTS = ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2")
+LOWBIT_FMTS = ("mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4")
+RULES = {"mx": ("floor", "rceil", "even")}
+# per-tensor, per-row, 1x128, 128x128, ragged 7x13: e4m3/e5m2 take any tile; MX 1x32; NVFP4 1x16, 16x16
+TILES = {"float8": ((10**9, 10**9), (1, 10**9), (1, 128), (128, 128), (7, 13)), "mx": ((1, 32),),
+         "nvfp4": ((1, 16), (16, 16))}
+# (37, 200): odd sizes; (300, 577): a per-tensor / 128-row tile spans several row pieces of the C work split;
+# (3, 70001): a row longer than one work unit (a tile in several column pieces)
+SHAPES = ((37, 200), (300, 577), (3, 70001))
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="fp8probe._fastpath not built")
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def isa(request, monkeypatch):
+    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
+    ext = cpu._ext()
+    ext.set_simd(request.param == "simd")
+    yield ext.simd()
+    ext.set_simd(True)
+
+
+def sample(shape: tuple[int, int], seed: int, dtype: torch.dtype, inf: bool) -> torch.Tensor:
+    """Seeded data over 2**-40 .. 2**40 by column, with ±0, an all-zero row, subnormals and (inf) ±Inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.linspace(-40, 40, shape[1]))[None, :]
+    x[1, :] = 0.0
+    x[0, 3], x[2, 4] = -0.0, 1e-42                       # float32 subnormal (0 in fp16/bf16)
+    x[0, 5] = 3e-39 if dtype != torch.float16 else 3e-6  # a subnormal of the dtype itself
+    if inf:
+        x[2, 7], x[0, 9] = float("inf"), -float("inf")
+    x = x.to(dtype)
+    return x if inf else torch.where(x.abs() == float("inf"), 0.0, x).to(dtype)  # fp16 overflow: keep finite
+
+
+def unfused(x: torch.Tensor, fmt: str, tile: tuple[int, int], rule: str):
+    """What _fq_scaled computed before the fused kernel: the reference ops and the mask from their outputs."""
+    x32 = x.float()
+    g = ref.nvfp4_global_scale(x32) if fmt == "nvfp4" else None
+    data, scale = ref.quantize_scaled(x32, fmt, *tile, rule, g)
+    q = ref.dequantize_scaled(data, scale, *tile, torch.float32, fmt, g)
+    sat = (ref.element_values(data, fmt).abs() == FORMATS[fmt].max) & (x32.abs() > q.abs())
+    return q, sat, scale, g
+
+
+def tile_counts(x: torch.Tensor, q: torch.Tensor, sat: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    br, bc = min(tile[0], x.shape[0]), min(tile[1], x.shape[1])
+    nonzero = torch.isfinite(x) & (x != 0)
+    return torch.stack([BS._tile_sums(m, br, bc) for m in (nonzero, nonzero & (q == 0), sat)])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def cases(fmts: tuple[str, ...]):
+    for fmt in fmts:
+        kind = FORMATS[fmt].kind
+        for tile in TILES[kind]:
+            for rule in RULES.get(kind, ("floor",)):
+                yield fmt, tile, rule
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmts", (FP8_FMTS, LOWBIT_FMTS), ids=("fp8", "lowbit"))
+def test_fused_cast_matches_the_ops(isa, fmts, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    # ±Inf only for the FP8 elements: a 4/6-bit tile with an Inf gets a NaN scale (the fallback test)
+    x = sample(shape, 7 + shape[0], dtype, inf=fmts is FP8_FMTS)
+    for fmt, tile, rule in cases(fmts):
+        got = cpu.fused_scaled(x, fmt, *tile, rule)
+        assert got is not None, (fmt, tile, rule)
+        q, sat, scale, g = unfused(x, fmt, tile, rule)
+        assert torch.equal(bits(got.q), bits(q)), (fmt, tile, rule)
+        assert torch.equal(got.saturated, sat), (fmt, tile, rule)
+        assert torch.equal(bits(got.scale), bits(scale)), (fmt, tile, rule)
+        assert (got.global_scale is None) == (g is None) and (g is None or torch.equal(got.global_scale, g))
+        assert torch.equal(got.counts, tile_counts(x, q, sat, tile)), (fmt, tile, rule)
+
+
+def code_values(fmt: str) -> torch.Tensor:
+    """Every finite element value of fmt's element format (float32)."""
+    storage = ref.SCALED_FORMATS[fmt][0]
+    if storage == torch.uint8:
+        return ref._lowbit_table(ref.ELEMENT_OF[fmt])
+    v = torch.arange(256, dtype=torch.uint8).view(storage).float()
+    return v[torch.isfinite(v)]
+
+
+@pytest.mark.parametrize("fmt", FP8_FMTS + LOWBIT_FMTS)
+def test_every_code_its_midpoints_and_their_neighbours(isa, fmt: str) -> None:
+    # the fused kernel decodes the element value arithmetically instead of reading dequantize's table:
+    # every code value, every rounding midpoint and the floats next to it, in rows of 32 that start
+    # with the format max (so the scale is 1, or NVFP4's 448·g)
+    v = code_values(fmt).unique()
+    mid = (v[1:] + v[:-1]) / 2
+    cand = torch.cat([v, mid, torch.nextafter(mid, torch.tensor(float("inf"))),
+                      torch.nextafter(mid, torch.tensor(-float("inf")))])
+    width = 16 if fmt == "nvfp4" else 32
+    cand = torch.cat([cand, cand.new_zeros(-len(cand) % (width - 1))]).view(-1, width - 1)
+    x = torch.cat([torch.full((cand.shape[0], 1), FORMATS[fmt].max), cand], dim=1)
+    tile = {"nvfp4": (1, 16), "e4m3": (1, 32), "e5m2": (1, 32)}.get(fmt, (1, 32))
+    got = cpu.fused_scaled(x, fmt, *tile)
+    q, sat, scale, _ = unfused(x, fmt, tile, "floor")
+    assert torch.equal(bits(got.q), bits(q)) and torch.equal(got.saturated, sat)
+    assert torch.equal(got.counts, tile_counts(x, q, sat, tile))
+
+
+def test_fused_cast_sees_clipping_and_underflow(isa) -> None:
+    # MX FLOOR clips block maxima in [448, 512)·2**k; tiny values next to a large one underflow
+    x = torch.tensor([[500.0, 1.0, 1e-4, 0.0] * 8, [1.0] * 32])
+    got = cpu.fused_scaled(x, "mxfp8-e4m3", 1, 32, "floor")
+    assert got.counts.tolist() == [[24, 32], [8, 0], [8, 0]]
+    assert got.saturated[0, ::4].all() and int(got.saturated.sum()) == 8
+
+
+@pytest.mark.parametrize("fmt, special", [("e4m3", float("nan")), ("mxfp8-e5m2", float("nan")),
+                                          ("mxfp4-e2m1", float("inf")), ("nvfp4", float("nan"))])
+def test_nan_results_fall_back_to_the_ops(isa, fmt: str, special: float) -> None:
+    x = sample((20, 64), 3, torch.float32, inf=False)
+    x[4, 6] = special
+    tile = TILES[FORMATS[fmt].kind][0]
+    assert cpu.fused_scaled(x, fmt, *tile) is None
+    q, sat, rec = S._cast(x, fmt, "block", tile)
+    assert rec is None
+    want_q, want_sat, _, _ = unfused(x, fmt, tile, "floor")
+    assert torch.equal(bits(q), bits(want_q)) and torch.equal(sat, want_sat)
+
+
+def test_reference_backend_and_other_devices_keep_the_ops(monkeypatch) -> None:
+    x = sample((40, 96), 5, torch.bfloat16, inf=False)
+    fused = S._cast(x, "e4m3", "block", (1, 128))
+    assert fused[2] is not None
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    assert cpu.fused_scaled(x, "e4m3", 1, 128) is None
+    q, sat, rec = S._cast(x, "e4m3", "block", (1, 128))
+    assert rec is None and torch.equal(bits(q), bits(fused[0])) and torch.equal(sat, fused[1])
+    assert cpu.fused_scaled(x.to("meta"), "e4m3", 1, 128) is None
+
+
+def test_fq_scaled_bad_arguments_raise_as_before() -> None:
+    x = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="got"):
+        S._fq_scaled(x, "mxfp8-e4m3", "block", (1, 16))     # MX takes 1x32 only
+    with pytest.raises(ValueError, match="got"):
+        S._fq_scaled(x, "e4m3", "block", (1, 32), "rceil")  # scale rules are MX-only
+    with pytest.raises(ValueError, match="got"):
+        S._fq_scaled(x, "e4m3", "column", None)
+
+
+@pytest.mark.parametrize("fmt, gran, block", [("e4m3", "tensor", None), ("e4m3", "row", None),
+                                              ("e5m2", "block", (1, 128)), ("e4m3", "block", (128, 128)),
+                                              ("e4m3", "block", (16, 16)), ("mxfp4-e2m1", "block", (1, 32)),
+                                              ("nvfp4", "block", (16, 16))])
+def test_batched_records_are_the_slices_records(fmt: str, gran: str, block) -> None:
+    x = sample((3 * 48, 200), 11, torch.float32, inf=False).view(3, 48, 200)
+    q, sat, recs = S._cast_slices(x, fmt, gran, block)
+    assert len(recs) == 3
+    for i in range(3):
+        qi, si, ri = S._cast(x[i], fmt, gran, block)
+        assert torch.equal(bits(q[i]), bits(qi)) and torch.equal(sat[i], si)
+        assert all(torch.equal(a, b) for a, b in zip(recs[i], ri))
+
+
+@pytest.mark.parametrize("fmt, block", [("e4m3", (1, 128)), ("e4m3", (128, 128)), ("mxfp8-e4m3", (1, 32)),
+                                        ("mxfp6-e3m2", (1, 32)), ("nvfp4", (1, 16)), ("nvfp4", (16, 16))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_records_equal_block_scales_recomputation(fmt: str, block: tuple[int, int], dtype: torch.dtype) -> None:
+    x = sample((70, 300), 13, dtype, inf=False)
+    q, sat, rec = S._cast(x, fmt, "block", block)
+    want = BS._scaled_records(x, q, sat, fmt, block, "floor")
+    assert rec is not None and len(rec) == len(want)
+    for got, exp in zip(rec, want):
+        assert got.dtype == exp.dtype and torch.equal(got, exp)
+
+
+def test_update_block_stats_uses_the_records(monkeypatch) -> None:
+    strat = S.STRATEGIES["ocp-blockwise"]
+    A, W, G = torch.randn(64, 256), torch.randn(96, 256), torch.randn(64, 96)
+    out = strat.run(A, W, G, 6.0)
+    assert set(out.blocks) == {"activation", "weight", "grad_output"}
+    recomputed, labels = {}, {}
+    BS.update_block_stats(recomputed, labels, strat, A, W, G, out.operands)
+    monkeypatch.setattr(BS, "_scaled_records", lambda *a: pytest.fail("recomputed despite the records"))
+    carried = {}
+    BS.update_block_stats(carried, {}, strat, A, W, G, out.operands, blocks=out.blocks)
+    assert carried.keys() == recomputed.keys()
+    assert all(carried[k].result() == recomputed[k].result() for k in carried)
+
+
+def _model_and_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(160, 256), torch.nn.GELU(), torch.nn.Linear(256, 96))
+    with torch.no_grad():
+        model[0].weight[3, :] *= 300.0                       # an outlier row: clipping / underflow in blocks
+    return model, [torch.randn(2, 40, 160), torch.randn(2, 40, 160)]
+
+
+def test_block_scales_table_equals_the_recompute_path(monkeypatch) -> None:
+    strategies = "ocp-blockwise,mxfp8,mxfp8-rceil,mxfp4,nvfp4"
+    model, batches = _model_and_batches()
+    fast = analyze(model, batches, strategies, e2e=False).tables["block_scales"]
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    model, batches = _model_and_batches()
+    slow = analyze(model, batches, strategies, e2e=False).tables["block_scales"]
+    assert len(fast) > 0 and fast["clipped_block_frac"].gt(0).any()
+    pd.testing.assert_frame_equal(fast, slow, check_exact=True)
