@@ -206,6 +206,9 @@ def update_block_stats(stats: dict[tuple[str, str], BlockScaleStats], labels: di
     slice, as the recipes quantise them. ``labels`` receives each operand's format/block/rule.
     """
     slices = [(A, W, G)] if A.dim() == 2 else [(A[i], W[i], None if G is None else G[i]) for i in range(A.shape[0])]
+    # Every slice's blocks of one operand go into the accumulator in one update (the slices' records
+    # concatenated in slice order): one pass of the statistics instead of one per attention head.
+    records: dict[str, list[tuple[torch.Tensor, ...]]] = {}
     for i, (a, w, g) in enumerate(slices):
         for op, spec in block_operands(strategy, a, w, g, b_is_weight).items():
             if op not in operands or (op == "weight" and not include_weight):
@@ -223,5 +226,8 @@ def update_block_stats(stats: dict[tuple[str, str], BlockScaleStats], labels: di
                     rec = _scaled_records(x, q, sat, spec["fmt"], spec["block"], spec["scale_rule"])
             else:
                 rec = _codebook_records(x, q, spec["fmt"], spec["blocksize"])
-            stats.setdefault((strategy.name, op), BlockScaleStats()).update(*rec)
+            records.setdefault(op, []).append(rec)
             labels.setdefault((strategy.name, op), _label(spec))
+    for op, recs in records.items():
+        fields = recs[0] if len(recs) == 1 else [torch.cat([r[k].reshape(-1) for r in recs]) for k in range(5)]
+        stats.setdefault((strategy.name, op), BlockScaleStats()).update(*fields)

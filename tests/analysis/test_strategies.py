@@ -248,3 +248,30 @@ def test_batched_bnb_replay_quantises_each_operand_once(monkeypatch) -> None:
     assert calls["fq"] == 3  # A, Wᵀ and G, each for the GEMMs and reused as the reported operand
     run_strategy(STRATEGIES["switchback"], A, W, G, b_is_weight=False)
     assert calls["int8"] == 2
+
+
+def test_batched_matmul_uses_bmm_only_where_it_equals_the_slices(monkeypatch) -> None:
+    """_mm checks torch.bmm against per-slice matmuls once per (shape, strides, dtype, threads) key: a bmm that
+    sums in another order (simulated: off by one ulp) is never used, an exact one is used from then on."""
+    from fp8probe.analysis import strategies as S
+
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(3, 16, 8, generator=g), torch.randn(3, 8, 12, generator=g)
+    slices = torch.stack([a[i] @ b[i] for i in range(3)])
+    monkeypatch.setattr(S, "_BMM_EXACT", {})
+    calls = []
+    real_bmm = torch.bmm
+
+    def off_by_one_ulp(x, y):
+        calls.append(1)
+        return torch.nextafter(real_bmm(x, y), torch.tensor(float("inf")))
+
+    monkeypatch.setattr(torch, "bmm", off_by_one_ulp)
+    assert torch.equal(S._mm(a, b), slices) and torch.equal(S._mm(a, b), slices)
+    assert len(calls) == 1 and list(S._BMM_EXACT.values()) == [False]   # checked once, then never used
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    a2, b2 = torch.randn(2, 16, 8, generator=g), torch.randn(2, 8, 12, generator=g)  # a new key
+    ref = torch.stack([a2[i] @ b2[i] for i in range(2)])
+    assert torch.equal(S._mm(a2, b2), ref) and torch.equal(S._mm(a2, b2), ref)
+    assert S._BMM_EXACT[(tuple(a2.shape), a2.stride(), tuple(b2.shape), b2.stride(), a2.dtype, "cpu",
+                         torch.get_num_threads())] is True
