@@ -506,6 +506,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     both ways and bmm is used for that key from then on only if the two were equal."""
     if a.dim() == 2:
         return a @ b
+    if a.shape[0] == 1:  # a stack of one (_one_slice): the 2-D product itself, no check, no second copy
+        return (a[0] @ b[0]).unsqueeze(0)
     if a.dtype != b.dtype or a.device != b.device:
         return torch.stack([a[i] @ b[i] for i in range(a.shape[0])])
     key = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.dtype, a.device.type, torch.get_num_threads())
