@@ -126,6 +126,12 @@ def _tile_sums(mask: torch.Tensor, br: int, bc: int) -> torch.Tensor:
     """[R, C] bool → element count per (br × bc) tile (partial edge tiles), tiles in row-major order,
     the tiling of functional.quantize_scaled's scales."""
     R, C = mask.shape
+    if br == 1:  # tiles of one row (bnb blockwise, 1xN): sum the full tiles in place, then the partial one
+        full = C // bc * bc
+        parts = [mask[:, :full].reshape(R, -1, bc).sum(dim=2, dtype=torch.int64)]
+        if full < C:
+            parts.append(mask[:, full:].sum(dim=1, dtype=torch.int64, keepdim=True))
+        return torch.cat(parts, dim=1).reshape(-1)
     nbr, nbc = -(-R // br), -(-C // bc)
     t = torch.nn.functional.pad(mask.to(torch.int32), (0, nbc * bc - C, 0, nbr * br - R))
     return t.reshape(nbr, br, nbc, bc).sum(dim=(1, 3), dtype=torch.int64).reshape(-1)
@@ -158,9 +164,12 @@ def _codebook_records(x2: torch.Tensor, q2: torch.Tensor, book: str, blocksize: 
     flat = x2.reshape(1, -1).to(torch.float32).contiguous()
     absmax = F.blockwise_absmax(flat, blocksize)  # the quantiser's scales, without re-quantising (one read)
     qf = q2.reshape(1, -1)
-    # a codebook spans [-1, 1]: a block can only clip what lies beyond its absmax (never, by construction)
-    top = absmax.to(_F64).repeat_interleave(blocksize)[: flat.shape[1]].reshape(1, -1)
-    sat = (qf.to(_F64).abs() >= top) & (flat.to(_F64).abs() > qf.to(_F64).abs())
+    # a codebook spans [-1, 1]: a block can only clip what lies beyond its absmax (never, by construction).
+    # Compared in float32: x, the absmax and q (float32/bf16/fp16) are all float32 values, so each
+    # comparison decides exactly as in float64 (NaN compares False either way), without float64 copies.
+    top = absmax.repeat_interleave(blocksize)[: flat.shape[1]].reshape(1, -1)
+    qa = qf.abs().to(torch.float32)
+    sat = (qa >= top) & (flat.abs() > qa)
     return _records(flat, qf, sat, absmax, (1, blocksize))
 
 

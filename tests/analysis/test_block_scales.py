@@ -189,3 +189,19 @@ def test_cli_runs_the_new_strategies(tmp_path) -> None:
     assert "RCEIL" in doc["metadata"]["rules"]["mxfp8-rceil"]
     html = (out / "index.html").read_text()
     assert "Block scales" in html
+
+
+@pytest.mark.parametrize("shape,tile", [((1, 10000), (1, 4096)), ((3, 130), (1, 32)), ((5, 64), (1, 64)),
+                                        ((1, 7), (1, 128)), ((37, 50), (16, 16)), ((4, 300), (1, 128))])
+def test_tile_sums_equal_a_padded_count(shape, tile) -> None:
+    from fp8probe.analysis.block_scales import _tile_sums
+
+    g = torch.Generator().manual_seed(sum(shape))
+    mask = torch.rand(shape, generator=g) > 0.4
+    R, C = shape
+    br, bc = tile
+    nbr, nbc = -(-R // br), -(-C // bc)
+    padded = torch.zeros(nbr * br, nbc * bc, dtype=torch.int64)
+    padded[:R, :C] = mask
+    expect = padded.reshape(nbr, br, nbc, bc).sum(dim=(1, 3)).reshape(-1)
+    assert torch.equal(_tile_sums(mask, br, bc), expect)
