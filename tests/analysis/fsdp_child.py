@@ -46,6 +46,7 @@ def main() -> None:
     results = analyze(model, batches, STRATEGY, device=device, sensitivity="measured")
     if dist.get_rank() == 0:
         out.write_text(json.dumps(results.to_json()["tables"]))
+    dist.barrier()  # both ranks done with every collective before either tears the group down
     dist.destroy_process_group()
 
 

@@ -20,11 +20,23 @@ TIMEOUT_S = 300
 GRAD_COLUMNS = ("grad_sqnr_db_min", "grad_sqnr_db_median", "note")
 
 
+# A rank of the gloo run sometimes died with SIGABRT, "terminate called without an active exception" and no
+# Python traceback (2 of 4 full-suite runs on 2026-11-29, never in 16 runs of this file alone, with or without
+# competing load): a C++ abort inside torch's FSDP2/gloo machinery, not an fp8probe error (those raise with the
+# rank and batch). The child now meets at a barrier before tearing the group down; a run that still dies that
+# way is retried once, and its stderr printed, so the tables are always checked.
+ABORT = "terminate called without an active exception"
+
+
 def _run_child(device: str, ranks: int, out: Path, n_batches: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                          str(HERE / "fsdp_child.py"), device, str(out), str(n_batches)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=TIMEOUT_S)
+    for attempt in (1, 2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={ranks}", str(HERE / "fsdp_child.py"), device, str(out), str(n_batches)],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=TIMEOUT_S)
+        if run.returncode == 0 or ABORT not in run.stderr or attempt == 2:
+            break
+        print(f"torchrun attempt {attempt} aborted in C++ ({ABORT!r}); retrying once:\n{run.stderr[-2000:]}")
     assert run.returncode == 0, run.stderr[-3000:]
 
 
