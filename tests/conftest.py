@@ -1,12 +1,20 @@
-"""Shared pytest fixtures: a `device` fixture over every available device (helpers live in support.py)."""
+"""Shared pytest fixtures: a `device` fixture over every available device and an `isa` fixture over the C fast
+path's AVX2 and scalar loops (helpers live in support.py)."""
 from __future__ import annotations
 
 import pytest
 
-from support import DEVICES
+from support import DEVICES, cpu_loops
 
 
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
     """Each available device in turn ("cpu", and "cuda" with a GPU)."""
     return request.param
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Run the test once with the C fast path's AVX2 loops (where the CPU has them) and once with its scalar
+    loops (skipped where the extension is not built); yields "avx2" or "scalar"."""
+    yield from cpu_loops(request.param == "simd", monkeypatch)

@@ -26,3 +26,20 @@ def vectors_file(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"reference vectors not found at {path} (set FP8PROBE_VECTORS or restore tests/data/bnb_vectors)")
     return path
+
+
+def cpu_loops(simd: bool, monkeypatch):
+    """Generator body of a fixture running a test on the C fast path's AVX2 loops (``simd``, where the CPU has
+    them) or its scalar loops; skips where the extension is not built and restores AVX2 afterwards. Yields the
+    loops in use ("avx2" or "scalar")."""
+    import pytest
+
+    from fp8probe.backends import cpu
+
+    if not cpu.available():
+        pytest.skip("fp8probe._fastpath not built")
+    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
+    ext = cpu._ext()
+    ext.set_simd(simd)
+    yield ext.simd()
+    ext.set_simd(True)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from support import vectors_file
+from support import cpu_loops, vectors_file
 
 import fp8probe.functional as F
 from fp8probe.backends import cpu
@@ -31,32 +31,16 @@ def test_extension_is_built() -> None:
     assert cpu.backend_name() in ("c-avx2", "c-scalar", "reference")
 
 
-def _isa(on: bool, monkeypatch):
-    if not cpu.available():
-        pytest.skip("fp8probe._fastpath not built")
-    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
-    ext = cpu._ext()
-    ext.set_simd(on)
-    yield ext.simd()
-    ext.set_simd(True)
-
-
-@pytest.fixture(params=["simd", "scalar"])
-def isa(request, monkeypatch):
-    """Run the test once with the AVX2 loops (where the CPU has them) and once with the scalar loops."""
-    yield from _isa(request.param == "simd", monkeypatch)
-
-
 @pytest.fixture
 def simd(monkeypatch):
     """The AVX2 loops where the CPU has them (else the scalar ones)."""
-    yield from _isa(True, monkeypatch)
+    yield from cpu_loops(True, monkeypatch)
 
 
 @pytest.fixture
 def scalar(monkeypatch):
     """The scalar loops only."""
-    yield from _isa(False, monkeypatch)
+    yield from cpu_loops(False, monkeypatch)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -25,16 +25,6 @@ def _same(a, b) -> None:
         assert torch.equal(_bits(x.contiguous()), _bits(y.contiguous()))
 
 
-@pytest.fixture(params=["simd", "scalar"])
-def isa(request, monkeypatch):
-    if not cpu.available():
-        pytest.skip("fp8probe._fastpath not built")
-    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
-    cpu._ext().set_simd(request.param == "simd")
-    yield request.param
-    cpu._ext().set_simd(True)
-
-
 @pytest.fixture(autouse=True)
 def two_threads():
     old = torch.get_num_threads()

@@ -22,17 +22,6 @@ RULES = ("floor", "rceil", "even")
 TILES = ((10**9, 10**9), (1, 10**9), (1, 128), (128, 128), (1, 32), (7, 13), (10**9, 1))
 
 
-@pytest.fixture(params=["simd", "scalar"])
-def isa(request, monkeypatch):
-    if not cpu.available():
-        pytest.skip("fp8probe._fastpath not built")
-    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
-    ext = cpu._ext()
-    ext.set_simd(request.param == "simd")
-    yield ext.simd()
-    ext.set_simd(True)
-
-
 @pytest.fixture
 def no_fallback(monkeypatch):
     """Make any fallback to the reference fail the test."""

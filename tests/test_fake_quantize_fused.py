@@ -17,17 +17,6 @@ BLOCKSIZES = (None, 1, 7, 64, 100, 4096, 4097)
 needs_ext = pytest.mark.skipif(not cpu.available(), reason="fp8probe._fastpath not built")
 
 
-@pytest.fixture(params=["simd", "scalar"])
-def isa(request, monkeypatch):
-    """The AVX2 loops (where the CPU has them), then the scalar loops."""
-    if not cpu.available():
-        pytest.skip("fp8probe._fastpath not built")
-    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
-    cpu._ext().set_simd(request.param == "simd")
-    yield request.param
-    cpu._ext().set_simd(True)
-
-
 def _data(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Normal values over ~12 binades with exact zeros, float32 subnormals and exact code midpoints nearby."""
     g = torch.Generator().manual_seed(seed)

@@ -27,15 +27,6 @@ SHAPES = ((37, 200), (300, 577), (3, 70001))
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="fp8probe._fastpath not built")
 
 
-@pytest.fixture(params=["simd", "scalar"])
-def isa(request, monkeypatch):
-    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
-    ext = cpu._ext()
-    ext.set_simd(request.param == "simd")
-    yield ext.simd()
-    ext.set_simd(True)
-
-
 def sample(shape: tuple[int, int], seed: int, dtype: torch.dtype, inf: bool) -> torch.Tensor:
     """Seeded data over 2**-40 .. 2**40 by column, with ±0, an all-zero row, subnormals and (inf) ±Inf."""
     g = torch.Generator().manual_seed(seed)

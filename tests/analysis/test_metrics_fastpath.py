@@ -29,22 +29,6 @@ PAIRS = [(n, a, b) for n in SIZES for a in DTYPES for b in DTYPES] + [
 LIMITS = tuple(limit for _, limit in RAW_LIMITS)
 
 
-def _isa(on: bool, monkeypatch: pytest.MonkeyPatch):
-    if not cpu.available():
-        pytest.skip("fp8probe._fastpath not built")
-    monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
-    ext = cpu._ext()
-    ext.set_simd(on)
-    yield ext.simd()
-    ext.set_simd(True)
-
-
-@pytest.fixture(params=["simd", "scalar"])
-def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    """Run the test once with the AVX2 loops (where the CPU has them) and once with the scalar loops."""
-    yield from _isa(request.param == "simd", monkeypatch)
-
-
 def _ordered_sum(v: torch.Tensor) -> float:
     """Σv in the C reductions' order: blocks of SUM_BLOCK, 8 lanes (element i to lane i % 8, in order),
     lanes combined ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), block results added in block order to 0.0."""
