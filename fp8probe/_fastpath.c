@@ -52,6 +52,19 @@
 
 static int g_have_avx2 = 0;
 
+/* A run_units work function NAME(ctx, unit) that runs the AVX2 instantiation AVX2_FN where the CPU has it
+ * (g_have_avx2, decided at import) and the scalar one SCALAR_FN elsewhere; CTX: the context type. */
+#if FP_X86
+#define SIMD_WORK(NAME, CTX, AVX2_FN, SCALAR_FN)                                                 \
+    static void NAME(void *vc, size_t u) {                                                       \
+        if (g_have_avx2) AVX2_FN((CTX *)vc, u);                                                  \
+        else SCALAR_FN((CTX *)vc, u);                                                            \
+    }
+#else
+#define SIMD_WORK(NAME, CTX, AVX2_FN, SCALAR_FN)                                                 \
+    static void NAME(void *vc, size_t u) { SCALAR_FN((CTX *)vc, u); }
+#endif
+
 /* ---------------------------------------------------------------------------------- conversions */
 INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -1016,21 +1029,8 @@ SQ_DISPATCH(sq_scalar, sq_amax_body, sq_quant_body, )
 SQ_DISPATCH(sq_avx2, sq_amax_body, sq_quant_body, __attribute__((target("avx2,f16c"))))
 #endif
 
-static void sq_phase1(void *vc, size_t u) {
-    const sq_t *c = (const sq_t *)vc;
-#if FP_X86
-    if (g_have_avx2) { sq_avx2_amax(c, u); return; }
-#endif
-    sq_scalar_amax(c, u);
-}
-
-static void sq_phase2(void *vc, size_t u) {
-    const sq_t *c = (const sq_t *)vc;
-#if FP_X86
-    if (g_have_avx2) { sq_avx2_quant(c, u); return; }
-#endif
-    sq_scalar_quant(c, u);
-}
+SIMD_WORK(sq_phase1, const sq_t, sq_avx2_amax, sq_scalar_amax)
+SIMD_WORK(sq_phase2, const sq_t, sq_avx2_quant, sq_scalar_quant)
 
 /* E4M3FN code -> float32 (NVFP4 block scales), as torch decodes it: 0x7f/0xff is the NaN with the
  * code's mantissa bits at the top of the payload (0x7ff00000 | sign). */
@@ -1235,12 +1235,7 @@ FA_DISPATCH(fa_scalar, )
 FA_DISPATCH(fa_avx2, __attribute__((target("avx2,f16c"))))
 #endif
 
-static void fa_work(void *vc, size_t u) {
-#if FP_X86
-    if (g_have_avx2) { fa_avx2((const fa_t *)vc, u); return; }
-#endif
-    fa_scalar((const fa_t *)vc, u);
-}
+SIMD_WORK(fa_work, const fa_t, fa_avx2, fa_scalar)
 
 static PyObject *py_finite_amax(PyObject *self, PyObject *args) {
     unsigned long long xp;
@@ -1450,12 +1445,7 @@ ES_DISPATCH(es_scalar, , )
 ES_DISPATCH(es_avx2, AVX2, _mm256_zeroupper();)
 #endif
 
-static void es_work(void *vc, size_t u) {
-#if FP_X86
-    if (g_have_avx2) { es_avx2((const es_t *)vc, u); return; }
-#endif
-    es_scalar((const es_t *)vc, u);
-}
+SIMD_WORK(es_work, const es_t, es_avx2, es_scalar)
 
 static int bad_dt(int dt) { return dt < DT_F32 || dt > DT_F64; }
 
@@ -1579,19 +1569,8 @@ OS_DISPATCH(os_avx2, os_body, AVX2, _mm256_zeroupper();)
 OS_DISPATCH(osq_avx2, os_qmax_body, AVX2, _mm256_zeroupper();)
 #endif
 
-static void os_work(void *vc, size_t u) {
-#if FP_X86
-    if (g_have_avx2) { os_avx2((const os_t *)vc, u); return; }
-#endif
-    os_scalar((const os_t *)vc, u);
-}
-
-static void osq_work(void *vc, size_t u) {
-#if FP_X86
-    if (g_have_avx2) { osq_avx2((const os_t *)vc, u); return; }
-#endif
-    osq_scalar((const os_t *)vc, u);
-}
+SIMD_WORK(os_work, const os_t, os_avx2, os_scalar)
+SIMD_WORK(osq_work, const os_t, osq_avx2, osq_scalar)
 
 static PyObject *py_operand_sums(PyObject *self, PyObject *args) {
     unsigned long long xp, qp, sp;
@@ -1776,19 +1755,8 @@ TS_DISPATCH(ts1_avx2, ts1_body, AVX2, _mm256_zeroupper();)
 TS_DISPATCH(ts2_avx2, ts2_body, AVX2, _mm256_zeroupper();)
 #endif
 
-static void ts1_work(void *vc, size_t u) {
-#if FP_X86
-    if (g_have_avx2) { ts1_avx2((const ts_t *)vc, u); return; }
-#endif
-    ts1_scalar((const ts_t *)vc, u);
-}
-
-static void ts2_work(void *vc, size_t u) {
-#if FP_X86
-    if (g_have_avx2) { ts2_avx2((const ts_t *)vc, u); return; }
-#endif
-    ts2_scalar((const ts_t *)vc, u);
-}
+SIMD_WORK(ts1_work, const ts_t, ts1_avx2, ts1_scalar)
+SIMD_WORK(ts2_work, const ts_t, ts2_avx2, ts2_scalar)
 
 static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
     unsigned long long xp, hp, sp;
@@ -1887,12 +1855,7 @@ OC_DISPATCH(oc_scalar, , )
 OC_DISPATCH(oc_avx2, AVX2, _mm256_zeroupper();)
 #endif
 
-static void oc_work(void *vc, size_t u) {
-#if FP_X86
-    if (g_have_avx2) { oc_avx2((const oc_t *)vc, u); return; }
-#endif
-    oc_scalar((const oc_t *)vc, u);
-}
+SIMD_WORK(oc_work, const oc_t, oc_avx2, oc_scalar)
 
 /* at most this many row ranges (and column arrays): enough to balance the threads of a shared box */
 #define OC_MAX_UNITS 64
