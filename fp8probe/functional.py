@@ -624,6 +624,17 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
     Finite values saturate to ±fmt_max.
     """
     _check_tensor("x", x, _FLOATS)
+    granularity, tile = scaled_tile(x.shape, fmt, granularity, block, scale_rule)
+    global_scale = _cpu.nvfp4_global_scale(x) if fmt == "nvfp4" else None  # the reference's value; one C pass on CPU
+    data, scale = _run("quantize_scaled", x, fmt, tile[0], tile[1], scale_rule, global_scale)
+    return ScaledTensor(data=data, scale=scale, fmt=fmt, granularity=granularity, block=tile, dtype=x.dtype,
+                        scale_rule=scale_rule, global_scale=global_scale)
+
+
+def scaled_tile(shape: torch.Size | tuple[int, ...], fmt: str, granularity: str | None = None,
+                block: tuple[int, int] | None = None, scale_rule: str = "floor") -> tuple[str, tuple[int, int]]:
+    """(granularity, (tile rows, tile cols)) that quantize_scaled uses for a tensor of ``shape`` with these
+    arguments (its [rows, cols] view: rows = prod(shape[:-1])); ValueError for arguments it rejects."""
     if fmt not in _SCALED_FMTS:
         raise ValueError(f"fmt must be one of {', '.join(_SCALED_FMTS)}, got {fmt!r}")
     if scale_rule not in _ref.SCALE_RULES:
@@ -631,10 +642,8 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
     if scale_rule != "floor" and fmt not in _ref.MX_FORMATS:
         raise ValueError(f"scale_rule applies to the MX formats ({', '.join(_ref.MX_FORMATS)}) only; "
                          f"expected 'floor' for fmt={fmt!r}, got {scale_rule!r}")
-    shape = x.shape
-    rows = math.prod(shape[:-1]) if x.dim() else 1
-    cols = shape[-1] if x.dim() else 1
-    global_scale = None
+    rows = math.prod(shape[:-1]) if len(shape) else 1
+    cols = shape[-1] if len(shape) else 1
     if fmt in _FIXED_BLOCKS:
         allowed = _FIXED_BLOCKS[fmt]
         if granularity not in (None, "block") or (block is not None and (not isinstance(block, (tuple, list))
@@ -642,8 +651,6 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
             raise ValueError(f"{fmt} needs granularity='block' with block in {list(allowed)}; got "
                              f"granularity={granularity!r}, block={block!r}")
         granularity, tile = "block", tuple(block) if block is not None else allowed[0]
-        if fmt == "nvfp4":
-            global_scale = _cpu.nvfp4_global_scale(x)  # the reference's value; one C pass on CPU
     elif granularity in (None, "tensor"):
         granularity, tile = "tensor", (max(rows, 1), max(cols, 1))
     elif granularity == "row":
@@ -654,9 +661,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
         tile = (int(block[0]), int(block[1]))
     else:
         raise ValueError(f"granularity must be 'tensor', 'row' or 'block', got {granularity!r}")
-    data, scale = _run("quantize_scaled", x, fmt, tile[0], tile[1], scale_rule, global_scale)
-    return ScaledTensor(data=data, scale=scale, fmt=fmt, granularity=granularity, block=tile, dtype=x.dtype,
-                        scale_rule=scale_rule, global_scale=global_scale)
+    return granularity, tile
 
 
 def dequantize_scaled(st: ScaledTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -404,31 +404,15 @@ def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | No
 # OCP FP8 / MX recipes: fake-quantise each GEMM's operands along its contraction dimension
 # (the last dim of the 2-D operand as passed here), matmul in float32.
 # --------------------------------------------------------------------------------------------
-def _fused_tile(x2: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
-                scale_rule: str) -> tuple[int, int] | None:
-    """The (rows, cols) tile functional.quantize_scaled cuts x2 [R, C] into for these arguments; None
-    where it would raise (the unfused path then raises the same error)."""
-    kind = FORMATS[fmt].kind if fmt in FORMATS else None
-    if kind not in ("float8", "mx", "nvfp4") or (scale_rule != "floor" and kind != "mx"):
-        return None
-    R, C = x2.shape
-    if granularity in ("tensor", "row") and kind == "float8":
-        return (max(R, 1), max(C, 1)) if granularity == "tensor" else (1, max(C, 1))
-    if granularity != "block" or not isinstance(block, (tuple, list)) or len(block) != 2 \
-            or not all(type(b) is int and b > 0 for b in block):
-        return None
-    allowed = {"mx": ((1, 32),), "nvfp4": ((1, 16), (16, 16))}.get(kind)
-    return tuple(block) if allowed is None or tuple(block) in allowed else None
-
-
 def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
           scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor, BlockRecords | None]:
     """_fq_scaled of a 2-D x plus its per-tile BlockRecords. On CPU with the C extension enabled, one
     fused C call (backends.cpu.fused_scaled: the cast, its dequantisation, the mask and the tile counts,
     bit-identical to the ops below); elsewhere (CUDA, FP8PROBE_BACKEND=reference, no extension, NaN
-    results) quantize_scaled + dequantize_scaled and the mask from their outputs, records None."""
-    tile = _fused_tile(x, fmt, granularity, block, scale_rule) if x.dim() == 2 else None
-    fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule) if tile is not None else None
+    results) quantize_scaled + dequantize_scaled and the mask from their outputs, records None. Arguments
+    quantize_scaled rejects raise its ValueError either way."""
+    tile = F.scaled_tile(x.shape, fmt, granularity, block, scale_rule)[1]
+    fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule) if x.dim() == 2 else None
     if fused is not None:
         scale = fused.scale if fused.global_scale is None else fused.scale * fused.global_scale
         nonzero, underflow, saturated = fused.counts
