@@ -492,18 +492,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
     if a.shape[0] == 1:  # a stack of one (_one_slice): the 2-D product itself, no check, no second copy
         return (a[0] @ b[0]).unsqueeze(0)
-    if a.dtype != b.dtype or a.device != b.device:
-        return torch.stack([a[i] @ b[i] for i in range(a.shape[0])])
     key = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.dtype, a.device.type, torch.get_num_threads())
-    exact = _BMM_EXACT.get(key)
-    if exact is False:
-        return torch.stack([a[i] @ b[i] for i in range(a.shape[0])])
-    out = torch.bmm(a, b)
+    exact = _BMM_EXACT.get(key) if a.dtype == b.dtype and a.device == b.device else False
+    if exact:
+        return torch.bmm(a, b)
+    slices = torch.stack([a[i] @ b[i] for i in range(a.shape[0])])
     if exact is None:
-        slices = torch.stack([a[i] @ b[i] for i in range(a.shape[0])])
-        _BMM_EXACT[key] = bool(torch.equal(out, slices))
-        return slices
-    return out
+        _BMM_EXACT[key] = bool(torch.equal(torch.bmm(a, b), slices))
+    return slices
 
 
 def _replay(recipe: Any, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, b_is_weight: bool,
