@@ -197,16 +197,9 @@ class OperandAccumulator:
             raise ValueError(f"x and q must have the same shape, got {list(x.shape)} and {list(q.shape)}")
         if x.numel() == 0:
             return
-        sums = _cpu.operand_sums(x, q, saturated)
+        sums = _cpu.operand_sums(x, q, saturated)  # in this class's field order
         if sums is not None:
-            self.sum_ref2 += sums[0]
-            self.sum_err2 += sums[1]
-            self.n_finite += sums[2]
-            self.n_nonzero += sums[3]
-            self.n_underflow += sums[4]
-            self.n_saturated += sums[5]
-            self.n_excluded += sums[6]
-            self.n_nonfinite += sums[7]
+            self.__dict__.update(self.merge(OperandAccumulator(*sums)).__dict__)
             return
         xf, qf = x.detach().flatten(), q.detach().flatten()
         if saturated is None:  # |x| > max|q| needs the whole tensor's max before any chunk is counted
