@@ -321,6 +321,13 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(g > 0, g, 1.0)
 
 
+def _scaled_cast_applies(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str) -> bool:
+    """Whether the C scaled cast (quantize_scaled, fused_scaled) takes these arguments: a non-empty CPU
+    float32/float16/bfloat16 tensor, a known format and rule, positive tiles, the extension enabled."""
+    return (x.device.type == "cpu" and x.dtype in _DT and x.numel() > 0 and fmt in _SCALED_FMT
+            and scale_rule in _SCALE_RULE and block_rows > 0 and block_cols > 0 and enabled())
+
+
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
                     global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU kernel of ``fp8probe::quantize_scaled``: same arguments, results and errors as the reference's.
@@ -332,8 +339,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     is not a 0-D tensor.
     """
     g = _scalar_scale(global_scale) if fmt == "nvfp4" else (0, 1.0)
-    if (x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or fmt not in _SCALED_FMT
-            or scale_rule not in _SCALE_RULE or g is None or block_rows <= 0 or block_cols <= 0 or not enabled()):
+    if g is None or not _scaled_cast_applies(x, fmt, block_rows, block_cols, scale_rule):
         return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
     storage = _ref.SCALED_FORMATS[fmt][0]
     R, C = _ref._rows_cols(x.shape)
@@ -640,8 +646,7 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     (FP8PROBE_BACKEND=reference), or a NaN in q (NaN inputs, 4/6-bit tiles with a NaN scale): the
     caller then runs the two ops, whose NaN bits come from torch's casts.
     """
-    if (x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or fmt not in _SCALED_FMT
-            or scale_rule not in _SCALE_RULE or block_rows <= 0 or block_cols <= 0 or not enabled()):
+    if not _scaled_cast_applies(x, fmt, block_rows, block_cols, scale_rule):
         return None
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
