@@ -1,12 +1,16 @@
 """analyze(): stream batches through the model, replay every recipe on each captured GEMM, and fill the result tables."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import os
+import threading
 import platform
 import re
 import sys
 import time
 import warnings
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,6 +20,7 @@ from torch import nn
 
 from fp8probe import __version__
 from fp8probe.autograd import get_block_sizes
+from fp8probe.backends import cpu as _cpu
 from fp8probe.formats import FORMATS
 
 from . import distributed, streaming
@@ -66,6 +71,79 @@ class _LayerAcc:
 
     def __post_init__(self) -> None:
         self.census = OutlierCensus(self.threshold)
+
+
+#: Largest GEMM site (elements of A, W and G together) whose recipes replay in parallel: beyond it
+#: each recipe's W-sized temporaries would be alive ``workers`` times at once (an LM head's 28M-element
+#: weight: ~0.5 GB a recipe), so a large site runs its recipes one after the other, each multi-threaded.
+PARALLEL_MAX_ELEMENTS = 1 << 22
+_TICK_LOCK = threading.Lock()
+_POOL: futures.ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, recipes: int) -> int:
+    """How many recipes of one GEMM site replay at once: 1 (one after the other, torch's intra-op
+    threads inside each op) or up to ``torch.get_num_threads()`` (a pool of that many workers, one
+    recipe per worker and one intra-op thread each).
+
+    Why: a site of a 135M LLM is small (256 x 576 x 1536): a recipe's replay is dozens of ops of
+    ~0.1-1 ms, and the Python between them runs on one core while the other waits; two recipes at
+    once keep both busy (Llama-135M on 2 cores: see benchmarks/RESULTS.md). The tables are the serial
+    replay's to the bit: each recipe measures into fresh accumulators (one C reduction each, so
+    ``0 + s`` is ``s``) that are folded in strategy order, and every op's result does not depend on
+    the thread it runs on (the C kernels' float64 sums have a fixed order; the GEMMs' do not depend
+    on the thread count on the CPUs measured, tests/analysis/test_parallel_replay.py checks it).
+    Serial: CUDA tensors, the torch metrics (no C extension or FP8PROBE_BACKEND=reference: their
+    chunked sums would not fold exactly), one recipe, one thread, sites above PARALLEL_MAX_ELEMENTS,
+    or ``FP8PROBE_REPLAY_WORKERS=1`` (a number caps the workers).
+    """
+    threads = torch.get_num_threads()
+    cap = os.environ.get("FP8PROBE_REPLAY_WORKERS", "").strip()
+    if cap:
+        if not cap.isdigit() or int(cap) < 1:
+            raise ValueError(f"FP8PROBE_REPLAY_WORKERS must be a positive integer, got {cap!r}")
+        threads = min(threads, int(cap))
+    size = A.numel() + W.numel() + (0 if G is None else G.numel())
+    if recipes < 2 or threads < 2 or A.device.type != "cpu" or size > PARALLEL_MAX_ELEMENTS or not _cpu.enabled():
+        return 1
+    return min(threads, recipes)
+
+
+def _pool(workers: int) -> futures.ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE != workers:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        # One intra-op thread in each worker: OpenMP's thread count is per calling thread (the main
+        # thread's torch.set_num_threads does not reach a worker's), so each worker sets its own.
+        _POOL = futures.ThreadPoolExecutor(workers, thread_name_prefix="fp8probe-replay",
+                                           initializer=torch.set_num_threads, initargs=(1,))
+        _POOL_SIZE = workers
+    return _POOL
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):  # type: ignore[no-untyped-def]
+    """torch.set_num_threads(n) for the block (process-wide: the pool's workers each get one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class _Part:
+    """One recipe's replay of one call as a pool worker measured it: its failure, or fresh accumulators."""
+
+    error: str | None = None
+    gemm: dict[tuple[str, str], ErrorAccumulator] = field(default_factory=dict)
+    operands: dict[tuple[str, str], OperandAccumulator] = field(default_factory=dict)
+    blocks: dict[tuple[str, str], BlockScaleStats] = field(default_factory=dict)
+    block_labels: dict[tuple[str, str], dict] = field(default_factory=dict)
+    estimate: SensitivityEstimate | None = None
 
 
 class _Analysis:
@@ -151,9 +229,13 @@ class _Analysis:
             spent = time.perf_counter() - started
             self.seconds_by_kind[call.kind] = self.seconds_by_kind.get(call.kind, 0.0) + spent
 
-    def _tick(self, part: str, since: float) -> float:
+    def _tick(self, part: str, since: float, spent: dict[str, float] | None = None) -> float:
+        """Add the seconds since ``since`` to ``part`` of self.seconds (or of ``spent``: a parallel
+        replay's per-call worker seconds, see _replay)."""
         now = time.perf_counter()
-        self.seconds[part] += now - since
+        with _TICK_LOCK:  # pool workers add to the same totals
+            into = self.seconds if spent is None else spent
+            into[part] = into.get(part, 0.0) + now - since
         return now
 
     def _replay(self, call: GemmCall) -> None:
@@ -172,38 +254,103 @@ class _Analysis:
         # A weight is the same tensor every batch: count it once so its statistics are not repeated.
         first_weight = not ((acc.weight_seen or call.name in self.known_weights) and call.b_is_weight)
         acc.weight_seen = True
+        todo = [s for s in self.strategies
+                if s.name not in acc.errors and s.name not in self.failed.get(call.name, ())]
+        workers = replay_workers(A, W, G, len(todo))
+        if workers < 2:
+            self._stats(acc, A, W, G, first_weight)
+            clock = self._tick("stats", clock)
+            ref = reference_gemms(A, W, G)
+            clock = self._tick("reference", clock)
+            for strat in todo:
+                part = self._strategy(strat, call, ref, first_weight, acc)
+                self._fold(acc, call.name, strat, part, merge=False)
+            return
+        # Several recipes at once, each on one thread (replay_workers): the stats, the
+        # float64 reference and every recipe are tasks of one pool; each recipe measures into its own
+        # accumulators, folded here in strategy order, so the tables are those of the serial replay.
+        # The workers' seconds overlap: the timings report each part's share of this call's wall time.
+        spent: dict[str, float] = {}
+        with _intra_op_threads(1), torch.no_grad():
+            pool = _pool(workers)
+            stats = pool.submit(self._timed, "stats", spent, self._stats, acc, A, W, G, first_weight)
+            ref = pool.submit(self._timed, "reference", spent, reference_gemms, A, W, G)
+            parts = [pool.submit(self._strategy, strat, call, ref, first_weight, None, spent) for strat in todo]
+            futures.wait([stats, ref, *parts])  # every task has finished before anything is raised
+        scale = min(1.0, (time.perf_counter() - clock) / max(sum(spent.values()), 1e-12))
+        for name, seconds in spent.items():
+            self.seconds[name] += seconds * scale
+        stats.result()
+        for strat, part in zip(todo, parts):
+            self._fold(acc, call.name, strat, part.result(), merge=True)
+
+    def _timed(self, part: str, spent: dict[str, float], fn: Callable[..., Any], *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._tick(part, started, spent)
+
+    def _stats(self, acc: _LayerAcc, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
+               first_weight: bool) -> None:
         for tensor_name, t in (("activation", A), ("weight", W if first_weight else None), ("grad_output", G)):
             if t is not None:
                 acc.tensors.setdefault(tensor_name, TensorStats()).update(t)
         acc.census.update(A.reshape(-1, A.shape[-1]))
-        clock = self._tick("stats", clock)
-        ref = reference_gemms(A, W, G)
-        clock = self._tick("reference", clock)
-        for strat in self.strategies:
-            if strat.name in acc.errors or strat.name in self.failed.get(call.name, ()):
+
+    def _strategy(self, strat: Strategy, call: GemmCall, ref: Any, first_weight: bool,
+                  into: _LayerAcc | None, spent: dict[str, float] | None = None) -> _Part:
+        """Replay one recipe on ``call`` and measure it against ``ref`` (reference_gemms' dict, or a
+        future of it). ``into``: the layer's accumulators to update; None: fresh ones, returned in the
+        _Part for _fold (a pool worker must not insert into the shared dicts: their order is the
+        tables' row order)."""
+        A, W, G = call.activation, call.weight, call.grad_output
+        clock = time.perf_counter()
+        try:
+            out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight,
+                               state=self.states.get(strat.name), site=call.name)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            self._tick("recipes", clock, spent)
+            return _Part(error=one_line(exc))
+        clock = self._tick("recipes", clock, spent)
+        if not isinstance(ref, dict):
+            ref = ref.result()
+        part = _Part(estimate=None if self.estimate is None or into is not None else SensitivityEstimate())
+        sink = into if into is not None else part
+        for gemm, lp in out.gemms.items():
+            sink.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp)
+        estimate = self.estimate if into is not None else part.estimate
+        if estimate is not None:
+            estimate.update(strat.name, call.name, G, out.gemms["fprop"].double() - ref["fprop"])
+        for operand, (x, q, sat) in out.operands.items():
+            if operand == "weight" and not first_weight:
                 continue
-            try:
-                out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight,
-                                   state=self.states.get(strat.name), site=call.name)
-            except (RuntimeError, ValueError, TypeError) as exc:
-                clock = self._tick("recipes", clock)
-                # One failing recipe must not sink the whole analysis: record it for the report.
-                acc.errors[strat.name] = one_line(exc)
-                warnings.warn(f"strategy {strat.name} failed on layer {call.name}: {acc.errors[strat.name]}",
-                              RuntimeWarning, stacklevel=3)  # the caller of capture's sink
-                continue
-            clock = self._tick("recipes", clock)
-            for gemm, lp in out.gemms.items():
-                acc.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp)
-            if self.estimate is not None:
-                self.estimate.update(strat.name, call.name, G, out.gemms["fprop"].double() - ref["fprop"])
-            for operand, (x, q, sat) in out.operands.items():
-                if operand == "weight" and not first_weight:
-                    continue
-                acc.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat)
-            update_block_stats(acc.blocks, acc.block_labels, strat, A, W, G, out.operands, call.b_is_weight, first_weight,
-                               out.blocks)
-            clock = self._tick("metrics", clock)
+            sink.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat)
+        update_block_stats(sink.blocks, sink.block_labels, strat, A, W, G, out.operands, call.b_is_weight,
+                           first_weight, out.blocks)
+        del out
+        self._tick("metrics", clock, spent)
+        return part
+
+    def _fold(self, acc: _LayerAcc, name: str, strat: Strategy, part: _Part, merge: bool) -> None:
+        """Record a recipe's failure, or (``merge``) fold its fresh accumulators into the layer's."""
+        if part.error is not None:
+            # One failing recipe must not sink the whole analysis: record it for the report.
+            acc.errors[strat.name] = part.error
+            warnings.warn(f"strategy {strat.name} failed on layer {name}: {part.error}",
+                          RuntimeWarning, stacklevel=4)  # the caller of capture's sink
+            return
+        if not merge:
+            return
+        for key, e in part.gemm.items():
+            acc.gemm[key] = acc.gemm[key].merge(e) if key in acc.gemm else e
+        for key, o in part.operands.items():
+            acc.operands[key] = acc.operands[key].merge(o) if key in acc.operands else o
+        for key, b in part.blocks.items():
+            acc.blocks[key] = acc.blocks[key].merge(b) if key in acc.blocks else b
+            acc.block_labels.setdefault(key, part.block_labels[key])
+        if part.estimate is not None:
+            self.estimate.merge(part.estimate.sums)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         layers, gemm, operands, tensors, hists, outliers, errors, blocks = [], [], [], [], [], [], [], []
@@ -455,7 +602,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     ``reference_s`` (float64 GEMMs), ``recipes_s``, ``metrics_s`` (error accumulators), then
     ``tables_s``, ``e2e_s`` and ``total_s``; ``replay_s_by_kind``: the replay per GEMM kind (linear,
     attention, matmul, conv: the cost of covering more than the linear layers); under torchrun they are
-    each rank's own (rank 0's are written).
+    each rank's own (rank 0's are written). Where a site's recipes replay in parallel (replay_workers),
+    its stats/reference/recipes/metrics seconds are the workers' seconds scaled to the site's wall time.
     """
     if options is not None and not isinstance(options, RecipeOptions):
         raise TypeError(f"expected RecipeOptions or None for options, got {type(options).__name__}")
