@@ -91,6 +91,13 @@ def release_free_memory() -> None:
         trim(0)
 
 
+#: Trim the heap (release_free_memory) once the replayed calls' operands add up to this many elements:
+#: their replays allocate ~20x that in temporaries, and a trim costs ~3 ms (a 135M LLM's 9 sites a
+#: layer took 9 trims, 0.3 s for 6 layers). A 32-layer 1024-wide MLP (64 tokens, "global"): peak RSS
+#: over the start 110 MiB trimming after every call, 115 MiB so (4 layers: 94 and 103).
+TRIM_ELEMENTS = 1 << 21
+
+
 class _GradTap(torch.autograd.Function):
     """Identity on a linear output Y whose backward hands dL/dY to a callback as soon as autograd computes it.
 
@@ -134,6 +141,7 @@ class _Recorder(GemmHandler):
         self.count = 0
         self.tapped = 0
         self.unmatched: list[str] = []  # names --layers left out (listed when it matched nothing)
+        self.untrimmed = 0  # operand elements replayed since the heap was last trimmed
 
     def skip(self, site: GemmSite) -> str | None:
         if self.pattern is not None and not self.pattern.search(site.name):
@@ -162,9 +170,12 @@ class _Recorder(GemmHandler):
         call = GemmCall(site.name, a.detach(), b.detach(), None if bias is None else bias.detach(), g, site.index,
                         site.kind, site.op, site.b_is_weight)
         del site, a, b, g
+        self.untrimmed += sum(t.numel() for t in (call.activation, call.weight, call.grad_output) if t is not None)
         self.on_call(call)
         del call
-        release_free_memory()
+        if self.untrimmed >= TRIM_ELEMENTS:
+            self.untrimmed = 0
+            release_free_memory()
 
     def flush(self) -> None:
         """Hand over, in forward order, every call no gradient reached."""
