@@ -168,6 +168,7 @@ class _Analysis:
         # Results.metadata["timings"] reports, so a benchmark can split a run without its own prints.
         self.seconds = dict.fromkeys(("stats", "reference", "recipes", "metrics"), 0.0)
         self.seconds_by_kind: dict[str, float] = {}  # whole replay time per GEMM kind (linear, attention, ...)
+        self._cost: dict[str, float] = {}  # each recipe's replay seconds on the last site (parallel scheduling)
 
     def fresh(self) -> _Analysis:
         """An empty accumulator for one more batch, skipping what the totals make redundant (weights
@@ -180,7 +181,7 @@ class _Analysis:
         # stateful strategies under torchrun).
         part.states = self.states
         # Timings are this process's wall seconds (rank 0's batches under torchrun): one clock for all parts.
-        part.seconds, part.seconds_by_kind = self.seconds, self.seconds_by_kind
+        part.seconds, part.seconds_by_kind, part._cost = self.seconds, self.seconds_by_kind, self._cost
         return part
 
     def state(self) -> tuple[dict[str, _LayerAcc], dict | None]:
@@ -273,9 +274,13 @@ class _Analysis:
         spent: dict[str, float] = {}
         with _intra_op_threads(1), torch.no_grad():
             pool = _pool(workers)
-            stats = pool.submit(self._timed, "stats", spent, self._stats, acc, A, W, G, first_weight)
             ref = pool.submit(self._timed, "reference", spent, reference_gemms, A, W, G)
-            parts = [pool.submit(self._strategy, strat, call, ref, first_weight, None, spent) for strat in todo]
+            # Longest first (each recipe's time on the previous site), so that the site does not end
+            # with one long recipe running alone while the other workers wait.
+            order = sorted(range(len(todo)), key=lambda i: -self._cost.get(todo[i].name, 0.0))
+            submitted = {i: pool.submit(self._strategy, todo[i], call, ref, first_weight, None, spent) for i in order}
+            stats = pool.submit(self._timed, "stats", spent, self._stats, acc, A, W, G, first_weight)
+            parts = [submitted[i] for i in range(len(todo))]
             futures.wait([stats, ref, *parts])  # every task has finished before anything is raised
         scale = min(1.0, (time.perf_counter() - clock) / max(sum(spent.values()), 1e-12))
         for name, seconds in spent.items():
@@ -305,7 +310,7 @@ class _Analysis:
         _Part for _fold (a pool worker must not insert into the shared dicts: their order is the
         tables' row order)."""
         A, W, G = call.activation, call.weight, call.grad_output
-        clock = time.perf_counter()
+        clock = started = time.perf_counter()
         try:
             out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight,
                                state=self.states.get(strat.name), site=call.name)
@@ -313,6 +318,7 @@ class _Analysis:
             self._tick("recipes", clock, spent)
             return _Part(error=one_line(exc))
         clock = self._tick("recipes", clock, spent)
+        self._cost[strat.name] = clock - started
         if not isinstance(ref, dict):
             ref = ref.result()
         part = _Part(estimate=None if self.estimate is None or into is not None else SensitivityEstimate())
