@@ -1,7 +1,7 @@
 """analyze(): stream batches through the model, replay every recipe on each captured GEMM, and fill the result tables."""
 from __future__ import annotations
 
-import contextlib
+import collections
 import datetime as _dt
 import os
 import threading
@@ -110,6 +110,11 @@ def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, rec
     return min(threads, recipes)
 
 
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)  # grad mode is per thread: the replay never builds a graph
+
+
 def _pool(workers: int) -> futures.ThreadPoolExecutor:
     global _POOL, _POOL_SIZE
     if _POOL is None or _POOL_SIZE != workers:
@@ -117,21 +122,27 @@ def _pool(workers: int) -> futures.ThreadPoolExecutor:
             _POOL.shutdown(wait=True)
         # One intra-op thread in each worker: OpenMP's thread count is per calling thread (the main
         # thread's torch.set_num_threads does not reach a worker's), so each worker sets its own.
-        _POOL = futures.ThreadPoolExecutor(workers, thread_name_prefix="fp8probe-replay",
-                                           initializer=torch.set_num_threads, initargs=(1,))
+        _POOL = futures.ThreadPoolExecutor(workers, thread_name_prefix="fp8probe-replay", initializer=_worker_init)
         _POOL_SIZE = workers
     return _POOL
 
 
-@contextlib.contextmanager
-def _intra_op_threads(n: int):  # type: ignore[no-untyped-def]
-    """torch.set_num_threads(n) for the block (process-wide: the pool's workers each get one thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+#: Parallel sites in the pool at once (their operands, float64 references and recipes' outputs alive).
+MAX_PENDING = 2
+
+
+@dataclass
+class _Site:
+    """One GEMM call whose recipes run in the pool (_Analysis._replay), until drain() folds it."""
+
+    name: str
+    kind: str
+    acc: _LayerAcc
+    todo: list[Strategy]
+    ref: futures.Future
+    stats: futures.Future
+    parts: list[futures.Future]
+    spent: dict[str, float]
 
 
 @dataclass
@@ -169,6 +180,13 @@ class _Analysis:
         self.seconds = dict.fromkeys(("stats", "reference", "recipes", "metrics"), 0.0)
         self.seconds_by_kind: dict[str, float] = {}  # whole replay time per GEMM kind (linear, attention, ...)
         self._cost: dict[str, float] = {}  # each recipe's replay seconds on the last site (parallel scheduling)
+        # Parallel sites (replay_workers): in the pool, not yet folded; their worker seconds per part and
+        # per kind; the caller's intra-op thread count while they run (None: not changed).
+        self._pending: collections.deque[_Site] = collections.deque()
+        self._pool_seconds: dict[str, float] = {}
+        self._pool_kinds: dict[str, float] = {}
+        self._clock = [0.0]  # the caller's seconds inside the replay (all parts share the list)
+        self._threads: int | None = None
 
     def fresh(self) -> _Analysis:
         """An empty accumulator for one more batch, skipping what the totals make redundant (weights
@@ -182,10 +200,12 @@ class _Analysis:
         part.states = self.states
         # Timings are this process's wall seconds (rank 0's batches under torchrun): one clock for all parts.
         part.seconds, part.seconds_by_kind, part._cost = self.seconds, self.seconds_by_kind, self._cost
+        part._pool_seconds, part._pool_kinds, part._clock = self._pool_seconds, self._pool_kinds, self._clock
         return part
 
     def state(self) -> tuple[dict[str, _LayerAcc], dict | None]:
         """What a batch adds (picklable: it travels between ranks)."""
+        self.drain()
         return self.layers, None if self.estimate is None else self.estimate.sums
 
     def absorb(self, state: tuple[dict[str, _LayerAcc], dict | None]) -> None:
@@ -228,7 +248,8 @@ class _Analysis:
             self._replay(call)
         finally:
             spent = time.perf_counter() - started
-            self.seconds_by_kind[call.kind] = self.seconds_by_kind.get(call.kind, 0.0) + spent
+            with _TICK_LOCK:
+                self._clock[0] += spent
 
     def _tick(self, part: str, since: float, spent: dict[str, float] | None = None) -> float:
         """Add the seconds since ``since`` to ``part`` of self.seconds (or of ``spent``: a parallel
@@ -241,6 +262,9 @@ class _Analysis:
 
     def _replay(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
+        # A layer called again in the batch (a shared module) sees its earlier calls folded first.
+        if any(site.name == call.name for site in self._pending):
+            self.drain()
         clock = time.perf_counter()
         acc = self.layers.get(call.name)
         batch = A.shape[0] if A.dim() == 3 else 1
@@ -259,6 +283,8 @@ class _Analysis:
                 if s.name not in acc.errors and s.name not in self.failed.get(call.name, ())]
         workers = replay_workers(A, W, G, len(todo))
         if workers < 2:
+            clock += self.drain()  # (the sites still in the pool count as the parallel replay's)
+            started = clock
             self._stats(acc, A, W, G, first_weight)
             clock = self._tick("stats", clock)
             ref = reference_gemms(A, W, G)
@@ -266,28 +292,72 @@ class _Analysis:
             for strat in todo:
                 part = self._strategy(strat, call, ref, first_weight, acc)
                 self._fold(acc, call.name, strat, part, merge=False)
+            self._tick(call.kind, started, self.seconds_by_kind)
             return
-        # Several recipes at once, each on one thread (replay_workers): the stats, the
-        # float64 reference and every recipe are tasks of one pool; each recipe measures into its own
-        # accumulators, folded here in strategy order, so the tables are those of the serial replay.
-        # The workers' seconds overlap: the timings report each part's share of this call's wall time.
+        # Several recipes at once, each on one worker thread (replay_workers): the stats, the float64
+        # reference and every recipe of the site are tasks of one pool, and the site's call returns
+        # at once, so the model's backward and the next sites go on while it runs (at most
+        # MAX_PENDING sites in flight). Each recipe measures into its own accumulators, folded in
+        # strategy order and the sites in call order (drain), so the tables are the serial replay's.
+        if self._threads is None:  # the caller's thread count, back at drain(); its own ops get one
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
         spent: dict[str, float] = {}
-        with _intra_op_threads(1), torch.no_grad():
-            pool = _pool(workers)
-            ref = pool.submit(self._timed, "reference", spent, reference_gemms, A, W, G)
-            # Longest first (each recipe's time on the previous site), so that the site does not end
-            # with one long recipe running alone while the other workers wait.
-            order = sorted(range(len(todo)), key=lambda i: -self._cost.get(todo[i].name, 0.0))
-            submitted = {i: pool.submit(self._strategy, todo[i], call, ref, first_weight, None, spent) for i in order}
-            stats = pool.submit(self._timed, "stats", spent, self._stats, acc, A, W, G, first_weight)
-            parts = [submitted[i] for i in range(len(todo))]
-            futures.wait([stats, ref, *parts])  # every task has finished before anything is raised
-        scale = min(1.0, (time.perf_counter() - clock) / max(sum(spent.values()), 1e-12))
-        for name, seconds in spent.items():
-            self.seconds[name] += seconds * scale
-        stats.result()
-        for strat, part in zip(todo, parts):
-            self._fold(acc, call.name, strat, part.result(), merge=True)
+        pool = _pool(workers)
+        ref = pool.submit(self._timed, "reference", spent, reference_gemms, A, W, G)
+        # Longest first (each recipe's time on the previous site), so that the site does not end
+        # with one long recipe running alone while the other workers wait.
+        order = sorted(range(len(todo)), key=lambda i: -self._cost.get(todo[i].name, 0.0))
+        submitted = {i: pool.submit(self._strategy, todo[i], call, ref, first_weight, None, spent) for i in order}
+        stats = pool.submit(self._timed, "stats", spent, self._stats, acc, A, W, G, first_weight)
+        self._pending.append(_Site(call.name, call.kind, acc, todo, ref, stats,
+                                   [submitted[i] for i in range(len(todo))], spent))
+        while len(self._pending) > MAX_PENDING:
+            self._fold_site(self._pending.popleft())
+
+    def drain(self) -> float:
+        """Fold every site still in the pool, in call order, and give the caller back its intra-op
+        threads; returns the seconds it waited. Every batch's state() (and tables()) drains first."""
+        started = time.perf_counter()
+        try:
+            while self._pending:
+                self._fold_site(self._pending.popleft())
+        finally:
+            self.close()
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        """Wait for the sites still in the pool without folding them (a failed site or capture: their
+        results are dropped) and give the caller back its intra-op threads."""
+        if self._pending:
+            futures.wait([f for site in self._pending for f in (site.ref, site.stats, *site.parts)])
+            self._pending.clear()
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
+            self._threads = None
+
+    def _fold_site(self, site: _Site) -> None:
+        futures.wait([site.ref, site.stats, *site.parts])  # every task has finished before anything is raised
+        with _TICK_LOCK:
+            for name, seconds in site.spent.items():
+                self._pool_seconds[name] = self._pool_seconds.get(name, 0.0) + seconds
+            self._pool_kinds[site.kind] = self._pool_kinds.get(site.kind, 0.0) + sum(site.spent.values())
+        site.stats.result()
+        for strat, part in zip(site.todo, site.parts):
+            self._fold(site.acc, site.name, strat, part.result(), merge=True)
+
+    def timings(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(seconds per part of the replay, replay seconds per GEMM kind), both wall time of the caller's
+        thread: a serial site's as measured, the parallel sites' worker seconds scaled to the time the
+        caller spent in the replay beyond the serial sites (they overlap each other and the model)."""
+        serial = sum(self.seconds_by_kind.values())
+        pooled = sum(self._pool_seconds.values())
+        scale = max(self._clock[0] - serial, 0.0) / pooled if pooled > 0 else 0.0
+        parts = {k: v + self._pool_seconds.get(k, 0.0) * scale for k, v in self.seconds.items()}
+        kinds = dict(self.seconds_by_kind)
+        for kind, v in self._pool_kinds.items():
+            kinds[kind] = kinds.get(kind, 0.0) + v * scale
+        return parts, kinds
 
     def _timed(self, part: str, spent: dict[str, float], fn: Callable[..., Any], *args: Any) -> Any:
         started = time.perf_counter()
@@ -359,6 +429,7 @@ class _Analysis:
             self.estimate.merge(part.estimate.sums)
 
     def tables(self) -> dict[str, pd.DataFrame]:
+        self.drain()
         layers, gemm, operands, tensors, hists, outliers, errors, blocks = [], [], [], [], [], [], [], []
         for name, acc in forward_order(self.layers):
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
@@ -444,8 +515,13 @@ class Run:
 
         def one(i: int) -> tuple[Any, Coverage, LossInfo]:
             part, cov = sink.fresh(), Coverage(self.coverage.kinds)
-            got = capture_batch(self.module, self.batches[i], part, layers=self.layers, loss_fn=self.loss_fn,
-                                loss_name=self.loss_name, device=self.device, coverage=cov, grad=self.grad)
+            try:
+                got = capture_batch(self.module, self.batches[i], part, layers=self.layers, loss_fn=self.loss_fn,
+                                    loss_name=self.loss_name, device=self.device, coverage=cov, grad=self.grad)
+            except BaseException:
+                if hasattr(part, "close"):  # replays still running in a pool (_Analysis)
+                    part.close()
+                raise
             return part.state(), cov, got
 
         for i, (state, cov, got) in distributed.map_batches(len(self.batches), one,
@@ -666,10 +742,11 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         metadata["streaming"] = streaming.summary(run.module)
     tables_started = time.perf_counter()
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
-    timings = {"capture_s": stream_s - sum(analysis.seconds_by_kind.values()),
-               **{f"{part}_s": sec for part, sec in analysis.seconds.items()},
+    replay_parts, replay_kinds = analysis.timings()
+    timings = {"capture_s": stream_s - sum(replay_kinds.values()),
+               **{f"{part}_s": sec for part, sec in replay_parts.items()},
                "tables_s": time.perf_counter() - tables_started,
-               "replay_s_by_kind": dict(sorted(analysis.seconds_by_kind.items()))}
+               "replay_s_by_kind": dict(sorted(replay_kinds.items()))}
     metadata["timings"] = timings
     e2e_started = time.perf_counter()
     if e2e or steps:

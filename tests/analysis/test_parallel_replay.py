@@ -3,6 +3,7 @@ warnings as the serial replay, one intra-op thread per worker, and the cases tha
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 
 import pandas as pd
@@ -87,15 +88,18 @@ def test_a_failing_recipe_is_reported_the_same_way(monkeypatch, two_threads, poo
 def test_workers_run_one_intra_op_thread_and_the_caller_keeps_its_own(monkeypatch, two_threads, tiny_model,
                                                                       tiny_batches) -> None:
     base = S.STRATEGIES["global"]
-    seen: list[int] = []
+    seen: list[tuple[bool, int]] = []
 
     def spy(A, W, G, threshold, b_is_weight=True):
-        seen.append(torch.get_num_threads())
+        seen.append((threading.current_thread().name.startswith("fp8probe-replay"), torch.get_num_threads()))
         return base.run(A, W, G, threshold, b_is_weight)
 
     monkeypatch.setitem(S.STRATEGIES, "spy", dataclasses.replace(base, name="spy", run=spy))
     _run(monkeypatch, "2", tiny_model, tiny_batches, "spy,int8", e2e=False)
-    assert seen and set(seen) == {1}
+    in_pool = [threads for pooled, threads in seen if pooled]
+    assert in_pool and set(in_pool) == {1}
+    # sites with one recipe left (int8 fails on the attention products) replay in the caller's thread, with its threads
+    assert {threads for pooled, threads in seen if not pooled} <= {2}
     assert torch.get_num_threads() == 2
 
 
@@ -130,3 +134,21 @@ def test_a_bad_worker_cap_is_a_clear_error(monkeypatch, bad) -> None:
     A, W, G = _site()
     with pytest.raises(ValueError, match="FP8PROBE_REPLAY_WORKERS must be a positive integer"):
         replay_workers(A, W, G, 8)
+
+
+def test_an_unexpected_error_in_a_worker_reaches_the_caller_and_threads_are_restored(monkeypatch, two_threads,
+                                                                                    tiny_model, tiny_batches) -> None:
+    """A recipe error that is not a recorded failure (a bug) propagates from the pool; the caller's intra-op
+    threads come back and nothing is left running."""
+    base = S.STRATEGIES["global"]
+
+    def broken(A, W, G, threshold, b_is_weight=True):
+        raise KeyError("a bug in a recipe")
+
+    monkeypatch.setitem(S.STRATEGIES, "broken", dataclasses.replace(base, name="broken", run=broken))
+    monkeypatch.setenv("FP8PROBE_REPLAY_WORKERS", "2")
+    with pytest.raises(KeyError, match="a bug in a recipe"):
+        analyze(tiny_model, tiny_batches, "global,broken", e2e=False)
+    assert torch.get_num_threads() == 2
+    res = analyze(tiny_model, tiny_batches, "global,int8", e2e=False)  # the pool is free for the next run
+    assert set(res.tables["gemm"]["strategy"]) == {"global", "int8"}
