@@ -231,20 +231,33 @@ def _fq_code_slices(x: torch.Tensor, book: str, blocksize: int | None, as_float:
     return torch.stack([F.fake_quantize(x[i], code, blocksize) for i in range(x.shape[0])])
 
 
+def _fq_weight_t(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8Wt, qW) for W [Bt, N, K]: fp8Wt the contiguous [Bt, K, N] fake-quantised wᵀ the autograd function
+    multiplies by (its B = w.t() quantised, so its GEMMs see that layout), qW = fp8Wtᵀ in row-major, the
+    reported operand. One absmax per slice and elementwise rounding: fq(Wᵀ) = fq(W)ᵀ, so whichever of W
+    and Wᵀ is contiguous is quantised and the other layout made by one copy of the result (the old way,
+    fq of a copied Wᵀ and a copy of the result back, moved W twice)."""
+    if W.is_contiguous() or not W.mT.is_contiguous():
+        qW = _fq_code_slices(W, "bnb-e4m3", None)
+        return qW.mT.contiguous(), qW
+    fp8Wt = _fq_code_slices(W.mT, "bnb-e4m3", None)
+    return fp8Wt, fp8Wt.mT.contiguous()
+
+
 def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
                      blocks: tuple[int, int] | None) -> StrategyOutput:
     """MatMulFP8Global (blocks None) / MatMulFP8Mixed (blocks = (bsz, bsz2)) on every slice, as
     _autograd_gemms(matmul_fp8_*(a, w.t())) computes them."""
     mixed = blocks is not None
     fp8A = _fq_code_slices(A, "bnb-e4m3", blocks[0], as_float=False) if mixed else _fq_code_slices(A, "bnb-e4m3", None)
-    fp8Wt = _fq_code_slices(W.mT, "bnb-e4m3", None)  # B = wᵀ [K, N], as the autograd function quantises it
+    fp8Wt, qW = _fq_weight_t(W)
     y = _mm(fp8A, fp8Wt)
     gemms = {"fprop": y}
     # The reported operands are _fq_code's (quantised in float32, cast back). Where that is the tensor a
     # GEMM already used it is reused: float32 operands of mixed, every operand of global, and W (one
     # absmax per slice, elementwise rounding: fq(Wᵀ) = fq(W)ᵀ).
     qA = _fq_code_slices(A, "bnb-e4m3", blocks[0]) if mixed and A.dtype != _F32 else fp8A
-    ops = {"activation": (A, qA, None), "weight": (W, fp8Wt.mT.contiguous(), None)}  # metrics read it row-major
+    ops = {"activation": (A, qA, None), "weight": (W, qW, None)}
     if G is not None:
         g = G.to(y.dtype)
         if mixed:
@@ -327,7 +340,9 @@ def _run_int8_direct(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, t
         if outliers:
             QA_col = CAt.clone()
             QA_col[:, cols] = 0
-        dW = F.int8_scaled_mm(Cg_col.t().contiguous(), QA_col.t().contiguous(), Sg_col, SCAt, dtype=_F32)
+        # Transposed views, not int8 copies: the product is exact whatever the layout (int8_linear_matmul),
+        # and the float32 int8 GEMM (int8_gemm.int8_gemm_float) takes them as they are.
+        dW = F.int8_scaled_mm(Cg_col.t(), QA_col.t(), Sg_col, SCAt, dtype=_F32)
         if outliers:
             dW[:, cols] += torch.matmul(grad2.to(subA.dtype).t(), subA).float()
         gemms["dgrad"] = torch.matmul(grad2.to(A.dtype), W32.to(A.dtype))
