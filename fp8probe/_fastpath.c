@@ -2020,14 +2020,15 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
  * Default-mode LLM.int8 ops of reference.py, in its float32 order (one IEEE operation each, no FMA):
  *   int8_vectorwise_dequant: y = fl32(fl32(float(q) * stats[r]) * INV_127)            float32 output
  *   int8_mm_dequant:         y = fl32(fl32(fl32(float(C) * row[r]) * col[j]) * INV_127_SQ) [+ bias[j]],
- *                            float(C) = RNE int32 -> float32, then the RNE cast to fp32/fp16/bf16
+ *                            float(C) = RNE int32 -> float32 (or C given as those float32 values:
+ *                            int8_gemm.int8_gemm_float), then the RNE cast to fp32/fp16/bf16
  *   int8_double_quant (column half): col_stats[j] = max |a| over rows of the non-outlier, non-NaN
  *                            elements; q_col = round_i8(fl32(fl32(a * 127) / col_stats[j])), outliers -> 0
  * Scales are passed as float32 in the ops' own rounding (fl32(1/127), fl32(1/127^2)). The dequantisers
  * return 1 (the caller then runs the reference) for a NaN/±Inf scale or bias, or a NaN result: torch's
  * NaN casts to bf16 and NaN payloads are not reproduced here. */
 typedef struct {
-    const void *src; int kind; /* 0: int8 q (vectorwise_dequant), 1: int32 C (mm_dequant) */
+    const void *src; int kind; /* 0: int8 q (vectorwise_dequant), 1: int32 C (mm_dequant), 2: float32 C (mm_dequant) */
     size_t rows, cols; const float *row; const float *col; const void *bias; int bias_dt; float k;
     void *out; int dt; size_t per_unit; volatile int bad;
 } i8dctx_t;
@@ -2046,8 +2047,9 @@ static void i8d_work(void *vc, size_t u) {
             continue;
         }
         const int32_t *C = (const int32_t *)c->src + base;
+        const float *Cf = (const float *)c->src + base;
         for (size_t j = 0; j < c->cols; j++) {
-            float v = (((float)C[j] * rs) * c->col[j]) * c->k;
+            float v = (((c->kind == 1 ? (float)C[j] : Cf[j]) * rs) * c->col[j]) * c->k;
             if (c->bias) v = v + load1(c->bias, j, c->bias_dt);
             bad |= v != v;
             store1(c->out, base + j, v, c->dt);
@@ -2077,7 +2079,7 @@ static PyObject *py_int8_dequant(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "iKnnKKKidKii", &kind, &sp, &rows, &cols, &rp, &cp, &bp, &bdt, &k, &op, &dt, &want))
         return NULL;
-    if (rows < 0 || cols <= 0 || kind < 0 || kind > 1 || dt < 0 || dt > 2 || bdt < 0 || bdt > 2 || (kind == 0 && dt)) {
+    if (rows < 0 || cols <= 0 || kind < 0 || kind > 2 || dt < 0 || dt > 2 || bdt < 0 || bdt > 2 || (kind == 0 && dt)) {
         PyErr_Format(PyExc_ValueError, "int8_dequant: bad arguments (kind=%d, rows=%zd, cols=%zd, dtype=%d)",
                      kind, rows, cols, dt);
         return NULL;
@@ -2085,7 +2087,7 @@ static PyObject *py_int8_dequant(PyObject *self, PyObject *args) {
     i8dctx_t c = {(const void *)(uintptr_t)sp, kind, (size_t)rows, (size_t)cols, (const float *)(uintptr_t)rp,
                   (const float *)(uintptr_t)cp, (const void *)(uintptr_t)bp, bdt, (float)k, (void *)(uintptr_t)op,
                   dt, 1, 0};
-    if (!all_finite(c.row, c.rows) || (kind == 1 && !all_finite(c.col, c.cols))
+    if (!all_finite(c.row, c.rows) || (kind != 0 && !all_finite(c.col, c.cols))
         || (c.bias && !bias_finite(c.bias, bdt, c.cols)))
         return PyLong_FromLong(1);
     c.per_unit = c.cols >= UNIT ? 1 : UNIT / c.cols;
@@ -2349,7 +2351,7 @@ static PyMethodDef methods[] = {
     {"int8_dequant", py_int8_dequant, METH_VARARGS,
      "int8_dequant(kind, src_ptr, rows, cols, row_ptr, col_ptr, bias_ptr, bias_dtype, k, out_ptr, dtype, threads) "
      "-> 0, or 1 (use the reference) for a non-finite scale/bias or a NaN result. kind 0: int8 q -> float32 "
-     "q*row*k; kind 1: int32 C -> ((C*row)*col)*k [+ bias] in dtype."},
+     "q*row*k; kind 1: int32 C -> ((C*row)*col)*k [+ bias] in dtype; kind 2: the same from float32 C."},
     {"int8_col_quant", py_int8_col_quant, METH_VARARGS,
      "int8_col_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, threads): the column codes and "
      "stats of int8_double_quant (default mode)."},
