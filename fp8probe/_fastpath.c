@@ -1911,6 +1911,10 @@ static PyObject *py_outlier_census(PyObject *self, PyObject *args) {
  * pass over memory disappear. Output dtype = input dtype. out == 0: only the absmax is written (the
  * block-scale records need it without the codes). Returns 1 when a block holds NaN/Inf (the caller
  * then runs the two-step path, which records the specials); the outputs are then incomplete.
+ * counts != 0 (needs out): int64 [3, nb], per block the records of analysis/block_scales._codebook_records,
+ * counted on each chunk while it is in L1: non-zero x (all finite here), of those the ones with y == 0
+ * (underflow), and the ones with |y| >= absmax and |x| > |y| (clipped; a codebook in [-1, 1] never
+ * clips, the count says so from the data), compared in float32 like the Python records.
  * ============================================================================================ */
 #define FQ_CHUNK 4096
 
@@ -1918,23 +1922,49 @@ typedef struct {
     qctx_t qc;          /* x, dt, n, bs, nb, absmax, tables, per_unit, partial, bad (q unused) */
     const float *code;  /* [256] */
     void *out;          /* dequantised output, dtype qc.dt; NULL: absmax only */
+    int64_t *counts;    /* [3, nb] block records, or NULL */
+    int64_t *part;      /* pieces path with counts: [3, pieces] per-piece counts, summed per block after */
 } fqctx_t;
 
 static size_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
 
-/* quantise + dequantise [lo, hi) of one block with reciprocal `recip` and scale `am`, chunk by chunk */
-static void fq_range(const fqctx_t *c, size_t lo, size_t hi, float recip, float am) {
+INLINE void fq_count_body(const void *x, const void *y, size_t n, int dt, float am, int64_t *acc) {
+    int64_t nz = 0, un = 0, cl = 0;
+    for (size_t i = 0; i < n; i++) {
+        float xv = load1(x, i, dt), yv = fabsf(load1(y, i, dt));
+        int nzi = xv != 0.0f;
+        nz += nzi;
+        un += nzi & (yv == 0.0f);
+        cl += (yv >= am) & (fabsf(xv) > yv);
+    }
+    acc[0] += nz; acc[1] += un; acc[2] += cl;
+}
+
+static void fq_count(const void *x, const void *y, size_t n, int dt, float am, int64_t *acc) {
+    switch (dt) {
+    case DT_F32: fq_count_body(x, y, n, DT_F32, am, acc); break;
+    case DT_F16: fq_count_body(x, y, n, DT_F16, am, acc); break;
+    default: fq_count_body(x, y, n, DT_BF16, am, acc); break;
+    }
+}
+
+/* quantise + dequantise [lo, hi) of one block with reciprocal `recip` and scale `am`, chunk by chunk;
+ * acc (or NULL): the chunk counts are added to it */
+static void fq_range(const fqctx_t *c, size_t lo, size_t hi, float recip, float am, int64_t *acc) {
     uint8_t q[FQ_CHUNK];
     size_t es = dt_size(c->qc.dt);
     for (size_t s = lo; s < hi; s += FQ_CHUNK) {
         size_t len = hi - s < FQ_CHUNK ? hi - s : FQ_CHUNK;
-        quant_range((const char *)c->qc.x + s * es, 0, len, c->qc.dt, recip, q, &c->qc.T);
-        dctx_t d = {q, len, len, NULL, c->code, (char *)c->out + s * es, c->qc.dt};
+        const char *xs = (const char *)c->qc.x + s * es;
+        char *ys = (char *)c->out + s * es;
+        quant_range(xs, 0, len, c->qc.dt, recip, q, &c->qc.T);
+        dctx_t d = {q, len, len, NULL, c->code, ys, c->qc.dt};
 #if FP_X86
         if (g_have_avx2) deq_avx2(&d, 0, len, am);
         else
 #endif
             deq_scalar(&d, 0, len, am);
+        if (acc) fq_count(xs, ys, len, c->qc.dt, am, acc);
     }
 }
 
@@ -1948,7 +1978,9 @@ static void fq_fused(void *vc, size_t u) {
         if (mb >= 0x7f800000u) { qc->bad = 1; return; }
         float am = u2f(mb);
         qc->absmax[b] = am;
-        if (c->out) fq_range(c, lo, hi, 1.0f / am, am);
+        int64_t acc[3] = {0, 0, 0};
+        if (c->out) fq_range(c, lo, hi, 1.0f / am, am, c->counts ? acc : NULL);
+        if (c->counts) for (int k = 0; k < 3; k++) c->counts[k * qc->nb + b] = acc[k];
     }
 }
 
@@ -1957,17 +1989,22 @@ static void fq_phase2(void *vc, size_t u) {
     size_t b, lo, hi;
     piece(&c->qc, u, &b, &lo, &hi);
     float am = c->qc.absmax[b];
-    fq_range(c, lo, hi, 1.0f / am, am);
+    int64_t acc[3] = {0, 0, 0};
+    fq_range(c, lo, hi, 1.0f / am, am, c->part ? acc : NULL);
+    if (c->part) {
+        size_t np = c->qc.nb * c->qc.per_unit;
+        for (int k = 0; k < 3; k++) c->part[k * np + u] = acc[k];
+    }
 }
 
 static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
-    unsigned long long xp, op, ap, bp, tp, cp, pp = 0;
+    unsigned long long xp, op, ap, bp, tp, cp, pp = 0, kp = 0;
     Py_ssize_t n, bs;
     int dt, m, want;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnKKKKKii|K", &xp, &dt, &n, &bs, &op, &ap, &cp, &bp, &tp, &m, &want, &pp))
+    if (!PyArg_ParseTuple(args, "KinnKKKKKii|KK", &xp, &dt, &n, &bs, &op, &ap, &cp, &bp, &tp, &m, &want, &pp, &kp))
         return NULL;
-    if (n < 0 || bs <= 0 || dt < 0 || dt > 2 || m < 0 || m > 8) {
+    if (n < 0 || bs <= 0 || dt < 0 || dt > 2 || m < 0 || m > 8 || (kp && !op)) {
         PyErr_Format(PyExc_ValueError, "fake_quantize_blockwise: bad sizes (n=%zd, blocksize=%zd, dtype=%d, m=%d)",
                      n, bs, dt, m);
         return NULL;
@@ -1983,6 +2020,7 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
     qc->T.packed = (const uint32_t *)(uintptr_t)pp;
     c.code = (const float *)(uintptr_t)cp;
     c.out = (void *)(uintptr_t)op;
+    c.counts = (int64_t *)(uintptr_t)kp;
     int nt = pick_threads((size_t)n, want);
     int nomem = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -1995,7 +2033,8 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
         qc->per_unit = (qc->bs + UNIT - 1) / UNIT;
         size_t nunits = qc->nb * qc->per_unit;
         qc->partial = (uint32_t *)malloc(nunits * sizeof(uint32_t));
-        if (!qc->partial) {
+        if (c.counts) c.part = (int64_t *)malloc(3 * nunits * sizeof(int64_t));
+        if (!qc->partial || (c.counts && !c.part)) {
             nomem = 1;
         } else {
             run_units(q_phase1, qc, nunits, nt);
@@ -2007,8 +2046,16 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
                     qc->absmax[b] = u2f(mb);
                 }
                 if (c.out) run_units(fq_phase2, &c, nunits, nt);
+                if (c.counts) /* the pieces' counts, summed per block (integers: any order) */
+                    for (size_t b = 0; b < qc->nb; b++)
+                        for (int k = 0; k < 3; k++) {
+                            int64_t t = 0;
+                            for (size_t p = b * qc->per_unit; p < (b + 1) * qc->per_unit; p++) t += c.part[k * nunits + p];
+                            c.counts[k * qc->nb + b] = t;
+                        }
             }
             free(qc->partial);
+            free(c.part);
         }
     }
     Py_END_ALLOW_THREADS
@@ -2346,8 +2393,9 @@ static PyMethodDef methods[] = {
     /* bnb part: fused codebook fake-quantisation */
     {"fake_quantize_blockwise", py_fake_quantize_blockwise, METH_VARARGS,
      "fake_quantize_blockwise(x_ptr, dtype, n, blocksize, out_ptr, absmax_ptr, code_ptr, base_ptr, tval_ptr, m, "
-     "threads[, packed_ptr]) -> 0, or 1 when a block holds NaN/Inf (outputs then incomplete): "
-     "dequantize_blockwise(quantize_blockwise(x)) in x's dtype; out_ptr 0 writes the absmax only."},
+     "threads[, packed_ptr[, counts_ptr]]) -> 0, or 1 when a block holds NaN/Inf (outputs then incomplete): "
+     "dequantize_blockwise(quantize_blockwise(x)) in x's dtype; out_ptr 0 writes the absmax only; counts_ptr: "
+     "int64 [3, nblocks] per block non-zero x, underflow (y == 0), clipped (|y| >= absmax and |x| > |y|)."},
     {"int8_dequant", py_int8_dequant, METH_VARARGS,
      "int8_dequant(kind, src_ptr, rows, cols, row_ptr, col_ptr, bias_ptr, bias_dtype, k, out_ptr, dtype, threads) "
      "-> 0, or 1 (use the reference) for a non-finite scale/bias or a NaN result. kind 0: int8 q -> float32 "

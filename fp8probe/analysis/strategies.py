@@ -40,7 +40,8 @@ class StrategyOutput:
     recipe quantised it (dequantised, same shape); operands the recipe leaves in 16/32-bit are absent.
     ``blocks``: operand → one BlockRecords per slice (one for a 2-D GEMM) of the cast that made q, or None
     for a slice without them; block_scales.update_block_stats reads them instead of recomputing the
-    scales and counts (absent / None: it recomputes). Filled by the OCP/MX/NVFP4 recipes (_Scaled).
+    scales and counts (absent / None: it recomputes). Filled by the OCP/MX/NVFP4 recipes (_Scaled) and for
+    the blockwise operands of mixed (_fq_blocks).
     """
 
     gemms: dict[str, torch.Tensor]
@@ -211,7 +212,7 @@ def _one_slice(run: Callable[..., StrategyOutput], A: torch.Tensor, W: torch.Ten
     originals = {"activation": A, "weight": W, "grad_output": G}
     return StrategyOutput({k: v[0] for k, v in out.gemms.items()},
                           {k: (originals[k], q[0], None if sat is None else sat[0])
-                           for k, (_, q, sat) in out.operands.items()})
+                           for k, (_, q, sat) in out.operands.items()}, out.blocks)
 
 
 def _fq_code_slices(x: torch.Tensor, book: str, blocksize: int | None, as_float: bool = True) -> torch.Tensor:
@@ -229,6 +230,32 @@ def _fq_code_slices(x: torch.Tensor, book: str, blocksize: int | None, as_float:
     if as_float:
         return torch.stack([_fq_code(x[i], book, blocksize) for i in range(x.shape[0])])
     return torch.stack([F.fake_quantize(x[i], code, blocksize) for i in range(x.shape[0])])
+
+
+def _fq_blocks(x: torch.Tensor, book: str, blocksize: int) -> tuple[torch.Tensor, list[BlockRecords] | None]:
+    """_fq_code_slices(x, book, blocksize, as_float=False) for x [Bt, R, C] plus each slice's BlockRecords
+    (blocks of ``blocksize`` over the flattened slice, scale = block absmax: what block_scales._codebook_records
+    computes from x and q) counted by the same C pass (backends.cpu.fake_quantize_records). Records None
+    where that pass does not run (CUDA, FP8PROBE_BACKEND=reference, NaN/±Inf): q then comes from
+    _fq_code_slices and block_scales recomputes them."""
+    bt, per = x.shape[0], x[0].numel()
+    code = get_codebook(book, x.device)
+    # one call over the stack where the slices' blocks are its blocks (as _fq_code_slices), else per slice
+    parts = [x.contiguous()] if per % blocksize == 0 else [x[i] for i in range(bt)]
+    done = []
+    for part in parts:
+        res = _cpu.fake_quantize_records(part, code, blocksize)
+        if res is None:
+            return _fq_code_slices(x, book, blocksize, as_float=False), None
+        done.append(res)
+    if len(done) == 1:
+        q, absmax, counts = done[0]
+        pieces = list(zip(absmax.view(bt, -1), counts.view(3, bt, -1).unbind(1)))
+    else:
+        q = torch.stack([d[0] for d in done])
+        pieces = [(d[1], d[2]) for d in done]
+    recs = [(absmax, nz == 0, nz, under, clipped > 0) for absmax, (nz, under, clipped) in pieces]
+    return q.view(x.shape), recs
 
 
 def _fq_weight_t(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,30 +276,44 @@ def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
     """MatMulFP8Global (blocks None) / MatMulFP8Mixed (blocks = (bsz, bsz2)) on every slice, as
     _autograd_gemms(matmul_fp8_*(a, w.t())) computes them."""
     mixed = blocks is not None
-    fp8A = _fq_code_slices(A, "bnb-e4m3", blocks[0], as_float=False) if mixed else _fq_code_slices(A, "bnb-e4m3", None)
+    recs: dict[str, list[BlockRecords | None]] = {}
+    if mixed:
+        fp8A, recA = _fq_blocks(A, "bnb-e4m3", blocks[0])
+    else:
+        fp8A, recA = _fq_code_slices(A, "bnb-e4m3", None), None
     fp8Wt, qW = _fq_weight_t(W)
     y = _mm(fp8A, fp8Wt)
     gemms = {"fprop": y}
     # The reported operands are _fq_code's (quantised in float32, cast back). Where that is the tensor a
     # GEMM already used it is reused: float32 operands of mixed, every operand of global, and W (one
-    # absmax per slice, elementwise rounding: fq(Wᵀ) = fq(W)ᵀ).
-    qA = _fq_code_slices(A, "bnb-e4m3", blocks[0]) if mixed and A.dtype != _F32 else fp8A
+    # absmax per slice, elementwise rounding: fq(Wᵀ) = fq(W)ᵀ); and 16-bit operands of mixed that the C
+    # pass quantised (records present: finite data), whose output is the RNE cast of the same float32
+    # value fl32(code·absmax) that _fq_code casts (only NaN bits could differ, and those take the ops).
+    if mixed and A.dtype != _F32 and recA is None:
+        qA = _fq_code_slices(A, "bnb-e4m3", blocks[0])
+    else:
+        qA = fp8A
+    if recA is not None:
+        recs["activation"] = recA
     ops = {"activation": (A, qA, None), "weight": (W, qW, None)}
     if G is not None:
         g = G.to(y.dtype)
         if mixed:
-            fp8G = _fq_code_slices(g.contiguous(), "bnb-e5m2", blocks[1], as_float=False)
+            fp8G, recG = _fq_blocks(g, "bnb-e5m2", blocks[1])
             gemms["dgrad"] = _mm(fp8G.to(fp8Wt.dtype), fp8Wt.mT).to(A.dtype)
             gemms["wgrad"] = _mm(A.mT, g.to(A.dtype)).to(fp8Wt.dtype).mT
-            same = G.dtype == g.dtype == _F32
+            # g is G itself when the dtypes agree; else the reported operand and its records are G's own
+            same = G.dtype == g.dtype and (G.dtype == _F32 or recG is not None)
             ops["grad_output"] = (G, fp8G if same else _fq_code_slices(G, "bnb-e5m2", blocks[1]), None)
+            if recG is not None and G.dtype == g.dtype:
+                recs["grad_output"] = recG
         else:
             fp8G = _fq_code_slices(g, "bnb-e5m2", None).to(fp8A.dtype)
             gemms["dgrad"] = _mm(fp8G, fp8Wt.mT).to(fp8A.dtype)
             gemms["wgrad"] = _mm(fp8A.mT, fp8G).to(fp8Wt.dtype).mT
             same = G.dtype == g.dtype == fp8A.dtype
             ops["grad_output"] = (G, fp8G if same else _fq_code_slices(G, "bnb-e5m2", None), None)
-    return StrategyOutput(gemms, ops)
+    return StrategyOutput(gemms, ops, recs)
 
 
 def _int8_rows(x: torch.Tensor, threshold: float, row_scale: str = "bnb") -> torch.Tensor:

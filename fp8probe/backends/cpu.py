@@ -536,6 +536,21 @@ def fake_quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int,
     ``with_values`` False only the absmax (values None). None when the C path does not apply (fast path
     off or not built, not a CPU fp32/fp16/bf16 tensor, empty, a codebook that is not sorted ascending or
     has no search tables, NaN/±Inf in A): the caller then runs the two steps."""
+    out = _fake_quantize_c(A, code, blocksize, with_values, False)
+    return None if out is None else out[:2]
+
+
+def fake_quantize_records(A: torch.Tensor, code: torch.Tensor, blocksize: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """fake_quantize_blockwise's (values, absmax) plus ``counts`` int64 [3, nblocks] from the same C pass: per
+    block of the flattened A, its non-zero elements (all are finite when this applies), those dequantised
+    to 0 (underflow) and those clipped (|y| >= absmax and |a| > |y|), compared in float32 as
+    analysis/block_scales._codebook_records does on (A, values). None where fake_quantize_blockwise is."""
+    return _fake_quantize_c(A, code, blocksize, True, True)
+
+
+def _fake_quantize_c(A: torch.Tensor, code: torch.Tensor, blocksize: int, with_values: bool, with_counts: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None:
     if not _quant_applies(A, "") or A.requires_grad:
         return None
     code = _cpu_code(code)
@@ -549,11 +564,14 @@ def fake_quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int,
     n = A.numel()
     Ac = A.detach().contiguous()
     out = _fresh(A.shape, A.dtype) if with_values else None
-    absmax = torch.empty(-(-n // blocksize), dtype=_F32)
+    nb = -(-n // blocksize)
+    absmax = torch.empty(nb, dtype=_F32)
+    counts = torch.empty(3, nb, dtype=torch.int64) if with_counts else None
     rc = _ext().fake_quantize_blockwise(Ac.data_ptr(), _DT[A.dtype], n, blocksize, 0 if out is None else out.data_ptr(),
                                         absmax.data_ptr(), code.data_ptr(), base8.data_ptr(), t_val.data_ptr(), m,
-                                        _threads(n), packed.data_ptr() if packed is not None else 0)
-    return None if rc else (out, absmax)
+                                        _threads(n), packed.data_ptr() if packed is not None else 0,
+                                        0 if counts is None else counts.data_ptr())
+    return None if rc else (out, absmax, counts)
 
 
 _I8_SCALES = {"vectorwise": float(_ref.INV_127), "mm": float(_ref.INV_127_SQ)}
