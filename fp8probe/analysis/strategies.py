@@ -417,8 +417,7 @@ def _run_switchback_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | 
     CA, SCA, _ = F.int8_vectorwise_quant(A.reshape(bt * m, k), 0.0)
     CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().reshape(bt * n, k), 0.0)
     CA, SCA, CB, SCB = CA.view(bt, m, k), SCA.view(bt, m), CB.view(bt, n, k), SCB.view(bt, n)
-    y = torch.stack([F.int8_mm_dequant(F.int8_linear_matmul(CA[i], CB[i]), SCA[i], SCB[i], dtype=A.dtype)
-                     for i in range(bt)])
+    y = torch.stack([F.int8_scaled_mm(CA[i], CB[i], SCA[i], SCB[i], dtype=A.dtype) for i in range(bt)])
     gemms = {"fprop": y}
     qW = F.int8_vectorwise_dequant(CB, SCB)
     if G is not None:
