@@ -2195,31 +2195,97 @@ typedef struct {
     const void *x; int dt; size_t rows, cols; float thr; int8_t *q; float *stats; size_t per_unit;
 } i8cctx_t;
 
+/* columns [j0, j1) of row r into the running maxima mx (bits of |a|: ordered like |a| for non-NaN) */
+INLINE void i8c_stats_body(const i8cctx_t *c, size_t r, size_t j0, size_t j1, uint32_t *mx, size_t m0) {
+    size_t base = r * c->cols;
+    for (size_t j = j0; j < j1; j++) {
+        uint32_t a = f2u(load1(c->x, base + j, c->dt)) & 0x7fffffffu;
+        if (a > 0x7f800000u || (c->thr > 0.0f && u2f(a) >= c->thr)) continue; /* NaN ignored, outliers masked */
+        if (a > mx[j - m0]) mx[j - m0] = a;
+    }
+}
+
+/* row r's columns from j0 on, one code each */
+INLINE void i8c_quant_body(const i8cctx_t *c, size_t r, size_t j0) {
+    size_t base = r * c->cols;
+    for (size_t j = j0; j < c->cols; j++) {
+        float a = load1(c->x, base + j, c->dt);
+        c->q[base + j] = (c->thr > 0.0f && fabsf(a) >= c->thr) ? 0 : round_i8((a * 127.0f) / c->stats[j]);
+    }
+}
+
+#if FP_X86
+/* 8 columns at a time: the same |a| bits, NaN / outlier rules and maxima as i8c_stats_body */
+AVX2 static void i8c_stats_avx2(const i8cctx_t *c, size_t j0, size_t j1, uint32_t *mx) {
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256 thr = _mm256_set1_ps(c->thr);
+    const int use_thr = c->thr > 0.0f;
+    size_t nv = (j1 - j0) / 8, jt = j0 + nv * 8;
+    __m256i acc[I8C_COLS / 8];
+    for (size_t v = 0; v < nv; v++) acc[v] = _mm256_setzero_si256();
+    for (size_t r = 0; r < c->rows; r++) {
+        size_t base = r * c->cols + j0;
+        for (size_t v = 0; v < nv; v++) {
+            __m256i a = _mm256_and_si256(_mm256_castps_si256(load8(c->x, base + 8 * v, c->dt)), mask);
+            __m256i drop = _mm256_cmpgt_epi32(a, inf);
+            if (use_thr) drop = _mm256_or_si256(drop, _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(a), thr,
+                                                                                         _CMP_GE_OQ)));
+            acc[v] = _mm256_max_epi32(acc[v], _mm256_andnot_si256(drop, a));
+        }
+        i8c_stats_body(c, r, jt, j1, mx, j0); /* inlined: VEX-encoded, see the AVX2 note */
+    }
+    for (size_t v = 0; v < nv; v++) _mm256_storeu_si256((__m256i *)(mx + 8 * v), acc[v]);
+    _mm256_zeroupper();
+}
+
+/* 8 codes at a time: fl32(fl32(a * 127) / stat) rounded half-even, clamped to ±127, NaN and outliers -> 0 */
+AVX2 INLINE __m256i i8c_round8(__m256 a, __m256 st, __m256 thr, int use_thr) {
+    __m256 v = _mm256_div_ps(_mm256_mul_ps(a, _mm256_set1_ps(127.0f)), st);
+    __m256 zero = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    if (use_thr) zero = _mm256_or_ps(zero, _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a), thr, _CMP_GE_OQ));
+    return _mm256_cvtps_epi32(_mm256_andnot_ps(zero, r)); /* exact: an integer in [-127, 127] */
+}
+
+AVX2 static void i8c_quant_avx2(const i8cctx_t *c, size_t r) {
+    const __m256 thr = _mm256_set1_ps(c->thr);
+    const int use_thr = c->thr > 0.0f;
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t base = r * c->cols, j = 0;
+    for (; j + 32 <= c->cols; j += 32) {
+        __m256i p[4];
+        for (int k = 0; k < 4; k++)
+            p[k] = i8c_round8(load8(c->x, base + j + 8 * k, c->dt), _mm256_loadu_ps(c->stats + j + 8 * k), thr, use_thr);
+        __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(p[0], p[1]), _mm256_packs_epi32(p[2], p[3]));
+        _mm256_storeu_si256((__m256i *)(c->q + base + j), _mm256_permutevar8x32_epi32(q, order));
+    }
+    i8c_quant_body(c, r, j);
+    _mm256_zeroupper();
+}
+#endif
+
 static void i8c_stats(void *vc, size_t u) {
     const i8cctx_t *c = (const i8cctx_t *)vc;
     size_t j0 = u * I8C_COLS, j1 = j0 + I8C_COLS < c->cols ? j0 + I8C_COLS : c->cols;
-    float mx[I8C_COLS];
-    for (size_t j = j0; j < j1; j++) mx[j - j0] = 0.0f;
-    for (size_t r = 0; r < c->rows; r++) {
-        size_t base = r * c->cols;
-        for (size_t j = j0; j < j1; j++) {
-            float a = fabsf(load1(c->x, base + j, c->dt));
-            if (a != a || (c->thr > 0.0f && a >= c->thr)) continue; /* NaN ignored, outliers masked to 0 */
-            if (a > mx[j - j0]) mx[j - j0] = a;
-        }
-    }
-    for (size_t j = j0; j < j1; j++) c->stats[j] = mx[j - j0];
+    uint32_t mx[I8C_COLS] = {0};
+#if FP_X86
+    if (g_have_avx2) i8c_stats_avx2(c, j0, j1, mx);
+    else
+#endif
+        for (size_t r = 0; r < c->rows; r++) i8c_stats_body(c, r, j0, j1, mx, j0);
+    for (size_t j = j0; j < j1; j++) c->stats[j] = u2f(mx[j - j0]);
 }
 
 static void i8c_quant(void *vc, size_t u) {
     const i8cctx_t *c = (const i8cctx_t *)vc;
     size_t r0 = u * c->per_unit, r1 = r0 + c->per_unit < c->rows ? r0 + c->per_unit : c->rows;
     for (size_t r = r0; r < r1; r++) {
-        size_t base = r * c->cols;
-        for (size_t j = 0; j < c->cols; j++) {
-            float a = load1(c->x, base + j, c->dt);
-            c->q[base + j] = (c->thr > 0.0f && fabsf(a) >= c->thr) ? 0 : round_i8((a * 127.0f) / c->stats[j]);
-        }
+#if FP_X86
+        if (g_have_avx2) i8c_quant_avx2(c, r);
+        else
+#endif
+            i8c_quant_body(c, r, 0);
     }
 }
 
