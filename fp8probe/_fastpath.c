@@ -1911,6 +1911,10 @@ static PyObject *py_outlier_census(PyObject *self, PyObject *args) {
  * pass over memory disappear. Output dtype = input dtype. out == 0: only the absmax is written (the
  * block-scale records need it without the codes). Returns 1 when a block holds NaN/Inf (the caller
  * then runs the two-step path, which records the specials); the outputs are then incomplete.
+ * counts != 0 (needs out): int64 [3, nb], per block the records of analysis/block_scales._codebook_records,
+ * counted on each chunk while it is in L1: non-zero x (all finite here), of those the ones with y == 0
+ * (underflow), and the ones with |y| >= absmax and |x| > |y| (clipped; a codebook in [-1, 1] never
+ * clips, the count says so from the data), compared in float32 like the Python records.
  * ============================================================================================ */
 #define FQ_CHUNK 4096
 
@@ -1918,23 +1922,49 @@ typedef struct {
     qctx_t qc;          /* x, dt, n, bs, nb, absmax, tables, per_unit, partial, bad (q unused) */
     const float *code;  /* [256] */
     void *out;          /* dequantised output, dtype qc.dt; NULL: absmax only */
+    int64_t *counts;    /* [3, nb] block records, or NULL */
+    int64_t *part;      /* pieces path with counts: [3, pieces] per-piece counts, summed per block after */
 } fqctx_t;
 
 static size_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
 
-/* quantise + dequantise [lo, hi) of one block with reciprocal `recip` and scale `am`, chunk by chunk */
-static void fq_range(const fqctx_t *c, size_t lo, size_t hi, float recip, float am) {
+INLINE void fq_count_body(const void *x, const void *y, size_t n, int dt, float am, int64_t *acc) {
+    int64_t nz = 0, un = 0, cl = 0;
+    for (size_t i = 0; i < n; i++) {
+        float xv = load1(x, i, dt), yv = fabsf(load1(y, i, dt));
+        int nzi = xv != 0.0f;
+        nz += nzi;
+        un += nzi & (yv == 0.0f);
+        cl += (yv >= am) & (fabsf(xv) > yv);
+    }
+    acc[0] += nz; acc[1] += un; acc[2] += cl;
+}
+
+static void fq_count(const void *x, const void *y, size_t n, int dt, float am, int64_t *acc) {
+    switch (dt) {
+    case DT_F32: fq_count_body(x, y, n, DT_F32, am, acc); break;
+    case DT_F16: fq_count_body(x, y, n, DT_F16, am, acc); break;
+    default: fq_count_body(x, y, n, DT_BF16, am, acc); break;
+    }
+}
+
+/* quantise + dequantise [lo, hi) of one block with reciprocal `recip` and scale `am`, chunk by chunk;
+ * acc (or NULL): the chunk counts are added to it */
+static void fq_range(const fqctx_t *c, size_t lo, size_t hi, float recip, float am, int64_t *acc) {
     uint8_t q[FQ_CHUNK];
     size_t es = dt_size(c->qc.dt);
     for (size_t s = lo; s < hi; s += FQ_CHUNK) {
         size_t len = hi - s < FQ_CHUNK ? hi - s : FQ_CHUNK;
-        quant_range((const char *)c->qc.x + s * es, 0, len, c->qc.dt, recip, q, &c->qc.T);
-        dctx_t d = {q, len, len, NULL, c->code, (char *)c->out + s * es, c->qc.dt};
+        const char *xs = (const char *)c->qc.x + s * es;
+        char *ys = (char *)c->out + s * es;
+        quant_range(xs, 0, len, c->qc.dt, recip, q, &c->qc.T);
+        dctx_t d = {q, len, len, NULL, c->code, ys, c->qc.dt};
 #if FP_X86
         if (g_have_avx2) deq_avx2(&d, 0, len, am);
         else
 #endif
             deq_scalar(&d, 0, len, am);
+        if (acc) fq_count(xs, ys, len, c->qc.dt, am, acc);
     }
 }
 
@@ -1948,7 +1978,9 @@ static void fq_fused(void *vc, size_t u) {
         if (mb >= 0x7f800000u) { qc->bad = 1; return; }
         float am = u2f(mb);
         qc->absmax[b] = am;
-        if (c->out) fq_range(c, lo, hi, 1.0f / am, am);
+        int64_t acc[3] = {0, 0, 0};
+        if (c->out) fq_range(c, lo, hi, 1.0f / am, am, c->counts ? acc : NULL);
+        if (c->counts) for (int k = 0; k < 3; k++) c->counts[k * qc->nb + b] = acc[k];
     }
 }
 
@@ -1957,17 +1989,22 @@ static void fq_phase2(void *vc, size_t u) {
     size_t b, lo, hi;
     piece(&c->qc, u, &b, &lo, &hi);
     float am = c->qc.absmax[b];
-    fq_range(c, lo, hi, 1.0f / am, am);
+    int64_t acc[3] = {0, 0, 0};
+    fq_range(c, lo, hi, 1.0f / am, am, c->part ? acc : NULL);
+    if (c->part) {
+        size_t np = c->qc.nb * c->qc.per_unit;
+        for (int k = 0; k < 3; k++) c->part[k * np + u] = acc[k];
+    }
 }
 
 static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
-    unsigned long long xp, op, ap, bp, tp, cp, pp = 0;
+    unsigned long long xp, op, ap, bp, tp, cp, pp = 0, kp = 0;
     Py_ssize_t n, bs;
     int dt, m, want;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnKKKKKii|K", &xp, &dt, &n, &bs, &op, &ap, &cp, &bp, &tp, &m, &want, &pp))
+    if (!PyArg_ParseTuple(args, "KinnKKKKKii|KK", &xp, &dt, &n, &bs, &op, &ap, &cp, &bp, &tp, &m, &want, &pp, &kp))
         return NULL;
-    if (n < 0 || bs <= 0 || dt < 0 || dt > 2 || m < 0 || m > 8) {
+    if (n < 0 || bs <= 0 || dt < 0 || dt > 2 || m < 0 || m > 8 || (kp && !op)) {
         PyErr_Format(PyExc_ValueError, "fake_quantize_blockwise: bad sizes (n=%zd, blocksize=%zd, dtype=%d, m=%d)",
                      n, bs, dt, m);
         return NULL;
@@ -1983,6 +2020,7 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
     qc->T.packed = (const uint32_t *)(uintptr_t)pp;
     c.code = (const float *)(uintptr_t)cp;
     c.out = (void *)(uintptr_t)op;
+    c.counts = (int64_t *)(uintptr_t)kp;
     int nt = pick_threads((size_t)n, want);
     int nomem = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -1995,7 +2033,8 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
         qc->per_unit = (qc->bs + UNIT - 1) / UNIT;
         size_t nunits = qc->nb * qc->per_unit;
         qc->partial = (uint32_t *)malloc(nunits * sizeof(uint32_t));
-        if (!qc->partial) {
+        if (c.counts) c.part = (int64_t *)malloc(3 * nunits * sizeof(int64_t));
+        if (!qc->partial || (c.counts && !c.part)) {
             nomem = 1;
         } else {
             run_units(q_phase1, qc, nunits, nt);
@@ -2007,8 +2046,16 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
                     qc->absmax[b] = u2f(mb);
                 }
                 if (c.out) run_units(fq_phase2, &c, nunits, nt);
+                if (c.counts) /* the pieces' counts, summed per block (integers: any order) */
+                    for (size_t b = 0; b < qc->nb; b++)
+                        for (int k = 0; k < 3; k++) {
+                            int64_t t = 0;
+                            for (size_t p = b * qc->per_unit; p < (b + 1) * qc->per_unit; p++) t += c.part[k * nunits + p];
+                            c.counts[k * qc->nb + b] = t;
+                        }
             }
             free(qc->partial);
+            free(c.part);
         }
     }
     Py_END_ALLOW_THREADS
@@ -2020,38 +2067,83 @@ static PyObject *py_fake_quantize_blockwise(PyObject *self, PyObject *args) {
  * Default-mode LLM.int8 ops of reference.py, in its float32 order (one IEEE operation each, no FMA):
  *   int8_vectorwise_dequant: y = fl32(fl32(float(q) * stats[r]) * INV_127)            float32 output
  *   int8_mm_dequant:         y = fl32(fl32(fl32(float(C) * row[r]) * col[j]) * INV_127_SQ) [+ bias[j]],
- *                            float(C) = RNE int32 -> float32, then the RNE cast to fp32/fp16/bf16
+ *                            float(C) = RNE int32 -> float32 (or C given as those float32 values:
+ *                            int8_gemm.int8_gemm_float), then the RNE cast to fp32/fp16/bf16
  *   int8_double_quant (column half): col_stats[j] = max |a| over rows of the non-outlier, non-NaN
  *                            elements; q_col = round_i8(fl32(fl32(a * 127) / col_stats[j])), outliers -> 0
  * Scales are passed as float32 in the ops' own rounding (fl32(1/127), fl32(1/127^2)). The dequantisers
  * return 1 (the caller then runs the reference) for a NaN/±Inf scale or bias, or a NaN result: torch's
  * NaN casts to bf16 and NaN payloads are not reproduced here. */
 typedef struct {
-    const void *src; int kind; /* 0: int8 q (vectorwise_dequant), 1: int32 C (mm_dequant) */
+    const void *src; int kind; /* 0: int8 q (vectorwise_dequant), 1: int32 C (mm_dequant), 2: float32 C (mm_dequant) */
     size_t rows, cols; const float *row; const float *col; const void *bias; int bias_dt; float k;
     void *out; int dt; size_t per_unit; volatile int bad;
 } i8dctx_t;
+
+/* row r from column j0 on (the whole row, or the AVX2 loop's tail); returns 1 for a NaN result */
+INLINE int i8d_row_body(const i8dctx_t *c, size_t r, size_t j0) {
+    float rs = c->row[r];
+    size_t base = r * c->cols;
+    if (c->kind == 0) {
+        const int8_t *q = (const int8_t *)c->src + base;
+        float *y = (float *)c->out + base;
+        for (size_t j = j0; j < c->cols; j++) y[j] = ((float)q[j] * rs) * c->k;
+        return 0;
+    }
+    const int32_t *C = (const int32_t *)c->src + base;
+    const float *Cf = (const float *)c->src + base;
+    int bad = 0;
+    for (size_t j = j0; j < c->cols; j++) {
+        float v = (((c->kind == 1 ? (float)C[j] : Cf[j]) * rs) * c->col[j]) * c->k;
+        if (c->bias) v = v + load1(c->bias, j, c->bias_dt);
+        bad |= v != v;
+        store1(c->out, base + j, v, c->dt);
+    }
+    return bad;
+}
+
+#if FP_X86
+/* The same operations 8 columns at a time: int8/int32 -> float32 conversions are exact / RNE like the
+ * scalar casts, then the same multiplications in the same order; store8 rounds like store1. */
+AVX2 static int i8d_row_avx2(const i8dctx_t *c, size_t r) {
+    const __m256 rs = _mm256_set1_ps(c->row[r]), k = _mm256_set1_ps(c->k);
+    size_t base = r * c->cols, j = 0;
+    __m256 nan = _mm256_setzero_ps();
+    if (c->kind == 0) {
+        const int8_t *q = (const int8_t *)c->src + base;
+        float *y = (float *)c->out + base;
+        for (; j + 8 <= c->cols; j += 8) {
+            __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j))));
+            _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(v, rs), k));
+        }
+    } else {
+        for (; j + 8 <= c->cols; j += 8) {
+            __m256 v = c->kind == 1
+                ? _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)((const int32_t *)c->src + base + j)))
+                : _mm256_loadu_ps((const float *)c->src + base + j);
+            v = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(v, rs), _mm256_loadu_ps(c->col + j)), k);
+            if (c->bias) v = _mm256_add_ps(v, load8(c->bias, j, c->bias_dt));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            store8(c->out, base + j, v, c->dt);
+        }
+    }
+    int bad = _mm256_movemask_ps(nan) != 0;
+    bad |= i8d_row_body(c, r, j); /* inlined: VEX-encoded, see the AVX2 note */
+    _mm256_zeroupper();
+    return bad;
+}
+#endif
 
 static void i8d_work(void *vc, size_t u) {
     i8dctx_t *c = (i8dctx_t *)vc;
     size_t r0 = u * c->per_unit, r1 = r0 + c->per_unit < c->rows ? r0 + c->per_unit : c->rows;
     int bad = 0;
     for (size_t r = r0; r < r1; r++) {
-        float rs = c->row[r];
-        size_t base = r * c->cols;
-        if (c->kind == 0) {
-            const int8_t *q = (const int8_t *)c->src + base;
-            float *y = (float *)c->out + base;
-            for (size_t j = 0; j < c->cols; j++) y[j] = ((float)q[j] * rs) * c->k;
-            continue;
-        }
-        const int32_t *C = (const int32_t *)c->src + base;
-        for (size_t j = 0; j < c->cols; j++) {
-            float v = (((float)C[j] * rs) * c->col[j]) * c->k;
-            if (c->bias) v = v + load1(c->bias, j, c->bias_dt);
-            bad |= v != v;
-            store1(c->out, base + j, v, c->dt);
-        }
+#if FP_X86
+        if (g_have_avx2) bad |= i8d_row_avx2(c, r);
+        else
+#endif
+            bad |= i8d_row_body(c, r, 0);
     }
     if (bad) c->bad = 1;
 }
@@ -2077,7 +2169,7 @@ static PyObject *py_int8_dequant(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "iKnnKKKidKii", &kind, &sp, &rows, &cols, &rp, &cp, &bp, &bdt, &k, &op, &dt, &want))
         return NULL;
-    if (rows < 0 || cols <= 0 || kind < 0 || kind > 1 || dt < 0 || dt > 2 || bdt < 0 || bdt > 2 || (kind == 0 && dt)) {
+    if (rows < 0 || cols <= 0 || kind < 0 || kind > 2 || dt < 0 || dt > 2 || bdt < 0 || bdt > 2 || (kind == 0 && dt)) {
         PyErr_Format(PyExc_ValueError, "int8_dequant: bad arguments (kind=%d, rows=%zd, cols=%zd, dtype=%d)",
                      kind, rows, cols, dt);
         return NULL;
@@ -2085,7 +2177,7 @@ static PyObject *py_int8_dequant(PyObject *self, PyObject *args) {
     i8dctx_t c = {(const void *)(uintptr_t)sp, kind, (size_t)rows, (size_t)cols, (const float *)(uintptr_t)rp,
                   (const float *)(uintptr_t)cp, (const void *)(uintptr_t)bp, bdt, (float)k, (void *)(uintptr_t)op,
                   dt, 1, 0};
-    if (!all_finite(c.row, c.rows) || (kind == 1 && !all_finite(c.col, c.cols))
+    if (!all_finite(c.row, c.rows) || (kind != 0 && !all_finite(c.col, c.cols))
         || (c.bias && !bias_finite(c.bias, bdt, c.cols)))
         return PyLong_FromLong(1);
     c.per_unit = c.cols >= UNIT ? 1 : UNIT / c.cols;
@@ -2103,31 +2195,97 @@ typedef struct {
     const void *x; int dt; size_t rows, cols; float thr; int8_t *q; float *stats; size_t per_unit;
 } i8cctx_t;
 
+/* columns [j0, j1) of row r into the running maxima mx (bits of |a|: ordered like |a| for non-NaN) */
+INLINE void i8c_stats_body(const i8cctx_t *c, size_t r, size_t j0, size_t j1, uint32_t *mx, size_t m0) {
+    size_t base = r * c->cols;
+    for (size_t j = j0; j < j1; j++) {
+        uint32_t a = f2u(load1(c->x, base + j, c->dt)) & 0x7fffffffu;
+        if (a > 0x7f800000u || (c->thr > 0.0f && u2f(a) >= c->thr)) continue; /* NaN ignored, outliers masked */
+        if (a > mx[j - m0]) mx[j - m0] = a;
+    }
+}
+
+/* row r's columns from j0 on, one code each */
+INLINE void i8c_quant_body(const i8cctx_t *c, size_t r, size_t j0) {
+    size_t base = r * c->cols;
+    for (size_t j = j0; j < c->cols; j++) {
+        float a = load1(c->x, base + j, c->dt);
+        c->q[base + j] = (c->thr > 0.0f && fabsf(a) >= c->thr) ? 0 : round_i8((a * 127.0f) / c->stats[j]);
+    }
+}
+
+#if FP_X86
+/* 8 columns at a time: the same |a| bits, NaN / outlier rules and maxima as i8c_stats_body */
+AVX2 static void i8c_stats_avx2(const i8cctx_t *c, size_t j0, size_t j1, uint32_t *mx) {
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256 thr = _mm256_set1_ps(c->thr);
+    const int use_thr = c->thr > 0.0f;
+    size_t nv = (j1 - j0) / 8, jt = j0 + nv * 8;
+    __m256i acc[I8C_COLS / 8];
+    for (size_t v = 0; v < nv; v++) acc[v] = _mm256_setzero_si256();
+    for (size_t r = 0; r < c->rows; r++) {
+        size_t base = r * c->cols + j0;
+        for (size_t v = 0; v < nv; v++) {
+            __m256i a = _mm256_and_si256(_mm256_castps_si256(load8(c->x, base + 8 * v, c->dt)), mask);
+            __m256i drop = _mm256_cmpgt_epi32(a, inf);
+            if (use_thr) drop = _mm256_or_si256(drop, _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(a), thr,
+                                                                                         _CMP_GE_OQ)));
+            acc[v] = _mm256_max_epi32(acc[v], _mm256_andnot_si256(drop, a));
+        }
+        i8c_stats_body(c, r, jt, j1, mx, j0); /* inlined: VEX-encoded, see the AVX2 note */
+    }
+    for (size_t v = 0; v < nv; v++) _mm256_storeu_si256((__m256i *)(mx + 8 * v), acc[v]);
+    _mm256_zeroupper();
+}
+
+/* 8 codes at a time: fl32(fl32(a * 127) / stat) rounded half-even, clamped to ±127, NaN and outliers -> 0 */
+AVX2 INLINE __m256i i8c_round8(__m256 a, __m256 st, __m256 thr, int use_thr) {
+    __m256 v = _mm256_div_ps(_mm256_mul_ps(a, _mm256_set1_ps(127.0f)), st);
+    __m256 zero = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    if (use_thr) zero = _mm256_or_ps(zero, _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a), thr, _CMP_GE_OQ));
+    return _mm256_cvtps_epi32(_mm256_andnot_ps(zero, r)); /* exact: an integer in [-127, 127] */
+}
+
+AVX2 static void i8c_quant_avx2(const i8cctx_t *c, size_t r) {
+    const __m256 thr = _mm256_set1_ps(c->thr);
+    const int use_thr = c->thr > 0.0f;
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t base = r * c->cols, j = 0;
+    for (; j + 32 <= c->cols; j += 32) {
+        __m256i p[4];
+        for (int k = 0; k < 4; k++)
+            p[k] = i8c_round8(load8(c->x, base + j + 8 * k, c->dt), _mm256_loadu_ps(c->stats + j + 8 * k), thr, use_thr);
+        __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(p[0], p[1]), _mm256_packs_epi32(p[2], p[3]));
+        _mm256_storeu_si256((__m256i *)(c->q + base + j), _mm256_permutevar8x32_epi32(q, order));
+    }
+    i8c_quant_body(c, r, j);
+    _mm256_zeroupper();
+}
+#endif
+
 static void i8c_stats(void *vc, size_t u) {
     const i8cctx_t *c = (const i8cctx_t *)vc;
     size_t j0 = u * I8C_COLS, j1 = j0 + I8C_COLS < c->cols ? j0 + I8C_COLS : c->cols;
-    float mx[I8C_COLS];
-    for (size_t j = j0; j < j1; j++) mx[j - j0] = 0.0f;
-    for (size_t r = 0; r < c->rows; r++) {
-        size_t base = r * c->cols;
-        for (size_t j = j0; j < j1; j++) {
-            float a = fabsf(load1(c->x, base + j, c->dt));
-            if (a != a || (c->thr > 0.0f && a >= c->thr)) continue; /* NaN ignored, outliers masked to 0 */
-            if (a > mx[j - j0]) mx[j - j0] = a;
-        }
-    }
-    for (size_t j = j0; j < j1; j++) c->stats[j] = mx[j - j0];
+    uint32_t mx[I8C_COLS] = {0};
+#if FP_X86
+    if (g_have_avx2) i8c_stats_avx2(c, j0, j1, mx);
+    else
+#endif
+        for (size_t r = 0; r < c->rows; r++) i8c_stats_body(c, r, j0, j1, mx, j0);
+    for (size_t j = j0; j < j1; j++) c->stats[j] = u2f(mx[j - j0]);
 }
 
 static void i8c_quant(void *vc, size_t u) {
     const i8cctx_t *c = (const i8cctx_t *)vc;
     size_t r0 = u * c->per_unit, r1 = r0 + c->per_unit < c->rows ? r0 + c->per_unit : c->rows;
     for (size_t r = r0; r < r1; r++) {
-        size_t base = r * c->cols;
-        for (size_t j = 0; j < c->cols; j++) {
-            float a = load1(c->x, base + j, c->dt);
-            c->q[base + j] = (c->thr > 0.0f && fabsf(a) >= c->thr) ? 0 : round_i8((a * 127.0f) / c->stats[j]);
-        }
+#if FP_X86
+        if (g_have_avx2) i8c_quant_avx2(c, r);
+        else
+#endif
+            i8c_quant_body(c, r, 0);
     }
 }
 
@@ -2344,12 +2502,13 @@ static PyMethodDef methods[] = {
     /* bnb part: fused codebook fake-quantisation */
     {"fake_quantize_blockwise", py_fake_quantize_blockwise, METH_VARARGS,
      "fake_quantize_blockwise(x_ptr, dtype, n, blocksize, out_ptr, absmax_ptr, code_ptr, base_ptr, tval_ptr, m, "
-     "threads[, packed_ptr]) -> 0, or 1 when a block holds NaN/Inf (outputs then incomplete): "
-     "dequantize_blockwise(quantize_blockwise(x)) in x's dtype; out_ptr 0 writes the absmax only."},
+     "threads[, packed_ptr[, counts_ptr]]) -> 0, or 1 when a block holds NaN/Inf (outputs then incomplete): "
+     "dequantize_blockwise(quantize_blockwise(x)) in x's dtype; out_ptr 0 writes the absmax only; counts_ptr: "
+     "int64 [3, nblocks] per block non-zero x, underflow (y == 0), clipped (|y| >= absmax and |x| > |y|)."},
     {"int8_dequant", py_int8_dequant, METH_VARARGS,
      "int8_dequant(kind, src_ptr, rows, cols, row_ptr, col_ptr, bias_ptr, bias_dtype, k, out_ptr, dtype, threads) "
      "-> 0, or 1 (use the reference) for a non-finite scale/bias or a NaN result. kind 0: int8 q -> float32 "
-     "q*row*k; kind 1: int32 C -> ((C*row)*col)*k [+ bias] in dtype."},
+     "q*row*k; kind 1: int32 C -> ((C*row)*col)*k [+ bias] in dtype; kind 2: the same from float32 C."},
     {"int8_col_quant", py_int8_col_quant, METH_VARARGS,
      "int8_col_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, threads): the column codes and "
      "stats of int8_double_quant (default mode)."},

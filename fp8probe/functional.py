@@ -487,6 +487,11 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | Non
     """
     if dtype != torch.int32:
         raise TypeError(f"dtype must be torch.int32, got {dtype}")
+    _check_int8_matmul(A, B)
+    return _write_out(out, _run("int8_linear_matmul", A, B))
+
+
+def _check_int8_matmul(A: torch.Tensor, B: torch.Tensor) -> None:
     _check_tensor("A", A, (torch.int8,))
     _check_tensor("B", B, (torch.int8,))
     _check_rank("A", A)
@@ -499,7 +504,6 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | Non
                          f"is exact only up to there), got K = {A.shape[-1]}: split the reduction into chunks")
     if A.device != B.device:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
-    return _write_out(out, _run("int8_linear_matmul", A, B))
 
 
 def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
@@ -513,29 +517,44 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
     """
     _check_tensor("A", A, (torch.int32,))
     _check_rank("A", A)
+    _check_mm_dequant(A.shape, row_stats, col_stats, bias, dtype)
+    y = _run("int8_mm_dequant", A, row_stats.to(torch.float32), col_stats.to(torch.float32), bias, dtype,
+                             _compat(compat))
+    return _write_out(out, y)
+
+
+def _check_mm_dequant(shape: torch.Size, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                      bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    """int8_mm_dequant's checks of its arguments besides the int32 product (of shape ``shape``)."""
     if dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {dtype}")
     _check_tensor("row_stats", row_stats, _FLOATS)
     _check_tensor("col_stats", col_stats, _FLOATS)
-    n = A.shape[-1]
-    rows = math.prod(A.shape[:-1])
+    n = shape[-1]
+    rows = math.prod(shape[:-1])
     if row_stats.numel() != rows:
         raise ValueError(f"row_stats must have {rows} entries (one per row of A), got {row_stats.numel()}")
     if col_stats.numel() != n:
         raise ValueError(f"col_stats must have {n} entries (A.shape[-1]), got {col_stats.numel()}")
     if bias is not None and bias.numel() != n:
         raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
-    y = _run("int8_mm_dequant", A, row_stats.to(torch.float32), col_stats.to(torch.float32), bias, dtype,
-                             _compat(compat))
-    return _write_out(out, y)
 
 
 def int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
                    bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, *,
                    compat: str | None = None) -> torch.Tensor:
-    """``int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, bias)`` in `dtype` (default fp16)."""
-    return int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, bias=bias,
-                           dtype=dtype or torch.float16, compat=compat)
+    """``int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, bias)`` in `dtype` (default fp16).
+
+    Plain eager CPU calls in the default mode whose int8 GEMM runs in float32 (backends/int8_gemm.py) skip
+    the int32 product: backends/cpu.int8_scaled_mm dequantises the exact float32 one, bit-identical."""
+    dtype = dtype or torch.float16
+    if _compat(compat) == "" and _eager_cpu((A, B, row_stats, col_stats, bias)):
+        _check_int8_matmul(A, B)
+        _check_mm_dequant((*A.shape[:-1], B.shape[0]), row_stats, col_stats, bias, dtype)
+        y = _cpu.int8_scaled_mm(A, B, row_stats.to(torch.float32), col_stats.to(torch.float32), bias, dtype)
+        if y is not None:
+            return y
+    return int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, bias=bias, dtype=dtype, compat=compat)
 
 
 def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Tensor,

@@ -118,3 +118,56 @@ def test_reference_forced_and_compat() -> None:
           [ref.int8_mm_dequant(C, rs, cs, None, torch.float16, "bnb")])
     x = _activations((9, 13), torch.float16, 3, False)
     _same(cpu.int8_double_quant(x, 1.5, "bnb"), ref.int8_double_quant(x, 1.5, "bnb"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaled_mm_without_the_int32_product_matches_the_two_ops(dtype, isa, monkeypatch) -> None:
+    """cpu.int8_scaled_mm (float32 product dequantised in C) = int8_mm_dequant(int8_linear_matmul) bit for bit:
+    odd shapes, 3-D A, transposed (non-contiguous) codes, K in both float chunks, bias dtypes, Inf/NaN stats."""
+    from fp8probe import functional as F
+    monkeypatch.setenv("FP8PROBE_INT8_GEMM", "f32")
+    g = torch.Generator().manual_seed(5)
+    for shape, k, n in (((37, 53), 53, 29), ((3, 7, 67), 67, 8), ((5, 1500), 1500, 9), ((300, 300), 300, 300)):
+        a = torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        rows = a.numel() // k
+        rs = torch.rand(rows, generator=g) * torch.exp2(torch.randint(-12, 12, (rows,), generator=g).float())
+        cs = torch.rand(n, generator=g) * 127
+        cs[0] = 0.0
+        bias = torch.randn(n, generator=g)
+        bad = rs.clone()
+        bad[0] = float("inf")
+        cases = [(rs, cs, b_) for b_ in (None, bias, bias.to(torch.bfloat16))] + [(bad, cs, None), (rs * 3e37, cs, bias)]
+        for r, c, b_ in cases:
+            want = F.int8_mm_dequant(F.int8_linear_matmul(a, b), r, c, bias=b_, dtype=dtype)
+            _same([cpu.int8_scaled_mm(a, b, r, c, b_, dtype)], [want])
+            _same([F.int8_scaled_mm(a, b, r, c, b_, dtype)], [want])
+        if a.dim() == 2:
+            at, bt = a.t().contiguous().t(), b.t().contiguous().t()
+            _same([cpu.int8_scaled_mm(at, bt, rs, cs, None, dtype)], [F.int8_scaled_mm(a, b, rs, cs, None, dtype)])
+
+
+def test_scaled_mm_skips_the_int32_product(monkeypatch) -> None:
+    """functional.int8_scaled_mm's plain CPU call takes the fused path (no int32 GEMM, no int32 dequant) where
+    the float32 int8 GEMM is in use, and the two ops elsewhere (another method, K beyond two chunks)."""
+    if not cpu.enabled():
+        pytest.skip("fast path off")
+    from fp8probe import functional as F
+    from fp8probe.backends import int8_gemm
+    g = torch.Generator().manual_seed(6)
+    calls = []
+    real = int8_gemm.int8_gemm
+    monkeypatch.setattr(int8_gemm, "int8_gemm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ref, "int8_linear_matmul", lambda *a, _r=ref.int8_linear_matmul: calls.append(1) or _r(*a))
+    a, b = (torch.randint(-127, 128, s, dtype=torch.int8, generator=g) for s in ((6, 40), (5, 40)))
+    monkeypatch.setenv("FP8PROBE_INT8_GEMM", "f32")
+    F.int8_scaled_mm(a, b, torch.rand(6), torch.rand(5))
+    assert calls == []
+    monkeypatch.setenv("FP8PROBE_INT8_GEMM", "f64")
+    assert cpu.int8_scaled_mm(a, b, torch.rand(6), torch.rand(5), None, torch.float32) is None
+    F.int8_scaled_mm(a, b, torch.rand(6), torch.rand(5))
+    assert calls == [1]
+    with pytest.raises(ValueError, match="row_stats must have 6 entries"):
+        F.int8_scaled_mm(a, b, torch.rand(5), torch.rand(5))
+    with pytest.raises(TypeError, match="A must have dtype"):
+        F.int8_scaled_mm(a.float(), b, torch.rand(6), torch.rand(5))

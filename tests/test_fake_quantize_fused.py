@@ -122,3 +122,42 @@ def test_empty_and_bad_arguments() -> None:
         F.fake_quantize(torch.ones(4, dtype=torch.int32), "bnb-e4m3", 64)
     with pytest.raises(ValueError, match="compat must be None or 'bnb', got 'x'"):
         F.fake_quantize(torch.ones(4), "bnb-e4m3", 64, compat="x")
+
+
+def _records_oracle(x: torch.Tensor, y: torch.Tensor, absmax: torch.Tensor, bs: int) -> torch.Tensor:
+    """int64 [3, nblocks]: non-zero x, of those y == 0, and |y| >= absmax with |x| > |y| (block_scales' rule)."""
+    n = x.numel()
+    pad = -n % bs
+    xf = torch.nn.functional.pad(x.reshape(-1).float(), (0, pad)).reshape(-1, bs)
+    yf = torch.nn.functional.pad(y.reshape(-1).float(), (0, pad)).reshape(-1, bs).abs()
+    nz = xf != 0
+    clipped = (yf >= absmax[:, None]) & (xf.abs() > yf)
+    return torch.stack([nz.sum(1), (nz & (yf == 0)).sum(1), clipped.sum(1)])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bs", [1, 7, 64, 100, 4097, 2**18 + 3, None])
+def test_records_count_what_block_scales_counts(dtype: torch.dtype, bs, isa: str) -> None:
+    """fake_quantize_records: the values and absmax of fake_quantize_blockwise, and per block the non-zero,
+    underflow and clipped counts of its output (tiny values beside large ones flush to 0; blocks over 2^18
+    take the piece-wise path on two threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n = 700_001 if bs == 2**18 + 3 else 5 * 977
+        x = _data(n, dtype, seed=3)
+        x[11::37] = x[11::37] * 1e-6  # far below the block absmax: underflow
+        blocksize = n if bs is None else bs
+        code = get_codebook("bnb-e4m3", "cpu")
+        y, absmax, counts = cpu.fake_quantize_records(x, code, blocksize)
+        y2, absmax2 = cpu.fake_quantize_blockwise(x, code, blocksize)
+        _same(y, y2)
+        _same(absmax, absmax2)
+        want = _records_oracle(x, y, absmax, blocksize)
+        assert counts.dtype == torch.int64 and torch.equal(counts, want)
+        assert (bs == 1 or int(counts[1].sum()) > 0) and int(counts[0].sum()) < n  # underflow, zeros present
+        x[n // 2] = float("nan")
+        assert cpu.fake_quantize_records(x, code, blocksize) is None
+    finally:
+        torch.set_num_threads(old)

@@ -64,3 +64,44 @@ def test_calibration_picks_a_known_method_and_env_override_is_checked(monkeypatc
     monkeypatch.setenv("FP8PROBE_INT8_GEMM", "fast")
     with pytest.raises(ValueError, match="FP8PROBE_INT8_GEMM must be one of int_mm, f32, f64, got 'fast'"):
         G.method()
+
+
+# K at and around the exact chunk (1024) and the two-chunk limit (2048) of int8_gemm_float
+FLOAT_SHAPES = [(3, 1, 2), (17, 1023, 9), (8, 1024, 16), (9, 1025, 5), (4, 2047, 3), (2, 2048, 6)]
+
+
+@pytest.mark.parametrize("shape", FLOAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_float_is_the_int32_product_converted(shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8_gemm_float = float32(exact int32 product), also for transposed (non-contiguous) operands."""
+    M, K, N = shape
+    monkeypatch.setenv("FP8PROBE_INT8_GEMM", "f32")
+    a, b = rand_int8((M, K), 3 + K), rand_int8((N, K), 4 + K)
+    want = oracle(a, b).to(torch.float32)
+    got = G.int8_gemm_float(a, b)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    at, bt = a.t().contiguous().t(), b.t().contiguous().t()  # same values, column-major
+    assert (K == 1 or not at.is_contiguous()) and torch.equal(G.int8_gemm_float(at, bt), want)
+
+
+def test_gemm_float_rounds_a_two_chunk_sum_like_the_int32_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sums in [2**24, 2**25) are float32 values only when even: the two chunks' one float32 addition must
+    round an odd sum exactly as float32(int32) does (a tie, to even: up for sums ≡ 3 mod 4, down for 1)."""
+    monkeypatch.setenv("FP8PROBE_INT8_GEMM", "f32")
+    a = torch.full((2, 2048), -128, dtype=torch.int8)
+    b = torch.full((3, 2048), -128, dtype=torch.int8)
+    a[:, 2047] = 1
+    b[:, 2047] = torch.tensor([-127, -125, -128], dtype=torch.int8)  # sums 2**25 - 2**14 - {127, 125, 128}
+    exact = oracle(a, b)
+    got = G.int8_gemm_float(a, b)
+    assert torch.equal(got, exact.to(torch.float32))
+    assert [int(v) % 4 for v in exact[0]] == [1, 3, 0]
+    assert float(got[0, 0]) == int(exact[0, 0]) - 1 and float(got[0, 1]) == int(exact[0, 1]) + 1
+
+
+def test_gemm_float_declines_other_methods_and_long_contractions(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = rand_int8((2, 2049), 7), rand_int8((3, 2049), 8)
+    monkeypatch.setenv("FP8PROBE_INT8_GEMM", "f32")
+    assert G.int8_gemm_float(a, b) is None
+    for method in ("int_mm", "f64"):
+        monkeypatch.setenv("FP8PROBE_INT8_GEMM", method)
+        assert G.int8_gemm_float(a[:, :100], b[:, :100]) is None

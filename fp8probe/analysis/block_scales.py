@@ -228,12 +228,11 @@ def update_block_stats(stats: dict[tuple[str, str], BlockScaleStats], labels: di
             x = spec["x"]
             if x.numel() == 0:                          # an empty batch has no blocks
                 continue
-            if spec["kind"] == "scaled":
-                carried = (blocks or {}).get(op)
-                rec = carried[i] if carried else None
-                if rec is None:
-                    rec = _scaled_records(x, q, sat, spec["fmt"], spec["block"], spec["scale_rule"])
-            else:
+            carried = (blocks or {}).get(op)
+            rec = carried[i] if carried else None
+            if rec is None and spec["kind"] == "scaled":
+                rec = _scaled_records(x, q, sat, spec["fmt"], spec["block"], spec["scale_rule"])
+            elif rec is None:
                 rec = _codebook_records(x, q, spec["fmt"], spec["blocksize"])
             records.setdefault(op, []).append(rec)
             labels.setdefault((strategy.name, op), _label(spec))

@@ -40,7 +40,8 @@ class StrategyOutput:
     recipe quantised it (dequantised, same shape); operands the recipe leaves in 16/32-bit are absent.
     ``blocks``: operand → one BlockRecords per slice (one for a 2-D GEMM) of the cast that made q, or None
     for a slice without them; block_scales.update_block_stats reads them instead of recomputing the
-    scales and counts (absent / None: it recomputes). Filled by the OCP/MX/NVFP4 recipes (_Scaled).
+    scales and counts (absent / None: it recomputes). Filled by the OCP/MX/NVFP4 recipes (_Scaled) and for
+    the blockwise operands of mixed (_fq_blocks).
     """
 
     gemms: dict[str, torch.Tensor]
@@ -211,7 +212,7 @@ def _one_slice(run: Callable[..., StrategyOutput], A: torch.Tensor, W: torch.Ten
     originals = {"activation": A, "weight": W, "grad_output": G}
     return StrategyOutput({k: v[0] for k, v in out.gemms.items()},
                           {k: (originals[k], q[0], None if sat is None else sat[0])
-                           for k, (_, q, sat) in out.operands.items()})
+                           for k, (_, q, sat) in out.operands.items()}, out.blocks)
 
 
 def _fq_code_slices(x: torch.Tensor, book: str, blocksize: int | None, as_float: bool = True) -> torch.Tensor:
@@ -231,35 +232,144 @@ def _fq_code_slices(x: torch.Tensor, book: str, blocksize: int | None, as_float:
     return torch.stack([F.fake_quantize(x[i], code, blocksize) for i in range(x.shape[0])])
 
 
+def _fq_blocks(x: torch.Tensor, book: str, blocksize: int) -> tuple[torch.Tensor, list[BlockRecords] | None]:
+    """_fq_code_slices(x, book, blocksize, as_float=False) for x [Bt, R, C] plus each slice's BlockRecords
+    (blocks of ``blocksize`` over the flattened slice, scale = block absmax: what block_scales._codebook_records
+    computes from x and q) counted by the same C pass (backends.cpu.fake_quantize_records). Records None
+    where that pass does not run (CUDA, FP8PROBE_BACKEND=reference, NaN/±Inf): q then comes from
+    _fq_code_slices and block_scales recomputes them."""
+    bt, per = x.shape[0], x[0].numel()
+    code = get_codebook(book, x.device)
+    # one call over the stack where the slices' blocks are its blocks (as _fq_code_slices), else per slice
+    parts = [x.contiguous()] if per % blocksize == 0 else [x[i] for i in range(bt)]
+    done = []
+    for part in parts:
+        res = _cpu.fake_quantize_records(part, code, blocksize)
+        if res is None:
+            return _fq_code_slices(x, book, blocksize, as_float=False), None
+        done.append(res)
+    if len(done) == 1:
+        q, absmax, counts = done[0]
+        pieces = list(zip(absmax.view(bt, -1), counts.view(3, bt, -1).unbind(1)))
+    else:
+        q = torch.stack([d[0] for d in done])
+        pieces = [(d[1], d[2]) for d in done]
+    recs = [(absmax, nz == 0, nz, under, clipped > 0) for absmax, (nz, under, clipped) in pieces]
+    return q.view(x.shape), recs
+
+
+def _fq_weight_t(W: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """(qW, fp8Wt) for W [Bt, N, K]: qW the fake-quantised W in row-major (the reported operand) and
+    fp8Wt() the contiguous [Bt, K, N] fake-quantised wᵀ the autograd function multiplies by (its B = w.t()
+    quantised), made on first call only (_relaid may not need it). One absmax per slice and elementwise
+    rounding: fq(Wᵀ) = fq(W)ᵀ, so whichever of W and Wᵀ is contiguous is quantised and the other layout
+    made by a copy of the result."""
+    if W.is_contiguous() or not W.mT.is_contiguous():
+        qW = _fq_code_slices(W, "bnb-e4m3", None)
+        return qW, functools.cache(lambda: qW.mT.contiguous())
+    fp8Wt = _fq_code_slices(W.mT, "bnb-e4m3", None)
+    return fp8Wt.mT.contiguous(), lambda: fp8Wt
+
+
+# (GEMM, operand shapes and strides, device, threads) → whether the replay's layouts gave the autograd
+# function's bits on the probe operands (see _relaid).
+_RELAID_EXACT: dict[tuple, bool] = {}
+_ALIGN = 64  # bytes: the CPU allocator's alignment; MKL may pick other kernels for other alignments
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    ints = {4: torch.int32, 2: torch.int16, 8: torch.int64}[x.element_size()]
+    return bool(torch.equal(x.contiguous().view(ints), y.contiguous().view(ints)))
+
+
+def _probe(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """float32 values over ±24 binades, laid out like t (shape and strides), in fresh (aligned) memory."""
+    vals = torch.randn(t.shape, generator=gen) * torch.exp2(torch.randint(-24, 25, t.shape, generator=gen).float())
+    return torch.empty_strided(t.shape, t.stride(), dtype=_F32, device=t.device).copy_(vals.to(t.device))
+
+
+def _relaid(tag: str, a: torch.Tensor, b: torch.Tensor, fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+            autograd: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+            actual: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """A GEMM of the autograd function, ``autograd(a, b)`` (it re-lays a or b as the function does: the
+    contiguous fq(w.t()), a result transposed back), computed as ``fast(a, b)``: the same values multiplied
+    in the layouts the replay already has, without transposed copies of W [N, K] or of the wgrad.
+    ``actual``: autograd(a, b) from re-laid operands the replay keeps (one copy of fq(w.t()) for two GEMMs).
+
+    A BLAS's summation order depends on shapes, strides, dtype, alignment and threads, not on values (_mm's
+    premise), but a transposed operand can change it (MKL on [7, 33]·[33, 65] with two threads and on
+    one-row products gave other bits). So ``fast`` serves a key only if, when first seen, both ways gave the
+    same bits on probe operands of its shapes and strides whose values span ±24 binades (every change of
+    summation order then shows in the float32 sums; the call's own data could hide one, and did for fp16
+    outputs). float32 operands at the allocator's alignment only; everything else takes ``autograd``."""
+    slow = actual or (lambda: autograd(a, b))
+    if not (a.dtype == b.dtype == _F32 and a.data_ptr() % _ALIGN == 0 and b.data_ptr() % _ALIGN == 0):
+        return slow()
+    key = (tag, tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.device.type, torch.get_num_threads())
+    exact = _RELAID_EXACT.get(key)
+    if exact is None:
+        gen = torch.Generator().manual_seed(len(_RELAID_EXACT))
+        pa, pb = _probe(a, gen), _probe(b, gen)
+        exact = _RELAID_EXACT[key] = _same_bits(fast(pa, pb), autograd(pa, pb))
+    return fast(a, b) if exact else slow()
+
+
+def _dgrad_autograd(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _mm(g, w.mT.contiguous().mT)  # G · fp8B.t(): fp8B = fq(w.t()) is contiguous [K, N]
+
+
+def _wgrad_autograd(gt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return _mm(a.mT, gt.mT).mT  # grad_B = Aᵀ · G [K, N], transposed back to W's [N, K]
+
+
 def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
                      blocks: tuple[int, int] | None) -> StrategyOutput:
     """MatMulFP8Global (blocks None) / MatMulFP8Mixed (blocks = (bsz, bsz2)) on every slice, as
     _autograd_gemms(matmul_fp8_*(a, w.t())) computes them."""
     mixed = blocks is not None
-    fp8A = _fq_code_slices(A, "bnb-e4m3", blocks[0], as_float=False) if mixed else _fq_code_slices(A, "bnb-e4m3", None)
-    fp8Wt = _fq_code_slices(W.mT, "bnb-e4m3", None)  # B = wᵀ [K, N], as the autograd function quantises it
-    y = _mm(fp8A, fp8Wt)
+    recs: dict[str, list[BlockRecords | None]] = {}
+    if mixed:
+        fp8A, recA = _fq_blocks(A, "bnb-e4m3", blocks[0])
+    else:
+        fp8A, recA = _fq_code_slices(A, "bnb-e4m3", None), None
+    qW, fp8Wt = _fq_weight_t(W)
+    y = _relaid("fprop", fp8A, qW.mT, _mm, lambda a, b: _mm(a, b.contiguous()), lambda: _mm(fp8A, fp8Wt()))
     gemms = {"fprop": y}
     # The reported operands are _fq_code's (quantised in float32, cast back). Where that is the tensor a
     # GEMM already used it is reused: float32 operands of mixed, every operand of global, and W (one
-    # absmax per slice, elementwise rounding: fq(Wᵀ) = fq(W)ᵀ).
-    qA = _fq_code_slices(A, "bnb-e4m3", blocks[0]) if mixed and A.dtype != _F32 else fp8A
-    ops = {"activation": (A, qA, None), "weight": (W, fp8Wt.mT.contiguous(), None)}  # metrics read it row-major
+    # absmax per slice, elementwise rounding: fq(Wᵀ) = fq(W)ᵀ); and 16-bit operands of mixed that the C
+    # pass quantised (records present: finite data), whose output is the RNE cast of the same float32
+    # value fl32(code·absmax) that _fq_code casts (only NaN bits could differ, and those take the ops).
+    if mixed and A.dtype != _F32 and recA is None:
+        qA = _fq_code_slices(A, "bnb-e4m3", blocks[0])
+    else:
+        qA = fp8A
+    if recA is not None:
+        recs["activation"] = recA
+    ops = {"activation": (A, qA, None), "weight": (W, qW, None)}
     if G is not None:
         g = G.to(y.dtype)
         if mixed:
-            fp8G = _fq_code_slices(g.contiguous(), "bnb-e5m2", blocks[1], as_float=False)
-            gemms["dgrad"] = _mm(fp8G.to(fp8Wt.dtype), fp8Wt.mT).to(A.dtype)
-            gemms["wgrad"] = _mm(A.mT, g.to(A.dtype)).to(fp8Wt.dtype).mT
-            same = G.dtype == g.dtype == _F32
+            fp8G, recG = _fq_blocks(g, "bnb-e5m2", blocks[1])
+            g8 = fp8G.to(qW.dtype)
+            gemms["dgrad"] = _relaid("dgrad", g8, qW, _mm, _dgrad_autograd, lambda: _mm(g8, fp8Wt().mT)).to(A.dtype)
+            gA = g.to(A.dtype)
+            gemms["wgrad"] = _relaid("wgrad", gA.mT, A, _mm, _wgrad_autograd).to(qW.dtype)
+            # g is G itself when the dtypes agree; else the reported operand and its records are G's own
+            same = G.dtype == g.dtype and (G.dtype == _F32 or recG is not None)
             ops["grad_output"] = (G, fp8G if same else _fq_code_slices(G, "bnb-e5m2", blocks[1]), None)
+            if recG is not None and G.dtype == g.dtype:
+                recs["grad_output"] = recG
         else:
             fp8G = _fq_code_slices(g, "bnb-e5m2", None).to(fp8A.dtype)
-            gemms["dgrad"] = _mm(fp8G, fp8Wt.mT).to(fp8A.dtype)
-            gemms["wgrad"] = _mm(fp8A.mT, fp8G).to(fp8Wt.dtype).mT
+            gemms["dgrad"] = _relaid("dgrad", fp8G, qW, _mm, _dgrad_autograd,
+                                     lambda: _mm(fp8G, fp8Wt().mT)).to(fp8A.dtype)
+            gemms["wgrad"] = _relaid("wgrad", fp8G.mT, fp8A, _mm, _wgrad_autograd).to(qW.dtype)
             same = G.dtype == g.dtype == fp8A.dtype
             ops["grad_output"] = (G, fp8G if same else _fq_code_slices(G, "bnb-e5m2", None), None)
-    return StrategyOutput(gemms, ops)
+    return StrategyOutput(gemms, ops, recs)
 
 
 def _int8_rows(x: torch.Tensor, threshold: float, row_scale: str = "bnb") -> torch.Tensor:
@@ -327,7 +437,9 @@ def _run_int8_direct(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, t
         if outliers:
             QA_col = CAt.clone()
             QA_col[:, cols] = 0
-        dW = F.int8_scaled_mm(Cg_col.t().contiguous(), QA_col.t().contiguous(), Sg_col, SCAt, dtype=_F32)
+        # Transposed views, not int8 copies: the product is exact whatever the layout (int8_linear_matmul),
+        # and the float32 int8 GEMM (int8_gemm.int8_gemm_float) takes them as they are.
+        dW = F.int8_scaled_mm(Cg_col.t(), QA_col.t(), Sg_col, SCAt, dtype=_F32)
         if outliers:
             dW[:, cols] += torch.matmul(grad2.to(subA.dtype).t(), subA).float()
         gemms["dgrad"] = torch.matmul(grad2.to(A.dtype), W32.to(A.dtype))
@@ -361,8 +473,7 @@ def _run_switchback_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | 
     CA, SCA, _ = F.int8_vectorwise_quant(A.reshape(bt * m, k), 0.0)
     CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().reshape(bt * n, k), 0.0)
     CA, SCA, CB, SCB = CA.view(bt, m, k), SCA.view(bt, m), CB.view(bt, n, k), SCB.view(bt, n)
-    y = torch.stack([F.int8_mm_dequant(F.int8_linear_matmul(CA[i], CB[i]), SCA[i], SCB[i], dtype=A.dtype)
-                     for i in range(bt)])
+    y = torch.stack([F.int8_scaled_mm(CA[i], CB[i], SCA[i], SCB[i], dtype=A.dtype) for i in range(bt)])
     gemms = {"fprop": y}
     qW = F.int8_vectorwise_dequant(CB, SCB)
     if G is not None:

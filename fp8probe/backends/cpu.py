@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from fp8probe.backends import reference as _ref
+from fp8probe.backends.int8_gemm import int8_gemm_float
 from fp8probe.backends.reference import use_reference
 
 _F32 = torch.float32
@@ -535,6 +536,21 @@ def fake_quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int,
     ``with_values`` False only the absmax (values None). None when the C path does not apply (fast path
     off or not built, not a CPU fp32/fp16/bf16 tensor, empty, a codebook that is not sorted ascending or
     has no search tables, NaN/±Inf in A): the caller then runs the two steps."""
+    out = _fake_quantize_c(A, code, blocksize, with_values, False)
+    return None if out is None else out[:2]
+
+
+def fake_quantize_records(A: torch.Tensor, code: torch.Tensor, blocksize: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """fake_quantize_blockwise's (values, absmax) plus ``counts`` int64 [3, nblocks] from the same C pass: per
+    block of the flattened A, its non-zero elements (all are finite when this applies), those dequantised
+    to 0 (underflow) and those clipped (|y| >= absmax and |a| > |y|), compared in float32 as
+    analysis/block_scales._codebook_records does on (A, values). None where fake_quantize_blockwise is."""
+    return _fake_quantize_c(A, code, blocksize, True, True)
+
+
+def _fake_quantize_c(A: torch.Tensor, code: torch.Tensor, blocksize: int, with_values: bool, with_counts: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None:
     if not _quant_applies(A, "") or A.requires_grad:
         return None
     code = _cpu_code(code)
@@ -548,11 +564,14 @@ def fake_quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int,
     n = A.numel()
     Ac = A.detach().contiguous()
     out = _fresh(A.shape, A.dtype) if with_values else None
-    absmax = torch.empty(-(-n // blocksize), dtype=_F32)
+    nb = -(-n // blocksize)
+    absmax = torch.empty(nb, dtype=_F32)
+    counts = torch.empty(3, nb, dtype=torch.int64) if with_counts else None
     rc = _ext().fake_quantize_blockwise(Ac.data_ptr(), _DT[A.dtype], n, blocksize, 0 if out is None else out.data_ptr(),
                                         absmax.data_ptr(), code.data_ptr(), base8.data_ptr(), t_val.data_ptr(), m,
-                                        _threads(n), packed.data_ptr() if packed is not None else 0)
-    return None if rc else (out, absmax)
+                                        _threads(n), packed.data_ptr() if packed is not None else 0,
+                                        0 if counts is None else counts.data_ptr())
+    return None if rc else (out, absmax, counts)
 
 
 _I8_SCALES = {"vectorwise": float(_ref.INV_127), "mm": float(_ref.INV_127_SQ)}
@@ -604,14 +623,47 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
             and row_stats.dtype == _F32 and col_stats.dtype == _F32 and row_stats.numel() == R
             and col_stats.numel() == N and (bias is None or bias.numel() == N)):
         return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat)
-    Ac, rs, cs = A.detach().contiguous(), row_stats.detach().contiguous(), col_stats.detach().contiguous()
+    out = _mm_dequant_c(A, row_stats, col_stats, bias, dtype)
+    return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat) if out is None else out
+
+
+def _mm_dequant_c(C: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, bias: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """The C int8_mm_dequant of an int32 C, or of float32 C holding float(int32 C) (int8_gemm_float), into a
+    new `dtype` tensor of C's shape; None when the C code declines (non-finite stats or bias, NaN result)."""
+    R, N = _ref._rows_cols(C.shape)
+    Cc, rs, cs = C.detach().contiguous(), row_stats.detach().contiguous(), col_stats.detach().contiguous()
     bc = None if bias is None else bias.detach().contiguous()
-    out = _fresh(A.shape, dtype)
-    if _ext().int8_dequant(1, Ac.data_ptr(), R, N, rs.data_ptr(), cs.data_ptr(), 0 if bc is None else bc.data_ptr(),
-                           0 if bc is None else _DT[bc.dtype], _I8_SCALES["mm"], out.data_ptr(), _DT[dtype],
-                           _threads(A.numel())):
-        return _ref.int8_mm_dequant(A, row_stats, col_stats, bias, dtype, compat)
+    out = _fresh(C.shape, dtype)
+    if _ext().int8_dequant(1 if C.dtype == torch.int32 else 2, Cc.data_ptr(), R, N, rs.data_ptr(), cs.data_ptr(),
+                           0 if bc is None else bc.data_ptr(), 0 if bc is None else _DT[bc.dtype], _I8_SCALES["mm"],
+                           out.data_ptr(), _DT[dtype], _threads(C.numel())):
+        return None
     return out
+
+
+def int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                   bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, bias, dtype)`` (default mode) bit for
+    bit, without the int32 product: int8_gemm.int8_gemm_float's float32 values are what the dequantisation
+    converts the int32 to, so the C dequantiser reads them directly (the int32 cast and its tensor cost
+    ~a fifth of the f32 method's time besides the GEMM). A int8 [..., K] (any strides), B int8 [N, K],
+    arguments already validated (functional.int8_scaled_mm). None when this does not apply (fast path
+    off, not CPU, empty, another int8 GEMM method or K > int8_gemm.F32_FLOAT_MAX_K, stats other than
+    float32, a bias of another dtype): the caller runs the two ops."""
+    K, N = A.shape[-1], B.shape[0]
+    rows = A.numel() // K if K else 0
+    if not (rows and N and K and A.dtype == B.dtype == torch.int8 and dtype in _DT and B.device.type == "cpu"
+            and _i8_applies(A, row_stats, col_stats, bias) and row_stats.dtype == col_stats.dtype == _F32
+            and row_stats.numel() == rows and col_stats.numel() == N and (bias is None or bias.numel() == N)):
+        return None
+    P = int8_gemm_float(A.reshape(rows, K), B)
+    if P is None:
+        return None
+    y = _mm_dequant_c(P, row_stats, col_stats, bias, dtype)
+    if y is None:  # non-finite stats/bias or a NaN result: the reference, from the same exact product
+        y = _ref.int8_mm_dequant(P.to(torch.int32), row_stats, col_stats, bias, dtype, "")
+    return y.reshape(*A.shape[:-1], N)
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,6 +111,31 @@ def method() -> str:
     return calibrated_method()
 
 
+#: Longest contraction int8_gemm_float takes: two exact chunks, whose one float32 addition rounds their
+#: exact integer sum (|sum| <= 2**25, no int32 wrap) once, as the int32 → float32 conversion would.
+F32_FLOAT_MAX_K = 2 * F32_EXACT_K
+
+
+def int8_gemm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``float32(int8_gemm(a, b))`` without the int32 tensor: the RNE float32 of each exact int32 entry of
+    ``a @ bᵀ``, what an int32 → float32 dequantisation reads first (int8_mm_dequant).
+
+    a int8 [M, K], b int8 [N, K] (CPU, non-empty, any strides: the float32 copies keep them and the GEMM
+    takes transposed operands, so ``Cᵀ`` operands need no int8 transpose copy) → float32 [M, N]. None
+    unless the f32 method is the one in use (elsewhere another method is faster) and K <=
+    F32_FLOAT_MAX_K. Exact: a chunk of <= 1024 products is an exact float32 integer (module docstring),
+    so K <= 1024 gives the integer itself (|C| <= 2**24, which float32 holds); two chunks are added once
+    in float32, which rounds their exact sum to nearest even, the conversion of the int32 sum.
+    """
+    K = a.shape[1]
+    if K > F32_FLOAT_MAX_K or method() != "f32":
+        return None
+    af, bf = a.to(torch.float32), b.to(torch.float32)
+    if K <= F32_EXACT_K:
+        return af @ bf.t()
+    return (af[:, :F32_EXACT_K] @ bf[:, :F32_EXACT_K].t()).add_(af[:, F32_EXACT_K:] @ bf[:, F32_EXACT_K:].t())
+
+
 def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ bᵀ`` as int32: a int8 [M, K], b int8 [N, K] (CPU, non-empty) → int32 [M, N]."""
     name = method()

@@ -205,3 +205,48 @@ def test_tile_sums_equal_a_padded_count(shape, tile) -> None:
     padded[:R, :C] = mask
     expect = padded.reshape(nbr, br, nbc, bc).sum(dim=(1, 3)).reshape(-1)
     assert torch.equal(_tile_sums(mask, br, bc), expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(24, 40), (3, 10, 40), (3, 16, 64)])
+def test_mixed_carries_the_records_of_its_quantiser(dtype, shape, monkeypatch) -> None:
+    """mixed's blockwise operands come with BlockRecords from the C fake-quantiser's pass (StrategyOutput.blocks),
+    equal to the ones _codebook_records computes from (x, q), so the block_scales rows are the same with and
+    without them and with FP8PROBE_BACKEND=reference (no records: recomputed). Batched shapes whose slices
+    hold whole blocks (16·64) and whose blocks straddle slices (10·40 with 64)."""
+    import fp8probe.analysis.block_scales as BS
+    from fp8probe.backends import cpu
+
+    if not cpu.enabled():
+        pytest.skip("fast path off")
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(shape, generator=g)
+    A[..., 7] *= 50.0
+    A.view(-1)[::9] *= 1e-7  # underflow
+    A.view(-1)[::13] = 0.0
+    W = torch.randn(*shape[:-2], 12, shape[-1], generator=g)
+    G = torch.randn(*shape[:-1], 12, generator=g) * 1e-3
+    A, W, G = A.to(dtype), W.to(dtype), G.to(dtype)
+    strat = STRATEGIES["mixed"]
+    out = run_strategy(strat, A, W, G, b_is_weight=A.dim() == 2)
+    assert set(out.blocks) == {"activation", "grad_output"}
+    slices = 1 if A.dim() == 2 else A.shape[0]
+    for op, x in (("activation", A), ("grad_output", G)):
+        assert len(out.blocks[op]) == slices
+        for i in range(slices):
+            spec = block_operands(strat, *(t if A.dim() == 2 else t[i] for t in (A, W, G)))[op]
+            q = out.operands[op][1] if A.dim() == 2 else out.operands[op][1][i]
+            want = BS._codebook_records(spec["x"], q, spec["fmt"], spec["blocksize"])
+            for got, ref in zip(out.blocks[op][i], want):
+                assert got.dtype == ref.dtype and torch.equal(got.reshape(-1), ref.reshape(-1)), (op, i)
+
+    def rows(blocks, output):
+        stats, labels = {}, {}
+        update_block_stats(stats, labels, strat, A, W, G, output.operands, A.dim() == 2, True, blocks)
+        return {k: v.result() for k, v in stats.items()}
+    carried = rows(out.blocks, out)
+    assert carried == rows(None, out)
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    ref_out = run_strategy(strat, A, W, G, b_is_weight=A.dim() == 2)
+    assert ref_out.blocks == {}
+    assert rows(ref_out.blocks, ref_out) == carried

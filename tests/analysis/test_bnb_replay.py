@@ -162,3 +162,61 @@ def test_switchback_direct_replay_is_the_autograd_function(dtype: torch.dtype) -
                 old = S.StrategyOutput(gemms, {"activation": (A, S._int8_rows(A, 0.0), None),
                                                "weight": (W, *S._weight_int8(W))})
                 _compare(STRATEGIES["switchback"].run(A, W, g, 6.0, True), old, (dtype, m, k, n, specials))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["global", "mixed"])
+def test_fp8_replay_in_its_own_layouts_is_the_autograd_function(which: str, dtype: torch.dtype) -> None:
+    """Once a float32 GEMM key was seen to give the same bits in the replay's layouts (qW row-major, wgrad as
+    Gᵀ·A) as in the autograd function's (contiguous fq(w.t()), (Aᵀ·G)ᵀ), later sites of that key use them:
+    the second round of every shape (2-D, batched, and ones MKL sums differently when transposed) is still
+    the autograd function bit for bit; float32 takes the fast layouts for some key, 16-bit never."""
+    strat = STRATEGIES[which]
+    S._RELAID_EXACT.clear()
+    for rnd in range(2):
+        for seed, (m, k, n) in enumerate([(24, 40, 16), (7, 33, 65), (1, 576, 64), (32, 64, 64)]):
+            A, W, G = _operands(10 * rnd + seed, m, k, n, dtype)
+            blocks = None if which == "global" else AG.get_block_sizes(A, W)
+            _compare(strat.run(A, W, G, 6.0, True), _old_fp8(A, W, G, blocks), (which, rnd, m, k, n))
+        gen = torch.Generator().manual_seed(20 + rnd)
+        A3, W3, G3 = (torch.randn(shape, generator=gen).to(dtype) for shape in ((2, 8, 64), (2, 12, 64), (2, 8, 12)))
+        out = run_strategy(strat, A3, W3, G3, b_is_weight=False)
+        for i in range(2):
+            blocks = None if which == "global" else AG.get_block_sizes(A3[i], W3[i])
+            old = _old_fp8(A3[i], W3[i], G3[i], blocks)
+            for key in old.gemms:
+                _assert_same(out.gemms[key][i], old.gemms[key], (which, rnd, i, key))
+    if dtype == torch.float32:
+        assert any(S._RELAID_EXACT.values())
+    else:
+        assert not S._RELAID_EXACT
+
+
+def test_relaid_keeps_the_autograd_layout_where_the_bits_differ() -> None:
+    """_relaid decides a key once, on probe operands: a key whose fast product differed takes the autograd
+    layout every time after; one that agreed takes the fast one; 16-bit operands always the autograd one."""
+    S._RELAID_EXACT.clear()
+    a, b = torch.ones(2, 3), torch.ones(3, 2)
+    calls = []
+
+    def fast(x, y):
+        calls.append("fast")
+        return x @ y + 1.0
+
+    def slow(x, y):
+        calls.append("slow")
+        return x @ y
+    for _ in range(2):
+        S._relaid("t", a, b, fast, slow)
+    assert calls == ["fast", "slow", "slow", "slow"]  # probe both, then the autograd layout
+    calls.clear()
+    def same(x, y):
+        calls.append("fast")
+        return x @ y
+    for _ in range(2):
+        S._relaid("u", a, b, same, slow)
+    assert calls == ["fast", "slow", "fast", "fast"]  # probe both (equal), then the fast one alone
+    calls.clear()
+    S._relaid("v", a.half(), b.half(), fast, slow)
+    assert calls == ["slow"] and ("v", (2, 3), (3, 1), (3, 2), (2, 1), "cpu", torch.get_num_threads()) \
+        not in S._RELAID_EXACT
