@@ -275,3 +275,23 @@ def test_batched_matmul_uses_bmm_only_where_it_equals_the_slices(monkeypatch) ->
     assert torch.equal(S._mm(a2, b2), ref) and torch.equal(S._mm(a2, b2), ref)
     assert S._BMM_EXACT[(tuple(a2.shape), a2.stride(), tuple(b2.shape), b2.stride(), a2.dtype, "cpu",
                          torch.get_num_threads())] is True
+
+
+def test_exactness_probes_see_a_changed_summation_order() -> None:
+    """_agree's probes reveal two summation orders of the same products: one sum of K terms vs the same
+    terms as two partial sums added (what a BLAS kernel that splits K does), also for a single output and a
+    split two terms before the end. Probes whose values spread over ±24 binades missed most of these (each
+    sum is then about its largest term); the same probes on the same order always agree."""
+    from fp8probe.analysis import strategies as S
+
+    def seq(x, y):
+        return sum((x[:, k:k + 1] * y[k:k + 1, :] for k in range(x.shape[1])), torch.zeros(()))
+
+    def split(h):
+        return lambda x, y: seq(x[:, :h], y[:h]) + seq(x[:, h:], y[h:])
+
+    for m, k, n in ((7, 33, 5), (1, 33, 1), (2, 8, 2)):
+        a, b = torch.empty(m, k), torch.empty(k, n)
+        for h in (k // 2, k - 2):
+            assert not any(S._agree(("split", m, k, n, h, i), a, b, seq, split(h)) for i in range(5))
+        assert S._agree(("same", m, k, n), a, b, seq, seq)
