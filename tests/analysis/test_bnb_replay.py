@@ -215,7 +215,8 @@ def test_relaid_keeps_the_autograd_layout_where_the_bits_differ() -> None:
         return x @ y
     for _ in range(2):
         S._relaid("u", a, b, same, slow)
-    assert calls == ["fast", "slow", "fast", "slow", "fast", "fast"]  # two probe pairs (equal), then the fast one
+    probes = calls[:-2]  # probe pairs (both agreed), then the fast one alone for both calls
+    assert len(probes) >= 4 and probes == ["fast", "slow"] * (len(probes) // 2) and calls[-2:] == ["fast", "fast"]
     calls.clear()
     S._relaid("v", a.half(), b.half(), fast, slow)
     assert calls == ["slow"] and ("v", (2, 3), (3, 1), (3, 2), (2, 1), "cpu", torch.get_num_threads()) \
