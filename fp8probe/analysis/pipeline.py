@@ -82,7 +82,8 @@ _POOL: futures.ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 
 
-def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, recipes: int) -> int:
+def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, recipes: int,
+                   threads: int | None = None) -> int:
     """How many recipes of one GEMM site replay at once: 1 (one after the other, torch's intra-op
     threads inside each op) or up to ``torch.get_num_threads()`` (a pool of that many workers, one
     recipe per worker and one intra-op thread each).
@@ -91,14 +92,16 @@ def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, rec
     ~0.1-1 ms, and the Python between them runs on one core while the other waits; two recipes at
     once keep both busy (Llama-135M on 2 cores: see benchmarks/RESULTS.md). The tables are the serial
     replay's to the bit: each recipe measures into fresh accumulators (one C reduction each, so
-    ``0 + s`` is ``s``) that are folded in strategy order, and every op's result does not depend on
-    the thread it runs on (the C kernels' float64 sums have a fixed order; the GEMMs' do not depend
-    on the thread count on the CPUs measured, tests/analysis/test_parallel_replay.py checks it).
+    ``0 + s`` is ``s``) that are folded in strategy order, and a worker's op gives what it gives with
+    one intra-op thread (the C kernels' float64 sums have a fixed order whatever the threads; a BLAS
+    GEMM of these sizes runs on one thread either way on the CPUs measured; tests/analysis/
+    test_parallel_replay.py compares the tables with FP8PROBE_REPLAY_WORKERS=1).
     Serial: CUDA tensors, the torch metrics (no C extension or FP8PROBE_BACKEND=reference: their
     chunked sums would not fold exactly), one recipe, one thread, sites above PARALLEL_MAX_ELEMENTS,
-    or ``FP8PROBE_REPLAY_WORKERS=1`` (a number caps the workers).
+    or ``FP8PROBE_REPLAY_WORKERS=1`` (a number caps the workers). ``threads``: the caller's intra-op
+    thread count when it is not torch's current one.
     """
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if threads is None else threads
     cap = os.environ.get("FP8PROBE_REPLAY_WORKERS", "").strip()
     if cap:
         if not cap.isdigit() or int(cap) < 1:
@@ -281,7 +284,8 @@ class _Analysis:
         acc.weight_seen = True
         todo = [s for s in self.strategies
                 if s.name not in acc.errors and s.name not in self.failed.get(call.name, ())]
-        workers = replay_workers(A, W, G, len(todo))
+        # (while sites are in the pool the caller runs with one thread: the count to use is the saved one)
+        workers = replay_workers(A, W, G, len(todo), self._threads)
         if workers < 2:
             clock += self.drain()  # (the sites still in the pool count as the parallel replay's)
             started = clock
