@@ -141,6 +141,7 @@ def _child(args: argparse.Namespace, name: str) -> dict[str, object]:
            "OMP_WAIT_POLICY": child_wait_policy()}
     if env["OMP_WAIT_POLICY"] == "default":  # libgomp's own default (spin a while, then sleep): the "before"
         del env["OMP_WAIT_POLICY"]
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command line sets it (fp8probe/__init__.py); 0: off
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"error: measuring {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -31,3 +31,40 @@ def _policy_seen(argv0: str, preset: str | None) -> str:
 ])
 def test_cli_process_sets_passive_wait_policy(argv0: str, preset: str | None, expected: str) -> None:
     assert _policy_seen(argv0, preset) == expected
+
+
+THP_PROBE = ("import sys; sys.argv[0] = {argv0!r}; import fp8probe, os, re, torch\n"
+             "def huge(): return int(re.search(r'AnonHugePages:\\s+(\\d+)', open('/proc/self/smaps_rollup').read()).group(1))\n"
+             "h = huge(); x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)\n"
+             "print(os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset'), (huge() - h) >> 10)")
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None where unknown."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+@pytest.mark.skipif(_thp_mode() is None, reason="no /sys/kernel/mm/transparent_hugepage or smaps_rollup (not Linux)")
+@pytest.mark.parametrize(("argv0", "preset", "expected"), [
+    ("/usr/local/bin/fp8probe", None, "1"),   # the console script
+    ("/usr/local/bin/fp8probe", "0", "0"),    # the user's choice wins
+    ("-c", None, "unset"),                    # a library user's process is left alone
+])
+def test_cli_process_asks_torch_for_huge_pages(argv0: str, preset: str | None, expected: str) -> None:
+    """THP_MEM_ALLOC_ENABLE=1 reaches torch's allocator: where the kernel gives huge pages on request
+    (mode "madvise"), a fresh 64 MiB tensor is backed by them only when it is set."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    proc = subprocess.run([sys.executable, "-c", THP_PROBE.format(argv0=argv0)], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    value, huge_mib = proc.stdout.split()
+    assert value == expected
+    if _thp_mode() == "madvise":
+        assert (int(huge_mib) >= 32) == (expected == "1")
