@@ -2547,44 +2547,84 @@ AVX2 INLINE int sdv_run(const sd_t *c, size_t lo, size_t hi, int dt, int has_g, 
 SD_BODY(sdv_body, sdv_run, AVX2)
 SD_DISPATCH(sd_avx2, sdv_body, AVX2, _mm256_zeroupper();)
 
-/* fq_run of the FP8 kinds (0 e4m3, 1 e5m2), 8 lanes at a time; the 4/6-bit kinds run fq_run itself. */
+/* dec_fp8(enc_fp8(y)) of 8 lanes without forming the code: the float32 bits of y rounded to 3 (E4M3) or 2
+ * (E5M2) mantissa bits, as enc_fp8 rounds (the same integer rounding of b, kept in place instead of
+ * shifted down to a code: a carry into the exponent is again the right value), below the smallest
+ * normal fl32(b + 2^14) - 2^14 (E4M3; 2^7 for E5M2): the addition rounds b to the subnormal step and the
+ * subtraction is exact (a multiple of the step below 2^-6 / 2^-14), which is the value of the code the
+ * addition gave enc_fp8. Inf: E4M3 gets min(Inf, 448) = 448 from the clamp, E5M2 keeps Inf; NaN stays a
+ * NaN (its payload is never used: a NaN q sends the call to the unfused ops). */
+AVX2 INLINE __m256 sqv_round_fp8(__m256 y, int e5m2, __m256i fmaxv) {
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const int sh = e5m2 ? 21 : 20;
+    __m256i u = _mm256_castps_si256(y);
+    __m256i a = _mm256_and_si256(u, abs);
+    __m256i b = _mm256_min_epi32(a, fmaxv);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, sh), _mm256_set1_epi32(1));
+    __m256i nrm = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(e5m2 ? 0xfffff : 0x7ffff)), lsb);
+    nrm = _mm256_and_si256(nrm, _mm256_set1_epi32(e5m2 ? (int32_t)0xffe00000u : (int32_t)0xfff00000u));
+    const __m256 bias = _mm256_set1_ps(e5m2 ? 128.0f : 16384.0f);
+    __m256 sub = _mm256_sub_ps(_mm256_add_ps(_mm256_castsi256_ps(b), bias), bias);
+    __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(e5m2 ? 0x38800000 : 0x3c800000), b);
+    __m256i v = _mm256_blendv_epi8(nrm, _mm256_castps_si256(sub), small);
+    if (e5m2) v = _mm256_blendv_epi8(v, inf, _mm256_cmpeq_epi32(a, inf));
+    v = _mm256_blendv_epi8(v, a, _mm256_cmpgt_epi32(a, inf)); /* NaN */
+    return _mm256_castsi256_ps(_mm256_or_si256(v, _mm256_andnot_si256(abs, u)));
+}
+
+/* One 8-lane step of fqv_run_m: q stored, the -1/0 saturation mask returned, the counts and the NaN
+ * test accumulated. sat = |v| == vmax and |x| > |q| needs no NaN test here: |v| == vmax makes v finite,
+ * so x is not NaN (a NaN x gives a NaN v) and q = v * s is not NaN either (s is finite and > 0). */
+AVX2 INLINE __m256i fqv_step(const fq_t *c, size_t i, int dt, int kind, __m256 dv, __m256 sv, int mul,
+                             __m256i fmaxv, __m256i *nnz, __m256i *nun, __m256i *nsat, __m256i *aqmax) {
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    __m256 xv = load8(c->sq.x, i, dt);
+    __m256 v = sqv_round_fp8(mul ? _mm256_mul_ps(xv, dv) : _mm256_div_ps(xv, dv), kind, fmaxv);
+    __m256 qv = _mm256_mul_ps(v, sv);
+    _mm256_storeu_ps(c->q + i, qv);
+    __m256i ax = _mm256_and_si256(_mm256_castps_si256(xv), abs);
+    __m256i aq = _mm256_and_si256(_mm256_castps_si256(qv), abs);
+    __m256i av = _mm256_and_si256(_mm256_castps_si256(v), abs);
+    __m256i st = _mm256_and_si256(_mm256_cmpeq_epi32(av, fmaxv), _mm256_cmpgt_epi32(ax, aq));
+    __m256i nz = _mm256_andnot_si256(_mm256_cmpeq_epi32(ax, _mm256_setzero_si256()), _mm256_cmpgt_epi32(inf, ax));
+    *nnz = _mm256_sub_epi32(*nnz, nz);
+    *nun = _mm256_sub_epi32(*nun, _mm256_and_si256(nz, _mm256_cmpeq_epi32(aq, _mm256_setzero_si256())));
+    *nsat = _mm256_sub_epi32(*nsat, st);
+    *aqmax = _mm256_max_epi32(*aqmax, aq); /* > Inf bits iff some q is NaN */
+    return st;
+}
+
+/* fq_run of the FP8 kinds (0 e4m3, 1 e5m2) 32 and 8 lanes at a time (fq_run's values: the element value
+ * from sqv_round_fp8, vmax = fmax for these kinds); the tail and the 4/6-bit kinds run fq_run itself. */
 AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind, float s, float d, float r, int mul,
                           int64_t *slot) {
-    float *restrict q = c->q;
-    uint8_t *restrict sat = c->sat;
-    const void *x = c->sq.x;
     const __m256 dv = _mm256_set1_ps(mul ? r : d), sv = _mm256_set1_ps(s);
-    const __m256i fmaxv = _mm256_set1_epi32((int32_t)f2u(c->sq.fmax)), vmax = _mm256_set1_epi32((int32_t)c->vmax_bits);
-    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-    const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
-    __m256i nnz = zero, nun = zero, nsat = zero, bad = zero;
+    const __m256i fmaxv = _mm256_set1_epi32((int32_t)c->vmax_bits), one = _mm256_set1_epi32(1);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i nnz = _mm256_setzero_si256(), nun = nnz, nsat = nnz, aqmax = nnz;
     size_t i = lo;
-    for (; i + 8 <= hi; i += 8) {
-        __m256 xv = load8(x, i, dt);
-        __m256 v = sqv_dec_fp8(sqv_enc_fp8(mul ? _mm256_mul_ps(xv, dv) : _mm256_div_ps(xv, dv), kind, fmaxv), kind);
-        __m256 qv = _mm256_mul_ps(v, sv);
-        _mm256_storeu_ps(q + i, qv);
-        __m256i ax = _mm256_and_si256(_mm256_castps_si256(xv), abs);
-        __m256i aq = _mm256_and_si256(_mm256_castps_si256(qv), abs);
-        __m256i av = _mm256_and_si256(_mm256_castps_si256(v), abs);
-        /* st = |v| == vmax and |x| > |q| and neither is NaN (all bit patterns >= 0 as int32) */
-        __m256i st = _mm256_and_si256(_mm256_cmpeq_epi32(av, vmax), _mm256_cmpgt_epi32(ax, aq));
-        st = _mm256_andnot_si256(_mm256_or_si256(_mm256_cmpgt_epi32(aq, inf), _mm256_cmpgt_epi32(ax, inf)), st);
-        __m256i nz = _mm256_and_si256(_mm256_cmpgt_epi32(ax, zero), _mm256_cmpgt_epi32(inf, ax)); /* 0 < |x| < Inf */
-        sqv_store8_u8(sat + i, _mm256_and_si256(st, one));
-        nnz = _mm256_sub_epi32(nnz, nz);
-        nun = _mm256_sub_epi32(nun, _mm256_and_si256(nz, _mm256_cmpeq_epi32(aq, zero)));
-        nsat = _mm256_sub_epi32(nsat, st);
-        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(aq, inf));
+    for (; i + 32 <= hi; i += 32) {
+        __m256i s0 = fqv_step(c, i, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s1 = fqv_step(c, i + 8, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s2 = fqv_step(c, i + 16, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s3 = fqv_step(c, i + 24, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        /* -1/0 masks: signed packs keep them -1/0 bytes, the permute undoes the lane interleave */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
+        p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
+        _mm256_storeu_si256((__m256i *)(c->sat + i), p);
     }
-    /* lane sums: at most UNIT / 8 per lane, no overflow */
-    int32_t l[3][8];
-    _mm256_storeu_si256((__m256i *)l[0], nnz);
-    _mm256_storeu_si256((__m256i *)l[1], nun);
-    _mm256_storeu_si256((__m256i *)l[2], nsat);
-    for (int k = 0; k < 8; k++) { slot[0] += l[0][k]; slot[c->ncnt] += l[1][k]; slot[2 * c->ncnt] += l[2][k]; }
-    int any = !_mm256_testz_si256(bad, bad);
-    return any | fq_run(c, i, hi, dt, kind, 0, s, d, slot);
+    for (; i + 8 <= hi; i += 8)
+        sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_step(c, i, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat,
+                                                            &aqmax), one));
+    /* lane sums (at most UNIT / 8 per lane, no overflow): two horizontal adds leave, per 128-bit half,
+     * [nnz, nun, nsat, 0] partial sums */
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(nnz, nun), _mm256_hadd_epi32(nsat, _mm256_setzero_si256()));
+    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    slot[0] += _mm_extract_epi32(sum, 0);
+    slot[c->ncnt] += _mm_extract_epi32(sum, 1);
+    slot[2 * c->ncnt] += _mm_extract_epi32(sum, 2);
+    int bad = hmax8(aqmax) > 0x7f800000;
+    return bad | fq_run(c, i, hi, dt, kind, 0, s, d, slot);
 }
 
 AVX2 INLINE int fqv_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
