@@ -1179,11 +1179,21 @@ static void sq_tile_scales(sq_t *c) {
 static int sq_local(const sq_t *c) { return c->sub == 1 && c->cs == 1 && !(c->fmt == 7 && !c->has_g); }
 
 /* The amax and scales of unit u's tiles (local mode). */
+#if FP_X86
+/* MX scales of tiles [t0, t1] of tile row tr, 8 at a time (AVX2; "scaled casts: AVX2 element loops");
+ * returns the first tile it left to sq_scale1. */
+AVX2 static size_t sqv_mx_scales(sq_t *c, size_t tr, size_t t0, size_t t1);
+#endif
+
 static void sq_local_scales(sq_t *c, size_t u) {
     sq_phase1(c, u);
     sq_unit_t w = sq_unit(c, u);
     if (w.c0 >= w.c1) return;
-    for (size_t t = w.c0 / c->bc; t <= (w.c1 - 1) / c->bc; t++) sq_scale1(c, w.ru, t);
+    size_t t = w.c0 / c->bc;
+#if FP_X86
+    if (g_have_avx2 && SQ_FMT[c->fmt].mx) t = sqv_mx_scales(c, w.ru, t, (w.c1 - 1) / c->bc);
+#endif
+    for (; t <= (w.c1 - 1) / c->bc; t++) sq_scale1(c, w.ru, t);
 }
 
 static void sq_local_work(void *vc, size_t u) {
@@ -2510,6 +2520,45 @@ AVX2 INLINE void sqv_quant_run(const void *x, size_t lo, size_t hi, int dt, floa
     float r = exact_recip(s);
     if (r != 0.0f) sqv_quant_run_m(x, lo, hi, dt, s, r, 1, e5m2, fmax_bits, data);
     else sqv_quant_run_m(x, lo, hi, dt, s, r, 0, e5m2, fmax_bits, data);
+}
+
+/* mx_scale1 of 8 tiles at a time (its bit formulas for a normal amax, 1 for amax 0; a float32-subnormal
+ * amax leaves its group and the rest to sq_scale1), in local mode (sub = cs = 1: a tile's partial
+ * is its amax). 4/6-bit MX formats also store the divisor and the NaN scale of a tile with a NaN/Inf. */
+AVX2 static size_t sqv_mx_scales(sq_t *c, size_t tr, size_t t0, size_t t1) {
+    const int fmt = c->fmt, mbits = SQ_FMT[fmt].mbits, emax = SQ_FMT[fmt].emax;
+    const __m256i one = _mm256_set1_epi32(1), fracm = _mm256_set1_epi32(0x7fffff);
+    const __m256 lim = _mm256_set1_ps(SQ_FMT[fmt].fmax / (float)(2 << emax));
+    size_t t = t0;
+    for (; t + 8 <= t1 + 1; t += 8) {
+        const size_t at = tr * c->nbc + t;
+        __m256i u = _mm256_loadu_si256((const __m256i *)(c->partial + at));
+        __m256i zero = _mm256_cmpeq_epi32(u, _mm256_setzero_si256());
+        __m256i tiny = _mm256_andnot_si256(zero, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), u));
+        if (!_mm256_testz_si256(tiny, tiny)) break; /* a float32-subnormal amax: frexpf in mx_scale1 */
+        __m256i frac = _mm256_and_si256(u, fracm);
+        __m256i ex = _mm256_sub_epi32(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(126 + 1 + emax));
+        if (c->rule == 2) { /* EVEN: + 1 where frac rounds (RNE) up to 2^23 at mbits + 1 bits */
+            __m256i odd = _mm256_and_si256(_mm256_srli_epi32(frac, 23 - mbits), one);
+            __m256i up = _mm256_add_epi32(_mm256_add_epi32(frac, _mm256_set1_epi32((1 << (22 - mbits)) - 1)), odd);
+            ex = _mm256_add_epi32(ex, _mm256_srli_epi32(up, 23));
+        } else if (c->rule == 1) { /* RCEIL: + 1 where the mantissa 0.5 * 1.frac > fmax / 2^(emax+1) */
+            __m256 m = _mm256_castsi256_ps(_mm256_or_si256(frac, _mm256_set1_epi32(0x3f000000)));
+            ex = _mm256_sub_epi32(ex, _mm256_castps_si256(_mm256_cmp_ps(m, lim, _CMP_GT_OQ)));
+        }
+        ex = _mm256_min_epi32(_mm256_max_epi32(ex, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+        __m256i sb = _mm256_slli_epi32(_mm256_add_epi32(ex, _mm256_set1_epi32(127)), 23);
+        sb = _mm256_blendv_epi8(sb, _mm256_set1_epi32(0x00400000), _mm256_cmpeq_epi32(ex, _mm256_set1_epi32(-127)));
+        sb = _mm256_blendv_epi8(sb, _mm256_set1_epi32(0x3f800000), zero); /* amax 0: scale 1 */
+        if (c->lowbit) {
+            _mm256_storeu_si256((__m256i *)(c->div + at), sb);
+            __m256i nf = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c->nonfin + at)));
+            sb = _mm256_blendv_epi8(sb, _mm256_set1_epi32(0x7fc00000), _mm256_cmpgt_epi32(nf, _mm256_setzero_si256()));
+        }
+        _mm256_storeu_si256((__m256i *)(c->scale + at), sb);
+    }
+    _mm256_zeroupper();
+    return t;
 }
 
 SQ_AMAX_BODY(sqv_amax_body, sqv_amax_run, AVX2)

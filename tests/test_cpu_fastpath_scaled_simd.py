@@ -185,3 +185,28 @@ def test_any_thread_count_gives_the_same_bits(isa, no_fallback, threads: int, mo
         got = cpu.fused_scaled(x, *c)
         assert same_bits(got.q, want.q) and torch.equal(got.saturated, want.saturated), c
         assert same_bits(got.scale, want.scale) and torch.equal(got.counts, want.counts), c
+
+
+@pytest.mark.parametrize("rule", ("floor", "rceil", "even"))
+@pytest.mark.parametrize("fmt", ref.MX_FORMATS)
+def test_mx_scales_eight_tiles_at_a_time(isa, no_fallback, fmt: str, rule: str) -> None:
+    """Rows of 61 MX tiles (7 groups of 8 and a tail of 5) whose amax is a random float32 of any exponent,
+    0 (scale 1), a float32 subnormal (its group goes to the scalar scale code) or the EVEN/RCEIL
+    boundaries; 4/6-bit formats with a NaN in some tiles (NaN scale): scales and codes equal the reference's."""
+    g = torch.Generator().manual_seed(7)
+    ntiles, rows = 61, 200
+    a = torch.randint(0x00800000, 0x7F800000, (rows * ntiles,), generator=g, dtype=torch.int64)
+    a = a.to(torch.int32).view(torch.float32)
+    a[::17] = 0.0
+    a[5::97] = torch.tensor(1e-40)
+    edges = torch.tensor([448.0, 511.99, 512.0, 6.0, 7.0, 7.5, 7.75, 28.0, 30.0, 31.0, 57344.0, 61440.0, 3.4e38,
+                          1.5, 1.75, 1.875, 1.9375])
+    a[1 : 1 + 3 * len(edges) : 3] = edges.repeat(1)
+    x = (a[:, None] * torch.linspace(-1, 1, 32)[None, :]).view(rows, ntiles * 32)  # tile amax = a (at the ends)
+    if fmt in ("mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1"):
+        x[3, 40], x[9, 700] = float("nan"), float("inf")
+    data, scale = cpu.quantize_scaled(x, fmt, 1, 32, rule)
+    want_d, want_s = _REF_QUANTIZE(x, fmt, 1, 32, rule)
+    assert same_bits(scale, want_s) and same_bits(data, want_d)
+    finite = torch.isfinite(x).view(-1, 32).all(1)
+    assert same_bits(scale.view(-1)[finite], ref.mx_scale(a[finite], fmt, rule))

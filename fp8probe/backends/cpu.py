@@ -652,7 +652,7 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     br, bc = min(block_rows, R), min(block_cols, C)
     xc = x.detach().contiguous()
     q = _fresh(x.shape, _F32)
-    sat = torch.empty(x.shape, dtype=torch.bool)
+    sat = _fresh(x.shape, torch.bool)
     nbr, nbc = -(-R // br), -(-C // bc)
     scale = torch.empty(nbr, nbc, dtype=_F32)
     counts = torch.empty(3, nbr * nbc, dtype=torch.int64)
