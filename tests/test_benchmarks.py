@@ -38,12 +38,13 @@ EXPECTED = {
         "modes": {"int8_mm_dequant": {"fresh", "out"}},
     },
     "bench_scaled.py": {
-        "columns": [*COMMON, "scaling", *TIMES, "×copy", "×torch"],
-        "ops": {"copy dst.copy_(x)", "quantize_scaled", "dequantize_scaled", "torch cast → float8_e4m3fn"},
+        "columns": [*COMMON, "scaling", *TIMES, "×copy", "×clone", "×torch"],
+        "ops": {"copy dst.copy_(x)", "copy x.clone()", "quantize_scaled", "dequantize_scaled",
+                "torch cast → float8_e4m3fn"},
         "modes": {},
     },
 }
-NUMERIC = {"median ms", "min ms", "GB/s", "GOP/s", "×copy", "×bnb", "×torch", "×best"}
+NUMERIC = {"median ms", "min ms", "GB/s", "GOP/s", "×copy", "×clone", "×bnb", "×torch", "×best"}
 
 
 def _run_in_process(script: str, argv: list[str]) -> str:
