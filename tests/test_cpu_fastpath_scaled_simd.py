@@ -210,3 +210,28 @@ def test_mx_scales_eight_tiles_at_a_time(isa, no_fallback, fmt: str, rule: str) 
     assert same_bits(scale, want_s) and same_bits(data, want_d)
     finite = torch.isfinite(x).view(-1, 32).all(1)
     assert same_bits(scale.view(-1)[finite], ref.mx_scale(a[finite], fmt, rule))
+
+
+@pytest.mark.parametrize("threads", (1, 2, 3))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_inputs_are_copied_by_the_c_transpose(isa, no_fallback, dtype: torch.dtype, threads: int,
+                                                         monkeypatch) -> None:
+    """A transposed view (the replay's Gᵀ) is put in C order by the C blocked transpose: the same bits as
+    torch's .contiguous() (NaN payloads included), for shapes that are not multiples of the 8x8 blocks and
+    above the 64K-element serial cutoff; the casts of the view equal the reference's."""
+    monkeypatch.setattr(cpu, "_threads", lambda n: threads)
+    for rows, cols in ((37, 29), (8, 8), (300, 301), (1000, 131)):
+        g = every_kind_of_float(rows * cols, seed=rows).view(rows, cols).to(dtype)
+        x = g.T
+        assert not x.is_contiguous()
+        got = cpu._c_order(x)
+        assert got.is_contiguous() and torch.equal(raw(got), raw(x.contiguous()))
+    x = mixed(300 * 301, seed=8).view(300, 301).to(dtype).T
+    for fmt, tile in (("e4m3", (1, 128)), ("mxfp8-e4m3", (1, 32)), ("e5m2", (128, 128))):
+        data, scale = cpu.quantize_scaled(x, fmt, *tile)
+        want_d, want_s = _REF_QUANTIZE(x.contiguous(), fmt, *tile)
+        assert same_bits(data, want_d) and same_bits(scale, want_s), fmt
+        x_finite = torch.where(torch.isnan(x), 0.0, x).T.contiguous().T  # a transposed view without NaN
+        got = cpu.fused_scaled(x_finite, fmt, *tile)
+        want = cpu.fused_scaled(x_finite.contiguous(), fmt, *tile)
+        assert same_bits(got.q, want.q) and torch.equal(got.saturated, want.saturated), fmt
