@@ -973,19 +973,21 @@ INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, 
     for (size_t i = lo; i < hi; i++) data[i] = enc_lowbit(load1_nb(x, i, dt), d, pos, k);
 }
 
-INLINE void sq_lowbit_body(const sq_t *c, size_t u, int dt, int k) {
-    sq_unit_t w = sq_unit(c, u);
-    if (w.c0 >= w.c1) return;
-    size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc;
-    for (size_t r = w.r0; r < w.r1; r++) {
-        const float *drow = c->div + (r / c->br) * c->nbc;
-        const size_t base = r * c->C;
-        for (size_t t = t0; t <= t1; t++) {
-            size_t lo = t * c->bc > w.c0 ? t * c->bc : w.c0, hi = (t + 1) * c->bc < w.c1 ? (t + 1) * c->bc : w.c1;
-            sq_lowbit_run(c->x, base + lo, base + hi, dt, drow[t], k, c->data);
-        }
+/* The 4/6-bit element pass of unit u with the run function RUN (sq_lowbit_run, or the AVX2 one). */
+#define SQ_LOWBIT_BODY(NAME, RUN, ATTR)                                                           \
+    ATTR INLINE void NAME(const sq_t *c, size_t u, int dt, int k) {                             \
+        sq_unit_t w = sq_unit(c, u);                                                            \
+        if (w.c0 >= w.c1) return;                                                               \
+        size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc, lo, hi;                              \
+        for (size_t r = w.r0; r < w.r1; r++) {                                                  \
+            const float *drow = c->div + (r / c->br) * c->nbc;                                  \
+            for (size_t t = t0; t <= t1; t++) {                                                 \
+                sq_run_of(c, &w, r, t, &lo, &hi);                                               \
+                RUN(c->x, lo, hi, dt, drow[t], k, c->data);                                     \
+            }                                                                                   \
+        }                                                                                       \
     }
-}
+SQ_LOWBIT_BODY(sq_lowbit_body, sq_lowbit_run, )
 
 /* The FP8 element pass of unit u with the run function RUN (sq_quant_run, or the AVX2 one). */
 #define SQ_QUANT_BODY(NAME, RUN, ATTR)                                                            \
@@ -1006,7 +1008,7 @@ SQ_QUANT_BODY(sq_quant_body, sq_quant_run, )
 
 /* Dtype/format instantiations; the AVX2 copies are the same C compiled for AVX2+F16C (the compiler
  * vectorises the branch-free bodies; -ffp-contract=off still holds, so no FMA). */
-#define SQ_DISPATCH(NAME, BODY_AMAX, BODY_QUANT, ATTR, END)                                     \
+#define SQ_DISPATCH(NAME, BODY_AMAX, BODY_QUANT, BODY_LOWBIT, ATTR, END)                                \
     ATTR static void NAME##_amax(const sq_t *c, size_t u) {                                   \
         switch (c->dt) { case DT_F32: BODY_AMAX(c, u, DT_F32); break;                         \
                          case DT_F16: BODY_AMAX(c, u, DT_F16); break;                         \
@@ -1016,15 +1018,15 @@ SQ_QUANT_BODY(sq_quant_body, sq_quant_run, )
     ATTR static void NAME##_quant(const sq_t *c, size_t u) {                                  \
         if (c->lowbit) {                                                                      \
             switch (c->dt * 3 + c->lowbit - 1) {                                              \
-            case DT_F32 * 3: sq_lowbit_body(c, u, DT_F32, 0); break;                          \
-            case DT_F32 * 3 + 1: sq_lowbit_body(c, u, DT_F32, 1); break;                      \
-            case DT_F32 * 3 + 2: sq_lowbit_body(c, u, DT_F32, 2); break;                      \
-            case DT_F16 * 3: sq_lowbit_body(c, u, DT_F16, 0); break;                          \
-            case DT_F16 * 3 + 1: sq_lowbit_body(c, u, DT_F16, 1); break;                      \
-            case DT_F16 * 3 + 2: sq_lowbit_body(c, u, DT_F16, 2); break;                      \
-            case DT_BF16 * 3: sq_lowbit_body(c, u, DT_BF16, 0); break;                        \
-            case DT_BF16 * 3 + 1: sq_lowbit_body(c, u, DT_BF16, 1); break;                    \
-            default: sq_lowbit_body(c, u, DT_BF16, 2); break; }                               \
+            case DT_F32 * 3: BODY_LOWBIT(c, u, DT_F32, 0); break;                          \
+            case DT_F32 * 3 + 1: BODY_LOWBIT(c, u, DT_F32, 1); break;                      \
+            case DT_F32 * 3 + 2: BODY_LOWBIT(c, u, DT_F32, 2); break;                      \
+            case DT_F16 * 3: BODY_LOWBIT(c, u, DT_F16, 0); break;                          \
+            case DT_F16 * 3 + 1: BODY_LOWBIT(c, u, DT_F16, 1); break;                      \
+            case DT_F16 * 3 + 2: BODY_LOWBIT(c, u, DT_F16, 2); break;                      \
+            case DT_BF16 * 3: BODY_LOWBIT(c, u, DT_BF16, 0); break;                        \
+            case DT_BF16 * 3 + 1: BODY_LOWBIT(c, u, DT_BF16, 1); break;                    \
+            default: BODY_LOWBIT(c, u, DT_BF16, 2); break; }                               \
             END                                                                               \
             return;                                                                           \
         }                                                                                     \
@@ -1037,7 +1039,7 @@ SQ_QUANT_BODY(sq_quant_body, sq_quant_run, )
         default: BODY_QUANT(c, u, DT_BF16, 1); break; }                                       \
         END                                                                                   \
     }
-SQ_DISPATCH(sq_scalar, sq_amax_body, sq_quant_body, , )
+SQ_DISPATCH(sq_scalar, sq_amax_body, sq_quant_body, sq_lowbit_body, , )
 #if FP_X86
 /* The AVX2 instantiation (hand-written amax and FP8 loops) is in "scaled casts: AVX2 element loops" at the
  * end of the file. */
@@ -2579,7 +2581,54 @@ AVX2 static size_t sqv_mx_scales(sq_t *c, size_t tr, size_t t0, size_t t1) {
 
 SQ_AMAX_BODY(sqv_amax_body, sqv_amax_run, AVX2)
 SQ_QUANT_BODY(sqv_quant_body, sqv_quant_run, AVX2)
-SQ_DISPATCH(sq_avx2, sqv_amax_body, sqv_quant_body, AVX2, _mm256_zeroupper();)
+/* lowbit_round + enc_lowbit of 8 lanes (element kind k, see there): y = x' / d as x' * r when mul, x' * 0
+ * when !pos (d not > 0). The same integer and float32 operations, lane by lane. */
+AVX2 INLINE __m256i sqv_enc_lowbit(__m256 xv, __m256 dv, int pos, int mul, int k) {
+    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+    const __m256i fmaxv = _mm256_set1_epi32(k == 0 ? 0x40c00000 : (k == 1 ? 0x40f00000 : 0x41e00000));
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    __m256i u = _mm256_castps_si256(xv), a = _mm256_and_si256(u, abs);
+    __m256i v = _mm256_blendv_epi8(u, _mm256_or_si256(_mm256_andnot_si256(abs, u), fmaxv), _mm256_cmpeq_epi32(a, inf));
+    v = _mm256_andnot_si256(_mm256_cmpgt_epi32(a, inf), v); /* NaN -> +0 */
+    __m256 vf = _mm256_castsi256_ps(v);
+    __m256 y = !pos ? _mm256_mul_ps(vf, _mm256_setzero_ps()) : (mul ? _mm256_mul_ps(vf, dv) : _mm256_div_ps(vf, dv));
+    __m256i uy = _mm256_castps_si256(y);
+    __m256i b = _mm256_min_epi32(_mm256_and_si256(uy, abs), fmaxv);
+    __m256i e = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127)),
+                                 _mm256_set1_epi32(emin));
+    __m256 p = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127 + mbits), e), 23));
+    __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(b), p), _mm256_set1_ps(8388608.0f));
+    __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4b000000));
+    __m256i mag = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(emin)), mbits), n);
+    return _mm256_or_si256(mag, _mm256_slli_epi32(_mm256_srli_epi32(uy, 31), ebits + mbits));
+}
+
+AVX2 INLINE void sqv_lowbit_run_m(const void *x, size_t lo, size_t hi, int dt, float d, float r, int pos, int mul,
+                                  int k, uint8_t *restrict data) {
+    const __m256 dv = _mm256_set1_ps(mul ? r : d);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32) {
+        __m256i a = sqv_enc_lowbit(load8(x, i, dt), dv, pos, mul, k);
+        __m256i b = sqv_enc_lowbit(load8(x, i + 8, dt), dv, pos, mul, k);
+        __m256i c = sqv_enc_lowbit(load8(x, i + 16, dt), dv, pos, mul, k);
+        __m256i e = sqv_enc_lowbit(load8(x, i + 24, dt), dv, pos, mul, k);
+        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, e));
+        _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (; i + 8 <= hi; i += 8) sqv_store8_u8(data + i, sqv_enc_lowbit(load8(x, i, dt), dv, pos, mul, k));
+    sq_lowbit_run(x, i, hi, dt, d, k, data);
+}
+
+AVX2 INLINE void sqv_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, int k, uint8_t *restrict data) {
+    if (!(d > 0.0f)) { sqv_lowbit_run_m(x, lo, hi, dt, d, 0.0f, 0, 0, k, data); return; }
+    float r = exact_recip(d);
+    if (r != 0.0f) sqv_lowbit_run_m(x, lo, hi, dt, d, r, 1, 1, k, data);
+    else sqv_lowbit_run_m(x, lo, hi, dt, d, r, 1, 0, k, data);
+}
+
+SQ_LOWBIT_BODY(sqv_lowbit_body, sqv_lowbit_run, AVX2)
+SQ_DISPATCH(sq_avx2, sqv_amax_body, sqv_quant_body, sqv_lowbit_body, AVX2, _mm256_zeroupper();)
 
 /* sd_run: the decode of 8 codes by dec (sd_t.dec: 0 gather from the table, 1/2 dec_fp8 e4m3/e5m2). */
 AVX2 INLINE __m256 sqv_decode8(const sd_t *c, __m256i code, int dec) {

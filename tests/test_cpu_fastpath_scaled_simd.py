@@ -235,3 +235,20 @@ def test_transposed_inputs_are_copied_by_the_c_transpose(isa, no_fallback, dtype
         got = cpu.fused_scaled(x_finite, fmt, *tile)
         want = cpu.fused_scaled(x_finite.contiguous(), fmt, *tile)
         assert same_bits(got.q, want.q) and torch.equal(got.saturated, want.saturated), fmt
+
+
+@pytest.mark.parametrize("fmt", ("mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"))
+def test_lowbit_run_lengths_around_the_vector_widths(isa, no_fallback, fmt: str) -> None:
+    """4/6-bit codes (AVX2: 32- and 8-lane loops, scalar tail) for rows of 1..40 elements in one tile of the
+    row's width (MX: 1x32 tiles, short last tiles), every kind of float incl. NaN/±Inf and a zero row (NVFP4
+    block scale 0: x * 0 instead of a division), all three dtypes; codes and scales equal the reference's."""
+    for n in list(range(1, 41)) + [47, 64, 70]:
+        x32 = mixed(4 * n, seed=100 + n).view(4, n)
+        x32[3] = 0.0
+        tile = (1, 32) if fmt.startswith("mx") else (1, 16)
+        for dtype in DTYPES:
+            x = x32.to(dtype)
+            g = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+            data, scale = cpu.quantize_scaled(x, fmt, *tile, "floor", g)
+            want_d, want_s = _REF_QUANTIZE(x, fmt, *tile, "floor", g)
+            assert same_bits(data, want_d) and same_bits(scale, want_s), (n, dtype)
