@@ -2581,10 +2581,11 @@ AVX2 static size_t sqv_mx_scales(sq_t *c, size_t tr, size_t t0, size_t t1) {
 
 SQ_AMAX_BODY(sqv_amax_body, sqv_amax_run, AVX2)
 SQ_QUANT_BODY(sqv_quant_body, sqv_quant_run, AVX2)
-/* lowbit_round + enc_lowbit of 8 lanes (element kind k, see there): y = x' / d as x' * r when mul, x' * 0
- * when !pos (d not > 0). The same integer and float32 operations, lane by lane. */
-AVX2 INLINE __m256i sqv_enc_lowbit(__m256 xv, __m256 dv, int pos, int mul, int k) {
-    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+/* lowbit_round of 8 lanes (element kind k, see there): y = x' / d as x' * r when mul, x' * 0 when !pos
+ * (d not > 0); returns t = |y| rounded at mbits plus 2^23 and sets *uy (y's bits) and *e (the binade).
+ * The same integer and float32 operations, lane by lane. */
+AVX2 INLINE __m256 sqv_lowbit_round(__m256 xv, __m256 dv, int pos, int mul, int k, __m256i *uy, __m256i *e) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
     const __m256i fmaxv = _mm256_set1_epi32(k == 0 ? 0x40c00000 : (k == 1 ? 0x40f00000 : 0x41e00000));
     const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
     __m256i u = _mm256_castps_si256(xv), a = _mm256_and_si256(u, abs);
@@ -2592,15 +2593,31 @@ AVX2 INLINE __m256i sqv_enc_lowbit(__m256 xv, __m256 dv, int pos, int mul, int k
     v = _mm256_andnot_si256(_mm256_cmpgt_epi32(a, inf), v); /* NaN -> +0 */
     __m256 vf = _mm256_castsi256_ps(v);
     __m256 y = !pos ? _mm256_mul_ps(vf, _mm256_setzero_ps()) : (mul ? _mm256_mul_ps(vf, dv) : _mm256_div_ps(vf, dv));
-    __m256i uy = _mm256_castps_si256(y);
-    __m256i b = _mm256_min_epi32(_mm256_and_si256(uy, abs), fmaxv);
-    __m256i e = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127)),
-                                 _mm256_set1_epi32(emin));
-    __m256 p = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127 + mbits), e), 23));
-    __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(b), p), _mm256_set1_ps(8388608.0f));
+    *uy = _mm256_castps_si256(y);
+    __m256i b = _mm256_min_epi32(_mm256_and_si256(*uy, abs), fmaxv);
+    *e = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127)), _mm256_set1_epi32(emin));
+    __m256 p = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127 + mbits), *e), 23));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(b), p), _mm256_set1_ps(8388608.0f));
+}
+
+/* enc_lowbit of 8 lanes. */
+AVX2 INLINE __m256i sqv_enc_lowbit(__m256 xv, __m256 dv, int pos, int mul, int k) {
+    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+    __m256i uy, e;
+    __m256 t = sqv_lowbit_round(xv, dv, pos, mul, k, &uy, &e);
     __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4b000000));
     __m256i mag = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(emin)), mbits), n);
     return _mm256_or_si256(mag, _mm256_slli_epi32(_mm256_srli_epi32(uy, 31), ebits + mbits));
+}
+
+/* lowbit_value of 8 lanes: +-(t - 2^23) * 2^(e - mbits). */
+AVX2 INLINE __m256 sqv_lowbit_value(__m256 xv, __m256 dv, int pos, int mul, int k) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2);
+    __m256i uy, e;
+    __m256 t = sqv_lowbit_round(xv, dv, pos, mul, k, &uy, &e);
+    __m256 step = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127 - mbits)), 23));
+    __m256 mag = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_set1_ps(8388608.0f)), step);
+    return _mm256_or_ps(mag, _mm256_castsi256_ps(_mm256_and_si256(uy, _mm256_set1_epi32((int32_t)0x80000000u))));
 }
 
 AVX2 INLINE void sqv_lowbit_run_m(const void *x, size_t lo, size_t hi, int dt, float d, float r, int pos, int mul,
@@ -2688,13 +2705,16 @@ AVX2 INLINE __m256 sqv_round_fp8(__m256 y, int e5m2, __m256i fmaxv) {
 
 /* One 8-lane step of fqv_run_m: q stored, the -1/0 saturation mask returned, the counts and the NaN
  * test accumulated. sat = |v| == vmax and |x| > |q| needs no NaN test here: |v| == vmax makes v finite,
- * so x is not NaN (a NaN x gives a NaN v) and q = v * s is not NaN either (s is finite and > 0). */
-AVX2 INLINE __m256i fqv_step(const fq_t *c, size_t i, int dt, int kind, __m256 dv, __m256 sv, int mul,
-                             __m256i fmaxv, __m256i *nnz, __m256i *nun, __m256i *nsat, __m256i *aqmax) {
+ * so x is not NaN (a NaN x gives a NaN v for FP8, v = 0 for 4/6-bit) and q = v * s is not NaN for a finite
+ * scale; a NaN scale (4/6-bit tile with a NaN/Inf) makes q NaN, and the caller discards the call. */
+AVX2 INLINE __m256i fqv_step(const fq_t *c, size_t i, int dt, int kind, int has_g, __m256 dv, __m256 sv, int pos,
+                             int mul, __m256i fmaxv, __m256i *nnz, __m256i *nun, __m256i *nsat, __m256i *aqmax) {
     const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
     __m256 xv = load8(c->sq.x, i, dt);
-    __m256 v = sqv_round_fp8(mul ? _mm256_mul_ps(xv, dv) : _mm256_div_ps(xv, dv), kind, fmaxv);
+    __m256 v = kind < 2 ? sqv_round_fp8(mul ? _mm256_mul_ps(xv, dv) : _mm256_div_ps(xv, dv), kind, fmaxv)
+                        : sqv_lowbit_value(xv, dv, pos, mul, kind - 2);
     __m256 qv = _mm256_mul_ps(v, sv);
+    if (has_g) qv = _mm256_mul_ps(qv, _mm256_set1_ps(c->sq.g));
     _mm256_storeu_ps(c->q + i, qv);
     __m256i ax = _mm256_and_si256(_mm256_castps_si256(xv), abs);
     __m256i aq = _mm256_and_si256(_mm256_castps_si256(qv), abs);
@@ -2708,27 +2728,27 @@ AVX2 INLINE __m256i fqv_step(const fq_t *c, size_t i, int dt, int kind, __m256 d
     return st;
 }
 
-/* fq_run of the FP8 kinds (0 e4m3, 1 e5m2) 32 and 8 lanes at a time (fq_run's values: the element value
- * from sqv_round_fp8, vmax = fmax for these kinds); the tail and the 4/6-bit kinds run fq_run itself. */
-AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind, float s, float d, float r, int mul,
-                          int64_t *slot) {
+/* fq_run 32 and 8 lanes at a time (fq_run's values: the element value from sqv_round_fp8 for the FP8 kinds,
+ * sqv_lowbit_value for the 4/6-bit ones; vmax = the format's fmax); the tail runs fq_run itself. */
+AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d, float r,
+                          int pos, int mul, int64_t *slot) {
     const __m256 dv = _mm256_set1_ps(mul ? r : d), sv = _mm256_set1_ps(s);
     const __m256i fmaxv = _mm256_set1_epi32((int32_t)c->vmax_bits), one = _mm256_set1_epi32(1);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     __m256i nnz = _mm256_setzero_si256(), nun = nnz, nsat = nnz, aqmax = nnz;
     size_t i = lo;
     for (; i + 32 <= hi; i += 32) {
-        __m256i s0 = fqv_step(c, i, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s1 = fqv_step(c, i + 8, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s2 = fqv_step(c, i + 16, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s3 = fqv_step(c, i + 24, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s0 = fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s1 = fqv_step(c, i + 8, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s2 = fqv_step(c, i + 16, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s3 = fqv_step(c, i + 24, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
         /* -1/0 masks: signed packs keep them -1/0 bytes, the permute undoes the lane interleave */
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
         p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
         _mm256_storeu_si256((__m256i *)(c->sat + i), p);
     }
     for (; i + 8 <= hi; i += 8)
-        sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_step(c, i, dt, kind, dv, sv, mul, fmaxv, &nnz, &nun, &nsat,
+        sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat,
                                                             &aqmax), one));
     /* lane sums (at most UNIT / 8 per lane, no overflow): two horizontal adds leave, per 128-bit half,
      * [nnz, nun, nsat, 0] partial sums */
@@ -2738,14 +2758,15 @@ AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind,
     slot[c->ncnt] += _mm_extract_epi32(sum, 1);
     slot[2 * c->ncnt] += _mm_extract_epi32(sum, 2);
     int bad = hmax8(aqmax) > 0x7f800000;
-    return bad | fq_run(c, i, hi, dt, kind, 0, s, d, slot);
+    return bad | fq_run(c, i, hi, dt, kind, has_g, s, d, slot);
 }
 
 AVX2 INLINE int fqv_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
                         int64_t *slot) {
-    if (kind >= 2) return fq_run(c, lo, hi, dt, kind, has_g, s, d, slot);
+    if (kind >= 2 && !(d > 0.0f)) return fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, 0.0f, 0, 0, slot);
     float r = exact_recip(d);
-    return r != 0.0f ? fqv_run_m(c, lo, hi, dt, kind, s, d, r, 1, slot) : fqv_run_m(c, lo, hi, dt, kind, s, d, r, 0, slot);
+    return r != 0.0f ? fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 1, slot)
+                     : fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 0, slot);
 }
 
 FQ_BODY(fqv_body, fqv_run, AVX2)
