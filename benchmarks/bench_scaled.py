@@ -7,7 +7,8 @@ Usage::
 
 For each element count (default 1M and 16M; ``--sizes 1M,16M,64M`` adds 64M, which the reference
 implementation needs 5-8 s per call for on the shared 2-core machine; ``--quick``: 16K) and input
-dtype, on seeded N(0, 3²) inputs laid out [n/4096, 4096]: a copy (``dst.copy_(x)``), torch's unscaled
+dtype, on seeded N(0, 3²) inputs laid out [n/4096, 4096]: a copy into a reused tensor (``dst.copy_(x)``)
+and into a fresh one (``x.clone()``), torch's unscaled
 ``x.to(float8_e4m3fn|float8_e5m2)`` and ``f8.to(dtype)``, and fp8probe's ``quantize_scaled`` /
 ``dequantize_scaled`` for per-tensor, per-row, 1x128 and 128x128 block scales (E4M3), 1x128 E5M2,
 MX FP8 (32-element blocks, power-of-two scales; FLOOR, RCEIL and EVEN rules), MXFP6 E2M3/E3M2 and MXFP4
@@ -18,7 +19,8 @@ unscaled cast of the same format is the alternative. Fresh outputs only (the API
 
 Byte model (n elements, b input bytes per element, s float32 scales):
 quantize_scaled n·b + n + 4·s; dequantize_scaled n + 4·s + n·b; casts n·b + n; copy 2·n·b.
-``×copy`` and ``×torch`` as in bench_quantize.py (×torch = cast time / fp8probe time).
+``×copy`` and ``×torch`` as in bench_quantize.py (×torch = cast time / fp8probe time); ``×clone``: GB/s over
+the fresh-output copy's (the ops allocate their outputs too; fp8probe's large ones get huge pages advised).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ VARIANTS = [
 COLUMNS = [
     T.Column("op", "op"), T.Column("dtype", "dtype"), T.Column("numel", "numel"), T.Column("scaling", "scaling"),
     T.Column("median_ms", "median ms"), T.Column("min_ms", "min ms"), T.Column("reps", "n"),
-    T.Column("gbps", "GB/s"), T.Column("x_copy", "×copy"), T.Column("x_torch", "×torch"),
+    T.Column("gbps", "GB/s"), T.Column("x_copy", "×copy"), T.Column("x_clone", "×clone"), T.Column("x_torch", "×torch"),
 ]
 
 
@@ -62,15 +64,22 @@ def group(device: str, quick: bool, numel: int, dtype: torch.dtype) -> list[dict
     pick = lambda seq, i: seq[i % len(seq)]  # noqa: E731
     rows: list[dict[str, object]] = []
 
+    clone_gbps: float | None = None
+
     def add(op: str, scaling: str, nbytes: int, t: T.Timing, copy_gbps: float | None, mode: str = "fresh",
             **kw: object) -> dict:
         rows.append(T.make_row(device, op, dtype, numel, mode, nbytes, t, copy_gbps, scaling=scaling, **kw))
+        rows[-1]["x_clone"] = T.ratio(rows[-1]["gbps"], clone_gbps)
         return rows[-1]
 
     dsts = [torch.empty_like(x) for x in xs]
     t = T.measure(lambda i: pick(dsts, i).copy_(pick(xs, i)), device, pol)
     copy_gbps = add("copy dst.copy_(x)", "—", 2 * numel * b, t, None, mode="out")["gbps"]
     dsts.clear()  # free the copy buffers before the casts allocate theirs
+    # the same copy into a fresh tensor, as every op here writes one: its page faults count (torch's
+    # allocator advises no huge pages: ~4-6x slower than copy_ at 16M float32 on the development CPU)
+    t = T.measure(lambda i: pick(xs, i).clone(), device, pol)
+    clone_gbps = add("copy x.clone()", "—", 2 * numel * b, t, copy_gbps)["gbps"]
     cast_t: dict[tuple[torch.dtype, str], T.Timing] = {}
     for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
         name = str(f8).removeprefix("torch.")

@@ -890,30 +890,38 @@ INLINE sq_unit_t sq_unit(const sq_t *c, size_t u) {
     return w;
 }
 
-INLINE void sq_amax_body_t(const sq_t *c, size_t u, int dt, int track) {
-    sq_unit_t w = sq_unit(c, u);
-    if (w.c0 >= w.c1) return;
-    uint32_t *part = c->partial + w.ru * c->nbc * c->cs;
-    uint8_t *nf = track ? c->nonfin + w.ru * c->nbc * c->cs : NULL;
-    size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc;
-    for (size_t t = t0; t <= t1; t++) {
-        part[t * c->cs + w.q] = 0;
-        if (track) nf[t * c->cs + w.q] = 0;
-    }
-    for (size_t r = w.r0; r < w.r1; r++) {
-        for (size_t t = t0; t <= t1; t++) {
-            size_t lo = t * c->bc > w.c0 ? t * c->bc : w.c0, hi = (t + 1) * c->bc < w.c1 ? (t + 1) * c->bc : w.c1;
-            const size_t base = r * c->C;
-            part[t * c->cs + w.q] = sq_amax_run(c->x, base + lo, base + hi, dt, part[t * c->cs + w.q], track,
-                                                track ? nf + t * c->cs + w.q : NULL);
-        }
-    }
+/* The element range [lo, hi) (flat indices) of tile t in row r of unit w. */
+INLINE void sq_run_of(const sq_t *c, const sq_unit_t *w, size_t r, size_t t, size_t *lo, size_t *hi) {
+    const size_t base = r * c->C;
+    *lo = base + (t * c->bc > w->c0 ? t * c->bc : w->c0);
+    *hi = base + ((t + 1) * c->bc < w->c1 ? (t + 1) * c->bc : w->c1);
 }
 
-INLINE void sq_amax_body(const sq_t *c, size_t u, int dt) {
-    if (c->lowbit) sq_amax_body_t(c, u, dt, 1);
-    else sq_amax_body_t(c, u, dt, 0);
-}
+/* The amax pass of unit u, with the run function RUN (sq_amax_run here, the AVX2 one at the end of the
+ * file); ATTR: the target attribute of the instantiation. */
+#define SQ_AMAX_BODY(NAME, RUN, ATTR)                                                             \
+    ATTR INLINE void NAME##_t(const sq_t *c, size_t u, int dt, int track) {                     \
+        sq_unit_t w = sq_unit(c, u);                                                            \
+        if (w.c0 >= w.c1) return;                                                               \
+        uint32_t *part = c->partial + w.ru * c->nbc * c->cs;                                    \
+        uint8_t *nf = track ? c->nonfin + w.ru * c->nbc * c->cs : NULL;                         \
+        size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc, lo, hi;                              \
+        for (size_t t = t0; t <= t1; t++) {                                                     \
+            part[t * c->cs + w.q] = 0;                                                          \
+            if (track) nf[t * c->cs + w.q] = 0;                                                 \
+        }                                                                                       \
+        for (size_t r = w.r0; r < w.r1; r++)                                                    \
+            for (size_t t = t0; t <= t1; t++) {                                                 \
+                sq_run_of(c, &w, r, t, &lo, &hi);                                               \
+                part[t * c->cs + w.q] = RUN(c->x, lo, hi, dt, part[t * c->cs + w.q], track,     \
+                                            track ? nf + t * c->cs + w.q : NULL);               \
+            }                                                                                   \
+    }                                                                                           \
+    ATTR INLINE void NAME(const sq_t *c, size_t u, int dt) {                                    \
+        if (c->lowbit) NAME##_t(c, u, dt, 1);                                                   \
+        else NAME##_t(c, u, dt, 0);                                                             \
+    }
+SQ_AMAX_BODY(sq_amax_body, sq_amax_run, )
 
 /* 4/6-bit element codes (reference.lowbit_encode after its NaN/Inf replacement and clamp), element
  * kind k: 0 e2m1, 1 e2m3, 2 e3m2 (constants after inlining). Per element:
@@ -965,55 +973,61 @@ INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, 
     for (size_t i = lo; i < hi; i++) data[i] = enc_lowbit(load1_nb(x, i, dt), d, pos, k);
 }
 
-INLINE void sq_lowbit_body(const sq_t *c, size_t u, int dt, int k) {
-    sq_unit_t w = sq_unit(c, u);
-    if (w.c0 >= w.c1) return;
-    size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc;
-    for (size_t r = w.r0; r < w.r1; r++) {
-        const float *drow = c->div + (r / c->br) * c->nbc;
-        const size_t base = r * c->C;
-        for (size_t t = t0; t <= t1; t++) {
-            size_t lo = t * c->bc > w.c0 ? t * c->bc : w.c0, hi = (t + 1) * c->bc < w.c1 ? (t + 1) * c->bc : w.c1;
-            sq_lowbit_run(c->x, base + lo, base + hi, dt, drow[t], k, c->data);
-        }
+/* The 4/6-bit element pass of unit u with the run function RUN (sq_lowbit_run, or the AVX2 one). */
+#define SQ_LOWBIT_BODY(NAME, RUN, ATTR)                                                           \
+    ATTR INLINE void NAME(const sq_t *c, size_t u, int dt, int k) {                             \
+        sq_unit_t w = sq_unit(c, u);                                                            \
+        if (w.c0 >= w.c1) return;                                                               \
+        size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc, lo, hi;                              \
+        for (size_t r = w.r0; r < w.r1; r++) {                                                  \
+            const float *drow = c->div + (r / c->br) * c->nbc;                                  \
+            for (size_t t = t0; t <= t1; t++) {                                                 \
+                sq_run_of(c, &w, r, t, &lo, &hi);                                               \
+                RUN(c->x, lo, hi, dt, drow[t], k, c->data);                                     \
+            }                                                                                   \
+        }                                                                                       \
     }
-}
+SQ_LOWBIT_BODY(sq_lowbit_body, sq_lowbit_run, )
 
-INLINE void sq_quant_body(const sq_t *c, size_t u, int dt, int e5m2) {
-    sq_unit_t w = sq_unit(c, u);
-    if (w.c0 >= w.c1) return;
-    const uint32_t fmax_bits = f2u(c->fmax);
-    size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc;
-    for (size_t r = w.r0; r < w.r1; r++) {
-        const float *srow = c->scale + (r / c->br) * c->nbc;
-        const size_t base = r * c->C;
-        for (size_t t = t0; t <= t1; t++) {
-            size_t lo = t * c->bc > w.c0 ? t * c->bc : w.c0, hi = (t + 1) * c->bc < w.c1 ? (t + 1) * c->bc : w.c1;
-            sq_quant_run(c->x, base + lo, base + hi, dt, srow[t], e5m2, fmax_bits, c->data);
-        }
+/* The FP8 element pass of unit u with the run function RUN (sq_quant_run, or the AVX2 one). */
+#define SQ_QUANT_BODY(NAME, RUN, ATTR)                                                            \
+    ATTR INLINE void NAME(const sq_t *c, size_t u, int dt, int e5m2) {                          \
+        sq_unit_t w = sq_unit(c, u);                                                            \
+        if (w.c0 >= w.c1) return;                                                               \
+        const uint32_t fmax_bits = f2u(c->fmax);                                                \
+        size_t t0 = w.c0 / c->bc, t1 = (w.c1 - 1) / c->bc, lo, hi;                              \
+        for (size_t r = w.r0; r < w.r1; r++) {                                                  \
+            const float *srow = c->scale + (r / c->br) * c->nbc;                                \
+            for (size_t t = t0; t <= t1; t++) {                                                 \
+                sq_run_of(c, &w, r, t, &lo, &hi);                                               \
+                RUN(c->x, lo, hi, dt, srow[t], e5m2, fmax_bits, c->data);                       \
+            }                                                                                   \
+        }                                                                                       \
     }
-}
+SQ_QUANT_BODY(sq_quant_body, sq_quant_run, )
 
 /* Dtype/format instantiations; the AVX2 copies are the same C compiled for AVX2+F16C (the compiler
  * vectorises the branch-free bodies; -ffp-contract=off still holds, so no FMA). */
-#define SQ_DISPATCH(NAME, BODY_AMAX, BODY_QUANT, ATTR)                                          \
+#define SQ_DISPATCH(NAME, BODY_AMAX, BODY_QUANT, BODY_LOWBIT, ATTR, END)                                \
     ATTR static void NAME##_amax(const sq_t *c, size_t u) {                                   \
         switch (c->dt) { case DT_F32: BODY_AMAX(c, u, DT_F32); break;                         \
                          case DT_F16: BODY_AMAX(c, u, DT_F16); break;                         \
                          default: BODY_AMAX(c, u, DT_BF16); break; }                          \
+        END                                                                                   \
     }                                                                                         \
     ATTR static void NAME##_quant(const sq_t *c, size_t u) {                                  \
         if (c->lowbit) {                                                                      \
             switch (c->dt * 3 + c->lowbit - 1) {                                              \
-            case DT_F32 * 3: sq_lowbit_body(c, u, DT_F32, 0); break;                          \
-            case DT_F32 * 3 + 1: sq_lowbit_body(c, u, DT_F32, 1); break;                      \
-            case DT_F32 * 3 + 2: sq_lowbit_body(c, u, DT_F32, 2); break;                      \
-            case DT_F16 * 3: sq_lowbit_body(c, u, DT_F16, 0); break;                          \
-            case DT_F16 * 3 + 1: sq_lowbit_body(c, u, DT_F16, 1); break;                      \
-            case DT_F16 * 3 + 2: sq_lowbit_body(c, u, DT_F16, 2); break;                      \
-            case DT_BF16 * 3: sq_lowbit_body(c, u, DT_BF16, 0); break;                        \
-            case DT_BF16 * 3 + 1: sq_lowbit_body(c, u, DT_BF16, 1); break;                    \
-            default: sq_lowbit_body(c, u, DT_BF16, 2); break; }                               \
+            case DT_F32 * 3: BODY_LOWBIT(c, u, DT_F32, 0); break;                          \
+            case DT_F32 * 3 + 1: BODY_LOWBIT(c, u, DT_F32, 1); break;                      \
+            case DT_F32 * 3 + 2: BODY_LOWBIT(c, u, DT_F32, 2); break;                      \
+            case DT_F16 * 3: BODY_LOWBIT(c, u, DT_F16, 0); break;                          \
+            case DT_F16 * 3 + 1: BODY_LOWBIT(c, u, DT_F16, 1); break;                      \
+            case DT_F16 * 3 + 2: BODY_LOWBIT(c, u, DT_F16, 2); break;                      \
+            case DT_BF16 * 3: BODY_LOWBIT(c, u, DT_BF16, 0); break;                        \
+            case DT_BF16 * 3 + 1: BODY_LOWBIT(c, u, DT_BF16, 1); break;                    \
+            default: BODY_LOWBIT(c, u, DT_BF16, 2); break; }                               \
+            END                                                                               \
             return;                                                                           \
         }                                                                                     \
         switch (c->dt * 2 + c->e5m2) {                                                        \
@@ -1023,10 +1037,14 @@ INLINE void sq_quant_body(const sq_t *c, size_t u, int dt, int e5m2) {
         case DT_F16 * 2 + 1: BODY_QUANT(c, u, DT_F16, 1); break;                              \
         case DT_BF16 * 2: BODY_QUANT(c, u, DT_BF16, 0); break;                                \
         default: BODY_QUANT(c, u, DT_BF16, 1); break; }                                       \
+        END                                                                                   \
     }
-SQ_DISPATCH(sq_scalar, sq_amax_body, sq_quant_body, )
+SQ_DISPATCH(sq_scalar, sq_amax_body, sq_quant_body, sq_lowbit_body, , )
 #if FP_X86
-SQ_DISPATCH(sq_avx2, sq_amax_body, sq_quant_body, __attribute__((target("avx2,f16c"))))
+/* The AVX2 instantiation (hand-written amax and FP8 loops) is in "scaled casts: AVX2 element loops" at the
+ * end of the file. */
+AVX2 static void sq_avx2_amax(const sq_t *c, size_t u);
+AVX2 static void sq_avx2_quant(const sq_t *c, size_t u);
 #endif
 
 SIMD_WORK(sq_phase1, const sq_t, sq_avx2_amax, sq_scalar_amax)
@@ -1115,6 +1133,11 @@ static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br
 
 static void sq_free(sq_t *c) { free(c->partial); free(c->nonfin); free(c->div); }
 
+/* Tiles per work unit of sq_tile_scales, and a tile's cost in elements' worth for pick_threads: a scale
+ * costs ~10 ns (NVFP4's E4M3 encode/decode), about 16 elements of an element pass. */
+#define SQ_SCALE_TILES ((size_t)4096)
+#define SQ_SCALE_COST ((size_t)16)
+
 /* One tile's scale (and, 4/6-bit, its element divisor) from its amax partials (c->fmt, c->rule, c->g). */
 static void sq_scale1(sq_t *c, size_t tr, size_t tc) {
     const int fmt = c->fmt;
@@ -1144,17 +1167,27 @@ static void sq_scale1(sq_t *c, size_t tr, size_t tc) {
     c->scale[tr * c->nbc + tc] = s;
 }
 
-/* After sq_phase1 over all units: every tile's scale (sq_scale1). The NVFP4 tensor scale c->g is
- * computed here from all partials unless c->has_g. */
-static void sq_tile_scales(sq_t *c) {
+/* Tile rows [u * spu, (u + 1) * spu) of the scales (a run_units work function of sq_tile_scales). */
+static void sq_scales_work(void *vc, size_t u) {
+    sq_t *c = (sq_t *)vc;
+    const size_t spu = SQ_SCALE_TILES / c->nbc > 0 ? SQ_SCALE_TILES / c->nbc : 1;
+    for (size_t tr = u * spu; tr < (u + 1) * spu && tr < c->nbr; tr++)
+        for (size_t tc = 0; tc < c->nbc; tc++) sq_scale1(c, tr, tc);
+}
+
+/* After sq_phase1 over all units: every tile's scale (sq_scale1), over nt threads (NVFP4 1x16 at 16M
+ * elements has 1M tiles: ~10 ms serially). The NVFP4 tensor scale c->g is computed here from all
+ * partials unless c->has_g. */
+static void sq_tile_scales(sq_t *c, int nt) {
     if (c->fmt == 7 && !c->has_g) { /* reference.nvfp4_global_scale: fl32(tensor amax / 2688), 1 if not > 0 */
         uint32_t m = 0;
         for (size_t i = 0; i < c->np; i++) m = c->partial[i] > m ? c->partial[i] : m;
         c->g = u2f(m) / 2688.0f;
         c->g = c->g > 0.0f ? c->g : 1.0f;
     }
-    for (size_t tr = 0; tr < c->nbr; tr++)
-        for (size_t tc = 0; tc < c->nbc; tc++) sq_scale1(c, tr, tc);
+    const size_t spu = SQ_SCALE_TILES / c->nbc > 0 ? SQ_SCALE_TILES / c->nbc : 1;
+    const size_t units = (c->nbr + spu - 1) / spu;
+    run_units(sq_scales_work, c, units, pick_threads(c->nbr * c->nbc * SQ_SCALE_COST, nt));
 }
 
 /* A unit holds whole tiles (sub = cs = 1) and no scale waits for the whole tensor (NVFP4 without a
@@ -1163,11 +1196,21 @@ static void sq_tile_scales(sq_t *c) {
 static int sq_local(const sq_t *c) { return c->sub == 1 && c->cs == 1 && !(c->fmt == 7 && !c->has_g); }
 
 /* The amax and scales of unit u's tiles (local mode). */
+#if FP_X86
+/* MX scales of tiles [t0, t1] of tile row tr, 8 at a time (AVX2; "scaled casts: AVX2 element loops");
+ * returns the first tile it left to sq_scale1. */
+AVX2 static size_t sqv_mx_scales(sq_t *c, size_t tr, size_t t0, size_t t1);
+#endif
+
 static void sq_local_scales(sq_t *c, size_t u) {
     sq_phase1(c, u);
     sq_unit_t w = sq_unit(c, u);
     if (w.c0 >= w.c1) return;
-    for (size_t t = w.c0 / c->bc; t <= (w.c1 - 1) / c->bc; t++) sq_scale1(c, w.ru, t);
+    size_t t = w.c0 / c->bc;
+#if FP_X86
+    if (g_have_avx2 && SQ_FMT[c->fmt].mx) t = sqv_mx_scales(c, w.ru, t, (w.c1 - 1) / c->bc);
+#endif
+    for (; t <= (w.c1 - 1) / c->bc; t++) sq_scale1(c, w.ru, t);
 }
 
 static void sq_local_work(void *vc, size_t u) {
@@ -1208,7 +1251,7 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
         run_units(sq_local_work, &c, c.units, nt);
     } else {
         run_units(sq_phase1, &c, c.units, nt);
-        sq_tile_scales(&c);
+        sq_tile_scales(&c, nt);
         run_units(sq_phase2, &c, c.units, nt);
     }
     Py_END_ALLOW_THREADS
@@ -1264,40 +1307,53 @@ typedef struct {
     const uint8_t *data; const float *table; const float *scale;
     size_t R, C, br, bc, nbc, rpu; void *out; int dt; int bad;
     int has_g; float g;   /* NVFP4: y = fl32(fl32(value * scale) * g) */
+    int dec;              /* the AVX2 loop's decoding: 0 table gather, 1 dec_fp8 e4m3, 2 dec_fp8 e5m2 (sd_decoding) */
 } sd_t;
 
-INLINE int sd_body_g(const sd_t *c, size_t u, int dt, int has_g) {
-    size_t r0 = u * c->rpu, r1 = r0 + c->rpu < c->R ? r0 + c->rpu : c->R;
+/* One run [lo, hi) of one tile (scale s): out = fl32(table[code] * s) [* g] in dt; 1 if some output is NaN. */
+INLINE int sd_run(const sd_t *c, size_t lo, size_t hi, int dt, int has_g, float s) {
     int bad = 0;
-    for (size_t r = r0; r < r1; r++) {
-        const float *srow = c->scale + (r / c->br) * c->nbc;
-        for (size_t tc = 0; tc < c->nbc; tc++) {
-            size_t lo = r * c->C + tc * c->bc, hi = r * c->C + ((tc + 1) * c->bc < c->C ? (tc + 1) * c->bc : c->C);
-            const float s = srow[tc];
-            for (size_t i = lo; i < hi; i++) {
-                float y = c->table[c->data[i]] * s;
-                if (has_g) y = y * c->g;
-                bad |= y != y;
-                store1(c->out, i, y, dt);
-            }
-        }
+    for (size_t i = lo; i < hi; i++) {
+        float y = c->table[c->data[i]] * s;
+        if (has_g) y = y * c->g;
+        bad |= y != y;
+        store1(c->out, i, y, dt);
     }
     return bad;
 }
 
-INLINE int sd_body(const sd_t *c, size_t u, int dt) {
-    return c->has_g ? sd_body_g(c, u, dt, 1) : sd_body_g(c, u, dt, 0);
-}
-
-#define SD_DISPATCH(NAME, ATTR)                                                                 \
-    ATTR static int NAME(const sd_t *c, size_t u) {                                           \
-        switch (c->dt) { case DT_F32: return sd_body(c, u, DT_F32);                           \
-                         case DT_F16: return sd_body(c, u, DT_F16);                           \
-                         default: return sd_body(c, u, DT_BF16); }                            \
+/* Unit u = rpu whole rows, with the run function RUN (sd_run, or the AVX2 one). */
+#define SD_BODY(NAME, RUN, ATTR)                                                                  \
+    ATTR INLINE int NAME##_g(const sd_t *c, size_t u, int dt, int has_g) {                      \
+        size_t r0 = u * c->rpu, r1 = r0 + c->rpu < c->R ? r0 + c->rpu : c->R;                   \
+        int bad = 0;                                                                            \
+        for (size_t r = r0; r < r1; r++) {                                                      \
+            const float *srow = c->scale + (r / c->br) * c->nbc;                                \
+            for (size_t tc = 0; tc < c->nbc; tc++) {                                            \
+                size_t lo = r * c->C + tc * c->bc;                                              \
+                size_t hi = r * c->C + ((tc + 1) * c->bc < c->C ? (tc + 1) * c->bc : c->C);     \
+                bad |= RUN(c, lo, hi, dt, has_g, srow[tc]);                                     \
+            }                                                                                   \
+        }                                                                                       \
+        return bad;                                                                             \
+    }                                                                                           \
+    ATTR INLINE int NAME(const sd_t *c, size_t u, int dt) {                                     \
+        return c->has_g ? NAME##_g(c, u, dt, 1) : NAME##_g(c, u, dt, 0);                        \
     }
-SD_DISPATCH(sd_scalar, )
+SD_BODY(sd_body, sd_run, )
+
+#define SD_DISPATCH(NAME, BODY, ATTR, END)                                                        \
+    ATTR static int NAME(const sd_t *c, size_t u) {                                           \
+        int bad;                                                                              \
+        switch (c->dt) { case DT_F32: bad = BODY(c, u, DT_F32); break;                        \
+                         case DT_F16: bad = BODY(c, u, DT_F16); break;                        \
+                         default: bad = BODY(c, u, DT_BF16); break; }                         \
+        END                                                                                   \
+        return bad;                                                                           \
+    }
+SD_DISPATCH(sd_scalar, sd_body, , )
 #if FP_X86
-SD_DISPATCH(sd_avx2, __attribute__((target("avx2,f16c"))))
+AVX2 static int sd_avx2(const sd_t *c, size_t u); /* "scaled casts: AVX2 element loops" */
 #endif
 
 static void sd_work(void *vc, size_t u) {
@@ -1309,6 +1365,20 @@ static void sd_work(void *vc, size_t u) {
 #endif
         bad = sd_scalar(c, u);
     if (bad) __atomic_store_n(&c->bad, 1, __ATOMIC_RELAXED);
+}
+
+/* Whether the 256-entry table is dec_fp8's decoding on every non-NaN entry: 1 e4m3, 2 e5m2, 0 neither (then
+ * the AVX2 loop gathers from the table). A NaN entry gives a NaN output (the call falls back) either way. */
+static int sd_decoding(const float *table) {
+    for (int e5m2 = 0; e5m2 < 2; e5m2++) {
+        int same = 1;
+        for (uint32_t k = 0; k < 256 && same; k++) {
+            float t = table[k], d = dec_fp8(k, e5m2);
+            same = (t != t && d != d) || f2u(t) == f2u(d);
+        }
+        if (same) return 1 + e5m2;
+    }
+    return 0;
 }
 
 static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
@@ -1326,7 +1396,8 @@ static PyObject *py_dequantize_scaled(PyObject *self, PyObject *args) {
     }
     sd_t c = {(const uint8_t *)(uintptr_t)dp, (const float *)(uintptr_t)tp, (const float *)(uintptr_t)sp,
               (size_t)R, (size_t)C, (size_t)br, (size_t)bc, ((size_t)C + (size_t)bc - 1) / (size_t)bc, 1,
-              (void *)(uintptr_t)op, dt, 0, has_g, (float)gd};
+              (void *)(uintptr_t)op, dt, 0, has_g, (float)gd, 0};
+    c.dec = sd_decoding(c.table);
     c.rpu = c.C >= UNIT ? 1 : UNIT / c.C;
     int nt = pick_threads(c.R * c.C, want);
     Py_BEGIN_ALLOW_THREADS
@@ -2367,39 +2438,45 @@ INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has
     return (int)bad;
 }
 
-INLINE void fq_body(const fq_t *c, size_t u, int dt, int kind, int has_g) {
-    const sq_t *sq = &c->sq;
-    sq_unit_t w = sq_unit(sq, u);
-    if (w.c0 >= w.c1) return;
-    size_t t0 = w.c0 / sq->bc, t1 = (w.c1 - 1) / sq->bc;
-    int64_t *slots = c->cnt + w.ru * sq->nbc * sq->cs + w.q; /* the amax partial's slot of (piece, tile) */
-    int bad = 0;
-    for (size_t r = w.r0; r < w.r1; r++) {
-        const size_t tr = r / sq->br, base = r * sq->C;
-        const float *srow = sq->scale + tr * sq->nbc, *drow = sq->lowbit ? sq->div + tr * sq->nbc : srow;
-        for (size_t t = t0; t <= t1; t++) {
-            size_t lo = t * sq->bc > w.c0 ? t * sq->bc : w.c0, hi = (t + 1) * sq->bc < w.c1 ? (t + 1) * sq->bc : w.c1;
-            bad |= fq_run(c, base + lo, base + hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs);
-        }
+/* The element pass of unit u with the run function RUN (fq_run, or the AVX2 one). */
+#define FQ_BODY(NAME, RUN, ATTR)                                                                  \
+    ATTR INLINE void NAME(const fq_t *c, size_t u, int dt, int kind, int has_g) {               \
+        const sq_t *sq = &c->sq;                                                                \
+        sq_unit_t w = sq_unit(sq, u);                                                           \
+        if (w.c0 >= w.c1) return;                                                               \
+        size_t t0 = w.c0 / sq->bc, t1 = (w.c1 - 1) / sq->bc, lo, hi;                            \
+        int64_t *slots = c->cnt + w.ru * sq->nbc * sq->cs + w.q; /* the amax partial's slot */  \
+        int bad = 0;                                                                            \
+        for (size_t r = w.r0; r < w.r1; r++) {                                                  \
+            const size_t tr = r / sq->br;                                                       \
+            const float *srow = sq->scale + tr * sq->nbc;                                       \
+            const float *drow = sq->lowbit ? sq->div + tr * sq->nbc : srow;                     \
+            for (size_t t = t0; t <= t1; t++) {                                                 \
+                sq_run_of(sq, &w, r, t, &lo, &hi);                                              \
+                bad |= RUN(c, lo, hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs);   \
+            }                                                                                   \
+        }                                                                                       \
+        if (bad) __atomic_store_n(c->bad, 1, __ATOMIC_RELAXED);                                 \
     }
-    if (bad) __atomic_store_n(c->bad, 1, __ATOMIC_RELAXED);
-}
+FQ_BODY(fq_body, fq_run, )
 
 /* kind 0..4 as fq_run, 5 NVFP4 (E2M1 elements times the tensor scale g). */
-#define FQ_CASES(DT)                                                                            \
-    case DT * 6 + 0: fq_body(c, u, DT, 0, 0); break;                                          \
-    case DT * 6 + 1: fq_body(c, u, DT, 1, 0); break;                                          \
-    case DT * 6 + 2: fq_body(c, u, DT, 2, 0); break;                                          \
-    case DT * 6 + 3: fq_body(c, u, DT, 3, 0); break;                                          \
-    case DT * 6 + 4: fq_body(c, u, DT, 4, 0); break;                                          \
-    case DT * 6 + 5: fq_body(c, u, DT, 2, 1); break;
-#define FQ_DISPATCH(NAME, ATTR)                                                                 \
+#define FQ_CASES(BODY, DT)                                                                      \
+    case DT * 6 + 0: BODY(c, u, DT, 0, 0); break;                                             \
+    case DT * 6 + 1: BODY(c, u, DT, 1, 0); break;                                             \
+    case DT * 6 + 2: BODY(c, u, DT, 2, 0); break;                                             \
+    case DT * 6 + 3: BODY(c, u, DT, 3, 0); break;                                             \
+    case DT * 6 + 4: BODY(c, u, DT, 4, 0); break;                                             \
+    case DT * 6 + 5: BODY(c, u, DT, 2, 1); break;
+#define FQ_DISPATCH(NAME, BODY, ATTR, END)                                                      \
     ATTR static void NAME(const fq_t *c, size_t u, int sel) {                                 \
-        switch (sel) { FQ_CASES(DT_F32) FQ_CASES(DT_F16) FQ_CASES(DT_BF16) default: break; } \
+        switch (sel) { FQ_CASES(BODY, DT_F32) FQ_CASES(BODY, DT_F16) FQ_CASES(BODY, DT_BF16)  \
+                       default: break; }                                                      \
+        END                                                                                   \
     }
-FQ_DISPATCH(fq_scalar, )
+FQ_DISPATCH(fq_scalar, fq_body, , )
 #if FP_X86
-FQ_DISPATCH(fq_avx2, __attribute__((target("avx2,f16c"))))
+AVX2 static void fq_avx2(const fq_t *c, size_t u, int sel); /* "scaled casts: AVX2 element loops" */
 #endif
 
 typedef struct { const fq_t *c; int sel; } fq_job_t;
@@ -2454,7 +2531,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
         run_units(fq_local_work, &job, c.sq.units, nt);
     } else {
         run_units(sq_phase1, &c.sq, c.sq.units, nt);
-        sq_tile_scales(&c.sq);
+        sq_tile_scales(&c.sq, nt);
         run_units(fq_work, &job, c.sq.units, nt);
     }
     g = c.sq.g;
@@ -2473,6 +2550,470 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     sq_free(&c.sq);
     return Py_BuildValue("(di)", (double)g, bad);
+}
+
+/* ================================================================ scaled casts: AVX2 element loops
+ * Part "scaled casts at copy bandwidth" (issue 15): hand-written 8-wide loops for the tile amax, the FP8
+ * encode of quantize_scaled / fused_scaled and the decode of dequantize_scaled / fused_scaled. The
+ * compiler's vectorisation of the branch-free scalar bodies above unrolled them 4x with most vectors
+ * spilled to the stack (~2.4 cycles per element); these loops do the same integer and float32 operations
+ * lane by lane (enc_fp8, dec_fp8, sq_amax_run), with three formulations that differ from the scalar code
+ * and give the same bits:
+ *
+ *  - y = x * r instead of x / s where r = fl32(1 / s) is exact and a normal float (s a power of two:
+ *    every MX scale; exact_recip checks it per run): IEEE multiplication and division both round the
+ *    exact real result once, and x * (1/s) is the same real number as x / s, so the two give the same
+ *    float for every x: subnormal, overflowing, zero, Inf and NaN results included (a normal r keeps
+ *    it so even with denormals-are-zero set). A vdivps costs ~4 vmulps; other scales still divide.
+ *  - enc: b = min(|y| bits, fmax bits) instead of clamping finite values only: the Inf and NaN lanes get
+ *    their codes from the two overrides at the end, whatever b was.
+ *  - dequantize_scaled decodes FP8 codes with dec_fp8 instead of a table gather where the table equals
+ *    dec_fp8 on every non-NaN code (sd_decoding, per call; torch's fp8 decoding does): a NaN code gives
+ *    a NaN output either way, and the call then falls back to the reference.
+ *
+ * The 4/6-bit element passes stay the compiler-vectorised bodies above (compiled for AVX2 here). Every
+ * entry point ends with _mm256_zeroupper() (see "quantise: AVX2"); the tails of each run go through the
+ * always-inline scalar bodies (VEX-encoded here). */
+#if FP_X86
+/* fl32(1 / s) when it is exact and a normal float, else 0 (the caller then divides by s). A float times a
+ * float is exact in double, so r * s == 1 there means r is exactly 1 / s. */
+INLINE float exact_recip(float s) {
+    float r = 1.0f / s;
+    uint32_t e = (f2u(r) >> 23) & 0xffu;
+    return e != 0 && e != 0xffu && (double)r * (double)s == 1.0 ? r : 0.0f;
+}
+
+/* Horizontal max of 8 signed int32 lanes. */
+AVX2 INLINE int32_t hmax8(__m256i m) {
+    __m128i v = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    v = _mm_max_epi32(v, _mm_shuffle_epi32(v, 0x4e));
+    v = _mm_max_epi32(v, _mm_shuffle_epi32(v, 0xb1));
+    return _mm_cvtsi128_si32(v);
+}
+
+/* sq_amax_run over [lo, hi): the max finite |x| bits merged into mx; track: OR a NaN/Inf into *nf. fp16 and
+ * bf16 compare their own 16-bit patterns, 16 lanes a vector (as the scalar loop does before widening). */
+AVX2 INLINE uint32_t sqv_amax_run(const void *x, size_t lo, size_t hi, int dt, uint32_t mx, int track, uint8_t *nf) {
+    size_t i = lo;
+    __m256i m = _mm256_setzero_si256(), bad = m;
+    if (dt == DT_F32) {
+        const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+        for (; i + 8 <= hi; i += 8) {
+            __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)((const uint32_t *)x + i)), abs);
+            __m256i fin = _mm256_cmpgt_epi32(inf, a);
+            if (track) bad = _mm256_or_si256(bad, _mm256_andnot_si256(fin, abs));
+            m = _mm256_max_epi32(m, _mm256_and_si256(a, fin));
+        }
+        uint32_t mv = (uint32_t)hmax8(m);
+        mx = mv > mx ? mv : mx;
+    } else {
+        const __m256i abs = _mm256_set1_epi16(0x7fff), inf = _mm256_set1_epi16(dt == DT_F16 ? 0x7c00 : 0x7f80);
+        for (; i + 16 <= hi; i += 16) {
+            __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i)), abs);
+            __m256i fin = _mm256_cmpgt_epi16(inf, a);
+            if (track) bad = _mm256_or_si256(bad, _mm256_andnot_si256(fin, abs));
+            m = _mm256_max_epi16(m, _mm256_and_si256(a, fin));
+        }
+        /* the 16-bit lanes are >= 0: their max is the max of the int32 lanes' two halves */
+        int32_t m32 = hmax8(_mm256_max_epi32(_mm256_srli_epi32(m, 16), _mm256_and_si256(m, _mm256_set1_epi32(0xffff))));
+        uint16_t mh = (uint16_t)m32;
+        uint32_t mb = f2u(load1_nb(&mh, 0, dt));
+        mx = mb > mx ? mb : mx;
+    }
+    if (track && !_mm256_testz_si256(bad, bad)) *nf = 1;
+    return sq_amax_run(x, i, hi, dt, mx, track, nf);
+}
+
+/* enc_fp8 of 8 lanes (codes in the low byte of each int32 lane). */
+AVX2 INLINE __m256i sqv_enc_fp8(__m256 y, int e5m2, __m256i fmaxv) {
+    const __m256i inf = _mm256_set1_epi32(0x7f800000);
+    const int sh = e5m2 ? 21 : 20;
+    __m256i u = _mm256_castps_si256(y);
+    __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
+    __m256i b = _mm256_min_epi32(a, fmaxv);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, sh), _mm256_set1_epi32(1));
+    __m256i nrm = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(e5m2 ? 0xfffff : 0x7ffff)), lsb);
+    nrm = _mm256_sub_epi32(_mm256_srli_epi32(nrm, sh), _mm256_set1_epi32(e5m2 ? 112 << 2 : 120 << 3));
+    __m256 t = _mm256_add_ps(_mm256_castsi256_ps(b), _mm256_set1_ps(e5m2 ? 128.0f : 16384.0f));
+    __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(e5m2 ? 0x43000000 : 0x46800000));
+    __m256i r = _mm256_blendv_epi8(nrm, sub, _mm256_cmpgt_epi32(_mm256_set1_epi32(e5m2 ? 0x38800000 : 0x3c800000), b));
+    /* +-Inf: E5M2 keeps it (0x7c); E4M3's clamp already made it min(Inf, 448) = 448, code 0x7e */
+    if (e5m2) r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7c), _mm256_cmpeq_epi32(a, inf));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7f), _mm256_cmpgt_epi32(a, inf));
+    return _mm256_or_si256(r, sign);
+}
+
+/* dec_fp8 of 8 codes (one per int32 lane). */
+AVX2 INLINE __m256 sqv_dec_fp8(__m256i code, int e5m2) {
+    __m256i a = _mm256_and_si256(code, _mm256_set1_epi32(0x7f));
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24);
+    __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, e5m2 ? 21 : 20)),
+                             _mm256_set1_ps(e5m2 ? 0x1p112f : 0x1p120f));
+    __m256i vb = _mm256_castps_si256(v);
+    if (e5m2) {
+        __m256i special = _mm256_or_si256(_mm256_set1_epi32(0x7f800000),
+                                          _mm256_slli_epi32(_mm256_and_si256(a, _mm256_set1_epi32(3)), 21));
+        vb = _mm256_blendv_epi8(vb, special, _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7b)));
+    } else {
+        vb = _mm256_blendv_epi8(vb, _mm256_set1_epi32(0x7fc00000), _mm256_cmpeq_epi32(a, _mm256_set1_epi32(0x7f)));
+    }
+    return _mm256_castsi256_ps(_mm256_or_si256(vb, sign));
+}
+
+/* y = x / s of 8 elements, as x * r when mul (r = exact_recip(s), see the section comment). */
+AVX2 INLINE __m256 sqv_scaled8(const void *x, size_t i, int dt, __m256 sv, int mul) {
+    __m256 xv = load8(x, i, dt);
+    return mul ? _mm256_mul_ps(xv, sv) : _mm256_div_ps(xv, sv);
+}
+
+/* The low bytes of 8 int32 lanes (each 0..255) stored to p[0..7]. */
+AVX2 INLINE void sqv_store8_u8(uint8_t *p, __m256i v) {
+    __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packus_epi16(w, w));
+}
+
+AVX2 INLINE void sqv_quant_run_m(const void *x, size_t lo, size_t hi, int dt, float s, float r, int mul, int e5m2,
+                                 uint32_t fmax_bits, uint8_t *restrict data) {
+    const __m256 sv = _mm256_set1_ps(mul ? r : s);
+    const __m256i fmaxv = _mm256_set1_epi32((int32_t)fmax_bits), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32) {
+        __m256i a = sqv_enc_fp8(sqv_scaled8(x, i, dt, sv, mul), e5m2, fmaxv);
+        __m256i b = sqv_enc_fp8(sqv_scaled8(x, i + 8, dt, sv, mul), e5m2, fmaxv);
+        __m256i c = sqv_enc_fp8(sqv_scaled8(x, i + 16, dt, sv, mul), e5m2, fmaxv);
+        __m256i d = sqv_enc_fp8(sqv_scaled8(x, i + 24, dt, sv, mul), e5m2, fmaxv);
+        /* codes are 0..255: two saturating packs are exact; the dword permute undoes their lane interleave */
+        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (; i + 8 <= hi; i += 8) sqv_store8_u8(data + i, sqv_enc_fp8(sqv_scaled8(x, i, dt, sv, mul), e5m2, fmaxv));
+    sq_quant_run(x, i, hi, dt, s, e5m2, fmax_bits, data);
+}
+
+AVX2 INLINE void sqv_quant_run(const void *x, size_t lo, size_t hi, int dt, float s, int e5m2, uint32_t fmax_bits,
+                               uint8_t *restrict data) {
+    float r = exact_recip(s);
+    if (r != 0.0f) sqv_quant_run_m(x, lo, hi, dt, s, r, 1, e5m2, fmax_bits, data);
+    else sqv_quant_run_m(x, lo, hi, dt, s, r, 0, e5m2, fmax_bits, data);
+}
+
+/* mx_scale1 of 8 tiles at a time (its bit formulas for a normal amax, 1 for amax 0; a float32-subnormal
+ * amax leaves its group and the rest to sq_scale1), in local mode (sub = cs = 1: a tile's partial
+ * is its amax). 4/6-bit MX formats also store the divisor and the NaN scale of a tile with a NaN/Inf. */
+AVX2 static size_t sqv_mx_scales(sq_t *c, size_t tr, size_t t0, size_t t1) {
+    const int fmt = c->fmt, mbits = SQ_FMT[fmt].mbits, emax = SQ_FMT[fmt].emax;
+    const __m256i one = _mm256_set1_epi32(1), fracm = _mm256_set1_epi32(0x7fffff);
+    const __m256 lim = _mm256_set1_ps(SQ_FMT[fmt].fmax / (float)(2 << emax));
+    size_t t = t0;
+    for (; t + 8 <= t1 + 1; t += 8) {
+        const size_t at = tr * c->nbc + t;
+        __m256i u = _mm256_loadu_si256((const __m256i *)(c->partial + at));
+        __m256i zero = _mm256_cmpeq_epi32(u, _mm256_setzero_si256());
+        __m256i tiny = _mm256_andnot_si256(zero, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), u));
+        if (!_mm256_testz_si256(tiny, tiny)) break; /* a float32-subnormal amax: frexpf in mx_scale1 */
+        __m256i frac = _mm256_and_si256(u, fracm);
+        __m256i ex = _mm256_sub_epi32(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(126 + 1 + emax));
+        if (c->rule == 2) { /* EVEN: + 1 where frac rounds (RNE) up to 2^23 at mbits + 1 bits */
+            __m256i odd = _mm256_and_si256(_mm256_srli_epi32(frac, 23 - mbits), one);
+            __m256i up = _mm256_add_epi32(_mm256_add_epi32(frac, _mm256_set1_epi32((1 << (22 - mbits)) - 1)), odd);
+            ex = _mm256_add_epi32(ex, _mm256_srli_epi32(up, 23));
+        } else if (c->rule == 1) { /* RCEIL: + 1 where the mantissa 0.5 * 1.frac > fmax / 2^(emax+1) */
+            __m256 m = _mm256_castsi256_ps(_mm256_or_si256(frac, _mm256_set1_epi32(0x3f000000)));
+            ex = _mm256_sub_epi32(ex, _mm256_castps_si256(_mm256_cmp_ps(m, lim, _CMP_GT_OQ)));
+        }
+        ex = _mm256_min_epi32(_mm256_max_epi32(ex, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+        __m256i sb = _mm256_slli_epi32(_mm256_add_epi32(ex, _mm256_set1_epi32(127)), 23);
+        sb = _mm256_blendv_epi8(sb, _mm256_set1_epi32(0x00400000), _mm256_cmpeq_epi32(ex, _mm256_set1_epi32(-127)));
+        sb = _mm256_blendv_epi8(sb, _mm256_set1_epi32(0x3f800000), zero); /* amax 0: scale 1 */
+        if (c->lowbit) {
+            _mm256_storeu_si256((__m256i *)(c->div + at), sb);
+            __m256i nf = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c->nonfin + at)));
+            sb = _mm256_blendv_epi8(sb, _mm256_set1_epi32(0x7fc00000), _mm256_cmpgt_epi32(nf, _mm256_setzero_si256()));
+        }
+        _mm256_storeu_si256((__m256i *)(c->scale + at), sb);
+    }
+    _mm256_zeroupper();
+    return t;
+}
+
+SQ_AMAX_BODY(sqv_amax_body, sqv_amax_run, AVX2)
+SQ_QUANT_BODY(sqv_quant_body, sqv_quant_run, AVX2)
+/* lowbit_round of 8 lanes (element kind k, see there): y = x' / d as x' * r when mul, x' * 0 when !pos
+ * (d not > 0); returns t = |y| rounded at mbits plus 2^23 and sets *uy (y's bits) and *e (the binade).
+ * The same integer and float32 operations, lane by lane. */
+AVX2 INLINE __m256 sqv_lowbit_round(__m256 xv, __m256 dv, int pos, int mul, int k, __m256i *uy, __m256i *e) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+    const __m256i fmaxv = _mm256_set1_epi32(k == 0 ? 0x40c00000 : (k == 1 ? 0x40f00000 : 0x41e00000));
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    __m256i u = _mm256_castps_si256(xv), a = _mm256_and_si256(u, abs);
+    __m256i v = _mm256_blendv_epi8(u, _mm256_or_si256(_mm256_andnot_si256(abs, u), fmaxv), _mm256_cmpeq_epi32(a, inf));
+    v = _mm256_andnot_si256(_mm256_cmpgt_epi32(a, inf), v); /* NaN -> +0 */
+    __m256 vf = _mm256_castsi256_ps(v);
+    __m256 y = !pos ? _mm256_mul_ps(vf, _mm256_setzero_ps()) : (mul ? _mm256_mul_ps(vf, dv) : _mm256_div_ps(vf, dv));
+    *uy = _mm256_castps_si256(y);
+    __m256i b = _mm256_min_epi32(_mm256_and_si256(*uy, abs), fmaxv);
+    *e = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127)), _mm256_set1_epi32(emin));
+    __m256 p = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127 + mbits), *e), 23));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(b), p), _mm256_set1_ps(8388608.0f));
+}
+
+/* enc_lowbit of 8 lanes. */
+AVX2 INLINE __m256i sqv_enc_lowbit(__m256 xv, __m256 dv, int pos, int mul, int k) {
+    const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
+    __m256i uy, e;
+    __m256 t = sqv_lowbit_round(xv, dv, pos, mul, k, &uy, &e);
+    __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4b000000));
+    __m256i mag = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(emin)), mbits), n);
+    return _mm256_or_si256(mag, _mm256_slli_epi32(_mm256_srli_epi32(uy, 31), ebits + mbits));
+}
+
+/* lowbit_value of 8 lanes: +-(t - 2^23) * 2^(e - mbits). */
+AVX2 INLINE __m256 sqv_lowbit_value(__m256 xv, __m256 dv, int pos, int mul, int k) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2);
+    __m256i uy, e;
+    __m256 t = sqv_lowbit_round(xv, dv, pos, mul, k, &uy, &e);
+    __m256 step = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127 - mbits)), 23));
+    __m256 mag = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_set1_ps(8388608.0f)), step);
+    return _mm256_or_ps(mag, _mm256_castsi256_ps(_mm256_and_si256(uy, _mm256_set1_epi32((int32_t)0x80000000u))));
+}
+
+AVX2 INLINE void sqv_lowbit_run_m(const void *x, size_t lo, size_t hi, int dt, float d, float r, int pos, int mul,
+                                  int k, uint8_t *restrict data) {
+    const __m256 dv = _mm256_set1_ps(mul ? r : d);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32) {
+        __m256i a = sqv_enc_lowbit(load8(x, i, dt), dv, pos, mul, k);
+        __m256i b = sqv_enc_lowbit(load8(x, i + 8, dt), dv, pos, mul, k);
+        __m256i c = sqv_enc_lowbit(load8(x, i + 16, dt), dv, pos, mul, k);
+        __m256i e = sqv_enc_lowbit(load8(x, i + 24, dt), dv, pos, mul, k);
+        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, e));
+        _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (; i + 8 <= hi; i += 8) sqv_store8_u8(data + i, sqv_enc_lowbit(load8(x, i, dt), dv, pos, mul, k));
+    sq_lowbit_run(x, i, hi, dt, d, k, data);
+}
+
+AVX2 INLINE void sqv_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, int k, uint8_t *restrict data) {
+    if (!(d > 0.0f)) { sqv_lowbit_run_m(x, lo, hi, dt, d, 0.0f, 0, 0, k, data); return; }
+    float r = exact_recip(d);
+    if (r != 0.0f) sqv_lowbit_run_m(x, lo, hi, dt, d, r, 1, 1, k, data);
+    else sqv_lowbit_run_m(x, lo, hi, dt, d, r, 1, 0, k, data);
+}
+
+SQ_LOWBIT_BODY(sqv_lowbit_body, sqv_lowbit_run, AVX2)
+SQ_DISPATCH(sq_avx2, sqv_amax_body, sqv_quant_body, sqv_lowbit_body, AVX2, _mm256_zeroupper();)
+
+/* sd_run: the decode of 8 codes by dec (sd_t.dec: 0 gather from the table, 1/2 dec_fp8 e4m3/e5m2). */
+AVX2 INLINE __m256 sqv_decode8(const sd_t *c, __m256i code, int dec) {
+    return dec ? sqv_dec_fp8(code, dec - 1) : _mm256_i32gather_ps(c->table, code, 4);
+}
+
+AVX2 INLINE int sdv_run_d(const sd_t *c, size_t lo, size_t hi, int dt, int has_g, float s, int dec) {
+    const __m256 sv = _mm256_set1_ps(s), gv = _mm256_set1_ps(c->g);
+    __m256 nan = _mm256_setzero_ps();
+    size_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c->data + i)));
+        __m256 y = _mm256_mul_ps(sqv_decode8(c, code, dec), sv);
+        if (has_g) y = _mm256_mul_ps(y, gv);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+        store8(c->out, i, y, dt);
+    }
+    int bad = !_mm256_testz_ps(nan, nan);
+    return bad | sd_run(c, i, hi, dt, has_g, s);
+}
+
+AVX2 INLINE int sdv_run(const sd_t *c, size_t lo, size_t hi, int dt, int has_g, float s) {
+    switch (c->dec) {
+    case 1: return sdv_run_d(c, lo, hi, dt, has_g, s, 1);
+    case 2: return sdv_run_d(c, lo, hi, dt, has_g, s, 2);
+    default: return sdv_run_d(c, lo, hi, dt, has_g, s, 0);
+    }
+}
+
+SD_BODY(sdv_body, sdv_run, AVX2)
+SD_DISPATCH(sd_avx2, sdv_body, AVX2, _mm256_zeroupper();)
+
+/* dec_fp8(enc_fp8(y)) of 8 lanes without forming the code: the float32 bits of y rounded to 3 (E4M3) or 2
+ * (E5M2) mantissa bits, as enc_fp8 rounds (the same integer rounding of b, kept in place instead of
+ * shifted down to a code: a carry into the exponent is again the right value), below the smallest
+ * normal fl32(b + 2^14) - 2^14 (E4M3; 2^7 for E5M2): the addition rounds b to the subnormal step and the
+ * subtraction is exact (a multiple of the step below 2^-6 / 2^-14), which is the value of the code the
+ * addition gave enc_fp8. Inf: E4M3 gets min(Inf, 448) = 448 from the clamp, E5M2 keeps Inf; NaN stays a
+ * NaN (its payload is never used: a NaN q sends the call to the unfused ops). */
+AVX2 INLINE __m256 sqv_round_fp8(__m256 y, int e5m2, __m256i fmaxv) {
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const int sh = e5m2 ? 21 : 20;
+    __m256i u = _mm256_castps_si256(y);
+    __m256i a = _mm256_and_si256(u, abs);
+    __m256i b = _mm256_min_epi32(a, fmaxv);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, sh), _mm256_set1_epi32(1));
+    __m256i nrm = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(e5m2 ? 0xfffff : 0x7ffff)), lsb);
+    nrm = _mm256_and_si256(nrm, _mm256_set1_epi32(e5m2 ? (int32_t)0xffe00000u : (int32_t)0xfff00000u));
+    const __m256 bias = _mm256_set1_ps(e5m2 ? 128.0f : 16384.0f);
+    __m256 sub = _mm256_sub_ps(_mm256_add_ps(_mm256_castsi256_ps(b), bias), bias);
+    __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(e5m2 ? 0x38800000 : 0x3c800000), b);
+    __m256i v = _mm256_blendv_epi8(nrm, _mm256_castps_si256(sub), small);
+    if (e5m2) v = _mm256_blendv_epi8(v, inf, _mm256_cmpeq_epi32(a, inf));
+    v = _mm256_blendv_epi8(v, a, _mm256_cmpgt_epi32(a, inf)); /* NaN */
+    return _mm256_castsi256_ps(_mm256_or_si256(v, _mm256_andnot_si256(abs, u)));
+}
+
+/* One 8-lane step of fqv_run_m: q stored, the -1/0 saturation mask returned, the counts and the NaN
+ * test accumulated. sat = |v| == vmax and |x| > |q| needs no NaN test here: |v| == vmax makes v finite,
+ * so x is not NaN (a NaN x gives a NaN v for FP8, v = 0 for 4/6-bit) and q = v * s is not NaN for a finite
+ * scale; a NaN scale (4/6-bit tile with a NaN/Inf) makes q NaN, and the caller discards the call. */
+AVX2 INLINE __m256i fqv_step(const fq_t *c, size_t i, int dt, int kind, int has_g, __m256 dv, __m256 sv, int pos,
+                             int mul, __m256i fmaxv, __m256i *nnz, __m256i *nun, __m256i *nsat, __m256i *aqmax) {
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    __m256 xv = load8(c->sq.x, i, dt);
+    __m256 v = kind < 2 ? sqv_round_fp8(mul ? _mm256_mul_ps(xv, dv) : _mm256_div_ps(xv, dv), kind, fmaxv)
+                        : sqv_lowbit_value(xv, dv, pos, mul, kind - 2);
+    __m256 qv = _mm256_mul_ps(v, sv);
+    if (has_g) qv = _mm256_mul_ps(qv, _mm256_set1_ps(c->sq.g));
+    _mm256_storeu_ps(c->q + i, qv);
+    __m256i ax = _mm256_and_si256(_mm256_castps_si256(xv), abs);
+    __m256i aq = _mm256_and_si256(_mm256_castps_si256(qv), abs);
+    __m256i av = _mm256_and_si256(_mm256_castps_si256(v), abs);
+    __m256i st = _mm256_and_si256(_mm256_cmpeq_epi32(av, fmaxv), _mm256_cmpgt_epi32(ax, aq));
+    __m256i nz = _mm256_andnot_si256(_mm256_cmpeq_epi32(ax, _mm256_setzero_si256()), _mm256_cmpgt_epi32(inf, ax));
+    *nnz = _mm256_sub_epi32(*nnz, nz);
+    *nun = _mm256_sub_epi32(*nun, _mm256_and_si256(nz, _mm256_cmpeq_epi32(aq, _mm256_setzero_si256())));
+    *nsat = _mm256_sub_epi32(*nsat, st);
+    *aqmax = _mm256_max_epi32(*aqmax, aq); /* > Inf bits iff some q is NaN */
+    return st;
+}
+
+/* fq_run 32 and 8 lanes at a time (fq_run's values: the element value from sqv_round_fp8 for the FP8 kinds,
+ * sqv_lowbit_value for the 4/6-bit ones; vmax = the format's fmax); the tail runs fq_run itself. */
+AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d, float r,
+                          int pos, int mul, int64_t *slot) {
+    const __m256 dv = _mm256_set1_ps(mul ? r : d), sv = _mm256_set1_ps(s);
+    const __m256i fmaxv = _mm256_set1_epi32((int32_t)c->vmax_bits), one = _mm256_set1_epi32(1);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i nnz = _mm256_setzero_si256(), nun = nnz, nsat = nnz, aqmax = nnz;
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32) {
+        __m256i s0 = fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s1 = fqv_step(c, i + 8, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s2 = fqv_step(c, i + 16, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s3 = fqv_step(c, i + 24, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        /* -1/0 masks: signed packs keep them -1/0 bytes, the permute undoes the lane interleave */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
+        p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
+        _mm256_storeu_si256((__m256i *)(c->sat + i), p);
+    }
+    for (; i + 8 <= hi; i += 8)
+        sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat,
+                                                            &aqmax), one));
+    /* lane sums (at most UNIT / 8 per lane, no overflow): two horizontal adds leave, per 128-bit half,
+     * [nnz, nun, nsat, 0] partial sums */
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(nnz, nun), _mm256_hadd_epi32(nsat, _mm256_setzero_si256()));
+    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    slot[0] += _mm_extract_epi32(sum, 0);
+    slot[c->ncnt] += _mm_extract_epi32(sum, 1);
+    slot[2 * c->ncnt] += _mm_extract_epi32(sum, 2);
+    int bad = hmax8(aqmax) > 0x7f800000;
+    return bad | fq_run(c, i, hi, dt, kind, has_g, s, d, slot);
+}
+
+AVX2 INLINE int fqv_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
+                        int64_t *slot) {
+    if (kind >= 2 && !(d > 0.0f)) return fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, 0.0f, 0, 0, slot);
+    float r = exact_recip(d);
+    return r != 0.0f ? fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 1, slot)
+                     : fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 0, slot);
+}
+
+FQ_BODY(fqv_body, fqv_run, AVX2)
+FQ_DISPATCH(fq_avx2, fqv_body, AVX2, _mm256_zeroupper();)
+#endif
+
+/* Transposed copy for the scaled casts' inputs: the replay hands them many transposed views (G^T and A^T of
+ * wgrad), which the C casts read in C order; torch's x.contiguous() of a 256x576 float32 transpose took
+ * 0.15 ms, 4x the copy of the same bytes. dst [cols, rows] = transpose(src [rows, cols]), both contiguous, elements
+ * of 2 or 4 bytes moved as bits (no value changes). Work units: strips of destination rows (source
+ * columns), 8x8 blocks inside (AVX2 register transposes for 4-byte elements). */
+typedef struct { const void *src; void *dst; size_t rows, cols, esz, strip; } tc_t;
+
+INLINE void tc_block(const tc_t *c, size_t i0, size_t i1, size_t j0, size_t j1) {
+    if (c->esz == 4) {
+        const uint32_t *s = (const uint32_t *)c->src;
+        uint32_t *d = (uint32_t *)c->dst;
+        for (size_t j = j0; j < j1; j++)
+            for (size_t i = i0; i < i1; i++) d[j * c->rows + i] = s[i * c->cols + j];
+    } else {
+        const uint16_t *s = (const uint16_t *)c->src;
+        uint16_t *d = (uint16_t *)c->dst;
+        for (size_t j = j0; j < j1; j++)
+            for (size_t i = i0; i < i1; i++) d[j * c->rows + i] = s[i * c->cols + j];
+    }
+}
+
+static void tc_scalar(const tc_t *c, size_t u) {
+    size_t j0 = u * c->strip, j1 = j0 + c->strip < c->cols ? j0 + c->strip : c->cols;
+    for (size_t i0 = 0; i0 < c->rows; i0 += 8)
+        for (size_t j = j0; j < j1; j += 8)
+            tc_block(c, i0, i0 + 8 < c->rows ? i0 + 8 : c->rows, j, j + 8 < j1 ? j + 8 : j1);
+}
+
+#if FP_X86
+AVX2 static void tc_avx2(const tc_t *c, size_t u) {
+    if (c->esz != 4) { tc_scalar(c, u); return; } /* baseline code: no dirty upper halves yet */
+    size_t j0 = u * c->strip, j1 = j0 + c->strip < c->cols ? j0 + c->strip : c->cols;
+    const float *s = (const float *)c->src;
+    float *d = (float *)c->dst;
+    size_t i0 = 0;
+    for (; i0 + 8 <= c->rows; i0 += 8) {
+        size_t j = j0;
+        for (; j + 8 <= j1; j += 8) {
+            __m256 r[8], t[8];
+            for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(s + (i0 + k) * c->cols + j);
+            for (int k = 0; k < 8; k += 2) {
+                t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+                t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+            }
+            for (int k = 0; k < 8; k += 4) {
+                r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+                r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
+                r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+                r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
+            }
+            for (int k = 0; k < 4; k++) {
+                _mm256_storeu_ps(d + (j + k) * c->rows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+                _mm256_storeu_ps(d + (j + k + 4) * c->rows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+            }
+        }
+        tc_block(c, i0, i0 + 8, j, j1);
+    }
+    tc_block(c, i0, c->rows, j0, j1);
+    _mm256_zeroupper();
+}
+#endif
+
+SIMD_WORK(tc_work, const tc_t, tc_avx2, tc_scalar)
+
+static PyObject *py_transpose_copy(PyObject *self, PyObject *args) {
+    unsigned long long sp, dp;
+    Py_ssize_t rows, cols, esz;
+    int want;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnnni", &sp, &dp, &rows, &cols, &esz, &want)) return NULL;
+    if (rows <= 0 || cols <= 0 || (esz != 2 && esz != 4)) {
+        PyErr_Format(PyExc_ValueError, "transpose_copy: bad sizes (rows=%zd, cols=%zd, element bytes=%zd)", rows, cols,
+                     esz);
+        return NULL;
+    }
+    tc_t c = {(const void *)(uintptr_t)sp, (void *)(uintptr_t)dp, (size_t)rows, (size_t)cols, (size_t)esz, 0};
+    size_t strip = UNIT / c.rows; /* about UNIT elements a unit, a multiple of 8 columns */
+    c.strip = strip < 8 ? 8 : strip & ~(size_t)7;
+    int nt = pick_threads(c.rows * c.cols, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(tc_work, &c, (c.cols + c.strip - 1) / c.strip, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -2536,6 +3077,10 @@ static PyMethodDef methods[] = {
      "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
      "saturated); fmt/rule as quantize_scaled; g: the NVFP4 tensor scale "
      "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable)."},
+    /* scaled casts: transposed inputs */
+    {"transpose_copy", py_transpose_copy, METH_VARARGS,
+     "transpose_copy(src_ptr, dst_ptr, rows, cols, element_bytes, threads): dst [cols, rows] = transpose(src [rows, cols]) "
+     "(both contiguous; 2- or 4-byte elements copied as bits)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "fp8probe._fastpath",

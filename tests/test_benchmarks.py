@@ -38,12 +38,13 @@ EXPECTED = {
         "modes": {"int8_mm_dequant": {"fresh", "out"}},
     },
     "bench_scaled.py": {
-        "columns": [*COMMON, "scaling", *TIMES, "×copy", "×torch"],
-        "ops": {"copy dst.copy_(x)", "quantize_scaled", "dequantize_scaled", "torch cast → float8_e4m3fn"},
+        "columns": [*COMMON, "scaling", *TIMES, "×copy", "×clone", "×torch"],
+        "ops": {"copy dst.copy_(x)", "copy x.clone()", "quantize_scaled", "dequantize_scaled",
+                "torch cast → float8_e4m3fn"},
         "modes": {},
     },
 }
-NUMERIC = {"median ms", "min ms", "GB/s", "GOP/s", "×copy", "×bnb", "×torch", "×best"}
+NUMERIC = {"median ms", "min ms", "GB/s", "GOP/s", "×copy", "×clone", "×bnb", "×torch", "×best"}
 
 
 def _run_in_process(script: str, argv: list[str]) -> str:
@@ -220,3 +221,18 @@ def test_bench_analyze_rejects_unknown_models_and_a_missing_gpu() -> None:
         with pytest.raises(SystemExit) as exc:
             _run_in_process("bench_analyze.py", ["--device", "cuda"])
         assert exc.value.code == 2
+
+
+def test_compare_scaled_kernels_runs_with_this_checkouts_extension_as_the_old_one(capsys) -> None:
+    """benchmarks/compare_scaled_kernels.py loads a second _fastpath and prints old -> new for every scaling."""
+    from fp8probe.backends import cpu
+    if not cpu.available():
+        pytest.skip("fp8probe._fastpath not built")
+    spec = importlib.util.spec_from_file_location("compare_scaled_kernels", BENCH / "compare_scaled_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([cpu._ext().__file__, "--rows", "2", "--reps", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# 2x4096 float32") and len(lines) == 1 + len(module.CASES)
+    for line, (label, *_) in zip(lines[1:], module.CASES):
+        assert line.startswith(label) and line.count("->") == 3

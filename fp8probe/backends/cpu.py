@@ -322,6 +322,19 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(g > 0, g, 1.0)
 
 
+def _c_order(x: torch.Tensor) -> torch.Tensor:
+    """x.detach().contiguous(); a 2-D transposed view of a contiguous tensor (the replay's Gᵀ and Aᵀ: 248 of
+    728 fused casts of a 2-layer Llama) is copied by the C blocked transpose: the same bits, 2-3x faster
+    (256x576 float32: 0.147 -> 0.067 ms CPU; 256x1536: 0.47 -> 0.15 ms)."""
+    x = x.detach()
+    if x.dim() == 2 and not x.is_contiguous() and x.T.is_contiguous() and x.numel() > 0 and x.dtype in _DT:
+        out = _fresh(x.shape, x.dtype)
+        _ext().transpose_copy(x.data_ptr(), out.data_ptr(), x.shape[1], x.shape[0], x.element_size(),
+                              _threads(x.numel()))
+        return out
+    return x.contiguous()
+
+
 def _scaled_cast_applies(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str) -> bool:
     """Whether the C scaled cast (quantize_scaled, fused_scaled) takes these arguments: a non-empty CPU
     float32/float16/bfloat16 tensor, a known format and rule, positive tiles, the extension enabled."""
@@ -345,7 +358,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     storage = _ref.SCALED_FORMATS[fmt][0]
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
-    xc = x.detach().contiguous()
+    xc = _c_order(x)
     data = _fresh(x.shape, storage)
     scale = torch.empty(-(-R // br), -(-C // bc), dtype=_F32)
     _ext().quantize_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], data.data_ptr(),
@@ -702,9 +715,9 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
         return None
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
-    xc = x.detach().contiguous()
+    xc = _c_order(x)
     q = _fresh(x.shape, _F32)
-    sat = torch.empty(x.shape, dtype=torch.bool)
+    sat = _fresh(x.shape, torch.bool)
     nbr, nbc = -(-R // br), -(-C // bc)
     scale = torch.empty(nbr, nbc, dtype=_F32)
     counts = torch.empty(3, nbr * nbc, dtype=torch.int64)

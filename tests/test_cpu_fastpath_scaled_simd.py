@@ -1,0 +1,254 @@
+"""The hand-written AVX2 loops of the scaled casts (fp8probe/_fastpath.c, "scaled casts: AVX2 element loops")
+against the PyTorch reference, bit for bit, where they differ from the scalar loops: x * (1/s) for scales
+whose reciprocal is exact, the arithmetic FP8 decode, the 32/8-lane loops and their scalar tails, the
+16-bit amax lanes, and the split over 1, 2 and 3 threads. Every test runs the AVX2 and the scalar loops
+(the ``isa`` fixture)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8probe.backends import cpu
+from fp8probe.backends import reference as ref
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="fp8probe._fastpath not built")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_REF_QUANTIZE = ref.quantize_scaled
+_REF_DEQUANTIZE = ref.dequantize_scaled
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of t (uint8 codes, int16/int32 floats)."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return t.view(torch.uint8)
+    return t.view(BITS[t.dtype]) if t.dtype in BITS else t
+
+
+def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return got.dtype == want.dtype and got.shape == want.shape and torch.equal(raw(got), raw(want))
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the C kernel fell back to the reference")
+    monkeypatch.setattr(cpu._ref, "quantize_scaled", boom)
+    monkeypatch.setattr(cpu._ref, "dequantize_scaled", boom)
+
+
+def every_kind_of_float(n: int, seed: int) -> torch.Tensor:
+    """n float32 values of every exponent (subnormals included) and both signs, plus ±0, ±Inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64)
+    x = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32).clone()
+    x[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45])[:n]
+    return x
+
+
+def mixed(n: int, seed: int) -> torch.Tensor:
+    """n float32 values within 2**±12 of 1 (most keep a normal code), one in 8 a float of any exponent."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-12, 12, (n,), generator=g).float())
+    pick = torch.rand(n, generator=g) < 0.125
+    return torch.where(pick, every_kind_of_float(n, seed), x)
+
+
+def test_division_by_a_power_of_two_equals_multiplication_by_its_reciprocal() -> None:
+    """The identity the AVX2 encode relies on (x / s == x * (1/s) bit for bit when 1/s is an exact normal
+    float), checked with torch's own float32 division and multiplication over every power of two whose
+    reciprocal is normal and values of every exponent, subnormal and overflowing results included."""
+    x = every_kind_of_float(4096, seed=1)
+    for k in range(-126 - 1, 127):  # s = 2**-127 is subnormal, its reciprocal 2**127 normal
+        s = torch.tensor(2.0**k, dtype=torch.float32)
+        r = 1.0 / s
+        assert r.item() * s.item() == 1.0
+        q, p = x / s, x * r
+        assert torch.equal(torch.isnan(q), torch.isnan(p)), k
+        assert torch.equal(raw(q)[~torch.isnan(q)], raw(p)[~torch.isnan(p)]), k
+
+
+@pytest.mark.parametrize("fmt", ("e4m3", "e5m2"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_power_of_two_scales_of_every_exponent(isa, no_fallback, fmt: str, dtype: torch.dtype) -> None:
+    """Per-row tiles whose amax is fmt max · 2**k, so the scale is exactly 2**k: a normal reciprocal (x * 1/s),
+    2**-127 (subnormal scale, normal reciprocal) and 2**-149..-128 (reciprocal overflows: the division
+    stays); the other elements are random floats of every exponent. Codes and scales equal the reference's."""
+    fmax = 448.0 if fmt == "e4m3" else 57344.0
+    ks = [k for k in range(-149, 120) if fmax * 2.0**k < torch.finfo(dtype).max]
+    g = torch.Generator().manual_seed(2)
+    width = 45  # 32 + 8 + a 5-element tail
+    amax = torch.tensor([fmax * 2.0**k for k in ks], dtype=torch.float64)
+    u = (torch.rand(len(ks), width, generator=g, dtype=torch.float64) * 2 - 1) * torch.exp2(
+        -torch.randint(0, 40, (len(ks), width), generator=g).double())  # |u| < 1, of many exponents
+    rows = (u * amax[:, None]).float()
+    rows[:, 7] = amax.float()
+    x = rows.to(dtype)
+    x = x[x.float().abs().amax(1).double() == amax]  # the rows whose amax the dtype holds exactly
+    data, scale = cpu.quantize_scaled(x, fmt, 1, width)
+    want_d, want_s = _REF_QUANTIZE(x, fmt, 1, width)
+    assert same_bits(data, want_d) and same_bits(scale, want_s)
+    assert x.shape[0] >= 38 and torch.equal(scale[:, 0], torch.exp2(torch.log2(scale[:, 0]).round()))
+    if dtype == torch.float32:  # every scale 2**-149 (reciprocal overflows) .. 2**-127 .. the largest ran
+        assert scale.min().item() == 2.0**-149 and scale.max().item() == 2.0**ks[-1]
+
+
+@pytest.mark.parametrize("fmt", ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2"))
+def test_run_lengths_around_the_vector_widths(isa, no_fallback, fmt: str) -> None:
+    """Rows of 1..70 elements as one tile (the 32- and 8-lane loops, the scalar tail, each alone and
+    together), with every kind of float; all three dtypes; quantize, dequantize and the fused cast."""
+    for n in list(range(1, 41)) + [63, 64, 65, 70]:
+        x32 = mixed(3 * n, seed=n).view(3, n)
+        x32 = torch.where(torch.isnan(x32), 1.0, x32)  # NaN inputs: fused falls back (tested elsewhere)
+        tile = (1, 32) if fmt.startswith("mx") else (1, n)
+        for dtype in DTYPES:
+            x = x32.to(dtype)
+            data, scale = cpu.quantize_scaled(x, fmt, *tile)
+            want_d, want_s = _REF_QUANTIZE(x, fmt, *tile)
+            assert same_bits(data, want_d) and same_bits(scale, want_s), (n, dtype)
+            if not torch.isnan(data.float()).any():
+                assert same_bits(cpu.dequantize_scaled(data, scale, *tile, dtype),
+                                 _REF_DEQUANTIZE(data, scale, *tile, dtype)), (n, dtype)
+            got = cpu.fused_scaled(x, fmt, *tile)
+            d32, s32 = _REF_QUANTIZE(x.float(), fmt, *tile)
+            assert got is not None and same_bits(got.q, _REF_DEQUANTIZE(d32, s32, *tile, torch.float32)), (n, dtype)
+
+
+@pytest.mark.parametrize("fmt", ("e4m3", "e5m2"))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_dequantize_every_code(isa, fmt: str, out_dtype: torch.dtype, monkeypatch) -> None:
+    """Every non-NaN code of the format (arithmetic decode in the AVX2 loop) times scales that keep it
+    exact, round it, make fp16/bf16 subnormals and overflow to Inf; 8-lane runs and a 3-element tail."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    vals = codes.view(FP8[fmt]).float()
+    codes = codes[~torch.isnan(vals)]
+    n = codes.numel()
+    scales = torch.tensor([1.0, 2.0**-20, 1.1, 3.7e-5, 1e-30, 2.0**100, 1e35, 7.0], dtype=torch.float32)
+    data = codes.repeat(len(scales), 1).view(FP8[fmt])
+    data = torch.cat([data, data[:, :3]], dim=1)
+    scale = scales[:, None]
+    calls = []
+    monkeypatch.setattr(cpu._ref, "dequantize_scaled", lambda *a: calls.append(a) or _REF_DEQUANTIZE(*a))
+    got = cpu.dequantize_scaled(data, scale, 1, n + 3, out_dtype)
+    assert not calls, "non-NaN codes must not fall back"
+    assert same_bits(got, _REF_DEQUANTIZE(data, scale, 1, n + 3, out_dtype))
+
+
+def test_dequantize_with_a_table_unlike_torchs_decoding_gathers(isa, monkeypatch) -> None:
+    """A decode table that is not the FP8 decoding (the 4/6-bit values) takes the gather loop: the codes
+    come out as that table's values, not as FP8 values."""
+    x = every_kind_of_float(40 * 64, seed=5).view(40, 64)
+    x = torch.where(torch.isfinite(x), x, 2.0)
+    data, scale = _REF_QUANTIZE(x, "mxfp4-e2m1", 1, 32)
+    monkeypatch.setattr(cpu._ref, "dequantize_scaled", lambda *a: pytest.fail("fell back"))
+    got = cpu.dequantize_scaled(data, scale, 1, 32, torch.float32, "mxfp4-e2m1")
+    assert same_bits(got, _REF_DEQUANTIZE(data, scale, 1, 32, torch.float32, "mxfp4-e2m1"))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_amax_of_16_bit_inputs_from_every_pattern_position(isa, no_fallback, dtype: torch.dtype) -> None:
+    """The 16-lane amax of fp16/bf16 tiles: the largest finite |x| in each of the 16 lanes and in the tail,
+    next to Inf/NaN patterns that must not count."""
+    n = 16 * 3 + 5
+    base = torch.full((n, n), 0.5)
+    base[torch.arange(n), torch.arange(n)] = 3.0  # row i: its max at position i
+    base[:, (torch.arange(n) + 7) % n] = float("inf")
+    base[::2, (torch.arange(0, n, 2) + 9) % n] = float("nan")
+    x = base.to(dtype)
+    for fmt, tile in (("e4m3", (1, n)), ("e5m2", (1, n)), ("mxfp8-e4m3", (1, 32)), ("mxfp6-e2m3", (1, 32))):
+        data, scale = cpu.quantize_scaled(x, fmt, *tile)
+        want_d, want_s = _REF_QUANTIZE(x, fmt, *tile)
+        assert same_bits(data, want_d) and same_bits(scale, want_s), fmt
+
+
+@pytest.mark.parametrize("threads", (1, 2, 3))
+def test_any_thread_count_gives_the_same_bits(isa, no_fallback, threads: int, monkeypatch) -> None:
+    """Above the serial cutoff (64K elements) the work is split over 1, 2 or 3 threads: every scaled cast
+    equals the reference (quantize, dequantize) and the one-thread fused result."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(301, 577, generator=g) * torch.exp2(torch.linspace(-30, 30, 577))[None, :]
+    x[5, 9], x[17, 100] = 0.0, 1e-42
+    monkeypatch.setattr(cpu, "_threads", lambda n: 1)
+    one = {c: cpu.fused_scaled(x, *c) for c in (("e4m3", 128, 128), ("mxfp8-e4m3", 1, 32), ("nvfp4", 1, 16))}
+    monkeypatch.setattr(cpu, "_threads", lambda n: threads)
+    for fmt, br, bc in (("e4m3", 10**9, 10**9), ("e4m3", 128, 128), ("e5m2", 1, 128), ("mxfp8-e4m3", 1, 32),
+                        ("mxfp4-e2m1", 1, 32), ("nvfp4", 1, 16)):
+        g_scale = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+        data, scale = cpu.quantize_scaled(x, fmt, br, bc, "floor", g_scale)
+        want_d, want_s = _REF_QUANTIZE(x, fmt, br, bc, "floor", g_scale)
+        assert same_bits(data, want_d) and same_bits(scale, want_s), fmt
+        assert same_bits(cpu.dequantize_scaled(data, scale, br, bc, torch.float32, fmt, g_scale),
+                         _REF_DEQUANTIZE(data, scale, br, bc, torch.float32, fmt, g_scale)), fmt
+    for c, want in one.items():
+        got = cpu.fused_scaled(x, *c)
+        assert same_bits(got.q, want.q) and torch.equal(got.saturated, want.saturated), c
+        assert same_bits(got.scale, want.scale) and torch.equal(got.counts, want.counts), c
+
+
+@pytest.mark.parametrize("rule", ("floor", "rceil", "even"))
+@pytest.mark.parametrize("fmt", ref.MX_FORMATS)
+def test_mx_scales_eight_tiles_at_a_time(isa, no_fallback, fmt: str, rule: str) -> None:
+    """Rows of 61 MX tiles (7 groups of 8 and a tail of 5) whose amax is a random float32 of any exponent,
+    0 (scale 1), a float32 subnormal (its group goes to the scalar scale code) or the EVEN/RCEIL
+    boundaries; 4/6-bit formats with a NaN in some tiles (NaN scale): scales and codes equal the reference's."""
+    g = torch.Generator().manual_seed(7)
+    ntiles, rows = 61, 200
+    a = torch.randint(0x00800000, 0x7F800000, (rows * ntiles,), generator=g, dtype=torch.int64)
+    a = a.to(torch.int32).view(torch.float32)
+    a[::17] = 0.0
+    a[5::97] = torch.tensor(1e-40)
+    edges = torch.tensor([448.0, 511.99, 512.0, 6.0, 7.0, 7.5, 7.75, 28.0, 30.0, 31.0, 57344.0, 61440.0, 3.4e38,
+                          1.5, 1.75, 1.875, 1.9375])
+    a[1 : 1 + 3 * len(edges) : 3] = edges.repeat(1)
+    x = (a[:, None] * torch.linspace(-1, 1, 32)[None, :]).view(rows, ntiles * 32)  # tile amax = a (at the ends)
+    if fmt in ("mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1"):
+        x[3, 40], x[9, 700] = float("nan"), float("inf")
+    data, scale = cpu.quantize_scaled(x, fmt, 1, 32, rule)
+    want_d, want_s = _REF_QUANTIZE(x, fmt, 1, 32, rule)
+    assert same_bits(scale, want_s) and same_bits(data, want_d)
+    finite = torch.isfinite(x).view(-1, 32).all(1)
+    assert same_bits(scale.view(-1)[finite], ref.mx_scale(a[finite], fmt, rule))
+
+
+@pytest.mark.parametrize("threads", (1, 2, 3))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_inputs_are_copied_by_the_c_transpose(isa, no_fallback, dtype: torch.dtype, threads: int,
+                                                         monkeypatch) -> None:
+    """A transposed view (the replay's Gᵀ) is put in C order by the C blocked transpose: the same bits as
+    torch's .contiguous() (NaN payloads included), for shapes that are not multiples of the 8x8 blocks and
+    above the 64K-element serial cutoff; the casts of the view equal the reference's."""
+    monkeypatch.setattr(cpu, "_threads", lambda n: threads)
+    for rows, cols in ((37, 29), (8, 8), (300, 301), (1000, 131)):
+        g = every_kind_of_float(rows * cols, seed=rows).view(rows, cols).to(dtype)
+        x = g.T
+        assert not x.is_contiguous()
+        got = cpu._c_order(x)
+        assert got.is_contiguous() and torch.equal(raw(got), raw(x.contiguous()))
+    x = mixed(300 * 301, seed=8).view(300, 301).to(dtype).T
+    for fmt, tile in (("e4m3", (1, 128)), ("mxfp8-e4m3", (1, 32)), ("e5m2", (128, 128))):
+        data, scale = cpu.quantize_scaled(x, fmt, *tile)
+        want_d, want_s = _REF_QUANTIZE(x.contiguous(), fmt, *tile)
+        assert same_bits(data, want_d) and same_bits(scale, want_s), fmt
+        x_finite = torch.where(torch.isnan(x), 0.0, x).T.contiguous().T  # a transposed view without NaN
+        got = cpu.fused_scaled(x_finite, fmt, *tile)
+        want = cpu.fused_scaled(x_finite.contiguous(), fmt, *tile)
+        assert same_bits(got.q, want.q) and torch.equal(got.saturated, want.saturated), fmt
+
+
+@pytest.mark.parametrize("fmt", ("mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"))
+def test_lowbit_run_lengths_around_the_vector_widths(isa, no_fallback, fmt: str) -> None:
+    """4/6-bit codes (AVX2: 32- and 8-lane loops, scalar tail) for rows of 1..40 elements in one tile of the
+    row's width (MX: 1x32 tiles, short last tiles), every kind of float incl. NaN/±Inf and a zero row (NVFP4
+    block scale 0: x * 0 instead of a division), all three dtypes; codes and scales equal the reference's."""
+    for n in list(range(1, 41)) + [47, 64, 70]:
+        x32 = mixed(4 * n, seed=100 + n).view(4, n)
+        x32[3] = 0.0
+        tile = (1, 32) if fmt.startswith("mx") else (1, 16)
+        for dtype in DTYPES:
+            x = x32.to(dtype)
+            g = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+            data, scale = cpu.quantize_scaled(x, fmt, *tile, "floor", g)
+            want_d, want_s = _REF_QUANTIZE(x, fmt, *tile, "floor", g)
+            assert same_bits(data, want_d) and same_bits(scale, want_s), (n, dtype)
