@@ -285,23 +285,35 @@ def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
     return bool(torch.equal(x.contiguous().view(ints), y.contiguous().view(ints)))
 
 
+#: Elements of one probe pattern, repeated over a probe operand (prime: rows of any width start at
+#: different offsets of it, so no two outputs see the same terms).
+_PROBE_PERIOD = 4099
+#: Operands (elements of a and b together) above which a layout is not probed: the probe costs about one
+#: replay of the GEMM (an LM head's 28M-element weight: ~1 s a key) and the copy it would save is a few
+#: per cent of such a GEMM, so the reference layout is used.
+_PROBE_MAX = 1 << 22
+
+
 def _probe(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Values for an exactness probe in t's dtype, laid out like t (shape and strides), in fresh (aligned)
-    memory: normal samples times 2^(-2..2), so that the terms of a sum have comparable magnitudes and full
-    mantissas and almost every change of summation order changes some output's rounding. (Values spread
-    over many binades do not: each sum is then its largest term and the order never shows.)"""
-    vals = torch.randn(t.shape, generator=gen) * torch.exp2(torch.randint(-2, 3, t.shape, generator=gen).float())
+    memory: normal samples times 2^(-2..2) (a pattern of _PROBE_PERIOD repeated), so that the terms of a
+    sum have comparable magnitudes and full mantissas and almost every change of summation order changes
+    some output's rounding. (Values spread over many binades do not: each sum is then its largest term
+    and the order never shows.)"""
+    base = torch.randn(_PROBE_PERIOD, generator=gen) * torch.exp2(torch.randint(-2, 3, (_PROBE_PERIOD,), generator=gen).float())
+    n = t.numel()
+    vals = base.repeat(-(-n // _PROBE_PERIOD))[:n].view(t.shape)
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(vals.to(t.device))
 
 
 def _agree(key: tuple, a: torch.Tensor, b: torch.Tensor, one: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
            other: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
-    """Whether ``one`` and ``other`` give the same bits on probe pairs shaped and strided like (a, b): at
-    least two, and up to 16 until 256 outputs were compared (a one-output product whose two orders differ
-    in one late addition showed it in ~1 probe of 4)."""
+    """Whether ``one`` and ``other`` give the same bits on probe pairs shaped and strided like (a, b), up
+    to 16 until 256 outputs were compared (a one-output product whose two orders differ in one late
+    addition showed it in ~1 probe of 4)."""
     gen = _probe_gen(key)
     compared = probes = 0
-    while probes < 2 or (compared < 256 and probes < 16):
+    while compared < 256 and probes < 16:
         pa, pb = _probe(a, gen), _probe(b, gen)
         x = one(pa, pb)
         if not _same_bits(x, other(pa, pb)):
@@ -327,10 +339,12 @@ def _relaid(tag: str, a: torch.Tensor, b: torch.Tensor, fast: Callable[[torch.Te
     A BLAS's summation order depends on shapes, strides, dtype, alignment and threads, not on values (_mm's
     premise), but a transposed operand can change it (MKL on [7, 33]·[33, 65] with two threads and on
     one-row products gave other bits). So ``fast`` serves a key only if, when first seen, both ways gave the
-    same bits on two probe pairs of its shapes and strides (_probe: a change of summation order then shows;
-    the call's own data could hide one, and did for fp16 outputs). float32 operands at the allocator's alignment only; everything else takes ``autograd``."""
+    same bits on probe pairs of its shapes and strides (_agree, _probe: a change of summation order shows;
+    the call's own data could hide one, and did for fp16 outputs). float32 operands at the allocator's alignment,
+    up to _PROBE_MAX elements, only; everything else takes ``autograd``."""
     slow = actual or (lambda: autograd(a, b))
-    if not (a.dtype == b.dtype == _F32 and a.data_ptr() % _ALIGN == 0 and b.data_ptr() % _ALIGN == 0):
+    if not (a.dtype == b.dtype == _F32 and a.data_ptr() % _ALIGN == 0 and b.data_ptr() % _ALIGN == 0) \
+            or a.numel() + b.numel() > _PROBE_MAX:
         return slow()
     key = (tag, tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.device.type, torch.get_num_threads())
     exact = _RELAID_EXACT.get(key)
@@ -628,7 +642,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[0] == 1:  # a stack of one (_one_slice): the 2-D product itself, no check, no second copy
         return (a[0] @ b[0]).unsqueeze(0)
     key = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.dtype, a.device.type, torch.get_num_threads())
-    exact = _BMM_EXACT.get(key) if a.dtype == b.dtype and a.device == b.device else False
+    exact = _BMM_EXACT.get(key) if a.dtype == b.dtype and a.device == b.device and a.numel() + b.numel() <= _PROBE_MAX \
+        else False
     if exact:
         return torch.bmm(a, b)
     if exact is None:
