@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     T.setup_device(argparse.Namespace(device=args.device, threads=args.threads, quick=False))  # exit 2 without a GPU
     info = T.machine_info(args.device)
     info["omp_wait_policy"] = child_wait_policy()
+    info["thp_mem_alloc_enable"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
+    # the parallel replay of small sites (pipeline.replay_workers); 1 = the serial replay
+    info["replay_workers"] = os.environ.get("FP8PROBE_REPLAY_WORKERS", "default (torch threads)")
     T.print_header("bench_analyze: analyze --strategy " + args.strategy, info)
     rows = []
     for name in names:
