@@ -1,5 +1,5 @@
 """Shared pytest fixtures: a `device` fixture over every available device and an `isa` fixture over the C fast
-path's AVX2 and scalar loops (helpers live in support.py)."""
+path's AVX2 and scalar loops, and `no_fallback` for the scaled-cast kernel tests (helpers live in support.py)."""
 from __future__ import annotations
 
 import pytest
@@ -18,3 +18,14 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """Run the test once with the C fast path's AVX2 loops (where the CPU has them) and once with its scalar
     loops (skipped where the extension is not built); yields "avx2" or "scalar"."""
     yield from cpu_loops(request.param == "simd", monkeypatch)
+
+
+@pytest.fixture
+def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any fallback of the C scaled casts to the PyTorch reference fail the test."""
+    from fp8probe.backends import cpu
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the C kernel fell back to the reference")
+    monkeypatch.setattr(cpu._ref, "quantize_scaled", boom)
+    monkeypatch.setattr(cpu._ref, "dequantize_scaled", boom)
