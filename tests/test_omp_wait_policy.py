@@ -13,14 +13,20 @@ PROBE = ("import sys; sys.argv[0] = {argv0!r}; import fp8probe, os; "
          "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
 
 
-def _policy_seen(argv0: str, preset: str | None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def _probe_output(code: str, argv0: str, var: str, preset: str | None) -> str:
+    """stdout of ``code`` (formatted with argv0) in a fresh interpreter whose environment has ``var`` set to
+    ``preset`` (None: removed)."""
+    env = {k: v for k, v in os.environ.items() if k != var}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     if preset is not None:
-        env["OMP_WAIT_POLICY"] = preset
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(argv0=argv0)], env=env, capture_output=True,
+        env[var] = preset
+    proc = subprocess.run([sys.executable, "-c", code.format(argv0=argv0)], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
     return proc.stdout.strip()
+
+
+def _policy_seen(argv0: str, preset: str | None) -> str:
+    return _probe_output(PROBE, argv0, "OMP_WAIT_POLICY", preset)
 
 
 @pytest.mark.parametrize(("argv0", "preset", "expected"), [
@@ -58,13 +64,7 @@ def _thp_mode() -> str | None:
 def test_cli_process_asks_torch_for_huge_pages(argv0: str, preset: str | None, expected: str) -> None:
     """THP_MEM_ALLOC_ENABLE=1 reaches torch's allocator: where the kernel gives huge pages on request
     (mode "madvise"), a fresh 64 MiB tensor is backed by them only when it is set."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    if preset is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset
-    proc = subprocess.run([sys.executable, "-c", THP_PROBE.format(argv0=argv0)], env=env, capture_output=True,
-                          text=True, timeout=120, check=True)
-    value, huge_mib = proc.stdout.split()
+    value, huge_mib = _probe_output(THP_PROBE, argv0, "THP_MEM_ALLOC_ENABLE", preset).split()
     assert value == expected
     if _thp_mode() == "madvise":
         assert (int(huge_mib) >= 32) == (expected == "1")
