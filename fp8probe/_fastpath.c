@@ -365,15 +365,24 @@ typedef struct {
     volatile int bad;  /* set when a NaN/Inf is seen; the wrapper then runs the reference */
 } qctx_t;
 
+/* Block b of a one-pass (fused) quantiser: its element range and absmax, stored in c->absmax[b]; 0 (and
+ * c->bad set) when the block holds a NaN/Inf, so the caller stops and the wrapper runs the reference. */
+INLINE int fused_block(qctx_t *c, size_t b, size_t *lo, size_t *hi, float *am) {
+    *lo = b * c->bs;
+    *hi = *lo + c->bs < c->n ? *lo + c->bs : c->n;
+    uint32_t mb = absmax_bits(c->x, *lo, *hi, c->dt);
+    if (mb >= 0x7f800000u) { c->bad = 1; return 0; }
+    *am = c->absmax[b] = u2f(mb);
+    return 1;
+}
+
 static void q_fused(void *vc, size_t u) {
     qctx_t *c = (qctx_t *)vc;
     size_t b0 = u * c->per_unit, b1 = b0 + c->per_unit < c->nb ? b0 + c->per_unit : c->nb;
     for (size_t b = b0; b < b1 && !c->bad; b++) {
-        size_t lo = b * c->bs, hi = lo + c->bs < c->n ? lo + c->bs : c->n;
-        uint32_t mb = absmax_bits(c->x, lo, hi, c->dt);
-        if (mb >= 0x7f800000u) { c->bad = 1; return; }
-        float am = u2f(mb);
-        c->absmax[b] = am;
+        size_t lo, hi;
+        float am;
+        if (!fused_block(c, b, &lo, &hi, &am)) return;
         quant_range(c->x, lo, hi, c->dt, 1.0f / am, c->q, &c->T);
     }
 }
@@ -2044,11 +2053,9 @@ static void fq_fused(void *vc, size_t u) {
     qctx_t *qc = &c->qc;
     size_t b0 = u * qc->per_unit, b1 = b0 + qc->per_unit < qc->nb ? b0 + qc->per_unit : qc->nb;
     for (size_t b = b0; b < b1 && !qc->bad; b++) {
-        size_t lo = b * qc->bs, hi = lo + qc->bs < qc->n ? lo + qc->bs : qc->n;
-        uint32_t mb = absmax_bits(qc->x, lo, hi, qc->dt);
-        if (mb >= 0x7f800000u) { qc->bad = 1; return; }
-        float am = u2f(mb);
-        qc->absmax[b] = am;
+        size_t lo, hi;
+        float am;
+        if (!fused_block(qc, b, &lo, &hi, &am)) return;
         int64_t acc[3] = {0, 0, 0};
         if (c->out) fq_range(c, lo, hi, 1.0f / am, am, c->counts ? acc : NULL);
         if (c->counts) for (int k = 0; k < 3; k++) c->counts[k * qc->nb + b] = acc[k];
