@@ -160,6 +160,11 @@ class _Part:
     estimate: SensitivityEstimate | None = None
 
 
+def _merge_into(into: dict, key: Any, value: Any) -> None:
+    """``into[key]`` = its merge with ``value`` (an accumulator with ``merge``), or ``value`` for a new key."""
+    into[key] = into[key].merge(value) if key in into else value
+
+
 class _Analysis:
     """Per-layer accumulators fed by capture, one GemmCall at a time.
 
@@ -227,17 +232,17 @@ class _Analysis:
             keep_weight = not (acc.weight_seen and part.b_is_weight)
             for tname, ts in part.tensors.items():
                 if tname != "weight" or keep_weight:
-                    acc.tensors[tname] = acc.tensors[tname].merge(ts) if tname in acc.tensors else ts
+                    _merge_into(acc.tensors, tname, ts)
             acc.census = acc.census.merge(part.census)
             for key, e in part.gemm.items():
                 if key[0] not in acc.errors:
-                    acc.gemm[key] = acc.gemm[key].merge(e) if key in acc.gemm else e
+                    _merge_into(acc.gemm, key, e)
             for key, o in part.operands.items():
                 if key[0] not in acc.errors and (key[1] != "weight" or keep_weight):
-                    acc.operands[key] = acc.operands[key].merge(o) if key in acc.operands else o
+                    _merge_into(acc.operands, key, o)
             for key, b in part.blocks.items():  # weight blocks only come from the batch that measured it
                 if key[0] not in acc.errors:
-                    acc.blocks[key] = acc.blocks[key].merge(b) if key in acc.blocks else b
+                    _merge_into(acc.blocks, key, b)
                     acc.block_labels.setdefault(key, part.block_labels[key])
             for strat, msg in part.errors.items():
                 acc.errors.setdefault(strat, msg)
@@ -423,11 +428,11 @@ class _Analysis:
         if not merge:
             return
         for key, e in part.gemm.items():
-            acc.gemm[key] = acc.gemm[key].merge(e) if key in acc.gemm else e
+            _merge_into(acc.gemm, key, e)
         for key, o in part.operands.items():
-            acc.operands[key] = acc.operands[key].merge(o) if key in acc.operands else o
+            _merge_into(acc.operands, key, o)
         for key, b in part.blocks.items():
-            acc.blocks[key] = acc.blocks[key].merge(b) if key in acc.blocks else b
+            _merge_into(acc.blocks, key, b)
             acc.block_labels.setdefault(key, part.block_labels[key])
         if part.estimate is not None:
             self.estimate.merge(part.estimate.sums)
