@@ -3023,6 +3023,68 @@ static PyObject *py_transpose_copy(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+/* ---------------------------------------------------------------- block-scale statistics (block_scales._batch_stats)
+ * One pass over a batch of block records (scale float32, zero_block bool, nonzero/underflow int64, clipped bool):
+ * the counts, extremes and exponent histogram of BlockScaleStats, and Σlog2 s, Σ(log2 s)² over the "good" blocks
+ * (not a zero block, scale not NaN and not 0), each a float64 sum from 0.0 in index order. log2 is libm's; floor(log2 s) is frexp's exponent - 1 (exact; ±Inf: frexp gives 0, as torch). */
+#define BS_ELO (-160)
+#define BS_EHI 140
+static PyObject *py_block_stats(PyObject *self, PyObject *args) {
+    unsigned long long sp, zp, np_, up, cp;
+    Py_ssize_t n;
+    double sum1 = 0.0, sum2 = 0.0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKKn", &sp, &zp, &np_, &up, &cp, &n)) return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "block_stats: expected n >= 0, got %zd", n);
+        return NULL;
+    }
+    const float *scale = (const float *)(uintptr_t)sp;
+    const uint8_t *zero = (const uint8_t *)(uintptr_t)zp, *clip = (const uint8_t *)(uintptr_t)cp;
+    const int64_t *nz = (const int64_t *)(uintptr_t)np_, *un = (const int64_t *)(uintptr_t)up;
+    long long n_zero = 0, n_nan = 0, n_zscale = 0, n_clip = 0, n_ublocks = 0, n_nonzero = 0, n_under = 0, n_good = 0;
+    double max_frac = 0.0, smin = INFINITY, smax = -INFINITY;
+    long long hist[BS_EHI - BS_ELO + 1];
+    memset(hist, 0, sizeof hist);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double s = (double)scale[i];
+        int isnan_ = s != s, zb = zero[i] != 0;
+        n_zero += zb && !isnan_;
+        n_nan += isnan_;
+        n_clip += clip[i] != 0;
+        n_ublocks += un[i] > 0;
+        n_nonzero += nz[i];
+        n_under += un[i];
+        if (nz[i] > 0) {
+            double f = (double)un[i] / (double)nz[i];
+            if (f > max_frac) max_frac = f;
+        }
+        if (zb || isnan_) continue;
+        if (s == 0.0) { n_zscale++; continue; }
+        n_good++;
+        if (s < smin) smin = s;
+        if (s > smax) smax = s;
+        double lg = log2(s);
+        sum1 += lg;
+        sum2 += lg * lg;
+        int e = 0;
+        if (isfinite(s)) frexp(s, &e);
+        e -= 1;
+        hist[(e < BS_ELO ? BS_ELO : e > BS_EHI ? BS_EHI : e) - BS_ELO]++;
+    }
+    Py_END_ALLOW_THREADS
+    int lo = 0, hi = -1;
+    for (int k = 0; k <= BS_EHI - BS_ELO; k++)
+        if (hist[k]) { if (hi < lo) lo = k; hi = k; }
+    PyObject *counts = PyList_New(hi >= lo ? hi - lo + 1 : 0);
+    if (!counts) return NULL;
+    for (int k = lo; k <= hi; k++) PyList_SET_ITEM(counts, k - lo, PyLong_FromLongLong(hist[k]));
+    return Py_BuildValue("(LLLLLLLLdddddiN)", n_zero, n_nan, n_zscale, n_clip, n_ublocks, n_nonzero, n_under, n_good,
+                         max_frac, smin, smax, sum1, sum2, lo + BS_ELO, counts);
+}
+
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
      "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads[, packed_ptr]) "
@@ -3088,6 +3150,11 @@ static PyMethodDef methods[] = {
     {"transpose_copy", py_transpose_copy, METH_VARARGS,
      "transpose_copy(src_ptr, dst_ptr, rows, cols, element_bytes, threads): dst [cols, rows] = transpose(src [rows, cols]) "
      "(both contiguous; 2- or 4-byte elements copied as bits)."},
+    /* block-scale statistics */
+    {"block_stats", py_block_stats, METH_VARARGS,
+     "block_stats(scale_f32_ptr, zero_block_ptr, nonzero_i64_ptr, underflow_i64_ptr, clipped_ptr, n): (zero blocks, NaN scales, zero scales, clipped blocks, underflow blocks, nonzero, underflow, "
+     "scales, max block underflow fraction (0 if no block has a nonzero), scale min, scale max, sum_log2, sum_log2_sq, exp_lo, "
+     "exp counts) of block_scales._batch_stats in one pass, the sums in index order."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "fp8probe._fastpath",

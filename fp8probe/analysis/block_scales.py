@@ -9,6 +9,7 @@ import torch
 
 from fp8probe import autograd as AG
 from fp8probe import functional as F
+from fp8probe.backends import cpu as _cpu
 from fp8probe.backends import reference as _ref
 
 from .strategies import Strategy, _run_mixed, _Scaled
@@ -51,7 +52,7 @@ class BlockScaleStats:
                clipped: torch.Tensor) -> None:
         """Add one batch of blocks, all 1-D of the same length: ``scale`` (float), ``zero_block`` (bool:
         no nonzero finite element), ``nonzero``/``underflow`` (element counts per block), ``clipped`` (bool)."""
-        self.merge_in(_batch_stats(scale, zero_block, nonzero, underflow, clipped))
+        self.merge_in(_batch_stats([(scale, zero_block, nonzero, underflow, clipped)]))
 
     def merge_in(self, other: BlockScaleStats) -> None:
         """Add ``other``'s blocks to this accumulator (in place)."""
@@ -95,8 +96,41 @@ class BlockScaleStats:
         }
 
 
-def _batch_stats(scale: torch.Tensor, zero_block: torch.Tensor, nonzero: torch.Tensor, underflow: torch.Tensor,
-                 clipped: torch.Tensor) -> BlockScaleStats:
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` flattened and concatenated: a view where they lie back to back in one storage (a stacked
+    cast's records, split into slices by _cast_slices / _fq_blocks), else a copy."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first.reshape(-1)
+    pos, base = first.data_ptr(), first.untyped_storage().data_ptr()
+    for p in parts:
+        if not p.is_contiguous() or p.data_ptr() != pos or p.untyped_storage().data_ptr() != base:
+            return torch.cat([q.reshape(-1) for q in parts])
+        pos += p.numel() * p.element_size()
+    return first.as_strided((sum(p.numel() for p in parts),), (1,))
+
+
+def _batch_stats(records: list[tuple[torch.Tensor, ...]]) -> BlockScaleStats:
+    """One batch's statistics from its blocks: ``records``, one (scale, zero_block, nonzero, underflow,
+    clipped) per slice, taken as their concatenation in slice order. One C pass where it applies
+    (backends/cpu.block_stats: Σlog2 and Σlog2² in block order), else torch."""
+    fields = [_joined([r[k] for r in records]) for k in range(5)]
+    r = _cpu.block_stats(*fields)
+    if r is None:
+        return _torch_batch_stats(*fields)
+    (zero, nan, zero_scale, clipped, under_blocks, nonzero, under, n_scales, max_frac, smin, smax,
+     sum_log2, sum_log2_sq, lo, counts) = r
+    out = BlockScaleStats(n_blocks=fields[0].numel(), n_zero_blocks=zero, n_nonfinite_blocks=nan,
+                          n_zero_scale_blocks=zero_scale, n_clipped_blocks=clipped, n_underflow_blocks=under_blocks,
+                          n_nonzero=nonzero, n_underflow=under, max_block_underflow=max_frac)
+    if n_scales:
+        out.n_scales, out.scale_min, out.scale_max, out.sum_log2, out.sum_log2_sq = n_scales, smin, smax, sum_log2, sum_log2_sq
+        out.exp_counts = {lo + k: c for k, c in enumerate(counts) if c}
+    return out
+
+
+def _torch_batch_stats(scale: torch.Tensor, zero_block: torch.Tensor, nonzero: torch.Tensor, underflow: torch.Tensor,
+                       clipped: torch.Tensor) -> BlockScaleStats:
     s = scale.to(_F64)
     nan = torch.isnan(s)
     zero_scale = (s == 0) & ~zero_block & ~nan
@@ -237,5 +271,4 @@ def update_block_stats(stats: dict[tuple[str, str], BlockScaleStats], labels: di
             records.setdefault(op, []).append(rec)
             labels.setdefault((strategy.name, op), _label(spec))
     for op, recs in records.items():
-        fields = recs[0] if len(recs) == 1 else [torch.cat([r[k].reshape(-1) for r in recs]) for k in range(5)]
-        stats.setdefault((strategy.name, op), BlockScaleStats()).update(*fields)
+        stats.setdefault((strategy.name, op), BlockScaleStats()).merge_in(_batch_stats(recs))

@@ -124,6 +124,9 @@ def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) ->
     if G is not None:
         g = G.to(torch.float64)
         out["dgrad"] = g @ w
+        # W's float64 copy is freed before the W-sized wgrad is made: an LM head's [49152, 576] each take
+        # 216 MiB, and the site's peak is this function's
+        del w
         out["wgrad"] = g.mT @ a
     return out
 

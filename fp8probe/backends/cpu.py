@@ -508,6 +508,22 @@ def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, floa
     return out
 
 
+def block_stats(scale: torch.Tensor, zero_block: torch.Tensor, nonzero: torch.Tensor, underflow: torch.Tensor,
+                clipped: torch.Tensor) -> tuple | None:
+    """One batch of block records in one C pass (analysis/block_scales._batch_stats): (zero blocks, NaN
+    scales, zero scales, clipped blocks, underflow blocks, nonzero, underflow, scales, max block underflow
+    fraction, scale min, scale max, Σlog2 s, Σ(log2 s)², exp_lo, exp counts), the sums in index order;
+    None when the C path does not apply (not built or disabled, not CPU, a scale
+    that is not float32, counts that are not int64 or flags that are not bool)."""
+    n = scale.numel()
+    if not (enabled() and all(t.device.type == "cpu" and t.numel() == n for t in (zero_block, nonzero, underflow, clipped))
+            and scale.device.type == "cpu" and scale.dtype == torch.float32 and nonzero.dtype == underflow.dtype == torch.int64
+            and zero_block.dtype == clipped.dtype == torch.bool):
+        return None
+    ts = [t.detach().reshape(-1).contiguous() for t in (scale, zero_block, nonzero, underflow, clipped)]
+    return _ext().block_stats(*(t.data_ptr() for t in ts), n)
+
+
 def outlier_census(a2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """(col_amax float64 [cols], col_hits int64 [cols], rows_touched) of activations ``a2`` [rows, cols] in one pass.
 

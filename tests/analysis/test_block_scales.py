@@ -249,4 +249,57 @@ def test_mixed_carries_the_records_of_its_quantiser(dtype, shape, monkeypatch) -
     monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
     ref_out = run_strategy(strat, A, W, G, b_is_weight=A.dim() == 2)
     assert ref_out.blocks == {}
+    monkeypatch.delenv("FP8PROBE_BACKEND")  # (the statistics in C again: their float64 sums are compared exactly)
     assert rows(ref_out.blocks, ref_out) == carried
+
+
+def _random_records(n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Block records with zero, NaN, ±Inf, subnormal and huge scales, zero blocks and underflow."""
+    scale = torch.exp2(torch.randn(n, generator=g) * 8).float()
+    scale[torch.rand(n, generator=g) < 0.05] = 0.0
+    scale[torch.rand(n, generator=g) < 0.03] = float("nan")
+    scale[torch.rand(n, generator=g) < 0.01] = float("inf")
+    if n >= 3:
+        scale[:3] = torch.tensor([2.0 ** -149, 2.0 ** -130, 3e38])
+    nonzero = torch.randint(0, 5, (n,), generator=g)
+    underflow = torch.minimum(torch.randint(0, 3, (n,), generator=g), nonzero)
+    return scale, nonzero == 0, nonzero, underflow, torch.rand(n, generator=g) < 0.1
+
+
+@pytest.mark.parametrize("sizes", [[1000], [7, 0, 1333], [0], [70000, 5]])
+def test_block_stats_c_pass_equals_torch(sizes):
+    """The C pass gives torch's counts, extremes and histogram exactly and its Σlog2 / Σlog2² up to the
+    order of the additions, for records of several slices (concatenated) or one."""
+    import fp8probe.analysis.block_scales as BS
+    from fp8probe.backends import cpu
+
+    if not cpu.enabled():
+        pytest.skip("fast path off")
+    g = torch.Generator().manual_seed(sum(sizes) + len(sizes))
+    records = [_random_records(n, g) for n in sizes]
+    got = BS._batch_stats(records)
+    want = BS._torch_batch_stats(*(torch.cat([r[k] for r in records]) for k in range(5)))
+    for name in ("n_blocks", "n_zero_blocks", "n_nonfinite_blocks", "n_zero_scale_blocks", "n_clipped_blocks",
+                 "n_underflow_blocks", "n_nonzero", "n_underflow", "max_block_underflow", "scale_min", "scale_max",
+                 "n_scales", "exp_counts"):
+        assert getattr(got, name) == getattr(want, name), name
+    for name in ("sum_log2", "sum_log2_sq"):
+        assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-12, nan_ok=True), name
+
+
+def test_records_of_one_stacked_cast_are_joined_without_a_copy():
+    """Slices' records that lie back to back in one tensor (a stacked cast split by slice) are read as one
+    view; records elsewhere are concatenated. Both give the same statistics."""
+    import fp8probe.analysis.block_scales as BS
+
+    g = torch.Generator().manual_seed(11)
+    whole = _random_records(9 * 40, g)
+    sliced = list(zip(*(t.view(9, -1) for t in whole)))   # what _cast_slices hands over
+    joined = BS._joined([r[2] for r in sliced])
+    assert joined.data_ptr() == whole[2].data_ptr() and torch.equal(joined, whole[2])
+    copies = [tuple(t.clone() for t in r) for r in reversed(sliced)]
+    assert BS._joined([r[2] for r in copies]).data_ptr() != whole[2].data_ptr()
+    assert torch.equal(BS._joined([r[2] for r in copies]), torch.cat([r[2] for r in copies]))
+    assert BS._batch_stats(sliced) == BS._batch_stats([whole])
+    skipped = sliced[::2]   # not adjacent: copied, in order
+    assert torch.equal(BS._joined([r[3] for r in skipped]), torch.cat([r[3] for r in skipped]))

@@ -211,7 +211,11 @@ def test_block_scales_table_equals_the_recompute_path(monkeypatch) -> None:
     model, batches = _model_and_batches()
     slow = analyze(model, batches, strategies, e2e=False).tables["block_scales"]
     assert len(fast) > 0 and fast["clipped_block_frac"].gt(0).any()
-    pd.testing.assert_frame_equal(fast, slow, check_exact=True)
+    # Σlog2 s and Σ(log2 s)²: the C pass adds in block order, torch in its own (block_scales._batch_stats);
+    # the std (sqrt(E[l²] - mean²), in log2 units) of equal scales is 0 up to that order's cancellation
+    sums = ["scale_log2_mean", "scale_log2_std"]
+    pd.testing.assert_frame_equal(fast.drop(columns=sums), slow.drop(columns=sums), check_exact=True)
+    pd.testing.assert_frame_equal(fast[sums], slow[sums], check_exact=False, rtol=1e-9, atol=1e-6)
 
 
 def test_both_fused_outputs_are_fresh_tensors_with_huge_pages_advised(monkeypatch) -> None:
