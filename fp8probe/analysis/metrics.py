@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -89,6 +91,30 @@ def _dots(r: torch.Tensor, q: torch.Tensor) -> tuple[float, float, float, float,
 # --------------------------------------------------------------------------------------------
 # GEMM error: reference (float64) vs low-precision result
 # --------------------------------------------------------------------------------------------
+def tensor_key(t: torch.Tensor) -> tuple:
+    """A tensor's identity in a memo of one GEMM call's replay (strategies.shared_site): its memory, shape,
+    strides, dtype and version (a view of the same elements in the same layout has the same key). An entry
+    must make sure the keyed tensors still live, so that no other tensor has taken their memory."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
+
+
+def _memo_sums(memo: dict | None, tag: str, make: Callable[[], tuple | None], *tensors: torch.Tensor | None
+               ) -> tuple | None:
+    """make() (a C pass's sums, or None where it does not apply), reused from ``memo`` for the same tensors
+    (tensor_key) while they live. The entry holds weak references only: an accumulator must not keep a
+    recipe's W-sized result alive for the rest of the group."""
+    if memo is None:
+        return make()
+    key = (tag, *(None if t is None else tensor_key(t) for t in tensors))
+    seen = memo.get(key)
+    if seen is not None and all(r() is not None for r in seen[0]):
+        return seen[1]
+    sums = make()
+    if sums is not None:
+        memo[key] = ([weakref.ref(t) for t in tensors if t is not None], sums)
+    return sums
+
+
 @dataclass
 class ErrorAccumulator:
     """Σref², Σ(ref−lp)², Σlp², Σref·lp, max|ref−lp| over elements where both are finite.
@@ -108,13 +134,15 @@ class ErrorAccumulator:
     nonfinite: int = 0
     excluded: int = 0
 
-    def update(self, ref: torch.Tensor, lp: torch.Tensor) -> None:
-        """Add one batch: ``ref`` and ``lp`` of the same shape (any float dtype)."""
+    def update(self, ref: torch.Tensor, lp: torch.Tensor, memo: dict | None = None) -> None:
+        """Add one batch: ``ref`` and ``lp`` of the same shape (any float dtype). ``memo``: a dict shared by
+        the accumulators of one GEMM call (strategies.site_memo), where the C pass's sums of the same
+        (ref, lp) tensors are reused instead of recomputed (two recipes with one shared result)."""
         if ref.shape != lp.shape:
             raise ValueError(f"ref and lp must have the same shape, got {list(ref.shape)} and {list(lp.shape)}")
         if ref.numel() == 0:
             return
-        sums = _cpu.error_sums(ref, lp)
+        sums = _memo_sums(memo, "error_sums", lambda: _cpu.error_sums(ref, lp), ref, lp)
         if sums is not None:
             self._add_sums(*sums)
             return
@@ -191,13 +219,16 @@ class OperandAccumulator:
     n_excluded: int = 0
     n_nonfinite: int = 0  # finite x whose quantised value is NaN/±Inf (left out of the sums)
 
-    def update(self, x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | None = None) -> None:
-        """Add one batch: ``x`` the operand, ``q`` its dequantised value (same shape)."""
+    def update(self, x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | None = None,
+               memo: dict | None = None) -> None:
+        """Add one batch: ``x`` the operand, ``q`` its dequantised value (same shape); ``memo`` as in
+        ErrorAccumulator.update."""
         if x.shape != q.shape:
             raise ValueError(f"x and q must have the same shape, got {list(x.shape)} and {list(q.shape)}")
         if x.numel() == 0:
             return
-        sums = _cpu.operand_sums(x, q, saturated)  # in this class's field order
+        # in this class's field order
+        sums = _memo_sums(memo, "operand_sums", lambda: _cpu.operand_sums(x, q, saturated), x, q, saturated)
         if sums is not None:
             self.__dict__.update(self.merge(OperandAccumulator(*sums)).__dict__)
             return

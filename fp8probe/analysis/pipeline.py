@@ -33,7 +33,8 @@ from .block_scales import BlockScaleStats, update_block_stats
 from .metrics import ErrorAccumulator, OperandAccumulator, OutlierCensus, TensorStats
 from .results import Results
 from .delayed import delayed_table
-from .strategies import STRATEGIES, RecipeOptions, Strategy, reference_gemms, resolve, run_strategy, with_options
+from .strategies import (STRATEGIES, RecipeOptions, Strategy, reference_gemms, replay_groups, resolve, run_strategy,
+                         shared_site, site_memo, with_options)
 
 ProgressFn = Callable[[int, int], None]
 E2E_OFF_NO_GRAD = ("end-to-end mode off: --no-grad runs forward only, and the end-to-end comparison needs backward "
@@ -144,7 +145,7 @@ class _Site:
     todo: list[Strategy]
     ref: futures.Future
     stats: futures.Future
-    parts: list[futures.Future]
+    parts: list[futures.Future]   # one per replay group (replay_groups): its recipes' _Parts, in order
     spent: dict[str, float]
 
 
@@ -298,9 +299,11 @@ class _Analysis:
             clock = self._tick("stats", clock)
             ref = reference_gemms(A, W, G)
             clock = self._tick("reference", clock)
-            for strat in todo:
-                part = self._strategy(strat, call, ref, first_weight, acc)
-                self._fold(acc, call.name, strat, part, merge=False)
+            for group in replay_groups(todo):
+                with shared_site():
+                    for i in group:
+                        part = self._strategy(todo[i], call, ref, first_weight, acc)
+                        self._fold(acc, call.name, todo[i], part, merge=False)
             self._tick(call.kind, started, self.seconds_by_kind)
             return
         # Several recipes at once, each on one worker thread (replay_workers): the stats, the float64
@@ -316,11 +319,14 @@ class _Analysis:
         ref = pool.submit(self._timed, "reference", spent, reference_gemms, A, W, G)
         # Longest first (each recipe's time on the previous site), so that the site does not end
         # with one long recipe running alone while the other workers wait.
-        order = sorted(range(len(todo)), key=lambda i: -self._cost.get(todo[i].name, 0.0))
-        submitted = {i: pool.submit(self._strategy, todo[i], call, ref, first_weight, None, spent) for i in order}
+        # Recipes that share sub-results (strategies.SHARING) run one after the other in one task.
+        groups = replay_groups(todo)
+        order = sorted(range(len(groups)), key=lambda g: -sum(self._cost.get(todo[i].name, 0.0) for i in groups[g]))
+        submitted = {g: pool.submit(self._group, [todo[i] for i in groups[g]], call, ref, first_weight, spent)
+                     for g in order}
         stats = pool.submit(self._timed, "stats", spent, self._stats, acc, A, W, G, first_weight)
         self._pending.append(_Site(call.name, call.kind, acc, todo, ref, stats,
-                                   [submitted[i] for i in range(len(todo))], spent))
+                                   [submitted[g] for g in range(len(groups))], spent))
         while len(self._pending) > MAX_PENDING:
             self._fold_site(self._pending.popleft())
 
@@ -352,8 +358,9 @@ class _Analysis:
                 self._pool_seconds[name] = self._pool_seconds.get(name, 0.0) + seconds
             self._pool_kinds[site.kind] = self._pool_kinds.get(site.kind, 0.0) + sum(site.spent.values())
         site.stats.result()
-        for strat, part in zip(site.todo, site.parts):
-            self._fold(site.acc, site.name, strat, part.result(), merge=True)
+        parts = [part for group in site.parts for part in group.result()]
+        for strat, part in zip(site.todo, parts):
+            self._fold(site.acc, site.name, strat, part, merge=True)
 
     def timings(self) -> tuple[dict[str, float], dict[str, float]]:
         """(seconds per part of the replay, replay seconds per GEMM kind), both wall time of the caller's
@@ -382,6 +389,12 @@ class _Analysis:
                 acc.tensors.setdefault(tensor_name, TensorStats()).update(t)
         acc.census.update(A.reshape(-1, A.shape[-1]))
 
+    def _group(self, strategies: list[Strategy], call: GemmCall, ref: Any, first_weight: bool,
+               spent: dict[str, float]) -> list[_Part]:
+        """A pool task: one replay group's recipes (replay_groups), in order, sharing sub-results."""
+        with shared_site():
+            return [self._strategy(strat, call, ref, first_weight, None, spent) for strat in strategies]
+
     def _strategy(self, strat: Strategy, call: GemmCall, ref: Any, first_weight: bool,
                   into: _LayerAcc | None, spent: dict[str, float] | None = None) -> _Part:
         """Replay one recipe on ``call`` and measure it against ``ref`` (reference_gemms' dict, or a
@@ -402,15 +415,16 @@ class _Analysis:
             ref = ref.result()
         part = _Part(estimate=None if self.estimate is None or into is not None else SensitivityEstimate())
         sink = into if into is not None else part
+        memo = site_memo()  # (a recipe's result shared with another of its group: their sums once)
         for gemm, lp in out.gemms.items():
-            sink.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp)
+            sink.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp, memo)
         estimate = self.estimate if into is not None else part.estimate
         if estimate is not None:
             estimate.update(strat.name, call.name, G, out.gemms["fprop"].double() - ref["fprop"])
         for operand, (x, q, sat) in out.operands.items():
             if operand == "weight" and not first_weight:
                 continue
-            sink.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat)
+            sink.operands.setdefault((strat.name, operand), OperandAccumulator()).update(x, q, sat, memo)
         update_block_stats(sink.blocks, sink.block_labels, strat, A, W, G, out.operands, call.b_is_weight,
                            first_weight, out.blocks)
         del out

@@ -1,11 +1,13 @@
 """Low-precision recipes replayed on one captured GEMM's operands: fprop, dgrad and wgrad as each recipe computes them."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -16,6 +18,7 @@ from fp8probe.formats import FORMATS, get_codebook
 
 from .accumulation import Accumulation, matmul_limited
 from .delayed import DelayedScaling, DelayedState
+from .metrics import tensor_key
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 OPERANDS = ("activation", "weight", "grad_output")
@@ -284,7 +287,7 @@ _ALIGN = 64  # bytes: the CPU allocator's alignment; MKL may pick other kernels 
 def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
     if x.shape != y.shape or x.dtype != y.dtype:
         return False
-    ints = {4: torch.int32, 2: torch.int16, 8: torch.int64}[x.element_size()]
+    ints = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.int8}[x.element_size()]
     return bool(torch.equal(x.contiguous().view(ints), y.contiguous().view(ints)))
 
 
@@ -333,11 +336,12 @@ def _probe_gen(key: tuple) -> torch.Generator:
 
 def _relaid(tag: str, a: torch.Tensor, b: torch.Tensor, fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             autograd: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-            actual: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+            actual: Callable[[], torch.Tensor] | None = None, shared: bool = False) -> torch.Tensor:
     """A GEMM of the autograd function, ``autograd(a, b)`` (it re-lays a or b as the function does: the
     contiguous fq(w.t()), a result transposed back), computed as ``fast(a, b)``: the same values multiplied
     in the layouts the replay already has, without transposed copies of W [N, K] or of the wgrad.
     ``actual``: autograd(a, b) from re-laid operands the replay keeps (one copy of fq(w.t()) for two GEMMs).
+    ``shared``: ``fast(a, b)`` is _mm(a, b), which another recipe of a shared_site() block may have computed.
 
     A BLAS's summation order depends on shapes, strides, dtype, alignment and threads, not on values (_mm's
     premise), but a transposed operand can change it (MKL on [7, 33]·[33, 65] with two threads and on
@@ -353,7 +357,9 @@ def _relaid(tag: str, a: torch.Tensor, b: torch.Tensor, fast: Callable[[torch.Te
     exact = _RELAID_EXACT.get(key)
     if exact is None:
         exact = _RELAID_EXACT[key] = _agree(key, a, b, fast, autograd)
-    return fast(a, b) if exact else slow()
+    if not exact:
+        return slow()
+    return _shared("mm", lambda: fast(a, b), a, b) if shared else fast(a, b)
 
 
 def _dgrad_autograd(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -396,7 +402,7 @@ def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
             g8 = fp8G.to(qW.dtype)
             gemms["dgrad"] = _relaid("dgrad", g8, qW, _mm, _dgrad_autograd, lambda: _mm(g8, fp8Wt().mT)).to(A.dtype)
             gA = g.to(A.dtype)
-            gemms["wgrad"] = _relaid("wgrad", gA.mT, A, _mm, _wgrad_autograd).to(qW.dtype)
+            gemms["wgrad"] = _relaid("wgrad", gA.mT, A, _mm, _wgrad_autograd, shared=True).to(qW.dtype)
             # g is G itself when the dtypes agree; else the reported operand and its records are G's own
             same = G.dtype == g.dtype and (G.dtype == _F32 or recG is not None)
             ops["grad_output"] = (G, fp8G if same else _fq_code_slices(G, "bnb-e5m2", blocks[1]), None)
@@ -410,6 +416,90 @@ def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
             same = G.dtype == g.dtype == fp8A.dtype
             ops["grad_output"] = (G, fp8G if same else _fq_code_slices(G, "bnb-e5m2", None), None)
     return StrategyOutput(gemms, ops, recs)
+
+
+# --------------------------------------------------------------------------------------------
+# Sub-results recipes share on one GEMM call: int8 (MatMul8bitLt) and switchback (SwitchBackBnb) quantise
+# W to the same int8 row codes, compute the same dgrad G·deq(W), and the same forward product wherever A's
+# row codes agree (no outlier column); mixed (MatMulFP8Mixed) and switchback the same unquantised wgrad
+# Gᵀ·A (where mixed's layout probe chose _mm's). Replayed in one shared_site() block (the pipeline runs
+# such recipes one after the other in one task, SHARING), a later one reuses an earlier one's tensors:
+# the values it would compute itself, bit for bit (tests/analysis/test_shared_replay.py).
+# --------------------------------------------------------------------------------------------
+#: Groups of recipes (by name) that share sub-results when replayed in one shared_site() block.
+SHARING = (("mixed", "int8", "switchback"),)
+_SITE = threading.local()
+
+
+@contextlib.contextmanager
+def shared_site() -> Iterator[None]:
+    """Recipes replayed in this block by this thread, all on the operands of one GEMM call, reuse each
+    other's identical sub-results (and the metrics their sums, site_memo); a nested block joins the outer."""
+    if getattr(_SITE, "memo", None) is not None:
+        yield
+        return
+    _SITE.memo = {}
+    try:
+        yield
+    finally:
+        _SITE.memo = None
+
+
+def replay_groups(strategies: list[Strategy]) -> list[list[int]]:
+    """``strategies`` (indices) cut into runs to replay one after the other in one shared_site() block: a
+    run is a maximal sequence of neighbours of one SHARING group, every other recipe a run of its own."""
+    group_of = {name: k for k, names in enumerate(SHARING) for name in names}
+    runs: list[list[int]] = []
+    for i, strat in enumerate(strategies):
+        k = group_of.get(strat.name)
+        if runs and k is not None and group_of.get(strategies[runs[-1][-1]].name) == k:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def site_memo() -> dict | None:
+    """The memo of this thread's shared_site() block, None outside one."""
+    return getattr(_SITE, "memo", None)
+
+
+def _shared(tag: str, make: Callable[[], Any], *tensors: torch.Tensor) -> Any:
+    """make(), or what it returned earlier in this shared_site() block for the same tensors."""
+    memo = site_memo()
+    if memo is None:
+        return make()
+    key = (tag, *(tensor_key(t) for t in tensors))
+    if key not in memo:
+        memo[key] = (tensors, make())
+    return memo[key][1]
+
+
+def _int8_weight(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CB, SCB, deq(CB, SCB) float32) of a 2-D W: int8 row codes with threshold 0, shared on a site."""
+    def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous(), 0.0)
+        return CB, SCB, F.int8_vectorwise_dequant(CB, SCB)
+    return _shared("int8-w", make, W)
+
+
+def _int8_fprop(A: torch.Tensor, W: torch.Tensor, CA: torch.Tensor, SCA: torch.Tensor, CB: torch.Tensor,
+                SCB: torch.Tensor) -> torch.Tensor:
+    """F.int8_scaled_mm(CA, CB, SCA, SCB, A.dtype) for 2-D A, W (CB, SCB: _int8_weight(W)'s), or the product
+    another recipe of the site computed from the same A, W where its row codes and scales equal CA, SCA."""
+    memo, key = site_memo(), ("int8-fprop", tensor_key(A), tensor_key(W))
+    seen = memo.get(key) if memo is not None else None
+    if seen is not None and _same_bits(seen[1][0], CA) and _same_bits(seen[1][1], SCA):
+        return seen[1][2]
+    y = F.int8_scaled_mm(CA, CB, SCA, SCB, dtype=A.dtype)
+    if memo is not None:
+        memo[key] = ((A, W), (CA, SCA, y))
+    return y
+
+
+def _int8_dgrad(G: torch.Tensor, W: torch.Tensor, W32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """G·deq(W) in ``dtype`` (W32: _int8_weight(W)'s), shared on a site."""
+    return _shared(f"int8-dgrad-{dtype}", lambda: torch.matmul(G.to(dtype), W32.to(dtype)), G, W)
 
 
 def _int8_rows(x: torch.Tensor, threshold: float, row_scale: str = "bnb") -> torch.Tensor:
@@ -457,17 +547,16 @@ def _run_int8_direct(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, t
         CA, CAt, SCA, SCAt, cols = F.int8_double_quant(A, t, row_scale=row_scale)
     else:
         CA, SCA, cols = F.int8_vectorwise_quant(A, t, row_scale=row_scale)
-    CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous(), 0.0)
+    CB, SCB, W32 = _int8_weight(W)
     outliers = t > 0.0 and cols is not None and cols.numel() > 0
     if outliers:
         y, subA = F.int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, cols)
     else:
-        y = F.int8_scaled_mm(CA, CB, SCA, SCB, dtype=A.dtype)
+        y = _int8_fprop(A, W, CA, SCA, CB, SCB)
     gemms = {"fprop": y}
     qA = F.int8_vectorwise_dequant(CA, SCA).to(A.dtype)
     if cols is not None and cols.numel():
         qA[:, cols] = A[:, cols]
-    W32 = F.int8_vectorwise_dequant(CB, SCB)
     ops = {"activation": (A, qA, None), "weight": (W, W32.to(W.dtype), None)}
     if G is not None:
         # backward: grad_B from column codes of G and A (outlier columns in A's precision), grad_A = G·deq(W)
@@ -482,7 +571,7 @@ def _run_int8_direct(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, t
         dW = F.int8_scaled_mm(Cg_col.t(), QA_col.t(), Sg_col, SCAt, dtype=_F32)
         if outliers:
             dW[:, cols] += torch.matmul(grad2.to(subA.dtype).t(), subA).float()
-        gemms["dgrad"] = torch.matmul(grad2.to(A.dtype), W32.to(A.dtype))
+        gemms["dgrad"] = _int8_dgrad(grad2, W, W32, A.dtype)
         gemms["wgrad"] = dW.to(W.dtype)
         if G.dtype == grad2.dtype:
             qG = (Cg_col.float() * Sg_col.float()[None, :] / 127.0).to(G.dtype)  # _int8_cols(G)
@@ -511,15 +600,22 @@ def _run_switchback_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | 
     bt, m, k = A.shape
     n = W.shape[1]
     CA, SCA, _ = F.int8_vectorwise_quant(A.reshape(bt * m, k), 0.0)
-    CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().reshape(bt * n, k), 0.0)
+    if bt == 1:  # one GEMM (_one_slice): W's codes, the forward product and the dgrad as int8 computes them
+        CB, SCB, qW = (t[None] for t in _int8_weight(W[0]))
+    else:
+        CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().reshape(bt * n, k), 0.0)
     CA, SCA, CB, SCB = CA.view(bt, m, k), SCA.view(bt, m), CB.view(bt, n, k), SCB.view(bt, n)
-    y = torch.stack([F.int8_scaled_mm(CA[i], CB[i], SCA[i], SCB[i], dtype=A.dtype) for i in range(bt)])
+    if bt == 1:
+        y = _int8_fprop(A[0], W[0], CA[0], SCA[0], CB[0], SCB[0])[None]
+    else:
+        y = torch.stack([F.int8_scaled_mm(CA[i], CB[i], SCA[i], SCB[i], dtype=A.dtype) for i in range(bt)])
+        qW = F.int8_vectorwise_dequant(CB, SCB)
     gemms = {"fprop": y}
-    qW = F.int8_vectorwise_dequant(CB, SCB)
     if G is not None:
         g = G.to(y.dtype)
-        gemms["dgrad"] = _mm(g.to(A.dtype), qW.to(A.dtype))
-        gemms["wgrad"] = _mm(g.to(A.dtype).mT, A).to(W.dtype)
+        gemms["dgrad"] = _int8_dgrad(g[0], W[0], qW[0], A.dtype)[None] if bt == 1 else _mm(g.to(A.dtype), qW.to(A.dtype))
+        gt = g.to(A.dtype).mT
+        gemms["wgrad"] = _shared("mm", lambda: _mm(gt, A), gt, A).to(W.dtype)   # (mixed's unquantised wgrad too)
     ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), None), "weight": (W, qW.to(W.dtype), None)}
     return StrategyOutput(gemms, ops)
 
