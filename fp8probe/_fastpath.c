@@ -798,7 +798,10 @@ typedef struct {
     int e5m2; float fmax;
     int lowbit;           /* 0: FP8 elements; 1 + k: the 4/6-bit element k (0 e2m1, 1 e2m3, 2 e3m2) */
     uint32_t *partial;    /* [row pieces][nbc * cs] amax bits */
-    uint8_t *nonfin;      /* 4/6-bit only, like partial: 1 where the piece holds a NaN/Inf */
+    uint8_t *nonfin;      /* like partial: 1 where the piece holds a NaN/Inf (set where track) */
+    int track;            /* the amax pass flags NaN/Inf per piece: the 4/6-bit scales need it, and fused_scaled's
+                           * FP8 loops skip the NaN/Inf handling of a clean piece (quantize_scaled's gained
+                           * nothing measurable from that: its loops are not bound by those operations) */
     float *scale; uint8_t *data;
     float *div;           /* 4/6-bit only: the per-tile divisor of the elements ([nbr * nbc]) */
     size_t units, np;     /* work units; partial slots ([row pieces][nbc * cs]) */
@@ -950,7 +953,7 @@ INLINE void sq_run_of(const sq_t *c, const sq_unit_t *w, size_t r, size_t t, siz
             }                                                                                   \
     }                                                                                           \
     ATTR INLINE void NAME(const sq_t *c, size_t u, int dt) {                                    \
-        if (c->lowbit) NAME##_t(c, u, dt, 1);                                                   \
+        if (c->track) NAME##_t(c, u, dt, 1);                                                    \
         else NAME##_t(c, u, dt, 0);                                                             \
     }
 SQ_AMAX_BODY(sq_amax_body, sq_amax_run, )
@@ -1137,6 +1140,7 @@ static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br
     c->nbr = (R + br - 1) / br; c->nbc = (C + bc - 1) / bc;
     c->e5m2 = fmt == 1 || fmt == 3; c->fmax = SQ_FMT[fmt].fmax;
     c->lowbit = SQ_FMT[fmt].lowbit;
+    c->track = c->lowbit;
     /* pieces of about UNIT elements: rows first (inside one tile row), then columns. Where a whole tile fits in
      * a unit, all br rows of a tile row, so that units hold whole tiles and take the one-pass local mode
      * (sq_local); and whole tile rows up to SQ_ROW_UNIT elements (128x128 at C = 4096: units of 128 x 4096,
@@ -1159,12 +1163,10 @@ static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br
     c->np = rows_units * c->nbc * c->cs;
     /* calloc: a piece that turns out empty (short last tile) leaves its partial at 0, the max's identity */
     c->partial = (uint32_t *)calloc(c->np, sizeof(uint32_t));
-    if (c->lowbit) {
-        c->nonfin = (uint8_t *)calloc(c->np, 1);
-        c->div = (float *)malloc(c->nbr * c->nbc * sizeof(float));
-    }
+    c->nonfin = (uint8_t *)calloc(c->np, 1);
+    if (c->lowbit) c->div = (float *)malloc(c->nbr * c->nbc * sizeof(float));
     c->scale = scale;
-    if (c->partial == NULL || (c->lowbit && (c->nonfin == NULL || c->div == NULL))) {
+    if (c->partial == NULL || c->nonfin == NULL || (c->lowbit && c->div == NULL)) {
         free(c->partial); free(c->nonfin); free(c->div);
         return -1;
     }
@@ -2458,7 +2460,8 @@ typedef struct {
 
 /* kind: 0 e4m3, 1 e5m2 (FP8 elements), 2 + k the 4/6-bit element k of sq_lowbit_run; has_g: NVFP4. */
 INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
-                  int64_t *slot) {
+                  int64_t *slot, int clean) {
+    (void)clean; /* clean: the run's amax piece holds no NaN/Inf (nonfin 0); the AVX2 loop (fqv_step) uses it */
     float *restrict q = c->q;
     uint8_t *restrict sat = c->sat;
     const void *x = c->sq.x;
@@ -2491,6 +2494,7 @@ INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has
         if (w.c0 >= w.c1) return;                                                               \
         size_t t0 = w.c0 / sq->bc, t1 = (w.c1 - 1) / sq->bc, lo, hi;                            \
         int64_t *slots = c->cnt + w.ru * sq->nbc * sq->cs + w.q; /* the amax partial's slot */  \
+        const uint8_t *nf = sq->nonfin + w.ru * sq->nbc * sq->cs + w.q;                         \
         int bad = 0;                                                                            \
         for (size_t r = w.r0; r < w.r1; r++) {                                                  \
             const size_t tr = r / sq->br;                                                       \
@@ -2498,7 +2502,8 @@ INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has
             const float *drow = sq->lowbit ? sq->div + tr * sq->nbc : srow;                     \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(sq, &w, r, t, &lo, &hi);                                              \
-                bad |= RUN(c, lo, hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs);   \
+                bad |= RUN(c, lo, hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs,    \
+                           sq->track && !nf[t * sq->cs]);                                       \
             }                                                                                   \
         }                                                                                       \
         if (bad) __atomic_store_n(c->bad, 1, __ATOMIC_RELAXED);                                 \
@@ -2565,6 +2570,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     if (direct) memset(counts, 0, 3 * ntiles * sizeof(int64_t));
     c.q = (float *)(uintptr_t)qp; c.sat = (uint8_t *)(uintptr_t)satp;
     c.vmax_bits = f2u(c.sq.fmax);
+    c.sq.track = 1; /* the fused FP8 loops skip the NaN/Inf handling of clean pieces (fq_t) */
     int bad = 0;
     c.bad = &bad;
     const int kind = c.sq.lowbit ? 1 + c.sq.lowbit : c.sq.e5m2;
@@ -2909,7 +2915,7 @@ SD_DISPATCH(sd_avx2, sdv_body, AVX2, _mm256_zeroupper();)
  * subtraction is exact (a multiple of the step below 2^-6 / 2^-14), which is the value of the code the
  * addition gave enc_fp8. Inf: E4M3 gets min(Inf, 448) = 448 from the clamp, E5M2 keeps Inf; NaN stays a
  * NaN (its payload is never used: a NaN q sends the call to the unfused ops). */
-AVX2 INLINE __m256 sqv_round_fp8(__m256 y, int e5m2, __m256i fmaxv) {
+AVX2 INLINE __m256 sqv_round_fp8(__m256 y, int e5m2, __m256i fmaxv, int clean) {
     const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
     const int sh = e5m2 ? 21 : 20;
     __m256i u = _mm256_castps_si256(y);
@@ -2922,8 +2928,12 @@ AVX2 INLINE __m256 sqv_round_fp8(__m256 y, int e5m2, __m256i fmaxv) {
     __m256 sub = _mm256_sub_ps(_mm256_add_ps(_mm256_castsi256_ps(b), bias), bias);
     __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(e5m2 ? 0x38800000 : 0x3c800000), b);
     __m256i v = _mm256_blendv_epi8(nrm, _mm256_castps_si256(sub), small);
-    if (e5m2) v = _mm256_blendv_epi8(v, inf, _mm256_cmpeq_epi32(a, inf));
-    v = _mm256_blendv_epi8(v, a, _mm256_cmpgt_epi32(a, inf)); /* NaN */
+    /* A clean run has no NaN/Inf x, so no NaN/Inf y: |x| <= the tile's finite amax, and y = x / s stays below
+     * 2^(emax+1) for MX scales, near fmax for amax / fmax (below 2^23 where that scale is subnormal). */
+    if (!clean) {
+        if (e5m2) v = _mm256_blendv_epi8(v, inf, _mm256_cmpeq_epi32(a, inf));
+        v = _mm256_blendv_epi8(v, a, _mm256_cmpgt_epi32(a, inf)); /* NaN */
+    }
     return _mm256_castsi256_ps(_mm256_or_si256(v, _mm256_andnot_si256(abs, u)));
 }
 
@@ -2931,11 +2941,13 @@ AVX2 INLINE __m256 sqv_round_fp8(__m256 y, int e5m2, __m256i fmaxv) {
  * test accumulated. sat = |v| == vmax and |x| > |q| needs no NaN test here: |v| == vmax makes v finite,
  * so x is not NaN (a NaN x gives a NaN v for FP8, v = 0 for 4/6-bit) and q = v * s is not NaN for a finite
  * scale; a NaN scale (4/6-bit tile with a NaN/Inf) makes q NaN, and the caller discards the call. */
+/* clean (FP8 kinds only): the run holds no NaN/Inf x, so every x is finite (nonzero test alone) and no q is NaN. */
 AVX2 INLINE __m256i fqv_step(const fq_t *c, size_t i, int dt, int kind, int has_g, __m256 dv, __m256 sv, int pos,
-                             int mul, __m256i fmaxv, __m256i *nnz, __m256i *nun, __m256i *nsat, __m256i *aqmax) {
+                             int mul, int clean, __m256i fmaxv, __m256i *nnz, __m256i *nun, __m256i *nsat,
+                             __m256i *aqmax) {
     const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
     __m256 xv = load8(c->sq.x, i, dt);
-    __m256 v = kind < 2 ? sqv_round_fp8(mul ? _mm256_mul_ps(xv, dv) : _mm256_div_ps(xv, dv), kind, fmaxv)
+    __m256 v = kind < 2 ? sqv_round_fp8(mul ? _mm256_mul_ps(xv, dv) : _mm256_div_ps(xv, dv), kind, fmaxv, clean)
                         : sqv_lowbit_value(xv, dv, pos, mul, kind - 2);
     __m256 qv = _mm256_mul_ps(v, sv);
     if (has_g) qv = _mm256_mul_ps(qv, _mm256_set1_ps(c->sq.g));
@@ -2944,18 +2956,19 @@ AVX2 INLINE __m256i fqv_step(const fq_t *c, size_t i, int dt, int kind, int has_
     __m256i aq = _mm256_and_si256(_mm256_castps_si256(qv), abs);
     __m256i av = _mm256_and_si256(_mm256_castps_si256(v), abs);
     __m256i st = _mm256_and_si256(_mm256_cmpeq_epi32(av, fmaxv), _mm256_cmpgt_epi32(ax, aq));
-    __m256i nz = _mm256_andnot_si256(_mm256_cmpeq_epi32(ax, _mm256_setzero_si256()), _mm256_cmpgt_epi32(inf, ax));
+    __m256i z = _mm256_cmpeq_epi32(ax, _mm256_setzero_si256());
+    __m256i nz = clean ? _mm256_xor_si256(z, _mm256_set1_epi32(-1)) : _mm256_andnot_si256(z, _mm256_cmpgt_epi32(inf, ax));
     *nnz = _mm256_sub_epi32(*nnz, nz);
     *nun = _mm256_sub_epi32(*nun, _mm256_and_si256(nz, _mm256_cmpeq_epi32(aq, _mm256_setzero_si256())));
     *nsat = _mm256_sub_epi32(*nsat, st);
-    *aqmax = _mm256_max_epi32(*aqmax, aq); /* > Inf bits iff some q is NaN */
+    if (!clean) *aqmax = _mm256_max_epi32(*aqmax, aq); /* > Inf bits iff some q is NaN */
     return st;
 }
 
 /* fq_run 32 and 8 lanes at a time (fq_run's values: the element value from sqv_round_fp8 for the FP8 kinds,
  * sqv_lowbit_value for the 4/6-bit ones; vmax = the format's fmax); the tail runs fq_run itself. */
 AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d, float r,
-                          int pos, int mul, int64_t *slot) {
+                          int pos, int mul, int clean, int64_t *slot) {
     const __m256 dv = _mm256_set1_ps(mul ? r : d), sv = _mm256_set1_ps(s);
     const __m256i fmaxv = _mm256_set1_epi32((int32_t)c->vmax_bits), one = _mm256_set1_epi32(1);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -2963,17 +2976,17 @@ AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind,
     size_t i = lo;
     for (; i + 32 <= hi; i += 32) {
         pf_step(c->sq.pf);
-        __m256i s0 = fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s1 = fqv_step(c, i + 8, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s2 = fqv_step(c, i + 16, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s3 = fqv_step(c, i + 24, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s0 = fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, clean, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s1 = fqv_step(c, i + 8, dt, kind, has_g, dv, sv, pos, mul, clean, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s2 = fqv_step(c, i + 16, dt, kind, has_g, dv, sv, pos, mul, clean, fmaxv, &nnz, &nun, &nsat, &aqmax);
+        __m256i s3 = fqv_step(c, i + 24, dt, kind, has_g, dv, sv, pos, mul, clean, fmaxv, &nnz, &nun, &nsat, &aqmax);
         /* -1/0 masks: signed packs keep them -1/0 bytes, the permute undoes the lane interleave */
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
         p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
         _mm256_storeu_si256((__m256i *)(c->sat + i), p);
     }
     for (; i + 8 <= hi; i += 8)
-        sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, fmaxv, &nnz, &nun, &nsat,
+        sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, clean, fmaxv, &nnz, &nun, &nsat,
                                                             &aqmax), one));
     /* lane sums (at most UNIT / 8 per lane, no overflow): two horizontal adds leave, per 128-bit half,
      * [nnz, nun, nsat, 0] partial sums */
@@ -2983,15 +2996,18 @@ AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind,
     slot[c->ncnt] += _mm_extract_epi32(sum, 1);
     slot[2 * c->ncnt] += _mm_extract_epi32(sum, 2);
     int bad = hmax8(aqmax) > 0x7f800000;
-    return bad | fq_run(c, i, hi, dt, kind, has_g, s, d, slot);
+    return bad | fq_run(c, i, hi, dt, kind, has_g, s, d, slot, clean);
 }
 
 AVX2 INLINE int fqv_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
-                        int64_t *slot) {
-    if (kind >= 2 && !(d > 0.0f)) return fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, 0.0f, 0, 0, slot);
+                        int64_t *slot, int clean) {
+    if (kind >= 2 && !(d > 0.0f)) return fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, 0.0f, 0, 0, 0, slot);
     float r = exact_recip(d);
-    return r != 0.0f ? fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 1, slot)
-                     : fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 0, slot);
+    if (kind < 2 && clean)
+        return r != 0.0f ? fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 1, 1, slot)
+                         : fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 0, 1, slot);
+    return r != 0.0f ? fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 1, 0, slot)
+                     : fqv_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 0, 0, slot);
 }
 
 FQ_BODY(fqv_body, fqv_run, AVX2)
