@@ -1260,9 +1260,6 @@ static void sq_local_work(void *vc, size_t u) {
     sq_phase2(vc, u);
 }
 
-/* run_units over units nunits - 1 down to 0 (the element pass after an amax pass over all of x: see
- * "scaled casts: memory order of the two passes"). */
-static void run_units_reversed(unit_fn fn, void *ctx, size_t nunits, int nt);
 /* The local mode's units over nt threads, each prefetching its next unit's input (same section): ctx the sq_t of
  * quantize_scaled, or the fq_job_t of fused_scaled (fused = 1). */
 static void sq_run_ahead(const void *ctx, int fused, size_t nunits, int nt);
@@ -1301,7 +1298,7 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     } else {
         run_units(sq_phase1, &c, c.units, nt);
         sq_tile_scales(&c, nt);
-        run_units_reversed(sq_phase2, &c, c.units, nt);
+        run_units(sq_phase2, &c, c.units, nt);
     }
     Py_END_ALLOW_THREADS
     sq_free(&c);
@@ -2583,7 +2580,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     } else {
         run_units(sq_phase1, &c.sq, c.sq.units, nt);
         sq_tile_scales(&c.sq, nt);
-        run_units_reversed(fq_work, &job, c.sq.units, nt);
+        run_units(fq_work, &job, c.sq.units, nt);
     }
     g = c.sq.g;
     if (!direct) {
@@ -3101,7 +3098,7 @@ static PyObject *py_transpose_copy(PyObject *self, PyObject *args) {
 
 /* ================================================================== scaled casts: memory order
  * Part "scaled casts at copy bandwidth" (issue 15, second round): the order in which the scaled casts
- * (quantize_scaled, fused_scaled) read x. Neither changes a value: every unit writes only its own outputs,
+ * (quantize_scaled, fused_scaled) read x. It changes no value: every unit writes only its own outputs,
  * scales and partial slots, and the tile amax is a max (any order).
  *
  * Local mode (sq_local: units of whole tiles) reads each unit's input twice in a row, the amax pass from
@@ -3112,20 +3109,9 @@ static PyObject *py_transpose_copy(PyObject *self, PyObject *args) {
  * step), so that the next amax pass reads from L2.
  *
  * Two-pass mode (per-tensor scales; NVFP4 without a given tensor scale) reads all of x for the amax, then
- * again for the elements. The element pass claims its units last to first: the end of x, read last by the
- * amax pass, is then still in the L3 cache (32 MiB here, against 64 MiB of x at 16M float32). */
-typedef struct { unit_fn fn; void *ctx; size_t nunits; } rev_t;
-
-static void rev_work(void *vr, size_t u) {
-    const rev_t *r = (const rev_t *)vr;
-    r->fn(r->ctx, r->nunits - 1 - u);
-}
-
-static void run_units_reversed(unit_fn fn, void *ctx, size_t nunits, int nt) {
-    rev_t r = {fn, ctx, nunits};
-    run_units(rev_work, &r, nunits, nt);
-}
-
+ * again for the elements, in unit order. Running the element pass last unit first (the end of x, read last,
+ * still in the 32 MiB L3) measured no different (per-tensor 16M float32: 9.02 against 8.90 ms CPU, within the
+ * noise), so it was left out. */
 /* The input of unit v under the cursor: its rows' column segments (one segment where they are whole rows);
  * nothing when v is past the last unit. */
 static void pf_unit(pf_t *pf, const sq_t *c, size_t v) {

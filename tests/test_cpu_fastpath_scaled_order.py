@@ -1,7 +1,7 @@
 """The memory order of the C scaled casts (fp8probe/_fastpath.c, "scaled casts: memory order") against the
 PyTorch reference, bit for bit: units of whole tile rows (128x128 one-pass), units of column pieces whose
-next-unit prefetch walks row segments, the per-tensor element pass run last unit first, and the FP8 element
-loops that skip the NaN/Inf codes of pieces their amax pass found clean, beside pieces holding NaN/±Inf.
+next-unit prefetch walks row segments, and fused_scaled's FP8 element loops that skip the NaN/Inf handling
+of pieces their amax pass found clean, beside pieces holding NaN/±Inf.
 Every test runs the AVX2 and the scalar loops (the ``isa`` fixture) on 1 and 3 threads."""
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_whole_tile_rows_and_column_pieces(isa, no_fallback, dtype: torch.dtype,
     """Tiles that fit in a unit take units of whole tile rows up to 512K elements (128x128 on 4000 columns: one
     contiguous run each, prefetched by the thread that runs the unit before) and column pieces of whole tiles
     beyond (64x64 on 8200 columns: 1024-column pieces, the prefetch walking 64 row segments, the last piece
-    short); per-tensor scales run the element pass last unit first. All equal the reference."""
+    short); per-tensor scales (two passes) beside them. All equal the reference."""
     monkeypatch.setattr(cpu, "_threads", lambda n: threads)
     x = wide_range(384, 4000, seed=1).to(dtype)
     for fmt, br, bc in (("e4m3", 128, 128), ("e5m2", 128, 128), ("e4m3", 10**9, 10**9)):
@@ -92,9 +92,9 @@ def test_whole_tile_rows_and_column_pieces(isa, no_fallback, dtype: torch.dtype,
 @pytest.mark.parametrize("threads", (1, 3))
 @pytest.mark.parametrize("fmt", ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2"))
 def test_clean_pieces_beside_pieces_with_nan_and_inf(isa, no_fallback, fmt: str, threads: int, monkeypatch) -> None:
-    """FP8 tiles of 1x128, 1x4096 and 128x128 (long runs: the amax pass flags NaN/±Inf per piece and the
-    element loops of clean pieces skip their codes) and 1x32 (no flagging): a NaN, +Inf or -Inf in some tiles,
-    the tiles beside them clean. Codes and scales equal the reference's; dequantize_scaled and fused_scaled,
+    """FP8 tiles of 1x128, 1x4096, 128x128 and MX 1x32: a NaN, +Inf or -Inf in some tiles, the tiles beside
+    them clean (fused_scaled's amax pass flags NaN/±Inf per piece and its element loops skip their handling
+    in clean pieces). Codes and scales equal the reference's; dequantize_scaled and fused_scaled,
     given the same tiles with ±Inf only (a NaN output sends both to the reference / the two ops by design),
     equal the reference."""
     monkeypatch.setattr(cpu, "_threads", lambda n: threads)
