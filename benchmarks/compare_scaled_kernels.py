@@ -1,8 +1,9 @@
-"""Old vs new C scaled-cast kernels in one process: CPU time of quantize_scaled / dequantize_scaled / fused_scaled.
+"""Old vs new C scaled-cast kernels in one process: CPU and wall time of quantize_scaled / dequantize_scaled / fused_scaled.
 
 Usage::
 
     python benchmarks/compare_scaled_kernels.py OLD_SO [--rows 4096] [--dtype float32] [--threads 1] [--reps 7]
+        [--wall]
 
 OLD_SO is a ``_fastpath`` extension built from an older ``fp8probe/_fastpath.c`` (for example
 ``git show REV:fp8probe/_fastpath.c > /tmp/old/_fastpath.c`` and the compile command of setup.py with
@@ -10,7 +11,9 @@ OLD_SO is a ``_fastpath`` extension built from an older ``fp8probe/_fastpath.c``
 ``fp8probe._fastpath``, and both are called on the same seeded N(0, 3²) tensor [rows, 4096] with reused
 outputs (no page faults), so the comparison holds on a shared machine where wall clocks do not: the
 minimum process CPU time of ``--reps`` calls is printed (with ``--threads 1`` that is the kernel's own time).
-``--rows 64`` (256K elements) measures from cache, the default 4096 (16M) from memory.
+``--wall`` adds the minimum wall time of the same calls (``--threads 2``: how well the threads overlap, which
+CPU time does not show; only meaningful on an idle machine). ``--rows 64`` (256K elements) measures from
+cache, the default 4096 (16M) from memory.
 """
 from __future__ import annotations
 
@@ -43,15 +46,16 @@ def load_old(path: str) -> ModuleType:
     return module
 
 
-def cpu_ms(fn, reps: int) -> float:
-    """Minimum process CPU time of fn() over reps calls after one warm-up call, in ms."""
+def best_ms(fn, reps: int) -> tuple[float, float]:
+    """(minimum process CPU time, minimum wall time) of fn() over reps calls after one warm-up call, in ms."""
     fn()
-    best = float("inf")
+    cpu_best = wall_best = float("inf")
     for _ in range(reps):
-        t = time.process_time()
+        w, t = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.process_time() - t)
-    return best * 1e3
+        cpu_best = min(cpu_best, time.process_time() - t)
+        wall_best = min(wall_best, time.perf_counter() - w)
+    return cpu_best * 1e3, wall_best * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(T.DTYPES), default="float32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--wall", action="store_true", help="also print the minimum wall time (idle machine)")
     args = ap.parse_args(argv)
     if args.rows < 1 or args.threads < 1 or args.reps < 1:
         ap.error(f"--rows, --threads and --reps must be >= 1, got {args.rows}, {args.threads}, {args.reps}")
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     dt, n = cpu._DT[dtype], R * C
     data, q = torch.zeros(n, dtype=torch.uint8), torch.zeros(n)
     sat, out = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=dtype)
-    print(f"# {R}x{C} {args.dtype}, {args.threads} thread(s), min CPU ms of {args.reps}: old -> new")
+    what = "min CPU ms [wall ms]" if args.wall else "min CPU ms"
+    print(f"# {R}x{C} {args.dtype}, {args.threads} thread(s), {what} of {args.reps}: old -> new")
     for label, fmt, br, bc in CASES:
         br, bc = min(br or R, R), min(bc or C, C)
         scale = torch.empty(-(-R // br), -(-C // bc))
@@ -95,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                     fn = lambda M=M: M.fused_scaled(x.data_ptr(), dt, R, C, br, bc, fmt, q.data_ptr(),  # noqa: E731
                                                     sat.data_ptr(), scale.data_ptr(), counts.data_ptr(),
                                                     args.threads, 0)
-                times.append(cpu_ms(fn, args.reps))
-            cells.append(f"{call} {times[0]:7.3f} -> {times[1]:7.3f}")
+                times.append(best_ms(fn, args.reps))
+            (old_cpu, old_wall), (new_cpu, new_wall) = times
+            cells.append(f"{call} {old_cpu:7.3f} -> {new_cpu:7.3f}"
+                         + (f" [{old_wall:7.3f} -> {new_wall:7.3f}]" if args.wall else ""))
         print(f"{label:16s} " + "   ".join(cells))
     return 0
 

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,20 @@ def test_compare_scaled_kernels_runs_with_this_checkouts_extension_as_the_old_on
     assert lines[0].startswith("# 2x4096 float32") and len(lines) == 1 + len(module.CASES)
     for line, (label, *_) in zip(lines[1:], module.CASES):
         assert line.startswith(label) and line.count("->") == 3
+
+
+def test_compare_scaled_kernels_wall_adds_the_minimum_wall_times(capsys) -> None:
+    """--wall puts the old -> new minimum wall ms in brackets after each CPU pair (2 threads: the overlap)."""
+    from fp8probe.backends import cpu
+    if not cpu.available():
+        pytest.skip("fp8probe._fastpath not built")
+    spec = importlib.util.spec_from_file_location("compare_scaled_kernels", BENCH / "compare_scaled_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([cpu._ext().__file__, "--rows", "2", "--reps", "1", "--threads", "2", "--wall"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# 2x4096 float32, 2 thread(s), min CPU ms [wall ms]")
+    for line, (label, *_) in zip(lines[1:], module.CASES):
+        assert line.startswith(label) and line.count("->") == 6 and line.count("[") == 3
+        walls = [float(v) for v in re.findall(r"\[\s*([\d.]+) ->\s*([\d.]+)\]", line)[0]]
+        assert all(w > 0 for w in walls)
