@@ -89,6 +89,15 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
 
     if threads:
         torch.set_num_threads(threads)
+    # as the command line does for analyze (cli._replay_process); FP8PROBE_BENCH_GLIBC_DEFAULTS=1 (or an older
+    # fp8probe without it) keeps glibc's malloc thresholds
+    if os.environ.get("FP8PROBE_BENCH_GLIBC_DEFAULTS", "0") != "1":
+        try:
+            from fp8probe.analysis.capture import keep_freed_blocks
+        except ImportError:
+            pass
+        else:
+            keep_freed_blocks()
     module, full, small, target_s = MODELS[name]
     kwargs = small if quick else full
     model, batches = importlib.import_module(f"models.{module}").build(**kwargs)
@@ -188,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     info = T.machine_info(args.device)
     info["omp_wait_policy"] = child_wait_policy()
     info["thp_mem_alloc_enable"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
+    info["malloc"] = ("glibc defaults" if os.environ.get("FP8PROBE_BENCH_GLIBC_DEFAULTS", "0") == "1"
+                      else "keep_freed_blocks (as the command line)")
     # the parallel replay of small sites (pipeline.replay_workers); 1 = the serial replay
     info["replay_workers"] = os.environ.get("FP8PROBE_REPLAY_WORKERS", "default (torch threads)")
     T.print_header("bench_analyze: analyze --strategy " + args.strategy, info)

@@ -555,6 +555,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         _analyze_weights(ckpt, strategy, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
                          run_name=run_name, quiet=quiet, no_html=no_html, output_format=output_format)
         return
+    _replay_process()
     loaded, batch_list = _load_streamed(model, inputs, factory, trust_pickle) if stream else \
         _load(model, inputs, factory, trust_pickle)
     try:
@@ -863,6 +864,17 @@ def _progress(label: str, n_total: int, quiet: bool, output_format: str):  # typ
     return click.progressbar(length=n_total, label=label, file=sys.stderr)
 
 
+def _replay_process() -> None:
+    """This process captures and replays a model: let glibc reuse freed large blocks (capture.keep_freed_blocks).
+    Only in the command-line process itself (fp8probe._IS_CLI), like its OpenMP and huge-page settings: a
+    command run in-process by a library user or a test (click's CliRunner) leaves their process alone."""
+    import fp8probe
+    from fp8probe.analysis.capture import keep_freed_blocks
+
+    if fp8probe._IS_CLI:
+        keep_freed_blocks()
+
+
 @contextlib.contextmanager
 def _threads(threads: int | None):  # type: ignore[no-untyped-def]
     """torch.set_num_threads(threads) for the command, restored after (CliRunner runs commands in-process)."""
@@ -987,6 +999,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                        run_name=run_name)
         return
     with _threads(threads):
+        _replay_process()
         loaded, batch_list = _load(model, inputs, factory, trust_pickle)
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
@@ -1119,6 +1132,8 @@ def _run_demo(out: Path, stale: list[Path], small: bool, start: float, quiet: bo
     from fp8probe.analysis.demo_model import build_demo
     from fp8probe.analysis.pipeline import analyze
     from fp8probe.analysis.sweeps import sweep_both
+
+    _replay_process()
     from fp8probe.report.verdict import verdict_lines
 
     def say(text: str) -> None:

@@ -68,3 +68,49 @@ def test_cli_process_asks_torch_for_huge_pages(argv0: str, preset: str | None, e
     assert value == expected
     if _thp_mode() == "madvise":
         assert (int(huge_mib) >= 32) == (expected == "1")
+
+
+MALLOC_PROBE = (
+    "import ctypes, sys, torch\n"
+    "from fp8probe.analysis.capture import keep_freed_blocks\n"
+    "class M(ctypes.Structure): _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
+    "info = ctypes.CDLL(None).mallinfo2; info.restype = M\n"
+    "applied = keep_freed_blocks() if {keep!r} else None\n"
+    "before = info().hblkhd; x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)\n"
+    "print(applied, (info().hblkhd - before) >> 20)")
+
+
+def _has_mallinfo2() -> bool:
+    import ctypes
+
+    try:
+        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
+@pytest.mark.parametrize(("keep", "expected"), [(False, "None 64"), (True, "True 0")])
+def test_keep_freed_blocks_serves_large_tensors_from_the_heap(keep: bool, expected: str) -> None:
+    """glibc maps a fresh 64 MiB tensor by default (64 MiB of mmapped blocks); after keep_freed_blocks it
+    comes from the heap, where a freed one is reused without page faults (checked in a fresh interpreter:
+    the setting is process-wide)."""
+    assert _probe_output(MALLOC_PROBE.replace("{keep!r}", repr(keep)), "-c", "MALLOC_MMAP_THRESHOLD_", None) == expected
+
+
+@pytest.mark.parametrize("is_cli", [True, False])
+def test_the_replaying_commands_keep_freed_blocks(monkeypatch, tmp_path, is_cli: bool) -> None:
+    """demo (and analyze, the sweeps: cli._replay_process) call capture.keep_freed_blocks in the command-line
+    process; run in-process (a library user, click's CliRunner) they leave glibc's settings alone."""
+    from click.testing import CliRunner
+
+    import fp8probe
+    from fp8probe import cli
+    from fp8probe.analysis import capture
+
+    calls = []
+    monkeypatch.setattr(capture, "keep_freed_blocks", lambda: calls.append(1) or True)
+    monkeypatch.setattr(fp8probe, "_IS_CLI", is_cli)
+    result = CliRunner().invoke(cli.cli, ["demo", "--small", "--out", str(tmp_path / "d"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert calls == ([1] if is_cli else [])
