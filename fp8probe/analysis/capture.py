@@ -120,10 +120,12 @@ def keep_freed_blocks() -> bool:
 
 
 #: Trim the heap (release_free_memory) once the replayed calls' operands add up to this many elements:
-#: their replays allocate ~20x that in temporaries, and a trim costs ~3 ms (a 135M LLM's 9 sites a
-#: layer took 9 trims, 0.3 s for 6 layers). A 32-layer 1024-wide MLP (64 tokens, "global"): peak RSS
-#: over the start 110 MiB trimming after every call, 115 MiB so (4 layers: 94 and 103).
-TRIM_ELEMENTS = 1 << 21
+#: their replays allocate ~20x that in temporaries. A trim is not just its own ~3 ms: every page it gives
+#: back faults again when the next site reuses it. Llama-135M (bench_analyze, 8 recipes, keep_freed_blocks):
+#: every 2M elements 30.6 s / 2095 MiB peak, every 16M 29.5-29.9 s / 2189-2225 MiB, every 64M 29.1 s /
+#: 2171 MiB, never 28.1 s / 2407 MiB. A 32-layer 1024-wide MLP (64 tokens, "global"): peak RSS over the
+#: start 108 MiB every 2M, 105 MiB every 16M (glibc defaults: 111 and 125).
+TRIM_ELEMENTS = 1 << 24
 
 
 class _GradTap(torch.autograd.Function):
