@@ -15,7 +15,8 @@ MX FP8 (32-element blocks, power-of-two scales; FLOOR, RCEIL and EVEN rules), MX
 (FLOOR), and NVFP4 1x16 (E4M3 block scales x the tensor scale; 4/6-bit codes one per byte, no torch cast
 to compare with: ``×torch`` empty). ``FP8PROBE_BACKEND=reference`` measures the PyTorch reference
 instead of the C kernels (the header names the backend). bitsandbytes has no scaled-FP8 cast, so torch's
-unscaled cast of the same format is the alternative. Fresh outputs only (the API has no ``out=``).
+unscaled cast of the same format is the alternative. Quantize writes fresh outputs; dequantize is measured
+both ways: a fresh output, and ``out=`` reused buffers (``dequantize_scaled out=``, like ``dst.copy_(x)``).
 
 Byte model (n elements, b input bytes per element, s float32 scales):
 quantize_scaled n·b + n + 4·s; dequantize_scaled n + 4·s + n·b; casts n·b + n; copy 2·n·b.
@@ -99,6 +100,12 @@ def group(device: str, quick: bool, numel: int, dtype: torch.dtype) -> list[dict
         t = T.measure(lambda i: F.dequantize_scaled(pick(sts, i)), device, pol)
         add("dequantize_scaled", scaling, numel * (1 + b) + 4 * n_scales, t, copy_gbps,
             x_torch=T.ratio(cast_t[(f8, "back")].median_s, t.median_s) if f8 else None)
+        # into reused buffers, as the copy_ row writes into reused ones (out=)
+        outs = [torch.empty_like(x) for x in xs]
+        t = T.measure(lambda i: F.dequantize_scaled(pick(sts, i), out=pick(outs, i)), device, pol)
+        add("dequantize_scaled out=", scaling, numel * (1 + b) + 4 * n_scales, t, copy_gbps, mode="out",
+            x_torch=T.ratio(cast_t[(f8, "back")].median_s, t.median_s) if f8 else None)
+        del outs
     return rows
 
 

@@ -683,15 +683,22 @@ def scaled_tile(shape: torch.Size | tuple[int, ...], fmt: str, granularity: str 
     return granularity, tile
 
 
-def dequantize_scaled(st: ScaledTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_scaled(st: ScaledTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """``value(data) * scale[tile]`` (float32 math; NVFP4 then ``* global_scale``) cast to `dtype`
-    (default: the original dtype)."""
+    (default: the original dtype). `out`: a tensor of that dtype and st.data's shape to write into
+    (a reused buffer saves a fresh output's page faults: on CPU the kernel writes it in place)."""
     if not isinstance(st, ScaledTensor):
         raise TypeError(f"st must be a ScaledTensor, got {type(st).__name__}")
     out_dtype = dtype or st.dtype
     if out_dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")
+    if out is not None and _cpu.dequantize_scaled_into(st.data, st.scale, st.block[0], st.block[1], out_dtype,
+                                                       st.fmt, st.global_scale, out):
+        return out  # CPU fast path wrote `out` in place
     if st.data.dtype == torch.uint8 or st.global_scale is not None:
-        return _run("dequantize_scaled", st.data, st.scale, st.block[0], st.block[1], out_dtype, st.fmt,
-                                      st.global_scale)
-    return _run("dequantize_scaled", st.data, st.scale, st.block[0], st.block[1], out_dtype)
+        y = _run("dequantize_scaled", st.data, st.scale, st.block[0], st.block[1], out_dtype, st.fmt,
+                 st.global_scale)
+    else:
+        y = _run("dequantize_scaled", st.data, st.scale, st.block[0], st.block[1], out_dtype)
+    return _write_out(out, y)

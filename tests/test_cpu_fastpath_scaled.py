@@ -97,6 +97,38 @@ def test_dequantize_with_nan_codes_falls_back_to_the_reference(isa) -> None:
                     _REF_DEQUANTIZE(data, scale, 1, 32, out_dtype))
 
 
+@pytest.mark.parametrize("fmt", ("e4m3", "mxfp8-e4m3", "mxfp4-e2m1", "nvfp4"))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_dequantize_scaled_into_a_reused_buffer(isa, fmt: str, out_dtype: torch.dtype, monkeypatch) -> None:
+    """F.dequantize_scaled(st, dtype, out=buf): the C kernel writes buf in place (no fresh output), bit for bit
+    the fresh result; NaN codes and FP8PROBE_BACKEND=reference fill buf from the reference's result; a buffer
+    of the wrong shape or dtype is refused."""
+    x = sample((96, 320), seed=7)
+    finite = torch.where(torch.isfinite(x), x, 1.0)
+    block = "block" if fmt != "e4m3" else "row"
+    tile = None if block == "row" else ((1, 16) if fmt == "nvfp4" else (1, 32))
+    for data_in in (finite, x):
+        st = F.quantize_scaled(data_in, fmt, block, tile)
+        want = F.dequantize_scaled(st, out_dtype)
+        buf = torch.full(x.shape, 7.0, dtype=out_dtype)
+        fresh = []
+        monkeypatch.setattr(cpu, "_fresh", lambda *a: fresh.append(a) or torch.empty(*a[:1], dtype=a[1]))
+        got = F.dequantize_scaled(st, out_dtype, out=buf)
+        monkeypatch.undo()
+        assert got is buf
+        assert_bits(buf, want)
+        if data_in is finite and cpu.enabled():
+            assert fresh == [], "the kernel must write the caller's buffer, not a fresh one"
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    buf = torch.zeros(x.shape, dtype=out_dtype)
+    assert_bits(F.dequantize_scaled(st, out_dtype, out=buf), want)
+    with pytest.raises(ValueError, match="out must be"):
+        F.dequantize_scaled(st, out_dtype, out=torch.zeros(3, 3, dtype=out_dtype))
+    monkeypatch.delenv("FP8PROBE_BACKEND")
+    with pytest.raises(ValueError, match="out must be"):
+        F.dequantize_scaled(st, out_dtype, out=torch.zeros(x.shape, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=str)
 def test_every_float_near_each_code_rounds_like_torch(isa, fp8: torch.dtype) -> None:
     """With scale 1 (amax = fmt max), the cast is torch's own: every code, the midpoints between neighbours

@@ -371,25 +371,49 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     """CPU kernel of ``fp8probe::dequantize_scaled``; the reference runs for NaN results (torch's NaN
     casts to bf16 drop the sign; 4/6-bit tiles with a NaN scale; stray codes), empty tensors, shapes
     it would reject, uint8 data without a 4/6-bit `fmt` and a `global_scale` that is not 0-D."""
-    g = _scalar_scale(global_scale)
+    out = _fresh(data.shape, dtype) if _deq_scaled_applies(data, scale, block_rows, block_cols, dtype, fmt,
+                                                           global_scale) else None
+    if out is None or not _run_dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale, out):
+        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
+    return out
+
+
+def dequantize_scaled_into(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
+                           dtype: torch.dtype, fmt: str, global_scale: torch.Tensor | None, out: torch.Tensor) -> bool:
+    """Dequantise straight into ``out`` (`dtype`, data.shape, contiguous CPU). True when done; False when the
+    C path does not apply or gave a NaN (``out`` may then hold anything: the caller computes the result another
+    way and writes all of ``out``)."""
+    if not (isinstance(out, torch.Tensor) and out.dtype == dtype and out.shape == data.shape
+            and out.device.type == "cpu" and out.is_contiguous()
+            and _deq_scaled_applies(data, scale, block_rows, block_cols, dtype, fmt, global_scale)):
+        return False
+    return _run_dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale, out)
+
+
+def _deq_scaled_applies(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
+                        dtype: torch.dtype, fmt: str, global_scale: torch.Tensor | None) -> bool:
     fp8 = data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     lowbit = data.dtype == torch.uint8 and _ref.SCALED_FORMATS.get(fmt, (None,))[0] == torch.uint8
-    if (data.device.type != "cpu" or data.numel() == 0 or dtype not in _DT or not enabled() or g is None
-            or not (fp8 or lowbit) or block_rows <= 0 or block_cols <= 0):
-        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
+    if (data.device.type != "cpu" or data.numel() == 0 or dtype not in _DT or not enabled()
+            or _scalar_scale(global_scale) is None or not (fp8 or lowbit) or block_rows <= 0 or block_cols <= 0):
+        return False
+    R, C = _ref._rows_cols(data.shape)
+    return tuple(scale.shape) == (-(-R // min(block_rows, R)), -(-C // min(block_cols, C)))
+
+
+def _run_dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
+                           dtype: torch.dtype, fmt: str, global_scale: torch.Tensor | None, out: torch.Tensor) -> bool:
+    """The C kernel into ``out`` (_deq_scaled_applies checked); False when it found a NaN result."""
     R, C = _ref._rows_cols(data.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
     sc = scale.detach().to("cpu", _F32).contiguous()
-    if sc.shape != (-(-R // br), -(-C // bc)):
-        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
     dc = data.detach().contiguous()
+    lowbit = data.dtype == torch.uint8
     table = _lowbit_table(fmt) if lowbit else _fp8_table(data.dtype)
-    out = _fresh(data.shape, dtype)
     bad = _ext().dequantize_scaled(dc.view(torch.uint8).data_ptr(), table.data_ptr(), sc.data_ptr(),
-                                   R, C, br, bc, out.data_ptr(), _DT[dtype], _threads(data.numel()), *g)
-    if bad:
-        return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
-    return out
+                                   R, C, br, bc, out.data_ptr(), _DT[dtype], _threads(data.numel()),
+                                   *_scalar_scale(global_scale))
+    return not bad
 
 
 #: the ops whose CPU kernel is this module's function of the same name (register() installs them;
