@@ -43,3 +43,19 @@ def cpu_loops(simd: bool, monkeypatch):
     ext.set_simd(simd)
     yield ext.simd()
     ext.set_simd(True)
+
+
+#: integer views of the float dtypes, for bit-for-bit comparisons
+FLOAT_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of t (uint8 codes of FP8, int16/int32 of floats; other dtypes as they are)."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return t.view(torch.uint8)
+    return t.view(FLOAT_BITS[t.dtype]) if t.dtype in FLOAT_BITS else t
+
+
+def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Same dtype, shape and bit patterns (NaN payloads and signed zeros included)."""
+    return got.dtype == want.dtype and got.shape == want.shape and torch.equal(raw(got), raw(want))

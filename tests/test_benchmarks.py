@@ -224,14 +224,20 @@ def test_bench_analyze_rejects_unknown_models_and_a_missing_gpu() -> None:
         assert exc.value.code == 2
 
 
-def test_compare_scaled_kernels_runs_with_this_checkouts_extension_as_the_old_one(capsys) -> None:
-    """benchmarks/compare_scaled_kernels.py loads a second _fastpath and prints old -> new for every scaling."""
+def _compare_scaled_kernels():
+    """(benchmarks/compare_scaled_kernels.py as a module, backends.cpu); skips without the C extension."""
     from fp8probe.backends import cpu
     if not cpu.available():
         pytest.skip("fp8probe._fastpath not built")
     spec = importlib.util.spec_from_file_location("compare_scaled_kernels", BENCH / "compare_scaled_kernels.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module, cpu
+
+
+def test_compare_scaled_kernels_runs_with_this_checkouts_extension_as_the_old_one(capsys) -> None:
+    """benchmarks/compare_scaled_kernels.py loads a second _fastpath and prints old -> new for every scaling."""
+    module, cpu = _compare_scaled_kernels()
     assert module.main([cpu._ext().__file__, "--rows", "2", "--reps", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# 2x4096 float32") and len(lines) == 1 + len(module.CASES)
@@ -241,12 +247,7 @@ def test_compare_scaled_kernels_runs_with_this_checkouts_extension_as_the_old_on
 
 def test_compare_scaled_kernels_wall_adds_the_minimum_wall_times(capsys) -> None:
     """--wall puts the old -> new minimum wall ms in brackets after each CPU pair (2 threads: the overlap)."""
-    from fp8probe.backends import cpu
-    if not cpu.available():
-        pytest.skip("fp8probe._fastpath not built")
-    spec = importlib.util.spec_from_file_location("compare_scaled_kernels", BENCH / "compare_scaled_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module, cpu = _compare_scaled_kernels()
     assert module.main([cpu._ext().__file__, "--rows", "2", "--reps", "1", "--threads", "2", "--wall"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# 2x4096 float32, 2 thread(s), min CPU ms [wall ms]")

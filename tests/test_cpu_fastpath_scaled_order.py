@@ -10,23 +10,12 @@ import torch
 
 from fp8probe.backends import cpu
 from fp8probe.backends import reference as ref
+from support import same_bits
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="fp8probe._fastpath not built")
 
-BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _REF_QUANTIZE = ref.quantize_scaled  # before the no_fallback fixture replaces them
 _REF_DEQUANTIZE = ref.dequantize_scaled
-
-
-def raw(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of t (uint8 codes, int16/int32 floats)."""
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return t.view(torch.uint8)
-    return t.view(BITS[t.dtype]) if t.dtype in BITS else t
-
-
-def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
-    return got.dtype == want.dtype and got.shape == want.shape and torch.equal(raw(got), raw(want))
 
 
 def wide_range(rows: int, cols: int, seed: int) -> torch.Tensor:
