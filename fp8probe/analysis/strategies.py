@@ -122,6 +122,8 @@ class Strategy:
 def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """float64 fprop A·Wᵀ, dgrad G·W, wgrad Gᵀ·A (dgrad/wgrad only with G); batched over a leading dim
     when A is [Bt, M, K] (wgrad is then the gradient of the second operand, [Bt, N, K])."""
+    # float64 copies of the operands: torch has no float32 x float32 -> float64 GEMM, and the reference must
+    # hold every product exactly (two float32 mantissas: 48 bits) and sum in float64
     a, w = A.to(torch.float64), W.to(torch.float64)
     out = {"fprop": a @ w.mT}
     if G is not None:
