@@ -132,18 +132,23 @@ static void *pool_main(void *arg) {
     return NULL;
 }
 
-/* Run fn(ctx, u) for u = 0..nunits-1 on the calling thread and up to nt-1 fresh pthreads (a
- * pthread_create/join pair costs ~20-50 us, so they live for one call). If a thread cannot be
- * created the others take its units. */
-static void run_units(unit_fn fn, void *ctx, size_t nunits, int nt) {
+/* Run main(arg) on the calling thread and on up to min(nt, nunits) - 1 fresh pthreads, which claim units
+ * from a counter in arg (a pthread_create/join pair costs ~20-50 us, so they live for one call). If a
+ * thread cannot be created the others take its units. */
+static void run_threads(void *(*main_fn)(void *), void *arg, size_t nunits, int nt) {
     pthread_t th[MAX_THREADS];
     int started[MAX_THREADS];
-    pool_t p = {fn, ctx, nunits, 0};
     if ((size_t)nt > nunits) nt = (int)nunits;
-    for (int t = 1; t < nt; t++) started[t] = pthread_create(&th[t], NULL, pool_main, &p) == 0;
-    pool_main(&p);
+    for (int t = 1; t < nt; t++) started[t] = pthread_create(&th[t], NULL, main_fn, arg) == 0;
+    main_fn(arg);
     for (int t = 1; t < nt; t++)
         if (started[t]) pthread_join(th[t], NULL);
+}
+
+/* Run fn(ctx, u) for u = 0..nunits-1 on up to nt threads (run_threads). */
+static void run_units(unit_fn fn, void *ctx, size_t nunits, int nt) {
+    pool_t p = {fn, ctx, nunits, 0};
+    run_threads(pool_main, &p, nunits, nt);
 }
 
 static int pick_threads(size_t n, int want) {
@@ -3227,14 +3232,8 @@ static void *ahead_main(void *arg) {
 }
 
 static void sq_run_ahead(const void *ctx, int fused, size_t nunits, int nt) {
-    pthread_t th[MAX_THREADS];
-    int started[MAX_THREADS];
     ahead_t a = {ctx, fused, nunits, 0};
-    if ((size_t)nt > nunits) nt = (int)nunits;
-    for (int t = 1; t < nt; t++) started[t] = pthread_create(&th[t], NULL, ahead_main, &a) == 0;
-    ahead_main(&a);
-    for (int t = 1; t < nt; t++)
-        if (started[t]) pthread_join(th[t], NULL);
+    run_threads(ahead_main, &a, nunits, nt);
 }
 
 static PyMethodDef methods[] = {
