@@ -66,12 +66,14 @@ FORWARD_ONLY = LossInfo("none", "forward only (--no-grad): no loss is computed, 
                                     "wgrad are not analysed; run without --no-grad for them")
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
+@functools.lru_cache(maxsize=None)
+def libc_function(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` on Linux (malloc_trim, mallopt: glibc only; madvise), None where
+    the library lacks it or elsewhere. Cached: a caller may set its ``argtypes`` once."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc only; musl and others lack it
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 
@@ -86,7 +88,7 @@ def release_free_memory() -> None:
     (4 → 32 layers: +62 → +219 MiB) although nothing was held across layers; trimming after each
     layer cut that to 2.4-3.3 MiB (+62…77 → +145…155 MiB over three runs), for ~15-20 ms per layer.
     """
-    trim = _malloc_trim()
+    trim = libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -109,11 +111,8 @@ def keep_freed_blocks() -> bool:
     replay a model (analyze, the sweeps, demo), not the library; the weights-only analysis, whose bound
     is on RSS, keeps glibc's defaults. Returns whether it applied (glibc on Linux only).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = libc_function("mallopt")
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))

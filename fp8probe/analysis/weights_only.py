@@ -11,7 +11,6 @@ import mmap
 import pickle
 import platform
 import re
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +25,7 @@ from fp8probe import functional as F
 from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
-from .capture import release_free_memory
+from .capture import libc_function, release_free_memory
 from .loading import LoadError, _is_export_archive, _is_torchscript, _zip_names, one_line, sniff
 from .metrics import TOP_K, ErrorAccumulator, OperandAccumulator, TensorStats
 from .results import Results
@@ -150,15 +149,11 @@ def _map_range(entry: TensorEntry) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return libc
-    except (OSError, AttributeError):
-        return None
+def _madvise() -> Callable[..., int] | None:
+    madvise = libc_function("madvise")
+    if madvise is not None:
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
 
 
 def _file_mappings(path: Path) -> list[tuple[int, int]]:
@@ -178,15 +173,15 @@ def _drop_pages(t: torch.Tensor, path: Path) -> None:
     never-written file mapping torch.load(mmap=True) made of ``path``: touching them again re-reads the
     file. Without this every weight read stays resident until the whole file is unmapped. Memory that is
     not part of that mapping (a copy torch made) is never advised: DONTNEED would zero anonymous memory."""
-    libc = _libc()
-    if libc is None or t.numel() == 0:
+    madvise = _madvise()
+    if madvise is None or t.numel() == 0:
         return
     storage = t.untyped_storage()
     page = mmap.PAGESIZE
     lo = storage.data_ptr() // page * page
     hi = -(-(storage.data_ptr() + storage.nbytes()) // page) * page
     if any(a <= lo and hi <= b for a, b in _file_mappings(path)):
-        libc.madvise(lo, hi - lo, _MADV_DONTNEED)
+        madvise(lo, hi - lo, _MADV_DONTNEED)
 
 
 class Checkpoint:
