@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -98,21 +98,24 @@ def tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
 
 
-def _memo_sums(memo: dict | None, tag: str, make: Callable[[], tuple | None], *tensors: torch.Tensor | None
-               ) -> tuple | None:
-    """make() (a C pass's sums, or None where it does not apply), reused from ``memo`` for the same tensors
-    (tensor_key) while they live. The entry holds weak references only: an accumulator must not keep a
-    recipe's W-sized result alive for the rest of the group."""
+def memoized(memo: dict | None, tag: str, make: Callable[[], Any], *tensors: torch.Tensor | None,
+             keep_alive: bool = False) -> Any:
+    """make(), or the value it gave earlier for ``tag`` and the same tensors (tensor_key) in ``memo``; no memo:
+    make(). ``keep_alive``: the entry holds the tensors, so their memory stays theirs while the memo lives;
+    else it holds weak references and is not used once one of them died (an accumulator must not keep a
+    recipe's W-sized result alive for the rest of its group). A None value (a C pass that did not apply) is
+    not stored."""
     if memo is None:
         return make()
     key = (tag, *(None if t is None else tensor_key(t) for t in tensors))
     seen = memo.get(key)
-    if seen is not None and all(r() is not None for r in seen[0]):
+    if seen is not None and (keep_alive or all(r() is not None for r in seen[0])):
         return seen[1]
-    sums = make()
-    if sums is not None:
-        memo[key] = ([weakref.ref(t) for t in tensors if t is not None], sums)
-    return sums
+    value = make()
+    if value is not None:
+        held = [t for t in tensors if t is not None]
+        memo[key] = (held if keep_alive else [weakref.ref(t) for t in held], value)
+    return value
 
 
 @dataclass
@@ -142,7 +145,7 @@ class ErrorAccumulator:
             raise ValueError(f"ref and lp must have the same shape, got {list(ref.shape)} and {list(lp.shape)}")
         if ref.numel() == 0:
             return
-        sums = _memo_sums(memo, "error_sums", lambda: _cpu.error_sums(ref, lp), ref, lp)
+        sums = memoized(memo, "error_sums", lambda: _cpu.error_sums(ref, lp), ref, lp)
         if sums is not None:
             self._add_sums(*sums)
             return
@@ -228,7 +231,7 @@ class OperandAccumulator:
         if x.numel() == 0:
             return
         # in this class's field order
-        sums = _memo_sums(memo, "operand_sums", lambda: _cpu.operand_sums(x, q, saturated), x, q, saturated)
+        sums = memoized(memo, "operand_sums", lambda: _cpu.operand_sums(x, q, saturated), x, q, saturated)
         if sums is not None:
             self.__dict__.update(self.merge(OperandAccumulator(*sums)).__dict__)
             return

@@ -18,7 +18,7 @@ from fp8probe.formats import FORMATS, get_codebook
 
 from .accumulation import Accumulation, matmul_limited
 from .delayed import DelayedScaling, DelayedState
-from .metrics import tensor_key
+from .metrics import memoized, tensor_key
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 OPERANDS = ("activation", "weight", "grad_output")
@@ -468,13 +468,7 @@ def site_memo() -> dict | None:
 
 def _shared(tag: str, make: Callable[[], Any], *tensors: torch.Tensor) -> Any:
     """make(), or what it returned earlier in this shared_site() block for the same tensors."""
-    memo = site_memo()
-    if memo is None:
-        return make()
-    key = (tag, *(tensor_key(t) for t in tensors))
-    if key not in memo:
-        memo[key] = (tensors, make())
-    return memo[key][1]
+    return memoized(site_memo(), tag, make, *tensors, keep_alive=True)
 
 
 def _int8_weight(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
