@@ -278,7 +278,10 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
         if not am.numel():
             offset = torch.zeros((), dtype=torch.float32, device=A.device)
         elif c == "bnb":
-            offset = am.mean()  # bnb: a float32 mean (Inf once the absmax sum passes FLT_MAX)
+            # bnb: a float32 mean (Inf once the absmax sum passes FLT_MAX), in the CPU's summation order on
+            # every device: the vectors are bnb's CPU results, and a GPU's reduction order differs in the
+            # last bit (seen on an H200), which would make the result depend on where it ran
+            offset = am.cpu().mean().to(am.device)
         else:
             # float64 accumulation: the float32 sum of two absmax near 3e38 overflowed, offset = Inf
             # made every dequantised value NaN; the mean of finite float32 values is a finite float32

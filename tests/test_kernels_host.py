@@ -500,12 +500,18 @@ def test_lowbit_codes_exhaustive_on_element_grid(emulated) -> None:
 
 
 # ----------------------------------------------------------------------------- launcher contract
-def test_blocksize_validation_and_short_circuits(emulated, monkeypatch) -> None:
+def test_other_blocksizes_and_short_circuits(emulated, monkeypatch) -> None:
     code = get_codebook("dynamic")
     A = _sample((1000,), torch.float32, seed=2)
-    for bad in (16, 100, 8192):
-        with pytest.raises(ValueError, match=f"power of two in 32..4096, got {bad}"):
-            emulated.quantize_blockwise(A, code, bad, "")
+    launches, host_launch = [], cuda_backend._launch
+    monkeypatch.setattr(cuda_backend, "_launch", lambda *a, **k: launches.append(a[1]))
+    for bs in (4, 16, 100, 8192):  # not a kernel blocksize: the reference runs (on the GPU tensors), no launch
+        for g, w in zip(emulated.quantize_blockwise(A, code, bs, ""), ref.quantize_blockwise(A, code, bs, "")):
+            assert_bitwise_equal(g, w)
+    assert launches == []
+    emulated.quantize_blockwise(A, code, 64, "")
+    assert launches == ["quantize_blockwise"]
+    monkeypatch.setattr(cuda_backend, "_launch", host_launch)
     q, absmax, si, sv = emulated.quantize_blockwise(torch.empty(0, 3), code, 64, "")
     assert q.shape == (0, 3) and absmax.shape == (0,) and si.numel() == 0 and sv.numel() == 0
     monkeypatch.setenv("FP8PROBE_BACKEND", "reference")            # any blocksize on the reference

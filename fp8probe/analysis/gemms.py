@@ -72,7 +72,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode, redispatch_function
+from torch.overrides import TorchFunctionMode
+
+try:
+    from torch.overrides import redispatch_function
+except ImportError:  # torch < 2.12 (the GPU machine's 2.11): the same one-hop skip under its private name
+    def redispatch_function(func: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
+        return torch._C._skip_one_hop_torch_function(func, types, args, kwargs)
 
 from .loading import LoadError
 

@@ -6,7 +6,8 @@ streams own them), shares them zero-copy with CuPy through DLPack and launches o
 stream. Results equal ``backends/reference.py`` bit for bit: the kernels perform the same float32
 operations in the same order. What the kernels do not implement runs the reference on the GPU tensors:
 ``compat="bnb"`` variants (cross-check modes; ``int8_vectorwise_quant`` is the exception, it has a
-NaN-propagating kernel switch), output dtypes other than fp32/fp16/bf16, and empty tensors.
+NaN-propagating kernel switch), output dtypes other than fp32/fp16/bf16, blockwise blocksizes outside
+CUDA_BLOCKSIZES, and empty tensors.
 ``FP8PROBE_BACKEND=reference`` routes every call to the reference. CuPy is imported lazily, never at
 module import, so ``import fp8probe`` stays free of CUDA.
 """
@@ -36,10 +37,6 @@ CUDA_BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096
 _registered = False
 
 
-def check_blocksize(blocksize: int) -> None:
-    """Raise ValueError unless `blocksize` is a power of two in 32..4096 (the CUDA kernel's range)."""
-    if blocksize not in CUDA_BLOCKSIZES:
-        raise ValueError(f"blocksize on CUDA must be a power of two in 32..4096, got {blocksize}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,10 +105,10 @@ def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CUDA `fp8probe::quantize_blockwise`: fused absmax + search, one thread block per block."""
-    if use_reference():
-        return _ref.quantize_blockwise(A, code, blocksize, compat)
-    check_blocksize(blocksize)
-    if compat != "" or A.numel() == 0 or A.dtype not in _CUDA_TYPE:
+    # The fused kernel takes the power-of-two blocksizes 32..4096 (CUDA_BLOCKSIZES); any other positive
+    # blocksize (the functional API accepts them, as the CPU does) runs the reference on the GPU tensors.
+    if (use_reference() or blocksize not in CUDA_BLOCKSIZES or compat != "" or A.numel() == 0
+            or A.dtype not in _CUDA_TYPE):
         return _ref.quantize_blockwise(A, code, blocksize, compat)
     A = A.contiguous()
     code = code.to(device=A.device, dtype=_F32).contiguous()

@@ -707,9 +707,9 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
       encodes as zeros.
 
     ``data = rne(clamp(fl32(x / divisor), -fmt_max, fmt_max))`` — finite values saturate. FP8: NaN
-    stays NaN; ±Inf is passed to torch's cast (E5M2 keeps ±Inf; E4M3FN has no Inf and torch's cast
-    saturates it to ±448, as kernels/scaled_cast.cu does). 4/6-bit formats have no Inf/NaN codes: a
-    tile holding a NaN or ±Inf gets a NaN scale (the E8M0/E4M3 NaN, OCP MX §6.3: the whole block
+    stays NaN; E5M2 keeps ±Inf; E4M3FN has no Inf and ±Inf saturates to ±448 (as kernels/scaled_cast.cu
+    and torch 2.13's cast do; clamped here, since torch 2.11's cast gave NaN). 4/6-bit formats have no
+    Inf/NaN codes: a tile holding a NaN or ±Inf gets a NaN scale (the E8M0/E4M3 NaN, OCP MX §6.3: the whole block
     dequantises to NaN); its elements encode as if the non-finite ones were ±fmt_max (NaN as +0).
     """
     if fmt not in SCALED_FORMATS:
@@ -736,7 +736,10 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
         scale = torch.where(finite.all(dim=(1, 3)), scale, torch.nan)
         return codes.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].contiguous().reshape(x.shape), scale
     y = xt / divisor[:, None, :, None]
-    y = torch.where(torch.isfinite(y), y.clamp(-fmax, fmax), y)
+    # E4M3FN has no Inf: ±Inf saturates to ±448 here, explicitly, because torch's own cast of ±Inf changed
+    # between versions (2.13 gives ±448; 2.11 gave NaN, seen on the GPU machine's torch). E5M2 keeps ±Inf.
+    keep = torch.isnan(y) if dtype == torch.float8_e4m3fn else ~torch.isfinite(y)
+    y = torch.where(keep, y, y.clamp(-fmax, fmax))
     data = y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(dtype)
     return data.reshape(x.shape), scale
 
