@@ -9,12 +9,11 @@
 # interpreter; GPU_CHECK_ONLY="cuda-tests bench-int8 ..." runs only the stages named (a rerun after a fix).
 # Writes into $OUT when set (else ./gpu_check_out): at most 8 files, each small:
 #   summary.txt        device, versions, one PASS/FAIL/TIMEOUT line per stage (read this first)
-#   cuda_tests.log     pytest -m cuda: CuPy kernels == PyTorch reference bit for bit, every op and dtype
-#                      (the FSDP2 stage's output is in gpu_check.log)
+#   profile_cuda.txt   benchmarks/profile_analyze.py: cProfile of analyze on the GPU, synchronisations by line
 #   quantize_cuda.json, int8_cuda.json, scaled_cuda.json   the three op benchmarks (also printed as Markdown)
 #   analyze_cuda.txt   analyze --strategy all on the demo model, CPU vs GPU wall time
 #   analyze_models_cuda.json   bench_analyze on the GPU: the issue-15 Llama-135M and BERT, split by pipeline part
-#   gpu_check.log      everything each stage printed
+#   gpu_check.log      everything each stage printed (the CUDA tests' failures too)
 # Exit status: 0 when every stage passed, 1 when any failed or timed out, 3 when there is no usable GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -100,7 +99,6 @@ import fp8probe.functional as F
 q, st = F.quantize_blockwise(x, blocksize=256)
 torch.cuda.synchronize(); print('blockwise quantize on cuda ok', q.device, q.dtype)"
 stage "cuda-tests" 180 "$PY" -m pytest "${PYTEST_OPTS[@]}" -m cuda tests/test_cuda_backend.py
-cp "$LOG" "$OUT_DIR/cuda_tests.log" 2>/dev/null || true
 # The device-parametrised tests (the `device` fixture: functional ops, autograd functions, Linear modules,
 # delayed scaling, accumulation) on the GPU.
 stage "device-tests" 120 "$PY" -m pytest "${PYTEST_OPTS[@]}" -k cuda tests/test_ops.py tests/test_autograd.py \
@@ -108,9 +106,9 @@ stage "device-tests" 120 "$PY" -m pytest "${PYTEST_OPTS[@]}" -k cuda tests/test_
     tests/test_functional_vectors.py tests/analysis/test_accumulation.py tests/analysis/test_delayed.py
 
 stage "bench-int8" 60 "$PY" benchmarks/bench_int8.py --device cuda --markdown --json "$OUT_DIR/int8_cuda.json"
-stage "bench-quantize" 60 "$PY" benchmarks/bench_quantize.py --device cuda --markdown --sizes 16M,64M \
+stage "bench-quantize" 60 "$PY" benchmarks/bench_quantize.py --device cuda --markdown --sizes 64M \
     --json "$OUT_DIR/quantize_cuda.json"
-stage "bench-scaled" 60 "$PY" benchmarks/bench_scaled.py --device cuda --markdown --sizes 16M,64M \
+stage "bench-scaled" 60 "$PY" benchmarks/bench_scaled.py --device cuda --markdown --sizes 64M \
     --json "$OUT_DIR/scaled_cuda.json"
 
 stage "analyze-cuda" 90 "$PY" - <<'EOF'
@@ -143,7 +141,12 @@ with open(os.path.join(os.environ.get("OUT_DIR", "."), "analyze_cuda.txt"), "w")
     fh.write(line + "\n")
 EOF
 
-stage "bench-analyze" 150 "$PY" benchmarks/bench_analyze.py --device cuda --model bert,llama-135m --no-e2e \
+# Where the GPU analysis spends its time (the first GPU run found it slower than the CPU's, host-bound): a cProfile
+# of analyze on the BERT model and each host-device synchronisation by the fp8probe line that caused it.
+stage "profile-cuda" 120 "$PY" benchmarks/profile_analyze.py --device cuda --model bert --top 40 \
+    --out "$OUT_DIR/profile_cuda.txt"
+
+stage "bench-analyze" 170 "$PY" benchmarks/bench_analyze.py --device cuda --model bert,llama-135m --no-e2e \
     --markdown --json "$OUT_DIR/analyze_models_cuda.json"
 # FSDP2 (fully_shard) on NCCL, one rank per GPU: capture names the all-gathered weights and the tables
 # equal an unsharded run (tests/analysis/test_fsdp.py).

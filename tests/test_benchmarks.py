@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,35 @@ def test_compare_scaled_kernels_wall_adds_the_minimum_wall_times(capsys) -> None
         assert line.startswith(label) and line.count("->") == 6 and line.count("[") == 3
         walls = [float(v) for v in re.findall(r"\[\s*([\d.]+) ->\s*([\d.]+)\]", line)[0]]
         assert all(w > 0 for w in walls)
+
+
+def test_profile_analyze_quick_writes_both_profile_orderings(tmp_path: Path) -> None:
+    """benchmarks/profile_analyze.py --quick on the CPU: the header, the wall time and the two cProfile listings."""
+    out = tmp_path / "profile.txt"
+    stdout = _run_in_process("profile_analyze.py", ["--quick", "--top", "5", "--strategy", "global,int8",
+                                                    "--out", str(out)])
+    text = out.read_text()
+    assert text.strip() == stdout.strip()
+    assert text.startswith("# profile_analyze: bert (quick), strategy global,int8, device cpu")
+    assert re.search(r"# analyze under cProfile: [\d.]+ s wall", text)
+    assert "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
+    assert "pipeline.py" in text
+
+
+def test_profile_analyze_attributes_warnings_to_the_innermost_fp8probe_frame() -> None:
+    """The sync counter names the fp8probe line that issued each matching warning (torch's sync debug mode
+    warns from inside torch: the innermost fp8probe frame is the caller to fix)."""
+    spec = importlib.util.spec_from_file_location("profile_analyze", BENCH / "profile_analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    inside = {}
+    exec(compile("import warnings\n\ndef waits(n):\n    for _ in range(n):\n"
+                 "        warnings.warn('called a synchronizing CUDA operation')\n",
+                 module.PACKAGE_DIR + "/fake_site.py", "exec"), inside)
+
+    def run() -> None:
+        inside["waits"](3)
+        warnings.warn("called a synchronizing CUDA operation")   # not under fp8probe
+        warnings.warn("something else")                          # not a sync: ignored
+    sites = module.warnings_by_frame(run, "synchroniz")
+    assert sites == {"fp8probe/fake_site.py:5 waits": 3, "(outside fp8probe)": 1}
