@@ -532,3 +532,32 @@ def test_registration_follows_the_environment(env, registered) -> None:
     res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FP8PROBE_BACKEND": env},
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_cupy_stream_is_made_once_per_torch_stream_without_warnings(monkeypatch) -> None:
+    """The launcher wraps torch's stream in a CuPy ExternalStream once per (handle, device), not at every launch,
+    and CuPy 14's DeprecationWarning for ExternalStream does not reach the user."""
+    import sys
+    import types
+    import warnings
+
+    made = []
+
+    class ExternalStream:
+        def __init__(self, ptr, index):
+            warnings.warn("ExternalStream is deprecated", DeprecationWarning)
+            made.append((ptr, index))
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(ExternalStream=ExternalStream)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    cuda_backend._cupy_stream.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            first = cuda_backend._cupy_stream(0x1234, 0)
+            assert cuda_backend._cupy_stream(0x1234, 0) is first
+            assert cuda_backend._cupy_stream(0x1234, 1) is not first
+        assert made == [(0x1234, 0), (0x1234, 1)]
+    finally:
+        cuda_backend._cupy_stream.cache_clear()

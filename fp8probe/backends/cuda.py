@@ -13,6 +13,7 @@ module import, so ``import fp8probe`` stays free of CUDA.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -72,10 +73,23 @@ def _launch(file: str, kernel: str, grid: tuple[int, ...], block: tuple[int, ...
     expr = f"{kernel}<{_CUDA_TYPE[dtype]}>" if dtype is not None else kernel
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
-        with stream:
+        with _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index):
             fn = get_function(file, expr)
             fn(grid, block, tuple(_as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(ptr: int, index: int):
+    """CuPy's view of torch's stream `ptr` on device `index`, made once per stream: a launch costs ~0.2 ms of
+    host time on an H200 (benchmarks/RESULTS.md § GPU), and CuPy 14 warns (DeprecationWarning) at every
+    ExternalStream it makes. The object only wraps the handle, which torch keeps alive for its streams."""
+    import warnings
+
+    import cupy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, index)
 
 
 def _grid_1d(n: int) -> tuple[int]:
