@@ -7,6 +7,7 @@ from typing import Hashable
 import pandas as pd
 import torch
 
+from fp8probe.backends.reference import fp8_saturate
 from fp8probe.formats import FORMATS
 
 AMAX_COMPUTE = ("max", "most_recent")
@@ -104,9 +105,7 @@ class DelayedState:
         amax_now = float(finite_abs.amax()) if x32.numel() else 0.0
         scale, limit, warmup = self.scale_for(site, operand, amax_now, fmt)
         s = torch.tensor(scale, dtype=_F32, device=x.device)
-        y = x32 / s
-        y = torch.where(torch.isfinite(y), y.clamp(-fmax, fmax), y)
-        data = y.to(fp8)
+        data = fp8_saturate(x32 / s, fp8, fmax).to(fp8)
         q = data.to(_F32) * s
         saturated = (data.to(_F32).abs() == fmax) & (x32.abs() > q.abs())
         hist = self.history.setdefault((site, operand), [])

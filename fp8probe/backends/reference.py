@@ -735,13 +735,17 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
         codes = lowbit_encode(y, ELEMENT_OF[fmt])
         scale = torch.where(finite.all(dim=(1, 3)), scale, torch.nan)
         return codes.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].contiguous().reshape(x.shape), scale
-    y = xt / divisor[:, None, :, None]
-    # E4M3FN has no Inf: ±Inf saturates to ±448 here, explicitly, because torch's own cast of ±Inf changed
-    # between versions (2.13 gives ±448; 2.11 gave NaN, seen on the GPU machine's torch). E5M2 keeps ±Inf.
-    keep = torch.isnan(y) if dtype == torch.float8_e4m3fn else ~torch.isfinite(y)
-    y = torch.where(keep, y, y.clamp(-fmax, fmax))
+    y = fp8_saturate(xt / divisor[:, None, :, None], dtype, fmax)
     data = y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(dtype)
     return data.reshape(x.shape), scale
+
+
+def fp8_saturate(y: torch.Tensor, dtype: torch.dtype, fmax: float) -> torch.Tensor:
+    """`y` ready for torch's cast to the FP8 `dtype`: finite values clamped to ±fmax, NaN kept, ±Inf kept for
+    E5M2 and clamped to ±448 for E4M3FN (no Inf code). Explicit because torch's own cast of ±Inf to E4M3FN
+    changed between versions (2.13 gives ±448; 2.11 gave NaN, seen on the GPU machine's torch)."""
+    keep = torch.isnan(y) if dtype == torch.float8_e4m3fn else ~torch.isfinite(y)
+    return torch.where(keep, y, y.clamp(-fmax, fmax))
 
 
 def element_values(data: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -13,10 +13,9 @@
 #define FMT_E4M3 0
 #define FMT_E5M2 1
 
-// fp32 -> fp8 bits with the semantics of the reference `where(isfinite(y), y.clamp(-max, max), y)
-// .to(float8)` in torch 2.13: finite values round to nearest even and saturate to ±max; NaN ->
-// 0x7f | sign (torch's encoding); ±Inf -> ±448 for E4M3FN (torch's cast saturates: it has no Inf)
-// and ±Inf for E5M2 (checked against torch in tests/test_kernels_host.py).
+// fp32 -> fp8 bits with the semantics of the reference `fp8_saturate(y).to(float8)`: finite values
+// round to nearest even and saturate to ±max; NaN -> 0x7f | sign (torch's encoding); ±Inf -> ±448
+// for E4M3FN (it has no Inf) and ±Inf for E5M2 (checked against torch in tests/test_kernels_host.py).
 __device__ __forceinline__ uint8_t float_to_e4m3_satfinite(float f) {
     const uint32_t x = __float_as_uint(f);
     const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
