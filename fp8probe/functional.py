@@ -7,7 +7,9 @@ bitsandbytes 0.49.2 behaviour (docs/architecture.md, "Decisions").
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +101,44 @@ def _check_blocksize(blocksize: object) -> int:
 def _code(code: torch.Tensor | str | None, device: torch.device) -> torch.Tensor:
     """A validated float32 [256] codebook on `device` (a name, a tensor, or None = "dynamic")."""
     if code is None:
-        return get_codebook("dynamic", device)
+        code = "dynamic"
     if isinstance(code, str):
-        return get_codebook(code, device)
+        out = get_codebook(code, device)
+        _remember_code(out, _named_code_sorted(code))
+        return out
+    ordered = _checked_code(code)
+    out = code.to(device)
+    if out is not code:
+        _remember_code(out, ordered)
+    return out
+
+
+# Codebook tensors already validated, with their sortedness, per tensor version: id -> (weak reference, version,
+# sorted). Checking a codebook on a GPU makes the host wait for it (``bool()`` of a device tensor), and the
+# analysis passes the same codebook tensors to thousands of calls: each is checked once. (A WeakKeyDictionary
+# cannot hold tensors: it compares keys with ``==``.) An entry leaves with its tensor.
+_CODE_FACTS: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def _remember_code(code: torch.Tensor, ordered: bool) -> None:
+    key = id(code)
+    _CODE_FACTS[key] = (weakref.ref(code, lambda _, key=key: _CODE_FACTS.pop(key, None)), code._version, ordered)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_code_sorted(name: str) -> bool:
+    return _ref.is_sorted(get_codebook(name))
+
+
+def _checked_code(code: torch.Tensor) -> bool:
+    """validate_codebook(code) unless this tensor version passed before; returns whether it is sorted."""
+    facts = _CODE_FACTS.get(id(code))
+    if facts is not None and facts[0]() is code and facts[1] == code._version:
+        return facts[2]
     validate_codebook(code)
-    return code.to(device)
+    ordered = _ref.is_sorted(code)
+    _remember_code(code, ordered)
+    return ordered
 
 
 def _write_out(out: torch.Tensor | None, result: torch.Tensor, name: str = "out") -> torch.Tensor:
@@ -171,10 +206,12 @@ def _specials(state: QuantState, device: torch.device) -> tuple[torch.Tensor, to
 
 def _effective_code(code: torch.Tensor, A: torch.Tensor, c: str) -> torch.Tensor:
     """The codebook a quantisation really used: bnb's fp32 CPU kernel writes code[0] = -1 (Q2)."""
-    code = code.clone()
+    out = code.clone()
     if c == "bnb" and A.dtype == torch.float32:
-        code[0] = -1.0
-    return code
+        out[0] = -1.0
+    else:  # the same values as the checked `code`: the QuantState's copy needs no second check
+        _remember_code(out, _checked_code(code))
+    return out
 
 
 def _search_order(code: torch.Tensor, c: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -185,7 +222,7 @@ def _search_order(code: torch.Tensor, c: str) -> tuple[torch.Tensor, torch.Tenso
     default, and the indices mapped back, so ``code[q]`` is the nearest entry whatever the order.
     ``compat="bnb"`` passes it as it is: the reference then searches it the way bnb does.
     """
-    if c == "bnb" or _ref.is_sorted(code):
+    if c == "bnb" or _checked_code(code):
         return code, None
     sorted_code, perm = torch.sort(code, stable=True)
     return sorted_code, perm.to(torch.uint8)
@@ -324,7 +361,7 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
     nb = -(-q.numel() // st.blocksize)
     if am.numel() != nb:
         raise ValueError(f"absmax must have ceil({q.numel()}/{st.blocksize}) = {nb} entries, got {am.numel()}")
-    validate_codebook(st.code)
+    _checked_code(st.code)
     out_dtype = dtype or st.dtype
     if out_dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")

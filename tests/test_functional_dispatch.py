@@ -163,3 +163,28 @@ def test_compiled_functional_call_matches_eager() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     _same(compiled(x), f(x))
+
+
+def test_a_codebook_tensor_is_checked_once_per_version(monkeypatch) -> None:
+    """The analysis passes one codebook tensor to thousands of calls, and checking it on a GPU makes the host wait:
+    it is validated once per tensor version (an in-place edit is checked again), dead tensors leave the memo."""
+    import fp8probe.functional as fn
+    from fp8probe.formats import get_codebook, validate_codebook
+
+    calls = []
+    monkeypatch.setattr(fn, "validate_codebook", lambda c: (calls.append(id(c)), validate_codebook(c))[1])
+    code = get_codebook("dynamic")
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    q1, st1 = fn.quantize_blockwise(x, code, blocksize=64)
+    q2, _ = fn.quantize_blockwise(x, code, blocksize=64)
+    fn.dequantize_blockwise(q1, st1)
+    assert torch.equal(q1, q2) and calls == [id(code)]
+    code[0] = float("nan")                                   # in place: a new version, checked again
+    with pytest.raises(ValueError, match="only finite values"):
+        fn.quantize_blockwise(x, code, blocksize=64)
+    assert calls == [id(code), id(code)]
+    key = id(code)
+    del code, st1
+    import gc
+    gc.collect()
+    assert key not in fn._CODE_FACTS

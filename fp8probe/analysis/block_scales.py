@@ -129,27 +129,44 @@ def _batch_stats(records: list[tuple[torch.Tensor, ...]]) -> BlockScaleStats:
     return out
 
 
+#: floor(log2 s) of a positive float64 lies in [-1074, 1023]: the exponent histogram's fixed bins (torch path)
+_EXP_LO, _EXP_BINS = -1074, 2098
+
+
 def _torch_batch_stats(scale: torch.Tensor, zero_block: torch.Tensor, nonzero: torch.Tensor, underflow: torch.Tensor,
                        clipped: torch.Tensor) -> BlockScaleStats:
+    """The torch path of _batch_stats (CUDA tensors, no C extension). Masks instead of boolean indexing and every
+    number in one copy to the host: on a GPU each ``int()``/``float()``/indexing by a mask makes the host wait
+    (benchmarks/profile_analyze.py). Σlog2 and Σlog2² are summed over all blocks with 0 for the unscaled ones."""
+    n = scale.numel()
+    if n == 0:
+        return BlockScaleStats()
     s = scale.to(_F64)
     nan = torch.isnan(s)
     zero_scale = (s == 0) & ~zero_block & ~nan
     good = ~zero_block & ~nan & ~zero_scale
-    sg = s[good]
-    out = BlockScaleStats(n_blocks=s.numel(), n_zero_blocks=int((zero_block & ~nan).sum()), n_nonfinite_blocks=int(nan.sum()),
-                          n_zero_scale_blocks=int(zero_scale.sum()), n_clipped_blocks=int(clipped.sum()),
-                          n_underflow_blocks=int((underflow > 0).sum()), n_nonzero=int(nonzero.sum()),
-                          n_underflow=int(underflow.sum()))
     has = nonzero > 0
-    if bool(has.any()):
-        out.max_block_underflow = float((underflow[has].to(_F64) / nonzero[has].to(_F64)).max())
-    if sg.numel():
-        lg = torch.log2(sg)
-        out.n_scales, out.scale_min, out.scale_max = sg.numel(), float(sg.min()), float(sg.max())
-        out.sum_log2, out.sum_log2_sq = float(lg.sum()), float((lg * lg).sum())
-        _, e = torch.frexp(sg)                         # floor(log2 s) = e - 1, exact for any float
-        vals, counts = torch.unique(e - 1, return_counts=True)
-        out.exp_counts = {int(v): int(c) for v, c in zip(vals.tolist(), counts.tolist())}
+    # per-block fraction of nonzero elements flushed to 0 (>= 0, so the blocks without nonzeros count as 0)
+    frac = torch.where(has, underflow.to(_F64) / torch.where(has, nonzero, 1).to(_F64), 0.0)
+    sg = torch.where(good, s, 1.0)
+    lg = torch.where(good, torch.log2(sg), 0.0)
+    _, e = torch.frexp(sg)                         # floor(log2 s) = e - 1, exact for any float
+    hist = torch.zeros(_EXP_BINS, dtype=_F64, device=s.device).scatter_add_(
+        0, (e.to(torch.int64) - 1 - _EXP_LO).clamp_(0, _EXP_BINS - 1), good.to(_F64))
+    head = torch.stack([(zero_block & ~nan).sum(), nan.sum(), zero_scale.sum(), clipped.sum(), (underflow > 0).sum(),
+                        nonzero.sum(), underflow.sum(), frac.max(), good.sum(), torch.where(good, s, math.inf).min(),
+                        torch.where(good, s, -math.inf).max(), lg.sum(), (lg * lg).sum()]).to(_F64)
+    vals = torch.cat([head, hist]).tolist()
+    (zero, nan_n, zero_scale_n, clipped_n, under_blocks, nonzero_n, under_n, max_frac, n_scales, smin, smax,
+     sum_log2, sum_log2_sq) = vals[:13]
+    out = BlockScaleStats(n_blocks=n, n_zero_blocks=int(zero), n_nonfinite_blocks=int(nan_n),
+                          n_zero_scale_blocks=int(zero_scale_n), n_clipped_blocks=int(clipped_n),
+                          n_underflow_blocks=int(under_blocks), n_nonzero=int(nonzero_n), n_underflow=int(under_n),
+                          max_block_underflow=max_frac)
+    if n_scales:
+        out.n_scales, out.scale_min, out.scale_max = int(n_scales), smin, smax
+        out.sum_log2, out.sum_log2_sq = sum_log2, sum_log2_sq
+        out.exp_counts = {_EXP_LO + k: int(c) for k, c in enumerate(vals[13:]) if c}
     return out
 
 

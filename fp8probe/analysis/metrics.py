@@ -81,11 +81,15 @@ def _dots(r: torch.Tensor, q: torch.Tensor) -> tuple[float, float, float, float,
     element finite and the common case skips the elementwise isfinite masks.
     """
     err = r - q
-    sums = (float(torch.dot(r, r)), float(torch.dot(err, err)), float(torch.dot(q, q)), float(torch.dot(r, q)))
-    if not all(math.isfinite(v) for v in sums):
+    # the ∞-norm is max|err| in one pass, without the |err| temporary. All five values reach the host in one
+    # copy: each float() of a CUDA tensor makes the host wait for the GPU (benchmarks/profile_analyze.py).
+    parts = [torch.dot(r, r), torch.dot(err, err), torch.dot(q, q), torch.dot(r, q)]
+    if err.numel():
+        parts.append(torch.linalg.vector_norm(err, math.inf))
+    vals = torch.stack(parts).tolist()
+    if not all(math.isfinite(v) for v in vals[:4]):
         return None
-    # the ∞-norm is max|err| in one pass, without the |err| temporary
-    return (*sums, float(torch.linalg.vector_norm(err, math.inf)) if err.numel() else 0.0)
+    return (*vals[:4], vals[4] if err.numel() else 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,12 +242,12 @@ class OperandAccumulator:
         xf, qf = x.detach().flatten(), q.detach().flatten()
         if saturated is None:  # |x| > max|q| needs the whole tensor's max before any chunk is counted
             ok = torch.isfinite(xf) & torch.isfinite(qf)
-            qmax = float(torch.where(ok, qf.abs(), 0).max()) if bool(ok.any()) else 0.0
+            # max |q| over the finite pairs (0 when there are none), kept on the device: no host wait
+            qmax = torch.where(ok, qf.abs(), 0).max()
             del ok
-            # compared in a dtype holding x's and q's values exactly (x bf16, q float32: float32), so
-            # the Python scalar qmax is not rounded to a narrower dtype
+            # compared in a dtype holding x's and q's values exactly (x bf16, q float32: float32)
             wide = torch.promote_types(torch.promote_types(xf.dtype, qf.dtype), torch.float32)
-            saturated = xf.abs().to(wide) > qmax
+            saturated = xf.abs().to(wide) > qmax.to(wide)
         saturated = saturated.flatten()
         for start in range(0, xf.numel(), CHUNK):  # one chunk (the whole tensor) below CHUNK elements
             end = start + CHUNK
@@ -255,30 +259,40 @@ class OperandAccumulator:
         # float64 difference gives.
         r = _as_f64(xf)
         err = r - qf
-        sums = (float(torch.dot(r, r)), float(torch.dot(err, err)))
+        # the common case's sums and counts reach the host in one copy (one GPU wait, not five); the counts
+        # are exact in float64 (< 2^53)
+        nz = xf != 0
+        vals = torch.stack([torch.dot(r, r), torch.dot(err, err), nz.sum(), (nz & (qf == 0)).sum(),
+                            saturated.sum()]).tolist()
         del err
+        sums = vals[:2]
         if all(math.isfinite(v) for v in sums):
-            fin, n_fin = None, r.numel()
-        else:  # rare: NaN/±Inf in x or q; compare the pairs where both are finite
-            d = _as_f64(qf)
-            fin = torch.isfinite(r)
-            both = fin & torch.isfinite(d)
-            rz, dz = torch.where(both, r, 0.0), torch.where(both, d, 0.0)
-            sums = _dots(rz, dz)
-            n_fin = int(fin.sum())
-            self.n_excluded += r.numel() - n_fin
-            self.n_nonfinite += n_fin - int(both.sum())
-        del r
+            self.sum_ref2 += sums[0]
+            self.sum_err2 += sums[1]
+            self.n_finite += r.numel()
+            self.n_nonzero += int(vals[2])
+            self.n_underflow += int(vals[3])
+            self.n_saturated += int(vals[4])
+            return
+        # rare: NaN/±Inf in x or q; compare the pairs where both are finite
+        d = _as_f64(qf)
+        fin = torch.isfinite(r)
+        both = fin & torch.isfinite(d)
+        rz, dz = torch.where(both, r, 0.0), torch.where(both, d, 0.0)
+        sums = _dots(rz, dz)
+        del r, d, rz, dz
+        # counts and comparisons on the tensors as given: exact in any float dtype (no float64 copy)
+        nz = fin & (xf != 0)
+        n_fin, n_both, n_nz, n_under, n_sat = (int(v) for v in torch.stack(
+            [fin.sum(), both.sum(), nz.sum(), (nz & (qf == 0)).sum(), (saturated & fin).sum()]).tolist())
+        self.n_excluded += xf.numel() - n_fin
+        self.n_nonfinite += n_fin - n_both
         self.sum_ref2 += sums[0]
         self.sum_err2 += sums[1]
         self.n_finite += n_fin
-        # Counts and comparisons on the tensors as given: exact in any float dtype (no float64 copy).
-        nz = xf != 0 if fin is None else fin & (xf != 0)
-        self.n_nonzero += int(nz.sum())
-        self.n_underflow += int((nz & (qf == 0)).sum())
-        if fin is not None:
-            saturated = saturated & fin
-        self.n_saturated += int(saturated.sum())
+        self.n_nonzero += n_nz
+        self.n_underflow += n_under
+        self.n_saturated += n_sat
 
     def merge(self, other: OperandAccumulator) -> OperandAccumulator:
         """A new accumulator equal to having seen both inputs."""
