@@ -1,0 +1,96 @@
+"""The torch paths the GPU runs bring their numbers to the host in one copy per call (each float()/int()/bool()/
+tolist()/nonzero of a CUDA tensor makes the host wait for the GPU; the first H200 run was host-bound).
+
+Counted here on CPU tensors through the same Python calls; the C fast path is switched off so the torch path runs."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from fp8probe.analysis import block_scales as BS
+from fp8probe.analysis import metrics as M
+
+WAITS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def counted_waits():
+    calls: list[str] = []
+    saved = {name: getattr(torch.Tensor, name) for name in WAITS}
+
+    def wrap(name, orig):
+        def inner(*args, **kwargs):
+            calls.append(name)
+            return orig(*args, **kwargs)
+        return inner
+    try:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, wrap(name, orig))
+        yield calls
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+
+
+def _seeded(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("specials", (False, True))
+def test_operand_accumulator_update_waits_once(torch_path, specials) -> None:
+    x = _seeded(5000, 1)
+    q = x.to(torch.bfloat16).to(torch.float32)
+    if specials:
+        x[7], q[9] = float("nan"), float("inf")
+    acc = M.OperandAccumulator()
+    with counted_waits() as calls:
+        acc.update(x, q)
+    assert len(calls) == (3 if specials else 1), calls  # the rare path: the sums, _dots, the counts
+    assert acc.n_finite == 5000 - specials and acc.n_nonzero > 0
+
+
+def test_block_stats_torch_path_waits_once_and_equals_the_indexed_sums() -> None:
+    g = torch.Generator().manual_seed(3)
+    n = 777
+    scale = torch.exp2(torch.randint(-20, 20, (n,), generator=g).to(torch.float32)) * (1 + torch.rand(n, generator=g))
+    scale[::50] = float("nan")
+    scale[5::61] = 0.0
+    zero_block = torch.zeros(n, dtype=torch.bool)
+    zero_block[3::40] = True
+    nonzero = torch.randint(0, 33, (n,), generator=g)
+    underflow = torch.minimum(torch.randint(0, 5, (n,), generator=g), nonzero)
+    clipped = torch.rand(n, generator=g) < 0.1
+    with counted_waits() as calls:
+        got = BS._torch_batch_stats(scale, zero_block, nonzero, underflow, clipped)
+    assert calls == ["tolist"]
+    s = scale.to(torch.float64)
+    nan = torch.isnan(s)
+    good = ~zero_block & ~nan & (s != 0)
+    sg = s[good]
+    assert got.n_scales == int(good.sum()) and got.scale_min == float(sg.min()) and got.scale_max == float(sg.max())
+    assert got.n_nonfinite_blocks == int(nan.sum()) and got.n_zero_scale_blocks == int(((s == 0) & ~zero_block & ~nan).sum())
+    assert got.sum_log2 == pytest.approx(float(torch.log2(sg).sum()), rel=1e-12)
+    assert got.sum_log2_sq == pytest.approx(float((torch.log2(sg) ** 2).sum()), rel=1e-12)
+    e = torch.frexp(sg)[1] - 1
+    vals, counts = torch.unique(e, return_counts=True)
+    assert got.exp_counts == dict(zip(vals.tolist(), counts.tolist()))
+    has = nonzero > 0
+    assert got.max_block_underflow == float((underflow[has].double() / nonzero[has].double()).max())
+    assert BS._torch_batch_stats(scale[:0], zero_block[:0], nonzero[:0], underflow[:0], clipped[:0]).n_blocks == 0
+
+
+def test_error_dots_wait_once() -> None:
+    r = _seeded(300, 4).double()
+    q = r + 1e-3 * _seeded(300, 5).double()
+    with counted_waits() as calls:
+        got = M._dots(r, q)
+    assert calls == ["tolist"]
+    err = r - q
+    assert got == (float(r @ r), float(err @ err), float(q @ q), float(r @ q), float(err.abs().max()))
