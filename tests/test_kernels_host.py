@@ -510,7 +510,8 @@ def test_other_blocksizes_and_short_circuits(emulated, monkeypatch) -> None:
             assert_bitwise_equal(g, w)
     assert launches == []
     emulated.quantize_blockwise(A, code, 64, "")
-    assert launches == ["quantize_blockwise"]
+    emulated.quantize_blockwise(A, code, 512, "")
+    assert launches == ["quantize_blockwise_warp", "quantize_blockwise"]   # a warp per block up to 256
     monkeypatch.setattr(cuda_backend, "_launch", host_launch)
     q, absmax, si, sv = emulated.quantize_blockwise(torch.empty(0, 3), code, 64, "")
     assert q.shape == (0, 3) and absmax.shape == (0,) and si.numel() == 0 and sv.numel() == 0

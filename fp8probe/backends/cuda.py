@@ -31,6 +31,16 @@ _FP8_FMT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 _LOWBIT_FMT = {"e2m1": 2, "e2m3": 3, "e3m2": 4}
 _THREADS = 256
 _MAX_GRID = 1 << 20          # grid-stride kernels loop; more blocks than this buys nothing
+#: grid cap of the kernels that stage the 1 KB codebook in shared memory per thread block: 4096 blocks
+#: of 256 threads (~16 per SM on an H200) amortise that load over many quantisation blocks
+_CODEBOOK_GRID = 4096
+#: grid cap of absmax_global: every block ends in one atomicMax on the same word, so few blocks
+_REDUCE_GRID = 2048
+#: tiles of at most this many elements are reduced by one lane group each (amax_tiles_small: 32 items
+#: per lane at most); larger ones by thread blocks meeting in atomics (amax_tiles)
+_SMALL_TILE = 1024
+#: elements per thread and grid-stride step of the elementwise kernels (map_tiles in common.cuh)
+_VEC = 4
 #: blocksizes the fused blockwise kernel supports: blockDim = min(bs, 256), <= 16 items per thread
 CUDA_BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096
 
@@ -82,6 +92,11 @@ def _grid_1d(n: int) -> tuple[int]:
     return (max(1, min(-(-n // _THREADS), _MAX_GRID)),)
 
 
+def _grid_vec(n: int, cap: int = _MAX_GRID) -> tuple[int]:
+    """Grid of a map_tiles kernel (_VEC elements per thread and step) over n elements, at most `cap`."""
+    return (max(1, min(-(-n // (_THREADS * _VEC)), cap)),)
+
+
 def _row_threads(cols: int) -> int:
     """Threads for a one-block-per-row kernel: a multiple of 32 (warp reductions), at most 256."""
     return min(_THREADS, max(32, -(-cols // 32) * 32))
@@ -104,7 +119,8 @@ def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CUDA `fp8probe::quantize_blockwise`: fused absmax + search, one thread block per block."""
+    """CUDA `fp8probe::quantize_blockwise`: fused absmax + search; blocksizes up to 256 one warp per
+    block (quantize_blockwise_warp, many blocks per thread block), larger ones one thread block each."""
     # The fused kernel takes the power-of-two blocksizes 32..4096 (CUDA_BLOCKSIZES); any other positive
     # blocksize (the functional API accepts them, as the CPU does) runs the reference on the GPU tensors.
     if (use_reference() or blocksize not in CUDA_BLOCKSIZES or compat != "" or A.numel() == 0
@@ -116,8 +132,13 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     nb = -(-n // blocksize)
     q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(nb, dtype=_F32, device=A.device)
-    _launch("codebook_quant", "quantize_blockwise", (nb,), (min(blocksize, _THREADS),),
-            (A, code, q, absmax, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
+    if blocksize <= _THREADS:
+        grid = (max(1, min(-(-nb // (_THREADS // 32)), _CODEBOOK_GRID)),)   # a warp per block
+        _launch("codebook_quant", "quantize_blockwise_warp", grid, (_THREADS,),
+                (A, code, q, absmax, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
+    else:
+        _launch("codebook_quant", "quantize_blockwise", (nb,), (_THREADS,),
+                (A, code, q, absmax, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
     return (q, absmax, *_specials(A))
 
 
@@ -130,10 +151,10 @@ def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
     code = code.to(device=A.device, dtype=_F32).contiguous()
     n = A.numel()
     absmax = torch.zeros(1, dtype=_F32, device=A.device)     # atomicMax identity for magnitudes
-    _launch("codebook_quant", "absmax_global", _grid_1d(n), (_THREADS,), (A, absmax, np.int64(n)),
+    _launch("codebook_quant", "absmax_global", _grid_vec(n, _REDUCE_GRID), (_THREADS,), (A, absmax, np.int64(n)),
             A.device, A.dtype)
     q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-    _launch("codebook_quant", "quantize_with_absmax", _grid_1d(n), (_THREADS,),
+    _launch("codebook_quant", "quantize_with_absmax", _grid_vec(n, _CODEBOOK_GRID), (_THREADS,),
             (A, code, absmax, q, np.int64(n), np.int64(n)), A.device, A.dtype)
     return (q, absmax, *_specials(A))
 
@@ -153,7 +174,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     code = code.to(device=q.device, dtype=_F32).contiguous()
     n = q.numel()
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    _launch("codebook_quant", "dequantize_blockwise", _grid_1d(n), (_THREADS,),
+    _launch("codebook_quant", "dequantize_blockwise", _grid_vec(n, _CODEBOOK_GRID), (_THREADS,),
             (q, code, absmax, out, np.int64(n), np.int64(blocksize)), q.device, dtype)
     if special_index.numel():
         out.view(-1)[special_index.to(q.device)] = special_value.to(device=q.device, dtype=dtype)
@@ -320,42 +341,52 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     rows, cols = _ref._rows_cols(x.shape)
     nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
     x2 = x.contiguous()
-    amax = torch.zeros((nbr, nbc), dtype=_F32, device=dev)
-    tile = min(block_rows, rows) * min(block_cols, cols)
-    split = max(1, min(65535, -(-tile // (_THREADS * 8))))    # >= 8 elements per thread per block
-    _launch("scaled_cast", "amax_tiles", (nbr * nbc, split), (_THREADS,),
-            (x2, amax, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
-             np.int32(1)), dev, x.dtype)
+    amax, _ = _tile_amax(x2, rows, cols, block_rows, block_cols, with_all=False)
     scale = _scale_from_amax(amax, fmt, scale_rule).contiguous()
     data = torch.empty(x.shape, dtype=torch.uint8, device=dev)
-    _launch("scaled_cast", "cast_to_fp8", _grid_1d(rows * cols), (_THREADS,),
+    _launch("scaled_cast", "cast_to_fp8", _grid_vec(rows * cols), (_THREADS,),
             (x2, scale, data, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
              np.int32(_FP8_FMT[fp8])), dev, x.dtype)
     return data.view(fp8), scale
 
 
-def _tile_amax(x2: torch.Tensor, rows: int, cols: int, block_rows: int, block_cols: int, finite_only: bool
-               ) -> torch.Tensor:
+def _tile_amax(x2: torch.Tensor, rows: int, cols: int, block_rows: int, block_cols: int, with_all: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-tile max |x| over finite elements [nbr, nbc], and (with_all) over all elements, NaN/Inf bits
+    winning, in the same pass (None without with_all)."""
     nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
-    amax = torch.zeros((nbr, nbc), dtype=_F32, device=x2.device)
+    ntiles = nbr * nbc
     tile = min(block_rows, rows) * min(block_cols, cols)
-    split = max(1, min(65535, -(-tile // (_THREADS * 8))))    # >= 8 elements per thread per block
-    _launch("scaled_cast", "amax_tiles", (nbr * nbc, split), (_THREADS,),
-            (x2, amax, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
-             np.int32(1 if finite_only else 0)), x2.device, x2.dtype)
-    return amax
+    shape = (nbr, nbc)
+    if tile <= _SMALL_TILE:
+        # one group of `group` lanes (power of two <= 32) per tile, writes every tile once
+        group = min(32, 1 << (tile - 1).bit_length())
+        amax = torch.empty(shape, dtype=_F32, device=x2.device)
+        amax_all = torch.empty(shape, dtype=_F32, device=x2.device) if with_all else amax
+        grid = (max(1, min(-(-ntiles // (_THREADS // group)), _MAX_GRID)),)
+        _launch("scaled_cast", "amax_tiles_small", grid, (_THREADS,),
+                (x2, amax, amax_all, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+                 np.int32(group), np.int32(with_all)), x2.device, x2.dtype)
+    else:
+        amax = torch.zeros(shape, dtype=_F32, device=x2.device)     # atomicMax identity for magnitudes
+        amax_all = torch.zeros(shape, dtype=_F32, device=x2.device) if with_all else amax
+        # >= 8 elements per thread per block, and blocks enough to fill the GPU when there are few tiles
+        split = max(1, min(65535, -(-tile // (_THREADS * 8)), -(-_REDUCE_GRID // ntiles)))
+        _launch("scaled_cast", "amax_tiles", (ntiles, split), (_THREADS,),
+                (x2, amax, amax_all, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+                 np.int32(with_all)), x2.device, x2.dtype)
+    return amax, (amax_all if with_all else None)
 
 
 def _quantize_lowbit(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str,
                      global_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MXFP4 / MXFP6 / NVFP4: tile amax kernels (finite values; all values, to find non-finite tiles),
+    """MXFP4 / MXFP6 / NVFP4: one tile-amax pass (finite values; all values, to find non-finite tiles),
     the reference's scale rule in torch, then the element-code kernel."""
     dev = x.device
     _, fmax, _ = _ref.SCALED_FORMATS[fmt]
     rows, cols = _ref._rows_cols(x.shape)
     x2 = x.contiguous()
-    amax = _tile_amax(x2, rows, cols, block_rows, block_cols, True)
-    amax_all = _tile_amax(x2, rows, cols, block_rows, block_cols, False)   # NaN/Inf bits win the max
+    amax, amax_all = _tile_amax(x2, rows, cols, block_rows, block_cols, with_all=True)
     if fmt in _ref.MX_FORMATS:
         scale = _ref.mx_scale(amax, fmt, scale_rule)
         divisor = scale
@@ -364,7 +395,7 @@ def _quantize_lowbit(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
         scale = _ref.e4m3_round(amax / (torch.full_like(g, 6.0) * g))
         divisor = scale * g
     data = torch.empty(x.shape, dtype=torch.uint8, device=dev)
-    _launch("scaled_cast", "cast_to_lowbit", _grid_1d(rows * cols), (_THREADS,),
+    _launch("scaled_cast", "cast_to_lowbit", _grid_vec(rows * cols), (_THREADS,),
             (x2, divisor.contiguous(), data, np.int64(rows), np.int64(cols), np.int64(block_rows),
              np.int64(block_cols), np.int32(_LOWBIT_FMT[_ref.ELEMENT_OF[fmt]]), np.float32(fmax)), dev, x.dtype)
     return data, torch.where(torch.isfinite(amax_all), scale, torch.nan).contiguous()
@@ -382,7 +413,7 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
         rows, cols = _ref._rows_cols(data.shape)
         post = 1.0 if global_scale is None else float(global_scale)
         out = torch.empty(data.shape, dtype=dtype, device=dev)
-        _launch("scaled_cast", "cast_from_lowbit", _grid_1d(rows * cols), (_THREADS,),
+        _launch("scaled_cast", "cast_from_lowbit", _grid_vec(rows * cols), (_THREADS,),
                 (data.contiguous(), scale.to(device=dev, dtype=_F32).contiguous(), out, np.int64(rows),
                  np.int64(cols), np.int64(block_rows), np.int64(block_cols),
                  np.int32(_LOWBIT_FMT[_ref.ELEMENT_OF[fmt]]), np.float32(post)), dev, dtype)
@@ -392,7 +423,7 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     bits = data.contiguous().view(torch.uint8)
     scale = scale.to(device=dev, dtype=_F32).contiguous()
     out = torch.empty(data.shape, dtype=dtype, device=dev)
-    _launch("scaled_cast", "cast_from_fp8", _grid_1d(rows * cols), (_THREADS,),
+    _launch("scaled_cast", "cast_from_fp8", _grid_vec(rows * cols), (_THREADS,),
             (bits, scale, out, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
              np.int32(_FP8_FMT[data.dtype])), dev, dtype)
     return out

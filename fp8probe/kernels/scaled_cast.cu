@@ -64,51 +64,120 @@ __device__ __forceinline__ float e5m2_to_float(uint8_t b) {
     return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 21));
 }
 
-__device__ __forceinline__ long long tile_of(long long i, long long cols, long long tile_r,
-                                             long long tile_c, long long tiles_c) {
-    const long long r = i / cols;
-    const long long c = i - r * cols;
-    return (r / tile_r) * tiles_c + c / tile_c;
+// Walks the elements start, start + step, start + 2 * step, ... (row-major order) of the h x w tile whose
+// first element is x[r0, c0] of the [rows, cols] view, without a division per element, and folds their
+// magnitudes into two maxima: `finite` over finite values (the reference's amax) and `all` over every
+// value (a NaN magnitude then wins the bit-pattern max, like torch.amax; Inf is 0x7f800000).
+template <typename T, typename I>
+__device__ __forceinline__ void tile_maxima(const T* __restrict__ x, I cols, I r0, I c0, I h, I w, I start,
+                                            I step, uint32_t& finite, uint32_t& all) {
+    I er = start / w, ec = start - er * w;
+    const I sq = step / w, sr = step - sq * w;
+    for (; er < h; er += sq, ec += sr) {
+        if (ec >= w) { ec -= w; ++er; if (er >= h) break; }
+        const float a = to_float(x[(r0 + er) * cols + c0 + ec]);
+        all = max_u32(all, abs_bits(a));
+        if (is_finite_f(a)) finite = max_u32(finite, abs_bits(a));
+    }
 }
 
-// amax[t] = max |x| over tile t's finite elements when finite_only (the reference), else over all
-// (a NaN magnitude then wins the bit-pattern max, like torch.amax). Block (bx, by)
-// handles tile bx, elements by*blockDim.x + threadIdx.x, stepping gridDim.y*blockDim.x, so a single
-// huge tile (per-tensor scaling) is still spread over many blocks; partial maxima meet in atomicMax
-// on the bit patterns of a zero-initialised buffer.
+// Tile t's corner and clamped extent in the [rows, cols] view (tile_r <= rows, tile_c <= cols).
+template <typename I>
+__device__ __forceinline__ void tile_box(long long t, long long rows, long long cols, long long tile_r,
+                                         long long tile_c, long long tiles_c, I& r0, I& c0, I& h, I& w) {
+    const long long tr = t / tiles_c, tc = t - tr * tiles_c;
+    r0 = (I)(tr * tile_r);
+    c0 = (I)(tc * tile_c);
+    h = (I)min(tile_r, rows - tr * tile_r);
+    w = (I)min(tile_c, cols - tc * tile_c);
+}
+
+// Large tiles (rows, per-tensor, 128x128): block (bx, by) reduces elements by * blockDim.x + threadIdx.x,
+// stepping gridDim.y * blockDim.x, of tile bx, so a single huge tile is still spread over many blocks;
+// partial maxima meet in atomicMax on the bit patterns of zero-initialised buffers. amax[t] = max |x|
+// over tile t's finite elements; amax_all[t] (written only when with_all) = max over all of them.
 template <typename T>
-__global__ void amax_tiles(const T* __restrict__ x, float* __restrict__ amax, long long rows,
-                           long long cols, long long tile_r, long long tile_c, int finite_only) {
+__global__ void amax_tiles(const T* __restrict__ x, float* __restrict__ amax, float* __restrict__ amax_all,
+                           long long rows, long long cols, long long tile_r, long long tile_c, int with_all) {
     __shared__ uint32_t s_red[32];
+    tile_r = min(tile_r, rows);                           // same tiling; keeps 32-bit math in range
+    tile_c = min(tile_c, cols);
     const long long tiles_c = (cols + tile_c - 1) / tile_c;
     const long long t = blockIdx.x;
-    const long long r0 = (t / tiles_c) * tile_r, c0 = (t % tiles_c) * tile_c;
-    const long long h = min(tile_r, rows - r0), w = min(tile_c, cols - c0);
-    const long long count = h * w;
-    uint32_t local_max = 0u;
-    const long long stride = (long long)gridDim.y * blockDim.x;
-    for (long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x; e < count; e += stride) {
-        const long long r = r0 + e / w, c = c0 + e % w;
-        const float a = to_float(x[r * cols + c]);
-        if (finite_only && !is_finite_f(a)) continue;
-        local_max = max_u32(local_max, abs_bits(a));
+    const long long start = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    const long long step = (long long)gridDim.y * blockDim.x;
+    uint32_t finite = 0u, all = 0u;
+    if (rows * cols <= INDEX32_MAX) {
+        unsigned r0, c0, h, w;
+        tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
+        tile_maxima<T, unsigned>(x, (unsigned)cols, r0, c0, h, w, (unsigned)start, (unsigned)step, finite, all);
+    } else {
+        long long r0, c0, h, w;
+        tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
+        tile_maxima<T, long long>(x, cols, r0, c0, h, w, start, step, finite, all);
     }
-    const uint32_t m = block_max_u32(local_max, s_red);
-    if (threadIdx.x == 0) atomicMax((unsigned int*)(amax + t), m);
+    finite = block_max_u32(finite, s_red);
+    if (threadIdx.x == 0) atomicMax((unsigned int*)(amax + t), finite);
+    if (with_all) {                                       // uniform: every thread reaches the barriers
+        all = block_max_u32(all, s_red);
+        if (threadIdx.x == 0) atomicMax((unsigned int*)(amax_all + t), all);
+    }
 }
+
+// Small tiles (1x16, 1x32, 1x128, 16x16, short rows): a group of `group` lanes (a power of two <= 32)
+// reduces one whole tile, 32 / group tiles per warp, warps striding over the tiles; each tile's maxima
+// are written once (no atomics, no zero-initialisation). The tile loop's trip count depends only on the
+// warp, so all 32 lanes reach every full-mask shuffle; lanes without a tile reduce zeros. blockDim.x is
+// a multiple of 32. Outputs as amax_tiles.
+template <typename T>
+__global__ void amax_tiles_small(const T* __restrict__ x, float* __restrict__ amax, float* __restrict__ amax_all,
+                                 long long rows, long long cols, long long tile_r, long long tile_c, int group,
+                                 int with_all) {
+    tile_r = min(tile_r, rows);
+    tile_c = min(tile_c, cols);
+    const long long tiles_c = (cols + tile_c - 1) / tile_c;
+    const long long ntiles = (rows + tile_r - 1) / tile_r * tiles_c;
+    const int lane = (int)(threadIdx.x & 31u);
+    const long long per_warp = 32 / group;
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    const bool index32 = rows * cols <= INDEX32_MAX;
+    for (long long t0 = warp * per_warp; t0 < ntiles; t0 += warps * per_warp) {
+        const long long t = t0 + lane / group;
+        uint32_t finite = 0u, all = 0u;
+        if (t < ntiles) {
+            if (index32) {
+                unsigned r0, c0, h, w;
+                tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
+                tile_maxima<T, unsigned>(x, (unsigned)cols, r0, c0, h, w, (unsigned)(lane % group),
+                                         (unsigned)group, finite, all);
+            } else {
+                long long r0, c0, h, w;
+                tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
+                tile_maxima<T, long long>(x, cols, r0, c0, h, w, lane % group, group, finite, all);
+            }
+        }
+        for (int off = group >> 1; off > 0; off >>= 1) {  // xor < group stays inside the lane group
+            finite = max_u32(finite, __shfl_xor_sync(0xffffffffu, finite, off));
+            all = max_u32(all, __shfl_xor_sync(0xffffffffu, all, off));
+        }
+        if (t < ntiles && lane % group == 0) {
+            amax[t] = __uint_as_float(finite);
+            if (with_all) amax_all[t] = __uint_as_float(all);
+        }
+    }
+}
+
 
 // data[i] = fp8(fl32(x[i] / scale[tile(i)])), saturating, RNE.
 template <typename T>
 __global__ void cast_to_fp8(const T* __restrict__ x, const float* __restrict__ scale,
                             uint8_t* __restrict__ data, long long rows, long long cols,
                             long long tile_r, long long tile_c, int fmt) {
-    const long long n = rows * cols;
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = __fdiv_rn(to_float(x[i]), scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]);
-        data[i] = fmt == FMT_E4M3 ? float_to_e4m3_satfinite(v) : float_to_e5m2_satfinite(v);
-    }
+    map_tiles(x, scale, data, rows, cols, tile_r, tile_c, SameScale(), [=](T xv, float s) -> uint8_t {
+        const float v = __fdiv_rn(to_float(xv), s);
+        return fmt == FMT_E4M3 ? float_to_e4m3_satfinite(v) : float_to_e5m2_satfinite(v);
+    });
 }
 
 // out[i] = cast<T>(fl32(float(data[i]) * scale[tile(i)])).
@@ -116,13 +185,10 @@ template <typename T>
 __global__ void cast_from_fp8(const uint8_t* __restrict__ data, const float* __restrict__ scale,
                               T* __restrict__ out, long long rows, long long cols,
                               long long tile_r, long long tile_c, int fmt) {
-    const long long n = rows * cols;
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = fmt == FMT_E4M3 ? e4m3_to_float(data[i]) : e5m2_to_float(data[i]);
-        out[i] = from_float<T>(__fmul_rn(v, scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]));
-    }
+    map_tiles(data, scale, out, rows, cols, tile_r, tile_c, SameScale(), [=](uint8_t b, float s) -> T {
+        const float v = fmt == FMT_E4M3 ? e4m3_to_float(b) : e5m2_to_float(b);
+        return from_float<T>(__fmul_rn(v, s));
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -176,18 +242,14 @@ template <typename T>
 __global__ void cast_to_lowbit(const T* __restrict__ x, const float* __restrict__ divisor,
                                uint8_t* __restrict__ data, long long rows, long long cols,
                                long long tile_r, long long tile_c, int fmt, float fmax) {
-    const long long n = rows * cols;
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float v = to_float(x[i]);
+    map_tiles(x, divisor, data, rows, cols, tile_r, tile_c, SameScale(), [=](T xv, float d) -> uint8_t {
+        float v = to_float(xv);
         if (v != v) v = 0.0f;
         else if (!is_finite_f(v)) v = copysignf(fmax, v);
-        const float d = divisor[tile_of(i, cols, tile_r, tile_c, tiles_c)];
         float y = d > 0.0f ? __fdiv_rn(v, d) : __fmul_rn(v, 0.0f);
         y = fminf(fmaxf(y, -fmax), fmax);
-        data[i] = float_to_lowbit(y, fmt);
-    }
+        return float_to_lowbit(y, fmt);
+    });
 }
 
 // out[i] = cast<T>(fl32(fl32(value(data[i]) * scale[tile(i)]) * post)); post = NVFP4's tensor scale, else 1.
@@ -195,11 +257,7 @@ template <typename T>
 __global__ void cast_from_lowbit(const uint8_t* __restrict__ data, const float* __restrict__ scale,
                                  T* __restrict__ out, long long rows, long long cols,
                                  long long tile_r, long long tile_c, int fmt, float post) {
-    const long long n = rows * cols;
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = __fmul_rn(lowbit_to_float(data[i], fmt), scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]);
-        out[i] = from_float<T>(__fmul_rn(v, post));
-    }
+    map_tiles(data, scale, out, rows, cols, tile_r, tile_c, SameScale(), [=](uint8_t c, float s) -> T {
+        return from_float<T>(__fmul_rn(__fmul_rn(lowbit_to_float(c, fmt), s), post));
+    });
 }
