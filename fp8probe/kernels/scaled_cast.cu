@@ -64,16 +64,29 @@ __device__ __forceinline__ float e5m2_to_float(uint8_t b) {
     return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 21));
 }
 
-// Walks the elements start, start + step, start + 2 * step, ... (row-major order) of the h x w tile whose
-// first element is x[r0, c0] of the [rows, cols] view, without a division per element, and folds their
-// magnitudes into two maxima: `finite` over finite values (the reference's amax) and `all` over every
+// Where a walk over the elements start, start + step, start + 2 * step, ... (row-major order) of a tile
+// w wide begins (er, ec) and how far each step moves it (sq rows, sr columns): two divisions per tile
+// width, none per element.
+template <typename I>
+struct TileStride { I er, ec, sq, sr; };
+
+template <typename I>
+__device__ __forceinline__ TileStride<I> tile_stride(I start, I step, I w) {
+    TileStride<I> p;
+    p.er = start / w;
+    p.ec = start - p.er * w;
+    p.sq = step / w;
+    p.sr = step - p.sq * w;
+    return p;
+}
+
+// Folds the magnitudes of the walk p over the h x w tile whose first element is x[r0, c0] of the view
+// (`cols` wide) into two maxima: `finite` over finite values (the reference's amax) and `all` over every
 // value (a NaN magnitude then wins the bit-pattern max, like torch.amax; Inf is 0x7f800000).
 template <typename T, typename I>
-__device__ __forceinline__ void tile_maxima(const T* __restrict__ x, I cols, I r0, I c0, I h, I w, I start,
-                                            I step, uint32_t& finite, uint32_t& all) {
-    I er = start / w, ec = start - er * w;
-    const I sq = step / w, sr = step - sq * w;
-    for (; er < h; er += sq, ec += sr) {
+__device__ __forceinline__ void tile_maxima(const T* __restrict__ x, I cols, I r0, I c0, I h, I w,
+                                            TileStride<I> p, uint32_t& finite, uint32_t& all) {
+    for (I er = p.er, ec = p.ec; er < h; er += p.sq, ec += p.sr) {
         if (ec >= w) { ec -= w; ++er; if (er >= h) break; }
         const float a = to_float(x[(r0 + er) * cols + c0 + ec]);
         all = max_u32(all, abs_bits(a));
@@ -81,46 +94,82 @@ __device__ __forceinline__ void tile_maxima(const T* __restrict__ x, I cols, I r
     }
 }
 
-// Tile t's corner and clamped extent in the [rows, cols] view (tile_r <= rows, tile_c <= cols).
+// Tile t's corner (r0, c0) and extent h x w, partial at the bottom/right edges.
 template <typename I>
-__device__ __forceinline__ void tile_box(long long t, long long rows, long long cols, long long tile_r,
-                                         long long tile_c, long long tiles_c, I& r0, I& c0, I& h, I& w) {
-    const long long tr = t / tiles_c, tc = t - tr * tiles_c;
-    r0 = (I)(tr * tile_r);
-    c0 = (I)(tc * tile_c);
-    h = (I)min(tile_r, rows - tr * tile_r);
-    w = (I)min(tile_c, cols - tc * tile_c);
+__device__ __forceinline__ void tile_box(I t, I rows, I cols, I tile_r, I tile_c, I tiles_c,
+                                         I& r0, I& c0, I& h, I& w) {
+    const I tr = t / tiles_c, tc = t - tr * tiles_c;
+    r0 = tr * tile_r;
+    c0 = tc * tile_c;
+    h = min(tile_r, rows - r0);
+    w = min(tile_c, cols - c0);
+}
+
+template <typename T, typename I>
+__device__ __forceinline__ void amax_tiles_body(const T* __restrict__ x, float* __restrict__ amax,
+                                                float* __restrict__ amax_all, I rows, I cols, I tile_r,
+                                                I tile_c, int with_all, uint32_t* s_red) {
+    const I tiles_c = (cols + tile_c - 1) / tile_c;
+    const I t = (I)blockIdx.x;
+    I r0, c0, h, w;
+    tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
+    const I start = (I)blockIdx.y * blockDim.x + threadIdx.x, step = (I)gridDim.y * blockDim.x;
+    uint32_t finite = 0u, all = 0u;
+    tile_maxima(x, cols, r0, c0, h, w, tile_stride(start, step, w), finite, all);
+    finite = block_max_u32(finite, s_red);
+    if (threadIdx.x == 0) atomicMax((unsigned int*)(amax + t), finite);
+    if (with_all) {                                       // uniform: every thread reaches the barriers
+        all = block_max_u32(all, s_red);
+        if (threadIdx.x == 0) atomicMax((unsigned int*)(amax_all + t), all);
+    }
 }
 
 // Large tiles (rows, per-tensor, 128x128): block (bx, by) reduces elements by * blockDim.x + threadIdx.x,
 // stepping gridDim.y * blockDim.x, of tile bx, so a single huge tile is still spread over many blocks;
 // partial maxima meet in atomicMax on the bit patterns of zero-initialised buffers. amax[t] = max |x|
 // over tile t's finite elements; amax_all[t] (written only when with_all) = max over all of them.
+// Clamping the tile to the view (here and below) changes no tile number and keeps 32-bit math in range.
 template <typename T>
 __global__ void amax_tiles(const T* __restrict__ x, float* __restrict__ amax, float* __restrict__ amax_all,
                            long long rows, long long cols, long long tile_r, long long tile_c, int with_all) {
     __shared__ uint32_t s_red[32];
-    tile_r = min(tile_r, rows);                           // same tiling; keeps 32-bit math in range
+    tile_r = min(tile_r, rows);
     tile_c = min(tile_c, cols);
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long t = blockIdx.x;
-    const long long start = (long long)blockIdx.y * blockDim.x + threadIdx.x;
-    const long long step = (long long)gridDim.y * blockDim.x;
-    uint32_t finite = 0u, all = 0u;
     if (rows * cols <= INDEX32_MAX) {
-        unsigned r0, c0, h, w;
-        tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
-        tile_maxima<T, unsigned>(x, (unsigned)cols, r0, c0, h, w, (unsigned)start, (unsigned)step, finite, all);
+        amax_tiles_body<T, unsigned>(x, amax, amax_all, (unsigned)rows, (unsigned)cols, (unsigned)tile_r,
+                                     (unsigned)tile_c, with_all, s_red);
     } else {
-        long long r0, c0, h, w;
-        tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
-        tile_maxima<T, long long>(x, cols, r0, c0, h, w, start, step, finite, all);
+        amax_tiles_body<T, long long>(x, amax, amax_all, rows, cols, tile_r, tile_c, with_all, s_red);
     }
-    finite = block_max_u32(finite, s_red);
-    if (threadIdx.x == 0) atomicMax((unsigned int*)(amax + t), finite);
-    if (with_all) {                                       // uniform: every thread reaches the barriers
-        all = block_max_u32(all, s_red);
-        if (threadIdx.x == 0) atomicMax((unsigned int*)(amax_all + t), all);
+}
+
+template <typename T, typename I>
+__device__ __forceinline__ void amax_tiles_small_body(const T* __restrict__ x, float* __restrict__ amax,
+                                                      float* __restrict__ amax_all, I rows, I cols, I tile_r,
+                                                      I tile_c, int group, int with_all) {
+    const I tiles_c = (cols + tile_c - 1) / tile_c;
+    const I ntiles = (rows + tile_r - 1) / tile_r * tiles_c;
+    const int lane = (int)(threadIdx.x & 31u);
+    const I start = (I)(lane % group), per_warp = (I)(32 / group);
+    const TileStride<I> full = tile_stride(start, (I)group, tile_c);   // every tile but the right edge's
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long t0 = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * per_warp; t0 < ntiles;
+         t0 += warps * per_warp) {
+        const I t = (I)t0 + (I)(lane / group);
+        uint32_t finite = 0u, all = 0u;
+        if (t < ntiles) {
+            I r0, c0, h, w;
+            tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
+            tile_maxima(x, cols, r0, c0, h, w, w == tile_c ? full : tile_stride(start, (I)group, w), finite, all);
+        }
+        for (int off = group >> 1; off > 0; off >>= 1) {  // xor < group stays inside the lane group
+            finite = max_u32(finite, __shfl_xor_sync(0xffffffffu, finite, off));
+            all = max_u32(all, __shfl_xor_sync(0xffffffffu, all, off));
+        }
+        if (t < ntiles && start == 0) {
+            amax[t] = __uint_as_float(finite);
+            if (with_all) amax_all[t] = __uint_as_float(all);
+        }
     }
 }
 
@@ -135,39 +184,13 @@ __global__ void amax_tiles_small(const T* __restrict__ x, float* __restrict__ am
                                  int with_all) {
     tile_r = min(tile_r, rows);
     tile_c = min(tile_c, cols);
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long ntiles = (rows + tile_r - 1) / tile_r * tiles_c;
-    const int lane = (int)(threadIdx.x & 31u);
-    const long long per_warp = 32 / group;
-    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
-    const bool index32 = rows * cols <= INDEX32_MAX;
-    for (long long t0 = warp * per_warp; t0 < ntiles; t0 += warps * per_warp) {
-        const long long t = t0 + lane / group;
-        uint32_t finite = 0u, all = 0u;
-        if (t < ntiles) {
-            if (index32) {
-                unsigned r0, c0, h, w;
-                tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
-                tile_maxima<T, unsigned>(x, (unsigned)cols, r0, c0, h, w, (unsigned)(lane % group),
-                                         (unsigned)group, finite, all);
-            } else {
-                long long r0, c0, h, w;
-                tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
-                tile_maxima<T, long long>(x, cols, r0, c0, h, w, lane % group, group, finite, all);
-            }
-        }
-        for (int off = group >> 1; off > 0; off >>= 1) {  // xor < group stays inside the lane group
-            finite = max_u32(finite, __shfl_xor_sync(0xffffffffu, finite, off));
-            all = max_u32(all, __shfl_xor_sync(0xffffffffu, all, off));
-        }
-        if (t < ntiles && lane % group == 0) {
-            amax[t] = __uint_as_float(finite);
-            if (with_all) amax_all[t] = __uint_as_float(all);
-        }
+    if (rows * cols <= INDEX32_MAX) {
+        amax_tiles_small_body<T, unsigned>(x, amax, amax_all, (unsigned)rows, (unsigned)cols, (unsigned)tile_r,
+                                           (unsigned)tile_c, group, with_all);
+    } else {
+        amax_tiles_small_body<T, long long>(x, amax, amax_all, rows, cols, tile_r, tile_c, group, with_all);
     }
 }
-
 
 // data[i] = fp8(fl32(x[i] / scale[tile(i)])), saturating, RNE.
 template <typename T>
