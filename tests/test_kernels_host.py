@@ -640,9 +640,9 @@ def test_scaled_casts_every_tile(variant, shape, tile) -> None:
                              ref.dequantize_scaled(*want, br, bc, out_dtype, fmt, gs))
 
 
-@pytest.mark.parametrize("blocksize", (32, 128, 256, 512))
+@pytest.mark.parametrize("blocksize", (32, 128, 256, 512, 1024))
 def test_codebook_kernels_variants(variant, blocksize) -> None:
-    # quantize_blockwise_warp (<= 256) and quantize_blockwise (512), then the global pair and both
+    # quantize_blockwise_warp (<= 512) and quantize_blockwise (1024), then the global pair and both
     # dequantisations, on an odd-length 3-D input whose last block is partial
     backend, name = variant
     code = get_codebook("dynamic")
@@ -675,7 +675,8 @@ def test_other_blocksizes_and_short_circuits(emulated, monkeypatch) -> None:
     assert launches == []
     emulated.quantize_blockwise(A, code, 64, "")
     emulated.quantize_blockwise(A, code, 512, "")
-    assert launches == ["quantize_blockwise_warp", "quantize_blockwise"]   # a warp per block up to 256
+    emulated.quantize_blockwise(A, code, 1024, "")
+    assert launches == ["quantize_blockwise_warp"] * 2 + ["quantize_blockwise"]   # a warp per block up to 512
     monkeypatch.setattr(cuda_backend, "_launch", host_launch)
     q, absmax, si, sv = emulated.quantize_blockwise(torch.empty(0, 3), code, 64, "")
     assert q.shape == (0, 3) and absmax.shape == (0,) and si.numel() == 0 and sv.numel() == 0

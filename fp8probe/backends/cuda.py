@@ -39,9 +39,12 @@ _REDUCE_GRID = 2048
 #: tiles of at most this many elements are reduced by one lane group each (amax_tiles_small: 32 items
 #: per lane at most); larger ones by thread blocks meeting in atomics (amax_tiles)
 _SMALL_TILE = 1024
+#: largest blocksize quantised by one warp per block (QW_MAX_ITEMS = 16 items per lane)
+_WARP_BLOCKSIZE_MAX = 512
 #: elements per thread and grid-stride step of the elementwise kernels (map_tiles in common.cuh)
 _VEC = 4
-#: blocksizes the fused blockwise kernel supports: blockDim = min(bs, 256), <= 16 items per thread
+#: blocksizes the fused blockwise kernels support: a warp per block up to 512, 256 threads above
+#: (<= 16 items per thread either way)
 CUDA_BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096
 
 _registered = False
@@ -119,7 +122,7 @@ def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CUDA `fp8probe::quantize_blockwise`: fused absmax + search; blocksizes up to 256 one warp per
+    """CUDA `fp8probe::quantize_blockwise`: fused absmax + search; blocksizes up to 512 one warp per
     block (quantize_blockwise_warp, many blocks per thread block), larger ones one thread block each."""
     # The fused kernel takes the power-of-two blocksizes 32..4096 (CUDA_BLOCKSIZES); any other positive
     # blocksize (the functional API accepts them, as the CPU does) runs the reference on the GPU tensors.
@@ -132,7 +135,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     nb = -(-n // blocksize)
     q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(nb, dtype=_F32, device=A.device)
-    if blocksize <= _THREADS:
+    if blocksize <= _WARP_BLOCKSIZE_MAX:
         grid = (max(1, min(-(-nb // (_THREADS // 32)), _CODEBOOK_GRID)),)   # a warp per block
         _launch("codebook_quant", "quantize_blockwise_warp", grid, (_THREADS,),
                 (A, code, q, absmax, np.int64(n), np.int32(blocksize)), A.device, A.dtype)

@@ -48,7 +48,7 @@ __device__ __forceinline__ uint8_t quantize_one(const float* s_code, float a, fl
 // Largest items-per-thread: blocksize 4096 over 256 threads.
 #define QB_MAX_ITEMS 16
 
-// Fused blockwise quantisation for blocksizes 512..4096: one thread block per quantisation block of
+// Fused blockwise quantisation for blocksizes 1024..4096: one thread block per quantisation block of
 // `blocksize` elements of the flattened input (the last block may be partial). blockDim.x = 256; each
 // thread keeps blocksize / blockDim.x <= 16 items in registers so the input is read once.
 template <typename T>
@@ -84,11 +84,11 @@ __global__ void quantize_blockwise(const T* __restrict__ A, const float* __restr
     }
 }
 
-// Largest items-per-lane of the warp kernel: blocksize 256 over 32 lanes.
-#define QW_MAX_ITEMS 8
+// Largest items-per-lane of the warp kernel: blocksize 512 over 32 lanes (16 loads in flight per lane).
+#define QW_MAX_ITEMS 16
 
-// Fused blockwise quantisation for blocksizes 32..256: one warp per quantisation block (blocksize / 32
-// <= 8 items per lane, loads coalesced across the warp), warps striding over the blocks, so a thread
+// Fused blockwise quantisation for blocksizes 32..512: one warp per quantisation block (blocksize / 32
+// <= 16 items per lane, loads coalesced across the warp), warps striding over the blocks, so a thread
 // block loads the codebook once for many quantisation blocks and the absmax needs only shuffles. The
 // block loop's trip count depends only on the warp, so all 32 lanes reach every full-mask shuffle.
 template <typename T>
