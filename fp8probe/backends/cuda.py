@@ -167,7 +167,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                          compat: str) -> torch.Tensor:
     """CUDA `fp8probe::dequantize_blockwise`: code lookup * absmax, RNE cast, specials scattered back.
 
-    Any blocksize works here (the kernel only divides the index), so the global state (blocksize = n)
+    Any blocksize works here (the kernel's block cursor takes any), so the global state (blocksize = n)
     shares this launcher.
     """
     if use_reference() or compat != "" or q.numel() == 0 or dtype not in _CUDA_TYPE:
