@@ -663,6 +663,26 @@ def test_codebook_kernels_variants(variant, blocksize) -> None:
                              ref.dequantize_blockwise(q, absmax, code, n, dtype, si, sv, ""))
 
 
+@pytest.mark.parametrize("blocksize", (64, 1024, None), ids=("warp", "block", "global"))
+@pytest.mark.parametrize("where", ("none", "first", "last"))
+def test_codebook_nonfinite_flag(emulated, blocksize, where) -> None:
+    # the kernels' nonfinite flag decides whether the launcher gathers specials: all-finite input
+    # gives none; one NaN/-Inf at either end (the last one in a partial block) is found
+    code = get_codebook("bnb-e4m3")
+    A = torch.randn(2 * 1024 + 37, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    if where == "first":
+        A[0] = float("nan")
+    elif where == "last":
+        A[-1] = -float("inf")
+    if blocksize is None:
+        got, want = emulated.quantize_global(A, code, ""), ref.quantize_global(A, code, "")
+    else:
+        got, want = emulated.quantize_blockwise(A, code, blocksize, ""), ref.quantize_blockwise(A, code, blocksize, "")
+    for g, w in zip(got, want):
+        assert_bitwise_equal(g, w)
+    assert got[2].tolist() == {"none": [], "first": [0], "last": [A.numel() - 1]}[where]
+
+
 # ----------------------------------------------------------------------------- launcher contract
 def test_other_blocksizes_and_short_circuits(emulated, monkeypatch) -> None:
     code = get_codebook("dynamic")

@@ -105,13 +105,16 @@ def _row_threads(cols: int) -> int:
     return min(_THREADS, max(32, -(-cols // 32) * 32))
 
 
-def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices and float32 values of the non-finite elements (default-mode QuantState fields)."""
-    flat = A.reshape(-1)
-    bad = ~torch.isfinite(flat)
-    if not bool(bad.any()):
+def _specials(A: torch.Tensor, nonfinite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices and float32 values of the non-finite elements (default-mode QuantState fields).
+
+    `nonfinite` is the kernel's flag (int32 [1], 1 when it met a NaN/±Inf): reading it is the one host
+    sync, and the usual all-finite input then costs no isfinite/any passes over A.
+    """
+    if not bool(nonfinite.item()):
         return (torch.empty(0, dtype=torch.int64, device=A.device), torch.empty(0, dtype=_F32, device=A.device))
-    index = bad.nonzero().reshape(-1)
+    flat = A.reshape(-1)
+    index = (~torch.isfinite(flat)).nonzero().reshape(-1)
     return index, flat[index].to(_F32)
 
 
@@ -135,14 +138,15 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     nb = -(-n // blocksize)
     q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(nb, dtype=_F32, device=A.device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=A.device)
     if blocksize <= _WARP_BLOCKSIZE_MAX:
         grid = (max(1, min(-(-nb // (_THREADS // 32)), _CODEBOOK_GRID)),)   # a warp per block
         _launch("codebook_quant", "quantize_blockwise_warp", grid, (_THREADS,),
-                (A, code, q, absmax, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
+                (A, code, q, absmax, nonfinite, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
     else:
         _launch("codebook_quant", "quantize_blockwise", (nb,), (_THREADS,),
-                (A, code, q, absmax, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
-    return (q, absmax, *_specials(A))
+                (A, code, q, absmax, nonfinite, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
+    return (q, absmax, *_specials(A, nonfinite))
 
 
 def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
@@ -154,12 +158,13 @@ def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
     code = code.to(device=A.device, dtype=_F32).contiguous()
     n = A.numel()
     absmax = torch.zeros(1, dtype=_F32, device=A.device)     # atomicMax identity for magnitudes
-    _launch("codebook_quant", "absmax_global", _grid_vec(n, _REDUCE_GRID), (_THREADS,), (A, absmax, np.int64(n)),
-            A.device, A.dtype)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=A.device)
+    _launch("codebook_quant", "absmax_global", _grid_vec(n, _REDUCE_GRID), (_THREADS,),
+            (A, absmax, nonfinite, np.int64(n)), A.device, A.dtype)
     q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     _launch("codebook_quant", "quantize_with_absmax", _grid_vec(n, _CODEBOOK_GRID), (_THREADS,),
             (A, code, absmax, q, np.int64(n), np.int64(n)), A.device, A.dtype)
-    return (q, absmax, *_specials(A))
+    return (q, absmax, *_specials(A, nonfinite))
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,

@@ -50,11 +50,13 @@ __device__ __forceinline__ uint8_t quantize_one(const float* s_code, float a, fl
 
 // Fused blockwise quantisation for blocksizes 1024..4096: one thread block per quantisation block of
 // `blocksize` elements of the flattened input (the last block may be partial). blockDim.x = 256; each
-// thread keeps blocksize / blockDim.x <= 16 items in registers so the input is read once.
+// thread keeps blocksize / blockDim.x <= 16 items in registers so the input is read once. Both blockwise
+// kernels set *nonfinite (zero-initialised) to 1 when they meet a NaN or ±Inf, so the launcher gathers
+// the specials only when there are any (no separate isfinite pass over the input).
 template <typename T>
 __global__ void quantize_blockwise(const T* __restrict__ A, const float* __restrict__ code,
                                    uint8_t* __restrict__ q, float* __restrict__ absmax,
-                                   long long n, int blocksize) {
+                                   int* __restrict__ nonfinite, long long n, int blocksize) {
     __shared__ float s_code[CODE_SIZE];
     __shared__ uint32_t s_red[32];
     load_code(code, s_code);
@@ -62,6 +64,7 @@ __global__ void quantize_blockwise(const T* __restrict__ A, const float* __restr
     const int items = blocksize / (int)blockDim.x;
     float vals[QB_MAX_ITEMS];
     uint32_t local_max = 0u;
+    bool bad = false;
 #pragma unroll
     for (int it = 0; it < QB_MAX_ITEMS; ++it) {
         if (it < items) {
@@ -70,8 +73,10 @@ __global__ void quantize_blockwise(const T* __restrict__ A, const float* __restr
             if (i < n) a = to_float(A[i]);
             vals[it] = a;
             if (is_finite_f(a)) local_max = max_u32(local_max, abs_bits(a));
+            else bad = true;
         }
     }
+    if (bad) atomicOr(nonfinite, 1);
     const float amax = __uint_as_float(block_max_u32(local_max, s_red));
     if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
     const float s = __frcp_rn(amax);
@@ -94,13 +99,14 @@ __global__ void quantize_blockwise(const T* __restrict__ A, const float* __restr
 template <typename T>
 __global__ void quantize_blockwise_warp(const T* __restrict__ A, const float* __restrict__ code,
                                         uint8_t* __restrict__ q, float* __restrict__ absmax,
-                                        long long n, int blocksize) {
+                                        int* __restrict__ nonfinite, long long n, int blocksize) {
     __shared__ float s_code[CODE_SIZE];
     load_code(code, s_code);
     const int lane = (int)(threadIdx.x & 31u);
     const int items = blocksize >> 5;
     const long long nb = (n + blocksize - 1) / blocksize;
     const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    bool bad = false;
     for (long long b = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; b < nb; b += warps) {
         const long long base = b * blocksize + lane;
         float vals[QW_MAX_ITEMS];
@@ -113,6 +119,7 @@ __global__ void quantize_blockwise_warp(const T* __restrict__ A, const float* __
                 if (i < n) a = to_float(A[i]);
                 vals[it] = a;
                 if (is_finite_f(a)) m = max_u32(m, abs_bits(a));
+                else bad = true;
             }
         }
         for (int off = 16; off > 0; off >>= 1) m = max_u32(m, __shfl_xor_sync(0xffffffffu, m, off));
@@ -127,15 +134,18 @@ __global__ void quantize_blockwise_warp(const T* __restrict__ A, const float* __
             }
         }
     }
+    if (bad) atomicOr(nonfinite, 1);
 }
 
 // Global absmax (finite elements only) accumulated with atomicMax into absmax[0], which the launcher
-// zero-initialises. Grid-stride over the flattened tensor, 4 contiguous elements per thread and step
+// zero-initialises; *nonfinite (zero-initialised) becomes 1 when any element is NaN or ±Inf. Grid-stride over the flattened tensor, 4 contiguous elements per thread and step
 // (one vector load where aligned); the launcher caps the grid so few blocks meet at the atomic.
 template <typename T>
-__global__ void absmax_global(const T* __restrict__ A, float* __restrict__ absmax, long long n) {
+__global__ void absmax_global(const T* __restrict__ A, float* __restrict__ absmax, int* __restrict__ nonfinite,
+                              long long n) {
     __shared__ uint32_t s_red[32];
     uint32_t local_max = 0u;
+    bool bad = false;
     const bool vec = pack4_aligned(A);
     const long long stride = (long long)gridDim.x * blockDim.x * 4;
     for (long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4; i0 < n; i0 += stride) {
@@ -151,9 +161,11 @@ __global__ void absmax_global(const T* __restrict__ A, float* __restrict__ absma
             if (k < count) {
                 const float a = to_float(src.v[k]);
                 if (is_finite_f(a)) local_max = max_u32(local_max, abs_bits(a));
+                else bad = true;
             }
         }
     }
+    if (bad) atomicOr(nonfinite, 1);
     const uint32_t m = block_max_u32(local_max, s_red);
     if (threadIdx.x == 0) atomicMax((unsigned int*)absmax, m);
 }
