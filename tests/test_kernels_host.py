@@ -527,7 +527,7 @@ def test_lowbit_codes_exhaustive_on_element_grid(emulated) -> None:
 # atomics per large one), by pointer alignment (vector or scalar accesses), by size (32- or 64-bit
 # indices) and by grid (one grid-stride step or many). Every variant must give the same bits.
 VARIANTS = ("index32", "index64", "one-block", "unaligned")
-TILES = ((1, 16), (1, 32), (1, 128), (16, 16), (128, 128), (3, 5), (2, 48), (1, 1), "row", "tensor")
+TILES = ((1, 16), (1, 32), (1, 128), (16, 16), (128, 128), (3, 5), (2, 48), (1, 1), (1, 8), (1, 64), "row", "tensor")
 TILE_SHAPES = ((37, 131), (5, 7, 33), (2049,))        # rows * cols odd: a partial 4-element tail
 
 
@@ -597,8 +597,8 @@ AMAX_CASES = [(tile, shape, kernel) for tile in TILES for shape in TILE_SHAPES f
 
 @pytest.mark.parametrize("tile,shape,kernel", AMAX_CASES, ids=str)
 def test_tile_amax_both_kernels(variant, tile, shape, kernel) -> None:
-    # the same tiles through amax_tiles_small (lane groups; 2 and 16 tiles per warp for (2,48)/(3,5),
-    # one tile per lane for (1,1)) and amax_tiles (blocks + atomics), both maxima in one pass
+    # the same tiles through amax_tiles_small (lane groups of 1 (1,1), 2 (1,8), 4 (1,16), (3,5), 8 (1,32),
+    # 16 (1,64) and 32 lanes) and amax_tiles (blocks + atomics), both maxima in one pass
     backend, name = variant
     dtype = DTYPES[(TILES.index(tile) + TILE_SHAPES.index(shape)) % 3]
     x = _placed(_tile_sample(shape, dtype, seed=TILES.index(tile)), name)

@@ -39,6 +39,8 @@ _REDUCE_GRID = 2048
 #: tiles of at most this many elements are reduced by one lane group each (amax_tiles_small: 32 items
 #: per lane at most); larger ones by thread blocks meeting in atomics (amax_tiles)
 _SMALL_TILE = 1024
+#: elements per lane the small-tile amax aims at (AMAX_UNROLL in scaled_cast.cu)
+_AMAX_ITEMS = 4
 #: largest blocksize quantised by one warp per block (QW_MAX_ITEMS = 16 items per lane)
 _WARP_BLOCKSIZE_MAX = 512
 #: elements per thread and grid-stride step of the elementwise kernels (map_tiles in common.cuh)
@@ -367,8 +369,9 @@ def _tile_amax(x2: torch.Tensor, rows: int, cols: int, block_rows: int, block_co
     tile = min(block_rows, rows) * min(block_cols, cols)
     shape = (nbr, nbc)
     if tile <= _SMALL_TILE:
-        # one group of `group` lanes (power of two <= 32) per tile, writes every tile once
-        group = min(32, 1 << (tile - 1).bit_length())
+        # one group of `group` lanes (power of two <= 32) per tile, ~4 elements per lane (4 loads in
+        # flight per lane, fewer shuffle levels), writes every tile once
+        group = min(32, max(1, (1 << (tile - 1).bit_length()) // _AMAX_ITEMS))
         amax = torch.empty(shape, dtype=_F32, device=x2.device)
         amax_all = torch.empty(shape, dtype=_F32, device=x2.device) if with_all else amax
         grid = (max(1, min(-(-ntiles // (_THREADS // group)), _MAX_GRID)),)

@@ -80,17 +80,34 @@ __device__ __forceinline__ TileStride<I> tile_stride(I start, I step, I w) {
     return p;
 }
 
+// Elements per lane loaded before any is reduced in tile_maxima (independent loads in flight).
+#define AMAX_UNROLL 4
+
 // Folds the magnitudes of the walk p over the h x w tile whose first element is x[r0, c0] of the view
 // (`cols` wide) into two maxima: `finite` over finite values (the reference's amax) and `all` over every
-// value (a NaN magnitude then wins the bit-pattern max, like torch.amax; Inf is 0x7f800000).
+// value (a NaN magnitude then wins the bit-pattern max, like torch.amax; Inf is 0x7f800000). Past the
+// tile's end a lane folds +0, which changes neither maximum.
 template <typename T, typename I>
 __device__ __forceinline__ void tile_maxima(const T* __restrict__ x, I cols, I r0, I c0, I h, I w,
                                             TileStride<I> p, uint32_t& finite, uint32_t& all) {
-    for (I er = p.er, ec = p.ec; er < h; er += p.sq, ec += p.sr) {
-        if (ec >= w) { ec -= w; ++er; if (er >= h) break; }
-        const float a = to_float(x[(r0 + er) * cols + c0 + ec]);
-        all = max_u32(all, abs_bits(a));
-        if (is_finite_f(a)) finite = max_u32(finite, abs_bits(a));
+    I er = p.er, ec = p.ec;
+    while (er < h) {
+        float v[AMAX_UNROLL];
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) {
+            v[u] = 0.0f;
+            if (er < h) {
+                v[u] = to_float(x[(r0 + er) * cols + c0 + ec]);
+                er += p.sq;
+                ec += p.sr;
+                if (ec >= w) { ec -= w; ++er; }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) {
+            all = max_u32(all, abs_bits(v[u]));
+            if (is_finite_f(v[u])) finite = max_u32(finite, abs_bits(v[u]));
+        }
     }
 }
 
@@ -173,8 +190,9 @@ __device__ __forceinline__ void amax_tiles_small_body(const T* __restrict__ x, f
     }
 }
 
-// Small tiles (1x16, 1x32, 1x128, 16x16, short rows): a group of `group` lanes (a power of two <= 32)
-// reduces one whole tile, 32 / group tiles per warp, warps striding over the tiles; each tile's maxima
+// Small tiles (1x16, 1x32, 1x128, 16x16, short rows): a group of `group` lanes (a power of two <= 32;
+// the launcher picks ~4 elements per lane, e.g. 4 lanes per 1x16 tile) reduces one whole tile, 32 / group
+// tiles per warp, warps striding over the tiles; each tile's maxima
 // are written once (no atomics, no zero-initialisation). The tile loop's trip count depends only on the
 // warp, so all 32 lanes reach every full-mask shuffle; lanes without a tile reduce zeros. blockDim.x is
 // a multiple of 32. Outputs as amax_tiles.
