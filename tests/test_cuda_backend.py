@@ -299,7 +299,8 @@ def test_reference_env_var_routes_to_reference(monkeypatch) -> None:
 # quantize_blockwise), pointer alignment (Pack4 vector or scalar accesses), grid (one grid-stride step or
 # many) and size (32- or 64-bit indices); tests/test_kernels_host.py runs each on the emulator, these on
 # real warps (shuffles, divergence, memory ordering).
-PATH_TILES = ((1, 16), (1, 32), (1, 128), (16, 16), (128, 128), (3, 5), (2, 48), (1, 1), "row", "tensor")
+PATH_TILES = ((1, 16), (1, 32), (1, 128), (16, 16), (128, 128), (3, 5), (2, 48), (1, 1), (1, 8), (1, 64), "row",
+              "tensor")
 
 
 @pytest.fixture(params=("default", "small-grid", "unaligned"))

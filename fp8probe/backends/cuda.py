@@ -340,7 +340,7 @@ def _scale_from_amax(amax: torch.Tensor, fmt: str, scale_rule: str = "floor") ->
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
                     global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA `fp8probe::quantize_scaled`: tile-amax kernel, scale rule in torch, cast kernel (FP8 formats;
-    the 4/6-bit formats run the reference on the GPU tensors)."""
+    the 4/6-bit formats: _quantize_lowbit)."""
     if (use_reference() or x.numel() == 0 or x.dtype not in _CUDA_TYPE or fmt not in _ref.SCALED_FORMATS
             or scale_rule not in _ref.SCALE_RULES):
         return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
@@ -349,7 +349,6 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     fp8 = _ref.SCALED_FORMATS[fmt][0]
     dev = x.device
     rows, cols = _ref._rows_cols(x.shape)
-    nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
     x2 = x.contiguous()
     amax, _ = _tile_amax(x2, rows, cols, block_rows, block_cols, with_all=False)
     scale = _scale_from_amax(amax, fmt, scale_rule).contiguous()
