@@ -122,8 +122,9 @@ __device__ __forceinline__ int block_or(int v, int* smem) {
 // Elementwise kernels over a tiled 2-D view: 4 contiguous elements per thread, vector loads/stores
 // where aligned, 32-bit index math where the tensor allows it, no division per element.
 
-// Largest element count whose indices, tile numbers and row/column products fit 32-bit unsigned math
-// (with room for one stride of headroom): below it the kernels use `unsigned` indices.
+// Largest element count for which the kernels use `unsigned` indices: every index, tile number and
+// row/column product is then < 2^31, and i + a grid stride (<= 2^30: at most 2^20 blocks of 256 threads,
+// 4 elements each, the launchers' cap) stays below 2^32.
 #define INDEX32_MAX 0x7fffffffLL
 
 // Four contiguous elements as one aligned load/store (ld.global.v4.f32 for float, one 64-bit access for
@@ -210,7 +211,7 @@ struct SameScale {
 
 // map_tiles_n over the [rows, cols] view with 32-bit indices when rows * cols <= INDEX32_MAX. Clamping
 // the tile to the view changes no tile number (a tile at least as tall/wide as the view covers it).
-// Launch with blockDim.x * gridDim.x * 4 >= min(n, any): the loop is grid-stride.
+// Any grid of at most 2^20 blocks of <= 256 threads works: the loop is grid-stride.
 template <typename In, typename Out, typename P, typename F>
 __device__ __forceinline__ void map_tiles(const In* __restrict__ in, const float* __restrict__ scale,
                                           Out* __restrict__ out, long long rows, long long cols,
