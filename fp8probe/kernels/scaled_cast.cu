@@ -192,10 +192,10 @@ __device__ __forceinline__ void amax_tiles_small_body(const T* __restrict__ x, f
 
 // Small tiles (1x16, 1x32, 1x128, 16x16, short rows): a group of `group` lanes (a power of two <= 32;
 // the launcher picks ~4 elements per lane, e.g. 4 lanes per 1x16 tile) reduces one whole tile, 32 / group
-// tiles per warp, warps striding over the tiles; each tile's maxima
-// are written once (no atomics, no zero-initialisation). The tile loop's trip count depends only on the
-// warp, so all 32 lanes reach every full-mask shuffle; lanes without a tile reduce zeros. blockDim.x is
-// a multiple of 32. Outputs as amax_tiles.
+// tiles per warp, warps striding over the tiles; each tile's maxima are written once (no atomics, no
+// zero-initialisation). The tile loop's trip count depends only on the warp, so all 32 lanes reach every
+// full-mask shuffle; lanes without a tile reduce zeros. blockDim.x is a multiple of 32. Outputs as
+// amax_tiles.
 template <typename T>
 __global__ void amax_tiles_small(const T* __restrict__ x, float* __restrict__ amax, float* __restrict__ amax_all,
                                  long long rows, long long cols, long long tile_r, long long tile_c, int group,
