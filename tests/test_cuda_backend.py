@@ -292,3 +292,122 @@ def test_reference_env_var_routes_to_reference(monkeypatch) -> None:
     monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
     assert_all_equal(OPS.quantize_blockwise(A.cuda(), code.cuda(), 100, ""),   # 100 is reference-only
                      ref.quantize_blockwise(A, code, 100, ""))
+
+
+# ----------------------------------------------------------------------------- kernel paths
+# The kernels branch on tile size (amax_tiles_small / amax_tiles), blocksize (quantize_blockwise_warp /
+# quantize_blockwise), pointer alignment (Pack4 vector or scalar accesses), grid (one grid-stride step or
+# many) and size (32- or 64-bit indices); tests/test_kernels_host.py runs each on the emulator, these on
+# real warps (shuffles, divergence, memory ordering).
+PATH_TILES = ((1, 16), (1, 32), (1, 128), (16, 16), (128, 128), (3, 5), (2, 48), (1, 1), (1, 8), (1, 64), "row",
+              "tensor")
+
+
+@pytest.fixture(params=("default", "small-grid", "unaligned"))
+def path_variant(request, monkeypatch) -> str:
+    if request.param == "small-grid":            # every grid-stride loop takes many steps
+        for cap in ("_MAX_GRID", "_CODEBOOK_GRID", "_REDUCE_GRID"):
+            monkeypatch.setattr(cuda_backend, cap, 3)
+    return request.param
+
+
+def _on_gpu(t: torch.Tensor, variant: str) -> torch.Tensor:
+    """t on the GPU; for "unaligned" as a contiguous view one element into a buffer (no Pack4 access)."""
+    if variant != "unaligned":
+        return t.cuda()
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _path_sample(shape, dtype, seed: int) -> torch.Tensor:
+    """sample() plus ~2.5% NaN/±Inf/subnormals/-0 and an all-NaN run: tiles of every finiteness."""
+    x = sample(shape, dtype, seed).float()
+    flat = x.view(-1)
+    g = torch.Generator().manual_seed(seed + 1)
+    pos = torch.randperm(flat.numel(), generator=g)[: max(8, flat.numel() // 40)]
+    sub = 3 * 2.0**-24 if dtype == torch.float16 else 1e-40
+    for k, v in enumerate((float("nan"), float("inf"), -float("inf"), sub, -sub, -0.0)):
+        flat[pos[k::6]] = v
+    flat[:40] = 0.0
+    flat[200:232] = float("nan")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("tile", PATH_TILES, ids=str)
+@pytest.mark.parametrize("shape", ((257, 131), (3, 5, 333), (4099,)), ids=str)
+def test_scaled_kernel_paths_match_reference(path_variant, tile, shape) -> None:
+    br, bc = _tile(tile, shape)
+    for k, fmt in enumerate(("e4m3", "e5m2", "mxfp4-e2m1", "mxfp6-e3m2", "nvfp4")):
+        dtype = DTYPES[(PATH_TILES.index(tile) + k) % 3]
+        x = _path_sample(shape, dtype, seed=41 + k)
+        want = ref.quantize_scaled(x, fmt, br, bc)
+        got = OPS.quantize_scaled(_on_gpu(x, path_variant), fmt, br, bc)
+        assert_all_equal(got, want)
+        gs = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+        out_dtype = DTYPES[(PATH_TILES.index(tile) + k + 1) % 3]
+        assert_bitwise_equal(OPS.dequantize_scaled(_on_gpu(got[0].cpu(), path_variant), got[1], br, bc, out_dtype,
+                                                   fmt, None if gs is None else gs.cuda()),
+                             ref.dequantize_scaled(*want, br, bc, out_dtype, fmt, gs))
+
+
+@pytest.mark.parametrize("kernel", ("small", "large"))
+@pytest.mark.parametrize("tile", PATH_TILES, ids=str)
+def test_tile_amax_kernels_match(monkeypatch, kernel, tile) -> None:
+    # both amax kernels on the same tiles: finite max and all-value bit max (NaN wins) from one pass
+    shape = (257, 131)
+    x = _path_sample(shape, torch.bfloat16, seed=PATH_TILES.index(tile))
+    br, bc = _tile(tile, shape)
+    monkeypatch.setattr(cuda_backend, "_SMALL_TILE", 2**62 if kernel == "small" else 0)
+    amax, amax_all = cuda_backend._tile_amax(x.cuda(), 257, 131, br, bc, with_all=True)
+    xt, _, _ = ref._tiles(x.float(), min(br, 257), min(bc, 131))
+    assert_bitwise_equal(amax, torch.where(torch.isfinite(xt), xt.abs(), 0.0).amax(dim=(1, 3)))
+    assert_bitwise_equal(amax_all.view(torch.int32), (xt.view(torch.int32) & 0x7FFFFFFF).amax(dim=(1, 3)))
+
+
+@pytest.mark.parametrize("blocksize", (32, 64, 256, 512, 1024))
+def test_codebook_kernel_paths_match_reference(path_variant, blocksize) -> None:
+    code = get_codebook("dynamic")
+    for dtype in DTYPES:
+        A = _path_sample((3, 1001, 77), dtype, seed=blocksize)       # odd length: partial last block
+        got = OPS.quantize_blockwise(_on_gpu(A, path_variant), code.cuda(), blocksize, "")
+        assert_all_equal(got, ref.quantize_blockwise(A, code, blocksize, ""))
+        q, absmax, si, sv = got
+        assert_bitwise_equal(OPS.dequantize_blockwise(_on_gpu(q.cpu(), path_variant), absmax, code.cuda(), blocksize,
+                                                      dtype, si, sv, ""),
+                             ref.dequantize_blockwise(q.cpu(), absmax.cpu(), code, blocksize, dtype, si.cpu(),
+                                                      sv.cpu(), ""))
+        got = OPS.quantize_global(_on_gpu(A, path_variant), code.cuda(), "")
+        assert_all_equal(got, ref.quantize_global(A, code, ""))
+
+
+def test_index64_paths_agree_with_32bit_slices() -> None:
+    # rows * cols > 2**31 takes the 64-bit index paths; the last rows' tiles (1x32, rows) and blocks
+    # (64, cols a multiple) are the same when the slice alone (32-bit paths) is processed
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip("needs ~40 GiB of free GPU memory")
+    rows, cols = 2**31 // 4096 + 3, 4096
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn((rows, cols), device="cuda", dtype=torch.bfloat16, generator=g)
+    x[-1, 7], x[-2, 100] = float("nan"), float("inf")
+    tail = x[-64:].contiguous()
+    for fmt, br, bc in (("mxfp8-e4m3", 1, 32), ("e4m3", 1, cols), ("mxfp4-e2m1", 1, 32)):
+        data, scale = OPS.quantize_scaled(x, fmt, br, bc)
+        t_data, t_scale = OPS.quantize_scaled(tail, fmt, br, bc)
+        assert_bitwise_equal(data[-64:], t_data)
+        assert_bitwise_equal(scale[-64:], t_scale)
+        fmt_arg = fmt if fmt.startswith("mxfp4") else ""
+        y = OPS.dequantize_scaled(data, scale, br, bc, torch.bfloat16, fmt_arg, None)
+        assert_bitwise_equal(y[-64:], OPS.dequantize_scaled(t_data, t_scale, br, bc, torch.bfloat16, fmt_arg, None))
+        del data, scale, y
+    code = get_codebook("dynamic").cuda()
+    q, absmax, si, sv = OPS.quantize_blockwise(x, code, 64, "")
+    tq, tabsmax, _, _ = OPS.quantize_blockwise(tail, code, 64, "")
+    assert_bitwise_equal(q[-64:], tq)
+    assert_bitwise_equal(absmax[-64 * cols // 64:], tabsmax)
+    empty = torch.empty(0, dtype=torch.int64, device="cuda")
+    y = OPS.dequantize_blockwise(q, absmax, code, 64, torch.float16, empty, empty.float(), "")
+    assert_bitwise_equal(y[-64:], OPS.dequantize_blockwise(tq, tabsmax, code, 64, torch.float16, empty,
+                                                           empty.float(), ""))

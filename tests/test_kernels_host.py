@@ -190,13 +190,22 @@ def _launch_wrappers() -> str:
     return "\n".join(out) + "\n"
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+INDEX32_DEFINE = "#define INDEX32_MAX 0x7fffffffLL"
+
+
+def _build(tmp_path_factory, *, index64: bool = False) -> ctypes.CDLL:
+    """Compile every kernel file under the emulator. index64: the 32-bit index fast paths are disabled
+    (INDEX32_MAX = -1), so the 64-bit instantiations that only tensors of 2**31+ elements reach on a GPU
+    run on small ones."""
     src = EMULATOR
     for file, ns in NAMESPACES.items():
-        src += f"namespace {ns} {{\n{kernel_source(file)}\n}}\n"
+        text = kernel_source(file)
+        if index64:
+            assert INDEX32_DEFINE in text
+            text = text.replace(INDEX32_DEFINE, "#define INDEX32_MAX (-1LL)")
+        src += f"namespace {ns} {{\n{text}\n}}\n"
     src += '#line 1 "helpers.cpp"\n' + HELPERS + _launch_wrappers()
-    d = tmp_path_factory.mktemp("hostkernels")
+    d = tmp_path_factory.mktemp("hostkernels64" if index64 else "hostkernels")
     (d / "k.cpp").write_text(src)
     # -ffp-contract=off: no FMA contraction; no -ffast-math: IEEE float32 like the NVRTC defaults
     cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-w", "-shared",
@@ -206,9 +215,23 @@ def lib(tmp_path_factory):
     return ctypes.CDLL(str(d / "k.so"))
 
 
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return _build(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lib64(tmp_path_factory):
+    return _build(tmp_path_factory, index64=True)
+
+
 @pytest.fixture
 def emulated(lib, monkeypatch):
     """Route backends/cuda.py's kernel launches to the host emulator (CPU tensors in, CPU tensors out)."""
+    return _route(lib, monkeypatch)
+
+
+def _route(lib, monkeypatch):
     monkeypatch.delenv("FP8PROBE_BACKEND", raising=False)
 
     def host_launch(file, kernel, grid, block, args, device, dtype=None):
@@ -499,6 +522,167 @@ def test_lowbit_codes_exhaustive_on_element_grid(emulated) -> None:
         assert_bitwise_equal(got[0], want[0])
 
 
+# ----------------------------------------------------------------------------- kernel variants
+# The kernels take different paths by tile size (one lane group per small tile, thread blocks with
+# atomics per large one), by pointer alignment (vector or scalar accesses), by size (32- or 64-bit
+# indices) and by grid (one grid-stride step or many). Every variant must give the same bits.
+VARIANTS = ("index32", "index64", "one-block", "unaligned")
+TILES = ((1, 16), (1, 32), (1, 128), (16, 16), (128, 128), (3, 5), (2, 48), (1, 1), (1, 8), (1, 64), "row", "tensor")
+TILE_SHAPES = ((37, 131), (5, 7, 33), (2049,))        # rows * cols odd: a partial 4-element tail
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, lib, lib64, monkeypatch):
+    """(backend routed to the emulator, name): "index64" disables the 32-bit index paths, "one-block"
+    launches a single thread block (or tile split) so every grid-stride loop takes many steps,
+    "unaligned" hands the kernels views at an odd element offset (scalar loads and stores)."""
+    backend = _route(lib64 if request.param == "index64" else lib, monkeypatch)
+    if request.param == "one-block":
+        for cap in ("_MAX_GRID", "_CODEBOOK_GRID", "_REDUCE_GRID"):
+            monkeypatch.setattr(cuda_backend, cap, 1)
+    return backend, request.param
+
+
+def _placed(t: torch.Tensor, variant_name: str) -> torch.Tensor:
+    """t itself, or (variant "unaligned") an equal contiguous view starting one element into a buffer."""
+    if variant_name != "unaligned":
+        return t
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % (4 * t.element_size()) != 0   # no Pack4 access
+    return out
+
+
+def _tile_sample(shape, dtype, seed: int) -> torch.Tensor:
+    """Seeded values with ~2.5% NaN/±Inf, fp32/fp16 subnormals and -0 scattered, a zero head and an
+    all-NaN run, so small tiles are all-finite, partly or wholly non-finite, or zero."""
+    x = _sample(shape, dtype, seed).float()
+    flat = x.view(-1)
+    n = flat.numel()
+    g = torch.Generator().manual_seed(seed + 1)
+    pos = torch.randperm(n, generator=g)[: max(8, n // 40)]
+    sub = 3 * 2.0**-24 if dtype == torch.float16 else 1e-40
+    for k, v in enumerate((float("nan"), float("inf"), -float("inf"), sub, -sub, -0.0)):
+        flat[pos[k::6]] = v
+    flat[:40] = 0.0
+    flat[200:232] = float("nan")
+    return x.to(dtype)
+
+
+def _tile(tile, shape) -> tuple[int, int]:
+    rows, cols = ref._rows_cols(torch.Size(shape))
+    return (1, cols) if tile == "row" else (rows, cols) if tile == "tensor" else tile
+
+
+def _bit_amax(x: torch.Tensor, br: int, bc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile max |x| over finite values, and the bit-pattern max of |x| over all values (NaN wins)."""
+    rows, cols = ref._rows_cols(x.shape)
+    xt, _, _ = ref._tiles(x.reshape(rows, cols).float(), min(br, rows), min(bc, cols))
+    finite = torch.where(torch.isfinite(xt), xt.abs(), 0.0).amax(dim=(1, 3))
+    bits = (xt.view(torch.int32) & 0x7FFFFFFF).amax(dim=(1, 3))
+    return finite, bits.view(torch.float32)
+
+
+def _ntiles(tile, shape) -> int:
+    rows, cols = ref._rows_cols(torch.Size(shape))
+    br, bc = _tile(tile, shape)
+    return -(-rows // br) * -(-cols // bc)
+
+
+# the large-tile kernel runs a 256-thread block per tile: emulated only where the tiles are few
+AMAX_CASES = [(tile, shape, kernel) for tile in TILES for shape in TILE_SHAPES for kernel in ("small", "large")
+              if kernel == "small" or _ntiles(tile, shape) <= 128]
+
+
+@pytest.mark.parametrize("tile,shape,kernel", AMAX_CASES, ids=str)
+def test_tile_amax_both_kernels(variant, tile, shape, kernel) -> None:
+    # the same tiles through amax_tiles_small (lane groups of 1 (1,1), 2 (1,8), 4 (1,16), (3,5), 8 (1,32),
+    # 16 (1,64) and 32 lanes) and amax_tiles (blocks + atomics), both maxima in one pass
+    backend, name = variant
+    dtype = DTYPES[(TILES.index(tile) + TILE_SHAPES.index(shape)) % 3]
+    x = _placed(_tile_sample(shape, dtype, seed=TILES.index(tile)), name)
+    rows, cols = ref._rows_cols(x.shape)
+    br, bc = _tile(tile, shape)
+    limit = 2**62 if kernel == "small" else 0
+    launches = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_backend, "_SMALL_TILE", limit)
+        inner = cuda_backend._launch
+        mp.setattr(cuda_backend, "_launch", lambda *a, **k: (launches.append(a[1]), inner(*a, **k)))
+        amax, amax_all = backend._tile_amax(x, rows, cols, br, bc, with_all=True)
+        amax_only, none = backend._tile_amax(x, rows, cols, br, bc, with_all=False)
+    assert launches == ["amax_tiles_small" if kernel == "small" else "amax_tiles"] * 2
+    want, want_all = _bit_amax(x, br, bc)
+    assert_bitwise_equal(amax, want)
+    assert_bitwise_equal(amax_all, want_all)
+    assert_bitwise_equal(amax_only, want)
+    assert none is None
+
+
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=str)
+@pytest.mark.parametrize("tile", TILES, ids=str)
+def test_scaled_casts_every_tile(variant, shape, tile) -> None:
+    # quantize + dequantize through the launchers for an fp8, an MX 4-bit and the NVFP4 path
+    backend, name = variant
+    br, bc = _tile(tile, shape)
+    for k, fmt in enumerate(("e4m3", "mxfp4-e2m1", "nvfp4", "e5m2")):
+        dtype = DTYPES[(TILES.index(tile) + k) % 3]
+        x = _tile_sample(shape, dtype, seed=31 + k)
+        want = ref.quantize_scaled(x, fmt, br, bc)
+        got = backend.quantize_scaled(_placed(x, name), fmt, br, bc)
+        for g, w in zip(got, want):
+            assert_bitwise_equal(g, w)
+        gs = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+        out_dtype = DTYPES[(TILES.index(tile) + k + 1) % 3]
+        data = _placed(got[0], name)
+        assert_bitwise_equal(backend.dequantize_scaled(data, got[1], br, bc, out_dtype, fmt, gs),
+                             ref.dequantize_scaled(*want, br, bc, out_dtype, fmt, gs))
+
+
+@pytest.mark.parametrize("blocksize", (32, 128, 256, 512, 1024))
+def test_codebook_kernels_variants(variant, blocksize) -> None:
+    # quantize_blockwise_warp (<= 512) and quantize_blockwise (1024), then the global pair and both
+    # dequantisations, on an odd-length 3-D input whose last block is partial
+    backend, name = variant
+    code = get_codebook("dynamic")
+    for dtype in DTYPES:
+        A = _tile_sample((3, 7, 61), dtype, seed=blocksize)
+        got = backend.quantize_blockwise(_placed(A, name), code, blocksize, "")
+        for g, w in zip(got, ref.quantize_blockwise(A, code, blocksize, "")):
+            assert_bitwise_equal(g, w)
+        q, absmax, si, sv = got
+        assert_bitwise_equal(backend.dequantize_blockwise(_placed(q, name), absmax, code, blocksize, dtype, si, sv, ""),
+                             ref.dequantize_blockwise(q, absmax, code, blocksize, dtype, si, sv, ""))
+        got = backend.quantize_global(_placed(A, name), code, "")
+        for g, w in zip(got, ref.quantize_global(A, code, "")):
+            assert_bitwise_equal(g, w)
+        q, absmax, si, sv = got
+        n = A.numel()
+        assert_bitwise_equal(backend.dequantize_blockwise(_placed(q, name), absmax, code, n, dtype, si, sv, ""),
+                             ref.dequantize_blockwise(q, absmax, code, n, dtype, si, sv, ""))
+
+
+@pytest.mark.parametrize("blocksize", (64, 1024, None), ids=("warp", "block", "global"))
+@pytest.mark.parametrize("where", ("none", "first", "last"))
+def test_codebook_nonfinite_flag(emulated, blocksize, where) -> None:
+    # the kernels' nonfinite flag decides whether the launcher gathers specials: all-finite input
+    # gives none; one NaN/-Inf at either end (the last one in a partial block) is found
+    code = get_codebook("bnb-e4m3")
+    A = torch.randn(2 * 1024 + 37, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    if where == "first":
+        A[0] = float("nan")
+    elif where == "last":
+        A[-1] = -float("inf")
+    if blocksize is None:
+        got, want = emulated.quantize_global(A, code, ""), ref.quantize_global(A, code, "")
+    else:
+        got, want = emulated.quantize_blockwise(A, code, blocksize, ""), ref.quantize_blockwise(A, code, blocksize, "")
+    for g, w in zip(got, want):
+        assert_bitwise_equal(g, w)
+    assert got[2].tolist() == {"none": [], "first": [0], "last": [A.numel() - 1]}[where]
+
+
 # ----------------------------------------------------------------------------- launcher contract
 def test_other_blocksizes_and_short_circuits(emulated, monkeypatch) -> None:
     code = get_codebook("dynamic")
@@ -510,7 +694,9 @@ def test_other_blocksizes_and_short_circuits(emulated, monkeypatch) -> None:
             assert_bitwise_equal(g, w)
     assert launches == []
     emulated.quantize_blockwise(A, code, 64, "")
-    assert launches == ["quantize_blockwise"]
+    emulated.quantize_blockwise(A, code, 512, "")
+    emulated.quantize_blockwise(A, code, 1024, "")
+    assert launches == ["quantize_blockwise_warp"] * 2 + ["quantize_blockwise"]   # a warp per block up to 512
     monkeypatch.setattr(cuda_backend, "_launch", host_launch)
     q, absmax, si, sv = emulated.quantize_blockwise(torch.empty(0, 3), code, 64, "")
     assert q.shape == (0, 3) and absmax.shape == (0,) and si.numel() == 0 and sv.numel() == 0

@@ -32,7 +32,22 @@ _FP8_FMT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 _LOWBIT_FMT = {"e2m1": 2, "e2m3": 3, "e3m2": 4}
 _THREADS = 256
 _MAX_GRID = 1 << 20          # grid-stride kernels loop; more blocks than this buys nothing
-#: blocksizes the fused blockwise kernel supports: blockDim = min(bs, 256), <= 16 items per thread
+#: grid cap of the kernels that stage the 1 KB codebook in shared memory per thread block: 4096 blocks
+#: of 256 threads (~16 per SM on an H200) amortise that load over many quantisation blocks
+_CODEBOOK_GRID = 4096
+#: grid cap of absmax_global: every block ends in one atomicMax on the same word, so few blocks
+_REDUCE_GRID = 2048
+#: tiles of at most this many elements are reduced by one lane group each (amax_tiles_small: 32 items
+#: per lane at most); larger ones by thread blocks meeting in atomics (amax_tiles)
+_SMALL_TILE = 1024
+#: elements per lane the small-tile amax aims at (AMAX_UNROLL in scaled_cast.cu)
+_AMAX_ITEMS = 4
+#: largest blocksize quantised by one warp per block (QW_MAX_ITEMS = 16 items per lane)
+_WARP_BLOCKSIZE_MAX = 512
+#: elements per thread and grid-stride step of the elementwise kernels (map_tiles in common.cuh)
+_VEC = 4
+#: blocksizes the fused blockwise kernels support: a warp per block up to 512, 256 threads above
+#: (<= 16 items per thread either way)
 CUDA_BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096
 
 _registered = False
@@ -96,18 +111,26 @@ def _grid_1d(n: int) -> tuple[int]:
     return (max(1, min(-(-n // _THREADS), _MAX_GRID)),)
 
 
+def _grid_vec(n: int, cap: int = _MAX_GRID) -> tuple[int]:
+    """Grid of a map_tiles kernel (_VEC elements per thread and step) over n elements, at most `cap`."""
+    return (max(1, min(-(-n // (_THREADS * _VEC)), cap)),)
+
+
 def _row_threads(cols: int) -> int:
     """Threads for a one-block-per-row kernel: a multiple of 32 (warp reductions), at most 256."""
     return min(_THREADS, max(32, -(-cols // 32) * 32))
 
 
-def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices and float32 values of the non-finite elements (default-mode QuantState fields)."""
-    flat = A.reshape(-1)
-    bad = ~torch.isfinite(flat)
-    if not bool(bad.any()):
+def _specials(A: torch.Tensor, nonfinite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices and float32 values of the non-finite elements (default-mode QuantState fields).
+
+    `nonfinite` is the kernel's flag (int32 [1], 1 when it met a NaN/±Inf): reading it is the one host
+    sync, and the usual all-finite input then costs no isfinite/any passes over A.
+    """
+    if not bool(nonfinite.item()):
         return (torch.empty(0, dtype=torch.int64, device=A.device), torch.empty(0, dtype=_F32, device=A.device))
-    index = bad.nonzero().reshape(-1)
+    flat = A.reshape(-1)
+    index = (~torch.isfinite(flat)).nonzero().reshape(-1)
     return index, flat[index].to(_F32)
 
 
@@ -118,7 +141,8 @@ def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CUDA `fp8probe::quantize_blockwise`: fused absmax + search, one thread block per block."""
+    """CUDA `fp8probe::quantize_blockwise`: fused absmax + search; blocksizes up to 512 one warp per
+    block (quantize_blockwise_warp, many blocks per thread block), larger ones one thread block each."""
     # The fused kernel takes the power-of-two blocksizes 32..4096 (CUDA_BLOCKSIZES); any other positive
     # blocksize (the functional API accepts them, as the CPU does) runs the reference on the GPU tensors.
     if (use_reference() or blocksize not in CUDA_BLOCKSIZES or compat != "" or A.numel() == 0
@@ -130,9 +154,15 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     nb = -(-n // blocksize)
     q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(nb, dtype=_F32, device=A.device)
-    _launch("codebook_quant", "quantize_blockwise", (nb,), (min(blocksize, _THREADS),),
-            (A, code, q, absmax, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
-    return (q, absmax, *_specials(A))
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=A.device)
+    if blocksize <= _WARP_BLOCKSIZE_MAX:
+        grid = (max(1, min(-(-nb // (_THREADS // 32)), _CODEBOOK_GRID)),)   # a warp per block
+        _launch("codebook_quant", "quantize_blockwise_warp", grid, (_THREADS,),
+                (A, code, q, absmax, nonfinite, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
+    else:
+        _launch("codebook_quant", "quantize_blockwise", (nb,), (_THREADS,),
+                (A, code, q, absmax, nonfinite, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
+    return (q, absmax, *_specials(A, nonfinite))
 
 
 def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
@@ -144,12 +174,13 @@ def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
     code = code.to(device=A.device, dtype=_F32).contiguous()
     n = A.numel()
     absmax = torch.zeros(1, dtype=_F32, device=A.device)     # atomicMax identity for magnitudes
-    _launch("codebook_quant", "absmax_global", _grid_1d(n), (_THREADS,), (A, absmax, np.int64(n)),
-            A.device, A.dtype)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=A.device)
+    _launch("codebook_quant", "absmax_global", _grid_vec(n, _REDUCE_GRID), (_THREADS,),
+            (A, absmax, nonfinite, np.int64(n)), A.device, A.dtype)
     q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-    _launch("codebook_quant", "quantize_with_absmax", _grid_1d(n), (_THREADS,),
+    _launch("codebook_quant", "quantize_with_absmax", _grid_vec(n, _CODEBOOK_GRID), (_THREADS,),
             (A, code, absmax, q, np.int64(n), np.int64(n)), A.device, A.dtype)
-    return (q, absmax, *_specials(A))
+    return (q, absmax, *_specials(A, nonfinite))
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
@@ -157,7 +188,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                          compat: str) -> torch.Tensor:
     """CUDA `fp8probe::dequantize_blockwise`: code lookup * absmax, RNE cast, specials scattered back.
 
-    Any blocksize works here (the kernel only divides the index), so the global state (blocksize = n)
+    Any blocksize works here (the kernel's block cursor takes any), so the global state (blocksize = n)
     shares this launcher.
     """
     if use_reference() or compat != "" or q.numel() == 0 or dtype not in _CUDA_TYPE:
@@ -167,7 +198,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     code = code.to(device=q.device, dtype=_F32).contiguous()
     n = q.numel()
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    _launch("codebook_quant", "dequantize_blockwise", _grid_1d(n), (_THREADS,),
+    _launch("codebook_quant", "dequantize_blockwise", _grid_vec(n, _CODEBOOK_GRID), (_THREADS,),
             (q, code, absmax, out, np.int64(n), np.int64(blocksize)), q.device, dtype)
     if special_index.numel():
         out.view(-1)[special_index.to(q.device)] = special_value.to(device=q.device, dtype=dtype)
@@ -323,7 +354,7 @@ def _scale_from_amax(amax: torch.Tensor, fmt: str, scale_rule: str = "floor") ->
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
                     global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA `fp8probe::quantize_scaled`: tile-amax kernel, scale rule in torch, cast kernel (FP8 formats;
-    the 4/6-bit formats run the reference on the GPU tensors)."""
+    the 4/6-bit formats: _quantize_lowbit)."""
     if (use_reference() or x.numel() == 0 or x.dtype not in _CUDA_TYPE or fmt not in _ref.SCALED_FORMATS
             or scale_rule not in _ref.SCALE_RULES):
         return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
@@ -332,44 +363,54 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     fp8 = _ref.SCALED_FORMATS[fmt][0]
     dev = x.device
     rows, cols = _ref._rows_cols(x.shape)
-    nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
     x2 = x.contiguous()
-    amax = torch.zeros((nbr, nbc), dtype=_F32, device=dev)
-    tile = min(block_rows, rows) * min(block_cols, cols)
-    split = max(1, min(65535, -(-tile // (_THREADS * 8))))    # >= 8 elements per thread per block
-    _launch("scaled_cast", "amax_tiles", (nbr * nbc, split), (_THREADS,),
-            (x2, amax, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
-             np.int32(1)), dev, x.dtype)
+    amax, _ = _tile_amax(x2, rows, cols, block_rows, block_cols, with_all=False)
     scale = _scale_from_amax(amax, fmt, scale_rule).contiguous()
     data = torch.empty(x.shape, dtype=torch.uint8, device=dev)
-    _launch("scaled_cast", "cast_to_fp8", _grid_1d(rows * cols), (_THREADS,),
+    _launch("scaled_cast", "cast_to_fp8", _grid_vec(rows * cols), (_THREADS,),
             (x2, scale, data, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
              np.int32(_FP8_FMT[fp8])), dev, x.dtype)
     return data.view(fp8), scale
 
 
-def _tile_amax(x2: torch.Tensor, rows: int, cols: int, block_rows: int, block_cols: int, finite_only: bool
-               ) -> torch.Tensor:
+def _tile_amax(x2: torch.Tensor, rows: int, cols: int, block_rows: int, block_cols: int, with_all: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-tile max |x| over finite elements [nbr, nbc], and (with_all) over all elements, NaN/Inf bits
+    winning, in the same pass (None without with_all)."""
     nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
-    amax = torch.zeros((nbr, nbc), dtype=_F32, device=x2.device)
+    ntiles = nbr * nbc
     tile = min(block_rows, rows) * min(block_cols, cols)
-    split = max(1, min(65535, -(-tile // (_THREADS * 8))))    # >= 8 elements per thread per block
-    _launch("scaled_cast", "amax_tiles", (nbr * nbc, split), (_THREADS,),
-            (x2, amax, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
-             np.int32(1 if finite_only else 0)), x2.device, x2.dtype)
-    return amax
+    shape = (nbr, nbc)
+    if tile <= _SMALL_TILE:
+        # one group of `group` lanes (power of two <= 32) per tile, ~4 elements per lane (4 loads in
+        # flight per lane, fewer shuffle levels), writes every tile once
+        group = min(32, max(1, (1 << (tile - 1).bit_length()) // _AMAX_ITEMS))
+        amax = torch.empty(shape, dtype=_F32, device=x2.device)
+        amax_all = torch.empty(shape, dtype=_F32, device=x2.device) if with_all else amax
+        grid = (max(1, min(-(-ntiles // (_THREADS // group)), _MAX_GRID)),)
+        _launch("scaled_cast", "amax_tiles_small", grid, (_THREADS,),
+                (x2, amax, amax_all, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+                 np.int32(group), np.int32(with_all)), x2.device, x2.dtype)
+    else:
+        amax = torch.zeros(shape, dtype=_F32, device=x2.device)     # atomicMax identity for magnitudes
+        amax_all = torch.zeros(shape, dtype=_F32, device=x2.device) if with_all else amax
+        # >= 8 elements per thread per block, and blocks enough to fill the GPU when there are few tiles
+        split = max(1, min(65535, -(-tile // (_THREADS * 8)), -(-_REDUCE_GRID // ntiles)))
+        _launch("scaled_cast", "amax_tiles", (ntiles, split), (_THREADS,),
+                (x2, amax, amax_all, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
+                 np.int32(with_all)), x2.device, x2.dtype)
+    return amax, (amax_all if with_all else None)
 
 
 def _quantize_lowbit(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str,
                      global_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MXFP4 / MXFP6 / NVFP4: tile amax kernels (finite values; all values, to find non-finite tiles),
+    """MXFP4 / MXFP6 / NVFP4: one tile-amax pass (finite values; all values, to find non-finite tiles),
     the reference's scale rule in torch, then the element-code kernel."""
     dev = x.device
     _, fmax, _ = _ref.SCALED_FORMATS[fmt]
     rows, cols = _ref._rows_cols(x.shape)
     x2 = x.contiguous()
-    amax = _tile_amax(x2, rows, cols, block_rows, block_cols, True)
-    amax_all = _tile_amax(x2, rows, cols, block_rows, block_cols, False)   # NaN/Inf bits win the max
+    amax, amax_all = _tile_amax(x2, rows, cols, block_rows, block_cols, with_all=True)
     if fmt in _ref.MX_FORMATS:
         scale = _ref.mx_scale(amax, fmt, scale_rule)
         divisor = scale
@@ -378,7 +419,7 @@ def _quantize_lowbit(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
         scale = _ref.e4m3_round(amax / (torch.full_like(g, 6.0) * g))
         divisor = scale * g
     data = torch.empty(x.shape, dtype=torch.uint8, device=dev)
-    _launch("scaled_cast", "cast_to_lowbit", _grid_1d(rows * cols), (_THREADS,),
+    _launch("scaled_cast", "cast_to_lowbit", _grid_vec(rows * cols), (_THREADS,),
             (x2, divisor.contiguous(), data, np.int64(rows), np.int64(cols), np.int64(block_rows),
              np.int64(block_cols), np.int32(_LOWBIT_FMT[_ref.ELEMENT_OF[fmt]]), np.float32(fmax)), dev, x.dtype)
     return data, torch.where(torch.isfinite(amax_all), scale, torch.nan).contiguous()
@@ -396,7 +437,7 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
         rows, cols = _ref._rows_cols(data.shape)
         post = 1.0 if global_scale is None else float(global_scale)
         out = torch.empty(data.shape, dtype=dtype, device=dev)
-        _launch("scaled_cast", "cast_from_lowbit", _grid_1d(rows * cols), (_THREADS,),
+        _launch("scaled_cast", "cast_from_lowbit", _grid_vec(rows * cols), (_THREADS,),
                 (data.contiguous(), scale.to(device=dev, dtype=_F32).contiguous(), out, np.int64(rows),
                  np.int64(cols), np.int64(block_rows), np.int64(block_cols),
                  np.int32(_LOWBIT_FMT[_ref.ELEMENT_OF[fmt]]), np.float32(post)), dev, dtype)
@@ -406,7 +447,7 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     bits = data.contiguous().view(torch.uint8)
     scale = scale.to(device=dev, dtype=_F32).contiguous()
     out = torch.empty(data.shape, dtype=dtype, device=dev)
-    _launch("scaled_cast", "cast_from_fp8", _grid_1d(rows * cols), (_THREADS,),
+    _launch("scaled_cast", "cast_from_fp8", _grid_vec(rows * cols), (_THREADS,),
             (bits, scale, out, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
              np.int32(_FP8_FMT[data.dtype])), dev, dtype)
     return out

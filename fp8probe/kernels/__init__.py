@@ -23,7 +23,8 @@ CUDA_TYPES = ("float", "half_t", "bf16_t")
 KERNELS: dict[str, tuple[str, ...]] = {
     "codebook_quant": tuple(
         f"{kernel}<{t}>"
-        for kernel in ("quantize_blockwise", "absmax_global", "quantize_with_absmax", "dequantize_blockwise")
+        for kernel in ("quantize_blockwise", "quantize_blockwise_warp", "absmax_global", "quantize_with_absmax",
+                       "dequantize_blockwise")
         for t in CUDA_TYPES
     ),
     "int8": tuple(
@@ -33,7 +34,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     ) + ("int8_zero_columns", "int8_vectorwise_dequant", "int8_linear_matmul"),
     "scaled_cast": tuple(
         f"{kernel}<{t}>"
-        for kernel in ("amax_tiles", "cast_to_fp8", "cast_from_fp8", "cast_to_lowbit", "cast_from_lowbit")
+        for kernel in ("amax_tiles", "amax_tiles_small", "cast_to_fp8", "cast_from_fp8", "cast_to_lowbit", "cast_from_lowbit")
         for t in CUDA_TYPES
     ),
 }

@@ -117,3 +117,112 @@ __device__ __forceinline__ int block_or(int v, int* smem) {
     __syncthreads();
     return smem[0];
 }
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise kernels over a tiled 2-D view: 4 contiguous elements per thread, vector loads/stores
+// where aligned, 32-bit index math where the tensor allows it, no division per element.
+
+// Largest element count for which the kernels use `unsigned` indices: every index, tile number and
+// row/column product is then < 2^31, and i + a grid stride (<= 2^30: at most 2^20 blocks of 256 threads,
+// 4 elements each, the launchers' cap) stays below 2^32.
+#define INDEX32_MAX 0x7fffffffLL
+
+// Four contiguous elements as one aligned load/store (ld.global.v4.f32 for float, one 64-bit access for
+// 16-bit types, one 32-bit access for bytes).
+template <typename T> struct alignas(4 * sizeof(T)) Pack4 { T v[4]; };
+
+template <typename T>
+__device__ __forceinline__ bool pack4_aligned(const T* p) {
+    return (reinterpret_cast<unsigned long long>(p) % sizeof(Pack4<T>)) == 0;
+}
+
+// Tile bookkeeping while stepping through consecutive elements of the row-major [rows, cols] view cut
+// into tile_r x tile_c tiles (numbered row-major, tiles_c per tile row): one set of divisions where a
+// segment starts, then increments. All sizes are pre-clamped (tile_r <= rows, tile_c <= cols).
+template <typename I>
+struct TileCursor {
+    I r, c, tile, left;   // current element's row, column, tile, and elements left in its tile's row span
+    __device__ __forceinline__ TileCursor(I i, I cols, I tile_r, I tile_c, I tiles_c) {
+        r = i / cols;
+        c = i - r * cols;
+        const I tc = c / tile_c;
+        tile = (r / tile_r) * tiles_c + tc;
+        const I end = tile_c * (tc + 1);                 // <= cols + tile_c <= 2 * cols: fits I
+        left = (end < cols ? end : cols) - c;
+    }
+    // Step to the next element (which must exist); true when it lies in another tile.
+    __device__ __forceinline__ bool next(I cols, I tile_r, I tile_c, I tiles_c) {
+        ++c;
+        if (c == cols) {
+            c = 0;
+            ++r;
+            tile = (r / tile_r) * tiles_c;
+            left = tile_c;
+            return true;
+        }
+        if (--left == 0) {
+            ++tile;
+            left = tile_c < cols - c ? tile_c : cols - c;
+            return true;
+        }
+        return false;
+    }
+};
+
+// out[i] = f(in[i], prep(scale[tile(i)])) for all n = rows * cols elements; each thread takes 4
+// contiguous elements per grid-stride step and loads (and prepares) a tile's scale once per run of
+// elements in that tile. Vector accesses need both pointers aligned to a Pack4 (torch allocations are;
+// a view with an odd storage offset takes the scalar path) and a full group of 4 (the tail is scalar).
+template <typename I, typename In, typename Out, typename P, typename F>
+__device__ __forceinline__ void map_tiles_n(const In* __restrict__ in, const float* __restrict__ scale,
+                                            Out* __restrict__ out, I n, I cols, I tile_r, I tile_c,
+                                            I tiles_c, P prep, F f) {
+    const bool vec = pack4_aligned(in) && pack4_aligned(out);
+    const I stride = (I)gridDim.x * blockDim.x * 4;
+    for (I i0 = ((I)blockIdx.x * blockDim.x + threadIdx.x) * 4; i0 < n; i0 += stride) {
+        const bool full = vec && n - i0 >= 4;
+        Pack4<In> src;
+        if (full) {
+            src = *reinterpret_cast<const Pack4<In>*>(in + i0);
+        } else {
+            for (int k = 0; k < 4; ++k) if (i0 + k < n) src.v[k] = in[i0 + k];
+        }
+        Pack4<Out> dst;
+        TileCursor<I> cur(i0, cols, tile_r, tile_c, tiles_c);
+        float s = prep(scale[cur.tile]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (i0 + k >= n) break;
+            if (k > 0 && cur.next(cols, tile_r, tile_c, tiles_c)) s = prep(scale[cur.tile]);
+            dst.v[k] = f(src.v[k], s);
+        }
+        if (full) {
+            *reinterpret_cast<Pack4<Out>*>(out + i0) = dst;
+        } else {
+            for (int k = 0; k < 4; ++k) if (i0 + k < n) out[i0 + k] = dst.v[k];
+        }
+    }
+}
+
+// The identity `prep` of map_tiles: kernels whose per-tile value is used as loaded.
+struct SameScale {
+    __device__ __forceinline__ float operator()(float s) const { return s; }
+};
+
+// map_tiles_n over the [rows, cols] view with 32-bit indices when rows * cols <= INDEX32_MAX. Clamping
+// the tile to the view changes no tile number (a tile at least as tall/wide as the view covers it).
+// Any grid of at most 2^20 blocks of <= 256 threads works: the loop is grid-stride.
+template <typename In, typename Out, typename P, typename F>
+__device__ __forceinline__ void map_tiles(const In* __restrict__ in, const float* __restrict__ scale,
+                                          Out* __restrict__ out, long long rows, long long cols,
+                                          long long tile_r, long long tile_c, P prep, F f) {
+    tile_r = min(tile_r, rows);
+    tile_c = min(tile_c, cols);
+    const long long tiles_c = (cols + tile_c - 1) / tile_c;
+    if (rows * cols <= INDEX32_MAX) {
+        map_tiles_n<unsigned>(in, scale, out, (unsigned)(rows * cols), (unsigned)cols, (unsigned)tile_r,
+                              (unsigned)tile_c, (unsigned)tiles_c, prep, f);
+    } else {
+        map_tiles_n<long long>(in, scale, out, rows * cols, cols, tile_r, tile_c, tiles_c, prep, f);
+    }
+}

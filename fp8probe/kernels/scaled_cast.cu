@@ -63,37 +63,150 @@ __device__ __forceinline__ float e5m2_to_float(uint8_t b) {
     return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 21));
 }
 
-__device__ __forceinline__ long long tile_of(long long i, long long cols, long long tile_r,
-                                             long long tile_c, long long tiles_c) {
-    const long long r = i / cols;
-    const long long c = i - r * cols;
-    return (r / tile_r) * tiles_c + c / tile_c;
+// Where a walk over the elements start, start + step, start + 2 * step, ... (row-major order) of a tile
+// w wide begins (er, ec) and how far each step moves it (sq rows, sr columns): two divisions per tile
+// width, none per element.
+template <typename I>
+struct TileStride { I er, ec, sq, sr; };
+
+template <typename I>
+__device__ __forceinline__ TileStride<I> tile_stride(I start, I step, I w) {
+    TileStride<I> p;
+    p.er = start / w;
+    p.ec = start - p.er * w;
+    p.sq = step / w;
+    p.sr = step - p.sq * w;
+    return p;
 }
 
-// amax[t] = max |x| over tile t's finite elements when finite_only (the reference), else over all
-// (a NaN magnitude then wins the bit-pattern max, like torch.amax). Block (bx, by)
-// handles tile bx, elements by*blockDim.x + threadIdx.x, stepping gridDim.y*blockDim.x, so a single
-// huge tile (per-tensor scaling) is still spread over many blocks; partial maxima meet in atomicMax
-// on the bit patterns of a zero-initialised buffer.
-template <typename T>
-__global__ void amax_tiles(const T* __restrict__ x, float* __restrict__ amax, long long rows,
-                           long long cols, long long tile_r, long long tile_c, int finite_only) {
-    __shared__ uint32_t s_red[32];
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long t = blockIdx.x;
-    const long long r0 = (t / tiles_c) * tile_r, c0 = (t % tiles_c) * tile_c;
-    const long long h = min(tile_r, rows - r0), w = min(tile_c, cols - c0);
-    const long long count = h * w;
-    uint32_t local_max = 0u;
-    const long long stride = (long long)gridDim.y * blockDim.x;
-    for (long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x; e < count; e += stride) {
-        const long long r = r0 + e / w, c = c0 + e % w;
-        const float a = to_float(x[r * cols + c]);
-        if (finite_only && !is_finite_f(a)) continue;
-        local_max = max_u32(local_max, abs_bits(a));
+// Elements per lane loaded before any is reduced in tile_maxima (independent loads in flight).
+#define AMAX_UNROLL 4
+
+// Folds the magnitudes of the walk p over the h x w tile whose first element is x[r0, c0] of the view
+// (`cols` wide) into two maxima: `finite` over finite values (the reference's amax) and `all` over every
+// value (a NaN magnitude then wins the bit-pattern max, like torch.amax; Inf is 0x7f800000). Past the
+// tile's end a lane folds +0, which changes neither maximum.
+template <typename T, typename I>
+__device__ __forceinline__ void tile_maxima(const T* __restrict__ x, I cols, I r0, I c0, I h, I w,
+                                            TileStride<I> p, uint32_t& finite, uint32_t& all) {
+    I er = p.er, ec = p.ec;
+    while (er < h) {
+        float v[AMAX_UNROLL];
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) {
+            v[u] = 0.0f;
+            if (er < h) {
+                v[u] = to_float(x[(r0 + er) * cols + c0 + ec]);
+                er += p.sq;
+                ec += p.sr;
+                if (ec >= w) { ec -= w; ++er; }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) {
+            all = max_u32(all, abs_bits(v[u]));
+            if (is_finite_f(v[u])) finite = max_u32(finite, abs_bits(v[u]));
+        }
     }
-    const uint32_t m = block_max_u32(local_max, s_red);
-    if (threadIdx.x == 0) atomicMax((unsigned int*)(amax + t), m);
+}
+
+// Tile t's corner (r0, c0) and extent h x w, partial at the bottom/right edges.
+template <typename I>
+__device__ __forceinline__ void tile_box(I t, I rows, I cols, I tile_r, I tile_c, I tiles_c,
+                                         I& r0, I& c0, I& h, I& w) {
+    const I tr = t / tiles_c, tc = t - tr * tiles_c;
+    r0 = tr * tile_r;
+    c0 = tc * tile_c;
+    h = min(tile_r, rows - r0);
+    w = min(tile_c, cols - c0);
+}
+
+template <typename T, typename I>
+__device__ __forceinline__ void amax_tiles_body(const T* __restrict__ x, float* __restrict__ amax,
+                                                float* __restrict__ amax_all, I rows, I cols, I tile_r,
+                                                I tile_c, int with_all, uint32_t* s_red) {
+    const I tiles_c = (cols + tile_c - 1) / tile_c;
+    const I t = (I)blockIdx.x;
+    I r0, c0, h, w;
+    tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
+    const I start = (I)blockIdx.y * blockDim.x + threadIdx.x, step = (I)gridDim.y * blockDim.x;
+    uint32_t finite = 0u, all = 0u;
+    tile_maxima(x, cols, r0, c0, h, w, tile_stride(start, step, w), finite, all);
+    finite = block_max_u32(finite, s_red);
+    if (threadIdx.x == 0) atomicMax((unsigned int*)(amax + t), finite);
+    if (with_all) {                                       // uniform: every thread reaches the barriers
+        all = block_max_u32(all, s_red);
+        if (threadIdx.x == 0) atomicMax((unsigned int*)(amax_all + t), all);
+    }
+}
+
+// Large tiles (rows, per-tensor, 128x128): block (bx, by) reduces elements by * blockDim.x + threadIdx.x,
+// stepping gridDim.y * blockDim.x, of tile bx, so a single huge tile is still spread over many blocks;
+// partial maxima meet in atomicMax on the bit patterns of zero-initialised buffers. amax[t] = max |x|
+// over tile t's finite elements; amax_all[t] (written only when with_all) = max over all of them.
+// Clamping the tile to the view (here and below) changes no tile number and keeps 32-bit math in range.
+template <typename T>
+__global__ void amax_tiles(const T* __restrict__ x, float* __restrict__ amax, float* __restrict__ amax_all,
+                           long long rows, long long cols, long long tile_r, long long tile_c, int with_all) {
+    __shared__ uint32_t s_red[32];
+    tile_r = min(tile_r, rows);
+    tile_c = min(tile_c, cols);
+    if (rows * cols <= INDEX32_MAX) {
+        amax_tiles_body<T, unsigned>(x, amax, amax_all, (unsigned)rows, (unsigned)cols, (unsigned)tile_r,
+                                     (unsigned)tile_c, with_all, s_red);
+    } else {
+        amax_tiles_body<T, long long>(x, amax, amax_all, rows, cols, tile_r, tile_c, with_all, s_red);
+    }
+}
+
+template <typename T, typename I>
+__device__ __forceinline__ void amax_tiles_small_body(const T* __restrict__ x, float* __restrict__ amax,
+                                                      float* __restrict__ amax_all, I rows, I cols, I tile_r,
+                                                      I tile_c, int group, int with_all) {
+    const I tiles_c = (cols + tile_c - 1) / tile_c;
+    const I ntiles = (rows + tile_r - 1) / tile_r * tiles_c;
+    const int lane = (int)(threadIdx.x & 31u);
+    const I start = (I)(lane % group), per_warp = (I)(32 / group);
+    const TileStride<I> full = tile_stride(start, (I)group, tile_c);   // every tile but the right edge's
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long t0 = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * per_warp; t0 < ntiles;
+         t0 += warps * per_warp) {
+        const I t = (I)t0 + (I)(lane / group);
+        uint32_t finite = 0u, all = 0u;
+        if (t < ntiles) {
+            I r0, c0, h, w;
+            tile_box(t, rows, cols, tile_r, tile_c, tiles_c, r0, c0, h, w);
+            tile_maxima(x, cols, r0, c0, h, w, w == tile_c ? full : tile_stride(start, (I)group, w), finite, all);
+        }
+        for (int off = group >> 1; off > 0; off >>= 1) {  // xor < group stays inside the lane group
+            finite = max_u32(finite, __shfl_xor_sync(0xffffffffu, finite, off));
+            all = max_u32(all, __shfl_xor_sync(0xffffffffu, all, off));
+        }
+        if (t < ntiles && start == 0) {
+            amax[t] = __uint_as_float(finite);
+            if (with_all) amax_all[t] = __uint_as_float(all);
+        }
+    }
+}
+
+// Small tiles (1x16, 1x32, 1x128, 16x16, short rows): a group of `group` lanes (a power of two <= 32;
+// the launcher picks ~4 elements per lane, e.g. 4 lanes per 1x16 tile) reduces one whole tile, 32 / group
+// tiles per warp, warps striding over the tiles; each tile's maxima are written once (no atomics, no
+// zero-initialisation). The tile loop's trip count depends only on the warp, so all 32 lanes reach every
+// full-mask shuffle; lanes without a tile reduce zeros. blockDim.x is a multiple of 32. Outputs as
+// amax_tiles.
+template <typename T>
+__global__ void amax_tiles_small(const T* __restrict__ x, float* __restrict__ amax, float* __restrict__ amax_all,
+                                 long long rows, long long cols, long long tile_r, long long tile_c, int group,
+                                 int with_all) {
+    tile_r = min(tile_r, rows);
+    tile_c = min(tile_c, cols);
+    if (rows * cols <= INDEX32_MAX) {
+        amax_tiles_small_body<T, unsigned>(x, amax, amax_all, (unsigned)rows, (unsigned)cols, (unsigned)tile_r,
+                                           (unsigned)tile_c, group, with_all);
+    } else {
+        amax_tiles_small_body<T, long long>(x, amax, amax_all, rows, cols, tile_r, tile_c, group, with_all);
+    }
 }
 
 // data[i] = fp8(fl32(x[i] / scale[tile(i)])), saturating, RNE.
@@ -101,13 +214,10 @@ template <typename T>
 __global__ void cast_to_fp8(const T* __restrict__ x, const float* __restrict__ scale,
                             uint8_t* __restrict__ data, long long rows, long long cols,
                             long long tile_r, long long tile_c, int fmt) {
-    const long long n = rows * cols;
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = __fdiv_rn(to_float(x[i]), scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]);
-        data[i] = fmt == FMT_E4M3 ? float_to_e4m3_satfinite(v) : float_to_e5m2_satfinite(v);
-    }
+    map_tiles(x, scale, data, rows, cols, tile_r, tile_c, SameScale(), [=](T xv, float s) -> uint8_t {
+        const float v = __fdiv_rn(to_float(xv), s);
+        return fmt == FMT_E4M3 ? float_to_e4m3_satfinite(v) : float_to_e5m2_satfinite(v);
+    });
 }
 
 // out[i] = cast<T>(fl32(float(data[i]) * scale[tile(i)])).
@@ -115,13 +225,10 @@ template <typename T>
 __global__ void cast_from_fp8(const uint8_t* __restrict__ data, const float* __restrict__ scale,
                               T* __restrict__ out, long long rows, long long cols,
                               long long tile_r, long long tile_c, int fmt) {
-    const long long n = rows * cols;
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = fmt == FMT_E4M3 ? e4m3_to_float(data[i]) : e5m2_to_float(data[i]);
-        out[i] = from_float<T>(__fmul_rn(v, scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]));
-    }
+    map_tiles(data, scale, out, rows, cols, tile_r, tile_c, SameScale(), [=](uint8_t b, float s) -> T {
+        const float v = fmt == FMT_E4M3 ? e4m3_to_float(b) : e5m2_to_float(b);
+        return from_float<T>(__fmul_rn(v, s));
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -175,18 +282,14 @@ template <typename T>
 __global__ void cast_to_lowbit(const T* __restrict__ x, const float* __restrict__ divisor,
                                uint8_t* __restrict__ data, long long rows, long long cols,
                                long long tile_r, long long tile_c, int fmt, float fmax) {
-    const long long n = rows * cols;
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float v = to_float(x[i]);
+    map_tiles(x, divisor, data, rows, cols, tile_r, tile_c, SameScale(), [=](T xv, float d) -> uint8_t {
+        float v = to_float(xv);
         if (v != v) v = 0.0f;
         else if (!is_finite_f(v)) v = copysignf(fmax, v);
-        const float d = divisor[tile_of(i, cols, tile_r, tile_c, tiles_c)];
         float y = d > 0.0f ? __fdiv_rn(v, d) : __fmul_rn(v, 0.0f);
         y = fminf(fmaxf(y, -fmax), fmax);
-        data[i] = float_to_lowbit(y, fmt);
-    }
+        return float_to_lowbit(y, fmt);
+    });
 }
 
 // out[i] = cast<T>(fl32(fl32(value(data[i]) * scale[tile(i)]) * post)); post = NVFP4's tensor scale, else 1.
@@ -194,11 +297,7 @@ template <typename T>
 __global__ void cast_from_lowbit(const uint8_t* __restrict__ data, const float* __restrict__ scale,
                                  T* __restrict__ out, long long rows, long long cols,
                                  long long tile_r, long long tile_c, int fmt, float post) {
-    const long long n = rows * cols;
-    const long long tiles_c = (cols + tile_c - 1) / tile_c;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = __fmul_rn(lowbit_to_float(data[i], fmt), scale[tile_of(i, cols, tile_r, tile_c, tiles_c)]);
-        out[i] = from_float<T>(__fmul_rn(v, post));
-    }
+    map_tiles(data, scale, out, rows, cols, tile_r, tile_c, SameScale(), [=](uint8_t c, float s) -> T {
+        return from_float<T>(__fmul_rn(__fmul_rn(lowbit_to_float(c, fmt), s), post));
+    });
 }
