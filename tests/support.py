@@ -59,3 +59,19 @@ def raw(t: torch.Tensor) -> torch.Tensor:
 def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Same dtype, shape and bit patterns (NaN payloads and signed zeros included)."""
     return got.dtype == want.dtype and got.shape == want.shape and torch.equal(raw(got), raw(want))
+
+
+def scatter_specials(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """x (any float dtype) with ~2.5% NaN/±Inf, fp32/fp16 subnormals and -0 scattered at seeded positions, a zero
+    head and an all-NaN run, so small tiles come out all-finite, partly or wholly non-finite, or zero."""
+    dtype = x.dtype
+    x = x.float()  # a copy: the caller's tensor is not changed
+    flat = x.view(-1)
+    g = torch.Generator().manual_seed(seed + 1)
+    pos = torch.randperm(flat.numel(), generator=g)[: max(8, flat.numel() // 40)]
+    sub = 3 * 2.0**-24 if dtype == torch.float16 else 1e-40
+    for k, v in enumerate((float("nan"), float("inf"), -float("inf"), sub, -sub, -0.0)):
+        flat[pos[k::6]] = v
+    flat[:40] = 0.0
+    flat[200:232] = float("nan")
+    return x.to(dtype)

@@ -10,6 +10,7 @@ import fp8probe.ops  # noqa: F401  (declares torch.ops.fp8probe.* and registers 
 from fp8probe.backends import cuda as cuda_backend
 from fp8probe.backends import reference as ref
 from fp8probe.formats import get_codebook
+from support import scatter_specials
 
 pytestmark = [
     pytest.mark.cuda,
@@ -323,16 +324,7 @@ def _on_gpu(t: torch.Tensor, variant: str) -> torch.Tensor:
 
 def _path_sample(shape, dtype, seed: int) -> torch.Tensor:
     """sample() plus ~2.5% NaN/±Inf/subnormals/-0 and an all-NaN run: tiles of every finiteness."""
-    x = sample(shape, dtype, seed).float()
-    flat = x.view(-1)
-    g = torch.Generator().manual_seed(seed + 1)
-    pos = torch.randperm(flat.numel(), generator=g)[: max(8, flat.numel() // 40)]
-    sub = 3 * 2.0**-24 if dtype == torch.float16 else 1e-40
-    for k, v in enumerate((float("nan"), float("inf"), -float("inf"), sub, -sub, -0.0)):
-        flat[pos[k::6]] = v
-    flat[:40] = 0.0
-    flat[200:232] = float("nan")
-    return x.to(dtype)
+    return scatter_specials(sample(shape, dtype, seed), seed)
 
 
 @pytest.mark.parametrize("tile", PATH_TILES, ids=str)

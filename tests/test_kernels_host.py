@@ -27,6 +27,7 @@ from fp8probe.backends import cuda as cuda_backend
 from fp8probe.backends import reference as ref
 from fp8probe.formats import get_codebook
 from fp8probe.kernels import KERNELS, kernel_source
+from support import scatter_specials
 
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a host C++ compiler")
@@ -557,17 +558,7 @@ def _placed(t: torch.Tensor, variant_name: str) -> torch.Tensor:
 def _tile_sample(shape, dtype, seed: int) -> torch.Tensor:
     """Seeded values with ~2.5% NaN/±Inf, fp32/fp16 subnormals and -0 scattered, a zero head and an
     all-NaN run, so small tiles are all-finite, partly or wholly non-finite, or zero."""
-    x = _sample(shape, dtype, seed).float()
-    flat = x.view(-1)
-    n = flat.numel()
-    g = torch.Generator().manual_seed(seed + 1)
-    pos = torch.randperm(n, generator=g)[: max(8, n // 40)]
-    sub = 3 * 2.0**-24 if dtype == torch.float16 else 1e-40
-    for k, v in enumerate((float("nan"), float("inf"), -float("inf"), sub, -sub, -0.0)):
-        flat[pos[k::6]] = v
-    flat[:40] = 0.0
-    flat[200:232] = float("nan")
-    return x.to(dtype)
+    return scatter_specials(_sample(shape, dtype, seed), seed)
 
 
 def _tile(tile, shape) -> tuple[int, int]:
