@@ -1,0 +1,44 @@
+"""The dynamic-range figure: ridgelines, one Axes per tensor and one row per layer (not one Axes per panel)."""
+from __future__ import annotations
+
+import math
+
+from fp8probe.report import figures
+
+
+def _panel(layer: str, tensor: str, lo_bin: int, hi_bin: int, window: tuple[str, float, float] | None) -> dict:
+    edges = [float(e) for e in range(-40, 26)]
+    counts = [0] * (len(edges) - 1)
+    for k in range(lo_bin, hi_bin):
+        counts[k] = 1 + (k * 7) % 5
+    return {"layer": layer, "tensor": tensor, "edges": edges, "counts": counts,
+            "windows": [] if window is None else [window]}
+
+
+def test_one_axes_per_tensor_rows_in_layer_order_one_legend() -> None:
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in range(12)]
+    e4 = ("bnb-e4m3 window (scaled to amax)", -20.0, 1.5)
+    e5 = ("bnb-e5m2 window (scaled to amax)", -50.0, -10.0)
+    panels = [_panel(x, t, 30 + i, 44 + i, e5 if t == "grad_output" else e4)
+              for i, x in enumerate(layers) for t in ("activation", "weight", "grad_output")]
+    panels.append(_panel("model.layers.0.mlp.down_proj", "extra", 10, 12, None))
+    fig = figures.range_histograms(panels, ["activation", "weight", "grad_output"])
+    assert len(fig.axes) == 3
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == layers  # top row first, the panels' layer order
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["activation", "weight", "grad_output"]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [e4[0], e5[0]]  # one entry per window label
+    lo, hi = fig.axes[0].get_xlim()
+    assert lo < -20.0 and hi > 30 - 40 + 14 + 11 - 1  # the window and the last occupied bin (edge 15) are inside
+    assert lo > -40.0  # the empty bins at the fixed edges' left end are not
+    assert figures.figure_to_data_uri(fig).startswith("data:image/png;base64,")
+
+
+def test_missing_and_empty_panels_leave_their_row_blank() -> None:
+    panels = [_panel("a", "activation", 30, 35, None), _panel("b", "weight", 30, 35, ("w", -5.0, math.inf)),
+              {"layer": "c", "tensor": "activation", "edges": [0.0, 1.0], "counts": []}]
+    fig = figures.range_histograms(panels, ["activation", "weight"])
+    assert len(fig.axes) == 2 and [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b", "c"]
+    assert math.isfinite(fig.axes[1].get_xlim()[1])
+    figures.figure_to_data_uri(fig)
