@@ -198,7 +198,10 @@ def scale_exponent_histograms(panels: Sequence[Mapping]) -> Figure:
     are drawn as the share of that strategy's blocks so recipes with different block sizes compare.
     """
     n = max(len(panels), 1)
-    fig = Figure(figsize=(4.2 * n, 3.2), layout="constrained")
+    width, height = 4.2 * n, 3.2
+    fig = Figure(figsize=(width, height))  # fixed margins: the constrained layout solver cost ~40 % of this figure
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, top=1 - 0.35 / height, bottom=0.55 / height,
+                        wspace=0.9 / 4.2)
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, panel in zip(axes, panels):
         for i, s in enumerate(panel["series"]):
