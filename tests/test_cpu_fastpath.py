@@ -378,3 +378,28 @@ def test_version_names_the_active_cpu_backend() -> None:
     forced = subprocess.run([sys.executable, "-m", "fp8probe", "--version"], capture_output=True, text=True,
                             env={**__import__("os").environ, "FP8PROBE_BACKEND": "reference"}, check=True)
     assert "(CPU kernels: reference)" in forced.stdout
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("shape", ((37, 53), (3, 37, 53), (1, 129, 1), (2, 1, 70)))
+def test_contiguous_copies_transposed_views_bit_for_bit(dtype, shape, monkeypatch) -> None:
+    """cpu.contiguous: a transposed view (2-D, or the last two dims of a 3-D tensor) through the C transpose, slice
+    by slice; anything else as torch's contiguous(); the same bits either way."""
+    if not cpu.enabled():
+        pytest.skip("fp8probe._fastpath not built")
+    calls = []
+    ext, real = cpu._ext(), cpu._ext().transpose_copy
+    monkeypatch.setattr(ext, "transpose_copy", lambda *a: (calls.append(a[2:4]), real(*a))[1])
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=g).to(dtype)
+    base.view(-1)[::17] = float("nan")
+    view = base.mT
+    got = cpu.contiguous(view)
+    assert got.is_contiguous() and got.shape == view.shape
+    assert (got.data_ptr() != base.data_ptr()) == (not view.is_contiguous())  # a size-1 dim: already contiguous
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       view.contiguous().view(torch.int16 if dtype != torch.float32 else torch.int32))
+    # one C transpose per slice where a copy was needed
+    assert calls == ([] if view.is_contiguous() else [(shape[-1], shape[-2])] * (shape[0] if len(shape) == 3 else 1))
+    same = cpu.contiguous(base)
+    assert same.data_ptr() == base.data_ptr()  # already contiguous: no copy

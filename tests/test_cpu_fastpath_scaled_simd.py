@@ -205,7 +205,7 @@ def test_transposed_inputs_are_copied_by_the_c_transpose(isa, no_fallback, dtype
         g = every_kind_of_float(rows * cols, seed=rows).view(rows, cols).to(dtype)
         x = g.T
         assert not x.is_contiguous()
-        got = cpu._c_order(x)
+        got = cpu.contiguous(x)
         assert got.is_contiguous() and torch.equal(raw(got), raw(x.contiguous()))
     x = mixed(300 * 301, seed=8).view(300, 301).to(dtype).T
     for fmt, tile in (("e4m3", (1, 128)), ("mxfp8-e4m3", (1, 32)), ("e5m2", (128, 128))):

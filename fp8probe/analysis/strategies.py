@@ -275,9 +275,9 @@ def _fq_weight_t(W: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tens
     made by a copy of the result."""
     if W.is_contiguous() or not W.mT.is_contiguous():
         qW = _fq_code_slices(W, "bnb-e4m3", None)
-        return qW, functools.cache(lambda: qW.mT.contiguous())
+        return qW, functools.cache(lambda: _cpu.contiguous(qW.mT))  # the C transpose on CPU
     fp8Wt = _fq_code_slices(W.mT, "bnb-e4m3", None)
-    return fp8Wt.mT.contiguous(), lambda: fp8Wt
+    return _cpu.contiguous(fp8Wt.mT), lambda: fp8Wt
 
 
 # (GEMM, operand shapes and strides, device, threads) → whether the replay's layouts gave the autograd
