@@ -160,7 +160,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     """
     if not _quant_applies(A, compat):
         return _ref.quantize_blockwise(A, code, blocksize, compat)
-    Ac = A.detach().contiguous()
+    Ac = contiguous(A)
     q = _fresh(A.shape, torch.uint8)
     absmax = torch.empty(-(-A.numel() // blocksize), dtype=_F32)
     if not _run_quantize(Ac, _cpu_code(code), blocksize, q, absmax):
@@ -191,7 +191,7 @@ def quantize_blockwise_into(A: torch.Tensor, code: torch.Tensor, blocksize: int,
             and absmax.dtype == _F32 and absmax.shape == (nb,) and absmax.device.type == "cpu"
             and absmax.is_contiguous()):
         return None
-    if not _run_quantize(A.detach().contiguous(), _cpu_code(code), blocksize, q, absmax):
+    if not _run_quantize(contiguous(A), _cpu_code(code), blocksize, q, absmax):
         return None
     return _ref._empty_specials(torch.device("cpu"))
 
@@ -226,7 +226,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     then the special values scattered back; `dtype`, q.shape."""
     if not _deq_applies(q, dtype, compat):
         return _ref.dequantize_blockwise(q, absmax, code, blocksize, dtype, special_index, special_value, compat)
-    qc = q.detach().contiguous()
+    qc = contiguous(q)
     out = _fresh(q.shape, dtype)
     if not _run_dequantize(qc, absmax, code, blocksize, out):
         return _ref.dequantize_blockwise(q, absmax, code, blocksize, dtype, special_index, special_value, compat)
@@ -242,7 +242,7 @@ def dequantize_blockwise_into(q: torch.Tensor, absmax: torch.Tensor, code: torch
     if not (isinstance(out, torch.Tensor) and out.dtype == dtype and _deq_applies(q, dtype, compat)
             and out.shape == q.shape and out.device.type == "cpu" and out.is_contiguous()):
         return False
-    if not _run_dequantize(q.detach().contiguous(), absmax, code, blocksize, out):
+    if not _run_dequantize(contiguous(q), absmax, code, blocksize, out):
         return False
     _scatter_specials(out, special_index, special_value)
     return True
@@ -258,7 +258,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
     if not _quant_applies(A, compat):
         return _ref.int8_vectorwise_quant(A, threshold, compat)
     rows, cols = _ref._rows_cols(A.shape)
-    Ac = A.detach().contiguous()
+    Ac = contiguous(A)
     q = _fresh(A.shape, torch.int8)
     row_stats = torch.empty(rows, dtype=_F32)
     colmask = torch.zeros(cols if threshold > 0 else 1, dtype=torch.uint8)
@@ -316,7 +316,7 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     devices, dtypes and empty tensors run the reference."""
     if x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or not enabled():
         return _ref.nvfp4_global_scale(x)
-    xc = x.detach().contiguous()
+    xc = contiguous(x)
     amax = torch.tensor(_ext().finite_amax(xc.data_ptr(), _DT[x.dtype], x.numel(), _threads(x.numel())), dtype=_F32)
     g = amax / torch.full_like(amax, _ref.NVFP4_GLOBAL_RANGE)
     return torch.where(g > 0, g, 1.0)
@@ -413,7 +413,7 @@ def _run_dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: 
     R, C = _ref._rows_cols(data.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
     sc = scale.detach().to("cpu", _F32).contiguous()
-    dc = data.detach().contiguous()
+    dc = contiguous(data)
     lowbit = data.dtype == torch.uint8
     table = _lowbit_table(fmt) if lowbit else _fp8_table(data.dtype)
     bad = _ext().dequantize_scaled(dc.view(torch.uint8).data_ptr(), table.data_ptr(), sc.data_ptr(),
@@ -476,7 +476,7 @@ def error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float
         raise ValueError(f"expected ref and lp with the same number of elements, got {ref.numel()} and {lp.numel()}")
     if not _sums_apply(ref, lp):
         return None
-    r, q = ref.detach().contiguous(), lp.detach().contiguous()
+    r, q = contiguous(ref), contiguous(lp)
     n = r.numel()
     return _ext().error_sums(r.data_ptr(), _SUM_DT[r.dtype], q.data_ptr(), _SUM_DT[q.dtype], n, _threads(n))
 
@@ -498,7 +498,7 @@ def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | Non
                          f"{q.numel()}" + ("" if saturated is None else f", {saturated.numel()}"))
     if not _sums_apply(x, q) or (saturated is not None and saturated.device.type != "cpu"):
         return None
-    xc, qc = x.detach().contiguous(), q.detach().contiguous()
+    xc, qc = contiguous(x), contiguous(q)
     sat_ptr = 0
     if saturated is not None:
         sat = saturated.detach()
@@ -527,7 +527,7 @@ def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, floa
         raise ValueError(f"expected 3 limits, got {len(limits)}")
     if not _sums_apply(x2):
         return None
-    xc = x2.detach().contiguous()
+    xc = contiguous(x2)
     rows, cols = xc.shape
     hist = torch.empty(bins, dtype=torch.int64)
     segmax = torch.zeros(rows * -(-cols // segment), dtype=torch.float64)
@@ -565,7 +565,7 @@ def outlier_census(a2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, to
         raise ValueError(f"expected a 2-D activation [rows, cols], got shape {list(a2.shape)}")
     if not _sums_apply(a2):
         return None
-    xc = a2.detach().contiguous()
+    xc = contiguous(a2)
     rows, cols = xc.shape
     amax, hits = torch.empty(cols, dtype=torch.float64), torch.empty(cols, dtype=torch.int64)
     touched = _ext().outlier_census(xc.data_ptr(), _SUM_DT[xc.dtype], rows, cols, float(threshold), amax.data_ptr(),
@@ -621,7 +621,7 @@ def _fake_quantize_c(A: torch.Tensor, code: torch.Tensor, blocksize: int, with_v
         return None
     base8, t_val, m, packed = tables
     n = A.numel()
-    Ac = A.detach().contiguous()
+    Ac = contiguous(A)
     out = _fresh(A.shape, A.dtype) if with_values else None
     nb = -(-n // blocksize)
     absmax = torch.empty(nb, dtype=_F32)
@@ -645,7 +645,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
         return _ref.int8_double_quant(A, threshold, compat)
     q_row, row_stats, cols = int8_vectorwise_quant(A, threshold, compat)
     R, C = _ref._rows_cols(A.shape)
-    Ac = A.detach().contiguous()
+    Ac = contiguous(A)
     q_col = _fresh(A.shape, torch.int8)
     col_stats = torch.empty(C, dtype=_F32)
     _ext().int8_col_quant(Ac.data_ptr(), _DT[A.dtype], R, C, float(threshold), q_col.data_ptr(), col_stats.data_ptr(),
@@ -664,7 +664,7 @@ def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tenso
     R, C = _ref._rows_cols(q.shape)
     if not (_i8_applies(q, stats) and stats.dtype == _F32 and q.dtype == torch.int8 and stats.numel() == R):
         return _ref.int8_vectorwise_dequant(q, stats)
-    qc, sc = q.detach().contiguous(), stats.detach().contiguous()
+    qc, sc = contiguous(q), contiguous(stats)
     out = _fresh(q.shape, _F32)
     if _ext().int8_dequant(0, qc.data_ptr(), R, C, sc.data_ptr(), 0, 0, 0, _I8_SCALES["vectorwise"], out.data_ptr(),
                            0, _threads(q.numel())):
@@ -691,8 +691,8 @@ def _mm_dequant_c(C: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Ten
     """The C int8_mm_dequant of an int32 C, or of float32 C holding float(int32 C) (int8_gemm_float), into a
     new `dtype` tensor of C's shape; None when the C code declines (non-finite stats or bias, NaN result)."""
     R, N = _ref._rows_cols(C.shape)
-    Cc, rs, cs = C.detach().contiguous(), row_stats.detach().contiguous(), col_stats.detach().contiguous()
-    bc = None if bias is None else bias.detach().contiguous()
+    Cc, rs, cs = contiguous(C), contiguous(row_stats), contiguous(col_stats)
+    bc = None if bias is None else contiguous(bias)
     out = _fresh(C.shape, dtype)
     if _ext().int8_dequant(1 if C.dtype == torch.int32 else 2, Cc.data_ptr(), R, N, rs.data_ptr(), cs.data_ptr(),
                            0 if bc is None else bc.data_ptr(), 0 if bc is None else _DT[bc.dtype], _I8_SCALES["mm"],
