@@ -318,3 +318,49 @@ def test_exported_cnn_has_the_same_conv_sites_and_numbers() -> None:
     a = exported.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
     b = eager.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
     assert len(a) == 4 * 3 and (a - b).abs().max() < 1e-3
+
+
+_MHA_SCRIPT = r"""
+import json, sys
+import torch
+if sys.argv[1] == "old-torch":  # torch < 2.12 has no torch.overrides.redispatch_function
+    del torch.overrides.redispatch_function
+from torch import nn
+from fp8probe.analysis.pipeline import analyze
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.out = nn.Linear(16, 4)
+    def forward(self, x):
+        return self.out(self.att(x, x, x)[0])
+
+torch.manual_seed(0)
+res = analyze(Net(), torch.randn(2, 6, 16), "global", e2e=False)
+layers = res.tables["layers"]
+print(json.dumps({"layers": list(zip(layers["layer"], layers["kind"])),
+                  "sqnr": [float(v) for v in res.tables["gemm"]["sqnr_db"]]}))
+"""
+
+
+def test_multihead_attention_is_captured_without_torch_redispatch_function() -> None:
+    """torch < 2.12 (the GPU machine's 2.11) has no torch.overrides.redispatch_function; gemms.py then skips
+    the dispatch hop with torch's private function: nn.MultiheadAttention (a Python composite the mode
+    re-enters) gives the same GEMMs and numbers either way."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    runs = {}
+    for mode in ("current", "old-torch"):
+        out = subprocess.run([sys.executable, "-c", _MHA_SCRIPT, mode], capture_output=True, text=True, timeout=300,
+                             cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    kinds = dict(map(tuple, runs["current"]["layers"]))
+    # the composite's body ran under the mode: its projections and its two batched products were captured
+    assert kinds["att.in_proj"] == kinds["att.out_proj"] == "linear" and kinds["att#bmm"] == kinds["att#bmm#1"] == "matmul"
+    assert runs["old-torch"] == runs["current"]
