@@ -33,9 +33,9 @@ UNQUANTISED_DB = 100.0
 MAX_OUTLIER_DIMS = 16
 # Per-strategy detail tables longer than this start collapsed.
 OPEN_DETAILS_ROWS = 20
-# Histogram small multiples are one row per layer; beyond this many layers only the worst ones
-# (lowest fprop SQNR) are drawn, and the report says so.
-MAX_HIST_LAYERS = 12
+# The range figure has one ridgeline row per layer (0.42 in each); beyond this many layers only the worst
+# ones (lowest fprop SQNR) are drawn, and the report says so. (12 while each row was 3 separate Axes.)
+MAX_HIST_LAYERS = 24
 # Which format window is drawn on which tensor's histogram: the first format present in
 # metadata.formats wins. Activations/weights use E4M3-like formats, gradients E5M2-like (SPEC §7.2).
 WINDOW_PREFERENCE = {
