@@ -738,3 +738,50 @@ def test_cupy_stream_is_made_once_per_torch_stream_without_warnings(monkeypatch)
         assert made == [(0x1234, 0), (0x1234, 1)]
     finally:
         cuda_backend._cupy_stream.cache_clear()
+
+
+def test_launch_passes_device_addresses_and_torchs_stream(monkeypatch) -> None:
+    """_launch hands CuPy each tensor as its 8-byte device address (np.uint64: CuPy copies a NumPy scalar's bytes
+    into the kernel's parameter) and scalars as given, on CuPy's view of torch's current stream, inside the
+    tensor's device context. (CuPy itself is faked: no GPU here; tests/test_cuda_backend.py runs the real one.)"""
+    import sys
+    import types
+
+    import fp8probe.kernels as kernels
+
+    calls, entered = [], []
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    class ExternalStream:
+        def __init__(self, ptr, index):
+            self.ptr, self.index = ptr, index
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0xBEEF))
+    monkeypatch.setattr(kernels, "get_function",
+                        lambda file, expr: lambda grid, block, args, stream=None: calls.append(
+                            (file, expr, grid, block, args, stream)))
+    cuda_backend._cupy_stream.cache_clear()
+    try:
+        x = torch.arange(6, dtype=torch.bfloat16)
+        out = torch.empty(6, dtype=torch.uint8)
+        cuda_backend._launch("scaled_cast", "cast_to_fp8", (3,), (256,), (x, out, np.int64(6), np.int32(0)),
+                             torch.device("cuda", 1), torch.bfloat16)
+        (file, expr, grid, block, args, stream), = calls
+        assert (file, expr, grid, block, entered) == ("scaled_cast", "cast_to_fp8<bf16_t>", (3,), (256,), [1])
+        assert [type(a) for a in args] == [np.uint64, np.uint64, np.int64, np.int32]
+        assert [int(a) for a in args] == [x.data_ptr(), out.data_ptr(), 6, 0]
+        assert (stream.ptr, stream.index) == (0xBEEF, 1)
+    finally:
+        cuda_backend._cupy_stream.cache_clear()
