@@ -102,13 +102,20 @@ def _cupy_stream(ptr: int, index: int):
         return cupy.cuda.ExternalStream(ptr, index)
 
 
+def _grid(items: int, per_block: int, cap: int = _MAX_GRID) -> tuple[int]:
+    """1-D grid of thread blocks covering `items` at `per_block` items each, between 1 and `cap` blocks (the
+    kernels loop grid-stride over what a capped grid does not cover)."""
+    return (max(1, min(-(-items // per_block), cap)),)
+
+
 def _grid_1d(n: int) -> tuple[int]:
-    return (max(1, min(-(-n // _THREADS), _MAX_GRID)),)
+    """One element per thread (_THREADS per block)."""
+    return _grid(n, _THREADS)
 
 
 def _grid_vec(n: int, cap: int = _MAX_GRID) -> tuple[int]:
     """Grid of a map_tiles kernel (_VEC elements per thread and step) over n elements, at most `cap`."""
-    return (max(1, min(-(-n // (_THREADS * _VEC)), cap)),)
+    return _grid(n, _THREADS * _VEC, cap)
 
 
 def _row_threads(cols: int) -> int:
@@ -151,7 +158,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
     absmax = torch.empty(nb, dtype=_F32, device=A.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=A.device)
     if blocksize <= _WARP_BLOCKSIZE_MAX:
-        grid = (max(1, min(-(-nb // (_THREADS // 32)), _CODEBOOK_GRID)),)   # a warp per block
+        grid = _grid(nb, _THREADS // 32, _CODEBOOK_GRID)   # a warp per block
         _launch("codebook_quant", "quantize_blockwise_warp", grid, (_THREADS,),
                 (A, code, q, absmax, nonfinite, np.int64(n), np.int32(blocksize)), A.device, A.dtype)
     else:
@@ -382,7 +389,7 @@ def _tile_amax(x2: torch.Tensor, rows: int, cols: int, block_rows: int, block_co
         group = min(32, max(1, (1 << (tile - 1).bit_length()) // _AMAX_ITEMS))
         amax = torch.empty(shape, dtype=_F32, device=x2.device)
         amax_all = torch.empty(shape, dtype=_F32, device=x2.device) if with_all else amax
-        grid = (max(1, min(-(-ntiles // (_THREADS // group)), _MAX_GRID)),)
+        grid = _grid(ntiles, _THREADS // group)   # a lane group per tile
         _launch("scaled_cast", "amax_tiles_small", grid, (_THREADS,),
                 (x2, amax, amax_all, np.int64(rows), np.int64(cols), np.int64(block_rows), np.int64(block_cols),
                  np.int32(group), np.int32(with_all)), x2.device, x2.dtype)
