@@ -26,6 +26,7 @@ thread pools that busy-wait multiply CPU time when their workers are descheduled
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import _timing as T  # noqa: F401  (also puts the repository root on sys.path)
 
@@ -78,11 +80,15 @@ COLUMNS = [T.Column("model", "model"), T.Column("linears", "linears"), T.Column(
            T.Column("cpu_growth", "×CPU", "{:.2f}"), T.Column("target", "target")]
 
 
+def build_model(name: str, quick: bool) -> tuple[Any, list]:
+    """(model, batches) of MODELS[name] (benchmarks/models), the --quick config or the full one."""
+    module, full, small, _ = MODELS[name]
+    return importlib.import_module(f"models.{module}").build(**(small if quick else full))
+
+
 def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick: bool,
                 device: str = "cpu") -> dict[str, object]:
     """Build model `name`, analyze it once to warm up, then measure analyze + report (run in a child process)."""
-    import importlib
-
     import torch
 
     from fp8probe.analysis.pipeline import analyze
@@ -98,9 +104,8 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
             pass
         else:
             keep_freed_blocks()
-    module, full, small, target_s = MODELS[name]
-    kwargs = small if quick else full
-    model, batches = importlib.import_module(f"models.{module}").build(**kwargs)
+    target_s = MODELS[name][3]
+    model, batches = build_model(name, quick)
     model_bytes = sum(p.numel() * 4 for p in model.parameters())  # fp32 size (tied weights counted once)
     analyze(model, batches[:1], strategy, layers=WARMUP_LAYERS, e2e=False, device=device)  # CUDA: kernels compile
     if device == "cuda":

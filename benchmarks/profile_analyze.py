@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib
 import io
 import pstats
 import sys
@@ -38,14 +37,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
-from bench_analyze import MODELS, WARMUP_LAYERS  # noqa: E402
+from bench_analyze import MODELS, WARMUP_LAYERS, build_model  # noqa: E402
 
 PACKAGE_DIR = str(BENCH_DIR.parent / "fp8probe")
-
-
-def _build(name: str, quick: bool):
-    module, full, small, _ = MODELS[name]
-    return importlib.import_module(f"models.{module}").build(**(small if quick else full))
 
 
 def _profile(model, batches, strategy: str, device: str, top: int) -> tuple[float, str]:
@@ -119,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    model, batches = _build(args.model, args.quick)
+    model, batches = build_model(args.model, args.quick)
     analyze(model, batches[:1], args.strategy, layers=WARMUP_LAYERS, e2e=False, device=args.device)
     lines = [f"# profile_analyze: {args.model}{' (quick)' if args.quick else ''}, strategy {args.strategy}, "
              f"device {args.device}, torch {torch.__version__}"]
