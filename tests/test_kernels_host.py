@@ -711,45 +711,16 @@ def test_registration_follows_the_environment(env, registered) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_cupy_stream_is_made_once_per_torch_stream_without_warnings(monkeypatch) -> None:
-    """The launcher wraps torch's stream in a CuPy ExternalStream once per (handle, device), not at every launch,
-    and CuPy 14's DeprecationWarning for ExternalStream does not reach the user."""
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """A stand-in `cupy` module (no GPU here; tests/test_cuda_backend.py runs the real one): Device contexts and
+    ExternalStreams that record what they were made with, ExternalStream warning as CuPy 14's does. Yields
+    (the module, the ExternalStreams made, the device indices entered); _cupy_stream's cache starts empty."""
     import sys
     import types
     import warnings
 
-    made = []
-
-    class ExternalStream:
-        def __init__(self, ptr, index):
-            warnings.warn("ExternalStream is deprecated", DeprecationWarning)
-            made.append((ptr, index))
-
-    fake = types.ModuleType("cupy")
-    fake.cuda = types.SimpleNamespace(ExternalStream=ExternalStream)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    cuda_backend._cupy_stream.cache_clear()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            first = cuda_backend._cupy_stream(0x1234, 0)
-            assert cuda_backend._cupy_stream(0x1234, 0) is first
-            assert cuda_backend._cupy_stream(0x1234, 1) is not first
-        assert made == [(0x1234, 0), (0x1234, 1)]
-    finally:
-        cuda_backend._cupy_stream.cache_clear()
-
-
-def test_launch_passes_device_addresses_and_torchs_stream(monkeypatch) -> None:
-    """_launch hands CuPy each tensor as its 8-byte device address (np.uint64: CuPy copies a NumPy scalar's bytes
-    into the kernel's parameter) and scalars as given, on CuPy's view of torch's current stream, inside the
-    tensor's device context. (CuPy itself is faked: no GPU here; tests/test_cuda_backend.py runs the real one.)"""
-    import sys
-    import types
-
-    import fp8probe.kernels as kernels
-
-    calls, entered = [], []
+    made, entered = [], []
 
     class Device:
         def __init__(self, index):
@@ -763,25 +734,54 @@ def test_launch_passes_device_addresses_and_torchs_stream(monkeypatch) -> None:
 
     class ExternalStream:
         def __init__(self, ptr, index):
+            warnings.warn("ExternalStream is deprecated", DeprecationWarning)
             self.ptr, self.index = ptr, index
+            made.append((ptr, index))
 
     fake = types.ModuleType("cupy")
     fake.cuda = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream)
     monkeypatch.setitem(sys.modules, "cupy", fake)
+    cuda_backend._cupy_stream.cache_clear()
+    try:
+        yield fake, made, entered
+    finally:
+        cuda_backend._cupy_stream.cache_clear()
+
+
+def test_cupy_stream_is_made_once_per_torch_stream_without_warnings(fake_cupy) -> None:
+    """The launcher wraps torch's stream in a CuPy ExternalStream once per (handle, device), not at every launch,
+    and CuPy 14's DeprecationWarning for ExternalStream does not reach the user."""
+    import warnings
+
+    _, made, _ = fake_cupy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = cuda_backend._cupy_stream(0x1234, 0)
+        assert cuda_backend._cupy_stream(0x1234, 0) is first
+        assert cuda_backend._cupy_stream(0x1234, 1) is not first
+    assert made == [(0x1234, 0), (0x1234, 1)]
+
+
+def test_launch_passes_device_addresses_and_torchs_stream(fake_cupy, monkeypatch) -> None:
+    """_launch hands CuPy each tensor as its 8-byte device address (np.uint64: CuPy copies a NumPy scalar's bytes
+    into the kernel's parameter) and scalars as given, on CuPy's view of torch's current stream, inside the
+    tensor's device context."""
+    import types
+
+    import fp8probe.kernels as kernels
+
+    _, _, entered = fake_cupy
+    calls = []
     monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0xBEEF))
     monkeypatch.setattr(kernels, "get_function",
                         lambda file, expr: lambda grid, block, args, stream=None: calls.append(
                             (file, expr, grid, block, args, stream)))
-    cuda_backend._cupy_stream.cache_clear()
-    try:
-        x = torch.arange(6, dtype=torch.bfloat16)
-        out = torch.empty(6, dtype=torch.uint8)
-        cuda_backend._launch("scaled_cast", "cast_to_fp8", (3,), (256,), (x, out, np.int64(6), np.int32(0)),
-                             torch.device("cuda", 1), torch.bfloat16)
-        (file, expr, grid, block, args, stream), = calls
-        assert (file, expr, grid, block, entered) == ("scaled_cast", "cast_to_fp8<bf16_t>", (3,), (256,), [1])
-        assert [type(a) for a in args] == [np.uint64, np.uint64, np.int64, np.int32]
-        assert [int(a) for a in args] == [x.data_ptr(), out.data_ptr(), 6, 0]
-        assert (stream.ptr, stream.index) == (0xBEEF, 1)
-    finally:
-        cuda_backend._cupy_stream.cache_clear()
+    x = torch.arange(6, dtype=torch.bfloat16)
+    out = torch.empty(6, dtype=torch.uint8)
+    cuda_backend._launch("scaled_cast", "cast_to_fp8", (3,), (256,), (x, out, np.int64(6), np.int32(0)),
+                         torch.device("cuda", 1), torch.bfloat16)
+    (file, expr, grid, block, args, stream), = calls
+    assert (file, expr, grid, block, entered) == ("scaled_cast", "cast_to_fp8<bf16_t>", (3,), (256,), [1])
+    assert [type(a) for a in args] == [np.uint64, np.uint64, np.int64, np.int32]
+    assert [int(a) for a in args] == [x.data_ptr(), out.data_ptr(), 6, 0]
+    assert (stream.ptr, stream.index) == (0xBEEF, 1)

@@ -349,6 +349,7 @@ def test_multihead_attention_is_captured_without_torch_redispatch_function() -> 
     the dispatch hop with torch's private function: nn.MultiheadAttention (a Python composite the mode
     re-enters) gives the same GEMMs and numbers either way."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -357,7 +358,7 @@ def test_multihead_attention_is_captured_without_torch_redispatch_function() -> 
     runs = {}
     for mode in ("current", "old-torch"):
         out = subprocess.run([sys.executable, "-c", _MHA_SCRIPT, mode], capture_output=True, text=True, timeout=300,
-                             cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                             cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
         assert out.returncode == 0, out.stderr[-2000:]
         runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     kinds = dict(map(tuple, runs["current"]["layers"]))
