@@ -207,6 +207,9 @@ def test_bench_analyze_quick_with_competing_load(tmp_path: Path) -> None:
     for r in rows:
         assert r["linears"] == (13 if r["model"].startswith("bert") else 15)  # 2 layers x 6 (+ pooler) / x 7 (+ head)
         assert r["strategies"] == 1 and r["rss_mib"] > r["model_mib"] > 0
+        # the start (imports, model) is part of the peak; the added part is what the analysis held
+        assert 0 < r["start_rss_mib"] <= r["rss_mib"]
+        assert r["added_x_model"] == pytest.approx((r["rss_mib"] - r["start_rss_mib"]) / r["model_mib"])
         parts = sum(r[k] for k in ("capture_s", "stats_s", "reference_s", "recipes_s", "metrics_s", "tables_s", "e2e_s"))
         assert 0 < parts <= r["timings"]["total_s"] <= r["wall_s"]
         assert r["isolated_s"] == pytest.approx(r["timings"]["total_s"] - r["e2e_s"])
