@@ -32,7 +32,7 @@ __all__ = [
     "blockwise_absmax",
     "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_double_quant", "int8_linear_matmul",
     "int8_mm_dequant", "int8_scaled_mm", "int8_mixed_scaled_mm",
-    "ScaledTensor", "quantize_scaled", "dequantize_scaled",
+    "ScaledTensor", "quantize_scaled", "dequantize_scaled", "hadamard_transform",
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -667,7 +667,8 @@ class ScaledTensor:
 
 
 def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None = None,
-                    block: tuple[int, int] | None = None, scale_rule: str = "floor") -> ScaledTensor:
+                    block: tuple[int, int] | None = None, scale_rule: str = "floor", *, rounding: str = "nearest",
+                    seed: int = 0) -> ScaledTensor:
     """Scaled cast to OCP FP8, OCP MX or NVFP4 (OCP 8-bit FP, OCP MX v1.0); see the convention on ScaledTensor.
 
     fmt: "e4m3" | "e5m2" (scale = amax/fmt_max, amax over finite values, 1 for a zero tile);
@@ -680,14 +681,40 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
     pair; partial tiles at the ends are allowed. The block-scaled formats accept only "block" (their
     default) with their own tiles (None = the first): MX (1, 32), NVFP4 (1, 16) or (16, 16).
     scale_rule: "floor" (OCP MX), "rceil" (NVIDIA) or "even" (microxcaling); MX formats only.
+    rounding: "nearest" (even), or "stochastic" for the 4/6-bit formats (MXFP4/MXFP6/NVFP4): unbiased,
+    each element rounds up with probability equal to its distance from the grid value below, the
+    random numbers a pure function of ``seed`` and the element's index (reference.stochastic_uniform:
+    the same bits on every device); it runs the torch reference on x's device.
     Finite values saturate to ±fmt_max.
     """
     _check_tensor("x", x, _FLOATS)
     granularity, tile = scaled_tile(x.shape, fmt, granularity, block, scale_rule)
+    if rounding not in _ref.ROUNDINGS or (rounding == "stochastic" and _ref.SCALED_FORMATS[fmt][0] != torch.uint8):
+        raise ValueError(f"expected rounding 'nearest' (or 'stochastic' for the 4/6-bit formats), got {rounding!r} "
+                         f"for fmt={fmt!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"expected an int seed, got {type(seed).__name__}")
     global_scale = _cpu.nvfp4_global_scale(x) if fmt == "nvfp4" else None  # the reference's value; one C pass on CPU
-    data, scale = _run("quantize_scaled", x, fmt, tile[0], tile[1], scale_rule, global_scale)
+    if rounding == "stochastic":
+        data, scale = _ref.quantize_scaled(x, fmt, tile[0], tile[1], scale_rule, global_scale, rounding, seed)
+    else:
+        data, scale = _run("quantize_scaled", x, fmt, tile[0], tile[1], scale_rule, global_scale)
     return ScaledTensor(data=data, scale=scale, fmt=fmt, granularity=granularity, block=tile, dtype=x.dtype,
                         scale_rule=scale_rule, global_scale=global_scale)
+
+
+def hadamard_transform(x: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
+    """The random Hadamard transform of NVIDIA's NVFP4 recipe along the last dim: every run of 16
+    elements (x zero-padded to whole runs) times the orthogonal diag(s)·H16/4, H16 the Sylvester Hadamard
+    matrix and s = ±1 signs drawn from ``seed`` (None: no signs); float32 [..., ceil(C/16)·16].
+    Applied alike to both operands of a GEMM along its contraction dim it leaves the exact product
+    unchanged while spreading each run's outliers over the run (backends/reference.hadamard_transform)."""
+    _check_tensor("x", x, _FLOATS)
+    if x.dim() == 0:
+        raise ValueError("expected a tensor with at least one dim, got a 0-d tensor")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"expected an int seed or None, got {type(seed).__name__}")
+    return _ref.hadamard_transform(x, seed)
 
 
 def scaled_tile(shape: torch.Size | tuple[int, ...], fmt: str, granularity: str | None = None,

@@ -577,23 +577,99 @@ def lowbit_values(codes: torch.Tensor, elem: str) -> torch.Tensor:
     return table[codes.long()]
 
 
-def lowbit_encode(y: torch.Tensor, elem: str) -> torch.Tensor:
-    """float32 `y`, finite and already clamped to ±max → uint8 codes, round to nearest even.
+def lowbit_encode(y: torch.Tensor, elem: str, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 `y`, finite and already clamped to ±max → uint8 codes, round to nearest even, or
+    stochastically with ``uniform`` (float32 in [0, 1), y's shape: :func:`stochastic_uniform`).
 
     With emin = 1 - bias and e = max(floor(log2|y|), emin) the spacing of the binade is
-    q = 2**(e - mbits); n = round_half_even(|y| / q) (exact division: q is a power of two) and the code
-    magnitude is (e - emin)·2**mbits + n, which also covers subnormals (e = emin, n < 2**mbits) and the
-    carry into the next binade (n = 2**(mbits+1)). The sign bit follows y's sign bit (−0 keeps it).
+    q = 2**(e - mbits); t = |y| / q (exact: q is a power of two) and n = round_half_even(t), or with
+    ``uniform`` n = floor(t) + (u < t − floor(t)): |y| rounds up to the next grid value with probability
+    equal to its distance from the one below, so E[value] = |y| (unbiased); a grid value stays itself.
+    The code magnitude is (e - emin)·2**mbits + n, which also covers subnormals (e = emin, n < 2**mbits)
+    and the carry into the next binade (n = 2**(mbits+1)); |y| ≤ max never rounds past max. The sign
+    bit follows y's sign bit (−0 keeps it).
     """
     ebits, mbits, bias = LOWBIT_ELEMENTS[elem]
     emin = 1 - bias
     a = y.abs()
     _, e = torch.frexp(a)                      # a = m·2**e, m in [0.5, 1) ⇒ floor(log2 a) = e - 1
     e = torch.where(a > 0, e - 1, emin).clamp(min=emin)   # frexp(0) has e = 0, but 0 sits in binade emin
-    n = torch.round(torch.ldexp(a, (mbits - e).to(_F32)))
+    t = torch.ldexp(a, (mbits - e).to(_F32))
+    if uniform is None:
+        n = torch.round(t)
+    else:
+        lo = torch.floor(t)
+        n = lo + (uniform < t - lo).to(_F32)    # t - lo is exact (t has at most 24 significant bits)
     mag = (e - emin) * 2**mbits + n.to(torch.int32)
     sign = torch.signbit(y).to(torch.int32) << (ebits + mbits)
     return (mag | sign).to(torch.uint8)
+
+
+#: rounding modes of the 4/6-bit scaled casts (quantize_scaled's ``rounding``)
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds, the "lowbias32" constants) of int64 values in
+    [0, 2**32), elementwise; the multiplications are split into 16-bit halves so no int64 product
+    overflows (the same bits on every device)."""
+    mask = 0xFFFFFFFF
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h = h ^ (h >> shift)
+        h = ((h * (mult & 0xFFFF)) + (((h * (mult >> 16)) & 0xFFFF) << 16)) & mask
+    return h ^ (h >> 16)
+
+
+def stochastic_uniform(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device | str = "cpu"
+                       ) -> torch.Tensor:
+    """Counter-based uniform numbers for stochastic rounding: float32 in [0, 1) with 24 random bits,
+    element i (flat C-order index) = (mix32(mix32(i mod 2**32) ^ mix32(seed mod 2**32 ^ 0x9E3779B9)) >> 8)
+    · 2**-24 (_mix32). A pure function of (seed, index): the same numbers on every device, thread
+    count and process, whatever else ran before (no generator state), so replays stay reproducible
+    and a distributed run equals a single-process one."""
+    n = math.prod(shape)
+    idx = torch.arange(n, dtype=torch.int64, device=device) & 0xFFFFFFFF
+    key = _mix32(torch.tensor([(int(seed) & 0xFFFFFFFF) ^ 0x9E3779B9], dtype=torch.int64, device=device))
+    bits = _mix32(_mix32(idx) ^ key) >> 8
+    return (bits.to(_F32) * 2.0**-24).reshape(shape)
+
+
+#: the Walsh–Hadamard size of the random Hadamard transform (NVIDIA's NVFP4 recipe: 16×16)
+HADAMARD_SIZE = 16
+
+
+def hadamard_matrix(n: int = HADAMARD_SIZE, signs_seed: int | None = 0, device: torch.device | str = "cpu"
+                    ) -> torch.Tensor:
+    """float32 [n, n] = diag(s) · H_n / sqrt(n): the Sylvester Hadamard matrix (H_1 = [1],
+    H_2k = [[H_k, H_k], [H_k, −H_k]]) normalised to be orthogonal (n a power of four keeps 1/sqrt(n) a
+    power of two, so every entry is exact), rows multiplied by random signs s = ±1, s_i = −1 where bit i
+    of mix32(seed mod 2**32 ^ 0x9E3779B9) is set (_mix32, which maps 0 to 0: hence the constant; None:
+    all +1). T·Tᵀ = I exactly."""
+    if n < 1 or n & (n - 1) or (n.bit_length() - 1) % 2:
+        raise ValueError(f"expected a Hadamard size that is a power of four, got {n}")
+    h = torch.ones(1, 1, dtype=_F32)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = h * (1.0 / math.sqrt(n))
+    if signs_seed is not None:
+        word = int(_mix32(torch.tensor([(int(signs_seed) & 0xFFFFFFFF) ^ 0x9E3779B9], dtype=torch.int64))[0])
+        signs = torch.tensor([-1.0 if (word >> i) & 1 else 1.0 for i in range(n)], dtype=_F32)
+        h = signs[:, None] * h
+    return h.to(device)
+
+
+def hadamard_transform(x: torch.Tensor, signs_seed: int | None = 0, n: int = HADAMARD_SIZE) -> torch.Tensor:
+    """x [..., C] → float32 [..., ceil(C/n)·n]: each run of n elements along the last dim multiplied by
+    :func:`hadamard_matrix` (x zero-padded to whole runs), a float32 matmul. Orthogonal per run, so
+    for two operands transformed alike along their contraction dim the product is unchanged in exact
+    arithmetic: (Gᵀ·T)·(Aᵀ·T)ᵀ = Gᵀ·A (the random Hadamard transform of NVFP4's wgrad)."""
+    t = hadamard_matrix(n, signs_seed, x.device)
+    x32 = x.to(_F32)
+    pad = -x32.shape[-1] % n
+    if pad:
+        x32 = F.pad(x32, (0, pad))
+    runs = x32.reshape(*x32.shape[:-1], x32.shape[-1] // n, n)
+    return (runs @ t).reshape(x32.shape)
 
 
 def e4m3_round(x: torch.Tensor) -> torch.Tensor:
@@ -686,7 +762,8 @@ def tile_scales(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sca
 
 
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
-                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    global_scale: torch.Tensor | None = None, rounding: str = "nearest", seed: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled cast; returns ``data`` (float8, or uint8 element codes for the 4/6-bit formats; x.shape)
     and ``scale`` (float32).
 
@@ -711,6 +788,9 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     and torch 2.13's cast do; clamped here, since torch 2.11's cast gave NaN). 4/6-bit formats have no
     Inf/NaN codes: a tile holding a NaN or ±Inf gets a NaN scale (the E8M0/E4M3 NaN, OCP MX §6.3: the whole block
     dequantises to NaN); its elements encode as if the non-finite ones were ±fmt_max (NaN as +0).
+    ``rounding="stochastic"`` (4/6-bit formats): the elements round as in :func:`lowbit_encode` with
+    :func:`stochastic_uniform` ``(x.shape, seed)`` (element i of x's C order draws number i); the scales
+    are the same as with "nearest".
     """
     if fmt not in SCALED_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(SCALED_FORMATS)}, got {fmt!r}")
@@ -718,6 +798,9 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
         raise ValueError(f"scale_rule must be one of {', '.join(SCALE_RULES)}, got {scale_rule!r}")
     dtype, fmax, emax = SCALED_FORMATS[fmt]
     lowbit = dtype == torch.uint8
+    if rounding not in ROUNDINGS or (rounding == "stochastic" and not lowbit):
+        raise ValueError(f"expected rounding 'nearest' (or 'stochastic' for the 4/6-bit formats), got "
+                         f"{rounding!r} for fmt={fmt!r}")
     dev = x.device
     R, C = _rows_cols(x.shape)
     nbr, nbc = -(-R // block_rows), -(-C // block_cols)
@@ -732,7 +815,11 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
         d = divisor[:, None, :, None]
         y = torch.where(finite, xt, torch.where(torch.isnan(xt), 0.0, xt.clamp(-fmax, fmax)))
         y = torch.where(d > 0, y / d, y * 0.0).clamp(-fmax, fmax)
-        codes = lowbit_encode(y, ELEMENT_OF[fmt])
+        uniform = None
+        if rounding == "stochastic":  # element (r, c) of x draws number r·C + c, laid out like the padded tiles
+            u = stochastic_uniform((R, C), seed, dev)
+            uniform = F.pad(u, (0, nbc * block_cols - C, 0, nbr * block_rows - R)).view(y.shape)
+        codes = lowbit_encode(y, ELEMENT_OF[fmt], uniform)
         scale = torch.where(finite.all(dim=(1, 3)), scale, torch.nan)
         return codes.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].contiguous().reshape(x.shape), scale
     y = fp8_saturate(xt / divisor[:, None, :, None], dtype, fmax)
