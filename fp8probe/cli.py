@@ -437,7 +437,7 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
 @click.argument("model", type=str)
 @click.option("--strategy", "-s", default="global", show_default=True,
               help="global, mixed, int8, switchback, ocp-tensorwise, ocp-rowwise, ocp-blockwise, mxfp8, "
-                   "delayed, mxfp8-rceil, nvfp4, mxfp4, mxfp6-e2m3, mxfp6-e3m2, a comma-separated list, or all")
+                   "delayed, mxfp8-rceil, nvfp4, nvfp4-train, mxfp4, mxfp6-e2m3, mxfp6-e3m2, a comma-separated list, or all")
 @click.option("--inputs", type=click.Path(dir_okay=False), default=None,
               help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches")
 @click.option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")

@@ -648,20 +648,23 @@ def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | No
 # (the last dim of the 2-D operand as passed here), matmul in float32.
 # --------------------------------------------------------------------------------------------
 def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
-          scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor, BlockRecords | None]:
+          scale_rule: str = "floor", sr_seed: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, BlockRecords | None]:
     """_fq_scaled of a 2-D x plus its per-tile BlockRecords. On CPU with the C extension enabled, one
     fused C call (backends.cpu.fused_scaled: the cast, its dequantisation, the mask and the tile counts,
     bit-identical to the ops below); elsewhere (CUDA, FP8PROBE_BACKEND=reference, no extension, NaN
     results) quantize_scaled + dequantize_scaled and the mask from their outputs, records None. Arguments
-    quantize_scaled rejects raise its ValueError either way."""
+    quantize_scaled rejects raise its ValueError either way. ``sr_seed``: stochastic rounding with this
+    seed (quantize_scaled's rounding="stochastic", the torch reference; 4/6-bit formats), None: nearest."""
     tile = F.scaled_tile(x.shape, fmt, granularity, block, scale_rule)[1]
-    fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule) if x.dim() == 2 else None
+    fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule) if x.dim() == 2 and sr_seed is None else None
     if fused is not None:
         scale = fused.scale if fused.global_scale is None else fused.scale * fused.global_scale
         nonzero, underflow, saturated = fused.counts
         return fused.q, fused.saturated, (scale.reshape(-1), nonzero == 0, nonzero, underflow, saturated > 0)
     x32 = x.to(_F32).contiguous()
-    st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule)
+    st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule,
+                           **({} if sr_seed is None else {"rounding": "stochastic", "seed": sr_seed}))
     q = F.dequantize_scaled(st, _F32)
     fmax = FORMATS[fmt].max
     # NaN compares False and ±Inf never sits at exactly ±fmax in data, so no isfinite mask is needed.
@@ -679,14 +682,15 @@ Gran = tuple[str, "tuple[int, int] | None"]
 
 
 def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
-                 scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor, list[BlockRecords | None]]:
+                 scale_rule: str = "floor", sr_seed: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[BlockRecords | None]]:
     """_fq_slices plus one BlockRecords (or None) per slice (one for 2-D x): a stacked cast's tiles
     are the slices' tiles, slice after slice, so its records split into equal consecutive parts."""
     if x.dim() == 2:
-        q, sat, rec = _cast(x, fmt, granularity, block, scale_rule)
+        q, sat, rec = _cast(x, fmt, granularity, block, scale_rule, sr_seed)
         return q, sat, [rec]
     bt, rows, cols = x.shape
-    if fmt == "nvfp4":
+    if fmt == "nvfp4" or sr_seed is not None:  # (stochastic rounding: each slice draws its own numbers from 0)
         tile: tuple[str, tuple[int, int] | None] | None = None
     elif granularity == "row" or (granularity == "block" and block[0] == 1):
         tile = (granularity, block)  # tiles of one row (MX 1x32 included)
@@ -695,7 +699,7 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
         br, bc = min(br, rows), min(bc, cols)  # a tile larger than the slice is all of it (quantize_scaled)
         tile = ("block", (br, bc)) if rows and rows % br == 0 else None
     if tile is None or x.numel() == 0:
-        q, sat, recs = zip(*(_cast(x[i], fmt, granularity, block, scale_rule) for i in range(bt)))
+        q, sat, recs = zip(*(_cast(x[i], fmt, granularity, block, scale_rule, sr_seed) for i in range(bt)))
         return torch.stack(q), torch.stack(sat), list(recs)
     q, sat, rec = _cast(x.reshape(bt * rows, cols), fmt, *tile, scale_rule)
     recs = [None] * bt if rec is None else list(zip(*(r.view(bt, -1) for r in rec)))
@@ -703,7 +707,7 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
 
 
 def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
-               scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
+               scale_rule: str = "floor", sr_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """_fq_scaled on each 2-D slice of x [Bt, R, C] with its own scales (BATCHED_RULE), in one cast where
     the slices' tiles line up, else slice by slice; 2-D x is passed straight through.
 
@@ -714,7 +718,7 @@ def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, in
     which for a 64-head attention site times 8 casts per recipe was most of the replay. NVFP4's float32
     tensor scale is per slice, so no stacked cast has it: slice by slice.
     """
-    return _cast_slices(x, fmt, granularity, block, scale_rule)[:2]
+    return _cast_slices(x, fmt, granularity, block, scale_rule, sr_seed)[:2]
 
 
 # (shapes, strides, dtypes, device, threads) of a batched product → whether torch.bmm gave exactly the
@@ -793,6 +797,11 @@ class _Scaled(_Recipe):
     fmt_bwd: str
     accum: Accumulation | None = None  # None: float32 matmuls; else the simulated accumulator (accumulation.py)
     scale_rule: str = "floor"   # MX E8M0 scale rule (functional.quantize_scaled); "floor" for the rest
+    # NVIDIA's NVFP4 training recipe: the random Hadamard transform on both wgrad operands along the tokens
+    # (functional.hadamard_transform, signs from RHT_SEED) and stochastic rounding of the output gradient
+    # in dgrad and wgrad (seeds SR_SEEDS; 4/6-bit formats)
+    rht_wgrad: bool = False
+    sr_grad: bool = False
 
     def _gemm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x · yᵀ (y [N, K]): float32 (batched operands slice by slice, _mm), or the simulated
@@ -825,7 +834,8 @@ class _Scaled(_Recipe):
         """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W. ``blocks``: receives
         G's BlockRecords per slice under "grad_output"."""
         gran_w = self._gran_b(b_is_weight)
-        qG, sG, rG = _cast_slices(G, self.fmt_bwd, *self.act, self.scale_rule)  # dgrad contracts over out: G's rows
+        sr = SR_SEEDS["dgrad"] if self.sr_grad else None
+        qG, sG, rG = _cast_slices(G, self.fmt_bwd, *self.act, self.scale_rule, sr)  # dgrad contracts over out: G's rows
         if blocks is not None:
             blocks["grad_output"] = rG
         # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
@@ -835,8 +845,17 @@ class _Scaled(_Recipe):
         return self._gemm(qG, qWt), (qG, sG)
 
     def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
-        """Gᵀ·A with both scaled along tokens (the contraction dim); qG/qA: the dgrad's / forward's."""
-        if self.act[0] == "tensor":                             # one scale: transposing changes nothing
+        """Gᵀ·A with both scaled along tokens (the contraction dim); qG/qA: the dgrad's / forward's. With
+        ``rht_wgrad`` both operands are first Hadamard-transformed along the tokens (zero-padded to whole
+        runs of 16: padding adds zero terms), which leaves the exact product unchanged."""
+        if self.rht_wgrad or self.sr_grad:                      # new operands: never the dgrad's / forward's casts
+            Gt, At = G.mT, A.mT
+            if self.rht_wgrad:
+                Gt, At = F.hadamard_transform(Gt, RHT_SEED), F.hadamard_transform(At, RHT_SEED)
+            qGt = _fq_slices(Gt, self.fmt_bwd, *self.act, self.scale_rule,
+                             SR_SEEDS["wgrad"] if self.sr_grad else None)[0]
+            qAt = _fq_slices(At, self.fmt_fwd, *self.act, self.scale_rule)[0]
+        elif self.act[0] == "tensor":                           # one scale: transposing changes nothing
             qGt, qAt = qG.mT, qA.mT
         else:                                                   # wgrad contracts over tokens
             qGt = _fq_slices(G.mT, self.fmt_bwd, *self.act, self.scale_rule)[0]
@@ -878,10 +897,16 @@ _TILE_2 = ("block", (TILE, TILE))
 _MX = ("block", (1, 32))
 _NV_1D = ("block", (1, 16))    # NVFP4 activations / gradients: 16 along the contraction dim
 _NV_2D = ("block", (16, 16))   # NVFP4 weights: 16x16, so W and Wᵀ quantise identically (NVIDIA's recipe)
+#: the sign seed of the random Hadamard transform (one fixed sign vector for every layer, as NVIDIA's recipe)
+RHT_SEED = 0
+#: stochastic-rounding seeds of the output gradient's two casts (dgrad along out, wgrad along tokens): the
+#: numbers depend only on the seed and the element's index, so replays and distributed runs are reproducible
+SR_SEEDS = {"dgrad": 1, "wgrad": 2}
 
 
-def _scaled(act: Gran, w: Gran, fmt_fwd: str, fmt_bwd: str, scale_rule: str = "floor") -> tuple[Runner, LinearFn]:
-    recipe = _Scaled(act, w, fmt_fwd, fmt_bwd, scale_rule=scale_rule)
+def _scaled(act: Gran, w: Gran, fmt_fwd: str, fmt_bwd: str, scale_rule: str = "floor",
+            **training: bool) -> tuple[Runner, LinearFn]:
+    recipe = _Scaled(act, w, fmt_fwd, fmt_bwd, scale_rule=scale_rule, **training)
     return recipe.run, recipe.linear
 
 
@@ -1025,6 +1050,16 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "scale, so a block maximum can saturate); no random Hadamard transform, no stochastic rounding; "
              "float32 matmuls. Two activations: both in 1x16 blocks along the contraction dim. " + BATCHED_RULE,
              ("nvfp4",), *_scaled(_NV_1D, _NV_2D, "nvfp4", "nvfp4")),
+    Strategy("nvfp4-train", "NVIDIA's NVFP4 training recipe (Pretraining LLMs with NVFP4, 2025): E2M1 elements, A "
+             "and G in 1x16 blocks along each GEMM's contraction dim, W in 16x16 blocks, E4M3 block scales and the "
+             "per-tensor float32 scale as nvfp4; A and W round to nearest even; the output gradient rounds "
+             "stochastically (unbiased; counter-based random numbers from fixed seeds, reproducible) in dgrad and "
+             "wgrad; the wgrad operands Gᵀ and Aᵀ are multiplied along the tokens by a 16-point random Hadamard "
+             "transform (Sylvester H16/4 with one fixed random sign vector, tokens zero-padded to a multiple of 16) "
+             "before their 1x16 casts; float32 matmuls. Per-GEMM errors of stochastically rounded operands are "
+             "larger than round-to-nearest's (the recipe trades variance for no bias). Two activations: both "
+             "in 1x16 blocks along the contraction dim, the gradient rounded as above. " + BATCHED_RULE,
+             ("nvfp4",), *_scaled(_NV_1D, _NV_2D, "nvfp4", "nvfp4", rht_wgrad=True, sr_grad=True)),
     Strategy("mxfp4", "OCP MX FP4: E2M1 elements for A, W and G, blocks of 32 along each GEMM's contraction dim, "
              "E8M0 scale by the OCP FLOOR rule (floor(log2 amax) − 2); no Hadamard transform, no stochastic "
              "rounding; float32 matmuls. Two activations: both E2M1 in blocks of 32 along the contraction dim. "
@@ -1073,6 +1108,7 @@ WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
     "delayed": _weight_scaled("e4m3", _TENSOR),
     "mxfp8-rceil": _weight_scaled("mxfp8-e4m3", _MX, "rceil"),
     "nvfp4": _weight_scaled("nvfp4", _NV_2D),
+    "nvfp4-train": _weight_scaled("nvfp4", _NV_2D),  # weights round to nearest in the training recipe too
     "mxfp4": _weight_scaled("mxfp4-e2m1", _MX),
     "mxfp6-e2m3": _weight_scaled("mxfp6-e2m3", _MX),
     "mxfp6-e3m2": _weight_scaled("mxfp6-e3m2", _MX),

@@ -201,8 +201,8 @@ def test_scaled_recipes_take_batched_operands_in_one_call() -> None:
     """The OCP/MX recipes and the bnb global / mixed / switchback (and only strategies that say so) skip
     run_strategy's per-slice loop; with the simulated accumulator global / mixed loop again."""
     assert {n for n, s in STRATEGIES.items() if s.runs_batched} == {
-        "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8", "mxfp8-rceil", "nvfp4", "mxfp4", "mxfp6-e2m3",
-        "mxfp6-e3m2", "global", "mixed", "switchback"}
+        "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8", "mxfp8-rceil", "nvfp4", "nvfp4-train", "mxfp4",
+        "mxfp6-e2m3", "mxfp6-e3m2", "global", "mixed", "switchback"}
     assert mixed_with_blocksize(64).runs_batched
     accum = with_options(resolve("global,mixed"), RecipeOptions(accumulation=Accumulation(mantissa_bits=13)))
     assert not any(s.runs_batched for s in accum)
