@@ -100,10 +100,11 @@ q, st = F.quantize_blockwise(x, blocksize=256)
 torch.cuda.synchronize(); print('blockwise quantize on cuda ok', q.device, q.dtype)"
 stage "cuda-tests" 180 "$PY" -m pytest "${PYTEST_OPTS[@]}" -m cuda tests/test_cuda_backend.py
 # The device-parametrised tests (the `device` fixture: functional ops, autograd functions, Linear modules,
-# delayed scaling, accumulation) on the GPU.
+# delayed scaling, accumulation, stochastic rounding and the Hadamard transform) on the GPU.
 stage "device-tests" 120 "$PY" -m pytest "${PYTEST_OPTS[@]}" -k cuda tests/test_ops.py tests/test_autograd.py \
     tests/test_nn.py tests/test_functional_mx.py tests/test_functional_props.py tests/test_functional_row_scale.py \
-    tests/test_functional_vectors.py tests/analysis/test_accumulation.py tests/analysis/test_delayed.py
+    tests/test_functional_vectors.py tests/analysis/test_accumulation.py tests/analysis/test_delayed.py \
+    tests/test_nvfp4_training.py
 
 stage "bench-int8" 60 "$PY" benchmarks/bench_int8.py --device cuda --markdown --json "$OUT_DIR/int8_cuda.json"
 stage "bench-quantize" 60 "$PY" benchmarks/bench_quantize.py --device cuda --markdown --sizes 64M \

@@ -706,7 +706,8 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
 def hadamard_transform(x: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
     """The random Hadamard transform of NVIDIA's NVFP4 recipe along the last dim: every run of 16
     elements (x zero-padded to whole runs) times the orthogonal diag(s)·H16/4, H16 the Sylvester Hadamard
-    matrix and s = ±1 signs drawn from ``seed`` (None: no signs); float32 [..., ceil(C/16)·16].
+    matrix and s = ±1 signs drawn from ``seed`` (None: no signs); float32 [..., ceil(C/16)·16], by the
+    butterfly (the same bits on every device).
     Applied alike to both operands of a GEMM along its contraction dim it leaves the exact product
     unchanged while spreading each run's outliers over the run (backends/reference.hadamard_transform)."""
     _check_tensor("x", x, _FLOATS)

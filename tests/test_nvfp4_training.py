@@ -123,6 +123,8 @@ def test_hadamard_transform_pads_runs_of_16_and_keeps_products() -> None:
     padded = torch.nn.functional.pad(x.double(), (0, 8))
     want = (padded.reshape(5, 3, 3, 16) @ h).reshape(5, 3, 48)
     assert torch.allclose(t.double(), want, rtol=0, atol=1e-6)  # float32 sums of 16 exact products
+    # a unit vector picks one row of T: one nonzero term, so exact
+    assert torch.equal(F.hadamard_transform(torch.eye(16), seed=0), R.hadamard_matrix(16, 0))
     g, a = torch.randn(64, 100), torch.randn(32, 100)  # Gᵀ [N, M], Aᵀ [K, M]: along the tokens M
     prod = F.hadamard_transform(g).double() @ F.hadamard_transform(a).double().T
     assert torch.allclose(prod, g.double() @ a.double().T, rtol=0, atol=1e-4)
@@ -185,3 +187,21 @@ def test_nvfp4_train_runs_in_analyze_the_replay_and_the_end_to_end_mode() -> Non
     assert mine["sqnr_db"].tolist() == again["sqnr_db"].tolist()  # reproducible: no generator state
     e2e = res.tables.get("e2e")
     assert e2e is not None and "nvfp4-train" in set(e2e["strategy"])
+
+
+def test_stochastic_rounding_and_the_transform_give_the_same_bits_on_every_device(device: str) -> None:
+    """Counter-based random numbers and the butterfly's fixed order of adds: a GPU run equals the CPU's."""
+    torch.manual_seed(5)
+    x = torch.randn(48, 80) * 4
+    x[3, 7] = 300.0
+    for fmt, block in (("nvfp4", (1, 16)), ("mxfp4-e2m1", (1, 32)), ("mxfp6-e3m2", (1, 32))):
+        cpu = F.quantize_scaled(x, fmt, block=block, rounding="stochastic", seed=9)
+        dev = F.quantize_scaled(x.to(device), fmt, block=block, rounding="stochastic", seed=9)
+        assert torch.equal(dev.data.cpu(), cpu.data) and torch.equal(dev.scale.cpu(), cpu.scale), fmt
+    assert torch.equal(F.hadamard_transform(x.to(device), seed=0).cpu(), F.hadamard_transform(x, seed=0))
+    G = torch.randn(40, 24)
+    for stage in ("dgrad", "wgrad"):
+        y = F.hadamard_transform(G.T) if stage == "wgrad" else G
+        q_cpu = S._fq_slices(y, "nvfp4", *S._NV_1D, sr_seed=S.SR_SEEDS[stage])[0]
+        q_dev = S._fq_slices(y.to(device), "nvfp4", *S._NV_1D, sr_seed=S.SR_SEEDS[stage])[0]
+        assert torch.equal(q_dev.cpu(), q_cpu), stage

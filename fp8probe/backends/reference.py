@@ -659,17 +659,28 @@ def hadamard_matrix(n: int = HADAMARD_SIZE, signs_seed: int | None = 0, device: 
 
 
 def hadamard_transform(x: torch.Tensor, signs_seed: int | None = 0, n: int = HADAMARD_SIZE) -> torch.Tensor:
-    """x [..., C] → float32 [..., ceil(C/n)·n]: each run of n elements along the last dim multiplied by
-    :func:`hadamard_matrix` (x zero-padded to whole runs), a float32 matmul. Orthogonal per run, so
-    for two operands transformed alike along their contraction dim the product is unchanged in exact
-    arithmetic: (Gᵀ·T)·(Aᵀ·T)ᵀ = Gᵀ·A (the random Hadamard transform of NVFP4's wgrad)."""
-    t = hadamard_matrix(n, signs_seed, x.device)
+    """x [..., C] → float32 [..., ceil(C/n)·n]: each run of n elements along the last dim (x zero-padded to
+    whole runs) times :func:`hadamard_matrix` T = diag(s)·H/sqrt(n). Computed as (x∘s)·H by the fast
+    Walsh–Hadamard butterfly (log2 n stages of float32 sums a+b and differences a−b of elements h apart,
+    h = 1, 2, 4, ...), then ·1/sqrt(n) (exact): elementwise adds in a fixed order, so the same bits on
+    every device (a matmul's summation order is the BLAS's). Orthogonal per run, so for two operands
+    transformed alike along their contraction dim the product is unchanged in exact arithmetic:
+    (Gᵀ·T)·(Aᵀ·T)ᵀ = Gᵀ·A (the random Hadamard transform of NVFP4's wgrad)."""
+    t = hadamard_matrix(n, signs_seed)  # (validates n; its first column holds the signs times 1/sqrt(n))
+    signs = (t[:, 0] * math.sqrt(n)).to(x.device)
     x32 = x.to(_F32)
     pad = -x32.shape[-1] % n
     if pad:
         x32 = F.pad(x32, (0, pad))
-    runs = x32.reshape(*x32.shape[:-1], x32.shape[-1] // n, n)
-    return (runs @ t).reshape(x32.shape)
+    lead, cols = x32.shape[:-1], x32.shape[-1]
+    y = x32.reshape(*lead, cols // n, n) * signs
+    h = 1
+    while h < n:
+        y = y.reshape(*lead, cols // n, n // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return y.reshape(x32.shape) * (1.0 / math.sqrt(n))
 
 
 def e4m3_round(x: torch.Tensor) -> torch.Tensor:
