@@ -86,6 +86,25 @@ def test_stochastic_rounding_is_a_pure_function_of_seed_and_index() -> None:
     assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.02
 
 
+def test_the_hash_is_lowbias32_in_uint32_arithmetic() -> None:
+    """_mix32 (int64 tensors, products kept inside int64) against the hash written with numpy uint32 wraparound."""
+    np = pytest.importorskip("numpy")
+
+    def lowbias32(v: int) -> int:
+        x = np.array([v], dtype=np.uint32)
+        for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            x ^= x >> np.uint32(shift)
+            x *= np.uint32(mult)  # wraps mod 2**32
+        x ^= x >> np.uint32(16)
+        return int(x[0])
+
+    vals = [0, 1, 2, 0x9E3779B9, 2**31 - 1, 2**31, 2**32 - 1] + torch.randint(0, 2**32, (200,)).tolist()
+    with np.errstate(over="ignore"):
+        want = [lowbias32(v) for v in vals]
+    assert R._mix32(torch.tensor(vals, dtype=torch.int64)).tolist() == want
+    assert [R._mix32(v) for v in vals] == want
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "mxfp8-e4m3"])
 def test_stochastic_rounding_is_refused_for_the_8_bit_formats(fmt: str) -> None:
     with pytest.raises(ValueError, match="expected rounding 'nearest'.*got 'stochastic'"):

@@ -609,29 +609,34 @@ def lowbit_encode(y: torch.Tensor, elem: str, uniform: torch.Tensor | None = Non
 ROUNDINGS = ("nearest", "stochastic")
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xor-shift-multiply rounds, the "lowbias32" constants) of int64 values in
-    [0, 2**32), elementwise; the multiplications are split into 16-bit halves so no int64 product
-    overflows (the same bits on every device)."""
-    mask = 0xFFFFFFFF
-    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        h = h ^ (h >> shift)
-        h = ((h * (mult & 0xFFFF)) + (((h * (mult >> 16)) & 0xFFFF) << 16)) & mask
-    return h ^ (h >> 16)
+_M32 = 0xFFFFFFFF
+# the "lowbias32" hash's rounds: (shift, multiplier); the second multiplier is taken as itself − 2**32
+# (the same product mod 2**32), so that both products of a 32-bit value stay inside int64
+_MIX_ROUNDS = ((16, 0x7FEB352D), (15, 0x846CA68B - (1 << 32)))
+
+
+def _mix32(h: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer hash (xor-shift-multiply rounds with the "lowbias32" constants) of values in
+    [0, 2**32): an int64 tensor (modified in place and returned) or a Python int, the same function."""
+    if isinstance(h, int):
+        for shift, mult in _MIX_ROUNDS:
+            h = ((h ^ (h >> shift)) * mult) & _M32
+        return h ^ (h >> 16)
+    for shift, mult in _MIX_ROUNDS:
+        h.bitwise_xor_(h >> shift).mul_(mult).bitwise_and_(_M32)  # |h·mult| < 2**63: no int64 overflow
+    return h.bitwise_xor_(h >> 16)
 
 
 def stochastic_uniform(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device | str = "cpu"
                        ) -> torch.Tensor:
     """Counter-based uniform numbers for stochastic rounding: float32 in [0, 1) with 24 random bits,
-    element i (flat C-order index) = (mix32(mix32(i mod 2**32) ^ mix32(seed mod 2**32 ^ 0x9E3779B9)) >> 8)
-    · 2**-24 (_mix32). A pure function of (seed, index): the same numbers on every device, thread
-    count and process, whatever else ran before (no generator state), so replays stay reproducible
-    and a distributed run equals a single-process one."""
-    n = math.prod(shape)
-    idx = torch.arange(n, dtype=torch.int64, device=device) & 0xFFFFFFFF
-    key = _mix32(torch.tensor([(int(seed) & 0xFFFFFFFF) ^ 0x9E3779B9], dtype=torch.int64, device=device))
-    bits = _mix32(_mix32(idx) ^ key) >> 8
-    return (bits.to(_F32) * 2.0**-24).reshape(shape)
+    element i (flat C-order index) = (mix32((i + key) mod 2**32) >> 8) · 2**-24 with
+    key = mix32(seed mod 2**32 ^ 0x9E3779B9) (_mix32). A pure function of (seed, index): the same numbers
+    on every device, thread count and process, whatever ran before (no generator state), so replays
+    stay reproducible and a distributed run equals a single-process one."""
+    key = _mix32((int(seed) & _M32) ^ 0x9E3779B9)
+    h = torch.arange(key, key + math.prod(shape), dtype=torch.int64, device=device).bitwise_and_(_M32)
+    return _mix32(h).bitwise_right_shift_(8).to(_F32).mul_(2.0**-24).reshape(shape)
 
 
 #: the Walsh–Hadamard size of the random Hadamard transform (NVIDIA's NVFP4 recipe: 16×16)
@@ -652,7 +657,7 @@ def hadamard_matrix(n: int = HADAMARD_SIZE, signs_seed: int | None = 0, device: 
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     h = h * (1.0 / math.sqrt(n))
     if signs_seed is not None:
-        word = int(_mix32(torch.tensor([(int(signs_seed) & 0xFFFFFFFF) ^ 0x9E3779B9], dtype=torch.int64))[0])
+        word = _mix32((int(signs_seed) & _M32) ^ 0x9E3779B9)
         signs = torch.tensor([-1.0 if (word >> i) & 1 else 1.0 for i in range(n)], dtype=_F32)
         h = signs[:, None] * h
     return h.to(device)
