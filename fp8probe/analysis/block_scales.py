@@ -12,7 +12,7 @@ from fp8probe import functional as F
 from fp8probe.backends import cpu as _cpu
 from fp8probe.backends import reference as _ref
 
-from .strategies import Strategy, _run_mixed, _Scaled
+from .strategies import Strategy, _run_mixed, _Scaled, tile_records
 
 _F64 = torch.float64
 
@@ -173,33 +173,6 @@ def _torch_batch_stats(scale: torch.Tensor, zero_block: torch.Tensor, nonzero: t
 # --------------------------------------------------------------------------------------------
 # Which operands of which recipe are block-scaled, and their per-block records
 # --------------------------------------------------------------------------------------------
-def _tile_sums(mask: torch.Tensor, br: int, bc: int) -> torch.Tensor:
-    """[R, C] bool → element count per (br × bc) tile (partial edge tiles), tiles in row-major order,
-    the tiling of functional.quantize_scaled's scales."""
-    R, C = mask.shape
-    if br == 1:  # tiles of one row (bnb blockwise, 1xN): sum the full tiles in place, then the partial one
-        full = C // bc * bc
-        parts = [mask[:, :full].reshape(R, -1, bc).sum(dim=2, dtype=torch.int64)]
-        if full < C:
-            parts.append(mask[:, full:].sum(dim=1, dtype=torch.int64, keepdim=True))
-        return torch.cat(parts, dim=1).reshape(-1)
-    nbr, nbc = -(-R // br), -(-C // bc)
-    t = torch.nn.functional.pad(mask.to(torch.int32), (0, nbc * bc - C, 0, nbr * br - R))
-    return t.reshape(nbr, br, nbc, bc).sum(dim=(1, 3), dtype=torch.int64).reshape(-1)
-
-
-def _records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, scale: torch.Tensor, tile: tuple[int, int]
-             ) -> tuple[torch.Tensor, ...]:
-    """(scale, zero_block, nonzero, underflow, clipped) per tile of the 2-D operand x2 and its dequantised q2."""
-    R, C = x2.shape
-    br, bc = min(tile[0], R), min(tile[1], C)
-    nonzero = torch.isfinite(x2) & (x2 != 0)
-    under = nonzero & (q2 == 0)
-    n_nz = _tile_sums(nonzero, br, bc)
-    clipped = _tile_sums(sat2, br, bc) > 0 if sat2 is not None else torch.zeros_like(n_nz, dtype=torch.bool)
-    return scale.reshape(-1), n_nz == 0, n_nz, _tile_sums(under, br, bc), clipped
-
-
 def _scaled_records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, fmt: str, block: tuple[int, int],
                     scale_rule: str) -> tuple[torch.Tensor, ...]:
     # the scales alone (tests/analysis/test_block_scales.py checks them against quantize_scaled's):
@@ -207,7 +180,7 @@ def _scaled_records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | Non
     x32 = x2.to(torch.float32)
     g = _ref.nvfp4_global_scale(x32) if fmt == "nvfp4" else None
     scale = _ref.tile_scales(x32, fmt, block[0], block[1], scale_rule, g)
-    return _records(x2, q2, sat2, scale if g is None else scale * g, block)
+    return tile_records(x2, q2, sat2, scale if g is None else scale * g, block)
 
 
 def _codebook_records(x2: torch.Tensor, q2: torch.Tensor, book: str, blocksize: int) -> tuple[torch.Tensor, ...]:
@@ -221,7 +194,7 @@ def _codebook_records(x2: torch.Tensor, q2: torch.Tensor, book: str, blocksize: 
     top = absmax.repeat_interleave(blocksize)[: flat.shape[1]].reshape(1, -1)
     qa = qf.abs().to(torch.float32)
     sat = (qa >= top) & (flat.abs() > qa)
-    return _records(flat, qf, sat, absmax, (1, blocksize))
+    return tile_records(flat, qf, sat, absmax, (1, blocksize))
 
 
 def block_operands(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,

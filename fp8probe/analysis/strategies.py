@@ -647,13 +647,43 @@ def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | No
 # OCP FP8 / MX recipes: fake-quantise each GEMM's operands along its contraction dimension
 # (the last dim of the 2-D operand as passed here), matmul in float32.
 # --------------------------------------------------------------------------------------------
+def _tile_sums(mask: torch.Tensor, br: int, bc: int) -> torch.Tensor:
+    """[R, C] bool → element count per (br × bc) tile (partial edge tiles), tiles in row-major order,
+    the tiling of functional.quantize_scaled's scales."""
+    R, C = mask.shape
+    if br == 1:  # tiles of one row (bnb blockwise, 1xN): sum the full tiles in place, then the partial one
+        full = C // bc * bc
+        parts = [mask[:, :full].reshape(R, -1, bc).sum(dim=2, dtype=torch.int64)]
+        if full < C:
+            parts.append(mask[:, full:].sum(dim=1, dtype=torch.int64, keepdim=True))
+        return torch.cat(parts, dim=1).reshape(-1)
+    nbr, nbc = -(-R // br), -(-C // bc)
+    t = torch.nn.functional.pad(mask.to(torch.int32), (0, nbc * bc - C, 0, nbr * br - R))
+    return t.reshape(nbr, br, nbc, bc).sum(dim=(1, 3), dtype=torch.int64).reshape(-1)
+
+
+def tile_records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, scale: torch.Tensor, tile: tuple[int, int]
+             ) -> tuple[torch.Tensor, ...]:
+    """BlockRecords (scale, zero_block, nonzero, underflow, clipped) per tile of the 2-D operand x2, its dequantised
+    q2 and saturation mask sat2 (None: nothing clipped), with the tiles' ``scale`` (the cast's own): what
+    analysis.block_scales accumulates."""
+    R, C = x2.shape
+    br, bc = min(tile[0], R), min(tile[1], C)
+    nonzero = torch.isfinite(x2) & (x2 != 0)
+    under = nonzero & (q2 == 0)
+    n_nz = _tile_sums(nonzero, br, bc)
+    clipped = _tile_sums(sat2, br, bc) > 0 if sat2 is not None else torch.zeros_like(n_nz, dtype=torch.bool)
+    return scale.reshape(-1), n_nz == 0, n_nz, _tile_sums(under, br, bc), clipped
+
+
 def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
           scale_rule: str = "floor", sr_seed: int | None = None
           ) -> tuple[torch.Tensor, torch.Tensor, BlockRecords | None]:
     """_fq_scaled of a 2-D x plus its per-tile BlockRecords. On CPU with the C extension enabled, one
     fused C call (backends.cpu.fused_scaled: the cast, its dequantisation, the mask and the tile counts,
     bit-identical to the ops below); elsewhere (CUDA, FP8PROBE_BACKEND=reference, no extension, NaN
-    results) quantize_scaled + dequantize_scaled and the mask from their outputs, records None. Arguments
+    results) quantize_scaled + dequantize_scaled, the mask from their outputs and the records from its scales
+    (tile_records; None for an empty x or one that is not 2-D). Arguments
     quantize_scaled rejects raise its ValueError either way. ``sr_seed``: stochastic rounding with this
     seed (quantize_scaled's rounding="stochastic", the torch reference; 4/6-bit formats), None: nearest."""
     tile = F.scaled_tile(x.shape, fmt, granularity, block, scale_rule)[1]
@@ -669,7 +699,9 @@ def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | 
     fmax = FORMATS[fmt].max
     # NaN compares False and ±Inf never sits at exactly ±fmax in data, so no isfinite mask is needed.
     saturated = (st.element_values().abs() == fmax) & (x32.abs() > q.abs())
-    return q, saturated, None
+    # the records from the cast's own scales (what block_scales would otherwise recompute per slice)
+    scale = st.scale if st.global_scale is None else st.scale * st.global_scale
+    return q, saturated, tile_records(x32, q, saturated, scale, tile) if x.dim() == 2 and x.numel() else None
 
 
 def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,

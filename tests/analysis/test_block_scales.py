@@ -113,7 +113,7 @@ def test_bnb_codebook_records_do_not_requantise(specials: bool, monkeypatch) -> 
         qf = q.reshape(1, -1)
         sat = (qf.double().abs() >= top) & (flat.double().abs() > qf.double().abs())
         old_rows[op] = BlockScaleStats()
-        old_rows[op].update(*BS._records(flat, qf, sat, absmax, (1, bs)))
+        old_rows[op].update(*BS.tile_records(flat, qf, sat, absmax, (1, bs)))
 
     def refuse(*a, **kw):
         raise AssertionError("quantize_blockwise was called")
@@ -194,7 +194,7 @@ def test_cli_runs_the_new_strategies(tmp_path) -> None:
 @pytest.mark.parametrize("shape,tile", [((1, 10000), (1, 4096)), ((3, 130), (1, 32)), ((5, 64), (1, 64)),
                                         ((1, 7), (1, 128)), ((37, 50), (16, 16)), ((4, 300), (1, 128))])
 def test_tile_sums_equal_a_padded_count(shape, tile) -> None:
-    from fp8probe.analysis.block_scales import _tile_sums
+    from fp8probe.analysis.strategies import _tile_sums
 
     g = torch.Generator().manual_seed(sum(shape))
     mask = torch.rand(shape, generator=g) > 0.4
