@@ -223,6 +223,22 @@ def test_block_scales_table_equals_the_recompute_path(monkeypatch) -> None:
     pd.testing.assert_frame_equal(fast[sums], slow[sums], check_exact=False, rtol=1e-9, atol=1e-6)
 
 
+def test_the_ops_path_carries_records_and_never_recomputes_the_scales(monkeypatch) -> None:
+    """Off the fused C pass (CUDA, the reference backend) the casts' own scales make the block records: the
+    records are the same (test_block_scales_table_equals_the_recompute_path: the C pass's table) and
+    block_scales never re-derives a scale (on a GPU each of those was ~20 more kernel launches per slice
+    and operand)."""
+    from fp8probe.backends import reference as ref
+
+    def refuse(*a, **kw):
+        raise AssertionError("block_scales recomputed a tile scale")
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    monkeypatch.setattr(ref, "tile_scales", refuse)
+    model, batches = _model_and_batches()
+    table = analyze(model, batches, "ocp-blockwise,mxfp8,nvfp4,nvfp4-train", e2e=False).tables["block_scales"]
+    assert set(table["strategy"]) == {"ocp-blockwise", "mxfp8", "nvfp4", "nvfp4-train"}
+
+
 def test_both_fused_outputs_are_fresh_tensors_with_huge_pages_advised(monkeypatch) -> None:
     """q (float32) and the saturation mask (bool) come from cpu._fresh, which advises huge pages for large
     outputs (a 16M-element mask with 4 KiB pages cost ~9 ms of page faults, ~1 ms advised)."""
