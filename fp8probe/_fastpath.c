@@ -1513,10 +1513,151 @@ static size_t n_sum_blocks(size_t n) { return (n + SUM_BLOCK - 1) / SUM_BLOCK; }
     switch (dta) { case DT_F32: DT_INNER(BODY, DT_F32, dtb) break; case DT_F16: DT_INNER(BODY, DT_F16, dtb) break; \
                    case DT_BF16: DT_INNER(BODY, DT_BF16, dtb) break; default: DT_INNER(BODY, DT_F64, dtb) break; }
 
+/* ------------------------------------------------- transposed views, read block by block (no full copy)
+ * The replay hands the reductions transposed views: wgrad's result (A^T G^T)^T, the OCP/MX casts' G^T,
+ * A^T and W^T. Such an operand is a tensor read flat in the C order of its logical shape [.., rows, cols]
+ * whose storage is [.., cols, rows] (x.mT contiguous). Copying it whole cost a second tensor (108 MiB at
+ * a 49152x576 LM head); instead each SUM_BLOCK of logical elements is gathered into a per-unit buffer
+ * and the block loop reads that buffer. Every value and its place in the summation order are unchanged,
+ * so the results are the bits of copying first. A tview_t with rows == 0 is a contiguous operand. */
+typedef struct { size_t rows, cols; } tview_t;
+
+INLINE void tv_copy(char *d, const char *s, size_t es) {
+    if (es == 8) memcpy(d, s, 8);
+    else if (es == 4) memcpy(d, s, 4);
+    else if (es == 2) memcpy(d, s, 2);
+    else *d = *s;
+}
+
+/* dst[i * ldd + j] = src[j * lds + i] for i < nr, j < nc: a transpose between two leading dimensions, in 8x8
+ * tiles (both sides touch 8 cache lines per tile); element size ES constant after inlining. */
+INLINE void tv_transpose_es(const char *src, size_t lds, char *dst, size_t ldd, size_t nr, size_t nc, size_t es) {
+    for (size_t j0 = 0; j0 < nc; j0 += 8) {
+        size_t j1 = j0 + 8 < nc ? j0 + 8 : nc;
+        for (size_t i0 = 0; i0 < nr; i0 += 8) {
+            size_t i1 = i0 + 8 < nr ? i0 + 8 : nr;
+            for (size_t j = j0; j < j1; j++)
+                for (size_t i = i0; i < i1; i++) tv_copy(dst + (i * ldd + j) * es, src + (j * lds + i) * es, es);
+        }
+    }
+}
+
+#if FP_X86
+/* d[k * ldd + j] = s[j * lds + k] for k, j < 8 (float32 bits), by register shuffles */
+AVX2 INLINE void tr8x8_ps(const float *s, size_t lds, float *d, size_t ldd) {
+    __m256 r[8], t[8];
+    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(s + k * lds);
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
+        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(d + k * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(d + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
+}
+
+/* the same for 4x4 float64 */
+AVX2 INLINE void tr4x4_pd(const double *s, size_t lds, double *d, size_t ldd) {
+    __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + lds), r2 = _mm256_loadu_pd(s + 2 * lds),
+            r3 = _mm256_loadu_pd(s + 3 * lds);
+    __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1), t2 = _mm256_unpacklo_pd(r2, r3),
+            t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(d + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(d + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(d + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+
+/* tv_transpose_es for 4- and 8-byte elements: register tiles, the edges by the scalar loop */
+AVX2 static void tv_transpose_avx2(const char *src, size_t lds, char *dst, size_t ldd, size_t nr, size_t nc,
+                                   size_t es) {
+    const size_t t = es == 4 ? 8 : 4, nr_t = nr - nr % t, nc_t = nc - nc % t;
+    for (size_t j = 0; j < nc_t; j += t)
+        for (size_t i = 0; i < nr_t; i += t) {
+            if (es == 4) tr8x8_ps((const float *)src + j * lds + i, lds, (float *)dst + i * ldd + j, ldd);
+            else tr4x4_pd((const double *)src + j * lds + i, lds, (double *)dst + i * ldd + j, ldd);
+        }
+    tv_transpose_es(src + nr_t * es, lds, dst + nr_t * ldd * es, ldd, nr - nr_t, nc, es); /* last rows */
+    tv_transpose_es(src + nc_t * lds * es, lds, dst + nc_t * es, ldd, nr_t, nc - nc_t, es); /* last cols */
+    _mm256_zeroupper();
+}
+#endif
+
+static void tv_transpose(const char *src, size_t lds, char *dst, size_t ldd, size_t nr, size_t nc, size_t es) {
+#if FP_X86
+    if (g_have_avx2 && (es == 4 || es == 8)) { tv_transpose_avx2(src, lds, dst, ldd, nr, nc, es); return; }
+#endif
+    switch (es) {
+    case 8: tv_transpose_es(src, lds, dst, ldd, nr, nc, 8); break;
+    case 4: tv_transpose_es(src, lds, dst, ldd, nr, nc, 4); break;
+    case 2: tv_transpose_es(src, lds, dst, ldd, nr, nc, 2); break;
+    default: tv_transpose_es(src, lds, dst, ldd, nr, nc, 1); break;
+    }
+}
+
+/* buf[0 .. hi-lo) = the logical elements lo..hi-1 of a transposed view at src, element size es. Per
+ * [rows, cols] matrix: the logical rows the range covers whole are one tv_transpose (each storage row
+ * is read in runs of consecutive logical rows, ~range/cols elements); a partial first or last row
+ * is read along it (one element per storage row). */
+static void tv_gather(const void *srcv, size_t es, tview_t v, size_t lo, size_t hi, void *bufv) {
+    const char *src = (const char *)srcv;
+    char *buf = (char *)bufv;
+    const size_t R = v.rows, C = v.cols, mat = R * C;
+    while (lo < hi) {
+        size_t b = lo / mat, l0 = lo - b * mat, l1 = hi - b * mat < mat ? hi - b * mat : mat;
+        const char *m = src + b * mat * es;
+        size_t r0 = l0 / C, r1 = (l1 - 1) / C, c0 = l0 % C, c1 = (l1 - 1) % C; /* first, last (inclusive) */
+        size_t ra = r0 + (c0 > 0), rb = r1 + (c1 == C - 1);                      /* whole rows [ra, rb) */
+        for (size_t r = r0; r <= r1; r++) {
+            if (r >= ra && r < rb) continue;
+            size_t cs = r == r0 ? c0 : 0, ce = r == r1 ? c1 + 1 : C;
+            char *d = buf + (r * C + cs - l0) * es;
+            for (size_t c = cs; c < ce; c++, d += es) tv_copy(d, m + (c * R + r) * es, es);
+        }
+        if (rb > ra) tv_transpose(m + ra * es, R, buf + (ra * C - l0) * es, C, rb - ra, C, es);
+        buf += (l1 - l0) * es;
+        lo = b * mat + l1;
+    }
+}
+
+static size_t sum_dt_size(int dt) { return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 2; }
+
+/* Where element lo + j of the logical range [lo, hi) lives (at index j): src itself offset by lo (contiguous)
+ * or buf after gathering the range into it. The reductions gather a whole work unit (UNIT elements, 256 KiB
+ * of float32, L2-sized) at once: a 49152x576 float32 view gathered per SUM_BLOCK (~14-element runs per
+ * storage row) took 56 ms single-threaded, per UNIT (~114-element runs) 17 ms; its full copy 24 ms. */
+static const void *tv_range(const void *src, size_t es, tview_t v, size_t lo, size_t hi, void *buf) {
+    if (!v.rows) return (const char *)src + lo * es;
+    tv_gather(src, es, v, lo, hi, buf);
+    return buf;
+}
+
+/* Parse one operand's (rows, cols) layout argument: (0, 0) contiguous, else a transposed view whose
+ * logical [.., rows, cols] tiles n elements. */
+static int tv_check(const char *fn, const char *name, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t n, tview_t *v) {
+    if (rows == 0 && cols == 0) { v->rows = v->cols = 0; return 0; }
+    if (rows <= 0 || cols <= 0 || n % (rows * cols)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %s's transposed layout to tile n=%zd elements, got rows=%zd, cols=%zd",
+                     fn, name, n, rows, cols);
+        return -1;
+    }
+    v->rows = (size_t)rows; v->cols = (size_t)cols;
+    return 0;
+}
+
 /* ------------------------------------------------------------------ error_sums (ErrorAccumulator) */
 #define ES_K 4 /* Σr², Σ(r-q)², Σq², Σr·q */
 typedef struct {
     const void *r, *q; int rdt, qdt; size_t n;
+    tview_t rv, qv;               /* layouts of r and q (rows == 0: contiguous) */
+    int *nomem;                   /* set when a unit cannot get its gather buffer */
     double *slot;                 /* [blocks][ES_K] */
     double *umax;                 /* [units] max |r-q| */
     int64_t *ucount;              /* [units][3]: compared, nonfinite, excluded */
@@ -1525,26 +1666,37 @@ typedef struct {
 INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
+    const size_t rsz = sum_dt_size(rdt), qsz = sum_dt_size(qdt);
+    char *buf = NULL;
+    if (c->rv.rows || c->qv.rows) {
+        buf = (char *)malloc(UNIT * (rsz + qsz));
+        if (!buf) { __atomic_store_n(c->nomem, 1, __ATOMIC_RELAXED); return; }
+    }
+    const size_t ulo = b0 * SUM_BLOCK, uhi = b1 * SUM_BLOCK < c->n ? b1 * SUM_BLOCK : c->n;
+    const char *ru = (const char *)tv_range(c->r, rsz, c->rv, ulo, uhi, buf);
+    const char *qu = (const char *)tv_range(c->q, qsz, c->qv, ulo, uhi, buf + UNIT * rsz);
     double mx = 0.0;
     int64_t cnt = 0, nonfin = 0, excl = 0;
     for (size_t b = b0; b < b1; b++) {
         size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
+        const void *rb = ru + (lo - ulo) * rsz;
+        const void *qb = qu + (lo - ulo) * qsz;
         double r2[SUM_LANES] = {0}, e2[SUM_LANES] = {0}, q2[SUM_LANES] = {0}, rq[SUM_LANES] = {0};
         double lmx[SUM_LANES] = {0};
         int64_t lok[SUM_LANES] = {0}, lokr[SUM_LANES] = {0};
-        size_t i = lo;
+        size_t i = 0, m = hi - lo; /* block-relative */
 #define ES_ELEM(I, K)                                                                          \
     {                                                                                          \
-        double r = loadd(c->r, (I), rdt), q = loadd(c->q, (I), qdt);                           \
+        double r = loadd(rb, (I), rdt), q = loadd(qb, (I), qdt);                               \
         int okr = fin_d(r), ok = okr & fin_d(q);                                               \
         double r0 = ok ? r : 0.0, q0 = ok ? q : 0.0, e = r0 - q0, ae = fabs(e);                \
         r2[K] += r0 * r0; e2[K] += e * e; q2[K] += q0 * q0; rq[K] += r0 * q0;                  \
         lmx[K] = ae > lmx[K] ? ae : lmx[K];                                                    \
         lok[K] += ok; lokr[K] += okr;                                                          \
     }
-        for (; i + SUM_LANES <= hi; i += SUM_LANES)
+        for (; i + SUM_LANES <= m; i += SUM_LANES)
             for (int k = 0; k < SUM_LANES; k++) ES_ELEM(i + k, k)
-        for (int k = 0; i < hi; i++, k++) ES_ELEM(i, k)
+        for (int k = 0; i < m; i++, k++) ES_ELEM(i, k)
 #undef ES_ELEM
         double *s = c->slot + b * ES_K;
         s[0] = lanes_combine(r2); s[1] = lanes_combine(e2); s[2] = lanes_combine(q2); s[3] = lanes_combine(rq);
@@ -1555,6 +1707,7 @@ INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
         }
         cnt += ok; nonfin += okr - ok; excl += (int64_t)(hi - lo) - okr;
     }
+    free(buf);
     c->umax[u] = mx;
     c->ucount[3 * u] = cnt; c->ucount[3 * u + 1] = nonfin; c->ucount[3 * u + 2] = excl;
 }
@@ -1573,17 +1726,21 @@ static int bad_dt(int dt) { return dt < DT_F32 || dt > DT_F64; }
 
 static PyObject *py_error_sums(PyObject *self, PyObject *args) {
     unsigned long long rp, qp;
-    int rdt, qdt, want;
-    Py_ssize_t n;
+    int rdt, qdt, want, nomem = 0;
+    Py_ssize_t n, rrows = 0, rcols = 0, qrows = 0, qcols = 0;
+    tview_t rv, qv;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KiKini", &rp, &rdt, &qp, &qdt, &n, &want)) return NULL;
+    if (!PyArg_ParseTuple(args, "KiKini|nnnn", &rp, &rdt, &qp, &qdt, &n, &want, &rrows, &rcols, &qrows, &qcols))
+        return NULL;
     if (n <= 0 || bad_dt(rdt) || bad_dt(qdt)) {
         PyErr_Format(PyExc_ValueError, "error_sums: expected n > 0 and dtype codes 0..3, got n=%zd, dtypes %d, %d",
                      n, rdt, qdt);
         return NULL;
     }
+    if (tv_check("error_sums", "ref", rrows, rcols, n, &rv) || tv_check("error_sums", "lp", qrows, qcols, n, &qv))
+        return NULL;
     size_t nb = n_sum_blocks((size_t)n), units = (nb + BLOCKS_PER_UNIT - 1) / BLOCKS_PER_UNIT;
-    es_t c = {(const void *)(uintptr_t)rp, (const void *)(uintptr_t)qp, rdt, qdt, (size_t)n,
+    es_t c = {(const void *)(uintptr_t)rp, (const void *)(uintptr_t)qp, rdt, qdt, (size_t)n, rv, qv, &nomem,
               (double *)malloc(nb * ES_K * sizeof(double)), (double *)malloc(units * sizeof(double)),
               (int64_t *)malloc(units * 3 * sizeof(int64_t))};
     if (!c.slot || !c.umax || !c.ucount) {
@@ -1602,6 +1759,7 @@ static PyObject *py_error_sums(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     free(c.slot); free(c.umax); free(c.ucount);
+    if (nomem) return PyErr_NoMemory();
     return Py_BuildValue("(dddddLLL)", s[0], s[1], s[2], s[3], mx, (long long)cnt[0], (long long)cnt[1],
                          (long long)cnt[2]);
 }
@@ -1612,20 +1770,39 @@ static PyObject *py_error_sums(PyObject *self, PyObject *args) {
 typedef struct {
     const void *x, *q; int xdt, qdt; size_t n;
     const uint8_t *sat;           /* saturation mask, or NULL: |x| > qmax */
+    tview_t xv, qv, sv;           /* layouts of x, q and the mask (rows == 0: contiguous) */
+    int *nomem;                   /* set when a unit cannot get its gather buffer */
     double qmax;
     double *slot;                 /* [blocks][OS_K] */
     int64_t *ucount;              /* [units][OS_C] */
     double *uqmax;                /* [units] max |q| over finite pairs (phase 1) */
 } os_t;
 
+INLINE int os_needs_buffer(const os_t *c) { return c->xv.rows || c->qv.rows || (c->sat && c->sv.rows); }
+
+/* a unit's gather buffer (UNIT elements of x, q and the mask) when an operand is a transposed view;
+ * NULL when none is, or when malloc failed (then *nomem is set) */
+static char *os_buffer(const os_t *c, size_t xsz, size_t qsz) {
+    if (!os_needs_buffer(c)) return NULL;
+    char *buf = (char *)malloc(UNIT * (xsz + qsz + 1));
+    if (!buf) __atomic_store_n(c->nomem, 1, __ATOMIC_RELAXED);
+    return buf;
+}
+
 INLINE void os_qmax_body(const os_t *c, size_t u, int xdt, int qdt) {
+    const size_t xsz = sum_dt_size(xdt), qsz = sum_dt_size(qdt);
+    char *buf = os_buffer(c, xsz, qsz);
+    if (!buf && os_needs_buffer(c)) return;
     size_t lo = u * UNIT, hi = lo + UNIT < c->n ? lo + UNIT : c->n;
+    const void *xu = tv_range(c->x, xsz, c->xv, lo, hi, buf);
+    const void *qu = tv_range(c->q, qsz, c->qv, lo, hi, buf + UNIT * xsz);
     int64_t m = 0; /* max of the bit patterns of |q| (non-negative doubles order like them): vectorises */
-    for (size_t i = lo; i < hi; i++) {
-        double x = loadd(c->x, i, xdt), q = loadd(c->q, i, qdt);
+    for (size_t i = 0; i < hi - lo; i++) {
+        double x = loadd(xu, i, xdt), q = loadd(qu, i, qdt);
         int64_t bits = fin_d(x) & fin_d(q) ? (int64_t)f2u_d(fabs(q)) : 0;
         m = bits > m ? bits : m;
     }
+    free(buf);
     double d;
     memcpy(&d, &m, 8);
     c->uqmax[u] = d;
@@ -1634,17 +1811,26 @@ INLINE void os_qmax_body(const os_t *c, size_t u, int xdt, int qdt) {
 INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
+    const size_t xsz = sum_dt_size(xdt), qsz = sum_dt_size(qdt);
+    char *buf = os_buffer(c, xsz, qsz);
+    if (!buf && os_needs_buffer(c)) return;
     int64_t tot[OS_C] = {0};
-    const uint8_t *sat = c->sat;
     const double qmax = c->qmax;
+    const size_t ulo = b0 * SUM_BLOCK, uhi = b1 * SUM_BLOCK < c->n ? b1 * SUM_BLOCK : c->n;
+    const char *xu = (const char *)tv_range(c->x, xsz, c->xv, ulo, uhi, buf);
+    const char *qu = (const char *)tv_range(c->q, qsz, c->qv, ulo, uhi, buf + UNIT * xsz);
+    const uint8_t *satu = has_sat ? (const uint8_t *)tv_range(c->sat, 1, c->sv, ulo, uhi, buf + UNIT * (xsz + qsz))
+                                  : NULL;
     for (size_t b = b0; b < b1; b++) {
         size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
+        const void *xb = xu + (lo - ulo) * xsz, *qb = qu + (lo - ulo) * qsz;
+        const uint8_t *sat = has_sat ? satu + (lo - ulo) : NULL;
         double x2[SUM_LANES] = {0}, e2[SUM_LANES] = {0};
         int64_t cn[OS_C][SUM_LANES] = {{0}};
-        size_t i = lo;
+        size_t i = 0, m = hi - lo; /* block-relative */
 #define OS_ELEM(I, K)                                                                          \
     {                                                                                          \
-        double x = loadd(c->x, (I), xdt), q = loadd(c->q, (I), qdt);                           \
+        double x = loadd(xb, (I), xdt), q = loadd(qb, (I), qdt);                               \
         int okx = fin_d(x), okq = fin_d(q), ok = okx & okq, nz = okx & (x != 0.0);             \
         double x0 = ok ? x : 0.0, e = x0 - (ok ? q : 0.0);                                     \
         x2[K] += x0 * x0; e2[K] += e * e;                                                      \
@@ -1652,9 +1838,9 @@ INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
         cn[0][K] += okx; cn[1][K] += nz; cn[2][K] += nz & (q == 0.0); cn[3][K] += okx & s;     \
         cn[5][K] += okx & !okq;                                                                \
     }
-        for (; i + SUM_LANES <= hi; i += SUM_LANES)
+        for (; i + SUM_LANES <= m; i += SUM_LANES)
             for (int k = 0; k < SUM_LANES; k++) OS_ELEM(i + k, k)
-        for (int k = 0; i < hi; i++, k++) OS_ELEM(i, k)
+        for (int k = 0; i < m; i++, k++) OS_ELEM(i, k)
 #undef OS_ELEM
         c->slot[b * OS_K] = lanes_combine(x2);
         c->slot[b * OS_K + 1] = lanes_combine(e2);
@@ -1664,15 +1850,16 @@ INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
             /* the mask in a loop of its own (bytes only: vectorises; inside the loop above it kept
              * that loop scalar), minus the masked NaN/Inf x, which only a block holding one has */
             uint32_t ns = 0;
-            for (size_t j = lo; j < hi; j++) ns += sat[j] != 0;
-            if (fin_x != (int64_t)(hi - lo))
-                for (size_t j = lo; j < hi; j++) ns -= (sat[j] != 0) & !fin_d(loadd(c->x, j, xdt));
+            for (size_t j = 0; j < m; j++) ns += sat[j] != 0;
+            if (fin_x != (int64_t)m)
+                for (size_t j = 0; j < m; j++) ns -= (sat[j] != 0) & !fin_d(loadd(xb, j, xdt));
             tot[3] += ns;
         }
         for (int j = 0; j < OS_C; j++)
             for (int k = 0; k < SUM_LANES; k++) tot[j] += cn[j][k];
         tot[4] += (int64_t)(hi - lo);
     }
+    free(buf);
     tot[4] -= tot[0]; /* excluded = elements - finite x */
     for (int j = 0; j < OS_C; j++) c->ucount[u * OS_C + j] = tot[j];
 }
@@ -1696,18 +1883,24 @@ SIMD_WORK(osq_work, const os_t, osq_avx2, osq_scalar)
 
 static PyObject *py_operand_sums(PyObject *self, PyObject *args) {
     unsigned long long xp, qp, sp;
-    int xdt, qdt, want;
-    Py_ssize_t n;
+    int xdt, qdt, want, nomem = 0;
+    Py_ssize_t n, xrows = 0, xcols = 0, qrows = 0, qcols = 0, srows = 0, scols = 0;
+    tview_t xv, qv, sv;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KiKiKni", &xp, &xdt, &qp, &qdt, &sp, &n, &want)) return NULL;
+    if (!PyArg_ParseTuple(args, "KiKiKni|nnnnnn", &xp, &xdt, &qp, &qdt, &sp, &n, &want, &xrows, &xcols, &qrows,
+                          &qcols, &srows, &scols))
+        return NULL;
     if (n <= 0 || bad_dt(xdt) || bad_dt(qdt)) {
         PyErr_Format(PyExc_ValueError, "operand_sums: expected n > 0 and dtype codes 0..3, got n=%zd, dtypes %d, %d",
                      n, xdt, qdt);
         return NULL;
     }
+    if (tv_check("operand_sums", "x", xrows, xcols, n, &xv) || tv_check("operand_sums", "q", qrows, qcols, n, &qv)
+        || tv_check("operand_sums", "saturated", srows, scols, n, &sv))
+        return NULL;
     size_t nb = n_sum_blocks((size_t)n), units = ((size_t)n + UNIT - 1) / UNIT;
     os_t c = {(const void *)(uintptr_t)xp, (const void *)(uintptr_t)qp, xdt, qdt, (size_t)n,
-              (const uint8_t *)(uintptr_t)sp, 0.0, (double *)malloc(nb * OS_K * sizeof(double)),
+              (const uint8_t *)(uintptr_t)sp, xv, qv, sv, &nomem, 0.0, (double *)malloc(nb * OS_K * sizeof(double)),
               (int64_t *)malloc(units * OS_C * sizeof(int64_t)), (double *)malloc(units * sizeof(double))};
     if (!c.slot || !c.ucount || !c.uqmax) {
         free(c.slot); free(c.ucount); free(c.uqmax);
@@ -1727,6 +1920,7 @@ static PyObject *py_operand_sums(PyObject *self, PyObject *args) {
         for (int k = 0; k < OS_C; k++) cnt[k] += c.ucount[u * OS_C + k];
     Py_END_ALLOW_THREADS
     free(c.slot); free(c.ucount); free(c.uqmax);
+    if (nomem) return PyErr_NoMemory();
     return Py_BuildValue("(ddLLLLLL)", s[0], s[1], (long long)cnt[0], (long long)cnt[1], (long long)cnt[2],
                          (long long)cnt[3], (long long)cnt[4], (long long)cnt[5]);
 }
@@ -3053,24 +3247,7 @@ AVX2 static void tc_avx2(const tc_t *c, size_t u) {
     size_t i0 = 0;
     for (; i0 + 8 <= c->rows; i0 += 8) {
         size_t j = j0;
-        for (; j + 8 <= j1; j += 8) {
-            __m256 r[8], t[8];
-            for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(s + (i0 + k) * c->cols + j);
-            for (int k = 0; k < 8; k += 2) {
-                t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-                t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-            }
-            for (int k = 0; k < 8; k += 4) {
-                r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-                r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
-                r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-                r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
-            }
-            for (int k = 0; k < 4; k++) {
-                _mm256_storeu_ps(d + (j + k) * c->rows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-                _mm256_storeu_ps(d + (j + k + 4) * c->rows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-            }
-        }
+        for (; j + 8 <= j1; j += 8) tr8x8_ps(s + i0 * c->cols + j, c->cols, d + j * c->rows + i0, c->rows);
         tc_block(c, i0, i0 + 8, j, j1);
     }
     tc_block(c, i0, c->rows, j0, j1);

@@ -451,6 +451,22 @@ SUM_BLOCK = 8192
 SUM_LANES = 8
 
 
+def _is_transposed(x: torch.Tensor) -> bool:
+    """Whether x is a transposed view of a contiguous tensor: x.mT contiguous (storage [.., cols, rows] of
+    the logical [.., rows, cols]), x itself not contiguous."""
+    return x.dim() >= 2 and x.numel() > 0 and not x.is_contiguous() and x.mT.is_contiguous()
+
+
+def _flat_operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(tensor, rows, cols) for the C reductions, which read x flat in C order: x itself with its logical
+    (rows, cols) when it is a transposed view (the C pass gathers it block by block: no copy of x, e.g. the
+    108 MiB wgrad result of a 49152x576 LM head), else contiguous(x) and (0, 0)."""
+    x = x.detach()
+    if _is_transposed(x):
+        return x, x.shape[-2], x.shape[-1]
+    return contiguous(x), 0, 0
+
+
 def _sums_apply(*tensors: torch.Tensor) -> bool:
     return enabled() and all(t.device.type == "cpu" and t.dtype in _SUM_DT and t.numel() > 0 for t in tensors)
 
@@ -458,7 +474,8 @@ def _sums_apply(*tensors: torch.Tensor) -> bool:
 def error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float, float, float, int, int, int] | None:
     """(Σr², Σ(r−q)², Σq², Σr·q, max|r−q|, compared, nonfinite, excluded) of ``ref`` (r) and ``lp`` (q) in one pass.
 
-    ref, lp: CPU float32/float64/bf16/fp16, the same number of elements (read flat in C order). Sums
+    ref, lp: CPU float32/float64/bf16/fp16, the same number of elements (read flat in C order; a transposed
+    view, x.mT contiguous, is read in place block by block, no copy of it is made). Sums
     and the max run over the pairs where both are finite (``compared``); ``nonfinite`` counts pairs
     with a finite r and a NaN/±Inf q, ``excluded`` those with a NaN/±Inf r. Values widen exactly to
     float64, products and differences are formed in float64.
@@ -476,9 +493,10 @@ def error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float
         raise ValueError(f"expected ref and lp with the same number of elements, got {ref.numel()} and {lp.numel()}")
     if not _sums_apply(ref, lp):
         return None
-    r, q = contiguous(ref), contiguous(lp)
+    (r, r_rows, r_cols), (q, q_rows, q_cols) = _flat_operand(ref), _flat_operand(lp)
     n = r.numel()
-    return _ext().error_sums(r.data_ptr(), _SUM_DT[r.dtype], q.data_ptr(), _SUM_DT[q.dtype], n, _threads(n))
+    return _ext().error_sums(r.data_ptr(), _SUM_DT[r.dtype], q.data_ptr(), _SUM_DT[q.dtype], n, _threads(n),
+                             r_rows, r_cols, q_rows, q_cols)
 
 
 def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | None
@@ -498,15 +516,15 @@ def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | Non
                          f"{q.numel()}" + ("" if saturated is None else f", {saturated.numel()}"))
     if not _sums_apply(x, q) or (saturated is not None and saturated.device.type != "cpu"):
         return None
-    xc, qc = contiguous(x), contiguous(q)
-    sat_ptr = 0
+    (xc, x_rows, x_cols), (qc, q_rows, q_cols) = _flat_operand(x), _flat_operand(q)
+    sat_ptr, s_rows, s_cols = 0, 0, 0
     if saturated is not None:
         sat = saturated.detach()
-        sat = (sat if sat.dtype == torch.bool else sat != 0).contiguous().view(torch.uint8)
-        sat_ptr = sat.data_ptr()
+        sat, s_rows, s_cols = _flat_operand(sat if sat.dtype == torch.bool else sat != 0)
+        sat_ptr = sat.data_ptr()  # bool is one byte, 0 or 1: read as uint8
     n = xc.numel()
     return _ext().operand_sums(xc.data_ptr(), _SUM_DT[xc.dtype], qc.data_ptr(), _SUM_DT[qc.dtype], sat_ptr, n,
-                               _threads(n))
+                               _threads(n), x_rows, x_cols, q_rows, q_cols, s_rows, s_cols)
 
 
 def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, float], segment: int,

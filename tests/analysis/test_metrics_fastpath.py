@@ -175,6 +175,81 @@ def test_operand_sums_saturation_without_a_mask_compares_exactly(isa: str) -> No
 
 
 # --------------------------------------------------------------------------------------------
+# transposed views (x.mT contiguous) read in place
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_full_copy(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Fail the test when backends.cpu.contiguous copies a non-contiguous tensor (the full-size copy a
+    transposed operand used to get); yields the list of the shapes it was asked to copy."""
+    copied: list = []
+    real = cpu.contiguous
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():
+            copied.append(tuple(x.shape))
+            raise AssertionError(f"a full copy of a {list(x.shape)} view")
+        return real(x)
+    monkeypatch.setattr(cpu, "contiguous", spy)
+    return copied
+
+
+def _transposed(shape: tuple[int, ...], dtype: torch.dtype, seed: int, specials: bool = True) -> torch.Tensor:
+    """A view of logical `shape` whose .mT is contiguous (storage [.., cols, rows]), seeded values."""
+    n = math.prod(shape)
+    storage = _values(n, dtype, seed, specials).view(*shape[:-2], shape[-1], shape[-2])
+    return storage.mT
+
+
+# logical shapes around the 8-lane, 8192-block and 65536-unit sizes: partial first/last rows of a gathered
+# range, ranges inside one row (cols > UNIT), ranges across batch matrices, a row or column of one
+TRANSPOSED_SHAPES = [(1, 2), (3, 7), (37, 300), (8193, 3), (11, 8193), (2, 70001), (257, 577), (3, 129, 301),
+                     (2, 40000, 3), (5, 1, 7)]
+
+
+@pytest.mark.parametrize("shape", TRANSPOSED_SHAPES)
+@pytest.mark.parametrize(("ref_dtype", "lp_dtype"), [(F64, torch.float32), (torch.float32, torch.bfloat16),
+                                                     (torch.float16, F64)])
+@pytest.mark.parametrize("layout", ["lp-transposed", "ref-transposed", "both"])
+def test_error_sums_read_transposed_views_without_a_copy(shape, ref_dtype, lp_dtype, layout, isa, no_full_copy) -> None:
+    """wgrad's (Aᵀ Gᵀ)ᵀ result against a row-major float64 reference: the same bits as the contiguous
+    copies, and no copy is made."""
+    seed = sum(shape)
+    ref_t, lp_t = _transposed(shape, ref_dtype, seed), _transposed(shape, lp_dtype, seed + 1)
+    ref = ref_t if layout != "lp-transposed" else ref_t.contiguous()
+    lp = lp_t if layout != "ref-transposed" else lp_t.contiguous()
+    want = cpu.error_sums(ref_t.contiguous(), lp_t.contiguous())
+    assert cpu.error_sums(ref, lp) == want
+    terms = _error_reference(ref, lp)[0]
+    assert want[0] == _ordered_sum(terms[0])
+    assert no_full_copy == []
+
+
+@pytest.mark.parametrize("shape", TRANSPOSED_SHAPES)
+@pytest.mark.parametrize(("x_dtype", "q_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, F64)])
+@pytest.mark.parametrize("layout", ["x", "q", "mask", "all", "all-no-mask"])
+def test_operand_sums_read_transposed_views_without_a_copy(shape, x_dtype, q_dtype, layout, isa, no_full_copy) -> None:
+    seed = 3 * sum(shape)
+    x_t = _transposed(shape, x_dtype, seed)
+    q_t = ((x_t.to(F64) * 4).round() / 4).clamp(-300, 300).to(q_dtype)  # same layout as x_t
+    sat_t = x_t.to(F64).abs() > 300
+    x = x_t if layout in ("x", "all", "all-no-mask") else x_t.contiguous()
+    q = q_t if layout in ("q", "all", "all-no-mask") else q_t.contiguous()
+    sat = None if layout == "all-no-mask" else sat_t if layout in ("mask", "all") else sat_t.contiguous()
+    want = cpu.operand_sums(x_t.contiguous(), q_t.contiguous(), None if sat is None else sat_t.contiguous())
+    assert cpu.operand_sums(x, q, sat) == want
+    assert no_full_copy == []
+
+
+def test_transposed_layouts_that_do_not_tile_the_tensor_raise() -> None:
+    ext = cpu._ext()
+    x = torch.randn(6, 5)
+    with pytest.raises(ValueError, match="expected .*got rows=4, cols=5"):
+        ext.error_sums(x.data_ptr(), 0, x.data_ptr(), 0, x.numel(), 1, 0, 0, 4, 5)
+    with pytest.raises(ValueError, match="expected .*got rows=-1, cols=30"):
+        ext.operand_sums(x.data_ptr(), 0, x.data_ptr(), 0, 0, x.numel(), 1, -1, 30)
+
+
+# --------------------------------------------------------------------------------------------
 # tensor_stats
 # --------------------------------------------------------------------------------------------
 def _c_stats(x2: torch.Tensor) -> dict:
