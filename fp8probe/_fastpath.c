@@ -812,7 +812,22 @@ typedef struct {
     size_t units, np;     /* work units; partial slots ([row pieces][nbc * cs]) */
     int fmt, rule, has_g; float g;  /* format, MX scale rule, NVFP4 tensor scale (given when has_g) */
     pf_t *pf;             /* the calling thread's prefetch cursor (its own copy of the context), or NULL */
+    int xt;               /* x is a transposed view: logical [R, C] stored as [C, R] (x.mT contiguous); the units
+                           * then read it through bands ("scaled casts: transposed inputs") */
+    size_t bh;            /* xt: row pieces per band */
+    const char *band;     /* the calling thread's gathered band (its own copy of the context), or NULL: rows
+                           * [band_r0, ..) x columns [band_c0, ..) of x, row-major with leading dimension band_ld */
+    size_t band_r0, band_c0, band_ld;
 } sq_t;
+
+/* x as the runs of row r index it (flat index r * C + col): x itself, or, while a band is gathered, the address
+ * that puts index r * C + col at band[(r - band_r0) * band_ld + col - band_c0]. That address is formed in
+ * modular integer arithmetic and lies outside the band; only band elements are read through it. */
+INLINE const void *sq_x(const sq_t *c, size_t r) {
+    if (!c->band) return c->x;
+    const size_t es = c->dt == DT_F32 ? 4 : 2;
+    return (const void *)((uintptr_t)c->band + ((r - c->band_r0) * c->band_ld - c->band_c0 - r * c->C) * es);
+}
 
 INLINE uint8_t enc_fp8(float y, int e5m2, uint32_t fmax_bits) {
     uint32_t u = f2u(y), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
@@ -953,7 +968,7 @@ INLINE void sq_run_of(const sq_t *c, const sq_unit_t *w, size_t r, size_t t, siz
         for (size_t r = w.r0; r < w.r1; r++)                                                    \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(c, &w, r, t, &lo, &hi);                                               \
-                part[t * c->cs + w.q] = RUN(c->x, lo, hi, dt, part[t * c->cs + w.q], track,     \
+                part[t * c->cs + w.q] = RUN(sq_x(c, r), lo, hi, dt, part[t * c->cs + w.q], track,\
                                             track ? nf + t * c->cs + w.q : NULL);               \
             }                                                                                   \
     }                                                                                           \
@@ -1025,7 +1040,7 @@ INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, 
             const float *drow = c->div + (r / c->br) * c->nbc;                                  \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(c, &w, r, t, &lo, &hi);                                               \
-                RUN(c->x, lo, hi, dt, drow[t], k, c->data, c->pf);                              \
+                RUN(sq_x(c, r), lo, hi, dt, drow[t], k, c->data, c->pf);                        \
             }                                                                                   \
         }                                                                                       \
     }
@@ -1042,7 +1057,7 @@ SQ_LOWBIT_BODY(sq_lowbit_body, sq_lowbit_run, )
             const float *srow = c->scale + (r / c->br) * c->nbc;                                \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(c, &w, r, t, &lo, &hi);                                               \
-                RUN(c->x, lo, hi, dt, srow[t], e5m2, fmax_bits, c->data, c->pf);                \
+                RUN(sq_x(c, r), lo, hi, dt, srow[t], e5m2, fmax_bits, c->data, c->pf);          \
             }                                                                                   \
         }                                                                                       \
     }
@@ -1136,8 +1151,13 @@ static float mx_scale1(float amax, int fmt, int rule) {
  * element pass; or, where sq_local, sq_local_scales and its element pass unit by unit). Returns 0, or -1 when out of memory (nothing then stays allocated). */
 #define SQ_ROW_UNIT (8 * UNIT)
 
+/* Transposed inputs: units at most SQ_T_COLS columns wide, bands of about SQ_T_ROWS rows (see "scaled casts:
+ * transposed inputs"). */
+#define SQ_T_COLS ((size_t)1024)
+#define SQ_T_ROWS ((size_t)64)
+
 static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br, size_t bc, int fmt, int rule,
-                   int has_g, float g, float *scale) {
+                   int has_g, float g, float *scale, int xt) {
     memset(c, 0, sizeof *c);
     c->fmt = fmt; c->rule = rule; c->has_g = has_g; c->g = g;
     c->x = x; c->dt = dt;
@@ -1150,12 +1170,16 @@ static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br
      * a unit, all br rows of a tile row, so that units hold whole tiles and take the one-pass local mode
      * (sq_local); and whole tile rows up to SQ_ROW_UNIT elements (128x128 at C = 4096: units of 128 x 4096,
      * one contiguous 2 MiB run that sq_run_ahead prefetches, where 128 x 512 pieces ran 1.2x slower). */
-    c->rpu = C >= UNIT ? 1 : UNIT / C;
+    const size_t cmax = xt && C > SQ_T_COLS ? SQ_T_COLS : C; /* a transposed x: narrower units, more rows */
+    c->rpu = cmax >= UNIT ? 1 : UNIT / cmax;
     if (c->rpu > br || br * bc <= UNIT) c->rpu = br;
     c->sub = (br + c->rpu - 1) / c->rpu;
     size_t cw = UNIT / c->rpu;
     if (cw < 1) cw = 1;
-    if (c->rpu == br && br * C <= SQ_ROW_UNIT) cw = C;
+    if (c->rpu == br && br * C <= SQ_ROW_UNIT && !xt) cw = C;
+    if (xt && cw > SQ_T_COLS) cw = SQ_T_COLS;
+    c->xt = xt;
+    c->bh = xt && c->rpu < SQ_T_ROWS ? SQ_T_ROWS / c->rpu : 1;
     if (bc <= cw) {
         c->k = cw / bc; c->cs = 1; c->cw = 0;
         c->ncp = (c->nbc + c->k - 1) / c->k;
@@ -1269,6 +1293,14 @@ static void sq_local_work(void *vc, size_t u) {
  * quantize_scaled, or the fq_job_t of fused_scaled (fused = 1). */
 static void sq_run_ahead(const void *ctx, int fused, size_t nunits, int nt);
 
+/* A transposed x's units over nt threads, band by band (same section as sq_run_ahead): the amax pass, the
+ * element pass, or both unit by unit (local mode); ctx as sq_run_ahead's. Sets *nomem when a band buffer
+ * could not be allocated (outputs then incomplete). */
+#define SQ_BAND_AMAX 0
+#define SQ_BAND_ELEMENTS 1
+#define SQ_BAND_LOCAL 2
+static void sq_run_bands(const void *ctx, int fused, int mode, int nt, int *nomem);
+
 /* The argument checks of the scaled-cast entry points: 0, or -1 with a ValueError set. */
 static int sq_check_args(const char *fn, Py_ssize_t R, Py_ssize_t C, Py_ssize_t br, Py_ssize_t bc, int dt, int fmt,
                          int rule) {
@@ -1284,21 +1316,29 @@ static int sq_check_args(const char *fn, Py_ssize_t R, Py_ssize_t C, Py_ssize_t 
 static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     unsigned long long xp, dp, sp;
     Py_ssize_t R, C, br, bc;
-    int dt, fmt, want, rule = 0, has_g = 0;
+    int dt, fmt, want, rule = 0, has_g = 0, xt = 0, nomem = 0;
     double gd = 1.0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnniKKi|iid", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
-                          &gd))
+    if (!PyArg_ParseTuple(args, "KinnnniKKi|iidp", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
+                          &gd, &xt))
         return NULL;
     if (sq_check_args("quantize_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     sq_t c;
     if (sq_init(&c, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, has_g,
-                (float)gd, (float *)(uintptr_t)sp) < 0)
+                (float)gd, (float *)(uintptr_t)sp, xt) < 0)
         return PyErr_NoMemory();
     c.data = (uint8_t *)(uintptr_t)dp;
     int nt = pick_threads(c.R * c.C, want);
     Py_BEGIN_ALLOW_THREADS
-    if (sq_local(&c)) {
+    if (c.xt) {
+        if (sq_local(&c)) {
+            sq_run_bands(&c, 0, SQ_BAND_LOCAL, nt, &nomem);
+        } else {
+            sq_run_bands(&c, 0, SQ_BAND_AMAX, nt, &nomem);
+            sq_tile_scales(&c, nt);
+            sq_run_bands(&c, 0, SQ_BAND_ELEMENTS, nt, &nomem);
+        }
+    } else if (sq_local(&c)) {
         sq_run_ahead(&c, 0, c.units, nt);
     } else {
         run_units(sq_phase1, &c, c.units, nt);
@@ -1307,6 +1347,7 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     sq_free(&c);
+    if (nomem) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -2692,13 +2733,17 @@ INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has
         int64_t *slots = c->cnt + w.ru * sq->nbc * sq->cs + w.q; /* the amax partial's slot */  \
         const uint8_t *nf = sq->nonfin + w.ru * sq->nbc * sq->cs + w.q;                         \
         int bad = 0;                                                                            \
+        fq_t banded; /* a gathered band: the runs of each row read x through sq_x */            \
+        const fq_t *cr = c;                                                                     \
+        if (sq->band) { banded = *c; cr = &banded; }                                            \
         for (size_t r = w.r0; r < w.r1; r++) {                                                  \
             const size_t tr = r / sq->br;                                                       \
             const float *srow = sq->scale + tr * sq->nbc;                                       \
             const float *drow = sq->lowbit ? sq->div + tr * sq->nbc : srow;                     \
+            if (sq->band) banded.sq.x = sq_x(sq, r);                                            \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(sq, &w, r, t, &lo, &hi);                                              \
-                bad |= RUN(c, lo, hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs,    \
+                bad |= RUN(cr, lo, hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs,   \
                            sq->track && !nf[t * sq->cs]);                                       \
             }                                                                                   \
         }                                                                                       \
@@ -2743,15 +2788,16 @@ static void fq_local_work(void *vj, size_t u) {
 static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     unsigned long long xp, qp, satp, sp, cp;
     Py_ssize_t R, C, br, bc;
-    int dt, fmt, want, rule;
+    int dt, fmt, want, rule, xt = 0, nomem = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnniKKKKii", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want, &rule))
+    if (!PyArg_ParseTuple(args, "KinnnniKKKKii|p", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want, &rule,
+                          &xt))
         return NULL;
     if (sq_check_args("fused_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     fq_t c;
     memset(&c, 0, sizeof c);
     if (sq_init(&c.sq, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, 0,
-                1.0f, (float *)(uintptr_t)sp) < 0)
+                1.0f, (float *)(uintptr_t)sp, xt) < 0)
         return PyErr_NoMemory();
     const size_t ntiles = c.sq.nbr * c.sq.nbc;
     int64_t *counts = (int64_t *)(uintptr_t)cp;
@@ -2774,7 +2820,15 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     int nt = pick_threads(c.sq.R * c.sq.C, want);
     float g;
     Py_BEGIN_ALLOW_THREADS
-    if (sq_local(&c.sq)) {
+    if (c.sq.xt) {
+        if (sq_local(&c.sq)) {
+            sq_run_bands(&job, 1, SQ_BAND_LOCAL, nt, &nomem);
+        } else {
+            sq_run_bands(&c.sq, 0, SQ_BAND_AMAX, nt, &nomem);
+            sq_tile_scales(&c.sq, nt);
+            sq_run_bands(&job, 1, SQ_BAND_ELEMENTS, nt, &nomem);
+        }
+    } else if (sq_local(&c.sq)) {
         sq_run_ahead(&job, 1, c.sq.units, nt);
     } else {
         run_units(sq_phase1, &c.sq, c.sq.units, nt);
@@ -2796,6 +2850,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     sq_free(&c.sq);
+    if (nomem) return PyErr_NoMemory();
     return Py_BuildValue("(di)", (double)g, bad);
 }
 
@@ -3411,6 +3466,54 @@ static void *ahead_main(void *arg) {
 static void sq_run_ahead(const void *ctx, int fused, size_t nunits, int nt) {
     ahead_t a = {ctx, fused, nunits, 0};
     run_threads(ahead_main, &a, nunits, nt);
+}
+
+/* ================================================================== scaled casts: transposed inputs
+ * The replay quantises G^T and A^T (wgrad) and W^T (dgrad) along their contraction dimension: transposed
+ * views, x.mT contiguous. Copying x first cost a second x-sized tensor (108 MiB at a 49152x576 LM head) and
+ * a pass over memory. Instead the units read x in bands: a band is bh consecutive row pieces of one column
+ * piece (about SQ_T_ROWS rows x at most SQ_T_COLS columns, ~64K elements), gathered into a per-band buffer
+ * by tv_transpose (each storage row, a column of x, read as one run of the band's rows), and the unit
+ * functions run on it unchanged, reading x through sq_x. It changes no value: the units and their outputs
+ * are the same as on a contiguous x, only the order in which they run differs (scales and counts of a
+ * unit's own tiles; the amax a max). sq_init makes units of a transposed x at most SQ_T_COLS columns wide,
+ * so a band holds ~SQ_T_ROWS rows: 1x128 tiles on a 576x49152 view, units of 1 x 1024, bands of 64 x 1024. */
+typedef struct { const void *ctx; int fused, mode; int *nomem; } band_job_t;
+
+static void band_work(void *vj, size_t b) {
+    const band_job_t *j = (const band_job_t *)vj;
+    const fq_job_t *fj = j->fused ? (const fq_job_t *)j->ctx : NULL;
+    const sq_t *c0 = fj ? &fj->c->sq : (const sq_t *)j->ctx;
+    const size_t nrp = c0->nbr * c0->sub, cp = b % c0->ncp, h0 = (b / c0->ncp) * c0->bh;
+    const size_t h1 = h0 + c0->bh < nrp ? h0 + c0->bh : nrp;
+    sq_unit_t first = sq_unit(c0, h0 * c0->ncp + cp), last = sq_unit(c0, (h1 - 1) * c0->ncp + cp);
+    if (first.c0 >= first.c1) return; /* an empty piece of a short last tile (its partials stay 0) */
+    const size_t es = c0->dt == DT_F32 ? 4 : 2, rows = last.r1 - first.r0, cols = first.c1 - first.c0;
+    char *band = (char *)malloc(rows * cols * es);
+    if (!band) { __atomic_store_n(j->nomem, 1, __ATOMIC_RELAXED); return; }
+    /* x[r][col] is stored at col * R + r */
+    tv_transpose((const char *)c0->x + (first.c0 * c0->R + first.r0) * es, c0->R, band, cols, rows, cols, es);
+    fq_t fc;
+    sq_t sc;
+    sq_t *c = fj ? &fc.sq : &sc;
+    if (fj) fc = *fj->c; else sc = *c0;
+    c->band = band; c->band_r0 = first.r0; c->band_c0 = first.c0; c->band_ld = cols;
+    fq_job_t job = {&fc, fj ? fj->sel : 0};
+    for (size_t h = h0; h < h1; h++) {
+        size_t u = h * c0->ncp + cp;
+        if (j->mode == SQ_BAND_AMAX) sq_phase1(c, u);
+        else if (j->mode == SQ_BAND_ELEMENTS) { if (fj) fq_work(&job, u); else sq_phase2(c, u); }
+        else if (fj) fq_local_work(&job, u);
+        else sq_local_work(c, u);
+    }
+    free(band);
+}
+
+static void sq_run_bands(const void *ctx, int fused, int mode, int nt, int *nomem) {
+    const sq_t *c = fused ? &((const fq_job_t *)ctx)->c->sq : (const sq_t *)ctx;
+    band_job_t j = {ctx, fused, mode, nomem};
+    const size_t nrp = c->nbr * c->sub;
+    run_units(band_work, &j, (nrp + c->bh - 1) / c->bh * c->ncp, nt);
 }
 
 static PyMethodDef methods[] = {

@@ -348,6 +348,22 @@ def _scaled_cast_applies(x: torch.Tensor, fmt: str, block_rows: int, block_cols:
             and scale_rule in _SCALE_RULE and block_rows > 0 and block_cols > 0 and enabled())
 
 
+def _is_transposed(x: torch.Tensor) -> bool:
+    """Whether x is a transposed view of a contiguous tensor: x.mT contiguous (storage [.., cols, rows] of
+    the logical [.., rows, cols]), x itself not contiguous."""
+    return x.dim() >= 2 and x.numel() > 0 and not x.is_contiguous() and x.mT.is_contiguous()
+
+
+def _scaled_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(tensor, transposed) for the C scaled casts: a 2-D transposed view (x.mT contiguous: the replay's Gᵀ, Aᵀ
+    and Wᵀ) as it is, the C code reading it band by band (no copy: the LM head's Wᵀ is 108 MiB); anything else
+    through contiguous()."""
+    x = x.detach()
+    if x.dim() == 2 and _is_transposed(x):
+        return x, True
+    return contiguous(x), False
+
+
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
                     global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU kernel of ``fp8probe::quantize_scaled``: same arguments, results and errors as the reference's.
@@ -364,11 +380,11 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     storage = _ref.SCALED_FORMATS[fmt][0]
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
-    xc = contiguous(x)
+    xc, xt = _scaled_input(x)
     data = _fresh(x.shape, storage)
     scale = torch.empty(-(-R // br), -(-C // bc), dtype=_F32)
     _ext().quantize_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], data.data_ptr(),
-                           scale.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule], *g)
+                           scale.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule], *g, xt)
     return data, scale
 
 
@@ -449,12 +465,6 @@ _SUM_DT = {**_DT, torch.float64: 3}
 #: Elements per block of the deterministic float64 sums (see ``error_sums``).
 SUM_BLOCK = 8192
 SUM_LANES = 8
-
-
-def _is_transposed(x: torch.Tensor) -> bool:
-    """Whether x is a transposed view of a contiguous tensor: x.mT contiguous (storage [.., cols, rows] of
-    the logical [.., rows, cols]), x itself not contiguous."""
-    return x.dim() >= 2 and x.numel() > 0 and not x.is_contiguous() and x.mT.is_contiguous()
 
 
 def _flat_operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -779,14 +789,15 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
         return None
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
-    xc = contiguous(x)
+    xc, xt = _scaled_input(x)
     q = _fresh(x.shape, _F32)
     sat = _fresh(x.shape, torch.bool)
     nbr, nbc = -(-R // br), -(-C // bc)
     scale = torch.empty(nbr, nbc, dtype=_F32)
     counts = torch.empty(3, nbr * nbc, dtype=torch.int64)
     g, bad = _ext().fused_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], q.data_ptr(),
-                                 sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule])
+                                 sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule],
+                                 xt)
     if bad:
         return None
     return FusedScaled(q, sat, scale, torch.tensor(g, dtype=_F32) if fmt == "nvfp4" else None, counts)

@@ -17,6 +17,7 @@ import fp8probe.analysis.metrics as M
 from fp8probe.analysis.metrics import (BLOCK, LOG2_HI, LOG2_LO, RAW_LIMITS, ErrorAccumulator, OperandAccumulator,
                                        OutlierCensus, TensorStats)
 from fp8probe.backends import cpu
+from support import forbid_full_copies
 
 F64 = torch.float64
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, F64)
@@ -179,18 +180,7 @@ def test_operand_sums_saturation_without_a_mask_compares_exactly(isa: str) -> No
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def no_full_copy(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Fail the test when backends.cpu.contiguous copies a non-contiguous tensor (the full-size copy a
-    transposed operand used to get); yields the list of the shapes it was asked to copy."""
-    copied: list = []
-    real = cpu.contiguous
-
-    def spy(x: torch.Tensor) -> torch.Tensor:
-        if not x.is_contiguous():
-            copied.append(tuple(x.shape))
-            raise AssertionError(f"a full copy of a {list(x.shape)} view")
-        return real(x)
-    monkeypatch.setattr(cpu, "contiguous", spy)
-    return copied
+    return forbid_full_copies(monkeypatch)
 
 
 def _transposed(shape: tuple[int, ...], dtype: torch.dtype, seed: int, specials: bool = True) -> torch.Tensor:
