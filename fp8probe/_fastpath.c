@@ -1985,7 +1985,23 @@ typedef struct {
     double *uamax, *umin;
     int64_t *uhist;     /* [units][nbins] */
     uint64_t *segmax;   /* [rows * nseg]: bits of the (non-negative double) segment absmax, zeroed by the caller */
+    tview_t xv;         /* layout of x (rows == 0: contiguous) */
+    int *nomem;         /* set when a unit cannot get its gather buffer */
 } ts_t;
+
+/* x's elements of unit u, [*ulo, *uhi), at xu[i - *ulo]: x itself, or gathered into *buf (malloc'd, UNIT
+ * elements; the caller frees it) for a transposed view; NULL when that allocation failed (*nomem set). */
+static const char *ts_unit_x(const ts_t *c, size_t u, size_t *ulo, size_t *uhi, char **buf) {
+    const size_t es = sum_dt_size(c->dt);
+    *ulo = u * UNIT;
+    *uhi = *ulo + UNIT < c->n ? *ulo + UNIT : c->n;
+    *buf = NULL;
+    if (c->xv.rows && !(*buf = (char *)malloc(UNIT * es))) {
+        __atomic_store_n(c->nomem, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    return (const char *)tv_range(c->x, es, c->xv, *ulo, *uhi, *buf);
+}
 
 /* max into a non-negative double held as its bits (non-negative doubles order like their bits) */
 static void atomic_max_bits(uint64_t *p, uint64_t v) {
@@ -2006,6 +2022,10 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
     double amax = 0.0, mn = INFINITY;
     uint32_t sub[TS_SUBH][TS_MAXBINS + 1]; /* a unit has 65536 elements: uint32 counts cannot overflow */
     uint8_t bin[SUM_BLOCK];
+    size_t ulo, uhi;
+    char *buf;
+    const char *xu = ts_unit_x(c, u, &ulo, &uhi, &buf);
+    if (!xu) return;
     memset(sub, 0, sizeof(sub));
     for (int j = 0; j < nbins; j++) hist[j] = 0;
     for (size_t b = b0; b < b1; b++) {
@@ -2016,7 +2036,7 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
         size_t i = lo;
 #define TS_ELEM(I, K)                                                                          \
     {                                                                                          \
-        double v = loadd(c->x, (I), dt), a = fabs(v);                                          \
+        double v = loadd(xu, (I) - ulo, dt), a = fabs(v);                                      \
         int fin = fin_d(v), nzf = fin & (a > 0.0);                                             \
         sx[K] += fin ? v : 0.0;                                                                \
         double a0 = fin ? a : 0.0, am = nzf ? a : INFINITY;                                    \
@@ -2042,7 +2062,7 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
          * increments, element i into sub-histogram i % TS_SUBH so that runs of one bin (most values
          * share a few binades) do not wait on the previous increment of the same counter. */
         for (size_t j = lo; j < hi; j++) {
-            double a = fabs(loadd(c->x, j, dt));
+            double a = fabs(loadd(xu, j - ulo, dt));
             int ok = fin_d(a) & (a > 0.0);
             /* float32/fp16/bf16 values are normal doubles: the exponent field is exact; float64
              * subnormals need ilogb */
@@ -2062,13 +2082,14 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
             size_t pe = i + (send - col) < hi ? i + (send - col) : hi;
             int64_t m = 0;
             for (; i < pe; i++) {
-                double a = fabs(loadd(c->x, i, dt));
+                double a = fabs(loadd(xu, i - ulo, dt));
                 int64_t bits = fin_d(a) ? (int64_t)f2u_d(a) : 0;
                 m = bits > m ? bits : m;
             }
             if (m) atomic_max_bits(c->segmax + row * c->nseg + sg, (uint64_t)m);
         }
     }
+    free(buf);
     for (int j = 0; j < nbins; j++)
         for (int h = 0; h < TS_SUBH; h++) hist[j] += sub[h][j];
     for (int j = 0; j < TS_C; j++) c->ucount[u * TS_C + j] = tot[j];
@@ -2081,13 +2102,17 @@ INLINE void ts2_body(const ts_t *c, size_t u, int dt, int unused) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
     const double mean = c->mean;
+    size_t ulo, uhi;
+    char *buf;
+    const char *xu = ts_unit_x(c, u, &ulo, &uhi, &buf);
+    if (!xu) return;
     for (size_t b = b0; b < b1; b++) {
         size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
         double m2[SUM_LANES] = {0}, m3[SUM_LANES] = {0}, m4[SUM_LANES] = {0};
         size_t i = lo;
 #define TS2_ELEM(I, K)                                                                         \
     {                                                                                          \
-        double v = loadd(c->x, (I), dt), d = fin_d(v) ? v - mean : 0.0, d2 = d * d;            \
+        double v = loadd(xu, (I) - ulo, dt), d = fin_d(v) ? v - mean : 0.0, d2 = d * d;        \
         m2[K] += d2; m3[K] += d2 * d; m4[K] += d2 * d2;                                        \
     }
         for (; i + SUM_LANES <= hi; i += SUM_LANES)
@@ -2097,6 +2122,7 @@ INLINE void ts2_body(const ts_t *c, size_t u, int dt, int unused) {
         double *s = c->slot + b * 4;
         s[1] = lanes_combine(m2); s[2] = lanes_combine(m3); s[3] = lanes_combine(m4);
     }
+    free(buf);
 }
 
 #define TS_DISPATCH(NAME, BODY, ATTR, END)                                                      \
@@ -2117,12 +2143,12 @@ SIMD_WORK(ts2_work, const ts_t, ts2_avx2, ts2_scalar)
 
 static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
     unsigned long long xp, hp, sp;
-    int dt, hlo, nbins, want;
+    int dt, hlo, nbins, want, nomem = 0, xt = 0;
     Py_ssize_t n, cols, seg;
     double tiny, l0, l1, l2;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnddddiiKKi", &xp, &dt, &n, &cols, &seg, &tiny, &l0, &l1, &l2, &hlo,
-                          &nbins, &hp, &sp, &want))
+    if (!PyArg_ParseTuple(args, "KinnnddddiiKKi|p", &xp, &dt, &n, &cols, &seg, &tiny, &l0, &l1, &l2, &hlo,
+                          &nbins, &hp, &sp, &want, &xt))
         return NULL;
     if (n <= 0 || cols <= 0 || n % cols != 0 || seg <= 0 || bad_dt(dt) || nbins <= 0 || nbins > TS_MAXBINS) {
         PyErr_Format(PyExc_ValueError,
@@ -2135,7 +2161,8 @@ static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
               ((size_t)cols + (size_t)seg - 1) / (size_t)seg, tiny, {l0, l1, l2}, hlo, nbins, 0.0,
               (double *)malloc(nb * 4 * sizeof(double)), (int64_t *)malloc(units * TS_C * sizeof(int64_t)),
               (double *)malloc(units * sizeof(double)), (double *)malloc(units * sizeof(double)),
-              (int64_t *)malloc(units * (size_t)nbins * sizeof(int64_t)), (uint64_t *)(uintptr_t)sp};
+              (int64_t *)malloc(units * (size_t)nbins * sizeof(int64_t)), (uint64_t *)(uintptr_t)sp,
+              {xt ? (size_t)n / (size_t)cols : 0, xt ? (size_t)cols : 0}, &nomem}; /* xt: x stored as [cols, rows] */
     if (!c.slot || !c.ucount || !c.uamax || !c.umin || !c.uhist) {
         free(c.slot); free(c.ucount); free(c.uamax); free(c.umin); free(c.uhist);
         return PyErr_NoMemory();
@@ -2161,6 +2188,7 @@ static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     free(c.slot); free(c.ucount); free(c.uamax); free(c.umin); free(c.uhist);
+    if (nomem) return PyErr_NoMemory();
     return Py_BuildValue("{s:L,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:L,s:L,s:L,s:(LLL)}",
                          "n", (long long)cnt[8], "sum", sum, "mean", c.mean, "m2", m[0], "m3", m[1], "m4", m[2],
                          "amax", amax, "min_nonzero", mn, "nan", (long long)cnt[0], "pos_inf", (long long)cnt[1],

@@ -539,7 +539,8 @@ def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | Non
 
 def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, float], segment: int,
                  log2_lo: int, bins: int) -> dict | None:
-    """One tensor's dynamic-range statistics in two C passes, over a 2-D view ``x2`` [rows, cols].
+    """One tensor's dynamic-range statistics in two C passes, over a 2-D view ``x2`` [rows, cols] (a transposed
+    view, x2.mT contiguous, is read in place, a work unit at a time).
 
     Returns a dict: n (finite values), sum and mean (Σx in the order of ``error_sums``, mean = Σ/n),
     m2, m3, m4 (Σd², Σd²·d, Σd²·d² with d = x − mean in float64, same order; 0 when n == 0), amax
@@ -555,13 +556,13 @@ def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, floa
         raise ValueError(f"expected 3 limits, got {len(limits)}")
     if not _sums_apply(x2):
         return None
-    xc = contiguous(x2)
+    xc, x_rows, _ = _flat_operand(x2)  # a transposed view is read in place
     rows, cols = xc.shape
     hist = torch.empty(bins, dtype=torch.int64)
     segmax = torch.zeros(rows * -(-cols // segment), dtype=torch.float64)
     out = _ext().tensor_stats(xc.data_ptr(), _SUM_DT[xc.dtype], xc.numel(), cols, segment, float(tiny),
                               *(float(v) for v in limits), log2_lo, bins, hist.data_ptr(), segmax.data_ptr(),
-                              _threads(xc.numel()))
+                              _threads(xc.numel()), x_rows > 0)
     out["hist"], out["segmax"] = hist, segmax
     return out
 
