@@ -316,7 +316,8 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     devices, dtypes and empty tensors run the reference."""
     if x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or not enabled():
         return _ref.nvfp4_global_scale(x)
-    xc = contiguous(x)
+    x = x.detach()
+    xc = x.mT if _is_transposed(x) else contiguous(x)  # a max of all elements: any order, the storage as it is
     amax = torch.tensor(_ext().finite_amax(xc.data_ptr(), _DT[x.dtype], x.numel(), _threads(x.numel())), dtype=_F32)
     g = amax / torch.full_like(amax, _ref.NVFP4_GLOBAL_RANGE)
     return torch.where(g > 0, g, 1.0)
