@@ -3517,15 +3517,19 @@ static void band_work(void *vj, size_t b) {
     sq_unit_t first = sq_unit(c0, h0 * c0->ncp + cp), last = sq_unit(c0, (h1 - 1) * c0->ncp + cp);
     if (first.c0 >= first.c1) return; /* an empty piece of a short last tile (its partials stay 0) */
     const size_t es = c0->dt == DT_F32 ? 4 : 2, rows = last.r1 - first.r0, cols = first.c1 - first.c0;
-    char *band = (char *)malloc(rows * cols * es);
+    /* band rows 32 bytes longer than their columns: with a leading dimension of 1024 floats (4 KiB) the 8 rows an
+     * 8x8 tile writes would share one L1 set (the usual transpose aliasing; the difference was within the noise
+     * of the shared 2-core test machine) */
+    const size_t ld = cols + 32 / es;
+    char *band = (char *)malloc(rows * ld * es);
     if (!band) { __atomic_store_n(j->nomem, 1, __ATOMIC_RELAXED); return; }
     /* x[r][col] is stored at col * R + r */
-    tv_transpose((const char *)c0->x + (first.c0 * c0->R + first.r0) * es, c0->R, band, cols, rows, cols, es);
+    tv_transpose((const char *)c0->x + (first.c0 * c0->R + first.r0) * es, c0->R, band, ld, rows, cols, es);
     fq_t fc;
     sq_t sc;
     sq_t *c = fj ? &fc.sq : &sc;
     if (fj) fc = *fj->c; else sc = *c0;
-    c->band = band; c->band_r0 = first.r0; c->band_c0 = first.c0; c->band_ld = cols;
+    c->band = band; c->band_r0 = first.r0; c->band_c0 = first.c0; c->band_ld = ld;
     fq_job_t job = {&fc, fj ? fj->sel : 0};
     for (size_t h = h0; h < h1; h++) {
         size_t u = h * c0->ncp + cp;
