@@ -16,7 +16,10 @@ the C code does not cover:
   re-run by the reference, which records them), and non-finite absmax/codebook on dequantisation;
 * empty tensors, and codebooks whose search tables do not exist (a non-monotone rule).
 
-Non-contiguous inputs are made contiguous first (the reference reads them in C order too).
+Non-contiguous inputs are made contiguous first (the reference reads them in C order too), except transposed
+views (x.mT contiguous: the replay's Gᵀ, Aᵀ, Wᵀ and wgrad's result), which the scaled casts, nvfp4_global_scale
+and the metrics reductions read in place: a band or work unit at a time, gathered by 8x8 transposes into a
+buffer of ~64K elements, instead of a copy of the whole tensor (108 MiB at a 49152x576 LM head).
 ``quantize_blockwise_into`` / ``dequantize_blockwise_into`` write into caller-provided outputs
 without temporaries; ``functional.py`` uses them for ``out=`` / ``absmax=``.
 """
@@ -325,8 +328,8 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
 
 def contiguous(x: torch.Tensor) -> torch.Tensor:
     """x.detach().contiguous(); a transposed view of a contiguous tensor (2-D, or [Bt, R, C] whose last two dims
-    are swapped: the replay's Gᵀ and Aᵀ, 248 of 728 fused casts of a 2-layer Llama, and a weight's fake-quantised
-    Wᵀ) is copied by the C blocked transpose, slice by slice: the same bits, 2-4x faster (256x576 float32: 0.147
+    are swapped: a weight's fake-quantised Wᵀ; the C passes that read such views in place do not come here) is
+    copied by the C blocked transpose, slice by slice: the same bits, 2-4x faster (256x576 float32: 0.147
     -> 0.067 ms CPU; 256x1536: 0.47 -> 0.15 ms; the 49152x576 LM head ~0.23 s -> ~0.06 s)."""
     x = x.detach()
     if (x.dim() in (2, 3) and not x.is_contiguous() and x.mT.is_contiguous() and x.numel() > 0 and x.dtype in _DT
