@@ -3561,7 +3561,8 @@ static PyMethodDef methods[] = {
      "default-mode LLM.int8() row quantisation; colmask[j] = 1 for outlier columns (threshold > 0), "
      "which the caller zeroes in q."},
     {"quantize_scaled", py_quantize_scaled, METH_VARARGS,
-     "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads[, rule, has_g, g]): "
+     "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads[, rule, has_g, g, "
+     "transposed]): transposed: x is stored as [C, R] (x.mT contiguous); "
      "fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2, 4 mxfp6-e2m3, 5 mxfp6-e3m2, 6 mxfp4-e2m1, 7 nvfp4; "
      "rule 0 floor, 1 rceil, 2 even (MX); g: the NVFP4 tensor scale (computed when has_g is 0); "
      "data uint8 [R*C], scale float32 [ceil(R/br), ceil(C/bc)]."},
@@ -3590,22 +3591,26 @@ static PyMethodDef methods[] = {
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},
     /* metrics reductions (analysis/metrics.py) */
     {"error_sums", py_error_sums, METH_VARARGS,
-     "error_sums(ref_ptr, ref_dtype, lp_ptr, lp_dtype, n, threads) -> (sum_ref2, sum_err2, sum_lp2, sum_dot, "
+     "error_sums(ref_ptr, ref_dtype, lp_ptr, lp_dtype, n, threads[, ref_rows, ref_cols, lp_rows, lp_cols]) -> "
+     "(sum_ref2, sum_err2, sum_lp2, sum_dot, "
      "max_abs_err, compared, nonfinite, excluded); dtype 0 fp32, 1 fp16, 2 bf16, 3 fp64; sums in the "
-     "deterministic block order (see 'metrics reductions')."},
+     "deterministic block order (see 'metrics reductions'); rows, cols > 0: that operand is a transposed view, "
+     "logical [.., rows, cols] stored as [.., cols, rows] (0, 0: contiguous)."},
     {"operand_sums", py_operand_sums, METH_VARARGS,
-     "operand_sums(x_ptr, x_dtype, q_ptr, q_dtype, sat_ptr_or_0, n, threads) -> (sum_x2, sum_err2, finite, nonzero, "
-     "underflow, saturated, excluded, nonfinite); sat 0: saturated = |x| > max|q| over the finite pairs."},
+     "operand_sums(x_ptr, x_dtype, q_ptr, q_dtype, sat_ptr_or_0, n, threads[, x_rows, x_cols, q_rows, q_cols, "
+     "sat_rows, sat_cols]) -> (sum_x2, sum_err2, finite, nonzero, underflow, saturated, excluded, nonfinite); "
+     "sat 0: saturated = |x| > max|q| over the finite pairs; layouts as error_sums."},
     {"tensor_stats", py_tensor_stats, METH_VARARGS,
      "tensor_stats(x_ptr, dtype, n, cols, seg, tiny, lim0, lim1, lim2, hist_lo, nbins, hist_ptr, segmax_ptr, "
-     "threads) -> dict; hist int64 [nbins] and segmax float64 [n / cols * ceil(cols / seg)] (zeroed) written."},
+     "threads[, transposed]) -> dict; hist int64 [nbins] and segmax float64 [n / cols * ceil(cols / seg)] (zeroed) "
+     "written; transposed: x is stored as [cols, n / cols]."},
     {"outlier_census", py_outlier_census, METH_VARARGS,
      "outlier_census(x_ptr, dtype, rows, cols, threshold, amax_ptr, hits_ptr, threads) -> rows touched; writes "
      "amax float64 [cols] (max |x|, NaN as 0) and hits int64 [cols] (rows with |x| >= threshold)."},
     /* fused scaled fake-quantisation */
     {"fused_scaled", py_fused_scaled, METH_VARARGS,
      "fused_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, q_ptr, sat_ptr, scale_ptr, counts_ptr, "
-     "threads, rule) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
+     "threads, rule[, transposed]) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
      "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
      "saturated); fmt/rule as quantize_scaled; g: the NVFP4 tensor scale "
      "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable)."},
