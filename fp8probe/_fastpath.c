@@ -812,7 +812,22 @@ typedef struct {
     size_t units, np;     /* work units; partial slots ([row pieces][nbc * cs]) */
     int fmt, rule, has_g; float g;  /* format, MX scale rule, NVFP4 tensor scale (given when has_g) */
     pf_t *pf;             /* the calling thread's prefetch cursor (its own copy of the context), or NULL */
+    int xt;               /* x is a transposed view: logical [R, C] stored as [C, R] (x.mT contiguous); the units
+                           * then read it through bands ("scaled casts: transposed inputs") */
+    size_t bh;            /* xt: row pieces per band */
+    const char *band;     /* the calling thread's gathered band (its own copy of the context), or NULL: rows
+                           * [band_r0, ..) x columns [band_c0, ..) of x, row-major with leading dimension band_ld */
+    size_t band_r0, band_c0, band_ld;
 } sq_t;
+
+/* x as the runs of row r index it (flat index r * C + col): x itself, or, while a band is gathered, the address
+ * that puts index r * C + col at band[(r - band_r0) * band_ld + col - band_c0]. That address is formed in
+ * modular integer arithmetic and lies outside the band; only band elements are read through it. */
+INLINE const void *sq_x(const sq_t *c, size_t r) {
+    if (!c->band) return c->x;
+    const size_t es = c->dt == DT_F32 ? 4 : 2;
+    return (const void *)((uintptr_t)c->band + ((r - c->band_r0) * c->band_ld - c->band_c0 - r * c->C) * es);
+}
 
 INLINE uint8_t enc_fp8(float y, int e5m2, uint32_t fmax_bits) {
     uint32_t u = f2u(y), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
@@ -953,7 +968,7 @@ INLINE void sq_run_of(const sq_t *c, const sq_unit_t *w, size_t r, size_t t, siz
         for (size_t r = w.r0; r < w.r1; r++)                                                    \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(c, &w, r, t, &lo, &hi);                                               \
-                part[t * c->cs + w.q] = RUN(c->x, lo, hi, dt, part[t * c->cs + w.q], track,     \
+                part[t * c->cs + w.q] = RUN(sq_x(c, r), lo, hi, dt, part[t * c->cs + w.q], track,\
                                             track ? nf + t * c->cs + w.q : NULL);               \
             }                                                                                   \
     }                                                                                           \
@@ -1025,7 +1040,7 @@ INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, 
             const float *drow = c->div + (r / c->br) * c->nbc;                                  \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(c, &w, r, t, &lo, &hi);                                               \
-                RUN(c->x, lo, hi, dt, drow[t], k, c->data, c->pf);                              \
+                RUN(sq_x(c, r), lo, hi, dt, drow[t], k, c->data, c->pf);                        \
             }                                                                                   \
         }                                                                                       \
     }
@@ -1042,7 +1057,7 @@ SQ_LOWBIT_BODY(sq_lowbit_body, sq_lowbit_run, )
             const float *srow = c->scale + (r / c->br) * c->nbc;                                \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(c, &w, r, t, &lo, &hi);                                               \
-                RUN(c->x, lo, hi, dt, srow[t], e5m2, fmax_bits, c->data, c->pf);                \
+                RUN(sq_x(c, r), lo, hi, dt, srow[t], e5m2, fmax_bits, c->data, c->pf);          \
             }                                                                                   \
         }                                                                                       \
     }
@@ -1136,8 +1151,13 @@ static float mx_scale1(float amax, int fmt, int rule) {
  * element pass; or, where sq_local, sq_local_scales and its element pass unit by unit). Returns 0, or -1 when out of memory (nothing then stays allocated). */
 #define SQ_ROW_UNIT (8 * UNIT)
 
+/* Transposed inputs: units at most SQ_T_COLS columns wide, bands of about SQ_T_ROWS rows (see "scaled casts:
+ * transposed inputs"). */
+#define SQ_T_COLS ((size_t)1024)
+#define SQ_T_ROWS ((size_t)64)
+
 static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br, size_t bc, int fmt, int rule,
-                   int has_g, float g, float *scale) {
+                   int has_g, float g, float *scale, int xt) {
     memset(c, 0, sizeof *c);
     c->fmt = fmt; c->rule = rule; c->has_g = has_g; c->g = g;
     c->x = x; c->dt = dt;
@@ -1150,12 +1170,16 @@ static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br
      * a unit, all br rows of a tile row, so that units hold whole tiles and take the one-pass local mode
      * (sq_local); and whole tile rows up to SQ_ROW_UNIT elements (128x128 at C = 4096: units of 128 x 4096,
      * one contiguous 2 MiB run that sq_run_ahead prefetches, where 128 x 512 pieces ran 1.2x slower). */
-    c->rpu = C >= UNIT ? 1 : UNIT / C;
+    const size_t cmax = xt && C > SQ_T_COLS ? SQ_T_COLS : C; /* a transposed x: narrower units, more rows */
+    c->rpu = cmax >= UNIT ? 1 : UNIT / cmax;
     if (c->rpu > br || br * bc <= UNIT) c->rpu = br;
     c->sub = (br + c->rpu - 1) / c->rpu;
     size_t cw = UNIT / c->rpu;
     if (cw < 1) cw = 1;
-    if (c->rpu == br && br * C <= SQ_ROW_UNIT) cw = C;
+    if (c->rpu == br && br * C <= SQ_ROW_UNIT && !xt) cw = C;
+    if (xt && cw > SQ_T_COLS) cw = SQ_T_COLS;
+    c->xt = xt;
+    c->bh = xt && c->rpu < SQ_T_ROWS ? SQ_T_ROWS / c->rpu : 1;
     if (bc <= cw) {
         c->k = cw / bc; c->cs = 1; c->cw = 0;
         c->ncp = (c->nbc + c->k - 1) / c->k;
@@ -1269,6 +1293,14 @@ static void sq_local_work(void *vc, size_t u) {
  * quantize_scaled, or the fq_job_t of fused_scaled (fused = 1). */
 static void sq_run_ahead(const void *ctx, int fused, size_t nunits, int nt);
 
+/* A transposed x's units over nt threads, band by band (same section as sq_run_ahead): the amax pass, the
+ * element pass, or both unit by unit (local mode); ctx as sq_run_ahead's. Sets *nomem when a band buffer
+ * could not be allocated (outputs then incomplete). */
+#define SQ_BAND_AMAX 0
+#define SQ_BAND_ELEMENTS 1
+#define SQ_BAND_LOCAL 2
+static void sq_run_bands(const void *ctx, int fused, int mode, int nt, int *nomem);
+
 /* The argument checks of the scaled-cast entry points: 0, or -1 with a ValueError set. */
 static int sq_check_args(const char *fn, Py_ssize_t R, Py_ssize_t C, Py_ssize_t br, Py_ssize_t bc, int dt, int fmt,
                          int rule) {
@@ -1284,21 +1316,29 @@ static int sq_check_args(const char *fn, Py_ssize_t R, Py_ssize_t C, Py_ssize_t 
 static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     unsigned long long xp, dp, sp;
     Py_ssize_t R, C, br, bc;
-    int dt, fmt, want, rule = 0, has_g = 0;
+    int dt, fmt, want, rule = 0, has_g = 0, xt = 0, nomem = 0;
     double gd = 1.0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnniKKi|iid", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
-                          &gd))
+    if (!PyArg_ParseTuple(args, "KinnnniKKi|iidp", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
+                          &gd, &xt))
         return NULL;
     if (sq_check_args("quantize_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     sq_t c;
     if (sq_init(&c, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, has_g,
-                (float)gd, (float *)(uintptr_t)sp) < 0)
+                (float)gd, (float *)(uintptr_t)sp, xt) < 0)
         return PyErr_NoMemory();
     c.data = (uint8_t *)(uintptr_t)dp;
     int nt = pick_threads(c.R * c.C, want);
     Py_BEGIN_ALLOW_THREADS
-    if (sq_local(&c)) {
+    if (c.xt) {
+        if (sq_local(&c)) {
+            sq_run_bands(&c, 0, SQ_BAND_LOCAL, nt, &nomem);
+        } else {
+            sq_run_bands(&c, 0, SQ_BAND_AMAX, nt, &nomem);
+            sq_tile_scales(&c, nt);
+            sq_run_bands(&c, 0, SQ_BAND_ELEMENTS, nt, &nomem);
+        }
+    } else if (sq_local(&c)) {
         sq_run_ahead(&c, 0, c.units, nt);
     } else {
         run_units(sq_phase1, &c, c.units, nt);
@@ -1307,6 +1347,7 @@ static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     sq_free(&c);
+    if (nomem) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -1513,10 +1554,151 @@ static size_t n_sum_blocks(size_t n) { return (n + SUM_BLOCK - 1) / SUM_BLOCK; }
     switch (dta) { case DT_F32: DT_INNER(BODY, DT_F32, dtb) break; case DT_F16: DT_INNER(BODY, DT_F16, dtb) break; \
                    case DT_BF16: DT_INNER(BODY, DT_BF16, dtb) break; default: DT_INNER(BODY, DT_F64, dtb) break; }
 
+/* ------------------------------------------------- transposed views, read block by block (no full copy)
+ * The replay hands the reductions transposed views: wgrad's result (A^T G^T)^T, the OCP/MX casts' G^T,
+ * A^T and W^T. Such an operand is a tensor read flat in the C order of its logical shape [.., rows, cols]
+ * whose storage is [.., cols, rows] (x.mT contiguous). Copying it whole cost a second tensor (108 MiB at
+ * a 49152x576 LM head); instead each SUM_BLOCK of logical elements is gathered into a per-unit buffer
+ * and the block loop reads that buffer. Every value and its place in the summation order are unchanged,
+ * so the results are the bits of copying first. A tview_t with rows == 0 is a contiguous operand. */
+typedef struct { size_t rows, cols; } tview_t;
+
+INLINE void tv_copy(char *d, const char *s, size_t es) {
+    if (es == 8) memcpy(d, s, 8);
+    else if (es == 4) memcpy(d, s, 4);
+    else if (es == 2) memcpy(d, s, 2);
+    else *d = *s;
+}
+
+/* dst[i * ldd + j] = src[j * lds + i] for i < nr, j < nc: a transpose between two leading dimensions, in 8x8
+ * tiles (both sides touch 8 cache lines per tile); element size ES constant after inlining. */
+INLINE void tv_transpose_es(const char *src, size_t lds, char *dst, size_t ldd, size_t nr, size_t nc, size_t es) {
+    for (size_t j0 = 0; j0 < nc; j0 += 8) {
+        size_t j1 = j0 + 8 < nc ? j0 + 8 : nc;
+        for (size_t i0 = 0; i0 < nr; i0 += 8) {
+            size_t i1 = i0 + 8 < nr ? i0 + 8 : nr;
+            for (size_t j = j0; j < j1; j++)
+                for (size_t i = i0; i < i1; i++) tv_copy(dst + (i * ldd + j) * es, src + (j * lds + i) * es, es);
+        }
+    }
+}
+
+#if FP_X86
+/* d[k * ldd + j] = s[j * lds + k] for k, j < 8 (float32 bits), by register shuffles */
+AVX2 INLINE void tr8x8_ps(const float *s, size_t lds, float *d, size_t ldd) {
+    __m256 r[8], t[8];
+    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(s + k * lds);
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
+        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(d + k * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(d + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
+}
+
+/* the same for 4x4 float64 */
+AVX2 INLINE void tr4x4_pd(const double *s, size_t lds, double *d, size_t ldd) {
+    __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + lds), r2 = _mm256_loadu_pd(s + 2 * lds),
+            r3 = _mm256_loadu_pd(s + 3 * lds);
+    __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1), t2 = _mm256_unpacklo_pd(r2, r3),
+            t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(d + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(d + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(d + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+
+/* tv_transpose_es for 4- and 8-byte elements: register tiles, the edges by the scalar loop */
+AVX2 static void tv_transpose_avx2(const char *src, size_t lds, char *dst, size_t ldd, size_t nr, size_t nc,
+                                   size_t es) {
+    const size_t t = es == 4 ? 8 : 4, nr_t = nr - nr % t, nc_t = nc - nc % t;
+    for (size_t j = 0; j < nc_t; j += t)
+        for (size_t i = 0; i < nr_t; i += t) {
+            if (es == 4) tr8x8_ps((const float *)src + j * lds + i, lds, (float *)dst + i * ldd + j, ldd);
+            else tr4x4_pd((const double *)src + j * lds + i, lds, (double *)dst + i * ldd + j, ldd);
+        }
+    tv_transpose_es(src + nr_t * es, lds, dst + nr_t * ldd * es, ldd, nr - nr_t, nc, es); /* last rows */
+    tv_transpose_es(src + nc_t * lds * es, lds, dst + nc_t * es, ldd, nr_t, nc - nc_t, es); /* last cols */
+    _mm256_zeroupper();
+}
+#endif
+
+static void tv_transpose(const char *src, size_t lds, char *dst, size_t ldd, size_t nr, size_t nc, size_t es) {
+#if FP_X86
+    if (g_have_avx2 && (es == 4 || es == 8)) { tv_transpose_avx2(src, lds, dst, ldd, nr, nc, es); return; }
+#endif
+    switch (es) {
+    case 8: tv_transpose_es(src, lds, dst, ldd, nr, nc, 8); break;
+    case 4: tv_transpose_es(src, lds, dst, ldd, nr, nc, 4); break;
+    case 2: tv_transpose_es(src, lds, dst, ldd, nr, nc, 2); break;
+    default: tv_transpose_es(src, lds, dst, ldd, nr, nc, 1); break;
+    }
+}
+
+/* buf[0 .. hi-lo) = the logical elements lo..hi-1 of a transposed view at src, element size es. Per
+ * [rows, cols] matrix: the logical rows the range covers whole are one tv_transpose (each storage row
+ * is read in runs of consecutive logical rows, ~range/cols elements); a partial first or last row
+ * is read along it (one element per storage row). */
+static void tv_gather(const void *srcv, size_t es, tview_t v, size_t lo, size_t hi, void *bufv) {
+    const char *src = (const char *)srcv;
+    char *buf = (char *)bufv;
+    const size_t R = v.rows, C = v.cols, mat = R * C;
+    while (lo < hi) {
+        size_t b = lo / mat, l0 = lo - b * mat, l1 = hi - b * mat < mat ? hi - b * mat : mat;
+        const char *m = src + b * mat * es;
+        size_t r0 = l0 / C, r1 = (l1 - 1) / C, c0 = l0 % C, c1 = (l1 - 1) % C; /* first, last (inclusive) */
+        size_t ra = r0 + (c0 > 0), rb = r1 + (c1 == C - 1);                      /* whole rows [ra, rb) */
+        for (size_t r = r0; r <= r1; r++) {
+            if (r >= ra && r < rb) continue;
+            size_t cs = r == r0 ? c0 : 0, ce = r == r1 ? c1 + 1 : C;
+            char *d = buf + (r * C + cs - l0) * es;
+            for (size_t c = cs; c < ce; c++, d += es) tv_copy(d, m + (c * R + r) * es, es);
+        }
+        if (rb > ra) tv_transpose(m + ra * es, R, buf + (ra * C - l0) * es, C, rb - ra, C, es);
+        buf += (l1 - l0) * es;
+        lo = b * mat + l1;
+    }
+}
+
+static size_t sum_dt_size(int dt) { return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 2; }
+
+/* Where element lo + j of the logical range [lo, hi) lives (at index j): src itself offset by lo (contiguous)
+ * or buf after gathering the range into it. The reductions gather a whole work unit (UNIT elements, 256 KiB
+ * of float32, L2-sized) at once: a 49152x576 float32 view gathered per SUM_BLOCK (~14-element runs per
+ * storage row) took 56 ms single-threaded, per UNIT (~114-element runs) 17 ms; its full copy 24 ms. */
+static const void *tv_range(const void *src, size_t es, tview_t v, size_t lo, size_t hi, void *buf) {
+    if (!v.rows) return (const char *)src + lo * es;
+    tv_gather(src, es, v, lo, hi, buf);
+    return buf;
+}
+
+/* Parse one operand's (rows, cols) layout argument: (0, 0) contiguous, else a transposed view whose
+ * logical [.., rows, cols] tiles n elements. */
+static int tv_check(const char *fn, const char *name, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t n, tview_t *v) {
+    if (rows == 0 && cols == 0) { v->rows = v->cols = 0; return 0; }
+    if (rows <= 0 || cols <= 0 || n % (rows * cols)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %s's transposed layout to tile n=%zd elements, got rows=%zd, cols=%zd",
+                     fn, name, n, rows, cols);
+        return -1;
+    }
+    v->rows = (size_t)rows; v->cols = (size_t)cols;
+    return 0;
+}
+
 /* ------------------------------------------------------------------ error_sums (ErrorAccumulator) */
 #define ES_K 4 /* Σr², Σ(r-q)², Σq², Σr·q */
 typedef struct {
     const void *r, *q; int rdt, qdt; size_t n;
+    tview_t rv, qv;               /* layouts of r and q (rows == 0: contiguous) */
+    int *nomem;                   /* set when a unit cannot get its gather buffer */
     double *slot;                 /* [blocks][ES_K] */
     double *umax;                 /* [units] max |r-q| */
     int64_t *ucount;              /* [units][3]: compared, nonfinite, excluded */
@@ -1525,26 +1707,37 @@ typedef struct {
 INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
+    const size_t rsz = sum_dt_size(rdt), qsz = sum_dt_size(qdt);
+    char *buf = NULL;
+    if (c->rv.rows || c->qv.rows) {
+        buf = (char *)malloc(UNIT * (rsz + qsz));
+        if (!buf) { __atomic_store_n(c->nomem, 1, __ATOMIC_RELAXED); return; }
+    }
+    const size_t ulo = b0 * SUM_BLOCK, uhi = b1 * SUM_BLOCK < c->n ? b1 * SUM_BLOCK : c->n;
+    const char *ru = (const char *)tv_range(c->r, rsz, c->rv, ulo, uhi, buf);
+    const char *qu = (const char *)tv_range(c->q, qsz, c->qv, ulo, uhi, buf + UNIT * rsz);
     double mx = 0.0;
     int64_t cnt = 0, nonfin = 0, excl = 0;
     for (size_t b = b0; b < b1; b++) {
         size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
+        const void *rb = ru + (lo - ulo) * rsz;
+        const void *qb = qu + (lo - ulo) * qsz;
         double r2[SUM_LANES] = {0}, e2[SUM_LANES] = {0}, q2[SUM_LANES] = {0}, rq[SUM_LANES] = {0};
         double lmx[SUM_LANES] = {0};
         int64_t lok[SUM_LANES] = {0}, lokr[SUM_LANES] = {0};
-        size_t i = lo;
+        size_t i = 0, m = hi - lo; /* block-relative */
 #define ES_ELEM(I, K)                                                                          \
     {                                                                                          \
-        double r = loadd(c->r, (I), rdt), q = loadd(c->q, (I), qdt);                           \
+        double r = loadd(rb, (I), rdt), q = loadd(qb, (I), qdt);                               \
         int okr = fin_d(r), ok = okr & fin_d(q);                                               \
         double r0 = ok ? r : 0.0, q0 = ok ? q : 0.0, e = r0 - q0, ae = fabs(e);                \
         r2[K] += r0 * r0; e2[K] += e * e; q2[K] += q0 * q0; rq[K] += r0 * q0;                  \
         lmx[K] = ae > lmx[K] ? ae : lmx[K];                                                    \
         lok[K] += ok; lokr[K] += okr;                                                          \
     }
-        for (; i + SUM_LANES <= hi; i += SUM_LANES)
+        for (; i + SUM_LANES <= m; i += SUM_LANES)
             for (int k = 0; k < SUM_LANES; k++) ES_ELEM(i + k, k)
-        for (int k = 0; i < hi; i++, k++) ES_ELEM(i, k)
+        for (int k = 0; i < m; i++, k++) ES_ELEM(i, k)
 #undef ES_ELEM
         double *s = c->slot + b * ES_K;
         s[0] = lanes_combine(r2); s[1] = lanes_combine(e2); s[2] = lanes_combine(q2); s[3] = lanes_combine(rq);
@@ -1555,6 +1748,7 @@ INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
         }
         cnt += ok; nonfin += okr - ok; excl += (int64_t)(hi - lo) - okr;
     }
+    free(buf);
     c->umax[u] = mx;
     c->ucount[3 * u] = cnt; c->ucount[3 * u + 1] = nonfin; c->ucount[3 * u + 2] = excl;
 }
@@ -1573,17 +1767,21 @@ static int bad_dt(int dt) { return dt < DT_F32 || dt > DT_F64; }
 
 static PyObject *py_error_sums(PyObject *self, PyObject *args) {
     unsigned long long rp, qp;
-    int rdt, qdt, want;
-    Py_ssize_t n;
+    int rdt, qdt, want, nomem = 0;
+    Py_ssize_t n, rrows = 0, rcols = 0, qrows = 0, qcols = 0;
+    tview_t rv, qv;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KiKini", &rp, &rdt, &qp, &qdt, &n, &want)) return NULL;
+    if (!PyArg_ParseTuple(args, "KiKini|nnnn", &rp, &rdt, &qp, &qdt, &n, &want, &rrows, &rcols, &qrows, &qcols))
+        return NULL;
     if (n <= 0 || bad_dt(rdt) || bad_dt(qdt)) {
         PyErr_Format(PyExc_ValueError, "error_sums: expected n > 0 and dtype codes 0..3, got n=%zd, dtypes %d, %d",
                      n, rdt, qdt);
         return NULL;
     }
+    if (tv_check("error_sums", "ref", rrows, rcols, n, &rv) || tv_check("error_sums", "lp", qrows, qcols, n, &qv))
+        return NULL;
     size_t nb = n_sum_blocks((size_t)n), units = (nb + BLOCKS_PER_UNIT - 1) / BLOCKS_PER_UNIT;
-    es_t c = {(const void *)(uintptr_t)rp, (const void *)(uintptr_t)qp, rdt, qdt, (size_t)n,
+    es_t c = {(const void *)(uintptr_t)rp, (const void *)(uintptr_t)qp, rdt, qdt, (size_t)n, rv, qv, &nomem,
               (double *)malloc(nb * ES_K * sizeof(double)), (double *)malloc(units * sizeof(double)),
               (int64_t *)malloc(units * 3 * sizeof(int64_t))};
     if (!c.slot || !c.umax || !c.ucount) {
@@ -1602,6 +1800,7 @@ static PyObject *py_error_sums(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     free(c.slot); free(c.umax); free(c.ucount);
+    if (nomem) return PyErr_NoMemory();
     return Py_BuildValue("(dddddLLL)", s[0], s[1], s[2], s[3], mx, (long long)cnt[0], (long long)cnt[1],
                          (long long)cnt[2]);
 }
@@ -1612,20 +1811,39 @@ static PyObject *py_error_sums(PyObject *self, PyObject *args) {
 typedef struct {
     const void *x, *q; int xdt, qdt; size_t n;
     const uint8_t *sat;           /* saturation mask, or NULL: |x| > qmax */
+    tview_t xv, qv, sv;           /* layouts of x, q and the mask (rows == 0: contiguous) */
+    int *nomem;                   /* set when a unit cannot get its gather buffer */
     double qmax;
     double *slot;                 /* [blocks][OS_K] */
     int64_t *ucount;              /* [units][OS_C] */
     double *uqmax;                /* [units] max |q| over finite pairs (phase 1) */
 } os_t;
 
+INLINE int os_needs_buffer(const os_t *c) { return c->xv.rows || c->qv.rows || (c->sat && c->sv.rows); }
+
+/* a unit's gather buffer (UNIT elements of x, q and the mask) when an operand is a transposed view;
+ * NULL when none is, or when malloc failed (then *nomem is set) */
+static char *os_buffer(const os_t *c, size_t xsz, size_t qsz) {
+    if (!os_needs_buffer(c)) return NULL;
+    char *buf = (char *)malloc(UNIT * (xsz + qsz + 1));
+    if (!buf) __atomic_store_n(c->nomem, 1, __ATOMIC_RELAXED);
+    return buf;
+}
+
 INLINE void os_qmax_body(const os_t *c, size_t u, int xdt, int qdt) {
+    const size_t xsz = sum_dt_size(xdt), qsz = sum_dt_size(qdt);
+    char *buf = os_buffer(c, xsz, qsz);
+    if (!buf && os_needs_buffer(c)) return;
     size_t lo = u * UNIT, hi = lo + UNIT < c->n ? lo + UNIT : c->n;
+    const void *xu = tv_range(c->x, xsz, c->xv, lo, hi, buf);
+    const void *qu = tv_range(c->q, qsz, c->qv, lo, hi, buf + UNIT * xsz);
     int64_t m = 0; /* max of the bit patterns of |q| (non-negative doubles order like them): vectorises */
-    for (size_t i = lo; i < hi; i++) {
-        double x = loadd(c->x, i, xdt), q = loadd(c->q, i, qdt);
+    for (size_t i = 0; i < hi - lo; i++) {
+        double x = loadd(xu, i, xdt), q = loadd(qu, i, qdt);
         int64_t bits = fin_d(x) & fin_d(q) ? (int64_t)f2u_d(fabs(q)) : 0;
         m = bits > m ? bits : m;
     }
+    free(buf);
     double d;
     memcpy(&d, &m, 8);
     c->uqmax[u] = d;
@@ -1634,17 +1852,26 @@ INLINE void os_qmax_body(const os_t *c, size_t u, int xdt, int qdt) {
 INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
+    const size_t xsz = sum_dt_size(xdt), qsz = sum_dt_size(qdt);
+    char *buf = os_buffer(c, xsz, qsz);
+    if (!buf && os_needs_buffer(c)) return;
     int64_t tot[OS_C] = {0};
-    const uint8_t *sat = c->sat;
     const double qmax = c->qmax;
+    const size_t ulo = b0 * SUM_BLOCK, uhi = b1 * SUM_BLOCK < c->n ? b1 * SUM_BLOCK : c->n;
+    const char *xu = (const char *)tv_range(c->x, xsz, c->xv, ulo, uhi, buf);
+    const char *qu = (const char *)tv_range(c->q, qsz, c->qv, ulo, uhi, buf + UNIT * xsz);
+    const uint8_t *satu = has_sat ? (const uint8_t *)tv_range(c->sat, 1, c->sv, ulo, uhi, buf + UNIT * (xsz + qsz))
+                                  : NULL;
     for (size_t b = b0; b < b1; b++) {
         size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
+        const void *xb = xu + (lo - ulo) * xsz, *qb = qu + (lo - ulo) * qsz;
+        const uint8_t *sat = has_sat ? satu + (lo - ulo) : NULL;
         double x2[SUM_LANES] = {0}, e2[SUM_LANES] = {0};
         int64_t cn[OS_C][SUM_LANES] = {{0}};
-        size_t i = lo;
+        size_t i = 0, m = hi - lo; /* block-relative */
 #define OS_ELEM(I, K)                                                                          \
     {                                                                                          \
-        double x = loadd(c->x, (I), xdt), q = loadd(c->q, (I), qdt);                           \
+        double x = loadd(xb, (I), xdt), q = loadd(qb, (I), qdt);                               \
         int okx = fin_d(x), okq = fin_d(q), ok = okx & okq, nz = okx & (x != 0.0);             \
         double x0 = ok ? x : 0.0, e = x0 - (ok ? q : 0.0);                                     \
         x2[K] += x0 * x0; e2[K] += e * e;                                                      \
@@ -1652,9 +1879,9 @@ INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
         cn[0][K] += okx; cn[1][K] += nz; cn[2][K] += nz & (q == 0.0); cn[3][K] += okx & s;     \
         cn[5][K] += okx & !okq;                                                                \
     }
-        for (; i + SUM_LANES <= hi; i += SUM_LANES)
+        for (; i + SUM_LANES <= m; i += SUM_LANES)
             for (int k = 0; k < SUM_LANES; k++) OS_ELEM(i + k, k)
-        for (int k = 0; i < hi; i++, k++) OS_ELEM(i, k)
+        for (int k = 0; i < m; i++, k++) OS_ELEM(i, k)
 #undef OS_ELEM
         c->slot[b * OS_K] = lanes_combine(x2);
         c->slot[b * OS_K + 1] = lanes_combine(e2);
@@ -1664,15 +1891,16 @@ INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
             /* the mask in a loop of its own (bytes only: vectorises; inside the loop above it kept
              * that loop scalar), minus the masked NaN/Inf x, which only a block holding one has */
             uint32_t ns = 0;
-            for (size_t j = lo; j < hi; j++) ns += sat[j] != 0;
-            if (fin_x != (int64_t)(hi - lo))
-                for (size_t j = lo; j < hi; j++) ns -= (sat[j] != 0) & !fin_d(loadd(c->x, j, xdt));
+            for (size_t j = 0; j < m; j++) ns += sat[j] != 0;
+            if (fin_x != (int64_t)m)
+                for (size_t j = 0; j < m; j++) ns -= (sat[j] != 0) & !fin_d(loadd(xb, j, xdt));
             tot[3] += ns;
         }
         for (int j = 0; j < OS_C; j++)
             for (int k = 0; k < SUM_LANES; k++) tot[j] += cn[j][k];
         tot[4] += (int64_t)(hi - lo);
     }
+    free(buf);
     tot[4] -= tot[0]; /* excluded = elements - finite x */
     for (int j = 0; j < OS_C; j++) c->ucount[u * OS_C + j] = tot[j];
 }
@@ -1696,18 +1924,24 @@ SIMD_WORK(osq_work, const os_t, osq_avx2, osq_scalar)
 
 static PyObject *py_operand_sums(PyObject *self, PyObject *args) {
     unsigned long long xp, qp, sp;
-    int xdt, qdt, want;
-    Py_ssize_t n;
+    int xdt, qdt, want, nomem = 0;
+    Py_ssize_t n, xrows = 0, xcols = 0, qrows = 0, qcols = 0, srows = 0, scols = 0;
+    tview_t xv, qv, sv;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KiKiKni", &xp, &xdt, &qp, &qdt, &sp, &n, &want)) return NULL;
+    if (!PyArg_ParseTuple(args, "KiKiKni|nnnnnn", &xp, &xdt, &qp, &qdt, &sp, &n, &want, &xrows, &xcols, &qrows,
+                          &qcols, &srows, &scols))
+        return NULL;
     if (n <= 0 || bad_dt(xdt) || bad_dt(qdt)) {
         PyErr_Format(PyExc_ValueError, "operand_sums: expected n > 0 and dtype codes 0..3, got n=%zd, dtypes %d, %d",
                      n, xdt, qdt);
         return NULL;
     }
+    if (tv_check("operand_sums", "x", xrows, xcols, n, &xv) || tv_check("operand_sums", "q", qrows, qcols, n, &qv)
+        || tv_check("operand_sums", "saturated", srows, scols, n, &sv))
+        return NULL;
     size_t nb = n_sum_blocks((size_t)n), units = ((size_t)n + UNIT - 1) / UNIT;
     os_t c = {(const void *)(uintptr_t)xp, (const void *)(uintptr_t)qp, xdt, qdt, (size_t)n,
-              (const uint8_t *)(uintptr_t)sp, 0.0, (double *)malloc(nb * OS_K * sizeof(double)),
+              (const uint8_t *)(uintptr_t)sp, xv, qv, sv, &nomem, 0.0, (double *)malloc(nb * OS_K * sizeof(double)),
               (int64_t *)malloc(units * OS_C * sizeof(int64_t)), (double *)malloc(units * sizeof(double))};
     if (!c.slot || !c.ucount || !c.uqmax) {
         free(c.slot); free(c.ucount); free(c.uqmax);
@@ -1727,6 +1961,7 @@ static PyObject *py_operand_sums(PyObject *self, PyObject *args) {
         for (int k = 0; k < OS_C; k++) cnt[k] += c.ucount[u * OS_C + k];
     Py_END_ALLOW_THREADS
     free(c.slot); free(c.ucount); free(c.uqmax);
+    if (nomem) return PyErr_NoMemory();
     return Py_BuildValue("(ddLLLLLL)", s[0], s[1], (long long)cnt[0], (long long)cnt[1], (long long)cnt[2],
                          (long long)cnt[3], (long long)cnt[4], (long long)cnt[5]);
 }
@@ -1750,7 +1985,23 @@ typedef struct {
     double *uamax, *umin;
     int64_t *uhist;     /* [units][nbins] */
     uint64_t *segmax;   /* [rows * nseg]: bits of the (non-negative double) segment absmax, zeroed by the caller */
+    tview_t xv;         /* layout of x (rows == 0: contiguous) */
+    int *nomem;         /* set when a unit cannot get its gather buffer */
 } ts_t;
+
+/* x's elements of unit u, [*ulo, *uhi), at xu[i - *ulo]: x itself, or gathered into *buf (malloc'd, UNIT
+ * elements; the caller frees it) for a transposed view; NULL when that allocation failed (*nomem set). */
+static const char *ts_unit_x(const ts_t *c, size_t u, size_t *ulo, size_t *uhi, char **buf) {
+    const size_t es = sum_dt_size(c->dt);
+    *ulo = u * UNIT;
+    *uhi = *ulo + UNIT < c->n ? *ulo + UNIT : c->n;
+    *buf = NULL;
+    if (c->xv.rows && !(*buf = (char *)malloc(UNIT * es))) {
+        __atomic_store_n(c->nomem, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    return (const char *)tv_range(c->x, es, c->xv, *ulo, *uhi, *buf);
+}
 
 /* max into a non-negative double held as its bits (non-negative doubles order like their bits) */
 static void atomic_max_bits(uint64_t *p, uint64_t v) {
@@ -1771,6 +2022,10 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
     double amax = 0.0, mn = INFINITY;
     uint32_t sub[TS_SUBH][TS_MAXBINS + 1]; /* a unit has 65536 elements: uint32 counts cannot overflow */
     uint8_t bin[SUM_BLOCK];
+    size_t ulo, uhi;
+    char *buf;
+    const char *xu = ts_unit_x(c, u, &ulo, &uhi, &buf);
+    if (!xu) return;
     memset(sub, 0, sizeof(sub));
     for (int j = 0; j < nbins; j++) hist[j] = 0;
     for (size_t b = b0; b < b1; b++) {
@@ -1781,7 +2036,7 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
         size_t i = lo;
 #define TS_ELEM(I, K)                                                                          \
     {                                                                                          \
-        double v = loadd(c->x, (I), dt), a = fabs(v);                                          \
+        double v = loadd(xu, (I) - ulo, dt), a = fabs(v);                                      \
         int fin = fin_d(v), nzf = fin & (a > 0.0);                                             \
         sx[K] += fin ? v : 0.0;                                                                \
         double a0 = fin ? a : 0.0, am = nzf ? a : INFINITY;                                    \
@@ -1807,7 +2062,7 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
          * increments, element i into sub-histogram i % TS_SUBH so that runs of one bin (most values
          * share a few binades) do not wait on the previous increment of the same counter. */
         for (size_t j = lo; j < hi; j++) {
-            double a = fabs(loadd(c->x, j, dt));
+            double a = fabs(loadd(xu, j - ulo, dt));
             int ok = fin_d(a) & (a > 0.0);
             /* float32/fp16/bf16 values are normal doubles: the exponent field is exact; float64
              * subnormals need ilogb */
@@ -1827,13 +2082,14 @@ INLINE void ts1_body(const ts_t *c, size_t u, int dt, int unused) {
             size_t pe = i + (send - col) < hi ? i + (send - col) : hi;
             int64_t m = 0;
             for (; i < pe; i++) {
-                double a = fabs(loadd(c->x, i, dt));
+                double a = fabs(loadd(xu, i - ulo, dt));
                 int64_t bits = fin_d(a) ? (int64_t)f2u_d(a) : 0;
                 m = bits > m ? bits : m;
             }
             if (m) atomic_max_bits(c->segmax + row * c->nseg + sg, (uint64_t)m);
         }
     }
+    free(buf);
     for (int j = 0; j < nbins; j++)
         for (int h = 0; h < TS_SUBH; h++) hist[j] += sub[h][j];
     for (int j = 0; j < TS_C; j++) c->ucount[u * TS_C + j] = tot[j];
@@ -1846,13 +2102,17 @@ INLINE void ts2_body(const ts_t *c, size_t u, int dt, int unused) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
     const double mean = c->mean;
+    size_t ulo, uhi;
+    char *buf;
+    const char *xu = ts_unit_x(c, u, &ulo, &uhi, &buf);
+    if (!xu) return;
     for (size_t b = b0; b < b1; b++) {
         size_t lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < c->n ? lo + SUM_BLOCK : c->n;
         double m2[SUM_LANES] = {0}, m3[SUM_LANES] = {0}, m4[SUM_LANES] = {0};
         size_t i = lo;
 #define TS2_ELEM(I, K)                                                                         \
     {                                                                                          \
-        double v = loadd(c->x, (I), dt), d = fin_d(v) ? v - mean : 0.0, d2 = d * d;            \
+        double v = loadd(xu, (I) - ulo, dt), d = fin_d(v) ? v - mean : 0.0, d2 = d * d;        \
         m2[K] += d2; m3[K] += d2 * d; m4[K] += d2 * d2;                                        \
     }
         for (; i + SUM_LANES <= hi; i += SUM_LANES)
@@ -1862,6 +2122,7 @@ INLINE void ts2_body(const ts_t *c, size_t u, int dt, int unused) {
         double *s = c->slot + b * 4;
         s[1] = lanes_combine(m2); s[2] = lanes_combine(m3); s[3] = lanes_combine(m4);
     }
+    free(buf);
 }
 
 #define TS_DISPATCH(NAME, BODY, ATTR, END)                                                      \
@@ -1882,12 +2143,12 @@ SIMD_WORK(ts2_work, const ts_t, ts2_avx2, ts2_scalar)
 
 static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
     unsigned long long xp, hp, sp;
-    int dt, hlo, nbins, want;
+    int dt, hlo, nbins, want, nomem = 0, xt = 0;
     Py_ssize_t n, cols, seg;
     double tiny, l0, l1, l2;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnddddiiKKi", &xp, &dt, &n, &cols, &seg, &tiny, &l0, &l1, &l2, &hlo,
-                          &nbins, &hp, &sp, &want))
+    if (!PyArg_ParseTuple(args, "KinnnddddiiKKi|p", &xp, &dt, &n, &cols, &seg, &tiny, &l0, &l1, &l2, &hlo,
+                          &nbins, &hp, &sp, &want, &xt))
         return NULL;
     if (n <= 0 || cols <= 0 || n % cols != 0 || seg <= 0 || bad_dt(dt) || nbins <= 0 || nbins > TS_MAXBINS) {
         PyErr_Format(PyExc_ValueError,
@@ -1900,7 +2161,8 @@ static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
               ((size_t)cols + (size_t)seg - 1) / (size_t)seg, tiny, {l0, l1, l2}, hlo, nbins, 0.0,
               (double *)malloc(nb * 4 * sizeof(double)), (int64_t *)malloc(units * TS_C * sizeof(int64_t)),
               (double *)malloc(units * sizeof(double)), (double *)malloc(units * sizeof(double)),
-              (int64_t *)malloc(units * (size_t)nbins * sizeof(int64_t)), (uint64_t *)(uintptr_t)sp};
+              (int64_t *)malloc(units * (size_t)nbins * sizeof(int64_t)), (uint64_t *)(uintptr_t)sp,
+              {xt ? (size_t)n / (size_t)cols : 0, xt ? (size_t)cols : 0}, &nomem}; /* xt: x stored as [cols, rows] */
     if (!c.slot || !c.ucount || !c.uamax || !c.umin || !c.uhist) {
         free(c.slot); free(c.ucount); free(c.uamax); free(c.umin); free(c.uhist);
         return PyErr_NoMemory();
@@ -1926,6 +2188,7 @@ static PyObject *py_tensor_stats(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     free(c.slot); free(c.ucount); free(c.uamax); free(c.umin); free(c.uhist);
+    if (nomem) return PyErr_NoMemory();
     return Py_BuildValue("{s:L,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:L,s:L,s:L,s:(LLL)}",
                          "n", (long long)cnt[8], "sum", sum, "mean", c.mean, "m2", m[0], "m3", m[1], "m4", m[2],
                          "amax", amax, "min_nonzero", mn, "nan", (long long)cnt[0], "pos_inf", (long long)cnt[1],
@@ -2498,13 +2761,17 @@ INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has
         int64_t *slots = c->cnt + w.ru * sq->nbc * sq->cs + w.q; /* the amax partial's slot */  \
         const uint8_t *nf = sq->nonfin + w.ru * sq->nbc * sq->cs + w.q;                         \
         int bad = 0;                                                                            \
+        fq_t banded; /* a gathered band: the runs of each row read x through sq_x */            \
+        const fq_t *cr = c;                                                                     \
+        if (sq->band) { banded = *c; cr = &banded; }                                            \
         for (size_t r = w.r0; r < w.r1; r++) {                                                  \
             const size_t tr = r / sq->br;                                                       \
             const float *srow = sq->scale + tr * sq->nbc;                                       \
             const float *drow = sq->lowbit ? sq->div + tr * sq->nbc : srow;                     \
+            if (sq->band) banded.sq.x = sq_x(sq, r);                                            \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(sq, &w, r, t, &lo, &hi);                                              \
-                bad |= RUN(c, lo, hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs,    \
+                bad |= RUN(cr, lo, hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs,   \
                            sq->track && !nf[t * sq->cs]);                                       \
             }                                                                                   \
         }                                                                                       \
@@ -2549,15 +2816,16 @@ static void fq_local_work(void *vj, size_t u) {
 static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     unsigned long long xp, qp, satp, sp, cp;
     Py_ssize_t R, C, br, bc;
-    int dt, fmt, want, rule;
+    int dt, fmt, want, rule, xt = 0, nomem = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnniKKKKii", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want, &rule))
+    if (!PyArg_ParseTuple(args, "KinnnniKKKKii|p", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want, &rule,
+                          &xt))
         return NULL;
     if (sq_check_args("fused_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     fq_t c;
     memset(&c, 0, sizeof c);
     if (sq_init(&c.sq, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, 0,
-                1.0f, (float *)(uintptr_t)sp) < 0)
+                1.0f, (float *)(uintptr_t)sp, xt) < 0)
         return PyErr_NoMemory();
     const size_t ntiles = c.sq.nbr * c.sq.nbc;
     int64_t *counts = (int64_t *)(uintptr_t)cp;
@@ -2580,7 +2848,15 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     int nt = pick_threads(c.sq.R * c.sq.C, want);
     float g;
     Py_BEGIN_ALLOW_THREADS
-    if (sq_local(&c.sq)) {
+    if (c.sq.xt) {
+        if (sq_local(&c.sq)) {
+            sq_run_bands(&job, 1, SQ_BAND_LOCAL, nt, &nomem);
+        } else {
+            sq_run_bands(&c.sq, 0, SQ_BAND_AMAX, nt, &nomem);
+            sq_tile_scales(&c.sq, nt);
+            sq_run_bands(&job, 1, SQ_BAND_ELEMENTS, nt, &nomem);
+        }
+    } else if (sq_local(&c.sq)) {
         sq_run_ahead(&job, 1, c.sq.units, nt);
     } else {
         run_units(sq_phase1, &c.sq, c.sq.units, nt);
@@ -2602,6 +2878,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     sq_free(&c.sq);
+    if (nomem) return PyErr_NoMemory();
     return Py_BuildValue("(di)", (double)g, bad);
 }
 
@@ -3053,24 +3330,7 @@ AVX2 static void tc_avx2(const tc_t *c, size_t u) {
     size_t i0 = 0;
     for (; i0 + 8 <= c->rows; i0 += 8) {
         size_t j = j0;
-        for (; j + 8 <= j1; j += 8) {
-            __m256 r[8], t[8];
-            for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(s + (i0 + k) * c->cols + j);
-            for (int k = 0; k < 8; k += 2) {
-                t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-                t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-            }
-            for (int k = 0; k < 8; k += 4) {
-                r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-                r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
-                r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-                r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
-            }
-            for (int k = 0; k < 4; k++) {
-                _mm256_storeu_ps(d + (j + k) * c->rows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-                _mm256_storeu_ps(d + (j + k + 4) * c->rows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-            }
-        }
+        for (; j + 8 <= j1; j += 8) tr8x8_ps(s + i0 * c->cols + j, c->cols, d + j * c->rows + i0, c->rows);
         tc_block(c, i0, i0 + 8, j, j1);
     }
     tc_block(c, i0, c->rows, j0, j1);
@@ -3236,6 +3496,58 @@ static void sq_run_ahead(const void *ctx, int fused, size_t nunits, int nt) {
     run_threads(ahead_main, &a, nunits, nt);
 }
 
+/* ================================================================== scaled casts: transposed inputs
+ * The replay quantises G^T and A^T (wgrad) and W^T (dgrad) along their contraction dimension: transposed
+ * views, x.mT contiguous. Copying x first cost a second x-sized tensor (108 MiB at a 49152x576 LM head) and
+ * a pass over memory. Instead the units read x in bands: a band is bh consecutive row pieces of one column
+ * piece (about SQ_T_ROWS rows x at most SQ_T_COLS columns, ~64K elements), gathered into a per-band buffer
+ * by tv_transpose (each storage row, a column of x, read as one run of the band's rows), and the unit
+ * functions run on it unchanged, reading x through sq_x. It changes no value: the units and their outputs
+ * are the same as on a contiguous x, only the order in which they run differs (scales and counts of a
+ * unit's own tiles; the amax a max). sq_init makes units of a transposed x at most SQ_T_COLS columns wide,
+ * so a band holds ~SQ_T_ROWS rows: 1x128 tiles on a 576x49152 view, units of 1 x 1024, bands of 64 x 1024. */
+typedef struct { const void *ctx; int fused, mode; int *nomem; } band_job_t;
+
+static void band_work(void *vj, size_t b) {
+    const band_job_t *j = (const band_job_t *)vj;
+    const fq_job_t *fj = j->fused ? (const fq_job_t *)j->ctx : NULL;
+    const sq_t *c0 = fj ? &fj->c->sq : (const sq_t *)j->ctx;
+    const size_t nrp = c0->nbr * c0->sub, cp = b % c0->ncp, h0 = (b / c0->ncp) * c0->bh;
+    const size_t h1 = h0 + c0->bh < nrp ? h0 + c0->bh : nrp;
+    sq_unit_t first = sq_unit(c0, h0 * c0->ncp + cp), last = sq_unit(c0, (h1 - 1) * c0->ncp + cp);
+    if (first.c0 >= first.c1) return; /* an empty piece of a short last tile (its partials stay 0) */
+    const size_t es = c0->dt == DT_F32 ? 4 : 2, rows = last.r1 - first.r0, cols = first.c1 - first.c0;
+    /* band rows 32 bytes longer than their columns: with a leading dimension of 1024 floats (4 KiB) the 8 rows an
+     * 8x8 tile writes would share one L1 set (the usual transpose aliasing; the difference was within the noise
+     * of the shared 2-core test machine) */
+    const size_t ld = cols + 32 / es;
+    char *band = (char *)malloc(rows * ld * es);
+    if (!band) { __atomic_store_n(j->nomem, 1, __ATOMIC_RELAXED); return; }
+    /* x[r][col] is stored at col * R + r */
+    tv_transpose((const char *)c0->x + (first.c0 * c0->R + first.r0) * es, c0->R, band, ld, rows, cols, es);
+    fq_t fc;
+    sq_t sc;
+    sq_t *c = fj ? &fc.sq : &sc;
+    if (fj) fc = *fj->c; else sc = *c0;
+    c->band = band; c->band_r0 = first.r0; c->band_c0 = first.c0; c->band_ld = ld;
+    fq_job_t job = {&fc, fj ? fj->sel : 0};
+    for (size_t h = h0; h < h1; h++) {
+        size_t u = h * c0->ncp + cp;
+        if (j->mode == SQ_BAND_AMAX) sq_phase1(c, u);
+        else if (j->mode == SQ_BAND_ELEMENTS) { if (fj) fq_work(&job, u); else sq_phase2(c, u); }
+        else if (fj) fq_local_work(&job, u);
+        else sq_local_work(c, u);
+    }
+    free(band);
+}
+
+static void sq_run_bands(const void *ctx, int fused, int mode, int nt, int *nomem) {
+    const sq_t *c = fused ? &((const fq_job_t *)ctx)->c->sq : (const sq_t *)ctx;
+    band_job_t j = {ctx, fused, mode, nomem};
+    const size_t nrp = c->nbr * c->sub;
+    run_units(band_work, &j, (nrp + c->bh - 1) / c->bh * c->ncp, nt);
+}
+
 static PyMethodDef methods[] = {
     {"quantize_blockwise", py_quantize_blockwise, METH_VARARGS,
      "quantize_blockwise(x_ptr, dtype, n, blocksize, q_ptr, absmax_ptr, base_ptr, tval_ptr, m, threads[, packed_ptr]) "
@@ -3249,7 +3561,8 @@ static PyMethodDef methods[] = {
      "default-mode LLM.int8() row quantisation; colmask[j] = 1 for outlier columns (threshold > 0), "
      "which the caller zeroes in q."},
     {"quantize_scaled", py_quantize_scaled, METH_VARARGS,
-     "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads[, rule, has_g, g]): "
+     "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads[, rule, has_g, g, "
+     "transposed]): transposed: x is stored as [C, R] (x.mT contiguous); "
      "fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2, 4 mxfp6-e2m3, 5 mxfp6-e3m2, 6 mxfp4-e2m1, 7 nvfp4; "
      "rule 0 floor, 1 rceil, 2 even (MX); g: the NVFP4 tensor scale (computed when has_g is 0); "
      "data uint8 [R*C], scale float32 [ceil(R/br), ceil(C/bc)]."},
@@ -3278,22 +3591,26 @@ static PyMethodDef methods[] = {
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},
     /* metrics reductions (analysis/metrics.py) */
     {"error_sums", py_error_sums, METH_VARARGS,
-     "error_sums(ref_ptr, ref_dtype, lp_ptr, lp_dtype, n, threads) -> (sum_ref2, sum_err2, sum_lp2, sum_dot, "
+     "error_sums(ref_ptr, ref_dtype, lp_ptr, lp_dtype, n, threads[, ref_rows, ref_cols, lp_rows, lp_cols]) -> "
+     "(sum_ref2, sum_err2, sum_lp2, sum_dot, "
      "max_abs_err, compared, nonfinite, excluded); dtype 0 fp32, 1 fp16, 2 bf16, 3 fp64; sums in the "
-     "deterministic block order (see 'metrics reductions')."},
+     "deterministic block order (see 'metrics reductions'); rows, cols > 0: that operand is a transposed view, "
+     "logical [.., rows, cols] stored as [.., cols, rows] (0, 0: contiguous)."},
     {"operand_sums", py_operand_sums, METH_VARARGS,
-     "operand_sums(x_ptr, x_dtype, q_ptr, q_dtype, sat_ptr_or_0, n, threads) -> (sum_x2, sum_err2, finite, nonzero, "
-     "underflow, saturated, excluded, nonfinite); sat 0: saturated = |x| > max|q| over the finite pairs."},
+     "operand_sums(x_ptr, x_dtype, q_ptr, q_dtype, sat_ptr_or_0, n, threads[, x_rows, x_cols, q_rows, q_cols, "
+     "sat_rows, sat_cols]) -> (sum_x2, sum_err2, finite, nonzero, underflow, saturated, excluded, nonfinite); "
+     "sat 0: saturated = |x| > max|q| over the finite pairs; layouts as error_sums."},
     {"tensor_stats", py_tensor_stats, METH_VARARGS,
      "tensor_stats(x_ptr, dtype, n, cols, seg, tiny, lim0, lim1, lim2, hist_lo, nbins, hist_ptr, segmax_ptr, "
-     "threads) -> dict; hist int64 [nbins] and segmax float64 [n / cols * ceil(cols / seg)] (zeroed) written."},
+     "threads[, transposed]) -> dict; hist int64 [nbins] and segmax float64 [n / cols * ceil(cols / seg)] (zeroed) "
+     "written; transposed: x is stored as [cols, n / cols]."},
     {"outlier_census", py_outlier_census, METH_VARARGS,
      "outlier_census(x_ptr, dtype, rows, cols, threshold, amax_ptr, hits_ptr, threads) -> rows touched; writes "
      "amax float64 [cols] (max |x|, NaN as 0) and hits int64 [cols] (rows with |x| >= threshold)."},
     /* fused scaled fake-quantisation */
     {"fused_scaled", py_fused_scaled, METH_VARARGS,
      "fused_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, q_ptr, sat_ptr, scale_ptr, counts_ptr, "
-     "threads, rule) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
+     "threads, rule[, transposed]) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
      "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
      "saturated); fmt/rule as quantize_scaled; g: the NVFP4 tensor scale "
      "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable)."},

@@ -75,3 +75,20 @@ def scatter_specials(x: torch.Tensor, seed: int) -> torch.Tensor:
     flat[:40] = 0.0
     flat[200:232] = float("nan")
     return x.to(dtype)
+
+
+def forbid_full_copies(monkeypatch) -> list:
+    """Make backends.cpu.contiguous fail the test when it is asked to copy a non-contiguous tensor (the full-size
+    copy a transposed view used to get before a C pass); returns the list of the shapes it was asked to copy."""
+    from fp8probe.backends import cpu
+
+    copied: list = []
+    real = cpu.contiguous
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():
+            copied.append(tuple(x.shape))
+            raise AssertionError(f"a full copy of a {list(x.shape)} view")
+        return real(x)
+    monkeypatch.setattr(cpu, "contiguous", spy)
+    return copied

@@ -12,6 +12,7 @@ import torch
 import fp8probe.functional as F
 from fp8probe.backends import cpu
 from fp8probe.backends import reference as ref
+from support import forbid_full_copies
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.uint8: torch.uint8}
@@ -309,6 +310,17 @@ def test_nvfp4_global_scale_matches_reference(isa, dtype: torch.dtype) -> None:
         got, want = cpu.nvfp4_global_scale(x), ref.nvfp4_global_scale(x)
         assert got.shape == () and got.dtype == torch.float32
         assert_bits(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nvfp4_global_scale_reads_a_transposed_view_without_a_copy(isa, dtype: torch.dtype, monkeypatch) -> None:
+    """The amax is a max over all elements: a transposed view (x.mT contiguous) is read as its storage."""
+    x = sample((700, 300), seed=4).to(dtype).mT  # logical [300, 700]
+    x[7, 9] = float("inf")
+    want = ref.nvfp4_global_scale(x.contiguous())
+    copied = forbid_full_copies(monkeypatch)
+    assert_bits(cpu.nvfp4_global_scale(x), want)
+    assert copied == []
 
 
 def test_functional_nvfp4_takes_the_global_scale_from_c(monkeypatch) -> None:

@@ -16,7 +16,10 @@ the C code does not cover:
   re-run by the reference, which records them), and non-finite absmax/codebook on dequantisation;
 * empty tensors, and codebooks whose search tables do not exist (a non-monotone rule).
 
-Non-contiguous inputs are made contiguous first (the reference reads them in C order too).
+Non-contiguous inputs are made contiguous first (the reference reads them in C order too), except transposed
+views (x.mT contiguous: the replay's Gᵀ, Aᵀ, Wᵀ and wgrad's result), which the scaled casts, nvfp4_global_scale
+and the metrics reductions read in place: a band or work unit at a time, gathered by 8x8 transposes into a
+buffer of ~64K elements, instead of a copy of the whole tensor (108 MiB at a 49152x576 LM head).
 ``quantize_blockwise_into`` / ``dequantize_blockwise_into`` write into caller-provided outputs
 without temporaries; ``functional.py`` uses them for ``out=`` / ``absmax=``.
 """
@@ -316,7 +319,8 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     devices, dtypes and empty tensors run the reference."""
     if x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or not enabled():
         return _ref.nvfp4_global_scale(x)
-    xc = contiguous(x)
+    x = x.detach()
+    xc = x.mT if _is_transposed(x) else contiguous(x)  # a max of all elements: any order, the storage as it is
     amax = torch.tensor(_ext().finite_amax(xc.data_ptr(), _DT[x.dtype], x.numel(), _threads(x.numel())), dtype=_F32)
     g = amax / torch.full_like(amax, _ref.NVFP4_GLOBAL_RANGE)
     return torch.where(g > 0, g, 1.0)
@@ -324,8 +328,8 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
 
 def contiguous(x: torch.Tensor) -> torch.Tensor:
     """x.detach().contiguous(); a transposed view of a contiguous tensor (2-D, or [Bt, R, C] whose last two dims
-    are swapped: the replay's Gᵀ and Aᵀ, 248 of 728 fused casts of a 2-layer Llama, and a weight's fake-quantised
-    Wᵀ) is copied by the C blocked transpose, slice by slice: the same bits, 2-4x faster (256x576 float32: 0.147
+    are swapped: a weight's fake-quantised Wᵀ; the C passes that read such views in place do not come here) is
+    copied by the C blocked transpose, slice by slice: the same bits, 2-4x faster (256x576 float32: 0.147
     -> 0.067 ms CPU; 256x1536: 0.47 -> 0.15 ms; the 49152x576 LM head ~0.23 s -> ~0.06 s)."""
     x = x.detach()
     if (x.dim() in (2, 3) and not x.is_contiguous() and x.mT.is_contiguous() and x.numel() > 0 and x.dtype in _DT
@@ -348,6 +352,22 @@ def _scaled_cast_applies(x: torch.Tensor, fmt: str, block_rows: int, block_cols:
             and scale_rule in _SCALE_RULE and block_rows > 0 and block_cols > 0 and enabled())
 
 
+def _is_transposed(x: torch.Tensor) -> bool:
+    """Whether x is a transposed view of a contiguous tensor: x.mT contiguous (storage [.., cols, rows] of
+    the logical [.., rows, cols]), x itself not contiguous."""
+    return x.dim() >= 2 and x.numel() > 0 and not x.is_contiguous() and x.mT.is_contiguous()
+
+
+def _scaled_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(tensor, transposed) for the C scaled casts: a 2-D transposed view (x.mT contiguous: the replay's Gᵀ, Aᵀ
+    and Wᵀ) as it is, the C code reading it band by band (no copy: the LM head's Wᵀ is 108 MiB); anything else
+    through contiguous()."""
+    x = x.detach()
+    if x.dim() == 2 and _is_transposed(x):
+        return x, True
+    return contiguous(x), False
+
+
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
                     global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU kernel of ``fp8probe::quantize_scaled``: same arguments, results and errors as the reference's.
@@ -364,11 +384,11 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     storage = _ref.SCALED_FORMATS[fmt][0]
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
-    xc = contiguous(x)
+    xc, xt = _scaled_input(x)
     data = _fresh(x.shape, storage)
     scale = torch.empty(-(-R // br), -(-C // bc), dtype=_F32)
     _ext().quantize_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], data.data_ptr(),
-                           scale.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule], *g)
+                           scale.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule], *g, xt)
     return data, scale
 
 
@@ -451,6 +471,16 @@ SUM_BLOCK = 8192
 SUM_LANES = 8
 
 
+def _flat_operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(tensor, rows, cols) for the C reductions, which read x flat in C order: x itself with its logical
+    (rows, cols) when it is a transposed view (the C pass gathers it block by block: no copy of x, e.g. the
+    108 MiB wgrad result of a 49152x576 LM head), else contiguous(x) and (0, 0)."""
+    x = x.detach()
+    if _is_transposed(x):
+        return x, x.shape[-2], x.shape[-1]
+    return contiguous(x), 0, 0
+
+
 def _sums_apply(*tensors: torch.Tensor) -> bool:
     return enabled() and all(t.device.type == "cpu" and t.dtype in _SUM_DT and t.numel() > 0 for t in tensors)
 
@@ -458,7 +488,8 @@ def _sums_apply(*tensors: torch.Tensor) -> bool:
 def error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float, float, float, int, int, int] | None:
     """(Σr², Σ(r−q)², Σq², Σr·q, max|r−q|, compared, nonfinite, excluded) of ``ref`` (r) and ``lp`` (q) in one pass.
 
-    ref, lp: CPU float32/float64/bf16/fp16, the same number of elements (read flat in C order). Sums
+    ref, lp: CPU float32/float64/bf16/fp16, the same number of elements (read flat in C order; a transposed
+    view, x.mT contiguous, is read in place block by block, no copy of it is made). Sums
     and the max run over the pairs where both are finite (``compared``); ``nonfinite`` counts pairs
     with a finite r and a NaN/±Inf q, ``excluded`` those with a NaN/±Inf r. Values widen exactly to
     float64, products and differences are formed in float64.
@@ -476,9 +507,10 @@ def error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float
         raise ValueError(f"expected ref and lp with the same number of elements, got {ref.numel()} and {lp.numel()}")
     if not _sums_apply(ref, lp):
         return None
-    r, q = contiguous(ref), contiguous(lp)
+    (r, r_rows, r_cols), (q, q_rows, q_cols) = _flat_operand(ref), _flat_operand(lp)
     n = r.numel()
-    return _ext().error_sums(r.data_ptr(), _SUM_DT[r.dtype], q.data_ptr(), _SUM_DT[q.dtype], n, _threads(n))
+    return _ext().error_sums(r.data_ptr(), _SUM_DT[r.dtype], q.data_ptr(), _SUM_DT[q.dtype], n, _threads(n),
+                             r_rows, r_cols, q_rows, q_cols)
 
 
 def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | None
@@ -498,20 +530,21 @@ def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | Non
                          f"{q.numel()}" + ("" if saturated is None else f", {saturated.numel()}"))
     if not _sums_apply(x, q) or (saturated is not None and saturated.device.type != "cpu"):
         return None
-    xc, qc = contiguous(x), contiguous(q)
-    sat_ptr = 0
+    (xc, x_rows, x_cols), (qc, q_rows, q_cols) = _flat_operand(x), _flat_operand(q)
+    sat_ptr, s_rows, s_cols = 0, 0, 0
     if saturated is not None:
         sat = saturated.detach()
-        sat = (sat if sat.dtype == torch.bool else sat != 0).contiguous().view(torch.uint8)
-        sat_ptr = sat.data_ptr()
+        sat, s_rows, s_cols = _flat_operand(sat if sat.dtype == torch.bool else sat != 0)
+        sat_ptr = sat.data_ptr()  # bool is one byte, 0 or 1: read as uint8
     n = xc.numel()
     return _ext().operand_sums(xc.data_ptr(), _SUM_DT[xc.dtype], qc.data_ptr(), _SUM_DT[qc.dtype], sat_ptr, n,
-                               _threads(n))
+                               _threads(n), x_rows, x_cols, q_rows, q_cols, s_rows, s_cols)
 
 
 def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, float], segment: int,
                  log2_lo: int, bins: int) -> dict | None:
-    """One tensor's dynamic-range statistics in two C passes, over a 2-D view ``x2`` [rows, cols].
+    """One tensor's dynamic-range statistics in two C passes, over a 2-D view ``x2`` [rows, cols] (a transposed
+    view, x2.mT contiguous, is read in place, a work unit at a time).
 
     Returns a dict: n (finite values), sum and mean (Σx in the order of ``error_sums``, mean = Σ/n),
     m2, m3, m4 (Σd², Σd²·d, Σd²·d² with d = x − mean in float64, same order; 0 when n == 0), amax
@@ -527,13 +560,13 @@ def tensor_stats(x2: torch.Tensor, tiny: float, limits: tuple[float, float, floa
         raise ValueError(f"expected 3 limits, got {len(limits)}")
     if not _sums_apply(x2):
         return None
-    xc = contiguous(x2)
+    xc, x_rows, _ = _flat_operand(x2)  # a transposed view is read in place
     rows, cols = xc.shape
     hist = torch.empty(bins, dtype=torch.int64)
     segmax = torch.zeros(rows * -(-cols // segment), dtype=torch.float64)
     out = _ext().tensor_stats(xc.data_ptr(), _SUM_DT[xc.dtype], xc.numel(), cols, segment, float(tiny),
                               *(float(v) for v in limits), log2_lo, bins, hist.data_ptr(), segmax.data_ptr(),
-                              _threads(xc.numel()))
+                              _threads(xc.numel()), x_rows > 0)
     out["hist"], out["segmax"] = hist, segmax
     return out
 
@@ -761,14 +794,15 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
         return None
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
-    xc = contiguous(x)
+    xc, xt = _scaled_input(x)
     q = _fresh(x.shape, _F32)
     sat = _fresh(x.shape, torch.bool)
     nbr, nbc = -(-R // br), -(-C // bc)
     scale = torch.empty(nbr, nbc, dtype=_F32)
     counts = torch.empty(3, nbr * nbc, dtype=torch.int64)
     g, bad = _ext().fused_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], q.data_ptr(),
-                                 sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule])
+                                 sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule],
+                                 xt)
     if bad:
         return None
     return FusedScaled(q, sat, scale, torch.tensor(g, dtype=_F32) if fmt == "nvfp4" else None, counts)

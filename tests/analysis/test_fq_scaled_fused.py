@@ -12,6 +12,7 @@ from fp8probe.analysis.pipeline import analyze
 from fp8probe.backends import cpu
 from fp8probe.backends import reference as ref
 from fp8probe.formats import FORMATS
+from support import forbid_full_copies
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP8_FMTS = ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2")
@@ -119,6 +120,36 @@ def test_fused_cast_sees_clipping_and_underflow(isa) -> None:
     got = cpu.fused_scaled(x, "mxfp8-e4m3", 1, 32, "floor")
     assert got.counts.tolist() == [[24, 32], [8, 0], [8, 0]]
     assert got.saturated[0, ::4].all() and int(got.saturated.sum()) == 8
+
+
+# a row longer than a work unit; a row wider than a transposed input's units (1024 columns) with row
+# counts that leave partial bands (64 rows) and partial 128-row tiles
+T_SHAPES = ((37, 200), (300, 577), (3, 70001), (130, 2100))
+
+
+@pytest.mark.parametrize("shape", T_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmts", (FP8_FMTS, LOWBIT_FMTS), ids=("fp8", "lowbit"))
+@pytest.mark.parametrize("special", ("inf", "nan"))
+def test_transposed_views_are_read_without_a_copy(isa, fmts, dtype, shape, special, monkeypatch) -> None:
+    """fused_scaled and quantize_scaled of a transposed view (x.mT contiguous: the replay's Gᵀ, Aᵀ, Wᵀ) read it
+    band by band: the bits of the contiguous x's results (None, the NaN fallback, alike), and no copy of x."""
+    x = sample(shape, 11, dtype, inf=True)
+    if special == "nan":
+        x[2, shape[1] // 2] = float("nan")
+    xt = x.mT.contiguous().mT
+    assert not xt.is_contiguous() and torch.equal(xt, x) is (special == "inf")
+    copied = forbid_full_copies(monkeypatch)
+    for fmt, tile, rule in cases(fmts):
+        got, want = cpu.fused_scaled(xt, fmt, *tile, rule), cpu.fused_scaled(x, fmt, *tile, rule)
+        assert (got is None) == (want is None), (fmt, tile, rule)
+        if want is not None:
+            for a, b in zip(got, want):
+                assert (a is None and b is None) or torch.equal(bits(a), bits(b)), (fmt, tile, rule)
+        g = torch.tensor(0.37) if fmt == "nvfp4" else None
+        (d1, s1), (d2, s2) = cpu.quantize_scaled(xt, fmt, *tile, rule, g), cpu.quantize_scaled(x, fmt, *tile, rule, g)
+        assert torch.equal(d1.view(torch.uint8), d2.view(torch.uint8)) and torch.equal(bits(s1), bits(s2))
+    assert copied == []
 
 
 @pytest.mark.parametrize("fmt, special", [("e4m3", float("nan")), ("mxfp8-e5m2", float("nan")),

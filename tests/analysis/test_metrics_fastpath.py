@@ -17,6 +17,7 @@ import fp8probe.analysis.metrics as M
 from fp8probe.analysis.metrics import (BLOCK, LOG2_HI, LOG2_LO, RAW_LIMITS, ErrorAccumulator, OperandAccumulator,
                                        OutlierCensus, TensorStats)
 from fp8probe.backends import cpu
+from support import forbid_full_copies
 
 F64 = torch.float64
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, F64)
@@ -172,6 +173,84 @@ def test_operand_sums_saturation_without_a_mask_compares_exactly(isa: str) -> No
     q = torch.tensor([qmax, 1.0, -1.0, 0.5], dtype=torch.float32)
     got = cpu.operand_sums(x, q, None)
     assert got[5] == 1  # only 1 + 2**-7 exceeds 1 + 2**-20
+
+
+# --------------------------------------------------------------------------------------------
+# transposed views (x.mT contiguous) read in place
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_full_copy(monkeypatch: pytest.MonkeyPatch) -> list:
+    return forbid_full_copies(monkeypatch)
+
+
+def _transposed(shape: tuple[int, ...], dtype: torch.dtype, seed: int, specials: bool = True) -> torch.Tensor:
+    """A view of logical `shape` whose .mT is contiguous (storage [.., cols, rows]), seeded values."""
+    n = math.prod(shape)
+    storage = _values(n, dtype, seed, specials).view(*shape[:-2], shape[-1], shape[-2])
+    return storage.mT
+
+
+# logical shapes around the 8-lane, 8192-block and 65536-unit sizes: partial first/last rows of a gathered
+# range, ranges inside one row (cols > UNIT), ranges across batch matrices, a row or column of one
+TRANSPOSED_SHAPES = [(1, 2), (3, 7), (37, 300), (8193, 3), (11, 8193), (2, 70001), (257, 577), (3, 129, 301),
+                     (2, 40000, 3), (5, 1, 7)]
+
+
+@pytest.mark.parametrize("shape", TRANSPOSED_SHAPES)
+@pytest.mark.parametrize(("ref_dtype", "lp_dtype"), [(F64, torch.float32), (torch.float32, torch.bfloat16),
+                                                     (torch.float16, F64)])
+@pytest.mark.parametrize("layout", ["lp-transposed", "ref-transposed", "both"])
+def test_error_sums_read_transposed_views_without_a_copy(shape, ref_dtype, lp_dtype, layout, isa, no_full_copy) -> None:
+    """wgrad's (Aᵀ Gᵀ)ᵀ result against a row-major float64 reference: the same bits as the contiguous
+    copies, and no copy is made."""
+    seed = sum(shape)
+    ref_t, lp_t = _transposed(shape, ref_dtype, seed), _transposed(shape, lp_dtype, seed + 1)
+    ref = ref_t if layout != "lp-transposed" else ref_t.contiguous()
+    lp = lp_t if layout != "ref-transposed" else lp_t.contiguous()
+    want = cpu.error_sums(ref_t.contiguous(), lp_t.contiguous())
+    assert cpu.error_sums(ref, lp) == want
+    terms = _error_reference(ref, lp)[0]
+    assert want[0] == _ordered_sum(terms[0])
+    assert no_full_copy == []
+
+
+@pytest.mark.parametrize("shape", TRANSPOSED_SHAPES)
+@pytest.mark.parametrize(("x_dtype", "q_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, F64)])
+@pytest.mark.parametrize("layout", ["x", "q", "mask", "all", "all-no-mask"])
+def test_operand_sums_read_transposed_views_without_a_copy(shape, x_dtype, q_dtype, layout, isa, no_full_copy) -> None:
+    seed = 3 * sum(shape)
+    x_t = _transposed(shape, x_dtype, seed)
+    q_t = ((x_t.to(F64) * 4).round() / 4).clamp(-300, 300).to(q_dtype)  # same layout as x_t
+    sat_t = x_t.to(F64).abs() > 300
+    x = x_t if layout in ("x", "all", "all-no-mask") else x_t.contiguous()
+    q = q_t if layout in ("q", "all", "all-no-mask") else q_t.contiguous()
+    sat = None if layout == "all-no-mask" else sat_t if layout in ("mask", "all") else sat_t.contiguous()
+    want = cpu.operand_sums(x_t.contiguous(), q_t.contiguous(), None if sat is None else sat_t.contiguous())
+    assert cpu.operand_sums(x, q, sat) == want
+    assert no_full_copy == []
+
+
+@pytest.mark.parametrize("shape", [s for s in TRANSPOSED_SHAPES if len(s) == 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tensor_stats_read_a_transposed_view_without_a_copy(shape, dtype, isa, no_full_copy) -> None:
+    x_t = _transposed(shape, dtype, seed=5 * sum(shape))
+    want = _c_stats(x_t.contiguous())
+    got = _c_stats(x_t)
+    assert no_full_copy == []
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key  # hist, segmax: exact
+        else:
+            assert got[key] == value or (value != value and got[key] != got[key]), key
+
+
+def test_transposed_layouts_that_do_not_tile_the_tensor_raise() -> None:
+    ext = cpu._ext()
+    x = torch.randn(6, 5)
+    with pytest.raises(ValueError, match="expected .*got rows=4, cols=5"):
+        ext.error_sums(x.data_ptr(), 0, x.data_ptr(), 0, x.numel(), 1, 0, 0, 4, 5)
+    with pytest.raises(ValueError, match="expected .*got rows=-1, cols=30"):
+        ext.operand_sums(x.data_ptr(), 0, x.data_ptr(), 0, 0, x.numel(), 1, -1, 30)
 
 
 # --------------------------------------------------------------------------------------------
