@@ -241,8 +241,10 @@ class _Analysis:
             for key, o in part.operands.items():
                 if key[0] not in acc.errors and (key[1] != "weight" or keep_weight):
                     _merge_into(acc.operands, key, o)
-            for key, b in part.blocks.items():  # weight blocks only come from the batch that measured it
-                if key[0] not in acc.errors:
+            # weight blocks only from the first batch that measured the weight: under torchrun another rank's
+            # first batch measured it again (its fresh() part did not know this rank's batches)
+            for key, b in part.blocks.items():
+                if key[0] not in acc.errors and (key[1] != "weight" or keep_weight):
                     _merge_into(acc.blocks, key, b)
                     acc.block_labels.setdefault(key, part.block_labels[key])
             for strat, msg in part.errors.items():
