@@ -677,7 +677,7 @@ def tile_records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, 
 
 
 def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
-          scale_rule: str = "floor", sr_seed: int | None = None
+          scale_rule: str = "floor", sr_seed: int | None = None, records: bool = True
           ) -> tuple[torch.Tensor, torch.Tensor, BlockRecords | None]:
     """_fq_scaled of a 2-D x plus its per-tile BlockRecords. On CPU with the C extension enabled, one
     fused C call (backends.cpu.fused_scaled: the cast, its dequantisation, the mask and the tile counts,
@@ -685,7 +685,8 @@ def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | 
     results) quantize_scaled + dequantize_scaled, the mask from their outputs and the records from its scales
     (tile_records; None for an empty x or one that is not 2-D). Arguments
     quantize_scaled rejects raise its ValueError either way. ``sr_seed``: stochastic rounding with this
-    seed (quantize_scaled's rounding="stochastic", the torch reference; 4/6-bit formats), None: nearest."""
+    seed (quantize_scaled's rounding="stochastic", the torch reference; 4/6-bit formats), None: nearest.
+    ``records`` False: the caller drops them (_fq_slices), so the ops path does not count them."""
     tile = F.scaled_tile(x.shape, fmt, granularity, block, scale_rule)[1]
     fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule) if x.dim() == 2 and sr_seed is None else None
     if fused is not None:
@@ -701,25 +702,27 @@ def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | 
     saturated = (st.element_values().abs() == fmax) & (x32.abs() > q.abs())
     # the records from the cast's own scales (what block_scales would otherwise recompute per slice)
     scale = st.scale if st.global_scale is None else st.scale * st.global_scale
-    return q, saturated, tile_records(x32, q, saturated, scale, tile) if x.dim() == 2 and x.numel() else None
+    if not (records and x.dim() == 2 and x.numel()):
+        return q, saturated, None
+    return q, saturated, tile_records(x32, q, saturated, scale, tile)
 
 
 def _fq_scaled(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
                scale_rule: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
     """(dequantised x in float32, saturated mask): clipped elements have |data| at the format max and |x| > |q|."""
-    return _cast(x, fmt, granularity, block, scale_rule)[:2]
+    return _cast(x, fmt, granularity, block, scale_rule, records=False)[:2]
 
 
 Gran = tuple[str, "tuple[int, int] | None"]
 
 
 def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
-                 scale_rule: str = "floor", sr_seed: int | None = None
+                 scale_rule: str = "floor", sr_seed: int | None = None, records: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor, list[BlockRecords | None]]:
     """_fq_slices plus one BlockRecords (or None) per slice (one for 2-D x): a stacked cast's tiles
     are the slices' tiles, slice after slice, so its records split into equal consecutive parts."""
     if x.dim() == 2:
-        q, sat, rec = _cast(x, fmt, granularity, block, scale_rule, sr_seed)
+        q, sat, rec = _cast(x, fmt, granularity, block, scale_rule, sr_seed, records)
         return q, sat, [rec]
     bt, rows, cols = x.shape
     if fmt == "nvfp4" or sr_seed is not None:  # (stochastic rounding: each slice draws its own numbers from 0)
@@ -731,9 +734,9 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
         br, bc = min(br, rows), min(bc, cols)  # a tile larger than the slice is all of it (quantize_scaled)
         tile = ("block", (br, bc)) if rows and rows % br == 0 else None
     if tile is None or x.numel() == 0:
-        q, sat, recs = zip(*(_cast(x[i], fmt, granularity, block, scale_rule, sr_seed) for i in range(bt)))
+        q, sat, recs = zip(*(_cast(x[i], fmt, granularity, block, scale_rule, sr_seed, records) for i in range(bt)))
         return torch.stack(q), torch.stack(sat), list(recs)
-    q, sat, rec = _cast(x.reshape(bt * rows, cols), fmt, *tile, scale_rule)
+    q, sat, rec = _cast(x.reshape(bt * rows, cols), fmt, *tile, scale_rule, records=records)
     recs = [None] * bt if rec is None else list(zip(*(r.view(bt, -1) for r in rec)))
     return q.view(bt, rows, cols), sat.view(bt, rows, cols), recs
 
@@ -750,7 +753,7 @@ def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, in
     which for a 64-head attention site times 8 casts per recipe was most of the replay. NVFP4's float32
     tensor scale is per slice, so no stacked cast has it: slice by slice.
     """
-    return _cast_slices(x, fmt, granularity, block, scale_rule, sr_seed)[:2]
+    return _cast_slices(x, fmt, granularity, block, scale_rule, sr_seed, records=False)[:2]
 
 
 # (shapes, strides, dtypes, device, threads) of a batched product → whether torch.bmm gave exactly the
