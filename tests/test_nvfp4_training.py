@@ -224,3 +224,27 @@ def test_stochastic_rounding_and_the_transform_give_the_same_bits_on_every_devic
         q_cpu = S._fq_slices(y, "nvfp4", *S._NV_1D, sr_seed=S.SR_SEEDS[stage])[0]
         q_dev = S._fq_slices(y.to(device), "nvfp4", *S._NV_1D, sr_seed=S.SR_SEEDS[stage])[0]
         assert torch.equal(q_dev.cpu(), q_cpu), stage
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4-e2m1", "mxfp6-e3m2"])
+def test_stacked_stochastic_cast_is_the_slice_by_slice_one(fmt: str, monkeypatch) -> None:
+    """A batched operand's stochastically rounded 1×bc cast runs as one stacked reference call: the same q,
+    mask and block records as casting each slice alone (its own tensor scale, its own numbers from 0)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 12, 40, generator=g) * torch.logspace(-3, 2, 5)[:, None, None]  # slices of other ranges
+    x[2, 3, 7] = float("nan")
+    x[4, 0, 1] = float("inf")
+    block = (1, 16) if fmt == "nvfp4" else (1, 32)
+    calls = []
+    real = R.quantize_scaled
+    monkeypatch.setattr(R, "quantize_scaled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, sat, recs = S._cast_slices(x, fmt, "block", block, sr_seed=3)
+    assert len(calls) == 1  # one stacked cast, not one per slice
+    monkeypatch.setattr(R, "quantize_scaled", real)
+    for i in range(x.shape[0]):
+        qi, si, ri = S._cast(x[i], fmt, "block", block, sr_seed=3)
+        assert torch.equal(q[i].view(torch.int32), qi.view(torch.int32)) and torch.equal(sat[i], si), (fmt, i)
+        for a, b in zip(recs[i], ri, strict=True):
+            same = torch.equal(a.view(torch.int32), b.view(torch.int32)) if a.dtype == torch.float32 else torch.equal(a, b)
+            assert same, (fmt, i)
+    assert not torch.equal(q[0], S._cast(x[0], fmt, "block", block)[0])  # (stochastic, not nearest)

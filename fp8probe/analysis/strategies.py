@@ -14,6 +14,7 @@ import torch
 from fp8probe import autograd as AG
 from fp8probe import functional as F
 from fp8probe.backends import cpu as _cpu
+from fp8probe.backends import reference as _ref
 from fp8probe.formats import FORMATS, get_codebook
 
 from .accumulation import Accumulation, matmul_limited
@@ -725,6 +726,8 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
         q, sat, rec = _cast(x, fmt, granularity, block, scale_rule, sr_seed, records)
         return q, sat, [rec]
     bt, rows, cols = x.shape
+    if sr_seed is not None and granularity == "block" and block is not None and block[0] == 1 and x.numel():
+        return _sr_cast_stacked(x, fmt, block, scale_rule, sr_seed, records)
     if fmt == "nvfp4" or sr_seed is not None:  # (stochastic rounding: each slice draws its own numbers from 0)
         tile: tuple[str, tuple[int, int] | None] | None = None
     elif granularity == "row" or (granularity == "block" and block[0] == 1):
@@ -739,6 +742,34 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
     q, sat, rec = _cast(x.reshape(bt * rows, cols), fmt, *tile, scale_rule, records=records)
     recs = [None] * bt if rec is None else list(zip(*(r.view(bt, -1) for r in rec)))
     return q.view(bt, rows, cols), sat.view(bt, rows, cols), recs
+
+
+def _sr_cast_stacked(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_rule: str, sr_seed: int,
+                     records: bool) -> tuple[torch.Tensor, torch.Tensor, list[BlockRecords | None]]:
+    """_cast_slices' stochastically rounded 1×bc cast of x [Bt, R, C] in one reference call over the stacked
+    [Bt·R, C] view, bit for bit the slice-by-slice casts: every 1×bc tile lies in one row, each slice's rows
+    get that slice's NVFP4 tensor scale (quantize_scaled's [R, 1] global_scale) and draw the slice's own
+    random numbers from 0 (period_rows). A per-slice reference cast is ~40 small torch ops, and an attention
+    site has one per head, operand and GEMM."""
+    bt, rows, cols = x.shape
+    F.scaled_tile((rows, cols), fmt, "block", block, scale_rule)  # its ValueError for arguments it rejects
+    x32 = x.to(_F32).reshape(bt * rows, cols).contiguous()
+    g_rows = None
+    if fmt == "nvfp4":  # each slice's tensor scale, as functional.quantize_scaled computes it for the slice
+        g = torch.stack([_cpu.nvfp4_global_scale(x32[i * rows:(i + 1) * rows]) for i in range(bt)])
+        g_rows = g.repeat_interleave(rows).reshape(bt * rows, 1)
+    data, scale = _ref.quantize_scaled(x32, fmt, 1, block[1], scale_rule, g_rows, "stochastic", sr_seed,
+                                       period_rows=rows)
+    values = _ref.element_values(data, fmt)
+    q = values * scale.repeat_interleave(block[1], dim=1)[:, :cols]  # dequantize_scaled's fl32(value · scale)
+    if g_rows is not None:
+        q = q * g_rows                                                # then · the tensor scale
+    saturated = (values.abs() == FORMATS[fmt].max) & (x32.abs() > q.abs())
+    recs: list[BlockRecords | None] = [None] * bt
+    if records:
+        rec = tile_records(x32, q, saturated, scale if g_rows is None else scale * g_rows, (1, block[1]))
+        recs = list(zip(*(r.view(bt, -1) for r in rec)))
+    return q.view(bt, rows, cols), saturated.view(bt, rows, cols), recs
 
 
 def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,

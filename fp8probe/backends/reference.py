@@ -778,8 +778,8 @@ def tile_scales(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sca
 
 
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
-                    global_scale: torch.Tensor | None = None, rounding: str = "nearest", seed: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    global_scale: torch.Tensor | None = None, rounding: str = "nearest", seed: int = 0,
+                    period_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled cast; returns ``data`` (float8, or uint8 element codes for the 4/6-bit formats; x.shape)
     and ``scale`` (float32).
 
@@ -806,7 +806,9 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     dequantises to NaN); its elements encode as if the non-finite ones were ±fmt_max (NaN as +0).
     ``rounding="stochastic"`` (4/6-bit formats): the elements round as in :func:`lowbit_encode` with
     :func:`stochastic_uniform` ``(x.shape, seed)`` (element i of x's C order draws number i); the scales
-    are the same as with "nearest".
+    are the same as with "nearest". ``period_rows`` P: the [R, C] view is a stack of R/P slices of P rows and
+    each draws from number 0 (element (r, c) draws (r mod P)·C + c), as casting each slice alone would;
+    with NVFP4 ``global_scale`` may then be [R, 1], each row's slice's tensor scale (1×bc tiles only).
     """
     if fmt not in SCALED_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(SCALED_FORMATS)}, got {fmt!r}")
@@ -833,7 +835,12 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
         y = torch.where(d > 0, y / d, y * 0.0).clamp(-fmax, fmax)
         uniform = None
         if rounding == "stochastic":  # element (r, c) of x draws number r·C + c, laid out like the padded tiles
-            u = stochastic_uniform((R, C), seed, dev)
+            if period_rows is None or period_rows >= R:
+                u = stochastic_uniform((R, C), seed, dev)
+            else:
+                if R % period_rows:
+                    raise ValueError(f"expected period_rows dividing the {R} rows, got {period_rows}")
+                u = stochastic_uniform((period_rows, C), seed, dev).repeat(R // period_rows, 1)
             uniform = F.pad(u, (0, nbc * block_cols - C, 0, nbr * block_rows - R)).view(y.shape)
         codes = lowbit_encode(y, ELEMENT_OF[fmt], uniform)
         scale = torch.where(finite.all(dim=(1, 3)), scale, torch.nan)
