@@ -689,9 +689,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
     """
     _check_tensor("x", x, _FLOATS)
     granularity, tile = scaled_tile(x.shape, fmt, granularity, block, scale_rule)
-    if rounding not in _ref.ROUNDINGS or (rounding == "stochastic" and _ref.SCALED_FORMATS[fmt][0] != torch.uint8):
-        raise ValueError(f"expected rounding 'nearest' (or 'stochastic' for the 4/6-bit formats), got {rounding!r} "
-                         f"for fmt={fmt!r}")
+    _ref.check_rounding(rounding, fmt)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"expected an int seed, got {type(seed).__name__}")
     global_scale = _cpu.nvfp4_global_scale(x) if fmt == "nvfp4" else None  # the reference's value; one C pass on CPU

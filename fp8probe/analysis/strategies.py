@@ -677,6 +677,17 @@ def tile_records(x2: torch.Tensor, q2: torch.Tensor, sat2: torch.Tensor | None, 
     return scale.reshape(-1), n_nz == 0, n_nz, _tile_sums(under, br, bc), clipped
 
 
+def _saturated(values: torch.Tensor, x32: torch.Tensor, q: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The clipped elements of a scaled cast: stored value at ±fmt_max and |x| > |q|. NaN compares False and
+    ±Inf never sits at exactly ±fmax in data, so no isfinite mask is needed."""
+    return (values.abs() == FORMATS[fmt].max) & (x32.abs() > q.abs())
+
+
+def _split_records(rec: BlockRecords | None, bt: int) -> list[BlockRecords | None]:
+    """A stacked cast's records as one BlockRecords per slice: its tiles are the slices' tiles, slice after slice."""
+    return [None] * bt if rec is None else list(zip(*(r.view(bt, -1) for r in rec)))
+
+
 def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
           scale_rule: str = "floor", sr_seed: int | None = None, records: bool = True
           ) -> tuple[torch.Tensor, torch.Tensor, BlockRecords | None]:
@@ -698,13 +709,11 @@ def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | 
     st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule,
                            **({} if sr_seed is None else {"rounding": "stochastic", "seed": sr_seed}))
     q = F.dequantize_scaled(st, _F32)
-    fmax = FORMATS[fmt].max
-    # NaN compares False and ±Inf never sits at exactly ±fmax in data, so no isfinite mask is needed.
-    saturated = (st.element_values().abs() == fmax) & (x32.abs() > q.abs())
-    # the records from the cast's own scales (what block_scales would otherwise recompute per slice)
-    scale = st.scale if st.global_scale is None else st.scale * st.global_scale
+    saturated = _saturated(st.element_values(), x32, q, fmt)
     if not (records and x.dim() == 2 and x.numel()):
         return q, saturated, None
+    # the records from the cast's own scales (what block_scales would otherwise recompute per slice)
+    scale = st.scale if st.global_scale is None else st.scale * st.global_scale
     return q, saturated, tile_records(x32, q, saturated, scale, tile)
 
 
@@ -740,8 +749,7 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
         q, sat, recs = zip(*(_cast(x[i], fmt, granularity, block, scale_rule, sr_seed, records) for i in range(bt)))
         return torch.stack(q), torch.stack(sat), list(recs)
     q, sat, rec = _cast(x.reshape(bt * rows, cols), fmt, *tile, scale_rule, records=records)
-    recs = [None] * bt if rec is None else list(zip(*(r.view(bt, -1) for r in rec)))
-    return q.view(bt, rows, cols), sat.view(bt, rows, cols), recs
+    return q.view(bt, rows, cols), sat.view(bt, rows, cols), _split_records(rec, bt)
 
 
 def _sr_cast_stacked(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_rule: str, sr_seed: int,
@@ -760,16 +768,11 @@ def _sr_cast_stacked(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_ru
         g_rows = g.repeat_interleave(rows).reshape(bt * rows, 1)
     data, scale = _ref.quantize_scaled(x32, fmt, 1, block[1], scale_rule, g_rows, "stochastic", sr_seed,
                                        period_rows=rows)
-    values = _ref.element_values(data, fmt)
-    q = values * scale.repeat_interleave(block[1], dim=1)[:, :cols]  # dequantize_scaled's fl32(value · scale)
-    if g_rows is not None:
-        q = q * g_rows                                                # then · the tensor scale
-    saturated = (values.abs() == FORMATS[fmt].max) & (x32.abs() > q.abs())
-    recs: list[BlockRecords | None] = [None] * bt
-    if records:
-        rec = tile_records(x32, q, saturated, scale if g_rows is None else scale * g_rows, (1, block[1]))
-        recs = list(zip(*(r.view(bt, -1) for r in rec)))
-    return q.view(bt, rows, cols), saturated.view(bt, rows, cols), recs
+    q = _ref.dequantize_scaled(data, scale, 1, block[1], _F32, fmt, g_rows)
+    saturated = _saturated(_ref.element_values(data, fmt), x32, q, fmt)
+    rec = tile_records(x32, q, saturated, scale if g_rows is None else scale * g_rows, (1, block[1])) \
+        if records else None
+    return q.view(bt, rows, cols), saturated.view(bt, rows, cols), _split_records(rec, bt)
 
 
 def _fq_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
@@ -914,18 +917,15 @@ class _Scaled(_Recipe):
         """Gᵀ·A with both scaled along tokens (the contraction dim); qG/qA: the dgrad's / forward's. With
         ``rht_wgrad`` both operands are first Hadamard-transformed along the tokens (zero-padded to whole
         runs of 16: padding adds zero terms), which leaves the exact product unchanged."""
-        if self.rht_wgrad or self.sr_grad:                      # new operands: never the dgrad's / forward's casts
+        if self.act[0] == "tensor" and not (self.rht_wgrad or self.sr_grad):  # one scale: transposing changes nothing
+            qGt, qAt = qG.mT, qA.mT
+        else:                                                   # wgrad contracts over tokens: new casts
             Gt, At = G.mT, A.mT
             if self.rht_wgrad:
                 Gt, At = F.hadamard_transform(Gt, RHT_SEED), F.hadamard_transform(At, RHT_SEED)
             qGt = _fq_slices(Gt, self.fmt_bwd, *self.act, self.scale_rule,
                              SR_SEEDS["wgrad"] if self.sr_grad else None)[0]
             qAt = _fq_slices(At, self.fmt_fwd, *self.act, self.scale_rule)[0]
-        elif self.act[0] == "tensor":                           # one scale: transposing changes nothing
-            qGt, qAt = qG.mT, qA.mT
-        else:                                                   # wgrad contracts over tokens
-            qGt = _fq_slices(G.mT, self.fmt_bwd, *self.act, self.scale_rule)[0]
-            qAt = _fq_slices(A.mT, self.fmt_fwd, *self.act, self.scale_rule)[0]
         return self._gemm(qGt, qAt)
 
 

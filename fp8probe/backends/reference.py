@@ -609,6 +609,13 @@ def lowbit_encode(y: torch.Tensor, elem: str, uniform: torch.Tensor | None = Non
 ROUNDINGS = ("nearest", "stochastic")
 
 
+def check_rounding(rounding: str, fmt: str) -> None:
+    """ValueError unless ``rounding`` is one of ROUNDINGS, "stochastic" only for a 4/6-bit format."""
+    if rounding not in ROUNDINGS or (rounding == "stochastic" and SCALED_FORMATS[fmt][0] != torch.uint8):
+        raise ValueError(f"expected rounding 'nearest' (or 'stochastic' for the 4/6-bit formats), got "
+                         f"{rounding!r} for fmt={fmt!r}")
+
+
 _M32 = 0xFFFFFFFF
 # the "lowbias32" hash's rounds: (shift, multiplier); the second multiplier is taken as itself − 2**32
 # (the same product mod 2**32), so that both products of a 32-bit value stay inside int64
@@ -643,24 +650,28 @@ def stochastic_uniform(shape: torch.Size | tuple[int, ...], seed: int, device: t
 HADAMARD_SIZE = 16
 
 
+def _hadamard_signs(n: int, signs_seed: int | None) -> tuple[float, ...]:
+    """The random signs s of :func:`hadamard_matrix` (validating n): s_i = −1 where bit i of
+    mix32(seed mod 2**32 ^ 0x9E3779B9) is set (_mix32, which maps 0 to 0: hence the constant); None: all +1."""
+    if n < 1 or n & (n - 1) or (n.bit_length() - 1) % 2:
+        raise ValueError(f"expected a Hadamard size that is a power of four, got {n}")
+    if signs_seed is None:
+        return (1.0,) * n
+    word = _mix32((int(signs_seed) & _M32) ^ 0x9E3779B9)
+    return tuple(-1.0 if (word >> i) & 1 else 1.0 for i in range(n))
+
+
 def hadamard_matrix(n: int = HADAMARD_SIZE, signs_seed: int | None = 0, device: torch.device | str = "cpu"
                     ) -> torch.Tensor:
     """float32 [n, n] = diag(s) · H_n / sqrt(n): the Sylvester Hadamard matrix (H_1 = [1],
     H_2k = [[H_k, H_k], [H_k, −H_k]]) normalised to be orthogonal (n a power of four keeps 1/sqrt(n) a
-    power of two, so every entry is exact), rows multiplied by random signs s = ±1, s_i = −1 where bit i
-    of mix32(seed mod 2**32 ^ 0x9E3779B9) is set (_mix32, which maps 0 to 0: hence the constant; None:
-    all +1). T·Tᵀ = I exactly."""
-    if n < 1 or n & (n - 1) or (n.bit_length() - 1) % 2:
-        raise ValueError(f"expected a Hadamard size that is a power of four, got {n}")
+    power of two, so every entry is exact), rows multiplied by the random signs s = ±1 of
+    _hadamard_signs. T·Tᵀ = I exactly."""
+    signs = torch.tensor(_hadamard_signs(n, signs_seed), dtype=_F32)
     h = torch.ones(1, 1, dtype=_F32)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    h = h * (1.0 / math.sqrt(n))
-    if signs_seed is not None:
-        word = _mix32((int(signs_seed) & _M32) ^ 0x9E3779B9)
-        signs = torch.tensor([-1.0 if (word >> i) & 1 else 1.0 for i in range(n)], dtype=_F32)
-        h = signs[:, None] * h
-    return h.to(device)
+    return (signs[:, None] * (h * (1.0 / math.sqrt(n)))).to(device)
 
 
 def hadamard_transform(x: torch.Tensor, signs_seed: int | None = 0, n: int = HADAMARD_SIZE) -> torch.Tensor:
@@ -671,8 +682,7 @@ def hadamard_transform(x: torch.Tensor, signs_seed: int | None = 0, n: int = HAD
     every device (a matmul's summation order is the BLAS's). Orthogonal per run, so for two operands
     transformed alike along their contraction dim the product is unchanged in exact arithmetic:
     (Gᵀ·T)·(Aᵀ·T)ᵀ = Gᵀ·A (the random Hadamard transform of NVFP4's wgrad)."""
-    t = hadamard_matrix(n, signs_seed)  # (validates n; its first column holds the signs times 1/sqrt(n))
-    signs = (t[:, 0] * math.sqrt(n)).to(x.device)
+    signs = torch.tensor(_hadamard_signs(n, signs_seed), dtype=_F32, device=x.device)
     x32 = x.to(_F32)
     pad = -x32.shape[-1] % n
     if pad:
@@ -816,9 +826,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
         raise ValueError(f"scale_rule must be one of {', '.join(SCALE_RULES)}, got {scale_rule!r}")
     dtype, fmax, emax = SCALED_FORMATS[fmt]
     lowbit = dtype == torch.uint8
-    if rounding not in ROUNDINGS or (rounding == "stochastic" and not lowbit):
-        raise ValueError(f"expected rounding 'nearest' (or 'stochastic' for the 4/6-bit formats), got "
-                         f"{rounding!r} for fmt={fmt!r}")
+    check_rounding(rounding, fmt)
     dev = x.device
     R, C = _rows_cols(x.shape)
     nbr, nbc = -(-R // block_rows), -(-C // block_cols)
@@ -835,12 +843,12 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
         y = torch.where(d > 0, y / d, y * 0.0).clamp(-fmax, fmax)
         uniform = None
         if rounding == "stochastic":  # element (r, c) of x draws number r·C + c, laid out like the padded tiles
-            if period_rows is None or period_rows >= R:
-                u = stochastic_uniform((R, C), seed, dev)
-            else:
-                if R % period_rows:
-                    raise ValueError(f"expected period_rows dividing the {R} rows, got {period_rows}")
-                u = stochastic_uniform((period_rows, C), seed, dev).repeat(R // period_rows, 1)
+            period = R if period_rows is None else period_rows
+            if period < 1 or R % period:
+                raise ValueError(f"expected period_rows dividing the {R} rows, got {period_rows}")
+            u = stochastic_uniform((period, C), seed, dev)
+            if period < R:
+                u = u.repeat(R // period, 1)
             uniform = F.pad(u, (0, nbc * block_cols - C, 0, nbr * block_rows - R)).view(y.shape)
         codes = lowbit_encode(y, ELEMENT_OF[fmt], uniform)
         scale = torch.where(finite.all(dim=(1, 3)), scale, torch.nan)
@@ -869,7 +877,8 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
                       dtype: torch.dtype, fmt: str = "", global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``cast_dtype(fl32(value(data) * scale[tile]))`` with the tiling of :func:`quantize_scaled`; NVFP4
     ``cast_dtype(fl32(fl32(value * scale[tile]) * global_scale))`` (value · scale is exact: a 2-bit by a
-    4-bit significand). `fmt` is needed for uint8 element codes only (which 4/6-bit format)."""
+    4-bit significand); with 1×bc tiles ``global_scale`` may be [R, 1], one per row, as in quantize_scaled.
+    `fmt` is needed for uint8 element codes only (which 4/6-bit format)."""
     dev = data.device
     if data.numel() == 0:
         return torch.empty(data.shape, dtype=dtype, device=dev)
@@ -880,5 +889,6 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     xt, nbr, nbc = _tiles(element_values(data.reshape(R, C), fmt), block_rows, block_cols)
     y = xt * scale.to(device=dev, dtype=_F32)[:, None, :, None]
     if global_scale is not None:
-        y = y * global_scale.to(device=dev, dtype=_F32)
+        g = global_scale.to(device=dev, dtype=_F32)
+        y = y * (g.reshape(nbr, 1, 1, 1) if g.dim() else g)  # (per row: nbr = R rows of 1×bc tiles)
     return y.reshape(nbr * block_rows, nbc * block_cols)[:R, :C].to(dtype).contiguous().reshape(data.shape)
