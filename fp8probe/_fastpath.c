@@ -3047,6 +3047,147 @@ AVX2 INLINE void sqv_quant_run(const void *x, size_t lo, size_t hi, int dt, floa
     else sqv_quant_run_m(x, lo, hi, dt, s, r, 0, e5m2, fmax_bits, data, pf);
 }
 
+SQ_AMAX_BODY(sqv_amax_body, sqv_amax_run, AVX2)
+SQ_QUANT_BODY(sqv_quant_body, sqv_quant_run, AVX2)
+
+/* Narrow tiles (MX 1x32, e4m3/e5m2 1x8..1x64 blocks): one call of sqv_quant_run per tile spent more on the call
+ * (the reciprocal, the branches, the tails) than on its 32 elements (MX 1x32 quantize 10.9 ms against 7.0 ms
+ * per row at 16M float32, one thread). Where every scale of the row's tiles is +2^k with a normal reciprocal
+ * (all MX scales but 2^127; exact_recip's first case), a row runs 32 elements a step, each 8 lanes inside one
+ * tile (bc a multiple of 8) times that tile's reciprocal, formed from the scale's bits: (254 << 23) - bits(2^k)
+ * = bits(2^-k). Same products as sqv_quant_run_m's mul case, same bits. */
+#define SQV_NARROW_MAX ((size_t)64)
+
+/* Whether tiles of width bc take the narrow loops (bc in 8, 16, 32, 64) and whole tiles make the units (cs 1). */
+INLINE int sqv_narrow(const sq_t *c) { return c->cs == 1 && c->bc >= 8 && c->bc <= SQV_NARROW_MAX && !(c->bc & (c->bc - 1)); }
+
+/* 1 when every s[0..n) is +2^k with k in [-126, 126] (biased exponent 1..253, mantissa and sign 0). */
+INLINE int sqv_pow2_scales(const float *s, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = f2u(s[i]), e = u >> 23;
+        if ((u & 0x7fffffu) || e < 1 || e > 253) return 0;
+    }
+    return 1;
+}
+
+/* bits(1 / s) of the +2^k scale at p, in 8 lanes. */
+AVX2 INLINE __m256 sqv_recip_pow2(const float *p) {
+    return _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), _mm256_set1_epi32((int32_t)f2u(*p))));
+}
+
+/* The FP8 codes of [lo, hi), a run of whole tiles of 2^sh elements starting at lo (the last may be short) whose
+ * scales st[0..] are all +2^k (sqv_pow2_scales). */
+AVX2 INLINE void sqv_quant_narrow(const void *x, size_t lo, size_t hi, int dt, const float *st, unsigned sh, int e5m2,
+                                  uint32_t fmax_bits, uint8_t *restrict data, pf_t *pf) {
+    const __m256i fmaxv = _mm256_set1_epi32((int32_t)fmax_bits), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32) {
+        pf_step(pf);
+        const size_t o = i - lo;
+        __m256 ya = _mm256_mul_ps(load8(x, i, dt), sqv_recip_pow2(st + (o >> sh)));
+        __m256 yb = _mm256_mul_ps(load8(x, i + 8, dt), sqv_recip_pow2(st + ((o + 8) >> sh)));
+        __m256 yc = _mm256_mul_ps(load8(x, i + 16, dt), sqv_recip_pow2(st + ((o + 16) >> sh)));
+        __m256 yd = _mm256_mul_ps(load8(x, i + 24, dt), sqv_recip_pow2(st + ((o + 24) >> sh)));
+        __m256i a = sqv_enc_fp8_mag(ya, e5m2, fmaxv), b = sqv_enc_fp8_mag(yb, e5m2, fmaxv);
+        __m256i c = sqv_enc_fp8_mag(yc, e5m2, fmaxv), d = sqv_enc_fp8_mag(yd, e5m2, fmaxv);
+        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+        __m256i sg = _mm256_packs_epi16(_mm256_packs_epi32(_mm256_castps_si256(ya), _mm256_castps_si256(yb)),
+                                        _mm256_packs_epi32(_mm256_castps_si256(yc), _mm256_castps_si256(yd)));
+        p = _mm256_or_si256(p, _mm256_and_si256(sg, _mm256_set1_epi8((char)0x80)));
+        _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    while (i < hi) { /* the last < 32 elements, tile by tile */
+        const size_t t = (i - lo) >> sh, end = lo + ((t + 1) << sh) < hi ? lo + ((t + 1) << sh) : hi;
+        sqv_quant_run(x, i, end, dt, st[t], e5m2, fmax_bits, data, NULL);
+        i = end;
+    }
+}
+
+/* sqv_quant_body, rows of narrow tiles through sqv_quant_narrow (a row whose scales are not all +2^k: tile by
+ * tile). */
+AVX2 INLINE void sqv_quant_body_n(const sq_t *c, size_t u, int dt, int e5m2) {
+    if (!sqv_narrow(c)) { sqv_quant_body(c, u, dt, e5m2); return; }
+    sq_unit_t w = sq_unit(c, u);
+    if (w.c0 >= w.c1) return;
+    const uint32_t fmax_bits = f2u(c->fmax);
+    const size_t t0 = w.c0 / c->bc, nt = (w.c1 - 1) / c->bc - t0 + 1;
+    const unsigned sh = (unsigned)__builtin_ctzll(c->bc);
+    for (size_t r = w.r0; r < w.r1; r++) {
+        const float *st = c->scale + (r / c->br) * c->nbc + t0;
+        const size_t lo = r * c->C + w.c0, hi = r * c->C + w.c1;
+        if (sqv_pow2_scales(st, nt)) {
+            sqv_quant_narrow(sq_x(c, r), lo, hi, dt, st, sh, e5m2, fmax_bits, c->data, c->pf);
+        } else {
+            for (size_t t = 0; t < nt; t++) {
+                const size_t a = lo + (t << sh), b = a + c->bc < hi ? a + c->bc : hi;
+                sqv_quant_run(sq_x(c, r), a, b, dt, st[t], e5m2, fmax_bits, c->data, c->pf);
+            }
+        }
+    }
+}
+
+/* Tile amax of narrow float32 tiles (sqv_narrow), 8 tiles a step: each tile's 8-lane max over its bc / 8 vectors,
+ * then one transposing reduction of the 8 maxima (sqv_hmax8x8) instead of a horizontal max and a call per tile.
+ * A max of the same values: the same partials. A group holding a NaN/Inf where they are tracked goes tile by tile
+ * through sqv_amax_run (it sets the tile's nonfin flag). */
+/* Lane t = the max of the 8 lanes of m[t] (signed int32 lanes). */
+AVX2 INLINE __m256i sqv_hmax8x8(const __m256i *m) {
+    __m256i a0 = _mm256_max_epi32(_mm256_unpacklo_epi32(m[0], m[1]), _mm256_unpackhi_epi32(m[0], m[1]));
+    __m256i a1 = _mm256_max_epi32(_mm256_unpacklo_epi32(m[2], m[3]), _mm256_unpackhi_epi32(m[2], m[3]));
+    __m256i a2 = _mm256_max_epi32(_mm256_unpacklo_epi32(m[4], m[5]), _mm256_unpackhi_epi32(m[4], m[5]));
+    __m256i a3 = _mm256_max_epi32(_mm256_unpacklo_epi32(m[6], m[7]), _mm256_unpackhi_epi32(m[6], m[7]));
+    /* per 128-bit half: a0 = [m0, m1, m0, m1] partial maxima; then [m0, m1, m2, m3] of the half */
+    __m256i b0 = _mm256_max_epi32(_mm256_unpacklo_epi64(a0, a1), _mm256_unpackhi_epi64(a0, a1));
+    __m256i b1 = _mm256_max_epi32(_mm256_unpacklo_epi64(a2, a3), _mm256_unpackhi_epi64(a2, a3));
+    return _mm256_max_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+AVX2 INLINE void sqv_amax_narrow_t(const sq_t *c, size_t u, int track) {
+    sq_unit_t w = sq_unit(c, u);
+    if (w.c0 >= w.c1) return;
+    uint32_t *part = c->partial + w.ru * c->nbc; /* cs = 1: slot t of the tile row */
+    uint8_t *nf = c->nonfin + w.ru * c->nbc;
+    const size_t bc = c->bc, nv = bc / 8, t0 = w.c0 / bc, t1 = (w.c1 - 1) / bc;
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    for (size_t t = t0; t <= t1; t++) {
+        part[t] = 0;
+        if (track) nf[t] = 0;
+    }
+    for (size_t r = w.r0; r < w.r1; r++) {
+        const uint32_t *x = (const uint32_t *)sq_x(c, r) + r * c->C;
+        size_t t = t0;
+        for (; t + 8 <= t1 + 1 && (t + 8) * bc <= w.c1; t += 8) {
+            __m256i m[8], bad = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                const uint32_t *p = x + (t + (size_t)j) * bc;
+                __m256i mj = _mm256_setzero_si256();
+                for (size_t v = 0; v < nv; v++) {
+                    __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + 8 * v)), abs);
+                    __m256i fin = _mm256_cmpgt_epi32(inf, a);
+                    if (track) bad = _mm256_or_si256(bad, _mm256_andnot_si256(fin, abs));
+                    mj = _mm256_max_epi32(mj, _mm256_and_si256(a, fin));
+                }
+                m[j] = mj;
+            }
+            if (track && !_mm256_testz_si256(bad, bad)) break; /* this group and the rest tile by tile */
+            __m256i old = _mm256_loadu_si256((const __m256i *)(part + t));
+            _mm256_storeu_si256((__m256i *)(part + t), _mm256_max_epi32(old, sqv_hmax8x8(m)));
+        }
+        for (; t <= t1; t++) {
+            const size_t lo = r * c->C + (t * bc > w.c0 ? t * bc : w.c0);
+            const size_t hi = r * c->C + ((t + 1) * bc < w.c1 ? (t + 1) * bc : w.c1);
+            part[t] = sqv_amax_run(sq_x(c, r), lo, hi, DT_F32, part[t], track, track ? nf + t : NULL);
+        }
+    }
+}
+
+/* sqv_amax_body, narrow float32 tiles through sqv_amax_narrow_t. */
+AVX2 INLINE void sqv_amax_body_n(const sq_t *c, size_t u, int dt) {
+    if (dt != DT_F32 || !sqv_narrow(c)) { sqv_amax_body(c, u, dt); return; }
+    if (c->track) sqv_amax_narrow_t(c, u, 1);
+    else sqv_amax_narrow_t(c, u, 0);
+}
+
 /* mx_scale1 of 8 tiles at a time (its bit formulas for a normal amax, 1 for amax 0; a float32-subnormal
  * amax leaves its group and the rest to sq_scale1), in local mode (sub = cs = 1: a tile's partial
  * is its amax). 4/6-bit MX formats also store the divisor and the NaN scale of a tile with a NaN/Inf. */
@@ -3086,8 +3227,6 @@ AVX2 static size_t sqv_mx_scales(sq_t *c, size_t tr, size_t t0, size_t t1) {
     return t;
 }
 
-SQ_AMAX_BODY(sqv_amax_body, sqv_amax_run, AVX2)
-SQ_QUANT_BODY(sqv_quant_body, sqv_quant_run, AVX2)
 /* lowbit_round of 8 lanes (element kind k, see there): y = x' / d as x' * r when mul, x' * 0 when !pos
  * (d not > 0); returns t = |y| rounded at mbits plus 2^23 and sets *uy (y's bits) and *e (the binade).
  * The same integer and float32 operations, lane by lane. */
@@ -3154,7 +3293,7 @@ AVX2 INLINE void sqv_lowbit_run(const void *x, size_t lo, size_t hi, int dt, flo
 }
 
 SQ_LOWBIT_BODY(sqv_lowbit_body, sqv_lowbit_run, AVX2)
-SQ_DISPATCH(sq_avx2, sqv_amax_body, sqv_quant_body, sqv_lowbit_body, AVX2, _mm256_zeroupper();)
+SQ_DISPATCH(sq_avx2, sqv_amax_body_n, sqv_quant_body_n, sqv_lowbit_body, AVX2, _mm256_zeroupper();)
 
 /* sd_run: the decode of 8 codes by dec (sd_t.dec: 0 gather from the table, 1/2 dec_fp8 e4m3/e5m2). */
 AVX2 INLINE __m256 sqv_decode8(const sd_t *c, __m256i code, int dec) {
@@ -3290,7 +3429,85 @@ AVX2 INLINE int fqv_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, i
 }
 
 FQ_BODY(fqv_body, fqv_run, AVX2)
-FQ_DISPATCH(fq_avx2, fqv_body, AVX2, _mm256_zeroupper();)
+
+/* Lane t = the sum of the 8 lanes of m[t] (int32 lanes, no overflow: counts of at most a tile). */
+AVX2 INLINE __m256i sqv_hsum8x8(const __m256i *m) {
+    __m256i a0 = _mm256_hadd_epi32(m[0], m[1]), a1 = _mm256_hadd_epi32(m[2], m[3]);
+    __m256i a2 = _mm256_hadd_epi32(m[4], m[5]), a3 = _mm256_hadd_epi32(m[6], m[7]);
+    __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3); /* per half: [m0, m1, m2, m3] */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+/* slot[0..n) += the first n int32 lanes of v (int64 slots). */
+AVX2 INLINE void fqv_add_counts(int64_t *slot, __m256i v, size_t n) {
+    if (n == 8) {
+        __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)), hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1));
+        _mm256_storeu_si256((__m256i *)slot, _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)slot), lo));
+        _mm256_storeu_si256((__m256i *)(slot + 4), _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(slot + 4)), hi));
+        return;
+    }
+    int32_t lane[8];
+    _mm256_storeu_si256((__m256i *)lane, v);
+    for (size_t j = 0; j < n; j++) slot[j] += lane[j];
+}
+
+/* The fused FP8 element pass over narrow tiles of 32 or 64 elements (MX 1x32): one call of fqv_run per tile
+ * spent ~as much on the call and its per-tile count reduction as on the 32 elements. Where a row's tiles are all
+ * clean (no NaN/Inf: nonfin 0) and their scales all +2^k (sqv_pow2_scales), the tiles run 32 elements a step with
+ * the reciprocal from the scale's bits (sqv_recip_pow2; fqv_step's clean mul case: the same operations per lane),
+ * each tile's three count vectors kept aside and summed 8 tiles at a time (sqv_hsum8x8). Counts are integer sums:
+ * the same in any order. Other rows, short last tiles and the other kinds go tile by tile (fqv_body). */
+AVX2 INLINE void fqv_body_n(const fq_t *c, size_t u, int dt, int kind, int has_g) {
+    const sq_t *sq = &c->sq;
+    if (kind >= 2 || has_g || sq->cs != 1 || (sq->bc != 32 && sq->bc != 64)) { fqv_body(c, u, dt, kind, has_g); return; }
+    sq_unit_t w = sq_unit(sq, u);
+    if (w.c0 >= w.c1) return;
+    const size_t bc = sq->bc, t0 = w.c0 / bc, t1 = (w.c1 - 1) / bc, nfull = (w.c1 - w.c0) / bc;
+    int64_t *slots = c->cnt + w.ru * sq->nbc;
+    const uint8_t *nf = sq->nonfin + w.ru * sq->nbc;
+    const __m256i fmaxv = _mm256_set1_epi32((int32_t)c->vmax_bits), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int bad = 0;
+    fq_t rc = *c; /* x as the runs of each row index it (sq_x) */
+    for (size_t r = w.r0; r < w.r1; r++) {
+        const float *st = sq->scale + (r / sq->br) * sq->nbc + t0;
+        rc.sq.x = sq_x(sq, r);
+        size_t clean = 0;
+        while (clean < nfull && !nf[t0 + clean]) clean++;
+        size_t done = 0;
+        if (clean == nfull && sqv_pow2_scales(st, nfull)) {
+            for (; done < nfull; done += 8) {
+                const size_t n = nfull - done < 8 ? nfull - done : 8;
+                __m256i acc[3][8];
+                for (size_t j = 0; j < n; j++) {
+                    const size_t t = done + j, lo = r * sq->C + (t0 + t) * bc;
+                    const __m256 rv = sqv_recip_pow2(st + t), sv = _mm256_set1_ps(st[t]);
+                    __m256i nnz = _mm256_setzero_si256(), nun = nnz, nsat = nnz, aqmax = nnz;
+                    for (size_t i = lo; i < lo + bc; i += 32) {
+                        pf_step(sq->pf);
+                        __m256i s0 = fqv_step(&rc, i, dt, kind, 0, rv, sv, 1, 1, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
+                        __m256i s1 = fqv_step(&rc, i + 8, dt, kind, 0, rv, sv, 1, 1, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
+                        __m256i s2 = fqv_step(&rc, i + 16, dt, kind, 0, rv, sv, 1, 1, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
+                        __m256i s3 = fqv_step(&rc, i + 24, dt, kind, 0, rv, sv, 1, 1, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
+                        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
+                        p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
+                        _mm256_storeu_si256((__m256i *)(c->sat + i), p);
+                    }
+                    acc[0][j] = nnz; acc[1][j] = nun; acc[2][j] = nsat;
+                }
+                for (size_t j = n; j < 8; j++) acc[0][j] = acc[1][j] = acc[2][j] = _mm256_setzero_si256();
+                for (int k = 0; k < 3; k++) fqv_add_counts(slots + k * c->ncnt + t0 + done, sqv_hsum8x8(acc[k]), n);
+            }
+            done = nfull;
+        }
+        /* the rest tile by tile: rows that did not qualify, a short last tile */
+        for (size_t t = t0 + done; t <= t1; t++) {
+            const size_t lo = r * sq->C + t * bc, hi = r * sq->C + ((t + 1) * bc < w.c1 ? (t + 1) * bc : w.c1);
+            bad |= fqv_run(&rc, lo, hi, dt, kind, 0, st[t - t0], st[t - t0], slots + t, !nf[t]);
+        }
+    }
+    if (bad) __atomic_store_n(c->bad, 1, __ATOMIC_RELAXED);
+}
+FQ_DISPATCH(fq_avx2, fqv_body_n, AVX2, _mm256_zeroupper();)
 #endif
 
 /* Transposed copy for the scaled casts' inputs: the replay hands them many transposed views (G^T and A^T of

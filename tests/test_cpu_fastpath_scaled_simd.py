@@ -10,6 +10,7 @@ import torch
 
 from fp8probe.backends import cpu
 from fp8probe.backends import reference as ref
+from fp8probe.formats import FORMATS
 from support import raw, same_bits
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="fp8probe._fastpath not built")
@@ -233,3 +234,76 @@ def test_lowbit_run_lengths_around_the_vector_widths(isa, no_fallback, fmt: str)
             data, scale = cpu.quantize_scaled(x, fmt, *tile, "floor", g)
             want_d, want_s = _REF_QUANTIZE(x, fmt, *tile, "floor", g)
             assert same_bits(data, want_d) and same_bits(scale, want_s), (n, dtype)
+
+
+def tile_sums(m: torch.Tensor, br: int, bc: int) -> torch.Tensor:
+    """Per-tile counts of the bool mask m [R, C] in br x bc tiles (partial edge tiles), row-major tiles."""
+    R, C = m.shape
+    pad = torch.zeros(-(-R // br) * br, -(-C // bc) * bc, dtype=torch.int64)
+    pad[:R, :C] = m
+    return pad.view(R // br + (R % br > 0), br, -1, bc).sum(dim=(1, 3)).reshape(-1)
+
+
+# Narrow tiles (bc 8, 16, 32, 64: "Narrow tiles" in _fastpath.c): the tile amax 8 tiles a step and the FP8 element
+# pass a row at a time with per-8-lane reciprocals where every scale of the row is +2^k. Rows of 2 full 8-tile
+# groups, 3 more tiles and a 5-element short tile; tiles of 1 and 2 rows.
+NARROW = ((1, 8), (1, 16), (1, 32), (1, 64), (2, 16), (3, 32))
+
+
+def narrow_rows(bc: int, rows: int, seed: int, fmax: float, specials: bool, nan: bool = True) -> torch.Tensor:
+    """rows x (19 bc + 5) float32: even rows with every tile's amax fmax * 2**k (power-of-two e4m3/e5m2 scales:
+    the per-8-lane reciprocal loop), odd rows random (other scales: tile by tile); specials: NaN/±Inf in some
+    8-tile groups (nan False: ±Inf only), a float32-subnormal tile (MX scale 2**-127: that row tile by tile)."""
+    g = torch.Generator().manual_seed(seed)
+    cols = 19 * bc + 5
+    x = torch.randn(rows, cols, generator=g) * torch.exp2(torch.randint(-20, 20, (rows, 1), generator=g).float())
+    k = torch.randint(-30, 30, (rows, cols // bc + 1), generator=g).float()
+    for r in range(0, rows, 2):
+        for t in range(cols // bc + 1):
+            seg = x[r, t * bc:(t + 1) * bc]
+            seg.mul_(0.9 * fmax * 2.0 ** k[r, t].item() / seg.abs().max().clamp_min(1e-30))
+            seg[0] = fmax * 2.0 ** k[r, t].item() * (1 if seg[0] >= 0 else -1)
+    x[:, 3 * bc:4 * bc] *= 0.0  # an all-zero tile (scale 1)
+    if specials:
+        x[0, 9 * bc + 1], x[rows - 1, 2 * bc + 3] = float("nan") if nan else float("inf"), float("inf")
+        x[min(1, rows - 1), 12 * bc + 2] = -float("inf")
+        x[rows - 1, 17 * bc:18 * bc] = 1e-42  # float32 subnormal amax
+    return x
+
+
+@pytest.mark.parametrize("tile", NARROW, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("fmt", ("e4m3", "e5m2", "mxfp8-e4m3", "mxfp8-e5m2", "mxfp4-e2m1", "nvfp4"))
+@pytest.mark.parametrize("specials", (False, True), ids=("finite", "specials"))
+def test_narrow_tiles_quantize(isa, no_fallback, tile, fmt: str, specials: bool) -> None:
+    fmax = 448.0 if fmt in ("e4m3", "mxfp8-e4m3") else 57344.0
+    rows = 4 * tile[0]
+    x = narrow_rows(tile[1], rows, seed=tile[1] + rows, fmax=fmax, specials=specials)
+    for rule in ("floor", "rceil") if fmt.startswith("mx") else ("floor",):
+        data, scale = cpu.quantize_scaled(x, fmt, *tile, rule)
+        want_d, want_s = _REF_QUANTIZE(x, fmt, *tile, rule)
+        assert same_bits(data, want_d) and same_bits(scale, want_s), (fmt, tile, rule)
+    if fmt in ("e4m3", "e5m2") and not specials and tile[0] == 1:  # the even rows' scales are all powers of two
+        s = scale[::2]
+        assert torch.equal(s, torch.exp2(torch.log2(s).round()))
+
+
+@pytest.mark.parametrize("tile", NARROW, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("fmt", ("e4m3", "mxfp8-e4m3", "mxfp6-e2m3", "nvfp4"))
+def test_narrow_tiles_fused_and_transposed(isa, tile, fmt: str) -> None:
+    """fused_scaled's amax pass (NaN/Inf tracked: its clean-tile flags) and a transposed view (bands) on the
+    narrow loops, against the reference ops."""
+    x = narrow_rows(tile[1], 4 * tile[0], seed=3, fmax=448.0, specials=fmt.startswith(("e4m3", "mxfp8")), nan=False)
+    for view in (x, x.T.contiguous().T):
+        got = cpu.fused_scaled(view, fmt, *tile)
+        g = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
+        data, scale = _REF_QUANTIZE(x, fmt, *tile, "floor", g)
+        q = _REF_DEQUANTIZE(data, scale, *tile, torch.float32, fmt, g)
+        assert got is not None and same_bits(got.q, q) and same_bits(got.scale, scale), (fmt, tile)
+        # the per-tile counts: finite nonzero x, of those q == 0, saturated (|code| at the max and |x| > |q|)
+        br, bc = tile
+        nz = torch.isfinite(x) & (x != 0)
+        sat = (ref.element_values(data, fmt).abs() == FORMATS[fmt].max) & (x.abs() > q.abs())
+        want = torch.stack([tile_sums(m, br, bc) for m in (nz, nz & (q == 0), sat)])
+        assert torch.equal(got.counts, want) and torch.equal(got.saturated, sat), (fmt, tile)
+        d2, s2 = cpu.quantize_scaled(view, fmt, *tile)
+        assert same_bits(d2, data) and same_bits(s2, scale)
