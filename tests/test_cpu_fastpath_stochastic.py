@@ -134,7 +134,7 @@ def test_fused_scaled_is_the_reference(isa, fmt, dtype, tiles, transposed) -> No
 @pytest.mark.parametrize("transposed", (False, True), ids=("contiguous", "transposed"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", LOWBIT)
-def test_period_rows_and_per_row_tensor_scales(isa, fmt, dtype, transposed) -> None:
+def test_period_rows_and_per_row_tensor_scales(isa, no_fallback, fmt, dtype, transposed) -> None:
     """A stack of 5 slices of 12 rows (period_rows=12: each slice draws its numbers from 0) with, for NVFP4, each
     slice's own tensor scale as [R, 1] global_scale: quantize_scaled and fused_scaled equal the reference, and
     each slice's codes equal casting the slice alone."""
@@ -159,6 +159,9 @@ def test_period_rows_and_per_row_tensor_scales(isa, fmt, dtype, transposed) -> N
     assert_fused_equal(fused, reference_fused(x, fmt, 1, bc, "floor", 9, rows, g), fmt)
     if g is not None:
         assert fused.global_scale.shape == (bt * rows, 1) and same_bits(fused.global_scale, g)
+        nearest = cpu.quantize_scaled(x, fmt, 1, bc, "floor", g)  # per-row scales with nearest rounding too
+        want = _REF_QUANTIZE(x, fmt, 1, bc, "floor", g)
+        assert same_bits(nearest[0], want[0]) and same_bits(nearest[1], want[1])
 
 
 @pytest.mark.parametrize("transposed", (False, True), ids=("contiguous", "transposed"))

@@ -366,6 +366,10 @@ def _scaled_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return contiguous(x), False
 
 
+#: _rounding_args of a nearest cast without per-row tensor scales (period 0: the C code takes R)
+_NEAREST = ((False, 0, 0, 0), None)
+
+
 def _rounding_args(x: torch.Tensor, fmt: str, block_rows: int, rounding: str, seed: int, period_rows: int | None,
                    global_scale: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None] | None:
     """The C scaled casts' trailing arguments (stochastic, key, period_rows, per-row tensor scales' address) and
@@ -374,14 +378,17 @@ def _rounding_args(x: torch.Tensor, fmt: str, block_rows: int, rounding: str, se
     scale stays the caller's business otherwise (``(..., 0)``, None). None when the reference must run (it also
     raises for what it rejects): an unknown rounding or one the format does not take, a period that does not
     divide the rows, any other non-0-D tensor scale."""
+    if rounding == "nearest" and (global_scale is None or (isinstance(global_scale, torch.Tensor)
+                                                          and global_scale.dim() == 0)):
+        return _NEAREST  # (the reference ignores period_rows and seed here)
     if fmt not in _SCALED_FMT or rounding not in _ref.ROUNDINGS or (
             rounding == "stochastic" and _ref.SCALED_FORMATS[fmt][0] != torch.uint8):
         return None
     R, _ = _ref._rows_cols(x.shape)
-    period = R if period_rows is None else period_rows
+    period = R if period_rows is None or rounding == "nearest" else period_rows
     if isinstance(period, bool) or not isinstance(period, int) or period < 1 or R % period:
         return None
-    key = _ref._mix32((int(seed) & _ref._M32) ^ 0x9E3779B9)
+    key = _ref._mix32((int(seed) & _ref._M32) ^ 0x9E3779B9) if rounding == "stochastic" else 0
     g_rows = None
     if isinstance(global_scale, torch.Tensor) and global_scale.dim() != 0:
         if not (fmt == "nvfp4" and min(block_rows, R) == 1 and tuple(global_scale.shape) == (R, 1)):
