@@ -283,3 +283,36 @@ def test_bad_arguments_are_refused() -> None:
     assert cpu.fused_scaled(x, "nvfp4", 1, 16, rounding="stochastic", seed=1, period_rows=3) is None
     with pytest.raises(ValueError, match="expected rounding 'nearest'"):
         cpu.quantize_scaled(x, "e4m3", 1, 16, rounding="stochastic")
+
+
+@pytest.mark.parametrize("fmt", ("nvfp4", "mxfp4-e2m1", "mxfp6-e2m3"))
+def test_stacked_cast_in_c_is_the_slice_by_slice_one(isa, fmt, monkeypatch) -> None:
+    """_cast_slices' stacked stochastic cast (one fused C call, per-slice NVFP4 tensor scales from
+    reference.nvfp4_global_scale(slices=)) gives each slice's own _cast: q, mask and block records, contiguous
+    and transposed stacks; the reference's random numbers are never drawn."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(6, 20, 48, generator=g) * torch.logspace(-3, 3, 6)[:, None, None]
+    x[3] = 0.0  # a zero slice: tensor scale 1
+    block = (1, 16) if fmt == "nvfp4" else (1, 32)
+    monkeypatch.setattr(ref, "stochastic_uniform", lambda *a, **k: pytest.fail("the reference's numbers were drawn"))
+    for stack in (x, x.transpose(1, 2).contiguous().mT):
+        q, sat, recs = S._cast_slices(stack, fmt, "block", block, sr_seed=7)
+        for i in range(stack.shape[0]):
+            qi, si, ri = S._cast(stack[i].contiguous(), fmt, "block", block, sr_seed=7)
+            assert same_bits(q[i], qi) and torch.equal(sat[i], si), i
+            for a, b in zip(recs[i], ri, strict=True):
+                assert torch.equal(raw(a), raw(b)), i
+
+
+def test_per_slice_tensor_scales_are_each_slice_alone() -> None:
+    """reference.nvfp4_global_scale(x, slices=k): float32 [k], each the scale of one slice alone (NaN/±Inf
+    ignored, a zero slice 1), every dtype; slices that do not divide x are refused."""
+    g = torch.Generator().manual_seed(29)
+    x = torch.randn(6, 5, 7, generator=g) * torch.logspace(-3, 3, 6)[:, None, None]
+    x[2, 1, 1], x[4, 0, 0], x[3] = float("nan"), float("inf"), 0.0
+    for dtype in DTYPES:
+        y = x.to(dtype)
+        want = torch.stack([ref.nvfp4_global_scale(y[i]) for i in range(6)])
+        assert same_bits(ref.nvfp4_global_scale(y, slices=6), want)
+    with pytest.raises(ValueError, match="expected slices dividing the 210 elements, got 4"):
+        ref.nvfp4_global_scale(x, slices=4)

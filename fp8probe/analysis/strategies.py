@@ -765,8 +765,7 @@ def _sr_cast_stacked(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_ru
     x2 = _cpu.contiguous(x).reshape(bt * rows, cols)
     g_rows = None
     if fmt == "nvfp4":  # each slice's tensor scale, as functional.quantize_scaled computes it for the slice
-        g = torch.stack([_cpu.nvfp4_global_scale(x2[i * rows:(i + 1) * rows]) for i in range(bt)])
-        g_rows = g.repeat_interleave(rows).reshape(bt * rows, 1)
+        g_rows = _ref.nvfp4_global_scale(x2, slices=bt).repeat_interleave(rows).reshape(bt * rows, 1)
     fused = _cpu.fused_scaled(x2, fmt, 1, block[1], scale_rule, "stochastic", sr_seed, rows, g_rows)
     if fused is not None:
         rec = None
