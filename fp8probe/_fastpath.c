@@ -3360,7 +3360,8 @@ AVX2 INLINE void sqv_sr_run_m(const void *x, size_t lo, size_t hi, int dt, float
         __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, e));
         _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
     }
-    for (; i + 8 <= hi; i += 8, ctr += 8) sqv_store8_u8(data + i, sqv_enc_lowbit_sr(load8(x, i, dt), dv, pos, mul, k, ctr));
+    for (; i + 8 <= hi; i += 8, ctr += 8)
+        sqv_store8_u8(data + i, sqv_enc_lowbit_sr(load8(x, i, dt), dv, pos, mul, k, ctr));
     sq_sr_run(x, i, hi, dt, d, k, data, NULL, ctr);
 }
 
@@ -3411,11 +3412,11 @@ AVX2 INLINE int fqv_sr_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int ki
     size_t i = lo;
     for (; i + 32 <= hi; i += 32, ctr += 32) {
         pf_step(c->sq.pf);
-        __m256i s0 = fqv_sr_step(c, i, dt, k, has_g, dv, sv, gv, pos, mul, ctr, vmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s1 = fqv_sr_step(c, i + 8, dt, k, has_g, dv, sv, gv, pos, mul, ctr + 8, vmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s2 = fqv_sr_step(c, i + 16, dt, k, has_g, dv, sv, gv, pos, mul, ctr + 16, vmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i s3 = fqv_sr_step(c, i + 24, dt, k, has_g, dv, sv, gv, pos, mul, ctr + 24, vmaxv, &nnz, &nun, &nsat, &aqmax);
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
+        __m256i s[4];
+        for (int j = 0; j < 4; j++)
+            s[j] = fqv_sr_step(c, i + 8 * j, dt, k, has_g, dv, sv, gv, pos, mul, ctr + 8 * j, vmaxv, &nnz, &nun, &nsat,
+                               &aqmax);
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s[0], s[1]), _mm256_packs_epi32(s[2], s[3]));
         p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
         _mm256_storeu_si256((__m256i *)(c->sat + i), p);
     }

@@ -801,8 +801,8 @@ class FusedScaled(NamedTuple):
     ``q``: float32, x's shape, ``dequantize_scaled(quantize_scaled(x), float32)`` bit for bit;
     ``saturated``: bool, x's shape, |element value| == format max and |x| > |q|; ``scale``: float32
     [ceil(R/br), ceil(C/bc)], quantize_scaled's scale (NVFP4: the E4M3 block scale); ``global_scale``:
-    NVFP4's 0-D float32 tensor scale (or the per-row [R, 1] scales it was given), else None; ``counts``: int64 [3, tiles] in row-major tile order,
-    per tile the finite nonzero elements of x, those of them with q == 0 (underflow) and the
+    NVFP4's 0-D float32 tensor scale (or the per-row [R, 1] scales it was given), else None; ``counts``: int64
+    [3, tiles] in row-major tile order, per tile the finite nonzero elements of x, those of them with q == 0 (underflow) and the
     saturated elements.
     """
 
