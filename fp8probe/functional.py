@@ -694,8 +694,11 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"expected an int seed, got {type(seed).__name__}")
     global_scale = _cpu.nvfp4_global_scale(x) if fmt == "nvfp4" else None  # the reference's value; one C pass on CPU
-    if rounding == "stochastic":  # not an op argument: plain eager CPU calls take the kernel's C path (_run's rule)
-        cast = _cpu.kernel("quantize_scaled") if _eager_cpu((x, global_scale)) else _ref.quantize_scaled
+    if rounding == "stochastic":
+        # Not an op argument, so no dispatcher: the CPU kernel (C) wherever a nearest cast's op call would reach it
+        # (plain eager CPU tensors; autograd-tracked too: the op has no gradient), else the reference
+        cast = _cpu.kernel("quantize_scaled") if _eager_cpu((x.detach() if x.requires_grad else x,
+                                                             global_scale)) else _ref.quantize_scaled
         data, scale = cast(x, fmt, tile[0], tile[1], scale_rule, global_scale, rounding, seed)
     else:
         data, scale = _run("quantize_scaled", x, fmt, tile[0], tile[1], scale_rule, global_scale)

@@ -316,3 +316,15 @@ def test_per_slice_tensor_scales_are_each_slice_alone() -> None:
         assert same_bits(ref.nvfp4_global_scale(y, slices=6), want)
     with pytest.raises(ValueError, match="expected slices dividing the 210 elements, got 4"):
         ref.nvfp4_global_scale(x, slices=4)
+
+
+def test_functional_takes_the_c_kernel_where_a_nearest_cast_does(monkeypatch) -> None:
+    """functional.quantize_scaled with rounding="stochastic" runs the C kernel for plain CPU tensors, autograd-tracked
+    ones included (a nearest cast's op call reaches the C kernel through the dispatcher there too), with the
+    reference's bits."""
+    x = torch.randn(24, 64, requires_grad=True)
+    want = _REF_QUANTIZE(x.detach(), "nvfp4", 1, 16, "floor", ref.nvfp4_global_scale(x.detach()), "stochastic", 2)
+    monkeypatch.setattr(ref, "stochastic_uniform", lambda *a, **k: pytest.fail("the reference's numbers were drawn"))
+    for t in (x, x.detach()):
+        st = F.quantize_scaled(t, "nvfp4", block=(1, 16), rounding="stochastic", seed=2)
+        assert same_bits(st.data, want[0]) and same_bits(st.scale, want[1])
