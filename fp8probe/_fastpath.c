@@ -3853,7 +3853,10 @@ static PyMethodDef methods[] = {
      "which the caller zeroes in q."},
     {"quantize_scaled", py_quantize_scaled, METH_VARARGS,
      "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads[, rule, has_g, g, "
-     "transposed]): transposed: x is stored as [C, R] (x.mT contiguous); "
+     "transposed, stochastic, key, period_rows, g_rows_ptr]): transposed: x is stored as [C, R] (x.mT contiguous); "
+     "stochastic (4/6-bit formats): element (r, c) rounds with the number lowbias32(key + (r mod period_rows) * C + c) "
+     ">> 8 * 2^-24 (key = mix32(seed ^ 0x9E3779B9); period_rows 0: R); g_rows_ptr: float32 [R] NVFP4 tensor scales, "
+     "one per row (1 x bc tiles), or 0; "
      "fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2, 4 mxfp6-e2m3, 5 mxfp6-e3m2, 6 mxfp4-e2m1, 7 nvfp4; "
      "rule 0 floor, 1 rceil, 2 even (MX); g: the NVFP4 tensor scale (computed when has_g is 0); "
      "data uint8 [R*C], scale float32 [ceil(R/br), ceil(C/bc)]."},
@@ -3901,9 +3904,10 @@ static PyMethodDef methods[] = {
     /* fused scaled fake-quantisation */
     {"fused_scaled", py_fused_scaled, METH_VARARGS,
      "fused_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, q_ptr, sat_ptr, scale_ptr, counts_ptr, "
-     "threads, rule[, transposed]) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
+     "threads, rule[, transposed, stochastic, key, period_rows, g_rows_ptr]) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
      "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
-     "saturated); fmt/rule as quantize_scaled; g: the NVFP4 tensor scale "
+     "saturated); fmt/rule and the stochastic arguments as quantize_scaled (g_rows with stochastic only); g: the "
+     "NVFP4 tensor scale "
      "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable)."},
     /* scaled casts: transposed inputs */
     {"transpose_copy", py_transpose_copy, METH_VARARGS,
