@@ -818,6 +818,10 @@ typedef struct {
     const char *band;     /* the calling thread's gathered band (its own copy of the context), or NULL: rows
                            * [band_r0, ..) x columns [band_c0, ..) of x, row-major with leading dimension band_ld */
     size_t band_r0, band_c0, band_ld;
+    int sr;               /* 4/6-bit elements round stochastically ("stochastic rounding" at sr_mix32) */
+    uint32_t sr_key;      /* mix32(seed ^ 0x9E3779B9), from the caller */
+    size_t sr_period;     /* P: element (r, c) draws number (r mod P) * C + c */
+    const float *grow;    /* NVFP4 with 1 x bc tiles: one tensor scale per row (else NULL: g) */
 } sq_t;
 
 /* x as the runs of row r index it (flat index r * C + col): x itself, or, while a band is gathered, the address
@@ -988,7 +992,8 @@ SQ_AMAX_BODY(sq_amax_body, sq_amax_run, )
 /* The rounding of a 4/6-bit element (below): y's bits, the binade e and t = 2^23 + n as a float. */
 typedef struct { uint32_t uy; int32_t e; float t; } lowbit_t;
 
-INLINE lowbit_t lowbit_round(float xv, float d, int pos, int k) {
+/* lowbit_round before the rounding: t = |y| * 2^(mbits - e), exact (b clamped to fmax, p a power of two). */
+INLINE lowbit_t lowbit_scaled(float xv, float d, int pos, int k) {
     const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
     const uint32_t fmax_bits = k == 0 ? 0x40c00000u : (k == 1 ? 0x40f00000u : 0x41e00000u); /* 6, 7.5, 28 */
     uint32_t u = f2u(xv), a = u & 0x7fffffffu;
@@ -1002,25 +1007,58 @@ INLINE lowbit_t lowbit_round(float xv, float d, int pos, int k) {
     r.e = (int32_t)(b >> 23) - 127;
     r.e = r.e < emin ? emin : r.e;
     float p = u2f((uint32_t)(127 + mbits - r.e) << 23);
-    r.t = u2f(b) * p + 8388608.0f;
+    r.t = u2f(b) * p;
     return r;
 }
 
-INLINE uint8_t enc_lowbit(float xv, float d, int pos, int k) {
+INLINE lowbit_t lowbit_round(float xv, float d, int pos, int k) {
+    lowbit_t r = lowbit_scaled(xv, d, pos, k);
+    r.t = r.t + 8388608.0f;
+    return r;
+}
+
+/* Stochastic rounding (reference.lowbit_encode with uniform): n = floor(t) + (u < t - floor(t)), u the
+ * element's number in [0, 1) (sr_uniform); t < 2^7, so the truncation is floor, t - floor(t) is exact and
+ * the result again comes as 2^23 + n. */
+INLINE lowbit_t lowbit_round_sr(float xv, float d, int pos, int k, float u) {
+    lowbit_t r = lowbit_scaled(xv, d, pos, k);
+    float lo = (float)(int32_t)r.t;
+    r.t = (lo + (u < r.t - lo ? 1.0f : 0.0f)) + 8388608.0f;
+    return r;
+}
+
+/* The code of a rounded element. */
+INLINE uint8_t lowbit_code(lowbit_t r, int k) {
     const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
-    lowbit_t r = lowbit_round(xv, d, pos, k);
     uint32_t n = f2u(r.t) - 0x4b000000u;
     uint32_t mag = ((uint32_t)(r.e - emin) << mbits) + n;
     return (uint8_t)(mag | ((r.uy >> 31) << (ebits + mbits)));
 }
 
-/* The value of enc_lowbit's code, without forming it: +-n * 2^(e - mbits) (exact: n < 2^5). */
-INLINE float lowbit_value(float xv, float d, int pos, int k) {
+/* The value of a rounded element's code, without forming it: +-n * 2^(e - mbits) (exact: n < 2^5). */
+INLINE float lowbit_code_value(lowbit_t r, int k) {
     const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2);
-    lowbit_t r = lowbit_round(xv, d, pos, k);
     float mag = (r.t - 8388608.0f) * u2f((uint32_t)(127 + r.e - mbits) << 23);
     return u2f(f2u(mag) | (r.uy & 0x80000000u));
 }
+
+INLINE uint8_t enc_lowbit(float xv, float d, int pos, int k) { return lowbit_code(lowbit_round(xv, d, pos, k), k); }
+
+INLINE float lowbit_value(float xv, float d, int pos, int k) {
+    return lowbit_code_value(lowbit_round(xv, d, pos, k), k);
+}
+
+/* The random numbers of stochastic rounding (reference.stochastic_uniform): element i of the [P, C] slice
+ * draws (lowbias32(key + i mod 2^32) >> 8) * 2^-24 (24 bits, exact in float32); key = mix32(seed ^ 0x9E3779B9)
+ * comes from the caller. Element (r, c) of x is i = (r mod P) * C + c: a function of the index only, so
+ * threads, units and bands change nothing. */
+INLINE uint32_t sr_mix32(uint32_t h) {
+    h = (h ^ (h >> 16)) * 0x7feb352du;
+    h = (h ^ (h >> 15)) * 0x846ca68bu;
+    return h ^ (h >> 16);
+}
+
+INLINE float sr_uniform(uint32_t ctr) { return (float)(sr_mix32(ctr) >> 8) * 0x1p-24f; }
 
 /* pos = d > 0 (the divisor of a tile whose NVFP4 scale rounded to 0 is 0: x * 0 instead) */
 INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, int k, uint8_t *restrict data,
@@ -1030,8 +1068,23 @@ INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, 
     for (size_t i = lo; i < hi; i++) data[i] = enc_lowbit(load1_nb(x, i, dt), d, pos, k);
 }
 
-/* The 4/6-bit element pass of unit u with the run function RUN (sq_lowbit_run, or the AVX2 one). */
-#define SQ_LOWBIT_BODY(NAME, RUN, ATTR)                                                           \
+/* sq_lowbit_run with stochastic rounding; ctr: the counter (key + slice index) of element lo. */
+INLINE void sq_sr_run(const void *x, size_t lo, size_t hi, int dt, float d, int k, uint8_t *restrict data, pf_t *pf,
+                      uint32_t ctr) {
+    (void)pf;
+    const int pos = d > 0.0f;
+    for (size_t i = lo; i < hi; i++, ctr++)
+        data[i] = lowbit_code(lowbit_round_sr(load1_nb(x, i, dt), d, pos, k, sr_uniform(ctr)), k);
+}
+
+/* The counter of flat element i (row r) under stochastic rounding: key + (r mod P) * C + c, mod 2^32. */
+INLINE uint32_t sr_counter(const sq_t *c, size_t r, size_t i) {
+    return c->sr_key + (uint32_t)(i - (r / c->sr_period) * c->sr_period * c->C);
+}
+
+/* The 4/6-bit element pass of unit u with the run function RUN (sq_lowbit_run, or the AVX2 one), or SR_RUN
+ * (sq_sr_run, or the AVX2 one) under stochastic rounding. */
+#define SQ_LOWBIT_BODY(NAME, RUN, SR_RUN, ATTR)                                                   \
     ATTR INLINE void NAME(const sq_t *c, size_t u, int dt, int k) {                             \
         sq_unit_t w = sq_unit(c, u);                                                            \
         if (w.c0 >= w.c1) return;                                                               \
@@ -1040,11 +1093,12 @@ INLINE void sq_lowbit_run(const void *x, size_t lo, size_t hi, int dt, float d, 
             const float *drow = c->div + (r / c->br) * c->nbc;                                  \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(c, &w, r, t, &lo, &hi);                                               \
-                RUN(sq_x(c, r), lo, hi, dt, drow[t], k, c->data, c->pf);                        \
+                if (c->sr) SR_RUN(sq_x(c, r), lo, hi, dt, drow[t], k, c->data, c->pf, sr_counter(c, r, lo)); \
+                else RUN(sq_x(c, r), lo, hi, dt, drow[t], k, c->data, c->pf);                   \
             }                                                                                   \
         }                                                                                       \
     }
-SQ_LOWBIT_BODY(sq_lowbit_body, sq_lowbit_run, )
+SQ_LOWBIT_BODY(sq_lowbit_body, sq_lowbit_run, sq_sr_run, )
 
 /* The FP8 element pass of unit u with the run function RUN (sq_quant_run, or the AVX2 one). */
 #define SQ_QUANT_BODY(NAME, RUN, ATTR)                                                            \
@@ -1225,8 +1279,9 @@ static void sq_scale1(sq_t *c, size_t tr, size_t tc) {
     if (SQ_FMT[fmt].mx) {
         s = d = mx_scale1(amax, fmt, c->rule);
     } else if (fmt == 7) { /* E4M3 block scale: e4m3_rne_sat(fl32(amax / fl32(6 g))), divisor fl32(s g) */
-        s = dec_e4m3(enc_fp8(amax / (6.0f * c->g), 0, 0x43e00000u));
-        d = s * c->g;
+        const float g = c->grow ? c->grow[tr] : c->g; /* grow: 1 x bc tiles, tile row tr = row tr */
+        s = dec_e4m3(enc_fp8(amax / (6.0f * g), 0, 0x43e00000u));
+        d = s * g;
     } else {
         s = amax / c->fmax;
         s = d = s > 0.0f ? s : 1.0f;
@@ -1313,20 +1368,47 @@ static int sq_check_args(const char *fn, Py_ssize_t R, Py_ssize_t C, Py_ssize_t 
     return 0;
 }
 
+/* The stochastic-rounding arguments of the scaled-cast entry points (sr, key, period_rows P, grow: the address of
+ * float32 [R] per-row NVFP4 tensor scales or 0) checked and set on c: 0, or -1 with a ValueError set. */
+static int sq_check_sr(const char *fn, sq_t *c, int sr, unsigned int key, Py_ssize_t period, unsigned long long grow) {
+    if (sr && !c->lowbit) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a 4/6-bit format for stochastic rounding, got fmt=%d", fn, c->fmt);
+        return -1;
+    }
+    if (period < 1 || (size_t)period > c->R || c->R % (size_t)period) {
+        PyErr_Format(PyExc_ValueError, "%s: expected period_rows dividing the %zu rows, got %zd", fn, c->R, period);
+        return -1;
+    }
+    if (grow && (c->fmt != 7 || c->br != 1)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected nvfp4 with 1 x bc tiles for per-row tensor scales, got fmt=%d, "
+                     "tile=%zux%zu", fn, c->fmt, c->br, c->bc);
+        return -1;
+    }
+    c->sr = sr; c->sr_key = (uint32_t)key; c->sr_period = (size_t)period;
+    c->grow = (const float *)(uintptr_t)grow;
+    if (grow) c->has_g = 1; /* no tensor scale to compute */
+    return 0;
+}
+
 static PyObject *py_quantize_scaled(PyObject *self, PyObject *args) {
-    unsigned long long xp, dp, sp;
-    Py_ssize_t R, C, br, bc;
-    int dt, fmt, want, rule = 0, has_g = 0, xt = 0, nomem = 0;
+    unsigned long long xp, dp, sp, grow = 0;
+    Py_ssize_t R, C, br, bc, period = 0;
+    int dt, fmt, want, rule = 0, has_g = 0, xt = 0, nomem = 0, sr = 0;
+    unsigned int key = 0;
     double gd = 1.0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnniKKi|iidp", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
-                          &gd, &xt))
+    if (!PyArg_ParseTuple(args, "KinnnniKKi|iidppInK", &xp, &dt, &R, &C, &br, &bc, &fmt, &dp, &sp, &want, &rule, &has_g,
+                          &gd, &xt, &sr, &key, &period, &grow))
         return NULL;
     if (sq_check_args("quantize_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     sq_t c;
     if (sq_init(&c, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, has_g,
                 (float)gd, (float *)(uintptr_t)sp, xt) < 0)
         return PyErr_NoMemory();
+    if (sq_check_sr("quantize_scaled", &c, sr, key, period ? period : R, grow) < 0) {
+        sq_free(&c);
+        return NULL;
+    }
     c.data = (uint8_t *)(uintptr_t)dp;
     int nt = pick_threads(c.R * c.C, want);
     Py_BEGIN_ALLOW_THREADS
@@ -2751,6 +2833,36 @@ INLINE int fq_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has
     return (int)bad;
 }
 
+/* fq_run of the 4/6-bit kinds (kind 2 + k) under stochastic rounding: the counter of each element from its flat
+ * index (sr_counter), and, with per-row NVFP4 tensor scales (sq.grow), the row's g. */
+INLINE int fq_sr_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
+                     int64_t *slot, int clean) {
+    (void)clean;
+    float *restrict q = c->q;
+    uint8_t *restrict sat = c->sat;
+    const void *x = c->sq.x;
+    const size_t r = lo / c->sq.C;
+    const float g = c->sq.grow ? c->sq.grow[r] : c->sq.g;
+    const uint32_t vmax = c->vmax_bits;
+    const int pos = d > 0.0f;
+    uint32_t nnz = 0, nun = 0, nsat = 0, bad = 0, ctr = sr_counter(&c->sq, r, lo);
+    for (size_t i = lo; i < hi; i++, ctr++) {
+        float xv = load1_nb(x, i, dt);
+        float v = lowbit_code_value(lowbit_round_sr(xv, d, pos, kind - 2, sr_uniform(ctr)), kind - 2);
+        float qv = v * s;
+        if (has_g) qv = qv * g;
+        q[i] = qv;
+        uint32_t ax = f2u(xv) & 0x7fffffffu, aq = f2u(qv) & 0x7fffffffu, av = f2u(v) & 0x7fffffffu;
+        uint32_t st = (av == vmax) & (ax > aq) & (aq <= 0x7f800000u) & (ax <= 0x7f800000u);
+        uint32_t nz = (ax - 1u) < 0x7f7fffffu;
+        sat[i] = (uint8_t)st;
+        nnz += nz; nun += nz & (aq == 0u); nsat += st;
+        bad |= aq > 0x7f800000u;
+    }
+    slot[0] += nnz; slot[c->ncnt] += nun; slot[2 * c->ncnt] += nsat;
+    return (int)bad;
+}
+
 /* The element pass of unit u with the run function RUN (fq_run, or the AVX2 one). */
 #define FQ_BODY(NAME, RUN, ATTR)                                                                  \
     ATTR INLINE void NAME(const fq_t *c, size_t u, int dt, int kind, int has_g) {               \
@@ -2798,10 +2910,35 @@ FQ_DISPATCH(fq_scalar, fq_body, , )
 AVX2 static void fq_avx2(const fq_t *c, size_t u, int sel); /* "scaled casts: AVX2 element loops" */
 #endif
 
+/* The stochastic element pass (4/6-bit kinds only: sel = dt * 6 + kind, kind 2..4, 5 NVFP4). */
+#define FQ_SR_CASES(BODY, DT)                                                                   \
+    case DT * 6 + 2: BODY(c, u, DT, 2, 0); break;                                             \
+    case DT * 6 + 3: BODY(c, u, DT, 3, 0); break;                                             \
+    case DT * 6 + 4: BODY(c, u, DT, 4, 0); break;                                             \
+    case DT * 6 + 5: BODY(c, u, DT, 2, 1); break;
+#define FQ_SR_DISPATCH(NAME, BODY, ATTR, END)                                                   \
+    ATTR static void NAME(const fq_t *c, size_t u, int sel) {                                 \
+        switch (sel) { FQ_SR_CASES(BODY, DT_F32) FQ_SR_CASES(BODY, DT_F16) FQ_SR_CASES(BODY, DT_BF16) \
+                       default: break; }                                                      \
+        END                                                                                   \
+    }
+FQ_BODY(fq_sr_body, fq_sr_run, )
+FQ_SR_DISPATCH(fq_sr_scalar, fq_sr_body, , )
+#if FP_X86
+AVX2 static void fq_sr_avx2(const fq_t *c, size_t u, int sel); /* "scaled casts: stochastic rounding, AVX2" */
+#endif
+
 typedef struct { const fq_t *c; int sel; } fq_job_t;
 
 static void fq_work(void *vj, size_t u) {
     const fq_job_t *j = (const fq_job_t *)vj;
+    if (j->c->sq.sr) {
+#if FP_X86
+        if (g_have_avx2) { fq_sr_avx2(j->c, u, j->sel); return; }
+#endif
+        fq_sr_scalar(j->c, u, j->sel);
+        return;
+    }
 #if FP_X86
     if (g_have_avx2) { fq_avx2(j->c, u, j->sel); return; }
 #endif
@@ -2814,12 +2951,13 @@ static void fq_local_work(void *vj, size_t u) {
 }
 
 static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
-    unsigned long long xp, qp, satp, sp, cp;
-    Py_ssize_t R, C, br, bc;
-    int dt, fmt, want, rule, xt = 0, nomem = 0;
+    unsigned long long xp, qp, satp, sp, cp, grow = 0;
+    Py_ssize_t R, C, br, bc, period = 0;
+    int dt, fmt, want, rule, xt = 0, nomem = 0, sr = 0;
+    unsigned int key = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnniKKKKii|p", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want, &rule,
-                          &xt))
+    if (!PyArg_ParseTuple(args, "KinnnniKKKKii|ppInK", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want,
+                          &rule, &xt, &sr, &key, &period, &grow))
         return NULL;
     if (sq_check_args("fused_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
     fq_t c;
@@ -2827,6 +2965,17 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     if (sq_init(&c.sq, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, 0,
                 1.0f, (float *)(uintptr_t)sp, xt) < 0)
         return PyErr_NoMemory();
+    if (sq_check_sr("fused_scaled", &c.sq, sr, key, period ? period : R, grow) < 0) {
+        sq_free(&c.sq);
+        return NULL;
+    }
+    /* per-row tensor scales: only the stochastic element pass (fq_sr_run) multiplies by them */
+    if (grow && !sr) {
+        sq_free(&c.sq);
+        PyErr_SetString(PyExc_ValueError, "fused_scaled: expected stochastic rounding with per-row tensor scales, "
+                        "got nearest");
+        return NULL;
+    }
     const size_t ntiles = c.sq.nbr * c.sq.nbc;
     int64_t *counts = (int64_t *)(uintptr_t)cp;
     /* one piece per tile (sub = cs = 1): the slots are the tiles, counted straight into counts */
@@ -3230,7 +3379,7 @@ AVX2 static size_t sqv_mx_scales(sq_t *c, size_t tr, size_t t0, size_t t1) {
 /* lowbit_round of 8 lanes (element kind k, see there): y = x' / d as x' * r when mul, x' * 0 when !pos
  * (d not > 0); returns t = |y| rounded at mbits plus 2^23 and sets *uy (y's bits) and *e (the binade).
  * The same integer and float32 operations, lane by lane. */
-AVX2 INLINE __m256 sqv_lowbit_round(__m256 xv, __m256 dv, int pos, int mul, int k, __m256i *uy, __m256i *e) {
+AVX2 INLINE __m256 sqv_lowbit_scaled(__m256 xv, __m256 dv, int pos, int mul, int k, __m256i *uy, __m256i *e) {
     const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
     const __m256i fmaxv = _mm256_set1_epi32(k == 0 ? 0x40c00000 : (k == 1 ? 0x40f00000 : 0x41e00000));
     const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
@@ -3243,27 +3392,41 @@ AVX2 INLINE __m256 sqv_lowbit_round(__m256 xv, __m256 dv, int pos, int mul, int 
     __m256i b = _mm256_min_epi32(_mm256_and_si256(*uy, abs), fmaxv);
     *e = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127)), _mm256_set1_epi32(emin));
     __m256 p = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127 + mbits), *e), 23));
-    return _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(b), p), _mm256_set1_ps(8388608.0f));
+    return _mm256_mul_ps(_mm256_castsi256_ps(b), p);
 }
 
-/* enc_lowbit of 8 lanes. */
-AVX2 INLINE __m256i sqv_enc_lowbit(__m256 xv, __m256 dv, int pos, int mul, int k) {
+AVX2 INLINE __m256 sqv_lowbit_round(__m256 xv, __m256 dv, int pos, int mul, int k, __m256i *uy, __m256i *e) {
+    return _mm256_add_ps(sqv_lowbit_scaled(xv, dv, pos, mul, k, uy, e), _mm256_set1_ps(8388608.0f));
+}
+
+/* lowbit_code of 8 lanes (t = 2^23 + n, uy, e from sqv_lowbit_round or sqv_lowbit_round_sr). */
+AVX2 INLINE __m256i sqv_lowbit_code(__m256 t, __m256i uy, __m256i e, int k) {
     const int ebits = k == 2 ? 3 : 2, mbits = k == 0 ? 1 : (k == 1 ? 3 : 2), emin = k == 2 ? -2 : 0;
-    __m256i uy, e;
-    __m256 t = sqv_lowbit_round(xv, dv, pos, mul, k, &uy, &e);
     __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4b000000));
     __m256i mag = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(emin)), mbits), n);
     return _mm256_or_si256(mag, _mm256_slli_epi32(_mm256_srli_epi32(uy, 31), ebits + mbits));
 }
 
-/* lowbit_value of 8 lanes: +-(t - 2^23) * 2^(e - mbits). */
-AVX2 INLINE __m256 sqv_lowbit_value(__m256 xv, __m256 dv, int pos, int mul, int k) {
-    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2);
+/* enc_lowbit of 8 lanes. */
+AVX2 INLINE __m256i sqv_enc_lowbit(__m256 xv, __m256 dv, int pos, int mul, int k) {
     __m256i uy, e;
     __m256 t = sqv_lowbit_round(xv, dv, pos, mul, k, &uy, &e);
+    return sqv_lowbit_code(t, uy, e, k);
+}
+
+/* lowbit_code_value of 8 lanes: +-(t - 2^23) * 2^(e - mbits). */
+AVX2 INLINE __m256 sqv_lowbit_code_value(__m256 t, __m256i uy, __m256i e, int k) {
+    const int mbits = k == 0 ? 1 : (k == 1 ? 3 : 2);
     __m256 step = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127 - mbits)), 23));
     __m256 mag = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_set1_ps(8388608.0f)), step);
     return _mm256_or_ps(mag, _mm256_castsi256_ps(_mm256_and_si256(uy, _mm256_set1_epi32((int32_t)0x80000000u))));
+}
+
+/* lowbit_value of 8 lanes. */
+AVX2 INLINE __m256 sqv_lowbit_value(__m256 xv, __m256 dv, int pos, int mul, int k) {
+    __m256i uy, e;
+    __m256 t = sqv_lowbit_round(xv, dv, pos, mul, k, &uy, &e);
+    return sqv_lowbit_code_value(t, uy, e, k);
 }
 
 AVX2 INLINE void sqv_lowbit_run_m(const void *x, size_t lo, size_t hi, int dt, float d, float r, int pos, int mul,
@@ -3292,7 +3455,135 @@ AVX2 INLINE void sqv_lowbit_run(const void *x, size_t lo, size_t hi, int dt, flo
     else sqv_lowbit_run_m(x, lo, hi, dt, d, r, 1, 0, k, data, pf);
 }
 
-SQ_LOWBIT_BODY(sqv_lowbit_body, sqv_lowbit_run, AVX2)
+/* ------------------------------------------------------- scaled casts: stochastic rounding, AVX2
+ * The stochastically rounded 4/6-bit element passes of quantize_scaled (sqv_sr_run) and fused_scaled
+ * (fqv_sr_run), 8 lanes at a time: the scalar code's integer and float32 operations lane by lane (sr_uniform,
+ * lowbit_round_sr, lowbit_code / lowbit_code_value, fq_sr_run's compares), y = x * r for an exact
+ * reciprocal as sqv_lowbit_run. The floor of t (>= 0, < 2^7) by _mm256_round_ps toward -Inf. */
+
+/* sr_uniform of the 8 counters ctr, ctr + 1, .., ctr + 7. */
+AVX2 INLINE __m256 sqv_uniform(uint32_t ctr) {
+    __m256i h = _mm256_add_epi32(_mm256_set1_epi32((int32_t)ctr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    h = _mm256_mullo_epi32(_mm256_xor_si256(h, _mm256_srli_epi32(h, 16)), _mm256_set1_epi32(0x7feb352d));
+    h = _mm256_mullo_epi32(_mm256_xor_si256(h, _mm256_srli_epi32(h, 15)), _mm256_set1_epi32((int32_t)0x846ca68bu));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
+}
+
+/* lowbit_round_sr of 8 lanes (numbers from counter ctr on). */
+AVX2 INLINE __m256 sqv_lowbit_round_sr(__m256 xv, __m256 dv, int pos, int mul, int k, uint32_t ctr, __m256i *uy,
+                                       __m256i *e) {
+    __m256 t = sqv_lowbit_scaled(xv, dv, pos, mul, k, uy, e);
+    __m256 lo = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m256 up = _mm256_and_ps(_mm256_cmp_ps(sqv_uniform(ctr), _mm256_sub_ps(t, lo), _CMP_LT_OQ), _mm256_set1_ps(1.0f));
+    return _mm256_add_ps(_mm256_add_ps(lo, up), _mm256_set1_ps(8388608.0f));
+}
+
+AVX2 INLINE __m256i sqv_enc_lowbit_sr(__m256 xv, __m256 dv, int pos, int mul, int k, uint32_t ctr) {
+    __m256i uy, e;
+    __m256 t = sqv_lowbit_round_sr(xv, dv, pos, mul, k, ctr, &uy, &e);
+    return sqv_lowbit_code(t, uy, e, k);
+}
+
+AVX2 INLINE void sqv_sr_run_m(const void *x, size_t lo, size_t hi, int dt, float d, float r, int pos, int mul, int k,
+                              uint8_t *restrict data, pf_t *pf, uint32_t ctr) {
+    const __m256 dv = _mm256_set1_ps(mul ? r : d);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32, ctr += 32) {
+        pf_step(pf);
+        __m256i a = sqv_enc_lowbit_sr(load8(x, i, dt), dv, pos, mul, k, ctr);
+        __m256i b = sqv_enc_lowbit_sr(load8(x, i + 8, dt), dv, pos, mul, k, ctr + 8);
+        __m256i c = sqv_enc_lowbit_sr(load8(x, i + 16, dt), dv, pos, mul, k, ctr + 16);
+        __m256i e = sqv_enc_lowbit_sr(load8(x, i + 24, dt), dv, pos, mul, k, ctr + 24);
+        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, e));
+        _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (; i + 8 <= hi; i += 8, ctr += 8)
+        sqv_store8_u8(data + i, sqv_enc_lowbit_sr(load8(x, i, dt), dv, pos, mul, k, ctr));
+    sq_sr_run(x, i, hi, dt, d, k, data, NULL, ctr);
+}
+
+AVX2 INLINE void sqv_sr_run(const void *x, size_t lo, size_t hi, int dt, float d, int k, uint8_t *restrict data,
+                            pf_t *pf, uint32_t ctr) {
+    if (!(d > 0.0f)) { sqv_sr_run_m(x, lo, hi, dt, d, 0.0f, 0, 0, k, data, pf, ctr); return; }
+    float r = exact_recip(d);
+    if (r != 0.0f) sqv_sr_run_m(x, lo, hi, dt, d, r, 1, 1, k, data, pf, ctr);
+    else sqv_sr_run_m(x, lo, hi, dt, d, r, 1, 0, k, data, pf, ctr);
+}
+
+/* 8 lanes of fq_sr_run from element i (counter ctr): q stored, the -1/0 saturation mask returned, counts and
+ * the largest |q| bits (> Inf bits iff some q is NaN) accumulated. */
+AVX2 INLINE __m256i fqv_sr_step(const fq_t *c, size_t i, int dt, int k, int has_g, __m256 dv, __m256 sv, __m256 gv,
+                                int pos, int mul, uint32_t ctr, __m256i vmaxv, __m256i *nnz, __m256i *nun,
+                                __m256i *nsat, __m256i *aqmax) {
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    __m256 xv = load8(c->sq.x, i, dt);
+    __m256i uy, e;
+    __m256 t = sqv_lowbit_round_sr(xv, dv, pos, mul, k, ctr, &uy, &e);
+    __m256 v = sqv_lowbit_code_value(t, uy, e, k);
+    __m256 qv = _mm256_mul_ps(v, sv);
+    if (has_g) qv = _mm256_mul_ps(qv, gv);
+    _mm256_storeu_ps(c->q + i, qv);
+    __m256i ax = _mm256_and_si256(_mm256_castps_si256(xv), abs);
+    __m256i aq = _mm256_and_si256(_mm256_castps_si256(qv), abs);
+    __m256i av = _mm256_and_si256(_mm256_castps_si256(v), abs);
+    /* |v| == vmax makes v finite and x not NaN (see fqv_step); a NaN q is reported through aqmax */
+    __m256i st = _mm256_and_si256(_mm256_cmpeq_epi32(av, vmaxv), _mm256_cmpgt_epi32(ax, aq));
+    __m256i nz = _mm256_andnot_si256(_mm256_cmpeq_epi32(ax, _mm256_setzero_si256()), _mm256_cmpgt_epi32(inf, ax));
+    *nnz = _mm256_sub_epi32(*nnz, nz);
+    *nun = _mm256_sub_epi32(*nun, _mm256_and_si256(nz, _mm256_cmpeq_epi32(aq, _mm256_setzero_si256())));
+    *nsat = _mm256_sub_epi32(*nsat, st);
+    *aqmax = _mm256_max_epi32(*aqmax, aq);
+    return st;
+}
+
+AVX2 INLINE int fqv_sr_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
+                             float r, int pos, int mul, int64_t *slot) {
+    const size_t row = lo / c->sq.C;
+    const float g = c->sq.grow ? c->sq.grow[row] : c->sq.g;
+    const __m256 dv = _mm256_set1_ps(mul ? r : d), sv = _mm256_set1_ps(s), gv = _mm256_set1_ps(g);
+    const __m256i vmaxv = _mm256_set1_epi32((int32_t)c->vmax_bits), one = _mm256_set1_epi32(1);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int k = kind - 2;
+    __m256i nnz = _mm256_setzero_si256(), nun = nnz, nsat = nnz, aqmax = nnz;
+    uint32_t ctr = sr_counter(&c->sq, row, lo);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32, ctr += 32) {
+        pf_step(c->sq.pf);
+        __m256i s[4];
+        for (int j = 0; j < 4; j++)
+            s[j] = fqv_sr_step(c, i + 8 * j, dt, k, has_g, dv, sv, gv, pos, mul, ctr + 8 * j, vmaxv, &nnz, &nun, &nsat,
+                               &aqmax);
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s[0], s[1]), _mm256_packs_epi32(s[2], s[3]));
+        p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
+        _mm256_storeu_si256((__m256i *)(c->sat + i), p);
+    }
+    for (; i + 8 <= hi; i += 8, ctr += 8)
+        sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_sr_step(c, i, dt, k, has_g, dv, sv, gv, pos, mul, ctr, vmaxv,
+                                                               &nnz, &nun, &nsat, &aqmax), one));
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(nnz, nun), _mm256_hadd_epi32(nsat, _mm256_setzero_si256()));
+    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    slot[0] += _mm_extract_epi32(sum, 0);
+    slot[c->ncnt] += _mm_extract_epi32(sum, 1);
+    slot[2 * c->ncnt] += _mm_extract_epi32(sum, 2);
+    int bad = hmax8(aqmax) > 0x7f800000;
+    return bad | fq_sr_run(c, i, hi, dt, kind, has_g, s, d, slot, 0);
+}
+
+AVX2 INLINE int fqv_sr_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
+                           int64_t *slot, int clean) {
+    (void)clean;
+    if (!(d > 0.0f)) return fqv_sr_run_m(c, lo, hi, dt, kind, has_g, s, d, 0.0f, 0, 0, slot);
+    float r = exact_recip(d);
+    return r != 0.0f ? fqv_sr_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 1, slot)
+                     : fqv_sr_run_m(c, lo, hi, dt, kind, has_g, s, d, r, 1, 0, slot);
+}
+
+FQ_BODY(fqv_sr_body, fqv_sr_run, AVX2)
+FQ_SR_DISPATCH(fq_sr_avx2, fqv_sr_body, AVX2, _mm256_zeroupper();)
+
+SQ_LOWBIT_BODY(sqv_lowbit_body, sqv_lowbit_run, sqv_sr_run, AVX2)
 SQ_DISPATCH(sq_avx2, sqv_amax_body_n, sqv_quant_body_n, sqv_lowbit_body, AVX2, _mm256_zeroupper();)
 
 /* sd_run: the decode of 8 codes by dec (sd_t.dec: 0 gather from the table, 1/2 dec_fp8 e4m3/e5m2). */
@@ -3779,7 +4070,10 @@ static PyMethodDef methods[] = {
      "which the caller zeroes in q."},
     {"quantize_scaled", py_quantize_scaled, METH_VARARGS,
      "quantize_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, data_ptr, scale_ptr, threads[, rule, has_g, g, "
-     "transposed]): transposed: x is stored as [C, R] (x.mT contiguous); "
+     "transposed, stochastic, key, period_rows, g_rows_ptr]): transposed: x is stored as [C, R] (x.mT contiguous); "
+     "stochastic (4/6-bit formats): element (r, c) rounds with the number lowbias32(key + (r mod period_rows) * C + c) "
+     ">> 8 * 2^-24 (key = mix32(seed ^ 0x9E3779B9); period_rows 0: R); g_rows_ptr: float32 [R] NVFP4 tensor scales, "
+     "one per row (1 x bc tiles), or 0; "
      "fmt 0 e4m3, 1 e5m2, 2 mxfp8-e4m3, 3 mxfp8-e5m2, 4 mxfp6-e2m3, 5 mxfp6-e3m2, 6 mxfp4-e2m1, 7 nvfp4; "
      "rule 0 floor, 1 rceil, 2 even (MX); g: the NVFP4 tensor scale (computed when has_g is 0); "
      "data uint8 [R*C], scale float32 [ceil(R/br), ceil(C/bc)]."},
@@ -3827,9 +4121,10 @@ static PyMethodDef methods[] = {
     /* fused scaled fake-quantisation */
     {"fused_scaled", py_fused_scaled, METH_VARARGS,
      "fused_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, q_ptr, sat_ptr, scale_ptr, counts_ptr, "
-     "threads, rule[, transposed]) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
+     "threads, rule[, transposed, stochastic, key, period_rows, g_rows_ptr]) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
      "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
-     "saturated); fmt/rule as quantize_scaled; g: the NVFP4 tensor scale "
+     "saturated); fmt/rule and the stochastic arguments as quantize_scaled (g_rows with stochastic only); g: the "
+     "NVFP4 tensor scale "
      "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable)."},
     /* scaled casts: transposed inputs */
     {"transpose_copy", py_transpose_copy, METH_VARARGS,

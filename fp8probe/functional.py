@@ -684,7 +684,8 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
     rounding: "nearest" (even), or "stochastic" for the 4/6-bit formats (MXFP4/MXFP6/NVFP4): unbiased,
     each element rounds up with probability equal to its distance from the grid value below, the
     random numbers a pure function of ``seed`` and the element's index (reference.stochastic_uniform:
-    the same bits on every device); it runs the torch reference on x's device.
+    the same bits on every device); plain eager CPU calls run the C kernel (backends/cpu.py), others the
+    torch reference on x's device.
     Finite values saturate to ±fmt_max.
     """
     _check_tensor("x", x, _FLOATS)
@@ -694,7 +695,11 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
         raise TypeError(f"expected an int seed, got {type(seed).__name__}")
     global_scale = _cpu.nvfp4_global_scale(x) if fmt == "nvfp4" else None  # the reference's value; one C pass on CPU
     if rounding == "stochastic":
-        data, scale = _ref.quantize_scaled(x, fmt, tile[0], tile[1], scale_rule, global_scale, rounding, seed)
+        # Not an op argument, so no dispatcher: the CPU kernel (C) wherever a nearest cast's op call would reach it
+        # (plain eager CPU tensors; autograd-tracked too: the op has no gradient), else the reference
+        cast = _cpu.kernel("quantize_scaled") if _eager_cpu((x.detach() if x.requires_grad else x,
+                                                             global_scale)) else _ref.quantize_scaled
+        data, scale = cast(x, fmt, tile[0], tile[1], scale_rule, global_scale, rounding, seed)
     else:
         data, scale = _run("quantize_scaled", x, fmt, tile[0], tile[1], scale_rule, global_scale)
     return ScaledTensor(data=data, scale=scale, fmt=fmt, granularity=granularity, block=tile, dtype=x.dtype,

@@ -697,17 +697,17 @@ def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | 
     results) quantize_scaled + dequantize_scaled, the mask from their outputs and the records from its scales
     (tile_records; None for an empty x or one that is not 2-D). Arguments
     quantize_scaled rejects raise its ValueError either way. ``sr_seed``: stochastic rounding with this
-    seed (quantize_scaled's rounding="stochastic", the torch reference; 4/6-bit formats), None: nearest.
+    seed (quantize_scaled's rounding="stochastic"; 4/6-bit formats, the fused C call too), None: nearest.
     ``records`` False: the caller drops them (_fq_slices), so the ops path does not count them."""
     tile = F.scaled_tile(x.shape, fmt, granularity, block, scale_rule)[1]
-    fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule) if x.dim() == 2 and sr_seed is None else None
+    sr = {} if sr_seed is None else {"rounding": "stochastic", "seed": sr_seed}
+    fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule, **sr) if x.dim() == 2 else None
     if fused is not None:
         scale = fused.scale if fused.global_scale is None else fused.scale * fused.global_scale
         nonzero, underflow, saturated = fused.counts
         return fused.q, fused.saturated, (scale.reshape(-1), nonzero == 0, nonzero, underflow, saturated > 0)
     x32 = x.to(_F32).contiguous()
-    st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule,
-                           **({} if sr_seed is None else {"rounding": "stochastic", "seed": sr_seed}))
+    st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule, **sr)
     q = F.dequantize_scaled(st, _F32)
     saturated = _saturated(st.element_values(), x32, q, fmt)
     if not (records and x.dim() == 2 and x.numel()):
@@ -754,18 +754,27 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
 
 def _sr_cast_stacked(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_rule: str, sr_seed: int,
                      records: bool) -> tuple[torch.Tensor, torch.Tensor, list[BlockRecords | None]]:
-    """_cast_slices' stochastically rounded 1×bc cast of x [Bt, R, C] in one reference call over the stacked
-    [Bt·R, C] view, bit for bit the slice-by-slice casts: every 1×bc tile lies in one row, each slice's rows
-    get that slice's NVFP4 tensor scale (quantize_scaled's [R, 1] global_scale) and draw the slice's own
-    random numbers from 0 (period_rows). A per-slice reference cast is ~40 small torch ops, and an attention
-    site has one per head, operand and GEMM."""
+    """_cast_slices' stochastically rounded 1×bc cast of x [Bt, R, C] in one call over the stacked [Bt·R, C]
+    view, bit for bit the slice-by-slice casts: every 1×bc tile lies in one row, each slice's rows get that
+    slice's NVFP4 tensor scale (quantize_scaled's [R, 1] global_scale) and draw the slice's own random
+    numbers from 0 (period_rows). On CPU with the extension, one fused C call (backends.cpu.fused_scaled);
+    elsewhere (or NaN results) one reference call: a per-slice reference cast is ~40 small torch ops, and an
+    attention site has one per head, operand and GEMM."""
     bt, rows, cols = x.shape
     F.scaled_tile((rows, cols), fmt, "block", block, scale_rule)  # its ValueError for arguments it rejects
-    x32 = x.to(_F32).reshape(bt * rows, cols).contiguous()
+    x2 = _cpu.contiguous(x).reshape(bt * rows, cols)
     g_rows = None
     if fmt == "nvfp4":  # each slice's tensor scale, as functional.quantize_scaled computes it for the slice
-        g = torch.stack([_cpu.nvfp4_global_scale(x32[i * rows:(i + 1) * rows]) for i in range(bt)])
-        g_rows = g.repeat_interleave(rows).reshape(bt * rows, 1)
+        g_rows = _ref.nvfp4_global_scale(x2, slices=bt).repeat_interleave(rows).reshape(bt * rows, 1)
+    fused = _cpu.fused_scaled(x2, fmt, 1, block[1], scale_rule, "stochastic", sr_seed, rows, g_rows)
+    if fused is not None:
+        rec = None
+        if records:
+            scale = fused.scale if g_rows is None else fused.scale * g_rows
+            nonzero, underflow, saturated = fused.counts
+            rec = (scale.reshape(-1), nonzero == 0, nonzero, underflow, saturated > 0)
+        return fused.q.view(bt, rows, cols), fused.saturated.view(bt, rows, cols), _split_records(rec, bt)
+    x32 = x2.to(_F32)
     data, scale = _ref.quantize_scaled(x32, fmt, 1, block[1], scale_rule, g_rows, "stochastic", sr_seed,
                                        period_rows=rows)
     q = _ref.dequantize_scaled(data, scale, 1, block[1], _F32, fmt, g_rows)

@@ -366,19 +366,55 @@ def _scaled_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return contiguous(x), False
 
 
+#: _rounding_args of a nearest cast without per-row tensor scales (period 0: the C code takes R)
+_NEAREST = ((False, 0, 0, 0), None)
+
+
+def _rounding_args(x: torch.Tensor, fmt: str, block_rows: int, rounding: str, seed: int, period_rows: int | None,
+                   global_scale: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None] | None:
+    """The C scaled casts' trailing arguments (stochastic, key, period_rows, per-row tensor scales' address) and
+    the contiguous float32 per-row scales they point at (kept alive by the caller), for reference.quantize_scaled's
+    ``rounding``, ``seed``, ``period_rows`` and an NVFP4 [R, 1] ``global_scale`` with 1×bc tiles; the tensor
+    scale stays the caller's business otherwise (``(..., 0)``, None). None when the reference must run (it also
+    raises for what it rejects): an unknown rounding or one the format does not take, a period that does not
+    divide the rows, any other non-0-D tensor scale."""
+    if rounding == "nearest" and (global_scale is None or (isinstance(global_scale, torch.Tensor)
+                                                          and global_scale.dim() == 0)):
+        return _NEAREST  # (the reference ignores period_rows and seed here)
+    if fmt not in _SCALED_FMT or rounding not in _ref.ROUNDINGS or (
+            rounding == "stochastic" and _ref.SCALED_FORMATS[fmt][0] != torch.uint8):
+        return None
+    R, _ = _ref._rows_cols(x.shape)
+    period = R if period_rows is None or rounding == "nearest" else period_rows
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1 or R % period:
+        return None
+    key = _ref._mix32((int(seed) & _ref._M32) ^ 0x9E3779B9) if rounding == "stochastic" else 0
+    g_rows = None
+    if isinstance(global_scale, torch.Tensor) and global_scale.dim() != 0:
+        if not (fmt == "nvfp4" and min(block_rows, R) == 1 and tuple(global_scale.shape) == (R, 1)):
+            return None
+        g_rows = global_scale.detach().to("cpu", _F32).contiguous()
+    return (rounding == "stochastic", key, period, 0 if g_rows is None else g_rows.data_ptr()), g_rows
+
+
 def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
-                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    global_scale: torch.Tensor | None = None, rounding: str = "nearest", seed: int = 0,
+                    period_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU kernel of ``fp8probe::quantize_scaled``: same arguments, results and errors as the reference's.
 
     One pass for the tile amax (finite values; and, for the 4/6-bit formats, whether the tile holds a
     NaN/Inf) and one for the divide-clamp-round; NaN/±Inf inputs are handled in C exactly as the
-    reference does. Every format and MX scale rule runs in C; the reference runs for empty tensors,
-    unknown formats or rules (it raises), non-positive tile sizes and an NVFP4 `global_scale` that
-    is not a 0-D tensor.
+    reference does. Every format and MX scale rule runs in C, with stochastic rounding (the reference's
+    random numbers, ``period_rows`` and per-row NVFP4 tensor scales of 1×bc tiles included); the reference
+    runs for empty tensors, unknown formats, rules or roundings (it raises), non-positive tile sizes, a
+    period that does not divide the rows and any other NVFP4 `global_scale` that is not a 0-D tensor.
     """
-    g = _scalar_scale(global_scale) if fmt == "nvfp4" else (0, 1.0)
-    if g is None or not _scaled_cast_applies(x, fmt, block_rows, block_cols, scale_rule):
-        return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale)
+    extra = _rounding_args(x, fmt, block_rows, rounding, seed, period_rows, global_scale)
+    g = (_scalar_scale(None if extra is None or extra[1] is not None else global_scale)
+         if fmt == "nvfp4" else (0, 1.0))
+    if extra is None or g is None or not _scaled_cast_applies(x, fmt, block_rows, block_cols, scale_rule):
+        return _ref.quantize_scaled(x, fmt, block_rows, block_cols, scale_rule, global_scale, rounding, seed,
+                                    period_rows)
     storage = _ref.SCALED_FORMATS[fmt][0]
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
@@ -386,7 +422,7 @@ def quantize_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int,
     data = _fresh(x.shape, storage)
     scale = torch.empty(-(-R // br), -(-C // bc), dtype=_F32)
     _ext().quantize_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], data.data_ptr(),
-                           scale.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule], *g, xt)
+                           scale.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule], *g, xt, *extra[0])
     return data, scale
 
 
@@ -765,8 +801,8 @@ class FusedScaled(NamedTuple):
     ``q``: float32, x's shape, ``dequantize_scaled(quantize_scaled(x), float32)`` bit for bit;
     ``saturated``: bool, x's shape, |element value| == format max and |x| > |q|; ``scale``: float32
     [ceil(R/br), ceil(C/bc)], quantize_scaled's scale (NVFP4: the E4M3 block scale); ``global_scale``:
-    NVFP4's 0-D float32 tensor scale, else None; ``counts``: int64 [3, tiles] in row-major tile order,
-    per tile the finite nonzero elements of x, those of them with q == 0 (underflow) and the
+    NVFP4's 0-D float32 tensor scale (or the per-row [R, 1] scales it was given), else None; ``counts``: int64
+    [3, tiles] in row-major tile order, per tile the finite nonzero elements of x, those of them with q == 0 (underflow) and the
     saturated elements.
     """
 
@@ -777,8 +813,9 @@ class FusedScaled(NamedTuple):
     counts: torch.Tensor
 
 
-def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor"
-                 ) -> FusedScaled | None:
+def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
+                 rounding: str = "nearest", seed: int = 0, period_rows: int | None = None,
+                 global_scale: torch.Tensor | None = None) -> FusedScaled | None:
     """quantize_scaled + dequantize_scaled to float32 + the saturation mask + per-tile counts in one C
     call (one amax pass, one element pass), for ``analysis.strategies._fq_scaled``.
 
@@ -787,9 +824,19 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     tensor, empty, an unknown format or rule, non-positive tiles, the extension not enabled
     (FP8PROBE_BACKEND=reference), or a NaN in q (NaN inputs, 4/6-bit tiles with a NaN scale): the
     caller then runs the two ops, whose NaN bits come from torch's casts.
+
+    ``rounding``, ``seed``, ``period_rows``: quantize_scaled's (stochastic rounding of the 4/6-bit formats).
+    ``global_scale``: None (NVFP4's computed from x), or, with stochastic rounding, NVFP4 and 1×bc tiles, the
+    per-row tensor scales [R, 1] (returned as ``global_scale``; q = fl32(fl32(value · scale) · g_row)). Anything
+    else the C code does not take (a 0-D tensor scale, nearest rounding with per-row scales, arguments the
+    reference rejects) gives None.
     """
     if not _scaled_cast_applies(x, fmt, block_rows, block_cols, scale_rule):
         return None
+    extra = _rounding_args(x, fmt, block_rows, rounding, seed, period_rows, global_scale)
+    if extra is None or (global_scale is not None and (extra[1] is None or rounding != "stochastic")):
+        return None
+    (sr, key, period, g_ptr), g_rows = extra
     R, C = _ref._rows_cols(x.shape)
     br, bc = min(block_rows, R), min(block_cols, C)
     xc, xt = _scaled_input(x)
@@ -800,7 +847,9 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     counts = torch.empty(3, nbr * nbc, dtype=torch.int64)
     g, bad = _ext().fused_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], q.data_ptr(),
                                  sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule],
-                                 xt)
+                                 xt, sr, key, period, g_ptr)
     if bad:
         return None
+    if g_rows is not None:
+        return FusedScaled(q, sat, scale, g_rows, counts)
     return FusedScaled(q, sat, scale, torch.tensor(g, dtype=_F32) if fmt == "nvfp4" else None, counts)

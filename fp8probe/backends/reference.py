@@ -734,12 +734,19 @@ def mx_scale(amax: torch.Tensor, fmt: str, scale_rule: str) -> torch.Tensor:
     return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp.to(_F32)), 1.0)
 
 
-def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+def nvfp4_global_scale(x: torch.Tensor, slices: int | None = None) -> torch.Tensor:
     """NVFP4 per-tensor float32 decode scale ``fl32(amax / 2688)`` (0-D), amax over x's finite values;
     1 when that is 0. 2688 = 448 · 6 maps the tensor amax onto the largest E4M3 block scale times the
-    largest E2M1 element."""
+    largest E2M1 element. ``slices`` k: x's C-order elements cut into k equal consecutive parts (the slices
+    of a stack), one scale each, float32 [k]: what each slice alone gives."""
     x32 = x.to(_F32)
-    amax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax() if x.numel() else x32.new_zeros(())
+    if slices is not None:
+        if slices < 1 or x.numel() % slices:
+            raise ValueError(f"expected slices dividing the {x.numel()} elements, got {slices}")
+        x32 = x32.reshape(slices, -1)
+        amax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax(dim=1) if x.numel() else x32.new_zeros(slices)
+    else:
+        amax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax() if x.numel() else x32.new_zeros(())
     g = amax / torch.full_like(amax, NVFP4_GLOBAL_RANGE)
     return torch.where(g > 0, g, 1.0)
 
