@@ -3778,74 +3778,100 @@ AVX2 INLINE void fqv_add_counts(int64_t *slot, __m256i v, size_t n) {
     for (size_t j = 0; j < n; j++) slot[j] += lane[j];
 }
 
-/* The fused FP8 element pass over narrow tiles of 32 or 64 elements (MX 1x32): one call of fqv_run per tile
- * spent ~as much on the call and its per-tile count reduction as on the 32 elements. Where a row's tiles are all
- * clean (no NaN/Inf: nonfin 0) and their scales all +2^k (sqv_pow2_scales), the tiles run 32 elements a step with
- * the reciprocal from the scale's bits (sqv_recip_pow2; fqv_step's clean mul case: the same operations per lane),
- * each tile's three count vectors kept aside and summed 8 tiles at a time (sqv_hsum8x8). Counts are integer sums:
- * the same in any order. Other rows, short last tiles and the other kinds go tile by tile (fqv_body). */
-AVX2 INLINE void fqv_narrow_t(const fq_t *c, size_t u, int dt, int kind) {
+/* The fused element pass over narrow tiles (sqv_narrow: bc 8..64, whole tiles; MX 1x32, NVFP4 1x16, small
+ * blocks): one call of fqv_run per tile spent about as much on the call and its per-tile count reduction as on the
+ * tile's elements. Where a row's tiles are all clean (no NaN/Inf: nonfin 0) and their divisors all +2^k
+ * (sqv_pow2_scales: x times the reciprocal from the divisor's bits, sqv_recip_pow2) or all > 0 (x divided by
+ * the tile's divisor), the tiles run 8 lanes at a time through fqv_step with the tile's divisor and scale (its
+ * clean case: the same operations per lane as fqv_run's), each tile's three count vectors kept aside and summed
+ * 8 tiles at a time (sqv_hsum8x8). Counts are integer sums: the same in any order. Other rows and short last tiles
+ * go tile by tile (fqv_run, as fqv_body). */
+AVX2 INLINE void fqv_narrow_tiles(const fq_t *c, size_t r, size_t t0, size_t nfull, const float *st, const float *dd,
+                                  int dt, int kind, int has_g, int mul, int64_t *slots) {
+    const sq_t *sq = &c->sq;
+    const size_t bc = sq->bc;
+    const __m256i fmaxv = _mm256_set1_epi32((int32_t)c->vmax_bits), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i one = _mm256_set1_epi32(1);
+    for (size_t done = 0; done < nfull; done += 8) {
+        const size_t n = nfull - done < 8 ? nfull - done : 8;
+        __m256i acc[3][8];
+        for (size_t j = 0; j < n; j++) {
+            const size_t t = done + j, lo = r * sq->C + (t0 + t) * bc;
+            const __m256 dv = mul ? sqv_recip_pow2(dd + t) : _mm256_set1_ps(dd[t]), sv = _mm256_set1_ps(st[t]);
+            __m256i nnz = _mm256_setzero_si256(), nun = nnz, nsat = nnz, aqmax = nnz;
+            if (bc >= 32) {
+                for (size_t i = lo; i < lo + bc; i += 32) {
+                    pf_step(sq->pf);
+                    __m256i s0 = fqv_step(c, i, dt, kind, has_g, dv, sv, 1, mul, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
+                    __m256i s1 = fqv_step(c, i + 8, dt, kind, has_g, dv, sv, 1, mul, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
+                    __m256i s2 = fqv_step(c, i + 16, dt, kind, has_g, dv, sv, 1, mul, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
+                    __m256i s3 = fqv_step(c, i + 24, dt, kind, has_g, dv, sv, 1, mul, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
+                    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
+                    p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
+                    _mm256_storeu_si256((__m256i *)(c->sat + i), p);
+                }
+            } else {
+                if (((lo - r * sq->C) & 31) == 0) pf_step(sq->pf);
+                for (size_t i = lo; i < lo + bc; i += 8)
+                    sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_step(c, i, dt, kind, has_g, dv, sv, 1, mul, 1, fmaxv,
+                                                                        &nnz, &nun, &nsat, &aqmax), one));
+            }
+            acc[0][j] = nnz; acc[1][j] = nun; acc[2][j] = nsat;
+        }
+        for (size_t j = n; j < 8; j++) acc[0][j] = acc[1][j] = acc[2][j] = _mm256_setzero_si256();
+        for (int k = 0; k < 3; k++) fqv_add_counts(slots + k * c->ncnt + t0 + done, sqv_hsum8x8(acc[k]), n);
+    }
+}
+
+/* 1 when every d[0..n) is > 0 (not NaN). */
+INLINE int sqv_positive(const float *d, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!(d[i] > 0.0f)) return 0;
+    return 1;
+}
+
+AVX2 INLINE void fqv_narrow_t(const fq_t *c, size_t u, int dt, int kind, int has_g) {
     const sq_t *sq = &c->sq;
     sq_unit_t w = sq_unit(sq, u);
     if (w.c0 >= w.c1) return;
     const size_t bc = sq->bc, t0 = w.c0 / bc, t1 = (w.c1 - 1) / bc, nfull = (w.c1 - w.c0) / bc;
     int64_t *slots = c->cnt + w.ru * sq->nbc;
     const uint8_t *nf = sq->nonfin + w.ru * sq->nbc;
-    const __m256i fmaxv = _mm256_set1_epi32((int32_t)c->vmax_bits), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     int bad = 0;
     fq_t rc = *c; /* x as the runs of each row index it (sq_x) */
     for (size_t r = w.r0; r < w.r1; r++) {
         const float *st = sq->scale + (r / sq->br) * sq->nbc + t0;
+        const float *dd = sq->lowbit ? sq->div + (r / sq->br) * sq->nbc + t0 : st;
         rc.sq.x = sq_x(sq, r);
         size_t clean = 0;
         while (clean < nfull && !nf[t0 + clean]) clean++;
         size_t done = 0;
-        if (clean == nfull && sqv_pow2_scales(st, nfull)) {
-            for (; done < nfull; done += 8) {
-                const size_t n = nfull - done < 8 ? nfull - done : 8;
-                __m256i acc[3][8];
-                for (size_t j = 0; j < n; j++) {
-                    const size_t t = done + j, lo = r * sq->C + (t0 + t) * bc;
-                    const __m256 rv = sqv_recip_pow2(st + t), sv = _mm256_set1_ps(st[t]);
-                    __m256i nnz = _mm256_setzero_si256(), nun = nnz, nsat = nnz, aqmax = nnz;
-                    for (size_t i = lo; i < lo + bc; i += 32) {
-                        pf_step(sq->pf);
-                        __m256i s0 = fqv_step(&rc, i, dt, kind, 0, rv, sv, 1, 1, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
-                        __m256i s1 = fqv_step(&rc, i + 8, dt, kind, 0, rv, sv, 1, 1, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
-                        __m256i s2 = fqv_step(&rc, i + 16, dt, kind, 0, rv, sv, 1, 1, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
-                        __m256i s3 = fqv_step(&rc, i + 24, dt, kind, 0, rv, sv, 1, 1, 1, fmaxv, &nnz, &nun, &nsat, &aqmax);
-                        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
-                        p = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(1));
-                        _mm256_storeu_si256((__m256i *)(c->sat + i), p);
-                    }
-                    acc[0][j] = nnz; acc[1][j] = nun; acc[2][j] = nsat;
-                }
-                for (size_t j = n; j < 8; j++) acc[0][j] = acc[1][j] = acc[2][j] = _mm256_setzero_si256();
-                for (int k = 0; k < 3; k++) fqv_add_counts(slots + k * c->ncnt + t0 + done, sqv_hsum8x8(acc[k]), n);
+        if (clean == nfull) {
+            if (sqv_pow2_scales(dd, nfull)) {
+                fqv_narrow_tiles(&rc, r, t0, nfull, st, dd, dt, kind, has_g, 1, slots);
+                done = nfull;
+            } else if (sqv_positive(dd, nfull)) {
+                fqv_narrow_tiles(&rc, r, t0, nfull, st, dd, dt, kind, has_g, 0, slots);
+                done = nfull;
             }
-            done = nfull;
         }
         /* the rest tile by tile: rows that did not qualify, a short last tile */
         for (size_t t = t0 + done; t <= t1; t++) {
             const size_t lo = r * sq->C + t * bc, hi = r * sq->C + ((t + 1) * bc < w.c1 ? (t + 1) * bc : w.c1);
-            bad |= fqv_run(&rc, lo, hi, dt, kind, 0, st[t - t0], st[t - t0], slots + t, !nf[t]);
+            bad |= fqv_run(&rc, lo, hi, dt, kind, has_g, st[t - t0], dd[t - t0], slots + t, sq->track && !nf[t]);
         }
     }
     if (bad) __atomic_store_n(c->bad, 1, __ATOMIC_RELAXED);
 }
-AVX2 NOINLINE static void fqv_narrow(const fq_t *c, size_t u, int dt, int kind) {
-    switch (dt * 2 + kind) {
-    case DT_F32 * 2: fqv_narrow_t(c, u, DT_F32, 0); break;
-    case DT_F32 * 2 + 1: fqv_narrow_t(c, u, DT_F32, 1); break;
-    case DT_F16 * 2: fqv_narrow_t(c, u, DT_F16, 0); break;
-    case DT_F16 * 2 + 1: fqv_narrow_t(c, u, DT_F16, 1); break;
-    case DT_BF16 * 2: fqv_narrow_t(c, u, DT_BF16, 0); break;
-    default: fqv_narrow_t(c, u, DT_BF16, 1); break;
-    }
+
+/* Out of line, one copy per dtype and kind (see sqv_quant_tiles_unit). */
+AVX2 NOINLINE static void fqv_narrow(const fq_t *c, size_t u, int sel) {
+    switch (sel) { FQ_CASES(fqv_narrow_t, DT_F32) FQ_CASES(fqv_narrow_t, DT_F16) FQ_CASES(fqv_narrow_t, DT_BF16)
+                   default: break; }
 }
 
 AVX2 INLINE void fqv_body_n(const fq_t *c, size_t u, int dt, int kind, int has_g) {
-    if (kind < 2 && !has_g && c->sq.cs == 1 && (c->sq.bc == 32 || c->sq.bc == 64)) fqv_narrow(c, u, dt, kind);
+    if (sqv_narrow(&c->sq)) fqv_narrow(c, u, dt * 6 + (has_g ? 5 : kind));
     else fqv_body(c, u, dt, kind, has_g);
 }
 FQ_DISPATCH(fq_avx2, fqv_body_n, AVX2, _mm256_zeroupper();)

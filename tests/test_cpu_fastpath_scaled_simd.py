@@ -250,20 +250,23 @@ def tile_sums(m: torch.Tensor, br: int, bc: int) -> torch.Tensor:
 NARROW = ((1, 8), (1, 16), (1, 32), (1, 64), (2, 16), (3, 32))
 
 
-def narrow_rows(bc: int, rows: int, seed: int, fmax: float, specials: bool, nan: bool = True) -> torch.Tensor:
+def narrow_rows(bc: int, rows: int, seed: int, fmax: float, specials: bool, nan: bool = True, span: int = 30
+                ) -> torch.Tensor:
     """rows x (19 bc + 5) float32: even rows with every tile's amax fmax * 2**k (power-of-two e4m3/e5m2 scales:
     the per-8-lane reciprocal loop), odd rows random (other scales: tile by tile); specials: NaN/±Inf in some
-    8-tile groups (nan False: ±Inf only), a float32-subnormal tile (MX scale 2**-127: that row tile by tile)."""
+    8-tile groups (nan False: ±Inf only), a float32-subnormal tile (MX scale 2**-127: that row tile by tile).
+    The tiles' amax spread over 2**±span (NVFP4 needs a small span: its E4M3 block scales underflow to 0 past
+    ~2**-17 of the tensor amax, and a row with a zero divisor goes tile by tile)."""
     g = torch.Generator().manual_seed(seed)
     cols = 19 * bc + 5
-    x = torch.randn(rows, cols, generator=g) * torch.exp2(torch.randint(-20, 20, (rows, 1), generator=g).float())
-    k = torch.randint(-30, 30, (rows, cols // bc + 1), generator=g).float()
+    x = torch.randn(rows, cols, generator=g) * torch.exp2(torch.randint(-span, span, (rows, 1), generator=g).float())
+    k = torch.randint(-span, span, (rows, cols // bc + 1), generator=g).float()
     for r in range(0, rows, 2):
         for t in range(cols // bc + 1):
             seg = x[r, t * bc:(t + 1) * bc]
             seg.mul_(0.9 * fmax * 2.0 ** k[r, t].item() / seg.abs().max().clamp_min(1e-30))
             seg[0] = fmax * 2.0 ** k[r, t].item() * (1 if seg[0] >= 0 else -1)
-    x[:, 3 * bc:4 * bc] *= 0.0  # an all-zero tile (scale 1)
+    x[:, 3 * bc:4 * bc] *= 0.0  # an all-zero tile (scale 1; NVFP4: scale 0, so those rows go tile by tile)
     if specials:
         x[0, 9 * bc + 1], x[rows - 1, 2 * bc + 3] = float("nan") if nan else float("inf"), float("inf")
         x[min(1, rows - 1), 12 * bc + 2] = -float("inf")
@@ -292,7 +295,10 @@ def test_narrow_tiles_quantize(isa, no_fallback, tile, fmt: str, specials: bool)
 def test_narrow_tiles_fused_and_transposed(isa, tile, fmt: str) -> None:
     """fused_scaled's amax pass (NaN/Inf tracked: its clean-tile flags) and a transposed view (bands) on the
     narrow loops, against the reference ops."""
-    x = narrow_rows(tile[1], 4 * tile[0], seed=3, fmax=448.0, specials=fmt.startswith(("e4m3", "mxfp8")), nan=False)
+    x = narrow_rows(tile[1], 4 * tile[0], seed=3, fmax=448.0, specials=fmt.startswith(("e4m3", "mxfp8")), nan=False,
+                    span=4 if fmt == "nvfp4" else 30)
+    if fmt == "nvfp4":  # rows without a zero tile: every divisor > 0 (the division loop)
+        x[1:, 3 * tile[1]:4 * tile[1]] = torch.linspace(-3.0, 5.0, tile[1])
     for view in (x, x.T.contiguous().T):
         got = cpu.fused_scaled(view, fmt, *tile)
         g = ref.nvfp4_global_scale(x) if fmt == "nvfp4" else None
