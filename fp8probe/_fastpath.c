@@ -2901,12 +2901,14 @@ FQ_BODY(fq_body, fq_run, )
     case DT * 6 + 3: BODY(c, u, DT, 3, 0); break;                                             \
     case DT * 6 + 4: BODY(c, u, DT, 4, 0); break;                                             \
     case DT * 6 + 5: BODY(c, u, DT, 2, 1); break;
-#define FQ_DISPATCH(NAME, BODY, ATTR, END)                                                      \
+/* NAME(c, u, sel): BODY for sel = dt * 6 + kind over the cases CASES (FQ_CASES, or FQ_SR_CASES below). */
+#define FQ_DISPATCH_OF(CASES, NAME, BODY, ATTR, END)                                            \
     ATTR static void NAME(const fq_t *c, size_t u, int sel) {                                 \
-        switch (sel) { FQ_CASES(BODY, DT_F32) FQ_CASES(BODY, DT_F16) FQ_CASES(BODY, DT_BF16)  \
+        switch (sel) { CASES(BODY, DT_F32) CASES(BODY, DT_F16) CASES(BODY, DT_BF16)           \
                        default: break; }                                                      \
         END                                                                                   \
     }
+#define FQ_DISPATCH(NAME, BODY, ATTR, END) FQ_DISPATCH_OF(FQ_CASES, NAME, BODY, ATTR, END)
 FQ_DISPATCH(fq_scalar, fq_body, , )
 #if FP_X86
 AVX2 static void fq_avx2(const fq_t *c, size_t u, int sel); /* "scaled casts: AVX2 element loops" */
@@ -2918,12 +2920,7 @@ AVX2 static void fq_avx2(const fq_t *c, size_t u, int sel); /* "scaled casts: AV
     case DT * 6 + 3: BODY(c, u, DT, 3, 0); break;                                             \
     case DT * 6 + 4: BODY(c, u, DT, 4, 0); break;                                             \
     case DT * 6 + 5: BODY(c, u, DT, 2, 1); break;
-#define FQ_SR_DISPATCH(NAME, BODY, ATTR, END)                                                   \
-    ATTR static void NAME(const fq_t *c, size_t u, int sel) {                                 \
-        switch (sel) { FQ_SR_CASES(BODY, DT_F32) FQ_SR_CASES(BODY, DT_F16) FQ_SR_CASES(BODY, DT_BF16) \
-                       default: break; }                                                      \
-        END                                                                                   \
-    }
+#define FQ_SR_DISPATCH(NAME, BODY, ATTR, END) FQ_DISPATCH_OF(FQ_SR_CASES, NAME, BODY, ATTR, END)
 FQ_BODY(fq_sr_body, fq_sr_run, )
 FQ_SR_DISPATCH(fq_sr_scalar, fq_sr_body, , )
 #if FP_X86
@@ -3167,25 +3164,30 @@ AVX2 INLINE void sqv_store8_u8(uint8_t *p, __m256i v) {
     _mm_storel_epi64((__m128i *)p, _mm_packus_epi16(w, w));
 }
 
+/* The FP8 codes of the 32 values ya..yd (8 lanes each, in order) stored to p[0..31]. */
+AVX2 INLINE void sqv_store32_fp8(uint8_t *p, __m256 ya, __m256 yb, __m256 yc, __m256 yd, int e5m2, __m256i fmaxv) {
+    __m256i a = sqv_enc_fp8_mag(ya, e5m2, fmaxv), b = sqv_enc_fp8_mag(yb, e5m2, fmaxv);
+    __m256i c = sqv_enc_fp8_mag(yc, e5m2, fmaxv), d = sqv_enc_fp8_mag(yd, e5m2, fmaxv);
+    /* codes 0..0x7f: two saturating packs are exact. The signs: signed saturating packs of y's bits keep
+     * each lane's sign in its byte's top bit (a negative int32 packs to a negative int16, then int8), in
+     * the same byte order; the dword permute undoes the packs' lane interleave of both. */
+    __m256i v = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+    __m256i sg = _mm256_packs_epi16(_mm256_packs_epi32(_mm256_castps_si256(ya), _mm256_castps_si256(yb)),
+                                    _mm256_packs_epi32(_mm256_castps_si256(yc), _mm256_castps_si256(yd)));
+    v = _mm256_or_si256(v, _mm256_and_si256(sg, _mm256_set1_epi8((char)0x80)));
+    _mm256_storeu_si256((__m256i *)p, _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
 AVX2 INLINE void sqv_quant_run_m(const void *x, size_t lo, size_t hi, int dt, float s, float r, int mul, int e5m2,
                                  uint32_t fmax_bits, uint8_t *restrict data, pf_t *pf) {
     const __m256 sv = _mm256_set1_ps(mul ? r : s);
-    const __m256i fmaxv = _mm256_set1_epi32((int32_t)fmax_bits), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i fmaxv = _mm256_set1_epi32((int32_t)fmax_bits);
     size_t i = lo;
     for (; i + 32 <= hi; i += 32) {
         pf_step(pf);
         __m256 ya = sqv_scaled8(x, i, dt, sv, mul), yb = sqv_scaled8(x, i + 8, dt, sv, mul);
         __m256 yc = sqv_scaled8(x, i + 16, dt, sv, mul), yd = sqv_scaled8(x, i + 24, dt, sv, mul);
-        __m256i a = sqv_enc_fp8_mag(ya, e5m2, fmaxv), b = sqv_enc_fp8_mag(yb, e5m2, fmaxv);
-        __m256i c = sqv_enc_fp8_mag(yc, e5m2, fmaxv), d = sqv_enc_fp8_mag(yd, e5m2, fmaxv);
-        /* codes 0..0x7f: two saturating packs are exact. The signs: signed saturating packs of y's bits keep
-         * each lane's sign in its byte's top bit (a negative int32 packs to a negative int16, then int8), in
-         * the same byte order; the dword permute undoes the packs' lane interleave of both. */
-        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
-        __m256i sg = _mm256_packs_epi16(_mm256_packs_epi32(_mm256_castps_si256(ya), _mm256_castps_si256(yb)),
-                                        _mm256_packs_epi32(_mm256_castps_si256(yc), _mm256_castps_si256(yd)));
-        p = _mm256_or_si256(p, _mm256_and_si256(sg, _mm256_set1_epi8((char)0x80)));
-        _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
+        sqv_store32_fp8(data + i, ya, yb, yc, yd, e5m2, fmaxv);
     }
     for (; i + 8 <= hi; i += 8) sqv_store8_u8(data + i, sqv_enc_fp8(sqv_scaled8(x, i, dt, sv, mul), e5m2, fmaxv));
     sq_quant_run(x, i, hi, dt, s, e5m2, fmax_bits, data, NULL);
@@ -3230,7 +3232,7 @@ AVX2 INLINE __m256 sqv_recip_pow2(const float *p) {
  * scales st[0..] are all +2^k (sqv_pow2_scales). */
 AVX2 INLINE void sqv_quant_narrow(const void *x, size_t lo, size_t hi, int dt, const float *st, unsigned sh, int e5m2,
                                   uint32_t fmax_bits, uint8_t *restrict data, pf_t *pf) {
-    const __m256i fmaxv = _mm256_set1_epi32((int32_t)fmax_bits), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i fmaxv = _mm256_set1_epi32((int32_t)fmax_bits);
     size_t i = lo;
     for (; i + 32 <= hi; i += 32) {
         pf_step(pf);
@@ -3239,13 +3241,7 @@ AVX2 INLINE void sqv_quant_narrow(const void *x, size_t lo, size_t hi, int dt, c
         __m256 yb = _mm256_mul_ps(load8(x, i + 8, dt), sqv_recip_pow2(st + ((o + 8) >> sh)));
         __m256 yc = _mm256_mul_ps(load8(x, i + 16, dt), sqv_recip_pow2(st + ((o + 16) >> sh)));
         __m256 yd = _mm256_mul_ps(load8(x, i + 24, dt), sqv_recip_pow2(st + ((o + 24) >> sh)));
-        __m256i a = sqv_enc_fp8_mag(ya, e5m2, fmaxv), b = sqv_enc_fp8_mag(yb, e5m2, fmaxv);
-        __m256i c = sqv_enc_fp8_mag(yc, e5m2, fmaxv), d = sqv_enc_fp8_mag(yd, e5m2, fmaxv);
-        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
-        __m256i sg = _mm256_packs_epi16(_mm256_packs_epi32(_mm256_castps_si256(ya), _mm256_castps_si256(yb)),
-                                        _mm256_packs_epi32(_mm256_castps_si256(yc), _mm256_castps_si256(yd)));
-        p = _mm256_or_si256(p, _mm256_and_si256(sg, _mm256_set1_epi8((char)0x80)));
-        _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
+        sqv_store32_fp8(data + i, ya, yb, yc, yd, e5m2, fmaxv);
     }
     while (i < hi) { /* the last < 32 elements, tile by tile */
         const size_t t = (i - lo) >> sh, end = lo + ((t + 1) << sh) < hi ? lo + ((t + 1) << sh) : hi;
@@ -3276,30 +3272,27 @@ AVX2 INLINE void sqv_quant_narrow_t(const sq_t *c, size_t u, int dt, int e5m2) {
     }
 }
 
+/* FN(c, u, dt, e5m2) with dt and e5m2 as constants (one inlined copy per FP8 format and dtype). */
+#define SQ_FP8_CASES(FN)                                                                          \
+    switch (dt * 2 + e5m2) {                                                                      \
+    case DT_F32 * 2: FN(c, u, DT_F32, 0); break;                                                  \
+    case DT_F32 * 2 + 1: FN(c, u, DT_F32, 1); break;                                              \
+    case DT_F16 * 2: FN(c, u, DT_F16, 0); break;                                                  \
+    case DT_F16 * 2 + 1: FN(c, u, DT_F16, 1); break;                                              \
+    case DT_BF16 * 2: FN(c, u, DT_BF16, 0); break;                                                \
+    default: FN(c, u, DT_BF16, 1); break;                                                         \
+    }
+
 /* Out of line, so that the per-tile loops inlined into sq_avx2_quant keep their code (inlined side by side with
  * these, the row and tensor passes ran ~10 % slower). */
 AVX2 NOINLINE static void sqv_quant_narrow_unit(const sq_t *c, size_t u, int dt, int e5m2) {
-    switch (dt * 2 + e5m2) {
-    case DT_F32 * 2: sqv_quant_narrow_t(c, u, DT_F32, 0); break;
-    case DT_F32 * 2 + 1: sqv_quant_narrow_t(c, u, DT_F32, 1); break;
-    case DT_F16 * 2: sqv_quant_narrow_t(c, u, DT_F16, 0); break;
-    case DT_F16 * 2 + 1: sqv_quant_narrow_t(c, u, DT_F16, 1); break;
-    case DT_BF16 * 2: sqv_quant_narrow_t(c, u, DT_BF16, 0); break;
-    default: sqv_quant_narrow_t(c, u, DT_BF16, 1); break;
-    }
+    SQ_FP8_CASES(sqv_quant_narrow_t);
 }
 
 /* The tile-by-tile FP8 element pass, out of line too: its register allocation then no longer depends on what else
  * is inlined into sq_avx2_quant (the 4/6-bit passes; with the narrow loops beside it the row pass ran 7.0 -> 7.6 ms). */
 AVX2 NOINLINE static void sqv_quant_tiles_unit(const sq_t *c, size_t u, int dt, int e5m2) {
-    switch (dt * 2 + e5m2) {
-    case DT_F32 * 2: sqv_quant_body(c, u, DT_F32, 0); break;
-    case DT_F32 * 2 + 1: sqv_quant_body(c, u, DT_F32, 1); break;
-    case DT_F16 * 2: sqv_quant_body(c, u, DT_F16, 0); break;
-    case DT_F16 * 2 + 1: sqv_quant_body(c, u, DT_F16, 1); break;
-    case DT_BF16 * 2: sqv_quant_body(c, u, DT_BF16, 0); break;
-    default: sqv_quant_body(c, u, DT_BF16, 1); break;
-    }
+    SQ_FP8_CASES(sqv_quant_body);
 }
 
 AVX2 INLINE void sqv_quant_body_n(const sq_t *c, size_t u, int dt, int e5m2) {
@@ -3574,6 +3567,16 @@ AVX2 INLINE __m256i fqv_sr_step(const fq_t *c, size_t i, int dt, int k, int has_
     return st;
 }
 
+/* The run's counts: slot[0], slot[ncnt], slot[2 ncnt] += the lane sums of nnz, nun, nsat (at most UNIT / 8 per
+ * lane, no overflow: two horizontal adds leave, per 128-bit half, [nnz, nun, nsat, 0] partial sums). */
+AVX2 INLINE void fqv_add_lane_counts(const fq_t *c, int64_t *slot, __m256i nnz, __m256i nun, __m256i nsat) {
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(nnz, nun), _mm256_hadd_epi32(nsat, _mm256_setzero_si256()));
+    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    slot[0] += _mm_extract_epi32(sum, 0);
+    slot[c->ncnt] += _mm_extract_epi32(sum, 1);
+    slot[2 * c->ncnt] += _mm_extract_epi32(sum, 2);
+}
+
 AVX2 INLINE int fqv_sr_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int has_g, float s, float d,
                              float r, int pos, int mul, int64_t *slot) {
     const size_t row = lo / c->sq.C;
@@ -3598,11 +3601,7 @@ AVX2 INLINE int fqv_sr_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int ki
     for (; i + 8 <= hi; i += 8, ctr += 8)
         sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_sr_step(c, i, dt, k, has_g, dv, sv, gv, pos, mul, ctr, vmaxv,
                                                                &nnz, &nun, &nsat, &aqmax), one));
-    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(nnz, nun), _mm256_hadd_epi32(nsat, _mm256_setzero_si256()));
-    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    slot[0] += _mm_extract_epi32(sum, 0);
-    slot[c->ncnt] += _mm_extract_epi32(sum, 1);
-    slot[2 * c->ncnt] += _mm_extract_epi32(sum, 2);
+    fqv_add_lane_counts(c, slot, nnz, nun, nsat);
     int bad = hmax8(aqmax) > 0x7f800000;
     return bad | fq_sr_run(c, i, hi, dt, kind, has_g, s, d, slot, 0);
 }
@@ -3733,13 +3732,7 @@ AVX2 INLINE int fqv_run_m(const fq_t *c, size_t lo, size_t hi, int dt, int kind,
     for (; i + 8 <= hi; i += 8)
         sqv_store8_u8(c->sat + i, _mm256_and_si256(fqv_step(c, i, dt, kind, has_g, dv, sv, pos, mul, clean, fmaxv, &nnz, &nun, &nsat,
                                                             &aqmax), one));
-    /* lane sums (at most UNIT / 8 per lane, no overflow): two horizontal adds leave, per 128-bit half,
-     * [nnz, nun, nsat, 0] partial sums */
-    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(nnz, nun), _mm256_hadd_epi32(nsat, _mm256_setzero_si256()));
-    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    slot[0] += _mm_extract_epi32(sum, 0);
-    slot[c->ncnt] += _mm_extract_epi32(sum, 1);
-    slot[2 * c->ncnt] += _mm_extract_epi32(sum, 2);
+    fqv_add_lane_counts(c, slot, nnz, nun, nsat);
     int bad = hmax8(aqmax) > 0x7f800000;
     return bad | fq_run(c, i, hi, dt, kind, has_g, s, d, slot, clean);
 }
