@@ -688,6 +688,14 @@ def _split_records(rec: BlockRecords | None, bt: int) -> list[BlockRecords | Non
     return [None] * bt if rec is None else list(zip(*(r.view(bt, -1) for r in rec)))
 
 
+def _fused_records(fused: _cpu.FusedScaled) -> BlockRecords:
+    """The BlockRecords of a fused C cast, from its scales (times the NVFP4 tensor scale, 0-D or per row) and
+    per-tile counts."""
+    scale = fused.scale if fused.global_scale is None else fused.scale * fused.global_scale
+    nonzero, underflow, saturated = fused.counts
+    return scale.reshape(-1), nonzero == 0, nonzero, underflow, saturated > 0
+
+
 def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | None,
           scale_rule: str = "floor", sr_seed: int | None = None, records: bool = True
           ) -> tuple[torch.Tensor, torch.Tensor, BlockRecords | None]:
@@ -703,9 +711,7 @@ def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | 
     sr = {} if sr_seed is None else {"rounding": "stochastic", "seed": sr_seed}
     fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule, **sr) if x.dim() == 2 else None
     if fused is not None:
-        scale = fused.scale if fused.global_scale is None else fused.scale * fused.global_scale
-        nonzero, underflow, saturated = fused.counts
-        return fused.q, fused.saturated, (scale.reshape(-1), nonzero == 0, nonzero, underflow, saturated > 0)
+        return fused.q, fused.saturated, _fused_records(fused)
     x32 = x.to(_F32).contiguous()
     st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule, **sr)
     q = F.dequantize_scaled(st, _F32)
@@ -767,12 +773,8 @@ def _sr_cast_stacked(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_ru
     if fmt == "nvfp4":  # each slice's tensor scale, as functional.quantize_scaled computes it for the slice
         g_rows = _ref.nvfp4_global_scale(x2, slices=bt).repeat_interleave(rows).reshape(bt * rows, 1)
     fused = _cpu.fused_scaled(x2, fmt, 1, block[1], scale_rule, "stochastic", sr_seed, rows, g_rows)
-    if fused is not None:
-        rec = None
-        if records:
-            scale = fused.scale if g_rows is None else fused.scale * g_rows
-            nonzero, underflow, saturated = fused.counts
-            rec = (scale.reshape(-1), nonzero == 0, nonzero, underflow, saturated > 0)
+    if fused is not None:  # (its global_scale is g_rows)
+        rec = _fused_records(fused) if records else None
         return fused.q.view(bt, rows, cols), fused.saturated.view(bt, rows, cols), _split_records(rec, bt)
     x32 = x2.to(_F32)
     data, scale = _ref.quantize_scaled(x32, fmt, 1, block[1], scale_rule, g_rows, "stochastic", sr_seed,

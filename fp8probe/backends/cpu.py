@@ -381,8 +381,7 @@ def _rounding_args(x: torch.Tensor, fmt: str, block_rows: int, rounding: str, se
     if rounding == "nearest" and (global_scale is None or (isinstance(global_scale, torch.Tensor)
                                                           and global_scale.dim() == 0)):
         return _NEAREST  # (the reference ignores period_rows and seed here)
-    if fmt not in _SCALED_FMT or rounding not in _ref.ROUNDINGS or (
-            rounding == "stochastic" and _ref.SCALED_FORMATS[fmt][0] != torch.uint8):
+    if fmt not in _SCALED_FMT or not _ref.rounding_allowed(rounding, fmt):
         return None
     R, _ = _ref._rows_cols(x.shape)
     period = R if period_rows is None or rounding == "nearest" else period_rows

@@ -609,9 +609,14 @@ def lowbit_encode(y: torch.Tensor, elem: str, uniform: torch.Tensor | None = Non
 ROUNDINGS = ("nearest", "stochastic")
 
 
+def rounding_allowed(rounding: str, fmt: str) -> bool:
+    """Whether ``rounding`` is one of ROUNDINGS, "stochastic" only for a 4/6-bit format (fmt a known format)."""
+    return rounding in ROUNDINGS and (rounding != "stochastic" or SCALED_FORMATS[fmt][0] == torch.uint8)
+
+
 def check_rounding(rounding: str, fmt: str) -> None:
     """ValueError unless ``rounding`` is one of ROUNDINGS, "stochastic" only for a 4/6-bit format."""
-    if rounding not in ROUNDINGS or (rounding == "stochastic" and SCALED_FORMATS[fmt][0] != torch.uint8):
+    if not rounding_allowed(rounding, fmt):
         raise ValueError(f"expected rounding 'nearest' (or 'stochastic' for the 4/6-bit formats), got "
                          f"{rounding!r} for fmt={fmt!r}")
 
@@ -739,14 +744,13 @@ def nvfp4_global_scale(x: torch.Tensor, slices: int | None = None) -> torch.Tens
     1 when that is 0. 2688 = 448 · 6 maps the tensor amax onto the largest E4M3 block scale times the
     largest E2M1 element. ``slices`` k: x's C-order elements cut into k equal consecutive parts (the slices
     of a stack), one scale each, float32 [k]: what each slice alone gives."""
-    x32 = x.to(_F32)
-    if slices is not None:
-        if slices < 1 or x.numel() % slices:
-            raise ValueError(f"expected slices dividing the {x.numel()} elements, got {slices}")
-        x32 = x32.reshape(slices, -1)
-        amax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax(dim=1) if x.numel() else x32.new_zeros(slices)
-    else:
-        amax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax() if x.numel() else x32.new_zeros(())
+    if slices is not None and (slices < 1 or x.numel() % slices):
+        raise ValueError(f"expected slices dividing the {x.numel()} elements, got {slices}")
+    k = 1 if slices is None else slices
+    x32 = x.to(_F32).reshape(k, -1)
+    amax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax(dim=1) if x.numel() else x32.new_zeros(k)
+    if slices is None:
+        amax = amax.reshape(())
     g = amax / torch.full_like(amax, NVFP4_GLOBAL_RANGE)
     return torch.where(g > 0, g, 1.0)
 
