@@ -3223,6 +3223,13 @@ INLINE int sqv_pow2_scales(const float *s, size_t n) {
     return 1;
 }
 
+/* 1 when every d[0..n) is > 0 (not NaN). */
+INLINE int sqv_positive(const float *d, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!(d[i] > 0.0f)) return 0;
+    return 1;
+}
+
 /* bits(1 / s) of the +2^k scale at p, in 8 lanes. */
 AVX2 INLINE __m256 sqv_recip_pow2(const float *p) {
     return _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), _mm256_set1_epi32((int32_t)f2u(*p))));
@@ -3619,7 +3626,99 @@ FQ_BODY(fqv_sr_body, fqv_sr_run, AVX2)
 FQ_SR_DISPATCH(fq_sr_avx2, fqv_sr_body, AVX2, _mm256_zeroupper();)
 
 SQ_LOWBIT_BODY(sqv_lowbit_body, sqv_lowbit_run, sqv_sr_run, AVX2)
-SQ_DISPATCH(sq_avx2, sqv_amax_body_n, sqv_quant_body_n, sqv_lowbit_body, AVX2, _mm256_zeroupper();)
+
+/* The 4/6-bit element pass of quantize_scaled over narrow tiles (sqv_narrow: MX 1x32, NVFP4 1x16, 1x8..1x64), as
+ * the FP8 one (sqv_quant_narrow) and fused_scaled's (fqv_narrow_tiles): tile by tile, the call and its branches
+ * cost more than 16 or 32 elements (mxfp4 1x32 quantize ~15 ms for 16M float32, one thread, against ~9 ms for the
+ * same codes a row at a time). Where a row's divisors are all +2^k (sqv_pow2_scales: every MX divisor but 2^127)
+ * the row runs 32 elements a step, each 8 lanes inside one tile times that tile's reciprocal from the divisor's
+ * bits (sqv_recip_pow2: sqv_lowbit_run's mul case); where they are all > 0 (NVFP4: E4M3 block scale x tensor
+ * scale) each 8 lanes divided by their tile's divisor (its division case). Same operations per lane, same bits.
+ * Stochastic rounding: element i of the row draws counter ctr(lo) + (i - lo) (sr_counter is linear along a row).
+ * Other rows (a divisor 0, NaN or 2^127) and the row's last < 32 elements go tile by tile (sqv_lowbit_run /
+ * sqv_sr_run). */
+AVX2 INLINE __m256 sqv_tile_div(const float *dd, size_t t, int mul) {
+    return mul ? sqv_recip_pow2(dd + t) : _mm256_set1_ps(dd[t]);
+}
+
+AVX2 INLINE __m256i sqv_enc_lowbit_any(__m256 xv, __m256 dv, int mul, int k, int sr, uint32_t ctr) {
+    return sr ? sqv_enc_lowbit_sr(xv, dv, 1, mul, k, ctr) : sqv_enc_lowbit(xv, dv, 1, mul, k);
+}
+
+/* The codes of row run [lo, hi): whole tiles of 2^sh elements from lo (the last may be short), divisors dd[0..]
+ * (all +2^k when mul, else all > 0); ctr: the counter of element lo (sr). */
+AVX2 INLINE void sqv_lowbit_narrow(const void *x, size_t lo, size_t hi, int dt, const float *dd, unsigned sh, int k,
+                                   int mul, int sr, uint32_t ctr, uint8_t *restrict data, pf_t *pf) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = lo;
+    for (; i + 32 <= hi; i += 32, ctr += 32) {
+        pf_step(pf);
+        const size_t o = i - lo;
+        __m256i a = sqv_enc_lowbit_any(load8(x, i, dt), sqv_tile_div(dd, o >> sh, mul), mul, k, sr, ctr);
+        __m256i b = sqv_enc_lowbit_any(load8(x, i + 8, dt), sqv_tile_div(dd, (o + 8) >> sh, mul), mul, k, sr, ctr + 8);
+        __m256i c = sqv_enc_lowbit_any(load8(x, i + 16, dt), sqv_tile_div(dd, (o + 16) >> sh, mul), mul, k, sr,
+                                       ctr + 16);
+        __m256i e = sqv_enc_lowbit_any(load8(x, i + 24, dt), sqv_tile_div(dd, (o + 24) >> sh, mul), mul, k, sr,
+                                       ctr + 24);
+        __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, e));
+        _mm256_storeu_si256((__m256i *)(data + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    while (i < hi) { /* the last < 32 elements, tile by tile */
+        const size_t t = (i - lo) >> sh, end = lo + ((t + 1) << sh) < hi ? lo + ((t + 1) << sh) : hi;
+        if (sr) sqv_sr_run(x, i, end, dt, dd[t], k, data, NULL, ctr);
+        else sqv_lowbit_run(x, i, end, dt, dd[t], k, data, NULL);
+        ctr += (uint32_t)(end - i);
+        i = end;
+    }
+}
+
+AVX2 INLINE void sqv_lowbit_narrow_t(const sq_t *c, size_t u, int dt, int k) {
+    sq_unit_t w = sq_unit(c, u);
+    if (w.c0 >= w.c1) return;
+    const size_t t0 = w.c0 / c->bc, nt = (w.c1 - 1) / c->bc - t0 + 1;
+    const unsigned sh = (unsigned)__builtin_ctzll(c->bc);
+    for (size_t r = w.r0; r < w.r1; r++) {
+        const float *dd = c->div + (r / c->br) * c->nbc + t0;
+        const size_t lo = r * c->C + w.c0, hi = r * c->C + w.c1;
+        const void *x = sq_x(c, r);
+        const int mul = sqv_pow2_scales(dd, nt);
+        if (!mul && !sqv_positive(dd, nt)) {
+            for (size_t t = 0; t < nt; t++) {
+                const size_t a = lo + (t << sh), b = a + c->bc < hi ? a + c->bc : hi;
+                if (c->sr) sqv_sr_run(x, a, b, dt, dd[t], k, c->data, c->pf, sr_counter(c, r, a));
+                else sqv_lowbit_run(x, a, b, dt, dd[t], k, c->data, c->pf);
+            }
+        } else if (c->sr) {
+            const uint32_t ctr = sr_counter(c, r, lo);
+            if (mul) sqv_lowbit_narrow(x, lo, hi, dt, dd, sh, k, 1, 1, ctr, c->data, c->pf);
+            else sqv_lowbit_narrow(x, lo, hi, dt, dd, sh, k, 0, 1, ctr, c->data, c->pf);
+        } else {
+            if (mul) sqv_lowbit_narrow(x, lo, hi, dt, dd, sh, k, 1, 0, 0, c->data, c->pf);
+            else sqv_lowbit_narrow(x, lo, hi, dt, dd, sh, k, 0, 0, 0, c->data, c->pf);
+        }
+    }
+}
+
+/* Out of line, one copy per dtype and element kind (see sqv_quant_tiles_unit). */
+AVX2 NOINLINE static void sqv_lowbit_narrow_unit(const sq_t *c, size_t u, int dt, int k) {
+    switch (dt * 3 + k) {
+    case DT_F32 * 3: sqv_lowbit_narrow_t(c, u, DT_F32, 0); break;
+    case DT_F32 * 3 + 1: sqv_lowbit_narrow_t(c, u, DT_F32, 1); break;
+    case DT_F32 * 3 + 2: sqv_lowbit_narrow_t(c, u, DT_F32, 2); break;
+    case DT_F16 * 3: sqv_lowbit_narrow_t(c, u, DT_F16, 0); break;
+    case DT_F16 * 3 + 1: sqv_lowbit_narrow_t(c, u, DT_F16, 1); break;
+    case DT_F16 * 3 + 2: sqv_lowbit_narrow_t(c, u, DT_F16, 2); break;
+    case DT_BF16 * 3: sqv_lowbit_narrow_t(c, u, DT_BF16, 0); break;
+    case DT_BF16 * 3 + 1: sqv_lowbit_narrow_t(c, u, DT_BF16, 1); break;
+    default: sqv_lowbit_narrow_t(c, u, DT_BF16, 2); break;
+    }
+}
+
+AVX2 INLINE void sqv_lowbit_body_n(const sq_t *c, size_t u, int dt, int k) {
+    if (sqv_narrow(c)) sqv_lowbit_narrow_unit(c, u, dt, k);
+    else sqv_lowbit_body(c, u, dt, k);
+}
+SQ_DISPATCH(sq_avx2, sqv_amax_body_n, sqv_quant_body_n, sqv_lowbit_body_n, AVX2, _mm256_zeroupper();)
 
 /* sd_run: the decode of 8 codes by dec (sd_t.dec: 0 gather from the table, 1/2 dec_fp8 e4m3/e5m2). */
 AVX2 INLINE __m256 sqv_decode8(const sd_t *c, __m256i code, int dec) {
@@ -3790,7 +3889,7 @@ AVX2 INLINE void fqv_narrow_tiles(const fq_t *c, size_t r, size_t t0, size_t nfu
         __m256i acc[3][8];
         for (size_t j = 0; j < n; j++) {
             const size_t t = done + j, lo = r * sq->C + (t0 + t) * bc;
-            const __m256 dv = mul ? sqv_recip_pow2(dd + t) : _mm256_set1_ps(dd[t]), sv = _mm256_set1_ps(st[t]);
+            const __m256 dv = sqv_tile_div(dd, t, mul), sv = _mm256_set1_ps(st[t]);
             __m256i nnz = _mm256_setzero_si256(), nun = nnz, nsat = nnz, aqmax = nnz;
             if (bc >= 32) {
                 for (size_t i = lo; i < lo + bc; i += 32) {
@@ -3814,13 +3913,6 @@ AVX2 INLINE void fqv_narrow_tiles(const fq_t *c, size_t r, size_t t0, size_t nfu
         for (size_t j = n; j < 8; j++) acc[0][j] = acc[1][j] = acc[2][j] = _mm256_setzero_si256();
         for (int k = 0; k < 3; k++) fqv_add_counts(slots + k * c->ncnt + t0 + done, sqv_hsum8x8(acc[k]), n);
     }
-}
-
-/* 1 when every d[0..n) is > 0 (not NaN). */
-INLINE int sqv_positive(const float *d, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        if (!(d[i] > 0.0f)) return 0;
-    return 1;
 }
 
 AVX2 INLINE void fqv_narrow_t(const fq_t *c, size_t u, int dt, int kind, int has_g) {

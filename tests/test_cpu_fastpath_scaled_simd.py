@@ -313,3 +313,34 @@ def test_narrow_tiles_fused_and_transposed(isa, tile, fmt: str) -> None:
         assert torch.equal(got.counts, want) and torch.equal(got.saturated, sat), (fmt, tile)
         d2, s2 = cpu.quantize_scaled(view, fmt, *tile)
         assert same_bits(d2, data) and same_bits(s2, scale)
+
+
+LOWBIT_FMAX = {"mxfp6-e2m3": 7.5, "mxfp6-e3m2": 28.0, "mxfp4-e2m1": 6.0, "nvfp4": 6.0}
+
+
+@pytest.mark.parametrize("tile", NARROW, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("fmt", tuple(LOWBIT_FMAX))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_narrow_tiles_lowbit_quantize(isa, no_fallback, tile, fmt: str, dtype: torch.dtype) -> None:
+    """The 4/6-bit element pass of quantize_scaled on narrow tiles (a row at a time: x times the reciprocal where
+    the row's divisors are all +2^k, x divided by each tile's divisor where they are all > 0, else tile by tile),
+    nearest and stochastic rounding, C order and a transposed view, NaN/±Inf/subnormal tiles in some rows, against
+    the reference bit for bit. NVFP4: tensor scale 1 (even rows' block scales 2**k: the reciprocal loop; odd rows:
+    the division loop; row 0 keeps an all-zero tile: divisor 0, tile by tile) and the computed tensor scale."""
+    br, bc = tile
+    rows = 4 * br
+    fmax = LOWBIT_FMAX[fmt]
+    x = narrow_rows(bc, rows, seed=bc + rows + len(fmt), fmax=fmax, specials=True, span=4 if fmt == "nvfp4" else 30)
+    x[1:, 3 * bc:4 * bc] = torch.linspace(-3.0, 6.0, bc)  # row 0 alone keeps its zero tile (NVFP4: amax 6, scale 1)
+    x = x.to(dtype)
+    gs = (torch.tensor(1.0), ref.nvfp4_global_scale(x)) if fmt == "nvfp4" else (None,)
+    for view in (x, x.T.contiguous().T):
+        for g in gs:
+            for rnd in ("nearest", "stochastic"):
+                data, scale = cpu.quantize_scaled(view, fmt, br, bc, "floor", g, rnd, 5)
+                want_d, want_s = _REF_QUANTIZE(x, fmt, br, bc, "floor", g, rnd, 5)
+                assert same_bits(data, want_d) and same_bits(scale, want_s), (rnd, g)
+    if fmt == "nvfp4" and br == 1 and dtype == torch.float32:  # the even rows' divisors are powers of two
+        d = _REF_QUANTIZE(x, fmt, br, bc, "floor", gs[0])[1][2::2]
+        d = d[torch.isfinite(d)]
+        assert d.numel() > 0 and torch.equal(d, torch.exp2(torch.log2(d).round()))
