@@ -344,3 +344,36 @@ def test_narrow_tiles_lowbit_quantize(isa, no_fallback, tile, fmt: str, dtype: t
         d = _REF_QUANTIZE(x, fmt, br, bc, "floor", gs[0])[1][2::2]
         d = d[torch.isfinite(d)]
         assert d.numel() > 0 and torch.equal(d, torch.exp2(torch.log2(d).round()))
+
+
+@pytest.mark.parametrize("tile", ((1, 16), (2, 16), (1, 32), (4, 64)), ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nvfp4_block_scales_eight_tiles_at_a_time(isa, no_fallback, tile, dtype: torch.dtype) -> None:
+    """NVFP4 block scales and divisors 8 tiles at a time (AVX2: amax / fl32(6 g), E4M3 encode and decode, times g),
+    for tensor scales given (the one-pass local mode), computed from x (the two-pass mode), one per row, tiny (the
+    E4M3 scale saturates at 448), huge (it rounds to 0 or an E4M3 subnormal), 0, Inf and NaN (tile by tile); tiles
+    of every amax exponent, zero tiles, NaN/±Inf tiles (NaN scale) and a short 8-tile group; codes, scales and the
+    fused cast's q equal the reference's."""
+    br, bc = tile
+    rows, cols = 6 * br, 21 * bc + 3
+    g = torch.Generator().manual_seed(bc + br)
+    x = torch.randn(rows, cols, generator=g) * torch.exp2(torch.randint(-40, 40, (rows, cols // 4 + 1), generator=g)
+                                                          .float().repeat_interleave(4, 1)[:, :cols])
+    x[:, 2 * bc:3 * bc] = 0.0
+    x[0, 5 * bc + 1], x[rows - 1, 9 * bc], x[rows // 2, 17 * bc + 2] = float("nan"), float("inf"), -float("inf")
+    x[1, 11 * bc:12 * bc] = 1e-42
+    x = x.to(dtype)
+    finite = torch.where(torch.isfinite(x), x, 0.0)
+    scales = [None, ref.nvfp4_global_scale(x), torch.tensor(2.0**-100), torch.tensor(1e30), torch.tensor(0.0),
+              torch.tensor(float("inf")), torch.tensor(float("nan"))]
+    if br == 1:
+        scales.append(torch.exp2(torch.randint(-30, 30, (rows, 1), generator=g).float()) * 1.3)
+    for gs in scales:
+        data, scale = cpu.quantize_scaled(x, "nvfp4", br, bc, "floor", gs)
+        want_d, want_s = _REF_QUANTIZE(x, "nvfp4", br, bc, "floor", gs)
+        assert same_bits(data, want_d) and same_bits(scale, want_s), gs
+    got = cpu.fused_scaled(finite, "nvfp4", br, bc)
+    gx = ref.nvfp4_global_scale(finite)
+    d, s = _REF_QUANTIZE(finite, "nvfp4", br, bc, "floor", gx)
+    assert got is not None and same_bits(got.scale, s)
+    assert same_bits(got.q, _REF_DEQUANTIZE(d, s, br, bc, torch.float32, "nvfp4", gx))
