@@ -4067,6 +4067,158 @@ static PyObject *py_transpose_copy(PyObject *self, PyObject *args) {
 }
 
 
+/* ---------------------------------------------------------------- random Hadamard transform (reference.hadamard_transform)
+ * out [B, R, Cp] float32 (Cp = ceil(C / n) n) from x [B, R, C] (xt: each slice stored transposed, [B, C, R]: the
+ * wgrad operands G^T and A^T read in place): every run of n elements (x zero-padded) times the signs s, log2 n
+ * butterfly stages (h = 1, 2, .., n / 2) of a + b and a - b of elements h apart, then times 1 / sqrt(n) (exact, n a
+ * power of four): the reference's float32 operations in its order, the same bits. NaN: torch's a + b and a - b
+ * (a + alpha b: fmadd(b, alpha, a)) return b's NaN (quieted) where b is one, else a's; ht_add/ht_sub take b's
+ * explicitly, so the result does not depend on the operand order the compiler picks; x * s and the final
+ * product keep x's NaN (quieted) whatever the order (s is never NaN). AVX2 (n = 16): 8 rows at a time in column
+ * form (vector i = element i of the 8 rows' runs: loaded as is from a transposed x, through two 8x8 transposes
+ * from a row-major one), the stages vector against vector, two transposes back; padded runs and the last < 8 rows
+ * of a slice run one at a time (ht_run). */
+#define HT_NMAX ((size_t)256)
+#define HT_T_ROWS ((size_t)64)
+typedef struct {
+    const void *x; float *out; const float *signs; float scale;
+    int dt, xt; size_t B, R, C, Cp, n, rpu, ups; /* rows per unit (a multiple of 8), units per slice */
+} ht_t;
+
+INLINE float ht_quiet(float b) { return u2f(f2u(b) | 0x00400000u); }
+INLINE float ht_add(float a, float b) { return isnan(b) ? ht_quiet(b) : a + b; }
+INLINE float ht_sub(float a, float b) { return isnan(b) ? ht_quiet(b) : a - b; }
+
+/* The flat index of element (b, r, col) of x. */
+INLINE size_t ht_at(const ht_t *c, size_t b, size_t r, size_t col) {
+    return b * c->R * c->C + (c->xt ? col * c->R + r : r * c->C + col);
+}
+
+/* The run of row r of slice b starting at column c0. */
+INLINE void ht_run(const ht_t *c, size_t b, size_t r, size_t c0) {
+    float v[HT_NMAX];
+    const size_t n = c->n;
+    for (size_t i = 0; i < n; i++) {
+        const float xv = c0 + i < c->C ? load1_nb(c->x, ht_at(c, b, r, c0 + i), c->dt) : 0.0f;
+        v[i] = xv * c->signs[i];
+    }
+    for (size_t h = 1; h < n; h *= 2)
+        for (size_t j = 0; j < n; j += 2 * h)
+            for (size_t k = j; k < j + h; k++) {
+                const float a = v[k], bb = v[k + h];
+                v[k] = ht_add(a, bb);
+                v[k + h] = ht_sub(a, bb);
+            }
+    float *o = c->out + (b * c->R + r) * c->Cp + c0;
+    for (size_t i = 0; i < n; i++) o[i] = v[i] * c->scale;
+}
+
+static void ht_scalar(const ht_t *c, size_t u) {
+    const size_t b = u / c->ups, r0 = (u % c->ups) * c->rpu, r1 = r0 + c->rpu < c->R ? r0 + c->rpu : c->R;
+    for (size_t r = r0; r < r1; r++)
+        for (size_t c0 = 0; c0 < c->C; c0 += c->n) ht_run(c, b, r, c0);
+}
+
+#if FP_X86
+AVX2 INLINE __m256 htv_add(__m256 a, __m256 b) {
+    return _mm256_blendv_ps(_mm256_add_ps(a, b), _mm256_or_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(0x00400000))),
+                            _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+}
+AVX2 INLINE __m256 htv_sub(__m256 a, __m256 b) {
+    return _mm256_blendv_ps(_mm256_sub_ps(a, b), _mm256_or_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(0x00400000))),
+                            _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+}
+
+/* Rows r..r+7 of slice b, the 16-element runs at c0 (whole, inside the row). */
+AVX2 INLINE void htv_block(const ht_t *c, size_t b, size_t r, size_t c0) {
+    float tmp[128], rowbuf[128];
+    __m256 v[16];
+    if (c->xt) {
+        for (int i = 0; i < 16; i++) v[i] = load8(c->x, ht_at(c, b, r, c0 + (size_t)i), c->dt);
+    } else {
+        const size_t at = ht_at(c, b, r, c0);
+        if (c->dt == DT_F32) {
+            tr8x8_ps((const float *)c->x + at, c->C, tmp, 8);
+            tr8x8_ps((const float *)c->x + at + 8, c->C, tmp + 64, 8);
+        } else {
+            for (size_t k = 0; k < 8; k++) {
+                _mm256_storeu_ps(rowbuf + 16 * k, load8(c->x, at + k * c->C, c->dt));
+                _mm256_storeu_ps(rowbuf + 16 * k + 8, load8(c->x, at + k * c->C + 8, c->dt));
+            }
+            tr8x8_ps(rowbuf, 16, tmp, 8);
+            tr8x8_ps(rowbuf + 8, 16, tmp + 64, 8);
+        }
+        for (int i = 0; i < 16; i++) v[i] = _mm256_loadu_ps(tmp + 8 * i);
+    }
+    for (int i = 0; i < 16; i++) v[i] = _mm256_mul_ps(v[i], _mm256_set1_ps(c->signs[i]));
+    for (int h = 1; h < 16; h *= 2)
+        for (int j = 0; j < 16; j += 2 * h)
+            for (int k = j; k < j + h; k++) {
+                const __m256 a = v[k], bb = v[k + h];
+                v[k] = htv_add(a, bb);
+                v[k + h] = htv_sub(a, bb);
+            }
+    const __m256 sc = _mm256_set1_ps(c->scale);
+    for (int i = 0; i < 16; i++) _mm256_storeu_ps(tmp + 8 * i, _mm256_mul_ps(v[i], sc));
+    float *o = c->out + (b * c->R + r) * c->Cp + c0;
+    tr8x8_ps(tmp, 8, o, c->Cp);
+    tr8x8_ps(tmp + 64, 8, o + 8, c->Cp);
+}
+
+AVX2 static void ht_avx2(const ht_t *c, size_t u) {
+    const size_t b = u / c->ups, r0 = (u % c->ups) * c->rpu, r1 = r0 + c->rpu < c->R ? r0 + c->rpu : c->R;
+    size_t r = r0;
+    if (c->n == 16 && c->xt) { /* runs outer: each of the 16 source rows read as rpu contiguous elements */
+        const size_t r8 = r0 + (r1 - r0) / 8 * 8;
+        size_t c0 = 0;
+        for (; c0 + 16 <= c->C; c0 += 16)
+            for (r = r0; r < r8; r += 8) htv_block(c, b, r, c0);
+        for (r = r0; r < r8 && c0 < c->C; r++) ht_run(c, b, r, c0);
+        r = r8;
+    } else if (c->n == 16) {
+        for (; r + 8 <= r1; r += 8) {
+            size_t c0 = 0;
+            for (; c0 + 16 <= c->C; c0 += 16) htv_block(c, b, r, c0);
+            for (size_t k = 0; k < 8 && c0 < c->C; k++) ht_run(c, b, r + k, c0);
+        }
+    }
+    for (; r < r1; r++)
+        for (size_t c0 = 0; c0 < c->C; c0 += c->n) ht_run(c, b, r, c0);
+    _mm256_zeroupper();
+}
+#endif
+
+SIMD_WORK(ht_work, const ht_t, ht_avx2, ht_scalar)
+
+static PyObject *py_hadamard(PyObject *self, PyObject *args) {
+    unsigned long long xp, sp, op;
+    Py_ssize_t B, R, C, n;
+    int dt, xt, want;
+    float scale;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinnnnKfKpi", &xp, &dt, &B, &R, &C, &n, &sp, &scale, &op, &xt, &want)) return NULL;
+    if (B <= 0 || R <= 0 || C <= 0 || n <= 0 || (size_t)n > HT_NMAX || (n & (n - 1)) || dt < DT_F32 || dt > DT_BF16) {
+        PyErr_Format(PyExc_ValueError, "hadamard: bad arguments (B=%zd, R=%zd, C=%zd, n=%zd, dtype=%d)", B, R, C, n,
+                     dt);
+        return NULL;
+    }
+    ht_t c;
+    memset(&c, 0, sizeof c);
+    c.x = (const void *)(uintptr_t)xp; c.out = (float *)(uintptr_t)op; c.signs = (const float *)(uintptr_t)sp;
+    c.scale = scale; c.dt = dt; c.xt = xt;
+    c.B = (size_t)B; c.R = (size_t)R; c.C = (size_t)C; c.n = (size_t)n;
+    c.Cp = (c.C + c.n - 1) / c.n * c.n;
+    size_t rpu = UNIT / c.Cp;
+    c.rpu = rpu < 8 ? 8 : rpu & ~(size_t)7;
+    if (c.xt && c.rpu < HT_T_ROWS) c.rpu = HT_T_ROWS; /* transposed: runs of 64 rows from each source row */
+    c.ups = (c.R + c.rpu - 1) / c.rpu;
+    int nt = pick_threads(c.B * c.R * c.Cp, want);
+    Py_BEGIN_ALLOW_THREADS
+    run_units(ht_work, &c, c.B * c.ups, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------- block-scale statistics (block_scales._batch_stats)
  * One pass over a batch of block records (scale float32, zero_block bool, nonzero/underflow int64, clipped bool):
  * the counts, extremes and exponent histogram of BlockScaleStats, and Σlog2 s, Σ(log2 s)² over the "good" blocks
@@ -4327,6 +4479,11 @@ static PyMethodDef methods[] = {
     {"transpose_copy", py_transpose_copy, METH_VARARGS,
      "transpose_copy(src_ptr, dst_ptr, rows, cols, element_bytes, threads): dst [cols, rows] = transpose(src [rows, cols]) "
      "(both contiguous; 2- or 4-byte elements copied as bits)."},
+    /* random Hadamard transform */
+    {"hadamard", py_hadamard, METH_VARARGS,
+     "hadamard(x_ptr, dtype, B, R, C, n, signs_f32_ptr, scale, out_ptr, transposed, threads): out float32 [B, R, "
+     "ceil(C/n)*n] = reference.hadamard_transform of x [B, R, C] (transposed: each slice stored [C, R]); n a power of "
+     "two <= 256, signs float32 [n], scale 1/sqrt(n)."},
     /* block-scale statistics */
     {"block_stats", py_block_stats, METH_VARARGS,
      "block_stats(scale_f32_ptr, zero_block_ptr, nonzero_i64_ptr, underflow_i64_ptr, clipped_ptr, n): (zero blocks, NaN scales, zero scales, clipped blocks, underflow blocks, nonzero, underflow, "

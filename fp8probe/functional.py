@@ -718,6 +718,8 @@ def hadamard_transform(x: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
         raise ValueError("expected a tensor with at least one dim, got a 0-d tensor")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"expected an int seed or None, got {type(seed).__name__}")
+    if _eager_cpu((x,)):  # the C pass (cpu.hadamard_transform: the same bits); else the torch ops (autograd, CUDA)
+        return _cpu.hadamard_transform(x, seed)
     return _ref.hadamard_transform(x, seed)
 
 

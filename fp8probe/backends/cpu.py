@@ -25,6 +25,7 @@ without temporaries; ``functional.py`` uses them for ``out=`` / ``absmax=``.
 """
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import NamedTuple
 
@@ -311,6 +312,37 @@ def _scalar_scale(g: torch.Tensor | None) -> tuple[int, float] | None:
     if not isinstance(g, torch.Tensor) or g.dim() != 0:
         return None
     return 1, float(g.detach().to("cpu", _F32))
+
+
+_HT_SIGNS: dict[tuple[int, int | None], torch.Tensor] = {}
+
+
+def hadamard_transform(x: torch.Tensor, signs_seed: int | None = 0, n: int = _ref.HADAMARD_SIZE) -> torch.Tensor:
+    """CPU kernel of ``reference.hadamard_transform`` (same arguments, the same bits): one C pass over x, the
+    butterfly's float32 operations in the reference's order (NaN payloads included; a float16 NaN keeps its
+    payload, as torch's vectorised conversion does). A transposed view (x.mT contiguous: the wgrad operands Gᵀ
+    and Aᵀ) is read in place, other layouts through contiguous(). The reference runs for other devices and
+    dtypes, empty tensors, 0-d tensors, n > 256 and with the extension off (it also validates n)."""
+    if (x.device.type != "cpu" or x.dtype not in _DT or x.dim() == 0 or x.numel() == 0 or not enabled()
+            or not isinstance(n, int) or not 1 <= n <= 256):
+        return _ref.hadamard_transform(x, signs_seed, n)
+    key = (n, None if signs_seed is None else int(signs_seed) & _ref._M32)
+    signs = _HT_SIGNS.get(key)
+    if signs is None:
+        signs = torch.tensor(_ref._hadamard_signs(n, signs_seed), dtype=_F32)  # validates n (a power of four)
+        if len(_HT_SIGNS) < 64:
+            _HT_SIGNS[key] = signs
+    x = x.detach()
+    C = x.shape[-1]
+    if x.dim() >= 2 and _is_transposed(x):
+        xc, xt, R = x, True, x.shape[-2]
+    else:
+        xc, xt, R = x.contiguous(), False, x.numel() // C
+    B = x.numel() // (R * C)
+    out = _fresh((*x.shape[:-1], -(-C // n) * n), _F32)
+    _ext().hadamard(xc.data_ptr(), _DT[x.dtype], B, R, C, n, signs.data_ptr(), 1.0 / math.sqrt(n), out.data_ptr(),
+                    xt, _threads(x.numel()))
+    return out
 
 
 def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
