@@ -1788,6 +1788,42 @@ static int tv_check(const char *fn, const char *name, Py_ssize_t rows, Py_ssize_
     return 0;
 }
 
+/* ------------------------------------------- the reductions' 8-element steps in AVX2 (error_sums, operand_sums)
+ * Element i + k of a step goes to lane k as in the scalar loops (ES_ELEM, OS_ELEM): two 4-lane float64
+ * halves, lanes 0..3 and 4..7. Each lane is formed as the scalar loop forms it (values widened exactly,
+ * differences and products in float64, one mul then one add: no FMA), so the lanes hold its bits; counts
+ * and maxima are order-free. The block loops call these for a block's whole steps and run the last m % 8
+ * elements through the scalar element code. Measured (one thread, AVX2 EPYC, in-cache [1536, 576]):
+ * see benchmarks/RESULTS.md "Metrics reductions". */
+#if FP_X86
+AVX2 INLINE void ld8d(const void *p, size_t i, int dt, __m256d *lo, __m256d *hi) {
+    if (dt == DT_F64) {
+        *lo = _mm256_loadu_pd((const double *)p + i);
+        *hi = _mm256_loadu_pd((const double *)p + i + 4);
+        return;
+    }
+    __m256 v = load8(p, i, dt); /* exact: float32 holds every f16/bf16 value */
+    *lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    *hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+}
+
+AVX2 INLINE __m256d abs4d(__m256d v) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), v); }
+
+/* fin_d on 4 lanes: all-ones where finite (NaN compares false) */
+AVX2 INLINE __m256d fin4d(__m256d v) { return _mm256_cmp_pd(abs4d(v), _mm256_set1_pd(0x1.fffffffffffffp+1023), _CMP_LE_OQ); }
+
+/* count += mask (all-ones lanes are -1 as int64) */
+AVX2 INLINE __m256i cnt4(__m256i count, __m256d mask) { return _mm256_sub_epi64(count, _mm256_castpd_si256(mask)); }
+
+/* Every case of two dtype codes with the body's dtypes constant (as DT_PAIR, for the step functions). */
+#define STEP_CASES(CALL, dta, dtb)                                                              \
+    switch ((dta) * 4 + (dtb)) {                                                                \
+    case 0: CALL(0, 0); break; case 1: CALL(0, 1); break; case 2: CALL(0, 2); break; case 3: CALL(0, 3); break; \
+    case 4: CALL(1, 0); break; case 5: CALL(1, 1); break; case 6: CALL(1, 2); break; case 7: CALL(1, 3); break; \
+    case 8: CALL(2, 0); break; case 9: CALL(2, 1); break; case 10: CALL(2, 2); break; case 11: CALL(2, 3); break; \
+    case 12: CALL(3, 0); break; case 13: CALL(3, 1); break; case 14: CALL(3, 2); break; default: CALL(3, 3); break; }
+#endif
+
 /* ------------------------------------------------------------------ error_sums (ErrorAccumulator) */
 #define ES_K 4 /* Σr², Σ(r-q)², Σq², Σr·q */
 typedef struct {
@@ -1799,7 +1835,82 @@ typedef struct {
     int64_t *ucount;              /* [units][3]: compared, nonfinite, excluded */
 } es_t;
 
-INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
+#if FP_X86
+/* ES_ELEM over the block's first m8 elements (m8 a multiple of 8), into the block's lane arrays. A first pass
+ * leaves out the finite checks: with every r and q finite, ES_ELEM's selects keep r and q, and that pass is
+ * ES_ELEM itself. A NaN or ±Inf among them makes one of the four sums non-finite (r² or q² is), so the pass is
+ * redone from the same lanes with the checks (so is a block whose finite sums overflowed: it gets the same
+ * bits). */
+AVX2 INLINE void es_steps_t(const void *rb, const void *qb, size_t m8, int rdt, int qdt, double *r2, double *e2,
+                            double *q2, double *rq, double *lmx, int64_t *lok, int64_t *lokr) {
+    __m256d R2[2], E2[2], Q2[2], RQ[2], MX[2];
+    __m256i OK[2], OKR[2];
+    for (int checked = 0; checked < 2; checked++) {
+        for (int h = 0; h < 2; h++) {
+            R2[h] = _mm256_loadu_pd(r2 + 4 * h); E2[h] = _mm256_loadu_pd(e2 + 4 * h);
+            Q2[h] = _mm256_loadu_pd(q2 + 4 * h); RQ[h] = _mm256_loadu_pd(rq + 4 * h);
+            MX[h] = _mm256_loadu_pd(lmx + 4 * h);
+            OK[h] = _mm256_loadu_si256((const __m256i *)(lok + 4 * h));
+            OKR[h] = _mm256_loadu_si256((const __m256i *)(lokr + 4 * h));
+        }
+        for (size_t i = 0; i < m8; i += SUM_LANES) {
+            __m256d r[2], q[2];
+            ld8d(rb, i, rdt, &r[0], &r[1]);
+            ld8d(qb, i, qdt, &q[0], &q[1]);
+            for (int h = 0; h < 2; h++) {
+                __m256d r0 = r[h], q0 = q[h];
+                if (checked) {
+                    __m256d okr = fin4d(r0), ok = _mm256_and_pd(okr, fin4d(q0));
+                    r0 = _mm256_and_pd(r0, ok);
+                    q0 = _mm256_and_pd(q0, ok);
+                    OK[h] = cnt4(OK[h], ok);
+                    OKR[h] = cnt4(OKR[h], okr);
+                }
+                __m256d e = _mm256_sub_pd(r0, q0);
+                R2[h] = _mm256_add_pd(R2[h], _mm256_mul_pd(r0, r0));
+                E2[h] = _mm256_add_pd(E2[h], _mm256_mul_pd(e, e));
+                Q2[h] = _mm256_add_pd(Q2[h], _mm256_mul_pd(q0, q0));
+                RQ[h] = _mm256_add_pd(RQ[h], _mm256_mul_pd(r0, q0));
+                MX[h] = _mm256_max_pd(abs4d(e), MX[h]); /* ae > lmx ? ae : lmx */
+            }
+        }
+        if (!checked) {
+            /* all-ones where a lane's four sums are finite */
+            __m256d fin = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_setzero_si256(), _mm256_setzero_si256()));
+            for (int h = 0; h < 2; h++)
+                fin = _mm256_and_pd(fin, _mm256_and_pd(_mm256_and_pd(fin4d(R2[h]), fin4d(E2[h])),
+                                                       _mm256_and_pd(fin4d(Q2[h]), fin4d(RQ[h]))));
+            if (_mm256_movemask_pd(fin) != 0xf) continue;
+            /* every pair finite: each lane compared m8 / 8 pairs, all with a finite r */
+            const int64_t per_lane = (int64_t)(m8 / SUM_LANES);
+            for (int h = 0; h < 2; h++) {
+                OK[h] = _mm256_add_epi64(OK[h], _mm256_set1_epi64x(per_lane));
+                OKR[h] = _mm256_add_epi64(OKR[h], _mm256_set1_epi64x(per_lane));
+            }
+        }
+        break;
+    }
+    for (int h = 0; h < 2; h++) {
+        _mm256_storeu_pd(r2 + 4 * h, R2[h]); _mm256_storeu_pd(e2 + 4 * h, E2[h]);
+        _mm256_storeu_pd(q2 + 4 * h, Q2[h]); _mm256_storeu_pd(rq + 4 * h, RQ[h]);
+        _mm256_storeu_pd(lmx + 4 * h, MX[h]);
+        _mm256_storeu_si256((__m256i *)(lok + 4 * h), OK[h]);
+        _mm256_storeu_si256((__m256i *)(lokr + 4 * h), OKR[h]);
+    }
+}
+
+/* es_steps_t with the dtypes constant; out of line, so the baseline (scalar) instantiation of es_body can
+ * hold the call (it never makes it) without inlining AVX2 code. */
+AVX2 NOINLINE static void es_steps_avx2(const void *rb, const void *qb, size_t m8, int rdt, int qdt, double *r2,
+                                        double *e2, double *q2, double *rq, double *lmx, int64_t *lok, int64_t *lokr) {
+#define ES_STEPS(A, B) es_steps_t(rb, qb, m8, A, B, r2, e2, q2, rq, lmx, lok, lokr)
+    STEP_CASES(ES_STEPS, rdt, qdt)
+#undef ES_STEPS
+    _mm256_zeroupper();
+}
+#endif
+
+INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt, int vec) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
     const size_t rsz = sum_dt_size(rdt), qsz = sum_dt_size(qdt);
@@ -1821,6 +1932,14 @@ INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
         double lmx[SUM_LANES] = {0};
         int64_t lok[SUM_LANES] = {0}, lokr[SUM_LANES] = {0};
         size_t i = 0, m = hi - lo; /* block-relative */
+#if FP_X86
+        if (vec && m >= SUM_LANES) {
+            i = m - m % SUM_LANES;
+            es_steps_avx2(rb, qb, i, rdt, qdt, r2, e2, q2, rq, lmx, lok, lokr);
+        }
+#else
+        (void)vec;
+#endif
 #define ES_ELEM(I, K)                                                                          \
     {                                                                                          \
         double r = loadd(rb, (I), rdt), q = loadd(qb, (I), qdt);                               \
@@ -1849,11 +1968,13 @@ INLINE void es_body(const es_t *c, size_t u, int rdt, int qdt) {
 }
 
 /* The AVX2 entry points end with _mm256_zeroupper(), as the quantisers do (see "quantise: AVX2"). */
-#define ES_DISPATCH(NAME, ATTR, END)                                                            \
-    ATTR static void NAME(const es_t *c, size_t u) { DT_PAIR(es_body, c->rdt, c->qdt) END }
-ES_DISPATCH(es_scalar, , )
+INLINE void es_body_scalar(const es_t *c, size_t u, int rdt, int qdt) { es_body(c, u, rdt, qdt, 0); }
+INLINE void es_body_vec(const es_t *c, size_t u, int rdt, int qdt) { es_body(c, u, rdt, qdt, 1); }
+#define ES_DISPATCH(NAME, BODY, ATTR, END)                                                      \
+    ATTR static void NAME(const es_t *c, size_t u) { DT_PAIR(BODY, c->rdt, c->qdt) END }
+ES_DISPATCH(es_scalar, es_body_scalar, , )
 #if FP_X86
-ES_DISPATCH(es_avx2, AVX2, _mm256_zeroupper();)
+ES_DISPATCH(es_avx2, es_body_vec, AVX2, _mm256_zeroupper();)
 #endif
 
 SIMD_WORK(es_work, const es_t, es_avx2, es_scalar)
@@ -1944,7 +2065,77 @@ INLINE void os_qmax_body(const os_t *c, size_t u, int xdt, int qdt) {
     c->uqmax[u] = d;
 }
 
-INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
+#if FP_X86
+/* OS_ELEM over the block's first m8 elements (m8 a multiple of 8), into the block's lanes x2, e2 and counts
+ * cn[OS_C][SUM_LANES]; the first pass without the finite checks, redone with them when a sum is not finite,
+ * as es_steps_t (a NaN/±Inf x makes x² so, a NaN/±Inf q with a finite x makes (x-q)² so). */
+AVX2 INLINE void os_steps_t(const void *xb, const void *qb, size_t m8, int xdt, int qdt, int has_sat, double qmax,
+                            double *x2, double *e2, int64_t (*cn)[SUM_LANES]) {
+    __m256d X2[2], E2[2];
+    __m256i CN[OS_C][2];
+    const __m256d zero = _mm256_setzero_pd(), qmaxv = _mm256_set1_pd(qmax);
+    for (int checked = 0; checked < 2; checked++) {
+        for (int h = 0; h < 2; h++) {
+            X2[h] = _mm256_loadu_pd(x2 + 4 * h);
+            E2[h] = _mm256_loadu_pd(e2 + 4 * h);
+            for (int j = 0; j < OS_C; j++) CN[j][h] = _mm256_loadu_si256((const __m256i *)(cn[j] + 4 * h));
+        }
+        for (size_t i = 0; i < m8; i += SUM_LANES) {
+            __m256d xv[2], qv[2];
+            ld8d(xb, i, xdt, &xv[0], &xv[1]);
+            ld8d(qb, i, qdt, &qv[0], &qv[1]);
+            for (int h = 0; h < 2; h++) {
+                __m256d x = xv[h], q = qv[h], okx = zero, nz = _mm256_cmp_pd(x, zero, _CMP_NEQ_UQ);
+                if (checked) {
+                    __m256d okq = fin4d(q), ok;
+                    okx = fin4d(x);
+                    ok = _mm256_and_pd(okx, okq);
+                    nz = _mm256_and_pd(nz, okx);
+                    x = _mm256_and_pd(x, ok);
+                    q = _mm256_and_pd(q, ok);
+                    CN[0][h] = cnt4(CN[0][h], okx);
+                    CN[5][h] = cnt4(CN[5][h], _mm256_andnot_pd(okq, okx));
+                }
+                __m256d e = _mm256_sub_pd(x, q);
+                X2[h] = _mm256_add_pd(X2[h], _mm256_mul_pd(x, x));
+                E2[h] = _mm256_add_pd(E2[h], _mm256_mul_pd(e, e));
+                CN[1][h] = cnt4(CN[1][h], nz);
+                CN[2][h] = cnt4(CN[2][h], _mm256_and_pd(nz, _mm256_cmp_pd(qv[h], zero, _CMP_EQ_OQ)));
+                if (!has_sat) {
+                    __m256d sat = _mm256_cmp_pd(abs4d(xv[h]), qmaxv, _CMP_GT_OQ); /* NaN x: false */
+                    CN[3][h] = cnt4(CN[3][h], checked ? _mm256_and_pd(sat, okx) : sat);
+                }
+            }
+        }
+        if (!checked) {
+            __m256d fin = _mm256_and_pd(_mm256_and_pd(fin4d(X2[0]), fin4d(E2[0])),
+                                        _mm256_and_pd(fin4d(X2[1]), fin4d(E2[1])));
+            if (_mm256_movemask_pd(fin) != 0xf) continue;
+            const int64_t per_lane = (int64_t)(m8 / SUM_LANES); /* every x finite */
+            for (int h = 0; h < 2; h++) CN[0][h] = _mm256_add_epi64(CN[0][h], _mm256_set1_epi64x(per_lane));
+        }
+        break;
+    }
+    for (int h = 0; h < 2; h++) {
+        _mm256_storeu_pd(x2 + 4 * h, X2[h]);
+        _mm256_storeu_pd(e2 + 4 * h, E2[h]);
+        for (int j = 0; j < OS_C; j++) _mm256_storeu_si256((__m256i *)(cn[j] + 4 * h), CN[j][h]);
+    }
+}
+
+/* os_steps_t with the dtypes and has_sat constant, out of line as es_steps_avx2. */
+AVX2 NOINLINE static void os_steps_avx2(const void *xb, const void *qb, size_t m8, int xdt, int qdt, int has_sat,
+                                        double qmax, double *x2, double *e2, int64_t (*cn)[SUM_LANES]) {
+#define OS_STEPS(A, B)                                                                          \
+    if (has_sat) os_steps_t(xb, qb, m8, A, B, 1, qmax, x2, e2, cn);                             \
+    else os_steps_t(xb, qb, m8, A, B, 0, qmax, x2, e2, cn)
+    STEP_CASES(OS_STEPS, xdt, qdt)
+#undef OS_STEPS
+    _mm256_zeroupper();
+}
+#endif
+
+INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat, int vec) {
     size_t b0 = u * BLOCKS_PER_UNIT, nb = n_sum_blocks(c->n);
     size_t b1 = b0 + BLOCKS_PER_UNIT < nb ? b0 + BLOCKS_PER_UNIT : nb;
     const size_t xsz = sum_dt_size(xdt), qsz = sum_dt_size(qdt);
@@ -1964,6 +2155,14 @@ INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
         double x2[SUM_LANES] = {0}, e2[SUM_LANES] = {0};
         int64_t cn[OS_C][SUM_LANES] = {{0}};
         size_t i = 0, m = hi - lo; /* block-relative */
+#if FP_X86
+        if (vec && m >= SUM_LANES) {
+            i = m - m % SUM_LANES;
+            os_steps_avx2(xb, qb, i, xdt, qdt, has_sat, qmax, x2, e2, cn);
+        }
+#else
+        (void)vec;
+#endif
 #define OS_ELEM(I, K)                                                                          \
     {                                                                                          \
         double x = loadd(xb, (I), xdt), q = loadd(qb, (I), qdt);                               \
@@ -2000,17 +2199,19 @@ INLINE void os_body_s(const os_t *c, size_t u, int xdt, int qdt, int has_sat) {
     for (int j = 0; j < OS_C; j++) c->ucount[u * OS_C + j] = tot[j];
 }
 
-INLINE void os_body(const os_t *c, size_t u, int xdt, int qdt) {
-    if (c->sat) os_body_s(c, u, xdt, qdt, 1);
-    else os_body_s(c, u, xdt, qdt, 0);
+INLINE void os_body(const os_t *c, size_t u, int xdt, int qdt, int vec) {
+    if (c->sat) os_body_s(c, u, xdt, qdt, 1, vec);
+    else os_body_s(c, u, xdt, qdt, 0, vec);
 }
+INLINE void os_body_scalar(const os_t *c, size_t u, int xdt, int qdt) { os_body(c, u, xdt, qdt, 0); }
+INLINE void os_body_vec(const os_t *c, size_t u, int xdt, int qdt) { os_body(c, u, xdt, qdt, 1); }
 
 #define OS_DISPATCH(NAME, BODY, ATTR, END)                                                      \
     ATTR static void NAME(const os_t *c, size_t u) { DT_PAIR(BODY, c->xdt, c->qdt) END }
-OS_DISPATCH(os_scalar, os_body, , )
+OS_DISPATCH(os_scalar, os_body_scalar, , )
 OS_DISPATCH(osq_scalar, os_qmax_body, , )
 #if FP_X86
-OS_DISPATCH(os_avx2, os_body, AVX2, _mm256_zeroupper();)
+OS_DISPATCH(os_avx2, os_body_vec, AVX2, _mm256_zeroupper();)
 OS_DISPATCH(osq_avx2, os_qmax_body, AVX2, _mm256_zeroupper();)
 #endif
 

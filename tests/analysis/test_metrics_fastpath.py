@@ -176,6 +176,61 @@ def test_operand_sums_saturation_without_a_mask_compares_exactly(isa: str) -> No
 
 
 # --------------------------------------------------------------------------------------------
+# the AVX2 step loops: a first pass without finite checks, redone with them where a sum is not finite
+# --------------------------------------------------------------------------------------------
+def _mixed_blocks(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Six sum blocks and a tail: blocks 0, 2 and the tail all finite (the AVX2 loops' unchecked pass holds),
+    NaN/±Inf only in blocks 1 and 4, block 3 finite but with squares that overflow float64 (its finite
+    sums are ±Inf: the checked pass gives the same bits), block 5 finite with exact zeros of both signs."""
+    block = cpu.SUM_BLOCK
+    x = _values(6 * block + 13, F64, seed, specials=False)
+    specials = _values(block, F64, seed + 1)
+    x[block:2 * block] = specials
+    x[4 * block:5 * block] = specials.flip(0)
+    if dtype == F64:
+        x[3 * block + 5:3 * block + 700] = 1e160
+    x[5 * block:5 * block + 40] = 0.0
+    x[5 * block + 40:5 * block + 80] = -0.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize(("ref_dtype", "lp_dtype"), [(a, b) for a in DTYPES for b in DTYPES])
+def test_error_sums_blocks_with_and_without_specials(ref_dtype: torch.dtype, lp_dtype: torch.dtype, isa: str) -> None:
+    ref = _mixed_blocks(ref_dtype, seed=11)
+    lp = (ref.to(F64) * (1 + 1e-3 * _values(ref.numel(), F64, seed=12, specials=False).clamp(-1, 1))).to(lp_dtype)
+    lp[2 * cpu.SUM_BLOCK + 100] = math.inf  # one non-finite q where r is finite, in an otherwise finite block
+    got = cpu.error_sums(ref, lp)
+    terms, mx, count, nonfinite, excluded = _error_reference(ref, lp)
+    assert got[4:] == (mx, count, nonfinite, excluded)
+    for value, t in zip(got[:4], terms):
+        assert value == _ordered_sum(t) or (math.isnan(value) and math.isnan(_ordered_sum(t)))
+
+
+@pytest.mark.parametrize(("x_dtype", "q_dtype"), [(a, b) for a in DTYPES for b in DTYPES])
+@pytest.mark.parametrize("mask", [False, True])
+def test_operand_sums_blocks_with_and_without_specials(x_dtype: torch.dtype, q_dtype: torch.dtype, mask: bool,
+                                                       isa: str) -> None:
+    x = _mixed_blocks(x_dtype, seed=21)
+    clip = 300.0
+    q = ((x.to(F64) * 4).round() / 4).clamp(-clip, clip)
+    q[2 * cpu.SUM_BLOCK + 100] = math.nan  # the cast made a NaN of a finite x in a finite block
+    q = q.to(q_dtype)
+    sat = (x.to(F64).abs() > clip) if mask else None
+    got = cpu.operand_sums(x, q, sat)
+    r, d = x.to(F64), q.to(F64)
+    fin = torch.isfinite(r)
+    both = fin & torch.isfinite(d)
+    r0, d0 = torch.where(both, r, 0.0), torch.where(both, d, 0.0)
+    nz = fin & (r != 0)
+    if sat is None:
+        sat = r.abs() > float(torch.where(both, d.abs(), 0.0).max())
+    assert got[2:] == (int(fin.sum()), int(nz.sum()), int((nz & (d == 0)).sum()), int((sat & fin).sum()),
+                       int((~fin).sum()), int((fin & ~torch.isfinite(d)).sum()))
+    for value, t in zip(got[:2], (r0 * r0, (r0 - d0) * (r0 - d0))):
+        assert value == _ordered_sum(t)
+
+
+# --------------------------------------------------------------------------------------------
 # transposed views (x.mT contiguous) read in place
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
