@@ -1235,7 +1235,10 @@ static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br
     if (c->rpu == br && br * C <= SQ_ROW_UNIT && !xt) cw = C;
     if (xt && cw > SQ_T_COLS) cw = SQ_T_COLS;
     c->xt = xt;
-    c->bh = xt && c->rpu < SQ_T_ROWS ? SQ_T_ROWS / c->rpu : 1;
+    /* a band of a transposed x: about UNIT elements (at least SQ_T_ROWS rows), so that each storage row (a column of x)
+     * is read in runs of that many rows: G^T of a 128-token batch (128 columns) in bands of 512 rows, not 64 */
+    const size_t band_rows = cmax >= UNIT / SQ_T_ROWS ? SQ_T_ROWS : UNIT / cmax;
+    c->bh = xt && c->rpu < band_rows ? band_rows / c->rpu : 1;
     if (bc <= cw) {
         c->k = cw / bc; c->cs = 1; c->cw = 0;
         c->ncp = (c->nbc + c->k - 1) / c->k;

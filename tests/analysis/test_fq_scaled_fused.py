@@ -123,8 +123,9 @@ def test_fused_cast_sees_clipping_and_underflow(isa) -> None:
 
 
 # a row longer than a work unit; a row wider than a transposed input's units (1024 columns) with row
-# counts that leave partial bands (64 rows) and partial 128-row tiles
-T_SHAPES = ((37, 200), (300, 577), (3, 70001), (130, 2100))
+# counts that leave partial bands (64 rows) and partial 128-row tiles; narrow rows (wgrad's tokens), whose
+# bands hold about a unit of elements (100 columns: 655 rows), the last one partial
+T_SHAPES = ((37, 200), (300, 577), (3, 70001), (130, 2100), (1500, 100))
 
 
 @pytest.mark.parametrize("shape", T_SHAPES)
