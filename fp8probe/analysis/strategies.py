@@ -685,7 +685,9 @@ def _saturated(values: torch.Tensor, x32: torch.Tensor, q: torch.Tensor, fmt: st
 
 def _split_records(rec: BlockRecords | None, bt: int) -> list[BlockRecords | None]:
     """A stacked cast's records as one BlockRecords per slice: its tiles are the slices' tiles, slice after slice."""
-    return [None] * bt if rec is None else list(zip(*(r.view(bt, -1) for r in rec)))
+    if rec is None or bt == 1:  # (a stack of one, _one_slice: the records as they are, no views to make)
+        return [rec] * bt
+    return list(zip(*(r.view(bt, -1) for r in rec)))
 
 
 def _fused_records(fused: _cpu.FusedScaled) -> BlockRecords:
