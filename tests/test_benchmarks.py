@@ -291,3 +291,19 @@ def test_profile_analyze_attributes_warnings_to_the_innermost_fp8probe_frame() -
         warnings.warn("something else")                          # not a sync: ignored
     sites = module.warnings_by_frame(run, "synchroniz")
     assert sites == {"fp8probe/fake_site.py:5 waits": 3, "(outside fp8probe)": 1}
+
+
+def test_bench_metrics_quick_compares_two_builds_and_torch() -> None:
+    """benchmarks/bench_metrics.py --quick with this checkout's extension as the old one: a row per reduction and
+    shape, positive ns per element for old, new and (where it has one) torch."""
+    from fp8probe.backends import cpu
+    if not cpu.available():
+        pytest.skip("fp8probe._fastpath not built")
+    lines = [line for line in _run_in_process("bench_metrics.py", [cpu._ext().__file__, "--quick"]).splitlines()
+             if line.startswith("| ") and not line.startswith("| op |")]
+    assert [line.split(" | ")[0][2:] for line in lines] == ["error_sums", "operand_sums, mask",
+                                                              "operand_sums, no mask"] * 2
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")][2:]
+        values = [float(c) for c in cells if c != "—"]
+        assert len(values) == (3 if "no mask" not in line else 2) and all(v > 0 for v in values)
