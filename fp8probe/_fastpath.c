@@ -1817,14 +1817,6 @@ AVX2 INLINE __m256d fin4d(__m256d v) { return _mm256_cmp_pd(abs4d(v), _mm256_set
 
 /* count += mask (all-ones lanes are -1 as int64) */
 AVX2 INLINE __m256i cnt4(__m256i count, __m256d mask) { return _mm256_sub_epi64(count, _mm256_castpd_si256(mask)); }
-
-/* Every case of two dtype codes with the body's dtypes constant (as DT_PAIR, for the step functions). */
-#define STEP_CASES(CALL, dta, dtb)                                                              \
-    switch ((dta) * 4 + (dtb)) {                                                                \
-    case 0: CALL(0, 0); break; case 1: CALL(0, 1); break; case 2: CALL(0, 2); break; case 3: CALL(0, 3); break; \
-    case 4: CALL(1, 0); break; case 5: CALL(1, 1); break; case 6: CALL(1, 2); break; case 7: CALL(1, 3); break; \
-    case 8: CALL(2, 0); break; case 9: CALL(2, 1); break; case 10: CALL(2, 2); break; case 11: CALL(2, 3); break; \
-    case 12: CALL(3, 0); break; case 13: CALL(3, 1); break; case 14: CALL(3, 2); break; default: CALL(3, 3); break; }
 #endif
 
 /* ------------------------------------------------------------------ error_sums (ErrorAccumulator) */
@@ -1906,8 +1898,8 @@ AVX2 INLINE void es_steps_t(const void *rb, const void *qb, size_t m8, int rdt, 
  * hold the call (it never makes it) without inlining AVX2 code. */
 AVX2 NOINLINE static void es_steps_avx2(const void *rb, const void *qb, size_t m8, int rdt, int qdt, double *r2,
                                         double *e2, double *q2, double *rq, double *lmx, int64_t *lok, int64_t *lokr) {
-#define ES_STEPS(A, B) es_steps_t(rb, qb, m8, A, B, r2, e2, q2, rq, lmx, lok, lokr)
-    STEP_CASES(ES_STEPS, rdt, qdt)
+#define ES_STEPS(c_, u_, A, B) es_steps_t(rb, qb, m8, A, B, r2, e2, q2, rq, lmx, lok, lokr) /* (DT_PAIR's c, u unused) */
+    DT_PAIR(ES_STEPS, rdt, qdt)
 #undef ES_STEPS
     _mm256_zeroupper();
 }
@@ -2129,10 +2121,10 @@ AVX2 INLINE void os_steps_t(const void *xb, const void *qb, size_t m8, int xdt, 
 /* os_steps_t with the dtypes and has_sat constant, out of line as es_steps_avx2. */
 AVX2 NOINLINE static void os_steps_avx2(const void *xb, const void *qb, size_t m8, int xdt, int qdt, int has_sat,
                                         double qmax, double *x2, double *e2, int64_t (*cn)[SUM_LANES]) {
-#define OS_STEPS(A, B)                                                                          \
+#define OS_STEPS(c_, u_, A, B) /* (DT_PAIR's c, u unused) */                               \
     if (has_sat) os_steps_t(xb, qb, m8, A, B, 1, qmax, x2, e2, cn);                             \
     else os_steps_t(xb, qb, m8, A, B, 0, qmax, x2, e2, cn)
-    STEP_CASES(OS_STEPS, xdt, qdt)
+    DT_PAIR(OS_STEPS, xdt, qdt)
 #undef OS_STEPS
     _mm256_zeroupper();
 }
@@ -4324,14 +4316,13 @@ static void ht_scalar(const ht_t *c, size_t u) {
 }
 
 #if FP_X86
-AVX2 INLINE __m256 htv_add(__m256 a, __m256 b) {
-    return _mm256_blendv_ps(_mm256_add_ps(a, b), _mm256_or_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(0x00400000))),
+/* y, or b quieted in the lanes where b is NaN (ht_add / ht_sub: torch's a ± b returns b's NaN) */
+AVX2 INLINE __m256 htv_nan_of_b(__m256 y, __m256 b) {
+    return _mm256_blendv_ps(y, _mm256_or_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(0x00400000))),
                             _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
 }
-AVX2 INLINE __m256 htv_sub(__m256 a, __m256 b) {
-    return _mm256_blendv_ps(_mm256_sub_ps(a, b), _mm256_or_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(0x00400000))),
-                            _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
-}
+AVX2 INLINE __m256 htv_add(__m256 a, __m256 b) { return htv_nan_of_b(_mm256_add_ps(a, b), b); }
+AVX2 INLINE __m256 htv_sub(__m256 a, __m256 b) { return htv_nan_of_b(_mm256_sub_ps(a, b), b); }
 
 /* Rows r..r+7 of slice b, the 16-element runs at c0 (whole, inside the row). */
 AVX2 INLINE void htv_block(const ht_t *c, size_t b, size_t r, size_t c0) {
