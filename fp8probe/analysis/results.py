@@ -18,6 +18,11 @@ JSON_NAME = "results.json"
 
 def _clean(value: Any) -> Any:
     """JSON-safe value: NaN/±Inf → None (strict JSON has neither), numpy scalars → Python, lists recursed."""
+    kind = type(value)  # the leaves first: a Llama-sized results document has ~0.5M of them
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int or kind is str or kind is bool or value is None:
+        return value
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
