@@ -687,14 +687,14 @@ def _split_records(rec: BlockRecords | None, bt: int) -> list[BlockRecords | Non
     """A stacked cast's records as one BlockRecords per slice: its tiles are the slices' tiles, slice after slice."""
     if rec is None or bt == 1:  # (a stack of one, _one_slice: the records as they are, no views to make)
         return [rec] * bt
-    return list(zip(*(r.view(bt, -1) for r in rec)))
+    return list(zip(*(r.view(bt, -1).unbind(0) for r in rec)))
 
 
 def _fused_records(fused: _cpu.FusedScaled) -> BlockRecords:
     """The BlockRecords of a fused C cast, from its scales (times the NVFP4 tensor scale, 0-D or per row) and
     per-tile counts."""
     scale = fused.scale if fused.global_scale is None else fused.scale * fused.global_scale
-    nonzero, underflow, saturated = fused.counts
+    nonzero, underflow, saturated = fused.counts.unbind(0)  # (one call: iterating the tensor costs twice as much)
     return scale.reshape(-1), nonzero == 0, nonzero, underflow, saturated > 0
 
 
