@@ -19,7 +19,8 @@ from .capture import _to_device, choose_loss, is_exported_graph, params_require_
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
 from .metrics import ErrorAccumulator
-from .strategies import STRATEGIES, RecipeOptions, Strategy, mixed_with_blocksize, site_kwargs, with_options
+from .strategies import (STRATEGIES, RecipeOptions, Strategy, batched_linear, mixed_with_blocksize, site_kwargs,
+                         with_options)
 
 # Default budget: the loss may rise by at most 1 % relative to the high-precision run.
 DEFAULT_BUDGET = 0.01
@@ -170,6 +171,9 @@ def lp_gemm(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: flo
     ``state``/``site``: a stateful recipe's state for this pass and the GEMM's name (strategies.run_strategy)."""
     if a.dim() == 2:
         return strategy.linear(a, b, None, threshold, b_is_weight, **site_kwargs(strategy, state, site, None))
+    y = batched_linear(strategy, a, b, b_is_weight)  # an OCP/MX recipe: all slices in one call, same bits
+    if y is not None:
+        return y
     return torch.stack([strategy.linear(a[i], b[i], None, threshold, b_is_weight,
                                         **site_kwargs(strategy, state, site, i)) for i in range(a.shape[0])])
 
