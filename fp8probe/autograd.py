@@ -249,10 +249,23 @@ def _check_fp8_operands(A: torch.Tensor, B: torch.Tensor) -> None:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
 
 
+# The default codebooks per device, made once: a fresh get_codebook copy per call also made the quantisers
+# validate and order-check it again (functional._checked_code remembers a tensor, not its values): ~25 us a
+# call, ~10k calls in the demo's end-to-end part. Never handed out (ctx keeps them); a changed version is remade.
+_DEFAULT_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _default_code(name: str, device: torch.device) -> torch.Tensor:
+    code = _DEFAULT_CODES.get((name, device))
+    if code is None or code._version != 0:
+        code = _DEFAULT_CODES[(name, device)] = get_codebook(name, device)
+    return code
+
+
 def _codes(A: torch.Tensor, fw_code: torch.Tensor | None, bw_code: torch.Tensor | None):
-    fw = get_codebook("bnb-e4m3", A.device) if fw_code is None else fw_code
-    bw = get_codebook("bnb-e5m2", A.device) if bw_code is None else bw_code
-    return fw.to(A.device), bw.to(A.device)
+    fw = _default_code("bnb-e4m3", A.device) if fw_code is None else fw_code.to(A.device)
+    bw = _default_code("bnb-e5m2", A.device) if bw_code is None else bw_code.to(A.device)
+    return fw, bw
 
 
 def _resolve_blocks(A: torch.Tensor, B: torch.Tensor, bsz: int, bsz2: int, compat: str | None) -> tuple[int, int]:
