@@ -213,14 +213,17 @@ def get_block_sizes(input_matrix: torch.Tensor | int, weight_matrix: torch.Tenso
 # "Fake quantisation" = dequantise(quantise(X)) in X's dtype; every matmul is an ordinary torch
 # matmul in the input dtype, exactly as bitsandbytes does it.
 # ------------------------------------------------------------------------------------------------
+# Both take the operand detached: they run inside an autograd Function's forward/backward (no graph is
+# built there), and the fused C pass of fake_quantize declines tensors that require grad, so a weight or
+# an activation with requires_grad went through the two-step quantise + dequantise (the same bits, slower).
 def _fq_global(x: torch.Tensor, code: torch.Tensor, compat: str | None) -> torch.Tensor:
     # The global quantiser reads float32 only (SPEC §3, Q21): bnb passes X.float() and casts back.
-    return F.fake_quantize(x.float(), code, None, compat=compat).to(x.dtype)
+    return F.fake_quantize(x.detach().float(), code, None, compat=compat).to(x.dtype)
 
 
 def _fq_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str | None) -> torch.Tensor:
     # Blocks run over the flattened tensor (SPEC §4.1, Q18): they straddle rows unless in_f | bsz.
-    return F.fake_quantize(x, code, blocksize, compat=compat)
+    return F.fake_quantize(x.detach(), code, blocksize, compat=compat)
 
 
 def _check_operands(A: torch.Tensor, B: torch.Tensor, in_axis: int, b_layout: str, in_note: str,
