@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from . import functional as F
-from .formats import get_codebook
 
 __all__ = [
     "MatmulLtState",
@@ -216,12 +215,12 @@ def get_block_sizes(input_matrix: torch.Tensor | int, weight_matrix: torch.Tenso
 # Both take the operand detached: they run inside an autograd Function's forward/backward (no graph is
 # built there), and the fused C pass of fake_quantize declines tensors that require grad, so a weight or
 # an activation with requires_grad went through the two-step quantise + dequantise (the same bits, slower).
-def _fq_global(x: torch.Tensor, code: torch.Tensor, compat: str | None) -> torch.Tensor:
+def _fq_global(x: torch.Tensor, code: torch.Tensor | str, compat: str | None) -> torch.Tensor:
     # The global quantiser reads float32 only (SPEC §3, Q21): bnb passes X.float() and casts back.
     return F.fake_quantize(x.detach().float(), code, None, compat=compat).to(x.dtype)
 
 
-def _fq_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str | None) -> torch.Tensor:
+def _fq_blockwise(x: torch.Tensor, code: torch.Tensor | str, blocksize: int, compat: str | None) -> torch.Tensor:
     # Blocks run over the flattened tensor (SPEC §4.1, Q18): they straddle rows unless in_f | bsz.
     return F.fake_quantize(x.detach(), code, blocksize, compat=compat)
 
@@ -252,22 +251,12 @@ def _check_fp8_operands(A: torch.Tensor, B: torch.Tensor) -> None:
         raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
 
 
-# The default codebooks per device, made once: a fresh get_codebook copy per call also made the quantisers
-# validate and order-check it again (functional._checked_code remembers a tensor, not its values): ~25 us a
-# call, ~10k calls in the demo's end-to-end part. Never handed out (ctx keeps them); a changed version is remade.
-_DEFAULT_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _default_code(name: str, device: torch.device) -> torch.Tensor:
-    code = _DEFAULT_CODES.get((name, device))
-    if code is None or code._version != 0:
-        code = _DEFAULT_CODES[(name, device)] = get_codebook(name, device)
-    return code
-
-
-def _codes(A: torch.Tensor, fw_code: torch.Tensor | None, bw_code: torch.Tensor | None):
-    fw = _default_code("bnb-e4m3", A.device) if fw_code is None else fw_code.to(A.device)
-    bw = _default_code("bnb-e5m2", A.device) if bw_code is None else bw_code.to(A.device)
+def _codes(A: torch.Tensor, fw_code: torch.Tensor | None, bw_code: torch.Tensor | None
+           ) -> tuple[torch.Tensor | str, torch.Tensor | str]:
+    # The defaults by name: fake_quantize resolves a name to a codebook it knows to be valid and sorted
+    # (functional._code), where a fresh get_codebook copy per call was validated and order-checked again.
+    fw = "bnb-e4m3" if fw_code is None else fw_code.to(A.device)
+    bw = "bnb-e5m2" if bw_code is None else bw_code.to(A.device)
     return fw, bw
 
 
@@ -281,7 +270,7 @@ def _resolve_blocks(A: torch.Tensor, B: torch.Tensor, bsz: int, bsz2: int, compa
 
 def _fp8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None,
                   fw_code: torch.Tensor | None, bw_code: torch.Tensor | None, compat: str | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  ) -> tuple[torch.Tensor | str, torch.Tensor | str, torch.Tensor | None]:
     """Checks shared by the FP8 functions; returns (fw_code, bw_code, output-if-empty-else-None)."""
     _check_compat(compat)
     _check_fp8_operands(A, B)

@@ -171,7 +171,7 @@ def lp_gemm(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: flo
     ``state``/``site``: a stateful recipe's state for this pass and the GEMM's name (strategies.run_strategy)."""
     if a.dim() == 2:
         return strategy.linear(a, b, None, threshold, b_is_weight, **site_kwargs(strategy, state, site, None))
-    y = batched_linear(strategy, a, b, b_is_weight)  # an OCP/MX recipe: all slices in one call, same bits
+    y = batched_linear(strategy, a, b, threshold, b_is_weight)  # an OCP/MX recipe: all slices in one call, same bits
     if y is not None:
         return y
     return torch.stack([strategy.linear(a[i], b[i], None, threshold, b_is_weight,

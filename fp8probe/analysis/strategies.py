@@ -944,24 +944,26 @@ class _Scaled(_Recipe):
 
 class _ScaledLinear(torch.autograd.Function):
     """``x·Wᵀ + bias`` with an OCP/MX recipe: fprop, dgrad and wgrad exactly as ``_Scaled`` replays them,
-    in float32 (the result is cast back to x's dtype); the bias and its gradient stay unquantised."""
+    in float32 (the result is cast back to x's dtype); the bias and its gradient stay unquantised.
+    W may also be a stack [Bt, N, K] with x [Bt, M, K] (a batched site, no bias): the recipe's batched casts and
+    matmuls give exactly what this function gives slice by slice, stacked (batched_linear)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, recipe: _Scaled,
                 b_is_weight: bool = True) -> torch.Tensor:
-        A = x.reshape(-1, x.shape[-1])
+        A = x.reshape(-1, x.shape[-1]) if W.dim() == 2 else x
         y, (qA, _), (qW, _) = recipe.fprop(A, W, b_is_weight)
         ctx.save_for_backward(A, W, qA, qW)
         ctx.recipe, ctx.x_shape, ctx.has_bias, ctx.b_is_weight = recipe, x.shape, bias is not None, b_is_weight
         y = y.to(x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], W.shape[0])
+        return y.reshape(*x.shape[:-1], W.shape[-2])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         A, W, qA, qW = ctx.saved_tensors
-        G = grad.reshape(-1, W.shape[0])
+        G = grad.reshape(*A.shape[:-1], W.shape[-2])
         dgrad, (qG, _) = ctx.recipe.dgrad(G, W, qW, ctx.b_is_weight)
         grad_x = dgrad.to(A.dtype).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_w = ctx.recipe.wgrad(G, A, qG, qA).to(W.dtype) if ctx.needs_input_grad[1] else None
@@ -969,36 +971,16 @@ class _ScaledLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-class _ScaledBatched(torch.autograd.Function):
-    """``a·bᵀ`` for batched a [Bt, M, K], b [Bt, N, K] with an OCP/MX recipe: exactly what stacking _ScaledLinear
-    of each slice gives, forward and both gradients (per-slice scales: _Scaled's batched casts and _mm, the
-    BATCHED_RULE contract the replay relies on), in one call instead of Bt: an attention site of a small
-    model otherwise costs Bt autograd nodes and ~8 Bt casts of a few hundred elements (batched_linear)."""
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, recipe: _Scaled, b_is_weight: bool) -> torch.Tensor:
-        y, (qA, _), (qB, _) = recipe.fprop(a, b, b_is_weight)
-        ctx.save_for_backward(a, b, qA, qB)
-        ctx.recipe, ctx.b_is_weight = recipe, b_is_weight
-        return y.to(a.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        a, b, qA, qB = ctx.saved_tensors
-        dgrad, (qG, _) = ctx.recipe.dgrad(grad, b, qB, ctx.b_is_weight)
-        grad_a = dgrad.to(a.dtype) if ctx.needs_input_grad[0] else None
-        grad_b = ctx.recipe.wgrad(grad, a, qG, qA).to(b.dtype) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None, None
-
-
-def batched_linear(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, b_is_weight: bool) -> torch.Tensor | None:
+def batched_linear(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float,
+                   b_is_weight: bool) -> torch.Tensor | None:
     """``torch.stack([strategy.linear(a[i], b[i], None, ...) for i])`` in one autograd call for a stateless OCP/MX
-    recipe (_ScaledBatched, bit for bit the same values and gradients); None for any other strategy (the
-    caller then loops over the slices)."""
+    recipe (its _ScaledLinear takes the stacks: bit for bit the same values and gradients; an attention site of a
+    small model otherwise costs Bt autograd nodes and ~8 Bt casts of a few hundred elements); None for any other
+    strategy (the caller then loops over the slices)."""
     recipe = getattr(strategy.linear, "__self__", None)
     if type(recipe) is not _Scaled or strategy.new_state is not None or a.dim() != 3 or b.dim() != 3:
         return None
-    return _ScaledBatched.apply(a, b, recipe, b_is_weight)
+    return strategy.linear(a, b, None, threshold, b_is_weight)
 
 
 _TENSOR = ("tensor", None)

@@ -579,5 +579,5 @@ def test_batched_site_in_one_call_equals_slice_by_slice(name: str, b_is_weight: 
         outs.append((y.detach(), ar.grad, br.grad))
     for got, want in zip(*outs):
         assert got.dtype == want.dtype and torch.equal(got, want)
-    assert (E.batched_linear(strat, a, b, b_is_weight) is not None) == (strat.new_state is None and name.startswith(
+    assert (E.batched_linear(strat, a, b, 6.0, b_is_weight) is not None) == (strat.new_state is None and name.startswith(
         ("ocp-", "mx", "nvfp4")))
