@@ -21,7 +21,8 @@ COMPILE_ARGS = ["-O3", "-g0", "-std=c99", "-ffp-contract=off", "-fno-fast-math",
 # parses it (~15 s) and the link step optimises and generates code in one partition per core
 # (-flto=auto), 3 min -> 1.5 min on two cores. Every option above is recorded per function in the LTO
 # objects, so the generated code obeys the same rules. Used only when the compiler is gcc and a
-# tiny LTO build links (clang spells the option differently); otherwise the plain build runs.
+# tiny LTO build links (clang spells the option differently); otherwise, or with FP8PROBE_NO_LTO=1 set at
+# install time, the plain build runs.
 LTO_COMPILE = ["-flto"]
 LTO_LINK = ["-flto=auto"]
 
