@@ -15,7 +15,8 @@ from fp8probe import autograd as AG
 from fp8probe import functional as F
 from fp8probe.backends import cpu as _cpu
 from fp8probe.backends import reference as _ref
-from fp8probe.formats import FORMATS, get_codebook
+from fp8probe.backends.int8_gemm import F32_EXACT_K
+from fp8probe.formats import FORMATS, INV_127_SQ, get_codebook
 
 from .accumulation import Accumulation, matmul_limited
 from .delayed import DelayedScaling, DelayedState
@@ -315,11 +316,26 @@ def _probe(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(vals.to(t.device))
 
 
+def _overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of t share memory (a stride 0 from expand, or strides smaller than the extents they
+    step over)."""
+    reach = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride < reach:
+            return True
+        reach = stride * size
+    return False
+
+
 def _agree(key: tuple, a: torch.Tensor, b: torch.Tensor, one: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
            other: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
     """Whether ``one`` and ``other`` give the same bits on probe pairs shaped and strided like (a, b), up
     to 16 until 256 outputs were compared (a one-output product whose two orders differ in one late
     addition showed it in ~1 probe of 4)."""
+    if _overlapping(a) or _overlapping(b):  # (an expanded gradient, stride 0): no probe of that layout can be made
+        return False
     gen = _probe_gen(key)
     compared = probes = 0
     while compared < 256 and probes < 16:
@@ -523,6 +539,9 @@ def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshol
               b_is_weight: bool = True, row_scale: str = "bnb") -> StrategyOutput:
     if A.dim() == 2 and A.numel() > 0 and W.numel() > 0:
         return _run_int8_direct(A, W, G, threshold, row_scale)
+    if A.dim() == 3 and A.shape[0] > 0:  # a batched site (_BNB_BATCHED): one call per step where it can
+        out = _run_int8_stacked(A, W, G, threshold, row_scale) if _stackable(A, W, G) else None
+        return out if out is not None else _slice_by_slice(_run_int8, A, W, G, threshold, b_is_weight, row_scale)
     gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold, row_scale=row_scale), A, W, G)
     ops = {"activation": (A, _int8_rows(A, threshold, row_scale), None), "weight": (W, *_weight_int8(W))}
     if G is not None:
@@ -578,6 +597,77 @@ def _run_int8_direct(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, t
     return StrategyOutput(gemms, ops)
 
 
+def _int8_scaled_mm_stacked(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Tensor,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """``torch.stack([F.int8_scaled_mm(CA[i], CB[i], SCA[i], SCB[i], dtype=dtype) for i])`` (default mode, no
+    bias) for CA [Bt, M, K], CB [Bt, N, K], SCA [Bt, M], SCB [Bt, N], bit for bit. Up to F32_EXACT_K products a
+    float32 sum of int8 products is an exact integer whatever its order (|sum| <= 1024·127² < 2^24), so one
+    float32 bmm gives each slice's int32 product exactly, and the dequantisation is SPEC §5.5's
+    ``fl32(fl32(fl32(C·row)·col)·INV_127_SQ)`` elementwise, the reference's expression. Longer contractions: the
+    per-slice calls."""
+    if CA.shape[-1] > F32_EXACT_K:
+        return torch.stack([F.int8_scaled_mm(CA[i], CB[i], SCA[i], SCB[i], dtype=dtype) for i in range(CA.shape[0])])
+    c = torch.bmm(CA.to(_F32), CB.to(_F32).mT)
+    return (c * SCA.to(_F32)[..., None] * SCB.to(_F32)[:, None, :] * INV_127_SQ).to(dtype)
+
+
+def _int8_cols_stacked(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_col, col_stats) of F.int8_double_quant(x[i], 0.0) for every slice of x [Bt, M, C], stacked: [Bt, M, C]
+    int8 and [Bt, C] float32. One call on x laid out as [M, Bt·C]: its columns are the slices' columns, each
+    quantised by its own absmax over the same M elements (the row half of that call is not used)."""
+    bt, m, c = x.shape
+    _, q_col, _, col_stats, _ = F.int8_double_quant(x.permute(1, 0, 2).reshape(m, bt * c), 0.0)
+    return q_col.view(m, bt, c).permute(1, 0, 2), col_stats.view(bt, c)
+
+
+def _run_int8_stacked(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
+                      row_scale: str) -> StrategyOutput | None:
+    """_run_int8_direct on every slice of A [Bt, M, K], W [Bt, N, K], G [Bt, M, N], stacked, in one call per step,
+    where no element of A reaches the threshold (then no slice has an outlier column, and a row's codes and scale
+    are its own, the same in the stack as in its slice) and the int8 GEMMs contract over at most F32_EXACT_K (K
+    and M: _int8_scaled_mm_stacked); None otherwise (the caller goes slice by slice)."""
+    bt, m, k = A.shape
+    n = W.shape[1]
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if k > F32_EXACT_K or (G is not None and m > F32_EXACT_K):
+        return None
+    CA, SCA, cols = F.int8_vectorwise_quant(A.reshape(bt * m, k), float(threshold), row_scale=row_scale)
+    if cols is not None and cols.numel():
+        return None
+    CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().reshape(bt * n, k), 0.0)
+    W32 = F.int8_vectorwise_dequant(CB, SCB).view(bt, n, k)
+    CA, SCA, CB, SCB = CA.view(bt, m, k), SCA.view(bt, m), CB.view(bt, n, k), SCB.view(bt, n)
+    y = _int8_scaled_mm_stacked(CA, CB, SCA, SCB, A.dtype)
+    gemms = {"fprop": y}
+    ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), None), "weight": (W, W32.to(W.dtype), None)}
+    if G is not None:
+        grad2 = G.to(y.dtype)
+        QA_col, SCAt = _int8_cols_stacked(A)
+        Cg_col, Sg_col = _int8_cols_stacked(grad2)
+        # grad_B[n, k] = Σ_m Qg[m, n]·QA[m, k] · colmax_g[n]·colmax_A[k] / 127² (the transposed int8 product)
+        gemms["dgrad"] = _mm(grad2.to(A.dtype), W32.to(A.dtype))
+        gemms["wgrad"] = _int8_scaled_mm_stacked(Cg_col.mT, QA_col.mT, Sg_col, SCAt, _F32).to(W.dtype)
+        if G.dtype == grad2.dtype:
+            qG = (Cg_col.float() * Sg_col.float()[:, None, :] / 127.0).to(G.dtype)  # _int8_cols(G) per slice
+        else:
+            qG = torch.stack([_int8_cols(G[i]) for i in range(bt)])
+        ops["grad_output"] = (G, qG, None)
+    return StrategyOutput(gemms, ops)
+
+
+def _slice_by_slice(run: Callable[..., StrategyOutput], A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
+                    *args: Any) -> StrategyOutput:
+    """``run`` on each slice of batched operands, its GEMMs and operands stacked (run_strategy's own loop)."""
+    outs = [run(A[i], W[i], None if G is None else G[i], *args) for i in range(A.shape[0])]
+    gemms = {key: torch.stack([o.gemms[key] for o in outs]) for key in outs[0].gemms}
+    operands = {}
+    for key in outs[0].operands:
+        x, q, sat = zip(*(o.operands[key] for o in outs))
+        operands[key] = (torch.stack(x), torch.stack(q), None if sat[0] is None else torch.stack(sat))
+    return StrategyOutput(gemms, operands)
+
+
 def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
                     b_is_weight: bool = True) -> StrategyOutput:
     # SwitchBack (Wortsman et al. 2023) has no outlier decomposition: threshold 0 whatever --threshold says.
@@ -605,7 +695,7 @@ def _run_switchback_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | 
     if bt == 1:
         y = _int8_fprop(A[0], W[0], CA[0], SCA[0], CB[0], SCB[0])[None]
     else:
-        y = torch.stack([F.int8_scaled_mm(CA[i], CB[i], SCA[i], SCB[i], dtype=A.dtype) for i in range(bt)])
+        y = _int8_scaled_mm_stacked(CA, CB, SCA, SCB, A.dtype)
         qW = F.int8_vectorwise_dequant(CB, SCB)
     gemms = {"fprop": y}
     if G is not None:
@@ -971,16 +1061,53 @@ class _ScaledLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+class _StackedBnb(torch.autograd.Function):
+    """``a·bᵀ`` on stacks a [Bt, M, K], b [Bt, N, K] with a bnb recipe's batched replay runner (_BNB_BATCHED): the
+    forward is the runner's fprop, the backward its dgrad and wgrad for the incoming gradient. The runners give
+    what the recipe's autograd function gives slice by slice (tests/analysis/test_strategies.py), so this is
+    ``torch.stack([strategy.linear(a[i], b[i]) ...])`` with its gradients, bit for bit (tests/analysis/test_e2e.py).
+    The backward runs the runner again with the gradient (the forward casts and product once more): one
+    call on the stack still costs less than Bt autograd functions of a few hundred elements each."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, run: Runner, threshold: float,
+                b_is_weight: bool) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.run, ctx.threshold, ctx.b_is_weight = run, threshold, b_is_weight
+        return run(a, b, None, threshold, b_is_weight).gemms["fprop"]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        with torch.no_grad():
+            gemms = ctx.run(a, b, grad, ctx.threshold, ctx.b_is_weight).gemms
+        return (gemms["dgrad"] if ctx.needs_input_grad[0] else None,
+                gemms["wgrad"] if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def _stack_runner(strategy: Strategy, a: torch.Tensor, b: torch.Tensor) -> Runner | None:
+    """``strategy.run`` where it computes a stack in one call exactly as the recipe's autograd function does slice
+    by slice (global, mixed at any block size, switchback within its int8 GEMM's K), else None."""
+    base = strategy.run.func if isinstance(strategy.run, functools.partial) else strategy.run
+    if base not in _BNB_BATCHED or not _stackable(a, b, None):
+        return None
+    if base is _run_switchback and a.shape[-1] > F.INT8_MATMUL_MAX_K:
+        return None
+    return strategy.run
+
+
 def batched_linear(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float,
                    b_is_weight: bool) -> torch.Tensor | None:
-    """``torch.stack([strategy.linear(a[i], b[i], None, ...) for i])`` in one autograd call for a stateless OCP/MX
-    recipe (its _ScaledLinear takes the stacks: bit for bit the same values and gradients; an attention site of a
-    small model otherwise costs Bt autograd nodes and ~8 Bt casts of a few hundred elements); None for any other
-    strategy (the caller then loops over the slices)."""
-    recipe = getattr(strategy.linear, "__self__", None)
-    if type(recipe) is not _Scaled or strategy.new_state is not None or a.dim() != 3 or b.dim() != 3:
+    """``torch.stack([strategy.linear(a[i], b[i], None, ...) for i])`` in one autograd call: a stateless OCP/MX
+    recipe's _ScaledLinear takes the stacks, a bnb recipe with a batched runner runs it in _StackedBnb (bit for
+    bit the same values and gradients; an attention site of a small model otherwise costs Bt autograd nodes and
+    ~8 Bt casts of a few hundred elements); None for any other strategy (the caller then loops over the slices)."""
+    if strategy.new_state is not None or a.dim() != 3 or b.dim() != 3:
         return None
-    return strategy.linear(a, b, None, threshold, b_is_weight)
+    if type(getattr(strategy.linear, "__self__", None)) is _Scaled:
+        return strategy.linear(a, b, None, threshold, b_is_weight)
+    run = _stack_runner(strategy, a, b)
+    return None if run is None else _StackedBnb.apply(a, b, run, threshold, b_is_weight)
 
 
 _TENSOR = ("tensor", None)
@@ -1089,7 +1216,7 @@ def _delayed_rules(rule: DelayedScaling) -> str:
 
 _DELAYED = _Delayed()
 # bnb runners that take batched operands themselves (their _stackable branches).
-_BNB_BATCHED = (_run_global, _run_mixed, _run_switchback)
+_BNB_BATCHED = (_run_global, _run_mixed, _run_switchback, _run_int8)
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "

@@ -14,7 +14,8 @@ from fp8probe.analysis import e2e as E
 from fp8probe.analysis.demo_model import build_demo
 from fp8probe.analysis.loading import to_batches
 from fp8probe.analysis.pipeline import analyze
-from fp8probe.analysis.strategies import STRATEGIES, reference_gemms, resolve, run_strategy, site_kwargs
+from fp8probe.analysis.strategies import (STRATEGIES, mixed_with_blocksize, reference_gemms, resolve, run_strategy,
+                                         site_kwargs)
 from fp8probe.cli import cli
 
 HERE = Path(__file__).resolve().parent
@@ -580,4 +581,42 @@ def test_batched_site_in_one_call_equals_slice_by_slice(name: str, b_is_weight: 
     for got, want in zip(*outs):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert (E.batched_linear(strat, a, b, 6.0, b_is_weight) is not None) == (strat.new_state is None and name.startswith(
-        ("ocp-", "mx", "nvfp4")))
+        ("ocp-", "mx", "nvfp4", "global", "mixed", "switchback", "int8")))
+
+
+@pytest.mark.parametrize("strat", [mixed_with_blocksize(64), mixed_with_blocksize(100), mixed_with_blocksize(4096),
+                                   STRATEGIES["mixed"], STRATEGIES["global"], STRATEGIES["switchback"],
+                                   STRATEGIES["int8"]],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", [(3, 7, 13, 5), (2, 1, 9, 1), (5, 33, 20, 17)], ids=str)
+@pytest.mark.parametrize("threshold", [6.0, 100.0])
+def test_bnb_recipes_on_a_stack_equal_slice_by_slice(strat, shape: tuple[int, int, int, int], threshold: float) -> None:
+    """The bnb recipes' one-call stacks (_StackedBnb) at block sizes that do and do not divide a slice, odd
+    shapes and a one-row slice, int8 with and without outlier columns: the per-slice loop's output and both
+    gradients, bit for bit."""
+    bt, m, k, n = shape
+    gen = torch.Generator().manual_seed(23)
+    a = torch.randn(bt, m, k, generator=gen) * 2
+    b = torch.randn(bt, n, k, generator=gen)
+    b[-1, 0, 0] = 40.0
+    G = torch.randn(bt, m, n, generator=gen) * 1e-3
+    outs = []
+    for fn in (lambda x, y: E.lp_gemm(strat, x, y, threshold, False),
+               lambda x, y: torch.stack([strat.linear(x[i], y[i], None, threshold, False) for i in range(bt)])):
+        ar, br = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = fn(ar, br)
+        y.backward(G)
+        outs.append((y.detach(), ar.grad, br.grad))
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+    assert E.batched_linear(strat, a, b, threshold, False) is not None
+
+
+def test_bnb_stack_with_one_operand_needing_no_gradient() -> None:
+    """Only the operand that asks for a gradient gets one (a frozen K, or a weight)."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 8, 16, generator=gen).requires_grad_(True), torch.randn(3, 4, 16, generator=gen)
+    y = E.lp_gemm(STRATEGIES["mixed"], a, b, 6.0, False)
+    y.sum().backward()
+    want = torch.autograd.grad(_per_slice(STRATEGIES["mixed"], a, b, False).sum(), a)[0]
+    assert b.grad is None and torch.equal(a.grad, want)

@@ -7,6 +7,7 @@ import torch
 from fp8probe import autograd as AG
 from fp8probe import functional as F
 from fp8probe.analysis.accumulation import Accumulation
+from fp8probe.analysis import strategies as S
 from fp8probe.analysis.metrics import ErrorAccumulator
 from fp8probe.analysis.strategies import (STRATEGIES, WEIGHT_QUANTIZERS, RecipeOptions, mixed_with_blocksize,
                                          reference_gemms, resolve, run_strategy, site_kwargs, with_options)
@@ -198,18 +199,18 @@ def test_batched_replay_is_the_slice_by_slice_run(name: str, b_is_weight: bool, 
 
 
 def test_scaled_recipes_take_batched_operands_in_one_call() -> None:
-    """The OCP/MX recipes and the bnb global / mixed / switchback (and only strategies that say so) skip
+    """The OCP/MX recipes and the bnb global / mixed / switchback / int8 (and only strategies that say so) skip
     run_strategy's per-slice loop; with the simulated accumulator global / mixed loop again."""
     assert {n for n, s in STRATEGIES.items() if s.runs_batched} == {
         "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8", "mxfp8-rceil", "nvfp4", "nvfp4-train", "mxfp4",
-        "mxfp6-e2m3", "mxfp6-e3m2", "global", "mixed", "switchback"}
+        "mxfp6-e2m3", "mxfp6-e3m2", "global", "mixed", "switchback", "int8"}
     assert mixed_with_blocksize(64).runs_batched
     accum = with_options(resolve("global,mixed"), RecipeOptions(accumulation=Accumulation(mantissa_bits=13)))
     assert not any(s.runs_batched for s in accum)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("which", ["global", "mixed", "mixed bs=64", "switchback"])
+@pytest.mark.parametrize("which", ["global", "mixed", "mixed bs=64", "switchback", "int8"])
 def test_batched_bnb_replay_in_16_bit_is_the_slice_by_slice_run(which: str, dtype) -> None:
     """The batched bnb runners keep the autograd functions' dtype casts (16-bit operands, matmuls in
     that dtype): bit for bit the slice-by-slice run, for slices whose blocks line up and for ones that do not."""
@@ -295,3 +296,31 @@ def test_exactness_probes_see_a_changed_summation_order() -> None:
         for h in (k // 2, k - 2):
             assert not any(S._agree(("split", m, k, n, h, i), a, b, seq, split(h)) for i in range(5))
         assert S._agree(("same", m, k, n), a, b, seq, seq)
+
+
+# (Bt, M, K, N): small slices; K > F32_EXACT_K (the int8 GEMMs per slice); M > F32_EXACT_K (wgrad's per slice)
+@pytest.mark.parametrize("shape", [(4, 12, 40, 9), (2, 3, 1030, 5), (2, 1030, 8, 3)], ids=str)
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 1e9])
+@pytest.mark.parametrize("row_scale", ["bnb", "paper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_stacks_are_the_slice_by_slice_run(shape, threshold: float, row_scale: str, dtype) -> None:
+    """LLM.int8 on a stack (_run_int8_stacked: one quantisation per operand role, one bmm per int8 GEMM) gives
+    each slice's _run_int8_direct bit for bit, GEMMs and reported operands; with outliers in one slice (6.0)
+    the run goes slice by slice, and so do contractions longer than F32_EXACT_K."""
+    bt, m, k, n = shape
+    gen = torch.Generator().manual_seed(bt * m + k)
+    A = (torch.randn(bt, m, k, generator=gen) * torch.logspace(-1, 0.5, bt)[:, None, None]).to(dtype)
+    A[-1, 0, 1] = 7.5  # an outlier at threshold 6 in the last slice only
+    W = torch.randn(bt, n, k, generator=gen).to(dtype).mT.contiguous().mT  # column-major slices
+    G = (torch.randn(bt, n, m, generator=gen) * 1e-2).to(dtype).mT  # a transposed view
+    strat = with_options([STRATEGIES["int8"]], RecipeOptions(int8_row_scale=row_scale))[0]
+    stacked = S._run_int8_stacked(A, W, G, threshold, row_scale)
+    assert (stacked is not None) == (threshold != 6.0 and k <= 1024 and m <= 1024)
+    for g in (G, None):
+        out = run_strategy(strat, A, W, g, threshold, b_is_weight=False)
+        gemms, operands = _slice_by_slice(strat, A, W, g, threshold, False)
+        assert set(out.gemms) == set(gemms)
+        for key, y in gemms.items():
+            assert out.gemms[key].dtype == y.dtype and torch.equal(out.gemms[key], y), key
+        for key, (x, q, _) in operands.items():
+            assert torch.equal(out.operands[key][1], q), key
