@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from fp8probe.backends import cpu as _cpu
+
 from . import distributed
 from .capture import _to_device, choose_loss, is_exported_graph, params_require_grad
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
@@ -273,6 +275,19 @@ class _OutputCompare:
         return sqnr, self.kl_sum / self.rows, self.agree / self.rows
 
 
+def _grad_sums(gh: torch.Tensor, gl: torch.Tensor) -> tuple[float, float]:
+    """(Σgh², Σ(gl − gh)²) of a parameter's high-precision and low-precision gradients, in float64: one C pass
+    (metrics' error_sums: exact float64 widening, its documented summation order) where every pair is finite;
+    else (NaN/±Inf in either, a GPU tensor, no C extension) the float64 copies in torch, whose NaN/Inf then
+    reach the SQNR as before. The C pass replaced three float64 copies and three passes per parameter and
+    recipe (1.3 of ~7.8 s of the end-to-end part on BERT 6-layer, 8 recipes)."""
+    sums = _cpu.error_sums(gh, gl)
+    if sums is not None and sums[6] == 0 and sums[7] == 0:
+        return sums[0], sums[1]
+    gh64 = gh.double()
+    return float(gh64.pow(2).sum()), float((gl.double() - gh64).pow(2).sum())
+
+
 def _sqnr(sig: float, err: float) -> float:
     if err == 0:
         return math.inf
@@ -343,8 +358,7 @@ class Runner:
                 for (pname, _), gh, gl in zip(self.params, g_hp, g_lp):
                     if gh is None or gl is None:
                         continue
-                    gh64 = gh.double()
-                    grads.append((pname, float(gh64.pow(2).sum()), float((gl.double() - gh64).pow(2).sum())))
+                    grads.append((pname, *_grad_sums(gh, gl)))
             rec["strategies"][s.name] = (float(loss_s), gemms_s.flops_lp, gemms_s.flops_all, c, grads)
             del output_s, out_s, g_lp
         return rec

@@ -620,3 +620,21 @@ def test_bnb_stack_with_one_operand_needing_no_gradient() -> None:
     y.sum().backward()
     want = torch.autograd.grad(_per_slice(STRATEGIES["mixed"], a, b, False).sum(), a)[0]
     assert b.grad is None and torch.equal(a.grad, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_sums_in_one_pass(dtype) -> None:
+    """_grad_sums: Σgh², Σ(gl−gh)² in float64 from one C pass (the float64 torch sums up to summation order); with
+    a NaN or Inf in either gradient the torch sums themselves, so the non-finite value reaches the SQNR."""
+    gen = torch.Generator().manual_seed(31)
+    gh = (torch.randn(300, 70, generator=gen) * 1e-3).to(dtype)
+    gl = (gh.float() + torch.randn(300, 70, generator=gen) * 1e-5).to(dtype)
+    sig, err = E._grad_sums(gh, gl)
+    gh64 = gh.double()
+    want = (float(gh64.pow(2).sum()), float((gl.double() - gh64).pow(2).sum()))
+    assert err > 0 and sig == pytest.approx(want[0], rel=1e-12) and err == pytest.approx(want[1], rel=1e-12)
+    for bad in (math.nan, math.inf):
+        gl2 = gl.clone()
+        gl2[3, 4] = bad
+        sig2, err2 = E._grad_sums(gh, gl2)
+        assert sig2 == pytest.approx(want[0], rel=1e-12) and (math.isnan(err2) or math.isinf(err2))
