@@ -275,13 +275,36 @@ class _OutputCompare:
         return sqnr, self.kl_sum / self.rows, self.agree / self.rows
 
 
+def _reduced_grads(loss: torch.Tensor, params: list[torch.Tensor], against: list[torch.Tensor | None]
+                   ) -> list[tuple[float, float] | None]:
+    """``[_grad_sums(against[k], dloss/dparams[k])]`` (None where either gradient is None), each taken in a hook
+    as soon as autograd has the parameter's whole gradient (a tied parameter's uses summed first), the hook
+    returning a stride-0 zero so that autograd.grad holds nothing parameter-sized."""
+    sums: list[tuple[float, float] | None] = [None] * len(params)
+
+    def reducer(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            sums[k] = _grad_sums(against[k], g)
+            return torch.zeros((), dtype=g.dtype, device=g.device).expand_as(g)
+        return hook
+
+    handles = [p.register_hook(reducer(k)) for k, p in enumerate(params) if against[k] is not None]
+    try:
+        torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
 def _grad_sums(gh: torch.Tensor, gl: torch.Tensor) -> tuple[float, float]:
     """(Σgh², Σ(gl − gh)²) of a parameter's high-precision and low-precision gradients, in float64: one C pass
     (metrics' error_sums: exact float64 widening, its documented summation order) where every pair is finite;
     else (NaN/±Inf in either, a GPU tensor, no C extension) the float64 copies in torch, whose NaN/Inf then
-    reach the SQNR as before. The C pass replaced three float64 copies and three passes per parameter and
+    reach the SQNR as before (and DTensors, FSDP2's sharded parameters). The C pass replaced three float64 copies and three passes per parameter and
     recipe (1.3 of ~7.8 s of the end-to-end part on BERT 6-layer, 8 recipes)."""
-    sums = _cpu.error_sums(gh, gl)
+    # (plain tensors only: a DTensor's data pointer is its local shard)
+    sums = _cpu.error_sums(gh, gl) if type(gh) is torch.Tensor and type(gl) is torch.Tensor else None
     if sums is not None and sums[6] == 0 and sums[7] == 0:
         return sums[0], sums[1]
     gh64 = gh.double()
@@ -321,16 +344,26 @@ class Runner:
         # full gradients, so the per-parameter gradient comparison is left out and said so.
         self.grad_note = FSDP_GRAD_NOTE if distributed.lockstep(module) else ""
 
-    def _run(self, plan: Plan, i: int, grads: bool, state: Any = None) -> tuple[torch.Tensor, Any, Gemms, list | None]:
+    def _run(self, plan: Plan, i: int, grads: bool, state: Any = None, against: list | None = None
+             ) -> tuple[torch.Tensor, Any, Gemms, list | None]:
+        """One forward (and with ``grads`` backward) pass of batch i under ``plan``: (loss, output, gemms, g), g the
+        parameters' gradients in self.params order (None where a parameter gets none). ``against``: high-precision
+        gradients in that order; each gradient is then reduced to _grad_sums(against[k], g[k]) as it is computed
+        (a hook on the parameter, which hands autograd a stride-0 zero instead), so g holds those pairs and no
+        parameter-sized gradient is kept: the pass needs no second copy of the model's gradients."""
         gemms = Gemms(plan, self.pattern, self.kinds, state)
         batch = self.batches[i]
         torch.manual_seed(self.seed + i)  # the same dropout masks (if any) in every run of batch i
-        with torch.enable_grad(), params_require_grad([p for _, p in self.params]):
+        params = [p for _, p in self.params]
+        with torch.enable_grad(), params_require_grad(params):
             output = model_forward(self.module, batch, gemms)
             loss, info = choose_loss(output, batch, self.loss_fn, self.loss_name)
             g = None
             if grads and self.params and loss.requires_grad:
-                g = list(torch.autograd.grad(loss, [p for _, p in self.params], allow_unused=True))
+                if against is None:
+                    g = list(torch.autograd.grad(loss, params, allow_unused=True))
+                else:
+                    g = _reduced_grads(loss, params, against)
         self.info = info
         return loss.detach(), output, gemms, g
 
@@ -346,19 +379,21 @@ class Runner:
         out_hp = None if out is None else out.detach().to("cpu", copy=True)
         self.out_hp[i] = out_hp
         del output, out
+        # each recipe's gradients reduced to their error sums as autograd makes them (not with FSDP2's sharded
+        # DTensor parameters: those take the gradients whole, as they come)
+        against = None if self.grad_note else g_hp
         for s in strategies:
             loss_s, output_s, gemms_s, g_lp = self._run(Plan(s, threshold=self.threshold), i, grads=True,
-                                                        state=states[s.name])
+                                                        state=states[s.name], against=against)
             out_s, _ = _output_tensor(output_s, gemms_s)
             c = _OutputCompare(distribution)
             if out_hp is not None and out_s is not None:
                 c.update(out_hp, out_s.detach().to("cpu"))
             grads = []
             if g_hp is not None and g_lp is not None:
-                for (pname, _), gh, gl in zip(self.params, g_hp, g_lp):
-                    if gh is None or gl is None:
-                        continue
-                    grads.append((pname, *_grad_sums(gh, gl)))
+                if against is None:
+                    g_lp = [None if gh is None or gl is None else _grad_sums(gh, gl) for gh, gl in zip(g_hp, g_lp)]
+                grads = [(pname, *sums) for (pname, _), sums in zip(self.params, g_lp) if sums is not None]
             rec["strategies"][s.name] = (float(loss_s), gemms_s.flops_lp, gemms_s.flops_all, c, grads)
             del output_s, out_s, g_lp
         return rec

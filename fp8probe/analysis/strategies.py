@@ -1001,10 +1001,10 @@ class _Scaled(_Recipe):
             blocks["activation"], blocks["weight"] = rA, rW
         return self._gemm(qA, qW), (qA, sA), (qW, sW)
 
-    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor, b_is_weight: bool = True,
+    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor | None, b_is_weight: bool = True,
               blocks: dict[str, list[BlockRecords | None]] | None = None) -> tuple[torch.Tensor, tuple]:
-        """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W. ``blocks``: receives
-        G's BlockRecords per slice under "grad_output"."""
+        """(G·W with G scaled along out, (qG, satG)); qW: the forward's quantised W, or None (cast again where it
+        is used: the same bits). ``blocks``: receives G's BlockRecords per slice under "grad_output"."""
         gran_w = self._gran_b(b_is_weight)
         sr = SR_SEEDS["dgrad"] if self.sr_grad else None
         qG, sG, rG = _cast_slices(G, self.fmt_bwd, *self.act, self.scale_rule, sr)  # dgrad contracts over out: G's rows
@@ -1013,14 +1013,20 @@ class _Scaled(_Recipe):
         # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the
         # same tiles transposed, so quantising Wᵀ would give exactly qWᵀ: reuse it.
         w_reusable = gran_w[0] == "tensor" or (gran_w[1] is not None and gran_w[1][0] == gran_w[1][1])
+        if w_reusable and qW is None:
+            qW = _fq_slices(W, self.fmt_fwd, *gran_w, self.scale_rule)[0]
         qWt = qW.mT if w_reusable else _fq_slices(W.mT, self.fmt_fwd, *gran_w, self.scale_rule)[0]
         return self._gemm(qG, qWt), (qG, sG)
 
-    def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
+    def _reuses_qA(self) -> bool:
+        """Whether wgrad multiplies by the forward's qA (one per-tensor scale: transposing changes nothing)."""
+        return self.act[0] == "tensor" and not (self.rht_wgrad or self.sr_grad)
+
+    def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor | None) -> torch.Tensor:
         """Gᵀ·A with both scaled along tokens (the contraction dim); qG/qA: the dgrad's / forward's. With
         ``rht_wgrad`` both operands are first Hadamard-transformed along the tokens (zero-padded to whole
         runs of 16: padding adds zero terms), which leaves the exact product unchanged."""
-        if self.act[0] == "tensor" and not (self.rht_wgrad or self.sr_grad):  # one scale: transposing changes nothing
+        if self._reuses_qA():  # one scale: transposing changes nothing
             qGt, qAt = qG.mT, qA.mT
         else:                                                   # wgrad contracts over tokens: new casts
             Gt, At = G.mT, A.mT
@@ -1036,14 +1042,19 @@ class _ScaledLinear(torch.autograd.Function):
     """``x·Wᵀ + bias`` with an OCP/MX recipe: fprop, dgrad and wgrad exactly as ``_Scaled`` replays them,
     in float32 (the result is cast back to x's dtype); the bias and its gradient stay unquantised.
     W may also be a stack [Bt, N, K] with x [Bt, M, K] (a batched site, no bias): the recipe's batched casts and
-    matmuls give exactly what this function gives slice by slice, stacked (batched_linear)."""
+    matmuls give exactly what this function gives slice by slice, stacked (batched_linear).
+    Saved for the backward (stateless recipes): x and W, and qA only where wgrad multiplies by it; the quantised
+    W is cast again where dgrad reuses it (the same bits), so a model's pass does not hold a float32 copy of
+    every weight. Delayed scaling saves qA and qW (a second cast would step its amax history)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, recipe: _Scaled,
                 b_is_weight: bool = True) -> torch.Tensor:
         A = x.reshape(-1, x.shape[-1]) if W.dim() == 2 else x
         y, (qA, _), (qW, _) = recipe.fprop(A, W, b_is_weight)
-        ctx.save_for_backward(A, W, qA, qW)
+        # (delayed scaling keeps both: casting W again would step its amax history)
+        stateless = not isinstance(recipe, _Delayed)
+        ctx.save_for_backward(A, W, qA if not stateless or recipe._reuses_qA() else None, None if stateless else qW)
         ctx.recipe, ctx.x_shape, ctx.has_bias, ctx.b_is_weight = recipe, x.shape, bias is not None, b_is_weight
         y = y.to(x.dtype)
         if bias is not None:
@@ -1195,12 +1206,17 @@ class _CodebookAccum(_Recipe):
         qA, qW = _fq_code(A, "bnb-e4m3", self._bsz(W)[0]), _weight_bnb_global(W)[0]
         return matmul_limited(qA.float(), qW.float(), self.accum), (qA, None), (qW, None)
 
-    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
+    def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor | None,
               b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:
         qG = _fq_code(G, "bnb-e5m2", self._bsz(W)[1])
+        qW = _weight_bnb_global(W)[0] if qW is None else qW  # (None: cast again, the same bits)
         return matmul_limited(qG.float(), qW.float().t(), self.accum), (qG, None)
 
-    def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor) -> torch.Tensor:
+    def _reuses_qA(self) -> bool:
+        """Whether wgrad multiplies by the forward's qA (global: one absmax, fq(Aᵀ) = fq(A)ᵀ)."""
+        return not self.mixed
+
+    def wgrad(self, G: torch.Tensor, A: torch.Tensor, qG: torch.Tensor, qA: torch.Tensor | None) -> torch.Tensor:
         if self.mixed:
             return G.float().t() @ A.float()
         return matmul_limited(qG.float().t(), qA.float().t(), self.accum)  # one absmax: fq(Aᵀ) = fq(A)ᵀ

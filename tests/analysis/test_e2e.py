@@ -638,3 +638,44 @@ def test_gradient_sums_in_one_pass(dtype) -> None:
         gl2[3, 4] = bad
         sig2, err2 = E._grad_sums(gh, gl2)
         assert sig2 == pytest.approx(want[0], rel=1e-12) and (math.isnan(err2) or math.isinf(err2))
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding tied to the output projection (one Parameter used twice) and a parameter the loss never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(8)
+        self.emb = torch.nn.Embedding(40, 16)
+        self.mid = torch.nn.Linear(16, 16)
+        self.unused = torch.nn.Linear(16, 16)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.mid(self.emb(ids)))
+        logits = h @ self.emb.weight.t()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 40), ids.reshape(-1))
+
+
+def test_gradients_reduced_in_hooks_equal_the_whole_gradients(monkeypatch) -> None:
+    """The recipes' gradients reduced to error sums in parameter hooks (_reduced_grads: no second copy of the
+    model's gradients) give the e2e table of whole gradients compared after the pass, a tied parameter and an
+    unused one included, and leave no .grad behind."""
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 40, (2, 12), generator=g) for _ in range(2)]
+    model = _TiedLM()
+
+    def whole(loss, params, against):
+        gl = torch.autograd.grad(loss, params, allow_unused=True)
+        return [None if a is None or x is None else E._grad_sums(a, x) for a, x in zip(against, gl)]
+
+    tables = []
+    for reduce in (E._reduced_grads, whole):
+        monkeypatch.setattr(E, "_reduced_grads", reduce)
+        res = analyze(model, batches, "ocp-tensorwise,int8", sensitivity="estimated")
+        tables.append(res.tables["e2e"])
+    assert tables[0].equals(tables[1])
+    assert tables[0]["grad_sqnr_db_min"].notna().all()
+    assert all(p.grad is None for p in model.parameters())
