@@ -389,18 +389,50 @@ def _wgrad_autograd(gt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return _mm(a.mT, gt.mT).mT  # grad_B = Aᵀ · G [K, N], transposed back to W's [N, K]
 
 
+def _fp8_cast_a(A: torch.Tensor, blocks: tuple[int, int] | None, records: bool = True
+                ) -> tuple[torch.Tensor, list[BlockRecords | None] | None]:
+    """(fp8A, its per-slice records or None): A [Bt, M, K] as MatMulFP8Global (blocks None: one absmax per
+    slice, _fq_code's float32 cast) / MatMulFP8Mixed (blocks (bsz, bsz2): blocks of bsz in A's dtype) quantise it."""
+    if blocks is None:
+        return _fq_code_slices(A, "bnb-e4m3", None), None
+    if not records:
+        return _fq_code_slices(A, "bnb-e4m3", blocks[0], as_float=False), None
+    return _fq_blocks(A, "bnb-e4m3", blocks[0])
+
+
+def _fp8_fprop(fp8A: torch.Tensor, qW: torch.Tensor, fp8Wt: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The forward product fp8A · fq(w.t()) of MatMulFP8Global / MatMulFP8Mixed (_fq_weight_t's qW, fp8Wt)."""
+    return _relaid("fprop", fp8A, qW.mT, _mm, lambda a, b: _mm(a, b.contiguous()), lambda: _mm(fp8A, fp8Wt()))
+
+
+def _fp8_grads(A: torch.Tensor, G: torch.Tensor, y_dtype: torch.dtype, fp8A: torch.Tensor | None, qW: torch.Tensor,
+               fp8Wt: Callable[[], torch.Tensor], blocks: tuple[int, int] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[BlockRecords | None] | None]:
+    """(dgrad, wgrad, g, fp8G, G's records) of MatMulFP8Global (blocks None; fp8A: _fp8_cast_a's) / MatMulFP8Mixed
+    (fp8A unused: its wgrad is the unquantised Gᵀ·A) for the upstream gradient G; g = G in the output's dtype."""
+    g = G.to(y_dtype)
+    if blocks is not None:
+        fp8G, recG = _fq_blocks(g, "bnb-e5m2", blocks[1])
+        g8 = fp8G.to(qW.dtype)
+        dgrad = _relaid("dgrad", g8, qW, _mm, _dgrad_autograd, lambda: _mm(g8, fp8Wt().mT)).to(A.dtype)
+        gA = g.to(A.dtype)
+        wgrad = _relaid("wgrad", gA.mT, A, _mm, _wgrad_autograd, shared=True).to(qW.dtype)
+        return dgrad, wgrad, g, fp8G, recG
+    fp8G = _fq_code_slices(g, "bnb-e5m2", None).to(fp8A.dtype)
+    dgrad = _relaid("dgrad", fp8G, qW, _mm, _dgrad_autograd, lambda: _mm(fp8G, fp8Wt().mT)).to(fp8A.dtype)
+    wgrad = _relaid("wgrad", fp8G.mT, fp8A, _mm, _wgrad_autograd).to(qW.dtype)
+    return dgrad, wgrad, g, fp8G, None
+
+
 def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
                      blocks: tuple[int, int] | None) -> StrategyOutput:
     """MatMulFP8Global (blocks None) / MatMulFP8Mixed (blocks = (bsz, bsz2)) on every slice, as
     _autograd_gemms(matmul_fp8_*(a, w.t())) computes them."""
     mixed = blocks is not None
     recs: dict[str, list[BlockRecords | None]] = {}
-    if mixed:
-        fp8A, recA = _fq_blocks(A, "bnb-e4m3", blocks[0])
-    else:
-        fp8A, recA = _fq_code_slices(A, "bnb-e4m3", None), None
+    fp8A, recA = _fp8_cast_a(A, blocks)
     qW, fp8Wt = _fq_weight_t(W)
-    y = _relaid("fprop", fp8A, qW.mT, _mm, lambda a, b: _mm(a, b.contiguous()), lambda: _mm(fp8A, fp8Wt()))
+    y = _fp8_fprop(fp8A, qW, fp8Wt)
     gemms = {"fprop": y}
     # The reported operands are _fq_code's (quantised in float32, cast back). Where that is the tensor a
     # GEMM already used it is reused: float32 operands of mixed, every operand of global, and W (one
@@ -415,26 +447,61 @@ def _run_fp8_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
         recs["activation"] = recA
     ops = {"activation": (A, qA, None), "weight": (W, qW, None)}
     if G is not None:
-        g = G.to(y.dtype)
+        gemms["dgrad"], gemms["wgrad"], g, fp8G, recG = _fp8_grads(A, G, y.dtype, fp8A, qW, fp8Wt, blocks)
         if mixed:
-            fp8G, recG = _fq_blocks(g, "bnb-e5m2", blocks[1])
-            g8 = fp8G.to(qW.dtype)
-            gemms["dgrad"] = _relaid("dgrad", g8, qW, _mm, _dgrad_autograd, lambda: _mm(g8, fp8Wt().mT)).to(A.dtype)
-            gA = g.to(A.dtype)
-            gemms["wgrad"] = _relaid("wgrad", gA.mT, A, _mm, _wgrad_autograd, shared=True).to(qW.dtype)
             # g is G itself when the dtypes agree; else the reported operand and its records are G's own
             same = G.dtype == g.dtype and (G.dtype == _F32 or recG is not None)
             ops["grad_output"] = (G, fp8G if same else _fq_code_slices(G, "bnb-e5m2", blocks[1]), None)
             if recG is not None and G.dtype == g.dtype:
                 recs["grad_output"] = recG
         else:
-            fp8G = _fq_code_slices(g, "bnb-e5m2", None).to(fp8A.dtype)
-            gemms["dgrad"] = _relaid("dgrad", fp8G, qW, _mm, _dgrad_autograd,
-                                     lambda: _mm(fp8G, fp8Wt().mT)).to(fp8A.dtype)
-            gemms["wgrad"] = _relaid("wgrad", fp8G.mT, fp8A, _mm, _wgrad_autograd).to(qW.dtype)
             same = G.dtype == g.dtype == fp8A.dtype
             ops["grad_output"] = (G, fp8G if same else _fq_code_slices(G, "bnb-e5m2", None), None)
     return StrategyOutput(gemms, ops, recs)
+
+
+class _StackedFp8(torch.autograd.Function):
+    """MatMulFP8Global (blocks None) / MatMulFP8Mixed (blocks (bsz, bsz2)) of each slice of a [Bt, M, K] and
+    b [Bt, N, K] (a · bᵀ; b plays w, quantised as the function's B = w.t()), forward and backward from the
+    replay's own steps (_fp8_cast_a, _fp8_fprop, _fp8_grads: the autograd functions' bits,
+    tests/analysis/test_bnb_replay.py). Saves a and b only: the backward quantises them again (the same bits)
+    instead of holding a float32 fp8 copy of every weight through a model's pass, as the library's functions
+    do (Llama-135M end to end: the peak of the whole e2e part)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, blocks: tuple[int, int] | None) -> torch.Tensor:
+        fp8A, _ = _fp8_cast_a(a, blocks, records=False)
+        qW, fp8Wt = _fq_weight_t(b)
+        y = _fp8_fprop(fp8A, qW, fp8Wt)
+        ctx.save_for_backward(a, b)
+        ctx.blocks, ctx.y_dtype = blocks, y.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        with torch.no_grad():
+            fp8A = _fp8_cast_a(a, None)[0] if ctx.blocks is None else None  # (mixed's wgrad is unquantised)
+            qW, fp8Wt = _fq_weight_t(b)
+            dgrad, wgrad, *_ = _fp8_grads(a, grad, ctx.y_dtype, fp8A, qW, fp8Wt, ctx.blocks)
+        return (dgrad if ctx.needs_input_grad[0] else None, wgrad if ctx.needs_input_grad[1] else None, None)
+
+
+def _fp8_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
+                blocks: tuple[int, int] | None) -> torch.Tensor:
+    """``matmul_fp8_global(x, W.t())`` (blocks None) / ``matmul_fp8_mixed(x, W.t(), *blocks)`` (-1: get_block_sizes'
+    size) plus the bias in x's precision, for x [..., in] and W [out, in], by _StackedFp8 on the one-slice stack
+    of x's rows: the functions' values and gradients (tests/analysis/test_e2e.py), without their saved fp8 copy
+    of W. Empty operands take the functions themselves."""
+    if x.numel() == 0 or W.numel() == 0:
+        if blocks is None:
+            return _plus_bias(AG.matmul_fp8_global(x, W.t()), bias)
+        return _plus_bias(AG.matmul_fp8_mixed(x, W.t(), bsz=blocks[0], bsz2=blocks[1]), bias)
+    if blocks is not None:
+        auto = AG.get_block_sizes(x.shape[-1], W.shape[0])
+        blocks = (auto[0] if blocks[0] == -1 else int(blocks[0]), auto[1] if blocks[1] == -1 else int(blocks[1]))
+    y = _StackedFp8.apply(x.reshape(1, -1, x.shape[-1]), W[None], blocks)
+    return _plus_bias(y.reshape(*x.shape[:-1], W.shape[0]), bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,12 +783,12 @@ def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 def _linear_global(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                    b_is_weight: bool = True) -> torch.Tensor:
-    return _plus_bias(AG.matmul_fp8_global(x, W.t()), bias)
+    return _fp8_linear(x, W, bias, None)  # MatMulFP8Global's bits (_fp8_linear)
 
 
 def _linear_mixed(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                   b_is_weight: bool = True, blocks: tuple[int, int] = (-1, -1)) -> torch.Tensor:
-    return _plus_bias(AG.matmul_fp8_mixed(x, W.t(), bsz=blocks[0], bsz2=blocks[1]), bias)
+    return _fp8_linear(x, W, bias, blocks)  # MatMulFP8Mixed's bits (_fp8_linear)
 
 
 def _linear_int8(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
@@ -1118,7 +1185,15 @@ def batched_linear(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, thresho
     if type(getattr(strategy.linear, "__self__", None)) is _Scaled:
         return strategy.linear(a, b, None, threshold, b_is_weight)
     run = _stack_runner(strategy, a, b)
-    return None if run is None else _StackedBnb.apply(a, b, run, threshold, b_is_weight)
+    if run is None:
+        return None
+    base = run.func if isinstance(run, functools.partial) else run
+    if base is _run_global:
+        return _StackedFp8.apply(a, b, None)
+    if base is _run_mixed:  # (its fixed block sizes, else get_block_sizes of a slice, as _run_mixed)
+        blocks = run.keywords.get("blocks") if isinstance(run, functools.partial) else None
+        return _StackedFp8.apply(a, b, blocks or AG.get_block_sizes(a[0], b[0]))
+    return _StackedBnb.apply(a, b, run, threshold, b_is_weight)
 
 
 _TENSOR = ("tensor", None)

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import planted_models as P
+from fp8probe import autograd as AG
 from fp8probe.analysis import e2e as E
 from fp8probe.analysis.demo_model import build_demo
 from fp8probe.analysis.loading import to_batches
@@ -679,3 +680,34 @@ def test_gradients_reduced_in_hooks_equal_the_whole_gradients(monkeypatch) -> No
     assert tables[0].equals(tables[1])
     assert tables[0]["grad_sqnr_db_min"].notna().all()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("which", ["global", "mixed", "mixed bs=64", "mixed bs=7"])
+def test_fp8_linear_is_the_library_autograd_function(which: str, dtype) -> None:
+    """The in-model global / mixed (_fp8_linear: the replay's steps, W quantised again in the backward instead of
+    saved) give MatMulFP8Global / MatMulFP8Mixed's output and gradients bit for bit, bias included, on 2-D and
+    3-D (non-contiguous) inputs, and on a 0-row input."""
+    strat = mixed_with_blocksize(int(which.split("=")[1])) if "=" in which else STRATEGIES[which]
+    gen = torch.Generator().manual_seed(13)
+    for shape in ((24, 40), (3, 7, 33), (0, 16)):
+        k = shape[-1]
+        x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+        if len(shape) == 3:
+            x = x.transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous [3, 7, 33]
+        W = (torch.randn(9, k, generator=gen) * 0.2).to(dtype)
+        bias = torch.randn(9, generator=gen).to(dtype)
+        G = (torch.randn(*shape[:-1], 9, generator=gen) * 1e-2).to(dtype)
+        if which == "global":
+            lib = lambda a, w, b: AG.matmul_fp8_global(a, w.t()) + b.to(a.dtype)  # noqa: E731
+        else:
+            bs = (-1, -1) if which == "mixed" else (int(which.split("=")[1]),) * 2
+            lib = lambda a, w, b: AG.matmul_fp8_mixed(a, w.t(), bsz=bs[0], bsz2=bs[1]) + b.to(a.dtype)  # noqa: E731
+        outs = []
+        for fn in (lambda a, w, b: strat.linear(a, w, b, 6.0), lib):
+            xs, ws, bs_ = (t.detach().clone().requires_grad_(True) for t in (x, W, bias))
+            y = fn(xs, ws, bs_)
+            y.backward(G)
+            outs.append((y.detach(), xs.grad, ws.grad, bs_.grad))
+        for got, want in zip(*outs):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (which, shape)
