@@ -723,16 +723,20 @@ def _run_int8_stacked(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, 
     return StrategyOutput(gemms, ops)
 
 
-def _slice_by_slice(run: Callable[..., StrategyOutput], A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
-                    *args: Any) -> StrategyOutput:
-    """``run`` on each slice of batched operands, its GEMMs and operands stacked (run_strategy's own loop)."""
-    outs = [run(A[i], W[i], None if G is None else G[i], *args) for i in range(A.shape[0])]
+def _stacked(outs: list[StrategyOutput]) -> StrategyOutput:
+    """The slices' replays as one batched StrategyOutput: every GEMM and operand stacked (no block records)."""
     gemms = {key: torch.stack([o.gemms[key] for o in outs]) for key in outs[0].gemms}
     operands = {}
     for key in outs[0].operands:
         x, q, sat = zip(*(o.operands[key] for o in outs))
         operands[key] = (torch.stack(x), torch.stack(q), None if sat[0] is None else torch.stack(sat))
     return StrategyOutput(gemms, operands)
+
+
+def _slice_by_slice(run: Callable[..., StrategyOutput], A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
+                    *args: Any) -> StrategyOutput:
+    """``run`` on each slice of batched operands, stacked (run_strategy's own loop)."""
+    return _stacked([run(A[i], W[i], None if G is None else G[i], *args) for i in range(A.shape[0])])
 
 
 def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
@@ -1545,12 +1549,6 @@ def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.
     with torch.no_grad():
         if A.dim() == 2 or (strategy.runs_batched and strategy.new_state is None):
             return strategy.run(A, W, G, threshold, b_is_weight, **site_kwargs(strategy, state, site, None))
-        outs = [strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight,
-                             **site_kwargs(strategy, state, site, i))
-                for i in range(A.shape[0])]
-    gemms = {k: torch.stack([o.gemms[k] for o in outs]) for k in outs[0].gemms}
-    operands = {}
-    for k in outs[0].operands:
-        x, q, sat = zip(*(o.operands[k] for o in outs))
-        operands[k] = (torch.stack(x), torch.stack(q), None if sat[0] is None else torch.stack(sat))
-    return StrategyOutput(gemms, operands)
+        return _stacked([strategy.run(A[i], W[i], None if G is None else G[i], threshold, b_is_weight,
+                                      **site_kwargs(strategy, state, site, i))
+                         for i in range(A.shape[0])])
