@@ -470,16 +470,19 @@ class _StackedFp8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, blocks: tuple[int, int] | None) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        # detached: the fused C quantisers decline tensors that require grad (no graph is built here anyway)
+        a, b = a.detach(), b.detach()
         fp8A, _ = _fp8_cast_a(a, blocks, records=False)
         qW, fp8Wt = _fq_weight_t(b)
         y = _fp8_fprop(fp8A, qW, fp8Wt)
-        ctx.save_for_backward(a, b)
         ctx.blocks, ctx.y_dtype = blocks, y.dtype
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        a, b = ctx.saved_tensors
+        a, b = (t.detach() for t in ctx.saved_tensors)
+        grad = grad.detach()
         with torch.no_grad():
             fp8A = _fp8_cast_a(a, None)[0] if ctx.blocks is None else None  # (mixed's wgrad is unquantised)
             qW, fp8Wt = _fq_weight_t(b)
@@ -1156,13 +1159,13 @@ class _StackedBnb(torch.autograd.Function):
                 b_is_weight: bool) -> torch.Tensor:
         ctx.save_for_backward(a, b)
         ctx.run, ctx.threshold, ctx.b_is_weight = run, threshold, b_is_weight
-        return run(a, b, None, threshold, b_is_weight).gemms["fprop"]
+        return run(a.detach(), b.detach(), None, threshold, b_is_weight).gemms["fprop"]  # (detached: _StackedFp8)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        a, b = ctx.saved_tensors
+        a, b = (t.detach() for t in ctx.saved_tensors)
         with torch.no_grad():
-            gemms = ctx.run(a, b, grad, ctx.threshold, ctx.b_is_weight).gemms
+            gemms = ctx.run(a, b, grad.detach(), ctx.threshold, ctx.b_is_weight).gemms
         return (gemms["dgrad"] if ctx.needs_input_grad[0] else None,
                 gemms["wgrad"] if ctx.needs_input_grad[1] else None, None, None, None)
 
