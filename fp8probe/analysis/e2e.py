@@ -300,9 +300,9 @@ def _reduced_grads(loss: torch.Tensor, params: list[torch.Tensor], against: list
 def _grad_sums(gh: torch.Tensor, gl: torch.Tensor) -> tuple[float, float]:
     """(Σgh², Σ(gl − gh)²) of a parameter's high-precision and low-precision gradients, in float64: one C pass
     (metrics' error_sums: exact float64 widening, its documented summation order) where every pair is finite;
-    else (NaN/±Inf in either, a GPU tensor, no C extension) the float64 copies in torch, whose NaN/Inf then
-    reach the SQNR as before (and DTensors, FSDP2's sharded parameters). The C pass replaced three float64 copies and three passes per parameter and
-    recipe (1.3 of ~7.8 s of the end-to-end part on BERT 6-layer, 8 recipes)."""
+    else (NaN/±Inf in either, a GPU tensor, no C extension, FSDP2's sharded DTensor parameters) the float64
+    copies in torch, whose NaN/Inf then reach the SQNR as before. The C pass replaced three float64 copies and
+    three passes per parameter and recipe (1.3 of ~7.8 s of the end-to-end part on BERT 6-layer, 8 recipes)."""
     # (plain tensors only: a DTensor's data pointer is its local shard)
     sums = _cpu.error_sums(gh, gl) if type(gh) is torch.Tensor and type(gl) is torch.Tensor else None
     if sums is not None and sums[6] == 0 and sums[7] == 0:

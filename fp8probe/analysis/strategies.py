@@ -710,7 +710,8 @@ def _run_int8_stacked(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, 
     CA, SCA, CB, SCB = CA.view(bt, m, k), SCA.view(bt, m), CB.view(bt, n, k), SCB.view(bt, n)
     y = _int8_scaled_mm_stacked(CA, CB, SCA, SCB, A.dtype)
     gemms = {"fprop": y}
-    ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), None), "weight": (W, W32.to(W.dtype), None)}
+    ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), None),
+           "weight": (W, W32.to(W.dtype), None)}
     if G is not None:
         grad2 = G.to(y.dtype)
         QA_col, SCAt = _int8_cols_stacked(A)
@@ -1172,7 +1173,7 @@ class _StackedBnb(torch.autograd.Function):
 
 def _stack_runner(strategy: Strategy, a: torch.Tensor, b: torch.Tensor) -> Runner | None:
     """``strategy.run`` where it computes a stack in one call exactly as the recipe's autograd function does slice
-    by slice (global, mixed at any block size, switchback within its int8 GEMM's K), else None."""
+    by slice (global, mixed at any block size, int8, switchback within its int8 GEMM's K), else None."""
     base = strategy.run.func if isinstance(strategy.run, functools.partial) else strategy.run
     if base not in _BNB_BATCHED or not _stackable(a, b, None):
         return None
@@ -1184,9 +1185,10 @@ def _stack_runner(strategy: Strategy, a: torch.Tensor, b: torch.Tensor) -> Runne
 def batched_linear(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float,
                    b_is_weight: bool) -> torch.Tensor | None:
     """``torch.stack([strategy.linear(a[i], b[i], None, ...) for i])`` in one autograd call: a stateless OCP/MX
-    recipe's _ScaledLinear takes the stacks, a bnb recipe with a batched runner runs it in _StackedBnb (bit for
-    bit the same values and gradients; an attention site of a small model otherwise costs Bt autograd nodes and
-    ~8 Bt casts of a few hundred elements); None for any other strategy (the caller then loops over the slices)."""
+    recipe's _ScaledLinear takes the stacks, global/mixed run _StackedFp8, int8/switchback their replay runner in
+    _StackedBnb (bit for bit the same values and gradients; an attention site of a small model otherwise costs Bt
+    autograd nodes and ~8 Bt casts of a few hundred elements); None for any other strategy (the caller then loops
+    over the slices)."""
     if strategy.new_state is not None or a.dim() != 3 or b.dim() != 3:
         return None
     if type(getattr(strategy.linear, "__self__", None)) is _Scaled:
