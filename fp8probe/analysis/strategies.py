@@ -690,21 +690,36 @@ def _int8_cols_stacked(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q_col.view(m, bt, c).permute(1, 0, 2), col_stats.view(bt, c)
 
 
+def _int8_outlier_slices(A: torch.Tensor, threshold: float) -> list[int]:
+    """The slices of A [Bt, M, K] with an element at or above the threshold (the ops' own float32 test,
+    functional._op_threshold; NaN never is): LLM.int8's outlier columns there; none at threshold 0."""
+    if threshold <= 0:
+        return []
+    outlier = A.abs().to(_F32) >= F._op_threshold(float(threshold), "")
+    return outlier.flatten(1).any(1).nonzero().flatten().tolist()
+
+
 def _run_int8_stacked(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
                       row_scale: str) -> StrategyOutput | None:
-    """_run_int8_direct on every slice of A [Bt, M, K], W [Bt, N, K], G [Bt, M, N], stacked, in one call per step,
-    where no element of A reaches the threshold (then no slice has an outlier column, and a row's codes and scale
-    are its own, the same in the stack as in its slice) and the int8 GEMMs contract over at most F32_EXACT_K (K
-    and M: _int8_scaled_mm_stacked); None otherwise (the caller goes slice by slice)."""
+    """_run_int8_direct on every slice of A [Bt, M, K], W [Bt, N, K], G [Bt, M, N], stacked, in one call per step
+    where the int8 GEMMs contract over at most F32_EXACT_K (K and M: _int8_scaled_mm_stacked); None otherwise, or
+    when every slice has an outlier (the caller goes slice by slice).
+
+    A slice with no element reaching the threshold has no outlier column: its rows' codes and scales are those
+    of threshold 0 (either row scale), each row's own, the same in the stack as in the slice. So the stack is
+    quantised and multiplied at threshold 0, and the slices with outliers (an element at or above the ops'
+    threshold, functional._op_threshold) are then replayed one by one (_run_int8_direct) over their part of every
+    result."""
     bt, m, k = A.shape
     n = W.shape[1]
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     if k > F32_EXACT_K or (G is not None and m > F32_EXACT_K):
         return None
-    CA, SCA, cols = F.int8_vectorwise_quant(A.reshape(bt * m, k), float(threshold), row_scale=row_scale)
-    if cols is not None and cols.numel():
+    dirty = _int8_outlier_slices(A, threshold)
+    if len(dirty) == bt:
         return None
+    CA, SCA, _ = F.int8_vectorwise_quant(A.reshape(bt * m, k), 0.0)
     CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().reshape(bt * n, k), 0.0)
     W32 = F.int8_vectorwise_dequant(CB, SCB).view(bt, n, k)
     CA, SCA, CB, SCB = CA.view(bt, m, k), SCA.view(bt, m), CB.view(bt, n, k), SCB.view(bt, n)
@@ -724,6 +739,12 @@ def _run_int8_stacked(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, 
         else:
             qG = torch.stack([_int8_cols(G[i]) for i in range(bt)])
         ops["grad_output"] = (G, qG, None)
+    for i in dirty:  # (every result above is a fresh tensor: written in place)
+        one = _run_int8_direct(A[i], W[i], None if G is None else G[i], float(threshold), row_scale)
+        for key, y in one.gemms.items():
+            gemms[key][i] = y
+        for key, (_, q, _) in one.operands.items():
+            ops[key][1][i] = q
     return StrategyOutput(gemms, ops)
 
 
@@ -1171,13 +1192,19 @@ class _StackedBnb(torch.autograd.Function):
                 gemms["wgrad"] if ctx.needs_input_grad[1] else None, None, None, None)
 
 
-def _stack_runner(strategy: Strategy, a: torch.Tensor, b: torch.Tensor) -> Runner | None:
+def _stack_runner(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float) -> Runner | None:
     """``strategy.run`` where it computes a stack in one call exactly as the recipe's autograd function does slice
     by slice (global, mixed at any block size, int8, switchback within its int8 GEMM's K), else None."""
     base = strategy.run.func if isinstance(strategy.run, functools.partial) else strategy.run
     if base not in _BNB_BATCHED or not _stackable(a, b, None):
         return None
     if base is _run_switchback and a.shape[-1] > F.INT8_MATMUL_MAX_K:
+        return None
+    # int8: where the stacked replay would go slice by slice (long contractions) or replay more than half of the
+    # slices alone (outliers), twice in _StackedBnb (forward, then again with the gradient), the library's
+    # autograd function per slice is cheaper (48 against 31 ms on a 32-head demo site with outliers in every head)
+    if base is _run_int8 and (max(a.shape[1], a.shape[2]) > F32_EXACT_K
+                              or 2 * len(_int8_outlier_slices(a, threshold)) > a.shape[0]):
         return None
     return strategy.run
 
@@ -1193,7 +1220,7 @@ def batched_linear(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, thresho
         return None
     if type(getattr(strategy.linear, "__self__", None)) is _Scaled:
         return strategy.linear(a, b, None, threshold, b_is_weight)
-    run = _stack_runner(strategy, a, b)
+    run = _stack_runner(strategy, a, b, threshold)
     if run is None:
         return None
     base = run.func if isinstance(run, functools.partial) else run
