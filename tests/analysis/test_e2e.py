@@ -556,10 +556,25 @@ def test_numerically_zero_gradients_are_left_out_of_gradient_sqnr() -> None:
         assert r["grad_sqnr_db_min"] > 5, r
 
 
-def _per_slice(strat, a: torch.Tensor, b: torch.Tensor, b_is_weight: bool) -> torch.Tensor:
+def _per_slice(strat, a: torch.Tensor, b: torch.Tensor, b_is_weight: bool, threshold: float = 6.0) -> torch.Tensor:
     """What lp_gemm computed for a batched site before batched_linear: one Strategy.linear per slice, stacked."""
-    return torch.stack([strat.linear(a[i], b[i], None, 6.0, b_is_weight, **site_kwargs(strat, None, "s", i))
+    return torch.stack([strat.linear(a[i], b[i], None, threshold, b_is_weight, **site_kwargs(strat, None, "s", i))
                         for i in range(a.shape[0])])
+
+
+def _assert_stack_is_slices(strat, a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, threshold: float,
+                            b_is_weight: bool) -> None:
+    """lp_gemm on the stack (a [Bt, M, K], b [Bt, N, K]) and one Strategy.linear per slice, stacked, give the same
+    output and gradients of a and b for the upstream gradient G, bit for bit and in the same dtypes."""
+    outs = []
+    for fn in (lambda x, y: E.lp_gemm(strat, x, y, threshold, b_is_weight),
+               lambda x, y: _per_slice(strat, x, y, b_is_weight, threshold)):
+        ar, br = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+        y = fn(ar, br)
+        y.backward(G)
+        outs.append((y.detach(), ar.grad, br.grad))
+    for got, want in zip(*outs):
+        assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -574,14 +589,7 @@ def test_batched_site_in_one_call_equals_slice_by_slice(name: str, b_is_weight: 
     a[1, 3, 5] = 300.0  # an outlier in one slice: per-slice scales must stay per slice
     G = (torch.randn(4, 24, 40, generator=gen) * 1e-2).to(dtype).mT  # [4, 40, 24], not contiguous
     strat = STRATEGIES[name]
-    outs = []
-    for fn in (lambda x, y: E.lp_gemm(strat, x, y, 6.0, b_is_weight), lambda x, y: _per_slice(strat, x, y, b_is_weight)):
-        ar, br = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
-        y = fn(ar, br)
-        y.backward(G)
-        outs.append((y.detach(), ar.grad, br.grad))
-    for got, want in zip(*outs):
-        assert got.dtype == want.dtype and torch.equal(got, want)
+    _assert_stack_is_slices(strat, a, b, G, 6.0, b_is_weight)
     one_call = strat.new_state is None and name.startswith(("ocp-", "mx", "nvfp4", "global", "mixed", "switchback")) \
         or name == "int8" and 2 * len(S._int8_outlier_slices(a, 6.0)) <= a.shape[0]  # (else per slice: cheaper)
     assert (E.batched_linear(strat, a, b, 6.0, b_is_weight) is not None) == one_call
@@ -603,15 +611,7 @@ def test_bnb_recipes_on_a_stack_equal_slice_by_slice(strat, shape: tuple[int, in
     b = torch.randn(bt, n, k, generator=gen)
     b[-1, 0, 0] = 40.0
     G = torch.randn(bt, m, n, generator=gen) * 1e-3
-    outs = []
-    for fn in (lambda x, y: E.lp_gemm(strat, x, y, threshold, False),
-               lambda x, y: torch.stack([strat.linear(x[i], y[i], None, threshold, False) for i in range(bt)])):
-        ar, br = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-        y = fn(ar, br)
-        y.backward(G)
-        outs.append((y.detach(), ar.grad, br.grad))
-    for got, want in zip(*outs):
-        assert torch.equal(got, want)
+    _assert_stack_is_slices(strat, a, b, G, threshold, False)
     one_call = strat.name != "int8" or 2 * len(S._int8_outlier_slices(a, threshold)) <= bt
     assert (E.batched_linear(strat, a, b, threshold, False) is not None) == one_call
 
@@ -725,13 +725,6 @@ def test_int8_stack_with_outliers_in_one_slice() -> None:
     G = torch.randn(4, 16, 8, generator=gen) * 1e-2
     strat = STRATEGIES["int8"]
     assert S._int8_outlier_slices(a, 6.0) == [2] and E.batched_linear(strat, a, b, 6.0, False) is not None
-    outs = []
-    for fn in (lambda x, y: E.lp_gemm(strat, x, y, 6.0, False), lambda x, y: _per_slice(strat, x, y, False)):
-        ar, br = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-        y = fn(ar, br)
-        y.backward(G)
-        outs.append((y.detach(), ar.grad, br.grad))
-    for got, want in zip(*outs):
-        assert torch.equal(got, want)
+    _assert_stack_is_slices(strat, a, b, G, 6.0, False)
     a[:3, 0, 0] = 9.0
     assert E.batched_linear(strat, a, b, 6.0, False) is None
