@@ -728,3 +728,28 @@ def test_int8_stack_with_outliers_in_one_slice() -> None:
     _assert_stack_is_slices(strat, a, b, G, 6.0, False)
     a[:3, 0, 0] = 9.0
     assert E.batched_linear(strat, a, b, 6.0, False) is None
+
+
+@pytest.mark.parametrize("name", ["global", "mixed", "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8",
+                                  "nvfp4"])
+def test_a_recipe_pass_saves_no_copy_of_the_weights(name: str) -> None:
+    """What a recipe's in-model GEMM keeps for its backward (saved_tensors_hooks): the weight itself and the
+    activations, no quantised copy of the weight (the backward casts it again), so an end-to-end pass over a
+    model holds activations, not a second model. Before, global/mixed saved the fp8 weight and the OCP/MX
+    recipes qW: 4x256x256 float32 bytes more than the budget below."""
+    gen = torch.Generator().manual_seed(41)
+    W = torch.randn(256, 256, generator=gen).requires_grad_(True)
+    x = torch.randn(4, 256, generator=gen).requires_grad_(True)
+    own = {W.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}
+    extra = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own:
+            extra.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = STRATEGIES[name].linear(x, W, None, 6.0)
+    assert sum(extra) <= 4 * x.numel() * 4  # at most activation-sized tensors (a cast of x), never W-sized
+    y.backward(torch.ones_like(y))
+    assert W.grad is not None and x.grad is not None
