@@ -500,9 +500,8 @@ def _fp8_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
         if blocks is None:
             return _plus_bias(AG.matmul_fp8_global(x, W.t()), bias)
         return _plus_bias(AG.matmul_fp8_mixed(x, W.t(), bsz=blocks[0], bsz2=blocks[1]), bias)
-    if blocks is not None:
-        auto = AG.get_block_sizes(x.shape[-1], W.shape[0])
-        blocks = (auto[0] if blocks[0] == -1 else int(blocks[0]), auto[1] if blocks[1] == -1 else int(blocks[1]))
+    if blocks is not None:  # (-1: get_block_sizes', as the function resolves them)
+        blocks = AG._resolve_blocks(x, W.t(), blocks[0], blocks[1], None)
     y = _StackedFp8.apply(x.reshape(1, -1, x.shape[-1]), W[None], blocks)
     return _plus_bias(y.reshape(*x.shape[:-1], W.shape[0]), bias)
 
@@ -741,8 +740,8 @@ def _run_int8_stacked(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, 
         ops["grad_output"] = (G, qG, None)
     for i in dirty:  # (every result above is a fresh tensor: written in place)
         one = _run_int8_direct(A[i], W[i], None if G is None else G[i], float(threshold), row_scale)
-        for key, y in one.gemms.items():
-            gemms[key][i] = y
+        for key, part in one.gemms.items():
+            gemms[key][i] = part
         for key, (_, q, _) in one.operands.items():
             ops[key][1][i] = q
     return StrategyOutput(gemms, ops)
@@ -1192,23 +1191,6 @@ class _StackedBnb(torch.autograd.Function):
                 gemms["wgrad"] if ctx.needs_input_grad[1] else None, None, None, None)
 
 
-def _stack_runner(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float) -> Runner | None:
-    """``strategy.run`` where it computes a stack in one call exactly as the recipe's autograd function does slice
-    by slice (global, mixed at any block size, int8, switchback within its int8 GEMM's K), else None."""
-    base = strategy.run.func if isinstance(strategy.run, functools.partial) else strategy.run
-    if base not in _BNB_BATCHED or not _stackable(a, b, None):
-        return None
-    if base is _run_switchback and a.shape[-1] > F.INT8_MATMUL_MAX_K:
-        return None
-    # int8: where the stacked replay would go slice by slice (long contractions) or replay more than half of the
-    # slices alone (outliers), twice in _StackedBnb (forward, then again with the gradient), the library's
-    # autograd function per slice is cheaper (48 against 31 ms on a 32-head demo site with outliers in every head)
-    if base is _run_int8 and (max(a.shape[1], a.shape[2]) > F32_EXACT_K
-                              or 2 * len(_int8_outlier_slices(a, threshold)) > a.shape[0]):
-        return None
-    return strategy.run
-
-
 def batched_linear(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float,
                    b_is_weight: bool) -> torch.Tensor | None:
     """``torch.stack([strategy.linear(a[i], b[i], None, ...) for i])`` in one autograd call: a stateless OCP/MX
@@ -1220,15 +1202,22 @@ def batched_linear(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, thresho
         return None
     if type(getattr(strategy.linear, "__self__", None)) is _Scaled:
         return strategy.linear(a, b, None, threshold, b_is_weight)
-    run = _stack_runner(strategy, a, b, threshold)
-    if run is None:
-        return None
+    run = strategy.run
     base = run.func if isinstance(run, functools.partial) else run
+    if base not in _BNB_BATCHED or not _stackable(a, b, None):
+        return None
     if base is _run_global:
         return _StackedFp8.apply(a, b, None)
     if base is _run_mixed:  # (its fixed block sizes, else get_block_sizes of a slice, as _run_mixed)
-        blocks = run.keywords.get("blocks") if isinstance(run, functools.partial) else None
-        return _StackedFp8.apply(a, b, blocks or AG.get_block_sizes(a[0], b[0]))
+        return _StackedFp8.apply(a, b, _mixed_blocks(run) or AG.get_block_sizes(a[0], b[0]))
+    if base is _run_switchback and a.shape[-1] > F.INT8_MATMUL_MAX_K:
+        return None
+    # int8: where the stacked replay would go slice by slice (long contractions) or replay more than half of the
+    # slices alone (outliers), twice in _StackedBnb (forward, then again with the gradient), the library's
+    # autograd function per slice is cheaper (48 against 31 ms on a 32-head demo site with outliers in every head)
+    if base is _run_int8 and (max(a.shape[1], a.shape[2]) > F32_EXACT_K
+                              or 2 * len(_int8_outlier_slices(a, threshold)) > a.shape[0]):
+        return None
     return _StackedBnb.apply(a, b, run, threshold, b_is_weight)
 
 
