@@ -102,6 +102,12 @@ class MatmulLtState:
     #: LLM.int8 row absmax of A: "bnb" (SPEC §5.1, outlier columns' sub-threshold values count) or
     #: "paper" (outlier columns left out; functional.int8_vectorwise_quant). fp8probe's addition.
     row_scale: str = "bnb"
+    #: False: MatMul8bitLt / SwitchBackBnb keep the weight itself (autograd holds it anyway) for the backward and
+    #: quantise it again there, instead of keeping its int8 rows CB (one byte per weight element) from the forward
+    #: to the backward: the same call on the same weight, the same bits. Only where the forward's CB is that
+    #: quantisation of the weight as it is (default compat, a float weight, the cache keyed to this version);
+    #: otherwise CB is kept. The state's own cache (CB, SCB) is unaffected. fp8probe's addition.
+    save_weight_codes: bool = True
 
     def reset_grads(self) -> None:
         """Forget the cached int8 weight (CB, SCB and the legacy layouts) so the next forward re-quantises."""
@@ -452,6 +458,19 @@ def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) 
     return state.CB, state.SCB
 
 
+def _codes_again(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> bool:
+    """Whether the backward quantises the weight again instead of keeping CB (MatmulLtState.save_weight_codes):
+    only where CB is exactly _quantize_weight's fresh quantisation of B as it is now."""
+    return (not state.save_weight_codes and compat is None and B.dtype != torch.int8
+            and not torch.compiler.is_compiling() and state.weight_key == _weight_key(B))
+
+
+def _weight_codes(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB, SCB) of a float weight: _quantize_weight's call for the default compat."""
+    CB, SCB, _ = F.int8_vectorwise_quant(B.contiguous(), _NO_THRESHOLD)
+    return CB, SCB
+
+
 def _dequant_weight(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``CB · SCB / 127`` computed in float32 (SPEC §5.2), then cast to `dtype`."""
     return F.int8_vectorwise_dequant(CB, SCB).to(dtype)
@@ -570,7 +589,8 @@ class MatMul8bitLt(torch.autograd.Function):
         # graph value (dynamo refuses it; here the outlier-column gather of A), hence the clone.
         if subA is not None and (not want_grad_B or torch.compiler.is_compiling()):
             subA = subA.clone() if want_grad_B else None
-        ctx.save_for_backward(CAt, subA, CB, SCB)
+        ctx.codes_again = _codes_again(B, state, compat)
+        ctx.save_for_backward(CAt, subA, *((B, None) if ctx.codes_again else (CB, SCB)))
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
@@ -578,6 +598,8 @@ class MatMul8bitLt(torch.autograd.Function):
         if ctx.is_empty:
             return _empty_int8_grads(ctx, grad_output, 2)
         CAt, subA, CB, SCB = ctx.saved_tensors
+        if ctx.codes_again:  # (CB is the weight: save_weight_codes)
+            CB, SCB = _weight_codes(CB)
         compat = ctx.compat
         n_out = CB.shape[0]
         grad2 = grad_output.reshape(-1, n_out)
@@ -654,7 +676,8 @@ class SwitchBackBnb(torch.autograd.Function):
         ctx.grad_shape, ctx.dtype_A, ctx.dtype_B = A.shape, A.dtype, B.dtype
         ctx.dtype_bias = None if bias is None else bias.dtype
         # the input itself, not its 2-D view: torch.compile cannot save a view of a graph input
-        ctx.save_for_backward(A, CB, SCB)
+        ctx.codes_again = _codes_again(B, state, compat)
+        ctx.save_for_backward(A, *((B, None) if ctx.codes_again else (CB, SCB)))
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
@@ -662,6 +685,8 @@ class SwitchBackBnb(torch.autograd.Function):
         if ctx.is_empty:
             return _empty_int8_grads(ctx, grad_output, 2)
         A, CB, SCB = ctx.saved_tensors
+        if ctx.codes_again:  # (CB is the weight: save_weight_codes)
+            CB, SCB = _weight_codes(CB)
         A2 = A.reshape(-1, A.shape[-1])
         grad2 = grad_output.reshape(-1, CB.shape[0])
         grad_A = grad_B = grad_bias = None

@@ -334,6 +334,69 @@ def test_matmul8bitlt_no_fp16_weights_uses_given_int8_weight() -> None:
     torch.testing.assert_close(out, AG.matmul(A, W), rtol=0, atol=0)
 
 
+def _saved_by(fn, *args, **kwargs):
+    """(output, [tensors the call saved for its backward]) via saved_tensors_hooks."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    return out, saved
+
+
+@pytest.mark.parametrize("fn", [AG.matmul, AG.switchback_bnb])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("a_shape", [(32, 64), (2, 16, 64)])
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_weight_codes_quantised_again_in_backward(fn, dtype, a_shape, threshold) -> None:
+    """MatmulLtState(save_weight_codes=False): no int8 copy of the weight is kept for the backward (the weight
+    itself is), and the output and every gradient are the saved-codes call's bit for bit, outlier columns
+    included."""
+    K, N = a_shape[-1], 48
+    A, W = gen(60, *a_shape, dtype=dtype), gen(61, N, K, dtype=dtype)
+    bias, G = gen(62, N, dtype=dtype), gen(63, *a_shape[:-1], N, dtype=dtype)
+    got = {}
+    for keep in (True, False):
+        A_, W_, b_ = (t.clone().requires_grad_(True) for t in (A, W, bias))
+        state = AG.MatmulLtState(save_weight_codes=keep)
+        out, saved = _saved_by(fn, A_, W_, state=state, threshold=threshold, bias=b_)
+        codes = [t for t in saved if t is not None and t.dtype == torch.int8 and t.shape == W.shape]
+        assert len(codes) == (1 if keep else 0)
+        assert keep or any(t is W_ for t in saved)
+        out.backward(G)
+        got[keep] = (out.detach(), A_.grad, W_.grad, b_.grad)
+    if threshold > 0:
+        assert state.idx is not None and state.idx.numel() > 0  # N(0,1) has |x| >= 2.5 columns
+    for a, b in zip(got[True], got[False]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_weight_codes_kept_where_the_backward_could_not_recompute_them() -> None:
+    """save_weight_codes=False keeps CB where quantising the weight again would not give the forward's codes:
+    compat="bnb" (its cache may be stale) and a given int8 weight."""
+    A, W = gen(64, 8, 16).requires_grad_(True), gen(65, 12, 16).requires_grad_(True)
+    _, saved = _saved_by(AG.matmul, A, W, state=AG.MatmulLtState(save_weight_codes=False), compat="bnb")
+    assert any(t is not None and t.dtype == torch.int8 and t.shape == W.shape for t in saved)
+    CB, SCB, _ = F.int8_vectorwise_quant(W.detach(), 0.0)
+    state = AG.MatmulLtState(has_fp16_weights=False, CB=CB, SCB=SCB, save_weight_codes=False)
+    _, saved = _saved_by(AG.matmul, A, gen(66, 12, 16).requires_grad_(True), state=state)
+    assert any(t is CB for t in saved)
+
+
+def test_weight_changed_before_backward_is_an_error_without_saved_codes() -> None:
+    """Without saved codes the backward reads the weight: an in-place change in between is autograd's error, not a
+    gradient from other codes."""
+    A, W = gen(67, 8, 16).requires_grad_(True), gen(68, 12, 16).requires_grad_(True)
+    for fn in (AG.matmul, AG.switchback_bnb):
+        out = fn(A, W, state=AG.MatmulLtState(save_weight_codes=False))
+        with torch.no_grad():
+            W.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 def test_matmul_threshold_written_only_when_positive() -> None:
     state = AG.MatmulLtState(threshold=3.0)
     AG.matmul(gen(32, 4, 8), gen(33, 5, 8), state=state, threshold=0.0)

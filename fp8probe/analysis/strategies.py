@@ -819,14 +819,25 @@ def _linear_mixed(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, t
     return _fp8_linear(x, W, bias, blocks)  # MatMulFP8Mixed's bits (_fp8_linear)
 
 
+def _int8_in_model(fn: Callable[..., torch.Tensor], x: torch.Tensor, W: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """fn (AG.matmul or AG.switchback_bnb) on a fresh state that keeps no int8 copy of W from the forward to the
+    backward (MatmulLtState.save_weight_codes; the backward quantises W again, the same bits) and drops its own
+    cache of it after the call: an end-to-end pass over a model holds activations, not an int8 second model (as
+    _ScaledLinear and _StackedFp8 recast in the backward too)."""
+    state = AG.MatmulLtState(save_weight_codes=False)
+    y = fn(x, W, state=state, **kwargs)
+    state.CB = state.SCB = None
+    return y
+
+
 def _linear_int8(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                  b_is_weight: bool = True, row_scale: str = "bnb") -> torch.Tensor:
-    return AG.matmul(x, W, threshold=threshold, bias=bias, row_scale=row_scale)
+    return _int8_in_model(AG.matmul, x, W, threshold=threshold, bias=bias, row_scale=row_scale)
 
 
 def _linear_switchback(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                        b_is_weight: bool = True) -> torch.Tensor:
-    return AG.switchback_bnb(x, W, bias=bias)  # no outlier decomposition, as in _run_switchback
+    return _int8_in_model(AG.switchback_bnb, x, W, bias=bias)  # no outlier decomposition, as in _run_switchback
 
 
 # --------------------------------------------------------------------------------------------
