@@ -85,9 +85,12 @@ _POOL_SIZE = 0
 
 def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, recipes: int,
                    threads: int | None = None) -> int:
-    """How many recipes of one GEMM site replay at once: 1 (one after the other, torch's intra-op
-    threads inside each op) or up to ``torch.get_num_threads()`` (a pool of that many workers, one
-    recipe per worker and one intra-op thread each).
+    """How many tasks of one GEMM site (its float64 reference, its statistics, each recipe group) run at
+    once: 1 (one after the other, torch's intra-op threads inside each op) or up to
+    ``torch.get_num_threads()`` (a pool of that many workers, one task per worker and one intra-op thread
+    each). One recipe goes to the pool too: its replay runs beside the site's float64 reference and
+    statistics and the model's backward (Llama-135M, ``--strategy global``, 2 cores: 20.3/16.3 → 15.0/15.5 s
+    isolated, BERT 2.4/2.8 → 1.6/1.7 s; benchmarks/RESULTS.md).
 
     Why: a site of a 135M LLM is small (256 x 576 x 1536): a recipe's replay is dozens of ops of
     ~0.1-1 ms, and the Python between them runs on one core while the other waits; two recipes at
@@ -98,7 +101,7 @@ def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, rec
     GEMM of these sizes runs on one thread either way on the CPUs measured; tests/analysis/
     test_parallel_replay.py compares the tables with FP8PROBE_REPLAY_WORKERS=1).
     Serial: CUDA tensors, the torch metrics (no C extension or FP8PROBE_BACKEND=reference: their
-    chunked sums would not fold exactly), one recipe, one thread, sites above PARALLEL_MAX_ELEMENTS,
+    chunked sums would not fold exactly), no recipe, one thread, sites above PARALLEL_MAX_ELEMENTS,
     or ``FP8PROBE_REPLAY_WORKERS=1`` (a number caps the workers). ``threads``: the caller's intra-op
     thread count when it is not torch's current one.
     """
@@ -109,9 +112,9 @@ def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, rec
             raise ValueError(f"FP8PROBE_REPLAY_WORKERS must be a positive integer, got {cap!r}")
         threads = min(threads, int(cap))
     size = A.numel() + W.numel() + (0 if G is None else G.numel())
-    if recipes < 2 or threads < 2 or A.device.type != "cpu" or size > PARALLEL_MAX_ELEMENTS or not _cpu.enabled():
+    if recipes < 1 or threads < 2 or A.device.type != "cpu" or size > PARALLEL_MAX_ELEMENTS or not _cpu.enabled():
         return 1
-    return min(threads, recipes)
+    return min(threads, recipes + 1)
 
 
 def _worker_init() -> None:

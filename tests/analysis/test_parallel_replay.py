@@ -66,6 +66,18 @@ def test_parallel_tables_equal_the_serial_ones(monkeypatch, two_threads, pool_ca
     assert untimed[0] == untimed[1]
 
 
+@pytest.mark.parametrize("strategy", ["global", "int8", "ocp-blockwise", "delayed"])
+def test_one_recipe_in_the_pool_gives_the_serial_tables(monkeypatch, two_threads, pool_calls, tiny_model, tiny_batches,
+                                                        strategy) -> None:
+    """A single recipe replays in the pool too (beside the site's reference and statistics): the same tables to the
+    bit, stateful delayed scaling included."""
+    serial, _ = _run(monkeypatch, "1", tiny_model, tiny_batches, strategy, e2e=False)
+    assert pool_calls == []
+    parallel, _ = _run(monkeypatch, "2", tiny_model, tiny_batches, strategy, e2e=False)
+    assert pool_calls and set(pool_calls) == {2}
+    _assert_same_tables(serial, parallel)
+
+
 def test_a_failing_recipe_is_reported_the_same_way(monkeypatch, two_threads, pool_calls, tiny_model,
                                                    tiny_batches) -> None:
     """A recipe that raises on some layers: the same errors table and the same warnings, in the same order."""
@@ -113,7 +125,8 @@ def test_replay_workers_decides_when_to_go_parallel(monkeypatch, two_threads) ->
     A, W, G = _site()
     assert replay_workers(A, W, G, 8) == 2
     assert replay_workers(A, W, None, 8) == 2
-    assert replay_workers(A, W, G, 1) == 1                      # one recipe: nothing to overlap
+    assert replay_workers(A, W, G, 1) == 2                      # one recipe: beside the reference and stats
+    assert replay_workers(A, W, G, 0) == 1                      # none: the statistics alone
     monkeypatch.setattr(P, "PARALLEL_MAX_ELEMENTS", A.numel() + W.numel() + G.numel() - 1)
     assert replay_workers(A, W, G, 8) == 1                      # a large site: one recipe at a time
     monkeypatch.setattr(P, "PARALLEL_MAX_ELEMENTS", 1 << 22)
