@@ -77,6 +77,8 @@ class _LayerAcc:
 #: Largest GEMM site (elements of A, W and G together) whose recipes replay in parallel: beyond it
 #: each recipe's W-sized temporaries would be alive ``workers`` times at once (an LM head's 28M-element
 #: weight: ~0.5 GB a recipe), so a large site runs its recipes one after the other, each multi-threaded.
+#: At most metrics.CHUNK: a pooled site's tensors then fit one chunk of the torch metrics, whose updates then
+#: fold exactly (replay_workers; tests/analysis/test_parallel_replay.py checks it).
 PARALLEL_MAX_ELEMENTS = 1 << 22
 _TICK_LOCK = threading.Lock()
 _POOL: futures.ThreadPoolExecutor | None = None
@@ -100,10 +102,16 @@ def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, rec
     one intra-op thread (the C kernels' float64 sums have a fixed order whatever the threads; a BLAS
     GEMM of these sizes runs on one thread either way on the CPUs measured; tests/analysis/
     test_parallel_replay.py compares the tables with FP8PROBE_REPLAY_WORKERS=1).
-    Serial: CUDA tensors, the torch metrics (no C extension or FP8PROBE_BACKEND=reference: their
-    chunked sums would not fold exactly), no recipe, one thread, sites above PARALLEL_MAX_ELEMENTS,
-    or ``FP8PROBE_REPLAY_WORKERS=1`` (a number caps the workers). ``threads``: the caller's intra-op
-    thread count when it is not torch's current one.
+    The torch metrics (no C extension, or FP8PROBE_BACKEND=reference) take the pool too: a pooled site has
+    no tensor above metrics.CHUNK (PARALLEL_MAX_ELEMENTS <= CHUNK), so each accumulator update is one sum,
+    folded exactly as well. Their float64 reductions split by intra-op thread, so with them the tables are
+    the serial replay's at one thread (``--threads 1``) to the bit; serially at two threads they differed from
+    that in the last bits anyway. The many small torch ops of a site ran 2.6x slower serially (BERT, 8
+    recipes: 30.9 s at two threads, 21.5 s at one, 11.9 s in the pool), each intra-op parallel region
+    waking a passive OpenMP thread.
+    Serial: CUDA tensors, no recipe, one thread, sites above PARALLEL_MAX_ELEMENTS, or
+    ``FP8PROBE_REPLAY_WORKERS=1`` (a number caps the workers). ``threads``: the caller's intra-op thread
+    count when it is not torch's current one.
     """
     threads = torch.get_num_threads() if threads is None else threads
     cap = os.environ.get("FP8PROBE_REPLAY_WORKERS", "").strip()
@@ -112,7 +120,7 @@ def replay_workers(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, rec
             raise ValueError(f"FP8PROBE_REPLAY_WORKERS must be a positive integer, got {cap!r}")
         threads = min(threads, int(cap))
     size = A.numel() + W.numel() + (0 if G is None else G.numel())
-    if recipes < 1 or threads < 2 or A.device.type != "cpu" or size > PARALLEL_MAX_ELEMENTS or not _cpu.enabled():
+    if recipes < 1 or threads < 2 or A.device.type != "cpu" or size > PARALLEL_MAX_ELEMENTS:
         return 1
     return min(threads, recipes + 1)
 

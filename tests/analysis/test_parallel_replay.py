@@ -15,7 +15,8 @@ from fp8probe.analysis import strategies as S
 from fp8probe.analysis.pipeline import analyze, replay_workers
 from fp8probe.backends import cpu as _cpu
 
-pytestmark = pytest.mark.skipif(not _cpu.enabled(), reason="the parallel replay needs the C metrics (fast path)")
+needs_c = pytest.mark.skipif(not _cpu.enabled(), reason="compares with a serial replay at two threads: the C metrics' "
+                                                          "sums are the same at any thread count")
 
 
 @pytest.fixture
@@ -54,6 +55,7 @@ def _assert_same_tables(a, b) -> None:
         pd.testing.assert_frame_equal(a.tables[name], b.tables[name], check_exact=True, obj=name)
 
 
+@needs_c
 def test_parallel_tables_equal_the_serial_ones(monkeypatch, two_threads, pool_calls, tiny_model, tiny_batches) -> None:
     """Every strategy (stateful delayed scaling included), two batches, the end-to-end sensitivity estimate
     fed from the replay: the parallel run's tables are the serial run's to the bit, rows in the same order."""
@@ -66,6 +68,7 @@ def test_parallel_tables_equal_the_serial_ones(monkeypatch, two_threads, pool_ca
     assert untimed[0] == untimed[1]
 
 
+@needs_c
 @pytest.mark.parametrize("strategy", ["global", "int8", "ocp-blockwise", "delayed"])
 def test_one_recipe_in_the_pool_gives_the_serial_tables(monkeypatch, two_threads, pool_calls, tiny_model, tiny_batches,
                                                         strategy) -> None:
@@ -78,6 +81,29 @@ def test_one_recipe_in_the_pool_gives_the_serial_tables(monkeypatch, two_threads
     _assert_same_tables(serial, parallel)
 
 
+@pytest.mark.parametrize("strategy", ["all", "global"])
+def test_torch_metrics_in_the_pool_give_the_one_thread_serial_tables(monkeypatch, two_threads, pool_calls, tiny_model,
+                                                                     tiny_batches, strategy) -> None:
+    """The torch metrics (no C extension, FP8PROBE_BACKEND=reference) replay in the pool too. Their float64
+    reductions split by intra-op thread, and a worker runs one: the tables are the serial replay's at one thread
+    to the bit (every strategy, stateful delayed scaling included)."""
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    torch.set_num_threads(1)
+    serial, _ = _run(monkeypatch, "1", tiny_model, tiny_batches, strategy, e2e=False)
+    torch.set_num_threads(2)
+    assert pool_calls == []
+    parallel, _ = _run(monkeypatch, "2", tiny_model, tiny_batches, strategy, e2e=False)
+    assert pool_calls and set(pool_calls) == {2}
+    _assert_same_tables(serial, parallel)
+
+
+def test_a_pooled_site_fits_one_chunk_of_the_torch_metrics() -> None:
+    from fp8probe.analysis import metrics as M
+
+    assert P.PARALLEL_MAX_ELEMENTS <= M.CHUNK
+
+
+@needs_c
 def test_a_failing_recipe_is_reported_the_same_way(monkeypatch, two_threads, pool_calls, tiny_model,
                                                    tiny_batches) -> None:
     """A recipe that raises on some layers: the same errors table and the same warnings, in the same order."""
@@ -132,11 +158,10 @@ def test_replay_workers_decides_when_to_go_parallel(monkeypatch, two_threads) ->
     monkeypatch.setattr(P, "PARALLEL_MAX_ELEMENTS", 1 << 22)
     monkeypatch.setenv("FP8PROBE_REPLAY_WORKERS", "1")
     assert replay_workers(A, W, G, 8) == 1
-    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")        # torch metrics: chunked sums, serial
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")        # torch metrics: the pool too
     monkeypatch.setenv("FP8PROBE_REPLAY_WORKERS", "4")
-    assert replay_workers(A, W, G, 8) == 1
-    monkeypatch.delenv("FP8PROBE_BACKEND")
     assert replay_workers(A, W, G, 8) == 2                      # capped by torch's thread count
+    monkeypatch.delenv("FP8PROBE_BACKEND")
     torch.set_num_threads(1)
     assert replay_workers(A, W, G, 8) == 1                      # --threads 1: one thread in all
 
