@@ -424,6 +424,20 @@ def _weight_key(B: torch.Tensor) -> tuple:
     return (B.data_ptr(), B._version, tuple(B.shape), B.dtype, B.device)
 
 
+def _weight_codes(w: torch.Tensor, compat: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB, SCB) of a float weight [out, in]: its int8 rows at threshold 0 (SPEC §6.2 step 4). The one call
+    _quantize_weight makes, and a backward without saved codes makes again (MatmulLtState.save_weight_codes)."""
+    CB, SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
+    return CB, SCB
+
+
+def _codes_again(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> bool:
+    """Whether the backward quantises the weight again instead of keeping CB (MatmulLtState.save_weight_codes):
+    only where CB is exactly _quantize_weight's fresh quantisation of B as it is now."""
+    return (not state.save_weight_codes and compat is None and B.dtype != torch.int8
+            and not torch.compiler.is_compiling() and state.weight_key == _weight_key(B))
+
+
 def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(CB, SCB)``: the int8 rows of the weight and their scales (SPEC §6.2 step 4), cached in the state.
 
@@ -444,8 +458,7 @@ def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) 
     # The CUDA kernel reads fp16 only; bnb therefore rounds the weight to fp16 first (SPEC §6.2).
     w = B.to(torch.float16) if compat == "bnb" else B
     if compiling:
-        CB, SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
-        return CB, SCB
+        return _weight_codes(w, compat)
     if compat == "bnb":
         stale = (state.is_training and B.grad is None) or state.CB is None or state.SCB is None
     else:
@@ -453,22 +466,9 @@ def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) 
     if stale:
         key = _weight_key(B)
         state.reset_grads()
-        state.CB, state.SCB, _ = F.int8_vectorwise_quant(w.contiguous(), _NO_THRESHOLD, compat=compat)
+        state.CB, state.SCB = _weight_codes(w, compat)
         state.weight_key = key
     return state.CB, state.SCB
-
-
-def _codes_again(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> bool:
-    """Whether the backward quantises the weight again instead of keeping CB (MatmulLtState.save_weight_codes):
-    only where CB is exactly _quantize_weight's fresh quantisation of B as it is now."""
-    return (not state.save_weight_codes and compat is None and B.dtype != torch.int8
-            and not torch.compiler.is_compiling() and state.weight_key == _weight_key(B))
-
-
-def _weight_codes(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CB, SCB) of a float weight: _quantize_weight's call for the default compat."""
-    CB, SCB, _ = F.int8_vectorwise_quant(B.contiguous(), _NO_THRESHOLD)
-    return CB, SCB
 
 
 def _dequant_weight(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
