@@ -403,3 +403,50 @@ def test_index64_paths_agree_with_32bit_slices() -> None:
     y = OPS.dequantize_blockwise(q, absmax, code, 64, torch.float16, empty, empty.float(), "")
     assert_bitwise_equal(y[-64:], OPS.dequantize_blockwise(tq, tabsmax, code, 64, torch.float16, empty,
                                                            empty.float(), ""))
+
+
+# ----------------------------------------------------------------------------- metrics.cu (the analysis' sums)
+def _metric_pair(n: int, seed: int, da: torch.dtype, db: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=g, dtype=torch.float64) * 10.0
+    b = a * (1 + 0.01 * torch.randn(n, generator=g, dtype=torch.float64))
+    b[torch.rand(n, generator=g) < 0.05] = 0.0
+    return scatter_specials(a.to(da), seed), scatter_specials(b.to(db), seed + 1)
+
+
+@pytest.mark.parametrize("n", (5, 8192 + 13, 5 * 8192 + 1000, 1 << 22))
+@pytest.mark.parametrize("da,db", ((torch.float64, torch.float32), (torch.float64, torch.bfloat16),
+                                   (torch.float32, torch.float16), (torch.bfloat16, torch.float32)))
+def test_metrics_kernels_give_the_c_paths_bits(n, da, db) -> None:
+    # error_sums / operand_sums on the GPU sum in the C path's order: the same bits on both devices
+    from fp8probe.backends import cpu
+    if not cpu.enabled():
+        pytest.skip("needs the C extension")
+    r, q = _metric_pair(n, n % 97, da, db)
+    assert cuda_backend.error_sums(r.cuda(), q.cuda()) == cpu.error_sums(r, q)
+    assert cuda_backend.operand_sums(r.cuda(), q.cuda(), None) == cpu.operand_sums(r, q, None)
+    mask = r.double().abs() > 5.0
+    assert cuda_backend.operand_sums(r.cuda(), q.cuda(), mask.cuda()) == cpu.operand_sums(r, q, mask)
+
+
+def test_metric_accumulators_equal_on_both_devices_and_wait_once() -> None:
+    import warnings
+
+    from fp8probe.analysis import metrics as M
+    r, q = _metric_pair(300 * 70, 4, torch.float64, torch.float32)
+    rc, qc = r.cuda(), q.cuda()
+    e_cpu, e_gpu, o_cpu, o_gpu = M.ErrorAccumulator(), M.ErrorAccumulator(), M.OperandAccumulator(), M.OperandAccumulator()
+    e_cpu.update(r, q)
+    o_cpu.update(r, q)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")        # torch warns at every operation that waits for the GPU
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            e_gpu.update(rc, qc)
+            o_gpu.update(rc, qc)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) <= 2, [str(w.message) for w in waits]   # one copy of the results per update
+    assert e_gpu == e_cpu and o_gpu == o_cpu

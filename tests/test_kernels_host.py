@@ -32,7 +32,7 @@ from support import scatter_specials
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a host C++ compiler")
 
-NAMESPACES = {"codebook_quant": "kc", "int8": "ki", "scaled_cast": "ks"}
+NAMESPACES = {"codebook_quant": "kc", "int8": "ki", "scaled_cast": "ks", "metrics": "km"}
 TYPES = {"float": torch.float32, "half_t": torch.float16, "bf16_t": torch.bfloat16}
 
 EMULATOR = r"""
@@ -82,7 +82,14 @@ template <class T> static inline T __shfl_xor_sync(unsigned, T v, int off) {
     return r;
 }
 static inline unsigned atomicMax(unsigned* a, unsigned v) { unsigned o = *a; if (v > o) *a = v; return o; }
+static inline unsigned long long atomicMax(unsigned long long* a, unsigned long long v) {
+    unsigned long long o = *a; if (v > o) *a = v; return o; }
 static inline int atomicOr(int* a, int v) { int o = *a; *a = o | v; return o; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dsub_rn(double a, double b) { return a - b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline long long __double_as_longlong(double d) { long long v; std::memcpy(&v, &d, 8); return v; }
+static inline double __longlong_as_double(long long v) { double d; std::memcpy(&d, &v, 8); return d; }
 static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
@@ -175,8 +182,8 @@ def _qualified(file: str, expr: str) -> str:
     name, _, targ = expr.partition("<")
     if not targ:
         return f"{ns}::{name}"
-    t = targ.rstrip(">")
-    return f"{ns}::{name}<{t if t == 'float' else f'{ns}::{t}'}>"
+    types = [t.strip() for t in targ.rstrip(">").split(",")]
+    return f"{ns}::{name}<{', '.join(t if t in ('float', 'double') else f'{ns}::{t}' for t in types)}>"
 
 
 def _launch_wrappers() -> str:
@@ -672,6 +679,91 @@ def test_codebook_nonfinite_flag(emulated, blocksize, where) -> None:
     for g, w in zip(got, want):
         assert_bitwise_equal(g, w)
     assert got[2].tolist() == {"none": [], "first": [0], "last": [A.numel() - 1]}[where]
+
+
+# ----------------------------------------------------------------------------- metrics.cu
+SUM_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# below one summation block, one block and a partial, several blocks with a partial last one (8192 per block)
+SUM_SIZES = (5, 8192 + 13, 3 * 8192 + 1000)
+
+
+@pytest.fixture
+def sums(emulated, monkeypatch):
+    """The metrics launchers under the emulator (registered as with CuPy installed) and the C path's functions."""
+    monkeypatch.setattr(cuda_backend, "_registered", True)
+    from fp8probe.backends import cpu
+    if not cpu.enabled():
+        pytest.skip("needs the C extension (the same summation order is the contract)")
+    return emulated, cpu
+
+
+def _sum_pair(n: int, da: torch.dtype, db: torch.dtype, seed: int, specials: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference and a result close to it (relative noise ~1e-2, some exact zeros and underflows), optionally
+    with NaN/±Inf in both at different places."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(2 * torch.randn(n, generator=g, dtype=torch.float64))
+    b = a * (1 + 0.01 * torch.randn(n, generator=g, dtype=torch.float64))
+    b[torch.rand(n, generator=g) < 0.05] = 0.0
+    a, b = a.to(da), b.to(db)
+    if specials:
+        a = scatter_specials(a.float(), seed).to(da) if da != torch.float64 else scatter_specials(a, seed)
+        b = scatter_specials(b.float(), seed + 7).to(db) if db != torch.float64 else scatter_specials(b, seed + 7)
+    return a, b
+
+
+@pytest.mark.parametrize("n", SUM_SIZES)
+@pytest.mark.parametrize("da", SUM_DTYPES)
+@pytest.mark.parametrize("db", SUM_DTYPES)
+def test_error_sums_kernel_gives_the_c_paths_bits(sums, n, da, db) -> None:
+    gpu, cpu = sums
+    for specials in (False, True):
+        r, q = _sum_pair(n, da, db, seed=n + 3 * specials, specials=specials)
+        want = cpu.error_sums(r, q)
+        got = gpu.error_sums(r, q)
+        assert want is not None and got == want, (specials, got, want)
+        assert all(type(v) is int for v in got[5:])
+        if specials and n > 1000:
+            assert got[6] > 0 and got[7] > 0       # NaN/Inf results and references both met and counted
+
+
+@pytest.mark.parametrize("n", SUM_SIZES)
+@pytest.mark.parametrize("dx,dq", ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                   (torch.float16, torch.float16), (torch.float64, torch.bfloat16)))
+@pytest.mark.parametrize("mask", (False, True))
+def test_operand_sums_kernel_gives_the_c_paths_bits(sums, n, dx, dq, mask) -> None:
+    gpu, cpu = sums
+    for specials in (False, True):
+        x, q = _sum_pair(n, dx, dq, seed=2 * n + specials, specials=specials)
+        q = torch.where(x.double().abs() > 2.0, torch.sign(x.double()) * 2.0, q.double()).to(dq)  # clipped: saturation
+        sat = (x.double().abs() > 2.0) if mask else None
+        want = cpu.operand_sums(x, q, sat)
+        got = gpu.operand_sums(x, q, sat)
+        assert want is not None and got == want, (specials, got, want)
+        if n > 1000:
+            assert got[5] > 0 and got[4] > 0           # saturated and underflowed elements met
+        if specials and n > 1000:
+            assert got[6] > 0 and got[7] > 0
+
+
+def test_sums_kernels_read_views_and_short_circuit(sums, monkeypatch) -> None:
+    gpu, cpu = sums
+    r, q = _sum_pair(300 * 70, torch.float32, torch.float32, seed=5, specials=True)
+    rt, qt = r.view(300, 70).t(), q.view(70, 300)          # a transposed view is read in its logical order
+    assert gpu.error_sums(rt, qt) == cpu.error_sums(rt, qt)
+    assert gpu.operand_sums(rt, qt, None) == cpu.operand_sums(rt, qt, None)
+    launches = []
+    monkeypatch.setattr(cuda_backend, "_launch", lambda *a, **k: launches.append(a[1]))
+    assert gpu.error_sums(r[:0], q[:0]) is None                                   # empty: torch's path
+    assert gpu.error_sums(r.to(torch.int32), q) is None                           # not a float dtype
+    assert gpu.operand_sums(r, q, torch.zeros(r.shape, dtype=torch.uint8)) is None  # a mask that is not bool
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    assert gpu.error_sums(r, q) is None and gpu.operand_sums(r, q, None) is None
+    monkeypatch.delenv("FP8PROBE_BACKEND")
+    monkeypatch.setattr(cuda_backend, "_registered", False)                       # no CuPy
+    assert gpu.error_sums(r, q) is None
+    assert launches == []
+    with pytest.raises(ValueError, match="same number of elements"):
+        gpu.error_sums(r, q[:-1])
 
 
 # ----------------------------------------------------------------------------- launcher contract

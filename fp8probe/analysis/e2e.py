@@ -14,13 +14,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fp8probe.backends import cpu as _cpu
 
 from . import distributed
 from .capture import _to_device, choose_loss, is_exported_graph, params_require_grad
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
-from .metrics import ErrorAccumulator
+from .metrics import ErrorAccumulator, fused_error_sums
 from .strategies import (STRATEGIES, RecipeOptions, Strategy, batched_linear, mixed_with_blocksize, site_kwargs,
                          with_options)
 
@@ -299,12 +298,12 @@ def _reduced_grads(loss: torch.Tensor, params: list[torch.Tensor], against: list
 
 def _grad_sums(gh: torch.Tensor, gl: torch.Tensor) -> tuple[float, float]:
     """(Σgh², Σ(gl − gh)²) of a parameter's high-precision and low-precision gradients, in float64: one C pass
-    (metrics' error_sums: exact float64 widening, its documented summation order) where every pair is finite;
-    else (NaN/±Inf in either, a GPU tensor, no C extension, FSDP2's sharded DTensor parameters) the float64
+    (metrics.fused_error_sums, in C or on the GPU: exact float64 widening, its documented summation order) where
+    every pair is finite; else (NaN/±Inf in either, no C extension or CUDA kernels, FSDP2's sharded DTensor parameters) the float64
     copies in torch, whose NaN/Inf then reach the SQNR as before. The C pass replaced three float64 copies and
     three passes per parameter and recipe (1.3 of ~7.8 s of the end-to-end part on BERT 6-layer, 8 recipes)."""
     # (plain tensors only: a DTensor's data pointer is its local shard)
-    sums = _cpu.error_sums(gh, gl) if type(gh) is torch.Tensor and type(gl) is torch.Tensor else None
+    sums = fused_error_sums(gh, gl) if type(gh) is torch.Tensor and type(gl) is torch.Tensor else None
     if sums is not None and sums[6] == 0 and sums[7] == 0:
         return sums[0], sums[1]
     gh64 = gh.double()

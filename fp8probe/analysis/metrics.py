@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from fp8probe.backends import cpu as _cpu
+from fp8probe.backends import cuda as _cuda
 from fp8probe.formats import FORMATS
 from fp8probe.report.schema import (NOTE_EXACT, NOTE_LP_NONFINITE, NOTE_NO_ELEMENTS, NOTE_NO_FINITE_REFERENCE,
                                     NOTE_ZERO_SIGNAL)
@@ -68,6 +69,19 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float:
     if signal_energy == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal_energy / noise_energy)
+
+
+def fused_error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float, float, float, int, int, int] | None:
+    """ErrorAccumulator's sums, counts and max in one pass: backends/cpu.py ``error_sums`` on CPU tensors (C),
+    backends/cuda.py ``error_sums`` on CUDA ones (metrics.cu, the same summation order, so the same bits); None
+    where neither applies (no extension or kernels, FP8PROBE_BACKEND=reference, another dtype): torch then."""
+    return (_cuda if ref.device.type == "cuda" else _cpu).error_sums(ref, lp)
+
+
+def fused_operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | None
+                       ) -> tuple[float, float, int, int, int, int, int, int] | None:
+    """OperandAccumulator's sums and counts in one pass, as fused_error_sums."""
+    return (_cuda if x.device.type == "cuda" else _cpu).operand_sums(x, q, saturated)
 
 
 def _as_f64(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +163,7 @@ class ErrorAccumulator:
             raise ValueError(f"ref and lp must have the same shape, got {list(ref.shape)} and {list(lp.shape)}")
         if ref.numel() == 0:
             return
-        sums = memoized(memo, "error_sums", lambda: _cpu.error_sums(ref, lp), ref, lp)
+        sums = memoized(memo, "error_sums", lambda: fused_error_sums(ref, lp), ref, lp)
         if sums is not None:
             self._add_sums(*sums)
             return
@@ -235,7 +249,7 @@ class OperandAccumulator:
         if x.numel() == 0:
             return
         # in this class's field order
-        sums = memoized(memo, "operand_sums", lambda: _cpu.operand_sums(x, q, saturated), x, q, saturated)
+        sums = memoized(memo, "operand_sums", lambda: fused_operand_sums(x, q, saturated), x, q, saturated)
         if sums is not None:
             self.__dict__.update(self.merge(OperandAccumulator(*sums)).__dict__)
             return

@@ -456,6 +456,82 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
 
 
 # --------------------------------------------------------------------------------------------
+# the analysis' error and operand statistics (metrics.cu), for analysis/metrics.py
+# --------------------------------------------------------------------------------------------
+
+#: torch dtype -> the C++ type the metrics kernels read (SUM_TYPES in fp8probe/kernels/__init__.py)
+_SUM_TYPE = {torch.float64: "double", **_CUDA_TYPE}
+#: the summation blocks and lanes of metrics.cu (and of the C path, backends/cpu.py error_sums)
+_SUM_BLOCK = 8192
+_SUM_LANES = 8
+
+
+def sums_ready() -> bool:
+    """True when error_sums / operand_sums can run: the kernels are registered (CuPy installed) and
+    FP8PROBE_BACKEND is not ``reference``. Imports no CuPy."""
+    return _registered and not use_reference()
+
+
+def _sums_apply(*tensors: torch.Tensor) -> bool:
+    return sums_ready() and all(t.dtype in _SUM_TYPE and t.numel() > 0 for t in tensors)
+
+
+def _sum_blocks(kernel: str, a: torch.Tensor, b: torch.Tensor, args: tuple, width: int, ncounts: int) -> list[float]:
+    """Launch ``kernel<type(a), type(b)>`` (one thread per lane of every summation block, writing each block's
+    ``width`` float64 values and ``ncounts`` counts), then sums_finish; the finished vector reaches the host
+    in one copy (the call's one wait for the GPU)."""
+    dev, n = a.device, a.numel()
+    nb = -(-n // _SUM_BLOCK)
+    slot = torch.empty(nb * width, dtype=torch.float64, device=dev)
+    counts = torch.empty(nb * ncounts, dtype=torch.int64, device=dev)
+    expr = f"{kernel}<{_SUM_TYPE[a.dtype]}, {_SUM_TYPE[b.dtype]}>"
+    _launch("metrics", expr, (-(-nb * _SUM_LANES // _THREADS),), (_THREADS,), (*args, np.int64(n), slot, counts), dev)
+    out = torch.empty(width + ncounts, dtype=torch.float64, device=dev)
+    nsums = 4 if kernel == "error_sums_blocks" else 2
+    _launch("metrics", "sums_finish", (1,), (32,),
+            (slot, np.int32(width), np.int32(nsums), counts, np.int32(ncounts), np.int64(nb), out), dev)
+    return out.tolist()
+
+
+def error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float, float, float, int, int, int] | None:
+    """backends/cpu.py ``error_sums`` for CUDA tensors, with the same bits: (Σr², Σ(r−q)², Σq², Σr·q, max|r−q|,
+    compared, nonfinite, excluded). None when it does not apply (no kernels, FP8PROBE_BACKEND=reference, a dtype
+    other than float64/float32/fp16/bf16, an empty tensor): the caller then uses torch."""
+    if ref.numel() != lp.numel():
+        raise ValueError(f"expected ref and lp with the same number of elements, got {ref.numel()} and {lp.numel()}")
+    if not _sums_apply(ref, lp):
+        return None
+    r, q = ref.detach().contiguous(), lp.detach().contiguous()
+    r2, e2, q2, rq, mx, compared, finite_r = _sum_blocks("error_sums_blocks", r, q, (r, q), 5, 2)
+    n = r.numel()
+    return r2, e2, q2, rq, mx, int(compared), int(finite_r - compared), n - int(finite_r)
+
+
+def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | None
+                 ) -> tuple[float, float, int, int, int, int, int, int] | None:
+    """backends/cpu.py ``operand_sums`` for CUDA tensors, with the same bits: (Σx², Σ(x−q)², finite, nonzero,
+    underflow, saturated, excluded, nonfinite); ``saturated`` a bool mask, or None for |x| > max|q| over the
+    finite pairs (a first pass finds that max on the GPU). None when it does not apply (as error_sums)."""
+    if x.numel() != q.numel() or (saturated is not None and saturated.numel() != x.numel()):
+        raise ValueError(f"expected x, q (and saturated) with the same number of elements, got {x.numel()}, "
+                         f"{q.numel()}" + ("" if saturated is None else f", {saturated.numel()}"))
+    if not _sums_apply(x, q) or (saturated is not None and saturated.dtype != torch.bool):
+        return None
+    xc, qc = x.detach().contiguous(), q.detach().contiguous()
+    n, dev = xc.numel(), xc.device
+    qmax = torch.zeros(1, dtype=torch.int64, device=dev)   # bits of max|q|, 0 = +0.0
+    if saturated is None:
+        _launch("metrics", f"operand_qmax<{_SUM_TYPE[xc.dtype]}, {_SUM_TYPE[qc.dtype]}>",
+                _grid_vec(n, _REDUCE_GRID), (_THREADS,), (xc, qc, np.int64(n), qmax), dev)
+        sat, has_sat = qmax, 0                                # the mask pointer is not read
+    else:
+        sat, has_sat = saturated.detach().contiguous().view(torch.uint8), 1
+    x2, e2, fin, nz, under, nsat, qbad = _sum_blocks("operand_sums_blocks", xc, qc,
+                                                     (xc, qc, sat, np.int32(has_sat), qmax), 2, 5)
+    return x2, e2, int(fin), int(nz), int(under), int(nsat), n - int(fin), int(qbad)
+
+
+# --------------------------------------------------------------------------------------------
 # registration
 # --------------------------------------------------------------------------------------------
 

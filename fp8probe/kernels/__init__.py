@@ -17,6 +17,8 @@ from typing import Any
 
 # C++ spellings of the storage types the templated kernels accept (see common.cuh).
 CUDA_TYPES = ("float", "half_t", "bf16_t")
+# ... and of the inputs the metrics kernels read (a float64 reference among them).
+SUM_TYPES = ("double", *CUDA_TYPES)
 
 # Every kernel file and the template instantiations it must provide. `check.py` compiles all of
 # them; `load_module` passes them as name_expressions so templates get mangled names we can look up.
@@ -37,6 +39,12 @@ KERNELS: dict[str, tuple[str, ...]] = {
         for kernel in ("amax_tiles", "amax_tiles_small", "cast_to_fp8", "cast_from_fp8", "cast_to_lowbit", "cast_from_lowbit")
         for t in CUDA_TYPES
     ),
+    "metrics": tuple(
+        f"{kernel}<{a}, {b}>"
+        for kernel in ("error_sums_blocks", "operand_qmax", "operand_sums_blocks")
+        for a in SUM_TYPES
+        for b in SUM_TYPES
+    ) + ("sums_finish",),
 }
 
 # No fast-math: IEEE division/reciprocal, no flush-to-zero (NVRTC's default -ftz=false; CuPy's own
