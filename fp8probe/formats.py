@@ -155,20 +155,30 @@ _CONSTRUCTORS = {
     "dynamic-unsigned": lambda: create_dynamic_map(False, 7, 8),
     "linear": lambda: create_linear_map(True, 8, True),
 }
-_CACHE: dict[str, torch.Tensor] = {}
+# private masters per (name, device); get_codebook hands out copies of them
+_CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
 def get_codebook(name: str, device: torch.device | str | None = None) -> torch.Tensor:
     """A named 256-entry float32 codebook (one of CODEBOOK_NAMES) on `device` (default CPU).
 
-    Always returns a fresh tensor (a copy of a private CPU cache), so callers may modify it
-    without affecting later calls — bitsandbytes' shared, mutable cache is quirk Q2.
+    Always returns a fresh tensor (a copy of a private cache), so callers may modify it
+    without affecting later calls — bitsandbytes' shared, mutable cache is quirk Q2. The cache
+    holds one master per device: a copy on a GPU is then a device-to-device copy queued like any
+    kernel, where a copy from host memory made the host wait for the GPU's queue at every call.
     """
     if name not in _CONSTRUCTORS:
         raise ValueError(f"unknown codebook {name!r}; expected one of {', '.join(CODEBOOK_NAMES)}")
-    if name not in _CACHE:
-        _CACHE[name] = _CONSTRUCTORS[name]()
-    return _CACHE[name].to(device=device if device is not None else "cpu", copy=True)
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    master = _CACHE.get((name, dev))
+    if master is None:
+        cpu = _CACHE.get((name, torch.device("cpu")))
+        if cpu is None:
+            cpu = _CACHE[(name, torch.device("cpu"))] = _CONSTRUCTORS[name]()
+        master = _CACHE[(name, dev)] = cpu.to(dev, copy=True)
+    return master.clone()
 
 
 def validate_codebook(code: torch.Tensor) -> None:

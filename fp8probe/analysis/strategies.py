@@ -166,9 +166,10 @@ def _autograd_gemms(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], A:
 # bitsandbytes recipes: the fp8probe autograd functions themselves (SPEC §6, §7.2)
 # --------------------------------------------------------------------------------------------
 def _fq_code(x: torch.Tensor, book: str, blocksize: int | None) -> torch.Tensor:
-    code = get_codebook(book, x.device)
-    # The global quantiser reads float32 only (SPEC §3); the research matmuls cast the same way.
-    return F.fake_quantize(x.float(), code, blocksize).to(x.dtype)
+    # The global quantiser reads float32 only (SPEC §3); the research matmuls cast the same way. The codebook by
+    # name, as the autograd functions pass it: functional knows a named one valid and sorted, where a codebook
+    # tensor new to it is checked again (two host waits on a GPU, per operand and recipe).
+    return F.fake_quantize(x.float(), book, blocksize).to(x.dtype)
 
 
 def _weight_bnb_global(W: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -234,13 +235,12 @@ def _fq_code_slices(x: torch.Tensor, book: str, blocksize: int | None, as_float:
     power-of-two blocks only), else slice by slice."""
     per = x[0].numel()
     block = per if blocksize is None else blocksize
-    code = get_codebook(book, x.device)
     if per % block == 0 and (blocksize is not None or x.device.type == "cpu"):
         src = x.float() if as_float else x
-        return F.fake_quantize(src.contiguous(), code, block).to(x.dtype)
+        return F.fake_quantize(src.contiguous(), book, block).to(x.dtype)
     if as_float:
         return torch.stack([_fq_code(x[i], book, blocksize) for i in range(x.shape[0])])
-    return torch.stack([F.fake_quantize(x[i], code, blocksize) for i in range(x.shape[0])])
+    return torch.stack([F.fake_quantize(x[i], book, blocksize) for i in range(x.shape[0])])
 
 
 def _fq_blocks(x: torch.Tensor, book: str, blocksize: int) -> tuple[torch.Tensor, list[BlockRecords] | None]:

@@ -94,3 +94,32 @@ def test_error_dots_wait_once() -> None:
     assert calls == ["tolist"]
     err = r - q
     assert got == (float(r @ r), float(err @ err), float(q @ q), float(r @ q), float(err.abs().max()))
+
+
+def test_bnb_recipe_operands_check_no_codebook_per_call(torch_path, monkeypatch) -> None:
+    # the bnb recipes pass their codebooks by name: a fresh codebook tensor per call was validated and
+    # order-checked again (two waits on a GPU, per operand and recipe), and copied from host memory
+    from fp8probe import functional
+    from fp8probe.analysis import strategies as ST
+    from fp8probe.formats import get_codebook
+
+    checked = []
+    real = functional.validate_codebook
+    monkeypatch.setattr(functional, "validate_codebook", lambda code: checked.append(1) or real(code))
+    x = _seeded(4 * 300, 6).reshape(4, 300)
+    want = functional.fake_quantize(x[0], get_codebook("bnb-e4m3"), 64)
+    checked.clear()
+    for _ in range(3):
+        got = ST._fq_code(x[0], "bnb-e4m3", 64)
+        ST._fq_code_slices(x, "bnb-e5m2", None)
+    assert checked == []
+    assert torch.equal(got, want)
+
+
+def test_get_codebook_copies_stay_private() -> None:
+    from fp8probe.formats import get_codebook
+
+    a = get_codebook("bnb-e4m3")
+    a.zero_()                              # a caller's copy may be changed: the next call is not
+    b = get_codebook("bnb-e4m3")
+    assert b.abs().max() > 0 and b.data_ptr() != get_codebook("bnb-e4m3").data_ptr()
