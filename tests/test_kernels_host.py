@@ -516,6 +516,20 @@ def test_lowbit_cast_kernels(emulated, dtype, fmt, tile, rule) -> None:
                          ref.dequantize_scaled(*want, br, bc, out_dtype, fmt, gs))
 
 
+def test_nvfp4_dequantize_with_a_tensor_scale_per_row(emulated) -> None:
+    # nvfp4-train's per-slice tensor scales ([R, 1], 1x16 tiles) dequantise on the reference (the kernel takes one
+    # scale, read on the device); a single one takes the kernel
+    x = _sample((6, 64), torch.float32, seed=23, specials=False)
+    gs = torch.stack([ref.nvfp4_global_scale(x[i]) for i in range(6)]).reshape(6, 1)
+    data, scale = ref.quantize_scaled(x, "nvfp4", 1, 16, "floor", gs)
+    assert_bitwise_equal(emulated.dequantize_scaled(data, scale, 1, 16, torch.float32, "nvfp4", gs),
+                         ref.dequantize_scaled(data, scale, 1, 16, torch.float32, "nvfp4", gs))
+    one = gs[2].reshape(())
+    data, scale = ref.quantize_scaled(x, "nvfp4", 1, 16, "floor", one)
+    assert_bitwise_equal(emulated.dequantize_scaled(data, scale, 1, 16, torch.float32, "nvfp4", one),
+                         ref.dequantize_scaled(data, scale, 1, 16, torch.float32, "nvfp4", one))
+
+
 def test_lowbit_codes_exhaustive_on_element_grid(emulated) -> None:
     # every float32 value on and between the grid points of each element format, at scale 1
     for fmt, elem in (("mxfp4-e2m1", "e2m1"), ("mxfp6-e2m3", "e2m3"), ("mxfp6-e3m2", "e3m2")):

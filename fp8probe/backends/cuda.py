@@ -432,17 +432,20 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
     """CUDA `fp8probe::dequantize_scaled`: cast<dtype>(fl32(float(data) * scale[tile])) (4/6-bit codes:
     decoded, and times NVFP4's tensor scale)."""
     lowbit = data.dtype == torch.uint8 and fmt in _ref.ELEMENT_OF and _ref.ELEMENT_OF[fmt] in _LOWBIT_FMT
-    if use_reference() or data.numel() == 0 or dtype not in _CUDA_TYPE or (data.dtype not in _FP8_FMT and not lowbit):
+    if (use_reference() or data.numel() == 0 or dtype not in _CUDA_TYPE or (data.dtype not in _FP8_FMT and not lowbit)
+            or (global_scale is not None and global_scale.numel() != 1)):   # (a tensor scale per row: the reference)
         return _ref.dequantize_scaled(data, scale, block_rows, block_cols, dtype, fmt, global_scale)
     if lowbit:
         dev = data.device
         rows, cols = _ref._rows_cols(data.shape)
-        post = 1.0 if global_scale is None else float(global_scale)
+        # the tensor scale stays on the device (float() of it would make the host wait for the GPU)
+        post = (torch.ones(1, dtype=_F32, device=dev) if global_scale is None
+                else global_scale.to(device=dev, dtype=_F32).reshape(1).contiguous())
         out = torch.empty(data.shape, dtype=dtype, device=dev)
         _launch("scaled_cast", "cast_from_lowbit", _grid_vec(rows * cols), (_THREADS,),
                 (data.contiguous(), scale.to(device=dev, dtype=_F32).contiguous(), out, np.int64(rows),
                  np.int64(cols), np.int64(block_rows), np.int64(block_cols),
-                 np.int32(_LOWBIT_FMT[_ref.ELEMENT_OF[fmt]]), np.float32(post)), dev, dtype)
+                 np.int32(_LOWBIT_FMT[_ref.ELEMENT_OF[fmt]]), post), dev, dtype)
         return out
     dev = data.device
     rows, cols = _ref._rows_cols(data.shape)

@@ -698,6 +698,19 @@ def hadamard_matrix(n: int = HADAMARD_SIZE, signs_seed: int | None = 0, device: 
     return (signs[:, None] * (h * (1.0 / math.sqrt(n)))).to(device)
 
 
+_HADAMARD_SIGNS: dict[tuple[int, int | None, torch.device], torch.Tensor] = {}
+
+
+def _hadamard_signs_on(n: int, signs_seed: int | None, device: torch.device) -> torch.Tensor:
+    """_hadamard_signs as a float32 tensor on ``device``, made once per device (read only): a tensor built
+    from a list on a GPU is a copy from host memory, which waits for the GPU's queue at every call."""
+    key = (n, signs_seed, device)
+    signs = _HADAMARD_SIGNS.get(key)
+    if signs is None:
+        signs = _HADAMARD_SIGNS[key] = torch.tensor(_hadamard_signs(n, signs_seed), dtype=_F32).to(device)
+    return signs
+
+
 def hadamard_transform(x: torch.Tensor, signs_seed: int | None = 0, n: int = HADAMARD_SIZE) -> torch.Tensor:
     """x [..., C] → float32 [..., ceil(C/n)·n]: each run of n elements along the last dim (x zero-padded to
     whole runs) times :func:`hadamard_matrix` T = diag(s)·H/sqrt(n). Computed as (x∘s)·H by the fast
@@ -706,7 +719,7 @@ def hadamard_transform(x: torch.Tensor, signs_seed: int | None = 0, n: int = HAD
     every device (a matmul's summation order is the BLAS's). Orthogonal per run, so for two operands
     transformed alike along their contraction dim the product is unchanged in exact arithmetic:
     (Gᵀ·T)·(Aᵀ·T)ᵀ = Gᵀ·A (the random Hadamard transform of NVFP4's wgrad)."""
-    signs = torch.tensor(_hadamard_signs(n, signs_seed), dtype=_F32, device=x.device)
+    signs = _hadamard_signs_on(n, signs_seed, x.device)
     x32 = x.to(_F32)
     pad = -x32.shape[-1] % n
     if pad:

@@ -292,11 +292,13 @@ __global__ void cast_to_lowbit(const T* __restrict__ x, const float* __restrict_
     });
 }
 
-// out[i] = cast<T>(fl32(fl32(value(data[i]) * scale[tile(i)]) * post)); post = NVFP4's tensor scale, else 1.
+// out[i] = cast<T>(fl32(fl32(value(data[i]) * scale[tile(i)]) * post)), post = *post_ptr: NVFP4's tensor scale,
+// else 1. A device pointer, not a float argument: the host would have to wait for the GPU to read the scale.
 template <typename T>
 __global__ void cast_from_lowbit(const uint8_t* __restrict__ data, const float* __restrict__ scale,
                                  T* __restrict__ out, long long rows, long long cols,
-                                 long long tile_r, long long tile_c, int fmt, float post) {
+                                 long long tile_r, long long tile_c, int fmt, const float* __restrict__ post_ptr) {
+    const float post = *post_ptr;
     map_tiles(data, scale, out, rows, cols, tile_r, tile_c, SameScale(), [=](uint8_t c, float s) -> T {
         return from_float<T>(__fmul_rn(__fmul_rn(lowbit_to_float(c, fmt), s), post));
     });
