@@ -1,6 +1,7 @@
 """Mergeable error, dynamic-range and outlier accumulators: batches (and later ranks) combine exactly via merge()."""
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -350,11 +351,19 @@ def _block_absmax(a2: torch.Tensor) -> torch.Tensor:
     return a2.reshape(rows, nb, BLOCK).amax(dim=2).flatten().to(_F64)
 
 
+def _log2_block_terms(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, Σ log2) of the non-zero float64 block absmaxes as 0-dim tensors on their device (no host wait: a
+    zero block adds +0.0 in place, where selecting the non-zero ones would wait for the GPU). torch.log2 and
+    torch's sum on both the C and the torch path, so the two agree bit for bit (C's log2 may differ from torch's
+    in the last bit)."""
+    pos = blocks > 0
+    return pos.sum(), torch.where(pos, torch.log2(blocks), 0.0).sum()
+
+
 def _log2_block_sum(blocks: torch.Tensor) -> tuple[int, float]:
-    """(count, Σ log2) of the non-zero float64 block absmaxes: torch.log2 and torch's sum on both the C
-    and the torch path, so the two agree bit for bit (C's log2 may differ from torch's in the last bit)."""
-    blocks = blocks[blocks > 0]
-    return blocks.numel(), float(torch.log2(blocks).sum()) if blocks.numel() else 0.0
+    """_log2_block_terms as Python numbers."""
+    n, total = _log2_block_terms(blocks)
+    return int(n), float(total)
 
 
 def _log2_counts(a: torch.Tensor, zeros: int) -> torch.Tensor:
@@ -424,6 +433,9 @@ class TensorStats:
         # 65536 in bf16.) float64 is used only for the moment sums below.
         x = x2 if x2.dtype in (torch.float32, _F64) else x2.to(torch.float32 if x2.is_floating_point() else _F64)
         a = x.abs()
+        common = TensorStats._all_finite(s, x, a, tiny)
+        if common is not None:
+            return common
         amax = float(a.max())  # NaN-propagating: finite iff no NaN/±Inf anywhere
         if math.isfinite(amax):
             f, af, a_blocks = x.flatten(), a.flatten(), a
@@ -455,6 +467,42 @@ class TensorStats:
             del d, d2
         s.n_blocks, s.log2_block_sum = _log2_block_sum(_block_absmax(a_blocks))
         s.hist = _log2_counts(af, s.zeros)
+        return s
+
+    @staticmethod
+    def _all_finite(s: TensorStats, x: torch.Tensor, a: torch.Tensor, tiny: float) -> TensorStats | None:
+        """The torch path's statistics of a batch x (float32/float64, a = |x|) in which every value is finite, all
+        computed on the device and brought to the host in one copy (each float()/int() of a CUDA tensor makes
+        the host wait for the GPU); None when some value is NaN/±Inf (the caller's path then counts them).
+        The same numbers as that path, whose value-dependent skips (no subnormal or over-limit pass when the
+        extremes rule them out) are here passes that count zero."""
+        f, af = x.flatten(), a.flatten()
+        amax = a.max()
+        zeros = (af == 0).sum()
+        terms = [amax.to(_F64), zeros, torch.where(af == 0, math.inf, af).min(), ((af > 0) & (af < tiny)).sum()]
+        terms += [(af > limit).sum() for _, limit in RAW_LIMITS]
+        # float64 for the moments (see below)
+        v = f.to(_F64)
+        mean = v.mean()
+        d = v - mean
+        del v
+        d2 = d * d
+        terms += [mean, d2.sum(), torch.dot(d2, d), torch.dot(d2, d2), *_log2_block_terms(_block_absmax(a))]
+        del d, d2
+        _, e = torch.frexp(af)
+        k = (e - 1).clamp_(LOG2_LO, LOG2_HI - 1).sub_(LOG2_LO)
+        hist = torch.bincount(k, minlength=LOG2_HI - LOG2_LO)
+        vals = torch.cat([torch.stack([t.to(_F64) for t in terms]), hist.to(_F64)]).tolist()
+        if not math.isfinite(vals[0]):
+            return None
+        nlim = len(RAW_LIMITS)
+        s.n, s.amax, s.zeros = f.numel(), vals[0], int(vals[1])
+        s.min_nonzero, s.subnormal_count = vals[2], int(vals[3])
+        s.over_max = {name: int(c) for (name, _), c in zip(RAW_LIMITS, vals[4:4 + nlim])}
+        s.mean, s.m2, s.m3, s.m4 = vals[4 + nlim:8 + nlim]
+        s.n_blocks, s.log2_block_sum = int(vals[8 + nlim]), vals[9 + nlim]
+        s.hist = torch.tensor([int(c) for c in vals[10 + nlim:]], dtype=torch.int64)
+        s.hist[-1 - LOG2_LO] -= s.zeros   # zeros came out of frexp with exponent 0: bin floor(log2) = -1
         return s
 
     @staticmethod
@@ -518,6 +566,7 @@ class TensorStats:
 # --------------------------------------------------------------------------------------------
 # LLM.int8 outlier census of an activation
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
 def _at_least(threshold: float, dtype: torch.dtype) -> float:
     """The smallest ``dtype`` value ≥ ``threshold``, so that ``a >= it`` on a ``dtype`` tensor decides exactly
     as ``a >= threshold`` in real numbers (torch rounds a Python scalar to the tensor's dtype first)."""
@@ -556,10 +605,12 @@ class OutlierCensus:
             else:  # bf16/fp16 (and ints) widened: the comparison must not round the threshold to their grid
                 a, limit = x.to(_F64).abs(), self.threshold
             a = a.nan_to_num_(nan=0.0, posinf=math.inf)
-            cmax = a.amax(dim=0).to(_F64).cpu()
             hit = a >= limit
-            crows = hit.sum(dim=0).cpu()
-            touched = int(hit.any(dim=1).sum())
+            # column maxima, column counts (exact in float64) and rows touched reach the host in one copy
+            cols = a.shape[1]
+            packed = torch.cat([a.amax(dim=0).to(_F64), hit.sum(dim=0).to(_F64),
+                                hit.any(dim=1).sum().reshape(1).to(_F64)]).cpu()
+            cmax, crows, touched = packed[:cols], packed[cols:2 * cols].to(torch.int64), int(packed[-1])
         if self.col_amax is None:
             self.col_amax, self.col_rows = cmax, crows
         elif self.col_amax.shape != cmax.shape:

@@ -123,3 +123,40 @@ def test_get_codebook_copies_stay_private() -> None:
     a.zero_()                              # a caller's copy may be changed: the next call is not
     b = get_codebook("bnb-e4m3")
     assert b.abs().max() > 0 and b.data_ptr() != get_codebook("bnb-e4m3").data_ptr()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
+def test_tensor_stats_update_waits_once_on_finite_data(torch_path, dtype) -> None:
+    x = (_seeded(64 * 300, 8) * torch.exp(3 * _seeded(64 * 300, 9))).reshape(64, 300).to(dtype)
+    x[0, :7] = 0.0
+    s = M.TensorStats()
+    with counted_waits() as calls:
+        s.update(x)
+    assert calls == ["tolist"]
+    # the same numbers as the obvious formulas
+    v = x.double()
+    assert s.n == x.numel() and s.zeros == 7 and s.amax == float(v.abs().max())
+    assert s.min_nonzero == float(v.abs()[v != 0].min()) and s.subnormal_count == 0
+    assert s.mean == pytest.approx(float(v.mean()), rel=1e-12, abs=1e-12)
+    assert s.m2 == pytest.approx(float(((v - v.mean()) ** 2).sum()), rel=1e-12)
+    assert int(s.hist.sum()) == x.numel() - 7
+    y = x.clone()
+    y[3, 3] = float("nan")                 # a special value: the counting path, after the one copy
+    t = M.TensorStats()
+    t.update(y)
+    assert t.nan_count == 1 and t.n == x.numel() - 1
+
+
+def test_outlier_census_update_waits_once(torch_path) -> None:
+    a = _seeded(40 * 64, 10).reshape(40, 64) * 2
+    a[5, 7], a[9, 7], a[11, 30] = 9.0, -float("inf"), float("nan")
+    census = M.OutlierCensus(threshold=6.0)
+    M._at_least(6.0, a.dtype)              # (the threshold on the dtype's grid: worked out once per dtype)
+    with counted_waits() as calls:
+        census.update(a)
+    assert calls == ["cpu", "__int__"]      # one copy to the host; the int() reads that copy
+    mag = a.abs().nan_to_num(nan=0.0, posinf=float("inf"))
+    hit = mag >= 6.0
+    assert census.col_rows.dtype == torch.int64 and torch.equal(census.col_rows, hit.sum(0))
+    assert census.rows_touched == int(hit.any(1).sum())
+    assert torch.equal(census.col_amax, mag.amax(0).double())
