@@ -477,31 +477,31 @@ class TensorStats:
         The same numbers as that path, whose value-dependent skips (no subnormal or over-limit pass when the
         extremes rule them out) are here passes that count zero."""
         f, af = x.flatten(), a.flatten()
-        amax = a.max()
-        zeros = (af == 0).sum()
-        terms = [amax.to(_F64), zeros, torch.where(af == 0, math.inf, af).min(), ((af > 0) & (af < tiny)).sum()]
-        terms += [(af > limit).sum() for _, limit in RAW_LIMITS]
+        # counts (int64), extremes (x's dtype) and float64 sums, each group stacked once, then one copy
+        counts = [(af == 0).sum(), ((af > 0) & (af < tiny)).sum(), *((af > limit).sum() for _, limit in RAW_LIMITS)]
+        extremes = [a.max(), torch.where(af == 0, math.inf, af).min()]
         # float64 for the moments (see below)
         v = f.to(_F64)
         mean = v.mean()
         d = v - mean
         del v
         d2 = d * d
-        terms += [mean, d2.sum(), torch.dot(d2, d), torch.dot(d2, d2), *_log2_block_terms(_block_absmax(a))]
+        n_blocks, log2_sum = _log2_block_terms(_block_absmax(a))
+        sums = [mean, d2.sum(), torch.dot(d2, d), torch.dot(d2, d2), log2_sum]
         del d, d2
         _, e = torch.frexp(af)
         k = (e - 1).clamp_(LOG2_LO, LOG2_HI - 1).sub_(LOG2_LO)
-        hist = torch.bincount(k, minlength=LOG2_HI - LOG2_LO)
-        vals = torch.cat([torch.stack([t.to(_F64) for t in terms]), hist.to(_F64)]).tolist()
+        counts += [n_blocks, torch.bincount(k, minlength=LOG2_HI - LOG2_LO)]
+        vals = torch.cat([torch.stack(extremes).to(_F64), torch.stack(sums),
+                          torch.cat([c.reshape(-1) for c in counts]).to(_F64)]).tolist()
         if not math.isfinite(vals[0]):
             return None
         nlim = len(RAW_LIMITS)
-        s.n, s.amax, s.zeros = f.numel(), vals[0], int(vals[1])
-        s.min_nonzero, s.subnormal_count = vals[2], int(vals[3])
-        s.over_max = {name: int(c) for (name, _), c in zip(RAW_LIMITS, vals[4:4 + nlim])}
-        s.mean, s.m2, s.m3, s.m4 = vals[4 + nlim:8 + nlim]
-        s.n_blocks, s.log2_block_sum = int(vals[8 + nlim]), vals[9 + nlim]
-        s.hist = torch.tensor([int(c) for c in vals[10 + nlim:]], dtype=torch.int64)
+        (s.amax, s.min_nonzero, s.mean, s.m2, s.m3, s.m4, s.log2_block_sum), c = vals[:7], [int(v) for v in vals[7:]]
+        s.n, s.zeros, s.subnormal_count = f.numel(), c[0], c[1]
+        s.over_max = {name: count for (name, _), count in zip(RAW_LIMITS, c[2:2 + nlim])}
+        s.n_blocks = c[2 + nlim]
+        s.hist = torch.tensor(c[3 + nlim:], dtype=torch.int64)
         s.hist[-1 - LOG2_LO] -= s.zeros   # zeros came out of frexp with exponent 0: bin floor(log2) = -1
         return s
 
