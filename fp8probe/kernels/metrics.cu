@@ -50,6 +50,24 @@ __device__ __forceinline__ double lanes_max(double v) {   // of non-negative, no
     return v;
 }
 
+// End of a summation block's pass: the lanes of v[0 .. S) combine as sums, of v[S .. W) as maxima, of c[0 .. C) as
+// counts; lane 0 of the block b (< nb) writes slot[W b + k] and counts[C b + k]. Every thread of the warp calls it.
+template <int S, int W, int C>
+__device__ __forceinline__ void store_block(double (&v)[W], long long (&c)[C], long long g, long long nb,
+                                            double* __restrict__ slot, long long* __restrict__ counts) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) v[k] = k < S ? lanes_sum(v[k]) : lanes_max(v[k]);
+#pragma unroll
+    for (int k = 0; k < C; ++k) c[k] = lanes_count(c[k]);
+    const long long b = g / SUM_LANES;
+    if (b < nb && g % SUM_LANES == 0) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) slot[W * b + k] = v[k];
+#pragma unroll
+        for (int k = 0; k < C; ++k) counts[C * b + k] = c[k];
+    }
+}
+
 // Per SUM_BLOCK b of ref r and result q (n elements each, contiguous): slot[5 b .. 5 b + 4] = Σr², Σ(r−q)², Σq²,
 // Σr·q over the pairs where both are finite, and max|r−q| over them; counts[2 b], counts[2 b + 1] = those pairs,
 // and the elements with a finite r. One thread per lane: grid × block = 8 × the number of SUM_BLOCKs, rounded up
@@ -60,36 +78,24 @@ __global__ void error_sums_blocks(const TR* __restrict__ r, const TQ* __restrict
     const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long b = g / SUM_LANES;
     const long long nb = (n + SUM_BLOCK - 1) / SUM_BLOCK;
-    double r2 = 0.0, e2 = 0.0, q2 = 0.0, rq = 0.0, mx = 0.0;
-    long long ok_n = 0, okr_n = 0;
+    double v[5] = {0.0, 0.0, 0.0, 0.0, 0.0};   // Σr², Σ(r−q)², Σq², Σr·q; max|r−q|
+    long long c[2] = {0, 0};                    // pairs compared, finite r
     if (b < nb) {
         const long long lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < n ? lo + SUM_BLOCK : n;
         for (long long i = lo + g % SUM_LANES; i < hi; i += SUM_LANES) {
             const double rv = to_double(r[i]), qv = to_double(q[i]);
             const bool okr = finite_d(rv), ok = okr && finite_d(qv);
             const double r0 = ok ? rv : 0.0, q0 = ok ? qv : 0.0, e = __dsub_rn(r0, q0), ae = fabs(e);
-            r2 = __dadd_rn(r2, __dmul_rn(r0, r0));
-            e2 = __dadd_rn(e2, __dmul_rn(e, e));
-            q2 = __dadd_rn(q2, __dmul_rn(q0, q0));
-            rq = __dadd_rn(rq, __dmul_rn(r0, q0));
-            mx = ae > mx ? ae : mx;
-            ok_n += ok;
-            okr_n += okr;
+            v[0] = __dadd_rn(v[0], __dmul_rn(r0, r0));
+            v[1] = __dadd_rn(v[1], __dmul_rn(e, e));
+            v[2] = __dadd_rn(v[2], __dmul_rn(q0, q0));
+            v[3] = __dadd_rn(v[3], __dmul_rn(r0, q0));
+            v[4] = ae > v[4] ? ae : v[4];
+            c[0] += ok;
+            c[1] += okr;
         }
     }
-    r2 = lanes_sum(r2);
-    e2 = lanes_sum(e2);
-    q2 = lanes_sum(q2);
-    rq = lanes_sum(rq);
-    mx = lanes_max(mx);
-    ok_n = lanes_count(ok_n);
-    okr_n = lanes_count(okr_n);
-    if (b < nb && g % SUM_LANES == 0) {
-        double* s = slot + 5 * b;
-        s[0] = r2; s[1] = e2; s[2] = q2; s[3] = rq; s[4] = mx;
-        counts[2 * b] = ok_n;
-        counts[2 * b + 1] = okr_n;
-    }
+    store_block<4>(v, c, g, nb, slot, counts);
 }
 
 // *qmax_bits = max of the bit patterns of |q| over the pairs where x and q are finite (non-negative doubles order
@@ -126,37 +132,25 @@ __global__ void operand_sums_blocks(const TX* __restrict__ x, const TQ* __restri
     const long long b = g / SUM_LANES;
     const long long nb = (n + SUM_BLOCK - 1) / SUM_BLOCK;
     const double qmax = __longlong_as_double((long long)*qmax_bits);
-    double x2 = 0.0, e2 = 0.0;
-    long long c_fin = 0, c_nz = 0, c_under = 0, c_sat = 0, c_qbad = 0;
+    double v[2] = {0.0, 0.0};                   // Σx², Σ(x−q)²
+    long long c[5] = {0, 0, 0, 0, 0};           // finite x, non-zero, underflow, saturated, q not finite
     if (b < nb) {
         const long long lo = b * SUM_BLOCK, hi = lo + SUM_BLOCK < n ? lo + SUM_BLOCK : n;
         for (long long i = lo + g % SUM_LANES; i < hi; i += SUM_LANES) {
             const double xv = to_double(x[i]), qv = to_double(q[i]);
             const bool okx = finite_d(xv), okq = finite_d(qv), ok = okx && okq, nz = okx && xv != 0.0;
             const double x0 = ok ? xv : 0.0, e = __dsub_rn(x0, ok ? qv : 0.0);
-            x2 = __dadd_rn(x2, __dmul_rn(x0, x0));
-            e2 = __dadd_rn(e2, __dmul_rn(e, e));
+            v[0] = __dadd_rn(v[0], __dmul_rn(x0, x0));
+            v[1] = __dadd_rn(v[1], __dmul_rn(e, e));
             const bool s = has_sat ? sat[i] != 0 : fabs(xv) > qmax;
-            c_fin += okx;
-            c_nz += nz;
-            c_under += nz && qv == 0.0;
-            c_sat += okx && s;
-            c_qbad += okx && !okq;
+            c[0] += okx;
+            c[1] += nz;
+            c[2] += nz && qv == 0.0;
+            c[3] += okx && s;
+            c[4] += okx && !okq;
         }
     }
-    x2 = lanes_sum(x2);
-    e2 = lanes_sum(e2);
-    c_fin = lanes_count(c_fin);
-    c_nz = lanes_count(c_nz);
-    c_under = lanes_count(c_under);
-    c_sat = lanes_count(c_sat);
-    c_qbad = lanes_count(c_qbad);
-    if (b < nb && g % SUM_LANES == 0) {
-        slot[2 * b] = x2;
-        slot[2 * b + 1] = e2;
-        long long* c = counts + 5 * b;
-        c[0] = c_fin; c[1] = c_nz; c[2] = c_under; c[3] = c_sat; c[4] = c_qbad;
-    }
+    store_block<2>(v, c, g, nb, slot, counts);
 }
 
 // out = [Σ_b slot[b][k] for k < nsums, in block order from 0.0; max_b slot[b][k] for nsums <= k < width;
