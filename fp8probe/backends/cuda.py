@@ -479,10 +479,11 @@ def _sums_apply(*tensors: torch.Tensor) -> bool:
     return sums_ready() and all(t.dtype in _SUM_TYPE and t.numel() > 0 for t in tensors)
 
 
-def _sum_blocks(kernel: str, a: torch.Tensor, b: torch.Tensor, args: tuple, width: int, ncounts: int) -> list[float]:
+def _sum_blocks(kernel: str, a: torch.Tensor, b: torch.Tensor, args: tuple, nsums: int, width: int, ncounts: int
+                ) -> list[float]:
     """Launch ``kernel<type(a), type(b)>`` (one thread per lane of every summation block, writing each block's
-    ``width`` float64 values and ``ncounts`` counts), then sums_finish; the finished vector reaches the host
-    in one copy (the call's one wait for the GPU)."""
+    ``width`` float64 values, the first ``nsums`` of them sums and the rest maxima, and ``ncounts`` counts), then
+    sums_finish; the finished vector reaches the host in one copy (the call's one wait for the GPU)."""
     dev, n = a.device, a.numel()
     nb = -(-n // _SUM_BLOCK)
     slot = torch.empty(nb * width, dtype=torch.float64, device=dev)
@@ -490,7 +491,6 @@ def _sum_blocks(kernel: str, a: torch.Tensor, b: torch.Tensor, args: tuple, widt
     expr = f"{kernel}<{_SUM_TYPE[a.dtype]}, {_SUM_TYPE[b.dtype]}>"
     _launch("metrics", expr, (-(-nb * _SUM_LANES // _THREADS),), (_THREADS,), (*args, np.int64(n), slot, counts), dev)
     out = torch.empty(width + ncounts, dtype=torch.float64, device=dev)
-    nsums = 4 if kernel == "error_sums_blocks" else 2
     _launch("metrics", "sums_finish", (1,), (32,),
             (slot, np.int32(width), np.int32(nsums), counts, np.int32(ncounts), np.int64(nb), out), dev)
     return out.tolist()
@@ -505,7 +505,7 @@ def error_sums(ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, float, float
     if not _sums_apply(ref, lp):
         return None
     r, q = ref.detach().contiguous(), lp.detach().contiguous()
-    r2, e2, q2, rq, mx, compared, finite_r = _sum_blocks("error_sums_blocks", r, q, (r, q), 5, 2)
+    r2, e2, q2, rq, mx, compared, finite_r = _sum_blocks("error_sums_blocks", r, q, (r, q), 4, 5, 2)
     n = r.numel()
     return r2, e2, q2, rq, mx, int(compared), int(finite_r - compared), n - int(finite_r)
 
@@ -530,7 +530,7 @@ def operand_sums(x: torch.Tensor, q: torch.Tensor, saturated: torch.Tensor | Non
     else:
         sat, has_sat = saturated.detach().contiguous().view(torch.uint8), 1
     x2, e2, fin, nz, under, nsat, qbad = _sum_blocks("operand_sums_blocks", xc, qc,
-                                                     (xc, qc, sat, np.int32(has_sat), qmax), 2, 5)
+                                                     (xc, qc, sat, np.int32(has_sat), qmax), 2, 2, 5)
     return x2, e2, int(fin), int(nz), int(under), int(nsat), n - int(fin), int(qbad)
 
 
