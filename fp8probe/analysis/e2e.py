@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-
 from . import distributed
 from .capture import _to_device, choose_loss, is_exported_graph, params_require_grad
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
@@ -297,10 +296,10 @@ def _reduced_grads(loss: torch.Tensor, params: list[torch.Tensor], against: list
 
 
 def _grad_sums(gh: torch.Tensor, gl: torch.Tensor) -> tuple[float, float]:
-    """(Σgh², Σ(gl − gh)²) of a parameter's high-precision and low-precision gradients, in float64: one C pass
+    """(Σgh², Σ(gl − gh)²) of a parameter's high-precision and low-precision gradients, in float64: one pass
     (metrics.fused_error_sums, in C or on the GPU: exact float64 widening, its documented summation order) where
-    every pair is finite; else (NaN/±Inf in either, no C extension or CUDA kernels, FSDP2's sharded DTensor parameters) the float64
-    copies in torch, whose NaN/Inf then reach the SQNR as before. The C pass replaced three float64 copies and
+    every pair is finite; else (NaN/±Inf in either, no C extension or CUDA kernels, FSDP2's sharded DTensor
+    parameters) the float64 copies in torch, whose NaN/Inf then reach the SQNR as before. The C pass replaced three float64 copies and
     three passes per parameter and recipe (1.3 of ~7.8 s of the end-to-end part on BERT 6-layer, 8 recipes)."""
     # (plain tensors only: a DTensor's data pointer is its local shard)
     sums = fused_error_sums(gh, gl) if type(gh) is torch.Tensor and type(gl) is torch.Tensor else None
