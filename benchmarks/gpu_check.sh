@@ -11,7 +11,7 @@
 #   summary.txt        device, versions, one PASS/FAIL/TIMEOUT line per stage (read this first)
 #   profile_cuda.txt   benchmarks/profile_analyze.py: cProfile of analyze on the GPU, synchronisations by line
 #   quantize_cuda.json, int8_cuda.json, scaled_cuda.json   the three op benchmarks (also printed as Markdown)
-#   analyze_cuda.txt   analyze --strategy all on the demo model, CPU vs GPU wall time
+#   analyze_cuda.txt   analyze --strategy all on the demo model, CPU vs GPU: wall time, SQNR gaps per row
 #   analyze_models_cuda.json   bench_analyze on the GPU: the issue-15 Llama-135M and BERT, split by pipeline part
 #   gpu_check.log      everything each stage printed (the CUDA tests' failures too)
 # Exit status: 0 when every stage passed, 1 when any failed or timed out, 3 when there is no usable GPU.
@@ -113,7 +113,12 @@ stage "bench-scaled" 60 "$PY" benchmarks/bench_scaled.py --device cuda --markdow
     --json "$OUT_DIR/scaled_cuda.json"
 
 stage "analyze-cuda" 90 "$PY" - <<'EOF'
-"""analyze --strategy all on the demo model on CPU and on the GPU: same layers, wall time of each."""
+"""analyze --strategy all on the demo model on the CPU and on the GPU: wall time of each, and the two analyses'
+numbers side by side. The GPU runs the model and the recipes' GEMMs in its own summation order, so the captured
+tensors and the products differ from the CPU's in the last bits and the SQNRs by a few thousandths of a dB; a
+recipe or metric that computes something else on the GPU shows as a larger gap, and fails this stage (> 1 dB).
+(ANALYZE_DEVICES=cpu,cpu runs the comparison without a GPU: every gap is then 0.)"""
+import math
 import os
 import time
 
@@ -122,24 +127,45 @@ import torch
 from fp8probe.analysis.demo_model import DemoConfig, build_model, make_batches
 from fp8probe.analysis.pipeline import analyze
 
+devices = os.environ.get("ANALYZE_DEVICES", "cpu,cuda").split(",")
 cfg = DemoConfig()
 batches = make_batches(2, 8, cfg.seq, seed=1, vocab=cfg.vocab)
-times = {}
-for device in ("cpu", "cuda"):
+times, tables = [], []
+for device in devices:
     model = build_model(cfg).to(device)
-    analyze(model, batches[:1], "all", layers=r"^head$", device=device)  # warm-up: kernels compile once
+    analyze(model, batches[:1], "all", layers=r"^head$", device=device, e2e=False)  # warm-up: kernels compile once
     t0 = time.perf_counter()
-    res = analyze(model, batches, "all", device=device)
-    if device == "cuda":
+    res = analyze(model, batches, "all", device=device)   # the end-to-end part too (timed, not compared)
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-    times[device] = time.perf_counter() - t0
-    gemm = res.tables["gemm"]
-    print(f"{device}: {len(res.tables['layers'])} layers, {len(gemm)} gemm rows, {times[device]:.2f} s")
-line = (f"| demo model, 2 batches, all strategies | cpu {times['cpu']:.2f} s | cuda {times['cuda']:.2f} s | "
-        f"x{times['cpu'] / times['cuda']:.1f} |")
+    times.append(time.perf_counter() - t0)
+    tables.append(res.tables)
+    print(f"{device}: {len(res.tables['layers'])} layers, {len(res.tables['gemm'])} gemm rows, {times[-1]:.2f} s")
+
+worst = 0.0
+report = []
+for name, keys in (("gemm", ["layer", "strategy", "gemm"]), ("operands", ["layer", "strategy", "operand"])):
+    a, b = (t[name].set_index(keys)["sqnr_db"].astype(float) for t in tables)
+    both = a.to_frame("first").join(b.to_frame("second"), how="outer")
+    finite = both[both.apply(lambda col: col.map(math.isfinite)).all(axis=1)]
+    gap = (finite["first"] - finite["second"]).abs()
+    # rows finite on one device only (an exact result on one, an overflow) are listed, not scored
+    odd = [k for k in both.index.difference(finite.index)
+           if not (both.loc[k, "first"] == both.loc[k, "second"] or both.loc[k].isna().all())]
+    top = gap.sort_values(ascending=False).head(5)
+    report.append(f"{name}: {len(both)} rows, max |SQNR gap| {gap.max():.4f} dB, median {gap.median():.5f} dB, "
+                  f"finite on one device only: {len(odd)}")
+    report += [f"  {k}: {both.loc[k, 'first']:.4f} vs {both.loc[k, 'second']:.4f} dB" for k in top.index]
+    report += [f"  one-sided {k}: {both.loc[k, 'first']} vs {both.loc[k, 'second']}" for k in odd[:5]]
+    worst = max(worst, float(gap.max()) if len(gap) else 0.0)
+line = (f"| demo model, 2 batches, all strategies | {devices[0]} {times[0]:.2f} s | {devices[1]} {times[1]:.2f} s | "
+        f"x{times[0] / times[1]:.1f} | max SQNR gap {worst:.4f} dB |")
 print(line)
+print("\n".join(report))
 with open(os.path.join(os.environ.get("OUT_DIR", "."), "analyze_cuda.txt"), "w") as fh:
-    fh.write(line + "\n")
+    fh.write(line + "\n" + "\n".join(report) + "\n")
+if worst > 1.0:
+    raise SystemExit(f"the two devices' SQNRs differ by up to {worst:.3f} dB (> 1 dB): see analyze_cuda.txt")
 EOF
 
 # Where the GPU analysis spends its time (the first GPU run found it slower than the CPU's, host-bound): a cProfile
