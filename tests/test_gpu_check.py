@@ -39,3 +39,16 @@ def test_every_benchmark_option_it_passes_exists() -> None:
                                   text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
         for opt in re.findall(r"--[\w-]+", args):
             assert opt in helptext, f"{script} has no option {opt}"
+
+
+def test_the_analyze_stage_compares_two_runs_without_a_gpu(tmp_path: Path) -> None:
+    # the analyze-cuda stage's script, run on the CPU twice: it must work before a GPU session spends time on it
+    text = SCRIPT.read_text()
+    body = re.search(r'stage "analyze-cuda" \d+ "\$PY" - <<\'EOF\'\n(.*?)\nEOF\n', text, re.S)
+    assert body is not None
+    env = {**os.environ, "ANALYZE_DEVICES": "cpu,cpu", "OUT_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-"], input=body.group(1), env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = (tmp_path / "analyze_cuda.txt").read_text()
+    assert "max SQNR gap 0.0000 dB" in out and "gemm: " in out and "operands: " in out
