@@ -115,7 +115,7 @@ stage "bench-scaled" 60 "$PY" benchmarks/bench_scaled.py --device cuda --markdow
 stage "analyze-cuda" 90 "$PY" - <<'EOF'
 """analyze --strategy all on the demo model on the CPU and on the GPU: wall time of each, and the two analyses'
 numbers side by side. The GPU runs the model and the recipes' GEMMs in its own summation order, so the captured
-tensors and the products differ from the CPU's in the last bits and the SQNRs by a few thousandths of a dB; a
+tensors and the products differ from the CPU's in the last bits and the SQNRs should differ far less than a dB; a
 recipe or metric that computes something else on the GPU shows as a larger gap, and fails this stage (> 1 dB).
 (ANALYZE_DEVICES=cpu,cpu runs the comparison without a GPU: every gap is then 0.)"""
 import math
