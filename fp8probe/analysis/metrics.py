@@ -366,18 +366,17 @@ def _log2_block_sum(blocks: torch.Tensor) -> tuple[int, float]:
     return int(n), float(total)
 
 
-def _log2_counts(a: torch.Tensor, zeros: int) -> torch.Tensor:
-    """log2_histogram of finite magnitudes ``a`` (float32/float64, any shape) holding ``zeros`` exact zeros.
+def _log2_counts(a: torch.Tensor) -> torch.Tensor:
+    """Counts (int64 [LOG2_HI − LOG2_LO], on a's device) by floor(log2) of finite magnitudes ``a``
+    (float32/float64, any shape), exact zeros included in the floor(log2) = −1 bin: the caller takes them off
+    (log2_histogram's counts then), which saves a masked copy of the non-zeros.
 
     frexp on float32 gives the exponent of float32 values (subnormals included) exactly; zeros come
-    out with exponent 0, are binned as floor(log2) = −1 with the rest and taken off that bin, which
-    saves a masked copy of the non-zeros.
+    out with exponent 0.
     """
     _, e = torch.frexp(a.flatten())
     k = (e - 1).clamp_(LOG2_LO, LOG2_HI - 1).sub_(LOG2_LO)
-    counts = torch.bincount(k, minlength=LOG2_HI - LOG2_LO).to(torch.int64).cpu()
-    counts[-1 - LOG2_LO] -= zeros
-    return counts
+    return torch.bincount(k, minlength=LOG2_HI - LOG2_LO)
 
 
 @dataclass
@@ -433,65 +432,41 @@ class TensorStats:
         # 65536 in bf16.) float64 is used only for the moment sums below.
         x = x2 if x2.dtype in (torch.float32, _F64) else x2.to(torch.float32 if x2.is_floating_point() else _F64)
         a = x.abs()
-        common = TensorStats._all_finite(s, x, a, tiny)
-        if common is not None:
-            return common
-        amax = float(a.max())  # NaN-propagating: finite iff no NaN/±Inf anywhere
-        if math.isfinite(amax):
-            f, af, a_blocks = x.flatten(), a.flatten(), a
-        else:  # rare: count and drop the specials
-            nan, inf = torch.isnan(x), torch.isinf(x)
-            s.nan_count, s.inf_count = int(nan.sum()), int(inf.sum())
-            s.neg_inf_count = int((inf & (x < 0)).sum()) if s.inf_count else 0
-            keep = ~(nan | inf)
-            f, af = x[keep], a[keep]
-            a_blocks = torch.where(keep, a, 0.0)
-            amax = float(af.max()) if af.numel() else 0.0
-        s.n = f.numel()
-        s.zeros = int((af == 0).sum())
-        if s.n:
-            s.amax = amax
-            if s.zeros < s.n:
-                s.min_nonzero = float(torch.where(af == 0, math.inf, af).min())
-            if s.min_nonzero < tiny:  # else no value can be subnormal: skip the pass
-                s.subnormal_count = int(((af > 0) & (af < tiny)).sum())
-            s.over_max = {name: int((af > limit).sum()) if amax > limit else 0 for name, limit in RAW_LIMITS}
-            # float64 for the moments: the mean and the 2nd-4th central power sums of up to ~1e8
-            # values would keep only a few digits in float32 (kurtosis of outlier-heavy tensors).
-            v = f.to(_F64)
-            s.mean = float(v.mean())
-            d = v - s.mean
-            del v
-            d2 = d * d
-            s.m2, s.m3, s.m4 = float(d2.sum()), float(torch.dot(d2, d)), float(torch.dot(d2, d2))
-            del d, d2
-        s.n_blocks, s.log2_block_sum = _log2_block_sum(_block_absmax(a_blocks))
-        s.hist = _log2_counts(af, s.zeros)
-        return s
+        done = TensorStats._finite_summary(s, x.flatten(), a.flatten(), a, tiny)
+        if done is not None:  # the common case: every value finite
+            return done
+        # rare: count and drop the specials
+        nan, inf = torch.isnan(x), torch.isinf(x)
+        s.nan_count, s.inf_count = int(nan.sum()), int(inf.sum())
+        s.neg_inf_count = int((inf & (x < 0)).sum()) if s.inf_count else 0
+        keep = ~(nan | inf)
+        f, af = x[keep], a[keep]
+        if not f.numel():
+            return s
+        return TensorStats._finite_summary(s, f, af, torch.where(keep, a, 0.0), tiny)
 
     @staticmethod
-    def _all_finite(s: TensorStats, x: torch.Tensor, a: torch.Tensor, tiny: float) -> TensorStats | None:
-        """The torch path's statistics of a batch x (float32/float64, a = |x|) in which every value is finite, all
-        computed on the device and brought to the host in one copy (each float()/int() of a CUDA tensor makes
-        the host wait for the GPU); None when some value is NaN/±Inf (the caller's path then counts them).
-        The same numbers as that path, whose value-dependent skips (no subnormal or over-limit pass when the
-        extremes rule them out) are here passes that count zero."""
-        f, af = x.flatten(), a.flatten()
-        # counts (int64), extremes (x's dtype) and float64 sums, each group stacked once, then one copy
+    def _finite_summary(s: TensorStats, f: torch.Tensor, af: torch.Tensor, a_blocks: torch.Tensor, tiny: float
+                        ) -> TensorStats | None:
+        """s with the statistics of the values f (flat, float32/float64, non-empty; af = |f|; a_blocks: the 2-D
+        magnitudes with the left-out values as 0, for the block statistic), all computed on the device and
+        brought to the host in one copy (each float()/int() of a CUDA tensor makes the host wait for the GPU);
+        None when some value of f is NaN/±Inf (its max is not finite: the caller drops those first). Passes
+        whose result the extremes decide (no subnormal or over-limit value) run anyway and count zero."""
+        # counts (int64), extremes (f's dtype) and float64 sums, each group stacked once, then one copy
         counts = [(af == 0).sum(), ((af > 0) & (af < tiny)).sum(), *((af > limit).sum() for _, limit in RAW_LIMITS)]
-        extremes = [a.max(), torch.where(af == 0, math.inf, af).min()]
-        # float64 for the moments (see below)
+        extremes = [af.max(), torch.where(af == 0, math.inf, af).min()]
+        # float64 for the moments: the mean and the 2nd-4th central power sums of up to ~1e8
+        # values would keep only a few digits in float32 (kurtosis of outlier-heavy tensors).
         v = f.to(_F64)
         mean = v.mean()
         d = v - mean
         del v
         d2 = d * d
-        n_blocks, log2_sum = _log2_block_terms(_block_absmax(a))
+        n_blocks, log2_sum = _log2_block_terms(_block_absmax(a_blocks))
         sums = [mean, d2.sum(), torch.dot(d2, d), torch.dot(d2, d2), log2_sum]
         del d, d2
-        _, e = torch.frexp(af)
-        k = (e - 1).clamp_(LOG2_LO, LOG2_HI - 1).sub_(LOG2_LO)
-        counts += [n_blocks, torch.bincount(k, minlength=LOG2_HI - LOG2_LO)]
+        counts += [n_blocks, _log2_counts(af)]
         vals = torch.cat([torch.stack(extremes).to(_F64), torch.stack(sums),
                           torch.cat([c.reshape(-1) for c in counts]).to(_F64)]).tolist()
         if not math.isfinite(vals[0]):
