@@ -427,6 +427,12 @@ def _quantize_lowbit(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int
     return data, torch.where(torch.isfinite(amax_all), scale, torch.nan).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _one(device: torch.device) -> torch.Tensor:
+    """float32 [1] holding 1.0 on ``device``, made once (read only): cast_from_lowbit's scale without NVFP4's."""
+    return torch.ones(1, dtype=_F32, device=device)
+
+
 def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int,
                       dtype: torch.dtype, fmt: str = "", global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """CUDA `fp8probe::dequantize_scaled`: cast<dtype>(fl32(float(data) * scale[tile])) (4/6-bit codes:
@@ -439,8 +445,7 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
         dev = data.device
         rows, cols = _ref._rows_cols(data.shape)
         # the tensor scale stays on the device (float() of it would make the host wait for the GPU)
-        post = (torch.ones(1, dtype=_F32, device=dev) if global_scale is None
-                else global_scale.to(device=dev, dtype=_F32).reshape(1).contiguous())
+        post = _one(dev) if global_scale is None else global_scale.to(device=dev, dtype=_F32).reshape(1).contiguous()
         out = torch.empty(data.shape, dtype=dtype, device=dev)
         _launch("scaled_cast", "cast_from_lowbit", _grid_vec(rows * cols), (_THREADS,),
                 (data.contiguous(), scale.to(device=dev, dtype=_F32).contiguous(), out, np.int64(rows),
