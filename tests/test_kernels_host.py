@@ -720,8 +720,7 @@ def _sum_pair(n: int, da: torch.dtype, db: torch.dtype, seed: int, specials: boo
     b[torch.rand(n, generator=g) < 0.05] = 0.0
     a, b = a.to(da), b.to(db)
     if specials:
-        a = scatter_specials(a.float(), seed).to(da) if da != torch.float64 else scatter_specials(a, seed)
-        b = scatter_specials(b.float(), seed + 7).to(db) if db != torch.float64 else scatter_specials(b, seed + 7)
+        a, b = scatter_specials(a, seed), scatter_specials(b, seed + 7)
     return a, b
 
 
