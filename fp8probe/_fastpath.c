@@ -824,6 +824,9 @@ typedef struct {
     uint32_t sr_key;      /* mix32(seed ^ 0x9E3779B9), from the caller */
     size_t sr_period;     /* P: element (r, c) draws number (r mod P) * C + c */
     const float *grow;    /* NVFP4 with 1 x bc tiles: one tensor scale per row (else NULL: g) */
+    float given, mult;    /* e4m3/e5m2 (fused_scaled only): given > 0 is every tile's scale; else the scale from
+                           * amax is fl32(fl32(amax / fmax) * mult) (mult a power of two, 1 but for delayed
+                           * scaling's margin), 1 where that is not > 0 */
 } sq_t;
 
 /* x as the runs of row r index it (flat index r * C + col): x itself, or, while a band is gathered, the address
@@ -1216,6 +1219,7 @@ static int sq_init(sq_t *c, const void *x, int dt, size_t R, size_t C, size_t br
                    int has_g, float g, float *scale, int xt) {
     memset(c, 0, sizeof *c);
     c->fmt = fmt; c->rule = rule; c->has_g = has_g; c->g = g;
+    c->mult = 1.0f;
     c->x = x; c->dt = dt;
     c->R = R; c->C = C; c->br = br; c->bc = bc;
     c->nbr = (R + br - 1) / br; c->nbc = (C + bc - 1) / bc;
@@ -1287,8 +1291,11 @@ static void sq_scale1(sq_t *c, size_t tr, size_t tc) {
         const float g = c->grow ? c->grow[tr] : c->g; /* grow: 1 x bc tiles, tile row tr = row tr */
         s = dec_e4m3(enc_fp8(amax / (6.0f * g), 0, 0x43e00000u));
         d = s * g;
+    } else if (c->given > 0.0f) {
+        s = d = c->given;
     } else {
         s = amax / c->fmax;
+        if (c->mult != 1.0f) s = s * c->mult;
         s = d = s > 0.0f ? s : 1.0f;
     }
     if (c->lowbit) {
@@ -3161,11 +3168,20 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     Py_ssize_t R, C, br, bc, period = 0;
     int dt, fmt, want, rule, xt = 0, nomem = 0, sr = 0;
     unsigned int key = 0;
+    float given = 0.0f, mult = 1.0f;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnnniKKKKii|ppInK", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want,
-                          &rule, &xt, &sr, &key, &period, &grow))
+    if (!PyArg_ParseTuple(args, "KinnnniKKKKii|ppInKff", &xp, &dt, &R, &C, &br, &bc, &fmt, &qp, &satp, &sp, &cp, &want,
+                          &rule, &xt, &sr, &key, &period, &grow, &given, &mult))
         return NULL;
     if (sq_check_args("fused_scaled", R, C, br, bc, dt, fmt, rule) < 0) return NULL;
+    /* a given scale or multiplier: the per-tensor OCP formats only (delayed scaling), finite and positive */
+    if ((given != 0.0f || mult != 1.0f)
+        && (fmt > 1 || !(given >= 0.0f && given <= 0x1.fffffep127f) || !(mult > 0.0f && mult <= 0x1.fffffep127f))) {
+        PyErr_Format(PyExc_ValueError, "fused_scaled: expected a given scale >= 0 and a multiplier > 0 (finite) "
+                     "with fmt 0 or 1 (e4m3, e5m2), got scale %g, multiplier %g, fmt %d", (double)given,
+                     (double)mult, fmt);
+        return NULL;
+    }
     fq_t c;
     memset(&c, 0, sizeof c);
     if (sq_init(&c.sq, (const void *)(uintptr_t)xp, dt, (size_t)R, (size_t)C, (size_t)br, (size_t)bc, fmt, rule, 0,
@@ -3175,6 +3191,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
         sq_free(&c.sq);
         return NULL;
     }
+    c.sq.given = given; c.sq.mult = mult;
     /* per-row tensor scales: only the stochastic element pass (fq_sr_run) multiplies by them */
     if (grow && !sr) {
         sq_free(&c.sq);
@@ -3202,6 +3219,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     fq_job_t job = {&c, dt * 6 + (fmt == 7 ? 5 : kind)};
     int nt = pick_threads(c.sq.R * c.sq.C, want);
     float g;
+    uint32_t amax_bits = 0; /* the tensor's largest finite |x|: the max of the amax partials */
     Py_BEGIN_ALLOW_THREADS
     if (c.sq.xt) {
         if (sq_local(&c.sq)) {
@@ -3219,6 +3237,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
         run_units(fq_work, &job, c.sq.units, nt);
     }
     g = c.sq.g;
+    for (size_t i = 0; i < c.sq.np; i++) amax_bits = c.sq.partial[i] > amax_bits ? c.sq.partial[i] : amax_bits;
     if (!direct) {
         for (size_t tr = 0; tr < c.sq.nbr; tr++)
             for (size_t tc = 0; tc < c.sq.nbc; tc++)
@@ -3234,7 +3253,7 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     sq_free(&c.sq);
     if (nomem) return PyErr_NoMemory();
-    return Py_BuildValue("(di)", (double)g, bad);
+    return Py_BuildValue("(did)", (double)g, bad, (double)u2f(amax_bits));
 }
 
 /* ================================================================ scaled casts: AVX2 element loops
@@ -4665,11 +4684,12 @@ static PyMethodDef methods[] = {
     /* fused scaled fake-quantisation */
     {"fused_scaled", py_fused_scaled, METH_VARARGS,
      "fused_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, q_ptr, sat_ptr, scale_ptr, counts_ptr, "
-     "threads, rule[, transposed, stochastic, key, period_rows, g_rows_ptr]) -> (g, bad): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
+     "threads, rule[, transposed, stochastic, key, period_rows, g_rows_ptr, scale, multiplier]) -> (g, bad, amax): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
      "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
      "saturated); fmt/rule and the stochastic arguments as quantize_scaled (g_rows with stochastic only); g: the "
      "NVFP4 tensor scale "
-     "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable)."},
+     "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable); amax: x's largest finite |x|. e4m3/e5m2 only: "
+     "scale > 0 is every tile's scale, else the scales from amax are fl32(fl32(amax / fmax) * multiplier)."},
     /* scaled casts: transposed inputs */
     {"transpose_copy", py_transpose_copy, METH_VARARGS,
      "transpose_copy(src_ptr, dst_ptr, rows, cols, element_bytes, threads): dst [cols, rows] = transpose(src [rows, cols]) "

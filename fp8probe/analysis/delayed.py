@@ -1,12 +1,14 @@
 """Delayed scaling (Transformer Engine's recipe): per-tensor FP8 scales from the amax history of earlier batches, per GEMM site and operand, with overflow counts."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Hashable
 
 import pandas as pd
 import torch
 
+from fp8probe.backends import cpu as _cpu
 from fp8probe.backends.reference import fp8_saturate
 from fp8probe.formats import FORMATS
 
@@ -80,34 +82,63 @@ class DelayedState:
     history: dict[tuple[Hashable, str], list[float]] = field(default_factory=dict)
     counts: dict[tuple[str, str], _Counts] = field(default_factory=dict)
 
+    def history_amax(self, site: Hashable, operand: str) -> float | None:
+        """The amax this batch's scale is made for (max or most recent of the history), None when the history
+        is empty (warm-up: the batch's own amax)."""
+        hist = self.history.get((site, operand))
+        if not hist:
+            return None
+        return max(hist) if self.rule.compute == "max" else hist[-1]
+
     def scale_for(self, site: Hashable, operand: str, amax_now: float, fmt: str) -> tuple[float, float, bool]:
         """(float32 scale for this batch, the largest |x| it represents without saturating, warm-up: True
         when the history was empty). That range is amax_h · 2^margin (fmt_max · scale up to the scale's
         float32 rounding, which the per-tensor cast shares), fmt_max for scale 1."""
         fmax = FORMATS[fmt].max
-        hist = self.history.get((site, operand))
-        if not hist:
-            amax, warmup = amax_now, True
-        else:
-            amax, warmup = (max(hist) if self.rule.compute == "max" else hist[-1]), False
+        amax = self.history_amax(site, operand)
+        warmup = amax is None
+        if warmup:
+            amax = amax_now
         scale = torch.tensor(amax, dtype=_F32) / torch.tensor(fmax, dtype=_F32)
         scale = float(scale * torch.tensor(2.0 ** self.rule.margin, dtype=_F32))  # a power of two: exact
         if scale > 0:
             return scale, amax * 2.0 ** self.rule.margin, warmup
         return 1.0, fmax, warmup
 
+    def _fused(self, site: Hashable, operand: str, x: torch.Tensor, fmt: str) -> _cpu.FusedScaled | None:
+        """The cast in one C call (backends.cpu.fused_scaled, one tile: the per-tensor cast with the delayed
+        scale given, or at warm-up computed from x's amax times 2^margin), or None where it does not apply (not
+        a CPU float tensor, no extension, FP8PROBE_BACKEND=reference, a scale not finite in float32, NaN in
+        the result): the torch ops then."""
+        if x.dim() == 0 or x.numel() == 0:
+            return None
+        rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+        if self.history_amax(site, operand) is None:
+            return _cpu.fused_scaled(x, fmt, rows, cols, scale_multiplier=2.0 ** self.rule.margin)
+        scale = self.scale_for(site, operand, 0.0, fmt)[0]
+        if not math.isfinite(scale):
+            return None
+        return _cpu.fused_scaled(x, fmt, rows, cols, scale=scale)
+
     def quantize(self, site: Hashable, operand: str, x: torch.Tensor, fmt: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(dequantised x in float32, saturated mask) with this batch's delayed scale; records x's amax."""
-        fp8, fmax = FP8_DTYPES[fmt], FORMATS[fmt].max
-        x32 = x.to(_F32)
-        finite_abs = torch.where(torch.isfinite(x32), x32.abs(), 0.0)
-        amax_now = float(finite_abs.amax()) if x32.numel() else 0.0
-        scale, limit, warmup = self.scale_for(site, operand, amax_now, fmt)
-        s = torch.tensor(scale, dtype=_F32, device=x.device)
-        data = fp8_saturate(x32 / s, fp8, fmax).to(fp8)
-        q = data.to(_F32) * s
-        saturated = (data.to(_F32).abs() == fmax) & (x32.abs() > q.abs())
+        fused = self._fused(site, operand, x, fmt)
+        if fused is not None:
+            amax_now, q, saturated = fused.amax, fused.q, fused.saturated
+            limit, warmup = self.scale_for(site, operand, amax_now, fmt)[1:]
+            n_saturated = int(fused.counts[2].sum())
+        else:
+            fp8, fmax = FP8_DTYPES[fmt], FORMATS[fmt].max
+            x32 = x.to(_F32)
+            finite_abs = torch.where(torch.isfinite(x32), x32.abs(), 0.0)
+            amax_now = float(finite_abs.amax()) if x32.numel() else 0.0
+            scale, limit, warmup = self.scale_for(site, operand, amax_now, fmt)
+            s = torch.tensor(scale, dtype=_F32, device=x.device)
+            data = fp8_saturate(x32 / s, fp8, fmax).to(fp8)
+            q = data.to(_F32) * s
+            saturated = (data.to(_F32).abs() == fmax) & (x32.abs() > q.abs())
+            n_saturated = int(saturated.sum())
         hist = self.history.setdefault((site, operand), [])
         hist.append(amax_now)
         del hist[:-self.rule.history]
@@ -117,7 +148,7 @@ class DelayedState:
         c.batches += 1
         c.warmup += warmup
         c.overflow += ratio > 1.0
-        c.saturated += int(saturated.sum())
+        c.saturated += n_saturated
         c.elements += x.numel()
         c.max_ratio = max(c.max_ratio, ratio)
         return q, saturated

@@ -36,6 +36,7 @@ from fp8probe.backends.int8_gemm import int8_gemm_float
 from fp8probe.backends.reference import use_reference
 
 _F32 = torch.float32
+_F32_MAX = torch.finfo(torch.float32).max
 #: torch dtype -> the dtype code of the C functions (0 fp32, 1 fp16, 2 bf16)
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _EXT: ModuleType | None = None
@@ -834,7 +835,7 @@ class FusedScaled(NamedTuple):
     [ceil(R/br), ceil(C/bc)], quantize_scaled's scale (NVFP4: the E4M3 block scale); ``global_scale``:
     NVFP4's 0-D float32 tensor scale (or the per-row [R, 1] scales it was given), else None; ``counts``: int64
     [3, tiles] in row-major tile order, per tile the finite nonzero elements of x, those of them with q == 0 (underflow) and the
-    saturated elements.
+    saturated elements; ``amax``: x's largest finite |x| (0.0 when there is none), a float32 value.
     """
 
     q: torch.Tensor
@@ -842,11 +843,13 @@ class FusedScaled(NamedTuple):
     scale: torch.Tensor
     global_scale: torch.Tensor | None
     counts: torch.Tensor
+    amax: float
 
 
 def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, scale_rule: str = "floor",
                  rounding: str = "nearest", seed: int = 0, period_rows: int | None = None,
-                 global_scale: torch.Tensor | None = None) -> FusedScaled | None:
+                 global_scale: torch.Tensor | None = None, scale: float | None = None,
+                 scale_multiplier: float = 1.0) -> FusedScaled | None:
     """quantize_scaled + dequantize_scaled to float32 + the saturation mask + per-tile counts in one C
     call (one amax pass, one element pass), for ``analysis.strategies._fq_scaled``.
 
@@ -861,9 +864,20 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     per-row tensor scales [R, 1] (returned as ``global_scale``; q = fl32(fl32(value · scale) · g_row)). Anything
     else the C code does not take (a 0-D tensor scale, nearest rounding with per-row scales, arguments the
     reference rejects) gives None.
+
+    ``scale``, ``scale_multiplier`` (e4m3/e5m2 only; delayed scaling, analysis/delayed.py): ``scale`` (a float32
+    value > 0) is every tile's scale instead of the one from its amax; else the scale from the amax is
+    ``fl32(fl32(amax / fmt_max) · scale_multiplier)`` (a power of two: delayed scaling's margin), 1 where that is
+    not > 0. The element codes, q and the mask follow from the scale as for a computed one.
     """
     if not _scaled_cast_applies(x, fmt, block_rows, block_cols, scale_rule):
         return None
+    if (scale is not None or scale_multiplier != 1.0) and fmt not in ("e4m3", "e5m2"):
+        raise ValueError(f"expected format e4m3 or e5m2 with a given scale or multiplier, got {fmt!r}")
+    if scale is not None and not 0.0 < scale <= _F32_MAX:
+        raise ValueError(f"expected a given scale > 0 and finite in float32, got {scale!r}")
+    if not 0.0 < scale_multiplier <= _F32_MAX:
+        raise ValueError(f"expected a scale multiplier > 0 and finite in float32, got {scale_multiplier!r}")
     extra = _rounding_args(x, fmt, block_rows, rounding, seed, period_rows, global_scale)
     if extra is None or (global_scale is not None and (extra[1] is None or rounding != "stochastic")):
         return None
@@ -874,13 +888,14 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     q = _fresh(x.shape, _F32)
     sat = _fresh(x.shape, torch.bool)
     nbr, nbc = -(-R // br), -(-C // bc)
-    scale = torch.empty(nbr, nbc, dtype=_F32)
+    scales = torch.empty(nbr, nbc, dtype=_F32)
     counts = torch.empty(3, nbr * nbc, dtype=torch.int64)
-    g, bad = _ext().fused_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], q.data_ptr(),
-                                 sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), _threads(x.numel()), _SCALE_RULE[scale_rule],
-                                 xt, sr, key, period, g_ptr)
+    g, bad, amax = _ext().fused_scaled(xc.data_ptr(), _DT[x.dtype], R, C, br, bc, _SCALED_FMT[fmt], q.data_ptr(),
+                                       sat.data_ptr(), scales.data_ptr(), counts.data_ptr(), _threads(x.numel()),
+                                       _SCALE_RULE[scale_rule], xt, sr, key, period, g_ptr,
+                                       0.0 if scale is None else scale, scale_multiplier)
     if bad:
         return None
     if g_rows is not None:
-        return FusedScaled(q, sat, scale, g_rows, counts)
-    return FusedScaled(q, sat, scale, torch.tensor(g, dtype=_F32) if fmt == "nvfp4" else None, counts)
+        return FusedScaled(q, sat, scales, g_rows, counts, amax)
+    return FusedScaled(q, sat, scales, torch.tensor(g, dtype=_F32) if fmt == "nvfp4" else None, counts, amax)

@@ -154,3 +154,62 @@ def test_refused_under_torchrun(tiny_model, tiny_batches, monkeypatch) -> None:
     monkeypatch.setattr(distributed, "current", lambda: distributed.World(0, 2))
     with pytest.raises(ValueError, match="delayed carries scaling state .* got 2 ranks"):
         analyze(tiny_model, tiny_batches, "int8,delayed", gemms="linear", e2e=False)
+
+
+def _delayed_sequence(dtype: torch.dtype, rule: DelayedScaling, xs: list[torch.Tensor], fmt: str
+                      ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], DelayedState]:
+    state = DelayedState(rule)
+    return [state.quantize(("fc", 0), "activation", x.to(dtype), fmt) for x in xs], state
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", [DelayedScaling(), DelayedScaling(history=2, compute="most_recent", margin=3)],
+                         ids=["max", "recent-margin3"])
+def test_c_cast_is_the_torch_ops_bit_for_bit(fmt, dtype, rule, monkeypatch) -> None:
+    """On CPU the delayed cast runs in one C call (backends.cpu.fused_scaled with the delayed scale given, or at
+    warm-up the amax's times 2^margin); q, the saturation mask, the history and every count equal the torch ops'
+    (FP8PROBE_BACKEND=reference) through warm-up, growing (overflowing) and shrinking amax, zeros, ±Inf, a
+    3-D batch, a transposed view and an all-zero batch (scale 1)."""
+    from fp8probe.backends import cpu
+    if not cpu.enabled():
+        pytest.skip("the C extension is not built")
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(48, 40, generator=g) * 2.0
+    special = base * 9.0
+    special[3, 5], special[10, 0] = float("inf"), float("-inf")
+    special[0, :7] = 0.0
+    small = base * 1e-3
+    small[1, 1] = 1e-30  # underflows at this scale
+    xs = [base, base * 30.0, special, small, base.reshape(6, 8, 40) * 4.0, (base * 3.0).t(), torch.zeros(48, 40),
+          base * 100.0]
+    got, st_c = _delayed_sequence(dtype, rule, xs, fmt)
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    assert cpu.fused_scaled(base, fmt, 48, 40) is None  # the torch ops below
+    want, st_t = _delayed_sequence(dtype, rule, xs, fmt)
+    for t, ((q, sat), (q_want, sat_want)) in enumerate(zip(got, want)):
+        assert q.dtype == torch.float32 and q.shape == q_want.shape, t
+        assert torch.equal(q.view(torch.int32), q_want.view(torch.int32)), t
+        assert torch.equal(sat, sat_want), t
+    assert st_c.history == st_t.history
+    assert st_c.rows("delayed") == st_t.rows("delayed")
+    counts = st_c.rows("delayed")[0]
+    assert counts["overflow_batches"] > 0 and counts["saturated"] > 0  # the sequence exercises both
+
+
+def test_c_cast_takes_a_given_scale_or_multiplier_only_for_fp8_per_tensor() -> None:
+    from fp8probe.backends import cpu
+    if not cpu.enabled():
+        pytest.skip("the C extension is not built")
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="expected format e4m3 or e5m2 with a given scale"):
+        cpu.fused_scaled(x, "mxfp8-e4m3", 1, 32, scale=0.5)
+    with pytest.raises(ValueError, match="expected a given scale > 0 and finite in float32, got 0.0"):
+        cpu.fused_scaled(x, "e4m3", 8, 32, scale=0.0)
+    with pytest.raises(ValueError, match="expected a scale multiplier > 0"):
+        cpu.fused_scaled(x, "e4m3", 8, 32, scale_multiplier=float("inf"))
+    # a given scale s: the elements are x / s rounded, whatever x's own amax
+    got = cpu.fused_scaled(x, "e4m3", 8, 32, scale=0.25)
+    want = (x / 0.25).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * 0.25
+    assert torch.equal(got.q, want) and float(got.scale) == 0.25
+    assert got.amax == float(x.abs().max())
