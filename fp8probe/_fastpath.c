@@ -3089,14 +3089,17 @@ INLINE int fq_sr_run(const fq_t *c, size_t lo, size_t hi, int dt, int kind, int 
         int64_t *slots = c->cnt + w.ru * sq->nbc * sq->cs + w.q; /* the amax partial's slot */  \
         const uint8_t *nf = sq->nonfin + w.ru * sq->nbc * sq->cs + w.q;                         \
         int bad = 0;                                                                            \
-        fq_t banded; /* a gathered band: the runs of each row read x through sq_x */            \
+        /* a gathered band: the runs of each row read x through sq_x; per-row NVFP4 tensor      \
+         * scales (grow): the runs of row r multiply by grow[r] as their g */                   \
+        fq_t banded;                                                                            \
         const fq_t *cr = c;                                                                     \
-        if (sq->band) { banded = *c; cr = &banded; }                                            \
+        if (sq->band || sq->grow) { banded = *c; cr = &banded; }                                \
         for (size_t r = w.r0; r < w.r1; r++) {                                                  \
             const size_t tr = r / sq->br;                                                       \
             const float *srow = sq->scale + tr * sq->nbc;                                       \
             const float *drow = sq->lowbit ? sq->div + tr * sq->nbc : srow;                     \
             if (sq->band) banded.sq.x = sq_x(sq, r);                                            \
+            if (sq->grow) banded.sq.g = sq->grow[r];                                            \
             for (size_t t = t0; t <= t1; t++) {                                                 \
                 sq_run_of(sq, &w, r, t, &lo, &hi);                                              \
                 bad |= RUN(cr, lo, hi, dt, kind, has_g, srow[t], drow[t], slots + t * sq->cs,   \
@@ -3192,13 +3195,6 @@ static PyObject *py_fused_scaled(PyObject *self, PyObject *args) {
         return NULL;
     }
     c.sq.given = given; c.sq.mult = mult;
-    /* per-row tensor scales: only the stochastic element pass (fq_sr_run) multiplies by them */
-    if (grow && !sr) {
-        sq_free(&c.sq);
-        PyErr_SetString(PyExc_ValueError, "fused_scaled: expected stochastic rounding with per-row tensor scales, "
-                        "got nearest");
-        return NULL;
-    }
     const size_t ntiles = c.sq.nbr * c.sq.nbc;
     int64_t *counts = (int64_t *)(uintptr_t)cp;
     /* one piece per tile (sub = cs = 1): the slots are the tiles, counted straight into counts */
@@ -4179,6 +4175,7 @@ AVX2 INLINE void fqv_narrow_t(const fq_t *c, size_t u, int dt, int kind, int has
         const float *st = sq->scale + (r / sq->br) * sq->nbc + t0;
         const float *dd = sq->lowbit ? sq->div + (r / sq->br) * sq->nbc + t0 : st;
         rc.sq.x = sq_x(sq, r);
+        if (sq->grow) rc.sq.g = sq->grow[r]; /* per-row NVFP4 tensor scales (1 x bc tiles) */
         size_t clean = 0;
         while (clean < nfull && !nf[t0 + clean]) clean++;
         size_t done = 0;

@@ -72,12 +72,13 @@ def rules(fmt: str) -> tuple[str, ...]:
     return ref.SCALE_RULES if fmt in ref.MX_FORMATS else ("floor",)
 
 
-def reference_fused(x: torch.Tensor, fmt: str, br: int, bc: int, rule: str, seed: int, period: int | None = None,
-                    g: torch.Tensor | None = None):
-    """(q, saturated, scale, records) of the reference ops: what fused_scaled must give."""
+def reference_fused(x: torch.Tensor, fmt: str, br: int, bc: int, rule: str, seed: int | None,
+                    period: int | None = None, g: torch.Tensor | None = None):
+    """(q, saturated, scale, records) of the reference ops: what fused_scaled must give (seed None: nearest)."""
     if fmt == "nvfp4" and g is None:
         g = ref.nvfp4_global_scale(x)
-    codes, scale = _REF_QUANTIZE(x, fmt, br, bc, rule, g, "stochastic", seed, period)
+    rounding = "nearest" if seed is None else "stochastic"
+    codes, scale = _REF_QUANTIZE(x, fmt, br, bc, rule, g, rounding, seed or 0, period)
     q = _REF_DEQUANTIZE(codes, scale, br, bc, _F32, fmt, g)
     x32 = x.to(_F32)
     sat = S._saturated(ref.element_values(codes, fmt), x32, q, fmt)
@@ -162,6 +163,9 @@ def test_period_rows_and_per_row_tensor_scales(isa, no_fallback, fmt, dtype, tra
         nearest = cpu.quantize_scaled(x, fmt, 1, bc, "floor", g)  # per-row scales with nearest rounding too
         want = _REF_QUANTIZE(x, fmt, 1, bc, "floor", g)
         assert same_bits(nearest[0], want[0]) and same_bits(nearest[1], want[1])
+        fused = cpu.fused_scaled(x, fmt, 1, bc, "floor", global_scale=g)
+        assert_fused_equal(fused, reference_fused(x, fmt, 1, bc, "floor", None, None, g), fmt)
+        assert same_bits(fused.global_scale, g)
 
 
 @pytest.mark.parametrize("transposed", (False, True), ids=("contiguous", "transposed"))
@@ -259,7 +263,7 @@ def test_reference_backend_keeps_the_torch_path(monkeypatch) -> None:
 
 def test_bad_arguments_are_refused() -> None:
     """The C entry points refuse stochastic rounding of FP8 formats, periods that do not divide the rows and
-    per-row tensor scales outside NVFP4 1×bc tiles (or with nearest rounding in fused_scaled); the Python kernel
+    per-row tensor scales outside NVFP4 1×bc tiles; the Python kernel
     hands bad periods to the reference, which raises."""
     ext = cpu._ext()
     x = torch.randn(8, 32)
@@ -275,8 +279,8 @@ def test_bad_arguments_are_refused() -> None:
         ext.quantize_scaled(*args, 6, codes.data_ptr(), scale.data_ptr(), 1, 0, 0, 1.0, False, True, 1, 8,
                             g.data_ptr())
     q, sat, counts = torch.empty(8, 32), torch.empty(8, 32, dtype=torch.bool), torch.empty(3, 16, dtype=torch.int64)
-    with pytest.raises(ValueError, match="expected stochastic rounding with per-row tensor scales, got nearest"):
-        ext.fused_scaled(*args, 7, q.data_ptr(), sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), 1, 0, False,
+    with pytest.raises(ValueError, match="expected nvfp4 with 1 x bc tiles for per-row tensor scales, got fmt=6"):
+        ext.fused_scaled(*args, 6, q.data_ptr(), sat.data_ptr(), scale.data_ptr(), counts.data_ptr(), 1, 0, False,
                          False, 1, 8, g.data_ptr())
     with pytest.raises(ValueError, match="expected period_rows dividing the 8 rows, got 3"):
         cpu.quantize_scaled(x, "nvfp4", 1, 16, rounding="stochastic", seed=1, period_rows=3)
@@ -285,20 +289,26 @@ def test_bad_arguments_are_refused() -> None:
         cpu.quantize_scaled(x, "e4m3", 1, 16, rounding="stochastic")
 
 
-@pytest.mark.parametrize("fmt", ("nvfp4", "mxfp4-e2m1", "mxfp6-e2m3"))
-def test_stacked_cast_in_c_is_the_slice_by_slice_one(isa, fmt, monkeypatch) -> None:
-    """_cast_slices' stacked stochastic cast (one fused C call, per-slice NVFP4 tensor scales from
-    reference.nvfp4_global_scale(slices=)) gives each slice's own _cast: q, mask and block records, contiguous
-    and transposed stacks; the reference's random numbers are never drawn."""
+@pytest.mark.parametrize("fmt,seed", [("nvfp4", 7), ("mxfp4-e2m1", 7), ("mxfp6-e2m3", 7), ("nvfp4", None)],
+                         ids=["nvfp4", "mxfp4-e2m1", "mxfp6-e2m3", "nvfp4-nearest"])
+def test_stacked_cast_in_c_is_the_slice_by_slice_one(isa, fmt, seed, monkeypatch) -> None:
+    """_cast_slices' stacked 1×bc cast, stochastic or NVFP4 to nearest (one fused C call, per-slice NVFP4 tensor
+    scales from reference.nvfp4_global_scale(slices=)), gives each slice's own _cast: q, mask and block records,
+    contiguous and transposed stacks; the reference's random numbers and ops are never used."""
     g = torch.Generator().manual_seed(23)
     x = torch.randn(6, 20, 48, generator=g) * torch.logspace(-3, 3, 6)[:, None, None]
     x[3] = 0.0  # a zero slice: tensor scale 1
     block = (1, 16) if fmt == "nvfp4" else (1, 32)
+    calls = []
+    real = cpu.fused_scaled
+    monkeypatch.setattr(cpu, "fused_scaled", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     monkeypatch.setattr(ref, "stochastic_uniform", lambda *a, **k: pytest.fail("the reference's numbers were drawn"))
     for stack in (x, x.transpose(1, 2).contiguous().mT):
-        q, sat, recs = S._cast_slices(stack, fmt, "block", block, sr_seed=7)
+        calls.clear()
+        q, sat, recs = S._cast_slices(stack, fmt, "block", block, sr_seed=seed)
+        assert calls == [(6 * 20, 48)]  # one C call for the stack
         for i in range(stack.shape[0]):
-            qi, si, ri = S._cast(stack[i].contiguous(), fmt, "block", block, sr_seed=7)
+            qi, si, ri = S._cast(stack[i].contiguous(), fmt, "block", block, sr_seed=seed)
             assert same_bits(q[i], qi) and torch.equal(sat[i], si), i
             for a, b in zip(recs[i], ri, strict=True):
                 assert torch.equal(raw(a), raw(b)), i

@@ -939,8 +939,9 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
         q, sat, rec = _cast(x, fmt, granularity, block, scale_rule, sr_seed, records)
         return q, sat, [rec]
     bt, rows, cols = x.shape
-    if sr_seed is not None and granularity == "block" and block is not None and block[0] == 1 and x.numel():
-        return _sr_cast_stacked(x, fmt, block, scale_rule, sr_seed, records)
+    if (sr_seed is not None or fmt == "nvfp4") and granularity == "block" and block is not None and block[0] == 1 \
+            and x.numel():
+        return _cast_stacked_rows(x, fmt, block, scale_rule, sr_seed, records)
     if fmt == "nvfp4" or sr_seed is not None:  # (stochastic rounding: each slice draws its own numbers from 0)
         tile: tuple[str, tuple[int, int] | None] | None = None
     elif granularity == "row" or (granularity == "block" and block[0] == 1):
@@ -956,26 +957,29 @@ def _cast_slices(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, 
     return q.view(bt, rows, cols), sat.view(bt, rows, cols), _split_records(rec, bt)
 
 
-def _sr_cast_stacked(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_rule: str, sr_seed: int,
-                     records: bool) -> tuple[torch.Tensor, torch.Tensor, list[BlockRecords | None]]:
-    """_cast_slices' stochastically rounded 1×bc cast of x [Bt, R, C] in one call over the stacked [Bt·R, C]
-    view, bit for bit the slice-by-slice casts: every 1×bc tile lies in one row, each slice's rows get that
-    slice's NVFP4 tensor scale (quantize_scaled's [R, 1] global_scale) and draw the slice's own random
-    numbers from 0 (period_rows). On CPU with the extension, one fused C call (backends.cpu.fused_scaled);
-    elsewhere (or NaN results) one reference call: a per-slice reference cast is ~40 small torch ops, and an
-    attention site has one per head, operand and GEMM."""
+def _cast_stacked_rows(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_rule: str, sr_seed: int | None,
+                       records: bool) -> tuple[torch.Tensor, torch.Tensor, list[BlockRecords | None]]:
+    """_cast_slices' 1×bc cast of x [Bt, R, C] (stochastically rounded with ``sr_seed``, or NVFP4 rounded to
+    nearest: sr_seed None) in one call over the stacked [Bt·R, C] view, bit for bit the slice-by-slice casts:
+    every 1×bc tile lies in one row, each slice's rows get that slice's NVFP4 tensor scale (quantize_scaled's
+    [R, 1] global_scale) and draw the slice's own random numbers from 0 (period_rows). On CPU with the
+    extension, one fused C call (backends.cpu.fused_scaled); elsewhere (or NaN results) one reference call: a
+    per-slice reference cast is ~40 small torch ops, and an attention site has one per head, operand and GEMM
+    (BERT, nvfp4, 6 heads: the attention GEMMs' recipe replay took 0.65 s slice by slice)."""
+    rounding = "nearest" if sr_seed is None else "stochastic"
+    seed = 0 if sr_seed is None else sr_seed
     bt, rows, cols = x.shape
     F.scaled_tile((rows, cols), fmt, "block", block, scale_rule)  # its ValueError for arguments it rejects
     x2 = _cpu.contiguous(x).reshape(bt * rows, cols)
     g_rows = None
     if fmt == "nvfp4":  # each slice's tensor scale, as functional.quantize_scaled computes it for the slice
         g_rows = _ref.nvfp4_global_scale(x2, slices=bt).repeat_interleave(rows).reshape(bt * rows, 1)
-    fused = _cpu.fused_scaled(x2, fmt, 1, block[1], scale_rule, "stochastic", sr_seed, rows, g_rows)
+    fused = _cpu.fused_scaled(x2, fmt, 1, block[1], scale_rule, rounding, seed, rows, g_rows)
     if fused is not None:  # (its global_scale is g_rows)
         rec = _fused_records(fused) if records else None
         return fused.q.view(bt, rows, cols), fused.saturated.view(bt, rows, cols), _split_records(rec, bt)
     x32 = x2.to(_F32)
-    data, scale = _ref.quantize_scaled(x32, fmt, 1, block[1], scale_rule, g_rows, "stochastic", sr_seed,
+    data, scale = _ref.quantize_scaled(x32, fmt, 1, block[1], scale_rule, g_rows, rounding, seed,
                                        period_rows=rows)
     q = _ref.dequantize_scaled(data, scale, 1, block[1], _F32, fmt, g_rows)
     saturated = _saturated(_ref.element_values(data, fmt), x32, q, fmt)

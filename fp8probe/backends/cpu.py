@@ -860,10 +860,10 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     caller then runs the two ops, whose NaN bits come from torch's casts.
 
     ``rounding``, ``seed``, ``period_rows``: quantize_scaled's (stochastic rounding of the 4/6-bit formats).
-    ``global_scale``: None (NVFP4's computed from x), or, with stochastic rounding, NVFP4 and 1×bc tiles, the
-    per-row tensor scales [R, 1] (returned as ``global_scale``; q = fl32(fl32(value · scale) · g_row)). Anything
-    else the C code does not take (a 0-D tensor scale, nearest rounding with per-row scales, arguments the
-    reference rejects) gives None.
+    ``global_scale``: None (NVFP4's computed from x), or, with NVFP4 and 1×bc tiles, the per-row tensor scales
+    [R, 1] (returned as ``global_scale``; q = fl32(fl32(value · scale) · g_row)): a stack of slices, each with
+    its own tensor scale. Anything else the C code does not take (a 0-D tensor scale, arguments the reference
+    rejects) gives None.
 
     ``scale``, ``scale_multiplier`` (e4m3/e5m2 only; delayed scaling, analysis/delayed.py): ``scale`` (a float32
     value > 0) is every tile's scale instead of the one from its amax; else the scale from the amax is
@@ -879,7 +879,7 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
     if not 0.0 < scale_multiplier <= _F32_MAX:
         raise ValueError(f"expected a scale multiplier > 0 and finite in float32, got {scale_multiplier!r}")
     extra = _rounding_args(x, fmt, block_rows, rounding, seed, period_rows, global_scale)
-    if extra is None or (global_scale is not None and (extra[1] is None or rounding != "stochastic")):
+    if extra is None or (global_scale is not None and extra[1] is None):
         return None
     (sr, key, period, g_ptr), g_rows = extra
     R, C = _ref._rows_cols(x.shape)
