@@ -213,3 +213,20 @@ def test_c_cast_takes_a_given_scale_or_multiplier_only_for_fp8_per_tensor() -> N
     want = (x / 0.25).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * 0.25
     assert torch.equal(got.q, want) and float(got.scale) == 0.25
     assert got.amax == float(x.abs().max())
+
+
+def test_scale_is_float32_arithmetic() -> None:
+    """scale_for's scale is fl32(fl32(amax_h / fmt_max) · 2^margin), as float32 tensors compute it, for amaxes
+    from subnormal to the float32 max (overflow to inf included) and margins 0..64."""
+    g = torch.Generator().manual_seed(11)
+    amaxes = torch.cat([torch.tensor([0.0, 1e-45, 3e-39, 1.0, 448.0, 57344.0, 3.4028234663852886e38]),
+                        torch.exp(torch.randn(2000, generator=g, dtype=torch.float64) * 20).float()])
+    for fmt, fmax in (("e4m3", E4M3_MAX), ("e5m2", E5M2_MAX)):
+        for margin in (0, 1, 7, 64):
+            state = DelayedState(DelayedScaling(margin=margin))
+            want = amaxes / torch.tensor(fmax) * torch.tensor(2.0 ** margin, dtype=torch.float32)
+            for a, w in zip(amaxes.tolist(), want.tolist()):
+                state.history[("fc", "x")] = [a]
+                scale, limit, warmup = state.scale_for("fc", "x", 0.0, fmt)
+                assert not warmup
+                assert (scale, limit) == ((w, a * 2.0 ** margin) if w > 0 else (1.0, fmax)), (a, margin)
