@@ -904,12 +904,12 @@ def _cast(x: torch.Tensor, fmt: str, granularity: str, block: tuple[int, int] | 
     (tile_records; None for an empty x or one that is not 2-D). Arguments
     quantize_scaled rejects raise its ValueError either way. ``sr_seed``: stochastic rounding with this
     seed (quantize_scaled's rounding="stochastic"; 4/6-bit formats, the fused C call too), None: nearest.
-    ``records`` False: the caller drops them (_fq_slices), so the ops path does not count them."""
+    ``records`` False: the caller drops them (_fq_slices, a model's pass), so neither path makes them (None)."""
     tile = F.scaled_tile(x.shape, fmt, granularity, block, scale_rule)[1]
     sr = {} if sr_seed is None else {"rounding": "stochastic", "seed": sr_seed}
     fused = _cpu.fused_scaled(x, fmt, *tile, scale_rule, **sr) if x.dim() == 2 else None
     if fused is not None:
-        return fused.q, fused.saturated, _fused_records(fused)
+        return fused.q, fused.saturated, _fused_records(fused) if records else None
     x32 = x.to(_F32).contiguous()
     st = F.quantize_scaled(x32, fmt, granularity, block, scale_rule=scale_rule, **sr)
     q = F.dequantize_scaled(st, _F32)
@@ -1105,8 +1105,10 @@ class _Scaled(_Recipe):
               blocks: dict[str, list[BlockRecords | None]] | None = None) -> tuple[torch.Tensor, tuple, tuple]:
         """(A·Wᵀ from quantised operands, (qA, satA), (qW, satW)); A [tokens, in], W [out, in]. ``blocks``:
         receives the casts' BlockRecords per slice under "activation" and "weight"."""
-        qA, sA, rA = _cast_slices(A, self.fmt_fwd, *self.act, self.scale_rule)                   # contraction over in
-        qW, sW, rW = _cast_slices(W, self.fmt_fwd, *self._gran_b(b_is_weight), self.scale_rule)  # W [out, in]: over in
+        rec = blocks is not None  # (a model's pass, _ScaledLinear, takes no records)
+        qA, sA, rA = _cast_slices(A, self.fmt_fwd, *self.act, self.scale_rule, records=rec)  # contraction over in
+        qW, sW, rW = _cast_slices(W, self.fmt_fwd, *self._gran_b(b_is_weight), self.scale_rule,
+                                  records=rec)  # W [out, in]: over in
         if blocks is not None:
             blocks["activation"], blocks["weight"] = rA, rW
         return self._gemm(qA, qW), (qA, sA), (qW, sW)
@@ -1117,7 +1119,8 @@ class _Scaled(_Recipe):
         is used: the same bits). ``blocks``: receives G's BlockRecords per slice under "grad_output"."""
         gran_w = self._gran_b(b_is_weight)
         sr = SR_SEEDS["dgrad"] if self.sr_grad else None
-        qG, sG, rG = _cast_slices(G, self.fmt_bwd, *self.act, self.scale_rule, sr)  # dgrad contracts over out: G's rows
+        qG, sG, rG = _cast_slices(G, self.fmt_bwd, *self.act, self.scale_rule, sr,
+                                  records=blocks is not None)  # dgrad contracts over out: G's rows
         if blocks is not None:
             blocks["grad_output"] = rG
         # Wᵀ [in, out] scaled along out. Per-tensor scales and square tiles (128x128) are the

@@ -276,6 +276,29 @@ def test_the_ops_path_carries_records_and_never_recomputes_the_scales(monkeypatc
     assert set(table["strategy"]) == {"ocp-blockwise", "mxfp8", "nvfp4", "nvfp4-train"}
 
 
+@pytest.mark.parametrize("backend", ["c", "reference"])
+def test_a_models_pass_makes_no_block_records(backend, monkeypatch) -> None:
+    """_cast(records=False) gives None on both paths, and a recipe's GEMMs inside a model (_ScaledLinear: fprop and
+    dgrad without ``blocks``) make no records: in the end-to-end passes they were made and dropped for every cast.
+    The replay (``blocks`` given) still gets them."""
+    if backend == "reference":
+        monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(5))
+    assert S._cast(x, "mxfp8-e4m3", "block", (1, 32), records=False)[2] is None
+    assert S._cast(x, "mxfp8-e4m3", "block", (1, 32))[2] is not None
+    made = []
+    for name in ("_fused_records", "tile_records"):
+        real = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _r=real, **k: made.append(1) or _r(*a, **k))
+    W = torch.randn(48, 96, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    xg = x.clone().requires_grad_(True)
+    for strat in ("ocp-blockwise", "mxfp8", "nvfp4"):
+        S.STRATEGIES[strat].linear(xg, W, None, 6.0).square().sum().backward()
+    assert made == []
+    S.run_strategy(S.STRATEGIES["mxfp8"], x, W.detach(), torch.randn(64, 48))
+    assert made
+
+
 def test_both_fused_outputs_are_fresh_tensors_with_huge_pages_advised(monkeypatch) -> None:
     """q (float32) and the saturation mask (bool) come from cpu._fresh, which advises huge pages for large
     outputs (a 16M-element mask with 4 KiB pages cost ~9 ms of page faults, ~1 ms advised)."""
