@@ -316,7 +316,8 @@ def test_stacked_cast_in_c_is_the_slice_by_slice_one(isa, fmt, seed, monkeypatch
 
 def test_per_slice_tensor_scales_are_each_slice_alone() -> None:
     """reference.nvfp4_global_scale(x, slices=k): float32 [k], each the scale of one slice alone (NaN/±Inf
-    ignored, a zero slice 1), every dtype; slices that do not divide x are refused."""
+    ignored, a zero slice 1), every dtype, and the C passes' cpu.nvfp4_global_scale the same bits (a transposed
+    stack too); slices that do not divide x are refused."""
     g = torch.Generator().manual_seed(29)
     x = torch.randn(6, 5, 7, generator=g) * torch.logspace(-3, 3, 6)[:, None, None]
     x[2, 1, 1], x[4, 0, 0], x[3] = float("nan"), float("inf"), 0.0
@@ -324,8 +325,14 @@ def test_per_slice_tensor_scales_are_each_slice_alone() -> None:
         y = x.to(dtype)
         want = torch.stack([ref.nvfp4_global_scale(y[i]) for i in range(6)])
         assert same_bits(ref.nvfp4_global_scale(y, slices=6), want)
+        assert same_bits(cpu.nvfp4_global_scale(y, slices=6), want)
+        yt = y.transpose(1, 2).contiguous().mT  # the same values, stored transposed
+        assert same_bits(cpu.nvfp4_global_scale(yt, slices=6), want)
+        assert same_bits(cpu.nvfp4_global_scale(y), ref.nvfp4_global_scale(y))
     with pytest.raises(ValueError, match="expected slices dividing the 210 elements, got 4"):
         ref.nvfp4_global_scale(x, slices=4)
+    with pytest.raises(ValueError, match="expected slices dividing the 210 elements, got 4"):
+        cpu.nvfp4_global_scale(x, slices=4)
 
 
 def test_functional_takes_the_c_kernel_where_a_nearest_cast_does(monkeypatch) -> None:

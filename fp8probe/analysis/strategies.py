@@ -973,7 +973,7 @@ def _cast_stacked_rows(x: torch.Tensor, fmt: str, block: tuple[int, int], scale_
     x2 = _cpu.contiguous(x).reshape(bt * rows, cols)
     g_rows = None
     if fmt == "nvfp4":  # each slice's tensor scale, as functional.quantize_scaled computes it for the slice
-        g_rows = _ref.nvfp4_global_scale(x2, slices=bt).repeat_interleave(rows).reshape(bt * rows, 1)
+        g_rows = _cpu.nvfp4_global_scale(x2, slices=bt).repeat_interleave(rows).reshape(bt * rows, 1)
     fused = _cpu.fused_scaled(x2, fmt, 1, block[1], scale_rule, rounding, seed, rows, g_rows)
     if fused is not None:  # (its global_scale is g_rows)
         rec = _fused_records(fused) if records else None

@@ -346,15 +346,24 @@ def hadamard_transform(x: torch.Tensor, signs_seed: int | None = 0, n: int = _re
     return out
 
 
-def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
-    """``reference.nvfp4_global_scale`` (0-D float32 ``fl32(finite amax / 2688)``, 1 when not > 0), the
-    amax by one C pass on CPU (the reference's isfinite/abs/where/amax chain is ~6x slower); other
-    devices, dtypes and empty tensors run the reference."""
-    if x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or not enabled():
-        return _ref.nvfp4_global_scale(x)
+def nvfp4_global_scale(x: torch.Tensor, slices: int | None = None) -> torch.Tensor:
+    """``reference.nvfp4_global_scale`` (0-D float32 ``fl32(finite amax / 2688)``, 1 when not > 0; with
+    ``slices`` k, float32 [k]: one per equal consecutive part of x's C-order elements), each amax by one C pass on
+    CPU (the reference's isfinite/abs/where/amax chain is ~6x slower; a stacked attention operand has a slice
+    per head); other devices, dtypes, empty tensors and slices that do not divide x run the reference."""
+    if x.device.type != "cpu" or x.dtype not in _DT or x.numel() == 0 or not enabled() \
+            or (slices is not None and (slices < 1 or x.numel() % slices)):
+        return _ref.nvfp4_global_scale(x, slices)
     x = x.detach()
-    xc = x.mT if _is_transposed(x) else contiguous(x)  # a max of all elements: any order, the storage as it is
-    amax = torch.tensor(_ext().finite_amax(xc.data_ptr(), _DT[x.dtype], x.numel(), _threads(x.numel())), dtype=_F32)
+    if slices is None:
+        xc = x.mT if _is_transposed(x) else contiguous(x)  # a max of all elements: any order, the storage as it is
+        amax = torch.tensor(_ext().finite_amax(xc.data_ptr(), _DT[x.dtype], x.numel(), _threads(x.numel())),
+                            dtype=_F32)
+    else:  # each slice's elements are consecutive in C order
+        xc, n = contiguous(x), x.numel() // slices
+        base, step = xc.data_ptr(), n * xc.element_size()
+        amax = torch.tensor([_ext().finite_amax(base + k * step, _DT[x.dtype], n, _threads(n)) for k in range(slices)],
+                            dtype=_F32)
     g = amax / torch.full_like(amax, _ref.NVFP4_GLOBAL_RANGE)
     return torch.where(g > 0, g, 1.0)
 
