@@ -4683,7 +4683,7 @@ static PyMethodDef methods[] = {
      "fused_scaled(x_ptr, dtype, R, C, block_rows, block_cols, fmt, q_ptr, sat_ptr, scale_ptr, counts_ptr, "
      "threads, rule[, transposed, stochastic, key, period_rows, g_rows_ptr, scale, multiplier]) -> (g, bad, amax): q float32 [R*C] = dequantize_scaled(quantize_scaled(x)), sat uint8 "
      "[R*C], scale float32 [ceil(R/br)*ceil(C/bc)], counts int64 [3][tiles] (finite nonzero, underflow, "
-     "saturated); fmt/rule and the stochastic arguments as quantize_scaled (g_rows with stochastic only); g: the "
+     "saturated); fmt/rule, the stochastic arguments and g_rows (nvfp4, 1 x bc tiles) as quantize_scaled; g: the "
      "NVFP4 tensor scale "
      "(1.0 otherwise); bad 1 when some q is NaN (q then unreliable); amax: x's largest finite |x|. e4m3/e5m2 only: "
      "scale > 0 is every tile's scale, else the scales from amax are fl32(fl32(amax / fmax) * multiplier)."},
