@@ -17,6 +17,8 @@ backward), stats (tensor statistics, outlier census), reference (float64 GEMMs),
 tables; ``coverage`` is the replay of the GEMMs that are not linear layers (attention QKᵀ/PV,
 matmul), the cost of covering them; ``e2e`` the end-to-end part (off with --no-e2e); ``report``
 the HTML rendering. ``isolated`` = the per-GEMM analysis without e2e, what the targets are for.
+A second table gives each recipe's share of recipes + metrics (``timings.recipe_s_by_strategy``), one column per
+measured row: which recipes an ``--strategy all`` run spends its time on.
 
 ``RSS at start`` is the process's resident set just before the measured analysis (interpreter, torch,
 transformers, fp8probe, the model, the heap the warm-up keeps); ``added/fp32 model`` = (peak − start) / the
@@ -163,6 +165,24 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
     return row
 
 
+def recipe_table(rows: list[dict[str, object]]) -> tuple[list[dict[str, object]], list[T.Column]] | None:
+    """(rows, columns) of a table of each recipe's replay + metrics seconds, one column per measured row (model
+    and load), or None when no row has them (an fp8probe without ``recipe_s_by_strategy``)."""
+    per_row = [(r, r["timings"].get("recipe_s_by_strategy")) for r in rows if isinstance(r.get("timings"), dict)]
+    per_row = [(r, by) for r, by in per_row if by]
+    if not per_row:
+        return None
+    columns = [T.Column("strategy", "strategy")]
+    table: dict[str, dict[str, object]] = {}
+    for k, (r, by) in enumerate(per_row):
+        key = f"m{k}"
+        columns.append(T.Column(key, f"{r['model']}" + ("" if r.get("load") in (None, "none") else f" ({r['load']})"),
+                                "{:.2f}"))
+        for name, seconds in by.items():
+            table.setdefault(name, {"strategy": name})[key] = seconds
+    return list(table.values()), columns
+
+
 def child_wait_policy() -> str:
     """The OpenMP wait policy of the measured processes: the user's OMP_WAIT_POLICY, else PASSIVE, as the
     fp8probe command line sets it (fp8probe/__init__.py); the children are not the CLI, so it is passed.
@@ -245,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             loaded["target"] = f"×CPU ≤ {CPU_GROWTH_TARGET:g}"
             rows.append(loaded)
     print(T.render_table(rows, COLUMNS, args.markdown))
+    per_recipe = recipe_table(rows)
+    if per_recipe is not None:
+        print("\nEach recipe's replay and metrics (seconds of recipes + metrics; timings.recipe_s_by_strategy):")
+        print(T.render_table(*per_recipe, args.markdown))
     if args.json:
         T.write_json(args.json, "bench_analyze", info, {"models": names, "strategy": args.strategy,
                                                          "threads": args.threads, "e2e": not args.no_e2e,

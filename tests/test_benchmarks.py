@@ -191,11 +191,16 @@ def test_try_measure_turns_a_rejected_case_into_a_reason() -> None:
 @pytest.mark.slow
 def test_bench_analyze_quick_with_competing_load(tmp_path: Path) -> None:
     """bench_analyze.py --quick: each model in a child process, the pipeline's split in the table, and under
-    --competing-load a second row per model with the CPU-time growth."""
+    --competing-load a second row per model with the CPU-time growth; then each recipe's seconds per row."""
     out = tmp_path / "analyze.json"
     stdout = _run_in_process("bench_analyze.py", ["--quick", "--model", "bert,llama-135m", "--strategy",
-                                                  "ocp-rowwise", "--competing-load", "--json", str(out)])
+                                                  "ocp-rowwise,mxfp8", "--competing-load", "--json", str(out)])
+    stdout, _, per_recipe = stdout.partition("\nEach recipe's replay and metrics")
     titles, cells = _table(stdout)
+    r_titles, r_cells = _table(per_recipe.split("\n", 1)[1])
+    assert r_titles == ["strategy", "bert (quick)", "bert (quick) (2-thread busy loop)", "llama-135m (quick)",
+                        "llama-135m (quick) (2-thread busy loop)"]
+    assert [c[0] for c in r_cells] == ["ocp-rowwise", "mxfp8"] and all(float(v) > 0 for c in r_cells for v in c[1:])
     assert titles[:5] == ["model", "linears", "tokens", "threads", "load"]
     assert {"capture", "recipes", "metrics", "coverage", "e2e", "report", "peak RSS MiB", "×CPU"} <= set(titles)
     assert "# omp_wait_policy:" in stdout and "# cpu_model:" in stdout
@@ -206,7 +211,9 @@ def test_bench_analyze_quick_with_competing_load(tmp_path: Path) -> None:
     assert len(cells) == 4
     for r in rows:
         assert r["linears"] == (13 if r["model"].startswith("bert") else 15)  # 2 layers x 6 (+ pooler) / x 7 (+ head)
-        assert r["strategies"] == 1 and r["rss_mib"] > r["model_mib"] > 0
+        assert r["strategies"] == 2 and r["rss_mib"] > r["model_mib"] > 0
+        by = r["timings"]["recipe_s_by_strategy"]
+        assert list(by) == ["ocp-rowwise", "mxfp8"] and sum(by.values()) == pytest.approx(r["recipes_s"] + r["metrics_s"])
         # the start (imports, model) is part of the peak; the added part is what the analysis held
         assert 0 < r["start_rss_mib"] <= r["rss_mib"]
         assert r["added_x_model"] == pytest.approx((r["rss_mib"] - r["start_rss_mib"]) / r["model_mib"])

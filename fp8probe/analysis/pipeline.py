@@ -200,6 +200,8 @@ class _Analysis:
         self.seconds = dict.fromkeys(("stats", "reference", "recipes", "metrics"), 0.0)
         self.seconds_by_kind: dict[str, float] = {}  # whole replay time per GEMM kind (linear, attention, ...)
         self._cost: dict[str, float] = {}  # each recipe's replay seconds on the last site (parallel scheduling)
+        # each recipe's replay and metrics seconds over the run: [serial sites' wall, pooled sites' worker seconds]
+        self._by_strategy: dict[str, list[float]] = {s.name: [0.0, 0.0] for s in strategies}
         # Parallel sites (replay_workers): in the pool, not yet folded; their worker seconds per part and
         # per kind; the caller's intra-op thread count while they run (None: not changed).
         self._pending: collections.deque[_Site] = collections.deque()
@@ -220,6 +222,7 @@ class _Analysis:
         part.states = self.states
         # Timings are this process's wall seconds (rank 0's batches under torchrun): one clock for all parts.
         part.seconds, part.seconds_by_kind, part._cost = self.seconds, self.seconds_by_kind, self._cost
+        part._by_strategy = self._by_strategy
         part._pool_seconds, part._pool_kinds, part._clock = self._pool_seconds, self._pool_kinds, self._clock
         return part
 
@@ -375,10 +378,11 @@ class _Analysis:
         for strat, part in zip(site.todo, parts):
             self._fold(site.acc, site.name, strat, part, merge=True)
 
-    def timings(self) -> tuple[dict[str, float], dict[str, float]]:
-        """(seconds per part of the replay, replay seconds per GEMM kind), both wall time of the caller's
-        thread: a serial site's as measured, the parallel sites' worker seconds scaled to the time the
-        caller spent in the replay beyond the serial sites (they overlap each other and the model)."""
+    def timings(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """(seconds per part of the replay, replay seconds per GEMM kind, replay and metrics seconds per
+        recipe), all wall time of the caller's thread: a serial site's as measured, the parallel sites' worker
+        seconds scaled to the time the caller spent in the replay beyond the serial sites (they overlap each
+        other and the model)."""
         serial = sum(self.seconds_by_kind.values())
         pooled = sum(self._pool_seconds.values())
         scale = max(self._clock[0] - serial, 0.0) / pooled if pooled > 0 else 0.0
@@ -386,7 +390,8 @@ class _Analysis:
         kinds = dict(self.seconds_by_kind)
         for kind, v in self._pool_kinds.items():
             kinds[kind] = kinds.get(kind, 0.0) + v * scale
-        return parts, kinds
+        by_strategy = {name: alone + in_pool * scale for name, (alone, in_pool) in self._by_strategy.items()}
+        return parts, kinds, by_strategy
 
     def _timed(self, part: str, spent: dict[str, float], fn: Callable[..., Any], *args: Any) -> Any:
         started = time.perf_counter()
@@ -420,7 +425,7 @@ class _Analysis:
             out = run_strategy(strat, A, W, G, self.threshold, b_is_weight=call.b_is_weight,
                                state=self.states.get(strat.name), site=call.name)
         except (RuntimeError, ValueError, TypeError) as exc:
-            self._tick("recipes", clock, spent)
+            self._tick_strategy(strat.name, started, self._tick("recipes", clock, spent), spent)
             return _Part(error=one_line(exc))
         clock = self._tick("recipes", clock, spent)
         self._cost[strat.name] = clock - started
@@ -441,8 +446,14 @@ class _Analysis:
         update_block_stats(sink.blocks, sink.block_labels, strat, A, W, G, out.operands, call.b_is_weight,
                            first_weight, out.blocks)
         del out
-        self._tick("metrics", clock, spent)
+        self._tick_strategy(strat.name, started, self._tick("metrics", clock, spent), spent)
         return part
+
+    def _tick_strategy(self, name: str, started: float, now: float, spent: dict[str, float] | None) -> None:
+        """Add one recipe's seconds on one site (its replay and metrics) to its total: a serial site's, or a
+        pooled one's (``spent`` given: worker seconds, scaled in timings() like the parts)."""
+        with _TICK_LOCK:
+            self._by_strategy.setdefault(name, [0.0, 0.0])[spent is not None] += now - started
 
     def _fold(self, acc: _LayerAcc, name: str, strat: Strategy, part: _Part, merge: bool) -> None:
         """Record a recipe's failure, or (``merge``) fold its fresh accumulators into the layer's."""
@@ -718,7 +729,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     ``metadata["timings"]`` splits the run (wall seconds): ``capture_s`` (the model's forward and
     backward, hooks included), the per-GEMM replay as ``stats_s`` (tensor statistics, outlier census),
     ``reference_s`` (float64 GEMMs), ``recipes_s``, ``metrics_s`` (error accumulators), then
-    ``tables_s``, ``e2e_s`` and ``total_s``; ``replay_s_by_kind``: the replay per GEMM kind (linear,
+    ``tables_s``, ``e2e_s`` and ``total_s``; ``recipe_s_by_strategy``: each recipe's part of ``recipes_s`` +
+    ``metrics_s``, in strategy order; ``replay_s_by_kind``: the replay per GEMM kind (linear,
     attention, matmul, conv: the cost of covering more than the linear layers); under torchrun they are
     each rank's own (rank 0's are written). Where a site's recipes replay in parallel (replay_workers),
     its stats/reference/recipes/metrics seconds are the workers' seconds scaled to the site's wall time.
@@ -778,11 +790,12 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         metadata["streaming"] = streaming.summary(run.module)
     tables_started = time.perf_counter()
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
-    replay_parts, replay_kinds = analysis.timings()
+    replay_parts, replay_kinds, replay_strategies = analysis.timings()
     timings = {"capture_s": stream_s - sum(replay_kinds.values()),
                **{f"{part}_s": sec for part, sec in replay_parts.items()},
                "tables_s": time.perf_counter() - tables_started,
-               "replay_s_by_kind": dict(sorted(replay_kinds.items()))}
+               "replay_s_by_kind": dict(sorted(replay_kinds.items())),
+               "recipe_s_by_strategy": replay_strategies}
     metadata["timings"] = timings
     e2e_started = time.perf_counter()
     if e2e or steps:

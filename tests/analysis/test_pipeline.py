@@ -128,7 +128,7 @@ def test_metadata_timings_split_the_run(tiny_model, tiny_batches) -> None:
     res = analyze(tiny_model, tiny_batches, "global,ocp-rowwise", e2e=False)
     t = res.metadata["timings"]
     parts = ("capture_s", "stats_s", "reference_s", "recipes_s", "metrics_s", "tables_s", "e2e_s")
-    assert set(t) == {*parts, "total_s", "replay_s_by_kind"}
+    assert set(t) == {*parts, "total_s", "replay_s_by_kind", "recipe_s_by_strategy"}
     assert all(t[p] >= 0.0 for p in parts) and t["recipes_s"] > 0.0 and t["metrics_s"] > 0.0
     assert sum(t[p] for p in parts) <= t["total_s"]
     assert t["e2e_s"] < t["total_s"] / 10  # e2e=False: nothing but bookkeeping
@@ -136,5 +136,9 @@ def test_metadata_timings_split_the_run(tiny_model, tiny_batches) -> None:
     assert set(by_kind) == set(res.tables["layers"]["kind"]) and {"linear", "matmul"} <= set(by_kind)
     replay = sum(t[p] for p in ("stats_s", "reference_s", "recipes_s", "metrics_s"))
     assert replay <= sum(by_kind.values()) + 1e-6  # the parts of the replay are inside its per-kind total
+    # each recipe's replay and metrics, in strategy order: together recipes_s + metrics_s
+    by_strategy = t["recipe_s_by_strategy"]
+    assert list(by_strategy) == ["global", "ocp-rowwise"] and all(v > 0.0 for v in by_strategy.values())
+    assert sum(by_strategy.values()) == pytest.approx(t["recipes_s"] + t["metrics_s"], rel=1e-9)
     with_e2e = analyze(tiny_model, tiny_batches, "global", batches=1).metadata["timings"]
     assert with_e2e["e2e_s"] > 0.0 and with_e2e["e2e_s"] <= with_e2e["total_s"]
