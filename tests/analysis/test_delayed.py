@@ -204,9 +204,10 @@ def test_c_cast_takes_a_given_scale_or_multiplier_only_for_fp8_per_tensor() -> N
     x = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="expected format e4m3 or e5m2 with a given scale"):
         cpu.fused_scaled(x, "mxfp8-e4m3", 1, 32, scale=0.5)
-    with pytest.raises(ValueError, match="expected a given scale > 0 and finite in float32, got 0.0"):
-        cpu.fused_scaled(x, "e4m3", 8, 32, scale=0.0)
-    with pytest.raises(ValueError, match="expected a scale multiplier > 0"):
+    for bad in (0.0, -1.0, float("inf"), 0.1, 1e-46):  # (0.1 and 1e-46 are no float32 values: not sent rounded)
+        with pytest.raises(ValueError, match="expected a given scale that is a float32 value > 0 and finite"):
+            cpu.fused_scaled(x, "e4m3", 8, 32, scale=bad)
+    with pytest.raises(ValueError, match="expected a scale multiplier that is a float32 value > 0"):
         cpu.fused_scaled(x, "e4m3", 8, 32, scale_multiplier=float("inf"))
     # a given scale s: the elements are x / s rounded, whatever x's own amax
     got = cpu.fused_scaled(x, "e4m3", 8, 32, scale=0.25)
