@@ -345,3 +345,19 @@ def test_functional_takes_the_c_kernel_where_a_nearest_cast_does(monkeypatch) ->
     for t in (x, x.detach()):
         st = F.quantize_scaled(t, "nvfp4", block=(1, 16), rounding="stochastic", seed=2)
         assert same_bits(st.data, want[0]) and same_bits(st.scale, want[1])
+
+
+def test_stacked_nvfp4_cast_off_the_c_path_is_the_slice_by_slice_one(monkeypatch) -> None:
+    """Where the C cast does not apply (FP8PROBE_BACKEND=reference, as on a GPU) the stacked NVFP4 cast runs the
+    reference once over the stack with per-row tensor scales: each slice's q, mask and records equal its own cast,
+    a slice with ±Inf (NaN block scales) and a zero slice included."""
+    monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 12, 48, generator=g) * torch.logspace(-3, 3, 5)[:, None, None]
+    x[1, 2, 3], x[2] = float("inf"), 0.0
+    q, sat, recs = S._cast_slices(x, "nvfp4", "block", (1, 16))
+    for i in range(5):
+        qi, si, ri = S._cast(x[i].contiguous(), "nvfp4", "block", (1, 16))
+        assert same_bits(q[i], qi) and torch.equal(sat[i], si), i
+        for a, b in zip(recs[i], ri, strict=True):
+            assert torch.equal(raw(a), raw(b)), i
