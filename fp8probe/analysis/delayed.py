@@ -91,34 +91,35 @@ class DelayedState:
             return None
         return max(hist) if self.rule.compute == "max" else hist[-1]
 
-    def scale_for(self, site: Hashable, operand: str, amax_now: float, fmt: str) -> tuple[float, float, bool]:
-        """(float32 scale for this batch, the largest |x| it represents without saturating, warm-up: True
-        when the history was empty). That range is amax_h · 2^margin (fmt_max · scale up to the scale's
-        float32 rounding, which the per-tensor cast shares), fmt_max for scale 1."""
+    def _scale_of(self, amax: float, fmt: str) -> tuple[float, float]:
+        """(float32 scale made for ``amax``, the largest |x| it represents without saturating): amax · 2^margin
+        (fmt_max · scale up to the scale's float32 rounding, which the per-tensor cast shares), fmt_max for
+        scale 1."""
         fmax = FORMATS[fmt].max
-        amax = self.history_amax(site, operand)
-        warmup = amax is None
-        if warmup:
-            amax = amax_now
         # float32 arithmetic on numpy scalars (a 0-D torch tensor per operand cost ~25 µs a batch and operand:
         # an attention site has one per head); overflow to inf is the float32 result, not an error
         with np.errstate(over="ignore"):
             scale = float(np.float32(amax) / np.float32(fmax) * np.float32(2.0 ** self.rule.margin))
         if scale > 0:
-            return scale, amax * 2.0 ** self.rule.margin, warmup
-        return 1.0, fmax, warmup
+            return scale, amax * 2.0 ** self.rule.margin
+        return 1.0, fmax
 
-    def _fused(self, site: Hashable, operand: str, x: torch.Tensor, fmt: str) -> _cpu.FusedScaled | None:
-        """The cast in one C call (backends.cpu.fused_scaled, one tile: the per-tensor cast with the delayed
-        scale given, or at warm-up computed from x's amax times 2^margin), or None where it does not apply (not
-        a CPU float tensor, no extension, FP8PROBE_BACKEND=reference, a scale not finite in float32, NaN in
-        the result): the torch ops then."""
+    def scale_for(self, site: Hashable, operand: str, amax_now: float, fmt: str) -> tuple[float, float, bool]:
+        """(float32 scale for this batch, the largest |x| it represents without saturating, warm-up: True
+        when the history was empty): _scale_of the history's amax, or of ``amax_now`` at warm-up."""
+        amax = self.history_amax(site, operand)
+        return (*self._scale_of(amax_now if amax is None else amax, fmt), amax is None)
+
+    def _fused(self, x: torch.Tensor, fmt: str, scale: float | None) -> _cpu.FusedScaled | None:
+        """The cast in one C call (backends.cpu.fused_scaled, one tile: the per-tensor cast with ``scale`` given,
+        or at warm-up, ``scale`` None, the one from x's amax times 2^margin), or None where it does not apply
+        (not a CPU float tensor, no extension, FP8PROBE_BACKEND=reference, a scale not finite in float32, NaN
+        in the result): the torch ops then."""
         if x.dim() == 0 or x.numel() == 0:
             return None
         rows, cols = x.numel() // x.shape[-1], x.shape[-1]
-        if self.history_amax(site, operand) is None:
+        if scale is None:
             return _cpu.fused_scaled(x, fmt, rows, cols, scale_multiplier=2.0 ** self.rule.margin)
-        scale = self.scale_for(site, operand, 0.0, fmt)[0]
         if not math.isfinite(scale):
             return None
         return _cpu.fused_scaled(x, fmt, rows, cols, scale=scale)
@@ -126,17 +127,20 @@ class DelayedState:
     def quantize(self, site: Hashable, operand: str, x: torch.Tensor, fmt: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(dequantised x in float32, saturated mask) with this batch's delayed scale; records x's amax."""
-        fused = self._fused(site, operand, x, fmt)
+        amax_h = self.history_amax(site, operand)
+        warmup = amax_h is None
+        made = None if warmup else self._scale_of(amax_h, fmt)  # (the warm-up's scale needs x's amax first)
+        fused = self._fused(x, fmt, None if made is None else made[0])
         if fused is not None:
             amax_now, q, saturated = fused.amax, fused.q, fused.saturated
-            limit, warmup = self.scale_for(site, operand, amax_now, fmt)[1:]
+            limit = (made or self._scale_of(amax_now, fmt))[1]
             n_saturated = int(fused.counts[2].sum())
         else:
             fp8, fmax = FP8_DTYPES[fmt], FORMATS[fmt].max
             x32 = x.to(_F32)
             finite_abs = torch.where(torch.isfinite(x32), x32.abs(), 0.0)
             amax_now = float(finite_abs.amax()) if x32.numel() else 0.0
-            scale, limit, warmup = self.scale_for(site, operand, amax_now, fmt)
+            scale, limit = made or self._scale_of(amax_now, fmt)
             s = torch.tensor(scale, dtype=_F32, device=x.device)
             data = fp8_saturate(x32 / s, fp8, fmax).to(fp8)
             q = data.to(_F32) * s
