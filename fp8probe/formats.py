@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 
-def _fl32(x: float) -> float:
+def fl32(x: float) -> float:
     """Round a Python float to the nearest IEEE binary32 value (RNE) and return it as a Python float."""
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
@@ -31,12 +31,12 @@ def _fl32(x: float) -> float:
 # LLM.int8() uses a symmetric scale of 127 (SPEC §5).
 SCALE_INT8 = 127
 # fl32(1/127) = 0.007874015718698502: int8_vectorwise_dequant multiplies by it (SPEC §5.2).
-INV_127 = _fl32(1.0 / 127.0)
+INV_127 = fl32(1.0 / 127.0)
 # fl32(1/127**2) = 6.200012e-05 (0x38820610): the correct int8_mm_dequant constant (SPEC §5.5, Q9).
-INV_127_SQ = _fl32(1.0 / 127.0**2)
+INV_127_SQ = fl32(1.0 / 127.0**2)
 # bitsandbytes' CPU/default int8_mm_dequant multiplies by this mistyped constant, 0x388206AA,
 # +1.8e-5 relative to 1/127**2; only used with compat="bnb" (SPEC Q9).
-BNB_INV_127_SQ_TYPO = _fl32(6.200124e-05)
+BNB_INV_127_SQ_TYPO = fl32(6.200124e-05)
 
 CODEBOOK_NAMES = ("bnb-e4m3", "bnb-e5m2", "dynamic", "dynamic-unsigned", "linear")
 

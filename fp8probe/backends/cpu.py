@@ -26,7 +26,6 @@ without temporaries; ``functional.py`` uses them for ``out=`` / ``absmax=``.
 from __future__ import annotations
 
 import math
-import struct
 from types import ModuleType
 from typing import NamedTuple
 
@@ -35,6 +34,7 @@ import torch
 from fp8probe.backends import reference as _ref
 from fp8probe.backends.int8_gemm import int8_gemm_float
 from fp8probe.backends.reference import use_reference
+from fp8probe.formats import fl32
 
 _F32 = torch.float32
 _F32_MAX = torch.finfo(torch.float32).max
@@ -837,11 +837,6 @@ def int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, co
 # --------------------------------------------------------------------------------------------
 # Fused scaled fake-quantisation (the OCP/MX/NVFP4 replay, analysis/strategies._fq_scaled)
 # --------------------------------------------------------------------------------------------
-def _is_f32(v: float) -> bool:
-    """Whether the finite float v is exactly a float32 value (what the C code receives unrounded)."""
-    return struct.unpack("f", struct.pack("f", v))[0] == v
-
-
 class FusedScaled(NamedTuple):
     """One fused scaled cast of x viewed as [R, C] in (block_rows × block_cols) tiles (see fused_scaled).
 
@@ -889,9 +884,9 @@ def fused_scaled(x: torch.Tensor, fmt: str, block_rows: int, block_cols: int, sc
         return None
     if (scale is not None or scale_multiplier != 1.0) and fmt not in ("e4m3", "e5m2"):
         raise ValueError(f"expected format e4m3 or e5m2 with a given scale or multiplier, got {fmt!r}")
-    if scale is not None and not (0.0 < scale <= _F32_MAX and _is_f32(scale)):
+    if scale is not None and not (0.0 < scale <= _F32_MAX and fl32(scale) == scale):
         raise ValueError(f"expected a given scale that is a float32 value > 0 and finite, got {scale!r}")
-    if not (0.0 < scale_multiplier <= _F32_MAX and _is_f32(scale_multiplier)):
+    if not (0.0 < scale_multiplier <= _F32_MAX and fl32(scale_multiplier) == scale_multiplier):
         raise ValueError(f"expected a scale multiplier that is a float32 value > 0 and finite, got "
                          f"{scale_multiplier!r}")
     extra = _rounding_args(x, fmt, block_rows, rounding, seed, period_rows, global_scale)
