@@ -118,14 +118,12 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
     if threads:
         torch.set_num_threads(threads)
     # as the command line does for analyze (cli._replay_process); FP8PROBE_BENCH_GLIBC_DEFAULTS=1 (or an older
-    # fp8probe without it) keeps glibc's malloc thresholds
-    if os.environ.get("FP8PROBE_BENCH_GLIBC_DEFAULTS", "0") != "1":
-        try:
-            from fp8probe.analysis.capture import keep_freed_blocks
-        except ImportError:
-            pass
-        else:
-            keep_freed_blocks()
+    # fp8probe without it) keeps glibc's malloc thresholds, and an older fp8probe the collector's generations
+    from fp8probe.analysis import capture
+    if os.environ.get("FP8PROBE_BENCH_GLIBC_DEFAULTS", "0") != "1" and hasattr(capture, "keep_freed_blocks"):
+        capture.keep_freed_blocks()
+    if hasattr(capture, "freeze_loaded_objects"):
+        capture.freeze_loaded_objects()
     target_s = MODELS[name][3]
     model, batches = build_model(name, quick)
     model_bytes = sum(p.numel() * 4 for p in model.parameters())  # fp32 size (tied weights counted once)
@@ -249,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     info["thp_mem_alloc_enable"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
     info["malloc"] = ("glibc defaults" if os.environ.get("FP8PROBE_BENCH_GLIBC_DEFAULTS", "0") == "1"
                       else "keep_freed_blocks (as the command line)")
+    info["gc"] = "freeze_loaded_objects (as the command line)"
     # the parallel replay of small sites (pipeline.replay_workers); 1 = the serial replay
     info["replay_workers"] = os.environ.get("FP8PROBE_REPLAY_WORKERS", "default (torch threads)")
     T.print_header("bench_analyze: analyze --strategy " + args.strategy, info)

@@ -865,14 +865,16 @@ def _progress(label: str, n_total: int, quiet: bool, output_format: str):  # typ
 
 
 def _replay_process() -> None:
-    """This process captures and replays a model: let glibc reuse freed large blocks (capture.keep_freed_blocks).
-    Only in the command-line process itself (fp8probe._IS_CLI), like its OpenMP and huge-page settings: a
-    command run in-process by a library user or a test (click's CliRunner) leaves their process alone."""
+    """This process captures and replays a model: let glibc reuse freed large blocks (capture.keep_freed_blocks)
+    and keep the garbage collector off the objects loaded so far (capture.freeze_loaded_objects). Only in the
+    command-line process itself (fp8probe._IS_CLI), like its OpenMP and huge-page settings: a command run
+    in-process by a library user or a test (click's CliRunner) leaves their process alone."""
     import fp8probe
-    from fp8probe.analysis.capture import keep_freed_blocks
+    from fp8probe.analysis import capture
 
     if fp8probe._IS_CLI:
-        keep_freed_blocks()
+        capture.keep_freed_blocks()
+        capture.freeze_loaded_objects()
 
 
 @contextlib.contextmanager

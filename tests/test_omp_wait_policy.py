@@ -100,8 +100,9 @@ def test_keep_freed_blocks_serves_large_tensors_from_the_heap(keep: bool, expect
 
 @pytest.mark.parametrize("is_cli", [True, False])
 def test_the_replaying_commands_keep_freed_blocks(monkeypatch, tmp_path, is_cli: bool) -> None:
-    """demo (and analyze, the sweeps: cli._replay_process) call capture.keep_freed_blocks in the command-line
-    process; run in-process (a library user, click's CliRunner) they leave glibc's settings alone."""
+    """demo (and analyze, the sweeps: cli._replay_process) call capture.keep_freed_blocks and
+    capture.freeze_loaded_objects in the command-line process; run in-process (a library user, click's
+    CliRunner) they leave glibc's settings and the garbage collector alone."""
     from click.testing import CliRunner
 
     import fp8probe
@@ -109,8 +110,24 @@ def test_the_replaying_commands_keep_freed_blocks(monkeypatch, tmp_path, is_cli:
     from fp8probe.analysis import capture
 
     calls = []
-    monkeypatch.setattr(capture, "keep_freed_blocks", lambda: calls.append(1) or True)
+    monkeypatch.setattr(capture, "keep_freed_blocks", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr(capture, "freeze_loaded_objects", lambda: calls.append("gc"))
     monkeypatch.setattr(fp8probe, "_IS_CLI", is_cli)
     result = CliRunner().invoke(cli.cli, ["demo", "--small", "--out", str(tmp_path / "d"), "-q"])
     assert result.exit_code == 0, result.output
-    assert calls == ([1] if is_cli else [])
+    assert calls == (["malloc", "gc"] if is_cli else [])
+
+
+GC_PROBE = (
+    "import gc, torch, fp8probe.analysis.pipeline\n"
+    "from fp8probe.analysis.capture import freeze_loaded_objects\n"
+    "tracked = len(gc.get_objects())\n"
+    "freeze_loaded_objects()\n"
+    "print(gc.get_freeze_count() >= tracked, len(gc.get_objects()) < tracked // 100)")
+
+
+def test_freeze_loaded_objects_takes_the_imports_out_of_collections() -> None:
+    """After freeze_loaded_objects the collector's generations no longer hold what was imported (torch,
+    fp8probe's analysis): a full collection then walks none of it (fresh interpreter: the freeze is
+    process-wide)."""
+    assert _probe_output(GC_PROBE, "-c", "PYTHONDONTWRITEBYTECODE", None) == "True True"
