@@ -40,9 +40,15 @@
 #define DT_F16 1
 #define DT_BF16 2
 #define MAX_THREADS 256
-/* Below this many elements one thread does everything: a pthread_create/join pair costs ~20-50 us,
- * about what one core needs for 64K elements. */
-#define SERIAL_CUTOFF (1 << 16)
+/* Below this many elements one thread does everything. A pthread_create/join pair costs ~20-60 us (57-62 us on
+ * a 2-core AMD EPYC VM), and the second thread then reads its half from the other core's caches and can
+ * displace torch's OpenMP workers: at 64K-256K elements two threads took 1.0-2.7x one thread's time (fused_scaled,
+ * error_sums, operand_sums), at 512K about the same, from 1M elements they gain. Inside a model's pass (the
+ * end-to-end part: torch's intra-op threads busy between these calls) a cutoff of 64K made Llama-135M's
+ * end-to-end part with two recipes 17.5-18.1 s, 256K 14.3-15.3 s, 1M 12.3-14.2 s, 4M 13.6 s. */
+#define SERIAL_CUTOFF (1 << 20)
+/* The cutoff in use: SERIAL_CUTOFF, or what serial_cutoff() set (tests run the threaded paths on small inputs). */
+static size_t g_serial_cutoff = SERIAL_CUTOFF;
 
 #if defined(__GNUC__)
 #define INLINE static inline __attribute__((always_inline))
@@ -156,7 +162,7 @@ static void run_units(unit_fn fn, void *ctx, size_t nunits, int nt) {
 static int pick_threads(size_t n, int want) {
     if (want < 1) want = 1;
     if (want > MAX_THREADS) want = MAX_THREADS;
-    return n < SERIAL_CUTOFF ? 1 : want;
+    return n < g_serial_cutoff ? 1 : want;
 }
 
 /* ------------------------------------------------------------------------ quantise: scalar */
@@ -739,6 +745,15 @@ static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     (void)self; (void)args;
     return PyUnicode_FromString(g_have_avx2 ? "avx2" : "scalar");
+}
+
+static PyObject *py_serial_cutoff(PyObject *self, PyObject *args) {
+    Py_ssize_t n = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|n", &n)) return NULL;
+    size_t before = g_serial_cutoff;
+    if (n >= 0) g_serial_cutoff = (size_t)n;
+    return PyLong_FromSize_t(before);
 }
 
 static PyObject *py_set_simd(PyObject *self, PyObject *args) {
@@ -4658,6 +4673,9 @@ static PyMethodDef methods[] = {
      "int8_col_quant(x_ptr, dtype, rows, cols, threshold, q_ptr, stats_ptr, threads): the column codes and "
      "stats of int8_double_quant (default mode)."},
     {"simd", py_simd, METH_NOARGS, "The vector ISA in use: 'avx2' or 'scalar'."},
+    {"serial_cutoff", py_serial_cutoff, METH_VARARGS,
+     "serial_cutoff([n]) -> int: the element count below which a call runs on one thread (the one before; n >= 0 "
+     "sets it: tests run the threaded paths on small inputs)."},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(on) -> bool: use AVX2 when on and the CPU has it (tests compare both paths)."},
     /* metrics reductions (analysis/metrics.py) */

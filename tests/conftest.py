@@ -1,10 +1,11 @@
 """Shared pytest fixtures: a `device` fixture over every available device and an `isa` fixture over the C fast
-path's AVX2 and scalar loops, and `no_fallback` for the scaled-cast kernel tests (helpers live in support.py)."""
+path's AVX2 and scalar loops, `no_fallback` for the scaled-cast kernel tests, and (for every test) the C fast
+path's threads from 64K elements on (helpers live in support.py)."""
 from __future__ import annotations
 
 import pytest
 
-from support import DEVICES, cpu_loops
+from support import DEVICES, TEST_SERIAL_CUTOFF, cpu_loops
 
 
 @pytest.fixture(params=DEVICES)
@@ -29,3 +30,18 @@ def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the C kernel fell back to the reference")
     monkeypatch.setattr(cpu._ref, "quantize_scaled", boom)
     monkeypatch.setattr(cpu._ref, "dequantize_scaled", boom)
+
+
+@pytest.fixture(autouse=True)
+def _threads_from_64k():
+    """Every test runs the C calls of 64K elements and more on several threads (TEST_SERIAL_CUTOFF)."""
+    from fp8probe.backends import cpu
+
+    if not cpu.available():
+        yield
+        return
+    before = cpu._ext().serial_cutoff(TEST_SERIAL_CUTOFF)
+    try:
+        yield
+    finally:
+        cpu._ext().serial_cutoff(before)

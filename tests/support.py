@@ -10,6 +10,11 @@ from pathlib import Path
 
 import torch
 
+#: The C fast path's serial cutoff while a test runs (conftest): the tests' "threaded" inputs are sized just
+#: above 64K elements (the shipped cutoff is 1M: _fastpath.c SERIAL_CUTOFF), so that every split of the work
+#: over threads is checked against the reference without 16x larger tensors.
+TEST_SERIAL_CUTOFF = 1 << 16
+
 #: "cpu" always, plus "cuda" when a GPU is visible; parametrise device-dependent tests over it.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

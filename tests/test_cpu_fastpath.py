@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from support import cpu_loops, vectors_file
+from support import TEST_SERIAL_CUTOFF, cpu_loops, vectors_file
 
 import fp8probe.functional as F
 from fp8probe.backends import cpu
@@ -403,3 +403,19 @@ def test_contiguous_copies_transposed_views_bit_for_bit(dtype, shape, monkeypatc
     assert calls == ([] if view.is_contiguous() else [(shape[-1], shape[-2])] * (shape[0] if len(shape) == 3 else 1))
     same = cpu.contiguous(base)
     assert same.data_ptr() == base.data_ptr()  # already contiguous: no copy
+
+
+@pytest.mark.skipif(not cpu.available(), reason="C extension not built")
+def test_serial_cutoff_ships_at_1m_elements_and_tests_lower_it() -> None:
+    """Calls below 1M elements run on one thread in a fresh process (_fastpath.c SERIAL_CUTOFF); the tests run
+    with the cutoff at 64K (conftest), and serial_cutoff(n) returns the value it replaced."""
+    code = "from fp8probe.backends import cpu; print(cpu._ext().serial_cutoff())"
+    shipped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert shipped.stdout.strip() == str(1 << 20)
+    ext = cpu._ext()
+    assert ext.serial_cutoff() == TEST_SERIAL_CUTOFF
+    try:
+        assert ext.serial_cutoff(12345) == TEST_SERIAL_CUTOFF
+        assert ext.serial_cutoff() == 12345
+    finally:
+        ext.serial_cutoff(TEST_SERIAL_CUTOFF)
