@@ -41,12 +41,12 @@
 #define DT_BF16 2
 #define MAX_THREADS 256
 /* Below this many elements one thread does everything. A pthread_create/join pair costs ~20-60 us (57-62 us on
- * a 2-core AMD EPYC VM), and the second thread then reads its half from the other core's caches and can
- * displace torch's OpenMP workers: at 64K-256K elements two threads took 1.0-2.7x one thread's time (fused_scaled,
- * error_sums, operand_sums), at 512K about the same, from 1M elements they gain. Inside a model's pass (the
- * end-to-end part: torch's intra-op threads busy between these calls) a cutoff of 64K made Llama-135M's
- * end-to-end part with two recipes 17.5-18.1 s, 256K 14.3-15.3 s, 1M 12.3-14.2 s, 4M 13.6 s. */
-#define SERIAL_CUTOFF (1 << 20)
+ * a 2-core AMD EPYC VM), and the second thread then reads its half from the other core's caches. Measured there
+ * (one process, the cutoff switched between 64K and this one, best of 5 x 50 calls, two threads; fused_scaled
+ * e4m3 per tensor / mxfp8 1x32, error_sums): at 74K-197K elements two threads took 1.1-2.9x one thread's time
+ * and 1.3-3.5x its CPU time; at 332K-393K the same time for ~1.5x the CPU; from 590K they gain (mxfp8 1.5x,
+ * error_sums 1.3-1.5x, the per-tensor cast within 10 %). */
+#define SERIAL_CUTOFF (1 << 19)
 /* The cutoff in use: SERIAL_CUTOFF, or what serial_cutoff() set (tests run the threaded paths on small inputs). */
 static size_t g_serial_cutoff = SERIAL_CUTOFF;
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 #: The C fast path's serial cutoff while a test runs (conftest): the tests' "threaded" inputs are sized just
-#: above 64K elements (the shipped cutoff is 1M: _fastpath.c SERIAL_CUTOFF), so that every split of the work
+#: above 64K elements (the shipped cutoff is 512K: _fastpath.c SERIAL_CUTOFF), so that every split of the work
 #: over threads is checked against the reference without 16x larger tensors.
 TEST_SERIAL_CUTOFF = 1 << 16
 

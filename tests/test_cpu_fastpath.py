@@ -406,12 +406,12 @@ def test_contiguous_copies_transposed_views_bit_for_bit(dtype, shape, monkeypatc
 
 
 @pytest.mark.skipif(not cpu.available(), reason="C extension not built")
-def test_serial_cutoff_ships_at_1m_elements_and_tests_lower_it() -> None:
-    """Calls below 1M elements run on one thread in a fresh process (_fastpath.c SERIAL_CUTOFF); the tests run
+def test_serial_cutoff_ships_at_512k_elements_and_tests_lower_it() -> None:
+    """Calls below 512K elements run on one thread in a fresh process (_fastpath.c SERIAL_CUTOFF); the tests run
     with the cutoff at 64K (conftest), and serial_cutoff(n) returns the value it replaced."""
     code = "from fp8probe.backends import cpu; print(cpu._ext().serial_cutoff())"
     shipped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert shipped.stdout.strip() == str(1 << 20)
+    assert shipped.stdout.strip() == str(1 << 19)
     ext = cpu._ext()
     assert ext.serial_cutoff() == TEST_SERIAL_CUTOFF
     try:
