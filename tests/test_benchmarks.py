@@ -314,3 +314,21 @@ def test_bench_metrics_quick_compares_two_builds_and_torch() -> None:
         cells = [c.strip() for c in line.strip("|").split("|")][2:]
         values = [float(c) for c in cells if c != "—"]
         assert len(values) == (3 if "no mask" not in line else 2) and all(v > 0 for v in values)
+
+
+def test_bench_threads_quick_compares_cutoffs_and_restores_the_one_in_use() -> None:
+    """benchmarks/bench_threads.py --quick: a row per op and shape with positive times under both cutoffs and their
+    ratio; the cutoff in use before the run is in use after it."""
+    from fp8probe.backends import cpu
+    if not cpu.available():
+        pytest.skip("fp8probe._fastpath not built")
+    before = cpu._ext().serial_cutoff()
+    out = _run_in_process("bench_threads.py", ["--quick", "--cutoffs", "1024,shipped", "--markdown"])
+    assert cpu._ext().serial_cutoff() == before
+    assert f"# serial_cutoff: {before} (in use" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| op |")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["fused_scaled e4m3 tensor", "fused_scaled mxfp8 1x32",
+                                                     "error_sums"] * 2
+    for r in rows:
+        values = [float(c) for c in r.strip("| ").split(" | ")[3:]]
+        assert len(values) == 5 and all(v > 0 for v in values)
