@@ -42,10 +42,10 @@
 #define MAX_THREADS 256
 /* Below this many elements one thread does everything. A pthread_create/join pair costs ~20-60 us (57-62 us on
  * a 2-core AMD EPYC VM), and the second thread then reads its half from the other core's caches. Measured there
- * (one process, the cutoff switched between 64K and this one, best of 5 x 50 calls, two threads; fused_scaled
- * e4m3 per tensor / mxfp8 1x32, error_sums): at 74K-197K elements two threads took 1.1-2.9x one thread's time
- * and 1.3-3.5x its CPU time; at 332K-393K the same time for ~1.5x the CPU; from 590K they gain (mxfp8 1.5x,
- * error_sums 1.3-1.5x, the per-tensor cast within 10 %). */
+ * (benchmarks/bench_threads.py: one process, the cutoff switched between 64K and this one; fused_scaled e4m3
+ * per tensor / mxfp8 1x32, error_sums): at 74K-197K elements two threads took 1.0-2.2x one thread's time and up
+ * to 2.7x its CPU time; at 332K-393K about the same time for ~1.5x the CPU; at 590K-885K they gain (mxfp8
+ * 1.2-1.5x, error_sums 1.3-1.5x, the per-tensor cast 1.0-1.1x, in a run against a 1M cutoff). */
 #define SERIAL_CUTOFF (1 << 19)
 /* The cutoff in use: SERIAL_CUTOFF, or what serial_cutoff() set (tests run the threaded paths on small inputs). */
 static size_t g_serial_cutoff = SERIAL_CUTOFF;
