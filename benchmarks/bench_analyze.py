@@ -117,12 +117,11 @@ def measure_one(name: str, strategy: str, threads: int | None, e2e: bool, quick:
 
     if threads:
         torch.set_num_threads(threads)
-    # as the command line does for analyze (cli._replay_process); FP8PROBE_BENCH_GLIBC_DEFAULTS=1 (or an older
-    # fp8probe without it) keeps glibc's malloc thresholds, and an older fp8probe the collector's generations
     from fp8probe.analysis import capture
-    if os.environ.get("FP8PROBE_BENCH_GLIBC_DEFAULTS", "0") != "1" and hasattr(capture, "keep_freed_blocks"):
+    keep, freeze = replay_settings()
+    if keep:
         capture.keep_freed_blocks()
-    if hasattr(capture, "freeze_loaded_objects"):
+    if freeze:
         capture.freeze_loaded_objects()
     target_s = MODELS[name][3]
     model, batches = build_model(name, quick)
@@ -179,6 +178,16 @@ def recipe_table(rows: list[dict[str, object]]) -> tuple[list[dict[str, object]]
         for name, seconds in by.items():
             table.setdefault(name, {"strategy": name})[key] = seconds
     return list(table.values()), columns
+
+
+def replay_settings() -> tuple[bool, bool]:
+    """(keep_freed_blocks, freeze_loaded_objects): what the measured processes apply, as the command line does
+    for analyze (cli._replay_process). FP8PROBE_BENCH_GLIBC_DEFAULTS=1 (or an older fp8probe without it) keeps
+    glibc's malloc thresholds, and an older fp8probe without the freeze the collector's generations."""
+    from fp8probe.analysis import capture
+
+    keep = os.environ.get("FP8PROBE_BENCH_GLIBC_DEFAULTS", "0") != "1" and hasattr(capture, "keep_freed_blocks")
+    return keep, hasattr(capture, "freeze_loaded_objects")
 
 
 def child_wait_policy() -> str:
@@ -245,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     info = T.machine_info(args.device)
     info["omp_wait_policy"] = child_wait_policy()
     info["thp_mem_alloc_enable"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
-    info["malloc"] = ("glibc defaults" if os.environ.get("FP8PROBE_BENCH_GLIBC_DEFAULTS", "0") == "1"
-                      else "keep_freed_blocks (as the command line)")
-    info["gc"] = "freeze_loaded_objects (as the command line)"
+    keep, freeze = replay_settings()
+    info["malloc"] = "keep_freed_blocks (as the command line)" if keep else "glibc defaults"
+    info["gc"] = "freeze_loaded_objects (as the command line)" if freeze else "Python's defaults"
     # the parallel replay of small sites (pipeline.replay_workers); 1 = the serial replay
     info["replay_workers"] = os.environ.get("FP8PROBE_REPLAY_WORKERS", "default (torch threads)")
     T.print_header("bench_analyze: analyze --strategy " + args.strategy, info)
