@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,7 +78,9 @@ class MatmulLtState:
     ``_tile_indices`` are bitsandbytes' legacy layout fields, kept so code written for
     ``bnb.MatmulLtState`` runs unchanged. ``idx`` holds the outlier columns of the last forward.
     ``weight_key`` is fp8probe's cache key (storage pointer, ``_version``, shape, dtype, device of
-    the weight the cached ``CB`` was computed from, SPEC Q11).
+    the weight the cached ``CB`` was computed from, SPEC Q11) and ``weight_ref`` a weak reference to
+    that weight: the cache serves only the same tensor, alive and unchanged (a freed weight's address
+    comes back with the next tensor of its size, at version 0).
     """
 
     _tile_indices: torch.Tensor | None = None
@@ -99,6 +102,7 @@ class MatmulLtState:
     use_pool: bool = False
     formatB: str = "row"
     weight_key: tuple | None = None
+    weight_ref: Any = field(default=None, repr=False, compare=False)
     #: LLM.int8 row absmax of A: "bnb" (SPEC §5.1, outlier columns' sub-threshold values count) or
     #: "paper" (outlier columns left out; functional.int8_vectorwise_quant). fp8probe's addition.
     row_scale: str = "bnb"
@@ -119,6 +123,11 @@ class MatmulLtState:
         self.SBt = None
         self.CBt = None
         self.weight_key = None
+        self.weight_ref = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # (a weak reference cannot be pickled; an unpickled state's cache then serves no tensor)
+        return {**self.__dict__, "weight_ref": None}
 
     @property
     def tile_indices(self) -> torch.Tensor:
@@ -420,8 +429,15 @@ def _check_int8_operands(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | 
 
 def _weight_key(B: torch.Tensor) -> tuple:
     # Views share the version counter, so an in-place optimizer step on the Parameter bumps it.
-    # Writes through `weight.data` do not (new version counter): call state.reset_grads() then.
+    # Writes through `weight.data` do not (new version counter): hence no reuse in training (_quantize_weight).
     return (B.data_ptr(), B._version, tuple(B.shape), B.dtype, B.device)
+
+
+def _codes_of(state: MatmulLtState, B: torch.Tensor) -> bool:
+    """Whether state's CB/SCB were computed from B as it is now: the same tensor object, still alive (a new
+    tensor at a freed weight's address has version 0 again), with the same storage, version, shape and dtype."""
+    ref = state.weight_ref
+    return ref is not None and ref() is B and state.weight_key == _weight_key(B)
 
 
 def _weight_codes(w: torch.Tensor, compat: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,13 +451,15 @@ def _codes_again(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> b
     """Whether the backward quantises the weight again instead of keeping CB (MatmulLtState.save_weight_codes):
     only where CB is exactly _quantize_weight's fresh quantisation of B as it is now."""
     return (not state.save_weight_codes and compat is None and B.dtype != torch.int8
-            and not torch.compiler.is_compiling() and state.weight_key == _weight_key(B))
+            and not torch.compiler.is_compiling() and _codes_of(state, B))
 
 
 def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(CB, SCB)``: the int8 rows of the weight and their scales (SPEC §6.2 step 4), cached in the state.
 
-    Default: re-quantise whenever the weight's storage or ``_version`` changed (Q11). ``compat="bnb"``:
+    Default (Q11): in training (``state.is_training``) quantise on every call, so that no write is missed,
+    not even one through ``weight.data`` (its own version counter); otherwise reuse the codes while the
+    weight is the same tensor, alive, at the same storage and ``_version`` (_codes_of). ``compat="bnb"``:
     bitsandbytes' rule — re-quantise only while ``B.grad is None`` in training (stale CB afterwards).
     An int8 B is the quantised weight itself: it becomes CB, with the scales already in state.SCB.
     Under ``torch.compile`` the cache is bypassed: storage pointers and version counters cannot be
@@ -453,7 +471,7 @@ def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) 
             state.CB, state.weight_key = B, None
         return B, state.SCB
     if not state.has_fp16_weights and state.CB is not None and state.SCB is not None:
-        if compiling or compat == "bnb" or state.weight_key is None or state.weight_key == _weight_key(B):
+        if compiling or compat == "bnb" or state.weight_key is None or _codes_of(state, B):
             return state.CB, state.SCB
     # The CUDA kernel reads fp16 only; bnb therefore rounds the weight to fp16 first (SPEC §6.2).
     w = B.to(torch.float16) if compat == "bnb" else B
@@ -462,12 +480,12 @@ def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) 
     if compat == "bnb":
         stale = (state.is_training and B.grad is None) or state.CB is None or state.SCB is None
     else:
-        stale = state.CB is None or state.SCB is None or state.weight_key != _weight_key(B)
+        stale = state.CB is None or state.SCB is None or state.is_training or not _codes_of(state, B)
     if stale:
         key = _weight_key(B)
         state.reset_grads()
         state.CB, state.SCB = _weight_codes(w, compat)
-        state.weight_key = key
+        state.weight_key, state.weight_ref = key, weakref.ref(B)
     return state.CB, state.SCB
 
 

@@ -192,9 +192,11 @@ class Linear8bitLt(_Int8Linear):
     """nn.Linear computed with LLM.int8() (:func:`~fp8probe.autograd.matmul`, SPEC §6.5).
 
     ``threshold > 0`` keeps activation columns with |x| >= threshold in the input precision.
-    The int8 weight is cached in ``self.state`` and re-quantised whenever the weight's
-    ``_version`` changes (an optimizer step, ``load_state_dict``); ``compat="bnb"`` restores
-    bitsandbytes' ``weight.grad is None`` rule (Q11). With ``has_fp16_weights=True`` the
+    In training mode the int8 weight is quantised on every forward (so no update is missed, not
+    even a write through ``weight.data``); in eval mode it is cached in ``self.state`` and
+    re-quantised whenever the weight's ``_version`` changes (an optimizer step, ``load_state_dict``,
+    an in-place op; a write through ``weight.data`` is not seen: call ``self.state.reset_grads()``).
+    ``compat="bnb"`` restores bitsandbytes' ``weight.grad is None`` rule (Q11). With ``has_fp16_weights=True`` the
     state_dict is a plain nn.Linear one; with False the layer stores the int8 weight and its
     scales (format on :class:`_Int8Linear`).
     """

@@ -325,6 +325,34 @@ def test_matmul8bitlt_weight_cache_default_vs_bnb_compat() -> None:
     torch.testing.assert_close(results["bnb"], stale, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("fn", [AG.matmul, AG.switchback_bnb])
+def test_int8_weight_cache_never_serves_a_new_tensor_at_a_freed_address(fn, training) -> None:
+    """A freed weight's address comes back with the next tensor of its size, at version 0: the cache key
+    (pointer, version, shape) alone took it for the old weight and computed with stale codes."""
+    A = gen(40, 4, 64)
+    state = AG.MatmulLtState(is_training=training)
+    addresses = set()
+    for seed in range(41, 46):
+        W = gen(seed, 32, 64)
+        addresses.add(W.data_ptr())
+        torch.testing.assert_close(fn(A, W, state=state), fn(A, W.clone()), rtol=0, atol=0)
+        del W
+    assert len(addresses) < 5  # (the allocator did hand an address out again)
+
+
+def test_matmul8bitlt_eval_state_reuses_codes_of_the_same_weight() -> None:
+    A, W = gen(46, 8, 16), gen(47, 12, 16)
+    state = AG.MatmulLtState(is_training=False)
+    AG.matmul(A, W, state=state)
+    cb = state.CB
+    AG.matmul(A, W, state=state)
+    assert state.CB is cb
+    state.is_training = True  # training: quantised on every call
+    AG.matmul(A, W, state=state)
+    assert state.CB is not cb
+
+
 def test_matmul8bitlt_no_fp16_weights_uses_given_int8_weight() -> None:
     A, W = gen(29, 8, 16), gen(30, 12, 16)
     CB, SCB, _ = F.int8_vectorwise_quant(W, 0.0)

@@ -144,6 +144,43 @@ def test_linear8bitlt_cache_follows_weight_version() -> None:
 
 
 @pytest.mark.parametrize("cls", [Linear8bitLt, SwitchBackLinear])
+def test_int8_layer_follows_writes_through_data_in_training(cls) -> None:
+    """A manual SGD step through ``.data`` bumps no version counter the cache could see: in training the
+    int8 weight is quantised on every forward, so the output follows the weight."""
+    layer = make(cls, threshold=0.0) if cls is Linear8bitLt else make(cls)
+    x = gen(7, 8, 24)
+    for _ in range(2):
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        for p in layer.parameters():
+            p.data.add_(p.grad, alpha=-0.5)
+    fn = AG.matmul if cls is Linear8bitLt else AG.switchback_bnb
+    fresh = fn(x, layer.weight.detach().clone(), bias=layer.bias.detach())
+    torch.testing.assert_close(layer(x), fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [Linear8bitLt, SwitchBackLinear])
+def test_int8_layer_caches_in_eval_and_survives_pickling(cls) -> None:
+    import copy
+    import io
+    layer = make(cls).eval()
+    x = gen(8, 8, 24)
+    y = layer(x)
+    cb = layer.state.CB
+    assert torch.equal(layer(x), y) and layer.state.CB is cb  # the same weight: the cached codes
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # an in-place op bumps the version: quantised again
+    layer(x)
+    assert layer.state.CB is not cb
+    buf = io.BytesIO()
+    torch.save(layer, buf)  # the state's weak reference is not pickled
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(layer)):
+        torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+        assert other.state.weight_ref is None or other.state.weight_ref() is other.weight
+
+
+@pytest.mark.parametrize("cls", [Linear8bitLt, SwitchBackLinear])
 def test_int8_weights_receive_no_gradient(cls) -> None:
     layer = make(cls, has_fp16_weights=False)
     assert not layer.weight.requires_grad
