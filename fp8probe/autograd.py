@@ -723,9 +723,7 @@ def _prepare_state(state: MatmulLtState | None, threshold: float) -> MatmulLtSta
         state = MatmulLtState()
     elif not isinstance(state, MatmulLtState):
         raise TypeError(f"state must be a MatmulLtState or None, got {type(state).__name__}")
-    threshold = float(threshold)
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    threshold = F._check_threshold(threshold)  # (NaN and inf refused, as by MatmulLtState's ops)
     if threshold > 0.0:
         state.threshold = threshold
     return state

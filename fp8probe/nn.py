@@ -170,6 +170,11 @@ class _Int8Linear(nn.Linear):
               and prefix + "SCB" not in state_dict):
             CB, SCB = self._quantize_rows(w.to(self.weight.device))
             state_dict[prefix + "weight"], state_dict[prefix + "SCB"] = CB, SCB
+        elif (not self.state.has_fp16_weights and isinstance(w, torch.Tensor) and w.dtype != torch.int8
+              and prefix + "SCB" in state_dict):
+            # (the copy into the int8 Parameter would truncate the values: a float weight became zeros)
+            error_msgs.append(f"{prefix}weight: an int8 checkpoint (SCB given) needs an int8 weight, got {w.dtype} "
+                              "(leave SCB out and a float weight is quantised on loading)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.state.reset_grads()

@@ -431,8 +431,10 @@ def test_matmul_threshold_written_only_when_positive() -> None:
     assert state.threshold == 3.0
     AG.matmul(gen(32, 4, 8), gen(33, 5, 8), state=state, threshold=6.0)
     assert state.threshold == 6.0
-    with pytest.raises(ValueError, match="threshold must be >= 0"):
-        AG.matmul(gen(32, 4, 8), gen(33, 5, 8), threshold=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):  # NaN ran as threshold 0 before
+        for fn in (AG.matmul, AG.switchback_bnb):
+            with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+                fn(gen(32, 4, 8), gen(33, 5, 8), threshold=bad)
 
 
 def test_global_outlier_pooler_keeps_columns() -> None:

@@ -192,6 +192,21 @@ def test_int8_weights_receive_no_gradient(cls) -> None:
     assert lin.weight.grad is None and x.grad is not None and lin.bias.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16])
+def test_int8_checkpoint_with_a_non_int8_weight_is_refused(dtype) -> None:
+    """A float weight beside SCB used to be copied into the int8 Parameter: truncated to zeros, silently."""
+    src = make(Linear8bitLt, has_fp16_weights=False)
+    sd = src.state_dict()
+    sd["weight"] = (sd["weight"].float() / 127 * sd["SCB"][:, None]).to(dtype)
+    layer = make(Linear8bitLt, has_fp16_weights=False)
+    with pytest.raises(RuntimeError, match=f"needs an int8 weight, got {dtype}"):
+        layer.load_state_dict(sd)
+    del sd["SCB"]  # without SCB a float weight is quantised on loading
+    if dtype.is_floating_point:
+        layer.load_state_dict(sd)
+        assert torch.equal(layer.weight, src.weight)
+
+
 def test_linear8bitlt_load_state_dict_invalidates_int8_weight() -> None:
     layer = make(Linear8bitLt, has_fp16_weights=False)
     x = gen(7, 4, 24)
