@@ -19,8 +19,8 @@ from .capture import _to_device, choose_loss, is_exported_graph, params_require_
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
 from .metrics import ErrorAccumulator, fused_error_sums
-from .strategies import (STRATEGIES, RecipeOptions, Strategy, batched_linear, mixed_with_blocksize, site_kwargs,
-                         with_options)
+from .strategies import (STRATEGIES, RecipeOptions, Strategy, batched_linear, mixed_with_blocksize, quantisable,
+                         site_kwargs, with_options)
 
 # Default budget: the loss may rise by at most 1 % relative to the high-precision run.
 DEFAULT_BUDGET = 0.01
@@ -169,6 +169,9 @@ def lp_gemm(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: flo
     differentiably (its fprop forward, its dgrad/wgrad backward). The one place the end-to-end mode
     substitutes a GEMM. Batched GEMMs run one 2-D GEMM per slice with its own scales (strategies.BATCHED_RULE).
     ``state``/``site``: a stateful recipe's state for this pass and the GEMM's name (strategies.run_strategy)."""
+    if a.dtype == torch.float64 or b.dtype == torch.float64:  # (a float64 model: the recipe on float32 copies)
+        return lp_gemm(strategy, quantisable(a), quantisable(b), threshold, b_is_weight, state=state,
+                       site=site).to(a.dtype)
     if a.dim() == 2:
         return strategy.linear(a, b, None, threshold, b_is_weight, **site_kwargs(strategy, state, site, None))
     y = batched_linear(strategy, a, b, threshold, b_is_weight)  # an OCP/MX recipe: all slices in one call, same bits
@@ -180,7 +183,11 @@ def lp_gemm(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: flo
 
 def lp_linear(strategy: Strategy, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
               threshold: float, *, state: Any = None, site: str = "") -> torch.Tensor:
-    """``x [..., in] · Wᵀ [out, in] + bias`` with ``strategy`` (Strategy.linear), differentiably."""
+    """``x [..., in] · Wᵀ [out, in] + bias`` with ``strategy`` (Strategy.linear), differentiably. A float64
+    model's operands go in as float32 (strategies.quantisable) and the result comes back as float64."""
+    if x.dtype == torch.float64 or W.dtype == torch.float64:
+        return lp_linear(strategy, quantisable(x), quantisable(W), quantisable(bias), threshold, state=state,
+                         site=site).to(x.dtype)
     return strategy.linear(x, W, bias, threshold, **site_kwargs(strategy, state, site, None))
 
 

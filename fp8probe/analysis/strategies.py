@@ -1573,6 +1573,13 @@ def site_kwargs(strategy: Strategy, state: Any, site: str, index: int | None) ->
     return {"state": strategy.new_state() if state is None else state, "site": (site, index)}
 
 
+def quantisable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as the recipes read it: a float64 tensor (a float64 model's operand) as float32, the widest format
+    the quantisers take (float32 / float16 / bfloat16); anything else as it is. The references stay float64 of
+    the operands themselves, so a recipe's error includes the float32 rounding (~1e-7, far below any recipe's)."""
+    return t.float() if t is not None and t.dtype == torch.float64 else t
+
+
 def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
                  threshold: float = 6.0, *, b_is_weight: bool = True, state: Any = None,
                  site: str = "") -> StrategyOutput:
@@ -1585,6 +1592,7 @@ def run_strategy(strategy: Strategy, A: torch.Tensor, W: torch.Tensor, G: torch.
     stateful strategies run slice by slice, each slice its own site).
     """
     _check(A, W, G)
+    A, W, G = quantisable(A), quantisable(W), quantisable(G)
     with torch.no_grad():
         if A.dim() == 2 or (strategy.runs_batched and strategy.new_state is None):
             return strategy.run(A, W, G, threshold, b_is_weight, **site_kwargs(strategy, state, site, None))

@@ -17,7 +17,7 @@ from .e2e import DEFAULT_BUDGET, Budget, Runner, model_wide, parse_budget
 from .metrics import ErrorAccumulator
 from .pipeline import ProgressFn, Run, forward_order, prepare_run, run_metadata
 from .results import Results
-from .strategies import ROW_SCALE_RULES, RecipeOptions
+from .strategies import ROW_SCALE_RULES, RecipeOptions, quantisable
 
 DEFAULT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_THRESHOLDS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
@@ -172,14 +172,14 @@ class _BlocksizeSweep:
         if g64 is not None:
             ref["dgrad"], ref["wgrad"] = g64 @ w64, g64.mT @ a64
         for bs in self.blocksizes:
-            aq = F.fake_quantize(A, CODE_FWD, bs).double()
-            wq = F.fake_quantize(W, CODE_FWD, bs).double()
+            aq = F.fake_quantize(quantisable(A), CODE_FWD, bs).double()
+            wq = F.fake_quantize(quantisable(W), CODE_FWD, bs).double()
             acc.err.setdefault((bs, "activation"), ErrorAccumulator()).update(a64, aq)
             if not (acc.weight_done and call.b_is_weight):  # a weight is the same every batch: count it once
                 acc.err.setdefault((bs, "weight"), ErrorAccumulator()).update(w64, wq)
             acc.err.setdefault((bs, "fprop"), ErrorAccumulator()).update(ref["fprop"], aq @ wq.mT)
             if g64 is not None:
-                gq = F.fake_quantize(G, CODE_BWD, bs).double()
+                gq = F.fake_quantize(quantisable(G), CODE_BWD, bs).double()
                 acc.err.setdefault((bs, "grad_output"), ErrorAccumulator()).update(g64, gq)
                 acc.err.setdefault((bs, "dgrad"), ErrorAccumulator()).update(ref["dgrad"], gq @ wq)
                 acc.err.setdefault((bs, "wgrad"), ErrorAccumulator()).update(ref["wgrad"], gq.mT @ aq)
@@ -254,7 +254,7 @@ class _ThresholdSweep:
                     state.threshold = th
                     state.is_training = False
                     state.row_scale = self.row_scale
-                    out = MatMul8bitLt.apply(a, w, None, None, state)
+                    out = MatMul8bitLt.apply(quantisable(a), quantisable(w), None, None, state)
                     acc.err.setdefault(th, ErrorAccumulator()).update(ref, out)
                     n_cols = 0 if state.idx is None else int(state.idx.numel())
                     # Token-weighted mean over batches of the per-batch fraction of 16-bit columns: each

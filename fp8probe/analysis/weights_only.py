@@ -29,7 +29,7 @@ from .capture import libc_function, release_free_memory
 from .loading import LoadError, _is_export_archive, _is_torchscript, _zip_names, one_line, sniff
 from .metrics import TOP_K, ErrorAccumulator, OperandAccumulator, TensorStats
 from .results import Results
-from .strategies import WEIGHT_QUANTIZERS, Strategy, resolve
+from .strategies import WEIGHT_QUANTIZERS, Strategy, quantisable, resolve
 from .sweeps import (BLOCKSIZE_TOLERANCE_DB, CODE_FWD, DEFAULT_BLOCKSIZES, _check_blocksizes, overhead_bits,
                      recommend_blocksize)
 
@@ -552,7 +552,7 @@ def sweep_weight(W: torch.Tensor, blocksizes: Sequence[int], chunk_elements: int
         multiple = bs // math.gcd(bs, cols)
         step = chunk_elements if rows * cols > chunk_elements and rows > multiple else rows * cols + 1
         for _, x in _chunks(W2, multiple, step):
-            acc.update(x.double(), F.fake_quantize(x, CODE_FWD, bs).double())
+            acc.update(x.double(), F.fake_quantize(quantisable(x), CODE_FWD, bs).double())
     return out
 
 
