@@ -124,11 +124,31 @@ class Fp8probeGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
+class _FlagEnvOption(click.Option):
+    """An option whose automatic environment variable is named after its flag, as the README says
+    (``FP8PROBE_ANALYZE_OUT`` for ``analyze --out``), not after the Python parameter behind it (``out_dir``:
+    ``FP8PROBE_ANALYZE_OUT_DIR``, which click would read and is still read)."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        flags = [o for o in self.opts if o.startswith("--")]
+        if self.envvar is None and self.allow_from_autoenv and ctx.auto_envvar_prefix is not None and flags:
+            name = max(flags, key=len)[2:].replace("-", "_").upper()
+            value = os.environ.get(f"{ctx.auto_envvar_prefix}_{name}")
+            if value:
+                return value
+        return super().resolve_envvar_value(ctx)
+
+
+def _option(*decls: str, **attrs: object):  # type: ignore[no-untyped-def]
+    """click.option with the flag-named environment variable (_FlagEnvOption)."""
+    return click.option(*decls, cls=_FlagEnvOption, **attrs)
+
+
 @click.group(cls=Fp8probeGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                   "auto_envvar_prefix": "FP8PROBE"})
 @click.version_option(__version__, prog_name="fp8probe",
                       message=f"%(prog)s %(version)s (CPU kernels: {_cpu_backend.backend_name()})")
-@click.option("--debug", is_flag=True, help="show Python tracebacks for errors (also FP8PROBE_DEBUG=1)")
+@_option("--debug", is_flag=True, help="show Python tracebacks for errors (also FP8PROBE_DEBUG=1)")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """fp8probe: where does FP8 / INT8 matmul hurt your model?
@@ -290,7 +310,7 @@ def _default_out(run_name: str, suffix: str = "") -> Path:
 
 
 @cli.command("formats")
-@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
+@_option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="table for people, json for scripts")
 def formats_cmd(output_format: str) -> None:
     """List every number format fp8probe knows: max, min normal, min subnormal, description."""
@@ -398,7 +418,7 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
     return loaded, batch_list
 
 
-_INT8_ROW_SCALE = click.option(
+_INT8_ROW_SCALE = _option(
     "--int8-row-scale", type=click.Choice(["bnb", "paper"]), default="bnb", show_default=True,
     help="LLM.int8 row absmax: bnb (sub-threshold values of outlier columns count, bitsandbytes) or paper "
          "(outlier columns left out)")
@@ -435,66 +455,66 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
 
 @cli.command("analyze")
 @click.argument("model", type=str)
-@click.option("--strategy", "-s", default="global", show_default=True,
+@_option("--strategy", "-s", default="global", show_default=True,
               help="global, mixed, int8, switchback, ocp-tensorwise, ocp-rowwise, ocp-blockwise, mxfp8, "
                    "delayed, mxfp8-rceil, nvfp4, nvfp4-train, mxfp4, mxfp6-e2m3, mxfp6-e3m2, a comma-separated list, or all")
-@click.option("--inputs", type=click.Path(dir_okay=False), default=None,
+@_option("--inputs", type=click.Path(dir_okay=False), default=None,
               help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches")
-@click.option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
-@click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
-@click.option("--loss", "loss_spec", default=None, help="module:function called as fn(output, batch) -> scalar loss")
-@click.option("--layers", default=None, help="regular expression on GEMM names (module path or weight name, "
+@_option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
+@_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
+@_option("--loss", "loss_spec", default=None, help="module:function called as fn(output, batch) -> scalar loss")
+@_option("--layers", default=None, help="regular expression on GEMM names (module path or weight name, "
               "'#qk'/'#pv'/'#matmul' for GEMMs of two activations): analyse only matching ones")
-@click.option("--gemms", default="all", show_default=True, help=_GEMMS_HELP)
-@click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
-@click.option("--threshold", type=FiniteFloat(0.0), default=6.0, show_default=True,
+@_option("--gemms", default="all", show_default=True, help=_GEMMS_HELP)
+@_option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches")
+@_option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
+@_option("--threshold", type=FiniteFloat(0.0), default=6.0, show_default=True,
               help="LLM.int8 outlier threshold: columns with any |x| >= threshold")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@_option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="output directory (default reports/<name>/)")
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
-@click.option("--name", default=None, help="run name (default: the model file's stem)")
-@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
-@click.option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@_option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@_option("--name", default=None, help="run name (default: the model file's stem)")
+@_option("--quiet", "-q", is_flag=True, help="no progress bar")
+@_option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
+@_option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op CPU threads (default: torch's choice). 1 is often fastest: per-layer tensors "
                    "are small (demo: 2.0 s with 1 thread vs 10.8 s with 2 on a busy 2-core machine)")
-@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
+@_option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table for people, json (paths, verdict lines, worst layers) for scripts")
-@click.option("--sweeps", is_flag=True,
+@_option("--sweeps", is_flag=True,
               help="also run the block-size and threshold sweeps (default grids, one more capture pass) and write "
                    "one results.json and one report with everything")
-@click.option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
-@click.option("--budget", "budget_spec", default="0.01", show_default=True,
+@_option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
+@_option("--budget", "budget_spec", default="0.01", show_default=True,
               help="end-to-end budget for the recommendation: relative loss increase (0.01 or 1%), or kl:0.01 for "
                    "the mean KL divergence of the output distribution")
-@click.option("--no-e2e", is_flag=True, help="skip the end-to-end runs (no e2e, sensitivity, recommendation tables)")
-@click.option("--sensitivity", type=click.Choice(["auto", "measured", "estimated"]), default="auto", show_default=True,
+@_option("--no-e2e", is_flag=True, help="skip the end-to-end runs (no e2e, sensitivity, recommendation tables)")
+@_option("--sensitivity", type=click.Choice(["auto", "measured", "estimated"]), default="auto", show_default=True,
               help="per-layer sensitivity: measured by forward runs, estimated from the captured gradients, or auto "
                    "(measured when its predicted time keeps the end-to-end part within 2x the isolated analysis)")
-@click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
+@_option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="simulate this many training steps per strategy (and in high precision) from the same weights")
-@click.option("--lr", type=FiniteFloat(0.0), default=1e-3, show_default=True, help="learning rate for --steps")
-@click.option("--optimizer", "optimizer_spec", default=None,
+@_option("--lr", type=FiniteFloat(0.0), default=1e-3, show_default=True, help="learning rate for --steps")
+@_option("--optimizer", "optimizer_spec", default=None,
               help="module:function called as fn(params, lr) -> torch optimizer for --steps (default AdamW)")
 @_INT8_ROW_SCALE
-@click.option("--accum-bits", type=click.IntRange(1, 23), default=None,
+@_option("--accum-bits", type=click.IntRange(1, 23), default=None,
               help="simulate a reduced-precision FP8 accumulator: partial sums truncated to this many mantissa bits "
                    "(Hopper: about 13-14), in the FP8 recipes' GEMMs; default off = float32")
-@click.option("--promote-every", type=click.IntRange(min=1), default=None,
+@_option("--promote-every", type=click.IntRange(min=1), default=None,
               help="with --accum-bits: contraction elements per partial sum before it is added into float32 "
                    "[default: 128, DeepSeek-V3's N_c]")
-@click.option("--amax-history", type=click.IntRange(min=1), default=1024, show_default=True,
+@_option("--amax-history", type=click.IntRange(min=1), default=1024, show_default=True,
               help="delayed strategy: amax history length per GEMM site and operand")
-@click.option("--amax-compute", type=click.Choice(["max", "most_recent"]), default="max", show_default=True,
+@_option("--amax-compute", type=click.Choice(["max", "most_recent"]), default="max", show_default=True,
               help="delayed strategy: the amax taken from the history")
-@click.option("--margin", type=click.IntRange(0, 64), default=0, show_default=True,
+@_option("--margin", type=click.IntRange(0, 64), default=0, show_default=True,
               help="delayed strategy: scale = amax * 2^margin / fmt_max (headroom in powers of two)")
-@click.option("--no-grad", is_flag=True,
+@_option("--no-grad", is_flag=True,
               help="forward only: capture the fprop GEMMs with no loss and no backward pass (less memory: one layer's "
                    "activations); no dgrad/wgrad rows, no end-to-end runs")
-@click.option("--stream", is_flag=True,
+@_option("--stream", is_flag=True,
               help="bigger than memory: build MODEL (a Hugging Face directory, or a checkpoint with --factory) with "
                    "its weights on the meta device and read each block's weights from the checkpoint only while it "
                    "runs; implies --no-grad (and no end-to-end runs)")
@@ -747,10 +767,10 @@ def _render_or_fail(render, data: dict, out: Path, source: str, **kwargs):  # ty
 
 @cli.command("report")
 @click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_html", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+@_option("-o", "--out", "out_html", type=click.Path(dir_okay=False), default="report.html", show_default=True,
               help="HTML file to write (self-contained: inline CSS and images); an existing file is replaced "
                    "atomically")
-@click.option("--keep-16bit-db", type=FiniteFloat(None), default=20.0, show_default=True,
+@_option("--keep-16bit-db", type=FiniteFloat(None), default=20.0, show_default=True,
               help="list a layer under 'keep in 16-bit' when its fprop SQNR is below this many dB")
 def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) -> None:
     """Render RESULTS.json files of ONE model (an analyze run and its sweep runs, in any order) into one
@@ -778,21 +798,21 @@ def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) ->
 @cli.command("compare")
 @click.argument("baseline", type=click.Path(dir_okay=False))
 @click.argument("current", type=click.Path(dir_okay=False))
-@click.option("--max-sqnr-drop", type=FiniteFloat(0.0), default=1.0, show_default=True,
+@_option("--max-sqnr-drop", type=FiniteFloat(0.0), default=1.0, show_default=True,
               help="fail when any layer's SQNR (any strategy, any GEMM) drops by more than this many dB")
-@click.option("--max-new-outlier-cols", type=click.IntRange(min=0), default=0, show_default=True,
+@_option("--max-new-outlier-cols", type=click.IntRange(min=0), default=0, show_default=True,
               help="fail when a layer gains more than this many outlier feature columns")
-@click.option("--max-underflow-increase", type=FiniteFloat(0.0), default=1.0, show_default=True,
+@_option("--max-underflow-increase", type=FiniteFloat(0.0), default=1.0, show_default=True,
               help="fail when an operand's underflow fraction rises by more than this many percentage points")
-@click.option("--max-loss-increase", type=FiniteFloat(0.0), default=None,
+@_option("--max-loss-increase", type=FiniteFloat(0.0), default=None,
               help="fail when a strategy's end-to-end relative loss change rises by more than this over the baseline "
                    "(0.005 = half a percentage point); off by default")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/compare", show_default=True,
+@_option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/compare", show_default=True,
               help="directory for compare.html and compare.md")
-@click.option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")
-@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), default=None,
+@_option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")
+@_option("--markdown", "markdown_file", type=click.Path(dir_okay=False), default=None,
               help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
-@click.option("--allow-missing", is_flag=True,
+@_option("--allow-missing", is_flag=True,
               help="do not fail when layers / recipes / GEMMs of the baseline are missing from current (they are "
                    "still listed)")
 @click.pass_context
@@ -849,10 +869,10 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
 
 # -q, --threads and --format: the same meaning on every command that runs a model (analyze defines its own copies).
 _RUN_OUTPUT_OPTIONS = (
-    click.option("--quiet", "-q", is_flag=True, help="no progress bar or progress lines"),
-    click.option("--threads", type=click.IntRange(min=1), default=None,
+    _option("--quiet", "-q", is_flag=True, help="no progress bar or progress lines"),
+    _option("--threads", type=click.IntRange(min=1), default=None,
                  help="torch intra-op CPU threads (default: torch's choice; demo: 1)"),
-    click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
+    _option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
                  show_default=True, help="table for people, json (paths and recommendations) for scripts"),
 )
 
@@ -895,27 +915,27 @@ def _sweep_options(func):
     """The model/input options of `analyze` (same names, same meaning), shared by both sweep commands."""
     options = [
         click.argument("model", type=str),
-        click.option("--inputs", type=click.Path(dir_okay=False), default=None,
+        _option("--inputs", type=click.Path(dir_okay=False), default=None,
                      help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches"),
-        click.option("--factory", default=None,
+        _option("--factory", default=None,
                      help="module:function or file.py:function building the model for a state_dict"),
-        click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
-        click.option("--loss", "loss_spec", default=None,
+        _option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
+        _option("--loss", "loss_spec", default=None,
                      help="module:function called as fn(output, batch) -> scalar loss"),
-        click.option("--layers", default=None, help="regular expression on GEMM names: sweep only matching ones"),
-        click.option("--gemms", default="all", show_default=True, help=_GEMMS_HELP),
-        click.option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+        _option("--layers", default=None, help="regular expression on GEMM names: sweep only matching ones"),
+        _option("--gemms", default="all", show_default=True, help=_GEMMS_HELP),
+        _option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),
+        _option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        _option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
+        _option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
                      help="output directory (default reports/<name>-<command>/)"),
-        click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
-        click.option("--name", default=None, help="run name (default: the model file's stem)"),
+        _option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
+        _option("--name", default=None, help="run name (default: the model file's stem)"),
         *_RUN_OUTPUT_OPTIONS,
-        click.option("--budget", "budget_spec", default="0.01", show_default=True,
+        _option("--budget", "budget_spec", default="0.01", show_default=True,
                      help="end-to-end budget for the model-wide value: relative loss increase (0.01 or 1%) or "
                           "kl:0.01"),
-        click.option("--no-e2e", is_flag=True, help="skip validating one model-wide value end to end"),
+        _option("--no-e2e", is_flag=True, help="skip validating one model-wide value end to end"),
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -1079,9 +1099,9 @@ def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, incl
 
 @cli.command("sweep-blocksize")
 @_sweep_options
-@click.option("--blocksizes", default="32,64,128,256,512,1024,2048,4096", show_default=True,
+@_option("--blocksizes", default="32,64,128,256,512,1024,2048,4096", show_default=True,
               help="comma-separated block sizes (elements per fp32 absmax)")
-@click.option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
+@_option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
 def sweep_blocksize_cmd(blocksizes: str, **kwargs: object) -> None:
     """Blockwise FP8 (bnb-e4m3 A/W, bnb-e5m2 G) error per layer x block size, scale overhead, recommended size."""
     _run_sweep("sweep-blocksize", values=_parse_blocksizes(blocksizes), **kwargs)  # type: ignore[arg-type]
@@ -1089,7 +1109,7 @@ def sweep_blocksize_cmd(blocksizes: str, **kwargs: object) -> None:
 
 @cli.command("sweep-threshold")
 @_sweep_options
-@click.option("--thresholds", default="0,1,2,3,4,5,6,8", show_default=True,
+@_option("--thresholds", default="0,1,2,3,4,5,6,8", show_default=True,
               help="comma-separated LLM.int8 outlier thresholds (0 = no outlier decomposition)")
 @_INT8_ROW_SCALE
 def sweep_threshold_cmd(thresholds: str, **kwargs: object) -> None:
@@ -1101,11 +1121,11 @@ DEMO_OUT = "reports/demo"
 
 
 @cli.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@_option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help=f"directory for index.html and the results JSON/CSV files [default: {DEMO_OUT}, replaced on "
                    "every run]")
-@click.option("--overwrite", is_flag=True, help="replace the fp8probe outputs already in an explicit --out")
-@click.option("--small", is_flag=True, hidden=True, help="one small batch (for the test suite)")
+@_option("--overwrite", is_flag=True, help="replace the fp8probe outputs already in an explicit --out")
+@_option("--small", is_flag=True, hidden=True, help="one small batch (for the test suite)")
 @_RUN_OUTPUT_OPTIONS[0]
 @_RUN_OUTPUT_OPTIONS[1]
 @_RUN_OUTPUT_OPTIONS[2]

@@ -1,0 +1,43 @@
+"""Options read FP8PROBE_<COMMAND>_<OPTION> named after the flag (README), also where the Python parameter behind
+the flag has another name (--out: out_dir, --format: output_format, --budget, --loss): those were ignored."""
+from __future__ import annotations
+
+import json
+
+import click
+from click.testing import CliRunner
+
+from fp8probe.cli import _FlagEnvOption, cli
+
+
+def test_every_option_takes_its_flag_named_environment_variable() -> None:
+    commands = [cli, *cli.commands.values()]
+    assert len(commands) > 5
+    for command in commands:
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name not in ("version", "help"):
+                assert isinstance(param, _FlagEnvOption), f"{command.name} {param.opts}: use cli._option"
+
+
+def test_format_from_the_environment() -> None:
+    runner = CliRunner()
+    out = runner.invoke(cli, ["formats"], env={"FP8PROBE_FORMATS_FORMAT": "json"})
+    assert out.exit_code == 0, out.output
+    assert {row["name"] for row in json.loads(out.output)} >= {"e4m3", "bnb-e4m3"}
+    bad = runner.invoke(cli, ["formats"], env={"FP8PROBE_FORMATS_FORMAT": "bogus"})
+    assert bad.exit_code == 2 and "bogus" in bad.output
+    # the parameter's own name, which click derived before, still works; the command line wins over both
+    assert runner.invoke(cli, ["formats"], env={"FP8PROBE_FORMATS_OUTPUT_FORMAT": "json"}).output.startswith("[")
+    assert not runner.invoke(cli, ["formats", "--format", "table"],
+                             env={"FP8PROBE_FORMATS_FORMAT": "json"}).output.startswith("[")
+
+
+def test_out_budget_loss_from_the_environment(monkeypatch, tmp_path) -> None:
+    """Parsed as the command line would be (make_context: no model is run)."""
+    monkeypatch.setenv("FP8PROBE_SWEEP_BLOCKSIZE_OUT", str(tmp_path / "env_out"))
+    monkeypatch.setenv("FP8PROBE_SWEEP_BLOCKSIZE_BUDGET", "kl:0.05")
+    monkeypatch.setenv("FP8PROBE_SWEEP_BLOCKSIZE_LOSS", "losses:ce")
+    ctx = cli.commands["sweep-blocksize"].make_context("sweep-blocksize", ["model.pt"],
+                                                       auto_envvar_prefix="FP8PROBE_SWEEP_BLOCKSIZE")
+    assert ctx.params["out_dir"] == str(tmp_path / "env_out")
+    assert ctx.params["budget_spec"] == "kl:0.05" and ctx.params["loss_spec"] == "losses:ce"
