@@ -270,17 +270,23 @@ def _codes(A: torch.Tensor, fw_code: torch.Tensor | None, bw_code: torch.Tensor 
            ) -> tuple[torch.Tensor | str, torch.Tensor | str]:
     # The defaults by name: fake_quantize resolves a name to a codebook it knows to be valid and sorted
     # (functional._code), where a fresh get_codebook copy per call was validated and order-checked again.
-    fw = "bnb-e4m3" if fw_code is None else fw_code.to(A.device)
-    bw = "bnb-e5m2" if bw_code is None else bw_code.to(A.device)
+    for name, code in (("fw_code", fw_code), ("bw_code", bw_code)):
+        if not (code is None or isinstance(code, (str, torch.Tensor))):
+            raise TypeError(f"{name} must be a codebook tensor, a codebook name or None, got {type(code).__name__}")
+    fw = "bnb-e4m3" if fw_code is None else fw_code if isinstance(fw_code, str) else fw_code.to(A.device)
+    bw = "bnb-e5m2" if bw_code is None else bw_code if isinstance(bw_code, str) else bw_code.to(A.device)
     return fw, bw
 
 
 def _resolve_blocks(A: torch.Tensor, B: torch.Tensor, bsz: int, bsz2: int, compat: str | None) -> tuple[int, int]:
+    for name, value in (("bsz", bsz), ("bsz2", bsz2)):
+        if isinstance(value, bool) or not isinstance(value, int):  # (int() truncated 1.7 to 1 and read "64")
+            raise TypeError(f"{name} must be an integer block size (-1: get_block_sizes), got {value!r}")
     if bsz == -1 or bsz2 == -1:
         auto, auto2 = get_block_sizes(A, B, compat=compat)
         bsz = auto if bsz == -1 else bsz
         bsz2 = auto2 if bsz2 == -1 else bsz2
-    return int(bsz), int(bsz2)
+    return bsz, bsz2
 
 
 def _fp8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None,

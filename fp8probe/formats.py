@@ -54,6 +54,10 @@ def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: 
     divided by its maximum (480 for (4, 3), 114688 for (5, 2)). Returns a float32 tensor of
     shape [256] on the CPU, ascending, with +0.0 at index 127 and -0.0 at index 128 when signed.
     """
+    for name, value in (("exponent_bits", exponent_bits), ("precision_bits", precision_bits),
+                        ("total_bits", total_bits)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     expected = total_bits - (1 if signed else 0)
     if exponent_bits + precision_bits != expected:
         raise ValueError(

@@ -358,6 +358,10 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
             # max) could push it below 0 (flipping the block's signs) or past FLT_MAX (Inf/NaN)
             am = am.clamp(0.0, torch.finfo(torch.float32).max)
     _check_tensor("absmax", am, (torch.float32,))
+    if st.shape is not None and q.numel() != math.prod(st.shape):
+        # (the block count alone let 11 codes through a state of 10 elements)
+        raise ValueError(f"q must hold the {math.prod(st.shape)} codes of quant_state's tensor {list(st.shape)}, "
+                         f"got {q.numel()}")
     nb = -(-q.numel() // st.blocksize)
     if am.numel() != nb:
         raise ValueError(f"absmax must have ceil({q.numel()}/{st.blocksize}) = {nb} entries, got {am.numel()}")
@@ -576,6 +580,8 @@ def _check_mm_dequant(shape: torch.Size, row_stats: torch.Tensor, col_stats: tor
         raise ValueError(f"row_stats must have {rows} entries (one per row of A), got {row_stats.numel()}")
     if col_stats.numel() != n:
         raise ValueError(f"col_stats must have {n} entries (A.shape[-1]), got {col_stats.numel()}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a tensor of {n} entries or None, got {type(bias).__name__}")
     if bias is not None and bias.numel() != n:
         raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
 

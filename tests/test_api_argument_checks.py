@@ -1,0 +1,50 @@
+"""Python API arguments that were coerced or crashed with an unrelated error: each now gets a clear one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fp8probe as FP
+from fp8probe import functional as F
+from fp8probe.formats import create_fp8_map
+
+
+def _ab() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 16, generator=g), torch.randn(16, 8, generator=g)
+
+
+@pytest.mark.parametrize("fn", [FP.matmul_fp8_mixed, FP.matmul_fp8_global])
+def test_fp8_matmul_takes_a_codebook_name(fn) -> None:
+    A, B = _ab()
+    torch.testing.assert_close(fn(A, B, fw_code="bnb-e4m3", bw_code="bnb-e5m2"), fn(A, B), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown codebook 'nope'"):
+        fn(A, B, fw_code="nope")
+    with pytest.raises(TypeError, match="fw_code must be a codebook tensor, a codebook name or None, got int"):
+        fn(A, B, fw_code=3)
+
+
+@pytest.mark.parametrize("bad", [1.7, "64", True, 64.0])
+def test_fp8_mixed_block_size_must_be_an_integer(bad) -> None:
+    A, B = _ab()  # int(1.7) ran as bsz=1
+    with pytest.raises(TypeError, match="bsz must be an integer block size"):
+        FP.matmul_fp8_mixed(A, B, bsz=bad)
+
+
+@pytest.mark.parametrize("args", [(True, -1, 8, 8), (True, 4.0, 3, 8), (False, 4, 4, 8.0)])
+def test_create_fp8_map_field_widths_are_integers(args) -> None:
+    with pytest.raises(ValueError, match="must be an integer >= 0"):
+        create_fp8_map(*args)
+
+
+def test_dequantize_blockwise_refuses_codes_of_another_size() -> None:
+    q, state = F.quantize_blockwise(torch.randn(10, generator=torch.Generator().manual_seed(4)), blocksize=4)
+    with pytest.raises(ValueError, match=r"q must hold the 10 codes of quant_state's tensor \[10\], got 11"):
+        F.dequantize_blockwise(torch.zeros(11, dtype=torch.uint8), state)
+    assert F.dequantize_blockwise(q.reshape(2, 5), state).shape == (2, 5)  # any shape of the same size
+
+
+def test_int8_mm_dequant_bias_must_be_a_tensor() -> None:
+    C = torch.ones(2, 5, dtype=torch.int32)
+    with pytest.raises(TypeError, match="bias must be a tensor of 5 entries or None, got list"):
+        F.int8_mm_dequant(C, torch.ones(2), torch.ones(5), bias=[1, 2, 3, 4, 5])
