@@ -103,6 +103,8 @@ class MatmulLtState:
     formatB: str = "row"
     weight_key: tuple | None = None
     weight_ref: Any = field(default=None, repr=False, compare=False)
+    #: (rows, columns) of the cached weight holding a NaN, or None (nan_lines); fp8probe's addition.
+    weight_nan: Any = field(default=None, repr=False, compare=False)
     #: LLM.int8 row absmax of A: "bnb" (SPEC §5.1, outlier columns' sub-threshold values count) or
     #: "paper" (outlier columns left out; functional.int8_vectorwise_quant). fp8probe's addition.
     row_scale: str = "bnb"
@@ -124,6 +126,7 @@ class MatmulLtState:
         self.CBt = None
         self.weight_key = None
         self.weight_ref = None
+        self.weight_nan = None
 
     def __getstate__(self) -> dict[str, Any]:
         # (a weak reference cannot be pickled; an unpickled state's cache then serves no tensor)
@@ -492,12 +495,62 @@ def _quantize_weight(B: torch.Tensor, state: MatmulLtState, compat: str | None) 
         state.reset_grads()
         state.CB, state.SCB = _weight_codes(w, compat)
         state.weight_key, state.weight_ref = key, weakref.ref(B)
+        state.weight_nan = None if compat is not None else nan_lines(B)
     return state.CB, state.SCB
 
 
 def _dequant_weight(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``CB · SCB / 127`` computed in float32 (SPEC §5.2), then cast to `dtype`."""
     return F.int8_vectorwise_dequant(CB, SCB).to(dtype)
+
+
+def nan_lines(t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, columns) of a float tensor [..., R, C] that hold a NaN (bool [..., R] and [..., C]), or None where
+    none does. On the CPU one float64 sum decides that first (finite: no NaN); on a GPU and while compiling the
+    masks are always made (no host wait, no data-dependent branch)."""
+    if t is None or not t.is_floating_point() or t.numel() == 0 or t.dim() < 2:
+        return None
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and math.isfinite(float(t.sum(dtype=torch.float64))):
+        return None
+    nan = torch.isnan(t)
+    return nan.any(-1), nan.any(-2)
+
+
+def with_nans(y: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """y [..., M, N] with NaN in the given rows and columns (bool masks [..., M] / [..., N], None: none): where
+    the float product has one. The int8 codes cannot hold a NaN (the default row absmax skips it and its code
+    is 0), so without this a NaN operand gave a finite result: a NaN activation vanished in the layer."""
+    if rows is None and cols is None:
+        return y
+    if cols is None:
+        mask = rows[..., :, None]
+    elif rows is None:
+        mask = cols[..., None, :]
+    else:
+        mask = rows[..., :, None] | cols[..., None, :]
+    return y.masked_fill(mask, float("nan"))
+
+
+def _weight_nan(B: torch.Tensor, state: MatmulLtState, compat: str | None) -> tuple | None:
+    """nan_lines of the weight B (default compat, a float B): the state's, computed with its codes."""
+    if compat is not None or B.dtype == torch.int8 or (not state.has_fp16_weights and state.weight_key is None):
+        return None  # (bnb's rule; int8 codes; codes given in the state: B is not read)
+    if torch.compiler.is_compiling() or not _codes_of(state, B):
+        return nan_lines(B)
+    return state.weight_nan
+
+
+def _propagate_nans(ctx: Any, y2: torch.Tensor, A2: torch.Tensor, B: torch.Tensor, state: MatmulLtState,
+                    compat: str | None) -> torch.Tensor:
+    """The int8 forward's y2 [M, N] with NaN where the float product A2·Bᵀ has one (default compat: rows of A2,
+    rows of B holding a NaN); keeps the NaN columns of A2 and B for the backward (ctx.a_nan_cols, w_nan_cols)."""
+    a_nan = w_nan = None
+    if compat is None:
+        a_nan, w_nan = nan_lines(A2), _weight_nan(B, state, compat)
+    ctx.a_nan_cols = a_nan[1] if a_nan else None
+    ctx.w_nan_cols = w_nan[1] if w_nan else None
+    return with_nans(y2, a_nan[0] if a_nan else None, w_nan[0] if w_nan else None)
 
 
 def _any_outlier(outlier_cols: torch.Tensor) -> bool:
@@ -614,6 +667,7 @@ class MatMul8bitLt(torch.autograd.Function):
         if subA is not None and (not want_grad_B or torch.compiler.is_compiling()):
             subA = subA.clone() if want_grad_B else None
         ctx.codes_again = _codes_again(B, state, compat)
+        output = _propagate_nans(ctx, output, A2, B, state, compat)
         ctx.save_for_backward(CAt, subA, *((B, None) if ctx.codes_again else (CB, SCB)))
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
@@ -653,9 +707,13 @@ class MatMul8bitLt(torch.autograd.Function):
                 if idx is not None:
                     grad_B[:, idx] += torch.matmul(grad2.to(subA.dtype).t(), subA).float()
             grad_B = grad_B.to(ctx.dtype_B)
+            if compat != "bnb":  # (the int8 columns of G drop its NaN as those of A do theirs)
+                g_nan = nan_lines(grad2)
+                grad_B = with_nans(grad_B, g_nan and g_nan[1], ctx.a_nan_cols)
         if ctx.needs_input_grad[0]:
             W = F.int8_vectorwise_dequant(CB, SCB).to(ctx.dtype_A)
-            grad_A = torch.matmul(grad2.to(ctx.dtype_A), W).reshape(ctx.grad_shape)
+            grad_A = torch.matmul(grad2.to(ctx.dtype_A), W)
+            grad_A = with_nans(grad_A, None, ctx.w_nan_cols).reshape(ctx.grad_shape)  # (W's NaN codes are 0)
         return grad_A, grad_B, None, grad_bias, None, None
 
 
@@ -701,6 +759,7 @@ class SwitchBackBnb(torch.autograd.Function):
         ctx.dtype_bias = None if bias is None else bias.dtype
         # the input itself, not its 2-D view: torch.compile cannot save a view of a graph input
         ctx.codes_again = _codes_again(B, state, compat)
+        output = _propagate_nans(ctx, output, A2, B, state, compat)
         ctx.save_for_backward(A, *((B, None) if ctx.codes_again else (CB, SCB)))
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
@@ -720,7 +779,8 @@ class SwitchBackBnb(torch.autograd.Function):
             grad_B = torch.matmul(grad2.to(A2.dtype).t(), A2).to(ctx.dtype_B)
         if ctx.needs_input_grad[0]:
             W = F.int8_vectorwise_dequant(CB, SCB).to(ctx.dtype_A)
-            grad_A = torch.matmul(grad2.to(ctx.dtype_A), W).reshape(ctx.grad_shape)
+            grad_A = torch.matmul(grad2.to(ctx.dtype_A), W)
+            grad_A = with_nans(grad_A, None, ctx.w_nan_cols).reshape(ctx.grad_shape)  # (W's NaN codes are 0)
         return grad_A, grad_B, None, grad_bias, None, None
 
 

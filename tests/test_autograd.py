@@ -620,3 +620,41 @@ def test_matmullt_state_has_bnb_fields() -> None:
     assert {f.name for f in dataclasses.fields(bnb.MatmulLtState)} <= ours
     for attr in ("has_accumulated_gradients", "threshold", "is_training", "has_fp16_weights", "use_pool", "formatB"):
         assert getattr(AG.MatmulLtState(), attr) == getattr(bnb.MatmulLtState(), attr)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.0])
+@pytest.mark.parametrize("fn", [AG.matmul, AG.switchback_bnb])
+def test_int8_matmuls_propagate_nan_like_the_float_product(fn, threshold) -> None:
+    """The int8 codes cannot hold a NaN (the row absmax skips it, its code is 0): a NaN activation, weight or
+    gradient gave finite results. The outputs and both gradients now have NaN exactly where A·Wᵀ's have."""
+    nan = float("nan")
+    A, W, G = gen(50, 6, 16), gen(51, 5, 16), gen(52, 6, 5)
+    A[1, 3] = A[4, 0] = nan
+    W[2, 7] = nan
+    G[0, 4] = G[5, 1] = nan
+    a, w = A.clone().requires_grad_(), W.clone().requires_grad_()
+    kwargs = {"threshold": threshold} if fn is AG.matmul else {}
+    y = fn(a, w, **kwargs)
+    y.backward(G)
+    a32, w32 = A.clone().requires_grad_(), W.clone().requires_grad_()
+    y32 = a32 @ w32.T
+    y32.backward(G)
+    for got, want in ((y, y32), (a.grad, a32.grad), (w.grad, w32.grad)):
+        assert got.isnan().any()
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan()
+        err = (got[finite] - want[finite]).double().norm()
+        assert err <= 0.05 * want[finite].double().norm()  # (the int8 error elsewhere; SwitchBack's wgrad is exact)
+    # compat="bnb" keeps bitsandbytes' rule (its NaN row stats poison the rows of A's codes)
+    fn(A, W, compat="bnb", **kwargs)
+
+
+def test_int8_matmul_without_nan_is_unchanged_by_the_check() -> None:
+    A, W = gen(53, 8, 16), gen(54, 12, 16)
+    A[0, 0] = float("inf")  # an Inf (the CPU check's sum is not finite) makes the masks, which hold no NaN
+    state = AG.MatmulLtState()
+    y = AG.matmul(A, W, state=state)
+    assert state.weight_nan is None
+    C, S, _ = F.int8_vectorwise_quant(A, 0.0)
+    CB, SCB, _ = F.int8_vectorwise_quant(W, 0.0)
+    torch.testing.assert_close(y, F.int8_scaled_mm(C, CB, S, SCB, dtype=A.dtype), rtol=0, atol=0, equal_nan=True)

@@ -604,12 +604,30 @@ def _int8_cols(x: torch.Tensor) -> torch.Tensor:
     return (q_col.float() * col_stats.float()[None, :] / 127.0).to(x.dtype)
 
 
+def _int8_nans(out: StrategyOutput, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
+               int8_wgrad: bool) -> StrategyOutput:
+    """A direct int8 replay's GEMMs with the NaN the autograd functions put where the float products have one
+    (AG.nan_lines / AG.with_nans, per slice of a batched site): fprop on the NaN rows of A and W, dgrad on W's
+    NaN columns and, where wgrad is an int8 product (MatMul8bitLt, not SwitchBack), wgrad on G's and A's."""
+    a, w = AG.nan_lines(A), AG.nan_lines(W)
+    g = AG.nan_lines(G) if int8_wgrad else None
+    gemms = out.gemms
+    if a is not None or w is not None:
+        gemms["fprop"] = AG.with_nans(gemms["fprop"], a and a[0], w and w[0])
+    if w is not None and "dgrad" in gemms:
+        gemms["dgrad"] = AG.with_nans(gemms["dgrad"], None, w[1])
+    if int8_wgrad and (a is not None or g is not None) and "wgrad" in gemms:
+        gemms["wgrad"] = AG.with_nans(gemms["wgrad"], g and g[1], a and a[1])
+    return out
+
+
 def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshold: float,
               b_is_weight: bool = True, row_scale: str = "bnb") -> StrategyOutput:
     if A.dim() == 2 and A.numel() > 0 and W.numel() > 0:
-        return _run_int8_direct(A, W, G, threshold, row_scale)
+        return _int8_nans(_run_int8_direct(A, W, G, threshold, row_scale), A, W, G, int8_wgrad=True)
     if A.dim() == 3 and A.shape[0] > 0:  # a batched site (_BNB_BATCHED): one call per step where it can
         out = _run_int8_stacked(A, W, G, threshold, row_scale) if _stackable(A, W, G) else None
+        out = None if out is None else _int8_nans(out, A, W, G, int8_wgrad=True)
         return out if out is not None else _slice_by_slice(_run_int8, A, W, G, threshold, b_is_weight, row_scale)
     gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold, row_scale=row_scale), A, W, G)
     ops = {"activation": (A, _int8_rows(A, threshold, row_scale), None), "weight": (W, *_weight_int8(W))}
@@ -768,9 +786,9 @@ def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, th
     # SwitchBack (Wortsman et al. 2023) has no outlier decomposition: threshold 0 whatever --threshold says.
     if A.shape[-1] <= F.INT8_MATMUL_MAX_K:
         if _stackable(A, W, G):
-            return _run_switchback_batched(A, W, G)
+            return _int8_nans(_run_switchback_batched(A, W, G), A, W, G, int8_wgrad=False)
         if _stackable(A[None], W[None], G):
-            return _one_slice(_run_switchback_batched, A, W, G)
+            return _int8_nans(_one_slice(_run_switchback_batched, A, W, G), A, W, G, int8_wgrad=False)
     gemms = _autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, G)
     ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, *_weight_int8(W))}
     return StrategyOutput(gemms, ops)
