@@ -57,8 +57,11 @@ def _num(x: Any) -> float | None:
 
 
 def _checked(row: Mapping, key: str, table: str, source: str) -> Any:
-    """``row[key]`` after checking it is a number or null: ``true`` or ``"12"`` where a metric belongs
-    would otherwise read as "no value" and pass every gate."""
+    """``row[key]`` after checking it is there and a number or null: a missing key, ``true`` or ``"12"`` where a
+    metric belongs would otherwise read as "no value" and pass every gate (a truncated or edited CI artifact)."""
+    if key not in row:
+        raise ValueError(f"{source}: a row of table {table!r} for layer {row.get('layer')!r} has no {key}; expected "
+                         "a number or null (a truncated or edited results file?)")
     value = row.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ValueError(f"{source}: table {table!r} has {key} = {value!r} for layer {row.get('layer')!r}; "
@@ -171,16 +174,26 @@ def _e2e_gate(baseline: Mapping, current: Mapping, gates: Gates, violations: lis
     return rows
 
 
+#: Strategies whose numbers depend on --threshold (LLM.int8's outlier decomposition; "llm-int8": older files).
+_THRESHOLD_RECIPES = frozenset({"int8", "llm-int8"})
+
+
 def _settings_differ(baseline: Mapping, current: Mapping) -> list[str]:
-    """The recipe settings (metadata.recipe_options: LLM.int8 row scale, simulated accumulation, delayed
-    scaling) that differ between the runs: then the same strategy names measure different recipes.
+    """The recipe settings (metadata.threshold, LLM.int8's outlier threshold; metadata.recipe_options: LLM.int8 row
+    scale, simulated accumulation, delayed scaling) that differ between the runs: then the same strategy names measure different recipes.
     Results written before the settings were recorded have none and are taken as the defaults."""
     b = baseline.get("metadata", {}).get("recipe_options") or {}
     c = current.get("metadata", {}).get("recipe_options") or {}
+    differ = []
+    # LLM.int8's outlier threshold (--threshold): int8 at 0.5 and int8 at 6 are different recipes too
+    tb, tc = (_num(r.get("metadata", {}).get("threshold")) for r in (baseline, current))
+    int8 = all(set(r.get("metadata", {}).get("strategies") or ()) & _THRESHOLD_RECIPES for r in (baseline, current))
+    if int8 and tb is not None and tc is not None and tb != tc:
+        differ.append(f"threshold {tb:g} → {tc:g}")
     if not b or not c:
-        return []
-    return [f"{k} {json.dumps(b.get(k), sort_keys=True)} → {json.dumps(c.get(k), sort_keys=True)}"
-            for k in sorted(set(b) | set(c)) if b.get(k) != c.get(k)]
+        return differ
+    return differ + [f"{k} {json.dumps(b.get(k), sort_keys=True)} → {json.dumps(c.get(k), sort_keys=True)}"
+                     for k in sorted(set(b) | set(c)) if b.get(k) != c.get(k)]
 
 
 def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = None) -> dict:

@@ -296,3 +296,37 @@ def test_different_recipe_settings_fail_the_gate(base: dict, tmp_path: Path) -> 
     res = CliRunner().invoke(cli, ["compare", _write(tmp_path, "b.json", b), _write(tmp_path, "c.json", c),
                                    "--out", str(tmp_path / "c")])
     assert res.exit_code == 1 and "recipe-settings" in res.output, res.output
+
+
+@pytest.mark.parametrize(("table", "key"), [("gemm", "sqnr_db"), ("operands", "underflow_frac"),
+                                            ("operands", "sqnr_db"), ("outliers", "n_outlier_cols")])
+def test_a_current_file_missing_a_metric_is_refused_not_passed(base: dict, tmp_path: Path, table: str,
+                                                               key: str) -> None:
+    """A metric key deleted from the current file read as "no value": the row was skipped, still counted as
+    gated, and the gate passed (a truncated or edited CI artifact was green)."""
+    cur = copy.deepcopy(base)
+    rows = [r for r in cur["tables"][table] if key in r and (table != "operands" or r.get("operand") == "weight")]
+    assert rows
+    del rows[0][key]
+    with pytest.raises(ValueError, match=f"table '{table}' .* has no {key}; expected a number or null"):
+        compare_results(base, cur)
+    res = CliRunner().invoke(cli, ["compare", str(DATA), _write(tmp_path, "cur.json", cur), "--out",
+                                   str(tmp_path / "c")])
+    assert res.exit_code == 2 and f"has no {key}" in res.output
+
+
+def test_a_different_int8_threshold_is_a_recipe_settings_violation(base: dict) -> None:
+    """int8 at --threshold 0.5 against int8 at 6 failed one way round (its wgrad "dropped" 100 dB) and passed
+    the other: they are different recipes."""
+    cur = copy.deepcopy(base)
+    cur["metadata"]["threshold"] = 0.5
+    for a, b in ((base, cur), (cur, base)):
+        out = compare_results(a, b)
+        v, = [x for x in out["violations"] if x["gate"] == "recipe-settings"]
+        assert "threshold" in v["detail"] and not out["passed"]
+    # without an int8 recipe in both runs the threshold changes no number that is gated
+    fp8_only = copy.deepcopy(base)
+    fp8_only["metadata"]["strategies"] = ["fp8-mixed", "fp8-global"]
+    cur_fp8 = copy.deepcopy(fp8_only)
+    cur_fp8["metadata"]["threshold"] = 0.5
+    assert not [x for x in compare_results(fp8_only, cur_fp8)["violations"] if x["gate"] == "recipe-settings"]
