@@ -687,8 +687,10 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
     if results.tables["layers"].empty:
+        reasons = list(dict.fromkeys(str(r) for r in results.tables["skipped"]["reason"]))
         raise UsageFailure(f"{ckpt.description} has no weight to analyse (every tensor was skipped"
                            + (f" or not matched by --layers {layers!r}" if layers else "")
+                           + (f": {'; '.join(reasons[:3])}" if reasons else "")
                            + "; see --include-embeddings)")
     remove_outputs(stale)
     paths = results.save(out)

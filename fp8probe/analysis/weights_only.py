@@ -94,6 +94,8 @@ class TensorEntry:
     file: Path
     start: int = -1
     end: int = -1
+    #: why the tensor cannot be read as a dense array ("" when it can): a sparse layout, a meta tensor
+    unreadable: str = ""
 
     @property
     def numel(self) -> int:
@@ -203,7 +205,8 @@ class Checkpoint:
                 self.entries += sorted(_read_safetensors_header(f), key=lambda e: natural_key(e.key))
             else:
                 sd = self._torch_file(f)
-                self.entries += [TensorEntry(k, tuple(v.shape), v.dtype, str(v.dtype).replace("torch.", ""), f)
+                self.entries += [TensorEntry(k, tuple(v.shape), v.dtype, str(v.dtype).replace("torch.", ""), f,
+                                             unreadable=_unreadable(v))
                                  for k, v in sorted(sd.items(), key=lambda kv: natural_key(kv[0]))]
         if not self.entries:
             raise LoadError(f"{description} holds no tensors")
@@ -230,6 +233,15 @@ class Checkpoint:
             yield t
         finally:
             _drop_pages(t, entry.file)
+
+
+def _unreadable(t: torch.Tensor) -> str:
+    """Why a loaded tensor has no dense data to analyse ("" when it has): sparse (COO, CSR, ...) or meta."""
+    if t.layout != torch.strided:
+        return f"{str(t.layout).replace('torch.', '')} layout (not a dense tensor)"
+    if t.is_meta:
+        return "meta tensor (shape only, no data)"
+    return ""
 
 
 def _read_config(directory: Path) -> dict:
@@ -335,6 +347,8 @@ def classify(entry: TensorEntry, include_embeddings: bool = False) -> Selection:
     """Analysed: floating-point ``*.weight`` tensors with ≥ 2 dims (N-D conv kernels as [out, in·k…]),
     fused 3-D expert tensors (EXPERTS_KEY, kind "experts", one weight per expert); embeddings (EMBEDDING_NAME) only with ``include_embeddings``. Everything else is skipped with a reason."""
     module, _, leaf = entry.key.rpartition(".")
+    if entry.unreadable:
+        return Selection(skip=entry.unreadable)
     if entry.dtype is None:
         return Selection(skip=f"dtype {entry.dtype_name} is not supported")
     if entry.dtype not in _FLOATS + _FP8:

@@ -174,6 +174,22 @@ def test_skipped_tensors_and_their_share(tmp_path) -> None:
     assert list(only.tables["layers"]["layer"]) == ["layers.0.proj"]
 
 
+@pytest.mark.parametrize("odd", ["sparse_coo", "sparse_csr", "meta"])
+def test_sparse_and_meta_tensors_are_skipped_not_a_crash(tmp_path, odd: str) -> None:
+    """They crashed the analysis with exit 3 (no storage to map; bincount on a meta tensor)."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 16, generator=gen)
+    odd_w = {"sparse_coo": w.to_sparse(), "sparse_csr": w.to_sparse_csr(), "meta": w.to("meta")}[odd]
+    torch.save({"a.weight": odd_w, "b.weight": torch.randn(8, 16, generator=gen)}, tmp_path / "sd.pt")
+    res = analyze_weights(tmp_path / "sd.pt", "global")
+    assert list(res.tables["layers"]["layer"]) == ["b"]
+    reason = res.tables["skipped"].set_index("key").loc["a.weight", "reason"]
+    assert ("meta tensor" if odd == "meta" else f"{odd} layout") in reason
+    torch.save({"a.weight": odd_w}, tmp_path / "only.pt")
+    out = CliRunner().invoke(cli, ["analyze", str(tmp_path / "only.pt"), "--out", str(tmp_path / "o"), "-q"])
+    assert out.exit_code == 2 and "every tensor was skipped: " in out.output and reason in out.output
+
+
 def test_float8_checkpoint_is_upcast_exactly(tmp_path) -> None:
     w32 = (torch.randn(40, 64, generator=torch.Generator().manual_seed(2)) * 30).to(torch.float8_e4m3fn).float()
     save_file({"a.weight": w32.to(torch.float8_e4m3fn)}, str(tmp_path / "fp8.safetensors"))
