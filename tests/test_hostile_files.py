@@ -175,6 +175,44 @@ def test_benign_dynamic_shape_program_loads(tmp_path) -> None:
     assert loaded.kind == "export" and loaded.batches is not None
 
 
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.big, self.small = nn.Linear(IN_FEATURES, 16), nn.Linear(IN_FEATURES, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.big(x) if x.shape[0] >= 8 else self.small(x)
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_pt2_inputs_are_checked_against_what_it_was_exported_for(tmp_path, trust) -> None:
+    """fp8probe runs the graph itself, past the module's input pre-hook: an untrusted program (no guard function)
+    ran on 4 rows the graph traced at 8 (the other branch's layer, measured as if it ran), or on a 1-D input.
+    Batches outside a dynamic dimension's range are refused as well."""
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    torch.export.save(torch.export.export(_Branchy(), (torch.randn(8, IN_FEATURES, generator=gen),)),
+                      tmp_path / "branch.pt2")
+    ep = torch.export.export(_model(), (torch.randn(3, IN_FEATURES, generator=gen),),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=6)},))
+    torch.export.save(ep, tmp_path / "dyn.pt2")
+    flags = ["--trust-pickle"] if trust else []
+    cases = [("branch.pt2", (4, IN_FEATURES), "equal to 8"), ("branch.pt2", (IN_FEATURES,), "dimensions"),
+             ("dyn.pt2", (9, IN_FEATURES), "<= 6"), ("branch.pt2", (8, IN_FEATURES), None),
+             ("dyn.pt2", (5, IN_FEATURES), None)]
+    for i, (program, shape, error) in enumerate(cases):
+        torch.save(torch.randn(*shape, generator=gen), tmp_path / f"x{i}.pt")
+        res = CliRunner().invoke(cli, ["analyze", str(tmp_path / program), "--inputs", str(tmp_path / f"x{i}.pt"),
+                                       "--out", str(tmp_path / f"o{i}"), "-q", "--no-e2e", "-s", "int8", *flags])
+        if error is None:
+            assert res.exit_code == 0, res.output
+        else:
+            assert res.exit_code == EXIT_USAGE, res.output
+            # (trusted: the program's own guard function fails first, with its own message)
+            assert trust or error in res.output, res.output
+            assert not (tmp_path / f"o{i}" / "results.json").exists()
+
+
 @pytest.mark.parametrize("expr", ["__import__('os').getcwd()", "s0.__class__", "open('x')", "Symbol('s0').subs",
                                   "lambda: 1", "eval('1')"])
 def test_unexpected_shape_expressions_are_refused(tmp_path, expr) -> None:

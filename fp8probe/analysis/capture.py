@@ -232,17 +232,30 @@ def is_exported_graph(model: Any) -> bool:
         n.op == "call_function" and is_gemm_target(n.target) for n in model.graph.nodes)
 
 
-def _run_graph(gm: torch.fx.GraphModule, batch: Batch, rec: _Recorder, coverage: Coverage) -> Any:
-    # ep.module()'s generated forward flattens (args, kwargs) with its pytree spec before the graph
-    # and unflattens the outputs after it; the interpreter runs the graph itself, so do the same here.
+def graph_inputs(gm: torch.fx.GraphModule, batch: Batch) -> list:
+    """The flat graph inputs of ``batch`` for an exported program's module, checked as calling it would check
+    them. ep.module()'s generated forward flattens (args, kwargs) with its pytree spec before the graph (and
+    unflattens the outputs after it); the interpreter runs the graph itself, so that is done here, and so are
+    the input checks of its forward pre-hook: an untrusted program (check_guards=False) has no guard function,
+    and torch checks the shapes, dtypes and dimension ranges it was exported for there instead. Unchecked, a
+    batch the program was not exported for ran the graph of another branch (x.shape[0] >= 8 traced at 8, run
+    on 4 rows)."""
     try:
         bound = inspect.signature(gm.forward).bind(*batch.args, **batch.kwargs)
     except TypeError as exc:
         raise LoadError(f"inputs do not match the exported program's signature: {exc}") from None
-    codegen = gm.graph._codegen
-    flat = codegen.process_inputs(*bound.args, **bound.kwargs)
-    out = run_graph(gm, flat, rec, coverage)
-    return codegen.process_outputs(out)
+    for hook in list(gm._forward_pre_hooks.values()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            try:
+                hook(gm, tuple(bound.args), dict(bound.kwargs))  # (as bound: keywords for positionals too)
+            except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+                raise LoadError(f"inputs do not match the exported program: {one_line(exc)}") from None
+    return gm.graph._codegen.process_inputs(*bound.args, **bound.kwargs)
+
+
+def _run_graph(gm: torch.fx.GraphModule, batch: Batch, rec: _Recorder, coverage: Coverage) -> Any:
+    out = run_graph(gm, graph_inputs(gm, batch), rec, coverage)
+    return gm.graph._codegen.process_outputs(out)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

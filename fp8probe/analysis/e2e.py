@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import re
 import time
@@ -15,7 +14,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import distributed
-from .capture import _to_device, choose_loss, is_exported_graph, params_require_grad
+from .capture import _to_device, choose_loss, graph_inputs, is_exported_graph, params_require_grad
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
 from .metrics import ErrorAccumulator, fused_error_sums
@@ -194,11 +193,8 @@ def lp_linear(strategy: Strategy, x: torch.Tensor, W: torch.Tensor, bias: torch.
 def model_forward(model: Any, batch: Batch, gemms: Gemms) -> Any:
     """``model(*batch)`` with every captured GEMM computed by ``gemms`` (eager modules or exported graphs)."""
     if is_exported_graph(model):
-        gm = model
-        bound = inspect.signature(gm.forward).bind(*batch.args, **batch.kwargs)
-        codegen = gm.graph._codegen  # as capture._run_graph: flatten inputs, run the graph, unflatten outputs
-        flat = codegen.process_inputs(*bound.args, **bound.kwargs)
-        return codegen.process_outputs(run_graph(gm, flat, gemms, gemms.coverage))
+        gm = model  # as capture._run_graph: flatten and check the inputs, run the graph, unflatten the outputs
+        return gm.graph._codegen.process_outputs(run_graph(gm, graph_inputs(gm, batch), gemms, gemms.coverage))
     if not isinstance(model, nn.Module):
         raise LoadError(f"cannot run a {type(model).__name__} end to end: expected an nn.Module or an exported program")
     with intercept(model, gemms, gemms.coverage):
