@@ -12,6 +12,9 @@ _SHARED_TABLES = ("coverage",)
 # Tables whose rows each run adds to: analyze's per-strategy recommendation rows and the sweeps'
 # model-wide block size / threshold rows (column ``kind`` tells them apart).
 _CONCAT_TABLES = ("recommendation",)
+# Tables of the same checkpoint's entries in each run: the union by the column named (weights-only runs list the
+# tensors they skipped; two runs with other --layers / --include-embeddings skip other ones).
+_UNION_TABLES = {"skipped": "key"}
 
 
 def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None) -> dict:
@@ -55,14 +58,22 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
                 continue
             if tname in _SHARED_TABLES and tname in tables:
                 continue
+            if tname in _UNION_TABLES and tname in tables:  # (a weights-only analyze run and its sweep)
+                key = _UNION_TABLES[tname]
+                seen = {r.get(key) for r in tables[tname]}
+                tables[tname] = tables[tname] + [r for r in rows if r.get(key) not in seen]
+                continue
             if tname in _CONCAT_TABLES and tname in tables:
                 tables[tname] = tables[tname] + list(rows)
                 continue
             if tname in tables:
                 first = owner[tname]
-                raise ResultsError(f"{names[first]} and {name} both carry the table {tname!r} (kinds "
-                                   f"{docs[first]['kind']} and {doc['kind']}): merge one analyze run with sweep "
-                                   "runs, not two runs of the same kind")
+                same = docs[first]["kind"] == doc["kind"]
+                raise ResultsError(f"{names[first]} and {name} both carry the table {tname!r} ("
+                                   + (f"two {doc['kind']} runs): merge one analyze run with sweep runs, not two runs "
+                                      "of the same kind" if same else
+                                      f"kinds {docs[first]['kind']} and {doc['kind']}): merge one analyze run with "
+                                      "its sweep runs, each of another kind"))
             tables[tname], owner[tname] = list(rows), i
         for key in _DICT_META:
             for k, v in (doc["metadata"].get(key) or {}).items():

@@ -52,7 +52,7 @@ def test_merge_refuses_other_models_and_duplicate_tables() -> None:
     other["metadata"]["model"] = "another model"
     with pytest.raises(ResultsError, match="expected results of one model"):
         merge_results([analyze, other], ["a.json", "b.json"])
-    with pytest.raises(ResultsError, match=r"a.json and b.json both carry the table 'gemm' \(kinds analyze and analyze\)"):
+    with pytest.raises(ResultsError, match=r"a.json and b.json both carry the table 'gemm' \(two analyze runs\)"):
         merge_results([analyze, copy.deepcopy(analyze)], ["a.json", "b.json"])
     with pytest.raises(ResultsError, match="at least one"):
         merge_results([])
@@ -97,3 +97,28 @@ def test_analyze_sweeps_and_results_to_html(tmp_path: Path) -> None:
     assert path.read_text(encoding="utf-8").count('id="threshold"') == 2  # section heading and table
     with pytest.raises(TypeError, match="expected Results to merge, got dict"):
         results.merged(doc)  # type: ignore[arg-type]
+
+
+def test_weights_only_analyze_and_its_sweep_merge(tmp_path: Path) -> None:
+    """Both list the checkpoint's skipped tensors: the merge refused them as 'two runs of the same kind' (they
+    are not); the skipped lists are now united by key."""
+    import torch
+
+    gen = torch.Generator().manual_seed(6)
+    torch.save({"a.weight": torch.randn(32, 64, generator=gen), "b.weight": torch.randn(16, 32, generator=gen),
+                "a.bias": torch.randn(32, generator=gen), "embed_tokens.weight": torch.randn(10, 16, generator=gen)},
+               tmp_path / "sd.pt")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "--out", str(tmp_path / "a"), "-q"]).exit_code == 0
+    assert runner.invoke(cli, ["sweep-blocksize", str(tmp_path / "sd.pt"), "--out", str(tmp_path / "s"), "-q",
+                               "--layers", "^a$"]).exit_code == 0
+    docs = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "s")]
+    merged = merge_results(docs, ["a", "s"])
+    assert {"blocksize_sweep", "operands"} <= set(merged["tables"])
+    keys = [r["key"] for r in merged["tables"]["skipped"]]
+    assert sorted(keys) == ["a.bias", "b.weight", "embed_tokens.weight"]  # (b.weight: not matched by the sweep's --layers)
+    res = runner.invoke(cli, ["report", str(tmp_path / "a" / "results.json"), str(tmp_path / "s" / "results.json"),
+                              "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 0 and (tmp_path / "r.html").stat().st_size > 0, res.output
+    with pytest.raises(ResultsError, match="two analyze runs"):
+        merge_results([docs[0], docs[0]], ["a", "a2"])
