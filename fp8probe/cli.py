@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -573,7 +574,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
             return
         _analyze_weights(ckpt, strategy, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
-                         run_name=run_name, quiet=quiet, no_html=no_html, output_format=output_format)
+                         run_name=run_name, quiet=quiet, no_html=no_html, output_format=output_format, sweeps=sweeps,
+                         unused=_given(_MODEL_RUN_OPTIONS))
         return
     _replay_process()
     loaded, batch_list = _load_streamed(model, inputs, factory, trust_pickle) if stream else \
@@ -672,18 +674,40 @@ def _weights_banner(results: "object") -> None:
     click.echo(f"note: {info['note']}", err=True)
 
 
+#: analyze options that only act on a model run (activations, gradients, the end-to-end part): a weights-only
+#: analysis says it did not use them rather than dropping them silently.
+_MODEL_RUN_OPTIONS = ("threshold", "batches", "seed", "loss_spec", "no_e2e", "budget_spec", "sensitivity", "steps",
+                      "lr", "optimizer_spec", "no_grad", "gemms", "device")
+
+
+def _given(names: Sequence[str]) -> list[str]:
+    """The command-line flags of the current command's parameters ``names`` that the user set (command line or
+    environment), e.g. ["--steps"]."""
+    ctx = click.get_current_context()
+    given = []
+    for param in ctx.command.params:
+        if param.name in names and ctx.get_parameter_source(param.name) in (
+                click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT):
+            given.append(max(param.opts, key=len))
+    return given
+
+
 def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, include_embeddings: bool, out: Path,
-                     stale: list[Path], run_name: str, quiet: bool, no_html: bool, output_format: str) -> None:
+                     stale: list[Path], run_name: str, quiet: bool, no_html: bool, output_format: str,
+                     sweeps: bool = False, unused: Sequence[str] = ()) -> None:
     import json
 
     from fp8probe.analysis.loading import LoadError
-    from fp8probe.analysis.weights_only import analyze_weights, classify
+    from fp8probe.analysis.weights_only import analyze_weights, classify, sweep_blocksize_weights
 
     n = sum(1 for e in ckpt.entries if not classify(e, include_embeddings).skip)
     try:
         with _weights_progress(quiet, output_format, n) as bar:
             results = analyze_weights(ckpt, strategy, layers=layers, include_embeddings=include_embeddings,
                                       progress=lambda done, total: bar.update(1), name=run_name)
+        if sweeps and not results.tables["layers"].empty:  # the block-size sweep of the weights; no threshold sweep
+            results = results.merged(sweep_blocksize_weights(ckpt, layers=layers, include_embeddings=include_embeddings,
+                                                             name=run_name))
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
     if results.tables["layers"].empty:
@@ -703,6 +727,12 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
     worst = ops.sort_values("sqnr_db", na_position="first").head(10)[
         ["layer", "strategy", "sqnr_db", "underflow_frac", "saturation_frac"]].to_dict("records")
     _weights_banner(results)
+    if sweeps:
+        click.echo("note: --sweeps on weights only: the block-size sweep of the weights is in the results "
+                   "(blocksize_sweep); the outlier-threshold sweep needs activations, so it did not run", err=True)
+    if unused:
+        click.echo(f"note: {', '.join(unused)} act on a model run and had no effect: no model was run (weights only)",
+                   err=True)
     if output_format == "json":
         click.echo(json.dumps({"results": str(paths["json"]), "html": None if html is None else str(html),
                                "mode": "weights-only", "weights_only": results.metadata["weights_only"],

@@ -481,3 +481,20 @@ def test_fused_expert_tensors_are_quantised_expert_by_expert(tmp_path, layout: s
     assert set(sweep.tables["blocksize_sweep"]["layer"]) == {"model.layers.0.mlp.experts.gate_up_proj",
                                                              "model.layers.0.mlp.experts.down_proj",
                                                              "model.layers.0.mlp.router"}
+
+
+def test_analyze_sweeps_on_weights_only_runs_the_weight_sweep_and_names_unused_options(tmp_path) -> None:
+    """--sweeps ran nothing on a checkpoint, and --steps / --threshold were dropped without a word."""
+    gen = torch.Generator().manual_seed(9)
+    torch.save({"a.weight": torch.randn(32, 64, generator=gen), "b.weight": torch.randn(16, 32, generator=gen)},
+               tmp_path / "sd.pt")
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "--sweeps", "--steps", "2", "--threshold", "3",
+                                   "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    sweep = doc["tables"]["blocksize_sweep"]
+    assert {r["layer"] for r in sweep} == {"a", "b"} and {r["target"] for r in sweep} == {"weight"}
+    assert "outlier-threshold sweep needs activations" in res.output
+    assert "--threshold, --steps act on a model run and had no effect" in res.output
+    plain = CliRunner().invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "--out", str(tmp_path / "p"), "-q"])
+    assert plain.exit_code == 0 and "had no effect" not in plain.output and "--sweeps" not in plain.output
