@@ -186,6 +186,8 @@ def _analysis_failure(exc: BaseException, inputs: str | None) -> UsageFailure:
     failure = _fail(exc)
     if inputs and "model failed" in failure.message:
         failure.message += f" (check that --inputs {inputs} holds what the model's forward() expects)"
+    elif inputs and "do not match the exported program" in failure.message:
+        failure.message += f" (check that --inputs {inputs} holds inputs of the shapes the program was exported for)"
     return failure
 
 

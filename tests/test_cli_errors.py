@@ -108,7 +108,7 @@ CASES = [
     ("analyze-inputs-truncated", lambda f, o: ["analyze", str(f["pt2"]), "--inputs", str(f["trunc_pt"]), "--out", o],
      ["truncated"]),
     ("analyze-inputs-shape-pt2", lambda f, o: ["analyze", str(f["pt2"]), "--inputs", str(f["wrong_shape"]),
-                                               "--out", o, "-q"], ["model failed", "--inputs"]),
+                                               "--out", o, "-q"], ["do not match the exported program", "--inputs"]),
     ("analyze-inputs-shape-eager", lambda f, o: ["analyze", str(f["state_dict"]), "--factory", f"{f['factory']}:build",
                                                  "--inputs", str(f["wrong_shape"]), "--out", o, "-q"], ["model failed"]),
     # options
