@@ -241,6 +241,15 @@ class Outcome:
         return (self.loss_lp - self.loss_hp) / abs(self.loss_hp) if self.loss_hp else math.nan
 
 
+def _loss_note(loss_hp: float) -> str:
+    """The note of an outcome whose relative loss change is undefined (its null loss numbers say why)."""
+    if not math.isfinite(loss_hp):
+        return "high-precision loss not finite (NaN/Inf in the model or its inputs, or an empty batch)"
+    if loss_hp == 0:
+        return "high-precision loss 0: relative loss change undefined"
+    return ""
+
+
 class _OutputCompare:
     """Mergeable output SQNR, KL(p_hp ‖ p_lp) over the last dim as logits, top-1 agreement."""
 
@@ -440,7 +449,7 @@ class Runner:
             sqnr, kl, top1 = cmp[s.name].result(self.distribution)
             gsq, zero = self._grad_sqnr(grad_acc[s.name])
             f_lp, f_all = flops[s.name]
-            note = "; ".join(x for x in (self.output_note, self.grad_note, zero) if x)
+            note = "; ".join(x for x in (self.output_note, self.grad_note, zero, _loss_note(hp)) if x)
             outcomes[s.name] = Outcome(hp, loss_lp[s.name] / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
                                        note, gsq)
         return outcomes
@@ -487,8 +496,9 @@ class Runner:
             self.forwards += 1
         sqnr, kl, top1 = c.result()
         n = len(self.batches)
-        return Outcome(sum(self.loss_hp) / n, loss_sum / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
-                       self.output_note)
+        hp = sum(self.loss_hp) / n
+        return Outcome(hp, loss_sum / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
+                       "; ".join(x for x in (self.output_note, _loss_note(hp)) if x))
 
 
 # --------------------------------------------------------------------------------------------

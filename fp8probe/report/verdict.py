@@ -130,6 +130,25 @@ def coverage_summary(coverage: Records, meta_coverage: Mapping | None = None) ->
     return None
 
 
+def _budget_undefined(kind: str, e2e_rows: list[dict]) -> str | None:
+    """Why no strategy's budget metric is defined (every e2e row's loss change, or KL, null or NaN), else None:
+    then "no strategy stays within the budget" would blame the recipes for what the model or the metric did."""
+    metric = "kl_div" if kind == "kl" else "loss_rel_change"
+    values = [_num(r.get(metric)) for r in e2e_rows]
+    if not values or any(v is not None and not math.isnan(v) for v in values):
+        return None
+    if kind == "kl":
+        return ("the KL divergence is undefined for this model's output (it is not read as class logits; see the "
+                "end-to-end notes): use a loss budget (--budget 0.01)")
+    hp = [_num(r.get("loss_hp")) for r in e2e_rows]
+    if any(v is None or not math.isfinite(v) for v in hp):
+        return ("the high-precision loss itself is not finite (NaN/Inf): the model or its inputs produce non-finite "
+                "values (see the NaN/Inf counts), or a batch is empty")
+    if all(v == 0 for v in hp):
+        return "the high-precision loss is 0, so its relative change is undefined"
+    return "the loss change is undefined for every strategy"
+
+
 def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                   keep_db: float = KEEP_16BIT_DB) -> dict:
     """The verdict as plain data (the report's view model and verdict_lines both read it).
@@ -154,8 +173,11 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     no_recommendation = None
     if strat_rows and not chosen:
         budget = strat_rows[0]
-        no_recommendation = (f"no strategy stays within the {budget.get('budget_kind') or 'loss'} budget "
-                             f"{_g(budget.get('budget'))} even with layers kept in 16-bit")
+        kind = budget.get("budget_kind") or "loss"
+        undefined = _budget_undefined(kind, t.get("e2e", []))
+        no_recommendation = (f"the {kind} budget cannot be judged: {undefined}" if undefined else
+                             f"no strategy stays within the {kind} budget {_g(budget.get('budget'))} even with "
+                             "layers kept in 16-bit")
     settings = {r.get("kind"): r for r in rec_rows if r.get("kind") in ("blocksize", "threshold")}
     e2e = {r.get("strategy"): r for r in t.get("e2e", [])}
     per_strategy = []

@@ -767,3 +767,19 @@ def test_a_recipe_pass_saves_no_copy_of_the_weights(name: str) -> None:
     assert not set(_weight_sized(W)) - set(before)  # and nothing W-sized outside the saved tensors either
     y.backward(torch.ones_like(y))
     assert W.grad is not None and x.grad is not None
+
+
+def test_a_non_finite_high_precision_loss_is_noted_on_every_row() -> None:
+    """loss_hp null with an empty note (the README: every null metric has a note)."""
+    from torch import nn as _nn
+
+    from fp8probe.analysis.pipeline import analyze as _analyze
+
+    torch.manual_seed(3)
+    model = _nn.Sequential(_nn.Linear(16, 32), _nn.GELU(), _nn.Linear(32, 8))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    res = _analyze(model, [torch.randn(4, 16)], "global,int8")
+    for r in res.tables["e2e"].to_dict("records"):
+        assert not (r["loss_hp"] == r["loss_hp"]) or r["loss_hp"] is None  # NaN / null
+        assert "high-precision loss not finite" in r["note"]

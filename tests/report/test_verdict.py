@@ -45,6 +45,23 @@ def test_no_strategy_within_budget_says_so() -> None:
     assert lines[0] == "verdict: no strategy stays within the loss budget 0.01 even with layers kept in 16-bit"
 
 
+def test_an_undefined_budget_metric_is_not_blamed_on_the_recipes() -> None:
+    """A NaN high-precision loss (NaN weights, an empty batch) or an undefined KL read 'no strategy stays within
+    the budget even with layers kept in 16-bit', as if the recipes had failed."""
+    rows = [dict(r, recommended=False, within_budget=False) for r in recommendation_rows([])]
+    nan_loss = [dict(r, loss_hp=None, loss_lp=None, loss_rel_change=None) for r in e2e_rows()]
+    line = verdict_lines({"e2e": nan_loss, "recommendation": rows})[0]
+    assert line.startswith("verdict: the loss budget cannot be judged: the high-precision loss itself is not finite")
+    zero = [dict(r, loss_hp=0.0, loss_rel_change=float("nan")) for r in e2e_rows()]
+    assert "loss is 0" in verdict_lines({"e2e": zero, "recommendation": rows})[0]
+    kl_rows = [dict(r, budget_kind="kl") for r in rows]
+    no_kl = [dict(r, kl_div=None) for r in e2e_rows()]
+    assert verdict_lines({"e2e": no_kl, "recommendation": kl_rows})[0].startswith(
+        "verdict: the kl budget cannot be judged: the KL divergence is undefined")
+    one_defined = no_kl[:1] + [dict(r, kl_div=0.5) for r in no_kl[1:]]  # one number: the recipes' verdict stands
+    assert "no strategy stays within the kl budget" in verdict_lines({"e2e": one_defined, "recommendation": kl_rows})[0]
+
+
 def test_without_e2e_the_isolated_numbers_and_one_line_notes() -> None:
     data = _small()
     lines = verdict_lines(data["tables"], data["metadata"])
