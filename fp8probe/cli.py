@@ -729,6 +729,13 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
     worst = ops.sort_values("sqnr_db", na_position="first").head(10)[
         ["layer", "strategy", "sqnr_db", "underflow_frac", "saturation_frac"]].to_dict("records")
     _weights_banner(results)
+    tensors = results.tables.get("tensors")
+    if tensors is not None and not tensors.empty and {"nan_count", "inf_count"} <= set(tensors.columns):
+        nan, inf = int(tensors["nan_count"].fillna(0).sum()), int(tensors["inf_count"].fillna(0).sum())
+        if nan or inf:  # (as a full analysis warns: counted, not fatal)
+            bad = list(dict.fromkeys(tensors.loc[(tensors["nan_count"] > 0) | (tensors["inf_count"] > 0), "layer"]))
+            click.echo(f"warning: {nan} NaN and {inf} Inf values in the weights of {len(bad)} layer(s): "
+                       + ", ".join(_printable(b) for b in bad[:3]) + (", ..." if len(bad) > 3 else ""), err=True)
     if sweeps:
         click.echo("note: --sweeps on weights only: the block-size sweep of the weights is in the results "
                    "(blocksize_sweep); the outlier-threshold sweep needs activations, so it did not run", err=True)

@@ -498,3 +498,17 @@ def test_analyze_sweeps_on_weights_only_runs_the_weight_sweep_and_names_unused_o
     assert "--threshold, --steps act on a model run and had no effect" in res.output
     plain = CliRunner().invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "--out", str(tmp_path / "p"), "-q"])
     assert plain.exit_code == 0 and "had no effect" not in plain.output and "--sweeps" not in plain.output
+
+
+def test_weights_only_run_warns_of_nan_and_inf_in_the_terminal(tmp_path) -> None:
+    """The HTML report had the warning, the terminal (the CI log) did not."""
+    gen = torch.Generator().manual_seed(10)
+    w = torch.randn(64, 32, generator=gen)
+    w[0, 0], w[1, 1], w[2, 2] = float("nan"), float("inf"), float("-inf")
+    save_file({"a.weight": w, "b.weight": torch.randn(8, 32, generator=gen)}, str(tmp_path / "m.safetensors"))
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "warning: 1 NaN and 2 Inf values in the weights of 1 layer(s): a" in res.output
+    clean = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.safetensors"), "--layers", "^b$", "--out",
+                                     str(tmp_path / "p"), "-q"])
+    assert clean.exit_code == 0 and "NaN" not in clean.output
