@@ -820,6 +820,8 @@ def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) ->
     from fp8probe.report.render import render_report
     from fp8probe.report.schema import ResultsError
 
+    if not out_html.strip():
+        raise UsageFailure("-o is empty: expected the HTML file to write, e.g. -o report.html")
     out = Path(out_html)
     for path in results:
         if out.resolve() == Path(path).resolve():

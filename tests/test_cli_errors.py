@@ -164,6 +164,7 @@ CASES = [
      ["does not exist"]),
     ("report-model", lambda f, o: ["report", str(f["pt2"]), "-o", f"{o}.html"], ["PyTorch file", "analyze"]),
     ("report-png", lambda f, o: ["report", str(f["png"]), "-o", f"{o}.html"], ["binary file"]),
+    ("report-empty-out", lambda f, o: ["report", str(f["results"]), "-o", ""], ["-o is empty"]),
     ("report-truncated-json", lambda f, o: ["report", str(f["truncated_json"]), "-o", f"{o}.html"], ["not JSON"]),
     ("report-other-json", lambda f, o: ["report", str(f["text_json"]), "-o", f"{o}.html"],
      ["not an fp8probe results file"]),
