@@ -440,6 +440,11 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
         raise LoadError(f"cannot read {path} ({one_line(exc)}): is it truncated? Save or export it again") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", f"pickled {type(obj).__name__} from {path.name}")
+    obj, nested = unwrap_state_dict(obj)
+    if nested is not None:
+        path_desc = f"{path.name}[{nested!r}]"
+    else:
+        path_desc = path.name
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if factory is None:
             raise LoadError(f"{path} holds a state_dict: pass --factory module:function (or file.py:function) "
@@ -447,14 +452,39 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
         model, batches = _call_factory(factory)
         mismatch = state_dict_mismatch(model, obj)
         if mismatch:
-            raise LoadError(f"state_dict {path.name} does not fit the model from {factory}: {mismatch}")
+            raise LoadError(f"state_dict {path_desc} does not fit the model from {factory}: {mismatch}")
         try:
             model.load_state_dict(obj, strict=True)
         except RuntimeError as exc:
-            raise LoadError(f"state_dict {path.name} does not fit the model from {factory}: "
+            raise LoadError(f"state_dict {path_desc} does not fit the model from {factory}: "
                             f"{one_line(exc).replace('RuntimeError: ', '')}") from None
-        return LoadedModel(model.eval(), "state_dict", f"state_dict {path.name} + factory {factory}", batches)
+        return LoadedModel(model.eval(), "state_dict", f"state_dict {path_desc} + factory {factory}", batches)
+    if isinstance(obj, dict) and obj:
+        odd = [f"{str(k)[:40]!r}: {type(v).__name__}" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        raise LoadError(f"{path} holds a dict that is not a state_dict (name → tensor): {', '.join(odd[:3])}"
+                        + (", ..." if len(odd) > 3 else "") + f"; save model.state_dict() itself, or a checkpoint "
+                        f"with it under one of {', '.join(repr(k) for k in NESTED_STATE_KEYS[:3])}")
     raise LoadError(f"{path} holds a {type(obj).__name__}, expected a model (.pt2, pickled nn.Module) or a state_dict")
+
+
+#: Keys under which training checkpoints keep the model's state_dict beside other entries (epoch, optimizer, ...):
+#: PyTorch Lightning's "state_dict", and what training scripts commonly use.
+NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items())
+
+
+def unwrap_state_dict(obj: Any) -> tuple[Any, str | None]:
+    """(the state_dict, None) when ``obj`` is one; (the one nested under a NESTED_STATE_KEYS key, that key) for a
+    training checkpoint dict holding one; else (obj, None)."""
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        for key in NESTED_STATE_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return obj[key], key
+    return obj, None
 
 
 # Keys named in a state_dict mismatch message before "… and N more".

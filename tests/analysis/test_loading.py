@@ -97,3 +97,21 @@ def test_corrupt_model_file(tmp_path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"definitely not a model")
     with pytest.raises(LoadError, match="cannot read"):
         load_model(tmp_path / "junk.pt", trust_pickle=True)
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model"])
+def test_training_checkpoint_with_a_nested_state_dict(tmp_path, key) -> None:
+    """{'model': state_dict, 'epoch': 3} read 'holds a dict, expected ... a state_dict' (a state_dict is a dict)."""
+    f = tmp_path / "fac.py"
+    f.write_text("import torch\ndef build():\n    return torch.nn.Linear(3, 2)\n")
+    torch.manual_seed(1)
+    sd = torch.nn.Linear(3, 2).state_dict()
+    torch.save({key: sd, "epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt", factory=f"{f}:build")
+    assert loaded.kind == "state_dict" and f"ckpt.pt[{key!r}]" in loaded.description
+    assert torch.equal(loaded.module.weight, sd["weight"])
+    from fp8probe.analysis.weights_only import open_checkpoint  # the weights-only reader unwraps it too
+    assert [e.key for e in open_checkpoint(tmp_path / "ckpt.pt").entries] == ["bias", "weight"]
+    torch.save({"weights_x": sd, "epoch": 3}, tmp_path / "other.pt")
+    with pytest.raises(LoadError, match=r"holds a dict that is not a state_dict .*'weights_x': OrderedDict, 'epoch': int"):
+        load_model(tmp_path / "other.pt", factory=f"{f}:build")
