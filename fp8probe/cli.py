@@ -1104,14 +1104,28 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
             click.echo(f"{_middle_ellipsis(r['layer'], width):<{width}} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
                        f"{100 * r['frac_cols_16bit']:>10.1f}%")
     click.echo(coverage_line(results.metadata["coverage"]))
+    _warn_nonfinite_operands(results.metadata)
     click.echo(f"rule: {rule}")
     for r in (results.tables["recommendation"].to_dict("records") if "recommendation" in results.tables else []):
         what = "block size" if r["kind"] == "blocksize" else "threshold"
         status = "within" if r["within_budget"] else "OVER"
+        change = r["loss_rel_change"]
+        if change is None or not math.isfinite(change):  # (a NaN high-precision loss: the e2e notes say why)
+            click.echo(f"model-wide {what}: not validated, the end-to-end loss change is undefined (the "
+                       "high-precision loss is not finite: NaN/Inf in the model or its inputs, or an empty batch)")
+            continue
         click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
-                   f"{100 * r['loss_rel_change']:+.2f} %, {status} the budget ({r['budget_kind']} {r['budget']:g})")
+                   f"{100 * change:+.2f} %, {status} the budget ({r['budget_kind']} {r['budget']:g})")
     _warn_no_gradient(results)
     click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
+
+
+def _warn_nonfinite_operands(metadata: dict) -> None:
+    from fp8probe.report.verdict import nonfinite_operands_warning
+
+    line = nonfinite_operands_warning(metadata)
+    if line:
+        click.echo(f"warning: {_printable(line)}", err=True)
 
 
 def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, include_embeddings: bool, out: Path,
@@ -1136,6 +1150,7 @@ def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, incl
     click.echo(f"{'layer':<40} {'recommended':>11} {'weight SQNR dB':>14}")
     for r in table[table["recommended"]].to_dict("records"):
         click.echo(f"{_printable(r['layer'])[:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>14.2f}")
+    _warn_nonfinite_operands(results.metadata)
     click.echo(f"rule: {results.metadata['recommendations']['blocksize_sweep']}")
     click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
 

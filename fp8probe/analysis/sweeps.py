@@ -185,6 +185,14 @@ class _BlocksizeSweep:
                 acc.err.setdefault((bs, "wgrad"), ErrorAccumulator()).update(ref["wgrad"], gq.mT @ aq)
         acc.weight_done = True
 
+    def nonfinite(self) -> dict[str, int]:
+        """NaN/±Inf values per layer in the operands the sweep quantised (activation, weight once, gradient): each
+        operand's accumulator at one block size excludes them from its SQNR and counts them."""
+        bs = self.blocksizes[0]
+        return {name: sum(acc.err[(bs, t)].excluded for t in ("activation", "weight", "grad_output")
+                          if (bs, t) in acc.err)
+                for name, acc in forward_order(self.layers)}
+
     def table(self) -> pd.DataFrame:
         rows = []
         for name, acc in forward_order(self.layers):
@@ -212,6 +220,8 @@ class _ThresholdLayer:
     err: dict[float, ErrorAccumulator] = field(default_factory=dict)
     cols: dict[float, float] = field(default_factory=dict)  # Σ over batches of tokens · frac_cols
     tokens: int = 0
+    nonfinite_a: int = 0  # NaN/±Inf in the activations, over batches
+    nonfinite_w: int = 0  # ... in the weight (the same tensor each batch: counted once)
 
 
 class _ThresholdSweep:
@@ -238,10 +248,17 @@ class _ThresholdSweep:
             for th, cols in part.cols.items():
                 acc.cols[th] = acc.cols.get(th, 0.0) + cols
             acc.tokens += part.tokens
+            acc.nonfinite_a += part.nonfinite_a
+            acc.nonfinite_w = max(acc.nonfinite_w, part.nonfinite_w)
 
     def __call__(self, call: GemmCall) -> None:
         A, W = call.activation, call.weight
         acc = self.layers.setdefault(call.name, _ThresholdLayer(W.shape[-1], call.index))
+        acc.nonfinite_a += A.numel() - int(torch.isfinite(A).sum())
+        if call.b_is_weight:
+            acc.nonfinite_w = max(acc.nonfinite_w, W.numel() - int(torch.isfinite(W).sum()))
+        else:  # (a second activation: new values each batch)
+            acc.nonfinite_a += W.numel() - int(torch.isfinite(W).sum())
         # A batched GEMM [Bt, M, K] is Bt separate LLM.int8 matmuls (one per head / group).
         slices = [(A, W)] if A.dim() == 2 else [(A[i], W[i]) for i in range(A.shape[0])]
         with torch.no_grad():
@@ -260,6 +277,10 @@ class _ThresholdSweep:
                     # Token-weighted mean over batches of the per-batch fraction of 16-bit columns: each
                     # batch's decomposition is its own (outlier columns are chosen per forward).
                     acc.cols[th] = acc.cols.get(th, 0.0) + tokens * n_cols / acc.in_features
+
+    def nonfinite(self) -> dict[str, int]:
+        """NaN/±Inf values per layer in the operands (activations over batches, the weight once)."""
+        return {name: acc.nonfinite_a + acc.nonfinite_w for name, acc in forward_order(self.layers)}
 
     def table(self) -> pd.DataFrame:
         rows = []
@@ -295,6 +316,13 @@ def _metadata(kind: str, run: Run, info: LossInfo | None, *, name: str | None, m
                         info=info, formats=list(formats))
     meta.update({"rules": rules, "recommendations": recommendations, **extra})
     return meta
+
+
+def nonfinite_meta(per_layer: dict[str, int]) -> dict:
+    """metadata.nonfinite_operands: NaN/±Inf values in the operands a sweep quantised (excluded from every SQNR,
+    never fatal) and the layers holding them, so the terminal and the report warn as analyze does."""
+    bad = [name for name, n in per_layer.items() if n]
+    return {"nonfinite_operands": {"values": int(sum(per_layer.values())), "layers": bad}}
 
 
 def _blocksize_meta(sizes: list[int]) -> dict:
@@ -371,6 +399,7 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
                      gemms=gemms, progress=progress)
     meta = _metadata("sweep-blocksize", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_blocksize_meta(sizes))
+    meta.update(nonfinite_meta(sweep.nonfinite()))
     tables = {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table(),
               "coverage": run.coverage.table()}
     if e2e:
@@ -402,6 +431,7 @@ def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] 
                      gemms=gemms, progress=progress)
     meta = _metadata("sweep-threshold", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_threshold_meta(ths, row_scale))
+    meta.update(nonfinite_meta(sweep.nonfinite()))
     tokens = {n: a.tokens for n, a in sweep.layers.items()}
     tables = {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table(),
               "coverage": run.coverage.table()}
@@ -428,6 +458,8 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     common = {"name": name, "model_desc": model_desc, "inputs_desc": inputs_desc, "seed": seed}
     b_meta = _metadata("sweep-blocksize", run, info, **common, **_blocksize_meta(sizes))
     t_meta = _metadata("sweep-threshold", run, info, **common, **_threshold_meta(ths, row_scale))
+    b_meta.update(nonfinite_meta(bsw.nonfinite()))
+    t_meta.update(nonfinite_meta(tsw.nonfinite()))
     tokens = {n: a.tokens for n, a in tsw.layers.items()}
     cov = run.coverage.table()
     b_tables = {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table(), "coverage": cov}

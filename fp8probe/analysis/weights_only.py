@@ -30,8 +30,8 @@ from .loading import LoadError, _is_export_archive, _is_torchscript, _zip_names,
 from .metrics import TOP_K, ErrorAccumulator, OperandAccumulator, TensorStats
 from .results import Results
 from .strategies import WEIGHT_QUANTIZERS, Strategy, quantisable, resolve
-from .sweeps import (BLOCKSIZE_TOLERANCE_DB, CODE_FWD, DEFAULT_BLOCKSIZES, _check_blocksizes, overhead_bits,
-                     recommend_blocksize)
+from .sweeps import (BLOCKSIZE_TOLERANCE_DB, CODE_FWD, DEFAULT_BLOCKSIZES, _check_blocksizes, nonfinite_meta,
+                     overhead_bits, recommend_blocksize)
 
 # What the CLI and the report say about every weights-only result (metadata["weights_only"]["note"]).
 WEIGHTS_ONLY_NOTE = ("weights only: no model was run, so activations and gradients were not seen (no fprop/dgrad/"
@@ -766,10 +766,12 @@ def sweep_blocksize_weights(source: Checkpoint | str | Path, blocksizes: Sequenc
     chosen, skipped, total = _select(ckpt, layers, include_embeddings, transposed)
     keys = {e.key for e in ckpt.entries}
     rows: list[dict] = []
+    nonfinite: dict[str, int] = {}
 
     def one(entry: TensorEntry, W: torch.Tensor, kind: str, transposed_: bool) -> None:
         errs = {bs: e.result() for bs, e in sweep_weight(W, sizes, chunk_elements, transposed_,
                                                           experts=kind == "experts").items()}
+        nonfinite[layer_name(entry.key)] = int(errs[sizes[0]]["excluded"])  # (NaN/±Inf: excluded, counted)
         rec = recommend_blocksize({bs: r["sqnr_db"] for bs, r in errs.items()})
         row = _layer_row(entry, kind, False, transposed_)
         bsz = get_block_sizes(row["in_features"], row["out_features"])[0]
@@ -782,7 +784,8 @@ def sweep_blocksize_weights(source: Checkpoint | str | Path, blocksizes: Sequenc
     meta = _metadata(ckpt, name, model_desc, (CODE_FWD,), chosen, skipped, total, layers)
     meta.update({"rules": {"blockwise sweep": f"W blockwise {CODE_FWD}, blocks over the flattened tensor, one fp32 "
                                               "absmax per block, nearest code with ties to the even index"},
-                 "recommendations": {"blocksize_sweep": WEIGHT_BLOCKSIZE_RULE}, "blocksizes": sizes})
+                 "recommendations": {"blocksize_sweep": WEIGHT_BLOCKSIZE_RULE}, "blocksizes": sizes,
+                 **nonfinite_meta(nonfinite)})
     layer_rows = [_layer_row(e, kind, f"{layer_name(e.key)}.bias" in keys, t) for e, kind, t in chosen]
     return Results(meta, {"layers": pd.DataFrame(layer_rows),
                           "blocksize_sweep": pd.DataFrame(rows, columns=["layer", "blocksize", "target", "sqnr_db",

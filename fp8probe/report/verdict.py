@@ -130,6 +130,17 @@ def coverage_summary(coverage: Records, meta_coverage: Mapping | None = None) ->
     return None
 
 
+def nonfinite_operands_warning(metadata: Mapping) -> str | None:
+    """A sweep's NaN/Inf warning (metadata.nonfinite_operands: sweeps keep no tensors table), else None."""
+    info = metadata.get("nonfinite_operands") or {}
+    n = _num(info.get("values")) if isinstance(info, Mapping) else None
+    if not n:
+        return None
+    bad = [str(x) for x in (info.get("layers") or [])]
+    return (f"{int(n)} NaN/Inf values in the swept operands of {len(bad)} layer(s): {_names(bad, 3)} (excluded from "
+            "every SQNR)")
+
+
 def _budget_undefined(kind: str, e2e_rows: list[dict]) -> str | None:
     """Why no strategy's budget metric is defined (every e2e row's loss change, or KL, null or NaN), else None:
     then "no strategy stays within the budget" would blame the recipes for what the model or the metric did."""
@@ -206,6 +217,9 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         bad = list(dict.fromkeys(r["layer"] for r in t["tensors"]
                                  if (_num(r.get("nan_count")) or 0) or (_num(r.get("inf_count")) or 0)))
         warnings.append(f"{nan} NaN and {inf} Inf values in captured tensors of {len(bad)} layer(s): {_names(bad, 3)}")
+    sweep_nonfinite = nonfinite_operands_warning(metadata)
+    if sweep_nonfinite and not (nan or inf):
+        warnings.append(sweep_nonfinite)
     if coverage and coverage["skipped"]:
         n = sum(coverage["skipped"].values())
         warnings.append(f"{n} GEMM call(s) not analysed: " + "; ".join(f"{k} ({v})" for k, v in coverage["skipped"].items()))

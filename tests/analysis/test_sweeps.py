@@ -1,6 +1,7 @@
 """Block-size and threshold sweeps: recommendation rules, overhead, auto pick, monotone 16-bit columns."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -191,3 +192,31 @@ def test_sweep_commands(tmp_path) -> None:
     for args in (["--blocksizes", "32,abc"], ["--blocksizes", "0"]):
         res = CliRunner().invoke(cli, ["sweep-blocksize", factory, *args, "--out", str(tmp_path / "x")])
         assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_sweeps_count_and_warn_of_nan_and_inf(tmp_path) -> None:
+    """The sweeps never counted NaN/Inf (the report said nothing, the terminal neither) and the model-wide pick
+    read 'loss +nan %, OVER the budget'."""
+    from click.testing import CliRunner
+
+    from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
+    from fp8probe.cli import cli
+
+    (tmp_path / "nanmodel.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n    torch.manual_seed(0)\n    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+        "    x = torch.randn(6, 8)\n    x[0, 0] = float('nan')\n    x[1, 1] = float('inf')\n    return m, [x]\n")
+    for command in ("sweep-blocksize", "sweep-threshold"):
+        res = CliRunner().invoke(cli, [command, f"{tmp_path / 'nanmodel.py'}:build", "--out", str(tmp_path / command)])
+        assert res.exit_code == 0, res.output
+        assert "NaN/Inf values in the swept operands of 2 layer(s): 0, 2" in res.output
+        assert "the end-to-end loss change is undefined" in res.output and "+nan" not in res.output
+        doc = json.loads((tmp_path / command / "results.json").read_text())
+        assert doc["metadata"]["nonfinite_operands"]["layers"] == ["0", "2"]
+        html = (tmp_path / command / "index.html").read_text()
+        assert "NaN/Inf values in the swept operands" in html
+    torch.manual_seed(1)
+    clean = sweep_threshold(torch.nn.Sequential(torch.nn.Linear(8, 4)), [torch.randn(3, 8)], e2e=False)
+    assert clean.metadata["nonfinite_operands"] == {"values": 0, "layers": []}
+    clean_b = sweep_blocksize(torch.nn.Sequential(torch.nn.Linear(8, 4)), [torch.randn(3, 8)], e2e=False)
+    assert clean_b.metadata["nonfinite_operands"]["values"] == 0
