@@ -893,7 +893,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     html = _render_or_fail(render_compare, comparison, out / "compare.html", f"{baseline} / {current}")
     md = compare_markdown(comparison)
     atomic_write_text(out / "compare.md", md)
-    if markdown_file:
+    if markdown_file and Path(markdown_file).resolve() != (out / "compare.md").resolve():  # (that one holds it)
         # Appended, not replaced: GITHUB_STEP_SUMMARY is shared by every step. One write call of the
         # whole summary, so a reader never sees half of it from this process.
         with open(markdown_file, "a", encoding="utf-8") as fh:

@@ -291,7 +291,8 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
         "baseline": _summary(baseline), "current": _summary(current), "gates": asdict(gates),
         "gated": {"quantised": gated_counts["quantised"], "unquantised": gated_counts["unquantised"],
                   "noise_floor": gated_counts["noise floor"], "noise_floor_db": FLOAT32_NOISE_FLOOR_DB,
-                  "missing": [m["detail"].split(":", 1)[0] + f" ({m['layer']})" for m in missing]},
+                  "missing": [m["detail"].split(":", 1)[0] + f" ({m['layer']})" for m in missing],
+                  "missing_layers": list(dict.fromkeys(m["layer"] for m in missing))},
         "sqnr": sqnr_rows, "outliers": outlier_rows, "underflow": under_rows, "e2e": e2e_rows,
         "added_layers": [x for x in cur_l if x not in set(base_l)],
         "removed_layers": [x for x in base_l if x not in set(cur_l)],
@@ -363,7 +364,10 @@ def gated_text(comparison: Mapping) -> str:
             f"the recipe leaves unquantised (e.g. mixed / switchback wgrad) and {g.get('noise_floor', 0)} at the float32 "
             f"noise floor (≥ {g.get('noise_floor_db', FLOAT32_NOISE_FLOOR_DB):g} dB in both).")
     if comparison.get("gates", {}).get("allow_missing") and g.get("missing"):
-        text += f" Missing from current (allowed by --allow-missing): {len(g['missing'])} layer(s)."
+        # (g["missing"] has one entry per layer and table; files written before missing_layers count those)
+        layers = [str(x) for x in g.get("missing_layers", g["missing"])]
+        text += (f" Missing from current (allowed by --allow-missing): baseline rows of {len(layers)} layer(s) ("
+                 + ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "") + ").")
     return text
 
 

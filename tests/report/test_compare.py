@@ -330,3 +330,18 @@ def test_a_different_int8_threshold_is_a_recipe_settings_violation(base: dict) -
     cur_fp8 = copy.deepcopy(fp8_only)
     cur_fp8["metadata"]["threshold"] = 0.5
     assert not [x for x in compare_results(fp8_only, cur_fp8)["violations"] if x["gate"] == "recipe-settings"]
+
+
+def test_markdown_into_the_out_directory_is_written_once_and_missing_layers_counted(base: dict, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--out", str(out), "--markdown",
+                                   str(out / "compare.md")])
+    assert res.exit_code == 0, res.output
+    md = (out / "compare.md").read_text()
+    assert md.count("PASS") == 1, md  # (it was written, then appended to itself)
+    cur = copy.deepcopy(base)
+    layer = cur["tables"]["layers"][0]["layer"]
+    for name in ("gemm", "operands", "outliers"):
+        cur["tables"][name] = [r for r in cur["tables"][name] if r["layer"] != layer]
+    text = compare_markdown(compare_results(base, cur, Gates(allow_missing=True)))
+    assert f"baseline rows of 1 layer(s) ({layer})" in text
