@@ -132,12 +132,27 @@ class _FlagEnvOption(click.Option):
 
     def resolve_envvar_value(self, ctx: click.Context) -> str | None:
         flags = [o for o in self.opts if o.startswith("--")]
-        if self.envvar is None and self.allow_from_autoenv and ctx.auto_envvar_prefix is not None and flags:
-            name = max(flags, key=len)[2:].replace("-", "_").upper()
-            value = os.environ.get(f"{ctx.auto_envvar_prefix}_{name}")
+        names = []
+        if self.envvar is None and self.allow_from_autoenv and ctx.auto_envvar_prefix is not None:
+            if flags:
+                names.append(f"{ctx.auto_envvar_prefix}_{max(flags, key=len)[2:].replace('-', '_').upper()}")
+            if self.name:
+                names.append(f"{ctx.auto_envvar_prefix}_{self.name.upper()}")
+        for var in names:
+            value = os.environ.get(var)
             if value:
+                ctx.meta.setdefault("fp8probe.envvars", {})[self.name] = var
                 return value
         return super().resolve_envvar_value(ctx)
+
+    def process_value(self, ctx: click.Context, value: object) -> object:
+        try:
+            return super().process_value(ctx, value)
+        except click.BadParameter as exc:  # say where a bad value came from when it was not typed
+            var = ctx.meta.get("fp8probe.envvars", {}).get(self.name)
+            if var and ctx.get_parameter_source(self.name) == click.core.ParameterSource.ENVIRONMENT:
+                exc.message = f"{exc.message} (from the environment variable {var})"
+            raise
 
 
 def _option(*decls: str, **attrs: object):  # type: ignore[no-untyped-def]

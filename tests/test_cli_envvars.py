@@ -41,3 +41,10 @@ def test_out_budget_loss_from_the_environment(monkeypatch, tmp_path) -> None:
                                                        auto_envvar_prefix="FP8PROBE_SWEEP_BLOCKSIZE")
     assert ctx.params["out_dir"] == str(tmp_path / "env_out")
     assert ctx.params["budget_spec"] == "kl:0.05" and ctx.params["loss_spec"] == "losses:ce"
+
+
+def test_a_bad_value_from_the_environment_names_the_variable() -> None:
+    res = CliRunner().invoke(cli, ["formats"], env={"FP8PROBE_FORMATS_FORMAT": "bogus"})
+    assert res.exit_code == 2 and "(from the environment variable FP8PROBE_FORMATS_FORMAT)" in res.output
+    typed = CliRunner().invoke(cli, ["formats", "--format", "bogus"])
+    assert typed.exit_code == 2 and "environment" not in typed.output
