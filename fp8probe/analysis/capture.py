@@ -247,10 +247,25 @@ def graph_inputs(gm: torch.fx.GraphModule, batch: Batch) -> list:
     for hook in list(gm._forward_pre_hooks.values()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             try:
-                hook(gm, tuple(bound.args), dict(bound.kwargs))  # (as bound: keywords for positionals too)
+                hook(gm, *_as_exported(gm, bound))
             except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
                 raise LoadError(f"inputs do not match the exported program: {one_line(exc)}") from None
     return gm.graph._codegen.process_inputs(*bound.args, **bound.kwargs)
+
+
+def _as_exported(gm: torch.fx.GraphModule, bound: inspect.BoundArguments) -> tuple[tuple, dict]:
+    """The bound inputs laid out as the program was called when exported: (args, kwargs) of its input spec (the
+    first n parameters positional, the spec's keys by keyword), whichever way the batch passed them."""
+    try:
+        spec = gm._in_spec
+        n_args = spec.child(0).num_children
+    except (AttributeError, IndexError, TypeError):
+        return tuple(bound.args), dict(bound.kwargs)
+    names = list(bound.signature.parameters)
+    args = tuple(bound.arguments[n] for n in names[:n_args] if n in bound.arguments)
+    # the rest by keyword: the spec's keys (or extras, which the check then names)
+    kwargs = {k: v for k, v in bound.arguments.items() if k not in names[:n_args]}
+    return args, kwargs
 
 
 def _run_graph(gm: torch.fx.GraphModule, batch: Batch, rec: _Recorder, coverage: Coverage) -> Any:
