@@ -857,7 +857,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
     theta0 = _flat([p for _, p in runner.params])
     window = max(1, steps // 10)
     rows: list[dict] = []
-    theta_hp, final_hp = None, None
+    theta_hp, final_hp, hp_note = None, None, ""
     for strat in [None, *strategies]:
         state = new_state(strat)
         model = copy.deepcopy(runner.module)
@@ -865,6 +865,9 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
         for p in params:
             p.requires_grad_(True)
         opt = factory(params, float(lr))
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ValueError(f"the optimizer factory must return a torch.optim.Optimizer for (params, lr), got "
+                             f"{type(opt).__name__}")
         losses = []
         for step in range(steps):
             i = step % len(runner.batches)
@@ -882,16 +885,21 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
         name = "hp" if strat is None else strat.name
         final = sum(losses[-window:]) / window
         theta = _flat(params)
+        bad = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
+        note = "" if bad is None else f"diverged: loss not finite from step {bad + 1}"
         if strat is None:
-            theta_hp, final_hp = theta, final
-            ratio, drift = 1.0, 0.0
+            theta_hp, final_hp, hp_note = theta, final, note
+            ratio, drift = (1.0, 0.0) if math.isfinite(final) else (math.nan, 0.0)
         else:
             moved = float((theta_hp - theta0).norm())
             ratio = final / final_hp if final_hp else math.nan
             drift = float((theta - theta_hp).norm()) / moved if moved else math.nan
+            if hp_note and not (math.isfinite(ratio) and math.isfinite(drift)):
+                note = "; ".join(x for x in (note, "high precision diverged too: no ratio to it") if x)
         for step, value in enumerate(losses):
             last = step == steps - 1
             rows.append({"strategy": name, "step": step + 1, "loss": value,
-                         "final_loss_ratio": ratio if last else None, "weight_drift": drift if last else None})
+                         "final_loss_ratio": ratio if last else None, "weight_drift": drift if last else None,
+                         "note": note if last else ""})
         del model, opt, params, theta
-    return pd.DataFrame(rows, columns=["strategy", "step", "loss", "final_loss_ratio", "weight_drift"])
+    return pd.DataFrame(rows, columns=["strategy", "step", "loss", "final_loss_ratio", "weight_drift", "note"])

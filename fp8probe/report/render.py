@@ -696,15 +696,20 @@ def _training_section(tables: Mapping, draw: bool) -> dict | None:
         pts = sorted((r["step"], r.get("loss")) for r in rows if r.get("strategy") == s and _isnum(r.get("step")))
         series.append({"label": "high precision" if s == "hp" else str(s), "x": [p[0] for p in pts],
                        "y": [p[1] for p in pts], "mark_x": None})
-    final = [r for r in rows if "final_loss_ratio" in r and (_isnum(r.get("final_loss_ratio")) or _isnum(r.get("weight_drift")))]
+    last: dict = {}  # each strategy's last step (its final numbers, or the note saying why they are missing)
+    for r in rows:
+        if _isnum(r.get("step")) and (r.get("strategy") not in last or r["step"] > last[r.get("strategy")]["step"]):
+            last[r.get("strategy")] = r
+    final = list(last.values())
     figure = None
     if draw and series:
         figure = figures.figure_to_data_uri(figures.sweep_panels([{"title": "training loss per step", "series": series,
                                                                    "xlabel": "step", "ylabel": "loss"}], ncols=1))
     return {"figure": figure, "table": _table("training", ["strategy", "steps", "final loss", "final loss / high precision",
-                                                           "weight drift"], [
-        [cell(r.get("strategy")), cell(r.get("step") + 1 if _isnum(r.get("step")) else None, "{:.0f}"),
-         cell(r.get("loss"), "{:.4g}"), cell(r.get("final_loss_ratio"), "{:.4f}"), cell(r.get("weight_drift"), "{:.3g}")]
+                                                           "weight drift", "note"], [
+        [cell(r.get("strategy")), cell(r.get("step"), "{:.0f}"),  # (steps are numbered from 1)
+         cell(r.get("loss"), "{:.4g}"), cell(r.get("final_loss_ratio"), "{:.4f}"), cell(r.get("weight_drift"), "{:.3g}"),
+         cell(r.get("note") or "", None, "bad" if r.get("note") else "")]
         for r in final])}
 
 

@@ -217,6 +217,10 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         bad = list(dict.fromkeys(r["layer"] for r in t["tensors"]
                                  if (_num(r.get("nan_count")) or 0) or (_num(r.get("inf_count")) or 0)))
         warnings.append(f"{nan} NaN and {inf} Inf values in captured tensors of {len(bad)} layer(s): {_names(bad, 3)}")
+    diverged = [f"{'high precision' if r.get('strategy') == 'hp' else r.get('strategy')} ({r.get('note')})"
+                for r in t.get("training", []) if str(r.get("note") or "").startswith("diverged")]
+    if diverged:
+        warnings.append(f"the training simulation diverged: {_names(diverged, 4)}; lower --lr")
     sweep_nonfinite = nonfinite_operands_warning(metadata)
     if sweep_nonfinite and not (nan or inf):
         warnings.append(sweep_nonfinite)

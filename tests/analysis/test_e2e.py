@@ -303,6 +303,39 @@ def test_training_with_an_optimizer_factory_and_the_analyze_api() -> None:
     assert res.metadata["training"]["steps"] == 3
 
 
+def test_training_divergence_is_noted_warned_and_shown(tmp_path: Path) -> None:
+    """lr 1e30: the losses went NaN, the final row of the recipe dropped out of the report, the high-precision
+    ratio read 1.0 beside an undefined loss, and nothing warned."""
+    from fp8probe.report.render import render_report
+    from fp8probe.report.verdict import verdict_lines
+
+    model, batches = P.build(False)
+    res = analyze(model, batches, "global", e2e=False, steps=3, lr=1e30)  # (AdamW: weights ~1e30 after a step)
+    tr = res.tables["training"]
+    last = tr.groupby("strategy").tail(1).set_index("strategy")
+    assert last.loc["hp", "note"].startswith("diverged: loss not finite from step")
+    assert last.loc["global", "note"].startswith("diverged")
+    assert math.isnan(last.loc["hp", "final_loss_ratio"])
+    lines = verdict_lines(res.tables, res.metadata)
+    assert any(x.startswith("warning: the training simulation diverged: high precision (diverged") for x in lines)
+    html = render_report(res.to_json(), tmp_path / "r.html").read_text()
+    body = html[html.index('id="training"'):]
+    assert body.count("diverged: loss not finite") >= 2  # both rows, each with its note
+    with pytest.raises(ValueError, match="must return a torch.optim.Optimizer .* got int"):
+        analyze(model, batches, "global", e2e=False, steps=1, optimizer=lambda params, lr: 5)
+
+
+def test_training_table_steps_are_the_steps_run(tmp_path: Path) -> None:
+    from fp8probe.report.render import render_report
+
+    model, batches = P.build(False)
+    res = analyze(model, batches, "global", e2e=False, steps=3)
+    html = render_report(res.to_json(), tmp_path / "r.html").read_text()
+    table = html[html.index('id="training"'):]
+    table = table[:table.index("</table>")]
+    assert ">3<" in table and ">4<" not in table  # (the 1-based step was shown plus one)
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI: the same numbers as the API; errors exit 2; compare gates on the loss change
 # ---------------------------------------------------------------------------------------------------
