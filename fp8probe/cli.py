@@ -480,7 +480,7 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
               help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches")
 @_option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
 @_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
-@_option("--loss", "loss_spec", default=None, help="module:function called as fn(output, batch) -> scalar loss")
+@_option("--loss", "loss_spec", default=None, help="module:function called as fn(output, batch) -> scalar loss; batch['labels'] / batch[0] read the saved dict's keys / tuple's items (also batch.kwargs, batch.args)")
 @_option("--layers", default=None, help="regular expression on GEMM names (module path or weight name, "
               "'#qk'/'#pv'/'#matmul' for GEMMs of two activations): analyse only matching ones")
 @_option("--gemms", default="all", show_default=True, help=_GEMMS_HELP)
@@ -979,7 +979,7 @@ def _sweep_options(func):
                      help="module:function or file.py:function building the model for a state_dict"),
         _option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
         _option("--loss", "loss_spec", default=None,
-                     help="module:function called as fn(output, batch) -> scalar loss"),
+                     help="module:function called as fn(output, batch) -> scalar loss; batch['labels'] / batch[0] read the saved dict's keys / tuple's items (also batch.kwargs, batch.args)"),
         _option("--layers", default=None, help="regular expression on GEMM names: sweep only matching ones"),
         _option("--gemms", default="all", show_default=True, help=_GEMMS_HELP),
         _option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),

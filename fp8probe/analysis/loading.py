@@ -26,10 +26,19 @@ class LoadError(ValueError):
 
 @dataclass(frozen=True)
 class Batch:
-    """One model call: ``model(*args, **kwargs)``."""
+    """One model call: ``model(*args, **kwargs)``. A --loss function gets it as its ``batch``: ``batch["labels"]``
+    reads a keyword input (the keys of a saved dict), ``batch[0]`` a positional one (a saved tensor or tuple)."""
 
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            if key not in self.kwargs:
+                raise KeyError(f"the batch has no keyword input {key!r} (it has: {', '.join(map(repr, self.kwargs))}"
+                               f"{'; and ' + str(len(self.args)) + ' positional' if self.args else ''})")
+            return self.kwargs[key]
+        return self.args[key]
 
 
 @dataclass

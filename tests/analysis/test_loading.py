@@ -115,3 +115,14 @@ def test_training_checkpoint_with_a_nested_state_dict(tmp_path, key) -> None:
     torch.save({"weights_x": sd, "epoch": 3}, tmp_path / "other.pt")
     with pytest.raises(LoadError, match=r"holds a dict that is not a state_dict .*'weights_x': OrderedDict, 'epoch': int"):
         load_model(tmp_path / "other.pt", factory=f"{f}:build")
+
+
+def test_a_loss_function_reads_the_batch_as_it_was_saved() -> None:
+    """A --loss written for the saved dict (batch['input_ids']) failed: 'Batch' object is not subscriptable."""
+    x, y = torch.ones(2, 3), torch.zeros(2)
+    b = Batch((x,), {"labels": y})
+    assert b[0] is x and b["labels"] is y and b.args[0] is x
+    with pytest.raises(KeyError, match="no keyword input 'input_ids' \\(it has: 'labels'; and 1 positional\\)"):
+        b["input_ids"]
+    with pytest.raises(IndexError):
+        b[1]
