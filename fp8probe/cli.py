@@ -663,10 +663,10 @@ def _weights_checkpoint(model: str, inputs: str | None, factory: str | None):  #
     from fp8probe.analysis.weights_only import open_checkpoint
 
     if factory is not None or inputs is not None:
-        if model.endswith((".safetensors", ".index.json")):
-            raise UsageFailure(f"{model} holds weights only: fp8probe runs a model from a .pt2 program, a state_dict .pt "
-                               "with --factory or a Hugging Face directory with --inputs; without --factory and "
-                               "--inputs it analyses the weights alone")
+        if model.endswith((".safetensors", ".index.json")) and factory is None:
+            raise UsageFailure(f"{model} holds weights only: to run the model on --inputs pass --factory "
+                               "module:function that builds it (the weights are loaded into it); without --inputs "
+                               "the weights alone are analysed")
         return None
     try:
         return open_checkpoint(model)

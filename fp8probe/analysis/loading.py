@@ -428,6 +428,8 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
             return _load_huggingface(path, trust_pickle)
         raise LoadError(f"{path} is a directory without config.json; expected a .pt2 file, a state_dict or a "
                         "Hugging Face model directory")
+    if factory is not None and (path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")):
+        return _from_state_dict(_read_safetensors_state_dict(path), path.name, factory)
     kind = sniff(path)
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read {path}: it is {kind}, not a model; pass a .pt2 file (torch.export.save), a "
@@ -458,22 +460,42 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
         if factory is None:
             raise LoadError(f"{path} holds a state_dict: pass --factory module:function (or file.py:function) "
                             "that builds the model")
-        model, batches = _call_factory(factory)
-        mismatch = state_dict_mismatch(model, obj)
-        if mismatch:
-            raise LoadError(f"state_dict {path_desc} does not fit the model from {factory}: {mismatch}")
-        try:
-            model.load_state_dict(obj, strict=True)
-        except RuntimeError as exc:
-            raise LoadError(f"state_dict {path_desc} does not fit the model from {factory}: "
-                            f"{one_line(exc).replace('RuntimeError: ', '')}") from None
-        return LoadedModel(model.eval(), "state_dict", f"state_dict {path_desc} + factory {factory}", batches)
+        return _from_state_dict(obj, path_desc, factory)
     if isinstance(obj, dict) and obj:
         odd = [f"{str(k)[:40]!r}: {type(v).__name__}" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
         raise LoadError(f"{path} holds a dict that is not a state_dict (name → tensor): {', '.join(odd[:3])}"
                         + (", ..." if len(odd) > 3 else "") + f"; save model.state_dict() itself, or a checkpoint "
                         f"with it under one of {', '.join(repr(k) for k in NESTED_STATE_KEYS[:3])}")
     raise LoadError(f"{path} holds a {type(obj).__name__}, expected a model (.pt2, pickled nn.Module) or a state_dict")
+
+
+def _from_state_dict(sd: dict, desc: str, factory: str) -> LoadedModel:
+    """The factory's model with the state_dict ``sd`` (named ``desc`` in errors) loaded strictly."""
+    model, batches = _call_factory(factory)
+    mismatch = state_dict_mismatch(model, sd)
+    if mismatch:
+        raise LoadError(f"state_dict {desc} does not fit the model from {factory}: {mismatch}")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise LoadError(f"state_dict {desc} does not fit the model from {factory}: "
+                        f"{one_line(exc).replace('RuntimeError: ', '')}") from None
+    return LoadedModel(model.eval(), "state_dict", f"state_dict {desc} + factory {factory}", batches)
+
+
+def _read_safetensors_state_dict(path: Path) -> dict:
+    """A .safetensors file (or the shards a *.safetensors.index.json names) as one state_dict: safetensors holds
+    tensors only, so nothing is unpickled."""
+    from .weights_only import open_checkpoint  # (weights_only imports this module)
+
+    ckpt = open_checkpoint(path)
+    sd = {}
+    for entry in ckpt.entries:
+        if entry.dtype is None:
+            raise LoadError(f"{path}: tensor {entry.key!r} has dtype {entry.dtype_name}, which torch cannot load")
+        with ckpt.tensor(entry) as t:
+            sd[entry.key] = t.clone()
+    return sd
 
 
 #: Keys under which training checkpoints keep the model's state_dict beside other entries (epoch, optimizer, ...):

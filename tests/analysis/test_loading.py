@@ -126,3 +126,19 @@ def test_a_loss_function_reads_the_batch_as_it_was_saved() -> None:
         b["input_ids"]
     with pytest.raises(IndexError):
         b[1]
+
+
+def test_a_safetensors_file_with_a_factory_runs_the_model(tmp_path) -> None:
+    """model.safetensors --factory f:build --inputs x.pt was refused ('holds weights only ... without --factory and
+    --inputs it analyses the weights alone', with both given)."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    f = tmp_path / "fac.py"
+    f.write_text("import torch\ndef build():\n    return torch.nn.Linear(3, 2)\n"
+                 "def other():\n    return torch.nn.Linear(4, 2)\n")
+    torch.manual_seed(2)
+    sd = torch.nn.Linear(3, 2).state_dict()
+    safetensors.save_file(dict(sd), str(tmp_path / "m.safetensors"))
+    loaded = load_model(tmp_path / "m.safetensors", factory=f"{f}:build")
+    assert loaded.kind == "state_dict" and torch.equal(loaded.module.weight, sd["weight"])
+    with pytest.raises(LoadError, match="does not fit the model"):
+        load_model(tmp_path / "m.safetensors", factory=f"{f}:other")
