@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,6 +108,11 @@ def isolated_summary(gemm: Records, strategies: Sequence[str], keep_db: float = 
     return out
 
 
+def _chosen_skip(why: str) -> bool:
+    """A skip the user asked for (--layers / --gemms), not a GEMM fp8probe could not analyse."""
+    return "not matched by --layers" in why or "(--gemms)" in why
+
+
 def coverage_summary(coverage: Records, meta_coverage: Mapping | None = None) -> dict | None:
     """GEMMs executed / captured, captured share of GEMM FLOPs and skips by reason, from the coverage
     table (or ``metadata["coverage"]`` when only that is present)."""
@@ -118,8 +124,9 @@ def coverage_summary(coverage: Records, meta_coverage: Mapping | None = None) ->
         skipped: dict[str, int] = {}
         for r in coverage:
             n = int(_num(r.get("skipped")) or 0)
-            if n:
-                why = f"{r.get('op') or r.get('kind')}: {r.get('reason') or 'not captured'}"
+            if n:  # (a row's reason may carry its own count, "not matched by --layers (4)": the count is added below)
+                reason = re.sub(r" \(\d+\)$", "", str(r.get("reason") or "not captured"))
+                why = f"{r.get('op') or r.get('kind')}: {reason}"
                 skipped[why] = skipped.get(why, 0) + n
         return {"executed": executed, "captured": captured,
                 "flop_share": flops_cap / flops if flops > 0 else (1.0 if executed == captured else None),
@@ -224,9 +231,11 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     sweep_nonfinite = nonfinite_operands_warning(metadata)
     if sweep_nonfinite and not (nan or inf):
         warnings.append(sweep_nonfinite)
-    if coverage and coverage["skipped"]:
-        n = sum(coverage["skipped"].values())
-        warnings.append(f"{n} GEMM call(s) not analysed: " + "; ".join(f"{k} ({v})" for k, v in coverage["skipped"].items()))
+    # GEMMs left out by the user's own --layers / --gemms are not a warning (the coverage line lists them)
+    unwanted = {k: v for k, v in coverage["skipped"].items() if not _chosen_skip(k)} if coverage else {}
+    if unwanted:
+        n = sum(unwanted.values())
+        warnings.append(f"{n} GEMM call(s) not analysed: " + "; ".join(f"{k} ({v})" for k, v in unwanted.items()))
     if t.get("errors"):
         warnings.append(f"{len(t['errors'])} strategy/layer combination(s) failed and have no numbers")
     # A forward-only or streamed run says why it has no end-to-end part (metadata.e2e_off).

@@ -128,3 +128,17 @@ def _render(e2e: list[dict], tmp_path: Path) -> str:
     data["tables"]["e2e"] = e2e
     data["metadata"]["strategies"] = [r["strategy"] for r in e2e]
     return render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+
+
+def test_gemms_left_out_by_the_users_layers_are_listed_not_warned() -> None:
+    """'warning: 7 GEMM call(s) not analysed: addmm: not matched by --layers (4) (4)': the count twice, and a
+    warning for what --layers asked for."""
+    cov = [{"kind": "linear", "op": "addmm", "executed": 8, "captured": 4, "skipped": 4,
+            "reason": "not matched by --layers (4)", "gflops": 2.0, "gflops_captured": 1.0},
+           {"kind": "conv", "op": "conv3d", "executed": 2, "captured": 0, "skipped": 2,
+            "reason": "conv3d not supported (2)", "gflops": 1.0, "gflops_captured": 0.0}]
+    lines = verdict_lines({"coverage": cov})
+    assert ("captured 4 of 10 GEMMs = 33.3 % of GEMM FLOPs; skipped: 4 × addmm: not matched by --layers; "
+            "2 × conv3d: conv3d not supported") in lines, lines
+    warned = [x for x in lines if "not analysed" in x]
+    assert warned == ["warning: 2 GEMM call(s) not analysed: conv3d: conv3d not supported (2)"]
