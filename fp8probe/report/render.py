@@ -863,6 +863,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "surrogate_loss": loss.get("kind") == "surrogate",
         "no_gradient": str(loss.get("no_gradient") or ""),
         "n_layers": len(layers),
+        # (GEMMs of two activations, attention QKᵀ / PV and matmuls, are GEMM sites but not linear layers)
+        "n_activation_gemms": sum(1 for r in tables["layers"] if r.get("b_is_weight") is False),
         "strategies": strategies,
         "keep_db": f"{keep_16bit_db:g}",
         "summary": _summary(layers, strategies, tables, keep_16bit_db),

@@ -193,3 +193,15 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_isolated_summary_counts_linear_layers_apart_from_activation_gemms(results: dict, tmp_path: Path) -> None:
+    """'13 linear layers' for a GPT-2 with 8 linear layers and 5 attention GEMMs."""
+    doc = copy.deepcopy(results)
+    for r in doc["tables"]["layers"][:2]:
+        r["b_is_weight"] = False
+    n = len(doc["tables"]["layers"])
+    html = render_report(doc, tmp_path / "r.html").read_text()
+    assert f"{n - 2} linear layers and 2 GEMMs of two activations" in html
+    plain = render_report(results, tmp_path / "p.html").read_text()
+    assert f"{n} linear layers, strategies" in plain or f"{n} linear layers." in plain
