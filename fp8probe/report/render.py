@@ -14,8 +14,8 @@ from markupsafe import Markup, escape
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
-from fp8probe.report.verdict import (KEEP_16BIT_DB, build_verdict, coverage_line, isolated_headline, signed_pct,
-                                     verdict_lines)
+from fp8probe.report.verdict import (KEEP_16BIT_DB, build_verdict, coverage_line, isolated_headline, lp_share_text,
+                                     signed_pct, verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -573,7 +573,7 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
         "headline": (isolated_headline(v["best_isolated"], keep_db).split(": ", 1)[1]
                      if v["best_isolated"] else ""),
         "recommended": None if rec is None else {**rec, "loss": signed_pct(rec["loss_rel_change"]),
-                                                 "share": _share(rec["lp_flop_share"])["text"]},
+                                                 "share": lp_share_text(rec["lp_flop_share"], v["coverage"])},
         "no_recommendation": v["no_recommendation"],
         "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
                               "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",

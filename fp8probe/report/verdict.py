@@ -148,6 +148,18 @@ def nonfinite_operands_warning(metadata: Mapping) -> str | None:
             "every SQNR)")
 
 
+def lp_share_text(share: Any, coverage: Mapping | None, short: bool = False) -> str:
+    """"94.7 % of GEMM FLOPs": the end-to-end share of FLOPs run in low precision. The end-to-end passes replace
+    the analysed GEMMs only, so where the capture left some out (--layers, --gemms, unsupported ops) the share is
+    of the analysed FLOPs, and the model's share (times the captured share) is given beside it."""
+    cov = _num((coverage or {}).get("flop_share"))
+    whole = "FLOPs" if short else "of GEMM FLOPs"
+    if _num(share) is None or cov is None or cov >= 0.9995:
+        return f"{pct(share)} {whole}"
+    return (f"{pct(share)} of the analysed GEMM FLOPs ({pct(_num(share) * cov)} of the model's)" if not short else
+            f"{pct(share)} analysed FLOPs ({pct(_num(share) * cov)} of the model's)")
+
+
 def _budget_undefined(kind: str, e2e_rows: list[dict]) -> str | None:
     """Why no strategy's budget metric is defined (every e2e row's loss change, or KL, null or NaN), else None:
     then "no strategy stays within the budget" would blame the recipes for what the model or the metric did."""
@@ -306,7 +318,8 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
                 else "no layer needs 16-bit")
         budget = f"budget {_g(rec['budget'])} {rec['budget_kind'] or ''}".rstrip()
         lines.append(f"verdict: {rec['strategy']}, {keep}: loss {signed_pct(rec['loss_rel_change'])}, "
-                     f"KL {_g(rec['kl_div'])} ({budget}); {pct(rec['lp_flop_share'])} of GEMM FLOPs in low precision")
+                     f"KL {_g(rec['kl_div'])} ({budget}); {lp_share_text(rec['lp_flop_share'], v['coverage'])} in "
+                     "low precision")
     elif v["no_recommendation"]:
         lines.append(f"verdict: {v['no_recommendation']}")
     elif v["best_isolated"]:
@@ -320,7 +333,7 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
         mark = " ← recommended" if r["recommended"] else ""
         lines.append(f"end-to-end {r['strategy']}: loss {signed_pct(r['loss_rel_change'])}, KL {_g(r['kl_div'])}, "
                      f"top-1 {pct(r['top1_agreement'])}, output SQNR {_g(r['output_sqnr_db'])} dB, "
-                     f"{pct(r['lp_flop_share'])} FLOPs low precision{mark}")
+                     f"{lp_share_text(r['lp_flop_share'], v['coverage'], short=True)} low precision{mark}")
     if not v["e2e"]:
         for r in v["isolated"]:
             worst = (f"; worst: {r['worst_layer']} ({r['worst_db']:.1f} dB)"

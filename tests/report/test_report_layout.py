@@ -34,7 +34,7 @@ def test_verdict_comes_first_and_names_recipe_layers_loss_and_flops(demo_html: s
     verdict = body.split('<section id="verdict">')[1].split("</section>")[0]
     main = verdict.split('class="callout ok verdict-main">')[1].split("</div>")[0]
     assert "<strong>mxfp8</strong>" in main and "<code>blocks.1.mlp.fc2</code>" in main
-    assert "+0.12 %" in main and "94.7%" in main
+    assert "+0.12 %" in main and "94.7 % of the analysed GEMM FLOPs (90.0 % of the model&#39;s)" in main
     # every strategy's end-to-end loss change and FLOP share, and the coverage and skipped-GEMM warning
     assert "+4.00 %" in verdict and "+0.30 %" in verdict
     assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs" in verdict
