@@ -449,10 +449,20 @@ class Runner:
             sqnr, kl, top1 = cmp[s.name].result(self.distribution)
             gsq, zero = self._grad_sqnr(grad_acc[s.name])
             f_lp, f_all = flops[s.name]
-            note = "; ".join(x for x in (self.output_note, self.grad_note, zero, _loss_note(hp)) if x)
+            note = "; ".join(x for x in (self.output_note, self.grad_note, zero, _loss_note(hp), self.kl_note())
+                             if x)
             outcomes[s.name] = Outcome(hp, loss_lp[s.name] / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
                                        note, gsq)
         return outcomes
+
+    def kl_note(self) -> str:
+        """Why KL and top-1 agreement are null ("" when they are computed)."""
+        if self.distribution:
+            return ""
+        if self.info is not None and self.info.kind == "surrogate":
+            return ("KL and top-1 not computed: with the surrogate loss the output is not read as class logits "
+                    "(pass --loss)")
+        return "KL and top-1 not computed: the output is not class logits [..., classes]"
 
     def _grad_sqnr(self, acc: dict[str, list[float]]) -> tuple[dict[str, float], str]:
         """Per-parameter gradient SQNR from (signal, error) energies, and a note naming the parameters left
@@ -707,9 +717,15 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
         raise ValueError("estimated sensitivity needs the isolated analysis' estimate, got none")
     e2e_rows, sens_rows, rec_rows = [], [], []
     validation_runs = 0
+    kl_undefined = budget.kind == "kl" and not runner.distribution  # (no keep-set can be judged: no search)
     for s in strategies:
         full = outcomes[s.name]
         e2e_rows.append(_e2e_row(s.name, len(runner.batches), full))
+        if kl_undefined:
+            rec_rows.append(_rec_row("strategy", s.name, None, [], full, budget,
+                                     f"not searched: the KL budget is undefined here ({runner.kl_note()}); use a "
+                                     "loss budget"))
+            continue
         rows = _sensitivity(runner, s, full, layers, measured, estimate, isolated_sqnr or {}, budget)
         ranked = sorted(rows, key=lambda r: r["rank"])
         keep, out, runs = _search_keep(runner, s, full, ranked, budget)

@@ -816,3 +816,16 @@ def test_a_non_finite_high_precision_loss_is_noted_on_every_row() -> None:
     for r in res.tables["e2e"].to_dict("records"):
         assert not (r["loss_hp"] == r["loss_hp"]) or r["loss_hp"] is None  # NaN / null
         assert "high-precision loss not finite" in r["note"]
+
+
+def test_a_kl_budget_on_an_output_without_kl_says_why_and_runs_no_search() -> None:
+    """KL '–' with an empty note, and 16 validation runs spent searching keep-sets no KL could judge."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    res = analyze(model, [torch.randn(6, 16)], "global,int8", budget="kl:0.00001")
+    for r in res.tables["e2e"].to_dict("records"):
+        assert r["kl_div"] is None or r["kl_div"] != r["kl_div"]
+        assert "KL and top-1 not computed: with the surrogate loss" in r["note"]
+    rec = res.tables["recommendation"]
+    assert rec["note"].str.startswith("not searched: the KL budget is undefined").all()
+    assert not rec["recommended"].any() and res.metadata["e2e"]["validation_runs"] == 0
