@@ -575,9 +575,13 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
         "recommended": None if rec is None else {**rec, "loss": signed_pct(rec["loss_rel_change"]),
                                                  "share": lp_share_text(rec["lp_flop_share"], v["coverage"])},
         "no_recommendation": v["no_recommendation"],
+        # (the first columns are the run with every captured GEMM in low precision; the last two the keep-set the
+        # search found for the budget: a "yes" there is the keep-set's, not the all-low-precision loss's)
         "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
                               "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",
-                              "layers kept in 16-bit", "within budget", "note"], e2e_rows),
+                              "layers kept in 16-bit", "within budget with them", "note"], e2e_rows,
+                      groups=[("", 1), ("every captured GEMM in low precision", 7),
+                              ("the budget's keep-set (Recommendation)", 2), ("", 1)]),
         "e2e_notes": v["e2e_notes"],
         "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
                                         "worst fprop SQNR dB"], iso_rows),
