@@ -574,6 +574,14 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     if steps and lr <= 0:
         raise UsageFailure(f"--lr must be > 0, got {lr:g}")
     options = _recipe_options(int8_row_scale, accum_bits, promote_every, amax_history, amax_compute, margin)
+    if optimizer_spec is not None and not steps:  # (checked even unused: a typo should not wait for --steps)
+        from fp8probe.analysis.loading import LoadError, resolve_callable
+
+        try:
+            resolve_callable(optimizer_spec)
+        except (LoadError, ValueError) as exc:
+            raise _fail(exc, "--optimizer") from exc
+    _note_unused_options(strategy, steps)
     if steps and (no_grad or stream):
         raise UsageFailure(f"--steps trains the model, which needs gradients: expected --steps 0 with "
                            f"{'--stream' if stream else '--no-grad'}, got --steps {steps}")
@@ -695,6 +703,29 @@ def _weights_banner(results: "object") -> None:
 #: analysis says it did not use them rather than dropping them silently.
 _MODEL_RUN_OPTIONS = ("threshold", "batches", "seed", "loss_spec", "no_e2e", "budget_spec", "sensitivity", "steps",
                       "lr", "optimizer_spec", "no_grad", "gemms", "device")
+
+
+def _note_unused_options(strategy: str, steps: int) -> None:
+    """One stderr note naming the options the user set that no chosen recipe (or no training run) uses."""
+    from fp8probe.analysis.strategies import resolve
+
+    try:
+        names = {s.name for s in resolve(strategy)}
+    except (KeyError, ValueError):
+        return  # (an unknown strategy is reported where it is resolved)
+    unused = []
+    if "delayed" not in names:
+        unused += _given(("amax_history", "amax_compute", "margin"))
+    if "int8" not in names:
+        unused += _given(("int8_row_scale",))
+    if not names - {"int8", "switchback"}:  # (exact int32 GEMMs: no FP8 accumulation to simulate)
+        unused += _given(("accum_bits", "promote_every"))
+    if not steps:
+        unused += _given(("lr", "optimizer_spec"))
+    if unused:
+        click.echo(f"note: {', '.join(unused)} had no effect here (no recipe or run of this command uses "
+                   f"{'it' if len(unused) == 1 else 'them'}: --strategy {strategy}"
+                   f"{'' if steps else ', no --steps'})", err=True)
 
 
 def _given(names: Sequence[str]) -> list[str]:

@@ -48,3 +48,4 @@ def test_a_bad_value_from_the_environment_names_the_variable() -> None:
     assert res.exit_code == 2 and "(from the environment variable FP8PROBE_FORMATS_FORMAT)" in res.output
     typed = CliRunner().invoke(cli, ["formats", "--format", "bogus"])
     assert typed.exit_code == 2 and "environment" not in typed.output
+

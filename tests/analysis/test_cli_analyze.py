@@ -250,3 +250,22 @@ def test_zero_feature_linear_is_one_line_exit_2(tmp_path, which) -> None:
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert "layer 0 has a weight of shape" in lines[0] and "--layers" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_options_no_recipe_uses_are_named_and_an_unused_optimizer_is_still_checked(tmp_path) -> None:
+    """--accum-bits with int8 only, --margin without delayed, --lr without --steps ran silently; --optimizer
+    nonexist:foo without --steps was not even checked."""
+    (tmp_path / "fac.py").write_text("import torch\ndef build():\n    torch.manual_seed(0)\n"
+                                     "    return torch.nn.Linear(8, 4), [torch.randn(3, 8)]\n")
+    model = f"{tmp_path / 'fac.py'}:build"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["analyze", model, "-s", "int8", "--accum-bits", "10", "--margin", "3", "--lr", "0.1",
+                              "--no-e2e", "-q", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "note: --margin, --accum-bits, --lr had no effect here" in res.output
+    used = runner.invoke(cli, ["analyze", model, "-s", "delayed", "--margin", "3", "--no-e2e", "-q",
+                               "--out", str(tmp_path / "b")])
+    assert used.exit_code == 0 and "no effect" not in used.output
+    bad = runner.invoke(cli, ["analyze", model, "-s", "int8", "--optimizer", "nonexist:foo", "--no-e2e", "-q",
+                              "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "--optimizer" in bad.output and not (tmp_path / "c" / "results.json").exists()
