@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from fp8probe import functional as F
+
 from . import distributed
 from .capture import _to_device, choose_loss, graph_inputs, is_exported_graph, params_require_grad
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
@@ -153,13 +155,24 @@ class Gemms(GemmHandler):
         strat = self.plan.strategy_for(site.name)
         if strat is None:
             return None
-        self.flops_lp += site.flops
         a, b = site.operands()
+        self.flops_lp += site.flops * (1.0 - _outlier_share(strat, a, self.plan.threshold))
         return lp_gemm(strat, a, b, self.plan.threshold, site.b_is_weight, state=self.state, site=site.name)
 
     def output(self, site: GemmSite, y: torch.Tensor) -> torch.Tensor:
         self.last_output = y
         return y
+
+
+def _outlier_share(strategy: Strategy, a: torch.Tensor, threshold: float) -> float:
+    """The share of an LLM.int8 GEMM's FLOPs run in 16-bit: its outlier input columns (any |a| at or above the
+    threshold, per slice of a batched GEMM) go through the float product. 0 for every other recipe."""
+    if strategy.name != "int8" or threshold <= 0 or a.numel() == 0:
+        return 0.0
+    with torch.no_grad():
+        hit = a.detach().abs().float() >= F._op_threshold(float(threshold), "")
+        cols = hit.any(-2) if a.dim() >= 3 else hit.reshape(-1, a.shape[-1]).any(0)
+        return float(cols.float().mean())
 
 
 def lp_gemm(strategy: Strategy, a: torch.Tensor, b: torch.Tensor, threshold: float,

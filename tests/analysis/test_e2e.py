@@ -829,3 +829,19 @@ def test_a_kl_budget_on_an_output_without_kl_says_why_and_runs_no_search() -> No
     rec = res.tables["recommendation"]
     assert rec["note"].str.startswith("not searched: the KL budget is undefined").all()
     assert not rec["recommended"].any() and res.metadata["e2e"]["validation_runs"] == 0
+
+
+def test_int8_outlier_columns_count_as_16_bit_flops() -> None:
+    """At --threshold 0.1 every input column of LLM.int8 is an outlier (16-bit), yet it read '100.0 % of GEMM FLOPs
+    in low precision' and beat a real low-precision recipe."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    batches = [torch.randn(6, 16)]
+    low = analyze(model, batches, "int8", threshold=0.1).tables["e2e"].set_index("strategy")
+    assert low.loc["int8", "lp_flop_share"] < 0.05
+    high = analyze(model, batches, "int8", threshold=1e4).tables["e2e"].set_index("strategy")
+    assert high.loc["int8", "lp_flop_share"] == 1.0
+    x = torch.zeros(4, 10)
+    x[:, 3] = 7.0  # one outlier column of ten
+    assert E._outlier_share(resolve("int8")[0], x, 6.0) == pytest.approx(0.1)
+    assert E._outlier_share(resolve("global")[0], x, 6.0) == 0.0
