@@ -181,16 +181,18 @@ class FiniteFloat(click.ParamType):
 
     name = "number"
 
-    def __init__(self, minimum: float | None = 0.0) -> None:
+    def __init__(self, minimum: float | None = 0.0, strict: bool = False) -> None:
         self.minimum = minimum
+        self.strict = strict  # (> minimum rather than >=)
 
     def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
         try:
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"expected a number, got {value!r}", param, ctx)
-        if not math.isfinite(number) or (self.minimum is not None and number < self.minimum):
-            bound = f" >= {self.minimum:g}" if self.minimum is not None else ""
+        low = self.minimum is not None and (number <= self.minimum if self.strict else number < self.minimum)
+        if not math.isfinite(number) or low:
+            bound = f" {'>' if self.strict else '>='} {self.minimum:g}" if self.minimum is not None else ""
             self.fail(f"expected a finite number{bound}, got {value!r}", param, ctx)
         return number
 
@@ -513,7 +515,7 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
                    "(measured when its predicted time keeps the end-to-end part within 2x the isolated analysis)")
 @_option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="simulate this many training steps per strategy (and in high precision) from the same weights")
-@_option("--lr", type=FiniteFloat(0.0), default=1e-3, show_default=True, help="learning rate for --steps")
+@_option("--lr", type=FiniteFloat(0.0, strict=True), default=1e-3, show_default=True, help="learning rate for --steps")
 @_option("--optimizer", "optimizer_spec", default=None,
               help="module:function called as fn(params, lr) -> torch optimizer for --steps (default AdamW)")
 @_INT8_ROW_SCALE
@@ -571,8 +573,6 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         budget = parse_budget(budget_spec)
     except ValueError as exc:
         raise _fail(exc, "--budget") from exc
-    if steps and lr <= 0:
-        raise UsageFailure(f"--lr must be > 0, got {lr:g}")
     options = _recipe_options(int8_row_scale, accum_bits, promote_every, amax_history, amax_compute, margin)
     if optimizer_spec is not None and not steps:  # (checked even unused: a typo should not wait for --steps)
         from fp8probe.analysis.loading import LoadError, resolve_callable

@@ -358,7 +358,7 @@ def test_cli_and_api_give_the_same_recommendation(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["--budget", "lots"], "expected a budget like 0.01"), (["--budget", "kl:-1"], "expected a finite number >= 0"),
-    (["--steps", "2", "--lr", "0"], "--lr must be > 0"),
+    (["--steps", "2", "--lr", "0"], "expected a finite number > 0"),
 ])
 def test_cli_bad_options_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(cli, ["analyze", f"{HERE / 'planted_models.py'}:build_clean", "--out",
