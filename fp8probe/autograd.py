@@ -553,6 +553,13 @@ def _propagate_nans(ctx: Any, y2: torch.Tensor, A2: torch.Tensor, B: torch.Tenso
     return with_nans(y2, a_nan[0] if a_nan else None, w_nan[0] if w_nan else None)
 
 
+def _int8_dgrad(ctx: Any, grad2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
+    """grad_A = grad · deq(CB) in A's dtype and shape (MatMul8bitLt and SwitchBackBnb alike), NaN on the columns of
+    the weight that held one (its codes there are 0: _propagate_nans)."""
+    grad_A = torch.matmul(grad2.to(ctx.dtype_A), F.int8_vectorwise_dequant(CB, SCB).to(ctx.dtype_A))
+    return with_nans(grad_A, None, ctx.w_nan_cols).reshape(ctx.grad_shape)
+
+
 def _any_outlier(outlier_cols: torch.Tensor) -> bool:
     """Whether the outlier path runs. Eagerly: only when there are outlier columns (bitsandbytes'
     rule, which keeps a -0.0 output bit-exact). Compiled: always — the count is data-dependent and
@@ -711,9 +718,7 @@ class MatMul8bitLt(torch.autograd.Function):
                 g_nan = nan_lines(grad2)
                 grad_B = with_nans(grad_B, g_nan and g_nan[1], ctx.a_nan_cols)
         if ctx.needs_input_grad[0]:
-            W = F.int8_vectorwise_dequant(CB, SCB).to(ctx.dtype_A)
-            grad_A = torch.matmul(grad2.to(ctx.dtype_A), W)
-            grad_A = with_nans(grad_A, None, ctx.w_nan_cols).reshape(ctx.grad_shape)  # (W's NaN codes are 0)
+            grad_A = _int8_dgrad(ctx, grad2, CB, SCB)
         return grad_A, grad_B, None, grad_bias, None, None
 
 
@@ -778,9 +783,7 @@ class SwitchBackBnb(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_B = torch.matmul(grad2.to(A2.dtype).t(), A2).to(ctx.dtype_B)
         if ctx.needs_input_grad[0]:
-            W = F.int8_vectorwise_dequant(CB, SCB).to(ctx.dtype_A)
-            grad_A = torch.matmul(grad2.to(ctx.dtype_A), W)
-            grad_A = with_nans(grad_A, None, ctx.w_nan_cols).reshape(ctx.grad_shape)  # (W's NaN codes are 0)
+            grad_A = _int8_dgrad(ctx, grad2, CB, SCB)
         return grad_A, grad_B, None, grad_bias, None, None
 
 

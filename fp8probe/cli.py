@@ -438,6 +438,9 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
     return loaded, batch_list
 
 
+_LOSS_HELP = ("module:function called as fn(output, batch) -> scalar loss; batch['labels'] / batch[0] read the saved "
+              "dict's keys / tuple's items (also batch.kwargs, batch.args)")
+
 _INT8_ROW_SCALE = _option(
     "--int8-row-scale", type=click.Choice(["bnb", "paper"]), default="bnb", show_default=True,
     help="LLM.int8 row absmax: bnb (sub-threshold values of outlier columns count, bitsandbytes) or paper "
@@ -482,7 +485,7 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
               help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches")
 @_option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
 @_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
-@_option("--loss", "loss_spec", default=None, help="module:function called as fn(output, batch) -> scalar loss; batch['labels'] / batch[0] read the saved dict's keys / tuple's items (also batch.kwargs, batch.args)")
+@_option("--loss", "loss_spec", default=None, help=_LOSS_HELP)
 @_option("--layers", default=None, help="regular expression on GEMM names (module path or weight name, "
               "'#qk'/'#pv'/'#matmul' for GEMMs of two activations): analyse only matching ones")
 @_option("--gemms", default="all", show_default=True, help=_GEMMS_HELP)
@@ -747,6 +750,7 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
 
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.weights_only import analyze_weights, classify, sweep_blocksize_weights
+    from fp8probe.report.verdict import nan_inf_warning
 
     n = sum(1 for e in ckpt.entries if not classify(e, include_embeddings).skip)
     try:
@@ -775,13 +779,9 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
     worst = ops.sort_values("sqnr_db", na_position="first").head(10)[
         ["layer", "strategy", "sqnr_db", "underflow_frac", "saturation_frac"]].to_dict("records")
     _weights_banner(results)
-    tensors = results.tables.get("tensors")
-    if tensors is not None and not tensors.empty and {"nan_count", "inf_count"} <= set(tensors.columns):
-        nan, inf = int(tensors["nan_count"].fillna(0).sum()), int(tensors["inf_count"].fillna(0).sum())
-        if nan or inf:  # (as a full analysis warns: counted, not fatal)
-            bad = list(dict.fromkeys(tensors.loc[(tensors["nan_count"] > 0) | (tensors["inf_count"] > 0), "layer"]))
-            click.echo(f"warning: {nan} NaN and {inf} Inf values in the weights of {len(bad)} layer(s): "
-                       + ", ".join(_printable(b) for b in bad[:3]) + (", ..." if len(bad) > 3 else ""), err=True)
+    nan_inf = nan_inf_warning(results.tables.get("tensors", []), "the weights")  # (as a full analysis warns)
+    if nan_inf:
+        click.echo(f"warning: {_printable(nan_inf)}", err=True)
     if sweeps:
         click.echo("note: --sweeps on weights only: the block-size sweep of the weights is in the results "
                    "(blocksize_sweep); the outlier-threshold sweep needs activations, so it did not run", err=True)
@@ -1010,7 +1010,7 @@ def _sweep_options(func):
                      help="module:function or file.py:function building the model for a state_dict"),
         _option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
         _option("--loss", "loss_spec", default=None,
-                     help="module:function called as fn(output, batch) -> scalar loss; batch['labels'] / batch[0] read the saved dict's keys / tuple's items (also batch.kwargs, batch.args)"),
+                     help=_LOSS_HELP),
         _option("--layers", default=None, help="regular expression on GEMM names: sweep only matching ones"),
         _option("--gemms", default="all", show_default=True, help=_GEMMS_HELP),
         _option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),

@@ -452,10 +452,7 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", f"pickled {type(obj).__name__} from {path.name}")
     obj, nested = unwrap_state_dict(obj)
-    if nested is not None:
-        path_desc = f"{path.name}[{nested!r}]"
-    else:
-        path_desc = path.name
+    path_desc = path.name if nested is None else f"{path.name}[{nested!r}]"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if factory is None:
             raise LoadError(f"{path} holds a state_dict: pass --factory module:function (or file.py:function) "
@@ -503,7 +500,8 @@ def _read_safetensors_state_dict(path: Path) -> dict:
 NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 
 
-def _is_state_dict(obj: Any) -> bool:
+def is_state_dict(obj: Any) -> bool:
+    """A non-empty dict of str → tensor."""
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                        for k, v in obj.items())
 
@@ -511,9 +509,9 @@ def _is_state_dict(obj: Any) -> bool:
 def unwrap_state_dict(obj: Any) -> tuple[Any, str | None]:
     """(the state_dict, None) when ``obj`` is one; (the one nested under a NESTED_STATE_KEYS key, that key) for a
     training checkpoint dict holding one; else (obj, None)."""
-    if isinstance(obj, dict) and not _is_state_dict(obj):
+    if isinstance(obj, dict) and not is_state_dict(obj):
         for key in NESTED_STATE_KEYS:
-            if _is_state_dict(obj.get(key)):
+            if is_state_dict(obj.get(key)):
                 return obj[key], key
     return obj, None
 

@@ -604,13 +604,18 @@ def _int8_cols(x: torch.Tensor) -> torch.Tensor:
     return (q_col.float() * col_stats.float()[None, :] / 127.0).to(x.dtype)
 
 
+def _nan_lines(t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """AG.nan_lines of a site's operand, once per shared_site() block (int8 and switchback read the same A and W)."""
+    return None if t is None else _shared("nan-lines", lambda: (AG.nan_lines(t),), t)[0]  # (a tuple: None is kept)
+
+
 def _int8_nans(out: StrategyOutput, A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
                int8_wgrad: bool) -> StrategyOutput:
     """A direct int8 replay's GEMMs with the NaN the autograd functions put where the float products have one
     (AG.nan_lines / AG.with_nans, per slice of a batched site): fprop on the NaN rows of A and W, dgrad on W's
     NaN columns and, where wgrad is an int8 product (MatMul8bitLt, not SwitchBack), wgrad on G's and A's."""
-    a, w = AG.nan_lines(A), AG.nan_lines(W)
-    g = AG.nan_lines(G) if int8_wgrad else None
+    a, w = _nan_lines(A), _nan_lines(W)
+    g = _nan_lines(G) if int8_wgrad else None
     gemms = out.gemms
     if a is not None or w is not None:
         gemms["fprop"] = AG.with_nans(gemms["fprop"], a and a[0], w and w[0])

@@ -266,12 +266,13 @@ class _ThresholdSweep:
                 ref = a.double() @ w.double().T
                 tokens = a.shape[0]
                 acc.tokens += tokens
+                qa, qw = quantisable(a), quantisable(w)  # (once per slice, not per threshold)
                 for th in self.thresholds:
                     state = MatmulLtState()
                     state.threshold = th
                     state.is_training = False
                     state.row_scale = self.row_scale
-                    out = MatMul8bitLt.apply(quantisable(a), quantisable(w), None, None, state)
+                    out = MatMul8bitLt.apply(qa, qw, None, None, state)
                     acc.err.setdefault(th, ErrorAccumulator()).update(ref, out)
                     n_cols = 0 if state.idx is None else int(state.idx.numel())
                     # Token-weighted mean over batches of the per-batch fraction of 16-bit columns: each

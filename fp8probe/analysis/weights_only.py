@@ -26,7 +26,8 @@ from fp8probe.autograd import get_block_sizes
 from fp8probe.formats import FORMATS
 
 from .capture import libc_function, release_free_memory
-from .loading import LoadError, _is_export_archive, _is_torchscript, _zip_names, one_line, sniff, unwrap_state_dict
+from .loading import (LoadError, _is_export_archive, _is_torchscript, _zip_names, is_state_dict, one_line, sniff,
+                      unwrap_state_dict)
 from .metrics import TOP_K, ErrorAccumulator, OperandAccumulator, TensorStats
 from .results import Results
 from .strategies import WEIGHT_QUANTIZERS, Strategy, quantisable, resolve
@@ -273,9 +274,7 @@ def load_state_dict_mmap(path: Path) -> dict[str, torch.Tensor] | None:
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile):
         return None
     obj, _ = unwrap_state_dict(obj)  # (a training checkpoint: its "state_dict" / "model" entry)
-    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        return obj
-    return None
+    return obj if is_state_dict(obj) else None
 
 
 def _index_shards(index: Path) -> list[Path]:

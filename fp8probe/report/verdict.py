@@ -137,6 +137,18 @@ def coverage_summary(coverage: Records, meta_coverage: Mapping | None = None) ->
     return None
 
 
+def nan_inf_warning(tensors: Records, where: str = "captured tensors") -> str | None:
+    """The NaN/Inf warning of a ``tensors`` table (counted per layer and tensor, never fatal), else None."""
+    rows = records(tensors)
+    nan = sum(int(_num(r.get("nan_count")) or 0) for r in rows)
+    inf = sum(int(_num(r.get("inf_count")) or 0) for r in rows)
+    if not (nan or inf):
+        return None
+    bad = list(dict.fromkeys(r["layer"] for r in rows
+                             if (_num(r.get("nan_count")) or 0) or (_num(r.get("inf_count")) or 0)))
+    return f"{nan} NaN and {inf} Inf values in {where} of {len(bad)} layer(s): {_names(bad, 3)}"
+
+
 def nonfinite_operands_warning(metadata: Mapping) -> str | None:
     """A sweep's NaN/Inf warning (metadata.nonfinite_operands: sweeps keep no tensors table), else None."""
     info = metadata.get("nonfinite_operands") or {}
@@ -230,18 +242,15 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     if loss.get("kind") == "surrogate":
         warnings.append("gradients come from a surrogate loss (mean of squared outputs): pass --loss module:function "
                         "for your training loss")
-    nan = sum(int(_num(r.get("nan_count")) or 0) for r in t.get("tensors", []))
-    inf = sum(int(_num(r.get("inf_count")) or 0) for r in t.get("tensors", []))
-    if nan or inf:
-        bad = list(dict.fromkeys(r["layer"] for r in t["tensors"]
-                                 if (_num(r.get("nan_count")) or 0) or (_num(r.get("inf_count")) or 0)))
-        warnings.append(f"{nan} NaN and {inf} Inf values in captured tensors of {len(bad)} layer(s): {_names(bad, 3)}")
+    tensors_nan_inf = nan_inf_warning(t.get("tensors", []))
+    if tensors_nan_inf:
+        warnings.append(tensors_nan_inf)
     diverged = [f"{'high precision' if r.get('strategy') == 'hp' else r.get('strategy')} ({r.get('note')})"
                 for r in t.get("training", []) if str(r.get("note") or "").startswith("diverged")]
     if diverged:
         warnings.append(f"the training simulation diverged: {_names(diverged, 4)}; lower --lr")
     sweep_nonfinite = nonfinite_operands_warning(metadata)
-    if sweep_nonfinite and not (nan or inf):
+    if sweep_nonfinite and not tensors_nan_inf:
         warnings.append(sweep_nonfinite)
     # GEMMs left out by the user's own --layers / --gemms are not a warning (the coverage line lists them)
     unwanted = {k: v for k, v in coverage["skipped"].items() if not _chosen_skip(k)} if coverage else {}
