@@ -584,7 +584,6 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             resolve_callable(optimizer_spec)
         except (LoadError, ValueError) as exc:
             raise _fail(exc, "--optimizer") from exc
-    _note_unused_options(strategy, steps)
     if steps and (no_grad or stream):
         raise UsageFailure(f"--steps trains the model, which needs gradients: expected --steps 0 with "
                            f"{'--stream' if stream else '--no-grad'}, got --steps {steps}")
@@ -598,6 +597,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
     ckpt = None if stream else _weights_checkpoint(model, inputs, factory)
+    # (a weights-only run names every model-run option it did not use in its own note, --lr included)
+    _note_unused_options(strategy, steps, model_run=ckpt is None)
     if ckpt is not None:
         if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
             return
@@ -708,7 +709,7 @@ _MODEL_RUN_OPTIONS = ("threshold", "batches", "seed", "loss_spec", "no_e2e", "bu
                       "lr", "optimizer_spec", "no_grad", "gemms", "device")
 
 
-def _note_unused_options(strategy: str, steps: int) -> None:
+def _note_unused_options(strategy: str, steps: int, model_run: bool = True) -> None:
     """One stderr note naming the options the user set that no chosen recipe (or no training run) uses."""
     from fp8probe.analysis.strategies import resolve
 
@@ -723,12 +724,12 @@ def _note_unused_options(strategy: str, steps: int) -> None:
         unused += _given(("int8_row_scale",))
     if not names - {"int8", "switchback"}:  # (exact int32 GEMMs: no FP8 accumulation to simulate)
         unused += _given(("accum_bits", "promote_every"))
-    if not steps:
+    if not steps and model_run:
         unused += _given(("lr", "optimizer_spec"))
     if unused:
         click.echo(f"note: {', '.join(unused)} had no effect here (no recipe or run of this command uses "
                    f"{'it' if len(unused) == 1 else 'them'}: --strategy {strategy}"
-                   f"{'' if steps else ', no --steps'})", err=True)
+                   f"{'' if steps or not model_run else ', no --steps'})", err=True)
 
 
 def _given(names: Sequence[str]) -> list[str]:

@@ -501,6 +501,18 @@ def test_analyze_sweeps_on_weights_only_runs_the_weight_sweep_and_names_unused_o
     assert plain.exit_code == 0 and "had no effect" not in plain.output and "--sweeps" not in plain.output
 
 
+def test_weights_only_names_lr_without_steps_in_one_note(tmp_path) -> None:
+    """--lr without --steps on a checkpoint was named twice: by the recipe-option note ("no --steps") and by the
+    weights-only one."""
+    gen = torch.Generator().manual_seed(10)
+    torch.save({"a.weight": torch.randn(32, 64, generator=gen)}, tmp_path / "sd.pt")
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "--lr", "0.1", "--strategy", "global",
+                                   "--margin", "1", "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("--lr") == 1 and "--lr act on a model run and had no effect" in res.output
+    assert "note: --margin had no effect here" in res.output and "no --steps" not in res.output
+
+
 def test_weights_only_run_warns_of_nan_and_inf_in_the_terminal(tmp_path) -> None:
     """The HTML report had the warning, the terminal (the CI log) did not."""
     gen = torch.Generator().manual_seed(10)
