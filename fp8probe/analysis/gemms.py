@@ -485,7 +485,8 @@ class _Interceptor:
         scores = self._run(qk, lambda: q @ k.mT, r_qk, counted=True)
         s32 = scores.float() * (1.0 / math.sqrt(E) if scale is None else scale)
         if is_causal:
-            causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L if S >= L else 0)
+            # top-left aligned, as torch documents is_causal (query i sees keys 0..i whatever S - L is)
+            causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=0)
             s32 = s32.masked_fill(~causal, float("-inf"))
         if attn_mask is not None:
             s32 = s32.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s32 + attn_mask.float()

@@ -147,6 +147,18 @@ class _Mixed(nn.Module):
         return torch.addmm(self.b, c.reshape(-1, 16), self.w).sum(0)
 
 
+@pytest.mark.parametrize("L,S", [(3, 5), (5, 3), (4, 4)])
+def test_causal_sdpa_under_interception_is_torchs_own(L: int, S: int) -> None:
+    """is_causal with fewer queries than keys (a KV-cache step) was masked bottom-right under interception: the
+    model's output changed by up to 1.2 with a handler that replaces nothing."""
+    gen = torch.Generator().manual_seed(L * 10 + S)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for n in (L, S, S))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.no_grad(), intercept(nn.Identity(), GemmHandler(), Coverage()):
+        got = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_every_site_replaced_by_its_own_normal_form_gives_the_model_output() -> None:
     torch.manual_seed(3)
     model, x = _Mixed(), torch.randn(2, 6, 16)
