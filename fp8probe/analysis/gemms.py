@@ -37,9 +37,10 @@ other                 (named)    no GEMM normal form (einsum with more than two 
 Names: a GEMM with a weight is named after that parameter (``layers.0.linear1.weight`` →
 ``layers.0.linear1``, ``self_attn.in_proj_weight`` → ``self_attn.in_proj``); other GEMMs after the
 module running them plus the op (``layers.0.self_attn#qk``, ``blocks.1#matmul``); ``#k`` is
-appended to the k-th reuse within one forward. A wrapper prefix that every parameter shares
-(``torch.export`` of a ``Wrapper(model)`` gives ``m.model.layers…``) is dropped, as long as no
-parameter is left without a module path, so eager and exported runs of a model share names.
+appended to the k-th reuse within one forward. Names are the paths of ``model.named_modules()`` as they
+are, whatever the loading path: a prefix every parameter shares is kept (a backbone under a parameter-free
+head is ``backbone.0``, as ``--layers`` and a weights-only run of its state dict name it; a ``torch.export``
+of a ``Wrapper(model)`` is named under the wrapper's attribute, ``m.layers.0``).
 
 Handler API
 -----------
@@ -72,6 +73,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 try:
@@ -252,28 +254,19 @@ def _param_name(owner: str, attr: str) -> str:
 
 
 class _Namer:
-    """Module path + op names, parameter-derived names for weights, wrapper prefix stripped, reuse counted."""
+    """Module path + op names, parameter-derived names for weights, reuse counted."""
 
     def __init__(self, model: nn.Module) -> None:
         self.params: dict[int, list[tuple[str, str]]] = {}
-        owners: list[list[str]] = []
+        # Modules whose weight is computed from parameters on each access (weight_norm, spectral_norm, any
+        # torch.nn.utils.parametrize): the tensor their op gets is their weight, although no parameter.
+        self.parametrized: set[str] = set()
         for path, mod in model.named_modules(remove_duplicate=False):
             for attr, p in mod._parameters.items():
-                if p is None:
-                    continue
-                self.params.setdefault(id(p), []).append((path, attr))
-                owners.append(path.split(".") if path else [])
-        # Strip the longest module-path prefix every parameter owner shares, leaving each owner at
-        # least one component (nn.Sequential(Linear) keeps "0").
-        prefix: list[str] = []
-        if owners:
-            shortest = min(len(o) for o in owners)
-            for i in range(shortest - 1):
-                if all(o[i] == owners[0][i] for o in owners):
-                    prefix.append(owners[0][i])
-                else:
-                    break
-        self.prefix = ".".join(prefix)
+                if p is not None:
+                    self.params.setdefault(id(p), []).append((path, attr))
+            if parametrize.is_parametrized(mod, "weight"):
+                self.parametrized.add(path)
         self.seen: Counter = Counter()
 
     def enter(self, path: str, module: nn.Module) -> list[int]:
@@ -292,11 +285,6 @@ class _Namer:
         for key in added:
             self.params.pop(key, None)
 
-    def strip(self, path: str) -> str:
-        if self.prefix and (path == self.prefix or path.startswith(self.prefix + ".")):
-            return path[len(self.prefix) + 1:]
-        return path
-
     def weight(self, t: torch.Tensor) -> tuple[str, str] | None:
         """(owner path, attr) of a model parameter ``t`` (or of the parameter a transposed view of it comes from)."""
         hit = self.params.get(id(t))
@@ -306,15 +294,16 @@ class _Namer:
 
     def name(self, module_path: str, op_suffix: str, weight: torch.Tensor | None = None) -> str:
         base = None
-        if weight is not None:
+        if weight is not None and module_path in self.parametrized and self.weight(weight) is None:
+            base = _param_name(module_path, "weight")
+        elif weight is not None:
             owners = self.params.get(id(weight)) or self.params.get(id(weight._base)) or []
             # A tied weight (GPT-2's lm_head / wte) is named after the module running the GEMM.
             own = [o for o in owners if o[0] == module_path] or owners
             if own:
-                base = _param_name(self.strip(own[0][0]), own[0][1])
+                base = _param_name(own[0][0], own[0][1])
         if base is None:
-            path = self.strip(module_path)
-            base = f"{path}#{op_suffix}" if path else f"#{op_suffix}"
+            base = f"{module_path}#{op_suffix}" if module_path else f"#{op_suffix}"
         k = self.seen[base]
         self.seen[base] = k + 1
         return base if k == 0 else f"{base}#{k}"
@@ -371,7 +360,7 @@ class _Interceptor:
         if not _is_float(x, w):
             return self.other("linear", 0.0, "non-floating-point operands", original)
         lead, n, k = x.shape[:-1], w.shape[0], w.shape[-1]
-        weight = w if self.namer.weight(w) else None
+        weight = w if self.namer.weight(w) or self.path in self.namer.parametrized else None
         if weight is not None and 0 in w.shape:
             # Linear(0, n) / Linear(n, 0): a GEMM without elements has no error to measure (and its
             # operands cannot even be flattened to [tokens, features]); fine when --layers leaves it out.
@@ -454,6 +443,18 @@ class _Interceptor:
         def finish(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(out_dims).permute(inv)
 
+        # A parameter contracted without a batch index ("bi,io->bo", "bhd,hdo->bo") is a weight, as in x @ W:
+        # the weight's quantiser, its name, kind linear. On the left ("oi,bi->bo") the GEMM is transposed so
+        # that the weight is b.
+        w_right = bt == 1 and self.namer.weight(y) is not None
+        if w_right or (bt == 1 and self.namer.weight(x) is not None):
+            if w_right:
+                site = self._site("linear", "einsum", a[0], b[0], y, grad_to_gemm=lambda g: to_gemm(g)[0],
+                                  finish=finish)
+            else:
+                site = self._site("linear", "einsum", b[0], a[0], x, grad_to_gemm=lambda g: to_gemm(g)[0].mT,
+                                  finish=lambda t: finish(t.mT))
+            return self._run(site, original)
         site = self._site("matmul", "einsum", a, b, None, grad_to_gemm=to_gemm, finish=finish)
         return self._run(site, original)
 
@@ -513,7 +514,7 @@ class _Interceptor:
         nb, cin, cout, g = xb.shape[0], xb.shape[1], w.shape[0], groups
         rows, kdim, ng = nb * math.prod(out_sp), (cin // g) * math.prod(ksz), cout // g
         shapes = ((rows, kdim), (cout, kdim)) if g == 1 else ((g, rows, kdim), (g, ng, kdim))
-        weight = w if self.namer.weight(w) else None
+        weight = w if self.namer.weight(w) or self.path in self.namer.parametrized else None
 
         def operands() -> tuple[torch.Tensor, torch.Tensor]:
             cols = im2col(xb, ksz, stride, pads, dilation)          # [N·L, C·k]
@@ -698,7 +699,8 @@ def _dispatch(icp: _Interceptor, func: Any, args: tuple, kwargs: dict, original:
     if func is aten.convolution.default:
         x, w, b, stride, padding, dilation, transposed, _, groups = args[:9]
         if transposed:
-            return icp.other(f"conv_transpose{w.dim() - 2}d", 0.0, "transposed convolution (no im2col)", original)
+            op = f"conv_transpose{w.dim() - 2}d"
+            return icp.other(op, _other_flops(op, (x, w)), "transposed convolution (no im2col)", original)
         return icp.conv(original, f"conv{w.dim() - 2}d", x, w, b, stride, padding, dilation, groups)
     if func in _EINSUM:
         if func is aten.einsum.default:
@@ -706,12 +708,33 @@ def _dispatch(icp: _Interceptor, func: Any, args: tuple, kwargs: dict, original:
         else:
             eq, ops = args[0], list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
         return icp.einsum(original, eq, ops)
+    if func in _INNER:
+        x, y = _bind("input", "other")(args, kw)
+        if _is_float(x, y) and x.dim() >= 1 and y.dim() == 2:  # inner(x, W) = x @ Wᵀ
+            return icp.matmul(original, "inner", x, y.mT)
+    if func in _ADDBMM:
+        inp, b1, b2 = _bind("input", "batch1", "batch2")(args, kw)
+        if _is_float(b1, b2) and b1.dim() == 3 and b2.dim() == 3 and b1.shape[0] == b2.shape[0]:
+            # Σ_b batch1[b] @ batch2[b] is one GEMM contracting (b, k): [n, B·k] @ [B·k, p]
+            nb, n, k = b1.shape
+            return icp.matmul(original, "addbmm", b1.permute(1, 0, 2).reshape(n, nb * k),
+                              b2.reshape(nb * k, b2.shape[2]), addend=inp, beta=kw.get("beta", 1),
+                              alpha=kw.get("alpha", 1))
+    if func in _TENSORDOT:
+        a, b, dims = _bind("a", "b", "dims", defaults=(2,))(args, kw)
+        form = _tensordot_form(a, b, dims) if _is_float(a, b) else None
+        if form is not None:
+            a2, b2, out_shape = form
+            m, n = a2.shape[0], b2.shape[1]
+            return icp.matmul(lambda: original().reshape(m, n), "tensordot", a2, b2).reshape(out_shape)
     if func in _OTHER:
         op = _OTHER[func]
         reason = ("transposed convolution (no im2col)" if op.startswith("conv_transpose")
                   else "already a low-precision GEMM" if op in ("_scaled_mm", "_int_mm")
                   else "fused attention kernel (export without decompositions to capture it)"
-                  if op.startswith("scaled_dot_product") else f"{op} has no GEMM normal form")
+                  if op.startswith("scaled_dot_product")
+                  else f"{op}: a chain of GEMMs in one call (written as matmuls, each is captured)"
+                  if op in ("multi_dot", "chain_matmul") else f"{op} has no GEMM normal form")
         return icp.other(op, _other_flops(op, args), reason, original)
     return NotImplemented
 
@@ -731,9 +754,56 @@ def _other_flops(op: str, args: tuple) -> float:
         if op.startswith("conv_transpose") and len(ts) >= 2:
             x, w = ts[0], ts[1]
             return 2.0 * x.numel() * w.shape[1] * math.prod(w.shape[2:])
-    except (IndexError, RuntimeError):
+        if op == "bilinear" and len(ts) >= 3:  # y[n, o] = Σ_ij x1[n, i] W[o, i, j] x2[n, j]
+            x1, w = ts[0], ts[2]
+            return 2.0 * (x1.numel() // max(x1.shape[-1], 1)) * w.numel()
+        if op in ("multi_dot", "chain_matmul"):
+            mats = [t for t in (args[0] if args and isinstance(args[0], (list, tuple)) else ts)
+                    if isinstance(t, torch.Tensor)]
+            return _chain_flops(mats)
+        if op == "tensordot" and len(ts) >= 2:  # (one whose dims did not resolve: 2 · every index once)
+            return 2.0 * math.sqrt(float(ts[0].numel()) * ts[1].numel())
+    except (IndexError, RuntimeError, TypeError):
         pass
     return 0.0
+
+
+def _chain_flops(mats: list[torch.Tensor]) -> float:
+    """FLOPs of multi_dot / chain_matmul in the cheapest bracketing (the one torch picks; a 1-D first or last
+    operand is a row or a column vector)."""
+    if len(mats) < 2:
+        return 0.0
+    dims = [mats[0].shape[0] if mats[0].dim() == 2 else 1] + [t.shape[-1] if t.dim() == 2 else 1 for t in mats]
+    n = len(mats)
+    cost = [[0.0] * n for _ in range(n)]
+    for span in range(1, n):
+        for i in range(n - span):
+            j = i + span
+            cost[i][j] = min(cost[i][s] + cost[s + 1][j] + dims[i] * dims[s + 1] * dims[j + 1] for s in range(i, j))
+    return 2.0 * cost[0][n - 1]
+
+
+def _tensordot_form(a: torch.Tensor, b: torch.Tensor, dims: Any) -> tuple | None:
+    """tensordot(a, b, dims) as one GEMM: (a [M, K] with its free dims first, b [K, N], the output shape),
+    or None when ``dims`` does not name a contraction."""
+    try:
+        if isinstance(dims, torch.Tensor):
+            dims = dims.tolist()
+        if isinstance(dims, int):
+            da, db = list(range(a.dim() - dims, a.dim())), list(range(dims))
+        else:
+            da, db = ([d] if isinstance(d, int) else list(d) for d in dims)
+        da, db = [d % a.dim() for d in da], [d % b.dim() for d in db]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not da or len(da) != len(db) or any(a.shape[i] != b.shape[j] for i, j in zip(da, db)):
+        return None
+    fa, fb = [d for d in range(a.dim()) if d not in da], [d for d in range(b.dim()) if d not in db]
+    k = math.prod(a.shape[d] for d in da)
+    out_shape = [a.shape[d] for d in fa] + [b.shape[d] for d in fb]
+    a2 = a.permute(fa + da).reshape(math.prod(a.shape[d] for d in fa), k)
+    b2 = b.permute(db + fb).reshape(k, math.prod(b.shape[d] for d in fb))
+    return a2, b2, out_shape
 
 
 T = torch.Tensor
@@ -748,8 +818,13 @@ _CONV = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", aten.conv1d
          aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d", aten.conv1d.padding: "conv1d",
          aten.conv2d.padding: "conv2d", aten.conv3d.padding: "conv3d"}
 _EINSUM = {torch.einsum, aten.einsum.default}
+# Captured when their operands have a GEMM form (else counted below as other): inner(x, W [n, k]) = x @ Wᵀ,
+# addbmm = one GEMM contracting the batch with k, tensordot = one GEMM of the permuted operands.
+_INNER = {torch.inner, T.inner}
+_ADDBMM = {torch.addbmm, T.addbmm, aten.addbmm.default}
+_TENSORDOT = {torch.tensordot}
 _OTHER = {torch.mv: "mv", T.mv: "mv", aten.mv.default: "mv", torch.dot: "dot", T.dot: "dot", aten.dot.default: "dot",
-          torch.vdot: "vdot", torch.inner: "inner", torch.outer: "outer", torch.tensordot: "tensordot",
+          torch.vdot: "vdot", torch.inner: "inner", T.inner: "inner", torch.outer: "outer", torch.tensordot: "tensordot",
           F.bilinear: "bilinear", torch.addmv: "addmv", torch.addbmm: "addbmm", T.addbmm: "addbmm",
           aten.addbmm.default: "addbmm", torch.chain_matmul: "chain_matmul", torch.linalg.multi_dot: "multi_dot",
           F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",

@@ -244,7 +244,90 @@ def test_unsupported_ops_are_skipped_with_reason_and_flops() -> None:
     assert any(k.startswith("conv_transpose2d: transposed convolution") for k in s["skipped"])
 
 
-def test_wrapped_export_and_eager_share_names_and_numbers() -> None:
+class _WeightForms(nn.Module):
+    """One weight [in, out] used as x @ W, and through einsum (right and left), inner, tensordot."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.W = nn.Parameter(torch.randn(32, 24) / 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:        # x [4, 8, 32]
+        if self.form == "einsum":
+            return torch.einsum("bti,io->bto", x, self.W)
+        if self.form == "einsum-left":
+            return torch.einsum("io,bti->bto", self.W, x)
+        if self.form == "inner":
+            return torch.inner(x, self.W.t())
+        if self.form == "tensordot":
+            return torch.tensordot(x, self.W, dims=1)
+        return x @ self.W
+
+
+@pytest.mark.parametrize("form", ["einsum", "einsum-left", "inner", "tensordot"])
+def test_a_weight_through_einsum_inner_or_tensordot_is_the_weight_of_x_at_w(form: str) -> None:
+    """A parameter used through einsum was an activation (its quantiser, name #einsum, kind matmul); inner and
+    tensordot were skipped as having no GEMM normal form."""
+    torch.manual_seed(8)
+    x = torch.randn(4, 8, 32)
+    ref = _WeightForms("matmul")
+    model = _WeightForms(form)
+    model.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    calls, cov = _capture(model, x)
+    want, _ = _capture(ref, x)
+    assert list(calls) == ["W"] and calls["W"].kind == "linear" and calls["W"].b_is_weight
+    assert cov.summary()["flop_share"] == 1.0
+    for attr in ("activation", "weight", "grad_output"):
+        torch.testing.assert_close(getattr(calls["W"], attr), getattr(want["W"], attr), rtol=0, atol=0)
+    a = analyze(model, [x], "ocp-blockwise,nvfp4").tables["gemm"].set_index(["layer", "strategy", "gemm"])["sqnr_db"]
+    b = analyze(ref, [x], "ocp-blockwise,nvfp4").tables["gemm"].set_index(["layer", "strategy", "gemm"])["sqnr_db"]
+    assert (a - b).abs().max() < 1e-9
+
+
+def test_a_parametrized_weight_is_its_modules_weight() -> None:
+    """weight_norm's weight (computed from two parameters on each forward) was an activation named wn#linear."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(32, 16)), nn.ReLU(), nn.Linear(16, 4))
+    calls, _ = _capture(model, torch.randn(8, 32))
+    assert sorted(calls) == ["0", "2"]
+    assert calls["0"].kind == "linear" and calls["0"].b_is_weight and calls["0"].grad_output is not None
+    torch.testing.assert_close(calls["0"].weight, model[0].weight.detach())
+
+
+class _ChainOps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.A, self.B = nn.Parameter(torch.randn(16, 16) / 4), nn.Parameter(torch.randn(16, 40) / 4)
+        self.bil = nn.Bilinear(16, 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:        # x [6, 16]
+        y = torch.linalg.multi_dot([x, self.A, self.B])          # (x·A)·B: 2·6·16·16 + 2·6·16·40 FLOPs
+        z = torch.addbmm(torch.zeros(6, 16), x.expand(3, 6, 16), self.A.expand(3, 16, 16))   # 3·2·6·16·16
+        w = self.bil(x, x[:, :8])                                  # 2·6·4·16·8
+        return y.sum() + z.sum() + w.sum()
+
+
+def test_chains_addbmm_and_bilinear_count_their_flops() -> None:
+    """multi_dot and bilinear were counted with 0 FLOPs (the captured share read 100 %); addbmm was skipped."""
+    torch.manual_seed(9)
+    x = torch.randn(6, 16)
+    calls, cov = _capture(_ChainOps(), x)
+    assert list(calls) == ["#addbmm"] and calls["#addbmm"].grad_output is not None
+    torch.testing.assert_close(calls["#addbmm"].activation, x.repeat(1, 3))
+    table = cov.table().set_index("op")
+    assert table.loc["multi_dot", "gflops"] * 1e9 == pytest.approx(2 * 6 * 16 * 16 + 2 * 6 * 16 * 40)
+    assert "a chain of GEMMs" in table.loc["multi_dot", "reason"]
+    assert table.loc["bilinear", "gflops"] * 1e9 == pytest.approx(2 * 6 * 4 * 16 * 8)
+    captured = 3 * 2 * 6 * 16 * 16
+    total = captured + 2 * 6 * 16 * 16 + 2 * 6 * 16 * 40 + 2 * 6 * 4 * 16 * 8
+    assert cov.summary()["flop_share"] == pytest.approx(captured / total)
+
+
+def test_wrapped_export_is_named_under_the_wrapper_with_the_eager_numbers() -> None:
+    """Names are module paths as they are (a prefix every parameter shares was stripped: a backbone under a
+    parameter-free head lost its name, and --layers with the module path matched nothing)."""
     class Wrapper(nn.Module):
         def __init__(self, inner: nn.Module) -> None:
             super().__init__()
@@ -256,8 +339,8 @@ def test_wrapped_export_and_eager_share_names_and_numbers() -> None:
     model, x = _encoder(), torch.randn(2, 5, 16)
     eager = analyze(model, [x], "ocp-rowwise")
     exported = analyze(from_exported_program(torch.export.export(Wrapper(model), (x,))), [x], "ocp-rowwise")
-    assert exported.tables["layers"]["layer"].tolist() == eager.tables["layers"]["layer"].tolist()
-    a = exported.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
+    assert exported.tables["layers"]["layer"].tolist() == ["m." + n for n in eager.tables["layers"]["layer"]]
+    a = exported.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"].rename(lambda n: n[2:], level=0)
     b = eager.tables["gemm"].set_index(["layer", "gemm"])["sqnr_db"]
     assert len(a) == 13 * 3
     assert (a - b).abs().max() < 1e-3
