@@ -215,9 +215,28 @@ def model_forward(model: Any, batch: Batch, gemms: Gemms) -> Any:
 
 
 def _float_params(model: Any) -> list[tuple[str, torch.Tensor]]:
+    """The parameters training would update: the float ones that require grad (a frozen embedding or backbone,
+    a LoRA base stays out of the gradient comparison and of --steps), or every float one when none does (a
+    model saved with requires_grad_(False) throughout: nothing would train otherwise; frozen_note says so)."""
     if not isinstance(model, nn.Module):
         return []
-    return [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    floats = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    return [(n, p) for n, p in floats if p.requires_grad] or floats
+
+
+def frozen_note(model: Any) -> str:
+    """What the gradient comparison and the training simulation leave out or unfreeze ("" for neither)."""
+    if not isinstance(model, nn.Module):
+        return ""
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    frozen = [p for p in floats if not p.requires_grad]
+    if not frozen:
+        return ""
+    if len(frozen) == len(floats):
+        return (f"no parameter of the model requires grad: all {len(floats)} float parameter tensors are compared "
+                "and trained as if trainable")
+    return (f"{len(frozen)} of {len(floats)} float parameter tensors are frozen (requires_grad False): they stay "
+            "frozen and out of the gradient comparison")
 
 
 def _output_tensor(output: Any, gemms: Gemms) -> tuple[torch.Tensor | None, str]:
@@ -366,6 +385,7 @@ class Runner:
         # FSDP2 keeps each rank's shard in the parameters (DTensors); autograd.grad cannot give their
         # full gradients, so the per-parameter gradient comparison is left out and said so.
         self.grad_note = FSDP_GRAD_NOTE if distributed.lockstep(module) else ""
+        self.frozen_note = frozen_note(module)
 
     def _run(self, plan: Plan, i: int, grads: bool, state: Any = None, against: list | None = None
              ) -> tuple[torch.Tensor, Any, Gemms, list | None]:
@@ -462,8 +482,8 @@ class Runner:
             sqnr, kl, top1 = cmp[s.name].result(self.distribution)
             gsq, zero = self._grad_sqnr(grad_acc[s.name])
             f_lp, f_all = flops[s.name]
-            note = "; ".join(x for x in (self.output_note, self.grad_note, zero, _loss_note(hp), self.kl_note())
-                             if x)
+            note = "; ".join(x for x in (self.output_note, self.grad_note, self.frozen_note, zero, _loss_note(hp),
+                                         self.kl_note()) if x)
             outcomes[s.name] = Outcome(hp, loss_lp[s.name] / n, sqnr, kl, top1, f_lp / f_all if f_all else 0.0,
                                        note, gsq)
         return outcomes
@@ -918,6 +938,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
         note = "" if bad is None else f"diverged: loss not finite from step {bad + 1}"
         if strat is None:
             theta_hp, final_hp, hp_note = theta, final, note
+            note = "; ".join(x for x in (note, runner.frozen_note) if x)
             ratio, drift = (1.0, 0.0) if math.isfinite(final) else (math.nan, 0.0)
         else:
             moved = float((theta_hp - theta0).norm())

@@ -303,6 +303,34 @@ def test_training_with_an_optimizer_factory_and_the_analyze_api() -> None:
     assert res.metadata["training"]["steps"] == 3
 
 
+def test_frozen_parameters_stay_frozen_in_training_and_out_of_the_gradient_comparison() -> None:
+    """--steps handed every float parameter to the optimizer (a frozen embedding and backbone were trained), and
+    the end-to-end gradient SQNR included the frozen ones."""
+    model, batches = P.build(False)
+    trainable = [n for n, p in model.named_parameters()][-2:]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable}
+    seen = []
+
+    def sgd(params, lr):
+        seen.append(len(params))
+        return torch.optim.SGD(params, lr=lr)
+
+    runner = _runner(model, batches)
+    assert [n for n, _ in runner.params] == trainable
+    table = E.simulate_training(runner, resolve("global"), 2, lr=0.5, optimizer=sgd)
+    assert seen == [2, 2]
+    assert "frozen (requires_grad False): they stay frozen" in table["note"].iloc[1]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert [p.requires_grad for p in model.parameters()] == [n in trainable for n, _ in model.named_parameters()]
+    out = runner.reference(resolve("global"))["global"]
+    assert set(out.grad_sqnr) <= set(trainable) and "frozen" in out.note
+    model.requires_grad_(False)
+    assert len(_runner(model, batches).params) == len(list(model.parameters()))
+    assert "no parameter of the model requires grad" in E.frozen_note(model)
+
+
 def test_training_divergence_is_noted_warned_and_shown(tmp_path: Path) -> None:
     """lr 1e30: the losses went NaN, the final row of the recipe dropped out of the report, the high-precision
     ratio read 1.0 beside an undefined loss, and nothing warned."""
