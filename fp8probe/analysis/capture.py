@@ -184,6 +184,7 @@ class _Recorder(GemmHandler):
         self.count = 0
         self.tapped = 0
         self.unmatched: list[str] = []  # names --layers left out (listed when it matched nothing)
+        self.no_grad: list[str] = []  # GEMMs run with autograd off inside a forward that has it on
         self.untrimmed = 0  # operand elements replayed since the heap was last trimmed
 
     def skip(self, site: GemmSite) -> str | None:
@@ -200,6 +201,8 @@ class _Recorder(GemmHandler):
             self.deliver(site.index, None)
             return y
         if not (isinstance(y, torch.Tensor) and y.requires_grad):
+            if not torch.is_grad_enabled():
+                self.no_grad.append(site.name)
             return y
         self.tapped += 1
         return _GradTap.apply(y, self.token, functools.partial(self.deliver, site.index))
@@ -353,6 +356,14 @@ def _nothing_captured(pattern: re.Pattern | None, seen: list[str], kinds: tuple[
             + ", ".join(names[:LIST_LAYERS]) + more)
 
 
+def _no_grad_gemms(names: list[str]) -> str:
+    """Why some GEMMs have fprop rows only while the loss reached the others."""
+    names = list(dict.fromkeys(names))
+    shown = ", ".join(names[:LIST_LAYERS]) + (f", … ({len(names)} in all)" if len(names) > LIST_LAYERS else "")
+    return (f"{len(names)} GEMM(s) ran with autograd off inside the model's forward (a custom autograd.Function, or "
+            f"torch.no_grad in the model), so they have fprop only and their backward is the model's own code: {shown}")
+
+
 def _forward(model: Callable, batch: Batch, rec: _Recorder, coverage: Coverage) -> Any:
     """The model's forward on ``batch`` with every GEMM through ``rec``; a failure is the inputs' LoadError."""
     if not (is_exported_graph(model) or isinstance(model, nn.Module)):
@@ -415,6 +426,9 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
         if rec.tapped and loss.requires_grad:
             # Only the token is differentiated: parameter .grad is never written and no wgrad is computed.
             torch.autograd.grad(loss, [token], allow_unused=True)
+            if rec.no_grad:
+                info = dataclasses.replace(info, no_gradient=_no_grad_gemms(rec.no_grad))
+                warnings.warn(info.no_gradient, RuntimeWarning, stacklevel=2)
         del loss
     rec.flush()
     return info

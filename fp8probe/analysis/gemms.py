@@ -877,11 +877,53 @@ def intercept(model: nn.Module, handler: GemmHandler, coverage: Coverage) -> Ite
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))
     try:
-        with _Mode(icp):
+        with _Mode(icp), without_recomputation():
             yield icp
     finally:
         for h in handles:
             h.remove()
+
+
+class _PlainCheckpoint:
+    """torch.utils.checkpoint's reentrant Function, replaced: the region runs once, recorded by autograd."""
+
+    @staticmethod
+    def apply(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
+        return function(*args)
+
+
+def _plain_checkpoint_context(function: Callable, preserve_rng_state: bool, *args: Any, **kwargs: Any) -> Iterator[None]:
+    """torch.utils.checkpoint's non-reentrant set-up and tear-down, replaced: none (checkpoint runs the region
+    between the generator's one yield and its end)."""
+    yield
+
+
+@contextmanager
+def without_recomputation() -> Iterator[None]:
+    """Activation checkpointing (torch.utils.checkpoint, which Hugging Face's gradient checkpointing calls) runs
+    each region once, as if the model did not checkpoint, for the block.
+
+    Why: a checkpointed region recomputes its forward inside the backward pass, outside the interception. The
+    reentrant kind runs the first forward with autograd off, so its GEMMs had no gradient (no dgrad or wgrad
+    rows); the non-reentrant kind checks that the recomputation saved what the forward did, and a recipe's
+    forward saves other tensors than the model's op (the end-to-end passes stopped with CheckpointError).
+    Checkpointing trades memory for time and changes no number (the recomputation reruns the same ops with the
+    same random state), so the analysis measures the same model. ``checkpoint`` looks both names up in its
+    module on every call, so replacing them there reaches callers that imported ``checkpoint`` itself.
+    Process-wide, like the checkpoint module: the analysis runs the model on one thread."""
+    import torch.utils.checkpoint as ckpt
+
+    saved = {name: getattr(ckpt, name, None) for name in ("CheckpointFunction", "_checkpoint_without_reentrant_generator")}
+    if None in saved.values():  # (a torch whose checkpoint is built otherwise: left as it is)
+        yield
+        return
+    ckpt.CheckpointFunction = _PlainCheckpoint
+    ckpt._checkpoint_without_reentrant_generator = _plain_checkpoint_context
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ckpt, name, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -912,7 +954,8 @@ class _GraphRunner(torch.fx.Interpreter):
 
 def is_gemm_target(target: Any) -> bool:
     """True for an aten overload this module recognises as a GEMM (or a GEMM-like op it counts as skipped)."""
-    return any(target in table for table in (_LINEAR, _MM, _ADDMM, _SDPA, _CONV, _EINSUM, _OTHER)) \
+    return any(target in table for table in (_LINEAR, _MM, _ADDMM, _SDPA, _CONV, _EINSUM, _INNER, _ADDBMM,
+                                             _TENSORDOT, _OTHER)) \
         or target is aten.convolution.default
 
 

@@ -1,6 +1,7 @@
 """Capture: names from module paths in eager and exported models, reused modules, gradients from the real backward."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -60,3 +61,85 @@ def test_exported_names_equal_eager(tiny_model, tiny_batches) -> None:
     assert [c.name for c in eager] == [c.name for c in exported]
     for a, b in zip(eager, exported):
         assert torch.equal(a.activation, b.activation) and torch.equal(a.grad_output, b.grad_output), a.name
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _Checkpointed(nn.Module):
+    """Two blocks under torch.utils.checkpoint (reentrant or not, or none), a head."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = block(x) if self.mode == "none" else checkpoint(block, x, use_reentrant=self.mode == "reentrant")
+        return self.head(x)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_activation_checkpointing_is_analysed_as_the_model_without_it(mode: str) -> None:
+    """Reentrant checkpointing left its GEMMs without dgrad/wgrad rows (their first forward runs with autograd
+    off), and the end-to-end passes stopped on non-reentrant checkpointing (CheckpointError: the recipes save
+    other tensors than the model's ops)."""
+    import torch.utils.checkpoint as ckpt
+
+    torch.manual_seed(0)
+    plain = _Checkpointed("none")
+    model = _Checkpointed(mode)
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 4, 16)
+    want = analyze(plain, [x], "global,int8")
+    got = analyze(model, [x], "global,int8")
+    for table in ("gemm", "e2e"):
+        assert got.tables[table].drop(columns="seconds", errors="ignore").equals(
+            want.tables[table].drop(columns="seconds", errors="ignore")), table
+    assert len(got.tables["gemm"]) == 5 * 2 * 3
+    assert not got.metadata["loss"].get("no_gradient")
+    assert ckpt.CheckpointFunction.__name__ == "CheckpointFunction"  # put back after the analysis
+    out = model(x.requires_grad_())
+    out.sum().backward()  # and the model still checkpoints as before
+    assert model.head.weight.grad is not None
+
+
+class _MyMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x
+
+
+class _CustomFn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_MyMatmul.apply(x, self.proj.weight))
+
+
+def test_gemms_inside_a_custom_function_are_named_as_fprop_only() -> None:
+    """Their dgrad/wgrad rows were missing with no word, and the coverage read 100 %."""
+    torch.manual_seed(1)
+    with pytest.warns(RuntimeWarning, match=r"1 GEMM\(s\) ran with autograd off .*: proj$"):
+        res = analyze(_CustomFn(), [torch.randn(4, 16)], "global", e2e=False)
+    assert "custom autograd.Function" in res.metadata["loss"]["no_gradient"]
+    assert set(res.tables["gemm"].query("layer == 'proj'")["gemm"]) == {"fprop"}
+    assert set(res.tables["gemm"].query("layer == 'head'")["gemm"]) == {"fprop", "dgrad", "wgrad"}
