@@ -861,6 +861,18 @@ class _Mode(TorchFunctionMode):
 @contextmanager
 def intercept(model: nn.Module, handler: GemmHandler, coverage: Coverage) -> Iterator[_Interceptor]:
     """Within the block, every GEMM ``model`` runs (eagerly, on this thread) goes through ``handler``."""
+    scripted: list[str] = []  # the outermost TorchScript modules
+    for path, mod in model.named_modules():
+        if isinstance(mod, torch.jit.ScriptModule) and not any(
+                s == "" or path.startswith(s + ".") for s in scripted):
+            scripted.append(path)
+    if scripted:
+        scripted = [path or "the model" for path in scripted]
+        # (its GEMMs run in the TorchScript interpreter, where no hook or function mode sees them)
+        shown = ", ".join(scripted[:4]) + (", ..." if len(scripted) > 4 else "")
+        raise LoadError(f"{shown} {'is a TorchScript module' if len(scripted) == 1 else 'are TorchScript modules'} "
+                        "(torch.jit.script or torch.jit.trace), which fp8probe cannot instrument: pass the eager "
+                        "module, or export it with torch.export.export(...) and torch.export.save(..., 'model.pt2')")
     icp = _Interceptor(model, handler, coverage)
     stack: list[tuple[str, list[int]]] = []
     handles = []

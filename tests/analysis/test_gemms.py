@@ -460,3 +460,22 @@ def test_multihead_attention_is_captured_without_torch_redispatch_function() -> 
     # the composite's body ran under the mode: its projections and its two batched products were captured
     assert kinds["att.in_proj"] == kinds["att.out_proj"] == "linear" and kinds["att#bmm"] == kinds["att#bmm#1"] == "matmul"
     assert runs["old-torch"] == runs["current"]
+
+
+@pytest.mark.parametrize("how", ["script", "trace", "inside"])
+def test_torchscript_modules_are_refused_by_name(how: str) -> None:
+    """A scripted module was blamed on the inputs (register_forward_pre_hook is not supported on ScriptModules),
+    a traced one "ran no GEMM"."""
+    from fp8probe.analysis.loading import LoadError
+
+    torch.manual_seed(11)
+    body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 8)
+    if how == "script":
+        model, name = torch.jit.script(body), "the model is"
+    elif how == "trace":
+        model, name = torch.jit.trace(body, x), "the model is"
+    else:
+        model, name = nn.Sequential(nn.Linear(8, 8), torch.jit.script(body)), "1 is"
+    with pytest.raises(LoadError, match=f"^{name} a TorchScript module .* torch.export"):
+        analyze(model, [x], "global", e2e=False)
