@@ -700,6 +700,9 @@ def _weights_banner(results: "object") -> None:
     if info.get("transposed"):  # absent from results written before the Conv1D layout was read
         click.echo(f"{len(info['transposed'])} weight(s) stored [in, out] (Hugging Face Conv1D) analysed as their "
                    "GEMM's [out, in] operand", err=True)
+    for layer, key in (info.get("tied") or {}).items():
+        click.echo(f"{key} is also the {layer} weight (tied word embeddings, stored once): analysed as {layer}",
+                   err=True)
     click.echo(f"note: {info['note']}", err=True)
 
 

@@ -14,7 +14,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -97,6 +97,8 @@ class TensorEntry:
     end: int = -1
     #: why the tensor cannot be read as a dense array ("" when it can): a sparse layout, a meta tensor
     unreadable: str = ""
+    #: the layer name when it is not the key's module path (a tied input embedding analysed as ``lm_head``)
+    layer: str = ""
 
     @property
     def numel(self) -> int:
@@ -373,6 +375,39 @@ def layer_name(key: str) -> str:
     return key[: -len(".weight")] if key.endswith(".weight") else key
 
 
+def entry_layer(entry: TensorEntry) -> str:
+    """The layer name of an analysed entry: its own (a tied embedding's "lm_head") or its key's module path."""
+    return entry.layer or layer_name(entry.key)
+
+
+#: Architectures whose output projection is ``lm_head`` and, with tie_word_embeddings, is the input embedding.
+LM_HEAD_ARCH = re.compile(r"(LMHeadModel|ForCausalLM|ForConditionalGeneration|WithLMHead)$")
+#: The input-embedding modules a tied LM head shares its weight with, in order of preference.
+INPUT_EMBEDDINGS = ("shared", "wte", "word_embeddings", "embed_tokens", "tok_embeddings")
+
+
+def tied_lm_head(ckpt: "Checkpoint") -> str | None:
+    """The key of the input embedding that is also the LM head's weight, when the checkpoint stores it once
+    (Hugging Face drops ``lm_head.weight`` when tie_word_embeddings is set): a config.json naming an LM-head
+    architecture without tie_word_embeddings false, or without a config GPT-2's ``transformer.wte``. None
+    when the checkpoint has its own ``lm_head.weight`` or no tied head. A full analysis runs that GEMM as
+    ``lm_head``, so the weights-only run analyses the embedding as that layer rather than skipping it."""
+    keys = {e.key for e in ckpt.entries}
+    if any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in keys):
+        return None
+    cfg = ckpt.config
+    if not cfg:
+        return "transformer.wte.weight" if "transformer.wte.weight" in keys else None
+    archs = cfg.get("architectures") or []
+    if cfg.get("tie_word_embeddings") is False or not any(isinstance(a, str) and LM_HEAD_ARCH.search(a) for a in archs):
+        return None
+    for leaf in INPUT_EMBEDDINGS:
+        found = sorted((k for k in keys if k == f"{leaf}.weight" or k.endswith(f".{leaf}.weight")), key=len)
+        if found:
+            return found[0]
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Row chunks
 # --------------------------------------------------------------------------------------------
@@ -596,7 +631,7 @@ def _conv1d_rule(ckpt: Checkpoint, transposed: str | None) -> Callable[[TensorEn
             pattern = re.compile(transposed)
         except re.error as exc:
             raise ValueError(f"transposed must be a valid regular expression, got {transposed!r} ({exc})") from None
-        return lambda e: len(e.shape) == 2 and bool(pattern.search(layer_name(e.key)))
+        return lambda e: len(e.shape) == 2 and bool(pattern.search(entry_layer(e)))
     conv1d = ckpt.model_type in HF_CONV1D_MODEL_TYPES or (
         ckpt.model_type is None and any(GPT2_KEY.search(e.key) for e in ckpt.entries))
     return lambda e: conv1d and len(e.shape) == 2 and bool(HF_CONV1D_KEY.search(e.key))
@@ -636,10 +671,14 @@ def _select(ckpt: Checkpoint, layers: str | None, include_embeddings: bool, tran
             raise ValueError(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from None
     is_transposed = _conv1d_rule(ckpt, transposed)
     total = sum(e.numel for e in ckpt.entries)
+    tied = tied_lm_head(ckpt)
     chosen, skipped = [], []
     for e in ckpt.entries:
-        sel = classify(e, include_embeddings)
-        reason = sel.skip or ("" if layers is None or pattern.search(layer_name(e.key)) else "not matched by --layers")
+        if e.key == tied and not e.unreadable and len(e.shape) == 2 and e.dtype in _FLOATS + _FP8:
+            e, sel = replace(e, layer="lm_head"), Selection(kind="linear")
+        else:
+            sel = classify(e, include_embeddings)
+        reason = sel.skip or ("" if layers is None or pattern.search(entry_layer(e)) else "not matched by --layers")
         if reason:
             skipped.append({"key": e.key, "shape": list(e.shape), "dtype": e.dtype_name, "numel": e.numel,
                             "param_share": e.numel / total if total else 0.0, "reason": reason})
@@ -666,7 +705,8 @@ def _metadata(ckpt: Checkpoint, name: str | None, model_desc: str | None, format
         "weights_only": {"note": WEIGHTS_ONLY_NOTE, "tensors": len(ckpt.entries), "analysed": len(chosen),
                          "skipped": len(skipped), "param_share_analysed": analysed / total if total else 0.0,
                          "skipped_share_by_reason": by_reason,
-                         "transposed": [layer_name(e.key) for e, _, t in chosen if t]},
+                         "transposed": [entry_layer(e) for e, _, t in chosen if t],
+                         "tied": {e.layer: e.key for e, _, _ in chosen if e.layer}},
     }
 
 
@@ -676,7 +716,7 @@ def _layer_row(entry: TensorEntry, kind: str, has_bias: bool, transposed: bool =
     if transposed:  # stored [in, out] (HF Conv1D, fused experts of Llama 4 / gpt-oss)
         in_f, out_f = out_f, in_f
     bsz, bsz2 = get_block_sizes(in_f, out_f)
-    return {"layer": layer_name(entry.key), "in_features": in_f, "out_features": out_f, "has_bias": has_bias,
+    return {"layer": entry_layer(entry), "in_features": in_f, "out_features": out_f, "has_bias": has_bias,
             "tokens": None, "bsz": bsz, "bsz2": bsz2, "kind": kind, "shape": list(entry.shape),
             "dtype": entry.dtype_name, "layout": "in,out" if transposed else "out,in",
             "experts": entry.shape[0] if kind == "experts" else None}
@@ -722,7 +762,7 @@ def analyze_weights(source: Checkpoint | str | Path, strategy: str | list[str] =
     layer_rows, operands, tensors, hists, blocks, outliers = [], [], [], [], [], []
 
     def one(entry: TensorEntry, W: torch.Tensor, kind: str, transposed_: bool) -> None:
-        name_ = layer_name(entry.key)
+        name_ = entry_layer(entry)
         got = analyse_weight(W, strategies, chunk_elements, transposed_, experts=kind == "experts")
         for strat, acc in got["operands"].items():
             operands.append({"layer": name_, "strategy": strat, "operand": "weight", **acc.result()})
@@ -737,7 +777,7 @@ def analyze_weights(source: Checkpoint | str | Path, strategy: str | list[str] =
 
     _stream(ckpt, chosen, one, progress)
     for entry, kind, transposed_ in chosen:
-        layer_rows.append(_layer_row(entry, kind, f"{layer_name(entry.key)}.bias" in keys, transposed_))
+        layer_rows.append(_layer_row(entry, kind, f"{entry_layer(entry)}.bias" in keys, transposed_))
     meta = _metadata(ckpt, name, model_desc, sorted({f for s in strategies for f in s.formats}), chosen, skipped,
                      total, layers)
     meta.update({"strategies": [s.name for s in strategies], "rules": {s.name: s.rules for s in strategies}})
@@ -770,12 +810,12 @@ def sweep_blocksize_weights(source: Checkpoint | str | Path, blocksizes: Sequenc
     def one(entry: TensorEntry, W: torch.Tensor, kind: str, transposed_: bool) -> None:
         errs = {bs: e.result() for bs, e in sweep_weight(W, sizes, chunk_elements, transposed_,
                                                           experts=kind == "experts").items()}
-        nonfinite[layer_name(entry.key)] = int(errs[sizes[0]]["excluded"])  # (NaN/±Inf: excluded, counted)
+        nonfinite[entry_layer(entry)] = int(errs[sizes[0]]["excluded"])  # (NaN/±Inf: excluded, counted)
         rec = recommend_blocksize({bs: r["sqnr_db"] for bs, r in errs.items()})
         row = _layer_row(entry, kind, False, transposed_)
         bsz = get_block_sizes(row["in_features"], row["out_features"])[0]
         for bs, r in errs.items():
-            rows.append({"layer": layer_name(entry.key), "blocksize": bs, "target": "weight", "sqnr_db": r["sqnr_db"],
+            rows.append({"layer": entry_layer(entry), "blocksize": bs, "target": "weight", "sqnr_db": r["sqnr_db"],
                          "overhead_bits": overhead_bits(bs), "auto": bs == bsz, "recommended": bs == rec,
                          "note": r["note"]})
 
@@ -785,7 +825,7 @@ def sweep_blocksize_weights(source: Checkpoint | str | Path, blocksizes: Sequenc
                                               "absmax per block, nearest code with ties to the even index"},
                  "recommendations": {"blocksize_sweep": WEIGHT_BLOCKSIZE_RULE}, "blocksizes": sizes,
                  **nonfinite_meta(nonfinite)})
-    layer_rows = [_layer_row(e, kind, f"{layer_name(e.key)}.bias" in keys, t) for e, kind, t in chosen]
+    layer_rows = [_layer_row(e, kind, f"{entry_layer(e)}.bias" in keys, t) for e, kind, t in chosen]
     return Results(meta, {"layers": pd.DataFrame(layer_rows),
                           "blocksize_sweep": pd.DataFrame(rows, columns=["layer", "blocksize", "target", "sqnr_db",
                                                                           "overhead_bits", "auto", "recommended",

@@ -525,3 +525,45 @@ def test_weights_only_run_warns_of_nan_and_inf_in_the_terminal(tmp_path) -> None
     clean = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.safetensors"), "--layers", "^b$", "--out",
                                      str(tmp_path / "p"), "-q"])
     assert clean.exit_code == 0 and "NaN" not in clean.output
+
+
+@pytest.mark.parametrize("config", [{"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True},
+                                    {"architectures": ["LlamaForCausalLM"]},
+                                    {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False},
+                                    {"architectures": ["LlamaModel"]}])
+def test_a_tied_input_embedding_is_analysed_as_the_lm_head(tmp_path, config) -> None:
+    """A tied LM head (stored once, as the input embedding) was skipped as "a table lookup, not a GEMM operand":
+    the model's largest GEMM had no row, where a full analysis has lm_head."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(12)
+    save_file({"model.embed_tokens.weight": torch.randn(96, 32, generator=gen),
+               "model.layers.0.mlp.up_proj.weight": torch.randn(64, 32, generator=gen)},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path), "-s", "global", "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    layers = [r["layer"] for r in doc["tables"]["layers"]]
+    tied = config.get("tie_word_embeddings", True) and config["architectures"] == ["LlamaForCausalLM"]
+    if tied:
+        assert sorted(layers) == ["lm_head", "model.layers.0.mlp.up_proj"]
+        assert doc["metadata"]["weights_only"]["tied"] == {"lm_head": "model.embed_tokens.weight"}
+        assert "model.embed_tokens.weight is also the lm_head weight" in res.output
+        head = next(r for r in doc["tables"]["layers"] if r["layer"] == "lm_head")
+        assert (head["out_features"], head["in_features"]) == (96, 32)
+    else:
+        assert layers == ["model.layers.0.mlp.up_proj"] and not doc["metadata"]["weights_only"]["tied"]
+        assert [r["key"] for r in doc["tables"]["skipped"]] == ["model.embed_tokens.weight"]
+
+
+def test_a_gpt2_state_dict_without_config_ties_wte_to_lm_head_unless_it_has_its_own(tmp_path) -> None:
+    from fp8probe.analysis.weights_only import open_checkpoint, tied_lm_head
+
+    gen = torch.Generator().manual_seed(13)
+    sd = {"transformer.wte.weight": torch.randn(50, 16, generator=gen),
+          "transformer.h.0.mlp.c_fc.weight": torch.randn(16, 64, generator=gen)}
+    torch.save(sd, tmp_path / "a.pt")
+    assert tied_lm_head(open_checkpoint(tmp_path / "a.pt")) == "transformer.wte.weight"
+    torch.save({**sd, "lm_head.weight": sd["transformer.wte.weight"].clone()}, tmp_path / "b.pt")
+    assert tied_lm_head(open_checkpoint(tmp_path / "b.pt")) is None
