@@ -206,6 +206,11 @@ def _resolve_callable(spec: str) -> Callable:
             raise LoadError(f"cannot import {path} as a Python module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # dataclasses and pickling look the module up by name
+        # Its directory goes on the import path, as `python file.py` puts it, so that the file can import the
+        # modules beside it (from model import Net), at import or later inside the factory.
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - user code
@@ -558,4 +563,9 @@ def _load_pickle(path: Path, trust_pickle: bool) -> Any:
                             "(module __main__), which does not exist here; move the class into a module and save "
                             "again, or save model.state_dict() and pass --factory path/to/file.py:function, or "
                             "torch.export the model") from None
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            # (the console script does not put the current directory on sys.path, as `python script.py` would)
+            text += (f": the module {exc.name!r} that defines the model's classes is not on the Python import path "
+                     f"(the current directory {Path.cwd()} is not on it when fp8probe runs as a command); set "
+                     "PYTHONPATH to the directory that holds it")
         raise LoadError(f"cannot unpickle {path}: {text}") from None

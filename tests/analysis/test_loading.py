@@ -142,3 +142,33 @@ def test_a_safetensors_file_with_a_factory_runs_the_model(tmp_path) -> None:
     assert loaded.kind == "state_dict" and torch.equal(loaded.module.weight, sd["weight"])
     with pytest.raises(LoadError, match="does not fit the model"):
         load_model(tmp_path / "m.safetensors", factory=f"{f}:other")
+
+
+def test_a_factory_file_imports_the_modules_beside_it_and_a_pickle_names_its_missing_module(tmp_path,
+                                                                                            monkeypatch) -> None:
+    """`from model import Net` in a factory file failed (No module named 'model'), as did unpickling a model whose
+    module sits in the current directory, with no hint."""
+    import sys
+    import textwrap
+
+    pkg = tmp_path / "proj"
+    pkg.mkdir()
+    (pkg / "qa_sibling_net.py").write_text(textwrap.dedent("""
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(4, 2)
+            def forward(self, x):
+                return self.fc(x)
+    """))
+    (pkg / "factory.py").write_text("from qa_sibling_net import Net\n\ndef build():\n    return Net()\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(pkg))])
+    monkeypatch.delitem(sys.modules, "qa_sibling_net", raising=False)
+    loaded = load_model(f"{pkg / 'factory.py'}:build")
+    torch.save(loaded.module, tmp_path / "whole.pt")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(pkg)])
+    monkeypatch.delitem(sys.modules, "qa_sibling_net")
+    with pytest.raises(LoadError, match="No module named 'qa_sibling_net': the module 'qa_sibling_net' .* set "
+                                        "PYTHONPATH to the directory that holds it"):
+        load_model(tmp_path / "whole.pt", trust_pickle=True)
