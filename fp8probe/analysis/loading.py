@@ -155,6 +155,8 @@ def sniff(path: Path) -> str:
             return name
     if head.lstrip()[:1] in (b"{", b"["):
         return "a JSON file" + (" (fp8probe results?)" if b"fp8probe.results" in head else "")
+    if len(head) > 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 27:
+        return "a safetensors file (give it the .safetensors suffix)"
     return "not a PyTorch file"
 
 

@@ -112,8 +112,12 @@ def _read_safetensors_header(path: Path) -> list[TensorEntry]:
     with open(path, "rb") as fh:
         head = fh.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if size < 10:
+            raise LoadError(f"{path} is not a safetensors file: it is {'an empty file' if not size else f'{size} bytes'}"
+                            " (a safetensors file starts with an 8-byte header length and a JSON header)")
         if n < 2 or n > min(MAX_HEADER_BYTES, size - 8):
-            raise LoadError(f"{path} is not a safetensors file (header length {n} for a {size}-byte file)")
+            raise LoadError(f"{path} is not a safetensors file: its first 8 bytes give a header of {n} bytes, which a "
+                            f"{size}-byte file cannot hold (truncated, or another format)")
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

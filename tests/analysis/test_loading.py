@@ -172,3 +172,16 @@ def test_a_factory_file_imports_the_modules_beside_it_and_a_pickle_names_its_mis
     with pytest.raises(LoadError, match="No module named 'qa_sibling_net': the module 'qa_sibling_net' .* set "
                                         "PYTHONPATH to the directory that holds it"):
         load_model(tmp_path / "whole.pt", trust_pickle=True)
+
+
+def test_an_empty_or_renamed_safetensors_file_is_named_for_what_it_is(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from fp8probe.analysis.weights_only import open_checkpoint
+
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(LoadError, match="is not a safetensors file: it is an empty file"):
+        open_checkpoint(tmp_path / "empty.safetensors")
+    save_file({"w": torch.ones(2, 2)}, str(tmp_path / "st.pt"))
+    with pytest.raises(LoadError, match=r"it is a safetensors file \(give it the .safetensors suffix\)"):
+        load_model(tmp_path / "st.pt")
