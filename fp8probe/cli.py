@@ -927,6 +927,21 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
             if target.resolve() == Path(given).resolve():
                 raise UsageFailure(f"{option} would write {_printable(target)}, which is the {role} results file: "
                                    "choose another output")
+    if markdown_file:  # checked before anything is written: a verdict must not end as a usage error after it
+        target = Path(markdown_file)
+        if target.is_dir():
+            problem = "it is a directory"
+        elif target.exists():
+            problem = "" if os.access(target, os.W_OK) else "it is not writable"
+        elif target.resolve().parent == out.resolve():
+            problem = ""  # (--out, made below)
+        elif not target.parent.is_dir():
+            problem = f"there is no directory {_printable(target.parent)}"
+        else:
+            problem = "" if os.access(target.parent, os.W_OK) else f"{_printable(target.parent)} is not writable"
+        if problem:
+            raise UsageFailure(f"--markdown {_printable(target)} cannot be appended to: {problem}; expected a "
+                               "writable file path (nothing was written)")
     stale = _check_out(out, "compare", overwrite)
     base, cur = _load_results_or_fail(baseline, "baseline"), _load_results_or_fail(current, "current")
     try:
@@ -964,7 +979,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
 _RUN_OUTPUT_OPTIONS = (
     _option("--quiet", "-q", is_flag=True, help="no progress bar or progress lines"),
     _option("--threads", type=click.IntRange(min=1), default=None,
-                 help="torch intra-op CPU threads (default: torch's choice; demo: 1)"),
+                 help="torch intra-op CPU threads (default: torch's choice)"),
     _option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
                  show_default=True, help="table for people, json (paths and recommendations) for scripts"),
 )
@@ -1235,7 +1250,8 @@ DEMO_OUT = "reports/demo"
 @_option("--overwrite", is_flag=True, help="replace the fp8probe outputs already in an explicit --out")
 @_option("--small", is_flag=True, hidden=True, help="one small batch (for the test suite)")
 @_RUN_OUTPUT_OPTIONS[0]
-@_RUN_OUTPUT_OPTIONS[1]
+@_option("--threads", type=click.IntRange(min=1), default=None,
+         help="torch intra-op CPU threads (default: 1: the demo's tensors are too small to share)")
 @_RUN_OUTPUT_OPTIONS[2]
 def demo_cmd(out_dir: str | None, overwrite: bool, small: bool, quiet: bool, threads: int | None,
              output_format: str) -> None:

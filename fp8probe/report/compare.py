@@ -139,6 +139,20 @@ def _layers(results: Mapping) -> list[str]:
     return list(dict.fromkeys(r["layer"] for r in results["tables"]["layers"]))
 
 
+def _weight_shapes(results: Mapping) -> dict[str, tuple]:
+    """layer → its weight's [out, in] (GEMMs of two activations left out: their sizes follow the inputs)."""
+    return {r["layer"]: (r.get("out_features"), r.get("in_features")) for r in results["tables"]["layers"]
+            if r.get("b_is_weight") is not False and r.get("out_features") is not None}
+
+
+def _shape_text(shape: tuple) -> str:
+    return "[" + ", ".join(f"{x:g}" if isinstance(x, (int, float)) else str(x) for x in shape) + "]"
+
+
+#: What a GEMM row's "what" is; any other (weight, activation, grad_output) is a tensor's own quantisation SQNR.
+GEMM_NAMES = frozenset({"fprop", "dgrad", "wgrad"})
+
+
 def _summary(results: Mapping) -> dict:
     meta = results["metadata"]
     return {"name": str(meta.get("name", "")), "model": str(meta.get("model", "")),
@@ -216,7 +230,21 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     if not set(base_l) & set(cur_l):
         raise ValueError(f"baseline and current have no layer in common (baseline: {', '.join(base_l[:3])}; current: "
                          f"{', '.join(cur_l[:3]) or 'none'}): are they results of the same model?")
+    # A layer of the same name whose weight changed shape is another GEMM (a wider model, another model that
+    # shares its layer names): its numbers are not compared, and it is a violation unless --allow-missing.
+    shapes_b, shapes_c = _weight_shapes(baseline), _weight_shapes(current)
+    reshaped = {layer: (shapes_b[layer], shapes_c[layer]) for layer in base_l
+                if layer in shapes_b and layer in shapes_c and shapes_b[layer] != shapes_c[layer]}
+    if reshaped and len(reshaped) == len(set(base_l) & set(cur_l)):
+        first, (b, c) = next(iter(reshaped.items()))
+        raise ValueError(f"every layer the runs share has another weight shape in current ({first}: "
+                         f"{_shape_text(b)} → {_shape_text(c)}): are they results of the same model?")
     violations: list[dict] = []
+    for layer, (b, c) in reshaped.items():
+        if not gates.allow_missing:
+            violations.append({"gate": "layer-shape", "layer": layer,
+                               "detail": f"weight {_shape_text(b)} → {_shape_text(c)}: another GEMM, not compared; "
+                                         "refresh the baseline if the model changed (or pass --allow-missing)"})
     settings = _settings_differ(baseline, current)
     if settings:  # a gate over two different recipes would pass or fail for the wrong reason
         violations.append({"gate": "recipe-settings", "layer": SETTINGS_GATE_LAYER,
@@ -225,20 +253,25 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                                      "or refresh the baseline"})
 
     base_s, cur_s = _sqnr_entries(baseline, "baseline"), _sqnr_entries(current, "current")
+    base_s = {k: v for k, v in base_s.items() if k[0] not in reshaped}
     sqnr_rows = []
     gated_counts = {"quantised": 0, "unquantised": 0, "noise floor": 0}
+    gated_tensors = 0
     for key in [k for k in base_s if k in cur_s]:
         (b, _), (c, _) = base_s[key], cur_s[key]
         d = _delta(b, c)
         why = _gated(base_s[key], cur_s[key])
         gated_counts[why] += 1
+        gated_tensors += why == "quantised" and key[2] not in GEMM_NAMES
         failed = why == "quantised" and d is not None and d < -gates.max_sqnr_drop
         sqnr_rows.append({"layer": key[0], "recipe": key[1], "what": key[2], "baseline": b,
                           "current": c, "delta_db": d, "gated": why == "quantised", "failed": failed})
         if failed:
+            now = (f"{c:.2f} dB (drop {-d:.2f} dB > {gates.max_sqnr_drop:g} dB)" if c is not None and math.isfinite(c)
+                   else "undefined (no finite result: the recipe's output is NaN/Inf or empty)"
+                   if c is None or math.isnan(c) else "−∞ dB (zero signal)")
             violations.append({"gate": "max-sqnr-drop", "layer": key[0],
-                               "detail": f"{key[1]} {key[2]} SQNR {b:.2f} → {c:.2f} dB "
-                                         f"(drop {-d:.2f} dB > {gates.max_sqnr_drop:g} dB)"})
+                               "detail": f"{key[1]} {key[2]} SQNR {_f(b)} dB → {now}"})
 
     def outl(res: Mapping, source: str) -> dict:
         rows = res["tables"].get("outliers", [])
@@ -247,6 +280,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
         return {(r["layer"], _num(_checked(r, "threshold", "outliers", source))): r for r in rows}
 
     base_o, cur_o = outl(baseline, "baseline"), outl(current, "current")
+    base_o = {k: v for k, v in base_o.items() if k[0] not in reshaped}
     outlier_rows = []
     for key in [k for k in base_o if k in cur_o]:
         b, c = _num(base_o[key].get("n_outlier_cols")), _num(cur_o[key].get("n_outlier_cols"))
@@ -264,6 +298,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                 for r in res["tables"].get("operands", [])}
 
     base_u, cur_u = under(baseline, "baseline"), under(current, "current")
+    base_u = {k: v for k, v in base_u.items() if k[0] not in reshaped}
     under_rows = []
     for key in [k for k in base_u if k in cur_u]:
         b, c = base_u[key], cur_u[key]
@@ -289,10 +324,12 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     failed_layers = list(dict.fromkeys(v["layer"] for v in violations))
     return {
         "baseline": _summary(baseline), "current": _summary(current), "gates": asdict(gates),
-        "gated": {"quantised": gated_counts["quantised"], "unquantised": gated_counts["unquantised"],
+        "gated": {"quantised": gated_counts["quantised"], "quantised_tensors": gated_tensors,
+                  "unquantised": gated_counts["unquantised"],
                   "noise_floor": gated_counts["noise floor"], "noise_floor_db": FLOAT32_NOISE_FLOOR_DB,
                   "missing": [m["detail"].split(":", 1)[0] + f" ({m['layer']})" for m in missing],
-                  "missing_layers": list(dict.fromkeys(m["layer"] for m in missing))},
+                  "missing_layers": list(dict.fromkeys(m["layer"] for m in missing)),
+                  "reshaped": {layer: f"{_shape_text(b)} → {_shape_text(c)}" for layer, (b, c) in reshaped.items()}},
         "sqnr": sqnr_rows, "outliers": outlier_rows, "underflow": under_rows, "e2e": e2e_rows,
         "added_layers": [x for x in cur_l if x not in set(base_l)],
         "removed_layers": [x for x in base_l if x not in set(cur_l)],
@@ -360,9 +397,18 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
 def gated_text(comparison: Mapping) -> str:
     """One sentence saying which GEMMs the SQNR gate applied to and which it left out, and why."""
     g = comparison.get("gated") or {}
-    text = (f"SQNR gate applied to {g.get('quantised', 0)} quantised GEMM(s); not gated: {g.get('unquantised', 0)} "
+    tensors = g.get("quantised_tensors", 0)  # (weight / operand SQNRs; absent from comparisons made before it)
+    gemms = g.get("quantised", 0) - tensors
+    applied = " and ".join(x for x in (f"{gemms} quantised GEMM(s)" if gemms or not tensors else "",
+                                       f"{tensors} quantised tensor(s) (weight / operand SQNR)" if tensors else "") if x)
+    text = (f"SQNR gate applied to {applied}; not gated: {g.get('unquantised', 0)} "
             f"the recipe leaves unquantised (e.g. mixed / switchback wgrad) and {g.get('noise_floor', 0)} at the float32 "
             f"noise floor (≥ {g.get('noise_floor_db', FLOAT32_NOISE_FLOOR_DB):g} dB in both).")
+    reshaped = g.get("reshaped") or {}
+    if reshaped:
+        text += (f" Not compared: {len(reshaped)} layer(s) whose weight changed shape ("
+                 + ", ".join(f"{k} {v}" for k, v in list(reshaped.items())[:4]) + (", ..." if len(reshaped) > 4 else "")
+                 + ").")
     if comparison.get("gates", {}).get("allow_missing") and g.get("missing"):
         # (g["missing"] has one entry per layer and table; files written before missing_layers count those)
         layers = [str(x) for x in g.get("missing_layers", g["missing"])]

@@ -61,7 +61,11 @@ def parse_results_json(text: str, source: str = "results") -> Any:
                                "number that fits a float64)")
         return int(digits)
 
-    return json.loads(text, parse_int=parse_int)
+    def parse_constant(token: str) -> float:
+        raise ResultsError(f"{source}: the JSON holds a {token} token; fp8probe writes strict JSON, where such a "
+                           "metric is null with a note (an edited file, or not written by fp8probe?)")
+
+    return json.loads(text, parse_int=parse_int, parse_constant=parse_constant)
 
 
 def validate_results(results: Any, source: str = "results") -> None:

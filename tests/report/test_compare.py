@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from fp8probe.cli import cli
-from fp8probe.report.compare import Gates, compare_markdown, compare_results
+from fp8probe.report.compare import Gates, compare_markdown, compare_results, gated_text
 from fp8probe.report.render import load_results, render_compare
 
 DATA = Path(__file__).parent / "data" / "results_small.json"
@@ -236,7 +236,12 @@ def test_float32_noise_does_not_fail_the_gate(base: dict, quantized) -> None:
     counts = cmp["gated"]
     n_mixed_wgrad = sum((r["strategy"], r["gemm"]) == ("fp8-mixed", "wgrad") for r in base["tables"]["gemm"])
     assert (counts["unquantised"], counts["noise_floor"]) == ((n_mixed_wgrad, 0) if quantized is False else (0, 1))
-    assert f"SQNR gate applied to {counts['quantised']} quantised GEMM(s)" in text
+    n_gemms = counts["quantised"] - counts["quantised_tensors"]
+    n_weights = sum(r["gated"] and r["what"] not in ("fprop", "dgrad", "wgrad") for r in cmp["sqnr"])
+    assert counts["quantised_tensors"] == n_weights > 0 and n_gemms == sum(
+        r["gated"] and r["what"] in ("fprop", "dgrad", "wgrad") for r in cmp["sqnr"]) > 0
+    assert (f"SQNR gate applied to {n_gemms} quantised GEMM(s) and {n_weights} quantised tensor(s) (weight / "
+            "operand SQNR)") in text
 
 
 def test_quantised_gemm_and_fall_from_noise_floor_are_still_gated(base: dict) -> None:
@@ -345,3 +350,46 @@ def test_markdown_into_the_out_directory_is_written_once_and_missing_layers_coun
         cur["tables"][name] = [r for r in cur["tables"][name] if r["layer"] != layer]
     text = compare_markdown(compare_results(base, cur, Gates(allow_missing=True)))
     assert f"baseline rows of 1 layer(s) ({layer})" in text
+
+
+def test_a_layer_whose_weight_changed_shape_is_not_compared_and_fails_unless_allowed(base: dict) -> None:
+    """A wider model (or another model sharing layer names) was gated row by row as if it were the same one."""
+    cur = copy.deepcopy(base)
+    layer = cur["tables"]["layers"][0]
+    layer["in_features"] *= 2
+    cmp = compare_results(base, cur)
+    assert not cmp["passed"]
+    assert [v["gate"] for v in cmp["violations"]] == ["layer-shape"]
+    assert cmp["violations"][0]["detail"].startswith(f"weight [{layer['out_features']}, {layer['in_features'] // 2}] "
+                                                     f"→ [{layer['out_features']}, {layer['in_features']}]")
+    assert not any(r["layer"] == layer["layer"] for r in cmp["sqnr"])
+    allowed = compare_results(base, cur, Gates(allow_missing=True))
+    assert allowed["passed"] and f"Not compared: 1 layer(s) whose weight changed shape ({layer['layer']} [" in \
+        gated_text(allowed)
+    for r in cur["tables"]["layers"]:
+        r["out_features"] += 1
+    with pytest.raises(ValueError, match="every layer the runs share has another weight shape"):
+        compare_results(base, cur)
+
+
+def test_an_undefined_current_sqnr_is_said_so_and_a_nan_token_is_refused(base: dict, tmp_path: Path) -> None:
+    """It read "28.90 → nan dB (drop inf dB > 1 dB)"; a file with a bare NaN token was accepted."""
+    cur = copy.deepcopy(base)
+    row = next(r for r in cur["tables"]["gemm"] if r["gemm"] == "fprop")
+    row["sqnr_db"], row["note"] = None, "no finite result"
+    cmp = compare_results(base, cur)
+    detail = next(v["detail"] for v in cmp["violations"] if v["layer"] == row["layer"])
+    assert "→ undefined (no finite result" in detail and "inf" not in detail and "nan" not in detail
+    text = json.dumps(base).replace('"sqnr_db": ' + json.dumps(base["tables"]["gemm"][0]["sqnr_db"]),
+                                    '"sqnr_db": NaN', 1)
+    (tmp_path / "nan.json").write_text(text)
+    with pytest.raises(ValueError, match="holds a NaN token; fp8probe writes strict JSON"):
+        load_results(tmp_path / "nan.json")
+
+
+def test_an_unwritable_markdown_target_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """compare.html / compare.md were written, then exit 2 without a verdict: a regression read as a usage error."""
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--out", str(tmp_path / "c"), "--markdown",
+                                   str(tmp_path / "nowhere" / "sum.md")])
+    assert res.exit_code == 2 and "cannot be appended to: there is no directory" in res.output
+    assert not (tmp_path / "c").exists()
