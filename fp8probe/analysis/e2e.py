@@ -677,24 +677,28 @@ def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[di
 
 def _rec_row(kind: str, strategy: str, value: Any, keep: list[str], out: Outcome, budget: Budget, note: str) -> dict:
     return {"kind": kind, "strategy": strategy, "value": value, "keep_16bit": list(keep), "n_keep": len(keep),
-            "loss_rel_change": out.loss_rel_change, "kl_div": out.kl_div,
+            "loss_rel_change": out.loss_rel_change, "kl_div": out.kl_div, "output_sqnr_db": out.output_sqnr_db,
             "within_budget": budget.holds(out.loss_rel_change, out.kl_div), "lp_flop_share": out.lp_flop_share,
             "budget": budget.value, "budget_kind": budget.kind, "recommended": False, "note": note}
 
 
 def mark_recommended(rows: list[dict]) -> None:
     """Exactly one row per kind recommended when any is within budget and computes something in low
-    precision: the most GEMM FLOPs in low precision; ties by accuracy (the smaller output KL when every
-    candidate has one, else the smaller |loss change|)."""
+    precision: the most GEMM FLOPs in low precision; ties by accuracy: the smaller output KL when every
+    candidate has one, else the higher output SQNR when every candidate has one, else the smaller |loss
+    change|. (Without KL, the output SQNR before the loss: a surrogate loss, the output's mean square, moves by
+    hundredths of a percent either way, and chose a recipe 14 dB worse at the output.)"""
     for kind in dict.fromkeys(r["kind"] for r in rows):
         cands = [r for r in rows if r["kind"] == kind and r["within_budget"] and r["lp_flop_share"] > 0]
         if not cands:
             continue
         use_kl = all(r["kl_div"] is not None and math.isfinite(r["kl_div"]) for r in cands)
+        use_sqnr = not use_kl and all(isinstance(r.get("output_sqnr_db"), (int, float))
+                                      and not math.isnan(r["output_sqnr_db"]) for r in cands)
 
         def error(r: dict) -> float:
-            m = r["kl_div"] if use_kl else abs(r["loss_rel_change"])
-            return m if math.isfinite(m) else math.inf
+            m = r["kl_div"] if use_kl else -r["output_sqnr_db"] if use_sqnr else abs(r["loss_rel_change"])
+            return m if not math.isnan(m) and m != math.inf else math.inf
 
         # Shares are ratios of integer FLOP counts: equal keep-sets give bit-equal shares, no tolerance needed.
         best = max(cands, key=lambda r: (r["lp_flop_share"], -error(r)))
@@ -706,7 +710,7 @@ E2E_COLUMNS = ["strategy", "batches", "loss_hp", "loss_lp", "loss_rel_change", "
 SENSITIVITY_COLUMNS = ["strategy", "layer", "index", "only_lp_loss_rel_change", "only_lp_kl", "only_hp_loss_rel_change",
                        "only_hp_kl", "isolated_fprop_sqnr_db", "rank", "method"]
 RECOMMENDATION_COLUMNS = ["kind", "strategy", "value", "keep_16bit", "n_keep", "loss_rel_change", "kl_div",
-                          "within_budget", "lp_flop_share", "budget", "budget_kind", "recommended", "note"]
+                          "output_sqnr_db", "within_budget", "lp_flop_share", "budget", "budget_kind", "recommended", "note"]
 
 
 def _e2e_row(name: str, n: int, out: Outcome) -> dict:

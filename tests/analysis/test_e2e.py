@@ -873,3 +873,21 @@ def test_int8_outlier_columns_count_as_16_bit_flops() -> None:
     x[:, 3] = 7.0  # one outlier column of ten
     assert E._outlier_share(resolve("int8")[0], x, 6.0) == pytest.approx(0.1)
     assert E._outlier_share(resolve("global")[0], x, 6.0) == 0.0
+
+
+def test_ties_go_to_the_higher_output_sqnr_without_kl() -> None:
+    """With a surrogate loss (no KL) a tie at 100 % low-precision FLOPs went to the smaller |loss change|, noise
+    there: ocp-tensorwise (output 26.7 dB) beat int8 (41.2 dB)."""
+    def row(strategy, loss, sqnr, kl=None):
+        return {"kind": "strategy", "strategy": strategy, "within_budget": True, "lp_flop_share": 1.0,
+                "loss_rel_change": loss, "kl_div": kl, "output_sqnr_db": sqnr, "recommended": False}
+
+    rows = [row("ocp-tensorwise", 0.0003, 26.7), row("int8", 0.0006, 41.2)]
+    E.mark_recommended(rows)
+    assert [r["strategy"] for r in rows if r["recommended"]] == ["int8"]
+    rows = [row("ocp-tensorwise", 0.0003, 26.7, kl=1e-5), row("int8", 0.0006, 41.2, kl=2e-5)]
+    E.mark_recommended(rows)
+    assert [r["strategy"] for r in rows if r["recommended"]] == ["ocp-tensorwise"]  # (KL first, when all have it)
+    rows = [row("a", 0.0003, None), row("b", 0.0001, 41.2)]
+    E.mark_recommended(rows)
+    assert [r["strategy"] for r in rows if r["recommended"]] == ["b"]  # (not all have an SQNR: the loss change)
