@@ -38,9 +38,10 @@ Names: a GEMM with a weight is named after that parameter (``layers.0.linear1.we
 ``layers.0.linear1``, ``self_attn.in_proj_weight`` → ``self_attn.in_proj``); other GEMMs after the
 module running them plus the op (``layers.0.self_attn#qk``, ``blocks.1#matmul``); ``#k`` is
 appended to the k-th reuse within one forward. Names are the paths of ``model.named_modules()`` as they
-are, whatever the loading path: a prefix every parameter shares is kept (a backbone under a parameter-free
-head is ``backbone.0``, as ``--layers`` and a weights-only run of its state dict name it; a ``torch.export``
-of a ``Wrapper(model)`` is named under the wrapper's attribute, ``m.layers.0``).
+are: a prefix every parameter shares is kept (a backbone under a parameter-free head is ``backbone.0``, as
+``--layers`` and a weights-only run of its state dict name it). One exception: an exported program whose root
+is a thin wrapper (one child, nothing of its own: ``torch.export`` of ``Wrapper(model)`` returning
+``model(**x).logits``) is named as the wrapped model, so the ``.pt2`` and the eager model share names.
 
 Handler API
 -----------
@@ -256,7 +257,12 @@ def _param_name(owner: str, attr: str) -> str:
 class _Namer:
     """Module path + op names, parameter-derived names for weights, reuse counted."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, strip_wrapper: bool = False) -> None:
+        # An exported program of a thin wrapper (a root with one child and nothing of its own, such as a module
+        # returning model(**x).logits for torch.export) is named as the wrapped model: its prefix is dropped.
+        children = [(n, c) for n, c in model.named_children() if not n.startswith("_")]  # (not _guards_fn)
+        self.prefix = children[0][0] if strip_wrapper and len(children) == 1 and not any(
+            True for _ in model.named_parameters(recurse=False)) else ""
         self.params: dict[int, list[tuple[str, str]]] = {}
         # Modules whose weight is computed from parameters on each access (weight_norm, spectral_norm, any
         # torch.nn.utils.parametrize): the tensor their op gets is their weight, although no parameter.
@@ -285,6 +291,11 @@ class _Namer:
         for key in added:
             self.params.pop(key, None)
 
+    def strip(self, path: str) -> str:
+        if self.prefix and (path == self.prefix or path.startswith(self.prefix + ".")):
+            return path[len(self.prefix) + 1:]
+        return path
+
     def weight(self, t: torch.Tensor) -> tuple[str, str] | None:
         """(owner path, attr) of a model parameter ``t`` (or of the parameter a transposed view of it comes from)."""
         hit = self.params.get(id(t))
@@ -295,15 +306,16 @@ class _Namer:
     def name(self, module_path: str, op_suffix: str, weight: torch.Tensor | None = None) -> str:
         base = None
         if weight is not None and module_path in self.parametrized and self.weight(weight) is None:
-            base = _param_name(module_path, "weight")
+            base = _param_name(self.strip(module_path), "weight")
         elif weight is not None:
             owners = self.params.get(id(weight)) or self.params.get(id(weight._base)) or []
             # A tied weight (GPT-2's lm_head / wte) is named after the module running the GEMM.
             own = [o for o in owners if o[0] == module_path] or owners
             if own:
-                base = _param_name(own[0][0], own[0][1])
+                base = _param_name(self.strip(own[0][0]), own[0][1])
         if base is None:
-            base = f"{module_path}#{op_suffix}" if module_path else f"#{op_suffix}"
+            path = self.strip(module_path)
+            base = f"{path}#{op_suffix}" if path else f"#{op_suffix}"
         k = self.seen[base]
         self.seen[base] = k + 1
         return base if k == 0 else f"{base}#{k}"
@@ -319,8 +331,8 @@ def _is_float(*ts: Any) -> bool:
 class _Interceptor:
     """The op table shared by the eager mode and the graph interpreter: one method per GEMM op."""
 
-    def __init__(self, model: nn.Module, handler: GemmHandler, coverage: Coverage) -> None:
-        self.namer = _Namer(model)
+    def __init__(self, model: nn.Module, handler: GemmHandler, coverage: Coverage, graph: bool = False) -> None:
+        self.namer = _Namer(model, strip_wrapper=graph)
         self.handler = handler
         self.coverage = coverage
         self.path = ""  # the module running now (eager: hooks; graph: node meta)
@@ -973,4 +985,4 @@ def is_gemm_target(target: Any) -> bool:
 
 def run_graph(gm: torch.fx.GraphModule, flat_args: list, handler: GemmHandler, coverage: Coverage) -> Any:
     """Run an exported GraphModule's graph on its flattened inputs, every GEMM node through ``handler``."""
-    return _GraphRunner(gm, _Interceptor(gm, handler, coverage)).run(*flat_args)
+    return _GraphRunner(gm, _Interceptor(gm, handler, coverage, graph=True)).run(*flat_args)
