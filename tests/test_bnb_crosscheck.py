@@ -117,3 +117,22 @@ def test_fp16_dequant_rounding_equals_live_bnb_in_subnormal_range() -> None:
     y = F.dequantize_blockwise(q, F.QuantState(absmax=absmax, code=code, blocksize=4096, dtype=torch.float16,
                                                compat="bnb"))
     assert torch.equal(y.float().view(torch.int32), y_b.float().view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_vectorwise_tiny_rows_equal_live_bnb(dtype: torch.dtype) -> None:
+    """A row whose absmax is below 127/FLT_MAX (subnormal activations) has scale 127/absmax = Inf: bnb's
+    ``round(A·Inf).to(int8)`` is 0 on x86, where compat="bnb" saturated to ±127 (QA finding 3). fp16 cannot hold
+    such a value. The default mode keeps saturating (README, numeric limits kept on purpose)."""
+    A = _draw(12, (16, 40), torch.float32)
+    g = torch.Generator().manual_seed(13)
+    A[::3] = torch.randn(6, 40, generator=g) * 1e-39  # subnormal float32 rows, some in bf16 too
+    A[7] = torch.randn(40, generator=g) * 2e-37      # normal, still below 127/FLT_MAX ≈ 3.7e-37
+    A = A.to(dtype)
+    q_b, rs_b, _ = bnb_F.int8_vectorwise_quant(A.clone())
+    q, rs, _ = F.int8_vectorwise_quant(A, compat="bnb")
+    assert torch.equal(rs, rs_b)
+    assert torch.equal(q, q_b)
+    assert not q[::3].any()  # what bnb gives: all zero
+    assert F.int8_vectorwise_quant(A)[0][::3].abs().max() == 127
+

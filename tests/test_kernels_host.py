@@ -447,6 +447,19 @@ def test_int8_quant_kernels(emulated, dtype, shape, threshold, compat) -> None:
             assert_bitwise_equal(g, w)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("compat", ("", "bnb"))
+def test_int8_quant_kernel_tiny_rows(emulated, dtype, compat) -> None:
+    """Rows whose absmax is below 127/FLT_MAX have scale Inf: ±127 by default, 0 for bnb (its x86 int8 cast)."""
+    A = _int8_sample((9, 70), torch.float32, seed=5)
+    A[::2] = torch.randn(5, 70, generator=torch.Generator().manual_seed(6)) * 1e-39
+    A = A.to(dtype)
+    got = emulated.int8_vectorwise_quant(A, 0.0, compat)
+    for g, w in zip(got, ref.int8_vectorwise_quant(A, 0.0, compat)):
+        assert_bitwise_equal(g, w)
+    assert got[0][::2].abs().max() == (0 if compat else 127)
+
+
 @pytest.mark.parametrize("mkn", ((1, 1, 1), (5, 3, 7), (33, 100, 9), (20, 37, 40), ((2, 3, 5), 17, 6)))
 def test_int8_matmul_kernel(emulated, mkn) -> None:
     m, k, n = mkn

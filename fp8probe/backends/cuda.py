@@ -244,7 +244,8 @@ def _int8_kernel_ok(A: torch.Tensor, threshold: float) -> bool:
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CUDA `fp8probe::int8_vectorwise_quant`: one thread block per row; compat "bnb" lets NaN poison
-    row_stats (the reference's only difference between the modes for this op)."""
+    row_stats and turns a ±Inf product (scale 127/absmax = Inf) into code 0, the reference's differences
+    between the modes for this op."""
     if use_reference() or compat not in ("", "bnb") or not _int8_kernel_ok(A, threshold):
         return _ref.int8_vectorwise_quant(A, threshold, compat)
     q, row_stats, outlier_cols = _int8_rows(A, threshold, nan_propagates=compat == "bnb")

@@ -405,9 +405,11 @@ def _rows_cols(shape: torch.Size) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-def _round_int8(v: torch.Tensor) -> torch.Tensor:
-    """round_half_even, NaN → 0 (PTX float→int semantics), saturate to ±127, as int8."""
-    v = torch.where(torch.isnan(v), 0.0, v)
+def _round_int8(v: torch.Tensor, inf_to_zero: bool = False) -> torch.Tensor:
+    """round_half_even, NaN → 0 (PTX float→int semantics), saturate to ±127, as int8. ``inf_to_zero``: ±Inf → 0
+    as well, what bnb's CPU ``torch.round(v).to(torch.int8)`` gives on x86 (a row whose absmax is below
+    127/FLT_MAX ≈ 3.7e-37, e.g. subnormal, has scale 127/absmax = Inf: A·Inf = ±Inf, 0·Inf = NaN, all → 0)."""
+    v = torch.where(~torch.isfinite(v) if inf_to_zero else torch.isnan(v), 0.0, v)
     return torch.round(v).clamp(-SCALE_INT8, SCALE_INT8).to(torch.int8)
 
 
@@ -448,9 +450,10 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
     a, outlier, masked, R, C = _int8_rows(A, threshold, compat)
     row_stats = masked.amax(dim=1)
     # torch lowers `127 / t` to reciprocal-then-multiply (two roundings, as bnb's CPU path); written
-    # out so the order cannot change with torch's lowering. All-zero row → Inf → 0·Inf = NaN → 0
+    # out so the order cannot change with torch's lowering. All-zero row → Inf → 0·Inf = NaN → 0. A row whose
+    # absmax is tiny (scale Inf) saturates to ±127 by default (README, numeric limits) and is 0 for bnb
     scale = torch.reciprocal(row_stats) * SCALE_INT8
-    q = _round_int8(a * scale[:, None])
+    q = _round_int8(a * scale[:, None], inf_to_zero=compat == "bnb")
     cols = _outlier_cols(outlier, dev)
     if outlier is not None and cols.numel():
         colmask = torch.zeros(C, dtype=torch.bool, device=dev)

@@ -27,9 +27,16 @@ __device__ __forceinline__ int8_t round_to_int8(float v) {
     return (int8_t)(int)r;
 }
 
+// compat "bnb": bnb's CPU cast torch.round(v).to(int8) of ±Inf is 0 on x86 (a row whose absmax is below
+// 127/FLT_MAX has scale Inf); NaN is 0 already (the reference's _round_int8 with inf_to_zero).
+__device__ __forceinline__ int8_t round_to_int8_bnb(float v) {
+    return (__float_as_uint(v) & 0x7fffffffu) >= 0x7f800000u ? (int8_t)0 : round_to_int8(v);
+}
+
 // One thread block per row (blockDim.x a multiple of 32). col_flags[j] is set to 1 for every column
 // holding an outlier; zeroing whole outlier columns is a second pass (int8_zero_columns) because it
-// needs the flags of all rows.
+// needs the flags of all rows. nan_propagates = compat "bnb": NaN poisons the row absmax and a ±Inf product
+// (a row absmax below 127/FLT_MAX) gives code 0 (round_to_int8_bnb).
 template <typename T>
 __global__ void int8_vectorwise_quant(const T* __restrict__ A, int8_t* __restrict__ q,
                                       float* __restrict__ row_stats, int* __restrict__ col_flags,
@@ -53,7 +60,8 @@ __global__ void int8_vectorwise_quant(const T* __restrict__ A, int8_t* __restric
     int8_t* q_row = q + row * cols;
     for (long long j = threadIdx.x; j < cols; j += blockDim.x) {
         const float a = to_float(a_row[j]);
-        q_row[j] = is_outlier(a, threshold) ? (int8_t)0 : round_to_int8(__fmul_rn(a, scale));
+        const float v = __fmul_rn(a, scale);
+        q_row[j] = is_outlier(a, threshold) ? (int8_t)0 : nan_propagates ? round_to_int8_bnb(v) : round_to_int8(v);
     }
 }
 
