@@ -98,31 +98,34 @@ def _check_blocksize(blocksize: object) -> int:
     return blocksize
 
 
-def _code(code: torch.Tensor | str | None, device: torch.device) -> torch.Tensor:
-    """A validated float32 [256] codebook on `device` (a name, a tensor, or None = "dynamic")."""
+def _code(code: torch.Tensor | str | None, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """``(codebook, sorted)``: a validated float32 [256] codebook on `device` (a name, a tensor, or None =
+    "dynamic") and whether it is sorted ascending. A name gives a fresh copy of one of the library's own
+    codebooks, valid and of known order without reading it (no host wait on a GPU, nothing to cache)."""
     if code is None:
         code = "dynamic"
     if isinstance(code, str):
-        out = get_codebook(code, device)
-        _remember_code(out, _named_code_sorted(code))
-        return out
+        return get_codebook(code, device), _named_code_sorted(code)
+    if isinstance(code, torch.Tensor) and code.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"code must be a codebook holding data (it is moved to {device}), got a tensor on meta")
     ordered = _checked_code(code)
-    out = code.to(device)
-    if out is not code:
-        _remember_code(out, ordered)
-    return out
+    return code.to(device), ordered
 
 
-# Codebook tensors already validated, with their sortedness, per tensor version: id -> (weak reference, version,
-# sorted). Checking a codebook on a GPU makes the host wait for it (``bool()`` of a device tensor), and the
-# analysis passes the same codebook tensors to thousands of calls: each is checked once. (A WeakKeyDictionary
-# cannot hold tensors: it compares keys with ``==``.) An entry leaves with its tensor.
-_CODE_FACTS: dict[int, tuple[weakref.ref, int, bool]] = {}
+# Codebook tensors already validated, with their sortedness: id -> (weak reference, copy of the values checked,
+# sorted). Checking a codebook on a GPU makes the host wait for it (``bool()`` of a device tensor) and takes
+# ~20 us on a CPU; the modules pass the same codebook tensors to every call. A hit needs the tensor's values to
+# equal the copy (torch.equal: ~1 us for 256 floats on a CPU, one host wait on a GPU where a check took two):
+# its version counter would miss writes through ``.data`` or ``.numpy()`` (they do not bump it: an unsorted
+# codebook was searched as a sorted one), and inference tensors have none. (A WeakKeyDictionary cannot hold
+# tensors: it compares keys with ``==``.) An entry leaves with its tensor. Named codebooks skip it (_code).
+_CODE_FACTS: dict[int, tuple[weakref.ref, torch.Tensor, bool]] = {}
 
 
 def _remember_code(code: torch.Tensor, ordered: bool) -> None:
     key = id(code)
-    _CODE_FACTS[key] = (weakref.ref(code, lambda _, key=key: _CODE_FACTS.pop(key, None)), code._version, ordered)
+    _CODE_FACTS[key] = (weakref.ref(code, lambda _, key=key: _CODE_FACTS.pop(key, None)), code.detach().clone(),
+                        ordered)
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,24 +134,51 @@ def _named_code_sorted(name: str) -> bool:
 
 
 def _checked_code(code: torch.Tensor) -> bool:
-    """validate_codebook(code) unless this tensor version passed before; returns whether it is sorted."""
+    """validate_codebook(code) unless it passed before with the values it holds now; returns whether it is sorted."""
     facts = _CODE_FACTS.get(id(code))
-    if facts is not None and facts[0]() is code and facts[1] == code._version:
-        return facts[2]
+    if facts is not None and facts[0]() is code:
+        seen = facts[1]
+        if (code.device == seen.device and code.dtype == seen.dtype and code.shape == seen.shape
+                and torch.equal(code.detach(), seen)):
+            return facts[2]
     validate_codebook(code)
     ordered = _ref.is_sorted(code)
     _remember_code(code, ordered)
     return ordered
 
 
+def _check_device(op: str, main: str, device: torch.device, **tensors: object) -> None:
+    """Every tensor argument of `op` on `device`, the device of its input `main`. A call mixing devices reached
+    the op's implementation for one of them: with a stats tensor on the meta device, the fake impl, which
+    returned an unwritten (uninitialised) CPU tensor as the result."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise ValueError(f"{op}: {name} must be on {main}'s device {device}, got {t.device}")
+
+
+def _moved(op: str, name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` (state tensors follow the codes); a meta tensor has no values to move."""
+    if t.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"{op}: {name} must hold data to be moved to {device}, got a tensor on meta")
+    return t.to(device)
+
+
 def _write_out(out: torch.Tensor | None, result: torch.Tensor, name: str = "out") -> torch.Tensor:
     """Copy `result` into a caller-provided `out` (same shape and dtype required) and return it."""
     if out is None:
         return result
-    if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
-        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{name} must be a {result.dtype} tensor of shape {tuple(result.shape)}, got {got}")
+    _check_buffer(out, result.shape, result.dtype, result.device, name)
     return out.copy_(result)
+
+
+def _check_buffer(out: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str) -> None:
+    """A caller's `out`-style buffer of the result's shape, dtype and device. (A buffer on the meta device was
+    accepted: the copy into it is a no-op and the caller got back a tensor without values.)"""
+    if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)}, got {got}")
+    if out.device != device:
+        raise ValueError(f"{name} must be on {device} (the result's device), got {out.device}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,32 +234,34 @@ def _specials(state: QuantState, device: torch.device) -> tuple[torch.Tensor, to
     return state.special_index, state.special_value
 
 
-def _effective_code(code: torch.Tensor, A: torch.Tensor, c: str) -> torch.Tensor:
-    """The codebook a quantisation really used: bnb's fp32 CPU kernel writes code[0] = -1 (Q2)."""
+def _effective_code(code: torch.Tensor, ordered: bool, A: torch.Tensor, c: str) -> torch.Tensor:
+    """The codebook a quantisation really used: bnb's fp32 CPU kernel writes code[0] = -1 (Q2), when it runs
+    (not for an empty A)."""
     out = code.clone()
-    if c == "bnb" and A.dtype == torch.float32:
+    if c == "bnb" and A.dtype == torch.float32 and A.numel():
         out[0] = -1.0
     else:  # the same values as the checked `code`: the QuantState's copy needs no second check
-        _remember_code(out, _checked_code(code))
+        _remember_code(out, ordered)
     return out
 
 
-def _search_order(code: torch.Tensor, c: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _search_order(code: torch.Tensor, ordered: bool, c: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(codebook the ops search, permutation back to `code`'s indices or None)``.
 
     The ops and kernels search sorted codebooks. An unsorted one (bnb's few-bit linear maps put
     the zero padding before linspace's -3e-8 middle point) is searched through its stable sort by
     default, and the indices mapped back, so ``code[q]`` is the nearest entry whatever the order.
-    ``compat="bnb"`` passes it as it is: the reference then searches it the way bnb does.
+    ``compat="bnb"`` passes it as it is: the reference then searches it the way bnb does. `ordered`: whether
+    `code` is sorted (_code).
     """
-    if c == "bnb" or _checked_code(code):
+    if c == "bnb" or ordered:
         return code, None
     sorted_code, perm = torch.sort(code, stable=True)
     return sorted_code, perm.to(torch.uint8)
 
 
-def _quantize_into(A: torch.Tensor, code: torch.Tensor, blocksize: int, c: str, out: torch.Tensor | None,
-                   absmax: torch.Tensor | None, run_op) -> tuple[torch.Tensor, ...]:
+def _quantize_into(A: torch.Tensor, code: torch.Tensor, ordered: bool, blocksize: int, c: str,
+                   out: torch.Tensor | None, absmax: torch.Tensor | None, run_op) -> tuple[torch.Tensor, ...]:
     """``(q, absmax, special_index, special_value)`` with caller buffers honoured.
 
     With `out`/`absmax` given, the CPU fast path writes them in place (no temporary result to copy);
@@ -237,14 +269,18 @@ def _quantize_into(A: torch.Tensor, code: torch.Tensor, blocksize: int, c: str, 
     `code` is what the ops search; for an unsorted codebook (default mode) the indices found in
     its sorted order are mapped back through the permutation.
     """
-    search_code, perm = _search_order(code, c)
+    nb = -(-A.numel() // blocksize)
+    if out is not None:
+        _check_buffer(out, A.shape, torch.uint8, A.device, "out")
+    if absmax is not None:
+        _check_buffer(absmax, (nb,), torch.float32, A.device, "absmax")
+    search_code, perm = _search_order(code, ordered, c)
     if perm is not None:
-        q, am, sidx, sval = _quantize_into(A, search_code, blocksize, c, None, absmax, run_op)
+        q, am, sidx, sval = _quantize_into(A, search_code, True, blocksize, c, None, absmax, run_op)
         return _write_out(out, perm.to(q.device)[q.long()]), am, sidx, sval
     if out is not None or absmax is not None:
         q_buf = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-        am_buf = absmax if absmax is not None else torch.empty(-(-A.numel() // blocksize), dtype=torch.float32,
-                                                               device=A.device)
+        am_buf = absmax if absmax is not None else torch.empty(nb, dtype=torch.float32, device=A.device)
         done = _cpu.quantize_blockwise_into(A, code, blocksize, c, q_buf, am_buf)
         if done is not None:
             return (q_buf, am_buf, *done)
@@ -264,9 +300,9 @@ def quantize(A: torch.Tensor, code: torch.Tensor | str | None = None, out: torch
     """
     _check_tensor("A", A, _FLOATS)
     c = _compat(compat)
-    code = _code(code, A.device)
+    code, ordered = _code(code, A.device)
     # default mode: global = one block over the whole tensor, so the blockwise fast path serves it
-    q, absmax, sidx, sval = _quantize_into(A, code, max(A.numel(), 1), c, out, None,
+    q, absmax, sidx, sval = _quantize_into(A, code, ordered, max(A.numel(), 1), c, out, None,
                                            lambda cb: _run("quantize_global", A, cb, c))
     state = QuantState(absmax=absmax, code=code.clone(), blocksize=max(A.numel(), 1), dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
@@ -285,8 +321,7 @@ def dequantize(q: torch.Tensor, state: QuantState | None = None, absmax: torch.T
     if state is None:
         if absmax is None:
             raise ValueError("dequantize needs either state or absmax, got neither")
-        state = QuantState(absmax=absmax, code=_code(code, q.device), blocksize=max(q.numel(), 1),
-                           dtype=torch.float32)
+        return dequantize_blockwise(q, absmax=absmax, code=code, blocksize=max(q.numel(), 1), out=out, dtype=dtype)
     return dequantize_blockwise(q, state, out=out, dtype=dtype)
 
 
@@ -306,14 +341,14 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     _check_tensor("A", A, _FLOATS)
     blocksize = _check_blocksize(blocksize)
     c = _compat(compat)
-    code = _code(code, A.device)
-    q, am, sidx, sval = _quantize_into(A, code, blocksize, c, out, absmax,
+    code, ordered = _code(code, A.device)
+    q, am, sidx, sval = _quantize_into(A, code, ordered, blocksize, c, out, absmax,
                                        lambda cb: _run("quantize_blockwise", A, cb, blocksize, c))
-    state = QuantState(absmax=am, code=_effective_code(code, A, c), blocksize=blocksize, dtype=A.dtype,
+    state = QuantState(absmax=am, code=_effective_code(code, ordered, A, c), blocksize=blocksize, dtype=A.dtype,
                        shape=A.shape, special_index=sidx, special_value=sval, compat=compat)
     if nested:
-        if not am.numel():
-            offset = torch.zeros((), dtype=torch.float32, device=A.device)
+        if not am.numel():  # (bnb: the mean of no absmax, NaN)
+            offset = torch.full((), math.nan if c == "bnb" else 0.0, dtype=torch.float32, device=A.device)
         elif c == "bnb":
             # bnb: a float32 mean (Inf once the absmax sum passes FLT_MAX), in the CPU's summation order on
             # every device: the vectors are bnb's CPU results, and a GPU's reduction order differs in the
@@ -344,9 +379,16 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
             raise ValueError("dequantize_blockwise needs quant_state or absmax, got neither")
         if nested:
             raise ValueError("nested=True needs a quant_state (offset and state2), got only absmax")
-        quant_state = QuantState(absmax=absmax, code=_code(code, q.device), blocksize=_check_blocksize(blocksize),
+        quant_state = QuantState(absmax=absmax, code=_code(code, q.device)[0], blocksize=_check_blocksize(blocksize),
                                  dtype=torch.float32)
-    st = quant_state
+        return _dequantize_state(q, quant_state, out, dtype, code_checked=True)
+    return _dequantize_state(q, quant_state, out, dtype, code_checked=False)
+
+
+def _dequantize_state(q: torch.Tensor, st: QuantState, out: torch.Tensor | None, dtype: torch.dtype | None,
+                      code_checked: bool) -> torch.Tensor:
+    """dequantize_blockwise with a QuantState; ``code_checked``: st.code is known valid (made or checked by the
+    caller just now: no second check, no host wait on a GPU)."""
     _check_state(st)
     am = st.absmax
     if st.nested:
@@ -365,16 +407,20 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState | None = None,
     nb = -(-q.numel() // st.blocksize)
     if am.numel() != nb:
         raise ValueError(f"absmax must have ceil({q.numel()}/{st.blocksize}) = {nb} entries, got {am.numel()}")
-    _checked_code(st.code)
+    op, dev = "dequantize_blockwise", q.device
+    am, code = _moved(op, "absmax", am, dev), _moved(op, "QuantState.code", st.code, dev)
+    if not code_checked:
+        _checked_code(code)
     out_dtype = dtype or st.dtype
     if out_dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")
-    sidx, sval = _specials(st, q.device)
-    if out is not None and _cpu.dequantize_blockwise_into(q, am, st.code, st.blocksize, out_dtype, sidx, sval,
-                                                          _compat(st.compat), out):
-        return out  # CPU fast path wrote `out` in place
-    y = _run("dequantize_blockwise", q, am.to(q.device), st.code.to(q.device), st.blocksize, out_dtype,
-                                  sidx, sval, _compat(st.compat))
+    sidx, sval = (_moved(op, f"QuantState.{name}", t, dev) for name, t in zip(("special_index", "special_value"),
+                                                                             _specials(st, dev)))
+    if out is not None:
+        _check_buffer(out, q.shape, out_dtype, dev, "out")
+        if _cpu.dequantize_blockwise_into(q, am, code, st.blocksize, out_dtype, sidx, sval, _compat(st.compat), out):
+            return out  # CPU fast path wrote `out` in place
+    y = _run("dequantize_blockwise", q, am, code, st.blocksize, out_dtype, sidx, sval, _compat(st.compat))
     return _write_out(out, y)
 
 
@@ -391,14 +437,14 @@ def fake_quantize(A: torch.Tensor, code: torch.Tensor | str | None, blocksize: i
     _check_tensor("A", A, _FLOATS)
     bs = max(A.numel(), 1) if blocksize is None else _check_blocksize(blocksize)
     if _compat(compat) == "" and _eager_cpu((A,)):
-        fused = _cpu.fake_quantize_blockwise(A, _code(code, A.device), bs)
+        fused = _cpu.fake_quantize_blockwise(A, _code(code, A.device)[0], bs)
         if fused is not None:
             return fused if return_absmax else fused[0]
     if blocksize is None:
         q, st = quantize(A, code, compat=compat)
     else:
         q, st = quantize_blockwise(A, code, blocksize=blocksize, compat=compat)
-    y = dequantize_blockwise(q, st)
+    y = _dequantize_state(q, st, None, None, code_checked=True)  # (st.code: the quantiser's own copy)
     return (y, st.absmax) if return_absmax else y
 
 
@@ -481,7 +527,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: st
     _check_rank("A", A)
     t = _check_threshold(threshold)
     c = _compat(compat)
-    if check_row_scale(row_scale) == "paper" and t > 0:
+    if check_row_scale(row_scale) == "paper" and t > 0 and A.numel():  # (empty: no columns to leave out)
         A_in, cols = _without_outlier_cols(A, _op_threshold(t, c))
         q, row_stats, _ = _run("int8_vectorwise_quant", A_in, 0.0, c)
         return q, row_stats, cols
@@ -494,6 +540,7 @@ def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor) -> torch.Tenso
     _check_tensor("q", q, (torch.int8,))
     _check_rank("q", q)
     _check_tensor("stats", stats, _FLOATS)
+    _check_device("int8_vectorwise_dequant", "q", q.device, stats=stats)
     rows = math.prod(q.shape[:-1])
     if stats.numel() != rows:
         raise ValueError(f"stats must have one entry per row ({rows}), got {stats.numel()}")
@@ -514,7 +561,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0, *, compat: str | 
     _check_rank("A", A)
     t = _check_threshold(threshold)
     c = _compat(compat)
-    if check_row_scale(row_scale) == "paper" and t > 0:
+    if check_row_scale(row_scale) == "paper" and t > 0 and A.numel():  # (empty: no columns to leave out)
         A_in, cols = _without_outlier_cols(A, _op_threshold(t, c))
         q_row, q_col, rs, cs, _ = _run("int8_double_quant", A_in, 0.0, c)
         return q_row, q_col, rs, cs, cols
@@ -562,6 +609,7 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
     _check_tensor("A", A, (torch.int32,))
     _check_rank("A", A)
     _check_mm_dequant(A.shape, row_stats, col_stats, bias, dtype)
+    _check_device("int8_mm_dequant", "A", A.device, row_stats=row_stats, col_stats=col_stats, bias=bias)
     y = _run("int8_mm_dequant", A, row_stats.to(torch.float32), col_stats.to(torch.float32), bias, dtype,
                              _compat(compat))
     return _write_out(out, y)
@@ -594,6 +642,8 @@ def int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, co
     Plain eager CPU calls in the default mode whose int8 GEMM runs in float32 (backends/int8_gemm.py) skip
     the int32 product: backends/cpu.int8_scaled_mm dequantises the exact float32 one, bit-identical."""
     dtype = dtype or torch.float16
+    if isinstance(A, torch.Tensor):
+        _check_device("int8_scaled_mm", "A", A.device, B=B, row_stats=row_stats, col_stats=col_stats, bias=bias)
     if _compat(compat) == "" and _eager_cpu((A, B, row_stats, col_stats, bias)):
         _check_int8_matmul(A, B)
         _check_mm_dequant((*A.shape[:-1], B.shape[0]), row_stats, col_stats, bias, dtype)
@@ -616,6 +666,10 @@ def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SC
     _check_tensor("CA", CA, (torch.int8,))
     if A.shape != CA.shape:
         raise ValueError(f"A and CA must have the same shape, got {tuple(A.shape)} and {tuple(CA.shape)}")
+    if outlier_cols is not None:
+        _check_tensor("outlier_cols", outlier_cols, (torch.int64, torch.int32))
+    _check_device("int8_mixed_scaled_mm", "A", A.device, CA=CA, CB=CB, SCA=SCA, SCB=SCB, outlier_cols=outlier_cols,
+                  bias=bias)
     out = int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype, compat=compat)
     # Under torch.compile the column count and values are data-dependent (no branch, no check):
     # an empty set adds an empty product.
@@ -623,7 +677,6 @@ def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SC
     if outlier_cols is None or (not compiling and outlier_cols.numel() == 0):
         return out, torch.empty(0, dtype=A.dtype, device=A.device)
     K = A.shape[-1]
-    _check_tensor("outlier_cols", outlier_cols, (torch.int64, torch.int32))
     if outlier_cols.dim() != 1 or (not compiling and (int(outlier_cols.min()) < 0 or int(outlier_cols.max()) >= K)):
         raise ValueError(f"outlier_cols must be 1-D column indices in [0, {K}), got {outlier_cols.tolist()}")
     a2 = A.reshape(-1, K)
@@ -762,16 +815,51 @@ def scaled_tile(shape: torch.Size | tuple[int, ...], fmt: str, granularity: str 
     return granularity, tile
 
 
+def _check_scaled_tensor(st: ScaledTensor) -> None:
+    """A ScaledTensor built or edited by hand: an unknown fmt was ignored, float data and an NVFP4 tensor without
+    its global scale dequantised to silent wrong values, a scale of the wrong shape or a zero block gave torch
+    reshape errors or ZeroDivisionError."""
+    if not isinstance(st, ScaledTensor):
+        raise TypeError(f"st must be a ScaledTensor, got {type(st).__name__}")
+    if st.fmt not in _SCALED_FMTS:
+        raise ValueError(f"ScaledTensor.fmt must be one of {', '.join(_SCALED_FMTS)}, got {st.fmt!r}")
+    _check_tensor("ScaledTensor.data", st.data, (_ref.SCALED_FORMATS[st.fmt][0],))
+    block = st.block
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"ScaledTensor.block must be (rows, cols) of positive ints, got {block!r}")
+    rows, cols = _ref._rows_cols(st.data.shape)
+    tiles = (-(-rows // block[0]), -(-cols // block[1]))
+    _check_tensor("ScaledTensor.scale", st.scale, (torch.float32,))
+    if tuple(st.scale.shape) != tiles:
+        raise ValueError(f"ScaledTensor.scale must have shape {list(tiles)} (one per {block[0]}x{block[1]} tile of "
+                         f"the [{rows}, {cols}] data), got {list(st.scale.shape)}")
+    g = st.global_scale
+    if st.fmt == "nvfp4":
+        if g is None:
+            raise ValueError("an nvfp4 ScaledTensor needs global_scale, a 0-d float32 tensor, got None")
+        _check_tensor("ScaledTensor.global_scale", g, (torch.float32,))
+        # 0-d, or one per row with 1-row tiles (quantize_scaled's per-row NVFP4 scales)
+        if g.dim() != 0 and not (block[0] == 1 and tuple(g.shape) == (tiles[0], 1)):
+            raise ValueError(f"ScaledTensor.global_scale must be 0-d (or [{tiles[0]}, 1] with 1-row tiles), "
+                             f"got shape {list(g.shape)}")
+    elif g is not None:
+        raise ValueError(f"ScaledTensor.global_scale belongs to nvfp4; expected None for fmt {st.fmt!r}, "
+                         f"got a tensor")
+    _check_device("dequantize_scaled", "ScaledTensor.data", st.data.device, scale=st.scale, global_scale=g)
+
+
 def dequantize_scaled(st: ScaledTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
                       ) -> torch.Tensor:
     """``value(data) * scale[tile]`` (float32 math; NVFP4 then ``* global_scale``) cast to `dtype`
     (default: the original dtype). `out`: a tensor of that dtype and st.data's shape to write into
     (a reused buffer saves a fresh output's page faults: on CPU the kernel writes it in place)."""
-    if not isinstance(st, ScaledTensor):
-        raise TypeError(f"st must be a ScaledTensor, got {type(st).__name__}")
+    _check_scaled_tensor(st)
     out_dtype = dtype or st.dtype
     if out_dtype not in _FLOATS:
         raise TypeError(f"dtype must be one of float32/float16/bfloat16, got {out_dtype}")
+    if out is not None:
+        _check_buffer(out, st.data.shape, out_dtype, st.data.device, "out")
     if out is not None and _cpu.dequantize_scaled_into(st.data, st.scale, st.block[0], st.block[1], out_dtype,
                                                        st.fmt, st.global_scale, out):
         return out  # CPU fast path wrote `out` in place

@@ -136,3 +136,15 @@ def test_int8_vectorwise_tiny_rows_equal_live_bnb(dtype: torch.dtype) -> None:
     assert not q[::3].any()  # what bnb gives: all zero
     assert F.int8_vectorwise_quant(A)[0][::3].abs().max() == 127
 
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0)])
+def test_empty_float32_state_equals_live_bnb(shape) -> None:
+    """bnb's fp32 kernel never runs on an empty input, so it leaves code[0] as it is (no Q2 write), and the nested
+    offset is the mean of no absmax, NaN; compat="bnb" wrote code[0] = -1 and offset 0 (QA finding 10)."""
+    code = F.get_codebook("dynamic")
+    A = torch.empty(shape)
+    _, st_b = bnb_F.quantize_blockwise(A, code=code.clone(), blocksize=64, nested=True)
+    _, st = F.quantize_blockwise(A, code=code, blocksize=64, nested=True, compat="bnb")
+    assert torch.equal(st.code, st_b.code) and st.code[0] == code[0]
+    assert bool(st_b.offset.isnan()) and bool(st.offset.isnan()) and st.offset.shape == st_b.offset.shape
+    assert F.quantize_blockwise(A, code=code, blocksize=64, nested=True)[1].offset == 0  # default: a finite offset

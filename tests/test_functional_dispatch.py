@@ -165,9 +165,9 @@ def test_compiled_functional_call_matches_eager() -> None:
     _same(compiled(x), f(x))
 
 
-def test_a_codebook_tensor_is_checked_once_per_version(monkeypatch) -> None:
-    """The analysis passes one codebook tensor to thousands of calls, and checking it on a GPU makes the host wait:
-    it is validated once per tensor version (an in-place edit is checked again), dead tensors leave the memo."""
+def test_a_codebook_tensor_is_checked_once_per_content(monkeypatch) -> None:
+    """The modules pass one codebook tensor to every call, and checking it on a GPU makes the host wait: it is
+    validated once while its values stay the same (an in-place edit is checked again), dead tensors leave the memo."""
     import fp8probe.functional as fn
     from fp8probe.formats import get_codebook, validate_codebook
 
@@ -188,3 +188,58 @@ def test_a_codebook_tensor_is_checked_once_per_version(monkeypatch) -> None:
     import gc
     gc.collect()
     assert key not in fn._CODE_FACTS
+
+
+@pytest.mark.parametrize("write", ["data", "numpy"])
+def test_codebook_edits_that_skip_the_version_counter_are_seen(write: str) -> None:
+    """Writes through ``.data`` or ``.numpy()`` do not bump ``_version``: a codebook reversed that way was searched
+    as if still sorted (max error 8.2 on N(0, 1) data), and a NaN written that way was accepted (QA finding 4)."""
+    import fp8probe.functional as fn
+    from fp8probe.formats import get_codebook
+
+    def edit(code: torch.Tensor, values: torch.Tensor) -> None:
+        if write == "data":
+            code.data.copy_(values)
+        else:
+            code.numpy()[:] = values.numpy()
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(6))
+    code = get_codebook("bnb-e4m3")
+    fn.quantize_blockwise(x, code, blocksize=64)                 # validated, remembered as sorted
+    version = code._version
+    edit(code, code.flip(0))                                      # valid, now descending
+    assert code._version == version
+    q_edit, st_edit = fn.quantize_blockwise(x, code, blocksize=64)
+    q_fresh, st_fresh = fn.quantize_blockwise(x, code.clone(), blocksize=64)
+    assert torch.equal(q_edit, q_fresh)
+    assert torch.equal(fn.dequantize_blockwise(q_edit, st_edit), fn.dequantize_blockwise(q_fresh, st_fresh))
+    bad = code.clone()
+    bad[5] = float("nan")
+    edit(code, bad)
+    with pytest.raises(ValueError, match="only finite values"):
+        fn.quantize_blockwise(x, code, blocksize=64)
+    # the state's own copy of the codebook: an edit through .data is checked as well
+    edit(st_fresh.code, bad)
+    with pytest.raises(ValueError, match="only finite values"):
+        fn.dequantize_blockwise(q_fresh, st_fresh)
+
+
+@pytest.mark.parametrize("code", [None, "bnb-e5m2", "tensor"])
+def test_codebook_ops_run_in_inference_mode(code) -> None:
+    """The codebook memo read ``code._version``: inference tensors have none, so every codebook op inside
+    ``torch.inference_mode()`` raised "Inference tensors do not track version counter" (QA finding 5)."""
+    import fp8probe.functional as fn
+    from fp8probe.formats import get_codebook
+
+    x = torch.randn(3, 500, generator=torch.Generator().manual_seed(7))
+    book = get_codebook("dynamic") if code == "tensor" else code
+    q0, st0 = fn.quantize_blockwise(x, book, blocksize=64)
+    y0 = fn.dequantize_blockwise(q0, st0)
+    with torch.inference_mode():
+        book_inf = get_codebook("dynamic") if code == "tensor" else code
+        for _ in range(2):  # the second call with the same codebook tensor: the memo's hit
+            q, st = fn.quantize_blockwise(x, book_inf, blocksize=64)
+            assert torch.equal(q, q0) and torch.equal(fn.dequantize_blockwise(q, st), y0)
+        assert torch.equal(fn.fake_quantize(x, book_inf, 64), y0)
+        qg, stg = fn.quantize(x, book_inf)
+        assert torch.equal(fn.dequantize(qg, stg), fn.fake_quantize(x, book, None))

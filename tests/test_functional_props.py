@@ -446,3 +446,102 @@ def test_hand_built_quant_state_is_validated(edit, error, match) -> None:
     with pytest.raises(error, match=match):
         F.dequantize_blockwise(q, dataclasses.replace(state, **edit))
     assert torch.isfinite(F.dequantize_blockwise(q, state)).all()
+
+
+def _int8_operands(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    A8 = torch.randint(-128, 128, (4, 16), generator=g, dtype=torch.int8)
+    B8 = torch.randint(-128, 128, (8, 16), generator=g, dtype=torch.int8)
+    return A8, B8, torch.rand(4, generator=g) + 0.5, torch.rand(8, generator=g) + 0.5
+
+
+@pytest.mark.parametrize(("op", "name", "call"), [
+    ("int8_mm_dequant", "row_stats", lambda A8, B8, rs, cs: F.int8_mm_dequant(F.int8_linear_matmul(A8, B8), rs.to("meta"), cs)),
+    ("int8_mm_dequant", "col_stats", lambda A8, B8, rs, cs: F.int8_mm_dequant(F.int8_linear_matmul(A8, B8), rs, cs.to("meta"))),
+    ("int8_mm_dequant", "bias", lambda A8, B8, rs, cs: F.int8_mm_dequant(F.int8_linear_matmul(A8, B8), rs, cs,
+                                                                         bias=cs.to("meta"))),
+    ("int8_scaled_mm", "row_stats", lambda A8, B8, rs, cs: F.int8_scaled_mm(A8, B8, rs.to("meta"), cs)),
+    ("int8_scaled_mm", "col_stats", lambda A8, B8, rs, cs: F.int8_scaled_mm(A8, B8, rs, cs.to("meta"), compat="bnb")),
+    ("int8_vectorwise_dequant", "stats", lambda A8, B8, rs, cs: F.int8_vectorwise_dequant(A8, rs.to("meta"))),
+    ("int8_mixed_scaled_mm", "SCB", lambda A8, B8, rs, cs: F.int8_mixed_scaled_mm(
+        A8.float(), A8, B8, rs, cs.to("meta"), torch.tensor([1, 3]))),
+    ("int8_mixed_scaled_mm", "outlier_cols", lambda A8, B8, rs, cs: F.int8_mixed_scaled_mm(
+        A8.float(), A8, B8, rs, cs, torch.tensor([1, 3], device="meta"))),
+])
+def test_stats_on_another_device_are_refused(op, name, call) -> None:
+    """A stats tensor on the meta device sent the call to the op's fake impl, which returned an unwritten CPU
+    tensor: uninitialised memory as the result (QA finding 1)."""
+    with pytest.raises(ValueError, match=f"{op}: {name} must be on .*device cpu, got meta"):
+        call(*_int8_operands(41))
+
+
+def test_scaled_and_quant_state_tensors_on_meta_are_refused() -> None:
+    import dataclasses
+
+    x = _randn((8, 64), torch.float32, 42, "cpu")
+    st8 = F.quantize_scaled(x)
+    with pytest.raises(ValueError, match="dequantize_scaled: scale must be on ScaledTensor.data's device cpu, got meta"):
+        F.dequantize_scaled(dataclasses.replace(st8, scale=st8.scale.to("meta")))
+    q, state = F.quantize_blockwise(x, blocksize=64)
+    for field in ("absmax", "code"):
+        with pytest.raises(ValueError, match="dequantize_blockwise: .* must hold data to be moved to cpu, got a tensor on meta"):
+            F.dequantize_blockwise(q, dataclasses.replace(state, **{field: getattr(state, field).to("meta")}))
+    bad = dataclasses.replace(state, special_index=torch.tensor([3], device="meta"),
+                              special_value=torch.tensor([float("nan")], device="meta"))
+    with pytest.raises(ValueError, match="QuantState.special_index must hold data"):
+        F.dequantize_blockwise(q, bad)
+    with pytest.raises(ValueError, match="code must be a codebook holding data"):
+        F.quantize_blockwise(x, code=get_codebook("dynamic").to("meta"))
+
+
+@pytest.mark.parametrize(("name", "call"), [
+    ("out", lambda x, A8, B8: F.quantize_blockwise(x, blocksize=64, out=torch.empty(8, 64, dtype=torch.uint8, device="meta"))),
+    ("absmax", lambda x, A8, B8: F.quantize_blockwise(x, blocksize=64, absmax=torch.empty(8, device="meta"))),
+    ("out", lambda x, A8, B8: F.quantize(x, out=torch.empty(8, 64, dtype=torch.uint8, device="meta"))),
+    ("out", lambda x, A8, B8: F.dequantize_blockwise(*F.quantize_blockwise(x, blocksize=64),
+                                                     out=torch.empty(8, 64, device="meta"))),
+    ("out", lambda x, A8, B8: F.dequantize_scaled(F.quantize_scaled(x), out=torch.empty(8, 64, device="meta"))),
+    ("out", lambda x, A8, B8: F.int8_linear_matmul(A8, B8, out=torch.empty(4, 8, dtype=torch.int32, device="meta"))),
+    ("out", lambda x, A8, B8: F.int8_mm_dequant(F.int8_linear_matmul(A8, B8), torch.rand(4), torch.rand(8),
+                                                out=torch.empty(4, 8, dtype=torch.float16, device="meta"))),
+])
+def test_out_buffers_on_another_device_are_refused(name, call) -> None:
+    """A meta `out=` was accepted: the copy into it did nothing and the caller got a tensor without values
+    (QA finding 7); the autograd functions' out= refused it already."""
+    A8, B8, _, _ = _int8_operands(43)
+    with pytest.raises(ValueError, match=f"{name} must be on cpu \\(the result's device\\), got meta"):
+        call(_randn((8, 64), torch.float32, 44, "cpu"), A8, B8)
+
+
+def test_mixed_scaled_mm_outlier_cols_must_be_a_tensor() -> None:
+    A8, B8, rs, cs = _int8_operands(45)
+    with pytest.raises(TypeError, match="outlier_cols must be a torch.Tensor, got list"):
+        F.int8_mixed_scaled_mm(A8.float(), A8, B8, rs, cs, [1, 2])
+
+
+def _scaled(fmt: str):
+    return F.quantize_scaled(_randn((8, 64), torch.float32, 46, "cpu"), fmt)
+
+
+@pytest.mark.parametrize(("fmt", "edit", "error", "match"), [
+    ("e4m3", lambda st_: {"fmt": "zz"}, ValueError, "ScaledTensor.fmt must be one of .*got 'zz'"),
+    ("e4m3", lambda st_: {"data": st_.data.float()}, TypeError, "ScaledTensor.data must have dtype in \\['torch.float8_e4m3fn'\\], got torch.float32"),
+    ("mxfp4-e2m1", lambda st_: {"data": st_.data.view(torch.int8)}, TypeError, "ScaledTensor.data must have dtype in \\['torch.uint8'\\]"),
+    ("e4m3", lambda st_: {"scale": torch.ones(3, 3)}, ValueError, "ScaledTensor.scale must have shape \\[1, 1\\].*got \\[3, 3\\]"),
+    ("e4m3", lambda st_: {"scale": None}, TypeError, "ScaledTensor.scale must be a torch.Tensor, got NoneType"),
+    ("e4m3", lambda st_: {"block": (0, 0)}, ValueError, "ScaledTensor.block must be \\(rows, cols\\) of positive ints, got \\(0, 0\\)"),
+    ("nvfp4", lambda st_: {"global_scale": None}, ValueError, "nvfp4 ScaledTensor needs global_scale.*got None"),
+    ("nvfp4", lambda st_: {"global_scale": st_.global_scale.reshape(1)}, ValueError, "global_scale must be 0-d.*got shape \\[1\\]"),
+    ("e5m2", lambda st_: {"global_scale": torch.tensor(2.0)}, ValueError, "global_scale belongs to nvfp4; expected None for fmt 'e5m2'"),
+    ("mxfp4-e2m1", lambda st_: {"data": st_.data.clone().index_fill_(1, torch.tensor([3]), 200)}, ValueError,
+     "mxfp4-e2m1 element codes must be in 0..15, got 200"),
+])
+def test_hand_built_scaled_tensor_is_validated(fmt, edit, error, match) -> None:
+    """An unknown fmt was ignored, float data and an NVFP4 tensor without its global scale dequantised to silent
+    wrong values, other bad fields gave reshape errors, ZeroDivisionError or IndexError (QA finding 8)."""
+    import dataclasses
+
+    st_ = _scaled(fmt)
+    with pytest.raises(error, match=match):
+        F.dequantize_scaled(dataclasses.replace(st_, **edit(st_)))
+    assert torch.isfinite(F.dequantize_scaled(st_)).all()

@@ -100,3 +100,18 @@ def test_matmul_state_row_scale_and_backward() -> None:
     assert A.grad is not None and torch.isfinite(W.grad).all()
     with pytest.raises(ValueError, match="row_scale must be one of"):
         AG.matmul(A, W, threshold=6.0, row_scale="lol")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0,), (5, 0), (2, 3, 0), (0, 4)])
+def test_paper_empty_inputs_short_circuit(device, shape) -> None:
+    """An empty last dim reshaped to [-1, 0] (ambiguous) and raised a torch RuntimeError with row_scale="paper" and
+    threshold > 0 (QA finding 6): empty inputs give row_scale="bnb"'s empty outputs."""
+    A = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(device)
+    for fn in (F.int8_vectorwise_quant, F.int8_double_quant):
+        paper = fn(A, 3.0, row_scale="paper")
+        bnb = fn(A, 3.0, row_scale="bnb")
+        assert len(paper) == len(bnb)
+        for p, b in zip(paper, bnb):
+            assert p.shape == b.shape and p.dtype == b.dtype and p.device == b.device and torch.equal(p, b)
+        assert paper[-1].dtype == torch.int64 and paper[-1].numel() == 0

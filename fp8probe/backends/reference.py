@@ -930,6 +930,12 @@ def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, block_rows: int, 
         return torch.empty(data.shape, dtype=dtype, device=dev)
     if data.dtype == torch.uint8 and fmt not in SCALED_FORMATS:
         raise ValueError(f"uint8 element codes need fmt, one of {', '.join(MX_FORMATS[2:])}, nvfp4, got {fmt!r}")
+    if data.dtype == torch.uint8:
+        # (the C path reruns this on a stray code; indexing the table with it raised an IndexError)
+        n_codes = 2 ** (1 + sum(LOWBIT_ELEMENTS[ELEMENT_OF[fmt]][:2]))
+        top = int(data.max())
+        if top >= n_codes:
+            raise ValueError(f"{fmt} element codes must be in 0..{n_codes - 1}, got {top}")
     R, C = _rows_cols(data.shape)
     block_rows, block_cols = min(block_rows, R), min(block_cols, C)
     xt, nbr, nbc = _tiles(element_values(data.reshape(R, C), fmt), block_rows, block_cols)
