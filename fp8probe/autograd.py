@@ -1,6 +1,7 @@
 """Autograd layer of the matmul suite: bitsandbytes' FP8 research matmuls, SwitchBack and LLM.int8() (SPEC §6, §7)."""
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -55,6 +56,26 @@ def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dt
         raise ValueError(
             f"out must have shape {list(shape)}, dtype {dtype} and device {device}, "
             f"got shape {list(out.shape)}, dtype {out.dtype}, device {out.device}")
+
+
+def _first_order_only(backward):
+    """A Function's backward that quantises (or reads int8 codes) has no derivative of its own: run it without
+    building a graph and, under ``create_graph=True``, give its gradients a node that refuses a second backward
+    by name (torch's @once_differentiable does so only where the incoming gradient requires grad; otherwise the
+    second backward failed with the generic "element 0 of tensors does not require grad")."""
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: torch.Tensor):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return outputs
+        name = backward.__qualname__.split(".")[0]
+        err = torch._C._functions.DelayedError(
+            f"double backward through {name} is not supported: its backward is not differentiable "
+            "(quantised operands); compute the gradient with create_graph=False".encode(), len(outputs))
+        fake = [None if g is None else g.detach().requires_grad_() for g in outputs]
+        return err(*fake)
+    return wrapper
 
 
 def _finish(ctx: Any, output: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -340,6 +361,7 @@ class MatMulFP8Mixed(torch.autograd.Function):
         return _finish(ctx, output, out)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx: Any, grad_output: torch.Tensor):
         if ctx.is_empty:
             return _fp8_empty_grads(ctx, grad_output)
@@ -378,6 +400,7 @@ class MatMulFP8Global(torch.autograd.Function):
         return _finish(ctx, output, out)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx: Any, grad_output: torch.Tensor):
         if ctx.is_empty:
             return _fp8_empty_grads(ctx, grad_output)
@@ -439,7 +462,10 @@ def _check_int8_operands(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | 
 def _weight_key(B: torch.Tensor) -> tuple:
     # Views share the version counter, so an in-place optimizer step on the Parameter bumps it.
     # Writes through `weight.data` do not (new version counter): hence no reuse in training (_quantize_weight).
-    return (B.data_ptr(), B._version, tuple(B.shape), B.dtype, B.device)
+    # An inference tensor (made under torch.inference_mode) has no version counter and can still be written in
+    # place there: its key holds a new object, equal to no other key, so its codes are never reused.
+    version = object() if B.is_inference() else B._version
+    return (B.data_ptr(), version, tuple(B.shape), B.dtype, B.device)
 
 
 def _codes_of(state: MatmulLtState, B: torch.Tensor) -> bool:
@@ -654,7 +680,10 @@ class MatMul8bitLt(torch.autograd.Function):
                 CA[:, outlier_cols] = 0
         CB, SCB = _quantize_weight(B, state, compat)
         has_outliers = threshold > 0.0 and outlier_cols is not None and _any_outlier(outlier_cols)
-        bias_c = None if bias is None else bias.to(A.dtype)
+        # bnb passes the bias as it is to int8_scaled_mm / int8_mixed_scaled_mm, whose dequant adds it in float32
+        # (a float32 bias with an fp16/bf16 A: rounded once). The default takes it in A's dtype, as nn.Linear and
+        # Linear8bitLt do (docs/architecture.md, Decisions).
+        bias_c = None if bias is None else bias if compat == "bnb" else bias.to(A.dtype)
         if threshold > 0.0:
             state.idx = outlier_cols
         if has_outliers:
@@ -679,6 +708,7 @@ class MatMul8bitLt(torch.autograd.Function):
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx: Any, grad_output: torch.Tensor):
         if ctx.is_empty:
             return _empty_int8_grads(ctx, grad_output, 2)
@@ -769,6 +799,7 @@ class SwitchBackBnb(torch.autograd.Function):
         return _finish(ctx, output.reshape(*A.shape[:-1], B.shape[0]), out)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx: Any, grad_output: torch.Tensor):
         if ctx.is_empty:
             return _empty_int8_grads(ctx, grad_output, 2)

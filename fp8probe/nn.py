@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .autograd import MatmulLtState, get_block_sizes, matmul, matmul_fp8_global, matmul_fp8_mixed, switchback_bnb
-from .functional import int8_vectorwise_quant
+from .functional import _check_threshold, int8_vectorwise_quant
 from .formats import get_codebook, validate_codebook
 
 __all__ = [
@@ -113,8 +113,7 @@ class _Int8Linear(nn.Linear):
                  *, compat: str | None = None) -> None:
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features} and {out_features}")
-        if float(threshold) < 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        threshold = _check_threshold(threshold)  # (NaN passed `< 0` and failed only in the first forward)
         if compat not in (None, "bnb"):
             raise ValueError(f"compat must be None or 'bnb', got {compat!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)

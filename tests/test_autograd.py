@@ -658,3 +658,56 @@ def test_int8_matmul_without_nan_is_unchanged_by_the_check() -> None:
     C, S, _ = F.int8_vectorwise_quant(A, 0.0)
     CB, SCB, _ = F.int8_vectorwise_quant(W, 0.0)
     torch.testing.assert_close(y, F.int8_scaled_mm(C, CB, S, SCB, dtype=A.dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_matmul_compat_float32_bias_equals_bnb_cpu(dtype, threshold) -> None:
+    """bnb passes a float32 bias as it is to int8_scaled_mm / int8_mixed_scaled_mm, whose dequant adds it in
+    float32: compat="bnb" rounded it to A's dtype first (double rounding, QA finding 2). The default keeps taking
+    the bias in A's dtype (docs/architecture.md, Decisions)."""
+    bnb = _bnb()
+    A, W = gen(73, 24, 64, dtype=dtype, scale=2.0), gen(74, 40, 64, dtype=dtype)
+    bias = gen(75, 40, scale=3.0) + 1e-3  # float32, not representable in A's dtype
+    ref_state = bnb.MatmulLtState()
+    ref_state.is_training = False
+    ref = bnb.matmul(A, W, bias=bias, state=ref_state, threshold=threshold)
+    ours = AG.matmul(A, W, bias=bias, state=AG.MatmulLtState(is_training=False), threshold=threshold, compat="bnb")
+    assert ours.dtype == ref.dtype == dtype
+    assert torch.equal(ours.view(torch.int16), ref.view(torch.int16))
+    default = AG.matmul(A, W, bias=bias, state=AG.MatmulLtState(is_training=False), threshold=threshold)
+    rounded = AG.matmul(A, W, bias=bias.to(dtype), state=AG.MatmulLtState(is_training=False), threshold=threshold)
+    assert torch.equal(default, rounded)
+
+
+@pytest.mark.parametrize("fn", [AG.matmul_fp8_mixed, AG.matmul_fp8_global, AG.matmul, AG.switchback_bnb])
+def test_double_backward_is_refused_by_name(fn) -> None:
+    """The backwards quantise (or read int8 codes): no second derivative. It failed with torch's generic
+    "element 0 of tensors does not require grad" (QA finding 9); first-order gradients are unchanged."""
+    A = gen(76, 6, 32).requires_grad_()
+    B = gen(77, 32, 8) if fn in (AG.matmul_fp8_mixed, AG.matmul_fp8_global) else gen(77, 8, 32)
+    B.requires_grad_()
+    name = {AG.matmul_fp8_mixed: "MatMulFP8Mixed", AG.matmul_fp8_global: "MatMulFP8Global",
+            AG.matmul: "MatMul8bitLt", AG.switchback_bnb: "SwitchBackBnb"}[fn]
+    G = gen(78, 6, 8)
+    gA, gB = torch.autograd.grad(fn(A, B), (A, B), G, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"double backward through {name} is not supported"):
+        (gA.sum() + gB.sum()).backward()
+    gA1, gB1 = torch.autograd.grad(fn(A, B), (A, B), G)
+    assert torch.equal(gA, gA1) and torch.equal(gB, gB1) and not gA1.requires_grad
+
+
+@pytest.mark.parametrize("fn", [AG.matmul, AG.switchback_bnb])
+@pytest.mark.parametrize("compat", [None, "bnb"])
+def test_int8_matmuls_take_inference_tensors(fn, compat) -> None:
+    """An inference tensor has no version counter: reading it for the int8 weight cache raised "Inference tensors do
+    not track version counter" (QA finding 5). Its codes are never reused: a write in inference mode is seen."""
+    A, W = gen(79, 6, 32), gen(80, 8, 32)
+    expected = fn(A, W, state=AG.MatmulLtState(is_training=False), compat=compat)
+    state = AG.MatmulLtState(is_training=False, has_fp16_weights=True)
+    with torch.inference_mode():
+        W_inf = W.clone()
+        assert torch.equal(fn(A, W_inf, state=state, compat=compat), expected)
+        if compat is None:
+            W_inf.mul_(2.0)  # in place, unseen by any version counter
+            assert torch.equal(fn(A, W_inf, state=state), fn(A, W * 2.0, state=AG.MatmulLtState(is_training=False)))
