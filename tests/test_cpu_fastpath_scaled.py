@@ -266,7 +266,7 @@ def test_lowbit_work_split_into_many_pieces(isa, no_fallback, shape: tuple[int, 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
 def test_lowbit_dequantize_matches_reference(isa, fmt: str, out_dtype: torch.dtype, monkeypatch) -> None:
     """Codes x scale (x the NVFP4 tensor scale) in C for finite tiles; a NaN-scale tile (input NaN/Inf)
-    falls back to the reference, as does a code past the format's last one (the reference raises)."""
+    falls back to the reference, as does a code past the format's last one (the reference raises a ValueError)."""
     x = sample((300, 700), seed=3)
     finite = torch.where(torch.isfinite(x), x, 1.0)
     g = ref.nvfp4_global_scale(finite) if fmt == "nvfp4" else None
@@ -283,7 +283,7 @@ def test_lowbit_dequantize_matches_reference(isa, fmt: str, out_dtype: torch.dty
                     _REF_DEQUANTIZE(data, scale, br, bc, out_dtype, fmt, g))
         assert calls
     data[0, 0] = 255
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match=f"{fmt} element codes must be in 0..(15|63), got 255"):
         cpu.dequantize_scaled(data, torch.ones_like(scale), br, bc, out_dtype, fmt, g)
 
 
