@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fp8probe import functional as F
+from fp8probe.report.schema import NOTE_NEAREST_PLAN
 
 from . import distributed
 from .capture import _to_device, choose_loss, graph_inputs, is_exported_graph, params_require_grad
@@ -55,8 +56,13 @@ FSDP_GRAD_NOTE = "no per-parameter gradient SQNR: FSDP2 shards the parameters"
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
-    """What the recommendation must stay within: ``kind`` "loss" (relative loss increase, 0.01 = 1 %)
-    or "kl" (mean KL divergence of the output distribution, nats per row)."""
+    """What the recommendation must stay within: ``kind`` "loss" (relative loss change either way, 0.01 = 1 %)
+    or "kl" (mean KL divergence of the output distribution, nats per row).
+
+    The loss budget bounds |change|: a recipe that lowers the loss by more than the budget changed the output as
+    much as one that raises it (a flattened or shrunken output lowers a cross-entropy on confident wrong
+    predictions, or the mean-of-squares surrogate), and on a few batches the sign is noise. Signed, any drop
+    passed: a recipe at 0.13 dB output SQNR was "within budget" at -97 % loss."""
 
     kind: str = "loss"
     value: float = DEFAULT_BUDGET
@@ -71,7 +77,7 @@ class Budget:
     def metric(self, loss_rel_change: float, kl_div: float | None) -> float:
         """The number compared with ``value`` (NaN when a KL budget meets an output that is no distribution)."""
         if self.kind == "loss":
-            return loss_rel_change
+            return abs(loss_rel_change)
         return math.nan if kl_div is None else kl_div
 
     def holds(self, loss_rel_change: float, kl_div: float | None) -> bool:
@@ -588,7 +594,7 @@ class SensitivityEstimate:
 # Sensitivity, keep-set search, recommendation
 # --------------------------------------------------------------------------------------------
 def _row_metric(budget: Budget, loss_rel: float | None, kl: float | None) -> float:
-    value = loss_rel if budget.kind == "loss" else kl
+    value = (None if loss_rel is None else abs(loss_rel)) if budget.kind == "loss" else kl
     return -math.inf if value is None or not math.isfinite(value) else value
 
 
@@ -618,7 +624,8 @@ def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[st
             row["_benefit"] = (rel if rel is not None else -math.inf) if budget.kind == "loss" else math.nan
         rows.append(row)
     # Most sensitive first: the only-low-precision change under the budget's metric (the loss change
-    # when estimated: the estimate has no KL), then what keeping the layer buys.
+    # when estimated: the estimate has no KL), by its size (a layer whose low-precision run alone lowers the
+    # loss moves it as much as one raising it by as much), then what keeping the layer buys.
     key_kl = budget.kind == "kl" and measured
 
     def finite_or(x: float | None, default: float) -> float:
@@ -626,7 +633,7 @@ def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[st
 
     def key(r: dict) -> tuple[float, float]:
         m = r["only_lp_kl"] if key_kl else r["only_lp_loss_rel_change"]
-        return (-finite_or(m, -math.inf), -finite_or(r["_benefit"], -math.inf))
+        return (-finite_or(None if m is None else abs(m), -math.inf), -finite_or(r["_benefit"], -math.inf))
 
     for rank, r in enumerate(sorted(rows, key=key), start=1):
         r["rank"] = rank
@@ -634,11 +641,14 @@ def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[st
 
 
 def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[dict], budget: Budget,
-                 max_runs: int = MAX_VALIDATION_RUNS) -> tuple[list[str], Outcome, int]:
+                 max_runs: int = MAX_VALIDATION_RUNS, closest: list | None = None
+                 ) -> tuple[list[str], Outcome, int]:
     """Smallest prefix of ``ranked`` (most sensitive first) kept in 16-bit that keeps the budget, by real runs.
 
     The first try is the prefix the sensitivities predict (full change minus the benefits) to fit;
     then doubling until a run fits, then bisection between the last failing and the first fitting prefix.
+    ``closest``: a list that receives, when only keeping every layer fits, the tried plan with some GEMMs in low
+    precision nearest the budget, as (metric, keep, outcome).
     """
     names = [r["layer"] for r in ranked]
     if budget.holds(full.loss_rel_change, full.kl_div) or not names:
@@ -672,14 +682,45 @@ def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[di
             break
     if hi is None:  # out of runs before anything fit: report the largest prefix tried
         hi = max(tried)
+    if closest is not None and hi == len(names):
+        near = [(budget.metric(o.loss_rel_change, o.kl_div), k, o) for k, o in tried.items()
+                if k < len(names) and o.lp_flop_share > 0]
+        near = [x for x in near if math.isfinite(x[0])]
+        if near:
+            m, k, o = min(near, key=lambda x: (x[0], x[1]))
+            closest.append((m, names[:k], o))
     return names[:hi], tried[hi], runs
 
 
 def _rec_row(kind: str, strategy: str, value: Any, keep: list[str], out: Outcome, budget: Budget, note: str) -> dict:
+    # (a plan with nothing in low precision is not "within budget": it answers nothing, and the verdict says that
+    # no strategy fits)
     return {"kind": kind, "strategy": strategy, "value": value, "keep_16bit": list(keep), "n_keep": len(keep),
             "loss_rel_change": out.loss_rel_change, "kl_div": out.kl_div, "output_sqnr_db": out.output_sqnr_db,
-            "within_budget": budget.holds(out.loss_rel_change, out.kl_div), "lp_flop_share": out.lp_flop_share,
+            "within_budget": budget.holds(out.loss_rel_change, out.kl_div) and out.lp_flop_share > 0,
+            "lp_flop_share": out.lp_flop_share,
             "budget": budget.value, "budget_kind": budget.kind, "recommended": False, "note": note}
+
+
+#: How the note of the plan nearest an unreachable budget (of every recipe's) begins; the verdict quotes it.
+CLOSEST_OF_ALL = NOTE_NEAREST_PLAN
+
+
+def _round_up(x: float, digits: int = 2) -> float:
+    """``x`` rounded up to ``digits`` significant digits (a budget printed from it still accepts ``x``)."""
+    if x <= 0 or not math.isfinite(x):
+        return x
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return float(f"{math.ceil(x / step * (1 - 1e-12)) * step:.{digits}g}") if x / step > 1 else x
+
+
+def _closest_text(strategy: str, metric: float, keep: list[str], out: Outcome, budget: Budget) -> str:
+    """The tried plan nearest the budget, and the budget that would accept it."""
+    shown = ", ".join(keep[:4]) + (", ..." if len(keep) > 4 else "")
+    what = f"loss {100 * out.loss_rel_change:+.2f} %" if budget.kind == "loss" else f"KL {metric:.3g}"
+    loosen = f"{_round_up(100 * metric):g}%" if budget.kind == "loss" else f"kl:{_round_up(metric):g}"
+    return (f"{strategy} keeping {len(keep)} layer(s) in 16-bit ({shown or 'none'}) reaches {what} with "
+            f"{100 * out.lp_flop_share:.1f} % of GEMM FLOPs in low precision (--budget {loosen} would accept it)")
 
 
 def mark_recommended(rows: list[dict]) -> None:
@@ -753,6 +794,7 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
     if not measured and estimate is None:
         raise ValueError("estimated sensitivity needs the isolated analysis' estimate, got none")
     e2e_rows, sens_rows, rec_rows = [], [], []
+    closest: list[tuple[float, float, int]] = []  # (budget metric, -low-precision share, row) of plans over budget
     validation_runs = 0
     kl_undefined = budget.kind == "kl" and not runner.distribution  # (no keep-set can be judged: no search)
     for s in strategies:
@@ -765,16 +807,25 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
             continue
         rows = _sensitivity(runner, s, full, layers, measured, estimate, isolated_sqnr or {}, budget)
         ranked = sorted(rows, key=lambda r: r["rank"])
-        keep, out, runs = _search_keep(runner, s, full, ranked, budget)
+        near: list = []
+        keep, out, runs = _search_keep(runner, s, full, ranked, budget, closest=near)
         validation_runs += runs
         note = (f"validated by {runs} run(s) over {len(runner.batches)} batch(es)" if runs
                 else "every captured GEMM in low precision already within budget" if keep == [] and
                 budget.holds(full.loss_rel_change, full.kl_div) else "")
+        if near:
+            m, kept, o = near[0]
+            note = "; ".join(x for x in (note, "only every layer in 16-bit fits: " + _closest_text(
+                s.name, m, kept, o, budget)) if x)
+            closest.append((m, -o.lp_flop_share, len(rec_rows)))
         rec_rows.append(_rec_row("strategy", s.name, None, keep, out, budget, note))
         for r in rows:
             r.pop("_benefit")
         sens_rows += rows
     mark_recommended(rec_rows)
+    if closest and not any(r["recommended"] for r in rec_rows):  # the nearest plan of all recipes, for the verdict
+        i = min(closest)[2]
+        rec_rows[i]["note"] = rec_rows[i]["note"].replace("only every layer in 16-bit fits: ", CLOSEST_OF_ALL, 1)
     tables = {"e2e": pd.DataFrame(e2e_rows, columns=E2E_COLUMNS),
               "sensitivity": pd.DataFrame(sens_rows, columns=SENSITIVITY_COLUMNS),
               "recommendation": pd.DataFrame(rec_rows, columns=RECOMMENDATION_COLUMNS)}
@@ -791,23 +842,38 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
 def _cheapest_within(options: list, start: int, run: Callable[[Any], Outcome], budget: Budget
                      ) -> tuple[Any, Outcome, int]:
     """``options`` ordered from most accurate to cheapest; from ``start`` walk to cheaper options while
-    the budget holds, or (when ``start`` does not fit) to more accurate ones until it does. Returns the
-    cheapest option that fitted (else the most accurate tried), its outcome and the runs made."""
+    the budget holds, or (when ``start`` does not fit) to more accurate ones until it does, and then, when none
+    of those fits, to the cheaper ones after ``start`` (accuracy is not always monotone in the option: a layer's
+    SQNR over block sizes can be U-shaped). Returns the cheapest option that fitted (else the one tried nearest
+    the budget), its outcome and the runs made."""
+    def holds(out: Outcome) -> bool:
+        return budget.holds(out.loss_rel_change, out.kl_div)
+
     tried = {start: run(options[start])}
-    if budget.holds(tried[start].loss_rel_change, tried[start].kl_div):
+    if holds(tried[start]):
         i = start
         while i + 1 < len(options):
             out = run(options[i + 1])
             tried[i + 1] = out
-            if not budget.holds(out.loss_rel_change, out.kl_div):
+            if not holds(out):
                 break
             i += 1
         return options[i], tried[i], len(tried)
     for i in range(start - 1, -1, -1):
         tried[i] = run(options[i])
-        if budget.holds(tried[i].loss_rel_change, tried[i].kl_div):
+        if holds(tried[i]):
             return options[i], tried[i], len(tried)
-    best = min(tried)
+    for i in range(start + 1, len(options)):
+        tried[i] = run(options[i])
+    fits = [i for i in tried if holds(tried[i])]
+    if fits:
+        return options[max(fits)], tried[max(fits)], len(tried)
+
+    def distance(i: int) -> float:
+        m = budget.metric(tried[i].loss_rel_change, tried[i].kl_div)
+        return m if math.isfinite(m) else math.inf
+
+    best = min(tried, key=lambda i: (distance(i), i))
     return options[best], tried[best], len(tried)
 
 

@@ -405,7 +405,9 @@ def _model_wide(kind: str, tables: Mapping, per_layer: Sequence[Any]) -> dict | 
     carry one, else the value most layers' per-layer recommendation picks (labelled as such)."""
     row = next((r for r in tables.get("recommendation", []) if r.get("kind") == kind and _isnum(r.get("value"))), None)
     if row is not None:
-        return {"value": float(row["value"]), "label": f"model-wide: {row['value']:g} (validated end to end)"}
+        status = "over the budget: the nearest swept value" if row.get("within_budget") is False else \
+            "validated end to end"
+        return {"value": float(row["value"]), "label": f"model-wide: {row['value']:g} ({status})"}
     picks = [float(v) for v in per_layer if _isnum(v)]
     if not picks:
         return None

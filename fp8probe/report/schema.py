@@ -15,6 +15,9 @@ REQUIRED_TABLES = ("layers",)
 
 # Why a gemm/operands row's error metrics are not plain finite numbers (its `note` column; strict
 # JSON has no NaN/Inf, so ±inf and NaN are all written as null and the note tells them apart).
+#: How a recommendation row's note begins when its plan is the nearest to an unreachable budget of every
+#: recipe's (analysis/e2e.py writes it, report/verdict.py quotes it).
+NOTE_NEAREST_PLAN = "nearest of all recipes: "
 NOTE_EXACT = "exact"                          # error exactly 0: SQNR +inf (also when the reference is all zero)
 NOTE_ZERO_SIGNAL = "zero signal"              # reference all zero, result not: SQNR −inf
 NOTE_NO_ELEMENTS = "no elements"              # empty batch (0 tokens): SQNR/rel_err/cosine undefined

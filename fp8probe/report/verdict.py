@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fp8probe.report.schema import metric_value
+from fp8probe.report.schema import NOTE_NEAREST_PLAN, metric_value
 
 # A layer is "hurt" under a strategy when its forward GEMM keeps less than 20 dB SQNR: the
 # quantisation noise is above 1 % of the output power (10^(-20/10) = 0.01). Per-tensor FP8 on
@@ -217,9 +217,11 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         budget = strat_rows[0]
         kind = budget.get("budget_kind") or "loss"
         undefined = _budget_undefined(kind, t.get("e2e", []))
+        nearest = next((str(r["note"]).split(NOTE_NEAREST_PLAN, 1)[1] for r in strat_rows
+                        if NOTE_NEAREST_PLAN in str(r.get("note") or "")), None)
         no_recommendation = (f"the {kind} budget cannot be judged: {undefined}" if undefined else
                              f"no strategy stays within the {kind} budget {_g(budget.get('budget'))} even with "
-                             "layers kept in 16-bit")
+                             "layers kept in 16-bit" + (f"; nearest: {nearest}" if nearest else ""))
     settings = {r.get("kind"): r for r in rec_rows if r.get("kind") in ("blocksize", "threshold")}
     e2e = {r.get("strategy"): r for r in t.get("e2e", [])}
     per_strategy = []
@@ -336,8 +338,13 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
     for kind, label in (("blocksize", "block size"), ("threshold", "outlier threshold")):
         r = v[kind]
         if r and _num(r.get("value")) is not None:
-            lines.append(f"{label} for the whole model: {_num(r['value']):g} (validated: loss "
-                         f"{signed_pct(r.get('loss_rel_change'))})")
+            achieved = f"loss {signed_pct(r.get('loss_rel_change'))}" + (
+                f", KL {_g(r['kl_div'])}" if _num(r.get("kl_div")) is not None else "")
+            if r.get("within_budget") is False:  # (the nearest value tried is no recommendation)
+                lines.append(f"{label} for the whole model: none of the swept values stays within the budget "
+                             f"(nearest: {_num(r['value']):g}, {achieved})")
+            else:
+                lines.append(f"{label} for the whole model: {_num(r['value']):g} (validated: {achieved})")
     for r in v["e2e"]:
         mark = " ← recommended" if r["recommended"] else ""
         lines.append(f"end-to-end {r['strategy']}: loss {signed_pct(r['loss_rel_change'])}, KL {_g(r['kl_div'])}, "

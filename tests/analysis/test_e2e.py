@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -187,12 +188,27 @@ def test_kl_budget() -> None:
 
 def test_budget_zero_keeps_layers_until_exact() -> None:
     """A budget nothing in low precision can meet ends with every layer kept (validated: no change) and no
-    recommended recipe (nothing left in low precision)."""
+    recommended recipe (nothing left in low precision). That plan is not "within budget" (it read "yes" beside a
+    verdict saying no strategy fits), and the verdict names the nearest plan tried and the budget accepting it."""
+    from fp8probe.report.verdict import verdict_lines
+
     model, batches = P.build(True)
     res = analyze(model, batches, "global", budget="kl:0", sensitivity="estimated")
     rec = _rec(res, "global")
     assert rec["n_keep"] == 6 and rec["lp_flop_share"] == 0.0 and rec["kl_div"] == 0.0
-    assert rec["within_budget"] and not rec["recommended"]
+    assert not rec["within_budget"] and not rec["recommended"]
+    assert rec["note"].split("; ")[-1].startswith("nearest of all recipes: global keeping ")
+    line = verdict_lines(res.tables, res.metadata)[0]
+    assert line.startswith("verdict: no strategy stays within the kl budget 0 even with layers kept in 16-bit; "
+                           "nearest: global keeping ")
+    loosen = float(re.search(r"--budget kl:([0-9.e+-]+) would accept it", line).group(1))
+    nearest = res.tables["recommendation"]  # (the tried plan itself is not a row: re-run it)
+    kept = rec["keep_16bit"][:int(re.search(r"keeping (\d+) layer", line).group(1))]
+    out = E.Runner(model, to_batches(batches), device=torch.device("cpu"), layers=None, loss_fn=None, loss_name=None,
+                   threshold=6.0, seed=0)
+    out.reference([])
+    got = out.evaluate(E.Plan(resolve("global")[0], keep=frozenset(kept), threshold=6.0))
+    assert 0 < got.kl_div <= loosen and loosen <= got.kl_div * 1.1 and len(nearest) == 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -447,7 +463,8 @@ def test_compare_gate_fails_without_baseline_e2e() -> None:
     ([True, True, True, False], 1, 2, 3),     # walk to cheaper options while they fit
     ([True, True, True, True], 0, 3, 4),      # the cheapest fits
     ([True, False, False, False], 2, 0, 3),   # start over budget: walk back to a more accurate one
-    ([False, False, False, False], 2, 0, 3),  # nothing fits: the most accurate tried, reported over budget
+    ([False, False, False, False], 2, 0, 4),  # nothing fits: every option tried, the nearest (ties: most accurate)
+    ([False, False, False, True], 1, 3, 4),   # not monotone: a cheaper option than the failing start fits
 ])
 def test_cheapest_within_walks_from_the_start(fits: list[bool], start: int, chosen: int, runs: int) -> None:
     budget = E.Budget("loss", 0.01)
@@ -891,3 +908,12 @@ def test_ties_go_to_the_higher_output_sqnr_without_kl() -> None:
     rows = [row("a", 0.0003, None), row("b", 0.0001, 41.2)]
     E.mark_recommended(rows)
     assert [r["strategy"] for r in rows if r["recommended"]] == ["b"]  # (not all have an SQNR: the loss change)
+
+
+def test_a_loss_budget_bounds_the_change_either_way() -> None:
+    """A loss drop of any size passed: a recipe at 0.13 dB output SQNR was "within budget" at -97 % loss and won
+    on FLOP share with no layer kept."""
+    b = E.parse_budget("1%")
+    assert b.holds(0.009, None) and b.holds(-0.009, None)
+    assert not b.holds(0.011, None) and not b.holds(-0.011, None) and not b.holds(-0.97, None)
+    assert E.parse_budget("kl:0.01").holds(-0.5, 0.005)  # (a KL budget reads the KL only)

@@ -24,8 +24,8 @@ def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
     assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss +0.12 %, KL 0.0009 "
                         "(budget 0.01 loss); 94.7 % of the analysed GEMM FLOPs (90.0 % of the model's) in low "
                         "precision")  # (28 of 30 GEMMs, 95 % of the FLOPs, were captured and replaced)
-    assert "block size for the whole model: 128 (validated: loss +0.40 %)" in lines
-    assert "outlier threshold for the whole model: 6 (validated: loss +0.60 %)" in lines
+    assert "block size for the whole model: 128 (validated: loss +0.40 %, KL 0.003)" in lines
+    assert "outlier threshold for the whole model: 6 (validated: loss +0.60 %, KL 0.004)" in lines
     e2e = [x for x in lines if x.startswith("end-to-end")]
     assert e2e[0].startswith("end-to-end global: loss +4.00 %, KL 0.031, top-1 91.0 %")
     assert e2e[1].endswith("← recommended") and not e2e[0].endswith("← recommended")
@@ -143,3 +143,16 @@ def test_gemms_left_out_by_the_users_layers_are_listed_not_warned() -> None:
             "2 × conv3d: conv3d not supported") in lines, lines
     warned = [x for x in lines if "not analysed" in x]
     assert warned == ["warning: 2 GEMM call(s) not analysed: conv3d: conv3d not supported (2)"]
+
+
+def test_a_model_wide_value_over_the_budget_is_not_called_validated() -> None:
+    """analyze --sweeps printed "block size for the whole model: 32 (validated: loss +24.82 %)" for a row over the
+    budget, where the sweep commands said OVER the budget."""
+    rows = recommendation_rows(["blocks.0.attn.qkv"])
+    for r in rows:
+        if r["kind"] == "blocksize":
+            r.update(value=32, loss_rel_change=0.2482, within_budget=False)
+    lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows, "coverage": coverage_rows()})
+    line = next(x for x in lines if x.startswith("block size"))
+    assert line.startswith("block size for the whole model: none of the swept values stays within the budget "
+                           "(nearest: 32, loss +24.82 %") and "validated" not in line
