@@ -1102,6 +1102,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
+    from fp8probe.report.verdict import budget_text
 
     _check_names(model, factory, loss_spec)
     _check_device(device)
@@ -1180,7 +1181,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                        "high-precision loss is not finite: NaN/Inf in the model or its inputs, or an empty batch)")
             continue
         click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
-                   f"{100 * change:+.2f} %, {status} the budget ({r['budget_kind']} {r['budget']:g})")
+                   f"{100 * change:+.2f} %, {status} the budget ({budget_text(r['budget'], r['budget_kind'])})")
     _warn_no_gradient(results)
     click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
 

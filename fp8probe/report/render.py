@@ -14,8 +14,8 @@ from markupsafe import Markup, escape
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
-from fp8probe.report.verdict import (KEEP_16BIT_DB, build_verdict, coverage_line, isolated_headline, lp_share_text,
-                                     signed_pct, verdict_lines)
+from fp8probe.report.verdict import (KEEP_16BIT_DB, budget_text, build_verdict, coverage_line, isolated_headline,
+                                     lp_share_text, signed_pct, verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -574,7 +574,11 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                   if not line.startswith(("verdict", "isolated ", "end-to-end "))],
         "headline": (isolated_headline(v["best_isolated"], keep_db).split(": ", 1)[1]
                      if v["best_isolated"] else ""),
+        # the headline carries what the terminal's verdict line does: the KL (a loss that moved little can hide a
+        # broken output) and the budget it was judged against
         "recommended": None if rec is None else {**rec, "loss": signed_pct(rec["loss_rel_change"]),
+                                                 "kl": None if rec["kl_div"] is None else f"{rec['kl_div']:.3g}",
+                                                 "budget": budget_text(rec["budget"], rec["budget_kind"]),
                                                  "share": lp_share_text(rec["lp_flop_share"], v["coverage"])},
         "no_recommendation": v["no_recommendation"],
         # (the first columns are the run with every captured GEMM in low precision; the last two the keep-set the
@@ -667,7 +671,7 @@ def _recommendation_section(tables: Mapping) -> dict | None:
                     cell(r.get("value"), "{:g}"), cell(r.get("n_keep"), "{:.0f}"), cell(", ".join(map(str, keep)) or "–"),
                     _change_cell(r.get("loss_rel_change")), cell(r.get("kl_div"), "{:.3g}"),
                     _share(r.get("lp_flop_share")), _budget_cell(r.get("within_budget")),
-                    cell(f"{_fmt_g(r.get('budget'))} {r.get('budget_kind') or ''}".strip()),
+                    cell(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget")) else None),
                     _budget_cell(r.get("recommended")) if r.get("recommended") else cell("")])
     return {"table": _table("recommendation", ["kind", "strategy", "value", "layers kept", "kept in 16-bit",
                                                "loss change", "KL", "low-precision FLOPs", "within budget", "budget",

@@ -66,6 +66,20 @@ def _g(v: Any) -> str:
     return "–" if x is None else f"{x:.3g}"
 
 
+def budget_value(value: Any, kind: Any) -> str:
+    """A budget's value as the numbers beside it read: a loss budget is a relative change, so a percentage like the
+    loss changes ("0.5 %" for 0.005); a KL budget in nats as it is ("0.01")."""
+    x = _num(value)
+    if x is None:
+        return "–"
+    return f"{100 * x:g} %" if str(kind or "loss") == "loss" else f"{x:g}"
+
+
+def budget_text(value: Any, kind: Any) -> str:
+    """"0.5 % loss", "0.01 kl": the budget and its kind, for "(budget …)"."""
+    return f"{budget_value(value, kind)} {kind or 'loss'}"
+
+
 def _names(names: Sequence[str], limit: int = MAX_NAMES) -> str:
     shown = ", ".join(str(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -220,8 +234,8 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         nearest = next((str(r["note"]).split(NOTE_NEAREST_PLAN, 1)[1] for r in strat_rows
                         if NOTE_NEAREST_PLAN in str(r.get("note") or "")), None)
         no_recommendation = (f"the {kind} budget cannot be judged: {undefined}" if undefined else
-                             f"no strategy stays within the {kind} budget {_g(budget.get('budget'))} even with "
-                             "layers kept in 16-bit" + (f"; nearest: {nearest}" if nearest else ""))
+                             f"no strategy stays within the {kind} budget {budget_value(budget.get('budget'), kind)} "
+                             "even with layers kept in 16-bit" + (f"; nearest: {nearest}" if nearest else ""))
     settings = {r.get("kind"): r for r in rec_rows if r.get("kind") in ("blocksize", "threshold")}
     e2e = {r.get("strategy"): r for r in t.get("e2e", [])}
     per_strategy = []
@@ -327,7 +341,7 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
     if rec:
         keep = (f"keep {rec['n_keep']} layer(s) in 16-bit ({_names(rec['keep_16bit'])})" if rec["n_keep"]
                 else "no layer needs 16-bit")
-        budget = f"budget {_g(rec['budget'])} {rec['budget_kind'] or ''}".rstrip()
+        budget = f"budget {budget_text(rec['budget'], rec['budget_kind'])}"
         lines.append(f"verdict: {rec['strategy']}, {keep}: loss {signed_pct(rec['loss_rel_change'])}, "
                      f"KL {_g(rec['kl_div'])} ({budget}); {lp_share_text(rec['lp_flop_share'], v['coverage'])} in "
                      "low precision")
@@ -346,7 +360,11 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
             else:
                 lines.append(f"{label} for the whole model: {_num(r['value']):g} (validated: {achieved})")
     for r in v["e2e"]:
-        mark = " ← recommended" if r["recommended"] else ""
+        mark = ""
+        if r["recommended"]:  # this line is every layer in low precision: the recommended plan may keep some
+            n_keep = rec["n_keep"] if rec and rec["strategy"] == r["strategy"] else 0
+            mark = (f" ← recommended, keeping {n_keep} layer(s) in 16-bit (see the verdict line)" if n_keep
+                    else " ← recommended")
         lines.append(f"end-to-end {r['strategy']}: loss {signed_pct(r['loss_rel_change'])}, KL {_g(r['kl_div'])}, "
                      f"top-1 {pct(r['top1_agreement'])}, output SQNR {_g(r['output_sqnr_db'])} dB, "
                      f"{lp_share_text(r['lp_flop_share'], v['coverage'], short=True)} low precision{mark}")

@@ -22,13 +22,14 @@ def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
               "coverage": coverage_rows()}
     lines = verdict_lines(tables)
     assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss +0.12 %, KL 0.0009 "
-                        "(budget 0.01 loss); 94.7 % of the analysed GEMM FLOPs (90.0 % of the model's) in low "
+                        "(budget 1 % loss); 94.7 % of the analysed GEMM FLOPs (90.0 % of the model's) in low "
                         "precision")  # (28 of 30 GEMMs, 95 % of the FLOPs, were captured and replaced)
     assert "block size for the whole model: 128 (validated: loss +0.40 %, KL 0.003)" in lines
     assert "outlier threshold for the whole model: 6 (validated: loss +0.60 %, KL 0.004)" in lines
     e2e = [x for x in lines if x.startswith("end-to-end")]
     assert e2e[0].startswith("end-to-end global: loss +4.00 %, KL 0.031, top-1 91.0 %")
-    assert e2e[1].endswith("← recommended") and not e2e[0].endswith("← recommended")
+    assert e2e[1].endswith("← recommended, keeping 1 layer(s) in 16-bit (see the verdict line)")
+    assert "recommended" not in e2e[0]
     # 3.8 of 4.0 GFLOPs captured; the conv3d calls are named with their reason
     assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs; skipped: 2 × conv3d: conv3d not supported" in lines
     assert any(x.startswith("warning: 2 GEMM call(s) not analysed") for x in lines)
@@ -43,7 +44,7 @@ def test_dataframes_and_records_give_the_same_lines() -> None:
 def test_no_strategy_within_budget_says_so() -> None:
     rows = [dict(r, recommended=False, within_budget=False) for r in recommendation_rows([])]
     lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows})
-    assert lines[0] == "verdict: no strategy stays within the loss budget 0.01 even with layers kept in 16-bit"
+    assert lines[0] == "verdict: no strategy stays within the loss budget 1 % even with layers kept in 16-bit"
 
 
 def test_an_undefined_budget_metric_is_not_blamed_on_the_recipes() -> None:
@@ -156,3 +157,44 @@ def test_a_model_wide_value_over_the_budget_is_not_called_validated() -> None:
     line = next(x for x in lines if x.startswith("block size"))
     assert line.startswith("block size for the whole model: none of the swept values stays within the budget "
                            "(nearest: 32, loss +24.82 %") and "validated" not in line
+
+
+def test_the_recommended_mark_on_an_all_low_precision_line_says_layers_are_kept() -> None:
+    """'end-to-end ocp-rowwise: loss +4.94 % … ← recommended' read as that line being within the 0.5 % budget, when
+    the recommended plan kept two layers in 16-bit (QA F8a)."""
+    for keep, mark in (([], " ← recommended"), (["fc1", "fc3"], " ← recommended, keeping 2 layer(s) in 16-bit")):
+        lines = verdict_lines({"e2e": e2e_rows(), "recommendation": recommendation_rows(keep)})
+        line = next(x for x in lines if x.startswith("end-to-end mxfp8:"))
+        assert line.endswith(mark) if not keep else mark in line, line
+        assert "low precision ← recommended" in line  # (the line's own numbers stay those of every layer in LP)
+
+
+def test_the_budget_is_a_percentage_beside_percentages_and_kl_as_it_is() -> None:
+    """'loss -0.24 % … (budget 0.005 loss)' for --budget 0.5% (QA F8c)."""
+    rows = [dict(r, budget=0.005) for r in recommendation_rows(["fc1"])]
+    assert "loss +0.12 %, KL 0.0009 (budget 0.5 % loss);" in verdict_lines({"recommendation": rows})[0]
+    kl = [dict(r, budget=0.002, budget_kind="kl") for r in rows]
+    assert "(budget 0.002 kl);" in verdict_lines({"recommendation": kl})[0]
+    over = [dict(r, recommended=False, within_budget=False) for r in rows]
+    assert verdict_lines({"e2e": e2e_rows(), "recommendation": over})[0] == (
+        "verdict: no strategy stays within the loss budget 0.5 % even with layers kept in 16-bit")
+
+
+def test_html_headline_has_the_kl_and_the_budget(tmp_path: Path) -> None:
+    """The HTML verdict said 'loss change -0.24 %, 46.3 % …' and dropped the KL (0.19 in a broken-output case) and
+    the budget the terminal line shows (QA F8b)."""
+    from fp8probe.report.render import render_report
+
+    data = _small()
+    data["tables"].update({"e2e": e2e_rows(), "recommendation": [dict(r, budget=0.005) for r in
+                                                                 recommendation_rows(["blocks.0.attn.qkv"])]})
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    main = html[html.index('verdict-main'):]
+    main = " ".join(main[:main.index("</div>")].split())
+    assert "loss change <strong>+0.12 %</strong>, KL <strong>0.0009</strong> (budget 0.5 % loss)," in main, main
+    rec = html[html.index('id="recommendation"'):]
+    assert ">0.5 % loss<" in rec[:rec.index("</table>")]  # the Recommendation table's budget column too
+    data["tables"]["recommendation"] = [dict(r, kl_div=None) for r in data["tables"]["recommendation"]]
+    html = render_report(data, tmp_path / "r2.html", draw=False).read_text(encoding="utf-8")
+    main = html[html.index('verdict-main'):]
+    assert "KL" not in main[:main.index("</div>")]  # (not computed: not shown as "None")
