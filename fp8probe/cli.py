@@ -862,7 +862,8 @@ def _render_or_fail(render, data: dict, out: Path, source: str, **kwargs):  # ty
               help="HTML file to write (self-contained: inline CSS and images); an existing file is replaced "
                    "atomically")
 @_option("--keep-16bit-db", type=FiniteFloat(None), default=20.0, show_default=True,
-              help="list a layer under 'keep in 16-bit' when its fprop SQNR is below this many dB")
+              help="isolated fprop SQNR threshold in dB: the report lists and shades the layers below it (each layer "
+                   "judged alone; the validated keep-set is the end-to-end recommendation's)")
 def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) -> None:
     """Render RESULTS.json files of ONE model (an analyze run and its sweep runs, in any order) into one
     self-contained HTML report."""

@@ -21,7 +21,7 @@ TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
 # Rows in the "worst layers" summary table.
 WORST_LAYERS = 8
-# Heat-map colour bins: 5 dB wide, four below the keep-in-16-bit line and five from it upwards
+# Heat-map colour bins: 5 dB wide, four below the isolated SQNR threshold (--keep-16bit-db) and five from it upwards
 # (CSS classes h0 … h8), so the line falls between h3 and h4 whatever --keep-16bit-db is.
 HEAT_STEP_DB = 5.0
 HEAT_BINS_BELOW = 4

@@ -60,7 +60,7 @@ def test_content_sections(results: dict, html: str) -> None:
         assert str(markupsafe.escape(rule)) in html
     assert re.search(r"below\s+<strong>20 dB</strong>", html)
     # the fixture plants low SQNR in qkv and fc1 under the fp8 strategies: both must be flagged
-    keep = html.split("<h3>Layers to keep in 16-bit</h3>")[1].split("</ul>")[0]
+    keep = html.split('<h3 id="below-threshold">Layers below 20 dB fprop SQNR in isolation</h3>')[1].split("</ul>")[0]
     assert "blocks.0.attn.qkv" in keep and "blocks.0.mlp.fc1" in keep
     assert "blocks.0.attn.proj" not in keep
 

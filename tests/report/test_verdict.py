@@ -198,3 +198,22 @@ def test_html_headline_has_the_kl_and_the_budget(tmp_path: Path) -> None:
     html = render_report(data, tmp_path / "r2.html", draw=False).read_text(encoding="utf-8")
     main = html[html.index('verdict-main'):]
     assert "KL" not in main[:main.index("</div>")]  # (not computed: not shown as "None")
+
+
+def test_the_isolated_list_is_not_a_second_keep_set(tmp_path: Path) -> None:
+    """The isolated summary's heading 'Layers to keep in 16-bit' (the 20 dB rule, one layer at a time) contradicted
+    the validated Verdict in the same report: 'keep fc1, fc3' above, 'none of 4 layers' below (QA F5)."""
+    from fp8probe.report.render import render_report
+
+    data = _small()
+    data["tables"].update({"e2e": e2e_rows(), "recommendation": recommendation_rows(["blocks.0.mlp.fc2"])})
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    assert "Layers to keep in 16-bit" not in html and "keep-in-16-bit" not in html
+    summary = html[html.index('id="summary"'):]
+    assert summary.index("Layers below 20 dB fprop SQNR in isolation") < summary.index('id="validated-keep"')
+    said = " ".join(summary[summary.index('id="validated-keep"'):].split("</p>")[0].split())
+    assert "the validated keep-set, measured end to end, is the" in said
+    assert "<strong>mxfp8</strong> keeping <code>blocks.0.mlp.fc2</code> in 16-bit." in said
+    # without an end-to-end recommendation there is nothing validated to point to
+    bare = render_report(_small(), tmp_path / "b.html", draw=False).read_text(encoding="utf-8")
+    assert "Layers below 20 dB fprop SQNR in isolation" in bare and 'id="validated-keep"' not in bare
