@@ -954,15 +954,60 @@ def _flat(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().double().reshape(-1).cpu() for p in params]) if params else torch.zeros(0)
 
 
+# A training run has diverged from the first step whose loss is not finite or above DIVERGED_LOSS_RATIO times the
+# high-precision loss of the untrained weights on the same batch. 10x: losses of batches drawn from one data set
+# differ by far less than that, and a recipe that merely learns slower stays near or below where it started, so a
+# 10x rise is a blow-up (an lr or a recipe that makes the weights explode), not noise. Comparing with the same
+# batch keeps a batch that is simply harder than the others from counting as a blow-up.
+DIVERGED_LOSS_RATIO = 10.0
+TRAINING_COLUMNS = ["strategy", "step", "loss", "final_loss", "final_window", "final_loss_ratio", "weight_drift",
+                    "diverged_step", "note"]
+
+
+def _initial_losses(runner: Runner) -> list[float]:
+    """The high-precision loss of the untrained weights on each batch: the end-to-end reference's when it ran (the
+    same forward, seeded per batch), else one forward per batch of a throwaway copy (a copy, so batch-norm running
+    statistics and the like of the model and of every training run stay as they were)."""
+    if len(runner.loss_hp) == len(runner.batches):
+        return list(runner.loss_hp)
+    model = copy.deepcopy(runner.module)
+    out = []
+    for i, batch in enumerate(runner.batches):
+        torch.manual_seed(runner.seed + i)  # as Runner._run: the same dropout masks as the reference
+        with torch.no_grad():
+            output = model_forward(model, batch, Gemms(Plan(None, threshold=runner.threshold), runner.pattern,
+                                                       runner.kinds))
+            loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name)
+        out.append(float(loss))
+        del output, loss
+    del model
+    return out
+
+
+def _divergence(losses: list[float], start: list[float]) -> tuple[int | None, str]:
+    """(0-based step, note) of the first step that diverged (DIVERGED_LOSS_RATIO), or (None, "")."""
+    for k, value in enumerate(losses):
+        if not math.isfinite(value):
+            return k, f"diverged: loss not finite from step {k + 1}"
+        ref = start[k % len(start)]
+        if math.isfinite(ref) and ref > 0 and value > DIVERGED_LOSS_RATIO * ref:  # (a loss <= 0: no ratio)
+            return k, (f"diverged: loss {value:.3g} at step {k + 1}, over {DIVERGED_LOSS_RATIO:g}× the untrained "
+                       f"loss {ref:.3g} on that batch")
+    return None, ""
+
+
 def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int, lr: float = DEFAULT_LR,
                       optimizer: OptimizerFactory | str | None = None) -> pd.DataFrame:
     """Train a copy of the model for ``steps`` steps per recipe (and once in high precision), from the same
     initial weights on the same batches (cycled), one copy alive at a time.
 
     Returns the ``training`` table: strategy ("hp" first), step, loss; the last step's row of each
-    strategy adds ``final_loss_ratio`` (mean of the last max(1, steps // 10) losses, low over high
-    precision) and ``weight_drift`` (‖θ_lp − θ_hp‖ / ‖θ_hp − θ_0‖: how far the recipe's weights end from
-    the high-precision ones, relative to how far high-precision training moved them).
+    strategy adds ``final_loss`` (the mean of the last ``final_window`` = max(1, steps // 10) losses),
+    ``final_loss_ratio`` (that mean, low over high precision), ``weight_drift`` (‖θ_lp − θ_hp‖ / ‖θ_hp − θ_0‖:
+    how far the recipe's weights end from the high-precision ones, relative to how far high-precision training
+    moved them) and ``diverged_step`` (1-based, the first step whose loss is not finite or above
+    DIVERGED_LOSS_RATIO × the untrained high-precision loss on that batch; None when the run did not diverge,
+    and then its note says so).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -975,6 +1020,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
     factory = resolve_optimizer(optimizer)
     theta0 = _flat([p for _, p in runner.params])
     window = max(1, steps // 10)
+    start = _initial_losses(runner)
     rows: list[dict] = []
     theta_hp, final_hp, hp_note = None, None, ""
     for strat in [None, *strategies]:
@@ -1004,8 +1050,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
         name = "hp" if strat is None else strat.name
         final = sum(losses[-window:]) / window
         theta = _flat(params)
-        bad = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
-        note = "" if bad is None else f"diverged: loss not finite from step {bad + 1}"
+        bad, note = _divergence(losses, start)
         if strat is None:
             theta_hp, final_hp, hp_note = theta, final, note
             note = "; ".join(x for x in (note, runner.frozen_note) if x)
@@ -1014,12 +1059,15 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
             moved = float((theta_hp - theta0).norm())
             ratio = final / final_hp if final_hp else math.nan
             drift = float((theta - theta_hp).norm()) / moved if moved else math.nan
-            if hp_note and not (math.isfinite(ratio) and math.isfinite(drift)):
-                note = "; ".join(x for x in (note, "high precision diverged too: no ratio to it") if x)
+            if hp_note:  # (a ratio to a run that blew up says nothing about the recipe)
+                too = ("high precision diverged too" if math.isfinite(ratio) and math.isfinite(drift)
+                       else "high precision diverged too: no ratio to it")
+                note = "; ".join(x for x in (note, too) if x)
         for step, value in enumerate(losses):
             last = step == steps - 1
-            rows.append({"strategy": name, "step": step + 1, "loss": value,
-                         "final_loss_ratio": ratio if last else None, "weight_drift": drift if last else None,
-                         "note": note if last else ""})
+            rows.append({"strategy": name, "step": step + 1, "loss": value, "final_loss": final if last else None,
+                         "final_window": window if last else None, "final_loss_ratio": ratio if last else None,
+                         "weight_drift": drift if last else None,
+                         "diverged_step": None if bad is None or not last else bad + 1, "note": note if last else ""})
         del model, opt, params, theta
-    return pd.DataFrame(rows, columns=["strategy", "step", "loss", "final_loss_ratio", "weight_drift", "note"])
+    return pd.DataFrame(rows, columns=TRAINING_COLUMNS)

@@ -715,11 +715,25 @@ def _training_section(tables: Mapping, draw: bool) -> dict | None:
     if draw and series:
         figure = figures.figure_to_data_uri(figures.sweep_panels([{"title": "training loss per step", "series": series,
                                                                    "xlabel": "step", "ylabel": "loss"}], ncols=1))
-    return {"figure": figure, "table": _table("training", ["strategy", "steps", "final loss", "final loss / high precision",
-                                                           "weight drift", "note"], [
-        [cell(r.get("strategy")), cell(r.get("step"), "{:.0f}"),  # (steps are numbered from 1)
-         cell(r.get("loss"), "{:.4g}"), cell(r.get("final_loss_ratio"), "{:.4f}"), cell(r.get("weight_drift"), "{:.3g}"),
-         cell(r.get("note") or "", None, "bad" if r.get("note") else "")]
+    # The ratio is of the mean of the last few losses (one step's loss is noisy): the mean is shown beside it, so
+    # the two columns divide. Results written before the mean was stored show "–" there.
+    windows = {r.get("final_window") for r in final}
+    n = next(iter(windows)) if len(windows) == 1 and _isnum(next(iter(windows))) else None
+    last_n = f"last {n:.0f} step{'s' if n != 1 else ''}" if n is not None else "last steps // 10 steps (at least 1)"
+    caption = (f"Per run, at its last step: that step's loss; the mean loss over its {last_n} and that mean over the "
+               "high-precision run's; weight drift ‖θ − θ_hp‖ / ‖θ_hp − θ_0‖ (how far the recipe's weights end from "
+               "the high-precision ones, relative to how far high-precision training moved them); the step a run "
+               "diverged from (loss not finite, or far above its untrained value: the note says which)")
+    return {"figure": figure, "caption": caption, "table": _table("training", [
+        "strategy", "steps", "last-step loss", f"mean loss, {last_n}", "mean / high precision's", "weight drift",
+        "diverged from step", "note"], [
+        [cell("high precision" if r.get("strategy") == "hp" else r.get("strategy")),
+         cell(r.get("step"), "{:.0f}"),  # (steps are numbered from 1)
+         cell(r.get("loss"), "{:.4g}"), cell(r.get("final_loss"), "{:.4g}"), cell(r.get("final_loss_ratio"), "{:.4f}"),
+         cell(r.get("weight_drift"), "{:.3g}"),
+         cell(r["diverged_step"], "{:.0f}", "bad") if _isnum(r.get("diverged_step")) and math.isfinite(r["diverged_step"])
+         else cell(None),
+         cell(r.get("note") or "", None, "bad" if str(r.get("note") or "").startswith("diverged") else "")]
         for r in final])}
 
 

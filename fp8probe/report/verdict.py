@@ -261,7 +261,9 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     tensors_nan_inf = nan_inf_warning(t.get("tensors", []))
     if tensors_nan_inf:
         warnings.append(tensors_nan_inf)
-    diverged = [f"{'high precision' if r.get('strategy') == 'hp' else r.get('strategy')} ({r.get('note')})"
+    # every diverged run by name, with its own reason (a note's first part; the rest is about other runs)
+    diverged = [f"{'high precision' if r.get('strategy') == 'hp' else r.get('strategy')} "
+                f"({str(r.get('note')).split('; ')[0]})"
                 for r in t.get("training", []) if str(r.get("note") or "").startswith("diverged")]
     if diverged:
         warnings.append(f"the training simulation diverged: {_names(diverged, 4)}; lower --lr")
@@ -286,11 +288,51 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     if ranked and not recommended and not no_recommendation:
         # without an end-to-end run: the strategy with the fewest hurt layers, then the best worst layer
         best_isolated = min(ranked, key=lambda r: (r["n_below"], -r["worst_db"]))
+    training = _training_summary(t.get("training", []))
     return {"recommended": recommended, "no_recommendation": no_recommendation, "best_isolated": best_isolated,
+            "training": training,
             "blocksize": settings.get("blocksize"), "threshold": settings.get("threshold"),
             "e2e": per_strategy, "e2e_notes": e2e_notes, "isolated": isolated,
             "coverage": coverage, "warnings": warnings, "missing": missing, "keep_db": keep_db,
             "has_e2e": bool(per_strategy)}
+
+
+def _training_summary(rows: Records) -> dict | None:
+    """The training table's last row per run: steps, the window its ratio is the mean of, and per recipe the ratio
+    and "diverged from step 3" ("diverged" for results that say so only in the note; "" when it did not)."""
+    last: dict = {}
+    for r in rows:
+        step = _num(r.get("step"))
+        if step is not None and (r.get("strategy") not in last or step > last[r.get("strategy")]["step"]):
+            last[r.get("strategy")] = r
+    if not last:
+        return None
+
+    def diverged(r: Mapping) -> str:
+        step = _num(r.get("diverged_step"))
+        if step is not None:
+            return f"diverged from step {step:.0f}"
+        return "diverged" if str(r.get("note") or "").startswith("diverged") else ""
+
+    windows = {r.get("final_window") for r in last.values()}
+    window = _num(next(iter(windows))) if len(windows) == 1 else None
+    return {"steps": int(max(r["step"] for r in last.values())), "window": None if window is None else int(window),
+            "hp_diverged": diverged(last["hp"]) if "hp" in last else "",
+            "runs": [{"strategy": s, "ratio": _num(r.get("final_loss_ratio")), "diverged": diverged(r)}
+                     for s, r in last.items() if s != "hp"]}
+
+
+def training_line(summary: Mapping) -> str:
+    """``training over 20 steps, mean loss of the last 2 steps / high precision's: int8 0.997, global 4.1 (diverged
+    from step 3)``: the training table in one line (verdict_lines prints it after the end-to-end lines)."""
+    n = summary["window"]
+    last = f"the last {n} step{'s' if n != 1 else ''}" if n is not None else "the last steps"
+    runs = [f"{r['strategy']} {_g(r['ratio'])}" + (f" ({r['diverged']})" if r["diverged"] else "")
+            for r in summary["runs"]]
+    line = f"training over {summary['steps']} steps, mean loss of {last} / high precision's: " + ", ".join(runs)
+    if summary["hp_diverged"]:
+        line += f"; high precision {summary['hp_diverged']}"
+    return line
 
 
 def _shared_notes(rows: list[dict]) -> list[str]:
@@ -368,6 +410,8 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
         lines.append(f"end-to-end {r['strategy']}: loss {signed_pct(r['loss_rel_change'])}, KL {_g(r['kl_div'])}, "
                      f"top-1 {pct(r['top1_agreement'])}, output SQNR {_g(r['output_sqnr_db'])} dB, "
                      f"{lp_share_text(r['lp_flop_share'], v['coverage'], short=True)} low precision{mark}")
+    if v["training"]:
+        lines.append(training_line(v["training"]))
     if not v["e2e"]:
         for r in v["isolated"]:
             worst = (f"; worst: {r['worst_layer']} ({r['worst_db']:.1f} dB)"

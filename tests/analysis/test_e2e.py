@@ -357,16 +357,77 @@ def test_training_divergence_is_noted_warned_and_shown(tmp_path: Path) -> None:
     res = analyze(model, batches, "global", e2e=False, steps=3, lr=1e30)  # (AdamW: weights ~1e30 after a step)
     tr = res.tables["training"]
     last = tr.groupby("strategy").tail(1).set_index("strategy")
-    assert last.loc["hp", "note"].startswith("diverged: loss not finite from step")
+    assert last.loc["hp", "note"].startswith("diverged: loss ")
     assert last.loc["global", "note"].startswith("diverged")
     assert math.isnan(last.loc["hp", "final_loss_ratio"])
     lines = verdict_lines(res.tables, res.metadata)
     assert any(x.startswith("warning: the training simulation diverged: high precision (diverged") for x in lines)
     html = render_report(res.to_json(), tmp_path / "r.html").read_text()
     body = html[html.index('id="training"'):]
-    assert body.count("diverged: loss not finite") >= 2  # both rows, each with its note
+    assert body.count("diverged: loss ") >= 2  # both rows, each with its note
     with pytest.raises(ValueError, match="must return a torch.optim.Optimizer .* got int"):
         analyze(model, batches, "global", e2e=False, steps=1, optimizer=lambda params, lr: 5)
+
+
+def _sgd(params, lr):
+    return torch.optim.SGD(params, lr=lr)
+
+
+def test_finite_blow_ups_diverge_every_run_by_name_and_the_terminal_says_so(tmp_path: Path) -> None:
+    """--steps flagged only NaN/Inf: a loss going 0.65 → 4 500 (or a recipe's to 5e36) had no note and no warning,
+    a recipe was never named (only "high precision"), and the terminal had no line about training (QA F6)."""
+    from fp8probe.report.render import render_report
+    from fp8probe.report.verdict import verdict_lines
+
+    model, batches = P.build(False, seed=7)
+    # SGD at lr 10 overshoots: 1.8 → ~18 nats at step 2 in every run (measured), finite all along
+    res = analyze(model, batches, "global,int8", steps=4, lr=10.0, optimizer=_sgd)
+    tr = res.tables["training"]
+    assert tr["loss"].map(math.isfinite).all()
+    last = tr.groupby("strategy").tail(1).set_index("strategy")
+    assert list(last["diverged_step"]) == [2, 2, 2]
+    for s in ("hp", "global", "int8"):
+        assert last.loc[s, "note"].startswith("diverged: loss "), last.loc[s, "note"]
+        assert f"at step 2, over {E.DIVERGED_LOSS_RATIO:g}× the untrained loss 1." in last.loc[s, "note"]
+    lines = verdict_lines(res.tables, res.metadata)
+    warning = next(x for x in lines if x.startswith("warning: the training simulation diverged:"))
+    for name in ("high precision (diverged: loss", "global (diverged: loss", "int8 (diverged: loss"):
+        assert name in warning, warning
+    assert "high precision diverged too" not in warning  # (each run's own reason, not what it says of another)
+    training = [i for i, x in enumerate(lines) if x.startswith("training over")]
+    assert len(training) == 1 and training[0] > max(i for i, x in enumerate(lines) if x.startswith("end-to-end"))
+    ratio = {s: f"{last.loc[s, 'final_loss_ratio']:.3g}" for s in ("global", "int8")}
+    assert lines[training[0]] == (f"training over 4 steps, mean loss of the last 1 step / high precision's: global "
+                                  f"{ratio['global']} (diverged from step 2), int8 {ratio['int8']} (diverged from "
+                                  "step 2); high precision diverged from step 2")
+    html = render_report(res.to_json(), tmp_path / "r.html", draw=False).read_text()
+    assert "training over 4 steps" in html  # (the verdict list of the report has the line too)
+    # a run that learns is not flagged
+    calm = analyze(model, batches, "global", e2e=False, steps=3)
+    assert calm.tables["training"]["diverged_step"].isna().all()
+    assert not any("diverged" in x for x in verdict_lines(calm.tables, calm.metadata))
+
+
+def test_training_table_shows_the_mean_its_ratio_divides(tmp_path: Path) -> None:
+    """The table put the last step's loss next to a ratio of the mean of the last steps // 10 losses (37.04 and
+    35.14 beside 0.6813), under a caption that said 'Final step' (QA F6)."""
+    from fp8probe.report.render import render_report
+
+    model, batches = P.build(False, seed=3)
+    res = analyze(model, batches, "int8", e2e=False, steps=20, lr=1e-2)
+    tr = res.tables["training"]
+    mean = {s: tr[tr["strategy"] == s]["loss"].iloc[-2:].mean() for s in ("hp", "int8")}
+    last = tr.groupby("strategy").tail(1).set_index("strategy")
+    assert list(last["final_window"]) == [2, 2]
+    assert last.loc["int8", "final_loss"] == pytest.approx(mean["int8"], rel=1e-12)
+    assert last.loc["int8", "final_loss_ratio"] == pytest.approx(mean["int8"] / mean["hp"], rel=1e-12)
+    html = render_report(res.to_json(), tmp_path / "r.html", draw=False).read_text()
+    body = html[html.index('id="training"'):]
+    body = body[:body.index("</table>")]
+    assert "mean loss, last 2 steps" in body and "mean / high precision&#39;s" in body
+    assert "the mean loss over its last 2 steps and that mean over the high-precision run" in body
+    assert "Final step" not in body
+    assert f">{mean['int8']:.4g}<" in body and f">{mean['int8'] / mean['hp']:.4f}<" in body
 
 
 def test_training_table_steps_are_the_steps_run(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from fp8probe.report.verdict import build_verdict, coverage_summary, verdict_lines
-from report_tables import coverage_rows, e2e_rows, recommendation_rows
+from report_tables import coverage_rows, e2e_rows, recommendation_rows, training_rows
 
 DATA = Path(__file__).parent / "data" / "results_small.json"
 
@@ -217,3 +217,14 @@ def test_the_isolated_list_is_not_a_second_keep_set(tmp_path: Path) -> None:
     # without an end-to-end recommendation there is nothing validated to point to
     bare = render_report(_small(), tmp_path / "b.html", draw=False).read_text(encoding="utf-8")
     assert "Layers below 20 dB fprop SQNR in isolation" in bare and 'id="validated-keep"' not in bare
+
+
+def test_training_line_from_results_written_before_the_mean_and_step_columns() -> None:
+    """Older results carry final_loss_ratio and the note only: the line still names the diverged run."""
+    rows = training_rows(4)
+    rows[-1]["note"] = "diverged: loss not finite from step 3"
+    lines = verdict_lines({"e2e": e2e_rows(), "training": rows})
+    line = next(x for x in lines if x.startswith("training over"))
+    assert line == (f"training over 3 steps, mean loss of the last steps / high precision's: mxfp8 "
+                    f"{rows[-1]['final_loss_ratio']:.3g} (diverged)")
+    assert "warning: the training simulation diverged: mxfp8 (diverged: loss not finite from step 3); lower --lr" in lines
