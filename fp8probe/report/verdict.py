@@ -12,6 +12,12 @@ from fp8probe.report.schema import NOTE_NEAREST_PLAN, metric_value
 # quantisation noise is above 1 % of the output power (10^(-20/10) = 0.01). Per-tensor FP8 on
 # well-behaved data gives ~25-31 dB, int8 vector-wise ~35-40 dB, so 20 dB flags clearly hurt layers.
 KEEP_16BIT_DB = 20.0
+# An operand is flagged when a recipe flushes more than 10 % of its non-zero elements to zero in a layer (operands
+# table, underflow_frac). Those elements are lost outright, not rounded: for grad_output a tenth of the gradient
+# entries stop reaching the weights, yet the energy-weighted SQNR can still read ~26 dB when the flushed ones are
+# small (QA F7: per-sample loss weights over 14 decades, 46-66 % flushed under per-tensor FP8). Well-scaled operands
+# flush well under 1 %, so 10 % flags a scale that does not fit the data, not rounding noise.
+UNDERFLOW_WARN_FRAC = 0.10
 # Layer names listed inline in one verdict line before "… and N more".
 MAX_NAMES = 6
 
@@ -174,6 +180,38 @@ def nonfinite_operands_warning(metadata: Mapping) -> str | None:
             "every SQNR)")
 
 
+def underflow_warnings(operands: Records, strategies: Sequence[str],
+                       limit: float = UNDERFLOW_WARN_FRAC) -> list[str]:
+    """One warning per operand that some recipe flushes to zero in more than ``limit`` of its non-zero elements in
+    some layer: per recipe the layers hit and the worst one, then the recipes of the run that stay at or under
+    ``limit`` in every one of those layers (their finer scales are what helps), or that none does."""
+    rows = [r for r in operands if _num(r.get("underflow_frac")) is not None]
+    out = []
+    for op in dict.fromkeys(r.get("operand") for r in rows):
+        mine = [r for r in rows if r.get("operand") == op]
+        hit: dict[str, list[tuple[float, str]]] = {}
+        for r in mine:
+            if r["underflow_frac"] > limit:
+                hit.setdefault(r.get("strategy"), []).append((r["underflow_frac"], str(r.get("layer"))))
+        if not hit:
+            continue
+        n_layers = {s: len({r.get("layer") for r in mine if r.get("strategy") == s}) for s in hit}
+        order = [s for s in strategies if s in hit] + [s for s in hit if s not in strategies]
+        said = [f"{s} in {len(hit[s])} of {n_layers[s]} layer(s) (worst: {max(hit[s])[1]}, {pct(max(hit[s])[0])})"
+                for s in order]
+        layers = {layer for v in hit.values() for _, layer in v}
+        clean = [s for s in list(dict.fromkeys([*strategies, *(r.get("strategy") for r in mine)])) if s not in hit
+                 and layers <= {str(r.get("layer")) for r in mine if r.get("strategy") == s
+                                and r["underflow_frac"] <= limit}]
+        helps = (f"{', '.join(clean)} stay{'s' if len(clean) == 1 else ''} at or under {pct(limit, 0)} in those layers "
+                 "(finer per-row/block scales)" if clean else
+                 "no recipe of this run stays under it there: per-row or per-block scaling (e.g. ocp-rowwise, mxfp8) "
+                 "gives small rows their own scale")
+        out.append(f"{op} underflow: over {pct(limit, 0)} of its non-zero elements flush to zero under "
+                   f"{'; '.join(said)}; {helps}")
+    return out
+
+
 def lp_share_text(share: Any, coverage: Mapping | None, short: bool = False) -> str:
     """"94.7 % of GEMM FLOPs": the end-to-end share of FLOPs run in low precision. The end-to-end passes replace
     the analysed GEMMs only, so where the capture left some out (--layers, --gemms, unsupported ops) the share is
@@ -267,6 +305,7 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                 for r in t.get("training", []) if str(r.get("note") or "").startswith("diverged")]
     if diverged:
         warnings.append(f"the training simulation diverged: {_names(diverged, 4)}; lower --lr")
+    warnings += underflow_warnings(t.get("operands", []), strategies)
     sweep_nonfinite = nonfinite_operands_warning(metadata)
     if sweep_nonfinite and not tensors_nan_inf:
         warnings.append(sweep_nonfinite)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import random
 from html import escape
 from pathlib import Path
 
 import pandas as pd
 
-from fp8probe.report.verdict import build_verdict, coverage_summary, verdict_lines
+from fp8probe.report.verdict import UNDERFLOW_WARN_FRAC, build_verdict, coverage_summary, verdict_lines
 from report_tables import coverage_rows, e2e_rows, recommendation_rows, training_rows
 
 DATA = Path(__file__).parent / "data" / "results_small.json"
@@ -228,3 +229,48 @@ def test_training_line_from_results_written_before_the_mean_and_step_columns() -
     assert line == (f"training over 3 steps, mean loss of the last steps / high precision's: mxfp8 "
                     f"{rows[-1]['final_loss_ratio']:.3g} (diverged)")
     assert "warning: the training simulation diverged: mxfp8 (diverged: loss not finite from step 3); lower --lr" in lines
+
+
+def _operands(seed: int, flushed: dict[str, tuple[float, float]]) -> list[dict]:
+    """Operand rows of 5 layers × 3 recipes; ``flushed``: recipe → the (low, high) range its grad_output underflow is
+    drawn from (others: under 0.5 %), every other operand under 0.5 %."""
+    rng = random.Random(seed)
+    rows = []
+    for layer in ("fc1", "fc2", "fc3", "fc4", "head"):
+        for s in ("ocp-tensorwise", "ocp-rowwise", "global"):
+            for op in ("activation", "weight", "grad_output"):
+                lo, hi = flushed.get(s, (0.0, 0.005)) if op == "grad_output" else (0.0, 0.005)
+                rows.append({"layer": layer, "strategy": s, "operand": op, "sqnr_db": 20 + 10 * rng.random(),
+                             "underflow_frac": rng.uniform(lo, hi), "saturation_frac": 0.0})
+    return rows
+
+
+def test_a_recipe_flushing_a_large_share_of_an_operand_is_warned_with_what_avoids_it(tmp_path: Path) -> None:
+    """46-66 % of grad_output's non-zero elements flushed to zero in every layer under per-tensor FP8 showed only in
+    the collapsed per-strategy operand tables: no terminal or verdict line said so (QA F7)."""
+    from fp8probe.report.render import render_report
+
+    rows = _operands(11, {"ocp-tensorwise": (0.46, 0.66), "global": (0.0, 0.005)})
+    rows[-1]["underflow_frac"] = 0.35  # global flushes 35 % of head's grad_output, in that layer only
+    worst = max((r for r in rows if r["strategy"] == "ocp-tensorwise" and r["operand"] == "grad_output"),
+                key=lambda r: r["underflow_frac"])
+    lines = verdict_lines({"operands": rows})
+    warned = [x for x in lines if "underflow" in x]
+    assert warned == [f"warning: grad_output underflow: over 10 % of its non-zero elements flush to zero under "
+                      f"ocp-tensorwise in 5 of 5 layer(s) (worst: {worst['layer']}, "
+                      f"{100 * worst['underflow_frac']:.1f} %); global in 1 of 5 layer(s) (worst: head, 35.0 %); "
+                      "ocp-rowwise stays at or under 10 % in those layers (finer per-row/block scales)"]
+    # the limit is the named constant, inclusive of it: exactly 10 % is not flagged
+    at = [dict(r, underflow_frac=UNDERFLOW_WARN_FRAC if r["underflow_frac"] > 0.1 else r["underflow_frac"]) for r in rows]
+    assert not any("underflow" in x for x in verdict_lines({"operands": at}))
+    # nothing in the run avoids it: say what would
+    every = _operands(12, {s: (0.2, 0.3) for s in ("ocp-tensorwise", "ocp-rowwise", "global")})
+    line = next(x for x in verdict_lines({"operands": every}) if "underflow" in x)
+    assert line.endswith("no recipe of this run stays under it there: per-row or per-block scaling (e.g. ocp-rowwise, "
+                         "mxfp8) gives small rows their own scale")
+    # and the report's verdict says it too, not only the collapsed per-layer tables
+    data = _small()
+    data["tables"]["operands"] = rows
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    verdict = html[html.index('id="verdict"'):html.index("</section>")]
+    assert "warning: grad_output underflow: over 10 % of its non-zero elements flush to zero under ocp-tensorwise" in verdict
