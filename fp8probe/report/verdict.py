@@ -203,9 +203,9 @@ def underflow_warnings(operands: Records, strategies: Sequence[str],
         clean = [s for s in list(dict.fromkeys([*strategies, *(r.get("strategy") for r in mine)])) if s not in hit
                  and layers <= {str(r.get("layer")) for r in mine if r.get("strategy") == s
                                 and r["underflow_frac"] <= limit}]
-        helps = (f"{', '.join(clean)} stay{'s' if len(clean) == 1 else ''} at or under {pct(limit, 0)} in those layers "
-                 "(finer per-row/block scales)" if clean else
-                 "no recipe of this run stays under it there: per-row or per-block scaling (e.g. ocp-rowwise, mxfp8) "
+        # (what keeps them is the recipe's business: a finer scale, or a format with more range such as E5M2)
+        helps = (f"at or under {pct(limit, 0)} in those layers: {', '.join(clean)}" if clean else
+                 "no recipe of this run stays under it there: a per-row or per-block scale (e.g. ocp-rowwise, mxfp8) "
                  "gives small rows their own scale")
         out.append(f"{op} underflow: over {pct(limit, 0)} of its non-zero elements flush to zero under "
                    f"{'; '.join(said)}; {helps}")

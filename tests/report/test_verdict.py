@@ -259,14 +259,14 @@ def test_a_recipe_flushing_a_large_share_of_an_operand_is_warned_with_what_avoid
     assert warned == [f"warning: grad_output underflow: over 10 % of its non-zero elements flush to zero under "
                       f"ocp-tensorwise in 5 of 5 layer(s) (worst: {worst['layer']}, "
                       f"{100 * worst['underflow_frac']:.1f} %); global in 1 of 5 layer(s) (worst: head, 35.0 %); "
-                      "ocp-rowwise stays at or under 10 % in those layers (finer per-row/block scales)"]
+                      "at or under 10 % in those layers: ocp-rowwise"]
     # the limit is the named constant, inclusive of it: exactly 10 % is not flagged
     at = [dict(r, underflow_frac=UNDERFLOW_WARN_FRAC if r["underflow_frac"] > 0.1 else r["underflow_frac"]) for r in rows]
     assert not any("underflow" in x for x in verdict_lines({"operands": at}))
     # nothing in the run avoids it: say what would
     every = _operands(12, {s: (0.2, 0.3) for s in ("ocp-tensorwise", "ocp-rowwise", "global")})
     line = next(x for x in verdict_lines({"operands": every}) if "underflow" in x)
-    assert line.endswith("no recipe of this run stays under it there: per-row or per-block scaling (e.g. ocp-rowwise, "
+    assert line.endswith("no recipe of this run stays under it there: a per-row or per-block scale (e.g. ocp-rowwise, "
                          "mxfp8) gives small rows their own scale")
     # and the report's verdict says it too, not only the collapsed per-layer tables
     data = _small()
