@@ -155,6 +155,11 @@ class _FlagEnvOption(click.Option):
             raise
 
 
+#: --threads above this is refused: torch.set_num_threads(100000) crashed the process (a segfault in OpenMP)
+#: before any work; no machine fp8probe runs on has more hardware threads.
+MAX_THREADS = 1024
+
+
 def _option(*decls: str, **attrs: object):  # type: ignore[no-untyped-def]
     """click.option with the flag-named environment variable (_FlagEnvOption)."""
     return click.option(*decls, cls=_FlagEnvOption, **attrs)
@@ -500,7 +505,7 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
 @_option("--name", default=None, help="run name (default: the model file's stem)")
 @_option("--quiet", "-q", is_flag=True, help="no progress bar")
 @_option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
-@_option("--threads", type=click.IntRange(min=1), default=None,
+@_option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
               help="torch intra-op CPU threads (default: torch's choice). 1 is often fastest: per-layer tensors "
                    "are small (demo: 2.0 s with 1 thread vs 10.8 s with 2 on a busy 2-core machine)")
 @_option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
@@ -979,7 +984,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
 # -q, --threads and --format: the same meaning on every command that runs a model (analyze defines its own copies).
 _RUN_OUTPUT_OPTIONS = (
     _option("--quiet", "-q", is_flag=True, help="no progress bar or progress lines"),
-    _option("--threads", type=click.IntRange(min=1), default=None,
+    _option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
                  help="torch intra-op CPU threads (default: torch's choice)"),
     _option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
                  show_default=True, help="table for people, json (paths and recommendations) for scripts"),
@@ -1252,7 +1257,7 @@ DEMO_OUT = "reports/demo"
 @_option("--overwrite", is_flag=True, help="replace the fp8probe outputs already in an explicit --out")
 @_option("--small", is_flag=True, hidden=True, help="one small batch (for the test suite)")
 @_RUN_OUTPUT_OPTIONS[0]
-@_option("--threads", type=click.IntRange(min=1), default=None,
+@_option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
          help="torch intra-op CPU threads (default: 1: the demo's tensors are too small to share)")
 @_RUN_OUTPUT_OPTIONS[2]
 def demo_cmd(out_dir: str | None, overwrite: bool, small: bool, quiet: bool, threads: int | None,

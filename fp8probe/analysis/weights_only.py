@@ -217,6 +217,12 @@ class Checkpoint:
                                  for k, v in sorted(sd.items(), key=lambda kv: natural_key(kv[0]))]
         if not self.entries:
             raise LoadError(f"{description} holds no tensors")
+        first: dict[str, Path] = {}
+        for e in self.entries:  # (two shards holding one key: both copies were analysed, as two layers)
+            if first.setdefault(e.key, e.file) != e.file:
+                raise LoadError(f"{description}: tensor {e.key} is in two files ({first[e.key].name} and "
+                                f"{e.file.name}); a checkpoint's shards hold each tensor once (a stale shard left "
+                                "in the directory?): remove the one that does not belong")
 
     def _torch_file(self, path: Path) -> dict:
         if self._loaded is None or self._loaded[0] != path:

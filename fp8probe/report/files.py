@@ -1,6 +1,7 @@
 """Output files: atomic writes (complete or absent, never half written) and output-directory claims (no silent mixing of runs)."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import tempfile
@@ -16,7 +17,7 @@ RESULTS_JSON = "results.json"
 REPORT_HTML = "index.html"
 KNOWN_TABLES = ("layers", "gemm", "operands", "tensors", "histograms", "outliers", "blocksize_sweep",
                 "threshold_sweep", "errors", "coverage", "e2e", "sensitivity", "recommendation", "training",
-                "delayed_scaling", "block_scales")
+                "delayed_scaling", "block_scales", "skipped", "weight_blocks", "weight_outliers")
 COMPARE_FILES = ("compare.html", "compare.md")
 DEMO_SUBDIRS = ("analyze", "sweep-blocksize", "sweep-threshold")
 OUTPUT_KINDS = ("run", "compare", "demo")
@@ -44,6 +45,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     committed baselines are readable like any other output.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # (os.replace would put a regular file in its place: `-o /dev/null` run as root replaced the device)
+        raise OSError(errno.EINVAL, "it exists and is not a regular file (a device, pipe or directory), which an "
+                                    "output never replaces", str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

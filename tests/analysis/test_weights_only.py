@@ -567,3 +567,26 @@ def test_a_gpt2_state_dict_without_config_ties_wte_to_lm_head_unless_it_has_its_
     assert tied_lm_head(open_checkpoint(tmp_path / "a.pt")) == "transformer.wte.weight"
     torch.save({**sd, "lm_head.weight": sd["transformer.wte.weight"].clone()}, tmp_path / "b.pt")
     assert tied_lm_head(open_checkpoint(tmp_path / "b.pt")) is None
+
+
+def test_a_tensor_in_two_shards_is_refused_and_weights_only_tables_are_known_outputs(tmp_path) -> None:
+    """Both copies were analysed as two layers; --overwrite left a weights-only run's skipped.csv,
+    weight_blocks.csv and weight_outliers.csv behind."""
+    from safetensors.torch import save_file
+
+    from fp8probe.analysis.loading import LoadError
+    from fp8probe.analysis.weights_only import open_checkpoint
+    from fp8probe.report.files import KNOWN_TABLES
+
+    gen = torch.Generator().manual_seed(14)
+    (tmp_path / "ck").mkdir()
+    save_file({"a.weight": torch.randn(8, 8, generator=gen)}, str(tmp_path / "ck" / "one.safetensors"))
+    save_file({"a.weight": torch.randn(8, 8, generator=gen)}, str(tmp_path / "ck" / "two.safetensors"))
+    with pytest.raises(LoadError, match=r"tensor a.weight is in two files \(one.safetensors and two.safetensors\)"):
+        open_checkpoint(tmp_path / "ck")
+    assert {"skipped", "weight_blocks", "weight_outliers"} <= set(KNOWN_TABLES)
+
+
+def test_threads_beyond_any_machine_are_refused() -> None:
+    res = CliRunner().invoke(cli, ["analyze", "x.pt", "--threads", "100000"])
+    assert res.exit_code == 2 and "1<=x<=1024" in res.output

@@ -393,3 +393,15 @@ def test_an_unwritable_markdown_target_is_refused_before_anything_is_written(tmp
                                    str(tmp_path / "nowhere" / "sum.md")])
     assert res.exit_code == 2 and "cannot be appended to: there is no directory" in res.output
     assert not (tmp_path / "c").exists()
+
+
+def test_an_output_path_that_is_not_a_regular_file_is_never_replaced(tmp_path: Path) -> None:
+    """`report -o` on a FIFO (or, as root, /dev/null) put a regular file in its place, exit 0."""
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe.html"
+    os.mkfifo(fifo)
+    res = CliRunner().invoke(cli, ["report", str(DATA), "-o", str(fifo)])
+    assert res.exit_code == 2 and "is not a regular file" in res.output
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
