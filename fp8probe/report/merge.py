@@ -17,6 +17,13 @@ _CONCAT_TABLES = ("recommendation",)
 _UNION_TABLES = {"skipped": "key"}
 
 
+def _shape(row: dict) -> tuple | None:
+    """A layers row's weight [out, in]; None for a GEMM of two activations (its sizes follow the inputs)."""
+    if row.get("b_is_weight") is False or row.get("out_features") is None:
+        return None
+    return (row.get("out_features"), row.get("in_features"))
+
+
 def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None) -> dict:
     """Merge results documents of ONE model (an analyze run plus sweep runs, or sweeps alone).
 
@@ -50,6 +57,15 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
         if model is not None and other is not None and other != model:
             raise ResultsError(f"expected results of one model, got {model!r} ({names[base_i]}) and {other!r} ({name}): "
                                "merge runs of the same model only")
+        shapes = {r.get("layer"): _shape(r) for r in tables.get("layers", [])}
+        differ = [(r.get("layer"), shapes[r.get("layer")], _shape(r)) for r in doc["tables"].get("layers", [])
+                  if r.get("layer") in shapes and None not in (shapes[r.get("layer")], _shape(r))
+                  and shapes[r.get("layer")] != _shape(r)]
+        if differ:  # (two models saved under the same directory name have the same description)
+            layer, a, b = differ[0]
+            raise ResultsError(f"expected results of one model, got layer {layer} with weight {list(a)} in "
+                               f"{names[base_i]} and {list(b)} in {name} ({len(differ)} layer(s) differ): merge runs "
+                               "of the same model only")
         for tname, rows in doc["tables"].items():
             if tname == "layers":
                 new = [r for r in rows if r.get("layer") not in layer_names]

@@ -56,6 +56,13 @@ def test_merge_refuses_other_models_and_duplicate_tables() -> None:
         merge_results([analyze, copy.deepcopy(analyze)], ["a.json", "b.json"])
     with pytest.raises(ResultsError, match="at least one"):
         merge_results([])
+    # two models under one name (the same directory name: the same description), told apart by their weights
+    wider = copy.deepcopy(bs)
+    for r in wider["tables"]["layers"]:
+        r["in_features"] *= 2
+    with pytest.raises(ResultsError, match=r"got layer \S+ with weight \[\d+, \d+\] in a.json and \[\d+, \d+\] in "
+                                           r"b.json \(\d+ layer\(s\) differ\)"):
+        merge_results([analyze, wider], ["a.json", "b.json"])
 
 
 def test_report_command_merges_files(tmp_path: Path) -> None:
