@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -103,6 +104,42 @@ def agree(value: T, world: World | None = None) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_same_model(module: Any, world: World | None = None) -> None:
+    """Raise LoadError unless every rank holds the same model: its parameters' names, shapes, dtypes and (for
+    parameters with data) values, the last as a float64 sum and sum of squares compared to 1e-9 relative.
+
+    Why: each rank captures its own batches and the per-batch states are folded on every rank, so a rank that
+    loaded another model (another checkpoint, a factory that reads the rank) was merged into the tables
+    silently. Not for FSDP2 (each rank holds a shard) or a non-module program's graph parameters alike."""
+    world = world or current()
+    if world.size == 1 or not isinstance(module, torch.nn.Module) or lockstep(module):
+        return
+    mine = []
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            values = (None if p.device.type == "meta" or not p.is_floating_point() else
+                      (float(p.detach().double().sum()), float(p.detach().double().square().sum())))
+            mine.append((name, tuple(p.shape), str(p.dtype), values))
+    every: list = [None] * world.size
+    dist.all_gather_object(every, mine)
+    first = every[0]
+    for rank, other in enumerate(every[1:], start=1):
+        names0, names = [x[0] for x in first], [x[0] for x in other]
+        if names != names0:
+            extra = sorted(set(names) ^ set(names0))[:3]
+            raise LoadError(f"rank {rank} loaded another model than rank 0 ({len(names)} vs {len(names0)} parameter "
+                            f"tensors; not in both: {', '.join(extra) or 'the order differs'}): every rank must load "
+                            "the same model")
+        for (n, shape0, dtype0, v0), (_, shape, dtype, v) in zip(first, other):
+            close = v0 is None or v is None or all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-30)
+                                                    for a, b in zip(v0, v))
+            if (shape, dtype) != (shape0, dtype0) or not close:
+                what = (f"{list(shape)} {dtype} vs {list(shape0)} {dtype0}" if (shape, dtype) != (shape0, dtype0)
+                        else "other values")
+                raise LoadError(f"rank {rank} loaded another model than rank 0: parameter {n} has {what}; every "
+                                "rank must load the same model (the same file, seed and factory)")
 
 
 def lockstep(module: Any) -> bool:

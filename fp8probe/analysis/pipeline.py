@@ -768,6 +768,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     started = time.perf_counter()
     run = prepare_run(model, inputs, layers=layers, batches=batches, device=device, seed=seed, loss=loss,
                       gemms=gemms, grad=grad)
+    distributed.check_same_model(run.module)
     analysis = _Analysis(strategies, threshold, SensitivityEstimate() if e2e else None)
     if callable(progress):
         report: ProgressFn | None = progress

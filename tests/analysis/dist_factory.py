@@ -52,3 +52,12 @@ def build_failing():
     batches = make_batches(4, 2, CONFIG.seq, seed=11, vocab=CONFIG.vocab)
     batches[1] = make_batches(1, 3, CONFIG.seq, seed=5, vocab=CONFIG.vocab)[0]
     return _FailsOnThreeRows(), batches
+
+
+def build_per_rank():
+    """Rank 1 builds the encoder from another seed: another model than rank 0's (its results were merged)."""
+    import dataclasses
+
+    rank = int(os.environ.get("RANK", "0"))
+    model = build_model(dataclasses.replace(CONFIG, seed=CONFIG.seed + rank))
+    return model, make_batches(N_BATCHES, 2, CONFIG.seq, seed=11, vocab=CONFIG.vocab)

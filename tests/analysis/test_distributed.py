@@ -115,3 +115,11 @@ def test_init_from_env_rejects_bad_world_size(monkeypatch) -> None:
         distributed.init_from_env()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.init_from_env() == distributed.World()
+
+
+def test_ranks_with_other_models_are_refused(tmp_path) -> None:
+    """A rank that built another model (another seed, checkpoint or shape) was folded into the tables, exit 0."""
+    res = _fp8probe(["analyze", f"{HERE / 'dist_factory.py'}:build_per_rank", "-s", "global", "--threads", "1",
+                     "--no-e2e", "--no-html", "-q", "--out", str(tmp_path / "o")], ranks=2)
+    assert res.returncode != 0 and "rank 1 loaded another model than rank 0: parameter" in res.stderr
+    assert "has other values" in res.stderr and not (tmp_path / "o" / "results.json").exists()
