@@ -171,6 +171,11 @@ def map_batches(n: int, fn: Callable[[int], T], world: World | None = None,
         for i in range(n):
             yield i, fn(i)
         return
+    counts: list[Any] = [None] * world.size
+    dist.all_gather_object(counts, n)  # (ranks with other batch lists failed inside the rounds with raw errors)
+    if len(set(counts)) > 1:
+        raise LoadError(f"the ranks have different numbers of batches ({', '.join(f'rank {r}: {c}' for r, c in enumerate(counts))}): "
+                        "every rank must load the same inputs")
     for start in range(0, n, world.size):
         i = start + world.rank
         payload: tuple

@@ -123,3 +123,10 @@ def test_ranks_with_other_models_are_refused(tmp_path) -> None:
                      "--no-e2e", "--no-html", "-q", "--out", str(tmp_path / "o")], ranks=2)
     assert res.returncode != 0 and "rank 1 loaded another model than rank 0: parameter" in res.stderr
     assert "has other values" in res.stderr and not (tmp_path / "o" / "results.json").exists()
+
+
+def test_ranks_with_other_batch_counts_are_refused(tmp_path) -> None:
+    res = _fp8probe(["analyze", f"{HERE / 'dist_factory.py'}:build_per_rank_batches", "-s", "global", "--threads",
+                     "1", "--no-e2e", "--no-html", "-q", "--out", str(tmp_path / "o")], ranks=2)
+    assert res.returncode != 0  # (torchrun's own exit status)
+    assert "Error: the ranks have different numbers of batches (rank 0: 5, rank 1: 3)" in res.stderr
