@@ -139,7 +139,9 @@ def _read_safetensors_header(path: Path) -> list[TensorEntry]:
                 (itemsize is not None and hi - lo != math.prod(shape) * itemsize):
             raise LoadError(f"{path}: tensor {key!r} ({dtype_name} {list(shape)}) has byte range {lo}..{hi} that does "
                             f"not fit its shape or the file ({size} bytes): is the file truncated?")
-        entries.append(TensorEntry(key, shape, dtype, dtype_name, path, base + lo, base + hi))
+        # (torch's name where torch holds the dtype, as a .pt checkpoint's rows read: float32, not F32)
+        shown = str(dtype).replace("torch.", "") if dtype is not None else dtype_name
+        entries.append(TensorEntry(key, shape, dtype, shown, path, base + lo, base + hi))
     return entries
 
 

@@ -196,7 +196,7 @@ def test_float8_checkpoint_is_upcast_exactly(tmp_path) -> None:
     save_file({"a.weight": w32}, str(tmp_path / "fp32.safetensors"))
     fp8 = analyze_weights(tmp_path / "fp8.safetensors", ALL)
     fp32 = analyze_weights(tmp_path / "fp32.safetensors", ALL)
-    assert fp8.tables["layers"]["dtype"].tolist() == ["F8_E4M3"]
+    assert fp8.tables["layers"]["dtype"].tolist() == ["float8_e4m3fn"]  # (torch's name, as a .pt checkpoint's rows: it read F8_E4M3)
     assert _weight_rows(fp8, "operands") == _weight_rows(fp32, "operands")
     assert _weight_rows(fp8, "tensors") == _weight_rows(fp32, "tensors")
 
