@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fp8probe.report.render import _table, cell, validate_results
-from fp8probe.report.schema import metric_value
+from fp8probe.report.schema import metric_value, weight_shapes
 
 # Defaults of the CI gate. 1 dB of SQNR is a 26 % rise in noise power (10^(1/10) = 1.26): more than
 # run-to-run noise of a seeded capture (which is 0 dB: the pipeline is deterministic on CPU) and
@@ -139,12 +139,6 @@ def _layers(results: Mapping) -> list[str]:
     return list(dict.fromkeys(r["layer"] for r in results["tables"]["layers"]))
 
 
-def _weight_shapes(results: Mapping) -> dict[str, tuple]:
-    """layer → its weight's [out, in] (GEMMs of two activations left out: their sizes follow the inputs)."""
-    return {r["layer"]: (r.get("out_features"), r.get("in_features")) for r in results["tables"]["layers"]
-            if r.get("b_is_weight") is not False and r.get("out_features") is not None}
-
-
 def _shape_text(shape: tuple) -> str:
     return "[" + ", ".join(f"{x:g}" if isinstance(x, (int, float)) else str(x) for x in shape) + "]"
 
@@ -232,7 +226,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                          f"{', '.join(cur_l[:3]) or 'none'}): are they results of the same model?")
     # A layer of the same name whose weight changed shape is another GEMM (a wider model, another model that
     # shares its layer names): its numbers are not compared, and it is a violation unless --allow-missing.
-    shapes_b, shapes_c = _weight_shapes(baseline), _weight_shapes(current)
+    shapes_b, shapes_c = (weight_shapes(r["tables"]["layers"]) for r in (baseline, current))
     reshaped = {layer: (shapes_b[layer], shapes_c[layer]) for layer in base_l
                 if layer in shapes_b and layer in shapes_c and shapes_b[layer] != shapes_c[layer]}
     if reshaped and len(reshaped) == len(set(base_l) & set(cur_l)):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from fp8probe.report.schema import ResultsError, validate_results
+from fp8probe.report.schema import ResultsError, validate_results, weight_shapes
 
 # Metadata blocks that are per-run dictionaries: merged key by key (the first document's entry wins).
 _DICT_META = ("rules", "recommendations", "formats")
@@ -15,13 +15,6 @@ _CONCAT_TABLES = ("recommendation",)
 # Tables of the same checkpoint's entries in each run: the union by the column named (weights-only runs list the
 # tensors they skipped; two runs with other --layers / --include-embeddings skip other ones).
 _UNION_TABLES = {"skipped": "key"}
-
-
-def _shape(row: dict) -> tuple | None:
-    """A layers row's weight [out, in]; None for a GEMM of two activations (its sizes follow the inputs)."""
-    if row.get("b_is_weight") is False or row.get("out_features") is None:
-        return None
-    return (row.get("out_features"), row.get("in_features"))
 
 
 def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None) -> dict:
@@ -57,10 +50,9 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
         if model is not None and other is not None and other != model:
             raise ResultsError(f"expected results of one model, got {model!r} ({names[base_i]}) and {other!r} ({name}): "
                                "merge runs of the same model only")
-        shapes = {r.get("layer"): _shape(r) for r in tables.get("layers", [])}
-        differ = [(r.get("layer"), shapes[r.get("layer")], _shape(r)) for r in doc["tables"].get("layers", [])
-                  if r.get("layer") in shapes and None not in (shapes[r.get("layer")], _shape(r))
-                  and shapes[r.get("layer")] != _shape(r)]
+        shapes = weight_shapes(tables.get("layers", []))
+        differ = [(layer, shapes[layer], theirs) for layer, theirs in
+                  weight_shapes(doc["tables"].get("layers", [])).items() if shapes.get(layer, theirs) != theirs]
         if differ:  # (two models saved under the same directory name have the same description)
             layer, a, b = differ[0]
             raise ResultsError(f"expected results of one model, got layer {layer} with weight {list(a)} in "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 SCHEMA = "fp8probe.results"
@@ -52,6 +52,13 @@ class ResultsError(ValueError):
 # JSON integers are unbounded, floats are not: an integer beyond float64's range (~1.8e308) would raise
 # OverflowError wherever a table value is used as a number, so it is refused when the file is read.
 _MAX_INT_DIGITS = 308
+
+
+def weight_shapes(layer_rows: Sequence[Mapping]) -> dict[Any, tuple]:
+    """layer → its weight's (out, in) from a ``layers`` table; GEMMs of two activations (b_is_weight false) are left
+    out, their sizes follow the inputs (compare and merge tell two models apart by these)."""
+    return {r.get("layer"): (r.get("out_features"), r.get("in_features")) for r in layer_rows
+            if r.get("b_is_weight") is not False and r.get("out_features") is not None}
 
 
 def parse_results_json(text: str, source: str = "results") -> Any:
