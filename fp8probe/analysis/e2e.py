@@ -702,8 +702,9 @@ def _rec_row(kind: str, strategy: str, value: Any, keep: list[str], out: Outcome
             "budget": budget.value, "budget_kind": budget.kind, "recommended": False, "note": note}
 
 
-#: How the note of the plan nearest an unreachable budget (of every recipe's) begins; the verdict quotes it.
-CLOSEST_OF_ALL = NOTE_NEAREST_PLAN
+#: How a recipe's note gives its tried plan nearest an unreachable budget; the nearest of every recipe's says
+#: schema.NOTE_NEAREST_PLAN instead, which the verdict quotes.
+_NEAREST_OWN = "only every layer in 16-bit fits: "
 
 
 def _round_up(x: float, digits: int = 2) -> float:
@@ -711,7 +712,7 @@ def _round_up(x: float, digits: int = 2) -> float:
     if x <= 0 or not math.isfinite(x):
         return x
     step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
-    return float(f"{math.ceil(x / step * (1 - 1e-12)) * step:.{digits}g}") if x / step > 1 else x
+    return float(f"{math.ceil(x / step * (1 - 1e-12)) * step:.{digits}g}")
 
 
 def _closest_text(strategy: str, metric: float, keep: list[str], out: Outcome, budget: Budget) -> str:
@@ -815,7 +816,7 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
                 budget.holds(full.loss_rel_change, full.kl_div) else "")
         if near:
             m, kept, o = near[0]
-            note = "; ".join(x for x in (note, "only every layer in 16-bit fits: " + _closest_text(
+            note = "; ".join(x for x in (note, _NEAREST_OWN + _closest_text(
                 s.name, m, kept, o, budget)) if x)
             closest.append((m, -o.lp_flop_share, len(rec_rows)))
         rec_rows.append(_rec_row("strategy", s.name, None, keep, out, budget, note))
@@ -825,7 +826,7 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
     mark_recommended(rec_rows)
     if closest and not any(r["recommended"] for r in rec_rows):  # the nearest plan of all recipes, for the verdict
         i = min(closest)[2]
-        rec_rows[i]["note"] = rec_rows[i]["note"].replace("only every layer in 16-bit fits: ", CLOSEST_OF_ALL, 1)
+        rec_rows[i]["note"] = rec_rows[i]["note"].replace(_NEAREST_OWN, NOTE_NEAREST_PLAN, 1)
     tables = {"e2e": pd.DataFrame(e2e_rows, columns=E2E_COLUMNS),
               "sensitivity": pd.DataFrame(sens_rows, columns=SENSITIVITY_COLUMNS),
               "recommendation": pd.DataFrame(rec_rows, columns=RECOMMENDATION_COLUMNS)}
