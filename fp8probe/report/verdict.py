@@ -20,6 +20,8 @@ KEEP_16BIT_DB = 20.0
 UNDERFLOW_WARN_FRAC = 0.10
 # Layer names listed inline in one verdict line before "… and N more".
 MAX_NAMES = 6
+# What an outlier threshold of 0 means (SPEC §5.1: no outlier columns when threshold == 0): said beside the value.
+THRESHOLD_ZERO = " = plain int8, no outlier columns in 16-bit"
 
 # One line each for a table the verdict needs but the results do not carry.
 MISSING = {
@@ -438,11 +440,14 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
         if r and _num(r.get("value")) is not None:
             achieved = f"loss {signed_pct(r.get('loss_rel_change'))}" + (
                 f", KL {_g(r['kl_div'])}" if _num(r.get("kl_div")) is not None else "")
+            # the recipe the value is for (a block size is the mixed recipe's, a threshold int8's), and what a
+            # threshold of 0 means: a bare "0" read as "keep every column in 16-bit"
+            label = f"{label} for the whole model" + (f" ({r['strategy']})" if r.get("strategy") else "")
+            value = f"{_num(r['value']):g}" + (THRESHOLD_ZERO if kind == "threshold" and _num(r["value"]) == 0 else "")
             if r.get("within_budget") is False:  # (the nearest value tried is no recommendation)
-                lines.append(f"{label} for the whole model: none of the swept values stays within the budget "
-                             f"(nearest: {_num(r['value']):g}, {achieved})")
+                lines.append(f"{label}: none of the swept values stays within the budget (nearest: {value}, {achieved})")
             else:
-                lines.append(f"{label} for the whole model: {_num(r['value']):g} (validated: {achieved})")
+                lines.append(f"{label}: {value} (validated: {achieved})")
     for r in v["e2e"]:
         mark = ""
         if r["recommended"]:  # this line is every layer in low precision: the recommended plan may keep some

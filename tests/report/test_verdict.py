@@ -25,8 +25,8 @@ def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
     assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss +0.12 %, KL 0.0009 "
                         "(budget 1 % loss); 94.7 % of the analysed GEMM FLOPs (90.0 % of the model's) in low "
                         "precision")  # (28 of 30 GEMMs, 95 % of the FLOPs, were captured and replaced)
-    assert "block size for the whole model: 128 (validated: loss +0.40 %, KL 0.003)" in lines
-    assert "outlier threshold for the whole model: 6 (validated: loss +0.60 %, KL 0.004)" in lines
+    assert "block size for the whole model (mixed): 128 (validated: loss +0.40 %, KL 0.003)" in lines
+    assert "outlier threshold for the whole model (int8): 6 (validated: loss +0.60 %, KL 0.004)" in lines
     e2e = [x for x in lines if x.startswith("end-to-end")]
     assert e2e[0].startswith("end-to-end global: loss +4.00 %, KL 0.031, top-1 91.0 %")
     assert e2e[1].endswith("← recommended, keeping 1 layer(s) in 16-bit (see the verdict line)")
@@ -156,8 +156,21 @@ def test_a_model_wide_value_over_the_budget_is_not_called_validated() -> None:
             r.update(value=32, loss_rel_change=0.2482, within_budget=False)
     lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows, "coverage": coverage_rows()})
     line = next(x for x in lines if x.startswith("block size"))
-    assert line.startswith("block size for the whole model: none of the swept values stays within the budget "
+    assert line.startswith("block size for the whole model (mixed): none of the swept values stays within the budget "
                            "(nearest: 32, loss +24.82 %") and "validated" not in line
+
+
+def test_a_model_wide_threshold_of_zero_says_what_it_means() -> None:
+    """The demo printed "outlier threshold for the whole model: 0", which reads as every column in 16-bit; 0 is plain
+    int8 with no outlier columns (SPEC §5.1)."""
+    rows = recommendation_rows([])
+    for r in rows:
+        if r["kind"] == "threshold":
+            r.update(value=0.0)
+    lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows, "coverage": coverage_rows()})
+    line = next(x for x in lines if x.startswith("outlier threshold"))
+    assert line.startswith("outlier threshold for the whole model (int8): 0 = plain int8, no outlier columns in "
+                           "16-bit (validated: loss +0.60 %"), line
 
 
 def test_the_recommended_mark_on_an_all_low_precision_line_says_layers_are_kept() -> None:
