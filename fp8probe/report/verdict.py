@@ -54,12 +54,16 @@ def _num(v: Any) -> float | None:
 
 
 def signed_pct(v: Any, digits: int = 2) -> str:
-    """A relative change as a signed percentage ("+0.12 %"); "–" when not measured."""
+    """A relative change as a signed percentage ("+0.12 %"); "–" when not measured. A change too small for
+    ``digits`` decimals gets two significant digits ("+3.2e-05 %"): the demo's sensitivity table read "+0.00 %"
+    and "-0.00 %" in every row, so its ranking could not be told from the numbers shown."""
     x = _num(v)
     if x is None:
         return "–"
     if math.isinf(x):
         return "+∞ %" if x > 0 else "−∞ %"
+    if x != 0 and abs(100 * x) < 0.5 * 10.0 ** -digits:
+        return f"{100 * x:+.2g} %"
     return f"{100 * x:+.{digits}f} %"
 
 

@@ -287,3 +287,15 @@ def test_a_recipe_flushing_a_large_share_of_an_operand_is_warned_with_what_avoid
     html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
     verdict = html[html.index('id="verdict"'):html.index("</section>")]
     assert "warning: grad_output underflow: over 10 % of its non-zero elements flush to zero under ocp-tensorwise" in verdict
+
+
+def test_a_loss_change_too_small_for_two_decimals_keeps_two_significant_digits() -> None:
+    """The demo's sensitivity table read "+0.00 %" / "-0.00 %" in every row: its ranking could not be read."""
+    from fp8probe.report.verdict import signed_pct
+    assert signed_pct(3.21e-7) == "+3.2e-05 %"
+    assert signed_pct(-4.0e-6) == "-0.0004 %"
+    assert signed_pct(0.0) == "+0.00 %"
+    assert signed_pct(0.0012) == "+0.12 %"
+    assert signed_pct(-0.25) == "-25.00 %"
+    assert signed_pct(4.9e-5) == "+0.0049 %"  # (rounds to 0.00 at two decimals)
+    assert signed_pct(5.0e-5) == "+0.01 %"
