@@ -249,6 +249,31 @@ def _budget_undefined(kind: str, e2e_rows: list[dict]) -> str | None:
     return "the loss change is undefined for every strategy"
 
 
+def hidden_kl_warning(recommended: Mapping | None, e2e_rows: Records) -> str | None:
+    """A warning when the recommended plan keeps a loss budget while its output distribution moves by more (KL, in
+    nats per row) than the budget lets the loss move (budget x |high-precision loss|, nats for a cross-entropy),
+    else None.
+
+    Why: a loss averages signed per-token changes, which can cancel (a layer whose harm shows in the KL but not in
+    the loss, QA of 2026-12-01); for a calibrated classifier the expected loss change is about the KL, so a KL
+    above what the budget allows the loss means the loss hides part of the change. The KL is only computed for
+    outputs read as class logits (e2e.Runner), so the comparison is in the same units.
+    """
+    if not recommended or str(recommended.get("budget_kind") or "loss") != "loss":
+        return None
+    kl, budget = _num(recommended.get("kl_div")), _num(recommended.get("budget"))
+    hp = next((_num(r.get("loss_hp")) for r in e2e_rows if r.get("strategy") == recommended.get("strategy")), None)
+    if kl is None or budget is None or hp is None or not (math.isfinite(kl) and math.isfinite(hp)):
+        return None
+    allowed = budget * abs(hp)
+    if kl <= allowed:
+        return None
+    return (f"{recommended.get('strategy')} keeps the loss within its {budget_value(budget, 'loss')} budget, but its "
+            f"output distribution moves by KL {_g(kl)} nats per row, more than the {_g(allowed)} the budget lets the "
+            f"loss move: the loss hides part of the change (errors that cancel); bound it with --budget "
+            f"kl:{_g(allowed)}")
+
+
 def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                   keep_db: float = KEEP_16BIT_DB) -> dict:
     """The verdict as plain data (the report's view model and verdict_lines both read it).
@@ -311,6 +336,9 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                 for r in t.get("training", []) if str(r.get("note") or "").startswith("diverged")]
     if diverged:
         warnings.append(f"the training simulation diverged: {_names(diverged, 4)}; lower --lr")
+    hidden = hidden_kl_warning(recommended, t.get("e2e", []))
+    if hidden:
+        warnings.append(hidden)
     # A recipe validated end to end with every layer in low precision within the budget is not warned of: its
     # underflow did not cost the budget (the demo's FP4 and switchback activations flush 15-88 % and pass).
     fine = {r.get("strategy") for r in strat_rows if r.get("within_budget") is True and not r.get("n_keep")}

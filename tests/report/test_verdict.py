@@ -299,3 +299,25 @@ def test_a_loss_change_too_small_for_two_decimals_keeps_two_significant_digits()
     assert signed_pct(-0.25) == "-25.00 %"
     assert signed_pct(4.9e-5) == "+0.0049 %"  # (rounds to 0.00 at two decimals)
     assert signed_pct(5.0e-5) == "+0.01 %"
+
+
+def test_a_kl_the_loss_hides_is_warned_of_with_a_kl_budget_to_try() -> None:
+    """A loss budget accepted a plan whose output distribution moved far more than the loss did (per-token changes
+    that cancel in the mean): nothing in the verdict said so (QA: a layer whose harm shows only in the KL)."""
+    rows = recommendation_rows([])
+    for r in rows:
+        if r["strategy"] == "mxfp8":
+            r.update(kl_div=0.19)  # the loss is allowed to move 1 % of 2.5 = 0.025 nats
+    lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows, "coverage": coverage_rows()})
+    warned = [x for x in lines if "hides" in x]
+    assert warned == ["warning: mxfp8 keeps the loss within its 1 % budget, but its output distribution moves by KL "
+                      "0.19 nats per row, more than the 0.025 the budget lets the loss move: the loss hides part of "
+                      "the change (errors that cancel); bound it with --budget kl:0.025"], lines
+    # a KL within what the budget lets the loss move, a KL budget, or no KL: no warning
+    for change in ({"kl_div": 0.02}, {"kl_div": 0.19, "budget_kind": "kl", "budget": 0.5}, {"kl_div": None}):
+        rows = recommendation_rows([])
+        for r in rows:
+            if r["strategy"] == "mxfp8":
+                r.update(change)
+        lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows, "coverage": coverage_rows()})
+        assert not any("hides" in x for x in lines), (change, lines)
