@@ -60,3 +60,29 @@ def test_runner_refuses_what_it_cannot_follow() -> None:
         wf.evaluate("${{ secrets.TOKEN }}", {}, {"run_id": "1"})
     assert wf.evaluate("${{ inputs.model || 'm.py:build' }}", {}, {"run_id": "1"}) == "m.py:build"
     assert wf.evaluate("${{ inputs.model || 'm.py:build' }}", {"model": "x.pt2"}, {"run_id": "1"}) == "x.pt2"
+
+
+@pytest.mark.parametrize("own_repo", [True, False])
+def test_install_step_checks_fp8probe_itself_out_in_its_own_repository(tmp_path: Path, own_repo: bool) -> None:
+    """In fp8probe's repository the workflow installed the pinned release from GitHub, so its gate checked an old
+    fp8probe instead of the commit being pushed; in any other repository it must install FP8PROBE_PIP."""
+    import yaml
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / ".github" / "workflows" / "numerics.yml").read_text())
+    (job,) = doc["jobs"].values()
+    step = next(s for s in job["steps"] if str(s.get("name", "")).startswith("Install torch"))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    for tool in ("python", "fp8probe"):  # record the commands instead of installing anything
+        (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
+        (fake / tool).chmod(0o755)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "pyproject.toml").write_text('[project]\nname = "fp8probe"\n' if own_repo else '[project]\nname = "mymodel"\n')
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "TORCH_PIP": "torch==2.13.0",
+           "FP8PROBE_PIP": "fp8probe @ git+https://example.invalid/fp8probe@v0.1.0"}
+    subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=repo, env=env,
+                   check=True)
+    installs = [line for line in calls.read_text().splitlines() if line.startswith("python -m pip install ")]
+    assert installs[-1] == ("python -m pip install ." if own_repo else
+                            "python -m pip install fp8probe @ git+https://example.invalid/fp8probe@v0.1.0")
