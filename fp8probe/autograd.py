@@ -58,6 +58,11 @@ def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dt
             f"got shape {list(out.shape)}, dtype {out.dtype}, device {out.device}")
 
 
+# torch's node that raises when a second backward reaches it (what @once_differentiable uses). It is private: a torch
+# without it gets the plain first-order backward, whose second backward fails with torch's generic message.
+_DELAYED_ERROR = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+
+
 def _first_order_only(backward):
     """A Function's backward that quantises (or reads int8 codes) has no derivative of its own: run it without
     building a graph and, under ``create_graph=True``, give its gradients a node that refuses a second backward
@@ -67,10 +72,10 @@ def _first_order_only(backward):
     def wrapper(ctx: Any, *grads: torch.Tensor):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _DELAYED_ERROR is None:
             return outputs
         name = backward.__qualname__.split(".")[0]
-        err = torch._C._functions.DelayedError(
+        err = _DELAYED_ERROR(
             f"double backward through {name} is not supported: its backward is not differentiable "
             "(quantised operands); compute the gradient with create_graph=False".encode(), len(outputs))
         fake = [None if g is None else g.detach().requires_grad_() for g in outputs]

@@ -697,6 +697,19 @@ def test_double_backward_is_refused_by_name(fn) -> None:
     assert torch.equal(gA, gA1) and torch.equal(gB, gB1) and not gA1.requires_grad
 
 
+def test_double_backward_without_torchs_private_error_node_still_gives_first_order_gradients(monkeypatch) -> None:
+    """The named refusal uses torch's private DelayedError node; a torch without it must still give the first-order
+    gradients (the second backward then fails with torch's own message), not an AttributeError."""
+    monkeypatch.setattr(AG, "_DELAYED_ERROR", None)
+    A, B = gen(79, 6, 32).requires_grad_(), gen(80, 32, 8).requires_grad_()
+    G = gen(81, 6, 8)
+    gA, gB = torch.autograd.grad(AG.matmul_fp8_global(A, B), (A, B), G, create_graph=True)
+    gA1, gB1 = torch.autograd.grad(AG.matmul_fp8_global(A, B), (A, B), G)
+    assert torch.equal(gA, gA1) and torch.equal(gB, gB1)
+    with pytest.raises(RuntimeError):
+        (gA.sum() + gB.sum()).backward()
+
+
 @pytest.mark.parametrize("fn", [AG.matmul, AG.switchback_bnb])
 @pytest.mark.parametrize("compat", [None, "bnb"])
 def test_int8_matmuls_take_inference_tensors(fn, compat) -> None:
