@@ -515,7 +515,7 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
                    "one results.json and one report with everything")
 @_option("--include-embeddings", is_flag=True, help=_EMBEDDINGS_HELP)
 @_option("--budget", "budget_spec", default="0.01", show_default=True,
-              help="end-to-end budget for the recommendation: relative loss increase (0.01 or 1%), or kl:0.01 for "
+              help="end-to-end budget for the recommendation: relative loss change either way (0.01 or 1%), or kl:0.01 for "
                    "the mean KL divergence of the output distribution")
 @_option("--no-e2e", is_flag=True, help="skip the end-to-end runs (no e2e, sensitivity, recommendation tables)")
 @_option("--sensitivity", type=click.Choice(["auto", "measured", "estimated"]), default="auto", show_default=True,
@@ -1047,7 +1047,7 @@ def _sweep_options(func):
         _option("--name", default=None, help="run name (default: the model file's stem)"),
         *_RUN_OUTPUT_OPTIONS,
         _option("--budget", "budget_spec", default="0.01", show_default=True,
-                     help="end-to-end budget for the model-wide value: relative loss increase (0.01 or 1%) or "
+                     help="end-to-end budget for the model-wide value: relative loss change either way (0.01 or 1%) or "
                           "kl:0.01"),
         _option("--no-e2e", is_flag=True, help="skip validating one model-wide value end to end"),
     ]
