@@ -474,8 +474,10 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
 
 
 def _from_state_dict(sd: dict, desc: str, factory: str) -> LoadedModel:
-    """The factory's model with the state_dict ``sd`` (named ``desc`` in errors) loaded strictly."""
+    """The factory's model with the state_dict ``sd`` (named ``desc`` in errors) loaded strictly; a tied
+    parameter needs only one of its names in ``sd`` (fill_tied)."""
     model, batches = _call_factory(factory)
+    sd = fill_tied(model, sd, desc)
     mismatch = state_dict_mismatch(model, sd)
     if mismatch:
         raise LoadError(f"state_dict {desc} does not fit the model from {factory}: {mismatch}")
@@ -525,6 +527,59 @@ def unwrap_state_dict(obj: Any) -> tuple[Any, str | None]:
 
 # Keys named in a state_dict mismatch message before "… and N more".
 MISMATCH_KEYS = 5
+# Bytes of each slice two tied copies are compared in (same_bytes): no temporary as large as the tensor.
+COMPARE_CHUNK_BYTES = 2**24
+
+
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """The names of every parameter ``model`` registers under more than one name (weight tying: nanoGPT's
+    ``lm_head.weight`` is the Parameter ``transformer.wte.weight``), one list per Parameter, in registration order."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` have one shape and dtype and the same bits (a NaN equals itself): views of
+    one storage (a torch.save'd tied pair) without reading them, else compared COMPARE_CHUNK_BYTES at a time."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    a_bytes, b_bytes = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    return all(torch.equal(a_bytes[i:i + COMPARE_CHUNK_BYTES], b_bytes[i:i + COMPARE_CHUNK_BYTES])
+               for i in range(0, a_bytes.numel(), COMPARE_CHUNK_BYTES))
+
+
+def tied_copies_differ(desc: str, model: nn.Module, kept: str, other: str) -> str:
+    """The LoadError message for a checkpoint holding two different tensors under the names of one tied parameter."""
+    return (f"{desc} holds different tensors under {kept} and {other}, which {type(model).__name__} ties (one "
+            "Parameter), so it can hold only one of them: save the state_dict of the tied model again, or build the "
+            "model without the tie")
+
+
+def fill_tied(model: nn.Module, sd: dict, desc: str) -> dict:
+    """``sd`` (a new dict; the caller's is not changed) with each tied parameter's names that it lacks mapped
+    to the tensor it holds under another name of that parameter (tied_parameters).
+
+    Two layouts of a tied model are common: torch.save(model.state_dict()) holds every name (the tensors
+    share storage), safetensors' save_model keeps one. Both load. A file holding two names of one tied
+    parameter must hold the same bits under both (same_bytes, not merely the same shape): the model keeps
+    one tensor, and loading would silently analyse whichever came last. A tied parameter with none of its
+    names in ``sd`` is left missing, for state_dict_mismatch to report."""
+    filled = dict(sd)
+    for names in tied_parameters(model):
+        present = [name for name in names if name in sd]
+        if not present:
+            continue
+        kept = present[0]
+        for other in present[1:]:
+            if not same_bytes(sd[kept], sd[other]):
+                raise LoadError(tied_copies_differ(f"state_dict {desc}", model, kept, other))
+        for name in names:
+            filled.setdefault(name, sd[kept])
+    return filled
 
 
 def state_dict_mismatch(model: nn.Module, state: dict) -> str:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .capture import release_free_memory
-from .loading import LoadedModel, LoadError, _call_factory, _hf_config_class, one_line
+from .loading import (LoadedModel, LoadError, _call_factory, _hf_config_class, one_line, same_bytes,
+                      tied_copies_differ)
 
 if TYPE_CHECKING:  # weights_only imports sweeps, which imports pipeline, which imports this module
     from .weights_only import Checkpoint, TensorEntry
@@ -86,6 +87,7 @@ class BlockStreamer:
             aliases.setdefault(id(p), []).append(name)
         used: set[str] = set()
         missing, wrong = [], []
+        seen: set[int] = set()
         self.units: list[tuple[str, nn.Module, list[tuple[nn.Module, str, nn.Parameter, TensorEntry]]]] = []
         for path, unit, subtree in _units(model):
             slots = []
@@ -94,14 +96,21 @@ class BlockStreamer:
                 for attr, p in owner._parameters.items():
                     if p is None:
                         continue
+                    # (a parameter tied across units is in several units' slots: checked and reported once)
+                    first_seen = id(p) not in seen
+                    seen.add(id(p))
                     key = next((k for k in aliases.get(id(p), []) if k in entries), None)
                     if key is None:
-                        missing.append(aliases.get(id(p), [f"{path}.{attr}"])[0])
+                        if first_seen:
+                            missing.append(aliases.get(id(p), [f"{path}.{attr}"])[0])
                         continue
                     used.add(key)
                     if tuple(entries[key].shape) != tuple(p.shape) or entries[key].dtype is None:
-                        wrong.append(f"{key} {list(entries[key].shape)} {entries[key].dtype_name} vs {list(p.shape)}")
+                        if first_seen:
+                            wrong.append(f"{key} {list(entries[key].shape)} {entries[key].dtype_name} vs {list(p.shape)}")
                         continue
+                    if first_seen:
+                        used.update(self._tied_copies(model, entries[key], aliases.get(id(p), []), entries))
                     slots.append((owner, attr, p, entries[key]))
             if slots:
                 self.units.append((path, unit, slots))
@@ -122,6 +131,23 @@ class BlockStreamer:
             # Registered when the model is built, before capture's own hooks: those then see loaded weights.
             unit.register_forward_pre_hook(lambda m, args, slots=slots: self.load(slots))
             unit.register_forward_hook(lambda m, args, out, slots=slots: self.free(slots), always_call=True)
+
+    def _tied_copies(self, model: nn.Module, kept: TensorEntry, names: list[str],
+                     entries: dict[str, TensorEntry]) -> list[str]:
+        """The other names of a tied parameter (one Parameter under ``names``) that the checkpoint holds, each
+        checked to hold the same bits as ``kept``, the one loaded (loading.fill_tied says why not merely the same
+        shape). Safetensors files of tied models hold one name and torch.save'd state_dicts all of them (views of
+        one storage: compared without reading them); separate copies are read once, a slice at a time."""
+        copies = [name for name in names if name in entries and name != kept.key]
+        for name in copies:
+            other = entries[name]
+            same = (other.dtype == kept.dtype and tuple(other.shape) == tuple(kept.shape))
+            if same:
+                with self.ckpt.tensor(kept) as kept_t, self.ckpt.tensor(other) as other_t:
+                    same = same_bytes(kept_t, other_t)
+            if not same:
+                raise LoadError(tied_copies_differ(self.ckpt.description, model, kept.key, name))
+        return copies
 
     def load(self, slots: list) -> None:
         total = 0

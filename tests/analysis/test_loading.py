@@ -185,3 +185,46 @@ def test_an_empty_or_renamed_safetensors_file_is_named_for_what_it_is(tmp_path) 
     save_file({"w": torch.ones(2, 2)}, str(tmp_path / "st.pt"))
     with pytest.raises(LoadError, match=r"it is a safetensors file \(give it the .safetensors suffix\)"):
         load_model(tmp_path / "st.pt")
+
+
+_TIED_FACTORY = """import torch
+class TiedLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight  # nanoGPT's weight tying
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+def build():
+    torch.manual_seed(0)
+    return TiedLM()
+"""
+
+
+def test_a_tied_model_loads_from_either_checkpoint_layout(tmp_path) -> None:
+    """safetensors' save_model keeps one name of a tied weight, and loading it was refused ('1 missing key(s):
+    embed.weight'); torch.save(model.state_dict()) holds both names. Both load; two different tensors under the two
+    names, or neither name, are refused."""
+    from safetensors.torch import save_file, save_model
+
+    f = tmp_path / "fac.py"
+    f.write_text(_TIED_FACTORY)
+    torch.manual_seed(5)
+    weight = torch.randn(16, 8)
+    source = load_model(f"{f}:build").module
+    with torch.no_grad():
+        source.embed.weight.copy_(weight)
+    torch.save(source.state_dict(), tmp_path / "both.pt")
+    save_model(source, str(tmp_path / "one.safetensors"))
+    for name in ("both.pt", "one.safetensors"):
+        model = load_model(tmp_path / name, factory=f"{f}:build").module
+        assert model.head.weight is model.embed.weight and torch.equal(model.embed.weight, weight)
+    save_file({"embed.weight": weight, "head.weight": weight + 1}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(LoadError, match="holds different tensors under embed.weight and head.weight, which TiedLM "
+                                        r"ties \(one Parameter\)"):
+        load_model(tmp_path / "two.safetensors", factory=f"{f}:build")
+    torch.save({"other.weight": weight}, tmp_path / "neither.pt")
+    with pytest.raises(LoadError, match=r"2 missing key\(s\): embed.weight, head.weight; 1 unexpected key\(s\): "
+                                        "other.weight"):
+        load_model(tmp_path / "neither.pt", factory=f"{f}:build")

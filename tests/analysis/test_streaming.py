@@ -128,6 +128,38 @@ def test_streamed_checkpoint_that_does_not_fit_is_one_error(tower, tmp_path) -> 
         load_streamed(bad)
 
 
+def _token_batches(vocab: int = 48, n: int = 2) -> list[torch.Tensor]:
+    return [torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+def test_a_tied_model_streams_from_either_checkpoint_layout(tmp_path) -> None:
+    """nanoGPT-style tying: torch.save(model.state_dict()) holds both names of the tied weight, and --stream refused
+    it ('1 unexpected weight(s) (head.weight)'); safetensors' save_model keeps one name (that streamed). Both stream,
+    with the in-memory tables; two different tensors under the two names are refused."""
+    from safetensors.torch import save_model
+
+    from stream_factory import build_tied
+
+    model = build_tied()
+    torch.save(model.state_dict(), tmp_path / "tied.pt")
+    save_model(model, str(tmp_path / "tied.safetensors"))
+    ref = _tables(analyze(model, _token_batches(), "global,int8", grad=False))
+    factory = f"{HERE / 'stream_factory.py'}:build_tied"
+    for name in ("tied.pt", "tied.safetensors"):
+        assert _tables(analyze(load_streamed(tmp_path / name, factory=factory), _token_batches(), "global,int8")) == ref
+    state = dict(model.state_dict())
+    state["head.weight"] = state["embed.weight"] + 1  # a copy that is not the tied weight
+    save_file(state, tmp_path / "untied.safetensors")
+    with pytest.raises(LoadError, match="holds different tensors under embed.weight and head.weight, which TiedLM "
+                                        r"ties \(one Parameter\)"):
+        load_streamed(tmp_path / "untied.safetensors", factory=factory)
+    state.pop("head.weight")
+    state.pop("embed.weight")  # neither name: a genuinely missing weight
+    save_file(state, tmp_path / "none.safetensors")
+    with pytest.raises(LoadError, match=r"1 missing weight\(s\) \(embed.weight\)"):
+        load_streamed(tmp_path / "none.safetensors", factory=factory)
+
+
 def test_cli_stream_and_no_grad(tower, tmp_path) -> None:
     _, path = tower
     inputs = tmp_path / "x.pt"
