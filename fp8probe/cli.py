@@ -471,14 +471,21 @@ def _recipe_options(int8_row_scale: str, accum_bits: int | None, promote_every: 
 def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pickle: bool) -> tuple:
     """(LoadedModel streamed from its checkpoint, batches or None) for --stream, problems as one line."""
     from fp8probe.analysis.loading import LoadError, load_inputs
-    from fp8probe.analysis.streaming import load_streamed
+    from fp8probe.analysis.streaming import checkpoint_note, load_streamed
 
     try:
         loaded = load_streamed(model, factory=factory)
         batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
+    _echo_checkpoint_note(checkpoint_note(loaded))
     return loaded, batch_list
+
+
+def _echo_checkpoint_note(note: str) -> None:
+    """A checkpoint's memory caveat (weights_only.Checkpoint.note), on stderr so that --format json stays clean."""
+    if note:
+        click.echo(f"note: {_printable(note)}", err=True)
 
 
 @cli.command("analyze")
@@ -686,9 +693,12 @@ def _weights_checkpoint(model: str, inputs: str | None, factory: str | None):  #
                                "the weights alone are analysed")
         return None
     try:
-        return open_checkpoint(model)
+        ckpt = open_checkpoint(model)
     except (LoadError, ValueError, OSError) as exc:
         raise _fail(exc) from exc
+    if ckpt is not None:
+        _echo_checkpoint_note(ckpt.note)
+    return ckpt
 
 
 def _weights_progress(quiet: bool, output_format: str, total: int):  # -> context manager with .update(n)

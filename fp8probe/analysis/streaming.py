@@ -197,6 +197,13 @@ def summary(module: nn.Module) -> dict:
     return {} if streamer is None else streamer.summary()
 
 
+def checkpoint_note(module: Any) -> str:
+    """What reading a streamed model's checkpoint costs beyond one unit at a time (Checkpoint.note: a legacy
+    torch.save file is read whole); "" for any other model."""
+    streamer = _streamer(module)
+    return "" if streamer is None else streamer.ckpt.note
+
+
 def _skeleton_hf(path: Path) -> tuple[nn.Module, str]:
     _, config, cls, cls_name = _hf_config_class(path)
     try:

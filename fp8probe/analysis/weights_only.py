@@ -78,6 +78,11 @@ _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
              if hasattr(torch, n))
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
+# What the CLI says about a checkpoint with legacy (non-zip) torch.save files (Checkpoint.note).
+LEGACY_NOTE = ("{files} {is_are} in the legacy (non-zip) torch.save format, which cannot be memory-mapped: each such "
+               "file is read whole into memory ({largest} for the largest), not tensor by tensor; re-save it with "
+               "torch.save(torch.load(path, weights_only=True), path) (zip format) or as safetensors to read it one "
+               "tensor at a time")
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,15 +205,19 @@ class Checkpoint:
 
     ``entries``: every tensor, in file order then key order. ``tensor(entry)`` is a context manager
     giving the tensor (a view of the file's pages); its pages are released when the block ends.
+    ``read_whole``: the legacy (non-zip) torch.save files among ``files``, which torch cannot map: each
+    is read whole (load_state_dict_file), so memory holds the largest of them; ``note`` says so.
+    ``loaded``: (file, its state_dict) already read by the caller, so that it is not read twice.
     """
 
-    def __init__(self, description: str, files: Sequence[Path]) -> None:
+    def __init__(self, description: str, files: Sequence[Path], loaded: tuple[Path, dict] | None = None) -> None:
         self.description = description
         self.files = list(files)
         self.config = _read_config(self.files[0].parent) if self.files else {}
         self.model_type = self.config.get("model_type") if isinstance(self.config.get("model_type"), str) else None
         self.entries: list[TensorEntry] = []
-        self._loaded: tuple[Path, dict] | None = None  # the torch.load(mmap=True) dict of the current .pt/.bin
+        self.read_whole = [f for f in self.files if not _is_safetensors(f) and sniff(f) == "pickle"]
+        self._loaded = loaded  # the dict of the current .pt/.bin (memory-mapped unless in read_whole)
         for f in self.files:
             if _is_safetensors(f):
                 self.entries += sorted(_read_safetensors_header(f), key=lambda e: natural_key(e.key))
@@ -226,10 +235,20 @@ class Checkpoint:
                                 f"{e.file.name}); a checkpoint's shards hold each tensor once (a stale shard left "
                                 "in the directory?): remove the one that does not belong")
 
+    @property
+    def note(self) -> str:
+        """What reading this checkpoint costs beyond one tensor at a time ("" when nothing): LEGACY_NOTE."""
+        if not self.read_whole:
+            return ""
+        names = ", ".join(f.name for f in self.read_whole[:3]) + (", ..." if len(self.read_whole) > 3 else "")
+        largest = max(f.stat().st_size for f in self.read_whole) / 2**20
+        return LEGACY_NOTE.format(files=names, is_are="is" if len(self.read_whole) == 1 else "are",
+                                  largest=f"{largest:.0f} MiB" if largest >= 1 else f"{largest:.2f} MiB")
+
     def _torch_file(self, path: Path) -> dict:
         if self._loaded is None or self._loaded[0] != path:
-            self._loaded = None  # unmap the previous shard first
-            sd = load_state_dict_mmap(path)
+            self._loaded = None  # unmap (or free) the previous shard first
+            sd = load_state_dict_file(path)
             if sd is None:
                 raise LoadError(f"{path} is not a state_dict readable with weights_only=True (a dict of tensors): it holds "
                                 "other objects, and unpickling those runs code. The weights-only analysis reads "
@@ -278,13 +297,15 @@ def natural_key(key: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key))
 
 
-def load_state_dict_mmap(path: Path) -> dict[str, torch.Tensor] | None:
-    """A torch.save'd state_dict (zip format) memory-mapped with the weights-only unpickler; None when the
-    file holds something else (a pickled module, a program, a non-tensor object)."""
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor] | None:
+    """A torch.save'd state_dict read with the weights-only unpickler (tensors and containers only, nothing
+    imported or called): memory-mapped for the zip format (torch >= 1.6's default); a legacy (non-zip)
+    file, which torch.load cannot map, is read whole. None when the file holds something else (a pickled
+    module, a program, a non-tensor object)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=sniff(path) == "zip")
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile):
         return None
     obj, _ = unwrap_state_dict(obj)  # (a training checkpoint: its "state_dict" / "model" entry)
@@ -321,7 +342,8 @@ def open_checkpoint(source: str | Path) -> Checkpoint | None:
 
     Recognised: a ``.safetensors`` file; a ``*.index.json`` shard index (safetensors or .bin shards); a
     directory with weight files (a Hugging Face model directory: config.json is not needed, the model
-    is never built); a torch.save'd state_dict (zip format, read with weights_only=True and mmap=True).
+    is never built); a torch.save'd state_dict (read with weights_only=True: memory-mapped in the zip format,
+    whole in the legacy one, Checkpoint.read_whole).
     None for .pt2 programs, TorchScript, pickled modules and anything else the model loader handles.
     Raises LoadError for a recognised but broken checkpoint (truncated header, missing shard).
     """
@@ -336,14 +358,18 @@ def open_checkpoint(source: str | Path) -> Checkpoint | None:
         return Checkpoint(f"sharded checkpoint {path.name} ({len(shards)} shards)", shards)
     if _is_safetensors(path):
         return Checkpoint(f"safetensors file {path.name}", [path])
-    if sniff(path) != "zip":
+    kind = sniff(path)
+    if kind == "zip":
+        names = _zip_names(path)
+        if not names or _is_export_archive(names) or _is_torchscript(names):
+            return None
+    elif kind != "pickle":  # (legacy torch.save: a pickle stream)
         return None
-    names = _zip_names(path)
-    if not names or _is_export_archive(names) or _is_torchscript(names):
+    sd = load_state_dict_file(path)
+    if sd is None:
         return None
-    if load_state_dict_mmap(path) is None:
-        return None
-    return Checkpoint(f"state_dict {path.name}", [path])
+    return Checkpoint(f"state_dict {path.name}" + (" (legacy torch.save format)" if kind == "pickle" else ""), [path],
+                      loaded=(path, sd))
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,6 +160,23 @@ def test_a_tied_model_streams_from_either_checkpoint_layout(tmp_path) -> None:
         load_streamed(tmp_path / "none.safetensors", factory=factory)
 
 
+def test_a_legacy_torch_save_state_dict_streams_and_says_it_is_read_whole(tower, tmp_path) -> None:
+    """--stream refused torch.save(sd, _use_new_zipfile_serialization=False) ('holds no checkpoint --stream can read:
+    expected ... a torch.save'd state_dict'). torch cannot map that format, so it is read whole (weights-only
+    unpickler), with the in-memory tables, and the CLI says what that costs."""
+    model, _ = tower
+    legacy = tmp_path / "legacy.pt"
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    ref = _tables(analyze(model, _batches(32), "global", grad=False))
+    assert _tables(analyze(load_streamed(legacy, factory=FACTORY), _batches(32), "global")) == ref
+    inputs = tmp_path / "x.pt"
+    torch.save(_batches(32), inputs)
+    run = CliRunner().invoke(cli, ["analyze", str(legacy), "--stream", "--factory", FACTORY, "--inputs", str(inputs),
+                                   "--out", str(tmp_path / "s"), "--no-html", "-q"])
+    assert run.exit_code == 0, run.output
+    assert "legacy.pt is in the legacy (non-zip) torch.save format, which cannot be memory-mapped" in run.stderr
+
+
 def test_cli_stream_and_no_grad(tower, tmp_path) -> None:
     _, path = tower
     inputs = tmp_path / "x.pt"

@@ -59,8 +59,8 @@ def _write(model: torch.nn.Module, kind: str, root: Path) -> Path:
     """Save ``model``'s state_dict as ``kind`` under ``root``; returns what to pass as MODEL."""
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     root.mkdir(parents=True, exist_ok=True)
-    if kind == "pt":
-        torch.save(sd, root / "weights.pt")
+    if kind in ("pt", "legacy"):
+        torch.save(sd, root / "weights.pt", _use_new_zipfile_serialization=kind == "pt")
         return root / "weights.pt"
     if kind == "safetensors":
         save_file(sd, str(root / "model.safetensors"))
@@ -75,8 +75,9 @@ def _write(model: torch.nn.Module, kind: str, root: Path) -> Path:
     return root / "model.safetensors.index.json" if kind == "sharded" else root
 
 
-@pytest.mark.parametrize("kind,dtype", [("pt", torch.float32), ("pt", torch.bfloat16), ("safetensors", torch.float32),
-                                        ("sharded", torch.bfloat16), ("directory", torch.float32)])
+@pytest.mark.parametrize("kind,dtype", [("pt", torch.float32), ("pt", torch.bfloat16), ("legacy", torch.float32),
+                                        ("safetensors", torch.float32), ("sharded", torch.bfloat16),
+                                        ("directory", torch.float32)])
 def test_weight_rows_equal_a_full_analysis(tiny, tmp_path, kind: str, dtype: torch.dtype) -> None:
     """Operand, tensor-statistics and histogram rows of the weight are those of a full analyze of the same
     model, number for number, under the same layer names."""
@@ -114,6 +115,39 @@ def test_cli_weights_only_on_a_state_dict(tiny, tmp_path) -> None:
     assert res.exit_code == 2 and "--factory" in res.stderr
     res = CliRunner().invoke(cli, ["sweep-threshold", str(path), "--out", str(tmp_path / "o3")])
     assert res.exit_code == 2 and "activation" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+class _OpensAFile:
+    """Unpickling it calls open(path, "w"): a stand-in for code a hostile pickle would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_legacy_torch_save_state_dict_is_read_whole_and_says_so(tiny, tmp_path) -> None:
+    """torch.save(sd, _use_new_zipfile_serialization=False) was refused ('holds a state_dict: pass --factory'). It is
+    read with the weights-only unpickler, whole (torch cannot memory-map the legacy format), and the CLI says so;
+    one holding other objects still goes to the model loader, which refuses the pickle without running it."""
+    model = tiny[torch.float32]["model"]
+    legacy = _write(model, "legacy", tmp_path / "legacy")
+    zipped = _write(model, "pt", tmp_path / "zip")
+    assert open_checkpoint(legacy).read_whole == [legacy] and "legacy (non-zip)" in open_checkpoint(legacy).note
+    assert open_checkpoint(zipped).read_whole == [] and open_checkpoint(zipped).note == ""
+    res = CliRunner().invoke(cli, ["analyze", str(legacy), "-s", "global", "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "weights.pt is in the legacy (non-zip) torch.save format, which cannot be memory-mapped: each such file " \
+           "is read whole into memory" in res.stderr
+    ref = analyze_weights(zipped, "global").to_json()["tables"]
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["tables"]["operands"] == ref["operands"]
+    marker = tmp_path / "ran"
+    torch.save({"a.weight": torch.ones(2, 2), "hook": _OpensAFile(marker)}, tmp_path / "hostile.pt",
+               _use_new_zipfile_serialization=False)
+    assert open_checkpoint(tmp_path / "hostile.pt") is None
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "hostile.pt"), "--out", str(tmp_path / "h")])
+    assert res.exit_code == 2 and "loading a pickle runs arbitrary code" in res.stderr and not marker.exists()
 
 
 def test_huggingface_directory_without_inputs(tmp_path) -> None:
