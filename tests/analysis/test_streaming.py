@@ -177,6 +177,29 @@ def test_a_legacy_torch_save_state_dict_streams_and_says_it_is_read_whole(tower,
     assert "legacy.pt is in the legacy (non-zip) torch.save format, which cannot be memory-mapped" in run.stderr
 
 
+def test_a_parameter_used_outside_its_unit_is_named_not_blamed_on_the_inputs(tmp_path) -> None:
+    """The output projection reads blocks.0.fc2.weight outside block 0's forward, where --stream holds it on the
+    meta device: the run failed with 'the model failed on the inputs: NotImplementedError: ... Meta tensors'. Now one
+    line names the parameter and its unit and says to run without --stream (which works)."""
+    from stream_factory import build_cross_use
+
+    model = build_cross_use()
+    save_file(model.state_dict(), tmp_path / "cross.safetensors")
+    factory = f"{HERE / 'stream_factory.py'}:build_cross_use"
+    message = (r"--stream cannot run CrossUse: blocks.0.fc2.weight, a parameter of unit blocks.0, was used outside "
+               r"that unit's forward \(by t\), .* run without --stream")
+    with pytest.raises(LoadError, match=message):
+        analyze(load_streamed(tmp_path / "cross.safetensors", factory=factory), _batches(32), "global")
+    assert len(analyze(model, _batches(32), "global", grad=False).tables["layers"]) == 5
+    inputs = tmp_path / "x.pt"
+    torch.save(_batches(32), inputs)
+    run = CliRunner().invoke(cli, ["analyze", str(tmp_path / "cross.safetensors"), "--stream", "--factory", factory,
+                                   "--inputs", str(inputs), "--out", str(tmp_path / "s"), "-q"])
+    assert run.exit_code == 2 and len(run.stderr.strip().splitlines()) == 1, run.output
+    assert "a parameter of unit blocks.0, was used outside that unit's forward" in run.stderr
+    assert "failed on the inputs" not in run.stderr and "--inputs" not in run.stderr
+
+
 def test_cli_stream_and_no_grad(tower, tmp_path) -> None:
     _, path = tower
     inputs = tmp_path / "x.pt"
