@@ -527,7 +527,8 @@ def _echo_checkpoint_note(note: str) -> None:
 @_option("--no-e2e", is_flag=True, help="skip the end-to-end runs (no e2e, sensitivity, recommendation tables)")
 @_option("--sensitivity", type=click.Choice(["auto", "measured", "estimated"]), default="auto", show_default=True,
               help="per-layer sensitivity: measured by forward runs, estimated from the captured gradients, or auto "
-                   "(measured when its predicted time keeps the end-to-end part within 2x the isolated analysis)")
+                   "(measured when its forward runs cost at most 2x the isolated analysis' work, counted in GEMM "
+                   "FLOPs, never timed: the same inputs give the same choice)")
 @_option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="simulate this many training steps per strategy (and in high precision) from the same weights")
 @_option("--lr", type=FiniteFloat(0.0, strict=True), default=1e-3, show_default=True, help="learning rate for --steps")

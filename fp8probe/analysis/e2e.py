@@ -27,19 +27,28 @@ from .strategies import (STRATEGIES, RecipeOptions, Strategy, batched_linear, mi
 # Default budget: the loss may rise by at most 1 % relative to the high-precision run.
 DEFAULT_BUDGET = 0.01
 BUDGET_KINDS = ("loss", "kl")
-# Measured sensitivity costs 2 forward passes over all batches per layer and strategy. "auto" measures
-# when that fits the cost bound (the end-to-end part may take at most COST_BOUND x the isolated
-# analysis' time), predicted from the reference runs' own timing; without a time budget, when
-# 2·layers·strategies <= MEASURE_CAP passes. Measured on the 2-core box: all-recipe sensitivity on
-# the demo (144 passes) made the end-to-end part 3.3x the isolated analysis (9.8 s vs 2.9 s).
+# Measured sensitivity costs 2 forward passes over all batches per layer and strategy. "auto" measures when those
+# extra passes cost at most COST_BOUND x the isolated analysis' work, both counted in GEMM FLOPs of the run (never
+# timed: `compare` gates on the tables in CI, so the same inputs must give the same choice under any machine load):
+#   measured = 2 · layers · strategies · F_run
+#   isolated = GEMMS_PER_SITE · F_run + GEMMS_PER_SITE · (1 + strategies) · F_captured
+# F_run: forward FLOPs of every GEMM the model ran over all batches, F_captured: of the captured ones (--layers,
+# --gemms). Isolated: the capturing forward + backward runs fprop, dgrad and wgrad of every GEMM, then each captured
+# GEMM's three are replayed once in float64 and once per recipe. A replayed FLOP counts as much as a forward one:
+# measured on the 2-core box (one thread, CPU time, warm process) the isolated analysis cost 6.3 / 5.4 forward passes
+# per batch with one recipe on the demo encoder / a 16-block 64-wide MLP (this count: 9) and 11, 13.5, 18, 18 with
+# three on those and on 4x1024 / 8x512 MLPs (count: 15): within 0.6-1.2x. With every GEMM captured the rule reads
+# layers · strategies <= 6 + 3 · strategies: 9 layers with one recipe, 6 with two, 5 with three, 3 with all 15.
+# (The timed rule it replaces predicted from wall-clock seconds that included one-off warm-up and machine load, and
+# flipped between measured and estimated from run to run near its boundary.)
 COST_BOUND = 2.0
+GEMMS_PER_SITE = 3  # fprop, dgrad, wgrad
+# Without an isolated analysis (end_to_end given no estimate: nothing to compare with or estimate from), "auto"
+# measures when 2·layers·strategies <= MEASURE_CAP forward passes per batch.
+MEASURE_CAP = 64
 # A parameter whose high-precision gradient RMS is below this × the median parameter's is taken as zero in
 # exact arithmetic (float32 rounding noise is ~2^-24 relative) and left out of the gradient SQNR (Runner._grad_sqnr).
 ZERO_GRAD_RATIO = 2.0 ** -20
-MEASURE_CAP = 64
-# A forward-only pass costs about this share of a reference pass (forward + backward + per-parameter
-# gradient comparison); measured 0.2-0.3 on the demo, rounded up to stay on the safe side.
-FORWARD_SHARE = 0.4
 # Validation runs per strategy for the keep-set search (doubling, then bisection: log2(layers) + a few).
 MAX_VALIDATION_RUNS = 12
 SENSITIVITY_MODES = ("auto", "measured", "estimated")
@@ -136,7 +145,8 @@ def new_state(strategy: Strategy | None) -> Any:
 class Gemms(GemmHandler):
     """The gemms.py handler of one model run under a plan: every captured GEMM (``--layers`` and the
     selected kinds, named as capture names them) is computed by the plan's recipe or left to the model;
-    counts forward order and FLOPs (all captured vs low precision) and keeps the last GEMM's output."""
+    counts forward order and FLOPs (all captured, per captured name, low precision) and keeps the last GEMM's
+    output."""
 
     def __init__(self, plan: Plan, pattern: re.Pattern | None, kinds: tuple[str, ...] = KINDS,
                  state: Any = None) -> None:
@@ -147,6 +157,7 @@ class Gemms(GemmHandler):
         self.order: list[str] = []
         self.flops_all = 0.0
         self.flops_lp = 0.0
+        self.flops_by_name: dict[str, float] = {}
         self.last_output: torch.Tensor | None = None
 
     def skip(self, site: GemmSite) -> str | None:
@@ -158,6 +169,7 @@ class Gemms(GemmHandler):
         """Y = a·bᵀ in the site's normal form from the plan's recipe, or None (the model's own op)."""
         self.order.append(site.name)
         self.flops_all += site.flops
+        self.flops_by_name[site.name] = self.flops_by_name.get(site.name, 0.0) + site.flops
         strat = self.plan.strategy_for(site.name)
         if strat is None:
             return None
@@ -384,6 +396,11 @@ class Runner:
         self.loss_hp: list[float] = []
         self.out_hp: list[torch.Tensor | None] = []
         self.order: list[str] = []
+        # Forward GEMM FLOPs of the high-precision reference over all batches: every GEMM the model ran, the
+        # captured ones, and per captured name (the cost model of "auto" sensitivity, the keep-set refinement).
+        self.flops_run = 0.0
+        self.flops_captured = 0.0
+        self.layer_flops: dict[str, float] = {}
         self.info = None
         self.distribution = False
         self.output_note = ""
@@ -424,7 +441,8 @@ class Runner:
         out, note = _output_tensor(output, gemms)
         distribution = out is not None and self.info.kind != "surrogate" and out.dim() >= 2 and out.shape[-1] >= 2
         rec = {"loss_hp": float(loss), "order": list(dict.fromkeys(gemms.order)), "note": note,
-               "distribution": distribution, "runs": 1 + len(strategies), "strategies": {}}
+               "distribution": distribution, "runs": 1 + len(strategies), "strategies": {},
+               "flops": (sum(c.flops for c in gemms.coverage.ops.values()), gemms.flops_all, gemms.flops_by_name)}
         out_hp = None if out is None else out.detach().to("cpu", copy=True)
         self.out_hp[i] = out_hp
         del output, out
@@ -457,6 +475,7 @@ class Runner:
         float additions as one process."""
         n = len(self.batches)
         self.loss_hp, self.out_hp = [], [None] * n  # a second call replaces the reference, never appends to it
+        self.flops_run, self.flops_captured, self.layer_flops = 0.0, 0.0, {}
         cmp: dict[str, _OutputCompare] = {}
         grad_acc: dict[str, dict[str, list[float]]] = {s.name: {} for s in strategies}
         loss_lp = {s.name: 0.0 for s in strategies}
@@ -470,6 +489,11 @@ class Runner:
                 self.output_note = rec["note"]
             self.loss_hp.append(rec["loss_hp"])
             self.forwards += rec["runs"]
+            f_run, f_captured, by_name = rec["flops"]
+            self.flops_run += f_run
+            self.flops_captured += f_captured
+            for name, f in by_name.items():
+                self.layer_flops[name] = self.layer_flops.get(name, 0.0) + f
             for name, (loss_s, f_lp, f_all, c, grads) in rec["strategies"].items():
                 loss_lp[name] += loss_s
                 flops[name][0] += f_lp
@@ -764,34 +788,38 @@ def _e2e_row(name: str, n: int, out: Outcome) -> dict:
             "lp_flop_share": out.lp_flop_share, "note": out.note}
 
 
-def _measure_fits(n_layers: int, n_strategies: int, n_batches: int, elapsed: float, time_budget_s: float | None) -> bool:
-    passes = 2 * n_layers * n_strategies
-    if time_budget_s is None:
-        return passes <= MEASURE_CAP
-    per_pass = elapsed / max((1 + n_strategies) * n_batches, 1) * FORWARD_SHARE * n_batches
-    validation = MAX_VALIDATION_RUNS // 3 * n_strategies * per_pass  # a typical search: a few runs per recipe
-    return elapsed + (passes * per_pass) + validation <= time_budget_s
+def _measure_cost(n_layers: int, n_strategies: int, flops_run: float, flops_captured: float) -> float:
+    """Measured sensitivity's extra forward passes over the isolated analysis' work, both in GEMM FLOPs (the
+    counts at COST_BOUND); 0 when nothing ran."""
+    measured = 2 * n_layers * n_strategies * flops_run
+    isolated = GEMMS_PER_SITE * flops_run + GEMMS_PER_SITE * (1 + n_strategies) * flops_captured
+    return measured / isolated if isolated > 0 else 0.0
 
 
 def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *, sensitivity: str = "auto",
                estimate: SensitivityEstimate | None = None,
-               isolated_sqnr: dict[tuple[str, str], float] | None = None,
-               time_budget_s: float | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+               isolated_sqnr: dict[tuple[str, str], float] | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Tables ``e2e``, ``sensitivity`` and ``recommendation`` (docs/architecture.md) and a metadata dict.
 
-    ``sensitivity``: "measured" (2 forward runs per layer and strategy), "estimated" (from ``estimate``,
-    no extra runs), "auto" (measured when the predicted time of those runs keeps the end-to-end part
-    within ``time_budget_s``, or without one when 2·layers·strategies <= MEASURE_CAP). Every keep-set
-    is validated by real forward runs over every batch.
+    ``sensitivity``: "measured" (2 forward runs per layer and strategy), "estimated" (from ``estimate``, the
+    isolated analysis' SensitivityEstimate, no extra runs), "auto": with ``estimate``, measured when those runs
+    cost at most COST_BOUND x the isolated analysis' work, both counted in GEMM FLOPs (_measure_cost: the same
+    inputs give the same choice on any machine); without, measured when 2·layers·strategies <= MEASURE_CAP.
+    Every keep-set is validated by real forward runs over every batch.
     """
     if sensitivity not in SENSITIVITY_MODES:
         raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, got {sensitivity!r}")
     start = time.perf_counter()
     outcomes = runner.reference(strategies)
     layers = runner.order
-    measured = sensitivity == "measured" or (sensitivity == "auto" and _measure_fits(
-        len(layers), len(strategies), len(runner.batches), time.perf_counter() - start, time_budget_s))
-    measured = distributed.agree(measured)  # timed per rank: every rank must take rank 0's branch
+    cost = _measure_cost(len(layers), len(strategies), runner.flops_run, runner.flops_captured)
+    if sensitivity == "auto":
+        measured = cost <= COST_BOUND if estimate is not None else 2 * len(layers) * len(strategies) <= MEASURE_CAP
+    else:
+        measured = sensitivity == "measured"
+    # The counts are folded from every batch on every rank, so ranks agree already; rank 0's choice is still
+    # broadcast, since a rank taking the other branch would leave the others waiting in a collective pass.
+    measured = distributed.agree(measured)
     if not measured and estimate is None:
         raise ValueError("estimated sensitivity needs the isolated analysis' estimate, got none")
     e2e_rows, sens_rows, rec_rows = [], [], []
@@ -831,7 +859,8 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
               "sensitivity": pd.DataFrame(sens_rows, columns=SENSITIVITY_COLUMNS),
               "recommendation": pd.DataFrame(rec_rows, columns=RECOMMENDATION_COLUMNS)}
     meta = {"budget": budget.value, "budget_kind": budget.kind,
-            "sensitivity": "measured" if measured else "estimated", "forward_runs": runner.forwards,
+            "sensitivity": "measured" if measured else "estimated", "measure_cost": cost,
+            "forward_runs": runner.forwards,
             "validation_runs": validation_runs, "seconds": time.perf_counter() - start,
             "output": runner.output_note or "model output", "distribution": runner.distribution}
     return tables, meta

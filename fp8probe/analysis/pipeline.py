@@ -25,7 +25,7 @@ from fp8probe.formats import FORMATS
 
 from . import distributed, streaming
 from .capture import GemmCall, LossFn, LossInfo, capture_batch
-from .e2e import (COST_BOUND, DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
+from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .gemms import Coverage, parse_kinds
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
@@ -687,9 +687,10 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     GEMM computed by each recipe, forward and backward, against the high-precision run on the same
     batches → table ``e2e`` (loss change, output SQNR / KL / top-1, per-parameter gradient SQNR, low-
     precision FLOP share), ``sensitivity`` (per layer: the change with only it in low precision and
-    with only it in 16-bit; "measured" or "estimated" per ``sensitivity``: "auto" measures when the
-    predicted time keeps the end-to-end part within e2e.COST_BOUND x this isolated analysis' time) and ``recommendation`` (per recipe the smallest set of
-    layers to keep in 16-bit so the change stays within ``budget``, validated by real runs; the
+    with only it in 16-bit; "measured" or "estimated" per ``sensitivity``: "auto" measures when its forward
+    runs cost at most e2e.COST_BOUND x this isolated analysis' work, both counted in GEMM FLOPs, never timed) and
+    ``recommendation`` (per recipe a small set of layers to keep in 16-bit so the change stays within ``budget``,
+    validated by real runs; the
     recommended recipe keeps the most GEMM FLOPs in low precision). ``budget``: 0.01 = 1 % relative
     loss increase, "kl:0.01" = mean output KL. ``steps`` > 0 adds the ``training`` table: that many
     optimizer steps (``optimizer``: callable(params, lr) or "module:function", default AdamW, ``lr``)
@@ -808,8 +809,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             isolated = {(r["strategy"], r["layer"]): r["sqnr_db"] for r in fprop.to_dict("records")}
             isolated_s = time.perf_counter() - started
             e2e_tables, metadata["e2e"] = end_to_end(runner, strategies, budget, sensitivity=sensitivity,
-                                                     estimate=analysis.estimate, isolated_sqnr=isolated,
-                                                     time_budget_s=COST_BOUND * isolated_s)
+                                                     estimate=analysis.estimate, isolated_sqnr=isolated)
             metadata["e2e"]["isolated_seconds"] = isolated_s
             tables.update(e2e_tables)
         if steps:

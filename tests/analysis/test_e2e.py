@@ -8,6 +8,7 @@ import re
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -175,6 +176,65 @@ def test_estimate_ranks_the_planted_layer_first_for_every_fp8_recipe() -> None:
     res = analyze(model, batches, "global,mxfp8,ocp-tensorwise", sensitivity="estimated")
     sens = res.tables["sensitivity"]
     assert set(sens[sens["rank"] == 1]["layer"]) == {P.HARD_LAYER}
+
+
+# ---------------------------------------------------------------------------------------------------
+# "auto" sensitivity: a count of GEMM FLOPs decides, never a clock
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layers, strategies, captured, cost", [
+    (9, 1, 1.0, 2.0), (10, 1, 1.0, 20 / 9),        # one recipe: 9 layers measured, 10 estimated
+    (5, 3, 1.0, 2.0), (6, 3, 1.0, 2.4),            # three recipes: 5 / 6
+    (3, 15, 1.0, 90 / 51), (4, 15, 1.0, 120 / 51),  # all 15 recipes: 3 / 4
+    (4, 1, 0.5, 8 / 6),                            # --layers: the passes run every GEMM, the replays captured ones
+])
+def test_measure_cost_counts_flops(layers: int, strategies: int, captured: float, cost: float) -> None:
+    """measured = 2·layers·strategies·F_run, isolated = 3·F_run + 3·(1 + strategies)·F_captured (e2e.COST_BOUND)."""
+    got = E._measure_cost(layers, strategies, 1e9, captured * 1e9)
+    assert got == pytest.approx(cost, rel=1e-12)
+    assert E._measure_cost(0, 3, 0.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize("strategy, mode, cost", [("global", "measured", 4 / 3), ("global,int8,mxfp8", "estimated", 2.4)])
+@pytest.mark.parametrize("slow", ["reference", "isolated"])
+def test_auto_sensitivity_does_not_depend_on_timing(monkeypatch, strategy: str, mode: str, cost: float,
+                                                    slow: str) -> None:
+    """The same inputs give the same sensitivity mode and the same tables however long anything took: here the
+    clock jumps by 10^4 s inside the end-to-end reference runs or inside the isolated analysis (the timed rule
+    estimated after a slow reference and measured after a slow isolated analysis)."""
+    model, batches = P.build(True)  # 6 layers: 2·6·1 / (3 + 3·2) = 4/3 and 2·6·3 / (3 + 3·4) = 2.4 (COST_BOUND 2)
+    calm = analyze(model, batches, strategy, budget=BUDGET)
+    assert calm.metadata["e2e"]["sensitivity"] == mode
+    assert calm.metadata["e2e"]["measure_cost"] == pytest.approx(cost, rel=1e-12)
+
+    import time
+
+    from fp8probe.analysis import pipeline
+
+    clock = {"offset": 0.0}
+    real = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + clock["offset"])
+    cls, name = (E.Runner, "reference") if slow == "reference" else (pipeline._Analysis, "tables")
+    original = getattr(cls, name)
+
+    def slowly(self, *args, **kwargs):
+        clock["offset"] += 1e4
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, slowly)
+    loaded = analyze(model, batches, strategy, budget=BUDGET)
+    assert clock["offset"] >= 1e4 and loaded.metadata["e2e"]["sensitivity"] == mode
+    for table in ("e2e", "sensitivity", "recommendation"):
+        pd.testing.assert_frame_equal(loaded.tables[table], calm.tables[table])
+
+
+def test_auto_without_an_isolated_analysis_measures_up_to_the_cap() -> None:
+    """end_to_end given no estimate (nothing to estimate from) keeps the documented rule: measured when
+    2·layers·strategies <= MEASURE_CAP forward passes, else it asks for an estimate."""
+    model, batches = P.build(True)
+    tables, meta = E.end_to_end(_runner(model, batches), resolve("global"), E.parse_budget(BUDGET))
+    assert meta["sensitivity"] == "measured" and tables["sensitivity"]["method"].str.startswith("measured").all()
+    with pytest.raises(ValueError, match="estimated sensitivity needs the isolated analysis' estimate"):
+        E.end_to_end(_runner(model, batches), resolve("all")[:6], E.parse_budget(BUDGET))  # 2·6·6 = 72 > 64
 
 
 def test_kl_budget() -> None:
