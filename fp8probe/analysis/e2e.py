@@ -49,8 +49,12 @@ MEASURE_CAP = 64
 # A parameter whose high-precision gradient RMS is below this × the median parameter's is taken as zero in
 # exact arithmetic (float32 rounding noise is ~2^-24 relative) and left out of the gradient SQNR (Runner._grad_sqnr).
 ZERO_GRAD_RATIO = 2.0 ** -20
-# Validation runs per strategy for the keep-set search (doubling, then bisection: log2(layers) + a few).
-MAX_VALIDATION_RUNS = 12
+# Validation runs per strategy for the keep-set search: the prefix search (doubling, then bisection: about
+# 2·log2(layers) runs, so 12 cover 64 layers) may use all but REFINE_RUNS of them, the refinement that drops
+# kept layers the rest. 12 → 16: the prefix search kept its 12, and a long one (a 200-layer model) cannot leave
+# the refinement nothing; 4 tries = the 4 kept layers with the most FLOPs, where a layer kept in vain costs most.
+MAX_VALIDATION_RUNS = 16
+REFINE_RUNS = 4
 SENSITIVITY_MODES = ("auto", "measured", "estimated")
 METHOD_MEASURED = "measured: forward runs over every batch with only this layer in low precision / only it in 16-bit"
 METHOD_ESTIMATED = ("estimated: first-order <G, dY> + second-order 1/2 N sum_t (G_t . dY_t)^2 (empirical Fisher) from "
@@ -666,17 +670,20 @@ def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[st
 
 def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[dict], budget: Budget,
                  max_runs: int = MAX_VALIDATION_RUNS, closest: list | None = None
-                 ) -> tuple[list[str], Outcome, int]:
-    """Smallest prefix of ``ranked`` (most sensitive first) kept in 16-bit that keeps the budget, by real runs.
+                 ) -> tuple[list[str], Outcome, int, list[str]]:
+    """A small set of layers kept in 16-bit that keeps the budget, by real runs: the smallest prefix of ``ranked``
+    (most sensitive first) that fits, then refined by _drop_unneeded. Returns (keep in rank order, its outcome,
+    runs made, layers the refinement dropped from the prefix).
 
     The first try is the prefix the sensitivities predict (full change minus the benefits) to fit;
-    then doubling until a run fits, then bisection between the last failing and the first fitting prefix.
-    ``closest``: a list that receives, when only keeping every layer fits, the tried plan with some GEMMs in low
+    then doubling until a run fits, then bisection between the last failing and the first fitting prefix,
+    within ``max_runs`` - REFINE_RUNS runs; the refinement gets the rest of ``max_runs``.
+    ``closest``: a list that receives, when only keeping every layer fits, the tried prefix with some GEMMs in low
     precision nearest the budget, as (metric, keep, outcome).
     """
     names = [r["layer"] for r in ranked]
     if budget.holds(full.loss_rel_change, full.kl_div) or not names:
-        return [], full, 0
+        return [], full, 0, []
     m0 = budget.metric(full.loss_rel_change, full.kl_div)
     k = 1  # without a prediction: the most sensitive layer first, then doubling
     if math.isfinite(m0) and all(not math.isnan(r["_benefit"]) for r in ranked):
@@ -690,7 +697,7 @@ def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[di
     tried: dict[int, Outcome] = {0: full}
     lo, hi = 0, None  # largest failing prefix, smallest fitting prefix
     runs = 0
-    while runs < max_runs:
+    while runs < max(1, max_runs - REFINE_RUNS):
         out = runner.evaluate(Plan(strat, keep=frozenset(names[:k]), threshold=runner.threshold))
         tried[k] = out
         runs += 1
@@ -706,14 +713,48 @@ def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[di
             break
     if hi is None:  # out of runs before anything fit: report the largest prefix tried
         hi = max(tried)
-    if closest is not None and hi == len(names):
+    keep, out, dropped = names[:hi], tried[hi], []
+    if budget.holds(out.loss_rel_change, out.kl_div):
+        known = {frozenset(names[:j]): o for j, o in tried.items()}
+        keep, out, refined = _drop_unneeded(runner, strat, names, keep, out, budget, known, max_runs - runs)
+        runs += refined
+        dropped = [n for n in names[:hi] if n not in keep]
+    if closest is not None and len(keep) == len(names):
         near = [(budget.metric(o.loss_rel_change, o.kl_div), k, o) for k, o in tried.items()
                 if k < len(names) and o.lp_flop_share > 0]
         near = [x for x in near if math.isfinite(x[0])]
         if near:
             m, k, o = min(near, key=lambda x: (x[0], x[1]))
             closest.append((m, names[:k], o))
-    return names[:hi], tried[hi], runs
+    return keep, out, runs, dropped
+
+
+def _drop_unneeded(runner: Runner, strat: Strategy, names: list[str], keep: list[str], out: Outcome, budget: Budget,
+                   known: dict[frozenset[str], Outcome], max_runs: int) -> tuple[list[str], Outcome, int]:
+    """Drop layers from ``keep`` (a set that fits, with its outcome ``out``) while the budget holds: each kept layer
+    once, greedily (a drop that fits is kept for the next tries), each try one validated run unless ``known`` (the
+    outcomes of sets already run) has it, at most ``max_runs`` runs. Returns (keep in ``names`` order, its outcome,
+    runs made): every set returned was run and kept the budget.
+
+    Why: a prefix of one ranking is contiguous, so a layer ranked high only alone (its error cancels against the
+    others', or the estimate misranked it) stays kept whenever a layer below it is needed. Order: most FLOPs first,
+    since the recommendation maximises the GEMM FLOPs in low precision and the runs are capped (a small layer kept
+    in vain costs little); equal FLOPs: the least sensitive first, the likeliest not to be needed."""
+    rank = {n: i for i, n in enumerate(names)}
+    order = sorted(keep, key=lambda n: (-runner.layer_flops.get(n, 0.0), -rank[n]))
+    kept = set(keep)
+    runs = 0
+    for name in order:
+        cand = frozenset(kept - {name})
+        if cand not in known:
+            if runs >= max_runs:
+                continue  # (no run left; a later candidate may still be known)
+            known[cand] = runner.evaluate(Plan(strat, keep=cand, threshold=runner.threshold))
+            runs += 1
+        o = known[cand]
+        if budget.holds(o.loss_rel_change, o.kl_div):
+            kept, out = set(cand), o
+    return [n for n in names if n in kept], out, runs
 
 
 def _rec_row(kind: str, strategy: str, value: Any, keep: list[str], out: Outcome, budget: Budget, note: str) -> dict:
@@ -837,11 +878,14 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
         rows = _sensitivity(runner, s, full, layers, measured, estimate, isolated_sqnr or {}, budget)
         ranked = sorted(rows, key=lambda r: r["rank"])
         near: list = []
-        keep, out, runs = _search_keep(runner, s, full, ranked, budget, closest=near)
+        keep, out, runs, dropped = _search_keep(runner, s, full, ranked, budget, closest=near)
         validation_runs += runs
         note = (f"validated by {runs} run(s) over {len(runner.batches)} batch(es)" if runs
                 else "every captured GEMM in low precision already within budget" if keep == [] and
                 budget.holds(full.loss_rel_change, full.kl_div) else "")
+        if dropped:
+            note += (f"; {', '.join(dropped)} dropped from the kept prefix of the ranking: the budget held without "
+                     f"{'it' if len(dropped) == 1 else 'them'}")
         if near:
             m, kept, o = near[0]
             note = "; ".join(x for x in (note, _NEAREST_OWN + _closest_text(

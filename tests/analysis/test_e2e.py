@@ -272,6 +272,150 @@ def test_budget_zero_keeps_layers_until_exact() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The keep-set refinement: a layer the ranked prefix keeps in vain is dropped, by validated runs
+# ---------------------------------------------------------------------------------------------------
+def _grid_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                 b_is_weight: bool = True) -> torch.Tensor:
+    """A test recipe whose error is known exactly: the weight rounded to integers (straight-through gradient)."""
+    return torch.nn.functional.linear(x, W + (torch.round(W) - W).detach(), bias)
+
+
+def _no_replay(*args, **kwargs):
+    raise NotImplementedError("the grid test recipe only runs end to end")
+
+
+GRID = S.Strategy("grid", "test recipe: weights rounded to integers", (), run=_no_replay, linear=_grid_linear)
+
+
+class _Branches(torch.nn.Module):
+    """out = Σ_l branch_l(x[:, :width_l]) (3 outputs); forward(x, target) = mean over tokens of |out − target|².
+
+    Column 0 of every x is 1 and column 0 of branch l's weight is an integer minus ``errors[l]`` (2 numbers); all
+    other weights are integers. Under GRID branch l then adds exactly (errors[l], 0) to every token's output, and
+    with target = the high-precision output + (0, 0, 1) (loss_hp = 1) the relative loss change of a plan is
+    |Σ errors of its low-precision branches|²: the numbers the keep-set search meets are known in advance."""
+
+    def __init__(self, errors: dict[str, tuple[float, float]], widths: dict[str, int], seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.branch = torch.nn.ModuleDict()
+        for name, err in errors.items():
+            lin = torch.nn.Linear(widths[name], 3, bias=False)
+            with torch.no_grad():
+                w = torch.randint(-3, 4, (3, widths[name]), generator=gen).float()
+                w[:2, 0] -= torch.tensor(err)
+                lin.weight.copy_(w)
+            self.branch[name] = lin
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(lin(x[:, :lin.in_features]) for lin in self.branch.values())
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (self.output(x) - target).pow(2).sum(-1).mean()
+
+
+def _branches(errors: dict[str, tuple[float, float]], widths: dict[str, int]):
+    model = _Branches(errors, widths).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, max(widths.values()), generator=gen)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        target = model.output(x) + torch.tensor([0.0, 0.0, 1.0])
+    return model, [(x, target)]
+
+
+# A (small) must be kept; B (wide: 64 of 88 input columns, so most of the FLOPs) is ranked second, C third, r1-r4 last.
+# Relative loss changes |Σ|² (budget 0.01): every branch in low precision 0.1525; keeping A 0.0145, A+B 0.0169
+# (fail), A+B+C 0.0064 (fits: the prefix search ends there), A+C 0.0080 (fits: B is kept in vain). B alone moves
+# the loss by 0.0080 > C's 0.0025, but its error points against the sum of C's and r's.
+REFINE_ERRORS = {"a": (0.0, 0.3), "b": (-0.04, 0.08), "c": (0.05, 0.0),
+                 **{f"r{i}": (0.02, 0.0) for i in range(1, 5)}}
+REFINE_WIDTHS = {name: 64 if name == "b" else 4 for name in REFINE_ERRORS}
+
+
+def test_refinement_drops_a_layer_the_ranked_prefix_keeps_in_vain() -> None:
+    model, batches = _branches(REFINE_ERRORS, REFINE_WIDTHS)
+    runner = _runner(model, batches)
+    tables, meta = E.end_to_end(runner, [GRID], E.parse_budget(BUDGET), sensitivity="measured")
+    sens = tables["sensitivity"].sort_values("rank")
+    assert list(sens["layer"][:3]) == ["branch.a", "branch.b", "branch.c"]  # the ranking the prefix search follows
+    rec = tables["recommendation"].iloc[0]
+    assert rec["keep_16bit"] == ["branch.a", "branch.c"] and rec["within_budget"] and rec["recommended"]
+    assert rec["loss_rel_change"] == pytest.approx(0.0080, rel=1e-4)
+    assert rec["lp_flop_share"] == pytest.approx(80 / 88, abs=1e-12)  # the prefix A, B, C left 16 / 88
+    # 3 prefix runs (A+B fails, A+B+C+r1 and A+B+C fit), then 3 drops, widest first: B (fits), C (A alone fails),
+    # A (C alone fails).
+    assert meta["validation_runs"] == 6 and rec["note"] == (
+        "validated by 6 run(s) over 1 batch(es); branch.b dropped from the kept prefix of the ranking: the budget "
+        "held without it")
+    # The prefix really needed C and really did not need B: the same runs, made again.
+    runner.reference([])
+    for keep, change in (({"branch.a", "branch.b"}, 0.0169), ({"branch.a", "branch.b", "branch.c"}, 0.0064),
+                         ({"branch.a", "branch.c"}, 0.0080)):
+        got = runner.evaluate(E.Plan(GRID, keep=frozenset(keep)))
+        assert got.loss_rel_change == pytest.approx(change, rel=1e-4)
+
+
+def test_refinement_keeps_the_prefix_when_every_drop_breaks_the_budget() -> None:
+    """B's error a little larger: A+C now moves the loss by 0.0106 > 0.01, so B stays, and the set returned is the
+    prefix that fitted (never a set whose run failed)."""
+    model, batches = _branches({**REFINE_ERRORS, "b": (-0.04, 0.095)}, REFINE_WIDTHS)
+    tables, meta = E.end_to_end(_runner(model, batches), [GRID], E.parse_budget(BUDGET), sensitivity="measured")
+    rec = tables["recommendation"].iloc[0]
+    assert rec["keep_16bit"] == ["branch.a", "branch.b", "branch.c"] and rec["within_budget"]
+    assert rec["loss_rel_change"] == pytest.approx(0.0064, rel=1e-4) and "dropped" not in rec["note"]
+    assert meta["validation_runs"] == 5  # 3 prefix runs; dropping B fails, C is known to fail, A fails
+
+
+class _VectorRunner:
+    """Stands in for Runner: a plan's relative loss change is |Σ of its low-precision layers' 2-d errors|²."""
+
+    threshold = 6.0
+
+    def __init__(self, errors: dict[str, torch.Tensor], flops: dict[str, float]) -> None:
+        self.errors, self.layer_flops, self.runs = errors, flops, []
+
+    def evaluate(self, plan: E.Plan) -> E.Outcome:
+        lp = [n for n in self.errors if plan.strategy_for(n) is not None]
+        change = float(sum((self.errors[n] for n in lp), torch.zeros(2, dtype=torch.float64)).pow(2).sum())
+        share = sum(self.layer_flops[n] for n in lp) / sum(self.layer_flops.values())
+        out = E.Outcome(1.0, 1.0 + change, 30.0, None, None, share)
+        self.runs.append((plan.keep, out))
+        return out
+
+
+def test_refinement_never_returns_a_set_that_failed_the_budget() -> None:
+    """200 seeded random layer sets: the keep-set returned was run and kept the budget whenever any set did, it
+    is a subset of a fitting prefix, and the runs stay within MAX_VALIDATION_RUNS."""
+    gen = torch.Generator().manual_seed(5)
+    budget = E.parse_budget(BUDGET)
+    refined = 0
+    for _ in range(200):
+        n = int(torch.randint(3, 13, (1,), generator=gen))
+        names = [f"l{i}" for i in range(n)]
+        scale = torch.rand(n, 1, generator=gen, dtype=torch.float64) ** 3 * 0.2
+        errors = dict(zip(names, torch.randn(n, 2, generator=gen, dtype=torch.float64) * scale))
+        flops = {name: float(torch.randint(1, 100, (1,), generator=gen)) for name in names}
+        runner = _VectorRunner(errors, flops)
+        full = runner.evaluate(E.Plan(GRID))
+        rows = E._sensitivity(runner, GRID, full, names, True, None, {}, budget)
+        ranked = sorted(rows, key=lambda r: r["rank"])
+        runner.runs = []
+        keep, out, runs, dropped = E._search_keep(runner, GRID, full, ranked, budget)
+        assert runs == len(runner.runs) <= E.MAX_VALIDATION_RUNS
+        if budget.holds(full.loss_rel_change, full.kl_div):
+            assert keep == [] and runs == 0
+            continue
+        assert (frozenset(keep), out) in runner.runs  # the outcome reported is the run of that very set
+        if any(budget.holds(o.loss_rel_change, o.kl_div) for _, o in runner.runs):
+            assert budget.holds(out.loss_rel_change, out.kl_div)
+        prefix = [r["layer"] for r in ranked][:len(keep) + len(dropped)]
+        assert sorted(keep + dropped) == sorted(prefix) and not set(keep) & set(dropped)
+        refined += bool(dropped)
+    assert refined > 0  # (the refinement did drop something in some of them)
+
+
+# ---------------------------------------------------------------------------------------------------
 # e2e table contents
 # ---------------------------------------------------------------------------------------------------
 def test_e2e_table_measures_output_and_gradients() -> None:
