@@ -66,6 +66,10 @@ def test_two_ranks_bit_identical_to_one_process(tmp_path) -> None:
         assert a[name] == b[name], name
     meta = json.loads((tmp_path / "two" / "results.json").read_text())["metadata"]
     assert meta["ranks"] == 2 and meta["batches"] == 3
+    # "auto" sensitivity is decided from GEMM FLOPs folded from every batch (batch 1 ran on rank 1): the same count
+    # as one process's, so both ranks choose as one process would (e2e._measure_cost).
+    one_meta = json.loads((tmp_path / "one" / "results.json").read_text())["metadata"]
+    assert meta["e2e"]["measure_cost"] == one_meta["e2e"]["measure_cost"] > 0
     # Sharded: every capture / end-to-end forward of batch i ran on rank i % 2 (the training
     # simulation, sequential by nature, runs on every rank and is left out: steps use batch 0 only).
     runs = _forwards(log)
