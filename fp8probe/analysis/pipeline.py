@@ -689,9 +689,9 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     precision FLOP share), ``sensitivity`` (per layer: the change with only it in low precision and
     with only it in 16-bit; "measured" or "estimated" per ``sensitivity``: "auto" measures when its forward
     runs cost at most e2e.COST_BOUND x this isolated analysis' work, both counted in GEMM FLOPs, never timed) and
-    ``recommendation`` (per recipe a small set of layers to keep in 16-bit so the change stays within ``budget``,
-    validated by real runs; the
-    recommended recipe keeps the most GEMM FLOPs in low precision). ``budget``: 0.01 = 1 % relative
+    ``recommendation`` (per recipe a small set of layers to keep in 16-bit so the change stays within ``budget``:
+    the shortest fitting run of the sensitivity ranking, less the layers a run shows are not needed, validated by
+    real runs; the recommended recipe keeps the most GEMM FLOPs in low precision). ``budget``: 0.01 = 1 % relative
     loss increase, "kl:0.01" = mean output KL. ``steps`` > 0 adds the ``training`` table: that many
     optimizer steps (``optimizer``: callable(params, lr) or "module:function", default AdamW, ``lr``)
     per recipe from the same initial weights on the same batches. The model is never modified.
