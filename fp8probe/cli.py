@@ -15,8 +15,8 @@ import click
 
 from fp8probe import __version__
 from fp8probe.backends import cpu as _cpu_backend
-from fp8probe.report.files import (OutputExistsError, OutputLockedError, atomic_write_text, claim_output_dir,
-                                   lock_output_dir, remove_outputs)
+from fp8probe.report.files import (OutputExistsError, OutputLockedError, as_utf8_text, atomic_write_text,
+                                   claim_output_dir, lock_output_dir, remove_outputs)
 
 # Exit codes (README "Safety and limits"): 0 fine; 1 a `compare` gate failed; 2 bad usage, input
 # or environment (one line on stderr); 3 an internal error (a bug: one line, --debug shows the
@@ -43,8 +43,9 @@ def _single_line(text: str) -> str:
 
 def _printable(text: object) -> str:
     """Layer names are user data: control characters (an ANSI escape clearing the terminal, a fake
-    newline) are shown as Python escapes instead of reaching the terminal or a CI log."""
-    text = str(text)
+    newline) are shown as Python escapes instead of reaching the terminal or a CI log. A path or name
+    decoded from the command line under an ASCII locale is shown as the text typed (as_utf8_text)."""
+    text = as_utf8_text(str(text))
     return text if text.isprintable() else repr(text)[1:-1]
 
 

@@ -384,3 +384,71 @@ def test_unusable_out_fails_before_the_analysis(tmp_path, monkeypatch, kind) -> 
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.exit_code == EXIT_USAGE and len(lines) == 1 and str(out) in lines[0], res.output
     assert calls == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Text from the command line under an ASCII locale: the outputs are complete and valid UTF-8
+# ------------------------------------------------------------------------------------------------
+# Python decodes argv with the filesystem encoding; with an ASCII one (LC_ALL=C without UTF-8 mode) each byte of
+# "é" is kept as a lone surrogate (PEP 383), and json.dumps wrote those as escapes no UTF-8 writer could encode.
+TYPED = "run é ✓"
+AS_DECODED_UNDER_C = TYPED.encode("utf-8").decode("ascii", "surrogateescape")  # "run \udcc3\udca9 \udce2..."
+
+
+def _assert_utf8_outputs(out: Path) -> dict:
+    """results.json and index.html both present and every file valid UTF-8; returns the parsed results.json."""
+    assert {"results.json", "index.html"} <= {p.name for p in out.iterdir()}
+    for p in out.iterdir():
+        p.read_bytes().decode("utf-8")  # strict: a lone surrogate or a stray byte raises
+    return json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+def test_names_decoded_with_surrogates_are_written_as_the_typed_text(tmp_path) -> None:
+    """--name and --out as an ASCII locale decodes them: exit 0 (was 3, after results.json without index.html)."""
+    out = tmp_path / f"out {AS_DECODED_UNDER_C}"
+    res = CliRunner().invoke(cli, [*ANALYZE, "--name", AS_DECODED_UNDER_C, "--out", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    doc = _assert_utf8_outputs(out)
+    assert doc["metadata"]["name"] == TYPED
+    assert TYPED in (out / "index.html").read_text(encoding="utf-8")
+    assert f"out {TYPED}" in res.stdout  # the paths it names are shown as typed, not as \udcc3 escapes
+
+
+def test_ascii_locale_run_with_non_ascii_name_and_out(tmp_path) -> None:
+    """The QA repro itself: a real process under PYTHONUTF8=0 LC_ALL=C (no UTF-8 mode, ASCII filesystem encoding)."""
+    out = tmp_path / f"out {TYPED}"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C"}
+    env.pop("PYTHONIOENCODING", None)
+    res = subprocess.run([sys.executable, "-m", "fp8probe", *ANALYZE, "--name", TYPED, "--out", str(out)],
+                         capture_output=True, env=env, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr.decode("utf-8", "replace")
+    assert _assert_utf8_outputs(out)["metadata"]["name"] == TYPED
+
+
+def test_results_written_with_surrogate_escapes_still_render(tmp_path) -> None:
+    """A results.json an earlier version wrote under an ASCII locale ("\\udcc3\\udca9" in its name and model) is read
+    as the text it was: report and compare write valid UTF-8 (both exited 2 with 'malformed tables' before)."""
+    doc = json.loads(RESULTS.read_text())
+    doc["metadata"]["name"] = AS_DECODED_UNDER_C
+    doc["metadata"]["model"] = f"state_dict from {AS_DECODED_UNDER_C}.pt"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc), encoding="utf-8")  # (json.dumps writes the surrogates as \udcc3 escapes)
+    assert "\\udcc3" in old.read_text()
+    res = CliRunner().invoke(cli, ["report", str(old), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert f"{TYPED}.pt" in (tmp_path / "r.html").read_bytes().decode("utf-8")
+    md = tmp_path / "summary.md"
+    res = CliRunner().invoke(cli, ["compare", str(RESULTS), str(old), "--out", str(tmp_path / "c"), "--markdown",
+                                   str(md)])
+    assert res.exit_code == 0, res.output
+    for p in [md, *(tmp_path / "c").iterdir()]:
+        p.read_bytes().decode("utf-8")
+
+
+def test_as_utf8_text() -> None:
+    assert files.as_utf8_text(AS_DECODED_UNDER_C) == TYPED
+    assert files.as_utf8_text("plain ascii") == "plain ascii"
+    assert files.as_utf8_text("ünïcødé 层 🏖") == "ünïcødé 层 🏖"  # real characters stay as they are
+    # a byte that is not UTF-8 (a latin-1 file name) and a surrogate no decoder makes become U+FFFD
+    assert files.as_utf8_text("caf\udce9 x\ud800") == "caf\ufffd x\ufffd"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from fp8probe.report.files import atomic_write_text
+from fp8probe.report.files import as_utf8_text, atomic_write_text
 from fp8probe.report.schema import KINDS, SCHEMA, ResultsError, parse_results_json, validate_results
 from fp8probe.report.schema import SCHEMA_VERSION as VERSION
 
@@ -17,14 +17,18 @@ JSON_NAME = "results.json"
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe value: NaN/±Inf → None (strict JSON has neither), numpy scalars → Python, lists recursed."""
+    """JSON-safe value: NaN/±Inf → None (strict JSON has neither), numpy scalars → Python, lists recursed, text
+    as real characters (files.as_utf8_text: a run name or path decoded from the command line under an ASCII
+    locale holds surrogates, which json.dumps would write as escapes no UTF-8 reader can encode again)."""
     kind = type(value)  # the leaves first: a Llama-sized results document has ~0.5M of them
     if kind is float:
         return value if math.isfinite(value) else None
-    if kind is int or kind is str or kind is bool or value is None:
+    if kind is str:
+        return value if value.isascii() else as_utf8_text(value)
+    if kind is int or kind is bool or value is None:
         return value
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {as_utf8_text(str(k)): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalar / array

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import tempfile
 import time
@@ -23,6 +24,25 @@ DEMO_SUBDIRS = ("analyze", "sweep-blocksize", "sweep-threshold")
 OUTPUT_KINDS = ("run", "compare", "demo")
 #: The claim on an output directory held while a command writes into it (see lock_output_dir).
 LOCK_FILE = ".fp8probe.lock"
+
+
+# Python decodes the command line and file names with the filesystem encoding and keeps each byte it cannot
+# decode as a lone surrogate U+DC80..U+DCFF (PEP 383 "surrogateescape"): with an ASCII filesystem encoding
+# (LC_ALL=C without UTF-8 mode) `--name "run é"` arrives as "run \udcc3\udca9". Such text cannot be encoded
+# as UTF-8; any other lone surrogate can only come from a hostile file.
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def as_utf8_text(text: str) -> str:
+    """``text`` as real characters that encode to UTF-8: bytes the OS layer kept as surrogates are decoded as
+    UTF-8 again ("\udcc3\udca9" -> "é", what the user typed), bytes that are not UTF-8 and any other lone
+    surrogate become U+FFFD. Paths keep their surrogates for file access; this is for the text written out."""
+    if text.isascii():
+        return text
+    text = _ESCAPED_BYTES.sub(lambda m: m.group().encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                              text)
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 class OutputExistsError(FileExistsError):
@@ -69,8 +89,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` as UTF-8 (newlines untranslated) to ``path`` atomically (see atomic_write_bytes)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    """Write ``text`` as UTF-8 (newlines untranslated) to ``path`` atomically (see atomic_write_bytes); lone
+    surrogates (a name decoded from the command line, see as_utf8_text) are repaired, so the file is valid UTF-8."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = as_utf8_text(text).encode("utf-8")
+    return atomic_write_bytes(path, data)
 
 
 def _run_outputs(out: Path) -> list[Path]:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from fp8probe.report.files import as_utf8_text
 
 SCHEMA = "fp8probe.results"
 # Version 2 added the end-to-end tables (e2e, sensitivity, recommendation, training; all optional):
@@ -52,6 +55,8 @@ class ResultsError(ValueError):
 # JSON integers are unbounded, floats are not: an integer beyond float64's range (~1.8e308) would raise
 # OverflowError wherever a table value is used as a number, so it is refused when the file is read.
 _MAX_INT_DIGITS = 308
+# A JSON escape of a UTF-16 surrogate (\ud800..\udfff): only then can a parsed string hold a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 def weight_shapes(layer_rows: Sequence[Mapping]) -> dict[Any, tuple]:
@@ -75,7 +80,21 @@ def parse_results_json(text: str, source: str = "results") -> Any:
         raise ResultsError(f"{source}: the JSON holds a {token} token; fp8probe writes strict JSON, where such a "
                            "metric is null with a note (an edited file, or not written by fp8probe?)")
 
-    return json.loads(text, parse_int=parse_int, parse_constant=parse_constant)
+    doc = json.loads(text, parse_int=parse_int, parse_constant=parse_constant)
+    # Results written by earlier versions under an ASCII locale hold "\udcc3\udca9" for the "é" of a run name or
+    # path: read as the text it was, so a report or compare of such a file can be written as UTF-8.
+    return _repaired_text(doc) if _SURROGATE_ESCAPE.search(text) else doc
+
+
+def _repaired_text(value: Any) -> Any:
+    """``value`` (parsed JSON) with every string, keys included, passed through files.as_utf8_text."""
+    if isinstance(value, str):
+        return as_utf8_text(value)
+    if isinstance(value, list):
+        return [_repaired_text(v) for v in value]
+    if isinstance(value, dict):
+        return {as_utf8_text(k): _repaired_text(v) for k, v in value.items()}
+    return value
 
 
 def validate_results(results: Any, source: str = "results") -> None:
