@@ -80,6 +80,14 @@ class Fp8probeGroup(click.Group):
             if exc.errno == errno.EPIPE:
                 raise _BrokenPipe() from exc
             raise
+        except RuntimeError as exc:
+            # A torchrun peer rank that died or hung (distributed.PeerRankError, raised at any collective of any
+            # command) is the environment's failure, not a bug. Looked up, not imported: only a command that
+            # joined the ranks has loaded the module, and importing it would import torch.
+            distributed = sys.modules.get("fp8probe.analysis.distributed")
+            if distributed is not None and isinstance(exc, distributed.PeerRankError):
+                raise _fail(exc) from exc
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:

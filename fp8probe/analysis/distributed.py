@@ -12,7 +12,9 @@ needs: its search decides the next run from the previous result, on every rank a
 Errors: an exception on any rank inside a batch travels in that round's gather and is raised on
 every rank (same class for LoadError/ValueError/TypeError, so the CLI exits 2 everywhere). A rank
 that dies outside a collective is torchrun's to handle (it stops the other workers); the process
-group timeout (``FP8PROBE_DIST_TIMEOUT`` seconds, default 1800) bounds any other wait.
+group timeout (``FP8PROBE_DIST_TIMEOUT`` seconds, default 1800) bounds any other wait. A collective that
+fails because a peer died or did not answer in time raises PeerRankError on the ranks still running:
+an environment problem (the CLI exits 2 naming it), not a bug of the rank that reports it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import atexit
 import datetime as _dt
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -35,6 +38,17 @@ ENV_TIMEOUT = "FP8PROBE_DIST_TIMEOUT"
 # batch, so the default is generous (torch's own default for gloo is 30 min as well).
 DEFAULT_TIMEOUT_S = 1800
 _RAISED_AS = {"LoadError": LoadError, "ValueError": ValueError, "TypeError": TypeError}
+# How the backends word a collective that gave up waiting: gloo "Timed out waiting 30000ms for send operation to
+# complete", NCCL "Watchdog caught collective operation timeout".
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+# gloo prefixes its messages with the C++ source location: "[/__w/.../gloo/transport/tcp/pair.cc:553] ".
+_SOURCE_LOCATION = re.compile(r"^\[[^\]]*:\d+\]\s*")
+# Characters of the backend's message quoted in a PeerRankError (the error stays one terminal-friendly line).
+_MAX_CAUSE = 100
+
+
+class PeerRankError(RuntimeError):
+    """A collective failed on this rank because another rank died or did not answer within the timeout."""
 
 
 @dataclass(frozen=True)
@@ -96,13 +110,32 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _collective(op: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run the collective ``op(*args, **kwargs)``; a backend failure (a peer's connection closed, the wait
+    timed out: a RuntimeError from gloo or NCCL) becomes one PeerRankError line that says which and what to do."""
+    try:
+        op(*args, **kwargs)
+    except RuntimeError as exc:
+        rank = current().rank
+        if _TIMED_OUT.search(str(exc)):
+            timeout = _env_int(ENV_TIMEOUT, DEFAULT_TIMEOUT_S, 1)
+            raise PeerRankError(f"a peer rank timed out: rank {rank} waited {ENV_TIMEOUT}={timeout} s for the other "
+                                "ranks (one hung, or its batch takes longer): check that rank's output, or raise "
+                                f"{ENV_TIMEOUT}") from exc
+        # the first sentence without gloo's source location: "Connection closed by peer [127.0.0.1]:14764"
+        cause = _SOURCE_LOCATION.sub("", (str(exc).strip().splitlines() or [""])[0]).split(". ")[0].rstrip(".")
+        cause = cause if len(cause) <= _MAX_CAUSE else cause[:_MAX_CAUSE - 1] + "…"
+        raise PeerRankError(f"a peer rank failed: rank {rank} lost its connection to the other ranks "
+                            f"({cause or type(exc).__name__}); that rank's own output says why it stopped") from exc
+
+
 def agree(value: T, world: World | None = None) -> T:
     """Rank 0's ``value`` on every rank: for decisions taken from timings (which differ between ranks)."""
     world = world or current()
     if world.size == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    _collective(dist.broadcast_object_list, box, src=0)
     return box[0]
 
 
@@ -123,7 +156,7 @@ def check_same_model(module: Any, world: World | None = None) -> None:
                       (float(p.detach().double().sum()), float(p.detach().double().square().sum())))
             mine.append((name, tuple(p.shape), str(p.dtype), values))
     every: list = [None] * world.size
-    dist.all_gather_object(every, mine)
+    _collective(dist.all_gather_object, every, mine)
     first = every[0]
     for rank, other in enumerate(every[1:], start=1):
         names0, names = [x[0] for x in first], [x[0] for x in other]
@@ -172,7 +205,7 @@ def map_batches(n: int, fn: Callable[[int], T], world: World | None = None,
             yield i, fn(i)
         return
     counts: list[Any] = [None] * world.size
-    dist.all_gather_object(counts, n)  # (ranks with other batch lists failed inside the rounds with raw errors)
+    _collective(dist.all_gather_object, counts, n)  # (ranks with other batch lists failed inside the rounds with raw errors)
     if len(set(counts)) > 1:
         raise LoadError(f"the ranks have different numbers of batches ({', '.join(f'rank {r}: {c}' for r, c in enumerate(counts))}): "
                         "every rank must load the same inputs")
@@ -189,7 +222,7 @@ def map_batches(n: int, fn: Callable[[int], T], world: World | None = None,
         except Exception as exc:  # noqa: BLE001 - carried to every rank, raised there as below
             payload = ("error", i, (type(exc).__name__, one_line(exc), world.rank))
         parts: list[Any] = [None] * world.size
-        dist.all_gather_object(parts, payload)
+        _collective(dist.all_gather_object, parts, payload)
         for status, j, value in parts:
             if status == "error":
                 name, msg, rank = value

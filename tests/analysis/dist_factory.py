@@ -67,3 +67,18 @@ def build_per_rank_batches():
     """Rank 1 loads three batches where rank 0 loads five (the rounds failed with raw Python errors)."""
     rank = int(os.environ.get("RANK", "0"))
     return build_model(CONFIG), make_batches(N_BATCHES if rank == 0 else 3, 2, CONFIG.seq, seed=11, vocab=CONFIG.vocab)
+
+
+#: How long rank 1 of build_hanging sleeps in its first forward: far beyond the test's FP8PROBE_DIST_TIMEOUT, and
+#: bounded, so a rank that torchrun failed to stop still ends.
+HANG_S = 120
+
+
+def build_hanging():
+    """Rank 1 sleeps in its first forward (a hung rank): rank 0 waits at the round's gather until the timeout."""
+    import time
+
+    model, batches = build()
+    if int(os.environ.get("RANK", "0")) == 1:
+        model.register_forward_pre_hook(lambda module, args: time.sleep(HANG_S))
+    return model, batches

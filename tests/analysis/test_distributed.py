@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import torch.distributed as dist
 
+from click.testing import CliRunner
+
 from fp8probe.analysis import distributed
+from fp8probe.cli import EXIT_USAGE, cli
 
 HERE = Path(__file__).resolve().parent
 FACTORY = f"{HERE / 'dist_factory.py'}:build"
@@ -32,11 +36,12 @@ def _env(log: Path | None = None) -> dict[str, str]:
     return env
 
 
-def _fp8probe(args: list[str], ranks: int, log: Path | None = None) -> subprocess.CompletedProcess:
+def _fp8probe(args: list[str], ranks: int, log: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m fp8probe ARGS`` in one process (ranks 0) or under torchrun with ``ranks`` CPU ranks."""
     launcher = [] if ranks == 0 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     return subprocess.run([sys.executable, *launcher, "-m", "fp8probe", *args], capture_output=True, text=True,
-                          env=_env(log), cwd=ROOT, timeout=TIMEOUT_S)
+                          env={**_env(log), **(env or {})}, cwd=ROOT, timeout=TIMEOUT_S)
 
 
 def _tables(out: Path) -> dict:
@@ -134,3 +139,66 @@ def test_ranks_with_other_batch_counts_are_refused(tmp_path) -> None:
                      "1", "--no-e2e", "--no-html", "-q", "--out", str(tmp_path / "o")], ranks=2)
     assert res.returncode != 0  # (torchrun's own exit status)
     assert "Error: the ranks have different numbers of batches (rank 0: 5, rank 1: 3)" in res.stderr
+
+
+# A peer rank that died or hung: what gloo raises at the collective of the rank still running (torch 2.13's words).
+GLOO_PEER_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                    "[127.0.0.1]:14764. This is typically caused by a remote worker crashing. Check the logs of the "
+                    "remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f")
+GLOO_TIMED_OUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting "
+                  "30000ms for send operation to complete")
+PEER_LOST = {
+    "died": (GLOO_PEER_CLOSED, "a peer rank failed: rank 0 lost its connection to the other ranks (Connection closed "
+                               "by peer [127.0.0.1]:14764); that rank's own output says why it stopped"),
+    "hung": (GLOO_TIMED_OUT, "a peer rank timed out: rank 0 waited FP8PROBE_DIST_TIMEOUT=30 s for the other ranks (one "
+                             "hung, or its batch takes longer): check that rank's output, or raise FP8PROBE_DIST_TIMEOUT"),
+}
+
+
+def _collectives_fail(monkeypatch, message: str) -> None:
+    def lost(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", lost)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", lost)
+    monkeypatch.setenv(distributed.ENV_TIMEOUT, "30")
+
+
+@pytest.mark.parametrize("peer", PEER_LOST, ids=list(PEER_LOST))
+def test_lost_peer_at_a_collective_is_a_peer_rank_error(monkeypatch, peer) -> None:
+    """Every collective (the batch rounds, agree, the model check) says a peer failed or timed out (was a raw
+    RuntimeError, which the CLI reports as an internal error, exit 3)."""
+    raised, expected = PEER_LOST[peer]
+    _collectives_fail(monkeypatch, raised)
+    two = distributed.World(0, 2)
+    for call in (lambda: list(distributed.map_batches(3, lambda i: i, two)), lambda: distributed.agree(1, two),
+                 lambda: distributed.check_same_model(torch.nn.Linear(2, 2), two)):
+        with pytest.raises(distributed.PeerRankError) as info:
+            call()
+        assert str(info.value) == expected
+        assert isinstance(info.value.__cause__, RuntimeError)  # (--debug shows the backend's own error)
+
+
+@pytest.mark.parametrize("peer", PEER_LOST, ids=list(PEER_LOST))
+def test_cli_lost_peer_exits_2_with_one_line(monkeypatch, tmp_path, peer) -> None:
+    """Rank 0 of two, its peer lost at the first collective (agreeing on --out): exit 2, one line, no traceback."""
+    raised, expected = PEER_LOST[peer]
+    _collectives_fail(monkeypatch, raised)
+    monkeypatch.setattr(distributed, "init_from_env", lambda device="cpu": distributed.World(0, 2))
+    monkeypatch.delenv("FP8PROBE_DEBUG", raising=False)
+    res = CliRunner().invoke(cli, ["analyze", FACTORY, "--no-e2e", "-q", "--out", str(tmp_path / "out")])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == EXIT_USAGE and lines == [f"Error: {expected}"], (res.exit_code, res.output)
+    assert not (tmp_path / "out").exists()  # the claim on --out is released and the directory it made removed
+
+
+def test_hung_rank_stops_rank_0_after_the_timeout(tmp_path) -> None:
+    """A real hung peer (rank 1 sleeps in its first forward): rank 0 gives up at the round's gather after
+    FP8PROBE_DIST_TIMEOUT seconds with exit 2 and one line naming the variable (was exit 3, 'internal error')."""
+    res = _fp8probe(["analyze", f"{HERE / 'dist_factory.py'}:build_hanging", "-s", "global", "--threads", "1",
+                     "--no-e2e", "--no-html", "-q", "--out", str(tmp_path / "o")], ranks=2,
+                    env={distributed.ENV_TIMEOUT: "10"})
+    assert res.returncode != 0  # (torchrun's own exit status)
+    assert "failed (exitcode: 2) local_rank: 0" in res.stderr, res.stderr[-3000:]
+    assert "Error: a peer rank timed out: rank 0 waited FP8PROBE_DIST_TIMEOUT=10 s for the other ranks" in res.stderr
+    assert "internal error" not in res.stderr and not (tmp_path / "o" / "results.json").exists()
