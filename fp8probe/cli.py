@@ -15,8 +15,8 @@ import click
 
 from fp8probe import __version__
 from fp8probe.backends import cpu as _cpu_backend
-from fp8probe.report.files import (OutputExistsError, OutputLockedError, as_utf8_text, atomic_write_text,
-                                   claim_output_dir, lock_output_dir, remove_outputs)
+from fp8probe.report.files import (OutputExistsError, OutputLockedError, append_text, as_utf8_text,
+                                   atomic_write_text, claim_output_dir, lock_output_dir, remove_outputs)
 
 # Exit codes (README "Safety and limits"): 0 fine; 1 a `compare` gate failed; 2 bad usage, input
 # or environment (one line on stderr); 3 an internal error (a bug: one line, --debug shows the
@@ -985,10 +985,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     md = compare_markdown(comparison)
     atomic_write_text(out / "compare.md", md)
     if markdown_file and Path(markdown_file).resolve() != (out / "compare.md").resolve():  # (that one holds it)
-        # Appended, not replaced: GITHUB_STEP_SUMMARY is shared by every step. One write call of the
-        # whole summary, so a reader never sees half of it from this process.
-        with open(markdown_file, "a", encoding="utf-8") as fh:
-            fh.write(md + "\n")
+        append_text(markdown_file, md + "\n")  # appended, not replaced: GITHUB_STEP_SUMMARY is shared by every step
     click.echo(f"compare report written to {_printable(html)} and {_printable(out / 'compare.md')}")
     click.echo(gated_text(comparison))
     if comparison["passed"]:

@@ -173,6 +173,9 @@ CASES = [
     ("report-keep-nan", lambda f, o: ["report", str(f["results"]), "--keep-16bit-db", "nan", "-o", f"{o}.html"],
      ["--keep-16bit-db"]),
     ("report-onto-itself", lambda f, o: ["report", str(f["results"]), "-o", str(f["results"])], ["overwrite"]),
+    # (said "cannot access plain.txt: File exists": mkdir(exist_ok=True)'s words for a file in the way)
+    ("report-out-under-a-file", lambda f, o: ["report", str(f["results"]), "-o", str(f["a_file"] / "r.html")],
+     ["plain.txt: Not a directory"]),
     # compare
     ("compare-missing", lambda f, o: ["compare", str(f["results"]), "missing.json", "--out", o], ["does not exist"]),
     ("compare-model", lambda f, o: ["compare", str(f["pt2"]), str(f["results"]), "--out", o], ["PyTorch file"]),
@@ -199,6 +202,14 @@ def test_bad_input_exits_2_with_one_line(files, tmp_path, make_args, needles) ->
     _assert_one_line_usage_error(res, *needles)
     # nothing half-done is left behind by a refused run
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_markdown_append_that_fails_names_the_file(files, tmp_path) -> None:
+    """compare --markdown on a full disk said "cannot access: No space left on device", without the path."""
+    res = _invoke(["compare", str(files["results"]), str(files["results"]), "--out", str(tmp_path / "c"),
+                   "--markdown", "/dev/full"])
+    _assert_one_line_usage_error(res, "cannot access /dev/full: No space left on device")
 
 
 def test_bare_command_prints_help() -> None:

@@ -98,6 +98,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, data)
 
 
+def append_text(path: str | Path, text: str) -> Path:
+    """Append ``text`` as UTF-8 to ``path`` (created if missing) in one write call, so a reader of a file shared by
+    several writers ($GITHUB_STEP_SUMMARY) never sees half of it from this process. An OSError names ``path``: a
+    failed write or flush (ENOSPC on /dev/full) names no file of its own."""
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(as_utf8_text(text))
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    return Path(path)
+
+
 def _run_outputs(out: Path) -> list[Path]:
     """fp8probe run outputs (results.json, index.html, table CSVs) present directly in ``out``. Only
     regular files (not symlinks) with fp8probe's own fixed names count."""

@@ -1,9 +1,11 @@
 """Render a results JSON (docs/architecture.md schema) into one self-contained HTML report: view model → jinja2."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -960,6 +962,8 @@ def environment() -> jinja2.Environment:
 
 def _write(html: str, out_html: str | Path) -> Path:
     out = Path(out_html)
+    if out.parent.exists() and not out.parent.is_dir():  # (mkdir(exist_ok=True) says "File exists" about it)
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out.parent))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, html)
     return out
