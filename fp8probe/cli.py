@@ -609,6 +609,9 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     if steps and (no_grad or stream):
         raise UsageFailure(f"--steps trains the model, which needs gradients: expected --steps 0 with "
                            f"{'--stream' if stream else '--no-grad'}, got --steps {steps}")
+    if no_grad or stream:
+        _refuse_backward_options("--stream" if stream else "--no-grad", {"loss_spec": loss_spec,
+                                                                         "sensitivity": sensitivity})
     if sweeps and stream:
         raise UsageFailure("--sweeps captures the whole model with a backward pass and --stream runs forward only, "
                            "one block at a time: run the sweeps on a model that fits in memory, or drop --sweeps")
@@ -688,6 +691,27 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
     _warn_no_gradient(results)
     click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
+
+
+#: What analyze's options that act on the loss, the backward pass or the end-to-end runs do, for the refusal of
+#: each in a forward-only run (--no-grad, --stream), where none of those exists.
+_BACKWARD_OPTIONS = {"loss_spec": "is the loss a backward pass differentiates",
+                     "sensitivity": "chooses how the end-to-end runs rank the layers"}
+
+
+def _refuse_backward_options(mode: str, values: dict[str, object]) -> None:
+    """UsageFailure for the first of ``values`` (parameter name -> value) that the user set, on the command line or
+    in the environment, for a forward-only run: it would be ignored. A default value is not a choice and passes."""
+    ctx = click.get_current_context()
+    for name, value in values.items():
+        given = _given((name,))
+        if not given:
+            continue
+        flag, var = given[0], ctx.meta.get("fp8probe.envvars", {}).get(name)
+        source = (f" (from the environment variable {var})"
+                  if var and ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT else "")
+        raise UsageFailure(f"{flag} {_BACKWARD_OPTIONS[name]}, and {mode} runs forward only (no loss, no backward, "
+                           f"no end-to-end runs): expected no {flag} with {mode}, got {flag} {value}{source}")
 
 
 def _weights_checkpoint(model: str, inputs: str | None, factory: str | None):  # -> Checkpoint | None

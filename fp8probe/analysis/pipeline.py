@@ -781,6 +781,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     stream_started = time.perf_counter()
     info = run.stream(analysis, report)
     stream_s = time.perf_counter() - stream_started
+    if streaming.is_streamed(run.module):
+        info = streaming.FORWARD_ONLY  # (capture_batch's FORWARD_ONLY speaks of --no-grad)
     used_formats = sorted({f for s in strategies for f in s.formats})
     metadata = run_metadata(run, name=name or "analysis", model_desc=model_desc, inputs_desc=inputs_desc,
                             seed=seed, info=info, formats=used_formats)

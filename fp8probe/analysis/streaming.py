@@ -30,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .capture import release_free_memory
+from .capture import LossInfo, release_free_memory
 from .loading import (LoadedModel, LoadError, _call_factory, _hf_config_class, one_line, same_bytes,
                       tied_copies_differ)
 
@@ -39,6 +39,12 @@ if TYPE_CHECKING:  # weights_only imports sweeps, which imports pipeline, which 
 
 E2E_OFF = ("end-to-end mode off: the model was streamed block by block from its checkpoint (--stream), and the "
            "end-to-end runs need every weight at once (and backward passes)")
+#: metadata.loss of a streamed run: capture's FORWARD_ONLY in the words of --stream, which the user typed (its
+#: "run without --no-grad" cannot be followed: --stream implies --no-grad).
+FORWARD_ONLY = LossInfo("none", "forward only (--stream): no loss is computed, no backward pass runs",
+                        no_gradient="forward-only run (--stream): only fprop GEMMs were captured, so dgrad and wgrad "
+                                    "are not analysed; they need a backward pass with every weight in memory: run "
+                                    "without --stream where the model fits")
 STREAM_NOTE = ("streamed: parameters on the meta device, each block's weights read from the checkpoint before its "
                "forward and freed after it; forward only")
 _MARK = "_fp8probe_streamer"

@@ -16,6 +16,7 @@ from fp8probe.analysis.capture import FORWARD_ONLY
 from fp8probe.analysis.loading import Batch, LoadError, load_model
 from fp8probe.analysis.pipeline import E2E_OFF_NO_GRAD, analyze
 from fp8probe.analysis.streaming import E2E_OFF, is_streamed, load_streamed
+from fp8probe.analysis.streaming import FORWARD_ONLY as STREAM_FORWARD_ONLY
 from fp8probe.cli import cli
 
 HERE = Path(__file__).resolve().parent
@@ -208,15 +209,43 @@ def test_cli_stream_and_no_grad(tower, tmp_path) -> None:
                                    "--out", str(tmp_path / "s"), "--no-html", "-q"], catch_exceptions=False)
     assert run.exit_code == 0, run.stderr
     assert "note: end-to-end mode off: the model was streamed" in run.stdout
-    assert "loss: none (forward only" in run.stdout
+    assert "loss: none (forward only (--stream)" in run.stdout
+    # the advice speaks of the --stream the user typed: "run without --no-grad" could not be followed
+    assert "warning: forward-only run (--stream): only fprop GEMMs" in run.stderr and "--no-grad" not in run.output
     doc = json.loads((tmp_path / "s" / "results.json").read_text())
     assert doc["metadata"]["streaming"]["units"] == 4
+    assert doc["metadata"]["loss"] == {"kind": STREAM_FORWARD_ONLY.kind, "detail": STREAM_FORWARD_ONLY.detail,
+                                       "no_gradient": STREAM_FORWARD_ONLY.no_gradient}
     for args, message in ((["--stream", "--steps", "2"], "expected --steps 0 with --stream"),
                           (["--no-grad", "--steps", "2"], "expected --steps 0 with --no-grad"),
                           (["--stream", "--sweeps"], "--sweeps captures the whole model")):
         run = CliRunner().invoke(cli, ["analyze", str(path), "--factory", FACTORY, "--inputs", str(inputs), *args,
                                        "--out", str(tmp_path / "x")])
         assert run.exit_code == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+LOSS = f"{HERE / 'tiny_factory.py'}:logits_loss"
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--stream", "--loss", LOSS], {}, f"expected no --loss with --stream, got --loss {LOSS}"),
+    (["--no-grad", "--loss", LOSS], {}, "expected no --loss with --no-grad"),
+    (["--stream", "--sensitivity", "measured"], {}, "expected no --sensitivity with --stream, got --sensitivity measured"),
+    (["--no-grad", "--sensitivity", "auto"], {}, "got --sensitivity auto"),  # typed: refused, though the default
+    (["--no-grad"], {"FP8PROBE_ANALYZE_LOSS": LOSS}, "(from the environment variable FP8PROBE_ANALYZE_LOSS)"),
+], ids=["stream-loss", "no-grad-loss", "stream-sensitivity", "no-grad-sensitivity-auto", "no-grad-loss-env"])
+def test_cli_forward_only_refuses_options_it_would_ignore(tower, tmp_path, args, env, message) -> None:
+    """--loss and --sensitivity were accepted with --stream / --no-grad and silently ignored (as --steps and --sweeps
+    are refused). A default is not a choice: test_cli_stream_and_no_grad runs --stream with the default
+    --sensitivity auto."""
+    _, path = tower
+    inputs = tmp_path / "x.pt"
+    torch.save(_batches(32), inputs)
+    run = CliRunner().invoke(cli, ["analyze", str(path), "--factory", FACTORY, "--inputs", str(inputs), *args,
+                                   "--out", str(tmp_path / "x")], env=env)
+    lines = run.stderr.strip().splitlines()
+    assert run.exit_code == 2 and len(lines) == 1 and message in lines[0], run.output
+    assert not (tmp_path / "x").exists()  # refused before --out is claimed
 
 
 def _child(mode: str, ckpt: Path, inputs: Path, out: Path, budget_mib: float) -> dict:
