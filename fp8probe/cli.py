@@ -611,7 +611,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                            f"{'--stream' if stream else '--no-grad'}, got --steps {steps}")
     if no_grad or stream:
         _refuse_backward_options("--stream" if stream else "--no-grad", {"loss_spec": loss_spec,
-                                                                         "sensitivity": sensitivity})
+                                                                         "sensitivity": sensitivity,
+                                                                         "budget_spec": budget_spec})
     if sweeps and stream:
         raise UsageFailure("--sweeps captures the whole model with a backward pass and --stream runs forward only, "
                            "one block at a time: run the sweeps on a model that fits in memory, or drop --sweeps")
@@ -696,22 +697,31 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
 #: What analyze's options that act on the loss, the backward pass or the end-to-end runs do, for the refusal of
 #: each in a forward-only run (--no-grad, --stream), where none of those exists.
 _BACKWARD_OPTIONS = {"loss_spec": "is the loss a backward pass differentiates",
-                     "sensitivity": "chooses how the end-to-end runs rank the layers"}
+                     "sensitivity": "chooses how the end-to-end runs rank the layers",
+                     "budget_spec": "is what the end-to-end runs must stay within"}
 
 
 def _refuse_backward_options(mode: str, values: dict[str, object]) -> None:
-    """UsageFailure for the first of ``values`` (parameter name -> value) that the user set, on the command line or
-    in the environment, for a forward-only run: it would be ignored. A default value is not a choice and passes."""
+    """UsageFailure for the first of ``values`` (parameter name -> value) typed on the command line for a forward-only
+    run: it would be ignored. One stderr note for those set in the environment: a variable set for a whole CI job
+    (FP8PROBE_ANALYZE_LOSS) must not fail its forward-only runs, but it must not be ignored silently either. A
+    default value is not a choice and passes."""
     ctx = click.get_current_context()
+    from_env = []
     for name, value in values.items():
         given = _given((name,))
         if not given:
             continue
-        flag, var = given[0], ctx.meta.get("fp8probe.envvars", {}).get(name)
-        source = (f" (from the environment variable {var})"
-                  if var and ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT else "")
+        flag = given[0]
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT:
+            var = ctx.meta.get("fp8probe.envvars", {}).get(name)
+            from_env.append(f"{var} ({flag})" if var else flag)
+            continue
         raise UsageFailure(f"{flag} {_BACKWARD_OPTIONS[name]}, and {mode} runs forward only (no loss, no backward, "
-                           f"no end-to-end runs): expected no {flag} with {mode}, got {flag} {value}{source}")
+                           f"no end-to-end runs): expected no {flag} with {mode}, got {flag} {value}")
+    if from_env:
+        click.echo(f"note: {', '.join(from_env)} from the environment had no effect here: {mode} runs forward only "
+                   "(no loss, no backward, no end-to-end runs)", err=True)
 
 
 def _weights_checkpoint(model: str, inputs: str | None, factory: str | None):  # -> Checkpoint | None

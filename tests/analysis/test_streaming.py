@@ -232,8 +232,8 @@ LOSS = f"{HERE / 'tiny_factory.py'}:logits_loss"
     (["--no-grad", "--loss", LOSS], {}, "expected no --loss with --no-grad"),
     (["--stream", "--sensitivity", "measured"], {}, "expected no --sensitivity with --stream, got --sensitivity measured"),
     (["--no-grad", "--sensitivity", "auto"], {}, "got --sensitivity auto"),  # typed: refused, though the default
-    (["--no-grad"], {"FP8PROBE_ANALYZE_LOSS": LOSS}, "(from the environment variable FP8PROBE_ANALYZE_LOSS)"),
-], ids=["stream-loss", "no-grad-loss", "stream-sensitivity", "no-grad-sensitivity-auto", "no-grad-loss-env"])
+    (["--stream", "--budget", "2%"], {}, "expected no --budget with --stream, got --budget 2%"),
+], ids=["stream-loss", "no-grad-loss", "stream-sensitivity", "no-grad-sensitivity-auto", "stream-budget"])
 def test_cli_forward_only_refuses_options_it_would_ignore(tower, tmp_path, args, env, message) -> None:
     """--loss and --sensitivity were accepted with --stream / --no-grad and silently ignored (as --steps and --sweeps
     are refused). A default is not a choice: test_cli_stream_and_no_grad runs --stream with the default
@@ -246,6 +246,21 @@ def test_cli_forward_only_refuses_options_it_would_ignore(tower, tmp_path, args,
     lines = run.stderr.strip().splitlines()
     assert run.exit_code == 2 and len(lines) == 1 and message in lines[0], run.output
     assert not (tmp_path / "x").exists()  # refused before --out is claimed
+
+
+def test_cli_forward_only_notes_options_set_in_the_environment(tower, tmp_path) -> None:
+    """A variable set for a whole CI job (FP8PROBE_ANALYZE_LOSS) must not fail its forward-only runs, nor be ignored
+    silently: one note names it, and the run goes on."""
+    _, path = tower
+    inputs = tmp_path / "x.pt"
+    torch.save(_batches(32), inputs)
+    run = CliRunner().invoke(cli, ["analyze", str(path), "--factory", FACTORY, "--inputs", str(inputs), "--no-grad",
+                                   "-q", "--no-html", "--out", str(tmp_path / "x")],
+                             env={"FP8PROBE_ANALYZE_LOSS": LOSS, "FP8PROBE_ANALYZE_BUDGET": "2%"})
+    assert run.exit_code == 0, run.output
+    notes = [x for x in run.stderr.splitlines() if "from the environment had no effect" in x]
+    assert notes == ["note: FP8PROBE_ANALYZE_LOSS (--loss), FP8PROBE_ANALYZE_BUDGET (--budget) from the environment "
+                     "had no effect here: --no-grad runs forward only (no loss, no backward, no end-to-end runs)"]
 
 
 def _child(mode: str, ckpt: Path, inputs: Path, out: Path, budget_mib: float) -> dict:
