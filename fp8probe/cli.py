@@ -624,7 +624,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         torch.set_num_threads(threads)  # this process only runs this command
     ckpt = None if stream else _weights_checkpoint(model, inputs, factory)
     # (a weights-only run names every model-run option it did not use in its own note, --lr included)
-    _note_unused_options(strategy, steps, model_run=ckpt is None)
+    _note_unused_options(strategy, steps, model_run=ckpt is None, no_e2e=no_e2e and not (no_grad or stream))
     if ckpt is not None:
         if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
             return
@@ -771,8 +771,9 @@ _MODEL_RUN_OPTIONS = ("threshold", "batches", "seed", "loss_spec", "no_e2e", "bu
                       "lr", "optimizer_spec", "no_grad", "gemms", "device")
 
 
-def _note_unused_options(strategy: str, steps: int, model_run: bool = True) -> None:
-    """One stderr note naming the options the user set that no chosen recipe (or no training run) uses."""
+def _note_unused_options(strategy: str, steps: int, model_run: bool = True, no_e2e: bool = False) -> None:
+    """One stderr note naming the options the user set that no chosen recipe (or no training run) uses, and one for
+    the end-to-end options of a --no-e2e run."""
     from fp8probe.analysis.strategies import resolve
 
     try:
@@ -792,6 +793,11 @@ def _note_unused_options(strategy: str, steps: int, model_run: bool = True) -> N
         click.echo(f"note: {', '.join(unused)} had no effect here (no recipe or run of this command uses "
                    f"{'it' if len(unused) == 1 else 'them'}: --strategy {strategy}"
                    f"{'' if steps or not model_run else ', no --steps'})", err=True)
+    if no_e2e and model_run:  # (a forward-only run refuses or notes these itself: _refuse_backward_options)
+        e2e_only = _given(("budget_spec", "sensitivity"))
+        if e2e_only:
+            click.echo(f"note: {', '.join(e2e_only)} had no effect here: --no-e2e skips the end-to-end runs that "
+                       f"{'it sets' if len(e2e_only) == 1 else 'they set'} up", err=True)
 
 
 def _given(names: Sequence[str]) -> list[str]:

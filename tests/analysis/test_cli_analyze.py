@@ -269,3 +269,11 @@ def test_options_no_recipe_uses_are_named_and_an_unused_optimizer_is_still_check
     bad = runner.invoke(cli, ["analyze", model, "-s", "int8", "--optimizer", "nonexist:foo", "--no-e2e", "-q",
                               "--out", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "--optimizer" in bad.output and not (tmp_path / "c" / "results.json").exists()
+    # --budget and --sensitivity set up the end-to-end runs, which --no-e2e skips
+    e2e = runner.invoke(cli, ["analyze", model, "-s", "int8", "--budget", "2%", "--sensitivity", "measured", "--no-e2e",
+                              "-q", "--out", str(tmp_path / "d")])
+    assert e2e.exit_code == 0, e2e.output
+    assert ("note: --budget, --sensitivity had no effect here: --no-e2e skips the end-to-end runs that they set up"
+            in e2e.output)
+    plain = runner.invoke(cli, ["analyze", model, "-s", "int8", "--budget", "2%", "-q", "--out", str(tmp_path / "e")])
+    assert plain.exit_code == 0 and "no effect" not in plain.output, plain.output
