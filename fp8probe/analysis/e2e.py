@@ -304,6 +304,20 @@ def _loss_note(loss_hp: float) -> str:
     return ""
 
 
+def _row_sums(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum(-1)`` of a 2-D CPU or CUDA tensor with the same bits at any intra-op thread count: torch sums each row in
+    one thread's loop when there are at least as many rows as threads, and splits a row across threads otherwise
+    (then: one thread)."""
+    threads = torch.get_num_threads()
+    if t.device.type != "cpu" or threads == 1 or t.shape[0] >= threads:
+        return t.sum(-1)
+    torch.set_num_threads(1)
+    try:
+        return t.sum(-1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _OutputCompare:
     """Mergeable output SQNR, KL(p_hp ‖ p_lp) over the last dim as logits, top-1 agreement."""
 
@@ -318,7 +332,10 @@ class _OutputCompare:
         self.err.update(hp, lp)
         if self.distribution:
             p, q = (t.double().reshape(-1, t.shape[-1]).log_softmax(-1) for t in (hp, lp))
-            self.kl_sum += float((p.exp() * (p - q)).sum())
+            # per row, then the rows exactly (fsum): a whole-tensor sum() splits over the intra-op threads, so its last
+            # bits depended on --threads (QA: 67 KL cells differed between --threads 1 and 2); a row sum does not
+            # while there are at least as many rows as threads (each row is one thread's vector loop)
+            self.kl_sum += math.fsum(_row_sums((p.exp() * (p - q))).tolist())
             self.agree += int((p.argmax(-1) == q.argmax(-1)).sum())
             self.rows += p.shape[0]
 

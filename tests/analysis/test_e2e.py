@@ -1182,3 +1182,28 @@ def test_a_loss_budget_bounds_the_change_either_way() -> None:
     assert b.holds(0.009, None) and b.holds(-0.009, None)
     assert not b.holds(0.011, None) and not b.holds(-0.011, None) and not b.holds(-0.97, None)
     assert E.parse_budget("kl:0.01").holds(-0.5, 0.005)  # (a KL budget reads the KL only)
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 40000), (3, 20000), (64, 16), (40, 9000)])
+def test_output_kl_has_the_same_bits_at_any_thread_count(rows: int, vocab: int) -> None:
+    """KL(p_hp ‖ p_lp) was one whole-tensor sum(), which splits over the intra-op threads: e2e.kl_div and the
+    sensitivity KL columns differed in the last bits between --threads 1 and 2 (QA, 67 cells)."""
+    g = torch.Generator().manual_seed(rows * 7 + vocab)
+    hp = torch.randn(rows, vocab, generator=g) * 3
+    lp = hp + 0.05 * torch.randn(rows, vocab, generator=g)
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            cmp = E._OutputCompare(True)
+            cmp.update(hp, lp)
+            got[threads] = cmp.result()
+    finally:
+        torch.set_num_threads(before)
+    assert all(got[t] == got[1] for t in got), got
+    assert torch.get_num_threads() == before
+    # the value itself: the float64 KL of the two softmaxes, summed exactly
+    p, q = hp.double().log_softmax(-1), lp.double().log_softmax(-1)
+    exact = math.fsum((p.exp() * (p - q)).flatten().tolist()) / rows
+    assert got[1][1] == pytest.approx(exact, rel=1e-12)
