@@ -169,6 +169,13 @@ class _FlagEnvOption(click.Option):
 MAX_THREADS = 1024
 
 
+def _as_typed(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A text option matched against the model's own names (--layers), as the characters typed: under an ASCII
+    filesystem encoding Python hands non-ASCII arguments over as surrogate escapes, which never match a name
+    (files.as_utf8_text)."""
+    return None if value is None else as_utf8_text(value)
+
+
 def _option(*decls: str, **attrs: object):  # type: ignore[no-untyped-def]
     """click.option with the flag-named environment variable (_FlagEnvOption)."""
     return click.option(*decls, cls=_FlagEnvOption, **attrs)
@@ -507,8 +514,8 @@ def _echo_checkpoint_note(note: str) -> None:
 @_option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
 @_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @_option("--loss", "loss_spec", default=None, help=_LOSS_HELP)
-@_option("--layers", default=None, help="regular expression on GEMM names (module path or weight name, "
-              "'#qk'/'#pv'/'#matmul' for GEMMs of two activations): analyse only matching ones")
+@_option("--layers", default=None, callback=_as_typed, help="regular expression on GEMM names (module path or weight "
+              "name, '#qk'/'#pv'/'#matmul' for GEMMs of two activations): analyse only matching ones")
 @_option("--gemms", default="all", show_default=True, help=_GEMMS_HELP)
 @_option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches")
 @_option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -1093,7 +1100,8 @@ def _sweep_options(func):
         _option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
         _option("--loss", "loss_spec", default=None,
                      help=_LOSS_HELP),
-        _option("--layers", default=None, help="regular expression on GEMM names: sweep only matching ones"),
+        _option("--layers", default=None, callback=_as_typed,
+                help="regular expression on GEMM names: sweep only matching ones"),
         _option("--gemms", default="all", show_default=True, help=_GEMMS_HELP),
         _option("--batches", type=click.IntRange(min=1), default=None, help="use at most this many batches"),
         _option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),

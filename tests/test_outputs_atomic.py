@@ -452,3 +452,23 @@ def test_as_utf8_text() -> None:
     assert files.as_utf8_text("ünïcødé 层 🏖") == "ünïcødé 层 🏖"  # real characters stay as they are
     # a byte that is not UTF-8 (a latin-1 file name) and a surrogate no decoder makes become U+FFFD
     assert files.as_utf8_text("caf\udce9 x\ud800") == "caf\ufffd x\ufffd"
+
+
+def test_a_non_ascii_layers_pattern_under_an_ascii_locale_matches_the_layer_typed(tmp_path) -> None:
+    """--layers 'schicht_ä' arrived as 'schicht_\\udcc3\\udca4' and matched nothing (exit 2), while --name and --out
+    were already read as typed."""
+    (tmp_path / "fac.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = torch.nn.Sequential()\n"
+        "    m.add_module('schicht_ä', torch.nn.Linear(16, 16))\n"
+        "    m.add_module('other', torch.nn.Linear(16, 4))\n"
+        "    return m, [torch.randn(8, 16)]\n", encoding="utf-8")
+    pattern = "schicht_ä".encode("utf-8").decode("ascii", "surrogateescape")
+    for command, extra, table in (("analyze", ["--no-e2e"], "layers"), ("sweep-threshold", [], "threshold_sweep")):
+        res = CliRunner().invoke(cli, [command, f"{tmp_path / 'fac.py'}:build", "--layers", pattern, *extra, "-q",
+                                       "--out", str(tmp_path / command)])
+        assert res.exit_code == 0, (command, res.output)
+        doc = json.loads((tmp_path / command / "results.json").read_text(encoding="utf-8"))
+        assert {r["layer"] for r in doc["tables"][table]} == {"schicht_ä"}, command
