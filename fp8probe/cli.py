@@ -593,6 +593,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.pipeline import analyze
 
+    if no_grad or stream:  # (set in the environment these only get a note: not imported or parsed either)
+        loss_spec, budget_spec = _unless_from_env({"loss_spec": loss_spec, "budget_spec": budget_spec}).values()
     # Errors in the order a user needs them: what they typed (strategy, factory, loss, layers, device)
     # before anything about the output directory, and all of it before the model is loaded.
     _check_names(model, factory, loss_spec, strategy)
@@ -706,6 +708,16 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
 _BACKWARD_OPTIONS = {"loss_spec": "is the loss a backward pass differentiates",
                      "sensitivity": "chooses how the end-to-end runs rank the layers",
                      "budget_spec": "is what the end-to-end runs must stay within"}
+
+
+def _unless_from_env(values: dict[str, object]) -> dict[str, object]:
+    """``values`` (parameter name -> value) with those set in the environment back at their defaults: a forward-only
+    run notes them (_refuse_backward_options) and must not fail on a loss module that only imports where the
+    training steps of the same CI job run."""
+    ctx = click.get_current_context()
+    defaults = {p.name: p.default for p in ctx.command.params}
+    return {name: defaults[name] if ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT
+            else value for name, value in values.items()}
 
 
 def _refuse_backward_options(mode: str, values: dict[str, object]) -> None:

@@ -261,6 +261,13 @@ def test_cli_forward_only_notes_options_set_in_the_environment(tower, tmp_path) 
     notes = [x for x in run.stderr.splitlines() if "from the environment had no effect" in x]
     assert notes == ["note: FP8PROBE_ANALYZE_LOSS (--loss), FP8PROBE_ANALYZE_BUDGET (--budget) from the environment "
                      "had no effect here: --no-grad runs forward only (no loss, no backward, no end-to-end runs)"]
+    # not imported or parsed either: a loss module that imports only where the job's training steps run, or a budget
+    # another command of the job reads, must not fail the forward-only run (QA F7)
+    for env in ({"FP8PROBE_ANALYZE_LOSS": "not_a_module_here:ce"}, {"FP8PROBE_ANALYZE_BUDGET": "2pct"}):
+        run = CliRunner().invoke(cli, ["analyze", str(path), "--factory", FACTORY, "--inputs", str(inputs),
+                                       "--no-grad", "-q", "--no-html", "--out", str(tmp_path / "y"), "--overwrite"],
+                                 env=env)
+        assert run.exit_code == 0 and "had no effect here" in run.stderr, (env, run.output)
 
 
 def _child(mode: str, ckpt: Path, inputs: Path, out: Path, budget_mib: float) -> dict:
