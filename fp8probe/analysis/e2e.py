@@ -50,9 +50,11 @@ MEASURE_CAP = 64
 # exact arithmetic (float32 rounding noise is ~2^-24 relative) and left out of the gradient SQNR (Runner._grad_sqnr).
 ZERO_GRAD_RATIO = 2.0 ** -20
 # Validation runs per strategy for the keep-set search: the prefix search (doubling, then bisection: about
-# 2·log2(layers) runs, so 12 cover 64 layers) may use all but REFINE_RUNS of them, the refinement that drops
-# kept layers the rest. 12 → 16: the prefix search kept its 12, and a long one (a 200-layer model) cannot leave
-# the refinement nothing; 4 tries = the 4 kept layers with the most FLOPs, where a layer kept in vain costs most.
+# 2·log2(layers) runs, so 12 cover 64 layers) may use all but REFINE_RUNS of them, the refinement (_refine_keep:
+# drops, pair drops and swaps) every run it leaves: 4 to 11 on 6 layers, where fitting is not monotone in the kept
+# set (F1: the pair drop that halves the 16-bit FLOPs needed 2 runs past the single drops). 12 → 16: the prefix
+# search kept its 12, and a long one (a 200-layer model) cannot leave the refinement nothing; at least 4 tries =
+# the 4 kept layers with the most FLOPs, where a layer kept in vain costs most.
 MAX_VALIDATION_RUNS = 16
 REFINE_RUNS = 4
 SENSITIVITY_MODES = ("auto", "measured", "estimated")
@@ -685,22 +687,38 @@ def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[st
     return rows
 
 
+def _fit_key(rank: dict[str, int], budget: Budget, keep: frozenset[str], out: Outcome) -> tuple:
+    """How fitting keep-sets compare, smallest best: the most GEMM FLOPs in low precision (what the recommendation
+    maximises), then the budget metric's smaller value, then fewer layers kept, then rank order (deterministic)."""
+    return (-out.lp_flop_share, budget.metric(out.loss_rel_change, out.kl_div), len(keep),
+            sorted(rank[n] for n in keep))
+
+
+def _best_fitting(names: list[str], tried: dict[frozenset[str], Outcome], budget: Budget
+                  ) -> tuple[frozenset[str], Outcome] | None:
+    """The best (_fit_key) of the sets run that kept the budget, or None when none did."""
+    rank = {n: i for i, n in enumerate(names)}
+    fits = [(keep, o) for keep, o in tried.items() if budget.holds(o.loss_rel_change, o.kl_div)]
+    return min(fits, key=lambda x: _fit_key(rank, budget, *x)) if fits else None
+
+
 def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[dict], budget: Budget,
                  max_runs: int = MAX_VALIDATION_RUNS, closest: list | None = None
-                 ) -> tuple[list[str], Outcome, int, list[str]]:
+                 ) -> tuple[list[str], Outcome, int, list[str], list[str]]:
     """A small set of layers kept in 16-bit that keeps the budget, by real runs: the smallest prefix of ``ranked``
-    (most sensitive first) that fits, then refined by _drop_unneeded. Returns (keep in rank order, its outcome,
-    runs made, layers the refinement dropped from the prefix).
+    (most sensitive first) that fits, then refined by _refine_keep. Returns (keep in rank order, its outcome, runs
+    made, layers of that prefix the refinement dropped, layers outside it the refinement kept instead).
 
     The first try is the prefix the sensitivities predict (full change minus the benefits) to fit;
     then doubling until a run fits, then bisection between the last failing and the first fitting prefix,
-    within ``max_runs`` - REFINE_RUNS runs; the refinement gets the rest of ``max_runs``.
+    within ``max_runs`` - REFINE_RUNS runs; the refinement gets every run left of ``max_runs``. The set returned is
+    the best (_fit_key: most low-precision FLOPs) of every set run, prefix or refinement, that kept the budget.
     ``closest``: a list that receives, when only keeping every layer fits, the tried prefix with some GEMMs in low
     precision nearest the budget, as (metric, keep, outcome).
     """
     names = [r["layer"] for r in ranked]
     if budget.holds(full.loss_rel_change, full.kl_div) or not names:
-        return [], full, 0, []
+        return [], full, 0, [], []
     m0 = budget.metric(full.loss_rel_change, full.kl_div)
     k = 1  # without a prediction: the most sensitive layer first, then doubling
     if math.isfinite(m0) and all(not math.isnan(r["_benefit"]) for r in ranked):
@@ -711,12 +729,12 @@ def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[di
             if acc <= budget.value:
                 k = i
                 break
-    tried: dict[int, Outcome] = {0: full}
+    prefixes: dict[int, Outcome] = {0: full}
     lo, hi = 0, None  # largest failing prefix, smallest fitting prefix
     runs = 0
     while runs < max(1, max_runs - REFINE_RUNS):
         out = runner.evaluate(Plan(strat, keep=frozenset(names[:k]), threshold=runner.threshold))
-        tried[k] = out
+        prefixes[k] = out
         runs += 1
         if budget.holds(out.loss_rel_change, out.kl_div) or k == len(names):
             hi = k
@@ -729,49 +747,80 @@ def _search_keep(runner: Runner, strat: Strategy, full: Outcome, ranked: list[di
         else:
             break
     if hi is None:  # out of runs before anything fit: report the largest prefix tried
-        hi = max(tried)
-    keep, out, dropped = names[:hi], tried[hi], []
+        hi = max(prefixes)
+    keep, out = names[:hi], prefixes[hi]
     if budget.holds(out.loss_rel_change, out.kl_div):
-        known = {frozenset(names[:j]): o for j, o in tried.items()}
-        keep, out, refined = _drop_unneeded(runner, strat, names, keep, out, budget, known, max_runs - runs)
-        runs += refined
-        dropped = [n for n in names[:hi] if n not in keep]
+        tried = {frozenset(names[:j]): o for j, o in prefixes.items()}
+        runs += _refine_keep(runner, strat, names, frozenset(keep), budget, tried, max_runs - runs)
+        best, out = _best_fitting(names, tried, budget)
+        keep = [n for n in names if n in best]
+    dropped = [n for n in names[:hi] if n not in keep]
+    added = [n for n in keep if n not in names[:hi]]
     if closest is not None and len(keep) == len(names):
-        near = [(budget.metric(o.loss_rel_change, o.kl_div), k, o) for k, o in tried.items()
+        near = [(budget.metric(o.loss_rel_change, o.kl_div), k, o) for k, o in prefixes.items()
                 if k < len(names) and o.lp_flop_share > 0]
         near = [x for x in near if math.isfinite(x[0])]
         if near:
             m, k, o = min(near, key=lambda x: (x[0], x[1]))
             closest.append((m, names[:k], o))
-    return keep, out, runs, dropped
+    return keep, out, runs, dropped, added
 
 
-def _drop_unneeded(runner: Runner, strat: Strategy, names: list[str], keep: list[str], out: Outcome, budget: Budget,
-                   known: dict[frozenset[str], Outcome], max_runs: int) -> tuple[list[str], Outcome, int]:
-    """Drop layers from ``keep`` (a set that fits, with its outcome ``out``) while the budget holds: each kept layer
-    once, greedily (a drop that fits is kept for the next tries), each try one validated run unless ``known`` (the
-    outcomes of sets already run) has it, at most ``max_runs`` runs. Returns (keep in ``names`` order, its outcome,
-    runs made): every set returned was run and kept the budget.
+def _refine_keep(runner: Runner, strat: Strategy, names: list[str], keep: frozenset[str], budget: Budget,
+                 tried: dict[frozenset[str], Outcome], max_runs: int) -> int:
+    """Local search from ``keep`` (a set that fits) for a better fitting set (_fit_key), each try one validated run
+    recorded in ``tried`` (the outcomes of every set run; a set already there is not run again), at most
+    ``max_runs`` runs. Returns the runs made; the caller picks the best fitting set of ``tried``.
 
-    Why: a prefix of one ranking is contiguous, so a layer ranked high only alone (its error cancels against the
-    others', or the estimate misranked it) stays kept whenever a layer below it is needed. Order: most FLOPs first,
-    since the recommendation maximises the GEMM FLOPs in low precision and the runs are capped (a small layer kept
-    in vain costs little); equal FLOPs: the least sensitive first, the likeliest not to be needed."""
+    Why: the loss budget bounds |signed change| and errors partly cancel, so whether a set fits is not monotone in
+    it: a prefix of one ranking keeps a layer ranked high only alone, and a set can fit where every set one layer
+    smaller fails (6-layer MLP, ocp-tensorwise: keeping {fcs.0, fcs.2, fcs.3} moves the loss +0.06 %, the prefix
+    {fcs.0, fcs.2, fcs.3, fcs.4, fcs.5} -0.12 %, every single drop of that prefix over 0.2 %).
+    Moves, a move taken as soon as its run fits and beats the current set:
+    1. drop one kept layer, passes over the kept layers repeated until none succeeds: the fewest layers changed,
+       so the likeliest to fit; most FLOPs first, equal FLOPs least sensitive first (the runs are capped, and a
+       large layer kept in vain costs the most);
+    2. then drop two kept layers at once, or swap a kept layer for a not-kept one of fewer FLOPs, most FLOPs
+       gained first (equal: the pair drop, then the least sensitive layers out): the first of these that fits is
+       the largest gain any of them can give. After one is taken, back to 1.
+    Stops when no move improves or the runs are spent (a set already run still counts: it costs none)."""
     rank = {n: i for i, n in enumerate(names)}
-    order = sorted(keep, key=lambda n: (-runner.layer_flops.get(n, 0.0), -rank[n]))
-    kept = set(keep)
+    flops = {n: runner.layer_flops.get(n, 0.0) for n in names}
+    current = keep
     runs = 0
-    for name in order:
-        cand = frozenset(kept - {name})
-        if cand not in known:
+
+    def better(cand: frozenset[str]) -> bool | None:
+        """Whether ``cand`` fits and beats ``current``, running it unless known; None: not known, no run left."""
+        nonlocal runs
+        if cand not in tried:
             if runs >= max_runs:
-                continue  # (no run left; a later candidate may still be known)
-            known[cand] = runner.evaluate(Plan(strat, keep=cand, threshold=runner.threshold))
+                return None
+            tried[cand] = runner.evaluate(Plan(strat, keep=cand, threshold=runner.threshold))
             runs += 1
-        o = known[cand]
-        if budget.holds(o.loss_rel_change, o.kl_div):
-            kept, out = set(cand), o
-    return [n for n in names if n in kept], out, runs
+        o = tried[cand]
+        return budget.holds(o.loss_rel_change, o.kl_div) and \
+            _fit_key(rank, budget, cand, o) < _fit_key(rank, budget, current, tried[current])
+
+    while True:
+        improved = True
+        while improved:  # 1. drop passes
+            improved = False
+            for name in sorted(current, key=lambda n: (-flops[n], -rank[n])):
+                if name in current and better(current - {name}):
+                    current, improved = current - {name}, True
+        kept = sorted(current, key=lambda n: rank[n])
+        moves = [(flops[a] + flops[b], -2, (-rank[b], -rank[a]), (), (a, b))
+                 for i, a in enumerate(kept) for b in kept[i + 1:]]
+        moves += [(flops[a] - flops[n], 0, (-rank[a],), (rank[n],), (a, n))
+                  for a in kept for n in names if n not in current and flops[n] < flops[a]]
+        moves.sort(key=lambda m: (-m[0], m[1], m[2], m[3]))
+        for gain, kind, _, _, (a, b) in moves:  # 2. pair drops and swaps
+            cand = current - {a, b} if kind == -2 else (current - {a}) | {b}
+            if better(cand):
+                current = cand
+                break
+        else:
+            return runs
 
 
 def _rec_row(kind: str, strategy: str, value: Any, keep: list[str], out: Outcome, budget: Budget, note: str) -> dict:
@@ -895,14 +944,15 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
         rows = _sensitivity(runner, s, full, layers, measured, estimate, isolated_sqnr or {}, budget)
         ranked = sorted(rows, key=lambda r: r["rank"])
         near: list = []
-        keep, out, runs, dropped = _search_keep(runner, s, full, ranked, budget, closest=near)
+        keep, out, runs, dropped, added = _search_keep(runner, s, full, ranked, budget, closest=near)
         validation_runs += runs
         note = (f"validated by {runs} run(s) over {len(runner.batches)} batch(es)" if runs
                 else "every captured GEMM in low precision already within budget" if keep == [] and
                 budget.holds(full.loss_rel_change, full.kl_div) else "")
         if dropped:
-            note += (f"; {', '.join(dropped)} dropped from the kept prefix of the ranking: the budget held without "
-                     f"{'it' if len(dropped) == 1 else 'them'}")
+            note += (f"; {', '.join(dropped)} dropped from the kept prefix of the ranking"
+                     + (f" and {', '.join(added)} kept instead" if added else "")
+                     + f": the budget held without {'it' if len(dropped) == 1 else 'them'}")
         if near:
             m, kept, o = near[0]
             note = "; ".join(x for x in (note, _NEAREST_OWN + _closest_text(

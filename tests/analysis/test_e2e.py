@@ -356,15 +356,22 @@ def test_refinement_drops_a_layer_the_ranked_prefix_keeps_in_vain() -> None:
         assert got.loss_rel_change == pytest.approx(change, rel=1e-4)
 
 
-def test_refinement_keeps_the_prefix_when_every_drop_breaks_the_budget() -> None:
-    """B's error a little larger: A+C now moves the loss by 0.0106 > 0.01, so B stays, and the set returned is the
-    prefix that fitted (never a set whose run failed)."""
+def test_refinement_swaps_when_every_drop_breaks_the_budget() -> None:
+    """B's error a little larger: A+C now moves the loss by 0.0106 > 0.01, so no single drop of the prefix A, B, C
+    fits (it was returned before swaps). Swapping B (64 columns) for one r (4) leaves B and three r's in low
+    precision: (-0.04 + 0.06, 0.095) → 0.009425, which fits with 76 of 88 columns in low precision (the prefix: 16).
+    The r's are equal, so which one is kept is the ranking's tie order."""
     model, batches = _branches({**REFINE_ERRORS, "b": (-0.04, 0.095)}, REFINE_WIDTHS)
     tables, meta = E.end_to_end(_runner(model, batches), [GRID], E.parse_budget(BUDGET), sensitivity="measured")
     rec = tables["recommendation"].iloc[0]
-    assert rec["keep_16bit"] == ["branch.a", "branch.b", "branch.c"] and rec["within_budget"]
-    assert rec["loss_rel_change"] == pytest.approx(0.0064, rel=1e-4) and "dropped" not in rec["note"]
-    assert meta["validation_runs"] == 5  # 3 prefix runs; dropping B fails, C is known to fail, A fails
+    assert rec["keep_16bit"][:2] == ["branch.a", "branch.c"] and rec["n_keep"] == 3 and rec["within_budget"]
+    swapped_in = rec["keep_16bit"][2]
+    assert re.fullmatch(r"branch\.r[1-4]", swapped_in)
+    assert rec["loss_rel_change"] == pytest.approx(0.009425, rel=1e-4)
+    assert rec["lp_flop_share"] == pytest.approx(76 / 88, abs=1e-12)
+    assert meta["validation_runs"] <= E.MAX_VALIDATION_RUNS and rec["note"] == (
+        f"validated by {meta['validation_runs']} run(s) over 1 batch(es); branch.b dropped from the kept prefix of "
+        f"the ranking and {swapped_in} kept instead: the budget held without it")
 
 
 class _VectorRunner:
@@ -401,7 +408,7 @@ def test_refinement_never_returns_a_set_that_failed_the_budget() -> None:
         rows = E._sensitivity(runner, GRID, full, names, True, None, {}, budget)
         ranked = sorted(rows, key=lambda r: r["rank"])
         runner.runs = []
-        keep, out, runs, dropped = E._search_keep(runner, GRID, full, ranked, budget)
+        keep, out, runs, dropped, added = E._search_keep(runner, GRID, full, ranked, budget)
         assert runs == len(runner.runs) <= E.MAX_VALIDATION_RUNS
         if budget.holds(full.loss_rel_change, full.kl_div):
             assert keep == [] and runs == 0
@@ -409,10 +416,124 @@ def test_refinement_never_returns_a_set_that_failed_the_budget() -> None:
         assert (frozenset(keep), out) in runner.runs  # the outcome reported is the run of that very set
         if any(budget.holds(o.loss_rel_change, o.kl_div) for _, o in runner.runs):
             assert budget.holds(out.loss_rel_change, out.kl_div)
-        prefix = [r["layer"] for r in ranked][:len(keep) + len(dropped)]
-        assert sorted(keep + dropped) == sorted(prefix) and not set(keep) & set(dropped)
+        prefix = [r["layer"] for r in ranked][:len(keep) + len(dropped) - len(added)]
+        assert sorted(set(keep) - set(added) | set(dropped)) == sorted(prefix)
+        assert not set(keep) & set(dropped) and not set(added) & set(prefix)
         refined += bool(dropped)
     assert refined > 0  # (the refinement did drop something in some of them)
+
+
+# Single drops stuck, a swap fits. Errors (x, y) in GRID's units, widths = FLOPs: A (0, 0.3) 4 wide, B 0.01 8 wide,
+# C 0.06 32 wide, D 0.04 4 wide, E 0.01 16 wide (64 columns). Ranked A, C, D, then B and E. Relative changes |Σ|²:
+# keeping A 0.0144 (fails), A+C 0.0036 (fits: the prefix search ends there, 28 of 64 columns in low precision);
+# dropping C (0.0144) or A (0.09) fails. Swapping C for D (C's 32 columns for D's 4: +28) keeps B, C, E in low
+# precision: 0.0064, fits, with 56 of 64 columns in low precision.
+SWAP_ERRORS = {"a": (0.0, 0.3), "b": (0.01, 0.0), "c": (0.06, 0.0), "d": (0.04, 0.0), "e": (0.01, 0.0)}
+SWAP_WIDTHS = {"a": 4, "b": 8, "c": 32, "d": 4, "e": 16}
+
+
+def test_refinement_swaps_a_kept_layer_when_every_single_drop_fails() -> None:
+    model, batches = _branches(SWAP_ERRORS, SWAP_WIDTHS)
+    tables, meta = E.end_to_end(_runner(model, batches), [GRID], E.parse_budget(BUDGET), sensitivity="measured")
+    assert list(tables["sensitivity"].sort_values("rank")["layer"][:3]) == ["branch.a", "branch.c", "branch.d"]
+    rec = tables["recommendation"].iloc[0]
+    assert rec["keep_16bit"] == ["branch.a", "branch.d"] and rec["within_budget"] and rec["recommended"]
+    assert rec["loss_rel_change"] == pytest.approx(0.0064, rel=1e-4)
+    assert rec["lp_flop_share"] == pytest.approx(56 / 64, abs=1e-12)  # the prefix A, C: 28 / 64
+    assert meta["validation_runs"] <= E.MAX_VALIDATION_RUNS and rec["note"] == (
+        f"validated by {meta['validation_runs']} run(s) over 1 batch(es); branch.c dropped from the kept prefix of "
+        "the ranking and branch.d kept instead: the budget held without it")
+
+
+def test_refinement_drops_a_pair_when_every_single_drop_fails() -> None:
+    """Errors in GRID's x, equal widths: B +0.4, C -0.36, A +0.15 (ranked so: |error|² 0.16, 0.13, 0.0225). Only the
+    whole prefix B, C, A fits (every branch in low precision 0.19² = 0.036, keeping B 0.21², B+C 0.15²); dropping
+    any one of the three fails (0.4², 0.36², 0.15²), and so did the search before pair drops: every layer kept,
+    nothing in low precision, no recipe recommended. Dropping B and C together leaves their errors to cancel:
+    0.04² = 0.0016. Runs: 3 prefixes (all, B, B+C), the drops of B and C (A's is the prefix B+C, known), the pair
+    drops (B, A) and (B, C) ((C, A) leaves the prefix B, known)."""
+    errors = {"a": (0.15, 0.0), "b": (0.4, 0.0), "c": (-0.36, 0.0)}
+    model, batches = _branches(errors, dict.fromkeys(errors, 4))
+    tables, meta = E.end_to_end(_runner(model, batches), [GRID], E.parse_budget(BUDGET), sensitivity="measured")
+    assert list(tables["sensitivity"].sort_values("rank")["layer"]) == ["branch.b", "branch.c", "branch.a"]
+    rec = tables["recommendation"].iloc[0]
+    assert rec["keep_16bit"] == ["branch.a"] and rec["within_budget"] and rec["recommended"]
+    assert rec["loss_rel_change"] == pytest.approx(0.0016, rel=1e-3)
+    assert rec["lp_flop_share"] == pytest.approx(2 / 3, abs=1e-12)
+    assert meta["validation_runs"] == 7 and rec["note"] == (
+        "validated by 7 run(s) over 1 batch(es); branch.b, branch.c dropped from the kept prefix of the ranking: "
+        "the budget held without them")
+
+
+def test_best_fitting_prefers_flops_then_the_smaller_metric_then_fewer_layers_then_rank() -> None:
+    budget = E.parse_budget(BUDGET)
+    names = ["l0", "l1", "l2", "l3"]
+
+    def out(share: float, change: float) -> E.Outcome:
+        return E.Outcome(1.0, 1.0 + change, 30.0, None, None, share)
+
+    tried = {frozenset(): out(1.0, 0.5),                      # the most FLOPs, but over budget
+             frozenset({"l0"}): out(0.5, 0.009),
+             frozenset({"l1"}): out(0.5, -0.004),             # same FLOPs, smaller |change|
+             frozenset({"l2", "l3"}): out(0.4, 0.0)}
+    assert E._best_fitting(names, tried, budget)[0] == {"l1"}
+    tried[frozenset({"l2"})] = out(0.5, 0.004)                # equal on both: rank order
+    assert E._best_fitting(names, tried, budget)[0] == {"l1"}
+    tried[frozenset({"l0", "l3"})] = out(0.5, 0.004)          # equal on both, more layers
+    assert E._best_fitting(names, tried, budget)[0] == {"l1"}
+    tried[frozenset({"l3"})] = out(0.5 + 2 ** -40, 0.0099)    # more FLOPs wins over any accuracy
+    assert E._best_fitting(names, tried, budget)[0] == {"l3"}
+    assert E._best_fitting(names, {frozenset(): out(1.0, 0.5)}, budget) is None
+
+
+def _neighbours(keep: frozenset[str], names: list[str], flops: dict[str, float]) -> list[frozenset[str]]:
+    """Every set one refinement move away: one or two kept layers dropped, one swapped for a smaller one."""
+    kept = sorted(keep)
+    return ([keep - {a} for a in kept] + [keep - {a, b} for i, a in enumerate(kept) for b in kept[i + 1:]]
+            + [(keep - {a}) | {n} for a in kept for n in names if n not in keep and flops[n] < flops[a]])
+
+
+def test_search_returns_the_best_fitting_set_run_and_a_local_optimum() -> None:
+    """300 seeded random layer sets: the set returned was run and kept the budget whenever any set run did, no
+    other set run that kept it has more low-precision FLOPs (or is better by _fit_key), the runs stay within
+    MAX_VALIDATION_RUNS, and when the search stopped before the cap no single drop, pair drop or swap of the set
+    returned fits with more low-precision FLOPs."""
+    gen = torch.Generator().manual_seed(11)
+    budget = E.parse_budget(BUDGET)
+    stopped_early = improved = 0
+    for _ in range(300):
+        n = int(torch.randint(3, 9, (1,), generator=gen))
+        names = [f"l{i}" for i in range(n)]
+        scale = torch.rand(n, 1, generator=gen, dtype=torch.float64) ** 2 * 0.2
+        errors = dict(zip(names, torch.randn(n, 2, generator=gen, dtype=torch.float64) * scale))
+        flops = {name: float(torch.randint(1, 100, (1,), generator=gen)) for name in names}
+        runner = _VectorRunner(errors, flops)
+        full = runner.evaluate(E.Plan(GRID))
+        rows = E._sensitivity(runner, GRID, full, names, True, None, {}, budget)
+        ranked = sorted(rows, key=lambda r: r["rank"])
+        runner.runs = []
+        keep, out, runs, dropped, added = E._search_keep(runner, GRID, full, ranked, budget)
+        assert runs == len(runner.runs) <= E.MAX_VALIDATION_RUNS
+        if budget.holds(full.loss_rel_change, full.kl_div):
+            continue
+        assert (frozenset(keep), out) in runner.runs
+        fitting = [(k, o) for k, o in runner.runs if budget.holds(o.loss_rel_change, o.kl_div)]
+        if not fitting:
+            continue
+        assert budget.holds(out.loss_rel_change, out.kl_div)
+        assert all(o.lp_flop_share <= out.lp_flop_share for _, o in fitting)
+        rank = {r["layer"]: i for i, r in enumerate(ranked)}
+        assert min(E._fit_key(rank, budget, k, o) for k, o in fitting) == E._fit_key(rank, budget, frozenset(keep), out)
+        prefix_out = next(o for k, o in runner.runs if k == frozenset(keep) - set(added) | set(dropped))
+        improved += out.lp_flop_share > prefix_out.lp_flop_share and bool(added or len(dropped) > 1)
+        if runs < E.MAX_VALIDATION_RUNS:
+            stopped_early += 1
+            check = _VectorRunner(errors, flops)
+            for cand in _neighbours(frozenset(keep), names, flops):
+                o = check.evaluate(E.Plan(GRID, keep=cand))
+                assert not (budget.holds(o.loss_rel_change, o.kl_div) and o.lp_flop_share > out.lp_flop_share), \
+                    (keep, sorted(cand))
+    assert stopped_early > 0 and improved > 0  # (both branches were exercised)
 
 
 # ---------------------------------------------------------------------------------------------------
