@@ -18,6 +18,11 @@ KEEP_16BIT_DB = 20.0
 # small (QA F7: per-sample loss weights over 14 decades, 46-66 % flushed under per-tensor FP8). Well-scaled operands
 # flush well under 1 %, so 10 % flags a scale that does not fit the data, not rounding noise.
 UNDERFLOW_WARN_FRAC = 0.10
+# The FP8 recipes with a finer scale than one per tensor (analysis/strategies.py: one per row along the contraction
+# dim, 1x128 tiles, blocks of 32), in the order the underflow warning offers them. Names only: report does not
+# import analysis. The warning names only those a run did not try: it suggested ocp-rowwise to a run of ocp-rowwise
+# whose outliers sit inside each row (QA F5).
+FINER_SCALE_RECIPES = ("ocp-rowwise", "mxfp8", "ocp-blockwise", "mxfp8-rceil")
 # Layer names listed inline in one verdict line before "… and N more".
 MAX_NAMES = 6
 # What an outlier threshold of 0 means (SPEC §5.1: no outlier columns when threshold == 0): said beside the value.
@@ -214,11 +219,27 @@ def underflow_warnings(operands: Records, strategies: Sequence[str],
                                 and r["underflow_frac"] <= limit}]
         # (what keeps them is the recipe's business: a finer scale, or a format with more range such as E5M2)
         helps = (f"at or under {pct(limit, 0)} in those layers: {', '.join(clean)}" if clean else
-                 "no recipe of this run stays under it there: a per-row or per-block scale (e.g. ocp-rowwise, mxfp8) "
-                 "gives small rows their own scale")
+                 _no_recipe_helps([*strategies, *(r.get("strategy") for r in mine)], hit))
         out.append(f"{op} underflow: over {pct(limit, 0)} of its non-zero elements flush to zero under "
                    f"{'; '.join(said)}; {helps}")
     return out
+
+
+def _no_recipe_helps(run: Sequence[str], hit: Mapping[str, Any]) -> str:
+    """Why no recipe of the run keeps an operand from flushing: the finer-scaled recipes the run did not try, and
+    those it tried that flush too (their scales did not help: the small values share rows or blocks with large ones)."""
+    tried = [s for s in FINER_SCALE_RECIPES if s in hit]
+    untried = [s for s in FINER_SCALE_RECIPES if s not in run]
+    text = "no recipe of this run stays under it there"
+    if tried:
+        text += (f", not even the finer scales of {', '.join(tried)}: the small values sit inside each row or block "
+                 "next to large ones")
+    if untried and tried:
+        text += f"; other per-row or per-block scales (e.g. {', '.join(untried[:2])}) were not tried"
+    elif untried:
+        text += (f": a per-row or per-block scale (e.g. {', '.join(untried[:2])}) gives small rows their own "
+                 "scale")
+    return text
 
 
 def lp_share_text(share: Any, coverage: Mapping | None, short: bool = False) -> str:

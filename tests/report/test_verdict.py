@@ -276,17 +276,46 @@ def test_a_recipe_flushing_a_large_share_of_an_operand_is_warned_with_what_avoid
     # the limit is the named constant, inclusive of it: exactly 10 % is not flagged
     at = [dict(r, underflow_frac=UNDERFLOW_WARN_FRAC if r["underflow_frac"] > 0.1 else r["underflow_frac"]) for r in rows]
     assert not any("underflow" in x for x in verdict_lines({"operands": at}))
-    # nothing in the run avoids it: say what would
+    # nothing in the run avoids it: say what might (test_the_underflow_hint_names_only_recipes_the_run_did_not_try)
     every = _operands(12, {s: (0.2, 0.3) for s in ("ocp-tensorwise", "ocp-rowwise", "global")})
     line = next(x for x in verdict_lines({"operands": every}) if "underflow" in x)
-    assert line.endswith("no recipe of this run stays under it there: a per-row or per-block scale (e.g. ocp-rowwise, "
-                         "mxfp8) gives small rows their own scale")
+    assert "no recipe of this run stays under it there" in line
     # and the report's verdict says it too, not only the collapsed per-layer tables
     data = _small()
     data["tables"]["operands"] = rows
     html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
     verdict = html[html.index('id="verdict"'):html.index("</section>")]
     assert "warning: grad_output underflow: over 10 % of its non-zero elements flush to zero under ocp-tensorwise" in verdict
+
+
+def test_the_underflow_hint_names_only_recipes_the_run_did_not_try() -> None:
+    """A run of ocp-rowwise alone, flushing 88 % of fcs.3's activations, was told that "a per-row or per-block scale
+    (e.g. ocp-rowwise, mxfp8)" would help (QA F5): the examples never name a recipe of the run, and a run of every
+    finer-scaled recipe is told that their scales did not help."""
+    from fp8probe.report.verdict import FINER_SCALE_RECIPES, underflow_warnings
+
+    rng = random.Random(13)
+
+    def rows(recipes: list[str]) -> list[dict]:
+        return [{"layer": layer, "strategy": s, "operand": "activation", "underflow_frac": rng.uniform(0.2, 0.9)}
+                for layer in ("fcs.2", "fcs.3") for s in recipes]
+
+    # a per-tensor run: the finer scales are worth a try
+    (line,) = underflow_warnings(rows(["ocp-tensorwise"]), ["ocp-tensorwise"])
+    assert line.endswith("no recipe of this run stays under it there: a per-row or per-block scale (e.g. ocp-rowwise, "
+                         "mxfp8) gives small rows their own scale")
+    # the run's own per-row recipe flushes too: it is not offered as the cure, the untried ones are
+    (line,) = underflow_warnings(rows(["ocp-rowwise"]), ["ocp-rowwise"])
+    assert line.endswith("no recipe of this run stays under it there, not even the finer scales of ocp-rowwise: the "
+                         "small values sit inside each row or block next to large ones; other per-row or per-block "
+                         "scales (e.g. mxfp8, ocp-blockwise) were not tried")
+    # every finer-scaled recipe was run and flushes: nothing to offer, and no example named
+    every = ["ocp-tensorwise", *FINER_SCALE_RECIPES]
+    (line,) = underflow_warnings(rows(every), every)
+    assert line.endswith(f"no recipe of this run stays under it there, not even the finer scales of "
+                         f"{', '.join(FINER_SCALE_RECIPES)}: the small values sit inside each row or block next to "
+                         "large ones")
+    assert "e.g." not in line
 
 
 def test_a_loss_change_too_small_for_two_decimals_keeps_two_significant_digits() -> None:
