@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from fp8probe import functional as F
 from fp8probe.report.schema import NOTE_NEAREST_PLAN
+from fp8probe.report.verdict import signed_pct
 
 from . import distributed
 from .capture import _to_device, choose_loss, graph_inputs, is_exported_graph, params_require_grad
@@ -840,7 +841,8 @@ _NEAREST_OWN = "only every layer in 16-bit fits: "
 
 
 def _round_up(x: float, digits: int = 2) -> float:
-    """``x`` rounded up to ``digits`` significant digits (a budget printed from it still accepts ``x``)."""
+    """``x`` rounded up to ``digits`` significant digits (a budget printed from it still accepts ``x``; the loss
+    beside it, rounded to nearest with at least as many, never reads above it)."""
     if x <= 0 or not math.isfinite(x):
         return x
     step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
@@ -850,7 +852,9 @@ def _round_up(x: float, digits: int = 2) -> float:
 def _closest_text(strategy: str, metric: float, keep: list[str], out: Outcome, budget: Budget) -> str:
     """The tried plan nearest the budget, and the budget that would accept it."""
     shown = ", ".join(keep[:4]) + (", ..." if len(keep) > 4 else "")
-    what = f"loss {100 * out.loss_rel_change:+.2f} %" if budget.kind == "loss" else f"KL {metric:.3g}"
+    # (the verdict's format, with two significant digits under 0.1 %: "+.2f" printed "+0.01 %" beside the
+    # "--budget 0.007%" that accepts it, QA F6)
+    what = f"loss {signed_pct(out.loss_rel_change, two_sig=True)}" if budget.kind == "loss" else f"KL {metric:.3g}"
     loosen = f"{_round_up(100 * metric):g}%" if budget.kind == "loss" else f"kl:{_round_up(metric):g}"
     return (f"{strategy} keeping {len(keep)} layer(s) in 16-bit ({shown or 'none'}) reaches {what} with "
             f"{100 * out.lp_flop_share:.1f} % of GEMM FLOPs in low precision (--budget {loosen} would accept it)")

@@ -271,6 +271,26 @@ def test_budget_zero_keeps_layers_until_exact() -> None:
     assert 0 < got.kl_div <= loosen and loosen <= got.kl_div * 1.1 and len(nearest) == 1
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_nearest_plan_text_never_shows_a_loss_above_the_budget_it_suggests(seed: int) -> None:
+    """The nearest plan read "reaches loss +0.01 % ... (--budget 0.007% would accept it)": the loss printed with two
+    decimals, the budget with two significant digits (QA F6). Changes from 1e-7 to 10 (relative), either sign: the
+    loss shown is at most the budget suggested and keeps at least two significant digits under 0.1 %."""
+    gen = torch.Generator().manual_seed(seed)
+    exps = torch.empty(200).uniform_(-7, 1, generator=gen)
+    signs = torch.randint(0, 2, (200,), generator=gen) * 2 - 1
+    budget = E.Budget("loss", 0.0)
+    for change in (signs * 10.0 ** exps).tolist() + [6.94e-5, -6.94e-5, 2.9e-4, 9.51e-4, 9.99e-4]:
+        out = E.Outcome(loss_hp=2.0, loss_lp=2.0 * (1 + change), output_sqnr_db=30.0, kl_div=None,
+                        top1_agreement=None, lp_flop_share=0.5)
+        text = E._closest_text("ocp-rowwise", abs(out.loss_rel_change), ["fcs.3"], out, budget)
+        shown = float(re.search(r"reaches loss ([-+0-9.e]+) %", text).group(1))
+        loosen = float(re.search(r"--budget ([0-9.e+-]+)% would accept it", text).group(1))
+        assert abs(shown) <= loosen and loosen >= 100 * abs(out.loss_rel_change), (change, text)
+        if abs(shown) < 0.1:  # two significant digits, not "+0.01 %" for 0.0069 %
+            assert abs(abs(shown) / (100 * abs(out.loss_rel_change)) - 1) <= 0.05, (change, text)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The keep-set refinement: a layer the ranked prefix keeps in vain is dropped, by validated runs
 # ---------------------------------------------------------------------------------------------------

@@ -328,6 +328,10 @@ def test_a_loss_change_too_small_for_two_decimals_keeps_two_significant_digits()
     assert signed_pct(-0.25) == "-25.00 %"
     assert signed_pct(4.9e-5) == "+0.0049 %"  # (rounds to 0.00 at two decimals)
     assert signed_pct(5.0e-5) == "+0.01 %"
+    # beside a bound of two significant digits (the nearest plan's --budget): two of them under 0.1 % (QA F6)
+    assert signed_pct(6.94e-5, two_sig=True) == "+0.0069 %"
+    assert signed_pct(-9.51e-4, two_sig=True) == "-0.095 %"
+    assert signed_pct(0.0012, two_sig=True) == "+0.12 %"
 
 
 def test_a_kl_the_loss_hides_is_warned_of_with_a_kl_budget_to_try() -> None:
