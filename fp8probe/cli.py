@@ -999,7 +999,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
                 markdown_file: str | None, allow_missing: bool) -> None:
     """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded or baseline
     rows are missing, else 0. Only quantised GEMMs are gated (see the gate text)."""
-    from fp8probe.report.compare import Gates, compare_markdown, compare_results, gated_text
+    from fp8probe.report.compare import Gates, compare_markdown, compare_results, failed_text, gated_text
     from fp8probe.report.render import render_compare
 
     out = Path(out_dir)
@@ -1050,8 +1050,8 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     if comparison["passed"]:
         click.echo("PASS: no gate exceeded")
         return
-    click.echo(f"FAIL: {len(comparison['violations'])} gate violation(s) in layer(s): "
-               + ", ".join(_printable(x) for x in comparison["failed_layers"]), err=True)
+    click.echo(f"FAIL: {len(comparison['violations'])} gate violation(s): {failed_text(comparison, _printable)}",
+               err=True)
     for v in comparison["violations"]:
         click.echo(f"  {v['gate']}: {_printable(v['layer'])}: {_printable(v['detail'])}", err=True)
     ctx.exit(EXIT_GATE_FAILED)

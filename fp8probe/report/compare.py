@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -156,6 +156,19 @@ def _summary(results: Mapping) -> dict:
 
 E2E_GATE_LAYER = "(end to end)"  # what a max-loss-increase violation names instead of a layer
 SETTINGS_GATE_LAYER = "(recipe settings)"  # what a recipe-settings violation names instead of a layer
+#: How the FAIL headlines name the gates over the whole run, which are not layers to count (QA F8: "FAIL — 3
+#: layer(s)" for fcs.2, fcs.3 and the end-to-end loss).
+WHOLE_RUN_GATES = {E2E_GATE_LAYER: "the end-to-end gate", SETTINGS_GATE_LAYER: "the recipe-settings gate"}
+
+
+def failed_text(comparison: Mapping, name: Callable[[str], str] | None = None) -> str:
+    """What failed, for the FAIL headlines: "2 layer(s) + the end-to-end gate"; with ``name`` (how to print a layer
+    name) the layers are listed too: "2 layer(s) (fcs.2, fcs.3) + the end-to-end gate"."""
+    failed = comparison["failed_layers"]
+    layers = [x for x in failed if x not in WHOLE_RUN_GATES]
+    listed = f" ({', '.join(name(x) for x in layers)})" if name else ""
+    return " + ".join([*([f"{len(layers)} layer(s){listed}"] if layers else []),
+                       *(WHOLE_RUN_GATES[x] for x in failed if x in WHOLE_RUN_GATES)])
 
 
 def _e2e_gate(baseline: Mapping, current: Mapping, gates: Gates, violations: list[dict]) -> list[dict]:
@@ -355,7 +368,7 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
 def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
     """A Markdown summary (for a CI job summary): verdict, gates, violations, the largest SQNR drops."""
     g = comparison["gates"]
-    verdict = "✅ **PASS**" if comparison["passed"] else f"❌ **FAIL** — {len(comparison['failed_layers'])} layer(s)"
+    verdict = "✅ **PASS**" if comparison["passed"] else f"❌ **FAIL** — {failed_text(comparison)}"
     lines = [f"## fp8probe compare: {verdict}", "",
              f"Baseline {_md_code(comparison['baseline']['name'], False)} ({_md_code(comparison['baseline']['created'], False)}) → "
              f"current {_md_code(comparison['current']['name'], False)} ({_md_code(comparison['current']['created'], False)}).", "",
@@ -435,6 +448,7 @@ def build_compare_view(comparison: Mapping) -> dict:
         "passed": comparison["passed"], "baseline": comparison["baseline"], "current": comparison["current"],
         "gates": {k: "off" if v is None else f"{v:g}" for k, v in g.items()},
         "violations": comparison["violations"], "failed_layers": comparison["failed_layers"],
+        "failed": failed_text(comparison, str),
         "added_layers": comparison["added_layers"], "removed_layers": comparison["removed_layers"],
         "figure": fig,
         "sqnr": _table("cmp-sqnr", ["layer", "recipe", "GEMM / tensor", "baseline dB", "current dB", "Δ dB"], [

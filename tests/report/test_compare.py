@@ -63,6 +63,24 @@ def test_degraded_layer_fails_and_is_named(base: dict, tmp_path: Path) -> None:
     assert DEGRADED in (tmp_path / "c" / "compare.html").read_text()
 
 
+def test_the_end_to_end_gate_is_not_counted_as_a_layer(base: dict, tmp_path: Path) -> None:
+    """A degraded layer and a failed end-to-end gate read "FAIL: ... in layer(s): fcs.2, fcs.3, (end to end)" and
+    "FAIL — 3 layer(s)" (QA F8): the headlines count the layers and name the whole-run gate apart."""
+    cur = _write(tmp_path, "cur.json", _degrade(base))  # (the baseline has no e2e table: the e2e gate fails too)
+    res = CliRunner().invoke(cli, ["compare", str(DATA), cur, "--out", str(tmp_path / "c"),
+                                   "--max-loss-increase", "0.005"])
+    assert res.exit_code == 1, res.output
+    fail_line = next(ln for ln in res.output.splitlines() if ln.startswith("FAIL"))
+    assert fail_line == f"FAIL: 2 gate violation(s): 1 layer(s) ({DEGRADED}) + the end-to-end gate"
+    md = (tmp_path / "c" / "compare.md").read_text(encoding="utf-8")
+    assert md.splitlines()[0] == "## fp8probe compare: ❌ **FAIL** — 1 layer(s) + the end-to-end gate"
+    html = (tmp_path / "c" / "compare.html").read_text(encoding="utf-8")
+    assert f"2 gate violations:\n1 layer(s) ({DEGRADED}) + the end-to-end gate</div>" in html
+    # the end-to-end gate alone: no "0 layer(s)"
+    only = compare_results(base, base, Gates(max_loss_increase=0.005))
+    assert compare_markdown(only).splitlines()[0] == "## fp8probe compare: ❌ **FAIL** — the end-to-end gate"
+
+
 def test_gate_limit_is_respected(base: dict) -> None:
     cur = _degrade(base, drop_db=0.9)
     assert compare_results(base, cur, Gates(max_sqnr_drop=1.0))["passed"]
