@@ -462,6 +462,9 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
 _LOSS_HELP = ("module:function called as fn(output, batch) -> scalar loss; batch['labels'] / batch[0] read the saved "
               "dict's keys / tuple's items (also batch.kwargs, batch.args)")
 
+#: analyze and both sweeps (one definition: the sweeps lacked it while the README promised it to every command).
+_NO_HTML = _option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
+
 _INT8_ROW_SCALE = _option(
     "--int8-row-scale", type=click.Choice(["bnb", "paper"]), default="bnb", show_default=True,
     help="LLM.int8 row absmax: bnb (sub-threshold values of outlier columns count, bitsandbytes) or paper "
@@ -527,7 +530,7 @@ def _echo_checkpoint_note(note: str) -> None:
 @_option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @_option("--name", default=None, help="run name (default: the model file's stem)")
 @_option("--quiet", "-q", is_flag=True, help="no progress bar")
-@_option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
+@_NO_HTML
 @_option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
               help="torch intra-op CPU threads (default: torch's choice). 1 is often fastest: per-layer tensors "
                    "are small (demo: 2.0 s with 1 thread vs 10.8 s with 2 on a busy 2-core machine)")
@@ -1122,6 +1125,7 @@ def _sweep_options(func):
                      help="output directory (default reports/<name>-<command>/)"),
         _option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
         _option("--name", default=None, help="run name (default: the model file's stem)"),
+        _NO_HTML,
         *_RUN_OUTPUT_OPTIONS,
         _option("--budget", "budget_spec", default="0.01", show_default=True,
                      help="end-to-end budget for the model-wide value: relative loss change either way (0.01 or 1%) or "
@@ -1176,7 +1180,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                out_dir: str | None, overwrite: bool, name: str | None, quiet: bool, threads: int | None,
                output_format: str, include_embeddings: bool = False, budget_spec: str = "0.01",
-               no_e2e: bool = False, int8_row_scale: str | None = None) -> None:
+               no_e2e: bool = False, int8_row_scale: str | None = None, no_html: bool = False) -> None:
     import json
 
     from fp8probe.analysis.e2e import parse_budget
@@ -1210,7 +1214,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
                                "sweep-threshold needs the model run on inputs (--factory with --inputs, a .pt2 program, "
                                "or the Hugging Face directory with --inputs)")
         _sweep_weights(ckpt, values, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
-                       run_name=run_name)
+                       run_name=run_name, no_html=no_html)
         return
     with _threads(threads):
         _replay_process()
@@ -1229,7 +1233,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
             return
         remove_outputs(stale)
         paths = results.save(out)
-        html = render_report(results.to_json(), out / "index.html")
+        html = None if no_html else render_report(results.to_json(), out / "index.html")
     table = results.tables["blocksize_sweep" if kind == "sweep-blocksize" else "threshold_sweep"]
     rec = table[table["recommended"]]
     if kind == "sweep-blocksize":
@@ -1237,7 +1241,8 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     rule = next(iter(results.metadata["recommendations"].values()))
     if output_format == "json":
         value, sqnr = ("blocksize", "sqnr_db") if kind == "sweep-blocksize" else ("threshold", "fprop_sqnr_db")
-        click.echo(json.dumps(_json_safe({"results": str(paths["json"]), "html": str(html), "rule": rule,
+        click.echo(json.dumps(_json_safe({"results": str(paths["json"]), "html": None if html is None else str(html),
+                                          "rule": rule,
                                           "coverage": results.metadata["coverage"],
                                           "recommended": [{"layer": r["layer"], value: r[value], "fprop_sqnr_db": r[sqnr]}
                                                           for r in rec.to_dict("records")]}), indent=1, default=str))
@@ -1266,7 +1271,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
                    f"{100 * change:+.2f} %, {status} the budget ({budget_text(r['budget'], r['budget_kind'])})")
     _warn_no_gradient(results)
-    click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
+    click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
 
 
 def _warn_nonfinite_operands(metadata: dict) -> None:
@@ -1278,7 +1283,7 @@ def _warn_nonfinite_operands(metadata: dict) -> None:
 
 
 def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, include_embeddings: bool, out: Path,
-                   stale: list[Path], run_name: str) -> None:
+                   stale: list[Path], run_name: str, no_html: bool = False) -> None:
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.weights_only import sweep_blocksize_weights
     from fp8probe.report.render import render_report
@@ -1293,7 +1298,7 @@ def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, incl
                            + (f" or not matched by --layers {layers!r}" if layers else "") + ")")
     remove_outputs(stale)
     paths = results.save(out)
-    html = render_report(results.to_json(), out / "index.html")
+    html = None if no_html else render_report(results.to_json(), out / "index.html")
     _weights_banner(results)
     table = results.tables["blocksize_sweep"]
     click.echo(f"{'layer':<40} {'recommended':>11} {'weight SQNR dB':>14}")
@@ -1301,7 +1306,7 @@ def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, incl
         click.echo(f"{_printable(r['layer'])[:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>14.2f}")
     _warn_nonfinite_operands(results.metadata)
     click.echo(f"rule: {results.metadata['recommendations']['blocksize_sweep']}")
-    click.echo(f"results: {_printable(paths['json'])}; report: {_printable(html)}")
+    click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
 
 
 @cli.command("sweep-blocksize")

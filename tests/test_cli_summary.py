@@ -121,6 +121,27 @@ def test_sweeps_accept_quiet_threads_and_json(command: str, extra: list[str], tm
     assert doc["rule"]
 
 
+@pytest.mark.parametrize("command, extra", [("sweep-blocksize", ["--blocksizes", "64,256"]),
+                                            ("sweep-threshold", ["--thresholds", "0,6"])])
+def test_sweeps_accept_no_html_as_analyze_does(command: str, extra: list[str], tmp_path: Path) -> None:
+    """The README promised `--no-html` (JSON and CSVs only) to every command; the sweeps refused it with exit 2
+    (QA F9). It is analyze's option, help text and all, and no index.html is written."""
+    help_of = {name: next(p.help for p in cli.commands[name].params if p.name == "no_html")
+               for name in ("analyze", command)}
+    assert help_of[command] == help_of["analyze"]
+    out = tmp_path / "s"
+    res = _invoke([command, TINY, *extra, "--batches", "1", "--layers", "fc1", "--out", str(out), "-q",
+                   "--threads", "1", "--no-e2e", "--no-html", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["html"] is None and Path(doc["results"]).is_file() and not (out / "index.html").exists()
+    res = _invoke([command, TINY, *extra, "--batches", "1", "--layers", "fc1", "--out", str(out), "-q",
+                   "--threads", "1", "--no-e2e", "--no-html", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-1] == f"results: {out / 'results.json'}; no HTML report written"
+    assert not (out / "index.html").exists()
+
+
 def test_demo_accepts_quiet_threads_and_json(tmp_path: Path) -> None:
     res = _invoke(["demo", "--small", "--out", str(tmp_path / "d"), "-q", "--threads", "1", "--format", "json"])
     assert res.exit_code == 0, res.output
