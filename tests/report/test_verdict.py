@@ -357,3 +357,10 @@ def test_a_kl_the_loss_hides_is_warned_of_with_a_kl_budget_to_try() -> None:
                 r.update(change)
         lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows, "coverage": coverage_rows()})
         assert not any("cancel" in x for x in lines), (change, lines)
+
+
+def test_the_finer_scale_recipes_the_underflow_hint_offers_exist() -> None:
+    """report may not import analysis, so verdict names the finer-scaled recipes itself: each must be a recipe."""
+    from fp8probe.analysis.strategies import STRATEGIES
+    from fp8probe.report.verdict import FINER_SCALE_RECIPES
+    assert set(FINER_SCALE_RECIPES) <= set(STRATEGIES)
