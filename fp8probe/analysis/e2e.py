@@ -854,7 +854,7 @@ def _closest_text(strategy: str, metric: float, keep: list[str], out: Outcome, b
     shown = ", ".join(keep[:4]) + (", ..." if len(keep) > 4 else "")
     # (the verdict's format, with two significant digits under 0.1 %: "+.2f" printed "+0.01 %" beside the
     # "--budget 0.007%" that accepts it, QA F6)
-    what = f"loss {signed_pct(out.loss_rel_change, two_sig=True)}" if budget.kind == "loss" else f"KL {metric:.3g}"
+    what = f"loss {signed_pct(out.loss_rel_change)}" if budget.kind == "loss" else f"KL {metric:.3g}"
     loosen = f"{_round_up(100 * metric):g}%" if budget.kind == "loss" else f"kl:{_round_up(metric):g}"
     return (f"{strategy} keeping {len(keep)} layer(s) in 16-bit ({shown or 'none'}) reaches {what} with "
             f"{100 * out.lp_flop_share:.1f} % of GEMM FLOPs in low precision (--budget {loosen} would accept it)")

@@ -61,21 +61,21 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
-def signed_pct(v: Any, digits: int = 2, two_sig: bool = False) -> str:
-    """A relative change as a signed percentage ("+0.12 %"); "–" when not measured. A change too small for
-    ``digits`` decimals gets two significant digits ("+3.2e-05 %"): the demo's sensitivity table read "+0.00 %"
-    and "-0.00 %" in every row, so its ranking could not be told from the numbers shown.
-
-    ``two_sig``: two significant digits for every change under 10^(1-digits) % (0.1 % at two decimals), where the
-    decimals hold fewer than two. A number shown beside a bound rounded up to two significant digits then never
-    reads above it: the nearest plan's "+0.01 %" stood beside the "--budget 0.007%" that accepts it (QA F6)."""
+def signed_pct(v: Any, digits: int = 2) -> str:
+    """A relative change as a signed percentage ("+0.12 %"); "–" when not measured. Under 10^(1-digits) % (0.1 % at
+    two decimals), where the decimals hold fewer than two significant digits, two significant digits ("+0.016 %",
+    "+3.2e-05 %"):
+    * the demo's sensitivity table read "+0.00 %" / "-0.00 %" in every row, and -0.0159 % / 0.0103 % / 0.0109 %
+      read "-0.02 %" / "+0.01 %" / "+0.01 %" (QA): rankings and ties could not be told from the numbers shown;
+    * a change shown beside a bound rounded up to two significant digits (the nearest plan's --budget) then never
+      reads above it: "+0.01 %" stood beside the "--budget 0.007%" that accepts it (QA F6)."""
     x = _num(v)
     if x is None:
         return "–"
     if math.isinf(x):
         return "+∞ %" if x > 0 else "−∞ %"
-    if x != 0 and abs(100 * x) < (10.0 ** (1 - digits) if two_sig else 0.5 * 10.0 ** -digits):
-        return f"{100 * x:+.2g} %"
+    if x != 0 and abs(100 * x) < 10.0 ** (1 - digits):
+        return f"{100 * x:+#.2g} %"
     return f"{100 * x:+.{digits}f} %"
 
 

@@ -319,19 +319,21 @@ def test_the_underflow_hint_names_only_recipes_the_run_did_not_try() -> None:
 
 
 def test_a_loss_change_too_small_for_two_decimals_keeps_two_significant_digits() -> None:
-    """The demo's sensitivity table read "+0.00 %" / "-0.00 %" in every row: its ranking could not be read."""
+    """The demo's sensitivity table read "+0.00 %" / "-0.00 %" in every row, and -0.0159 % / 0.0103 % / 0.0109 % read
+    "-0.02 %" / "+0.01 %" / "+0.01 %": rankings and ties could not be read (QA)."""
     from fp8probe.report.verdict import signed_pct
     assert signed_pct(3.21e-7) == "+3.2e-05 %"
-    assert signed_pct(-4.0e-6) == "-0.0004 %"
+    assert signed_pct(-4.0e-6) == "-0.00040 %"
     assert signed_pct(0.0) == "+0.00 %"
     assert signed_pct(0.0012) == "+0.12 %"
     assert signed_pct(-0.25) == "-25.00 %"
-    assert signed_pct(4.9e-5) == "+0.0049 %"  # (rounds to 0.00 at two decimals)
-    assert signed_pct(5.0e-5) == "+0.01 %"
-    # beside a bound of two significant digits (the nearest plan's --budget): two of them under 0.1 % (QA F6)
-    assert signed_pct(6.94e-5, two_sig=True) == "+0.0069 %"
-    assert signed_pct(-9.51e-4, two_sig=True) == "-0.095 %"
-    assert signed_pct(0.0012, two_sig=True) == "+0.12 %"
+    assert signed_pct(4.9e-5) == "+0.0049 %"
+    assert signed_pct(-1.59e-4) == "-0.016 %"
+    assert (signed_pct(1.03e-4), signed_pct(1.09e-4)) == ("+0.010 %", "+0.011 %")
+    assert signed_pct(9.99e-4) == "+0.10 %" and signed_pct(1.0e-3) == "+0.10 %"
+    # beside a bound of two significant digits (the nearest plan's --budget) it never reads above it (QA F6)
+    assert signed_pct(6.94e-5) == "+0.0069 %"
+    assert signed_pct(-9.51e-4) == "-0.095 %"
 
 
 def test_a_kl_the_loss_hides_is_warned_of_with_a_kl_budget_to_try() -> None:
