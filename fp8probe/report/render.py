@@ -609,6 +609,14 @@ def _share(value: Any) -> dict:
     return cell(100.0 * value, "{:.1f}%") if _isnum(value) else cell(value)
 
 
+def _small_share(value: float) -> dict:
+    """A share that may be tiny but not zero (saturated elements): two significant digits under 0.1 % ("0.0012%"),
+    where "0.0%" stood beside 5 saturated elements (QA)."""
+    if value == 0 or 100.0 * value >= 0.1:
+        return _share(value)
+    return cell(100.0 * value, "{:#.2g}%")
+
+
 def _budget_cell(value: Any) -> dict:
     if value is None:
         return cell(None)
@@ -744,15 +752,17 @@ def _delayed_section(tables: Mapping) -> dict | None:
     rows = tables.get("delayed_scaling", [])
     if not rows:
         return None
-    return {"table": _table("delayed-scaling", ["layer", "strategy", "operand", "batches", "first-batch (own amax)",
-                                                "overflow batches", "saturated elements", "saturated share",
+    # "casts", not "batches": the counts are casts of the operand, one per batch at a linear site but one per batch
+    # and head slice at an attention GEMM (QA: "batches" read 128 for a run of 4 batches)
+    return {"table": _table("delayed-scaling", ["layer", "strategy", "operand", "casts", "first casts (own amax)",
+                                                "overflow casts", "saturated elements", "saturated share",
                                                 "max amax / amax of the scale"], [
         [cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("operand")), cell(r.get("batches"), "{:.0f}"),
          cell(r.get("warmup_batches"), "{:.0f}"),
          cell(r.get("overflow_batches"), "{:.0f}", "bad" if _isnum(r.get("overflow_batches")) and r["overflow_batches"]
               else ""),
          cell(r.get("saturated"), "{:.0f}"),
-         _share(r["saturated"] / r["elements"]) if _isnum(r.get("saturated")) and _isnum(r.get("elements"))
+         _small_share(r["saturated"] / r["elements"]) if _isnum(r.get("saturated")) and _isnum(r.get("elements"))
          and r["elements"] > 0 else cell(None),
          cell(r.get("max_amax_ratio"), "{:.3f}")] for r in rows])}
 

@@ -1,6 +1,8 @@
 """Delayed scaling: scales from earlier batches' amax (hand-computed with torch's native float8 casts), first batch, overflow counts, state per pass in analyze / e2e / training."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -231,3 +233,15 @@ def test_scale_is_float32_arithmetic() -> None:
                 scale, limit, warmup = state.scale_for("fc", "x", 0.0, fmt)
                 assert not warmup
                 assert (scale, limit) == ((w, a * 2.0 ** margin) if w > 0 else (1.0, fmax)), (a, margin)
+
+
+def test_report_counts_casts_and_shows_a_tiny_saturated_share() -> None:
+    """The report's delayed-scaling table called its counts "batches" (128 for an attention GEMM of a 4-batch run:
+    one cast per batch and head slice) and showed "0.0%" beside 5 saturated elements (QA of the HTML report)."""
+    from fp8probe.report.render import _delayed_section
+    rows = [{"layer": "l", "strategy": "delayed", "operand": "activation", "batches": 8, "warmup_batches": 2,
+             "overflow_batches": 1, "saturated": 5, "elements": 400_000, "max_amax_ratio": 1.3}]
+    table = _delayed_section({"delayed_scaling": rows})["table"]
+    text = json.dumps(table)
+    assert "casts" in text and "batches" not in text
+    assert "0.0013%" in text
