@@ -125,3 +125,13 @@ def test_percent_cells_do_not_shade_zero_or_negligible_shares() -> None:
     assert _pct(0.0) == {"text": "0", "sort": 0.0, "cls": ""}
     assert _pct(3e-5)["text"] == "<0.01%" and _pct(3e-5)["cls"] == ""
     assert _pct(0.004)["text"] == "0.40%" and _pct(0.004)["cls"] == "warn"
+
+
+def test_a_long_keep_list_in_the_verdict_links_to_the_whole_list(tmp_path: Path) -> None:
+    """The verdict banner cut the kept layers at 12 with "…" and no way to the rest (QA of the HTML report)."""
+    data = deep_results(n_layers=30, strategies=("mxfp8",), sweeps=False)
+    layers = list(dict.fromkeys(r["layer"] for r in data["tables"]["layers"]))
+    data = with_agreed_tables(data, keep=layers[:15])
+    html = render_report(data, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert html.count('<a href="#recommendation">all 15 in the Recommendation table</a>') == 2, html[:3000]
+    assert 'id="recommendation"' in html
