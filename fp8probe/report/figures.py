@@ -214,13 +214,17 @@ def scale_exponent_histograms(panels: Sequence[Mapping]) -> Figure:
     fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, top=1 - 0.35 / height, bottom=0.55 / height,
                         wspace=0.9 / 4.2)
     axes = fig.subplots(1, n, squeeze=False)[0]
+    # one colour per strategy across the panels: a panel without one (the weight has no "mixed" series) shifted
+    # every later strategy's colour when each panel counted its own (QA of the HTML report)
+    colour = {label: PALETTE[i % len(PALETTE)]
+              for i, label in enumerate(dict.fromkeys(s["label"] for panel in panels for s in panel["series"]))}
     for ax, panel in zip(axes, panels):
-        for i, s in enumerate(panel["series"]):
+        for s in panel["series"]:
             total = sum(s["counts"]) or 1
             xs = [e for e in s["exps"] for _ in (0, 1)]
             xs = [x + d for x, d in zip(xs, [-0.5, 0.5] * len(s["exps"]))]
             ys = [c / total for c in s["counts"] for _ in (0, 1)]
-            ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], label=_short(s["label"], 24), linewidth=1.4)
+            ax.plot(xs, ys, color=colour[s["label"]], label=_short(s["label"], 24), linewidth=1.4)
         ax.set_title(_short(panel["title"]), fontsize=9)
         ax.set_xlabel("floor(log2 block scale)")
         ax.set_ylabel("share of blocks")

@@ -42,3 +42,15 @@ def test_missing_and_empty_panels_leave_their_row_blank() -> None:
     assert len(fig.axes) == 2 and [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b", "c"]
     assert math.isfinite(fig.axes[1].get_xlim()[1])
     figures.figure_to_data_uri(fig)
+
+
+def test_block_scale_panels_give_each_strategy_one_colour() -> None:
+    """A panel without a strategy (the weight has no "mixed" series) shifted every later strategy's colour in the
+    block-scale figure (QA of the HTML report)."""
+    from fp8probe.report.figures import scale_exponent_histograms
+    series = {name: {"label": name, "exps": [-3, -2], "counts": [2, 5]} for name in ("mixed", "ocp-blockwise", "mxfp8")}
+    fig = scale_exponent_histograms([{"title": "activation", "series": list(series.values())},
+                                     {"title": "weight", "series": [series["ocp-blockwise"], series["mxfp8"]]}])
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes]
+    assert colours[1] == {k: v for k, v in colours[0].items() if k != "mixed"}
+    assert len(set(colours[0].values())) == 3
