@@ -205,3 +205,17 @@ def test_isolated_summary_counts_linear_layers_apart_from_activation_gemms(resul
     assert f"{n - 2} linear layers and 2 GEMMs of two activations" in html
     plain = render_report(results, tmp_path / "p.html").read_text()
     assert f"{n} linear layers, strategies" in plain or f"{n} linear layers." in plain
+
+
+def test_a_low_top1_agreement_is_marked_in_the_end_to_end_table() -> None:
+    """FP4 runs of a random-init LM agreed on 30 % of top-1 predictions and read green "within budget", nothing red
+    but the output SQNR (QA of the HTML report)."""
+    from report_tables import e2e_rows, recommendation_rows
+
+    from fp8probe.report.render import TOP1_WARN, _verdict_section
+    rows = e2e_rows()
+    rows[0]["top1_agreement"] = 0.31
+    view = _verdict_section({"e2e": rows, "recommendation": recommendation_rows([])}, {}, 20.0)
+    table = json.dumps(view)
+    assert '"text": "31.0%", "sort": 31.0, "cls": "bad"' in table
+    assert TOP1_WARN * 100 > 31.0 and '"text": "98.5%", "sort": 98.5, "cls": ""' in table
