@@ -22,6 +22,8 @@ PALETTE_COLOURS = 256
 # legend order is stable across matplotlib versions).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
+# Dash patterns taken in turn once every colour of PALETTE is used (sweep_panels).
+LINE_STYLES = ("-", "--", ":", "-.")
 # Sweep legends name at most this many layers (a 200-layer legend would be taller than the figure).
 MAX_LEGEND = 12
 
@@ -155,9 +157,12 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
         many = len(p["series"]) > MAX_LEGEND
         for i, s in enumerate(p["series"]):
             colour = PALETTE[i % len(PALETTE)]
+            # past the palette's 10 colours a new dash pattern, so the 11th and 12th layers of the legend are not
+            # drawn like the 1st and 2nd (QA: two layers in the same blue);
             # 200 layers: thin lines without markers, and the legend names the first MAX_LEGEND only
             (line,) = ax.plot(s["x"], [_finite(y) for y in s["y"]], marker="" if many else "o", ms=3,
-                              lw=0.6 if many else 1.2, alpha=0.6 if many else 1.0, color=colour)
+                              lw=0.6 if many else 1.2, alpha=0.6 if many else 1.0, color=colour,
+                              ls=LINE_STYLES[i // len(PALETTE) % len(LINE_STYLES)])
             if k == 0 and i < MAX_LEGEND:
                 handles.append(line)
                 labels.append(_short(s["label"], 28))

@@ -693,9 +693,10 @@ def _recommendation_section(tables: Mapping) -> dict | None:
                     _share(r.get("lp_flop_share")), _budget_cell(r.get("within_budget")),
                     cell(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget")) else None),
                     _budget_cell(r.get("recommended")) if r.get("recommended") else cell("")])
-    return {"table": _table("recommendation", ["kind", "strategy", "value", "layers kept", "kept in 16-bit",
-                                               "loss change", "KL", "low-precision FLOPs", "within budget", "budget",
-                                               "recommended"], out)}
+    # (the keep list is in the sensitivity ranking's order, not the model's: QA read it as unordered)
+    return {"table": _table("recommendation", ["kind", "strategy", "value", "layers kept",
+                                               "kept in 16-bit (most sensitive first)", "loss change", "KL",
+                                               "low-precision FLOPs", "within budget", "budget", "recommended"], out)}
 
 
 def _sensitivity_section(tables: Mapping, keep_db: float) -> list[dict]:

@@ -54,3 +54,12 @@ def test_block_scale_panels_give_each_strategy_one_colour() -> None:
     colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes]
     assert colours[1] == {k: v for k, v in colours[0].items() if k != "mixed"}
     assert len(set(colours[0].values())) == 3
+
+
+def test_sweep_series_past_the_palette_are_drawn_apart() -> None:
+    """12 layers on a 10-colour palette: the 11th and 12th were drawn exactly like the 1st and 2nd (QA)."""
+    from fp8probe.report.figures import PALETTE, sweep_panels
+    series = [{"label": f"layer{i}", "x": [32, 64], "y": [20.0 + i, 21.0 + i]} for i in range(12)]
+    fig = sweep_panels([{"title": "fprop", "xlabel": "block size", "ylabel": "dB", "series": series}])
+    styles = [(line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()]
+    assert len(set(styles)) == 12 and styles[10][0] == PALETTE[0]
