@@ -509,6 +509,10 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
                 lines.append(f"{label}: none of the swept values stays within the budget (nearest: {value}, {achieved})")
             else:
                 lines.append(f"{label}: {value} (validated: {achieved})")
+            run_t = _num((metadata or {}).get("threshold"))
+            if kind == "threshold" and run_t is not None and run_t != _num(r["value"]) and v["e2e"]:
+                # (three thresholds met the reader unexplained: the header's, this one and the sweep's per-layer knee)
+                lines[-1] += f"; the end-to-end int8 lines used --threshold {run_t:g}"
     for r in v["e2e"]:
         mark = ""
         if r["recommended"]:  # this line is every layer in low precision: the recommended plan may keep some

@@ -171,6 +171,11 @@ def test_a_model_wide_threshold_of_zero_says_what_it_means() -> None:
     line = next(x for x in lines if x.startswith("outlier threshold"))
     assert line.startswith("outlier threshold for the whole model (int8): 0 = plain int8, no outlier columns in "
                            "16-bit (validated: loss +0.60 %"), line
+    # the run's own --threshold, which the end-to-end int8 line was measured with, is named beside it (QA: the
+    # header's 6, the model-wide 0 and the sweep's per-layer 8 met the reader unexplained)
+    lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows, "coverage": coverage_rows()}, {"threshold": 6.0})
+    line = next(x for x in lines if x.startswith("outlier threshold"))
+    assert line.endswith("(validated: loss +0.60 %, KL 0.004); the end-to-end int8 lines used --threshold 6"), line
 
 
 def test_the_recommended_mark_on_an_all_low_precision_line_says_layers_are_kept() -> None:
