@@ -411,6 +411,25 @@ class _VectorRunner:
         return out
 
 
+def _random_search(gen: torch.Generator, budget: E.Budget, max_layers: int, power: int) -> tuple:
+    """One seeded random case of the keep-set search: 3..max_layers-1 layers whose error vectors (scales drawn as
+    rand**power) add up in the loss, random FLOPs; returns (names, flops, runner, full outcome, ranked rows,
+    _search_keep's result) with the runs checked against MAX_VALIDATION_RUNS."""
+    n = int(torch.randint(3, max_layers, (1,), generator=gen))
+    names = [f"l{i}" for i in range(n)]
+    scale = torch.rand(n, 1, generator=gen, dtype=torch.float64) ** power * 0.2
+    errors = dict(zip(names, torch.randn(n, 2, generator=gen, dtype=torch.float64) * scale))
+    flops = {name: float(torch.randint(1, 100, (1,), generator=gen)) for name in names}
+    runner = _VectorRunner(errors, flops)
+    full = runner.evaluate(E.Plan(GRID))
+    rows = E._sensitivity(runner, GRID, full, names, True, None, {}, budget)
+    ranked = sorted(rows, key=lambda r: r["rank"])
+    runner.runs = []
+    found = E._search_keep(runner, GRID, full, ranked, budget)
+    assert found[2] == len(runner.runs) <= E.MAX_VALIDATION_RUNS
+    return names, flops, runner, full, ranked, found
+
+
 def test_refinement_never_returns_a_set_that_failed_the_budget() -> None:
     """200 seeded random layer sets: the keep-set returned was run and kept the budget whenever any set did, it
     is a subset of a fitting prefix, and the runs stay within MAX_VALIDATION_RUNS."""
@@ -418,18 +437,7 @@ def test_refinement_never_returns_a_set_that_failed_the_budget() -> None:
     budget = E.parse_budget(BUDGET)
     refined = 0
     for _ in range(200):
-        n = int(torch.randint(3, 13, (1,), generator=gen))
-        names = [f"l{i}" for i in range(n)]
-        scale = torch.rand(n, 1, generator=gen, dtype=torch.float64) ** 3 * 0.2
-        errors = dict(zip(names, torch.randn(n, 2, generator=gen, dtype=torch.float64) * scale))
-        flops = {name: float(torch.randint(1, 100, (1,), generator=gen)) for name in names}
-        runner = _VectorRunner(errors, flops)
-        full = runner.evaluate(E.Plan(GRID))
-        rows = E._sensitivity(runner, GRID, full, names, True, None, {}, budget)
-        ranked = sorted(rows, key=lambda r: r["rank"])
-        runner.runs = []
-        keep, out, runs, dropped, added = E._search_keep(runner, GRID, full, ranked, budget)
-        assert runs == len(runner.runs) <= E.MAX_VALIDATION_RUNS
+        names, flops, runner, full, ranked, (keep, out, runs, dropped, added) = _random_search(gen, budget, 13, 3)
         if budget.holds(full.loss_rel_change, full.kl_div):
             assert keep == [] and runs == 0
             continue
@@ -522,18 +530,7 @@ def test_search_returns_the_best_fitting_set_run_and_a_local_optimum() -> None:
     budget = E.parse_budget(BUDGET)
     stopped_early = improved = 0
     for _ in range(300):
-        n = int(torch.randint(3, 9, (1,), generator=gen))
-        names = [f"l{i}" for i in range(n)]
-        scale = torch.rand(n, 1, generator=gen, dtype=torch.float64) ** 2 * 0.2
-        errors = dict(zip(names, torch.randn(n, 2, generator=gen, dtype=torch.float64) * scale))
-        flops = {name: float(torch.randint(1, 100, (1,), generator=gen)) for name in names}
-        runner = _VectorRunner(errors, flops)
-        full = runner.evaluate(E.Plan(GRID))
-        rows = E._sensitivity(runner, GRID, full, names, True, None, {}, budget)
-        ranked = sorted(rows, key=lambda r: r["rank"])
-        runner.runs = []
-        keep, out, runs, dropped, added = E._search_keep(runner, GRID, full, ranked, budget)
-        assert runs == len(runner.runs) <= E.MAX_VALIDATION_RUNS
+        names, flops, runner, full, ranked, (keep, out, runs, dropped, added) = _random_search(gen, budget, 9, 2)
         if budget.holds(full.loss_rel_change, full.kl_div):
             continue
         assert (frozenset(keep), out) in runner.runs
@@ -548,7 +545,7 @@ def test_search_returns_the_best_fitting_set_run_and_a_local_optimum() -> None:
         improved += out.lp_flop_share > prefix_out.lp_flop_share and bool(added or len(dropped) > 1)
         if runs < E.MAX_VALIDATION_RUNS:
             stopped_early += 1
-            check = _VectorRunner(errors, flops)
+            check = _VectorRunner(runner.errors, flops)
             for cand in _neighbours(frozenset(keep), names, flops):
                 o = check.evaluate(E.Plan(GRID, keep=cand))
                 assert not (budget.holds(o.loss_rel_change, o.kl_div) and o.lp_flop_share > out.lp_flop_share), \
