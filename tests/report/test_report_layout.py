@@ -135,3 +135,12 @@ def test_a_long_keep_list_in_the_verdict_links_to_the_whole_list(tmp_path: Path)
     html = render_report(data, tmp_path / "r.html").read_text(encoding="utf-8")
     assert html.count('<a href="#recommendation">all 15 in the Recommendation table</a>') == 2, html[:3000]
     assert 'id="recommendation"' in html
+
+
+def test_the_heat_maps_layer_column_stays_in_view_when_it_scrolls_sideways(tmp_path: Path) -> None:
+    """The heat map is 3 GEMMs x 15 recipes wide: scrolled to dgrad or wgrad, its rows could no longer be told apart
+    (QA of the HTML report). The layer column is sticky (checked by eye in headless Chromium, 2026-12-01)."""
+    data = with_agreed_tables(load_results(DATA / "results_demo_small.json"))
+    html = render_report(data, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'id="sqnr-heat"' in html
+    assert "#sqnr-heat td:first-child { position: sticky; left: 0;" in html
