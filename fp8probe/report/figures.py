@@ -24,6 +24,8 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#bcbd22", "#17becf")
 # Dash patterns taken in turn once every colour of PALETTE is used (sweep_panels).
 LINE_STYLES = ("-", "--", ":", "-.")
+# Inches kept right of a sweep figure's panels for its legend (28-character names at 7 pt).
+LEGEND_IN = 2.4
 # Sweep legends name at most this many layers (a 200-layer legend would be taller than the figure).
 MAX_LEGEND = 12
 
@@ -143,9 +145,9 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
     """
     ncols = max(1, min(ncols, len(panels)))
     nrows = max(1, math.ceil(len(panels) / ncols))
-    width, height = 4.2 * ncols + 2.2, 3.0 * nrows + 0.4
+    width, height = 4.2 * ncols + LEGEND_IN, 3.0 * nrows + 0.4
     fig = Figure(figsize=(width, height))  # fixed margins: constrained layout costs ~1 s here
-    fig.subplots_adjust(left=0.75 / width, right=1 - 2.2 / width, top=1 - 0.4 / height, bottom=0.55 / height,
+    fig.subplots_adjust(left=0.75 / width, right=1 - LEGEND_IN / width, top=1 - 0.4 / height, bottom=0.55 / height,
                         wspace=0.3, hspace=0.45)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     handles, labels = [], []
@@ -187,7 +189,10 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
         if n_series > MAX_LEGEND:
             handles.append(Line2D([], [], lw=0))
             labels.append(f"… {n_series - MAX_LEGEND} more layers")
-        fig.legend(handles, labels, loc="upper right", fontsize=7, frameon=False)
+        # in the margin kept for it, left-aligned just right of the last column: anchored at the figure's right edge
+        # it reached over the axes (QA: its markers sat on the wgrad panel's border)
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1 - (LEGEND_IN - 0.1) / width, 1 - 0.3 / height),
+                   fontsize=7, frameon=False)
     return fig
 
 

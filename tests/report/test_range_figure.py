@@ -63,3 +63,17 @@ def test_sweep_series_past_the_palette_are_drawn_apart() -> None:
     fig = sweep_panels([{"title": "fprop", "xlabel": "block size", "ylabel": "dB", "series": series}])
     styles = [(line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()]
     assert len(set(styles)) == 12 and styles[10][0] == PALETTE[0]
+
+
+def test_the_sweep_legend_sits_right_of_the_panels_inside_the_figure() -> None:
+    """The legend, anchored at the figure's right edge, reached over the last panel (QA of the HTML report)."""
+    from fp8probe.report.figures import sweep_panels
+    series = [{"label": f"model.layers.{i}.self_attn.o_proj_long_name", "x": [32, 64], "y": [20.0 + i, 21.0]}
+              for i in range(12)]
+    panels = [{"title": t, "xlabel": "block size", "ylabel": "dB", "series": series,
+               "vline": {"value": 64, "label": "model-wide: 0 (validated end to end)"}} for t in ("fprop", "dgrad", "wgrad")]
+    fig = sweep_panels(panels)
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert legend.x0 >= max(ax.get_window_extent().x1 for ax in fig.axes)
+    assert legend.x1 <= fig.bbox.x1
