@@ -31,6 +31,9 @@ THRESHOLD_ZERO = " = plain int8, no outlier columns in 16-bit"
 # cancels in the loss: hidden_kl_warning.
 HIDDEN_KL_RATIO = 2.0
 
+# A relative change under this many percent prints as "≈ +0 %" (signed_pct says why).
+NEGLIGIBLE_PCT = 1e-6
+
 # One line each for a table the verdict needs but the results do not carry.
 MISSING = {
     "e2e": "no end-to-end run in these results: run analyze without --no-e2e for the loss change per strategy",
@@ -63,20 +66,29 @@ def _num(v: Any) -> float | None:
 
 def signed_pct(v: Any, digits: int = 2) -> str:
     """A relative change as a signed percentage ("+0.12 %"); "–" when not measured. Under 10^(1-digits) % (0.1 % at
-    two decimals), where the decimals hold fewer than two significant digits, two significant digits ("+0.016 %",
-    "+3.2e-05 %"):
+    two decimals), where the decimals hold fewer than two significant digits, two significant digits in plain decimal
+    ("+0.016 %", "+0.000032 %"):
     * the demo's sensitivity table read "+0.00 %" / "-0.00 %" in every row, and -0.0159 % / 0.0103 % / 0.0109 %
       read "-0.02 %" / "+0.01 %" / "+0.01 %" (QA): rankings and ties could not be told from the numbers shown;
     * a change shown beside a bound rounded up to two significant digits (the nearest plan's --budget) then never
-      reads above it: "+0.01 %" stood beside the "--budget 0.007%" that accepts it (QA F6)."""
+      reads above it: "+0.01 %" stood beside the "--budget 0.007%" that accepts it (QA F6);
+    * never scientific notation: "+8.9e-05 %" beside "+0.0012 %" read as a different kind of number (QA D1).
+    Under NEGLIGIBLE_PCT (10^-6 %, a relative change of 10^-8: below one float32 rounding step of the loss, ~6·10^-8)
+    the digits are rounding noise, and "+0.00000000020 %" is unreadable: "≈ +0 %" / "≈ -0 %", keeping the sign (a
+    loss that moved at all, and which way). Exactly 0 stays "+0.00 %"."""
     x = _num(v)
     if x is None:
         return "–"
     if math.isinf(x):
         return "+∞ %" if x > 0 else "−∞ %"
-    if x != 0 and abs(100 * x) < 10.0 ** (1 - digits):
-        return f"{100 * x:+#.2g} %"
-    return f"{100 * x:+.{digits}f} %"
+    p = 100 * x
+    if x != 0 and abs(p) < NEGLIGIBLE_PCT:
+        return "≈ +0 %" if x > 0 else "≈ -0 %"
+    if x != 0 and abs(p) < 10.0 ** (1 - digits):
+        # the decimal exponent after rounding to two significant digits (9.96e-5 rounds to 1.0e-4: 5 decimals)
+        exponent = int(f"{p:.1e}".split("e")[1])
+        return f"{p:+.{max(1 - exponent, digits)}f} %"
+    return f"{p:+.{digits}f} %"
 
 
 def pct(v: Any, digits: int = 1) -> str:

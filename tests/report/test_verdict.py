@@ -327,7 +327,7 @@ def test_a_loss_change_too_small_for_two_decimals_keeps_two_significant_digits()
     """The demo's sensitivity table read "+0.00 %" / "-0.00 %" in every row, and -0.0159 % / 0.0103 % / 0.0109 % read
     "-0.02 %" / "+0.01 %" / "+0.01 %": rankings and ties could not be read (QA)."""
     from fp8probe.report.verdict import signed_pct
-    assert signed_pct(3.21e-7) == "+3.2e-05 %"
+    assert signed_pct(3.21e-7) == "+0.000032 %"
     assert signed_pct(-4.0e-6) == "-0.00040 %"
     assert signed_pct(0.0) == "+0.00 %"
     assert signed_pct(0.0012) == "+0.12 %"
@@ -339,6 +339,20 @@ def test_a_loss_change_too_small_for_two_decimals_keeps_two_significant_digits()
     # beside a bound of two significant digits (the nearest plan's --budget) it never reads above it (QA F6)
     assert signed_pct(6.94e-5) == "+0.0069 %"
     assert signed_pct(-9.51e-4) == "-0.095 %"
+
+
+def test_a_tiny_loss_change_reads_as_a_plain_decimal_and_a_negligible_one_as_about_zero() -> None:
+    """The sensitivity table read "+8.9e-05 %" beside "+0.0012 %" (QA D1): two significant digits in plain decimal
+    at every magnitude, down to 10^-6 %; below that "≈ ±0 %" with the sign, where the digits are rounding noise."""
+    from fp8probe.report.verdict import NEGLIGIBLE_PCT, signed_pct
+    assert signed_pct(8.9e-7) == "+0.000089 %"
+    assert signed_pct(-5.2e-7) == "-0.000052 %"
+    assert signed_pct(9.96e-7) == "+0.00010 %"  # rounds up into the next decade: still two significant digits
+    assert signed_pct(NEGLIGIBLE_PCT / 100) == "+0.0000010 %"
+    assert signed_pct(6.3e-9) == "≈ +0 %" and signed_pct(-2e-12) == "≈ -0 %"
+    assert signed_pct(0.0) == "+0.00 %"  # exactly no change is not "about" none
+    assert [signed_pct(v) for v in (3.3e-5, 3.3e-6, 3.3e-7, 3.3e-8)] == ["+0.0033 %", "+0.00033 %", "+0.000033 %",
+                                                                         "+0.0000033 %"]
 
 
 def test_a_kl_the_loss_hides_is_warned_of_with_a_kl_budget_to_try() -> None:
