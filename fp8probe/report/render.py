@@ -593,6 +593,7 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                                                  "budget": budget_text(rec["budget"], rec["budget_kind"]),
                                                  "share": lp_share_text(rec["lp_flop_share"], v["coverage"])},
         "no_recommendation": v["no_recommendation"],
+        "needs_keep": {r["strategy"]: r["n_keep"] for r in v["e2e"] if r["n_keep"]},
         # (the first columns are the run with every captured GEMM in low precision; the last two the keep-set the
         # search found for the budget: a "yes" there is the keep-set's, not the all-low-precision loss's)
         "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
@@ -699,23 +700,70 @@ def _recommendation_section(tables: Mapping) -> dict | None:
                                                "low-precision FLOPs", "within budget", "budget", "recommended"], out)}
 
 
-def _sensitivity_section(tables: Mapping, keep_db: float) -> list[dict]:
+def _method_parts(method: str) -> tuple[str, str]:
+    """A stored sensitivity method ("estimated: first-order …") as its label and the rest ("estimated", "first-order
+    …"); a text without a label is its own label."""
+    label, sep, rest = method.partition(": ")
+    return (label, rest) if sep else (method, "")
+
+
+def _without_empty_columns(columns: list[str], rows: list[list[dict]], first: int) -> tuple[list[str], list[list[dict]]]:
+    """Columns from index ``first`` on that are "–" in every row left out (the KL columns of an estimated table)."""
+    keep = [j for j in range(len(columns)) if j < first or any(row[j]["text"] != "–" for row in rows)]
+    return [columns[j] for j in keep], [[row[j] for j in keep] for row in rows]
+
+
+def _sensitivity_section(tables: Mapping, keep_db: float, recommended: str | None,
+                         needs_keep: Mapping[str, int]) -> dict | None:
+    """One table per recipe, the method said once for the section. Open: the recommended recipe's table (first) and
+    those of recipes that needed a keep-set, the ones a reader acts on; the others collapsed under a line naming
+    their most sensitive layer (15 open tables of 13 rows, each line repeating the estimator's formula: QA C2, A5).
+    With neither (no end-to-end recommendation in these results), the first table is open."""
     rows = tables.get("sensitivity", [])
+    if not rows:
+        return None
+    budget_kind = next((r.get("budget_kind") for r in tables.get("recommendation", []) if r.get("kind") == "strategy"),
+                       None)
+    methods = list(dict.fromkeys(str(r.get("method") or "") for r in rows if r.get("method")))
     out = []
     for s in dict.fromkeys(r.get("strategy") for r in rows):
         mine = sorted((r for r in rows if r.get("strategy") == s),
                       key=lambda r: r["rank"] if _isnum(r.get("rank")) else math.inf)
         sid = "".join(ch if ch.isalnum() else "-" for ch in str(s))
-        out.append({"strategy": s, "methods": ", ".join(dict.fromkeys(str(r.get("method") or "") for r in mine)),
-                    "open": len(mine) <= OPEN_DETAILS_ROWS,
-                    "table": _table(f"sens-{sid}", ["rank", "layer", "forward index", "loss change (only this LP)",
-                                                    "KL (only this LP)", "loss change (only this 16-bit)",
-                                                    "KL (only this 16-bit)", "isolated fprop SQNR dB"], [
-                        [cell(r.get("rank"), "{:.0f}"), cell(r.get("layer")), cell(r.get("index"), "{:.0f}"),
-                         _change_cell(r.get("only_lp_loss_rel_change")), cell(r.get("only_lp_kl"), "{:.3g}"),
-                         _change_cell(r.get("only_hp_loss_rel_change")), cell(r.get("only_hp_kl"), "{:.3g}"),
-                         _sqnr_cell(r.get("isolated_fprop_sqnr_db"), keep_db)] for r in mine])})
-    return out
+        labels = list(dict.fromkeys(_method_parts(str(r.get("method")))[0] for r in mine if r.get("method")))
+        # estimated: "only this 16-bit" is the end-to-end change minus this layer's estimate (analysis/e2e.py
+        # METHOD_ESTIMATED, whose label this is), so it moves little down the column (QA A5); the header says so
+        only_hp = ("loss change (only this 16-bit: end to end − estimate)" if labels == ["estimated"]
+                   else "loss change (only this 16-bit)")
+        columns, cells = _without_empty_columns(
+            ["rank", "layer", "forward index", "loss change (only this LP)", "KL (only this LP)", only_hp,
+             "KL (only this 16-bit)", "isolated fprop SQNR dB"],
+            [[cell(r.get("rank"), "{:.0f}"), cell(r.get("layer")), cell(r.get("index"), "{:.0f}"),
+              _change_cell(r.get("only_lp_loss_rel_change")), cell(r.get("only_lp_kl"), "{:.3g}"),
+              _change_cell(r.get("only_hp_loss_rel_change")), cell(r.get("only_hp_kl"), "{:.3g}"),
+              _sqnr_cell(r.get("isolated_fprop_sqnr_db"), keep_db)] for r in mine], first=3)
+        top = mine[0]
+        # the top layer's change in the metric it was ranked by (the KL with a kl: budget when measured)
+        top_value = (f"KL {top['only_lp_kl']:.3g}" if budget_kind == "kl" and _isnum(top.get("only_lp_kl"))
+                     else f"loss {signed_pct(top.get('only_lp_loss_rel_change'))}")
+        out.append({"strategy": s, "n_layers": len(mine), "top_layer": top.get("layer"), "top_value": top_value,
+                    "recommended": s == recommended, "keep_set": needs_keep.get(s, 0),
+                    # the method by name only where the section has more than one
+                    "method": ", ".join(labels) if len(methods) > 1 else "",
+                    "table": _table(f"sens-{sid}", columns, cells)})
+    out.sort(key=lambda t: (not t["recommended"], not t["keep_set"]))  # stable: the rest keep the run's order
+    for t in out:
+        t["open"] = bool(t["recommended"] or t["keep_set"])
+    if not any(t["open"] for t in out):
+        out[0]["open"] = True
+    opened = ((["the recommended recipe's table"] if any(t["recommended"] for t in out) else [])
+              + (["those of the recipes that needed a keep-set"]
+                 if any(t["keep_set"] and not t["recommended"] for t in out) else [])
+              or ["the first recipe's table" + (" (no end-to-end recommendation in these results)"
+                                                  if recommended is None else "")])
+    return {"methods": [dict(zip(("label", "text"), _method_parts(m))) for m in methods], "tables": out,
+            "open_note": (f"Open: {' and '.join(opened)}; the others are collapsed under their most sensitive layer "
+                          "(click a line to open its table)." if not all(t["open"] for t in out) else "")}
 
 
 def _training_section(tables: Mapping, draw: bool) -> dict | None:
@@ -920,7 +968,9 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "verdict": verdict,
         "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db),
         "recommendation": _recommendation_section(tables),
-        "sensitivity": _sensitivity_section(tables, keep_16bit_db),
+        "sensitivity": _sensitivity_section(tables, keep_16bit_db,
+                                            verdict["recommended"]["strategy"] if verdict["recommended"] else None,
+                                            verdict["needs_keep"]),
         "training": _training_section(tables, draw),
         "delayed": _delayed_section(tables),
         "coverage": _coverage_section(tables),
