@@ -487,8 +487,10 @@ def _recipe_options(int8_row_scale: str, accum_bits: int | None, promote_every: 
         raise _fail(exc) from exc
 
 
-def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pickle: bool) -> tuple:
-    """(LoadedModel streamed from its checkpoint, batches or None) for --stream, problems as one line."""
+def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pickle: bool,
+                   note: bool = True) -> tuple:
+    """(LoadedModel streamed from its checkpoint, batches or None) for --stream, problems as one line. ``note``: print
+    the checkpoint's memory note (under torchrun rank 0 alone does: every rank printed the same line)."""
     from fp8probe.analysis.loading import LoadError, load_inputs
     from fp8probe.analysis.streaming import checkpoint_note, load_streamed
 
@@ -497,7 +499,8 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
         batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
-    _echo_checkpoint_note(checkpoint_note(loaded))
+    if note:
+        _echo_checkpoint_note(checkpoint_note(loaded))
     return loaded, batch_list
 
 
@@ -634,7 +637,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
     stale = _check_out_on_main(world, out, "run", overwrite)
     if threads:
         torch.set_num_threads(threads)  # this process only runs this command
-    ckpt = None if stream else _weights_checkpoint(model, inputs, factory)
+    ckpt = None if stream else _weights_checkpoint(model, inputs, factory, note=world.is_main)
     # (a weights-only run names every model-run option it did not use in its own note, --lr included)
     _note_unused_options(strategy, steps, model_run=ckpt is None, no_e2e=no_e2e and not (no_grad or stream))
     if ckpt is not None:
@@ -645,7 +648,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                          unused=_given(_MODEL_RUN_OPTIONS))
         return
     _replay_process()
-    loaded, batch_list = _load_streamed(model, inputs, factory, trust_pickle) if stream else \
+    loaded, batch_list = _load_streamed(model, inputs, factory, trust_pickle, note=world.is_main) if stream else \
         _load(model, inputs, factory, trust_pickle)
     try:
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
@@ -746,9 +749,11 @@ def _refuse_backward_options(mode: str, values: dict[str, object]) -> None:
                    "(no loss, no backward, no end-to-end runs)", err=True)
 
 
-def _weights_checkpoint(model: str, inputs: str | None, factory: str | None):  # -> Checkpoint | None
+def _weights_checkpoint(model: str, inputs: str | None, factory: str | None,
+                       note: bool = True):  # -> Checkpoint | None
     """MODEL as a checkpoint for a weights-only analysis: it holds tensors but no model and neither --factory
-    nor --inputs asks for the model to be run; None sends it down the model-loading path."""
+    nor --inputs asks for the model to be run; None sends it down the model-loading path. ``note``: print its memory
+    note (under torchrun rank 0 alone, which reads it)."""
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.weights_only import open_checkpoint
 
@@ -762,7 +767,7 @@ def _weights_checkpoint(model: str, inputs: str | None, factory: str | None):  #
         ckpt = open_checkpoint(model)
     except (LoadError, ValueError, OSError) as exc:
         raise _fail(exc) from exc
-    if ckpt is not None:
+    if ckpt is not None and note:
         _echo_checkpoint_note(ckpt.note)
     return ckpt
 
@@ -1205,7 +1210,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     stale = _check_out_on_main(world, out, "run", overwrite)
     fn, arg = (sweep_blocksize, "blocksizes") if kind == "sweep-blocksize" else (sweep_threshold, "thresholds")
     extra = {} if int8_row_scale is None else {"row_scale": int8_row_scale}
-    ckpt = _weights_checkpoint(model, inputs, factory)
+    ckpt = _weights_checkpoint(model, inputs, factory, note=world.is_main)
     if ckpt is not None:
         if not world.is_main:  # weights-only streaming is not sharded: rank 0 reads the checkpoint
             return

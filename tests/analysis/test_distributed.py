@@ -202,3 +202,22 @@ def test_hung_rank_stops_rank_0_after_the_timeout(tmp_path) -> None:
     assert "failed (exitcode: 2) local_rank: 0" in res.stderr, res.stderr[-3000:]
     assert "Error: a peer rank timed out: rank 0 waited FP8PROBE_DIST_TIMEOUT=10 s for the other ranks" in res.stderr
     assert "internal error" not in res.stderr and not (tmp_path / "o" / "results.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["stream", "weights-only"])
+def test_checkpoint_note_printed_once_not_per_rank(tmp_path, mode) -> None:
+    """A legacy (non-zip) torch.save checkpoint gets a note that it is read whole; under torchrun every rank printed the
+    same line, with --stream and for a weights-only analysis (rank 0 alone reads and reports)."""
+    sys.path.insert(0, str(HERE))
+    from stream_factory import build as build_tower
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(build_tower().state_dict(), legacy, _use_new_zipfile_serialization=False)
+    inputs = tmp_path / "x.pt"
+    torch.save([torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)], inputs)
+    model_run = ["--stream", "--factory", f"{HERE / 'stream_factory.py'}:build", "--inputs", str(inputs)]
+    run = _fp8probe(["analyze", str(legacy), *(model_run if mode == "stream" else []), "--threads", "1",
+                     "--no-html", "-q", "--out", str(tmp_path / "out")], ranks=2)
+    assert run.returncode == 0, run.stderr
+    notes = [ln for ln in run.stderr.splitlines() if "legacy (non-zip) torch.save format" in ln]
+    assert len(notes) == 1, run.stderr
