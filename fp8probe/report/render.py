@@ -87,7 +87,8 @@ def cell(value: Any, fmt: str = "{:.2f}", cls: str = "") -> dict:
             return {"text": "∞" if v > 0 else "−∞", "sort": 1e308 if v > 0 else -1e308, "cls": cls}
         text = fmt.format(v)
         return {"text": text, "sort": _sort_key(text, v), "cls": cls}
-    return {"text": str(value), "sort": None, "cls": cls or "txt"}
+    # (a text cell stays "txt" beside another class: "34 of 37" in red sat right of a plain "0 of 37", QA D2)
+    return {"text": str(value), "sort": None, "cls": f"{cls} txt" if cls and "txt" not in cls.split() else cls or "txt"}
 
 
 def _sort_key(text: str, v: float) -> float | None:
@@ -162,7 +163,15 @@ def _pct(value: Any) -> dict:
 
 
 def _table(tid: str, columns: Sequence[str], rows: list[list[dict]], groups: Sequence[tuple[str, int]] = ()) -> dict:
-    return {"id": tid, "columns": list(columns), "rows": rows,
+    """A table of the view model. Each column is aligned one way, its header with it (QA D2: right-aligned
+    headers sat above left-aligned names, and "–" right of left-aligned text): a column holding any text
+    cell ("txt") is a text column, its other cells and its header ("text") are marked so (left-aligned)."""
+    text = [any("txt" in c["cls"].split() for c in col) for col in zip(*rows)]
+    text += [False] * (len(columns) - len(text))
+    if any(text):
+        rows = [[c if not t or "txt" in c["cls"].split() else {**c, "cls": f"{c['cls']} txt".lstrip()}
+                 for c, t in zip(row, text)] for row in rows]
+    return {"id": tid, "columns": list(columns), "rows": rows, "text": text,
             "groups": [{"label": g, "span": n} for g, n in groups]}
 
 
@@ -577,7 +586,9 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                  cell(r["grad_sqnr_db_median"], "{:.1f}"), _share(r["lp_flop_share"]),
                  cell(r["n_keep"], "{:.0f}"), _budget_cell(r["within_budget"]), cell(r["note"])]
                 for r in v["e2e"]]
-    iso_rows = [[cell(r["strategy"]), cell(f"{r['n_below']} of {r['n_layers']}", cls="bad" if r["n_below"] else ""),
+    # ("n of m" is a count: right-aligned and sorted by n, not as text where "11 of 13" < "2 of 13")
+    iso_rows = [[cell(r["strategy"]), {"text": f"{r['n_below']} of {r['n_layers']}", "sort": r["n_below"],
+                                       "cls": "bad" if r["n_below"] else ""},
                  cell(r["worst_layer"]), _sqnr_cell(r["worst_db"], keep_db)] for r in v["isolated"]]
     rec = v["recommended"]
     return {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fp8probe.report.render import _pct, build_report_view, load_results, render_report
+from fp8probe.report.render import _pct, _table, build_report_view, cell, load_results, render_report
 from report_tables import deep_results, with_agreed_tables
 
 DATA = Path(__file__).parent / "data"
@@ -144,3 +144,25 @@ def test_the_heat_maps_layer_column_stays_in_view_when_it_scrolls_sideways(tmp_p
     html = render_report(data, tmp_path / "r.html").read_text(encoding="utf-8")
     assert 'id="sqnr-heat"' in html
     assert "#sqnr-heat td:first-child { position: sticky; left: 0;" in html
+
+
+def test_a_column_is_aligned_one_way_and_its_header_with_it(tmp_path: Path) -> None:
+    """QA D2: "34 of 37" (td.bad) sat right of a left-aligned "0 of 37" (td.txt) in the same column, and the headers of
+    text columns ("layer", "strategy", ...) were right-aligned above left-aligned values."""
+    t = _table("t", ["layer", "note", "SQNR"], [[cell("a"), cell("fine"), cell(1.0)],
+                                               [cell("b"), cell("diverged", cls="bad"), cell(None)],
+                                               [cell("c"), cell(None), cell(2.0, cls="bad")]])
+    assert t["text"] == [True, True, False]
+    assert [row[1]["cls"] for row in t["rows"]] == ["txt", "bad txt", "txt"]  # "–" and the red text both left
+    assert [row[2]["cls"] for row in t["rows"]] == ["", "", "bad"]  # a numeric column stays right-aligned
+    data = load_results(DATA / "results_demo_small.json")
+    next(r for r in data["tables"]["gemm"] if r["gemm"] == "fprop")["sqnr_db"] = 3.0  # one strategy has a layer below
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    assert "th.txt { text-align: left; }" in html
+    iso = html.split('id="isolated-summary"')[1].split("</table>")[0]
+    assert '<th scope="col" class="txt">strategy</th><th scope="col">layers below' in iso
+    assert '<th scope="col" class="txt">worst layer</th>' in iso
+    # "n of m" is a count: right-aligned (no txt) whether red or not, and sorted by n
+    counts = re.findall(r'<td( class="[^"]*")? data-sort="(\d+)">(\d+) of \d+</td>', iso)
+    assert counts and all(sort == n and "txt" not in cls for cls, sort, n in counts)
+    assert any("bad" in cls for cls, _, _ in counts) and any(not cls for cls, _, _ in counts)
