@@ -21,6 +21,9 @@ from fp8probe.report.verdict import (KEEP_16BIT_DB, budget_text, build_verdict, 
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
+# The heat map's GEMM selector labels (one GEMM's columns at a time).
+GEMM_LABELS = {"fprop": "fprop (forward, Y = A·Wᵀ)", "dgrad": "dgrad (input gradient, dA = G·W)",
+               "wgrad": "wgrad (weight gradient, dW = Gᵀ·A)"}
 # Rows in the "worst layers" summary table.
 WORST_LAYERS = 8
 # Heat-map colour bins: 5 dB wide, four below the isolated SQNR threshold (--keep-16bit-db) and five from it upwards
@@ -605,6 +608,7 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                                                  "share": lp_share_text(rec["lp_flop_share"], v["coverage"])},
         "no_recommendation": v["no_recommendation"],
         "needs_keep": {r["strategy"]: r["n_keep"] for r in v["e2e"] if r["n_keep"]},
+        "isolated_pick": v["best_isolated"]["strategy"] if v["best_isolated"] else None,
         # (the first columns are the run with every captured GEMM in low precision; the last two the keep-set the
         # search found for the budget: a "yes" there is the keep-set's, not the all-low-precision loss's)
         "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
@@ -618,6 +622,14 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
         "coverage": coverage_line(v["coverage"]) if v["coverage"] else "",
         "warnings": v["warnings"], "missing": v["missing"],
     }
+
+
+def _verdict_pick(verdict: Mapping) -> tuple[str, str] | None:
+    """The recipe the Verdict names and how: ("…", "recommended") validated end to end, ("…", "isolated pick")
+    from isolated GEMMs only; None when it names none (no recipe within the budget, or no GEMM table)."""
+    if verdict["recommended"]:
+        return verdict["recommended"]["strategy"], "recommended"
+    return (verdict["isolated_pick"], "isolated pick") if verdict["isolated_pick"] else None
 
 
 def _change_cell(value: Any) -> dict:
@@ -668,27 +680,44 @@ def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
     return {"text": f"{value:.1f}", "sort": None, "cls": _heat_class(value, keep_db)}
 
 
-def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapping], keep_db: float) -> dict | None:
+def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapping], keep_db: float,
+             pick: tuple[str, str] | None = None) -> dict | None:
     """Layer × strategy SQNR for fprop, dgrad and wgrad as one colour-coded, sortable table (rows stay
-    readable at 200+ layers where a bar chart does not: one text line per layer)."""
+    readable at 200+ layers where a bar chart does not: one text line per layer) that shows one GEMM at a time:
+    3 GEMMs x 15 recipes are 47 columns, and only fprop fitted a 1400 px page (QA B1). ``views`` are the
+    template's selector: per GEMM, the column ranges (nth-child, 1-based) and group cells of the others, which
+    it hides. One table rather than one per GEMM: the layer names are not repeated (they are a tenth of the
+    bytes of a 271-layer heat map) and the rows keep one order when the reader switches GEMM.
+
+    ``pick``: (strategy, kind) of the recipe the Verdict names, kind "recommended" (validated end to end) or
+    "isolated pick" (no end-to-end run); its fprop column is repeated beside the layer names and its header is
+    starred in each GEMM. (It replaced "worst fprop", the minimum over every recipe: always an FP4 recipe's,
+    so sorting by it ranked layers by FP4 behaviour, QA C5.)"""
     gemms = [g for g in GEMMS if any((layer, s, g) in gemm for layer in layers for s in strategies)]
     if not gemms:
         return None
+    pinned = pick[0] if pick is not None and pick[0] in strategies and "fprop" in gemms else None
     rows = []
     for layer in layers:
         if not any((layer, s, g) in gemm for s in strategies for g in gemms):
             continue
-        worst = [v for s in strategies if (r := gemm.get((layer, s, "fprop"))) is not None and r.get("quantized") is not False
-                 and (v := metric_value(r)) is not None and not math.isnan(v)]
-        rows.append([cell(layer), _heat_cell({"sqnr_db": min(worst)}, keep_db) if worst else cell(None),
+        rows.append([cell(layer), *([_heat_cell(gemm.get((layer, pinned, "fprop")), keep_db)] if pinned else []),
                      *[_heat_cell(gemm.get((layer, s, g)), keep_db) for g in gemms for s in strategies]])
     edges = [keep_db + HEAT_STEP_DB * (k - HEAT_BINS_BELOW) for k in range(1, HEAT_BINS)]
     legend = [{"cls": f"h{k}", "label": (f"< {edges[0]:g}" if k == 0 else f"≥ {edges[-1]:g}" if k == HEAT_BINS - 1
                                          else f"{edges[k - 1]:g}–{edges[k]:g}"), "line": k == HEAT_BINS_BELOW}
               for k in range(HEAT_BINS)]
-    return {"table": _table("sqnr-heat", ["layer", "worst fprop", *[s for _ in gemms for s in strategies]], rows,
-                            groups=[("", 2), *[(f"{g} SQNR (dB)", len(strategies)) for g in gemms]]),
-            "legend": legend, "gemms": gemms}
+    spans = [len(strategies) + (1 if g == "fprop" and pinned else 0) for g in gemms]
+    firsts = [2 + sum(spans[:k]) for k in range(len(gemms))]  # column 1 is the layer
+    views = [{"gemm": g, "label": GEMM_LABELS[g],
+              "hide": [{"first": firsts[k], "last": firsts[k] + spans[k] - 1, "group": 2 + k}
+                       for k in range(len(gemms)) if gemms[k] != g]} for g in gemms]
+    columns = ["layer", *([f"{pinned} ({pick[1]})"] if pinned else []),
+               *[f"★ {s}" if pick is not None and s == pick[0] else s for _ in gemms for s in strategies]]
+    return {"table": _table("sqnr-heat", columns, rows,
+                            groups=[("", 1), *[(f"{g} SQNR (dB)", n) for g, n in zip(gemms, spans)]]),
+            "legend": legend, "gemms": gemms, "views": views,
+            "pick": None if pick is None else {"strategy": pick[0], "kind": pick[1], "pinned": pinned is not None}}
 
 
 def _recommendation_section(tables: Mapping) -> dict | None:
@@ -977,7 +1006,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "nan_inf": _nan_inf(tables),
         "special": _special_values(tables),
         "verdict": verdict,
-        "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db),
+        "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db, _verdict_pick(verdict)),
         "recommendation": _recommendation_section(tables),
         "sensitivity": _sensitivity_section(tables, keep_16bit_db,
                                             verdict["recommended"]["strategy"] if verdict["recommended"] else None,

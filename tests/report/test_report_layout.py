@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fp8probe.report.render import _pct, _table, build_report_view, cell, load_results, render_report
+from fp8probe.report.render import _heatmap, _pct, _table, build_report_view, cell, load_results, render_report
 from report_tables import deep_results, with_agreed_tables
 
 DATA = Path(__file__).parent / "data"
@@ -74,7 +74,9 @@ def test_heatmap_one_row_per_layer_and_unquantised_gemms_say_so(tmp_path: Path) 
     view = build_report_view(data, draw=False)
     hm = view["heatmap"]
     assert len(hm["table"]["rows"]) == 14
-    assert hm["table"]["columns"] == ["layer", "worst fprop", "mixed", "mxfp8", "mixed", "mxfp8", "mixed", "mxfp8"]
+    # (no end-to-end run: mxfp8, the verdict's isolated pick, is starred and its fprop column pinned beside the layer)
+    assert hm["table"]["columns"] == ["layer", "mxfp8 (isolated pick)", "mixed", "★ mxfp8", "mixed", "★ mxfp8", "mixed",
+                                      "★ mxfp8"]
     wgrad_mixed = [row[2 + 2 * 2] for row in hm["table"]["rows"]]
     assert all(c["text"] == "n/q" and c["cls"] == "nq" for c in wgrad_mixed)
     # results written before the `quantised` column: ~140 dB is float32 rounding, not a recipe's error
@@ -86,7 +88,7 @@ def test_heatmap_one_row_per_layer_and_unquantised_gemms_say_so(tmp_path: Path) 
     data["tables"]["gemm"][0]["sqnr_db"] = 12.3
     data["tables"]["gemm"][3]["sqnr_db"] = 21.0  # same layer, mxfp8 fprop
     row = build_report_view(data, draw=False)["heatmap"]["table"]["rows"][0]
-    assert (row[2]["cls"], row[3]["cls"], row[1]["text"]) == ("h2", "h4", "12.3")
+    assert (row[2]["cls"], row[3]["cls"], row[1]["text"], row[1]["cls"]) == ("h2", "h4", "21.0", "h4")
     legend = build_report_view(data, 30.0, draw=False)["heatmap"]["legend"]
     assert [b["label"] for b in legend][3:5] == ["25–30", "30–35"] and legend[4]["line"]
 
@@ -166,3 +168,69 @@ def test_a_column_is_aligned_one_way_and_its_header_with_it(tmp_path: Path) -> N
     counts = re.findall(r'<td( class="[^"]*")? data-sort="(\d+)">(\d+) of \d+</td>', iso)
     assert counts and all(sort == n and "txt" not in cls for cls, sort, n in counts)
     assert any("bad" in cls for cls, _, _ in counts) and any(not cls for cls, _, _ in counts)
+
+
+STRATEGIES_15 = ("global", "mixed", "int8", "switchback", "ocp-tensorwise", "ocp-rowwise", "ocp-blockwise", "mxfp8",
+                 "delayed", "mxfp8-rceil", "nvfp4", "nvfp4-train", "mxfp4", "mxfp6-e2m3", "mxfp6-e3m2")
+
+
+def _visible(hm: dict, gemm: str) -> list[str]:
+    """The heat map's columns left showing when the selector's ``gemm`` is checked (the template hides the rest)."""
+    (view,) = [v for v in hm["views"] if v["gemm"] == gemm]
+    return [c for i, c in enumerate(hm["table"]["columns"], 1)
+            if not any(h["first"] <= i <= h["last"] for h in view["hide"])]
+
+
+def test_the_heat_map_shows_one_gemm_at_a_time_with_its_label(tmp_path: Path) -> None:
+    """QA B1: layer, worst fprop and 3 GEMMs x 15 recipes were 47 columns; only fprop fitted a 1400 px page and the
+    dgrad / wgrad group labels sat off-screen. A radio selector (works without JS) shows one GEMM's columns, its
+    group label left-aligned over them; one table, so sorting and the sticky layer column work for every GEMM."""
+    data = with_agreed_tables(deep_results(n_layers=9, strategies=STRATEGIES_15, width=64, sweeps=False))
+    hm = build_report_view(data, draw=False)["heatmap"]
+    starred = ["★ mxfp8" if s == "mxfp8" else s for s in STRATEGIES_15]  # mxfp8 is recommended (report_tables)
+    assert [v["gemm"] for v in hm["views"]] == ["fprop", "dgrad", "wgrad"]
+    assert _visible(hm, "fprop") == ["layer", "mxfp8 (recommended)", *starred]
+    assert _visible(hm, "dgrad") == _visible(hm, "wgrad") == ["layer", *starred]  # 16 columns each, not 47
+    groups = [g["label"] for g in hm["table"]["groups"]]
+    assert groups == ["", "fprop SQNR (dB)", "dgrad SQNR (dB)", "wgrad SQNR (dB)"]
+    for view in hm["views"]:  # each view hides the other GEMMs' group labels, never its own
+        assert sorted(h["group"] for h in view["hide"]) == [k + 1 for k, g in enumerate(groups) if g and view["gemm"] not in g]
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    heat = html.split('<div class="heat">')[1].split("</table>")[0]
+    assert '<input type="radio" name="heat-gemm" id="heat-fprop" checked><label for="heat-fprop">fprop' in heat
+    assert '<input type="radio" name="heat-gemm" id="heat-wgrad"><label for="heat-wgrad">wgrad' in heat
+    assert ("#heat-dgrad:checked ~ .tablewrap tr:not(.groups) > :nth-child(n+2):nth-child(-n+17),\n"
+            "#heat-dgrad:checked ~ .tablewrap tr.groups > :nth-child(2) { display: none; }") in heat
+    assert heat.count('class="sortable" id="sqnr-heat"') == 1  # the sort script's one table
+    assert "#sqnr-heat tr.groups th { text-align: left; }" in html
+    # a run without gradients has one GEMM: no selector
+    for r in data["tables"]["gemm"]:
+        r["gemm"] = "fprop" if r["gemm"] == "fprop" else "dropped"
+    data["tables"]["gemm"] = [r for r in data["tables"]["gemm"] if r["gemm"] == "fprop"]
+    html = render_report(data, tmp_path / "f.html", draw=False).read_text(encoding="utf-8")
+    assert 'name="heat-gemm"' not in html and "one GEMM at" not in html and 'id="sqnr-heat"' in html
+
+
+def test_the_heat_maps_pinned_column_is_the_verdicts_recipe_not_the_worst_over_fp4(tmp_path: Path) -> None:
+    """QA C5: "worst fprop" took the minimum over all 15 recipes, always an FP4 one, so sorting by it ranked layers by
+    FP4 behaviour. The column beside the layer is now the recipe the Verdict names, and the caption says which."""
+    base = deep_results(n_layers=9, strategies=STRATEGIES_15, width=64, sweeps=False)
+    fprop = {(r["layer"], r["strategy"]): r["sqnr_db"] for r in base["tables"]["gemm"] if r["gemm"] == "fprop"}
+    recommended = with_agreed_tables(base)
+    for data, pick, kind in ((recommended, "mxfp8", "recommended"), (base, None, "isolated pick")):
+        view = build_report_view(data, draw=False)
+        hm = view["heatmap"]
+        pick = pick or view["verdict"]["isolated_pick"]
+        assert hm["pick"] == {"strategy": pick, "kind": kind, "pinned": True}
+        assert hm["table"]["columns"][1] == f"{pick} ({kind})"
+        assert [row[1]["text"] for row in hm["table"]["rows"]] == [f"{fprop[row[0]['text'], pick]:.1f}"
+                                                                     for row in hm["table"]["rows"]]
+        worst = [min(fprop[row[0]["text"], s] for s in STRATEGIES_15) for row in hm["table"]["rows"]]
+        assert [row[1]["text"] for row in hm["table"]["rows"]] != [f"{w:.1f}" for w in worst]
+        html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+        intro = html.split('<h2 id="heatmap">')[1].split("</p>")[0]
+        assert f"★ marks <strong>{pick}</strong>" in intro and f"(<em>{pick} ({kind})</em>)" in intro
+        assert ("the recommended recipe (Verdict" if kind == "recommended" else "the Verdict's isolated pick") in intro
+    # nothing named (no recipe within the budget): no pinned column, no star, no claim in the caption
+    hm = _heatmap(["l0"], ["a", "b"], {("l0", s, "fprop"): {"sqnr_db": 30.0} for s in ("a", "b")}, 20.0, None)
+    assert hm["table"]["columns"] == ["layer", "a", "b"] and hm["pick"] is None and hm["views"][0]["hide"] == []
