@@ -57,7 +57,8 @@ class StrategyOutput:
 
 Runner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], StrategyOutput]
 # How every recipe treats a GEMM whose second operand is an activation (QKᵀ, PV, matmul/bmm):
-# the rule texts below end with it, and run_strategy() applies it slice by slice.
+# every rule text below holds it word for word (the report's Methods states it once for all of them), and
+# run_strategy() applies it slice by slice.
 BATCHED_RULE = ("Batched GEMMs (attention heads, bmm, grouped convolutions) run as one 2-D GEMM per slice "
                 "of the leading dim, each with its own scales.")
 
@@ -1367,8 +1368,8 @@ def _delayed_rules(rule: DelayedScaling) -> str:
     return ("Delayed scaling (Transformer Engine, HYBRID): OCP E4M3FN for A and W, E5M2 for G, one float32 scale "
             "per tensor from the amax history of earlier batches at the same GEMM site and operand: " + rule.describe()
             + "; round to nearest even with saturation, overflows counted in the delayed_scaling table; float32 "
-            "matmuls. Two activations: both E4M3FN per tensor with their own histories. "
-            + BATCHED_RULE.removesuffix(".") + ", and its own amax histories.")
+            "matmuls. Two activations: both E4M3FN per tensor with their own histories. " + BATCHED_RULE
+            + " Each slice keeps its own amax histories.")
 
 
 _DELAYED = _Delayed()
@@ -1378,23 +1379,23 @@ _BNB_BATCHED = (_run_global, _run_mixed, _run_switchback, _run_int8)
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "
              "absmax for the output gradient (dgrad, wgrad); nearest code, ties to the even index; float32 "
-             "matmuls of the fake-quantised tensors (MatMulFP8Global, SPEC §7.2). Two activations (QKᵀ, PV): the second one exactly like W, one "
+             "matmuls of the fake-quantised tensors (bitsandbytes.research MatMulFP8Global). Two activations (QKᵀ, PV): the second one exactly like W, one "
              "absmax bnb-e4m3. " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"),
              _run_global, _linear_global),
     Strategy("mixed", "A blockwise bnb-e4m3 (block bsz over the flattened tensor), W one absmax bnb-e4m3, "
              "output gradient blockwise bnb-e5m2 (bsz2) for dgrad; wgrad Aᵀ·G unquantised; bsz/bsz2 from "
-             "get_block_sizes (MatMulFP8Mixed, SPEC §7.2). Two activations: as MatMulFP8Mixed runs them, the "
+             "get_block_sizes (bitsandbytes.research MatMulFP8Mixed). Two activations: as MatMulFP8Mixed runs them, the "
              "first blockwise, the second like W (one absmax). " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"), _run_mixed,
              _linear_mixed, quantized_gemms=("fprop", "dgrad")),
     Strategy("int8", "LLM.int8(): A int8 per row (absmax/127, round half-even), columns with any |a| ≥ threshold "
              "kept in A's precision and multiplied by the dequantised weight; W int8 per output row; dgrad "
-             "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (MatMul8bitLt, SPEC §6). Two "
+             "G·deq(W) with G unquantised; wgrad int8 column-quantised G and A (bitsandbytes MatMul8bitLt). Two "
              "activations: as MatMul8bitLt runs them, vector-wise int8 on both (rows along the contraction dim), "
              "outlier columns of the contraction dim found in the first, kept in its precision and multiplied by "
              "the dequantised second. " + BATCHED_RULE,
              ("int8",), _run_int8, _linear_int8),
     Strategy("switchback", "SwitchBack: fprop int8 per-row A × int8 per-row W (no outlier columns); dgrad "
-             "G·deq(W) and wgrad Gᵀ·A unquantised (SwitchBackBnb, SPEC §7.2). Two activations: both int8 per "
+             "G·deq(W) and wgrad Gᵀ·A unquantised (bitsandbytes.research SwitchBackBnb). Two activations: both int8 per "
              "row along the contraction dim. " + BATCHED_RULE, ("int8",), _run_switchback,
              _linear_switchback, quantized_gemms=("fprop", "dgrad")),
     Strategy("ocp-tensorwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale amax/fmt_max per tensor, "
@@ -1497,7 +1498,7 @@ WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
 # --------------------------------------------------------------------------------------------
 ROW_SCALE_RULES = {
     "bnb": "Row absmax (int8 row scale 'bnb', bitsandbytes): the max over non-outlier elements, so sub-threshold "
-           "values in outlier columns still set it (SPEC §5.1).",
+           "values in outlier columns still set it (bitsandbytes int8_vectorwise_quant).",
     "paper": "Row absmax (int8 row scale 'paper', LLM.int8 paper): outlier columns are left out of it entirely.",
 }
 
