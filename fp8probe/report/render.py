@@ -721,24 +721,53 @@ def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapp
             "pick": None if pick is None else {"strategy": pick[0], "kind": pick[1], "pinned": pinned is not None}}
 
 
+# The recommendation table's model-wide rows (the sweeps' one value for the whole model), by kind.
+_MODEL_WIDE = {"blocksize": "block size", "threshold": "outlier threshold"}
+
+
 def _recommendation_section(tables: Mapping) -> dict | None:
+    """The recommendation table split in two: one row per strategy (its keep-set for the budget; the one recommended
+    recipe marked) and the model-wide block size and outlier threshold, which are settings, not recipes (QA: three
+    rows said "recommended: yes"). Columns empty on every row and a budget shared by every row go; without any
+    keep-set the strategy rows are the Verdict's end-to-end numbers, and the template says so and folds them."""
     rows = tables.get("recommendation", [])
     if not rows:
         return None
-    out = []
-    for r in rows:
-        keep = r.get("keep_16bit") or []
-        keep = keep if isinstance(keep, list) else [keep]
-        out.append([cell(r.get("kind")), cell(r.get("strategy"), cls="txt strong" if r.get("recommended") else ""),
-                    cell(r.get("value"), "{:g}"), cell(r.get("n_keep"), "{:.0f}"), cell(", ".join(map(str, keep)) or "–"),
-                    _change_cell(r.get("loss_rel_change")), cell(r.get("kl_div"), "{:.3g}"),
-                    _share(r.get("lp_flop_share")), _budget_cell(r.get("within_budget")),
-                    cell(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget")) else None),
-                    _budget_cell(r.get("recommended")) if r.get("recommended") else cell("")])
+    per_strategy = [r for r in rows if r.get("kind") not in _MODEL_WIDE]
+    model_wide = [r for r in rows if r.get("kind") in _MODEL_WIDE]
+    budgets = list(dict.fromkeys(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget")) else None
+                                 for r in rows))
+    budget = budgets[0] if len(budgets) == 1 and budgets[0] else ""
+    keeps = [_keep(r) for r in per_strategy]
+    keep_sets = any(keeps) or any(_isnum(r.get("n_keep")) and r["n_keep"] for r in per_strategy)
+
+    def outcome(r: Mapping) -> list[dict]:
+        return [_change_cell(r.get("loss_rel_change")), cell(r.get("kl_div"), "{:.3g}"), _share(r.get("lp_flop_share")),
+                _budget_cell(r.get("within_budget"))] + \
+            ([] if budget else [cell(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget"))
+                                     else None)])
+
+    tail = ["loss change", "KL", "low-precision FLOPs", "within budget", *([] if budget else ["budget"])]
     # (the keep list is in the sensitivity ranking's order, not the model's: QA read it as unordered)
-    return {"table": _table("recommendation", ["kind", "strategy", "value", "layers kept",
-                                               "kept in 16-bit (most sensitive first)", "loss change", "KL",
-                                               "low-precision FLOPs", "within budget", "budget", "recommended"], out)}
+    strategies = _table("recommendation", ["strategy", *(["layers kept", "kept in 16-bit (most sensitive first)"]
+                                                         if keep_sets else []), *tail, "recommended recipe"], [
+        [cell(r.get("strategy"), cls="txt strong" if r.get("recommended") else ""),
+         *([cell(r.get("n_keep"), "{:.0f}"), cell(", ".join(keep) or "–")] if keep_sets else []),
+         *outcome(r), _budget_cell(True) if r.get("recommended") else cell("")]
+        for r, keep in zip(per_strategy, keeps)])
+    settings = _table("recommendation-model", ["setting", "recipe", "value", *tail], [
+        [cell(_MODEL_WIDE[r["kind"]]), cell(r.get("strategy")),
+         cell("0 (plain int8, no outlier columns)" if r["kind"] == "threshold" and r.get("value") == 0 else r.get("value"),
+              "{:g}"),
+         *outcome(r)] for r in model_wide])
+    chosen = next((r.get("strategy") for r in per_strategy if r.get("recommended")), None)
+    return {"strategies": strategies if per_strategy else None, "model_wide": settings if model_wide else None,
+            "keep_sets": keep_sets, "budget": budget, "chosen": chosen}
+
+
+def _keep(r: Mapping) -> list[str]:
+    keep = r.get("keep_16bit") or []
+    return [str(k) for k in (keep if isinstance(keep, list) else [keep])]
 
 
 def _method_parts(method: str) -> tuple[str, str]:

@@ -50,7 +50,9 @@ def test_header_has_dtype_device_threads_and_coverage(demo_html: str) -> None:
 
 def test_agreed_tables_rendered(demo_html: str) -> None:
     rec = demo_html.split('id="recommendation"')[2].split("</table>")[0]
-    assert rec.count("<tr") == 1 + 4  # header row + strategy ×2, blocksize, threshold
+    assert rec.count("<tr") == 1 + 2  # header row + strategy ×2; the block size and threshold have their own table
+    settings = demo_html.split('id="recommendation-model"')[1].split("</table>")[0]
+    assert settings.count("<tr") == 1 + 2
     sens = demo_html.split('id="sensitivity"')[1]
     assert 'id="sens-global"' in sens and 'id="sens-mxfp8"' in sens
     assert "mean / high precision&#39;s" in demo_html and "0.0042" in demo_html  # weight drift of mxfp8

@@ -11,7 +11,7 @@ from fp8probe.analysis.strategies import BATCHED_RULE, ROW_SCALE_RULES, STRATEGI
 from fp8probe.analysis.delayed import DelayedScaling
 from fp8probe.report import render
 from fp8probe.report.render import render_report
-from report_tables import deep_results
+from report_tables import deep_results, recommendation_rows, with_agreed_tables
 
 # ----------------------------------------------------------------------------------------------
 # Methods
@@ -68,3 +68,51 @@ def test_the_report_states_the_shared_sentence_once_and_no_spec(tmp_path: Path) 
     methods = html.split('<h2 id="methods">')[1]
     assert methods.count("Batched GEMMs (attention heads") == 1 and 'id="rules-shared"' in methods
     assert "SPEC" not in html
+
+
+# ----------------------------------------------------------------------------------------------
+# Recommendation
+# ----------------------------------------------------------------------------------------------
+def _texts(table: dict) -> list[list[str]]:
+    return [[c["text"] for c in row] for row in table["rows"]]
+
+
+def test_recommendation_splits_recipes_from_model_wide_settings() -> None:
+    rec = render._recommendation_section({"recommendation": recommendation_rows(["blocks.0.fc1"])})
+    s, m = rec["strategies"], rec["model_wide"]
+    assert "kind" not in s["columns"] and "value" not in s["columns"] and "budget" not in s["columns"]
+    assert rec["budget"] == "1 % loss" and rec["keep_sets"] and rec["chosen"] == "mxfp8"
+    assert [row[0] for row in _texts(s)] == ["global", "mxfp8"]
+    # the one recommended recipe: "yes" on exactly one row, and none on the model-wide settings
+    assert [row[-1] for row in _texts(s)] == ["", "yes"]
+    assert s["columns"][1:3] == ["layers kept", "kept in 16-bit (most sensitive first)"]
+    assert _texts(s)[1][1:3] == ["1", "blocks.0.fc1"]
+    assert m["columns"] == ["setting", "recipe", "value", "loss change", "KL", "low-precision FLOPs", "within budget"]
+    assert [row[:3] for row in _texts(m)] == [["block size", "mixed", "128"], ["outlier threshold", "int8", "6"]]
+
+
+def test_recommendation_without_keep_sets_drops_empty_columns_and_keeps_differing_budgets() -> None:
+    rows = recommendation_rows([])
+    rows[0].update(keep_16bit=[], n_keep=0)
+    rows[1]["budget"] = 0.02
+    rec = render._recommendation_section({"recommendation": rows})
+    assert not rec["keep_sets"] and rec["budget"] == ""
+    assert rec["strategies"]["columns"] == ["strategy", "loss change", "KL", "low-precision FLOPs", "within budget",
+                                            "budget", "recommended recipe"]
+    assert [row[5] for row in _texts(rec["strategies"])] == ["1 % loss", "2 % loss"]
+
+
+def test_recommendation_without_keep_sets_is_one_line_and_a_folded_table(tmp_path: Path) -> None:
+    data = with_agreed_tables(deep_results(n_layers=3, strategies=("global", "mxfp8"), sweeps=False), keep=[])
+    data["tables"]["recommendation"][0].update(keep_16bit=[], n_keep=0)
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    rec = html.split('<h2 id="recommendation">')[1].split("<h2")[0]
+    line = rec.split('<p id="recommendation-same">')[1].split("</p>")[0]
+    assert "No strategy needs a layer kept in 16-bit" in line and "<strong>mxfp8</strong>" in line
+    assert rec.index("<details>") < rec.index('id="recommendation"') < rec.index("</details>")
+    settings = rec.split('id="recommendation-model"')[1]
+    assert "recommended" not in settings and "block size" in settings  # a setting is not a recipe to choose
+    # with a keep-set the table stands open
+    html = render_report(with_agreed_tables(data, keep=["x"]), tmp_path / "k.html", draw=False).read_text("utf-8")
+    rec = html.split('<h2 id="recommendation">')[1].split("<h2")[0]
+    assert "<details>" not in rec and 'id="recommendation-same"' not in rec
