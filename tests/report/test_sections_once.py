@@ -116,3 +116,45 @@ def test_recommendation_without_keep_sets_is_one_line_and_a_folded_table(tmp_pat
     html = render_report(with_agreed_tables(data, keep=["x"]), tmp_path / "k.html", draw=False).read_text("utf-8")
     rec = html.split('<h2 id="recommendation">')[1].split("<h2")[0]
     assert "<details>" not in rec and 'id="recommendation-same"' not in rec
+
+
+# ----------------------------------------------------------------------------------------------
+# Isolated summary, Special values
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deep_html(tmp_path_factory: pytest.TempPathFactory) -> str:
+    data = deep_results(n_layers=6, strategies=("global", "mxfp8"), sweeps=False)
+    for r in data["tables"]["gemm"]:
+        if r["strategy"] == "mxfp8" and r["gemm"] == "fprop" and r["layer"].endswith("q_proj"):
+            r["sqnr_db"] = 12.0
+    return render_report(data, tmp_path_factory.mktemp("r") / "r.html", draw=False).read_text(encoding="utf-8")
+
+
+def test_isolated_summary_lists_only_strategies_with_layers_below_and_links_the_verdict(deep_html: str) -> None:
+    keep = deep_html.split('<h3 id="below-threshold">')[1].split("<h3")[0]
+    assert "<strong>mxfp8</strong>: 1 of 6" in keep
+    assert "<strong>global</strong>" not in keep and "none of" not in keep
+    line = keep.split('<p id="below-none">')[1].split("</p>")[0]
+    assert "No layer is below 20 dB under global;" in line and 'href="#isolated-summary"' in line
+    assert 'id="isolated-summary"' in deep_html.split('<section id="verdict">')[1].split("</section>")[0]
+
+
+def test_isolated_summary_with_no_layer_below_says_so_once(tmp_path: Path) -> None:
+    data = deep_results(n_layers=3, strategies=("global",), sweeps=False)
+    for r in data["tables"]["gemm"]:
+        r["sqnr_db"] = max(r["sqnr_db"], 30.0)
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    keep = html.split('<h3 id="below-threshold">')[1].split("<h3")[0]
+    assert '<ul class="keep">' not in keep and "No layer is below 20 dB under any strategy" in keep
+
+
+def test_special_values_says_no_nan_inf_once(deep_html: str, tmp_path: Path) -> None:
+    special = deep_html.split('<h3 id="special">')[1].split("<h2")[0]
+    assert special.count("NaN") == 1 and 'id="special-none"' in special
+    # a tensor with subnormals: the no-NaN/Inf callout, then the table of what it does hold
+    data = deep_results(n_layers=3, strategies=("global",), sweeps=False)
+    data["tables"]["tensors"][0]["subnormal_count"] = 4
+    html = render_report(data, tmp_path / "s.html", draw=False).read_text(encoding="utf-8")
+    special = html.split('<h3 id="special">')[1].split("<h2")[0]
+    assert "No NaN or Inf in any captured" in special and 'id="special"' in special
+    assert 'id="special-none"' not in special
