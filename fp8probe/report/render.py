@@ -876,24 +876,55 @@ def _training_section(tables: Mapping, draw: bool) -> dict | None:
         for r in final])}
 
 
+#: Fewer delayed-scale casts per GEMM site than this and the Delayed scaling section warns that it measures little:
+#: each site's first cast uses its own amax, so a run of B batches tests the amax history B − 1 times per site.
+DELAYED_FEW_CASTS = 4
+
+
 def _delayed_section(tables: Mapping) -> dict | None:
-    """Delayed scaling per layer and operand: batches whose amax overflowed the scale from the history."""
+    """Delayed scaling per layer and operand: batches whose amax overflowed the scale from the history; a one-line
+    summary (saturating rows, the worst), how many casts per site used a delayed scale, and the table (without a
+    strategy column that says "delayed" on every row; folded beyond OPEN_DETAILS_ROWS rows like the other per-layer
+    tables: 111 rows on a 4-layer Llama, QA C1)."""
     rows = tables.get("delayed_scaling", [])
     if not rows:
         return None
+
+    def share(r: Mapping) -> float | None:
+        return r["saturated"] / r["elements"] if _isnum(r.get("saturated")) and _isnum(r.get("elements")) \
+            and r["elements"] > 0 else None
+
+    by_strategy = len({r.get("strategy") for r in rows}) > 1
     # "casts", not "batches": the counts are casts of the operand, one per batch at a linear site but one per batch
     # and head slice at an attention GEMM (QA: "batches" read 128 for a run of 4 batches)
-    return {"table": _table("delayed-scaling", ["layer", "strategy", "operand", "casts", "first casts (own amax)",
-                                                "overflow casts", "saturated elements", "saturated share",
-                                                "max amax / amax of the scale"], [
-        [cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("operand")), cell(r.get("batches"), "{:.0f}"),
-         cell(r.get("warmup_batches"), "{:.0f}"),
+    table = _table("delayed-scaling", ["layer", *(["strategy"] if by_strategy else []), "operand", "casts",
+                                       "first casts (own amax)", "overflow casts", "saturated elements",
+                                       "saturated share", "max amax / amax of the scale"], [
+        [cell(r.get("layer")), *([cell(r.get("strategy"))] if by_strategy else []), cell(r.get("operand")),
+         cell(r.get("batches"), "{:.0f}"), cell(r.get("warmup_batches"), "{:.0f}"),
          cell(r.get("overflow_batches"), "{:.0f}", "bad" if _isnum(r.get("overflow_batches")) and r["overflow_batches"]
               else ""),
-         cell(r.get("saturated"), "{:.0f}"),
-         _small_share(r["saturated"] / r["elements"]) if _isnum(r.get("saturated")) and _isnum(r.get("elements"))
-         and r["elements"] > 0 else cell(None),
-         cell(r.get("max_amax_ratio"), "{:.3f}")] for r in rows])}
+         cell(r.get("saturated"), "{:.0f}"), _small_share(v) if (v := share(r)) is not None else cell(None),
+         cell(r.get("max_amax_ratio"), "{:.3f}")] for r in rows])
+    saturating = [r for r in rows if _isnum(r.get("saturated")) and r["saturated"] > 0]
+    worst = max(saturating, key=lambda r: (share(r) or 0.0, r["saturated"]), default=None)
+    # Casts per site = batches of the run: a site's first cast is its one own-amax cast (an attention GEMM's
+    # per-slice sites multiply both counts alike).
+    per_site = [r["batches"] / r["warmup_batches"] for r in rows
+                if _isnum(r.get("batches")) and _isnum(r.get("warmup_batches")) and r["warmup_batches"] > 0]
+    batches = round(min(per_site)) if per_site else None
+    return {"table": table, "collapsed": len(rows) > OPEN_DETAILS_ROWS,
+            "n_rows": len(rows), "n_saturating": len(saturating),
+            "n_layers": len({r.get("layer") for r in rows}),
+            "saturating_layers": len({r.get("layer") for r in saturating}),
+            "worst": None if worst is None else {
+                "layer": str(worst.get("layer")), "operand": str(worst.get("operand")),
+                "saturated": f"{worst['saturated']:.0f}",
+                "share": _small_share(share(worst))["text"] if share(worst) is not None else "–"},
+            "max_ratio": max((f"{r['max_amax_ratio']:.3g}" for r in rows if _isnum(r.get("max_amax_ratio"))),
+                             key=float, default=""),
+            "batches": batches, "delayed_casts": None if batches is None else batches - 1,
+            "few": batches is not None and batches - 1 < DELAYED_FEW_CASTS, "few_limit": DELAYED_FEW_CASTS}
 
 
 def _recipe_options(meta: Mapping) -> list[str]:

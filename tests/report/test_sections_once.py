@@ -10,7 +10,7 @@ import pytest
 from fp8probe.analysis.strategies import BATCHED_RULE, ROW_SCALE_RULES, STRATEGIES, RecipeOptions, with_options
 from fp8probe.analysis.delayed import DelayedScaling
 from fp8probe.report import render
-from fp8probe.report.render import render_report
+from fp8probe.report.render import build_report_view, render_report
 from report_tables import deep_results, recommendation_rows, with_agreed_tables
 
 # ----------------------------------------------------------------------------------------------
@@ -158,3 +158,67 @@ def test_special_values_says_no_nan_inf_once(deep_html: str, tmp_path: Path) -> 
     special = html.split('<h3 id="special">')[1].split("<h2")[0]
     assert "No NaN or Inf in any captured" in special and 'id="special"' in special
     assert 'id="special-none"' not in special
+
+
+# ----------------------------------------------------------------------------------------------
+# Delayed scaling
+# ----------------------------------------------------------------------------------------------
+def _delayed_rows(n_layers: int, batches: int, slices: int = 1) -> list[dict]:
+    """delayed_scaling rows as DelayedState.rows writes them: one per layer and operand; ``slices`` per-head sites."""
+    rows = []
+    for i in range(n_layers):
+        for op in ("activation", "weight", "grad_output"):
+            sat = 0 if op == "weight" else i
+            rows.append({"layer": f"layer{i}", "strategy": "delayed", "operand": op, "batches": batches * slices,
+                         "warmup_batches": slices, "overflow_batches": 1 if sat else 0, "saturated": sat,
+                         "elements": 1000 * batches * slices, "max_amax_ratio": 1.0 + sat / 100})
+    return rows
+
+
+def _delayed(rows: list[dict]) -> dict:
+    return render._delayed_section({"delayed_scaling": rows})
+
+
+def test_delayed_table_without_a_constant_strategy_column_and_folded_when_long() -> None:
+    d = _delayed(_delayed_rows(4, batches=8))
+    assert "strategy" not in d["table"]["columns"] and len(d["table"]["rows"][0]) == len(d["table"]["columns"])
+    assert not d["collapsed"]
+    long = _delayed(_delayed_rows(37, batches=8))  # 111 rows, as on a 4-layer Llama
+    assert long["collapsed"] and len(long["table"]["rows"]) == 111
+    two = _delayed_rows(2, batches=8) + [dict(r, strategy="delayed-2") for r in _delayed_rows(2, batches=8)]
+    assert "strategy" in _delayed(two)["table"]["columns"]
+
+
+def test_delayed_summary_names_the_saturating_operands_and_the_worst() -> None:
+    d = _delayed(_delayed_rows(4, batches=8))
+    # layers 1..3 saturate in activation and grad_output; layer3 has the largest share (3 of 8000)
+    assert (d["n_saturating"], d["n_rows"], d["saturating_layers"], d["n_layers"]) == (6, 12, 3, 4)
+    assert d["worst"]["layer"] == "layer3" and d["worst"]["saturated"] == "3" and d["max_ratio"] == "1.03"
+
+
+@pytest.mark.parametrize(("batches", "slices", "delayed_casts", "few"), [(2, 1, 1, True), (2, 32, 1, True),
+                                                                       (1, 1, 0, True), (5, 1, 4, False)])
+def test_delayed_says_how_many_casts_used_a_delayed_scale(batches: int, slices: int, delayed_casts: int,
+                                                         few: bool) -> None:
+    """--batches 2: one cast per site uses a delayed scale, and nothing warned that this measures almost nothing (QA
+    C1); an attention GEMM's per-head sites count casts per batch and slice, not more batches."""
+    d = _delayed(_delayed_rows(2, batches=batches, slices=slices))
+    assert (d["batches"], d["delayed_casts"], d["few"]) == (batches, delayed_casts, few)
+
+
+def test_delayed_section_in_the_report(tmp_path: Path) -> None:
+    data = deep_results(n_layers=3, strategies=("delayed",), sweeps=False)
+    data["tables"]["delayed_scaling"] = _delayed_rows(37, batches=2)
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    sec = html.split('<h2 id="delayed">')[1].split("<h2")[0]
+    warn = sec.split('<div class="callout" id="delayed-few">')[1].split("</div>")[0]
+    assert "saw 2 batches" in warn and "only 1 cast per site used a delayed scale" in warn
+    summary = sec.split('<p id="delayed-summary">')[1].split("</p>")[0]
+    assert "72 of 111 layer operands saturated" in " ".join(summary.split())
+    assert sec.index('id="delayed-summary"') < sec.index("<details><summary>Per layer and operand (111 rows)")
+    # after the recipe-specific sections, not between Sensitivity and the Isolated summary (QA C1)
+    assert html.index('id="summary"') < html.index('<h2 id="delayed">')
+    data["tables"]["delayed_scaling"] = _delayed_rows(2, batches=8)
+    sec = render_report(data, tmp_path / "r8.html", draw=False).read_text("utf-8").split('<h2 id="delayed">')[1]
+    assert '<p id="delayed-few">' in sec and "7 casts per site" in sec and "only" not in sec.split("</p>")[1]
+    assert "<details>" not in sec.split("<h2")[0]
