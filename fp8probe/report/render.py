@@ -594,6 +594,12 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
     iso_rows = [[cell(r["strategy"]), {"text": f"{r['n_below']} of {r['n_layers']}", "sort": r["n_below"],
                                        "cls": "bad" if r["n_below"] else ""},
                  cell(r["worst_layer"]), _sqnr_cell(r["worst_db"], keep_db)] for r in v["isolated"]]
+    e2e_columns = ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB", "grad SQNR min dB",
+                   "grad SQNR median dB", "low-precision FLOPs", "layers kept in 16-bit", "within budget with them", "note"]
+    e2e_groups = [("", 1), ("every captured GEMM in low precision", 7), ("the budget's keep-set (Recommendation)", 2),
+                  ("", 1)]
+    if all(r[-1]["text"] in ("", "–") for r in e2e_rows):  # (a note shared by every row is said once under the table)
+        e2e_columns, e2e_groups, e2e_rows = e2e_columns[:-1], e2e_groups[:-1], [r[:-1] for r in e2e_rows]
     rec = v["recommended"]
     return {
         # the lines the tables and the callout below do not already show
@@ -612,11 +618,7 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
         "isolated_pick": v["best_isolated"]["strategy"] if v["best_isolated"] else None,
         # (the first columns are the run with every captured GEMM in low precision; the last two the keep-set the
         # search found for the budget: a "yes" there is the keep-set's, not the all-low-precision loss's)
-        "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
-                              "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",
-                              "layers kept in 16-bit", "within budget with them", "note"], e2e_rows,
-                      groups=[("", 1), ("every captured GEMM in low precision", 7),
-                              ("the budget's keep-set (Recommendation)", 2), ("", 1)]),
+        "e2e": _table("e2e", e2e_columns, e2e_rows, groups=e2e_groups),
         "e2e_notes": v["e2e_notes"],
         "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
                                         "worst fprop SQNR dB"], iso_rows),

@@ -160,6 +160,20 @@ def test_special_values_says_no_nan_inf_once(deep_html: str, tmp_path: Path) -> 
     assert 'id="special-none"' not in special
 
 
+def test_the_end_to_end_table_drops_a_note_column_empty_on_every_row() -> None:
+    from report_tables import e2e_rows
+
+    data = with_agreed_tables(deep_results(n_layers=3, strategies=("global", "mxfp8"), sweeps=False))
+    e2e = build_report_view(data, draw=False)["verdict"]["e2e"]
+    assert "note" not in e2e["columns"] and all(len(row) == len(e2e["columns"]) for row in e2e["rows"])
+    assert sum(g["span"] for g in e2e["groups"]) == len(e2e["columns"])
+    rows = e2e_rows()
+    rows[1]["note"] = "2 layer(s) overflowed"
+    data["tables"]["e2e"] = rows
+    e2e = build_report_view(data, draw=False)["verdict"]["e2e"]
+    assert e2e["columns"][-1] == "note" and e2e["rows"][1][-1]["text"] == "2 layer(s) overflowed"
+
+
 # ----------------------------------------------------------------------------------------------
 # Delayed scaling
 # ----------------------------------------------------------------------------------------------
