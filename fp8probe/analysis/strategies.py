@@ -1379,12 +1379,14 @@ _BNB_BATCHED = (_run_global, _run_mixed, _run_switchback, _run_int8)
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "bnb-e4m3 codebook, one absmax per tensor for A and W (fprop, wgrad) and bnb-e5m2 one "
              "absmax for the output gradient (dgrad, wgrad); nearest code, ties to the even index; float32 "
-             "matmuls of the fake-quantised tensors (bitsandbytes.research MatMulFP8Global). Two activations (QKᵀ, PV): the second one exactly like W, one "
+             "matmuls of the fake-quantised tensors (bitsandbytes.research MatMulFP8Global). Two activations (QKᵀ, "
+             "PV): the second one exactly like W, one "
              "absmax bnb-e4m3. " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"),
              _run_global, _linear_global),
     Strategy("mixed", "A blockwise bnb-e4m3 (block bsz over the flattened tensor), W one absmax bnb-e4m3, "
              "output gradient blockwise bnb-e5m2 (bsz2) for dgrad; wgrad Aᵀ·G unquantised; bsz/bsz2 from "
-             "get_block_sizes (bitsandbytes.research MatMulFP8Mixed). Two activations: as MatMulFP8Mixed runs them, the "
+             "get_block_sizes (bitsandbytes.research MatMulFP8Mixed). Two activations: as MatMulFP8Mixed runs "
+             "them, the "
              "first blockwise, the second like W (one absmax). " + BATCHED_RULE, ("bnb-e4m3", "bnb-e5m2"), _run_mixed,
              _linear_mixed, quantized_gemms=("fprop", "dgrad")),
     Strategy("int8", "LLM.int8(): A int8 per row (absmax/127, round half-even), columns with any |a| ≥ threshold "
@@ -1395,7 +1397,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "the dequantised second. " + BATCHED_RULE,
              ("int8",), _run_int8, _linear_int8),
     Strategy("switchback", "SwitchBack: fprop int8 per-row A × int8 per-row W (no outlier columns); dgrad "
-             "G·deq(W) and wgrad Gᵀ·A unquantised (bitsandbytes.research SwitchBackBnb). Two activations: both int8 per "
+             "G·deq(W) and wgrad Gᵀ·A unquantised (bitsandbytes.research SwitchBackBnb). Two activations: both "
+             "int8 per "
              "row along the contraction dim. " + BATCHED_RULE, ("int8",), _run_switchback,
              _linear_switchback, quantized_gemms=("fprop", "dgrad")),
     Strategy("ocp-tensorwise", "OCP E4M3FN for A and W, E5M2 for G, one float32 scale amax/fmt_max per tensor, "

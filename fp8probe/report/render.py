@@ -595,7 +595,8 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                                        "cls": "bad" if r["n_below"] else ""},
                  cell(r["worst_layer"]), _sqnr_cell(r["worst_db"], keep_db)] for r in v["isolated"]]
     e2e_columns = ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB", "grad SQNR min dB",
-                   "grad SQNR median dB", "low-precision FLOPs", "layers kept in 16-bit", "within budget with them", "note"]
+                   "grad SQNR median dB", "low-precision FLOPs", "layers kept in 16-bit", "within budget with them",
+                   "note"]
     e2e_groups = [("", 1), ("every captured GEMM in low precision", 7), ("the budget's keep-set (Recommendation)", 2),
                   ("", 1)]
     if all(r[-1]["text"] in ("", "–") for r in e2e_rows):  # (a note shared by every row is said once under the table)
@@ -759,8 +760,8 @@ def _recommendation_section(tables: Mapping) -> dict | None:
         for r, keep in zip(per_strategy, keeps)])
     settings = _table("recommendation-model", ["setting", "recipe", "value", *tail], [
         [cell(_MODEL_WIDE[r["kind"]]), cell(r.get("strategy")),
-         cell("0 (plain int8, no outlier columns)" if r["kind"] == "threshold" and r.get("value") == 0 else r.get("value"),
-              "{:g}"),
+         cell("0 (plain int8, no outlier columns)" if r["kind"] == "threshold" and r.get("value") == 0
+              else r.get("value"), "{:g}"),
          *outcome(r)] for r in model_wide])
     chosen = next((r.get("strategy") for r in per_strategy if r.get("recommended")), None)
     return {"strategies": strategies if per_strategy else None, "model_wide": settings if model_wide else None,
