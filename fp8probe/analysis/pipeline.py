@@ -627,6 +627,37 @@ def _param_dtype(module: Any) -> str | None:
     return "+".join(dtypes) if dtypes else None
 
 
+def _input_shapes(batches: list[Batch]) -> dict | None:
+    """What the batches hold, for the report header and the terminal (report.verdict.inputs_shape_text): the first
+    batch's top-level tensors (name: keyword, or ``arg0``.. for positional ones; shape; dtype), whether every batch has
+    those shapes, and the token count when the batch has token ids (its first integer tensor of 2+ dims, as
+    ``input_ids`` of batch x sequence; the sum over batches). None without tensors. ("inputs: x.pt" said nothing of
+    the shape or tokens where the demo's "4 seeded batch(es) of 8 x 32 tokens" did, QA C3.)"""
+
+    def tensors(b: Batch) -> list[tuple[str, torch.Tensor]]:
+        named = [(f"arg{i}", a) for i, a in enumerate(b.args)] + list(b.kwargs.items())
+        return [(str(k), v) for k, v in named if isinstance(v, torch.Tensor)]
+
+    first = tensors(batches[0]) if batches else []
+    if not first:
+        return None
+    token = next((k for k, v in first if not v.dtype.is_floating_point and not v.dtype.is_complex
+                  and v.dtype != torch.bool and v.dim() >= 2), None)
+    shapes = [[(k, tuple(v.shape)) for k, v in tensors(b)] for b in batches]
+    tokens = sum(v.numel() for b in batches for k, v in tensors(b) if k == token) if token else None
+    return {"batches": len(batches),
+            "tensors": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                        for k, v in first],
+            "same_shapes": all(x == shapes[0] for x in shapes), "token_ids": token, "tokens": tokens}
+
+
+def _param_count(module: Any) -> int | None:
+    """The model's parameter count (shared parameters once), None without parameters() (QA C3: the header gave none
+    for a Hugging Face model; the demo's description carries its own)."""
+    params = getattr(module, "parameters", None)
+    return sum(p.numel() for p in params()) if callable(params) else None
+
+
 def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: str | None, seed: int,
                  info: LossInfo | None, formats: list[str]) -> dict:
     """The metadata block every results JSON shares (docs/architecture.md); callers add their own keys."""
@@ -648,6 +679,8 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
                     for f in formats},
         "rules": {},
         "batches": len(run.batches),
+        "input_shapes": _input_shapes(run.batches),
+        "parameters": _param_count(run.module),
         "layers_regex": run.layers,
         "coverage": run.coverage.summary(),
         **({"ranks": distributed.current().size} if distributed.current().size > 1 else {}),

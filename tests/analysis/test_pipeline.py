@@ -142,3 +142,24 @@ def test_metadata_timings_split_the_run(tiny_model, tiny_batches) -> None:
     assert sum(by_strategy.values()) == pytest.approx(t["recipes_s"] + t["metrics_s"], rel=1e-9)
     with_e2e = analyze(tiny_model, tiny_batches, "global", batches=1).metadata["timings"]
     assert with_e2e["e2e_s"] > 0.0 and with_e2e["e2e_s"] <= with_e2e["total_s"]
+
+
+def test_metadata_says_what_the_inputs_held_and_the_parameter_count() -> None:
+    """A user's inputs file showed as "inputs: x.pt", with no shape or token count (QA C3): metadata.input_shapes
+    keeps the first batch's tensors, whether later batches match, and the token count where there are token ids."""
+    from fp8probe.analysis.pipeline import _input_shapes, _param_count
+
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(0, 100, (1, n), generator=g) for n in (64, 64, 32)]
+    batches = [Batch(kwargs={"input_ids": x, "labels": x.clone()}) for x in ids]
+    got = _input_shapes(batches)
+    assert got == {"batches": 3, "tensors": [{"name": "input_ids", "shape": [1, 64], "dtype": "int64"},
+                                             {"name": "labels", "shape": [1, 64], "dtype": "int64"}],
+                   "same_shapes": False, "token_ids": "input_ids", "tokens": 160}
+    # float inputs and 1-D class labels: no token ids
+    images = [Batch(args=(torch.randn(8, 3, 4, 4, generator=g), torch.randint(0, 10, (8,), generator=g)))] * 2
+    assert _input_shapes(images) == {"batches": 2, "tensors": [
+        {"name": "arg0", "shape": [8, 3, 4, 4], "dtype": "float32"}, {"name": "arg1", "shape": [8], "dtype": "int64"}],
+        "same_shapes": True, "token_ids": None, "tokens": None}
+    lin = torch.nn.Linear(5, 3)
+    assert _param_count(lin) == 18 and _param_count(lambda x: x) is None
