@@ -700,8 +700,13 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                                           "worst_fprop": worst}), indent=1, default=str))
         return
     loss = results.metadata["loss"]
-    click.echo(f"{len(results.tables['layers'])} GEMM site(s), {results.metadata['batches']} batch(es), "
-               f"loss: {loss['kind']} ({_printable(loss['detail'])})")
+    from fp8probe.report.verdict import gemm_sites_text, inputs_shape_text
+
+    # (sites and calls both named, with what the batches held: the coverage line below counts calls, QA C3)
+    shape = inputs_shape_text(results.metadata)
+    click.echo(f"{gemm_sites_text(len(results.tables['layers']), results.tables, results.metadata)}"
+               + (f", inputs: {_printable(shape)}" if shape else f", {results.metadata['batches']} batch(es)")
+               + f", loss: {loss['kind']} ({_printable(loss['detail'])})")
     _echo_summary(results)  # the verdict lines (coverage line included), then the worst rows per strategy
     if n_errors:
         click.echo(f"note: {n_errors} strategy/layer combination(s) failed; see the errors table", err=True)
@@ -1194,7 +1199,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
-    from fp8probe.report.verdict import budget_text
+    from fp8probe.report.verdict import budget_text, signed_pct
 
     _check_names(model, factory, loss_spec)
     _check_device(device)
@@ -1273,8 +1278,12 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
             click.echo(f"model-wide {what}: not validated, the end-to-end loss change is undefined (the "
                        "high-precision loss is not finite: NaN/Inf in the model or its inputs, or an empty batch)")
             continue
+        # (with a KL budget the KL it was judged on, beside the bound: "loss …, within the budget (KL ≤ 1e-05)" gave
+        # the loss alone)
+        kl_div = r.get("kl_div")
+        kl = f", KL {kl_div:.3g}" if r["budget_kind"] == "kl" and kl_div is not None and math.isfinite(kl_div) else ""
         click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
-                   f"{100 * change:+.2f} %, {status} the budget ({budget_text(r['budget'], r['budget_kind'])})")
+                   f"{signed_pct(change)}{kl}, {status} the budget ({budget_text(r['budget'], r['budget_kind'])})")
     _warn_no_gradient(results)
     click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
 

@@ -3,6 +3,7 @@ ellipsis; -q, --threads and --format json accepted by every command that runs a 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,25 @@ def test_demo_accepts_quiet_threads_and_json(tmp_path: Path) -> None:
     assert json.loads(Path(doc["results"]).read_text())["metadata"]["threads"] == 1
     res = _invoke(["demo", "--small", "--out", str(tmp_path / "q"), "-q"])
     assert "demo: analysing" not in res.stdout and "demo: report written to" in res.stdout
+
+
+def test_first_line_names_sites_calls_and_inputs_and_the_warnings_are_the_reports(tmp_path: Path) -> None:
+    """The terminal said "37 GEMM site(s), 2 batch(es)" where the report's coverage said "74 GEMMs", and neither said
+    what the batches held (QA C3); the warnings it prints are the report's, word for word (QA B6: one set of texts)."""
+    out = tmp_path / "o"
+    res = _invoke(["analyze", TINY, "--strategy", "global,nvfp4", "--out", str(out), "-q", "--threads", "1",
+                   "--no-e2e"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    meta = json.loads((out / "results.json").read_text())["metadata"]
+    calls = meta["coverage"]["gemms_captured"]
+    assert meta["input_shapes"]["tokens"] == 2 * 4 * 16  # tiny_factory: two batches of 4 x 16 token ids
+    assert lines[0] == (f"13 GEMM site(s) ({calls} GEMM calls in 2 batch(es)), inputs: 2 batch(es) of 4 x 16 tokens "
+                        "(128 tokens in all), loss: model (scalar loss returned by the model)")
+    assert f"captured {calls} of {calls} GEMMs" in res.stdout
+    warned = [x for x in lines if x.startswith("warning:")]
+    assert any("underflow" in x and "under nvfp4" in x for x in warned)  # (the planted outliers: FP4 flushes)
+    html = (out / "index.html").read_text(encoding="utf-8")
+    verdict = html[html.index('id="verdict"'):html.index("</section>")]
+    from html import unescape
+    assert [unescape(x) for x in re.findall(r'<li class="warnline">(.*?)</li>', verdict)] == warned

@@ -17,8 +17,8 @@ from markupsafe import Markup, escape
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
-from fp8probe.report.verdict import (KEEP_16BIT_DB, budget_text, build_verdict, coverage_line, isolated_headline,
-                                     lp_share_text, signed_pct, verdict_lines)
+from fp8probe.report.verdict import (KEEP_16BIT_DB, budget_text, build_verdict, coverage_line, gemm_sites_text,
+                                     inputs_text, isolated_headline, lp_share_text, signed_pct, verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -584,23 +584,18 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
     """The first screen: the verdict lines (the terminal prints the same), the per-strategy end-to-end
     table, the isolated summary, coverage, warnings and one-line notes for what these results lack."""
     v = build_verdict(tables, meta, keep_db)
+    # (the note column only when some row has a note: empty, it pushed "within budget" off an 800 px screen, QA B5)
+    notes = any(r["note"] for r in v["e2e"])
     e2e_rows = [[cell(r["strategy"], cls="txt strong" if r["recommended"] else ""),
                  _change_cell(r["loss_rel_change"]), cell(r["kl_div"], "{:.3g}"), _top1_cell(r["top1_agreement"]),
                  _sqnr_cell(r["output_sqnr_db"], keep_db), cell(r["grad_sqnr_db_min"], "{:.1f}"),
                  cell(r["grad_sqnr_db_median"], "{:.1f}"), _share(r["lp_flop_share"]),
-                 cell(r["n_keep"], "{:.0f}"), _budget_cell(r["within_budget"]), cell(r["note"])]
+                 cell(r["n_keep"], "{:.0f}"), _budget_cell(r["within_budget"]), *([cell(r["note"])] if notes else [])]
                 for r in v["e2e"]]
     # ("n of m" is a count: right-aligned and sorted by n, not as text where "11 of 13" < "2 of 13")
     iso_rows = [[cell(r["strategy"]), {"text": f"{r['n_below']} of {r['n_layers']}", "sort": r["n_below"],
                                        "cls": "bad" if r["n_below"] else ""},
                  cell(r["worst_layer"]), _sqnr_cell(r["worst_db"], keep_db)] for r in v["isolated"]]
-    e2e_columns = ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB", "grad SQNR min dB",
-                   "grad SQNR median dB", "low-precision FLOPs", "layers kept in 16-bit", "within budget with them",
-                   "note"]
-    e2e_groups = [("", 1), ("every captured GEMM in low precision", 7), ("the budget's keep-set (Recommendation)", 2),
-                  ("", 1)]
-    if all(r[-1]["text"] in ("", "–") for r in e2e_rows):  # (a note shared by every row is said once under the table)
-        e2e_columns, e2e_groups, e2e_rows = e2e_columns[:-1], e2e_groups[:-1], [r[:-1] for r in e2e_rows]
     rec = v["recommended"]
     return {
         # the lines the tables and the callout below do not already show
@@ -608,9 +603,12 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                   if not line.startswith(("verdict", "isolated ", "end-to-end "))],
         "headline": (isolated_headline(v["best_isolated"], keep_db).split(": ", 1)[1]
                      if v["best_isolated"] else ""),
+        # the high-precision loss the changes are relative to (QA C3: only relative changes appeared)
+        "loss_hp": "" if v["loss_hp"] is None else f"{v['loss_hp']:.4g} in high precision (the loss changes' base)",
         # the headline carries what the terminal's verdict line does: the KL (a loss that moved little can hide a
         # broken output) and the budget it was judged against
         "recommended": None if rec is None else {**rec, "loss": signed_pct(rec["loss_rel_change"]),
+                                                 "loss_hp": None if v["loss_hp"] is None else f"{v['loss_hp']:.4g}",
                                                  "kl": None if rec["kl_div"] is None else f"{rec['kl_div']:.3g}",
                                                  "budget": budget_text(rec["budget"], rec["budget_kind"]),
                                                  "share": lp_share_text(rec["lp_flop_share"], v["coverage"])},
@@ -619,7 +617,11 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
         "isolated_pick": v["best_isolated"]["strategy"] if v["best_isolated"] else None,
         # (the first columns are the run with every captured GEMM in low precision; the last two the keep-set the
         # search found for the budget: a "yes" there is the keep-set's, not the all-low-precision loss's)
-        "e2e": _table("e2e", e2e_columns, e2e_rows, groups=e2e_groups),
+        "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
+                              "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",
+                              "layers kept in 16-bit", "within budget", *(["note"] if notes else [])], e2e_rows,
+                      groups=[("", 1), ("every captured GEMM in low precision", 7),
+                              ("the budget's keep-set (Recommendation)", 2), *([("", 1)] if notes else [])]),
         "e2e_notes": v["e2e_notes"],
         "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
                                         "worst fprop SQNR dB"], iso_rows),
@@ -1052,6 +1054,18 @@ def _methods(meta: Mapping, strategies: list[str]) -> dict:
     }
 
 
+def _model_text(meta: Mapping) -> str:
+    """The model's description with its parameter count (metadata.parameters) when the description lacks one."""
+    desc = str(meta.get("model", ""))
+    n = meta.get("parameters")
+    if not _isnum(n) or "parameters" in desc:
+        return desc
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{desc} ({n / size:.3g} {unit} parameters)"
+    return f"{desc} ({n:.0f} parameters)"
+
+
 def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *, draw: bool = True) -> dict:
     """Turn a results dict into the template's view model (plain dicts, lists, strings and data URIs).
 
@@ -1072,13 +1086,15 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
     loss = meta.get("loss") or {}
     versions = meta.get("versions") or {}
     verdict = _verdict_section(tables, meta, keep_16bit_db)
-    info = [("model", meta.get("model", "")), ("inputs", meta.get("inputs", "")),
+    info = [("model", _model_text(meta)), ("inputs", inputs_text(meta)),
             ("kind", " + ".join(meta.get("merged_kinds") or [results["kind"]])), ("created", meta.get("created", "")),
             ("device", meta.get("device", "")), ("model dtype", meta.get("dtype") or "not recorded"),
             ("CPU threads", meta.get("threads") or "not recorded"), ("batches", meta.get("batches", "")),
             ("seed", meta.get("seed", "")), ("outlier threshold", meta.get("threshold", "")),
+            ("GEMMs", gemm_sites_text(len(tables["layers"]), tables, meta)),
             ("coverage", verdict["coverage"] or "not recorded"),
-            ("loss", f"{loss.get('kind', '')}: {loss.get('detail', '')}" if loss else ""),
+            ("loss", (f"{loss.get('kind', '')}: {loss.get('detail', '')}" if loss else "")
+             + (f"; {verdict['loss_hp']}" if verdict["loss_hp"] else "")),
             ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()))]
     layer_rows = [[cell(r["layer"]), cell(r.get("in_features"), "{:.0f}"), cell(r.get("out_features"), "{:.0f}"),
                    cell(r.get("has_bias")), cell(r.get("tokens"), "{:.0f}"), cell(r.get("bsz"), "{:.0f}"),

@@ -934,7 +934,7 @@ def test_cli_sweep_prints_the_model_wide_value(tmp_path: Path) -> None:
                                       "0,6", "--out", str(tmp_path / "s")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "model-wide threshold 0 (int8), validated end to end: loss" in result.stdout
-    assert "within the budget (1 % loss)" in result.stdout  # (the budget as a percentage, like the loss change)
+    assert "within the budget (|loss change| ≤ 1 %)" in result.stdout  # (the bound, as a percentage like the loss change)
     bad = CliRunner().invoke(cli, ["sweep-threshold", f"{HERE / 'planted_models.py'}:build_clean", "--budget", "?",
                                    "--out", str(tmp_path / "t")])
     assert bad.exit_code == 2 and "--budget: expected a budget like" in bad.stderr

@@ -236,3 +236,52 @@ def test_the_heat_maps_pinned_column_is_the_verdicts_recipe_not_the_worst_over_f
     # nothing named (no recipe within the budget): no pinned column, no star, no claim in the caption
     hm = _heatmap(["l0"], ["a", "b"], {("l0", s, "fprop"): {"sqnr_db": 30.0} for s in ("a", "b")}, 20.0, None)
     assert hm["table"]["columns"] == ["layer", "a", "b"] and hm["pick"] is None and hm["views"][0]["hide"] == []
+
+
+def test_the_end_to_end_table_drops_an_empty_note_column_and_fits_800_px(small: dict) -> None:
+    """At 800 px the decisive "within budget with them" column was off-screen, behind an empty note column (QA B5;
+    the narrower padding and strategy column (_style.css.j2 #e2e) do the rest, checked by screenshot)."""
+    data = with_agreed_tables(copy.deepcopy(small), keep=[])
+    e2e = build_report_view(data, draw=False)["verdict"]["e2e"]
+    assert e2e["columns"][-2:] == ["layers kept in 16-bit", "within budget"]
+    assert all(len(row) == len(e2e["columns"]) for row in e2e["rows"])
+    assert sum(g["span"] for g in e2e["groups"]) == len(e2e["columns"])
+    # a row with a note of its own brings the column back, for every row
+    data["tables"]["e2e"][0]["note"] = "2 layer(s) overflowed"
+    e2e = build_report_view(data, draw=False)["verdict"]["e2e"]
+    assert e2e["columns"][-1] == "note" and e2e["rows"][0][-1]["text"] == "2 layer(s) overflowed"
+    assert all(len(row) == len(e2e["columns"]) for row in e2e["rows"])
+    assert sum(g["span"] for g in e2e["groups"]) == len(e2e["columns"])
+
+
+def test_header_says_the_inputs_shape_the_gemm_sites_and_calls_the_baseline_loss_and_parameters(small: dict) -> None:
+    """The header said "inputs: x.pt" (no shape, no token count), "74 GEMMs" where the terminal said "37 GEMM site(s)",
+    no parameter count for a Hugging Face model and the model's own loss nowhere (QA C3)."""
+    data = with_agreed_tables(copy.deepcopy(small), keep=[])
+    meta = data["metadata"]
+    meta.update(inputs="x.pt", parameters=2_623_744, batches=2,
+                coverage={"gemms_executed": 74, "gemms_captured": 74, "flop_share": 1.0, "skipped": {}},
+                input_shapes={"batches": 2, "tensors": [{"name": "input_ids", "shape": [1, 64], "dtype": "int64"},
+                                                        {"name": "labels", "shape": [1, 64], "dtype": "int64"}],
+                              "same_shapes": True, "token_ids": "input_ids", "tokens": 128})
+    info = {i["key"]: i["value"] for i in build_report_view(data, draw=False)["info"]}
+    assert info["inputs"] == "x.pt: 2 batch(es) of 1 x 64 tokens (128 tokens in all)"
+    # (the calls are the coverage line's: the coverage table's 28 captured of 30 where there is one)
+    assert info["GEMMs"] == f"{len(data['tables']['layers'])} GEMM site(s) (28 GEMM calls in 2 batch(es))"
+    assert info["coverage"].startswith("captured 28 of 30 GEMMs")
+    assert info["model"].endswith(" (2.62 M parameters)")
+    assert info["loss"].endswith("; 2.5 in high precision (the loss changes' base)")  # e2e_rows' loss_hp
+    # inputs without token ids: the first batch's tensors; shapes that vary say so
+    meta["input_shapes"] = {"batches": 3, "tensors": [{"name": "arg0", "shape": [8, 3, 32, 32], "dtype": "float32"}],
+                            "same_shapes": False, "token_ids": None, "tokens": None}
+    assert {i["key"]: i["value"] for i in build_report_view(data, draw=False)["info"]}["inputs"] == (
+        "x.pt: 3 batch(es) of arg0 8 x 3 x 32 x 32; the first batch's shape, later ones differ")
+    # a description that says the shape already (the demo's) is not repeated; older results render as before
+    meta.update(inputs="4 seeded batch(es) of 8 x 32 tokens",
+                input_shapes=dict(meta["input_shapes"], batches=4, token_ids="arg0", same_shapes=True, tokens=1024,
+                                  tensors=[{"name": "arg0", "shape": [8, 32], "dtype": "int64"}]))
+    assert {i["key"]: i["value"] for i in build_report_view(data, draw=False)["info"]}["inputs"] == meta["inputs"]
+    for key in ("input_shapes", "parameters"):
+        del meta[key]
+    info = {i["key"]: i["value"] for i in build_report_view(data, draw=False)["info"]}
+    assert info["inputs"] == meta["inputs"] and "parameters" not in info["model"]

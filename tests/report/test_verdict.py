@@ -22,8 +22,8 @@ def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
     tables = {"e2e": e2e_rows(), "recommendation": recommendation_rows(["blocks.0.attn.qkv"]),
               "coverage": coverage_rows()}
     lines = verdict_lines(tables)
-    assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss +0.12 %, KL 0.0009 "
-                        "(budget 1 % loss); 94.7 % of the analysed GEMM FLOPs (90.0 % of the model's) in low "
+    assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss 2.5 → +0.12 %, KL 0.0009 "
+                        "(budget |loss change| ≤ 1 %); 94.7 % of the analysed GEMM FLOPs (90.0 % of the model's) in low "
                         "precision")  # (28 of 30 GEMMs, 95 % of the FLOPs, were captured and replaced)
     assert "block size for the whole model (mixed): 128 (validated: loss +0.40 %, KL 0.003)" in lines
     assert "outlier threshold for the whole model (int8): 6 (validated: loss +0.60 %, KL 0.004)" in lines
@@ -45,7 +45,8 @@ def test_dataframes_and_records_give_the_same_lines() -> None:
 def test_no_strategy_within_budget_says_so() -> None:
     rows = [dict(r, recommended=False, within_budget=False) for r in recommendation_rows([])]
     lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows})
-    assert lines[0] == "verdict: no strategy stays within the loss budget 1 % even with layers kept in 16-bit"
+    assert lines[0] == ("verdict: no strategy stays within the budget (|loss change| ≤ 1 %) even with layers kept in "
+                        "16-bit")
 
 
 def test_an_undefined_budget_metric_is_not_blamed_on_the_recipes() -> None:
@@ -60,9 +61,9 @@ def test_an_undefined_budget_metric_is_not_blamed_on_the_recipes() -> None:
     kl_rows = [dict(r, budget_kind="kl") for r in rows]
     no_kl = [dict(r, kl_div=None) for r in e2e_rows()]
     assert verdict_lines({"e2e": no_kl, "recommendation": kl_rows})[0].startswith(
-        "verdict: the kl budget cannot be judged: the KL divergence is undefined")
+        "verdict: the KL budget cannot be judged: the KL divergence is undefined")
     one_defined = no_kl[:1] + [dict(r, kl_div=0.5) for r in no_kl[1:]]  # one number: the recipes' verdict stands
-    assert "no strategy stays within the kl budget" in verdict_lines({"e2e": one_defined, "recommendation": kl_rows})[0]
+    assert "no strategy stays within the budget (KL ≤ 0.01)" in verdict_lines({"e2e": one_defined, "recommendation": kl_rows})[0]
 
 
 def test_without_e2e_the_isolated_numbers_and_one_line_notes() -> None:
@@ -188,15 +189,18 @@ def test_the_recommended_mark_on_an_all_low_precision_line_says_layers_are_kept(
         assert "low precision ← recommended" in line  # (the line's own numbers stay those of every layer in LP)
 
 
-def test_the_budget_is_a_percentage_beside_percentages_and_kl_as_it_is() -> None:
-    """'loss -0.24 % … (budget 0.005 loss)' for --budget 0.5% (QA F8c)."""
+def test_the_budget_reads_as_the_bound_it_sets() -> None:
+    """'loss -0.24 % … (budget 0.005 loss)' for --budget 0.5% (QA F8c); then '(budget 1e-05 kl)' for --budget kl:1e-5,
+    the kind named after the number as if it were a unit (QA C4): the budget is the bound, "KL ≤ 1e-05"."""
+    from fp8probe.report.verdict import budget_text
     rows = [dict(r, budget=0.005) for r in recommendation_rows(["fc1"])]
-    assert "loss +0.12 %, KL 0.0009 (budget 0.5 % loss);" in verdict_lines({"recommendation": rows})[0]
-    kl = [dict(r, budget=0.002, budget_kind="kl") for r in rows]
-    assert "(budget 0.002 kl);" in verdict_lines({"recommendation": kl})[0]
+    assert "loss +0.12 %, KL 0.0009 (budget |loss change| ≤ 0.5 %);" in verdict_lines({"recommendation": rows})[0]
+    kl = [dict(r, budget=1e-5, budget_kind="kl") for r in rows]
+    assert "(budget KL ≤ 1e-05);" in verdict_lines({"recommendation": kl})[0]
+    assert (budget_text(0.01, None), budget_text(0.002, "kl")) == ("|loss change| ≤ 1 %", "KL ≤ 0.002")
     over = [dict(r, recommended=False, within_budget=False) for r in rows]
     assert verdict_lines({"e2e": e2e_rows(), "recommendation": over})[0] == (
-        "verdict: no strategy stays within the loss budget 0.5 % even with layers kept in 16-bit")
+        "verdict: no strategy stays within the budget (|loss change| ≤ 0.5 %) even with layers kept in 16-bit")
 
 
 def test_html_headline_has_the_kl_and_the_budget(tmp_path: Path) -> None:
@@ -210,9 +214,9 @@ def test_html_headline_has_the_kl_and_the_budget(tmp_path: Path) -> None:
     html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
     main = html[html.index('verdict-main'):]
     main = " ".join(main[:main.index("</div>")].split())
-    assert "loss change <strong>+0.12 %</strong>, KL <strong>0.0009</strong> (budget 0.5 % loss)," in main, main
+    assert "loss 2.5 → <strong>+0.12 %</strong>, KL <strong>0.0009</strong> (budget |loss change| ≤ 0.5 %)," in main, main
     rec = html[html.index('id="recommendation"'):]
-    assert "budget (0.5 % loss)" in rec[:rec.index("</table>")]  # the Recommendation table's (every row's) budget too
+    assert "(budget |loss change| ≤ 0.5 %)" in rec[:rec.index("</table>")]  # the Recommendation table's (every row's) budget too
     data["tables"]["recommendation"] = [dict(r, kl_div=None) for r in data["tables"]["recommendation"]]
     html = render_report(data, tmp_path / "r2.html", draw=False).read_text(encoding="utf-8")
     main = html[html.index('verdict-main'):]
@@ -274,10 +278,9 @@ def test_a_recipe_flushing_a_large_share_of_an_operand_is_warned_with_what_avoid
                 key=lambda r: r["underflow_frac"])
     lines = verdict_lines({"operands": rows})
     warned = [x for x in lines if "underflow" in x]
-    assert warned == [f"warning: grad_output underflow: over 10 % of its non-zero elements flush to zero under "
-                      f"ocp-tensorwise in 5 of 5 layer(s) (worst: {worst['layer']}, "
-                      f"{100 * worst['underflow_frac']:.1f} %); global in 1 of 5 layer(s) (worst: head, 35.0 %); "
-                      "at or under 10 % in those layers: ocp-rowwise"]
+    assert warned == [f"warning: grad_output underflow: over 10 % of its non-zero elements flush to zero in 5 of 5 "
+                      f"layer(s); worst: {worst['layer']} under ocp-tensorwise {100 * worst['underflow_frac']:.1f} %; "
+                      "head under global 35.0 %"]
     # the limit is the named constant, inclusive of it: exactly 10 % is not flagged
     at = [dict(r, underflow_frac=UNDERFLOW_WARN_FRAC if r["underflow_frac"] > 0.1 else r["underflow_frac"]) for r in rows]
     assert not any("underflow" in x for x in verdict_lines({"operands": at}))
@@ -290,7 +293,7 @@ def test_a_recipe_flushing_a_large_share_of_an_operand_is_warned_with_what_avoid
     data["tables"]["operands"] = rows
     html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
     verdict = html[html.index('id="verdict"'):html.index("</section>")]
-    assert "warning: grad_output underflow: over 10 % of its non-zero elements flush to zero under ocp-tensorwise" in verdict
+    assert "warning: grad_output underflow: over 10 % of its non-zero elements flush to zero in 5 of 5" in verdict
 
 
 def test_the_underflow_hint_names_only_recipes_the_run_did_not_try() -> None:
@@ -385,3 +388,67 @@ def test_the_finer_scale_recipes_the_underflow_hint_offers_exist() -> None:
     from fp8probe.analysis.strategies import STRATEGIES
     from fp8probe.report.verdict import FINER_SCALE_RECIPES
     assert set(FINER_SCALE_RECIPES) <= set(STRATEGIES)
+
+
+def _flushing(seed: int, worst: dict[str, tuple[str, float]], fine: tuple[str, ...] = ("global", "int8")) -> list[dict]:
+    """Activation operand rows of layers L0-L3: each recipe of ``worst`` flushes its (layer, share) and 11-15 % in
+    L2; the ``fine`` recipes flush under 1 % everywhere."""
+    rng = random.Random(seed)
+    rows = []
+    for layer in ("L0", "L1", "L2", "L3"):
+        for s in (*fine, *worst):
+            frac = rng.uniform(0.0, 0.01)
+            if s in worst:
+                frac = worst[s][1] if worst[s][0] == layer else rng.uniform(0.11, 0.15) if layer == "L2" else frac
+            rows.append({"layer": layer, "strategy": s, "operand": "activation", "underflow_frac": frac})
+    return rows
+
+
+def test_an_underflow_warning_names_the_worst_layers_and_shares_not_the_recipes_that_are_fine() -> None:
+    """Each underflow warning ran 4-5 lines: per recipe "in N of M layer(s) (worst: …)", then every recipe at or under
+    10 % (QA B6). Now: how many layers, each worst layer with the recipes that flush it most, largest share first."""
+    from fp8probe.report.verdict import MAX_NAMES, underflow_warnings
+
+    worst = {"nvfp4": ("L3", 0.229), "mxfp4": ("L3", 0.291), "nvfp4-train": ("L3", 0.2291), "mxfp6-e2m3": ("L1", 0.3)}
+    run = ["global", "int8", "nvfp4", "nvfp4-train", "mxfp4", "mxfp6-e2m3"]
+    (line,) = underflow_warnings(_flushing(3, worst), run)
+    assert line == ("activation underflow: over 10 % of its non-zero elements flush to zero in 3 of 4 layer(s); worst: "
+                    "L1 under mxfp6-e2m3 30.0 %; L3 under mxfp4 29.1 %, nvfp4-train 22.9 %, nvfp4 22.9 %")
+    assert "global" not in line and "int8" not in line and "at or under" not in line
+    # many recipes: the first MAX_NAMES by share, then a count
+    many = {f"r{i}": ("L3", 0.2 + 0.01 * i) for i in range(MAX_NAMES + 2)}
+    (line,) = underflow_warnings(_flushing(4, many), ["global", "int8", *many])
+    assert line.endswith(f"L3 under r{MAX_NAMES + 1} 27.0 %, r{MAX_NAMES} 26.0 %, r5 25.0 %, r4 24.0 %, r3 23.0 %, "
+                         "r2 22.0 % and 2 more recipe(s)")
+    assert "r1 " not in line and "r0 " not in line
+
+
+def test_underflow_warnings_do_not_depend_on_the_budget() -> None:
+    """A recipe within a loss budget with every layer in low precision was left out of the underflow warnings, so the
+    same tensors warned under --budget kl:1e-5 (where the recipe needed a keep-set) and not under a loss budget (QA
+    A3: FP4 with top-1 agreement 30 % read "yes" and unwarned). The warnings now read the operands table only."""
+    operands = _flushing(5, {"mxfp4": ("L3", 0.291), "nvfp4": ("L3", 0.229)})
+    e2e = [dict(e2e_rows()[0], strategy=s) for s in ("global", "int8", "mxfp4", "nvfp4")]
+
+    def plan(s: str, kind: str, budget: float, keep: list[str]) -> dict:
+        return {"kind": "strategy", "strategy": s, "value": None, "keep_16bit": keep, "n_keep": len(keep),
+                "loss_rel_change": 1e-5, "kl_div": 0.0076, "within_budget": True, "lp_flop_share": 1 - 0.2 * len(keep),
+                "budget": budget, "budget_kind": kind, "recommended": s == "int8"}
+
+    loss = [plan(s, "loss", 0.01, []) for s in ("global", "int8", "mxfp4", "nvfp4")]
+    kl = [plan(s, "kl", 1e-5, ["L3", "L2"] if "fp4" in s else []) for s in ("global", "int8", "mxfp4", "nvfp4")]
+    warned = [[w for w in build_verdict({"e2e": e2e, "recommendation": rows, "operands": operands})["warnings"]
+               if "underflow" in w] for rows in (loss, kl)]
+    assert warned[0] == warned[1] and len(warned[0]) == 1
+    assert "L3 under mxfp4 29.1 %, nvfp4 22.9 %" in warned[0][0]
+
+
+def test_the_verdict_line_gives_the_high_precision_loss_the_change_is_of() -> None:
+    """Only relative loss changes appeared, the model's own loss (9.049 in QA's Llama) nowhere (QA C3)."""
+    from fp8probe.report.verdict import loss_change_text
+    e2e = [dict(r, loss_hp=9.048840522766113) for r in e2e_rows()]
+    line = verdict_lines({"e2e": e2e, "recommendation": recommendation_rows([])})[0]
+    assert "no layer needs 16-bit: loss 9.049 → +0.12 %, KL 0.0009" in line
+    # no end-to-end table, or a loss that is not finite: the change alone
+    assert "no layer needs 16-bit: loss +0.12 %, KL" in verdict_lines({"recommendation": recommendation_rows([])})[0]
+    assert loss_change_text(0.0012, float("nan")) == "+0.12 %" and loss_change_text(None, 2.5) == "–"
