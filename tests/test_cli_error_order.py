@@ -134,4 +134,5 @@ def test_factory_batches_with_args_and_kwargs(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
-    assert "1 GEMM site(s), 1 batch(es)" in res.stdout
+    # (what the batch held, positional and keyword tensors by name: no token ids here)
+    assert "1 GEMM site(s) (1 GEMM call(s) in 1 batch(es)), inputs: 1 batch(es) of arg0 2 x 5 x 8, mask 2 x 5" in res.stdout

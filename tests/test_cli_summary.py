@@ -164,7 +164,7 @@ def test_first_line_names_sites_calls_and_inputs_and_the_warnings_are_the_report
     meta = json.loads((out / "results.json").read_text())["metadata"]
     calls = meta["coverage"]["gemms_captured"]
     assert meta["input_shapes"]["tokens"] == 2 * 4 * 16  # tiny_factory: two batches of 4 x 16 token ids
-    assert lines[0] == (f"13 GEMM site(s) ({calls} GEMM calls in 2 batch(es)), inputs: 2 batch(es) of 4 x 16 tokens "
+    assert lines[0] == (f"13 GEMM site(s) ({calls} GEMM call(s) in 2 batch(es)), inputs: 2 batch(es) of 4 x 16 tokens "
                         "(128 tokens in all), loss: model (scalar loss returned by the model)")
     assert f"captured {calls} of {calls} GEMMs" in res.stdout
     warned = [x for x in lines if x.startswith("warning:")]

@@ -158,7 +158,7 @@ def inputs_text(metadata: Mapping) -> str:
 
 
 def gemm_sites_text(n_sites: int, tables: Mapping[str, Any], metadata: Mapping) -> str:
-    """"37 GEMM site(s) (74 GEMM calls in 2 batch(es))": a site is a layer or matmul of the model, a call one run of
+    """"37 GEMM site(s) (74 GEMM call(s) in 2 batch(es))": a site is a layer or matmul of the model, a call one run of
     it; the coverage line counts calls (QA C3: the header's "74 GEMMs" beside the terminal's "37 GEMM site(s)").
     ``tables``/``metadata`` as for build_verdict: the calls are the coverage line's captured count."""
     cov = coverage_summary(records(tables.get("coverage")), metadata.get("coverage"))
@@ -166,7 +166,7 @@ def gemm_sites_text(n_sites: int, tables: Mapping[str, Any], metadata: Mapping) 
     batches = _num(metadata.get("batches"))
     if calls is None or batches is None:
         return f"{n_sites} GEMM site(s)"
-    return f"{n_sites} GEMM site(s) ({int(calls)} GEMM calls in {int(batches)} batch(es))"
+    return f"{n_sites} GEMM site(s) ({int(calls)} GEMM call(s) in {int(batches)} batch(es))"
 
 
 def _names(names: Sequence[str], limit: int = MAX_NAMES) -> str:

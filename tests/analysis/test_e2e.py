@@ -259,7 +259,7 @@ def test_budget_zero_keeps_layers_until_exact() -> None:
     assert not rec["within_budget"] and not rec["recommended"]
     assert rec["note"].split("; ")[-1].startswith("nearest of all recipes: global keeping ")
     line = verdict_lines(res.tables, res.metadata)[0]
-    assert line.startswith("verdict: no strategy stays within the kl budget 0 even with layers kept in 16-bit; "
+    assert line.startswith("verdict: no strategy stays within the budget (KL ≤ 0) even with layers kept in 16-bit; "
                            "nearest: global keeping ")
     loosen = float(re.search(r"--budget kl:([0-9.e+-]+) would accept it", line).group(1))
     nearest = res.tables["recommendation"]  # (the tried plan itself is not a row: re-run it)

@@ -267,7 +267,7 @@ def test_header_says_the_inputs_shape_the_gemm_sites_and_calls_the_baseline_loss
     info = {i["key"]: i["value"] for i in build_report_view(data, draw=False)["info"]}
     assert info["inputs"] == "x.pt: 2 batch(es) of 1 x 64 tokens (128 tokens in all)"
     # (the calls are the coverage line's: the coverage table's 28 captured of 30 where there is one)
-    assert info["GEMMs"] == f"{len(data['tables']['layers'])} GEMM site(s) (28 GEMM calls in 2 batch(es))"
+    assert info["GEMMs"] == f"{len(data['tables']['layers'])} GEMM site(s) (28 GEMM call(s) in 2 batch(es))"
     assert info["coverage"].startswith("captured 28 of 30 GEMMs")
     assert info["model"].endswith(" (2.62 M parameters)")
     assert info["loss"].endswith("; 2.5 in high precision (the loss changes' base)")  # e2e_rows' loss_hp
