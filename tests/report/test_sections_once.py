@@ -81,7 +81,7 @@ def test_recommendation_splits_recipes_from_model_wide_settings() -> None:
     rec = render._recommendation_section({"recommendation": recommendation_rows(["blocks.0.fc1"])})
     s, m = rec["strategies"], rec["model_wide"]
     assert "kind" not in s["columns"] and "value" not in s["columns"] and "budget" not in s["columns"]
-    assert rec["budget"] == "1 % loss" and rec["keep_sets"] and rec["chosen"] == "mxfp8"
+    assert rec["budget"] == "|loss change| ≤ 1 %" and rec["keep_sets"] and rec["chosen"] == "mxfp8"
     assert [row[0] for row in _texts(s)] == ["global", "mxfp8"]
     # the one recommended recipe: "yes" on exactly one row, and none on the model-wide settings
     assert [row[-1] for row in _texts(s)] == ["", "yes"]
@@ -99,7 +99,7 @@ def test_recommendation_without_keep_sets_drops_empty_columns_and_keeps_differin
     assert not rec["keep_sets"] and rec["budget"] == ""
     assert rec["strategies"]["columns"] == ["strategy", "loss change", "KL", "low-precision FLOPs", "within budget",
                                             "budget", "recommended recipe"]
-    assert [row[5] for row in _texts(rec["strategies"])] == ["1 % loss", "2 % loss"]
+    assert [row[5] for row in _texts(rec["strategies"])] == ["|loss change| ≤ 1 %", "|loss change| ≤ 2 %"]
 
 
 def test_recommendation_without_keep_sets_is_one_line_and_a_folded_table(tmp_path: Path) -> None:
