@@ -421,8 +421,11 @@ def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
     grid = _table("outlier-dims", ["layer", *[str(d) for d in dims]], grid_rows,
                   groups=[("", 1), ("input feature dimension: column amax · share of tokens at or above the threshold",
                                     len(dims))]) if dims else None
+    thresholds = {r["threshold"] for r in rows if _isnum(r.get("threshold"))}
     return {"table": table, "grid": grid, "n_flagged": len(flagged), "n_layers": len(first),
-            "n_dims": len(counts), "shown_dims": len(dims)}
+            "n_dims": len(counts), "shown_dims": len(dims),
+            # (one value in a run; "" when layers differ, and the sentence then names none)
+            "threshold": f"{next(iter(thresholds)):g}" if len(thresholds) == 1 else ""}
 
 
 def _model_wide(kind: str, tables: Mapping, per_layer: Sequence[Any]) -> dict | None:
