@@ -28,6 +28,15 @@ LINE_STYLES = ("-", "--", ":", "-.")
 LEGEND_IN = 2.4
 # Sweep legends name at most this many layers (a 200-layer legend would be taller than the figure).
 MAX_LEGEND = 12
+# The range figure is drawn as wide as the report shows it 1:1 (13 in · 96 dpi = 1248 px of the page's 1264 px
+# column), so its text keeps its size on screen: 9 pt = 12 px labels (7 pt read as ~7 px tall glyphs, QA B4).
+RANGE_WIDTH_IN = 13.0
+RANGE_LABEL_PT = 9
+# Average advance of a DejaVu Sans character in em (layer names: lower case, digits, dots): sizes the margin
+# left of the range figure's panels to its longest name (_short keeps at most 40 characters: ~3 in).
+CHAR_EM = 0.6
+# Height of one ridgeline row of the range figure: 24 rows (MAX_HIST_LAYERS) make a ~12 in (1.1k px) figure.
+RANGE_ROW_IN = 0.42
 
 
 def figure_to_data_uri(fig: Figure) -> str:
@@ -68,7 +77,8 @@ def _short(name: str, width: int = 32) -> str:
     return short.replace("$", r"\$")
 
 
-def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str]) -> Figure:
+def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str], titles: Mapping[str, str] | None = None
+                     ) -> Figure:
     """Ridgelines of log2-magnitude histograms: one column per tensor, one row per layer.
 
     Each panel dict: ``layer``, ``tensor``, ``edges`` (log2 bin edges, len = len(counts)+1),
@@ -76,14 +86,18 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str]) -> Figur
     formats applied to that tensor, already shifted so the format max sits at the tensor's amax.
     Rows follow the panels' layer order (top first); each histogram is scaled to its own peak; a window
     is shaded behind its row (dashed edge: the smallest subnormal, solid: the format max), one colour
-    per window label, named in one legend. One Axes per tensor, not per panel: 36 panels as small
-    multiples took ~2.5 s to draw (every Axes draws its own ticks, labels and legend), this ~0.3 s.
+    per window label, named in one legend. ``titles``: a column's title when it is not the tensor's name.
+    One Axes per tensor, not per panel: 36 panels as small multiples took ~2.5 s to draw (every Axes draws
+    its own ticks, labels and legend), this ~0.3 s.
     """
     layers = list(dict.fromkeys(p["layer"] for p in panels))
+    names = [_short(x, 40) for x in layers]
     nrows, ncols = max(len(layers), 1), max(len(tensors), 1)
-    height = 1.2 + 0.42 * nrows
-    fig = Figure(figsize=(12, height))  # fixed margins: constrained layout costs ~1 s on large figures
-    fig.subplots_adjust(left=0.2, right=0.99, top=1 - 0.75 / height, bottom=0.5 / height, wspace=0.05)
+    height = 1.35 + RANGE_ROW_IN * nrows
+    names_in = 0.25 + max(map(len, names), default=0) * CHAR_EM * RANGE_LABEL_PT / 72
+    fig = Figure(figsize=(RANGE_WIDTH_IN, height))  # fixed margins: constrained layout costs ~1 s on large figures
+    fig.subplots_adjust(left=names_in / RANGE_WIDTH_IN, right=1 - 0.1 / RANGE_WIDTH_IN, top=1 - 0.8 / height,
+                        bottom=0.55 / height, wspace=0.05)
     axes = fig.subplots(1, ncols, squeeze=False, sharey=True)[0]
     by_key = {(p["layer"], p["tensor"]): p for p in panels}
     colours: dict[str, str] = {}
@@ -120,9 +134,9 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str]) -> Figur
         for (colour, style), segments in edge_lines.items():
             ax.add_collection(LineCollection(segments, colors=colour, linewidths=1, linestyles=style, zorder=2),
                               autolim=False)
-        ax.set_title(tensor, fontsize=9, loc="left")
-        ax.set_xlabel("log2 |x|", fontsize=8, labelpad=1)
-        ax.tick_params(labelsize=7)
+        ax.set_title((titles or {}).get(tensor, tensor), fontsize=RANGE_LABEL_PT + 1, loc="left")
+        ax.set_xlabel("log2 |x|", fontsize=RANGE_LABEL_PT, labelpad=1)
+        ax.tick_params(labelsize=RANGE_LABEL_PT)
         ax.tick_params(axis="y", length=0)
         ax.grid(axis="x", color="#eeeeee", lw=0.6)
         ax.set_axisbelow(True)
@@ -130,10 +144,10 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str]) -> Figur
         finite = [v for v in span if math.isfinite(v)]
         if finite:
             ax.set_xlim(min(finite) - 1.5, max(finite) + 1.5)
-    axes[0].set_yticks([nrows - 1 - r + 0.4 for r in range(len(layers))], [_short(x, 40) for x in layers], fontsize=7)
+    axes[0].set_yticks([nrows - 1 - r + 0.4 for r in range(len(layers))], names, fontsize=RANGE_LABEL_PT)
     if colours:
         fig.legend([Rectangle((0, 0), 1, 1, color=col, alpha=0.3) for col in colours.values()], list(colours),
-                   loc="upper right", ncols=min(len(colours), 3), fontsize=7, frameon=False)
+                   loc="upper right", ncols=min(len(colours), 3), fontsize=RANGE_LABEL_PT, frameon=False)
     return fig
 
 

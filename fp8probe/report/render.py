@@ -21,6 +21,9 @@ from fp8probe.report.verdict import (KEEP_16BIT_DB, budget_text, build_verdict, 
                                      inputs_text, isolated_headline, lp_share_text, signed_pct, verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
+# What the report calls the tensor "weight" of a GEMM of two activations (attention QKᵀ / PV, matmuls: K, V, a
+# matmul's right operand) where it pools them (block-scale summary, the range figure's column title).
+SECOND_ACTIVATION = "2nd activation"
 GEMMS = ("fprop", "dgrad", "wgrad")
 # The heat map's GEMM selector labels (one GEMM's columns at a time).
 GEMM_LABELS = {"fprop": "fprop (forward, Y = A·Wᵀ)", "dgrad": "dgrad (input gradient, dA = G·W)",
@@ -43,12 +46,52 @@ OPEN_DETAILS_ROWS = 20
 # The range figure has one ridgeline row per layer (0.42 in each); beyond this many layers only the worst
 # ones (lowest fprop SQNR) are drawn, and the report says so. (12 while each row was 3 separate Axes.)
 MAX_HIST_LAYERS = 24
-# Which format window is drawn on which tensor's histogram: the first format present in
-# metadata.formats wins. Activations/weights use E4M3-like formats, gradients E5M2-like (SPEC §7.2).
+# Which format window is drawn on which tensor's histogram when the run's recipe is not in RECIPE_WINDOWS
+# (older names): the first format present in metadata.formats wins. Activations/weights use E4M3-like
+# formats, gradients E5M2-like (SPEC §7.2).
 WINDOW_PREFERENCE = {
     "activation": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"),
     "weight": ("bnb-e4m3", "e4m3", "mxfp8-e4m3", "int8", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4-e2m1", "nvfp4"),
     "grad_output": ("bnb-e5m2", "e5m2", "mxfp8-e5m2", "mxfp6-e3m2", "mxfp6-e2m3", "mxfp4-e2m1", "nvfp4"),
+}
+# What one scale of a recipe covers, said after "<recipe> scales …" in the dynamic-range caption. The band
+# is drawn where one scale from the tensor's own amax puts it; a finer scale gives every row / block its
+# own window ending at its own (smaller or equal) amax, so there the band is the worst case.
+_PER_TENSOR = "each tensor by its own amax"
+_PER_ROW = "each row along the contraction dim by its own amax"
+# The format of each operand (None: not quantised) and the scale scope of every built-in recipe: results
+# carry only the union of the run's formats (metadata.formats), and report/ may not import analysis/
+# (tests/report/test_range_windows.py checks this table against analysis.strategies.STRATEGIES).
+RECIPE_WINDOWS: dict[str, tuple[dict[str, str | None], str]] = {
+    "global": ({"activation": "bnb-e4m3", "weight": "bnb-e4m3", "grad_output": "bnb-e5m2"}, _PER_TENSOR),
+    "mixed": ({"activation": "bnb-e4m3", "weight": "bnb-e4m3", "grad_output": "bnb-e5m2"},
+              "the activation and the output gradient in blocks, each block by its own absmax (the weight: one "
+              "absmax per tensor)"),
+    "int8": ({"activation": "int8", "weight": "int8", "grad_output": "int8"},
+             "each row (output gradient in wgrad: each column) by its own absmax, outlier columns of the "
+             "activation kept in 16-bit"),
+    "switchback": ({"activation": "int8", "weight": "int8", "grad_output": None}, _PER_ROW),
+    "ocp-tensorwise": ({"activation": "e4m3", "weight": "e4m3", "grad_output": "e5m2"}, _PER_TENSOR),
+    "ocp-rowwise": ({"activation": "e4m3", "weight": "e4m3", "grad_output": "e5m2"}, _PER_ROW),
+    "ocp-blockwise": ({"activation": "e4m3", "weight": "e4m3", "grad_output": "e5m2"},
+                      "each 1x128 tile (weight: 128x128 block) by its own amax"),
+    "mxfp8": ({"activation": "mxfp8-e4m3", "weight": "mxfp8-e4m3", "grad_output": "mxfp8-e5m2"},
+              "each block of 32 by a power of two near its amax"),
+    "mxfp8-rceil": ({"activation": "mxfp8-e4m3", "weight": "mxfp8-e4m3", "grad_output": "mxfp8-e5m2"},
+                    "each block of 32 by a power of two near its amax"),
+    "delayed": ({"activation": "e4m3", "weight": "e4m3", "grad_output": "e5m2"},
+                "each tensor by the amax history of earlier batches, not by its own amax: a larger history amax "
+                "moves the band left (more underflow), a smaller one right (saturation)"),
+    "nvfp4": ({"activation": "nvfp4", "weight": "nvfp4", "grad_output": "nvfp4"},
+              "each block of 16 (weight: 16x16) by its own amax"),
+    "nvfp4-train": ({"activation": "nvfp4", "weight": "nvfp4", "grad_output": "nvfp4"},
+                    "each block of 16 (weight: 16x16) by its own amax"),
+    "mxfp4": ({"activation": "mxfp4-e2m1", "weight": "mxfp4-e2m1", "grad_output": "mxfp4-e2m1"},
+              "each block of 32 by a power of two near its amax"),
+    "mxfp6-e2m3": ({"activation": "mxfp6-e2m3", "weight": "mxfp6-e2m3", "grad_output": "mxfp6-e2m3"},
+                   "each block of 32 by a power of two near its amax"),
+    "mxfp6-e3m2": ({"activation": "mxfp6-e3m2", "weight": "mxfp6-e3m2", "grad_output": "mxfp6-e3m2"},
+                   "each block of 32 by a power of two near its amax"),
 }
 
 
@@ -256,6 +299,7 @@ def _special_values(tables: Mapping) -> dict:
     gemm/operand metric computed over a subset (specials excluded) or undefined, with the reason."""
     rows = tables.get("tensors", [])
     present = [(k, label) for k, label in SPECIAL_COLUMNS if any(k in r for r in rows)]
+    second = _second_activation_sites(tables)
     flagged = []
     for r in rows:
         numel = _count(r, "numel")
@@ -263,7 +307,8 @@ def _special_values(tables: Mapping) -> dict:
         if not (all_zero or any(_count(r, k) for k in _FLAGGING)):
             continue
         what = "empty" if numel == 0 else "all zero" if all_zero else ""
-        flagged.append([cell(r["layer"]), cell(r["tensor"]), cell(r.get("numel"), "{:.0f}"), cell(what)] +
+        flagged.append([cell(r["layer"]), cell(_operand_label(r["layer"], r["tensor"], second)),
+                        cell(r.get("numel"), "{:.0f}"), cell(what)] +
                        [cell(r.get(k), "{:.0f}", "bad" if k in _FLAGGING and _count(r, k) else "")
                         for k, _ in present])
     table = _table("special", ["layer", "tensor", "numel", "all zero / empty", *[label for _, label in present]], flagged)
@@ -321,54 +366,144 @@ def _strategy_tables(layers: list[str], strategies: list[str], tables: Mapping, 
     return out
 
 
-def _windows(tensor: str, amax: Any, formats: Mapping) -> list[tuple[str, float, float]]:
-    """Representable log2 window of the first preferred format, anchored at the tensor's amax.
+def _second_activation_sites(tables: Mapping) -> set[str]:
+    """Layers whose GEMM multiplies two activations (b_is_weight false: attention QKᵀ / PV, matmuls): their
+    second operand is stored under the tensor name "weight", as a real weight is, but is K, V or another
+    activation. Older results without b_is_weight: the sites gemms.py names ``<module>#<op>`` (a weight GEMM
+    is named after its parameter; ``#<k>`` alone counts reuses)."""
+    out = set()
+    for r in tables.get("layers", []):
+        name = str(r["layer"])
+        if r.get("b_is_weight") is False or ("b_is_weight" not in r
+                                             and any(not part.isdigit() for part in name.split("#")[1:])):
+            out.add(name)
+    return out
+
+
+def _operand_label(layer: str, tensor: Any, second_activation: set[str]) -> str:
+    """How the report names a captured tensor: "weight" of a GEMM of two activations is its second activation
+    (K of QKᵀ at ``#qk``, V of PV at ``#pv``); the results keep the tensor name "weight"."""
+    if tensor != "weight" or layer not in second_activation:
+        return str(tensor)
+    op = next((part for part in reversed(layer.split("#")) if not part.isdigit()), "")
+    return {"qk": "K (2nd activation)", "pv": "V (2nd activation)"}.get(op, SECOND_ACTIVATION)
+
+
+def _and(words: Sequence[str]) -> str:
+    return " and ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _window_format(f: Any) -> bool:
+    return bool(f) and _isnum(f.get("max")) and _isnum(f.get("min_subnormal")) and f["min_subnormal"] > 0
+
+
+def _windows(name: str | None, amax: Any, formats: Mapping) -> list[tuple[str, float, float]]:
+    """Representable log2 window of format ``name`` (a metadata.formats key), anchored at the tensor's amax.
 
     Absmax scaling maps amax onto the format's max, so the smallest non-zero representable
     magnitude is amax · min_subnormal / max. Without an amax the raw format range is drawn.
     """
-    for name in WINDOW_PREFERENCE.get(tensor, ()):
-        f = formats.get(name)
-        if not f or not _isnum(f.get("max")) or not _isnum(f.get("min_subnormal")) or f["min_subnormal"] <= 0:
-            continue
-        hi = math.log2(f["max"])
-        lo = math.log2(f["min_subnormal"])
-        if _isnum(amax) and amax > 0 and math.isfinite(amax):
-            shift = math.log2(amax) - hi
-            return [(f"{name} window (scaled to amax)", lo + shift, hi + shift)]
-        return [(f"{name} range (unscaled)", lo, hi)]
-    return []
+    f = formats.get(name) if name else None
+    if not _window_format(f):
+        return []
+    hi = math.log2(f["max"])
+    lo = math.log2(f["min_subnormal"])
+    if _isnum(amax) and amax > 0 and math.isfinite(amax):
+        shift = math.log2(amax) - hi
+        return [(f"{name} window (scaled to amax)", lo + shift, hi + shift)]
+    return [(f"{name} range (unscaled)", lo, hi)]
+
+
+def _window_plan(strategy: str | None, why: str, formats: Mapping) -> tuple[dict[str, str | None], str]:
+    """The format shaded on each tensor's histograms (None: no band) and the caption sentences saying which
+    recipe's formats they are, ``why`` that recipe, and what the band means under its scaling."""
+    known = RECIPE_WINDOWS.get(strategy or "")
+    if known is None:
+        chosen = {t: next((n for n in WINDOW_PREFERENCE[t] if _window_format(formats.get(n))), None) for t in TENSORS}
+        whose = f"{strategy} ({why}) is not a recipe this report knows the formats of" if strategy else \
+            "the results name no recipe"
+        return chosen, (f"Shaded: the first of the run's formats in E4M3-, then E5M2-like order ({whose}), placed "
+                        "where one absmax scale per tensor puts it, the format max at the tensor's amax: mass left "
+                        "of the dashed line underflows to zero.")
+    fmts, scope = known
+    by_format: dict[str, list[str]] = {}
+    for t in TENSORS:
+        if fmts.get(t) and _window_format(formats.get(fmts[t])):
+            by_format.setdefault(fmts[t], []).append(t)
+    parts = [f"{name} on {_and(ts)}" for name, ts in by_format.items()]
+    bare = [t for t in TENSORS if not fmts.get(t)]
+    if bare:
+        parts.append(f"{_and(bare)} not quantised (no band)")
+    if scope == _PER_TENSOR:
+        meaning = (f"{strategy} scales each tensor by its own amax (each slice of a batched GEMM, e.g. an attention "
+                   "head, by its own), so the band is the window it used: mass left of the dashed line is below its "
+                   "smallest step and underflows (to zero below half of it).")
+    elif strategy == "delayed":
+        meaning = f"{strategy} scales {scope}."
+    else:
+        meaning = (f"{strategy} scales {scope}: each row or block has its own window ending at its own amax, so the "
+                   "band (that of the one holding the tensor's amax) is the worst case, and mass left of the dashed "
+                   "line is the most that can underflow.")
+    return ({t: fmts.get(t) for t in TENSORS},
+            f"Shaded: the formats of {strategy}, {why}: {'; '.join(parts)}. A band runs from the format's smallest "
+            "non-zero magnitude (dashed) to its max (solid), the max at the tensor's amax, as one absmax scale per "
+            f"tensor places it. {meaning}")
+
+
+def _window_recipe(verdict: Mapping, strategies: Sequence[str]) -> tuple[str | None, str]:
+    """The recipe whose formats the dynamic-range figure shades, and why: the recommended one, else the first."""
+    if verdict.get("recommended"):
+        return verdict["recommended"]["strategy"], "the recommended recipe"
+    if strategies:
+        return strategies[0], "the run's first strategy (no recipe is recommended)"
+    return None, ""
 
 
 def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_min: Mapping[str, float],
-                   draw: bool = True) -> dict:
+                   window_recipe: tuple[str | None, str], n_strategies: int, draw: bool = True) -> dict:
+    """Tensor statistics and the log2-magnitude ridgelines with the windows of ``window_recipe`` = (strategy,
+    why it was chosen: the recommended recipe, else the run's first); ``fprop_min``: each layer's lowest fprop
+    SQNR over the run's ``n_strategies`` strategies (which layers are drawn beyond MAX_HIST_LAYERS)."""
     trows = tables.get("tensors", [])
+    second = _second_activation_sites(tables)
     table = _table("tensors", ["layer", "tensor", "numel", "amax", "std", "kurtosis", "zeros", "NaN", "Inf",
                                "range (bits)", "global/block absmax"], [
-        [cell(r["layer"]), cell(r["tensor"]), cell(r.get("numel"), "{:.0f}"), cell(r.get("amax"), "{:.4g}"),
+        [cell(r["layer"]), cell(_operand_label(r["layer"], r["tensor"], second)), cell(r.get("numel"), "{:.0f}"),
+         cell(r.get("amax"), "{:.4g}"),
          cell(r.get("std"), "{:.4g}"), cell(r.get("kurtosis"), "{:.1f}"), _pct(r.get("zero_frac")),
          cell(r.get("nan_count"), "{:.0f}", "bad" if r.get("nan_count") else ""),
          cell(r.get("inf_count"), "{:.0f}", "bad" if r.get("inf_count") else ""),
          cell(r.get("range_bits"), "{:.1f}"), cell(r.get("block_absmax_ratio"), "{:.2f}")]
         for r in trows])
     hists = tables.get("histograms", [])
-    figure, note = None, ""
+    figure, note, caption = None, "", ""
     if hists and draw:
         amax = {(r["layer"], r["tensor"]): r.get("amax") for r in trows}
         hist_layers = [x for x in layers if any(h["layer"] == x for h in hists)]
         if len(hist_layers) > MAX_HIST_LAYERS:
             hist_layers = sorted(hist_layers, key=lambda x: fprop_min.get(x, math.inf))[:MAX_HIST_LAYERS]
-            note = (f"Showing the {MAX_HIST_LAYERS} layers with the lowest forward SQNR of "
-                    f"{len({h['layer'] for h in hists})}; every layer's statistics are in the table below.")
+            note = (f"Showing the {MAX_HIST_LAYERS} of {len({h['layer'] for h in hists})} layers with the lowest "
+                    f"fprop SQNR under any strategy (each layer's lowest over the run's {n_strategies} "
+                    f"strateg{'y' if n_strategies == 1 else 'ies'}), the lowest at the top; every layer's "
+                    "statistics are in the table below.")
         keep = set(hist_layers)
         order = {x: i for i, x in enumerate(hist_layers)}
+        shaded, caption = _window_plan(*window_recipe, formats)
         panels = [{"layer": h["layer"], "tensor": h["tensor"], "edges": h["edges"], "counts": h["counts"],
-                   "windows": _windows(h["tensor"], amax.get((h["layer"], h["tensor"])), formats)}
+                   "windows": _windows(shaded.get(h["tensor"]), amax.get((h["layer"], h["tensor"])), formats)}
                   for h in sorted(hists, key=lambda h: order.get(h["layer"], 0)) if h["layer"] in keep]
         tensors = [t for t in TENSORS if any(p["tensor"] == t for p in panels)]
-        fig = figures.range_histograms(panels, tensors)
+        drawn_second = [x for x in hist_layers if x in second]
+        titles = {}
+        if drawn_second:
+            titles["weight"] = SECOND_ACTIVATION if len(drawn_second) == len(hist_layers) else \
+                f"weight / {SECOND_ACTIVATION}"
+            caption += (" Rows of GEMMs of two activations (attention QKᵀ / PV, matmuls: names with #qk, #pv, "
+                        "#matmul, …) show their second activation (K, V, a matmul's right operand) in the middle "
+                        "column, not a weight.")
+        fig = figures.range_histograms(panels, tensors, titles)
         figure = figures.figure_to_data_uri(fig)
-    return {"table": table, "figure": figure, "note": note, "present": bool(trows or hists)}
+    return {"table": table, "figure": figure, "note": note, "caption": caption, "present": bool(trows or hists)}
 
 
 def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
@@ -902,6 +1037,7 @@ def _delayed_section(tables: Mapping) -> dict | None:
         return r["saturated"] / r["elements"] if _isnum(r.get("saturated")) and _isnum(r.get("elements")) \
             and r["elements"] > 0 else None
 
+    second = _second_activation_sites(tables)
     by_strategy = len({r.get("strategy") for r in rows}) > 1
     # "casts", not "batches": the counts are casts of the operand, one per batch at a linear site but one per batch
     # and head slice at an attention GEMM (QA: "batches" read 128 for a run of 4 batches)
@@ -972,9 +1108,12 @@ def _block_scales_section(tables: Mapping, draw: bool) -> dict | None:
     rows = tables.get("block_scales", [])
     if not rows:
         return None
+    second = _second_activation_sites(tables)
     pooled: dict[tuple, dict] = {}
     for r in rows:
-        p = pooled.setdefault((r.get("strategy"), r.get("operand")), {
+        # the second activations of attention GEMMs pooled apart from the weights they are stored as
+        operand = SECOND_ACTIVATION if r.get("operand") == "weight" and r.get("layer") in second else r.get("operand")
+        p = pooled.setdefault((r.get("strategy"), operand), {
             "format": r.get("format"), "block": r.get("block"), "rule": r.get("scale_rule"), "blocks": 0, "clipped": 0.0,
             "under_blocks": 0.0, "min": math.inf, "max": -math.inf, "exps": {}})
         nb = r.get("n_blocks") or 0
@@ -986,6 +1125,14 @@ def _block_scales_section(tables: Mapping, draw: bool) -> dict | None:
         for k, c in enumerate(r.get("exp_counts") or []):
             e = int(r.get("exp_lo") or 0) + k
             p["exps"][e] = p["exps"].get(e, 0) + c
+    # each strategy's operands in one order, the second activations right after the weights they are stored as
+    ranks = {s: i for i, s in enumerate(dict.fromkeys(s for s, _ in pooled))}
+    order = ("activation", "weight", SECOND_ACTIVATION, "grad_output")
+
+    def operand_rank(op: Any) -> int:
+        return order.index(op) if op in order else len(order)
+
+    pooled = dict(sorted(pooled.items(), key=lambda kv: (ranks[kv[0][0]], operand_rank(kv[0][1]))))
     summary = _table("block-scales-summary", ["strategy", "operand", "format", "block", "scale rule", "blocks",
                                               "scale min", "scale max", "exponent span", "clipped blocks",
                                               "blocks with underflow"], [
@@ -997,13 +1144,14 @@ def _block_scales_section(tables: Mapping, draw: bool) -> dict | None:
     per_layer = _table("block-scales", ["layer", "strategy", "operand", "blocks", "zero blocks", "scale min",
                                         "scale max", "log2 scale std", "clipped blocks", "underflow",
                                         "blocks with underflow", "worst block underflow"], [
-        [cell(r.get("layer")), cell(r.get("strategy")), cell(r.get("operand")), cell(r.get("n_blocks"), "{:.0f}"),
+        [cell(r.get("layer")), cell(r.get("strategy")), cell(_operand_label(r.get("layer"), r.get("operand"), second)),
+         cell(r.get("n_blocks"), "{:.0f}"),
          cell(r.get("zero_blocks"), "{:.0f}"), cell(r.get("scale_min"), "{:.3g}"), cell(r.get("scale_max"), "{:.3g}"),
          cell(r.get("scale_log2_std"), "{:.2f}"), _pct(r.get("clipped_block_frac")), _pct(r.get("underflow_frac")),
          _pct(r.get("underflow_block_frac")), _pct(r.get("max_block_underflow_frac"))] for r in rows])
     figure = None
     if draw:
-        operands = list(dict.fromkeys(op for _, op in pooled))
+        operands = sorted(dict.fromkeys(op for _, op in pooled), key=operand_rank)
         panels = [{"title": op, "series": [{"label": s, "exps": sorted(p["exps"]),
                                             "counts": [p["exps"][e] for e in sorted(p["exps"])]}
                                            for (s, o), p in pooled.items() if o == op and p["exps"]]}
@@ -1126,7 +1274,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "coverage": _coverage_section(tables),
         "strategy_tables": _strategy_tables(layers, strategies, tables, meta.get("rules") or {}, keep_16bit_db),
         "layers_table": _table("layers", ["layer", "in", "out", "bias", "tokens", "bsz", "bsz2"], layer_rows),
-        "range": _range_section(layers, tables, formats, fprop_min, draw),
+        "range": _range_section(layers, tables, formats, fprop_min, _window_recipe(verdict, strategies),
+                                len(strategies), draw),
         "outliers": _outlier_section(layers, tables),
         "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", ""), draw,
                                         {r["layer"]: r.get("bsz") for r in tables["layers"]}, tables),
