@@ -1044,7 +1044,8 @@ def _delayed_section(tables: Mapping) -> dict | None:
     table = _table("delayed-scaling", ["layer", *(["strategy"] if by_strategy else []), "operand", "casts",
                                        "first casts (own amax)", "overflow casts", "saturated elements",
                                        "saturated share", "max amax / amax of the scale"], [
-        [cell(r.get("layer")), *([cell(r.get("strategy"))] if by_strategy else []), cell(r.get("operand")),
+        [cell(r.get("layer")), *([cell(r.get("strategy"))] if by_strategy else []),
+         cell(_operand_label(r.get("layer"), r.get("operand"), second)),
          cell(r.get("batches"), "{:.0f}"), cell(r.get("warmup_batches"), "{:.0f}"),
          cell(r.get("overflow_batches"), "{:.0f}", "bad" if _isnum(r.get("overflow_batches")) and r["overflow_batches"]
               else ""),
@@ -1062,7 +1063,7 @@ def _delayed_section(tables: Mapping) -> dict | None:
             "n_layers": len({r.get("layer") for r in rows}),
             "saturating_layers": len({r.get("layer") for r in saturating}),
             "worst": None if worst is None else {
-                "layer": str(worst.get("layer")), "operand": str(worst.get("operand")),
+                "layer": str(worst.get("layer")), "operand": _operand_label(worst.get("layer"), worst.get("operand"), second),
                 "saturated": f"{worst['saturated']:.0f}",
                 "share": _small_share(share(worst))["text"] if share(worst) is not None else "–"},
             "max_ratio": max((f"{r['max_amax_ratio']:.3g}" for r in rows if _isnum(r.get("max_amax_ratio"))),
