@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 
 # A bare Figure() gets a FigureCanvasBase whose savefig("png") renders through Agg: no pyplot,
@@ -26,6 +27,8 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 LINE_STYLES = ("-", "--", ":", "-.")
 # Inches kept right of a sweep figure's panels for its legend (28-character names at 7 pt).
 LEGEND_IN = 2.4
+# The characters of a 7 pt legend label that fit that margin beside its marker; longer labels wrap.
+LEGEND_CHARS = 34
 # Sweep legends name at most this many layers (a 200-layer legend would be taller than the figure).
 MAX_LEGEND = 12
 # The range figure is drawn as wide as the report shows it 1:1 (13 in · 96 dpi = 1248 px of the page's 1264 px
@@ -205,6 +208,8 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
             labels.append(f"… {n_series - MAX_LEGEND} more layers")
         # in the margin kept for it, left-aligned just right of the last column: anchored at the figure's right edge
         # it reached over the axes (QA: its markers sat on the wgrad panel's border)
+        # a label wider than the margin wraps: "model-wide: 4096 (validated end to end)" ran off the figure's edge
+        labels = [textwrap.fill(label, LEGEND_CHARS, subsequent_indent="  ") for label in labels]
         fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1 - (LEGEND_IN - 0.1) / width, 1 - 0.3 / height),
                    fontsize=7, frameon=False)
     return fig
