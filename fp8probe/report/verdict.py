@@ -30,6 +30,18 @@ THRESHOLD_ZERO = " = plain int8, no outlier columns in 16-bit"
 # A recommended plan's KL over this many times its own loss change (both in nats) means at least half of the change
 # cancels in the loss: hidden_kl_warning.
 HIDDEN_KL_RATIO = 2.0
+# A plan within the budget that leaves under this share of the GEMM FLOPs in low precision gains little over 16-bit:
+# with low-precision GEMMs twice as fast as 16-bit ones (FP8 vs BF16 tensor cores), half of the FLOPs in low precision
+# shorten the GEMM time by a quarter at most (1 / (0.5 + 0.5 / 2) = 1.33x), and the 16-bit layers are most of the
+# rest. Its "within budget" is qualified ("yes, little gain"), not a plain green yes: a random-init Llama under
+# kl:1e-5 kept 32 of 37 layers under nvfp4 (5.2 % of the FLOPs in low precision) beside a green "yes" (QA A3).
+LOW_GAIN_LP_SHARE = 0.5
+# A plan within a loss budget whose KL is over this many times the recommended plan's moves the output distribution
+# far more than the loss shows. KL grows with the square of a small logit error, so 100x is a logit error ten times
+# the recommended plan's (about 20 dB less output SQNR). Not 10x: per-tensor FP8 sits 14-19x above int8/switchback on
+# the demo and the random-init Llama (the gap between recipe families, 10-12 dB), while the FP4 recipes that met a
+# 1 % loss budget with top-1 agreement 30 % sat 190-290x above it (QA A3). A KL budget bounds the KL itself: no flag.
+KL_FAR_RATIO = 100.0
 
 # A relative change under this many percent prints as "≈ +0 %" (signed_pct says why).
 NEGLIGIBLE_PCT = 1e-6
@@ -378,6 +390,29 @@ def hidden_kl_warning(recommended: Mapping | None, e2e_rows: Records) -> str | N
             f"the loss; --budget kl:{_g(allowed)} bounds the output distribution instead of the loss")
 
 
+def little_gain(share: Any) -> bool:
+    """Whether a plan's share of GEMM FLOPs in low precision is under LOW_GAIN_LP_SHARE (little gain over 16-bit)."""
+    x = _num(share)
+    return x is not None and x < LOW_GAIN_LP_SHARE
+
+
+def little_gain_text(share: Any) -> str:
+    """What is said beside a share under LOW_GAIN_LP_SHARE: the verdict line, the recommended mark, the report's
+    headline and its end-to-end table all use these words."""
+    return f"under {pct(LOW_GAIN_LP_SHARE, 0)}: little gain over 16-bit" if little_gain(share) else ""
+
+
+def kl_far_ratio(kl: Any, recommended: Mapping | None) -> float | None:
+    """``kl`` / the recommended plan's KL when a loss budget chose that plan and the ratio is over KL_FAR_RATIO, else
+    None (a KL budget bounds every plan's KL; a recommended KL of 0 or unmeasured gives no scale)."""
+    if not recommended or str(recommended.get("budget_kind") or "loss") != "loss":
+        return None
+    x, base = _num(kl), _num(recommended.get("kl_div"))
+    if x is None or base is None or not (math.isfinite(x) and math.isfinite(base)) or base <= 0:
+        return None
+    return x / base if x > KL_FAR_RATIO * base else None
+
+
 def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                   keep_db: float = KEEP_16BIT_DB) -> dict:
     """The verdict as plain data (the report's view model and verdict_lines both read it).
@@ -398,7 +433,8 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         recommended = {"strategy": chosen.get("strategy"), "keep_16bit": keep, "n_keep": len(keep),
                        "loss_rel_change": chosen.get("loss_rel_change"), "kl_div": chosen.get("kl_div"),
                        "lp_flop_share": chosen.get("lp_flop_share"), "budget": chosen.get("budget"),
-                       "budget_kind": chosen.get("budget_kind")}
+                       "budget_kind": chosen.get("budget_kind"),
+                       "little_gain": little_gain(chosen.get("lp_flop_share"))}
     no_recommendation = None
     if strat_rows and not chosen:
         budget = strat_rows[0]
@@ -420,13 +456,23 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         if r is None:
             continue
         rec = next((x for x in strat_rows if x.get("strategy") == s), {})
+        n_keep = len(_keep_list(rec.get("keep_16bit"))) if rec else None
+        # the plan "within budget" is judged on: the keep-set's recommendation row; with no layer kept, that is the
+        # end-to-end run itself (its numbers where the recommendation row lacks one)
+        plan = {k: rec.get(k) for k in ("lp_flop_share", "kl_div")}
+        if rec and not n_keep:
+            plan = {k: v if _num(v) is not None else r.get(k) for k, v in plan.items()}
+        within = rec.get("within_budget")
         per_strategy.append({"strategy": s, "loss_rel_change": r.get("loss_rel_change"), "kl_div": r.get("kl_div"),
                              "top1_agreement": r.get("top1_agreement"), "output_sqnr_db": r.get("output_sqnr_db"),
                              "grad_sqnr_db_min": r.get("grad_sqnr_db_min"),
                              "grad_sqnr_db_median": r.get("grad_sqnr_db_median"),
                              "lp_flop_share": r.get("lp_flop_share"), "note": r.get("note") or "",
-                             "within_budget": rec.get("within_budget"), "recommended": rec.get("recommended") is True,
-                             "n_keep": len(_keep_list(rec.get("keep_16bit"))) if rec else None})
+                             "within_budget": within, "recommended": rec.get("recommended") is True,
+                             "n_keep": n_keep, "keep_lp_flop_share": plan["lp_flop_share"],
+                             "keep_kl_div": plan["kl_div"],
+                             "little_gain": within is True and little_gain(plan["lp_flop_share"]),
+                             "kl_far": kl_far_ratio(plan["kl_div"], recommended) if within is True else None})
     e2e_notes = _shared_notes(per_strategy)
     coverage = coverage_summary(t.get("coverage", []), metadata.get("coverage"))
     warnings = []
@@ -571,7 +617,7 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
         budget = f"budget {budget_text(rec['budget'], rec['budget_kind'])}"
         lines.append(f"verdict: {rec['strategy']}, {keep}: loss {loss_change_text(rec['loss_rel_change'], v['loss_hp'])}, "
                      f"KL {_g(rec['kl_div'])} ({budget}); {lp_share_text(rec['lp_flop_share'], v['coverage'])} in "
-                     "low precision")
+                     "low precision" + (f" ({little_gain_text(rec['lp_flop_share'])})" if rec["little_gain"] else ""))
     elif v["no_recommendation"]:
         lines.append(f"verdict: {v['no_recommendation']}")
     elif v["best_isolated"]:
@@ -596,9 +642,12 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
     for r in v["e2e"]:
         mark = ""
         if r["recommended"]:  # this line is every layer in low precision: the recommended plan may keep some
+            # (with the keep-set's own share: the line's share is every layer's, 100 % beside a keep-set's 5 %)
             n_keep = rec["n_keep"] if rec and rec["strategy"] == r["strategy"] else 0
-            mark = (f" ← recommended, keeping {n_keep} layer(s) in 16-bit (see the verdict line)" if n_keep
-                    else " ← recommended")
+            share = lp_share_text(r["keep_lp_flop_share"], v["coverage"], short=True)
+            see = f"{little_gain_text(r['keep_lp_flop_share'])}; " if r["little_gain"] else ""
+            mark = (f" ← recommended, keeping {n_keep} layer(s) in 16-bit, {share} low precision ({see}see the "
+                    "verdict line)" if n_keep else " ← recommended")
         lines.append(f"end-to-end {r['strategy']}: loss {signed_pct(r['loss_rel_change'])}, KL {_g(r['kl_div'])}, "
                      f"top-1 {pct(r['top1_agreement'])}, output SQNR {_g(r['output_sqnr_db'])} dB, "
                      f"{lp_share_text(r['lp_flop_share'], v['coverage'], short=True)} low precision{mark}")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fp8probe.report.verdict import UNDERFLOW_WARN_FRAC, build_verdict, coverage_summary, verdict_lines
+from fp8probe.report.verdict import (KL_FAR_RATIO, LOW_GAIN_LP_SHARE, UNDERFLOW_WARN_FRAC, build_verdict,
+                                     coverage_summary, verdict_lines)
 from report_tables import coverage_rows, e2e_rows, recommendation_rows, training_rows
 
 DATA = Path(__file__).parent / "data" / "results_small.json"
@@ -29,7 +30,9 @@ def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
     assert "outlier threshold for the whole model (int8): 6 (validated: loss +0.60 %, KL 0.004)" in lines
     e2e = [x for x in lines if x.startswith("end-to-end")]
     assert e2e[0].startswith("end-to-end global: loss +4.00 %, KL 0.031, top-1 91.0 %")
-    assert e2e[1].endswith("← recommended, keeping 1 layer(s) in 16-bit (see the verdict line)")
+    # (with the keep-set's own share: the line's 100 % is every layer in low precision)
+    assert e2e[1].endswith("← recommended, keeping 1 layer(s) in 16-bit, 94.7 % analysed FLOPs (90.0 % of the model's) "
+                           "low precision (see the verdict line)")
     assert "recommended" not in e2e[0]
     # 3.8 of 4.0 GFLOPs captured; the conv3d calls are named with their reason
     assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs; skipped: 2 × conv3d: conv3d not supported" in lines
@@ -452,3 +455,57 @@ def test_the_verdict_line_gives_the_high_precision_loss_the_change_is_of() -> No
     # no end-to-end table, or a loss that is not finite: the change alone
     assert "no layer needs 16-bit: loss +0.12 %, KL" in verdict_lines({"recommendation": recommendation_rows([])})[0]
     assert loss_change_text(0.0012, float("nan")) == "+0.12 %" and loss_change_text(None, 2.5) == "–"
+
+
+def _keep_sets(global_share: float, chosen_share: float, kind: str = "kl") -> list[dict]:
+    """recommendation_rows with global within a ``kind`` budget too, and each keep-set's share of FLOPs in LP."""
+    rows = recommendation_rows(["fc1", "fc2"])
+    rows[0].update(within_budget=True, lp_flop_share=global_share, kl_div=0.0005)
+    rows[1].update(lp_flop_share=chosen_share)
+    return [dict(r, budget_kind=kind, budget=1e-3 if kind == "kl" else 0.01) for r in rows]
+
+
+def test_a_keep_set_that_leaves_little_in_low_precision_says_so() -> None:
+    """Under kl:1e-5 nvfp4 kept 32 of 37 layers (5.2 % of the FLOPs in low precision) and the end-to-end table said
+    "yes" in green beside 100 % low-precision FLOPs, every layer's share, not the keep-set's (QA A3). The verdict rows
+    carry the keep-set's share and whether it is under LOW_GAIN_LP_SHARE; the terminal says so where it names one."""
+    rows = _keep_sets(0.052, 0.372)
+    v = build_verdict({"e2e": e2e_rows(), "recommendation": rows})
+    by = {r["strategy"]: r for r in v["e2e"]}
+    assert (by["global"]["lp_flop_share"], by["global"]["keep_lp_flop_share"]) == (1.0, 0.052)
+    assert by["global"]["little_gain"] and by["mxfp8"]["little_gain"] and v["recommended"]["little_gain"]
+    lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows})
+    assert lines[0].endswith("; 37.2 % of GEMM FLOPs in low precision (under 50 %: little gain over 16-bit)")
+    assert next(x for x in lines if x.startswith("end-to-end mxfp8:")).endswith(
+        "← recommended, keeping 2 layer(s) in 16-bit, 37.2 % FLOPs low precision (under 50 %: little gain over 16-bit; "
+        "see the verdict line)")
+    # at or over the bound: no qualifier; a plan outside the budget is not "within budget, little gain"
+    rows = _keep_sets(LOW_GAIN_LP_SHARE, 0.947)
+    rows[0]["within_budget"] = False
+    rows[0]["lp_flop_share"] = 0.1
+    v = build_verdict({"e2e": e2e_rows(), "recommendation": rows})
+    assert not any(r["little_gain"] for r in v["e2e"]) and not v["recommended"]["little_gain"]
+    assert "little gain" not in " ".join(verdict_lines({"e2e": e2e_rows(), "recommendation": rows}))
+    # no layer kept: the keep-set is the end-to-end run, its share that run's where the row lacks one
+    rows = [dict(r, keep_16bit=[], n_keep=0, lp_flop_share=None) for r in recommendation_rows([])]
+    e2e = [dict(r, lp_flop_share=0.977) for r in e2e_rows()]
+    assert [r["keep_lp_flop_share"] for r in build_verdict({"e2e": e2e, "recommendation": rows})["e2e"]] == [0.977] * 2
+
+
+def test_a_plan_within_a_loss_budget_with_a_kl_far_above_the_recommended_plans_is_flagged() -> None:
+    """FP4 recipes met a 1 % loss budget with KL 0.0076, 196x the recommended int8's 3.9e-5, and top-1 agreement 30 %
+    (QA A3): the loss of a random-init model barely moves. The row's KL (its keep-set's) over KL_FAR_RATIO x the
+    recommended plan's is flagged under a loss budget; not under a KL budget, which bounds the KL itself."""
+    rows = _keep_sets(1.0, 0.947, kind="loss")
+    rows[0].update(keep_16bit=[], n_keep=0)
+    for kl, far in ((KL_FAR_RATIO * 0.0009 * 0.99, None), (0.0009 * 196, 196.0)):
+        rows[0]["kl_div"] = kl
+        v = build_verdict({"e2e": e2e_rows(), "recommendation": rows})
+        by = {r["strategy"]: r for r in v["e2e"]}
+        assert (by["global"]["kl_far"] if far is None else round(by["global"]["kl_far"], 6)) == far
+        assert by["mxfp8"]["kl_far"] is None  # (the recommended plan itself)
+    assert by["global"]["keep_kl_div"] == rows[0]["kl_div"]  # the keep-set's KL, not the e2e row's 0.031
+    v = build_verdict({"e2e": e2e_rows(), "recommendation": [dict(r, budget_kind="kl") for r in rows]})
+    assert all(r["kl_far"] is None for r in v["e2e"])
+    rows[0]["within_budget"] = False
+    assert all(r["kl_far"] is None for r in build_verdict({"e2e": e2e_rows(), "recommendation": rows})["e2e"])
