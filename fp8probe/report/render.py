@@ -17,8 +17,9 @@ from markupsafe import Markup, escape
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
-from fp8probe.report.verdict import (KEEP_16BIT_DB, budget_text, build_verdict, coverage_line, gemm_sites_text,
-                                     inputs_text, isolated_headline, lp_share_text, signed_pct, verdict_lines)
+from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
+                                     coverage_line, gemm_sites_text, inputs_text, isolated_headline, little_gain_text,
+                                     lp_share_text, pct, signed_pct, verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 # What the report calls the tensor "weight" of a GEMM of two activations (attention QKᵀ / PV, matmuls: K, V, a
@@ -724,11 +725,13 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
     v = build_verdict(tables, meta, keep_db)
     # (the note column only when some row has a note: empty, it pushed "within budget" off an 800 px screen, QA B5)
     notes = any(r["note"] for r in v["e2e"])
+    rec_kl = (v["recommended"] or {}).get("kl_div")
     e2e_rows = [[cell(r["strategy"], cls="txt strong" if r["recommended"] else ""),
-                 _change_cell(r["loss_rel_change"]), cell(r["kl_div"], "{:.3g}"), _top1_cell(r["top1_agreement"]),
+                 _change_cell(r["loss_rel_change"]), _e2e_kl_cell(r, rec_kl), _top1_cell(r["top1_agreement"]),
                  _sqnr_cell(r["output_sqnr_db"], keep_db), cell(r["grad_sqnr_db_min"], "{:.1f}"),
                  cell(r["grad_sqnr_db_median"], "{:.1f}"), _share(r["lp_flop_share"]),
-                 cell(r["n_keep"], "{:.0f}"), _budget_cell(r["within_budget"]), *([cell(r["note"])] if notes else [])]
+                 cell(r["n_keep"], "{:.0f}"), _keep_set_share_cell(r), _keep_set_budget_cell(r, rec_kl),
+                 *([cell(r["note"])] if notes else [])]
                 for r in v["e2e"]]
     # ("n of m" is a count: right-aligned and sorted by n, not as text where "11 of 13" < "2 of 13")
     iso_rows = [[cell(r["strategy"]), {"text": f"{r['n_below']} of {r['n_layers']}", "sort": r["n_below"],
@@ -749,23 +752,81 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                                                  "loss_hp": None if v["loss_hp"] is None else f"{v['loss_hp']:.4g}",
                                                  "kl": None if rec["kl_div"] is None else f"{rec['kl_div']:.3g}",
                                                  "budget": budget_text(rec["budget"], rec["budget_kind"]),
-                                                 "share": lp_share_text(rec["lp_flop_share"], v["coverage"])},
+                                                 "share": lp_share_text(rec["lp_flop_share"], v["coverage"]),
+                                                 "little_gain": little_gain_text(rec["lp_flop_share"])},
         "no_recommendation": v["no_recommendation"],
         "needs_keep": {r["strategy"]: r["n_keep"] for r in v["e2e"] if r["n_keep"]},
         "isolated_pick": v["best_isolated"]["strategy"] if v["best_isolated"] else None,
-        # (the first columns are the run with every captured GEMM in low precision; the last two the keep-set the
-        # search found for the budget: a "yes" there is the keep-set's, not the all-low-precision loss's)
+        # (the first columns are the run with every captured GEMM in low precision; the last three the keep-set the
+        # search found for the budget, with its own share of FLOPs in low precision: a "yes" there is the keep-set's,
+        # not the all-low-precision loss's, and 100 % beside it was every layer's share, not the keep-set's, QA A3)
         "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
                               "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",
-                              "layers kept in 16-bit", "within budget", *(["note"] if notes else [])], e2e_rows,
+                              "layers kept in 16-bit", "low-precision FLOPs", "within budget",
+                              *(["note"] if notes else [])], e2e_rows,
                       groups=[("", 1), ("every captured GEMM in low precision", 7),
-                              ("the budget's keep-set (Recommendation)", 2), *([("", 1)] if notes else [])]),
+                              ("the budget's keep-set (Recommendation)", 3), *([("", 1)] if notes else [])]),
         "e2e_notes": v["e2e_notes"],
+        "e2e_flags": _e2e_flags(v["e2e"], rec_kl),
         "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
                                         "worst fprop SQNR dB"], iso_rows),
         "coverage": coverage_line(v["coverage"]) if v["coverage"] else "",
         "warnings": v["warnings"], "missing": v["missing"],
     }
+
+
+def _kl_far_text(r: Mapping, rec_kl: Any) -> str:
+    return (f"KL {r['keep_kl_div']:.3g}, {r['kl_far']:.0f}× the recommended plan's ({rec_kl:.3g}), within the loss "
+            "budget: the output distribution moves far more than the loss shows")
+
+
+def _e2e_kl_cell(r: Mapping, rec_kl: Any) -> dict:
+    """The end-to-end KL; red, saying why on hover, when this run is the plan a loss budget accepted (no layer kept)
+    and its KL is over KL_FAR_RATIO x the recommended plan's (verdict.kl_far_ratio). A plan that keeps layers has its
+    KL in the Recommendation table: its "within budget" cell says so instead."""
+    c = cell(r["kl_div"], "{:.3g}")
+    if r["kl_far"] is None or r["n_keep"]:
+        return c
+    return {**c, "cls": "bad", "title": _kl_far_text(r, rec_kl)}
+
+
+def _keep_set_share_cell(r: Mapping) -> dict:
+    """The keep-set's share of GEMM FLOPs in low precision; amber, saying why on hover, under LOW_GAIN_LP_SHARE."""
+    c = _share(r["keep_lp_flop_share"])
+    return {**c, "cls": "warn", "title": little_gain_text(r["keep_lp_flop_share"])} if r["little_gain"] else c
+
+
+def _keep_set_budget_cell(r: Mapping, rec_kl: Any) -> dict:
+    """"within budget" of the budget's keep-set: a green "yes" only for a plan worth having. Amber "yes*" when it
+    leaves under LOW_GAIN_LP_SHARE of the GEMM FLOPs in low precision (its share beside it amber too) or when a loss
+    budget accepted it with a KL over KL_FAR_RATIO x the recommended plan's (the KL cell red where no layer is kept):
+    verdict.py says why each; the cell's title gives the row's reasons and a note under the table the rules
+    (_e2e_flags). "yes*", not "yes, little gain": the words pushed this column off an 800 px window (QA B5). Sorted
+    between "no" (0) and "yes" (1)."""
+    c = _budget_cell(r["within_budget"])
+    why = []
+    if r["little_gain"]:
+        why.append(f"the keep-set leaves {pct(r['keep_lp_flop_share'])} of the GEMM FLOPs in low precision, "
+                   f"{little_gain_text(r['keep_lp_flop_share'])}")
+    if r["kl_far"] is not None:
+        why.append(_kl_far_text(r, rec_kl))
+    return {"text": "yes*", "sort": 0.5, "cls": "warn", "title": "; ".join(why)} if why else c
+
+
+def _e2e_flags(rows: Sequence[Mapping], rec_kl: Any) -> list[str]:
+    """The rules behind the end-to-end table's amber "yes, …" and red KL cells, said under it when some cell is so
+    (the cells' titles say each row's numbers)."""
+    flags = []
+    if any(r["little_gain"] for r in rows):
+        flags.append(f"yes* with an amber share: within the budget, but the keep-set leaves under "
+                     f"{pct(LOW_GAIN_LP_SHARE, 0)} of the GEMM FLOPs in low precision: under "
+                     f"{pct(LOW_GAIN_LP_SHARE / 2, 0)} less GEMM time than 16-bit even with GEMMs twice as fast in low "
+                     "precision")
+    if any(r["kl_far"] is not None for r in rows):
+        flags.append(f"yes* beside a red KL: within the loss budget, but with a KL over {KL_FAR_RATIO:g}× the "
+                     f"recommended plan's ({rec_kl:.3g}): the output distribution moves far more than the loss shows "
+                     "(a plan that keeps layers: its keep-set's KL, in the Recommendation table)")
+    return flags
 
 
 def _verdict_pick(verdict: Mapping) -> tuple[str, str] | None:
@@ -1297,8 +1358,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
 # ----------------------------------------------------------------------------------------------
 def table_rows(rows: Sequence[Sequence[Mapping]], ncols: int) -> Markup:
     """The <tbody> rows of the table macro (templates/_macros.html.j2): one ``<tr>`` line per row, each cell
-    ``<td class=".." data-sort="..">text</td>`` (class when truthy, data-sort when not None, every value
-    escaped), or one "no rows" row. Markup built here rather than by a loop in the template: a Llama-sized
+    ``<td class=".." data-sort="..">text</td>`` (class when truthy, data-sort when not None, title when the cell has
+    one, every value escaped), or one "no rows" row. Markup built here rather than by a loop in the template: a Llama-sized
     report has ~70k cells, and jinja's attribute lookups and escapes per cell took ~1.5 s of its ~3 s."""
     if not rows:
         return Markup(f'<tr><td colspan="{ncols}" class="empty">no rows</td></tr>\n')
@@ -1311,6 +1372,8 @@ def table_rows(rows: Sequence[Sequence[Mapping]], ncols: int) -> Markup:
             add(f'<td class="{escape(cls)}"' if cls else "<td")
             if sort is not None:
                 add(f' data-sort="{escape(sort)}"')
+            if c.get("title"):  # (a flagged cell says why on hover: _verdict_section)
+                add(f' title="{escape(c["title"])}"')
             add(f'>{escape(c["text"])}</td>')
         add("</tr>\n")
     return Markup("".join(out))

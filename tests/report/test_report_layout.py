@@ -243,7 +243,7 @@ def test_the_end_to_end_table_drops_an_empty_note_column_and_fits_800_px(small: 
     the narrower padding and strategy column (_style.css.j2 #e2e) do the rest, checked by screenshot)."""
     data = with_agreed_tables(copy.deepcopy(small), keep=[])
     e2e = build_report_view(data, draw=False)["verdict"]["e2e"]
-    assert e2e["columns"][-2:] == ["layers kept in 16-bit", "within budget"]
+    assert e2e["columns"][-3:] == ["layers kept in 16-bit", "low-precision FLOPs", "within budget"]
     assert all(len(row) == len(e2e["columns"]) for row in e2e["rows"])
     assert sum(g["span"] for g in e2e["groups"]) == len(e2e["columns"])
     # a row with a note of its own brings the column back, for every row
@@ -285,3 +285,47 @@ def test_header_says_the_inputs_shape_the_gemm_sites_and_calls_the_baseline_loss
         del meta[key]
     info = {i["key"]: i["value"] for i in build_report_view(data, draw=False)["info"]}
     assert info["inputs"] == meta["inputs"] and "parameters" not in info["model"]
+
+
+def test_the_end_to_end_tables_keep_set_shows_its_share_and_a_yes_worth_little_is_not_plain_green(
+        small: dict, tmp_path: Path) -> None:
+    """The keep-set group had "layers kept" and a green "yes" only: nvfp4 kept 32 of 37 layers (5.2 % of the FLOPs in
+    low precision) and read "yes", the share nowhere in the table (the 100 % beside it was every layer's); FP4 recipes
+    met a loss budget with a KL 196x the recommended plan's and a green "yes" (QA A3)."""
+    data = with_agreed_tables(copy.deepcopy(small), keep=["fc1", "fc2"])
+    rec = data["tables"]["recommendation"]
+    rec[0].update(within_budget=True, lp_flop_share=0.052)  # global: a keep-set worth little
+    view = build_report_view(data, draw=False)["verdict"]
+    e2e = view["e2e"]
+    at = {c: e2e["columns"].index(c) for c in ("KL", "layers kept in 16-bit", "within budget")}
+    by = {row[0]["text"]: row for row in e2e["rows"]}
+    share = at["layers kept in 16-bit"] + 1  # (the keep-set's, beside "layers kept"; not the all-LP column's 100 %)
+    assert [by[s][share]["text"] for s in ("global", "mxfp8")] == ["5.2%", "94.7%"]
+    assert by["global"][share]["cls"] == "warn" and by["mxfp8"][share]["cls"] == ""
+    little = by["global"][at["within budget"]]
+    assert (little["text"], little["cls"]) == ("yes*", "warn")
+    assert "5.2 %" in little["title"] and "under 50 %: little gain over 16-bit" in little["title"]
+    assert (by["mxfp8"][at["within budget"]]["text"], by["mxfp8"][at["within budget"]]["cls"]) == ("yes", "good")
+    assert [f.split(":")[0] for f in view["e2e_flags"]] == ["yes* with an amber share"]
+    # a loss budget met with no layer kept and a KL over 100x the recommended plan's (0.0009): the KL cell is red
+    rec[0].update(keep_16bit=[], n_keep=0, lp_flop_share=1.0, kl_div=0.18)
+    data["tables"]["e2e"][0]["kl_div"] = 0.18
+    view = build_report_view(data, draw=False)["verdict"]
+    by = {row[0]["text"]: row for row in view["e2e"]["rows"]}
+    assert by["global"][at["KL"]]["cls"] == "bad" and "200× the recommended plan's (0.0009)" in by["global"][at["KL"]]["title"]
+    assert by["global"][at["within budget"]]["text"] == "yes*" and by["mxfp8"][at["KL"]]["cls"] == ""
+    assert [f.split(":")[0] for f in view["e2e_flags"]] == ["yes* beside a red KL"]
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    assert 'title="KL 0.18, 200× the recommended plan&#39;s (0.0009), within the loss budget' in html
+    assert "yes* beside a red KL: within the loss budget" in html
+
+
+def test_a_recommended_keep_set_with_little_in_low_precision_is_not_a_green_headline(small: dict, tmp_path: Path) -> None:
+    """The headline's callout was green for int8 keeping 13 of 37 layers, 37.2 % of the FLOPs in low precision (QA A3)."""
+    data = with_agreed_tables(copy.deepcopy(small), keep=["fc1"])
+    html = render_report(data, tmp_path / "a.html", draw=False).read_text(encoding="utf-8")
+    assert '<div class="callout ok verdict-main">' in html and "little gain" not in html
+    data["tables"]["recommendation"][1]["lp_flop_share"] = 0.372
+    html = render_report(data, tmp_path / "b.html", draw=False).read_text(encoding="utf-8")
+    main = html[html.index('<div class="callout verdict-main">'):]
+    assert "37.2 % of the analysed GEMM FLOPs" in main and "(under 50 %: little gain over 16-bit).</div>" in main

@@ -43,3 +43,10 @@ def test_same_bytes_as_the_jinja_loop(rows: list) -> None:
 def test_a_cell_without_its_keys_is_an_error_as_in_the_template() -> None:
     with pytest.raises(KeyError):
         table_rows([[{"text": "a"}]], 1)
+
+
+def test_a_cell_with_a_title_says_it_escaped_on_hover() -> None:
+    """A flagged cell of the end-to-end table says why in its title (QA A3); a cell without one is unchanged."""
+    row = [{"text": "yes*", "sort": 0.5, "cls": "warn", "title": "KL 196× the plan's <b>\"x\"</b>"}, CELLS[0]]
+    assert str(table_rows([row], 2)) == ('<tr><td class="warn" data-sort="0.5" title="KL 196× the plan&#39;s '
+                                        '&lt;b&gt;&#34;x&#34;&lt;/b&gt;">yes*</td><td data-sort="1.25">1.25</td></tr>\n')
