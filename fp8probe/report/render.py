@@ -452,9 +452,13 @@ def _window_plan(strategy: str | None, why: str, formats: Mapping) -> tuple[dict
 
 
 def _window_recipe(verdict: Mapping, strategies: Sequence[str]) -> tuple[str | None, str]:
-    """The recipe whose formats the dynamic-range figure shades, and why: the recommended one, else the first."""
+    """The recipe whose formats the dynamic-range figure shades, and why: the one the Verdict names (the recommended
+    one, else its isolated pick, as the heat map's pinned column: QA saw the figure shade global beside an int8
+    pick), else the run's first."""
     if verdict.get("recommended"):
         return verdict["recommended"]["strategy"], "the recommended recipe"
+    if verdict.get("isolated_pick"):
+        return verdict["isolated_pick"], "the Verdict's isolated pick (not validated end to end)"
     if strategies:
         return strategies[0], "the run's first strategy (no recipe is recommended)"
     return None, ""

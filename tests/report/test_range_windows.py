@@ -77,15 +77,27 @@ def test_windows_are_the_recommended_recipes_formats(drawn: list[dict]) -> None:
     assert "block of 32" in caption and "worst case" in caption  # what a band means under per-block scales
 
 
-def test_without_a_recommendation_the_first_strategy_is_shaded(drawn: list[dict]) -> None:
-    """switchback first: int8 on A and W, and no band on the output gradient it leaves unquantised."""
-    view = build_report_view(_doc(("switchback", "global")))
+def test_without_a_recommendation_the_verdicts_isolated_pick_is_shaded(drawn: list[dict]) -> None:
+    """switchback picked: int8 on A and W, and no band on the output gradient it leaves unquantised. QA: with --no-e2e
+    the figure shaded the run's first strategy (global) while the Verdict and the heat map named the isolated pick."""
+    doc = _doc(("global", "switchback"))
+    for r in doc["tables"]["gemm"]:  # switchback the only recipe with no layer below 20 dB: the isolated pick
+        if r["strategy"] == "global":
+            r["sqnr_db"] = 10.0
+    view = build_report_view(doc)
+    assert view["verdict"]["isolated_pick"] == "switchback"
     (call,) = drawn
     for p in call["panels"]:
         assert [w[0].split()[0] for w in p["windows"]] == ([] if p["tensor"] == "grad_output" else ["int8"])
     caption = view["range"]["caption"]
-    assert "the formats of switchback, the run's first strategy (no recipe is recommended)" in caption
+    assert "the formats of switchback, the Verdict's isolated pick (not validated end to end)" in caption
     assert "grad_output not quantised (no band)" in caption
+
+
+def test_without_any_pick_the_first_strategy_is_shaded() -> None:
+    from fp8probe.report.render import _window_recipe
+    assert _window_recipe({"recommended": None, "isolated_pick": None}, ["switchback", "global"]) == \
+        ("switchback", "the run's first strategy (no recipe is recommended)")
 
 
 def test_a_per_tensor_recipe_band_is_the_window_it_used(drawn: list[dict]) -> None:
@@ -98,8 +110,9 @@ def test_a_per_tensor_recipe_band_is_the_window_it_used(drawn: list[dict]) -> No
 def test_an_unknown_recipe_falls_back_to_the_runs_formats_and_says_so(drawn: list[dict]) -> None:
     results = load_results(DATA)  # older results: strategies fp8-mixed, fp8-global, llm-int8
     view = build_report_view(results)
-    first = results["metadata"]["strategies"][0]
-    assert f"{first} (the run's first strategy (no recipe is recommended)) is not a recipe this report knows" \
+    pick = view["verdict"]["isolated_pick"]
+    assert pick in results["metadata"]["strategies"]
+    assert f"{pick} (the Verdict's isolated pick (not validated end to end)) is not a recipe this report knows" \
         in view["range"]["caption"]
     assert any(p["windows"] for p in drawn[0]["panels"])
 
