@@ -519,6 +519,9 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     if ranked and not recommended and not no_recommendation:
         # without an end-to-end run: the strategy with the fewest hurt layers, then the best worst layer
         best_isolated = min(ranked, key=lambda r: (r["n_below"], -r["worst_db"]))
+        # how many recipes share its count of hurt layers: the headline then says the worst layer decided (QA: 11
+        # recipes tied at "0 of 271" and int8 was named with no rule given)
+        best_isolated = {**best_isolated, "tied": sum(r["n_below"] == best_isolated["n_below"] for r in ranked)}
     training = _training_summary(t.get("training", []))
     return {"recommended": recommended, "no_recommendation": no_recommendation, "best_isolated": best_isolated,
             "training": training, "loss_hp": loss_hp,
@@ -592,13 +595,17 @@ def coverage_line(cov: Mapping) -> str:
 
 
 def isolated_headline(r: Mapping, keep_db: float = KEEP_16BIT_DB) -> str:
-    """The verdict line when only isolated per-GEMM numbers exist (no end-to-end validation)."""
+    """The verdict line when only isolated per-GEMM numbers exist (no end-to-end validation): the recipe with the
+    fewest layers below ``keep_db``, then the highest worst-layer SQNR, then the first in --strategy."""
     worst = r["worst_db"]
     worst_text = f"{worst:.1f} dB" if math.isfinite(worst) else ("exact" if worst > 0 else "−∞ dB")
     hurt = (f"keeps every layer at or above {keep_db:g} dB fprop SQNR" if not r["n_below"]
             else f"has the fewest layers below {keep_db:g} dB fprop SQNR ({r['n_below']} of {r['n_layers']})")
+    tied = r.get("tied", 1)
+    decided = (f", the highest worst layer of the {tied} recipes with {'none' if not r['n_below'] else r['n_below']} "
+               "below (ties: the first in --strategy)" if tied > 1 else "")
     return (f"verdict (isolated GEMMs, not validated end to end): {r['strategy']} {hurt}; worst layer "
-            f"{r['worst_layer']} at {worst_text}")
+            f"{r['worst_layer']} at {worst_text}{decided}")
 
 
 def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,

@@ -509,3 +509,21 @@ def test_a_plan_within_a_loss_budget_with_a_kl_far_above_the_recommended_plans_i
     assert all(r["kl_far"] is None for r in v["e2e"])
     rows[0]["within_budget"] = False
     assert all(r["kl_far"] is None for r in build_verdict({"e2e": e2e_rows(), "recommendation": rows})["e2e"])
+
+
+def test_the_isolated_pick_says_the_worst_layer_decided_a_tie() -> None:
+    """QA: 11 recipes tied at "0 of 271" layers below 20 dB and the headline named int8 with no rule given."""
+    from fp8probe.report.verdict import isolated_headline
+
+    base = {"strategy": "int8", "n_below": 0, "n_layers": 271, "worst_layer": "l7", "worst_db": 36.04}
+    line = isolated_headline({**base, "tied": 11})
+    assert line.endswith("worst layer l7 at 36.0 dB, the highest worst layer of the 11 recipes with none below "
+                         "(ties: the first in --strategy)"), line
+    assert isolated_headline({**base, "tied": 1}).endswith("worst layer l7 at 36.0 dB")
+    assert "recipes with 3 below" in isolated_headline({**base, "n_below": 3, "tied": 2})
+    data = _small()
+    for t in ("e2e", "recommendation"):
+        data["tables"].pop(t, None)
+    v = build_verdict(data["tables"], data["metadata"])
+    assert v["best_isolated"]["tied"] == sum(r["n_below"] == v["best_isolated"]["n_below"] for r in v["isolated"]
+                                             if r["worst_db"] is not None)
