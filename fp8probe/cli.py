@@ -898,7 +898,7 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
     click.echo(f"{'layer':<40} {'strategy':<15} {'weight SQNR dB':>14} {'underflow':>9} {'clipped':>8}")
     for r in worst:
         click.echo(f"{_printable(r['layer'])[:40]:<40} {r['strategy']:<15} {r['sqnr_db']:>14.2f} "
-                   f"{100 * r['underflow_frac']:>8.3f}% {100 * r['saturation_frac']:>7.3f}%")
+                   f"{100 * r['underflow_frac']:>7.3f} % {100 * r['saturation_frac']:>6.3f} %")
     click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
 
 
@@ -1266,7 +1266,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         click.echo(f"{'layer':<{width}} {'recommended':>11} {'fprop SQNR dB':>13} {'16-bit cols':>11}")
         for r in rec.to_dict("records"):
             click.echo(f"{_middle_ellipsis(r['layer'], width):<{width}} {r['threshold']:>11g} {r['fprop_sqnr_db']:>13.2f} "
-                       f"{100 * r['frac_cols_16bit']:>10.1f}%")
+                       f"{100 * r['frac_cols_16bit']:>9.1f} %")
     click.echo(coverage_line(results.metadata["coverage"]))
     _warn_nonfinite_operands(results.metadata)
     click.echo(f"rule: {rule}")

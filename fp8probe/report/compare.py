@@ -316,7 +316,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                            "current_pct": None if c is None else 100 * c, "delta_pct": d, "failed": failed})
         if failed:
             violations.append({"gate": "max-underflow-increase", "layer": key[0],
-                               "detail": f"{key[1]} {key[2]} underflow {100 * b:.2f}% → {100 * c:.2f}% "
+                               "detail": f"{key[1]} {key[2]} underflow {100 * b:.2f} % → {100 * c:.2f} % "
                                          f"(+{d:.2f} points > {gates.max_underflow_increase:g})"})
 
     missing = (_missing("SQNR", list(base_s), set(cur_s), lambda k: f"{k[1]} {k[2]}")

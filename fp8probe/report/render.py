@@ -7,7 +7,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,9 @@ def _isnum(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def cell(value: Any, fmt: str = "{:.2f}", cls: str = "") -> dict:
-    """A table cell: display text, numeric sort key (None for text) and a CSS class."""
+def cell(value: Any, fmt: str | Callable[[float], str] = "{:.2f}", cls: str = "") -> dict:
+    """A table cell: display text, numeric sort key (None for text) and a CSS class. ``fmt``: a format string or a
+    function of the number (``_sig``, ``_ratio``)."""
     if value is None:
         return {"text": "–", "sort": None, "cls": cls}
     if isinstance(value, bool):
@@ -133,7 +134,7 @@ def cell(value: Any, fmt: str = "{:.2f}", cls: str = "") -> dict:
             return {"text": "NaN", "sort": None, "cls": cls or "warn"}
         if math.isinf(v):
             return {"text": "∞" if v > 0 else "−∞", "sort": 1e308 if v > 0 else -1e308, "cls": cls}
-        text = fmt.format(v)
+        text = fmt(v) if callable(fmt) else fmt.format(v)
         return {"text": text, "sort": _sort_key(text, v), "cls": cls}
     # (a text cell stays "txt" beside another class: "34 of 37" in red sat right of a plain "0 of 37", QA D2)
     return {"text": str(value), "sort": None, "cls": f"{cls} txt" if cls and "txt" not in cls.split() else cls or "txt"}
@@ -162,7 +163,7 @@ TOP1_WARN = 0.9
 
 
 def _top1_cell(value: Any) -> dict:
-    return cell(100.0 * value, "{:.1f}%", "bad" if value < TOP1_WARN else "") if _isnum(value) else cell(value)
+    return cell(100.0 * value, "{:.1f} %", "bad" if value < TOP1_WARN else "") if _isnum(value) else cell(value)
 
 
 # How a metric the JSON holds as null is shown, by the row's note (report/schema.py NOTE_*).
@@ -196,17 +197,29 @@ def _fprop_sqnr(gemm: Mapping, layer: str, strategy: str) -> float | None:
 
 
 # A fraction (underflow, saturation, zeros) is shaded from 0.1 % on: smaller shares are shown but are
-# not worth the reader's attention, and 0 is written "0" so it cannot pass for a rounded-down share.
+# not worth the reader's attention.
 PCT_WARN = 1e-3
 
 
+def _pct_text(v: float) -> str:
+    """A share (0..1) as the report writes percentages, the number and "%" apart as in the verdict and the terminal
+    ("12.3 %"; QA D1: "+0.0013 %" stood beside "100.0%"): "0 %" exactly (never a rounded-down share), two
+    significant digits under 0.1 % ("0.0076 %"), two decimals under 10 % ("3.12 %", "0.10 %"), one above."""
+    p = 100 * v
+    if p == 0:
+        return "0 %"
+    if abs(p) < 0.1:
+        return f"{p:#.2g} %"
+    return f"{p:.2f} %" if abs(p) < 10 else f"{p:.1f} %"
+
+
 def _pct(value: Any) -> dict:
+    """A share column (underflow, saturation, zeros): every cell a percentage, "0 %" included (QA D1: "0" beside
+    "3.12%" read as a count); shares under 0.01 % are "<0.01 %", not worth their digits here."""
     if not _isnum(value):
         return cell(value)
     v = float(value)
-    if v == 0:
-        return {"text": "0", "sort": 0.0, "cls": ""}
-    text = "<0.01%" if 0 < v < 1e-4 else f"{100 * v:.2f}%" if v < 0.1 else f"{100 * v:.1f}%"
+    text = "<0.01 %" if 0 < v < 1e-4 else _pct_text(v)
     return {"text": text, "sort": v, "cls": "warn" if v >= PCT_WARN else ""}
 
 
@@ -227,8 +240,40 @@ def _index(records: Sequence[Mapping], *keys: str) -> dict[tuple, Mapping]:
     return {tuple(r.get(k) for k in keys): r for r in records}
 
 
+# Plain decimals from this magnitude up to FIXED_MAX (exclusive); scientific notation outside.
+FIXED_MIN, FIXED_MAX = 1e-3, 1e5
+
+
+def _sig(x: float, digits: int = 4) -> str:
+    """``x`` to ``digits`` significant digits with its trailing zeros, so a column reads at one precision ("0.01000"
+    beside "0.01004", not "0.01"; "71.90" beside "71.39", QA D1); plain decimals from FIXED_MIN to FIXED_MAX,
+    scientific notation outside ("1.581e-06"); exactly 0 is "0"."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    if FIXED_MIN <= abs(x) < FIXED_MAX:
+        exponent = int(f"{x:.{digits - 1}e}".split("e")[1])  # after rounding: 99.996 → 100.0, not 99.996
+        if exponent < math.log10(FIXED_MAX):
+            return f"{x:.{max(digits - 1 - exponent, 0)}f}"
+    return f"{x:.{digits - 1}e}"
+
+
+def _ratio(x: float) -> str:
+    """A ratio of magnitudes to three significant digits with "×" ("1.39×", "3300×"; QA D1: "3299.72")."""
+    return f"{_sig(x, 3)}×"
+
+
+def _pow2(x: float) -> str:
+    """A format constant: a fraction that is an exact power of two as one ("2^-9", not "0.00195312"; QA D1), an
+    integer as itself ("57344"), anything else in its shortest form ("7.5")."""
+    if 0 < x < 1 and math.frexp(x)[0] == 0.5:
+        return f"2^{math.frexp(x)[1] - 1}"
+    if x.is_integer() and abs(x) < 2 ** 24:
+        return f"{x:.0f}"
+    return f"{x:g}"
+
+
 def _fmt_g(x: Any) -> str:
-    return f"{x:.4g}" if _isnum(x) else str(x)
+    return _sig(float(x)) if _isnum(x) else str(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,11 +519,11 @@ def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_m
     table = _table("tensors", ["layer", "tensor", "numel", "amax", "std", "kurtosis", "zeros", "NaN", "Inf",
                                "range (bits)", "global/block absmax"], [
         [cell(r["layer"]), cell(_operand_label(r["layer"], r["tensor"], second)), cell(r.get("numel"), "{:.0f}"),
-         cell(r.get("amax"), "{:.4g}"),
-         cell(r.get("std"), "{:.4g}"), cell(r.get("kurtosis"), "{:.1f}"), _pct(r.get("zero_frac")),
+         cell(r.get("amax"), _sig),
+         cell(r.get("std"), _sig), cell(r.get("kurtosis"), "{:.1f}"), _pct(r.get("zero_frac")),
          cell(r.get("nan_count"), "{:.0f}", "bad" if r.get("nan_count") else ""),
          cell(r.get("inf_count"), "{:.0f}", "bad" if r.get("inf_count") else ""),
-         cell(r.get("range_bits"), "{:.1f}"), cell(r.get("block_absmax_ratio"), "{:.2f}")]
+         cell(r.get("range_bits"), "{:.1f}"), cell(r.get("block_absmax_ratio"), _ratio)]
         for r in trows])
     hists = tables.get("histograms", [])
     figure, note, caption = None, "", ""
@@ -527,7 +572,7 @@ def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
         return [(int(d[0]), d[1], tokens[i] if i < len(tokens) else None) for i, d in enumerate(dims)]
 
     def describe(r: Mapping) -> str:
-        return ", ".join(f"{d}: {_fmt_g(a)}" + (f" ({100 * t:.0f}% of tokens)" if _isnum(t) else "")
+        return ", ".join(f"{d}: {_fmt_g(a)}" + (f" ({100 * t:.0f} % of tokens)" if _isnum(t) else "")
                          for d, a, t in tops(r)[:5])
 
     table = _table("outliers", ["layer", "threshold", "outlier cols", "frac cols", "frac tokens", "top dims (dim: amax)"], [
@@ -550,7 +595,7 @@ def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
         for d in dims:
             if d in top:
                 a, t = top[d]
-                text = _fmt_g(a) + (f" · {100 * t:.0f}%" if _isnum(t) else "")
+                text = _fmt_g(a) + (f" · {100 * t:.0f} %" if _isnum(t) else "")
                 level = "o3" if thr and _isnum(a) and a >= 8 * thr else "o2" if thr and _isnum(a) and a >= 2 * thr else "o1"
                 row.append({"text": text, "sort": float(a) if _isnum(a) else None, "cls": level})
             elif d < len(col_amax) and _isnum(col_amax[d]):
@@ -669,7 +714,7 @@ def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
                 continue
             c = cell(r.get("fprop_sqnr_db"), "{:.1f}", "good" if th == rec else "")
             frac = r.get("frac_cols_16bit")
-            c["text"] += f" / {100 * frac:.1f}%" if _isnum(frac) else ""
+            c["text"] += f" / {100 * frac:.1f} %" if _isnum(frac) else ""
             c["sort"] = c["sort"] if c["sort"] is not None or not _isnum(r.get("fprop_sqnr_db")) else float(r["fprop_sqnr_db"])
             row.append(c)
         table_rows.append(row)
@@ -717,7 +762,7 @@ def _weights_section(meta: Mapping, tables: Mapping) -> dict | None:
     ratio = next((r.get("ratio") for r in tables.get("weight_outliers", [])), None)
     return {"note": str(info.get("note", "")), "analysed": info.get("analysed"), "skipped": info.get("skipped"),
             "share": f"{100 * float(info.get('param_share_analysed') or 0):.2f} %", "blocks": blocks,
-            "outliers": outliers, "outlier_ratio": _fmt_g(ratio) if ratio is not None else "", "skipped_table": skipped}
+            "outliers": outliers, "outlier_ratio": f"{ratio:g}" if _isnum(ratio) else "", "skipped_table": skipped}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -849,15 +894,14 @@ def _change_cell(value: Any) -> dict:
 
 
 def _share(value: Any) -> dict:
-    return cell(100.0 * value, "{:.1f}%") if _isnum(value) else cell(value)
+    return cell(100.0 * value, "{:.1f} %") if _isnum(value) else cell(value)
 
 
 def _small_share(value: float) -> dict:
-    """A share that may be tiny but not zero (saturated elements): two significant digits under 0.1 % ("0.0012%"),
-    where "0.0%" stood beside 5 saturated elements (QA)."""
-    if value == 0 or 100.0 * value >= 0.1:
-        return _share(value)
-    return cell(100.0 * value, "{:#.2g}%")
+    """A share that may be tiny but not zero (saturated elements): two significant digits under 0.1 % ("0.0012 %"),
+    where "0.0%" stood beside 5 saturated elements (QA); above, as a share column does ("0.10 %" beside "0.095 %",
+    not "0.1%", QA D1)."""
+    return {"text": _pct_text(value), "sort": value, "cls": ""}
 
 
 def _budget_cell(value: Any) -> dict:
@@ -1162,7 +1206,7 @@ def _coverage_section(tables: Mapping) -> dict | None:
                                          "GFLOPs captured", "captured share"], [
         [cell(r.get("kind")), cell(r.get("op")), cell(r.get("executed"), "{:.0f}"), cell(r.get("captured"), "{:.0f}"),
          cell(r.get("skipped"), "{:.0f}", "bad" if _isnum(r.get("skipped")) and r["skipped"] else ""),
-         cell(r.get("reason") or ""), cell(r.get("gflops"), "{:.4g}"), cell(r.get("gflops_captured"), "{:.4g}"),
+         cell(r.get("reason") or ""), cell(r.get("gflops"), _sig), cell(r.get("gflops_captured"), _sig),
          _share(r["gflops_captured"] / r["gflops"]) if _isnum(r.get("gflops")) and r["gflops"] > 0
          and _isnum(r.get("gflops_captured")) else cell(None)] for r in rows])}
 
@@ -1262,8 +1306,8 @@ def _methods(meta: Mapping, strategies: list[str]) -> dict:
         "options": _recipe_options(meta),
         "formats": _table("formats", ["format", "max", "min normal", "min subnormal",
                                       "dynamic range (bits)", "description"], [
-            [cell(name), cell(f.get("max"), "{:.6g}"), cell(f.get("min_normal"), "{:.6g}"),
-             cell(f.get("min_subnormal"), "{:.6g}"),
+            [cell(name), cell(f.get("max"), _pow2), cell(f.get("min_normal"), _pow2),
+             cell(f.get("min_subnormal"), _pow2),
              cell(math.log2(f["max"] / f["min_subnormal"]) if _isnum(f.get("max")) and _isnum(f.get("min_subnormal"))
                   and f["min_subnormal"] > 0 else None, "{:.1f}"),
              cell(f.get("description", ""))] for name, f in fmts.items()]),

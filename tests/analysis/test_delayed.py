@@ -244,4 +244,4 @@ def test_report_counts_casts_and_shows_a_tiny_saturated_share() -> None:
     table = _delayed_section({"delayed_scaling": rows})["table"]
     text = json.dumps(table)
     assert "casts" in text and "batches" not in text
-    assert "0.0013%" in text
+    assert "0.0013 %" in text

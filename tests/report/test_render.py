@@ -217,5 +217,5 @@ def test_a_low_top1_agreement_is_marked_in_the_end_to_end_table() -> None:
     rows[0]["top1_agreement"] = 0.31
     view = _verdict_section({"e2e": rows, "recommendation": recommendation_rows([])}, {}, 20.0)
     table = json.dumps(view)
-    assert '"text": "31.0%", "sort": 31.0, "cls": "bad"' in table
-    assert TOP1_WARN * 100 > 31.0 and '"text": "98.5%", "sort": 98.5, "cls": ""' in table
+    assert '"text": "31.0 %", "sort": 31.0, "cls": "bad"' in table
+    assert TOP1_WARN * 100 > 31.0 and '"text": "98.5 %", "sort": 98.5, "cls": ""' in table

@@ -114,7 +114,7 @@ def test_outliers_as_the_dimensions_that_matter(small: dict) -> None:
     assert out["grid"]["columns"] == ["layer", "7", "300", "911"]  # three planted dims, not 1024 columns
     assert out["n_flagged"] == 3 and len(out["grid"]["rows"]) == 3
     first = out["grid"]["rows"][0]
-    assert first[1]["text"] == "30.7 · 25%" and first[1]["cls"] == "o2"  # 30.7 ≥ 2 × threshold 6
+    assert first[1]["text"] == "30.70 · 25 %" and first[1]["cls"] == "o2"  # 30.7 ≥ 2 × threshold 6
     assert "911: 121.1 (25% of tokens)" in out["table"]["rows"][0][5]["text"]
 
 
@@ -126,9 +126,9 @@ def test_sweep_mark_without_recommendation_is_most_layers_pick() -> None:
 
 
 def test_percent_cells_do_not_shade_zero_or_negligible_shares() -> None:
-    assert _pct(0.0) == {"text": "0", "sort": 0.0, "cls": ""}
-    assert _pct(3e-5)["text"] == "<0.01%" and _pct(3e-5)["cls"] == ""
-    assert _pct(0.004)["text"] == "0.40%" and _pct(0.004)["cls"] == "warn"
+    assert _pct(0.0) == {"text": "0 %", "sort": 0.0, "cls": ""}
+    assert _pct(3e-5)["text"] == "<0.01 %" and _pct(3e-5)["cls"] == ""
+    assert _pct(0.004)["text"] == "0.40 %" and _pct(0.004)["cls"] == "warn"
 
 
 def test_a_long_keep_list_in_the_verdict_links_to_the_whole_list(tmp_path: Path) -> None:
