@@ -379,6 +379,7 @@ def _strategy_tables(layers: list[str], strategies: list[str], tables: Mapping, 
                      keep_db: float) -> list[dict]:
     gemm = _index(tables.get("gemm", []), "layer", "strategy", "gemm")
     ops = _index(tables.get("operands", []), "layer", "strategy", "operand")
+    second = _second_activation_sites(tables)
     out = []
     for s in strategies:
         g_rows = []
@@ -399,6 +400,10 @@ def _strategy_tables(layers: list[str], strategies: list[str], tables: Mapping, 
                         _pct(r.get("saturation_frac"))]
             if any((layer, s, op) in ops for op in TENSORS):
                 o_rows.append(row)
+        # the middle column group holds each row's second operand: the weight of a linear layer, the second
+        # activation (K, V, a matmul's right operand) of an attention GEMM; one header over both says so
+        o_layers = [row[0]["text"] for row in o_rows]
+        middle = _shared_label([_operand_label(x, "weight", second) for x in o_layers if (x, s, "weight") in ops])
         sid = "".join(ch if ch.isalnum() else "-" for ch in s)
         out.append({
             "strategy": s, "rule": _rule_text(rules.get(s, "")),
@@ -407,7 +412,7 @@ def _strategy_tables(layers: list[str], strategies: list[str], tables: Mapping, 
                            groups=[("", 1), *[(g, 4) for g in GEMMS]]),
             "operands": _table(f"ops-{sid}", ["layer", *[m for _ in TENSORS for m in
                                                         ("SQNR dB", "underflow", "saturation")]], o_rows,
-                               groups=[("", 1), *[(t, 3) for t in TENSORS]]),
+                               groups=[("", 1), *[(middle if t == "weight" else t, 3) for t in TENSORS]]),
         })
     return out
 
@@ -433,6 +438,17 @@ def _operand_label(layer: str, tensor: Any, second_activation: set[str]) -> str:
         return str(tensor)
     op = next((part for part in reversed(layer.split("#")) if not part.isdigit()), "")
     return {"qk": "K (2nd activation)", "pv": "V (2nd activation)"}.get(op, SECOND_ACTIVATION)
+
+
+def _shared_label(labels: Sequence[str]) -> str:
+    """One column header over the rows' operand labels: "weight", a single second-activation label ("K (2nd
+    activation)") when every row has it, "2nd activation" over several, "weight / 2nd activation" over both."""
+    kinds = set(labels)
+    if not kinds or kinds == {"weight"}:
+        return "weight"
+    if "weight" not in kinds:
+        return kinds.pop() if len(kinds) == 1 else SECOND_ACTIVATION
+    return f"weight / {SECOND_ACTIVATION}"
 
 
 def _and(words: Sequence[str]) -> str:

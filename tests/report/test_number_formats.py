@@ -1,5 +1,6 @@
 """One number format per kind of number in the HTML report (QA D1): percentages written "12.3 %" as the verdict and
-the terminal write them, a statistics column at one precision, powers of two as such, ratios with "×"."""
+the terminal write them, a statistics column at one precision, powers of two as such, ratios with "×"; and the
+per-layer operand tables name the second activation of attention GEMMs."""
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fp8probe.report.render import (_coverage_section, _methods, _outlier_section, _range_section, load_results,
-                                    render_report)
+from fp8probe.report.render import (_coverage_section, _methods, _outlier_section, _range_section, _strategy_tables,
+                                    build_report_view, load_results, render_report)
 from report_tables import with_agreed_tables
 
 DATA = Path(__file__).parent / "data"
@@ -85,6 +86,34 @@ def test_gflops_at_one_precision_and_ratios_with_a_times_sign(demo: dict) -> Non
     tables["tensors"][1]["block_absmax_ratio"] = 1.0
     table = _range_section([], tables, {}, {}, (None, ""), 1, draw=False)["table"]
     assert _column(table, "global/block absmax")[:2] == ["3300×", "1.00×"]
+
+
+def _with_attention(tables: dict, linear: bool) -> dict:
+    """The demo's tables with an attention GEMM site (QKᵀ: its "weight" is K); ``linear``: the linear layers kept."""
+    tables = copy.deepcopy(tables)
+    site = "blocks.0.attn#qk"
+    tables["layers"] = ([{**r, "b_is_weight": True} for r in tables["layers"]] if linear else []) + \
+        [{**tables["layers"][0], "layer": site, "b_is_weight": False}]
+    for name in ("gemm", "operands"):
+        extra = [{**r, "layer": site} for r in tables[name] if r["layer"] == "blocks.0.attn.qkv"]
+        tables[name] = (tables[name] if linear else []) + extra
+    return tables
+
+
+@pytest.mark.parametrize(("linear", "header"), [(True, "weight / 2nd activation"), (False, "K (2nd activation)")])
+def test_per_layer_operand_header_names_the_second_activation(demo: dict, linear: bool, header: str) -> None:
+    """The per-strategy operand tables said "weight" over attention GEMMs' K / V too."""
+    tables = _with_attention(demo["tables"], linear)
+    layers = list(dict.fromkeys(r["layer"] for r in tables["layers"]))
+    strategies = list(dict.fromkeys(r["strategy"] for r in tables["operands"]))
+    for t in _strategy_tables(layers, strategies, tables, {}, 20.0):
+        assert [g["label"] for g in t["operands"]["groups"]] == ["", "activation", header, "grad_output"]
+
+
+def test_per_layer_operand_header_stays_weight_without_attention_gemms(demo: dict) -> None:
+    view = build_report_view(demo, draw=False)
+    for t in view["strategy_tables"]:
+        assert [g["label"] for g in t["operands"]["groups"]] == ["", "activation", "weight", "grad_output"]
 
 
 def test_a_tiny_share_column_keeps_two_decimals_from_a_tenth_of_a_percent() -> None:
