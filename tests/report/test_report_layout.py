@@ -115,7 +115,7 @@ def test_outliers_as_the_dimensions_that_matter(small: dict) -> None:
     assert out["n_flagged"] == 3 and len(out["grid"]["rows"]) == 3
     first = out["grid"]["rows"][0]
     assert first[1]["text"] == "30.70 · 25 %" and first[1]["cls"] == "o2"  # 30.7 ≥ 2 × threshold 6
-    assert "911: 121.1 (25% of tokens)" in out["table"]["rows"][0][5]["text"]
+    assert "911: 121.1 (25 % of tokens)" in out["table"]["rows"][0][5]["text"]
 
 
 def test_sweep_mark_without_recommendation_is_most_layers_pick() -> None:
