@@ -300,7 +300,7 @@ def test_the_end_to_end_tables_keep_set_shows_its_share_and_a_yes_worth_little_i
     at = {c: e2e["columns"].index(c) for c in ("KL", "layers kept in 16-bit", "within budget")}
     by = {row[0]["text"]: row for row in e2e["rows"]}
     share = at["layers kept in 16-bit"] + 1  # (the keep-set's, beside "layers kept"; not the all-LP column's 100 %)
-    assert [by[s][share]["text"] for s in ("global", "mxfp8")] == ["5.2%", "94.7%"]
+    assert [by[s][share]["text"] for s in ("global", "mxfp8")] == ["5.2 %", "94.7 %"]
     assert by["global"][share]["cls"] == "warn" and by["mxfp8"][share]["cls"] == ""
     little = by["global"][at["within budget"]]
     assert (little["text"], little["cls"]) == ("yes*", "warn")
