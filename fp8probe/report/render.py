@@ -1053,10 +1053,10 @@ def _without_empty_columns(columns: list[str], rows: list[list[dict]], first: in
 
 def _sensitivity_section(tables: Mapping, keep_db: float, recommended: str | None,
                          needs_keep: Mapping[str, int]) -> dict | None:
-    """One table per recipe, the method said once for the section. Open: the recommended recipe's table (first) and
-    those of recipes that needed a keep-set, the ones a reader acts on; the others collapsed under a line naming
-    their most sensitive layer (15 open tables of 13 rows, each line repeating the estimator's formula: QA C2, A5).
-    With neither (no end-to-end recommendation in these results), the first table is open."""
+    """One table per recipe, the method said once for the section. Open: the recommended recipe's table (first), the
+    one a reader acts on; then those of recipes that needed a keep-set; each collapsed table under a line naming its
+    most sensitive layer (15 open tables of 13 rows, each line repeating the estimator's formula: QA C2, A5).
+    Without a recommendation in these results, the first table is open."""
     rows = tables.get("sensitivity", [])
     if not rows:
         return None
@@ -1090,15 +1090,15 @@ def _sensitivity_section(tables: Mapping, keep_db: float, recommended: str | Non
                     "method": ", ".join(labels) if len(methods) > 1 else "",
                     "table": _table(f"sens-{sid}", columns, cells)})
     out.sort(key=lambda t: (not t["recommended"], not t["keep_set"]))  # stable: the rest keep the run's order
+    # Only one open: with a kl: budget every recipe had a keep-set and all 15 tables opened (555 rows, QA). The
+    # keep-set recipes come next, collapsed, their lines saying so.
     for t in out:
-        t["open"] = bool(t["recommended"] or t["keep_set"])
+        t["open"] = t["recommended"]
     if not any(t["open"] for t in out):
         out[0]["open"] = True
-    opened = ((["the recommended recipe's table"] if any(t["recommended"] for t in out) else [])
-              + (["those of the recipes that needed a keep-set"]
-                 if any(t["keep_set"] and not t["recommended"] for t in out) else [])
-              or ["the first recipe's table" + (" (no end-to-end recommendation in these results)"
-                                                  if recommended is None else "")])
+    opened = (["the recommended recipe's table"] if any(t["recommended"] for t in out) else
+              ["the first recipe's table" + (" (no end-to-end recommendation in these results)"
+                                              if recommended is None else "")])
     return {"methods": [dict(zip(("label", "text"), _method_parts(m))) for m in methods], "tables": out,
             "open_note": (f"Open: {' and '.join(opened)}; the others are collapsed under their most sensitive layer "
                           "(click a line to open its table)." if not all(t["open"] for t in out) else "")}
