@@ -131,11 +131,13 @@ def budget_text(value: Any, kind: Any) -> str:
 
 
 def loss_change_text(rel: Any, loss_hp: Any) -> str:
-    """"9.049 → +0.0013 %": a relative loss change after the high-precision loss it is relative to (QA C3: only the
-    relative change appeared, the loss itself nowhere); the change alone when that loss is not known or not finite."""
+    """"loss change +0.0013 % of 9.049": a relative loss change and the high-precision loss it is relative to (QA C3:
+    only the relative change appeared, the loss itself nowhere; then "loss 9.049 → -0.0023 %" read as the loss going
+    to -0.0023 %); the change alone when that loss is not known or not finite."""
     hp = _num(loss_hp)
     change = signed_pct(rel)
-    return change if hp is None or not math.isfinite(hp) or change == "–" else f"{hp:.4g} → {change}"
+    base = "" if hp is None or not math.isfinite(hp) or change == "–" else f" of {hp:.4g}"
+    return f"loss change {change}{base}"
 
 
 def inputs_shape_text(metadata: Mapping) -> str:
@@ -622,7 +624,7 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
         keep = (f"keep {rec['n_keep']} layer(s) in 16-bit ({_names(rec['keep_16bit'])})" if rec["n_keep"]
                 else "no layer needs 16-bit")
         budget = f"budget {budget_text(rec['budget'], rec['budget_kind'])}"
-        lines.append(f"verdict: {rec['strategy']}, {keep}: loss {loss_change_text(rec['loss_rel_change'], v['loss_hp'])}, "
+        lines.append(f"verdict: {rec['strategy']}, {keep}: {loss_change_text(rec['loss_rel_change'], v['loss_hp'])}, "
                      f"KL {_g(rec['kl_div'])} ({budget}); {lp_share_text(rec['lp_flop_share'], v['coverage'])} in "
                      "low precision" + (f" ({little_gain_text(rec['lp_flop_share'])})" if rec["little_gain"] else ""))
     elif v["no_recommendation"]:

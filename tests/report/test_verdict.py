@@ -23,7 +23,7 @@ def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
     tables = {"e2e": e2e_rows(), "recommendation": recommendation_rows(["blocks.0.attn.qkv"]),
               "coverage": coverage_rows()}
     lines = verdict_lines(tables)
-    assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss 2.5 → +0.12 %, KL 0.0009 "
+    assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss change +0.12 % of 2.5, KL 0.0009 "
                         "(budget |loss change| ≤ 1 %); 94.7 % of the analysed GEMM FLOPs (90.0 % of the model's) in low "
                         "precision")  # (28 of 30 GEMMs, 95 % of the FLOPs, were captured and replaced)
     assert "block size for the whole model (mixed): 128 (validated: loss +0.40 %, KL 0.003)" in lines
@@ -197,7 +197,7 @@ def test_the_budget_reads_as_the_bound_it_sets() -> None:
     the kind named after the number as if it were a unit (QA C4): the budget is the bound, "KL ≤ 1e-05"."""
     from fp8probe.report.verdict import budget_text
     rows = [dict(r, budget=0.005) for r in recommendation_rows(["fc1"])]
-    assert "loss +0.12 %, KL 0.0009 (budget |loss change| ≤ 0.5 %);" in verdict_lines({"recommendation": rows})[0]
+    assert "loss change +0.12 %, KL 0.0009 (budget |loss change| ≤ 0.5 %);" in verdict_lines({"recommendation": rows})[0]
     kl = [dict(r, budget=1e-5, budget_kind="kl") for r in rows]
     assert "(budget KL ≤ 1e-05);" in verdict_lines({"recommendation": kl})[0]
     assert (budget_text(0.01, None), budget_text(0.002, "kl")) == ("|loss change| ≤ 1 %", "KL ≤ 0.002")
@@ -217,7 +217,7 @@ def test_html_headline_has_the_kl_and_the_budget(tmp_path: Path) -> None:
     html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
     main = html[html.index('verdict-main'):]
     main = " ".join(main[:main.index("</div>")].split())
-    assert "loss 2.5 → <strong>+0.12 %</strong>, KL <strong>0.0009</strong> (budget |loss change| ≤ 0.5 %)," in main, main
+    assert "loss change <strong>+0.12 %</strong> of 2.5, KL <strong>0.0009</strong> (budget |loss change| ≤ 0.5 %)," in main, main
     rec = html[html.index('id="recommendation"'):]
     assert "(|loss change| ≤ 0.5 %)" in rec[:rec.index("</table>")]  # the Recommendation table's (every row's) budget too
     data["tables"]["recommendation"] = [dict(r, kl_div=None) for r in data["tables"]["recommendation"]]
@@ -447,14 +447,15 @@ def test_underflow_warnings_do_not_depend_on_the_budget() -> None:
 
 
 def test_the_verdict_line_gives_the_high_precision_loss_the_change_is_of() -> None:
-    """Only relative loss changes appeared, the model's own loss (9.049 in QA's Llama) nowhere (QA C3)."""
+    """Only relative loss changes appeared, the model's own loss (9.049 in QA's Llama) nowhere (QA C3); then "loss 9.049 →
+    -0.0023 %" read as the loss going to -0.0023 % (QA 2): "loss change -0.0023 % of 9.049"."""
     from fp8probe.report.verdict import loss_change_text
     e2e = [dict(r, loss_hp=9.048840522766113) for r in e2e_rows()]
     line = verdict_lines({"e2e": e2e, "recommendation": recommendation_rows([])})[0]
-    assert "no layer needs 16-bit: loss 9.049 → +0.12 %, KL 0.0009" in line
+    assert "no layer needs 16-bit: loss change +0.12 % of 9.049, KL 0.0009" in line
     # no end-to-end table, or a loss that is not finite: the change alone
-    assert "no layer needs 16-bit: loss +0.12 %, KL" in verdict_lines({"recommendation": recommendation_rows([])})[0]
-    assert loss_change_text(0.0012, float("nan")) == "+0.12 %" and loss_change_text(None, 2.5) == "–"
+    assert "no layer needs 16-bit: loss change +0.12 %, KL" in verdict_lines({"recommendation": recommendation_rows([])})[0]
+    assert loss_change_text(0.0012, float("nan")) == "loss change +0.12 %" and loss_change_text(None, 2.5) == "loss change –"
 
 
 def _keep_sets(global_share: float, chosen_share: float, kind: str = "kl") -> list[dict]:
