@@ -124,9 +124,20 @@ class DelayedState:
             return None
         return _cpu.fused_scaled(x, fmt, rows, cols, scale=scale)
 
+    @staticmethod
+    def _clipped(x: torch.Tensor, saturated: torch.Tensor, limit: float) -> int:
+        """Elements of the ``saturated`` mask the clamp clipped: |x| above ``limit``, the amax the scale was made
+        for (±Inf included). The mask (|data| == fmt_max and |x| > |q|, as every cast's metrics count it) also
+        holds the amax element of a cast whose float32 scale fl32(amax / fmt_max) rounded down: fmt_max · scale
+        < amax by a float32 rounding, so q < |x| though x / scale rounds to fmt_max unclamped (QA: 38 operands
+        of a one-batch run "saturated under the delayed scale", all on own-amax casts). ``limit`` is a float32
+        amax times 2^margin, exact in float32 unless it overflows to inf (then nothing is above it)."""
+        return int((x[saturated].to(_F32).abs() > limit).sum())
+
     def quantize(self, site: Hashable, operand: str, x: torch.Tensor, fmt: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dequantised x in float32, saturated mask) with this batch's delayed scale; records x's amax."""
+        """(dequantised x in float32, saturated mask) with this batch's delayed scale; records x's amax. The
+        ``saturated`` count is of the elements clipped (_clipped): none on a cast that did not overflow."""
         amax_h = self.history_amax(site, operand)
         warmup = amax_h is None
         made = None if warmup else self._scale_of(amax_h, fmt)  # (the warm-up's scale needs x's amax first)
@@ -146,6 +157,7 @@ class DelayedState:
             q = data.to(_F32) * s
             saturated = (data.to(_F32).abs() == fmax) & (x32.abs() > q.abs())
             n_saturated = int(saturated.sum())
+        n_saturated = self._clipped(x, saturated, limit) if n_saturated else 0
         hist = self.history.setdefault((site, operand), [])
         hist.append(amax_now)
         del hist[:-self.rule.history]
@@ -162,7 +174,8 @@ class DelayedState:
 
     def rows(self, strategy: str) -> list[dict]:
         """One ``delayed_scaling`` row per (layer, operand): batches, warm-up batches, batches whose amax
-        overflowed the delayed scale, saturated elements of all elements, max over batches of
+        overflowed the delayed scale, saturated (clipped: |x| above the amax the scale was made for, so only in overflow
+        batches) elements of all elements, max over batches of
         amax / (amax_h · 2^margin) (> 1 = overflow)."""
         return [{"layer": layer, "strategy": strategy, "operand": op, "batches": c.batches,
                  "warmup_batches": c.warmup, "overflow_batches": c.overflow, "saturated": c.saturated,

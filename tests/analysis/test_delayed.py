@@ -69,6 +69,29 @@ def test_later_batches_use_the_history_and_count_overflow(device) -> None:
     assert (gr["overflow_batches"], w["overflow_batches"], w["saturated"]) == (1, 0, 0)  # G: batch 3 (4x) overflows
 
 
+@pytest.mark.parametrize("backend", ["c", "reference"])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_saturated_counts_clipped_elements_only(backend, fmt, monkeypatch) -> None:
+    """"saturated" counts the elements the cast clipped: |x| above the amax the scale was made for. An amax of
+    1.828125 has fl32(amax / fmt_max) · fmt_max one float32 ulp below it: the amax element dequantises to
+    1.8281249 at the format's max code, but it is not clipped (QA: a one-batch run reported 38 operands "saturated
+    under the delayed scale", every one on an own-amax cast)."""
+    if backend == "reference":
+        monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    amax = 1.828125
+    x = torch.tensor([amax, -0.5, 0.25, 1.0])
+    st = DelayedState(DelayedScaling())
+    q, sat = st.quantize("fc", "activation", x, fmt)  # own amax
+    assert float(q[0]) < amax and bool(sat[0])  # the rounding the mask sees (every cast's metrics count it so)
+    q, _ = st.quantize("fc", "activation", x, fmt)  # delayed, the same amax: no overflow
+    assert float(q[0]) < amax
+    y = torch.tensor([amax * 2, -amax * 1.5, amax * 1.0001, -amax, 0.1])
+    st.quantize("fc", "activation", y, fmt)  # delayed, overflows: the three values above amax are clipped
+    row, = st.rows("delayed")
+    assert (row["batches"], row["warmup_batches"], row["overflow_batches"]) == (3, 1, 1)
+    assert row["saturated"] == 3
+
+
 def test_most_recent_history_length_and_margin() -> None:
     # the last element lands among E4M3 subnormals once the margin shifts the scale up by 2^3
     x1, x2, x3 = (torch.full((2, 5), v) * torch.tensor([1.0, -0.5, 0.25, 0.1, 1.1e-4]) for v in (8.0, 2.0, 1.0))
