@@ -1176,13 +1176,21 @@ def _delayed_section(tables: Mapping) -> dict | None:
               else ""),
          cell(r.get("saturated"), "{:.0f}"), _small_share(v) if (v := share(r)) is not None else cell(None),
          cell(r.get("max_amax_ratio"), "{:.3f}")] for r in rows])
-    saturating = [r for r in rows if _isnum(r.get("saturated")) and r["saturated"] > 0]
+    # Saturation under the delayed scale needs an overflow cast: results written before the count was of clipped
+    # elements also counted an amax element at the format's max on an own-amax cast (QA A2: "no cast used a delayed
+    # scale", then "38 of 813 layer operands saturated under the delayed scale").
+    saturating = [r for r in rows if _isnum(r.get("saturated")) and r["saturated"] > 0
+                  and not (_isnum(r.get("overflow_batches")) and r["overflow_batches"] == 0)]
     worst = max(saturating, key=lambda r: (share(r) or 0.0, r["saturated"]), default=None)
-    # Casts per site = batches of the run: a site's first cast is its one own-amax cast (an attention GEMM's
-    # per-slice sites multiply both counts alike).
-    per_site = [r["batches"] / r["warmup_batches"] for r in rows
-                if _isnum(r.get("batches")) and _isnum(r.get("warmup_batches")) and r["warmup_batches"] > 0]
-    batches = round(min(per_site)) if per_site else None
+    # Per row (GEMM site): first casts = its own-amax casts, one per head slice at an attention GEMM; batches =
+    # casts / first casts; delayed casts = casts − first casts (QA C1: "only 1 cast per site" beside 4 delayed
+    # casts at every #qk/#pv site of a 2-batch run).
+    counted = [r for r in rows if _isnum(r.get("batches")) and _isnum(r.get("warmup_batches"))
+               and r["warmup_batches"] > 0]
+    batches = sorted({round(r["batches"] / r["warmup_batches"]) for r in counted})
+    delayed = sorted({round(r["batches"] - r["warmup_batches"]) for r in counted})
+    sliced = sorted({round(r["batches"] - r["warmup_batches"]) for r in counted if r["warmup_batches"] > 1})
+    plain = sorted({round(r["batches"] - r["warmup_batches"]) for r in counted if r["warmup_batches"] == 1})
     return {"table": table, "collapsed": len(rows) > OPEN_DETAILS_ROWS,
             "n_rows": len(rows), "n_saturating": len(saturating),
             "n_layers": len({r.get("layer") for r in rows}),
@@ -1193,8 +1201,32 @@ def _delayed_section(tables: Mapping) -> dict | None:
                 "share": _small_share(share(worst))["text"] if share(worst) is not None else "–"},
             "max_ratio": max((f"{r['max_amax_ratio']:.3g}" for r in rows if _isnum(r.get("max_amax_ratio"))),
                              key=float, default=""),
-            "batches": batches, "delayed_casts": None if batches is None else batches - 1,
-            "few": batches is not None and batches - 1 < DELAYED_FEW_CASTS, "few_limit": DELAYED_FEW_CASTS}
+            "batches": _count_range(batches), "delayed_casts": delayed[-1] if delayed else None,
+            "delayed_text": _delayed_casts_text(plain, sliced) if delayed and delayed[-1] else "",
+            "few": bool(batches) and batches[0] - 1 < DELAYED_FEW_CASTS, "few_limit": DELAYED_FEW_CASTS}
+
+
+def _count_range(values: list[int]) -> dict | None:
+    """{"text": "2" or "2–4", "one": the count is 1} of sorted counts, None for none."""
+    if not values:
+        return None
+    return {"text": f"{values[0]}" if values[0] == values[-1] else f"{values[0]}–{values[-1]}", "one": values == [1]}
+
+
+def _delayed_casts_text(plain: list[int], sliced: list[int]) -> str:
+    """How many casts per GEMM site used a delayed scale, from the delayed-cast counts of the sites with one slice
+    (``plain``) and of those with head slices (``sliced``): "1 cast per site used a delayed scale (4 at an
+    attention GEMM: …)"."""
+    def casts(values: list[int]) -> str:
+        r = _count_range(values)
+        return f"{r['text']} cast{'' if r['one'] else 's'}"
+
+    slices = "one per head slice and batch after the first"
+    if not sliced:
+        return f"{casts(plain)} per site used a delayed scale"
+    if not plain:
+        return f"{casts(sliced)} per site used a delayed scale ({slices})"
+    return f"{casts(plain)} per site used a delayed scale ({_count_range(sliced)['text']} at an attention GEMM: {slices})"
 
 
 def _recipe_options(meta: Mapping) -> list[str]:

@@ -210,14 +210,52 @@ def test_delayed_summary_names_the_saturating_operands_and_the_worst() -> None:
     assert d["worst"]["layer"] == "layer3" and d["worst"]["saturated"] == "3" and d["max_ratio"] == "1.03"
 
 
-@pytest.mark.parametrize(("batches", "slices", "delayed_casts", "few"), [(2, 1, 1, True), (2, 32, 1, True),
-                                                                       (1, 1, 0, True), (5, 1, 4, False)])
-def test_delayed_says_how_many_casts_used_a_delayed_scale(batches: int, slices: int, delayed_casts: int,
-                                                         few: bool) -> None:
+@pytest.mark.parametrize(("batches", "slices", "text", "few"), [
+    (2, 1, "1 cast per site used a delayed scale", True),
+    (2, 32, "32 casts per site used a delayed scale (one per head slice and batch after the first)", True),
+    (1, 1, "", True), (5, 1, "4 casts per site used a delayed scale", False)])
+def test_delayed_says_how_many_casts_used_a_delayed_scale(batches: int, slices: int, text: str, few: bool) -> None:
     """--batches 2: one cast per site uses a delayed scale, and nothing warned that this measures almost nothing (QA
     C1); an attention GEMM's per-head sites count casts per batch and slice, not more batches."""
     d = _delayed(_delayed_rows(2, batches=batches, slices=slices))
-    assert (d["batches"], d["delayed_casts"], d["few"]) == (batches, delayed_casts, few)
+    assert (d["batches"]["text"], d["delayed_text"], d["few"]) == (str(batches), text, few)
+
+
+def test_delayed_casts_per_site_at_linear_and_attention_sites() -> None:
+    """A 2-batch run: a linear site has 2 casts, 1 first (1 delayed), an attention site's 4 head slices 8 casts, 4
+    first (4 delayed); the callout said "only 1 cast per site used a delayed scale" for both (QA C1 on kl)."""
+    rows = _delayed_rows(2, batches=2) + [dict(r, layer=r["layer"] + "#qk") for r in _delayed_rows(2, batches=2,
+                                                                                                      slices=4)]
+    d = _delayed(rows)
+    assert d["batches"]["text"] == "2" and d["few"]
+    assert d["delayed_text"] == ("1 cast per site used a delayed scale (4 at an attention GEMM: one per head slice and "
+                                 "batch after the first)")
+    rows += [dict(r, layer=r["layer"] + "#pv", batches=16, warmup_batches=8) for r in _delayed_rows(1, batches=2)]
+    assert "(4–8 at an attention GEMM:" in _delayed(rows)["delayed_text"]
+
+
+def test_delayed_summary_counts_only_operands_that_overflowed() -> None:
+    """Results written before "saturated" counted clipped elements only: an own-amax cast's amax element at the
+    format's max counted as saturated, overflow_batches 0 (QA A2). Saturation under the delayed scale needs an
+    overflow cast."""
+    rows = _delayed_rows(3, batches=4)  # layers 1, 2 saturate with an overflow cast
+    rows[0].update(saturated=1, overflow_batches=0, max_amax_ratio=1.0)  # layer0 activation: the old count
+    d = _delayed(rows)
+    assert (d["n_saturating"], d["saturating_layers"], d["worst"]["layer"]) == (4, 2, "layer2")
+
+
+def test_one_batch_says_nothing_saturated_under_a_delayed_scale(tmp_path: Path) -> None:
+    """One batch: every cast used its own amax. The report said "no cast used a delayed scale" and then "38 of 813
+    layer operands saturated under the delayed scale ... the largest amax was 1x" (QA A2)."""
+    data = deep_results(n_layers=3, strategies=("delayed",), sweeps=False)
+    rows = _delayed_rows(3, batches=1)
+    for r in rows:
+        r.update(overflow_batches=0, max_amax_ratio=1.0)  # the old counts: saturated 1, 2 at own-amax casts
+    data["tables"]["delayed_scaling"] = rows
+    sec = render_report(data, tmp_path / "r.html", draw=False).read_text("utf-8").split('<h2 id="delayed">')[1]
+    sec = " ".join(sec.split("<h2")[0].split())
+    assert "no cast used a delayed scale" in sec and "measures nothing about delayed scaling" in sec
+    assert "under the delayed scale" not in sec.split("<table")[0] and 'id="delayed-summary"' not in sec
 
 
 def test_delayed_section_in_the_report(tmp_path: Path) -> None:
