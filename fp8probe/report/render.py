@@ -950,7 +950,7 @@ def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
 
 
 def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapping], keep_db: float,
-             pick: tuple[str, str] | None = None) -> dict | None:
+             pick: tuple[str, str] | None = None, kept: Sequence[str] = ()) -> dict | None:
     """Layer × strategy SQNR for fprop, dgrad and wgrad as one colour-coded, sortable table (rows stay
     readable at 200+ layers where a bar chart does not: one text line per layer) that shows one GEMM at a time:
     3 GEMMs x 15 recipes are 47 columns, and only fprop fitted a 1400 px page (QA B1). ``views`` are the
@@ -961,16 +961,20 @@ def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapp
     ``pick``: (strategy, kind) of the recipe the Verdict names, kind "recommended" (validated end to end) or
     "isolated pick" (no end-to-end run); its fprop column is repeated beside the layer names and its header is
     starred in each GEMM. (It replaced "worst fprop", the minimum over every recipe: always an FP4 recipe's,
-    so sorting by it ranked layers by FP4 behaviour, QA C5.)"""
+    so sorting by it ranked layers by FP4 behaviour, QA C5.) ``kept``: the layers the recommended plan keeps in
+    16-bit; their pinned cells read "16-bit (40.0)", grey, the isolated SQNR in brackets (it sorts by it): a bare
+    "40.0" read as the plan's value for a layer the plan does not run in low precision (QA A5)."""
     gemms = [g for g in GEMMS if any((layer, s, g) in gemm for layer in layers for s in strategies)]
     if not gemms:
         return None
     pinned = pick[0] if pick is not None and pick[0] in strategies and "fprop" in gemms else None
+    kept = set(kept) if pinned and pick[1] == "recommended" else set()
     rows = []
     for layer in layers:
         if not any((layer, s, g) in gemm for s in strategies for g in gemms):
             continue
-        rows.append([cell(layer), *([_heat_cell(gemm.get((layer, pinned, "fprop")), keep_db)] if pinned else []),
+        rows.append([cell(layer), *([_pinned_cell(gemm.get((layer, pinned, "fprop")), keep_db, layer in kept)]
+                                    if pinned else []),
                      *[_heat_cell(gemm.get((layer, s, g)), keep_db) for g in gemms for s in strategies]])
     edges = [keep_db + HEAT_STEP_DB * (k - HEAT_BINS_BELOW) for k in range(1, HEAT_BINS)]
     legend = [{"cls": f"h{k}", "label": (f"< {edges[0]:g}" if k == 0 else f"≥ {edges[-1]:g}" if k == HEAT_BINS - 1
@@ -986,7 +990,18 @@ def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapp
     return {"table": _table("sqnr-heat", columns, rows,
                             groups=[("", 1), *[(f"{g} SQNR (dB)", n) for g, n in zip(gemms, spans)]]),
             "legend": legend, "gemms": gemms, "views": views,
-            "pick": None if pick is None else {"strategy": pick[0], "kind": pick[1], "pinned": pinned is not None}}
+            "pick": None if pick is None else {"strategy": pick[0], "kind": pick[1], "pinned": pinned is not None},
+            "kept": sum(1 for row in rows if "kept" in row[1]["cls"].split()) if pinned else 0}
+
+
+def _pinned_cell(row: Mapping | None, keep_db: float, kept: bool) -> dict:
+    """The pinned column's cell: the heat cell, or for a layer the plan keeps in 16-bit "16-bit (…)", class "kept"."""
+    c = _heat_cell(row, keep_db)
+    if not kept:
+        return c
+    # (a heat-binned cell without a key shows a plain number: "16-bit (40.0)" keeps sorting by it)
+    sort = float(c["text"]) if c["sort"] is None and c["cls"].startswith("h") else c["sort"]
+    return {"text": f"16-bit ({c['text']})", "sort": sort, "cls": "kept"}
 
 
 # The recommendation table's model-wide rows (the sweeps' one value for the whole model), by kind.
@@ -997,7 +1012,12 @@ def _recommendation_section(tables: Mapping) -> dict | None:
     """The recommendation table split in two: one row per strategy (its keep-set for the budget; the one recommended
     recipe marked) and the model-wide block size and outlier threshold, which are settings, not recipes (QA: three
     rows said "recommended: yes"). Columns empty on every row and a budget shared by every row go; without any
-    keep-set the strategy rows are the Verdict's end-to-end numbers, and the template says so and folds them."""
+    keep-set the strategy rows are the Verdict's end-to-end numbers, and the template says so and folds them.
+
+    A keep-set is shown as its count with the names (each with its sensitivity rank) folded under it: 13-34 full
+    names a cell made the table 6 screens tall and pushed its last column off an 800 px window (QA B2). The rows'
+    notes go under each table, the part every row repeats said once: they say why a keep-set skips a rank (the search
+    drops a layer when the budget holds without it), which the report did not show (QA A5)."""
     rows = tables.get("recommendation", [])
     if not rows:
         return None
@@ -1006,6 +1026,7 @@ def _recommendation_section(tables: Mapping) -> dict | None:
     budgets = list(dict.fromkeys(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget")) else None
                                  for r in rows))
     budget = budgets[0] if len(budgets) == 1 and budgets[0] else ""
+    ranks = _ranks(tables)
     keeps = [_keep(r) for r in per_strategy]
     keep_sets = any(keeps) or any(_isnum(r.get("n_keep")) and r["n_keep"] for r in per_strategy)
 
@@ -1016,11 +1037,10 @@ def _recommendation_section(tables: Mapping) -> dict | None:
                                      else None)])
 
     tail = ["loss change", "KL", "low-precision FLOPs", "within budget", *([] if budget else ["budget"])]
-    # (the keep list is in the sensitivity ranking's order, not the model's: QA read it as unordered)
-    strategies = _table("recommendation", ["strategy", *(["layers kept", "kept in 16-bit (most sensitive first)"]
+    strategies = _table("recommendation", ["strategy", *(["kept in 16-bit (in sensitivity-rank order)"]
                                                          if keep_sets else []), *tail, "recommended recipe"], [
         [cell(r.get("strategy"), cls="txt strong" if r.get("recommended") else ""),
-         *([cell(r.get("n_keep"), "{:.0f}"), cell(", ".join(keep) or "–")] if keep_sets else []),
+         *([_keep_cell(keep, r.get("n_keep"), ranks.get(r.get("strategy"), {}))] if keep_sets else []),
          *outcome(r), _budget_cell(True) if r.get("recommended") else cell("")]
         for r, keep in zip(per_strategy, keeps)])
     settings = _table("recommendation-model", ["setting", "recipe", "value", *tail], [
@@ -1030,12 +1050,49 @@ def _recommendation_section(tables: Mapping) -> dict | None:
          *outcome(r)] for r in model_wide])
     chosen = next((r.get("strategy") for r in per_strategy if r.get("recommended")), None)
     return {"strategies": strategies if per_strategy else None, "model_wide": settings if model_wide else None,
-            "keep_sets": keep_sets, "budget": budget, "chosen": chosen}
+            "keep_sets": keep_sets, "budget": budget, "chosen": chosen,
+            "notes": _row_notes(per_strategy, [str(r.get("strategy")) for r in per_strategy]),
+            "model_notes": _row_notes(model_wide, [_MODEL_WIDE[r["kind"]] for r in model_wide])}
 
 
 def _keep(r: Mapping) -> list[str]:
     keep = r.get("keep_16bit") or []
     return [str(k) for k in (keep if isinstance(keep, list) else [keep])]
+
+
+def _keep_sets(tables: Mapping) -> dict[Any, set[str]]:
+    """Each strategy's keep-set for the budget (the recommendation's per-strategy rows), as a set of layer names."""
+    return {r.get("strategy"): set(_keep(r)) for r in tables.get("recommendation", [])
+            if r.get("kind") not in _MODEL_WIDE and _keep(r)}
+
+
+def _ranks(tables: Mapping) -> dict[Any, dict[str, int]]:
+    """Each strategy's sensitivity rank by layer (1 = most sensitive)."""
+    out: dict[Any, dict[str, int]] = {}
+    for r in tables.get("sensitivity", []):
+        if _isnum(r.get("rank")):
+            out.setdefault(r.get("strategy"), {})[str(r.get("layer"))] = int(r["rank"])
+    return out
+
+
+def _keep_cell(keep: list[str], n_keep: Any, ranks: Mapping[str, int]) -> dict:
+    """A keep-set: "13 layers", the names folded under it in rank order, each with its rank ("name (#11)"), so a
+    skipped rank shows; names without a rank keep their stored order after the others."""
+    n = len(keep) or (int(n_keep) if _isnum(n_keep) else 0)
+    if not keep:
+        return {"text": f"{n} layer{'s' if n != 1 else ''}" if n else "none", "sort": n, "cls": "txt"}
+    order = sorted(range(len(keep)), key=lambda i: (ranks.get(keep[i], math.inf), i))
+    names = ", ".join(f"{keep[i]} (#{ranks[keep[i]]})" if keep[i] in ranks else keep[i] for i in order)
+    return {"text": f"{n} layer{'s' if n != 1 else ''}", "sort": n, "cls": "txt", "details": names}
+
+
+def _row_notes(rows: Sequence[Mapping], labels: Sequence[str]) -> dict:
+    """A table's row notes ("; "-separated parts): the parts every row of two or more repeats ("validated by 16
+    run(s) over 2 batch(es)"), said once, and each row's own, by its label."""
+    parts = [[p for p in str(r.get("note") or "").split("; ") if p] for r in rows]
+    shared = [p for p in parts[0] if all(p in other for other in parts[1:])] if len(parts) > 1 else []
+    own = [{"label": label, "text": "; ".join(p for p in mine if p not in shared)} for label, mine in zip(labels, parts)]
+    return {"shared": shared, "rows": [o for o in own if o["text"]]}
 
 
 def _method_parts(method: str) -> tuple[str, str]:
@@ -1063,6 +1120,7 @@ def _sensitivity_section(tables: Mapping, keep_db: float, recommended: str | Non
     budget_kind = next((r.get("budget_kind") for r in tables.get("recommendation", []) if r.get("kind") == "strategy"),
                        None)
     methods = list(dict.fromkeys(str(r.get("method") or "") for r in rows if r.get("method")))
+    kept = _keep_sets(tables)
     out = []
     for s in dict.fromkeys(r.get("strategy") for r in rows):
         mine = sorted((r for r in rows if r.get("strategy") == s),
@@ -1073,13 +1131,20 @@ def _sensitivity_section(tables: Mapping, keep_db: float, recommended: str | Non
         # METHOD_ESTIMATED, whose label this is), so it moves little down the column (QA A5); the header says so
         only_hp = ("loss change (only this 16-bit: end to end − estimate)" if labels == ["estimated"]
                    else "loss change (only this 16-bit)")
+        # "plan": the layers this recipe's keep-set keeps in 16-bit, beside their names (QA A5: a keep-set skips
+        # ranks, and nothing in the table said which layers it kept)
+        keep = kept.get(s, set())
+        plan = ["plan"] if keep else []
         columns, cells = _without_empty_columns(
-            ["rank", "layer", "forward index", "loss change (only this LP)", "KL (only this LP)", only_hp,
+            ["rank", "layer", *plan, "forward index", "loss change (only this LP)", "KL (only this LP)", only_hp,
              "KL (only this 16-bit)", "isolated fprop SQNR dB"],
-            [[cell(r.get("rank"), "{:.0f}"), cell(r.get("layer")), cell(r.get("index"), "{:.0f}"),
+            [[cell(r.get("rank"), "{:.0f}"), cell(r.get("layer")),
+              *([cell("16-bit", cls="txt plan strong") if str(r.get("layer")) in keep else cell("", cls="txt plan")]
+                if plan else []),
+              cell(r.get("index"), "{:.0f}"),
               _change_cell(r.get("only_lp_loss_rel_change")), cell(r.get("only_lp_kl"), "{:.3g}"),
               _change_cell(r.get("only_hp_loss_rel_change")), cell(r.get("only_hp_kl"), "{:.3g}"),
-              _sqnr_cell(r.get("isolated_fprop_sqnr_db"), keep_db)] for r in mine], first=3)
+              _sqnr_cell(r.get("isolated_fprop_sqnr_db"), keep_db)] for r in mine], first=3 + len(plan))
         top = mine[0]
         # the top layer's change in the metric it was ranked by (the KL with a kl: budget when measured)
         top_value = (f"KL {top['only_lp_kl']:.3g}" if budget_kind == "kl" and _isnum(top.get("only_lp_kl"))
@@ -1100,6 +1165,7 @@ def _sensitivity_section(tables: Mapping, keep_db: float, recommended: str | Non
               ["the first recipe's table" + (" (no end-to-end recommendation in these results)"
                                               if recommended is None else "")])
     return {"methods": [dict(zip(("label", "text"), _method_parts(m))) for m in methods], "tables": out,
+            "plan": any(t["table"]["columns"][2:3] == ["plan"] for t in out),
             "open_note": (f"Open: {' and '.join(opened)}; the others are collapsed under their most sensitive layer "
                           "(click a line to open its table)." if not all(t["open"] for t in out) else "")}
 
@@ -1422,7 +1488,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "nan_inf": _nan_inf(tables),
         "special": _special_values(tables),
         "verdict": verdict,
-        "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db, _verdict_pick(verdict)),
+        "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db, _verdict_pick(verdict),
+                            verdict["recommended"]["keep_16bit"] if verdict["recommended"] else ()),
         "recommendation": _recommendation_section(tables),
         "sensitivity": _sensitivity_section(tables, keep_16bit_db,
                                             verdict["recommended"]["strategy"] if verdict["recommended"] else None,
@@ -1455,7 +1522,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
 def table_rows(rows: Sequence[Sequence[Mapping]], ncols: int) -> Markup:
     """The <tbody> rows of the table macro (templates/_macros.html.j2): one ``<tr>`` line per row, each cell
     ``<td class=".." data-sort="..">text</td>`` (class when truthy, data-sort when not None, title when the cell has
-    one, every value escaped), or one "no rows" row. Markup built here rather than by a loop in the template: a Llama-sized
+    one, every value escaped; a cell with "details" folds that text under its own in a closed ``<details>``), or one
+    "no rows" row. Markup built here rather than by a loop in the template: a Llama-sized
     report has ~70k cells, and jinja's attribute lookups and escapes per cell took ~1.5 s of its ~3 s."""
     if not rows:
         return Markup(f'<tr><td colspan="{ncols}" class="empty">no rows</td></tr>\n')
@@ -1470,7 +1538,10 @@ def table_rows(rows: Sequence[Sequence[Mapping]], ncols: int) -> Markup:
                 add(f' data-sort="{escape(sort)}"')
             if c.get("title"):  # (a flagged cell says why on hover: _verdict_section)
                 add(f' title="{escape(c["title"])}"')
-            add(f'>{escape(c["text"])}</td>')
+            if c.get("details"):  # (a long list folded under its count, closed: _keep_cell)
+                add(f'><details><summary>{escape(c["text"])}</summary>{escape(c["details"])}</details></td>')
+            else:
+                add(f'>{escape(c["text"])}</td>')
         add("</tr>\n")
     return Markup("".join(out))
 

@@ -225,8 +225,11 @@ def test_the_heat_maps_pinned_column_is_the_verdicts_recipe_not_the_worst_over_f
         pick = pick or view["verdict"]["isolated_pick"]
         assert hm["pick"] == {"strategy": pick, "kind": kind, "pinned": True}
         assert hm["table"]["columns"][1] == f"{pick} ({kind})"
-        assert [row[1]["text"] for row in hm["table"]["rows"]] == [f"{fprop[row[0]['text'], pick]:.1f}"
-                                                                     for row in hm["table"]["rows"]]
+        # (a layer the recommended plan keeps in 16-bit says so: test_keep_marks)
+        kept = set(view["verdict"]["recommended"]["keep_16bit"]) if kind == "recommended" else set()
+        assert [row[1]["text"] for row in hm["table"]["rows"]] == [
+            f"16-bit ({fprop[row[0]['text'], pick]:.1f})" if row[0]["text"] in kept else f"{fprop[row[0]['text'], pick]:.1f}"
+            for row in hm["table"]["rows"]]
         worst = [min(fprop[row[0]["text"], s] for s in STRATEGIES_15) for row in hm["table"]["rows"]]
         assert [row[1]["text"] for row in hm["table"]["rows"]] != [f"{w:.1f}" for w in worst]
         html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")

@@ -85,8 +85,8 @@ def test_recommendation_splits_recipes_from_model_wide_settings() -> None:
     assert [row[0] for row in _texts(s)] == ["global", "mxfp8"]
     # the one recommended recipe: "yes" on exactly one row, and none on the model-wide settings
     assert [row[-1] for row in _texts(s)] == ["", "yes"]
-    assert s["columns"][1:3] == ["layers kept", "kept in 16-bit (most sensitive first)"]
-    assert _texts(s)[1][1:3] == ["1", "blocks.0.fc1"]
+    assert s["columns"][1] == "kept in 16-bit (in sensitivity-rank order)"
+    assert _texts(s)[1][1] == "1 layer" and s["rows"][1][1]["details"] == "blocks.0.fc1"
     assert m["columns"] == ["setting", "recipe", "value", "loss change", "KL", "low-precision FLOPs", "within budget"]
     assert [row[:3] for row in _texts(m)] == [["block size", "mixed", "128"], ["outlier threshold", "int8", "6"]]
 
@@ -115,7 +115,7 @@ def test_recommendation_without_keep_sets_is_one_line_and_a_folded_table(tmp_pat
     # with a keep-set the table stands open
     html = render_report(with_agreed_tables(data, keep=["x"]), tmp_path / "k.html", draw=False).read_text("utf-8")
     rec = html.split('<h2 id="recommendation">')[1].split("<h2")[0]
-    assert "<details>" not in rec and 'id="recommendation-same"' not in rec
+    assert '<details><summary>The ' not in rec and 'id="recommendation-same"' not in rec
 
 
 # ----------------------------------------------------------------------------------------------

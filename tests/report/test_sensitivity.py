@@ -70,10 +70,11 @@ def test_columns_empty_in_every_row_are_left_out(tmp_path: Path) -> None:
     """QA A5: both KL columns read "–" on every row in the estimated mode; a measured table keeps them."""
     data = _results({**dict.fromkeys(RUN_ORDER, ESTIMATED), "int8": MEASURED})
     tables = {t["strategy"]: t["table"] for t in build_report_view(data, draw=False)["sensitivity"]["tables"]}
-    assert tables["mxfp8"]["columns"] == ["rank", "layer", "forward index", "loss change (only this LP)",
+    # (mxfp8 has a keep-set: its "plan" column marks the kept layers, test_keep_marks)
+    assert tables["mxfp8"]["columns"] == ["rank", "layer", "plan", "forward index", "loss change (only this LP)",
                                           "loss change (only this 16-bit: end to end − estimate)",
                                           "isolated fprop SQNR dB"]
-    assert all(len(row) == 6 for row in tables["mxfp8"]["rows"])
+    assert all(len(row) == 7 for row in tables["mxfp8"]["rows"])
     assert tables["int8"]["columns"] == ["rank", "layer", "forward index", "loss change (only this LP)",
                                          "KL (only this LP)", "loss change (only this 16-bit)", "KL (only this 16-bit)",
                                          "isolated fprop SQNR dB"]
@@ -106,9 +107,10 @@ def test_small_changes_read_as_plain_decimals_with_two_significant_digits(estima
     """QA D1: "+8.9e-05 %" beside "+0.0012 %"."""
     table = next(t for t in build_report_view(estimated, draw=False)["sensitivity"]["tables"]
                  if t["strategy"] == "mxfp8")["table"]
-    only_lp = [row[3]["text"] for row in table["rows"]]
+    at = table["columns"].index("loss change (only this LP)")
+    only_lp = [row[at]["text"] for row in table["rows"]]
     assert "+0.000089 %" in only_lp and "+0.00080 %" in only_lp
-    assert not any("e" in text for row in table["rows"] for text in (row[3]["text"], row[4]["text"]))
+    assert not any("e" in text for row in table["rows"] for text in (row[at]["text"], row[at + 1]["text"]))
 
 
 def test_results_without_a_method_or_a_kl_still_render(tmp_path: Path) -> None:
