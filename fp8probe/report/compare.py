@@ -156,9 +156,11 @@ def _summary(results: Mapping) -> dict:
 
 E2E_GATE_LAYER = "(end to end)"  # what a max-loss-increase violation names instead of a layer
 SETTINGS_GATE_LAYER = "(recipe settings)"  # what a recipe-settings violation names instead of a layer
+STRATEGIES_GATE_LAYER = "(strategies)"  # what a violation for baseline strategies current did not run names
 #: How the FAIL headlines name the gates over the whole run, which are not layers to count (QA F8: "FAIL — 3
 #: layer(s)" for fcs.2, fcs.3 and the end-to-end loss).
-WHOLE_RUN_GATES = {E2E_GATE_LAYER: "the end-to-end gate", SETTINGS_GATE_LAYER: "the recipe-settings gate"}
+WHOLE_RUN_GATES = {E2E_GATE_LAYER: "the end-to-end gate", SETTINGS_GATE_LAYER: "the recipe-settings gate",
+                   STRATEGIES_GATE_LAYER: "missing strategies"}
 
 
 def failed_text(comparison: Mapping, name: Callable[[str], str] | None = None) -> str:
@@ -319,9 +321,17 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                                "detail": f"{key[1]} {key[2]} underflow {100 * b:.2f} % → {100 * c:.2f} % "
                                          f"(+{d:.2f} points > {gates.max_underflow_increase:g})"})
 
-    missing = (_missing("SQNR", list(base_s), set(cur_s), lambda k: f"{k[1]} {k[2]}")
+    # A strategy of the baseline that current did not run at all is one violation, not one per layer and table (QA: a
+    # re-run of 3 of 15 strategies read "74 gate violation(s): 37 layer(s)", each listing the same rows)
+    ran = {k[1] for k in [*cur_s, *cur_u]}
+    gone = [s for s in dict.fromkeys(k[1] for k in [*base_s, *base_u]) if s not in ran]
+    missing = (_missing("SQNR", [k for k in base_s if k[1] not in gone], set(cur_s), lambda k: f"{k[1]} {k[2]}")
                + _missing("outlier", list(base_o), set(cur_o), lambda k: f"threshold {k[1]:g}" if k[1] is not None else "outliers")
-               + _missing("underflow", list(base_u), set(cur_u), lambda k: f"{k[1]} {k[2]}"))
+               + _missing("underflow", [k for k in base_u if k[1] not in gone], set(cur_u), lambda k: f"{k[1]} {k[2]}"))
+    if gone:
+        missing.insert(0, {"gate": "missing", "layer": STRATEGIES_GATE_LAYER,
+                           "detail": f"{len(gone)} strateg{'y' if len(gone) == 1 else 'ies'} of the baseline not run in "
+                                     f"current: {', '.join(map(str, gone))}: run them (--strategy) or pass --allow-missing"})
     if not gates.allow_missing:
         violations += missing
     e2e_rows = _e2e_gate(baseline, current, gates, violations)
@@ -335,7 +345,9 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                   "unquantised": gated_counts["unquantised"],
                   "noise_floor": gated_counts["noise floor"], "noise_floor_db": FLOAT32_NOISE_FLOOR_DB,
                   "missing": [m["detail"].split(":", 1)[0] + f" ({m['layer']})" for m in missing],
-                  "missing_layers": list(dict.fromkeys(m["layer"] for m in missing)),
+                  "missing_layers": list(dict.fromkeys(m["layer"] for m in missing
+                                                       if m["layer"] != STRATEGIES_GATE_LAYER)),
+                  "missing_strategies": gone,
                   "reshaped": {layer: f"{_shape_text(b)} → {_shape_text(c)}" for layer, (b, c) in reshaped.items()}},
         "sqnr": sqnr_rows, "outliers": outlier_rows, "underflow": under_rows, "e2e": e2e_rows,
         "added_layers": [x for x in cur_l if x not in set(base_l)],
@@ -419,8 +431,13 @@ def gated_text(comparison: Mapping) -> str:
     if comparison.get("gates", {}).get("allow_missing") and g.get("missing"):
         # (g["missing"] has one entry per layer and table; files written before missing_layers count those)
         layers = [str(x) for x in g.get("missing_layers", g["missing"])]
-        text += (f" Missing from current (allowed by --allow-missing): baseline rows of {len(layers)} layer(s) ("
-                 + ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "") + ").")
+        gone = [str(x) for x in g.get("missing_strategies", [])]
+        if gone:
+            text += (f" Not run in current (allowed by --allow-missing): {len(gone)} strateg"
+                     f"{'y' if len(gone) == 1 else 'ies'} of the baseline ({', '.join(gone)}).")
+        if layers:
+            text += (f" Missing from current (allowed by --allow-missing): baseline rows of {len(layers)} layer(s) ("
+                     + ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "") + ").")
     return text
 
 

@@ -195,15 +195,21 @@ def test_missing_baseline_rows_fail_and_are_listed(base: dict, tmp_path: Path, c
         cur = _without(base, **{t: (lambda r: r["layer"] == DEGRADED) for t in ("layers", "gemm", "operands", "outliers")})
     res = _cli_compare(tmp_path, str(DATA), cur)
     assert res.exit_code == 1, res.output
-    assert "missing:" in res.stderr and "missing from current" in res.stderr
+    assert "missing:" in res.stderr
+    assert ("not run in current" if case == "strategy missing" else "missing from current") in res.stderr
     if case == "layer missing":
         assert DEGRADED in res.stderr
     if case == "strategy missing":
-        assert "llm-int8 fprop" in res.stderr
+        # one violation for the strategy, not one per layer (QA: "74 gate violation(s): 37 layer(s)" for a re-run of
+        # 3 of 15 strategies, each layer listing the same rows)
+        assert "1 strategy of the baseline not run in current: llm-int8: run them (--strategy)" in res.stderr
+        assert "llm-int8 fprop" not in res.stderr and "FAIL: 1 gate violation(s): missing strategies" in res.stderr
     assert "missing" in (tmp_path / "c" / "compare.md").read_text()
     res = _cli_compare(tmp_path, str(DATA), cur, "--allow-missing")
     assert res.exit_code == 0, res.output
     assert "allowed by --allow-missing" in res.output
+    if case == "strategy missing":
+        assert "1 strategy of the baseline (llm-int8)" in res.output and "baseline rows of" not in res.output
 
 
 def test_unrelated_models_exit_2(base: dict, tmp_path: Path) -> None:
