@@ -108,6 +108,30 @@ def test_analyze_json_carries_the_verdict(tmp_path: Path) -> None:
     doc = json.loads(res.stdout)
     assert doc["verdict"][0].startswith("verdict: int8, ")
     assert [r["strategy"] for r in doc["recommendation"] if r["kind"] == "strategy"] == ["int8"]
+    # the share is of the forward GEMM FLOPs: the end-to-end runs compare forward outputs (QA A3: "100.0 % of GEMM
+    # FLOPs" for switchback, whose dgrad and wgrad run unquantised)
+    assert "% of the analysed forward GEMM FLOPs (" in doc["verdict"][0], doc["verdict"][0]
+    e2e = next(x for x in doc["verdict"] if x.startswith("end-to-end int8:"))
+    assert "analysed forward FLOPs" in e2e and "low precision" in e2e, e2e
+
+
+def test_an_underflow_warning_relates_the_recipe_it_names_to_the_verdict_above_it(tmp_path: Path) -> None:
+    """The terminal printed "… under nvfp4 70.7 %" under a verdict picking nvfp4 with nothing relating them (QA A4):
+    validated end to end it passed with the underflow; picked from isolated GEMMs it was never checked."""
+    args = ["analyze", TINY, "--strategy", "nvfp4", "--no-html", "-q", "--threads", "1"]
+    res = _invoke([*args, "--out", str(tmp_path / "e"), "--budget", "0.5"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[1].startswith("verdict: nvfp4, ") and "% of forward GEMM FLOPs in low precision" in lines[1]
+    warned = [x for x in lines if x.startswith("warning: activation underflow")]
+    assert len(warned) == 1 and ("under nvfp4 70.7 % (nvfp4 is the recommended recipe: its end-to-end check passed "
+                                 "with this underflow)") in warned[0], warned
+    res = _invoke([*args, "--out", str(tmp_path / "n"), "--no-e2e"])
+    lines = res.stdout.splitlines()
+    assert lines[1].startswith("verdict (isolated GEMMs, not validated end to end): nvfp4 ")
+    warned = [x for x in lines if x.startswith("warning: activation underflow")]
+    assert len(warned) == 1 and ("under nvfp4 70.7 % (nvfp4, the isolated pick, was not validated end to end: run "
+                                 "without --no-e2e)") in warned[0], warned
 
 
 @pytest.mark.parametrize("command, extra", [("sweep-blocksize", ["--blocksizes", "64,256"]),

@@ -290,7 +290,7 @@ class Outcome:
     output_sqnr_db: float
     kl_div: float | None
     top1_agreement: float | None
-    lp_flop_share: float
+    lp_flop_share: float  # of the captured GEMMs' forward FLOPs (Gemms.flops_lp / flops_all): no dgrad / wgrad
     note: str = ""
     grad_sqnr: dict[str, float] = field(default_factory=dict)
 
@@ -690,8 +690,9 @@ def _sensitivity(runner: Runner, strat: Strategy, full: Outcome, layers: list[st
 
 
 def _fit_key(rank: dict[str, int], budget: Budget, keep: frozenset[str], out: Outcome) -> tuple:
-    """How fitting keep-sets compare, smallest best: the most GEMM FLOPs in low precision (what the recommendation
-    maximises), then the budget metric's smaller value, then fewer layers kept, then rank order (deterministic)."""
+    """How fitting keep-sets compare, smallest best: the most forward GEMM FLOPs in low precision (what the
+    recommendation maximises), then the budget metric's smaller value, then fewer layers kept, then rank order
+    (deterministic)."""
     return (-out.lp_flop_share, budget.metric(out.loss_rel_change, out.kl_div), len(keep),
             sorted(rank[n] for n in keep))
 
@@ -857,14 +858,16 @@ def _closest_text(strategy: str, metric: float, keep: list[str], out: Outcome, b
     what = f"loss {signed_pct(out.loss_rel_change)}" if budget.kind == "loss" else f"KL {metric:.3g}"
     loosen = f"{_round_up(100 * metric):g}%" if budget.kind == "loss" else f"kl:{_round_up(metric):g}"
     return (f"{strategy} keeping {len(keep)} layer(s) in 16-bit ({shown or 'none'}) reaches {what} with "
-            f"{100 * out.lp_flop_share:.1f} % of GEMM FLOPs in low precision (--budget {loosen} would accept it)")
+            f"{100 * out.lp_flop_share:.1f} % of forward GEMM FLOPs in low precision (--budget {loosen} would accept "
+            "it)")
 
 
 def mark_recommended(rows: list[dict]) -> None:
     """Exactly one row per kind recommended when any is within budget and computes something in low
-    precision: the most GEMM FLOPs in low precision; ties by accuracy: the smaller output KL when every
-    candidate has one, else the higher output SQNR when every candidate has one, else the smaller |loss
-    change|. (Without KL, the output SQNR before the loss: a surrogate loss, the output's mean square, moves by
+    precision: the most forward GEMM FLOPs in low precision (Outcome.lp_flop_share: the end-to-end runs compare
+    forward outputs, so the share is of each captured GEMM's forward FLOPs, never its dgrad / wgrad); ties by
+    accuracy: the smaller output KL when every candidate has one, else the higher output SQNR when every candidate
+    has one, else the smaller |loss change|. (Without KL, the output SQNR before the loss: a surrogate loss, the output's mean square, moves by
     hundredths of a percent either way, and chose a recipe 14 dB worse at the output.)"""
     for kind in dict.fromkeys(r["kind"] for r in rows):
         cands = [r for r in rows if r["kind"] == kind and r["within_budget"] and r["lp_flop_share"] > 0]

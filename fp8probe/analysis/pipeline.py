@@ -719,12 +719,12 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     End to end (``e2e``, on by default; analysis/e2e.py): the model is run again with every captured
     GEMM computed by each recipe, forward and backward, against the high-precision run on the same
     batches → table ``e2e`` (loss change, output SQNR / KL / top-1, per-parameter gradient SQNR, low-
-    precision FLOP share), ``sensitivity`` (per layer: the change with only it in low precision and
+    precision share of the forward GEMM FLOPs), ``sensitivity`` (per layer: the change with only it in low precision and
     with only it in 16-bit; "measured" or "estimated" per ``sensitivity``: "auto" measures when its forward
     runs cost at most e2e.COST_BOUND x this isolated analysis' work, both counted in GEMM FLOPs, never timed) and
     ``recommendation`` (per recipe a small set of layers to keep in 16-bit so the change stays within ``budget``:
     the shortest fitting run of the sensitivity ranking, less the layers a run shows are not needed, validated by
-    real runs; the recommended recipe keeps the most GEMM FLOPs in low precision). ``budget``: 0.01 = 1 % relative
+    real runs; the recommended recipe keeps the most forward GEMM FLOPs in low precision). ``budget``: 0.01 = 1 % relative
     loss increase, "kl:0.01" = mean output KL. ``steps`` > 0 adds the ``training`` table: that many
     optimizer steps (``optimizer``: callable(params, lr) or "module:function", default AdamW, ``lr``)
     per recipe from the same initial weights on the same batches. The model is never modified.

@@ -44,6 +44,10 @@ UNQUANTISED_DB = 100.0
 MAX_OUTLIER_DIMS = 16
 # Per-strategy detail tables longer than this start collapsed.
 OPEN_DETAILS_ROWS = 20
+# The end-to-end share's column (Verdict, Recommendation): of each GEMM's forward FLOPs, as the runs compare forward
+# outputs; "low-precision FLOPs" read as every GEMM of a training step for switchback, whose dgrad / wgrad are n/q
+# (QA A3).
+LP_FLOPS_HEADER = "low-precision forward FLOPs"
 # The range figure has one ridgeline row per layer (0.42 in each); beyond this many layers only the worst
 # ones (lowest fprop SQNR) are drawn, and the report says so. (12 while each row was 3 separate Axes.)
 MAX_HIST_LAYERS = 24
@@ -826,8 +830,8 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
         # search found for the budget, with its own share of FLOPs in low precision: a "yes" there is the keep-set's,
         # not the all-low-precision loss's, and 100 % beside it was every layer's share, not the keep-set's, QA A3)
         "e2e": _table("e2e", ["strategy", "loss change", "KL", "top-1 agreement", "output SQNR dB",
-                              "grad SQNR min dB", "grad SQNR median dB", "low-precision FLOPs",
-                              "layers kept in 16-bit", "low-precision FLOPs", "within budget",
+                              "grad SQNR min dB", "grad SQNR median dB", LP_FLOPS_HEADER,
+                              "layers kept in 16-bit", LP_FLOPS_HEADER, "within budget",
                               *(["note"] if notes else [])], e2e_rows,
                       groups=[("", 1), ("every captured GEMM in low precision", 7),
                               ("the budget's keep-set (Recommendation)", 3), *([("", 1)] if notes else [])]),
@@ -856,14 +860,15 @@ def _e2e_kl_cell(r: Mapping, rec_kl: Any) -> dict:
 
 
 def _keep_set_share_cell(r: Mapping) -> dict:
-    """The keep-set's share of GEMM FLOPs in low precision; amber, saying why on hover, under LOW_GAIN_LP_SHARE."""
+    """The keep-set's share of forward GEMM FLOPs in low precision; amber, saying why on hover, under
+    LOW_GAIN_LP_SHARE."""
     c = _share(r["keep_lp_flop_share"])
     return {**c, "cls": "warn", "title": little_gain_text(r["keep_lp_flop_share"])} if r["little_gain"] else c
 
 
 def _keep_set_budget_cell(r: Mapping, rec_kl: Any) -> dict:
     """"within budget" of the budget's keep-set: a green "yes" only for a plan worth having. Amber "yes*" when it
-    leaves under LOW_GAIN_LP_SHARE of the GEMM FLOPs in low precision (its share beside it amber too) or when a loss
+    leaves under LOW_GAIN_LP_SHARE of the forward GEMM FLOPs in low precision (its share beside it amber too) or when a loss
     budget accepted it with a KL over KL_FAR_RATIO x the recommended plan's (the KL cell red where no layer is kept):
     verdict.py says why each; the cell's title gives the row's reasons and a note under the table the rules
     (_e2e_flags). "yes*", not "yes, little gain": the words pushed this column off an 800 px window (QA B5). Sorted
@@ -871,7 +876,7 @@ def _keep_set_budget_cell(r: Mapping, rec_kl: Any) -> dict:
     c = _budget_cell(r["within_budget"])
     why = []
     if r["little_gain"]:
-        why.append(f"the keep-set leaves {pct(r['keep_lp_flop_share'])} of the GEMM FLOPs in low precision, "
+        why.append(f"the keep-set leaves {pct(r['keep_lp_flop_share'])} of the forward GEMM FLOPs in low precision, "
                    f"{little_gain_text(r['keep_lp_flop_share'])}")
     if r["kl_far"] is not None:
         why.append(_kl_far_text(r, rec_kl))
@@ -884,7 +889,7 @@ def _e2e_flags(rows: Sequence[Mapping], rec_kl: Any) -> list[str]:
     flags = []
     if any(r["little_gain"] for r in rows):
         flags.append(f"yes* with an amber share: within the budget, but the keep-set leaves under "
-                     f"{pct(LOW_GAIN_LP_SHARE, 0)} of the GEMM FLOPs in low precision: under "
+                     f"{pct(LOW_GAIN_LP_SHARE, 0)} of the forward GEMM FLOPs in low precision: under "
                      f"{pct(LOW_GAIN_LP_SHARE / 2, 0)} less GEMM time than 16-bit even with GEMMs twice as fast in low "
                      "precision")
     if any(r["kl_far"] is not None for r in rows):
@@ -1036,7 +1041,7 @@ def _recommendation_section(tables: Mapping) -> dict | None:
             ([] if budget else [cell(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget"))
                                      else None)])
 
-    tail = ["loss change", "KL", "low-precision FLOPs", "within budget", *([] if budget else ["budget"])]
+    tail = ["loss change", "KL", LP_FLOPS_HEADER, "within budget", *([] if budget else ["budget"])]
     strategies = _table("recommendation", ["strategy", *(["kept in 16-bit (in sensitivity-rank order)"]
                                                          if keep_sets else []), *tail, "recommended recipe"], [
         [cell(r.get("strategy"), cls="txt strong" if r.get("recommended") else ""),

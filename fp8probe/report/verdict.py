@@ -30,10 +30,10 @@ THRESHOLD_ZERO = " = plain int8, no outlier columns in 16-bit"
 # A recommended plan's KL over this many times its own loss change (both in nats) means at least half of the change
 # cancels in the loss: hidden_kl_warning.
 HIDDEN_KL_RATIO = 2.0
-# A plan within the budget that leaves under this share of the GEMM FLOPs in low precision gains little over 16-bit:
-# with low-precision GEMMs twice as fast as 16-bit ones (FP8 vs BF16 tensor cores), half of the FLOPs in low precision
-# shorten the GEMM time by a quarter at most (1 / (0.5 + 0.5 / 2) = 1.33x), and the 16-bit layers are most of the
-# rest. Its "within budget" is qualified ("yes, little gain"), not a plain green yes: a random-init Llama under
+# A plan within the budget that leaves under this share of the forward GEMM FLOPs in low precision gains little over
+# 16-bit: with low-precision GEMMs twice as fast as 16-bit ones (FP8 vs BF16 tensor cores), half of the FLOPs in low
+# precision shorten the GEMM time by a quarter at most (1 / (0.5 + 0.5 / 2) = 1.33x), and the 16-bit layers are most
+# of the rest. Its "within budget" is qualified ("yes, little gain"), not a plain green yes: a random-init Llama under
 # kl:1e-5 kept 32 of 37 layers under nvfp4 (5.2 % of the FLOPs in low precision) beside a green "yes" (QA A3).
 LOW_GAIN_LP_SHARE = 0.5
 # A plan within a loss budget whose KL is over this many times the recommended plan's moves the output distribution
@@ -278,10 +278,11 @@ def nonfinite_operands_warning(metadata: Mapping) -> str | None:
 
 
 def underflow_warnings(operands: Records, strategies: Sequence[str],
-                       limit: float = UNDERFLOW_WARN_FRAC) -> list[str]:
+                       limit: float = UNDERFLOW_WARN_FRAC, pick: Mapping | None = None) -> list[str]:
     """One warning per operand that some recipe flushes to zero in more than ``limit`` of its non-zero elements in
     some layer: in how many layers, then under each layer that is some recipe's worst the recipes with their share,
     largest first. When no recipe of the run stays at or under ``limit`` in every one of those layers, what might.
+    ``pick``: the verdict's pick (_underflow_pick); a warning that names it says how the two relate.
 
     Short on purpose (QA B6: each warning ran 4-5 lines, one "in N of M layer(s) (worst: …)" per recipe and then the
     list of every recipe that was fine); the operands table holds every layer's share.
@@ -309,6 +310,9 @@ def underflow_warnings(operands: Records, strategies: Sequence[str],
         n_layers = len({str(r.get("layer")) for r in mine})
         text = (f"{op} underflow: over {pct(limit, 0)} of its non-zero elements flush to zero in {len(layers)} of "
                 f"{n_layers} layer(s); worst: {said}")
+        if pick and pick["strategy"] in order[:MAX_NAMES]:
+            kept = {layer for _, layer in hit[pick["strategy"]]} <= pick["keep"]
+            text += f" ({pick['kept'] if kept else pick['grad'] if op == 'grad_output' else pick['clause']})"
         run = list(dict.fromkeys([*strategies, *(r.get("strategy") for r in mine)]))
         # (what keeps a recipe under it is its business: a finer scale, or a format with more range such as E5M2)
         if not any(s not in hit and layers <= {str(r.get("layer")) for r in mine if r.get("strategy") == s
@@ -316,6 +320,27 @@ def underflow_warnings(operands: Records, strategies: Sequence[str],
             text += "; " + _no_recipe_helps(run, hit)
         out.append(text)
     return out
+
+
+def _underflow_pick(recommended: Mapping | None, best_isolated: Mapping | None, tables: Mapping[str, Records],
+                    metadata: Mapping) -> dict | None:
+    """What an underflow warning naming the verdict's pick says of it: the recommended recipe passed its end-to-end
+    check with the underflow ("kept" where its keep-set holds every layer it flushes in 16-bit, so the check ran
+    without it; "grad" for a gradient: the budget reads the forward outputs, the gradient SQNR shows the backward);
+    the isolated pick of a run without one was never checked (the advice to run it only where --no-e2e was the
+    reason: a forward-only run says its own in a note)."""
+    if recommended:
+        s = recommended["strategy"]
+        return {"strategy": s, "keep": set(recommended["keep_16bit"]),
+                "clause": f"{s} is the recommended recipe: its end-to-end check passed with this underflow",
+                "kept": f"{s} is the recommended recipe: it keeps these layers in 16-bit",
+                "grad": f"{s} is the recommended recipe: its budget reads the forward outputs; see its gradient SQNR"}
+    if best_isolated and not tables.get("e2e"):
+        s = best_isolated["strategy"]
+        clause = (f"{s}, the isolated pick, was not validated end to end"
+                  + ("" if metadata.get("e2e_off") else ": run without --no-e2e"))
+        return {"strategy": s, "keep": set(), "clause": clause, "kept": clause, "grad": clause}
+    return None
 
 
 def _no_recipe_helps(run: Sequence[str], hit: Mapping[str, Any]) -> str:
@@ -336,15 +361,19 @@ def _no_recipe_helps(run: Sequence[str], hit: Mapping[str, Any]) -> str:
 
 
 def lp_share_text(share: Any, coverage: Mapping | None, short: bool = False) -> str:
-    """"94.7 % of GEMM FLOPs": the end-to-end share of FLOPs run in low precision. The end-to-end passes replace
-    the analysed GEMMs only, so where the capture left some out (--layers, --gemms, unsupported ops) the share is
-    of the analysed FLOPs, and the model's share (times the captured share) is given beside it."""
+    """"94.7 % of forward GEMM FLOPs": the end-to-end share of FLOPs run in low precision. The end-to-end passes
+    replace the analysed GEMMs only, so where the capture left some out (--layers, --gemms, unsupported ops) the
+    share is of the analysed FLOPs, and the model's share (times the captured share) is given beside it.
+
+    Forward, and said so: the share counts each GEMM's forward FLOPs (e2e.Gemms), as the budget reads the forward
+    outputs (loss, KL). "100.0 % of GEMM FLOPs" for switchback, whose dgrad and wgrad run unquantised, read as
+    every GEMM of a training step (QA A3); the backward GEMMs show in the heat map's dgrad / wgrad views."""
     cov = _num((coverage or {}).get("flop_share"))
-    whole = "FLOPs" if short else "of GEMM FLOPs"
+    whole = "forward FLOPs" if short else "of forward GEMM FLOPs"
     if _num(share) is None or cov is None or cov >= 0.9995:
         return f"{pct(share)} {whole}"
-    return (f"{pct(share)} of the analysed GEMM FLOPs ({pct(_num(share) * cov)} of the model's)" if not short else
-            f"{pct(share)} analysed FLOPs ({pct(_num(share) * cov)} of the model's)")
+    return (f"{pct(share)} of the analysed forward GEMM FLOPs ({pct(_num(share) * cov)} of the model's)"
+            if not short else f"{pct(share)} analysed forward FLOPs ({pct(_num(share) * cov)} of the model's)")
 
 
 def _budget_undefined(kind: str, e2e_rows: list[dict]) -> str | None:
@@ -393,7 +422,8 @@ def hidden_kl_warning(recommended: Mapping | None, e2e_rows: Records) -> str | N
 
 
 def little_gain(share: Any) -> bool:
-    """Whether a plan's share of GEMM FLOPs in low precision is under LOW_GAIN_LP_SHARE (little gain over 16-bit)."""
+    """Whether a plan's share of forward GEMM FLOPs in low precision is under LOW_GAIN_LP_SHARE (little gain over
+    16-bit)."""
     x = _num(share)
     return x is not None and x < LOW_GAIN_LP_SHARE
 
@@ -476,6 +506,15 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                              "little_gain": within is True and little_gain(plan["lp_flop_share"]),
                              "kl_far": kl_far_ratio(plan["kl_div"], recommended) if within is True else None})
     e2e_notes = _shared_notes(per_strategy)
+    isolated = isolated_summary(t.get("gemm", []), strategies, keep_db)
+    best_isolated = None
+    ranked = [r for r in isolated if r["worst_db"] is not None]
+    if ranked and not recommended and not no_recommendation:
+        # without an end-to-end run: the strategy with the fewest hurt layers, then the best worst layer
+        best_isolated = min(ranked, key=lambda r: (r["n_below"], -r["worst_db"]))
+        # how many recipes share its count of hurt layers: the headline then says the worst layer decided (QA: 11
+        # recipes tied at "0 of 271" and int8 was named with no rule given)
+        best_isolated = {**best_isolated, "tied": sum(r["n_below"] == best_isolated["n_below"] for r in ranked)}
     coverage = coverage_summary(t.get("coverage", []), metadata.get("coverage"))
     warnings = []
     loss = metadata.get("loss") or {}
@@ -499,7 +538,10 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     # zero are lost outright, and a budget met on a few batches need not show it: a random-init Llama's FP4 recipes
     # met a 1 % loss budget with top-1 agreement 30 %, while the same tensors under kl:1e-5 were warned (QA A3, when
     # a recipe within the budget with every layer in low precision was left out of these warnings).
-    warnings += underflow_warnings(t.get("operands", []), strategies)
+    # A warning naming the recipe the banner above it picks says how the two relate (QA A4: "switchback 15.8 %" sat
+    # under "Recommended: switchback" with nothing between them).
+    warnings += underflow_warnings(t.get("operands", []), strategies,
+                                   pick=_underflow_pick(recommended, best_isolated, t, metadata))
     sweep_nonfinite = nonfinite_operands_warning(metadata)
     if sweep_nonfinite and not tensors_nan_inf:
         warnings.append(sweep_nonfinite)
@@ -515,15 +557,6 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                for name in ("e2e", "coverage") if not t.get(name)]
     if t.get("e2e") and not rec_rows:
         missing.append(MISSING["recommendation"])
-    isolated = isolated_summary(t.get("gemm", []), strategies, keep_db)
-    best_isolated = None
-    ranked = [r for r in isolated if r["worst_db"] is not None]
-    if ranked and not recommended and not no_recommendation:
-        # without an end-to-end run: the strategy with the fewest hurt layers, then the best worst layer
-        best_isolated = min(ranked, key=lambda r: (r["n_below"], -r["worst_db"]))
-        # how many recipes share its count of hurt layers: the headline then says the worst layer decided (QA: 11
-        # recipes tied at "0 of 271" and int8 was named with no rule given)
-        best_isolated = {**best_isolated, "tied": sum(r["n_below"] == best_isolated["n_below"] for r in ranked)}
     training = _training_summary(t.get("training", []))
     return {"recommended": recommended, "no_recommendation": no_recommendation, "best_isolated": best_isolated,
             "training": training, "loss_hp": loss_hp,

@@ -34,7 +34,7 @@ def test_verdict_comes_first_and_names_recipe_layers_loss_and_flops(demo_html: s
     verdict = body.split('<section id="verdict">')[1].split("</section>")[0]
     main = verdict.split('class="callout ok verdict-main">')[1].split("</div>")[0]
     assert "<strong>mxfp8</strong>" in main and "<code>blocks.1.mlp.fc2</code>" in main
-    assert "+0.12 %" in main and "94.7 % of the analysed GEMM FLOPs (90.0 % of the model&#39;s)" in main
+    assert "+0.12 %" in main and "94.7 % of the analysed forward GEMM FLOPs (90.0 % of the model&#39;s)" in main
     # every strategy's end-to-end loss change and FLOP share, and the coverage and skipped-GEMM warning
     assert "+4.00 %" in verdict and "+0.30 %" in verdict
     assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs" in verdict
@@ -246,7 +246,7 @@ def test_the_end_to_end_table_drops_an_empty_note_column_and_fits_800_px(small: 
     the narrower padding and strategy column (_style.css.j2 #e2e) do the rest, checked by screenshot)."""
     data = with_agreed_tables(copy.deepcopy(small), keep=[])
     e2e = build_report_view(data, draw=False)["verdict"]["e2e"]
-    assert e2e["columns"][-3:] == ["layers kept in 16-bit", "low-precision FLOPs", "within budget"]
+    assert e2e["columns"][-3:] == ["layers kept in 16-bit", "low-precision forward FLOPs", "within budget"]
     assert all(len(row) == len(e2e["columns"]) for row in e2e["rows"])
     assert sum(g["span"] for g in e2e["groups"]) == len(e2e["columns"])
     # a row with a note of its own brings the column back, for every row
@@ -331,4 +331,29 @@ def test_a_recommended_keep_set_with_little_in_low_precision_is_not_a_green_head
     data["tables"]["recommendation"][1]["lp_flop_share"] = 0.372
     html = render_report(data, tmp_path / "b.html", draw=False).read_text(encoding="utf-8")
     main = html[html.index('<div class="callout verdict-main">'):]
-    assert "37.2 % of the analysed GEMM FLOPs" in main and "(under 50 %: little gain over 16-bit).</div>" in main
+    assert "37.2 % of the analysed forward GEMM FLOPs" in main and "(under 50 %: little gain over 16-bit).</div>" in main
+
+
+def test_the_verdict_says_its_share_is_of_the_forward_gemms_and_relates_a_warning_to_its_recipe(tmp_path: Path) -> None:
+    """"100.0 % of GEMM FLOPs in low precision" for switchback, whose dgrad and wgrad are n/q in the heat map: the
+    end-to-end runs compare forward outputs, so the share is of the forward GEMM FLOPs (QA A3). An underflow warning
+    naming the recommended recipe sat under its banner with nothing relating the two (QA A4)."""
+    data = with_agreed_tables(load_results(DATA / "results_demo_small.json"), keep=["blocks.1.mlp.fc2"])
+    for r in data["tables"]["operands"]:
+        if (r["layer"], r["strategy"], r["operand"]) == ("blocks.0.fc1", "mxfp8", "activation"):
+            r["underflow_frac"] = 0.25
+    html = render_report(data, tmp_path / "r.html").read_text(encoding="utf-8")
+    verdict = html.split('<section id="verdict">')[1].split("</section>")[0]
+    main = verdict.split('verdict-main">')[1].split("</div>")[0]
+    assert "of the analysed forward GEMM FLOPs" in main
+    caption = verdict.split('<div class="tcaption">End to end, per strategy')[1].split("</div>")[0]
+    assert "share of forward GEMM FLOPs in low precision" in caption
+    assert ("the backward GEMMs (dgrad, wgrad) count in neither; they show in the gradient SQNR and in the heat "
+            "map&#39;s dgrad / wgrad views") in caption
+    assert re.findall(r'<th scope="col">(low-precision[^<]*)</th>', verdict) == ["low-precision forward FLOPs"] * 2
+    rec = html.split('<h2 id="recommendation">')[1].split("<h2 ")[0]
+    assert "the one with the most forward GEMM FLOPs in low precision" in rec
+    assert '<th scope="col">low-precision forward FLOPs</th>' in rec
+    (warned,) = re.findall(r'<li class="warnline">(warning: activation underflow[^<]*)</li>', verdict)
+    assert "worst: blocks.0.fc1 under mxfp8 25.0 %" in warned
+    assert warned.endswith("(mxfp8 is the recommended recipe: its end-to-end check passed with this underflow)")

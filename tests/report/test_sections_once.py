@@ -87,7 +87,8 @@ def test_recommendation_splits_recipes_from_model_wide_settings() -> None:
     assert [row[-1] for row in _texts(s)] == ["", "yes"]
     assert s["columns"][1] == "kept in 16-bit (in sensitivity-rank order)"
     assert _texts(s)[1][1] == "1 layer" and s["rows"][1][1]["details"] == "blocks.0.fc1"
-    assert m["columns"] == ["setting", "recipe", "value", "loss change", "KL", "low-precision FLOPs", "within budget"]
+    assert m["columns"] == ["setting", "recipe", "value", "loss change", "KL", "low-precision forward FLOPs",
+                            "within budget"]
     assert [row[:3] for row in _texts(m)] == [["block size", "mixed", "128"], ["outlier threshold", "int8", "6"]]
 
 
@@ -97,8 +98,8 @@ def test_recommendation_without_keep_sets_drops_empty_columns_and_keeps_differin
     rows[1]["budget"] = 0.02
     rec = render._recommendation_section({"recommendation": rows})
     assert not rec["keep_sets"] and rec["budget"] == ""
-    assert rec["strategies"]["columns"] == ["strategy", "loss change", "KL", "low-precision FLOPs", "within budget",
-                                            "budget", "recommended recipe"]
+    assert rec["strategies"]["columns"] == ["strategy", "loss change", "KL", "low-precision forward FLOPs",
+                                            "within budget", "budget", "recommended recipe"]
     assert [row[5] for row in _texts(rec["strategies"])] == ["|loss change| ≤ 1 %", "|loss change| ≤ 2 %"]
 
 

@@ -24,15 +24,15 @@ def test_recommended_recipe_first_with_kept_layers_loss_and_flops() -> None:
               "coverage": coverage_rows()}
     lines = verdict_lines(tables)
     assert lines[0] == ("verdict: mxfp8, keep 1 layer(s) in 16-bit (blocks.0.attn.qkv): loss change +0.12 % of 2.5, KL 0.0009 "
-                        "(budget |loss change| ≤ 1 %); 94.7 % of the analysed GEMM FLOPs (90.0 % of the model's) in low "
-                        "precision")  # (28 of 30 GEMMs, 95 % of the FLOPs, were captured and replaced)
+                        "(budget |loss change| ≤ 1 %); 94.7 % of the analysed forward GEMM FLOPs (90.0 % of the "
+                        "model's) in low precision")  # (28 of 30 GEMMs, 95 % of the FLOPs, were captured and replaced)
     assert "block size for the whole model (mixed): 128 (validated: loss +0.40 %, KL 0.003)" in lines
     assert "outlier threshold for the whole model (int8): 6 (validated: loss +0.60 %, KL 0.004)" in lines
     e2e = [x for x in lines if x.startswith("end-to-end")]
     assert e2e[0].startswith("end-to-end global: loss +4.00 %, KL 0.031, top-1 91.0 %")
     # (with the keep-set's own share: the line's 100 % is every layer in low precision)
-    assert e2e[1].endswith("← recommended, keeping 1 layer(s) in 16-bit, 94.7 % analysed FLOPs (90.0 % of the model's) "
-                           "low precision (see the verdict line)")
+    assert e2e[1].endswith("← recommended, keeping 1 layer(s) in 16-bit, 94.7 % analysed forward FLOPs (90.0 % of the "
+                           "model's) low precision (see the verdict line)")
     assert "recommended" not in e2e[0]
     # 3.8 of 4.0 GFLOPs captured; the conv3d calls are named with their reason
     assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs; skipped: 2 × conv3d: conv3d not supported" in lines
@@ -476,10 +476,10 @@ def test_a_keep_set_that_leaves_little_in_low_precision_says_so() -> None:
     assert (by["global"]["lp_flop_share"], by["global"]["keep_lp_flop_share"]) == (1.0, 0.052)
     assert by["global"]["little_gain"] and by["mxfp8"]["little_gain"] and v["recommended"]["little_gain"]
     lines = verdict_lines({"e2e": e2e_rows(), "recommendation": rows})
-    assert lines[0].endswith("; 37.2 % of GEMM FLOPs in low precision (under 50 %: little gain over 16-bit)")
+    assert lines[0].endswith("; 37.2 % of forward GEMM FLOPs in low precision (under 50 %: little gain over 16-bit)")
     assert next(x for x in lines if x.startswith("end-to-end mxfp8:")).endswith(
-        "← recommended, keeping 2 layer(s) in 16-bit, 37.2 % FLOPs low precision (under 50 %: little gain over 16-bit; "
-        "see the verdict line)")
+        "← recommended, keeping 2 layer(s) in 16-bit, 37.2 % forward FLOPs low precision (under 50 %: little gain over "
+        "16-bit; see the verdict line)")
     # at or over the bound: no qualifier; a plan outside the budget is not "within budget, little gain"
     rows = _keep_sets(LOW_GAIN_LP_SHARE, 0.947)
     rows[0]["within_budget"] = False
@@ -528,3 +528,53 @@ def test_the_isolated_pick_says_the_worst_layer_decided_a_tie() -> None:
     v = build_verdict(data["tables"], data["metadata"])
     assert v["best_isolated"]["tied"] == sum(r["n_below"] == v["best_isolated"]["n_below"] for r in v["isolated"]
                                              if r["worst_db"] is not None)
+
+
+def test_an_underflow_warning_naming_the_recommended_recipe_says_its_end_to_end_check_passed() -> None:
+    """The demo warned "… switchback 15.8 %" right under "Recommended: switchback" with nothing relating the two
+    (QA A4). A warning that names the recommended recipe says so; one that does not name it says nothing of it."""
+    flushed = _flushing(5, {"mxfp4": ("L3", 0.291), "int8": ("L1", 0.158)})
+    weights = [dict(r, operand="weight") for r in _flushing(6, {"mxfp4": ("L3", 0.2)}, fine=("global", "int8"))]
+    grads = [dict(r, operand="grad_output") for r in flushed]
+    e2e = [dict(e2e_rows()[0], strategy=s) for s in ("global", "int8", "mxfp4")]
+
+    def warnings(keep: list[str], operands: list[dict]) -> list[str]:
+        rec = [{"kind": "strategy", "strategy": s, "value": None, "keep_16bit": keep if s == "int8" else [],
+                "n_keep": len(keep) if s == "int8" else 0, "loss_rel_change": 1e-5, "kl_div": 0.0076,
+                "within_budget": s == "int8", "lp_flop_share": 1.0, "budget": 0.01, "budget_kind": "loss",
+                "recommended": s == "int8"} for s in ("global", "int8", "mxfp4")]
+        return [w for w in build_verdict({"e2e": e2e, "recommendation": rec, "operands": operands})["warnings"]
+                if "underflow" in w]
+
+    activation, weight = warnings([], flushed + weights)
+    assert activation.endswith("L1 under int8 15.8 % (int8 is the recommended recipe: its end-to-end check passed "
+                               "with this underflow)"), activation
+    assert "recommended" not in weight  # (int8 is not named there)
+    # its keep-set holds every layer it flushes in 16-bit: the end-to-end check ran without that underflow
+    (activation,) = warnings(["L1", "L2"], flushed)
+    assert activation.endswith("(int8 is the recommended recipe: it keeps these layers in 16-bit)"), activation
+    # a gradient: the budget reads the forward outputs only (the end-to-end share and loss are forward, QA A3)
+    (grad,) = warnings([], grads)
+    assert grad.endswith("(int8 is the recommended recipe: its budget reads the forward outputs; see its gradient "
+                         "SQNR)"), grad
+
+
+def test_an_underflow_warning_naming_the_isolated_pick_says_it_was_not_validated_end_to_end() -> None:
+    """Without an end-to-end run the banner said int8 "keeps every layer at or above 20 dB fprop SQNR" and the warning
+    under it "… v_proj under int8 29.7 %" (QA A4): the warning now says the pick was not validated end to end."""
+    operands = [dict(r, operand="grad_output") for r in _flushing(7, {"int8": ("L1", 0.297), "mxfp4": ("L3", 0.4)})]
+    gemm = [{"layer": layer, "strategy": s, "gemm": "fprop", "sqnr_db": 40.0 if s == "int8" else 15.0}
+            for layer in ("L0", "L1", "L2", "L3") for s in ("global", "int8", "mxfp4")]
+    v = build_verdict({"gemm": gemm, "operands": operands})
+    assert v["best_isolated"]["strategy"] == "int8"
+    (line,) = [w for w in v["warnings"] if "underflow" in w]
+    assert line.endswith("L1 under int8 29.7 % (int8, the isolated pick, was not validated end to end: run without "
+                         "--no-e2e)"), line
+    # a forward-only run cannot be run "without --no-e2e": its note says why it has no end-to-end part
+    v = build_verdict({"gemm": gemm, "operands": operands}, {"e2e_off": "forward-only run: no gradients"})
+    (line,) = [w for w in v["warnings"] if "underflow" in w]
+    assert line.endswith("(int8, the isolated pick, was not validated end to end)"), line
+    # a pick the warning does not name: no clause
+    gemm = [dict(r, sqnr_db=40.0 if r["strategy"] == "global" else 15.0) for r in gemm]
+    v = build_verdict({"gemm": gemm, "operands": operands})
+    assert v["best_isolated"]["strategy"] == "global" and "isolated pick" not in " ".join(v["warnings"])
