@@ -67,36 +67,35 @@ _PER_ROW = "each row along the contraction dim by its own amax"
 # The format of each operand (None: not quantised) and the scale scope of every built-in recipe: results
 # carry only the union of the run's formats (metadata.formats), and report/ may not import analysis/
 # (tests/report/test_range_windows.py checks this table against analysis.strategies.STRATEGIES).
+_PER_MX32 = "each block of 32 by a power of two near its amax"
+_PER_NV16 = "each block of 16 (weight: 16x16) by its own amax"
+
+
+def _formats(forward: str, backward: str | None) -> dict[str, str | None]:
+    """The operand formats of a recipe: ``forward`` on the activation and the weight, ``backward`` on the output
+    gradient (None: not quantised)."""
+    return {"activation": forward, "weight": forward, "grad_output": backward}
+
+
 RECIPE_WINDOWS: dict[str, tuple[dict[str, str | None], str]] = {
-    "global": ({"activation": "bnb-e4m3", "weight": "bnb-e4m3", "grad_output": "bnb-e5m2"}, _PER_TENSOR),
-    "mixed": ({"activation": "bnb-e4m3", "weight": "bnb-e4m3", "grad_output": "bnb-e5m2"},
-              "the activation and the output gradient in blocks, each block by its own absmax (the weight: one "
-              "absmax per tensor)"),
-    "int8": ({"activation": "int8", "weight": "int8", "grad_output": "int8"},
-             "each row (output gradient in wgrad: each column) by its own absmax, outlier columns of the "
-             "activation kept in 16-bit"),
-    "switchback": ({"activation": "int8", "weight": "int8", "grad_output": None}, _PER_ROW),
-    "ocp-tensorwise": ({"activation": "e4m3", "weight": "e4m3", "grad_output": "e5m2"}, _PER_TENSOR),
-    "ocp-rowwise": ({"activation": "e4m3", "weight": "e4m3", "grad_output": "e5m2"}, _PER_ROW),
-    "ocp-blockwise": ({"activation": "e4m3", "weight": "e4m3", "grad_output": "e5m2"},
-                      "each 1x128 tile (weight: 128x128 block) by its own amax"),
-    "mxfp8": ({"activation": "mxfp8-e4m3", "weight": "mxfp8-e4m3", "grad_output": "mxfp8-e5m2"},
-              "each block of 32 by a power of two near its amax"),
-    "mxfp8-rceil": ({"activation": "mxfp8-e4m3", "weight": "mxfp8-e4m3", "grad_output": "mxfp8-e5m2"},
-                    "each block of 32 by a power of two near its amax"),
-    "delayed": ({"activation": "e4m3", "weight": "e4m3", "grad_output": "e5m2"},
-                "each tensor by the amax history of earlier batches, not by its own amax: a larger history amax "
-                "moves the band left (more underflow), a smaller one right (saturation)"),
-    "nvfp4": ({"activation": "nvfp4", "weight": "nvfp4", "grad_output": "nvfp4"},
-              "each block of 16 (weight: 16x16) by its own amax"),
-    "nvfp4-train": ({"activation": "nvfp4", "weight": "nvfp4", "grad_output": "nvfp4"},
-                    "each block of 16 (weight: 16x16) by its own amax"),
-    "mxfp4": ({"activation": "mxfp4-e2m1", "weight": "mxfp4-e2m1", "grad_output": "mxfp4-e2m1"},
-              "each block of 32 by a power of two near its amax"),
-    "mxfp6-e2m3": ({"activation": "mxfp6-e2m3", "weight": "mxfp6-e2m3", "grad_output": "mxfp6-e2m3"},
-                   "each block of 32 by a power of two near its amax"),
-    "mxfp6-e3m2": ({"activation": "mxfp6-e3m2", "weight": "mxfp6-e3m2", "grad_output": "mxfp6-e3m2"},
-                   "each block of 32 by a power of two near its amax"),
+    "global": (_formats("bnb-e4m3", "bnb-e5m2"), _PER_TENSOR),
+    "mixed": (_formats("bnb-e4m3", "bnb-e5m2"), "the activation and the output gradient in blocks, each block by its "
+              "own absmax (the weight: one absmax per tensor)"),
+    "int8": (_formats("int8", "int8"), "each row (output gradient in wgrad: each column) by its own absmax, outlier "
+             "columns of the activation kept in 16-bit"),
+    "switchback": (_formats("int8", None), _PER_ROW),
+    "ocp-tensorwise": (_formats("e4m3", "e5m2"), _PER_TENSOR),
+    "ocp-rowwise": (_formats("e4m3", "e5m2"), _PER_ROW),
+    "ocp-blockwise": (_formats("e4m3", "e5m2"), "each 1x128 tile (weight: 128x128 block) by its own amax"),
+    "mxfp8": (_formats("mxfp8-e4m3", "mxfp8-e5m2"), _PER_MX32),
+    "mxfp8-rceil": (_formats("mxfp8-e4m3", "mxfp8-e5m2"), _PER_MX32),
+    "delayed": (_formats("e4m3", "e5m2"), "each tensor by the amax history of earlier batches, not by its own amax: a "
+                "larger history amax moves the band left (more underflow), a smaller one right (saturation)"),
+    "nvfp4": (_formats("nvfp4", "nvfp4"), _PER_NV16),
+    "nvfp4-train": (_formats("nvfp4", "nvfp4"), _PER_NV16),
+    "mxfp4": (_formats("mxfp4-e2m1", "mxfp4-e2m1"), _PER_MX32),
+    "mxfp6-e2m3": (_formats("mxfp6-e2m3", "mxfp6-e2m3"), _PER_MX32),
+    "mxfp6-e3m2": (_formats("mxfp6-e3m2", "mxfp6-e3m2"), _PER_MX32),
 }
 
 
