@@ -787,6 +787,17 @@ def _weights_section(meta: Mapping, tables: Mapping) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 # Verdict, heat map and the end-to-end tables (agreed schemas: README "Reports")
 # ----------------------------------------------------------------------------------------------
+# The banner names every kept layer up to BANNER_KEEP_ALL; a longer list shows its first BANNER_KEEP_SHOWN and links to
+# the Recommendation table (QA: 12 of 13 names, then "… all 13", hid one name behind a link).
+BANNER_KEEP_ALL = 16
+BANNER_KEEP_SHOWN = 10
+
+
+def _banner_keep(keep: Sequence[str]) -> list[str]:
+    """The kept layers the Verdict's banner names (the rest are behind a link to the Recommendation table)."""
+    return list(keep) if len(keep) <= BANNER_KEEP_ALL else list(keep[:BANNER_KEEP_SHOWN])
+
+
 def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
     """The first screen: the verdict lines (the terminal prints the same), the per-strategy end-to-end
     table, the isolated summary, coverage, warnings and one-line notes for what these results lack."""
@@ -821,7 +832,8 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                                                  "kl": None if rec["kl_div"] is None else f"{rec['kl_div']:.3g}",
                                                  "budget": budget_text(rec["budget"], rec["budget_kind"]),
                                                  "share": lp_share_text(rec["lp_flop_share"], v["coverage"]),
-                                                 "little_gain": little_gain_text(rec["lp_flop_share"])},
+                                                 "little_gain": little_gain_text(rec["lp_flop_share"]),
+                                                 "keep_shown": _banner_keep(rec.get("keep_16bit") or [])},
         "no_recommendation": v["no_recommendation"],
         "needs_keep": {r["strategy"]: r["n_keep"] for r in v["e2e"] if r["n_keep"]},
         "isolated_pick": v["best_isolated"]["strategy"] if v["best_isolated"] else None,

@@ -132,13 +132,20 @@ def test_percent_cells_do_not_shade_zero_or_negligible_shares() -> None:
 
 
 def test_a_long_keep_list_in_the_verdict_links_to_the_whole_list(tmp_path: Path) -> None:
-    """The verdict banner cut the kept layers at 12 with "…" and no way to the rest (QA of the HTML report)."""
+    """The verdict banner cut the kept layers at 12 with "…" and no way to the rest (QA of the HTML report); then it
+    named 12 of 13 and hid one behind the link (QA 2): up to 16 are all named, a longer list shows 10 and the link."""
     data = deep_results(n_layers=30, strategies=("mxfp8",), sweeps=False)
     layers = list(dict.fromkeys(r["layer"] for r in data["tables"]["layers"]))
-    data = with_agreed_tables(data, keep=layers[:15])
-    html = render_report(data, tmp_path / "r.html").read_text(encoding="utf-8")
-    assert html.count('<a href="#recommendation">all 15 in the Recommendation table</a>') == 2, html[:3000]
+    html = render_report(with_agreed_tables(data, keep=layers[:20]), tmp_path / "r.html").read_text(encoding="utf-8")
+    assert html.count('<a href="#recommendation">all 20 in the Recommendation table</a>') == 2, html[:3000]
+    banner = html[html.index("verdict-main"):]
+    banner = banner[:banner.index("</div>")]
+    assert [f"<code>{x}</code>" in banner for x in layers[:11]] == [True] * 10 + [False]
     assert 'id="recommendation"' in html
+    html = render_report(with_agreed_tables(data, keep=layers[:16]), tmp_path / "r.html").read_text(encoding="utf-8")
+    banner = html[html.index("verdict-main"):]
+    banner = banner[:banner.index("</div>")]
+    assert all(f"<code>{x}</code>" in banner for x in layers[:16]) and "in the Recommendation table" not in banner
 
 
 def test_the_heat_maps_layer_column_stays_in_view_when_it_scrolls_sideways(tmp_path: Path) -> None:
