@@ -154,6 +154,8 @@ def _summary(results: Mapping) -> dict:
             "versions": ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())}
 
 
+# A per-layer SQNR change under this (dB) prints as +0.00 in the tables: the chart is left out when every one is.
+UNCHANGED_DB = 0.005
 E2E_GATE_LAYER = "(end to end)"  # what a max-loss-increase violation names instead of a layer
 SETTINGS_GATE_LAYER = "(recipe settings)"  # what a recipe-settings violation names instead of a layer
 STRATEGIES_GATE_LAYER = "(strategies)"  # what a violation for baseline strategies current did not run names
@@ -454,7 +456,9 @@ def build_compare_view(comparison: Mapping) -> dict:
     for r in sq:
         if r["delta_db"] is not None:
             worst[r["layer"]] = min(worst.get(r["layer"], math.inf), r["delta_db"])
-    if worst:
+    # a chart of bars that are all zero says nothing (QA: a full screen of 37 labels and no bars): a line instead
+    unchanged = bool(worst) and all(abs(d) < UNCHANGED_DB for d in worst.values())
+    if worst and not unchanged:
         fig = figures.figure_to_data_uri(figures.delta_bars(list(worst), list(worst.values()), drop))
 
     def flag(failed: bool) -> str:
@@ -467,7 +471,7 @@ def build_compare_view(comparison: Mapping) -> dict:
         "violations": comparison["violations"], "failed_layers": comparison["failed_layers"],
         "failed": failed_text(comparison, str),
         "added_layers": comparison["added_layers"], "removed_layers": comparison["removed_layers"],
-        "figure": fig,
+        "figure": fig, "unchanged": unchanged, "unchanged_db": f"{UNCHANGED_DB:g}", "n_worst": len(worst),
         "sqnr": _table("cmp-sqnr", ["layer", "recipe", "GEMM / tensor", "baseline dB", "current dB", "Δ dB"], [
             [cell(r["layer"]), cell(r["recipe"]), cell(r["what"]), cell(r["baseline"], "{:.2f}"),
              cell(r["current"], "{:.2f}"), cell(r["delta_db"], "{:+.2f}", flag(r["failed"]))] for r in sq]),

@@ -429,3 +429,15 @@ def test_an_output_path_that_is_not_a_regular_file_is_never_replaced(tmp_path: P
     res = CliRunner().invoke(cli, ["report", str(DATA), "-o", str(fifo)])
     assert res.exit_code == 2 and "is not a regular file" in res.output
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_no_change_says_so_instead_of_an_empty_chart(base: dict, tmp_path: Path) -> None:
+    """Two runs with the same numbers drew a full-screen chart of every layer's label and no bar (QA)."""
+    html = render_compare(compare_results(base, copy.deepcopy(base)), tmp_path / "same.html").read_text("utf-8")
+    n = len({r["layer"] for r in compare_results(base, base)["sqnr"] if r["delta_db"] is not None})
+    assert f"No change: every one of the {n} layers' SQNRs is within ±0.005 dB" in html
+    assert "data:image/png" not in html
+    cur = copy.deepcopy(base)
+    next(r for r in cur["tables"]["gemm"] if r.get("sqnr_db") is not None)["sqnr_db"] -= 0.5
+    html = render_compare(compare_results(base, cur), tmp_path / "moved.html").read_text("utf-8")
+    assert "data:image/png" in html and "No change" not in html
