@@ -7,7 +7,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -529,10 +529,13 @@ def _window_recipe(verdict: Mapping, strategies: Sequence[str]) -> tuple[str | N
 
 
 def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_min: Mapping[str, float],
-                   window_recipe: tuple[str | None, str], n_strategies: int, draw: bool = True) -> dict:
+                   window_recipe: tuple[str | None, str], n_strategies: int, draw: bool = True,
+                   kept: Collection[str] = ()) -> dict:
     """Tensor statistics and the log2-magnitude ridgelines with the windows of ``window_recipe`` = (strategy,
     why it was chosen: the recommended recipe, else the run's first); ``fprop_min``: each layer's lowest fprop
-    SQNR over the run's ``n_strategies`` strategies (which layers are drawn beyond MAX_HIST_LAYERS)."""
+    SQNR over the run's ``n_strategies`` strategies (which layers are drawn beyond MAX_HIST_LAYERS). ``kept``: the
+    layers the recommended plan keeps in 16-bit: no band, their label says "(16-bit)" (QA: the figure shaded int8's
+    windows on layers the plan keeps out of int8)."""
     trows = tables.get("tensors", [])
     second = _second_activation_sites(tables)
     table = _table("tensors", ["layer", "tensor", "numel", "amax", "std", "kurtosis", "zeros", "NaN", "Inf",
@@ -558,9 +561,14 @@ def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_m
         keep = set(hist_layers)
         order = {x: i for i, x in enumerate(hist_layers)}
         shaded, caption = _window_plan(*window_recipe, formats)
-        panels = [{"layer": h["layer"], "tensor": h["tensor"], "edges": h["edges"], "counts": h["counts"],
-                   "windows": _windows(shaded.get(h["tensor"]), amax.get((h["layer"], h["tensor"])), formats)}
+        panels = [{"layer": h["layer"] + (" (16-bit)" if h["layer"] in kept else ""), "tensor": h["tensor"],
+                   "edges": h["edges"], "counts": h["counts"],
+                   "windows": [] if h["layer"] in kept else
+                   _windows(shaded.get(h["tensor"]), amax.get((h["layer"], h["tensor"])), formats)}
                   for h in sorted(hists, key=lambda h: order.get(h["layer"], 0)) if h["layer"] in keep]
+        if kept and any(x in kept for x in hist_layers):
+            caption += (" Layers the recommended plan keeps in 16-bit are marked \"(16-bit)\" and have no band: "
+                        "that recipe does not quantise them.")
         tensors = [t for t in TENSORS if any(p["tensor"] == t for p in panels)]
         drawn_second = [x for x in hist_layers if x in second]
         titles = {}
@@ -1516,7 +1524,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "strategy_tables": _strategy_tables(layers, strategies, tables, meta.get("rules") or {}, keep_16bit_db),
         "layers_table": _table("layers", ["layer", "in", "out", "bias", "tokens", "bsz", "bsz2"], layer_rows),
         "range": _range_section(layers, tables, formats, fprop_min, _window_recipe(verdict, strategies),
-                                len(strategies), draw),
+                                len(strategies), draw,
+                                kept=set(verdict["recommended"].get("keep_16bit") or []) if verdict["recommended"] else ()),
         "outliers": _outlier_section(layers, tables),
         "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", ""), draw,
                                         {r["layer"]: r.get("bsz") for r in tables["layers"]}, tables),

@@ -218,3 +218,16 @@ def test_a_run_of_linear_layers_keeps_the_weight_label(drawn: list[dict]) -> Non
     view = build_report_view(_doc(("global",)))
     assert {r[1]["text"] for r in view["range"]["table"]["rows"]} == set(render.TENSORS)
     assert drawn[0]["titles"] == {} and "second activation" not in view["range"]["caption"]
+
+
+def test_layers_the_plan_keeps_in_16_bit_have_no_band(drawn: list[dict]) -> None:
+    """QA 2: the figure shaded int8's windows on layers the recommended int8 plan keeps in 16-bit."""
+    doc = _doc(("global", "int8", "mxfp8"))
+    layers = list(dict.fromkeys(r["layer"] for r in doc["tables"]["layers"]))
+    doc["tables"]["recommendation"] = recommendation_rows([layers[1]])  # mxfp8 recommended, keeping one layer
+    view = build_report_view(doc)
+    (call,) = drawn
+    for p in call["panels"]:
+        assert (p["windows"] == []) == (p["layer"] == f"{layers[1]} (16-bit)"), p["layer"]
+    assert any(p["layer"] == f"{layers[1]} (16-bit)" for p in call["panels"])
+    assert 'marked "(16-bit)" and have no band' in view["range"]["caption"]
