@@ -80,6 +80,20 @@ def _short(name: str, width: int = 32) -> str:
     return short.replace("$", r"\$")
 
 
+def _common_prefix(names: Sequence[str]) -> str:
+    """The dotted prefix every one of ``names`` shares before its last part ("model.layers." of two or more
+    "model.layers.N…" names; "" for one name or none shared)."""
+    parts = [n.split(".")[:-1] for n in names]
+    if len(parts) < 2:
+        return ""
+    common = []
+    for tokens in zip(*parts):
+        if len(set(tokens)) != 1:
+            break
+        common.append(tokens[0])
+    return ".".join(common) + "." if common else ""
+
+
 def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str], titles: Mapping[str, str] | None = None
                      ) -> Figure:
     """Ridgelines of log2-magnitude histograms: one column per tensor, one row per layer.
@@ -168,6 +182,9 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
                         wspace=0.3, hspace=0.45)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     handles, labels = [], []
+    # one shortening rule for the legend: the dotted prefix every layer shares is said once in its title, and what
+    # is left keeps its tail (QA: "...l.layers.1.self_attn.k_proj" beside a whole "model.layers.0.mlp.up_proj")
+    prefix = _common_prefix([str(s["label"]) for s in panels[0]["series"]]) if panels else ""
     for k, ax in enumerate(a for row in axes for a in row):
         if k >= len(panels):
             ax.set_axis_off()
@@ -184,7 +201,7 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
                               ls=LINE_STYLES[i // len(PALETTE) % len(LINE_STYLES)])
             if k == 0 and i < MAX_LEGEND:
                 handles.append(line)
-                labels.append(_short(s["label"], 28))
+                labels.append(_short(str(s["label"])[len(prefix):], LEGEND_CHARS))
             if s.get("mark_x") is not None and s["mark_x"] in list(s["x"]):
                 j = list(s["x"]).index(s["mark_x"])
                 ax.plot([s["x"][j]], [_finite(s["y"][j])], marker="*", ms=11, color=colour, markeredgecolor="black")
@@ -211,7 +228,8 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
         # a label wider than the margin wraps: "model-wide: 4096 (validated end to end)" ran off the figure's edge
         labels = [textwrap.fill(label, LEGEND_CHARS, subsequent_indent="  ") for label in labels]
         fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1 - (LEGEND_IN - 0.1) / width, 1 - 0.3 / height),
-                   fontsize=7, frameon=False)
+                   fontsize=7, frameon=False, title=_short(prefix + "…", LEGEND_CHARS) if prefix else None,
+                   title_fontsize=7, alignment="left")
     return fig
 
 

@@ -78,3 +78,16 @@ def test_the_sweep_legend_sits_right_of_the_panels_inside_the_figure() -> None:
     legend = fig.legends[0].get_window_extent()
     assert legend.x0 >= max(ax.get_window_extent().x1 for ax in fig.axes)
     assert legend.x1 <= fig.bbox.x1
+
+
+def test_the_sweep_legend_shortens_every_name_one_way() -> None:
+    """QA 2: "...l.layers.1.self_attn.k_proj" stood beside a whole "model.layers.0.mlp.up_proj" (cut at 28 characters
+    from the left): the shared prefix goes to the legend's title and every name keeps the rest."""
+    from fp8probe.report.figures import _common_prefix, sweep_panels
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.k_proj", "lm_head"]
+    assert _common_prefix(names[:2]) == "model.layers." and _common_prefix(names) == "" and _common_prefix(names[:1]) == ""
+    series = [{"label": n, "x": [32, 64], "y": [20.0, 21.0]} for n in names[:2]]
+    fig = sweep_panels([{"title": "fprop", "xlabel": "block size", "ylabel": "dB", "series": series}])
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["0.mlp.up_proj", "1.self_attn.k_proj"]
+    assert legend.get_title().get_text() == "model.layers.…"
