@@ -9,6 +9,7 @@ from typing import Any
 
 from fp8probe.report.render import _table, cell, validate_results
 from fp8probe.report.schema import metric_value, weight_shapes
+from fp8probe.report.verdict import strategies_text
 
 # Defaults of the CI gate. 1 dB of SQNR is a 26 % rise in noise power (10^(1/10) = 1.26): more than
 # run-to-run noise of a seeded capture (which is 0 dB: the pipeline is deterministic on CPU) and
@@ -332,8 +333,8 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                + _missing("underflow", [k for k in base_u if k[1] not in gone], set(cur_u), lambda k: f"{k[1]} {k[2]}"))
     if gone:
         missing.insert(0, {"gate": "missing", "layer": STRATEGIES_GATE_LAYER,
-                           "detail": f"{len(gone)} strateg{'y' if len(gone) == 1 else 'ies'} of the baseline not run in "
-                                     f"current: {', '.join(map(str, gone))}: run them (--strategy) or pass --allow-missing"})
+                           "detail": f"{strategies_text(len(gone))} of the baseline not run in current: "
+                                     f"{', '.join(map(str, gone))}: run them (--strategy) or pass --allow-missing"})
     if not gates.allow_missing:
         violations += missing
     e2e_rows = _e2e_gate(baseline, current, gates, violations)
@@ -435,8 +436,8 @@ def gated_text(comparison: Mapping) -> str:
         layers = [str(x) for x in g.get("missing_layers", g["missing"])]
         gone = [str(x) for x in g.get("missing_strategies", [])]
         if gone:
-            text += (f" Not run in current (allowed by --allow-missing): {len(gone)} strateg"
-                     f"{'y' if len(gone) == 1 else 'ies'} of the baseline ({', '.join(gone)}).")
+            text += (f" Not run in current (allowed by --allow-missing): {strategies_text(len(gone))} of the "
+                     f"baseline ({', '.join(gone)}).")
         if layers:
             text += (f" Missing from current (allowed by --allow-missing): baseline rows of {len(layers)} layer(s) ("
                      + ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "") + ").")

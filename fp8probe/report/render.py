@@ -19,7 +19,8 @@ from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
 from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
                                      coverage_line, gemm_sites_text, inputs_text, isolated_headline, little_gain_text,
-                                     lp_share_text, pct, signed_pct, verdict_lines)
+                                     keep_list, lp_share_text, pct, signed_pct, split_notes, strategies_text,
+                                     verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 # What the report calls the tensor "weight" of a GEMM of two activations (attention QKᵀ / PV, matmuls: K, V, a
@@ -555,8 +556,8 @@ def _range_section(layers: list[str], tables: Mapping, formats: Mapping, fprop_m
         if len(hist_layers) > MAX_HIST_LAYERS:
             hist_layers = sorted(hist_layers, key=lambda x: fprop_min.get(x, math.inf))[:MAX_HIST_LAYERS]
             note = (f"Showing the {MAX_HIST_LAYERS} of {len({h['layer'] for h in hists})} layers with the lowest "
-                    f"fprop SQNR under any strategy (each layer's lowest over the run's {n_strategies} "
-                    f"strateg{'y' if n_strategies == 1 else 'ies'}), the lowest at the top; every layer's "
+                    f"fprop SQNR under any strategy (each layer's lowest over the run's {strategies_text(n_strategies)}"
+                    "), the lowest at the top; every layer's "
                     "statistics are in the table below.")
         keep = set(hist_layers)
         order = {x: i for i, x in enumerate(hist_layers)}
@@ -1080,8 +1081,7 @@ def _recommendation_section(tables: Mapping) -> dict | None:
 
 
 def _keep(r: Mapping) -> list[str]:
-    keep = r.get("keep_16bit") or []
-    return [str(k) for k in (keep if isinstance(keep, list) else [keep])]
+    return keep_list(r.get("keep_16bit"))
 
 
 def _keep_sets(tables: Mapping) -> dict[Any, set[str]]:
@@ -1111,12 +1111,10 @@ def _keep_cell(keep: list[str], n_keep: Any, ranks: Mapping[str, int]) -> dict:
 
 
 def _row_notes(rows: Sequence[Mapping], labels: Sequence[str]) -> dict:
-    """A table's row notes ("; "-separated parts): the parts every row of two or more repeats ("validated by 16
-    run(s) over 2 batch(es)"), said once, and each row's own, by its label."""
-    parts = [[p for p in str(r.get("note") or "").split("; ") if p] for r in rows]
-    shared = [p for p in parts[0] if all(p in other for other in parts[1:])] if len(parts) > 1 else []
-    own = [{"label": label, "text": "; ".join(p for p in mine if p not in shared)} for label, mine in zip(labels, parts)]
-    return {"shared": shared, "rows": [o for o in own if o["text"]]}
+    """A table's row notes (split_notes): the parts every row of two or more repeats ("validated by 16 run(s) over 2
+    batch(es)"), said once, and each row's own, by its label."""
+    shared, own = split_notes([r.get("note") for r in rows]) if rows else ([], [])
+    return {"shared": shared, "rows": [{"label": label, "text": text} for label, text in zip(labels, own) if text]}
 
 
 def _method_parts(method: str) -> tuple[str, str]:

@@ -123,6 +123,11 @@ def budget_value(value: Any, kind: Any) -> str:
     return f"{100 * x:g} %" if str(kind or "loss") == "loss" else f"{x:g}"
 
 
+def strategies_text(n: int) -> str:
+    """"1 strategy", "12 strategies"."""
+    return f"{n} strateg{'y' if n == 1 else 'ies'}"
+
+
 def budget_text(value: Any, kind: Any) -> str:
     """"|loss change| ≤ 0.5 %", "KL ≤ 0.01": the budget as the bound it sets, for "(budget …)", the Recommendation
     table and the sweeps' lines ("1e-05 kl" and "0.5 % loss" named the kind after the number, QA C4)."""
@@ -188,7 +193,7 @@ def _names(names: Sequence[str], limit: int = MAX_NAMES) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _keep_list(v: Any) -> list[str]:
+def keep_list(v: Any) -> list[str]:
     """keep_16bit as a list: JSON gives a list; a CSV round trip may give its JSON text."""
     if isinstance(v, str):
         import json
@@ -461,7 +466,7 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     chosen = next((r for r in strat_rows if r.get("recommended") is True), None)
     recommended = None
     if chosen:
-        keep = _keep_list(chosen.get("keep_16bit"))
+        keep = keep_list(chosen.get("keep_16bit"))
         recommended = {"strategy": chosen.get("strategy"), "keep_16bit": keep, "n_keep": len(keep),
                        "loss_rel_change": chosen.get("loss_rel_change"), "kl_div": chosen.get("kl_div"),
                        "lp_flop_share": chosen.get("lp_flop_share"), "budget": chosen.get("budget"),
@@ -488,7 +493,7 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         if r is None:
             continue
         rec = next((x for x in strat_rows if x.get("strategy") == s), {})
-        n_keep = len(_keep_list(rec.get("keep_16bit"))) if rec else None
+        n_keep = len(keep_list(rec.get("keep_16bit"))) if rec else None
         # the plan "within budget" is judged on: the keep-set's recommendation row; with no layer kept, that is the
         # end-to-end run itself (its numbers where the recommendation row lacks one)
         plan = {k: rec.get(k) for k in ("lp_flop_share", "kl_div")}
@@ -604,16 +609,23 @@ def training_line(summary: Mapping) -> str:
     return line
 
 
+def split_notes(notes: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """(the note parts, "; "-separated, that every one of two or more ``notes`` repeats, in order; each note without
+    them): run-wide facts said once under a table, each row keeping only what is its own. One note keeps its parts."""
+    parts = [[p for p in str(n or "").split("; ") if p] for n in notes]
+    shared = [p for p in parts[0] if all(p in other for other in parts[1:])] if len(parts) > 1 else []
+    return shared, ["; ".join(p for p in own if p not in shared) for own in parts]
+
+
 def _shared_notes(rows: list[dict]) -> list[str]:
-    """Take the note parts ("; "-separated) every end-to-end row repeats (run-wide facts: which output was
-    compared, parameters left out of the gradient SQNR, FSDP) out of the rows and return them, in order, to be
-    said once under the table; each row keeps only what is its own. One row keeps its note as it is."""
+    """Take the note parts every end-to-end row repeats (which output was compared, parameters left out of the
+    gradient SQNR, FSDP) out of the rows' notes (split_notes) and return them, to be said once under the table. One
+    row keeps its note as it is."""
     if len(rows) < 2:
         return []
-    parts = [[p for p in (r["note"] or "").split("; ") if p] for r in rows]
-    shared = [p for p in parts[0] if all(p in other for other in parts[1:])]
-    for r, own in zip(rows, parts):
-        r["note"] = "; ".join(p for p in own if p not in shared)
+    shared, own = split_notes([r["note"] for r in rows])
+    for r, note in zip(rows, own):
+        r["note"] = note
     return shared
 
 
