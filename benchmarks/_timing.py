@@ -165,6 +165,14 @@ def rotation_sets(set_bytes: int, device: str) -> int:
     return max(1, min(_MAX_SETS, math.ceil(2 * cache_bytes(device) / set_bytes)))
 
 
+def touched(t: torch.Tensor) -> torch.Tensor:
+    """``t`` written once (zeros), for a buffer that timed calls write into (``out=``, ``dst.copy_``): its pages are
+    then mapped before the first timed call. An untouched ``torch.empty`` page-faults on its first write, and with
+    several rotation sets each buffer's first write fell inside the timed calls: a 64 MB ``dst.copy_(x)`` took
+    95-101 ms against 4.5-5 ms warm (Intel Xeon VM, 2026-12-01), which made every ``×copy`` ratio 20x too kind."""
+    return t.zero_()
+
+
 def random_inputs(numel: int, dtype: torch.dtype, device: str, sets: int, seed: int) -> list[torch.Tensor]:
     """`sets` fresh seeded N(0, 3²) tensors [numel // 4096 or 1, ...] in `dtype` on `device` (never zeros).
 

@@ -107,7 +107,7 @@ class Bench:
         xs = T.random_inputs(numel, dtype, dev, T.rotation_sets(2 * numel * b, dev), seed=numel + 7 * b)
         rows = xs[0].shape[0] if xs[0].dim() == 2 else 1
         pick = lambda seq, i: seq[i % len(seq)]  # noqa: E731
-        dsts = [torch.empty_like(x) for x in xs]
+        dsts = [T.touched(torch.empty_like(x)) for x in xs]
         t = T.measure(lambda i: pick(dsts, i).copy_(pick(xs, i)), dev, pol)
         copy_gbps = self.add("copy dst.copy_(x)", dtype, numel, "out", 2 * numel * b, t, None,
                              shape=list(xs[0].shape))["gbps"]
@@ -188,7 +188,7 @@ class Bench:
         row_stats = (torch.rand(M, generator=g) * 4 + 0.1).to(dev)
         col_stats = (torch.rand(MM_N, generator=g) * 4 + 0.1).to(dev)
         pick = lambda seq, i: seq[i % len(seq)]  # noqa: E731
-        dsts = [torch.empty_like(c) for c in Cs]
+        dsts = [T.touched(torch.empty_like(c)) for c in Cs]
         shape = [M, MM_N]
         t = T.measure(lambda i: pick(dsts, i).copy_(pick(Cs, i)), dev, pol)
         copy_gbps = self.add("copy dst.copy_(C)", "int32", n, "out", 8 * n, t, None, shape=shape)["gbps"]
@@ -200,7 +200,7 @@ class Bench:
                 bnb_op = self.bnb[1].int8_mm_dequant
                 t_bnb, why = T.try_measure(lambda i: bnb_op(pick(Cs, i), row_stats, col_stats, dtype=dtype), dev, pol)
                 self.add("bnb int8_mm_dequant", dtype, n, "fresh", nbytes, t_bnb, copy_gbps, shape=shape, skipped=why)
-            outs = [torch.empty(M, MM_N, dtype=dtype, device=dev) for _ in Cs]
+            outs = [T.touched(torch.empty(M, MM_N, dtype=dtype, device=dev)) for _ in Cs]
             for mode in ("fresh", "out"):
                 if mode == "fresh":
                     fn = lambda i: F.int8_mm_dequant(pick(Cs, i), row_stats, col_stats, dtype=dtype)  # noqa: E731

@@ -125,7 +125,7 @@ class Bench:
 
         # copy: the bandwidth ceiling for this input. ×copy uses this first measurement; a second
         # one at the end of the group (copy_gbps_again in the JSON) shows how much the machine drifted.
-        dsts = [torch.empty_like(x) for x in xs]
+        dsts = [T.touched(torch.empty_like(x)) for x in xs]
         t_copy = run(lambda i: pick(dsts, i).copy_(pick(xs, i)))
         copy_row = self.add("copy dst.copy_(x)", dtype, numel, None, "out", 2 * numel * b, t_copy, None)
         copy_gbps = copy_row["gbps"]
@@ -134,7 +134,7 @@ class Bench:
         cast_t: dict[tuple[str, str], T.Timing] = {}
         for f8name, f8 in (("float8_e4m3fn", torch.float8_e4m3fn), ("float8_e5m2", torch.float8_e5m2)):
             f8s = [x.to(f8) for x in xs]
-            f8_bufs = [torch.empty_like(v) for v in f8s]
+            f8_bufs = [T.touched(torch.empty_like(v)) for v in f8s]
             t = run(lambda i, f8=f8: pick(xs, i).to(f8))
             self.add(f"torch cast → {f8name}", dtype, numel, None, "fresh", numel * (b + 1), t, copy_gbps)
             cast_t[(f8name, "fresh")] = t
@@ -173,8 +173,8 @@ class Bench:
             quant = lambda x, **kw: F.quantize_blockwise(x, code, blocksize=bs, **kw)  # noqa: E731
             dequant = lambda q, st, **kw: F.dequantize_blockwise(q, st, **kw)  # noqa: E731
         states = [quant(x) for x in xs]  # (q, QuantState) per input set
-        q_bufs = [torch.empty_like(q) for q, _ in states]
-        am_bufs = [torch.empty_like(st.absmax) for _, st in states]
+        q_bufs = [T.touched(torch.empty_like(q)) for q, _ in states]
+        am_bufs = [T.touched(torch.empty_like(st.absmax)) for _, st in states]
 
         # bnb dequantize on fp8probe's codes (fresh outputs): the comparison for both our modes
         t_bnb_dq = None

@@ -73,7 +73,7 @@ def group(device: str, quick: bool, numel: int, dtype: torch.dtype) -> list[dict
         rows[-1]["x_clone"] = T.ratio(rows[-1]["gbps"], clone_gbps)
         return rows[-1]
 
-    dsts = [torch.empty_like(x) for x in xs]
+    dsts = [T.touched(torch.empty_like(x)) for x in xs]
     t = T.measure(lambda i: pick(dsts, i).copy_(pick(xs, i)), device, pol)
     copy_gbps = add("copy dst.copy_(x)", "—", 2 * numel * b, t, None, mode="out")["gbps"]
     dsts.clear()  # free the copy buffers before the casts allocate theirs
@@ -101,7 +101,7 @@ def group(device: str, quick: bool, numel: int, dtype: torch.dtype) -> list[dict
         add("dequantize_scaled", scaling, numel * (1 + b) + 4 * n_scales, t, copy_gbps,
             x_torch=T.ratio(cast_t[(f8, "back")].median_s, t.median_s) if f8 else None)
         # into reused buffers, as the copy_ row writes into reused ones (out=)
-        outs = [torch.empty_like(x) for x in xs]
+        outs = [T.touched(torch.empty_like(x)) for x in xs]
         t = T.measure(lambda i: F.dequantize_scaled(pick(sts, i), out=pick(outs, i)), device, pol)
         add("dequantize_scaled out=", scaling, numel * (1 + b) + 4 * n_scales, t, copy_gbps, mode="out",
             x_torch=T.ratio(cast_t[(f8, "back")].median_s, t.median_s) if f8 else None)

@@ -9,7 +9,7 @@ host thread busy the whole time: Python-side work per small operation bounds it.
 It builds the model of ``bench_analyze.py`` (random weights), warms up on one layer (kernel compilation, lookup
 tables), then
 
-1. profiles one ``analyze(..., e2e=False)`` with cProfile (the CUDA replay is serial, on this thread) and prints
+1. profiles one ``analyze(..., e2e=False)`` (``--e2e``: the end-to-end part too) with cProfile (the CUDA replay is serial, on this thread) and prints
    the functions with the most own time and the most cumulative time;
 2. on CUDA, runs the same analysis again under ``torch.cuda.set_sync_debug_mode("warn")``: torch warns at every
    operation that makes the host wait for the GPU (``.item()``, ``bool()``, ``nonzero``, copies to the CPU, ...);
@@ -42,13 +42,13 @@ from bench_analyze import MODELS, WARMUP_LAYERS, build_model  # noqa: E402
 PACKAGE_DIR = str(BENCH_DIR.parent / "fp8probe")
 
 
-def _profile(model, batches, strategy: str, device: str, top: int) -> tuple[float, str]:
+def _profile(model, batches, strategy: str, device: str, top: int, e2e: bool = False) -> tuple[float, str]:
     from fp8probe.analysis.pipeline import analyze
 
     prof = cProfile.Profile()
     wall0 = time.perf_counter()
     prof.enable()
-    analyze(model, batches, strategy, e2e=False, device=device)
+    analyze(model, batches, strategy, e2e=e2e, device=device)
     T.sync(device)
     prof.disable()
     wall = time.perf_counter() - wall0
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="all")
     ap.add_argument("--top", type=int, default=40, help="functions listed per profile ordering")
     ap.add_argument("--quick", action="store_true", help="the small model configs (a smoke test)")
+    ap.add_argument("--e2e", action="store_true",
+                    help="profile the end-to-end part too (the default run's; without it the isolated analysis alone)")
     ap.add_argument("--out", type=Path, help="also write the report here")
     args = ap.parse_args(argv)
 
@@ -116,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     model, batches = build_model(args.model, args.quick)
     analyze(model, batches[:1], args.strategy, layers=WARMUP_LAYERS, e2e=False, device=args.device)
     lines = [f"# profile_analyze: {args.model}{' (quick)' if args.quick else ''}, strategy {args.strategy}, "
-             f"device {args.device}, torch {torch.__version__}"]
+             f"{'with' if args.e2e else 'no'} end-to-end part, device {args.device}, torch {torch.__version__}"]
     if args.device == "cuda":
         lines.append(f"# gpu: {torch.cuda.get_device_name(0)}")
-    wall, report = _profile(model, batches, args.strategy, args.device, args.top)
+    wall, report = _profile(model, batches, args.strategy, args.device, args.top, e2e=args.e2e)
     lines.append(f"# analyze under cProfile: {wall:.2f} s wall")
     if args.device == "cuda":
         t0 = time.perf_counter()
