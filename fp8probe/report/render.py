@@ -1347,6 +1347,20 @@ def _coverage_section(tables: Mapping) -> dict | None:
          and _isnum(r.get("gflops_captured")) else cell(None)] for r in rows])}
 
 
+def _pooled_blocks(blocks: list[Any]) -> str:
+    """The block cell of a pooled block-scales row: the one block all its layers share ("1x32"), or the layers'
+    sizes smallest first with a shared suffix said once ("64, 256, 1024 (flattened), by layer": mixed picks a
+    block size per layer; the first layer's alone read as if every layer used it)."""
+    texts = [str(b) for b in blocks if b is not None]
+    if len(texts) <= 1:
+        return texts[0] if texts else ""
+    suffix = " (flattened)" if all(t.endswith(" (flattened)") for t in texts) else ""
+    heads = [t[:len(t) - len(suffix)] for t in texts]
+    if all(h.isdigit() for h in heads):
+        heads.sort(key=int)
+    return f"{', '.join(heads)}{suffix}, by layer"
+
+
 def _block_scales_section(tables: Mapping, draw: bool) -> dict | None:
     """Per-block scale statistics (analysis/block_scales.py): a model-wide row per strategy and operand
     (blocks of all layers pooled: counts add, min/max over layers), the per-layer table and the
@@ -1360,8 +1374,9 @@ def _block_scales_section(tables: Mapping, draw: bool) -> dict | None:
         # the second activations of attention GEMMs pooled apart from the weights they are stored as
         operand = SECOND_ACTIVATION if r.get("operand") == "weight" and r.get("layer") in second else r.get("operand")
         p = pooled.setdefault((r.get("strategy"), operand), {
-            "format": r.get("format"), "block": r.get("block"), "rule": r.get("scale_rule"), "blocks": 0, "clipped": 0.0,
+            "format": r.get("format"), "block": {}, "rule": r.get("scale_rule"), "blocks": 0, "clipped": 0.0,
             "under_blocks": 0.0, "min": math.inf, "max": -math.inf, "exps": {}})
+        p["block"][r.get("block")] = None  # (mixed: each layer's own block size)
         nb = r.get("n_blocks") or 0
         p["blocks"] += nb
         p["clipped"] += (r.get("clipped_block_frac") or 0) * nb
@@ -1382,7 +1397,8 @@ def _block_scales_section(tables: Mapping, draw: bool) -> dict | None:
     summary = _table("block-scales-summary", ["strategy", "operand", "format", "block", "scale rule", "blocks",
                                               "scale min", "scale max", "exponent span", "clipped blocks",
                                               "blocks with underflow"], [
-        [cell(s), cell(op), cell(p["format"]), cell(p["block"]), cell(p["rule"]), cell(p["blocks"], "{:.0f}"),
+        [cell(s), cell(op), cell(p["format"]), cell(_pooled_blocks(list(p["block"]))), cell(p["rule"]),
+         cell(p["blocks"], "{:.0f}"),
          cell(p["min"] if p["exps"] else None, "{:.3g}"), cell(p["max"] if p["exps"] else None, "{:.3g}"),
          cell(f"{min(p['exps'])} … {max(p['exps'])}" if p["exps"] else None),
          _pct(p["clipped"] / p["blocks"] if p["blocks"] else None),

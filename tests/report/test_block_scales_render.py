@@ -36,3 +36,19 @@ def test_block_section_pools_layers(tmp_path: Path) -> None:
     assert len(sec["table"]["rows"]) == 2 and sec["figure"].startswith("data:image/png;base64,")
     html = render_report(data, tmp_path / "r.html").read_text(encoding="utf-8")
     assert 'id="block-scales"' in html and "http" not in html.replace("http-equiv", "")
+
+
+def test_pooled_row_names_every_layer_block_size() -> None:
+    """mixed picks a block size per layer: the pooled row gave the first layer's alone (QA: "256 (flattened)" for
+    layers at 64-1024)."""
+    data = copy.deepcopy(load_results(DATA))
+    layers = [r["layer"] for r in data["tables"]["layers"]][:3]
+    rows = [_row(layer, 10, 0.0, -3, [10]) for layer in layers]
+    for r, block in zip(rows, ["1024 (flattened)", "64 (flattened)", "1024 (flattened)"]):
+        r.update(strategy="mixed", format="bnb-e4m3", block=block, scale_rule="absmax")
+    data["tables"]["block_scales"] = rows
+    (row,) = build_report_view(data, draw=False)["block_scales"]["summary"]["rows"]
+    assert row[3]["text"] == "64, 1024 (flattened), by layer"
+    rows[1]["block"] = "1024 (flattened)"
+    (row,) = build_report_view(data, draw=False)["block_scales"]["summary"]["rows"]
+    assert row[3]["text"] == "1024 (flattened)"
