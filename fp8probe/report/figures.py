@@ -17,6 +17,10 @@ from matplotlib.patches import Rectangle, StepPatch
 # PNG rather than SVG: matplotlib's SVG carries a DOCTYPE and xmlns URLs, and the report must not
 # contain a single network reference. 96 dpi keeps a 12-layer demo report around 1 MB.
 PNG_DPI = 96
+#: the block-scale figure's legend column (inches: a 24-character label at 7 pt and its line) and the height of one
+#: legend row
+SCALE_LEGEND_IN = 1.9
+SCALE_LEGEND_ROW_IN = 0.17
 # Colours kept when a figure is stored as a palette PNG (anti-aliased lines need more than the 10 of PALETTE).
 PALETTE_COLOURS = 256
 # Colours cycle in this order for strategies / layers (matplotlib's tab10, spelled out so the
@@ -254,27 +258,36 @@ def scale_exponent_histograms(panels: Sequence[Mapping]) -> Figure:
 
     Each panel dict: ``title`` and ``series``: list of ``{"label", "exps" (ints), "counts"}``; counts
     are drawn as the share of that strategy's blocks so recipes with different block sizes compare.
+    One legend right of the panels (a strategy has one colour in all of them): a legend in each panel sat on
+    its lines (QA pass 2).
     """
     n = max(len(panels), 1)
-    width, height = 4.2 * n, 3.2
+    labels = list(dict.fromkeys(s["label"] for panel in panels for s in panel["series"]))
+    legend_w = SCALE_LEGEND_IN if labels else 0.0
+    width, height = 4.2 * n + legend_w, max(3.2, 0.9 + SCALE_LEGEND_ROW_IN * len(labels))
     fig = Figure(figsize=(width, height))  # fixed margins: the constrained layout solver cost ~40 % of this figure
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, top=1 - 0.35 / height, bottom=0.55 / height,
-                        wspace=0.9 / 4.2)
+    fig.subplots_adjust(left=0.75 / width, right=1 - (0.15 + legend_w) / width, top=1 - 0.35 / height,
+                        bottom=0.55 / height, wspace=0.9 / 4.2)
     axes = fig.subplots(1, n, squeeze=False)[0]
     # one colour per strategy across the panels: a panel without one (the weight has no "mixed" series) shifted
     # every later strategy's colour when each panel counted its own (QA of the HTML report)
-    colour = {label: PALETTE[i % len(PALETTE)]
-              for i, label in enumerate(dict.fromkeys(s["label"] for panel in panels for s in panel["series"]))}
+    colour = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+    dashes = {label: LINE_STYLES[i // len(PALETTE) % len(LINE_STYLES)] for i, label in enumerate(labels)}
+    handles: dict[str, Line2D] = {}
     for ax, panel in zip(axes, panels):
         for s in panel["series"]:
             total = sum(s["counts"]) or 1
             xs = [e for e in s["exps"] for _ in (0, 1)]
             xs = [x + d for x, d in zip(xs, [-0.5, 0.5] * len(s["exps"]))]
             ys = [c / total for c in s["counts"] for _ in (0, 1)]
-            ax.plot(xs, ys, color=colour[s["label"]], label=_short(s["label"], 24), linewidth=1.4)
+            (line,) = ax.plot(xs, ys, color=colour[s["label"]], ls=dashes[s["label"]], label=_short(s["label"], 24),
+                              linewidth=1.4)
+            handles.setdefault(s["label"], line)
         ax.set_title(_short(panel["title"]), fontsize=9)
         ax.set_xlabel("floor(log2 block scale)")
         ax.set_ylabel("share of blocks")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    if handles:
+        fig.legend([handles[k] for k in labels], [_short(k, 24) for k in labels], loc="upper left", fontsize=7,
+                   bbox_to_anchor=(1 - (legend_w - 0.1) / width, 1 - 0.35 / height), frameon=False, borderaxespad=0)
     return fig

@@ -91,3 +91,22 @@ def test_the_sweep_legend_shortens_every_name_one_way() -> None:
     legend = fig.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["0.mlp.up_proj", "1.self_attn.k_proj"]
     assert legend.get_title().get_text() == "model.layers.…"
+
+
+def test_block_scale_legend_sits_right_of_the_panels() -> None:
+    """A legend in each block-scale panel sat on its lines (QA pass 2): one legend now, right of the last panel, inside
+    the figure, every strategy in it once."""
+    from fp8probe.report.figures import scale_exponent_histograms
+    names = [f"strategy-{i}" for i in range(15)]
+    series = [{"label": name, "exps": [-3, -2, -1], "counts": [2, 5, 1 + i]} for i, name in enumerate(names)]
+    fig = scale_exponent_histograms([{"title": "activation", "series": series},
+                                     {"title": "weight", "series": series[3:]}])
+    fig.canvas.draw()
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == names
+    box = legend.get_window_extent()
+    assert box.x0 >= max(ax.get_window_extent().x1 for ax in fig.axes)
+    assert box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0
+    styles = {(line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()}
+    assert len(styles) == 15  # past the 10-colour palette the lines are dashed
