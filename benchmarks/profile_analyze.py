@@ -115,10 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
+    from fp8probe.analysis import capture
+
+    # the command line's process settings for analyze (cli._replay_process): without them every large temporary is
+    # a fresh mapping whose page faults the profile charged to the C casts (3x their time in a Llama e2e profile)
+    capture.keep_freed_blocks()
     model, batches = build_model(args.model, args.quick)
     analyze(model, batches[:1], args.strategy, layers=WARMUP_LAYERS, e2e=False, device=args.device)
+    capture.freeze_loaded_objects()
     lines = [f"# profile_analyze: {args.model}{' (quick)' if args.quick else ''}, strategy {args.strategy}, "
-             f"{'with' if args.e2e else 'no'} end-to-end part, device {args.device}, torch {torch.__version__}"]
+             f"device {args.device}, torch {torch.__version__}, end-to-end part {'on' if args.e2e else 'off'}"]
     if args.device == "cuda":
         lines.append(f"# gpu: {torch.cuda.get_device_name(0)}")
     wall, report = _profile(model, batches, args.strategy, args.device, args.top, e2e=args.e2e)

@@ -278,7 +278,13 @@ def test_profile_analyze_quick_writes_both_profile_orderings(tmp_path: Path) -> 
     assert text.startswith("# profile_analyze: bert (quick), strategy global,int8, device cpu")
     assert re.search(r"# analyze under cProfile: [\d.]+ s wall", text)
     assert "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
-    assert "pipeline.py" in text
+    assert "pipeline.py" in text and "end-to-end part off" in text.splitlines()[0] and "e2e.py" not in text
+
+
+def test_profile_analyze_e2e_profiles_the_end_to_end_part(tmp_path: Path) -> None:
+    """--e2e: the default run's end-to-end part is in the profile (it was left out: 59 of 98 s of a Llama run)."""
+    stdout = _run_in_process("profile_analyze.py", ["--quick", "--top", "60", "--strategy", "global", "--e2e"])
+    assert stdout.splitlines()[0].endswith("end-to-end part on") and "e2e.py" in stdout
 
 
 def test_profile_analyze_attributes_warnings_to_the_innermost_fp8probe_frame() -> None:

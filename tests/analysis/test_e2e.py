@@ -1008,9 +1008,11 @@ def test_attention_gemms_run_in_low_precision_end_to_end() -> None:
     site = "blocks.0.attn#matmul"
     assert site in runner.order and f"{site}#1" in runner.order
     only = runner.evaluate(E.Plan(STRATEGIES["global"], only=frozenset([site])))
-    assert 0 < only.lp_flop_share < 0.1 and only.kl_div > 0 and only.loss_lp != only.loss_hp
+    # (the output, not the float32 loss: with one small GEMM in FP8 the loss kept its bits on an AVX-512 CPU, KL 1e-12)
+    assert 0 < only.lp_flop_share < 0.1 and only.kl_div > 0 and math.isfinite(only.output_sqnr_db)
     none = runner.evaluate(E.Plan(STRATEGIES["global"], only=frozenset()))
     assert none.lp_flop_share == 0 and none.loss_lp == none.loss_hp and none.kl_div == 0
+    assert none.output_sqnr_db == math.inf
 
 
 class _KeyBiasAttention(torch.nn.Module):
