@@ -82,6 +82,8 @@ class DelayedState:
     rule: DelayedScaling
     history: dict[tuple[Hashable, str], list[float]] = field(default_factory=dict)
     counts: dict[tuple[str, str], _Counts] = field(default_factory=dict)
+    #: the float32 scale of the last quantize per (site, operand): recast uses it
+    scales: dict[tuple[Hashable, str], float] = field(default_factory=dict)
 
     def history_amax(self, site: Hashable, operand: str) -> float | None:
         """The amax this batch's scale is made for (max or most recent of the history), None when the history
@@ -146,6 +148,7 @@ class DelayedState:
             amax_now, q, saturated = fused.amax, fused.q, fused.saturated
             limit = (made or self._scale_of(amax_now, fmt))[1]
             n_saturated = int(fused.counts[2].sum())
+            scale = made[0] if made else float(fused.scale.reshape(-1)[0])  # (warm-up: the one the C code made)
         else:
             fp8, fmax = FP8_DTYPES[fmt], FORMATS[fmt].max
             x32 = x.to(_F32)
@@ -158,6 +161,7 @@ class DelayedState:
             saturated = (data.to(_F32).abs() == fmax) & (x32.abs() > q.abs())
             n_saturated = int(saturated.sum())
         n_saturated = self._clipped(x, saturated, limit) if n_saturated else 0
+        self.scales[(site, operand)] = scale
         hist = self.history.setdefault((site, operand), [])
         hist.append(amax_now)
         del hist[:-self.rule.history]
@@ -171,6 +175,18 @@ class DelayedState:
         c.elements += x.numel()
         c.max_ratio = max(c.max_ratio, ratio)
         return q, saturated
+
+    def recast(self, x: torch.Tensor, fmt: str, scale: float) -> torch.Tensor:
+        """x cast again with ``scale`` (one quantize's: ``scales[(site, operand)]``), recording nothing: bit for bit that
+        quantize's dequantised x, by the same path (the C cast with the scale given, or the torch ops). A weight's
+        cast in the backward: a second quantize would step its amax history, and saving the first cast's float32
+        copy held one of every weight through a model's pass (+400 MiB at Llama-135M's peak)."""
+        fused = self._fused(x, fmt, scale)
+        if fused is not None:
+            return fused.q
+        fp8, fmax = FP8_DTYPES[fmt], FORMATS[fmt].max
+        s = torch.tensor(scale, dtype=_F32, device=x.device)
+        return fp8_saturate(x.to(_F32) / s, fp8, fmax).to(fp8).to(_F32) * s
 
     def rows(self, strategy: str) -> list[dict]:
         """One ``delayed_scaling`` row per (layer, operand): batches, warm-up batches, batches whose amax

@@ -1182,16 +1182,18 @@ class _ScaledLinear(torch.autograd.Function):
     matmuls give exactly what this function gives slice by slice, stacked (batched_linear).
     Saved for the backward (stateless recipes): x and W, and qA only where wgrad multiplies by it; the quantised
     W is cast again where dgrad reuses it (the same bits), so a model's pass does not hold a float32 copy of
-    every weight. Delayed scaling saves qA and qW (a second cast would step its amax history)."""
+    every weight. Delayed scaling saves qA and W's scale, and casts W again with that scale (DelayedState.recast: a
+    second quantize would step its amax history)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, recipe: _Scaled,
                 b_is_weight: bool = True) -> torch.Tensor:
         A = x.reshape(-1, x.shape[-1]) if W.dim() == 2 else x
         y, (qA, _), (qW, _) = recipe.fprop(A, W, b_is_weight)
-        # (delayed scaling keeps both: casting W again would step its amax history)
-        stateless = not isinstance(recipe, _Delayed)
-        ctx.save_for_backward(A, W, qA if not stateless or recipe._reuses_qA() else None, None if stateless else qW)
+        # (delayed scaling keeps qA, and W's scale: the history has stepped, so only a recast with it gives qW again)
+        delayed = isinstance(recipe, _Delayed)
+        ctx.save_for_backward(A, W, qA if delayed or recipe._reuses_qA() else None)
+        ctx.w_scale = recipe.weight_scale() if delayed else None
         ctx.recipe, ctx.x_shape, ctx.has_bias, ctx.b_is_weight = recipe, x.shape, bias is not None, b_is_weight
         y = y.to(x.dtype)
         if bias is not None:
@@ -1200,7 +1202,8 @@ class _ScaledLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        A, W, qA, qW = ctx.saved_tensors
+        A, W, qA = ctx.saved_tensors
+        qW = None if ctx.w_scale is None else ctx.recipe.recast_weight(W, ctx.w_scale)
         G = grad.reshape(*A.shape[:-1], W.shape[-2])
         dgrad, (qG, _) = ctx.recipe.dgrad(G, W, qW, ctx.b_is_weight)
         grad_x = dgrad.to(A.dtype).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -1310,6 +1313,14 @@ class _Delayed:
         qA, sA = self._q("activation", A, "e4m3")
         qW, sW = self._q("weight", W, "e4m3")
         return self._mm(qA, qW), (qA, sA), (qW, sW)
+
+    def weight_scale(self) -> float:
+        """The scale of this site's last weight cast (fprop's): _ScaledLinear keeps it for recast_weight."""
+        return self.state.scales[(self.site, "weight")]
+
+    def recast_weight(self, W: torch.Tensor, scale: float) -> torch.Tensor:
+        """fprop's qW again from W and its scale, the history untouched (DelayedState.recast)."""
+        return self.state.recast(W, "e4m3", scale)
 
     def dgrad(self, G: torch.Tensor, W: torch.Tensor, qW: torch.Tensor,
               b_is_weight: bool = True) -> tuple[torch.Tensor, tuple]:

@@ -1347,3 +1347,38 @@ def test_output_kl_has_the_same_bits_at_any_thread_count(rows: int, vocab: int) 
     p, q = hp.double().log_softmax(-1), lp.double().log_softmax(-1)
     exact = math.fsum((p.exp() * (p - q)).flatten().tolist()) / rows
     assert got[1][1] == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["c", "reference"])
+def test_delayed_pass_saves_no_weight_copy_and_recasts_it_exactly(backend: str, monkeypatch) -> None:
+    """Delayed scaling's in-model GEMM saved its float32 qW for the backward (a second quantize would step the amax
+    history): a copy of every weight through a pass, +400 MiB at Llama-135M's peak. It saves W's scale and casts W
+    again with it. Its gradients over three batches (warm-up, then scales from the history, one batch overflowing
+    it) are the replay's, which multiplies by fprop's own qW, bit for bit, and the history steps once per batch."""
+    if backend == "reference":
+        monkeypatch.setenv("FP8PROBE_BACKEND", "reference")
+    strat = STRATEGIES["delayed"]
+    gen = torch.Generator().manual_seed(43)
+    W = torch.randn(264, 248, generator=gen).requires_grad_(True)
+    state_model, state_replay = strat.new_state(), strat.new_state()
+    for batch, amp in enumerate((1.0, 0.5, 4.0)):
+        x = (torch.randn(4, 248, generator=gen) * amp).requires_grad_(True)
+        G = torch.randn(4, 264, generator=gen)
+        own = {W.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}
+        extra = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in own:
+                extra.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = strat.linear(x, W, None, 6.0, state=state_model, site=("fc", None))
+        assert sum(extra) <= x.numel() * 4  # qA alone, no W-sized tensor
+        W.grad = None
+        y.backward(G)
+        out = strat.run(x.detach(), W.detach(), G, 6.0, state=state_replay, site=("fc", None))
+        assert torch.equal(y.detach(), out.gemms["fprop"])
+        assert torch.equal(x.grad, out.gemms["dgrad"]) and torch.equal(W.grad, out.gemms["wgrad"])
+        assert len(state_model.history[(("fc", None), "weight")]) == batch + 1
+    assert state_model.history == state_replay.history
