@@ -610,8 +610,13 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
     _check_rank("A", A)
     _check_mm_dequant(A.shape, row_stats, col_stats, bias, dtype)
     _check_device("int8_mm_dequant", "A", A.device, row_stats=row_stats, col_stats=col_stats, bias=bias)
-    y = _run("int8_mm_dequant", A, row_stats.to(torch.float32), col_stats.to(torch.float32), bias, dtype,
-                             _compat(compat))
+    rs, cs, mode = row_stats.to(torch.float32), col_stats.to(torch.float32), _compat(compat)
+    if out is not None and mode == "" and _eager_cpu((A, rs, cs, bias, out)) and _cpu.kernel("int8_mm_dequant") \
+            is _cpu.int8_mm_dequant:  # (the C kernel is the op's CPU kernel: it writes out itself)
+        _check_buffer(out, A.shape, dtype, A.device, "out")
+        if _cpu.int8_mm_dequant_into(A, rs, cs, bias, dtype, mode, out):
+            return out
+    y = _run("int8_mm_dequant", A, rs, cs, bias, dtype, mode)
     return _write_out(out, y)
 
 

@@ -171,3 +171,34 @@ def test_scaled_mm_skips_the_int32_product(monkeypatch) -> None:
         F.int8_scaled_mm(a, b, torch.rand(5), torch.rand(5))
     with pytest.raises(TypeError, match="A must have dtype"):
         F.int8_scaled_mm(a.float(), b, torch.rand(6), torch.rand(5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mm_dequant_out_is_written_by_the_c_code(dtype, monkeypatch) -> None:
+    """``int8_mm_dequant(..., out=buf)`` computed a fresh result and copied it into buf: half the speed of no out=
+    (bench_int8, 2026-12-01). The C code now writes buf itself, the same bits; buffers it cannot write (sharing memory
+    with an input, strided) and inputs it declines (NaN stats) still get the right values through the copy."""
+    import fp8probe.functional as F
+    if not cpu.enabled():
+        pytest.skip("fast path off")
+    g = torch.Generator().manual_seed(9)
+    C = torch.randint(-2**20, 2**20, (3, 70, 130), dtype=torch.int32, generator=g)
+    rs, cs, bias = torch.rand(210, generator=g) + 0.1, torch.rand(130, generator=g) * 127, torch.randn(130, generator=g)
+    want = F.int8_mm_dequant(C, rs, cs, bias=bias, dtype=dtype)
+    copies = []
+    real_write_out = F._write_out
+    monkeypatch.setattr(F, "_write_out", lambda out, y, *a: copies.append(1) or real_write_out(out, y, *a))
+    buf = torch.full(C.shape, 7.0, dtype=dtype)
+    assert F.int8_mm_dequant(C, rs, cs, out=buf, bias=bias, dtype=dtype) is buf and not copies
+    _same([buf], [want])
+    strided = torch.zeros(C.shape[::-1], dtype=dtype).permute(2, 1, 0)
+    _same([F.int8_mm_dequant(C, rs, cs, out=strided, bias=bias, dtype=dtype)], [want])
+    if dtype == torch.float32:  # out over A's own memory: read before written, per element
+        alias = C.clone().view(torch.float32)
+        got = F.int8_mm_dequant(alias.view(torch.int32), rs, cs, out=alias, bias=bias, dtype=dtype)
+        _same([got], [want])
+    nan_rs = rs.clone()
+    nan_rs[5] = float("nan")
+    _same([F.int8_mm_dequant(C, nan_rs, cs, out=buf, bias=bias, dtype=dtype)],
+          [F.int8_mm_dequant(C, nan_rs, cs, bias=bias, dtype=dtype)])
+    assert len(copies) >= 2
