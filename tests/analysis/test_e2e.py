@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import contextlib
 import math
 import re
 import warnings
@@ -1224,6 +1225,22 @@ def _weight_sized(W: torch.Tensor) -> dict[int, torch.Tensor]:
                 and tuple(o.shape) in (tuple(W.shape), tuple(W.shape)[::-1])}
 
 
+@contextlib.contextmanager
+def _saved_bytes(*own: torch.Tensor):
+    """A list that receives the size in bytes of each tensor autograd saves for the backward inside the block, apart
+    from ``own`` (the inputs themselves)."""
+    ptrs = {t.untyped_storage().data_ptr() for t in own}
+    extra: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in ptrs:
+            extra.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield extra
+
+
 @pytest.mark.parametrize("name", ["global", "mixed", "int8", "switchback", "ocp-tensorwise", "ocp-rowwise",
                                   "ocp-blockwise", "mxfp8", "nvfp4"])
 def test_a_recipe_pass_saves_no_copy_of_the_weights(name: str) -> None:
@@ -1235,16 +1252,8 @@ def test_a_recipe_pass_saves_no_copy_of_the_weights(name: str) -> None:
     gen = torch.Generator().manual_seed(41)
     W = torch.randn(264, 248, generator=gen).requires_grad_(True)
     x = torch.randn(4, 248, generator=gen).requires_grad_(True)
-    own = {W.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}
-    extra = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in own:
-            extra.append(t.numel() * t.element_size())
-        return t
-
     before = _weight_sized(W)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _saved_bytes(W, x) as extra:
         y = STRATEGIES[name].linear(x, W, None, 6.0)
     assert sum(extra) <= 4 * x.numel() * 4  # at most activation-sized tensors (a cast of x), never W-sized
     assert not set(_weight_sized(W)) - set(before)  # and nothing W-sized outside the saved tensors either
@@ -1364,15 +1373,7 @@ def test_delayed_pass_saves_no_weight_copy_and_recasts_it_exactly(backend: str, 
     for batch, amp in enumerate((1.0, 0.5, 4.0)):
         x = (torch.randn(4, 248, generator=gen) * amp).requires_grad_(True)
         G = torch.randn(4, 264, generator=gen)
-        own = {W.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}
-        extra = []
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in own:
-                extra.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _saved_bytes(W, x) as extra:
             y = strat.linear(x, W, None, 6.0, state=state_model, site=("fc", None))
         assert sum(extra) <= x.numel() * 4  # qA alone, no W-sized tensor
         W.grad = None
