@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fp8probe import functional as F
-from fp8probe.report.schema import NOTE_NEAREST_PLAN
+from fp8probe.report.schema import NOTE_NEAREST_PLAN, NOTE_NOT_SEARCHED
 from fp8probe.report.verdict import signed_pct
 
 from . import distributed
@@ -945,9 +945,12 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
         full = outcomes[s.name]
         e2e_rows.append(_e2e_row(s.name, len(runner.batches), full))
         if kl_undefined:
-            rec_rows.append(_rec_row("strategy", s.name, None, [], full, budget,
-                                     f"not searched: the KL budget is undefined here ({runner.kl_note()}); use a "
-                                     "loss budget"))
+            row = _rec_row("strategy", s.name, None, [], full, budget,
+                           f"{NOTE_NOT_SEARCHED}the KL budget is undefined here ({runner.kl_note()}); use a loss budget")
+            # (no keep-set was searched, so none was judged: null, not false / 0, which the report and a reader of
+            # results.json took for a plan that kept no layer and failed the budget)
+            row.update(within_budget=None, n_keep=None)
+            rec_rows.append(row)
             continue
         rows = _sensitivity(runner, s, full, layers, measured, estimate, isolated_sqnr or {}, budget)
         ranked = sorted(rows, key=lambda r: r["rank"])

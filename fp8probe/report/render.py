@@ -16,11 +16,12 @@ from markupsafe import Markup, escape
 
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
-from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
+from fp8probe.report.schema import (NOTE_EXACT, NOTE_NOT_SEARCHED, NOTE_ZERO_SIGNAL, metric_value, parse_results_json,
+                                    validate_results)
 from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
-                                     coverage_line, gemm_sites_text, inputs_text, isolated_headline, little_gain_text,
-                                     keep_list, lp_share_text, pct, signed_pct, split_notes, strategies_text,
-                                     verdict_lines)
+                                     coverage_line, gemm_sites_text, inputs_text, isolated_headline, keep_list,
+                                     keep_set_searched, little_gain_text, lp_share_text, pct, signed_pct, split_notes,
+                                     strategies_text, verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 # What the report calls the tensor "weight" of a GEMM of two activations (attention QKᵀ / PV, matmuls: K, V, a
@@ -857,6 +858,8 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                               ("the budget's keep-set (Recommendation)", 3), *([("", 1)] if notes else [])]),
         "e2e_notes": v["e2e_notes"],
         "e2e_flags": _e2e_flags(v["e2e"], rec_kl),
+        # why the keep-set columns are empty and "within budget" is not judged (no keep-set was searched)
+        "not_searched": "; ".join(dict.fromkeys(r["not_searched"] for r in v["e2e"] if r["searched"] is False)),
         "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
                                         "worst fprop SQNR dB"], iso_rows),
         "coverage": coverage_line(v["coverage"]) if v["coverage"] else "",
@@ -893,6 +896,8 @@ def _keep_set_budget_cell(r: Mapping, rec_kl: Any) -> dict:
     verdict.py says why each; the cell's title gives the row's reasons and a note under the table the rules
     (_e2e_flags). "yes*", not "yes, little gain": the words pushed this column off an 800 px window (QA B5). Sorted
     between "no" (0) and "yes" (1)."""
+    if r["searched"] is False:
+        return _not_judged_cell(r["not_searched"])
     c = _budget_cell(r["within_budget"])
     why = []
     if r["little_gain"]:
@@ -943,6 +948,13 @@ def _small_share(value: float) -> dict:
     where "0.0%" stood beside 5 saturated elements (QA); above, as a share column does ("0.10 %" beside "0.095 %",
     not "0.1%", QA D1)."""
     return {"text": _pct_text(value), "sort": value, "cls": ""}
+
+
+def _not_judged_cell(why: str) -> dict:
+    """"within budget" of a recipe whose keep-set was not searched: grey "not judged", not a red "no" (nothing was
+    run against the budget), the reason on hover. Sorted between "no" (0) and "yes" (1), as "yes*"."""
+    return {"text": "not judged", "sort": 0.5, "cls": "muted", "title": f"no keep-set was searched: {why}" if why else
+            "no keep-set was searched"}
 
 
 def _budget_cell(value: Any) -> dict:
@@ -1055,9 +1067,13 @@ def _recommendation_section(tables: Mapping) -> dict | None:
     keeps = [_keep(r) for r in per_strategy]
     keep_sets = any(keeps) or any(_isnum(r.get("n_keep")) and r["n_keep"] for r in per_strategy)
 
+    # why no keep-set was searched (rows without a search: a KL budget on an output that is no distribution)
+    unsearched = list(dict.fromkeys(_not_searched_why(r) for r in per_strategy if not keep_set_searched(r)))
+
     def outcome(r: Mapping) -> list[dict]:
+        judged = r.get("kind") in _MODEL_WIDE or keep_set_searched(r)
         return [_change_cell(r.get("loss_rel_change")), cell(r.get("kl_div"), "{:.3g}"), _share(r.get("lp_flop_share")),
-                _budget_cell(r.get("within_budget"))] + \
+                _budget_cell(r.get("within_budget")) if judged else _not_judged_cell(_not_searched_why(r))] + \
             ([] if budget else [cell(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget"))
                                      else None)])
 
@@ -1076,8 +1092,16 @@ def _recommendation_section(tables: Mapping) -> dict | None:
     chosen = next((r.get("strategy") for r in per_strategy if r.get("recommended")), None)
     return {"strategies": strategies if per_strategy else None, "model_wide": settings if model_wide else None,
             "keep_sets": keep_sets, "budget": budget, "chosen": chosen,
+            # (every strategy row unsearched: the template says so instead of "no strategy needs a layer kept")
+            "not_searched": "; ".join(unsearched) if per_strategy and len(unsearched) and
+            not any(keep_set_searched(r) for r in per_strategy) else "",
             "notes": _row_notes(per_strategy, [str(r.get("strategy")) for r in per_strategy]),
             "model_notes": _row_notes(model_wide, [_MODEL_WIDE[r["kind"]] for r in model_wide])}
+
+
+def _not_searched_why(r: Mapping) -> str:
+    """Why a recommendation row's keep-set was not searched: its note after NOTE_NOT_SEARCHED."""
+    return str(r.get("note") or "").split(NOTE_NOT_SEARCHED, 1)[-1]
 
 
 def _keep(r: Mapping) -> list[str]:

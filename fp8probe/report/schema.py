@@ -21,6 +21,9 @@ REQUIRED_TABLES = ("layers",)
 #: How a recommendation row's note begins when its plan is the nearest to an unreachable budget of every
 #: recipe's (analysis/e2e.py writes it, report/verdict.py quotes it).
 NOTE_NEAREST_PLAN = "nearest of all recipes: "
+#: How a recommendation row's note begins when no keep-set was searched for its recipe (a KL budget on an output that
+#: is no distribution): its within_budget and n_keep are null (older results wrote false and 0).
+NOTE_NOT_SEARCHED = "not searched: "
 NOTE_EXACT = "exact"                          # error exactly 0: SQNR +inf (also when the reference is all zero)
 NOTE_ZERO_SIGNAL = "zero signal"              # reference all zero, result not: SQNR −inf
 NOTE_NO_ELEMENTS = "no elements"              # empty batch (0 tokens): SQNR/rel_err/cosine undefined

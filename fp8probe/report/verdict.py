@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fp8probe.report.schema import NOTE_NEAREST_PLAN, metric_value
+from fp8probe.report.schema import NOTE_NEAREST_PLAN, NOTE_NOT_SEARCHED, metric_value
 
 # A layer is "hurt" under a strategy when its forward GEMM keeps less than 20 dB SQNR: the
 # quantisation noise is above 1 % of the output power (10^(-20/10) = 0.01). Per-tensor FP8 on
@@ -203,6 +203,13 @@ def keep_list(v: Any) -> list[str]:
         except ValueError:
             return [v] if v else []
     return [str(x) for x in v] if isinstance(v, (list, tuple)) else []
+
+
+def keep_set_searched(row: Mapping) -> bool:
+    """Whether a recommendation row's keep-set was searched (and so judged against the budget): not when the search
+    was skipped (a KL budget on an output that is no distribution), which results say by a null within_budget and,
+    written before that, by the note alone (with within_budget false and n_keep 0, read as a failed plan)."""
+    return row.get("within_budget") is not None and not str(row.get("note") or "").startswith(NOTE_NOT_SEARCHED)
 
 
 def _strategy_order(tables: Mapping[str, Records], metadata: Mapping) -> list[str]:
@@ -493,19 +500,24 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         if r is None:
             continue
         rec = next((x for x in strat_rows if x.get("strategy") == s), {})
-        n_keep = len(keep_list(rec.get("keep_16bit"))) if rec else None
+        # (None: no recommendation row; False: a row whose keep-set was not searched, so it has no keep-set to show)
+        searched = keep_set_searched(rec) if rec else None
+        n_keep = len(keep_list(rec.get("keep_16bit"))) if searched else None
         # the plan "within budget" is judged on: the keep-set's recommendation row; with no layer kept, that is the
         # end-to-end run itself (its numbers where the recommendation row lacks one)
-        plan = {k: rec.get(k) for k in ("lp_flop_share", "kl_div")}
-        if rec and not n_keep:
+        plan = {k: rec.get(k) if searched else None for k in ("lp_flop_share", "kl_div")}
+        if searched and not n_keep:
             plan = {k: v if _num(v) is not None else r.get(k) for k, v in plan.items()}
-        within = rec.get("within_budget")
+        within = rec.get("within_budget") if searched else None
         per_strategy.append({"strategy": s, "loss_rel_change": r.get("loss_rel_change"), "kl_div": r.get("kl_div"),
                              "top1_agreement": r.get("top1_agreement"), "output_sqnr_db": r.get("output_sqnr_db"),
                              "grad_sqnr_db_min": r.get("grad_sqnr_db_min"),
                              "grad_sqnr_db_median": r.get("grad_sqnr_db_median"),
                              "lp_flop_share": r.get("lp_flop_share"), "note": r.get("note") or "",
-                             "within_budget": within, "recommended": rec.get("recommended") is True,
+                             "within_budget": within, "searched": searched,
+                             "not_searched": "" if searched is not False else
+                             str(rec.get("note") or "").split(NOTE_NOT_SEARCHED, 1)[-1],
+                             "recommended": rec.get("recommended") is True,
                              "n_keep": n_keep, "keep_lp_flop_share": plan["lp_flop_share"],
                              "keep_kl_div": plan["kl_div"],
                              "little_gain": within is True and little_gain(plan["lp_flop_share"]),

@@ -1288,6 +1288,9 @@ def test_a_kl_budget_on_an_output_without_kl_says_why_and_runs_no_search() -> No
     rec = res.tables["recommendation"]
     assert rec["note"].str.startswith("not searched: the KL budget is undefined").all()
     assert not rec["recommended"].any() and res.metadata["e2e"]["validation_runs"] == 0
+    # nothing searched, nothing judged: null in results.json, not "within_budget": false / "n_keep": 0
+    for r in res.to_json()["tables"]["recommendation"]:
+        assert r["within_budget"] is None and r["n_keep"] is None
 
 
 def test_int8_outlier_columns_count_as_16_bit_flops() -> None:

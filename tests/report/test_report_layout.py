@@ -364,3 +364,42 @@ def test_the_verdict_says_its_share_is_of_the_forward_gemms_and_relates_a_warnin
     (warned,) = re.findall(r'<li class="warnline">(warning: activation underflow[^<]*)</li>', verdict)
     assert "worst: blocks.0.fc1 under mxfp8 25.0 %" in warned
     assert warned.endswith("(mxfp8 is the recommended recipe: its end-to-end check passed with this underflow)")
+
+
+NOT_SEARCHED_NOTE = ("not searched: the KL budget is undefined here (KL and top-1 not computed: with the surrogate loss "
+                     "the output is not read as class logits (pass --loss)); use a loss budget")
+
+
+@pytest.mark.parametrize("written", ["null", "older false / 0"])
+def test_a_keep_set_that_was_not_searched_is_not_judged_not_failed(small: dict, tmp_path: Path, written: str) -> None:
+    """A KL budget on an output that is no distribution searches no keep-set, yet every row read "layers kept 0" and a
+    red "no" under "within budget", and the Recommendation said "No strategy needs a layer kept in 16-bit" (QA).
+    Results say so by null within_budget / n_keep; older ones wrote false / 0 with the note alone."""
+    data = with_agreed_tables(copy.deepcopy(small), keep=[])
+    for r in data["tables"]["recommendation"]:
+        if r["kind"] == "strategy":
+            r.update(keep_16bit=[], recommended=False, note=NOT_SEARCHED_NOTE, budget=1e-5, budget_kind="kl",
+                     **({"within_budget": None, "n_keep": None} if written == "null" else
+                        {"within_budget": False, "n_keep": 0}))
+    view = build_report_view(data, draw=False)
+    e2e = view["verdict"]["e2e"]
+    at = {c: e2e["columns"].index(c) for c in ("layers kept in 16-bit", "within budget")}
+    for row in e2e["rows"]:
+        judged = row[at["within budget"]]
+        assert (judged["text"], judged["cls"]) == ("not judged", "muted")
+        assert judged["title"].startswith("no keep-set was searched: the KL budget is undefined here")
+        assert row[at["layers kept in 16-bit"]]["text"] == row[at["layers kept in 16-bit"] + 1]["text"] == "–"
+    rec = view["recommendation"]
+    assert rec["not_searched"].startswith("the KL budget is undefined here")
+    within = rec["strategies"]["columns"].index("within budget")
+    assert {row[within]["text"] for row in rec["strategies"]["rows"]} == {"not judged"}
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    verdict = html.split('<section id="verdict">')[1].split("</section>")[0]
+    assert '<div class="callout" id="e2e-not-searched"><strong>No keep-set was searched:</strong>' in verdict
+    assert '<td class="bad">no</td>' not in verdict
+    section = html.split('<h2 id="recommendation">')[1].split("<h2 ")[0]
+    assert "No keep-set was searched:" in section and "No strategy needs a layer kept" not in section
+    # a searched keep-set is judged as before
+    searched = build_report_view(with_agreed_tables(copy.deepcopy(small), keep=[]), draw=False)
+    assert not searched["verdict"]["not_searched"] and not searched["recommendation"]["not_searched"]
+    assert {row[at["within budget"]]["text"] for row in searched["verdict"]["e2e"]["rows"]} == {"yes", "no"}
