@@ -1539,7 +1539,10 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
     return {
         "title": f"fp8probe report: {meta.get('name') or meta.get('model') or 'results'}",
         "info": [{"key": k, "value": str(v)} for k, v in info],
-        "surrogate_loss": loss.get("kind") == "surrogate",
+        # the banner: what the surrogate is, and whether the end-to-end loss changes are of it (not only the gradients)
+        "surrogate_loss": None if loss.get("kind") != "surrogate" else {
+            "detail": str(loss.get("detail") or "mean of squares of the model output"),
+            "e2e": bool(tables.get("e2e"))},
         "no_gradient": str(loss.get("no_gradient") or ""),
         "n_layers": len(layers),
         # (GEMMs of two activations, attention QKᵀ / PV and matmuls, are GEMM sites but not linear layers)

@@ -536,8 +536,11 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     warnings = []
     loss = metadata.get("loss") or {}
     if loss.get("kind") == "surrogate":
-        warnings.append("gradients come from a surrogate loss (mean of squared outputs): pass --loss module:function "
-                        "for your training loss")
+        # (the end-to-end loss is that surrogate too: its changes, and a loss budget, say how far the output's mean
+        # square moved, and the warning named only the gradients, QA)
+        what = "the end-to-end loss changes and the gradients come" if t.get("e2e") else "gradients come"
+        warnings.append(f"{what} from a surrogate loss (mean of squared outputs): pass --loss module:function for "
+                        "your training loss")
     tensors_nan_inf = nan_inf_warning(t.get("tensors", []))
     if tensors_nan_inf:
         warnings.append(tensors_nan_inf)

@@ -403,3 +403,27 @@ def test_a_keep_set_that_was_not_searched_is_not_judged_not_failed(small: dict, 
     searched = build_report_view(with_agreed_tables(copy.deepcopy(small), keep=[]), draw=False)
     assert not searched["verdict"]["not_searched"] and not searched["recommendation"]["not_searched"]
     assert {row[at["within budget"]]["text"] for row in searched["verdict"]["e2e"]["rows"]} == {"yes", "no"}
+
+
+def test_a_surrogate_end_to_end_loss_has_a_banner_saying_so(small: dict, tmp_path: Path) -> None:
+    """The surrogate's banner spoke of dgrad / wgrad only, while the end-to-end loss changes (and a loss budget) beside
+    it were of the same surrogate, the mean square of the output, not the user's training loss (QA)."""
+    data = with_agreed_tables(copy.deepcopy(small), keep=[])
+    data["metadata"]["loss"] = {"kind": "surrogate", "detail": "mean of squares of the model output (no loss returned "
+                                                               "by the model, no --loss)"}
+    html = render_report(data, tmp_path / "e2e.html", draw=False).read_text(encoding="utf-8")
+    verdict = html.split('<section id="verdict">')[1].split("</section>")[0]
+    banner = verdict.split('<div class="callout" id="surrogate-loss">')[1].split("</div>")[0]
+    assert banner.startswith("<strong>Surrogate loss end to end.</strong> The loss is a surrogate:\nthe mean of squares")
+    assert "The end-to-end loss changes, and a loss budget, measure how far that moves, not your training loss" in banner
+    assert verdict.index('id="surrogate-loss"') < verdict.index('<div class="tcaption">End to end, per strategy')
+    assert ("warning: the end-to-end loss changes and the gradients come from a surrogate loss (mean of squared "
+            "outputs)") in verdict
+    # without an end-to-end run only the gradients are the surrogate's; a model's own loss has no banner
+    data["tables"].pop("e2e")
+    banner = render_report(data, tmp_path / "grad.html", draw=False).read_text(encoding="utf-8").split(
+        'id="surrogate-loss">')[1].split("</div>")[0]
+    assert banner.startswith("<strong>Surrogate loss.</strong>") and "end-to-end" not in banner
+    assert "The gradients (dgrad / wgrad numbers) are that surrogate's" in banner
+    data["metadata"]["loss"] = {"kind": "model", "detail": "scalar loss returned by the model"}
+    assert 'id="surrogate-loss"' not in render_report(data, tmp_path / "m.html", draw=False).read_text(encoding="utf-8")
