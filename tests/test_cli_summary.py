@@ -197,3 +197,16 @@ def test_first_line_names_sites_calls_and_inputs_and_the_warnings_are_the_report
     verdict = html[html.index('id="verdict"'):html.index("</section>")]
     from html import unescape
     assert [unescape(x) for x in re.findall(r'<li class="warnline">(.*?)</li>', verdict)] == warned
+
+
+def test_a_loss_budget_plan_with_a_low_output_sqnr_is_flagged_in_the_terminal(tmp_path: Path) -> None:
+    """nvfp4 met a 50 % loss budget with the model output at 17.2 dB SQNR and the verdict line read as a plain pass;
+    the report's "yes*" has its footnote here as a warning (QA)."""
+    res = _invoke(["analyze", TINY, "--strategy", "nvfp4", "--no-html", "-q", "--threads", "1", "--budget", "0.5",
+                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[1].startswith("verdict: nvfp4, ") and lines[1].endswith(
+        "in low precision; output SQNR 17.2 dB (under 20 dB: see the warning)"), lines[1]
+    assert ("warning: within the loss budget, but the model output's SQNR is under 20 dB: nvfp4 17.2 dB (yes* in the "
+            "report)") in res.stdout

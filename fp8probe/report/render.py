@@ -20,8 +20,9 @@ from fp8probe.report.schema import (NOTE_EXACT, NOTE_NOT_SEARCHED, NOTE_ZERO_SIG
                                     validate_results)
 from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
                                      coverage_line, gemm_sites_text, inputs_text, isolated_headline, keep_list,
-                                     keep_set_searched, little_gain_text, lp_share_text, pct, signed_pct, split_notes,
-                                     strategies_text, verdict_lines)
+                                     keep_set_searched, kl_far_ratio, little_gain, little_gain_text, low_output_sqnr,
+                                     low_output_sqnr_text, lp_share_text, pct, signed_pct, split_notes, strategies_text,
+                                     verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 # What the report calls the tensor "weight" of a GEMM of two activations (attention QKᵀ / PV, matmuls: K, V, a
@@ -168,7 +169,7 @@ TOP1_WARN = 0.9
 
 
 def _top1_cell(value: Any) -> dict:
-    return cell(100.0 * value, "{:.1f} %", "bad" if value < TOP1_WARN else "") if _isnum(value) else cell(value)
+    return {**_share(value), "cls": "bad" if value < TOP1_WARN else ""} if _isnum(value) else cell(value)
 
 
 # How a metric the JSON holds as null is shown, by the row's note (report/schema.py NOTE_*).
@@ -819,7 +820,7 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                  _change_cell(r["loss_rel_change"]), _e2e_kl_cell(r, rec_kl), _top1_cell(r["top1_agreement"]),
                  _sqnr_cell(r["output_sqnr_db"], keep_db), cell(r["grad_sqnr_db_min"], "{:.1f}"),
                  cell(r["grad_sqnr_db_median"], "{:.1f}"), _share(r["lp_flop_share"]),
-                 cell(r["n_keep"], "{:.0f}"), _keep_set_share_cell(r), _keep_set_budget_cell(r, rec_kl),
+                 cell(r["n_keep"], "{:.0f}"), _keep_set_share_cell(r), _keep_set_budget_cell(r, rec_kl, keep_db),
                  *([cell(r["note"])] if notes else [])]
                 for r in v["e2e"]]
     # ("n of m" is a count: right-aligned and sorted by n, not as text where "11 of 13" < "2 of 13")
@@ -843,6 +844,8 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                                                  "budget": budget_text(rec["budget"], rec["budget_kind"]),
                                                  "share": lp_share_text(rec["lp_flop_share"], v["coverage"]),
                                                  "little_gain": little_gain_text(rec["lp_flop_share"]),
+                                                 "low_sqnr": low_output_sqnr_text(rec["output_sqnr_db"], keep_db)
+                                                 if rec["low_sqnr"] else "",
                                                  "keep_shown": _banner_keep(rec.get("keep_16bit") or [])},
         "no_recommendation": v["no_recommendation"],
         "needs_keep": {r["strategy"]: r["n_keep"] for r in v["e2e"] if r["n_keep"]},
@@ -857,7 +860,7 @@ def _verdict_section(tables: Mapping, meta: Mapping, keep_db: float) -> dict:
                       groups=[("", 1), ("every captured GEMM in low precision", 7),
                               ("the budget's keep-set (Recommendation)", 3), *([("", 1)] if notes else [])]),
         "e2e_notes": v["e2e_notes"],
-        "e2e_flags": _e2e_flags(v["e2e"], rec_kl),
+        "e2e_flags": _e2e_flags(v["e2e"], rec_kl, keep_db),
         # why the keep-set columns are empty and "within budget" is not judged (no keep-set was searched)
         "not_searched": "; ".join(dict.fromkeys(r["not_searched"] for r in v["e2e"] if r["searched"] is False)),
         "isolated": _table("isolated-summary", ["strategy", f"layers below {keep_db:g} dB fprop", "worst layer",
@@ -889,10 +892,11 @@ def _keep_set_share_cell(r: Mapping) -> dict:
     return {**c, "cls": "warn", "title": little_gain_text(r["keep_lp_flop_share"])} if r["little_gain"] else c
 
 
-def _keep_set_budget_cell(r: Mapping, rec_kl: Any) -> dict:
+def _keep_set_budget_cell(r: Mapping, rec_kl: Any, keep_db: float = KEEP_16BIT_DB) -> dict:
     """"within budget" of the budget's keep-set: a green "yes" only for a plan worth having. Amber "yes*" when it
-    leaves under LOW_GAIN_LP_SHARE of the forward GEMM FLOPs in low precision (its share beside it amber too) or when a loss
-    budget accepted it with a KL over KL_FAR_RATIO x the recommended plan's (the KL cell red where no layer is kept):
+    leaves under LOW_GAIN_LP_SHARE of the forward GEMM FLOPs in low precision (its share beside it amber too), when a loss
+    budget accepted it with a KL over KL_FAR_RATIO x the recommended plan's (the KL cell red where no layer is kept)
+    or with the model output's SQNR under ``keep_db`` (verdict.low_output_sqnr):
     verdict.py says why each; the cell's title gives the row's reasons and a note under the table the rules
     (_e2e_flags). "yes*", not "yes, little gain": the words pushed this column off an 800 px window (QA B5). Sorted
     between "no" (0) and "yes" (1)."""
@@ -905,10 +909,17 @@ def _keep_set_budget_cell(r: Mapping, rec_kl: Any) -> dict:
                    f"{little_gain_text(r['keep_lp_flop_share'])}")
     if r["kl_far"] is not None:
         why.append(_kl_far_text(r, rec_kl))
-    return {"text": "yes*", "sort": 0.5, "cls": "warn", "title": "; ".join(why)} if why else c
+    if r["low_sqnr"]:
+        why.append(f"the keep-set's {low_output_sqnr_text(r['keep_output_sqnr_db'], keep_db)}")
+    return _yes_star(why) if why else c
 
 
-def _e2e_flags(rows: Sequence[Mapping], rec_kl: Any) -> list[str]:
+def _yes_star(why: Sequence[str]) -> dict:
+    """An amber "yes*" (within the budget, with a reason to doubt it: ``why``, on hover)."""
+    return {"text": "yes*", "sort": 0.5, "cls": "warn", "title": "; ".join(why)}
+
+
+def _e2e_flags(rows: Sequence[Mapping], rec_kl: Any, keep_db: float = KEEP_16BIT_DB) -> list[str]:
     """The rules behind the end-to-end table's amber "yes, …" and red KL cells, said under it when some cell is so
     (the cells' titles say each row's numbers)."""
     flags = []
@@ -921,7 +932,15 @@ def _e2e_flags(rows: Sequence[Mapping], rec_kl: Any) -> list[str]:
         flags.append(f"yes* beside a red KL: within the loss budget, but with a KL over {KL_FAR_RATIO:g}× the "
                      f"recommended plan's ({rec_kl:.3g}): the output distribution moves far more than the loss shows "
                      "(a plan that keeps layers: its keep-set's KL, in the Recommendation table)")
+    if any(r["low_sqnr"] for r in rows):
+        flags.append(_low_sqnr_flag(keep_db))
     return flags
+
+
+def _low_sqnr_flag(keep_db: float) -> str:
+    """The rule behind a "yes*" for a plan whose output SQNR is under ``keep_db`` (verdict.low_output_sqnr)."""
+    return (f"yes* for a low output SQNR: within the loss budget, but the plan's model output SQNR is under {keep_db:g} "
+            "dB (red in the Recommendation table): the loss averages out errors the output shows")
 
 
 def _verdict_pick(verdict: Mapping) -> tuple[str, str] | None:
@@ -940,7 +959,9 @@ def _change_cell(value: Any) -> dict:
 
 
 def _share(value: Any) -> dict:
-    return cell(100.0 * value, "{:.1f} %") if _isnum(value) else cell(value)
+    """A share (0..1) at one decimal, ">99.9 %" under 1 (verdict.pct: "100.0 %" read as every FLOP), sorted by it."""
+    return {"text": pct(value), "sort": float(f"{100 * value:.6g}"), "cls": ""} \
+        if _isnum(value) and math.isfinite(value) else cell(value)
 
 
 def _small_share(value: float) -> dict:
@@ -1045,7 +1066,7 @@ def _pinned_cell(row: Mapping | None, keep_db: float, kept: bool) -> dict:
 _MODEL_WIDE = {"blocksize": "block size", "threshold": "outlier threshold"}
 
 
-def _recommendation_section(tables: Mapping) -> dict | None:
+def _recommendation_section(tables: Mapping, keep_db: float = KEEP_16BIT_DB) -> dict | None:
     """The recommendation table split in two: one row per strategy (its keep-set for the budget; the one recommended
     recipe marked) and the model-wide block size and outlier threshold, which are settings, not recipes (QA: three
     rows said "recommended: yes"). Columns empty on every row and a budget shared by every row go; without any
@@ -1070,14 +1091,38 @@ def _recommendation_section(tables: Mapping) -> dict | None:
     # why no keep-set was searched (rows without a search: a KL budget on an output that is no distribution)
     unsearched = list(dict.fromkeys(_not_searched_why(r) for r in per_strategy if not keep_set_searched(r)))
 
+    chosen_row = next((r for r in per_strategy if r.get("recommended")), None)
+
+    def within(r: Mapping) -> dict:
+        """The row's "within budget", an amber "yes*" for the reasons the Verdict's end-to-end table gives one."""
+        if r.get("kind") not in _MODEL_WIDE and not keep_set_searched(r):
+            return _not_judged_cell(_not_searched_why(r))
+        if r.get("within_budget") is not True:
+            return _budget_cell(r.get("within_budget"))
+        why = []
+        if little_gain(r.get("lp_flop_share")):
+            why.append(f"{pct(r['lp_flop_share'])} of the forward GEMM FLOPs in low precision, "
+                       f"{little_gain_text(r['lp_flop_share'])}")
+        ratio = None if r is chosen_row else kl_far_ratio(r.get("kl_div"), chosen_row)
+        if ratio is not None:
+            why.append(f"KL {r['kl_div']:.3g}, {ratio:.0f}× the recommended plan's ({chosen_row['kl_div']:.3g})")
+        if low_output_sqnr(True, r.get("budget_kind"), r.get("output_sqnr_db"), keep_db):
+            why.append(low_output_sqnr_text(r["output_sqnr_db"], keep_db))
+        return _yes_star(why) if why else _budget_cell(True)
+
+    # (the plan's output SQNR: red under keep_db, where a loss budget's "yes" turns "yes*"; results written before the
+    # column have none)
+    sqnr = any(_isnum(r.get("output_sqnr_db")) for r in rows)
+
     def outcome(r: Mapping) -> list[dict]:
-        judged = r.get("kind") in _MODEL_WIDE or keep_set_searched(r)
-        return [_change_cell(r.get("loss_rel_change")), cell(r.get("kl_div"), "{:.3g}"), _share(r.get("lp_flop_share")),
-                _budget_cell(r.get("within_budget")) if judged else _not_judged_cell(_not_searched_why(r))] + \
+        return [_change_cell(r.get("loss_rel_change")), cell(r.get("kl_div"), "{:.3g}"),
+                *([_sqnr_cell(r.get("output_sqnr_db"), keep_db)] if sqnr else []), _share(r.get("lp_flop_share")),
+                within(r)] + \
             ([] if budget else [cell(budget_text(r.get("budget"), r.get("budget_kind")) if _isnum(r.get("budget"))
                                      else None)])
 
-    tail = ["loss change", "KL", LP_FLOPS_HEADER, "within budget", *([] if budget else ["budget"])]
+    tail = ["loss change", "KL", *(["output SQNR dB"] if sqnr else []), LP_FLOPS_HEADER, "within budget",
+            *([] if budget else ["budget"])]
     strategies = _table("recommendation", ["strategy", *(["kept in 16-bit (in sensitivity-rank order)"]
                                                          if keep_sets else []), *tail, "recommended recipe"], [
         [cell(r.get("strategy"), cls="txt strong" if r.get("recommended") else ""),
@@ -1555,7 +1600,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "verdict": verdict,
         "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db, _verdict_pick(verdict),
                             verdict["recommended"]["keep_16bit"] if verdict["recommended"] else ()),
-        "recommendation": _recommendation_section(tables),
+        "recommendation": _recommendation_section(tables, keep_16bit_db),
         "sensitivity": _sensitivity_section(tables, keep_16bit_db,
                                             verdict["recommended"]["strategy"] if verdict["recommended"] else None,
                                             verdict["needs_keep"]),

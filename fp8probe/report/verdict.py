@@ -104,9 +104,13 @@ def signed_pct(v: Any, digits: int = 2) -> str:
 
 
 def pct(v: Any, digits: int = 1) -> str:
-    """A share (0..1) as a percentage ("97.3 %"); "–" when not measured."""
+    """A share (0..1) as a percentage ("97.3 %"); "–" when not measured. A share under 1 that rounds to 100 is
+    ">99.9 %": "100.0 %" beside int8's outlier columns kept in 16-bit read as every FLOP in low precision (QA)."""
     x = _num(v)
-    return "–" if x is None else f"{100 * x:.{digits}f} %"
+    if x is None:
+        return "–"
+    text = f"{100 * x:.{digits}f} %"
+    return f">{100 - 10.0 ** -digits:.{digits}f} %" if x < 1 and text == f"{100:.{digits}f} %" else text
 
 
 def _g(v: Any) -> str:
@@ -446,6 +450,20 @@ def little_gain_text(share: Any) -> str:
     return f"under {pct(LOW_GAIN_LP_SHARE, 0)}: little gain over 16-bit" if little_gain(share) else ""
 
 
+def low_output_sqnr(within: Any, budget_kind: Any, sqnr: Any, keep_db: float = KEEP_16BIT_DB) -> bool:
+    """Whether a plan within a loss budget leaves the model output under ``keep_db`` SQNR (noise over 1 % of the
+    output's power at 20 dB): a loss averages its errors, and a plan moving the output by 8.6 dB SQNR met a 1 % loss
+    budget with a green "yes" (QA). A KL budget bounds the output distribution itself: no flag."""
+    x = _num(sqnr)
+    return within is True and str(budget_kind or "loss") == "loss" and x is not None and x < keep_db
+
+
+def low_output_sqnr_text(sqnr: Any, keep_db: float = KEEP_16BIT_DB) -> str:
+    """What is said beside a plan low_output_sqnr flags: the verdict line, the report's headline and its cells."""
+    return (f"output SQNR {_num(sqnr):.1f} dB, under {keep_db:g} dB: within the loss budget, but the model output "
+            "moves far from high precision's")
+
+
 def kl_far_ratio(kl: Any, recommended: Mapping | None) -> float | None:
     """``kl`` / the recommended plan's KL when a loss budget chose that plan and the ratio is over KL_FAR_RATIO, else
     None (a KL budget bounds every plan's KL; a recommended KL of 0 or unmeasured gives no scale)."""
@@ -479,6 +497,13 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                        "lp_flop_share": chosen.get("lp_flop_share"), "budget": chosen.get("budget"),
                        "budget_kind": chosen.get("budget_kind"),
                        "little_gain": little_gain(chosen.get("lp_flop_share"))}
+        # the plan's own output SQNR (results before the column: the end-to-end run's, when no layer is kept)
+        sqnr = chosen.get("output_sqnr_db")
+        if _num(sqnr) is None and not keep:
+            sqnr = next((r.get("output_sqnr_db") for r in t.get("e2e", []) if r.get("strategy") == chosen.get("strategy")),
+                        None)
+        recommended.update(output_sqnr_db=sqnr,
+                           low_sqnr=low_output_sqnr(True, chosen.get("budget_kind"), sqnr, keep_db))
     no_recommendation = None
     if strat_rows and not chosen:
         budget = strat_rows[0]
@@ -505,7 +530,7 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         n_keep = len(keep_list(rec.get("keep_16bit"))) if searched else None
         # the plan "within budget" is judged on: the keep-set's recommendation row; with no layer kept, that is the
         # end-to-end run itself (its numbers where the recommendation row lacks one)
-        plan = {k: rec.get(k) if searched else None for k in ("lp_flop_share", "kl_div")}
+        plan = {k: rec.get(k) if searched else None for k in ("lp_flop_share", "kl_div", "output_sqnr_db")}
         if searched and not n_keep:
             plan = {k: v if _num(v) is not None else r.get(k) for k, v in plan.items()}
         within = rec.get("within_budget") if searched else None
@@ -521,7 +546,10 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                              "n_keep": n_keep, "keep_lp_flop_share": plan["lp_flop_share"],
                              "keep_kl_div": plan["kl_div"],
                              "little_gain": within is True and little_gain(plan["lp_flop_share"]),
-                             "kl_far": kl_far_ratio(plan["kl_div"], recommended) if within is True else None})
+                             "kl_far": kl_far_ratio(plan["kl_div"], recommended) if within is True else None,
+                             "keep_output_sqnr_db": plan["output_sqnr_db"],
+                             "low_sqnr": low_output_sqnr(within, rec.get("budget_kind"), plan["output_sqnr_db"],
+                                                         keep_db)})
     e2e_notes = _shared_notes(per_strategy)
     isolated = isolated_summary(t.get("gemm", []), strategies, keep_db)
     best_isolated = None
@@ -550,6 +578,11 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                 for r in t.get("training", []) if str(r.get("note") or "").startswith("diverged")]
     if diverged:
         warnings.append(f"the training simulation diverged: {_names(diverged, 4)}; lower --lr")
+    low = [f"{r['strategy']} {_num(r['keep_output_sqnr_db']):.1f} dB" for r in per_strategy if r["low_sqnr"]]
+    if low:
+        warnings.append(f"within the loss budget, but the model output's SQNR is under {keep_db:g} dB: {_names(low)} "
+                        "(yes* in the report): the loss averages out errors the output shows; a smaller --budget keeps "
+                        "more layers in 16-bit")
     hidden = hidden_kl_warning(recommended, t.get("e2e", []))
     if hidden:
         warnings.append(hidden)
@@ -686,7 +719,9 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
         budget = f"budget {budget_text(rec['budget'], rec['budget_kind'])}"
         lines.append(f"verdict: {rec['strategy']}, {keep}: {loss_change_text(rec['loss_rel_change'], v['loss_hp'])}, "
                      f"KL {_g(rec['kl_div'])} ({budget}); {lp_share_text(rec['lp_flop_share'], v['coverage'])} in "
-                     "low precision" + (f" ({little_gain_text(rec['lp_flop_share'])})" if rec["little_gain"] else ""))
+                     "low precision" + (f" ({little_gain_text(rec['lp_flop_share'])})" if rec["little_gain"] else "")
+                     + (f"; output SQNR {_num(rec['output_sqnr_db']):.1f} dB (under {keep_db:g} dB: see the warning)"
+                        if rec["low_sqnr"] else ""))
     elif v["no_recommendation"]:
         lines.append(f"verdict: {v['no_recommendation']}")
     elif v["best_isolated"]:

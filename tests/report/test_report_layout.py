@@ -324,7 +324,8 @@ def test_the_end_to_end_tables_keep_set_shows_its_share_and_a_yes_worth_little_i
     by = {row[0]["text"]: row for row in view["e2e"]["rows"]}
     assert by["global"][at["KL"]]["cls"] == "bad" and "200× the recommended plan's (0.0009)" in by["global"][at["KL"]]["title"]
     assert by["global"][at["within budget"]]["text"] == "yes*" and by["mxfp8"][at["KL"]]["cls"] == ""
-    assert [f.split(":")[0] for f in view["e2e_flags"]] == ["yes* beside a red KL"]
+    # (and the plan, every layer in low precision, leaves the output at 17.2 dB SQNR: under 20 dB)
+    assert [f.split(":")[0] for f in view["e2e_flags"]] == ["yes* beside a red KL", "yes* for a low output SQNR"]
     html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
     assert 'title="KL 0.18, 200× the recommended plan&#39;s (0.0009), within the loss budget' in html
     assert "yes* beside a red KL: within the loss budget" in html
@@ -427,3 +428,37 @@ def test_a_surrogate_end_to_end_loss_has_a_banner_saying_so(small: dict, tmp_pat
     assert "The gradients (dgrad / wgrad numbers) are that surrogate's" in banner
     data["metadata"]["loss"] = {"kind": "model", "detail": "scalar loss returned by the model"}
     assert 'id="surrogate-loss"' not in render_report(data, tmp_path / "m.html", draw=False).read_text(encoding="utf-8")
+
+
+def test_a_loss_budget_plan_with_a_low_output_sqnr_is_an_amber_yes_star(small: dict, tmp_path: Path) -> None:
+    """mxfp8's plan met the loss budget with the model output at 12.3 dB SQNR and read a green "yes" in both tables and
+    a green headline (QA); the Recommendation table had no output SQNR at all, and 99.96 % read "100.0 %"."""
+    data = with_agreed_tables(copy.deepcopy(small), keep=["fc1"])
+    rec = data["tables"]["recommendation"]
+    rec[1].update(output_sqnr_db=12.34, lp_flop_share=0.9996)  # mxfp8's keep-set plan, recommended
+    rec[2]["output_sqnr_db"] = 31.0  # the model-wide block size's plan: fine
+    view = build_report_view(data, draw=False)
+    e2e = view["verdict"]["e2e"]
+    within = e2e["columns"].index("within budget")
+    by = {row[0]["text"]: row for row in e2e["rows"]}
+    star = by["mxfp8"][within]
+    assert (star["text"], star["cls"]) == ("yes*", "warn") and "output SQNR 12.3 dB, under 20 dB" in star["title"]
+    assert by["mxfp8"][within - 1]["text"] == ">99.9 %"
+    assert any(f.startswith("yes* for a low output SQNR: within the loss budget") for f in view["verdict"]["e2e_flags"])
+    table = view["recommendation"]["strategies"]
+    at = {c: table["columns"].index(c) for c in ("output SQNR dB", "within budget", "low-precision forward FLOPs")}
+    row = next(r for r in table["rows"] if r[0]["text"] == "mxfp8")
+    assert (row[at["output SQNR dB"]]["text"], row[at["output SQNR dB"]]["cls"]) == ("12.3", "bad")
+    assert (row[at["within budget"]]["text"], row[at["within budget"]]["cls"]) == ("yes*", "warn")
+    assert row[at["low-precision forward FLOPs"]]["text"] == ">99.9 %"
+    model = view["recommendation"]["model_wide"]
+    block = model["rows"][0]
+    assert block[model["columns"].index("output SQNR dB")]["text"] == "31.0"
+    assert block[model["columns"].index("within budget")]["text"] == "yes"
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    main = html.split('<section id="verdict">')[1].split("</div>")[0]
+    assert '<div class="callout verdict-main">' in main and "output SQNR 12.3 dB, under 20 dB" in main
+    # results written before the recommendation's output SQNR: no empty column
+    for r in rec:
+        r.pop("output_sqnr_db", None)
+    assert "output SQNR dB" not in build_report_view(data, draw=False)["recommendation"]["strategies"]["columns"]

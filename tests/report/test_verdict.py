@@ -578,3 +578,34 @@ def test_an_underflow_warning_naming_the_isolated_pick_says_it_was_not_validated
     gemm = [dict(r, sqnr_db=40.0 if r["strategy"] == "global" else 15.0) for r in gemm]
     v = build_verdict({"gemm": gemm, "operands": operands})
     assert v["best_isolated"]["strategy"] == "global" and "isolated pick" not in " ".join(v["warnings"])
+
+
+def test_a_share_under_one_never_reads_100_percent() -> None:
+    """int8 with outlier columns in 16-bit left 99.96 % of the FLOPs in low precision and read "100.0 %", as if every
+    FLOP were (QA)."""
+    from fp8probe.report.verdict import pct
+
+    assert [pct(x) for x in (1.0, 0.9996, 0.9994, 0.0, None)] == ["100.0 %", ">99.9 %", "99.9 %", "0.0 %", "–"]
+    assert pct(0.996, 0) == ">99 %" and pct(1, 0) == "100 %"
+
+
+def test_a_plan_within_a_loss_budget_with_a_low_output_sqnr_is_flagged() -> None:
+    """A loss averages its errors: a plan moving the model output to 8.6 dB SQNR met a 1 % loss budget with a green
+    "yes" and a plain verdict line (QA). Flagged with the plan's own output SQNR under the --keep-16bit-db line, for a
+    loss budget only (a KL budget bounds the output distribution itself)."""
+    rec = recommendation_rows(["blocks.0.attn.qkv"])
+    rec[1]["output_sqnr_db"] = 12.34  # mxfp8's keep-set plan, recommended
+    tables = {"e2e": e2e_rows(), "recommendation": rec}
+    lines = verdict_lines(tables)
+    assert lines[0].endswith("in low precision; output SQNR 12.3 dB (under 20 dB: see the warning)"), lines[0]
+    (warned,) = [x for x in lines if "model output's SQNR" in x]
+    assert warned.startswith("warning: within the loss budget, but the model output's SQNR is under 20 dB: mxfp8 "
+                             "12.3 dB (yes* in the report)")
+    v = build_verdict(tables)
+    assert v["recommended"]["low_sqnr"] and [r["low_sqnr"] for r in v["e2e"]] == [False, True]
+    # at or above the line, or judged by a KL budget: no flag
+    assert not any("SQNR is under" in x for x in verdict_lines(tables, keep_db=12.0))
+    for r in rec:
+        r["budget_kind"] = "kl"
+    assert not any("SQNR is under" in x for x in verdict_lines(tables)) and not build_verdict(tables)["recommended"][
+        "low_sqnr"]
