@@ -1329,10 +1329,13 @@ def _delayed_section(tables: Mapping) -> dict | None:
         [cell(r.get("layer")), *([cell(r.get("strategy"))] if by_strategy else []),
          cell(_operand_label(r.get("layer"), r.get("operand"), second)),
          cell(r.get("batches"), "{:.0f}"), cell(r.get("warmup_batches"), "{:.0f}"),
-         cell(r.get("overflow_batches"), "{:.0f}", "bad" if _isnum(r.get("overflow_batches")) and r["overflow_batches"]
-              else ""),
-         cell(r.get("saturated"), "{:.0f}"), _small_share(v) if (v := share(r)) is not None else cell(None),
-         cell(r.get("max_amax_ratio"), "{:.3f}")] for r in rows])
+         _muted_if_zero(cell(r.get("overflow_batches"), "{:.0f}", "bad" if _isnum(r.get("overflow_batches"))
+                             and r["overflow_batches"] else ""), r.get("overflow_batches")),
+         _muted_if_zero(cell(r.get("saturated"), "{:.0f}"), r.get("saturated")),
+         _muted_if_zero(_small_share(v), v) if (v := share(r)) is not None else cell(None),
+         # (at most 1: no cast's amax exceeded the one its scale was made for, as quiet as a zero)
+         _muted_if_zero(cell(r.get("max_amax_ratio"), "{:.3f}"),
+                        0 if _isnum(r.get("max_amax_ratio")) and r["max_amax_ratio"] <= 1 else None)] for r in rows])
     # Saturation under the delayed scale needs an overflow cast: results written before the count was of clipped
     # elements also counted an amax element at the format's max on an own-amax cast (QA A2: "no cast used a delayed
     # scale", then "38 of 813 layer operands saturated under the delayed scale").
@@ -1361,6 +1364,12 @@ def _delayed_section(tables: Mapping) -> dict | None:
             "batches": _count_range(batches), "delayed_casts": delayed[-1] if delayed else None,
             "delayed_text": _delayed_casts_text(plain, sliced) if delayed and delayed[-1] else "",
             "few": bool(batches) and batches[0] - 1 < DELAYED_FEW_CASTS, "few_limit": DELAYED_FEW_CASTS}
+
+
+def _muted_if_zero(c: dict, value: Any) -> dict:
+    """A cell grey when ``value`` is 0: most rows of the delayed-scaling table are zeros (no overflow, nothing
+    saturated), and in black they read as numbers to look at beside the few that matter (QA)."""
+    return {**c, "cls": f"{c['cls']} muted".strip()} if _isnum(value) and value == 0 else c
 
 
 def _count_range(values: list[int]) -> dict | None:

@@ -462,3 +462,21 @@ def test_a_loss_budget_plan_with_a_low_output_sqnr_is_an_amber_yes_star(small: d
     for r in rec:
         r.pop("output_sqnr_db", None)
     assert "output SQNR dB" not in build_report_view(data, draw=False)["recommendation"]["strategies"]["columns"]
+
+
+def test_the_delayed_scaling_tables_zero_cells_are_muted(small: dict) -> None:
+    """Most delayed-scaling rows are zeros (no overflow, nothing saturated): in black beside the few red overflow counts
+    they read as numbers to look at (QA)."""
+    data = copy.deepcopy(small)
+    base = {"layer": "fc1", "strategy": "delayed", "batches": 4, "warmup_batches": 1, "elements": 1000}
+    data["tables"]["delayed_scaling"] = [
+        {**base, "operand": "activation", "overflow_batches": 2, "saturated": 5, "max_amax_ratio": 1.25},
+        {**base, "operand": "weight", "overflow_batches": 0, "saturated": 0, "max_amax_ratio": 1.0}]
+    table = build_report_view(data, draw=False)["delayed"]["table"]
+    at = [table["columns"].index(c) for c in ("overflow casts", "saturated elements", "saturated share",
+                                              "max amax / amax of the scale")]
+    hot, quiet = table["rows"]
+    assert [(quiet[j]["text"], quiet[j]["cls"]) for j in at] == [("0", "muted"), ("0", "muted"), ("0 %", "muted"),
+                                                                  ("1.000", "muted")]
+    assert [(hot[j]["text"], hot[j]["cls"]) for j in at] == [("2", "bad"), ("5", ""), ("0.50 %", ""), ("1.250", "")]
+    assert quiet[table["columns"].index("casts")]["cls"] == ""  # (a count of casts is no zero to mute)
