@@ -672,8 +672,8 @@ def _drawn_layers(lay: list[str], worst: Mapping[str, float]) -> tuple[list[str]
         return lay, ""
     chosen = set(sorted(lay, key=lambda x: worst.get(x, math.inf))[:figures.MAX_LEGEND])
     return ([x for x in lay if x in chosen],
-            f"The charts draw the {figures.MAX_LEGEND} layers with the lowest fprop SQNR of {len(lay)}; "
-            "every layer is in the table.")
+            f"The charts draw the {figures.MAX_LEGEND} of {len(lay)} layers with the lowest fprop SQNR; every layer is "
+            "in the table.")
 
 
 def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True,
@@ -725,10 +725,14 @@ def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
 
 
 def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, draw: bool = True,
-                       tables: Mapping | None = None) -> dict | None:
+                       tables: Mapping | None = None, run_threshold: Any = None) -> dict | None:
+    """The threshold sweep: table, charts and the model-wide value. ``run_threshold``: the --threshold the analysis
+    (and its end-to-end int8 runs) used, marked "(run)" in its column's header: the header's threshold, the sweep's
+    and its model-wide value met the reader with nothing saying which one the int8 numbers above were measured at."""
     if not rows:
         return None
     ths = sorted({float(r["threshold"]) for r in rows})
+    run = float(run_threshold) if _isnum(run_threshold) and float(run_threshold) in ths else None
     by_layer = _group(rows)
     lay = [x for x in layers if x in by_layer] or list(by_layer)
     table_rows, series, picks, worst = [], {}, [], {}
@@ -762,8 +766,11 @@ def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
         {"title": "16-bit columns vs threshold", "series": s_frac, "xlabel": "outlier threshold",
          "ylabel": "% input columns kept in 16-bit", "vline": model}], ncols=2))
     return {"rule": rule, "figure": figure, "model": model["label"] if model else "", "note": note,
-            "table": _table("threshold", ["layer", "recommended", *[f"{th:g}" for th in ths]], table_rows,
-                            groups=[("", 2), ("fprop SQNR (dB) / % columns in 16-bit, per threshold", len(ths))])}
+            "table": _table("threshold", ["layer", "recommended", *[f"{th:g}" + (" (run)" if th == run else "")
+                                                                    for th in ths]], table_rows,
+                            groups=[("", 2), ("fprop SQNR (dB) / % columns in 16-bit, per threshold" +
+                                              ("; (run): this analysis' --threshold" if run is not None else ""),
+                                              len(ths))])}
 
 
 def _weights_section(meta: Mapping, tables: Mapping) -> dict | None:
@@ -1625,7 +1632,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "blocksize": _blocksize_section(layers, tables.get("blocksize_sweep", []), recs.get("blocksize_sweep", ""), draw,
                                         {r["layer"]: r.get("bsz") for r in tables["layers"]}, tables),
         "threshold": _threshold_section(layers, tables.get("threshold_sweep", []), recs.get("threshold_sweep", ""), draw,
-                                        tables),
+                                        tables, meta.get("threshold")),
         "methods": _methods(meta, strategies),
         "weights": _weights_section(meta, tables),
         "block_scales": _block_scales_section(tables, draw),

@@ -102,7 +102,7 @@ def test_deep_model_report_under_2_mb_with_details_collapsed(tmp_path: Path) -> 
     assert html.count("<tr>") > 211 * 8  # everything is still there: heat map, per-strategy tables, sweeps
     strategies = html.split('id="strategies"')[1]
     assert strategies.count("<details><summary><h3>") == 8  # per-strategy tables start collapsed
-    assert "The charts draw the 12 layers with the lowest fprop SQNR of 211" in html
+    assert "The charts draw the 12 of 211 layers with the lowest fprop SQNR; every layer is in the table." in html
     assert "Dotted line in the charts: model-wide: 128 (validated end to end)." in html
 
 
@@ -480,3 +480,20 @@ def test_the_delayed_scaling_tables_zero_cells_are_muted(small: dict) -> None:
                                                                   ("1.000", "muted")]
     assert [(hot[j]["text"], hot[j]["cls"]) for j in at] == [("2", "bad"), ("5", ""), ("0.50 %", ""), ("1.250", "")]
     assert quiet[table["columns"].index("casts")]["cls"] == ""  # (a count of casts is no zero to mute)
+
+
+def test_the_threshold_sweep_marks_the_threshold_the_analysis_ran() -> None:
+    """The header's "outlier threshold 6", the sweep's per-layer picks and its model-wide value met the reader with
+    nothing saying at which threshold the int8 numbers above were measured (QA); the charts' note said "the 12 layers
+    with the lowest fprop SQNR of 37"."""
+    data = deep_results(n_layers=37, strategies=("int8",), width=64)
+    data["metadata"]["threshold"] = 6.0
+    view = build_report_view(data, draw=False)["threshold"]
+    assert view["table"]["columns"][2:] == ["0", "1", "2", "3", "4", "5", "6 (run)", "8"]
+    assert view["table"]["groups"][1]["label"].endswith("; (run): this analysis' --threshold")
+    assert view["note"] == "The charts draw the 12 of 37 layers with the lowest fprop SQNR; every layer is in the table."
+    # a threshold that was not swept, or a sweep-only run: no mark
+    data["metadata"]["threshold"] = 7.0
+    assert "(run)" not in " ".join(build_report_view(data, draw=False)["threshold"]["table"]["columns"])
+    del data["metadata"]["threshold"]
+    assert "(run)" not in " ".join(build_report_view(data, draw=False)["threshold"]["table"]["columns"])
