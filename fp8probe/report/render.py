@@ -302,12 +302,20 @@ def _summary(layers: list[str], strategies: list[str], tables: Mapping, keep_db:
     for layer in layers:
         vals = [v for s in strategies if (v := _fprop_sqnr(gemm, layer, s)) is not None and not math.isnan(v)]
         if vals:
-            worst_rows.append((min(vals), layer))
+            # (how many strategies leave it under the line, of those measured: undefined counts as under, as in the
+            # lists above)
+            measured = [v for s in strategies if (v := _fprop_sqnr(gemm, layer, s)) is not None]
+            under = sum(1 for v in measured if math.isnan(v) or v < keep_db)
+            worst_rows.append((min(vals), layer, under, len(measured)))
     worst_rows.sort(key=lambda t: t[0])
-    worst = _table("worst", ["layer", *strategies], groups=[("", 1), ("fprop SQNR (dB) per strategy", len(strategies))],
-                   rows=[
-        [cell(layer), *[_metric_cell(gemm.get((layer, s, "fprop")), "sqnr_db", "{:.1f}", keep_db) for s in strategies]]
-        for _, layer in worst_rows[:WORST_LAYERS]])
+    # the row's lowest SQNR and its count under the line first: with 15 recipes the lowest sat somewhere in a row of 15
+    # numbers, and whether one recipe or all of them failed a layer had to be counted by eye (QA)
+    worst = _table("worst", ["layer", "lowest dB", f"strategies under {keep_db:g} dB", *strategies],
+                   groups=[("", 3), ("fprop SQNR (dB) per strategy", len(strategies))], rows=[
+        [cell(layer), _sqnr_cell(low, keep_db),
+         {"text": f"{under} of {n}", "sort": under, "cls": "bad" if under else "muted"},
+         *[_metric_cell(gemm.get((layer, s, "fprop")), "sqnr_db", "{:.1f}", keep_db) for s in strategies]]
+        for low, layer, under, n in worst_rows[:WORST_LAYERS]])
     keep = []
     for s in strategies:
         measured = [(layer, v) for layer in layers if (v := _fprop_sqnr(gemm, layer, s)) is not None]

@@ -497,3 +497,21 @@ def test_the_threshold_sweep_marks_the_threshold_the_analysis_ran() -> None:
     assert "(run)" not in " ".join(build_report_view(data, draw=False)["threshold"]["table"]["columns"])
     del data["metadata"]["threshold"]
     assert "(run)" not in " ".join(build_report_view(data, draw=False)["threshold"]["table"]["columns"])
+
+
+def test_the_worst_layers_table_gives_each_rows_lowest_sqnr_and_count_under_the_line() -> None:
+    """With one column per recipe the reader had to find a row's lowest SQNR and count the recipes under the line by
+    eye (QA)."""
+    data = deep_results(n_layers=7, strategies=("global", "mxfp8", "int8"), width=64, sweeps=False)
+    for r in data["tables"]["gemm"]:
+        if r["gemm"] == "fprop" and r["layer"] == "model.layers.0.mlp.up_proj":
+            r["sqnr_db"] = {"global": 12.0, "mxfp8": 18.0, "int8": 35.0}[r["strategy"]]
+    worst = build_report_view(data, draw=False)["summary"]["worst"]
+    assert worst["columns"][:3] == ["layer", "lowest dB", "strategies under 20 dB"]
+    assert worst["groups"][0]["span"] == 3 and worst["groups"][1]["span"] == 3
+    first = worst["rows"][0]
+    assert [c["text"] for c in first[:3]] == ["model.layers.0.mlp.up_proj", "12.0", "2 of 3"]
+    assert first[1]["cls"] == first[2]["cls"] == "bad" and first[2]["sort"] == 2
+    assert all(len(row) == len(worst["columns"]) for row in worst["rows"])
+    fine = worst["rows"][-1]
+    assert fine[2]["text"] == "0 of 3" and fine[2]["cls"] == "muted"
