@@ -5,22 +5,29 @@ import base64
 import io
 import math
 import textwrap
+import warnings
 from collections.abc import Mapping, Sequence
 
 # A bare Figure() gets a FigureCanvasBase whose savefig("png") renders through Agg: no pyplot,
 # no global backend switch, safe in threads and in users' notebooks.
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle, StepPatch
+from matplotlib.textpath import TextToPath
 
 # PNG rather than SVG: matplotlib's SVG carries a DOCTYPE and xmlns URLs, and the report must not
 # contain a single network reference. 96 dpi keeps a 12-layer demo report around 1 MB.
 PNG_DPI = 96
-#: the block-scale figure's legend column (inches: a 24-character label at 7 pt and its line) and the height of one
-#: legend row
-SCALE_LEGEND_IN = 1.9
-SCALE_LEGEND_ROW_IN = 0.17
+#: the block-scale figure's text size (titles, axis labels, ticks, legend): 9 pt = 12 px on the page, as the range
+#: figure's; its legend column (inches: a 24-character label at 9 pt and its line) and the height of one legend row
+SCALE_FONT_PT = 9
+SCALE_LEGEND_IN = 2.45
+SCALE_LEGEND_ROW_IN = 0.22
+#: panels per row of the block-scale and sweep figures: two panels of ~4 in beside a legend fit the page's 1264 px
+#: column drawn 1:1; three or four in a row (16 in and more) were scaled down to 7-8 px text on the page (QA)
+PANELS_PER_ROW = 2
 # Colours kept when a figure is stored as a palette PNG (anti-aliased lines need more than the 10 of PALETTE).
 PALETTE_COLOURS = 256
 # Colours cycle in this order for strategies / layers (matplotlib's tab10, spelled out so the
@@ -36,12 +43,15 @@ LEGEND_CHARS = 34
 # Sweep legends name at most this many layers (a 200-layer legend would be taller than the figure).
 MAX_LEGEND = 12
 # The range figure is drawn as wide as the report shows it 1:1 (13 in · 96 dpi = 1248 px of the page's 1264 px
-# column), so its text keeps its size on screen: 9 pt = 12 px labels (7 pt read as ~7 px tall glyphs, QA B4).
+# column), so its text keeps its size on screen: 9 pt = 12 px labels (7 pt read as ~7 px tall glyphs, QA B4). The
+# names' margin is as wide as the longest name, measured; past RANGE_MIN_PANELS_IN of panels left beside it the
+# figure widens instead (and the page shows it smaller): names cut at 40 characters to fit lost the part that tells
+# them apart (QA).
 RANGE_WIDTH_IN = 13.0
+RANGE_MIN_PANELS_IN = 8.0
 RANGE_LABEL_PT = 9
-# Average advance of a DejaVu Sans character in em (layer names: lower case, digits, dots): sizes the margin
-# left of the range figure's panels to its longest name (_short keeps at most 40 characters: ~3 in).
-CHAR_EM = 0.6
+# Layer names longer than this (hostile or generated ones) keep their tail in the range figure.
+RANGE_NAME_MAX = 96
 # Height of one ridgeline row of the range figure: 24 rows (MAX_HIST_LAYERS) make a ~12 in (1.1k px) figure.
 RANGE_ROW_IN = 0.42
 
@@ -84,6 +94,15 @@ def _short(name: str, width: int = 32) -> str:
     return short.replace("$", r"\$")
 
 
+def _text_width_in(texts: Sequence[str], size_pt: float) -> float:
+    """The widest of ``texts`` in inches, set in matplotlib's default font at ``size_pt`` (measured: an average
+    character width under-counted capitals and wide letters, and clipped names)."""
+    measure, prop = TextToPath(), FontProperties(size=size_pt)
+    with warnings.catch_warnings():  # (a glyph missing from the font is warned of once, when the figure is drawn)
+        warnings.simplefilter("ignore", UserWarning)
+        return max((measure.get_text_width_height_descent(t, prop, ismath=False)[0] for t in texts), default=0.0) / 72
+
+
 def _common_prefix(names: Sequence[str]) -> str:
     """The dotted prefix every one of ``names`` shares before its last part ("model.layers." of two or more
     "model.layers.N…" names; "" for one name or none shared)."""
@@ -112,12 +131,13 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str], titles: 
     its own ticks, labels and legend), this ~0.3 s.
     """
     layers = list(dict.fromkeys(p["layer"] for p in panels))
-    names = [_short(x, 40) for x in layers]
+    names = [_short(x, RANGE_NAME_MAX) for x in layers]
     nrows, ncols = max(len(layers), 1), max(len(tensors), 1)
     height = 1.35 + RANGE_ROW_IN * nrows
-    names_in = 0.25 + max(map(len, names), default=0) * CHAR_EM * RANGE_LABEL_PT / 72
-    fig = Figure(figsize=(RANGE_WIDTH_IN, height))  # fixed margins: constrained layout costs ~1 s on large figures
-    fig.subplots_adjust(left=names_in / RANGE_WIDTH_IN, right=1 - 0.1 / RANGE_WIDTH_IN, top=1 - 0.8 / height,
+    names_in = 0.25 + _text_width_in(names, RANGE_LABEL_PT)
+    width = max(RANGE_WIDTH_IN, names_in + RANGE_MIN_PANELS_IN)
+    fig = Figure(figsize=(width, height))  # fixed margins: constrained layout costs ~1 s on large figures
+    fig.subplots_adjust(left=names_in / width, right=1 - 0.1 / width, top=1 - 0.8 / height,
                         bottom=0.55 / height, wspace=0.05)
     axes = fig.subplots(1, ncols, squeeze=False, sharey=True)[0]
     by_key = {(p["layer"], p["tensor"]): p for p in panels}
@@ -172,7 +192,7 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str], titles: 
     return fig
 
 
-def sweep_panels(panels: Sequence[Mapping], ncols: int = 3) -> Figure:
+def sweep_panels(panels: Sequence[Mapping], ncols: int = PANELS_PER_ROW) -> Figure:
     """Line plots in a grid, one panel per dict: ``title``, ``xlabel``, ``ylabel``, ``logx2`` and
     ``series`` (dicts: ``label``, ``x``, ``y``, optional ``mark_x`` = the recommended x, drawn as ★).
 
@@ -262,13 +282,19 @@ def scale_exponent_histograms(panels: Sequence[Mapping]) -> Figure:
     its lines (QA pass 2).
     """
     n = max(len(panels), 1)
+    ncols = min(n, PANELS_PER_ROW)
+    nrows = math.ceil(n / ncols)
     labels = list(dict.fromkeys(s["label"] for panel in panels for s in panel["series"]))
     legend_w = SCALE_LEGEND_IN if labels else 0.0
-    width, height = 4.2 * n + legend_w, max(3.2, 0.9 + SCALE_LEGEND_ROW_IN * len(labels))
+    width = 4.2 * ncols + legend_w
+    height = max(3.2 * nrows, 0.9 + SCALE_LEGEND_ROW_IN * len(labels))
     fig = Figure(figsize=(width, height))  # fixed margins: the constrained layout solver cost ~40 % of this figure
-    fig.subplots_adjust(left=0.75 / width, right=1 - (0.15 + legend_w) / width, top=1 - 0.35 / height,
-                        bottom=0.55 / height, wspace=0.9 / 4.2)
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    fig.subplots_adjust(left=0.8 / width, right=1 - (0.15 + legend_w) / width, top=1 - 0.35 / height,
+                        bottom=0.6 / height, wspace=0.9 / 4.2, hspace=0.75 / (3.2 - 0.75))
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(panels):]:  # (an odd count leaves the last row's second place empty)
+        ax.set_axis_off()
     # one colour per strategy across the panels: a panel without one (the weight has no "mixed" series) shifted
     # every later strategy's colour when each panel counted its own (QA of the HTML report)
     colour = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
@@ -283,11 +309,13 @@ def scale_exponent_histograms(panels: Sequence[Mapping]) -> Figure:
             (line,) = ax.plot(xs, ys, color=colour[s["label"]], ls=dashes[s["label"]], label=_short(s["label"], 24),
                               linewidth=1.4)
             handles.setdefault(s["label"], line)
-        ax.set_title(_short(panel["title"]), fontsize=9)
-        ax.set_xlabel("floor(log2 block scale)")
-        ax.set_ylabel("share of blocks")
+        ax.set_title(_short(panel["title"]), fontsize=SCALE_FONT_PT + 1)
+        ax.set_xlabel("floor(log2 block scale)", fontsize=SCALE_FONT_PT)
+        ax.set_ylabel("share of blocks", fontsize=SCALE_FONT_PT)
+        ax.tick_params(labelsize=SCALE_FONT_PT)
         ax.grid(alpha=0.3)
     if handles:
-        fig.legend([handles[k] for k in labels], [_short(k, 24) for k in labels], loc="upper left", fontsize=7,
+        fig.legend([handles[k] for k in labels], [_short(k, 24) for k in labels], loc="upper left",
+                   fontsize=SCALE_FONT_PT,
                    bbox_to_anchor=(1 - (legend_w - 0.1) / width, 1 - 0.35 / height), frameon=False, borderaxespad=0)
     return fig

@@ -268,14 +268,16 @@ def _ratio(x: float) -> str:
     return f"{_sig(x, 3)}×"
 
 
-def _pow2(x: float) -> str:
-    """A format constant: a fraction that is an exact power of two as one ("2^-9", not "0.00195312"; QA D1), an
-    integer as itself ("57344"), anything else in its shortest form ("7.5")."""
+def _pow2_cell(value: Any) -> dict:
+    """A format constant: a fraction that is an exact power of two as one, its exponent raised (2<sup>-9</sup> in the
+    table: the cell's "sup"; not "0.00195312", QA D1, nor "2^-9", a programmer's spelling), an integer as itself
+    ("57344"), anything else in its shortest form ("7.5"). Sorted by value."""
+    if not _isnum(value) or not math.isfinite(value):
+        return cell(value)
+    x = float(value)
     if 0 < x < 1 and math.frexp(x)[0] == 0.5:
-        return f"2^{math.frexp(x)[1] - 1}"
-    if x.is_integer() and abs(x) < 2 ** 24:
-        return f"{x:.0f}"
-    return f"{x:g}"
+        return {"text": "2", "sup": f"{math.frexp(x)[1] - 1}", "sort": float(f"{x:.6g}"), "cls": ""}
+    return cell(x, "{:.0f}" if x.is_integer() and abs(x) < 2 ** 24 else "{:g}")
 
 
 def _fmt_g(x: Any) -> str:
@@ -724,7 +726,7 @@ def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
                 series.append({"label": layer, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "mark_x": mark})
         panels.append({"title": t, "series": series, "xlabel": "block size (elements)", "ylabel": "SQNR (dB)",
                        "logx2": True, "vline": model})
-    figure = figures.figure_to_data_uri(figures.sweep_panels(panels, ncols=3)) if draw else None
+    figure = figures.figure_to_data_uri(figures.sweep_panels(panels)) if draw else None
     return {"rule": rule, "figure": figure, "targets": ", ".join(targets), "overhead": ", ".join(overhead),
             "model": model["label"] if model else "", "note": note,
             "table": _table("blocksize", ["layer", "recommended", "auto (get_block_sizes)",
@@ -772,7 +774,7 @@ def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
         {"title": "fprop SQNR vs threshold", "series": s_sqnr, "xlabel": "outlier threshold",
          "ylabel": "fprop SQNR (dB)", "vline": model},
         {"title": "16-bit columns vs threshold", "series": s_frac, "xlabel": "outlier threshold",
-         "ylabel": "% input columns kept in 16-bit", "vline": model}], ncols=2))
+         "ylabel": "% input columns kept in 16-bit", "vline": model}]))
     return {"rule": rule, "figure": figure, "model": model["label"] if model else "", "note": note,
             "table": _table("threshold", ["layer", "recommended", *[f"{th:g}" + (" (run)" if th == run else "")
                                                                     for th in ths]], table_rows,
@@ -1551,8 +1553,7 @@ def _methods(meta: Mapping, strategies: list[str]) -> dict:
         "options": _recipe_options(meta),
         "formats": _table("formats", ["format", "max", "min normal", "min subnormal",
                                       "dynamic range (bits)", "description"], [
-            [cell(name), cell(f.get("max"), _pow2), cell(f.get("min_normal"), _pow2),
-             cell(f.get("min_subnormal"), _pow2),
+            [cell(name), _pow2_cell(f.get("max")), _pow2_cell(f.get("min_normal")), _pow2_cell(f.get("min_subnormal")),
              cell(math.log2(f["max"] / f["min_subnormal"]) if _isnum(f.get("max")) and _isnum(f.get("min_subnormal"))
                   and f["min_subnormal"] > 0 else None, "{:.1f}"),
              cell(f.get("description", ""))] for name, f in fmts.items()]),
@@ -1675,6 +1676,8 @@ def table_rows(rows: Sequence[Sequence[Mapping]], ncols: int) -> Markup:
                 add(f' title="{escape(c["title"])}"')
             if c.get("details"):  # (a long list folded under its count, closed: _keep_cell)
                 add(f'><details><summary>{escape(c["text"])}</summary>{escape(c["details"])}</details></td>')
+            elif c.get("sup") is not None:  # (a power: 2<sup>-9</sup>, _pow2_cell)
+                add(f'>{escape(c["text"])}<sup>{escape(c["sup"])}</sup></td>')
             else:
                 add(f'>{escape(c["text"])}</td>')
         add("</tr>\n")

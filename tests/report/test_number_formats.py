@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fp8probe.report.render import (_coverage_section, _methods, _outlier_section, _range_section, _strategy_tables,
-                                    build_report_view, load_results, render_report)
+                                    build_report_view, load_results, render_report, table_rows)
 from report_tables import with_agreed_tables
 
 DATA = Path(__file__).parent / "data"
@@ -61,14 +61,17 @@ def test_outlier_grid_amax_at_one_precision() -> None:
 
 
 def test_format_constants_show_powers_of_two_as_such() -> None:
-    """"0.00195312" and "6.10352e-05" are 2^-9 and 2^-14."""
+    """"0.00195312" and "6.10352e-05" are 2^-9 and 2^-14, shown with a raised exponent: 2<sup>-9</sup>, not "2^-9"."""
     fmts = {"e4m3": {"max": 448.0, "min_normal": 2.0 ** -6, "min_subnormal": 2.0 ** -9},
             "e5m2": {"max": 57344.0, "min_normal": 2.0 ** -14, "min_subnormal": 2.0 ** -16},
             "mxfp6-e2m3": {"max": 7.5, "min_normal": 1.0, "min_subnormal": 0.125},
             "odd": {"max": 1e6 / 3, "min_normal": 0.3, "min_subnormal": 0.01}}
     table = _methods({"formats": fmts}, [])["formats"]
-    assert [[c["text"] for c in row[1:4]] for row in table["rows"]] == [
+    assert [[c["text"] + (f"^{c['sup']}" if "sup" in c else "") for c in row[1:4]] for row in table["rows"]] == [
         ["448", "2^-6", "2^-9"], ["57344", "2^-14", "2^-16"], ["7.5", "1", "2^-3"], ["333333", "0.3", "0.01"]]
+    html = str(table_rows(table["rows"], 6))
+    assert '<td data-sort="0.015625">2<sup>-6</sup></td>' in html and ">2<sup>-16</sup></td>" in html
+    assert "2^" not in html
     # sorted by value, not by text (the sort key has six significant digits)
     assert [row[2]["sort"] for row in table["rows"]][:2] == pytest.approx([2.0 ** -6, 2.0 ** -14], rel=1e-5)
 

@@ -110,3 +110,52 @@ def test_block_scale_legend_sits_right_of_the_panels() -> None:
     assert box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0
     styles = {(line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()}
     assert len(styles) == 15  # past the 10-colour palette the lines are dashed
+
+
+def test_block_scale_figure_two_panels_a_row_at_9_pt_with_one_legend() -> None:
+    """Four operands in one row made a ~19 in figure shown at two thirds of its size: 7 pt text read as 5 px (QA)."""
+    from fp8probe.report.figures import PANELS_PER_ROW, SCALE_FONT_PT, scale_exponent_histograms
+    series = [{"label": name, "exps": [-3, -2], "counts": [2, 5]} for name in ("mxfp8", "ocp-blockwise")]
+    fig = scale_exponent_histograms([{"title": t, "series": series}
+                                     for t in ("activation", "weight", "2nd activation", "grad_output")])
+    drawn = [ax for ax in fig.axes if ax.axison]
+    assert PANELS_PER_ROW == 2 and len(drawn) == 4
+    assert len({round(ax.get_position().y0, 3) for ax in drawn}) == 2  # two rows of two
+    assert len({round(ax.get_position().x0, 3) for ax in drawn}) == 2
+    assert fig.get_figwidth() < 4.2 * 2 + 3
+    for ax in drawn:
+        assert ax.xaxis.label.get_fontsize() == ax.yaxis.label.get_fontsize() == SCALE_FONT_PT
+        assert ax.xaxis.get_ticklabels()[0].get_fontsize() == SCALE_FONT_PT
+    (legend,) = fig.legends
+    assert {t.get_fontsize() for t in legend.get_texts()} == {SCALE_FONT_PT}
+    # three panels: the fourth place is left empty, not drawn
+    fig = scale_exponent_histograms([{"title": t, "series": series} for t in ("activation", "weight", "grad_output")])
+    assert sum(ax.axison for ax in fig.axes) == 3
+
+
+def test_sweep_figures_draw_two_panels_a_row() -> None:
+    """The block-size sweep's six targets were three panels a row, 15 in wide, shown at ~80 % (QA)."""
+    from fp8probe.report.figures import sweep_panels
+    series = [{"label": "fc1", "x": [32, 64], "y": [20.0, 21.0]}]
+    fig = sweep_panels([{"title": t, "xlabel": "block size", "ylabel": "dB", "series": series}
+                        for t in ("fprop", "dgrad", "wgrad", "activation", "weight", "grad_output")])
+    assert len({round(ax.get_position().x0, 3) for ax in fig.axes}) == 2
+    assert len({round(ax.get_position().y0, 3) for ax in fig.axes}) == 3
+
+
+def test_the_range_figure_widens_with_its_longest_layer_name_and_cuts_none() -> None:
+    """Names were cut to their last 40 characters ("…layers.11.self_attn.rotary_emb.q_proj" lost its model part) to
+    fit a fixed 13 in figure (QA); the names' margin is measured, and past 8 in of panels beside it the figure
+    widens."""
+    short = [_panel("fc1", "activation", 30, 35, None), _panel("fc2", "activation", 30, 35, None)]
+    long_name = "encoder.transformer.layers.11.self_attention.rotary_embedding.query_projection"
+    wide = [*short, _panel(long_name, "activation", 30, 35, None)]
+    narrow_fig, wide_fig = figures.range_histograms(short, ["activation"]), figures.range_histograms(wide, ["activation"])
+    assert [t.get_text() for t in wide_fig.axes[0].get_yticklabels()][-1] == long_name
+    assert narrow_fig.get_figwidth() == figures.RANGE_WIDTH_IN < wide_fig.get_figwidth()
+    wide_fig.canvas.draw()
+    labels = [t.get_window_extent() for t in wide_fig.axes[0].get_yticklabels()]
+    assert min(box.x0 for box in labels) >= 0  # inside the figure: not clipped at its left edge
+    assert max(box.x1 for box in labels) <= wide_fig.axes[0].get_window_extent().x0  # nor under the panel
+    panel = wide_fig.axes[0].get_position().width * wide_fig.get_figwidth()
+    assert abs(panel - (figures.RANGE_MIN_PANELS_IN - 0.1)) < 0.01  # (0.1 in right margin)
