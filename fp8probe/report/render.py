@@ -1684,6 +1684,14 @@ def table_rows(rows: Sequence[Sequence[Mapping]], ncols: int) -> Markup:
     return Markup("".join(out))
 
 
+def sentence(text: Any) -> str:
+    """``text`` with its first letter upper-cased and the rest as it is (jinja's capitalize lower-cases the rest, and
+    would turn "KL" into "kl"): the verdict's lines and notes are written for the terminal, lower-case after its
+    "verdict:" / "warning:" labels, and stood in the report's banners and lists as sentences without a capital (QA)."""
+    text = str(text)
+    return text[:1].upper() + text[1:]
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     """The jinja2 environment: package templates, autoescape on, StrictUndefined (a typo is an error)."""
@@ -1696,6 +1704,7 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     env.globals["table_rows"] = table_rows
+    env.filters["sentence"] = sentence
     return env
 
 

@@ -37,8 +37,8 @@ def test_verdict_comes_first_and_names_recipe_layers_loss_and_flops(demo_html: s
     assert "+0.12 %" in main and "94.7 % of the analysed forward GEMM FLOPs (90.0 % of the model&#39;s)" in main
     # every strategy's end-to-end loss change and FLOP share, and the coverage and skipped-GEMM warning
     assert "+4.00 %" in verdict and "+0.30 %" in verdict
-    assert "captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs" in verdict
-    assert 'class="warnline">warning: 2 GEMM call(s) not analysed' in verdict
+    assert "Captured 28 of 30 GEMMs = 95.0 % of GEMM FLOPs" in verdict
+    assert 'class="warnline">Warning: 2 GEMM call(s) not analysed' in verdict
 
 
 def test_header_has_dtype_device_threads_and_coverage(demo_html: str) -> None:
@@ -362,7 +362,7 @@ def test_the_verdict_says_its_share_is_of_the_forward_gemms_and_relates_a_warnin
     rec = html.split('<h2 id="recommendation">')[1].split("<h2 ")[0]
     assert "the one with the most forward GEMM FLOPs in low precision" in rec
     assert '<th scope="col">low-precision forward FLOPs</th>' in rec
-    (warned,) = re.findall(r'<li class="warnline">(warning: activation underflow[^<]*)</li>', verdict)
+    (warned,) = re.findall(r'<li class="warnline">(Warning: activation underflow[^<]*)</li>', verdict)
     assert "worst: blocks.0.fc1 under mxfp8 25.0 %" in warned
     assert warned.endswith("(mxfp8 is the recommended recipe: its end-to-end check passed with this underflow)")
 
@@ -418,7 +418,7 @@ def test_a_surrogate_end_to_end_loss_has_a_banner_saying_so(small: dict, tmp_pat
     assert banner.startswith("<strong>Surrogate loss end to end.</strong> The loss is a surrogate:\nthe mean of squares")
     assert "The end-to-end loss changes, and a loss budget, measure how far that moves, not your training loss" in banner
     assert verdict.index('id="surrogate-loss"') < verdict.index('<div class="tcaption">End to end, per strategy')
-    assert ("warning: the end-to-end loss changes and the gradients come from a surrogate loss (mean of squared "
+    assert ("Warning: the end-to-end loss changes and the gradients come from a surrogate loss (mean of squared "
             "outputs)") in verdict
     # without an end-to-end run only the gradients are the surrogate's; a model's own loss has no banner
     data["tables"].pop("e2e")
@@ -515,3 +515,25 @@ def test_the_worst_layers_table_gives_each_rows_lowest_sqnr_and_count_under_the_
     assert all(len(row) == len(worst["columns"]) for row in worst["rows"])
     fine = worst["rows"][-1]
     assert fine[2]["text"] == "0 of 3" and fine[2]["cls"] == "muted"
+
+
+def test_banners_and_verdict_notes_start_with_a_capital(small: dict, tmp_path: Path) -> None:
+    """The verdict's lines are the terminal's ("warning: …", "captured …", "the KL budget cannot be judged: …") and
+    stood in the report's banners and list as sentences without a capital beside ones with (QA)."""
+    from fp8probe.report.render import sentence
+
+    assert sentence("the KL budget") == "The KL budget" and sentence("") == "" and sentence("KL") == "KL"
+    data = with_agreed_tables(copy.deepcopy(small), keep=[])
+    for r in data["tables"]["recommendation"]:
+        if r["kind"] == "strategy":
+            r.update(recommended=False, within_budget=False)
+    for r in data["tables"]["e2e"]:
+        r["kl_div"] = None
+    for r in data["tables"]["recommendation"]:
+        r["budget_kind"] = "kl"
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    verdict = html.split('<section id="verdict">')[1].split("</section>")[0]
+    assert '<div class="callout bad verdict-main">The KL budget cannot be judged: ' in verdict
+    items = re.findall(r"<li[^>]*>([^<]*)</li>", verdict)
+    assert items and all(item[0].isupper() for item in items), items
+    assert 'class="warnline">Warning: 2 GEMM call(s) not analysed' in verdict

@@ -296,7 +296,7 @@ def test_a_recipe_flushing_a_large_share_of_an_operand_is_warned_with_what_avoid
     data["tables"]["operands"] = rows
     html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
     verdict = html[html.index('id="verdict"'):html.index("</section>")]
-    assert "warning: grad_output underflow: over 10 % of its non-zero elements flush to zero in 5 of 5" in verdict
+    assert "Warning: grad_output underflow: over 10 % of its non-zero elements flush to zero in 5 of 5" in verdict
 
 
 def test_the_underflow_hint_names_only_recipes_the_run_did_not_try() -> None:
