@@ -230,7 +230,9 @@ def _pct(value: Any) -> dict:
 
 
 def _table(tid: str, columns: Sequence[str], rows: list[list[dict]], groups: Sequence[tuple[str, int]] = ()) -> dict:
-    """A table of the view model. Each column is aligned one way, its header with it (QA D2: right-aligned
+    """A table of the view model; ``tid`` its HTML id, unique in the page: a table under a section heading of its own
+    name is "<name>-table" (the heading and the table shared "recommendation", "coverage", …: duplicate ids, and a
+    link to the section could land on either). Each column is aligned one way, its header with it (QA D2: right-aligned
     headers sat above left-aligned names, and "–" right of left-aligned text): a column holding any text
     cell ("txt") is a text column, its other cells and its header ("text") are marked so (left-aligned)."""
     text = [any("txt" in c["cls"].split() for c in col) for col in zip(*rows)]
@@ -373,7 +375,7 @@ def _special_values(tables: Mapping) -> dict:
                         cell(r.get("numel"), "{:.0f}"), cell(what)] +
                        [cell(r.get(k), "{:.0f}", "bad" if k in _FLAGGING and _count(r, k) else "")
                         for k, _ in present])
-    table = _table("special", ["layer", "tensor", "numel", "all zero / empty", *[label for _, label in present]], flagged)
+    table = _table("special-table", ["layer", "tensor", "numel", "all zero / empty", *[label for _, label in present]], flagged)
     notes = []
     for tname, what_key in (("gemm", "gemm"), ("operands", "operand")):
         for r in tables.get(tname, []):
@@ -615,7 +617,7 @@ def _outlier_section(layers: list[str], tables: Mapping) -> dict | None:
         return ", ".join(f"{d}: {_fmt_g(a)}" + (f" ({100 * t:.0f} % of tokens)" if _isnum(t) else "")
                          for d, a, t in tops(r)[:5])
 
-    table = _table("outliers", ["layer", "threshold", "outlier cols", "frac cols", "frac tokens", "top dims (dim: amax)"], [
+    table = _table("outliers-table", ["layer", "threshold", "outlier cols", "frac cols", "frac tokens", "top dims (dim: amax)"], [
         [cell(r["layer"]), cell(r.get("threshold"), "{:g}"), cell(r.get("n_outlier_cols"), "{:.0f}"),
          _pct(r.get("frac_cols")), _pct(r.get("frac_rows")), cell(describe(r) or "–")] for r in rows])
     flagged = [x for x in layers if x in first and tops(first[x])]
@@ -729,7 +731,7 @@ def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
     figure = figures.figure_to_data_uri(figures.sweep_panels(panels)) if draw else None
     return {"rule": rule, "figure": figure, "targets": ", ".join(targets), "overhead": ", ".join(overhead),
             "model": model["label"] if model else "", "note": note,
-            "table": _table("blocksize", ["layer", "recommended", "auto (get_block_sizes)",
+            "table": _table("blocksize-table", ["layer", "recommended", "auto (get_block_sizes)",
                                           *[f"{bs}" for bs in sizes]], table_rows,
                             groups=[("", 3), ("fprop SQNR (dB) per block size", len(sizes))])}
 
@@ -776,7 +778,7 @@ def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
         {"title": "16-bit columns vs threshold", "series": s_frac, "xlabel": "outlier threshold",
          "ylabel": "% input columns kept in 16-bit", "vline": model}]))
     return {"rule": rule, "figure": figure, "model": model["label"] if model else "", "note": note,
-            "table": _table("threshold", ["layer", "recommended", *[f"{th:g}" + (" (run)" if th == run else "")
+            "table": _table("threshold-table", ["layer", "recommended", *[f"{th:g}" + (" (run)" if th == run else "")
                                                                     for th in ths]], table_rows,
                             groups=[("", 2), ("fprop SQNR (dB) / % columns in 16-bit, per threshold" +
                                               ("; (run): this analysis' --threshold" if run is not None else ""),
@@ -1140,7 +1142,7 @@ def _recommendation_section(tables: Mapping, keep_db: float = KEEP_16BIT_DB) -> 
 
     tail = ["loss change", "KL", *(["output SQNR dB"] if sqnr else []), LP_FLOPS_HEADER, "within budget",
             *([] if budget else ["budget"])]
-    strategies = _table("recommendation", ["strategy", *(["kept in 16-bit (in sensitivity-rank order)"]
+    strategies = _table("recommendation-table", ["strategy", *(["kept in 16-bit (in sensitivity-rank order)"]
                                                          if keep_sets else []), *tail, "recommended recipe"], [
         [cell(r.get("strategy"), cls="txt strong" if r.get("recommended") else ""),
          *([_keep_cell(keep, r.get("n_keep"), ranks.get(r.get("strategy"), {}))] if keep_sets else []),
@@ -1305,7 +1307,7 @@ def _training_section(tables: Mapping, draw: bool) -> dict | None:
                "high-precision run's; weight drift ‖θ − θ_hp‖ / ‖θ_hp − θ_0‖ (how far the recipe's weights end from "
                "the high-precision ones, relative to how far high-precision training moved them); the step a run "
                "diverged from (loss not finite, or far above its untrained value: the note says which)")
-    return {"figure": figure, "caption": caption, "table": _table("training", [
+    return {"figure": figure, "caption": caption, "table": _table("training-table", [
         "strategy", "steps", "last-step loss", f"mean loss, {last_n}", "mean / high precision's", "weight drift",
         "diverged from step", "note"], [
         [cell("high precision" if r.get("strategy") == "hp" else r.get("strategy")),
@@ -1433,7 +1435,7 @@ def _coverage_section(tables: Mapping) -> dict | None:
     rows = tables.get("coverage", [])
     if not rows:
         return None
-    return {"table": _table("coverage", ["kind", "op", "executed", "captured", "skipped", "reason", "GFLOPs",
+    return {"table": _table("coverage-table", ["kind", "op", "executed", "captured", "skipped", "reason", "GFLOPs",
                                          "GFLOPs captured", "captured share"], [
         [cell(r.get("kind")), cell(r.get("op")), cell(r.get("executed"), "{:.0f}"), cell(r.get("captured"), "{:.0f}"),
          cell(r.get("skipped"), "{:.0f}", "bad" if _isnum(r.get("skipped")) and r["skipped"] else ""),
@@ -1498,7 +1500,7 @@ def _block_scales_section(tables: Mapping, draw: bool) -> dict | None:
          cell(f"{min(p['exps'])} … {max(p['exps'])}" if p["exps"] else None),
          _pct(p["clipped"] / p["blocks"] if p["blocks"] else None),
          _pct(p["under_blocks"] / p["blocks"] if p["blocks"] else None)] for (s, op), p in pooled.items()])
-    per_layer = _table("block-scales", ["layer", "strategy", "operand", "blocks", "zero blocks", "scale min",
+    per_layer = _table("block-scales-table", ["layer", "strategy", "operand", "blocks", "zero blocks", "scale min",
                                         "scale max", "log2 scale std", "clipped blocks", "underflow",
                                         "blocks with underflow", "worst block underflow"], [
         [cell(r.get("layer")), cell(r.get("strategy")), cell(_operand_label(r.get("layer"), r.get("operand"), second)),

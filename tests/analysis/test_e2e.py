@@ -744,7 +744,7 @@ def test_finite_blow_ups_diverge_every_run_by_name_and_the_terminal_says_so(tmp_
                                   f"{ratio['global']} (diverged from step 2), int8 {ratio['int8']} (diverged from "
                                   "step 2); high precision diverged from step 2")
     html = render_report(res.to_json(), tmp_path / "r.html", draw=False).read_text()
-    assert "training over 4 steps" in html  # (the verdict list of the report has the line too)
+    assert "Training over 4 steps" in html  # (the verdict list of the report has the line too)
     # a run that learns is not flagged
     calm = analyze(model, batches, "global", e2e=False, steps=3)
     assert calm.tables["training"]["diverged_step"].isna().all()

@@ -49,14 +49,14 @@ def test_header_has_dtype_device_threads_and_coverage(demo_html: str) -> None:
 
 
 def test_agreed_tables_rendered(demo_html: str) -> None:
-    rec = demo_html.split('id="recommendation"')[2].split("</table>")[0]
+    rec = demo_html.split('id="recommendation-table"')[1].split("</table>")[0]
     assert rec.count("<tr") == 1 + 2  # header row + strategy ×2; the block size and threshold have their own table
     settings = demo_html.split('id="recommendation-model"')[1].split("</table>")[0]
     assert settings.count("<tr") == 1 + 2
     sens = demo_html.split('id="sensitivity"')[1]
     assert 'id="sens-global"' in sens and 'id="sens-mxfp8"' in sens
     assert "mean / high precision&#39;s" in demo_html and "0.0042" in demo_html  # weight drift of mxfp8
-    cov = demo_html.split('id="coverage"')[2].split("</table>")[0]
+    cov = demo_html.split('id="coverage-table"')[1].split("</table>")[0]
     assert "conv3d not supported" in cov and 'class="bad"' in cov
 
 
@@ -537,3 +537,20 @@ def test_banners_and_verdict_notes_start_with_a_capital(small: dict, tmp_path: P
     items = re.findall(r"<li[^>]*>([^<]*)</li>", verdict)
     assert items and all(item[0].isupper() for item in items), items
     assert 'class="warnline">Warning: 2 GEMM call(s) not analysed' in verdict
+
+
+def test_every_html_id_is_unique_and_every_link_lands(tmp_path: Path) -> None:
+    """Section headings and their tables shared ids ("recommendation", "coverage", "threshold", …): a link to the
+    section could land on either, and getElementById found the heading (QA)."""
+    data = with_agreed_tables(load_results(DATA / "results_demo_small.json"), keep=["blocks.1.mlp.fc2"])
+    data["tables"]["tensors"][0]["subnormal_count"] = 4  # (the special-values table, under its own heading)
+    data["tables"]["delayed_scaling"] = [{"layer": "blocks.0.fc1", "strategy": "delayed", "operand": "activation",
+                                          "batches": 4, "warmup_batches": 1, "overflow_batches": 1, "saturated": 2,
+                                          "elements": 100, "max_amax_ratio": 1.1}]
+    html = render_report(data, tmp_path / "r.html", draw=False).read_text(encoding="utf-8")
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    for section in ("recommendation", "coverage", "special", "training", "outliers", "blocksize", "threshold",
+                    "delayed", "sensitivity"):
+        assert section in ids, section
+    assert sorted(i for i in set(ids) if ids.count(i) > 1) == []
+    assert set(re.findall(r'href="#([^"]+)"', html)) <= set(ids)

@@ -110,7 +110,7 @@ def test_recommendation_without_keep_sets_is_one_line_and_a_folded_table(tmp_pat
     rec = html.split('<h2 id="recommendation">')[1].split("<h2")[0]
     line = rec.split('<p id="recommendation-same">')[1].split("</p>")[0]
     assert "No strategy needs a layer kept in 16-bit" in line and "<strong>mxfp8</strong>" in line
-    assert rec.index("<details>") < rec.index('id="recommendation"') < rec.index("</details>")
+    assert rec.index("<details>") < rec.index('id="recommendation-table"') < rec.index("</details>")
     settings = rec.split('id="recommendation-model"')[1]
     assert "recommended" not in settings and "block size" in settings  # a setting is not a recipe to choose
     # with a keep-set the table stands open
@@ -157,7 +157,7 @@ def test_special_values_says_no_nan_inf_once(deep_html: str, tmp_path: Path) -> 
     data["tables"]["tensors"][0]["subnormal_count"] = 4
     html = render_report(data, tmp_path / "s.html", draw=False).read_text(encoding="utf-8")
     special = html.split('<h3 id="special">')[1].split("<h2")[0]
-    assert "No NaN or Inf in any captured" in special and 'id="special"' in special
+    assert "No NaN or Inf in any captured" in special and 'id="special-table"' in special
     assert 'id="special-none"' not in special
 
 
