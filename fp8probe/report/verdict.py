@@ -580,9 +580,8 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
         warnings.append(f"the training simulation diverged: {_names(diverged, 4)}; lower --lr")
     low = [f"{r['strategy']} {_num(r['keep_output_sqnr_db']):.1f} dB" for r in per_strategy if r["low_sqnr"]]
     if low:
-        warnings.append(f"within the loss budget, but the model output's SQNR is under {keep_db:g} dB: {_names(low)} "
-                        "(yes* in the report): the loss averages out errors the output shows; a smaller --budget keeps "
-                        "more layers in 16-bit")
+        warnings.append(f"within the loss budget, but the model output's SQNR is under {keep_db:g} dB: {_names(low)}: "
+                        "the loss averages out errors the output shows; a smaller --budget keeps more layers in 16-bit")
     hidden = hidden_kl_warning(recommended, t.get("e2e", []))
     if hidden:
         warnings.append(hidden)
