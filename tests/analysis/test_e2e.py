@@ -1386,3 +1386,25 @@ def test_delayed_pass_saves_no_weight_copy_and_recasts_it_exactly(backend: str, 
         assert torch.equal(x.grad, out.gemms["dgrad"]) and torch.equal(W.grad, out.gemms["wgrad"])
         assert len(state_model.history[(("fc", None), "weight")]) == batch + 1
     assert state_model.history == state_replay.history
+
+
+def test_a_plan_under_the_output_sqnr_floor_is_not_recommended_over_one_above() -> None:
+    """Within a loss budget the most low-precision FLOPs won: on a surrogate loss global (output 8.5 dB SQNR, 100 %
+    of FLOPs) was recommended over int8 (38.6 dB, 97 % of FLOPs: outlier columns in 16 bits)."""
+    def row(strategy, share, sqnr, kind="loss"):
+        return {"kind": "strategy", "strategy": strategy, "within_budget": True, "lp_flop_share": share,
+                "loss_rel_change": 0.0001, "kl_div": None, "output_sqnr_db": sqnr, "budget_kind": kind,
+                "recommended": False}
+
+    rows = [row("global", 1.0, 8.5), row("int8", 0.97, 38.6)]
+    E.mark_recommended(rows)
+    assert [r["strategy"] for r in rows if r["recommended"]] == ["int8"]
+    rows = [row("global", 1.0, 8.5), row("ocp-tensorwise", 0.97, 12.0)]  # none reaches the floor: FLOPs decide
+    E.mark_recommended(rows)
+    assert [r["strategy"] for r in rows if r["recommended"]] == ["global"]
+    rows = [row("global", 1.0, 8.5, "kl"), row("int8", 0.97, 38.6, "kl")]  # a KL budget bounds the output itself
+    E.mark_recommended(rows)
+    assert [r["strategy"] for r in rows if r["recommended"]] == ["global"]
+    rows = [row("global", 1.0, None), row("int8", 0.97, 38.6)]  # unmeasured SQNR is not under the floor
+    E.mark_recommended(rows)
+    assert [r["strategy"] for r in rows if r["recommended"]] == ["global"]
