@@ -310,12 +310,33 @@ _GEMMS_HELP = ("GEMM kinds to capture, comma-separated: linear, matmul (two acti
 
 
 def _check_gemms(gemms: str) -> tuple[str, ...]:
-    from fp8probe.analysis.gemms import parse_kinds
+    from fp8probe.analysis.gemms import KINDS, parse_kinds
 
+    _list_items("gemms", gemms, f"comma-separated GEMM kinds of all, {', '.join(KINDS)}")
     try:
         return parse_kinds(gemms)
     except ValueError as exc:
-        raise UsageFailure(f"--gemms: {exc}") from exc
+        raise _bad_option("gemms", str(exc)) from exc
+
+
+def _bad_option(name: str, message: str) -> UsageFailure:
+    """UsageFailure for a value of the current command's parameter ``name`` that a check in the command body
+    refused: ``--flag: message``."""
+    ctx = click.get_current_context()
+    param = next((p for p in ctx.command.params if p.name == name), None)
+    flag = max(param.opts, key=len) if param is not None else f"--{name.replace('_', '-')}"
+    return UsageFailure(f"{flag}: {message}")
+
+
+def _list_items(name: str, text: str, expected: str) -> list[str]:
+    """The stripped comma-separated items of the list option ``name``. An empty item (64,,128 or a trailing comma)
+    is refused, not skipped: it is a typo, often of a value that was meant to be there."""
+    items = [item.strip() for item in text.split(",")]
+    empty = [i for i, item in enumerate(items, 1) if not item]
+    if empty:
+        where = f"item {empty[0]} of {len(items)} is empty" if len(items) > 1 else "it is empty"
+        raise _bad_option(name, f"expected {expected}, got {text!r} ({where})")
+    return items
 
 
 def _check_names(model: str, factory: str | None, loss_spec: str | None, strategy: str | None = None) -> None:
@@ -328,6 +349,7 @@ def _check_names(model: str, factory: str | None, loss_spec: str | None, strateg
     if strategy is not None:
         from fp8probe.analysis.strategies import resolve
 
+        _list_items("strategy", strategy, "a strategy name, a comma-separated list of them, or all")
         checks.append((None, lambda: resolve(strategy)))
     if factory:
         checks.append(("--factory", lambda: resolve_callable(factory)))
@@ -1147,42 +1169,61 @@ def _sweep_options(func):
     return func
 
 
+#: The item of --blocksizes that stands for the doublings between its neighbours (32,64,...,4096).
+RANGE_ITEM = "..."
+
+
 def _parse_blocksizes(text: str) -> list[int]:
     """--blocksizes: comma-separated integers in 1..MAX_BLOCKSIZE (any size works: blocks run over the
-    flattened tensor, the last one may be partial; powers of two are only the usual choice)."""
+    flattened tensor, the last one may be partial; powers of two are only the usual choice), or a doubling
+    range ``32,64,...,4096`` (32, 64, 128, ..., 4096): the two sizes before ``...`` give the start and the
+    doubling, the one after it the end."""
+    expected = "comma-separated whole numbers like 64,128,256, or a doubling range like 32,64,...,4096"
+    items = _list_items("blocksizes", text, expected)
     sizes = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
+    for item in items:
+        if item in (RANGE_ITEM, "…"):
+            sizes.append(None)
             continue
         try:
             bs = int(item)
         except ValueError:
-            raise UsageFailure(f"--blocksizes must be comma-separated whole numbers like 64,128,256, got {item!r} "
-                               f"in {text!r}") from None
+            raise _bad_option("blocksizes", f"expected {expected}, got {item!r} in {text!r}") from None
         if not 1 <= bs <= MAX_BLOCKSIZE:
-            raise UsageFailure(f"--blocksizes must be between 1 and {MAX_BLOCKSIZE}, got {bs}")
+            raise _bad_option("blocksizes", f"expected block sizes between 1 and {MAX_BLOCKSIZE}, got {bs}")
         sizes.append(bs)
-    if not sizes:
-        raise UsageFailure(f"--blocksizes needs at least one block size, got {text!r}")
+    if None not in sizes:
+        return sizes
+    at = sizes.index(None)
+    if sizes.count(None) > 1 or at < 2 or at != len(sizes) - 2:
+        raise _bad_option("blocksizes", f"expected a doubling range as start,2*start,...,end (one '...' with two "
+                                        f"sizes before it and one after it, like 32,64,...,4096), got {text!r}")
+    first, second, end = sizes[at - 2], sizes[at - 1], sizes[-1]
+    if second != 2 * first:
+        raise _bad_option("blocksizes", f"a range doubles: expected the two sizes before '...' to be start,2*start "
+                                        f"(like 32,64), got {first},{second} in {text!r}")
+    ratio = end // second
+    if end <= second or end % second or ratio & (ratio - 1):
+        raise _bad_option("blocksizes", f"a range doubles from {second}: expected an end of {second} times a power of "
+                                        f"two ({2 * second}, {4 * second}, ...), got {end} in {text!r}")
+    sizes = sizes[:at]
+    while sizes[-1] < end:
+        sizes.append(2 * sizes[-1])
     return sizes
 
 
 def _parse_thresholds(text: str) -> list[float]:
     """--thresholds: comma-separated finite numbers >= 0 (0 = no outlier decomposition)."""
+    expected = "comma-separated finite numbers >= 0 like 0,2,6"
     values = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
+    for item in _list_items("thresholds", text, expected):
         try:
             t = float(item)
         except ValueError:
-            raise UsageFailure(f"--thresholds must be comma-separated numbers like 0,2,6, got {item!r} "
-                               f"in {text!r}") from None
+            raise _bad_option("thresholds", f"expected {expected}, got {item!r} in {text!r}") from None
         if not math.isfinite(t) or t < 0:
-            raise UsageFailure(f"--thresholds must be finite numbers >= 0, got {item!r}")
+            raise _bad_option("thresholds", f"expected {expected}, got {item!r} in {text!r}")
         values.append(t)
-    if not values:
-        raise UsageFailure(f"--thresholds needs at least one threshold, got {text!r}")
     return values
 
 

@@ -143,7 +143,7 @@ CASES = [
     ("sweep-blocksize-text", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", "big", "--out", o],
      ["--blocksizes"]),
     ("sweep-blocksize-empty", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", ",", "--out", o],
-     ["at least one"]),
+     ["item 1 of 2 is empty"]),
     ("sweep-blocksize-huge", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", str(2**40), "--out", o],
      ["--blocksizes"]),
     ("sweep-blocksize-png", lambda f, o: ["sweep-blocksize", str(f["png"]), "--out", o], ["PNG image"]),
@@ -202,6 +202,50 @@ def test_bad_input_exits_2_with_one_line(files, tmp_path, make_args, needles) ->
     _assert_one_line_usage_error(res, *needles)
     # nothing half-done is left behind by a refused run
     assert not out.exists() or not any(out.iterdir())
+
+
+# A list option with an empty item: a typo (64,,128), not a value to skip; refused before the model is loaded.
+EMPTY_ITEMS = [
+    (["sweep-blocksize", "--blocksizes", "64,,128"], ["--blocksizes: expected comma-separated whole numbers",
+                                                      "got '64,,128' (item 2 of 3 is empty)"]),
+    (["sweep-blocksize", "--blocksizes", "64,128,"], ["--blocksizes", "got '64,128,' (item 3 of 3 is empty)"]),
+    (["sweep-threshold", "--thresholds", "0,,6"], ["--thresholds: expected comma-separated finite numbers >= 0",
+                                                   "got '0,,6' (item 2 of 3 is empty)"]),
+    (["analyze", "--strategy", "global,,int8"], ["--strategy: expected a strategy name",
+                                                 "got 'global,,int8' (item 2 of 3 is empty)"]),
+    (["analyze", "--gemms", ",linear"], ["--gemms: expected comma-separated GEMM kinds",
+                                         "got ',linear' (item 1 of 2 is empty)"]),
+    (["sweep-blocksize", "--gemms", "linear,,conv"], ["--gemms", "(item 2 of 3 is empty)"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", EMPTY_ITEMS, ids=[" ".join(a[1:]) for a, _ in EMPTY_ITEMS])
+def test_list_option_with_an_empty_item_is_refused(files, tmp_path, args, needles) -> None:
+    res = _invoke([args[0], str(files["pt2"]), *args[1:], "--out", str(tmp_path / "o")])
+    _assert_one_line_usage_error(res, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_blocksizes_doubling_range() -> None:
+    from fp8probe.cli import _parse_blocksizes
+
+    assert _parse_blocksizes("32,64,...,4096") == [32, 64, 128, 256, 512, 1024, 2048, 4096]
+    assert _parse_blocksizes("16, 32,64 , ... ,128") == [16, 32, 64, 128]
+    assert _parse_blocksizes("100,200,...,800") == [100, 200, 400, 800]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("32,...,4096", "two sizes before it and one after it"),
+    ("...,4096", "two sizes before it and one after it"),
+    ("32,64,...", "two sizes before it and one after it"),
+    ("32,64,...,1024,...,4096", "two sizes before it and one after it"),
+    ("32,48,...,4096", "expected the two sizes before '...' to be start,2*start (like 32,64), got 32,48"),
+    ("32,64,...,1000", "expected an end of 64 times a power of two (128, 256, ...), got 1000"),
+    ("32,64,...,64", "got 64"),
+])
+def test_blocksizes_malformed_range(files, tmp_path, text, needle) -> None:
+    res = _invoke(["sweep-blocksize", str(files["pt2"]), "--blocksizes", text, "--out", str(tmp_path / "o")])
+    _assert_one_line_usage_error(res, "--blocksizes", needle)
 
 
 @pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full (every write: ENOSPC)")
