@@ -293,7 +293,8 @@ def _check_device(device: str) -> None:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():  # is_available() does not initialise CUDA
-        raise UsageFailure("--device cuda but no CUDA device is available to torch: use --device cpu")
+        raise _bad_option("device", "--device cuda but no CUDA device is available to torch: use --device cpu",
+                          prefix=False)
 
 
 def _check_layers(layers: str | None) -> None:
@@ -302,7 +303,8 @@ def _check_layers(layers: str | None) -> None:
     try:
         re.compile(layers)
     except re.error as exc:
-        raise UsageFailure(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from exc
+        raise _bad_option("layers", f"--layers must be a valid regular expression, got {layers!r} ({exc})",
+                          prefix=False) from exc
 
 
 _GEMMS_HELP = ("GEMM kinds to capture, comma-separated: linear, matmul (two activations), attention (QKᵀ and PV of "
@@ -319,13 +321,19 @@ def _check_gemms(gemms: str) -> tuple[str, ...]:
         raise _bad_option("gemms", str(exc)) from exc
 
 
-def _bad_option(name: str, message: str) -> UsageFailure:
+def _bad_option(name: str, message: str, *, prefix: bool = True) -> UsageFailure:
     """UsageFailure for a value of the current command's parameter ``name`` that a check in the command body
-    refused: ``--flag: message``."""
+    refused: ``--flag: message``, with the environment variable it came from when it was not typed (as
+    _FlagEnvOption says for click's own checks: FP8PROBE_ANALYZE_STRATEGY=fp9 in a CI job's environment
+    read "strategy must be ..." with nothing pointing at the variable). ``prefix`` False: the message names
+    the flag itself."""
     ctx = click.get_current_context()
     param = next((p for p in ctx.command.params if p.name == name), None)
     flag = max(param.opts, key=len) if param is not None else f"--{name.replace('_', '-')}"
-    return UsageFailure(f"{flag}: {message}")
+    var = ctx.meta.get("fp8probe.envvars", {}).get(name)
+    if var and ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT:
+        message = f"{message} (from the environment variable {var})"
+    return UsageFailure(f"{flag}: {message}" if prefix else message)
 
 
 def _list_items(name: str, text: str, expected: str) -> list[str]:
@@ -350,18 +358,18 @@ def _check_names(model: str, factory: str | None, loss_spec: str | None, strateg
         from fp8probe.analysis.strategies import resolve
 
         _list_items("strategy", strategy, "a strategy name, a comma-separated list of them, or all")
-        checks.append((None, lambda: resolve(strategy)))
+        checks.append(("strategy", lambda: resolve(strategy)))
     if factory:
-        checks.append(("--factory", lambda: resolve_callable(factory)))
+        checks.append(("factory", lambda: resolve_callable(factory)))
     elif ":" in model and not Path(model).exists():
         checks.append((None, lambda: resolve_callable(model)))
     if loss_spec:
-        checks.append(("--loss", lambda: resolve_callable(loss_spec)))
-    for what, check in checks:
+        checks.append(("loss_spec", lambda: resolve_callable(loss_spec)))
+    for name, check in checks:
         try:
             check()
         except (LoadError, ValueError) as exc:
-            raise _fail(exc, what) from exc
+            raise (_fail(exc) if name is None else _bad_option(name, _fail(exc).message)) from exc
 
 
 def _default_out(run_name: str, suffix: str = "") -> Path:
@@ -634,7 +642,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
 
         budget = parse_budget(budget_spec)
     except ValueError as exc:
-        raise _fail(exc, "--budget") from exc
+        raise _bad_option("budget_spec", _fail(exc).message) from exc
     options = _recipe_options(int8_row_scale, accum_bits, promote_every, amax_history, amax_compute, margin)
     if optimizer_spec is not None and not steps:  # (checked even unused: a typo should not wait for --steps)
         from fp8probe.analysis.loading import LoadError, resolve_callable
@@ -642,7 +650,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
         try:
             resolve_callable(optimizer_spec)
         except (LoadError, ValueError) as exc:
-            raise _fail(exc, "--optimizer") from exc
+            raise _bad_option("optimizer_spec", _fail(exc).message) from exc
     if steps and (no_grad or stream):
         raise UsageFailure(f"--steps trains the model, which needs gradients: expected --steps 0 with "
                            f"{'--stream' if stream else '--no-grad'}, got --steps {steps}")
@@ -1249,7 +1257,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
     try:  # before --out, like the other options the user typed
         budget = parse_budget(budget_spec)
     except ValueError as exc:
-        raise _fail(exc, "--budget") from exc
+        raise _bad_option("budget_spec", _fail(exc).message) from exc
     run_name = name or Path(model.split(":")[0]).stem or kind
     out = Path(out_dir) if out_dir else _default_out(run_name, f"-{kind}")
     world = _join_ranks(device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import click
+import pytest
+import torch
 from click.testing import CliRunner
 
 from fp8probe.cli import _FlagEnvOption, cli
@@ -49,3 +51,36 @@ def test_a_bad_value_from_the_environment_names_the_variable() -> None:
     typed = CliRunner().invoke(cli, ["formats", "--format", "bogus"])
     assert typed.exit_code == 2 and "environment" not in typed.output
 
+
+
+# Values checked in the command body (not by click's parameter types) name their environment variable too: these
+# said "strategy must be ..." with nothing pointing at the FP8PROBE_ANALYZE_STRATEGY set for a whole CI job.
+BODY_CHECKED = [
+    ("analyze", "STRATEGY", "fp9", "--strategy: strategy must be"),
+    ("analyze", "STRATEGY", "global,,int8", "--strategy: expected a strategy name"),
+    ("analyze", "GEMMS", "lin", "--gemms: expected GEMM kinds"),
+    ("analyze", "LAYERS", "(", "--layers must be a valid regular expression"),
+    ("analyze", "BUDGET", "lots", "--budget: expected a budget"),
+    ("analyze", "FACTORY", "no_such_module_zz:build", "--factory: cannot import module"),
+    ("analyze", "LOSS", "no_such_module_zz:loss", "--loss: cannot import module"),
+    ("analyze", "OPTIMIZER", "no_such_module_zz:opt", "--optimizer: cannot import module"),
+    ("sweep-blocksize", "BLOCKSIZES", "64,,128", "--blocksizes: expected comma-separated whole numbers"),
+    ("sweep-blocksize", "BLOCKSIZES", "32,48,...,4096", "--blocksizes: a range doubles"),
+    ("sweep-threshold", "THRESHOLDS", "0,low", "--thresholds: expected comma-separated finite numbers"),
+]
+
+
+@pytest.mark.parametrize("command, option, value, message", BODY_CHECKED,
+                         ids=[f"{c}-{o}-{v}" for c, o, v, _ in BODY_CHECKED])
+def test_a_bad_value_from_the_environment_checked_in_the_command_names_the_variable(tmp_path, command, option, value,
+                                                                                    message) -> None:
+    var = f"FP8PROBE_{command.upper().replace('-', '_')}_{option}"
+    model = tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.randn(4, 4, generator=torch.Generator().manual_seed(0))}, model)
+    res = CliRunner().invoke(cli, [command, str(model), "--out", str(tmp_path / "o")], env={var: value})
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert message in lines[0] and lines[0].endswith(f"(from the environment variable {var})"), lines[0]
+    typed = CliRunner().invoke(cli, [command, str(model), "--out", str(tmp_path / "o"),
+                                     f"--{option.lower()}", value])
+    assert typed.exit_code == 2 and message in typed.stderr and "environment" not in typed.stderr, typed.output
