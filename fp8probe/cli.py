@@ -219,13 +219,17 @@ class FiniteFloat(click.ParamType):
 
 
 def _analysis_failure(exc: BaseException, inputs: str | None) -> UsageFailure:
-    """One line for an error raised while running the model; when the model rejected the batches, say
-    which file to check (the usual cause is an inputs file saved for another model or shape)."""
+    """One line for an error raised while running the model; when the model rejected a batch (capture.InputsError,
+    which names the batch and, for an eager model, its first layer), say which file it came from."""
+    from fp8probe.analysis.capture import InputsError
+
     failure = _fail(exc)
-    if inputs and "model failed" in failure.message:
-        failure.message += f" (check that --inputs {inputs} holds what the model's forward() expects)"
-    elif inputs and "do not match the exported program" in failure.message:
-        failure.message += f" (check that --inputs {inputs} holds inputs of the shapes the program was exported for)"
+    if not isinstance(exc, InputsError):
+        return failure
+    source = f"--inputs {inputs}" if inputs else "the model's own batches (its factory's or the program's example inputs)"
+    failure.message = f"{source}: {failure.message}"
+    if "do not match the exported program" in failure.message:
+        failure.message += " (the program takes inputs of the shapes it was exported for)"
     return failure
 
 

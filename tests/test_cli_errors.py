@@ -226,6 +226,35 @@ def test_list_option_with_an_empty_item_is_refused(files, tmp_path, args, needle
     assert not (tmp_path / "o").exists()
 
 
+def test_inputs_that_do_not_fit_name_the_batch_the_file_and_the_first_layer(files, tmp_path) -> None:
+    """torch's words alone ("mat1 and mat2 shapes cannot be multiplied (3x13 and 8x16)") named neither the batch nor
+    which operand was the input; the second of two batches is the odd one here."""
+    mixed = tmp_path / "mixed.pt"
+    gen = torch.Generator().manual_seed(2)
+    torch.save([torch.randn(3, IN_FEATURES, generator=gen), torch.randn(3, IN_FEATURES + 5, generator=gen)], mixed)
+    for command in ("analyze", "sweep-threshold"):
+        res = _invoke([command, str(files["state_dict"]), "--factory", f"{files['factory']}:build", "--inputs",
+                       str(mixed), "--out", str(tmp_path / command), "-q", "--no-html"])
+        _assert_one_line_usage_error(
+            res, f"--inputs {mixed}: inputs batch 1 (counting from 0) of 2: the model failed on the inputs: RuntimeError: "
+                 "mat1 and mat2 shapes cannot be multiplied (3x13 and 8x16)",
+            "the batch holds arg0 3 x 13 float32 and the model's first layer 0 is Linear(in_features=8, "
+            "out_features=16, bias=True): check the inputs' shape and dtype against it")
+    res = _invoke(["analyze", str(files["pt2"]), "--inputs", str(mixed), "--out", str(tmp_path / "p"), "-q"])
+    _assert_one_line_usage_error(res, f"--inputs {mixed}: inputs batch 1 (counting from 0) of 2: inputs do not match "
+                                      "the exported program", "to be equal to 8, but got 13")
+
+
+def test_factory_batches_that_do_not_fit_say_so(tmp_path) -> None:
+    factory = tmp_path / "odd.py"
+    factory.write_text("import torch\ndef build():\n    torch.manual_seed(0)\n"
+                       "    return torch.nn.Linear(4, 2), [torch.randn(2, 5)]\n")
+    res = _invoke(["analyze", f"{factory}:build", "--out", str(tmp_path / "o"), "-q", "--no-html"])
+    _assert_one_line_usage_error(res, "the model's own batches (its factory's or the program's example inputs): inputs "
+                                      "batch 0 (counting from 0) of 1", "the batch holds arg0 2 x 5 float32 and the "
+                                      "model's first layer Linear is Linear(in_features=4, out_features=2, bias=True)")
+
+
 def test_blocksizes_doubling_range() -> None:
     from fp8probe.cli import _parse_blocksizes
 

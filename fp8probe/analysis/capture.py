@@ -229,6 +229,10 @@ class _Recorder(GemmHandler):
             self.deliver(index, None)
 
 
+class InputsError(LoadError):
+    """A batch the model (or exported program) cannot run: the caller names the batch and where it came from."""
+
+
 def is_exported_graph(model: Any) -> bool:
     """True for a GraphModule with GEMM nodes (what ep.module() gives), captured through its graph."""
     return isinstance(model, torch.fx.GraphModule) and any(
@@ -246,13 +250,13 @@ def graph_inputs(gm: torch.fx.GraphModule, batch: Batch) -> list:
     try:
         bound = inspect.signature(gm.forward).bind(*batch.args, **batch.kwargs)
     except TypeError as exc:
-        raise LoadError(f"inputs do not match the exported program's signature: {exc}") from None
+        raise InputsError(f"inputs do not match the exported program's signature: {exc}") from None
     for hook in list(gm._forward_pre_hooks.values()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             try:
                 hook(gm, *_as_exported(gm, bound))
             except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
-                raise LoadError(f"inputs do not match the exported program: {one_line(exc)}") from None
+                raise InputsError(f"inputs do not match the exported program: {one_line(exc)}") from None
     return gm.graph._codegen.process_inputs(*bound.args, **bound.kwargs)
 
 
@@ -376,7 +380,32 @@ def _forward(model: Callable, batch: Batch, rec: _Recorder, coverage: Coverage) 
     except LoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
-        raise LoadError(f"the model failed on the inputs: {one_line(exc)}") from exc
+        raise InputsError(f"the model failed on the inputs: {one_line(exc)}{first_layer_hint(model, batch)}") from exc
+
+
+def _tensors_text(batch: Batch) -> str:
+    """``arg0 8 x 12 float32, mask 8 x 5 bool``: the batch's top-level tensors (positional ones as arg<i>)."""
+    named = [(f"arg{i}", a) for i, a in enumerate(batch.args)] + list(batch.kwargs.items())
+    return ", ".join(f"{name} {' x '.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
+                     for name, t in named if isinstance(t, torch.Tensor))
+
+
+def first_layer_hint(model: Any, batch: Batch) -> str:
+    """What to check when an eager model failed on ``batch``: the batch's tensors beside the model's first layer
+    with weights (``"; the batch holds arg0 8 x 12 float32 and the model's first layer fc1 is Linear(in_features=16,
+    ...): check the inputs' shape and dtype against it"``). Torch's own text ("mat1 and mat2 shapes cannot be
+    multiplied (8x12 and 16x32)") names neither the layer nor which operand is the input. "" for an exported
+    program (its check names the dimension itself) or a model without a layer with weights."""
+    if not isinstance(model, nn.Module) or is_exported_graph(model):
+        return ""
+    first = next(((name, m) for name, m in model.named_modules()
+                  if not any(True for _ in m.children()) and any(True for _ in m.parameters(recurse=False))), None)
+    held = _tensors_text(batch)
+    if first is None or not held:
+        return ""
+    name, layer = first
+    return (f"; the batch holds {held} and the model's first layer {name or type(model).__name__} is "
+            f"{' '.join(repr(layer).split())}: check the inputs' shape and dtype against it")
 
 
 def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], None], *,

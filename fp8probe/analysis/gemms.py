@@ -372,6 +372,10 @@ class _Interceptor:
         if not _is_float(x, w):
             return self.other("linear", 0.0, "non-floating-point operands", original)
         lead, n, k = x.shape[:-1], w.shape[0], w.shape[-1]
+        if x.dim() == 0 or x.shape[-1] != k:
+            # Operands that do not fit: torch's own error ("mat1 and mat2 shapes cannot be multiplied (3x13 and
+            # 8x16)"), not that of the flattening below ("shape '[-1, 8]' is invalid for input of size 39").
+            return original()
         weight = w if self.namer.weight(w) or self.path in self.namer.parametrized else None
         if weight is not None and 0 in w.shape:
             # Linear(0, n) / Linear(n, 0): a GEMM without elements has no error to measure (and its
@@ -398,6 +402,8 @@ class _Interceptor:
         x_vec, y_vec = x.dim() == 1, y.dim() == 1
         x2 = x.unsqueeze(0) if x_vec else x
         y2 = y.unsqueeze(-1) if y_vec else y
+        if x2.shape[-1] != y2.shape[-2]:
+            return original()  # (torch's own error for operands that do not fit, as in linear)
         m, k, n = x2.shape[-2], x2.shape[-1], y2.shape[-1]
         out_shape = torch.broadcast_shapes(x2.shape[:-2], y2.shape[:-2]) + (m, n)
 

@@ -24,7 +24,7 @@ from fp8probe.backends import cpu as _cpu
 from fp8probe.formats import FORMATS
 
 from . import distributed, streaming
-from .capture import GemmCall, LossFn, LossInfo, capture_batch
+from .capture import GemmCall, InputsError, LossFn, LossInfo, capture_batch
 from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .gemms import Coverage, parse_kinds
@@ -565,9 +565,11 @@ class Run:
             try:
                 got = capture_batch(self.module, self.batches[i], part, layers=self.layers, loss_fn=self.loss_fn,
                                     loss_name=self.loss_name, device=self.device, coverage=cov, grad=self.grad)
-            except BaseException:
+            except BaseException as exc:
                 if hasattr(part, "close"):  # replays still running in a pool (_Analysis)
                     part.close()
+                if isinstance(exc, InputsError):  # (which of the batches: a list of them may hold one odd one)
+                    raise InputsError(f"inputs batch {i} (counting from 0) of {len(self.batches)}: {exc}") from exc
                 raise
             return part.state(), cov, got
 
