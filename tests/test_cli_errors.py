@@ -439,3 +439,20 @@ def test_control_characters_in_names_and_paths_are_escaped(tmp_path, monkeypatch
     data = REPO / "tests" / "report" / "data" / "results_small.json"
     res = _invoke(["compare", str(data), str(data), "--out", str(out)])
     assert res.exit_code == 0 and "\x1b" not in res.output and "\\x1b" in res.stdout, res.output
+
+
+def test_a_corrupted_state_dict_is_one_line(files, tmp_path) -> None:
+    """A bit flipped in a tensor's bytes (weights-only analysis: the weight was analysed as it read)."""
+    import zipfile
+
+    data = bytearray(files["state_dict"].read_bytes())
+    with zipfile.ZipFile(files["state_dict"]) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
+    at = info.header_offset
+    data[at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(data[at + 28:at + 30], "little")] ^= 1
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    for args in (["analyze", str(bad)], ["sweep-blocksize", str(bad)],
+                 ["analyze", str(bad), "--factory", f"{files['factory']}:build", "--inputs", str(files["inputs"])]):
+        res = _invoke([*args, "--out", str(tmp_path / "o"), "-q"])
+        _assert_one_line_usage_error(res, "flipped.pt is corrupted: member weights/data/0 CRC mismatch")

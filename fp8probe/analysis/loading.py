@@ -114,6 +114,8 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read inputs file {p}: it is {kind}, not a torch.save file; pass the batches "
                         "saved with torch.save(tensor_or_list, 'inputs.pt')")
+    if kind == "zip":
+        verify_zip(p, "inputs file")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -129,6 +131,50 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
         raise LoadError(f"cannot read inputs file {p} ({one_line(exc)}): is it truncated? Save it again with "
                         "torch.save") from None
     return to_batches(obj)
+
+
+#: Bytes read at a time when verify_zip checks a member's CRC-32: memory stays bounded on a many-GB checkpoint.
+CRC_CHUNK_BYTES = 2**24
+# Archives whose CRC-32s verify_zip has checked, keyed by (path, size, modification time, inode): a sharded checkpoint
+# re-opens a shard as its tensors are read (Checkpoint._torch_file), and each file is to be read once more, not
+# once per opening. A file changed since has another key and is checked again.
+_VERIFIED: set[tuple] = set()
+
+
+def verify_zip(path: str | Path, what: str) -> None:
+    """LoadError when a member of the zip archive at ``path`` (torch.save >= 1.6, .pt2, .bin shards) does not
+    match the CRC-32 its directory records: torch.load does not check it, so a flipped byte in a tensor's data
+    loaded silently as a wrong weight. Reads every member once, CRC_CHUNK_BYTES at a time, after refusing an
+    archive that declares more than export_archive.MAX_INFLATION x its stored bytes (a zip bomb). A file that
+    is not a readable zip archive (truncated: no central directory) passes: its loader names that problem.
+    ``what`` names the file in the message ("inputs file", "state_dict", ...)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key in _VERIFIED:
+            return
+        zf = zipfile.ZipFile(p)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return
+    with zf:
+        infos = zf.infolist()
+        too_big = export_archive.size_problem(infos, trusted=True)
+        if too_big:
+            raise LoadError(f"refusing {what} {p}: {too_big}")
+        for info in infos:
+            try:
+                with zf.open(info) as member:
+                    while member.read(CRC_CHUNK_BYTES):
+                        pass
+            except zipfile.BadZipFile as exc:
+                why = "CRC mismatch" if "CRC" in str(exc) else f"unreadable ({exc})"
+                raise LoadError(f"{what} {p} is corrupted: member {info.filename} {why} (its bytes changed after it "
+                                "was written: a damaged copy or download?); copy or save it again") from None
+            except Exception as exc:  # noqa: BLE001 - zlib.error, EOFError (a cut member), RuntimeError (encrypted)
+                raise LoadError(f"{what} {p} is corrupted: member {info.filename} unreadable ({one_line(exc)}); copy or "
+                                "save it again") from None
+    _VERIFIED.add(key)
 
 
 # First bytes of the files people pass by mistake, named in the error message.
@@ -295,6 +341,7 @@ def _load_export(path: Path, names: list[str], trust_pickle: bool = False) -> Lo
     too_big = export_archive.size_problem(infos, trust_pickle)
     if too_big:
         raise LoadError(f"refusing torch.export program {path}: {too_big}")
+    verify_zip(path, "torch.export program")
     if not trust_pickle:
         try:
             problem = export_archive.code_problem(path, infos)
@@ -386,6 +433,9 @@ def _hf_config_class(path: Path) -> tuple[Any, Any, Any, str]:
 def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
     """Build exactly the class config.json names and load its weights; a weight that does not fit is an error."""
     transformers, config, cls, cls_name = _hf_config_class(path)
+    for weights in sorted(path.glob("*.bin")):  # (safetensors files carry no checksum to verify)
+        if sniff(weights) == "zip":
+            verify_zip(weights, "weights file")
     hf_logging = transformers.utils.logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr carries one line on failure, not a "Loading weights" bar
@@ -448,6 +498,8 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
         raise LoadError(TORCHSCRIPT_REFUSED.format(path=path))
     if kind == "zip" and not names:
         raise LoadError(f"cannot read {path}: the zip archive is truncated or corrupt; save or export it again")
+    if kind == "zip":
+        verify_zip(path, "model file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

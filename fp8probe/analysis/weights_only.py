@@ -27,7 +27,7 @@ from fp8probe.formats import FORMATS
 
 from .capture import libc_function, release_free_memory
 from .loading import (LoadError, _is_export_archive, _is_torchscript, _zip_names, is_state_dict, one_line, sniff,
-                      unwrap_state_dict)
+                      unwrap_state_dict, verify_zip)
 from .metrics import TOP_K, ErrorAccumulator, OperandAccumulator, TensorStats
 from .results import Results
 from .strategies import WEIGHT_QUANTIZERS, Strategy, quantisable, resolve
@@ -302,10 +302,13 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor] | None:
     imported or called): memory-mapped for the zip format (torch >= 1.6's default); a legacy (non-zip)
     file, which torch.load cannot map, is read whole. None when the file holds something else (a pickled
     module, a program, a non-tensor object)."""
+    zipped = sniff(path) == "zip"
+    if zipped:  # (a LoadError: not caught below, a corrupted file is not "something else")
+        verify_zip(path, "checkpoint file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=sniff(path) == "zip")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile):
         return None
     obj, _ = unwrap_state_dict(obj)  # (a training checkpoint: its "state_dict" / "model" entry)

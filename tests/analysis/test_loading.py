@@ -228,3 +228,62 @@ def test_a_tied_model_loads_from_either_checkpoint_layout(tmp_path) -> None:
     with pytest.raises(LoadError, match=r"2 missing key\(s\): embed.weight, head.weight; 1 unexpected key\(s\): "
                                         "other.weight"):
         load_model(tmp_path / "neither.pt", factory=f"{f}:build")
+
+
+def _flip_member_byte(src, dst, member_suffix: str) -> None:
+    """Copy the zip archive ``src`` to ``dst`` with one bit of ``member_suffix``'s stored data flipped (its CRC-32
+    in the directory no longer matches; torch.load does not notice)."""
+    import zipfile
+
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(member_suffix))
+    at = info.header_offset
+    start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(data[at + 28:at + 30], "little")
+    data[start + 5] ^= 0x40
+    dst.write_bytes(bytes(data))
+
+
+def test_a_corrupted_archive_is_refused_on_every_loading_path(tmp_path) -> None:
+    """Each file had one flipped bit in a tensor's bytes and loaded without a word: the analysis ran on a wrong
+    weight or input."""
+    import json
+
+    from fp8probe.analysis.streaming import load_streamed
+    from fp8probe.analysis.weights_only import open_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    torch.save([x], tmp_path / "in.pt")
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    (tmp_path / "f.py").write_text("import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(8, 16), "
+                                   "torch.nn.ReLU(), torch.nn.Linear(16, 4))\n")
+    factory = f"{tmp_path / 'f.py'}:build"
+    _flip_member_byte(tmp_path / "sd.pt", tmp_path / "sd_bad.pt", "/data/0")
+    _flip_member_byte(tmp_path / "in.pt", tmp_path / "in_bad.pt", "/data/0")
+    _flip_member_byte(tmp_path / "m.pt2", tmp_path / "m_bad.pt2", "weights/weight_0")
+    # the good files load (and the bad ones really do load without the check: torch reads the flipped bytes)
+    assert load_model(tmp_path / "sd.pt", factory=factory).kind == "state_dict" and load_inputs(tmp_path / "in.pt")
+    assert torch.load(tmp_path / "sd_bad.pt", weights_only=True)["0.weight"].shape == (16, 8)
+
+    def refused(call, name: str, member: str) -> None:
+        with pytest.raises(LoadError, match=f"{name} is corrupted: member {member} CRC mismatch"):
+            call()
+
+    refused(lambda: load_inputs(tmp_path / "in_bad.pt"), "in_bad.pt", "in/data/0")
+    refused(lambda: load_model(tmp_path / "sd_bad.pt", factory=factory), "sd_bad.pt", "sd/data/0")
+    refused(lambda: load_model(tmp_path / "m_bad.pt2"), "m_bad.pt2", "m/data/weights/weight_0")
+    refused(lambda: open_checkpoint(tmp_path / "sd_bad.pt"), "sd_bad.pt", "sd/data/0")  # (weights only)
+    refused(lambda: load_streamed(tmp_path / "sd_bad.pt", factory=factory), "sd_bad.pt", "sd/data/0")
+    # a sharded checkpoint of two .bin shards, the second corrupted
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    sd = model.state_dict()
+    torch.save({k: v for k, v in sd.items() if k.startswith("0.")}, shards / "a.bin")
+    torch.save({k: v for k, v in sd.items() if k.startswith("2.")}, tmp_path / "b.bin")
+    _flip_member_byte(tmp_path / "b.bin", shards / "b.bin", "/data/0")
+    (shards / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: "a.bin" if k.startswith("0.") else "b.bin" for k in sd}}))
+    refused(lambda: open_checkpoint(shards / "pytorch_model.bin.index.json"), "b.bin", "b/data/0")
