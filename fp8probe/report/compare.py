@@ -140,6 +140,42 @@ def _layers(results: Mapping) -> list[str]:
     return list(dict.fromkeys(r["layer"] for r in results["tables"]["layers"]))
 
 
+#: Names listed per side when two results are not comparable (what_differs), before "…".
+DIFFER_SHOWN = 3
+
+
+def _strategies(results: Mapping) -> list[str]:
+    """The strategies the results hold rows of (gemm and operands tables), in first-seen order."""
+    return list(dict.fromkeys(str(r["strategy"]) for t in ("gemm", "operands")
+                              for r in results["tables"].get(t, []) if isinstance(r, Mapping) and "strategy" in r))
+
+
+def what_differs(baseline: Mapping, current: Mapping) -> str:
+    """What tells two results apart, for the message refusing to compare them: ``model: a vs b; strategy: global vs
+    int8; 11 layer(s) only in baseline (blocks.0.fc1, …), 2 only in current (fc1, fc2), 0 in common`` ("" when
+    none of model, strategies, --layers and layers differ)."""
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:DIFFER_SHOWN]) + (", …" if len(items) > DIFFER_SHOWN else "")
+
+    parts = []
+    mb, mc = (str(r["metadata"].get("model", "")) for r in (baseline, current))
+    if mb != mc:
+        parts.append(f"model: {mb or '?'} vs {mc or '?'}")
+    sb, sc = _strategies(baseline), _strategies(current)
+    if set(sb) != set(sc):
+        parts.append(f"strategy: {','.join(sb) or 'none'} vs {','.join(sc) or 'none'}")
+    rb, rc = (r["metadata"].get("layers_regex") for r in (baseline, current))
+    if rb != rc:
+        parts.append(f"--layers: {rb or 'all'} vs {rc or 'all'}")
+    lb, lc = _layers(baseline), _layers(current)
+    only_b, only_c = [x for x in lb if x not in set(lc)], [x for x in lc if x not in set(lb)]
+    if only_b or only_c:
+        parts.append(f"{len(only_b)} layer(s) only in baseline" + (f" ({names(only_b)})" if only_b else "")
+                     + f", {len(only_c)} only in current" + (f" ({names(only_c)})" if only_c else "")
+                     + f", {len(set(lb) & set(lc))} in common")
+    return "; ".join(parts)
+
+
 def _shape_text(shape: tuple) -> str:
     return "[" + ", ".join(f"{x:g}" if isinstance(x, (int, float)) else str(x) for x in shape) + "]"
 
@@ -235,13 +271,19 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     validate_results(baseline, "baseline")
     validate_results(current, "current")
     if baseline["kind"] != current["kind"]:
-        raise ValueError(f"cannot compare a {baseline['kind']!r} result with a {current['kind']!r} result")
+        raise ValueError(f"cannot compare a {baseline['kind']!r} result with a {current['kind']!r} result: compare "
+                         "the results of one command (analyze with analyze, a sweep with the same sweep)")
     base_l, cur_l = _layers(baseline), _layers(current)
     if not base_l:
         raise ValueError("baseline: the layers table is empty, so there is nothing to compare against")
     if not set(base_l) & set(cur_l):
-        raise ValueError(f"baseline and current have no layer in common (baseline: {', '.join(base_l[:3])}; current: "
-                         f"{', '.join(cur_l[:3]) or 'none'}): are they results of the same model?")
+        raise ValueError(f"baseline and current have no layer in common ({what_differs(baseline, current)}): are "
+                         "they results of the same model?")
+    base_strategies, cur_strategies = _strategies(baseline), _strategies(current)
+    if base_strategies and cur_strategies and not set(base_strategies) & set(cur_strategies):
+        raise ValueError(f"baseline and current share no strategy, so no recipe's numbers can be compared "
+                         f"({what_differs(baseline, current)}): run current with the baseline's --strategy "
+                         f"{','.join(base_strategies)}")
     # A layer of the same name whose weight changed shape is another GEMM (a wider model, another model that
     # shares its layer names): its numbers are not compared, and it is a violation unless --allow-missing.
     shapes_b, shapes_c = (weight_shapes(r["tables"]["layers"]) for r in (baseline, current))
@@ -249,8 +291,10 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                 if layer in shapes_b and layer in shapes_c and shapes_b[layer] != shapes_c[layer]}
     if reshaped and len(reshaped) == len(set(base_l) & set(cur_l)):
         first, (b, c) = next(iter(reshaped.items()))
+        differs = what_differs(baseline, current)
         raise ValueError(f"every layer the runs share has another weight shape in current ({first}: "
-                         f"{_shape_text(b)} → {_shape_text(c)}): are they results of the same model?")
+                         f"{_shape_text(b)} → {_shape_text(c)}{'; ' + differs if differs else ''}): are they results "
+                         "of the same model?")
     violations: list[dict] = []
     for layer, (b, c) in reshaped.items():
         if not gates.allow_missing:
@@ -339,8 +383,9 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
         violations += missing
     e2e_rows = _e2e_gate(baseline, current, gates, violations)
     if not (sqnr_rows or outlier_rows or under_rows or e2e_rows) and (gates.allow_missing or not missing):
+        differs = what_differs(baseline, current)
         raise ValueError("baseline and current share no comparable entry (no SQNR, outlier or underflow row in "
-                         "both): nothing would be gated")
+                         f"both{': ' + differs if differs else ''}): nothing would be gated")
     failed_layers = list(dict.fromkeys(v["layer"] for v in violations))
     return {
         "baseline": _summary(baseline), "current": _summary(current), "gates": asdict(gates),

@@ -219,6 +219,32 @@ def test_unrelated_models_exit_2(base: dict, tmp_path: Path) -> None:
     assert res.exit_code == 2 and len(lines) == 1 and "no layer in common" in lines[0], res.output
 
 
+def test_unrelated_models_say_what_differs(base: dict, tmp_path: Path) -> None:
+    """The refusal listed three layer names of each side and nothing else: not the models, not the counts."""
+    other = json.loads(json.dumps(base).replace("blocks.", "encoder.layer.").replace('"head"', '"classifier"'))
+    other["metadata"]["model"] = "other:model"
+    res = _cli_compare(tmp_path, str(DATA), other)
+    line = res.stderr.strip()
+    assert res.exit_code == 2 and "\n" not in line, res.output
+    assert "(model: demo:transformer-small vs other:model; 5 layer(s) only in baseline (" in line
+    assert ", …), 5 only in current (encoder.layer." in line and ", 0 in common)" in line
+
+
+def test_results_of_other_strategies_say_so(base: dict, tmp_path: Path) -> None:
+    """Used to exit 1 "missing strategies" with 0 GEMMs gated, not naming what current ran."""
+    cur = copy.deepcopy(base)
+    for table in ("gemm", "operands"):
+        cur["tables"][table] = [r for r in cur["tables"][table] if r["strategy"] == "llm-int8"]
+    base_path = _write(tmp_path, "fp8.json", _without(base, gemm=lambda r: r["strategy"] == "llm-int8",
+                                                      operands=lambda r: r["strategy"] == "llm-int8"))
+    for extra in ((), ("--allow-missing",)):
+        res = _cli_compare(tmp_path, base_path, cur, *extra)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1, res.output
+        assert ("share no strategy, so no recipe's numbers can be compared (strategy: fp8-mixed,fp8-global vs "
+                "llm-int8): run current with the baseline's --strategy fp8-mixed,fp8-global") in lines[0]
+
+
 def test_nothing_comparable_exits_2(base: dict, tmp_path: Path) -> None:
     empty = copy.deepcopy(base)
     for t in ("gemm", "operands", "outliers", "blocksize_sweep", "threshold_sweep"):
