@@ -63,6 +63,8 @@ EXPORT_REFUSED = ("{path} is a torch.export archive that {why}; torch.export.loa
                   "--trust-pickle if you trust the file, or export the model again with torch.export.save")
 INPUTS_REFUSED = ("inputs file {path} holds objects other than tensors, tuples, lists and dicts (loading them runs "
                   "arbitrary code): save plain tensors with torch.save, or pass --trust-pickle if you trust the file")
+FACTORY_IGNORED = ("{path} is {what}, which holds its own model: --factory {factory} would be ignored. --factory builds the "
+                   "model for a state_dict (or a checkpoint with --stream); drop it, or pass the state_dict")
 TORCHSCRIPT_REFUSED = ("{path} is a TorchScript archive, which fp8probe cannot instrument: export the model with "
                        "torch.export.export(...) and torch.export.save(..., 'model.pt2') instead")
 
@@ -475,13 +477,19 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
     src = str(source)
     path = Path(src)
     if not path.exists():
-        if ":" in src and factory is None:
+        if ":" in src and factory is not None:
+            raise LoadError(f"model {src} is a module:function building the model, and --factory {factory} names "
+                            "another: pass one of them (--factory builds the model for a state_dict)")
+        if ":" in src:
             model, batches = _call_factory(src)
             return LoadedModel(model.eval(), "factory", f"factory {src}", batches)
         raise LoadError(f"model {src} does not exist: pass a .pt2 file (torch.export.save), a state_dict with "
                         "--factory, a Hugging Face model directory or module:function")
     if path.is_dir():
         if (path / "config.json").is_file():
+            if factory is not None:
+                raise LoadError(FACTORY_IGNORED.format(path=path, what="a Hugging Face model directory (config.json "
+                                                       "names its class)", factory=factory))
             return _load_huggingface(path, trust_pickle)
         raise LoadError(f"{path} is a directory without config.json; expected a .pt2 file, a state_dict or a "
                         "Hugging Face model directory")
@@ -493,6 +501,8 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
                         "state_dict with --factory, or a Hugging Face model directory")
     names = _zip_names(path)
     if _is_export_archive(names):
+        if factory is not None:  # (checked before the archive is read: the user's mistake comes first)
+            raise LoadError(FACTORY_IGNORED.format(path=path, what="a torch.export program", factory=factory))
         return _load_export(path, names, trust_pickle)
     if _is_torchscript(names):
         raise LoadError(TORCHSCRIPT_REFUSED.format(path=path))
@@ -509,6 +519,9 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
         raise LoadError(f"cannot read {path} ({one_line(exc)}): is it truncated? Save or export it again") from None
     if isinstance(obj, nn.Module):
+        if factory is not None:
+            raise LoadError(FACTORY_IGNORED.format(path=path, what=f"a pickled {type(obj).__name__} (a whole module)",
+                                                   factory=factory))
         return LoadedModel(obj.eval(), "pickle", f"pickled {type(obj).__name__} from {path.name}")
     obj, nested = unwrap_state_dict(obj)
     path_desc = path.name if nested is None else f"{path.name}[{nested!r}]"

@@ -111,6 +111,23 @@ def test_bad_usage_exits_2_with_one_line(saved, tmp_path, make_args, message) ->
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("make_args, what", [
+    (lambda s: [str(s["pt2"])], "model.pt2 is a torch.export program, which holds its own model"),
+    (lambda s: [str(s["pickle"]), "--trust-pickle"], "model.pt is a pickled DemoEncoder (a whole module), which holds"),
+    (lambda s: [f"{HERE / 'tiny_factory.py'}:build"], "tiny_factory.py:build is a module:function building the model, "
+                                                       f"and --factory {FACTORY} names another"),
+])
+@pytest.mark.parametrize("command", ["analyze", "sweep-blocksize"])
+def test_factory_with_a_model_that_holds_its_own_is_refused(saved, tmp_path, make_args, what, command) -> None:
+    """The factory was silently ignored: the run analysed the file's model, not the one --factory builds."""
+    result = CliRunner().invoke(cli, [command, *make_args(saved), "--factory", FACTORY, "--inputs", str(saved["inputs"]),
+                                      "--out", str(tmp_path / "o"), "-q", "--no-html"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and what in lines[0], result.output
+    assert "ignored" in lines[0] or "pass one of them" in lines[0]
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
 def test_factory_spec_as_model_json_output(tmp_path) -> None:
     threads = torch.get_num_threads()
     try:
