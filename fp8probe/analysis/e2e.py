@@ -1142,14 +1142,18 @@ def _initial_losses(runner: Runner) -> list[float]:
     if len(runner.loss_hp) == len(runner.batches):
         return list(runner.loss_hp)
     model = copy.deepcopy(runner.module)
+    params = [p for _, p in _float_params(model)]
     out = []
     for i, batch in enumerate(runner.batches):
         torch.manual_seed(runner.seed + i)  # as Runner._run: the same dropout masks as the reference
-        with torch.no_grad():
+        # Autograd on, as in the training steps: a model without a loss of its own is trained on the surrogate of
+        # its outputs that depend on the weights, and under torch.no_grad none does (--no-e2e --steps 2 failed with
+        # "the model output holds no floating-point tensor that depends on the weights").
+        with torch.enable_grad(), params_require_grad(params):
             output = model_forward(model, batch, Gemms(Plan(None, threshold=runner.threshold), runner.pattern,
                                                        runner.kinds))
             loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name)
-        out.append(float(loss))
+        out.append(float(loss.detach()))
         del output, loss
     del model
     return out

@@ -662,6 +662,19 @@ def test_training_with_an_optimizer_factory_and_the_analyze_api() -> None:
     assert res.metadata["training"]["steps"] == 3
 
 
+def test_training_without_end_to_end_runs_on_a_model_without_its_own_loss() -> None:
+    """--no-e2e --steps 2 on a model returning logits failed: the untrained losses were taken under torch.no_grad, where
+    no output depends on the weights, so the surrogate loss found nothing ("pass --loss"). The same numbers as with
+    the end-to-end runs, whose reference supplies those losses."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    alone = analyze(model, batches, "global", e2e=False, steps=2).tables["training"]
+    with_e2e = analyze(model, batches, "global", steps=2).tables["training"]
+    assert list(alone["strategy"]) == ["hp", "hp", "global", "global"]
+    pd.testing.assert_frame_equal(alone, with_e2e)
+
+
 def test_frozen_parameters_stay_frozen_in_training_and_out_of_the_gradient_comparison() -> None:
     """--steps handed every float parameter to the optimizer (a frozen embedding and backbone were trained), and
     the end-to-end gradient SQNR included the frozen ones."""
