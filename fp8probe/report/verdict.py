@@ -648,12 +648,24 @@ def training_line(summary: Mapping) -> str:
     from step 3)``: the training table in one line (verdict_lines prints it after the end-to-end lines)."""
     n = summary["window"]
     last = f"the last {n} step{'s' if n != 1 else ''}" if n is not None else "the last steps"
-    runs = [f"{r['strategy']} {_g(r['ratio'])}" + (f" ({r['diverged']})" if r["diverged"] else "")
+    runs = [f"{r['strategy']} {_ratio(r['ratio'])}" + (f" ({r['diverged']})" if r["diverged"] else "")
             for r in summary["runs"]]
     line = f"training over {summary['steps']} steps, mean loss of {last} / high precision's: " + ", ".join(runs)
     if summary["hp_diverged"]:
         line += f"; high precision {summary['hp_diverged']}"
     return line
+
+
+# A loss ratio under this prints with RATIO_DECIMALS decimals: recipes differ in the 3rd or 4th (1.0004 read "1" at
+# 3 significant digits, as if the recipe trained exactly like high precision); a diverged run's 1e+30 keeps .3g.
+RATIO_FIXED_BELOW, RATIO_DECIMALS = 1e4, 4
+
+
+def _ratio(v: Any) -> str:
+    x = _num(v)
+    if x is None:
+        return "–"
+    return f"{x:.{RATIO_DECIMALS}f}" if abs(x) < RATIO_FIXED_BELOW else f"{x:.3g}"
 
 
 def split_notes(notes: Sequence[Any]) -> tuple[list[str], list[str]]:

@@ -707,7 +707,7 @@ def test_training_divergence_is_noted_warned_and_shown(tmp_path: Path) -> None:
     """lr 1e30: the losses went NaN, the final row of the recipe dropped out of the report, the high-precision
     ratio read 1.0 beside an undefined loss, and nothing warned."""
     from fp8probe.report.render import render_report
-    from fp8probe.report.verdict import verdict_lines
+    from fp8probe.report.verdict import _ratio, verdict_lines
 
     model, batches = P.build(False)
     res = analyze(model, batches, "global", e2e=False, steps=3, lr=1e30)  # (AdamW: weights ~1e30 after a step)
@@ -752,7 +752,7 @@ def test_finite_blow_ups_diverge_every_run_by_name_and_the_terminal_says_so(tmp_
     assert "high precision diverged too" not in warning  # (each run's own reason, not what it says of another)
     training = [i for i, x in enumerate(lines) if x.startswith("training over")]
     assert len(training) == 1 and training[0] > max(i for i, x in enumerate(lines) if x.startswith("end-to-end"))
-    ratio = {s: f"{last.loc[s, 'final_loss_ratio']:.3g}" for s in ("global", "int8")}
+    ratio = {s: _ratio(last.loc[s, "final_loss_ratio"]) for s in ("global", "int8")}
     assert lines[training[0]] == (f"training over 4 steps, mean loss of the last 1 step / high precision's: global "
                                   f"{ratio['global']} (diverged from step 2), int8 {ratio['int8']} (diverged from "
                                   "step 2); high precision diverged from step 2")

@@ -252,8 +252,18 @@ def test_training_line_from_results_written_before_the_mean_and_step_columns() -
     lines = verdict_lines({"e2e": e2e_rows(), "training": rows})
     line = next(x for x in lines if x.startswith("training over"))
     assert line == (f"training over 3 steps, mean loss of the last steps / high precision's: mxfp8 "
-                    f"{rows[-1]['final_loss_ratio']:.3g} (diverged)")
+                    f"{rows[-1]['final_loss_ratio']:.4f} (diverged)")
     assert "warning: the training simulation diverged: mxfp8 (diverged: loss not finite from step 3); lower --lr" in lines
+
+
+def test_training_line_keeps_four_decimals_of_a_ratio_near_one() -> None:
+    """A ratio of 1.0004 read "1" (3 significant digits), as if the recipe trained exactly like high precision."""
+    from fp8probe.report.verdict import training_line
+
+    runs = [{"strategy": "mxfp8", "ratio": 1.0004, "diverged": ""}, {"strategy": "nvfp4", "ratio": 0.99951, "diverged": ""},
+            {"strategy": "global", "ratio": 3.2e30, "diverged": "diverged from step 2"}]
+    line = training_line({"steps": 20, "window": 2, "hp_diverged": "", "runs": runs})
+    assert line.endswith("high precision's: mxfp8 1.0004, nvfp4 0.9995, global 3.2e+30 (diverged from step 2)")
 
 
 def _operands(seed: int, flushed: dict[str, tuple[float, float]]) -> list[dict]:
