@@ -150,6 +150,11 @@ def _strategies(results: Mapping) -> list[str]:
                               for r in results["tables"].get(t, []) if isinstance(r, Mapping) and "strategy" in r))
 
 
+def percentage_points(value: float) -> str:
+    """``1 percentage point``, ``0.5 percentage points``: a gate's limit in words ("1 percentage points" read wrong)."""
+    return f"{value:g} percentage point{'' if value == 1 else 's'}"
+
+
 def what_differs(baseline: Mapping, current: Mapping) -> str:
     """What tells two results apart, for the message refusing to compare them: ``model: a vs b; strategy: global vs
     int8; 11 layer(s) only in baseline (blocks.0.fc1, …), 2 only in current (fc1, fc2), 0 in common`` ("" when
@@ -433,8 +438,8 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
              f"Baseline {_md_code(comparison['baseline']['name'], False)} ({_md_code(comparison['baseline']['created'], False)}) → "
              f"current {_md_code(comparison['current']['name'], False)} ({_md_code(comparison['current']['created'], False)}).", "",
              f"Gates: SQNR drop ≤ {g['max_sqnr_drop']:g} dB, new outlier columns ≤ {g['max_new_outlier_cols']:g}, "
-             f"underflow increase ≤ {g['max_underflow_increase']:g} percentage points"
-             + (f", end-to-end loss change increase ≤ {100 * g['max_loss_increase']:g} percentage points."
+             f"underflow increase ≤ {percentage_points(g['max_underflow_increase'])}"
+             + (f", end-to-end loss change increase ≤ {percentage_points(100 * g['max_loss_increase'])}."
                 if g.get("max_loss_increase") is not None else "."), "",
              gated_text(comparison), ""]
     if comparison["violations"]:
