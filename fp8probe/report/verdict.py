@@ -23,6 +23,11 @@ UNDERFLOW_WARN_FRAC = 0.10
 # import analysis. The warning names only those a run did not try: it suggested ocp-rowwise to a run of ocp-rowwise
 # whose outliers sit inside each row (QA F5).
 FINER_SCALE_RECIPES = ("ocp-rowwise", "mxfp8", "ocp-blockwise", "mxfp8-rceil")
+# The recipes whose elements are 4- or 6-bit floats (E2M1, E2M3, E3M2: 2-3 exponent bits), already with a scale per block
+# of 16 or 32. Their underflow comes from the element format: E2M1 holds 0.5..6 times its scale, so a value under 1/24
+# of its block's largest flushes to zero whatever the scale; a finer scale is no cure, more exponent bits are. Names
+# only (report does not import analysis).
+NARROW_ELEMENT_RECIPES = ("mxfp4", "nvfp4", "nvfp4-train", "mxfp6-e2m3", "mxfp6-e3m2")
 # Layer names listed inline in one verdict line before "… and N more".
 MAX_NAMES = 6
 # What an outlier threshold of 0 means (SPEC §5.1: no outlier columns when threshold == 0): said beside the value.
@@ -361,10 +366,22 @@ def _underflow_pick(recommended: Mapping | None, best_isolated: Mapping | None, 
 
 def _no_recipe_helps(run: Sequence[str], hit: Mapping[str, Any]) -> str:
     """Why no recipe of the run keeps an operand from flushing: the finer-scaled recipes the run did not try, and
-    those it tried that flush too (their scales did not help: the small values share rows or blocks with large ones)."""
+    those it tried that flush too (their scales did not help: the small values share rows or blocks with large ones).
+    4- and 6-bit recipes (NARROW_ELEMENT_RECIPES) are told that their elements are the cause, with their share: a
+    run of mxfp4 alone was offered "a per-row or per-block scale (e.g. ocp-rowwise, mxfp8)", and mxfp4 has one."""
+    text = "no recipe of this run stays under it there"
+    narrow = [s for s in hit if s in NARROW_ELEMENT_RECIPES]
+    if narrow:
+        shares = ", ".join(f"{s} flushes up to {pct(max(hit[s])[0])}" for s in narrow[:MAX_NAMES])
+        wider = [s for s in ("mxfp8", "mxfp6-e3m2") if s not in hit]
+        text += (f": {shares}: 4- and 6-bit elements (2-3 exponent bits) cannot hold values far below their block's "
+                 "largest, whatever the scale; a format with more exponent bits keeps them (an FP8 recipe"
+                 + (f" such as {' or '.join(wider)})" if wider else ")"))
+        if len(narrow) == len(hit):
+            return text
+        text += f"; for {', '.join(s for s in hit if s not in narrow)}"
     tried = [s for s in FINER_SCALE_RECIPES if s in hit]
     untried = [s for s in FINER_SCALE_RECIPES if s not in run]
-    text = "no recipe of this run stays under it there"
     if tried:
         text += (f", not even the finer scales of {', '.join(tried)}: the small values sit inside each row or block "
                  "next to large ones")

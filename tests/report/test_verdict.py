@@ -619,3 +619,27 @@ def test_a_plan_within_a_loss_budget_with_a_low_output_sqnr_is_flagged() -> None
         r["budget_kind"] = "kl"
     assert not any("SQNR is under" in x for x in verdict_lines(tables)) and not build_verdict(tables)["recommended"][
         "low_sqnr"]
+
+
+def test_the_underflow_hint_for_4_and_6_bit_recipes_names_their_elements_and_share() -> None:
+    """A run of mxfp4 alone, flushing most of an operand, was told that "a per-row or per-block scale (e.g. ocp-rowwise,
+    mxfp8)" would help: mxfp4 has a scale per block of 32; its E2M1 elements are what cannot hold the small values."""
+    from fp8probe.report.verdict import underflow_warnings
+
+    def rows(shares: dict[str, float]) -> list[dict]:
+        return [{"layer": layer, "strategy": s, "operand": "activation", "underflow_frac": share * (0.5 if layer == "a"
+                                                                                                    else 1.0)}
+                for layer in ("a", "b") for s, share in shares.items()]
+
+    (line,) = underflow_warnings(rows({"mxfp4": 0.875}), ["mxfp4"])
+    assert line.endswith("no recipe of this run stays under it there: mxfp4 flushes up to 87.5 %: 4- and 6-bit elements "
+                         "(2-3 exponent bits) cannot hold values far below their block's largest, whatever the scale; a "
+                         "format with more exponent bits keeps them (an FP8 recipe such as mxfp8 or mxfp6-e3m2)")
+    assert "per-row or per-block scale" not in line
+    (line,) = underflow_warnings(rows({"nvfp4": 0.707, "mxfp6-e3m2": 0.3}), ["nvfp4", "mxfp6-e3m2"])
+    assert "nvfp4 flushes up to 70.7 %, mxfp6-e3m2 flushes up to 30.0 %" in line and line.endswith("such as mxfp8)")
+    # beside a per-tensor FP8 recipe that flushes too, each is told its own cure
+    (line,) = underflow_warnings(rows({"mxfp4": 0.6, "ocp-tensorwise": 0.4}), ["mxfp4", "ocp-tensorwise"])
+    assert "mxfp4 flushes up to 60.0 %: 4- and 6-bit elements" in line
+    assert line.endswith("; for ocp-tensorwise: a per-row or per-block scale (e.g. ocp-rowwise, mxfp8) gives small rows "
+                         "their own scale")
