@@ -490,7 +490,25 @@ def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: boo
         batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
+    _check_rows(batch_list, inputs, loaded.batches)
     return loaded, batch_list
+
+
+def _check_rows(batch_list: list | None, inputs: str | None, own: list | None) -> None:
+    """UsageFailure for a batch with 0 rows (a tensor whose first dimension is 0): the library measures it (every
+    metric "no elements"), but a command line given one has a mistake in its inputs file, and its summary read
+    "loss –" and NaN beside a verdict about a non-finite loss."""
+    import torch
+
+    batches, source = (batch_list, f"--inputs {inputs}") if batch_list is not None else (own, "the model's own batches")
+    for i, batch in enumerate(batches or []):
+        named = [(f"arg{k}", a) for k, a in enumerate(batch.args)] + list(batch.kwargs.items())
+        empty = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.dim() and not t.shape[0]]
+        if empty:
+            name, t = empty[0]
+            raise UsageFailure(f"{_printable(source)}: inputs batch {i} (counting from 0) of {len(batches)} has 0 rows "
+                               f"({_printable(name)} {' x '.join(map(str, t.shape))}): expected at least one row in "
+                               "every batch; drop the empty batch from the file")
 
 
 _LOSS_HELP = ("module:function called as fn(output, batch) -> scalar loss; batch['labels'] / batch[0] read the saved "
@@ -533,6 +551,7 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
         batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
+    _check_rows(batch_list, inputs, loaded.batches)
     if note:
         _echo_checkpoint_note(checkpoint_note(loaded))
     return loaded, batch_list

@@ -456,3 +456,15 @@ def test_a_corrupted_state_dict_is_one_line(files, tmp_path) -> None:
                  ["analyze", str(bad), "--factory", f"{files['factory']}:build", "--inputs", str(files["inputs"])]):
         res = _invoke([*args, "--out", str(tmp_path / "o"), "-q"])
         _assert_one_line_usage_error(res, "flipped.pt is corrupted: member weights/data/0 CRC mismatch")
+
+
+def test_an_empty_inputs_batch_is_one_line(files, tmp_path) -> None:
+    """A batch of 0 rows ran, and the summary read "loss –" and nan beside a verdict about a non-finite loss."""
+    empty = tmp_path / "with_empty.pt"
+    torch.save([torch.randn(3, IN_FEATURES, generator=torch.Generator().manual_seed(3)), torch.randn(0, IN_FEATURES)],
+               empty)
+    for command in ("analyze", "sweep-blocksize", "sweep-threshold"):
+        res = _invoke([command, str(files["state_dict"]), "--factory", f"{files['factory']}:build", "--inputs",
+                       str(empty), "--out", str(tmp_path / command), "-q", "--no-html"])
+        _assert_one_line_usage_error(res, f"--inputs {empty}: inputs batch 1 (counting from 0) of 2 has 0 rows (arg0 0 x "
+                                          f"{IN_FEATURES}): expected at least one row in every batch")
