@@ -24,6 +24,7 @@ from fp8probe.analysis.pipeline import analyze
 from fp8probe.analysis.strategies import (STRATEGIES, mixed_with_blocksize, reference_gemms, resolve, run_strategy,
                                          site_kwargs)
 from fp8probe.cli import cli
+from fp8probe.report.verdict import _ratio
 
 HERE = Path(__file__).resolve().parent
 BUDGET = 0.01
@@ -707,7 +708,7 @@ def test_training_divergence_is_noted_warned_and_shown(tmp_path: Path) -> None:
     """lr 1e30: the losses went NaN, the final row of the recipe dropped out of the report, the high-precision
     ratio read 1.0 beside an undefined loss, and nothing warned."""
     from fp8probe.report.render import render_report
-    from fp8probe.report.verdict import _ratio, verdict_lines
+    from fp8probe.report.verdict import verdict_lines
 
     model, batches = P.build(False)
     res = analyze(model, batches, "global", e2e=False, steps=3, lr=1e30)  # (AdamW: weights ~1e30 after a step)
