@@ -519,6 +519,7 @@ def build_compare_view(comparison: Mapping) -> dict:
         "title": f"fp8probe compare: {comparison['baseline']['name']} → {comparison['current']['name']}",
         "passed": comparison["passed"], "baseline": comparison["baseline"], "current": comparison["current"],
         "gates": {k: "off" if v is None else f"{v:g}" for k, v in g.items()},
+        "underflow_gate": percentage_points(g["max_underflow_increase"]),
         "violations": comparison["violations"], "failed_layers": comparison["failed_layers"],
         "failed": failed_text(comparison, str),
         "added_layers": comparison["added_layers"], "removed_layers": comparison["removed_layers"],

@@ -475,3 +475,12 @@ def test_gate_limits_read_in_the_singular_at_one_point(base: dict) -> None:
     assert "underflow increase ≤ 1 percentage point, end-to-end loss change increase ≤ 0.5 percentage points." in md
     md = compare_markdown(compare_results(base, base, Gates(max_underflow_increase=2.5, max_loss_increase=0.01)))
     assert "underflow increase ≤ 2.5 percentage points, end-to-end loss change increase ≤ 1 percentage point." in md
+
+
+def test_the_compare_page_reads_the_underflow_gate_in_the_singular_at_one_point(base: dict, tmp_path: Path) -> None:
+    """compare.html read "underflow increase ≤ 1 percentage points" with the default gate (the Markdown was fixed)."""
+    html = render_compare(compare_results(base, base), tmp_path / "one.html").read_text("utf-8")
+    assert "underflow increase ≤ 1 percentage point</dd>" in html
+    html = render_compare(compare_results(base, base, Gates(max_underflow_increase=2.5)),
+                          tmp_path / "more.html").read_text("utf-8")
+    assert "underflow increase ≤ 2.5 percentage points</dd>" in html
