@@ -220,7 +220,9 @@ def map_batches(n: int, fn: Callable[[int], T], world: World | None = None,
                     fn(start)
                 payload = ("none", i, None)
         except Exception as exc:  # noqa: BLE001 - carried to every rank, raised there as below
-            payload = ("error", i, (type(exc).__name__, one_line(exc), world.rank))
+            # by the nearest class every rank raises alike: capture.InputsError (a LoadError) stays an input error
+            kind = next((k for k, cls in _RAISED_AS.items() if isinstance(exc, cls)), type(exc).__name__)
+            payload = ("error", i, (kind, one_line(exc), world.rank))
         parts: list[Any] = [None] * world.size
         _collective(dist.all_gather_object, parts, payload)
         for status, j, value in parts:

@@ -93,6 +93,8 @@ def test_error_on_one_rank_stops_every_rank(tmp_path) -> None:
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("Error:")]
     assert len(lines) == 2, run.stderr
     assert all("planted failure on a 3-row batch" in ln and "(rank 1, batch 1)" in ln for ln in lines)
+    # an input error on every rank (capture.InputsError crossed the ranks as a RuntimeError: "internal error", exit 3)
+    assert "internal error" not in run.stderr and all("inputs batch 1 (counting from 0)" in ln for ln in lines)
     assert not (tmp_path / "out" / "results.json").exists()
 
 
