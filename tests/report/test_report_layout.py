@@ -361,6 +361,7 @@ def test_the_verdict_says_its_share_is_of_the_forward_gemms_and_relates_a_warnin
     assert re.findall(r'<th scope="col">(low-precision[^<]*)</th>', verdict) == ["low-precision forward FLOPs"] * 2
     rec = html.split('<h2 id="recommendation">')[1].split("<h2 ")[0]
     assert "the one with the most forward GEMM FLOPs in low precision" in rec
+    assert "a plan whose model output SQNR is under 20 dB, a yes*, only when no plan reaches 20 dB" in " ".join(rec.split())
     assert '<th scope="col">low-precision forward FLOPs</th>' in rec
     (warned,) = re.findall(r'<li class="warnline">(Warning: activation underflow[^<]*)</li>', verdict)
     assert "worst: blocks.0.fc1 under mxfp8 25.0 %" in warned
