@@ -499,12 +499,9 @@ def _check_rows(batches: list | None, inputs: str | None) -> None:
     measures it (every metric "no elements"), but a file saved with one is a mistake, and the summary read "loss –"
     and NaN beside a verdict about a non-finite loss. A factory's own empty batch is the author's choice and runs
     (tests/analysis/test_special_values.py)."""
-    import torch
-
     source = f"--inputs {inputs}"
     for i, batch in enumerate(batches or []):
-        named = [(f"arg{k}", a) for k, a in enumerate(batch.args)] + list(batch.kwargs.items())
-        empty = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.dim() and not t.shape[0]]
+        empty = [(name, t) for name, t in batch.tensors() if t.dim() and not t.shape[0]]
         if empty:
             name, t = empty[0]
             raise UsageFailure(f"{_printable(source)}: inputs batch {i} (counting from 0) of {len(batches)} has 0 rows "

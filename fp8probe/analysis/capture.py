@@ -385,9 +385,8 @@ def _forward(model: Callable, batch: Batch, rec: _Recorder, coverage: Coverage) 
 
 def _tensors_text(batch: Batch) -> str:
     """``arg0 8 x 12 float32, mask 8 x 5 bool``: the batch's top-level tensors (positional ones as arg<i>)."""
-    named = [(f"arg{i}", a) for i, a in enumerate(batch.args)] + list(batch.kwargs.items())
     return ", ".join(f"{name} {' x '.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
-                     for name, t in named if isinstance(t, torch.Tensor))
+                     for name, t in batch.tensors())
 
 
 def first_layer_hint(model: Any, batch: Batch) -> str:

@@ -40,6 +40,12 @@ class Batch:
             return self.kwargs[key]
         return self.args[key]
 
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The batch's top-level tensors with their names: keyword inputs by key, positional ones as ``arg0``, ...
+        (what the report header, the empty-batch check and the wrong-shape hint name them by)."""
+        named = [(f"arg{i}", a) for i, a in enumerate(self.args)] + list(self.kwargs.items())
+        return [(str(k), v) for k, v in named if isinstance(v, torch.Tensor)]
+
 
 @dataclass
 class LoadedModel:

@@ -635,18 +635,13 @@ def _input_shapes(batches: list[Batch]) -> dict | None:
     those shapes, and the token count when the batch has token ids (its first integer tensor of 2+ dims, as
     ``input_ids`` of batch x sequence; the sum over batches). None without tensors. ("inputs: x.pt" said nothing of
     the shape or tokens where the demo's "4 seeded batch(es) of 8 x 32 tokens" did, QA C3.)"""
-
-    def tensors(b: Batch) -> list[tuple[str, torch.Tensor]]:
-        named = [(f"arg{i}", a) for i, a in enumerate(b.args)] + list(b.kwargs.items())
-        return [(str(k), v) for k, v in named if isinstance(v, torch.Tensor)]
-
-    first = tensors(batches[0]) if batches else []
+    first = batches[0].tensors() if batches else []
     if not first:
         return None
     token = next((k for k, v in first if not v.dtype.is_floating_point and not v.dtype.is_complex
                   and v.dtype != torch.bool and v.dim() >= 2), None)
-    shapes = [[(k, tuple(v.shape)) for k, v in tensors(b)] for b in batches]
-    tokens = sum(v.numel() for b in batches for k, v in tensors(b) if k == token) if token else None
+    shapes = [[(k, tuple(v.shape)) for k, v in b.tensors()] for b in batches]
+    tokens = sum(v.numel() for b in batches for k, v in b.tensors() if k == token) if token else None
     return {"batches": len(batches),
             "tensors": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                         for k, v in first],
