@@ -6,7 +6,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from fp8probe import functional as F
 from fp8probe.report.schema import NOTE_NEAREST_PLAN, NOTE_NOT_SEARCHED
-from fp8probe.report.verdict import KEEP_16BIT_DB, signed_pct
+from fp8probe.report.verdict import KEEP_16BIT_DB, low_output_sqnr, signed_pct
 
 from . import distributed
 from .capture import _to_device, choose_loss, graph_inputs, is_exported_graph, params_require_grad
@@ -862,23 +862,10 @@ def _closest_text(strategy: str, metric: float, keep: list[str], out: Outcome, b
             "it)")
 
 
-# The output SQNR under which a plan that meets a loss budget is not recommended while another plan reaches it: the
-# report's default --keep-16bit-db (noise over 1 % of the output's power), where it marks such a plan "yes*".
-OUTPUT_SQNR_FLOOR_DB = KEEP_16BIT_DB
-
-
-def _under_output_floor(r: Mapping) -> bool:
-    """Whether ``r`` met a loss budget (a KL budget bounds the output distribution itself) with a measured model
-    output SQNR under OUTPUT_SQNR_FLOOR_DB."""
-    x = r.get("output_sqnr_db")
-    return (str(r.get("budget_kind") or "loss") == "loss" and isinstance(x, (int, float)) and not math.isnan(x)
-            and x < OUTPUT_SQNR_FLOOR_DB)
-
-
 def mark_recommended(rows: list[dict]) -> None:
     """Exactly one row per kind recommended when any is within budget and computes something in low
-    precision (within a loss budget, plans whose model output SQNR is under OUTPUT_SQNR_FLOOR_DB only when no other
-    plan reaches it): the most forward GEMM FLOPs in low precision (Outcome.lp_flop_share: the end-to-end runs compare
+    precision (within a loss budget, plans whose model output SQNR is under KEEP_16BIT_DB only when no other plan
+    reaches it): the most forward GEMM FLOPs in low precision (Outcome.lp_flop_share: the end-to-end runs compare
     forward outputs, so the share is of each captured GEMM's forward FLOPs, never its dgrad / wgrad); ties by
     accuracy: the smaller output KL when every candidate has one, else the higher output SQNR when every candidate
     has one, else the smaller |loss change|. (Without KL, the output SQNR before the loss: a surrogate loss, the output's mean square, moves by
@@ -888,9 +875,10 @@ def mark_recommended(rows: list[dict]) -> None:
         if not cands:
             continue
         # A loss averages its errors: on a surrogate loss a plan moving the output to 8.5 dB SQNR met a 1 % budget
-        # and won on FLOP share over int8 at 38.6 dB (QA). Plans within a loss budget but under OUTPUT_SQNR_FLOOR_DB
-        # at the output compete only when no candidate reaches it (the report marks them "yes*").
-        clean = [r for r in cands if not _under_output_floor(r)]
+        # and won on FLOP share over int8 at 38.6 dB (QA). Plans within a loss budget but under KEEP_16BIT_DB at the
+        # output (the report's default --keep-16bit-db, where it marks them "yes*") compete only when no candidate
+        # reaches it.
+        clean = [r for r in cands if not low_output_sqnr(True, r.get("budget_kind"), r.get("output_sqnr_db"))]
         cands = clean or cands
         use_kl = all(r["kl_div"] is not None and math.isfinite(r["kl_div"]) for r in cands)
         use_sqnr = not use_kl and all(isinstance(r.get("output_sqnr_db"), (int, float))
