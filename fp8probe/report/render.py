@@ -16,13 +16,12 @@ from markupsafe import Markup, escape
 
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
-from fp8probe.report.schema import (NOTE_EXACT, NOTE_NOT_SEARCHED, NOTE_ZERO_SIGNAL, metric_value, parse_results_json,
-                                    validate_results)
+from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
 from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
                                      coverage_line, gemm_sites_text, inputs_text, isolated_headline, keep_list,
                                      keep_set_searched, kl_far_ratio, little_gain, little_gain_text, low_output_sqnr,
-                                     low_output_sqnr_text, lp_share_text, pct, signed_pct, split_notes, strategies_text,
-                                     verdict_lines)
+                                     low_output_sqnr_text, lp_share_text, not_searched_why, pct, signed_pct, split_notes,
+                                     strategies_text, verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 # What the report calls the tensor "weight" of a GEMM of two activations (attention QKᵀ / PV, matmuls: K, V, a
@@ -1108,14 +1107,14 @@ def _recommendation_section(tables: Mapping, keep_db: float = KEEP_16BIT_DB) -> 
     keep_sets = any(keeps) or any(_isnum(r.get("n_keep")) and r["n_keep"] for r in per_strategy)
 
     # why no keep-set was searched (rows without a search: a KL budget on an output that is no distribution)
-    unsearched = list(dict.fromkeys(_not_searched_why(r) for r in per_strategy if not keep_set_searched(r)))
+    unsearched = list(dict.fromkeys(not_searched_why(r) for r in per_strategy if not keep_set_searched(r)))
 
     chosen_row = next((r for r in per_strategy if r.get("recommended")), None)
 
     def within(r: Mapping) -> dict:
         """The row's "within budget", an amber "yes*" for the reasons the Verdict's end-to-end table gives one."""
         if r.get("kind") not in _MODEL_WIDE and not keep_set_searched(r):
-            return _not_judged_cell(_not_searched_why(r))
+            return _not_judged_cell(not_searched_why(r))
         if r.get("within_budget") is not True:
             return _budget_cell(r.get("within_budget"))
         why = []
@@ -1161,11 +1160,6 @@ def _recommendation_section(tables: Mapping, keep_db: float = KEEP_16BIT_DB) -> 
             not any(keep_set_searched(r) for r in per_strategy) else "",
             "notes": _row_notes(per_strategy, [str(r.get("strategy")) for r in per_strategy]),
             "model_notes": _row_notes(model_wide, [_MODEL_WIDE[r["kind"]] for r in model_wide])}
-
-
-def _not_searched_why(r: Mapping) -> str:
-    """Why a recommendation row's keep-set was not searched: its note after NOTE_NOT_SEARCHED."""
-    return str(r.get("note") or "").split(NOTE_NOT_SEARCHED, 1)[-1]
 
 
 def _keep(r: Mapping) -> list[str]:

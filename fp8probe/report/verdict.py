@@ -221,6 +221,11 @@ def keep_set_searched(row: Mapping) -> bool:
     return row.get("within_budget") is not None and not str(row.get("note") or "").startswith(NOTE_NOT_SEARCHED)
 
 
+def not_searched_why(row: Mapping) -> str:
+    """Why a recommendation row's keep-set was not searched: its note after NOTE_NOT_SEARCHED."""
+    return str(row.get("note") or "").split(NOTE_NOT_SEARCHED, 1)[-1]
+
+
 def _strategy_order(tables: Mapping[str, Records], metadata: Mapping) -> list[str]:
     names = list(metadata.get("strategies") or [])
     for t in ("e2e", "recommendation", "gemm"):
@@ -558,7 +563,7 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
                              "lp_flop_share": r.get("lp_flop_share"), "note": r.get("note") or "",
                              "within_budget": within, "searched": searched,
                              "not_searched": "" if searched is not False else
-                             str(rec.get("note") or "").split(NOTE_NOT_SEARCHED, 1)[-1],
+                             not_searched_why(rec),
                              "recommended": rec.get("recommended") is True,
                              "n_keep": n_keep, "keep_lp_flop_share": plan["lp_flop_share"],
                              "keep_kl_div": plan["kl_div"],
