@@ -36,9 +36,12 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#bcbd22", "#17becf")
 # Dash patterns taken in turn once every colour of PALETTE is used (sweep_panels).
 LINE_STYLES = ("-", "--", ":", "-.")
-# Inches kept right of a sweep figure's panels for its legend (28-character names at 7 pt).
-LEGEND_IN = 2.4
-# The characters of a 7 pt legend label that fit that margin beside its marker; longer labels wrap.
+#: the sweep and compare figures' text size: 9 pt = 12 px on the page, as the range and block-scale figures'
+#: (their 7-8 pt read as 9-10 px, QA)
+SWEEP_FONT_PT = 9
+# Inches kept right of a sweep figure's panels for its legend (34-character names at 9 pt and their marker).
+LEGEND_IN = 3.0
+# The characters of a 9 pt legend label that fit that margin beside its marker; longer labels wrap.
 LEGEND_CHARS = 34
 # Sweep legends name at most this many layers (a 200-layer legend would be taller than the figure).
 MAX_LEGEND = 12
@@ -138,7 +141,7 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str], titles: 
     width = max(RANGE_WIDTH_IN, names_in + RANGE_MIN_PANELS_IN)
     fig = Figure(figsize=(width, height))  # fixed margins: constrained layout costs ~1 s on large figures
     fig.subplots_adjust(left=names_in / width, right=1 - 0.1 / width, top=1 - 0.8 / height,
-                        bottom=0.55 / height, wspace=0.05)
+                        bottom=0.6 / height, wspace=0.05)
     axes = fig.subplots(1, ncols, squeeze=False, sharey=True)[0]
     by_key = {(p["layer"], p["tensor"]): p for p in panels}
     colours: dict[str, str] = {}
@@ -202,7 +205,7 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = PANELS_PER_ROW) -> Figu
     nrows = max(1, math.ceil(len(panels) / ncols))
     width, height = 4.2 * ncols + LEGEND_IN, 3.0 * nrows + 0.4
     fig = Figure(figsize=(width, height))  # fixed margins: constrained layout costs ~1 s here
-    fig.subplots_adjust(left=0.75 / width, right=1 - LEGEND_IN / width, top=1 - 0.4 / height, bottom=0.55 / height,
+    fig.subplots_adjust(left=0.75 / width, right=1 - LEGEND_IN / width, top=1 - 0.4 / height, bottom=0.6 / height,
                         wspace=0.3, hspace=0.45)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     handles, labels = [], []
@@ -237,10 +240,10 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = PANELS_PER_ROW) -> Figu
                 labels.append(p["vline"]["label"])
         if p.get("logx2"):
             ax.set_xscale("log", base=2)
-        ax.set_xlabel(p["xlabel"], fontsize=8)
-        ax.set_ylabel(p["ylabel"], fontsize=8)
-        ax.set_title(p["title"], fontsize=10)
-        ax.tick_params(labelsize=7)
+        ax.set_xlabel(p["xlabel"], fontsize=SWEEP_FONT_PT)
+        ax.set_ylabel(p["ylabel"], fontsize=SWEEP_FONT_PT)
+        ax.set_title(p["title"], fontsize=SWEEP_FONT_PT + 1)
+        ax.tick_params(labelsize=SWEEP_FONT_PT)
         ax.grid(alpha=0.3)
     if handles:
         n_series = len(panels[0]["series"]) if panels else 0
@@ -252,8 +255,8 @@ def sweep_panels(panels: Sequence[Mapping], ncols: int = PANELS_PER_ROW) -> Figu
         # a label wider than the margin wraps: "model-wide: 4096 (validated end to end)" ran off the figure's edge
         labels = [textwrap.fill(label, LEGEND_CHARS, subsequent_indent="  ") for label in labels]
         fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1 - (LEGEND_IN - 0.1) / width, 1 - 0.3 / height),
-                   fontsize=7, frameon=False, title=_short(prefix + "…", LEGEND_CHARS) if prefix else None,
-                   title_fontsize=7, alignment="left")
+                   fontsize=SWEEP_FONT_PT, frameon=False, title=_short(prefix + "…", LEGEND_CHARS) if prefix else None,
+                   title_fontsize=SWEEP_FONT_PT, alignment="left")
     return fig
 
 
@@ -266,10 +269,11 @@ def delta_bars(labels: Sequence[str], deltas: Sequence[float], limit: float) -> 
     ax.barh(range(len(labels)), vals, color=colours)
     ax.axvline(-limit, color="#d62728", ls="--", lw=1, label=f"gate: −{limit:g} dB")
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(labels)), labels=[_short(x, 40) for x in labels], fontsize=7)
+    ax.set_yticks(range(len(labels)), labels=[_short(x, 40) for x in labels], fontsize=SWEEP_FONT_PT)
     ax.invert_yaxis()
-    ax.set_xlabel("Δ SQNR (dB, current − baseline)", fontsize=8)
-    ax.legend(fontsize=7, frameon=False)
+    ax.set_xlabel("Δ SQNR (dB, current − baseline)", fontsize=SWEEP_FONT_PT)
+    ax.tick_params(axis="x", labelsize=SWEEP_FONT_PT)
+    ax.legend(fontsize=SWEEP_FONT_PT, frameon=False)
     return fig
 
 
