@@ -53,7 +53,8 @@ LinearCall = GemmCall  # the name sinks used before capture covered every GEMM
 
 @dataclass(frozen=True)
 class LossInfo:
-    """How the gradient was produced: kind "model" (the model's own loss), "custom" (--loss) or "surrogate"."""
+    """How the gradient was produced: kind "model" (the model's own loss), "custom" (--loss), "next-token"
+    (a causal LM given no labels: the loss it computes from labels=input_ids) or "surrogate"."""
 
     kind: str
     detail: str
@@ -303,8 +304,45 @@ def _surrogate(output: Any) -> torch.Tensor:
     return sum(t.float().pow(2).mean() for t in leaves)
 
 
-def choose_loss(output: Any, batch: Batch, loss_fn: LossFn | None, loss_name: str | None) -> tuple[torch.Tensor, LossInfo]:
-    """The scalar to differentiate: ``loss_fn(output, batch)``, else the model's own loss, else the surrogate."""
+#: Class-name endings of Hugging Face causal language models (LlamaForCausalLM, GPT2LMHeadModel, ...).
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+NEXT_TOKEN_DETAIL = ("next-token cross-entropy of the output logits against the batch's input_ids (a causal LM that "
+                     "returned no loss: no labels in the batch; pass labels or --loss for another loss)")
+
+
+def is_causal_lm(model: Any) -> bool:
+    """A Hugging Face causal LM, by its class or its config's architecture (``model`` may be DDP-wrapped)."""
+    if type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+        model = getattr(model, "module", model)
+    config = getattr(model, "config", None)
+    names = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
+    return any(isinstance(n, str) and n.endswith(CAUSAL_LM_SUFFIXES) for n in names)
+
+
+def _next_token_loss(output: Any, batch: Batch) -> torch.Tensor | None:
+    """Hugging Face's causal LM loss, computed as the model computes it from ``labels=input_ids``: the logits at
+    positions 0..T-2 against the tokens at 1..T-1, padding (``attention_mask`` 0) ignored. None when the output
+    has no [B, T, V] ``logits`` or the batch no [B, T] integer ``input_ids`` to match them."""
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    ids = batch.kwargs.get("input_ids", batch.args[0] if batch.args else None)
+    if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dim() == 3
+            and isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex()
+            and ids.shape == logits.shape[:2] and ids.shape[1] >= 2):
+        return None
+    target = ids[:, 1:].to(device=logits.device, dtype=torch.long)
+    mask = batch.kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        target = target.masked_fill(mask[:, 1:].to(target.device) == 0, -100)
+    if not bool((target != -100).any()):
+        return None
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             target.reshape(-1), ignore_index=-100)
+
+
+def choose_loss(output: Any, batch: Batch, loss_fn: LossFn | None, loss_name: str | None,
+                model: Any = None) -> tuple[torch.Tensor, LossInfo]:
+    """The scalar to differentiate: ``loss_fn(output, batch)``, else the model's own loss, else (``model`` a causal
+    LM given no labels) the next-token loss it would compute from ``labels=input_ids``, else the surrogate."""
     if loss_fn is not None:
         try:
             loss = loss_fn(output, batch)
@@ -317,6 +355,10 @@ def choose_loss(output: Any, batch: Batch, loss_fn: LossFn | None, loss_name: st
     own = _model_loss(output)
     if own is not None:
         return own, LossInfo("model", "scalar loss returned by the model")
+    if model is not None and is_causal_lm(model):
+        loss = _next_token_loss(output, batch)
+        if loss is not None:
+            return loss, LossInfo("next-token", NEXT_TOKEN_DETAIL)
     return _surrogate(output), SURROGATE
 
 
@@ -441,7 +483,7 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
         output = _forward(model, batch, rec, coverage)
         if not rec.count:
             raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds))
-        loss, info = choose_loss(output, batch, loss_fn, loss_name)
+        loss, info = choose_loss(output, batch, loss_fn, loss_name, model)
         del output
         if rec.tapped and not loss.requires_grad:
             # A detached or integer loss: backward cannot reach any layer, so only fprop can be analysed.

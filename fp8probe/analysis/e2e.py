@@ -448,7 +448,7 @@ class Runner:
         params = [p for _, p in self.params]
         with torch.enable_grad(), params_require_grad(params):
             output = model_forward(self.module, batch, gemms)
-            loss, info = choose_loss(output, batch, self.loss_fn, self.loss_name)
+            loss, info = choose_loss(output, batch, self.loss_fn, self.loss_name, self.module)
             g = None
             if grads and self.params and loss.requires_grad:
                 if against is None:
@@ -1140,7 +1140,7 @@ def _initial_losses(runner: Runner) -> list[float]:
         with torch.enable_grad(), params_require_grad(params):
             output = model_forward(model, batch, Gemms(Plan(None, threshold=runner.threshold), runner.pattern,
                                                        runner.kinds))
-            loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name)
+            loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name, model)
         out.append(float(loss.detach()))
         del output, loss
     del model
@@ -1204,7 +1204,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
             gemms = Gemms(Plan(strat, threshold=runner.threshold), runner.pattern, runner.kinds, state)
             with torch.enable_grad():
                 output = model_forward(model, batch, gemms)
-                loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name)
+                loss, _ = choose_loss(output, batch, runner.loss_fn, runner.loss_name, model)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()

@@ -702,7 +702,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     attention,conv" subsets; None = all); every GEMM executed is counted in the ``coverage`` table
     and ``metadata["coverage"]`` whether captured or skipped.
     batches: use at most this many. device: "cpu" | "cuda". loss: callable(output, batch) or
-    "module:function"; default the model's own loss, else the surrogate mean(output²).
+    "module:function"; default the model's own loss, else for a Hugging Face causal LM given no labels
+    its next-token loss on the batch's input_ids, else the surrogate mean(output²).
     progress: True prints "batch i/n" lines to stderr; a callable(done, total) is called after each
     batch instead (the CLI draws a click progress bar with it). options: strategies.RecipeOptions
     (LLM.int8 row scale, simulated accumulation, delayed-scaling history; recorded in

@@ -76,8 +76,12 @@ def test_gpt2_directory_and_pt2_give_the_same_layers_and_numbers(tmp_path) -> No
     model.save_pretrained(tmp_path / "gpt2")
     torch.export.save(torch.export.export(_Logits(model), (), {"input_ids": ids}), tmp_path / "gpt2.pt2")
     batch = [{"input_ids": ids}]
-    from_dir = analyze(load_model(tmp_path / "gpt2"), batch, "ocp-tensorwise")
-    from_pt2 = analyze(load_model(tmp_path / "gpt2.pt2"), batch, "ocp-tensorwise")
+    # one loss for both (the directory's causal LM would otherwise get its next-token loss, and the .pt2 of its
+    # bare logits the surrogate): the gradients, and so dgrad / wgrad, are then the same
+    def loss(o, b):
+        return (o if isinstance(o, torch.Tensor) else o.logits).float().pow(2).mean()
+    from_dir = analyze(load_model(tmp_path / "gpt2"), batch, "ocp-tensorwise", loss=loss)
+    from_pt2 = analyze(load_model(tmp_path / "gpt2.pt2"), batch, "ocp-tensorwise", loss=loss)
     layers = from_dir.tables["layers"]["layer"].tolist()
     assert layers == from_pt2.tables["layers"]["layer"].tolist()
     # 4 Conv1D (addmm) + QKᵀ + PV per block, and the tied lm_head
@@ -124,3 +128,35 @@ def test_llama_sdpa_captured_as_qk_and_pv_per_layer_matching_a_hand_decompositio
     hand = 10 * math.log10(ref.pow(2).sum().item() / (ref - lp.double()).pow(2).sum().item())
     got = res.tables["gemm"].set_index(["layer", "gemm"]).loc[("model.layers.0.self_attn#qk", "fprop"), "sqnr_db"]
     assert got == pytest.approx(hand, rel=1e-6)
+
+
+def test_causal_lm_without_labels_is_trained_on_its_next_token_loss_and_gets_kl() -> None:
+    """A causal LM given only input_ids returned no loss, so its gradients came from the mean-of-squares surrogate
+    and the end-to-end table had no KL or top-1 (QA). Its loss is now the one it computes from labels=input_ids,
+    padding ignored, and its logits are compared as distributions."""
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding on the second row
+    labels = ids.masked_fill(mask == 0, -100)
+    own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    info = capture_batch(model, Batch((), {"input_ids": ids, "attention_mask": mask}), lambda c: None,
+                         loss_fn=None)
+    assert info.kind == "next-token" and "input_ids" in info.detail
+    from fp8probe.analysis.capture import choose_loss
+    output = model(input_ids=ids, attention_mask=mask)
+    loss, _ = choose_loss(output, Batch((), {"input_ids": ids, "attention_mask": mask}), None, None, model)
+    torch.testing.assert_close(loss.detach(), own.detach(), rtol=1e-6, atol=1e-6)
+    # the same model output without a causal LM's class is no next-token problem: still the surrogate
+    _, plain = choose_loss(output, Batch((), {"input_ids": ids}), None, None, nn.Linear(2, 2))
+    assert plain.kind == "surrogate"
+    res = analyze(model, [{"input_ids": ids, "attention_mask": mask}], "ocp-tensorwise")
+    assert res.metadata["loss"]["kind"] == "next-token"
+    e2e = res.tables["e2e"].set_index("strategy")
+    kl = e2e.loc["ocp-tensorwise", "kl_div"]
+    assert kl is not None and math.isfinite(kl) and kl >= 0
+    assert 0 <= e2e.loc["ocp-tensorwise", "top1_agreement"] <= 1
