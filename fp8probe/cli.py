@@ -510,7 +510,8 @@ def _check_rows(batches: list | None, inputs: str | None) -> None:
 
 
 _LOSS_HELP = ("module:function called as fn(output, batch) -> scalar loss; batch['labels'] / batch[0] read the saved "
-              "dict's keys / tuple's items (also batch.kwargs, batch.args)")
+              "dict's keys / tuple's items (also batch.kwargs, batch.args). Default: the model's own loss, else a "
+              "Hugging Face causal LM's next-token loss on input_ids, else the mean of squared outputs")
 
 #: analyze and both sweeps (one definition: the sweeps lacked it while the README promised it to every command).
 _NO_HTML = _option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
