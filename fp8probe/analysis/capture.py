@@ -306,8 +306,8 @@ def _surrogate(output: Any) -> torch.Tensor:
 
 #: Class-name endings of Hugging Face causal language models (LlamaForCausalLM, GPT2LMHeadModel, ...).
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-NEXT_TOKEN_DETAIL = ("next-token cross-entropy of the output logits against the batch's input_ids (a causal LM that "
-                     "returned no loss: no labels in the batch; pass labels or --loss for another loss)")
+NEXT_TOKEN_DETAIL = ("cross-entropy of logits[:, :-1] against input_ids[:, 1:], padding ignored: the causal LM was given "
+                     "no labels; pass labels or --loss for another loss")
 
 
 def is_causal_lm(model: Any) -> bool:
