@@ -10,6 +10,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
@@ -481,17 +482,53 @@ _EMBEDDINGS_HELP = ("weights-only analysis: also analyse embedding tables (skipp
                     "operand)")
 
 
-def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: bool) -> tuple:
-    """(LoadedModel, batches or None), every loading problem as one UsageFailure line."""
-    from fp8probe.analysis.loading import LoadError, load_inputs, load_model
+_INPUTS_HELP = ("torch.save'd inputs (a tensor, a tuple of args, a dict of kwargs or a list of batches), or text to "
+                "tokenize with a Hugging Face model directory's tokenizer: a .txt file, or .jsonl lines with a \"text\" "
+                "string (see --seq-len, --batch-size)")
+_SEQ_LEN = _option("--seq-len", type=click.IntRange(min=2), default=None,
+                   help="text --inputs: tokens per sequence, BOS included [default: 128]")
+_BATCH_SIZE = _option("--batch-size", type=click.IntRange(min=1), default=None,
+                      help="text --inputs: sequences per batch [default: 2]")
+
+
+class Inputs(NamedTuple):
+    """--inputs as read: the batches (None: the model's own) and how the report names them."""
+
+    batches: list | None
+    desc: str
+
+
+def _read_inputs(model: str, inputs: str | None, trust_pickle: bool, seq_len: int | None, batch_size: int | None,
+                 batches: int | None) -> Inputs:
+    """The --inputs batches: a text file tokenized with MODEL's tokenizer (loading.load_text_inputs), else a
+    torch.save'd file. --seq-len / --batch-size with any other inputs are refused (they would do nothing)."""
+    from fp8probe.analysis.loading import TEXT_BATCH_SIZE, TEXT_SEQ_LEN, is_text_inputs, load_inputs, load_text_inputs
+
+    if inputs is not None and is_text_inputs(inputs):
+        got, desc = load_text_inputs(inputs, model, seq_len=seq_len or TEXT_SEQ_LEN,
+                                     batch_size=batch_size or TEXT_BATCH_SIZE, max_batches=batches)
+        return Inputs(got, desc)
+    given = [name for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size)) if v is not None]
+    if given:
+        raise UsageFailure(f"{' and '.join(given)} cut text --inputs (.txt, .jsonl) into token batches: expected text "
+                           f"inputs, got {'--inputs ' + _printable(inputs) if inputs else 'no --inputs'}")
+    if inputs is None:
+        return Inputs(None, "example inputs / factory batches")
+    return Inputs(load_inputs(inputs, trust_pickle=trust_pickle), inputs)
+
+
+def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: bool, seq_len: int | None = None,
+          batch_size: int | None = None, batches: int | None = None) -> tuple:
+    """(LoadedModel, Inputs), every loading problem as one UsageFailure line."""
+    from fp8probe.analysis.loading import LoadError, load_model
 
     try:
         loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
-        batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
+        read = _read_inputs(model, inputs, trust_pickle, seq_len, batch_size, batches)
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
-    _check_rows(batch_list, inputs)
-    return loaded, batch_list
+    _check_rows(read.batches, inputs)
+    return loaded, read
 
 
 def _check_rows(batches: list | None, inputs: str | None) -> None:
@@ -539,21 +576,22 @@ def _recipe_options(int8_row_scale: str, accum_bits: int | None, promote_every: 
 
 
 def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pickle: bool,
-                   note: bool = True) -> tuple:
-    """(LoadedModel streamed from its checkpoint, batches or None) for --stream, problems as one line. ``note``: print
+                   note: bool = True, seq_len: int | None = None, batch_size: int | None = None,
+                   batches: int | None = None) -> tuple:
+    """(LoadedModel streamed from its checkpoint, Inputs) for --stream, problems as one line. ``note``: print
     the checkpoint's memory note (under torchrun rank 0 alone does: every rank printed the same line)."""
-    from fp8probe.analysis.loading import LoadError, load_inputs
+    from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.streaming import checkpoint_note, load_streamed
 
     try:
         loaded = load_streamed(model, factory=factory)
-        batch_list = load_inputs(inputs, trust_pickle=trust_pickle) if inputs else None
+        read = _read_inputs(model, inputs, trust_pickle, seq_len, batch_size, batches)
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
-    _check_rows(batch_list, inputs)
+    _check_rows(read.batches, inputs)
     if note:
         _echo_checkpoint_note(checkpoint_note(loaded))
-    return loaded, batch_list
+    return loaded, read
 
 
 def _echo_checkpoint_note(note: str) -> None:
@@ -567,8 +605,9 @@ def _echo_checkpoint_note(note: str) -> None:
 @_option("--strategy", "-s", default="global", show_default=True,
               help="global, mixed, int8, switchback, ocp-tensorwise, ocp-rowwise, ocp-blockwise, mxfp8, "
                    "delayed, mxfp8-rceil, nvfp4, nvfp4-train, mxfp4, mxfp6-e2m3, mxfp6-e3m2, a comma-separated list, or all")
-@_option("--inputs", type=click.Path(dir_okay=False), default=None,
-              help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches")
+@_option("--inputs", type=click.Path(dir_okay=False), default=None, help=_INPUTS_HELP)
+@_SEQ_LEN
+@_BATCH_SIZE
 @_option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
 @_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @_option("--loss", "loss_spec", default=None, help=_LOSS_HELP)
@@ -628,7 +667,8 @@ def _echo_checkpoint_note(note: str) -> None:
               help="bigger than memory: build MODEL (a Hugging Face directory, or a checkpoint with --factory) with "
                    "its weights on the meta device and read each block's weights from the checkpoint only while it "
                    "runs; implies --no-grad (and no end-to-end runs)")
-def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | None, trust_pickle: bool,
+def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | None, batch_size: int | None,
+                factory: str | None, trust_pickle: bool,
                 loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
                 no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool,
@@ -700,8 +740,10 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
                          unused=_given(_MODEL_RUN_OPTIONS))
         return
     _replay_process()
-    loaded, batch_list = _load_streamed(model, inputs, factory, trust_pickle, note=world.is_main) if stream else \
-        _load(model, inputs, factory, trust_pickle)
+    loaded, read = _load_streamed(model, inputs, factory, trust_pickle, note=world.is_main, seq_len=seq_len,
+                                  batch_size=batch_size, batches=batches) if stream else \
+        _load(model, inputs, factory, trust_pickle, seq_len, batch_size, batches)
+    batch_list = read.batches
     try:
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
@@ -714,7 +756,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
             results = analyze(loaded, batch_list, strategy, threshold=threshold, layers=layers, batches=batches,
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
-                              inputs_desc=inputs or "example inputs / factory batches", gemms=gemms, e2e=not no_e2e,
+                              inputs_desc=read.desc, gemms=gemms, e2e=not no_e2e,
                               budget=budget, sensitivity=sensitivity, steps=steps, lr=lr, optimizer=optimizer_spec,
                               options=options, grad=not (no_grad or stream))
         if sweeps:
@@ -722,7 +764,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, factory: str | No
 
             bs_res, th_res = sweep_both(loaded, batch_list, layers=layers, batches=batches, device=device, seed=seed,
                                         loss=loss_spec, name=run_name, model_desc=loaded.description,
-                                        inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
+                                        inputs_desc=read.desc, gemms=gemms,
                                         e2e=not no_e2e, budget=budget, row_scale=int8_row_scale)
             results = results.merged(bs_res, th_res)
     except (LoadError, ValueError, TypeError) as exc:
@@ -1170,8 +1212,9 @@ def _sweep_options(func):
     """The model/input options of `analyze` (same names, same meaning), shared by both sweep commands."""
     options = [
         click.argument("model", type=str),
-        _option("--inputs", type=click.Path(dir_okay=False), default=None,
-                     help="torch.save'd inputs: a tensor, a tuple of args, a dict of kwargs or a list of batches"),
+        _option("--inputs", type=click.Path(dir_okay=False), default=None, help=_INPUTS_HELP),
+        _SEQ_LEN,
+        _BATCH_SIZE,
         _option("--factory", default=None,
                      help="module:function or file.py:function building the model for a state_dict"),
         _option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
@@ -1257,7 +1300,8 @@ def _parse_thresholds(text: str) -> list[float]:
     return values
 
 
-def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory: str | None, trust_pickle: bool,
+def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len: int | None, batch_size: int | None,
+               factory: str | None, trust_pickle: bool,
                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                out_dir: str | None, overwrite: bool, name: str | None, quiet: bool, threads: int | None,
                output_format: str, include_embeddings: bool = False, budget_spec: str = "0.01",
@@ -1299,14 +1343,15 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, factory:
         return
     with _threads(threads):
         _replay_process()
-        loaded, batch_list = _load(model, inputs, factory, trust_pickle)
+        loaded, read = _load(model, inputs, factory, trust_pickle, seq_len, batch_size, batches)
+        batch_list = read.batches
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
         try:
             with _progress(kind, n_total, quiet or not world.is_main, output_format) as bar:
                 results = fn(loaded, batch_list, **{arg: values}, layers=layers, batches=batches, device=device,
                              seed=seed, loss=loss_spec, name=run_name, model_desc=loaded.description,
-                             inputs_desc=inputs or "example inputs / factory batches", gemms=gemms,
+                             inputs_desc=read.desc, gemms=gemms,
                              progress=lambda done, total: bar.update(1), e2e=not no_e2e, budget=budget, **extra)
         except (LoadError, ValueError, TypeError) as exc:
             raise _analysis_failure(exc, inputs) from exc

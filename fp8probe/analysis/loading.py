@@ -114,6 +114,9 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
     a file that needs the full unpickler is refused unless ``trust_pickle``.
     """
     p = Path(path)
+    if is_text_inputs(p):
+        raise LoadError(f"inputs {p} are text: load_text_inputs tokenizes them with a Hugging Face model directory's "
+                        "tokenizer (the command line does so for --inputs FILE.txt / FILE.jsonl)")
     if not p.exists():
         raise LoadError(f"inputs file {p} does not exist: pass a file written by torch.save")
     if not p.is_file():
@@ -139,6 +142,143 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
         raise LoadError(f"cannot read inputs file {p} ({one_line(exc)}): is it truncated? Save it again with "
                         "torch.save") from None
     return to_batches(obj)
+
+
+#: --inputs suffixes read as text and tokenized with a Hugging Face model directory's tokenizer (load_text_inputs):
+#: plain text, or JSON lines each holding a "text" string.
+TEXT_SUFFIXES = (".txt", ".jsonl")
+#: Characters tokenized at a time (whole lines): a large corpus is read only as far as the batches need.
+TEXT_CHUNK_CHARS = 1 << 20
+#: Sequence length and sequences per batch of text inputs when not given (the issue-15 benchmark's 2 x 128 tokens).
+TEXT_SEQ_LEN = 128
+TEXT_BATCH_SIZE = 2
+
+
+def is_text_inputs(path: str | Path) -> bool:
+    """--inputs to tokenize (TEXT_SUFFIXES) rather than to torch.load."""
+    return Path(path).suffix.lower() in TEXT_SUFFIXES
+
+
+def _first_bad_utf8(path: Path) -> int:
+    """The byte offset of the first byte of ``path`` that is not UTF-8 (-1: none), read 1 MiB at a time."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    pos = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            pending = dec.getstate()[0]
+            try:
+                dec.decode(chunk)
+            except UnicodeDecodeError as exc:
+                return pos - len(pending) + exc.start
+            pos += len(chunk)
+    try:
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        return pos - len(exc.object) + exc.start
+    return -1
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """The text of ``path`` in pieces of about TEXT_CHUNK_CHARS, split after a newline; a .jsonl file's "text" fields,
+    one record per line. Problems (not UTF-8, a bad JSON line) as LoadError naming the place."""
+    import json
+
+    jsonl = path.suffix.lower() == ".jsonl"
+    piece: list[str] = []
+    size = 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for no, line in enumerate(fh, 1):
+                if jsonl:
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError as exc:
+                        raise LoadError(f"text inputs {path}: line {no} is not JSON ({one_line(exc)}); expected one "
+                                        'object per line with a "text" string') from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise LoadError(f'text inputs {path}: line {no} has no "text" string; expected one object per '
+                                        'line such as {"text": "..."}')
+                    line = record["text"] + "\n"
+                piece.append(line)
+                size += len(line)
+                if size >= TEXT_CHUNK_CHARS:
+                    yield "".join(piece)
+                    piece, size = [], 0
+    except UnicodeDecodeError as exc:
+        raise LoadError(f"text inputs {path} are not UTF-8 (byte {_first_bad_utf8(path)}: {exc.reason}); save the "
+                        "text as UTF-8") from None
+    except OSError as exc:
+        raise LoadError(f"cannot read text inputs {path}: {exc.strerror or exc}") from None
+    if piece:
+        yield "".join(piece)
+
+
+def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int = TEXT_SEQ_LEN,
+                     batch_size: int = TEXT_BATCH_SIZE, max_batches: int | None = None) -> tuple[list[Batch], str]:
+    """(batches, description) of token ids from a text file (TEXT_SUFFIXES), tokenized with the Hugging Face model
+    directory's own tokenizer (local files only, no remote code).
+
+    The text is tokenized without special tokens and cut into sequences of ``seq_len`` tokens, each starting with the
+    tokenizer's BOS token when it has one; ``batch_size`` sequences make a batch ``{"input_ids": [batch_size,
+    seq_len]}``. Tokens past the last full batch are left out (the description says how many); text shorter than one
+    batch gives one batch of the sequences it fills, and text shorter than one sequence one shorter sequence.
+    ``max_batches``: the text is read only as far as that many batches need."""
+    p, d = Path(path), Path(model_dir)
+    if not p.is_file():
+        raise LoadError(f"text inputs {p} do not exist" if not p.exists() else f"text inputs {p} are not a file")
+    if not (d.is_dir() and (d / "config.json").is_file()):
+        raise LoadError(f"text inputs {p} are tokenized with the model directory's tokenizer, and {d} is not a Hugging "
+                        "Face model directory: give the token ids as a torch.save'd dict instead, e.g. "
+                        "torch.save({'input_ids': ids}, 'inputs.pt')")
+    if seq_len < 2 or batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise LoadError(f"expected a sequence length >= 2, a batch size >= 1 and at most >= 1 batches, got {seq_len}, "
+                        f"{batch_size} and {max_batches}")
+    try:
+        import transformers
+    except ImportError:
+        raise LoadError(f"text inputs {p} need transformers for {d}'s tokenizer: pip install 'fp8probe[hf]'") from None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError... for a missing tokenizer
+        raise LoadError(f"cannot load the tokenizer of {d} to tokenize text inputs {p} ({one_line(exc)}): save it "
+                        "there (tokenizer.save_pretrained) or give the token ids as a torch.save'd dict") from None
+    bos = tok.bos_token_id
+    body = seq_len - (1 if bos is not None else 0)
+    need = None if max_batches is None else max_batches * batch_size * body
+    ids: list[int] = []
+    chunks, stopped = _text_chunks(p), False
+    for chunk in chunks:
+        ids.extend(tok(chunk, add_special_tokens=False)["input_ids"])
+        if need is not None and len(ids) >= need:
+            stopped = next(chunks, None) is not None  # (text left unread)
+            break
+    n_seq = len(ids) // body
+    if n_seq == 0:
+        if len(ids) + (bos is not None) < 2:
+            raise LoadError(f"text inputs {p} hold {len(ids)} token(s) for {d}'s tokenizer: expected at least 2")
+        seqs, shape = [ids], (1, len(ids) + (bos is not None))
+    else:
+        n_batches = max(n_seq // batch_size, 1)
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        per = min(batch_size, n_seq)
+        seqs, shape = [ids[i * body:(i + 1) * body] for i in range(n_batches * per)], (per, seq_len)
+    prefix = [] if bos is None else [bos]
+    rows = torch.tensor([prefix + s for s in seqs], dtype=torch.long)
+    batches = [to_batch({"input_ids": b}) for b in rows.split(shape[0])]
+    used = sum(len(s) for s in seqs)
+    read = f"{len(ids)} tokens read" + (" (the text as far as --batches needs)" if stopped else "")
+    notes = [f"{read} with {d.name}'s tokenizer"]
+    if len(ids) > used:
+        notes.append(f"the last {len(ids) - used} unused")
+    if bos is not None:
+        notes.append("each sequence starts with BOS")
+    desc = f"{p.name}: {len(batches)} batch(es) of {shape[0]} x {shape[1]} tokens ({'; '.join(notes)})"
+    return batches, desc
 
 
 #: Bytes read at a time when verify_zip checks a member's CRC-32: memory stays bounded on a many-GB checkpoint.

@@ -1,0 +1,163 @@
+"""Text --inputs (.txt, .jsonl) tokenized with a Hugging Face model directory's own tokenizer: the batches are the
+tokenizer's ids cut into BOS-led sequences, a large text is read only as far as --batches needs, and every problem
+(not a model directory, no tokenizer, not UTF-8, a bad JSON line, too little text, --seq-len with saved inputs) is one
+line and exit 2."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from fp8probe.analysis import loading  # noqa: E402
+from fp8probe.analysis.loading import LoadError, load_inputs, load_text_inputs  # noqa: E402
+from fp8probe.cli import cli  # noqa: E402
+
+WORDS = "the a cat dog sat on mat ran far fast slow big small red blue green under over near".split()
+
+
+def _tokenizer(bos: bool = True) -> transformers.PreTrainedTokenizerFast:
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    trainer = tokenizers.trainers.WordLevelTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([" ".join(WORDS)], trainer)
+    extra = {"bos_token": "<s>"} if bos else {}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", **extra)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   use_cache=False)
+    d = tmp_path_factory.mktemp("text") / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    return d
+
+
+def _story(path: Path, lines: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    text = ["  ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(lines)]
+    path.write_text("\n".join(text), encoding="utf-8")
+    return text
+
+
+def test_text_is_the_tokenizers_ids_in_bos_led_sequences_and_batches(llama_dir, tmp_path) -> None:
+    lines = _story(tmp_path / "story.txt", 50)  # 500 words: 500 tokens
+    batches, desc = load_text_inputs(tmp_path / "story.txt", llama_dir, seq_len=33, batch_size=3)
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    ids = tok("\n".join(lines), add_special_tokens=False)["input_ids"]
+    assert len(ids) == 500
+    # 32 tokens after BOS per sequence: 15 sequences, 5 batches of 3, 20 tokens left
+    assert len(batches) == 5 and all(list(b.kwargs) == ["input_ids"] for b in batches)
+    rows = torch.cat([b.kwargs["input_ids"] for b in batches])
+    assert rows.shape == (15, 33) and rows.dtype == torch.long
+    assert (rows[:, 0] == tok.bos_token_id).all()
+    assert rows[:, 1:].reshape(-1).tolist() == ids[:15 * 32]
+    assert desc == ("story.txt: 5 batch(es) of 3 x 33 tokens (500 tokens read with llama's tokenizer; the last 20 "
+                    "unused; each sequence starts with BOS)")
+
+
+def test_batches_read_the_text_only_as_far_as_they_need(llama_dir, tmp_path, monkeypatch) -> None:
+    _story(tmp_path / "long.txt", 400)  # 4000 tokens
+    monkeypatch.setattr(loading, "TEXT_CHUNK_CHARS", 200)  # ~4 lines a chunk
+    read = []
+    real = loading._text_chunks
+
+    def counting(path):
+        for chunk in real(path):
+            read.append(chunk)
+            yield chunk
+    monkeypatch.setattr(loading, "_text_chunks", counting)
+    batches, desc = load_text_inputs(tmp_path / "long.txt", llama_dir, seq_len=11, batch_size=2, max_batches=2)
+    assert len(batches) == 2 and batches[0].kwargs["input_ids"].shape == (2, 11)
+    assert sum(len(c.split()) for c in read) < 100  # 40 tokens needed: a few chunks of the 400 lines
+    assert "(the text as far as --batches needs)" in desc
+
+
+def test_short_text_gives_one_shorter_batch_and_too_little_is_an_error(llama_dir, tmp_path) -> None:
+    (tmp_path / "few.txt").write_text("the cat sat on the mat", encoding="utf-8")
+    batches, desc = load_text_inputs(tmp_path / "few.txt", llama_dir, seq_len=4, batch_size=4)
+    assert [b.kwargs["input_ids"].shape for b in batches] == [(2, 4)]  # 6 tokens: 2 sequences of BOS + 3, one batch
+    assert "unused" not in desc
+    (tmp_path / "one.txt").write_text("cat", encoding="utf-8")
+    batches, _ = load_text_inputs(tmp_path / "one.txt", llama_dir)  # BOS + 1 token: a 2-token sequence
+    assert batches[0].kwargs["input_ids"].shape == (1, 2)
+    (tmp_path / "none.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(LoadError, match=r"hold 0 token\(s\) for .*llama's tokenizer: expected at least 2"):
+        load_text_inputs(tmp_path / "none.txt", llama_dir)
+
+
+def test_jsonl_text_fields_and_their_problems(llama_dir, tmp_path) -> None:
+    good = tmp_path / "d.jsonl"
+    good.write_text("\n".join(json.dumps({"text": " ".join(WORDS), "id": i}) for i in range(4)) + "\n\n",
+                    encoding="utf-8")
+    batches, _ = load_text_inputs(good, llama_dir, seq_len=20, batch_size=2)
+    assert len(batches) == 2  # 4 x 19 words = 76 tokens: 4 sequences of 19 after BOS
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat"}\n{"body": "x"}\n', encoding="utf-8")
+    with pytest.raises(LoadError, match=r'line 2 has no "text" string'):
+        load_text_inputs(bad, llama_dir)
+    bad.write_text('{"text": "the cat"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(LoadError, match=r"line 2 is not JSON"):
+        load_text_inputs(bad, llama_dir)
+
+
+def test_not_utf8_names_the_byte(llama_dir, tmp_path) -> None:
+    p = tmp_path / "latin.txt"
+    p.write_bytes(b"the cat\n" * 1000 + b"caf\xe9\n")
+    with pytest.raises(LoadError, match=r"latin.txt are not UTF-8 \(byte 8003: invalid continuation byte"):
+        load_text_inputs(p, llama_dir)
+
+
+def test_text_needs_a_model_directory_with_a_tokenizer(llama_dir, tmp_path) -> None:
+    _story(tmp_path / "s.txt", 3)
+    with pytest.raises(LoadError, match="is not a Hugging Face model directory: give the token ids as a torch.save'd"):
+        load_text_inputs(tmp_path / "s.txt", tmp_path / "model.pt2")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((llama_dir / "config.json").read_text())
+    with pytest.raises(LoadError, match=r"cannot load the tokenizer of .*bare to tokenize text inputs"):
+        load_text_inputs(tmp_path / "s.txt", bare)
+    with pytest.raises(LoadError, match=r"are text: load_text_inputs tokenizes them"):
+        load_inputs(tmp_path / "s.txt")
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_analyze_and_the_sweeps_take_text_inputs(llama_dir, tmp_path) -> None:
+    _story(tmp_path / "story.txt", 30)
+    code, out = _run("analyze", str(llama_dir), "--inputs", str(tmp_path / "story.txt"), "--seq-len", "50",
+                     "--strategy", "mxfp8", "--out", str(tmp_path / "a"), "--no-html", "--quiet")
+    assert code == 0, out
+    meta = json.loads((tmp_path / "a" / "results.json").read_text())["metadata"]
+    assert meta["inputs"].startswith("story.txt: 3 batch(es) of 2 x 50 tokens (300 tokens read with llama's tokenizer")
+    assert meta["loss"]["kind"] == "next-token" and meta["batches"] == 3
+    code, out = _run("sweep-threshold", str(llama_dir), "--inputs", str(tmp_path / "story.txt"), "--batch-size", "1",
+                     "--batches", "2", "--out", str(tmp_path / "t"), "--no-html", "--no-e2e", "--quiet")
+    assert code == 0, out
+    meta = json.loads((tmp_path / "t" / "results.json").read_text())["metadata"]
+    assert meta["inputs"].startswith("story.txt: 2 batch(es) of 1 x 128 tokens")
+
+
+def test_text_options_with_saved_inputs_and_text_problems_exit_2(llama_dir, tmp_path) -> None:
+    torch.save({"input_ids": torch.randint(0, 20, (2, 8))}, tmp_path / "ids.pt")
+    code, out = _run("analyze", str(llama_dir), "--inputs", str(tmp_path / "ids.pt"), "--seq-len", "64",
+                     "--out", str(tmp_path / "x"))
+    assert code == 2
+    assert "--seq-len cut text --inputs (.txt, .jsonl) into token batches: expected text inputs, got --inputs" in out
+    (tmp_path / "bad.txt").write_bytes(b"\xff")
+    code, out = _run("analyze", str(llama_dir), "--inputs", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "y"))
+    assert code == 2 and "are not UTF-8 (byte 0: invalid start byte)" in out and "Traceback" not in out
+    assert not (tmp_path / "y" / "results.json").exists()
