@@ -252,7 +252,8 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int = 
     ids: list[int] = []
     chunks, stopped = _text_chunks(p), False
     for chunk in chunks:
-        ids.extend(tok(chunk, add_special_tokens=False)["input_ids"])
+        # (verbose False: a chunk is longer than the model's max length by design, and is cut into sequences below)
+        ids.extend(tok(chunk, add_special_tokens=False, verbose=False)["input_ids"])
         if need is not None and len(ids) >= need:
             stopped = next(chunks, None) is not None  # (text left unread)
             break

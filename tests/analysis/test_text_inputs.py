@@ -5,6 +5,7 @@ line and exit 2."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -161,3 +162,29 @@ def test_text_options_with_saved_inputs_and_text_problems_exit_2(llama_dir, tmp_
     code, out = _run("analyze", str(llama_dir), "--inputs", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "y"))
     assert code == 2 and "are not UTF-8 (byte 0: invalid start byte)" in out and "Traceback" not in out
     assert not (tmp_path / "y" / "results.json").exists()
+
+
+def test_a_text_longer_than_the_models_max_length_prints_no_tokenizer_warning(llama_dir, tmp_path) -> None:
+    """A chunk of text is longer than model_max_length by design (it is cut into sequences after): transformers'
+    "Token indices sequence length is longer than ..." warning would tell the user of indexing errors that never
+    happen."""
+    d = tmp_path / "short-max"
+    d.mkdir()
+    for f in llama_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 16}))
+    _story(tmp_path / "story.txt", 20)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger("transformers")  # (its library loggers hand their records up to it)
+    root.addHandler(handler)
+    try:
+        batches, _ = load_text_inputs(tmp_path / "story.txt", d, seq_len=32)
+        assert batches[0].kwargs["input_ids"].shape == (2, 32)
+        transformers.AutoTokenizer.from_pretrained(d)("the cat " * 20)  # (the warning this test would see)
+    finally:
+        root.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert sum("sequence length is longer" in m for m in messages) == 1, messages
