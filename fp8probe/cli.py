@@ -508,13 +508,21 @@ def _read_inputs(model: str, inputs: str | None, trust_pickle: bool, seq_len: in
         got, desc = load_text_inputs(inputs, model, seq_len=seq_len or TEXT_SEQ_LEN,
                                      batch_size=batch_size or TEXT_BATCH_SIZE, max_batches=batches)
         return Inputs(got, desc)
-    given = [name for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size)) if v is not None]
-    if given:
-        raise UsageFailure(f"{' and '.join(given)} cut text --inputs (.txt, .jsonl) into token batches: expected text "
-                           f"inputs, got {'--inputs ' + _printable(inputs) if inputs else 'no --inputs'}")
+    _check_text_options(inputs, seq_len, batch_size)
     if inputs is None:
         return Inputs(None, "example inputs / factory batches")
     return Inputs(load_inputs(inputs, trust_pickle=trust_pickle), inputs)
+
+
+def _check_text_options(inputs: str | None, seq_len: int | None, batch_size: int | None) -> None:
+    """--seq-len / --batch-size without text --inputs would do nothing: a usage error, checked with the other typed
+    options before anything is loaded."""
+    from fp8probe.analysis.loading import is_text_inputs
+
+    given = [name for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size)) if v is not None]
+    if given and not (inputs is not None and is_text_inputs(inputs)):
+        raise UsageFailure(f"{' and '.join(given)} cut text --inputs (.txt, .jsonl) into token batches: expected text "
+                           f"inputs, got {'--inputs ' + _printable(inputs) if inputs else 'no --inputs'}")
 
 
 def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: bool, seq_len: int | None = None,
@@ -699,6 +707,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | No
     _check_device(device)
     _check_layers(layers)
     _check_gemms(gemms)
+    _check_text_options(inputs, seq_len, batch_size)
     try:  # before --out: a bad budget is what the user typed, not a problem of the output directory
         from fp8probe.analysis.e2e import parse_budget
 
@@ -1320,6 +1329,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
     _check_device(device)
     _check_layers(layers)
     _check_gemms(gemms)
+    _check_text_options(inputs, seq_len, batch_size)
     try:  # before --out, like the other options the user typed
         budget = parse_budget(budget_spec)
     except ValueError as exc:

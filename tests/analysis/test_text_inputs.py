@@ -188,3 +188,15 @@ def test_a_text_longer_than_the_models_max_length_prints_no_tokenizer_warning(ll
         root.removeHandler(handler)
     messages = [r.getMessage() for r in records]
     assert sum("sequence length is longer" in m for m in messages) == 1, messages
+
+
+def test_text_options_without_text_inputs_are_refused_before_anything_loads(tmp_path) -> None:
+    """A weights-only checkpoint (no --inputs) went down its own path with --seq-len silently unused."""
+    torch.save({"w.weight": torch.randn(8, 8)}, tmp_path / "sd.pt")
+    for cmd in ("analyze", "sweep-blocksize"):
+        code, out = _run(cmd, str(tmp_path / "sd.pt"), "--batch-size", "4", "--out", str(tmp_path / cmd))
+        assert code == 2 and "--batch-size cut text --inputs (.txt, .jsonl) into token batches: expected text " \
+                             "inputs, got no --inputs" in out
+        assert not (tmp_path / cmd).exists()
+    code, out = _run("analyze", str(tmp_path / "missing-model"), "--inputs", "x.pt", "--seq-len", "8")
+    assert code == 2 and "--seq-len cut text --inputs" in out  # (before the model that does not exist)
