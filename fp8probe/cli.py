@@ -484,9 +484,10 @@ _EMBEDDINGS_HELP = ("weights-only analysis: also analyse embedding tables (skipp
 
 _INPUTS_HELP = ("torch.save'd inputs (a tensor, a tuple of args, a dict of kwargs or a list of batches), or text to "
                 "tokenize with a Hugging Face model directory's tokenizer: a .txt file, or .jsonl lines with a \"text\" "
-                "string (see --seq-len, --batch-size)")
+                "string (see --seq-len, --batch-size; at most 8 batches unless --batches)")
 _SEQ_LEN = _option("--seq-len", type=click.IntRange(min=2), default=None,
-                   help="text --inputs: tokens per sequence, BOS included [default: 128]")
+                   help="text --inputs: tokens per sequence, BOS included [default: 128, or the model's max positions when "
+                        "fewer]")
 _BATCH_SIZE = _option("--batch-size", type=click.IntRange(min=1), default=None,
                       help="text --inputs: sequences per batch [default: 2]")
 
@@ -502,11 +503,12 @@ def _read_inputs(model: str, inputs: str | None, trust_pickle: bool, seq_len: in
                  batches: int | None) -> Inputs:
     """The --inputs batches: a text file tokenized with MODEL's tokenizer (loading.load_text_inputs), else a
     torch.save'd file. --seq-len / --batch-size with any other inputs are refused (they would do nothing)."""
-    from fp8probe.analysis.loading import TEXT_BATCH_SIZE, TEXT_SEQ_LEN, is_text_inputs, load_inputs, load_text_inputs
+    from fp8probe.analysis.loading import (TEXT_BATCH_SIZE, TEXT_MAX_BATCHES, is_text_inputs, load_inputs,
+                                           load_text_inputs)
 
     if inputs is not None and is_text_inputs(inputs):
-        got, desc = load_text_inputs(inputs, model, seq_len=seq_len or TEXT_SEQ_LEN,
-                                     batch_size=batch_size or TEXT_BATCH_SIZE, max_batches=batches)
+        got, desc = load_text_inputs(inputs, model, seq_len=seq_len, batch_size=batch_size or TEXT_BATCH_SIZE,
+                                     max_batches=batches or TEXT_MAX_BATCHES)
         return Inputs(got, desc)
     _check_text_options(inputs, seq_len, batch_size)
     if inputs is None:

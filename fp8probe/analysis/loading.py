@@ -152,6 +152,9 @@ TEXT_CHUNK_CHARS = 1 << 20
 #: Sequence length and sequences per batch of text inputs when not given (the issue-15 benchmark's 2 x 128 tokens).
 TEXT_SEQ_LEN = 128
 TEXT_BATCH_SIZE = 2
+#: Batches the command line cuts from text inputs when --batches is not given: a corpus of megabytes would otherwise be
+#: millions of tokens, an analysis of hours.
+TEXT_MAX_BATCHES = 8
 
 
 def is_text_inputs(path: str | Path) -> bool:
@@ -217,13 +220,36 @@ def _text_chunks(path: Path) -> Iterator[str]:
         yield "".join(piece)
 
 
-def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int = TEXT_SEQ_LEN,
+#: config.json keys that bound a model's sequence length (the first present counts; a multimodal model's text_config
+#: is read too).
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def max_positions(model_dir: str | Path) -> int | None:
+    """The longest sequence a Hugging Face model directory's config.json allows, or None when it names none."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for part in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        if isinstance(part, dict):
+            for key in POSITION_KEYS:
+                v = part.get(key)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    return v
+    return None
+
+
+def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | None = None,
                      batch_size: int = TEXT_BATCH_SIZE, max_batches: int | None = None) -> tuple[list[Batch], str]:
     """(batches, description) of token ids from a text file (TEXT_SUFFIXES), tokenized with the Hugging Face model
     directory's own tokenizer (local files only, no remote code).
 
-    The text is tokenized without special tokens and cut into sequences of ``seq_len`` tokens, each starting with the
-    tokenizer's BOS token when it has one; ``batch_size`` sequences make a batch ``{"input_ids": [batch_size,
+    The text is tokenized without special tokens and cut into sequences of ``seq_len`` tokens (default TEXT_SEQ_LEN, or
+    the model's max_positions when shorter; longer than that is an error), each starting with the tokenizer's BOS
+    token when it has one; ``batch_size`` sequences make a batch ``{"input_ids": [batch_size,
     seq_len]}``. Tokens past the last full batch are left out (the description says how many); text shorter than one
     batch gives one batch of the sequences it fills, and text shorter than one sequence one shorter sequence.
     ``max_batches``: the text is read only as far as that many batches need."""
@@ -234,6 +260,12 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int = 
         raise LoadError(f"text inputs {p} are tokenized with the model directory's tokenizer, and {d} is not a Hugging "
                         "Face model directory: give the token ids as a torch.save'd dict instead, e.g. "
                         "torch.save({'input_ids': ids}, 'inputs.pt')")
+    limit = max_positions(d)
+    if seq_len is None:
+        seq_len = TEXT_SEQ_LEN if limit is None else min(TEXT_SEQ_LEN, limit)
+    elif limit is not None and seq_len > limit:
+        raise LoadError(f"--seq-len {seq_len} is longer than the {limit} positions {d.name}'s config.json allows: "
+                        f"expected --seq-len {limit} or less")
     if seq_len < 2 or batch_size < 1 or (max_batches is not None and max_batches < 1):
         raise LoadError(f"expected a sequence length >= 2, a batch size >= 1 and at most >= 1 batches, got {seq_len}, "
                         f"{batch_size} and {max_batches}")
@@ -258,6 +290,7 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int = 
             stopped = next(chunks, None) is not None  # (text left unread)
             break
     n_seq = len(ids) // body
+    capped = stopped  # (more text than max_batches take)
     if n_seq == 0:
         if len(ids) + (bos is not None) < 2:
             raise LoadError(f"text inputs {p} hold {len(ids)} token(s) for {d}'s tokenizer: expected at least 2")
@@ -265,6 +298,7 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int = 
     else:
         n_batches = max(n_seq // batch_size, 1)
         if max_batches is not None:
+            capped = capped or n_batches > max_batches
             n_batches = min(n_batches, max_batches)
         per = min(batch_size, n_seq)
         seqs, shape = [ids[i * body:(i + 1) * body] for i in range(n_batches * per)], (per, seq_len)
@@ -272,10 +306,11 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int = 
     rows = torch.tensor([prefix + s for s in seqs], dtype=torch.long)
     batches = [to_batch({"input_ids": b}) for b in rows.split(shape[0])]
     used = sum(len(s) for s in seqs)
-    read = f"{len(ids)} tokens read" + (" (the text as far as --batches needs)" if stopped else "")
-    notes = [f"{read} with {d.name}'s tokenizer"]
+    notes = [f"{len(ids)} tokens read with {d.name}'s tokenizer" + (", the rest of the text not" if stopped else "")]
     if len(ids) > used:
         notes.append(f"the last {len(ids) - used} unused")
+    if capped:
+        notes.append(f"at most {max_batches} batches: --batches for more")
     if bos is not None:
         notes.append("each sequence starts with BOS")
     desc = f"{p.name}: {len(batches)} batch(es) of {shape[0]} x {shape[1]} tokens ({'; '.join(notes)})"

@@ -81,7 +81,8 @@ def test_batches_read_the_text_only_as_far_as_they_need(llama_dir, tmp_path, mon
     batches, desc = load_text_inputs(tmp_path / "long.txt", llama_dir, seq_len=11, batch_size=2, max_batches=2)
     assert len(batches) == 2 and batches[0].kwargs["input_ids"].shape == (2, 11)
     assert sum(len(c.split()) for c in read) < 100  # 40 tokens needed: a few chunks of the 400 lines
-    assert "(the text as far as --batches needs)" in desc
+    assert desc == ("long.txt: 2 batch(es) of 2 x 11 tokens (40 tokens read with llama's tokenizer, the rest of the "
+                    "text not; at most 2 batches: --batches for more; each sequence starts with BOS)")
 
 
 def test_short_text_gives_one_shorter_batch_and_too_little_is_an_error(llama_dir, tmp_path) -> None:
@@ -200,3 +201,31 @@ def test_text_options_without_text_inputs_are_refused_before_anything_loads(tmp_
         assert not (tmp_path / cmd).exists()
     code, out = _run("analyze", str(tmp_path / "missing-model"), "--inputs", "x.pt", "--seq-len", "8")
     assert code == 2 and "--seq-len cut text --inputs" in out  # (before the model that does not exist)
+
+
+def test_the_sequence_length_follows_the_models_positions(llama_dir, tmp_path) -> None:
+    """A GPT-2 with 16 positions failed on the default 128-token sequences with "index out of range in self"."""
+    d = tmp_path / "short-positions"
+    d.mkdir()
+    for f in llama_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 16}))
+    assert loading.max_positions(d) == 16 and loading.max_positions(llama_dir) == 256
+    _story(tmp_path / "s.txt", 10)
+    batches, _ = load_text_inputs(tmp_path / "s.txt", d)
+    assert batches[0].kwargs["input_ids"].shape == (2, 16)
+    with pytest.raises(LoadError, match=r"--seq-len 17 is longer than the 16 positions short-positions's config.json "
+                                        r"allows: expected --seq-len 16 or less"):
+        load_text_inputs(tmp_path / "s.txt", d, seq_len=17)
+
+
+def test_the_command_line_cuts_at_most_8_batches_unless_told(llama_dir, tmp_path) -> None:
+    _story(tmp_path / "story.txt", 60)  # 600 tokens: 9 batches of 2 x 33
+    code, out = _run("analyze", str(llama_dir), "--inputs", str(tmp_path / "story.txt"), "--seq-len", "33",
+                     "--strategy", "int8", "--no-e2e", "--no-html", "--quiet", "--out", str(tmp_path / "a"))
+    assert code == 0, out
+    meta = json.loads((tmp_path / "a" / "results.json").read_text())["metadata"]
+    assert meta["batches"] == 8
+    assert "(600 tokens read with llama's tokenizer; the last 88 unused; at most 8 batches: --batches for more;" \
+        in meta["inputs"]
