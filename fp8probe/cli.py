@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import click
 
@@ -760,11 +760,16 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | No
         n_total = min(n_total, batches) if batches else n_total
         # No bar when stderr is not a terminal (CI, pipes): its label line would precede an error line.
         show_bar = not quiet and output_format == "table" and n_total > 0 and sys.stderr.isatty() and world.is_main
+        stage_line = _StageLine() if show_bar else None
         # Failed recipes are recorded in the errors table and counted below; no warning spam.
-        with warnings.catch_warnings(record=True), \
-                click.progressbar(length=n_total, label="analyze", file=sys.stderr) if show_bar else _nullbar() as bar:
+        with warnings.catch_warnings(record=True), contextlib.ExitStack() as stack:
+            bar = stack.enter_context(click.progressbar(length=n_total, label="analyze", file=sys.stderr)
+                                      if show_bar else _nullbar())
+            if stage_line is not None:
+                stack.callback(stage_line.close)  # (after the bar's own last line: the stages follow it)
             warnings.simplefilter("always", RuntimeWarning)
             results = analyze(loaded, batch_list, strategy, threshold=threshold, layers=layers, batches=batches,
+                              stages=stage_line,
                               device=device, seed=seed, loss=loss_spec, progress=lambda done, total: bar.update(1),
                               name=run_name, model_desc=loaded.description,
                               inputs_desc=read.desc, gemms=gemms, e2e=not no_e2e,
@@ -1183,6 +1188,42 @@ _RUN_OUTPUT_OPTIONS = (
     _option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
                  show_default=True, help="table for people, json (paths and recommendations) for scripts"),
 )
+
+
+class _StageLine:
+    """The end-to-end part's progress on the capture bar's line once the bar is full (analysis Runner.stage): the
+    stage, its passes (of how many, when known) and the seconds since it began, rewritten in place; close() leaves
+    the time it all took there, and the bar's own exit ends the line. Drawn only where the bar is (a terminal, no -q,
+    --format table)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = 0
+        self.label: str | None = None
+        self.started = self.first = 0.0
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        import time
+
+        if label != self.label:
+            self.label, self.started = label, time.perf_counter()
+            self.first = self.first or self.started
+        seconds = time.perf_counter() - self.started
+        count = f"{done}/{total}" if total is not None else f"{done}"
+        text = f"{label}: {count} pass{'es' if (total if total is not None else done) != 1 else ''}, {seconds:.0f} s"
+        self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
+        self.stream.flush()
+        self.width = len(text)
+
+    def close(self) -> None:
+        """The line left as what the stages took in all (the capture's bar it replaced had said 100 %)."""
+        import time
+
+        if self.width:
+            text = f"end to end done in {time.perf_counter() - self.first:.0f} s"
+            self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
+            self.stream.flush()
+            self.width = 0
 
 
 def _progress(label: str, n_total: int, quiet: bool, output_format: str):  # type: ignore[no-untyped-def]

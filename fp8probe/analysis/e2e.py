@@ -66,6 +66,8 @@ METHOD_ESTIMATED = ("estimated: first-order <G, dY> + second-order 1/2 N sum_t (
                     "change minus this layer's estimate")
 OUTPUT_FALLBACK_NOTE = "output = the last GEMM's output (the model returns only a loss)"
 FSDP_GRAD_NOTE = "no per-parameter gradient SQNR: FSDP2 shards the parameters"
+#: Runner.stage: (stage label, passes done, passes in the stage or None when not known ahead).
+StageFn = Callable[[str, int, "int | None"], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,6 +436,28 @@ class Runner:
         # full gradients, so the per-parameter gradient comparison is left out and said so.
         self.grad_note = FSDP_GRAD_NOTE if distributed.lockstep(module) else ""
         self.frozen_note = frozen_note(module)
+        #: Called as stage(label, passes done, passes in the stage or None) at each begin() and after each model
+        #: pass (forward, or forward and backward) this rank runs: the command line's progress line.
+        self.stage: StageFn | None = None
+        self._stage: list = [None, 0, None]
+
+    def begin(self, label: str, total: int | None = None) -> None:
+        """Start a progress stage of ``total`` passes (None: not known ahead) and report it (self.stage)."""
+        self._stage = [label, 0, total]
+        if self.stage is not None:
+            self.stage(label, 0, total)
+
+    def tick(self) -> None:
+        """One model pass of the current stage done (reported to self.stage)."""
+        label, done, total = self._stage
+        self._stage[1] = done = done + 1
+        if self.stage is not None and label is not None:
+            self.stage(label, done if total is None else min(done, total), total)
+
+    def local_batches(self) -> int:
+        """How many of the batches this rank runs (map_batches: batch i on rank i % size)."""
+        world = distributed.current()
+        return len(range(world.rank, len(self.batches), world.size))
 
     def _run(self, plan: Plan, i: int, grads: bool, state: Any = None, against: list | None = None
              ) -> tuple[torch.Tensor, Any, Gemms, list | None]:
@@ -456,6 +480,7 @@ class Runner:
                 else:
                     g = _reduced_grads(loss, params, against)
         self.info = info
+        self.tick()
         return loss.detach(), output, gemms, g
 
     def _reference_batch(self, i: int, strategies: Sequence[Strategy], states: dict[str, Any]) -> dict:
@@ -506,6 +531,8 @@ class Runner:
         loss_lp = {s.name: 0.0 for s in strategies}
         flops = {s.name: [0, 0] for s in strategies}
         states = {s.name: new_state(s) for s in strategies}  # one pass over the batches per strategy
+        self.begin(f"end to end: high precision + {len(strategies)} recipe{'s' if len(strategies) != 1 else ''}",
+                   self.local_batches() * (1 + len(strategies)))
         for i, rec in distributed.map_batches(n, lambda i: self._reference_batch(i, strategies, states),
                                               pad=distributed.lockstep(self.module)):
             if i == 0:
@@ -948,9 +975,10 @@ def end_to_end(runner: Runner, strategies: Sequence[Strategy], budget: Budget, *
     closest: list[tuple[float, float, int]] = []  # (budget metric, -low-precision share, row) of plans over budget
     validation_runs = 0
     kl_undefined = budget.kind == "kl" and not runner.distribution  # (no keep-set can be judged: no search)
-    for s in strategies:
+    for k, s in enumerate(strategies):
         full = outcomes[s.name]
         e2e_rows.append(_e2e_row(s.name, len(runner.batches), full))
+        runner.begin(f"end to end: {s.name} ({k + 1}/{len(strategies)}) {'sensitivity + ' if measured else ''}keep-set")
         if kl_undefined:
             row = _rec_row("strategy", s.name, None, [], full, budget,
                            f"{NOTE_NOT_SEARCHED}the KL budget is undefined here ({runner.kl_note()}); use a loss budget")
@@ -1186,6 +1214,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
     start = _initial_losses(runner)
     rows: list[dict] = []
     theta_hp, final_hp, hp_note = None, None, ""
+    runner.begin("training steps", steps * (1 + len(strategies)))
     for strat in [None, *strategies]:
         state = new_state(strat)
         model = copy.deepcopy(runner.module)
@@ -1210,6 +1239,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
             opt.step()
             losses.append(float(loss.detach()))
             del output, loss
+            runner.tick()
         name = "hp" if strat is None else strat.name
         final = sum(losses[-window:]) / window
         theta = _flat(params)

@@ -26,7 +26,7 @@ from fp8probe.formats import FORMATS
 from . import distributed, streaming
 from .capture import GemmCall, InputsError, LossFn, LossInfo, capture_batch
 from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
-                  SensitivityEstimate, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
+                  SensitivityEstimate, StageFn, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .gemms import Coverage, parse_kinds
 from .loading import Batch, LoadedModel, LoadError, from_exported_program, one_line, resolve_callable, to_batches
 from .block_scales import BlockScaleStats, update_block_stats
@@ -684,6 +684,15 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
     }
 
 
+def _stage_lines() -> StageFn:
+    """analyze(progress=True)'s stage reports: a line when a stage starts and when its known total is reached."""
+    def report(label: str, done: int, total: int | None) -> None:
+        if done == 0 or done == total:
+            print(f"{label}: {done}/{total} passes" if total is not None else f"{label}: started", file=sys.stderr,
+                  flush=True)
+    return report
+
+
 def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global", *, threshold: float = 6.0,
             layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
             loss: LossFn | str | None = None, progress: bool | ProgressFn = False, name: str | None = None,
@@ -691,7 +700,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
             gemms: str | list[str] | None = None, e2e: bool = True,
             budget: Budget | float | str = DEFAULT_BUDGET, sensitivity: str = "auto", steps: int = 0,
             lr: float = DEFAULT_LR, optimizer: OptimizerFactory | str | None = None,
-            options: RecipeOptions | None = None, grad: bool = True) -> Results:
+            options: RecipeOptions | None = None, grad: bool = True,
+            stages: StageFn | None = None) -> Results:
     """Capture every GEMM of ``model`` on ``inputs`` and measure each recipe's error.
 
     model: nn.Module, torch.export.ExportedProgram or LoadedModel. inputs: one batch (tensor /
@@ -705,7 +715,9 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     "module:function"; default the model's own loss, else for a Hugging Face causal LM given no labels
     its next-token loss on the batch's input_ids, else the surrogate mean(output²).
     progress: True prints "batch i/n" lines to stderr; a callable(done, total) is called after each
-    batch instead (the CLI draws a click progress bar with it). options: strategies.RecipeOptions
+    batch instead (the CLI draws a click progress bar with it). stages: called as (label, passes done, passes in the
+    stage or None) as the end-to-end part and --steps run their model passes (the CLI's progress line after the
+    bar); with progress True and no stages, each stage's start and end print a line. options: strategies.RecipeOptions
     (LLM.int8 row scale, simulated accumulation, delayed-scaling history; recorded in
     ``metadata["recipe_options"]`` and in each rule text).
     Returns Results with tables layers, gemm, operands, tensors, histograms, outliers, coverage
@@ -837,6 +849,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         runner = Runner(run.module, run.batches, device=run.device, layers=run.layers, loss_fn=run.loss_fn,
                         loss_name=run.loss_name, threshold=threshold, seed=seed, kinds=run.coverage.kinds,
                         options=options)
+        runner.stage = stages if stages is not None else _stage_lines() if progress is True else None
         if e2e:
             fprop = tables["gemm"][tables["gemm"]["gemm"] == "fprop"] if not tables["gemm"].empty else tables["gemm"]
             isolated = {(r["strategy"], r["layer"]): r["sqnr_db"] for r in fprop.to_dict("records")}
