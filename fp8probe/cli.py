@@ -1390,7 +1390,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
         if kind != "sweep-blocksize":
             raise UsageFailure(f"{model} holds weights only, and outlier thresholds apply to activation columns: "
                                "sweep-threshold needs the model run on inputs (--factory with --inputs, a .pt2 program, "
-                               "or the Hugging Face directory with --inputs)")
+                               "or the Hugging Face directory with --inputs, e.g. a .txt file its tokenizer reads)")
         _sweep_weights(ckpt, values, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
                        run_name=run_name, no_html=no_html)
         return

@@ -37,7 +37,8 @@ from .sweeps import (BLOCKSIZE_TOLERANCE_DB, CODE_FWD, DEFAULT_BLOCKSIZES, _chec
 # What the CLI and the report say about every weights-only result (metadata["weights_only"]["note"]).
 WEIGHTS_ONLY_NOTE = ("weights only: no model was run, so activations and gradients were not seen (no fprop/dgrad/"
                      "wgrad error, no activation outliers); to measure them pass --factory module:function with "
-                     "--inputs, a torch.export .pt2 program, or the Hugging Face directory with --inputs")
+                     "--inputs, a torch.export .pt2 program, or the Hugging Face directory with --inputs (token ids saved with "
+                     "torch.save, or a .txt file its tokenizer reads)")
 # Elements of one row chunk. A chunk's analysis holds several float64 copies of it (the tensor
 # statistics' values and moments, the operand accumulator's x, q and error): 2**20 elements (8 MiB
 # per copy) measured 150-230 MiB peak over the loaded weight for one / all strategies, a 4x larger
