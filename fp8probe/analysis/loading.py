@@ -147,7 +147,7 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
 #: --inputs suffixes read as text and tokenized with a Hugging Face model directory's tokenizer (load_text_inputs):
 #: plain text, or JSON lines each holding a "text" string.
 TEXT_SUFFIXES = (".txt", ".jsonl")
-#: Characters tokenized at a time (whole lines): a large corpus is read only as far as the batches need.
+#: Characters tokenized at a time (cut before whitespace): a large corpus is read only as far as the batches need.
 TEXT_CHUNK_CHARS = 1 << 20
 #: Sequence length and sequences per batch of text inputs when not given (the issue-15 benchmark's 2 x 128 tokens).
 TEXT_SEQ_LEN = 128
@@ -183,41 +183,66 @@ def _first_bad_utf8(path: Path) -> int:
     return -1
 
 
-def _text_chunks(path: Path) -> Iterator[str]:
-    """The text of ``path`` in pieces of about TEXT_CHUNK_CHARS, split after a newline; a .jsonl file's "text" fields,
-    one record per line. Problems (not UTF-8, a bad JSON line) as LoadError naming the place."""
+def _cut(text: str) -> int:
+    """Where a piece of text may end: before its last whitespace (that space then leads the next piece, as the
+    tokenizers that fold a leading space into the word after it see it in the whole text), else its end."""
+    cut = max(text.rfind(c) for c in (" ", "\n", "\t"))
+    return cut if cut > 0 else len(text)
+
+
+def _plain_chunks(fh: Any) -> Iterator[str]:
+    """A text file in pieces of about TEXT_CHUNK_CHARS cut before whitespace (_cut): memory stays bounded however
+    long its lines are."""
+    carry = ""
+    while block := fh.read(TEXT_CHUNK_CHARS):
+        text = carry + block
+        cut = _cut(text) if len(block) == TEXT_CHUNK_CHARS else len(text)  # (a short read: the end of the file)
+        carry = text[cut:]
+        if cut:
+            yield text[:cut]
+    if carry:
+        yield carry
+
+
+def _jsonl_chunks(fh: Any, path: Path) -> Iterator[str]:
+    """A .jsonl file's "text" fields (each followed by a newline), whole records joined into pieces of about
+    TEXT_CHUNK_CHARS; a line that is not an object with a "text" string is a LoadError naming it."""
     import json
 
-    jsonl = path.suffix.lower() == ".jsonl"
     piece: list[str] = []
     size = 0
+    for no, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise LoadError(f"text inputs {path}: line {no} is not JSON ({one_line(exc)}); expected one "
+                            'object per line with a "text" string') from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LoadError(f'text inputs {path}: line {no} has no "text" string; expected one object per '
+                            'line such as {"text": "..."}')
+        piece.append(record["text"] + "\n")
+        size += len(piece[-1])
+        if size >= TEXT_CHUNK_CHARS:
+            yield "".join(piece)
+            piece, size = [], 0
+    if piece:
+        yield "".join(piece)
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """The text of ``path`` in pieces of about TEXT_CHUNK_CHARS (_plain_chunks; a .jsonl file: _jsonl_chunks).
+    Problems (not UTF-8, a bad JSON line) as LoadError naming the place."""
+    jsonl = path.suffix.lower() == ".jsonl"
     try:
         with open(path, encoding="utf-8") as fh:
-            for no, line in enumerate(fh, 1):
-                if jsonl:
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError as exc:
-                        raise LoadError(f"text inputs {path}: line {no} is not JSON ({one_line(exc)}); expected one "
-                                        'object per line with a "text" string') from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise LoadError(f'text inputs {path}: line {no} has no "text" string; expected one object per '
-                                        'line such as {"text": "..."}')
-                    line = record["text"] + "\n"
-                piece.append(line)
-                size += len(line)
-                if size >= TEXT_CHUNK_CHARS:
-                    yield "".join(piece)
-                    piece, size = [], 0
+            yield from (_jsonl_chunks(fh, path) if jsonl else _plain_chunks(fh))
     except UnicodeDecodeError as exc:
         raise LoadError(f"text inputs {path} are not UTF-8 (byte {_first_bad_utf8(path)}: {exc.reason}); save the "
                         "text as UTF-8") from None
     except OSError as exc:
         raise LoadError(f"cannot read text inputs {path}: {exc.strerror or exc}") from None
-    if piece:
-        yield "".join(piece)
 
 
 #: config.json keys that bound a model's sequence length (the first present counts; a multimodal model's text_config
@@ -287,7 +312,7 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | 
         # (verbose False: a chunk is longer than the model's max length by design, and is cut into sequences below)
         ids.extend(tok(chunk, add_special_tokens=False, verbose=False)["input_ids"])
         if need is not None and len(ids) >= need:
-            stopped = next(chunks, None) is not None  # (text left unread)
+            stopped = bool(next(chunks, "").strip())  # (text left unread)
             break
     n_seq = len(ids) // body
     capped = stopped  # (more text than max_batches take)

@@ -80,9 +80,10 @@ def test_batches_read_the_text_only_as_far_as_they_need(llama_dir, tmp_path, mon
     monkeypatch.setattr(loading, "_text_chunks", counting)
     batches, desc = load_text_inputs(tmp_path / "long.txt", llama_dir, seq_len=11, batch_size=2, max_batches=2)
     assert len(batches) == 2 and batches[0].kwargs["input_ids"].shape == (2, 11)
-    assert sum(len(c.split()) for c in read) < 100  # 40 tokens needed: a few chunks of the 400 lines
-    assert desc == ("long.txt: 2 batch(es) of 2 x 11 tokens (40 tokens read with llama's tokenizer, the rest of the "
-                    "text not; at most 2 batches: --batches for more; each sequence starts with BOS)")
+    assert sum(len(c.split()) for c in read) < 200  # 40 tokens needed: a few chunks of the 400 lines' 4000 words
+    assert desc.startswith("long.txt: 2 batch(es) of 2 x 11 tokens (") and desc.endswith(
+        " tokens read with llama's tokenizer, the rest of the text not; the last 31 unused; at most 2 batches: "
+        "--batches for more; each sequence starts with BOS)")
 
 
 def test_short_text_gives_one_shorter_batch_and_too_little_is_an_error(llama_dir, tmp_path) -> None:
@@ -229,3 +230,20 @@ def test_the_command_line_cuts_at_most_8_batches_unless_told(llama_dir, tmp_path
     assert meta["batches"] == 8
     assert "(600 tokens read with llama's tokenizer; the last 88 unused; at most 8 batches: --batches for more;" \
         in meta["inputs"]
+
+
+def test_pieces_cut_before_whitespace_tokenize_as_the_whole_text(llama_dir, tmp_path, monkeypatch) -> None:
+    """A text of one long line was read whole (a 1 GB line, 1 GB in memory). Pieces are now cut before a space, so
+    the ids equal the whole text's, however long its lines."""
+    rng = random.Random(1)
+    text = "  ".join(rng.choice(WORDS) for _ in range(3000))  # one line
+    (tmp_path / "line.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(loading, "TEXT_CHUNK_CHARS", 97)
+    pieces = list(loading._text_chunks(tmp_path / "line.txt"))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 2 * 97
+    assert all(p.startswith(" ") for p in pieces[1:])  # (the space leads the next piece)
+    batches, _ = load_text_inputs(tmp_path / "line.txt", llama_dir, seq_len=101, batch_size=1)
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    got = torch.cat([b.kwargs["input_ids"][:, 1:] for b in batches]).reshape(-1).tolist()
+    assert got == ids and len(batches) == 30  # (the command line's 8-batch default is not the library's)
