@@ -44,6 +44,15 @@ def llama_dir(tmp_path_factory) -> Path:
     return d
 
 
+def _copy_with(src: Path, dst: Path, json_file: str, **changes: object) -> Path:
+    """A copy of the model directory ``src`` at ``dst`` with ``changes`` made to one of its JSON files."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    (dst / json_file).write_text(json.dumps({**json.loads((dst / json_file).read_text()), **changes}))
+    return dst
+
+
 def _story(path: Path, lines: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     text = ["  ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(lines)]
@@ -170,12 +179,7 @@ def test_a_text_longer_than_the_models_max_length_prints_no_tokenizer_warning(ll
     """A chunk of text is longer than model_max_length by design (it is cut into sequences after): transformers'
     "Token indices sequence length is longer than ..." warning would tell the user of indexing errors that never
     happen."""
-    d = tmp_path / "short-max"
-    d.mkdir()
-    for f in llama_dir.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 16}))
+    d = _copy_with(llama_dir, tmp_path / "short-max", "tokenizer_config.json", model_max_length=16)
     _story(tmp_path / "story.txt", 20)
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
@@ -206,12 +210,7 @@ def test_text_options_without_text_inputs_are_refused_before_anything_loads(tmp_
 
 def test_the_sequence_length_follows_the_models_positions(llama_dir, tmp_path) -> None:
     """A GPT-2 with 16 positions failed on the default 128-token sequences with "index out of range in self"."""
-    d = tmp_path / "short-positions"
-    d.mkdir()
-    for f in llama_dir.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 16}))
+    d = _copy_with(llama_dir, tmp_path / "short-positions", "config.json", max_position_embeddings=16)
     assert loading.max_positions(d) == 16 and loading.max_positions(llama_dir) == 256
     _story(tmp_path / "s.txt", 10)
     batches, _ = load_text_inputs(tmp_path / "s.txt", d)
