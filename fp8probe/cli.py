@@ -493,23 +493,25 @@ _BATCH_SIZE = _option("--batch-size", type=click.IntRange(min=1), default=None,
 
 
 class Inputs(NamedTuple):
-    """--inputs as read: the batches (None: the model's own) and how the report names them."""
+    """--inputs as read: the batches (None: the model's own), how the report names them, and a note for the terminal
+    ("" or text inputs that left text unused: the user may want more batches)."""
 
     batches: list | None
     desc: str
+    note: str = ""
 
 
 def _read_inputs(model: str, inputs: str | None, trust_pickle: bool, seq_len: int | None, batch_size: int | None,
                  batches: int | None) -> Inputs:
     """The --inputs batches: a text file tokenized with MODEL's tokenizer (loading.load_text_inputs), else a
     torch.save'd file. --seq-len / --batch-size with any other inputs are refused (they would do nothing)."""
-    from fp8probe.analysis.loading import (TEXT_BATCH_SIZE, TEXT_MAX_BATCHES, is_text_inputs, load_inputs,
+    from fp8probe.analysis.loading import (TEXT_BATCH_SIZE, TEXT_MAX_BATCHES, TEXT_MORE, is_text_inputs, load_inputs,
                                            load_text_inputs)
 
     if inputs is not None and is_text_inputs(inputs):
         got, desc = load_text_inputs(inputs, model, seq_len=seq_len, batch_size=batch_size or TEXT_BATCH_SIZE,
                                      max_batches=batches or TEXT_MAX_BATCHES)
-        return Inputs(got, desc)
+        return Inputs(got, desc, f"text inputs {desc}" if TEXT_MORE in desc else "")
     _check_text_options(inputs, seq_len, batch_size)
     if inputs is None:
         return Inputs(None, "example inputs / factory batches")
@@ -605,7 +607,8 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
 
 
 def _echo_checkpoint_note(note: str) -> None:
-    """A checkpoint's memory caveat (weights_only.Checkpoint.note), on stderr so that --format json stays clean."""
+    """A checkpoint's memory caveat (weights_only.Checkpoint.note), or what text inputs left unused, on stderr so that
+    --format json stays clean."""
     if note:
         click.echo(f"note: {_printable(note)}", err=True)
 
@@ -755,6 +758,8 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | No
                                   batch_size=batch_size, batches=batches) if stream else \
         _load(model, inputs, factory, trust_pickle, seq_len, batch_size, batches)
     batch_list = read.batches
+    if world.is_main:
+        _echo_checkpoint_note(read.note)
     try:
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
@@ -1398,6 +1403,8 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
         _replay_process()
         loaded, read = _load(model, inputs, factory, trust_pickle, seq_len, batch_size, batches)
         batch_list = read.batches
+        if world.is_main:
+            _echo_checkpoint_note(read.note)
         n_total = len(batch_list if batch_list is not None else loaded.batches or [])
         n_total = min(n_total, batches) if batches else n_total
         try:

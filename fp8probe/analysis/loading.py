@@ -155,6 +155,8 @@ TEXT_BATCH_SIZE = 2
 #: Batches the command line cuts from text inputs when --batches is not given: a corpus of megabytes would otherwise be
 #: millions of tokens, an analysis of hours.
 TEXT_MAX_BATCHES = 8
+#: What a text inputs' description says when the batches left text (or tokens) unused (load_text_inputs).
+TEXT_MORE = "--batches for more"
 
 
 def is_text_inputs(path: str | Path) -> bool:
@@ -335,7 +337,7 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | 
     if len(ids) > used:
         notes.append(f"the last {len(ids) - used} unused")
     if capped:
-        notes.append(f"at most {max_batches} batches: --batches for more")
+        notes.append(f"at most {max_batches} batches: {TEXT_MORE}")
     if bos is not None:
         notes.append("each sequence starts with BOS")
     desc = f"{p.name}: {len(batches)} batch(es) of {shape[0]} x {shape[1]} tokens ({'; '.join(notes)})"

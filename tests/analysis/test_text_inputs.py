@@ -155,6 +155,7 @@ def test_analyze_and_the_sweeps_take_text_inputs(llama_dir, tmp_path) -> None:
     assert code == 0, out
     meta = json.loads((tmp_path / "a" / "results.json").read_text())["metadata"]
     assert meta["inputs"].startswith("story.txt: 3 batch(es) of 2 x 50 tokens (300 tokens read with llama's tokenizer")
+    assert "note: text inputs" not in out  # (all of the text used: nothing to say)
     assert meta["loss"]["kind"] == "next-token" and meta["batches"] == 3
     code, out = _run("sweep-threshold", str(llama_dir), "--inputs", str(tmp_path / "story.txt"), "--batch-size", "1",
                      "--batches", "2", "--out", str(tmp_path / "t"), "--no-html", "--no-e2e", "--quiet")
@@ -227,6 +228,7 @@ def test_the_command_line_cuts_at_most_8_batches_unless_told(llama_dir, tmp_path
     assert code == 0, out
     meta = json.loads((tmp_path / "a" / "results.json").read_text())["metadata"]
     assert meta["batches"] == 8
+    assert "note: text inputs story.txt: 8 batch(es) of 2 x 33 tokens (" in out  # (the terminal says it too)
     assert "(600 tokens read with llama's tokenizer; the last 88 unused; at most 8 batches: --batches for more;" \
         in meta["inputs"]
 
