@@ -141,7 +141,7 @@ def range_histograms(panels: Sequence[Mapping], tensors: Sequence[str], titles: 
     width = max(RANGE_WIDTH_IN, names_in + RANGE_MIN_PANELS_IN)
     fig = Figure(figsize=(width, height))  # fixed margins: constrained layout costs ~1 s on large figures
     fig.subplots_adjust(left=names_in / width, right=1 - 0.1 / width, top=1 - 0.8 / height,
-                        bottom=0.6 / height, wspace=0.05)
+                        bottom=0.55 / height, wspace=0.05)
     axes = fig.subplots(1, ncols, squeeze=False, sharey=True)[0]
     by_key = {(p["layer"], p["tensor"]): p for p in panels}
     colours: dict[str, str] = {}
