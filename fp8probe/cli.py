@@ -504,7 +504,7 @@ class Inputs(NamedTuple):
 def _read_inputs(model: str, inputs: str | None, trust_pickle: bool, seq_len: int | None, batch_size: int | None,
                  batches: int | None) -> Inputs:
     """The --inputs batches: a text file tokenized with MODEL's tokenizer (loading.load_text_inputs), else a
-    torch.save'd file. --seq-len / --batch-size with any other inputs are refused (they would do nothing)."""
+    torch.save'd file (the commands refuse --seq-len / --batch-size with those first: _check_text_options)."""
     from fp8probe.analysis.loading import (TEXT_BATCH_SIZE, TEXT_MAX_BATCHES, TEXT_MORE, is_text_inputs, load_inputs,
                                            load_text_inputs)
 
@@ -512,7 +512,6 @@ def _read_inputs(model: str, inputs: str | None, trust_pickle: bool, seq_len: in
         got, desc = load_text_inputs(inputs, model, seq_len=seq_len, batch_size=batch_size or TEXT_BATCH_SIZE,
                                      max_batches=batches or TEXT_MAX_BATCHES)
         return Inputs(got, desc, f"text inputs {desc}" if TEXT_MORE in desc else "")
-    _check_text_options(inputs, seq_len, batch_size)
     if inputs is None:
         return Inputs(None, "example inputs / factory batches")
     return Inputs(load_inputs(inputs, trust_pickle=trust_pickle), inputs)
@@ -1215,20 +1214,22 @@ class _StageLine:
             self.first = self.first or self.started
         seconds = time.perf_counter() - self.started
         count = f"{done}/{total}" if total is not None else f"{done}"
-        text = f"{label}: {count} pass{'es' if (total if total is not None else done) != 1 else ''}, {seconds:.0f} s"
-        self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
-        self.stream.flush()
-        self.width = len(text)
+        self._show(f"{label}: {count} pass{'es' if (total if total is not None else done) != 1 else ''}, "
+                   f"{seconds:.0f} s")
 
     def close(self) -> None:
         """The line left as what the stages took in all (the capture's bar it replaced had said 100 %)."""
         import time
 
         if self.width:
-            text = f"end to end done in {time.perf_counter() - self.first:.0f} s"
-            self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
-            self.stream.flush()
+            self._show(f"end to end done in {time.perf_counter() - self.first:.0f} s")
             self.width = 0
+
+    def _show(self, text: str) -> None:
+        """``text`` over the line, padded over the longer text before it."""
+        self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
+        self.stream.flush()
+        self.width = len(text)
 
 
 def _progress(label: str, n_total: int, quiet: bool, output_format: str):  # type: ignore[no-untyped-def]

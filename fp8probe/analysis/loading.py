@@ -305,8 +305,8 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | 
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError... for a missing tokenizer
         raise LoadError(f"cannot load the tokenizer of {d} to tokenize text inputs {p} ({one_line(exc)}): save it "
                         "there (tokenizer.save_pretrained) or give the token ids as a torch.save'd dict") from None
-    bos = tok.bos_token_id
-    body = seq_len - (1 if bos is not None else 0)
+    prefix = [] if tok.bos_token_id is None else [tok.bos_token_id]  # (BOS leads each sequence)
+    body = seq_len - len(prefix)
     need = None if max_batches is None else max_batches * batch_size * body
     ids: list[int] = []
     chunks, stopped = _text_chunks(p), False
@@ -319,9 +319,9 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | 
     n_seq = len(ids) // body
     capped = stopped  # (more text than max_batches take)
     if n_seq == 0:
-        if len(ids) + (bos is not None) < 2:
+        if len(ids) + len(prefix) < 2:
             raise LoadError(f"text inputs {p} hold {len(ids)} token(s) for {d}'s tokenizer: expected at least 2")
-        seqs, shape = [ids], (1, len(ids) + (bos is not None))
+        seqs, shape = [ids], (1, len(ids) + len(prefix))
     else:
         n_batches = max(n_seq // batch_size, 1)
         if max_batches is not None:
@@ -329,7 +329,6 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | 
             n_batches = min(n_batches, max_batches)
         per = min(batch_size, n_seq)
         seqs, shape = [ids[i * body:(i + 1) * body] for i in range(n_batches * per)], (per, seq_len)
-    prefix = [] if bos is None else [bos]
     rows = torch.tensor([prefix + s for s in seqs], dtype=torch.long)
     batches = [to_batch({"input_ids": b}) for b in rows.split(shape[0])]
     used = sum(len(s) for s in seqs)
@@ -338,7 +337,7 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | 
         notes.append(f"the last {len(ids) - used} unused")
     if capped:
         notes.append(f"at most {max_batches} batches: {TEXT_MORE}")
-    if bos is not None:
+    if prefix:
         notes.append("each sequence starts with BOS")
     desc = f"{p.name}: {len(batches)} batch(es) of {shape[0]} x {shape[1]} tokens ({'; '.join(notes)})"
     return batches, desc
