@@ -332,13 +332,19 @@ def test_int8_weight_cache_never_serves_a_new_tensor_at_a_freed_address(fn, trai
     (pointer, version, shape) alone took it for the old weight and computed with stale codes."""
     A = gen(40, 4, 64)
     state = AG.MatmulLtState(is_training=training)
-    addresses = set()
-    for seed in range(41, 46):
+    addresses: set[int] = set()
+    reused = 0
+    # At least 5 weights, and on until one came at a freed weight's address: whether the allocator hands an address
+    # out again within 5 depends on what else ran in the process (CI: 1 run in 3 of this file saw 5 new addresses).
+    for seed in range(41, 41 + 40):
         W = gen(seed, 32, 64)
+        reused += W.data_ptr() in addresses
         addresses.add(W.data_ptr())
         torch.testing.assert_close(fn(A, W, state=state), fn(A, W.clone()), rtol=0, atol=0)
         del W
-    assert len(addresses) < 5  # (the allocator did hand an address out again)
+        if reused and seed >= 45:
+            break
+    assert reused  # (the allocator did hand an address out again, and that weight's result was checked)
 
 
 def test_matmul8bitlt_eval_state_reuses_codes_of_the_same_weight() -> None:
