@@ -1032,7 +1032,7 @@ class _nullbar:
 # -- report / compare / sweep / demo commands (report engineer) --
 def _load_results_or_fail(path: str, role: str = "results") -> dict:
     """A validated results dict from ``path``, or one UsageFailure line saying what the file is instead."""
-    from fp8probe.analysis.loading import LoadError, sniff
+    from fp8probe.analysis.loading import PLAIN_PICKLE, LoadError, sniff
     from fp8probe.report.render import load_results
 
     p = Path(path)
@@ -1043,7 +1043,7 @@ def _load_results_or_fail(path: str, role: str = "results") -> dict:
         kind = sniff(p)  # the same first-bytes check that names wrong files given as models
     except LoadError as exc:
         raise _fail(exc) from exc
-    if kind in ("zip", "pickle"):
+    if kind in ("zip", "pickle", PLAIN_PICKLE):
         raise UsageFailure(f"{p} is a PyTorch file (a model or tensors?), not an fp8probe results JSON: run "
                            f"fp8probe analyze {p} first and pass the results.json it writes")
     try:

@@ -69,7 +69,7 @@ def hostile(tmp_path: Path) -> dict[str, Path]:
     torch.export.save(torch.export.export(_model(), (x,)), good_pt2)
     files = {"good_pt2": good_pt2, "good_inputs": tmp_path / "inputs.pt"}
     torch.save([x], files["good_inputs"])
-    for kind in ("model", "inputs", "pt2", "pt2_weight", "state_dict"):
+    for kind in ("model", "inputs", "pt2", "pt2_weight", "state_dict", "plain_model", "plain_inputs"):
         files[f"target_{kind}"] = tmp_path / f"pwned-{kind}"
     # 1. a pickle saved as model.pt (what `torch.save(model)` files look like to the loader)
     files["model"] = tmp_path / "model.pt"
@@ -94,6 +94,10 @@ def hostile(tmp_path: Path) -> dict[str, Path]:
     # 5. a "state_dict" for the --factory path
     files["state_dict"] = tmp_path / "weights.pt"
     files["state_dict"].write_bytes(_planted_pickle(files["target_state_dict"]))
+    # 6. plain pickle.dump streams (not torch.save's format: torch.load cannot read them), as a model and as inputs
+    for kind, protocol in (("plain_model", 4), ("plain_inputs", 2)):
+        files[kind] = tmp_path / f"{kind}.pt"
+        files[kind].write_bytes(pickle.dumps({"weight": Planted(files[f"target_{kind}"])}, protocol=protocol))
     files["factory"] = tmp_path / "factory.py"
     files["factory"].write_text("from torch import nn\n\ndef build():\n"
                                 f"    return nn.Sequential(nn.Linear({IN_FEATURES}, 16), nn.ReLU(), nn.Linear(16, 4))\n")
@@ -120,6 +124,13 @@ PATHS = [
     ("sweep-blocksize-pt2", lambda f, o: ["sweep-blocksize", str(f["pt2"]), "--blocksizes", "64", "--out", o],
      "target_pt2"),
     ("analyze-pt2-pickled-weight", lambda f, o: ["analyze", str(f["pt2_weight"]), "--out", o], "target_pt2_weight"),
+    ("analyze-plain-pickle", lambda f, o: ["analyze", str(f["plain_model"]), "--inputs", str(f["good_inputs"]),
+                                           "--out", o], "target_plain_model"),
+    ("analyze-plain-pickle-factory", lambda f, o: ["analyze", str(f["plain_model"]), "--factory",
+                                                   f"{f['factory']}:build", "--inputs", str(f["good_inputs"]),
+                                                   "--out", o], "target_plain_model"),
+    ("analyze-plain-pickle-inputs", lambda f, o: ["analyze", str(f["good_pt2"]), "--inputs", str(f["plain_inputs"]),
+                                                  "--out", o], "target_plain_inputs"),
     ("analyze-state-dict", lambda f, o: ["analyze", str(f["state_dict"]), "--factory", f"{f['factory']}:build",
                                          "--inputs", str(f["good_inputs"]), "--out", o], "target_state_dict"),
 ]
@@ -147,7 +158,9 @@ def test_library_loaders_refuse_too(hostile) -> None:
     for call, target in ((lambda: load_model(hostile["model"]), "target_model"),
                          (lambda: load_model(hostile["pt2"]), "target_pt2"),
                          (lambda: load_model(hostile["pt2_weight"]), "target_pt2_weight"),
-                         (lambda: load_inputs(hostile["inputs"]), "target_inputs")):
+                         (lambda: load_inputs(hostile["inputs"]), "target_inputs"),
+                         (lambda: load_model(hostile["plain_model"]), "target_plain_model"),
+                         (lambda: load_inputs(hostile["plain_inputs"]), "target_plain_inputs")):
         with pytest.raises(LoadError, match="--trust-pickle"):
             call()
         assert not hostile[target].exists()

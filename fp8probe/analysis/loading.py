@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ PICKLE_REFUSED = ("{path} is a pickled Python object: loading a pickle runs arbi
                   "and pass --factory module:function")
 EXPORT_REFUSED = ("{path} is a torch.export archive that {why}; torch.export.load would run code from it. Pass "
                   "--trust-pickle if you trust the file, or export the model again with torch.export.save")
+PLAIN_PICKLE_REFUSED = ("{path} is a plain Python pickle (pickle.dump, not torch.save): loading it runs arbitrary "
+                        "code. Pass --trust-pickle if you trust the file, or {advice}")
 INPUTS_REFUSED = ("inputs file {path} holds objects other than tensors, tuples, lists and dicts (loading them runs "
                   "arbitrary code): save plain tensors with torch.save, or pass --trust-pickle if you trust the file")
 FACTORY_IGNORED = ("{path} is {what}, which holds its own model: --factory {factory} would be ignored. --factory builds the "
@@ -122,22 +125,25 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
     if not p.is_file():
         raise LoadError(f"inputs {p} is not a file: pass a file written by torch.save")
     kind = sniff(p)
+    if kind == PLAIN_PICKLE:
+        if not trust_pickle:
+            raise LoadError("inputs file " + PLAIN_PICKLE_REFUSED.format(path=p, advice="save the batches with "
+                                                                          "torch.save(batches, 'inputs.pt')"))
+        return to_batches(_unpickle(p, plain=True, inputs=True))
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read inputs file {p}: it is {kind}, not a torch.save file; pass the batches "
                         "saved with torch.save(tensor_or_list, 'inputs.pt')")
     if kind == "zip":
         verify_zip(p, "inputs file")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = _weights_only_load(p)
     except pickle.UnpicklingError as exc:
         if not _needs_full_unpickler(exc):
             raise LoadError(f"cannot read inputs file {p}: {one_line(exc)}") from None
         if not trust_pickle:
-            raise LoadError(INPUTS_REFUSED.format(path=p)) from None
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc2:  # noqa: BLE001 - arbitrary unpickling errors
-            raise LoadError(f"cannot unpickle inputs file {p}: {one_line(exc2)}") from None
+            framed = _framed_refusal(p, exc)
+            raise LoadError("inputs file " + framed if framed else INPUTS_REFUSED.format(path=p)) from None
+        obj = _unpickle(p, plain=False, inputs=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
         raise LoadError(f"cannot read inputs file {p} ({one_line(exc)}): is it truncated? Save it again with "
                         "torch.save") from None
@@ -392,9 +398,16 @@ _MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PD
           (b"GIF8", "a GIF image"), (b"\x1f\x8b", "a gzip archive"), (b"\x7fELF", "an executable"))
 
 
+#: A legacy (non-zip) torch.save stream starts with torch's magic number, pickled as a LONG1 opcode
+#: (torch.serialization.MAGIC_NUMBER); any other pickle stream is pickle.dump's, which torch.load cannot read.
+_LEGACY_TORCH_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+#: sniff's kind of a pickle stream that torch.save did not write (pickle.dump of tensors or a module)
+PLAIN_PICKLE = "a plain Python pickle (pickle.dump, not torch.save)"
+
+
 def sniff(path: Path) -> str:
     """What a file looks like from its first bytes: "zip" (torch.save >= 1.6, .pt2), "pickle" (legacy
-    torch.save), "empty", "JSON/text" or a named foreign kind; never reads more than 64 bytes."""
+    torch.save), PLAIN_PICKLE, "empty", "JSON/text" or a named foreign kind; never reads more than 64 bytes."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(64)
@@ -404,8 +417,9 @@ def sniff(path: Path) -> str:
         return "an empty file"
     if head.startswith(b"PK\x03\x04"):
         return "zip"
-    if head[:1] == b"\x80":  # pickle protocol 2+ PROTO opcode (legacy, non-zip torch.save)
-        return "pickle"
+    if head[:1] == b"\x80":  # pickle protocol 2+ PROTO opcode: legacy (non-zip) torch.save, or pickle.dump's
+        body = head[11:] if head[2:3] == b"\x95" else head[2:]  # (protocol 4+: a FRAME opcode and its length)
+        return "pickle" if body.startswith(_LEGACY_TORCH_MAGIC) else PLAIN_PICKLE
     for magic, name in _MAGIC:
         if head.startswith(magic):
             return name
@@ -416,12 +430,36 @@ def sniff(path: Path) -> str:
     return "not a PyTorch file"
 
 
+def _weights_only_load(path: Path) -> Any:
+    """torch.load with the weights-only unpickler (tensors and containers only, nothing imported or called),
+    without torch's warning about a legacy file's pickle protocol (the error, if any, says it in one line)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+#: torch's weights-only unpickler lacks the FRAME opcode (149) of pickle protocols 4 and 5, so a legacy
+#: (non-zip) torch.save written with pickle_protocol >= 4 can only be read with the full unpickler.
+_FRAME_REFUSED = "unsupported operand 149"
+
+
 def _needs_full_unpickler(exc: BaseException) -> bool:
     """True when torch.load(weights_only=True) refused a valid pickle because it names classes or
-    functions ("Unsupported global ... add_safe_globals"), as opposed to a corrupt or foreign file,
-    which torch reports with the same UnpicklingError but e.g. "Unsupported operand 100"."""
+    functions ("Unsupported global ... add_safe_globals") or uses pickle protocol 4+'s framing (_FRAME_REFUSED),
+    as opposed to a corrupt or foreign file, which torch reports with the same UnpicklingError but e.g.
+    "Unsupported operand 100"."""
     text = str(exc).lower()
-    return "unsupported global" in text or "add_safe_globals" in text
+    return "unsupported global" in text or "add_safe_globals" in text or _FRAME_REFUSED in text
+
+
+def _framed_refusal(path: Path, exc: BaseException) -> str | None:
+    """The refusal of a legacy torch.save file that only protocol 4+'s framing kept from the weights-only
+    unpickler (None for any other refusal)."""
+    if _FRAME_REFUSED not in str(exc).lower():
+        return None
+    return (f"{path} is a legacy torch.save file (pickle_protocol 4 or later, not the zip format), which torch "
+            "reads only with the full unpickler, and that runs arbitrary code. Pass --trust-pickle if you trust the "
+            "file, or save it again with torch.save's default format")
 
 
 def one_line(exc: BaseException) -> str:
@@ -704,6 +742,12 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
     if factory is not None and (path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")):
         return _from_state_dict(_read_safetensors_state_dict(path), path.name, factory)
     kind = sniff(path)
+    if kind == PLAIN_PICKLE:
+        if not trust_pickle:
+            raise LoadError(PLAIN_PICKLE_REFUSED.format(path=path, advice="save the model's state_dict with "
+                                                        "torch.save and pass --factory module:function, or "
+                                                        "torch.export the model"))
+        return _loaded_object(_unpickle(path, plain=True), path, factory)
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read {path}: it is {kind}, not a model; pass a .pt2 file (torch.export.save), a "
                         "state_dict with --factory, or a Hugging Face model directory")
@@ -719,13 +763,21 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
     if kind == "zip":
         verify_zip(path, "model file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _weights_only_load(path)
     except pickle.UnpicklingError as exc:
         if not _needs_full_unpickler(exc):
             raise LoadError(f"cannot read {path}: {one_line(exc)}") from None
-        obj = _load_pickle(path, trust_pickle)
+        if not trust_pickle:
+            raise LoadError(_framed_refusal(path, exc) or PICKLE_REFUSED.format(path=path)) from None
+        obj = _unpickle(path, plain=False)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
         raise LoadError(f"cannot read {path} ({one_line(exc)}): is it truncated? Save or export it again") from None
+    return _loaded_object(obj, path, factory)
+
+
+def _loaded_object(obj: Any, path: Path, factory: str | None) -> LoadedModel:
+    """The model in what a model file held: a pickled module, or a state_dict (possibly nested in a checkpoint)
+    loaded into ``factory``'s model."""
     if isinstance(obj, nn.Module):
         if factory is not None:
             raise LoadError(FACTORY_IGNORED.format(path=path, what=f"a pickled {type(obj).__name__} (a whole module)",
@@ -880,22 +932,27 @@ def state_dict_mismatch(model: nn.Module, state: dict) -> str:
     return "; ".join(parts)
 
 
-def _load_pickle(path: Path, trust_pickle: bool) -> Any:
-    if not trust_pickle:
-        raise LoadError(PICKLE_REFUSED.format(path=path))
+def _unpickle(path: Path, *, plain: bool, inputs: bool = False) -> Any:
+    """The object in a file the user trusts (--trust-pickle): torch.load with the full unpickler, or for a
+    ``plain`` pickle (pickle.dump's, which torch.load cannot read: it expects torch's magic number first)
+    pickle.load. Either runs whatever code the file names. ``inputs``: an --inputs file (named so in errors)."""
+    name = f"inputs file {path}" if inputs else str(path)
     try:
+        if plain:
+            with open(path, "rb") as fh:
+                return pickle.load(fh)
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - arbitrary unpickling errors
         text = one_line(exc)
         main = re.search(r"Can't get attribute '([^']+)' on <module '[^']*__main__'", str(exc))
         if main:
-            raise LoadError(f"cannot unpickle {path}: its class {main.group(1)} was defined in the script that saved it "
-                            "(module __main__), which does not exist here; move the class into a module and save "
-                            "again, or save model.state_dict() and pass --factory path/to/file.py:function, or "
-                            "torch.export the model") from None
+            raise LoadError(f"cannot unpickle {name}: its class {main.group(1)} was defined in the script that saved "
+                            "it (module __main__), which does not exist here; move the class into a module and save "
+                            "again" + ("" if inputs else ", or save model.state_dict() and pass --factory "
+                                       "path/to/file.py:function, or torch.export the model")) from None
         if isinstance(exc, ModuleNotFoundError) and exc.name:
             # (the console script does not put the current directory on sys.path, as `python script.py` would)
             text += (f": the module {exc.name!r} that defines the model's classes is not on the Python import path "
                      f"(the current directory {Path.cwd()} is not on it when fp8probe runs as a command); set "
                      "PYTHONPATH to the directory that holds it")
-        raise LoadError(f"cannot unpickle {path}: {text}") from None
+        raise LoadError(f"cannot unpickle {name}: {text}") from None

@@ -79,6 +79,41 @@ def test_pickle_needs_trust(tmp_path) -> None:
     assert load_model(tmp_path / "m.pt", trust_pickle=True).kind == "pickle"
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_plain_pickle_is_told_from_torch_save_and_loads_only_when_trusted(tmp_path, protocol) -> None:
+    """pickle.dump's stream is not torch.save's (torch.load cannot read it: it expects torch's magic number
+    first): sniff names it, the loaders refuse it without trust in one line, and with trust pickle.load reads
+    it, the same model as from torch.save's legacy format of the same protocol."""
+    import pickle
+
+    from fp8probe.analysis.loading import PLAIN_PICKLE, sniff
+
+    f = tmp_path / "fac.py"
+    f.write_text("import torch\ndef build():\n    return torch.nn.Linear(3, 2)\n")
+    torch.manual_seed(protocol)
+    sd = torch.nn.Linear(3, 2).state_dict()
+    legacy, plain = tmp_path / "legacy.pt", tmp_path / "plain.pt"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    with open(plain, "wb") as fh:
+        pickle.dump(sd, fh, protocol=protocol)
+    assert sniff(legacy) == "pickle" and sniff(plain) == PLAIN_PICKLE
+    for load in (lambda **k: load_model(plain, factory=f"{f}:build", **k), lambda **k: load_inputs(plain, **k)):
+        with pytest.raises(LoadError) as info:
+            load()
+        msg = str(info.value)
+        assert "\n" not in msg and "plain Python pickle" in msg and "--trust-pickle" in msg
+    framed = protocol >= 4  # torch's weights-only unpickler lacks protocol 4's FRAME opcode
+    if framed:
+        for load in (lambda: load_model(legacy, factory=f"{f}:build"), lambda: load_inputs(legacy)):
+            with pytest.raises(LoadError, match=r"legacy torch.save file \(pickle_protocol 4 .*--trust-pickle"):
+                load()
+    a = load_model(legacy, factory=f"{f}:build", trust_pickle=framed).module
+    b = load_model(plain, factory=f"{f}:build", trust_pickle=True).module
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    batches = load_inputs(plain, trust_pickle=True)  # (a dict of tensors is one batch of keyword arguments)
+    assert len(batches) == 1 and torch.equal(batches[0].kwargs["weight"], sd["weight"])
+
+
 def test_directories(tmp_path) -> None:
     with pytest.raises(LoadError, match="without config.json"):
         load_model(tmp_path)
