@@ -460,9 +460,10 @@ def _echo_summary(results: "object") -> None:
     click.echo("worst layers per strategy (isolated fprop SQNR):")
     click.echo(f"{'layer':<{width}} {'strategy':<15} {'fprop SQNR dB':>13} {'rel err':>9}")
     for r in worst:
-        sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], (int, float)) else float("nan")
-        rel = r["rel_err"] if isinstance(r["rel_err"], (int, float)) else float("nan")
-        click.echo(f"{_middle_ellipsis(r['layer'], width):<{width}} {r['strategy']:<15} {sqnr:>13.2f} {rel:>9.2e}")
+        sqnr, rel = (r[k] if isinstance(r[k], (int, float)) else float("nan") for k in ("sqnr_db", "rel_err"))
+        # (a NaN SQNR: no finite reference, the gemm table's note; the row sorts first)
+        sqnr_s, rel_s = ("undefined", "–") if math.isnan(sqnr) else (f"{sqnr:.2f}", f"{rel:.2e}")
+        click.echo(f"{_middle_ellipsis(r['layer'], width):<{width}} {r['strategy']:<15} {sqnr_s:>13} {rel_s:>9}")
 
 
 def _json_safe(value: object) -> object:

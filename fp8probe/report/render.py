@@ -16,7 +16,7 @@ from markupsafe import Markup, escape
 
 from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
-from fp8probe.report.schema import NOTE_EXACT, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
+from fp8probe.report.schema import NOTE_EXACT, NOTE_NO_FINITE_REFERENCE, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
 from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
                                      coverage_line, gemm_sites_text, inputs_text, isolated_headline, keep_list,
                                      keep_set_searched, kl_far_ratio, little_gain, little_gain_text, low_output_sqnr,
@@ -157,6 +157,8 @@ def _sort_key(text: str, v: float) -> float | None:
 
 
 def _sqnr_cell(value: Any, limit: float) -> dict:
+    if _isnum(value) and math.isnan(value):  # (an isolated summary's worst layer with no finite reference)
+        return {"text": "undefined", "sort": -1e308, "cls": "bad txt", "title": NOTE_NO_FINITE_REFERENCE}
     cls = "bad" if _isnum(value) and value < limit else ""
     return cell(value, "{:.1f}", cls)
 
@@ -327,9 +329,10 @@ def _summary(layers: list[str], strategies: list[str], tables: Mapping, keep_db:
         bad = sorted((v, layer) for layer, v in measured if v < keep_db)
         undefined = [layer for layer, v in measured if math.isnan(v)]
         keep.append({"strategy": s, "n_measured": len(measured),
-                     "layers": [{"layer": layer, "sqnr": f"{v:.1f}" if math.isfinite(v) else "−∞"} for v, layer in bad] +
-                               [{"layer": layer, "sqnr": "undefined: " + str(gemm[(layer, s, "fprop")].get("note") or "NaN")}
-                                for layer in undefined]})
+                     "layers": [{"layer": layer, "sqnr": f"{v:.1f} dB" if math.isfinite(v) else "−∞ dB"}
+                                for v, layer in bad] +
+                               [{"layer": layer, "sqnr": "SQNR undefined: "
+                                 + str(gemm[(layer, s, "fprop")].get("note") or "NaN")} for layer in undefined]})
     return {"worst": worst, "keep": keep, "has_gemm": bool(gemm)}
 
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fp8probe.report.schema import NOTE_NEAREST_PLAN, NOTE_NOT_SEARCHED, metric_value
+from fp8probe.report.schema import NOTE_NEAREST_PLAN, NOTE_NO_FINITE_REFERENCE, NOTE_NOT_SEARCHED, metric_value
 
 # A layer is "hurt" under a strategy when its forward GEMM keeps less than 20 dB SQNR: the
 # quantisation noise is above 1 % of the output power (10^(-20/10) = 0.01). Per-tensor FP8 on
@@ -243,8 +243,9 @@ def isolated_summary(gemm: Records, strategies: Sequence[str], keep_db: float = 
             continue
         vals = [(metric_value(r), r["layer"]) for r in rows]
         hurt = [(v, layer) for v, layer in vals if v is not None and (math.isnan(v) or v < keep_db)]
-        finite = sorted((v, layer) for v, layer in vals if v is not None and not math.isnan(v))
-        worst = finite[0] if finite else None
+        # the worst layer: an undefined SQNR (no finite reference, NaN) before any measured one
+        measured = sorted(((v, layer) for v, layer in vals if v is not None), key=lambda t: (not math.isnan(t[0]), t[0]))
+        worst = measured[0] if measured else None
         out.append({"strategy": s, "n_layers": len(rows), "n_below": len(hurt),
                     "below": [layer for _, layer in sorted(hurt, key=lambda t: (not math.isnan(t[0]), t[0]))],
                     "worst_layer": worst[1] if worst else None, "worst_db": worst[0] if worst else None})
@@ -578,7 +579,7 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     ranked = [r for r in isolated if r["worst_db"] is not None]
     if ranked and not recommended and not no_recommendation:
         # without an end-to-end run: the strategy with the fewest hurt layers, then the best worst layer
-        best_isolated = min(ranked, key=lambda r: (r["n_below"], -r["worst_db"]))
+        best_isolated = min(ranked, key=lambda r: (r["n_below"], -_defined(r["worst_db"])))
         # how many recipes share its count of hurt layers: the headline then says the worst layer decided (QA: 11
         # recipes tied at "0 of 271" and int8 was named with no rule given)
         best_isolated = {**best_isolated, "tied": sum(r["n_below"] == best_isolated["n_below"] for r in ranked)}
@@ -722,11 +723,22 @@ def coverage_line(cov: Mapping) -> str:
     return line
 
 
+def _defined(sqnr: float) -> float:
+    """An SQNR for ranking: an undefined one (NaN: no finite reference) as the worst, −∞."""
+    return -math.inf if math.isnan(sqnr) else sqnr
+
+
+def sqnr_text(sqnr: float) -> str:
+    """An isolated SQNR in words: "28.5 dB", "exact", "−∞ dB" or "undefined SQNR (no finite reference)"."""
+    if math.isnan(sqnr):
+        return f"an undefined SQNR ({NOTE_NO_FINITE_REFERENCE})"
+    return f"{sqnr:.1f} dB" if math.isfinite(sqnr) else ("exact" if sqnr > 0 else "−∞ dB")
+
+
 def isolated_headline(r: Mapping, keep_db: float = KEEP_16BIT_DB) -> str:
     """The verdict line when only isolated per-GEMM numbers exist (no end-to-end validation): the recipe with the
     fewest layers below ``keep_db``, then the highest worst-layer SQNR, then the first in --strategy."""
-    worst = r["worst_db"]
-    worst_text = f"{worst:.1f} dB" if math.isfinite(worst) else ("exact" if worst > 0 else "−∞ dB")
+    worst_text = sqnr_text(r["worst_db"])
     hurt = (f"keeps every layer at or above {keep_db:g} dB fprop SQNR" if not r["n_below"]
             else f"has the fewest layers below {keep_db:g} dB fprop SQNR ({r['n_below']} of {r['n_layers']})")
     tied = r.get("tied", 1)
@@ -792,8 +804,9 @@ def verdict_lines(tables: Mapping[str, Any], metadata: Mapping | None = None,
         lines.append(training_line(v["training"]))
     if not v["e2e"]:
         for r in v["isolated"]:
-            worst = (f"; worst: {r['worst_layer']} ({r['worst_db']:.1f} dB)"
-                     if r["worst_db"] is not None and math.isfinite(r["worst_db"]) else "")
+            w = r["worst_db"]
+            worst = ("" if w is None or math.isinf(w) else f"; worst: {r['worst_layer']} ("
+                     + (f"SQNR undefined: {NOTE_NO_FINITE_REFERENCE}" if math.isnan(w) else f"{w:.1f} dB") + ")")
             lines.append(f"isolated {r['strategy']}: {r['n_below']} of {r['n_layers']} layer(s) below "
                          f"{keep_db:g} dB fprop SQNR{worst}")
     if v["coverage"]:

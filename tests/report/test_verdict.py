@@ -87,6 +87,32 @@ def test_without_e2e_the_isolated_numbers_and_one_line_notes() -> None:
                                "or above 20 dB fprop SQNR; worst layer ")
 
 
+def test_an_undefined_layer_is_the_worst_layer_everywhere(tmp_path: Path) -> None:
+    """A layer whose fprop SQNR is undefined (NaN weights: no finite reference) counts below 20 dB; the verdict and
+    isolated lines named the worst *measured* layer instead (fc1 at 29.0 dB beside an undefined fc2, user test), and
+    the report's list said "(undefined: no finite reference dB)"."""
+    from fp8probe.report.render import render_report
+
+    data = _small()
+    gemm = data["tables"]["gemm"]
+    strategies = data["metadata"]["strategies"]
+    victim = next(r["layer"] for r in gemm if r["gemm"] == "fprop")
+    for r in gemm:
+        if r["layer"] == victim and r["gemm"] == "fprop":
+            r.update(sqnr_db=None, rel_err=None, note="no finite reference")
+    lines = verdict_lines(data["tables"], data["metadata"])
+    for s in strategies:
+        line = next(x for x in lines if x.startswith(f"isolated {s}:"))
+        assert line.endswith(f"; worst: {victim} (SQNR undefined: no finite reference)"), line
+    assert lines[0].startswith("verdict (isolated GEMMs, not validated end to end): ")
+    assert lines[0].endswith(f"; worst layer {victim} at an undefined SQNR (no finite reference)")
+    out = tmp_path / "r.html"
+    render_report(data, out)
+    html = out.read_text(encoding="utf-8")
+    assert f"<code>{victim}</code> (SQNR undefined: no finite reference)" in html and "reference dB" not in html
+    assert ">undefined<" in html  # the isolated summary's worst-layer cell
+
+
 def test_warnings_surrogate_loss_nan_and_failures() -> None:
     data = _small()
     data["metadata"]["loss"] = {"kind": "surrogate", "detail": "mean(output^2)"}
