@@ -356,9 +356,16 @@ def _check_names(model: str, factory: str | None, loss_spec: str | None, strateg
     """Resolve what the user named (strategy, factory, a module:function model, --loss) before --out is
     looked at: an unknown strategy or an unimportable factory is the error to report, not an
     existing output directory. Factories are imported once (loading caches them), not run."""
-    from fp8probe.analysis.loading import LoadError, resolve_callable
+    from fp8probe.analysis.loading import LoadError, factory_conflict, resolve_callable
 
     checks = []
+    if factory:  # (before the factory is imported: a refused --factory never runs)
+        try:
+            conflict = factory_conflict(Path(model), factory)
+        except LoadError as exc:
+            raise _fail(exc) from exc
+        if conflict:
+            raise UsageFailure(conflict)
     if strategy is not None:
         from fp8probe.analysis.strategies import resolve
 

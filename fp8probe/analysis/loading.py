@@ -731,11 +731,11 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
             return LoadedModel(model.eval(), "factory", f"factory {src}", batches)
         raise LoadError(f"model {src} does not exist: pass a .pt2 file (torch.export.save), a state_dict with "
                         "--factory, a Hugging Face model directory or module:function")
+    conflict = factory_conflict(path, factory)
+    if conflict:
+        raise LoadError(conflict)
     if path.is_dir():
         if (path / "config.json").is_file():
-            if factory is not None:
-                raise LoadError(FACTORY_IGNORED.format(path=path, what="a Hugging Face model directory (config.json "
-                                                       "names its class)", factory=factory))
             return _load_huggingface(path, trust_pickle)
         raise LoadError(f"{path} is a directory without config.json; expected a .pt2 file, a state_dict or a "
                         "Hugging Face model directory")
@@ -753,8 +753,6 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
                         "state_dict with --factory, or a Hugging Face model directory")
     names = _zip_names(path)
     if _is_export_archive(names):
-        if factory is not None:  # (checked before the archive is read: the user's mistake comes first)
-            raise LoadError(FACTORY_IGNORED.format(path=path, what="a torch.export program", factory=factory))
         return _load_export(path, names, trust_pickle)
     if _is_torchscript(names):
         raise LoadError(TORCHSCRIPT_REFUSED.format(path=path))
@@ -796,6 +794,19 @@ def _loaded_object(obj: Any, path: Path, factory: str | None) -> LoadedModel:
                         + (", ..." if len(odd) > 3 else "") + f"; save model.state_dict() itself, or a checkpoint "
                         f"with it under one of {', '.join(repr(k) for k in NESTED_STATE_KEYS[:3])}")
     raise LoadError(f"{path} holds a {type(obj).__name__}, expected a model (.pt2, pickled nn.Module) or a state_dict")
+
+
+def factory_conflict(path: Path, factory: str | None) -> str | None:
+    """Why ``factory`` cannot apply to the model at ``path`` when that shows without reading the model (a Hugging
+    Face directory, a torch.export archive: both hold their own model), else None. The command line asks before
+    it imports the factory: a factory that is refused is never imported, let alone run."""
+    if factory is None or not path.exists():
+        return None
+    if path.is_dir():
+        what = "a Hugging Face model directory (config.json names its class)" if (path / "config.json").is_file() else None
+    else:
+        what = "a torch.export program" if sniff(path) == "zip" and _is_export_archive(_zip_names(path)) else None
+    return FACTORY_IGNORED.format(path=path, what=what, factory=factory) if what else None
 
 
 def _from_state_dict(sd: dict, desc: str, factory: str) -> LoadedModel:

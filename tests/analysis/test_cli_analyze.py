@@ -128,6 +128,27 @@ def test_factory_with_a_model_that_holds_its_own_is_refused(saved, tmp_path, mak
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+@pytest.mark.parametrize("kind", ["pt2", "huggingface"])
+def test_a_refused_factory_is_never_imported(saved, tmp_path, kind) -> None:
+    """A --factory refused because the model holds its own (.pt2, a Hugging Face directory) was imported first,
+    running the file's top-level code (user test: a builder script rewrote the model directory, then the error
+    named the wrong problem)."""
+    marker = tmp_path / "imported"
+    factory = tmp_path / "side_effects.py"
+    factory.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef build():\n    raise SystemExit(9)\n")
+    if kind == "pt2":
+        model = saved["pt2"]
+    else:
+        model = tmp_path / "hf"
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "llama"}')
+    result = CliRunner().invoke(cli, ["analyze", str(model), "--factory", f"{factory}:build", "--out",
+                                      str(tmp_path / "o"), "-q"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "would be ignored" in lines[0], result.output
+    assert not marker.exists(), "the refused factory's module was imported"
+
+
 def test_factory_spec_as_model_json_output(tmp_path) -> None:
     threads = torch.get_num_threads()
     try:
