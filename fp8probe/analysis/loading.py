@@ -150,6 +150,10 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
     return to_batches(obj)
 
 
+#: The files a Hugging Face directory's tokenizer is saved in (one of them at least: the fast tokenizer, its config,
+#: a sentencepiece model, a BPE/WordPiece vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt")
 #: --inputs suffixes read as text and tokenized with a Hugging Face model directory's tokenizer (load_text_inputs):
 #: plain text, or JSON lines each holding a "text" string.
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -306,6 +310,10 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | 
         import transformers
     except ImportError:
         raise LoadError(f"text inputs {p} need transformers for {d}'s tokenizer: pip install 'fp8probe[hf]'") from None
+    if not any((d / name).is_file() for name in TOKENIZER_FILES):
+        raise LoadError(f"text inputs {p} are tokenized with {d}'s tokenizer, and {d} holds none (no "
+                        f"{', '.join(TOKENIZER_FILES[:3])}, ...): save it there (tokenizer.save_pretrained) or give "
+                        "the token ids as a torch.save'd dict, e.g. torch.save({'input_ids': ids}, 'inputs.pt')")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError... for a missing tokenizer
@@ -464,8 +472,11 @@ def _framed_refusal(path: Path, exc: BaseException) -> str | None:
 
 def one_line(exc: BaseException) -> str:
     """``"<Type>: <first line of the message>"`` for one-line error reports."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = text[0] if text else ""
+    if first.endswith(":") and len(text) > 1:  # ("... from one of:" + the list on the next line)
+        first += " " + text[1]
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,6 +698,9 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
     hf_logging = transformers.utils.logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr carries one line on failure, not a "Loading weights" bar
+    verbosity = hf_logging.get_verbosity()
+    # (nor transformers' own load report, a multi-line table of missing/unexpected weights: the error says them)
+    hf_logging.set_verbosity_error()
     try:
         # trust_remote_code stays False (no modelling code from the directory); .bin weights go
         # through the weights-only unpickler unless the user trusts the files.
@@ -700,11 +714,15 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
                             "with safetensors") from None
         raise LoadError(f"cannot build {cls_name} from {path}: {one_line(exc)}") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
     problems = _loading_problems(info)
     if problems:
         # A missing weight would be randomly initialised and analysed as if it were the model's.
+        if info.get("unexpected_keys") and not getattr(config, "architectures", None):
+            problems += ("; config.json names no architecture, so the base model without a head was built: name the "
+                         "class it was saved from in it (\"architectures\": [\"...\"])")
         raise LoadError(f"the weights in {path} do not fit {type(model).__name__}: {problems}")
     return LoadedModel(model.eval(), "huggingface", f"Hugging Face {type(model).__name__} from {path.name}")
 

@@ -57,6 +57,22 @@ def test_hf_weights_that_do_not_fit_or_unknown_class_exit_with_the_reason(tmp_pa
         load_model(d)
 
 
+def test_a_failed_load_prints_nothing_but_the_error_and_names_a_missing_architecture(tmp_path, capfd) -> None:
+    """transformers' own load report (a coloured multi-line table of missing/unexpected weights) went to stderr
+    before the one-line error; a config.json without "architectures" built the headless base model and the error
+    said only "1 unexpected weight(s) (classifier...)" (user test)."""
+    _, d = _bert(tmp_path, "BertForSequenceClassification")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    capfd.readouterr()
+    with pytest.raises(LoadError, match=r"do not fit BertModel: .*unexpected weight\(s\) .*config.json names no "
+                                        r"architecture, so the base model without a head was built"):
+        load_model(d)
+    out, err = capfd.readouterr()
+    assert err == "" and out == "", (out, err)
+
+
 class _Logits(nn.Module):
     """What people export: the HF model wrapped so the program returns plain logits."""
 

@@ -137,6 +137,9 @@ def test_text_needs_a_model_directory_with_a_tokenizer(llama_dir, tmp_path) -> N
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text((llama_dir / "config.json").read_text())
+    with pytest.raises(LoadError, match=r"tokenized with .*bare's tokenizer, and .*bare holds none \(no tokenizer.json"):
+        load_text_inputs(tmp_path / "s.txt", bare)
+    (bare / "tokenizer_config.json").write_text("{not json")  # there, but unusable: transformers' own reason
     with pytest.raises(LoadError, match=r"cannot load the tokenizer of .*bare to tokenize text inputs"):
         load_text_inputs(tmp_path / "s.txt", bare)
     with pytest.raises(LoadError, match=r"are text: load_text_inputs tokenizes them"):
