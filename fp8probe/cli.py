@@ -525,15 +525,30 @@ def _read_inputs(model: str, inputs: str | None, trust_pickle: bool, seq_len: in
     return Inputs(load_inputs(inputs, trust_pickle=trust_pickle), inputs)
 
 
-def _check_text_options(inputs: str | None, seq_len: int | None, batch_size: int | None) -> None:
-    """--seq-len / --batch-size without text --inputs would do nothing: a usage error, checked with the other typed
-    options before anything is loaded."""
+def _check_text_options(inputs: str | None, seq_len: int | None, batch_size: int | None
+                        ) -> tuple[int | None, int | None]:
+    """(seq_len, batch_size) to use. --seq-len / --batch-size typed without text --inputs would do nothing: a usage
+    error, checked with the other typed options before anything is loaded. Set in the environment (a CI job's
+    FP8PROBE_ANALYZE_SEQ_LEN for its text runs) they are dropped for other inputs, with a note on stderr."""
     from fp8probe.analysis.loading import is_text_inputs
 
-    given = [name for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size)) if v is not None]
-    if given and not (inputs is not None and is_text_inputs(inputs)):
+    values = {"seq_len": seq_len, "batch_size": batch_size}
+    if inputs is not None and is_text_inputs(inputs):
+        return seq_len, batch_size
+    ctx = click.get_current_context()
+    env = ctx.meta.get("fp8probe.envvars", {})
+    from_env = [name for name, v in values.items() if v is not None
+                and ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT]
+    given = [f"--{name.replace('_', '-')}" for name, v in values.items() if v is not None and name not in from_env]
+    got = f"--inputs {_printable(inputs)}" if inputs else "no --inputs"
+    if given:
         raise UsageFailure(f"{' and '.join(given)} cut text --inputs (.txt, .jsonl) into token batches: expected text "
-                           f"inputs, got {'--inputs ' + _printable(inputs) if inputs else 'no --inputs'}")
+                           f"inputs, got {got}")
+    if from_env:
+        said = ", ".join(f"{env.get(name, name)} (--{name.replace('_', '-')})" for name in from_env)
+        click.echo(f"note: {said} from the environment had no effect here: it cuts text --inputs into token batches, "
+                   f"and this run has {got}", err=True)
+    return None, None
 
 
 def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: bool, seq_len: int | None = None,
@@ -719,7 +734,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | No
     _check_device(device)
     _check_layers(layers)
     _check_gemms(gemms)
-    _check_text_options(inputs, seq_len, batch_size)
+    seq_len, batch_size = _check_text_options(inputs, seq_len, batch_size)
     try:  # before --out: a bad budget is what the user typed, not a problem of the output directory
         from fp8probe.analysis.e2e import parse_budget
 
@@ -1386,7 +1401,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
     _check_device(device)
     _check_layers(layers)
     _check_gemms(gemms)
-    _check_text_options(inputs, seq_len, batch_size)
+    seq_len, batch_size = _check_text_options(inputs, seq_len, batch_size)
     try:  # before --out, like the other options the user typed
         budget = parse_budget(budget_spec)
     except ValueError as exc:

@@ -212,6 +212,21 @@ def test_text_options_without_text_inputs_are_refused_before_anything_loads(tmp_
     assert code == 2 and "--seq-len cut text --inputs" in out  # (before the model that does not exist)
 
 
+def test_text_options_from_the_environment_do_not_fail_runs_on_saved_inputs(llama_dir, tmp_path) -> None:
+    """A CI job's FP8PROBE_ANALYZE_SEQ_LEN for its text runs refused its runs on saved token ids, as if --seq-len
+    had been typed, naming no variable (user test): it is dropped there, with a note naming it."""
+    torch.save({"input_ids": torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(3))},
+               tmp_path / "ids.pt")
+    result = CliRunner().invoke(cli, ["analyze", str(llama_dir), "--inputs", str(tmp_path / "ids.pt"), "-s", "global",
+                                      "--no-e2e", "--no-html", "-q", "--out", str(tmp_path / "x")],
+                                env={"FP8PROBE_ANALYZE_SEQ_LEN": "16", "FP8PROBE_ANALYZE_BATCH_SIZE": "4"})
+    assert result.exit_code == 0, result.output
+    assert ("note: FP8PROBE_ANALYZE_SEQ_LEN (--seq-len), FP8PROBE_ANALYZE_BATCH_SIZE (--batch-size) from the "
+            "environment had no effect here") in result.stderr
+    meta = json.loads((tmp_path / "x" / "results.json").read_text())["metadata"]
+    assert meta["inputs"].endswith("ids.pt")  # (the saved ids as they are)
+
+
 def test_the_sequence_length_follows_the_models_positions(llama_dir, tmp_path) -> None:
     """A GPT-2 with 16 positions failed on the default 128-token sequences with "index out of range in self"."""
     d = _copy_with(llama_dir, tmp_path / "short-positions", "config.json", max_position_embeddings=16)
