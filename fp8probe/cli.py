@@ -1024,8 +1024,8 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
         click.echo("note: --sweeps on weights only: the block-size sweep of the weights is in the results "
                    "(blocksize_sweep); the outlier-threshold sweep needs activations, so it did not run", err=True)
     if unused:
-        click.echo(f"note: {', '.join(unused)} act on a model run and had no effect: no model was run (weights only)",
-                   err=True)
+        click.echo(f"note: {', '.join(unused)} act{'s' if len(unused) == 1 else ''} on a model run and had no effect: "
+                   "no model was run (weights only)", err=True)
     if output_format == "json":
         click.echo(json.dumps({"results": str(paths["json"]), "html": None if html is None else str(html),
                                "mode": "weights-only", "weights_only": results.metadata["weights_only"],

@@ -444,6 +444,14 @@ def first_layer_hint(model: Any, batch: Batch) -> str:
     held = _tensors_text(batch)
     if first is None or not held:
         return ""
+    # (a Hugging Face model's position embedding fails past its positions with "index out of range", which the
+    # first layer, the token embedding, does not explain: the ids are valid, the sequences too long)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    long = [t.shape[-1] for _, t in batch.tensors() if t.dim() >= 1 and not t.is_floating_point()
+            and not t.is_complex() and t.dtype != torch.bool]
+    if isinstance(limit, int) and long and max(long) > limit:
+        return (f"; the batch holds {held}: sequences of {max(long)} tokens, longer than the {limit} positions the "
+                f"model's config allows (max_position_embeddings): cut them to {limit} or fewer")
     name, layer = first
     return (f"; the batch holds {held} and the model's first layer {name or type(model).__name__} is "
             f"{' '.join(repr(layer).split())}: check the inputs' shape and dtype against it")

@@ -129,7 +129,7 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
         if not trust_pickle:
             raise LoadError("inputs file " + PLAIN_PICKLE_REFUSED.format(path=p, advice="save the batches with "
                                                                           "torch.save(batches, 'inputs.pt')"))
-        return to_batches(_unpickle(p, plain=True, inputs=True))
+        return _file_batches(_unpickle(p, plain=True, inputs=True), p)
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read inputs file {p}: it is {kind}, not a torch.save file; pass the batches "
                         "saved with torch.save(tensor_or_list, 'inputs.pt')")
@@ -147,6 +147,14 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
         raise LoadError(f"cannot read inputs file {p} ({one_line(exc)}): is it truncated? Save it again with "
                         "torch.save") from None
+    return _file_batches(obj, p)
+
+
+def _file_batches(obj: Any, path: Path) -> list[Batch]:
+    """to_batches of what inputs file ``path`` held, an empty list named with the file."""
+    if isinstance(obj, list) and not obj:
+        raise LoadError(f"inputs file {path} holds an empty list: expected at least one batch (a tensor, a tuple of "
+                        "arguments or a dict of keyword arguments), or a list of them")
     return to_batches(obj)
 
 

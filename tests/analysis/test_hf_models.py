@@ -176,3 +176,19 @@ def test_causal_lm_without_labels_is_trained_on_its_next_token_loss_and_gets_kl(
     kl = e2e.loc["ocp-tensorwise", "kl_div"]
     assert kl is not None and math.isfinite(kl) and kl >= 0
     assert 0 <= e2e.loc["ocp-tensorwise", "top1_agreement"] <= 1
+
+
+def test_too_long_saved_token_ids_are_named_as_too_long_not_as_the_first_layers_problem() -> None:
+    """Saved ids longer than a GPT-2's positions fail in its position embedding ("index out of range"); the hint
+    named the token embedding, the first layer, whose ids were valid (user test)."""
+    from fp8probe.analysis.capture import InputsError, capture_batch
+    from fp8probe.analysis.loading import Batch
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
+                                                                 n_head=2)).eval()
+    ids = torch.randint(0, 32, (1, 20), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(InputsError, match=r"input_ids 1 x 20 int64: sequences of 20 tokens, longer than the 16 "
+                                          r"positions the model's config allows \(max_position_embeddings\)"):
+        capture_batch(model, Batch((), {"input_ids": ids}), lambda call: None)
+    capture_batch(model, Batch((), {"input_ids": ids[:, :16]}), lambda call: None)  # (16 positions run)

@@ -31,6 +31,9 @@ def test_load_inputs(tmp_path) -> None:
     torch.save(torch.nn.ReLU(), tmp_path / "obj.pt")  # a pickled module is not plain data
     with pytest.raises(LoadError, match="objects other than tensors"):
         load_inputs(tmp_path / "obj.pt")
+    torch.save([], tmp_path / "empty.pt")
+    with pytest.raises(LoadError, match=r"inputs file .*empty.pt holds an empty list: expected at least one batch"):
+        load_inputs(tmp_path / "empty.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(LoadError, match="cannot read inputs file"):
         load_inputs(tmp_path / "junk.pt")

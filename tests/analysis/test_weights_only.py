@@ -543,7 +543,7 @@ def test_weights_only_names_lr_without_steps_in_one_note(tmp_path) -> None:
     res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "--lr", "0.1", "--strategy", "global",
                                    "--margin", "1", "--out", str(tmp_path / "o"), "-q"])
     assert res.exit_code == 0, res.output
-    assert res.output.count("--lr") == 1 and "--lr act on a model run and had no effect" in res.output
+    assert res.output.count("--lr") == 1 and "--lr acts on a model run and had no effect" in res.output
     assert "note: --margin had no effect here" in res.output and "no --steps" not in res.output
 
 
