@@ -285,14 +285,22 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
 
 
-def _model_loss(output: Any) -> torch.Tensor | None:
+#: LossInfo detail of a loss the model returned first in a tuple (Hugging Face's return_dict=False: (loss, logits, ...))
+TUPLE_LOSS_DETAIL = "scalar loss returned by the model (the first element of its output tuple)"
+
+
+def _model_loss(output: Any) -> tuple[torch.Tensor, str] | None:
+    """(loss, detail) when the model returned its loss: a scalar output, a ``loss`` key or attribute, or a float
+    scalar leading an output tuple/list (``return_dict=False`` models return ``(loss, logits, ...)``)."""
+    def scalar(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point()
+
     if isinstance(output, torch.Tensor):
-        return output if output.dim() == 0 and output.is_floating_point() else None
-    if isinstance(output, dict):
-        loss = output.get("loss")
-    else:
-        loss = getattr(output, "loss", None)
-    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+        return (output, "scalar loss returned by the model") if scalar(output) else None
+    if isinstance(output, (tuple, list)) and len(output) > 1 and scalar(output[0]):
+        return output[0], TUPLE_LOSS_DETAIL
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return (loss, "scalar loss returned by the model") if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
 
 
 def _surrogate(output: Any) -> torch.Tensor:
@@ -354,7 +362,7 @@ def choose_loss(output: Any, batch: Batch, loss_fn: LossFn | None, loss_name: st
         return loss.reshape(()), LossInfo("custom", f"{loss_name}(output, batch)")
     own = _model_loss(output)
     if own is not None:
-        return own, LossInfo("model", "scalar loss returned by the model")
+        return own[0], LossInfo("model", own[1])
     if model is not None and is_causal_lm(model):
         loss = _next_token_loss(output, batch)
         if loss is not None:

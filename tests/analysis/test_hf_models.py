@@ -192,3 +192,20 @@ def test_too_long_saved_token_ids_are_named_as_too_long_not_as_the_first_layers_
                                           r"positions the model's config allows \(max_position_embeddings\)"):
         capture_batch(model, Batch((), {"input_ids": ids}), lambda call: None)
     capture_batch(model, Batch((), {"input_ids": ids[:, :16]}), lambda call: None)  # (16 positions run)
+
+
+def test_a_loss_leading_the_models_output_tuple_is_the_models_loss() -> None:
+    """return_dict=False models return (loss, logits, ...): the loss was squared into the surrogate together with the
+    logits (user test). The leading float scalar is the model's loss; a tuple without one keeps the surrogate."""
+    from fp8probe.analysis.capture import TUPLE_LOSS_DETAIL, choose_loss
+
+    torch.manual_seed(4)
+    cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(5))
+    out = model(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+    loss, info = choose_loss(out, Batch((), {"input_ids": ids}), None, None, nn.Linear(2, 2))
+    assert info.kind == "model" and info.detail == TUPLE_LOSS_DETAIL and loss is out[0]
+    _, info = choose_loss(out[1:], Batch((), {"input_ids": ids}), None, None, nn.Linear(2, 2))
+    assert info.kind == "surrogate"
