@@ -185,6 +185,28 @@ def _(data, scale, block_rows, block_cols, dtype, fmt="", global_scale=None):
     return data.new_empty(data.shape, dtype=dtype)
 
 
+# ------------------------------------------------------------------ no gradients
+#: Why an fp8probe op has no gradient, raised when a backward reaches it (torch's own error, "no autograd formula
+#: was registered. Please use register_autograd", reads as an fp8probe bug; user test).
+NO_GRADIENT = ("{op} has no gradient: quantisation is not differentiable and fp8probe's functional ops do not track "
+               "gradients. Train through fp8probe.autograd (MatMulFP8Mixed, MatMulFP8Global, SwitchBackBnb, "
+               "MatMul8bitLt) or the fp8probe.nn Linear modules, or use a straight-through estimator: "
+               "x + (fake_quantize(x, ...) - x).detach()")
+
+
+def _no_gradient(op: torch.library.CustomOpDef, name: str) -> None:
+    def backward(ctx, *grads):  # noqa: ANN001 - torch.library's signature
+        raise RuntimeError(NO_GRADIENT.format(op=f"fp8probe.{name}"))
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+for _name in ("quantize_blockwise", "quantize_global", "dequantize_blockwise", "int8_vectorwise_quant",
+              "int8_vectorwise_dequant", "int8_double_quant", "int8_linear_matmul", "int8_mm_dequant",
+              "quantize_scaled", "dequantize_scaled"):
+    _no_gradient(globals()[_name], _name)
+
+
 # CUDA kernels (if any) override the reference for CUDA tensors; the backend itself honours
 # FP8PROBE_BACKEND=reference and imports CuPy only lazily.
 from fp8probe.backends import cuda as _cuda_backend  # noqa: E402

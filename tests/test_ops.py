@@ -103,3 +103,25 @@ def test_fake_impl_shapes_match_real(name: str, device: str) -> None:
         for rs, fs in zip(r.shape, f.shape):
             if isinstance(fs, int):
                 assert rs == fs
+
+
+def test_a_backward_through_an_op_says_it_has_no_gradient_and_what_to_use() -> None:
+    """A functional op on a tensor that requires grad gave an output with a grad_fn whose backward raised torch's
+    "no autograd formula was registered. Please use register_autograd" (user test): read as an fp8probe bug. The
+    backward now says the op has no gradient and names what trains; outputs and inputs are unchanged."""
+    import fp8probe.functional as F
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 64, generator=g).requires_grad_()
+    calls = {"fake_quantize": lambda: F.fake_quantize(x, "bnb-e4m3", 16),
+             "dequantize_scaled": lambda: F.quantize_scaled(x, "e4m3").dequantize(),
+             "int8_vectorwise_dequant": lambda: F.int8_vectorwise_dequant(*F.int8_vectorwise_quant(x)[:2])}
+    for name, call in calls.items():
+        y = call()
+        assert y.requires_grad, name
+        with pytest.raises(RuntimeError, match=r"fp8probe\.\w+ has no gradient: quantisation is not differentiable.*"
+                                               r"fp8probe\.autograd .*straight-through estimator"):
+            y.sum().backward()
+        with torch.no_grad():
+            assert torch.equal(call(), y.detach()), name  # (the same values with and without the graph)
+    assert x.grad is None
