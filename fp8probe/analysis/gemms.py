@@ -248,8 +248,8 @@ def parse_kinds(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ..
 # Names
 # --------------------------------------------------------------------------------------------
 def _param_name(owner: str, attr: str) -> str:
-    if attr == "weight":
-        return owner
+    if attr == "weight":  # (the root module's own weight, a bare nn.Linear's: "weight", its state_dict key)
+        return owner or attr
     stem = attr[: -len("_weight")] if attr.endswith("_weight") else attr
     return f"{owner}.{stem}" if owner else stem
 

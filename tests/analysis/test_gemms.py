@@ -498,3 +498,17 @@ def test_names_are_module_paths_even_when_every_parameter_shares_a_prefix() -> N
     assert sorted(calls) == ["backbone.0", "backbone.2"]
     res = analyze(model, [x], "global", layers=r"^backbone\.2$", e2e=False)
     assert res.tables["layers"]["layer"].tolist() == ["backbone.2"]
+
+
+def test_a_bare_linear_is_named_after_its_weight_as_its_state_dict_and_a_weights_only_run_name_it(tmp_path) -> None:
+    """A model that is itself an nn.Linear got the empty name: "worst layer  at 30.4 dB" and an empty layer column
+    (user test). Its GEMM is "weight", its state_dict key, the name a weights-only run of that state dict gives."""
+    from fp8probe.analysis.weights_only import analyze_weights, open_checkpoint
+
+    torch.manual_seed(13)
+    model, x = nn.Linear(16, 8), torch.randn(4, 16)
+    calls, _ = _capture(model, x)
+    assert list(calls) == ["weight"]
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    res = analyze_weights(open_checkpoint(tmp_path / "sd.pt"), "global")
+    assert res.tables["layers"]["layer"].tolist() == ["weight"]
