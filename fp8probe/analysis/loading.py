@@ -256,7 +256,9 @@ def _text_chunks(path: Path) -> Iterator[str]:
     Problems (not UTF-8, a bad JSON line) as LoadError naming the place."""
     jsonl = path.suffix.lower() == ".jsonl"
     try:
-        with open(path, encoding="utf-8") as fh:
+        # (utf-8-sig: a leading byte-order mark, as Windows editors write, is no text: it was an extra token in a
+        # .txt and refused the first line of a .jsonl)
+        with open(path, encoding="utf-8-sig") as fh:
             yield from (_jsonl_chunks(fh, path) if jsonl else _plain_chunks(fh))
     except UnicodeDecodeError as exc:
         raise LoadError(f"text inputs {path} are not UTF-8 (byte {_first_bad_utf8(path)}: {exc.reason}); save the "

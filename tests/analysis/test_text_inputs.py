@@ -123,6 +123,22 @@ def test_jsonl_text_fields_and_their_problems(llama_dir, tmp_path) -> None:
         load_text_inputs(bad, llama_dir)
 
 
+def test_a_byte_order_mark_is_no_text(llama_dir, tmp_path) -> None:
+    """A leading UTF-8 byte-order mark (Windows editors) became an extra token of a .txt and made the first line of a
+    .jsonl "not JSON" (user test): both read as the same file without it."""
+    _story(tmp_path / "plain.txt", 20)
+    body = (tmp_path / "plain.txt").read_bytes()
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + body)
+    lines = "".join(json.dumps({"text": " ".join(WORDS[i:] + WORDS[:i])}) + "\n" for i in range(6))
+    (tmp_path / "plain.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    for stem in ("txt", "jsonl"):
+        with_bom, desc_bom = load_text_inputs(tmp_path / f"bom.{stem}", llama_dir, seq_len=16, batch_size=2)
+        plain, desc = load_text_inputs(tmp_path / f"plain.{stem}", llama_dir, seq_len=16, batch_size=2)
+        assert [b.kwargs["input_ids"].tolist() for b in with_bom] == [b.kwargs["input_ids"].tolist() for b in plain]
+        assert desc_bom.replace("bom.", "plain.") == desc
+
+
 def test_not_utf8_names_the_byte(llama_dir, tmp_path) -> None:
     p = tmp_path / "latin.txt"
     p.write_bytes(b"the cat\n" * 1000 + b"caf\xe9\n")
