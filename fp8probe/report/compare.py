@@ -281,9 +281,16 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     base_l, cur_l = _layers(baseline), _layers(current)
     if not base_l:
         raise ValueError("baseline: the layers table is empty, so there is nothing to compare against")
-    if not set(base_l) & set(cur_l):
+    common = set(base_l) & set(cur_l)
+    if not common:
         raise ValueError(f"baseline and current have no layer in common ({what_differs(baseline, current)}): are "
                          "they results of the same model?")
+    if 2 * len(common) < min(len(set(base_l)), len(set(cur_l))):
+        # (two models that share a layer name or two: a Llama and a GPT-2 both have an lm_head, and 54 "missing"
+        # rows failed the gate as if the model had regressed; a --layers subset of the other run is all in common)
+        raise ValueError(f"baseline and current share only {len(common)} of their {len(set(base_l))} and "
+                         f"{len(set(cur_l))} layers ({what_differs(baseline, current)}): are they results of the same "
+                         "model? Refresh the baseline if the model changed")
     base_strategies, cur_strategies = _strategies(baseline), _strategies(current)
     if base_strategies and cur_strategies and not set(base_strategies) & set(cur_strategies):
         raise ValueError(f"baseline and current share no strategy, so no recipe's numbers can be compared "

@@ -219,6 +219,26 @@ def test_unrelated_models_exit_2(base: dict, tmp_path: Path) -> None:
     assert res.exit_code == 2 and len(lines) == 1 and "no layer in common" in lines[0], res.output
 
 
+def test_models_sharing_a_layer_name_or_two_exit_2_and_a_layers_subset_compares(base: dict, tmp_path: Path) -> None:
+    """A Llama and a GPT-2 share "lm_head": the other layers came out as 54 missing rows, exit 1, as if the model had
+    regressed (user test). Fewer than half of the smaller run's layers in common is another model (exit 2); a run of
+    some of the baseline's layers (--layers) is all in common and compares."""
+    other = json.loads(json.dumps(base).replace("blocks.", "encoder.layer."))  # ("head" stays shared)
+    n_layers = len(base["tables"]["layers"])
+    assert n_layers >= 3
+    res = _cli_compare(tmp_path, str(DATA), other)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert f"share only 1 of their {n_layers} and {n_layers} layers" in lines[0]
+    subset = json.loads(json.dumps(base))
+    keep = {r["layer"] for r in subset["tables"]["layers"][:1]}
+    for name, rows in subset["tables"].items():
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "layer" in rows[0]:
+            subset["tables"][name] = [r for r in rows if r.get("layer") in keep]
+    res = _cli_compare(tmp_path, str(DATA), subset, "--allow-missing")
+    assert res.exit_code == 0, res.output
+
+
 def test_unrelated_models_say_what_differs(base: dict, tmp_path: Path) -> None:
     """The refusal listed three layer names of each side and nothing else: not the models, not the counts."""
     other = json.loads(json.dumps(base).replace("blocks.", "encoder.layer.").replace('"head"', '"classifier"'))
