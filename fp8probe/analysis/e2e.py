@@ -111,7 +111,7 @@ def parse_budget(spec: Budget | float | int | str | None) -> Budget:
     if isinstance(spec, Budget):
         return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return Budget("loss", float(spec))
+        return Budget("loss", _loss_fraction(float(spec), repr(spec)))
     if not isinstance(spec, str):
         raise TypeError(f"expected a number, 'loss:X', 'kl:X' or a Budget for the budget, got {type(spec).__name__}")
     kind, _, text = spec.strip().rpartition(":")
@@ -124,7 +124,20 @@ def parse_budget(spec: Budget | float | int | str | None) -> Budget:
         value = float(text) * scale
     except ValueError:
         raise ValueError(f"expected a budget like 0.01, 1%, loss:0.01 or kl:0.05, got {spec!r}") from None
+    if kind == "loss" and scale == 1.0:
+        value = _loss_fraction(value, text)
     return Budget(kind, value)
+
+
+def _loss_fraction(value: float, text: str) -> float:
+    """A loss budget written as a bare number is a fraction of the loss: 1 or more (--budget 2, 200 %) is almost
+    surely a percentage without its sign, and a budget that wide accepts any recipe, so it is refused (written
+    with % it stands)."""
+    if math.isfinite(value) and value >= 1:
+        raise ValueError(f"expected a loss budget as a fraction below 1 (0.01 = 1 %) or with a % sign, got {text} "
+                         f"({100 * value:g} % of the loss): write {text}% for {text} percent, or {100 * value:g}% "
+                         "if you mean it")
+    return value
 
 
 # --------------------------------------------------------------------------------------------

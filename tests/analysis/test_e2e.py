@@ -602,6 +602,7 @@ def test_no_e2e() -> None:
 @pytest.mark.parametrize("spec, kind, value", [
     (None, "loss", 0.01), (0.02, "loss", 0.02), ("0.05", "loss", 0.05), ("2%", "loss", 0.02),
     ("loss:0.5%", "loss", 0.005), ("kl:0.01", "kl", 0.01), (" KL : 1e-3 ", "kl", 0.001),
+    ("200%", "loss", 2.0), ("kl:2", "kl", 2.0),  # (a wide loss budget stands with its % sign; KL is no fraction)
 ])
 def test_parse_budget(spec, kind: str, value: float) -> None:
     b = E.parse_budget(spec)
@@ -612,6 +613,9 @@ def test_parse_budget(spec, kind: str, value: float) -> None:
     ("abc", ValueError, "expected a budget like 0.01"), ("top1:0.1", ValueError, "budget kind must be"),
     (-0.1, ValueError, "expected a finite number >= 0"), ("nan", ValueError, "expected a finite number >= 0"),
     ([0.1], TypeError, "expected a number"),
+    ("2", ValueError, r"fraction below 1 \(0.01 = 1 %\) or with a % sign, got 2 \(200 % of the loss\): write 2% for 2 "
+                      r"percent, or 200% if you mean it"),
+    (1, ValueError, "got 1 \\(100 % of the loss\\)"), ("loss:5", ValueError, "write 5% for 5 percent"),
 ])
 def test_parse_budget_errors(spec, exc, message: str) -> None:
     with pytest.raises(exc, match=message):
