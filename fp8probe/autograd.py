@@ -311,6 +311,8 @@ def _resolve_blocks(A: torch.Tensor, B: torch.Tensor, bsz: int, bsz2: int, compa
     for name, value in (("bsz", bsz), ("bsz2", bsz2)):
         if isinstance(value, bool) or not isinstance(value, int):  # (int() truncated 1.7 to 1 and read "64")
             raise TypeError(f"{name} must be an integer block size (-1: get_block_sizes), got {value!r}")
+        if value == 0 or value < -1:  # (named here: the quantiser's own check says "blocksize", naming neither)
+            raise ValueError(f"{name} must be a positive block size or -1 (get_block_sizes), got {value}")
     if bsz == -1 or bsz2 == -1:
         auto, auto2 = get_block_sizes(A, B, compat=compat)
         bsz = auto if bsz == -1 else bsz

@@ -671,6 +671,16 @@ def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SC
     _check_tensor("CA", CA, (torch.int8,))
     if A.shape != CA.shape:
         raise ValueError(f"A and CA must have the same shape, got {tuple(A.shape)} and {tuple(CA.shape)}")
+    # (in this function's own argument names: int8_scaled_mm's checks below name A/B and row_stats/col_stats)
+    _check_tensor("CB", CB, (torch.int8,))
+    if A.dim() < 1 or CB.dim() != 2 or CB.shape[1] != A.shape[-1]:
+        raise ValueError(f"CB must be int8 [N, K] with K = A.shape[-1] = {A.shape[-1] if A.dim() else '?'}, got "
+                         f"{list(CB.shape)}")
+    for name, stats, n, what in (("SCA", SCA, A.numel() // max(A.shape[-1], 1), "one per row of A"),
+                                 ("SCB", SCB, CB.shape[0], "one per row of CB, CB.shape[0]")):
+        _check_tensor(name, stats, _FLOATS)
+        if stats.numel() != n:
+            raise ValueError(f"{name} must have {n} entries ({what}), got {list(stats.shape)}")
     if outlier_cols is not None:
         _check_tensor("outlier_cols", outlier_cols, (torch.int64, torch.int32))
     _check_device("int8_mixed_scaled_mm", "A", A.device, CA=CA, CB=CB, SCA=SCA, SCB=SCB, outlier_cols=outlier_cols,

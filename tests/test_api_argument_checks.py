@@ -31,6 +31,31 @@ def test_fp8_mixed_block_size_must_be_an_integer(bad) -> None:
         FP.matmul_fp8_mixed(A, B, bsz=bad)
 
 
+@pytest.mark.parametrize("name, value", [("bsz", 0), ("bsz2", 0), ("bsz2", -5)])
+def test_fp8_mixed_block_sizes_are_named_when_not_positive(name, value) -> None:
+    A, B = _ab()  # (the quantiser said "blocksize must be a positive int, got 0", naming neither)
+    with pytest.raises(ValueError, match=f"{name} must be a positive block size or -1 \\(get_block_sizes\\), got {value}"):
+        FP.matmul_fp8_mixed(A, B, **{name: value})
+
+
+def test_int8_mixed_scaled_mm_names_its_own_arguments() -> None:
+    """Its checks were int8_scaled_mm's: "col_stats must have 4 entries (A.shape[-1])" for a short SCB."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(8, 16, generator=g)
+    CA, SCA, _ = F.int8_vectorwise_quant(A)
+    CB, SCB, _ = F.int8_vectorwise_quant(torch.randn(4, 16, generator=g))
+    with pytest.raises(ValueError, match=r"SCB must have 4 entries \(one per row of CB, CB.shape\[0\]\), got \[3\]"):
+        F.int8_mixed_scaled_mm(A, CA, CB, SCA, SCB[:3])
+    with pytest.raises(ValueError, match=r"SCA must have 8 entries \(one per row of A\), got \[7\]"):
+        F.int8_mixed_scaled_mm(A, CA, CB, SCA[:7], SCB)
+    with pytest.raises(ValueError, match=r"CB must be int8 \[N, K\] with K = A.shape\[-1\] = 16, got \[4, 15\]"):
+        F.int8_mixed_scaled_mm(A, CA, CB[:, :15].contiguous(), SCA, SCB)
+    with pytest.raises(TypeError, match=r"CB must have dtype in \['torch.int8'\]"):
+        F.int8_mixed_scaled_mm(A, CA, CB.float(), SCA, SCB)
+    out, _ = F.int8_mixed_scaled_mm(A, CA, CB, SCA, SCB)
+    assert out.shape == (8, 4)
+
+
 @pytest.mark.parametrize("args", [(True, -1, 8, 8), (True, 4.0, 3, 8), (False, 4, 4, 8.0)])
 def test_create_fp8_map_field_widths_are_integers(args) -> None:
     with pytest.raises(ValueError, match="must be an integer >= 0"):
