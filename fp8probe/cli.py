@@ -1395,7 +1395,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
-    from fp8probe.report.verdict import budget_text, signed_pct
+    from fp8probe.report.verdict import THRESHOLD_ZERO, budget_text, pct, signed_pct
 
     _check_names(model, factory, loss_spec)
     _check_device(device)
@@ -1482,8 +1482,14 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
         # the loss alone)
         kl_div = r.get("kl_div")
         kl = f", KL {kl_div:.3g}" if r["budget_kind"] == "kl" and kl_div is not None and math.isfinite(kl_div) else ""
-        click.echo(f"model-wide {what} {r['value']:g} ({r['strategy']}), validated end to end: loss "
-                   f"{signed_pct(change)}{kl}, {status} the budget ({budget_text(r['budget'], r['budget_kind'])})")
+        # (what 0 means, and how much runs in low precision: "model-wide threshold 0" beside per-layer rows of 8 read
+        # as a contradiction, and a threshold of 1 within the budget with 92 % of the FLOPs in 16-bit as a success)
+        zero = THRESHOLD_ZERO if r["kind"] == "threshold" and r["value"] == 0 else ""
+        share = r.get("lp_flop_share")
+        lp = (f"; {pct(share)} of forward GEMM FLOPs in low precision"
+              if isinstance(share, (int, float)) and math.isfinite(share) else "")
+        click.echo(f"model-wide {what} {r['value']:g}{zero} ({r['strategy']}), validated end to end: loss "
+                   f"{signed_pct(change)}{kl}, {status} the budget ({budget_text(r['budget'], r['budget_kind'])}){lp}")
     _warn_no_gradient(results)
     click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
 
