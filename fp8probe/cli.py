@@ -513,13 +513,13 @@ def _read_inputs(model: str, inputs: str | None, trust_pickle: bool, seq_len: in
                  batches: int | None) -> Inputs:
     """The --inputs batches: a text file tokenized with MODEL's tokenizer (loading.load_text_inputs), else a
     torch.save'd file (the commands refuse --seq-len / --batch-size with those first: _check_text_options)."""
-    from fp8probe.analysis.loading import (TEXT_BATCH_SIZE, TEXT_MAX_BATCHES, TEXT_MORE, is_text_inputs, load_inputs,
-                                           load_text_inputs)
+    from fp8probe.analysis.loading import (TEXT_BATCH_SIZE, TEXT_MAX_BATCHES, TEXT_MORE, TEXT_SHORT, is_text_inputs,
+                                           load_inputs, load_text_inputs)
 
     if inputs is not None and is_text_inputs(inputs):
         got, desc = load_text_inputs(inputs, model, seq_len=seq_len, batch_size=batch_size or TEXT_BATCH_SIZE,
                                      max_batches=batches or TEXT_MAX_BATCHES)
-        return Inputs(got, desc, f"text inputs {desc}" if TEXT_MORE in desc else "")
+        return Inputs(got, desc, f"text inputs {desc}" if TEXT_MORE in desc or TEXT_SHORT in desc else "")
     if inputs is None:
         return Inputs(None, "example inputs / factory batches")
     return Inputs(load_inputs(inputs, trust_pickle=trust_pickle), inputs)

@@ -175,6 +175,9 @@ TEXT_BATCH_SIZE = 2
 TEXT_MAX_BATCHES = 8
 #: What a text inputs' description says when the batches left text (or tokens) unused (load_text_inputs).
 TEXT_MORE = "--batches for more"
+#: In a text inputs description: the text filled fewer tokens than one batch of --batch-size x --seq-len (the command
+#: line then prints the description as a note: the batch shape is not what was asked for).
+TEXT_SHORT = "the text is shorter than one batch"
 
 
 def is_text_inputs(path: str | Path) -> bool:
@@ -359,8 +362,10 @@ def load_text_inputs(path: str | Path, model_dir: str | Path, *, seq_len: int | 
     notes = [f"{len(ids)} tokens read with {d.name}'s tokenizer" + (", the rest of the text not" if stopped else "")]
     if len(ids) > used:
         notes.append(f"the last {len(ids) - used} unused")
+    if n_seq < batch_size:
+        notes.append(f"{TEXT_SHORT} of {batch_size} x {seq_len}")
     if capped:
-        notes.append(f"at most {max_batches} batches: {TEXT_MORE}")
+        notes.append(f"at most {max_batches} batch{'es' if max_batches != 1 else ''}: {TEXT_MORE}")
     if prefix:
         notes.append("each sequence starts with BOS")
     desc = f"{p.name}: {len(batches)} batch(es) of {shape[0]} x {shape[1]} tokens ({'; '.join(notes)})"

@@ -267,6 +267,22 @@ def test_the_command_line_cuts_at_most_8_batches_unless_told(llama_dir, tmp_path
         in meta["inputs"]
 
 
+def test_a_text_shorter_than_one_batch_says_so(llama_dir, tmp_path) -> None:
+    """--batch-size 2 --seq-len 8 on a 5-word text ran "1 batch(es) of 1 x 6 tokens" with no word that the shape was
+    not the one asked for (user test)."""
+    (tmp_path / "short.txt").write_text("the cat sat on mat", encoding="utf-8")
+    code, out = _run("analyze", str(llama_dir), "--inputs", str(tmp_path / "short.txt"), "--seq-len", "8",
+                     "--strategy", "int8", "--no-e2e", "--no-html", "--quiet", "--out", str(tmp_path / "a"))
+    assert code == 0, out
+    assert "note: text inputs short.txt: 1 batch(es) of 1 x 6 tokens (" in out
+    assert "the text is shorter than one batch of 2 x 8" in out
+    _story(tmp_path / "story.txt", 60)  # (a text that fills its batches gets no such note)
+    code, out = _run("analyze", str(llama_dir), "--inputs", str(tmp_path / "story.txt"), "--seq-len", "33",
+                     "--batches", "2", "--strategy", "int8", "--no-e2e", "--no-html", "--quiet", "--out",
+                     str(tmp_path / "b"))
+    assert code == 0 and "shorter than one batch" not in out, out
+
+
 def test_pieces_cut_before_whitespace_tokenize_as_the_whole_text(llama_dir, tmp_path, monkeypatch) -> None:
     """A text of one long line was read whole (a 1 GB line, 1 GB in memory). Pieces are now cut before a space, so
     the ids equal the whole text's, however long its lines."""
