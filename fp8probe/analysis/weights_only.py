@@ -51,8 +51,8 @@ CHUNK_ELEMENTS = 2**20
 WEIGHT_OUTLIER_RATIO = 6.0
 # Module names whose .weight is an embedding table: looked up by index, never a GEMM operand, so it
 # is skipped unless --include-embeddings (an LM head is a GEMM and is analysed).
-EMBEDDING_NAME = re.compile(r"(^|[._])(embed\w*|embeddings?|wte|wpe|word_embeddings|position_embeddings|"
-                            r"token_type_embeddings|tok_embeddings|shared)$")
+EMBEDDING_NAME = re.compile(r"(^|[._])(embed\w*|embeddings?|emb|\w+_emb|wte|wpe|word_embeddings|position_embeddings|"
+                            r"token_type_embeddings|tok_embeddings|shared)$")  # (emb, tok_emb/pos_emb: minGPT's names)
 # Hugging Face models built on transformers' Conv1D store those projections' weights [in, out] and apply
 # them as addmm(b, x, W): a full analysis sees W.t() [out, in] as the GEMM's weight, so the weights-only
 # analysis transposes them too, or row-wise recipes would scale the wrong axis. Detected from config.json's

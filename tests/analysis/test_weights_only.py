@@ -624,3 +624,14 @@ def test_a_tensor_in_two_shards_is_refused_and_weights_only_tables_are_known_out
 def test_threads_beyond_any_machine_are_refused() -> None:
     res = CliRunner().invoke(cli, ["analyze", "x.pt", "--threads", "100000"])
     assert res.exit_code == 2 and "1<=x<=1024" in res.output
+
+
+@pytest.mark.parametrize("name", ["emb", "tok_emb", "transformer.pos_emb"])
+def test_short_embedding_names_are_embeddings(tmp_path, name) -> None:
+    """minGPT's tok_emb/pos_emb and a plain "emb" were analysed as linear weights (user test)."""
+    gen = torch.Generator().manual_seed(1)
+    sd = {f"{name}.weight": torch.randn(40, 16, generator=gen), "head.weight": torch.randn(40, 16, generator=gen)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    res = analyze_weights(tmp_path / "m.safetensors", "global")
+    assert list(res.tables["layers"]["layer"]) == ["head"]
+    assert res.tables["skipped"].set_index("key").loc[f"{name}.weight", "reason"].startswith("embedding")
