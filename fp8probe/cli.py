@@ -159,8 +159,8 @@ class _FlagEnvOption(click.Option):
         try:
             return super().process_value(ctx, value)
         except click.BadParameter as exc:  # say where a bad value came from when it was not typed
-            var = ctx.meta.get("fp8probe.envvars", {}).get(self.name)
-            if var and ctx.get_parameter_source(self.name) == click.core.ParameterSource.ENVIRONMENT:
+            var = _env_var(ctx, self.name)
+            if var:
                 exc.message = f"{exc.message} (from the environment variable {var})"
             raise
 
@@ -326,6 +326,25 @@ def _check_gemms(gemms: str) -> tuple[str, ...]:
         raise _bad_option("gemms", str(exc)) from exc
 
 
+def _from_env(ctx: click.Context, name: str) -> bool:
+    """Whether the current command's parameter ``name`` took its value from the environment (not typed, not its
+    default)."""
+    return ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT
+
+
+def _env_var(ctx: click.Context, name: str) -> str | None:
+    """The FP8PROBE_* variable parameter ``name`` took its value from (_FlagEnvOption records it); None when the value
+    was typed or is the default."""
+    return ctx.meta.get("fp8probe.envvars", {}).get(name) if _from_env(ctx, name) else None
+
+
+def _env_said(ctx: click.Context, name: str, flag: str) -> str:
+    """``FP8PROBE_ANALYZE_LOSS (--loss)`` for an option set in the environment (the flag alone when the variable's
+    name was not recorded), as the notes on options that had no effect name it."""
+    var = _env_var(ctx, name)
+    return f"{var} ({flag})" if var else flag
+
+
 def _bad_option(name: str, message: str, *, prefix: bool = True) -> UsageFailure:
     """UsageFailure for a value of the current command's parameter ``name`` that a check in the command body
     refused: ``--flag: message``, with the environment variable it came from when it was not typed (as
@@ -335,8 +354,8 @@ def _bad_option(name: str, message: str, *, prefix: bool = True) -> UsageFailure
     ctx = click.get_current_context()
     param = next((p for p in ctx.command.params if p.name == name), None)
     flag = max(param.opts, key=len) if param is not None else f"--{name.replace('_', '-')}"
-    var = ctx.meta.get("fp8probe.envvars", {}).get(name)
-    if var and ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT:
+    var = _env_var(ctx, name)
+    if var:
         message = f"{message} (from the environment variable {var})"
     return UsageFailure(f"{flag}: {message}" if prefix else message)
 
@@ -532,20 +551,18 @@ def _check_text_options(inputs: str | None, seq_len: int | None, batch_size: int
     FP8PROBE_ANALYZE_SEQ_LEN for its text runs) they are dropped for other inputs, with a note on stderr."""
     from fp8probe.analysis.loading import is_text_inputs
 
-    values = {"seq_len": seq_len, "batch_size": batch_size}
     if inputs is not None and is_text_inputs(inputs):
         return seq_len, batch_size
     ctx = click.get_current_context()
-    env = ctx.meta.get("fp8probe.envvars", {})
-    from_env = [name for name, v in values.items() if v is not None
-                and ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT]
-    given = [f"--{name.replace('_', '-')}" for name, v in values.items() if v is not None and name not in from_env]
+    set_ = [(name, f"--{name.replace('_', '-')}") for name, v in (("seq_len", seq_len), ("batch_size", batch_size))
+            if v is not None]
+    typed = [flag for name, flag in set_ if not _from_env(ctx, name)]
     got = f"--inputs {_printable(inputs)}" if inputs else "no --inputs"
-    if given:
-        raise UsageFailure(f"{' and '.join(given)} cut text --inputs (.txt, .jsonl) into token batches: expected text "
+    if typed:
+        raise UsageFailure(f"{' and '.join(typed)} cut text --inputs (.txt, .jsonl) into token batches: expected text "
                            f"inputs, got {got}")
-    if from_env:
-        said = ", ".join(f"{env.get(name, name)} (--{name.replace('_', '-')})" for name in from_env)
+    if set_:  # (all of them from the environment)
+        said = ", ".join(_env_said(ctx, name, flag) for name, flag in set_)
         click.echo(f"note: {said} from the environment had no effect here: it cuts text --inputs into token batches, "
                    f"and this run has {got}", err=True)
     return None, None
@@ -864,8 +881,7 @@ def _unless_from_env(values: dict[str, object]) -> dict[str, object]:
     training steps of the same CI job run."""
     ctx = click.get_current_context()
     defaults = {p.name: p.default for p in ctx.command.params}
-    return {name: defaults[name] if ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT
-            else value for name, value in values.items()}
+    return {name: defaults[name] if _from_env(ctx, name) else value for name, value in values.items()}
 
 
 def _refuse_backward_options(mode: str, values: dict[str, object]) -> None:
@@ -880,9 +896,8 @@ def _refuse_backward_options(mode: str, values: dict[str, object]) -> None:
         if not given:
             continue
         flag = given[0]
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT:
-            var = ctx.meta.get("fp8probe.envvars", {}).get(name)
-            from_env.append(f"{var} ({flag})" if var else flag)
+        if _from_env(ctx, name):
+            from_env.append(_env_said(ctx, name, flag))
             continue
         raise UsageFailure(f"{flag} {_BACKWARD_OPTIONS[name]}, and {mode} runs forward only (no loss, no backward, "
                            f"no end-to-end runs): expected no {flag} with {mode}, got {flag} {value}")

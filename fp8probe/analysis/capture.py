@@ -285,8 +285,10 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
 
 
-#: LossInfo detail of a loss the model returned first in a tuple (Hugging Face's return_dict=False: (loss, logits, ...))
-TUPLE_LOSS_DETAIL = "scalar loss returned by the model (the first element of its output tuple)"
+#: LossInfo details of a loss the model returned: as its output or a ``loss`` field, or first in a tuple (Hugging
+#: Face's return_dict=False: (loss, logits, ...))
+MODEL_LOSS_DETAIL = "scalar loss returned by the model"
+TUPLE_LOSS_DETAIL = f"{MODEL_LOSS_DETAIL} (the first element of its output tuple)"
 
 
 def _model_loss(output: Any) -> tuple[torch.Tensor, str] | None:
@@ -296,11 +298,11 @@ def _model_loss(output: Any) -> tuple[torch.Tensor, str] | None:
         return isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point()
 
     if isinstance(output, torch.Tensor):
-        return (output, "scalar loss returned by the model") if scalar(output) else None
+        return (output, MODEL_LOSS_DETAIL) if scalar(output) else None
     if isinstance(output, (tuple, list)) and len(output) > 1 and scalar(output[0]):
         return output[0], TUPLE_LOSS_DETAIL
     loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    return (loss, "scalar loss returned by the model") if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+    return (loss, MODEL_LOSS_DETAIL) if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
 
 
 def _surrogate(output: Any) -> torch.Tensor:
