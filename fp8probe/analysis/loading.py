@@ -133,6 +133,12 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read inputs file {p}: it is {kind}, not a torch.save file; pass the batches "
                         "saved with torch.save(tensor_or_list, 'inputs.pt')")
+    if kind == "zip" and not _zip_names(p):
+        raise LoadError(f"cannot read inputs file {p}: the zip archive is truncated or corrupt (its directory at the "
+                        "end is missing); save it again with torch.save")
+    if kind == "zip" and export_archive.is_program(p):
+        raise LoadError(f"inputs file {p} is a torch.export program (a .pt2 model), not inputs: pass it as the "
+                        "MODEL and the batches saved with torch.save(tensor_or_list, 'inputs.pt') as --inputs")
     if kind == "zip":
         verify_zip(p, "inputs file")
     try:

@@ -325,3 +325,21 @@ def test_a_corrupted_archive_is_refused_on_every_loading_path(tmp_path) -> None:
     (shards / "pytorch_model.bin.index.json").write_text(
         json.dumps({"weight_map": {k: "a.bin" if k.startswith("0.") else "b.bin" for k in sd}}))
     refused(lambda: open_checkpoint(shards / "pytorch_model.bin.index.json"), "b.bin", "b/data/0")
+
+
+def test_an_exported_model_or_a_cut_zip_passed_as_inputs_is_named_for_what_it_is(tmp_path) -> None:
+    """A .pt2 given to --inputs used to fail as torch.load's "failed locating file data.pkl ... is it truncated?",
+    and a torch.save file cut inside its data as "OSError: [Errno 22] Invalid argument"."""
+    model = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    with pytest.raises(LoadError, match=r"m\.pt2 is a torch\.export program \(a \.pt2 model\), not inputs"):
+        load_inputs(tmp_path / "m.pt2")
+    torch.save([torch.randn(4, 64) for _ in range(3)], tmp_path / "x.pt")
+    data = (tmp_path / "x.pt").read_bytes()
+    for cut in (len(data) // 3, len(data) // 2, len(data) - 30):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(LoadError, match=r"cut\.pt: the zip archive is truncated or corrupt") as err:
+            load_inputs(tmp_path / "cut.pt")
+        assert "Errno" not in str(err.value)
+    assert len(load_inputs(tmp_path / "x.pt")) == 3
