@@ -465,6 +465,8 @@ def blockwise_absmax(A: torch.Tensor, blocksize: int) -> torch.Tensor:
 # LLM.int8()
 # --------------------------------------------------------------------------------------------
 def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, (str, bytes, bool)):  # float("6") would pass a string through
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__} {threshold!r}")
     t = float(threshold)
     if not t >= 0.0 or t == float("inf"):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")

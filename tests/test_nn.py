@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fp8probe import autograd as AG
+from fp8probe import functional as F
 from fp8probe.formats import get_codebook
 from fp8probe.nn import (STRATEGIES, Linear8bitLt, LinearFP8Global, LinearFP8Mixed, SwitchBackLinear,
                          swap_linear_layers)
@@ -339,3 +340,13 @@ def test_layers_built_and_run_in_inference_mode(cls, fp16_weights, training) -> 
         for _ in range(2):  # the second forward may use the int8 weight cache
             assert torch.equal(inside(x), expected)
             assert torch.equal(outside(x), expected)
+
+
+@pytest.mark.parametrize("bad", ["6.0", b"6", True])
+def test_a_threshold_that_is_not_a_number_is_refused_by_the_ops_and_the_layers(bad) -> None:
+    """float("6.0") let a string through int8_vectorwise_quant, int8_double_quant and the int8 layers."""
+    A = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    for call in (lambda: F.int8_vectorwise_quant(A, bad), lambda: F.int8_double_quant(A, threshold=bad),
+                 lambda: Linear8bitLt(8, 4, threshold=bad)):
+        with pytest.raises(TypeError, match="threshold must be a number, got"):
+            call()
