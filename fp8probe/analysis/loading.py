@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import pickle
 import re
@@ -677,9 +678,24 @@ def _hf_class(transformers: Any, config: Any, path: Path) -> tuple[Any, str]:
     cls = getattr(transformers, name, None)
     if cls is None:
         raise LoadError(f"cannot build {name} (from {path / 'config.json'} architectures): transformers "
-                        f"{transformers.__version__} has no such class, and modelling code from the directory is "
-                        "never run; export the model with torch.export (.pt2) instead")
+                        f"{transformers.__version__} has no such class"
+                        + (_custom_code_hint(path) or ", and modelling code from the directory is never run; export "
+                           "the model with torch.export (.pt2) instead"))
     return cls, name
+
+
+def _custom_code_hint(path: Path) -> str:
+    """What to do with a directory whose config.json maps its classes to its own modelling code (auto_map):
+    that code is never run, so the model has to come some other way; "" when it has no auto_map."""
+    try:
+        auto_map = json.loads((path / "config.json").read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not auto_map:
+        return ""
+    return ("; its config.json maps the model to code in the directory (auto_map), which fp8probe never runs: "
+            "export the model with torch.export (.pt2), or save its state_dict (safetensors) and pass "
+            "--factory file.py:build with a function you wrote that builds the model")
 
 
 def _loading_problems(info: dict) -> str:
@@ -705,7 +721,7 @@ def _hf_config_class(path: Path) -> tuple[Any, Any, Any, str]:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/KeyError...
         raise LoadError(f"cannot load Hugging Face model from {path}: its config.json is not usable "
-                        f"({one_line(exc)})") from None
+                        f"({one_line(exc)}){_custom_code_hint(path)}") from None
     cls, cls_name = _hf_class(transformers, config, path)
     return transformers, config, cls, cls_name
 

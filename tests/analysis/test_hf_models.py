@@ -53,7 +53,17 @@ def test_hf_weights_that_do_not_fit_or_unknown_class_exit_with_the_reason(tmp_pa
         load_model(d)
     cfg["architectures"] = ["BertForTimeTravel"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match="cannot build BertForTimeTravel .*has no such class"):
+    with pytest.raises(LoadError, match="cannot build BertForTimeTravel .*has no such class, and modelling code"):
+        load_model(d)
+    # A directory whose config.json maps the classes to its own code (auto_map): what to do instead is said.
+    cfg["auto_map"] = {"AutoModel": "modeling_travel.BertForTimeTravel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"has no such class; its config\.json maps the model to code in the "
+                                        r"directory \(auto_map\).*--factory file\.py:build"):
+        load_model(d)
+    cfg["model_type"] = "time-travel"  # (AutoConfig itself needs the custom code now)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"config\.json is not usable .*\(auto_map\), which fp8probe never runs"):
         load_model(d)
 
 
