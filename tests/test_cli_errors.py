@@ -245,6 +245,28 @@ def test_inputs_that_do_not_fit_name_the_batch_the_file_and_the_first_layer(file
                                       "the exported program", "to be equal to 8, but got 13")
 
 
+def test_a_bug_in_the_model_code_names_its_line_not_the_inputs_shapes(tmp_path) -> None:
+    """An AttributeError in forward was told "check the inputs' shape and dtype against" the first layer."""
+    factory = tmp_path / "buggy.py"
+    factory.write_text("import torch\nfrom torch import nn\n\n\nclass M(nn.Module):\n    def __init__(self):\n"
+                       "        super().__init__()\n        self.fc = nn.Linear(8, 4)\n\n"
+                       "    def forward(self, x):\n        return self.fc(x) / self.scale\n\n\n"
+                       "def build():\n    return M()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import buggy
+        torch.save(buggy.build().state_dict(), tmp_path / "sd.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("buggy", None)
+    torch.save(torch.randn(3, 8, generator=torch.Generator().manual_seed(4)), tmp_path / "x.pt")
+    res = _invoke(["analyze", str(tmp_path / "sd.pt"), "--factory", f"{factory}:build", "--inputs",
+                   str(tmp_path / "x.pt"), "--out", str(tmp_path / "o"), "-q", "--no-html"])
+    _assert_one_line_usage_error(res, "the model failed on the inputs: AttributeError: 'M' object has no attribute "
+                                      f"'scale'; raised in forward at {factory}:11")
+    assert "first layer" not in res.output
+
+
 def test_factory_batches_that_do_not_fit_say_so(tmp_path) -> None:
     factory = tmp_path / "odd.py"
     factory.write_text("import torch\ndef build():\n    torch.manual_seed(0)\n"

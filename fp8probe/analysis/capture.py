@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import gc
 import inspect
+import os
 import re
 import sys
 import warnings
@@ -432,7 +433,28 @@ def _forward(model: Callable, batch: Batch, rec: _Recorder, coverage: Coverage) 
     except LoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
-        raise InputsError(f"the model failed on the inputs: {one_line(exc)}{first_layer_hint(model, batch)}") from exc
+        hint = first_layer_hint(model, batch) if isinstance(exc, _INPUT_ERRORS) else raised_in(exc)
+        raise InputsError(f"the model failed on the inputs: {one_line(exc)}{hint}") from exc
+
+
+#: What torch raises for inputs of the wrong shape, dtype or range (and Python for a wrong argument list); any
+#: other exception (AttributeError, KeyError, ZeroDivisionError, ...) is the model's code failing: its place is
+#: named instead of the inputs' shapes.
+_INPUT_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__name__.split(".")[0]]))
+
+
+def raised_in(exc: BaseException) -> str:
+    """``"; raised in forward at /path/model.py:12"``: the innermost frame of ``exc``'s traceback outside torch and
+    fp8probe (the user's code), "" when every frame is library code."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not os.path.abspath(code.co_filename).startswith(_LIBRARY_DIRS):
+            where = f"; raised in {code.co_name} at {code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
 
 
 def _tensors_text(batch: Batch) -> str:
