@@ -1134,6 +1134,9 @@ def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) ->
     except ResultsError as exc:
         raise _fail(exc) from exc
     path = _render_or_fail(render_report, data, out, " + ".join(results), keep_16bit_db=keep_16bit_db)
+    if data["metadata"].get("inputs_differ"):
+        click.echo("note: the merged runs measured other inputs (" + "; ".join(data["metadata"]["inputs_differ"])
+                   + "): the report shows them side by side, not one data set", err=True)
     click.echo(f"report written to {_printable(path)}" + (f" ({len(docs)} results merged: "
                                              f"{', '.join(data['metadata']['merged_kinds'])})" if len(docs) > 1 else ""))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from fp8probe.report.schema import ResultsError, validate_results, weight_shapes
+from fp8probe.report.verdict import inputs_text
 
 # Metadata blocks that are per-run dictionaries: merged key by key (the first document's entry wins).
 _DICT_META = ("rules", "recommendations", "formats")
@@ -23,7 +24,8 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
     The analyze document (else the first) is the base: its metadata and kind are kept, every other
     document adds its tables, rules, recommendations and formats; ``layers`` is the union in the
     base's order then each document's own; ``metadata.merged_kinds`` lists the kinds and
-    ``metadata.merged_from`` the sources. Raises ResultsError (a ValueError, one line) when a
+    ``metadata.merged_from`` the sources; ``metadata.inputs_differ`` ("source: inputs" per document) when the
+    runs measured other inputs, which the report and the command then say. Raises ResultsError (a ValueError, one line) when a
     document is not results, when two describe different models, or when two carry the same table
     (e.g. two analyze runs: merge one analyze run with its sweeps).
     """
@@ -88,6 +90,9 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
                 merged_meta[key].setdefault(k, v)
         for key, value in doc["metadata"].items():
             merged_meta.setdefault(key, value)  # e.g. a sweep's blocksizes / thresholds
+    inputs = [(names[i], inputs_text(docs[i]["metadata"])) for i in order]
+    if len({text for _, text in inputs if text}) > 1:  # (a weights-only run has no inputs to differ)
+        merged_meta["inputs_differ"] = [f"{name}: {text or 'none'}" for name, text in inputs]
     merged_meta["merged_kinds"] = [docs[i]["kind"] for i in order]
     merged_meta["merged_from"] = [names[i] for i in order]
     out = {key: value for key, value in base.items() if key not in ("metadata", "tables")}

@@ -1621,7 +1621,10 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
     loss = meta.get("loss") or {}
     versions = meta.get("versions") or {}
     verdict = _verdict_section(tables, meta, keep_16bit_db)
-    info = [("model", _model_text(meta)), ("inputs", inputs_text(meta)),
+    differ = meta.get("inputs_differ")
+    inputs = (f"differ between the merged runs (their numbers are of other data): {'; '.join(map(str, differ))}"
+              if differ else inputs_text(meta))
+    info = [("model", _model_text(meta)), ("inputs", inputs),
             ("kind", " + ".join(meta.get("merged_kinds") or [results["kind"]])), ("created", meta.get("created", "")),
             ("device", meta.get("device", "")), ("model dtype", meta.get("dtype") or "not recorded"),
             ("CPU threads", meta.get("threads") or "not recorded"), ("batches", meta.get("batches", "")),

@@ -85,6 +85,25 @@ def test_report_command_merges_files(tmp_path: Path) -> None:
         assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
 
 
+def test_runs_on_other_inputs_merge_with_the_difference_said(tmp_path: Path) -> None:
+    """An analyze run on one inputs file and a sweep on another merged into a report that named the first's inputs
+    only: its numbers were read as one data set."""
+    analyze, bs, _ = _split()
+    assert "inputs_differ" not in merge_results([analyze, bs])["metadata"]
+    bs["metadata"]["inputs"] = "other.pt"
+    merged = merge_results([analyze, bs], ["an.json", "bs.json"])
+    differ = merged["metadata"]["inputs_differ"]
+    assert differ[1].startswith("bs.json: other.pt") and differ[0].startswith("an.json: ")
+    paths = [tmp_path / "an.json", tmp_path / "bs.json"]
+    for path, doc in zip(paths, (analyze, bs)):
+        path.write_text(json.dumps(doc))
+    res = CliRunner().invoke(cli, ["report", *map(str, paths), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert f"note: the merged runs measured other inputs ({paths[0]}: " in res.output
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "differ between the merged runs (their numbers are of other data)" in html and "bs.json: other.pt" in html
+
+
 def test_analyze_sweeps_and_results_to_html(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = CliRunner().invoke(cli, ["analyze", f"{TINY}:build", "--strategy", "int8", "--batches", "1", "--layers", "fc1",
