@@ -877,7 +877,25 @@ def _from_state_dict(sd: dict, desc: str, factory: str) -> LoadedModel:
     except RuntimeError as exc:
         raise LoadError(f"state_dict {desc} does not fit the model from {factory}: "
                         f"{one_line(exc).replace('RuntimeError: ', '')}") from None
-    return LoadedModel(model.eval(), "state_dict", f"state_dict {desc} + factory {factory}", batches)
+    return LoadedModel(model.eval(), "state_dict", f"state_dict {desc} + factory {factory}{_cast_note(sd, model)}",
+                       batches)
+
+
+def _cast_note(sd: dict, model: nn.Module) -> str:
+    """`` (its bfloat16 weights cast to the model's float32: exact)``: what load_state_dict did silently when the
+    checkpoint's floating-point dtype is not the factory model's (it copies into the model's own dtype, so the
+    analysis ran in the model's precision, not the checkpoint's); "" when they agree."""
+    ours = {n: p.dtype for n, p in model.state_dict().items() if p.is_floating_point()}
+    theirs = sorted({str(t.dtype).removeprefix("torch.") for k, t in sd.items()
+                     if isinstance(t, torch.Tensor) and t.is_floating_point() and k in ours and t.dtype != ours[k]})
+    if not theirs:
+        return ""
+    model_dtypes = sorted({str(d).removeprefix("torch.") for d in ours.values()})
+    exact = all(torch.finfo(t.dtype).bits <= torch.finfo(ours[k]).bits and (t.dtype != torch.float16 or ours[k] !=
+                torch.bfloat16) for k, t in sd.items() if isinstance(t, torch.Tensor) and k in ours
+                and t.is_floating_point())
+    return (f" (its {'/'.join(theirs)} weights cast to the model's {'/'.join(model_dtypes)}: "
+            + ("exact" if exact else "rounded") + "; build the model in the checkpoint's dtype to analyse that)")
 
 
 def _read_safetensors_state_dict(path: Path) -> dict:

@@ -343,3 +343,22 @@ def test_an_exported_model_or_a_cut_zip_passed_as_inputs_is_named_for_what_it_is
             load_inputs(tmp_path / "cut.pt")
         assert "Errno" not in str(err.value)
     assert len(load_inputs(tmp_path / "x.pt")) == 3
+
+
+def test_a_state_dict_in_another_dtype_than_the_factory_model_says_what_load_state_dict_did(tmp_path) -> None:
+    """A bfloat16 checkpoint loaded into a float32 factory model was upcast silently: the report said float32
+    and nothing about the checkpoint's own dtype."""
+    f = tmp_path / "fac.py"
+    f.write_text("import torch\ndef build():\n    return torch.nn.Linear(6, 3)\n"
+                 "def build_bf16():\n    return torch.nn.Linear(6, 3).to(torch.bfloat16)\n")
+    layer = torch.nn.Linear(6, 3)
+    torch.save(layer.state_dict(), tmp_path / "fp32.pt")
+    torch.save({k: v.bfloat16() for k, v in layer.state_dict().items()}, tmp_path / "bf16.pt")
+    assert load_model(tmp_path / "fp32.pt", factory=f"{f}:build").description.endswith(":build")
+    up = load_model(tmp_path / "bf16.pt", factory=f"{f}:build")
+    assert up.description.endswith("(its bfloat16 weights cast to the model's float32: exact; build the model in "
+                                   "the checkpoint's dtype to analyse that)")
+    assert torch.equal(up.module.weight, layer.weight.bfloat16().float())
+    down = load_model(tmp_path / "fp32.pt", factory=f"{f}:build_bf16")
+    assert "(its float32 weights cast to the model's bfloat16: rounded;" in down.description
+    assert load_model(tmp_path / "bf16.pt", factory=f"{f}:build_bf16").description.endswith(":build_bf16")
