@@ -55,6 +55,12 @@ class _FP8Linear(nn.Linear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.weight.dtype:
+            # (as nn.Linear: the FP8 matmuls run in the input dtype, so the weight must be in it too; the int8
+            # layers quantise both and cast their output to x's dtype instead)
+            raise TypeError(f"{type(self).__name__}: input dtype {str(x.dtype).removeprefix('torch.')} differs from "
+                            f"the layer's weight dtype {str(self.weight.dtype).removeprefix('torch.')}: convert the "
+                            f"layer (.to({x.dtype})) or the input (.to({self.weight.dtype}))")
         out = type(self)._matmul(x, self.weight.t(), self.fw_code, self.bw_code, None, self.bsz, self.bsz2,
                                  compat=self.compat)
         if self.bias is not None:

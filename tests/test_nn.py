@@ -350,3 +350,14 @@ def test_a_threshold_that_is_not_a_number_is_refused_by_the_ops_and_the_layers(b
                  lambda: Linear8bitLt(8, 4, threshold=bad)):
         with pytest.raises(TypeError, match="threshold must be a number, got"):
             call()
+
+
+@pytest.mark.parametrize("cls", [LinearFP8Mixed, LinearFP8Global])
+def test_an_fp8_layer_given_another_input_dtype_names_both_and_the_fix(cls) -> None:
+    """fp16 input into a float32 FP8 layer failed as the functional op's "A and B must have the same dtype"."""
+    layer = cls(64, 32)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: input dtype float16 differs from the layer's weight dtype "
+                                        r"float32: convert the layer \(\.to\(torch\.float16\)\) or the input"):
+        layer(x.half())
+    assert layer.half()(x.half()).dtype == torch.float16
