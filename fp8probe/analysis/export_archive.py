@@ -92,11 +92,6 @@ def archive_infos(path: Path) -> list[zipfile.ZipInfo]:
         return []
 
 
-def is_program(path: Path) -> bool:
-    """Whether the zip archive at ``path`` holds a torch.export program (a .pt2 model, not torch.save's data)."""
-    return any(_PROGRAM_MEMBER.fullmatch(_relative(info.filename)) for info in archive_infos(path))
-
-
 def _relative(name: str) -> str:
     """Member name below the archive's root folder ("model/models/model.json" → "models/model.json"),
     the way torch's PyTorchFileReader addresses members."""

@@ -134,13 +134,14 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read inputs file {p}: it is {kind}, not a torch.save file; pass the batches "
                         "saved with torch.save(tensor_or_list, 'inputs.pt')")
-    if kind == "zip" and not _zip_names(p):
-        raise LoadError(f"cannot read inputs file {p}: the zip archive is truncated or corrupt (its directory at the "
-                        "end is missing); save it again with torch.save")
-    if kind == "zip" and export_archive.is_program(p):
-        raise LoadError(f"inputs file {p} is a torch.export program (a .pt2 model), not inputs: pass it as the "
-                        "MODEL and the batches saved with torch.save(tensor_or_list, 'inputs.pt') as --inputs")
     if kind == "zip":
+        names = _zip_names(p)
+        if not names:
+            raise LoadError(f"cannot read inputs file {p}: the zip archive is truncated or corrupt (its directory at "
+                            "the end is missing); save it again with torch.save")
+        if _is_export_archive(names):
+            raise LoadError(f"inputs file {p} is a torch.export program (a .pt2 model), not inputs: pass it as the "
+                            "MODEL and the batches saved with torch.save(tensor_or_list, 'inputs.pt') as --inputs")
         verify_zip(p, "inputs file")
     try:
         obj = _weights_only_load(p)
@@ -886,14 +887,15 @@ def _cast_note(sd: dict, model: nn.Module) -> str:
     checkpoint's floating-point dtype is not the factory model's (it copies into the model's own dtype, so the
     analysis ran in the model's precision, not the checkpoint's); "" when they agree."""
     ours = {n: p.dtype for n, p in model.state_dict().items() if p.is_floating_point()}
-    theirs = sorted({str(t.dtype).removeprefix("torch.") for k, t in sd.items()
-                     if isinstance(t, torch.Tensor) and t.is_floating_point() and k in ours and t.dtype != ours[k]})
-    if not theirs:
+    casts = {(t.dtype, ours[k]) for k, t in sd.items()
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and k in ours and t.dtype != ours[k]}
+    if not casts:
         return ""
+    # (exact: a wider format of the same kind; float16 -> bfloat16 loses mantissa bits, as every narrowing does)
+    exact = all(torch.finfo(a).bits <= torch.finfo(b).bits and (a, b) != (torch.float16, torch.bfloat16)
+                for a, b in casts)
+    theirs = sorted({str(a).removeprefix("torch.") for a, _ in casts})
     model_dtypes = sorted({str(d).removeprefix("torch.") for d in ours.values()})
-    exact = all(torch.finfo(t.dtype).bits <= torch.finfo(ours[k]).bits and (t.dtype != torch.float16 or ours[k] !=
-                torch.bfloat16) for k, t in sd.items() if isinstance(t, torch.Tensor) and k in ours
-                and t.is_floating_point())
     return (f" (its {'/'.join(theirs)} weights cast to the model's {'/'.join(model_dtypes)}: "
             + ("exact" if exact else "rounded") + "; build the model in the checkpoint's dtype to analyse that)")
 

@@ -25,8 +25,8 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
     document adds its tables, rules, recommendations and formats; ``layers`` is the union in the
     base's order then each document's own; ``metadata.merged_kinds`` lists the kinds and
     ``metadata.merged_from`` the sources; ``metadata.inputs_differ`` ("source: inputs" per document) when the
-    runs measured other inputs, which the report and the command then say. Raises ResultsError (a ValueError, one line) when a
-    document is not results, when two describe different models, or when two carry the same table
+    runs measured other inputs, which the report and the command then say. Raises ResultsError (a ValueError,
+    one line) when a document is not results, when two describe different models, or when two carry the same table
     (e.g. two analyze runs: merge one analyze run with its sweeps).
     """
     if not docs:
