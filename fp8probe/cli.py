@@ -946,6 +946,9 @@ def _weights_banner(results: "object") -> None:
     for layer, key in (info.get("tied") or {}).items():
         click.echo(f"{key} is also the {layer} weight (tied word embeddings, stored once): analysed as {layer}",
                    err=True)
+    for key, kept in (info.get("same_tensor") or {}).items():
+        click.echo(f"{key} is the same tensor as {kept} (tied, saved under both names): counted and analysed once, "
+                   f"as {kept}", err=True)
     click.echo(f"note: {info['note']}", err=True)
 
 

@@ -72,6 +72,8 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+# The skip reason of a key holding the same tensor as another (a torch.save'd tied pair), before that key.
+TIED_REASON = "the same tensor (shared storage; counted and analysed once) as"
 # A safetensors header larger than this is refused (real headers are < 10 MB even for 70B shards;
 # a hostile length field must not make us allocate gigabytes).
 MAX_HEADER_BYTES = 100 * 2**20
@@ -105,6 +107,9 @@ class TensorEntry:
     unreadable: str = ""
     #: the layer name when it is not the key's module path (a tied input embedding analysed as ``lm_head``)
     layer: str = ""
+    #: the key of an earlier entry of the same torch.save file that is this very tensor (one storage, offset,
+    #: shape and stride: ``torch.save(model.state_dict())`` of a tied model keeps every name of the tie)
+    same_as: str = ""
 
     @property
     def numel(self) -> int:
@@ -224,9 +229,15 @@ class Checkpoint:
                 self.entries += sorted(_read_safetensors_header(f), key=lambda e: natural_key(e.key))
             else:
                 sd = self._torch_file(f)
-                self.entries += [TensorEntry(k, tuple(v.shape), v.dtype, str(v.dtype).replace("torch.", ""), f,
-                                             unreadable=_unreadable(v))
-                                 for k, v in sorted(sd.items(), key=lambda kv: natural_key(kv[0]))]
+                first_name: dict[tuple, str] = {}
+                for k, v in sorted(sd.items(), key=lambda kv: natural_key(kv[0])):
+                    unreadable = _unreadable(v)
+                    view = None if unreadable else _view_identity(v)
+                    same_as = first_name.get(view, "") if view else ""
+                    if view and not same_as:
+                        first_name[view] = k
+                    self.entries.append(TensorEntry(k, tuple(v.shape), v.dtype, str(v.dtype).replace("torch.", ""), f,
+                                                    unreadable=unreadable, same_as=same_as))
         if not self.entries:
             raise LoadError(f"{description} holds no tensors")
         first: dict[str, Path] = {}
@@ -277,6 +288,14 @@ def _unreadable(t: torch.Tensor) -> str:
     if t.is_meta:
         return "meta tensor (shape only, no data)"
     return ""
+
+
+def _view_identity(t: torch.Tensor) -> tuple | None:
+    """What makes two loaded tensors one tensor (storage address, offset, shape, stride, dtype); None for an
+    empty one (no storage to share)."""
+    if not t.numel():
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def _read_config(directory: Path) -> dict:
@@ -712,20 +731,35 @@ def _select(ckpt: Checkpoint, layers: str | None, include_embeddings: bool, tran
         except re.error as exc:
             raise ValueError(f"--layers must be a valid regular expression, got {layers!r} ({exc})") from None
     is_transposed = _conv1d_rule(ckpt, transposed)
-    total = sum(e.numel for e in ckpt.entries)
+    total = sum(e.numel for e in ckpt.entries if not e.same_as)  # a tensor saved under two keys counts once
     tied = tied_lm_head(ckpt)
-    chosen, skipped = [], []
+    selected = []
     for e in ckpt.entries:
         if e.key == tied and not e.unreadable and len(e.shape) == 2 and e.dtype in _FLOATS + _FP8:
             e, sel = replace(e, layer="lm_head"), Selection(kind="linear")
         else:
             sel = classify(e, include_embeddings)
         reason = sel.skip or ("" if layers is None or pattern.search(entry_layer(e)) else "not matched by --layers")
-        if reason:
-            skipped.append({"key": e.key, "shape": list(e.shape), "dtype": e.dtype_name, "numel": e.numel,
-                            "param_share": e.numel / total if total else 0.0, "reason": reason})
+        selected.append((e, sel.kind, reason))
+    # One tensor under several keys (a tied pair) is analysed once, under the key that runs a GEMM: the
+    # first analysed linear of the group, else its first analysed key, else (all skipped) its first key.
+    groups: dict[str, list[tuple[TensorEntry, str, str]]] = {}
+    for item in selected:
+        groups.setdefault(item[0].same_as or item[0].key, []).append(item)
+    kept = {name: min(group, key=lambda it: (bool(it[2]), it[1] != "linear"))[0].key
+            for name, group in groups.items() if len(group) > 1}
+    chosen, skipped = [], []
+    for e, kind, reason in selected:
+        same_as = kept.get(e.same_as or e.key, e.key)
+        if same_as != e.key:
+            reason, share = f"{TIED_REASON} {same_as}", 0.0
         else:
-            chosen.append((e, sel.kind, _experts_transposed(ckpt, e) if sel.kind == "experts" else is_transposed(e)))
+            same_as, share = "", e.numel / total if total else 0.0
+        if reason:  # ("same_as" is not a column of the skipped table: metadata's "same_tensor" lists it)
+            skipped.append({"key": e.key, "shape": list(e.shape), "dtype": e.dtype_name, "numel": e.numel,
+                            "param_share": share, "reason": reason, "same_as": same_as})
+        else:
+            chosen.append((e, kind, _experts_transposed(ckpt, e) if kind == "experts" else is_transposed(e)))
     return chosen, skipped, total
 
 
@@ -734,7 +768,8 @@ def _metadata(ckpt: Checkpoint, name: str | None, model_desc: str | None, format
     analysed = sum(e.numel for e, _, _ in chosen)
     by_reason: dict[str, float] = {}
     for r in skipped:
-        by_reason[r["reason"]] = by_reason.get(r["reason"], 0.0) + r["param_share"]
+        if not r["same_as"]:  # (a second key of one tensor holds no parameters of its own: "same_tensor" lists it)
+            by_reason[r["reason"]] = by_reason.get(r["reason"], 0.0) + r["param_share"]
     return {
         "name": name or "weights", "model": model_desc or ckpt.description, "inputs": "none (weights only)",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": "cpu", "seed": 0,
@@ -748,7 +783,8 @@ def _metadata(ckpt: Checkpoint, name: str | None, model_desc: str | None, format
                          "skipped": len(skipped), "param_share_analysed": analysed / total if total else 0.0,
                          "skipped_share_by_reason": by_reason,
                          "transposed": [entry_layer(e) for e, _, t in chosen if t],
-                         "tied": {e.layer: e.key for e, _, _ in chosen if e.layer}},
+                         "tied": {e.layer: e.key for e, _, _ in chosen if e.layer},
+                         "same_tensor": {r["key"]: r["same_as"] for r in skipped if r["same_as"]}},
     }
 
 

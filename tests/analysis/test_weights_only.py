@@ -603,6 +603,48 @@ def test_a_gpt2_state_dict_without_config_ties_wte_to_lm_head_unless_it_has_its_
     assert tied_lm_head(open_checkpoint(tmp_path / "b.pt")) is None
 
 
+@pytest.mark.parametrize("include_embeddings", [False, True])
+def test_a_torch_saved_tied_pair_is_one_tensor_counted_and_analysed_once(tmp_path, include_embeddings) -> None:
+    """torch.save(model.state_dict()) of a tied model keeps both names of the shared weight: the parameter
+    share counted it twice (the analysed share of a tied Llama's .pt came out low) and, with
+    --include-embeddings, the one tensor was analysed twice, as an embedding and as lm_head."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(96, 32)
+            self.up_proj = torch.nn.Linear(32, 64, bias=False)
+            self.lm_head = torch.nn.Linear(32, 96, bias=False)
+            self.lm_head.weight = self.embed_tokens.weight
+
+    torch.manual_seed(15)
+    torch.save(Tied().state_dict(), tmp_path / "tied.pt")
+    # An equal copy is a tensor of its own (two parameters that happen to hold the same values): both count.
+    sd = Tied().state_dict()
+    torch.save({**sd, "lm_head.weight": sd["lm_head.weight"].clone()}, tmp_path / "copy.pt")
+    args = ["-s", "global", "-q"] + (["--include-embeddings"] if include_embeddings else [])
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "tied.pt"), "--out", str(tmp_path / "t"), *args])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "t" / "results.json").read_text())["metadata"]["weights_only"]
+    doc = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert sorted(r["layer"] for r in doc["tables"]["layers"]) == ["lm_head", "up_proj"]
+    assert info["param_share_analysed"] == 1.0 and info["same_tensor"] == {"embed_tokens.weight": "lm_head.weight"}
+    assert info["skipped_share_by_reason"] == {}
+    (row,) = doc["tables"]["skipped"]
+    assert row["key"] == "embed_tokens.weight" and row["param_share"] == 0.0 and "lm_head.weight" in row["reason"]
+    assert "embed_tokens.weight is the same tensor as lm_head.weight" in res.output
+
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "copy.pt"), "--out", str(tmp_path / "c"), *args])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "c" / "results.json").read_text())
+    info = doc["metadata"]["weights_only"]
+    assert not info["same_tensor"] and "same tensor" not in res.output
+    if include_embeddings:
+        assert sorted(r["layer"] for r in doc["tables"]["layers"]) == ["embed_tokens", "lm_head", "up_proj"]
+    else:
+        assert info["param_share_analysed"] == pytest.approx((64 * 32 + 96 * 32) / (64 * 32 + 2 * 96 * 32))
+
+
 def test_a_tensor_in_two_shards_is_refused_and_weights_only_tables_are_known_outputs(tmp_path) -> None:
     """Both copies were analysed as two layers; --overwrite left a weights-only run's skipped.csv,
     weight_blocks.csv and weight_outliers.csv behind."""
