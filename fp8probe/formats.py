@@ -185,8 +185,9 @@ def get_codebook(name: str, device: torch.device | str | None = None) -> torch.T
     return master.clone()
 
 
-def validate_codebook(code: torch.Tensor) -> None:
-    """Raise unless `code` is a float32 tensor of exactly 256 finite values (SPEC Q23).
+def validate_codebook(code: torch.Tensor, values: bool = True) -> None:
+    """Raise unless `code` is a float32 tensor of exactly 256 finite values (SPEC Q23); ``values=False``
+    checks type, dtype and shape only (no read of the data: torch.compile asserts finiteness in its graph).
 
     Any order is accepted: bitsandbytes' own few-bit linear maps are not sorted (zero padding
     inserted before linspace's slightly negative middle point), so the quantisers search an
@@ -198,7 +199,7 @@ def validate_codebook(code: torch.Tensor) -> None:
         raise ValueError(f"codebook must be float32, got {code.dtype}")
     if code.dim() != 1 or code.numel() != 256:
         raise ValueError(f"codebook must have shape [256], got {list(code.shape)}")
-    if not bool(torch.isfinite(code).all()):
+    if values and not bool(torch.isfinite(code).all()):
         raise ValueError("codebook must contain only finite values, got NaN or Inf")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 import weakref
 from dataclasses import dataclass
 
@@ -134,7 +135,15 @@ def _named_code_sorted(name: str) -> bool:
 
 
 def _checked_code(code: torch.Tensor) -> bool:
-    """validate_codebook(code) unless it passed before with the values it holds now; returns whether it is sorted."""
+    """validate_codebook(code) unless it passed before with the values it holds now; returns whether it is sorted.
+
+    Under torch.compile the check of the values is an assertion inside the graph (``bool()`` of a tensor would
+    break the graph at every call), and the codebook is taken as unsorted: it is searched through its stable
+    sort, which is the codebook itself when it is sorted, so the result is the same either way."""
+    if torch.compiler.is_compiling():
+        validate_codebook(code, values=False)
+        torch._assert_async(torch.isfinite(code).all(), "codebook must contain only finite values, got NaN or Inf")
+        return False
     facts = _CODE_FACTS.get(id(code))
     if facts is not None and facts[0]() is code:
         seen = facts[1]
@@ -436,6 +445,11 @@ def fake_quantize(A: torch.Tensor, code: torch.Tensor | str | None, blocksize: i
     """
     _check_tensor("A", A, _FLOATS)
     bs = max(A.numel(), 1) if blocksize is None else _check_blocksize(blocksize)
+    if torch.compiler.is_compiling():  # one op of static output shapes (_fake_quantize_op): no graph break
+        book = code if isinstance(code, torch.Tensor) else get_codebook("dynamic" if code is None else code, A.device)
+        _checked_code(book)
+        y, absmax = _fake_quantize_op(A, book, 0 if blocksize is None else bs, _compat(compat))
+        return (y, absmax) if return_absmax else y
     if _compat(compat) == "" and _eager_cpu((A,)):
         fused = _cpu.fake_quantize_blockwise(A, _code(code, A.device)[0], bs)
         if fused is not None:
@@ -446,6 +460,23 @@ def fake_quantize(A: torch.Tensor, code: torch.Tensor | str | None, blocksize: i
         q, st = quantize_blockwise(A, code, blocksize=blocksize, compat=compat)
     y = _dequantize_state(q, st, None, None, code_checked=True)  # (st.code: the quantiser's own copy)
     return (y, st.absmax) if return_absmax else y
+
+
+@torch.library.custom_op("fp8probe::fake_quantize", mutates_args=())
+def _fake_quantize_op(A: torch.Tensor, code: torch.Tensor, blocksize: int, compat: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fake_quantize as one op for torch.compile (``blocksize`` 0: tensor-wise): quantize's NaN/Inf list
+    has a data-dependent length, which breaks a compiled graph at every quantisation; this op's outputs
+    (A.shape in A.dtype, the scales) do not. Its implementation is the eager fake_quantize, so a compiled
+    model gives the same bits as an eager one."""
+    y, absmax = fake_quantize(A, code, blocksize or None, compat=compat or None, return_absmax=True)
+    return y, absmax.clone()  # (a custom op's outputs may not alias each other or its inputs)
+
+
+@_fake_quantize_op.register_fake
+def _(A, code, blocksize, compat):
+    nb = (1 if A.numel() else 0) if blocksize == 0 else -(-A.numel() // blocksize)
+    return A.new_empty(A.shape), A.new_empty((nb,), dtype=torch.float32)
 
 
 def blockwise_absmax(A: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -482,10 +513,19 @@ def _op_threshold(t: float, c: str) -> float:
     """
     if c == "bnb" or t == 0.0:
         return t
-    t32 = torch.tensor(t, dtype=torch.float64).to(torch.float32)  # > FLT_MAX rounds to inf: still exact
-    if float(t32) < t:
-        t32 = torch.nextafter(t32, torch.tensor(math.inf))
-    return float(t32)
+    return _float32_up(t)
+
+
+def _float32_up(t: float) -> float:
+    """The smallest float32 >= t (t > 0 finite), in Python floats: no tensor to read back, so that a
+    torch.compile'd int8 layer does not break its graph here (dynamo runs this once, as a constant)."""
+    try:
+        t32 = struct.unpack("<f", struct.pack("<f", t))[0]  # rounded to nearest
+    except OverflowError:  # rounds to inf
+        return math.inf
+    if t32 < t:  # one float32 ulp up (t32 > 0: the next bit pattern; FLT_MAX goes to inf)
+        t32 = struct.unpack("<f", struct.pack("<I", struct.unpack("<I", struct.pack("<f", t32))[0] + 1))[0]
+    return t32
 
 
 def _check_rank(name: str, A: torch.Tensor) -> None:

@@ -35,6 +35,11 @@ Schemas (``ScalarType`` arguments arrive as ``torch.dtype``):
                                 str fmt="", Tensor? global_scale=None)
         -> Tensor                                                                `dtype`, data.shape
 
+``functional.py`` declares one composite op more, ``fp8probe::fake_quantize(Tensor A, Tensor code, int
+blocksize, str compat) -> (Tensor y, Tensor absmax)`` (blocksize 0: tensor-wise), which torch.compile'd
+code calls instead of the two above: its outputs have static shapes. Its implementation is the eager
+``functional.fake_quantize`` (these ops' kernels), so it needs no kernel of its own.
+
 The exact float32 operation order of each op is written in ``backends/reference.py``.
 Inputs are validated in ``functional.py``; the ops assume valid arguments.
 """
@@ -50,9 +55,16 @@ _LIB = "fp8probe"
 
 
 def _dynamic(A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 1-D fake tensor of data-dependent length (special values, outlier columns)."""
+    """A 1-D fake tensor of data-dependent length (outlier columns)."""
     k = torch.library.get_ctx().new_dynamic_size()
     return A.new_empty((k,), dtype=dtype)
+
+
+def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake (special_index int64, special_value float32): one data-dependent length for both, as the op
+    returns them (two unrelated lengths made a traced equal-length check a graph break)."""
+    k = torch.library.get_ctx().new_dynamic_size()
+    return A.new_empty((k,), dtype=torch.int64), A.new_empty((k,), dtype=_F32)
 
 
 # ------------------------------------------------------------------ codebook quantisation
@@ -66,7 +78,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
 def _(A, code, blocksize, compat):
     nb = -(-A.numel() // blocksize)
     return (A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((nb,), dtype=_F32),
-            _dynamic(A, torch.int64), _dynamic(A, _F32))
+            *_specials(A))
 
 
 @torch.library.custom_op(f"{_LIB}::quantize_global", mutates_args=())
@@ -79,7 +91,7 @@ def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
 def _(A, code, compat):
     nb = 1 if A.numel() else 0
     return (A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((nb,), dtype=_F32),
-            _dynamic(A, torch.int64), _dynamic(A, _F32))
+            *_specials(A))
 
 
 @torch.library.custom_op(f"{_LIB}::dequantize_blockwise", mutates_args=())

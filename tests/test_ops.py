@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
+import fp8probe.functional  # noqa: F401  (registers fake_quantize, the compiled layers' composite op)
 import fp8probe.ops  # noqa: F401  (registers torch.ops.fp8probe.*)
 from fp8probe.formats import create_linear_map, get_codebook
 
@@ -49,6 +50,11 @@ def _cases(device: str) -> list[tuple[str, object, tuple, tuple | None]]:
           torch.rand(10, generator=g).to(device), torch.rand(3, generator=g).to(device), None, torch.bfloat16, "bnb"),
          None),
         ("quantize_scaled", OPS.quantize_scaled, (x, "e4m3", 1, 32), None),
+        ("fake_quantize", OPS.fake_quantize, (x, code, 64, ""), None),
+        ("fake_quantize_global_bnb_bf16", OPS.fake_quantize, (x.bfloat16(), code, 0, "bnb"), None),
+        ("fake_quantize_specials", OPS.fake_quantize,
+         (torch.cat([x.reshape(-1)[:10], torch.tensor([float("inf"), float("-inf")], device=device)]), code, 4, ""),
+         None),
         ("quantize_scaled_mx", OPS.quantize_scaled, (x, "mxfp8-e5m2", 1, 32), None),
         ("dequantize_scaled", OPS.dequantize_scaled,
          (torch.randn(5, 70, generator=g).to(torch.float8_e4m3fn).to(device), torch.rand(5, 3, generator=g).to(device),
@@ -77,7 +83,7 @@ def test_opcheck(name: str, device: str) -> None:
 def test_every_declared_op_is_checked() -> None:
     declared = {"quantize_blockwise", "quantize_global", "dequantize_blockwise", "int8_vectorwise_quant",
                 "int8_vectorwise_dequant", "int8_double_quant", "int8_linear_matmul", "int8_mm_dequant",
-                "quantize_scaled", "dequantize_scaled"}
+                "quantize_scaled", "dequantize_scaled", "fake_quantize"}
     for name in declared:
         assert hasattr(OPS, name)
     checked = {str(c[1]).removeprefix("fp8probe.") for c in _cases("cpu")}
