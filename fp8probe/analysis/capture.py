@@ -47,6 +47,8 @@ class GemmCall:
     kind: str = "linear"
     op: str = "linear"
     b_is_weight: bool = True
+    #: the weight is a frozen parameter (requires_grad False while others train): training runs no wgrad GEMM for it
+    frozen: bool = False
 
 
 LinearCall = GemmCall  # the name sinks used before capture covered every GEMM
@@ -175,8 +177,10 @@ class _Recorder(GemmHandler):
     """
 
     def __init__(self, pattern: re.Pattern | None, on_call: Callable[[GemmCall], None], token: torch.Tensor,
-                 immediate: bool = False) -> None:
+                 immediate: bool = False, frozen: frozenset[int] = frozenset()) -> None:
         self.pattern = pattern
+        self.frozen = frozen  # ids of the frozen parameters (frozen_parameters)
+        self.frozen_sites: set[int] = set()
         self.on_call = on_call
         self.token = token
         # Forward only (no gradient will come): hand each call over inside the forward, while its
@@ -199,6 +203,10 @@ class _Recorder(GemmHandler):
         """Register one GEMM; returns the output the model should continue with (tapped when it has a gradient)."""
         self.count += 1
         self.pending[site.index] = site
+        if self.frozen and site.b_is_weight:  # (the weight itself, or a view of it: weight.t() in addmm)
+            b = site.b if site.b._base is None else site.b._base
+            if id(b) in self.frozen:
+                self.frozen_sites.add(site.index)
         if self.immediate:
             self.deliver(site.index, None)
             return y
@@ -216,7 +224,8 @@ class _Recorder(GemmHandler):
         g = None if grad is None else site.grad_to_gemm(grad.detach()).detach()
         bias = site.bias if isinstance(site.bias, torch.Tensor) and site.bias.dim() == 1 else None
         call = GemmCall(site.name, a.detach(), b.detach(), None if bias is None else bias.detach(), g, site.index,
-                        site.kind, site.op, site.b_is_weight)
+                        site.kind, site.op, site.b_is_weight, frozen=index in self.frozen_sites)
+        self.frozen_sites.discard(index)
         del site, a, b, g
         self.untrimmed += sum(t.numel() for t in (call.activation, call.weight, call.grad_output) if t is not None)
         self.on_call(call)
@@ -386,6 +395,16 @@ def params_require_grad(params: list[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+def frozen_parameters(model: Any) -> frozenset[int]:
+    """The ids of ``model``'s frozen float parameters (requires_grad False) when some others train: their
+    GEMMs have no wgrad in training (a frozen backbone, LoRA's base weights), so none is analysed. Empty
+    when none trains (a model saved with requires_grad_(False) throughout: it would train all of them)."""
+    params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
+    if not any(p.requires_grad for p in params):
+        return frozenset()
+    return frozenset(id(p) for p in params if not p.requires_grad)
+
+
 def _grad_enabled_params(model: Any):  # -> context manager
     """Every float parameter of ``model`` requires grad (so GEMM outputs join the graph) for the block.
 
@@ -511,7 +530,8 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
     coverage = Coverage() if coverage is None else coverage
     dev = torch.device(device)
     token = torch.zeros(0, device=dev, requires_grad=True)
-    rec = _Recorder(pattern, on_call, token, immediate=not grad)
+    rec = _Recorder(pattern, on_call, token, immediate=not grad,
+                    frozen=frozen_parameters(model) if grad else frozenset())
     batch = Batch(_to_device(tuple(batch.args), dev), _to_device(dict(batch.kwargs), dev))
     if not grad:
         with torch.no_grad():

@@ -69,6 +69,7 @@ class _LayerAcc:
     block_labels: dict[tuple[str, str], dict] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     weight_seen: bool = False
+    frozen: bool = False  # its weight does not train (GemmCall.frozen): no wgrad row
 
     def __post_init__(self) -> None:
         self.census = OutlierCensus(self.threshold)
@@ -301,6 +302,7 @@ class _Analysis:
             raise LoadError(f"layer {call.name} changed shape between batches: "
                             f"[{acc.out_features}, {acc.in_features}] then {list(W.shape)}")
         acc.tokens += A.numel() // max(A.shape[-1], 1)
+        acc.frozen = call.frozen
         # A weight is the same tensor every batch: count it once so its statistics are not repeated.
         first_weight = not ((acc.weight_seen or call.name in self.known_weights) and call.b_is_weight)
         acc.weight_seen = True
@@ -435,6 +437,8 @@ class _Analysis:
         sink = into if into is not None else part
         memo = site_memo()  # (a recipe's result shared with another of its group: their sums once)
         for gemm, lp in out.gemms.items():
+            if gemm == "wgrad" and call.frozen:  # (training computes no gradient for a frozen weight)
+                continue
             sink.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp, memo)
         estimate = self.estimate if into is not None else part.estimate
         if estimate is not None:
@@ -482,7 +486,8 @@ class _Analysis:
             bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features)
             layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
                            "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2,
-                           "kind": acc.kind, "op": acc.op, "b_is_weight": acc.b_is_weight, "batch": acc.batch})
+                           "kind": acc.kind, "op": acc.op, "b_is_weight": acc.b_is_weight, "batch": acc.batch,
+                           "frozen": acc.frozen})
             for (strat, g), e in acc.gemm.items():
                 gemm.append({"layer": name, "strategy": strat, "gemm": g,
                              "quantized": g in self._quantized[strat], **e.result()})
@@ -837,6 +842,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         metadata["streaming"] = streaming.summary(run.module)
     tables_started = time.perf_counter()
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
+    metadata["frozen_layers"] = [r["layer"] for r in tables["layers"].to_dict("records") if r.get("frozen")]
     replay_parts, replay_kinds, replay_strategies = analysis.timings()
     timings = {"capture_s": stream_s - sum(replay_kinds.values()),
                **{f"{part}_s": sec for part, sec in replay_parts.items()},

@@ -170,7 +170,9 @@ class _BlocksizeSweep:
         g64 = None if G is None else G.double()
         ref = {"fprop": a64 @ w64.mT}
         if g64 is not None:
-            ref["dgrad"], ref["wgrad"] = g64 @ w64, g64.mT @ a64
+            ref["dgrad"] = g64 @ w64
+            if not call.frozen:  # (a frozen weight has no wgrad in training: GemmCall.frozen)
+                ref["wgrad"] = g64.mT @ a64
         for bs in self.blocksizes:
             aq = F.fake_quantize(quantisable(A), CODE_FWD, bs).double()
             wq = F.fake_quantize(quantisable(W), CODE_FWD, bs).double()
@@ -182,7 +184,8 @@ class _BlocksizeSweep:
                 gq = F.fake_quantize(quantisable(G), CODE_BWD, bs).double()
                 acc.err.setdefault((bs, "grad_output"), ErrorAccumulator()).update(g64, gq)
                 acc.err.setdefault((bs, "dgrad"), ErrorAccumulator()).update(ref["dgrad"], gq @ wq)
-                acc.err.setdefault((bs, "wgrad"), ErrorAccumulator()).update(ref["wgrad"], gq.mT @ aq)
+                if "wgrad" in ref:
+                    acc.err.setdefault((bs, "wgrad"), ErrorAccumulator()).update(ref["wgrad"], gq.mT @ aq)
         acc.weight_done = True
 
     def nonfinite(self) -> dict[str, int]:
@@ -403,6 +406,9 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
     meta.update(nonfinite_meta(sweep.nonfinite()))
     tables = {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table(),
               "coverage": run.coverage.table()}
+    # A layer with a dgrad but no wgrad row has a frozen weight (GemmCall.frozen), as analyze's "frozen" column
+    targets = tables["blocksize_sweep"].groupby("layer", sort=False)["target"].agg(set)
+    meta["frozen_layers"] = [name for name, t in targets.items() if "dgrad" in t and "wgrad" not in t]
     if e2e:
         tables["recommendation"] = _validated(run, seed, budget, blocksize=tables["blocksize_sweep"])
     return Results(meta, tables, kind="sweep-blocksize")

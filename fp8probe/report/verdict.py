@@ -154,6 +154,16 @@ def loss_change_text(rel: Any, loss_hp: Any) -> str:
     return f"loss change {change}{base}"
 
 
+def frozen_text(metadata: Mapping) -> str:
+    """What the results say about frozen weights ("" when none): their layers have no wgrad rows."""
+    names = metadata.get("frozen_layers") or []
+    if not names:
+        return ""
+    return (f"{len(names)} layer(s) have frozen weights (requires_grad False while other parameters train), so "
+            f"training computes no weight gradient for them and their wgrad is not analysed: {_names(names)} (to "
+            "analyse it, unfreeze them with requires_grad_(True) in the model you load)")
+
+
 def inputs_shape_text(metadata: Mapping) -> str:
     """"2 batch(es) of 1 x 64 tokens" (token ids found) or "2 batch(es) of x 8 x 3 x 32 x 32, y 8" (the first batch's
     tensors) from metadata.input_shapes, "" for results written before it: what a user's inputs file held, as the

@@ -143,3 +143,56 @@ def test_gemms_inside_a_custom_function_are_named_as_fprop_only() -> None:
     assert "custom autograd.Function" in res.metadata["loss"]["no_gradient"]
     assert set(res.tables["gemm"].query("layer == 'proj'")["gemm"]) == {"fprop"}
     assert set(res.tables["gemm"].query("layer == 'head'")["gemm"]) == {"fprop", "dgrad", "wgrad"}
+
+
+class PartlyFrozen(nn.Module):
+    """A frozen backbone (nn.Linear, and a weight used through addmm as a view, weight.t()) under a trained head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(16, 24)
+        self.proj = nn.Parameter(torch.randn(24, 24) / 5)
+        self.head = nn.Linear(24, 6)
+        self.base.requires_grad_(False)
+        self.proj.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.base(x))
+        h = torch.addmm(torch.zeros(24), h.reshape(-1, 24), self.proj.t()).reshape(h.shape)
+        return self.head(h)
+
+
+def test_frozen_weights_have_no_wgrad_and_are_named(tmp_path) -> None:
+    """Frozen parameters were made to require grad for the capture and analysed as if they trained: their
+    wgrad rows described a GEMM training never runs (a frozen backbone, LoRA's base weights). Their fprop
+    and dgrad stay (the head's gradient flows through them); a model frozen throughout trains all."""
+    import json
+
+    from fp8probe.analysis.sweeps import sweep_blocksize
+    from fp8probe.report.render import render_report
+
+    torch.manual_seed(40)
+    model = PartlyFrozen()
+    x = torch.randn(2, 5, 16)
+    calls = {c.name: c for c in _collect(model, Batch((x,), {}))}
+    assert {n: c.frozen for n, c in calls.items()} == {"base": True, "proj": True, "head": False}
+    assert not model.base.weight.requires_grad and model.head.weight.requires_grad  # flags restored
+
+    res = analyze(model, [x], strategy=["global", "int8"], e2e=False)
+    rows = {(r["layer"], r["gemm"]) for r in res.tables["gemm"].to_dict("records") if r["strategy"] == "global"}
+    assert rows == {("base", "fprop"), ("base", "dgrad"), ("proj", "fprop"), ("proj", "dgrad"),
+                    ("head", "fprop"), ("head", "dgrad"), ("head", "wgrad")}
+    assert dict(zip(res.tables["layers"]["layer"], res.tables["layers"]["frozen"])) == \
+        {"base": True, "proj": True, "head": False}
+    assert res.metadata["frozen_layers"] == ["base", "proj"]
+    paths = res.save(tmp_path / "out")
+    html = render_report(json.loads(paths["json"].read_text()), tmp_path / "r.html", draw=False).read_text()
+    assert "No wgrad numbers for frozen weights: 2 layer(s) have frozen weights" in html and "base, proj" in html
+    sweep = sweep_blocksize(model, [x], blocksizes=[64, 256], e2e=False)
+    targets = sweep.tables["blocksize_sweep"].groupby("layer")["target"].agg(set)
+    assert "wgrad" not in targets["base"] and "wgrad" in targets["head"] and "dgrad" in targets["base"]
+    assert sweep.metadata["frozen_layers"] == ["base", "proj"]
+
+    model.requires_grad_(False)  # frozen throughout (saved for inference): training would update every weight
+    calls = _collect(model, Batch((x,), {}))
+    assert not any(c.frozen for c in calls) and not any(p.requires_grad for p in model.parameters())
