@@ -507,8 +507,30 @@ def _json_safe(value: object) -> object:
     return value
 
 
-_TRUST_PICKLE_HELP = ("allow loading pickled Python objects (a pickled nn.Module, pickled inputs, a .pt2 that needs "
-                      "the full unpickler): this runs arbitrary code from the files, use only for files you trust")
+_TRUST_PICKLE_HELP = ("allow loading pickled Python objects from MODEL and --inputs (a pickled nn.Module, pickled "
+                      "inputs, a .pt2 that needs the full unpickler): this runs arbitrary code from the files, use "
+                      "only for files you trust; --trust-pickle-model / --trust-pickle-inputs trust one side only")
+_TRUST_MODEL_HELP = "as --trust-pickle, for MODEL (and its weight files) only: --inputs stays tensors-only"
+_TRUST_INPUTS_HELP = "as --trust-pickle, for the --inputs file only: MODEL stays tensors-only"
+
+
+class _Trust(NamedTuple):
+    """Which side's pickles may be unpickled (--trust-pickle: both; --trust-pickle-model / -inputs: one)."""
+
+    model: bool = False
+    inputs: bool = False
+
+    @classmethod
+    def of(cls, both: bool, model: bool, inputs: bool) -> "_Trust":
+        return cls(model=both or model, inputs=both or inputs)
+
+
+def _trust_options(func):
+    for option in reversed([_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
+                            _option("--trust-pickle-model", is_flag=True, help=_TRUST_MODEL_HELP),
+                            _option("--trust-pickle-inputs", is_flag=True, help=_TRUST_INPUTS_HELP)]):
+        func = option(func)
+    return func
 _OVERWRITE_HELP = "replace the fp8probe outputs already in --out (other files there are left alone)"
 _EMBEDDINGS_HELP = ("weights-only analysis: also analyse embedding tables (skipped by default: a lookup, not a GEMM "
                     "operand)")
@@ -573,14 +595,14 @@ def _check_text_options(inputs: str | None, seq_len: int | None, batch_size: int
     return None, None
 
 
-def _load(model: str, inputs: str | None, factory: str | None, trust_pickle: bool, seq_len: int | None = None,
+def _load(model: str, inputs: str | None, factory: str | None, trust: _Trust, seq_len: int | None = None,
           batch_size: int | None = None, batches: int | None = None) -> tuple:
     """(LoadedModel, Inputs), every loading problem as one UsageFailure line."""
     from fp8probe.analysis.loading import LoadError, load_model
 
     try:
-        loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
-        read = _read_inputs(model, inputs, trust_pickle, seq_len, batch_size, batches)
+        loaded = load_model(model, factory=factory, trust_pickle=trust.model)
+        read = _read_inputs(model, inputs, trust.inputs, seq_len, batch_size, batches)
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
     _check_rows(read.batches, inputs)
@@ -631,7 +653,7 @@ def _recipe_options(int8_row_scale: str, accum_bits: int | None, promote_every: 
         raise _fail(exc) from exc
 
 
-def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pickle: bool,
+def _load_streamed(model: str, inputs: str | None, factory: str | None, trust: _Trust,
                    note: bool = True, seq_len: int | None = None, batch_size: int | None = None,
                    batches: int | None = None) -> tuple:
     """(LoadedModel streamed from its checkpoint, Inputs) for --stream, problems as one line. ``note``: print
@@ -641,7 +663,7 @@ def _load_streamed(model: str, inputs: str | None, factory: str | None, trust_pi
 
     try:
         loaded = load_streamed(model, factory=factory)
-        read = _read_inputs(model, inputs, trust_pickle, seq_len, batch_size, batches)
+        read = _read_inputs(model, inputs, trust.inputs, seq_len, batch_size, batches)
     except (LoadError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
     _check_rows(read.batches, inputs)
@@ -666,7 +688,7 @@ def _echo_checkpoint_note(note: str) -> None:
 @_SEQ_LEN
 @_BATCH_SIZE
 @_option("--factory", default=None, help="module:function or file.py:function building the model for a state_dict")
-@_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
+@_trust_options
 @_option("--loss", "loss_spec", default=None, help=_LOSS_HELP)
 @_option("--layers", default=None, callback=_as_typed, help="regular expression on GEMM names (module path or weight "
               "name, '#qk'/'#pv'/'#matmul' for GEMMs of two activations): analyse only matching ones")
@@ -725,7 +747,7 @@ def _echo_checkpoint_note(note: str) -> None:
                    "its weights on the meta device and read each block's weights from the checkpoint only while it "
                    "runs; implies --no-grad (and no end-to-end runs)")
 def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | None, batch_size: int | None,
-                factory: str | None, trust_pickle: bool,
+                factory: str | None, trust_pickle: bool, trust_pickle_model: bool, trust_pickle_inputs: bool,
                 loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                 threshold: float, out_dir: str | None, overwrite: bool, name: str | None, quiet: bool,
                 no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool,
@@ -798,9 +820,10 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | No
                          unused=_given(_MODEL_RUN_OPTIONS))
         return
     _replay_process()
-    loaded, read = _load_streamed(model, inputs, factory, trust_pickle, note=world.is_main, seq_len=seq_len,
+    trust = _Trust.of(trust_pickle, trust_pickle_model, trust_pickle_inputs)
+    loaded, read = _load_streamed(model, inputs, factory, trust, note=world.is_main, seq_len=seq_len,
                                   batch_size=batch_size, batches=batches) if stream else \
-        _load(model, inputs, factory, trust_pickle, seq_len, batch_size, batches)
+        _load(model, inputs, factory, trust, seq_len, batch_size, batches)
     batch_list = read.batches
     if world.is_main:
         _echo_checkpoint_note(read.note)
@@ -1325,6 +1348,8 @@ def _sweep_options(func):
         _option("--factory", default=None,
                      help="module:function or file.py:function building the model for a state_dict"),
         _option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
+        _option("--trust-pickle-model", is_flag=True, help=_TRUST_MODEL_HELP),
+        _option("--trust-pickle-inputs", is_flag=True, help=_TRUST_INPUTS_HELP),
         _option("--loss", "loss_spec", default=None,
                      help=_LOSS_HELP),
         _option("--layers", default=None, callback=_as_typed,
@@ -1408,7 +1433,7 @@ def _parse_thresholds(text: str) -> list[float]:
 
 
 def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len: int | None, batch_size: int | None,
-               factory: str | None, trust_pickle: bool,
+               factory: str | None, trust_pickle: bool, trust_pickle_model: bool, trust_pickle_inputs: bool,
                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                out_dir: str | None, overwrite: bool, name: str | None, quiet: bool, threads: int | None,
                output_format: str, include_embeddings: bool = False, budget_spec: str = "0.01",
@@ -1451,7 +1476,8 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
         return
     with _threads(threads):
         _replay_process()
-        loaded, read = _load(model, inputs, factory, trust_pickle, seq_len, batch_size, batches)
+        loaded, read = _load(model, inputs, factory, _Trust.of(trust_pickle, trust_pickle_model, trust_pickle_inputs),
+                             seq_len, batch_size, batches)
         batch_list = read.batches
         if world.is_main:
             _echo_checkpoint_note(read.note)

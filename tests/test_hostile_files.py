@@ -153,6 +153,25 @@ def test_planted_pickle_runs_with_trust(hostile, tmp_path, make_args, target) ->
     assert hostile[target].exists()
 
 
+def _side(target: str) -> str:
+    """The side of the command line the planted file is on: --inputs, or MODEL (a .pt2's example inputs too)."""
+    return "inputs" if target in ("target_inputs", "target_plain_inputs") else "model"
+
+
+@pytest.mark.parametrize("label, make_args, target", PATHS, ids=[p[0] for p in PATHS])
+def test_trusting_one_side_leaves_the_other_refused(hostile, tmp_path, label, make_args, target) -> None:
+    """--trust-pickle trusted every file at once: a user trusting their own model had to trust a downloaded
+    inputs file too (or the other way round). --trust-pickle-model / --trust-pickle-inputs trust one side;
+    a refusal names the flag of its own side."""
+    side = _side(target)
+    other = "inputs" if side == "model" else "model"
+    res = _cli(*make_args(hostile, str(tmp_path / "out")), f"--trust-pickle-{other}")
+    assert not hostile[target].exists(), "the planted pickle ran"
+    assert res.exit_code == EXIT_USAGE and f"--trust-pickle-{side}" in res.stderr, res.output
+    _cli(*make_args(hostile, str(tmp_path / "out2")), f"--trust-pickle-{side}")
+    assert hostile[target].exists()
+
+
 def test_library_loaders_refuse_too(hostile) -> None:
     """load_model / load_inputs (the Python API) have the same default as the CLI."""
     for call, target in ((lambda: load_model(hostile["model"]), "target_model"),

@@ -64,15 +64,18 @@ class LoadedModel:
     batches: list[Batch] | None = None
 
 
-PICKLE_REFUSED = ("{path} is a pickled Python object: loading a pickle runs arbitrary code. Pass --trust-pickle "
+# The CLI flags that trust one side's pickles (--trust-pickle trusts both).
+TRUST_MODEL, TRUST_INPUTS = "--trust-pickle-model", "--trust-pickle-inputs"
+PICKLE_REFUSED = ("{path} is a pickled Python object: loading a pickle runs arbitrary code. Pass --trust-pickle-model "
                   "if you trust the file, or export the model with torch.export (.pt2) or save a state_dict "
                   "and pass --factory module:function")
 EXPORT_REFUSED = ("{path} is a torch.export archive that {why}; torch.export.load would run code from it. Pass "
-                  "--trust-pickle if you trust the file, or export the model again with torch.export.save")
+                  "--trust-pickle-model if you trust the file, or export the model again with torch.export.save")
 PLAIN_PICKLE_REFUSED = ("{path} is a plain Python pickle (pickle.dump, not torch.save): loading it runs arbitrary "
-                        "code. Pass --trust-pickle if you trust the file, or {advice}")
+                        "code. Pass {flag} if you trust the file, or {advice}")
 INPUTS_REFUSED = ("inputs file {path} holds objects other than tensors, tuples, lists and dicts (loading them runs "
-                  "arbitrary code): save plain tensors with torch.save, or pass --trust-pickle if you trust the file")
+                  "arbitrary code): save plain tensors with torch.save, or pass --trust-pickle-inputs if you trust the "
+                  "file")
 FACTORY_IGNORED = ("{path} is {what}, which holds its own model: --factory {factory} would be ignored. --factory builds the "
                    "model for a state_dict (or a checkpoint with --stream); drop it, or pass the state_dict")
 TORCHSCRIPT_REFUSED = ("{path} is a TorchScript archive, which fp8probe cannot instrument: export the model with "
@@ -128,8 +131,8 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
     kind = sniff(p)
     if kind == PLAIN_PICKLE:
         if not trust_pickle:
-            raise LoadError("inputs file " + PLAIN_PICKLE_REFUSED.format(path=p, advice="save the batches with "
-                                                                          "torch.save(batches, 'inputs.pt')"))
+            raise LoadError("inputs file " + PLAIN_PICKLE_REFUSED.format(
+                path=p, flag=TRUST_INPUTS, advice="save the batches with torch.save(batches, 'inputs.pt')"))
         return _file_batches(_unpickle(p, plain=True, inputs=True), p)
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read inputs file {p}: it is {kind}, not a torch.save file; pass the batches "
@@ -149,7 +152,7 @@ def load_inputs(path: str | Path, *, trust_pickle: bool = False) -> list[Batch]:
         if not _needs_full_unpickler(exc):
             raise LoadError(f"cannot read inputs file {p}: {one_line(exc)}") from None
         if not trust_pickle:
-            framed = _framed_refusal(p, exc)
+            framed = _framed_refusal(p, exc, TRUST_INPUTS)
             raise LoadError("inputs file " + framed if framed else INPUTS_REFUSED.format(path=p)) from None
         obj = _unpickle(p, plain=False, inputs=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
@@ -483,13 +486,13 @@ def _needs_full_unpickler(exc: BaseException) -> bool:
     return "unsupported global" in text or "add_safe_globals" in text or _FRAME_REFUSED in text
 
 
-def _framed_refusal(path: Path, exc: BaseException) -> str | None:
+def _framed_refusal(path: Path, exc: BaseException, flag: str = TRUST_MODEL) -> str | None:
     """The refusal of a legacy torch.save file that only protocol 4+'s framing kept from the weights-only
     unpickler (None for any other refusal)."""
     if _FRAME_REFUSED not in str(exc).lower():
         return None
     return (f"{path} is a legacy torch.save file (pickle_protocol 4 or later, not the zip format), which torch "
-            "reads only with the full unpickler, and that runs arbitrary code. Pass --trust-pickle if you trust the "
+            f"reads only with the full unpickler, and that runs arbitrary code. Pass {flag} if you trust the "
             "file, or save it again with torch.save's default format")
 
 
@@ -748,7 +751,7 @@ def _load_huggingface(path: Path, trust_pickle: bool = False) -> LoadedModel:
     except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/...
         if not trust_pickle and _refused_by_weights_only(exc):
             raise LoadError(f"{path} holds pickled weights (.bin) with objects other than tensors: loading them "
-                            "runs arbitrary code. Pass --trust-pickle if you trust the files, or save the model "
+                            "runs arbitrary code. Pass --trust-pickle-model if you trust the files, or save the model "
                             "with safetensors") from None
         raise LoadError(f"cannot build {cls_name} from {path}: {one_line(exc)}") from None
     finally:
@@ -800,7 +803,7 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
     kind = sniff(path)
     if kind == PLAIN_PICKLE:
         if not trust_pickle:
-            raise LoadError(PLAIN_PICKLE_REFUSED.format(path=path, advice="save the model's state_dict with "
+            raise LoadError(PLAIN_PICKLE_REFUSED.format(path=path, flag=TRUST_MODEL, advice="save the model's state_dict with "
                                                         "torch.save and pass --factory module:function, or "
                                                         "torch.export the model"))
         return _loaded_object(_unpickle(path, plain=True), path, factory)

@@ -264,7 +264,7 @@ class Checkpoint:
             if sd is None:
                 raise LoadError(f"{path} is not a state_dict readable with weights_only=True (a dict of tensors): it holds "
                                 "other objects, and unpickling those runs code. The weights-only analysis reads "
-                                "tensors only; to load and run the model from it, pass --trust-pickle with --inputs "
+                                "tensors only; to load and run the model from it, pass --trust-pickle-model with --inputs "
                                 "(or --factory) if you trust the file")
             self._loaded = (path, sd)
         return self._loaded[1]
