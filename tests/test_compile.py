@@ -106,3 +106,25 @@ def test_inductor_quantises_to_the_eager_bits() -> None:
     eager, compiled = _eager_and_compiled(LAYERS[0][1], A, "inductor", seed=38)
     for a, b in zip(eager, compiled):  # (float32 rounding of sums, relative to the tensor's scale)
         assert (b - a).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_the_threshold_rounds_up_to_float32_as_torch_does() -> None:
+    """_op_threshold's float32 rounding moved from torch tensors to Python (struct): the same value for
+    thresholds across the float32 range, subnormal, exact, just above FLT_MAX and beyond."""
+    import math
+    import random
+
+    from fp8probe.functional import _op_threshold
+
+    def torch_up(t: float) -> float:
+        t32 = torch.tensor(t, dtype=torch.float64).to(torch.float32)
+        if float(t32) < t:
+            t32 = torch.nextafter(t32, torch.tensor(math.inf))
+        return float(t32)
+
+    rng = random.Random(39)
+    values = [3.3, 6.0, 1e-45, 1e-46, 1.401298464324817e-45, 3.4028234663852886e38, 3.4028235e38, 3.40282357e38,
+              1e39, 1e300, 0.1, 2.5] + [rng.uniform(0, 10) ** rng.uniform(-40, 40) for _ in range(5000)]
+    for t in values:
+        assert _op_threshold(t, "") == torch_up(t), t
+        assert _op_threshold(t, "") >= t and _op_threshold(t, "bnb") == t
