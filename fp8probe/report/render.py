@@ -1010,6 +1010,10 @@ def _heat_class(value: float, keep_db: float) -> str:
     return f"h{min(max(k, 0), HEAT_BINS - 1)}"
 
 
+# A frozen weight's wgrad cell: training computes no gradient for it (metadata.frozen_layers), so there is no row.
+FROZEN_CELL = {"text": "frozen", "sort": None, "cls": "nq"}
+
+
 def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
     """One heat-map cell: SQNR in dB coloured by 5 dB bins around the keep line; unquantised GEMMs say
     so (instead of ~140 dB), exact and undefined results by name."""
@@ -1029,7 +1033,7 @@ def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
 
 
 def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapping], keep_db: float,
-             pick: tuple[str, str] | None = None, kept: Sequence[str] = ()) -> dict | None:
+             pick: tuple[str, str] | None = None, kept: Sequence[str] = (), frozen: Sequence[str] = ()) -> dict | None:
     """Layer × strategy SQNR for fprop, dgrad and wgrad as one colour-coded, sortable table (rows stay
     readable at 200+ layers where a bar chart does not: one text line per layer) that shows one GEMM at a time:
     3 GEMMs x 15 recipes are 47 columns, and only fprop fitted a 1400 px page (QA B1). ``views`` are the
@@ -1054,7 +1058,8 @@ def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapp
             continue
         rows.append([cell(layer), *([_pinned_cell(gemm.get((layer, pinned, "fprop")), keep_db, layer in kept)]
                                     if pinned else []),
-                     *[_heat_cell(gemm.get((layer, s, g)), keep_db) for g in gemms for s in strategies]])
+                     *[FROZEN_CELL if g == "wgrad" and layer in frozen else _heat_cell(gemm.get((layer, s, g)), keep_db)
+                       for g in gemms for s in strategies]])
     edges = [keep_db + HEAT_STEP_DB * (k - HEAT_BINS_BELOW) for k in range(1, HEAT_BINS)]
     legend = [{"cls": f"h{k}", "label": (f"< {edges[0]:g}" if k == 0 else f"≥ {edges[-1]:g}" if k == HEAT_BINS - 1
                                          else f"{edges[k - 1]:g}–{edges[k]:g}"), "line": k == HEAT_BINS_BELOW}
@@ -1656,7 +1661,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "special": _special_values(tables),
         "verdict": verdict,
         "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db, _verdict_pick(verdict),
-                            verdict["recommended"]["keep_16bit"] if verdict["recommended"] else ()),
+                            verdict["recommended"]["keep_16bit"] if verdict["recommended"] else (),
+                            frozen=set(meta.get("frozen_layers") or ())),
         "recommendation": _recommendation_section(tables, keep_16bit_db),
         "sensitivity": _sensitivity_section(tables, keep_16bit_db,
                                             verdict["recommended"]["strategy"] if verdict["recommended"] else None,

@@ -188,6 +188,7 @@ def test_frozen_weights_have_no_wgrad_and_are_named(tmp_path) -> None:
     paths = res.save(tmp_path / "out")
     html = render_report(json.loads(paths["json"].read_text()), tmp_path / "r.html", draw=False).read_text()
     assert "No wgrad numbers for frozen weights: 2 layer(s) have frozen weights" in html and "base, proj" in html
+    assert html.count(">frozen</td>") == 4  # the heat map's wgrad cells: 2 layers x 2 strategies
     sweep = sweep_blocksize(model, [x], blocksizes=[64, 256], e2e=False)
     targets = sweep.tables["blocksize_sweep"].groupby("layer")["target"].agg(set)
     assert "wgrad" not in targets["base"] and "wgrad" in targets["head"] and "dgrad" in targets["base"]
