@@ -265,6 +265,7 @@ class _Analysis:
             for strat, msg in part.errors.items():
                 acc.errors.setdefault(strat, msg)
             acc.weight_seen = acc.weight_seen or part.weight_seen
+            acc.frozen = acc.frozen or part.frozen
         if sums is not None and self.estimate is not None:
             self.estimate.merge(sums)
 
