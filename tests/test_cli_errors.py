@@ -414,8 +414,11 @@ def test_closed_stdout_exits_141_not_1() -> None:
 
 # SIGINT delivered to the CLI process while `import fp8probe` is still importing its submodules (the
 # seconds torch takes to import), made deterministic by an import hook that signals the process itself.
+# (SIGINT's default handler first, as in a terminal: a parent that ignores SIGINT, such as a shell's `cmd &`
+# without job control, hands SIG_IGN down and the signal would never arrive.)
 _INTERRUPT_DURING_IMPORT = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = [{argv0!r}, "formats"]
 
 class InterruptOnImport:
