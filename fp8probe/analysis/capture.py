@@ -1,6 +1,7 @@
 """Capture every GEMM's real operands (both operands, bias, output gradient) from forward + backward passes, with coverage counts."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -406,11 +407,16 @@ def frozen_parameters(model: Any) -> frozenset[int]:
 
 
 def _grad_enabled_params(model: Any):  # -> context manager
-    """Every float parameter of ``model`` requires grad (so GEMM outputs join the graph) for the block.
+    """The parameters that train for the block: the model's own flags when some float parameter requires grad
+    (so the backward pass reaches what training's reaches: no gradient into a frozen layer with nothing trained
+    before it, hence no dgrad for it either), else every float parameter (a model saved with
+    requires_grad_(False) throughout trains all of them; GEMM outputs then join the graph).
 
     Parameter .grad is never written: gradients are taken only w.r.t. the GEMM outputs.
     """
     params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
+    if any(p.requires_grad for p in params):
+        return contextlib.nullcontext()
     return params_require_grad(params)
 
 

@@ -121,6 +121,7 @@ class _BlockLayer:
     err: dict[tuple[int, str], ErrorAccumulator] = field(default_factory=dict)
     weight_done: bool = False
     b_is_weight: bool = True
+    frozen: bool = False  # its weight does not train (GemmCall.frozen): no wgrad rows
 
 
 def _merge_err(dst: dict, src: dict, skip: Any = lambda key: False) -> None:
@@ -158,11 +159,13 @@ class _BlocksizeSweep:
             keep_weight = not (acc.weight_done and part.b_is_weight)
             _merge_err(acc.err, part.err, lambda key: key[1] == "weight" and not keep_weight)
             acc.weight_done = acc.weight_done or part.weight_done
+            acc.frozen = acc.frozen or part.frozen
 
     def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
         acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[-1], W.shape[-2], call.index,
                                                             b_is_weight=call.b_is_weight))
+        acc.frozen = call.frozen
         if call.name in self.known_weights:
             acc.weight_done = True
         # Batched GEMMs (attention, bmm, conv groups: [Bt, M, K]) use .mT and batched products.
@@ -406,9 +409,7 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
     meta.update(nonfinite_meta(sweep.nonfinite()))
     tables = {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table(),
               "coverage": run.coverage.table()}
-    # A layer with a dgrad but no wgrad row has a frozen weight (GemmCall.frozen), as analyze's "frozen" column
-    targets = tables["blocksize_sweep"].groupby("layer", sort=False)["target"].agg(set)
-    meta["frozen_layers"] = [name for name, t in targets.items() if "dgrad" in t and "wgrad" not in t]
+    meta["frozen_layers"] = [name for name, acc in forward_order(sweep.layers) if acc.frozen]
     if e2e:
         tables["recommendation"] = _validated(run, seed, budget, blocksize=tables["blocksize_sweep"])
     return Results(meta, tables, kind="sweep-blocksize")

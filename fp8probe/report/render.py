@@ -1010,7 +1010,8 @@ def _heat_class(value: float, keep_db: float) -> str:
     return f"h{min(max(k, 0), HEAT_BINS - 1)}"
 
 
-# A frozen weight's wgrad cell: training computes no gradient for it (metadata.frozen_layers), so there is no row.
+# A frozen weight's wgrad cell (training computes no gradient for it: metadata.frozen_layers), and its dgrad cell
+# when nothing trained comes before it (no gradient reaches it): there is no row.
 FROZEN_CELL = {"text": "frozen", "sort": None, "cls": "nq"}
 
 
@@ -1058,8 +1059,8 @@ def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapp
             continue
         rows.append([cell(layer), *([_pinned_cell(gemm.get((layer, pinned, "fprop")), keep_db, layer in kept)]
                                     if pinned else []),
-                     *[FROZEN_CELL if g == "wgrad" and layer in frozen else _heat_cell(gemm.get((layer, s, g)), keep_db)
-                       for g in gemms for s in strategies]])
+                     *[FROZEN_CELL if layer in frozen and g != "fprop" and (layer, s, g) not in gemm
+                       else _heat_cell(gemm.get((layer, s, g)), keep_db) for g in gemms for s in strategies]])
     edges = [keep_db + HEAT_STEP_DB * (k - HEAT_BINS_BELOW) for k in range(1, HEAT_BINS)]
     legend = [{"cls": f"h{k}", "label": (f"< {edges[0]:g}" if k == 0 else f"≥ {edges[-1]:g}" if k == HEAT_BINS - 1
                                          else f"{edges[k - 1]:g}–{edges[k]:g}"), "line": k == HEAT_BINS_BELOW}

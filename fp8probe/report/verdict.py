@@ -160,8 +160,9 @@ def frozen_text(metadata: Mapping) -> str:
     if not names:
         return ""
     return (f"{len(names)} layer(s) have frozen weights (requires_grad False while other parameters train), so "
-            f"training computes no weight gradient for them and their wgrad is not analysed: {_names(names)} (to "
-            "analyse it, unfreeze them with requires_grad_(True) in the model you load)")
+            f"training computes no weight gradient for them and their wgrad is not analysed (nor their dgrad when "
+            f"nothing trained comes before them): {_names(names)} (to analyse it, unfreeze them with "
+            "requires_grad_(True) in the model you load)")
 
 
 def inputs_shape_text(metadata: Mapping) -> str:

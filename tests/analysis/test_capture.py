@@ -146,26 +146,32 @@ def test_gemms_inside_a_custom_function_are_named_as_fprop_only() -> None:
 
 
 class PartlyFrozen(nn.Module):
-    """A frozen backbone (nn.Linear, and a weight used through addmm as a view, weight.t()) under a trained head."""
+    """A frozen stem, a trained adapter, frozen layers after it (nn.Linear, and a weight used through addmm as a
+    view, weight.t()) and a trained head: LoRA-like, as fine-tuning leaves a model."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.stem = nn.Linear(16, 16)
+        self.adapter = nn.Linear(16, 16)
         self.base = nn.Linear(16, 24)
         self.proj = nn.Parameter(torch.randn(24, 24) / 5)
         self.head = nn.Linear(24, 6)
-        self.base.requires_grad_(False)
+        for frozen in (self.stem, self.base):
+            frozen.requires_grad_(False)
         self.proj.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.base(x))
+        h = torch.relu(self.base(self.adapter(torch.relu(self.stem(x)))))
         h = torch.addmm(torch.zeros(24), h.reshape(-1, 24), self.proj.t()).reshape(h.shape)
         return self.head(h)
 
 
 def test_frozen_weights_have_no_wgrad_and_are_named(tmp_path) -> None:
-    """Frozen parameters were made to require grad for the capture and analysed as if they trained: their
-    wgrad rows described a GEMM training never runs (a frozen backbone, LoRA's base weights). Their fprop
-    and dgrad stay (the head's gradient flows through them); a model frozen throughout trains all."""
+    """Frozen parameters were made to require grad for the capture and analysed as if they trained: wgrad rows
+    (and a frozen stem's dgrad) described GEMMs training never runs (a frozen backbone, LoRA's base weights).
+    A frozen layer after a trained one keeps fprop and dgrad (the gradient flows through it to the adapter);
+    one with nothing trained before it gets no gradient at all, as in training; a model frozen throughout
+    trains all (a model saved for inference)."""
     import json
 
     from fp8probe.analysis.sweeps import sweep_blocksize
@@ -175,25 +181,30 @@ def test_frozen_weights_have_no_wgrad_and_are_named(tmp_path) -> None:
     model = PartlyFrozen()
     x = torch.randn(2, 5, 16)
     calls = {c.name: c for c in _collect(model, Batch((x,), {}))}
-    assert {n: c.frozen for n, c in calls.items()} == {"base": True, "proj": True, "head": False}
-    assert not model.base.weight.requires_grad and model.head.weight.requires_grad  # flags restored
+    assert {n: c.frozen for n, c in calls.items()} == \
+        {"stem": True, "adapter": False, "base": True, "proj": True, "head": False}
+    assert calls["stem"].grad_output is None and calls["base"].grad_output is not None
 
     res = analyze(model, [x], strategy=["global", "int8"], e2e=False)
     rows = {(r["layer"], r["gemm"]) for r in res.tables["gemm"].to_dict("records") if r["strategy"] == "global"}
-    assert rows == {("base", "fprop"), ("base", "dgrad"), ("proj", "fprop"), ("proj", "dgrad"),
+    assert rows == {("stem", "fprop"), ("adapter", "fprop"), ("adapter", "dgrad"), ("adapter", "wgrad"),
+                    ("base", "fprop"), ("base", "dgrad"), ("proj", "fprop"), ("proj", "dgrad"),
                     ("head", "fprop"), ("head", "dgrad"), ("head", "wgrad")}
     assert dict(zip(res.tables["layers"]["layer"], res.tables["layers"]["frozen"])) == \
-        {"base": True, "proj": True, "head": False}
-    assert res.metadata["frozen_layers"] == ["base", "proj"]
+        {"stem": True, "adapter": False, "base": True, "proj": True, "head": False}
+    assert res.metadata["frozen_layers"] == ["stem", "base", "proj"]
     paths = res.save(tmp_path / "out")
     html = render_report(json.loads(paths["json"].read_text()), tmp_path / "r.html", draw=False).read_text()
-    assert "No wgrad numbers for frozen weights: 2 layer(s) have frozen weights" in html and "base, proj" in html
-    assert html.count(">frozen</td>") == 4  # the heat map's wgrad cells: 2 layers x 2 strategies
+    assert "No wgrad numbers for frozen weights: 3 layer(s) have frozen weights" in html and "stem, base, proj" in html
+    # the heat map's wgrad cells of the 3 frozen layers and the stem's dgrad cells, for 2 strategies
+    assert html.count(">frozen</td>") == 8
     sweep = sweep_blocksize(model, [x], blocksizes=[64, 256], e2e=False)
     targets = sweep.tables["blocksize_sweep"].groupby("layer")["target"].agg(set)
     assert "wgrad" not in targets["base"] and "wgrad" in targets["head"] and "dgrad" in targets["base"]
-    assert sweep.metadata["frozen_layers"] == ["base", "proj"]
+    assert "dgrad" not in targets["stem"]
+    assert sweep.metadata["frozen_layers"] == ["stem", "base", "proj"]
 
     model.requires_grad_(False)  # frozen throughout (saved for inference): training would update every weight
     calls = _collect(model, Batch((x,), {}))
-    assert not any(c.frozen for c in calls) and not any(p.requires_grad for p in model.parameters())
+    assert not any(c.frozen for c in calls) and all(c.grad_output is not None for c in calls)
+    assert not any(p.requires_grad for p in model.parameters())
