@@ -512,6 +512,9 @@ _TRUST_PICKLE_HELP = ("allow loading pickled Python objects from MODEL and --inp
                       "only for files you trust; --trust-pickle-model / --trust-pickle-inputs trust one side only")
 _TRUST_MODEL_HELP = "as --trust-pickle, for MODEL (and its weight files) only: --inputs stays tensors-only"
 _TRUST_INPUTS_HELP = "as --trust-pickle, for the --inputs file only: MODEL stays tensors-only"
+_OVERWRITE_HELP = "replace the fp8probe outputs already in --out (other files there are left alone)"
+_EMBEDDINGS_HELP = ("weights-only analysis: also analyse embedding tables (skipped by default: a lookup, not a GEMM "
+                    "operand)")
 
 
 class _Trust(NamedTuple):
@@ -525,15 +528,16 @@ class _Trust(NamedTuple):
         return cls(model=both or model, inputs=both or inputs)
 
 
+# The trust flags of analyze and both sweeps (folded into one _Trust by _Trust.of).
+_TRUST_OPTIONS = [_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
+                  _option("--trust-pickle-model", is_flag=True, help=_TRUST_MODEL_HELP),
+                  _option("--trust-pickle-inputs", is_flag=True, help=_TRUST_INPUTS_HELP)]
+
+
 def _trust_options(func):
-    for option in reversed([_option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
-                            _option("--trust-pickle-model", is_flag=True, help=_TRUST_MODEL_HELP),
-                            _option("--trust-pickle-inputs", is_flag=True, help=_TRUST_INPUTS_HELP)]):
+    for option in reversed(_TRUST_OPTIONS):
         func = option(func)
     return func
-_OVERWRITE_HELP = "replace the fp8probe outputs already in --out (other files there are left alone)"
-_EMBEDDINGS_HELP = ("weights-only analysis: also analyse embedding tables (skipped by default: a lookup, not a GEMM "
-                    "operand)")
 
 
 _INPUTS_HELP = ("torch.save'd inputs (a tensor, a tuple of args, a dict of kwargs or a list of batches), or text to "
@@ -1347,9 +1351,7 @@ def _sweep_options(func):
         _BATCH_SIZE,
         _option("--factory", default=None,
                      help="module:function or file.py:function building the model for a state_dict"),
-        _option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP),
-        _option("--trust-pickle-model", is_flag=True, help=_TRUST_MODEL_HELP),
-        _option("--trust-pickle-inputs", is_flag=True, help=_TRUST_INPUTS_HELP),
+        *_TRUST_OPTIONS,
         _option("--loss", "loss_spec", default=None,
                      help=_LOSS_HELP),
         _option("--layers", default=None, callback=_as_typed,

@@ -1,7 +1,6 @@
 """Capture every GEMM's real operands (both operands, bias, output gradient) from forward + backward passes, with coverage counts."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -396,28 +395,24 @@ def params_require_grad(params: list[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def frozen_parameters(model: Any) -> frozenset[int]:
-    """The ids of ``model``'s frozen float parameters (requires_grad False) when some others train: their
-    GEMMs have no wgrad in training (a frozen backbone, LoRA's base weights), so none is analysed. Empty
-    when none trains (a model saved with requires_grad_(False) throughout: it would train all of them)."""
-    params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
-    if not any(p.requires_grad for p in params):
+def trained_parameters(model: Any) -> list[tuple[str, torch.Tensor]]:
+    """The parameters training would update: the float ones that require grad (a frozen embedding or backbone,
+    a LoRA base stays out), or every float one when none does (a model saved with requires_grad_(False)
+    throughout: nothing would train otherwise). The one rule of the capture, the end-to-end gradient comparison
+    and --steps."""
+    if not isinstance(model, nn.Module):
+        return []
+    floats = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    return [(n, p) for n, p in floats if p.requires_grad] or floats
+
+
+def frozen_parameters(model: Any, trained: list[torch.Tensor]) -> frozenset[int]:
+    """The ids of ``model``'s float parameters outside ``trained`` (trained_parameters): their GEMMs have no
+    wgrad in training (a frozen backbone, LoRA's base weights), so none is analysed."""
+    if not isinstance(model, nn.Module):
         return frozenset()
-    return frozenset(id(p) for p in params if not p.requires_grad)
-
-
-def _grad_enabled_params(model: Any):  # -> context manager
-    """The parameters that train for the block: the model's own flags when some float parameter requires grad
-    (so the backward pass reaches what training's reaches: no gradient into a frozen layer with nothing trained
-    before it, hence no dgrad for it either), else every float parameter (a model saved with
-    requires_grad_(False) throughout trains all of them; GEMM outputs then join the graph).
-
-    Parameter .grad is never written: gradients are taken only w.r.t. the GEMM outputs.
-    """
-    params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
-    if any(p.requires_grad for p in params):
-        return contextlib.nullcontext()
-    return params_require_grad(params)
+    ids = {id(p) for p in trained}
+    return frozenset(id(p) for p in model.parameters() if p.is_floating_point() and id(p) not in ids)
 
 
 # GEMM names listed when --layers matches none of them.
@@ -536,8 +531,12 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
     coverage = Coverage() if coverage is None else coverage
     dev = torch.device(device)
     token = torch.zeros(0, device=dev, requires_grad=True)
+    # The backward reaches what training's reaches (trained_parameters): no gradient into a frozen layer with
+    # nothing trained before it, so no dgrad for it either. Parameter .grad is never written: gradients are
+    # taken only w.r.t. the GEMM outputs.
+    trained = [p for _, p in trained_parameters(model)]
     rec = _Recorder(pattern, on_call, token, immediate=not grad,
-                    frozen=frozen_parameters(model) if grad else frozenset())
+                    frozen=frozen_parameters(model, trained) if grad else frozenset())
     batch = Batch(_to_device(tuple(batch.args), dev), _to_device(dict(batch.kwargs), dev))
     if not grad:
         with torch.no_grad():
@@ -545,7 +544,7 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
         if not rec.count:
             raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds))
         return FORWARD_ONLY
-    with torch.enable_grad(), _grad_enabled_params(model):
+    with torch.enable_grad(), params_require_grad(trained):
         output = _forward(model, batch, rec, coverage)
         if not rec.count:
             raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds))

@@ -18,7 +18,8 @@ from fp8probe.report.schema import NOTE_NEAREST_PLAN, NOTE_NOT_SEARCHED
 from fp8probe.report.verdict import KEEP_16BIT_DB, low_output_sqnr, signed_pct
 
 from . import distributed
-from .capture import _to_device, choose_loss, graph_inputs, is_exported_graph, params_require_grad
+from .capture import (_to_device, choose_loss, graph_inputs, is_exported_graph, params_require_grad,
+                      trained_parameters)
 from .gemms import KINDS, Coverage, GemmHandler, GemmSite, intercept, run_graph
 from .loading import Batch, LoadError, resolve_callable
 from .metrics import ErrorAccumulator, fused_error_sums
@@ -255,16 +256,6 @@ def model_forward(model: Any, batch: Batch, gemms: Gemms) -> Any:
         return model(*batch.args, **batch.kwargs)
 
 
-def _float_params(model: Any) -> list[tuple[str, torch.Tensor]]:
-    """The parameters training would update: the float ones that require grad (a frozen embedding or backbone,
-    a LoRA base stays out of the gradient comparison and of --steps), or every float one when none does (a
-    model saved with requires_grad_(False) throughout: nothing would train otherwise; frozen_note says so)."""
-    if not isinstance(model, nn.Module):
-        return []
-    floats = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
-    return [(n, p) for n, p in floats if p.requires_grad] or floats
-
-
 def frozen_note(model: Any) -> str:
     """What the gradient comparison and the training simulation leave out or unfreeze ("" for neither)."""
     if not isinstance(model, nn.Module):
@@ -432,7 +423,7 @@ class Runner:
         self.loss_fn, self.loss_name = loss_fn, loss_name
         self.threshold = threshold
         self.seed = seed
-        self.params = _float_params(module)
+        self.params = trained_parameters(module)
         self.loss_hp: list[float] = []
         self.out_hp: list[torch.Tensor | None] = []
         self.order: list[str] = []
@@ -1171,7 +1162,7 @@ def _initial_losses(runner: Runner) -> list[float]:
     if len(runner.loss_hp) == len(runner.batches):
         return list(runner.loss_hp)
     model = copy.deepcopy(runner.module)
-    params = [p for _, p in _float_params(model)]
+    params = [p for _, p in trained_parameters(model)]
     out = []
     for i, batch in enumerate(runner.batches):
         torch.manual_seed(runner.seed + i)  # as Runner._run: the same dropout masks as the reference
@@ -1231,7 +1222,7 @@ def simulate_training(runner: Runner, strategies: Sequence[Strategy], steps: int
     for strat in [None, *strategies]:
         state = new_state(strat)
         model = copy.deepcopy(runner.module)
-        params = [p for _, p in _float_params(model)]
+        params = [p for _, p in trained_parameters(model)]
         for p in params:
             p.requires_grad_(True)
         opt = factory(params, float(lr))

@@ -803,9 +803,9 @@ def load_model(source: str | Path, *, factory: str | None = None, trust_pickle: 
     kind = sniff(path)
     if kind == PLAIN_PICKLE:
         if not trust_pickle:
-            raise LoadError(PLAIN_PICKLE_REFUSED.format(path=path, flag=TRUST_MODEL, advice="save the model's state_dict with "
-                                                        "torch.save and pass --factory module:function, or "
-                                                        "torch.export the model"))
+            raise LoadError(PLAIN_PICKLE_REFUSED.format(
+                path=path, flag=TRUST_MODEL, advice="save the model's state_dict with torch.save and pass --factory "
+                                                    "module:function, or torch.export the model"))
         return _loaded_object(_unpickle(path, plain=True), path, factory)
     if kind not in ("zip", "pickle"):
         raise LoadError(f"cannot read {path}: it is {kind}, not a model; pass a .pt2 file (torch.export.save), a "
