@@ -289,14 +289,15 @@ def _check_out_on_main(world: "object", out: Path, kind: str, overwrite: bool) -
 
 def _warn_no_gradient(results: "object") -> None:
     """One stderr line when the loss did not reach the weights (the results then hold fprop only), and one
-    naming the frozen layers (no wgrad rows)."""
-    from fp8probe.report.verdict import frozen_text
+    naming the frozen layers (no wgrad rows) and one the backward GEMMs training does not run (no rows)."""
+    from fp8probe.report.verdict import frozen_text, not_run_text
 
     loss = results.metadata.get("loss") or {}
     if loss.get("no_gradient"):
         click.echo(f"warning: {_printable(loss['no_gradient'])}", err=True)
-    if frozen_text(results.metadata):
-        click.echo(f"note: {_printable(frozen_text(results.metadata))}", err=True)
+    for text in (frozen_text(results.metadata), not_run_text(results.metadata)):
+        if text:
+            click.echo(f"note: {_printable(text)}", err=True)
 
 
 def _check_device(device: str) -> None:

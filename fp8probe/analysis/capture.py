@@ -49,9 +49,58 @@ class GemmCall:
     b_is_weight: bool = True
     #: the weight is a frozen parameter (requires_grad False while others train): training runs no wgrad GEMM for it
     frozen: bool = False
+    #: whether training computes the gradient of ``activation`` (the dgrad GEMM) and of ``weight`` (wgrad): an
+    #: operand that requires no gradient in the model's forward gets none. A has none when it is the model's input
+    #: data or was computed from it by frozen layers only (the first layer of an MLP on features, a trained head
+    #: on a frozen backbone); B when it is a frozen weight or a buffer/constant operand of a matmul.
+    grads: tuple[bool, bool] = (True, True)
+
+    def runs(self, gemm: str) -> bool:
+        """Whether training runs ``gemm`` ("fprop", "dgrad", "wgrad") of this call: fprop always, dgrad/wgrad when
+        an output gradient reached the call and their operand requires a gradient (``grads``)."""
+        if gemm == "fprop":
+            return True
+        return self.grad_output is not None and self.grads[0 if gemm == "dgrad" else 1]
 
 
 LinearCall = GemmCall  # the name sinks used before capture covered every GEMM
+
+
+@dataclass
+class GradsRun:
+    """Which backward GEMMs training runs for one layer over its calls (GemmCall.runs). A layer's dgrad (wgrad)
+    is "not run" when an output gradient reached some call and no call ran it; a layer no gradient reached is
+    neither (it has no backward at all, for another reason)."""
+
+    reached: bool = False
+    dgrad: bool = False
+    wgrad: bool = False
+
+    def add(self, call: GemmCall) -> None:
+        if call.grad_output is not None:
+            self.reached = True
+            self.dgrad = self.dgrad or call.runs("dgrad")
+            self.wgrad = self.wgrad or call.runs("wgrad")
+
+    def merge(self, other: GradsRun) -> None:
+        self.reached = self.reached or other.reached
+        self.dgrad = self.dgrad or other.dgrad
+        self.wgrad = self.wgrad or other.wgrad
+
+    def columns(self) -> dict[str, bool]:
+        """The layers table's ``no_dgrad`` / ``no_wgrad`` (what backward_meta reads)."""
+        return {"no_dgrad": self.reached and not self.dgrad, "no_wgrad": self.reached and not self.wgrad}
+
+
+def backward_meta(layers: Any) -> dict[str, list[str]]:
+    """Results metadata naming the layers whose backward GEMMs training does not run, from a layers table (its
+    ``frozen``/``no_dgrad``/``no_wgrad`` columns): ``frozen_layers`` (frozen weights: no wgrad), ``no_dgrad_layers``
+    (an input that needs no gradient) and ``no_wgrad_layers`` (a second operand that needs none, frozen weights
+    left to frozen_layers)."""
+    rows = layers.to_dict("records") if hasattr(layers, "to_dict") else list(layers)
+    return {"frozen_layers": [r["layer"] for r in rows if r.get("frozen")],
+            "no_dgrad_layers": [r["layer"] for r in rows if r.get("no_dgrad")],
+            "no_wgrad_layers": [r["layer"] for r in rows if r.get("no_wgrad") and not r.get("frozen")]}
 
 
 @dataclass(frozen=True)
@@ -181,6 +230,7 @@ class _Recorder(GemmHandler):
         self.pattern = pattern
         self.frozen = frozen  # ids of the frozen parameters (frozen_parameters)
         self.frozen_sites: set[int] = set()
+        self.grads: dict[int, tuple[bool, bool]] = {}  # per pending call: do A and B require a gradient (GemmCall.grads)
         self.on_call = on_call
         self.token = token
         # Forward only (no gradient will come): hand each call over inside the forward, while its
@@ -215,6 +265,8 @@ class _Recorder(GemmHandler):
                 self.no_grad.append(site.name)
             return y
         self.tapped += 1
+        # (read now: the operands' autograd state as the model's forward made it; the conv site's raw input counts)
+        self.grads[site.index] = (site.a.requires_grad, site.b.requires_grad)
         return _GradTap.apply(y, self.token, functools.partial(self.deliver, site.index))
 
     def deliver(self, index: int, grad: torch.Tensor | None) -> None:
@@ -224,7 +276,8 @@ class _Recorder(GemmHandler):
         g = None if grad is None else site.grad_to_gemm(grad.detach()).detach()
         bias = site.bias if isinstance(site.bias, torch.Tensor) and site.bias.dim() == 1 else None
         call = GemmCall(site.name, a.detach(), b.detach(), None if bias is None else bias.detach(), g, site.index,
-                        site.kind, site.op, site.b_is_weight, frozen=index in self.frozen_sites)
+                        site.kind, site.op, site.b_is_weight, frozen=index in self.frozen_sites,
+                        grads=self.grads.pop(index, (True, True)))
         self.frozen_sites.discard(index)
         del site, a, b, g
         self.untrimmed += sum(t.numel() for t in (call.activation, call.weight, call.grad_output) if t is not None)

@@ -24,7 +24,7 @@ from fp8probe.backends import cpu as _cpu
 from fp8probe.formats import FORMATS
 
 from . import distributed, streaming
-from .capture import GemmCall, InputsError, LossFn, LossInfo, capture_batch
+from .capture import GemmCall, GradsRun, InputsError, LossFn, LossInfo, backward_meta, capture_batch
 from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, StageFn, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .gemms import Coverage, parse_kinds
@@ -70,6 +70,7 @@ class _LayerAcc:
     errors: dict[str, str] = field(default_factory=dict)
     weight_seen: bool = False
     frozen: bool = False  # its weight does not train (GemmCall.frozen): no wgrad row
+    ran: GradsRun = field(default_factory=GradsRun)  # which backward GEMMs training runs (GemmCall.runs)
 
     def __post_init__(self) -> None:
         self.census = OutlierCensus(self.threshold)
@@ -266,6 +267,7 @@ class _Analysis:
                 acc.errors.setdefault(strat, msg)
             acc.weight_seen = acc.weight_seen or part.weight_seen
             acc.frozen = acc.frozen or part.frozen
+            acc.ran.merge(part.ran)
         if sums is not None and self.estimate is not None:
             self.estimate.merge(sums)
 
@@ -304,6 +306,7 @@ class _Analysis:
                             f"[{acc.out_features}, {acc.in_features}] then {list(W.shape)}")
         acc.tokens += A.numel() // max(A.shape[-1], 1)
         acc.frozen = call.frozen
+        acc.ran.add(call)
         # A weight is the same tensor every batch: count it once so its statistics are not repeated.
         first_weight = not ((acc.weight_seen or call.name in self.known_weights) and call.b_is_weight)
         acc.weight_seen = True
@@ -316,7 +319,7 @@ class _Analysis:
             started = clock
             self._stats(acc, A, W, G, first_weight)
             clock = self._tick("stats", clock)
-            ref = reference_gemms(A, W, G)
+            ref = reference_gemms(A, W, G, call.grads)
             clock = self._tick("reference", clock)
             for group in replay_groups(todo):
                 with shared_site():
@@ -335,7 +338,7 @@ class _Analysis:
             torch.set_num_threads(1)
         spent: dict[str, float] = {}
         pool = _pool(workers)
-        ref = pool.submit(self._timed, "reference", spent, reference_gemms, A, W, G)
+        ref = pool.submit(self._timed, "reference", spent, reference_gemms, A, W, G, call.grads)
         # Longest first (each recipe's time on the previous site), so that the site does not end
         # with one long recipe running alone while the other workers wait.
         # Recipes that share sub-results (strategies.SHARING) run one after the other in one task.
@@ -438,7 +441,7 @@ class _Analysis:
         sink = into if into is not None else part
         memo = site_memo()  # (a recipe's result shared with another of its group: their sums once)
         for gemm, lp in out.gemms.items():
-            if gemm == "wgrad" and call.frozen:  # (training computes no gradient for a frozen weight)
+            if not call.runs(gemm):  # (training computes no gradient for a frozen weight or the input data)
                 continue
             sink.gemm.setdefault((strat.name, gemm), ErrorAccumulator()).update(ref[gemm], lp, memo)
         estimate = self.estimate if into is not None else part.estimate
@@ -488,7 +491,7 @@ class _Analysis:
             layers.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
                            "has_bias": acc.has_bias, "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2,
                            "kind": acc.kind, "op": acc.op, "b_is_weight": acc.b_is_weight, "batch": acc.batch,
-                           "frozen": acc.frozen})
+                           "frozen": acc.frozen, **acc.ran.columns()})
             for (strat, g), e in acc.gemm.items():
                 gemm.append({"layer": name, "strategy": strat, "gemm": g,
                              "quantized": g in self._quantized[strat], **e.result()})
@@ -843,7 +846,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         metadata["streaming"] = streaming.summary(run.module)
     tables_started = time.perf_counter()
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
-    metadata["frozen_layers"] = [r["layer"] for r in tables["layers"].to_dict("records") if r.get("frozen")]
+    metadata.update(backward_meta(tables["layers"]))
     replay_parts, replay_kinds, replay_strategies = analysis.timings()
     timings = {"capture_s": stream_s - sum(replay_kinds.values()),
                **{f"{part}_s": sec for part, sec in replay_parts.items()},

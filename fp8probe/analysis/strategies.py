@@ -122,20 +122,24 @@ class Strategy:
         return self.batched or run in _BNB_BATCHED or isinstance(getattr(run, "__self__", None), _Scaled)
 
 
-def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """float64 fprop A·Wᵀ, dgrad G·W, wgrad Gᵀ·A (dgrad/wgrad only with G); batched over a leading dim
-    when A is [Bt, M, K] (wgrad is then the gradient of the second operand, [Bt, N, K])."""
+def reference_gemms(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None,
+                    grads: tuple[bool, bool] = (True, True)) -> dict[str, torch.Tensor]:
+    """float64 fprop A·Wᵀ, dgrad G·W, wgrad Gᵀ·A (dgrad/wgrad only with G, each only when ``grads`` says
+    training runs it: GemmCall.grads); batched over a leading dim when A is [Bt, M, K] (wgrad is then the
+    gradient of the second operand, [Bt, N, K])."""
     # float64 copies of the operands: torch has no float32 x float32 -> float64 GEMM, and the reference must
     # hold every product exactly (two float32 mantissas: 48 bits) and sum in float64
     a, w = A.to(torch.float64), W.to(torch.float64)
     out = {"fprop": a @ w.mT}
     if G is not None:
         g = G.to(torch.float64)
-        out["dgrad"] = g @ w
+        if grads[0]:
+            out["dgrad"] = g @ w
         # W's float64 copy is freed before the W-sized wgrad is made: an LM head's [49152, 576] each take
         # 216 MiB, and the site's peak is this function's
         del w
-        out["wgrad"] = g.mT @ a
+        if grads[1]:
+            out["wgrad"] = g.mT @ a
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 from fp8probe import functional as F
 from fp8probe.autograd import MatMul8bitLt, MatmulLtState, get_block_sizes
 
-from .capture import GemmCall, LossFn, LossInfo
+from .capture import GemmCall, GradsRun, LossFn, LossInfo, backward_meta
 from .e2e import DEFAULT_BUDGET, Budget, Runner, model_wide, parse_budget
 from .metrics import ErrorAccumulator
 from .pipeline import ProgressFn, Run, forward_order, prepare_run, run_metadata
@@ -122,6 +122,7 @@ class _BlockLayer:
     weight_done: bool = False
     b_is_weight: bool = True
     frozen: bool = False  # its weight does not train (GemmCall.frozen): no wgrad rows
+    ran: GradsRun = field(default_factory=GradsRun)  # which backward GEMMs training runs (GemmCall.runs)
 
 
 def _merge_err(dst: dict, src: dict, skip: Any = lambda key: False) -> None:
@@ -160,21 +161,24 @@ class _BlocksizeSweep:
             _merge_err(acc.err, part.err, lambda key: key[1] == "weight" and not keep_weight)
             acc.weight_done = acc.weight_done or part.weight_done
             acc.frozen = acc.frozen or part.frozen
+            acc.ran.merge(part.ran)
 
     def __call__(self, call: GemmCall) -> None:
         A, W, G = call.activation, call.weight, call.grad_output
         acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[-1], W.shape[-2], call.index,
                                                             b_is_weight=call.b_is_weight))
         acc.frozen = call.frozen
+        acc.ran.add(call)
         if call.name in self.known_weights:
             acc.weight_done = True
         # Batched GEMMs (attention, bmm, conv groups: [Bt, M, K]) use .mT and batched products.
         a64, w64 = A.double(), W.double()
         g64 = None if G is None else G.double()
         ref = {"fprop": a64 @ w64.mT}
-        if g64 is not None:
-            ref["dgrad"] = g64 @ w64
-            if not call.frozen:  # (a frozen weight has no wgrad in training: GemmCall.frozen)
+        if g64 is not None:  # (only the backward GEMMs training runs: a frozen weight's wgrad, the input data's dgrad not)
+            if call.runs("dgrad"):
+                ref["dgrad"] = g64 @ w64
+            if call.runs("wgrad"):
                 ref["wgrad"] = g64.mT @ a64
         for bs in self.blocksizes:
             aq = F.fake_quantize(quantisable(A), CODE_FWD, bs).double()
@@ -186,7 +190,8 @@ class _BlocksizeSweep:
             if g64 is not None:
                 gq = F.fake_quantize(quantisable(G), CODE_BWD, bs).double()
                 acc.err.setdefault((bs, "grad_output"), ErrorAccumulator()).update(g64, gq)
-                acc.err.setdefault((bs, "dgrad"), ErrorAccumulator()).update(ref["dgrad"], gq @ wq)
+                if "dgrad" in ref:
+                    acc.err.setdefault((bs, "dgrad"), ErrorAccumulator()).update(ref["dgrad"], gq @ wq)
                 if "wgrad" in ref:
                     acc.err.setdefault((bs, "wgrad"), ErrorAccumulator()).update(ref["wgrad"], gq.mT @ aq)
         acc.weight_done = True
@@ -409,7 +414,8 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
     meta.update(nonfinite_meta(sweep.nonfinite()))
     tables = {"layers": _layers_table(sweep.layers), "blocksize_sweep": sweep.table(),
               "coverage": run.coverage.table()}
-    meta["frozen_layers"] = [name for name, acc in forward_order(sweep.layers) if acc.frozen]
+    meta.update(backward_meta([{"layer": name, "frozen": acc.frozen, **acc.ran.columns()}
+                               for name, acc in forward_order(sweep.layers)]))
     if e2e:
         tables["recommendation"] = _validated(run, seed, budget, blocksize=tables["blocksize_sweep"])
     return Results(meta, tables, kind="sweep-blocksize")

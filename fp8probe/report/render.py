@@ -18,7 +18,7 @@ from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_NO_FINITE_REFERENCE, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
 from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
-                                     coverage_line, frozen_text, gemm_sites_text, inputs_text, isolated_headline, keep_list,
+                                     coverage_line, frozen_text, gemm_sites_text, not_run_text, inputs_text, isolated_headline, keep_list,
                                      keep_set_searched, kl_far_ratio, little_gain, little_gain_text, low_output_sqnr,
                                      low_output_sqnr_text, lp_share_text, not_searched_why, pct, signed_pct, split_notes,
                                      strategies_text, verdict_lines)
@@ -1013,6 +1013,9 @@ def _heat_class(value: float, keep_db: float) -> str:
 # A frozen weight's wgrad cell (training computes no gradient for it: metadata.frozen_layers), and its dgrad cell
 # when nothing trained comes before it (no gradient reaches it): there is no row.
 FROZEN_CELL = {"text": "frozen", "sort": None, "cls": "nq"}
+# A dgrad (wgrad) training does not run because the layer's input (second operand) needs no gradient:
+# metadata.no_dgrad_layers / no_wgrad_layers.
+NOT_RUN_CELL = {"text": "not run", "sort": None, "cls": "nq"}
 
 
 def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
@@ -1033,8 +1036,18 @@ def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
     return {"text": f"{value:.1f}", "sort": None, "cls": _heat_class(value, keep_db)}
 
 
+def _missing_cell(layer: str, gemm: str, frozen: Sequence[str], not_run: Mapping[str, Sequence[str]] | None) -> dict:
+    """The cell of a GEMM with no row: "frozen" / "not run" when training does not run it, else empty."""
+    if gemm != "fprop" and layer in frozen:
+        return FROZEN_CELL
+    if layer in (not_run or {}).get(gemm, ()):
+        return NOT_RUN_CELL
+    return cell(None)
+
+
 def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapping], keep_db: float,
-             pick: tuple[str, str] | None = None, kept: Sequence[str] = (), frozen: Sequence[str] = ()) -> dict | None:
+             pick: tuple[str, str] | None = None, kept: Sequence[str] = (), frozen: Sequence[str] = (),
+             not_run: Mapping[str, Sequence[str]] | None = None) -> dict | None:
     """Layer × strategy SQNR for fprop, dgrad and wgrad as one colour-coded, sortable table (rows stay
     readable at 200+ layers where a bar chart does not: one text line per layer) that shows one GEMM at a time:
     3 GEMMs x 15 recipes are 47 columns, and only fprop fitted a 1400 px page (QA B1). ``views`` are the
@@ -1059,8 +1072,8 @@ def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapp
             continue
         rows.append([cell(layer), *([_pinned_cell(gemm.get((layer, pinned, "fprop")), keep_db, layer in kept)]
                                     if pinned else []),
-                     *[FROZEN_CELL if layer in frozen and g != "fprop" and (layer, s, g) not in gemm
-                       else _heat_cell(gemm.get((layer, s, g)), keep_db) for g in gemms for s in strategies]])
+                     *[_missing_cell(layer, g, frozen, not_run) if (layer, s, g) not in gemm
+                       else _heat_cell(gemm[(layer, s, g)], keep_db) for g in gemms for s in strategies]])
     edges = [keep_db + HEAT_STEP_DB * (k - HEAT_BINS_BELOW) for k in range(1, HEAT_BINS)]
     legend = [{"cls": f"h{k}", "label": (f"< {edges[0]:g}" if k == 0 else f"≥ {edges[-1]:g}" if k == HEAT_BINS - 1
                                          else f"{edges[k - 1]:g}–{edges[k]:g}"), "line": k == HEAT_BINS_BELOW}
@@ -1652,6 +1665,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
             "e2e": bool(tables.get("e2e"))},
         "no_gradient": str(loss.get("no_gradient") or ""),
         "frozen": frozen_text(meta),
+        "not_run": not_run_text(meta),
         "n_layers": len(layers),
         # (GEMMs of two activations, attention QKᵀ / PV and matmuls, are GEMM sites but not linear layers)
         "n_activation_gemms": sum(1 for r in tables["layers"] if r.get("b_is_weight") is False),
@@ -1663,7 +1677,9 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "verdict": verdict,
         "heatmap": _heatmap(layers, strategies, gemm, keep_16bit_db, _verdict_pick(verdict),
                             verdict["recommended"]["keep_16bit"] if verdict["recommended"] else (),
-                            frozen=set(meta.get("frozen_layers") or ())),
+                            frozen=set(meta.get("frozen_layers") or ()),
+                            not_run={"dgrad": set(meta.get("no_dgrad_layers") or ()),
+                                     "wgrad": set(meta.get("no_wgrad_layers") or ())}),
         "recommendation": _recommendation_section(tables, keep_16bit_db),
         "sensitivity": _sensitivity_section(tables, keep_16bit_db,
                                             verdict["recommended"]["strategy"] if verdict["recommended"] else None,

@@ -165,6 +165,24 @@ def frozen_text(metadata: Mapping) -> str:
             "requires_grad_(True) in the model you load)")
 
 
+def not_run_text(metadata: Mapping) -> str:
+    """What the results say about backward GEMMs training does not run, frozen weights aside ("" when none):
+    the dgrad of a layer whose input needs no gradient (metadata.no_dgrad_layers) and the wgrad of a GEMM whose
+    second operand needs none (no_wgrad_layers) have no rows."""
+    parts = []
+    dgrad = metadata.get("no_dgrad_layers") or []
+    if dgrad:
+        parts.append(f"no dgrad for {len(dgrad)} layer(s) whose input needs no gradient (the model's input data, or "
+                     f"what only frozen layers computed from it): {_names(dgrad)}")
+    wgrad = metadata.get("no_wgrad_layers") or []
+    if wgrad:
+        parts.append(f"no wgrad for {len(wgrad)} GEMM(s) whose second operand needs no gradient (a buffer or a "
+                     f"constant): {_names(wgrad)}")
+    if not parts:
+        return ""
+    return "training runs " + "; and ".join(parts) + ", so these GEMMs are not analysed"
+
+
 def inputs_shape_text(metadata: Mapping) -> str:
     """"2 batch(es) of 1 x 64 tokens" (token ids found) or "2 batch(es) of x 8 x 3 x 32 x 32, y 8" (the first batch's
     tensors) from metadata.input_shapes, "" for results written before it: what a user's inputs file held, as the

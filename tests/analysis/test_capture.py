@@ -106,7 +106,8 @@ def test_activation_checkpointing_is_analysed_as_the_model_without_it(mode: str)
     for table in ("gemm", "e2e"):
         assert got.tables[table].drop(columns="seconds", errors="ignore").equals(
             want.tables[table].drop(columns="seconds", errors="ignore")), table
-    assert len(got.tables["gemm"]) == 5 * 2 * 3
+    # 5 GEMMs x 2 recipes x 3, less the first layer's dgrad (its input is the data: training computes none)
+    assert len(got.tables["gemm"]) == 5 * 2 * 3 - 2
     assert not got.metadata["loss"].get("no_gradient")
     assert ckpt.CheckpointFunction.__name__ == "CheckpointFunction"  # put back after the analysis
     out = model(x.requires_grad_())
@@ -187,24 +188,98 @@ def test_frozen_weights_have_no_wgrad_and_are_named(tmp_path) -> None:
 
     res = analyze(model, [x], strategy=["global", "int8"], e2e=False)
     rows = {(r["layer"], r["gemm"]) for r in res.tables["gemm"].to_dict("records") if r["strategy"] == "global"}
-    assert rows == {("stem", "fprop"), ("adapter", "fprop"), ("adapter", "dgrad"), ("adapter", "wgrad"),
+    # (the adapter's input comes from the frozen stem only: training computes no gradient for it, no dgrad)
+    assert rows == {("stem", "fprop"), ("adapter", "fprop"), ("adapter", "wgrad"),
                     ("base", "fprop"), ("base", "dgrad"), ("proj", "fprop"), ("proj", "dgrad"),
                     ("head", "fprop"), ("head", "dgrad"), ("head", "wgrad")}
     assert dict(zip(res.tables["layers"]["layer"], res.tables["layers"]["frozen"])) == \
         {"stem": True, "adapter": False, "base": True, "proj": True, "head": False}
     assert res.metadata["frozen_layers"] == ["stem", "base", "proj"]
+    assert res.metadata["no_dgrad_layers"] == ["adapter"] and res.metadata["no_wgrad_layers"] == []
     paths = res.save(tmp_path / "out")
     html = render_report(json.loads(paths["json"].read_text()), tmp_path / "r.html", draw=False).read_text()
     assert "No wgrad numbers for frozen weights: 3 layer(s) have frozen weights" in html and "stem, base, proj" in html
     # the heat map's wgrad cells of the 3 frozen layers and the stem's dgrad cells, for 2 strategies
     assert html.count(">frozen</td>") == 8
+    assert html.count(">not run</td>") == 2 and "training runs no dgrad for 1 layer(s)" in html
     sweep = sweep_blocksize(model, [x], blocksizes=[64, 256], e2e=False)
     targets = sweep.tables["blocksize_sweep"].groupby("layer")["target"].agg(set)
     assert "wgrad" not in targets["base"] and "wgrad" in targets["head"] and "dgrad" in targets["base"]
-    assert "dgrad" not in targets["stem"]
+    assert "dgrad" not in targets["stem"] and "dgrad" not in targets["adapter"] and "wgrad" in targets["adapter"]
     assert sweep.metadata["frozen_layers"] == ["stem", "base", "proj"]
+    assert sweep.metadata["no_dgrad_layers"] == ["adapter"]
 
     model.requires_grad_(False)  # frozen throughout (saved for inference): training would update every weight
     calls = _collect(model, Batch((x,), {}))
     assert not any(c.frozen for c in calls) and all(c.grad_output is not None for c in calls)
+    assert [c.name for c in calls if not c.runs("dgrad")] == ["stem"]  # (its input is the data)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+class _OnFeatures(nn.Module):
+    """An MLP on input features (its first layer's input is the data) with a fixed mixing matrix, a buffer,
+    applied by matmul: training computes no gradient for either, so no dgrad / wgrad GEMM runs for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 5)
+        self.register_buffer("mix", torch.randn(16, 16) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)) @ self.mix.t())
+
+
+def test_gemms_training_does_not_run_are_not_analysed(tmp_path, monkeypatch) -> None:
+    """The first layer's dgrad was analysed (and could decide the verdict) although training never computes the
+    gradient of the input data; a buffer's "wgrad" likewise. Training's own autograd is the rule: the rows are
+    exactly the GEMMs a backward pass runs, their float64 references are not computed, and the run names them."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fp8probe.analysis import strategies
+    from fp8probe.analysis.sweeps import sweep_blocksize
+    from fp8probe.cli import cli
+    from fp8probe.report.render import render_report
+
+    torch.manual_seed(41)
+    model, x = _OnFeatures(), torch.randn(3, 7, 12)
+    calls = {c.name: c for c in _collect(model, Batch((x,), {}))}
+    assert {n: c.grads for n, c in calls.items()} == \
+        {"fc1": (False, True), "#matmul": (True, False), "fc2": (True, True)}
+
+    made = []
+    real = strategies.reference_gemms
+    monkeypatch.setattr("fp8probe.analysis.pipeline.reference_gemms",
+                        lambda *a, **k: made.append(sorted(r := real(*a, **k))) or r)
+    res = analyze(model, [x], strategy=["global", "mxfp8"], e2e=False)
+    rows = {(r["layer"], r["gemm"]) for r in res.tables["gemm"].to_dict("records") if r["strategy"] == "mxfp8"}
+    assert rows == {("fc1", "fprop"), ("fc1", "wgrad"), ("#matmul", "fprop"), ("#matmul", "dgrad"),
+                    ("fc2", "fprop"), ("fc2", "dgrad"), ("fc2", "wgrad")}
+    assert sorted(made) == [["dgrad", "fprop"], ["dgrad", "fprop", "wgrad"], ["fprop", "wgrad"]]
+    assert res.metadata["no_dgrad_layers"] == ["fc1"] and res.metadata["no_wgrad_layers"] == ["#matmul"]
+    assert res.metadata["frozen_layers"] == []
+    layers = res.tables["layers"].set_index("layer")
+    assert layers["no_dgrad"].to_dict() == {"fc1": True, "#matmul": False, "fc2": False}
+    assert layers["no_wgrad"].to_dict() == {"fc1": False, "#matmul": True, "fc2": False}
+
+    paths = res.save(tmp_path / "out")
+    html = render_report(json.loads(paths["json"].read_text()), tmp_path / "r.html", draw=False).read_text()
+    assert html.count(">not run</td>") == 4  # fc1's dgrad and #matmul's wgrad, 2 recipes
+    assert "training runs no dgrad for 1 layer(s) whose input needs no gradient" in html
+    assert "no wgrad for 1 GEMM(s) whose second operand needs no gradient" in html
+
+    sweep = sweep_blocksize(model, [x], blocksizes=[64], e2e=False)
+    targets = sweep.tables["blocksize_sweep"].groupby("layer")["target"].agg(set)
+    assert "dgrad" not in targets["fc1"] and "wgrad" in targets["fc1"]
+    assert "wgrad" not in targets["#matmul"] and "dgrad" in targets["#matmul"]
+    assert sweep.metadata["no_dgrad_layers"] == ["fc1"] and sweep.metadata["no_wgrad_layers"] == ["#matmul"]
+
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(x, tmp_path / "x.pt")
+    out = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.pt"), "--inputs", str(tmp_path / "x.pt"),
+                                    "--trust-pickle", "--strategy", "global", "--no-e2e",
+                                    "--out", str(tmp_path / "cli")])
+    assert out.exit_code == 0, out.output
+    assert "note: training runs no dgrad for 1 layer(s) whose input needs no gradient" in out.output
+    assert ": fc1; and no wgrad for 1 GEMM(s)" in out.output

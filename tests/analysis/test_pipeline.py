@@ -34,7 +34,7 @@ def test_tables_follow_the_schema(tiny_model, tiny_batches) -> None:
     res = analyze(tiny_model, tiny_batches, FAST, name="tiny", gemms="linear")
     t = res.tables
     assert list(t["layers"].columns) == ["layer", "in_features", "out_features", "has_bias", "tokens", "bsz", "bsz2",
-                                         "kind", "op", "b_is_weight", "batch", "frozen"]
+                                         "kind", "op", "b_is_weight", "batch", "frozen", "no_dgrad", "no_wgrad"]
     assert t["layers"]["tokens"].tolist() == [2 * 4 * 16] * 9
     assert {"layer", "strategy", "gemm", "sqnr_db", "rel_err", "cosine", "max_abs_err"} <= set(t["gemm"].columns)
     assert len(t["gemm"]) == 9 * 3 * 3

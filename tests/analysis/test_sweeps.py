@@ -65,7 +65,9 @@ def test_every_layer_target_and_blocksize_present(bs_table) -> None:
     table, res = bs_table
     assert set(table["layer"]) == {"0", "2"}
     assert set(table["target"]) == {"activation", "weight", "grad_output", "fprop", "dgrad", "wgrad"}
-    assert len(table) == 2 * 4 * 6
+    # (layer 0's input is the data: training computes no dgrad for it, so it is not swept)
+    assert len(table) == 2 * 4 * 6 - 4 and "dgrad" not in set(table.query("layer == '0'")["target"])
+    assert res.metadata["no_dgrad_layers"] == ["0"]
     assert set(res.tables["layers"]["layer"]) == {"0", "2"}
     assert "blocksize_sweep" in res.metadata["recommendations"]
 
@@ -97,8 +99,8 @@ def test_auto_flag_is_get_block_sizes(bs_table) -> None:
         for r in rows.to_dict("records"):
             want = bsz if r["target"] in ("activation", "weight", "fprop") else bsz2
             assert r["blocksize"] == want
-        # every target of a swept auto size is flagged (64 is swept; bsz2=64 for both layers)
-        assert len(rows) == 6
+        # every target of a swept auto size is flagged (64 is swept; bsz2=64 for both layers; no dgrad on layer 0)
+        assert len(rows) == (5 if layer == "0" else 6)
 
 
 def test_blockwise_sqnr_floor_and_trend(bs_table) -> None:

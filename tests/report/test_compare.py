@@ -504,3 +504,24 @@ def test_the_compare_page_reads_the_underflow_gate_in_the_singular_at_one_point(
     html = render_compare(compare_results(base, base, Gates(max_underflow_increase=2.5)),
                           tmp_path / "more.html").read_text("utf-8")
     assert "underflow increase ≤ 2.5 percentage points</dd>" in html
+
+
+def test_a_baseline_row_of_a_gemm_training_does_not_run_is_not_missing(base: dict) -> None:
+    """Results written before fp8probe left out the backward GEMMs training does not run (the input data's dgrad,
+    a frozen weight's wgrad) have those rows; current, which says so in its metadata, failed the gate on them as
+    "missing". Other missing rows still fail."""
+    first = base["tables"]["layers"][0]["layer"]
+    last = base["tables"]["layers"][-1]["layer"]
+    cur = copy.deepcopy(base)
+    cur["tables"]["gemm"] = [r for r in cur["tables"]["gemm"]
+                             if not (r["layer"] == first and r["gemm"] == "dgrad")
+                             and not (r["layer"] == last and r["gemm"] == "wgrad")]
+    assert len(cur["tables"]["gemm"]) < len(base["tables"]["gemm"])
+    failed = compare_results(base, cur)
+    assert not failed["passed"] and {v["layer"] for v in failed["violations"]} == {first, last}
+    cur["metadata"].update({"no_dgrad_layers": [first], "frozen_layers": [last]})
+    assert compare_results(base, cur)["passed"]
+    cur["metadata"].update({"frozen_layers": [], "no_wgrad_layers": [last]})
+    assert compare_results(base, cur)["passed"]
+    cur["metadata"]["no_dgrad_layers"] = []
+    assert [v["layer"] for v in compare_results(base, cur)["violations"]] == [first]
