@@ -47,13 +47,17 @@ class GemmCall:
     kind: str = "linear"
     op: str = "linear"
     b_is_weight: bool = True
-    #: the weight is a frozen parameter (requires_grad False while others train): training runs no wgrad GEMM for it
-    frozen: bool = False
     #: whether training computes the gradient of ``activation`` (the dgrad GEMM) and of ``weight`` (wgrad): an
     #: operand that requires no gradient in the model's forward gets none. A has none when it is the model's input
     #: data or was computed from it by frozen layers only (the first layer of an MLP on features, a trained head
     #: on a frozen backbone); B when it is a frozen weight or a buffer/constant operand of a matmul.
     grads: tuple[bool, bool] = (True, True)
+
+    @property
+    def frozen(self) -> bool:
+        """The weight is a frozen parameter (requires_grad False while others train): training runs no wgrad GEMM
+        for it. (capture_batch lets exactly the trained parameters require grad.)"""
+        return self.b_is_weight and not self.grads[1]
 
     def runs(self, gemm: str) -> bool:
         """Whether training runs ``gemm`` ("fprop", "dgrad", "wgrad") of this call: fprop always, dgrad/wgrad when
@@ -92,12 +96,11 @@ class GradsRun:
         return {"no_dgrad": self.reached and not self.dgrad, "no_wgrad": self.reached and not self.wgrad}
 
 
-def backward_meta(layers: Any) -> dict[str, list[str]]:
-    """Results metadata naming the layers whose backward GEMMs training does not run, from a layers table (its
-    ``frozen``/``no_dgrad``/``no_wgrad`` columns): ``frozen_layers`` (frozen weights: no wgrad), ``no_dgrad_layers``
+def backward_meta(rows: list[dict]) -> dict[str, list[str]]:
+    """Results metadata naming the layers whose backward GEMMs training does not run, from the layers table's
+    records (their ``frozen``/``no_dgrad``/``no_wgrad``): ``frozen_layers`` (frozen weights: no wgrad), ``no_dgrad_layers``
     (an input that needs no gradient) and ``no_wgrad_layers`` (a second operand that needs none, frozen weights
     left to frozen_layers)."""
-    rows = layers.to_dict("records") if hasattr(layers, "to_dict") else list(layers)
     return {"frozen_layers": [r["layer"] for r in rows if r.get("frozen")],
             "no_dgrad_layers": [r["layer"] for r in rows if r.get("no_dgrad")],
             "no_wgrad_layers": [r["layer"] for r in rows if r.get("no_wgrad") and not r.get("frozen")]}
@@ -226,10 +229,8 @@ class _Recorder(GemmHandler):
     """
 
     def __init__(self, pattern: re.Pattern | None, on_call: Callable[[GemmCall], None], token: torch.Tensor,
-                 immediate: bool = False, frozen: frozenset[int] = frozenset()) -> None:
+                 immediate: bool = False) -> None:
         self.pattern = pattern
-        self.frozen = frozen  # ids of the frozen parameters (frozen_parameters)
-        self.frozen_sites: set[int] = set()
         self.grads: dict[int, tuple[bool, bool]] = {}  # per pending call: do A and B require a gradient (GemmCall.grads)
         self.on_call = on_call
         self.token = token
@@ -253,20 +254,20 @@ class _Recorder(GemmHandler):
         """Register one GEMM; returns the output the model should continue with (tapped when it has a gradient)."""
         self.count += 1
         self.pending[site.index] = site
-        if self.frozen and site.b_is_weight:  # (the weight itself, or a view of it: weight.t() in addmm)
-            b = site.b if site.b._base is None else site.b._base
-            if id(b) in self.frozen:
-                self.frozen_sites.add(site.index)
         if self.immediate:
             self.deliver(site.index, None)
             return y
+        if torch.is_grad_enabled():
+            # Read now: the operands' autograd state as the model's forward made it (the conv site's raw input
+            # counts). capture_batch lets exactly the trained parameters require grad, so a weight operand that
+            # requires none, the parameter or a view of it (weight.t() in addmm), is a frozen one. (With autograd
+            # off inside the forward even a trained weight's view requires none: nothing is read there.)
+            self.grads[site.index] = (site.a.requires_grad, site.b.requires_grad)
         if not (isinstance(y, torch.Tensor) and y.requires_grad):
             if not torch.is_grad_enabled():
                 self.no_grad.append(site.name)
             return y
         self.tapped += 1
-        # (read now: the operands' autograd state as the model's forward made it; the conv site's raw input counts)
-        self.grads[site.index] = (site.a.requires_grad, site.b.requires_grad)
         return _GradTap.apply(y, self.token, functools.partial(self.deliver, site.index))
 
     def deliver(self, index: int, grad: torch.Tensor | None) -> None:
@@ -276,9 +277,8 @@ class _Recorder(GemmHandler):
         g = None if grad is None else site.grad_to_gemm(grad.detach()).detach()
         bias = site.bias if isinstance(site.bias, torch.Tensor) and site.bias.dim() == 1 else None
         call = GemmCall(site.name, a.detach(), b.detach(), None if bias is None else bias.detach(), g, site.index,
-                        site.kind, site.op, site.b_is_weight, frozen=index in self.frozen_sites,
+                        site.kind, site.op, site.b_is_weight,
                         grads=self.grads.pop(index, (True, True)))
-        self.frozen_sites.discard(index)
         del site, a, b, g
         self.untrimmed += sum(t.numel() for t in (call.activation, call.weight, call.grad_output) if t is not None)
         self.on_call(call)
@@ -459,15 +459,6 @@ def trained_parameters(model: Any) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in floats if p.requires_grad] or floats
 
 
-def frozen_parameters(model: Any, trained: list[torch.Tensor]) -> frozenset[int]:
-    """The ids of ``model``'s float parameters outside ``trained`` (trained_parameters): their GEMMs have no
-    wgrad in training (a frozen backbone, LoRA's base weights), so none is analysed."""
-    if not isinstance(model, nn.Module):
-        return frozenset()
-    ids = {id(p) for p in trained}
-    return frozenset(id(p) for p in model.parameters() if p.is_floating_point() and id(p) not in ids)
-
-
 # GEMM names listed when --layers matches none of them.
 LIST_LAYERS = 12
 
@@ -588,8 +579,7 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
     # nothing trained before it, so no dgrad for it either. Parameter .grad is never written: gradients are
     # taken only w.r.t. the GEMM outputs.
     trained = [p for _, p in trained_parameters(model)]
-    rec = _Recorder(pattern, on_call, token, immediate=not grad,
-                    frozen=frozen_parameters(model, trained) if grad else frozenset())
+    rec = _Recorder(pattern, on_call, token, immediate=not grad)
     batch = Batch(_to_device(tuple(batch.args), dev), _to_device(dict(batch.kwargs), dev))
     if not grad:
         with torch.no_grad():

@@ -846,7 +846,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         metadata["streaming"] = streaming.summary(run.module)
     tables_started = time.perf_counter()
     tables = {**analysis.tables(), "coverage": run.coverage.table()}
-    metadata.update(backward_meta(tables["layers"]))
+    metadata.update(backward_meta(tables["layers"].to_dict("records")))
     replay_parts, replay_kinds, replay_strategies = analysis.timings()
     timings = {"capture_s": stream_s - sum(replay_kinds.values()),
                **{f"{part}_s": sec for part, sec in replay_parts.items()},
