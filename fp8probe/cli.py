@@ -196,6 +196,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     obj = ctx.ensure_object(dict)
     obj["debug"] = debug
+    # The backends only test FP8PROBE_BACKEND == "reference" (at every op call): a typo would silently run
+    # the kernels the user meant to rule out.
+    backend = os.environ.get("FP8PROBE_BACKEND")
+    if backend not in (None, "", "reference"):
+        raise UsageFailure(f"FP8PROBE_BACKEND must be 'reference' (the PyTorch reference on every device) or unset "
+                           f"(the CPU and CUDA kernels where they apply), got {backend!r}")
 
 
 class FiniteFloat(click.ParamType):

@@ -84,3 +84,14 @@ def test_a_bad_value_from_the_environment_checked_in_the_command_names_the_varia
     typed = CliRunner().invoke(cli, [command, str(model), "--out", str(tmp_path / "o"),
                                      f"--{option.lower()}", value])
     assert typed.exit_code == 2 and message in typed.stderr and "environment" not in typed.stderr, typed.output
+
+
+@pytest.mark.parametrize("value", ["referense", "Reference", "cuda"])
+def test_an_unknown_backend_is_refused_not_ignored(value: str) -> None:
+    """The backends only test FP8PROBE_BACKEND == "reference": a typo ran the kernels the user meant to rule out."""
+    res = CliRunner().invoke(cli, ["formats"], env={"FP8PROBE_BACKEND": value})
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "FP8PROBE_BACKEND must be 'reference'" in lines[0] and repr(value) in lines[0]
+    for ok in ("reference", ""):
+        assert CliRunner().invoke(cli, ["formats"], env={"FP8PROBE_BACKEND": ok}).exit_code == 0

@@ -271,6 +271,12 @@ def _settings_differ(baseline: Mapping, current: Mapping) -> list[str]:
                      for k in sorted(set(b) | set(c)) if b.get(k) != c.get(k)]
 
 
+def _a(kind: object) -> str:
+    """``kind`` quoted after its article: "an 'analyze'", "a 'sweep-threshold'"."""
+    text = repr(kind)
+    return f"{'an' if str(kind)[:1].lower() in 'aeiou' and str(kind)[:1] else 'a'} {text}"
+
+
 def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = None) -> dict:
     """Per-layer deltas of SQNR, outlier columns and underflow between two results dicts, and gate verdicts.
 
@@ -284,7 +290,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     validate_results(baseline, "baseline")
     validate_results(current, "current")
     if baseline["kind"] != current["kind"]:
-        raise ValueError(f"cannot compare a {baseline['kind']!r} result with a {current['kind']!r} result: compare "
+        raise ValueError(f"cannot compare {_a(baseline['kind'])} result with {_a(current['kind'])} result: compare "
                          "the results of one command (analyze with analyze, a sweep with the same sweep)")
     base_l, cur_l = _layers(baseline), _layers(current)
     if not base_l:

@@ -114,7 +114,7 @@ def load_results(path: str | Path) -> dict:
     try:
         data = parse_results_json(text, str(path))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); expected an fp8probe results file") from None
+        raise ValueError(f"{path} is not JSON ({exc.msg}: line {exc.lineno} column {exc.colno}); expected an fp8probe results file") from None
     validate_results(data, source=str(path))
     return data
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -128,11 +129,20 @@ def test_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("Error:")
 
 
+def test_a_truncated_file_says_where_it_ends(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.json"
+    cut.write_text(DATA.read_text()[:500])
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(cut), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2
+    assert re.search(r"is not JSON \([^()]*: line \d+ column \d+\)", res.output), res.output
+    assert "at at" not in res.output
+
+
 def test_kind_mismatch_and_bad_gate_exit_2(base: dict, tmp_path: Path) -> None:
     other = copy.deepcopy(base)
     other["kind"] = "sweep-threshold"
     res = CliRunner().invoke(cli, ["compare", str(DATA), _write(tmp_path, "o.json", other), "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "cannot compare" in res.output
+    assert res.exit_code == 2 and "cannot compare an 'analyze' result with a 'sweep-threshold' result" in res.output
     res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--max-sqnr-drop", "-1", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--max-sqnr-drop" in res.output
 
