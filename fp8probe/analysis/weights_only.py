@@ -586,7 +586,8 @@ def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elemen
 
     W: [out, in] ([in, out] with ``transposed``; a conv kernel [out, in/groups, k…] is analysed as
     [out, in/groups·k…]); float8 is
-    analysed as float32 (exact), other dtypes as stored — as a full analysis sees a model in that dtype.
+    analysed as float32 (exact), other dtypes as stored — as a full analysis sees a model in that dtype: a float64
+    weight is quantised as float32 (strategies.quantisable) and its error measured against the float64 values.
     Returns {"stats": TensorStats, "operands": {strategy: OperandAccumulator},
     "blocks": {strategy: _BlockScales} (row/block-scaled recipes), "row_amax", "col_amax" (float64)}.
     Numbers equal a full analysis' weight rows: with one chunk the calls are the same; with several,
@@ -619,12 +620,13 @@ def analyse_weight(W: torch.Tensor, strategies: Sequence[Strategy], chunk_elemen
         row_amax.append(a.amax(dim=1))
         col_amax = a.amax(dim=0) if col_amax is None else torch.maximum(col_amax, a.amax(dim=0))
         del a
+        xq = quantisable(x)  # a float64 weight as float32, as run_strategy gives it to the recipes
         for name, wq in quantizers.items():
-            q, sat = _quantize_chunk(wq.quantize, x, pin if wq.scaling == "tensor" or wq.tensor_scale else None,
+            q, sat = _quantize_chunk(wq.quantize, xq, pin if wq.scaling == "tensor" or wq.tensor_scale else None,
                                      wq.block[0] if wq.tensor_scale else 1)
-            operands[name].update(x, q, sat)
+            operands[name].update(xq, q, sat)
             if name in blocks:
-                blocks[name].update(x, sat)
+                blocks[name].update(xq, sat)
             del q, sat
         # glibc keeps freed chunk-sized buffers in its heap and fragments it: without handing them
         # back, the working set grew to ~350-490 MiB over a 64 MiB weight (measured, 1M-element chunks).

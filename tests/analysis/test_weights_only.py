@@ -43,12 +43,12 @@ def _weight_rows(results: Results, table: str) -> dict[tuple, dict]:
 
 @pytest.fixture(scope="module")
 def tiny() -> dict:
-    """The tiny encoder, its batches and a full analysis with every strategy (float32 and bfloat16)."""
+    """The tiny encoder, its batches and a full analysis with every strategy (float32, bfloat16, float64)."""
     sys.path.insert(0, str(HERE))
     from tiny_factory import build
 
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
         model, batches = build()
         model = model.to(dtype)
         out[dtype] = {"model": model, "full": analyze(model, batches, ALL)}
@@ -77,10 +77,12 @@ def _write(model: torch.nn.Module, kind: str, root: Path) -> Path:
 
 @pytest.mark.parametrize("kind,dtype", [("pt", torch.float32), ("pt", torch.bfloat16), ("legacy", torch.float32),
                                         ("safetensors", torch.float32), ("sharded", torch.bfloat16),
-                                        ("directory", torch.float32)])
+                                        ("directory", torch.float32), ("pt", torch.float64),
+                                        ("safetensors", torch.float64)])
 def test_weight_rows_equal_a_full_analysis(tiny, tmp_path, kind: str, dtype: torch.dtype) -> None:
     """Operand, tensor-statistics and histogram rows of the weight are those of a full analyze of the same
-    model, number for number, under the same layer names."""
+    model, number for number, under the same layer names. A float64 checkpoint's weights go into every recipe
+    as float32, as a float64 model's do (int8 and switchback refused float64 weights)."""
     full = tiny[dtype]["full"]
     path = _write(tiny[dtype]["model"], kind, tmp_path / kind)
     wo = analyze_weights(path, ALL)
