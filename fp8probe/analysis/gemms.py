@@ -447,7 +447,10 @@ class _Interceptor:
     def einsum(self, original: Callable, equation: str, operands: list) -> Any:
         parsed = _parse_einsum(equation, operands)
         if isinstance(parsed, str):
-            flops = _einsum_flops(equation, operands)
+            flops, gemms = _einsum_contractions(equation, operands)
+            if len(operands) > 2 and gemms and _is_float(*operands):
+                parsed = (f"einsum of {len(operands)} operands: torch runs it as {gemms} pairwise GEMM"
+                          f"{'s' if gemms != 1 else ''} (written as einsums of two operands, each is captured)")
             return self.other("einsum", flops, parsed, original)
         x, y = operands
         (perm_a, perm_b, m, n, k, bt, out_dims, out_perm) = parsed
@@ -661,15 +664,53 @@ def _parse_einsum(equation: str, operands: list) -> tuple | str:
             [size[c] for c in gemm_order], out_perm)
 
 
-def _einsum_flops(equation: str, operands: list) -> float:
+def _einsum_path(n: int, shapes: list[tuple[int, ...]], equation: str) -> list[tuple[int, int]]:
+    """The pairs torch.einsum contracts, as positions in its shrinking operand list (each result appended at the
+    end, opt_einsum's convention): opt_einsum's path when torch uses it (installed and
+    torch.backends.opt_einsum.enabled), else left to right (torch's own order: operand 0 with 1, the result
+    with 2, ...: after the first pair the next operand is at 0 and the result last)."""
+    opt = torch.backends.opt_einsum
+    if n > 2 and opt.is_available() and opt.enabled:
+        try:
+            path, _ = opt.get_opt_einsum().contract_path(equation, *shapes, shapes=True, optimize=opt.strategy)
+            if all(len(pair) == 2 for pair in path):
+                return [tuple(pair) for pair in path]
+        except Exception:  # noqa: BLE001 - an equation opt_einsum does not take: torch's own order below
+            pass
+    return [(0, 1)] + [(0, m - 1) for m in range(n - 1, 1, -1)]
+
+
+def _einsum_contractions(equation: str, operands: list) -> tuple[float, int]:
+    """(FLOPs, GEMMs) of an einsum torch does not run as one GEMM here: the pairwise contractions torch makes
+    (_einsum_path): one that sums an index is a bmm of 2 · the product of the sizes of every index of its two
+    operands (M·N·K·batch); one that sums none is an elementwise or outer product (torch multiplies, no GEMM,
+    no FLOPs), as torch's FLOP counter counts them. The product of all index sizes at once, counted before,
+    overstated a three-operand chain by the size of the index its two contractions do not share (32x on
+    [32, 64] · [64, 64] · [64, 64])."""
     terms = _einsum_terms(equation, operands)
     if isinstance(terms, str) or len(operands) < 2:
-        return 0.0
+        return 0.0, 0
+    ins, out = terms
     size: dict[str, int] = {}
-    for term, t in zip(terms[0], operands):
-        if isinstance(t, torch.Tensor) and t.dim() == len(term):
-            size.update({c: t.shape[i] for i, c in enumerate(term)})
-    return 2.0 * math.prod(size.values())
+    for term, t in zip(ins, operands):
+        if t.dim() == len(term):
+            size.update({c: t.shape[i] for i, c in enumerate(term) if t.shape[i] != 1 or c not in size})
+    # an index of one operand only (and not of the output) is summed out of that operand first: no GEMM
+    live = [{c for c in term if c in out or any(c in other for k, other in enumerate(ins) if k != i)}
+            for i, term in enumerate(ins)]
+    flops, gemms = 0.0, 0
+    for i, j in _einsum_path(len(live), [tuple(t.shape) for t in operands], equation):
+        if max(i, j) >= len(live):
+            break
+        a, b = live[i], live[j]
+        live = [t for k, t in enumerate(live) if k not in (i, j)]
+        union = a | b
+        keep = {c for c in union if c in out or any(c in t for t in live)}
+        if union - keep:  # an index summed here: a bmm
+            flops += 2.0 * math.prod(size.get(c, 1) for c in union)
+            gemms += 1
+        live.append(keep)
+    return flops, gemms
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,7 +793,9 @@ def _dispatch(icp: _Interceptor, func: Any, args: tuple, kwargs: dict, original:
                   else "fused attention kernel (export without decompositions to capture it)"
                   if op.startswith("scaled_dot_product")
                   else f"{op}: a chain of GEMMs in one call (written as matmuls, each is captured)"
-                  if op in ("multi_dot", "chain_matmul") else f"{op} has no GEMM normal form")
+                  if op in ("multi_dot", "chain_matmul")
+                  else "recurrent layer: its GEMMs run inside one fused op (not captured)"
+                  if op in _RECURRENT or op in _RECURRENT_CELLS else f"{op} has no GEMM normal form")
         return icp.other(op, _other_flops(op, args), reason, original)
     return NotImplemented
 
@@ -779,6 +822,17 @@ def _other_flops(op: str, args: tuple) -> float:
             mats = [t for t in (args[0] if args and isinstance(args[0], (list, tuple)) else ts)
                     if isinstance(t, torch.Tensor)]
             return _chain_flops(mats)
+        if op in _RECURRENT_CELLS and len(ts) >= 3:  # (input, hx, w_ih, w_hh, b_ih, b_hh); an LSTM's hx is a tuple
+            x = args[0]
+            rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+            return 2.0 * rows * sum(w.numel() for w in args[2:4] if isinstance(w, torch.Tensor))
+        if op in _RECURRENT and len(args) >= 4:
+            # (input, hx, params, ...) or, packed, (data, batch_sizes, hx, params, ...): every 2-D parameter
+            # (w_ih, w_hh, an LSTM's w_hr; each layer and direction) multiplies every token once
+            packed = isinstance(args[1], torch.Tensor) and not args[1].is_floating_point()
+            x, params = args[0], args[3 if packed else 2]
+            rows = x.shape[0] if packed else x.numel() // max(x.shape[-1], 1)
+            return 2.0 * rows * sum(w.numel() for w in params if isinstance(w, torch.Tensor) and w.dim() == 2)
         if op == "tensordot" and len(ts) >= 2:  # (one whose dims did not resolve: 2 · every index once)
             return 2.0 * math.sqrt(float(ts[0].numel()) * ts[1].numel())
     except (IndexError, RuntimeError, TypeError):
@@ -851,6 +905,14 @@ _OTHER = {torch.mv: "mv", T.mv: "mv", aten.mv.default: "mv", torch.dot: "dot", T
           # GEMMs that already run in low precision (an FP8/INT8 model): nothing to simulate
           torch._scaled_mm: "_scaled_mm", aten._scaled_mm.default: "_scaled_mm", torch._int_mm: "_int_mm",
           aten._int_mm.default: "_int_mm"}
+# Recurrent layers (nn.LSTM / GRU / RNN and their cells): every GEMM of the layer runs inside one fused op, so
+# none can be replayed on its own; counted with their FLOPs, never silently left out of the coverage.
+_RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+_RECURRENT_CELLS = tuple(f"{n}_cell" for n in _RECURRENT)
+for _n in _RECURRENT + _RECURRENT_CELLS:
+    _OTHER[getattr(torch._VF, _n)] = _n
+    for _overload in getattr(aten, _n).overloads():
+        _OTHER[getattr(getattr(aten, _n), _overload)] = _n
 # Fused attention kernels left in a graph exported with decompositions: counted, not decomposed.
 _OTHER.update({getattr(aten, n).default: n.lstrip("_") for n in ("_scaled_dot_product_flash_attention",
                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
