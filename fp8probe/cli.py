@@ -296,11 +296,14 @@ def _check_out_on_main(world: "object", out: Path, kind: str, overwrite: bool) -
 def _warn_no_gradient(results: "object") -> None:
     """One stderr line when the loss did not reach the weights (the results then hold fprop only), and one
     naming the frozen layers (no wgrad rows) and one the backward GEMMs training does not run (no rows)."""
-    from fp8probe.report.verdict import frozen_text, not_run_text
+    from fp8probe.report.verdict import frozen_text, not_run_text, untrained_batchnorm_text
 
     loss = results.metadata.get("loss") or {}
     if loss.get("no_gradient"):
         click.echo(f"warning: {_printable(loss['no_gradient'])}", err=True)
+    bn = untrained_batchnorm_text(results.metadata)
+    if bn:
+        click.echo(f"warning: {_printable(bn)}", err=True)
     for text in (frozen_text(results.metadata), not_run_text(results.metadata)):
         if text:
             click.echo(f"note: {_printable(text)}", err=True)

@@ -690,7 +690,24 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "layers_regex": run.layers,
         "coverage": run.coverage.summary(),
         **({"ranks": distributed.current().size} if distributed.current().size > 1 else {}),
+        **({"untrained_batchnorm": bn} if (bn := untrained_batchnorm(run.module)) else {}),
     }
+
+
+def untrained_batchnorm(model: Any) -> list[str]:
+    """Names of the BatchNorm modules whose running statistics are still their initial mean 0 / variance 1. The
+    model runs in eval mode (loading.py, as for inference and as every export is traced): such a layer then
+    normalises nothing, and the GEMMs after it see activations no training step or deployment would (a
+    freshly initialised model or a factory that never ran a batch). A trained layer never has exactly these."""
+    if not isinstance(model, nn.Module):
+        return []
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats \
+                and m.running_mean is not None and m.running_var is not None \
+                and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()):
+            names.append(name or type(m).__name__)
+    return names
 
 
 def _stage_lines() -> StageFn:

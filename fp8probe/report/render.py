@@ -18,7 +18,7 @@ from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_NO_FINITE_REFERENCE, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
 from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
-                                     coverage_line, frozen_text, gemm_sites_text, not_run_text, inputs_text, isolated_headline, keep_list,
+                                     coverage_line, frozen_text, gemm_sites_text, not_run_text, untrained_batchnorm_text, inputs_text, isolated_headline, keep_list,
                                      keep_set_searched, kl_far_ratio, little_gain, little_gain_text, low_output_sqnr,
                                      low_output_sqnr_text, lp_share_text, not_searched_why, pct, signed_pct, split_notes,
                                      strategies_text, verdict_lines)
@@ -1666,6 +1666,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "no_gradient": str(loss.get("no_gradient") or ""),
         "frozen": frozen_text(meta),
         "not_run": not_run_text(meta),
+        "untrained_bn": untrained_batchnorm_text(meta),
         "n_layers": len(layers),
         # (GEMMs of two activations, attention QKᵀ / PV and matmuls, are GEMM sites but not linear layers)
         "n_activation_gemms": sum(1 for r in tables["layers"] if r.get("b_is_weight") is False),

@@ -183,6 +183,19 @@ def not_run_text(metadata: Mapping) -> str:
     return "training runs " + "; and ".join(parts) + ", so these GEMMs are not analysed"
 
 
+def untrained_batchnorm_text(metadata: Mapping) -> str:
+    """The BatchNorm layers that still have their initial running statistics (metadata.untrained_batchnorm, "" for
+    none): the model runs in eval mode, so they normalise nothing and what follows them is not what a trained
+    model computes."""
+    names = metadata.get("untrained_batchnorm") or []
+    if not names:
+        return ""
+    return (f"{len(names)} BatchNorm layer(s) still have their initial running statistics (mean 0, variance 1): "
+            f"{_names(names)}. The model runs in eval mode, as for inference, so they normalise nothing and the "
+            "GEMMs after them see unnormalised activations; analyse a trained checkpoint, or one whose BatchNorm "
+            "statistics were updated on real batches")
+
+
 def inputs_shape_text(metadata: Mapping) -> str:
     """"2 batch(es) of 1 x 64 tokens" (token ids found) or "2 batch(es) of x 8 x 3 x 32 x 32, y 8" (the first batch's
     tensors) from metadata.input_shapes, "" for results written before it: what a user's inputs file held, as the

@@ -283,3 +283,55 @@ def test_gemms_training_does_not_run_are_not_analysed(tmp_path, monkeypatch) -> 
     assert out.exit_code == 0, out.output
     assert "note: training runs no dgrad for 1 layer(s) whose input needs no gradient" in out.output
     assert ": fc1; and no wgrad for 1 GEMM(s)" in out.output
+
+
+def test_batchnorm_at_its_initial_statistics_is_named(tmp_path) -> None:
+    """Every loaded model runs in eval mode: a BatchNorm layer that never saw a batch (a freshly initialised model)
+    then normalises nothing, and the GEMM after it saw activations ~7x larger than training's, with LLM.int8()
+    outlier columns training never has, and nothing said so. The run names such layers (metadata, CLI, report);
+    trained statistics, a BatchNorm without running statistics or one in train mode (the Python API) are fine."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fp8probe.cli import cli
+    from fp8probe.report.render import render_report
+
+    (tmp_path / "bnmodel.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build(trained=False):\n"
+        "    torch.manual_seed(0)\n"
+        "    model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 8))\n"
+        "    x = torch.randn(16, 32) * 5 + 20\n"
+        "    if trained:\n"
+        "        model.train()\n"
+        "        with torch.no_grad():\n"
+        "            for _ in range(20):\n"
+        "                model(x)\n"
+        "    return model, [x]\n\n"
+        "def trained():\n"
+        "    return build(True)\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["analyze", f"{tmp_path / 'bnmodel.py'}:build", "-s", "int8", "--no-e2e",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    warning = [ln for ln in res.stderr.splitlines() if "initial running statistics" in ln]
+    assert len(warning) == 1 and warning[0].startswith("warning: 1 BatchNorm layer(s)") and ": 1." in warning[0]
+    assert "eval mode" in warning[0]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["metadata"]["untrained_batchnorm"] == ["1"]
+    assert "initial running statistics (mean 0, variance 1): 1." in (out / "index.html").read_text()
+    render_report(doc, tmp_path / "again.html")  # (the report command, from the JSON)
+    assert "initial running statistics" in (tmp_path / "again.html").read_text()
+    res = CliRunner().invoke(cli, ["analyze", f"{tmp_path / 'bnmodel.py'}:trained", "-s", "int8", "--no-e2e",
+                                   "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    assert "BatchNorm" not in res.stderr
+    assert "untrained_batchnorm" not in json.loads((tmp_path / "o2" / "results.json").read_text())["metadata"]
+    torch.manual_seed(1)
+    no_stats = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 4)).eval()
+    assert "untrained_batchnorm" not in analyze(no_stats, [torch.randn(4, 8)], "int8", e2e=False).metadata
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    assert "untrained_batchnorm" not in analyze(fresh, [torch.randn(4, 8)], "int8", e2e=False).metadata  # train mode
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).eval()  # (that run updated them)
+    assert analyze(fresh, [torch.randn(4, 8)], "int8", e2e=False).metadata["untrained_batchnorm"] == ["1"]
