@@ -703,9 +703,11 @@ def untrained_batchnorm(model: Any) -> list[str]:
         return []
     names = []
     for name, m in model.named_modules():
+        stats = (getattr(m, "running_mean", None), getattr(m, "running_var", None))
+        # (plain tensors only: a streamed model's buffers not yet loaded are on the meta device)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats \
-                and m.running_mean is not None and m.running_var is not None \
-                and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()):
+                and all(type(t) is torch.Tensor and not t.is_meta for t in stats) \
+                and bool((stats[0] == 0).all()) and bool((stats[1] == 1).all()):
             names.append(name or type(m).__name__)
     return names
 
