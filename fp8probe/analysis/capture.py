@@ -463,10 +463,15 @@ def trained_parameters(model: Any) -> list[tuple[str, torch.Tensor]]:
 LIST_LAYERS = 12
 
 
-def _nothing_captured(pattern: re.Pattern | None, seen: list[str], kinds: tuple[str, ...]) -> str:
-    """Why nothing was captured, naming the model's GEMMs when --layers filtered all of them out."""
+def _nothing_captured(pattern: re.Pattern | None, seen: list[str], kinds: tuple[str, ...],
+                      skipped: dict[str, int] | None = None) -> str:
+    """Why nothing was captured, naming the model's GEMMs when --layers filtered all of them out, and the GEMMs it
+    ran but could not capture (``skipped``: Coverage.summary's "op: reason" → calls; an LSTM, a complex linear)."""
     selected = f" (GEMM kinds selected: {', '.join(kinds)})"
     if pattern is None:
+        if skipped:
+            ran = "; ".join(f"{n} × {why}" for why, n in list(skipped.items())[:LIST_LAYERS])
+            return f"no GEMM was captured: the GEMMs the model ran cannot be analysed: {ran}" + selected
         return "no GEMM was captured: the model ran no GEMM of the selected kinds on these inputs" + selected
     if not seen:
         return (f"no GEMM was captured matching --layers {pattern.pattern!r}: the model ran no GEMM of the selected "
@@ -585,12 +590,12 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
         with torch.no_grad():
             _forward(model, batch, rec, coverage)
         if not rec.count:
-            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds))
+            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds, coverage.summary()["skipped"]))
         return FORWARD_ONLY
     with torch.enable_grad(), params_require_grad(trained):
         output = _forward(model, batch, rec, coverage)
         if not rec.count:
-            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds))
+            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds, coverage.summary()["skipped"]))
         loss, info = choose_loss(output, batch, loss_fn, loss_name, model)
         del output
         if rec.tapped and not loss.requires_grad:

@@ -328,6 +328,13 @@ def _is_float(*ts: Any) -> bool:
     return all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ts)
 
 
+def _not_float(*ts: Any) -> str:
+    """The skip reason of a GEMM whose operands are not all real floating point."""
+    if any(isinstance(t, torch.Tensor) and t.is_complex() for t in ts):
+        return "complex operands (no FP8/INT8 form)"
+    return "non-floating-point operands"
+
+
 class _Interceptor:
     """The op table shared by the eager mode and the graph interpreter: one method per GEMM op."""
 
@@ -370,7 +377,7 @@ class _Interceptor:
     # -- linear / mm family ------------------------------------------------------------------
     def linear(self, original: Callable, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
         if not _is_float(x, w):
-            return self.other("linear", 0.0, "non-floating-point operands", original)
+            return self.other("linear", 0.0, _not_float(x, w), original)
         lead, n, k = x.shape[:-1], w.shape[0], w.shape[-1]
         if x.dim() == 0 or x.shape[-1] != k:
             # Operands that do not fit: torch's own error ("mat1 and mat2 shapes cannot be multiplied (3x13 and
@@ -396,7 +403,7 @@ class _Interceptor:
                beta: float = 1.0, alpha: float = 1.0) -> Any:
         """mm / matmul / bmm / addmm / baddbmm: Y = beta·addend + alpha·(x @ y)."""
         if not _is_float(x, y):
-            return self.other(op, 0.0, "non-floating-point operands", original)
+            return self.other(op, 0.0, _not_float(x, y), original)
         if x.dim() == 0 or y.dim() == 0:
             return original()
         x_vec, y_vec = x.dim() == 1, y.dim() == 1
@@ -484,7 +491,7 @@ class _Interceptor:
              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
              scale: float | None = None, enable_gqa: bool = False) -> Any:
         if not _is_float(q, k, v):
-            return self.other("sdpa", 0.0, "non-floating-point operands", original)
+            return self.other("sdpa", 0.0, _not_float(q, k, v), original)
         if enable_gqa and k.shape[-3] != q.shape[-3]:
             rep = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
@@ -524,7 +531,7 @@ class _Interceptor:
              stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Any:
         nd = w.dim() - 2
         if not _is_float(x, w):
-            return self.other(op, 0.0, "non-floating-point operands", original)
+            return self.other(op, 0.0, _not_float(x, w), original)
         unbatched = x.dim() == nd + 1
         xb = x.unsqueeze(0) if unbatched else x
         ksz = tuple(w.shape[2:])

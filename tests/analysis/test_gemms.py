@@ -602,3 +602,38 @@ def test_a_bare_linear_is_named_after_its_weight_as_its_state_dict_and_a_weights
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     res = analyze_weights(open_checkpoint(tmp_path / "sd.pt"), "global")
     assert res.tables["layers"]["layer"].tolist() == ["weight"]
+
+
+def test_a_model_of_uncapturable_gemms_says_which_ran() -> None:
+    """A model whose GEMMs all ran but none could be captured (an LSTM, a complex linear, an integer conv) was told
+    "the model ran no GEMM of the selected kinds": it ran them, and the message names them with their reasons."""
+    from fp8probe.analysis.loading import LoadError
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    class Complex(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 8, dtype=torch.complex64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.w).abs()
+
+    class IntConv(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.conv1d(x, torch.ones(2, 3, 1, dtype=torch.long)).float()
+
+    torch.manual_seed(14)
+    for model, x, want in [(Recurrent(), torch.randn(3, 2, 8), "1 × gru: recurrent layer"),
+                           (Complex(), torch.randn(3, 8, dtype=torch.complex64),
+                            "1 × linear: complex operands (no FP8/INT8 form)"),
+                           (IntConv(), torch.ones(2, 3, 5, dtype=torch.long), "1 × conv1d: non-floating-point operands")]:
+        with pytest.raises(LoadError, match="no GEMM was captured") as err:
+            analyze(model, [x], "int8", e2e=False)
+        assert f"the GEMMs the model ran cannot be analysed: {want}" in str(err.value)
