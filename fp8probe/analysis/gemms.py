@@ -31,7 +31,8 @@ conv                  conv1d/2d/ implicit GEMM (im2col): a = unfolded patches [N
                       conv3d     kernel reshaped [out, C·k]; groups become the batch dim
 other                 (named)    no GEMM normal form (einsum with more than two operands, mv,
                                  conv_transpose, _scaled_mm, fused attention kernels in a
-                                 decomposed graph, ...): always skipped, with its reason
+                                 decomposed graph, LSTM/GRU/RNN layers and cells, complex
+                                 operands, ...): always skipped, with its reason and FLOPs
 ====================  =========  ===============================================================
 
 Names: a GEMM with a weight is named after that parameter (``layers.0.linear1.weight`` →
