@@ -642,6 +642,24 @@ _LOSS_HELP = ("module:function called as fn(output, batch) -> scalar loss; batch
               "dict's keys / tuple's items (also batch.kwargs, batch.args). Default: the model's own loss, else a "
               "Hugging Face causal LM's next-token loss on input_ids, else the mean of squared outputs")
 
+#: analyze and both sweeps: the mode the loaded model runs in (every loader puts it in eval mode).
+_TRAIN_MODE = _option("--train-mode", is_flag=True,
+                      help="run the model in training mode: dropout on (seeded by --seed, batch by batch: the same masks "
+                           "in every end-to-end run of a batch) and BatchNorm on each batch's statistics [default: eval "
+                           "mode, as for inference]")
+
+
+def _set_mode(loaded: "object", train_mode: bool) -> None:
+    """--train-mode: the loaded eager model into train(); a .pt2 program is refused (it runs as it was traced)."""
+    if not train_mode:
+        return
+    if loaded.kind == "export":
+        raise _bad_option("train_mode", "a torch.export program runs in the mode it was exported in: expected an "
+                          "eager model (a factory, a state_dict with --factory, a Hugging Face directory, a pickled "
+                          "module), got a .pt2 program; export it from model.train() to analyse training mode")
+    loaded.module.train()
+
+
 #: analyze and both sweeps (one definition: the sweeps lacked it while the README promised it to every command).
 _NO_HTML = _option("--no-html", is_flag=True, help="write results.json and CSVs only (render later with fp8probe report)")
 
@@ -756,6 +774,7 @@ def _echo_checkpoint_note(note: str) -> None:
 @_option("--no-grad", is_flag=True,
               help="forward only: capture the fprop GEMMs with no loss and no backward pass (less memory: one layer's "
                    "activations); no dgrad/wgrad rows, no end-to-end runs")
+@_TRAIN_MODE
 @_option("--stream", is_flag=True,
               help="bigger than memory: build MODEL (a Hugging Face directory, or a checkpoint with --factory) with "
                    "its weights on the meta device and read each block's weights from the checkpoint only while it "
@@ -767,7 +786,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | No
                 no_html: bool, threads: int | None, output_format: str, sweeps: bool, include_embeddings: bool,
                 budget_spec: str, no_e2e: bool, sensitivity: str, steps: int, lr: float, optimizer_spec: str | None,
                 int8_row_scale: str, accum_bits: int | None, promote_every: int | None, amax_history: int,
-                amax_compute: str, margin: int, no_grad: bool, stream: bool) -> None:
+                amax_compute: str, margin: int, no_grad: bool, train_mode: bool, stream: bool) -> None:
     """Capture MODEL's GEMMs (linear, matmul, attention, conv) on real inputs and measure each FP8/INT8 recipe's error.
 
     MODEL: a torch.export .pt2 file, a state_dict (with --factory), a pickled nn.Module (with
@@ -838,6 +857,7 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | No
     loaded, read = _load_streamed(model, inputs, factory, trust, note=world.is_main, seq_len=seq_len,
                                   batch_size=batch_size, batches=batches) if stream else \
         _load(model, inputs, factory, trust, seq_len, batch_size, batches)
+    _set_mode(loaded, train_mode)
     batch_list = read.batches
     if world.is_main:
         _echo_checkpoint_note(read.note)
@@ -997,7 +1017,7 @@ def _weights_banner(results: "object") -> None:
 #: analyze options that only act on a model run (activations, gradients, the end-to-end part): a weights-only
 #: analysis says it did not use them rather than dropping them silently.
 _MODEL_RUN_OPTIONS = ("threshold", "batches", "seed", "loss_spec", "no_e2e", "budget_spec", "sensitivity", "steps",
-                      "lr", "optimizer_spec", "no_grad", "gemms", "device")
+                      "lr", "optimizer_spec", "no_grad", "gemms", "device", "train_mode")
 
 
 def _note_unused_options(strategy: str, steps: int, model_run: bool = True, no_e2e: bool = False) -> None:
@@ -1380,6 +1400,7 @@ def _sweep_options(func):
                      help="end-to-end budget for the model-wide value: relative loss change either way (0.01 or 1%) or "
                           "kl:0.01"),
         _option("--no-e2e", is_flag=True, help="skip validating one model-wide value end to end"),
+        _TRAIN_MODE,
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -1449,7 +1470,8 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
                loss_spec: str | None, layers: str | None, gemms: str, batches: int | None, device: str, seed: int,
                out_dir: str | None, overwrite: bool, name: str | None, quiet: bool, threads: int | None,
                output_format: str, include_embeddings: bool = False, budget_spec: str = "0.01",
-               no_e2e: bool = False, int8_row_scale: str | None = None, no_html: bool = False) -> None:
+               no_e2e: bool = False, int8_row_scale: str | None = None, no_html: bool = False,
+               train_mode: bool = False) -> None:
     import json
 
     from fp8probe.analysis.e2e import parse_budget
@@ -1485,11 +1507,15 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
                                "or the Hugging Face directory with --inputs, e.g. a .txt file its tokenizer reads)")
         _sweep_weights(ckpt, values, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
                        run_name=run_name, no_html=no_html)
+        if train_mode:
+            click.echo("note: --train-mode acts on a model run and had no effect: no model was run (weights only)",
+                       err=True)
         return
     with _threads(threads):
         _replay_process()
         loaded, read = _load(model, inputs, factory, _Trust.of(trust_pickle, trust_pickle_model, trust_pickle_inputs),
                              seq_len, batch_size, batches)
+        _set_mode(loaded, train_mode)
         batch_list = read.batches
         if world.is_main:
             _echo_checkpoint_note(read.note)

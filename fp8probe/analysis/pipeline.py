@@ -24,7 +24,8 @@ from fp8probe.backends import cpu as _cpu
 from fp8probe.formats import FORMATS
 
 from . import distributed, streaming
-from .capture import GemmCall, GradsRun, InputsError, LossFn, LossInfo, backward_meta, capture_batch
+from .capture import (GemmCall, GradsRun, InputsError, LossFn, LossInfo, backward_meta, capture_batch,
+                      is_exported_graph)
 from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, StageFn, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .gemms import Coverage, parse_kinds
@@ -557,6 +558,13 @@ class Run:
     loss_name: str | None
     coverage: Coverage = field(default_factory=Coverage)
     grad: bool = True  # False: forward only (capture_batch(grad=False)), fprop GEMMs alone
+    seed: int = 0
+
+    @property
+    def train_mode(self) -> bool:
+        """The model runs in training mode (dropout on, BatchNorm on batch statistics): an eager module left in
+        train() (the Python API, or --train-mode). An exported program runs in the mode it was traced in."""
+        return isinstance(self.module, nn.Module) and self.module.training and not is_exported_graph(self.module)
 
     def stream(self, sink: Any, report: ProgressFn | None = None) -> LossInfo | None:
         """Capture every batch into `sink`, counting coverage; returns the last batch's loss info.
@@ -571,6 +579,8 @@ class Run:
 
         def one(i: int) -> tuple[Any, Coverage, LossInfo]:
             part, cov = sink.fresh(), Coverage(self.coverage.kinds)
+            if self.train_mode:  # batch i's dropout masks: the same on any rank and in every capture pass
+                torch.manual_seed(self.seed + i)
             try:
                 got = capture_batch(self.module, self.batches[i], part, layers=self.layers, loss_fn=self.loss_fn,
                                     loss_name=self.loss_name, device=self.device, coverage=cov, grad=self.grad)
@@ -626,7 +636,7 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
     loss_fn, loss_name = _loss_fn(loss)
     torch.manual_seed(seed)
     return Run(module, batch_list, description, inputs is None, dev, layers, loss_fn, loss_name, Coverage(kinds),
-               grad)
+               grad, seed)
 
 
 def _param_dtype(module: Any) -> str | None:
@@ -690,6 +700,7 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
         "layers_regex": run.layers,
         "coverage": run.coverage.summary(),
         **({"ranks": distributed.current().size} if distributed.current().size > 1 else {}),
+        **({"train_mode": True} if run.train_mode else {}),
         **({"untrained_batchnorm": bn} if (bn := untrained_batchnorm(run.module)) else {}),
     }
 

@@ -1646,6 +1646,8 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
     info = [("model", _model_text(meta)), ("inputs", inputs),
             ("kind", " + ".join(meta.get("merged_kinds") or [results["kind"]])), ("created", meta.get("created", "")),
             ("device", meta.get("device", "")), ("model dtype", meta.get("dtype") or "not recorded"),
+            ("model mode", "train (dropout on, BatchNorm on batch statistics)" if meta.get("train_mode")
+             else "eval (as for inference)"),
             ("CPU threads", meta.get("threads") or "not recorded"), ("batches", meta.get("batches", "")),
             ("seed", meta.get("seed", "")), ("outlier threshold", meta.get("threshold", "")),
             ("GEMMs", gemm_sites_text(len(tables["layers"]), tables, meta)),

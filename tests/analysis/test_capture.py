@@ -335,3 +335,51 @@ def test_batchnorm_at_its_initial_statistics_is_named(tmp_path) -> None:
     assert "untrained_batchnorm" not in analyze(fresh, [torch.randn(4, 8)], "int8", e2e=False).metadata  # train mode
     fresh = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).eval()  # (that run updated them)
     assert analyze(fresh, [torch.randn(4, 8)], "int8", e2e=False).metadata["untrained_batchnorm"] == ["1"]
+
+
+def test_train_mode_runs_dropout_and_batch_statistics(tmp_path) -> None:
+    """--train-mode (analyze and the sweeps): the loaded model runs in train(): dropout on, seeded batch by batch
+    (two runs give the same numbers), BatchNorm on the batch's statistics (the GEMM after it sees normalised
+    activations: no LLM.int8() outlier columns, where eval mode with initial statistics had most columns);
+    metadata and report say so; a .pt2 program is refused, a weights-only run notes it had no effect."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fp8probe.cli import cli
+
+    (tmp_path / "dropmodel.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.Dropout(0.3), nn.Linear(64, 8))\n"
+        "    return model, [torch.randn(16, 32) * 5 + 20, torch.randn(16, 32) * 5 + 20]\n")
+    src = f"{tmp_path / 'dropmodel.py'}:build"
+
+    def run(*extra: str, out: str) -> dict:
+        res = CliRunner().invoke(cli, ["analyze", src, "-s", "int8", "--out", str(tmp_path / out), *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads((tmp_path / out / "results.json").read_text())
+
+    train, again, evald = run("--train-mode", out="t1"), run("--train-mode", out="t2"), run(out="e")
+    assert train["metadata"]["train_mode"] is True and "train_mode" not in evald["metadata"]
+    assert "untrained_batchnorm" not in train["metadata"] and evald["metadata"]["untrained_batchnorm"] == ["1"]
+    assert train["tables"]["gemm"] == again["tables"]["gemm"] and train["tables"]["e2e"] == again["tables"]["e2e"]
+    outliers = {r["layer"]: r["n_outlier_cols"] for r in train["tables"]["outliers"]}
+    assert outliers["3"] == 0 and {r["layer"]: r["n_outlier_cols"] for r in evald["tables"]["outliers"]}["3"] > 32
+    assert "<dt>model mode</dt><dd>train (dropout on" in (tmp_path / "t1" / "index.html").read_text()
+    assert "eval (as for inference)" in (tmp_path / "e" / "index.html").read_text()
+    res = CliRunner().invoke(cli, ["sweep-threshold", src, "--thresholds", "0,6", "--train-mode", "--no-e2e",
+                                   "--out", str(tmp_path / "sw")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "sw" / "results.json").read_text())["metadata"]["train_mode"] is True
+    # a .pt2 program runs as it was traced
+    model = nn.Sequential(nn.Linear(8, 4))
+    torch.export.save(torch.export.export(model.eval(), (torch.randn(2, 8),)), tmp_path / "m.pt2")
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.pt2"), "--train-mode", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "--train-mode" in res.stderr and "exported" in res.stderr
+    # weights only: no model run
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "-s", "int8", "--train-mode",
+                                   "--out", str(tmp_path / "w")])
+    assert res.exit_code == 0 and "--train-mode" in res.stderr and "no model was run" in res.stderr
