@@ -237,6 +237,9 @@ def _analysis_failure(exc: BaseException, inputs: str | None) -> UsageFailure:
     failure.message = f"{source}: {failure.message}"
     if "do not match the exported program" in failure.message:
         failure.message += " (the program takes inputs of the shapes it was exported for)"
+    if "more than 1 value per channel when training" in failure.message:  # (--train-mode)
+        failure.message += (" (in training mode BatchNorm takes each channel's statistics over the batch: use batches "
+                            "of more than one row, or run without --train-mode)")
     return failure
 
 

@@ -303,6 +303,22 @@ def is_exported_graph(model: Any) -> bool:
         n.op == "call_function" and is_gemm_target(n.target) for n in model.graph.nodes)
 
 
+# Ops of an exported graph that carry the mode it was traced in: (overload name, position of its train flag).
+_MODE_OPS = {"aten.dropout.default": 2, "aten.native_dropout.default": 2, "aten.feature_dropout.default": 2,
+             "aten.alpha_dropout.default": 2, "aten.batch_norm.default": 5,
+             "aten._native_batch_norm_legit_functional.default": 5, "aten._native_batch_norm_legit.default": 5}
+
+
+def exported_in_train_mode(gm: torch.fx.GraphModule) -> bool:
+    """Whether a torch.export graph was traced from a module in train(): a dropout or batch-norm node with its
+    train flag set (the GraphModule's own ``training`` attribute says nothing about the program)."""
+    for n in gm.graph.nodes:
+        pos = _MODE_OPS.get(str(n.target)) if n.op == "call_function" else None
+        if pos is not None and len(n.args) > pos and n.args[pos] is True:
+            return True
+    return False
+
+
 def graph_inputs(gm: torch.fx.GraphModule, batch: Batch) -> list:
     """The flat graph inputs of ``batch`` for an exported program's module, checked as calling it would check
     them. ep.module()'s generated forward flattens (args, kwargs) with its pytree spec before the graph (and

@@ -25,7 +25,7 @@ from fp8probe.formats import FORMATS
 
 from . import distributed, streaming
 from .capture import (GemmCall, GradsRun, InputsError, LossFn, LossInfo, backward_meta, capture_batch,
-                      is_exported_graph)
+                      exported_in_train_mode, is_exported_graph)
 from .e2e import (DEFAULT_BUDGET, DEFAULT_LR, SENSITIVITY_MODES, Budget, OptimizerFactory, Runner,
                   SensitivityEstimate, StageFn, check_lr, end_to_end, parse_budget, resolve_optimizer, simulate_training)
 from .gemms import Coverage, parse_kinds
@@ -563,8 +563,10 @@ class Run:
     @property
     def train_mode(self) -> bool:
         """The model runs in training mode (dropout on, BatchNorm on batch statistics): an eager module left in
-        train() (the Python API, or --train-mode). An exported program runs in the mode it was traced in."""
-        return isinstance(self.module, nn.Module) and self.module.training and not is_exported_graph(self.module)
+        train() (the Python API, or --train-mode), or a program exported from one (its dropout / batch-norm nodes)."""
+        if is_exported_graph(self.module):
+            return exported_in_train_mode(self.module)
+        return isinstance(self.module, nn.Module) and self.module.training
 
     def stream(self, sink: Any, report: ProgressFn | None = None) -> LossInfo | None:
         """Capture every batch into `sink`, counting coverage; returns the last batch's loss info.

@@ -265,6 +265,10 @@ def _settings_differ(baseline: Mapping, current: Mapping) -> list[str]:
     int8 = all(set(r.get("metadata", {}).get("strategies") or ()) & _THRESHOLD_RECIPES for r in (baseline, current))
     if int8 and tb is not None and tc is not None and tb != tc:
         differ.append(f"threshold {tb:g} → {tc:g}")
+    # the model's mode (--train-mode): dropout and BatchNorm's statistics change every activation after them
+    mb, mc = ("train" if r.get("metadata", {}).get("train_mode") else "eval" for r in (baseline, current))
+    if mb != mc and not any("weights_only" in r.get("metadata", {}) for r in (baseline, current)):
+        differ.append(f"model mode {mb} → {mc}")
     if not b or not c:
         return differ
     return differ + [f"{k} {json.dumps(b.get(k), sort_keys=True)} → {json.dumps(c.get(k), sort_keys=True)}"
@@ -330,8 +334,9 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     settings = _settings_differ(baseline, current)
     if settings:  # a gate over two different recipes would pass or fail for the wrong reason
         violations.append({"gate": "recipe-settings", "layer": SETTINGS_GATE_LAYER,
-                           "detail": "the runs used different recipe settings (" + "; ".join(settings) + "): the same "
-                                     "strategy names measure different recipes; re-run with the baseline's settings "
+                           "detail": "the runs used different recipe or model settings (" + "; ".join(settings)
+                                     + "): the same strategy names measure different things; re-run with the "
+                                     "baseline's settings "
                                      "or refresh the baseline"})
 
     base_s, cur_s = _sqnr_entries(baseline, "baseline"), _sqnr_entries(current, "current")

@@ -52,6 +52,12 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
         if model is not None and other is not None and other != model:
             raise ResultsError(f"expected results of one model, got {model!r} ({names[base_i]}) and {other!r} ({name}): "
                                "merge runs of the same model only")
+        modes = [("train" if d["metadata"].get("train_mode") else "eval", n)
+                 for d, n in ((base, names[base_i]), (doc, name))
+                 if "weights_only" not in d["metadata"]]  # (weights only: no model run, no mode)
+        if len({m for m, _ in modes}) > 1:
+            raise ResultsError(f"expected runs of one model mode, got {modes[0][0]} mode ({modes[0][1]}) and "
+                               f"{modes[1][0]} mode ({modes[1][1]}): merge runs made with the same --train-mode setting")
         shapes = weight_shapes(tables.get("layers", []))
         differ = [(layer, shapes[layer], theirs) for layer, theirs in
                   weight_shapes(doc["tables"].get("layers", [])).items() if shapes.get(layer, theirs) != theirs]

@@ -372,12 +372,35 @@ def test_train_mode_runs_dropout_and_batch_statistics(tmp_path) -> None:
     res = CliRunner().invoke(cli, ["sweep-threshold", src, "--thresholds", "0,6", "--train-mode", "--no-e2e",
                                    "--out", str(tmp_path / "sw")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "sw" / "results.json").read_text())["metadata"]["train_mode"] is True
-    # a .pt2 program runs as it was traced
-    model = nn.Sequential(nn.Linear(8, 4))
-    torch.export.save(torch.export.export(model.eval(), (torch.randn(2, 8),)), tmp_path / "m.pt2")
+    sweep = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert sweep["metadata"]["train_mode"] is True
+    # a report of one mode only, and a compare gate that names the mode change
+    from fp8probe.report.compare import compare_results
+    from fp8probe.report.merge import ResultsError, merge_results
+
+    assert merge_results([train, sweep])["metadata"]["train_mode"] is True
+    with pytest.raises(ResultsError, match="one model mode, got eval mode .* and train mode"):
+        merge_results([evald, sweep])
+    gate = compare_results(evald, train)
+    assert not gate["passed"] and any("model mode eval → train" in v["detail"] for v in gate["violations"])
+    assert compare_results(train, again)["passed"]
+    # a .pt2 program runs as it was traced: --train-mode is refused, and a program exported from train() says so
+    model = nn.Sequential(nn.Linear(8, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    x = torch.randn(4, 8)
+    torch.export.save(torch.export.export(model.eval(), (x,)), tmp_path / "m.pt2")
+    torch.export.save(torch.export.export(model.train(), (x,)), tmp_path / "t.pt2")
     res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.pt2"), "--train-mode", "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "--train-mode" in res.stderr and "exported" in res.stderr
+    for pt2, mode in (("m.pt2", None), ("t.pt2", True)):
+        res = CliRunner().invoke(cli, ["analyze", str(tmp_path / pt2), "-s", "int8", "--no-e2e", "--out",
+                                       str(tmp_path / f"o-{pt2}")])
+        assert res.exit_code == 0, res.output
+        assert json.loads((tmp_path / f"o-{pt2}" / "results.json").read_text())["metadata"].get("train_mode") is mode
+    # BatchNorm in training mode needs more than one row per batch: said so, not only "check the inputs"
+    torch.save(torch.randn(1, 32), tmp_path / "one.pt")
+    res = CliRunner().invoke(cli, ["analyze", src, "--inputs", str(tmp_path / "one.pt"), "--train-mode", "--out",
+                                   str(tmp_path / "b1")])
+    assert res.exit_code == 2 and "use batches of more than one row, or run without --train-mode" in res.stderr
     # weights only: no model run
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "-s", "int8", "--train-mode",
