@@ -715,6 +715,18 @@ def untrained_batchnorm(model: Any) -> list[str]:
     if not isinstance(model, nn.Module):
         return []
     names = []
+    if is_exported_graph(model):  # (no BatchNorm modules: batch-norm nodes reading buffers of the program)
+        for n in model.graph.nodes:
+            if n.op != "call_function" or str(n.target) != "aten.batch_norm.default" or len(n.args) < 6 \
+                    or n.args[5] is not False or not all(getattr(a, "op", None) == "get_attr" for a in n.args[3:5]):
+                continue
+            try:
+                mean, var = (model.get_buffer(a.target) for a in n.args[3:5])
+            except (AttributeError, RuntimeError):
+                continue
+            if bool((mean == 0).all()) and bool((var == 1).all()):
+                names.append(n.args[3].target.rpartition(".")[0] or str(n.name))
+        return names
     for name, m in model.named_modules():
         stats = (getattr(m, "running_mean", None), getattr(m, "running_var", None))
         # (plain tensors only: a streamed model's buffers not yet loaded are on the meta device)

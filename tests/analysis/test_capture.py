@@ -335,6 +335,16 @@ def test_batchnorm_at_its_initial_statistics_is_named(tmp_path) -> None:
     assert "untrained_batchnorm" not in analyze(fresh, [torch.randn(4, 8)], "int8", e2e=False).metadata  # train mode
     fresh = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).eval()  # (that run updated them)
     assert analyze(fresh, [torch.randn(4, 8)], "int8", e2e=False).metadata["untrained_batchnorm"] == ["1"]
+    # a program exported in eval mode: its batch-norm nodes' buffers
+    from fp8probe.analysis.loading import from_exported_program
+
+    x = torch.randn(4, 8)
+    program = from_exported_program(torch.export.export(fresh, (x,)))
+    assert analyze(program, [x], "int8", e2e=False).metadata["untrained_batchnorm"] == ["1"]
+    trained = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    trained(torch.randn(6, 8))  # (train mode: the statistics move)
+    program = from_exported_program(torch.export.export(trained.eval(), (x,)))
+    assert "untrained_batchnorm" not in analyze(program, [x], "int8", e2e=False).metadata
 
 
 def test_train_mode_runs_dropout_and_batch_statistics(tmp_path) -> None:
