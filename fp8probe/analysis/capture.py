@@ -479,12 +479,12 @@ def trained_parameters(model: Any) -> list[tuple[str, torch.Tensor]]:
 LIST_LAYERS = 12
 
 
-def _nothing_captured(pattern: re.Pattern | None, seen: list[str], kinds: tuple[str, ...],
-                      skipped: dict[str, int] | None = None) -> str:
+def _nothing_captured(pattern: re.Pattern | None, seen: list[str], coverage: Coverage) -> str:
     """Why nothing was captured, naming the model's GEMMs when --layers filtered all of them out, and the GEMMs it
-    ran but could not capture (``skipped``: Coverage.summary's "op: reason" → calls; an LSTM, a complex linear)."""
-    selected = f" (GEMM kinds selected: {', '.join(kinds)})"
+    ran but could not capture (the coverage's skips: an LSTM, a complex linear)."""
+    selected = f" (GEMM kinds selected: {', '.join(coverage.kinds)})"
     if pattern is None:
+        skipped = coverage.summary()["skipped"]
         if skipped:
             ran = "; ".join(f"{n} × {why}" for why, n in list(skipped.items())[:LIST_LAYERS])
             return f"no GEMM was captured: the GEMMs the model ran cannot be analysed: {ran}" + selected
@@ -606,12 +606,12 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
         with torch.no_grad():
             _forward(model, batch, rec, coverage)
         if not rec.count:
-            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds, coverage.summary()["skipped"]))
+            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage))
         return FORWARD_ONLY
     with torch.enable_grad(), params_require_grad(trained):
         output = _forward(model, batch, rec, coverage)
         if not rec.count:
-            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage.kinds, coverage.summary()["skipped"]))
+            raise LoadError(_nothing_captured(pattern, rec.unmatched, coverage))
         loss, info = choose_loss(output, batch, loss_fn, loss_name, model)
         del output
         if rec.tapped and not loss.requires_grad:

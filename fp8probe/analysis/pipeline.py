@@ -707,6 +707,13 @@ def run_metadata(run: Run, *, name: str, model_desc: str | None, inputs_desc: st
     }
 
 
+def _initial_statistics(mean: Any, var: Any) -> bool:
+    """A BatchNorm's running statistics are still their initial mean 0 / variance 1 (plain, loaded tensors only: a
+    streamed model's buffers not yet loaded are on the meta device)."""
+    return all(type(t) is torch.Tensor and not t.is_meta for t in (mean, var)) \
+        and bool((mean == 0).all()) and bool((var == 1).all())
+
+
 def untrained_batchnorm(model: Any) -> list[str]:
     """Names of the BatchNorm modules whose running statistics are still their initial mean 0 / variance 1. The
     model runs in eval mode (loading.py, as for inference and as every export is traced): such a layer then
@@ -724,15 +731,12 @@ def untrained_batchnorm(model: Any) -> list[str]:
                 mean, var = (model.get_buffer(a.target) for a in n.args[3:5])
             except (AttributeError, RuntimeError):
                 continue
-            if bool((mean == 0).all()) and bool((var == 1).all()):
+            if _initial_statistics(mean, var):
                 names.append(n.args[3].target.rpartition(".")[0] or str(n.name))
         return names
     for name, m in model.named_modules():
-        stats = (getattr(m, "running_mean", None), getattr(m, "running_var", None))
-        # (plain tensors only: a streamed model's buffers not yet loaded are on the meta device)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats \
-                and all(type(t) is torch.Tensor and not t.is_meta for t in stats) \
-                and bool((stats[0] == 0).all()) and bool((stats[1] == 1).all()):
+                and _initial_statistics(m.running_mean, m.running_var):
             names.append(name or type(m).__name__)
     return names
 

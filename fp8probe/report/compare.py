@@ -9,7 +9,7 @@ from typing import Any
 
 from fp8probe.report.render import _table, cell, validate_results
 from fp8probe.report.schema import metric_value, weight_shapes
-from fp8probe.report.verdict import strategies_text
+from fp8probe.report.verdict import model_mode, strategies_text
 
 # Defaults of the CI gate. 1 dB of SQNR is a 26 % rise in noise power (10^(1/10) = 1.26): more than
 # run-to-run noise of a seeded capture (which is 0 dB: the pipeline is deterministic on CPU) and
@@ -266,8 +266,8 @@ def _settings_differ(baseline: Mapping, current: Mapping) -> list[str]:
     if int8 and tb is not None and tc is not None and tb != tc:
         differ.append(f"threshold {tb:g} → {tc:g}")
     # the model's mode (--train-mode): dropout and BatchNorm's statistics change every activation after them
-    mb, mc = ("train" if r.get("metadata", {}).get("train_mode") else "eval" for r in (baseline, current))
-    if mb != mc and not any("weights_only" in r.get("metadata", {}) for r in (baseline, current)):
+    mb, mc = (model_mode(r.get("metadata", {})) for r in (baseline, current))
+    if mb is not None and mc is not None and mb != mc:
         differ.append(f"model mode {mb} → {mc}")
     if not b or not c:
         return differ
@@ -336,8 +336,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
         violations.append({"gate": "recipe-settings", "layer": SETTINGS_GATE_LAYER,
                            "detail": "the runs used different recipe or model settings (" + "; ".join(settings)
                                      + "): the same strategy names measure different things; re-run with the "
-                                     "baseline's settings "
-                                     "or refresh the baseline"})
+                                     "baseline's settings or refresh the baseline"})
 
     base_s, cur_s = _sqnr_entries(baseline, "baseline"), _sqnr_entries(current, "current")
     # A baseline row of a GEMM current says training does not run (written before fp8probe knew: a frozen weight's

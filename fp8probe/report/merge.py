@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from fp8probe.report.schema import ResultsError, validate_results, weight_shapes
-from fp8probe.report.verdict import inputs_text
+from fp8probe.report.verdict import inputs_text, model_mode
 
 # Metadata blocks that are per-run dictionaries: merged key by key (the first document's entry wins).
 _DICT_META = ("rules", "recommendations", "formats")
@@ -52,9 +52,8 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
         if model is not None and other is not None and other != model:
             raise ResultsError(f"expected results of one model, got {model!r} ({names[base_i]}) and {other!r} ({name}): "
                                "merge runs of the same model only")
-        modes = [("train" if d["metadata"].get("train_mode") else "eval", n)
-                 for d, n in ((base, names[base_i]), (doc, name))
-                 if "weights_only" not in d["metadata"]]  # (weights only: no model run, no mode)
+        modes = [(model_mode(d["metadata"]), n) for d, n in ((base, names[base_i]), (doc, name))
+                 if model_mode(d["metadata"]) is not None]  # (weights only: no model run, no mode)
         if len({m for m, _ in modes}) > 1:
             raise ResultsError(f"expected runs of one model mode, got {modes[0][0]} mode ({modes[0][1]}) and "
                                f"{modes[1][0]} mode ({modes[1][1]}): merge runs made with the same --train-mode setting")

@@ -18,10 +18,11 @@ from fp8probe.report import figures
 from fp8probe.report.files import atomic_write_text
 from fp8probe.report.schema import NOTE_EXACT, NOTE_NO_FINITE_REFERENCE, NOTE_ZERO_SIGNAL, metric_value, parse_results_json, validate_results
 from fp8probe.report.verdict import (KEEP_16BIT_DB, KL_FAR_RATIO, LOW_GAIN_LP_SHARE, budget_text, build_verdict,
-                                     coverage_line, frozen_text, gemm_sites_text, not_run_text, untrained_batchnorm_text, inputs_text, isolated_headline, keep_list,
+                                     coverage_line, frozen_text, gemm_sites_text, inputs_text, isolated_headline, keep_list,
                                      keep_set_searched, kl_far_ratio, little_gain, little_gain_text, low_output_sqnr,
                                      low_output_sqnr_text, lp_share_text, not_searched_why, pct, signed_pct, split_notes,
-                                     strategies_text, verdict_lines)
+                                     model_mode, not_run_text, strategies_text, untrained_batchnorm_text,
+                                     verdict_lines)
 
 TENSORS = ("activation", "weight", "grad_output")
 # What the report calls the tensor "weight" of a GEMM of two activations (attention QKᵀ / PV, matmuls: K, V, a
@@ -1646,7 +1647,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
     info = [("model", _model_text(meta)), ("inputs", inputs),
             ("kind", " + ".join(meta.get("merged_kinds") or [results["kind"]])), ("created", meta.get("created", "")),
             ("device", meta.get("device", "")), ("model dtype", meta.get("dtype") or "not recorded"),
-            ("model mode", "train (dropout on, BatchNorm on batch statistics)" if meta.get("train_mode")
+            ("model mode", "train (dropout on, BatchNorm on batch statistics)" if model_mode(meta) == "train"
              else "eval (as for inference)"),
             ("CPU threads", meta.get("threads") or "not recorded"), ("batches", meta.get("batches", "")),
             ("seed", meta.get("seed", "")), ("outlier threshold", meta.get("threshold", "")),

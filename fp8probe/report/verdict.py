@@ -183,6 +183,14 @@ def not_run_text(metadata: Mapping) -> str:
     return "training runs " + "; and ".join(parts) + ", so these GEMMs are not analysed"
 
 
+def model_mode(metadata: Mapping) -> str | None:
+    """The mode the model ran in: "train" (metadata.train_mode: --train-mode, or a program exported from train()),
+    "eval", or None for a weights-only run (no model run, no mode)."""
+    if "weights_only" in metadata:
+        return None
+    return "train" if metadata.get("train_mode") else "eval"
+
+
 def untrained_batchnorm_text(metadata: Mapping) -> str:
     """The BatchNorm layers that still have their initial running statistics (metadata.untrained_batchnorm, "" for
     none): the model runs in eval mode, so they normalise nothing and what follows them is not what a trained
