@@ -110,6 +110,7 @@ def test_cli_weights_only_on_a_state_dict(tiny, tmp_path) -> None:
     assert {r["operand"] for r in doc["tables"]["operands"]} == {"weight"}
     html = (tmp_path / "out" / "index.html").read_text()
     assert "activations and gradients were not seen" in html
+    assert "<dt>model mode</dt><dd>none (weights only: no model run)" in html  # (it read "eval (as for inference)")
     # with --inputs the model must be run: the state_dict still needs its factory
     torch.save(torch.zeros(1, 16, dtype=torch.long), tmp_path / "x.pt")
     res = CliRunner().invoke(cli, ["analyze", str(path), "--inputs", str(tmp_path / "x.pt"), "--out",
