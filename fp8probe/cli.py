@@ -909,9 +909,10 @@ def analyze_cmd(model: str, strategy: str, inputs: str | None, seq_len: int | No
     worst = _summary_rows(results)
     n_errors = len(results.tables["errors"]) if "errors" in results.tables else 0
     if output_format == "json":
-        from fp8probe.report.verdict import verdict_lines
+        from fp8probe.report.verdict import model_mode, verdict_lines
 
         click.echo(json.dumps(_json_safe({"results": str(paths["json"]), "html": None if html is None else str(html),
+                                          "model_mode": model_mode(results.metadata),
                                           "loss": results.metadata["loss"], "strategy_errors": n_errors,
                                           "coverage": results.metadata["coverage"],
                                           "verdict": verdict_lines(results.tables, results.metadata),
@@ -1017,8 +1018,8 @@ def _weights_banner(results: "object") -> None:
     click.echo(f"note: {info['note']}", err=True)
 
 
-#: analyze options that only act on a model run (activations, gradients, the end-to-end part): a weights-only
-#: analysis says it did not use them rather than dropping them silently.
+#: Options that only act on a model run (activations, gradients, the end-to-end part), of analyze and the sweeps (each
+#: command's own, through _given): a weights-only run says it did not use them rather than dropping them silently.
 _MODEL_RUN_OPTIONS = ("threshold", "batches", "seed", "loss_spec", "no_e2e", "budget_spec", "sensitivity", "steps",
                       "lr", "optimizer_spec", "no_grad", "gemms", "device", "train_mode")
 
@@ -1064,6 +1065,13 @@ def _given(names: Sequence[str]) -> list[str]:
     return given
 
 
+def _note_model_run_unused(unused: Sequence[str]) -> None:
+    """The weights-only note naming the model-run options the user set (``_given(_MODEL_RUN_OPTIONS)``)."""
+    if unused:
+        click.echo(f"note: {', '.join(unused)} act{'s' if len(unused) == 1 else ''} on a model run and had no effect: "
+                   "no model was run (weights only)", err=True)
+
+
 def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, include_embeddings: bool, out: Path,
                      stale: list[Path], run_name: str, quiet: bool, no_html: bool, output_format: str,
                      sweeps: bool = False, unused: Sequence[str] = ()) -> None:
@@ -1106,12 +1114,11 @@ def _analyze_weights(ckpt: "object", strategy: str, *, layers: str | None, inclu
     if sweeps:
         click.echo("note: --sweeps on weights only: the block-size sweep of the weights is in the results "
                    "(blocksize_sweep); the outlier-threshold sweep needs activations, so it did not run", err=True)
-    if unused:
-        click.echo(f"note: {', '.join(unused)} act{'s' if len(unused) == 1 else ''} on a model run and had no effect: "
-                   "no model was run (weights only)", err=True)
+    _note_model_run_unused(unused)
     if output_format == "json":
         click.echo(json.dumps({"results": str(paths["json"]), "html": None if html is None else str(html),
-                               "mode": "weights-only", "weights_only": results.metadata["weights_only"],
+                               "mode": "weights-only", "model_mode": None,
+                               "weights_only": results.metadata["weights_only"],
                                "worst_weight": [{k: (None if isinstance(v, float) and v != v else v)
                                                  for k, v in r.items()} for r in worst]}, indent=1, default=str))
         return
@@ -1483,7 +1490,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.sweeps import sweep_blocksize, sweep_threshold
     from fp8probe.report.render import render_report
-    from fp8probe.report.verdict import THRESHOLD_ZERO, budget_text, pct, signed_pct
+    from fp8probe.report.verdict import THRESHOLD_ZERO, budget_text, model_mode, pct, signed_pct
 
     _check_names(model, factory, loss_spec)
     _check_device(device)
@@ -1509,10 +1516,8 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
                                "sweep-threshold needs the model run on inputs (--factory with --inputs, a .pt2 program, "
                                "or the Hugging Face directory with --inputs, e.g. a .txt file its tokenizer reads)")
         _sweep_weights(ckpt, values, layers=layers, include_embeddings=include_embeddings, out=out, stale=stale,
-                       run_name=run_name, no_html=no_html)
-        if train_mode:
-            click.echo("note: --train-mode acts on a model run and had no effect: no model was run (weights only)",
-                       err=True)
+                       run_name=run_name, no_html=no_html, output_format=output_format,
+                       unused=_given(_MODEL_RUN_OPTIONS))
         return
     with _threads(threads):
         _replay_process()
@@ -1545,7 +1550,7 @@ def _run_sweep(kind: str, model: str, values: list, inputs: str | None, seq_len:
     if output_format == "json":
         value, sqnr = ("blocksize", "sqnr_db") if kind == "sweep-blocksize" else ("threshold", "fprop_sqnr_db")
         click.echo(json.dumps(_json_safe({"results": str(paths["json"]), "html": None if html is None else str(html),
-                                          "rule": rule,
+                                          "model_mode": model_mode(results.metadata), "rule": rule,
                                           "coverage": results.metadata["coverage"],
                                           "recommended": [{"layer": r["layer"], value: r[value], "fprop_sqnr_db": r[sqnr]}
                                                           for r in rec.to_dict("records")]}), indent=1, default=str))
@@ -1596,7 +1601,10 @@ def _warn_nonfinite_operands(metadata: dict) -> None:
 
 
 def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, include_embeddings: bool, out: Path,
-                   stale: list[Path], run_name: str, no_html: bool = False) -> None:
+                   stale: list[Path], run_name: str, no_html: bool = False, output_format: str = "table",
+                   unused: Sequence[str] = ()) -> None:
+    import json
+
     from fp8probe.analysis.loading import LoadError
     from fp8probe.analysis.weights_only import sweep_blocksize_weights
     from fp8probe.report.render import render_report
@@ -1613,12 +1621,23 @@ def _sweep_weights(ckpt: "object", sizes: list[int], *, layers: str | None, incl
     paths = results.save(out)
     html = None if no_html else render_report(results.to_json(), out / "index.html")
     _weights_banner(results)
-    table = results.tables["blocksize_sweep"]
-    click.echo(f"{'layer':<40} {'recommended':>11} {'weight SQNR dB':>14}")
-    for r in table[table["recommended"]].to_dict("records"):
-        click.echo(f"{_printable(r['layer'])[:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>14.2f}")
     _warn_nonfinite_operands(results.metadata)
-    click.echo(f"rule: {results.metadata['recommendations']['blocksize_sweep']}")
+    _note_model_run_unused(unused)
+    table = results.tables["blocksize_sweep"]
+    rec = table[table["recommended"]].to_dict("records")
+    rule = results.metadata["recommendations"]["blocksize_sweep"]
+    if output_format == "json":  # as a model run's sweep prints it, with the weight SQNR in place of fprop's
+        click.echo(json.dumps(_json_safe({"results": str(paths["json"]), "html": None if html is None else str(html),
+                                          "mode": "weights-only", "model_mode": None,
+                                          "weights_only": results.metadata["weights_only"], "rule": rule,
+                                          "recommended": [{"layer": r["layer"], "blocksize": r["blocksize"],
+                                                           "weight_sqnr_db": r["sqnr_db"]} for r in rec]}),
+                              indent=1, default=str))
+        return
+    click.echo(f"{'layer':<40} {'recommended':>11} {'weight SQNR dB':>14}")
+    for r in rec:
+        click.echo(f"{_printable(r['layer'])[:40]:<40} {r['blocksize']:>11} {r['sqnr_db']:>14.2f}")
+    click.echo(f"rule: {rule}")
     click.echo(f"results: {_printable(paths['json'])}" + (f"; report: {_printable(html)}" if html else "; no HTML report written"))
 
 

@@ -101,6 +101,7 @@ def test_analyze_json_carries_the_verdict(tmp_path: Path) -> None:
                    "--out", str(tmp_path / "j"), "--no-html", "--threads", "1", "--no-e2e"])
     doc = json.loads(res.stdout)
     assert doc["verdict"][0].startswith("verdict (isolated GEMMs") and doc["verdict"][1].startswith("isolated int8: ")
+    assert doc["model_mode"] == "eval"  # (as the report's info says; "train" with --train-mode, None weights only)
     assert any(line.startswith("note: no end-to-end run") for line in doc["verdict"])
     # by default the end-to-end run validates the verdict and the JSON carries the recommendation rows
     res = _invoke(["analyze", TINY, "--strategy", "int8", "--batches", "1", "--layers", "fc1", "--format", "json",
@@ -143,7 +144,7 @@ def test_sweeps_accept_quiet_threads_and_json(command: str, extra: list[str], tm
     doc = json.loads(res.stdout)  # stdout is JSON only
     assert Path(doc["results"]).is_file() and Path(doc["html"]).is_file()
     assert {r["layer"] for r in doc["recommended"]} == {"blocks.0.fc1", "blocks.1.fc1"}
-    assert doc["rule"]
+    assert doc["rule"] and doc["model_mode"] == "eval"
 
 
 @pytest.mark.parametrize("command, extra", [("sweep-blocksize", ["--blocksizes", "64,256"]),

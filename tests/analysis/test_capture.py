@@ -380,8 +380,9 @@ def test_train_mode_runs_dropout_and_batch_statistics(tmp_path) -> None:
     assert "<dt>model mode</dt><dd>train (dropout on" in (tmp_path / "t1" / "index.html").read_text()
     assert "eval (as for inference)" in (tmp_path / "e" / "index.html").read_text()
     res = CliRunner().invoke(cli, ["sweep-threshold", src, "--thresholds", "0,6", "--train-mode", "--no-e2e",
-                                   "--out", str(tmp_path / "sw")])
+                                   "--out", str(tmp_path / "sw"), "--format", "json"])
     assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["model_mode"] == "train"
     sweep = json.loads((tmp_path / "sw" / "results.json").read_text())
     assert sweep["metadata"]["train_mode"] is True
     # a report of one mode only, and a compare gate that names the mode change

@@ -550,6 +550,33 @@ def test_weights_only_names_lr_without_steps_in_one_note(tmp_path) -> None:
     assert "note: --margin had no effect here" in res.output and "no --steps" not in res.output
 
 
+def test_weights_only_sweep_prints_json_and_names_unused_options(tmp_path) -> None:
+    """sweep-blocksize on a checkpoint printed its table under --format json (a script's json.loads failed), and
+    --seed / --batches / --no-e2e were dropped without a word (only --train-mode was named)."""
+    gen = torch.Generator().manual_seed(11)
+    torch.save({"a.weight": torch.randn(32, 64, generator=gen), "b.weight": torch.randn(16, 32, generator=gen) * 50},
+               tmp_path / "sd.pt")
+    res = CliRunner().invoke(cli, ["sweep-blocksize", str(tmp_path / "sd.pt"), "--blocksizes", "32,64,128",
+                                   "--format", "json", "--seed", "3", "--batches", "2", "--no-e2e", "--train-mode",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)  # stdout is the JSON alone; the notes are on stderr
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    want = {r["layer"]: r for r in doc["tables"]["blocksize_sweep"] if r["recommended"]}
+    assert out["mode"] == "weights-only" and out["model_mode"] is None and out["results"] == str(tmp_path / "o" /
+                                                                                                 "results.json")
+    assert out["rule"] == doc["metadata"]["recommendations"]["blocksize_sweep"]
+    assert out["weights_only"]["analysed"] == 2
+    assert {r["layer"]: (r["blocksize"], r["weight_sqnr_db"]) for r in out["recommended"]} == {
+        layer: (r["blocksize"], r["sqnr_db"]) for layer, r in want.items()}
+    assert ("note: --batches, --seed, --no-e2e, --train-mode act on a model run and had no effect: no model was run"
+            in res.stderr)
+    table = CliRunner().invoke(cli, ["sweep-blocksize", str(tmp_path / "sd.pt"), "--blocksizes", "32,64,128",
+                                     "--out", str(tmp_path / "t")])
+    assert table.exit_code == 0 and "had no effect" not in table.output
+    assert table.stdout.splitlines()[0].split() == ["layer", "recommended", "weight", "SQNR", "dB"]
+
+
 def test_weights_only_run_warns_of_nan_and_inf_in_the_terminal(tmp_path) -> None:
     """The HTML report had the warning, the terminal (the CI log) did not."""
     gen = torch.Generator().manual_seed(10)
