@@ -121,6 +121,7 @@ class _BlockLayer:
     err: dict[tuple[int, str], ErrorAccumulator] = field(default_factory=dict)
     weight_done: bool = False
     b_is_weight: bool = True
+    tokens: int = 0  # rows of A over batches (analyze's layers.tokens)
     frozen: bool = False  # its weight does not train (GemmCall.frozen): no wgrad rows
     ran: GradsRun = field(default_factory=GradsRun)  # which backward GEMMs training runs (GemmCall.runs)
 
@@ -160,6 +161,7 @@ class _BlocksizeSweep:
             keep_weight = not (acc.weight_done and part.b_is_weight)
             _merge_err(acc.err, part.err, lambda key: key[1] == "weight" and not keep_weight)
             acc.weight_done = acc.weight_done or part.weight_done
+            acc.tokens += part.tokens
             acc.frozen = acc.frozen or part.frozen
             acc.ran.merge(part.ran)
 
@@ -168,6 +170,7 @@ class _BlocksizeSweep:
         acc = self.layers.setdefault(call.name, _BlockLayer(W.shape[-1], W.shape[-2], call.index,
                                                             b_is_weight=call.b_is_weight))
         acc.frozen = call.frozen
+        acc.tokens += A.numel() // max(A.shape[-1], 1)
         acc.ran.add(call)
         if call.name in self.known_weights:
             acc.weight_done = True
@@ -227,6 +230,7 @@ class _BlocksizeSweep:
 @dataclass
 class _ThresholdLayer:
     in_features: int
+    out_features: int
     index: int = 0
     err: dict[float, ErrorAccumulator] = field(default_factory=dict)
     cols: dict[float, float] = field(default_factory=dict)  # Σ over batches of tokens · frac_cols
@@ -264,7 +268,7 @@ class _ThresholdSweep:
 
     def __call__(self, call: GemmCall) -> None:
         A, W = call.activation, call.weight
-        acc = self.layers.setdefault(call.name, _ThresholdLayer(W.shape[-1], call.index))
+        acc = self.layers.setdefault(call.name, _ThresholdLayer(W.shape[-1], W.shape[-2], call.index))
         acc.nonfinite_a += A.numel() - int(torch.isfinite(A).sum())
         if call.b_is_weight:
             acc.nonfinite_w = max(acc.nonfinite_w, W.numel() - int(torch.isfinite(W).sum()))
@@ -348,13 +352,15 @@ def _threshold_meta(ths: list[float], row_scale: str = "bnb") -> dict:
             "extra": {"thresholds": ths, "recipe_options": RecipeOptions(int8_row_scale=row_scale).metadata()}}
 
 
-def _layers_table(sweep_layers: dict, tokens: dict[str, int] | None = None) -> pd.DataFrame:
+def _layers_table(sweep_layers: dict) -> pd.DataFrame:
+    """Each swept GEMM's shape, the rows of A it saw over the batches and get_block_sizes' pick (analyze's
+    layers columns of the same names)."""
     rows = []
     for name, acc in forward_order(sweep_layers):
-        out_f = getattr(acc, "out_features", None)
-        bsz, bsz2 = get_block_sizes(acc.in_features, out_f) if out_f else (None, None)
-        rows.append({"layer": name, "in_features": acc.in_features, "out_features": out_f,
-                     "tokens": (tokens or {}).get(name), "bsz": bsz, "bsz2": bsz2})
+        sized = acc.in_features and acc.out_features  # (get_block_sizes refuses 0 features)
+        bsz, bsz2 = get_block_sizes(acc.in_features, acc.out_features) if sized else (None, None)
+        rows.append({"layer": name, "in_features": acc.in_features, "out_features": acc.out_features,
+                     "tokens": acc.tokens, "bsz": bsz, "bsz2": bsz2})
     return pd.DataFrame(rows)
 
 
@@ -446,8 +452,7 @@ def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] 
     meta = _metadata("sweep-threshold", run, info, name=name, model_desc=model_desc, inputs_desc=inputs_desc,
                      seed=seed, **_threshold_meta(ths, row_scale))
     meta.update(nonfinite_meta(sweep.nonfinite()))
-    tokens = {n: a.tokens for n, a in sweep.layers.items()}
-    tables = {"layers": _layers_table(sweep.layers, tokens), "threshold_sweep": sweep.table(),
+    tables = {"layers": _layers_table(sweep.layers), "threshold_sweep": sweep.table(),
               "coverage": run.coverage.table()}
     if e2e:
         tables["recommendation"] = _validated(run, seed, budget, threshold=tables["threshold_sweep"],
@@ -474,10 +479,9 @@ def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAU
     t_meta = _metadata("sweep-threshold", run, info, **common, **_threshold_meta(ths, row_scale))
     b_meta.update(nonfinite_meta(bsw.nonfinite()))
     t_meta.update(nonfinite_meta(tsw.nonfinite()))
-    tokens = {n: a.tokens for n, a in tsw.layers.items()}
     cov = run.coverage.table()
     b_tables = {"layers": _layers_table(bsw.layers), "blocksize_sweep": bsw.table(), "coverage": cov}
-    t_tables = {"layers": _layers_table(tsw.layers, tokens), "threshold_sweep": tsw.table(), "coverage": cov.copy()}
+    t_tables = {"layers": _layers_table(tsw.layers), "threshold_sweep": tsw.table(), "coverage": cov.copy()}
     if e2e:  # one high-precision reference serves both validations
         rec = _validated(run, seed, budget, b_tables["blocksize_sweep"], t_tables["threshold_sweep"], row_scale)
         b_tables["recommendation"] = rec[rec["kind"] == "blocksize"].reset_index(drop=True)

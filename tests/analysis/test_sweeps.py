@@ -52,6 +52,20 @@ def th_table():
     return res.tables["threshold_sweep"], res
 
 
+def test_sweeps_layers_rows_are_analyze_s(bs_table, th_table) -> None:
+    """The sweeps' layers table left out_features and bsz (threshold sweep) or tokens (block-size sweep) empty; each
+    row now equals analyze's for the same model and batches, and sweep_both's equal the single sweeps'."""
+    from fp8probe.analysis.pipeline import analyze
+    from fp8probe.analysis.sweeps import sweep_both
+
+    cols = ["layer", "in_features", "out_features", "tokens", "bsz", "bsz2"]
+    want = analyze(_model(), _inputs(), "int8", e2e=False).tables["layers"][cols].to_dict("records")
+    assert [r["tokens"] for r in want] == [2 * 4 * 16] * 2 and want[0]["out_features"] == HID
+    both = sweep_both(_model(), _inputs(), blocksizes=(32, 64), thresholds=(0, 6), e2e=False)
+    for res in (bs_table[1], th_table[1], *both):
+        assert res.tables["layers"][cols].to_dict("records") == want, res.kind
+
+
 def test_overhead_is_32_over_blocksize(bs_table) -> None:
     table, _ = bs_table
     for r in table.to_dict("records"):
