@@ -38,31 +38,59 @@ class _FP8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.bsz, self.bsz2, self.compat = bsz, bsz2, compat
         dev = self.weight.device
+        # The codebooks' bits on the CPU (2 KiB): a layer built on the meta device gets real codebooks back where its
+        # weight lands (to_empty, load_state_dict(assign=True)); a meta tensor holds no data to copy.
+        self._code_bits: dict[str, torch.Tensor] = {}
         for name, given, default in (("fw_code", fw_code, "bnb-e4m3"), ("bw_code", bw_code, "bnb-e5m2")):
             if given is None:
-                code = get_codebook(default, dev)
+                self._code_bits[name] = get_codebook(default)
             else:
+                if given.is_meta:
+                    raise ValueError(f"{name} must hold the codebook's values, got a meta tensor")
                 validate_codebook(given)
-                code = given.detach().to(dev, copy=True)
+                self._code_bits[name] = given.detach().to("cpu", copy=True)
             # Non-persistent: follows .to(device) but stays out of state_dict (drop-in checkpoints).
-            self.register_buffer(name, code, persistent=False)
+            self.register_buffer(name, self._code_bits[name].to(dev, copy=True), persistent=False)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_FP8Linear":
         exact = {name: self._buffers[name] for name in _CODEBOOK_BUFFERS if self._buffers.get(name) is not None}
         module = super()._apply(fn, recurse)
         for name, code in exact.items():
-            self._buffers[name] = code.to(self._buffers[name].device)
+            src = self._code_bits[name] if code.is_meta else code  # (to_empty from meta: the bits kept on the CPU)
+            self._buffers[name] = src.to(self._buffers[name].device)
         return module
 
+    def _codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fw_code, bw_code; codebooks still on the meta device when the weight is not (load_state_dict(assign=True)
+        into a layer built on meta: non-persistent buffers are not loaded) are put where the weight is first."""
+        for name in _CODEBOOK_BUFFERS:
+            if self._buffers[name].is_meta and not self.weight.is_meta:
+                self._buffers[name] = self._code_bits[name].to(self.weight.device, copy=True)
+        return self.fw_code, self.bw_code
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.weight.dtype:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got {type(x).__name__}")
+        device_type = x.device.type
+        if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+            # Under autocast, as nn.Linear: the output is in the autocast dtype, whatever the input's. The FP8 casts
+            # read the input in the weight's dtype (an autocast-dtype activation is exact in it; the weight is cast
+            # from its own values, as FP8 training casts its master weights) and the matmul runs with autocast off:
+            # the float32 accumulation of an FP8 GEMM, not a bfloat16 one.
+            with torch.autocast(device_type, enabled=False):
+                out = self._forward(x.to(self.weight.dtype))
+            return out.to(torch.get_autocast_dtype(device_type))
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and x.dtype != self.weight.dtype:
             # (as nn.Linear: the FP8 matmuls run in the input dtype, so the weight must be in it too; the int8
             # layers quantise both and cast their output to x's dtype instead)
             raise TypeError(f"{type(self).__name__}: input dtype {str(x.dtype).removeprefix('torch.')} differs from "
                             f"the layer's weight dtype {str(self.weight.dtype).removeprefix('torch.')}: convert the "
                             f"layer (.to({x.dtype})) or the input (.to({self.weight.dtype}))")
-        out = type(self)._matmul(x, self.weight.t(), self.fw_code, self.bw_code, None, self.bsz, self.bsz2,
-                                 compat=self.compat)
+        fw_code, bw_code = self._codes()
+        out = type(self)._matmul(x, self.weight.t(), fw_code, bw_code, None, self.bsz, self.bsz2, compat=self.compat)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # the bias is never quantised: its gradient is exact
         return out
@@ -150,7 +178,7 @@ class _Int8Linear(nn.Linear):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_Int8Linear":
         scb = self._buffers.get("SCB")
         module = super()._apply(fn, recurse)
-        if scb is not None:
+        if scb is not None and not scb.is_meta:  # (to_empty from meta: fn's new, empty SCB, as for every buffer)
             # the scales stay float32 through .half()/.to(dtype); only the device follows
             self._buffers["SCB"] = scb.to(self._buffers["SCB"].device)
         self.state.reset_grads()  # the cached int8 weight lives on the old device
@@ -212,6 +240,7 @@ class Linear8bitLt(_Int8Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x)
         self.state.is_training = self.training
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return matmul(x, self._weight_for_forward(), bias=bias, state=self.state, compat=self.compat)
@@ -225,9 +254,15 @@ class SwitchBackLinear(_Int8Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x)
         self.state.is_training = self.training
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return switchback_bnb(x, self._weight_for_forward(), bias=bias, state=self.state, compat=self.compat)
+
+
+def _check_input(layer: nn.Module, x: Any) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{type(layer).__name__}: expected a torch.Tensor input, got {type(x).__name__}")
 
 
 def _from_linear(cls: type, linear: nn.Linear, **kwargs: Any) -> nn.Linear:
@@ -277,7 +312,9 @@ def swap_linear_layers(model: nn.Module, strategy: str, include: str | None = No
     (``re.search``) in the dotted module name, e.g. ``include=r"^layers\\.\\d+\\.mlp"``,
     ``exclude="lm_head"``. ``options`` go to the new layer's constructor (e.g. ``threshold=6.0``).
     Weights and biases are shared with the replaced layers. Subclasses of nn.Linear (including
-    already swapped layers) are left alone.
+    already swapped layers) are left alone. A layer used at several places (the same module under two names) is
+    swapped at every place whose name passes ``include``/``exclude``, by one new layer shared as the old one was;
+    every such name is returned.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -287,12 +324,17 @@ def swap_linear_layers(model: nn.Module, strategy: str, include: str | None = No
         raise ValueError("model is itself an nn.Linear and cannot be swapped in place; "
                          f"use {STRATEGIES[strategy].__name__}.from_linear(model)")
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-    targets = [(name, m) for name, m in model.named_modules()
+    # remove_duplicate=False: every place a shared module is used (named_modules() yields it once)
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if type(m) is nn.Linear and name
                and (inc is None or inc.search(name)) and not (exc is not None and exc.search(name))]
     cls = STRATEGIES[strategy]
+    new: dict[int, nn.Linear] = {}  # id(old layer) -> its one replacement
+    for name, linear in targets:
+        if id(linear) not in new:
+            new[id(linear)] = cls.from_linear(linear, **options)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls.from_linear(linear, **options))
+        setattr(parent, child, new[id(linear)])
     return [name for name, _ in targets]

@@ -361,3 +361,71 @@ def test_an_fp8_layer_given_another_input_dtype_names_both_and_the_fix(cls) -> N
                                         r"float32: convert the layer \(\.to\(torch\.float16\)\) or the input"):
         layer(x.half())
     assert layer.half()(x.half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("cls", [LinearFP8Mixed, LinearFP8Global])
+def test_fp8_layers_under_autocast_return_the_autocast_dtype_as_nn_linear_does(cls) -> None:
+    """Under torch.autocast a float32 FP8 layer returned bfloat16 from float32 input (its matmul autocast), and the
+    next FP8 layer then refused that bfloat16 input: a swapped model could not run in mixed precision. Now the layer
+    reads any float input in its weight's dtype, runs the FP8 matmul with autocast off (float32 accumulation) and
+    returns the autocast dtype, as nn.Linear does; gradients reach the float32 weights."""
+    gen = torch.Generator().manual_seed(21)
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.Linear(64, 8))
+    plain = nn.Sequential(*(m for m in model))  # the same modules before the swap, for the dtype chain
+    x = torch.randn(6, 32, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_dtype = plain(x).dtype
+    assert swap_linear_layers(model, {LinearFP8Mixed: "mixed", LinearFP8Global: "global"}[cls]) == ["0", "2", "3"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model[1](model[0](x))  # bfloat16 out of the first layer and GELU
+        y = model(x)
+    assert h.dtype == y.dtype == want_dtype == torch.bfloat16
+    # the same bits as the layer outside autocast on the float32 values of its bfloat16 input, cast at the end
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = model[2](h)
+        again = model(x)
+    assert torch.equal(inside, model[2](h.float()).bfloat16()) and torch.equal(y, again)
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [LinearFP8Mixed, LinearFP8Global])
+def test_fp8_layers_built_on_meta_get_real_codebooks(cls) -> None:
+    """to_empty() of a layer built on the meta device failed ("Cannot copy out of meta tensor") and a
+    load_state_dict(assign=True) left the codebooks on meta, so the forward failed: the large-model loading path
+    (meta init, swap, load) did not work."""
+    layer = cls(16, 8, device="meta").to_empty(device="cpu")
+    assert torch.equal(layer.fw_code, get_codebook("bnb-e4m3")) and torch.equal(layer.bw_code, get_codebook("bnb-e5m2"))
+    custom = get_codebook("bnb-e5m2")
+    assert torch.equal(cls(16, 8, device="meta", fw_code=custom).to_empty(device="cpu").fw_code, custom)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 8))
+    swap_linear_layers(model, {LinearFP8Mixed: "mixed", LinearFP8Global: "global"}[cls])
+    torch.manual_seed(3)
+    src = nn.Sequential(nn.Linear(16, 8))
+    model.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(model(x), cls.from_linear(src[0])(x))
+    int8 = Linear8bitLt(16, 8, has_fp16_weights=False, device="meta").to_empty(device="cpu")
+    assert int8.SCB.device.type == "cpu" and int8.SCB.dtype == torch.float32
+
+
+def test_swap_linear_layers_replaces_every_use_of_a_shared_layer() -> None:
+    """A layer used twice was swapped at its first place only (named_modules() yields a module once): half the
+    model stayed in high precision, silently."""
+    torch.manual_seed(5)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 2))
+    assert swap_linear_layers(model, "int8") == ["0", "2", "3"]
+    assert type(model[0]) is Linear8bitLt and model[0] is model[2] and model[0].weight is shared.weight
+    other = nn.Sequential(shared, nn.ReLU(), shared)
+    assert swap_linear_layers(other, "mixed", exclude="^2$") == ["0"]
+    assert type(other[0]) is LinearFP8Mixed and other[2] is shared
+
+
+@pytest.mark.parametrize("cls", [LinearFP8Mixed, LinearFP8Global, Linear8bitLt, SwitchBackLinear])
+def test_a_layer_given_no_tensor_says_so(cls) -> None:
+    with pytest.raises(TypeError, match=f"{cls.__name__}: expected a torch.Tensor input, got list"):
+        cls(4, 2)([[1.0, 2.0, 3.0, 4.0]])
