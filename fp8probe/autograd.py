@@ -669,7 +669,7 @@ class MatMul8bitLt(torch.autograd.Function):
         # quantises in A's own dtype.
         A_q = A2.to(torch.float16) if compat == "bnb" else A2
         want_grad_B = ctx.needs_input_grad[1]
-        threshold = float(state.threshold)
+        threshold = F._check_threshold(state.threshold)  # (float("5") let a string through)
         if want_grad_B:
             CA, CAt, SCA, SCAt, outlier_cols = F.int8_double_quant(A_q, threshold, compat=compat,
                                                                    row_scale=state.row_scale)
@@ -776,7 +776,7 @@ class SwitchBackBnb(torch.autograd.Function):
             return empty_out
         A2 = A.reshape(-1, A.shape[-1])
         A_q = A2.to(torch.float16) if compat == "bnb" else A2
-        threshold = float(state.threshold)
+        threshold = F._check_threshold(state.threshold)  # (float("5") let a string through)
         # Only the row codes are used: the column half of bnb's int8_double_quant is discarded.
         CA, SCA, outlier_cols = F.int8_vectorwise_quant(A_q, threshold, compat=compat)
         CB, SCB = _quantize_weight(B, state, compat)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import struct
 import weakref
 from dataclasses import dataclass
@@ -94,9 +95,15 @@ def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> torc
 
 
 def _check_blocksize(blocksize: object) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    return blocksize
+    """A positive block size as a Python int (numpy integers too, as range() takes them; never a bool)."""
+    if not isinstance(blocksize, bool):
+        try:
+            bs = operator.index(blocksize)
+        except TypeError:
+            bs = 0
+        if bs > 0:
+            return bs
+    raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
 
 
 def _code(code: torch.Tensor | str | None, device: torch.device) -> tuple[torch.Tensor, bool]:
@@ -225,6 +232,8 @@ def _check_state(state: QuantState) -> None:
         raise TypeError(f"expected a QuantState, got {type(state).__name__}")
     if isinstance(state.blocksize, bool) or not isinstance(state.blocksize, int) or state.blocksize <= 0:
         raise ValueError(f"QuantState.blocksize must be a positive int, got {state.blocksize!r}")
+    if not isinstance(state.code, torch.Tensor):  # (None gave "'NoneType' object has no attribute 'device'")
+        raise TypeError(f"QuantState.code must be the float32 [256] codebook tensor, got {type(state.code).__name__}")
     sidx, sval = state.special_index, state.special_value
     if (sidx is None) != (sval is None):
         raise ValueError("QuantState.special_index and special_value must both be set or both be None, got "
@@ -677,8 +686,10 @@ def _check_mm_dequant(shape: torch.Size, row_stats: torch.Tensor, col_stats: tor
         raise ValueError(f"col_stats must have {n} entries (A.shape[-1]), got {col_stats.numel()}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a tensor of {n} entries or None, got {type(bias).__name__}")
-    if bias is not None and bias.numel() != n:
-        raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
+    if bias is not None:  # (an int or bool bias was added as if it were a float one; matmul refused it)
+        _check_tensor("bias", bias, _FLOATS)
+        if bias.numel() != n:
+            raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
 
 
 def int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
@@ -736,6 +747,8 @@ def int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SC
     K = A.shape[-1]
     if outlier_cols.dim() != 1 or (not compiling and (int(outlier_cols.min()) < 0 or int(outlier_cols.max()) >= K)):
         raise ValueError(f"outlier_cols must be 1-D column indices in [0, {K}), got {outlier_cols.tolist()}")
+    if not compiling and torch.unique(outlier_cols).numel() != outlier_cols.numel():  # (a repeat counted twice)
+        raise ValueError(f"outlier_cols must not repeat a column, got {outlier_cols.tolist()}")
     a2 = A.reshape(-1, K)
     subA = a2[:, outlier_cols].contiguous()
     subB = int8_vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype).t()
@@ -794,7 +807,8 @@ def quantize_scaled(x: torch.Tensor, fmt: str = "e4m3", granularity: str | None 
     rules are in ``backends/reference.quantize_scaled`` and ``mx_scale``.
     granularity: "tensor" (default for e4m3/e5m2), "row" (one scale per row of the [rows, cols] view) or
     "block" with ``block=(1, 128)`` (activation tiles), ``(128, 128)`` (weight blocks) or any positive
-    pair; partial tiles at the ends are allowed. The block-scaled formats accept only "block" (their
+    pair (``block=`` alone implies "block"; with "tensor" or "row" it is refused); partial tiles at the ends are
+    allowed. The block-scaled formats accept only "block" (their
     default) with their own tiles (None = the first): MX (1, 32), NVFP4 (1, 16) or (16, 16).
     scale_rule: "floor" (OCP MX), "rceil" (NVIDIA) or "even" (microxcaling); MX formats only.
     rounding: "nearest" (even), or "stochastic" for the 4/6-bit formats (MXFP4/MXFP6/NVFP4): unbiased,
@@ -859,17 +873,38 @@ def scaled_tile(shape: torch.Size | tuple[int, ...], fmt: str, granularity: str 
             raise ValueError(f"{fmt} needs granularity='block' with block in {list(allowed)}; got "
                              f"granularity={granularity!r}, block={block!r}")
         granularity, tile = "block", tuple(block) if block is not None else allowed[0]
-    elif granularity in (None, "tensor"):
-        granularity, tile = "tensor", (max(rows, 1), max(cols, 1))
+    elif granularity not in (None, "tensor", "row", "block"):
+        raise ValueError(f"granularity must be 'tensor', 'row' or 'block', got {granularity!r}")
+    elif block is not None and granularity in ("tensor", "row"):  # (a tile given and dropped: silently per tensor)
+        raise ValueError(f"block={block!r} goes with granularity='block' (or none), got granularity={granularity!r}")
+    elif granularity == "block" or block is not None:  # (block= alone means block tiles)
+        tile = _positive_pair(block) if block is not None else None
+        if tile is None:
+            raise ValueError(f"granularity='block' needs block=(rows, cols) of positive ints, got {block!r}")
+        granularity = "block"
     elif granularity == "row":
         tile = (1, max(cols, 1))
-    elif granularity == "block":
-        if block is None or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
-            raise ValueError(f"granularity='block' needs block=(rows, cols) of positive ints, got {block!r}")
-        tile = (int(block[0]), int(block[1]))
     else:
-        raise ValueError(f"granularity must be 'tensor', 'row' or 'block', got {granularity!r}")
+        granularity, tile = "tensor", (max(rows, 1), max(cols, 1))
     return granularity, tile
+
+
+def _positive_pair(block: object) -> tuple[int, int] | None:
+    """(rows, cols) from a pair of positive integers (numpy integers too; not bools), else None."""
+    if not isinstance(block, (tuple, list)) or len(block) != 2:
+        return None
+    pair = []
+    for b in block:
+        if isinstance(b, bool):
+            return None
+        try:
+            b = operator.index(b)
+        except TypeError:
+            return None
+        if b <= 0:
+            return None
+        pair.append(b)
+    return pair[0], pair[1]
 
 
 def _check_scaled_tensor(st: ScaledTensor) -> None:

@@ -73,3 +73,74 @@ def test_int8_mm_dequant_bias_must_be_a_tensor() -> None:
     C = torch.ones(2, 5, dtype=torch.int32)
     with pytest.raises(TypeError, match="bias must be a tensor of 5 entries or None, got list"):
         F.int8_mm_dequant(C, torch.ones(2), torch.ones(5), bias=[1, 2, 3, 4, 5])
+
+
+def test_scaled_cast_block_alone_means_block_tiles_and_contradictions_are_refused() -> None:
+    """quantize_scaled(x, "e4m3", block=(1, 128)) gave one per-tensor scale: the tile was dropped without a word."""
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(7))
+    st = F.quantize_scaled(x, "e4m3", block=(1, 128))
+    want = F.quantize_scaled(x, "e4m3", "block", (1, 128))
+    assert st.granularity == "block" and st.block == (1, 128) and st.scale.shape == (4, 2)
+    assert torch.equal(st.data, want.data) and torch.equal(st.scale, want.scale)
+    for gran in ("tensor", "row"):
+        with pytest.raises(ValueError, match=f"block=\\(1, 128\\) goes with granularity='block' \\(or none\\), got "
+                                             f"granularity='{gran}'"):
+            F.quantize_scaled(x, "e4m3", gran, (1, 128))
+    np = pytest.importorskip("numpy")
+    assert F.quantize_scaled(x, "e4m3", "block", (np.int64(1), np.int32(32))).block == (1, 32)
+    with pytest.raises(ValueError, match="positive ints, got \\(True, 32\\)"):
+        F.quantize_scaled(x, "e4m3", "block", (True, 32))
+
+
+def test_numpy_integer_block_sizes_are_taken_and_bools_refused() -> None:
+    np = pytest.importorskip("numpy")
+    x = torch.randn(300, generator=torch.Generator().manual_seed(8))
+    q, st = F.quantize_blockwise(x, blocksize=np.int64(64))
+    want_q, want = F.quantize_blockwise(x, blocksize=64)
+    assert st.blocksize == 64 and type(st.blocksize) is int and torch.equal(q, want_q)
+    with pytest.raises(ValueError, match="blocksize must be a positive int, got True"):
+        F.quantize_blockwise(x, blocksize=True)
+
+
+def test_int8_mixed_scaled_mm_refuses_repeated_outlier_columns() -> None:
+    """outlier_cols [2, 2] added column 2's product twice: max error 19.9 against 0.016."""
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(4, 8, generator=g)
+    X[:, 2] = 10
+    CA, SCA, cols = F.int8_vectorwise_quant(X, 5.0)
+    CB, SCB, _ = F.int8_vectorwise_quant(torch.randn(3, 8, generator=g))
+    assert cols.tolist() == [2]
+    F.int8_mixed_scaled_mm(X, CA, CB, SCA, SCB, cols)
+    with pytest.raises(ValueError, match=r"outlier_cols must not repeat a column, got \[2, 2\]"):
+        F.int8_mixed_scaled_mm(X, CA, CB, SCA, SCB, torch.tensor([2, 2]))
+
+
+@pytest.mark.parametrize("bias", [torch.tensor([True, False, True]), torch.tensor([1, 2, 3]),
+                                  torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)])
+def test_int8_dequant_ops_refuse_a_bias_that_is_not_float(bias) -> None:
+    """An int or bool bias was added as a float one by the functional ops, where matmul refused it."""
+    C = torch.randint(-50, 50, (2, 3), dtype=torch.int32, generator=torch.Generator().manual_seed(10))
+    A8 = torch.randint(-127, 128, (2, 4), dtype=torch.int8, generator=torch.Generator().manual_seed(11))
+    B8 = torch.randint(-127, 128, (3, 4), dtype=torch.int8, generator=torch.Generator().manual_seed(12))
+    msg = f"bias must have dtype in .*, got {bias.dtype}"
+    with pytest.raises(TypeError, match=msg):
+        F.int8_mm_dequant(C, torch.ones(2), torch.ones(3), bias=bias)
+    with pytest.raises(TypeError, match=msg):
+        F.int8_scaled_mm(A8, B8, torch.ones(2), torch.ones(3), bias=bias)
+    assert F.int8_mm_dequant(C, torch.ones(2), torch.ones(3), bias=bias.float()).dtype == torch.float16
+
+
+def test_a_quant_state_without_a_codebook_is_named() -> None:
+    q, st = F.quantize_blockwise(torch.randn(64, generator=torch.Generator().manual_seed(13)))
+    st.code = None
+    with pytest.raises(TypeError, match="QuantState.code must be the float32 \\[256\\] codebook tensor, got NoneType"):
+        F.dequantize_blockwise(q, st)
+
+
+def test_matmul_lt_state_threshold_is_checked_as_the_ops_check_it() -> None:
+    from fp8probe.autograd import MatmulLtState
+
+    A, B = _ab()
+    for bad in ("5", b"5", True):
+        with pytest.raises(TypeError, match="threshold must be a number, got"):
+            FP.matmul(A, B.t(), state=MatmulLtState(threshold=bad))

@@ -977,7 +977,8 @@ def test_scaled_cast_arguments_are_validated(fmt, gran, block, out_dtype):
         valid = gran in (None, "block") and block in (None, (1, 16), (16, 16))
     else:
         good_block = isinstance(block, tuple) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)
-        valid = gran in ("tensor", "row", None) or (gran == "block" and good_block)
+        # a block goes with "block" (given or implied by block= alone); "tensor" / "row" refuse one
+        valid = block is None and gran in ("tensor", "row", None) or good_block and gran in ("block", None)
     if not (valid_fmt and valid):
         _raises_clean(F.quantize_scaled, x, fmt, gran, block)
         return
