@@ -75,12 +75,22 @@ def _first_order_only(backward):
         if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _DELAYED_ERROR is None:
             return outputs
         name = backward.__qualname__.split(".")[0]
+        # The node's inputs are the detached gradients and the Function's own inputs that are still alive: a second
+        # backward towards A or B (torch.autograd.grad(grad_A.sum(), B)) reaches the node and raises, where it found
+        # no path, said B "appears to not have been used in the graph" and, with allow_unused=True, returned None.
+        anchors = [t for t in (ref() for ref in getattr(ctx, "anchors", ())) if t is not None]
         err = _DELAYED_ERROR(
             f"double backward through {name} is not supported: its backward is not differentiable "
-            "(quantised operands); compute the gradient with create_graph=False".encode(), len(outputs))
+            "(quantised operands); compute the gradient with create_graph=False".encode(), len(outputs) + len(anchors))
         fake = [None if g is None else g.detach().requires_grad_() for g in outputs]
-        return err(*fake)
+        return tuple(err(*fake, *anchors))[:len(outputs)]
     return wrapper
+
+
+def _keep_anchors(ctx: Any, *inputs: Any) -> None:
+    """Weak references to the Function's inputs that require grad, for _first_order_only's refusing node (weak: no
+    input is kept alive for it; one the caller differentiates towards is alive, the caller holds it)."""
+    ctx.anchors = [weakref.ref(t) for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 def _finish(ctx: Any, output: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -326,6 +336,7 @@ def _fp8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor 
     """Checks shared by the FP8 functions; returns (fw_code, bw_code, output-if-empty-else-None)."""
     _check_compat(compat)
     _check_fp8_operands(A, B)
+    _keep_anchors(ctx, A, B)
     out_shape = (*A.shape[:-1], B.shape[1])
     _check_out(out, out_shape, A.dtype, A.device)
     fw, bw = _codes(A, fw_code, bw_code)
@@ -632,6 +643,7 @@ def _int8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor
                    ) -> tuple[MatmulLtState, torch.Tensor | None]:
     """Checks shared by the int8 functions; returns (state, output-if-empty-else-None)."""
     _check_compat(compat)
+    _keep_anchors(ctx, A, B, bias)
     state = MatmulLtState() if state is None else state
     _check_int8_weight(B, state)
     _check_int8_operands(A, B, bias)

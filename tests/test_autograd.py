@@ -701,6 +701,13 @@ def test_double_backward_is_refused_by_name(fn) -> None:
         (gA.sum() + gB.sum()).backward()
     gA1, gB1 = torch.autograd.grad(fn(A, B), (A, B), G)
     assert torch.equal(gA, gA1) and torch.equal(gB, gB1) and not gA1.requires_grad
+    # towards one input with autograd.grad (gradient penalties, Hessian-vector products): it said B "appears to not
+    # have been used in the graph", and with allow_unused=True returned None, a zero where the true one is not
+    gA, = torch.autograd.grad(fn(A, B).square().sum(), A, create_graph=True)
+    for other in (A, B):
+        for unused in (False, True):
+            with pytest.raises(RuntimeError, match=f"double backward through {name} is not supported"):
+                torch.autograd.grad(gA.sum(), other, allow_unused=unused)
 
 
 def test_double_backward_without_torchs_private_error_node_still_gives_first_order_gradients(monkeypatch) -> None:
