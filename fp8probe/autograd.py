@@ -47,6 +47,16 @@ def _check_float(name: str, t: Any) -> None:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16 or float32), got {t.dtype}")
 
 
+def _check_no_float64(fn: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """The matmuls whose quantisers read float16/bfloat16/float32 only refuse float64 by their own name (the
+    refusal came from a functional op naming its argument "A"; matmul_fp8_global reads float64 as float32)."""
+    for name, t in (("A", A), ("B", B)):
+        if t.dtype == torch.float64:
+            raise TypeError(f"{fn}: {name} must be float16, bfloat16 or float32 (its quantiser reads no float64; "
+                            "matmul_fp8_global casts float64 operands to float32 to quantise), got float64: "
+                            f"convert with .float()")
+
+
 def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
     if out is None:
         return
@@ -368,6 +378,7 @@ class MatMulFP8Mixed(torch.autograd.Function):
                 fw_code: torch.Tensor | None = None, bw_code: torch.Tensor | None = None,
                 bsz: int = 1024, bsz2: int = 1024, compat: str | None = None) -> torch.Tensor:
         fw, bw, empty_out = _fp8_prologue(ctx, A, B, out, fw_code, bw_code, compat)
+        _check_no_float64("MatMulFP8Mixed", A, B)
         if empty_out is not None:
             return empty_out
         bsz, bsz2 = _resolve_blocks(A, B, bsz, bsz2, compat)
@@ -639,7 +650,7 @@ def _bias_grad(grad2: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
 
 
 def _int8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None,
-                   bias: torch.Tensor | None, state: MatmulLtState | None, compat: str | None
+                   bias: torch.Tensor | None, state: MatmulLtState | None, compat: str | None, fn: str
                    ) -> tuple[MatmulLtState, torch.Tensor | None]:
     """Checks shared by the int8 functions; returns (state, output-if-empty-else-None)."""
     _check_compat(compat)
@@ -647,6 +658,7 @@ def _int8_prologue(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor
     state = MatmulLtState() if state is None else state
     _check_int8_weight(B, state)
     _check_int8_operands(A, B, bias)
+    _check_no_float64(fn, A, B)
     _check_out(out, (*A.shape[:-1], B.shape[0]), A.dtype, A.device)
     ctx.is_empty = False
     if A.numel() == 0 or B.numel() == 0:
@@ -672,7 +684,7 @@ class MatMul8bitLt(torch.autograd.Function):
     def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, state: MatmulLtState | None = None,
                 compat: str | None = None) -> torch.Tensor:
-        state, empty_out = _int8_prologue(ctx, A, B, out, bias, state, compat)
+        state, empty_out = _int8_prologue(ctx, A, B, out, bias, state, compat, "MatMul8bitLt")
         if empty_out is not None:
             return empty_out
         in_features = A.shape[-1]
@@ -783,7 +795,7 @@ class SwitchBackBnb(torch.autograd.Function):
     def forward(ctx: Any, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, state: MatmulLtState | None = None,
                 compat: str | None = None) -> torch.Tensor:
-        state, empty_out = _int8_prologue(ctx, A, B, out, bias, state, compat)
+        state, empty_out = _int8_prologue(ctx, A, B, out, bias, state, compat, "SwitchBackBnb")
         if empty_out is not None:
             return empty_out
         A2 = A.reshape(-1, A.shape[-1])

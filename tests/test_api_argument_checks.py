@@ -144,3 +144,19 @@ def test_matmul_lt_state_threshold_is_checked_as_the_ops_check_it() -> None:
     for bad in ("5", b"5", True):
         with pytest.raises(TypeError, match="threshold must be a number, got"):
             FP.matmul(A, B.t(), state=MatmulLtState(threshold=bad))
+
+
+@pytest.mark.parametrize("fn, name, b_shape", [(FP.matmul_fp8_mixed, "MatMulFP8Mixed", (8, 5)),
+                                               (FP.matmul, "MatMul8bitLt", (5, 8)),
+                                               (FP.switchback_bnb, "SwitchBackBnb", (5, 8))])
+def test_float64_operands_are_refused_by_the_matmul_s_name(fn, name, b_shape) -> None:
+    """float64 failed inside a functional op ("A must have dtype in [...]"), even from a layer, while matmul_fp8_global
+    takes it (it quantises a float32 copy, as bitsandbytes does)."""
+    g = torch.Generator().manual_seed(14)
+    A, B = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(*b_shape, generator=g, dtype=torch.float64)
+    with pytest.raises(TypeError, match=f"{name}: A must be float16, bfloat16 or float32 .*got float64: convert with "
+                                        r"\.float\(\)"):
+        fn(A, B)
+    with pytest.raises(TypeError, match=f"{name}: B must be"):
+        fn(A.float(), B)
+    assert FP.matmul_fp8_global(A, torch.randn(8, 5, generator=g, dtype=torch.float64)).dtype == torch.float64
