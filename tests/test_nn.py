@@ -429,3 +429,18 @@ def test_swap_linear_layers_replaces_every_use_of_a_shared_layer() -> None:
 def test_a_layer_given_no_tensor_says_so(cls) -> None:
     with pytest.raises(TypeError, match=f"{cls.__name__}: expected a torch.Tensor input, got list"):
         cls(4, 2)([[1.0, 2.0, 3.0, 4.0]])
+
+
+def test_an_inf_activation_makes_its_row_nan_and_leaves_the_others_alone() -> None:
+    """README: a row holding ±Inf has an Inf absmax (as bitsandbytes), so its outputs are NaN where the float product
+    is non-finite; the other rows are those of a batch without it."""
+    torch.manual_seed(15)
+    layer = Linear8bitLt(16, 4)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(16))
+    bad = x.clone()
+    bad[1, 5] = float("inf")
+    out = layer(bad)
+    assert torch.isnan(out[1]).all() and not torch.isfinite(bad[1:2] @ layer.weight.t()).any()
+    assert torch.equal(out[[0, 2]], layer(x[[0, 2]]))
+    _, stats, _ = F.int8_vectorwise_quant(bad)
+    assert stats[1] == float("inf") and torch.isfinite(stats[[0, 2]]).all()
