@@ -71,6 +71,8 @@ class _FP8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got {type(x).__name__}")
+        if x.is_meta or self.weight.is_meta:  # shapes only (meta init, FLOP counting): nn.Linear's shape and dtype
+            return nn.functional.linear(x, self.weight, self.bias)
         device_type = x.device.type
         if x.is_floating_point() and torch.is_autocast_enabled(device_type):
             # Under autocast, as nn.Linear: the output is in the autocast dtype, whatever the input's. The FP8 casts

@@ -46,6 +46,8 @@ Inputs are validated in ``functional.py``; the ops assume valid arguments.
 from __future__ import annotations
 
 
+from typing import Any
+
 import torch
 
 from fp8probe.backends import reference as _ref
@@ -54,16 +56,25 @@ _F32 = torch.float32
 _LIB = "fp8probe"
 
 
-def _dynamic(A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dynamic_size(what: str, op: str) -> Any:
+    """A data-dependent size while tracing (torch.compile, FakeTensorMode). On plain meta tensors there is no such
+    size to give (torch's own error named neither the cause nor a way out): say so."""
+    try:
+        return torch.library.get_ctx().new_dynamic_size()
+    except RuntimeError as exc:
+        raise ValueError(f"fp8probe::{op} cannot run on meta tensors: the length of its {what} depends on the values; "
+                         "run it on a real device (torch.compile and FakeTensorMode trace it)") from exc
+
+
+def _dynamic(A: torch.Tensor, dtype: torch.dtype, op: str) -> torch.Tensor:
     """A 1-D fake tensor of data-dependent length (outlier columns)."""
-    k = torch.library.get_ctx().new_dynamic_size()
-    return A.new_empty((k,), dtype=dtype)
+    return A.new_empty((_dynamic_size("outlier columns", op),), dtype=dtype)
 
 
-def _specials(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _specials(A: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake (special_index int64, special_value float32): one data-dependent length for both, as the op
     returns them (two unrelated lengths made a traced equal-length check a graph break)."""
-    k = torch.library.get_ctx().new_dynamic_size()
+    k = _dynamic_size("NaN/Inf records (special_index, special_value)", op)
     return A.new_empty((k,), dtype=torch.int64), A.new_empty((k,), dtype=_F32)
 
 
@@ -78,7 +89,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, comp
 def _(A, code, blocksize, compat):
     nb = -(-A.numel() // blocksize)
     return (A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((nb,), dtype=_F32),
-            *_specials(A))
+            *_specials(A, "quantize_blockwise"))
 
 
 @torch.library.custom_op(f"{_LIB}::quantize_global", mutates_args=())
@@ -91,7 +102,7 @@ def quantize_global(A: torch.Tensor, code: torch.Tensor, compat: str
 def _(A, code, compat):
     nb = 1 if A.numel() else 0
     return (A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((nb,), dtype=_F32),
-            *_specials(A))
+            *_specials(A, "quantize_global"))
 
 
 @torch.library.custom_op(f"{_LIB}::dequantize_blockwise", mutates_args=())
@@ -113,16 +124,17 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float, compat: str
     return _ref.int8_vectorwise_quant(A, threshold, compat)
 
 
-def _outlier_cols(A: torch.Tensor, threshold: float) -> torch.Tensor:
+def _outlier_cols(A: torch.Tensor, threshold: float, op: str) -> torch.Tensor:
     # threshold 0 never reports outliers: a static empty tensor, since a data-dependent size that
     # the caller drops (it returns None there) makes torch.compile fail on a pending symbol
-    return A.new_empty((0,), dtype=torch.int64) if threshold == 0.0 else _dynamic(A, torch.int64)
+    return A.new_empty((0,), dtype=torch.int64) if threshold == 0.0 else _dynamic(A, torch.int64, op)
 
 
 @int8_vectorwise_quant.register_fake
 def _(A, threshold, compat):
     rows, _ = _ref._rows_cols(A.shape)
-    return A.new_empty(A.shape, dtype=torch.int8), A.new_empty((rows,), dtype=_F32), _outlier_cols(A, threshold)
+    return (A.new_empty(A.shape, dtype=torch.int8), A.new_empty((rows,), dtype=_F32),
+            _outlier_cols(A, threshold, "int8_vectorwise_quant"))
 
 
 @torch.library.custom_op(f"{_LIB}::int8_vectorwise_dequant", mutates_args=())
@@ -145,7 +157,8 @@ def int8_double_quant(A: torch.Tensor, threshold: float, compat: str
 def _(A, threshold, compat):
     rows, cols = _ref._rows_cols(A.shape)
     return (A.new_empty(A.shape, dtype=torch.int8), A.new_empty(A.shape, dtype=torch.int8),
-            A.new_empty((rows,), dtype=_F32), A.new_empty((cols,), dtype=_F32), _outlier_cols(A, threshold))
+            A.new_empty((rows,), dtype=_F32), A.new_empty((cols,), dtype=_F32),
+            _outlier_cols(A, threshold, "int8_double_quant"))
 
 
 @torch.library.custom_op(f"{_LIB}::int8_linear_matmul", mutates_args=())

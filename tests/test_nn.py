@@ -444,3 +444,20 @@ def test_an_inf_activation_makes_its_row_nan_and_leaves_the_others_alone() -> No
     assert torch.equal(out[[0, 2]], layer(x[[0, 2]]))
     _, stats, _ = F.int8_vectorwise_quant(bad)
     assert stats[1] == float("inf") and torch.isfinite(stats[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("cls", [LinearFP8Mixed, LinearFP8Global, Linear8bitLt, SwitchBackLinear])
+def test_layers_on_meta_give_shapes_and_data_dependent_ops_say_why_they_cannot(cls) -> None:
+    """An FP8 layer on meta failed in the codebook check (Tensor.item() on meta) where the int8 ones gave shapes; the
+    ops whose outputs' lengths depend on the values failed with torch's operator message."""
+    layer = cls(32, 16, device="meta")
+    out = layer(torch.empty(3, 5, 32, device="meta"))
+    assert out.is_meta and out.shape == (3, 5, 16) and out.dtype == torch.float32
+    m = torch.empty(4, 8, device="meta")
+    for op, call in (("quantize_blockwise", lambda: F.quantize_blockwise(m)),
+                     ("quantize_blockwise", lambda: F.fake_quantize(m, None, 4)),
+                     ("quantize_global", lambda: F.quantize(m)),
+                     ("int8_vectorwise_quant", lambda: F.int8_vectorwise_quant(m, 1.0)),
+                     ("int8_double_quant", lambda: F.int8_double_quant(m, 1.0))):
+        with pytest.raises(ValueError, match=f"fp8probe::{op} cannot run on meta tensors: the length of its"):
+            call()
