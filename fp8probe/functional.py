@@ -477,7 +477,8 @@ def _fake_quantize_op(A: torch.Tensor, code: torch.Tensor, blocksize: int, compa
     """fake_quantize as one op for torch.compile (``blocksize`` 0: tensor-wise): quantize's NaN/Inf list
     has a data-dependent length, which breaks a compiled graph at every quantisation; this op's outputs
     (A.shape in A.dtype, the scales) do not. Its implementation is the eager fake_quantize, so a compiled
-    model gives the same bits as an eager one."""
+    model quantises to the same bits as an eager one (what inductor fuses around it, a float16 bias add, may
+    round once less)."""
     y, absmax = fake_quantize(A, code, blocksize or None, compat=compat or None, return_absmax=True)
     return y, absmax
 
