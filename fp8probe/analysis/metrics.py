@@ -613,8 +613,9 @@ class OutlierCensus:
                              None if cr is None else cr.clone())
 
     def outlier_dims(self) -> list[int]:
-        """Sorted column indices with amax ≥ threshold."""
-        if self.col_amax is None:
+        """Sorted column indices with amax ≥ threshold; none at threshold 0, LLM.int8's plain int8 (no column kept in
+        16-bit: every column was counted, since every |x| ≥ 0)."""
+        if self.col_amax is None or self.threshold == 0:
             return []
         return (self.col_amax >= self.threshold).nonzero().flatten().tolist()
 
@@ -626,7 +627,7 @@ class OutlierCensus:
         top = sorted(((d, float(cols[d])) for d in dims), key=lambda t: -t[1])[:TOP_K]
         return {"threshold": self.threshold, "n_outlier_cols": len(dims),
                 "frac_cols": len(dims) / cols.numel() if cols.numel() else 0.0,
-                "frac_rows": self.rows_touched / self.rows if self.rows else 0.0,
+                "frac_rows": self.rows_touched / self.rows if self.rows and self.threshold != 0 else 0.0,
                 "top_dims": [[d, m] for d, m in top],
                 "top_dim_tokens": [int(self.col_rows[d]) / self.rows if self.rows and self.col_rows is not None
                                    else 0.0 for d, _ in top],

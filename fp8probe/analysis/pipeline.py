@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as _dt
+import functools
 import os
 import threading
 import platform
@@ -12,7 +14,7 @@ import time
 import warnings
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
@@ -22,6 +24,7 @@ from fp8probe import __version__
 from fp8probe.autograd import get_block_sizes
 from fp8probe.backends import cpu as _cpu
 from fp8probe.formats import FORMATS
+from fp8probe.functional import _check_threshold
 
 from . import distributed, streaming
 from .capture import (GemmCall, GradsRun, InputsError, LossFn, LossInfo, backward_meta, capture_batch,
@@ -529,9 +532,19 @@ def _as_model(model: Any) -> tuple[Callable, list[Batch] | None, str]:
         loaded = from_exported_program(model)
         return loaded.module, loaded.batches, loaded.description
     if isinstance(model, nn.Module):
+        model = _eager(model)
         return model, None, type(model).__name__
     raise TypeError(f"model must be an nn.Module, a torch.export.ExportedProgram or a LoadedModel, "
                     f"got {type(model).__name__}")
+
+
+def _eager(module: nn.Module) -> nn.Module:
+    """The module a torch.compile wrapper (OptimizedModule) holds: its GEMMs are the eager module's, and its layer
+    names are then the eager ones (every name began with "_orig_mod.", so --layers patterns and a compare against the
+    eager run matched nothing), as an exported program's wrapper is dropped."""
+    while type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    return module
 
 
 def _loss_fn(loss: LossFn | str | None) -> tuple[LossFn | None, str | None]:
@@ -563,10 +576,12 @@ class Run:
     @property
     def train_mode(self) -> bool:
         """The model runs in training mode (dropout on, BatchNorm on batch statistics): an eager module left in
-        train() (the Python API, or --train-mode), or a program exported from one (its dropout / batch-norm nodes)."""
+        train() (the Python API, or --train-mode), or a program exported from one (its dropout / batch-norm nodes).
+        Any submodule in training mode counts (a Dropout left in train() inside an eval() model drops; the report said
+        "eval")."""
         if is_exported_graph(self.module):
             return exported_in_train_mode(self.module)
-        return isinstance(self.module, nn.Module) and self.module.training
+        return isinstance(self.module, nn.Module) and any(m.training for m in self.module.modules())
 
     def stream(self, sink: Any, report: ProgressFn | None = None) -> LossInfo | None:
         """Capture every batch into `sink`, counting coverage; returns the last batch's loss info.
@@ -604,6 +619,59 @@ class Run:
         return info
 
 
+def check_device(device: Any) -> torch.device:
+    """The analysis device: "cpu" or "cuda" (with an index or not); ValueError for anything else (torch's own error
+    listed every device type it knows, and "meta" got through to fail inside the replay)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    return dev
+
+
+@contextlib.contextmanager
+def caller_state_kept(model: Any, device: Any) -> Iterator[None]:
+    """What an analysis changes outside its results, put back when it ends (also on error): torch's global random
+    state (the run seeds it: a notebook's later draws repeated whatever the user had seeded before), the buffers of a
+    model in training mode (BatchNorm's running statistics and batch count move at every pass) and the device of a
+    model moved to ``device`` for the run (it stayed there). Parameters keep their identity (Module.to moves their
+    data); buffers get their own tensor objects back, with their values."""
+    module = model.module if isinstance(model, LoadedModel) else model
+    module = module if isinstance(module, nn.Module) and not streaming.is_streamed(module) else None
+    dev = check_device(device)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+        if dev.type == "cuda" and torch.cuda.is_available() else []
+    buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+    home = None
+    if module is not None:
+        if any(m.training for m in module.modules()):  # (eval-mode buffers do not move; nothing to copy)
+            buffers = [(owner, name, buf, buf.detach().clone()) for owner in module.modules()
+                       for name, buf in owner._buffers.items() if buf is not None]
+        places = {t.device for t in (*module.parameters(), *module.buffers())}
+        home = next(iter(places)) if len(places) == 1 else None
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            if home is not None and any(t.device != home for t in (*module.parameters(), *module.buffers())):
+                module.to(home)
+            for owner, name, buf, saved in buffers:
+                with torch.no_grad():
+                    buf.copy_(saved)
+                owner._buffers[name] = buf
+
+
+def keeps_caller_state(fn: Callable) -> Callable:
+    """analyze() and the sweeps run inside caller_state_kept(model, device)."""
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with caller_state_kept(model, kwargs.get("device", "cpu")):
+            return fn(model, *args, **kwargs)
+    return wrapper
+
+
 def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | None, device: str, seed: int,
                 loss: LossFn | str | None, gemms: str | list[str] | None = None, grad: bool = True) -> Run:
     """Resolve model, batches, device and loss the same way for analyze() and the sweeps; seeds torch.
@@ -630,7 +698,7 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
         if batches < 1:
             raise ValueError(f"batches must be >= 1, got {batches}")
         batch_list = batch_list[:batches]
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
     if isinstance(module, nn.Module):
@@ -750,6 +818,7 @@ def _stage_lines() -> StageFn:
     return report
 
 
+@keeps_caller_state
 def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global", *, threshold: float = 6.0,
             layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
             loss: LossFn | str | None = None, progress: bool | ProgressFn = False, name: str | None = None,
@@ -792,7 +861,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
     ``recommendation`` (per recipe a small set of layers to keep in 16-bit so the change stays within ``budget``:
     the shortest fitting run of the sensitivity ranking, less the layers a run shows are not needed, validated by
     real runs; the recommended recipe keeps the most forward GEMM FLOPs in low precision). ``budget``: 0.01 = 1 % relative
-    loss increase, "kl:0.01" = mean output KL. ``steps`` > 0 adds the ``training`` table: that many
+    loss change either way (|change|: a recipe that lowers the loss 2 % is outside 1 %), "kl:0.01" = mean output KL. ``steps`` > 0 adds the ``training`` table: that many
     optimizer steps (``optimizer``: callable(params, lr) or "module:function", default AdamW, ``lr``)
     per recipe from the same initial weights on the same batches. The model is never modified.
     Memory of the end-to-end part: one training step's (one batch's activations, the high-precision
@@ -845,9 +914,7 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
         raise ValueError(f"{', '.join(stateful)} carries scaling state from batch to batch, so its batches must run in "
                          f"order in one process: expected a single-process run for it, got "
                          f"{distributed.current().size} ranks (run it without torchrun, or leave it out of --strategy)")
-    threshold = float(threshold)
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    threshold = _check_threshold(threshold)  # (NaN and Inf passed `< 0` and failed late, Inf after the whole replay)
     budget = parse_budget(budget)
     if sensitivity not in SENSITIVITY_MODES:
         raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, got {sensitivity!r}")

@@ -15,7 +15,7 @@ from fp8probe.autograd import MatMul8bitLt, MatmulLtState, get_block_sizes
 from .capture import GemmCall, GradsRun, LossFn, LossInfo, backward_meta
 from .e2e import DEFAULT_BUDGET, Budget, Runner, model_wide, parse_budget
 from .metrics import ErrorAccumulator
-from .pipeline import ProgressFn, Run, forward_order, prepare_run, run_metadata
+from .pipeline import ProgressFn, Run, forward_order, keeps_caller_state, prepare_run, run_metadata
 from .results import Results
 from .strategies import ROW_SCALE_RULES, RecipeOptions, quantisable
 
@@ -394,6 +394,7 @@ def _validated(run: Run, seed: int, budget: Budget, blocksize: pd.DataFrame | No
     return model_wide(runner, budget, blocksize, threshold)
 
 
+@keeps_caller_state
 def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES, *,
                     layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
@@ -427,6 +428,7 @@ def sweep_blocksize(model: Any, inputs: Any = None, blocksizes: Sequence[int] = 
     return Results(meta, tables, kind="sweep-blocksize")
 
 
+@keeps_caller_state
 def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                     layers: str | None = None, batches: int | None = None, device: str = "cpu", seed: int = 0,
                     loss: LossFn | str | None = None, name: str | None = None, model_desc: str | None = None,
@@ -460,6 +462,7 @@ def sweep_threshold(model: Any, inputs: Any = None, thresholds: Sequence[float] 
     return Results(meta, tables, kind="sweep-threshold")
 
 
+@keeps_caller_state
 def sweep_both(model: Any, inputs: Any = None, blocksizes: Sequence[int] = DEFAULT_BLOCKSIZES,
                thresholds: Sequence[float] = DEFAULT_THRESHOLDS, **kwargs: Any) -> tuple[Results, Results]:
     """Both sweeps from ONE capture pass (half the forward/backward work): (blocksize, threshold) Results.

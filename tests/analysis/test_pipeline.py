@@ -92,7 +92,7 @@ def test_bad_arguments(tiny_model, tiny_batches) -> None:
         analyze(tiny_model, tiny_batches, layers="nothing-matches")
     with pytest.raises(ValueError, match="regular expression"):
         analyze(tiny_model, tiny_batches, layers="(")
-    with pytest.raises(ValueError, match="threshold must be >= 0"):
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
         analyze(tiny_model, tiny_batches, threshold=-1)
     with pytest.raises(TypeError, match="model must be"):
         analyze("model.pt", tiny_batches)
