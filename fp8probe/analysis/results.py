@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from fp8probe.report.files import as_utf8_text, atomic_write_text
+from fp8probe.report.files import _run_outputs, as_utf8_text, atomic_write_text, remove_outputs
 from fp8probe.report.schema import KINDS, SCHEMA, ResultsError, parse_results_json, validate_results
 from fp8probe.report.schema import SCHEMA_VERSION as VERSION
 
@@ -66,11 +66,25 @@ class Results:
                 "tables": {name: _clean(t.to_dict("records")) for name, t in self.tables.items()}}
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write results.json and one <table>.csv per table into ``out_dir`` (created); returns {"json"|table: path}."""
+        """Write results.json and one <table>.csv per table into ``out_dir`` (created); returns {"json"|table: path}.
+
+        Over an earlier results set the files this one does not replace (its other tables' CSVs, index.html) are
+        deleted, so the directory never mixes two runs. Results that load() would refuse are refused here
+        (ResultsError), before anything is written."""
         out = Path(out_dir)
+        doc = self.to_json()
+        validate_results(doc, "results")  # (a set load() refuses was written: no layers table)
+        try:
+            text = json.dumps(doc, indent=1, allow_nan=False)
+        except TypeError as exc:  # (json's bare "Object of type PosixPath is not JSON serializable")
+            raise TypeError(f"results hold a value JSON cannot store ({exc}): metadata and table cells must be "
+                            "str, int, float, bool, None, lists or dicts of them") from exc
         out.mkdir(parents=True, exist_ok=True)
+        # An earlier results set in the directory: its files this set does not replace would sit beside the new
+        # results.json (an e2e.csv of a run that had no end-to-end part), so they go before it is written.
+        stale = [p for p in _run_outputs(out) if p.name != JSON_NAME and p.stem not in self.tables] \
+            if (out / JSON_NAME).is_file() else []
         paths: dict[str, Path] = {}
-        text = json.dumps(self.to_json(), indent=1, allow_nan=False)
         for name, table in self.tables.items():
             csv_table = table.copy()
             for col in csv_table.columns:
@@ -79,6 +93,7 @@ class Results:
             path = out / f"{name}.csv"
             atomic_write_text(path, csv_table.to_csv(index=False))
             paths[name] = path
+        remove_outputs(stale)
         # results.json last: its presence means the whole set was written.
         atomic_write_text(out / JSON_NAME, text)
         paths["json"] = out / JSON_NAME

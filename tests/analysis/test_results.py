@@ -101,3 +101,37 @@ def test_version_1_files_still_load(tmp_path) -> None:
     for bad in (3, True, "2"):
         with pytest.raises(ResultsError, match="not supported"):
             Results.from_json({**doc, "version": bad})
+
+
+def test_save_over_an_earlier_set_leaves_no_file_of_it(tmp_path) -> None:
+    """Results.save left an earlier run's e2e.csv / sensitivity.csv / index.html beside the new results.json: a CI step
+    reading e2e.csv saw end-to-end numbers of a run that had none. A user's own files stay."""
+    full = _results()
+    full.tables["e2e"] = pd.DataFrame([{"strategy": "global", "loss_rel_change": 0.001}])
+    out = tmp_path / "out"
+    full.save(out)
+    (out / "index.html").write_text("<html>old report</html>")
+    (out / "notes.txt").write_text("mine")
+    less = _results()
+    less.save(out)
+    assert sorted(p.name for p in out.iterdir()) == ["gemm.csv", "histograms.csv", "layers.csv", "notes.txt",
+                                                     "results.json"]
+    assert set(Results.load(out).tables) == {"layers", "gemm", "histograms"}
+    # a directory with no results.json is not an earlier set: a file that happens to share a table's name stays
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "e2e.csv").write_text("mine")
+    less.save(fresh)
+    assert (fresh / "e2e.csv").read_text() == "mine"
+
+
+def test_save_refuses_what_load_would_refuse_before_writing(tmp_path) -> None:
+    """Results({}, {}).save wrote a results.json that load() and to_html() refused; metadata JSON cannot hold failed
+    with json's bare TypeError."""
+    with pytest.raises(ResultsError, match="required table 'layers' is missing"):
+        Results({}, {}).save(tmp_path / "a")
+    res = _results()
+    res.metadata["path"] = tmp_path
+    with pytest.raises(TypeError, match="results hold a value JSON cannot store .*PosixPath"):
+        res.save(tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
