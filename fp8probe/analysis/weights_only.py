@@ -762,6 +762,11 @@ def _select(ckpt: Checkpoint, layers: str | None, include_embeddings: bool, tran
                             "param_share": share, "reason": reason, "same_as": same_as})
         else:
             chosen.append((e, kind, _experts_transposed(ckpt, e) if kind == "experts" else is_transposed(e)))
+    unmatched = [entry_layer(e) for e, _, reason in selected if reason == "not matched by --layers"]
+    if layers is not None and not chosen and unmatched:  # (an empty result and report, where analyze() refuses)
+        more = f", … ({len(unmatched)} in all)" if len(unmatched) > 8 else ""
+        raise LoadError(f"no weight matches --layers {layers!r}; the checkpoint's weights are: "
+                        + ", ".join(unmatched[:8]) + more)
     return chosen, skipped, total
 
 

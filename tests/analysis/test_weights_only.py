@@ -338,7 +338,7 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path) -> None:
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (path, res.stderr)
     res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "ints.safetensors"), "--layers", "^nothing$",
                                    "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "no weight to analyse" in res.stderr
+    assert res.exit_code == 2 and "no weight matches --layers '^nothing$'" in res.stderr
     res = CliRunner().invoke(cli, ["analyze", str(good), "--factory", f"{HERE / 'tiny_factory.py'}:build", "--out", str(tmp_path / "o")])
     # (with --factory the file's weights are loaded into the factory's model: these do not fit it)
     assert res.exit_code == 2 and "does not fit the model from" in res.stderr
@@ -707,3 +707,20 @@ def test_short_embedding_names_are_embeddings(tmp_path, name) -> None:
     res = analyze_weights(tmp_path / "m.safetensors", "global")
     assert list(res.tables["layers"]["layer"]) == ["head"]
     assert res.tables["skipped"].set_index("key").loc[f"{name}.weight", "reason"].startswith("embedding")
+
+
+def test_a_layers_pattern_matching_no_weight_is_refused_as_analyze_refuses_it(tmp_path) -> None:
+    """analyze_weights(layers=...) matching nothing returned an empty result and report (a CI regex typo passed)."""
+    from fp8probe.analysis.loading import LoadError
+    from fp8probe.analysis.weights_only import analyze_weights, sweep_blocksize_weights
+
+    gen = torch.Generator().manual_seed(12)
+    torch.save({"enc.weight": torch.randn(16, 32, generator=gen), "dec.weight": torch.randn(8, 16, generator=gen)},
+               tmp_path / "sd.pt")
+    for call in (lambda: analyze_weights(tmp_path / "sd.pt", layers="zzz"),
+                 lambda: sweep_blocksize_weights(tmp_path / "sd.pt", [64], layers="zzz")):
+        with pytest.raises(LoadError, match="no weight matches --layers 'zzz'; the checkpoint's weights are: dec, enc"):
+            call()
+    assert list(analyze_weights(tmp_path / "sd.pt", layers="^dec").tables["layers"]["layer"]) == ["dec"]
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path / "sd.pt"), "--layers", "zzz", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no weight matches --layers 'zzz'" in res.stderr and not (tmp_path / "o").exists()
