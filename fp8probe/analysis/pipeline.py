@@ -695,9 +695,11 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
         raise LoadError("no inputs: pass --inputs file.pt (a tensor, tuple, dict or list of batches), "
                         "or a model that carries example inputs (.pt2) or a factory returning (model, batches)")
     if batches is not None:
-        if batches < 1:
-            raise ValueError(f"batches must be >= 1, got {batches}")
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"batches must be an int >= 1 or None, got {batches!r}")
         batch_list = batch_list[:batches]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     dev = check_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
@@ -938,6 +940,8 @@ def analyze(model: Any, inputs: Any = None, strategy: str | list[str] = "global"
                       gemms=gemms, grad=grad)
     distributed.check_same_model(run.module)
     analysis = _Analysis(strategies, threshold, SensitivityEstimate() if e2e else None)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be True, False or a callable(done, total), got {progress!r}")
     if callable(progress):
         report: ProgressFn | None = progress
     elif progress:

@@ -1593,6 +1593,8 @@ def resolve(names: str | list[str] | tuple[str, ...]) -> list[Strategy]:
     """Strategies for ``"all"``, one name, a comma-separated list or a sequence of names (order kept, no duplicates)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    elif not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"strategy must be a name, a comma-separated string or a list of names, got {names!r}")
     out: list[Strategy] = []
     for n in names:
         if n == "all":

@@ -112,3 +112,29 @@ def test_the_outlier_census_at_threshold_zero_is_plain_int8() -> None:
     row = analyze(model, x, "int8", e2e=False, threshold=0).tables["outliers"].to_dict("records")[0]
     assert row["n_outlier_cols"] == 0 and row["frac_cols"] == 0.0 and row["frac_rows"] == 0.0
     assert row["top_dims"] == [] and max(row["col_amax"]) == pytest.approx(float(x.abs().max()))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"strategy": None}, TypeError, "strategy must be a name, a comma-separated string or a list of names, got None"),
+    ({"strategy": 5}, TypeError, "strategy must be a name"),
+    ({"batches": 1.5}, ValueError, "batches must be an int >= 1 or None, got 1.5"),
+    ({"batches": "2"}, ValueError, "batches must be an int >= 1 or None, got '2'"),
+    ({"batches": True}, ValueError, "batches must be an int >= 1 or None, got True"),
+    ({"seed": 2**70}, ValueError, r"seed must be an int in \[0, 2\*\*63\), got"),
+    ({"seed": 1.5}, ValueError, "seed must be an int"),
+    ({"progress": "yes"}, TypeError, r"progress must be True, False or a callable\(done, total\), got 'yes'"),
+])
+def test_api_arguments_of_the_wrong_type_are_named(kwargs, error, message) -> None:
+    """Python or torch internals answered these ('NoneType' object is not iterable, slice indices must be integers,
+    Overflow when unpacking long long), or they were taken silently (batches=True, seed=1.5, progress="yes")."""
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with pytest.raises(error, match=message):
+        analyze(model, torch.randn(2, 8), e2e=False, **kwargs)
+
+
+def test_sweep_values_given_as_one_number_are_named() -> None:
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with pytest.raises(TypeError, match="blocksizes must be a list of block sizes, got 64"):
+        sweep_blocksize(model, torch.randn(2, 8), blocksizes=64)
+    with pytest.raises(TypeError, match="thresholds must be a list of thresholds, got 6"):
+        sweep_threshold(model, torch.randn(2, 8), thresholds=6)
