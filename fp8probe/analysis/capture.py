@@ -518,7 +518,8 @@ def _forward(model: Callable, batch: Batch, rec: _Recorder, coverage: Coverage) 
     except LoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model failing on these inputs is an input error
-        hint = first_layer_hint(model, batch) if isinstance(exc, _INPUT_ERRORS) else raised_in(exc)
+        hint = first_layer_hint(model, batch) if isinstance(exc, _INPUT_ERRORS) and not _raised_by_user_code(exc) \
+            else raised_in(exc)
         raise InputsError(f"the model failed on the inputs: {one_line(exc)}{hint}") from exc
 
 
@@ -527,6 +528,18 @@ def _forward(model: Callable, batch: Batch, rec: _Recorder, coverage: Coverage) 
 #: named instead of the inputs' shapes.
 _INPUT_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
 _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__name__.split(".")[0]]))
+
+
+def _raised_by_user_code(exc: BaseException) -> bool:
+    """The innermost frame of ``exc``'s traceback is the model's own code (a ``raise`` or an operation on its own
+    line, not inside torch): its place says more than the inputs' shapes (a model that raised RuntimeError("...")
+    itself was told to check its inputs' shape and dtype)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_LIBRARY_DIRS)
 
 
 def raised_in(exc: BaseException) -> str:

@@ -138,3 +138,23 @@ def test_sweep_values_given_as_one_number_are_named() -> None:
         sweep_blocksize(model, torch.randn(2, 8), blocksizes=64)
     with pytest.raises(TypeError, match="thresholds must be a list of thresholds, got 6"):
         sweep_threshold(model, torch.randn(2, 8), thresholds=6)
+
+
+def test_a_model_that_raises_in_its_own_forward_is_told_where_not_to_check_its_inputs() -> None:
+    """A RuntimeError raised by the model's own code on batch 0 was answered "check the inputs' shape and dtype"
+    against the first layer; a shape mismatch inside torch still gets that hint."""
+    class Boom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.lin(x)
+            raise RuntimeError("boom in forward")
+
+    from fp8probe.analysis.loading import LoadError
+
+    with pytest.raises(LoadError, match=r"RuntimeError: boom in forward; raised in forward at .*test_caller_state\.py"):
+        analyze(Boom(), torch.randn(2, 8), "global", e2e=False)
+    with pytest.raises(LoadError, match="the model's first layer 0 is Linear.*check the inputs' shape and dtype"):
+        analyze(nn.Sequential(nn.Linear(8, 4)), torch.randn(2, 6), "global", e2e=False)
