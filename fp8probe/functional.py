@@ -359,6 +359,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
     _check_tensor("A", A, _FLOATS)
     blocksize = _check_blocksize(blocksize)
     c = _compat(compat)
+    default_code = code is None
     code, ordered = _code(code, A.device)
     q, am, sidx, sval = _quantize_into(A, code, ordered, blocksize, c, out, absmax,
                                        lambda cb: _run("quantize_blockwise", A, cb, blocksize, c))
@@ -378,6 +379,12 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | str | None = None, 
             offset = am.double().mean().float()
         qabs, state2 = quantize_blockwise(am - offset, code="dynamic", blocksize=blocksize, compat=compat)
         state.absmax, state.offset, state.state2, state.nested = qabs, offset, state2, True
+        if c == "bnb" and default_code and A.dtype != torch.float32:
+            # Q2 inside one call: bnb's nested absmax quantisation is a float32 CPU call on its cached default map,
+            # which sets that map's code[0] = -1 after the float16/bfloat16 data were quantised with -0.99296875;
+            # the state holds that same map, so bnb dequantises with -1
+            state.code = state.code.clone()
+            state.code[0] = -1.0
     return q, state
 
 

@@ -288,3 +288,22 @@ def test_eval_mode_input_gradient_equals_live_bnb_bit_for_bit(dtype: torch.dtype
         matmul(a, W.clone(), state=state, threshold=threshold, **kwargs).float().square().sum().backward()
         grads.append(a.grad)
     assert grads[0].dtype == grads[1].dtype == dtype and torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_nested_quantisation_with_the_default_code_equals_live_bnb(dtype: torch.dtype) -> None:
+    """bnb's nested absmax quantisation (a float32 CPU call on its cached default map) sets that map's code[0] to -1
+    after float16/bfloat16 data were quantised with -0.99296875, and the state holds the map: bnb dequantises with
+    -1 (29 of 2800 values differed). With an explicit code nothing of the caller's changes."""
+    bnb = _bnb()
+    BF = bnb.functional
+    X = torch.randn(40, 70, generator=torch.Generator().manual_seed(18)).to(dtype)
+    BF.name2qmap.clear()  # (Q2: bnb's cache keeps an earlier call's code[0] = -1)
+    qa, sa = BF.quantize_blockwise(X.clone(), blocksize=64, nested=True)
+    qb, sb = F.quantize_blockwise(X.clone(), blocksize=64, nested=True, compat="bnb")
+    assert torch.equal(qa, qb) and torch.equal(sa.code, sb.code) and float(sb.code[0]) == -1.0
+    assert torch.equal(BF.dequantize_blockwise(qa, sa), F.dequantize_blockwise(qb, sb))
+    if dtype != torch.float32:  # an explicit code: the state holds it as it was (float32: Q2's code[0] = -1 anyway)
+        mine = F.create_dynamic_map()
+        _, s_mine = F.quantize_blockwise(X, code=mine, blocksize=64, nested=True, compat="bnb")
+        assert torch.equal(s_mine.code, mine)
