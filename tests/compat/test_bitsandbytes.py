@@ -257,3 +257,53 @@ def test_modules_take_the_mode_at_construction(mode) -> None:
     assert fbnb.nn.Linear8bitLt(8, 4).compat == mode
     assert fbnb.research.nn.LinearFP8Mixed(8, 4).compat == mode
     assert fbnb.nn.SwitchBackLinearBnb(8, 4, memory_efficient_backward=True).state.memory_efficient_backward
+
+
+def test_autograd_import_paths_of_bitsandbytes_exist_and_take_its_apply_arguments(mode) -> None:
+    """bnb.autograd._functions (MatMul8bitLt, MatmulLtState), bnb.research.autograd._functions (get_block_sizes,
+    MatMulFP8Mixed/Global, SwitchBackBnb) and bnb.nn.modules were missing from the drop-in (ModuleNotFoundError)."""
+    from fp8probe.compat.bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState, matmul
+    from fp8probe.compat.bitsandbytes.nn.modules import Linear8bitLt, SwitchBackLinearBnb
+    from fp8probe.compat.bitsandbytes.research.autograd._functions import (MatMulFP8Global, MatMulFP8Mixed,
+                                                                          SwitchBackBnb, get_block_sizes)
+
+    assert MatmulLtState is P.MatmulLtState and Linear8bitLt is fbnb.nn.Linear8bitLt
+    assert SwitchBackLinearBnb is fbnb.nn.SwitchBackLinearBnb and matmul.__module__.endswith("_functions")
+    assert get_block_sizes(torch.empty(3, 100), torch.empty(100, 300)) == P.get_block_sizes(100, 300, compat=mode)
+    g = torch.Generator().manual_seed(19)
+    A, W = torch.randn(5, 40, generator=g), torch.randn(24, 40, generator=g)
+    for fn, ours, args in ((MatMulFP8Mixed, P.matmul_fp8_mixed, (None, None, None, -1, -1)),
+                           (MatMulFP8Global, P.matmul_fp8_global, ())):
+        a = A.clone().requires_grad_()
+        y = fn.apply(a, W.t(), *args)  # (bnb apply's own bsz default is 1024; -1 = get_block_sizes)
+        y.square().sum().backward()
+        a_ref = A.clone().requires_grad_()
+        y_ref = ours(a_ref, W.t(), compat=mode)
+        y_ref.square().sum().backward()
+        assert torch.equal(y, y_ref) and torch.equal(a.grad, a_ref.grad), fn.__name__
+    for fn, ours in ((MatMul8bitLt, P.matmul), (SwitchBackBnb, P.switchback_bnb)):
+        a, a_ref = A.clone().requires_grad_(), A.clone().requires_grad_()
+        y = fn.apply(a, W, None, None, MatmulLtState(threshold=2.0, is_training=False))
+        y_ref = ours(a_ref, W, state=MatmulLtState(threshold=2.0, is_training=False), compat=mode)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        assert torch.equal(y, y_ref) and torch.equal(a.grad, a_ref.grad), fn.__name__
+
+
+def test_matmul8bitlt_apply_equals_live_bitsandbytes() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.autograd._functions import MatMul8bitLt as TheirFn
+
+    from fp8probe.compat.bitsandbytes.autograd._functions import MatMul8bitLt
+
+    fbnb.set_compat("bnb")
+    g = torch.Generator().manual_seed(20)
+    A, W = torch.randn(5, 33, generator=g).half(), torch.randn(7, 33, generator=g).half()
+    outs = []
+    for fn, state in ((TheirFn, bnb.MatmulLtState()), (MatMul8bitLt, fbnb.MatmulLtState())):
+        state.is_training, state.threshold = False, 2.0
+        a = A.clone().requires_grad_()
+        y = fn.apply(a, W, None, None, state)
+        y.float().sum().backward()
+        outs.append((y, a.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

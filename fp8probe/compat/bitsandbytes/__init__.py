@@ -3,7 +3,8 @@
 Change one line — ``import fp8probe.compat.bitsandbytes as bnb`` — and ``bnb.functional``,
 ``bnb.research`` (``matmul_fp8_mixed``/``matmul_fp8_global``/``switchback_bnb``,
 ``research.nn.LinearFP8Mixed``/``LinearFP8Global``), ``bnb.nn.Linear8bitLt``,
-``bnb.nn.SwitchBackLinearBnb``, ``bnb.matmul`` and ``bnb.MatmulLtState`` run on fp8probe.
+``bnb.nn.SwitchBackLinearBnb``, ``bnb.matmul``, ``bnb.MatmulLtState`` and the autograd functions
+(``bnb.autograd._functions``, ``bnb.research.autograd._functions``) run on fp8probe.
 Numerics: fp8probe's defaults, or bitsandbytes 0.49.2's with ``set_compat("bnb")`` /
 ``FP8PROBE_COMPAT=bnb`` (bit for bit where bitsandbytes runs on CPU). The kept differences are
 listed in docs/architecture.md ("bitsandbytes drop-in").
@@ -15,10 +16,10 @@ import torch
 from fp8probe import autograd as _AG
 from fp8probe.autograd import MatmulLtState
 
-from . import functional, nn, research
+from . import autograd, functional, nn, research
 from ._mode import get_compat, set_compat
 
-__all__ = ["functional", "nn", "research", "matmul", "MatmulLtState", "set_compat", "get_compat"]
+__all__ = ["autograd", "functional", "nn", "research", "matmul", "MatmulLtState", "set_compat", "get_compat"]
 
 
 def matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, state: MatmulLtState | None = None,

@@ -31,3 +31,8 @@ def switchback_bnb(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = 
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """SwitchBack ``A [..., in] · Bᵀ`` with B the weight [out, in] or bnb's int8 ``state.CB``."""
     return _AG.switchback_bnb(A, B, out, state, threshold, bias, compat=get_compat())
+
+
+from . import autograd  # noqa: E402  (last: research.autograd re-exports the functions above)
+
+__all__ += ["autograd"]
