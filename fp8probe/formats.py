@@ -65,6 +65,9 @@ def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: 
             f"got {exponent_bits} + {precision_bits}")
     if not 1 <= total_bits <= 8:
         raise ValueError(f"total_bits must be in 1..8, got {total_bits}")
+    if signed and exponent_bits == 0:  # (bnb raises TypeError: its bias 2**-1 is no integer; (1, 0, 0) gave all NaN)
+        raise ValueError("a signed fp8 map needs exponent_bits >= 1 (its exponent bias is 2**(exponent_bits - 1)), "
+                         f"got exponent_bits 0 with precision_bits {precision_bits}")
     bias = 2 ** (exponent_bits - 1)
     values: list[float] = []
     for e in range(2**exponent_bits):

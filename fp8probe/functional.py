@@ -228,8 +228,8 @@ class QuantState:
 def _check_state(state: QuantState) -> None:
     """A QuantState built or edited by hand: blocksize 0 divided by zero, 64.0 failed in the op's schema,
     and special_index / special_value of different lengths were broadcast silently."""
-    if not isinstance(state, QuantState):
-        raise TypeError(f"expected a QuantState, got {type(state).__name__}")
+    if not isinstance(state, QuantState):  # (qualified: bnb's own QuantState read "expected a QuantState, got QuantState")
+        raise TypeError(f"expected fp8probe.functional.QuantState, got {type(state).__module__}.{type(state).__qualname__}")
     if isinstance(state.blocksize, bool) or not isinstance(state.blocksize, int) or state.blocksize <= 0:
         raise ValueError(f"QuantState.blocksize must be a positive int, got {state.blocksize!r}")
     if not isinstance(state.code, torch.Tensor):  # (None gave "'NoneType' object has no attribute 'device'")

@@ -434,7 +434,7 @@ def test_get_block_sizes_rule(features, out_f, compat):
 @given(signed=st.booleans(), e=st.integers(0, 8), total=st.integers(1, 8))
 def test_create_fp8_map_matches_float64_construction(signed, e, total):
     p = total - (1 if signed else 0) - e
-    if p < 0:
+    if p < 0 or (signed and e == 0):  # (signed E = 0: bnb raises TypeError, its bias 2**-1 is no integer)
         with pytest.raises((ValueError, TypeError), match=r"\S"):
             F.create_fp8_map(signed, e, p, total)
         return

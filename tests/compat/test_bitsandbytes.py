@@ -307,3 +307,18 @@ def test_matmul8bitlt_apply_equals_live_bitsandbytes() -> None:
         y.float().sum().backward()
         outs.append((y, a.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dequantize_blockwise_reads_a_state_bitsandbytes_made(nested: bool, dtype: torch.dtype) -> None:
+    """After the one-line import switch a state saved by bitsandbytes was refused: "expected a QuantState, got
+    QuantState"."""
+    bnb = pytest.importorskip("bitsandbytes")
+    fbnb.set_compat("bnb")
+    bnb.functional.name2qmap.clear()
+    X = torch.randn(30, 70, generator=torch.Generator().manual_seed(21)).to(dtype)
+    q, state = bnb.functional.quantize_blockwise(X, blocksize=64, nested=nested)
+    assert torch.equal(fbnb.functional.dequantize_blockwise(q, state), bnb.functional.dequantize_blockwise(q, state))
+    with pytest.raises(TypeError, match="expected fp8probe.functional.QuantState, got bitsandbytes.functional.QuantState"):
+        P.dequantize_blockwise(q, state)

@@ -61,8 +61,24 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | None = None, absmax
 def dequantize_blockwise(A: torch.Tensor, quant_state: QuantState | None = None, absmax: torch.Tensor | None = None,
                          code: torch.Tensor | None = None, out: torch.Tensor | None = None, blocksize: int = 4096,
                          nested: bool = False) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise`; `A` is the uint8 code tensor (bnb's argument name)."""
-    return _F.dequantize_blockwise(A, quant_state, absmax, code, out, blocksize, nested)
+    """Inverse of :func:`quantize_blockwise`; `A` is the uint8 code tensor (bnb's argument name). A QuantState made
+    by bitsandbytes itself is read too (its absmax, code, blocksize, dtype and nested fields)."""
+    return _F.dequantize_blockwise(A, _own_state(quant_state), absmax, code, out, blocksize, nested)
+
+
+_STATE_FIELDS = ("absmax", "code", "blocksize", "dtype")
+
+
+def _own_state(state: object) -> object:
+    """fp8probe's QuantState for bitsandbytes' own (the one-line import switch met states bnb had made: "expected a
+    QuantState, got QuantState"); anything else is passed on as it is (and checked there)."""
+    if state is None or isinstance(state, QuantState) or not all(hasattr(state, f) for f in _STATE_FIELDS):
+        return state
+    nested = bool(getattr(state, "nested", False))
+    return QuantState(absmax=state.absmax, code=state.code, blocksize=state.blocksize, dtype=state.dtype,
+                      shape=getattr(state, "shape", None), offset=getattr(state, "offset", None),
+                      state2=_own_state(getattr(state, "state2", None)) if nested else None, nested=nested,
+                      compat=get_compat())
 
 
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0
