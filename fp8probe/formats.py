@@ -141,12 +141,14 @@ def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool =
     """Uniform codebook (SPEC §1.3): float32 [256] ascending.
 
     Signed with add_zero: ``linspace(-1, 1, 255)`` plus an exact 0.0 inserted at index 127.
-    Unsigned: ``linspace(0, 1, 2**total_bits)``. For total_bits < 8 zeros fill the middle.
+    Unsigned: ``linspace(0, 1, 2**total_bits)``. For total_bits < 8 zeros fill the middle, and a signed map has
+    ``2**total_bits - 1`` points whatever ``add_zero`` says, as bitsandbytes builds it (``add_zero or total_bits <
+    8``): for total_bits 1 that is bnb's unsorted map, 255 zeros then -1 (searched like any unsorted codebook).
     """
     if not 1 <= total_bits <= 8:
         raise ValueError(f"total_bits must be in 1..8, got {total_bits}")
     sign = -1.0 if signed else 0.0
-    n = 2**total_bits - (1 if (signed and add_zero) else 0)
+    n = 2**total_bits - (1 if (signed and (add_zero or total_bits < 8)) else 0)
     values = torch.linspace(sign, 1.0, n, dtype=torch.float32).tolist()
     gap = 256 - len(values)
     if gap == 0:

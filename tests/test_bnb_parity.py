@@ -307,3 +307,14 @@ def test_nested_quantisation_with_the_default_code_equals_live_bnb(dtype: torch.
         mine = F.create_dynamic_map()
         _, s_mine = F.quantize_blockwise(X, code=mine, blocksize=64, nested=True, compat="bnb")
         assert torch.equal(s_mine.code, mine)
+
+
+def test_create_linear_map_equals_live_bnb_on_every_combination() -> None:
+    """A signed map of fewer than 8 bits with add_zero=False had 2**bits points; bnb builds 2**bits - 1 whatever
+    add_zero says (for 1 bit its unsorted map: 255 zeros, then -1)."""
+    bnb = _bnb()
+    for signed in (True, False):
+        for bits in range(1, 9):
+            for add_zero in (True, False):
+                want = bnb.functional.create_linear_map(signed, bits, add_zero).float()
+                assert torch.equal(F.create_linear_map(signed, bits, add_zero), want), (signed, bits, add_zero)
