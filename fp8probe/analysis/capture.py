@@ -389,7 +389,7 @@ def _surrogate(output: Any) -> torch.Tensor:
               and t.requires_grad]
     if not leaves:
         raise LoadError("the model output holds no floating-point tensor that depends on the weights; "
-                        "pass --loss module:function")
+                        "pass --loss module:function (loss= in the Python API)")
     return sum(t.float().pow(2).mean() for t in leaves)
 
 
@@ -633,7 +633,7 @@ def capture_batch(model: Callable, batch: Batch, on_call: Callable[[GemmCall], N
             info = dataclasses.replace(info, no_gradient=(
                 f"the {info.kind} loss ({info.detail}) does not depend on the weights (detached, or not a float "
                 "tensor): no output gradient reached any layer, so dgrad and wgrad are not analysed; return a "
-                "loss computed from the output or pass --loss module:function"))
+                "loss computed from the output or pass --loss module:function (loss= in the Python API)"))
             warnings.warn(info.no_gradient, RuntimeWarning, stacklevel=2)
         if rec.tapped and loss.requires_grad:
             # Only the token is differentiated: parameter .grad is never written and no wgrad is computed.

@@ -692,8 +692,9 @@ def prepare_run(model: Any, inputs: Any, *, layers: str | None, batches: int | N
     elif own_batches:
         batch_list = own_batches
     else:
-        raise LoadError("no inputs: pass --inputs file.pt (a tensor, tuple, dict or list of batches), "
-                        "or a model that carries example inputs (.pt2) or a factory returning (model, batches)")
+        raise LoadError("no inputs: pass --inputs file.pt (inputs= in the Python API: a tensor, tuple, dict or list of "
+                        "batches), or a model that carries example inputs (.pt2) or a factory returning (model, "
+                        "batches)")
     if batches is not None:
         if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
             raise ValueError(f"batches must be an int >= 1 or None, got {batches!r}")
