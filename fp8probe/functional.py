@@ -94,16 +94,24 @@ def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> torc
     return t
 
 
+def _positive_int(value: object) -> int | None:
+    """``value`` as a Python int when it is a positive integer (numpy integers too, as range() takes them; never a
+    bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        v = operator.index(value)
+    except TypeError:
+        return None
+    return v if v > 0 else None
+
+
 def _check_blocksize(blocksize: object) -> int:
-    """A positive block size as a Python int (numpy integers too, as range() takes them; never a bool)."""
-    if not isinstance(blocksize, bool):
-        try:
-            bs = operator.index(blocksize)
-        except TypeError:
-            bs = 0
-        if bs > 0:
-            return bs
-    raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    """A positive block size as a Python int (_positive_int)."""
+    bs = _positive_int(blocksize)
+    if bs is None:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    return bs
 
 
 def _code(code: torch.Tensor | str | None, device: torch.device) -> tuple[torch.Tensor, bool]:
@@ -901,18 +909,8 @@ def _positive_pair(block: object) -> tuple[int, int] | None:
     """(rows, cols) from a pair of positive integers (numpy integers too; not bools), else None."""
     if not isinstance(block, (tuple, list)) or len(block) != 2:
         return None
-    pair = []
-    for b in block:
-        if isinstance(b, bool):
-            return None
-        try:
-            b = operator.index(b)
-        except TypeError:
-            return None
-        if b <= 0:
-            return None
-        pair.append(b)
-    return pair[0], pair[1]
+    rows, cols = (_positive_int(b) for b in block)
+    return None if rows is None or cols is None else (rows, cols)
 
 
 def _check_scaled_tensor(st: ScaledTensor) -> None:

@@ -69,8 +69,7 @@ class _FP8Linear(nn.Linear):
         return self.fw_code, self.bw_code
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got {type(x).__name__}")
+        _check_input(self, x)
         if x.is_meta or self.weight.is_meta:  # shapes only (meta init, FLOP counting): nn.Linear's shape and dtype
             return nn.functional.linear(x, self.weight, self.bias)
         device_type = x.device.type

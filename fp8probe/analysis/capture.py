@@ -539,7 +539,12 @@ def _raised_by_user_code(exc: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_LIBRARY_DIRS)
+    return _user_code(tb.tb_frame.f_code)
+
+
+def _user_code(code: Any) -> bool:
+    """A code object of the user's files: outside torch and fp8probe."""
+    return not os.path.abspath(code.co_filename).startswith(_LIBRARY_DIRS)
 
 
 def raised_in(exc: BaseException) -> str:
@@ -549,7 +554,7 @@ def raised_in(exc: BaseException) -> str:
     tb = exc.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
-        if not os.path.abspath(code.co_filename).startswith(_LIBRARY_DIRS):
+        if _user_code(code):
             where = f"; raised in {code.co_name} at {code.co_filename}:{tb.tb_lineno}"
         tb = tb.tb_next
     return where

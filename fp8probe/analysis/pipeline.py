@@ -581,7 +581,7 @@ class Run:
         "eval")."""
         if is_exported_graph(self.module):
             return exported_in_train_mode(self.module)
-        return isinstance(self.module, nn.Module) and any(m.training for m in self.module.modules())
+        return isinstance(self.module, nn.Module) and in_training(self.module)
 
     def stream(self, sink: Any, report: ProgressFn | None = None) -> LossInfo | None:
         """Capture every batch into `sink`, counting coverage; returns the last batch's loss info.
@@ -619,6 +619,11 @@ class Run:
         return info
 
 
+def in_training(module: nn.Module) -> bool:
+    """Any of ``module``'s submodules is in training mode (dropout drops, BatchNorm moves its statistics)."""
+    return any(m.training for m in module.modules())
+
+
 def check_device(device: Any) -> torch.device:
     """The analysis device: "cpu" or "cuda" (with an index or not); ValueError for anything else (torch's own error
     listed every device type it knows, and "meta" got through to fail inside the replay)."""
@@ -646,7 +651,7 @@ def caller_state_kept(model: Any, device: Any) -> Iterator[None]:
     buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
     home = None
     if module is not None:
-        if any(m.training for m in module.modules()):  # (eval-mode buffers do not move; nothing to copy)
+        if in_training(module):  # (eval-mode buffers do not move; nothing to copy)
             buffers = [(owner, name, buf, buf.detach().clone()) for owner in module.modules()
                        for name, buf in owner._buffers.items() if buf is not None]
         places = {t.device for t in (*module.parameters(), *module.buffers())}

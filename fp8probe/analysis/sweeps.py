@@ -88,10 +88,15 @@ def recommend_threshold(points: dict[float, tuple[float, float]], tolerance_db: 
     return min(ok, key=lambda t: (budget[t][1], -t if t > 0 else math.inf))
 
 
+def _check_list(name: str, values: Any, what: str) -> None:
+    """A sweep's values are a list (6 gave "'int' object is not iterable", a string ran letter by letter)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a list of {what}, got {values!r}")
+
+
 def _check_blocksizes(blocksizes: Sequence[int]) -> list[int]:
     out = []
-    if isinstance(blocksizes, (str, bytes)) or not hasattr(blocksizes, "__iter__"):  # (6 gave 'int' object is not iterable)
-        raise TypeError(f"blocksizes must be a list of block sizes, got {blocksizes!r}")
+    _check_list("blocksizes", blocksizes, "block sizes")
     for bs in blocksizes:
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             raise ValueError(f"block sizes must be positive ints, got {bs!r}")
@@ -103,8 +108,7 @@ def _check_blocksizes(blocksizes: Sequence[int]) -> list[int]:
 
 def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
     out = []
-    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__iter__"):  # (6 gave 'int' object is not iterable)
-        raise TypeError(f"thresholds must be a list of thresholds, got {thresholds!r}")
+    _check_list("thresholds", thresholds, "thresholds")
     for t in thresholds:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"thresholds must be finite numbers >= 0, got {t!r}")
