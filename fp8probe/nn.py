@@ -130,6 +130,15 @@ class LinearFP8Global(_FP8Linear):
 _WEIGHT_FORMAT_ROW = 0
 
 
+def int8_weight_rows(w: torch.Tensor, compat: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB, SCB) of a float weight [out, in]: its int8 rows and their float32 absmax values (the int8 layers'
+    storage). ``compat="bnb"`` reads the weight in fp16 first, as bitsandbytes' Int8Params does (its CUDA kernel
+    reads fp16 only)."""
+    src = w.to(torch.float16) if compat == "bnb" else w
+    CB, SCB, _ = int8_vectorwise_quant(src.contiguous(), compat=compat)
+    return CB, SCB
+
+
 class _Int8Linear(nn.Linear):
     """Shared body of Linear8bitLt / SwitchBackLinear: the MatmulLtState, its settings and the weight storage.
 
@@ -159,10 +168,7 @@ class _Int8Linear(nn.Linear):
             self._store_int8(self.weight.detach())
 
     def _quantize_rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # bnb's Int8Params rounds the weight to fp16 first (its CUDA kernel reads fp16 only).
-        src = w.to(torch.float16) if self.compat == "bnb" else w
-        CB, SCB, _ = int8_vectorwise_quant(src.contiguous(), compat=self.compat)
-        return CB, SCB
+        return int8_weight_rows(w, self.compat)
 
     def _store_int8(self, w: torch.Tensor) -> None:
         """Replace the weight by its int8 rows (a frozen Parameter) and their float32 scales (buffer SCB)."""

@@ -134,6 +134,62 @@ fresh.is_training = False
 results["matmul float B"] = bnb.matmul(x.half(), W.half(), state=fresh, bias=torch.ones(48).half())
 '''
 
+# Int8Params as code written for bitsandbytes uses it (its Linear8bitLt docstring, Hugging Face's 8-bit loader):
+# a float weight quantised by .to(device), a prequantised int8 weight given its SCB, a float Int8Params forwarded
+# before any move (bitsandbytes' first forward quantises and keeps it), the module moved after load_state_dict.
+INT8PARAMS_SCRIPT = '''
+import copy
+import torch
+import bitsandbytes as bnb
+
+g = torch.Generator().manual_seed(4)
+W, b = torch.randn(24, 40, generator=g) * 3, torch.randn(24, generator=g)
+x = torch.randn(6, 40, generator=g)
+x[:, 7] = 9.0
+results = {}
+p = bnb.nn.Int8Params(W.half(), requires_grad=False, has_fp16_weights=False)
+results["fresh dtype"], results["fresh SCB"] = str(p.dtype), p.SCB
+q = p.to("cpu")
+results.update({"to is self": q is p, "CB": q.data, "CB attr": q.CB, "SCB": q.SCB})
+results["moved again SCB"] = q.to("cpu").SCB
+results["deepcopy"] = copy.deepcopy(q).SCB
+for name, threshold in (("float", 6.0), ("float t0", 0.0)):
+    layer = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False, threshold=threshold)
+    results[name + " init type"] = type(layer.weight).__name__
+    layer.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False).to("cpu")
+    layer.bias = torch.nn.Parameter(b.clone())
+    layer.eval()
+    results[name + " y"] = layer(x)
+    results[name + " y again"] = layer(x)
+    for key, value in layer.state_dict().items():
+        results[name + " sd " + key] = value
+CB, SCB, _ = bnb.functional.int8_vectorwise_quant(W.half())
+pre = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False, threshold=6.0)
+pre.weight = bnb.nn.Int8Params(CB.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+pre.weight.SCB = SCB.clone()
+pre.bias = torch.nn.Parameter(b.clone())
+pre.eval()
+results["prequantised y"] = pre(x)
+late = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False)
+late.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)
+late.bias = torch.nn.Parameter(b.clone())
+late.eval()
+results["late y"] = late(x)
+results["late weight"] = late.weight.data
+plain = torch.nn.Linear(40, 24)
+plain.weight.data, plain.bias.data = W.clone(), b.clone()
+moved = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False, threshold=6.0)
+moved.load_state_dict(plain.state_dict())
+moved = moved.to("cpu").eval()
+results["moved y"] = moved(x)
+results["moved weight"] = moved.weight.data
+trained = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=True)
+results["fp16 weights type"] = type(trained.weight).__name__
+results["fp16 weights grad"] = trained.weight.requires_grad
+results["switchback type"] = type(bnb.nn.SwitchBackLinearBnb(40, 24, has_fp16_weights=False).weight).__name__
+'''
+
+
 # The research API (CUDA-only in bitsandbytes 0.49.2: on CPU it raises there) and the calls that
 # need its argument conventions: int8_double_quant's positional order, quantize's return pair.
 RESEARCH_SCRIPT = '''
@@ -170,7 +226,8 @@ results["dequantized loose"] = F.dequantize(q, absmax=absmax, code=code)
 '''
 
 
-@pytest.mark.parametrize("script", [FUNCTIONAL_SCRIPT, INT8_SCRIPT], ids=["functional", "int8"])
+@pytest.mark.parametrize("script", [FUNCTIONAL_SCRIPT, INT8_SCRIPT, INT8PARAMS_SCRIPT],
+                         ids=["functional", "int8", "int8params"])
 def test_script_equals_live_bitsandbytes_in_compat_mode(script: str) -> None:
     pytest.importorskip("bitsandbytes")
     ref = _run(script, drop_in=False)
@@ -186,8 +243,8 @@ def test_script_equals_live_bitsandbytes_in_compat_mode(script: str) -> None:
     _assert_same(ours, ref)
 
 
-@pytest.mark.parametrize("script", [FUNCTIONAL_SCRIPT, INT8_SCRIPT, RESEARCH_SCRIPT],
-                         ids=["functional", "int8", "research"])
+@pytest.mark.parametrize("script", [FUNCTIONAL_SCRIPT, INT8_SCRIPT, INT8PARAMS_SCRIPT, RESEARCH_SCRIPT],
+                         ids=["functional", "int8", "int8params", "research"])
 def test_script_runs_in_default_mode(script: str) -> None:
     res = _run(script, drop_in=True)
     for key, value in res.items():
@@ -228,6 +285,7 @@ def test_signatures_mirror_bitsandbytes() -> None:
               for n in ("LinearFP8Mixed", "LinearFP8Global")]
     pairs += [(getattr(fbnb.nn, n).__init__, getattr(bnb.nn, n).__init__)
               for n in ("Linear8bitLt", "SwitchBackLinearBnb")]
+    pairs += [(getattr(fbnb.nn.Int8Params, n), getattr(bnb.nn.Int8Params, n)) for n in ("__new__", "cpu", "cuda")]
     for ours, theirs in pairs:
         want = [(p.name, p.kind) for p in inspect.signature(theirs).parameters.values()]
         got = [(p.name, p.kind) for p in inspect.signature(ours).parameters.values()]
@@ -322,3 +380,73 @@ def test_dequantize_blockwise_reads_a_state_bitsandbytes_made(nested: bool, dtyp
     assert torch.equal(fbnb.functional.dequantize_blockwise(q, state), bnb.functional.dequantize_blockwise(q, state))
     with pytest.raises(TypeError, match="expected fp8probe.functional.QuantState, got bitsandbytes.functional.QuantState"):
         P.dequantize_blockwise(q, state)
+
+
+def _int8_layer(cls=None, **kwargs):
+    layer = (cls or fbnb.nn.Linear8bitLt)(40, 24, has_fp16_weights=False, **kwargs).eval()
+    g = torch.Generator().manual_seed(22)
+    return layer, torch.randn(24, 40, generator=g), torch.randn(6, 40, generator=g)
+
+
+@pytest.mark.parametrize("cls", ["Linear8bitLt", "SwitchBackLinearBnb"])
+def test_int8_layers_weight_is_int8params_sharing_the_scb_buffer(mode, cls) -> None:
+    """The drop-in had no nn.Int8Params: code written for bitsandbytes (isinstance checks, Int8Params(w).to(device)
+    assigned as the weight, weight.SCB set by a loader) failed with AttributeError."""
+    layer, W, x = _int8_layer(getattr(fbnb.nn, cls))
+    w = layer.weight
+    assert isinstance(w, fbnb.nn.Int8Params) and isinstance(w, torch.nn.Parameter) and not w.requires_grad
+    assert w.SCB is layer.SCB and w.CB.data_ptr() == w.data_ptr() and w.dtype == torch.int8 and not w.has_fp16_weights
+    layer.weight = fbnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False).to("cpu")
+    want = getattr(P, "Linear8bitLt" if cls == "Linear8bitLt" else "SwitchBackLinear")(
+        40, 24, has_fp16_weights=False, compat=mode).eval()
+    want.load_state_dict({"weight": W, "bias": layer.bias.detach()})
+    assert torch.equal(layer(x), want(x))
+    assert torch.equal(layer.SCB, want.SCB) and layer.weight.SCB is layer.SCB
+    sd = layer.state_dict()
+    assert torch.equal(sd["SCB"], want.SCB) and torch.equal(sd["weight"], want.weight)
+    # the state dict loads back, and the weight's SCB is then the loaded buffer
+    fresh = getattr(fbnb.nn, cls)(40, 24, has_fp16_weights=False).eval()
+    fresh.load_state_dict(sd)
+    assert fresh.weight.SCB is fresh.SCB and torch.equal(fresh.SCB, want.SCB) and torch.equal(fresh(x), want(x))
+    assert isinstance(getattr(fbnb.nn, cls)(40, 24, has_fp16_weights=True).weight, fbnb.nn.Int8Params)
+
+
+def test_int8params_weight_scb_set_after_a_forward_is_used(mode) -> None:
+    layer, W, x = _int8_layer()
+    CB, SCB = P.nn.int8_weight_rows(W, mode)
+    layer.weight = fbnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False)
+    layer.weight.SCB = SCB
+    first = layer(x)
+    layer.weight.SCB = SCB * 2  # a loader replacing the scales of a cached layer
+    second = layer(x)
+    assert torch.equal(layer.SCB, SCB * 2) and not torch.equal(first, second)
+    want = P.Linear8bitLt(40, 24, has_fp16_weights=False, compat=mode).eval()
+    want.load_state_dict({"weight": CB, "SCB": SCB * 2, "bias": layer.bias.detach()})
+    assert torch.equal(second, want(x))
+
+
+def test_int8params_refuses_an_int8_weight_without_scales_or_with_wrong_ones() -> None:
+    """(bitsandbytes quantises the int8 codes again as if they were the float weight: every output ~127x off)."""
+    layer, W, x = _int8_layer()
+    CB, SCB = P.nn.int8_weight_rows(W)
+    layer.weight = fbnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False)
+    with pytest.raises(ValueError, match=r"int8 weight \[24, 40\] has no scales: set layer.weight.SCB"):
+        layer(x)
+    layer.weight.SCB = SCB[:5]
+    with pytest.raises(ValueError, match=r"weight.SCB must have shape \[24\].*got \[5\]"):
+        layer(x)
+
+
+def test_int8params_survives_copies_moves_and_pickling(tmp_path) -> None:
+    layer, W, x = _int8_layer(threshold=6.0)
+    y = layer(x)
+    twin = __import__("copy").deepcopy(layer)
+    assert isinstance(twin.weight, fbnb.nn.Int8Params) and twin.weight.SCB is twin.SCB
+    assert torch.equal(twin(x), y)
+    half = layer.half()  # the int8 weight and float32 scales stay; only the bias follows
+    assert half.weight.dtype == torch.int8 and half.weight.SCB is half.SCB and half.SCB.dtype == torch.float32
+    torch.save(layer, tmp_path / "layer.pt")
+    back = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert isinstance(back.weight, fbnb.nn.Int8Params) and torch.equal(back(x.half()), layer(x.half()))
+    meta = fbnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False).to("meta")
+    assert meta.weight.is_meta and meta.weight.SCB is meta.SCB

@@ -2,7 +2,7 @@
 
 Change one line — ``import fp8probe.compat.bitsandbytes as bnb`` — and ``bnb.functional``,
 ``bnb.research`` (``matmul_fp8_mixed``/``matmul_fp8_global``/``switchback_bnb``,
-``research.nn.LinearFP8Mixed``/``LinearFP8Global``), ``bnb.nn.Linear8bitLt``,
+``research.nn.LinearFP8Mixed``/``LinearFP8Global``), ``bnb.nn.Int8Params``, ``bnb.nn.Linear8bitLt``,
 ``bnb.nn.SwitchBackLinearBnb``, ``bnb.matmul``, ``bnb.MatmulLtState`` and the autograd functions
 (``bnb.autograd._functions``, ``bnb.research.autograd._functions``) run on fp8probe.
 Numerics: fp8probe's defaults, or bitsandbytes 0.49.2's with ``set_compat("bnb")`` /
