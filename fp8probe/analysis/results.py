@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from fp8probe.report.files import _run_outputs, as_utf8_text, atomic_write_text, remove_outputs
+from fp8probe.report.files import run_outputs, as_utf8_text, atomic_write_text, remove_outputs
 from fp8probe.report.schema import KINDS, SCHEMA, ResultsError, parse_results_json, validate_results
 from fp8probe.report.schema import SCHEMA_VERSION as VERSION
 
@@ -82,7 +82,7 @@ class Results:
         out.mkdir(parents=True, exist_ok=True)
         # An earlier results set in the directory: its files this set does not replace would sit beside the new
         # results.json (an e2e.csv of a run that had no end-to-end part), so they go before it is written.
-        stale = [p for p in _run_outputs(out) if p.name != JSON_NAME and p.stem not in self.tables] \
+        stale = [p for p in run_outputs(out) if p.name != JSON_NAME and p.stem not in self.tables] \
             if (out / JSON_NAME).is_file() else []
         paths: dict[str, Path] = {}
         for name, table in self.tables.items():

@@ -112,7 +112,7 @@ def append_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def _run_outputs(out: Path) -> list[Path]:
+def run_outputs(out: Path) -> list[Path]:
     """fp8probe run outputs (results.json, index.html, table CSVs) present directly in ``out``. Only
     regular files (not symlinks) with fp8probe's own fixed names count."""
     names = [RESULTS_JSON, REPORT_HTML, *(f"{t}.csv" for t in KNOWN_TABLES)]
@@ -131,11 +131,11 @@ def existing_outputs(out_dir: str | Path, kind: str) -> list[Path]:
         found = [out / n for n in COMPARE_FILES if (out / n).is_file() and not (out / n).is_symlink()]
         names: Iterable[str] = COMPARE_FILES
     else:
-        found = _run_outputs(out)
+        found = run_outputs(out)
         if kind == "demo":
             for sub in DEMO_SUBDIRS:
                 if (out / sub).is_dir():
-                    found += _run_outputs(out / sub)
+                    found += run_outputs(out / sub)
         names = [RESULTS_JSON, REPORT_HTML] + [f"{t}.csv" for t in KNOWN_TABLES]
     litter = [p for n in names for p in out.glob(f".{n}.*.tmp") if p.is_file()]
     return found + litter
