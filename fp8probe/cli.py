@@ -1225,6 +1225,9 @@ def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) ->
               help="fail when a layer gains more than this many outlier feature columns")
 @_option("--max-underflow-increase", type=FiniteFloat(0.0), default=1.0, show_default=True,
               help="fail when an operand's underflow fraction rises by more than this many percentage points")
+@_option("--max-new-nonfinite", type=click.IntRange(min=0), default=0, show_default=True,
+              help="fail when a GEMM's low-precision output (or a quantised operand) gains more than this many NaN/Inf "
+                   "values where the float64 reference is finite")
 @_option("--max-loss-increase", type=FiniteFloat(0.0), default=None,
               help="fail when a strategy's end-to-end relative loss change rises by more than this over the baseline "
                    "(0.005 = half a percentage point); off by default")
@@ -1238,7 +1241,8 @@ def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) ->
                    "still listed)")
 @click.pass_context
 def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: float, max_new_outlier_cols: int,
-                max_underflow_increase: float, max_loss_increase: float | None, out_dir: str, overwrite: bool,
+                max_underflow_increase: float, max_new_nonfinite: int, max_loss_increase: float | None, out_dir: str,
+                overwrite: bool,
                 markdown_file: str | None, allow_missing: bool) -> None:
     """Gate CURRENT.json against BASELINE.json: exit 1 naming the layers when a gate is exceeded or baseline
     rows are missing, else 0. Only quantised GEMMs are gated (see the gate text)."""
@@ -1274,7 +1278,7 @@ def compare_cmd(ctx: click.Context, baseline: str, current: str, max_sqnr_drop: 
     base, cur = _load_results_or_fail(baseline, "baseline"), _load_results_or_fail(current, "current")
     try:
         gates = Gates(max_sqnr_drop, max_new_outlier_cols, max_underflow_increase, allow_missing=allow_missing,
-                      max_loss_increase=max_loss_increase)
+                      max_loss_increase=max_loss_increase, max_new_nonfinite=max_new_nonfinite)
         comparison = compare_results(base, cur, gates)
     except ValueError as exc:
         raise _fail(exc) from exc

@@ -19,6 +19,10 @@ DEFAULT_MAX_SQNR_DROP_DB = 1.0
 DEFAULT_MAX_NEW_OUTLIER_COLS = 0
 # Underflow increase in percentage points of the operand's non-zero elements.
 DEFAULT_MAX_UNDERFLOW_INCREASE_PCT = 1.0
+# New NaN/±Inf low-precision outputs where the float64 reference is finite (a GEMM's ``nonfinite``, an operand's):
+# the SQNR is taken over the finite elements only, so one +Inf weight that turns a quarter of a layer's outputs NaN
+# moved it by 0.15 dB and passed the SQNR gate. Any new one is a defect of the recipe on this model.
+DEFAULT_MAX_NEW_NONFINITE = 0
 # A GEMM whose SQNR is at least this on both sides is at float32 rounding level, not quantisation
 # error: float32 accumulation against the float64 reference gives ~144 − 10·log10(K) dB (≥ 84 dB up to
 # K = 10⁶), while FP8/INT8 GEMMs stay below ~60 dB. mixed / switchback leave wgrad unquantised
@@ -28,7 +32,8 @@ FLOAT32_NOISE_FLOOR_DB = 80.0
 
 @dataclass(frozen=True)
 class Gates:
-    """Gate limits: SQNR drop (dB, ≥ 0), new outlier columns (count, ≥ 0), underflow rise (percentage points, ≥ 0)."""
+    """Gate limits: SQNR drop (dB, ≥ 0), new outlier columns (count, ≥ 0), underflow rise (percentage points, ≥ 0),
+    new non-finite low-precision outputs (count, ≥ 0)."""
 
     max_sqnr_drop: float = DEFAULT_MAX_SQNR_DROP_DB
     max_new_outlier_cols: int = DEFAULT_MAX_NEW_OUTLIER_COLS
@@ -39,11 +44,13 @@ class Gates:
     # End-to-end gate (off when None): the current run's relative loss change (e2e table, per strategy)
     # may exceed the baseline's by at most this much (0.005 = half a percentage point of the loss).
     max_loss_increase: float | None = None
+    max_new_nonfinite: int = DEFAULT_MAX_NEW_NONFINITE
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_missing, bool):
             raise ValueError(f"allow_missing must be True or False, got {self.allow_missing!r}")
-        for name in ("max_sqnr_drop", "max_new_outlier_cols", "max_underflow_increase", "max_loss_increase"):
+        for name in ("max_sqnr_drop", "max_new_outlier_cols", "max_underflow_increase", "max_loss_increase",
+                     "max_new_nonfinite"):
             value = getattr(self, name)
             if name == "max_loss_increase" and value is None:
                 continue
@@ -401,6 +408,36 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                                "detail": f"{key[1]} {key[2]} underflow {100 * b:.2f} % → {100 * c:.2f} % "
                                          f"(+{d:.2f} points > {gates.max_underflow_increase:g})"})
 
+    def nonfinite(res: Mapping, source: str) -> dict:
+        """(layer, recipe, GEMM or operand) → (non-finite low-precision outputs where the reference is finite,
+        elements compared); rows written before the count existed are left out."""
+        out = {}
+        for table, what in (("gemm", "gemm"), ("operands", "operand")):
+            for r in res["tables"].get(table, []):
+                if "nonfinite" in r:
+                    n = _num(_checked(r, "nonfinite", table, source))
+                    if n is not None:
+                        out[(r["layer"], str(r["strategy"]), f"{r[what]}" if table == "gemm" else f"{r[what]} operand")] = (
+                            n, _num(r.get("compared")))
+        return out
+
+    base_n, cur_n = nonfinite(baseline, "baseline"), nonfinite(current, "current")
+    nonfinite_rows = []
+    for key in [k for k in cur_n if k[0] not in reshaped and k in base_n]:
+        (b, _), (c, compared) = base_n[key], cur_n[key]
+        new = c - b
+        failed = new > gates.max_new_nonfinite
+        if b or c:
+            nonfinite_rows.append({"layer": key[0], "recipe": key[1], "what": key[2], "baseline": b, "current": c,
+                                   "new": new, "failed": failed})
+        if failed:
+            of = f" of {c + compared:.0f}" if compared is not None else ""
+            what = ("quantised values NaN/Inf where the input is finite" if key[2].endswith(" operand")
+                    else "low-precision outputs NaN/Inf where the float64 reference is finite")
+            violations.append({"gate": "max-new-nonfinite", "layer": key[0],
+                               "detail": f"{key[1]} {key[2]}: {c:.0f}{of} {what} (baseline {b:.0f}; +{new:.0f} > "
+                                         f"{gates.max_new_nonfinite:g}); the SQNR counts only the finite ones"})
+
     # A strategy of the baseline that current did not run at all is one violation, not one per layer and table (QA: a
     # re-run of 3 of 15 strategies read "74 gate violation(s): 37 layer(s)", each listing the same rows)
     ran = {k[1] for k in [*cur_s, *cur_u]}
@@ -415,7 +452,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     if not gates.allow_missing:
         violations += missing
     e2e_rows = _e2e_gate(baseline, current, gates, violations)
-    if not (sqnr_rows or outlier_rows or under_rows or e2e_rows) and (gates.allow_missing or not missing):
+    if not (sqnr_rows or outlier_rows or under_rows or e2e_rows or nonfinite_rows) and (gates.allow_missing or not missing):
         differs = what_differs(baseline, current)
         raise ValueError("baseline and current share no comparable entry (no SQNR, outlier or underflow row in "
                          f"both{': ' + differs if differs else ''}): nothing would be gated")
@@ -431,6 +468,7 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
                   "missing_strategies": gone,
                   "reshaped": {layer: f"{_shape_text(b)} → {_shape_text(c)}" for layer, (b, c) in reshaped.items()}},
         "sqnr": sqnr_rows, "outliers": outlier_rows, "underflow": under_rows, "e2e": e2e_rows,
+        "nonfinite": nonfinite_rows,
         "added_layers": [x for x in cur_l if x not in set(base_l)],
         "removed_layers": [x for x in base_l if x not in set(cur_l)],
         "violations": violations, "failed_layers": failed_layers, "passed": not violations,
@@ -466,16 +504,23 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
              f"Baseline {_md_code(comparison['baseline']['name'], False)} ({_md_code(comparison['baseline']['created'], False)}) → "
              f"current {_md_code(comparison['current']['name'], False)} ({_md_code(comparison['current']['created'], False)}).", "",
              f"Gates: SQNR drop ≤ {g['max_sqnr_drop']:g} dB, new outlier columns ≤ {g['max_new_outlier_cols']:g}, "
-             f"underflow increase ≤ {percentage_points(g['max_underflow_increase'])}"
+             f"underflow increase ≤ {percentage_points(g['max_underflow_increase'])}, "
+             f"new NaN/Inf outputs ≤ {g.get('max_new_nonfinite', DEFAULT_MAX_NEW_NONFINITE):g}"
              + (f", end-to-end loss change increase ≤ {percentage_points(100 * g['max_loss_increase'])}."
                 if g.get("max_loss_increase") is not None else "."), "",
              gated_text(comparison), ""]
-    if comparison["violations"]:
+    violations = comparison["violations"]
+    if violations:
+        shown = _each_gate(violations, max_rows)
+        by_gate = {g: sum(v["gate"] == g for v in violations) for g in dict.fromkeys(v["gate"] for v in violations)}
+        if len(shown) < len(violations):
+            # (the first rows in layer order had been all one gate: 111 underflow violations went unseen)
+            lines += ["Violations per gate: " + ", ".join(f"{g} {n}" for g, n in by_gate.items())
+                      + f"; the first of each gate below ({len(shown)} of {len(violations)}).", ""]
         lines += ["| gate | layer | detail |", "|---|---|---|"]
-        lines += [f"| {v['gate']} | {_md_code(v['layer'])} | {_md_code(v['detail'])} |"
-                  for v in comparison["violations"][:max_rows]]
-        if len(comparison["violations"]) > max_rows:
-            lines.append(f"| … | | {len(comparison['violations']) - max_rows} more |")
+        lines += [f"| {v['gate']} | {_md_code(v['layer'])} | {_md_code(v['detail'])} |" for v in shown]
+        if len(violations) > len(shown):
+            lines.append(f"| … | | {len(violations) - len(shown)} more |")
         lines.append("")
     drops = sorted((r for r in comparison["sqnr"] if r["delta_db"] is not None and r["delta_db"] < 0),
                    key=lambda r: r["delta_db"])
@@ -492,6 +537,22 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
             lines.append(f"{label}: " + ", ".join(_md_code(x, False) for x in comparison[key]))
             lines.append("")
     return "\n".join(lines)
+
+
+def _each_gate(violations: list[dict], max_rows: int) -> list[dict]:
+    """At most ``max_rows`` violations (at least one of each gate), taken in turn from each gate's list and kept
+    grouped by gate in their order of appearance."""
+    groups: dict[str, list[dict]] = {}
+    for v in violations:
+        groups.setdefault(v["gate"], []).append(v)
+    taken = {g: 0 for g in groups}
+    left = max(max_rows, len(groups))
+    while left > 0 and any(taken[g] < len(rows) for g, rows in groups.items()):
+        for g, rows in groups.items():
+            if left > 0 and taken[g] < len(rows):
+                taken[g] += 1
+                left -= 1
+    return [v for g, rows in groups.items() for v in rows[:taken[g]]]
 
 
 def gated_text(comparison: Mapping) -> str:
@@ -563,4 +624,9 @@ def build_compare_view(comparison: Mapping) -> dict:
             [cell(r["layer"]), cell(r["strategy"]), cell(r["operand"]), cell(r["baseline_pct"], "{:.3f}"),
              cell(r["current_pct"], "{:.3f}"), cell(r["delta_pct"], "{:+.3f}", flag(r["failed"]))]
             for r in comparison["underflow"]]),
+        "nonfinite": _table("cmp-nonfinite", ["layer", "recipe", "GEMM / operand", "baseline NaN/Inf", "current NaN/Inf",
+                                              "new"], [
+            [cell(r["layer"]), cell(r["recipe"]), cell(r["what"]), cell(r["baseline"], "{:.0f}"),
+             cell(r["current"], "{:.0f}"), cell(r["new"], "{:+.0f}", flag(r["failed"]))]
+            for r in comparison.get("nonfinite", [])]),
     }

@@ -502,18 +502,20 @@ def test_no_change_says_so_instead_of_an_empty_chart(base: dict, tmp_path: Path)
 def test_gate_limits_read_in_the_singular_at_one_point(base: dict) -> None:
     """The compare summary read "underflow increase ≤ 1 percentage points" with the default gate."""
     md = compare_markdown(compare_results(base, base, Gates(max_loss_increase=0.005)))
-    assert "underflow increase ≤ 1 percentage point, end-to-end loss change increase ≤ 0.5 percentage points." in md
+    assert ("underflow increase ≤ 1 percentage point, new NaN/Inf outputs ≤ 0, end-to-end loss change increase ≤ 0.5 "
+            "percentage points.") in md
     md = compare_markdown(compare_results(base, base, Gates(max_underflow_increase=2.5, max_loss_increase=0.01)))
-    assert "underflow increase ≤ 2.5 percentage points, end-to-end loss change increase ≤ 1 percentage point." in md
+    assert ("underflow increase ≤ 2.5 percentage points, new NaN/Inf outputs ≤ 0, end-to-end loss change increase ≤ 1 "
+            "percentage point.") in md
 
 
 def test_the_compare_page_reads_the_underflow_gate_in_the_singular_at_one_point(base: dict, tmp_path: Path) -> None:
     """compare.html read "underflow increase ≤ 1 percentage points" with the default gate (the Markdown was fixed)."""
     html = render_compare(compare_results(base, base), tmp_path / "one.html").read_text("utf-8")
-    assert "underflow increase ≤ 1 percentage point</dd>" in html
+    assert "underflow increase ≤ 1 percentage point; new NaN/Inf outputs ≤ 0</dd>" in html
     html = render_compare(compare_results(base, base, Gates(max_underflow_increase=2.5)),
                           tmp_path / "more.html").read_text("utf-8")
-    assert "underflow increase ≤ 2.5 percentage points</dd>" in html
+    assert "underflow increase ≤ 2.5 percentage points; new NaN/Inf outputs ≤ 0</dd>" in html
 
 
 def test_a_baseline_row_of_a_gemm_training_does_not_run_is_not_missing(base: dict) -> None:
@@ -535,3 +537,64 @@ def test_a_baseline_row_of_a_gemm_training_does_not_run_is_not_missing(base: dic
     assert compare_results(base, cur)["passed"]
     cur["metadata"]["no_dgrad_layers"] = []
     assert [v["layer"] for v in compare_results(base, cur)["violations"]] == [first]
+
+
+def _with_nonfinite(results: dict) -> dict:
+    out = copy.deepcopy(results)
+    for table in ("gemm", "operands"):
+        for r in out["tables"][table]:
+            r["nonfinite"], r["compared"] = 0, 2048
+    return out
+
+
+def test_new_nan_outputs_fail_the_gate_although_the_sqnr_barely_moves(base: dict, tmp_path: Path) -> None:
+    """One +Inf weight turned 480 of an NVFP4 layer's 2048 outputs NaN; the SQNR (over the finite ones) moved 16.34 →
+    16.19 dB and compare passed: no gate read `nonfinite`."""
+    before = _with_nonfinite(base)
+    after = copy.deepcopy(before)
+    row = next(r for r in after["tables"]["gemm"] if r["layer"] == DEGRADED and r["gemm"] == "dgrad")
+    row["nonfinite"], row["compared"], row["sqnr_db"] = 480, 1568, row["sqnr_db"] - 0.15
+    op = next(r for r in after["tables"]["operands"] if r["operand"] == "weight")
+    op["nonfinite"] = 3
+    cmp = compare_results(before, after)
+    assert not cmp["passed"]
+    got = {(v["gate"], v["layer"]): v["detail"] for v in cmp["violations"]}
+    assert set(got) == {("max-new-nonfinite", DEGRADED), ("max-new-nonfinite", op["layer"])}
+    assert got[("max-new-nonfinite", DEGRADED)] == (
+        f"{row['strategy']} dgrad: 480 of 2048 low-precision outputs NaN/Inf where the float64 reference is finite "
+        "(baseline 0; +480 > 0); the SQNR counts only the finite ones")
+    assert got[("max-new-nonfinite", op["layer"])].startswith(f"{op['strategy']} weight operand: 3 of 2051 quantised "
+                                                              "values NaN/Inf where the input is finite")
+    assert {(r["layer"], r["what"], r["new"]) for r in cmp["nonfinite"]} == {
+        (DEGRADED, "dgrad", 480), (op["layer"], "weight operand", 3)}
+    assert compare_results(before, after, Gates(max_new_nonfinite=480))["passed"]
+    assert compare_results(after, before)["passed"]  # fewer NaN outputs is no regression
+    # the command line: the gate, its option and the page's table
+    res = CliRunner().invoke(cli, ["compare", _write(tmp_path, "b.json", before), _write(tmp_path, "a.json", after),
+                                   "--out", str(tmp_path / "c")])
+    assert res.exit_code == 1 and "max-new-nonfinite" in res.output, res.output
+    html = (tmp_path / "c" / "compare.html").read_text("utf-8")
+    assert "NaN/Inf outputs where the reference is finite</h2>" in html and "new NaN/Inf outputs ≤ 0</dd>" in html
+    res = CliRunner().invoke(cli, ["compare", _write(tmp_path, "b.json", before), _write(tmp_path, "a.json", after),
+                                   "--out", str(tmp_path / "d"), "--max-new-nonfinite", "480"])
+    assert res.exit_code == 0, res.output
+
+
+def test_the_markdown_summary_shows_every_gate_that_failed(base: dict) -> None:
+    """compare.md listed the first 20 violations in layer order: 111 underflow violations were all behind "… 253
+    more" (QA: a weight going 0 % → 68.75 % underflow never reached the CI job summary)."""
+    cur = copy.deepcopy(base)
+    for r in cur["tables"]["gemm"]:
+        r["sqnr_db"] -= 5.0
+    last = cur["tables"]["operands"][-1]
+    last["underflow_frac"] += 0.5
+    cmp = compare_results(base, cur)
+    gates = [v["gate"] for v in cmp["violations"]]
+    assert gates.count("max-sqnr-drop") > 20 and gates.count("max-underflow-increase") == 1
+    md = compare_markdown(cmp)
+    assert (f"Violations per gate: max-sqnr-drop {gates.count('max-sqnr-drop')}, max-underflow-increase 1; the first "
+            f"of each gate below (20 of {len(gates)}).") in md
+    assert f"| max-underflow-increase | `{last['layer']}` |" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| max-")]
+    assert len(rows) == 20 and rows[-1].startswith("| max-underflow-increase")
+    assert f"| … | | {len(gates) - 20} more |" in md
