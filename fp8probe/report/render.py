@@ -1019,6 +1019,9 @@ FROZEN_CELL = {"text": "frozen", "sort": None, "cls": "nq"}
 NOT_RUN_CELL = {"text": "not run", "sort": None, "cls": "nq"}
 
 
+NONFINITE_TITLE = "outputs NaN/Inf where the float64 reference is finite; the SQNR is over the finite ones"
+
+
 def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
     """One heat-map cell: SQNR in dB coloured by 5 dB bins around the keep line; unquantised GEMMs say
     so (instead of ~140 dB), exact and undefined results by name."""
@@ -1032,9 +1035,16 @@ def _heat_cell(row: Mapping | None, keep_db: float) -> dict:
     if value is None or math.isnan(value):
         return {"text": "undef", "sort": None, "cls": "warn"}
     if math.isinf(value):
-        return {"text": "exact" if value > 0 else "−∞", "sort": 1e308 if value > 0 else -1e308,
-                "cls": _heat_class(value, keep_db) if value < 0 else "h8"}
-    return {"text": f"{value:.1f}", "sort": None, "cls": _heat_class(value, keep_db)}
+        out = {"text": "exact" if value > 0 else "−∞", "sort": 1e308 if value > 0 else -1e308,
+               "cls": _heat_class(value, keep_db) if value < 0 else "h8"}
+    else:
+        out = {"text": f"{value:.1f}", "sort": None, "cls": _heat_class(value, keep_db)}
+    nonfinite, compared = (int(x) if _isnum(x) else 0 for x in (row.get("nonfinite"), row.get("compared")))
+    if nonfinite > 0:  # the SQNR counts the finite outputs only: a NaN-producing recipe must not read as ordinary
+        total = nonfinite + compared
+        out.update(text=out["text"] + " ⚠", sort=value if math.isfinite(value) else out["sort"],
+                   title=f"{nonfinite} of {total} {NONFINITE_TITLE}")
+    return out
 
 
 def _missing_cell(layer: str, gemm: str, frozen: Sequence[str], not_run: Mapping[str, Sequence[str]] | None) -> dict:
@@ -1090,7 +1100,8 @@ def _heatmap(layers: list[str], strategies: list[str], gemm: Mapping[tuple, Mapp
                             groups=[("", 1), *[(f"{g} SQNR (dB)", n) for g, n in zip(gemms, spans)]]),
             "legend": legend, "gemms": gemms, "views": views,
             "pick": None if pick is None else {"strategy": pick[0], "kind": pick[1], "pinned": pinned is not None},
-            "kept": sum(1 for row in rows if "kept" in row[1]["cls"].split()) if pinned else 0}
+            "kept": sum(1 for row in rows if "kept" in row[1]["cls"].split()) if pinned else 0,
+            "nonfinite": any(NONFINITE_TITLE in c.get("title", "") for row in rows for c in row)}
 
 
 def _pinned_cell(row: Mapping | None, keep_db: float, kept: bool) -> dict:

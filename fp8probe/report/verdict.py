@@ -399,6 +399,40 @@ def underflow_warnings(operands: Records, strategies: Sequence[str],
     return out
 
 
+def nonfinite_output_warning(gemm: Records, strategies: Sequence[str], pick: Mapping | None = None) -> str | None:
+    """One warning naming the recipes whose low-precision GEMM outputs are NaN/±Inf where the float64 reference is
+    finite (``gemm.nonfinite``), most GEMMs first, each with its worst GEMM; None when there are none.
+
+    Why: the SQNRs are taken over the finite elements only, so a recipe turning a quarter of a layer's outputs NaN
+    (one +Inf weight poisons an NVFP4 16x16 tile; an int8 row scale of +Inf makes the whole row NaN) showed an ordinary
+    16 dB in the heat map, and the verdict recommended switchback with its dgrad all NaN on that layer (QA).
+    """
+    rank = {s: i for i, s in enumerate(strategies)}
+    hit: dict[str, list[tuple[float, int, int, str, str]]] = {}
+    for r in gemm:
+        n = int(_num(r.get("nonfinite")) or 0)
+        if n > 0:
+            total = n + int(_num(r.get("compared")) or 0)
+            hit.setdefault(str(r.get("strategy")), []).append((n / total, n, total, str(r.get("layer")),
+                                                               str(r.get("gemm"))))
+    if not hit:
+        return None
+    order = sorted(hit, key=lambda x: (-len(hit[x]), rank.get(x, len(rank))))
+    parts = []
+    for name in order[:MAX_NAMES]:
+        _, n, total, layer, which = max(hit[name])
+        parts.append(f"{name} in {len(hit[name])} GEMM(s) (worst: {layer} {which}, {n} of {total})")
+    text = ("NaN/Inf low-precision GEMM outputs where the float64 reference is finite (their SQNRs count only the "
+            "finite outputs; cells marked ⚠): " + "; ".join(parts)
+            + (f" and {len(order) - MAX_NAMES} more recipe(s)" if len(order) > MAX_NAMES else ""))
+    if pick and pick["strategy"] in hit:
+        layers = {x[3] for x in hit[pick["strategy"]]}
+        text += (f" ({pick['kept']})" if layers <= pick["keep"] else
+                 f" ({pick['strategy']}, the verdict's pick, is one of them: keep "
+                 + _names(sorted(layers - pick["keep"]), 4) + " in 16-bit, or find the NaN/Inf in the tensors table)")
+    return text
+
+
 def _underflow_pick(recommended: Mapping | None, best_isolated: Mapping | None, tables: Mapping[str, Records],
                     metadata: Mapping) -> dict | None:
     """What an underflow warning naming the verdict's pick says of it: the recommended recipe passed its end-to-end
@@ -667,6 +701,10 @@ def build_verdict(tables: Mapping[str, Any], metadata: Mapping | None = None,
     # under "Recommended: switchback" with nothing between them).
     warnings += underflow_warnings(t.get("operands", []), strategies,
                                    pick=_underflow_pick(recommended, best_isolated, t, metadata))
+    nonfinite_outputs = nonfinite_output_warning(t.get("gemm", []), strategies,
+                                                 pick=_underflow_pick(recommended, best_isolated, t, metadata))
+    if nonfinite_outputs:
+        warnings.append(nonfinite_outputs)
     sweep_nonfinite = nonfinite_operands_warning(metadata)
     if sweep_nonfinite and not tensors_nan_inf:
         warnings.append(sweep_nonfinite)

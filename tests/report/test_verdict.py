@@ -669,3 +669,40 @@ def test_the_underflow_hint_for_4_and_6_bit_recipes_names_their_elements_and_sha
     assert "mxfp4 flushes up to 60.0 %: 4- and 6-bit elements" in line
     assert line.endswith("; for ocp-tensorwise: a per-row or per-block scale (e.g. ocp-rowwise, mxfp8) gives small rows "
                          "their own scale")
+
+
+def test_nan_outputs_where_the_reference_is_finite_are_warned_of_and_marked_in_the_heat_map() -> None:
+    """One +Inf weight turned 480 of 2016 NVFP4 outputs NaN and an int8 row scale of +Inf every switchback dgrad
+    output: the heat map showed an ordinary 16.2 dB (the SQNR is over the finite outputs) and the verdict recommended
+    switchback with no word of it (QA)."""
+    from fp8probe.report.render import _heat_cell
+    from fp8probe.report.verdict import nonfinite_output_warning
+
+    def row(s: str, layer: str, gemm: str, n: int, compared: int, sqnr: float | None = 16.2) -> dict:
+        return {"layer": layer, "strategy": s, "gemm": gemm, "sqnr_db": sqnr, "nonfinite": n, "compared": compared,
+                "note": None if sqnr is not None else "low precision non-finite", "quantized": True}
+
+    gemm = [row("nvfp4", "infw", "fprop", 480, 1536), row("nvfp4", "b", "fprop", 0, 2048),
+            row("switchback", "infw", "dgrad", 2016, 0, None), row("switchback", "b", "dgrad", 0, 2048),
+            row("global", "infw", "fprop", 0, 2048)]
+    text = nonfinite_output_warning(gemm, ["global", "switchback", "nvfp4"])
+    assert text == ("NaN/Inf low-precision GEMM outputs where the float64 reference is finite (their SQNRs count only "
+                    "the finite outputs; cells marked ⚠): switchback in 1 GEMM(s) (worst: infw dgrad, 2016 of 2016); "
+                    "nvfp4 in 1 GEMM(s) (worst: infw fprop, 480 of 2016)")
+    assert nonfinite_output_warning([r for r in gemm if not r["nonfinite"]], ["global"]) is None
+    # the verdict's pick among them is told what to do
+    e2e = [dict(e2e_rows()[0], strategy=s) for s in ("global", "switchback", "nvfp4")]
+    rec = [{"kind": "strategy", "strategy": s, "value": None, "keep_16bit": [], "n_keep": 0, "loss_rel_change": 1e-4,
+            "kl_div": 1e-4, "within_budget": True, "lp_flop_share": 1.0, "budget": 0.01, "budget_kind": "loss",
+            "recommended": s == "switchback"} for s in ("global", "switchback", "nvfp4")]
+    warned = [w for w in build_verdict({"e2e": e2e, "recommendation": rec, "gemm": gemm})["warnings"] if "⚠" in w]
+    assert warned == [text + " (switchback, the verdict's pick, is one of them: keep infw in 16-bit, or find the NaN/Inf "
+                             "in the tensors table)"]
+    rec = [dict(r, keep_16bit=["infw"], n_keep=1) for r in rec]
+    warned = [w for w in build_verdict({"e2e": e2e, "recommendation": rec, "gemm": gemm})["warnings"] if "⚠" in w]
+    assert warned == [text + " (switchback is the recommended recipe: it keeps these layers in 16-bit)"]
+    # the heat-map cell: its SQNR, marked, with the count in its title; a clean cell unchanged
+    c = _heat_cell(gemm[0], 20.0)
+    assert c["text"] == "16.2 ⚠" and c["sort"] == 16.2 and c["title"].startswith("480 of 2016 outputs NaN/Inf")
+    assert _heat_cell(gemm[1], 20.0) == {"text": "16.2", "sort": None, "cls": c["cls"]}
+    assert _heat_cell(gemm[2], 20.0)["text"] == "undef"
