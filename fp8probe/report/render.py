@@ -1019,6 +1019,12 @@ FROZEN_CELL = {"text": "frozen", "sort": None, "cls": "nq"}
 NOT_RUN_CELL = {"text": "not run", "sort": None, "cls": "nq"}
 
 
+def noise_share(db: float) -> str:
+    """The noise power an SQNR of ``db`` means, as a share of the signal power: 10^(−dB/10) (20 dB: "1 %")."""
+    share = 100.0 * 10.0 ** (-db / 10.0)
+    return f"{share:.3g} %" if share < 1e4 else f"{share / 100:.3g}×"
+
+
 NONFINITE_TITLE = "outputs NaN/Inf where the float64 reference is finite; the SQNR is over the finite ones"
 
 
@@ -1687,6 +1693,7 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
         "n_activation_gemms": sum(1 for r in tables["layers"] if r.get("b_is_weight") is False),
         "strategies": strategies,
         "keep_db": f"{keep_16bit_db:g}",
+        "keep_noise": noise_share(keep_16bit_db),
         "summary": _summary(layers, strategies, tables, keep_16bit_db),
         "nan_inf": _nan_inf(tables),
         "special": _special_values(tables),

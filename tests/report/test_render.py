@@ -73,6 +73,15 @@ def test_keep_rule_threshold_moves_the_list(results: dict) -> None:
     assert all(not k["layers"] for k in view["summary"]["keep"])
 
 
+@pytest.mark.parametrize(("keep_db", "share"), [(20.0, "1 %"), (30.0, "0.1 %"), (-5.0, "316 %")])
+def test_the_keep_rule_says_the_noise_share_of_its_own_threshold(results: dict, tmp_path: Path, keep_db: float,
+                                                                  share: str) -> None:
+    """The rule read "the quantisation noise exceeds 1 % of the output power" whatever --keep-16bit-db said (QA)."""
+    html = render_report(results, tmp_path / "r.html", keep_16bit_db=keep_db, draw=False).read_text("utf-8")
+    assert re.search(rf"below\s+<strong>{keep_db:g} dB</strong>, i.e. the quantisation noise exceeds {share} of the "
+                     "output power", html)
+
+
 def test_hostile_layer_names_are_escaped(results: dict, tmp_path: Path) -> None:
     evil = "<script>alert(1)</script>"
     # "$\\foo$" would be parsed as (invalid) matplotlib mathtext in the figures' axis labels
