@@ -188,7 +188,7 @@ def _metric_cell(row: Mapping | None, key: str, fmt: str, limit: float | None = 
     note = row.get("note")
     if math.isnan(value):
         return {"text": "undefined", "sort": None, "cls": "warn"}
-    if key == "sqnr_db":
+    if key.endswith("sqnr_db"):  # (gemm / operands sqnr_db, the threshold sweep's fprop_sqnr_db)
         text = _NOTE_TEXT.get(note) or ("∞" if value > 0 else "−∞")
     elif math.isfinite(value):
         text = fmt.format(value)  # rel_err 0 of an exact result
@@ -715,7 +715,9 @@ def _blocksize_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
         row = [cell(layer), cell(rec, "{:.0f}", "good"), cell(auto, "{:.0f}")]
         for bs in sizes:
             r = fprop.get(bs)
-            row.append(cell(r.get("sqnr_db") if r else None, "{:.1f}", "good" if bs == rec else ""))
+            # (an exact point, e.g. an all-zero weight, is null with its note in the JSON: "exact", not "–")
+            c = _metric_cell(r, "sqnr_db", "{:.1f}")
+            row.append({**c, "cls": " ".join(x for x in (c["cls"], "good" if bs == rec else "") if x)})
         table_rows.append(row)
     overhead = [f"{bs}: {32 / bs:.3g}" for bs in sizes]
     model = _model_wide("blocksize", tables or {}, picks)
@@ -761,7 +763,8 @@ def _threshold_section(layers: list[str], rows: Sequence[Mapping], rule: str, dr
             if r is None:
                 row.append(cell(None))
                 continue
-            c = cell(r.get("fprop_sqnr_db"), "{:.1f}", "good" if th == rec else "")
+            c = _metric_cell(r, "fprop_sqnr_db", "{:.1f}")
+            c["cls"] = " ".join(x for x in (c["cls"], "good" if th == rec else "") if x)
             frac = r.get("frac_cols_16bit")
             c["text"] += f" / {100 * frac:.1f} %" if _isnum(frac) else ""
             c["sort"] = c["sort"] if c["sort"] is not None or not _isnum(r.get("fprop_sqnr_db")) else float(r["fprop_sqnr_db"])

@@ -82,6 +82,24 @@ def test_the_keep_rule_says_the_noise_share_of_its_own_threshold(results: dict, 
                      "output power", html)
 
 
+def test_sweep_tables_show_an_exact_point_as_exact_not_as_missing(results: dict) -> None:
+    """An all-zero layer's sweep points (JSON null, note "exact") read "–" in both sweep tables, the mark of a point
+    not measured, while the analyze tables and the command line said exact / inf (QA)."""
+    data = copy.deepcopy(results)
+    layer = data["tables"]["blocksize_sweep"][0]["layer"]
+    for r in data["tables"]["blocksize_sweep"]:
+        if r["layer"] == layer and r["target"] == "fprop":
+            r["sqnr_db"], r["note"] = None, "exact"
+    for r in data["tables"]["threshold_sweep"]:
+        if r["layer"] == layer:
+            r["fprop_sqnr_db"], r["note"] = None, "exact"
+    view = build_report_view(data, draw=False)
+    (bs_row,) = [row for row in view["blocksize"]["table"]["rows"] if row[0]["text"] == layer]
+    assert {c["text"] for c in bs_row[3:]} == {"exact"} and all(c["sort"] == 1e308 for c in bs_row[3:])
+    (th_row,) = [row for row in view["threshold"]["table"]["rows"] if row[0]["text"] == layer]
+    assert all(c["text"].startswith("exact / ") for c in th_row[2:]), [c["text"] for c in th_row]
+
+
 def test_hostile_layer_names_are_escaped(results: dict, tmp_path: Path) -> None:
     evil = "<script>alert(1)</script>"
     # "$\\foo$" would be parsed as (invalid) matplotlib mathtext in the figures' axis labels
