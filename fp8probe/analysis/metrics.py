@@ -526,7 +526,9 @@ class TensorStats:
         kurt = (self.m4 / self.n) / var**2 if self.n and var > 0 else math.nan
         range_bits = math.log2(self.amax / self.min_nonzero) if self.min_nonzero < math.inf else math.nan
         ratio = (self.amax / 2.0 ** (self.log2_block_sum / self.n_blocks)) if self.n_blocks else math.nan
-        return {"numel": self.numel, "amax": self.amax, "std": math.sqrt(var) if self.n else math.nan,
+        # (no finite value, e.g. an all-NaN gradient: amax is undefined like the moments; 0 read as "all zeros")
+        return {"numel": self.numel, "amax": self.amax if self.n else math.nan,
+                "std": math.sqrt(var) if self.n else math.nan,
                 "kurtosis": kurt, "zero_frac": self.zeros / self.n if self.n else math.nan,
                 "nan_count": self.nan_count, "inf_count": self.inf_count, "range_bits": range_bits,
                 "block_absmax_ratio": ratio, "pos_inf_count": self.inf_count - self.neg_inf_count,

@@ -159,6 +159,18 @@ def test_outlier_census_hand_computed() -> None:
     assert c.result()["top_dim_tokens"] == [0.5, 0.5]
 
 
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_a_tensor_with_no_finite_value_has_no_amax(fill: float) -> None:
+    """An all-NaN gradient read "amax 0" in the JSON and the report (as if all zeros) while its std, kurtosis and
+    range were null (QA)."""
+    s = TensorStats()
+    s.update(torch.full((3, 200), fill))
+    r = s.result()
+    assert math.isnan(r["amax"]) and math.isnan(r["std"]) and r["numel"] == 600
+    s.update(torch.tensor([[0.5, -2.0]]))  # merged with finite values: theirs
+    assert s.result()["amax"] == 2.0
+
+
 def test_nan_inf_counted_not_fatal() -> None:
     x = torch.randn(4, BLOCK + 3, generator=torch.Generator().manual_seed(1))
     x[0, 5] = float("nan")
