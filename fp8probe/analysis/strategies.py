@@ -598,9 +598,16 @@ def _int8_rows(x: torch.Tensor, threshold: float, row_scale: str = "bnb") -> tor
     return deq
 
 
-def _weight_int8(W: torch.Tensor) -> tuple[torch.Tensor, None]:
+def _weight_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MatMul8bitLt / SwitchBack weight: int8 per output row (row absmax/127), no outlier columns (SPEC §6.2)."""
-    return _int8_rows(W, 0.0), None
+    return _int8_rows(W, 0.0), _unclipped(W)
+
+
+def _unclipped(x: torch.Tensor) -> torch.Tensor:
+    """The saturation mask of an int8 operand: none. Absmax scaling (by row, column or with outlier columns left in
+    16-bit) maps every element into [-127, 127]; the generic test (|x| > the largest |q|, OperandAccumulator) counted
+    the element setting the scale whenever fl(fl(x·127/s)·s/127) landed 1 ulp below it (the demo's qkv weight: 8e-5)."""
+    return torch.zeros_like(x, dtype=torch.bool)
 
 
 def _int8_cols(x: torch.Tensor) -> torch.Tensor:
@@ -640,9 +647,9 @@ def _run_int8(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, threshol
         out = None if out is None else _int8_nans(out, A, W, G, int8_wgrad=True)
         return out if out is not None else _slice_by_slice(_run_int8, A, W, G, threshold, b_is_weight, row_scale)
     gemms = _autograd_gemms(lambda a, w: AG.matmul(a, w, threshold=threshold, row_scale=row_scale), A, W, G)
-    ops = {"activation": (A, _int8_rows(A, threshold, row_scale), None), "weight": (W, *_weight_int8(W))}
+    ops = {"activation": (A, _int8_rows(A, threshold, row_scale), _unclipped(A)), "weight": (W, *_weight_int8(W))}
     if G is not None:
-        ops["grad_output"] = (G, _int8_cols(G), None)
+        ops["grad_output"] = (G, _int8_cols(G), _unclipped(G))
     return StrategyOutput(gemms, ops)
 
 
@@ -670,7 +677,7 @@ def _run_int8_direct(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, t
     qA = F.int8_vectorwise_dequant(CA, SCA).to(A.dtype)
     if cols is not None and cols.numel():
         qA[:, cols] = A[:, cols]
-    ops = {"activation": (A, qA, None), "weight": (W, W32.to(W.dtype), None)}
+    ops = {"activation": (A, qA, _unclipped(A)), "weight": (W, W32.to(W.dtype), _unclipped(W))}
     if G is not None:
         # backward: grad_B from column codes of G and A (outlier columns in A's precision), grad_A = G·deq(W)
         grad2 = G.to(y.dtype)
@@ -690,7 +697,7 @@ def _run_int8_direct(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, t
             qG = (Cg_col.float() * Sg_col.float()[None, :] / 127.0).to(G.dtype)  # _int8_cols(G)
         else:
             qG = _int8_cols(G)
-        ops["grad_output"] = (G, qG, None)
+        ops["grad_output"] = (G, qG, _unclipped(G))
     return StrategyOutput(gemms, ops)
 
 
@@ -752,8 +759,8 @@ def _run_int8_stacked(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, 
     CA, SCA, CB, SCB = CA.view(bt, m, k), SCA.view(bt, m), CB.view(bt, n, k), SCB.view(bt, n)
     y = _int8_scaled_mm_stacked(CA, CB, SCA, SCB, A.dtype)
     gemms = {"fprop": y}
-    ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), None),
-           "weight": (W, W32.to(W.dtype), None)}
+    ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), _unclipped(A)),
+           "weight": (W, W32.to(W.dtype), _unclipped(W))}
     if G is not None:
         grad2 = G.to(y.dtype)
         QA_col, SCAt = _int8_cols_stacked(A)
@@ -765,7 +772,7 @@ def _run_int8_stacked(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, 
             qG = (Cg_col.float() * Sg_col.float()[:, None, :] / 127.0).to(G.dtype)  # _int8_cols(G) per slice
         else:
             qG = torch.stack([_int8_cols(G[i]) for i in range(bt)])
-        ops["grad_output"] = (G, qG, None)
+        ops["grad_output"] = (G, qG, _unclipped(G))
     for i in dirty:  # (every result above is a fresh tensor: written in place)
         one = _run_int8_direct(A[i], W[i], None if G is None else G[i], float(threshold), row_scale)
         for key, part in one.gemms.items():
@@ -800,7 +807,7 @@ def _run_switchback(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | None, th
         if _stackable(A[None], W[None], G):
             return _int8_nans(_one_slice(_run_switchback_batched, A, W, G), A, W, G, int8_wgrad=False)
     gemms = _autograd_gemms(lambda a, w: AG.switchback_bnb(a, w), A, W, G)
-    ops = {"activation": (A, _int8_rows(A, 0.0), None), "weight": (W, *_weight_int8(W))}
+    ops = {"activation": (A, _int8_rows(A, 0.0), _unclipped(A)), "weight": (W, *_weight_int8(W))}
     return StrategyOutput(gemms, ops)
 
 
@@ -826,7 +833,8 @@ def _run_switchback_batched(A: torch.Tensor, W: torch.Tensor, G: torch.Tensor | 
         gemms["dgrad"] = _int8_dgrad(g[0], W[0], qW[0], A.dtype)[None] if bt == 1 else _mm(g.to(A.dtype), qW.to(A.dtype))
         gt = g.to(A.dtype).mT
         gemms["wgrad"] = _shared("mm", lambda: _mm(gt, A), gt, A).to(W.dtype)   # (mixed's unquantised wgrad too)
-    ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), None), "weight": (W, qW.to(W.dtype), None)}
+    ops = {"activation": (A, F.int8_vectorwise_dequant(CA, SCA).to(A.dtype), _unclipped(A)),
+           "weight": (W, qW.to(W.dtype), _unclipped(W))}
     return StrategyOutput(gemms, ops)
 
 
