@@ -67,6 +67,28 @@ class _BrokenPipe(Exception):
     """stdout closed early: carried past click, whose main() turns EPIPE into exit 1 ("gate failed")."""
 
 
+def _user_exit_text(exc: SystemExit) -> str:
+    """What a SystemExit raised by the user's code says: its code and where (the innermost frame outside fp8probe,
+    click, torch and the standard library; else outside fp8probe and click)."""
+    skip = [os.path.dirname(m.__file__) + os.sep for name in ("fp8probe", "click", "torch")
+            if (m := sys.modules.get(name)) is not None and getattr(m, "__file__", None)]
+    stdlib = os.path.dirname(os.__file__) + os.sep
+    mine = other = None
+    tb = exc.__traceback__
+    while tb is not None:
+        path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if not path.startswith(tuple(skip)):
+            other = tb
+            if not path.startswith(stdlib) or "site-packages" in path:
+                mine = tb
+        tb = tb.tb_next
+    at = mine or other
+    where = "" if at is None else f" in {at.tb_frame.f_code.co_name} at {at.tb_frame.f_code.co_filename}:{at.tb_lineno}"
+    return (f"the code fp8probe ran for you (a factory, the model, a --loss function or an unpickled object) called "
+            f"sys.exit({exc.code!r}){where}, so the run stopped unfinished; remove the exit (or guard it with "
+            "if __name__ == '__main__')")
+
+
 class Fp8probeGroup(click.Group):
     """click.Group whose main() turns every failure into one stderr line and a documented exit code.
 
@@ -81,6 +103,11 @@ class Fp8probeGroup(click.Group):
             if exc.errno == errno.EPIPE:
                 raise _BrokenPipe() from exc
             raise
+        except SystemExit as exc:
+            # click's own exits (ctx.exit) are click.exceptions.Exit, handled in main(): a SystemExit here came from
+            # code the command ran for the user (a factory, a model's forward, a --loss function, an unpickled
+            # object, a module calling argparse at import). It had exited 0 with no output and no message.
+            raise UsageFailure(_user_exit_text(exc)) from exc
         except RuntimeError as exc:
             # A torchrun peer rank that died or hung (distributed.PeerRankError, raised at any collective of any
             # command) is the environment's failure, not a bug. Looked up, not imported: only a command that

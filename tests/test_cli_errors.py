@@ -267,6 +267,35 @@ def test_a_bug_in_the_model_code_names_its_line_not_the_inputs_shapes(tmp_path) 
     assert "first layer" not in res.output
 
 
+@pytest.mark.parametrize(("where", "code"), [("factory", 0), ("forward", 0), ("loss", 1)])
+def test_user_code_calling_sys_exit_is_a_usage_error_naming_its_line(tmp_path, where: str, code: int) -> None:
+    """sys.exit(0) in a factory, a model's forward or a --loss function made analyze exit 0 with no output and no
+    message (a CI job read it as success); sys.exit(1) read as "a compare gate failed" (QA)."""
+    name = f"exiting_{where}"
+    factory = tmp_path / f"{name}.py"
+    factory.write_text("import sys\nimport torch\nfrom torch import nn\n\n\nclass M(nn.Module):\n"
+                       "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(8, 4)\n\n"
+                       "    def forward(self, x):\n"
+                       f"        {'sys.exit(0)' if where == 'forward' else 'pass'}\n        return self.fc(x)\n\n\n"
+                       "def build():\n"
+                       f"    {'sys.exit(0)' if where == 'factory' else 'pass'}\n    return M()\n\n\n"
+                       "def loss(out, batch):\n"
+                       f"    sys.exit({code})\n")
+    g = torch.Generator().manual_seed(4)
+    torch.save({"fc.weight": torch.randn(4, 8, generator=g), "fc.bias": torch.randn(4, generator=g)}, tmp_path / "sd.pt")
+    torch.save(torch.randn(3, 8, generator=g), tmp_path / "x.pt")
+    line = {"factory": 17, "forward": 12, "loss": 22}[where]
+    args = ["analyze", str(tmp_path / "sd.pt"), "--factory", f"{factory}:build", "--inputs", str(tmp_path / "x.pt"),
+            "--out", str(tmp_path / "o"), "-q", "--no-html"]
+    if where == "loss":
+        args += ["--loss", f"{factory}:loss"]
+    res = _invoke(args)
+    fn = {"factory": "build", "forward": "forward", "loss": "loss"}[where]
+    _assert_one_line_usage_error(res, f"called sys.exit({code}) in {fn} at {factory}:{line}, so the run stopped "
+                                      "unfinished")
+    assert not (tmp_path / "o").exists()
+
+
 def test_factory_batches_that_do_not_fit_say_so(tmp_path) -> None:
     factory = tmp_path / "odd.py"
     factory.write_text("import torch\ndef build():\n    torch.manual_seed(0)\n"
