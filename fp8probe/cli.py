@@ -1256,8 +1256,9 @@ def report_cmd(results: tuple[str, ...], out_html: str, keep_16bit_db: float) ->
               help="fail when a GEMM's low-precision output (or a quantised operand) gains more than this many NaN/Inf "
                    "values where the float64 reference is finite")
 @_option("--max-loss-increase", type=FiniteFloat(0.0), default=None,
-              help="fail when a strategy's end-to-end relative loss change rises by more than this over the baseline "
-                   "(0.005 = half a percentage point); off by default")
+              help="fail when the size of a strategy's end-to-end relative loss change, |loss change|, grows by more "
+                   "than this over the baseline's (0.005 = half a percentage point; a drop counts like a rise, as in "
+                   "the loss budget); off by default")
 @_option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/compare", show_default=True,
               help="directory for compare.html and compare.md")
 @_option("--overwrite", is_flag=True, help="replace compare.html / compare.md already in --out")

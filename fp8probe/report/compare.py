@@ -234,7 +234,7 @@ def failed_text(comparison: Mapping, name: Callable[[str], str] | None = None) -
 
 def _e2e_gate(baseline: Mapping, current: Mapping, gates: Gates, violations: list[dict]) -> list[dict]:
     """Rows (strategy, baseline, current, delta, failed) of the end-to-end relative loss change; with the
-    gate on, a rise above ``max_loss_increase``, a strategy or number missing from current, or a baseline
+    gate on, a growth of |loss change| above ``max_loss_increase``, a strategy or number missing from current, or a baseline
     without end-to-end results is a violation."""
     base = {r.get("strategy"): _num(r.get("loss_rel_change")) for r in baseline["tables"].get("e2e", [])}
     cur = {r.get("strategy"): _num(r.get("loss_rel_change")) for r in current["tables"].get("e2e", [])}
@@ -246,12 +246,15 @@ def _e2e_gate(baseline: Mapping, current: Mapping, gates: Gates, violations: lis
     for strat, b in base.items():
         c = cur.get(strat)
         d = None if b is None or c is None or math.isnan(b) or math.isnan(c) else c - b
-        failed = limit is not None and b is not None and (d is None or d > limit)
+        # The size of the change is gated, as the loss budget reads it: a loss that falls further moved the model's
+        # output as much as one that rises (and a surrogate loss's sign says nothing): -5.8 % → -15.4 % had passed.
+        grew = None if d is None else abs(c) - abs(b)
+        failed = limit is not None and b is not None and (grew is None or grew > limit)
         rows.append({"strategy": strat, "baseline": b, "current": c, "delta": d, "failed": failed})
         if failed:
-            what = (f"{strat}: no end-to-end loss change in current" if d is None else
-                    f"{strat} loss change {100 * b:+.3f} % → {100 * c:+.3f} % (+{100 * d:.3f} points > "
-                    f"{100 * limit:g})")
+            what = (f"{strat}: no end-to-end loss change in current" if grew is None else
+                    f"{strat} loss change {100 * b:+.3f} % → {100 * c:+.3f} % (its size grew {100 * grew:.3f} points "
+                    f"> {100 * limit:g})")
             violations.append({"gate": "max-loss-increase", "layer": E2E_GATE_LAYER, "detail": what})
     return rows
 
@@ -506,7 +509,7 @@ def compare_markdown(comparison: Mapping, max_rows: int = 20) -> str:
              f"Gates: SQNR drop ≤ {g['max_sqnr_drop']:g} dB, new outlier columns ≤ {g['max_new_outlier_cols']:g}, "
              f"underflow increase ≤ {percentage_points(g['max_underflow_increase'])}, "
              f"new NaN/Inf outputs ≤ {g.get('max_new_nonfinite', DEFAULT_MAX_NEW_NONFINITE):g}"
-             + (f", end-to-end loss change increase ≤ {percentage_points(100 * g['max_loss_increase'])}."
+             + (f", end-to-end |loss change| increase ≤ {percentage_points(100 * g['max_loss_increase'])}."
                 if g.get("max_loss_increase") is not None else "."), "",
              gated_text(comparison), ""]
     violations = comparison["violations"]

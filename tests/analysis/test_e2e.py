@@ -853,7 +853,7 @@ def test_compare_gates_on_the_end_to_end_loss_change(tmp_path: Path) -> None:
                                     "--out", str(tmp_path / "c3")])
     assert good.exit_code == 0, good.output
     md = (tmp_path / "c3" / "compare.md").read_text()
-    assert "end-to-end loss change increase ≤ 3 percentage points" in md
+    assert "end-to-end |loss change| increase ≤ 3 percentage points" in md
 
 
 def test_compare_gate_fails_without_baseline_e2e() -> None:
@@ -874,6 +874,14 @@ def test_compare_gate_fails_without_baseline_e2e() -> None:
                           Gates(max_loss_increase=0.01))
     assert not res["passed"] and "no end-to-end loss change in current" in res["violations"][0]["detail"]
     assert compare_results(doc([row]), doc([row]), Gates(max_loss_increase=0.0))["passed"]
+    # the size of the change is gated, as the budget reads it: a loss falling much further fails (-5.8 % → -15.4 %
+    # had passed, QA); a change that shrinks, whatever its sign, passes
+    fell = compare_results(doc([{"strategy": "global", "loss_rel_change": -0.058}]),
+                           doc([{"strategy": "global", "loss_rel_change": -0.154}]), Gates(max_loss_increase=0.005))
+    assert not fell["passed"] and fell["violations"][0]["detail"] == (
+        "global loss change -5.800 % → -15.400 % (its size grew 9.600 points > 0.5)")
+    assert compare_results(doc([{"strategy": "global", "loss_rel_change": 0.02}]),
+                           doc([{"strategy": "global", "loss_rel_change": -0.01}]), Gates(max_loss_increase=0.0))["passed"]
     with pytest.raises(ValueError, match="max_loss_increase must be a finite number >= 0"):
         Gates(max_loss_increase=-1.0)
 

@@ -502,10 +502,10 @@ def test_no_change_says_so_instead_of_an_empty_chart(base: dict, tmp_path: Path)
 def test_gate_limits_read_in_the_singular_at_one_point(base: dict) -> None:
     """The compare summary read "underflow increase ≤ 1 percentage points" with the default gate."""
     md = compare_markdown(compare_results(base, base, Gates(max_loss_increase=0.005)))
-    assert ("underflow increase ≤ 1 percentage point, new NaN/Inf outputs ≤ 0, end-to-end loss change increase ≤ 0.5 "
+    assert ("underflow increase ≤ 1 percentage point, new NaN/Inf outputs ≤ 0, end-to-end |loss change| increase ≤ 0.5 "
             "percentage points.") in md
     md = compare_markdown(compare_results(base, base, Gates(max_underflow_increase=2.5, max_loss_increase=0.01)))
-    assert ("underflow increase ≤ 2.5 percentage points, new NaN/Inf outputs ≤ 0, end-to-end loss change increase ≤ 1 "
+    assert ("underflow increase ≤ 2.5 percentage points, new NaN/Inf outputs ≤ 0, end-to-end |loss change| increase ≤ 1 "
             "percentage point.") in md
 
 
