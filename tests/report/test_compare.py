@@ -598,3 +598,17 @@ def test_the_markdown_summary_shows_every_gate_that_failed(base: dict) -> None:
     rows = [ln for ln in md.splitlines() if ln.startswith("| max-")]
     assert len(rows) == 20 and rows[-1].startswith("| max-underflow-increase")
     assert f"| … | | {len(gates) - 20} more |" in md
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_a_markdown_path_that_cannot_be_created_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """os.access said /proc was writable (root): compare wrote compare.html / compare.md, then failed on the append
+    with exit 2, so the gate's verdict was lost (QA)."""
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--out", str(tmp_path / "c"),
+                                   "--markdown", "/proc/fp8probe-summary.md"])
+    assert res.exit_code == 2 and "--markdown /proc/fp8probe-summary.md cannot be appended to" in res.output
+    assert not (tmp_path / "c").exists()
+    fresh = tmp_path / "summary.md"  # a file the probe creates is taken back until the summary is appended
+    res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--out", str(tmp_path / "d"),
+                                   "--markdown", str(fresh)])
+    assert res.exit_code == 0 and "PASS" in fresh.read_text("utf-8")
