@@ -1770,7 +1770,13 @@ def _run_demo(out: Path, stale: list[Path], small: bool, start: float, quiet: bo
     html = merged.to_html(out / "index.html")
     lines = verdict_lines(merged.tables, merged.metadata)
     if output_format == "json":
-        click.echo(json.dumps({"results": str(out / "results.json"), "html": str(html), "verdict": lines}, indent=1))
+        from fp8probe.report.verdict import model_mode
+
+        # (the keys analyze's --format json has that the README promises for demo too)
+        click.echo(json.dumps(_json_safe({"results": str(out / "results.json"), "html": str(html),
+                                          "model_mode": model_mode(merged.metadata), "verdict": lines,
+                                          "recommendation": merged.to_json()["tables"].get("recommendation", [])}),
+                              indent=1, default=str))
         return
     for line in lines:
         click.echo(line)

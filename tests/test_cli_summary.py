@@ -173,7 +173,11 @@ def test_demo_accepts_quiet_threads_and_json(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert Path(doc["html"]).is_file() and doc["verdict"]
-    assert json.loads(Path(doc["results"]).read_text())["metadata"]["threads"] == 1
+    results = json.loads(Path(doc["results"]).read_text())
+    assert results["metadata"]["threads"] == 1
+    # the keys the README promises for demo as for analyze (QA: demo had only results, html and verdict)
+    assert doc["model_mode"] == "eval" and doc["recommendation"] == results["tables"]["recommendation"]
+    assert any(r.get("recommended") for r in doc["recommendation"])
     res = _invoke(["demo", "--small", "--out", str(tmp_path / "q"), "-q"])
     assert "demo: analysing" not in res.stdout and "demo: report written to" in res.stdout
 
