@@ -85,11 +85,18 @@ def _sqnr_entries(results: Mapping, source: str) -> dict[tuple[str, str, str], t
     out: dict[tuple[str, str, str], tuple[float | None, bool | None]] = {}
     # metric_value decodes JSON null by the row's note (+inf exact, −inf zero signal, NaN undefined), so
     # a current SQNR that became undefined fails the gate (_delta: NaN → −inf) instead of being skipped.
+    def put(key: tuple, value: tuple, table: str) -> None:
+        # (a second row for one key had silently replaced the first: a regressed row followed by a good one passed)
+        if key in out:
+            raise ValueError(f"{source}: table {table!r} has two rows for {' '.join(map(str, key))}; expected one "
+                             "(an edited or badly merged results file?)")
+        out[key] = value
+
     for r in tables.get("gemm", []):
         _checked(r, "sqnr_db", "gemm", source)
         quantized = r.get("quantized")
-        out[(r["layer"], str(r["strategy"]), str(r["gemm"]))] = (
-            metric_value(r, "sqnr_db"), quantized if isinstance(quantized, bool) else None)
+        put((r["layer"], str(r["strategy"]), str(r["gemm"])), (
+            metric_value(r, "sqnr_db"), quantized if isinstance(quantized, bool) else None), "gemm")
     # The weight's own quantisation SQNR: what a weights-only result (analysis/weights_only.py) shares
     # with a full analysis of the same model, so the two line up layer by layer.
     # Only real weights: a GEMM of two activations (b_is_weight false: QKᵀ, PV) calls its B "weight" too.
@@ -97,15 +104,16 @@ def _sqnr_entries(results: Mapping, source: str) -> dict[tuple[str, str, str], t
     for r in tables.get("operands", []):
         if r.get("operand") == "weight" and r["layer"] not in activation_b:
             _checked(r, "sqnr_db", "operands", source)
-            out[(r["layer"], str(r["strategy"]), "weight")] = (metric_value(r, "sqnr_db"), True)
+            put((r["layer"], str(r["strategy"]), "weight"), (metric_value(r, "sqnr_db"), True), "operands")
     for r in tables.get("blocksize_sweep", []):
         _checked(r, "sqnr_db", "blocksize_sweep", source)
-        out[(r["layer"], f"blockwise bs={int(_checked(r, 'blocksize', 'blocksize_sweep', source))}", str(r["target"]))] = (
-            metric_value(r, "sqnr_db"), True)
+        put((r["layer"], f"blockwise bs={int(_checked(r, 'blocksize', 'blocksize_sweep', source))}", str(r["target"])),
+            (metric_value(r, "sqnr_db"), True), "blocksize_sweep")
     for r in tables.get("threshold_sweep", []):
         _checked(r, "fprop_sqnr_db", "threshold_sweep", source)
         threshold = float(_checked(r, "threshold", "threshold_sweep", source))
-        out[(r["layer"], f"int8 threshold={threshold:g}", "fprop")] = (metric_value(r, "fprop_sqnr_db"), True)
+        put((r["layer"], f"int8 threshold={threshold:g}", "fprop"), (metric_value(r, "fprop_sqnr_db"), True),
+            "threshold_sweep")
     return out
 
 
@@ -285,6 +293,19 @@ def _settings_differ(baseline: Mapping, current: Mapping) -> list[str]:
                      for k in sorted(set(b) | set(c)) if b.get(k) != c.get(k)]
 
 
+def _how_to_run(gone: list) -> str:
+    """The options that run the missing entries: recipes come from --strategy, sweep points from the sweeps."""
+    names = [str(x) for x in gone]
+    how = []
+    if any(not x.startswith(("blockwise bs=", "int8 threshold=")) for x in names):
+        how.append("--strategy")
+    if any(x.startswith("blockwise bs=") for x in names):
+        how.append("analyze --sweeps or sweep-blocksize --blocksizes")
+    if any(x.startswith("int8 threshold=") for x in names):
+        how.append("analyze --sweeps or sweep-threshold --thresholds")
+    return "; ".join(dict.fromkeys(how))
+
+
 def _a(kind: object) -> str:
     """``kind`` quoted after its article: "an 'analyze'", "a 'sweep-threshold'"."""
     text = repr(kind)
@@ -375,7 +396,10 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     def outl(res: Mapping, source: str) -> dict:
         rows = res["tables"].get("outliers", [])
         for r in rows:
-            _checked(r, "n_outlier_cols", "outliers", source)
+            n = _checked(r, "n_outlier_cols", "outliers", source)
+            if n is not None and n < 0:
+                raise ValueError(f"{source}: table 'outliers' has n_outlier_cols = {n!r} for layer {r.get('layer')!r}; "
+                                 "expected a count >= 0")
         return {(r["layer"], _num(_checked(r, "threshold", "outliers", source))): r for r in rows}
 
     base_o, cur_o = outl(baseline, "baseline"), outl(current, "current")
@@ -451,7 +475,8 @@ def compare_results(baseline: Mapping, current: Mapping, gates: Gates | None = N
     if gone:
         missing.insert(0, {"gate": "missing", "layer": STRATEGIES_GATE_LAYER,
                            "detail": f"{strategies_text(len(gone))} of the baseline not run in current: "
-                                     f"{', '.join(map(str, gone))}: run them (--strategy) or pass --allow-missing"})
+                                     f"{', '.join(map(str, gone))}: run them ({_how_to_run(gone)}) or pass "
+                                     "--allow-missing"})
     if not gates.allow_missing:
         violations += missing
     e2e_rows = _e2e_gate(baseline, current, gates, violations)

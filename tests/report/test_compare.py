@@ -612,3 +612,29 @@ def test_a_markdown_path_that_cannot_be_created_is_refused_before_anything_is_wr
     res = CliRunner().invoke(cli, ["compare", str(DATA), str(DATA), "--out", str(tmp_path / "d"),
                                    "--markdown", str(fresh)])
     assert res.exit_code == 0 and "PASS" in fresh.read_text("utf-8")
+
+
+def test_duplicate_rows_and_negative_counts_are_refused(base: dict) -> None:
+    """A regressed row followed by a good one for the same layer × recipe × GEMM passed: the later row silently won
+    (QA). A negative outlier count passed too."""
+    cur = copy.deepcopy(base)
+    row = cur["tables"]["gemm"][0]
+    cur["tables"]["gemm"].insert(0, dict(row, sqnr_db=row["sqnr_db"] - 20))
+    with pytest.raises(ValueError, match=f"current: table 'gemm' has two rows for {row['layer']} {row['strategy']} "
+                                         f"{row['gemm']}; expected one"):
+        compare_results(base, cur)
+    cur = copy.deepcopy(base)
+    cur["tables"]["outliers"][0]["n_outlier_cols"] = -3
+    with pytest.raises(ValueError, match="n_outlier_cols = -3 .* expected a count >= 0"):
+        compare_results(base, cur)
+
+
+def test_missing_sweep_points_name_the_options_that_run_them(base: dict) -> None:
+    """Sweep points missing from current were to be run with --strategy, which cannot run them (QA)."""
+    cur = copy.deepcopy(base)
+    cur["tables"]["blocksize_sweep"] = []
+    cur["tables"]["threshold_sweep"] = []
+    (gone,) = [v for v in compare_results(base, cur)["violations"] if v["layer"] == "(strategies)"]
+    assert gone["detail"].endswith("run them (analyze --sweeps or sweep-blocksize --blocksizes; analyze --sweeps or "
+                                   "sweep-threshold --thresholds) or pass --allow-missing")
+    assert "--strategy" not in gone["detail"]
