@@ -472,3 +472,16 @@ def test_a_non_ascii_layers_pattern_under_an_ascii_locale_matches_the_layer_type
         assert res.exit_code == 0, (command, res.output)
         doc = json.loads((tmp_path / command / "results.json").read_text(encoding="utf-8"))
         assert {r["layer"] for r in doc["tables"][table]} == {"schicht_ä"}, command
+
+
+def test_a_write_that_cannot_start_names_the_output_not_its_temp_file(tmp_path, monkeypatch) -> None:
+    """`report -o /proc/x.html` said "cannot access /proc/.x.html.lx8ktfh4.tmp" (QA): the temp file was created
+    outside the error handling."""
+    def refuse(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / ".x.html.abc.tmp"))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "x.html", "<p>")
+    assert info.value.filename == str(tmp_path / "x.html") and info.value.errno == 2
+    assert not list(tmp_path.iterdir())

@@ -69,7 +69,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         # (os.replace would put a regular file in its place: `-o /dev/null` run as root replaced the device)
         raise OSError(errno.EINVAL, "it exists and is not a regular file (a device, pipe or directory), which an "
                                     "output never replaces", str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # (the error named the hidden temp file, e.g. /proc/.x.html.lx8ktfh4.tmp, not -o's path)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -79,8 +82,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.filename is None and exc.errno is not None:  # a failed write() (ENOSPC, EIO) names no file
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        if (exc.filename is None or exc.filename == tmp) and exc.errno is not None:  # a failed write() (ENOSPC, EIO)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc             # names no file; chmod the temp one
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
