@@ -57,6 +57,18 @@ def merge_results(docs: Sequence[Mapping], sources: Sequence[str] | None = None)
         if len({m for m, _ in modes}) > 1:
             raise ResultsError(f"expected runs of one model mode, got {modes[0][0]} mode ({modes[0][1]}) and "
                                f"{modes[1][0]} mode ({modes[1][1]}): merge runs made with the same --train-mode setting")
+        # (every model saved as nasty.pt2 is "torch.export program nasty.pt2": another model's sweep merged in,
+        # its layers mixed with the analyze run's, QA) The parameter count tells them apart where both runs have it;
+        # without it, two runs with no layer in common are not taken for one model.
+        counts = [(d["metadata"].get("parameters"), n) for d, n in ((base, names[base_i]), (doc, name))]
+        if all(isinstance(c, int) and not isinstance(c, bool) for c, _ in counts) and counts[0][0] != counts[1][0]:
+            raise ResultsError(f"expected results of one model, got {counts[0][0]:,} parameters ({counts[0][1]}) and "
+                               f"{counts[1][0]:,} ({counts[1][1]}): merge runs of the same model only")
+        theirs_layers = {r.get("layer") for r in doc["tables"].get("layers", [])}
+        if (not all(isinstance(c, int) for c, _ in counts) and layer_names and theirs_layers
+                and not layer_names & theirs_layers):
+            raise ResultsError(f"expected results of one model, got no layer in common between {names[base_i]} and "
+                               f"{name}: merge runs of the same model only")
         shapes = weight_shapes(tables.get("layers", []))
         differ = [(layer, shapes[layer], theirs) for layer, theirs in
                   weight_shapes(doc["tables"].get("layers", [])).items() if shapes.get(layer, theirs) != theirs]

@@ -149,3 +149,22 @@ def test_weights_only_analyze_and_its_sweep_merge(tmp_path: Path) -> None:
     assert res.exit_code == 0 and (tmp_path / "r.html").stat().st_size > 0, res.output
     with pytest.raises(ResultsError, match="two analyze runs"):
         merge_results([docs[0], docs[0]], ["a", "a2"])
+
+
+def test_runs_of_two_models_with_one_name_are_not_merged() -> None:
+    """Every model saved as nasty.pt2 is described alike: another model's sweep merged into an analyze run, its
+    layers mixed in, and the header read "15 GEMM site(s) (11 GEMM call(s))" (QA)."""
+    analyze, bs, _ = _split()
+    analyze, bs = copy.deepcopy(analyze), copy.deepcopy(bs)
+    analyze["metadata"]["parameters"], bs["metadata"]["parameters"] = 120_000, 98_304
+    with pytest.raises(ResultsError, match=r"got 120,000 parameters \(a\) and 98,304 \(b\): merge runs of the same "
+                                           "model only"):
+        merge_results([analyze, bs], ["a", "b"])
+    bs["metadata"]["parameters"] = 120_000
+    assert merge_results([analyze, bs], ["a", "b"])["metadata"]["merged_kinds"] == ["analyze", "sweep-blocksize"]
+    # without a parameter count: no layer in common is another model
+    del analyze["metadata"]["parameters"]
+    bs["tables"] = {**bs["tables"], "layers": [dict(r, layer="other." + r["layer"]) for r in bs["tables"]["layers"]],
+                    "blocksize_sweep": [dict(r, layer="other." + r["layer"]) for r in bs["tables"]["blocksize_sweep"]]}
+    with pytest.raises(ResultsError, match=r"got no layer in common between a and b"):
+        merge_results([analyze, bs], ["a", "b"])
