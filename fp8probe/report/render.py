@@ -1671,7 +1671,11 @@ def build_report_view(results: Mapping, keep_16bit_db: float = KEEP_16BIT_DB, *,
                             "eval": "eval (as for inference)"}.get(model_mode(meta),
                                                                    "none (weights only: no model run)")),
             ("CPU threads", meta.get("threads") or "not recorded"), ("batches", meta.get("batches", "")),
-            ("seed", meta.get("seed", "")), ("outlier threshold", meta.get("threshold", "")),
+            ("seed", meta.get("seed", "")),
+            # (a sweep-only report has no run threshold: the row was blank; a threshold sweep's swept values instead)
+            ("outlier threshold", meta.get("threshold") if meta.get("threshold") is not None else
+             ("swept: " + ", ".join(f"{float(t):g}" for t in meta["thresholds"]) if meta.get("thresholds") else
+              "not used (no int8 recipe run)")),
             ("GEMMs", gemm_sites_text(len(tables["layers"]), tables, meta)),
             ("coverage", verdict["coverage"] or "not recorded"),
             ("loss", (f"{loss.get('kind', '')}: {loss.get('detail', '')}" if loss else "")

@@ -168,3 +168,16 @@ def test_runs_of_two_models_with_one_name_are_not_merged() -> None:
                     "blocksize_sweep": [dict(r, layer="other." + r["layer"]) for r in bs["tables"]["blocksize_sweep"]]}
     with pytest.raises(ResultsError, match=r"got no layer in common between a and b"):
         merge_results([analyze, bs], ["a", "b"])
+
+
+def test_a_sweep_only_report_fills_its_outlier_threshold_row() -> None:
+    """The header's "outlier threshold" row was blank in sweep-blocksize and sweep-threshold reports (QA)."""
+    from fp8probe.report.render import build_report_view
+
+    _, bs, th = _split()
+    for doc, want in ((th, "swept: 0, 1.5, 6"), (bs, "not used (no int8 recipe run)")):
+        doc = copy.deepcopy(doc)
+        doc["metadata"]["threshold"] = None
+        doc["metadata"]["thresholds"] = [0.0, 1.5, 6.0] if doc is not bs and "threshold_sweep" in doc["tables"] else None
+        info = {row["key"]: row["value"] for row in build_report_view(doc, draw=False)["info"]}
+        assert info["outlier threshold"] == want
