@@ -281,6 +281,23 @@ def test_profile_analyze_quick_writes_both_profile_orderings(tmp_path: Path) -> 
     assert "pipeline.py" in text and "end-to-end part off" in text.splitlines()[0] and "e2e.py" not in text
 
 
+def test_rss_breakdown_quick_names_each_part_of_the_replay() -> None:
+    """benchmarks/rss_breakdown.py --quick: every recipe, the float64 reference, the statistics and the model's own
+    passes each get a peak, for the run and for its largest site, and the pipeline is left unpatched."""
+    from fp8probe.analysis import pipeline
+
+    before = (pipeline._Analysis._strategy, pipeline._Analysis._replay, pipeline.reference_gemms)
+    stdout = _run_in_process("rss_breakdown.py", ["--quick", "--strategy", "global,int8", "--markdown",
+                                                  "--interval-ms", "0.5"])
+    assert (pipeline._Analysis._strategy, pipeline._Analysis._replay, pipeline.reference_gemms) == before
+    head = next(line for line in stdout.splitlines() if line.startswith("# rss_breakdown:"))
+    assert head.startswith("# rss_breakdown: llama-135m (quick), strategy global,int8, 1 batch, e2e off")
+    whole = stdout.split("whole run:")[1].split("largest site")[0]
+    parts = {line.split("|")[1].strip() for line in whole.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"global", "int8", "float64 reference"} <= parts - {"part"}
+    assert "largest site model." in stdout
+
+
 def test_profile_analyze_e2e_profiles_the_end_to_end_part(tmp_path: Path) -> None:
     """--e2e: the default run's end-to-end part is in the profile (it was left out: 59 of 98 s of a Llama run)."""
     stdout = _run_in_process("profile_analyze.py", ["--quick", "--top", "60", "--strategy", "global", "--e2e"])
